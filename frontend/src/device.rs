@@ -1,0 +1,243 @@
+//! The vhost-user connection: feature negotiation, memory table and vring setup.
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::VhostBackend;
+
+use crate::memory::GuestRam;
+use crate::queue::{queue_memory_footprint, FsQueue, QueueConfig};
+use crate::Error;
+
+/// VIRTIO_F_VERSION_1: the device speaks virtio 1.x.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// VHOST_USER_F_PROTOCOL_FEATURES: protocol feature negotiation is available.
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// Index of the virtio-fs high-priority queue.
+pub const HIPRIO_QUEUE: u16 = 0;
+
+/// How the frontend sets up the device.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceConfig {
+    /// Size of guest RAM in bytes.
+    pub memory_size: usize,
+    /// Number of request queues (queues 1..=N); the hiprio queue 0 always exists.
+    pub request_queues: u16,
+    /// Settings of each queue, hiprio included.
+    pub queue: QueueConfig,
+    /// Timeout on every vhost-user message exchange, so a stuck backend cannot hang us.
+    pub socket_timeout: Duration,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        Self {
+            memory_size: 256 << 20,
+            request_queues: 1,
+            queue: QueueConfig::default(),
+            socket_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the backend offered and what we acknowledged.
+#[derive(Debug, Clone, Copy)]
+pub struct Negotiated {
+    pub offered_features: u64,
+    pub acked_features: u64,
+    pub offered_protocol_features: VhostUserProtocolFeatures,
+    pub acked_protocol_features: VhostUserProtocolFeatures,
+    /// Queues the backend supports in total (GET_QUEUE_NUM), hiprio included.
+    pub backend_queues: u64,
+}
+
+/// A negotiated vhost-user-fs device with its queues ready to use.
+pub struct VhostUserFs {
+    frontend: Frontend,
+    ram: Arc<GuestRam>,
+    negotiated: Negotiated,
+    queues: Vec<Option<FsQueue>>,
+}
+
+impl VhostUserFs {
+    /// Connects to a backend listening on `path`, retrying until `connect_timeout` passes
+    /// (the daemon may still be starting), then sets the device up.
+    pub fn connect(
+        path: impl AsRef<Path>,
+        config: DeviceConfig,
+        connect_timeout: Duration,
+    ) -> Result<Self, Error> {
+        let path = path.as_ref();
+        let deadline = Instant::now() + connect_timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(stream) => break stream,
+                Err(err) if Instant::now() < deadline => {
+                    let _ = err;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(err) => {
+                    return Err(Error::Connect {
+                        path: path.display().to_string(),
+                        source: err,
+                    })
+                }
+            }
+        };
+        Self::from_stream(stream, config)
+    }
+
+    /// Sets the device up over an already connected socket.
+    pub fn from_stream(stream: UnixStream, config: DeviceConfig) -> Result<Self, Error> {
+        stream
+            .set_read_timeout(Some(config.socket_timeout))
+            .and_then(|_| stream.set_write_timeout(Some(config.socket_timeout)))
+            .map_err(Error::Socket)?;
+        let total_queues = u64::from(config.request_queues) + 1;
+        let needed = queue_memory_footprint(&config.queue) * total_queues;
+        if needed > config.memory_size as u64 {
+            return Err(Error::InvalidConfig(format!(
+                "{total_queues} queues need {needed} bytes of guest memory but only {} are \
+                 configured",
+                config.memory_size
+            )));
+        }
+        let ram = Arc::new(GuestRam::new(config.memory_size)?);
+        let mut frontend = Frontend::from_stream(stream, total_queues);
+        let negotiated = negotiate(&mut frontend, total_queues)?;
+
+        frontend.set_mem_table(&ram.region_infos()?)?;
+
+        let mut queues = Vec::new();
+        for index in 0..=config.request_queues {
+            let queue = FsQueue::new(ram.clone(), index, config.queue)?;
+            start_vring(&mut frontend, &queue)?;
+            queues.push(Some(queue));
+        }
+        Ok(Self {
+            frontend,
+            ram,
+            negotiated,
+            queues,
+        })
+    }
+
+    /// Feature negotiation results.
+    pub fn negotiated(&self) -> &Negotiated {
+        &self.negotiated
+    }
+
+    /// Guest memory shared by all queues.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// The vhost-user channel, for tests that send messages of their own.
+    pub fn frontend(&mut self) -> &mut Frontend {
+        &mut self.frontend
+    }
+
+    /// Number of request queues set up.
+    pub fn request_queue_count(&self) -> u16 {
+        u16::try_from(self.queues.len().saturating_sub(1)).unwrap_or(u16::MAX)
+    }
+
+    /// Hands out queue `index` (0 is hiprio) so a thread can own it; `None` if already taken.
+    pub fn take_queue(&mut self, index: u16) -> Option<FsQueue> {
+        self.queues
+            .get_mut(usize::from(index))
+            .and_then(Option::take)
+    }
+
+    /// Hands out request queue `n` (1-based, as virtio-fs numbers them).
+    pub fn take_request_queue(&mut self, n: u16) -> Option<FsQueue> {
+        if n == 0 {
+            return None;
+        }
+        self.take_queue(n)
+    }
+
+    /// Hands out all request queues not yet taken.
+    pub fn take_request_queues(&mut self) -> Vec<FsQueue> {
+        self.queues
+            .iter_mut()
+            .skip(1)
+            .filter_map(Option::take)
+            .collect()
+    }
+
+    /// Closes the vhost-user connection (the queues stay mapped but are dead).
+    pub fn disconnect(self) {
+        drop(self);
+    }
+}
+
+fn negotiate(frontend: &mut Frontend, total_queues: u64) -> Result<Negotiated, Error> {
+    frontend.set_owner()?;
+    let offered_features = frontend.get_features()?;
+    for (bit, name) in [
+        (VIRTIO_F_VERSION_1, "VIRTIO_F_VERSION_1"),
+        (
+            VHOST_USER_F_PROTOCOL_FEATURES,
+            "VHOST_USER_F_PROTOCOL_FEATURES",
+        ),
+    ] {
+        if offered_features & bit == 0 {
+            return Err(Error::Negotiation(format!(
+                "backend does not offer {name} (features {offered_features:#x})"
+            )));
+        }
+    }
+    // Event index and indirect descriptors are optional; this driver uses neither.
+    let acked_features = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES;
+
+    let offered_protocol_features = frontend.get_protocol_features()?;
+    let wanted = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG;
+    let acked_protocol_features = offered_protocol_features & wanted;
+    frontend.set_protocol_features(acked_protocol_features)?;
+
+    let backend_queues = if acked_protocol_features.contains(VhostUserProtocolFeatures::MQ) {
+        frontend.get_queue_num()?
+    } else {
+        // Without MQ a virtio-fs backend has hiprio plus one request queue.
+        2
+    };
+    if backend_queues < total_queues {
+        return Err(Error::NotEnoughQueues {
+            wanted: total_queues,
+            offered: backend_queues,
+        });
+    }
+    frontend.set_features(acked_features)?;
+    // From here on every message without a reply of its own is acknowledged, so a backend
+    // that rejects it is noticed at once rather than later as a hang.
+    if acked_protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
+    Ok(Negotiated {
+        offered_features,
+        acked_features,
+        offered_protocol_features,
+        acked_protocol_features,
+        backend_queues,
+    })
+}
+
+fn start_vring(frontend: &mut Frontend, queue: &FsQueue) -> Result<(), Error> {
+    let index = usize::from(queue.index());
+    let vq = queue.virtqueue_ref();
+    frontend.set_vring_num(index, vq.size())?;
+    frontend.set_vring_addr(index, &vq.config_data()?)?;
+    frontend.set_vring_base(index, 0)?;
+    frontend.set_vring_call(index, vq.call_fd())?;
+    frontend.set_vring_kick(index, vq.kick_fd())?;
+    frontend.set_vring_enable(index, true)?;
+    Ok(())
+}

@@ -1,0 +1,302 @@
+# shellcheck shell=bash
+# Guest side of the test tier (runs under the guest's bash). Each check prints
+#   @@check NAME PASS|FAIL SECONDS
+# followed, on failure, by "@@detail NAME: ..." lines with the command output.
+# /test/env (written by the host) sets ONLY (comma-separated check names, empty
+# for all) and the share tags.
+
+# shellcheck disable=SC1091
+. /test/env
+CHECK_FAILURES=0
+
+selected() { [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+
+micros() { local t=${EPOCHREALTIME/./}; echo "${t#0}"; }
+format_seconds() { printf '%d.%02d' $(($1 / 1000000)) $((($1 % 1000000) / 10000)); }
+
+# check NAME FUNCTION [ARGS...]: runs FUNCTION in a subshell that stops at the
+# first failing command and reports which one failed.
+check() {
+	local name=$1
+	shift
+	selected "$name" || return 0
+	local start out rc
+	start=$(micros)
+	out=$(
+		set -eE -o pipefail
+		shopt -s inherit_errexit
+		trap 'echo "failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
+		"$@"
+	) 2>&1
+	rc=$?
+	local took
+	took=$(format_seconds $(($(micros) - start)))
+	if [ $rc -eq 0 ]; then
+		echo "@@check $name PASS $took"
+	else
+		echo "@@check $name FAIL $took"
+		CHECK_FAILURES=$((CHECK_FAILURES + 1))
+		printf '%s\n' "$out" | tail -n 40 | sed "s|^|@@detail $name: |"
+	fi
+	printf '%s\n' "$out" | sed -n "s|^@@info |@@info $name: |p"
+}
+
+# Waits up to $2 seconds for file $1 to exist.
+wait_for_file() {
+	local deadline=$(($(micros) + $2 * 1000000))
+	until [ -e "$1" ]; do
+		[ "$(micros)" -lt "$deadline" ] || {
+			echo "timed out waiting for $1"
+			return 1
+		}
+		sleep 0.02
+	done
+}
+
+# --- checks ------------------------------------------------------------------
+
+mount_shares() {
+	local tag
+	for tag in "$@"; do
+		mkdir -p "/mnt/$tag"
+		mount -t virtiofs "$tag" "/mnt/$tag"
+		grep -q " /mnt/$tag virtiofs " /proc/mounts
+		ls "/mnt/$tag" >/dev/null
+	done
+}
+
+file_operations() {
+	local d=/mnt/main/ops
+	rm -rf "$d"
+	mkdir "$d"
+	[ -d "$d" ]
+	# create, read, append, overwrite in the middle, truncate
+	echo hello >"$d/a"
+	[ "$(cat "$d/a")" = hello ]
+	echo world >>"$d/a"
+	[ "$(cat "$d/a")" = $'hello\nworld' ]
+	printf XY | dd of="$d/a" bs=1 seek=2 conv=notrunc status=none
+	[ "$(cat "$d/a")" = $'heXYo\nworld' ]
+	truncate -s 3 "$d/a"
+	[ "$(stat -c %s "$d/a")" = 3 ]
+	[ "$(cat "$d/a")" = heX ]
+	# rename, also over an existing file
+	mv "$d/a" "$d/b"
+	[ ! -e "$d/a" ]
+	[ "$(cat "$d/b")" = heX ]
+	echo replaced >"$d/c"
+	mv -f "$d/c" "$d/b"
+	[ "$(cat "$d/b")" = replaced ]
+	[ ! -e "$d/c" ]
+	# directories
+	mkdir -p "$d/sub/deeper"
+	echo x >"$d/sub/deeper/f"
+	if rmdir "$d/sub" 2>/dev/null; then false; fi
+	mv "$d/sub/deeper" "$d/moved"
+	[ "$(cat "$d/moved/f")" = x ]
+	rmdir "$d/sub"
+	[ ! -e "$d/sub" ]
+	# symbolic and hard links
+	ln -s b "$d/link"
+	[ "$(readlink "$d/link")" = b ]
+	[ "$(cat "$d/link")" = replaced ]
+	[ -L "$d/link" ]
+	ln "$d/b" "$d/hard"
+	[ "$(stat -c %h "$d/b")" = 2 ]
+	[ "$(stat -c %i "$d/b")" = "$(stat -c %i "$d/hard")" ]
+	echo via-hard >"$d/hard"
+	[ "$(cat "$d/b")" = via-hard ]
+	rm "$d/hard"
+	[ "$(stat -c %h "$d/b")" = 1 ]
+	# permissions, ownership, times
+	chmod 640 "$d/b"
+	[ "$(stat -c %a "$d/b")" = 640 ]
+	chmod u+x,g-r "$d/b"
+	[ "$(stat -c %a "$d/b")" = 700 ]
+	chown 1234:5678 "$d/b"
+	[ "$(stat -c %u:%g "$d/b")" = 1234:5678 ]
+	touch -m -d @1000000000 "$d/b"
+	[ "$(stat -c %Y "$d/b")" = 1000000000 ]
+	# an unlinked file stays readable through an open descriptor
+	echo still-here >"$d/gone"
+	exec 7<"$d/gone"
+	rm "$d/gone"
+	[ ! -e "$d/gone" ]
+	[ "$(cat <&7)" = still-here ]
+	exec 7<&-
+	# unlink and listing
+	rm "$d/b" "$d/link"
+	rm -r "$d/moved"
+	[ -z "$(ls -A "$d")" ]
+	rmdir "$d"
+}
+
+extended_attributes() {
+	local f=/mnt/main/xattr-file
+	echo data >"$f"
+	setfattr -n user.berth -v hello "$f"
+	[ "$(getfattr --only-values -n user.berth "$f")" = hello ]
+	setfattr -n user.second -v 2 "$f"
+	[ "$(getfattr -d --absolute-names "$f" | grep -c '^user\.')" = 2 ]
+	setfattr -n user.berth -v changed "$f"
+	[ "$(getfattr --only-values -n user.berth "$f")" = changed ]
+	setfattr -x user.berth "$f"
+	if getfattr -n user.berth "$f" >/dev/null 2>&1; then false; fi
+	[ "$(getfattr -d --absolute-names "$f" | grep -c '^user\.')" = 1 ]
+	rm "$f"
+}
+
+lock_conflict() {
+	local f=/mnt/main/lock-file
+	: >"$f"
+	rm -f /tmp/lock-held
+	flock -x "$f" -c 'touch /tmp/lock-held; sleep 3' &
+	local holder=$!
+	wait_for_file /tmp/lock-held 10
+	if flock -n -x "$f" true; then
+		echo "a second exclusive lock was granted while the first was held"
+		false
+	fi
+	if flock -n -s "$f" true; then
+		echo "a shared lock was granted while an exclusive lock was held"
+		false
+	fi
+	# a blocking lock waits for the holder, then succeeds
+	flock -w 20 -x "$f" true
+	wait "$holder"
+	flock -n -x "$f" true
+	# shared locks coexist
+	flock -s "$f" -c "flock -n -s '$f' true"
+}
+
+host_file_hash() {
+	local want got
+	want=$(cat /mnt/main/host-256M.sha256)
+	got=$(sha256sum </mnt/main/host-256M | cut -c1-64)
+	echo "host $want guest $got"
+	[ "$want" = "$got" ]
+}
+
+guest_file_write() {
+	# The reference digest comes from the guest's own copy in tmpfs; the host
+	# compares it with what it finds in the share.
+	head -c 256M /dev/urandom >/tmp/guest-256M
+	sha256sum </tmp/guest-256M | cut -c1-64 >/tmp/guest-256M.sha256
+	cp /tmp/guest-256M /mnt/main/guest-256M
+	rm /tmp/guest-256M
+	[ "$(stat -c %s /mnt/main/guest-256M)" = 268435456 ]
+	cp /tmp/guest-256M.sha256 /mnt/main/guest-256M.sha256
+}
+
+fio_verify() {
+	fio --name=randwrite-verify --filename=/mnt/main/fio.dat --size=64M --bs=4k \
+		--rw=randwrite --ioengine=libaio --iodepth=16 --direct=1 \
+		--verify=crc32c --do_verify=1 --verify_fatal=1 --verify_backlog=1024 >/tmp/fio.out 2>&1 ||
+		{
+			cat /tmp/fio.out
+			false
+		}
+	grep -E 'IOPS|err=' /tmp/fio.out | sed 's/^/@@info /'
+	if grep -q 'verify: bad' /tmp/fio.out; then false; fi
+	rm -f /mnt/main/fio.dat
+}
+
+tree_copy() {
+	local src=/mnt/main/tree-src copy=/mnt/main/tree-copy
+	rm -rf /tmp/tree "$copy"
+	# in through the share, out to it again, then compare what the share returns
+	cp -a "$src" /tmp/tree
+	[ "$(find /tmp/tree -type f | wc -l)" = 5000 ]
+	cp -a /tmp/tree "$copy"
+	diff -r /tmp/tree "$copy"
+	rm -rf /tmp/tree
+}
+
+# The host replaces $1/value (v1 -> v2, by rename) once $1/ready appears, then
+# creates $1/changed. Prints how long the guest kept seeing v1 after that.
+# Succeeds when v2 shows up within $2 seconds.
+host_change_visibility() {
+	local share=$1 limit=$2
+	[ "$(cat "$share/value")" = v1 ]
+	local looked_up
+	looked_up=$(micros)
+	touch "$share/ready"
+	wait_for_file "$share/changed" 30
+	local seen
+	seen=$(micros)
+	local first
+	first=$(cat "$share/value")
+	local value=$first
+	until [ "$value" = v2 ]; do
+		if [ $(($(micros) - seen)) -gt $((limit * 1000000)) ]; then
+			echo "still reading '$value' ${limit}s after the host changed the file"
+			return 1
+		fi
+		sleep 0.05
+		value=$(cat "$share/value")
+	done
+	local now
+	now=$(micros)
+	echo "@@info first read after the change: $first; v2 visible $(format_seconds $((now - seen))) s after the change, $(format_seconds $((now - looked_up))) s after the lookup"
+	[ "$first" = v2 ] && echo "fresh" || echo "stale"
+}
+
+cache_never() {
+	local result
+	result=$(host_change_visibility /mnt/never 5) || {
+		echo "$result"
+		false
+	}
+	echo "$result"
+	[ "$(echo "$result" | tail -n1)" = fresh ]
+}
+
+cache_auto() {
+	local result
+	result=$(host_change_visibility /mnt/auto 5) || {
+		echo "$result"
+		false
+	}
+	echo "$result"
+}
+
+kata_fd3() {
+	[ "$(cat /mnt/kata/from-host)" = "kata host file" ]
+	echo "kata guest file" >/mnt/kata/from-guest
+	[ "$(cat /mnt/kata/from-guest)" = "kata guest file" ]
+	mkdir /mnt/kata/dir
+	mv /mnt/kata/from-guest /mnt/kata/dir/from-guest
+}
+
+multi_queue_load() {
+	local cpu
+	for cpu in 0 1; do
+		taskset -c "$cpu" bash -c '
+			d=/mnt/mq/cpu'"$cpu"'
+			mkdir -p "$d"
+			for i in $(seq 300); do
+				echo "$i" >"$d/f$i"
+				[ "$(cat "$d/f$i")" = "$i" ] || { echo "bad content in $d/f$i"; exit 1; }
+			done
+			dd if=/dev/zero of="$d/big" bs=1M count=32 status=none
+			sha256sum "$d/big" >/dev/null' &
+	done
+	local failed=0 job
+	for job in $(jobs -p); do
+		wait "$job" || failed=1
+	done
+	[ "$failed" = 0 ]
+	[ "$(ls /mnt/mq/cpu0 | wc -l)" = 301 ]
+	[ "$(ls /mnt/mq/cpu1 | wc -l)" = 301 ]
+}
+
+unmount_shares() {
+	local tag
+	for tag in "$@"; do
+		umount "/mnt/$tag"
+	done
+	if grep -q ' virtiofs ' /proc/mounts; then
+		grep ' virtiofs ' /proc/mounts
+		false
+	fi
+}

@@ -1,0 +1,393 @@
+#!/usr/bin/env bash
+# Guest test tier: boots Linux guests under QEMU that mount virtio-fs shares
+# served by berth (or virtiofsd, for comparison) and checks that they behave
+# like local filesystems.
+#
+# Usage: test.sh [--daemon berth|virtiofsd] [--kernel PATH] [--modules DIR]
+#                [--only NAME[,NAME...]] [--list] [--keep]
+#
+# Every check prints its name, PASS/FAIL and its duration; the exit status is
+# non-zero when any check fails. Logs (daemon logs, guest consoles) are kept in
+# the directory printed at the end.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+# Checks of each boot; "mount" and "umount" always run in a boot that runs.
+MAIN_GUEST_CHECKS=(mount file-ops xattr flock sha256-host-to-guest sha256-guest-write fio-verify
+	tree-5000 cache-never cache-auto kata-fd3 umount)
+MAIN_HOST_CHECKS=(sha256-guest-to-host tree-5000-host-diff kata-fd3-host daemons-exit-0 no-stray)
+MQ_GUEST_CHECKS=(mq-mount mq-load mq-umount)
+MQ_HOST_CHECKS=(mq-queues-used mq-daemon-exit-0 mq-no-stray)
+
+daemon_kind=berth only="" keep=0
+while [ $# -gt 0 ]; do
+	case $1 in
+	--daemon) daemon_kind=$2; shift 2 ;;
+	--kernel) BERTH_GUEST_KERNEL=$2; shift 2 ;;
+	--modules) BERTH_GUEST_MODULES=$2; shift 2 ;;
+	--only) only=$2; shift 2 ;;
+	--keep) keep=1; shift ;;
+	--list)
+		printf '%s\n' "${MAIN_GUEST_CHECKS[@]}" "${MAIN_HOST_CHECKS[@]}" "${MQ_GUEST_CHECKS[@]}" "${MQ_HOST_CHECKS[@]}"
+		exit 0
+		;;
+	-h | --help) sed -n '2,11p' "$0"; exit 0 ;;
+	*) die "unknown argument $1" ;;
+	esac
+done
+case $daemon_kind in berth | virtiofsd) ;; *) die "--daemon must be berth or virtiofsd" ;; esac
+require_root
+
+selected() { [ -z "$only" ] || [[ ",$only," == *",$1,"* ]]; }
+any_selected() {
+	local name
+	for name in "$@"; do selected "$name" && return 0; done
+	return 1
+}
+
+tier_start=$(now_seconds)
+RESULTS=()
+record() { # record NAME PASS|FAIL SECONDS [DETAIL...]
+	local name=$1 status=$2 took=$3
+	shift 3
+	printf '%-24s %s %7s s\n' "$name" "$status" "$took"
+	local line
+	for line in "$@"; do printf '    %s\n' "$line"; done
+	RESULTS+=("$name $status")
+}
+
+# --- workspace and cleanup -------------------------------------------------------
+
+WORK=$(mktemp -d /tmp/berth-guest-test.XXXXXX)
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
+declare -A DAEMON_PID=()
+BACKGROUND_PIDS=()
+
+cleanup() {
+	local name pid
+	for pid in "${BACKGROUND_PIDS[@]}" "${DAEMON_PID[@]}"; do
+		kill "$pid" 2>/dev/null || true
+	done
+	for pid in "${BACKGROUND_PIDS[@]}" "${DAEMON_PID[@]}"; do
+		wait "$pid" 2>/dev/null || true
+	done
+	if [ "$keep" = 1 ]; then
+		log "kept $WORK"
+	else
+		for name in "$WORK"/share-*; do
+			[ -e "$name" ] && rm -rf "$name"
+		done
+		rm -f "$WORK"/*.sock
+	fi
+}
+trap cleanup EXIT
+
+# start_daemon NAME SHARE_DIR [ARGS...]: serves SHARE_DIR on $WORK/NAME.sock.
+start_daemon() {
+	local name=$1 share=$2
+	shift 2
+	local sock=$WORK/$name.sock
+	"$DAEMON" --socket-path "$sock" --shared-dir "$share" --sandbox none --seccomp none \
+		--log-level debug "$@" >"$LOGS/$name.log" 2>&1 &
+	DAEMON_PID[$name]=$!
+	wait_for_socket "$name" "$sock"
+}
+
+# start_kata_daemon NAME SHARE_DIR: the way Kata's Go runtime starts virtiofsd,
+# with a listening socket it created itself passed as fd 3.
+start_kata_daemon() {
+	local name=$1 share=$2 sock=$WORK/$1.sock
+	# shellcheck disable=SC2016
+	perl -e '
+		use strict; use Socket; use POSIX ();
+		$^F = 3;    # fds up to 3 stay open across exec
+		my $path = shift @ARGV;
+		socket(my $listener, AF_UNIX, SOCK_STREAM, 0) or die "socket: $!\n";
+		unlink $path;
+		bind($listener, pack_sockaddr_un($path)) or die "bind $path: $!\n";
+		listen($listener, 16) or die "listen: $!\n";
+		if (fileno($listener) != 3) { POSIX::dup2(fileno($listener), 3) or die "dup2: $!\n" }
+		exec { $ARGV[0] } @ARGV or die "exec $ARGV[0]: $!\n";
+	' "$sock" "$DAEMON" --syslog --cache=auto --shared-dir="$share" --fd=3 \
+		--thread-pool-size=1 --announce-submounts --sandbox none --seccomp none \
+		>"$LOGS/$name.log" 2>&1 &
+	DAEMON_PID[$name]=$!
+	wait_for_socket "$name" "$sock"
+}
+
+wait_for_socket() {
+	local name=$1 sock=$2 i
+	for i in $(seq 100); do
+		[ -S "$sock" ] && return 0
+		kill -0 "${DAEMON_PID[$name]}" 2>/dev/null || break
+		sleep 0.1
+	done
+	sed 's/^/    /' "$LOGS/$name.log" >&2
+	die "daemon $name did not create $sock"
+}
+
+# Waits up to 15 s for the named daemons to exit; records one check.
+check_daemons_exit() {
+	local check=$1
+	shift
+	local start name pid rc problems=()
+	start=$(now_seconds)
+	for name in "$@"; do
+		pid=${DAEMON_PID[$name]}
+		for _ in $(seq 150); do
+			kill -0 "$pid" 2>/dev/null || break
+			sleep 0.1
+		done
+		if kill -0 "$pid" 2>/dev/null; then
+			problems+=("$name is still running 15 s after QEMU quit")
+			kill "$pid" 2>/dev/null || true
+		fi
+		rc=0
+		wait "$pid" || rc=$?
+		unset "DAEMON_PID[$name]"
+		[ "$rc" = 0 ] || problems+=("$name exited with status $rc; last log lines:" "$(tail -n 5 "$LOGS/$name.log")")
+	done
+	if [ ${#problems[@]} -eq 0 ]; then
+		record "$check" PASS "$(seconds_since "$start")"
+	else
+		record "$check" FAIL "$(seconds_since "$start")" "${problems[@]}"
+	fi
+}
+
+# No process started for this run and no mount below the work directory remain.
+check_no_stray() {
+	local check=$1 start problems=() pid
+	start=$(now_seconds)
+	for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+		[ "$pid" = $$ ] && continue
+		local cmdline
+		cmdline=$({ tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null || true)
+		if [[ $cmdline == *"$WORK/"* ]]; then problems+=("process $pid: $cmdline"); fi
+	done
+	if grep -q -- "$WORK" /proc/self/mountinfo; then
+		problems+=("mounts remain: $(grep -- "$WORK" /proc/self/mountinfo)")
+	fi
+	if [ ${#problems[@]} -eq 0 ]; then
+		record "$check" PASS "$(seconds_since "$start")"
+	else
+		record "$check" FAIL "$(seconds_since "$start")" "${problems[@]}"
+	fi
+}
+
+# Host side of the cache checks: once the guest signals, replace the file by
+# rename (a new inode) and tell the guest.
+serve_cache_changes() {
+	local share pending=("$@") deadline=$((SECONDS + 600))
+	while [ ${#pending[@]} -gt 0 ] && [ $SECONDS -lt $deadline ]; do
+		local still=()
+		for share in "${pending[@]}"; do
+			if [ -e "$share/ready" ]; then
+				# Another link keeps the old inode alive, so a guest that still
+				# holds it reads the old content instead of failing with ESTALE.
+				ln "$share/value" "$share/.value.old"
+				printf v2 >"$share/.value.new"
+				mv "$share/.value.new" "$share/value"
+				touch "$share/changed"
+			else
+				still+=("$share")
+			fi
+		done
+		pending=("${still[@]}")
+		sleep 0.02
+	done
+}
+
+# run_guest NAME SCRIPT GUEST_CHECKS... -- BOOT_ARGS...: boots a guest running
+# SCRIPT, prints its check lines as they arrive and records them; checks that
+# never reported are failures.
+run_guest() {
+	local name=$1 script=$2
+	shift 2
+	local expected=()
+	while [ "$1" != -- ]; do
+		selected "$1" && expected+=("$1")
+		shift
+	done
+	shift
+	local console=$LOGS/$name-console.log extra=$WORK/$name-extra
+	mkdir -p "$extra"
+	cp "$GUEST_IMAGES_DIR/guest/checks.sh" "$extra/checks.sh"
+	local guest_only=$only
+	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount"
+	printf 'ONLY=%q\n' "$guest_only" >"$extra/env"
+	: >"$console"
+	log "booting guest '$name' (console: $console)"
+	local start rc=0
+	start=$(now_seconds)
+	guest_boot --script "$script" --extra "$extra" --console "$console" --timeout "${GUEST_TIMEOUT:-900}" "$@" &
+	local boot_pid=$!
+	BACKGROUND_PIDS+=("$boot_pid")
+	local reported=" " line check status took details=()
+	while IFS= read -r line; do
+		line=${line%$'\r'}
+		# Drop firmware or kernel output that shares the line with a marker.
+		[[ $line == *@@* ]] && line=@@${line#*@@}
+		case $line in
+		"@@check "*)
+			read -r _ check status took <<<"$line"
+			record "$check" "$status" "$took"
+			reported+="$check "
+			;;
+		"@@detail "* | "@@info "*) printf '    %s\n' "${line#@@* }" ;;
+		*"Kernel panic"* | *"BUG:"* | *"Oops"* | *"WARNING:"* | *"virtio_fs"* | *"virtiofs"* | *"fuse:"* | init:*)
+			printf '    guest: %s\n' "$line"
+			;;
+		esac
+	done < <(tail -n +1 -F --pid="$boot_pid" "$console" 2>/dev/null)
+	wait "$boot_pid" || rc=$?
+	BACKGROUND_PIDS=("${BACKGROUND_PIDS[@]/$boot_pid/}")
+	log "guest '$name' finished with status $rc after $(seconds_since "$start") s (boot to first check: $(boot_seconds "$console") s)"
+	for check in "${expected[@]}"; do
+		[[ $reported == *" $check "* ]] || record "$check" FAIL 0 "no result from the guest (guest status $rc, console $console)"
+	done
+}
+
+# Guest uptime at the first check line, i.e. what booting cost.
+boot_seconds() {
+	local up
+	up=$(tr -d '\r' <"$1" | grep -a -m1 -o '@@boot [0-9.]*' | cut -d' ' -f2)
+	echo "${up:-?}"
+}
+
+# --- the tier --------------------------------------------------------------------
+
+prepare_start=$(now_seconds)
+prepare_guest
+daemon_binary "$daemon_kind"
+log "guest ready and $daemon_kind at $DAEMON after $(seconds_since "$prepare_start") s"
+
+if any_selected "${MAIN_GUEST_CHECKS[@]}" "${MAIN_HOST_CHECKS[@]}"; then
+	mkdir -p "$WORK"/share-{main,never,auto,kata}
+	if selected sha256-host-to-guest; then
+		head -c 256M /dev/urandom >"$WORK/share-main/host-256M"
+		sha256sum <"$WORK/share-main/host-256M" | cut -c1-64 >"$WORK/share-main/host-256M.sha256"
+	fi
+	if selected tree-5000 || selected tree-5000-host-diff; then
+		# 50 directories of 100 files each, sizes differing per directory.
+		for dir in $(seq -w 0 49); do
+			mkdir -p "$WORK/share-main/tree-src/d$dir"
+			head -c $((100 * (37 * 10#$dir + 1))) /dev/urandom |
+				(cd "$WORK/share-main/tree-src/d$dir" && split -a 3 -b $((37 * 10#$dir + 1)) - f)
+		done
+	fi
+	printf v1 >"$WORK/share-never/value"
+	printf v1 >"$WORK/share-auto/value"
+	echo "kata host file" >"$WORK/share-kata/from-host"
+
+	start_daemon main "$WORK/share-main" --xattr
+	start_daemon never "$WORK/share-never" --cache=never
+	start_daemon auto "$WORK/share-auto" --cache=auto
+	start_kata_daemon kata "$WORK/share-kata"
+	serve_cache_changes "$WORK/share-never" "$WORK/share-auto" &
+	BACKGROUND_PIDS+=("$!")
+
+	cat >"$WORK/main.sh" <<'EOF'
+echo "@@boot $(cut -d' ' -f1 /proc/uptime)"
+. /test/checks.sh
+check mount mount_shares main never auto kata
+check file-ops file_operations
+check xattr extended_attributes
+check flock lock_conflict
+check sha256-host-to-guest host_file_hash
+check sha256-guest-write guest_file_write
+check fio-verify fio_verify
+check tree-5000 tree_copy
+check cache-never cache_never
+check cache-auto cache_auto
+check kata-fd3 kata_fd3
+check umount unmount_shares main never auto kata
+[ "$CHECK_FAILURES" = 0 ]
+EOF
+	run_guest main "$WORK/main.sh" "${MAIN_GUEST_CHECKS[@]}" -- \
+		--fs "main=$WORK/main.sock" --fs "never=$WORK/never.sock" \
+		--fs "auto=$WORK/auto.sock" --fs "kata=$WORK/kata.sock"
+
+	if selected sha256-guest-to-host; then
+		start=$(now_seconds)
+		want=$(cat "$WORK/share-main/guest-256M.sha256" 2>/dev/null || echo none)
+		got=$(sha256sum <"$WORK/share-main/guest-256M" 2>/dev/null | cut -c1-64 || true)
+		if [ "$want" = "$got" ]; then
+			record sha256-guest-to-host PASS "$(seconds_since "$start")"
+		else
+			record sha256-guest-to-host FAIL "$(seconds_since "$start")" "guest wrote $want, host reads ${got:-nothing}"
+		fi
+	fi
+	if selected tree-5000-host-diff; then
+		start=$(now_seconds)
+		if out=$(diff -r "$WORK/share-main/tree-src" "$WORK/share-main/tree-copy" 2>&1); then
+			record tree-5000-host-diff PASS "$(seconds_since "$start")"
+		else
+			record tree-5000-host-diff FAIL "$(seconds_since "$start")" "$(head -n 10 <<<"$out")"
+		fi
+	fi
+	if selected kata-fd3-host; then
+		start=$(now_seconds)
+		if [ "$(cat "$WORK/share-kata/dir/from-guest" 2>/dev/null)" = "kata guest file" ]; then
+			record kata-fd3-host PASS "$(seconds_since "$start")"
+		else
+			record kata-fd3-host FAIL "$(seconds_since "$start")" "the file the guest wrote through the fd-3 daemon is missing on the host"
+		fi
+	fi
+	selected daemons-exit-0 && check_daemons_exit daemons-exit-0 main never auto kata
+	for pid in "${BACKGROUND_PIDS[@]}"; do
+		[ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+	done
+	BACKGROUND_PIDS=()
+	selected no-stray && check_no_stray no-stray
+	rm -rf "$WORK"/share-{main,never,auto,kata}
+fi
+
+if [ "$daemon_kind" = virtiofsd ] && [ -z "${BERTH_TEST_FORCE_MQ:-}" ]; then
+	# QEMU refuses the device: "Failed to initialize virtqueue 2".
+	for check in "${MQ_GUEST_CHECKS[@]}" "${MQ_HOST_CHECKS[@]}"; do
+		selected "$check" && record "$check" SKIP 0 "virtiofsd 1.14 serves a single request queue"
+	done
+elif any_selected "${MQ_GUEST_CHECKS[@]}" "${MQ_HOST_CHECKS[@]}"; then
+	mkdir -p "$WORK/share-mq"
+	start_daemon mq "$WORK/share-mq"
+	cat >"$WORK/mq.sh" <<'EOF'
+echo "@@boot $(cut -d' ' -f1 /proc/uptime)"
+. /test/checks.sh
+check mq-mount mount_shares mq
+check mq-load multi_queue_load
+check mq-umount unmount_shares mq
+[ "$CHECK_FAILURES" = 0 ]
+EOF
+	run_guest mq "$WORK/mq.sh" "${MQ_GUEST_CHECKS[@]}" -- --fs "mq=$WORK/mq.sock,queues=4"
+	if selected mq-queues-used; then
+		start=$(now_seconds)
+		# Distinct queue indices named on the daemon's log lines about serving
+		# or handling requests (e.g. "served requests queue=2 handled=7").
+		queues=$(grep -iE 'serv|handl' "$LOGS/mq.log" | grep -ioE '(queue|vring|vq)[ _-]?(index|idx)?[ =:#]*[0-9]+' |
+			grep -oE '[0-9]+$' | sort -un | tr '\n' ' ' || true)
+		count=$(wc -w <<<"$queues")
+		# Queue 0 is the high-priority queue; request queues are 1..4.
+		requests=$(tr ' ' '\n' <<<"$queues" | awk '$1 >= 1' | wc -l)
+		if [ "$requests" -ge 2 ]; then
+			record mq-queues-used PASS "$(seconds_since "$start")" "queue indices in the daemon log: $queues"
+		elif [ "$count" -eq 0 ]; then
+			record mq-queues-used FAIL "$(seconds_since "$start")" "no daemon log line about served requests names a queue index ($LOGS/mq.log)"
+		else
+			record mq-queues-used FAIL "$(seconds_since "$start")" "only queue indices $queues appear in $LOGS/mq.log"
+		fi
+	fi
+	selected mq-daemon-exit-0 && check_daemons_exit mq-daemon-exit-0 mq
+	selected mq-no-stray && check_no_stray mq-no-stray
+	rm -rf "$WORK/share-mq"
+fi
+
+passed=0 failed=0 skipped=0
+for result in "${RESULTS[@]}"; do
+	case $result in
+	*" PASS") passed=$((passed + 1)) ;;
+	*" SKIP") skipped=$((skipped + 1)) ;;
+	*) failed=$((failed + 1)) ;;
+	esac
+done
+log "$daemon_kind: $passed passed, $failed failed, $skipped skipped in $(seconds_since "$tier_start") s; logs in $LOGS"
+[ "$failed" = 0 ] && [ "$passed" -gt 0 ]

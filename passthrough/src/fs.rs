@@ -1,0 +1,1570 @@
+//! [`PassthroughFs`]: FUSE operations turned into syscalls on the shared directory.
+//!
+//! Every path the guest names is resolved one component at a time with `*at` calls from a
+//! descriptor (or file handle) of its parent, never following a final symlink, so a guest
+//! cannot walk out of the shared directory through `..` or symlinks.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::fs::File;
+use std::io;
+use std::mem::{ManuallyDrop, MaybeUninit};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{
+    stat64, statvfs64, CopyFileRangeIn, CreateIn, FsOptions, OpenOptions, SetattrValid, ROOT_ID,
+};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileLock, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader,
+    ZeroCopyWriter,
+};
+
+use crate::config::{CachePolicy, Config, InodeFileHandles};
+use crate::error::Error;
+use crate::file_handle::{FileHandle, MountFds};
+use crate::inode_store::{InodeData, InodeFile, InodeKey, InodeStore};
+use crate::util::{
+    check_ret, errno, fd_name, fstat, openat, statx, validate_name, CredentialsGuard, EMPTY_CSTR,
+};
+
+const FUSE_ATTR_SUBMOUNT: u32 = 1;
+const FUSE_LK_FLOCK: u32 = 1;
+const FUSE_WRITE_KILL_PRIV: u32 = 4;
+/// FUSE's "to the end of the file" lock end.
+const OFFSET_MAX: u64 = i64::MAX as u64;
+
+/// An open file or directory the client refers to by handle number.
+struct HandleData {
+    inode: u64,
+    file: File,
+    /// Serialises seek + getdents on directory handles.
+    dir_cursor: Mutex<()>,
+}
+
+/// A descriptor on an inode: borrowed from the store, or opened from a file handle.
+enum InodeFd<'a> {
+    Borrowed(BorrowedFd<'a>),
+    Owned(OwnedFd),
+}
+
+impl AsFd for InodeFd<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            InodeFd::Borrowed(fd) => *fd,
+            InodeFd::Owned(fd) => fd.as_fd(),
+        }
+    }
+}
+
+/// The shared host directory as a FUSE filesystem.
+pub struct PassthroughFs {
+    cfg: Config,
+    inodes: InodeStore,
+    handles: RwLock<HashMap<u64, Arc<HandleData>>>,
+    next_handle: AtomicU64,
+    mount_fds: MountFds,
+    proc_self_fd: OwnedFd,
+    file_handles: InodeFileHandles,
+    entry_timeout: Duration,
+    attr_timeout: Duration,
+    /// Root can act as the caller (fsuid/fsgid); anyone else creates files as itself.
+    switch_credentials: bool,
+    writeback: AtomicBool,
+    announce_submounts: AtomicBool,
+}
+
+thread_local! {
+    /// Whether this thread has its own umask (unshare(CLONE_FS)), so setting it per request
+    /// does not race with other workers.
+    static OWN_FS_STRUCT: Cell<bool> = const { Cell::new(false) };
+}
+
+impl PassthroughFs {
+    /// Opens the shared directory named in `cfg`.
+    pub fn new(cfg: Config) -> Result<Self, Error> {
+        let root_path = CString::new(cfg.root_dir.as_os_str().as_bytes()).map_err(|_| {
+            Error::OpenSharedDir {
+                path: cfg.root_dir.clone(),
+                source: errno(libc::EINVAL),
+            }
+        })?;
+        // SAFETY: AT_FDCWD is a valid directory argument for openat.
+        let cwd_fd = unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) };
+        let root_fd =
+            openat(cwd_fd, &root_path, libc::O_PATH | libc::O_DIRECTORY, 0).map_err(|source| {
+                if source.raw_os_error() == Some(libc::ENOTDIR) {
+                    Error::NotADirectory(cfg.root_dir.clone())
+                } else {
+                    Error::OpenSharedDir {
+                        path: cfg.root_dir.clone(),
+                        source,
+                    }
+                }
+            })?;
+        let proc_self_fd = openat(
+            cwd_fd,
+            c"/proc/self/fd",
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(Error::OpenProcSelfFd)?;
+        let root_stat = statx(root_fd.as_fd(), EMPTY_CSTR).map_err(Error::StatSharedDir)?;
+
+        let mount_fds = MountFds::default();
+        let file_handles = match cfg.inode_file_handles {
+            InodeFileHandles::Never => InodeFileHandles::Never,
+            mode => match probe_file_handles(&root_fd) {
+                Ok(()) => mode,
+                Err(e) if mode == InodeFileHandles::Mandatory => {
+                    return Err(Error::FileHandlesUnsupported(e))
+                }
+                Err(e) => {
+                    tracing::info!(
+                        "file handles are not usable on the shared directory ({e}); holding \
+                         inodes by descriptor"
+                    );
+                    InodeFileHandles::Never
+                }
+            },
+        };
+        let (entry_default, attr_default) = cfg.cache.timeouts();
+        let fs = PassthroughFs {
+            entry_timeout: cfg.entry_timeout.unwrap_or(entry_default),
+            attr_timeout: cfg.attr_timeout.unwrap_or(attr_default),
+            // SAFETY: geteuid has no preconditions.
+            switch_credentials: unsafe { libc::geteuid() } == 0,
+            inodes: InodeStore::new(ROOT_ID),
+            handles: RwLock::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            mount_fds,
+            proc_self_fd,
+            file_handles,
+            writeback: AtomicBool::new(false),
+            announce_submounts: AtomicBool::new(false),
+            cfg,
+        };
+        let key = InodeKey {
+            ino: root_stat.st.st_ino,
+            dev: root_stat.st.st_dev,
+            mnt_id: root_stat.mnt_id,
+        };
+        // The root is always held by descriptor: it must survive any handle trouble.
+        let root = fs.inodes.get_or_insert(key, || {
+            Ok(InodeData::new(key, InodeFile::Fd(root_fd), libc::S_IFDIR))
+        });
+        root.map_err(Error::StatSharedDir)?;
+        Ok(fs)
+    }
+
+    /// Number of inodes the client holds (for metrics and tests).
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    /// Number of open file and directory handles.
+    pub fn handle_count(&self) -> usize {
+        self.handles.read().map(|h| h.len()).unwrap_or(0)
+    }
+
+    fn inode_fd<'a>(&self, data: &'a InodeData) -> io::Result<InodeFd<'a>> {
+        match &data.file {
+            InodeFile::Fd(fd) => Ok(InodeFd::Borrowed(fd.as_fd())),
+            InodeFile::Handle(handle) => {
+                let mount_fd = self.mount_fds.get(handle.mnt_id)?;
+                Ok(InodeFd::Owned(handle.open(mount_fd.as_fd(), libc::O_PATH)?))
+            }
+        }
+    }
+
+    /// Opens the inode itself for I/O with `flags`.
+    fn open_inode(&self, data: &InodeData, flags: libc::c_int) -> io::Result<File> {
+        let flags = flags & !(libc::O_NOFOLLOW | libc::O_CREAT | libc::O_EXCL);
+        let fd = match &data.file {
+            InodeFile::Fd(fd) => openat(
+                self.proc_self_fd.as_fd(),
+                &fd_name(fd.as_raw_fd()),
+                flags,
+                0,
+            )?,
+            InodeFile::Handle(handle) => {
+                let mount_fd = self.mount_fds.get(handle.mnt_id)?;
+                handle.open(mount_fd.as_fd(), flags)?
+            }
+        };
+        Ok(File::from(fd))
+    }
+
+    fn handle(&self, inode: u64, handle: u64) -> io::Result<Arc<HandleData>> {
+        let handles = self.handles.read().map_err(|_| errno(libc::EIO))?;
+        match handles.get(&handle) {
+            Some(h) if h.inode == inode => Ok(h.clone()),
+            _ => Err(errno(libc::EBADF)),
+        }
+    }
+
+    fn insert_handle(&self, inode: u64, file: File) -> io::Result<u64> {
+        let id = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let data = Arc::new(HandleData {
+            inode,
+            file,
+            dir_cursor: Mutex::new(()),
+        });
+        self.handles
+            .write()
+            .map_err(|_| errno(libc::EIO))?
+            .insert(id, data);
+        Ok(id)
+    }
+
+    fn remove_handle(&self, inode: u64, handle: u64) -> io::Result<()> {
+        let mut handles = self.handles.write().map_err(|_| errno(libc::EIO))?;
+        match handles.get(&handle) {
+            Some(h) if h.inode == inode => {
+                handles.remove(&handle);
+                Ok(())
+            }
+            _ => Err(errno(libc::EBADF)),
+        }
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.cfg.readonly {
+            Err(errno(libc::EROFS))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn entry_for(&self, data: &InodeData, st: stat64, parent_mnt_id: u64) -> Entry {
+        let submount = self.announce_submounts.load(Ordering::Relaxed)
+            && data.is_dir()
+            && data.key.mnt_id != parent_mnt_id;
+        Entry {
+            inode: data.id,
+            generation: 0,
+            attr: st,
+            attr_flags: if submount { FUSE_ATTR_SUBMOUNT } else { 0 },
+            attr_timeout: self.attr_timeout,
+            entry_timeout: self.entry_timeout,
+        }
+    }
+
+    fn do_lookup(&self, parent: u64, name: &CStr) -> io::Result<Entry> {
+        let parent_data = self.inodes.get(parent)?;
+        let bytes = name.to_bytes();
+        if bytes == b"." || (bytes == b".." && parent == ROOT_ID) {
+            // `..` of the share root is the root itself: never a way out.
+            let fd = self.inode_fd(&parent_data)?;
+            let sx = statx(fd.as_fd(), EMPTY_CSTR)?;
+            let data = self
+                .inodes
+                .get_or_insert(parent_data.key, || Err(errno(libc::ENOENT)))?;
+            return Ok(self.entry_for(&data, sx.st, parent_data.key.mnt_id));
+        }
+        validate_name(name)?;
+        if !parent_data.is_dir() {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let parent_fd = self.inode_fd(&parent_data)?;
+        let fd = openat(parent_fd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        self.insert_looked_up(fd, parent_data.key.mnt_id)
+    }
+
+    /// Registers the inode `fd` (an `O_PATH` descriptor) refers to, taking one reference.
+    fn insert_looked_up(&self, fd: OwnedFd, parent_mnt_id: u64) -> io::Result<Entry> {
+        let sx = statx(fd.as_fd(), EMPTY_CSTR)?;
+        let key = InodeKey {
+            ino: sx.st.st_ino,
+            dev: sx.st.st_dev,
+            mnt_id: sx.mnt_id,
+        };
+        let file_type = sx.st.st_mode & libc::S_IFMT;
+        let data = self.inodes.get_or_insert(key, || {
+            let file = match self.file_handles {
+                InodeFileHandles::Never => InodeFile::Fd(fd),
+                mode => match FileHandle::from_fd(fd.as_fd()) {
+                    Ok(handle) => {
+                        self.mount_fds.insert_if_absent(handle.mnt_id, &fd)?;
+                        InodeFile::Handle(handle)
+                    }
+                    Err(e) if mode == InodeFileHandles::Mandatory => return Err(e),
+                    Err(_) => InodeFile::Fd(fd),
+                },
+            };
+            Ok(InodeData::new(key, file, file_type))
+        })?;
+        Ok(self.entry_for(&data, sx.st, parent_mnt_id))
+    }
+
+    fn sanitize_open_flags(&self, flags: u32) -> libc::c_int {
+        let mut flags = flags as libc::c_int;
+        flags &= !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
+        if !self.cfg.allow_direct_io {
+            flags &= !libc::O_DIRECT;
+        }
+        if !self.cfg.preserve_noatime {
+            flags &= !libc::O_NOATIME;
+        }
+        if self.writeback.load(Ordering::Relaxed) {
+            // The guest's page cache may read back pages of a write-only file and does its own
+            // appending.
+            if flags & libc::O_ACCMODE == libc::O_WRONLY {
+                flags = (flags & !libc::O_ACCMODE) | libc::O_RDWR;
+            }
+            flags &= !libc::O_APPEND;
+        }
+        flags
+    }
+
+    fn open_options(&self, is_dir: bool) -> OpenOptions {
+        match (self.cfg.cache, is_dir) {
+            (CachePolicy::Never, false) | (CachePolicy::Metadata, false) => OpenOptions::DIRECT_IO,
+            (CachePolicy::Always, false) => OpenOptions::KEEP_CACHE,
+            (CachePolicy::Always, true) => OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE,
+            _ => OpenOptions::empty(),
+        }
+    }
+
+    /// Runs `f` as the caller, with the caller's umask (new files get their owner and mode).
+    fn as_caller<T>(
+        &self,
+        ctx: &Context,
+        umask: u32,
+        f: impl FnOnce() -> io::Result<T>,
+    ) -> io::Result<T> {
+        let _creds = CredentialsGuard::set(ctx.uid, ctx.gid, self.switch_credentials)?;
+        let _umask = UmaskGuard::set(umask)?;
+        f()
+    }
+
+    fn stat_inode(&self, data: &InodeData) -> io::Result<stat64> {
+        let fd = self.inode_fd(data)?;
+        Ok(statx(fd.as_fd(), EMPTY_CSTR)?.st)
+    }
+
+    fn proc_path(fd: RawFd) -> CString {
+        CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
+    }
+
+    fn do_readdir(
+        &self,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        plus: bool,
+        add_entry: &mut dyn FnMut(DirEntry, Option<Entry>) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        if size == 0 {
+            return Ok(());
+        }
+        let data = self.handle(inode, handle)?;
+        let _cursor = data.dir_cursor.lock().map_err(|_| errno(libc::EIO))?;
+        let fd = data.file.as_raw_fd();
+        // SAFETY: lseek on a descriptor we own; the result is checked.
+        let ret = unsafe { libc::lseek64(fd, offset as i64, libc::SEEK_SET) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; (size as usize).clamp(4096, 1 << 16)];
+        loop {
+            // SAFETY: `buf` is writable for its full length; the result is checked.
+            let n = unsafe {
+                libc::syscall(
+                    libc::SYS_getdents64,
+                    fd,
+                    buf.as_mut_ptr(),
+                    buf.len() as libc::c_uint,
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            let mut pos = 0usize;
+            while pos < n as usize {
+                let Some(raw) = RawDirent::parse(&buf[pos..n as usize]) else {
+                    return Err(errno(libc::EIO));
+                };
+                pos += raw.reclen;
+                let dirent = DirEntry {
+                    ino: raw.ino,
+                    offset: raw.next_offset,
+                    type_: raw.d_type as u32,
+                    name: raw.name,
+                };
+                let is_dot = raw.name == b"." || raw.name == b"..";
+                let entry = if !plus {
+                    None
+                } else if is_dot {
+                    // The client does not look these up; node id 0 tells it so.
+                    // SAFETY: stat64 is plain old data; all-zeroes is valid.
+                    let mut attr: stat64 = unsafe { std::mem::zeroed() };
+                    attr.st_ino = raw.ino;
+                    attr.st_mode = libc::S_IFDIR;
+                    Some(Entry {
+                        inode: 0,
+                        generation: 0,
+                        attr,
+                        attr_flags: 0,
+                        attr_timeout: Duration::ZERO,
+                        entry_timeout: Duration::ZERO,
+                    })
+                } else {
+                    let Ok(name) = CStr::from_bytes_with_nul(raw.name_with_nul) else {
+                        continue;
+                    };
+                    match self.do_lookup(inode, name) {
+                        Ok(e) => Some(e),
+                        // Removed since getdents saw it: skip it.
+                        Err(_) => continue,
+                    }
+                };
+                let looked_up = entry.as_ref().map(|e| e.inode).unwrap_or(0);
+                let written = add_entry(dirent, entry)?;
+                if written == 0 {
+                    // The reply is full: this entry was not sent, so its lookup never happened.
+                    if looked_up != 0 {
+                        self.inodes.forget(looked_up, 1);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn lock_fd(&self, inode: u64, handle: u64) -> io::Result<Arc<HandleData>> {
+        self.handle(inode, handle)
+    }
+
+    /// Answers COPY_FILE_RANGE.
+    pub(crate) fn copy_file_range(
+        &self,
+        _ctx: &Context,
+        inode_in: u64,
+        args: &CopyFileRangeIn,
+    ) -> io::Result<u32> {
+        self.check_writable()?;
+        let src = self.handle(inode_in, args.fh_in)?;
+        let dst = self.handle(args.nodeid_out, args.fh_out)?;
+        let mut off_in = args.offset_in as i64;
+        let mut off_out = args.offset_out as i64;
+        let len = args.len.min(u32::MAX as u64) as usize;
+        // SAFETY: both descriptors are open; the offsets are valid out-pointers.
+        let copied = unsafe {
+            libc::copy_file_range(
+                src.file.as_raw_fd(),
+                &mut off_in,
+                dst.file.as_raw_fd(),
+                &mut off_out,
+                len,
+                args.flags as libc::c_uint,
+            )
+        };
+        if copied < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(copied as u32)
+    }
+
+    /// Answers SYNCFS: flushes the filesystem holding `inode`.
+    pub(crate) fn syncfs(&self, inode: u64) -> io::Result<()> {
+        let data = self.inodes.get(inode)?;
+        let flags = if data.is_dir() {
+            libc::O_RDONLY | libc::O_DIRECTORY
+        } else {
+            libc::O_RDONLY | libc::O_NONBLOCK
+        };
+        let file = self.open_inode(&data, flags)?;
+        // SAFETY: syncfs on an open descriptor; the result is checked.
+        check_ret(unsafe { libc::syncfs(file.as_raw_fd()) })?;
+        Ok(())
+    }
+
+    /// Answers SETLKW: waits for the lock (the worker thread blocks meanwhile).
+    pub(crate) fn setlk_wait(
+        &self,
+        inode: u64,
+        handle: u64,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.do_setlk(inode, handle, owner, lock, flags, true)
+    }
+
+    /// Answers TMPFILE: an unnamed file in `parent`, open for I/O.
+    pub(crate) fn tmpfile(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        args: &CreateIn,
+    ) -> io::Result<(Entry, u64, u32)> {
+        self.check_writable()?;
+        let parent_data = self.inodes.get(parent)?;
+        let flags = self.sanitize_open_flags(args.flags) & !libc::O_DIRECTORY;
+        let file = self.as_caller(ctx, args.umask, || {
+            let parent_fd = self.inode_fd(&parent_data)?;
+            openat(
+                parent_fd.as_fd(),
+                c".",
+                flags | libc::O_TMPFILE,
+                args.mode & 0o7777,
+            )
+        })?;
+        let path_fd = openat(
+            self.proc_self_fd.as_fd(),
+            &fd_name(file.as_raw_fd()),
+            libc::O_PATH,
+            0,
+        )?;
+        // An unlinked file cannot be reopened by handle: hold it by descriptor.
+        let sx = statx(path_fd.as_fd(), EMPTY_CSTR)?;
+        let key = InodeKey {
+            ino: sx.st.st_ino,
+            dev: sx.st.st_dev,
+            mnt_id: sx.mnt_id,
+        };
+        let data = self.inodes.get_or_insert(key, || {
+            Ok(InodeData::new(key, InodeFile::Fd(path_fd), libc::S_IFREG))
+        })?;
+        let entry = self.entry_for(&data, sx.st, parent_data.key.mnt_id);
+        let fh = self.insert_handle(data.id, File::from(file))?;
+        Ok((entry, fh, self.open_options(false).bits()))
+    }
+
+    fn do_setlk(
+        &self,
+        inode: u64,
+        handle: u64,
+        _owner: u64,
+        lock: FileLock,
+        flags: u32,
+        wait: bool,
+    ) -> io::Result<()> {
+        let data = self.lock_fd(inode, handle)?;
+        let fd = data.file.as_raw_fd();
+        if flags & FUSE_LK_FLOCK != 0 {
+            if !self.cfg.flock {
+                return Err(errno(libc::ENOSYS));
+            }
+            let mut op = match lock.lock_type as libc::c_int {
+                libc::F_RDLCK => libc::LOCK_SH,
+                libc::F_WRLCK => libc::LOCK_EX,
+                libc::F_UNLCK => libc::LOCK_UN,
+                _ => return Err(errno(libc::EINVAL)),
+            };
+            if !wait {
+                op |= libc::LOCK_NB;
+            }
+            // SAFETY: flock on an open descriptor; the result is checked.
+            check_ret(unsafe { libc::flock(fd, op) })?;
+            return Ok(());
+        }
+        if !self.cfg.posix_lock {
+            return Err(errno(libc::ENOSYS));
+        }
+        let mut fl = to_flock(&lock)?;
+        let cmd = if wait {
+            libc::F_OFD_SETLKW
+        } else {
+            libc::F_OFD_SETLK
+        };
+        // SAFETY: fcntl with a valid flock struct; the result is checked.
+        check_ret(unsafe { libc::fcntl(fd, cmd, &mut fl) })?;
+        Ok(())
+    }
+}
+
+/// Sets this thread's umask for the life of the guard.
+struct UmaskGuard {
+    old: libc::mode_t,
+}
+
+impl UmaskGuard {
+    fn set(umask: u32) -> io::Result<Self> {
+        OWN_FS_STRUCT.with(|own| {
+            if !own.get() {
+                // SAFETY: unshare(CLONE_FS) only detaches this thread's cwd/root/umask.
+                check_ret(unsafe { libc::unshare(libc::CLONE_FS) })?;
+                own.set(true);
+            }
+            Ok::<(), io::Error>(())
+        })?;
+        // SAFETY: umask only affects this thread's (now private) fs struct.
+        let old = unsafe { libc::umask(umask & 0o777) };
+        Ok(UmaskGuard { old })
+    }
+}
+
+impl Drop for UmaskGuard {
+    fn drop(&mut self) {
+        // SAFETY: restores the previous umask of this thread.
+        unsafe { libc::umask(self.old) };
+    }
+}
+
+/// One `linux_dirent64` record.
+struct RawDirent<'a> {
+    ino: u64,
+    next_offset: u64,
+    reclen: usize,
+    d_type: u8,
+    name: &'a [u8],
+    name_with_nul: &'a [u8],
+}
+
+impl<'a> RawDirent<'a> {
+    const HEADER: usize = 19;
+
+    fn parse(buf: &'a [u8]) -> Option<Self> {
+        if buf.len() < Self::HEADER {
+            return None;
+        }
+        let ino = u64::from_ne_bytes(buf[0..8].try_into().ok()?);
+        let next_offset = u64::from_ne_bytes(buf[8..16].try_into().ok()?);
+        let reclen = u16::from_ne_bytes(buf[16..18].try_into().ok()?) as usize;
+        let d_type = buf[18];
+        if reclen < Self::HEADER || reclen > buf.len() {
+            return None;
+        }
+        let raw_name = &buf[Self::HEADER..reclen];
+        let len = raw_name.iter().position(|&b| b == 0)?;
+        Some(RawDirent {
+            ino,
+            next_offset,
+            reclen,
+            d_type,
+            name: &raw_name[..len],
+            name_with_nul: &raw_name[..=len],
+        })
+    }
+}
+
+fn to_flock(lock: &FileLock) -> io::Result<libc::flock> {
+    // SAFETY: flock is plain old data; all-zeroes is valid.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = match lock.lock_type as libc::c_int {
+        libc::F_RDLCK => libc::F_RDLCK as libc::c_short,
+        libc::F_WRLCK => libc::F_WRLCK as libc::c_short,
+        libc::F_UNLCK => libc::F_UNLCK as libc::c_short,
+        _ => return Err(errno(libc::EINVAL)),
+    };
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    if lock.start > OFFSET_MAX || lock.end < lock.start {
+        return Err(errno(libc::EINVAL));
+    }
+    fl.l_start = lock.start as i64;
+    fl.l_len = if lock.end >= OFFSET_MAX {
+        0
+    } else {
+        (lock.end - lock.start + 1) as i64
+    };
+    // OFD locks require l_pid == 0.
+    fl.l_pid = 0;
+    Ok(fl)
+}
+
+fn probe_file_handles(root_fd: &OwnedFd) -> io::Result<()> {
+    let handle = FileHandle::from_fd(root_fd.as_fd())?;
+    // Opening needs CAP_DAC_READ_SEARCH: check we can, not just that we can encode.
+    handle.open(root_fd.as_fd(), libc::O_PATH).map(drop)
+}
+
+/// Borrows a handle's file as the `&mut File` the zero-copy traits want.
+fn file_ref(file: &File) -> ManuallyDrop<File> {
+    // SAFETY: the descriptor stays open for as long as `file` lives, which outlives the
+    // returned value's use; ManuallyDrop keeps it from being closed twice.
+    ManuallyDrop::new(unsafe { File::from_raw_fd(file.as_raw_fd()) })
+}
+
+fn cstr_arg(name: &CStr) -> io::Result<&CStr> {
+    validate_name(name)?;
+    Ok(name)
+}
+
+impl FileSystem for PassthroughFs {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        let mut want = FsOptions::ASYNC_READ
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::BIG_WRITES
+            | FsOptions::ATOMIC_O_TRUNC
+            | FsOptions::AUTO_INVAL_DATA
+            | FsOptions::HAS_IOCTL_DIR
+            | FsOptions::MAX_PAGES
+            | FsOptions::ASYNC_DIO;
+        if self.cfg.readdirplus {
+            want |= FsOptions::DO_READDIRPLUS | FsOptions::READDIRPLUS_AUTO;
+        }
+        if self.cfg.writeback && !self.cfg.readonly {
+            want |= FsOptions::WRITEBACK_CACHE;
+        }
+        if self.cfg.posix_acl && self.cfg.xattr {
+            want |= FsOptions::POSIX_ACL;
+        }
+        if self.cfg.announce_submounts {
+            want |= FsOptions::SUBMOUNTS;
+        }
+        if self.cfg.posix_lock {
+            want |= FsOptions::POSIX_LOCKS;
+        }
+        if self.cfg.flock {
+            want |= FsOptions::FLOCK_LOCKS;
+        }
+        if self.cfg.killpriv_v2 {
+            want |= FsOptions::HANDLE_KILLPRIV_V2;
+        }
+        if self.cfg.cache == CachePolicy::Always {
+            want |= FsOptions::CACHE_SYMLINKS;
+        }
+        let enabled = capable & want;
+        self.writeback.store(
+            enabled.contains(FsOptions::WRITEBACK_CACHE),
+            Ordering::Relaxed,
+        );
+        self.announce_submounts
+            .store(enabled.contains(FsOptions::SUBMOUNTS), Ordering::Relaxed);
+        Ok(want)
+    }
+
+    fn destroy(&self) {
+        if let Ok(mut handles) = self.handles.write() {
+            handles.clear();
+        }
+        self.inodes.clear_except(ROOT_ID);
+    }
+
+    fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        self.do_lookup(parent, name)
+    }
+
+    fn forget(&self, _ctx: &Context, inode: u64, count: u64) {
+        if inode != ROOT_ID {
+            self.inodes.forget(inode, count);
+        }
+    }
+
+    fn batch_forget(&self, _ctx: &Context, requests: Vec<(u64, u64)>) {
+        for (inode, count) in requests {
+            if inode != ROOT_ID {
+                self.inodes.forget(inode, count);
+            }
+        }
+    }
+
+    fn getattr(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
+        if let Some(h) = handle.and_then(|h| self.handle(inode, h).ok()) {
+            return Ok((fstat(h.file.as_raw_fd())?, self.attr_timeout));
+        }
+        let data = self.inodes.get(inode)?;
+        Ok((self.stat_inode(&data)?, self.attr_timeout))
+    }
+
+    fn setattr(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        attr: stat64,
+        handle: Option<u64>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        self.check_writable()?;
+        let data = self.inodes.get(inode)?;
+        let open_handle = handle.and_then(|h| self.handle(inode, h).ok());
+        let path_fd = self.inode_fd(&data)?;
+        let proc_name = fd_name(path_fd.as_fd().as_raw_fd());
+
+        if valid.contains(SetattrValid::MODE) {
+            // SAFETY: the calls only read their arguments; results are checked.
+            let ret = match &open_handle {
+                Some(h) => unsafe { libc::fchmod(h.file.as_raw_fd(), attr.st_mode) },
+                None => unsafe {
+                    libc::fchmodat(
+                        self.proc_self_fd.as_raw_fd(),
+                        proc_name.as_ptr(),
+                        attr.st_mode,
+                        0,
+                    )
+                },
+            };
+            check_ret(ret)?;
+        }
+
+        if valid.intersects(SetattrValid::UID | SetattrValid::GID) {
+            let uid = if valid.contains(SetattrValid::UID) {
+                attr.st_uid
+            } else {
+                u32::MAX
+            };
+            let gid = if valid.contains(SetattrValid::GID) {
+                attr.st_gid
+            } else {
+                u32::MAX
+            };
+            // SAFETY: fchownat with AT_EMPTY_PATH acts on the descriptor; result checked.
+            check_ret(unsafe {
+                libc::fchownat(
+                    path_fd.as_fd().as_raw_fd(),
+                    EMPTY_CSTR.as_ptr(),
+                    uid,
+                    gid,
+                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })?;
+        }
+
+        if valid.contains(SetattrValid::SIZE) {
+            if data.file_type != libc::S_IFREG {
+                return Err(errno(if data.is_dir() {
+                    libc::EISDIR
+                } else {
+                    libc::EINVAL
+                }));
+            }
+            let size = attr.st_size;
+            let ret = match &open_handle {
+                // SAFETY: ftruncate on an open descriptor; result checked.
+                Some(h) => unsafe { libc::ftruncate64(h.file.as_raw_fd(), size) },
+                None => {
+                    let file = self.open_inode(&data, libc::O_WRONLY | libc::O_NONBLOCK)?;
+                    // SAFETY: as above.
+                    unsafe { libc::ftruncate64(file.as_raw_fd(), size) }
+                }
+            };
+            check_ret(ret)?;
+        }
+
+        if valid.contains(SetattrValid::KILL_SUIDGID) {
+            let st = self.stat_inode(&data)?;
+            let cleared = st.st_mode & !(libc::S_ISUID | libc::S_ISGID);
+            if cleared != st.st_mode && data.file_type == libc::S_IFREG {
+                // SAFETY: fchmodat through /proc on our descriptor; result checked.
+                check_ret(unsafe {
+                    libc::fchmodat(
+                        self.proc_self_fd.as_raw_fd(),
+                        proc_name.as_ptr(),
+                        cleared & 0o7777,
+                        0,
+                    )
+                })?;
+            }
+        }
+
+        if valid.intersects(
+            SetattrValid::ATIME
+                | SetattrValid::MTIME
+                | SetattrValid::ATIME_NOW
+                | SetattrValid::MTIME_NOW,
+        ) {
+            let omit = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            };
+            let now = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW,
+            };
+            let mut times = [omit, omit];
+            if valid.contains(SetattrValid::ATIME_NOW) {
+                times[0] = now;
+            } else if valid.contains(SetattrValid::ATIME) {
+                times[0] = libc::timespec {
+                    tv_sec: attr.st_atime,
+                    tv_nsec: attr.st_atime_nsec,
+                };
+            }
+            if valid.contains(SetattrValid::MTIME_NOW) {
+                times[1] = now;
+            } else if valid.contains(SetattrValid::MTIME) {
+                times[1] = libc::timespec {
+                    tv_sec: attr.st_mtime,
+                    tv_nsec: attr.st_mtime_nsec,
+                };
+            }
+            let ret = match &open_handle {
+                // SAFETY: futimens with a two-element array; result checked.
+                Some(h) => unsafe { libc::futimens(h.file.as_raw_fd(), times.as_ptr()) },
+                None if data.file_type == libc::S_IFLNK => {
+                    // SAFETY: utimensat with AT_EMPTY_PATH is not allowed; use the parent-free
+                    // form on the symlink itself through /proc without following it.
+                    unsafe {
+                        libc::utimensat(
+                            self.proc_self_fd.as_raw_fd(),
+                            proc_name.as_ptr(),
+                            times.as_ptr(),
+                            libc::AT_SYMLINK_NOFOLLOW,
+                        )
+                    }
+                }
+                // SAFETY: utimensat through /proc on our descriptor; result checked.
+                None => unsafe {
+                    libc::utimensat(
+                        self.proc_self_fd.as_raw_fd(),
+                        proc_name.as_ptr(),
+                        times.as_ptr(),
+                        0,
+                    )
+                },
+            };
+            check_ret(ret)?;
+        }
+
+        Ok((self.stat_inode(&data)?, self.attr_timeout))
+    }
+
+    fn readlink(&self, _ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        let data = self.inodes.get(inode)?;
+        if data.file_type != libc::S_IFLNK {
+            return Err(errno(libc::EINVAL));
+        }
+        let fd = self.inode_fd(&data)?;
+        let mut buf = vec![0u8; libc::PATH_MAX as usize];
+        // SAFETY: `buf` is writable for its length; result checked.
+        let n = unsafe {
+            libc::readlinkat(
+                fd.as_fd().as_raw_fd(),
+                EMPTY_CSTR.as_ptr(),
+                buf.as_mut_ptr() as *mut libc::c_char,
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(n as usize);
+        Ok(buf)
+    }
+
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: u64,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        let name = cstr_arg(name)?;
+        let parent_data = self.inodes.get(parent)?;
+        let parent_fd = self.inode_fd(&parent_data)?;
+        self.as_caller(ctx, 0, || {
+            // SAFETY: both strings are NUL-terminated; result checked.
+            check_ret(unsafe {
+                libc::symlinkat(
+                    linkname.as_ptr(),
+                    parent_fd.as_fd().as_raw_fd(),
+                    name.as_ptr(),
+                )
+            })
+        })?;
+        self.do_lookup(parent, name)
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        let name = cstr_arg(name)?;
+        let kind = mode & libc::S_IFMT;
+        if (kind == libc::S_IFCHR || kind == libc::S_IFBLK) && !self.cfg.allow_device_nodes {
+            return Err(errno(libc::EPERM));
+        }
+        let parent_data = self.inodes.get(parent)?;
+        let parent_fd = self.inode_fd(&parent_data)?;
+        self.as_caller(ctx, umask, || {
+            // SAFETY: `name` is NUL-terminated; result checked.
+            check_ret(unsafe {
+                libc::mknodat(
+                    parent_fd.as_fd().as_raw_fd(),
+                    name.as_ptr(),
+                    mode,
+                    rdev as libc::dev_t,
+                )
+            })
+        })?;
+        self.do_lookup(parent, name)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        let name = cstr_arg(name)?;
+        let parent_data = self.inodes.get(parent)?;
+        let parent_fd = self.inode_fd(&parent_data)?;
+        self.as_caller(ctx, umask, || {
+            // SAFETY: `name` is NUL-terminated; result checked.
+            check_ret(unsafe { libc::mkdirat(parent_fd.as_fd().as_raw_fd(), name.as_ptr(), mode) })
+        })?;
+        self.do_lookup(parent, name)
+    }
+
+    fn unlink(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
+        let name = cstr_arg(name)?;
+        let parent_data = self.inodes.get(parent)?;
+        let parent_fd = self.inode_fd(&parent_data)?;
+        // SAFETY: `name` is NUL-terminated; result checked.
+        check_ret(unsafe { libc::unlinkat(parent_fd.as_fd().as_raw_fd(), name.as_ptr(), 0) })?;
+        Ok(())
+    }
+
+    fn rmdir(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
+        let name = cstr_arg(name)?;
+        let parent_data = self.inodes.get(parent)?;
+        let parent_fd = self.inode_fd(&parent_data)?;
+        // SAFETY: `name` is NUL-terminated; result checked.
+        check_ret(unsafe {
+            libc::unlinkat(
+                parent_fd.as_fd().as_raw_fd(),
+                name.as_ptr(),
+                libc::AT_REMOVEDIR,
+            )
+        })?;
+        Ok(())
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: u64,
+        oldname: &CStr,
+        newdir: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        let oldname = cstr_arg(oldname)?;
+        let newname = cstr_arg(newname)?;
+        let old_data = self.inodes.get(olddir)?;
+        let new_data = self.inodes.get(newdir)?;
+        let old_fd = self.inode_fd(&old_data)?;
+        let new_fd = self.inode_fd(&new_data)?;
+        // A whiteout is a device node: create it as the caller.
+        self.as_caller(ctx, 0, || {
+            // SAFETY: both names are NUL-terminated; result checked.
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_renameat2,
+                    old_fd.as_fd().as_raw_fd(),
+                    oldname.as_ptr(),
+                    new_fd.as_fd().as_raw_fd(),
+                    newname.as_ptr(),
+                    flags,
+                )
+            };
+            check_ret(ret as libc::c_int)
+        })?;
+        Ok(())
+    }
+
+    fn link(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        newparent: u64,
+        newname: &CStr,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        let newname = cstr_arg(newname)?;
+        let data = self.inodes.get(inode)?;
+        if data.is_dir() {
+            return Err(errno(libc::EPERM));
+        }
+        let parent_data = self.inodes.get(newparent)?;
+        let fd = self.inode_fd(&data)?;
+        let parent_fd = self.inode_fd(&parent_data)?;
+        let proc_name = fd_name(fd.as_fd().as_raw_fd());
+        // SAFETY: names are NUL-terminated; AT_SYMLINK_FOLLOW resolves the /proc magic link to
+        // our inode (not beyond it); result checked.
+        check_ret(unsafe {
+            libc::linkat(
+                self.proc_self_fd.as_raw_fd(),
+                proc_name.as_ptr(),
+                parent_fd.as_fd().as_raw_fd(),
+                newname.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        })?;
+        self.do_lookup(newparent, newname)
+    }
+
+    fn open(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        flags: u32,
+        _fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        let iflags = flags as libc::c_int;
+        if self.cfg.readonly
+            && (iflags & libc::O_ACCMODE != libc::O_RDONLY || iflags & libc::O_TRUNC != 0)
+        {
+            return Err(errno(libc::EROFS));
+        }
+        let data = self.inodes.get(inode)?;
+        match data.file_type {
+            libc::S_IFREG => {}
+            libc::S_IFDIR => return Err(errno(libc::EISDIR)),
+            libc::S_IFLNK => return Err(errno(libc::ELOOP)),
+            // Device nodes and fifos are opened by the client kernel itself, never here.
+            _ => return Err(errno(libc::ENXIO)),
+        }
+        let file = self.open_inode(&data, self.sanitize_open_flags(flags))?;
+        let fh = self.insert_handle(inode, file)?;
+        Ok((Some(fh), self.open_options(false), None))
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        args: CreateIn,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        self.check_writable()?;
+        let name = cstr_arg(name)?;
+        let parent_data = self.inodes.get(parent)?;
+        let parent_fd = self.inode_fd(&parent_data)?;
+        let flags = self.sanitize_open_flags(args.flags);
+        // Keep the guest's O_EXCL: it is how create-if-absent races are decided.
+        let excl = args.flags as libc::c_int & libc::O_EXCL;
+        let fd = self.as_caller(ctx, args.umask, || {
+            openat(
+                parent_fd.as_fd(),
+                name,
+                flags | excl | libc::O_CREAT | libc::O_NOFOLLOW,
+                args.mode & 0o7777,
+            )
+        })?;
+        let path_fd = openat(
+            self.proc_self_fd.as_fd(),
+            &fd_name(fd.as_raw_fd()),
+            libc::O_PATH,
+            0,
+        )?;
+        let entry = self.insert_looked_up(path_fd, parent_data.key.mnt_id)?;
+        let fh = match self.insert_handle(entry.inode, File::from(fd)) {
+            Ok(fh) => fh,
+            Err(e) => {
+                self.inodes.forget(entry.inode, 1);
+                return Err(e);
+            }
+        };
+        Ok((entry, Some(fh), self.open_options(false), None))
+    }
+
+    fn read(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        _lock_owner: Option<u64>,
+        _flags: u32,
+    ) -> io::Result<usize> {
+        let data = self.handle(inode, handle)?;
+        let mut file = file_ref(&data.file);
+        w.write_from(&mut *file, size as usize, offset)
+    }
+
+    fn write(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        handle: u64,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        _lock_owner: Option<u64>,
+        _delayed_write: bool,
+        _flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<usize> {
+        self.check_writable()?;
+        let data = self.handle(inode, handle)?;
+        if fuse_flags & FUSE_WRITE_KILL_PRIV != 0 && self.cfg.killpriv_v2 {
+            let st = fstat(data.file.as_raw_fd())?;
+            if st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+                let cleared = st.st_mode & 0o7777 & !(libc::S_ISUID | libc::S_ISGID);
+                // SAFETY: fchmod on an open descriptor; result checked.
+                check_ret(unsafe { libc::fchmod(data.file.as_raw_fd(), cleared) })?;
+            }
+        }
+        let mut file = file_ref(&data.file);
+        r.read_to(&mut *file, size as usize, offset)
+    }
+
+    fn flush(&self, _ctx: &Context, inode: u64, handle: u64, _lock_owner: u64) -> io::Result<()> {
+        // Data is written through; just confirm the handle is real.
+        self.handle(inode, handle).map(drop)
+    }
+
+    fn fsync(&self, _ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        let data = self.handle(inode, handle)?;
+        let fd = data.file.as_raw_fd();
+        // SAFETY: fsync/fdatasync on an open descriptor; result checked.
+        check_ret(unsafe {
+            if datasync {
+                libc::fdatasync(fd)
+            } else {
+                libc::fsync(fd)
+            }
+        })?;
+        Ok(())
+    }
+
+    fn fallocate(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        handle: u64,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        let data = self.handle(inode, handle)?;
+        // SAFETY: fallocate on an open descriptor; result checked.
+        check_ret(unsafe {
+            libc::fallocate64(
+                data.file.as_raw_fd(),
+                mode as libc::c_int,
+                offset as i64,
+                length as i64,
+            )
+        })?;
+        Ok(())
+    }
+
+    fn release(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _flags: u32,
+        handle: u64,
+        _flush: bool,
+        _flock_release: bool,
+        _lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        // Closing the descriptor drops its flock and OFD locks too.
+        self.remove_handle(inode, handle)
+    }
+
+    fn statfs(&self, _ctx: &Context, inode: u64) -> io::Result<statvfs64> {
+        let data = self.inodes.get(inode)?;
+        let fd = self.inode_fd(&data)?;
+        let mut st = MaybeUninit::<statvfs64>::zeroed();
+        // SAFETY: `st` is a properly sized out-buffer; fstatvfs works on O_PATH descriptors.
+        check_ret(unsafe { libc::fstatvfs64(fd.as_fd().as_raw_fd(), st.as_mut_ptr()) })?;
+        // SAFETY: fstatvfs64 succeeded and filled the buffer.
+        Ok(unsafe { st.assume_init() })
+    }
+
+    fn setxattr(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        if !self.cfg.xattr {
+            return Err(errno(libc::ENOSYS));
+        }
+        self.check_writable()?;
+        let data = self.inodes.get(inode)?;
+        let fd = self.inode_fd(&data)?;
+        let path = Self::proc_path(fd.as_fd().as_raw_fd());
+        // SAFETY: path and name are NUL-terminated, value is a valid slice; result checked.
+        check_ret(unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr() as *const libc::c_void,
+                value.len(),
+                flags as libc::c_int,
+            )
+        })?;
+        Ok(())
+    }
+
+    fn getxattr(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        if !self.cfg.xattr {
+            return Err(errno(libc::ENOSYS));
+        }
+        let data = self.inodes.get(inode)?;
+        let fd = self.inode_fd(&data)?;
+        let path = Self::proc_path(fd.as_fd().as_raw_fd());
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: `buf` is writable for `size` bytes (a null pointer with size 0 asks for the
+        // length); result checked.
+        let n = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                if size == 0 {
+                    std::ptr::null_mut()
+                } else {
+                    buf.as_mut_ptr() as *mut libc::c_void
+                },
+                size as usize,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if size == 0 {
+            Ok(GetxattrReply::Count(n as u32))
+        } else {
+            buf.truncate(n as usize);
+            Ok(GetxattrReply::Value(buf))
+        }
+    }
+
+    fn listxattr(&self, _ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        if !self.cfg.xattr {
+            return Err(errno(libc::ENOSYS));
+        }
+        let data = self.inodes.get(inode)?;
+        let fd = self.inode_fd(&data)?;
+        let path = Self::proc_path(fd.as_fd().as_raw_fd());
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: as in getxattr.
+        let n = unsafe {
+            libc::listxattr(
+                path.as_ptr(),
+                if size == 0 {
+                    std::ptr::null_mut()
+                } else {
+                    buf.as_mut_ptr() as *mut libc::c_char
+                },
+                size as usize,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if size == 0 {
+            Ok(ListxattrReply::Count(n as u32))
+        } else {
+            buf.truncate(n as usize);
+            Ok(ListxattrReply::Names(buf))
+        }
+    }
+
+    fn removexattr(&self, _ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
+        if !self.cfg.xattr {
+            return Err(errno(libc::ENOSYS));
+        }
+        self.check_writable()?;
+        let data = self.inodes.get(inode)?;
+        let fd = self.inode_fd(&data)?;
+        let path = Self::proc_path(fd.as_fd().as_raw_fd());
+        // SAFETY: both strings are NUL-terminated; result checked.
+        check_ret(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) })?;
+        Ok(())
+    }
+
+    fn opendir(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
+        let data = self.inodes.get(inode)?;
+        if !data.is_dir() {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let file = self.open_inode(&data, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let fh = self.insert_handle(inode, file)?;
+        Ok((Some(fh), self.open_options(true)))
+    }
+
+    fn readdir(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.do_readdir(inode, handle, size, offset, false, &mut |d, _| add_entry(d))
+    }
+
+    fn readdirplus(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.do_readdir(inode, handle, size, offset, true, &mut |d, e| match e {
+            Some(e) => add_entry(d, e),
+            None => Err(errno(libc::EIO)),
+        })
+    }
+
+    fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.fsync(ctx, inode, datasync, handle)
+    }
+
+    fn releasedir(&self, _ctx: &Context, inode: u64, _flags: u32, handle: u64) -> io::Result<()> {
+        self.remove_handle(inode, handle)
+    }
+
+    fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
+        let data = self.inodes.get(inode)?;
+        let st = self.stat_inode(&data)?;
+        let mask = mask as libc::c_int;
+        if mask == libc::F_OK {
+            return Ok(());
+        }
+        if mask & libc::W_OK != 0 && self.cfg.readonly {
+            return Err(errno(libc::EROFS));
+        }
+        let mode = st.st_mode;
+        if ctx.uid == 0 {
+            // Root may read and write anything; execute needs some execute bit (or a dir).
+            if mask & libc::X_OK != 0 && data.file_type != libc::S_IFDIR && mode & 0o111 == 0 {
+                return Err(errno(libc::EACCES));
+            }
+            return Ok(());
+        }
+        let bits = if st.st_uid == ctx.uid {
+            (mode >> 6) & 0o7
+        } else if st.st_gid == ctx.gid {
+            (mode >> 3) & 0o7
+        } else {
+            mode & 0o7
+        };
+        let need = (if mask & libc::R_OK != 0 { 4 } else { 0 })
+            | (if mask & libc::W_OK != 0 { 2 } else { 0 })
+            | (if mask & libc::X_OK != 0 { 1 } else { 0 });
+        if bits & need == need {
+            Ok(())
+        } else {
+            Err(errno(libc::EACCES))
+        }
+    }
+
+    fn lseek(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        handle: u64,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        let data = self.handle(inode, handle)?;
+        let whence = whence as libc::c_int;
+        if ![
+            libc::SEEK_SET,
+            libc::SEEK_CUR,
+            libc::SEEK_END,
+            libc::SEEK_DATA,
+            libc::SEEK_HOLE,
+        ]
+        .contains(&whence)
+        {
+            return Err(errno(libc::EINVAL));
+        }
+        // SAFETY: lseek on an open descriptor; result checked. I/O uses pread/pwrite, so
+        // moving this descriptor's position affects nothing else.
+        let ret = unsafe { libc::lseek64(data.file.as_raw_fd(), offset as i64, whence) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ret as u64)
+    }
+
+    fn getlk(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        handle: u64,
+        _owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<FileLock> {
+        if !self.cfg.posix_lock || flags & FUSE_LK_FLOCK != 0 {
+            return Err(errno(libc::ENOSYS));
+        }
+        let data = self.lock_fd(inode, handle)?;
+        let mut fl = to_flock(&lock)?;
+        // SAFETY: fcntl with a valid flock struct; result checked.
+        check_ret(unsafe { libc::fcntl(data.file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) })?;
+        let start = fl.l_start.max(0) as u64;
+        Ok(FileLock {
+            start,
+            end: if fl.l_len == 0 {
+                OFFSET_MAX
+            } else {
+                start + fl.l_len as u64 - 1
+            },
+            lock_type: fl.l_type as u32,
+            pid: if fl.l_pid > 0 { fl.l_pid as u32 } else { 0 },
+        })
+    }
+
+    fn setlk(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        handle: u64,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.do_setlk(inode, handle, owner, lock, flags, false)
+    }
+
+    fn setlkw(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        handle: u64,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.do_setlk(inode, handle, owner, lock, flags, true)
+    }
+}

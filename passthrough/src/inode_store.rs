@@ -1,0 +1,167 @@
+//! The table of inodes the client has looked up, keyed both ways.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::file_handle::FileHandle;
+use crate::util::errno;
+
+/// What makes a host inode unique: a hard-linked file seen through two names is one inode,
+/// the same (dev, ino) reached through two mounts of one filesystem are two.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InodeKey {
+    pub ino: u64,
+    pub dev: u64,
+    pub mnt_id: u64,
+}
+
+/// How berth holds on to a host inode.
+pub enum InodeFile {
+    /// An `O_PATH` descriptor.
+    Fd(OwnedFd),
+    /// A file handle, reopened on demand.
+    Handle(FileHandle),
+}
+
+/// One looked-up inode.
+pub struct InodeData {
+    /// The FUSE node id.
+    pub id: u64,
+    pub key: InodeKey,
+    pub file: InodeFile,
+    /// `st_mode & S_IFMT` at lookup time (an inode never changes type).
+    pub file_type: u32,
+    /// Lookups not yet forgotten by the client.
+    refcount: AtomicU64,
+}
+
+impl InodeData {
+    pub fn new(key: InodeKey, file: InodeFile, file_type: u32) -> Self {
+        InodeData {
+            id: 0,
+            key,
+            file,
+            file_type,
+            refcount: AtomicU64::new(1),
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.file_type == libc::S_IFDIR
+    }
+}
+
+#[derive(Default)]
+struct Maps {
+    by_id: HashMap<u64, Arc<InodeData>>,
+    by_key: HashMap<InodeKey, u64>,
+}
+
+/// All inodes the client holds, with their lookup counts.
+pub struct InodeStore {
+    maps: RwLock<Maps>,
+    next_id: AtomicU64,
+}
+
+impl InodeStore {
+    /// A store whose first inode (the root) gets id `root_id`.
+    pub fn new(root_id: u64) -> Self {
+        InodeStore {
+            maps: RwLock::new(Maps::default()),
+            next_id: AtomicU64::new(root_id),
+        }
+    }
+
+    /// The inode with FUSE id `id`; EBADF when the client names one it does not hold.
+    pub fn get(&self, id: u64) -> io::Result<Arc<InodeData>> {
+        let maps = self.maps.read().map_err(|_| errno(libc::EIO))?;
+        maps.by_id
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| errno(libc::EBADF))
+    }
+
+    /// Takes one more reference on the inode `key` if it is known, else inserts the inode
+    /// `make` builds (with one reference).
+    pub fn get_or_insert(
+        &self,
+        key: InodeKey,
+        make: impl FnOnce() -> io::Result<InodeData>,
+    ) -> io::Result<Arc<InodeData>> {
+        if let Some(found) = self.take_ref(&key)? {
+            return Ok(found);
+        }
+        let mut data = make()?;
+        let mut maps = self.maps.write().map_err(|_| errno(libc::EIO))?;
+        // Another thread may have inserted it while `make` ran.
+        if let Some(id) = maps.by_key.get(&key) {
+            if let Some(found) = maps.by_id.get(id) {
+                found.refcount.fetch_add(1, Ordering::AcqRel);
+                return Ok(found.clone());
+            }
+        }
+        data.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let data = Arc::new(data);
+        maps.by_key.insert(key, data.id);
+        maps.by_id.insert(data.id, data.clone());
+        Ok(data)
+    }
+
+    fn take_ref(&self, key: &InodeKey) -> io::Result<Option<Arc<InodeData>>> {
+        let maps = self.maps.read().map_err(|_| errno(libc::EIO))?;
+        // Counts only drop to zero under the write lock, together with removal, so any inode
+        // visible here is alive.
+        Ok(maps
+            .by_key
+            .get(key)
+            .and_then(|id| maps.by_id.get(id))
+            .map(|found| {
+                found.refcount.fetch_add(1, Ordering::AcqRel);
+                found.clone()
+            }))
+    }
+
+    /// Drops `count` references; the inode is released when none remain.
+    pub fn forget(&self, id: u64, count: u64) {
+        let Ok(mut maps) = self.maps.write() else {
+            return;
+        };
+        let Some(data) = maps.by_id.get(&id) else {
+            return;
+        };
+        let mut current = data.refcount.load(Ordering::Acquire);
+        loop {
+            let next = current.saturating_sub(count);
+            match data
+                .refcount
+                .compare_exchange(current, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break,
+                Err(actual) => current = actual,
+            }
+        }
+        if current.saturating_sub(count) == 0 {
+            let key = data.key;
+            maps.by_id.remove(&id);
+            if maps.by_key.get(&key) == Some(&id) {
+                maps.by_key.remove(&key);
+            }
+        }
+    }
+
+    /// Drops every inode but `keep`.
+    pub fn clear_except(&self, keep: u64) {
+        if let Ok(mut maps) = self.maps.write() {
+            maps.by_id.retain(|id, _| *id == keep);
+            maps.by_key.retain(|_, id| *id == keep);
+        }
+    }
+
+    /// Number of inodes held.
+    pub fn len(&self) -> usize {
+        self.maps.read().map(|m| m.by_id.len()).unwrap_or(0)
+    }
+}

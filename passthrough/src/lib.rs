@@ -1,0 +1,22 @@
+//! berth's host-directory filesystem.
+//!
+//! This crate sits in the middle of berth's file data path: a transport (vhost-user virtqueues
+//! or /dev/fuse) decodes a FUSE request, [`FsServer`] dispatches it, and [`PassthroughFs`] turns
+//! it into syscalls on the shared host directory. It knows nothing about vhost-user or ublk.
+//!
+//! Inodes are keyed by (device, inode number, mount id) and, where the host filesystem allows,
+//! held by file handle rather than by an open descriptor, so that a guest looking up a million
+//! files does not pin a million descriptors.
+
+mod config;
+mod error;
+mod extra_ops;
+mod file_handle;
+mod fs;
+mod inode_store;
+mod util;
+
+pub use config::{CachePolicy, Config, InodeFileHandles};
+pub use error::Error;
+pub use extra_ops::FsServer;
+pub use fs::PassthroughFs;

@@ -1,0 +1,1150 @@
+//! berth's command line: a drop-in for virtiofsd 1.14's flags (as QEMU, libvirt and Kata pass
+//! them), berth's own additions, and the `fuse` subcommand for serving on a host mount point.
+//!
+//! Parsing happens in two steps: clap turns argv into [`Cli`], then [`Cli::resolve`] merges the
+//! legacy `-o key=value` options, applies virtiofsd's implications (e.g. `--posix-acl` turns on
+//! xattrs) and rejects what berth does not support. Every rejection is a [`CliError`], which the
+//! binary reports with exit status 2, like clap's own usage errors.
+
+use std::os::unix::io::RawFd;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use berth_passthrough::{CachePolicy, Config, InodeFileHandles};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+/// Longest tag the virtio-fs config space holds (virtio spec 5.11.4).
+pub const MAX_TAG_LEN: usize = 36;
+
+/// The request queue count is a bit in a 64-bit thread mask, and queue 0 is hiprio.
+const MAX_REQUEST_QUEUES_LIMIT: u16 = 63;
+
+/// A command line that parsed but cannot be honoured.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CliError {
+    #[error("--shared-dir (or -o source=DIR) is required")]
+    MissingSharedDir,
+    #[error("one of --socket-path or --fd is required")]
+    MissingSocket,
+    #[error("--{flag} {value} is not supported yet; use --{flag} none")]
+    UnsupportedIsolation { flag: &'static str, value: String },
+    #[error("invalid value '{value}' for --{flag}; expected one of {expected}")]
+    InvalidChoice {
+        flag: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("--modcaps is not supported yet: berth does not change its capabilities")]
+    ModcapsUnsupported,
+    #[error("{0} is not supported by berth")]
+    UnsupportedFlag(&'static str),
+    #[error("invalid compat option '-o {0}'")]
+    UnknownCompatOption(String),
+    #[error("invalid value '{value}' for '-o {key}': {reason}")]
+    BadCompatValue {
+        key: String,
+        value: String,
+        reason: String,
+    },
+    #[error("conflicting options: {0}")]
+    Conflict(String),
+}
+
+/// How loudly berth logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    fn from_compat(value: &str) -> Option<LogLevel> {
+        match value {
+            "off" => Some(LogLevel::Off),
+            "err" | "error" => Some(LogLevel::Error),
+            "warn" | "warning" => Some(LogLevel::Warn),
+            "info" => Some(LogLevel::Info),
+            "debug" => Some(LogLevel::Debug),
+            "trace" => Some(LogLevel::Trace),
+            _ => None,
+        }
+    }
+}
+
+/// virtiofsd's three-way switch for features the guest must also support. berth's filesystem
+/// takes a plain on/off, so `auto` and `always` both turn the feature on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Negotiation {
+    Never,
+    Auto,
+    Always,
+}
+
+impl Negotiation {
+    fn enabled(self) -> bool {
+        self != Negotiation::Never
+    }
+}
+
+/// `--inode-file-handles` values, including virtiofsd's deprecated `fallback`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InodeFileHandlesArg {
+    mode: InodeFileHandles,
+    deprecated_fallback: bool,
+}
+
+impl FromStr for InodeFileHandlesArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "fallback" {
+            return Ok(InodeFileHandlesArg {
+                mode: InodeFileHandles::Prefer,
+                deprecated_fallback: true,
+            });
+        }
+        Ok(InodeFileHandlesArg {
+            mode: s.parse()?,
+            deprecated_fallback: false,
+        })
+    }
+}
+
+fn parse_cache(s: &str) -> Result<CachePolicy, String> {
+    s.parse()
+}
+
+fn parse_tag(tag: &str) -> Result<String, String> {
+    if tag.is_empty() || tag.len() > MAX_TAG_LEN {
+        Err(format!(
+            "the tag must be 1 to {MAX_TAG_LEN} bytes long (UTF-8), '{tag}' is {} bytes",
+            tag.len()
+        ))
+    } else {
+        Ok(tag.to_owned())
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "virtio-fs over vhost-user (a virtiofsd drop-in), or the same filesystem on a host FUSE mount",
+    override_usage = "berth --shared-dir <DIR> (--socket-path <PATH> | --fd <FD>) [OPTIONS]\n       \
+                      berth fuse --shared-dir <DIR> --mountpoint <DIR> [OPTIONS]",
+    args_override_self = true,
+    args_conflicts_with_subcommands = true,
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub serve: VhostUserArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the shared directory on a host mount point through /dev/fuse.
+    Fuse(FuseArgs),
+}
+
+/// The vhost-user daemon's flags (the default mode).
+#[derive(Debug, Args)]
+pub struct VhostUserArgs {
+    /// vhost-user socket to create and listen on (a stale socket file is replaced).
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: Option<PathBuf>,
+
+    /// Deprecated spelling of --socket-path.
+    #[arg(long, value_name = "PATH", hide = true, conflicts_with = "socket_path")]
+    pub socket: Option<PathBuf>,
+
+    /// An inherited, already listening vhost-user socket (Kata passes 3).
+    #[arg(long, value_name = "FD", conflicts_with_all = ["socket_path", "socket"])]
+    pub fd: Option<RawFd>,
+
+    /// Group that owns the socket created by --socket-path (and may connect to it).
+    #[arg(long, value_name = "GROUP", conflicts_with = "fd")]
+    pub socket_group: Option<String>,
+
+    /// Tag served in the virtio-fs config space (enables VHOST_USER_PROTOCOL_F_CONFIG).
+    #[arg(long, value_parser = parse_tag)]
+    pub tag: Option<String>,
+
+    /// Above 1: each request queue thread hands requests to a shared pool of N threads
+    /// (0 or 1: requests are served on their queue's thread).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub thread_pool_size: usize,
+
+    /// Most request queues offered to the frontend (each one gets its own thread).
+    #[arg(long, value_name = "N", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_REQUEST_QUEUES_LIMIT)))]
+    pub max_request_queues: u16,
+
+    /// Print the vhost-user backend capabilities (JSON) and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+
+    /// Process isolation: only `none` is implemented.
+    #[arg(long, value_name = "namespace|chroot|none", default_value = "none")]
+    pub sandbox: String,
+
+    /// Seccomp filter action: only `none` is implemented.
+    #[arg(long, value_name = "none|kill|log|trap", default_value = "none")]
+    pub seccomp: String,
+
+    /// Capability changes (virtiofsd): not supported.
+    #[arg(long, value_name = "CAPS")]
+    pub modcaps: Option<String>,
+
+    /// virtiofsd migration flags: berth offers no migration, so these are refused.
+    #[arg(long, value_name = "MODE", hide = true)]
+    pub migration_mode: Option<String>,
+    #[arg(long, value_name = "MODE", hide = true)]
+    pub migration_on_error: Option<String>,
+    #[arg(long, hide = true)]
+    pub migration_verify_handles: bool,
+    #[arg(long, hide = true)]
+    pub migration_confirm_paths: bool,
+
+    #[command(flatten)]
+    pub fs: FsArgs,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// `berth fuse` flags.
+#[derive(Debug, Args)]
+pub struct FuseArgs {
+    /// Where to mount the filesystem on the host.
+    #[arg(long, value_name = "DIR", required = true)]
+    pub mountpoint: Option<PathBuf>,
+
+    /// Worker threads reading /dev/fuse.
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: u16,
+
+    #[command(flatten)]
+    pub fs: FsArgs,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Flags that shape the filesystem, shared by both modes.
+#[derive(Debug, Args)]
+pub struct FsArgs {
+    /// The host directory to share.
+    #[arg(long, value_name = "DIR")]
+    pub shared_dir: Option<PathBuf>,
+
+    /// Caching mode: never, metadata, auto or always [default: auto].
+    #[arg(long, value_name = "never|metadata|auto|always", value_parser = parse_cache)]
+    pub cache: Option<CachePolicy>,
+
+    /// Serve extended attributes.
+    #[arg(long)]
+    pub xattr: bool,
+
+    /// Serve POSIX ACLs (implies --xattr); the bare flag means `always`.
+    #[arg(long, value_name = "never|auto|always", require_equals = true, num_args = 0..=1,
+          default_missing_value = "always")]
+    pub posix_acl: Option<Negotiation>,
+
+    /// Store the security label the guest passes on create (implies --xattr).
+    #[arg(long, value_name = "never|auto|always", require_equals = true, num_args = 0..=1,
+          default_missing_value = "always")]
+    pub security_label: Option<Negotiation>,
+
+    /// Let the guest use writeback caching.
+    #[arg(long)]
+    pub writeback: bool,
+
+    /// Honour O_DIRECT from the guest.
+    #[arg(long)]
+    pub allow_direct_io: bool,
+
+    /// Tell the guest which directories are mount points [default].
+    #[arg(long, conflicts_with = "no_announce_submounts")]
+    pub announce_submounts: bool,
+
+    /// Do not tell the guest which directories are mount points.
+    #[arg(long)]
+    pub no_announce_submounts: bool,
+
+    /// Refuse every modification of the shared directory.
+    #[arg(long)]
+    pub readonly: bool,
+
+    /// Do not offer READDIRPLUS (never offered with --cache never).
+    #[arg(long)]
+    pub no_readdirplus: bool,
+
+    /// Hold inodes by file handle: never, prefer or mandatory [default: prefer].
+    #[arg(long, value_name = "never|prefer|mandatory")]
+    pub inode_file_handles: Option<InodeFileHandlesArg>,
+
+    /// Offer FUSE_HANDLE_KILLPRIV_V2.
+    #[arg(long, conflicts_with = "no_killpriv_v2")]
+    pub killpriv_v2: bool,
+
+    /// Do not offer FUSE_HANDLE_KILLPRIV_V2 [default].
+    #[arg(long)]
+    pub no_killpriv_v2: bool,
+
+    /// Keep O_NOATIME on opens instead of dropping it where it is not permitted.
+    #[arg(long)]
+    pub preserve_noatime: bool,
+
+    /// Take POSIX record locks on the host (otherwise the guest keeps them locally).
+    #[arg(long)]
+    pub posix_lock: bool,
+
+    /// Take flock(2) locks on the host (otherwise the guest keeps them locally).
+    #[arg(long)]
+    pub flock: bool,
+
+    /// Legacy comma-separated options, e.g. `-o source=/dir,cache=auto,xattr`.
+    #[arg(short = 'o', value_name = "OPTIONS", action = ArgAction::Append)]
+    pub compat_options: Vec<String>,
+
+    /// virtiofsd flags berth does not implement; refused with a message.
+    #[arg(long, value_name = "MAP", hide = true)]
+    pub xattrmap: Option<String>,
+    #[arg(long, hide = true)]
+    pub allow_mmap: bool,
+    #[arg(long, value_name = "MAP", hide = true)]
+    pub uid_map: Vec<String>,
+    #[arg(long, value_name = "MAP", hide = true)]
+    pub gid_map: Vec<String>,
+    #[arg(long, value_name = "MAP", hide = true)]
+    pub translate_uid: Vec<String>,
+    #[arg(long, value_name = "MAP", hide = true)]
+    pub translate_gid: Vec<String>,
+}
+
+/// Logging and process limits, shared by both modes.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// Log level [default: info, or RUST_LOG's filter when that is set].
+    #[arg(long, value_name = "LEVEL", value_enum)]
+    pub log_level: Option<LogLevel>,
+
+    /// Log to syslog instead of stderr.
+    #[arg(long)]
+    pub syslog: bool,
+
+    /// RLIMIT_NOFILE to set (0 leaves it unchanged) [default: raise towards 1000000].
+    #[arg(long, value_name = "N")]
+    pub rlimit_nofile: Option<u64>,
+
+    /// Deprecated: same as --log-level debug.
+    #[arg(short = 'd', hide = true)]
+    pub compat_debug: bool,
+
+    /// Deprecated no-op (berth always runs in the foreground).
+    #[arg(short = 'f', hide = true)]
+    pub compat_foreground: bool,
+}
+
+/// What berth was asked to do, with every option resolved.
+#[derive(Debug)]
+pub enum Mode {
+    PrintCapabilities,
+    VhostUser(VhostUserSettings),
+    Fuse(FuseSettings),
+}
+
+/// Where the vhost-user listening socket comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerSource {
+    /// Create a socket at this path, optionally owned by a group.
+    Path {
+        path: PathBuf,
+        group: Option<String>,
+    },
+    /// Use an inherited, listening socket.
+    Fd(RawFd),
+}
+
+#[derive(Debug)]
+pub struct VhostUserSettings {
+    pub listener: ListenerSource,
+    pub tag: Option<String>,
+    pub thread_pool_size: usize,
+    pub max_request_queues: u16,
+    pub fs: Config,
+    pub process: ProcessSettings,
+}
+
+#[derive(Debug)]
+pub struct FuseSettings {
+    pub mountpoint: PathBuf,
+    pub threads: usize,
+    pub fs: Config,
+    pub process: ProcessSettings,
+}
+
+/// Logging and limits, plus the deprecation warnings to log once logging is up.
+#[derive(Debug)]
+pub struct ProcessSettings {
+    /// None: not given; RUST_LOG or `info` applies.
+    pub log_level: Option<LogLevel>,
+    pub syslog: bool,
+    pub rlimit_nofile: Option<u64>,
+    pub warnings: Vec<String>,
+}
+
+/// Options given through `-o`, kept apart so they can be checked against the flags.
+#[derive(Debug, Default)]
+struct CompatOptions {
+    source: Option<PathBuf>,
+    cache: Option<CachePolicy>,
+    log_level: Option<LogLevel>,
+    timeout: Option<Duration>,
+    xattr: Option<bool>,
+    readdirplus: Option<bool>,
+    writeback: Option<bool>,
+    allow_direct_io: Option<bool>,
+    announce_submounts: Option<bool>,
+    killpriv_v2: Option<bool>,
+    posix_acl: Option<bool>,
+    security_label: Option<bool>,
+    posix_lock: Option<bool>,
+    flock: Option<bool>,
+}
+
+impl CompatOptions {
+    fn parse(lines: &[String]) -> Result<CompatOptions, CliError> {
+        let mut opts = CompatOptions::default();
+        for option in lines.iter().flat_map(|line| line.split(',')) {
+            if option.is_empty() {
+                continue;
+            }
+            match option.split_once('=') {
+                Some((key, value)) => opts.parse_pair(key, value)?,
+                None => opts.parse_switch(option)?,
+            }
+        }
+        Ok(opts)
+    }
+
+    fn parse_pair(&mut self, key: &str, value: &str) -> Result<(), CliError> {
+        let bad = |reason: &str| CliError::BadCompatValue {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        };
+        match key {
+            "source" => {
+                if value.is_empty() {
+                    return Err(bad("the source directory may not be empty"));
+                }
+                self.source = Some(PathBuf::from(value));
+            }
+            "cache" => self.cache = Some(value.parse::<CachePolicy>().map_err(|e| bad(&e))?),
+            "log_level" | "loglevel" => {
+                self.log_level = Some(
+                    LogLevel::from_compat(value)
+                        .ok_or_else(|| bad("expected error, warn, info, debug or trace"))?,
+                )
+            }
+            "timeout" => {
+                let seconds: f64 = value
+                    .parse()
+                    .map_err(|_| bad("expected a number of seconds"))?;
+                let timeout = Duration::try_from_secs_f64(seconds)
+                    .map_err(|_| bad("expected a non-negative number of seconds"))?;
+                self.timeout = Some(timeout);
+            }
+            "sandbox" if value != "none" => {
+                return Err(CliError::UnsupportedIsolation {
+                    flag: "sandbox",
+                    value: value.to_owned(),
+                })
+            }
+            "sandbox" => {}
+            "modcaps" => return Err(CliError::ModcapsUnsupported),
+            "xattrmap" => return Err(CliError::UnsupportedFlag("-o xattrmap")),
+            _ => return Err(CliError::UnknownCompatOption(format!("{key}={value}"))),
+        }
+        Ok(())
+    }
+
+    fn parse_switch(&mut self, option: &str) -> Result<(), CliError> {
+        let (name, on) = match option.strip_prefix("no_") {
+            Some(name) => (name, false),
+            None => (option, true),
+        };
+        let slot = match name {
+            "xattr" => &mut self.xattr,
+            "readdirplus" => &mut self.readdirplus,
+            "writeback" => &mut self.writeback,
+            "allow_direct_io" => &mut self.allow_direct_io,
+            "announce_submounts" => &mut self.announce_submounts,
+            "killpriv_v2" => &mut self.killpriv_v2,
+            "posix_acl" => &mut self.posix_acl,
+            "security_label" => &mut self.security_label,
+            "posix_lock" => &mut self.posix_lock,
+            "flock" => &mut self.flock,
+            _ => return Err(CliError::UnknownCompatOption(option.to_owned())),
+        };
+        *slot = Some(on);
+        Ok(())
+    }
+}
+
+/// Combines a flag (None when not given) with its `-o` counterpart; both given and different
+/// is a conflict rather than a silent pick.
+fn merge<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    flag: Option<T>,
+    compat: Option<T>,
+) -> Result<Option<T>, CliError> {
+    match (flag, compat) {
+        (Some(f), Some(c)) if f != c => Err(CliError::Conflict(format!(
+            "{what} is set to {f:?} by a flag and to {c:?} by -o"
+        ))),
+        (Some(f), _) => Ok(Some(f)),
+        (None, c) => Ok(c),
+    }
+}
+
+/// `true` from a switch flag means "given"; `false` means "not given".
+fn given(flag: bool) -> Option<bool> {
+    flag.then_some(true)
+}
+
+fn merge_switch(what: &str, flag: Option<bool>, compat: Option<bool>) -> Result<bool, CliError> {
+    Ok(merge(what, flag, compat)?.unwrap_or(false))
+}
+
+impl FsArgs {
+    /// Builds the filesystem configuration; also returns the `-o` log level, if any.
+    fn resolve(&self, warnings: &mut Vec<String>) -> Result<(Config, Option<LogLevel>), CliError> {
+        self.reject_unsupported()?;
+        let compat = CompatOptions::parse(&self.compat_options)?;
+        if !self.compat_options.is_empty() {
+            warnings.push(
+                "the -o option format is deprecated; prefer the separate flags \
+                 (e.g. --cache auto instead of -o cache=auto)"
+                    .to_owned(),
+            );
+        }
+
+        let root_dir = merge(
+            "the shared directory",
+            self.shared_dir.clone(),
+            compat.source,
+        )?
+        .ok_or(CliError::MissingSharedDir)?;
+        let cache = merge("the cache mode", self.cache, compat.cache)?.unwrap_or_default();
+
+        let posix_acl = merge(
+            "posix ACL support",
+            self.posix_acl.map(Negotiation::enabled),
+            compat.posix_acl,
+        )?
+        .unwrap_or(false);
+        let security_label = merge(
+            "security label support",
+            self.security_label.map(Negotiation::enabled),
+            compat.security_label,
+        )?
+        .unwrap_or(false);
+        let xattr = merge_switch("xattr support", given(self.xattr), compat.xattr)?;
+        if compat.xattr == Some(false) && (posix_acl || security_label) {
+            return Err(CliError::Conflict(
+                "-o no_xattr turns off xattrs, which posix ACLs and security labels need".into(),
+            ));
+        }
+
+        let announce_flag = if self.no_announce_submounts {
+            Some(false)
+        } else {
+            given(self.announce_submounts)
+        };
+        let announce_submounts = merge(
+            "submount announcement",
+            announce_flag,
+            compat.announce_submounts,
+        )?
+        .unwrap_or(true);
+        let killpriv_flag = if self.no_killpriv_v2 {
+            Some(false)
+        } else {
+            given(self.killpriv_v2)
+        };
+        let killpriv_v2 = merge("KILLPRIV_V2", killpriv_flag, compat.killpriv_v2)?.unwrap_or(false);
+        let readdirplus_flag = self.no_readdirplus.then_some(false);
+        let readdirplus =
+            merge("READDIRPLUS", readdirplus_flag, compat.readdirplus)?.unwrap_or(true);
+
+        let inode_file_handles = match self.inode_file_handles {
+            Some(arg) => {
+                if arg.deprecated_fallback {
+                    warnings
+                        .push("--inode-file-handles=fallback is deprecated; use prefer".to_owned());
+                }
+                arg.mode
+            }
+            None => InodeFileHandles::Prefer,
+        };
+
+        let cfg = Config {
+            root_dir,
+            cache,
+            entry_timeout: compat.timeout,
+            attr_timeout: compat.timeout,
+            writeback: merge_switch("writeback caching", given(self.writeback), compat.writeback)?,
+            xattr: xattr || posix_acl || security_label,
+            posix_acl,
+            security_label,
+            allow_direct_io: merge_switch(
+                "direct I/O",
+                given(self.allow_direct_io),
+                compat.allow_direct_io,
+            )?,
+            announce_submounts,
+            readonly: self.readonly,
+            // As virtiofsd: with nothing cached, READDIRPLUS only costs lookups.
+            readdirplus: readdirplus && cache != CachePolicy::Never,
+            inode_file_handles,
+            killpriv_v2,
+            preserve_noatime: self.preserve_noatime,
+            posix_lock: merge_switch("POSIX locks", given(self.posix_lock), compat.posix_lock)?,
+            flock: merge_switch("flock locks", given(self.flock), compat.flock)?,
+            ..Config::default()
+        };
+        Ok((cfg, compat.log_level))
+    }
+
+    fn reject_unsupported(&self) -> Result<(), CliError> {
+        let unsupported = [
+            (self.xattrmap.is_some(), "--xattrmap"),
+            (self.allow_mmap, "--allow-mmap"),
+            (!self.uid_map.is_empty(), "--uid-map"),
+            (!self.gid_map.is_empty(), "--gid-map"),
+            (!self.translate_uid.is_empty(), "--translate-uid"),
+            (!self.translate_gid.is_empty(), "--translate-gid"),
+        ];
+        match unsupported.iter().find(|(present, _)| *present) {
+            Some((_, flag)) => Err(CliError::UnsupportedFlag(flag)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl CommonArgs {
+    fn resolve(
+        &self,
+        compat_level: Option<LogLevel>,
+        mut warnings: Vec<String>,
+    ) -> Result<ProcessSettings, CliError> {
+        if self.compat_debug {
+            warnings.push("-d is deprecated; use --log-level debug".to_owned());
+        }
+        if self.compat_foreground {
+            warnings.push("-f is deprecated and has no effect; please remove it".to_owned());
+        }
+        let debug_flag = self.compat_debug.then_some(LogLevel::Debug);
+        let flag_level = merge("the log level", self.log_level, debug_flag)?;
+        let log_level = merge("the log level", flag_level, compat_level)?;
+        Ok(ProcessSettings {
+            log_level,
+            syslog: self.syslog,
+            rlimit_nofile: self.rlimit_nofile,
+            warnings,
+        })
+    }
+}
+
+impl VhostUserArgs {
+    fn resolve(&self) -> Result<VhostUserSettings, CliError> {
+        let isolation = [
+            (
+                "sandbox",
+                &self.sandbox,
+                &["namespace", "chroot"][..],
+                "namespace, chroot, none",
+            ),
+            (
+                "seccomp",
+                &self.seccomp,
+                &["kill", "log", "trap"][..],
+                "none, kill, log, trap",
+            ),
+        ];
+        for (flag, value, known, expected) in isolation {
+            if value == "none" {
+                continue;
+            }
+            let value = value.clone();
+            return Err(if known.contains(&value.as_str()) {
+                CliError::UnsupportedIsolation { flag, value }
+            } else {
+                CliError::InvalidChoice {
+                    flag,
+                    value,
+                    expected,
+                }
+            });
+        }
+        if self.modcaps.is_some() {
+            return Err(CliError::ModcapsUnsupported);
+        }
+        let migration = [
+            (self.migration_mode.is_some(), "--migration-mode"),
+            (self.migration_on_error.is_some(), "--migration-on-error"),
+            (self.migration_verify_handles, "--migration-verify-handles"),
+            (self.migration_confirm_paths, "--migration-confirm-paths"),
+        ];
+        if let Some((_, flag)) = migration.iter().find(|(present, _)| *present) {
+            return Err(CliError::UnsupportedFlag(flag));
+        }
+
+        let mut warnings = Vec::new();
+        let (fs, compat_level) = self.fs.resolve(&mut warnings)?;
+
+        let listener = match (&self.fd, &self.socket_path, &self.socket) {
+            (Some(fd), _, _) => ListenerSource::Fd(*fd),
+            (None, Some(path), _) => ListenerSource::Path {
+                path: path.clone(),
+                group: self.socket_group.clone(),
+            },
+            (None, None, Some(path)) => {
+                warnings.push("--socket is deprecated; use --socket-path".to_owned());
+                ListenerSource::Path {
+                    path: path.clone(),
+                    group: self.socket_group.clone(),
+                }
+            }
+            (None, None, None) => return Err(CliError::MissingSocket),
+        };
+
+        Ok(VhostUserSettings {
+            listener,
+            tag: self.tag.clone(),
+            thread_pool_size: self.thread_pool_size,
+            max_request_queues: self.max_request_queues,
+            fs,
+            process: self.common.resolve(compat_level, warnings)?,
+        })
+    }
+}
+
+impl FuseArgs {
+    fn resolve(&self) -> Result<FuseSettings, CliError> {
+        let mut warnings = Vec::new();
+        let (fs, compat_level) = self.fs.resolve(&mut warnings)?;
+        Ok(FuseSettings {
+            // clap enforces `required`; the Option only lets the struct be flattened.
+            mountpoint: self.mountpoint.clone().unwrap_or_default(),
+            threads: usize::from(self.threads),
+            fs,
+            process: self.common.resolve(compat_level, warnings)?,
+        })
+    }
+}
+
+impl Cli {
+    /// Checks and completes the parsed command line.
+    pub fn resolve(&self) -> Result<Mode, CliError> {
+        match &self.command {
+            Some(Command::Fuse(args)) => Ok(Mode::Fuse(args.resolve()?)),
+            None if self.serve.print_capabilities => Ok(Mode::PrintCapabilities),
+            None => Ok(Mode::VhostUser(self.serve.resolve()?)),
+        }
+    }
+}
+
+/// QEMU's vhost-user backend description (docs/interop/vhost-user.json) for `--print-capabilities`.
+pub fn capabilities_json() -> String {
+    let features = [
+        "posix-acl-negotiation-mode",
+        "security-label-negotiation-mode",
+        "separate-options",
+    ];
+    serde_json::json!({ "type": "fs", "features": features }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("berth").chain(args.iter().copied()))
+    }
+
+    fn resolve(args: &[&str]) -> Result<Mode, CliError> {
+        parse(args)
+            .unwrap_or_else(|e| panic!("{args:?} should parse: {e}"))
+            .resolve()
+    }
+
+    fn vhost_user(args: &[&str]) -> VhostUserSettings {
+        match resolve(args) {
+            Ok(Mode::VhostUser(s)) => s,
+            other => panic!("{args:?} should select vhost-user mode, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn kata_go_invocation() {
+        let s = vhost_user(&[
+            "--syslog",
+            "--cache=auto",
+            "--shared-dir=/run/kata/shared",
+            "--fd=3",
+            "--thread-pool-size=1",
+            "--announce-submounts",
+        ]);
+        assert_eq!(s.listener, ListenerSource::Fd(3));
+        assert!(s.process.syslog);
+        assert_eq!(s.fs.root_dir, PathBuf::from("/run/kata/shared"));
+        assert_eq!(s.fs.cache, CachePolicy::Auto);
+        assert!(s.fs.announce_submounts);
+        assert_eq!(s.thread_pool_size, 1);
+        assert!(!s.fs.xattr);
+        assert!(s.process.warnings.is_empty());
+    }
+
+    #[test]
+    fn kata_runtime_rs_invocation() {
+        let s = vhost_user(&[
+            "--socket-path",
+            "/run/kata/vfs.sock",
+            "--shared-dir",
+            "/run/kata/shared",
+            "--cache",
+            "auto",
+            "--thread-pool-size=1",
+            "-o",
+            "announce_submounts",
+            "--xattr",
+        ]);
+        assert_eq!(
+            s.listener,
+            ListenerSource::Path {
+                path: "/run/kata/vfs.sock".into(),
+                group: None
+            }
+        );
+        assert!(s.fs.xattr);
+        assert!(s.fs.announce_submounts);
+        assert_eq!(s.process.log_level, None);
+        assert_eq!(s.process.warnings.len(), 1, "the -o deprecation warning");
+    }
+
+    #[test]
+    fn defaults_match_virtiofsd() {
+        let s = vhost_user(&["--shared-dir", "/d", "--socket-path", "/s"]);
+        assert_eq!(s.fs.cache, CachePolicy::Auto);
+        assert_eq!(s.fs.inode_file_handles, InodeFileHandles::Prefer);
+        assert!(s.fs.announce_submounts);
+        assert!(s.fs.readdirplus);
+        assert!(!s.fs.killpriv_v2 && !s.fs.posix_lock && !s.fs.flock && !s.fs.readonly);
+        assert_eq!(s.max_request_queues, 16);
+        assert_eq!(s.thread_pool_size, 0);
+        assert_eq!(s.tag, None);
+    }
+
+    #[test]
+    fn legacy_options_map_to_config() {
+        let s = vhost_user(&[
+            "--fd=4",
+            "-o",
+            "source=/srv,cache=always,xattr,no_readdirplus,writeback,posix_lock,flock",
+            "-o",
+            "killpriv_v2,allow_direct_io,no_announce_submounts,log_level=debug,timeout=2.5",
+        ]);
+        assert_eq!(s.fs.root_dir, PathBuf::from("/srv"));
+        assert_eq!(s.fs.cache, CachePolicy::Always);
+        assert!(s.fs.xattr && s.fs.writeback && s.fs.posix_lock && s.fs.flock);
+        assert!(s.fs.killpriv_v2 && s.fs.allow_direct_io);
+        assert!(!s.fs.readdirplus && !s.fs.announce_submounts);
+        assert_eq!(s.process.log_level, Some(LogLevel::Debug));
+        assert_eq!(s.fs.entry_timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(s.fs.attr_timeout, Some(Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn legacy_virtiofsd_spellings() {
+        let s = vhost_user(&[
+            "--fd=4",
+            "-o",
+            "source=/srv,cache=none,loglevel=err,no_posix_lock,no_flock,sandbox=none",
+        ]);
+        assert_eq!(s.fs.cache, CachePolicy::Never);
+        assert!(!s.fs.readdirplus, "cache=none turns READDIRPLUS off");
+        assert_eq!(s.process.log_level, Some(LogLevel::Error));
+        assert!(!s.fs.posix_lock && !s.fs.flock);
+    }
+
+    #[test]
+    fn unknown_or_bad_legacy_options_are_errors() {
+        let base = ["--fd=3", "--shared-dir=/d", "-o"];
+        let run = |opt: &str| {
+            let mut args = base.to_vec();
+            args.push(opt);
+            resolve(&args).err()
+        };
+        assert_eq!(
+            run("frobnicate"),
+            Some(CliError::UnknownCompatOption("frobnicate".into()))
+        );
+        assert_eq!(
+            run("color=blue"),
+            Some(CliError::UnknownCompatOption("color=blue".into()))
+        );
+        assert!(matches!(
+            run("cache=sometimes"),
+            Some(CliError::BadCompatValue { .. })
+        ));
+        assert!(matches!(
+            run("timeout=-1"),
+            Some(CliError::BadCompatValue { .. })
+        ));
+        assert!(matches!(
+            run("log_level=loud"),
+            Some(CliError::BadCompatValue { .. })
+        ));
+        assert!(matches!(
+            run("sandbox=chroot"),
+            Some(CliError::UnsupportedIsolation { .. })
+        ));
+        assert_eq!(
+            run("modcaps=+sys_admin"),
+            Some(CliError::ModcapsUnsupported)
+        );
+    }
+
+    #[test]
+    fn flag_and_legacy_option_disagreeing_is_a_conflict() {
+        let err = resolve(&["--fd=3", "--shared-dir=/a", "-o", "source=/b"]).unwrap_err();
+        assert!(matches!(err, CliError::Conflict(_)), "{err}");
+        let err = resolve(&[
+            "--fd=3",
+            "--shared-dir=/a",
+            "--cache=never",
+            "-o",
+            "cache=always",
+        ])
+        .unwrap_err();
+        assert!(matches!(err, CliError::Conflict(_)), "{err}");
+        let err = resolve(&["--fd=3", "--shared-dir=/a", "--xattr", "-o", "no_xattr"]).unwrap_err();
+        assert!(matches!(err, CliError::Conflict(_)), "{err}");
+        // Agreement is fine.
+        let s = vhost_user(&[
+            "--fd=3",
+            "--shared-dir=/a",
+            "-o",
+            "source=/a,announce_submounts",
+        ]);
+        assert_eq!(s.fs.root_dir, PathBuf::from("/a"));
+    }
+
+    #[test]
+    fn conflicting_socket_flags_are_usage_errors() {
+        let err = parse(&["--fd=3", "--socket-path=/s", "--shared-dir=/d"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ArgumentConflict);
+        assert_eq!(err.exit_code(), 2);
+        let err = parse(&["--fd=3", "--socket-group=kvm", "--shared-dir=/d"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for args in [
+            &["--fd=3", "--shared-dir=/d", "--cache=sometimes"][..],
+            &["--fd=3", "--shared-dir=/d", "--inode-file-handles=often"],
+            &["--fd=3", "--shared-dir=/d", "--log-level=loud"],
+            &["--fd=x", "--shared-dir=/d"],
+            &["--fd=3", "--shared-dir=/d", "--max-request-queues=0"],
+            &["--fd=3", "--shared-dir=/d", "--max-request-queues=64"],
+            &["--fd=3", "--shared-dir=/d", "--tag="],
+            &[
+                "--fd=3",
+                "--shared-dir=/d",
+                "--tag=0123456789012345678901234567890123456",
+            ],
+            &["--fd=3", "--shared-dir=/d", "--no-such-flag"],
+        ] {
+            let err = parse(args).expect_err(&format!("{args:?} must be rejected"));
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn missing_shared_dir_or_socket() {
+        assert_eq!(
+            resolve(&["--socket-path=/s"]).unwrap_err(),
+            CliError::MissingSharedDir
+        );
+        assert_eq!(
+            resolve(&["--shared-dir=/d"]).unwrap_err(),
+            CliError::MissingSocket
+        );
+    }
+
+    #[test]
+    fn isolation_flags_only_accept_none() {
+        let base = ["--fd=3", "--shared-dir=/d"];
+        let with = |extra: &str| {
+            let mut args = base.to_vec();
+            args.push(extra);
+            resolve(&args)
+        };
+        assert!(with("--sandbox=none").is_ok());
+        assert!(with("--seccomp=none").is_ok());
+        let err = with("--sandbox=namespace").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--sandbox namespace is not supported yet; use --sandbox none"
+        );
+        assert!(matches!(
+            with("--sandbox=jail").unwrap_err(),
+            CliError::InvalidChoice {
+                flag: "sandbox",
+                ..
+            }
+        ));
+        assert!(matches!(
+            with("--seccomp=kill").unwrap_err(),
+            CliError::UnsupportedIsolation {
+                flag: "seccomp",
+                ..
+            }
+        ));
+        assert_eq!(
+            with("--modcaps=-chown").unwrap_err(),
+            CliError::ModcapsUnsupported
+        );
+        assert_eq!(
+            with("--xattrmap=:map::user.virtiofs.:").unwrap_err(),
+            CliError::UnsupportedFlag("--xattrmap")
+        );
+        assert_eq!(
+            with("--migration-mode=file-handles").unwrap_err(),
+            CliError::UnsupportedFlag("--migration-mode")
+        );
+    }
+
+    #[test]
+    fn virtiofsd_value_forms() {
+        let s = vhost_user(&[
+            "--fd=3",
+            "--shared-dir=/d",
+            "--inode-file-handles=mandatory",
+            "--posix-acl",
+            "--security-label=auto",
+            "--no-announce-submounts",
+            "--killpriv-v2",
+            "--log-level=trace",
+            "--rlimit-nofile=4096",
+            "--tag=myfs",
+            "--max-request-queues=4",
+        ]);
+        assert_eq!(s.fs.inode_file_handles, InodeFileHandles::Mandatory);
+        assert!(s.fs.posix_acl && s.fs.security_label && s.fs.xattr);
+        assert!(!s.fs.announce_submounts && s.fs.killpriv_v2);
+        assert_eq!(s.process.log_level, Some(LogLevel::Trace));
+        assert_eq!(s.process.rlimit_nofile, Some(4096));
+        assert_eq!(s.tag.as_deref(), Some("myfs"));
+        assert_eq!(s.max_request_queues, 4);
+
+        let s = vhost_user(&[
+            "--fd=3",
+            "--shared-dir=/d",
+            "--inode-file-handles",
+            "fallback",
+        ]);
+        assert_eq!(s.fs.inode_file_handles, InodeFileHandles::Prefer);
+        assert_eq!(s.process.warnings.len(), 1);
+
+        let s = vhost_user(&["--fd=3", "--shared-dir=/d", "--posix-acl=never", "-d", "-f"]);
+        assert!(!s.fs.posix_acl && !s.fs.xattr);
+        assert_eq!(s.process.log_level, Some(LogLevel::Debug));
+        assert_eq!(s.process.warnings.len(), 2);
+    }
+
+    #[test]
+    fn contradicting_flag_pairs_are_usage_errors() {
+        for pair in [
+            ["--no-announce-submounts", "--announce-submounts"],
+            ["--killpriv-v2", "--no-killpriv-v2"],
+        ] {
+            let err = parse(&["--fd=3", "--shared-dir=/d", pair[0], pair[1]]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ArgumentConflict, "{pair:?}");
+        }
+        // Repeating a flag is not a contradiction: the last value wins.
+        let s = vhost_user(&[
+            "--fd=3",
+            "--shared-dir=/d",
+            "--cache=never",
+            "--cache=always",
+        ]);
+        assert_eq!(s.fs.cache, CachePolicy::Always);
+    }
+
+    #[test]
+    fn deprecated_socket_alias() {
+        let s = vhost_user(&["--socket=/s", "--shared-dir=/d", "--socket-group=kvm"]);
+        assert_eq!(
+            s.listener,
+            ListenerSource::Path {
+                path: "/s".into(),
+                group: Some("kvm".into())
+            }
+        );
+        assert_eq!(s.process.warnings.len(), 1);
+    }
+
+    #[test]
+    fn print_capabilities_needs_nothing_else() {
+        assert!(matches!(
+            resolve(&["--print-capabilities"]),
+            Ok(Mode::PrintCapabilities)
+        ));
+        let json: serde_json::Value = serde_json::from_str(&capabilities_json()).unwrap();
+        assert_eq!(json["type"], "fs");
+        assert!(json["features"].is_array());
+    }
+
+    #[test]
+    fn fuse_subcommand() {
+        match resolve(&[
+            "fuse",
+            "--shared-dir=/d",
+            "--mountpoint=/m",
+            "--threads=2",
+            "--readonly",
+            "-o",
+            "xattr",
+        ]) {
+            Ok(Mode::Fuse(s)) => {
+                assert_eq!(s.mountpoint, PathBuf::from("/m"));
+                assert_eq!(s.threads, 2);
+                assert!(s.fs.readonly && s.fs.xattr);
+            }
+            other => panic!("expected fuse mode, got {other:?}"),
+        }
+        let err = parse(&["fuse", "--shared-dir=/d"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument);
+        let err = parse(&["fuse", "--shared-dir=/d", "--mountpoint=/m", "--fd=3"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        // Serve flags before the subcommand are not silently dropped.
+        let err = parse(&["--fd=3", "fuse", "--shared-dir=/d", "--mountpoint=/m"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+}

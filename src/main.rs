@@ -1,0 +1,135 @@
+//! berth: a host-side storage daemon for microVMs. This file only wires the pieces together:
+//! command line ([`cli`]), logging, limits, and one of the two transports ([`vhost_user`],
+//! [`fusedev`]) around the passthrough filesystem.
+
+mod cli;
+mod fusedev;
+mod limits;
+mod logging;
+mod pool;
+mod shutdown;
+mod vhost_user;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use berth_passthrough::{Config, FsServer, PassthroughFs};
+use clap::Parser;
+use tracing::{info, warn};
+
+use crate::cli::{Cli, FuseSettings, ListenerSource, Mode, VhostUserSettings};
+use crate::shutdown::{signal_name, TerminationSignals};
+
+/// Exit status for a command line that parsed but cannot be honoured (clap uses 2 as well).
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mode = match cli.resolve() {
+        Ok(mode) => mode,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let process = match &mode {
+        Mode::PrintCapabilities => {
+            println!("{}", cli::capabilities_json());
+            return ExitCode::SUCCESS;
+        }
+        Mode::VhostUser(settings) => &settings.process,
+        Mode::Fuse(settings) => &settings.process,
+    };
+    let (log_level, rlimit_nofile) = (process.log_level, process.rlimit_nofile);
+
+    // Before any thread exists, so that every thread inherits the blocked mask.
+    let signals = match TerminationSignals::block() {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("error: cannot block termination signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let logs_on_stderr = logging::init(log_level, process.syslog);
+    for warning in &process.warnings {
+        warn!("{warning}");
+    }
+
+    let result = limits::setup_nofile(rlimit_nofile).and_then(|limit| {
+        tracing::debug!("The open file limit is {limit}.");
+        match mode {
+            Mode::VhostUser(settings) => run_vhost_user(settings, signals),
+            Mode::Fuse(settings) => run_fuse(settings, signals),
+            Mode::PrintCapabilities => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            if !logs_on_stderr || log_level == Some(cli::LogLevel::Off) {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn open_filesystem(cfg: Config) -> anyhow::Result<Arc<FsServer>> {
+    if !cfg.root_dir.is_dir() {
+        return Err(anyhow!(
+            "the shared directory {} does not exist or is not a directory",
+            cfg.root_dir.display()
+        ));
+    }
+    let root = cfg.root_dir.clone();
+    let fs = PassthroughFs::new(cfg)
+        .with_context(|| format!("cannot share the directory {}", root.display()))?;
+    Ok(Arc::new(FsServer::new(fs)))
+}
+
+fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> anyhow::Result<()> {
+    let server = open_filesystem(settings.fs)?;
+    let (listener, socket_path) = match &settings.listener {
+        ListenerSource::Fd(fd) => (vhost_user::listener_from_fd(*fd)?, None),
+        ListenerSource::Path { path, group } => (
+            vhost_user::listener_at_path(path, group.as_deref())?,
+            Some(path.clone()),
+        ),
+    };
+    signals.spawn_handler(move |signal| {
+        info!("Received {}; exiting.", signal_name(signal));
+        if let Some(path) = socket_path {
+            let _ = std::fs::remove_file(path);
+        }
+        std::process::exit(0);
+    })?;
+    if settings.thread_pool_size > 1 {
+        info!(
+            "Each request queue thread hands its requests to a pool of {} threads.",
+            settings.thread_pool_size
+        );
+    }
+    vhost_user::serve(
+        server,
+        vhost_user::DeviceOptions {
+            tag: settings.tag,
+            max_request_queues: settings.max_request_queues,
+            thread_pool_size: settings.thread_pool_size,
+        },
+        listener,
+    )
+}
+
+fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Result<()> {
+    let readonly = settings.fs.readonly;
+    let server = open_filesystem(settings.fs)?;
+    fusedev::serve(
+        server,
+        &settings.mountpoint,
+        settings.threads,
+        readonly,
+        signals,
+    )
+}

@@ -1,0 +1,731 @@
+//! The vhost-user-fs device: virtqueues in, FUSE requests to [`FsServer`], replies out.
+//!
+//! Queue 0 is the high-priority queue (FORGET, INTERRUPT); queues 1..=N are request queues. The
+//! backend offers `1 + max_request_queues` queues and the frontend enables as many as it was
+//! configured with (QEMU's `num-request-queues`). Every queue gets its own worker thread from
+//! vhost-user-backend (one bit per thread in `queues_per_thread`), so requests on different
+//! queues never wait for each other. With `--thread-pool-size` above 1 the queue threads hand
+//! each request to a shared pool instead of serving it inline, so that one slow or blocking
+//! request (a waiting lock, a slow disk) does not hold up the rest of its queue.
+
+use std::io;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use anyhow::{anyhow, Context};
+use berth_passthrough::FsServer;
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use tracing::{debug, error, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Backend, Error as VhostUserError, Listener};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex, VringState, VringT};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{
+    ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap, Le32,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::cli::MAX_TAG_LEN;
+use crate::pool::WorkerPool;
+
+/// Largest queue the frontend may configure (virtiofsd offers the same).
+const MAX_QUEUE_SIZE: usize = 32768;
+/// Index of the high-priority queue.
+const HIPRIO_QUEUE: usize = 0;
+
+type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+type MemoryGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
+type Vring = VringMutex<GuestMemory>;
+
+/// The virtio-fs device configuration space (virtio spec 5.11.4).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct VirtioFsConfig {
+    tag: [u8; MAX_TAG_LEN],
+    num_request_queues: Le32,
+}
+
+// SAFETY: plain old data with no padding (36 bytes + a 4-byte little-endian integer).
+unsafe impl ByteValued for VirtioFsConfig {}
+
+/// Options of the device, from the command line.
+pub struct DeviceOptions {
+    pub tag: Option<String>,
+    pub max_request_queues: u16,
+    pub thread_pool_size: usize,
+}
+
+/// berth's vhost-user-fs backend.
+pub struct FsBackend {
+    server: Arc<FsServer>,
+    tag: Option<String>,
+    num_request_queues: usize,
+    memory: RwLock<Option<GuestMemory>>,
+    event_idx: AtomicBool,
+    /// The backend-to-frontend channel, kept for DAX window mappings (not served yet).
+    #[allow(dead_code)]
+    backend_req: Mutex<Option<Backend>>,
+    pool: Option<WorkerPool>,
+    /// Per queue: whether its first request has been logged.
+    queue_seen: Vec<AtomicBool>,
+}
+
+impl FsBackend {
+    pub fn new(server: Arc<FsServer>, options: DeviceOptions) -> anyhow::Result<Self> {
+        let num_request_queues = usize::from(options.max_request_queues);
+        let pool = if options.thread_pool_size > 1 {
+            Some(
+                WorkerPool::new(options.thread_pool_size)
+                    .context("cannot start the request thread pool")?,
+            )
+        } else {
+            None
+        };
+        Ok(FsBackend {
+            server,
+            tag: options.tag,
+            num_request_queues,
+            memory: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            backend_req: Mutex::new(None),
+            pool,
+            queue_seen: (0..=num_request_queues)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
+        })
+    }
+
+    fn config_space(&self) -> VirtioFsConfig {
+        let mut config = VirtioFsConfig {
+            tag: [0; MAX_TAG_LEN],
+            num_request_queues: Le32::from(self.num_request_queues as u32),
+        };
+        if let Some(tag) = &self.tag {
+            // The command line checked the length; never overrun the field regardless.
+            let len = tag.len().min(MAX_TAG_LEN);
+            config.tag[..len].copy_from_slice(&tag.as_bytes()[..len]);
+        }
+        config
+    }
+
+    fn guest_memory(&self) -> Option<MemoryGuard> {
+        let memory = self.memory.read().unwrap_or_else(|e| e.into_inner());
+        memory.as_ref().map(|m| m.memory())
+    }
+
+    /// Serves everything available on one queue, re-checking after re-enabling notifications
+    /// so that a request added in between is not left waiting for a kick that never comes.
+    fn serve_queue(&self, queue: usize, vring: &Vring) {
+        let Some(mem) = self.guest_memory() else {
+            warn!(
+                queue,
+                "The frontend kicked a queue before sending the guest memory table; ignoring it."
+            );
+            return;
+        };
+        if !self.queue_seen[queue].swap(true, Ordering::Relaxed) {
+            let kind = if queue == HIPRIO_QUEUE {
+                "high-priority"
+            } else {
+                "request"
+            };
+            info!(queue, "The frontend started using {kind} queue {queue}.");
+        }
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let mut handled = 0usize;
+        loop {
+            if event_idx {
+                if let Err(e) = vring.disable_notification() {
+                    warn!(queue, "Cannot disable queue notifications: {e}.");
+                }
+            }
+            handled += self.drain_queue(queue, vring, &mem, event_idx);
+            if !event_idx {
+                break;
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!(queue, "Cannot re-enable queue notifications: {e}.");
+                    break;
+                }
+            }
+        }
+        if handled > 0 {
+            debug!(queue, handled, "served requests");
+        }
+    }
+
+    fn drain_queue(
+        &self,
+        queue: usize,
+        vring: &Vring,
+        mem: &MemoryGuard,
+        event_idx: bool,
+    ) -> usize {
+        let mut handled = 0;
+        loop {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else {
+                return handled;
+            };
+            handled += 1;
+            match &self.pool {
+                Some(pool) => {
+                    let server = self.server.clone();
+                    let vring = vring.clone();
+                    let mem = mem.clone();
+                    pool.execute(Box::new(move || {
+                        let head = chain.head_index();
+                        let used = serve_request(&server, queue, &mem, chain);
+                        complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
+                    }));
+                }
+                None => {
+                    let head = chain.head_index();
+                    let used = serve_request(&self.server, queue, mem, chain);
+                    complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
+                }
+            }
+        }
+    }
+}
+
+/// Runs one FUSE request and returns the number of reply bytes written into the chain. A chain
+/// that cannot be decoded is returned with nothing written: there is nowhere to put a reply.
+fn serve_request(
+    server: &FsServer,
+    queue: usize,
+    mem: &MemoryGuard,
+    chain: DescriptorChain<MemoryGuard>,
+) -> u32 {
+    let head = chain.head_index();
+    if let Err(reason) = check_chain(&chain) {
+        warn!(
+            queue,
+            head, "Dropping a malformed descriptor chain: {reason}."
+        );
+        return 0;
+    }
+    let reader = match Reader::from_descriptor_chain(&**mem, chain.clone()) {
+        Ok(reader) => reader,
+        Err(e) => {
+            warn!(
+                queue,
+                head, "Dropping a request whose readable descriptors are invalid: {e}."
+            );
+            return 0;
+        }
+    };
+    let writer = match VirtioFsWriter::new(&**mem, chain) {
+        Ok(writer) => writer,
+        Err(e) => {
+            warn!(
+                queue,
+                head, "Dropping a request whose writable descriptors are invalid: {e}."
+            );
+            return 0;
+        }
+    };
+    // A bug in request decoding must cost one request, not the queue's thread.
+    let result = panic::catch_unwind(AssertUnwindSafe(|| {
+        server.handle_message(reader, writer.into(), None)
+    }));
+    match result {
+        Ok(Ok(written)) => u32::try_from(written).unwrap_or(0),
+        Ok(Err(e)) => {
+            warn!(queue, head, "Could not serve a request: {e}.");
+            0
+        }
+        Err(_) => {
+            error!(
+                queue,
+                head, "Serving a request panicked; the request was dropped."
+            );
+            0
+        }
+    }
+}
+
+/// Walks a chain the way the readers will, catching what their iterators silently cut short:
+/// loops, next indices out of range, unreadable or nested-indirect descriptors (each ends the
+/// walk on a descriptor that still has NEXT set), and readable descriptors placed after
+/// writable ones (virtio 2.7.4.2 puts all device-writable descriptors last).
+fn check_chain(chain: &DescriptorChain<MemoryGuard>) -> Result<(), &'static str> {
+    let mut descriptors = 0usize;
+    let mut last_has_next = false;
+    let mut writable_seen = false;
+    for desc in chain.clone() {
+        descriptors += 1;
+        if desc.is_write_only() {
+            writable_seen = true;
+        } else if writable_seen {
+            return Err("a device-readable descriptor follows a device-writable one");
+        }
+        last_has_next = desc.has_next();
+    }
+    if descriptors == 0 {
+        return Err("its head descriptor cannot be read");
+    }
+    if last_has_next {
+        return Err(
+            "it does not end (a loop, a next index out of range or an unreadable descriptor)",
+        );
+    }
+    Ok(())
+}
+
+/// Puts a served chain on the used ring and tells the guest if it asked to be told.
+fn complete_request(
+    queue: usize,
+    vring: &mut VringState<GuestMemory>,
+    head: u16,
+    used: u32,
+    event_idx: bool,
+) {
+    if let Err(e) = vring.add_used(head, used) {
+        warn!(
+            queue,
+            head, "Cannot return a descriptor chain to the used ring: {e}."
+        );
+        return;
+    }
+    let notify = !event_idx
+        || vring.needs_notification().unwrap_or_else(|e| {
+            warn!(
+                queue,
+                "Cannot tell whether the guest wants a notification ({e}); sending one."
+            );
+            true
+        });
+    if notify {
+        if let Err(e) = vring.signal_used_queue() {
+            warn!(queue, "Cannot notify the guest of used descriptors: {e}.");
+        }
+    }
+}
+
+impl VhostUserBackend for FsBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        1 + self.num_request_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        let mut features = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::BACKEND_SEND_FD
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        if self.tag.is_some() {
+            features |= VhostUserProtocolFeatures::CONFIG;
+        }
+        features
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.config_space();
+        let mut bytes: Vec<u8> = config
+            .as_slice()
+            .iter()
+            .skip(offset as usize)
+            .take(size as usize)
+            .copied()
+            .collect();
+        bytes.resize(size as usize, 0);
+        bytes
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the virtio-fs configuration space is read-only",
+        ))
+    }
+
+    fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        *self.memory.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues()).map(|queue| 1u64 << queue).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                error!("Cannot create a queue thread's exit event: {e}.");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // Errors returned from here stop the queue's thread, so problems are logged instead.
+        if evset != EventSet::IN {
+            warn!(
+                queue = thread_id,
+                "Ignoring an unexpected queue event {evset:?}."
+            );
+            return Ok(());
+        }
+        // One queue per thread: the thread index is the queue index, the event its only vring.
+        match vrings.get(usize::from(device_event)) {
+            Some(vring) => self.serve_queue(thread_id, vring),
+            None => warn!(
+                queue = thread_id,
+                "Ignoring an event for unknown vring {device_event}."
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// Serves one frontend connection on `listener` until it disconnects.
+pub fn serve(
+    server: Arc<FsServer>,
+    options: DeviceOptions,
+    mut listener: Listener,
+) -> anyhow::Result<()> {
+    let queues = options.max_request_queues;
+    let backend = Arc::new(FsBackend::new(server, options)?);
+    let mut daemon = VhostUserDaemon::new(
+        "berth-vhost-user".to_owned(),
+        backend,
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|e| anyhow!("cannot set up the vhost-user device: {e}"))?;
+
+    info!(
+        "Waiting for the vhost-user frontend to connect (offering up to {queues} request queues)."
+    );
+    daemon
+        .start(&mut listener)
+        .map_err(|e| anyhow!("cannot accept the vhost-user frontend connection: {e}"))?;
+    info!("The frontend connected; serving requests.");
+
+    let result = daemon.wait();
+    // Dropping the daemon joins the queue threads, and one may be blocked in a host call (a
+    // lock wait) indefinitely; the process exits right after this, so skip the join.
+    std::mem::forget(daemon);
+    match result {
+        Ok(()) => {
+            info!("The frontend disconnected; shutting down.");
+            Ok(())
+        }
+        Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => {
+            info!("The frontend disconnected; shutting down.");
+            Ok(())
+        }
+        Err(e) => Err(anyhow!("the vhost-user connection failed: {e}")),
+    }
+}
+
+/// A listening socket inherited from the parent (Kata's `--fd=3`), checked before use.
+pub fn listener_from_fd(fd: i32) -> anyhow::Result<Listener> {
+    // SAFETY: libc::stat is plain old data; all-zero bytes are a valid value.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat only writes into `stat`; an invalid descriptor yields EBADF.
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
+        return Err(anyhow!(
+            "--fd {fd} is not an open file descriptor: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(anyhow!("--fd {fd} is not a socket"));
+    }
+    let int_option = |level, name| -> io::Result<libc::c_int> {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `value` and `len` describe a valid c_int buffer for getsockopt.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                level,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(value)
+    };
+    let domain = int_option(libc::SOL_SOCKET, libc::SO_DOMAIN)
+        .with_context(|| format!("cannot inspect the socket --fd {fd}"))?;
+    if domain != libc::AF_UNIX {
+        return Err(anyhow!("--fd {fd} is not a unix domain socket"));
+    }
+    let listening = int_option(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)
+        .with_context(|| format!("cannot inspect the socket --fd {fd}"))?;
+    if listening == 0 {
+        return Err(anyhow!("--fd {fd} is a socket but is not listening"));
+    }
+    // The vhost crate's accept loop spins on EAGAIN, so the socket must block; and the
+    // descriptor should not leak into anything berth runs (e.g. fusermount).
+    // SAFETY: plain fcntl calls on a descriptor checked above.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+            return Err(anyhow!(
+                "cannot make --fd {fd} blocking: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+    // SAFETY: the descriptor is an open listening unix socket that nothing else in this
+    // process owns; the Listener takes ownership of it.
+    Ok(unsafe { <Listener as std::os::unix::io::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Creates the vhost-user socket at `path`: replaces a stale socket file, but refuses one that
+/// a live process is listening on. The socket is accessible to its owner (and `group`) only.
+pub fn listener_at_path(path: &std::path::Path, group: Option<&str>) -> anyhow::Result<Listener> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            return Err(anyhow!(
+                "cannot create the socket {}: {} is not a directory",
+                path.display(),
+                parent.display()
+            ));
+        }
+    }
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        if !std::os::unix::fs::FileTypeExt::is_socket(&metadata.file_type()) {
+            return Err(anyhow!(
+                "cannot create the socket {}: a file that is not a socket is in the way",
+                path.display()
+            ));
+        }
+    }
+    if socket_is_listening(path) {
+        return Err(anyhow!(
+            "the socket {} is in use by another process",
+            path.display()
+        ));
+    }
+    let gid = group.map(lookup_group).transpose()?;
+    let mask = if gid.is_some() { 0o007 } else { 0o077 };
+    // SAFETY: umask has no memory effects; it is restored right after the bind.
+    let old_mask = unsafe { libc::umask(mask) };
+    let listener = Listener::new(path, true);
+    // SAFETY: as above.
+    unsafe { libc::umask(old_mask) };
+    let listener =
+        listener.map_err(|e| anyhow!("cannot create the socket {}: {e}", path.display()))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("cannot give the socket {} to group {gid}", path.display()))?;
+    }
+    Ok(listener)
+}
+
+fn lookup_group(name: &str) -> anyhow::Result<u32> {
+    let c_name = std::ffi::CString::new(name)
+        .map_err(|_| anyhow!("the socket group name '{name}' contains a NUL byte"))?;
+    // SAFETY: libc::group is plain old data; all-zero bytes (null pointers) are a valid value.
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    let mut buf = vec![0 as libc::c_char; 16384];
+    // SAFETY: all pointers are valid for the sizes given; getgrnam_r fills `group`/`result`.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c_name.as_ptr(),
+            &mut group,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc == 0 && !result.is_null() {
+        return Ok(group.gr_gid);
+    }
+    name.parse::<u32>()
+        .map_err(|_| anyhow!("the socket group '{name}' does not exist"))
+}
+
+/// Whether a process is listening on the unix socket at `path` (per /proc/net/unix), found
+/// without connecting: a connection would be taken as a frontend by a vhost-user daemon.
+fn socket_is_listening(path: &std::path::Path) -> bool {
+    const SO_ACCEPTCON: u32 = 1 << 16;
+    let Ok(metadata) = std::fs::symlink_metadata(path) else {
+        return false;
+    };
+    if !std::os::unix::fs::FileTypeExt::is_socket(&metadata.file_type()) {
+        return false;
+    }
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(flags), Some(bound)) = (fields.get(3), fields.get(7)) else {
+            return false;
+        };
+        let listening = u32::from_str_radix(flags, 16).is_ok_and(|f| f & SO_ACCEPTCON != 0);
+        listening && std::path::Path::new(bound) == absolute
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_passthrough::{Config, PassthroughFs};
+    use std::fs::File;
+
+    fn backend(tag: Option<&str>, queues: u16) -> FsBackend {
+        let fs = PassthroughFs::new(Config {
+            root_dir: std::env::temp_dir(),
+            ..Config::default()
+        })
+        .expect("the filesystem opens the temp dir");
+        FsBackend::new(
+            Arc::new(FsServer::new(fs)),
+            DeviceOptions {
+                tag: tag.map(str::to_owned),
+                max_request_queues: queues,
+                thread_pool_size: 0,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn one_thread_per_queue() {
+        let b = backend(None, 3);
+        assert_eq!(b.num_queues(), 4);
+        assert_eq!(b.queues_per_thread(), vec![0b1, 0b10, 0b100, 0b1000]);
+    }
+
+    #[test]
+    fn config_space_holds_tag_and_queue_count() {
+        let b = backend(Some("myfs"), 5);
+        assert!(b
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::CONFIG));
+        let config = b.get_config(0, 40);
+        assert_eq!(&config[..4], b"myfs");
+        assert!(config[4..36].iter().all(|&b| b == 0));
+        assert_eq!(&config[36..40], &5u32.to_le_bytes());
+        // Partial and out-of-range reads are padded, never panic.
+        assert_eq!(b.get_config(36, 4), 5u32.to_le_bytes().to_vec());
+        assert_eq!(b.get_config(38, 8), vec![0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(b.get_config(u32::MAX, 2), vec![0, 0]);
+    }
+
+    #[test]
+    fn config_feature_only_with_tag() {
+        let b = backend(None, 1);
+        let features = b.protocol_features();
+        assert!(!features.contains(VhostUserProtocolFeatures::CONFIG));
+        assert!(features.contains(
+            VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::BACKEND_REQ
+                | VhostUserProtocolFeatures::BACKEND_SEND_FD
+        ));
+        let virtio = b.features();
+        for bit in [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_RING_F_EVENT_IDX,
+        ] {
+            assert_ne!(virtio & (1 << bit), 0, "feature bit {bit}");
+        }
+        assert_ne!(
+            virtio & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            0
+        );
+    }
+
+    #[test]
+    fn stale_socket_is_replaced_live_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vfs.sock");
+        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let err = listener_at_path(&path, None)
+            .err()
+            .expect("a live socket is refused");
+        assert!(err.to_string().contains("in use"), "{err}");
+        drop(live); // the file stays behind: a stale socket
+        assert!(path.exists());
+        let listener = listener_at_path(&path, None).expect("a stale socket is replaced");
+        let not_socket = dir.path().join("precious");
+        std::fs::write(&not_socket, b"data").unwrap();
+        assert!(listener_at_path(&not_socket, None).is_err());
+        assert_eq!(std::fs::read(&not_socket).unwrap(), b"data");
+        let mode = std::fs::metadata(&path).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o700
+        );
+        drop(listener);
+    }
+
+    #[test]
+    fn inherited_fd_must_be_a_listening_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = File::create(dir.path().join("plain")).unwrap();
+        let err = listener_from_fd(std::os::unix::io::AsRawFd::as_raw_fd(&file))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        let err = listener_from_fd(-1).err().unwrap();
+        assert!(
+            err.to_string().contains("not an open file descriptor"),
+            "{err}"
+        );
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let err = listener_from_fd(std::os::unix::io::AsRawFd::as_raw_fd(&a))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("not listening"), "{err}");
+    }
+}

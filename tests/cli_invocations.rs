@@ -1,0 +1,236 @@
+//! The exact command lines container runtimes use to start a virtiofsd-compatible daemon, each
+//! checked end to end: the daemon starts and answers FUSE_INIT through the berth-frontend.
+//! Also: rejected flags exit with code 2 and say why, and `--print-capabilities` prints JSON.
+//!
+//! `BERTH_TEST_DAEMON=/path/to/virtiofsd` points the invocation tests at another daemon (see
+//! tests/common/frontend_util.rs); tests of berth-only behaviour then skip.
+
+#[path = "common/frontend_util.rs"]
+mod frontend_util;
+
+use std::ffi::OsString;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use berth_frontend::fuse::ROOT_ID;
+use berth_frontend::VhostUserFs;
+use frontend_util::*;
+
+/// Connects over `stream`, sends FUSE_INIT and a GETATTR of the root.
+fn assert_answers_init(daemon: &mut Daemon, stream: UnixStream, shared: &Path) {
+    let mut device = match VhostUserFs::from_stream(stream, test_config(1)) {
+        Ok(device) => device,
+        Err(err) => {
+            let status = daemon.wait_exit(Duration::from_millis(200));
+            panic!(
+                "vhost-user setup failed: {err} (daemon: {})\n--- daemon stderr ---\n{}",
+                status.map_or("running".into(), describe_status),
+                daemon.stderr()
+            );
+        }
+    };
+    let mut queue = init_first_queue(&mut device);
+    let root = queue.getattr(ROOT_ID).expect("GETATTR root");
+    let meta = std::fs::metadata(shared).unwrap();
+    assert_eq!(
+        u64::from(root.attr.mode),
+        u64::from(std::os::unix::fs::MetadataExt::mode(&meta))
+    );
+    daemon.assert_alive("after FUSE_INIT");
+}
+
+fn connect_path(daemon: &mut Daemon, socket: &Path) -> UnixStream {
+    daemon.wait_for_socket(socket);
+    UnixStream::connect(socket).unwrap_or_else(|e| {
+        panic!(
+            "connect {}: {e}\n--- daemon stderr ---\n{}",
+            socket.display(),
+            daemon.stderr()
+        )
+    })
+}
+
+fn args(list: &[&str]) -> Vec<OsString> {
+    list.iter().map(OsString::from).collect()
+}
+
+#[test]
+fn kata_go_runtime_invocation_with_inherited_fd() {
+    if !Path::new("/dev/log").exists() {
+        eprintln!("note: no /dev/log here; --syslog must not stop the daemon from running");
+    }
+    let fixture = Fixture::new();
+    let listener = UnixListener::bind(&fixture.socket).expect("bind listening socket");
+    let listener_fd = listener.as_raw_fd();
+    let shared = format!("--shared-dir={}", fixture.shared.display());
+    let mut daemon = Daemon::spawn_with(
+        args(&[
+            "--syslog",
+            "--cache=auto",
+            &shared,
+            "--fd=3",
+            "--thread-pool-size=1",
+            "--announce-submounts",
+        ]),
+        |command| {
+            // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl) are made.
+            unsafe {
+                command.pre_exec(move || {
+                    if listener_fd == 3 {
+                        // dup2 onto itself would keep close-on-exec; clear it instead.
+                        if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    } else if libc::dup2(listener_fd, 3) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        },
+    );
+    // The daemon owns the listening socket now; ours would only compete for connections.
+    drop(listener);
+    let stream = UnixStream::connect(&fixture.socket).expect("connect to the fd-3 socket");
+    assert_answers_init(&mut daemon, stream, &fixture.shared);
+}
+
+#[test]
+fn kata_runtime_rs_invocation() {
+    let fixture = Fixture::new();
+    let socket = fixture.socket.to_str().unwrap().to_owned();
+    let shared = fixture.shared.to_str().unwrap().to_owned();
+    let mut daemon = Daemon::spawn(args(&[
+        "--socket-path",
+        &socket,
+        "--shared-dir",
+        &shared,
+        "--cache",
+        "auto",
+        "--thread-pool-size=1",
+        "-o",
+        "announce_submounts",
+        "--xattr",
+    ]));
+    let stream = connect_path(&mut daemon, &fixture.socket);
+    assert_answers_init(&mut daemon, stream, &fixture.shared);
+}
+
+#[test]
+fn legacy_dash_o_source_invocation() {
+    let fixture = Fixture::new();
+    let options = format!(
+        "source={},cache=auto,xattr,announce_submounts",
+        fixture.shared.display()
+    );
+    let socket = fixture.socket.to_str().unwrap().to_owned();
+    let mut daemon = Daemon::spawn(args(&["-o", &options, "--socket-path", &socket]));
+    let stream = connect_path(&mut daemon, &fixture.socket);
+    assert_answers_init(&mut daemon, stream, &fixture.shared);
+}
+
+/// Runs the daemon to completion with `extra` flags after a valid base command line.
+fn run_to_exit(extra: &[&str]) -> (Output, Fixture) {
+    let fixture = Fixture::new();
+    let (binary, _) = daemon_binary();
+    let mut child = Command::new(binary)
+        .args(fixture.basic_args())
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn daemon");
+    // A daemon that wrongly accepts the flags would wait for a frontend forever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while child.try_wait().expect("query status").is_none() {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("collect output");
+            panic!(
+                "daemon kept running with {extra:?}\n--- stderr ---\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child.wait_with_output().expect("collect output"), fixture)
+}
+
+fn assert_usage_error(test: &str, extra: &[&str], must_mention: &[&str]) {
+    if !testing_berth() {
+        skip(test, "checks berth's own flag handling");
+        return;
+    }
+    let (output, _fixture) = run_to_exit(extra);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{extra:?} should exit with code 2\n--- stderr ---\n{stderr}"
+    );
+    for word in must_mention {
+        assert!(
+            stderr.contains(word),
+            "stderr for {extra:?} should mention {word:?}:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn unknown_flag_is_a_usage_error() {
+    assert_usage_error(
+        "unknown_flag_is_a_usage_error",
+        &["--no-such-flag"],
+        &["--no-such-flag"],
+    );
+}
+
+#[test]
+fn conflicting_flags_are_a_usage_error() {
+    assert_usage_error(
+        "conflicting_flags_are_a_usage_error",
+        &["--announce-submounts", "--no-announce-submounts"],
+        &["announce-submounts"],
+    );
+}
+
+#[test]
+fn namespace_sandbox_is_refused() {
+    assert_usage_error(
+        "namespace_sandbox_is_refused",
+        &["--sandbox", "namespace"],
+        &["namespace"],
+    );
+}
+
+#[test]
+fn seccomp_kill_is_refused() {
+    assert_usage_error("seccomp_kill_is_refused", &["--seccomp", "kill"], &["kill"]);
+}
+
+#[test]
+fn print_capabilities_is_json_of_type_fs() {
+    let (binary, _) = daemon_binary();
+    let output = Command::new(binary)
+        .arg("--print-capabilities")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run --print-capabilities");
+    assert!(
+        output.status.success(),
+        "--print-capabilities failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "--print-capabilities printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    });
+    assert_eq!(json["type"], "fs", "capabilities: {json}");
+}

@@ -1,0 +1,588 @@
+//! Drives the daemon through a real vhost-user connection and real split virtqueues with the
+//! berth-frontend crate: negotiation, memory table, vrings, FUSE requests checked against the
+//! host directory, multiple request queues, malformed descriptor chains and disconnect.
+//!
+//! By default the berth binary is tested. `BERTH_TEST_DAEMON=/path/to/virtiofsd cargo test
+//! --test vhost_user_protocol` runs the same suite against virtiofsd (started with
+//! `--sandbox none --seccomp none`); tests needing more than one request queue then skip.
+
+#[path = "common/frontend_util.rs"]
+mod frontend_util;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::Duration;
+
+use berth_frontend::fuse::{opcode, OutHeader, ROOT_ID};
+use berth_frontend::virtqueue::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+use berth_frontend::{FsQueue, RawDescriptor, RawNext, Request};
+use frontend_util::*;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vm_memory::{Bytes, GuestAddress};
+
+const S_IFMT: u32 = libc::S_IFMT;
+
+fn assert_attr_matches(attr: &berth_frontend::fuse::Attr, path: &std::path::Path) {
+    let meta = fs::symlink_metadata(path).expect("stat host file");
+    assert_eq!(attr.size, meta.len(), "size of {}", path.display());
+    assert_eq!(attr.mode, meta.mode(), "mode of {}", path.display());
+    assert_eq!(
+        attr.nlink as u64,
+        meta.nlink(),
+        "nlink of {}",
+        path.display()
+    );
+    assert_eq!(attr.uid, meta.uid(), "uid of {}", path.display());
+    assert_eq!(
+        attr.mtime as i64,
+        meta.mtime(),
+        "mtime of {}",
+        path.display()
+    );
+}
+
+/// Reads a whole file through FUSE in `chunk`-sized READs.
+fn read_all(queue: &mut FsQueue, nodeid: u64, fh: u64, chunk: u32) -> Vec<u8> {
+    let mut content = Vec::new();
+    loop {
+        let data = queue
+            .read(nodeid, fh, content.len() as u64, chunk)
+            .expect("READ");
+        if data.is_empty() {
+            return content;
+        }
+        content.extend_from_slice(&data);
+    }
+}
+
+#[test]
+fn negotiation_and_init() {
+    let fixture = Fixture::new();
+    let mut daemon = fixture.start_daemon();
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    let negotiated = *device.negotiated();
+    assert_ne!(
+        negotiated.acked_features & berth_frontend::device::VIRTIO_F_VERSION_1,
+        0
+    );
+    assert!(
+        negotiated.backend_queues >= 2,
+        "a virtio-fs backend needs hiprio plus a request queue, got {}",
+        negotiated.backend_queues
+    );
+    assert!(
+        negotiated
+            .acked_protocol_features
+            .contains(VhostUserProtocolFeatures::MQ),
+        "MQ not negotiated: offered {:?}",
+        negotiated.offered_protocol_features
+    );
+    let mut queue = device.take_request_queue(1).expect("queue 1");
+    let init = queue.init_default().expect("FUSE_INIT");
+    assert_eq!(init.major, 7);
+    assert!(init.minor >= 27, "minor version {} too old", init.minor);
+    assert!(init.max_write >= 4096, "max_write {}", init.max_write);
+    daemon.assert_alive("after FUSE_INIT");
+}
+
+#[test]
+fn file_and_directory_operations_on_one_queue() {
+    let fixture = Fixture::new();
+    let mut daemon = fixture.start_daemon();
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    let shared = &fixture.shared;
+
+    // GETATTR on the root matches the shared directory itself.
+    let root = queue.getattr(ROOT_ID).expect("GETATTR root");
+    assert_attr_matches(&root.attr, shared);
+    assert_eq!(root.attr.mode & S_IFMT, libc::S_IFDIR);
+
+    // LOOKUP + GETATTR + OPEN + READ of a small file.
+    let hello = queue
+        .lookup(ROOT_ID, b"hello.txt")
+        .expect("LOOKUP hello.txt");
+    assert_ne!(hello.nodeid, 0);
+    assert_attr_matches(&hello.attr, &shared.join("hello.txt"));
+    let attr = queue.getattr(hello.nodeid).expect("GETATTR hello.txt");
+    assert_eq!(attr.attr.size, HELLO_CONTENT.len() as u64);
+    let opened = queue
+        .open(hello.nodeid, libc::O_RDONLY as u32)
+        .expect("OPEN hello.txt");
+    let content = queue
+        .read(hello.nodeid, opened.fh, 0, 4096)
+        .expect("READ hello.txt");
+    assert_eq!(content, HELLO_CONTENT);
+    let tail = queue
+        .read(hello.nodeid, opened.fh, 6, 4)
+        .expect("READ hello.txt at offset");
+    assert_eq!(tail, &HELLO_CONTENT[6..10]);
+    queue
+        .release(hello.nodeid, opened.fh, libc::O_RDONLY as u32)
+        .expect("RELEASE hello.txt");
+
+    // Mode bits come through unchanged.
+    let restricted = queue.lookup(ROOT_ID, b"mode640.txt").expect("LOOKUP");
+    assert_eq!(restricted.attr.mode & 0o7777, 0o640);
+
+    // A multi-chunk read of a file larger than one request.
+    let big = queue.lookup(ROOT_ID, b"big.bin").expect("LOOKUP big.bin");
+    assert_eq!(big.attr.size, BIG_SIZE as u64);
+    let big_fh = queue
+        .open(big.nodeid, libc::O_RDONLY as u32)
+        .expect("OPEN big.bin")
+        .fh;
+    assert!(read_all(&mut queue, big.nodeid, big_fh, 128 * 1024) == big_content());
+    queue
+        .release(big.nodeid, big_fh, libc::O_RDONLY as u32)
+        .expect("RELEASE big.bin");
+
+    // Nested lookup.
+    let sub = queue.lookup(ROOT_ID, b"sub").expect("LOOKUP sub");
+    assert_eq!(sub.attr.mode & S_IFMT, libc::S_IFDIR);
+    let inner = queue
+        .lookup(sub.nodeid, b"inner.txt")
+        .expect("LOOKUP inner");
+    assert_attr_matches(&inner.attr, &shared.join("sub/inner.txt"));
+
+    // Missing names fail with ENOENT.
+    let missing = queue.lookup(ROOT_ID, b"no-such-file").unwrap_err();
+    assert_eq!(missing.errno(), Some(libc::ENOENT), "{missing}");
+
+    // WRITE to an existing file lands on the host.
+    let rw = queue
+        .open(hello.nodeid, libc::O_RDWR as u32)
+        .expect("OPEN hello.txt rw");
+    let written = queue
+        .write(hello.nodeid, rw.fh, 0, b"HELLO")
+        .expect("WRITE hello.txt");
+    assert_eq!(written, 5);
+    queue
+        .release(hello.nodeid, rw.fh, libc::O_RDWR as u32)
+        .expect("RELEASE");
+    let mut expected = HELLO_CONTENT.to_vec();
+    expected[..5].copy_from_slice(b"HELLO");
+    assert_eq!(fs::read(shared.join("hello.txt")).unwrap(), expected);
+
+    // CREATE + WRITE + READ back a new file.
+    let (created, created_open) = queue
+        .create(ROOT_ID, b"created.txt", 0o100600, libc::O_RDWR as u32)
+        .expect("CREATE created.txt");
+    let payload: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+    let written = queue
+        .write(created.nodeid, created_open.fh, 0, &payload)
+        .expect("WRITE created.txt");
+    assert_eq!(written as usize, payload.len());
+    let back = read_all(&mut queue, created.nodeid, created_open.fh, 32 * 1024);
+    assert!(back == payload, "read-back differs from what was written");
+    queue
+        .release(created.nodeid, created_open.fh, libc::O_RDWR as u32)
+        .expect("RELEASE created.txt");
+    let host = shared.join("created.txt");
+    assert!(fs::read(&host).unwrap() == payload);
+    assert_eq!(
+        fs::metadata(&host).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // MKDIR appears on the host.
+    let made = queue.mkdir(ROOT_ID, b"made", 0o755).expect("MKDIR");
+    assert_eq!(made.attr.mode & S_IFMT, libc::S_IFDIR);
+    assert!(shared.join("made").is_dir());
+
+    // READDIRPLUS lists exactly the host entries, with matching attributes.
+    let entries = queue.list_dir_plus(ROOT_ID).expect("READDIRPLUS root");
+    let listed: BTreeSet<String> = entries
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+        .filter(|n| n != "." && n != "..")
+        .collect();
+    let on_host: BTreeSet<String> = fs::read_dir(shared)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(listed, on_host);
+    for entry in &entries {
+        let name = String::from_utf8_lossy(&entry.name).into_owned();
+        if name == "." || name == ".." || entry.entry.nodeid == 0 {
+            continue;
+        }
+        assert_attr_matches(&entry.entry.attr, &shared.join(&name));
+        // READDIRPLUS counts as a lookup; give it back.
+        queue.forget(entry.entry.nodeid, 1).expect("FORGET");
+    }
+
+    // UNLINK removes the host file; a later LOOKUP fails.
+    queue.unlink(ROOT_ID, b"created.txt").expect("UNLINK");
+    assert!(!host.exists());
+    let gone = queue.lookup(ROOT_ID, b"created.txt").unwrap_err();
+    assert_eq!(gone.errno(), Some(libc::ENOENT));
+
+    // Like a Linux guest, send FORGET on the high-priority queue.
+    let mut hiprio = device
+        .take_queue(berth_frontend::HIPRIO_QUEUE)
+        .expect("hiprio queue");
+    hiprio.forget(hello.nodeid, 2).expect("FORGET on hiprio");
+    let again = queue
+        .lookup(ROOT_ID, b"hello.txt")
+        .expect("LOOKUP after FORGET");
+    assert_eq!(again.attr.size, HELLO_CONTENT.len() as u64);
+    daemon.assert_alive("after the file operations");
+}
+
+#[test]
+fn pipelined_reads_on_one_queue() {
+    let fixture = Fixture::new();
+    let mut daemon = fixture.start_daemon();
+    // The load generator's deepest setting: 64 requests in flight on a 256-entry ring.
+    let mut config = test_config(1);
+    config.queue.size = 256;
+    config.queue.depth = 64;
+    let mut device = connect_with(&mut daemon, &fixture.socket, config);
+    let mut queue = init_first_queue(&mut device);
+    let big = queue.lookup(ROOT_ID, b"big.bin").expect("LOOKUP big.bin");
+    let fh = queue
+        .open(big.nodeid, libc::O_RDONLY as u32)
+        .expect("OPEN")
+        .fh;
+    let expected = big_content();
+    let chunk = 4096u32;
+    let reads = 400u64;
+    let depth = queue.config().depth as usize;
+    let mut offsets = std::collections::HashMap::new();
+    let mut next = 0u64;
+    let mut completed = 0u64;
+    let mut max_outstanding = 0;
+    while completed < reads {
+        while next < reads && queue.has_room() {
+            // A stride keeps offsets distinct and spread over the file.
+            let offset = (next * 7 * u64::from(chunk)) % (expected.len() as u64 - 1);
+            let read = FsQueue::read_in(fh, offset, chunk);
+            let ticket = queue
+                .submit(&Request {
+                    opcode: opcode::READ,
+                    nodeid: big.nodeid,
+                    args: &[vm_memory::ByteValued::as_slice(&read)],
+                    payload: &[],
+                    reply_capacity: Some(chunk),
+                })
+                .expect("submit READ");
+            offsets.insert(ticket.unique, offset as usize);
+            next += 1;
+        }
+        max_outstanding = max_outstanding.max(queue.outstanding());
+        queue.notify().expect("kick");
+        let done = queue
+            .next_completion()
+            .expect("completion")
+            .check()
+            .expect("READ");
+        let offset = offsets.remove(&done.unique).expect("known unique");
+        let end = (offset + chunk as usize).min(expected.len());
+        assert!(done.body == expected[offset..end], "READ at {offset}");
+        completed += 1;
+    }
+    assert_eq!(max_outstanding, depth, "the queue should have been filled");
+    assert!(offsets.is_empty());
+    daemon.assert_alive("after pipelined reads");
+}
+
+#[test]
+fn four_request_queues_all_answer() {
+    let fixture = Fixture::new();
+    let mut daemon = fixture.start_daemon();
+    let mut device = match berth_frontend::VhostUserFs::connect(
+        &fixture.socket,
+        test_config(4),
+        STARTUP_TIMEOUT,
+    ) {
+        Ok(device) => device,
+        Err(berth_frontend::Error::NotEnoughQueues { offered, .. }) if !testing_berth() => {
+            skip(
+                "four_request_queues_all_answer",
+                &format!("the daemon under test offers {offered} queues, 5 are needed"),
+            );
+            return;
+        }
+        Err(err) => panic!("4-queue setup failed: {err}\n{}", daemon.stderr()),
+    };
+    assert!(device.negotiated().backend_queues >= 5);
+    let mut first = init_first_queue(&mut device);
+    let hello = first.lookup(ROOT_ID, b"hello.txt").expect("LOOKUP");
+    let fh = first
+        .open(hello.nodeid, libc::O_RDONLY as u32)
+        .expect("OPEN")
+        .fh;
+    let mut queues = vec![first];
+    queues.extend(device.take_request_queues());
+    assert_eq!(queues.len(), 4);
+
+    // One thread per queue, each with several requests in flight.
+    let workers: Vec<_> = queues
+        .into_iter()
+        .map(|mut queue| {
+            std::thread::spawn(move || {
+                let index = queue.index();
+                let mut tickets = Vec::new();
+                for i in 0..8u64 {
+                    let read = FsQueue::read_in(fh, i, 8);
+                    let ticket = queue
+                        .submit(&Request {
+                            opcode: opcode::READ,
+                            nodeid: hello.nodeid,
+                            args: &[vm_memory::ByteValued::as_slice(&read)],
+                            payload: &[],
+                            reply_capacity: Some(8),
+                        })
+                        .expect("submit READ");
+                    tickets.push((ticket, i as usize));
+                }
+                queue.notify().expect("kick");
+                for (ticket, offset) in tickets {
+                    let done = queue
+                        .wait_for(ticket)
+                        .expect("reply")
+                        .check()
+                        .expect("READ");
+                    let end = (offset + 8).min(HELLO_CONTENT.len());
+                    assert_eq!(done.body, &HELLO_CONTENT[offset..end], "queue {index}");
+                }
+                let attr = queue.getattr(hello.nodeid).expect("GETATTR");
+                assert_eq!(attr.attr.size, HELLO_CONTENT.len() as u64);
+                index
+            })
+        })
+        .collect();
+    let mut answered: Vec<u16> = workers
+        .into_iter()
+        .map(|w| w.join().expect("worker panicked"))
+        .collect();
+    answered.sort();
+    assert_eq!(answered, vec![1, 2, 3, 4]);
+    daemon.assert_alive("after using four queues");
+}
+
+/// Sends a hand-crafted chain, then checks the daemon either returned it with an error reply
+/// or dropped it, stayed alive, and still answers a valid request on the same queue.
+fn malformed_chain_is_survived(
+    name: &str,
+    build: impl FnOnce(&mut FsQueue, &Fixture) -> (Vec<RawDescriptor>, Option<GuestAddress>),
+) {
+    let fixture = Fixture::new();
+    let mut daemon = fixture.start_daemon();
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    let (chain, reply_header) = build(&mut queue, &fixture);
+    let head = queue.submit_raw(&chain).expect("publish raw chain");
+    let returned = queue
+        .wait_raw(head, Duration::from_millis(500))
+        .expect("used ring");
+    if let (Some(used), Some(reply_addr)) = (returned, reply_header) {
+        if used.len > 0 {
+            assert!(
+                used.len as usize >= std::mem::size_of::<OutHeader>(),
+                "{name}: daemon wrote a {}-byte partial reply",
+                used.len
+            );
+            let header: OutHeader = queue.ram().memory().read_obj(reply_addr).unwrap();
+            assert!(
+                header.error < 0,
+                "{name}: daemon answered success: {header:?}"
+            );
+        }
+    }
+    eprintln!(
+        "{name}: daemon {}",
+        match returned {
+            Some(used) => format!("returned the chain with {} bytes written", used.len),
+            None => "dropped the chain".into(),
+        }
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    daemon.assert_alive(&format!("after {name}"));
+    let root = queue
+        .getattr(ROOT_ID)
+        .unwrap_or_else(|e| panic!("{name}: valid GETATTR afterwards failed: {e}"));
+    assert_eq!(root.attr.mode & S_IFMT, libc::S_IFDIR);
+    daemon.assert_alive(&format!("after a valid request following {name}"));
+}
+
+/// A GETATTR request in a fresh buffer; returns (address, length).
+fn getattr_request(queue: &mut FsQueue) -> (GuestAddress, u32) {
+    let addr = queue.allocate_raw_buffer(4096).unwrap();
+    let getattr = berth_frontend::fuse::GetattrIn::default();
+    let (_, len) = queue
+        .write_request_bytes(
+            addr,
+            opcode::GETATTR,
+            ROOT_ID,
+            &[vm_memory::ByteValued::as_slice(&getattr)],
+        )
+        .unwrap();
+    (addr, len)
+}
+
+fn readable(addr: GuestAddress, len: u32, next: bool) -> RawDescriptor {
+    RawDescriptor {
+        addr: addr.0,
+        len,
+        flags: if next { VIRTQ_DESC_F_NEXT } else { 0 },
+        next: RawNext::Following,
+    }
+}
+
+fn writable(addr: GuestAddress, len: u32) -> RawDescriptor {
+    RawDescriptor {
+        addr: addr.0,
+        len,
+        flags: VIRTQ_DESC_F_WRITE,
+        next: RawNext::Following,
+    }
+}
+
+#[test]
+fn malformed_request_shorter_than_header() {
+    malformed_chain_is_survived("header too short", |queue, _| {
+        let (request, _) = getattr_request(queue);
+        let reply = queue.allocate_raw_buffer(4096).unwrap();
+        (
+            vec![readable(request, 10, true), writable(reply, 4096)],
+            Some(reply),
+        )
+    });
+}
+
+#[test]
+fn malformed_reply_buffer_device_readable() {
+    malformed_chain_is_survived("reply buffer in the wrong direction", |queue, _| {
+        let (request, len) = getattr_request(queue);
+        let reply = queue.allocate_raw_buffer(4096).unwrap();
+        (
+            vec![readable(request, len, true), readable(reply, 4096, false)],
+            None,
+        )
+    });
+}
+
+#[test]
+fn malformed_descriptor_outside_guest_memory() {
+    malformed_chain_is_survived("descriptor outside guest memory", |queue, _| {
+        let (request, len) = getattr_request(queue);
+        let beyond = queue.ram().end().0 + 0x10_0000;
+        (
+            vec![
+                readable(request, len, true),
+                RawDescriptor {
+                    addr: beyond,
+                    len: 4096,
+                    flags: VIRTQ_DESC_F_WRITE,
+                    next: RawNext::Following,
+                },
+            ],
+            None,
+        )
+    });
+}
+
+#[test]
+fn malformed_request_header_outside_guest_memory() {
+    malformed_chain_is_survived("request header outside guest memory", |queue, _| {
+        let beyond = queue.ram().end().0 - 8;
+        let reply = queue.allocate_raw_buffer(4096).unwrap();
+        (
+            vec![
+                RawDescriptor {
+                    addr: beyond,
+                    len: 4096,
+                    flags: VIRTQ_DESC_F_NEXT,
+                    next: RawNext::Following,
+                },
+                writable(reply, 4096),
+            ],
+            Some(reply),
+        )
+    });
+}
+
+#[test]
+fn malformed_next_index_out_of_range() {
+    malformed_chain_is_survived("next index out of range", |queue, _| {
+        let (request, len) = getattr_request(queue);
+        let size = queue.virtqueue().size();
+        (
+            vec![RawDescriptor {
+                addr: request.0,
+                len,
+                flags: VIRTQ_DESC_F_NEXT,
+                next: RawNext::Index(size + 5),
+            }],
+            None,
+        )
+    });
+}
+
+#[test]
+fn malformed_looping_chain() {
+    malformed_chain_is_survived("looping chain", |queue, _| {
+        let (request, len) = getattr_request(queue);
+        let reply = queue.allocate_raw_buffer(4096).unwrap();
+        (
+            vec![
+                readable(request, len, true),
+                RawDescriptor {
+                    addr: reply.0,
+                    len: 4096,
+                    flags: VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT,
+                    next: RawNext::ChainPosition(0),
+                },
+            ],
+            Some(reply),
+        )
+    });
+}
+
+#[test]
+fn malformed_avail_head_out_of_range() {
+    let fixture = Fixture::new();
+    let mut daemon = fixture.start_daemon();
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    let size = queue.virtqueue().size();
+    queue
+        .virtqueue()
+        .add_raw_avail_entry(size + 3)
+        .expect("publish bogus head");
+    queue.notify().expect("kick");
+    std::thread::sleep(Duration::from_millis(200));
+    daemon.assert_alive("after an out-of-range avail head");
+    // The device must not return the bogus head; a valid request still gets its answer.
+    let root = queue
+        .getattr(ROOT_ID)
+        .unwrap_or_else(|e| panic!("valid GETATTR after a bogus head failed: {e}"));
+    assert_eq!(root.attr.mode & S_IFMT, libc::S_IFDIR);
+    daemon.assert_alive("after a valid request following an out-of-range head");
+}
+
+#[test]
+fn disconnect_makes_daemon_exit_zero() {
+    let fixture = Fixture::new();
+    let mut daemon = fixture.start_daemon();
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    queue.getattr(ROOT_ID).expect("GETATTR");
+    drop(queue);
+    device.disconnect();
+    let status = daemon.wait_exit(Duration::from_secs(5)).unwrap_or_else(|| {
+        panic!(
+            "daemon still running 5 s after disconnect\n{}",
+            daemon.stderr()
+        )
+    });
+    assert!(
+        status.success(),
+        "daemon exited with {} after disconnect\n--- daemon stderr ---\n{}",
+        describe_status(status),
+        daemon.stderr()
+    );
+}
