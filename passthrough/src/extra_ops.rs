@@ -123,6 +123,7 @@ impl FsServer {
             }),
             _ => Err(io::Error::from_raw_os_error(libc::ENOSYS)),
         };
+        tracing::trace!(opcode = header.opcode, unique = header.unique, result = ?result.as_ref().map(|b| b.len()), "served a request the library server does not know");
         let (error, body) = match result {
             Ok(body) => (0, body),
             Err(e) => (-e.raw_os_error().unwrap_or(libc::EIO), Vec::new()),
@@ -132,9 +133,20 @@ impl FsServer {
             error,
             unique: header.unique,
         };
-        w.write_all(out.as_slice())
-            .and_then(|()| w.write_all(&body))
-            .and_then(|()| w.commit(None))
+        // One write: on /dev/fuse each write is a whole reply, so header and body must go
+        // together.
+        let mut reply = Vec::with_capacity(out.len as usize);
+        reply.extend_from_slice(out.as_slice());
+        reply.extend_from_slice(&body);
+        let written = w
+            .write(&reply)
+            .map_err(fuse_backend_rs::Error::EncodeMessage)?;
+        if written != reply.len() {
+            return Err(fuse_backend_rs::Error::EncodeMessage(
+                io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        w.commit(None)
             .map_err(fuse_backend_rs::Error::EncodeMessage)?;
         Ok(out.len as usize)
     }

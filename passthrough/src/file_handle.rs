@@ -88,14 +88,21 @@ pub struct MountFds {
 }
 
 impl MountFds {
-    /// Remembers `fd` as the way into mount `mnt_id` unless one is known already.
-    pub fn insert_if_absent(&self, mnt_id: u64, fd: &OwnedFd) -> io::Result<()> {
+    /// Makes sure mount `mnt_id` has a descriptor, opening one with `open` if not.
+    ///
+    /// `open_by_handle_at` refuses `O_PATH` descriptors as its mount argument, so `open`
+    /// must produce a real open file (a directory, to avoid side effects of opening devices).
+    pub fn ensure(
+        &self,
+        mnt_id: u64,
+        open: impl FnOnce() -> io::Result<OwnedFd>,
+    ) -> io::Result<()> {
         if self.get(mnt_id).is_ok() {
             return Ok(());
         }
-        let dup = fd.try_clone()?;
+        let fd = open()?;
         let mut fds = self.fds.write().map_err(|_| errno(libc::EIO))?;
-        fds.entry(mnt_id).or_insert_with(|| Arc::new(dup));
+        fds.entry(mnt_id).or_insert_with(|| Arc::new(fd));
         Ok(())
     }
 

@@ -68,6 +68,8 @@ pub struct PassthroughFs {
     handles: RwLock<HashMap<u64, Arc<HandleData>>>,
     next_handle: AtomicU64,
     mount_fds: MountFds,
+    /// Per (inode, lock owner) descriptions carrying POSIX locks; see `owner_lock_file`.
+    lock_files: Mutex<HashMap<(u64, u64), Arc<File>>>,
     proc_self_fd: OwnedFd,
     file_handles: InodeFileHandles,
     entry_timeout: Duration,
@@ -118,8 +120,13 @@ impl PassthroughFs {
         let mount_fds = MountFds::default();
         let file_handles = match cfg.inode_file_handles {
             InodeFileHandles::Never => InodeFileHandles::Never,
-            mode => match probe_file_handles(&root_fd) {
-                Ok(()) => mode,
+            mode => match probe_file_handles(&root_fd, &proc_self_fd) {
+                Ok(mount_fd) => {
+                    mount_fds
+                        .ensure(root_stat.mnt_id, || Ok(mount_fd))
+                        .map_err(Error::StatSharedDir)?;
+                    mode
+                }
                 Err(e) if mode == InodeFileHandles::Mandatory => {
                     return Err(Error::FileHandlesUnsupported(e))
                 }
@@ -142,6 +149,7 @@ impl PassthroughFs {
             handles: RwLock::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             mount_fds,
+            lock_files: Mutex::new(HashMap::new()),
             proc_self_fd,
             file_handles,
             writeback: AtomicBool::new(false),
@@ -272,11 +280,11 @@ impl PassthroughFs {
         }
         let parent_fd = self.inode_fd(&parent_data)?;
         let fd = openat(parent_fd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
-        self.insert_looked_up(fd, parent_data.key.mnt_id)
+        self.insert_looked_up(fd, &parent_data)
     }
 
     /// Registers the inode `fd` (an `O_PATH` descriptor) refers to, taking one reference.
-    fn insert_looked_up(&self, fd: OwnedFd, parent_mnt_id: u64) -> io::Result<Entry> {
+    fn insert_looked_up(&self, fd: OwnedFd, parent: &InodeData) -> io::Result<Entry> {
         let sx = statx(fd.as_fd(), EMPTY_CSTR)?;
         let key = InodeKey {
             ino: sx.st.st_ino,
@@ -288,17 +296,46 @@ impl PassthroughFs {
             let file = match self.file_handles {
                 InodeFileHandles::Never => InodeFile::Fd(fd),
                 mode => match FileHandle::from_fd(fd.as_fd()) {
-                    Ok(handle) => {
-                        self.mount_fds.insert_if_absent(handle.mnt_id, &fd)?;
-                        InodeFile::Handle(handle)
-                    }
+                    Ok(handle) => match self.ensure_mount_fd(handle.mnt_id, &fd, file_type, parent)
+                    {
+                        Ok(()) => InodeFile::Handle(handle),
+                        Err(e) if mode == InodeFileHandles::Mandatory => return Err(e),
+                        Err(_) => InodeFile::Fd(fd),
+                    },
                     Err(e) if mode == InodeFileHandles::Mandatory => return Err(e),
                     Err(_) => InodeFile::Fd(fd),
                 },
             };
             Ok(InodeData::new(key, file, file_type))
         })?;
-        Ok(self.entry_for(&data, sx.st, parent_mnt_id))
+        Ok(self.entry_for(&data, sx.st, parent.key.mnt_id))
+    }
+
+    /// Finds a descriptor on mount `mnt_id` for reopening handles: the inode itself when it
+    /// is a directory, else its parent when that is on the same mount.
+    fn ensure_mount_fd(
+        &self,
+        mnt_id: u64,
+        fd: &OwnedFd,
+        file_type: u32,
+        parent: &InodeData,
+    ) -> io::Result<()> {
+        self.mount_fds.ensure(mnt_id, || {
+            let dir_flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NONBLOCK;
+            if file_type == libc::S_IFDIR {
+                openat(
+                    self.proc_self_fd.as_fd(),
+                    &fd_name(fd.as_raw_fd()),
+                    dir_flags,
+                    0,
+                )
+            } else if parent.key.mnt_id == mnt_id {
+                Ok(self.open_inode(parent, dir_flags)?.into())
+            } else {
+                // A file bind-mounted on its own: no directory of that mount to hold.
+                Err(errno(libc::EOPNOTSUPP))
+            }
+        })
     }
 
     fn sanitize_open_flags(&self, flags: u32) -> libc::c_int {
@@ -440,8 +477,50 @@ impl PassthroughFs {
         }
     }
 
-    fn lock_fd(&self, inode: u64, handle: u64) -> io::Result<Arc<HandleData>> {
-        self.handle(inode, handle)
+    /// The descriptor that carries `owner`'s POSIX locks on `inode`.
+    ///
+    /// POSIX locks belong to a process (the FUSE lock owner) and go away when it closes any
+    /// descriptor of the file; OFD locks belong to an open file description. One description
+    /// per (inode, owner), closed on that owner's FLUSH, gives POSIX semantics on the host.
+    fn owner_lock_file(&self, inode: u64, handle: u64, owner: u64) -> io::Result<Arc<File>> {
+        let data = self.handle(inode, handle)?;
+        let mut locks = self.lock_files.lock().map_err(|_| errno(libc::EIO))?;
+        if let Some(file) = locks.get(&(inode, owner)) {
+            return Ok(file.clone());
+        }
+        let name = fd_name(data.file.as_raw_fd());
+        // Write locks need a writable description, read locks a readable one.
+        let fd = openat(
+            self.proc_self_fd.as_fd(),
+            &name,
+            libc::O_RDWR | libc::O_NONBLOCK,
+            0,
+        )
+        .or_else(|_| {
+            // SAFETY: F_GETFL only reads the descriptor's flags.
+            let flags = unsafe { libc::fcntl(data.file.as_raw_fd(), libc::F_GETFL) };
+            let access = if flags < 0 {
+                libc::O_RDONLY
+            } else {
+                flags & libc::O_ACCMODE
+            };
+            openat(
+                self.proc_self_fd.as_fd(),
+                &name,
+                access | libc::O_NONBLOCK,
+                0,
+            )
+        })?;
+        let file = Arc::new(File::from(fd));
+        locks.insert((inode, owner), file.clone());
+        Ok(file)
+    }
+
+    /// Drops every POSIX lock `owner` holds on `inode` (close(2) semantics).
+    fn release_owner_locks(&self, inode: u64, owner: u64) {
+        if let Ok(mut locks) = self.lock_files.lock() {
+            locks.remove(&(inode, owner));
+        }
     }
 
     /// Answers COPY_FILE_RANGE.
@@ -544,17 +623,16 @@ impl PassthroughFs {
         &self,
         inode: u64,
         handle: u64,
-        _owner: u64,
+        owner: u64,
         lock: FileLock,
         flags: u32,
         wait: bool,
     ) -> io::Result<()> {
-        let data = self.lock_fd(inode, handle)?;
-        let fd = data.file.as_raw_fd();
         if flags & FUSE_LK_FLOCK != 0 {
             if !self.cfg.flock {
                 return Err(errno(libc::ENOSYS));
             }
+            let data = self.handle(inode, handle)?;
             let mut op = match lock.lock_type as libc::c_int {
                 libc::F_RDLCK => libc::LOCK_SH,
                 libc::F_WRLCK => libc::LOCK_EX,
@@ -565,7 +643,7 @@ impl PassthroughFs {
                 op |= libc::LOCK_NB;
             }
             // SAFETY: flock on an open descriptor; the result is checked.
-            check_ret(unsafe { libc::flock(fd, op) })?;
+            check_ret(unsafe { libc::flock(data.file.as_raw_fd(), op) })?;
             return Ok(());
         }
         if !self.cfg.posix_lock {
@@ -578,7 +656,8 @@ impl PassthroughFs {
             libc::F_OFD_SETLK
         };
         // SAFETY: fcntl with a valid flock struct; the result is checked.
-        check_ret(unsafe { libc::fcntl(fd, cmd, &mut fl) })?;
+        let file = self.owner_lock_file(inode, handle, owner)?;
+        check_ret(unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) })?;
         Ok(())
     }
 }
@@ -672,10 +751,42 @@ fn to_flock(lock: &FileLock) -> io::Result<libc::flock> {
     Ok(fl)
 }
 
-fn probe_file_handles(root_fd: &OwnedFd) -> io::Result<()> {
+fn probe_file_handles(root_fd: &OwnedFd, proc_self_fd: &OwnedFd) -> io::Result<OwnedFd> {
     let handle = FileHandle::from_fd(root_fd.as_fd())?;
+    let mount_fd = openat(
+        proc_self_fd.as_fd(),
+        &fd_name(root_fd.as_raw_fd()),
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        0,
+    )?;
     // Opening needs CAP_DAC_READ_SEARCH: check we can, not just that we can encode.
-    handle.open(root_fd.as_fd(), libc::O_PATH).map(drop)
+    handle.open(mount_fd.as_fd(), libc::O_PATH)?;
+    Ok(mount_fd)
+}
+
+/// Runs `io`; if it fails with EINVAL on an `O_DIRECT` descriptor (the request buffer is not
+/// aligned, as with /dev/fuse payloads), runs it once more with `O_DIRECT` cleared for the call.
+fn retry_without_direct_io(
+    file: &File,
+    mut io: impl FnMut() -> io::Result<usize>,
+) -> io::Result<usize> {
+    match io() {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let fd = file.as_raw_fd();
+            // SAFETY: F_GETFL only reads the descriptor's flags.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+            if flags < 0 || flags & libc::O_DIRECT == 0 {
+                return Err(e);
+            }
+            // SAFETY: F_SETFL on our own descriptor; result checked.
+            check_ret(unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) })?;
+            let result = io();
+            // SAFETY: restores the flags read above.
+            unsafe { libc::fcntl(fd, libc::F_SETFL, flags) };
+            result
+        }
+        other => other,
+    }
 }
 
 /// Borrows a handle's file as the `&mut File` the zero-copy traits want.
@@ -899,25 +1010,14 @@ impl FileSystem for PassthroughFs {
             let ret = match &open_handle {
                 // SAFETY: futimens with a two-element array; result checked.
                 Some(h) => unsafe { libc::futimens(h.file.as_raw_fd(), times.as_ptr()) },
-                None if data.file_type == libc::S_IFLNK => {
-                    // SAFETY: utimensat with AT_EMPTY_PATH is not allowed; use the parent-free
-                    // form on the symlink itself through /proc without following it.
-                    unsafe {
-                        libc::utimensat(
-                            self.proc_self_fd.as_raw_fd(),
-                            proc_name.as_ptr(),
-                            times.as_ptr(),
-                            libc::AT_SYMLINK_NOFOLLOW,
-                        )
-                    }
-                }
-                // SAFETY: utimensat through /proc on our descriptor; result checked.
+                // SAFETY: utimensat with AT_EMPTY_PATH acts on the descriptor itself (a symlink
+                // stays unfollowed); result checked.
                 None => unsafe {
                     libc::utimensat(
-                        self.proc_self_fd.as_raw_fd(),
-                        proc_name.as_ptr(),
+                        path_fd.as_fd().as_raw_fd(),
+                        EMPTY_CSTR.as_ptr(),
                         times.as_ptr(),
-                        0,
+                        libc::AT_EMPTY_PATH,
                     )
                 },
             };
@@ -1169,7 +1269,7 @@ impl FileSystem for PassthroughFs {
             libc::O_PATH,
             0,
         )?;
-        let entry = self.insert_looked_up(path_fd, parent_data.key.mnt_id)?;
+        let entry = self.insert_looked_up(path_fd, &parent_data)?;
         let fh = match self.insert_handle(entry.inode, File::from(fd)) {
             Ok(fh) => fh,
             Err(e) => {
@@ -1193,7 +1293,9 @@ impl FileSystem for PassthroughFs {
     ) -> io::Result<usize> {
         let data = self.handle(inode, handle)?;
         let mut file = file_ref(&data.file);
-        w.write_from(&mut *file, size as usize, offset)
+        retry_without_direct_io(&data.file, || {
+            w.write_from(&mut *file, size as usize, offset)
+        })
     }
 
     fn write(
@@ -1220,12 +1322,15 @@ impl FileSystem for PassthroughFs {
             }
         }
         let mut file = file_ref(&data.file);
-        r.read_to(&mut *file, size as usize, offset)
+        retry_without_direct_io(&data.file, || r.read_to(&mut *file, size as usize, offset))
     }
 
-    fn flush(&self, _ctx: &Context, inode: u64, handle: u64, _lock_owner: u64) -> io::Result<()> {
-        // Data is written through; just confirm the handle is real.
-        self.handle(inode, handle).map(drop)
+    fn flush(&self, _ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
+        // Data is written through. A close drops the closer's POSIX locks, and the client
+        // sends FLUSH (not RELEASE) synchronously with close(2): drop that owner's locks now.
+        self.handle(inode, handle)?;
+        self.release_owner_locks(inode, lock_owner);
+        Ok(())
     }
 
     fn fsync(&self, _ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
@@ -1273,9 +1378,12 @@ impl FileSystem for PassthroughFs {
         handle: u64,
         _flush: bool,
         _flock_release: bool,
-        _lock_owner: Option<u64>,
+        lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        // Closing the descriptor drops its flock and OFD locks too.
+        if let Some(owner) = lock_owner {
+            self.release_owner_locks(inode, owner);
+        }
+        // Closing the descriptor drops its flock locks too.
         self.remove_handle(inode, handle)
     }
 
@@ -1520,17 +1628,17 @@ impl FileSystem for PassthroughFs {
         _ctx: &Context,
         inode: u64,
         handle: u64,
-        _owner: u64,
+        owner: u64,
         lock: FileLock,
         flags: u32,
     ) -> io::Result<FileLock> {
         if !self.cfg.posix_lock || flags & FUSE_LK_FLOCK != 0 {
             return Err(errno(libc::ENOSYS));
         }
-        let data = self.lock_fd(inode, handle)?;
+        let file = self.owner_lock_file(inode, handle, owner)?;
         let mut fl = to_flock(&lock)?;
         // SAFETY: fcntl with a valid flock struct; result checked.
-        check_ret(unsafe { libc::fcntl(data.file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) })?;
+        check_ret(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) })?;
         let start = fl.l_start.max(0) as u64;
         Ok(FileLock {
             start,
