@@ -10,11 +10,14 @@ use std::process::Command;
 use fuse_mount::*;
 
 fn stop_with(signal: libc::c_int) {
-    let Some(mut fs) = FuseMount::start(&[]) else { return };
+    let Some(mut fs) = FuseMount::start(&[]) else {
+        return;
+    };
     put(&fs.via("written-before-stop"), b"persisted");
     fs.signal(signal);
     let status = fs.wait_exit(DAEMON_TIMEOUT);
-    let status = status.unwrap_or_else(|| panic!("no exit within {DAEMON_TIMEOUT:?} of signal {signal}"));
+    let status =
+        status.unwrap_or_else(|| panic!("no exit within {DAEMON_TIMEOUT:?} of signal {signal}"));
     assert!(
         status.success(),
         "after signal {signal} the daemon exited with {status}, expected 0; output:\n{}",
@@ -36,7 +39,9 @@ fn sigint_unmounts_and_exits_zero() {
 
 #[test]
 fn sigterm_while_a_file_is_open_still_exits_zero() {
-    let Some(mut fs) = FuseMount::start(&[]) else { return };
+    let Some(mut fs) = FuseMount::start(&[]) else {
+        return;
+    };
     put(&fs.under("f"), b"x");
     // The kernel cannot unmount a busy mount; the daemon must still shut down (lazily).
     let fd = open(&fs.via("f"), libc::O_RDONLY, 0).unwrap();
@@ -44,16 +49,29 @@ fn sigterm_while_a_file_is_open_still_exits_zero() {
     let status = fs.wait_exit(DAEMON_TIMEOUT);
     drop(fd);
     let status = status.expect("the daemon did not exit with a file open on the mount");
-    assert!(status.success(), "exit status {status}; output:\n{}", fs.log());
+    assert!(
+        status.success(),
+        "exit status {status}; output:\n{}",
+        fs.log()
+    );
     assert!(!fs.is_mounted(), "still mounted after the daemon exited");
 }
 
 #[test]
 fn external_umount_makes_the_daemon_exit_zero() {
-    let Some(mut fs) = FuseMount::start(&[]) else { return };
+    let Some(mut fs) = FuseMount::start(&[]) else {
+        return;
+    };
     assert!(fs.is_mounted());
-    let out = Command::new("umount").arg(fs.mnt()).output().expect("run umount");
-    assert!(out.status.success(), "umount failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("umount")
+        .arg(fs.mnt())
+        .output()
+        .expect("run umount");
+    assert!(
+        out.status.success(),
+        "umount failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status = fs
         .wait_exit(DAEMON_TIMEOUT)
         .unwrap_or_else(|| panic!("the daemon did not exit within {DAEMON_TIMEOUT:?} of umount"));
@@ -66,7 +84,9 @@ fn external_umount_makes_the_daemon_exit_zero() {
 
 #[test]
 fn mounts_as_a_fuse_filesystem_showing_the_shared_dir() {
-    let Some(fs) = FuseMount::start(&[]) else { return };
+    let Some(fs) = FuseMount::start(&[]) else {
+        return;
+    };
     put(&fs.under("visible"), b"yes");
     assert_eq!(read_all(&fs.via("visible")), b"yes");
     assert_same_attrs("mount root", fs.mnt(), fs.shared());

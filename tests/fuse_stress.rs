@@ -17,28 +17,48 @@ use sha2::{Digest, Sha256};
 
 use fuse_mount::*;
 
+/// The big tests take tens of seconds in a release build; a debug build is far slower.
+const STRESS_LIMIT: Duration = Duration::from_secs(300);
+
 fn many_name(i: usize) -> String {
     // Lengths from 6 to 205 bytes, so readdir replies break at ever-different places.
     format!("{i:05}{}", "n".repeat(i % 200))
 }
 
 fn ten_thousand_files(flags: &[&str]) {
-    let Some(fs) = FuseMount::start(flags) else { return };
+    let Some(fs) = FuseMount::start_with_limit(flags, STRESS_LIMIT) else {
+        return;
+    };
     fs::create_dir(fs.via("big")).unwrap();
     let mut expected = Vec::with_capacity(10_000);
     for i in 0..10_000 {
         let name = many_name(i);
         // Half created through the mount, half underneath.
-        let path = if i % 2 == 0 { fs.via("big") } else { fs.under("big") }.join(&name);
+        let path = if i % 2 == 0 {
+            fs.via("big")
+        } else {
+            fs.under("big")
+        }
+        .join(&name);
         fs::write(&path, b"").unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
         expected.push(name.into_bytes());
     }
     expected.sort();
     let listed = list_names(&fs.via("big"));
-    assert_eq!(listed.len(), 10_000, "number of entries listed through the mount");
-    assert!(listed == expected, "names listed through the mount differ from those created");
+    assert_eq!(
+        listed.len(),
+        10_000,
+        "number of entries listed through the mount"
+    );
+    assert!(
+        listed == expected,
+        "names listed through the mount differ from those created"
+    );
     let typed = read_dir_types(&fs.via("big")).unwrap();
-    assert!(typed.iter().all(|(_, t)| *t == libc::DT_REG), "every entry is DT_REG");
+    assert!(
+        typed.iter().all(|(_, t)| *t == libc::DT_REG),
+        "every entry is DT_REG"
+    );
     fs.finish();
 }
 
@@ -67,7 +87,9 @@ fn sha256_of_reader(mut r: impl Read) -> [u8; 32] {
 
 #[test]
 fn one_gib_file_round_trips_with_the_same_checksum() {
-    let Some(fs) = FuseMount::start(&[]) else { return };
+    let Some(fs) = FuseMount::start_with_limit(&[], STRESS_LIMIT) else {
+        return;
+    };
     const CHUNK: usize = 1 << 20;
     const CHUNKS: usize = 1024;
     let started = Instant::now();
@@ -85,7 +107,10 @@ fn one_gib_file_round_trips_with_the_same_checksum() {
     fd.close().expect("close");
     let written: [u8; 32] = hasher.finalize().into();
     let write_time = started.elapsed();
-    assert_eq!(lstat(&fs.under("big.bin")).unwrap().st_size, (CHUNK * CHUNKS) as i64);
+    assert_eq!(
+        lstat(&fs.under("big.bin")).unwrap().st_size,
+        (CHUNK * CHUNKS) as i64
+    );
     assert_same_attrs("1 GiB file", &fs.via("big.bin"), &fs.under("big.bin"));
     let via = sha256_of_reader(fs::File::open(fs.via("big.bin")).unwrap());
     let under = sha256_of_reader(fs::File::open(fs.under("big.bin")).unwrap());
@@ -93,14 +118,22 @@ fn one_gib_file_round_trips_with_the_same_checksum() {
         "1 GiB: written in {write_time:?}, verified in {:?} total",
         started.elapsed()
     );
-    assert!(under == written, "underlying file's sha256 differs from the data written");
-    assert!(via == written, "sha256 read back through the mount differs from the data written");
+    assert!(
+        under == written,
+        "underlying file's sha256 differs from the data written"
+    );
+    assert!(
+        via == written,
+        "sha256 read back through the mount differs from the data written"
+    );
     fs.finish();
 }
 
 #[test]
 fn concurrent_writers_to_disjoint_regions() {
-    let Some(fs) = FuseMount::start(&[]) else { return };
+    let Some(fs) = FuseMount::start_with_limit(&[], STRESS_LIMIT) else {
+        return;
+    };
     const THREADS: usize = 8;
     const REGION: usize = 512 * 1024 + 3;
     let shared_fd = Arc::new(open(&fs.via("c.bin"), libc::O_CREAT | libc::O_RDWR, 0o644).unwrap());
@@ -116,8 +149,10 @@ fn concurrent_writers_to_disjoint_regions() {
                 let data = pattern(100 + t as u64, REGION);
                 let base = t * REGION;
                 // Odd-sized chunks in a scrambled order.
-                let chunks: Vec<(usize, usize)> =
-                    (0..REGION).step_by(4099).map(|o| (o, (o + 4099).min(REGION))).collect();
+                let chunks: Vec<(usize, usize)> = (0..REGION)
+                    .step_by(4099)
+                    .map(|o| (o, (o + 4099).min(REGION)))
+                    .collect();
                 for k in 0..chunks.len() {
                     let (a, b) = chunks[(k * 7) % chunks.len()];
                     fd.pwrite_all(&data[a..b], (base + a) as i64).unwrap();
@@ -135,9 +170,19 @@ fn concurrent_writers_to_disjoint_regions() {
     fd.close().unwrap();
     // The chunk order is a permutation only if 7 is coprime with the chunk count.
     let chunk_count = REGION.div_ceil(4099);
-    assert_ne!(chunk_count % 7, 0, "test setup: chunk order must be a permutation");
-    assert!(read_all(&fs.under("c.bin")) == expected, "underlying content after concurrent writes");
-    assert!(read_all(&fs.via("c.bin")) == expected, "content through the mount");
+    assert_ne!(
+        chunk_count % 7,
+        0,
+        "test setup: chunk order must be a permutation"
+    );
+    assert!(
+        read_all(&fs.under("c.bin")) == expected,
+        "underlying content after concurrent writes"
+    );
+    assert!(
+        read_all(&fs.via("c.bin")) == expected,
+        "content through the mount"
+    );
     fs.finish();
 }
 
@@ -171,8 +216,10 @@ fn stat_all(fs: &FuseMount, dirs: usize, per_dir: usize) -> usize {
 
 #[test]
 fn daemon_fds_stay_bounded_over_100k_lookups_with_file_handles() {
-    let Some(fs) = FuseMount::start(&["--inode-file-handles", "mandatory", "--cache", "never"])
-    else {
+    let Some(fs) = FuseMount::start_with_limit(
+        &["--inode-file-handles", "mandatory", "--cache", "never"],
+        STRESS_LIMIT,
+    ) else {
         return;
     };
     let started = Instant::now();
@@ -192,8 +239,10 @@ fn daemon_fds_stay_bounded_over_100k_lookups_with_file_handles() {
 
 #[test]
 fn never_file_handles_pin_one_fd_per_inode_until_forget() {
-    let Some(fs) = FuseMount::start(&["--inode-file-handles", "never", "--cache", "never"])
-    else {
+    let Some(fs) = FuseMount::start_with_limit(
+        &["--inode-file-handles", "never", "--cache", "never"],
+        STRESS_LIMIT,
+    ) else {
         return;
     };
     const DIRS: usize = 3;

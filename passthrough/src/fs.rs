@@ -35,6 +35,7 @@ use crate::util::{
 const FUSE_ATTR_SUBMOUNT: u32 = 1;
 const FUSE_LK_FLOCK: u32 = 1;
 const FUSE_WRITE_KILL_PRIV: u32 = 4;
+const FUSE_OPEN_KILL_SUIDGID: u32 = 1;
 /// FUSE's "to the end of the file" lock end.
 const OFFSET_MAX: u64 = i64::MAX as u64;
 
@@ -78,6 +79,7 @@ pub struct PassthroughFs {
     switch_credentials: bool,
     writeback: AtomicBool,
     announce_submounts: AtomicBool,
+    killpriv_v2: AtomicBool,
 }
 
 thread_local! {
@@ -154,6 +156,7 @@ impl PassthroughFs {
             file_handles,
             writeback: AtomicBool::new(false),
             announce_submounts: AtomicBool::new(false),
+            killpriv_v2: AtomicBool::new(false),
             cfg,
         };
         let key = InodeKey {
@@ -336,6 +339,17 @@ impl PassthroughFs {
                 Err(errno(libc::EOPNOTSUPP))
             }
         })
+    }
+
+    /// Whether an `O_TRUNC` open must clear setuid/setgid, as the host kernel would for the
+    /// caller: the client says so with FUSE_OPEN_KILL_SUIDGID under killpriv_v2; otherwise
+    /// (berth itself keeps CAP_FSETID) any caller but root loses them.
+    fn truncation_kills_priv(&self, ctx: &Context, fuse_flags: u32) -> bool {
+        if self.killpriv_v2.load(Ordering::Relaxed) {
+            fuse_flags & FUSE_OPEN_KILL_SUIDGID != 0
+        } else {
+            ctx.uid != 0
+        }
     }
 
     fn sanitize_open_flags(&self, flags: u32) -> libc::c_int {
@@ -789,6 +803,21 @@ fn retry_without_direct_io(
     }
 }
 
+/// Clears setuid, and setgid where group execute is set, as the kernel does when an
+/// unprivileged caller writes or truncates a file.
+fn kill_suid_sgid(file: &File) -> io::Result<()> {
+    let mode = fstat(file.as_raw_fd())?.st_mode;
+    let mut kill = libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        kill |= libc::S_ISGID;
+    }
+    if mode & kill != 0 {
+        // SAFETY: fchmod on an open descriptor; result checked.
+        check_ret(unsafe { libc::fchmod(file.as_raw_fd(), mode & 0o7777 & !kill) })?;
+    }
+    Ok(())
+}
+
 /// Borrows a handle's file as the `&mut File` the zero-copy traits want.
 fn file_ref(file: &File) -> ManuallyDrop<File> {
     // SAFETY: the descriptor stays open for as long as `file` lives, which outlives the
@@ -845,6 +874,10 @@ impl FileSystem for PassthroughFs {
         );
         self.announce_submounts
             .store(enabled.contains(FsOptions::SUBMOUNTS), Ordering::Relaxed);
+        self.killpriv_v2.store(
+            enabled.contains(FsOptions::HANDLE_KILLPRIV_V2),
+            Ordering::Relaxed,
+        );
         Ok(want)
     }
 
@@ -1217,10 +1250,10 @@ impl FileSystem for PassthroughFs {
 
     fn open(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         inode: u64,
         flags: u32,
-        _fuse_flags: u32,
+        fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         let iflags = flags as libc::c_int;
         if self.cfg.readonly
@@ -1237,6 +1270,9 @@ impl FileSystem for PassthroughFs {
             _ => return Err(errno(libc::ENXIO)),
         }
         let file = self.open_inode(&data, self.sanitize_open_flags(flags))?;
+        if iflags & libc::O_TRUNC != 0 && self.truncation_kills_priv(ctx, fuse_flags) {
+            kill_suid_sgid(&file)?;
+        }
         let fh = self.insert_handle(inode, file)?;
         Ok((Some(fh), self.open_options(false), None))
     }
@@ -1263,6 +1299,11 @@ impl FileSystem for PassthroughFs {
                 args.mode & 0o7777,
             )
         })?;
+        if args.flags as libc::c_int & libc::O_TRUNC != 0
+            && self.truncation_kills_priv(ctx, args.fuse_flags)
+        {
+            kill_suid_sgid(&File::from(fd.try_clone()?))?;
+        }
         let path_fd = openat(
             self.proc_self_fd.as_fd(),
             &fd_name(fd.as_raw_fd()),
@@ -1313,13 +1354,8 @@ impl FileSystem for PassthroughFs {
     ) -> io::Result<usize> {
         self.check_writable()?;
         let data = self.handle(inode, handle)?;
-        if fuse_flags & FUSE_WRITE_KILL_PRIV != 0 && self.cfg.killpriv_v2 {
-            let st = fstat(data.file.as_raw_fd())?;
-            if st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
-                let cleared = st.st_mode & 0o7777 & !(libc::S_ISUID | libc::S_ISGID);
-                // SAFETY: fchmod on an open descriptor; result checked.
-                check_ret(unsafe { libc::fchmod(data.file.as_raw_fd(), cleared) })?;
-            }
+        if fuse_flags & FUSE_WRITE_KILL_PRIV != 0 && self.killpriv_v2.load(Ordering::Relaxed) {
+            kill_suid_sgid(&data.file)?;
         }
         let mut file = file_ref(&data.file);
         retry_without_direct_io(&data.file, || r.read_to(&mut *file, size as usize, offset))

@@ -13,11 +13,64 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::sleep;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long the daemon gets to mount, and to exit after SIGTERM or an external umount.
 pub const DAEMON_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an ordinary test may keep a mount before the watchdog kills the daemon.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Kills the daemon if the test runs too long: a request the daemon never answers would
+/// otherwise block the test forever, whereas a dead daemon makes it fail with ENOTCONN.
+struct Watchdog {
+    stop: Arc<AtomicBool>,
+    fired: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(pid: u32, limit: Duration) -> Watchdog {
+        let stop = Arc::new(AtomicBool::new(false));
+        let fired = Arc::new(AtomicBool::new(false));
+        let (stop2, fired2) = (stop.clone(), fired.clone());
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + limit;
+            while !stop2.load(Ordering::SeqCst) {
+                if Instant::now() > deadline {
+                    eprintln!(
+                        "WATCHDOG: the test still holds the mount after {limit:?}; killing daemon \
+                         {pid} so that the blocked request fails with ENOTCONN"
+                    );
+                    fired2.store(true, Ordering::SeqCst);
+                    // SAFETY: kill has no memory-safety preconditions; the daemon is not reaped
+                    // before this thread is stopped and joined.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                    return;
+                }
+                sleep(Duration::from_millis(100));
+            }
+        });
+        Watchdog {
+            stop,
+            fired,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the watchdog; returns whether it had fired.
+    fn stop(&mut self) -> bool {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.fired.load(Ordering::SeqCst)
+    }
+}
 
 /// Why these tests cannot run here, if they cannot.
 pub fn skip_reason() -> Option<String> {
@@ -33,7 +86,13 @@ pub fn skip_reason() -> Option<String> {
         return Some(format!("/dev/fuse cannot be opened: {e}"));
     }
     match fs::read_to_string("/proc/filesystems") {
-        Ok(list) if list.lines().any(|l| l.split_whitespace().last() == Some("fuse")) => None,
+        Ok(list)
+            if list
+                .lines()
+                .any(|l| l.split_whitespace().last() == Some("fuse")) =>
+        {
+            None
+        }
         Ok(_) => Some("the kernel does not list the fuse filesystem".to_string()),
         Err(e) => Some(format!("/proc/filesystems is unreadable: {e}")),
     }
@@ -99,12 +158,20 @@ fn unescape_mountinfo(field: &str) -> Vec<u8> {
     out
 }
 
+/// Extra daemon arguments for debugging a failing test, e.g. `--log-level debug`.
+fn extra_daemon_args() -> Vec<String> {
+    std::env::var("BERTH_FUSE_TEST_DAEMON_ARGS")
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 /// A running `berth fuse` daemon serving `shared()` at `mnt()`.
 pub struct FuseMount {
     child: Option<Child>,
     shared: PathBuf,
     mnt: PathBuf,
     log_path: PathBuf,
+    watchdog: Option<Watchdog>,
     // Dropped last (declared last), after the mount is gone.
     root: Option<tempfile::TempDir>,
 }
@@ -115,6 +182,11 @@ impl FuseMount {
     /// Returns `None` (after printing why) when the machine cannot run FUSE tests; panics when
     /// the daemon fails to mount, since that is a failure of berth.
     pub fn start(flags: &[&str]) -> Option<FuseMount> {
+        Self::start_with_limit(flags, TEST_TIMEOUT)
+    }
+
+    /// As [`FuseMount::start`], with a watchdog limit other than [`TEST_TIMEOUT`].
+    pub fn start_with_limit(flags: &[&str], limit: Duration) -> Option<FuseMount> {
         if let Some(reason) = skip_reason() {
             eprintln!("SKIPPED: {reason}");
             return None;
@@ -142,6 +214,7 @@ impl FuseMount {
             .arg("--mountpoint")
             .arg(&mnt)
             .args(flags)
+            .args(extra_daemon_args())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup the log fd"))
             .stderr(log)
@@ -152,11 +225,13 @@ impl FuseMount {
             shared,
             mnt,
             log_path,
+            watchdog: None,
             root: Some(root),
         };
         let deadline = Instant::now() + DAEMON_TIMEOUT;
         loop {
             if is_fuse_mounted(&mount.mnt) {
+                mount.watchdog = Some(Watchdog::start(mount.pid(), limit));
                 return Some(mount);
             }
             if let Some(status) = mount.try_wait() {
@@ -227,6 +302,8 @@ impl FuseMount {
 
     /// Waits up to `timeout` for the daemon to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        // Reaping frees the pid: the watchdog must not signal it afterwards.
+        self.stop_watchdog();
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_wait() {
@@ -244,12 +321,24 @@ impl FuseMount {
         let pid = self.pid() as libc::pid_t;
         // SAFETY: kill has no memory-safety preconditions; pid is our own un-reaped child.
         let rc = unsafe { libc::kill(pid, signal) };
-        assert_eq!(rc, 0, "kill({pid}, {signal}): {}", io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {signal}): {}",
+            io::Error::last_os_error()
+        );
     }
 
     /// Ends a test: the daemon must still be running, must exit 0 within the timeout after
     /// SIGTERM, and must have removed its mount.
     pub fn finish(mut self) {
+        if self.stop_watchdog() {
+            panic!(
+                "the test ran past its time limit and the watchdog killed the daemon; its \
+                 output:\n{}",
+                self.log()
+            );
+        }
         if let Some(status) = self.try_wait() {
             panic!(
                 "the daemon died during the test with {status}; its output:\n{}",
@@ -273,7 +362,13 @@ impl FuseMount {
         );
     }
 
+    /// Stops the watchdog; returns whether it had fired.
+    fn stop_watchdog(&mut self) -> bool {
+        self.watchdog.as_mut().is_some_and(Watchdog::stop)
+    }
+
     fn cleanup(&mut self) {
+        self.stop_watchdog();
         if self.try_wait().is_none() && self.child.is_some() {
             // SAFETY: kill has no memory-safety preconditions; the child is not yet reaped.
             unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) };
@@ -303,6 +398,12 @@ fn lazy_unmount(mnt: &Path) {
 impl Drop for FuseMount {
     fn drop(&mut self) {
         self.cleanup();
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            eprintln!("--- last lines of the daemon's output ---\n{tail}\n---");
+        }
         if self.is_mounted() {
             // Never delete through a live mount: leak the tempdir instead.
             if let Some(root) = self.root.take() {
@@ -429,7 +530,11 @@ pub fn assert_same_attrs(what: &str, via_mount: &Path, underlying: &Path) {
 /// The parts of two different files' attributes that the same operation must make equal.
 #[track_caller]
 pub fn assert_same_shape(what: &str, a: &libc::stat, b: &libc::stat) {
-    let shape = |s: &libc::stat| (s.st_mode, s.st_nlink, s.st_uid, s.st_gid, s.st_rdev, s.st_size);
+    let shape = |s: &libc::stat| {
+        (
+            s.st_mode, s.st_nlink, s.st_uid, s.st_gid, s.st_rdev, s.st_size,
+        )
+    };
     assert_eq!(
         shape(a),
         shape(b),
@@ -559,7 +664,13 @@ pub fn rename2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
     let (a, b) = (cpath(from), cpath(to));
     // SAFETY: both are valid NUL-terminated paths; renameat2 takes no other pointers.
     cvt(unsafe {
-        libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
     })
     .map(|_| ())
 }
@@ -611,7 +722,13 @@ pub fn setxattr(p: &Path, name: &str, value: &[u8], flags: libc::c_int) -> io::R
     let (c, n) = (cpath(p), cstr(name));
     // SAFETY: valid C strings; value is valid for value.len() bytes.
     cvt(unsafe {
-        libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
     })
     .map(|_| ())
 }
@@ -625,7 +742,11 @@ pub fn getxattr_sized(p: &Path, name: &str, size: usize) -> io::Result<Vec<u8>> 
         libc::lgetxattr(
             c.as_ptr(),
             n.as_ptr(),
-            if size == 0 { std::ptr::null_mut() } else { buf.as_mut_ptr().cast() },
+            if size == 0 {
+                std::ptr::null_mut()
+            } else {
+                buf.as_mut_ptr().cast()
+            },
             size,
         )
     })?;
@@ -648,7 +769,11 @@ pub fn listxattr_sized(p: &Path, size: usize) -> io::Result<Vec<u8>> {
     let len = cvt(unsafe {
         libc::llistxattr(
             c.as_ptr(),
-            if size == 0 { std::ptr::null_mut() } else { buf.as_mut_ptr().cast() },
+            if size == 0 {
+                std::ptr::null_mut()
+            } else {
+                buf.as_mut_ptr().cast()
+            },
             size,
         )
     })?;
@@ -693,12 +818,18 @@ pub fn read_dir_types(p: &Path) -> io::Result<Vec<(Vec<u8>, u8)>> {
         let ent = unsafe { libc::readdir64(dir) };
         if ent.is_null() {
             let err = io::Error::last_os_error();
-            break if err.raw_os_error() == Some(0) { Ok(()) } else { Err(err) };
+            break if err.raw_os_error() == Some(0) {
+                Ok(())
+            } else {
+                Err(err)
+            };
         }
         // SAFETY: readdir returned a valid entry that stays valid until the next call.
         let (name, kind) = unsafe {
             (
-                std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()).to_bytes().to_vec(),
+                std::ffi::CStr::from_ptr((*ent).d_name.as_ptr())
+                    .to_bytes()
+                    .to_vec(),
                 (*ent).d_type,
             )
         };
@@ -842,7 +973,11 @@ impl Twin {
     ) -> io::Result<T> {
         let direct = op(&self.direct);
         let fused = op(&self.fused);
-        assert_errno(&format!("{what} (on the underlying directory)"), &direct, expected);
+        assert_errno(
+            &format!("{what} (on the underlying directory)"),
+            &direct,
+            expected,
+        );
         assert_errno(&format!("{what} (through the mount)"), &fused, expected);
         fused
     }

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# berth's whole test run, as CI runs it: installs what the tests need (idempotent), then runs
+# formatting and lint checks, the workspace's unit and integration tests (host /dev/fuse
+# mounts, vhost-user protocol, cache engine), the fuzz smoke run, the load-generator smoke run
+# and the QEMU guest tier.
+#
+# Usage: tests/run-all.sh [--skip-guest] [--skip-fuzz]
+# Needs root for the mount, fanotify and guest tiers; without root those tests skip and say so.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+skip_guest=0 skip_fuzz=0
+for arg in "$@"; do
+	case $arg in
+	--skip-guest) skip_guest=1 ;;
+	--skip-fuzz) skip_fuzz=1 ;;
+	*) echo "run-all.sh: unknown argument $arg" >&2; exit 2 ;;
+	esac
+done
+
+section() { printf '\n==== %s (%s)\n' "$1" "$(date +%H:%M:%S)"; }
+started=$(date +%s)
+
+section "installing test dependencies"
+packages=(build-essential pkg-config fuse3 attr acl cpio zstd erofs-utils busybox-static
+	qemu-system-x86 python3-pip python3-venv strace)
+missing=()
+for p in "${packages[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	if [ "$(id -u)" -ne 0 ]; then
+		echo "missing Debian packages (${missing[*]}) and not root: tests that need them will skip"
+	else
+		export DEBIAN_FRONTEND=noninteractive
+		apt-get update -qq
+		apt-get install -y -qq --no-install-recommends "${missing[@]}"
+	fi
+fi
+# The S3-compatible server the cache tests talk to, in a venv outside the repository.
+venv="${XDG_CACHE_HOME:-$HOME/.cache}/berth/venv"
+if [ ! -x "$venv/bin/moto_server" ]; then
+	python3 -m venv "$venv"
+	"$venv/bin/pip" install -q 'moto[server]'
+fi
+export PATH="$venv/bin:$PATH"
+
+section "cargo fmt --check"
+cargo fmt --all --check
+
+section "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --release -- -D warnings
+
+section "cargo test (workspace, release)"
+cargo test --workspace --release --no-fail-fast
+
+if [ $skip_fuzz -eq 0 ] && [ -x fuzz/run.sh ]; then
+	section "fuzz smoke run"
+	fuzz/run.sh 60
+fi
+
+if [ -x benches/compare.sh ]; then
+	section "load generator smoke run"
+	benches/compare.sh --quick --berth-only
+fi
+
+if [ $skip_guest -eq 0 ]; then
+	section "guest tier (QEMU)"
+	if [ "$(id -u)" -ne 0 ]; then
+		echo "SKIP guest tier: needs root"
+	else
+		guest-images/test.sh --daemon berth
+	fi
+fi
+
+section "done in $(($(date +%s) - started)) s"
