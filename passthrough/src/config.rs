@@ -113,6 +113,10 @@ pub struct Config {
     pub flock: bool,
     /// Let mknod create device nodes (character and block); fifos and sockets are always allowed.
     pub allow_device_nodes: bool,
+    /// Most inodes the client may hold (looked up and not forgotten); beyond it, ENFILE.
+    pub max_inodes: usize,
+    /// Most open file and directory handles; beyond it, EMFILE.
+    pub max_handles: usize,
 }
 
 impl Default for Config {
@@ -136,6 +140,8 @@ impl Default for Config {
             posix_lock: false,
             flock: false,
             allow_device_nodes: true,
+            max_inodes: 4 << 20,
+            max_handles: 1 << 20,
         }
     }
 }

@@ -147,7 +147,7 @@ impl PassthroughFs {
             attr_timeout: cfg.attr_timeout.unwrap_or(attr_default),
             // SAFETY: geteuid has no preconditions.
             switch_credentials: unsafe { libc::geteuid() } == 0,
-            inodes: InodeStore::new(ROOT_ID),
+            inodes: InodeStore::new(ROOT_ID, cfg.max_inodes),
             handles: RwLock::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             mount_fds,
@@ -219,6 +219,9 @@ impl PassthroughFs {
     }
 
     fn insert_handle(&self, inode: u64, file: File) -> io::Result<u64> {
+        if self.handle_count() >= self.cfg.max_handles {
+            return Err(errno(libc::EMFILE));
+        }
         let id = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let data = Arc::new(HandleData {
             inode,

@@ -64,14 +64,18 @@ struct Maps {
 pub struct InodeStore {
     maps: RwLock<Maps>,
     next_id: AtomicU64,
+    /// Most inodes held at once: a client that looks up without ever forgetting gets ENFILE
+    /// instead of growing the daemon without bound.
+    limit: usize,
 }
 
 impl InodeStore {
     /// A store whose first inode (the root) gets id `root_id`.
-    pub fn new(root_id: u64) -> Self {
+    pub fn new(root_id: u64, limit: usize) -> Self {
         InodeStore {
             maps: RwLock::new(Maps::default()),
             next_id: AtomicU64::new(root_id),
+            limit: limit.max(1),
         }
     }
 
@@ -102,6 +106,9 @@ impl InodeStore {
                 found.refcount.fetch_add(1, Ordering::AcqRel);
                 return Ok(found.clone());
             }
+        }
+        if maps.by_id.len() >= self.limit {
+            return Err(errno(libc::ENFILE));
         }
         data.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let data = Arc::new(data);
@@ -163,5 +170,62 @@ impl InodeStore {
     /// Number of inodes held.
     pub fn len(&self) -> usize {
         self.maps.read().map(|m| m.by_id.len()).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ino: u64) -> InodeKey {
+        InodeKey {
+            ino,
+            dev: 1,
+            mnt_id: 1,
+        }
+    }
+
+    fn make(ino: u64) -> io::Result<InodeData> {
+        let fd = std::fs::File::open("/")?.into();
+        Ok(InodeData::new(key(ino), InodeFile::Fd(fd), libc::S_IFDIR))
+    }
+
+    #[test]
+    fn a_second_lookup_shares_the_inode_and_forget_releases_it() {
+        let store = InodeStore::new(1, 10);
+        let a = store.get_or_insert(key(5), || make(5)).unwrap();
+        let b = store
+            .get_or_insert(key(5), || panic!("must reuse"))
+            .unwrap();
+        assert_eq!(a.id, b.id);
+        store.forget(a.id, 1);
+        assert!(store.get(a.id).is_ok(), "one reference is left");
+        store.forget(a.id, 1);
+        assert_eq!(
+            store.get(a.id).err().and_then(|e| e.raw_os_error()),
+            Some(libc::EBADF)
+        );
+        assert_eq!(store.len(), 0);
+    }
+
+    #[test]
+    fn lookups_past_the_limit_fail_with_enfile() {
+        let store = InodeStore::new(1, 3);
+        for ino in 0..3 {
+            store.get_or_insert(key(ino), || make(ino)).unwrap();
+        }
+        let err = store.get_or_insert(key(99), || make(99)).err().unwrap();
+        assert_eq!(err.raw_os_error(), Some(libc::ENFILE));
+        // Known inodes can still be looked up again.
+        assert!(store.get_or_insert(key(1), || make(1)).is_ok());
+    }
+
+    #[test]
+    fn forgetting_more_than_was_looked_up_does_not_underflow() {
+        let store = InodeStore::new(1, 10);
+        let a = store.get_or_insert(key(7), || make(7)).unwrap();
+        store.forget(a.id, u64::MAX);
+        assert_eq!(store.len(), 0);
+        store.forget(a.id, 1);
     }
 }
