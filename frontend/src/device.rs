@@ -15,6 +15,8 @@ use crate::Error;
 
 /// VIRTIO_F_VERSION_1: the device speaks virtio 1.x.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_RING_F_EVENT_IDX: notification suppression through event indices.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// VHOST_USER_F_PROTOCOL_FEATURES: protocol feature negotiation is available.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
@@ -32,6 +34,9 @@ pub struct DeviceConfig {
     pub queue: QueueConfig,
     /// Timeout on every vhost-user message exchange, so a stuck backend cannot hang us.
     pub socket_timeout: Duration,
+    /// Negotiate VIRTIO_RING_F_EVENT_IDX when offered, as Linux guests do, so kicks and
+    /// calls are suppressed while the other side is busy.
+    pub event_idx: bool,
 }
 
 impl Default for DeviceConfig {
@@ -41,6 +46,7 @@ impl Default for DeviceConfig {
             request_queues: 1,
             queue: QueueConfig::default(),
             socket_timeout: Duration::from_secs(5),
+            event_idx: false,
         }
     }
 }
@@ -54,6 +60,8 @@ pub struct Negotiated {
     pub acked_protocol_features: VhostUserProtocolFeatures,
     /// Queues the backend supports in total (GET_QUEUE_NUM), hiprio included.
     pub backend_queues: u64,
+    /// Whether VIRTIO_RING_F_EVENT_IDX is in use on every queue.
+    pub event_idx: bool,
 }
 
 /// A negotiated vhost-user-fs device with its queues ready to use.
@@ -109,13 +117,14 @@ impl VhostUserFs {
         }
         let ram = Arc::new(GuestRam::new(config.memory_size)?);
         let mut frontend = Frontend::from_stream(stream, total_queues);
-        let negotiated = negotiate(&mut frontend, total_queues)?;
+        let negotiated = negotiate(&mut frontend, total_queues, config.event_idx)?;
 
         frontend.set_mem_table(&ram.region_infos()?)?;
 
         let mut queues = Vec::new();
         for index in 0..=config.request_queues {
-            let queue = FsQueue::new(ram.clone(), index, config.queue)?;
+            let mut queue = FsQueue::new(ram.clone(), index, config.queue)?;
+            queue.virtqueue().set_event_idx(negotiated.event_idx);
             start_vring(&mut frontend, &queue)?;
             queues.push(Some(queue));
         }
@@ -177,7 +186,11 @@ impl VhostUserFs {
     }
 }
 
-fn negotiate(frontend: &mut Frontend, total_queues: u64) -> Result<Negotiated, Error> {
+fn negotiate(
+    frontend: &mut Frontend,
+    total_queues: u64,
+    want_event_idx: bool,
+) -> Result<Negotiated, Error> {
     frontend.set_owner()?;
     let offered_features = frontend.get_features()?;
     for (bit, name) in [
@@ -193,8 +206,12 @@ fn negotiate(frontend: &mut Frontend, total_queues: u64) -> Result<Negotiated, E
             )));
         }
     }
-    // Event index and indirect descriptors are optional; this driver uses neither.
-    let acked_features = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES;
+    // Indirect descriptors are optional and unused; event indices only on request.
+    let event_idx = want_event_idx && offered_features & VIRTIO_RING_F_EVENT_IDX != 0;
+    let mut acked_features = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES;
+    if event_idx {
+        acked_features |= VIRTIO_RING_F_EVENT_IDX;
+    }
 
     let offered_protocol_features = frontend.get_protocol_features()?;
     let wanted = VhostUserProtocolFeatures::MQ
@@ -227,6 +244,7 @@ fn negotiate(frontend: &mut Frontend, total_queues: u64) -> Result<Negotiated, E
         offered_protocol_features,
         acked_protocol_features,
         backend_queues,
+        event_idx,
     })
 }
 

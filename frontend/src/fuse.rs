@@ -6,8 +6,9 @@ use vm_memory::ByteValued;
 use crate::Error;
 
 pub use fuse_backend_rs::abi::fuse_abi::{
-    Attr, AttrOut, CreateIn, ForgetIn, GetattrIn, InHeader, InitIn, InitIn2, InitOut, MkdirIn,
-    OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, WriteIn, WriteOut, ROOT_ID,
+    Attr, AttrOut, BatchForgetIn, CreateIn, ForgetIn, ForgetOne, GetattrIn, InHeader, InitIn,
+    InitIn2, InitOut, MkdirIn, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, WriteIn, WriteOut,
+    ROOT_ID,
 };
 
 /// FUSE protocol major version spoken by this frontend.
@@ -35,6 +36,7 @@ pub mod opcode {
     pub const RELEASEDIR: u32 = 29;
     pub const CREATE: u32 = 35;
     pub const DESTROY: u32 = 38;
+    pub const BATCH_FORGET: u32 = 42;
     pub const READDIRPLUS: u32 = 44;
 }
 
@@ -96,6 +98,7 @@ pub fn opcode_name(op: u32) -> &'static str {
         opcode::RELEASEDIR => "RELEASEDIR",
         opcode::CREATE => "CREATE",
         opcode::DESTROY => "DESTROY",
+        opcode::BATCH_FORGET => "BATCH_FORGET",
         opcode::READDIRPLUS => "READDIRPLUS",
         _ => "UNKNOWN",
     }

@@ -10,9 +10,9 @@ use std::time::Duration;
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress};
 
 use crate::fuse::{
-    self, opcode, parse_struct, AttrOut, CreateIn, DirEntry, DirEntryPlus, ForgetIn, GetattrIn,
-    InHeader, InitIn, InitIn2, InitOut, MkdirIn, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn,
-    WriteIn, WriteOut, IN_HEADER_SIZE, OUT_HEADER_SIZE,
+    self, opcode, parse_struct, AttrOut, BatchForgetIn, CreateIn, DirEntry, DirEntryPlus, ForgetIn,
+    ForgetOne, GetattrIn, InHeader, InitIn, InitIn2, InitOut, MkdirIn, OpenIn, OpenOut, OutHeader,
+    ReadIn, ReleaseIn, WriteIn, WriteOut, IN_HEADER_SIZE, OUT_HEADER_SIZE,
 };
 use crate::memory::GuestRam;
 use crate::virtqueue::{Buffer, RawDescriptor, SplitQueue, UsedElement};
@@ -361,6 +361,21 @@ impl FsQueue {
         }
     }
 
+    /// Like [`FsQueue::next_completion`], but fills `out` and reuses its body buffer, so a
+    /// load generator does not allocate per request.
+    pub fn next_completion_into(&mut self, out: &mut Completion) -> Result<(), Error> {
+        if let Some(done) = self.ready.pop_front() {
+            *out = done;
+            return Ok(());
+        }
+        loop {
+            let used = self.vq.wait_used(self.config.timeout)?;
+            if self.complete_into(used, out)? {
+                return Ok(());
+            }
+        }
+    }
+
     /// Waits for the completion of one particular request; others are kept for later.
     pub fn wait_for(&mut self, ticket: Ticket) -> Result<Completion, Error> {
         if let Some(position) = self.ready.iter().position(|c| c.unique == ticket.unique) {
@@ -388,24 +403,35 @@ impl FsQueue {
 
     /// Turns a used element into a completion; raw chains are queued for [`FsQueue::wait_raw`].
     fn complete(&mut self, used: UsedElement) -> Result<Option<Completion>, Error> {
+        let mut out = Completion {
+            unique: 0,
+            opcode: 0,
+            header: None,
+            body: Vec::new(),
+            used_len: 0,
+        };
+        Ok(self.complete_into(used, &mut out)?.then_some(out))
+    }
+
+    /// Fills `out` from a used element (reusing `out.body`); `false` for raw chains.
+    fn complete_into(&mut self, used: UsedElement, out: &mut Completion) -> Result<bool, Error> {
         let Some(pending) = self
             .pending
             .get_mut(usize::from(used.head))
             .and_then(Option::take)
         else {
             self.raw_ready.push_back(used);
-            return Ok(None);
+            return Ok(false);
         };
         self.free_slots.push(pending.slot);
         let slot = self.slots[usize::from(pending.slot)];
+        out.unique = pending.unique;
+        out.opcode = pending.opcode;
+        out.header = None;
+        out.body.clear();
+        out.used_len = used.len;
         if !pending.expects_reply {
-            return Ok(Some(Completion {
-                unique: pending.unique,
-                opcode: pending.opcode,
-                header: None,
-                body: Vec::new(),
-                used_len: used.len,
-            }));
+            return Ok(true);
         }
         if (used.len as usize) < OUT_HEADER_SIZE {
             return Err(Error::ShortReply {
@@ -433,7 +459,6 @@ impl FsQueue {
             )));
         }
         let body_len = used.len as usize - OUT_HEADER_SIZE;
-        let mut body = vec![0u8; body_len];
         if body_len > 0 {
             let Some(buffer) = pending.reply_body.filter(|b| b.len as usize >= body_len) else {
                 return Err(Error::ReplyMismatch(format!(
@@ -441,15 +466,11 @@ impl FsQueue {
                     fuse::opcode_name(pending.opcode)
                 )));
             };
-            mem.read_slice(&mut body, buffer.addr)?;
+            out.body.resize(body_len, 0);
+            mem.read_slice(&mut out.body, buffer.addr)?;
         }
-        Ok(Some(Completion {
-            unique: pending.unique,
-            opcode: pending.opcode,
-            header: Some(header),
-            body,
-            used_len: used.len,
-        }))
+        out.header = Some(header);
+        Ok(true)
     }
 
     // ----- raw API, for malformed-input tests -----
@@ -594,6 +615,44 @@ impl FsQueue {
             reply_capacity: None,
         };
         self.call(&request).map(|_| ())
+    }
+
+    /// Drops lookup references to many inodes in one BATCH_FORGET (no reply). `forgets` holds
+    /// `(nodeid, nlookup)` pairs; at most [`FsQueue::MAX_BATCH_FORGET`] fit one request.
+    pub fn batch_forget(&mut self, forgets: &[(u64, u64)]) -> Result<(), Error> {
+        let request_bytes = Self::batch_forget_args(forgets)?;
+        let request = Request {
+            opcode: opcode::BATCH_FORGET,
+            nodeid: 0,
+            args: &[&request_bytes],
+            payload: &[],
+            reply_capacity: None,
+        };
+        self.call(&request).map(|_| ())
+    }
+
+    /// Most `(nodeid, nlookup)` pairs one BATCH_FORGET request carries here.
+    pub const MAX_BATCH_FORGET: usize =
+        (REQUEST_AREA_SIZE as usize - IN_HEADER_SIZE - 8) / std::mem::size_of::<ForgetOne>();
+
+    /// The argument bytes of a BATCH_FORGET request (for pipelined use with `submit`).
+    pub fn batch_forget_args(forgets: &[(u64, u64)]) -> Result<Vec<u8>, Error> {
+        if forgets.len() > Self::MAX_BATCH_FORGET {
+            return Err(Error::InvalidRequest(format!(
+                "{} forgets exceed the {} one BATCH_FORGET carries",
+                forgets.len(),
+                Self::MAX_BATCH_FORGET
+            )));
+        }
+        let header = BatchForgetIn {
+            count: forgets.len() as u32,
+            dummy: 0,
+        };
+        let mut bytes = header.as_slice().to_vec();
+        for &(nodeid, nlookup) in forgets {
+            bytes.extend_from_slice(ForgetOne { nodeid, nlookup }.as_slice());
+        }
+        Ok(bytes)
     }
 
     /// Attributes of `nodeid`.

@@ -5,6 +5,7 @@
 //! descriptors it owns, so reclaiming never trusts `next` fields (which raw chains may corrupt
 //! on purpose).
 
+use std::cell::Cell;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -92,6 +93,14 @@ pub struct SplitQueue {
     in_flight: usize,
     next_avail: u16,
     last_used: u16,
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated: kicks and calls are suppressed through the
+    /// avail_event / used_event fields instead of being sent for every request.
+    event_idx: bool,
+    /// The available index at the previous [`SplitQueue::notify`], to decide whether the
+    /// device asked for a kick in between (EVENT_IDX only).
+    avail_at_last_notify: Cell<u16>,
+    /// Kicks actually sent (eventfd writes), for load generators to report.
+    kicks_sent: Cell<u64>,
     kick: EventFd,
     call: EventFd,
 }
@@ -122,6 +131,9 @@ impl SplitQueue {
             in_flight: 0,
             next_avail: 0,
             last_used: 0,
+            event_idx: false,
+            avail_at_last_notify: Cell::new(0),
+            kicks_sent: Cell::new(0),
             kick: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
             call: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
         })
@@ -130,6 +142,22 @@ impl SplitQueue {
     /// The vhost-user queue index.
     pub fn index(&self) -> u16 {
         self.index
+    }
+
+    /// Switches kick/call suppression through event indices on or off. Must match the
+    /// negotiated VIRTIO_RING_F_EVENT_IDX and be set before the device starts the queue.
+    pub fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
+
+    /// Whether event-index notification suppression is in use.
+    pub fn event_idx(&self) -> bool {
+        self.event_idx
+    }
+
+    /// Kicks sent to the device so far (with EVENT_IDX, fewer than notify calls).
+    pub fn kicks_sent(&self) -> u64 {
+        self.kicks_sent.get()
     }
 
     /// Number of descriptors in the table.
@@ -269,11 +297,39 @@ impl SplitQueue {
         self.write_avail_entry(head)
     }
 
-    /// Signals the kick eventfd.
+    /// Signals the kick eventfd, unless EVENT_IDX is on and the device said (through
+    /// avail_event) that it is still processing and will look at the ring again anyway.
     pub fn notify(&self) -> Result<(), Error> {
-        // The device must see the index update before it sees the kick.
+        // The device must see the index update before it sees the kick, and we must read
+        // avail_event only after publishing the index (the device re-checks in the other order).
         fence(Ordering::SeqCst);
+        if self.event_idx {
+            let previous = self.avail_at_last_notify.replace(self.next_avail);
+            let avail_event: u16 = self.ram.memory().load(
+                self.used_ring
+                    .unchecked_add(USED_RING_OFFSET + USED_ELEMENT_SIZE * u64::from(self.size)),
+                Ordering::Acquire,
+            )?;
+            if !need_event(avail_event, self.next_avail, previous) {
+                return Ok(());
+            }
+        }
+        self.kicks_sent.set(self.kicks_sent.get() + 1);
         self.kick.write(1).map_err(Error::EventFd)
+    }
+
+    /// Tells the device (EVENT_IDX) to signal once it returns the next element, i.e. when
+    /// the used index moves past what we have consumed.
+    fn arm_used_event(&self) -> Result<(), Error> {
+        self.ram.memory().store(
+            self.last_used,
+            self.avail_ring
+                .unchecked_add(AVAIL_RING_OFFSET + 2 * u64::from(self.size)),
+            Ordering::Release,
+        )?;
+        // The used_event store must be visible before we re-read the used index.
+        fence(Ordering::SeqCst);
+        Ok(())
     }
 
     /// Takes the next element off the used ring, if the device returned one, and reclaims the
@@ -316,6 +372,14 @@ impl SplitQueue {
             if let Some(element) = self.pop_used()? {
                 return Ok(element);
             }
+            if self.event_idx {
+                // Calls are suppressed while we are busy; ask for one before sleeping and
+                // re-check, or an element added in between would never be signalled.
+                self.arm_used_event()?;
+                if let Some(element) = self.pop_used()? {
+                    return Ok(element);
+                }
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(Error::Timeout {
@@ -350,6 +414,8 @@ impl SplitQueue {
         Ok(())
     }
 
+    /// Takes `count` free descriptors, in chain order. The list lives in the (empty) chain
+    /// slot of its head, so that steady-state submission does not allocate.
     fn take_descriptors(&mut self, count: usize) -> Result<Vec<u16>, Error> {
         if count > self.free_descriptors.len() {
             return Err(Error::QueueFull {
@@ -359,8 +425,10 @@ impl SplitQueue {
             });
         }
         let split = self.free_descriptors.len() - count;
-        let mut taken = self.free_descriptors.split_off(split);
-        taken.reverse();
+        let head = self.free_descriptors[self.free_descriptors.len() - 1];
+        let mut taken = std::mem::take(&mut self.chains[usize::from(head)]);
+        taken.clear();
+        taken.extend(self.free_descriptors.drain(split..).rev());
         Ok(taken)
     }
 
@@ -396,6 +464,12 @@ impl SplitQueue {
         self.desc_table
             .unchecked_add(u64::from(index) * DESCRIPTOR_SIZE)
     }
+}
+
+/// The virtio `vring_need_event`: whether moving an index from `old` to `new` crossed
+/// `event`, the index the other side asked to be told about.
+fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
 #[cfg(test)]
@@ -543,6 +617,68 @@ mod tests {
         let err = driver.wait_used(Duration::from_millis(50)).unwrap_err();
         assert!(matches!(err, Error::Timeout { queue: 3, .. }), "{err}");
         assert!(started.elapsed() >= Duration::from_millis(50));
+    }
+
+    #[test]
+    fn need_event_matches_the_virtio_definition() {
+        assert!(need_event(0, 1, 0), "crossing the requested index");
+        assert!(!need_event(0, 2, 1), "already past the requested index");
+        assert!(
+            need_event(5, 9, 3),
+            "the requested index lies inside the moved range"
+        );
+        assert!(!need_event(10, 9, 3), "the requested index is ahead");
+        assert!(need_event(u16::MAX, 1, u16::MAX - 1), "wrapping");
+    }
+
+    #[test]
+    fn event_idx_suppresses_kicks_until_the_device_asks() {
+        let ram = Arc::new(GuestRam::new(1 << 20).unwrap());
+        let mut driver = SplitQueue::new(ram.clone(), 1, 8).unwrap();
+        driver.set_event_idx(true);
+        let mut device = device_queue(&driver);
+        device.set_event_idx(true);
+        let mem = ram.memory();
+        driver.add_chain(&[buffer(0x8000, 1)], &[]).unwrap();
+        driver.notify().unwrap();
+        assert_eq!(driver.kicks_sent(), 1, "the first request is kicked");
+        driver.add_chain(&[buffer(0x8000, 1)], &[]).unwrap();
+        driver.notify().unwrap();
+        assert_eq!(
+            driver.kicks_sent(),
+            1,
+            "the device has not consumed the first kick: no second kick"
+        );
+        assert!(driver.kick_fd().read().is_ok(), "one kick is pending");
+        while device.pop_descriptor_chain(mem).is_some() {}
+        // The device is done and asks to be kicked for the next request.
+        assert!(!device.enable_notification(mem).unwrap());
+        driver.add_chain(&[buffer(0x8000, 1)], &[]).unwrap();
+        driver.notify().unwrap();
+        assert_eq!(driver.kicks_sent(), 2);
+    }
+
+    #[test]
+    fn event_idx_wait_arms_used_event() {
+        let ram = Arc::new(GuestRam::new(1 << 20).unwrap());
+        let mut driver = SplitQueue::new(ram.clone(), 1, 8).unwrap();
+        driver.set_event_idx(true);
+        let mut device = device_queue(&driver);
+        device.set_event_idx(true);
+        let mem = ram.memory();
+        let head = driver.add_chain(&[buffer(0x8000, 1)], &[]).unwrap();
+        let _ = device.pop_descriptor_chain(mem).unwrap();
+        // Nothing is used yet: waiting arms used_event at our consumed index (0) and times out.
+        assert!(driver.wait_used(Duration::from_millis(10)).is_err());
+        device.add_used(mem, head, 3).unwrap();
+        assert!(
+            device.needs_notification(mem).unwrap(),
+            "the driver asked to be told about the next used element"
+        );
+        assert_eq!(
+            driver.wait_used(Duration::from_millis(10)).unwrap(),
+            UsedElement { head, len: 3 }
+        );
     }
 
     #[test]

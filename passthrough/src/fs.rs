@@ -285,8 +285,18 @@ impl PassthroughFs {
             return Err(errno(libc::ENOTDIR));
         }
         let parent_fd = self.inode_fd(&parent_data)?;
-        let fd = openat(parent_fd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
-        self.insert_looked_up(fd, &parent_data)
+        self.lookup_at(&parent_data, parent_fd.as_fd(), name)
+    }
+
+    /// Looks `name` up in the directory `parent`, open as `parent_fd`.
+    fn lookup_at(
+        &self,
+        parent: &InodeData,
+        parent_fd: BorrowedFd<'_>,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        let fd = openat(parent_fd, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        self.insert_looked_up(fd, parent)
     }
 
     /// Registers the inode `fd` (an `O_PATH` descriptor) refers to, taking one reference.
@@ -425,7 +435,20 @@ impl PassthroughFs {
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut buf = vec![0u8; (size as usize).clamp(4096, 1 << 16)];
+        // Entries not sent are read again next time: size the host read to roughly what fits
+        // (a READDIRPLUS entry is about five times a getdents record).
+        let host_bytes = if plus {
+            size as usize / 4
+        } else {
+            size as usize
+        };
+        let mut buf = vec![0u8; host_bytes.clamp(1024, 1 << 16)];
+        let parent = if plus {
+            Some(self.inodes.get(inode)?)
+        } else {
+            None
+        };
+        let mut sent = 0usize;
         loop {
             // SAFETY: `buf` is writable for its full length; the result is checked.
             let n = unsafe {
@@ -475,14 +498,25 @@ impl PassthroughFs {
                     let Ok(name) = CStr::from_bytes_with_nul(raw.name_with_nul) else {
                         continue;
                     };
-                    match self.do_lookup(inode, name) {
+                    let Some(parent) = parent.as_deref() else {
+                        return Err(errno(libc::EIO));
+                    };
+                    // The open directory is the parent: no reopen per entry.
+                    match self.lookup_at(parent, data.file.as_fd(), name) {
                         Ok(e) => Some(e),
                         // Removed since getdents saw it: skip it.
-                        Err(_) => continue,
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                        // Never drop an entry silently: end the reply here, or fail it.
+                        Err(e) if sent == 0 => return Err(e),
+                        Err(_) => return Ok(()),
                     }
                 };
                 let looked_up = entry.as_ref().map(|e| e.inode).unwrap_or(0);
-                let written = add_entry(dirent, entry)?;
+                let written = add_entry(dirent, entry).inspect_err(|_| {
+                    if looked_up != 0 {
+                        self.inodes.forget(looked_up, 1);
+                    }
+                })?;
                 if written == 0 {
                     // The reply is full: this entry was not sent, so its lookup never happened.
                     if looked_up != 0 {
@@ -490,6 +524,7 @@ impl PassthroughFs {
                     }
                     return Ok(());
                 }
+                sent += 1;
             }
         }
     }

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Plots the medians of a `berth-loadgen compare --json` file, one SVG per workload family.
+
+    python3 benches/plot.py benches/results/full.json docs/plots
+
+Needs matplotlib (pip install matplotlib).
+"""
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("svg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"berth": "#1f77b4", "virtiofsd": "#ff7f0e", "native": "#7f7f7f"}
+FAMILIES = {
+    "read": "Reads (ops/s, log scale)",
+    "write": "Writes (ops/s, log scale)",
+    "metadata": "Metadata (ops/s, log scale; readdirplus: entries/s)",
+}
+
+
+def main():
+    source, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = json.loads(source.read_text())
+    summary = data["summary"]
+    machine = data["machine"]
+    for family, title in FAMILIES.items():
+        rows = [r for r in summary if r["family"] == family]
+        if not rows:
+            continue
+        workloads = sorted({r["workload"] for r in rows}, key=lambda w: [r["workload"] for r in rows].index(w))
+        shapes = sorted({(r["queues"], r["depth"]) for r in rows if r["backend"] != "native"})
+        labels, groups = [], []
+        for workload in workloads:
+            for queues, depth in shapes:
+                labels.append(f"{workload}\nq{queues} qd{depth}")
+                group = {}
+                for r in rows:
+                    if r["workload"] != workload or r["queues"] != queues:
+                        continue
+                    if r["backend"] == "native" or r["depth"] == depth:
+                        group[r["backend"]] = r["ops_per_s"]
+                groups.append(group)
+        backends = [b for b in ("berth", "virtiofsd", "native") if any(b in g for g in groups)]
+        width = 0.8 / len(backends)
+        fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(labels)), 5))
+        for index, backend in enumerate(backends):
+            xs = [i + (index - (len(backends) - 1) / 2) * width for i in range(len(labels))]
+            ys = [g.get(backend, 0) for g in groups]
+            ax.bar(xs, ys, width, label=backend, color=COLORS[backend])
+        for i, g in enumerate(groups):
+            if g.get("berth") and g.get("virtiofsd"):
+                ratio = g["berth"] / g["virtiofsd"]
+                top = max(g.get("berth", 0), g.get("virtiofsd", 0))
+                ax.annotate(f"{ratio:.2f}x", (i, top), ha="center", va="bottom", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, fontsize=7, rotation=90)
+        ax.set_title(
+            f"{title}\n{machine['cpu_model']} x{machine['cpus']}, kernel {machine['kernel']}, "
+            f"median of {machine['reps']}; labels: berth/virtiofsd",
+            fontsize=9,
+        )
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{family}.svg", metadata={"Date": None})
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
