@@ -90,6 +90,7 @@ fn open_filesystem(cfg: Config) -> anyhow::Result<Arc<FsServer>> {
 }
 
 fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> anyhow::Result<()> {
+    let host_locks = settings.fs.posix_lock || settings.fs.flock;
     let server = open_filesystem(settings.fs)?;
     let (listener, socket_path) = match &settings.listener {
         ListenerSource::Fd(fd) => (vhost_user::listener_from_fd(*fd)?, None),
@@ -105,6 +106,13 @@ fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> a
         }
         std::process::exit(0);
     })?;
+    if host_locks && settings.thread_pool_size <= 1 {
+        warn!(
+            "Host-side locks are on but requests are served on their queue's thread: a guest \
+             process waiting for a lock holds up its whole request queue. Consider \
+             --thread-pool-size 4 or more."
+        );
+    }
     if settings.thread_pool_size > 1 {
         info!(
             "Each request queue thread hands its requests to a pool of {} threads.",
@@ -116,6 +124,7 @@ fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> a
         vhost_user::DeviceOptions {
             tag: settings.tag,
             max_request_queues: settings.max_request_queues,
+            poll_us: settings.poll_us,
             thread_pool_size: settings.thread_pool_size,
         },
         listener,

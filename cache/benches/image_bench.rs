@@ -1,1 +1,169 @@
-fn main() {}
+//! Sequential read throughput of a lazily fetched image (cold and warm cache)
+//! against the same erofs image mounted from a fully local blob (the limit) and
+//! against raw backend range reads. Needs root. Usage:
+//! `berth-image-bench [SIZE_MIB] [BACKEND]` (BACKEND as for `berth-image`; a
+//! temporary directory when absent).
+
+use std::ffi::CString;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use berth_cache::{
+    build_image, mount_image, open_backend, BlobBackend, BuildOptions, CacheConfig, CacheEngine,
+    LocalDirBackend, MountOptions,
+};
+
+const FILES: usize = 4;
+
+fn drop_caches() -> Result<()> {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")
+}
+
+/// Reads every file under `root` sequentially in 1 MiB reads; returns MiB/s.
+fn read_tree(root: &Path) -> Result<(f64, u64)> {
+    let started = Instant::now();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for index in 0..FILES {
+        let mut file = std::fs::File::open(root.join(format!("f{index}")))?;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+    }
+    Ok((
+        total as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64(),
+        total,
+    ))
+}
+
+fn mount_local(bootstrap: &Path, blob: &Path, mountpoint: &Path) -> Result<()> {
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).context("path with NUL");
+    let (source, target) = (c(bootstrap)?, c(mountpoint)?);
+    let data = CString::new(format!("device={}", blob.display()))?;
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            c"erofs".as_ptr(),
+            libc::MS_RDONLY,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        bail!("mount: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn umount(mountpoint: &Path) -> Result<()> {
+    let target = CString::new(mountpoint.as_os_str().as_bytes())?;
+    // SAFETY: a NUL-terminated path.
+    if unsafe { libc::umount2(target.as_ptr(), 0) } != 0 {
+        bail!("umount: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args: Vec<String> = std::env::args().collect();
+    let size_mib: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(256);
+    let work = tempfile::tempdir()?;
+    let backend: Arc<dyn BlobBackend> = match args.get(2) {
+        Some(spec) => open_backend(spec)?,
+        None => Arc::new(LocalDirBackend::new(work.path().join("store"))),
+    };
+    let source = work.path().join("src");
+    std::fs::create_dir_all(&source)?;
+    let per_file = size_mib * (1 << 20) / FILES;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for index in 0..FILES {
+        let mut data = Vec::with_capacity(per_file);
+        while data.len() < per_file {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            data.extend_from_slice(&state.to_le_bytes());
+        }
+        std::fs::write(source.join(format!("f{index}")), &data)?;
+    }
+    let image = work.path().join("image");
+    let report = build_image(&BuildOptions::new(&source, &image, backend.clone()))?;
+    let raw_blob: PathBuf = report.raw_blob_path.clone().context("raw blob kept")?;
+    let mountpoint = work.path().join("mnt");
+    std::fs::create_dir_all(&mountpoint)?;
+
+    // Raw backend: sequential 4 MiB range reads of the whole object.
+    let started = Instant::now();
+    let mut offset = 0;
+    while offset < report.stored_bytes {
+        let end = (offset + (4 << 20)).min(report.stored_bytes);
+        backend.read_range(&report.manifest.object, offset..end)?;
+        offset = end;
+    }
+    let raw = report.stored_bytes as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64();
+
+    // The limit: the same image with its blob fully local.
+    mount_local(&report.bootstrap_path, &raw_blob, &mountpoint)?;
+    drop_caches()?;
+    let (local, bytes) = read_tree(&mountpoint)?;
+    umount(&mountpoint)?;
+
+    // Lazily fetched: cold cache, then warm cache (page cache dropped).
+    let engine = Arc::new(CacheEngine::new(
+        CacheConfig::new(work.path().join("cache")),
+        backend.clone(),
+    )?);
+    let mount = mount_image(MountOptions {
+        image: image.clone(),
+        mountpoint: mountpoint.clone(),
+        engine,
+        handler_threads: 4,
+    })?;
+    drop_caches()?;
+    let (cold, _) = read_tree(&mountpoint)?;
+    drop_caches()?;
+    let (warm, _) = read_tree(&mountpoint)?;
+    let requests = mount
+        .engine()
+        .metrics()
+        .backend_requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    mount.unmount()?;
+
+    println!(
+        "image: {} MiB in {FILES} files, blob {} chunks of 1 MiB, backend {}",
+        bytes >> 20,
+        report.manifest.chunks.len(),
+        backend.describe()
+    );
+    println!("{:<28} {:>10}", "sequential read", "MiB/s");
+    println!("{:<28} {:>10.1}", "raw backend (4 MiB ranges)", raw);
+    println!("{:<28} {:>10.1}", "erofs, local blob (limit)", local);
+    println!(
+        "{:<28} {:>10.1}  ({:.2} of limit, {:.2} of raw backend; {requests} backend reads)",
+        "lazy, cold cache",
+        cold,
+        cold / local,
+        cold / raw
+    );
+    println!(
+        "{:<28} {:>10.1}  ({:.2} of limit)",
+        "lazy, warm cache",
+        warm,
+        warm / local
+    );
+    Ok(())
+}

@@ -1,1 +1,21 @@
+//! berth's host cache: blobs fetched lazily, chunk by chunk, from a backend
+//! (local directory, S3-compatible store or HTTP) into sparse local files with a
+//! crash-consistent chunk map; and its first consumer, erofs images whose data blob
+//! is filled on demand through fanotify pre-content events.
 
+pub mod backend;
+pub mod chunkmap;
+pub mod engine;
+pub mod error;
+pub mod image;
+pub mod manifest;
+pub mod metrics;
+pub mod mount;
+
+pub use backend::{open_backend, BlobBackend, LocalDirBackend, ObjectStoreBackend, S3Config};
+pub use engine::{BlobHandle, CacheConfig, CacheEngine};
+pub use error::{CacheError, Result};
+pub use image::{build_image, BuildOptions, BuildReport};
+pub use manifest::{Compression, Manifest};
+pub use metrics::{Metrics, MetricsWriter};
+pub use mount::{mount_image, MountHandle, MountOptions};

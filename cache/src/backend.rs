@@ -1,0 +1,365 @@
+//! Where blobs live: a local directory, S3-compatible object storage or plain HTTP
+//! range reads, all behind the synchronous [`BlobBackend`] trait.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::aws::AmazonS3Builder;
+use object_store::http::HttpBuilder;
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart,
+};
+
+use crate::error::{CacheError, IoContext, Result};
+
+/// A store of named blobs that can be read by byte range.
+///
+/// Names are relative, `/`-separated paths (for example `blobs/<id>`).
+pub trait BlobBackend: Send + Sync + std::fmt::Debug {
+    /// Reads exactly `range` of blob `name`; a short object is an error.
+    fn read_range(&self, name: &str, range: Range<u64>) -> Result<Vec<u8>>;
+    /// The size of blob `name` in bytes.
+    fn size(&self, name: &str) -> Result<u64>;
+    /// Stores the contents of the local file `path` as blob `name`.
+    fn put_file(&self, name: &str, path: &Path) -> Result<()>;
+    /// Stores `data` as blob `name`.
+    fn put_bytes(&self, name: &str, data: &[u8]) -> Result<()>;
+    /// A short human description, for logs.
+    fn describe(&self) -> String;
+}
+
+fn backend_error(
+    operation: &'static str,
+    name: &str,
+    err: impl std::fmt::Display,
+    transient: bool,
+) -> CacheError {
+    CacheError::Backend {
+        operation,
+        name: name.to_string(),
+        message: err.to_string(),
+        transient,
+    }
+}
+
+/// Blobs stored as files under a local directory (the embedded default).
+#[derive(Debug, Clone)]
+pub struct LocalDirBackend {
+    root: PathBuf,
+}
+
+impl LocalDirBackend {
+    /// A backend rooted at `root`; the directory is created on the first upload.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The directory the blobs live in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, name: &str) -> Result<PathBuf> {
+        let relative = Path::new(name);
+        let only_normal = relative
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)));
+        if name.is_empty() || !only_normal {
+            return Err(backend_error(
+                "resolve",
+                name,
+                "the name is not a plain relative path",
+                false,
+            ));
+        }
+        Ok(self.root.join(relative))
+    }
+}
+
+impl BlobBackend for LocalDirBackend {
+    fn read_range(&self, name: &str, range: Range<u64>) -> Result<Vec<u8>> {
+        let path = self.path_of(name)?;
+        let len = usize::try_from(range.end.saturating_sub(range.start))
+            .map_err(|_| backend_error("read", name, "the range is too large", false))?;
+        let file = File::open(&path).map_err(|e| backend_error("read", name, e, true))?;
+        let mut data = vec![0u8; len];
+        file.read_exact_at(&mut data, range.start).map_err(|e| {
+            let transient = e.kind() != io::ErrorKind::UnexpectedEof;
+            backend_error("read", name, e, transient)
+        })?;
+        Ok(data)
+    }
+
+    fn size(&self, name: &str) -> Result<u64> {
+        let path = self.path_of(name)?;
+        fs::metadata(&path)
+            .map(|m| m.len())
+            .map_err(|e| backend_error("stat", name, e, true))
+    }
+
+    fn put_file(&self, name: &str, path: &Path) -> Result<()> {
+        let target = self.path_of(name)?;
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent).context(|| format!("creating {}", parent.display()))?;
+        }
+        // Copy to a temporary name first so a reader never sees a half-written blob.
+        let partial = target.with_extension("partial");
+        fs::copy(path, &partial)
+            .context(|| format!("copying {} to {}", path.display(), partial.display()))?;
+        fs::rename(&partial, &target).context(|| format!("renaming {}", partial.display()))
+    }
+
+    fn put_bytes(&self, name: &str, data: &[u8]) -> Result<()> {
+        let target = self.path_of(name)?;
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent).context(|| format!("creating {}", parent.display()))?;
+        }
+        let partial = target.with_extension("partial");
+        fs::write(&partial, data).context(|| format!("writing {}", partial.display()))?;
+        fs::rename(&partial, &target).context(|| format!("renaming {}", partial.display()))
+    }
+
+    fn describe(&self) -> String {
+        format!("directory {}", self.root.display())
+    }
+}
+
+/// Connection settings of an S3-compatible store.
+#[derive(Debug, Clone, Default)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Prefix put before every blob name (no leading or trailing `/` needed).
+    pub prefix: String,
+    /// Endpoint URL, e.g. of a self-hosted S3-compatible server; `None` for AWS.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Allow plain `http://` endpoints.
+    pub allow_http: bool,
+}
+
+/// A backend on an `object_store` store (S3 or HTTP), run on a small private
+/// tokio runtime so callers stay synchronous.
+pub struct ObjectStoreBackend {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    description: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for ObjectStoreBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectStoreBackend")
+            .field("description", &self.description)
+            .finish()
+    }
+}
+
+/// Requests fail fast: the engine retries with its own backoff.
+fn client_settings() -> (RetryConfig, ClientOptions) {
+    let retry = RetryConfig {
+        max_retries: 0,
+        retry_timeout: Duration::from_secs(30),
+        ..RetryConfig::default()
+    };
+    let options = ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(60));
+    (retry, options)
+}
+
+fn private_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("berth-cache-io")
+        .enable_all()
+        .build()
+        .context(|| "starting the backend's tokio runtime".to_string())
+}
+
+impl ObjectStoreBackend {
+    /// An S3-compatible store. Settings left `None` fall back to the usual `AWS_*`
+    /// environment variables.
+    pub fn s3(config: &S3Config) -> Result<Self> {
+        let (retry, options) = client_settings();
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&config.bucket)
+            .with_retry(retry)
+            .with_client_options(options);
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let Some(region) = &config.region {
+            builder = builder.with_region(region);
+        }
+        if let Some(key) = &config.access_key_id {
+            builder = builder.with_access_key_id(key);
+        }
+        if let Some(secret) = &config.secret_access_key {
+            builder = builder.with_secret_access_key(secret);
+        }
+        if config.allow_http {
+            builder = builder.with_allow_http(true);
+        }
+        let store = builder
+            .build()
+            .map_err(|e| CacheError::InvalidBackend(format!("s3://{}: {e}", config.bucket)))?;
+        Ok(Self {
+            store: Arc::new(store),
+            prefix: config.prefix.trim_matches('/').to_string(),
+            description: format!("s3://{}/{}", config.bucket, config.prefix.trim_matches('/')),
+            runtime: private_runtime()?,
+        })
+    }
+
+    /// Plain HTTP(S) range reads below `base_url` (read-only).
+    pub fn http(base_url: &str) -> Result<Self> {
+        let (retry, options) = client_settings();
+        let store = HttpBuilder::new()
+            .with_url(base_url)
+            .with_retry(retry)
+            .with_client_options(options.with_allow_http(true))
+            .build()
+            .map_err(|e| CacheError::InvalidBackend(format!("{base_url}: {e}")))?;
+        Ok(Self {
+            store: Arc::new(store),
+            prefix: String::new(),
+            description: base_url.to_string(),
+            runtime: private_runtime()?,
+        })
+    }
+
+    fn location(&self, name: &str) -> ObjectPath {
+        if self.prefix.is_empty() {
+            ObjectPath::from(name)
+        } else {
+            ObjectPath::from(format!("{}/{}", self.prefix, name))
+        }
+    }
+}
+
+fn classify(operation: &'static str, name: &str, err: object_store::Error) -> CacheError {
+    let transient = !matches!(
+        err,
+        object_store::Error::NotFound { .. } | object_store::Error::NotSupported { .. }
+    );
+    backend_error(operation, name, err, transient)
+}
+
+/// Parts of at most this size are sent in one request when uploading.
+const UPLOAD_PART_SIZE: usize = 16 << 20;
+
+impl BlobBackend for ObjectStoreBackend {
+    fn read_range(&self, name: &str, range: Range<u64>) -> Result<Vec<u8>> {
+        let location = self.location(name);
+        let expected = range.end.saturating_sub(range.start);
+        let bytes = self
+            .runtime
+            .block_on(self.store.get_range(&location, range))
+            .map_err(|e| classify("read", name, e))?;
+        if bytes.len() as u64 != expected {
+            return Err(backend_error(
+                "read",
+                name,
+                format!("expected {expected} bytes, received {}", bytes.len()),
+                true,
+            ));
+        }
+        Ok(bytes.to_vec())
+    }
+
+    fn size(&self, name: &str) -> Result<u64> {
+        let location = self.location(name);
+        self.runtime
+            .block_on(self.store.head(&location))
+            .map(|meta| meta.size)
+            .map_err(|e| classify("stat", name, e))
+    }
+
+    fn put_file(&self, name: &str, path: &Path) -> Result<()> {
+        let len = fs::metadata(path)
+            .context(|| format!("reading {}", path.display()))?
+            .len();
+        if len <= UPLOAD_PART_SIZE as u64 {
+            let data = fs::read(path).context(|| format!("reading {}", path.display()))?;
+            return self.put_bytes(name, &data);
+        }
+        let location = self.location(name);
+        let mut file = File::open(path).context(|| format!("opening {}", path.display()))?;
+        self.runtime.block_on(async {
+            let upload = self
+                .store
+                .put_multipart(&location)
+                .await
+                .map_err(|e| classify("upload", name, e))?;
+            let mut writer = WriteMultipart::new_with_chunk_size(upload, UPLOAD_PART_SIZE);
+            let mut buffer = vec![0u8; UPLOAD_PART_SIZE];
+            loop {
+                let n = file
+                    .read(&mut buffer)
+                    .context(|| format!("reading {}", path.display()))?;
+                if n == 0 {
+                    break;
+                }
+                writer
+                    .wait_for_capacity(4)
+                    .await
+                    .map_err(|e| classify("upload", name, e))?;
+                writer.write(&buffer[..n]);
+            }
+            writer
+                .finish()
+                .await
+                .map_err(|e| classify("upload", name, e))?;
+            Ok(())
+        })
+    }
+
+    fn put_bytes(&self, name: &str, data: &[u8]) -> Result<()> {
+        let location = self.location(name);
+        let payload = PutPayload::from(bytes::Bytes::copy_from_slice(data));
+        self.runtime
+            .block_on(self.store.put(&location, payload))
+            .map(|_| ())
+            .map_err(|e| classify("upload", name, e))
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}
+
+/// Opens the backend named by `spec`:
+/// - `s3://BUCKET[/PREFIX]` (endpoint, region and credentials from the `AWS_*`
+///   environment variables, e.g. `AWS_ENDPOINT`, `AWS_ALLOW_HTTP=true`),
+/// - `http://…` or `https://…` (read-only range reads),
+/// - `file://DIR` or a plain directory path.
+pub fn open_backend(spec: &str) -> Result<Arc<dyn BlobBackend>> {
+    if let Some(rest) = spec.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(CacheError::InvalidBackend(spec.to_string()));
+        }
+        let config = S3Config {
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+            ..S3Config::default()
+        };
+        return Ok(Arc::new(ObjectStoreBackend::s3(&config)?));
+    }
+    if spec.starts_with("http://") || spec.starts_with("https://") {
+        return Ok(Arc::new(ObjectStoreBackend::http(spec)?));
+    }
+    let dir = spec.strip_prefix("file://").unwrap_or(spec);
+    if dir.is_empty() {
+        return Err(CacheError::InvalidBackend(spec.to_string()));
+    }
+    Ok(Arc::new(LocalDirBackend::new(dir)))
+}

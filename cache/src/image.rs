@@ -1,0 +1,255 @@
+//! Building an image: an erofs bootstrap (kept local) plus a chunked data blob
+//! (uploaded to the backend) and the manifest describing it.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::backend::BlobBackend;
+use crate::error::{CacheError, IoContext, Result};
+use crate::manifest::{compress_chunk, ChunkEntry, Compression, Manifest, MANIFEST_VERSION};
+
+/// File names inside an image directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const BOOTSTRAP_FILE: &str = "boot.img";
+pub const RAW_BLOB_FILE: &str = "blob.raw";
+const STORED_BLOB_FILE: &str = "blob.stored";
+
+/// What to build and where to put it.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// A directory, or a tar archive (any compression GNU tar detects).
+    pub source: PathBuf,
+    /// Receives `manifest.json`, `boot.img` and, if kept, `blob.raw`.
+    pub out_dir: PathBuf,
+    /// Chunk size of the blob (also passed to mkfs.erofs); a power of two ≥ 4096.
+    pub chunk_size: u32,
+    pub compression: Compression,
+    pub backend: Arc<dyn BlobBackend>,
+    /// The blob is stored as `<object_prefix>/<blob id>`.
+    pub object_prefix: String,
+    /// Keep the uncompressed blob in `out_dir` (handy as a fully local copy).
+    pub keep_raw_blob: bool,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+impl BuildOptions {
+    /// Defaults: 1 MiB chunks, no compression, objects under `blobs/`.
+    pub fn new(
+        source: impl Into<PathBuf>,
+        out_dir: impl Into<PathBuf>,
+        backend: Arc<dyn BlobBackend>,
+    ) -> Self {
+        Self {
+            source: source.into(),
+            out_dir: out_dir.into(),
+            chunk_size: 1 << 20,
+            compression: Compression::None,
+            backend,
+            object_prefix: "blobs".into(),
+            keep_raw_blob: true,
+            progress: false,
+        }
+    }
+}
+
+/// What [`build_image`] produced.
+#[derive(Debug, Clone)]
+pub struct BuildReport {
+    pub manifest: Manifest,
+    pub manifest_path: PathBuf,
+    pub bootstrap_path: PathBuf,
+    pub raw_blob_path: Option<PathBuf>,
+    /// Size of the object uploaded to the backend.
+    pub stored_bytes: u64,
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let description = format!("{command:?}");
+    let output = command.output().map_err(|e| CacheError::Command {
+        command: description.clone(),
+        message: e.to_string(),
+    })?;
+    if !output.status.success() {
+        return Err(CacheError::Command {
+            command: description,
+            message: format!(
+                "{}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Builds the image described by `options` and uploads its blob.
+pub fn build_image(options: &BuildOptions) -> Result<BuildReport> {
+    let out = &options.out_dir;
+    fs::create_dir_all(out).context(|| format!("creating {}", out.display()))?;
+    let probe = Manifest::chunk_count_for(1, options.chunk_size);
+    if probe != 1
+        || !options.chunk_size.is_power_of_two()
+        || !(crate::manifest::MIN_CHUNK_SIZE..=crate::manifest::MAX_CHUNK_SIZE)
+            .contains(&options.chunk_size)
+    {
+        return Err(CacheError::InvalidManifest(format!(
+            "chunk size {} is not usable",
+            options.chunk_size
+        )));
+    }
+    let extracted = out.join(".rootfs");
+    let tree: PathBuf = if options.source.is_dir() {
+        options.source.clone()
+    } else {
+        let _ = fs::remove_dir_all(&extracted);
+        fs::create_dir_all(&extracted).context(|| format!("creating {}", extracted.display()))?;
+        run(Command::new("tar")
+            .arg("-xf")
+            .arg(&options.source)
+            .arg("-C")
+            .arg(&extracted))?;
+        extracted.clone()
+    };
+    let bootstrap_path = out.join(BOOTSTRAP_FILE);
+    let raw_path = out.join(RAW_BLOB_FILE);
+    for stale in [&bootstrap_path, &raw_path] {
+        let _ = fs::remove_file(stale);
+    }
+    let mkfs = run(Command::new("mkfs.erofs")
+        .arg(format!("--chunksize={}", options.chunk_size))
+        .arg(format!("--blobdev={}", raw_path.display()))
+        .arg(&bootstrap_path)
+        .arg(&tree));
+    if tree == extracted {
+        let _ = fs::remove_dir_all(&extracted);
+    }
+    mkfs?;
+
+    let blob_size = fs::metadata(&raw_path)
+        .context(|| format!("reading {}", raw_path.display()))?
+        .len();
+    let bar = if options.progress {
+        ProgressBar::new(blob_size)
+    } else {
+        ProgressBar::hidden()
+    };
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})")
+    {
+        bar.set_style(style);
+    }
+    bar.set_message("chunking");
+    let stored_path = out.join(STORED_BLOB_FILE);
+    let mut raw = File::open(&raw_path).context(|| format!("opening {}", raw_path.display()))?;
+    let mut stored = match options.compression {
+        Compression::None => None,
+        _ => Some(BufWriter::new(
+            File::create(&stored_path).context(|| format!("creating {}", stored_path.display()))?,
+        )),
+    };
+    let mut blob_hasher = blake3::Hasher::new();
+    let mut chunks = Vec::new();
+    let mut offset = 0u64;
+    let mut buffer = vec![0u8; options.chunk_size as usize];
+    loop {
+        let mut filled = 0;
+        while filled < buffer.len() {
+            let n = raw
+                .read(&mut buffer[filled..])
+                .context(|| format!("reading {}", raw_path.display()))?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        let chunk = &buffer[..filled];
+        blob_hasher.update(chunk);
+        let stored_size = match &mut stored {
+            None => filled as u64,
+            Some(writer) => {
+                let packed = compress_chunk(options.compression, chunk)?;
+                writer
+                    .write_all(&packed)
+                    .context(|| format!("writing {}", stored_path.display()))?;
+                packed.len() as u64
+            }
+        };
+        chunks.push(ChunkEntry {
+            digest: blake3::hash(chunk).to_hex().to_string(),
+            offset,
+            stored_size,
+        });
+        offset += stored_size;
+        bar.inc(filled as u64);
+        if filled < buffer.len() {
+            break;
+        }
+    }
+    let upload_path = match stored {
+        None => raw_path.clone(),
+        Some(writer) => {
+            writer
+                .into_inner()
+                .map_err(|e| CacheError::Io {
+                    context: format!("writing {}", stored_path.display()),
+                    source: e.into_error(),
+                })?
+                .sync_all()
+                .context(|| format!("syncing {}", stored_path.display()))?;
+            stored_path.clone()
+        }
+    };
+    let blob_id = blob_hasher.finalize().to_hex().to_string();
+    let object = format!("{}/{blob_id}", options.object_prefix.trim_matches('/'));
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        blob_id,
+        blob_size,
+        chunk_size: options.chunk_size,
+        compression: options.compression,
+        object: object.clone(),
+        bootstrap: BOOTSTRAP_FILE.into(),
+        chunks,
+    };
+    manifest.validate()?;
+    bar.set_message("uploading");
+    options.backend.put_file(&object, &upload_path)?;
+    bar.finish_with_message("done");
+    if upload_path == stored_path {
+        let _ = fs::remove_file(&stored_path);
+    }
+    let manifest_path = out.join(MANIFEST_FILE);
+    manifest.save(&manifest_path)?;
+    let raw_blob_path = if options.keep_raw_blob {
+        Some(raw_path)
+    } else {
+        let _ = fs::remove_file(&raw_path);
+        None
+    };
+    tracing::info!(blob = %manifest.blob_id, size = blob_size, stored = offset, "built image");
+    Ok(BuildReport {
+        manifest,
+        manifest_path,
+        bootstrap_path,
+        raw_blob_path,
+        stored_bytes: offset,
+    })
+}
+
+/// Finds the manifest for `image`: the file itself, or `manifest.json` inside it.
+pub fn manifest_path_of(image: &Path) -> PathBuf {
+    if image.is_dir() {
+        image.join(MANIFEST_FILE)
+    } else {
+        image.to_path_buf()
+    }
+}

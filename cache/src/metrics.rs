@@ -1,0 +1,208 @@
+//! Engine counters, rendered in the Prometheus text exposition format.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the fetch latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+/// Counters of one engine. All are monotonic except `cached_bytes`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Chunks requested that were already present.
+    pub chunk_hits: AtomicU64,
+    /// Chunks requested that had to be fetched (or waited for).
+    pub chunk_misses: AtomicU64,
+    /// Chunks written into cache files after a fetch (on demand or prefetch).
+    pub chunks_fetched: AtomicU64,
+    /// Chunks fetched by prefetch workers.
+    pub chunks_prefetched: AtomicU64,
+    /// Range reads sent to the backend (including retries).
+    pub backend_requests: AtomicU64,
+    /// Bytes received from the backend.
+    pub backend_bytes: AtomicU64,
+    /// Backend requests that failed.
+    pub backend_errors: AtomicU64,
+    /// Chunks whose digest did not match the manifest.
+    pub verification_failures: AtomicU64,
+    /// Bytes returned by `read`.
+    pub bytes_read: AtomicU64,
+    /// Blobs evicted to stay under the capacity.
+    pub evictions: AtomicU64,
+    /// Bytes of ready chunks currently in the cache.
+    pub cached_bytes: AtomicU64,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_micros: AtomicU64,
+}
+
+impl Metrics {
+    /// Records the duration of one successful backend fetch.
+    pub fn observe_fetch_latency(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        for (bucket, bound) in self.latency_buckets.iter().zip(LATENCY_BUCKETS) {
+            if seconds <= bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Number of fetch latencies recorded.
+    pub fn fetch_count(&self) -> u64 {
+        self.latency_count.load(Ordering::Relaxed)
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render_prometheus(&self) -> String {
+        let mut out = String::new();
+        let counters: [(&str, &str, &AtomicU64, &str); 11] = [
+            (
+                "berth_cache_chunk_hits_total",
+                "Chunks requested that were already cached.",
+                &self.chunk_hits,
+                "counter",
+            ),
+            (
+                "berth_cache_chunk_misses_total",
+                "Chunks requested that were not cached.",
+                &self.chunk_misses,
+                "counter",
+            ),
+            (
+                "berth_cache_chunks_fetched_total",
+                "Chunks fetched and written to the cache.",
+                &self.chunks_fetched,
+                "counter",
+            ),
+            (
+                "berth_cache_chunks_prefetched_total",
+                "Chunks fetched by prefetch workers.",
+                &self.chunks_prefetched,
+                "counter",
+            ),
+            (
+                "berth_cache_backend_requests_total",
+                "Range reads sent to the backend.",
+                &self.backend_requests,
+                "counter",
+            ),
+            (
+                "berth_cache_backend_bytes_total",
+                "Bytes received from the backend.",
+                &self.backend_bytes,
+                "counter",
+            ),
+            (
+                "berth_cache_backend_errors_total",
+                "Backend reads that failed.",
+                &self.backend_errors,
+                "counter",
+            ),
+            (
+                "berth_cache_verification_failures_total",
+                "Chunks whose digest did not match.",
+                &self.verification_failures,
+                "counter",
+            ),
+            (
+                "berth_cache_read_bytes_total",
+                "Bytes returned by reads through the engine.",
+                &self.bytes_read,
+                "counter",
+            ),
+            (
+                "berth_cache_evictions_total",
+                "Blobs evicted to respect the capacity.",
+                &self.evictions,
+                "counter",
+            ),
+            (
+                "berth_cache_cached_bytes",
+                "Bytes of ready chunks held in the cache.",
+                &self.cached_bytes,
+                "gauge",
+            ),
+        ];
+        for (name, help, value, kind) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+        let name = "berth_cache_fetch_latency_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Latency of backend range reads.\n# TYPE {name} histogram"
+        );
+        for (bucket, bound) in self.latency_buckets.iter().zip(LATENCY_BUCKETS) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let sum = self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
+        );
+        out
+    }
+}
+
+/// Writes the metrics to a file at a fixed interval until dropped.
+pub struct MetricsWriter {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsWriter {
+    /// Starts a thread that replaces `path` with the rendered metrics every
+    /// `interval` (through a temporary file and a rename, so readers never see a
+    /// partial file).
+    pub fn start(metrics: Arc<Metrics>, path: PathBuf, interval: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("berth-cache-metrics".into())
+            .spawn(move || {
+                let partial = path.with_extension("partial");
+                loop {
+                    let write = std::fs::write(&partial, metrics.render_prometheus())
+                        .and_then(|()| std::fs::rename(&partial, &path));
+                    if let Err(err) = write {
+                        tracing::warn!("cannot write metrics to {}: {err}", path.display());
+                    }
+                    let mut waited = Duration::ZERO;
+                    while waited < interval {
+                        if stop_flag.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let step = Duration::from_millis(100).min(interval - waited);
+                        std::thread::sleep(step);
+                        waited += step;
+                    }
+                }
+            })
+            .ok();
+        Self { stop, thread }
+    }
+}
+
+impl Drop for MetricsWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,519 @@
+//! Mounting an image: the erofs bootstrap is mounted file-backed with its data
+//! device being the blob's sparse cache file, and reads of missing ranges of that
+//! file are held by fanotify pre-content events until the engine has filled them.
+//!
+//! Order matters and is relied on:
+//! 1. the engine opens the cache file (its descriptor predates the mark, so the
+//!    kernel gives it no pre-content events: the engine's own writes never recurse);
+//! 2. the fanotify group marks the cache file with `FAN_PRE_ACCESS`;
+//! 3. handler threads start, then erofs is mounted (it opens the device after the
+//!    mark, so its reads raise events).
+//!
+//! On shutdown the filesystem is unmounted before the group is closed, because a
+//! closed group lets pending and future accesses through (fail-open) and the
+//! reader would see the holes of the sparse file as zeros.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::backend::BlobBackend;
+use crate::engine::{BlobHandle, CacheConfig, CacheEngine};
+use crate::error::{CacheError, IoContext, Result};
+use crate::image::manifest_path_of;
+use crate::manifest::Manifest;
+
+/// `FAN_PRE_ACCESS` (Linux 6.14): permission to access a file range before it is read or written.
+pub const FAN_PRE_ACCESS: u64 = 0x0010_0000;
+/// Info record type carrying the accessed range of a pre-content event.
+const FAN_EVENT_INFO_TYPE_RANGE: u8 = 6;
+const FANOTIFY_METADATA_VERSION: u8 = 3;
+const EVENT_METADATA_LEN: usize = 24;
+const RANGE_RECORD_LEN: usize = 24;
+/// `FAN_DENY_ERRNO(EIO)`: deny with the errno the reader should see (Linux 6.14).
+const FAN_DENY_EIO: u32 = libc::FAN_DENY | ((libc::EIO as u32 & 0xff) << 24);
+
+/// What to mount and how.
+pub struct MountOptions {
+    /// The image directory (holding `manifest.json`) or the manifest file itself.
+    pub image: PathBuf,
+    pub mountpoint: PathBuf,
+    /// The engine to serve the blob from (see [`MountOptions::new`] to make one).
+    pub engine: Arc<CacheEngine>,
+    /// Threads answering fanotify events.
+    pub handler_threads: usize,
+}
+
+impl MountOptions {
+    /// Options with a new engine on `cache_dir` and `backend`, and 4 handler threads.
+    pub fn new(
+        image: impl Into<PathBuf>,
+        mountpoint: impl Into<PathBuf>,
+        cache_dir: impl Into<PathBuf>,
+        backend: Arc<dyn BlobBackend>,
+    ) -> Result<Self> {
+        let engine = CacheEngine::new(CacheConfig::new(cache_dir), backend)?;
+        Ok(Self {
+            image: image.into(),
+            mountpoint: mountpoint.into(),
+            engine: Arc::new(engine),
+            handler_threads: 4,
+        })
+    }
+}
+
+/// A mounted image. Dropping it unmounts; if the unmount fails the fanotify group
+/// is deliberately leaked so reads keep failing closed instead of returning zeros.
+pub struct MountHandle {
+    mountpoint: PathBuf,
+    engine: Arc<CacheEngine>,
+    blob: Arc<BlobHandle>,
+    group: Option<Arc<OwnedFd>>,
+    wake: Option<OwnedFd>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    mounted: bool,
+}
+
+fn last_os_error(operation: &'static str) -> CacheError {
+    CacheError::Kernel {
+        operation,
+        source: io::Error::last_os_error(),
+    }
+}
+
+fn c_path(path: &Path) -> Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| CacheError::Io {
+        context: format!("using path {}", path.display()),
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })
+}
+
+/// Creates a pre-content fanotify group (non-blocking, close-on-exec).
+fn pre_content_group() -> Result<OwnedFd> {
+    // SAFETY: plain syscall with constant flags; the result is checked.
+    let fd = unsafe {
+        libc::fanotify_init(
+            libc::FAN_CLASS_PRE_CONTENT | libc::FAN_CLOEXEC | libc::FAN_NONBLOCK,
+            (libc::O_RDWR | libc::O_LARGEFILE) as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(last_os_error("fanotify_init(FAN_CLASS_PRE_CONTENT)"));
+    }
+    // SAFETY: fanotify_init returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn mark_pre_access(group: &OwnedFd, path: &Path) -> Result<()> {
+    change_mark(group, path, libc::FAN_MARK_ADD)
+}
+
+fn change_mark(group: &OwnedFd, path: &Path, flags: libc::c_uint) -> Result<()> {
+    let path = c_path(path)?;
+    // SAFETY: `group` is a live fanotify descriptor and `path` a NUL-terminated string.
+    let rc = unsafe {
+        libc::fanotify_mark(
+            group.as_raw_fd(),
+            flags,
+            FAN_PRE_ACCESS,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+        )
+    };
+    if rc < 0 {
+        return Err(last_os_error("fanotify_mark(FAN_PRE_ACCESS)"));
+    }
+    Ok(())
+}
+
+/// Checks that this process can mount erofs images through fanotify pre-content
+/// events here; `Err` says why not. `scratch` must be a writable directory.
+pub fn check_support(scratch: &Path) -> std::result::Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not running as root".into());
+    }
+    let filesystems = fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !filesystems
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("erofs"))
+    {
+        return Err("the kernel has no erofs support".into());
+    }
+    let probe = scratch.join(".fanotify-probe");
+    fs::write(&probe, b"").map_err(|e| format!("cannot write {}: {e}", probe.display()))?;
+    let outcome = pre_content_group().and_then(|group| mark_pre_access(&group, &probe));
+    let _ = fs::remove_file(&probe);
+    outcome.map_err(|e| format!("fanotify pre-content events are unavailable: {e}"))?;
+    let mkfs = std::process::Command::new("mkfs.erofs")
+        .arg("--help")
+        .output();
+    if mkfs.is_err() {
+        return Err("mkfs.erofs (erofs-utils) is not installed".into());
+    }
+    Ok(())
+}
+
+/// Mounts the image described by `options`.
+pub fn mount_image(options: MountOptions) -> Result<MountHandle> {
+    let manifest_path = manifest_path_of(&options.image);
+    let manifest = Manifest::load(&manifest_path)?;
+    let image_dir = manifest_path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let bootstrap = image_dir.join(&manifest.bootstrap);
+    if !bootstrap.is_file() {
+        return Err(CacheError::InvalidManifest(format!(
+            "bootstrap {} is missing",
+            bootstrap.display()
+        )));
+    }
+    // 1. The engine's descriptor of the cache file is opened before the mark.
+    let blob = Arc::new(options.engine.open_blob(&manifest)?);
+    let cache_path = fs::canonicalize(blob.cache_path())
+        .context(|| format!("resolving {}", blob.cache_path().display()))?;
+    let cache_meta =
+        fs::metadata(&cache_path).context(|| format!("reading {}", cache_path.display()))?;
+    // 2. Mark.
+    let group = Arc::new(pre_content_group()?);
+    mark_pre_access(&group, &cache_path)?;
+    // 3. Handlers, then the mount.
+    // SAFETY: plain syscall; the result is checked.
+    let wake_fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if wake_fd < 0 {
+        return Err(last_os_error("eventfd"));
+    }
+    // SAFETY: eventfd returned a new descriptor that nothing else owns.
+    let wake = unsafe { OwnedFd::from_raw_fd(wake_fd) };
+    let stop = Arc::new(AtomicBool::new(false));
+    let complete = Arc::new(AtomicBool::new(false));
+    let mut handle = MountHandle {
+        mountpoint: options.mountpoint.clone(),
+        engine: options.engine.clone(),
+        blob: blob.clone(),
+        group: Some(group.clone()),
+        wake: None,
+        stop: stop.clone(),
+        threads: Vec::new(),
+        mounted: false,
+    };
+    for index in 0..options.handler_threads.max(1) {
+        let handler = EventHandler {
+            group: group.clone(),
+            wake: wake.as_raw_fd(),
+            stop: stop.clone(),
+            blob: blob.clone(),
+            file_identity: (cache_meta.dev(), cache_meta.ino()),
+            cache_path: cache_path.clone(),
+            complete: complete.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("berth-fanotify-{index}"))
+            .spawn(move || handler.run())
+            .context(|| "starting a fanotify handler".to_string())?;
+        handle.threads.push(thread);
+    }
+    handle.wake = Some(wake);
+    let source = c_path(&bootstrap)?;
+    let target = c_path(&options.mountpoint)?;
+    let data =
+        CString::new(format!("device={}", cache_path.display())).map_err(|_| CacheError::Io {
+            context: "building mount options".into(),
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        })?;
+    // SAFETY: all pointers are NUL-terminated strings that outlive the call. The
+    // syscall mounts the bootstrap file itself (no loop device).
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            c"erofs".as_ptr(),
+            libc::MS_RDONLY,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc < 0 {
+        // Nothing is mounted: stopping the handlers and closing the group is safe.
+        return Err(last_os_error("mount(erofs)"));
+    }
+    handle.mounted = true;
+    remove_mark_if_complete(&group, &blob, &cache_path, &complete);
+    tracing::info!(mountpoint = %options.mountpoint.display(), blob = %manifest.blob_id, "mounted image");
+    Ok(handle)
+}
+
+impl MountHandle {
+    /// The engine serving this mount.
+    pub fn engine(&self) -> &Arc<CacheEngine> {
+        &self.engine
+    }
+
+    /// The mounted blob.
+    pub fn blob(&self) -> &BlobHandle {
+        &self.blob
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    fn try_unmount(&mut self) -> Result<()> {
+        if !self.mounted {
+            return Ok(());
+        }
+        let target = c_path(&self.mountpoint)?;
+        let mut attempts = 0;
+        loop {
+            // SAFETY: `target` is a NUL-terminated path.
+            let rc = unsafe { libc::umount2(target.as_ptr(), 0) };
+            if rc == 0 {
+                self.mounted = false;
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            attempts += 1;
+            if err.raw_os_error() != Some(libc::EBUSY) || attempts >= 20 {
+                return Err(CacheError::Kernel {
+                    operation: "umount",
+                    source: err,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop_handlers(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(wake) = &self.wake {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+            unsafe { libc::write(wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+        self.group = None;
+        self.wake = None;
+    }
+
+    /// Unmounts, then stops the handlers and closes the fanotify group.
+    pub fn unmount(mut self) -> Result<()> {
+        self.try_unmount()?;
+        self.stop_handlers();
+        Ok(())
+    }
+}
+
+impl Drop for MountHandle {
+    fn drop(&mut self) {
+        match self.try_unmount() {
+            Ok(()) => self.stop_handlers(),
+            Err(err) => {
+                tracing::error!(
+                    "cannot unmount {}: {err}; keeping the fanotify group open so reads fail closed",
+                    self.mountpoint.display()
+                );
+                // Leaking the group and its handlers keeps accesses gated.
+                if let Some(group) = self.group.take() {
+                    std::mem::forget(group);
+                }
+                if let Some(wake) = self.wake.take() {
+                    std::mem::forget(wake);
+                }
+                self.threads.clear();
+            }
+        }
+    }
+}
+
+/// Once every chunk is present, events only cost time: drop the mark. The blob is
+/// in use while mounted, so it cannot be evicted and its chunks stay present.
+fn remove_mark_if_complete(
+    group: &OwnedFd,
+    blob: &BlobHandle,
+    cache_path: &Path,
+    complete: &AtomicBool,
+) {
+    if complete.load(Ordering::SeqCst) || !blob.is_complete() {
+        return;
+    }
+    if !complete.swap(true, Ordering::SeqCst) {
+        match change_mark(group, cache_path, libc::FAN_MARK_REMOVE) {
+            Ok(()) => {
+                tracing::info!(blob = %blob.id(), "all chunks present; fanotify mark removed")
+            }
+            Err(err) => tracing::warn!("cannot remove the fanotify mark: {err}"),
+        }
+    }
+}
+
+struct EventHandler {
+    cache_path: PathBuf,
+    complete: Arc<AtomicBool>,
+    group: Arc<OwnedFd>,
+    wake: RawFd,
+    stop: Arc<AtomicBool>,
+    blob: Arc<BlobHandle>,
+    file_identity: (u64, u64),
+}
+
+/// One parsed pre-content event.
+struct Event {
+    fd: Option<OwnedFd>,
+    range: Option<Range<u64>>,
+}
+
+/// Parses the events in `buf`; malformed trailing bytes are ignored.
+fn parse_events(buf: &[u8]) -> Vec<Event> {
+    let mut events = Vec::new();
+    let mut at = 0;
+    while buf.len() - at >= EVENT_METADATA_LEN {
+        let field_u32 = |o: usize| u32::from_ne_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
+        let event_len = field_u32(at) as usize;
+        let version = buf[at + 4];
+        let metadata_len = u16::from_ne_bytes([buf[at + 6], buf[at + 7]]) as usize;
+        if event_len < EVENT_METADATA_LEN || at + event_len > buf.len() || metadata_len > event_len
+        {
+            break;
+        }
+        let raw_fd = field_u32(at + 16) as i32;
+        let fd = (raw_fd >= 0).then(|| {
+            // SAFETY: the kernel installed this descriptor for us with the event.
+            unsafe { OwnedFd::from_raw_fd(raw_fd) }
+        });
+        if version != FANOTIFY_METADATA_VERSION {
+            tracing::error!(version, "unexpected fanotify metadata version");
+        }
+        let mut range = None;
+        let mut info = at + metadata_len;
+        let end = at + event_len;
+        while end - info >= 4 {
+            let kind = buf[info];
+            let len = u16::from_ne_bytes([buf[info + 2], buf[info + 3]]) as usize;
+            if len < 4 || info + len > end {
+                break;
+            }
+            if kind == FAN_EVENT_INFO_TYPE_RANGE && len >= RANGE_RECORD_LEN {
+                let u64_at =
+                    |o: usize| u64::from_ne_bytes(buf[o..o + 8].try_into().unwrap_or([0; 8]));
+                let offset = u64_at(info + 8);
+                let count = u64_at(info + 16);
+                range = Some(offset..offset.saturating_add(count));
+            }
+            info += len;
+        }
+        events.push(Event { fd, range });
+        at += event_len;
+    }
+    events
+}
+
+impl EventHandler {
+    fn run(self) {
+        let mut buf = [0u8; 256];
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.group.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.wake,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+            if rc <= 0 || fds[0].revents & libc::POLLIN == 0 {
+                continue;
+            }
+            // SAFETY: reads into our own buffer of the given length.
+            let n =
+                unsafe { libc::read(self.group.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                continue;
+            }
+            for event in parse_events(&buf[..n as usize]) {
+                self.answer(event);
+            }
+        }
+    }
+
+    fn answer(&self, event: Event) {
+        let Some(fd) = event.fd else {
+            tracing::warn!("fanotify queue overflowed");
+            return;
+        };
+        let ours = fs::File::from(fd.try_clone().unwrap_or_else(|_| fd_dup_failed()))
+            .metadata()
+            .map(|m| (m.dev(), m.ino()) == self.file_identity)
+            .unwrap_or(false);
+        let size = self.blob.manifest().blob_size;
+        let range = event.range.clone().unwrap_or(0..size);
+        let outcome = if ours {
+            self.blob.ensure_present(range.clone())
+        } else {
+            Err(CacheError::UnknownBlob("an unmarked file".into()))
+        };
+        let response = match &outcome {
+            Ok(()) => {
+                remove_mark_if_complete(&self.group, &self.blob, &self.cache_path, &self.complete);
+                libc::FAN_ALLOW
+            }
+            Err(err) => {
+                tracing::error!(range = ?range, "denying read of {}: {err}", self.blob.id());
+                FAN_DENY_EIO
+            }
+        };
+        if self.respond(&fd, response).is_err() && response != libc::FAN_ALLOW {
+            // Kernels without FAN_DENY_ERRNO reject it: deny plainly (EPERM).
+            if let Err(err) = self.respond(&fd, libc::FAN_DENY) {
+                tracing::error!("cannot answer a fanotify event: {err}");
+            }
+        }
+    }
+
+    fn respond(&self, fd: &OwnedFd, response: u32) -> io::Result<()> {
+        let answer = libc::fanotify_response {
+            fd: fd.as_raw_fd(),
+            response,
+        };
+        let len = std::mem::size_of::<libc::fanotify_response>();
+        // SAFETY: writes the bytes of a live fanotify_response to the group descriptor.
+        let n = unsafe {
+            libc::write(
+                self.group.as_raw_fd(),
+                (&answer as *const libc::fanotify_response).cast(),
+                len,
+            )
+        };
+        if n as usize == len {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+fn fd_dup_failed() -> OwnedFd {
+    // An fd that cannot be duplicated is treated as foreign: /dev/null never matches.
+    fs::File::open("/dev/null")
+        .map(OwnedFd::from)
+        .unwrap_or_else(|_| std::process::abort())
+}

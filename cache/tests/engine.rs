@@ -1,0 +1,360 @@
+//! Engine behaviour over the local-directory backend.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use berth_cache::chunkmap::ChunkMap;
+use berth_cache::manifest::parse_digest;
+use berth_cache::{
+    BlobBackend, CacheConfig, CacheEngine, CacheError, Compression, LocalDirBackend,
+};
+use common::{pseudo_random, publish, Recording};
+
+const CHUNK: u32 = 64 * 1024;
+
+fn config(dir: &std::path::Path) -> CacheConfig {
+    let mut config = CacheConfig::new(dir);
+    config.merge_min_bytes = u64::from(CHUNK);
+    config.retry_base_delay = Duration::from_millis(5);
+    config
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    store: std::path::PathBuf,
+    cache: std::path::PathBuf,
+    data: Vec<u8>,
+    backend: Arc<Recording>,
+}
+
+fn setup(len: usize, compression: Compression, delay: Duration) -> (Setup, berth_cache::Manifest) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cache = dir.path().join("cache");
+    let local: Arc<dyn BlobBackend> = Arc::new(LocalDirBackend::new(&store));
+    let data = pseudo_random(len as u64, len);
+    let manifest = publish(&data, CHUNK, compression, local.as_ref());
+    let backend = Recording::new(local, delay);
+    (
+        Setup {
+            _dir: dir,
+            store,
+            cache,
+            data,
+            backend,
+        },
+        manifest,
+    )
+}
+
+fn read_all(engine: &CacheEngine, id: &str, len: usize, step: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    let mut offset = 0;
+    while offset < len {
+        let end = (offset + step).min(len);
+        let n = engine
+            .read(id, offset as u64, &mut out[offset..end])
+            .unwrap();
+        assert!(n > 0);
+        offset += n;
+    }
+    out
+}
+
+#[test]
+fn reads_match_and_repeat_reads_are_local() {
+    for compression in [Compression::None, Compression::Zstd, Compression::Lz4] {
+        let (s, manifest) = setup(1_000_000, compression, Duration::ZERO);
+        let engine = CacheEngine::new(config(&s.cache), s.backend.clone()).unwrap();
+        let handle = engine.open_blob(&manifest).unwrap();
+        assert_eq!(
+            read_all(&engine, handle.id(), s.data.len(), 10_000),
+            s.data,
+            "{compression:?}"
+        );
+        let fetched = s.backend.reads().len();
+        assert!(fetched > 0 && fetched <= manifest.chunks.len());
+        assert_eq!(read_all(&engine, handle.id(), s.data.len(), 77_777), s.data);
+        assert_eq!(
+            s.backend.reads().len(),
+            fetched,
+            "second read must not touch the backend"
+        );
+        let metrics = engine.metrics();
+        assert_eq!(
+            metrics.chunks_fetched.load(Ordering::Relaxed),
+            manifest.chunks.len() as u64
+        );
+        assert!(metrics.chunk_hits.load(Ordering::Relaxed) > 0);
+        // Past the end reads nothing.
+        assert_eq!(
+            engine
+                .read(handle.id(), s.data.len() as u64, &mut [0u8; 10])
+                .unwrap(),
+            0
+        );
+        let text = engine.render_prometheus();
+        assert!(
+            text.contains(&format!(
+                "berth_cache_chunks_fetched_total {}",
+                manifest.chunks.len()
+            )),
+            "{text}"
+        );
+        assert!(text.contains("berth_cache_fetch_latency_seconds_count"));
+    }
+}
+
+#[test]
+fn concurrent_readers_of_one_chunk_cause_one_backend_read() {
+    let (s, manifest) = setup(
+        4 * CHUNK as usize,
+        Compression::None,
+        Duration::from_millis(200),
+    );
+    let engine = Arc::new(CacheEngine::new(config(&s.cache), s.backend.clone()).unwrap());
+    let handle = engine.open_blob(&manifest).unwrap();
+    let barrier = Arc::new(Barrier::new(16));
+    let threads: Vec<_> = (0..16)
+        .map(|i| {
+            let (engine, barrier, id) = (engine.clone(), barrier.clone(), handle.id().to_string());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut buf = vec![0u8; 1000];
+                engine.read(&id, 100 + i * 10, &mut buf).unwrap();
+                buf
+            })
+        })
+        .collect();
+    for (i, thread) in threads.into_iter().enumerate() {
+        let start = 100 + i * 10;
+        assert_eq!(thread.join().unwrap(), s.data[start..start + 1000]);
+    }
+    assert_eq!(
+        s.backend.reads(),
+        vec![0..u64::from(CHUNK)],
+        "one read of chunk 0 only"
+    );
+}
+
+#[test]
+fn adjacent_misses_merge_into_one_backend_read() {
+    let (s, manifest) = setup(64 * CHUNK as usize, Compression::None, Duration::ZERO);
+    let mut config = config(&s.cache);
+    config.merge_min_bytes = 1 << 20;
+    config.merge_max_bytes = 1 << 20;
+    let engine = CacheEngine::new(config, s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    let chunk = u64::from(CHUNK);
+    // A one-byte miss is extended to a 1 MiB read.
+    handle.ensure_present(5..6).unwrap();
+    assert_eq!(s.backend.reads(), vec![0..(1 << 20)]);
+    // A 10-chunk request is one read; ready chunk 20 splits the next request.
+    handle.ensure_present(20 * chunk..21 * chunk).unwrap();
+    handle.ensure_present(18 * chunk..28 * chunk).unwrap();
+    let reads = s.backend.reads();
+    assert_eq!(
+        reads[1],
+        20 * chunk..36 * chunk,
+        "extended to 1 MiB of read-ahead"
+    );
+    assert_eq!(
+        reads[2],
+        18 * chunk..20 * chunk,
+        "chunks before the ready one"
+    );
+    assert_eq!(reads.len(), 3);
+    // A long request is split at merge_max_bytes.
+    handle.ensure_present(36 * chunk..64 * chunk).unwrap();
+    let reads = s.backend.reads();
+    assert_eq!(
+        &reads[3..],
+        &[36 * chunk..52 * chunk, 52 * chunk..64 * chunk]
+    );
+    assert_eq!(
+        engine.ready_chunks(handle.id()).unwrap(),
+        62,
+        "all but chunks 16 and 17"
+    );
+}
+
+#[test]
+fn corrupt_chunk_fails_with_an_error_naming_it_and_is_not_cached() {
+    let (s, manifest) = setup(8 * CHUNK as usize, Compression::None, Duration::ZERO);
+    // Flip one byte of chunk 3 in the backend object.
+    let object = s.store.join(&manifest.object);
+    let mut stored = std::fs::read(&object).unwrap();
+    stored[3 * CHUNK as usize + 17] ^= 0x55;
+    std::fs::write(&object, &stored).unwrap();
+    let engine = CacheEngine::new(config(&s.cache), s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    let mut buf = vec![0u8; 100];
+    let err = handle
+        .read(3 * u64::from(CHUNK) + 10, &mut buf)
+        .unwrap_err();
+    assert!(
+        matches!(err, CacheError::Verification { chunk: 3, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("Chunk 3"), "{err}");
+    // Neighbours are fine, the bad chunk stays missing and keeps failing.
+    assert_eq!(handle.read(2 * u64::from(CHUNK), &mut buf).unwrap(), 100);
+    assert_eq!(buf, s.data[2 * CHUNK as usize..2 * CHUNK as usize + 100]);
+    assert!(handle.read(3 * u64::from(CHUNK), &mut buf).is_err());
+    assert_eq!(engine.ready_chunks(handle.id()).unwrap(), 1);
+    assert_eq!(
+        engine
+            .metrics()
+            .verification_failures
+            .load(Ordering::Relaxed),
+        2
+    );
+}
+
+#[test]
+fn warm_restart_refetches_nothing() {
+    let (s, manifest) = setup(10 * CHUNK as usize, Compression::Zstd, Duration::ZERO);
+    {
+        let engine = CacheEngine::new(config(&s.cache), s.backend.clone()).unwrap();
+        let handle = engine.open_blob(&manifest).unwrap();
+        read_all(&engine, handle.id(), s.data.len(), 50_000);
+    }
+    let before = s.backend.reads().len();
+    let engine = CacheEngine::new(config(&s.cache), s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    assert_eq!(engine.ready_chunks(handle.id()).unwrap(), 10);
+    assert_eq!(read_all(&engine, handle.id(), s.data.len(), 50_000), s.data);
+    assert_eq!(s.backend.reads().len(), before);
+}
+
+#[test]
+fn data_written_without_map_update_is_not_trusted() {
+    let (s, manifest) = setup(4 * CHUNK as usize, Compression::None, Duration::ZERO);
+    {
+        let engine = CacheEngine::new(config(&s.cache), s.backend.clone()).unwrap();
+        engine.open_blob(&manifest).unwrap();
+    }
+    // A crash after the data write but before the map update: data present, map empty.
+    let data_path = s.cache.join(format!("{}.data", manifest.blob_id));
+    let mut cache = std::fs::read(&data_path).unwrap();
+    cache[CHUNK as usize..2 * CHUNK as usize]
+        .copy_from_slice(&s.data[CHUNK as usize..2 * CHUNK as usize]);
+    std::fs::write(&data_path, &cache).unwrap();
+    let engine = CacheEngine::new(config(&s.cache), s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    assert_eq!(engine.ready_chunks(handle.id()).unwrap(), 0);
+    let mut buf = vec![0u8; 10];
+    handle.read(u64::from(CHUNK), &mut buf).unwrap();
+    assert_eq!(
+        s.backend.reads(),
+        vec![u64::from(CHUNK)..2 * u64::from(CHUNK)],
+        "refetched, not assumed"
+    );
+}
+
+#[test]
+fn map_marked_ready_without_data_is_repaired_on_open() {
+    let (s, manifest) = setup(4 * CHUNK as usize, Compression::None, Duration::ZERO);
+    {
+        let engine = CacheEngine::new(config(&s.cache), s.backend.clone()).unwrap();
+        engine.open_blob(&manifest).unwrap();
+    }
+    // The order rule forbids this state; build it by hand to prove it is caught.
+    let map_path = s.cache.join(format!("{}.map", manifest.blob_id));
+    let id = parse_digest(&manifest.blob_id).unwrap();
+    let (mut map, _) = ChunkMap::open(&map_path, id, CHUNK, manifest.blob_size).unwrap();
+    map.mark_ready(&[2]).unwrap();
+    drop(map);
+    let engine = CacheEngine::new(config(&s.cache), s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    assert_eq!(
+        engine.ready_chunks(handle.id()).unwrap(),
+        0,
+        "the hole is not served as data"
+    );
+    let mut buf = vec![0u8; 4096];
+    handle.read(2 * u64::from(CHUNK), &mut buf).unwrap();
+    assert_eq!(buf, s.data[2 * CHUNK as usize..2 * CHUNK as usize + 4096]);
+    assert_eq!(s.backend.reads().len(), 1);
+}
+
+#[test]
+fn unavailable_backend_gives_errors_then_recovers() {
+    let (s, manifest) = setup(4 * CHUNK as usize, Compression::None, Duration::ZERO);
+    let engine = CacheEngine::new(config(&s.cache), s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    let hidden = s.store.with_extension("away");
+    std::fs::rename(&s.store, &hidden).unwrap();
+    let mut buf = vec![0u8; 100];
+    let err = handle.read(0, &mut buf).unwrap_err();
+    assert!(
+        matches!(err, CacheError::FetchFailed { chunk: 0, .. }),
+        "{err}"
+    );
+    assert_eq!(s.backend.reads().len(), 4, "retried up to fetch_attempts");
+    std::fs::rename(&hidden, &s.store).unwrap();
+    assert_eq!(handle.read(0, &mut buf).unwrap(), 100);
+    assert_eq!(buf, s.data[..100]);
+}
+
+#[test]
+fn prefetch_fills_in_the_background() {
+    let (s, manifest) = setup(16 * CHUNK as usize, Compression::None, Duration::ZERO);
+    let engine = CacheEngine::new(config(&s.cache), s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    let whole_blob = 0..manifest.blob_size;
+    handle.prefetch(std::slice::from_ref(&whole_blob));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while engine.ready_chunks(handle.id()).unwrap() < 16 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(engine.ready_chunks(handle.id()).unwrap(), 16);
+    assert_eq!(
+        engine.metrics().chunks_prefetched.load(Ordering::Relaxed),
+        16
+    );
+    assert_eq!(
+        engine.metrics().chunk_misses.load(Ordering::Relaxed),
+        0,
+        "prefetch is not a demand miss"
+    );
+    let before = s.backend.reads().len();
+    assert_eq!(
+        read_all(&engine, handle.id(), s.data.len(), 100_000),
+        s.data
+    );
+    assert_eq!(s.backend.reads().len(), before);
+}
+
+#[test]
+fn lru_blobs_not_in_use_are_evicted_over_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let local: Arc<dyn BlobBackend> = Arc::new(LocalDirBackend::new(dir.path().join("store")));
+    let blobs: Vec<_> = (0..3u64)
+        .map(|i| {
+            let data = pseudo_random(100 + i, 8 * CHUNK as usize);
+            let manifest = publish(&data, CHUNK, Compression::None, local.as_ref());
+            (data, manifest)
+        })
+        .collect();
+    let mut config = config(&dir.path().join("cache"));
+    config.capacity_bytes = Some(20 * u64::from(CHUNK));
+    let engine = CacheEngine::new(config, local).unwrap();
+    let cache_file =
+        |m: &berth_cache::Manifest| dir.path().join("cache").join(format!("{}.data", m.blob_id));
+    let pinned = engine.open_blob(&blobs[0].1).unwrap();
+    for (data, manifest) in &blobs {
+        let handle = engine.open_blob(manifest).unwrap();
+        assert_eq!(read_all(&engine, handle.id(), data.len(), 1 << 20), *data);
+    }
+    // 24 chunks cached over a 20 chunk limit: blob 1, the least recently used one
+    // not in use, goes; blob 0 is in use and stays.
+    assert_eq!(engine.metrics().evictions.load(Ordering::Relaxed), 1);
+    assert!(!cache_file(&blobs[1].1).exists());
+    assert!(cache_file(&blobs[0].1).exists() && cache_file(&blobs[2].1).exists());
+    assert!(engine.cached_bytes() <= 20 * u64::from(CHUNK));
+    assert_eq!(engine.ready_chunks(pinned.id()).unwrap(), 8);
+}
