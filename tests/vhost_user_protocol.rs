@@ -586,3 +586,73 @@ fn disconnect_makes_daemon_exit_zero() {
         daemon.stderr()
     );
 }
+
+/// Mounts a tmpfs on `dir` for the life of the value (root only).
+struct TmpfsMount(std::path::PathBuf);
+
+impl TmpfsMount {
+    fn new(dir: &std::path::Path) -> Option<Self> {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "berth-test", dir.to_str()?])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then(|| TmpfsMount(dir.to_owned()))
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn submount_flag(extra_args: &[&str]) -> Option<(u32, u32)> {
+    let fixture = Fixture::new();
+    let mountpoint = fixture.shared.join("mnt");
+    fs::create_dir(&mountpoint).expect("create mnt");
+    let _tmpfs = TmpfsMount::new(&mountpoint)?;
+    let mut args = fixture.basic_args();
+    args.extend(extra_args.iter().map(Into::into));
+    let mut daemon = Daemon::spawn(args);
+    daemon.wait_for_socket(&fixture.socket);
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    let mut queue = device.take_request_queue(1).expect("queue 1");
+    queue.init_default().expect("FUSE_INIT");
+    let mounted = queue.lookup(ROOT_ID, b"mnt").expect("LOOKUP mnt");
+    let plain = queue.lookup(ROOT_ID, b"sub").expect("LOOKUP sub");
+    daemon.assert_alive("after the lookups");
+    Some((mounted.attr.flags, plain.attr.flags))
+}
+
+const FUSE_ATTR_SUBMOUNT: u32 = 1;
+
+#[test]
+fn submounts_are_announced() {
+    if !testing_berth() {
+        eprintln!("SKIPPED: berth-specific default");
+        return;
+    }
+    let Some((mounted, plain)) = submount_flag(&[]) else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    assert_eq!(
+        mounted & FUSE_ATTR_SUBMOUNT,
+        FUSE_ATTR_SUBMOUNT,
+        "a host mount point must carry FUSE_ATTR_SUBMOUNT"
+    );
+    assert_eq!(plain & FUSE_ATTR_SUBMOUNT, 0, "a plain directory must not");
+}
+
+#[test]
+fn no_announce_submounts_hides_them() {
+    let Some((mounted, _)) = submount_flag(&["--no-announce-submounts"]) else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    assert_eq!(mounted & FUSE_ATTR_SUBMOUNT, 0);
+}

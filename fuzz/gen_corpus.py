@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus: well-formed inputs each target starts mutating from."""
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def save(target, name, data):
+    path = os.path.join(HERE, "corpus", target)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, name), "wb") as f:
+        f.write(data)
+
+
+def fuse(opcode, nodeid, body, unique=1, parts=1):
+    header = struct.pack("<IIQQIIIHH", 40 + len(body), opcode, unique, nodeid, 0, 0, 1, 0, 0)
+    # The first byte tells the harness over how many descriptors to spread the request.
+    return bytes([parts - 1]) + header + body
+
+
+def read_in(fh, offset, size):
+    return struct.pack("<QQIIQII", fh, offset, size, 0, 0, 0, 0)
+
+
+fuse_seeds = {
+    "init": fuse(26, 0, struct.pack("<IIII", 7, 38, 131072, 0x3FFFFFFF) + struct.pack("<I44x", 0)),
+    "lookup": fuse(1, 1, b"file\0"),
+    "lookup_dir": fuse(1, 1, b"dir\0"),
+    "getattr": fuse(3, 1, struct.pack("<IIQ", 0, 0, 0)),
+    "open": fuse(14, 2, struct.pack("<II", os.O_RDWR, 0)),
+    "read": fuse(15, 2, read_in(1, 0, 4096)),
+    "write": fuse(16, 2, struct.pack("<QQIIQII", 1, 0, 5, 0, 0, 0, 0) + b"hello"),
+    "write_split": fuse(16, 2, struct.pack("<QQIIQII", 1, 6, 12, 0, 0, 0, 0) + b"split across", parts=2),
+    "mkdir": fuse(9, 1, struct.pack("<II", 0o755, 0o022) + b"newdir\0"),
+    "create": fuse(35, 1, struct.pack("<IIII", os.O_RDWR | os.O_CREAT, 0o644, 0o022, 0) + b"created\0"),
+    "opendir": fuse(27, 1, struct.pack("<II", os.O_RDONLY, 0)),
+    "readdir": fuse(28, 1, read_in(1, 0, 4096)),
+    "readdirplus": fuse(44, 1, read_in(1, 0, 4096)),
+    "statfs": fuse(17, 1, b""),
+    "setattr_size": fuse(4, 2, struct.pack("<IIQQQQQQIIIIIIII", 1 << 3, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
+    "unlink": fuse(10, 1, b"created\0"),
+    "rename": fuse(12, 1, struct.pack("<Q", 1) + b"file\0moved\0"),
+    "symlink": fuse(6, 1, b"link\0file\0"),
+    "readlink": fuse(5, 3, b""),
+    "getxattr": fuse(22, 1, struct.pack("<II", 64, 0) + b"user.test\0"),
+    "flush": fuse(25, 2, struct.pack("<QIIQ", 1, 0, 0, 0)),
+    "release": fuse(18, 2, struct.pack("<QIIQ", 1, 0, 0, 0)),
+    "forget": fuse(2, 2, struct.pack("<Q", 1)),
+    "lseek": fuse(46, 2, struct.pack("<QQII", 1, 0, 3, 0)),
+    "fallocate": fuse(43, 2, struct.pack("<QQQII", 1, 0, 4096, 0, 0)),
+    "copy_file_range": fuse(47, 2, struct.pack("<QQQQQQQ", 1, 0, 2, 1, 100, 10, 0)),
+    "syncfs": fuse(50, 1, struct.pack("<Q", 0)),
+    "tmpfile": fuse(51, 1, struct.pack("<IIII", os.O_RDWR, 0o600, 0o022, 0) + b"\0"),
+    "destroy": fuse(38, 0, b""),
+}
+for name, data in fuse_seeds.items():
+    save("fuse_request", name, data)
+
+
+def vu(request, body=b"", flags=1):
+    return struct.pack("<III", request, flags, len(body)) + body
+
+
+u64 = lambda v: struct.pack("<Q", v)
+state = lambda index, num: struct.pack("<II", index, num)
+handshake = b"".join([
+    vu(3),  # SET_OWNER
+    vu(1),  # GET_FEATURES
+    vu(15),  # GET_PROTOCOL_FEATURES
+    vu(16, u64(0x1 | 0x8 | 0x200)),  # SET_PROTOCOL_FEATURES (MQ, REPLY_ACK, CONFIG)
+    vu(17),  # GET_QUEUE_NUM
+    vu(2, u64((1 << 32) | (1 << 30))),  # SET_FEATURES
+    vu(8, state(0, 256)),  # SET_VRING_NUM
+    vu(10, state(0, 0)),  # SET_VRING_BASE
+    vu(18, state(0, 1)),  # SET_VRING_ENABLE
+    vu(11, state(0, 0)),  # GET_VRING_BASE
+])
+vhost_seeds = {
+    "handshake": handshake,
+    "get_features": vu(1),
+    "get_config": vu(24, struct.pack("<III", 0, 40, 0) + bytes(40)),
+    "reply_ack": vu(16, u64(0x8)) + vu(3, flags=1 | 0x8),
+    "max_mem_slots": vu(16, u64(0x8000)) + vu(36),
+    "vring_addr": vu(9, struct.pack("<IIQQQQ", 0, 0, 0x1000, 0x2000, 0x3000, 0)),
+}
+for name, data in vhost_seeds.items():
+    save("vhost_user_message", name, data)
+
+cli_seeds = {
+    "legacy_kata": b"\x00source=/srv,cache=none,sandbox=none,xattr,no_posix_lock",
+    "legacy_timeouts": b"\x00cache=always,writeback,flock,posix_acl,timeout=5,announce_submounts",
+    "legacy_bad": b"\x00modcaps=+sys_admin,log_level=debug,allow_direct_io",
+    "flags": b"\x01--cache\x00never\x00--seccomp\x00none\x00--thread-pool-size\x004",
+    "flags_modern": b"\x01--inode-file-handles=prefer\x00--xattr\x00--rlimit-nofile=4096\x00--log-level\x00debug",
+}
+for name, data in cli_seeds.items():
+    save("cli_options", name, data)

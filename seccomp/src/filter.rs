@@ -1,0 +1,393 @@
+//! `--seccomp`: per-thread system call allow-lists, compiled to BPF with seccompiler.
+//!
+//! Each thread installs the filter of its role when it starts. Filters are inherited by the
+//! threads a thread creates afterwards and stack (a call must pass every filter), so a thread
+//! that spawns others installs its filter after spawning them, or its list must cover theirs.
+//! The lists were built by tracing the daemon (`strace -f`) through a workload touching every
+//! FUSE operation, over /dev/fuse and over vhost-user, plus what the Rust runtime and glibc do
+//! rarely (panics, thread exit, memory management, time).
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use seccompiler::{BpfProgram, SeccompFilter, SeccompRule, TargetArch};
+
+use crate::Error;
+
+/// What happens to a system call outside the thread's allow-list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeccompAction {
+    /// Install no filter.
+    None,
+    /// Kill the whole process (SIGSYS).
+    #[default]
+    Kill,
+    /// Allow the call but record it in the audit log.
+    Log,
+    /// Deliver SIGSYS to the thread (fatal unless handled).
+    Trap,
+}
+
+impl FromStr for SeccompAction {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(SeccompAction::None),
+            "kill" => Ok(SeccompAction::Kill),
+            "log" => Ok(SeccompAction::Log),
+            "trap" => Ok(SeccompAction::Trap),
+            other => Err(Error::InvalidValue {
+                what: "--seccomp",
+                value: other.to_owned(),
+                reason: "expected none, kill, log or trap".to_owned(),
+            }),
+        }
+    }
+}
+
+/// The kinds of thread the daemon runs; each gets its own allow-list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadRole {
+    /// Handles vhost-user messages from the VMM: memory tables, vring set-up, features.
+    VhostUserControl,
+    /// Waits on a virtqueue's kick and serves its requests inline or hands them to the pool.
+    QueueWorker,
+    /// Serves filesystem requests handed over by queue workers.
+    ThreadPool,
+    /// Reads requests from /dev/fuse and serves them.
+    FuseWorker,
+    /// The main thread and the signal-waiting thread once start-up is over: waiting, shutdown
+    /// (unmounting in FUSE mode), accepting connections, logging and exit. Its list covers
+    /// every other role's, because the threads it spawns afterwards inherit its filter.
+    Main,
+}
+
+impl ThreadRole {
+    fn name(self) -> &'static str {
+        match self {
+            ThreadRole::VhostUserControl => "vhost-user control",
+            ThreadRole::QueueWorker => "queue worker",
+            ThreadRole::ThreadPool => "thread pool",
+            ThreadRole::FuseWorker => "FUSE worker",
+            ThreadRole::Main => "main",
+        }
+    }
+}
+
+/// What every thread does through the Rust runtime and glibc: memory, locks, time, logging to
+/// stderr, thread exit, panics (which abort via tgkill when they cannot unwind).
+const RUNTIME: &[libc::c_long] = &[
+    libc::SYS_brk,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_close,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_futex,
+    libc::SYS_getegid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getpid,
+    libc::SYS_getrandom,
+    libc::SYS_gettid,
+    libc::SYS_gettimeofday,
+    libc::SYS_getuid,
+    libc::SYS_madvise,
+    libc::SYS_membarrier,
+    libc::SYS_mmap,
+    libc::SYS_mprotect,
+    libc::SYS_mremap,
+    libc::SYS_munmap,
+    libc::SYS_nanosleep,
+    libc::SYS_prctl,
+    libc::SYS_restart_syscall,
+    libc::SYS_rseq,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sched_yield,
+    libc::SYS_set_robust_list,
+    libc::SYS_sigaltstack,
+    libc::SYS_tgkill,
+    libc::SYS_tkill,
+    libc::SYS_write,
+    libc::SYS_writev,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_time,
+];
+
+/// Serving filesystem requests on the shared directory (the passthrough filesystem): opening
+/// by handle or through /proc/self/fd, data and metadata operations, switching to the caller's
+/// credentials and umask per request.
+const FILESYSTEM: &[libc::c_long] = &[
+    libc::SYS_capget,
+    libc::SYS_capset,
+    libc::SYS_copy_file_range,
+    libc::SYS_dup,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_fallocate,
+    libc::SYS_fchdir,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchown,
+    libc::SYS_fchownat,
+    libc::SYS_fcntl,
+    libc::SYS_fdatasync,
+    libc::SYS_fgetxattr,
+    libc::SYS_flistxattr,
+    libc::SYS_flock,
+    libc::SYS_fremovexattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_fstat,
+    libc::SYS_fstatfs,
+    libc::SYS_fsync,
+    libc::SYS_ftruncate,
+    libc::SYS_getdents64,
+    libc::SYS_getxattr,
+    libc::SYS_lgetxattr,
+    libc::SYS_linkat,
+    libc::SYS_listxattr,
+    libc::SYS_llistxattr,
+    libc::SYS_lremovexattr,
+    libc::SYS_lseek,
+    libc::SYS_lsetxattr,
+    libc::SYS_mkdirat,
+    libc::SYS_mknodat,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_newfstatat,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_pread64,
+    libc::SYS_preadv,
+    libc::SYS_preadv2,
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    libc::SYS_pwritev2,
+    libc::SYS_read,
+    libc::SYS_readlinkat,
+    libc::SYS_readv,
+    libc::SYS_removexattr,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_setgroups,
+    libc::SYS_setresgid,
+    libc::SYS_setresuid,
+    libc::SYS_setxattr,
+    libc::SYS_statx,
+    libc::SYS_symlinkat,
+    libc::SYS_syncfs,
+    libc::SYS_umask,
+    libc::SYS_unlinkat,
+    // Per-thread fs attributes (umask) need an unshared CLONE_FS.
+    libc::SYS_unshare,
+    libc::SYS_utimensat,
+];
+
+/// Waiting on eventfds and descriptors with epoll.
+const EVENT_LOOP: &[libc::c_long] = &[
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_wait,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_read,
+];
+
+/// The vhost-user control thread: messages with descriptors over the Unix socket, guest memory
+/// mapping, event loop set-up, and the thread spawning of the backend library.
+const VHOST_USER_CONTROL: &[libc::c_long] = &[
+    libc::SYS_accept4,
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_dup,
+    libc::SYS_epoll_create1,
+    libc::SYS_eventfd2,
+    libc::SYS_fcntl,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_shutdown,
+    libc::SYS_statx,
+];
+
+/// The main and signal threads after start-up: waiting for a signal or for the workers,
+/// waking them, unmounting, accepting a new vhost-user connection and spawning its threads.
+const MAIN: &[libc::c_long] = &[
+    libc::SYS_accept4,
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_epoll_create1,
+    libc::SYS_eventfd2,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_wait,
+    libc::SYS_kill,
+    libc::SYS_read,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigtimedwait,
+    libc::SYS_umount2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_wait4,
+    libc::SYS_waitid,
+];
+
+/// The system calls `role` may make, sorted and without duplicates.
+pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
+    let groups: &[&[libc::c_long]] = match role {
+        ThreadRole::VhostUserControl => &[RUNTIME, VHOST_USER_CONTROL, EVENT_LOOP, FILESYSTEM],
+        ThreadRole::QueueWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
+        ThreadRole::ThreadPool => &[RUNTIME, FILESYSTEM],
+        ThreadRole::FuseWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
+        // Threads inherit their creator's filter and filters stack, so the thread that spawns
+        // all others must allow everything they do.
+        ThreadRole::Main => &[RUNTIME, MAIN, VHOST_USER_CONTROL, EVENT_LOOP, FILESYSTEM],
+    };
+    let mut calls: Vec<libc::c_long> = groups.iter().flat_map(|g| g.iter().copied()).collect();
+    calls.sort_unstable();
+    calls.dedup();
+    calls
+}
+
+fn target_arch() -> Result<TargetArch, String> {
+    TargetArch::try_from(std::env::consts::ARCH).map_err(|e| e.to_string())
+}
+
+fn compile(role: ThreadRole, action: SeccompAction) -> Result<Option<BpfProgram>, Error> {
+    let mismatch = match action {
+        SeccompAction::None => return Ok(None),
+        SeccompAction::Kill => seccompiler::SeccompAction::KillProcess,
+        SeccompAction::Log => seccompiler::SeccompAction::Log,
+        SeccompAction::Trap => seccompiler::SeccompAction::Trap,
+    };
+    let build_error = |reason: String| Error::BuildFilter {
+        role: role.name(),
+        reason,
+    };
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls(role)
+        .into_iter()
+        .map(|nr| (nr, Vec::new()))
+        .collect();
+    let filter = SeccompFilter::new(
+        rules,
+        mismatch,
+        seccompiler::SeccompAction::Allow,
+        target_arch().map_err(build_error)?,
+    )
+    .map_err(|e| build_error(e.to_string()))?;
+    let program = BpfProgram::try_from(filter).map_err(|e| build_error(e.to_string()))?;
+    Ok(Some(program))
+}
+
+/// Confines the calling thread (only it: no TSYNC) to `role`'s system calls; calls outside go
+/// to `action`. `SeccompAction::None` installs nothing. Sets no_new_privs, which the kernel
+/// requires of unprivileged filters and which berth never needs to lift.
+pub fn install_filter(role: ThreadRole, action: SeccompAction) -> Result<(), Error> {
+    let Some(program) = compile(role, action)? else {
+        return Ok(());
+    };
+    seccompiler::apply_filter(&program).map_err(|e| Error::InstallFilter {
+        role: role.name(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actions_parse_like_virtiofsd() {
+        assert_eq!(
+            "none".parse::<SeccompAction>().unwrap(),
+            SeccompAction::None
+        );
+        assert_eq!(
+            "kill".parse::<SeccompAction>().unwrap(),
+            SeccompAction::Kill
+        );
+        assert_eq!("log".parse::<SeccompAction>().unwrap(), SeccompAction::Log);
+        assert_eq!(
+            "trap".parse::<SeccompAction>().unwrap(),
+            SeccompAction::Trap
+        );
+        let err = "allow".parse::<SeccompAction>().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid --seccomp 'allow': expected none, kill, log or trap"
+        );
+    }
+
+    #[test]
+    fn every_role_compiles_for_every_action() {
+        for role in [
+            ThreadRole::VhostUserControl,
+            ThreadRole::QueueWorker,
+            ThreadRole::ThreadPool,
+            ThreadRole::FuseWorker,
+            ThreadRole::Main,
+        ] {
+            assert!(compile(role, SeccompAction::None).unwrap().is_none());
+            for action in [SeccompAction::Kill, SeccompAction::Log, SeccompAction::Trap] {
+                let program = compile(role, action).unwrap().unwrap();
+                // At least one comparison per allowed call.
+                assert!(program.len() > allowed_syscalls(role).len(), "{role:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn roles_get_what_they_need_and_not_more() {
+        let has = |role, nr| allowed_syscalls(role).contains(&nr);
+        // Only the control thread talks to the VMM socket.
+        assert!(has(ThreadRole::VhostUserControl, libc::SYS_recvmsg));
+        assert!(!has(ThreadRole::QueueWorker, libc::SYS_recvmsg));
+        assert!(!has(ThreadRole::FuseWorker, libc::SYS_accept4));
+        // Every request-serving role can reopen inodes and switch credentials.
+        for role in [
+            ThreadRole::QueueWorker,
+            ThreadRole::ThreadPool,
+            ThreadRole::FuseWorker,
+        ] {
+            assert!(has(role, libc::SYS_openat));
+            assert!(has(role, libc::SYS_open_by_handle_at));
+            assert!(has(role, libc::SYS_setresuid));
+            assert!(!has(role, libc::SYS_execve));
+        }
+        // Threads spawned by main inherit its filter: it must not block what they need.
+        let main = allowed_syscalls(ThreadRole::Main);
+        for role in [
+            ThreadRole::VhostUserControl,
+            ThreadRole::QueueWorker,
+            ThreadRole::ThreadPool,
+            ThreadRole::FuseWorker,
+        ] {
+            for nr in allowed_syscalls(role) {
+                assert!(main.contains(&nr), "main lacks {nr} of {role:?}");
+            }
+        }
+        // Nobody may exec, ptrace or mount after start-up (only unmount for FUSE shutdown).
+        for role in [
+            ThreadRole::VhostUserControl,
+            ThreadRole::QueueWorker,
+            ThreadRole::ThreadPool,
+            ThreadRole::FuseWorker,
+            ThreadRole::Main,
+        ] {
+            for forbidden in [
+                libc::SYS_execve,
+                libc::SYS_ptrace,
+                libc::SYS_mount,
+                libc::SYS_socket,
+            ] {
+                assert!(!has(role, forbidden), "{role:?} allows {forbidden}");
+            }
+        }
+    }
+}

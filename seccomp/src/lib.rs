@@ -1,0 +1,25 @@
+//! Confinement of the berth daemon, applied once at start-up in this order:
+//!
+//! 1. [`set_rlimit_nofile`]: raise the descriptor limit while still privileged.
+//! 2. [`enter_sandbox`]: before any thread exists (it forks and may unshare a user namespace).
+//!    Afterwards the shared directory is reachable as [`SandboxOutcome::root_dir`] and
+//!    `/proc/self/fd` only through [`SandboxOutcome::proc_self_fd`] (namespace and chroot modes).
+//!    Descriptors opened before (the vhost-user listener given with `--fd`, `/dev/fuse`) stay open
+//!    in the process that serves; the waiting parent of the namespace mode closes its copies.
+//! 3. Open the filesystem (root directory, `/proc/self/fd`), the socket and `/dev/fuse`.
+//! 4. [`drop_capabilities`]: keep only what serving needs.
+//! 5. [`install_filter`] at the start of each thread, with the thread's [`ThreadRole`]; the
+//!    main thread installs [`ThreadRole::Main`] last, once every thread is spawned.
+
+mod caps;
+mod error;
+mod filter;
+mod rlimit;
+mod sandbox;
+
+pub use crate::caps::{apply_modcaps, drop_capabilities, CapsNeeded, ModCaps};
+pub use crate::error::Error;
+pub use crate::filter::{allowed_syscalls, install_filter, SeccompAction, ThreadRole};
+pub use crate::rlimit::set_rlimit_nofile;
+pub use crate::sandbox::{enter_sandbox, IdMap, SandboxConfig, SandboxMode, SandboxOutcome};
+pub use ::caps::Capability;
