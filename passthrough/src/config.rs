@@ -1,7 +1,9 @@
 //! Options of the passthrough filesystem, as the command line sets them.
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How much the FUSE client may cache; the same four modes as virtiofsd's `--cache`.
@@ -117,6 +119,8 @@ pub struct Config {
     pub max_inodes: usize,
     /// Most open file and directory handles; beyond it, EMFILE.
     pub max_handles: usize,
+    /// An open /proc/self/fd, for sandboxes where /proc is not reachable by path.
+    pub proc_self_fd: Option<Arc<OwnedFd>>,
 }
 
 impl Default for Config {
@@ -142,6 +146,7 @@ impl Default for Config {
             allow_device_nodes: true,
             max_inodes: 4 << 20,
             max_handles: 1 << 20,
+            proc_self_fd: None,
         }
     }
 }

@@ -110,13 +110,17 @@ impl PassthroughFs {
                     }
                 }
             })?;
-        let proc_self_fd = openat(
-            cwd_fd,
-            c"/proc/self/fd",
-            libc::O_PATH | libc::O_DIRECTORY,
-            0,
-        )
-        .map_err(Error::OpenProcSelfFd)?;
+        // Inside a sandbox /proc is out of reach by path: the caller hands over a descriptor.
+        let proc_self_fd = match &cfg.proc_self_fd {
+            Some(fd) => fd.try_clone().map_err(Error::OpenProcSelfFd)?,
+            None => openat(
+                cwd_fd,
+                c"/proc/self/fd",
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+            )
+            .map_err(Error::OpenProcSelfFd)?,
+        };
         let root_stat = statx(root_fd.as_fd(), EMPTY_CSTR).map_err(Error::StatSharedDir)?;
 
         let mount_fds = MountFds::default();
@@ -411,8 +415,13 @@ impl PassthroughFs {
         Ok(statx(fd.as_fd(), EMPTY_CSTR)?.st)
     }
 
-    fn proc_path(fd: RawFd) -> CString {
-        CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
+    /// A path naming `fd` for calls that only take paths (the xattr family): this thread's
+    /// working directory is moved to /proc/self/fd, so the fd's number is that path.
+    fn proc_relative(&self, fd: RawFd) -> io::Result<CString> {
+        own_fs_struct()?;
+        // SAFETY: fchdir on our /proc/self/fd descriptor; only this thread's cwd changes.
+        check_ret(unsafe { libc::fchdir(self.proc_self_fd.as_raw_fd()) })?;
+        Ok(fd_name(fd))
     }
 
     fn do_readdir(
@@ -719,16 +728,21 @@ struct UmaskGuard {
     old: libc::mode_t,
 }
 
+/// Gives this thread its own cwd and umask (once), so per-request changes stay private.
+fn own_fs_struct() -> io::Result<()> {
+    OWN_FS_STRUCT.with(|own| {
+        if !own.get() {
+            // SAFETY: unshare(CLONE_FS) only detaches this thread's cwd/root/umask.
+            check_ret(unsafe { libc::unshare(libc::CLONE_FS) })?;
+            own.set(true);
+        }
+        Ok(())
+    })
+}
+
 impl UmaskGuard {
     fn set(umask: u32) -> io::Result<Self> {
-        OWN_FS_STRUCT.with(|own| {
-            if !own.get() {
-                // SAFETY: unshare(CLONE_FS) only detaches this thread's cwd/root/umask.
-                check_ret(unsafe { libc::unshare(libc::CLONE_FS) })?;
-                own.set(true);
-            }
-            Ok::<(), io::Error>(())
-        })?;
+        own_fs_struct()?;
         // SAFETY: umask only affects this thread's (now private) fs struct.
         let old = unsafe { libc::umask(umask & 0o777) };
         Ok(UmaskGuard { old })
@@ -1485,7 +1499,7 @@ impl FileSystem for PassthroughFs {
         self.check_writable()?;
         let data = self.inodes.get(inode)?;
         let fd = self.inode_fd(&data)?;
-        let path = Self::proc_path(fd.as_fd().as_raw_fd());
+        let path = self.proc_relative(fd.as_fd().as_raw_fd())?;
         // SAFETY: path and name are NUL-terminated, value is a valid slice; result checked.
         check_ret(unsafe {
             libc::setxattr(
@@ -1511,7 +1525,7 @@ impl FileSystem for PassthroughFs {
         }
         let data = self.inodes.get(inode)?;
         let fd = self.inode_fd(&data)?;
-        let path = Self::proc_path(fd.as_fd().as_raw_fd());
+        let path = self.proc_relative(fd.as_fd().as_raw_fd())?;
         let mut buf = vec![0u8; size as usize];
         // SAFETY: `buf` is writable for `size` bytes (a null pointer with size 0 asks for the
         // length); result checked.
@@ -1544,7 +1558,7 @@ impl FileSystem for PassthroughFs {
         }
         let data = self.inodes.get(inode)?;
         let fd = self.inode_fd(&data)?;
-        let path = Self::proc_path(fd.as_fd().as_raw_fd());
+        let path = self.proc_relative(fd.as_fd().as_raw_fd())?;
         let mut buf = vec![0u8; size as usize];
         // SAFETY: as in getxattr.
         let n = unsafe {
@@ -1576,7 +1590,7 @@ impl FileSystem for PassthroughFs {
         self.check_writable()?;
         let data = self.inodes.get(inode)?;
         let fd = self.inode_fd(&data)?;
-        let path = Self::proc_path(fd.as_fd().as_raw_fd());
+        let path = self.proc_relative(fd.as_fd().as_raw_fd())?;
         // SAFETY: both strings are NUL-terminated; result checked.
         check_ret(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) })?;
         Ok(())
