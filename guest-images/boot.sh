@@ -14,7 +14,7 @@ while [ $# -gt 0 ]; do
 	--fs) boot_args+=(--fs "$2"); shift 2 ;;
 	--timeout) boot_args+=(--timeout "$2"); shift 2 ;;
 	--quiet) show=""; shift ;;
-	-h | --help) sed -n '2,6p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,7p' "$0"; exit 0 ;;
 	-*) die "unknown argument $1" ;;
 	*) script=$1; shift ;;
 	esac

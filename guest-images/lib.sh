@@ -68,8 +68,8 @@ ensure_host_tools() {
 # Prints "URI<TAB>suite<TAB>components" for each deb entry of the machine's apt
 # sources, in the order apt reads them (one-line .list files and deb822 .sources).
 apt_source_entries() {
-	local f
-	for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+	local f etc=${BERTH_APT_ETC:-/etc/apt}
+	for f in "$etc/sources.list" "$etc"/sources.list.d/*.list; do
 		[ -r "$f" ] || continue
 		awk '
 			/^[ \t]*#/ { next }
@@ -81,7 +81,7 @@ apt_source_entries() {
 				print uri "\t" suite "\t" comps
 			}' "$f"
 	done
-	for f in /etc/apt/sources.list.d/*.sources; do
+	for f in "$etc"/sources.list.d/*.sources; do
 		[ -r "$f" ] || continue
 		awk '
 			function flush(   n, u, s, i, j, us, ss) {
@@ -208,21 +208,22 @@ fetch_debian_kernel() {
 	if [ -z "$cached" ]; then
 		setup_private_apt
 		private_apt_update
-		local pkg deps
+		local pkg deps=()
 		pkg=$(apt-cache "${APT_OPTS[@]}" pkgnames "linux-image-$BERTH_GUEST_SERIES" |
 			grep -E "^linux-image-${BERTH_GUEST_SERIES//./\\.}[.0-9]*(\+[a-z0-9]+)?-amd64$" | sort -V | tail -n1 || true)
 		[ -n "$pkg" ] || die "Debian $BERTH_GUEST_SUITE has no linux-image-$BERTH_GUEST_SERIES*-amd64 package"
 		# The image package may be a small one that depends on linux-binary-* and
 		# linux-modules-* packages that carry the kernel and its modules.
-		deps=$(apt-cache "${APT_OPTS[@]}" depends "$pkg" | awk '/Depends: linux-(binary|modules)-/ { print $2 }' | sort -u)
+		mapfile -t deps < <(apt-cache "${APT_OPTS[@]}" depends "$pkg" | awk '/Depends: linux-(binary|modules)-/ { print $2 }' | sort -u)
 		local megabytes
-		megabytes=$(apt-cache "${APT_OPTS[@]}" show --no-all-versions "$pkg" $deps | awk '/^Size:/ { s += $2 } END { printf "%d", s / 1e6 }')
-		log "downloading $pkg ${deps//$'\n'/ } ($megabytes MB)"
+		megabytes=$(apt-cache "${APT_OPTS[@]}" show --no-all-versions "$pkg" "${deps[@]}" | awk '/^Size:/ { s += $2 } END { printf "%d", s / 1e6 }')
+		log "downloading $pkg ${deps[*]} ($megabytes MB)"
 		local root=$kdir/$pkg/root deb
 		rm -rf "${kdir:?}/$pkg"
 		mkdir -p "$root"
-		for deb in $(private_apt_download "$pkg" $deps); do
+		for deb in $(private_apt_download "$pkg" "${deps[@]}"); do
 			dpkg-deb -x "$deb" "$root"
+			rm -f "$deb"
 		done
 		merge_usr "$root"
 		touch "$kdir/$pkg/.done"
@@ -238,7 +239,11 @@ fetch_debian_kernel() {
 	KERNEL_IMAGE=$vmlinuz
 	# The uncompressed ELF boots ~2 s faster under TCG (PVH entry, no decompressor).
 	if [ ! -f "$pdir/vmlinux" ]; then
-		extract_vmlinux "$vmlinuz" "$pdir/vmlinux.tmp" && mv "$pdir/vmlinux.tmp" "$pdir/vmlinux" || rm -f "$pdir/vmlinux.tmp"
+		if extract_vmlinux "$vmlinuz" "$pdir/vmlinux.tmp"; then
+			mv "$pdir/vmlinux.tmp" "$pdir/vmlinux"
+		else
+			rm -f "$pdir/vmlinux.tmp"
+		fi
 	fi
 	[ -f "$pdir/vmlinux" ] && KERNEL_IMAGE=$pdir/vmlinux
 	return 0
@@ -299,7 +304,7 @@ fetch_busybox() {
 		dpkg-deb -x "$deb" "$dir/root"
 		merge_usr "$dir/root"
 		cp "$dir/root/usr/bin/busybox" "$dir/busybox"
-		rm -rf "${dir:?}/root"
+		rm -rf "${dir:?}/root" "$deb"
 	fi
 	BUSYBOX=$dir/busybox
 }
@@ -453,7 +458,7 @@ build_tools_image() {
 	log "packing tools image"
 	mkfs.erofs -zlz4 "$TOOLS_IMAGE.tmp" "$stage/usr" >/dev/null
 	mv "$TOOLS_IMAGE.tmp" "$TOOLS_IMAGE"
-	rm -rf "$stage"
+	rm -rf "$stage" "$debs"
 }
 
 prepare_guest() {
@@ -554,11 +559,13 @@ guest_boot() {
 	cat "$BASE_INITRAMFS" "$tmp/extra.cpio" >"$tmp/initrd"
 	local disk_args=()
 	if [ -n "${TOOLS_IMAGE:-}" ]; then
+		# shellcheck disable=SC2054 # the commas belong to QEMU's option syntax
 		disk_args=(-drive "file=$TOOLS_IMAGE,if=none,id=tools,format=raw,readonly=on"
 			-device virtio-blk-pci,drive=tools)
 	fi
 	local accel=${GUEST_ACCEL:-tcg} cpu=max
 	[ "$accel" = kvm ] && cpu=host
+	# shellcheck disable=SC2054 # the commas belong to QEMU's option syntax
 	local qemu=(qemu-system-x86_64 -accel "$accel" -machine q35 -cpu "$cpu" -smp 2 -m 1G
 		-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem
 		-nographic -no-reboot -nodefaults -serial stdio

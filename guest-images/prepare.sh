@@ -7,7 +7,7 @@ while [ $# -gt 0 ]; do
 	case $1 in
 	--kernel) BERTH_GUEST_KERNEL=$2; shift 2 ;;
 	--modules) BERTH_GUEST_MODULES=$2; shift 2 ;;
-	-h | --help) sed -n '2,5p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,4p' "$0"; exit 0 ;;
 	*) die "unknown argument $1" ;;
 	esac
 done

