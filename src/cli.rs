@@ -1,5 +1,6 @@
 //! berth's command line: a drop-in for virtiofsd 1.14's flags (as QEMU, libvirt and Kata pass
-//! them), berth's own additions, and the `fuse` subcommand for serving on a host mount point.
+//! them), berth's own additions, the `fuse` subcommand for serving on a host mount point, and
+//! the `image build` and `mount` subcommands for lazily fetched erofs images.
 //!
 //! Parsing happens in two steps: clap turns argv into [`Cli`], then [`Cli::resolve`] merges the
 //! legacy `-o key=value` options, applies virtiofsd's implications (e.g. `--posix-acl` turns on
@@ -11,7 +12,10 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use berth_cache::manifest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use berth_cache::Compression;
 use berth_passthrough::{CachePolicy, Config, InodeFileHandles};
+use berth_seccomp::{ModCaps, SandboxMode, SeccompAction};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 /// Longest tag the virtio-fs config space holds (virtio spec 5.11.4).
@@ -27,16 +31,14 @@ pub enum CliError {
     MissingSharedDir,
     #[error("one of --socket-path or --fd is required")]
     MissingSocket,
-    #[error("--{flag} {value} is not supported yet; use --{flag} none")]
-    UnsupportedIsolation { flag: &'static str, value: String },
     #[error("invalid value '{value}' for --{flag}; expected one of {expected}")]
     InvalidChoice {
         flag: &'static str,
         value: String,
         expected: &'static str,
     },
-    #[error("--modcaps is not supported yet: berth does not change its capabilities")]
-    ModcapsUnsupported,
+    #[error("invalid --modcaps: {0}")]
+    BadModcaps(String),
     #[error("{0} is not supported by berth")]
     UnsupportedFlag(&'static str),
     #[error("invalid compat option '-o {0}'")]
@@ -136,7 +138,9 @@ fn parse_tag(tag: &str) -> Result<String, String> {
     version,
     about = "virtio-fs over vhost-user (a virtiofsd drop-in), or the same filesystem on a host FUSE mount",
     override_usage = "berth --shared-dir <DIR> (--socket-path <PATH> | --fd <FD>) [OPTIONS]\n       \
-                      berth fuse --shared-dir <DIR> --mountpoint <DIR> [OPTIONS]",
+                      berth fuse --shared-dir <DIR> --mountpoint <DIR> [OPTIONS]\n       \
+                      berth image build <SOURCE> --out <DIR> [OPTIONS]\n       \
+                      berth mount <IMAGE> <MOUNTPOINT> [OPTIONS]",
     args_override_self = true,
     args_conflicts_with_subcommands = true,
     arg_required_else_help = true
@@ -153,6 +157,148 @@ pub struct Cli {
 pub enum Command {
     /// Serve the shared directory on a host mount point through /dev/fuse.
     Fuse(FuseArgs),
+    /// Build images whose data is fetched lazily (see `berth mount`).
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Mount an image read-only, fetching its data on first access, until SIGINT or SIGTERM.
+    Mount(MountArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build an erofs image from a directory or tar archive and upload its data blob.
+    Build(ImageBuildArgs),
+}
+
+/// Where the cache of `berth mount` lives unless --cache-dir says otherwise.
+pub const DEFAULT_CACHE_DIR: &str = "/var/cache/berth/blobs";
+
+/// How the chunks of an image's blob are stored in the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ChunkCompression {
+    None,
+    Zstd,
+    Lz4,
+}
+
+impl From<ChunkCompression> for Compression {
+    fn from(value: ChunkCompression) -> Self {
+        match value {
+            ChunkCompression::None => Compression::None,
+            ChunkCompression::Zstd => Compression::Zstd,
+            ChunkCompression::Lz4 => Compression::Lz4,
+        }
+    }
+}
+
+/// A byte count: plain, or with a binary suffix (K, M, G, optionally followed by `iB`).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(digits_end);
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        _ => {
+            return Err(format!(
+                "'{s}' is not a size (examples: 4096, 64K, 1M, 2GiB)"
+            ))
+        }
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (examples: 4096, 64K, 1M, 2GiB)"))?;
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+fn parse_chunk_size(s: &str) -> Result<u32, String> {
+    let size = parse_size(s)?;
+    match u32::try_from(size) {
+        Ok(size) if size.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&size) => {
+            Ok(size)
+        }
+        _ => Err(format!(
+            "the chunk size must be a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE} bytes"
+        )),
+    }
+}
+
+/// `berth image build` flags.
+#[derive(Debug, Args)]
+pub struct ImageBuildArgs {
+    /// The directory or tar archive (any compression tar detects) to build the image from.
+    #[arg(value_name = "SOURCE")]
+    pub source: PathBuf,
+
+    /// Directory receiving the image: manifest.json and boot.img (the erofs metadata).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Where the data blob is uploaded: file://DIR (or a plain directory),
+    /// s3://BUCKET[/PREFIX] (settings from the AWS_* environment variables) or
+    /// http(s)://URL [default: the --out directory].
+    #[arg(long, value_name = "LOCATION")]
+    pub backend: Option<String>,
+
+    /// Chunk size of the blob: the unit fetched, verified and cached (a power of two).
+    #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_chunk_size)]
+    pub chunk_size: u32,
+
+    /// How each chunk is stored in the backend.
+    #[arg(long, value_name = "METHOD", value_enum, default_value_t = ChunkCompression::None)]
+    pub compression: ChunkCompression,
+
+    /// Also keep the uncompressed blob as blob.raw in the --out directory.
+    #[arg(long)]
+    pub keep_raw_blob: bool,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// `berth mount` flags.
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// The image directory (holding manifest.json), or the manifest file itself.
+    #[arg(value_name = "IMAGE")]
+    pub image: PathBuf,
+
+    /// Where to mount the image on the host.
+    #[arg(value_name = "MOUNTPOINT")]
+    pub mountpoint: PathBuf,
+
+    /// Directory of the local cache of fetched chunks.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+
+    /// Most bytes the cache keeps; blobs not in use are evicted beyond it [default: no limit].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub cache_capacity: Option<u64>,
+
+    /// Where the data blob is fetched from, as for `berth image build --backend`
+    /// [default: the image's directory].
+    #[arg(long, value_name = "LOCATION")]
+    pub backend: Option<String>,
+
+    /// Keep the cache metrics in this file (Prometheus text format).
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
+
+    /// How often the metrics file is rewritten.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub metrics_interval: u64,
+
+    /// Threads answering the kernel's requests for missing data.
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: u16,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 /// The vhost-user daemon's flags (the default mode).
@@ -198,15 +344,21 @@ pub struct VhostUserArgs {
     #[arg(long)]
     pub print_capabilities: bool,
 
-    /// Process isolation: only `none` is implemented.
-    #[arg(long, value_name = "namespace|chroot|none", default_value = "none")]
+    /// Process isolation: `namespace` (new mount, pid and net namespaces, the shared directory
+    /// as root), `chroot` (chroot into the shared directory) or `none`.
+    #[arg(
+        long,
+        value_name = "namespace|chroot|none",
+        default_value = "namespace"
+    )]
     pub sandbox: String,
 
-    /// Seccomp filter action: only `none` is implemented.
-    #[arg(long, value_name = "none|kill|log|trap", default_value = "none")]
+    /// Seccomp filter action for a system call outside each thread's allow-list:
+    /// `kill` the process, `log` it, raise SIGSYS (`trap`), or no filter (`none`).
+    #[arg(long, value_name = "none|kill|log|trap", default_value = "kill")]
     pub seccomp: String,
 
-    /// Capability changes (virtiofsd): not supported.
+    /// Capability changes, virtiofsd's syntax: `+sys_admin:-chown`, `=chown,fowner`.
     #[arg(long, value_name = "CAPS")]
     pub modcaps: Option<String>,
 
@@ -368,6 +520,8 @@ pub enum Mode {
     PrintCapabilities,
     VhostUser(VhostUserSettings),
     Fuse(FuseSettings),
+    ImageBuild(ImageBuildSettings),
+    Mount(MountSettings),
 }
 
 /// Where the vhost-user listening socket comes from.
@@ -389,6 +543,9 @@ pub struct VhostUserSettings {
     pub thread_pool_size: usize,
     pub max_request_queues: u16,
     pub poll_us: u32,
+    pub sandbox: SandboxMode,
+    pub seccomp: SeccompAction,
+    pub modcaps: ModCaps,
     pub fs: Config,
     pub process: ProcessSettings,
 }
@@ -398,6 +555,32 @@ pub struct FuseSettings {
     pub mountpoint: PathBuf,
     pub threads: usize,
     pub fs: Config,
+    pub process: ProcessSettings,
+}
+
+#[derive(Debug)]
+pub struct ImageBuildSettings {
+    pub source: PathBuf,
+    pub out_dir: PathBuf,
+    /// `None`: the output directory.
+    pub backend: Option<String>,
+    pub chunk_size: u32,
+    pub compression: Compression,
+    pub keep_raw_blob: bool,
+    pub process: ProcessSettings,
+}
+
+#[derive(Debug)]
+pub struct MountSettings {
+    pub image: PathBuf,
+    pub mountpoint: PathBuf,
+    pub cache_dir: PathBuf,
+    pub cache_capacity: Option<u64>,
+    /// `None`: the image's directory.
+    pub backend: Option<String>,
+    pub metrics_file: Option<PathBuf>,
+    pub metrics_interval: Duration,
+    pub threads: usize,
     pub process: ProcessSettings,
 }
 
@@ -473,14 +656,8 @@ impl CompatOptions {
                     .map_err(|_| bad("expected a non-negative number of seconds"))?;
                 self.timeout = Some(timeout);
             }
-            "sandbox" if value != "none" => {
-                return Err(CliError::UnsupportedIsolation {
-                    flag: "sandbox",
-                    value: value.to_owned(),
-                })
-            }
-            "sandbox" => {}
-            "modcaps" => return Err(CliError::ModcapsUnsupported),
+            // Checked by the vhost-user settings, which own isolation.
+            "sandbox" | "modcaps" => {}
             "xattrmap" => return Err(CliError::UnsupportedFlag("-o xattrmap")),
             _ => return Err(CliError::UnknownCompatOption(format!("{key}={value}"))),
         }
@@ -675,40 +852,49 @@ impl CommonArgs {
     }
 }
 
+/// The last value of `key` among `-o key=value,...` options.
+fn compat_value(options: &[String], key: &str) -> Option<String> {
+    options
+        .iter()
+        .flat_map(|o| o.split(','))
+        .filter_map(|item| item.split_once('='))
+        .filter(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim().to_owned())
+        .next_back()
+}
+
 impl VhostUserArgs {
     fn resolve(&self) -> Result<VhostUserSettings, CliError> {
-        let isolation = [
-            (
-                "sandbox",
-                &self.sandbox,
-                &["namespace", "chroot"][..],
-                "namespace, chroot, none",
-            ),
-            (
-                "seccomp",
-                &self.seccomp,
-                &["kill", "log", "trap"][..],
-                "none, kill, log, trap",
-            ),
-        ];
-        for (flag, value, known, expected) in isolation {
-            if value == "none" {
-                continue;
+        let compat_sandbox = compat_value(&self.fs.compat_options, "sandbox");
+        let sandbox_value = match (&compat_sandbox, self.sandbox.as_str()) {
+            (Some(compat), "namespace") => compat.clone(),
+            (Some(compat), flag) if compat != flag => {
+                return Err(CliError::Conflict(format!(
+                    "--sandbox {flag} contradicts -o sandbox={compat}"
+                )))
             }
-            let value = value.clone();
-            return Err(if known.contains(&value.as_str()) {
-                CliError::UnsupportedIsolation { flag, value }
-            } else {
-                CliError::InvalidChoice {
-                    flag,
-                    value,
-                    expected,
-                }
-            });
-        }
-        if self.modcaps.is_some() {
-            return Err(CliError::ModcapsUnsupported);
-        }
+            (_, flag) => flag.to_owned(),
+        };
+        let sandbox: SandboxMode = sandbox_value.parse().map_err(|_| CliError::InvalidChoice {
+            flag: "sandbox",
+            value: sandbox_value.clone(),
+            expected: "namespace, chroot, none",
+        })?;
+        let seccomp: SeccompAction = self.seccomp.parse().map_err(|_| CliError::InvalidChoice {
+            flag: "seccomp",
+            value: self.seccomp.clone(),
+            expected: "none, kill, log, trap",
+        })?;
+        let modcaps_spec = self
+            .modcaps
+            .clone()
+            .or_else(|| compat_value(&self.fs.compat_options, "modcaps"));
+        let modcaps: ModCaps = match &modcaps_spec {
+            Some(spec) => spec
+                .parse()
+                .map_err(|e: berth_seccomp::Error| CliError::BadModcaps(e.to_string()))?,
+            None => ModCaps::default(),
+        };
         let migration = [
             (self.migration_mode.is_some(), "--migration-mode"),
             (self.migration_on_error.is_some(), "--migration-on-error"),
@@ -744,6 +930,9 @@ impl VhostUserArgs {
             thread_pool_size: self.thread_pool_size,
             max_request_queues: self.max_request_queues,
             poll_us: self.poll_us,
+            sandbox,
+            seccomp,
+            modcaps,
             fs,
             process: self.common.resolve(compat_level, warnings)?,
         })
@@ -764,11 +953,45 @@ impl FuseArgs {
     }
 }
 
+impl ImageBuildArgs {
+    fn resolve(&self) -> Result<ImageBuildSettings, CliError> {
+        Ok(ImageBuildSettings {
+            source: self.source.clone(),
+            out_dir: self.out.clone(),
+            backend: self.backend.clone(),
+            chunk_size: self.chunk_size,
+            compression: self.compression.into(),
+            keep_raw_blob: self.keep_raw_blob,
+            process: self.common.resolve(None, Vec::new())?,
+        })
+    }
+}
+
+impl MountArgs {
+    fn resolve(&self) -> Result<MountSettings, CliError> {
+        Ok(MountSettings {
+            image: self.image.clone(),
+            mountpoint: self.mountpoint.clone(),
+            cache_dir: self.cache_dir.clone(),
+            cache_capacity: self.cache_capacity,
+            backend: self.backend.clone(),
+            metrics_file: self.metrics_file.clone(),
+            metrics_interval: Duration::from_secs(self.metrics_interval),
+            threads: usize::from(self.threads),
+            process: self.common.resolve(None, Vec::new())?,
+        })
+    }
+}
+
 impl Cli {
     /// Checks and completes the parsed command line.
     pub fn resolve(&self) -> Result<Mode, CliError> {
         match &self.command {
             Some(Command::Fuse(args)) => Ok(Mode::Fuse(args.resolve()?)),
+            Some(Command::Image(ImageCommand::Build(args))) => {
+                Ok(Mode::ImageBuild(args.resolve()?))
+            }
+            Some(Command::Mount(args)) => Ok(Mode::Mount(args.resolve()?)),
             None if self.serve.print_capabilities => Ok(Mode::PrintCapabilities),
             None => Ok(Mode::VhostUser(self.serve.resolve()?)),
         }
@@ -927,14 +1150,19 @@ mod tests {
             run("log_level=loud"),
             Some(CliError::BadCompatValue { .. })
         ));
+        assert_eq!(run("sandbox=chroot"), None);
+        assert_eq!(run("modcaps=+sys_admin"), None);
         assert!(matches!(
-            run("sandbox=chroot"),
-            Some(CliError::UnsupportedIsolation { .. })
+            run("sandbox=jail"),
+            Some(CliError::InvalidChoice {
+                flag: "sandbox",
+                ..
+            })
         ));
-        assert_eq!(
-            run("modcaps=+sys_admin"),
-            Some(CliError::ModcapsUnsupported)
-        );
+        assert!(matches!(
+            run("modcaps=+nonsense"),
+            Some(CliError::BadModcaps(_))
+        ));
     }
 
     #[test]
@@ -1006,20 +1234,26 @@ mod tests {
     }
 
     #[test]
-    fn isolation_flags_only_accept_none() {
+    fn isolation_flags_parse_as_virtiofsd_spells_them() {
         let base = ["--fd=3", "--shared-dir=/d"];
         let with = |extra: &str| {
             let mut args = base.to_vec();
             args.push(extra);
             resolve(&args)
         };
-        assert!(with("--sandbox=none").is_ok());
-        assert!(with("--seccomp=none").is_ok());
-        let err = with("--sandbox=namespace").unwrap_err();
+        let settings = |extra: &str| match with(extra) {
+            Ok(Mode::VhostUser(s)) => s,
+            other => panic!("{extra}: {other:?}"),
+        };
+        assert_eq!(settings("--sandbox=none").sandbox, SandboxMode::None);
         assert_eq!(
-            err.to_string(),
-            "--sandbox namespace is not supported yet; use --sandbox none"
+            settings("--sandbox=namespace").sandbox,
+            SandboxMode::Namespace
         );
+        assert_eq!(settings("--sandbox=chroot").sandbox, SandboxMode::Chroot);
+        assert_eq!(settings("--seccomp=kill").seccomp, SeccompAction::Kill);
+        assert_eq!(settings("--seccomp=log").seccomp, SeccompAction::Log);
+        assert!(settings("--modcaps=+sys_admin:-chown").modcaps.add.len() == 1);
         assert!(matches!(
             with("--sandbox=jail").unwrap_err(),
             CliError::InvalidChoice {
@@ -1028,16 +1262,16 @@ mod tests {
             }
         ));
         assert!(matches!(
-            with("--seccomp=kill").unwrap_err(),
-            CliError::UnsupportedIsolation {
+            with("--seccomp=maybe").unwrap_err(),
+            CliError::InvalidChoice {
                 flag: "seccomp",
                 ..
             }
         ));
-        assert_eq!(
-            with("--modcaps=-chown").unwrap_err(),
-            CliError::ModcapsUnsupported
-        );
+        assert!(matches!(
+            with("--modcaps=+no_such_cap").unwrap_err(),
+            CliError::BadModcaps(_)
+        ));
         assert_eq!(
             with("--xattrmap=:map::user.virtiofs.:").unwrap_err(),
             CliError::UnsupportedFlag("--xattrmap")
@@ -1154,5 +1388,116 @@ mod tests {
         // Serve flags before the subcommand are not silently dropped.
         let err = parse(&["--fd=3", "fuse", "--shared-dir=/d", "--mountpoint=/m"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn image_build_subcommand() {
+        match resolve(&["image", "build", "/src.tar", "--out", "/img"]) {
+            Ok(Mode::ImageBuild(s)) => {
+                assert_eq!(s.source, PathBuf::from("/src.tar"));
+                assert_eq!(s.out_dir, PathBuf::from("/img"));
+                assert_eq!(s.backend, None);
+                assert_eq!(s.chunk_size, 1 << 20);
+                assert_eq!(s.compression, Compression::None);
+                assert!(!s.keep_raw_blob);
+            }
+            other => panic!("expected image build, got {other:?}"),
+        }
+        match resolve(&[
+            "image",
+            "build",
+            "/src",
+            "--out=/img",
+            "--backend=s3://bucket/images",
+            "--chunk-size=64K",
+            "--compression=zstd",
+            "--keep-raw-blob",
+            "--log-level=debug",
+        ]) {
+            Ok(Mode::ImageBuild(s)) => {
+                assert_eq!(s.backend.as_deref(), Some("s3://bucket/images"));
+                assert_eq!(s.chunk_size, 64 << 10);
+                assert_eq!(s.compression, Compression::Zstd);
+                assert!(s.keep_raw_blob);
+                assert_eq!(s.process.log_level, Some(LogLevel::Debug));
+            }
+            other => panic!("expected image build, got {other:?}"),
+        }
+        assert_eq!(
+            parse(&["image", "build", "/src"]).unwrap_err().kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+        for bad in [
+            &["image", "build", "/s", "--out=/o", "--chunk-size=3000"][..],
+            &["image", "build", "/s", "--out=/o", "--chunk-size=1K"],
+            &["image", "build", "/s", "--out=/o", "--chunk-size=128M"],
+            &["image", "build", "/s", "--out=/o", "--chunk-size=1X"],
+            &["image", "build", "/s", "--out=/o", "--compression=gzip"],
+            &["image", "/s", "--out=/o"],
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad:?} should be a usage error");
+        }
+    }
+
+    #[test]
+    fn mount_subcommand() {
+        match resolve(&["mount", "/img", "/mnt"]) {
+            Ok(Mode::Mount(s)) => {
+                assert_eq!(s.image, PathBuf::from("/img"));
+                assert_eq!(s.mountpoint, PathBuf::from("/mnt"));
+                assert_eq!(s.cache_dir, PathBuf::from(DEFAULT_CACHE_DIR));
+                assert_eq!(s.cache_capacity, None);
+                assert_eq!(s.backend, None);
+                assert_eq!(s.metrics_file, None);
+                assert_eq!(s.threads, 4);
+            }
+            other => panic!("expected mount, got {other:?}"),
+        }
+        match resolve(&[
+            "mount",
+            "/img/manifest.json",
+            "/mnt",
+            "--cache-dir=/c",
+            "--cache-capacity=2GiB",
+            "--backend",
+            "http://127.0.0.1:8000/images",
+            "--metrics-file=/run/berth.prom",
+            "--metrics-interval=30",
+            "--threads=8",
+        ]) {
+            Ok(Mode::Mount(s)) => {
+                assert_eq!(s.cache_dir, PathBuf::from("/c"));
+                assert_eq!(s.cache_capacity, Some(2 << 30));
+                assert_eq!(s.backend.as_deref(), Some("http://127.0.0.1:8000/images"));
+                assert_eq!(s.metrics_file, Some(PathBuf::from("/run/berth.prom")));
+                assert_eq!(s.metrics_interval, Duration::from_secs(30));
+                assert_eq!(s.threads, 8);
+            }
+            other => panic!("expected mount, got {other:?}"),
+        }
+        for bad in [
+            &["mount", "/img"][..],
+            &["mount", "/img", "/mnt", "--threads=0"],
+            &["mount", "/img", "/mnt", "--cache-capacity=lots"],
+            &["mount", "/img", "/mnt", "--metrics-interval=0"],
+            &["--fd=3", "mount", "/img", "/mnt"],
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad:?} should be a usage error");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("3G"), Ok(3 << 30));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("1.5M").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+        assert!(parse_size("18446744073709551615G").is_err());
     }
 }

@@ -1,9 +1,10 @@
 //! berth: a host-side storage daemon for microVMs. This file only wires the pieces together:
 //! command line ([`cli`]), logging, limits, and one of the two transports ([`vhost_user`],
-//! [`fusedev`]) around the passthrough filesystem.
+//! [`fusedev`]) around the passthrough filesystem, or the lazily fetched images ([`image`]).
 
 mod cli;
 mod fusedev;
+mod image;
 mod limits;
 mod logging;
 mod pool;
@@ -14,7 +15,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
-use berth_passthrough::{Config, FsServer, PassthroughFs};
+use berth_passthrough::{Config, FsServer, InodeFileHandles, PassthroughFs};
+use berth_seccomp::{CapsNeeded, SandboxConfig, ThreadRole};
 use clap::Parser;
 use tracing::{info, warn};
 
@@ -40,6 +42,8 @@ fn main() -> ExitCode {
         }
         Mode::VhostUser(settings) => &settings.process,
         Mode::Fuse(settings) => &settings.process,
+        Mode::ImageBuild(settings) => &settings.process,
+        Mode::Mount(settings) => &settings.process,
     };
     let (log_level, rlimit_nofile) = (process.log_level, process.rlimit_nofile);
 
@@ -61,6 +65,8 @@ fn main() -> ExitCode {
         match mode {
             Mode::VhostUser(settings) => run_vhost_user(settings, signals),
             Mode::Fuse(settings) => run_fuse(settings, signals),
+            Mode::ImageBuild(settings) => image::run_build(settings, signals),
+            Mode::Mount(settings) => image::run_mount(settings, signals),
             Mode::PrintCapabilities => Ok(()),
         }
     });
@@ -89,9 +95,18 @@ fn open_filesystem(cfg: Config) -> anyhow::Result<Arc<FsServer>> {
     Ok(Arc::new(FsServer::new(fs)))
 }
 
-fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> anyhow::Result<()> {
+fn run_vhost_user(
+    mut settings: VhostUserSettings,
+    signals: TerminationSignals,
+) -> anyhow::Result<()> {
     let host_locks = settings.fs.posix_lock || settings.fs.flock;
-    let server = open_filesystem(settings.fs)?;
+    if !settings.fs.root_dir.is_dir() {
+        return Err(anyhow!(
+            "the shared directory {} does not exist or is not a directory",
+            settings.fs.root_dir.display()
+        ));
+    }
+    // The socket lives outside the shared directory: set it up before the sandbox hides it.
     let (listener, socket_path) = match &settings.listener {
         ListenerSource::Fd(fd) => (vhost_user::listener_from_fd(*fd)?, None),
         ListenerSource::Path { path, group } => (
@@ -99,6 +114,28 @@ fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> a
             Some(path.clone()),
         ),
     };
+    let outcome = berth_seccomp::enter_sandbox(&SandboxConfig {
+        mode: settings.sandbox,
+        shared_dir: settings.fs.root_dir.clone(),
+        uid_map: None,
+        gid_map: None,
+    })
+    .context("cannot enter the sandbox")?;
+    settings.fs.root_dir = outcome.root_dir;
+    settings.fs.proc_self_fd = outcome.proc_self_fd.map(Arc::new);
+    let file_handles = settings.fs.inode_file_handles != InodeFileHandles::Never;
+    let server = open_filesystem(settings.fs)?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        berth_seccomp::drop_capabilities(&CapsNeeded {
+            file_handles,
+            modcaps: settings.modcaps,
+        })
+        .context("cannot drop capabilities")?;
+    }
+    // Every thread started from here on inherits the main filter; queue workers narrow it.
+    berth_seccomp::install_filter(ThreadRole::Main, settings.seccomp)
+        .context("cannot install the seccomp filter")?;
     signals.spawn_handler(move |signal| {
         info!("Received {}; exiting.", signal_name(signal));
         if let Some(path) = socket_path {
@@ -126,6 +163,7 @@ fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> a
             max_request_queues: settings.max_request_queues,
             poll_us: settings.poll_us,
             thread_pool_size: settings.thread_pool_size,
+            seccomp: settings.seccomp,
         },
         listener,
     )

@@ -37,6 +37,7 @@ use vmm_sys_util::event::{
 
 use crate::cli::MAX_TAG_LEN;
 use crate::pool::WorkerPool;
+use berth_seccomp::{SeccompAction, ThreadRole};
 
 /// Largest queue the frontend may configure (virtiofsd offers the same).
 const MAX_QUEUE_SIZE: usize = 32768;
@@ -65,6 +66,8 @@ pub struct DeviceOptions {
     pub thread_pool_size: usize,
     /// Busy-poll window after a batch of requests, in microseconds (0: sleep at once).
     pub poll_us: u32,
+    /// What the queue threads' seccomp filters do with a system call they do not allow.
+    pub seccomp: SeccompAction,
 }
 
 /// berth's vhost-user-fs backend.
@@ -79,6 +82,7 @@ pub struct FsBackend {
     backend_req: Mutex<Option<Backend>>,
     pool: Option<WorkerPool>,
     poll: Duration,
+    seccomp: SeccompAction,
     /// Per queue: whether its first request has been logged.
     queue_seen: Vec<AtomicBool>,
 }
@@ -103,6 +107,7 @@ impl FsBackend {
             backend_req: Mutex::new(None),
             pool,
             poll: Duration::from_micros(u64::from(options.poll_us)),
+            seccomp: options.seccomp,
             queue_seen: (0..=num_request_queues)
                 .map(|_| AtomicBool::new(false))
                 .collect(),
@@ -234,7 +239,9 @@ impl FsBackend {
                     let server = self.server.clone();
                     let vring = vring.clone();
                     let mem = mem.clone();
+                    let seccomp = self.seccomp;
                     pool.execute(Box::new(move || {
+                        narrow_thread_filter(ThreadRole::ThreadPool, seccomp);
                         let head = chain.head_index();
                         let used = serve_request(&server, queue, &mem, chain);
                         complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
@@ -248,6 +255,24 @@ impl FsBackend {
             }
         }
     }
+}
+
+thread_local! {
+    static THREAD_FILTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs this thread's own, narrower seccomp filter on its first event (the library starts
+/// the queue threads, so there is no earlier hook).
+pub fn narrow_thread_filter(role: ThreadRole, action: SeccompAction) {
+    THREAD_FILTERED.with(|done| {
+        if done.replace(true) {
+            return;
+        }
+        if let Err(e) = berth_seccomp::install_filter(role, action) {
+            // The inherited main filter still applies.
+            warn!("Cannot narrow the seccomp filter of a {role:?} thread: {e}.");
+        }
+    });
 }
 
 /// Runs one FUSE request and returns the number of reply bytes written into the chain. A chain
@@ -457,6 +482,7 @@ impl VhostUserBackend for FsBackend {
             );
             return Ok(());
         }
+        narrow_thread_filter(ThreadRole::QueueWorker, self.seccomp);
         // One queue per thread: the thread index is the queue index, the event its only vring.
         match vrings.get(usize::from(device_event)) {
             Some(vring) => self.serve_queue(thread_id, vring),
@@ -680,6 +706,7 @@ mod tests {
                 max_request_queues: queues,
                 thread_pool_size: 0,
                 poll_us: 0,
+                seccomp: SeccompAction::None,
             },
         )
         .unwrap()

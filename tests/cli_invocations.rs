@@ -199,18 +199,58 @@ fn conflicting_flags_are_a_usage_error() {
     );
 }
 
-#[test]
-fn namespace_sandbox_is_refused() {
-    assert_usage_error(
-        "namespace_sandbox_is_refused",
-        &["--sandbox", "namespace"],
-        &["namespace"],
-    );
+/// Starts the daemon with `extra` isolation flags and checks it serves the share.
+fn serves_with(extra: &[&str]) {
+    let fixture = Fixture::new();
+    let socket = fixture.socket.to_str().unwrap().to_owned();
+    let shared = fixture.shared.to_str().unwrap().to_owned();
+    let mut all = vec!["--socket-path", &socket, "--shared-dir", &shared];
+    all.extend_from_slice(extra);
+    let mut daemon = Daemon::spawn(args(&all));
+    let stream = connect_path(&mut daemon, &fixture.socket);
+    assert_answers_init(&mut daemon, stream, &fixture.shared);
+}
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }
 
 #[test]
-fn seccomp_kill_is_refused() {
-    assert_usage_error("seccomp_kill_is_refused", &["--seccomp", "kill"], &["kill"]);
+fn namespace_sandbox_with_seccomp_kill_serves() {
+    if !testing_berth() || !running_as_root() {
+        eprintln!("SKIPPED: needs berth and root");
+        return;
+    }
+    serves_with(&["--sandbox", "namespace", "--seccomp", "kill"]);
+}
+
+#[test]
+fn chroot_sandbox_with_modcaps_serves() {
+    if !testing_berth() || !running_as_root() {
+        eprintln!("SKIPPED: needs berth and root");
+        return;
+    }
+    serves_with(&["--sandbox=chroot", "--seccomp=log", "--modcaps=-mknod"]);
+}
+
+#[test]
+fn unknown_isolation_values_are_usage_errors() {
+    assert_usage_error(
+        "unknown_isolation_values_are_usage_errors",
+        &["--sandbox", "jail"],
+        &["jail"],
+    );
+    assert_usage_error(
+        "unknown_isolation_values_are_usage_errors",
+        &["--seccomp", "maybe"],
+        &["maybe"],
+    );
+    assert_usage_error(
+        "unknown_isolation_values_are_usage_errors",
+        &["--modcaps", "+no_such_capability"],
+        &["modcaps"],
+    );
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::http::HttpBuilder;
 use object_store::path::Path as ObjectPath;
 use object_store::{
@@ -189,10 +189,24 @@ impl ObjectStoreBackend {
     /// environment variables.
     pub fn s3(config: &S3Config) -> Result<Self> {
         let (retry, options) = client_settings();
-        let mut builder = AmazonS3Builder::from_env()
-            .with_bucket_name(&config.bucket)
+        // Our client defaults go in first and the environment on top of them:
+        // `with_client_options` replaces every client setting, so applied after
+        // `from_env` it would drop `AWS_ALLOW_HTTP`, `AWS_PROXY_URL` and the like.
+        let mut builder = AmazonS3Builder::new()
             .with_retry(retry)
             .with_client_options(options);
+        for (key, value) in std::env::vars_os() {
+            let (Some(key), Some(value)) = (key.to_str(), value.to_str()) else {
+                continue;
+            };
+            if !key.starts_with("AWS_") {
+                continue;
+            }
+            if let Ok(config_key) = key.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+                builder = builder.with_config(config_key, value);
+            }
+        }
+        builder = builder.with_bucket_name(&config.bucket);
         if let Some(endpoint) = &config.endpoint {
             builder = builder.with_endpoint(endpoint);
         }

@@ -168,7 +168,8 @@ pub struct MetricsWriter {
 impl MetricsWriter {
     /// Starts a thread that replaces `path` with the rendered metrics every
     /// `interval` (through a temporary file and a rename, so readers never see a
-    /// partial file).
+    /// partial file), and once more when dropped so the file ends with the final
+    /// counts.
     pub fn start(metrics: Arc<Metrics>, path: PathBuf, interval: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
@@ -182,10 +183,13 @@ impl MetricsWriter {
                     if let Err(err) = write {
                         tracing::warn!("cannot write metrics to {}: {err}", path.display());
                     }
+                    if stop_flag.load(Ordering::Relaxed) {
+                        return;
+                    }
                     let mut waited = Duration::ZERO;
                     while waited < interval {
                         if stop_flag.load(Ordering::Relaxed) {
-                            return;
+                            break;
                         }
                         let step = Duration::from_millis(100).min(interval - waited);
                         std::thread::sleep(step);

@@ -268,7 +268,7 @@ impl MountHandle {
         &self.mountpoint
     }
 
-    fn try_unmount(&mut self) -> Result<()> {
+    fn umount_filesystem(&mut self) -> Result<()> {
         if !self.mounted {
             return Ok(());
         }
@@ -309,7 +309,14 @@ impl MountHandle {
 
     /// Unmounts, then stops the handlers and closes the fanotify group.
     pub fn unmount(mut self) -> Result<()> {
-        self.try_unmount()?;
+        self.try_unmount()
+    }
+
+    /// Like [`MountHandle::unmount`], but when the unmount fails (say with `EBUSY`
+    /// because files are still open) the mount keeps being served and the call
+    /// can be repeated later.
+    pub fn try_unmount(&mut self) -> Result<()> {
+        self.umount_filesystem()?;
         self.stop_handlers();
         Ok(())
     }
@@ -317,7 +324,7 @@ impl MountHandle {
 
 impl Drop for MountHandle {
     fn drop(&mut self) {
-        match self.try_unmount() {
+        match self.umount_filesystem() {
             Ok(()) => self.stop_handlers(),
             Err(err) => {
                 tracing::error!(

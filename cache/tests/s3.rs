@@ -2,9 +2,12 @@
 
 mod common;
 
+use std::process::Command;
 use std::sync::Arc;
 
-use berth_cache::{BlobBackend, CacheConfig, CacheEngine, Compression, ObjectStoreBackend};
+use berth_cache::{
+    open_backend, BlobBackend, CacheConfig, CacheEngine, Compression, ObjectStoreBackend,
+};
 use common::{pseudo_random, publish, Moto};
 
 #[test]
@@ -54,4 +57,90 @@ fn s3_and_http_backends_serve_range_reads_through_the_engine() {
     let mut all = vec![0u8; big.len()];
     assert_eq!(handle.read(0, &mut all).unwrap(), big.len());
     assert_eq!(all, big);
+}
+
+/// Set (to the endpoint) only in the child process of the environment test.
+const CHILD_ENDPOINT: &str = "BERTH_TEST_S3_ENDPOINT";
+
+/// `open_backend("s3://…")` configured only through `AWS_*` variables, as an operator
+/// would. The variables are set on a child process running
+/// `s3_backend_from_environment_child`, so no other test thread sees them change.
+#[test]
+fn open_backend_takes_s3_settings_from_the_environment() {
+    let moto = match Moto::start(None) {
+        Ok(moto) => moto,
+        Err(reason) => {
+            eprintln!("skipping: {reason}");
+            return;
+        }
+    };
+    moto.create_bucket("berth-env");
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "s3_backend_from_environment_child",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env(CHILD_ENDPOINT, moto.endpoint())
+        .env("AWS_ENDPOINT", moto.endpoint())
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The filter matched the child test and it ran (rather than nothing matching).
+    assert!(
+        stdout.contains("1 passed"),
+        "the child did not run:\n{stdout}"
+    );
+}
+
+#[test]
+#[ignore = "run by open_backend_takes_s3_settings_from_the_environment in a child process"]
+fn s3_backend_from_environment_child() {
+    let Some(endpoint) = std::env::var_os(CHILD_ENDPOINT) else {
+        eprintln!("skipping: only meaningful as the child of the environment test");
+        return;
+    };
+    let s3 = open_backend("s3://berth-env/lazy/images").unwrap();
+    assert_eq!(s3.describe(), "s3://berth-env/lazy/images");
+
+    // Larger than one upload part: a multipart upload (POST), then range reads.
+    let dir = tempfile::tempdir().unwrap();
+    let big = pseudo_random(3, 17 << 20);
+    let big_path = dir.path().join("big");
+    std::fs::write(&big_path, &big).unwrap();
+    s3.put_file("raw/big", &big_path).unwrap();
+    assert_eq!(s3.size("raw/big").unwrap(), big.len() as u64);
+    assert_eq!(
+        s3.read_range("raw/big", 16_777_000..16_777_300).unwrap(),
+        big[16_777_000..16_777_300]
+    );
+
+    // The prefix really is part of the object key: the object is reachable
+    // anonymously at bucket/prefix/name (moto does not check signatures on GET).
+    let port: u16 = endpoint
+        .to_str()
+        .and_then(|e| e.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let status = common::http_request(port, "HEAD", "/berth-env/lazy/images/raw/big").unwrap();
+    assert!(status.contains("200"), "HEAD of the object: {status}");
+
+    // And the engine serves a compressed blob published through it.
+    let data = pseudo_random(4, 2 << 20);
+    let manifest = publish(&data, 128 * 1024, Compression::Lz4, s3.as_ref());
+    let engine = CacheEngine::new(CacheConfig::new(dir.path().join("cache")), s3).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    let mut buf = vec![0u8; 300_000];
+    assert_eq!(handle.read(1_500_000, &mut buf).unwrap(), buf.len());
+    assert_eq!(buf, data[1_500_000..1_800_000]);
 }

@@ -231,6 +231,8 @@ const MAIN: &[libc::c_long] = &[
     libc::SYS_read,
     libc::SYS_rt_sigaction,
     libc::SYS_rt_sigtimedwait,
+    // Threads started under the main filter narrow it with a filter of their own role.
+    libc::SYS_seccomp,
     libc::SYS_umount2,
     libc::SYS_unlink,
     libc::SYS_unlinkat,

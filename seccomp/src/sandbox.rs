@@ -328,7 +328,20 @@ fn enter_namespaces(
     if child > 0 {
         supervise_child(child);
     }
-    // Only the child gets here: it is pid 1 of the new pid namespace.
+    // Only the child gets here: it is pid 1 of the new pid namespace. If the supervising parent
+    // dies, even by SIGKILL, which it cannot forward, the daemon must not live on unseen.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only sets this process's parent-death signal.
+    check("setting the parent-death signal", unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    })?;
+    // (The parent lives outside this pid namespace, so getppid() reads 0 either way and
+    // cannot tell whether it died in the instant before the prctl.)
     let proc_self_fd = setup_mounts(shared_dir)?;
     Ok(SandboxOutcome {
         root_dir: PathBuf::from("/"),

@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -109,14 +109,25 @@ pub struct Moto {
     pub port: u16,
 }
 
+/// `moto_server` in the virtual environment the project's scripts install into.
+fn cached_moto_server() -> Option<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))?;
+    Some(cache.join("berth/venv/bin/moto_server"))
+}
+
 fn moto_command() -> Option<Command> {
-    let has_server = Command::new("moto_server")
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if has_server.map(|s| s.success()).unwrap_or(false) {
-        return Some(Command::new("moto_server"));
+    let candidates = std::iter::once(PathBuf::from("moto_server")).chain(cached_moto_server());
+    for program in candidates {
+        let has_server = Command::new(&program)
+            .arg("--help")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if has_server.map(|s| s.success()).unwrap_or(false) {
+            return Some(Command::new(program));
+        }
     }
     let module = Command::new("python3")
         .args(["-c", "import moto.server"])
