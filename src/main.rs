@@ -1,11 +1,10 @@
 //! berth: a host-side storage daemon for microVMs. This file only wires the pieces together:
-//! command line ([`cli`]), logging, limits, and one of the two transports ([`vhost_user`],
+//! command line ([`cli`]), logging, the open file limit, and one of the two transports ([`vhost_user`],
 //! [`fusedev`]) around the passthrough filesystem, or the lazily fetched images ([`image`]).
 
 mod cli;
 mod fusedev;
 mod image;
-mod limits;
 mod logging;
 mod pool;
 mod shutdown;
@@ -60,16 +59,18 @@ fn main() -> ExitCode {
         warn!("{warning}");
     }
 
-    let result = limits::setup_nofile(rlimit_nofile).and_then(|limit| {
-        tracing::debug!("The open file limit is {limit}.");
-        match mode {
-            Mode::VhostUser(settings) => run_vhost_user(settings, signals),
-            Mode::Fuse(settings) => run_fuse(settings, signals),
-            Mode::ImageBuild(settings) => image::run_build(settings, signals),
-            Mode::Mount(settings) => image::run_mount(settings, signals),
-            Mode::PrintCapabilities => Ok(()),
-        }
-    });
+    let result = berth_seccomp::set_rlimit_nofile(rlimit_nofile)
+        .context("cannot set the open file limit (RLIMIT_NOFILE)")
+        .and_then(|limit| {
+            tracing::debug!("The open file limit is {limit}.");
+            match mode {
+                Mode::VhostUser(settings) => run_vhost_user(settings, signals),
+                Mode::Fuse(settings) => run_fuse(settings, signals),
+                Mode::ImageBuild(settings) => image::run_build(settings, signals),
+                Mode::Mount(settings) => image::run_mount(settings, signals),
+                Mode::PrintCapabilities => Ok(()),
+            }
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
