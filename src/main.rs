@@ -108,12 +108,12 @@ fn run_vhost_user(
         ));
     }
     // The socket lives outside the shared directory: set it up before the sandbox hides it.
-    let (listener, socket_path) = match &settings.listener {
+    let (listener, socket_file) = match &settings.listener {
         ListenerSource::Fd(fd) => (vhost_user::listener_from_fd(*fd)?, None),
-        ListenerSource::Path { path, group } => (
-            vhost_user::listener_at_path(path, group.as_deref())?,
-            Some(path.clone()),
-        ),
+        ListenerSource::Path { path, group } => {
+            let (listener, file) = vhost_user::listener_at_path(path, group.as_deref())?;
+            (listener, Some(Arc::new(file)))
+        }
     };
     let outcome = berth_seccomp::enter_sandbox(&SandboxConfig {
         mode: settings.sandbox,
@@ -137,10 +137,11 @@ fn run_vhost_user(
     // Every thread started from here on inherits the main filter; queue workers narrow it.
     berth_seccomp::install_filter(ThreadRole::Main, settings.seccomp)
         .context("cannot install the seccomp filter")?;
+    let socket_for_signals = socket_file.clone();
     signals.spawn_handler(move |signal| {
         info!("Received {}; exiting.", signal_name(signal));
-        if let Some(path) = socket_path {
-            let _ = std::fs::remove_file(path);
+        if let Some(socket) = socket_for_signals {
+            socket.remove();
         }
         std::process::exit(0);
     })?;
@@ -157,7 +158,7 @@ fn run_vhost_user(
             settings.thread_pool_size
         );
     }
-    vhost_user::serve(
+    let result = vhost_user::serve(
         server,
         vhost_user::DeviceOptions {
             tag: settings.tag,
@@ -167,7 +168,11 @@ fn run_vhost_user(
             seccomp: settings.seccomp,
         },
         listener,
-    )
+    );
+    if let Some(socket) = socket_file {
+        socket.remove();
+    }
+    result
 }
 
 fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Result<()> {

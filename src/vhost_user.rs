@@ -597,9 +597,84 @@ pub fn listener_from_fd(fd: i32) -> anyhow::Result<Listener> {
     Ok(unsafe { <Listener as std::os::unix::io::FromRawFd>::from_raw_fd(fd) })
 }
 
+/// The socket file berth created at `--socket-path`, removed when berth exits.
+///
+/// Inside the sandbox the path no longer names it (the shared directory is the root by then,
+/// and the same path there may be a guest's file), so a descriptor on its directory is kept
+/// and only the socket with the inode berth bound is unlinked.
+pub struct SocketFile {
+    dir: std::os::fd::OwnedFd,
+    name: std::ffi::CString,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    fn new(path: &std::path::Path) -> anyhow::Result<SocketFile> {
+        use std::os::unix::ffi::OsStrExt;
+        let parent = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(parent) => parent.to_owned(),
+            None => std::path::PathBuf::from("."),
+        };
+        let name = path
+            .file_name()
+            .ok_or_else(|| anyhow!("the socket path {} names no file", path.display()))?;
+        let name = std::ffi::CString::new(name.as_bytes())
+            .map_err(|_| anyhow!("the socket path {} contains a NUL byte", path.display()))?;
+        let dir = std::os::unix::fs::OpenOptionsExt::custom_flags(
+            std::fs::OpenOptions::new().read(true),
+            libc::O_PATH | libc::O_DIRECTORY,
+        )
+        .open(&parent)
+        .with_context(|| format!("cannot open the socket's directory {}", parent.display()))?;
+        let metadata = std::fs::symlink_metadata(path)
+            .with_context(|| format!("cannot inspect the socket {}", path.display()))?;
+        Ok(SocketFile {
+            dir: dir.into(),
+            name,
+            dev: std::os::unix::fs::MetadataExt::dev(&metadata),
+            ino: std::os::unix::fs::MetadataExt::ino(&metadata),
+        })
+    }
+
+    /// Unlinks the socket if it is still the one berth created (not a file or a newer
+    /// daemon's socket put there since).
+    pub fn remove(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: libc::stat is plain old data; all-zero bytes are a valid value.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `name` is NUL-terminated, `stat` a valid out-buffer; the result is checked.
+        let found = unsafe {
+            libc::fstatat(
+                self.dir.as_raw_fd(),
+                self.name.as_ptr(),
+                &mut stat,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        } == 0;
+        if found
+            && stat.st_mode & libc::S_IFMT == libc::S_IFSOCK
+            && stat.st_dev == self.dev
+            && stat.st_ino == self.ino
+        {
+            // SAFETY: as above; removing the socket berth bound.
+            if unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.name.as_ptr(), 0) } != 0 {
+                warn!(
+                    "Cannot remove the socket file: {}.",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
 /// Creates the vhost-user socket at `path`: replaces a stale socket file, but refuses one that
 /// a live process is listening on. The socket is accessible to its owner (and `group`) only.
-pub fn listener_at_path(path: &std::path::Path, group: Option<&str>) -> anyhow::Result<Listener> {
+/// The returned [`SocketFile`] removes it again; the listener itself never touches the path.
+pub fn listener_at_path(
+    path: &std::path::Path,
+    group: Option<&str>,
+) -> anyhow::Result<(Listener, SocketFile)> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.is_dir() {
             return Err(anyhow!(
@@ -624,19 +699,34 @@ pub fn listener_at_path(path: &std::path::Path, group: Option<&str>) -> anyhow::
         ));
     }
     let gid = group.map(lookup_group).transpose()?;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(anyhow!(
+                "cannot replace the stale socket {}: {e}",
+                path.display()
+            ))
+        }
+    }
     let mask = if gid.is_some() { 0o007 } else { 0o077 };
     // SAFETY: umask has no memory effects; it is restored right after the bind.
     let old_mask = unsafe { libc::umask(mask) };
-    let listener = Listener::new(path, true);
+    let bound = std::os::unix::net::UnixListener::bind(path);
     // SAFETY: as above.
     unsafe { libc::umask(old_mask) };
-    let listener =
-        listener.map_err(|e| anyhow!("cannot create the socket {}: {e}", path.display()))?;
+    let bound = bound.map_err(|e| anyhow!("cannot create the socket {}: {e}", path.display()))?;
+    let socket_file = SocketFile::new(path)?;
     if let Some(gid) = gid {
         std::os::unix::fs::chown(path, None, Some(gid))
             .with_context(|| format!("cannot give the socket {} to group {gid}", path.display()))?;
     }
-    Ok(listener)
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(bound);
+    // SAFETY: `fd` is a listening unix socket just released by its owner; the Listener takes
+    // it over. Built from a descriptor, the Listener has no path to remove when dropped (its
+    // own removal would resolve the path inside the sandbox).
+    let listener = unsafe { <Listener as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+    Ok((listener, socket_file))
 }
 
 fn lookup_group(name: &str) -> anyhow::Result<u32> {
@@ -771,7 +861,8 @@ mod tests {
         assert!(err.to_string().contains("in use"), "{err}");
         drop(live); // the file stays behind: a stale socket
         assert!(path.exists());
-        let listener = listener_at_path(&path, None).expect("a stale socket is replaced");
+        let (listener, socket_file) =
+            listener_at_path(&path, None).expect("a stale socket is replaced");
         let not_socket = dir.path().join("precious");
         std::fs::write(&not_socket, b"data").unwrap();
         assert!(listener_at_path(&not_socket, None).is_err());
@@ -782,6 +873,16 @@ mod tests {
             0o700
         );
         drop(listener);
+        assert!(path.exists(), "dropping the listener leaves the path alone");
+        // Only the socket berth bound is removed: not a file that took its place.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"someone else's").unwrap();
+        socket_file.remove();
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
+        std::fs::remove_file(&path).unwrap();
+        let (_listener, socket_file) = listener_at_path(&path, None).unwrap();
+        socket_file.remove();
+        assert!(!path.exists(), "berth's own socket is removed");
     }
 
     #[test]
