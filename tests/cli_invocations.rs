@@ -163,7 +163,7 @@ fn run_to_exit(extra: &[&str]) -> (Output, Fixture) {
 
 fn assert_usage_error(test: &str, extra: &[&str], must_mention: &[&str]) {
     if !testing_berth() {
-        skip(test, "checks berth's own flag handling");
+        skip_by_design(&format!("{test} checks berth's own flag handling"));
         return;
     }
     let (output, _fixture) = run_to_exit(extra);
@@ -211,15 +211,23 @@ fn serves_with(extra: &[&str]) {
     assert_answers_init(&mut daemon, stream, &fixture.shared);
 }
 
-fn running_as_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+/// Whether a berth-only test that needs root can run: prints why not (a failure under
+/// `BERTH_TESTS_NO_SKIP=1` when root is what is missing).
+fn berth_as_root() -> bool {
+    if !testing_berth() {
+        skip_by_design("checks berth's own sandbox");
+        return false;
+    }
+    if !running_as_root() {
+        skip("needs root");
+        return false;
+    }
+    true
 }
 
 #[test]
 fn namespace_sandbox_with_seccomp_kill_serves() {
-    if !testing_berth() || !running_as_root() {
-        eprintln!("SKIPPED: needs berth and root");
+    if !berth_as_root() {
         return;
     }
     serves_with(&["--sandbox", "namespace", "--seccomp", "kill"]);
@@ -227,8 +235,7 @@ fn namespace_sandbox_with_seccomp_kill_serves() {
 
 #[test]
 fn chroot_sandbox_with_modcaps_serves() {
-    if !testing_berth() || !running_as_root() {
-        eprintln!("SKIPPED: needs berth and root");
+    if !berth_as_root() {
         return;
     }
     serves_with(&["--sandbox=chroot", "--seccomp=log", "--modcaps=-mknod"]);

@@ -1,7 +1,11 @@
 //! `berth image build` and `berth mount` end to end, as an operator runs them: build an image
 //! of a generated tree into a `file://` backend, mount it lazily as a child process, read every
 //! file back, stop it with SIGTERM. The mount needs root, erofs, fanotify pre-content events
-//! (Linux 6.14) and mkfs.erofs; without them that test skips and says why.
+//! (Linux 6.14) and mkfs.erofs; without them that test skips and says why (and fails under
+//! `BERTH_TESTS_NO_SKIP=1`).
+
+#[path = "common/skip.rs"]
+mod skip;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -128,7 +132,7 @@ fn metric(metrics: &str, name: &str) -> Option<u64> {
 fn build_then_mount_lazily_and_stop_with_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     if let Err(reason) = berth_cache::mount::check_support(dir.path()) {
-        eprintln!("skipping: {reason}");
+        skip::skip(&reason);
         return;
     }
     let source = dir.path().join("source");
@@ -245,7 +249,7 @@ fn build_then_mount_lazily_and_stop_with_sigterm() {
 fn default_backend_is_the_image_directory() {
     let dir = tempfile::tempdir().unwrap();
     if let Err(reason) = berth_cache::mount::check_support(dir.path()) {
-        eprintln!("skipping: {reason}");
+        skip::skip(&reason);
         return;
     }
     let source = dir.path().join("source");

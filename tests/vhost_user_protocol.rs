@@ -299,10 +299,9 @@ fn four_request_queues_all_answer() {
     ) {
         Ok(device) => device,
         Err(berth_frontend::Error::NotEnoughQueues { offered, .. }) if !testing_berth() => {
-            skip(
-                "four_request_queues_all_answer",
-                &format!("the daemon under test offers {offered} queues, 5 are needed"),
-            );
+            skip_by_design(&format!(
+                "the daemon under test offers {offered} queues, 5 are needed"
+            ));
             return;
         }
         Err(err) => panic!("4-queue setup failed: {err}\n{}", daemon.stderr()),
@@ -633,11 +632,11 @@ const FUSE_ATTR_SUBMOUNT: u32 = 1;
 #[test]
 fn submounts_are_announced() {
     if !testing_berth() {
-        eprintln!("SKIPPED: berth-specific default");
+        skip_by_design("berth-specific default");
         return;
     }
     let Some((mounted, plain)) = submount_flag(&[]) else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        skip("cannot mount a tmpfs here (needs root)");
         return;
     };
     assert_eq!(
@@ -651,7 +650,7 @@ fn submounts_are_announced() {
 #[test]
 fn no_announce_submounts_hides_them() {
     let Some((mounted, _)) = submount_flag(&["--no-announce-submounts"]) else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        skip("cannot mount a tmpfs here (needs root)");
         return;
     };
     assert_eq!(mounted & FUSE_ATTR_SUBMOUNT, 0);

@@ -3,9 +3,16 @@
 //!
 //! Set `BERTH_TEST_DAEMON=/path/to/virtiofsd` to run the same tests against another
 //! virtiofsd-compatible daemon; it is then started with `--sandbox none --seccomp none`, and
-//! tests of berth-only behaviour skip with a printed reason.
+//! tests of berth-only behaviour skip with a printed reason (never a failure, even under
+//! `BERTH_TESTS_NO_SKIP=1`, which turns only skips for a missing machine feature into failures).
 
 #![allow(dead_code)]
+
+#[path = "skip.rs"]
+mod skip;
+
+#[allow(unused_imports)]
+pub use skip::{skip, skip_by_design, skips_forbidden};
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -291,7 +298,8 @@ pub fn init_first_queue(device: &mut VhostUserFs) -> FsQueue {
     queue
 }
 
-/// Prints a skip reason in a form that stands out in test output.
-pub fn skip(test: &str, reason: &str) {
-    eprintln!("SKIPPED {test}: {reason}");
+/// Whether the tests run as root.
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }

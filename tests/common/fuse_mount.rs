@@ -6,6 +6,12 @@
 
 #![allow(dead_code)]
 
+#[path = "skip.rs"]
+mod skip;
+
+#[allow(unused_imports)]
+pub use skip::{skip, skip_by_design, skips_forbidden};
+
 use std::ffi::{CString, OsStr};
 use std::fs::{self, File};
 use std::io;
@@ -179,8 +185,9 @@ pub struct FuseMount {
 impl FuseMount {
     /// Starts the daemon with `flags` after the mandatory ones and waits until it has mounted.
     ///
-    /// Returns `None` (after printing why) when the machine cannot run FUSE tests; panics when
-    /// the daemon fails to mount, since that is a failure of berth.
+    /// Returns `None` (after printing why) when the machine cannot run FUSE tests, or panics
+    /// then under `BERTH_TESTS_NO_SKIP=1`; panics when the daemon fails to mount, since that is
+    /// a failure of berth.
     pub fn start(flags: &[&str]) -> Option<FuseMount> {
         Self::start_with_limit(flags, TEST_TIMEOUT)
     }
@@ -188,7 +195,7 @@ impl FuseMount {
     /// As [`FuseMount::start`], with a watchdog limit other than [`TEST_TIMEOUT`].
     pub fn start_with_limit(flags: &[&str], limit: Duration) -> Option<FuseMount> {
         if let Some(reason) = skip_reason() {
-            eprintln!("SKIPPED: {reason}");
+            skip(&reason);
             return None;
         }
         let root = tempfile::Builder::new()
