@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use berth_cache::manifest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use berth_cache::Compression;
-use berth_passthrough::{CachePolicy, Config, InodeFileHandles};
+use berth_passthrough::{CachePolicy, Config, InodeFileHandles, Negotiation as FsNegotiation};
 use berth_seccomp::{ModCaps, SandboxMode, SeccompAction};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
@@ -78,8 +78,8 @@ impl LogLevel {
     }
 }
 
-/// virtiofsd's three-way switch for features the guest must also support. berth's filesystem
-/// takes a plain on/off, so `auto` and `always` both turn the feature on.
+/// virtiofsd's three-way switch for features the guest must also support: `auto` carries on
+/// without the feature when the guest lacks it, `always` fails FUSE_INIT then.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Negotiation {
     Never,
@@ -87,9 +87,37 @@ pub enum Negotiation {
     Always,
 }
 
-impl Negotiation {
-    fn enabled(self) -> bool {
-        self != Negotiation::Never
+impl From<Negotiation> for FsNegotiation {
+    fn from(mode: Negotiation) -> Self {
+        match mode {
+            Negotiation::Never => FsNegotiation::Never,
+            Negotiation::Auto => FsNegotiation::Auto,
+            Negotiation::Always => FsNegotiation::Always,
+        }
+    }
+}
+
+/// A `never|auto|always` flag merged with its `-o name` / `-o no_name` counterpart (which mean
+/// `always` and `never`, as in virtiofsd); the two disagreeing on whether the feature is on
+/// is a conflict.
+fn merge_negotiation(
+    what: &str,
+    flag: Option<Negotiation>,
+    compat: Option<bool>,
+) -> Result<FsNegotiation, CliError> {
+    let compat = compat.map(|on| {
+        if on {
+            FsNegotiation::Always
+        } else {
+            FsNegotiation::Never
+        }
+    });
+    match (flag.map(FsNegotiation::from), compat) {
+        (Some(f), Some(c)) if f.wanted() != c.wanted() => Err(CliError::Conflict(format!(
+            "{what} is set to {f:?} by a flag and to {c:?} by -o"
+        ))),
+        (Some(f), _) => Ok(f),
+        (None, c) => Ok(c.unwrap_or_default()),
     }
 }
 
@@ -345,13 +373,9 @@ pub struct VhostUserArgs {
     pub print_capabilities: bool,
 
     /// Process isolation: `namespace` (new mount, pid and net namespaces, the shared directory
-    /// as root), `chroot` (chroot into the shared directory) or `none`.
-    #[arg(
-        long,
-        value_name = "namespace|chroot|none",
-        default_value = "namespace"
-    )]
-    pub sandbox: String,
+    /// as root), `chroot` (chroot into the shared directory) or `none` [default: namespace].
+    #[arg(long, value_name = "namespace|chroot|none")]
+    pub sandbox: Option<String>,
 
     /// Seccomp filter action for a system call outside each thread's allow-list:
     /// `kill` the process, `log` it, raise SIGSYS (`trap`), or no filter (`none`).
@@ -475,11 +499,14 @@ pub struct FsArgs {
     #[arg(short = 'o', value_name = "OPTIONS", action = ArgAction::Append)]
     pub compat_options: Vec<String>,
 
+    /// With --cache never or metadata, still let the guest mmap files (only safe when the
+    /// guest has the shared directory to itself).
+    #[arg(long)]
+    pub allow_mmap: bool,
+
     /// virtiofsd flags berth does not implement; refused with a message.
     #[arg(long, value_name = "MAP", hide = true)]
     pub xattrmap: Option<String>,
-    #[arg(long, hide = true)]
-    pub allow_mmap: bool,
     #[arg(long, value_name = "MAP", hide = true)]
     pub uid_map: Vec<String>,
     #[arg(long, value_name = "MAP", hide = true)]
@@ -733,20 +760,14 @@ impl FsArgs {
         .ok_or(CliError::MissingSharedDir)?;
         let cache = merge("the cache mode", self.cache, compat.cache)?.unwrap_or_default();
 
-        let posix_acl = merge(
-            "posix ACL support",
-            self.posix_acl.map(Negotiation::enabled),
-            compat.posix_acl,
-        )?
-        .unwrap_or(false);
-        let security_label = merge(
+        let posix_acl = merge_negotiation("posix ACL support", self.posix_acl, compat.posix_acl)?;
+        let security_label = merge_negotiation(
             "security label support",
-            self.security_label.map(Negotiation::enabled),
+            self.security_label,
             compat.security_label,
-        )?
-        .unwrap_or(false);
+        )?;
         let xattr = merge_switch("xattr support", given(self.xattr), compat.xattr)?;
-        if compat.xattr == Some(false) && (posix_acl || security_label) {
+        if compat.xattr == Some(false) && (posix_acl.wanted() || security_label.wanted()) {
             return Err(CliError::Conflict(
                 "-o no_xattr turns off xattrs, which posix ACLs and security labels need".into(),
             ));
@@ -790,9 +811,10 @@ impl FsArgs {
             entry_timeout: compat.timeout,
             attr_timeout: compat.timeout,
             writeback: merge_switch("writeback caching", given(self.writeback), compat.writeback)?,
-            xattr: xattr || posix_acl || security_label,
+            xattr: xattr || posix_acl.wanted() || security_label.wanted(),
             posix_acl,
             security_label,
+            allow_mmap: self.allow_mmap,
             allow_direct_io: merge_switch(
                 "direct I/O",
                 given(self.allow_direct_io),
@@ -815,7 +837,6 @@ impl FsArgs {
     fn reject_unsupported(&self) -> Result<(), CliError> {
         let unsupported = [
             (self.xattrmap.is_some(), "--xattrmap"),
-            (self.allow_mmap, "--allow-mmap"),
             (!self.uid_map.is_empty(), "--uid-map"),
             (!self.gid_map.is_empty(), "--gid-map"),
             (!self.translate_uid.is_empty(), "--translate-uid"),
@@ -865,30 +886,44 @@ fn compat_value(options: &[String], key: &str) -> Option<String> {
 
 impl VhostUserArgs {
     fn resolve(&self) -> Result<VhostUserSettings, CliError> {
+        let parse_sandbox = |value: &str| {
+            value
+                .parse::<SandboxMode>()
+                .map_err(|_| CliError::InvalidChoice {
+                    flag: "sandbox",
+                    value: value.to_owned(),
+                    expected: "namespace, chroot, none",
+                })
+        };
+        let flag_sandbox = self.sandbox.as_deref().map(parse_sandbox).transpose()?;
         let compat_sandbox = compat_value(&self.fs.compat_options, "sandbox");
-        let sandbox_value = match (&compat_sandbox, self.sandbox.as_str()) {
-            (Some(compat), "namespace") => compat.clone(),
-            (Some(compat), flag) if compat != flag => {
+        let compat_mode = compat_sandbox.as_deref().map(parse_sandbox).transpose()?;
+        let sandbox = match (flag_sandbox, compat_mode) {
+            (Some(flag), Some(compat)) if flag != compat => {
                 return Err(CliError::Conflict(format!(
-                    "--sandbox {flag} contradicts -o sandbox={compat}"
+                    "--sandbox {} contradicts -o sandbox={}",
+                    self.sandbox.as_deref().unwrap_or_default(),
+                    compat_sandbox.as_deref().unwrap_or_default()
                 )))
             }
-            (_, flag) => flag.to_owned(),
+            (Some(mode), _) | (None, Some(mode)) => mode,
+            (None, None) => SandboxMode::Namespace,
         };
-        let sandbox: SandboxMode = sandbox_value.parse().map_err(|_| CliError::InvalidChoice {
-            flag: "sandbox",
-            value: sandbox_value.clone(),
-            expected: "namespace, chroot, none",
-        })?;
         let seccomp: SeccompAction = self.seccomp.parse().map_err(|_| CliError::InvalidChoice {
             flag: "seccomp",
             value: self.seccomp.clone(),
             expected: "none, kill, log, trap",
         })?;
-        let modcaps_spec = self
-            .modcaps
-            .clone()
-            .or_else(|| compat_value(&self.fs.compat_options, "modcaps"));
+        let compat_modcaps = compat_value(&self.fs.compat_options, "modcaps");
+        let modcaps_spec = match (&self.modcaps, compat_modcaps) {
+            (Some(flag), Some(compat)) if *flag != compat => {
+                return Err(CliError::Conflict(format!(
+                    "--modcaps {flag} contradicts -o modcaps={compat}"
+                )))
+            }
+            (Some(spec), _) => Some(spec.clone()),
+            (None, compat) => compat,
+        };
         let modcaps: ModCaps = match &modcaps_spec {
             Some(spec) => spec
                 .parse()
@@ -1191,6 +1226,97 @@ mod tests {
     }
 
     #[test]
+    fn isolation_flags_and_legacy_options_must_agree() {
+        let conflict = |args: &[&str]| match resolve(args) {
+            Err(CliError::Conflict(message)) => message,
+            other => panic!("{args:?} should be a conflict, got {other:?}"),
+        };
+        let message = conflict(&[
+            "--fd=3",
+            "--shared-dir=/d",
+            "--sandbox=namespace",
+            "-o",
+            "sandbox=chroot",
+        ]);
+        assert!(message.contains("--sandbox namespace"), "{message}");
+        assert!(message.contains("sandbox=chroot"), "{message}");
+        conflict(&[
+            "--fd=3",
+            "--shared-dir=/d",
+            "--sandbox=none",
+            "-o",
+            "sandbox=namespace",
+        ]);
+        let message = conflict(&[
+            "--fd=3",
+            "--shared-dir=/d",
+            "--modcaps=+sys_admin",
+            "-o",
+            "modcaps=-mknod",
+        ]);
+        assert!(message.contains("modcaps"), "{message}");
+        // Agreement, or only one of the two, is fine.
+        let s = vhost_user(&[
+            "--fd=3",
+            "--shared-dir=/d",
+            "--sandbox=chroot",
+            "-o",
+            "sandbox=chroot",
+        ]);
+        assert_eq!(s.sandbox, SandboxMode::Chroot);
+        let s = vhost_user(&["--fd=3", "--shared-dir=/d", "-o", "sandbox=none"]);
+        assert_eq!(s.sandbox, SandboxMode::None);
+        let s = vhost_user(&["--fd=3", "--shared-dir=/d"]);
+        assert_eq!(s.sandbox, SandboxMode::Namespace);
+        let s = vhost_user(&[
+            "--fd=3",
+            "--shared-dir=/d",
+            "--modcaps=+sys_admin",
+            "-o",
+            "modcaps=+sys_admin",
+        ]);
+        assert_eq!(s.modcaps.add.len(), 1);
+        let s = vhost_user(&["--fd=3", "--shared-dir=/d", "-o", "modcaps=+sys_admin"]);
+        assert_eq!(s.modcaps.add.len(), 1);
+    }
+
+    #[test]
+    fn negotiated_features_keep_their_mode() {
+        let s = vhost_user(&[
+            "--fd=3",
+            "--shared-dir=/d",
+            "-o",
+            "posix_acl,security_label",
+        ]);
+        assert_eq!(s.fs.posix_acl, FsNegotiation::Always);
+        assert_eq!(s.fs.security_label, FsNegotiation::Always);
+        let s = vhost_user(&[
+            "--fd=3",
+            "--shared-dir=/d",
+            "--posix-acl=auto",
+            "-o",
+            "posix_acl",
+        ]);
+        assert_eq!(
+            s.fs.posix_acl,
+            FsNegotiation::Auto,
+            "the flag's mode wins when both agree"
+        );
+        let err = resolve(&[
+            "--fd=3",
+            "--shared-dir=/d",
+            "--posix-acl=always",
+            "-o",
+            "no_posix_acl",
+        ])
+        .unwrap_err();
+        assert!(matches!(err, CliError::Conflict(_)), "{err}");
+        let s = vhost_user(&["--fd=3", "--shared-dir=/d", "--allow-mmap", "--cache=never"]);
+        assert!(s.fs.allow_mmap);
+        assert!(!vhost_user(&["--fd=3", "--shared-dir=/d"]).fs.allow_mmap);
+    }
+
+    #[test]
     fn conflicting_socket_flags_are_usage_errors() {
         let err = parse(&["--fd=3", "--socket-path=/s", "--shared-dir=/d"]).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ArgumentConflict);
@@ -1298,7 +1424,9 @@ mod tests {
             "--max-request-queues=4",
         ]);
         assert_eq!(s.fs.inode_file_handles, InodeFileHandles::Mandatory);
-        assert!(s.fs.posix_acl && s.fs.security_label && s.fs.xattr);
+        assert_eq!(s.fs.posix_acl, FsNegotiation::Always);
+        assert_eq!(s.fs.security_label, FsNegotiation::Auto);
+        assert!(s.fs.xattr);
         assert!(!s.fs.announce_submounts && s.fs.killpriv_v2);
         assert_eq!(s.process.log_level, Some(LogLevel::Trace));
         assert_eq!(s.process.rlimit_nofile, Some(4096));
@@ -1315,7 +1443,7 @@ mod tests {
         assert_eq!(s.process.warnings.len(), 1);
 
         let s = vhost_user(&["--fd=3", "--shared-dir=/d", "--posix-acl=never", "-d", "-f"]);
-        assert!(!s.fs.posix_acl && !s.fs.xattr);
+        assert!(s.fs.posix_acl == FsNegotiation::Never && !s.fs.xattr);
         assert_eq!(s.process.log_level, Some(LogLevel::Debug));
         assert_eq!(s.process.warnings.len(), 2);
     }

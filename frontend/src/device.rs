@@ -15,6 +15,8 @@ use crate::Error;
 
 /// VIRTIO_F_VERSION_1: the device speaks virtio 1.x.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_RING_F_INDIRECT_DESC: a descriptor may point at a table of descriptors.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 /// VIRTIO_RING_F_EVENT_IDX: notification suppression through event indices.
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// VHOST_USER_F_PROTOCOL_FEATURES: protocol feature negotiation is available.
@@ -206,12 +208,14 @@ fn negotiate(
             )));
         }
     }
-    // Indirect descriptors are optional and unused; event indices only on request.
+    // Indirect descriptors are acknowledged as a Linux guest does (only raw chains use them);
+    // event indices only on request.
     let event_idx = want_event_idx && offered_features & VIRTIO_RING_F_EVENT_IDX != 0;
     let mut acked_features = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES;
     if event_idx {
         acked_features |= VIRTIO_RING_F_EVENT_IDX;
     }
+    acked_features |= offered_features & VIRTIO_RING_F_INDIRECT_DESC;
 
     let offered_protocol_features = frontend.get_protocol_features()?;
     let wanted = VhostUserProtocolFeatures::MQ

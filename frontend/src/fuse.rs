@@ -6,9 +6,10 @@ use vm_memory::ByteValued;
 use crate::Error;
 
 pub use fuse_backend_rs::abi::fuse_abi::{
-    Attr, AttrOut, BatchForgetIn, CreateIn, ForgetIn, ForgetOne, GetattrIn, InHeader, InitIn,
-    InitIn2, InitOut, MkdirIn, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, WriteIn, WriteOut,
-    ROOT_ID,
+    Attr, AttrOut, BatchForgetIn, CopyFileRangeIn, CreateIn, FallocateIn, FileLock, FlushIn,
+    ForgetIn, ForgetOne, FsyncIn, GetattrIn, GetxattrIn, GetxattrOut, InHeader, InitIn, InitIn2,
+    InitOut, LinkIn, LkIn, LkOut, LseekIn, LseekOut, MkdirIn, MknodIn, OpenIn, OpenOut, OutHeader,
+    ReadIn, ReleaseIn, Rename2In, SetxattrIn, WriteIn, WriteOut, ROOT_ID,
 };
 
 /// FUSE protocol major version spoken by this frontend.
@@ -21,6 +22,9 @@ pub mod opcode {
     pub const LOOKUP: u32 = 1;
     pub const FORGET: u32 = 2;
     pub const GETATTR: u32 = 3;
+    pub const SYMLINK: u32 = 6;
+    pub const MKNOD: u32 = 8;
+    pub const LINK: u32 = 13;
     pub const MKDIR: u32 = 9;
     pub const UNLINK: u32 = 10;
     pub const RMDIR: u32 = 11;
@@ -29,15 +33,36 @@ pub mod opcode {
     pub const WRITE: u32 = 16;
     pub const STATFS: u32 = 17;
     pub const RELEASE: u32 = 18;
+    pub const FSYNC: u32 = 20;
+    pub const SETXATTR: u32 = 21;
+    pub const GETXATTR: u32 = 22;
+    pub const LISTXATTR: u32 = 23;
     pub const FLUSH: u32 = 25;
     pub const INIT: u32 = 26;
     pub const OPENDIR: u32 = 27;
     pub const READDIR: u32 = 28;
     pub const RELEASEDIR: u32 = 29;
+    pub const FSYNCDIR: u32 = 30;
+    pub const GETLK: u32 = 31;
+    pub const SETLK: u32 = 32;
+    pub const SETLKW: u32 = 33;
     pub const CREATE: u32 = 35;
     pub const DESTROY: u32 = 38;
     pub const BATCH_FORGET: u32 = 42;
+    pub const FALLOCATE: u32 = 43;
     pub const READDIRPLUS: u32 = 44;
+    pub const RENAME2: u32 = 45;
+    pub const LSEEK: u32 = 46;
+    pub const COPY_FILE_RANGE: u32 = 47;
+    pub const SYNCFS: u32 = 50;
+    pub const TMPFILE: u32 = 51;
+}
+
+/// FOPEN_* bits of an OPEN, OPENDIR or CREATE reply's `open_flags`.
+pub mod open_flags {
+    pub const DIRECT_IO: u32 = 1 << 0;
+    pub const KEEP_CACHE: u32 = 1 << 1;
+    pub const CACHE_DIR: u32 = 1 << 3;
 }
 
 /// FUSE_INIT flag bits a Linux virtio-fs guest commonly requests.
@@ -54,8 +79,12 @@ pub mod init_flags {
     pub const ASYNC_DIO: u64 = 1 << 15;
     pub const PARALLEL_DIROPS: u64 = 1 << 18;
     pub const MAX_PAGES: u64 = 1 << 22;
+    pub const POSIX_ACL: u64 = 1 << 20;
     pub const SUBMOUNTS: u64 = 1 << 27;
+    pub const SETXATTR_EXT: u64 = 1 << 29;
     pub const INIT_EXT: u64 = 1 << 30;
+    pub const SECURITY_CTX: u64 = 1 << 32;
+    pub const DIRECT_IO_ALLOW_MMAP: u64 = 1 << 36;
 
     /// What this frontend asks for by default.
     pub const DEFAULT: u64 = ASYNC_READ
@@ -100,6 +129,23 @@ pub fn opcode_name(op: u32) -> &'static str {
         opcode::DESTROY => "DESTROY",
         opcode::BATCH_FORGET => "BATCH_FORGET",
         opcode::READDIRPLUS => "READDIRPLUS",
+        opcode::SYMLINK => "SYMLINK",
+        opcode::LINK => "LINK",
+        opcode::MKNOD => "MKNOD",
+        opcode::FSYNC => "FSYNC",
+        opcode::SETXATTR => "SETXATTR",
+        opcode::GETXATTR => "GETXATTR",
+        opcode::LISTXATTR => "LISTXATTR",
+        opcode::FSYNCDIR => "FSYNCDIR",
+        opcode::GETLK => "GETLK",
+        opcode::SETLK => "SETLK",
+        opcode::SETLKW => "SETLKW",
+        opcode::FALLOCATE => "FALLOCATE",
+        opcode::RENAME2 => "RENAME2",
+        opcode::LSEEK => "LSEEK",
+        opcode::COPY_FILE_RANGE => "COPY_FILE_RANGE",
+        opcode::SYNCFS => "SYNCFS",
+        opcode::TMPFILE => "TMPFILE",
         _ => "UNKNOWN",
     }
 }

@@ -220,6 +220,16 @@ impl FsQueue {
 
     /// Writes a request into a free slot and publishes it, without kicking the device.
     pub fn submit(&mut self, request: &Request<'_>) -> Result<Ticket, Error> {
+        self.submit_with_extlen(request, 0)
+    }
+
+    /// Like [`FsQueue::submit`], with the header's `total_extlen` (extension bytes / 8 at the
+    /// end of the arguments) set.
+    fn submit_with_extlen(
+        &mut self,
+        request: &Request<'_>,
+        total_extlen: u16,
+    ) -> Result<Ticket, Error> {
         let args_len: usize = request.args.iter().map(|a| a.len()).sum();
         let in_len = IN_HEADER_SIZE + args_len;
         if in_len > REQUEST_AREA_SIZE as usize {
@@ -253,7 +263,7 @@ impl FsQueue {
             needed: 1,
             free: 0,
         })?;
-        match self.write_and_publish(slot_index, request, in_len, payload_len) {
+        match self.write_and_publish(slot_index, request, in_len, payload_len, total_extlen) {
             Ok(ticket) => Ok(ticket),
             Err(err) => {
                 self.free_slots.push(slot_index);
@@ -268,6 +278,7 @@ impl FsQueue {
         request: &Request<'_>,
         in_len: usize,
         payload_len: u32,
+        total_extlen: u16,
     ) -> Result<Ticket, Error> {
         let slot = self.slots[usize::from(slot_index)];
         let unique = self.next_unique;
@@ -283,7 +294,8 @@ impl FsQueue {
             uid: 0,
             gid: 0,
             pid: std::process::id(),
-            padding: 0,
+            // Since FUSE 7.36 the low half is `total_extlen`.
+            padding: u32::from(total_extlen),
         };
         self.scratch.clear();
         self.scratch.extend_from_slice(header.as_slice());
@@ -399,6 +411,48 @@ impl FsQueue {
         let ticket = self.submit(request)?;
         self.notify()?;
         self.wait_for(ticket)
+    }
+
+    /// Like [`FsQueue::call`], with request extensions (FUSE 7.36: e.g. a security context)
+    /// after the arguments, announced in the header's `total_extlen`. `extensions` must be a
+    /// multiple of 8 bytes long.
+    pub fn call_with_extensions(
+        &mut self,
+        request: &Request<'_>,
+        extensions: &[u8],
+    ) -> Result<Completion, Error> {
+        let units = u16::try_from(extensions.len() / 8)
+            .ok()
+            .filter(|_| extensions.len().is_multiple_of(8))
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "extensions of {} bytes are not a multiple of 8 below 512 KiB",
+                    extensions.len()
+                ))
+            })?;
+        let mut args: Vec<&[u8]> = request.args.to_vec();
+        args.push(extensions);
+        let extended = Request {
+            args: &args,
+            ..*request
+        };
+        let ticket = self.submit_with_extlen(&extended, units)?;
+        self.notify()?;
+        self.wait_for(ticket)
+    }
+
+    /// Sends any request and parses its reply body as a `T` (for opcodes without a typed
+    /// method here).
+    pub fn request_struct<T: ByteValued + Default>(
+        &mut self,
+        request: &Request<'_>,
+    ) -> Result<T, Error> {
+        self.reply_struct(request, fuse::opcode_name(request.opcode))
+    }
+
+    /// Sends any request whose reply has no body; a FUSE error becomes [`Error::Fuse`].
+    pub fn request_empty(&mut self, request: &Request<'_>) -> Result<(), Error> {
+        self.reply_empty(request)
     }
 
     /// Turns a used element into a completion; raw chains are queued for [`FsQueue::wait_raw`].
@@ -686,6 +740,31 @@ impl FsQueue {
     /// Opens file `nodeid` with open(2) `flags`.
     pub fn open(&mut self, nodeid: u64, flags: u32) -> Result<OpenOut, Error> {
         self.open_like(opcode::OPEN, nodeid, flags)
+    }
+
+    /// Creates and opens `name` in `parent` with every CREATE field given.
+    pub fn create_with(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        create: CreateIn,
+    ) -> Result<(EntryOut, OpenOut), Error> {
+        let entry_size = std::mem::size_of::<EntryOut>();
+        let request = Request {
+            opcode: opcode::CREATE,
+            nodeid: parent,
+            args: &[create.as_slice(), name, b"\0"],
+            payload: &[],
+            reply_capacity: Some((entry_size + std::mem::size_of::<OpenOut>()) as u32),
+        };
+        let done = self.call(&request)?.check()?;
+        let entry: EntryOut = parse_struct(&done.body, false, "CREATE entry")?;
+        let open: OpenOut = parse_struct(
+            done.body.get(entry_size..).unwrap_or(&[]),
+            false,
+            "CREATE open",
+        )?;
+        Ok((entry, open))
     }
 
     /// Opens directory `nodeid`.

@@ -37,15 +37,35 @@ impl FromStr for CachePolicy {
 }
 
 impl CachePolicy {
-    /// Entry and attribute timeouts that go with this mode (as virtiofsd sets them).
+    /// Entry and attribute timeouts that go with this mode, as virtiofsd 1.14 sets them:
+    /// nothing cached with `never`, one second with `auto`, a day when metadata may be cached.
     pub fn timeouts(self) -> (Duration, Duration) {
-        match self {
-            CachePolicy::Never => (Duration::ZERO, Duration::ZERO),
-            CachePolicy::Metadata | CachePolicy::Auto => {
-                (Duration::from_secs(1), Duration::from_secs(1))
-            }
-            CachePolicy::Always => (Duration::from_secs(86400), Duration::from_secs(86400)),
-        }
+        let timeout = match self {
+            CachePolicy::Never => Duration::ZERO,
+            CachePolicy::Auto => Duration::from_secs(1),
+            CachePolicy::Metadata | CachePolicy::Always => Duration::from_secs(86400),
+        };
+        (timeout, timeout)
+    }
+}
+
+/// How hard to insist on a feature the guest kernel must support too (virtiofsd's
+/// `never|auto|always` for `--posix-acl` and `--security-label`).
+#[derive(Debug, Default, Clone, Copy, Eq, PartialEq)]
+pub enum Negotiation {
+    /// Never offer it.
+    #[default]
+    Never,
+    /// Use it when the guest supports it, carry on without it otherwise.
+    Auto,
+    /// Use it; a guest that does not support it fails FUSE_INIT.
+    Always,
+}
+
+impl Negotiation {
+    /// Whether the feature is wanted at all.
+    pub fn wanted(self) -> bool {
+        self != Negotiation::Never
     }
 }
 
@@ -91,11 +111,17 @@ pub struct Config {
     pub writeback: bool,
     /// Serve extended attributes.
     pub xattr: bool,
-    /// Serve POSIX ACLs (needs `xattr`).
-    pub posix_acl: bool,
-    /// Pass the guest's security label on create (FUSE_SECURITY_CTX).
-    pub security_label: bool,
-    /// Honour O_DIRECT from the guest instead of stripping it.
+    /// Serve POSIX ACLs (implies `xattr`; needs the guest's POSIX_ACL, DONT_MASK and
+    /// SETXATTR_EXT).
+    pub posix_acl: Negotiation,
+    /// Store the security label the guest sends with each new node (FUSE_SECURITY_CTX;
+    /// implies `xattr`).
+    pub security_label: Negotiation,
+    /// Let the guest mmap files opened with DIRECT_IO (FUSE_DIRECT_IO_ALLOW_MMAP), as
+    /// virtiofsd's `--allow-mmap`; only safe when nothing else changes the shared files.
+    pub allow_mmap: bool,
+    /// Honour O_DIRECT from the guest instead of stripping it (the host file is opened with
+    /// O_DIRECT too).
     pub allow_direct_io: bool,
     /// Tell the guest about host submounts so it gives them their own st_dev.
     pub announce_submounts: bool,
@@ -132,8 +158,9 @@ impl Default for Config {
             attr_timeout: None,
             writeback: false,
             xattr: false,
-            posix_acl: false,
-            security_label: false,
+            posix_acl: Negotiation::Never,
+            security_label: Negotiation::Never,
+            allow_mmap: false,
             allow_direct_io: false,
             announce_submounts: true,
             readonly: false,

@@ -58,6 +58,16 @@ impl FileHandle {
         })
     }
 
+    /// A handle with the given bytes, for tests of the inode table.
+    #[cfg(test)]
+    pub fn for_test(mnt_id: u64, bytes: &[u8]) -> FileHandle {
+        FileHandle {
+            mnt_id,
+            handle_type: 1,
+            bytes: bytes.to_vec(),
+        }
+    }
+
     /// Opens the inode with `flags`, using `mount_fd` (any descriptor on the same mount).
     pub fn open(&self, mount_fd: BorrowedFd<'_>, flags: libc::c_int) -> io::Result<OwnedFd> {
         let mut raw = RawFileHandle {

@@ -24,8 +24,11 @@ use fuse_backend_rs::api::filesystem::{
     ZeroCopyWriter,
 };
 
-use crate::config::{CachePolicy, Config, InodeFileHandles};
+use crate::config::{CachePolicy, Config, InodeFileHandles, Negotiation};
 use crate::error::Error;
+use crate::extra_ops::{
+    init_flags, SecContext, SETXATTR_ACL_KILL_SGID, XATTR_LIST_MAX, XATTR_SIZE_MAX,
+};
 use crate::file_handle::{FileHandle, MountFds};
 use crate::inode_store::{InodeData, InodeFile, InodeKey, InodeStore};
 use crate::util::{
@@ -38,6 +41,12 @@ const FUSE_WRITE_KILL_PRIV: u32 = 4;
 const FUSE_OPEN_KILL_SUIDGID: u32 = 1;
 /// FUSE's "to the end of the file" lock end.
 const OFFSET_MAX: u64 = i64::MAX as u64;
+const POSIX_ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+const POSIX_ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
+/// Largest read or write one request carries (fuse-backend-rs's MAX_BUFFER_SIZE).
+const MAX_IO_SIZE: usize = 1 << 20;
+/// Memory alignment that satisfies O_DIRECT on every Linux filesystem.
+const DIRECT_IO_MEMORY_ALIGN: usize = 4096;
 
 /// An open file or directory the client refers to by handle number.
 struct HandleData {
@@ -80,6 +89,12 @@ pub struct PassthroughFs {
     writeback: AtomicBool,
     announce_submounts: AtomicBool,
     killpriv_v2: AtomicBool,
+    /// POSIX ACLs were negotiated (POSIX_ACL, DONT_MASK and SETXATTR_EXT).
+    posix_acl: AtomicBool,
+    /// SETXATTR requests carry the extended header (FUSE_SETXATTR_EXT).
+    setxattr_ext: AtomicBool,
+    /// New nodes come with the guest's security context (FUSE_SECURITY_CTX).
+    security_ctx: AtomicBool,
 }
 
 thread_local! {
@@ -90,7 +105,9 @@ thread_local! {
 
 impl PassthroughFs {
     /// Opens the shared directory named in `cfg`.
-    pub fn new(cfg: Config) -> Result<Self, Error> {
+    pub fn new(mut cfg: Config) -> Result<Self, Error> {
+        // ACLs and security labels are extended attributes.
+        cfg.xattr |= cfg.posix_acl.wanted() || cfg.security_label.wanted();
         let root_path = CString::new(cfg.root_dir.as_os_str().as_bytes()).map_err(|_| {
             Error::OpenSharedDir {
                 path: cfg.root_dir.clone(),
@@ -161,6 +178,9 @@ impl PassthroughFs {
             writeback: AtomicBool::new(false),
             announce_submounts: AtomicBool::new(false),
             killpriv_v2: AtomicBool::new(false),
+            posix_acl: AtomicBool::new(false),
+            setxattr_ext: AtomicBool::new(false),
+            security_ctx: AtomicBool::new(false),
             cfg,
         };
         let key = InodeKey {
@@ -169,7 +189,7 @@ impl PassthroughFs {
             mnt_id: root_stat.mnt_id,
         };
         // The root is always held by descriptor: it must survive any handle trouble.
-        let root = fs.inodes.get_or_insert(key, || {
+        let root = fs.inodes.get_or_insert(key, None, || {
             Ok(InodeData::new(key, InodeFile::Fd(root_fd), libc::S_IFDIR))
         });
         root.map_err(Error::StatSharedDir)?;
@@ -279,9 +299,7 @@ impl PassthroughFs {
             // `..` of the share root is the root itself: never a way out.
             let fd = self.inode_fd(&parent_data)?;
             let sx = statx(fd.as_fd(), EMPTY_CSTR)?;
-            let data = self
-                .inodes
-                .get_or_insert(parent_data.key, || Err(errno(libc::ENOENT)))?;
+            let data = self.inodes.take_ref_by_id(parent)?;
             return Ok(self.entry_for(&data, sx.st, parent_data.key.mnt_id));
         }
         validate_name(name)?;
@@ -304,6 +322,9 @@ impl PassthroughFs {
     }
 
     /// Registers the inode `fd` (an `O_PATH` descriptor) refers to, taking one reference.
+    ///
+    /// The file handle is taken before the table is searched: an inode held by handle is only
+    /// ever matched by its handle, whose generation number tells a reused inode number apart.
     fn insert_looked_up(&self, fd: OwnedFd, parent: &InodeData) -> io::Result<Entry> {
         let sx = statx(fd.as_fd(), EMPTY_CSTR)?;
         let key = InodeKey {
@@ -312,17 +333,20 @@ impl PassthroughFs {
             mnt_id: sx.mnt_id,
         };
         let file_type = sx.st.st_mode & libc::S_IFMT;
-        let data = self.inodes.get_or_insert(key, || {
-            let file = match self.file_handles {
-                InodeFileHandles::Never => InodeFile::Fd(fd),
-                mode => match FileHandle::from_fd(fd.as_fd()) {
-                    Ok(handle) => match self.ensure_mount_fd(handle.mnt_id, &fd, file_type, parent)
-                    {
-                        Ok(()) => InodeFile::Handle(handle),
-                        Err(e) if mode == InodeFileHandles::Mandatory => return Err(e),
-                        Err(_) => InodeFile::Fd(fd),
-                    },
-                    Err(e) if mode == InodeFileHandles::Mandatory => return Err(e),
+        let handle = match self.file_handles {
+            InodeFileHandles::Never => None,
+            mode => match FileHandle::from_fd(fd.as_fd()) {
+                Ok(handle) => Some(handle),
+                Err(e) if mode == InodeFileHandles::Mandatory => return Err(e),
+                Err(_) => None,
+            },
+        };
+        let data = self.inodes.get_or_insert(key, handle.as_ref(), || {
+            let file = match &handle {
+                None => InodeFile::Fd(fd),
+                Some(handle) => match self.ensure_mount_fd(handle.mnt_id, &fd, file_type, parent) {
+                    Ok(()) => InodeFile::Handle(handle.clone()),
+                    Err(e) if self.file_handles == InodeFileHandles::Mandatory => return Err(e),
                     Err(_) => InodeFile::Fd(fd),
                 },
             };
@@ -389,12 +413,17 @@ impl PassthroughFs {
         flags
     }
 
+    /// Open flags for OPEN and OPENDIR, as virtiofsd 1.14 sets them: `never` bypasses the
+    /// guest page cache for files, `metadata` too but keeps directory listings, `always` keeps
+    /// everything, `auto` leaves the defaults (close-to-open consistency).
     fn open_options(&self, is_dir: bool) -> OpenOptions {
         match (self.cfg.cache, is_dir) {
             (CachePolicy::Never, false) | (CachePolicy::Metadata, false) => OpenOptions::DIRECT_IO,
+            (CachePolicy::Metadata, true) | (CachePolicy::Always, true) => {
+                OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE
+            }
             (CachePolicy::Always, false) => OpenOptions::KEEP_CACHE,
-            (CachePolicy::Always, true) => OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE,
-            _ => OpenOptions::empty(),
+            (CachePolicy::Never, true) | (CachePolicy::Auto, _) => OpenOptions::empty(),
         }
     }
 
@@ -640,12 +669,13 @@ impl PassthroughFs {
         self.do_setlk(inode, handle, owner, lock, flags, true)
     }
 
-    /// Answers TMPFILE: an unnamed file in `parent`, open for I/O.
+    /// Answers TMPFILE: an unnamed file in `parent`, open for I/O, labelled with `secctx`.
     pub(crate) fn tmpfile(
         &self,
         ctx: &Context,
         parent: u64,
         args: &CreateIn,
+        secctx: Option<&SecContext>,
     ) -> io::Result<(Entry, u64, u32)> {
         self.check_writable()?;
         let parent_data = self.inodes.get(parent)?;
@@ -659,6 +689,10 @@ impl PassthroughFs {
                 args.mode & 0o7777,
             )
         })?;
+        if let Some(secctx) = secctx {
+            // Unnamed: if labelling fails, closing the descriptor removes the file.
+            set_xattr_on_fd(file.as_fd(), secctx)?;
+        }
         let path_fd = openat(
             self.proc_self_fd.as_fd(),
             &fd_name(file.as_raw_fd()),
@@ -672,12 +706,390 @@ impl PassthroughFs {
             dev: sx.st.st_dev,
             mnt_id: sx.mnt_id,
         };
-        let data = self.inodes.get_or_insert(key, || {
+        let data = self.inodes.get_or_insert(key, None, || {
             Ok(InodeData::new(key, InodeFile::Fd(path_fd), libc::S_IFREG))
         })?;
         let entry = self.entry_for(&data, sx.st, parent_data.key.mnt_id);
-        let fh = self.insert_handle(data.id, File::from(file))?;
-        Ok((entry, fh, self.open_options(false).bits()))
+        let fh = match self.insert_handle(data.id, File::from(file)) {
+            Ok(fh) => fh,
+            Err(e) => {
+                self.inodes.forget(entry.inode, 1);
+                return Err(e);
+            }
+        };
+        Ok((entry, fh, self.create_options().bits()))
+    }
+
+    /// Whether new nodes come with a security context to store (FUSE_SECURITY_CTX).
+    pub(crate) fn security_ctx_enabled(&self) -> bool {
+        self.security_ctx.load(Ordering::Relaxed)
+    }
+
+    /// Whether SETXATTR requests carry the extended header (FUSE_SETXATTR_EXT).
+    pub(crate) fn setxattr_ext_enabled(&self) -> bool {
+        self.setxattr_ext.load(Ordering::Relaxed)
+    }
+
+    /// Negotiates FUSE_INIT: `capable` is every flag the client offered (both words), the
+    /// result what is enabled. fuse-backend-rs 0.14 does not know some flags berth needs
+    /// (SETXATTR_EXT, SECURITY_CTX, DIRECT_IO_ALLOW_MMAP), so this works on raw bits.
+    pub(crate) fn negotiate(&self, capable: u64) -> io::Result<u64> {
+        let mut want = (FsOptions::ASYNC_READ
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::BIG_WRITES
+            | FsOptions::ATOMIC_O_TRUNC
+            | FsOptions::AUTO_INVAL_DATA
+            | FsOptions::HAS_IOCTL_DIR
+            | FsOptions::MAX_PAGES
+            | FsOptions::ASYNC_DIO)
+            .bits();
+        if self.cfg.readdirplus {
+            want |= (FsOptions::DO_READDIRPLUS | FsOptions::READDIRPLUS_AUTO).bits();
+        }
+        if self.cfg.writeback && !self.cfg.readonly {
+            want |= FsOptions::WRITEBACK_CACHE.bits();
+        }
+        if self.cfg.announce_submounts {
+            want |= FsOptions::SUBMOUNTS.bits();
+        }
+        if self.cfg.posix_lock {
+            want |= FsOptions::POSIX_LOCKS.bits();
+        }
+        if self.cfg.flock {
+            want |= FsOptions::FLOCK_LOCKS.bits();
+        }
+        if self.cfg.killpriv_v2 {
+            want |= FsOptions::HANDLE_KILLPRIV_V2.bits();
+        }
+        if self.cfg.cache == CachePolicy::Always {
+            want |= FsOptions::CACHE_SYMLINKS.bits();
+        }
+        if self.cfg.posix_acl.wanted() {
+            // The guest must send unmasked modes (so a default ACL, not the umask, decides the
+            // new file's mode) and the setgid-clearing flag with ACL writes.
+            let acl = init_flags::POSIX_ACL | init_flags::DONT_MASK | init_flags::SETXATTR_EXT;
+            if capable & acl == acl {
+                want |= acl;
+            } else if self.cfg.posix_acl == Negotiation::Always {
+                tracing::error!(
+                    "The guest cannot use POSIX ACLs: --posix-acl needs the FUSE flags \
+                     POSIX_ACL, DONT_MASK and SETXATTR_EXT, and the guest offered {}. Refusing \
+                     FUSE_INIT (use --posix-acl=auto to carry on without ACLs).",
+                    init_flags::describe(capable & acl)
+                );
+                return Err(errno(libc::EPROTO));
+            } else {
+                tracing::warn!(
+                    "The guest does not support POSIX ACLs (it offered {} of POSIX_ACL, \
+                     DONT_MASK and SETXATTR_EXT); serving without them.",
+                    init_flags::describe(capable & acl)
+                );
+            }
+        }
+        if self.cfg.security_label.wanted() {
+            if capable & init_flags::SECURITY_CTX != 0 {
+                want |= init_flags::SECURITY_CTX;
+            } else if self.cfg.security_label == Negotiation::Always {
+                tracing::error!(
+                    "The guest kernel does not offer FUSE_SECURITY_CTX, which --security-label \
+                     needs. Refusing FUSE_INIT (use --security-label=auto to carry on without \
+                     security labels)."
+                );
+                return Err(errno(libc::EPROTO));
+            } else {
+                tracing::warn!(
+                    "The guest kernel does not offer FUSE_SECURITY_CTX; new files get no \
+                     security label from the guest."
+                );
+            }
+        }
+        if self.cfg.allow_mmap {
+            want |= init_flags::DIRECT_IO_ALLOW_MMAP;
+        }
+        // Flags above bit 31 only count when the reply says the second word is there.
+        if want >> 32 != 0 {
+            want |= FsOptions::INIT_EXT.bits();
+        }
+        let enabled = capable & want;
+        let on = |flag: u64| enabled & flag == flag;
+        self.writeback
+            .store(on(FsOptions::WRITEBACK_CACHE.bits()), Ordering::Relaxed);
+        self.announce_submounts
+            .store(on(FsOptions::SUBMOUNTS.bits()), Ordering::Relaxed);
+        self.killpriv_v2
+            .store(on(FsOptions::HANDLE_KILLPRIV_V2.bits()), Ordering::Relaxed);
+        self.posix_acl.store(
+            on(init_flags::POSIX_ACL | init_flags::DONT_MASK | init_flags::SETXATTR_EXT),
+            Ordering::Relaxed,
+        );
+        self.setxattr_ext
+            .store(on(init_flags::SETXATTR_EXT), Ordering::Relaxed);
+        self.security_ctx
+            .store(on(init_flags::SECURITY_CTX), Ordering::Relaxed);
+        Ok(enabled)
+    }
+
+    /// Open flags for CREATE and TMPFILE (always a regular file).
+    fn create_options(&self) -> OpenOptions {
+        match self.cfg.cache {
+            CachePolicy::Never | CachePolicy::Metadata => OpenOptions::DIRECT_IO,
+            CachePolicy::Always => OpenOptions::KEEP_CACHE,
+            CachePolicy::Auto => OpenOptions::empty(),
+        }
+    }
+
+    /// Stores `secctx` on the node `name` this request just created in `parent_fd` (through
+    /// `open_file` when the node is open already); if that fails the node is removed again,
+    /// so that no unlabelled node is left behind (as virtiofsd does).
+    fn label_new_node(
+        &self,
+        parent_fd: BorrowedFd<'_>,
+        name: &CStr,
+        open_file: Option<BorrowedFd<'_>>,
+        secctx: &SecContext,
+        is_dir: bool,
+    ) -> io::Result<()> {
+        let result = match open_file {
+            Some(fd) => set_xattr_on_fd(fd, secctx),
+            // Devices and fifos must not be opened, symlinks cannot be: go through /proc.
+            None => openat(parent_fd, name, libc::O_PATH | libc::O_NOFOLLOW, 0).and_then(|node| {
+                let path = self.proc_relative(node.as_raw_fd())?;
+                // SAFETY: path, name and value are valid for the lengths given; result checked.
+                check_ret(unsafe {
+                    libc::setxattr(
+                        path.as_ptr(),
+                        secctx.name.as_ptr(),
+                        secctx.value.as_ptr() as *const libc::c_void,
+                        secctx.value.len(),
+                        0,
+                    )
+                })
+                .map(drop)
+            }),
+        };
+        if let Err(e) = result {
+            let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+            // SAFETY: `name` is NUL-terminated; removing what this request created.
+            unsafe { libc::unlinkat(parent_fd.as_raw_fd(), name.as_ptr(), flags) };
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// EOPNOTSUPP for the ACL attributes unless POSIX ACLs were negotiated (as virtiofsd): a
+    /// guest that does not enforce ACLs must not plant ones the host would enforce.
+    fn check_acl_name(&self, name: &CStr) -> io::Result<()> {
+        let name = name.to_bytes();
+        if !self.posix_acl.load(Ordering::Relaxed)
+            && (name == POSIX_ACL_ACCESS || name == POSIX_ACL_DEFAULT)
+        {
+            return Err(errno(libc::EOPNOTSUPP));
+        }
+        Ok(())
+    }
+
+    /// Answers SETXATTR; `setxattr_flags` is the extended header's word (SETXATTR_EXT).
+    pub(crate) fn do_setxattr(
+        &self,
+        inode: u64,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+        setxattr_flags: u32,
+    ) -> io::Result<()> {
+        if !self.cfg.xattr {
+            return Err(errno(libc::ENOSYS));
+        }
+        self.check_writable()?;
+        self.check_acl_name(name)?;
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(errno(libc::E2BIG));
+        }
+        let data = self.inodes.get(inode)?;
+        let fd = self.inode_fd(&data)?;
+        let path = self.proc_relative(fd.as_fd().as_raw_fd())?;
+        if self.posix_acl.load(Ordering::Relaxed)
+            && setxattr_flags & SETXATTR_ACL_KILL_SGID != 0
+            && name.to_bytes() == POSIX_ACL_ACCESS
+        {
+            // The guest kernel found the caller outside the file's group and without
+            // CAP_FSETID; berth writes the ACL as root, so the host would keep setgid.
+            let mode = self.stat_inode(&data)?.st_mode;
+            if mode & libc::S_ISGID != 0 {
+                // SAFETY: fchmodat through /proc on our descriptor; result checked.
+                check_ret(unsafe {
+                    libc::fchmodat(
+                        self.proc_self_fd.as_raw_fd(),
+                        fd_name(fd.as_fd().as_raw_fd()).as_ptr(),
+                        mode & 0o7777 & !libc::S_ISGID,
+                        0,
+                    )
+                })?;
+            }
+        }
+        // SAFETY: path and name are NUL-terminated, value is a valid slice; result checked.
+        check_ret(unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr() as *const libc::c_void,
+                value.len(),
+                flags as libc::c_int,
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Answers CREATE, storing `secctx` on the new file.
+    pub(crate) fn do_create(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        args: &CreateIn,
+        secctx: Option<&SecContext>,
+    ) -> io::Result<(Entry, u64, OpenOptions)> {
+        self.check_writable()?;
+        let name = cstr_arg(name)?;
+        let parent_data = self.inodes.get(parent)?;
+        let parent_fd = self.inode_fd(&parent_data)?;
+        let flags = self.sanitize_open_flags(args.flags);
+        // Keep the guest's O_EXCL: it is how create-if-absent races are decided.
+        let guest_excl = args.flags as libc::c_int & libc::O_EXCL;
+        let open_as_caller = |extra: libc::c_int| {
+            self.as_caller(ctx, args.umask, || {
+                openat(
+                    parent_fd.as_fd(),
+                    name,
+                    flags | extra | libc::O_NOFOLLOW,
+                    args.mode & 0o7777,
+                )
+            })
+        };
+        let fd = match secctx {
+            None => open_as_caller(libc::O_CREAT | guest_excl)?,
+            // The label goes on a file this request creates, never on one already there.
+            Some(secctx) => match open_as_caller(libc::O_CREAT | libc::O_EXCL) {
+                Ok(fd) => {
+                    self.label_new_node(parent_fd.as_fd(), name, Some(fd.as_fd()), secctx, false)?;
+                    fd
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) && guest_excl == 0 => {
+                    open_as_caller(0)?
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        if args.flags as libc::c_int & libc::O_TRUNC != 0
+            && self.truncation_kills_priv(ctx, args.fuse_flags)
+        {
+            kill_suid_sgid(&File::from(fd.try_clone()?))?;
+        }
+        let path_fd = openat(
+            self.proc_self_fd.as_fd(),
+            &fd_name(fd.as_raw_fd()),
+            libc::O_PATH,
+            0,
+        )?;
+        let entry = self.insert_looked_up(path_fd, &parent_data)?;
+        let fh = match self.insert_handle(entry.inode, File::from(fd)) {
+            Ok(fh) => fh,
+            Err(e) => {
+                self.inodes.forget(entry.inode, 1);
+                return Err(e);
+            }
+        };
+        Ok((entry, fh, self.create_options()))
+    }
+
+    /// Answers MKDIR, storing `secctx` on the new directory.
+    pub(crate) fn do_mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+        secctx: Option<&SecContext>,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        let name = cstr_arg(name)?;
+        let parent_data = self.inodes.get(parent)?;
+        let parent_fd = self.inode_fd(&parent_data)?;
+        self.as_caller(ctx, umask, || {
+            // SAFETY: `name` is NUL-terminated; result checked.
+            check_ret(unsafe { libc::mkdirat(parent_fd.as_fd().as_raw_fd(), name.as_ptr(), mode) })
+        })?;
+        if let Some(secctx) = secctx {
+            self.label_new_node(parent_fd.as_fd(), name, None, secctx, true)?;
+        }
+        self.do_lookup(parent, name)
+    }
+
+    /// Answers MKNOD, storing `secctx` on the new node.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn do_mknod(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+        secctx: Option<&SecContext>,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        let name = cstr_arg(name)?;
+        let kind = mode & libc::S_IFMT;
+        if (kind == libc::S_IFCHR || kind == libc::S_IFBLK) && !self.cfg.allow_device_nodes {
+            return Err(errno(libc::EPERM));
+        }
+        let parent_data = self.inodes.get(parent)?;
+        let parent_fd = self.inode_fd(&parent_data)?;
+        self.as_caller(ctx, umask, || {
+            // SAFETY: `name` is NUL-terminated; result checked.
+            check_ret(unsafe {
+                libc::mknodat(
+                    parent_fd.as_fd().as_raw_fd(),
+                    name.as_ptr(),
+                    mode,
+                    rdev as libc::dev_t,
+                )
+            })
+        })?;
+        if let Some(secctx) = secctx {
+            self.label_new_node(parent_fd.as_fd(), name, None, secctx, false)?;
+        }
+        self.do_lookup(parent, name)
+    }
+
+    /// Answers SYMLINK, storing `secctx` on the new link.
+    pub(crate) fn do_symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: u64,
+        name: &CStr,
+        secctx: Option<&SecContext>,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        let name = cstr_arg(name)?;
+        let parent_data = self.inodes.get(parent)?;
+        let parent_fd = self.inode_fd(&parent_data)?;
+        self.as_caller(ctx, 0, || {
+            // SAFETY: both strings are NUL-terminated; result checked.
+            check_ret(unsafe {
+                libc::symlinkat(
+                    linkname.as_ptr(),
+                    parent_fd.as_fd().as_raw_fd(),
+                    name.as_ptr(),
+                )
+            })
+        })?;
+        if let Some(secctx) = secctx {
+            self.label_new_node(parent_fd.as_fd(), name, None, secctx, false)?;
+        }
+        self.do_lookup(parent, name)
     }
 
     fn do_setlk(
@@ -830,29 +1242,93 @@ fn probe_file_handles(root_fd: &OwnedFd, proc_self_fd: &OwnedFd) -> io::Result<O
     Ok(mount_fd)
 }
 
-/// Runs `io`; if it fails with EINVAL on an `O_DIRECT` descriptor (the request buffer is not
-/// aligned, as with /dev/fuse payloads), runs it once more with `O_DIRECT` cleared for the call.
-fn retry_without_direct_io(
-    file: &File,
-    mut io: impl FnMut() -> io::Result<usize>,
-) -> io::Result<usize> {
-    match io() {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            let fd = file.as_raw_fd();
-            // SAFETY: F_GETFL only reads the descriptor's flags.
-            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-            if flags < 0 || flags & libc::O_DIRECT == 0 {
-                return Err(e);
-            }
-            // SAFETY: F_SETFL on our own descriptor; result checked.
-            check_ret(unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) })?;
-            let result = io();
-            // SAFETY: restores the flags read above.
-            unsafe { libc::fcntl(fd, libc::F_SETFL, flags) };
-            result
+/// Whether `file` was opened with O_DIRECT.
+fn is_direct(file: &File) -> bool {
+    // SAFETY: F_GETFL only reads the descriptor's flags.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_DIRECT != 0
+}
+
+/// A zeroed buffer of `len` bytes whose start satisfies O_DIRECT's memory alignment.
+struct AlignedBuffer {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuffer {
+    fn new(len: usize) -> Self {
+        let storage = vec![0u8; len + DIRECT_IO_MEMORY_ALIGN];
+        let start = storage.as_ptr().align_offset(DIRECT_IO_MEMORY_ALIGN);
+        AlignedBuffer {
+            storage,
+            start,
+            len,
         }
-        other => other,
     }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
+/// An O_DIRECT read the transport's buffer alignment made the host refuse (EINVAL), done once
+/// more through an aligned buffer. If the guest's offset or length is what the host objects
+/// to, this fails with the host's EINVAL too, which is what the guest gets, as on the host.
+fn read_direct_aligned(
+    file: &File,
+    w: &mut dyn ZeroCopyWriter,
+    size: usize,
+    offset: u64,
+) -> io::Result<usize> {
+    let mut buffer = AlignedBuffer::new(size.min(MAX_IO_SIZE));
+    let buf = buffer.as_mut_slice();
+    let n = std::os::unix::fs::FileExt::read_at(file, buf, offset)?;
+    let mut sent = 0;
+    while sent < n {
+        let written = w.write(&buf[sent..n])?;
+        if written == 0 {
+            break;
+        }
+        sent += written;
+    }
+    Ok(sent)
+}
+
+/// The write counterpart of [`read_direct_aligned`]: the request data is copied into an
+/// aligned buffer and written with O_DIRECT still in force.
+fn write_direct_aligned(
+    file: &File,
+    r: &mut dyn ZeroCopyReader,
+    size: usize,
+    offset: u64,
+) -> io::Result<usize> {
+    let mut buffer = AlignedBuffer::new(size.min(MAX_IO_SIZE));
+    let buf = buffer.as_mut_slice();
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = r.read(&mut buf[filled..])?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    std::os::unix::fs::FileExt::write_at(file, &buf[..filled], offset)
+}
+
+/// `fsetxattr` of a security context on an open (or O_PATH-free) descriptor.
+fn set_xattr_on_fd(fd: BorrowedFd<'_>, secctx: &SecContext) -> io::Result<()> {
+    // SAFETY: name and value are valid for the lengths given; result checked.
+    check_ret(unsafe {
+        libc::fsetxattr(
+            fd.as_raw_fd(),
+            secctx.name.as_ptr(),
+            secctx.value.as_ptr() as *const libc::c_void,
+            secctx.value.len(),
+            0,
+        )
+    })
+    .map(drop)
 }
 
 /// Clears setuid, and setgid where group execute is set, as the kernel does when an
@@ -887,50 +1363,10 @@ impl FileSystem for PassthroughFs {
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        let mut want = FsOptions::ASYNC_READ
-            | FsOptions::PARALLEL_DIROPS
-            | FsOptions::BIG_WRITES
-            | FsOptions::ATOMIC_O_TRUNC
-            | FsOptions::AUTO_INVAL_DATA
-            | FsOptions::HAS_IOCTL_DIR
-            | FsOptions::MAX_PAGES
-            | FsOptions::ASYNC_DIO;
-        if self.cfg.readdirplus {
-            want |= FsOptions::DO_READDIRPLUS | FsOptions::READDIRPLUS_AUTO;
-        }
-        if self.cfg.writeback && !self.cfg.readonly {
-            want |= FsOptions::WRITEBACK_CACHE;
-        }
-        if self.cfg.posix_acl && self.cfg.xattr {
-            want |= FsOptions::POSIX_ACL;
-        }
-        if self.cfg.announce_submounts {
-            want |= FsOptions::SUBMOUNTS;
-        }
-        if self.cfg.posix_lock {
-            want |= FsOptions::POSIX_LOCKS;
-        }
-        if self.cfg.flock {
-            want |= FsOptions::FLOCK_LOCKS;
-        }
-        if self.cfg.killpriv_v2 {
-            want |= FsOptions::HANDLE_KILLPRIV_V2;
-        }
-        if self.cfg.cache == CachePolicy::Always {
-            want |= FsOptions::CACHE_SYMLINKS;
-        }
-        let enabled = capable & want;
-        self.writeback.store(
-            enabled.contains(FsOptions::WRITEBACK_CACHE),
-            Ordering::Relaxed,
-        );
-        self.announce_submounts
-            .store(enabled.contains(FsOptions::SUBMOUNTS), Ordering::Relaxed);
-        self.killpriv_v2.store(
-            enabled.contains(FsOptions::HANDLE_KILLPRIV_V2),
-            Ordering::Relaxed,
-        );
-        Ok(want)
+        // FsServer answers INIT itself (it needs flags FsOptions lacks); this path serves
+        // fuse-backend-rs's own server.
+        self.negotiate(capable.bits())
+            .map(FsOptions::from_bits_truncate)
     }
 
     fn destroy(&self) {
@@ -1142,21 +1578,7 @@ impl FileSystem for PassthroughFs {
         parent: u64,
         name: &CStr,
     ) -> io::Result<Entry> {
-        self.check_writable()?;
-        let name = cstr_arg(name)?;
-        let parent_data = self.inodes.get(parent)?;
-        let parent_fd = self.inode_fd(&parent_data)?;
-        self.as_caller(ctx, 0, || {
-            // SAFETY: both strings are NUL-terminated; result checked.
-            check_ret(unsafe {
-                libc::symlinkat(
-                    linkname.as_ptr(),
-                    parent_fd.as_fd().as_raw_fd(),
-                    name.as_ptr(),
-                )
-            })
-        })?;
-        self.do_lookup(parent, name)
+        self.do_symlink(ctx, linkname, parent, name, None)
     }
 
     fn mknod(
@@ -1168,26 +1590,7 @@ impl FileSystem for PassthroughFs {
         rdev: u32,
         umask: u32,
     ) -> io::Result<Entry> {
-        self.check_writable()?;
-        let name = cstr_arg(name)?;
-        let kind = mode & libc::S_IFMT;
-        if (kind == libc::S_IFCHR || kind == libc::S_IFBLK) && !self.cfg.allow_device_nodes {
-            return Err(errno(libc::EPERM));
-        }
-        let parent_data = self.inodes.get(parent)?;
-        let parent_fd = self.inode_fd(&parent_data)?;
-        self.as_caller(ctx, umask, || {
-            // SAFETY: `name` is NUL-terminated; result checked.
-            check_ret(unsafe {
-                libc::mknodat(
-                    parent_fd.as_fd().as_raw_fd(),
-                    name.as_ptr(),
-                    mode,
-                    rdev as libc::dev_t,
-                )
-            })
-        })?;
-        self.do_lookup(parent, name)
+        self.do_mknod(ctx, parent, name, mode, rdev, umask, None)
     }
 
     fn mkdir(
@@ -1198,15 +1601,7 @@ impl FileSystem for PassthroughFs {
         mode: u32,
         umask: u32,
     ) -> io::Result<Entry> {
-        self.check_writable()?;
-        let name = cstr_arg(name)?;
-        let parent_data = self.inodes.get(parent)?;
-        let parent_fd = self.inode_fd(&parent_data)?;
-        self.as_caller(ctx, umask, || {
-            // SAFETY: `name` is NUL-terminated; result checked.
-            check_ret(unsafe { libc::mkdirat(parent_fd.as_fd().as_raw_fd(), name.as_ptr(), mode) })
-        })?;
-        self.do_lookup(parent, name)
+        self.do_mkdir(ctx, parent, name, mode, umask, None)
     }
 
     fn unlink(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -1336,41 +1731,8 @@ impl FileSystem for PassthroughFs {
         name: &CStr,
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
-        self.check_writable()?;
-        let name = cstr_arg(name)?;
-        let parent_data = self.inodes.get(parent)?;
-        let parent_fd = self.inode_fd(&parent_data)?;
-        let flags = self.sanitize_open_flags(args.flags);
-        // Keep the guest's O_EXCL: it is how create-if-absent races are decided.
-        let excl = args.flags as libc::c_int & libc::O_EXCL;
-        let fd = self.as_caller(ctx, args.umask, || {
-            openat(
-                parent_fd.as_fd(),
-                name,
-                flags | excl | libc::O_CREAT | libc::O_NOFOLLOW,
-                args.mode & 0o7777,
-            )
-        })?;
-        if args.flags as libc::c_int & libc::O_TRUNC != 0
-            && self.truncation_kills_priv(ctx, args.fuse_flags)
-        {
-            kill_suid_sgid(&File::from(fd.try_clone()?))?;
-        }
-        let path_fd = openat(
-            self.proc_self_fd.as_fd(),
-            &fd_name(fd.as_raw_fd()),
-            libc::O_PATH,
-            0,
-        )?;
-        let entry = self.insert_looked_up(path_fd, &parent_data)?;
-        let fh = match self.insert_handle(entry.inode, File::from(fd)) {
-            Ok(fh) => fh,
-            Err(e) => {
-                self.inodes.forget(entry.inode, 1);
-                return Err(e);
-            }
-        };
-        Ok((entry, Some(fh), self.open_options(false), None))
+        let (entry, fh, options) = self.do_create(ctx, parent, name, &args, None)?;
+        Ok((entry, Some(fh), options, None))
     }
 
     fn read(
@@ -1386,9 +1748,12 @@ impl FileSystem for PassthroughFs {
     ) -> io::Result<usize> {
         let data = self.handle(inode, handle)?;
         let mut file = file_ref(&data.file);
-        retry_without_direct_io(&data.file, || {
-            w.write_from(&mut *file, size as usize, offset)
-        })
+        match w.write_from(&mut *file, size as usize, offset) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && is_direct(&data.file) => {
+                read_direct_aligned(&data.file, w, size as usize, offset)
+            }
+            other => other,
+        }
     }
 
     fn write(
@@ -1410,7 +1775,12 @@ impl FileSystem for PassthroughFs {
             kill_suid_sgid(&data.file)?;
         }
         let mut file = file_ref(&data.file);
-        retry_without_direct_io(&data.file, || r.read_to(&mut *file, size as usize, offset))
+        match r.read_to(&mut *file, size as usize, offset) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && is_direct(&data.file) => {
+                write_direct_aligned(&data.file, r, size as usize, offset)
+            }
+            other => other,
+        }
     }
 
     fn flush(&self, _ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
@@ -1493,24 +1863,7 @@ impl FileSystem for PassthroughFs {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
-        if !self.cfg.xattr {
-            return Err(errno(libc::ENOSYS));
-        }
-        self.check_writable()?;
-        let data = self.inodes.get(inode)?;
-        let fd = self.inode_fd(&data)?;
-        let path = self.proc_relative(fd.as_fd().as_raw_fd())?;
-        // SAFETY: path and name are NUL-terminated, value is a valid slice; result checked.
-        check_ret(unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                value.as_ptr() as *const libc::c_void,
-                value.len(),
-                flags as libc::c_int,
-            )
-        })?;
-        Ok(())
+        self.do_setxattr(inode, name, value, flags, 0)
     }
 
     fn getxattr(
@@ -1523,10 +1876,14 @@ impl FileSystem for PassthroughFs {
         if !self.cfg.xattr {
             return Err(errno(libc::ENOSYS));
         }
+        self.check_acl_name(name)?;
         let data = self.inodes.get(inode)?;
         let fd = self.inode_fd(&data)?;
         let path = self.proc_relative(fd.as_fd().as_raw_fd())?;
-        let mut buf = vec![0u8; size as usize];
+        // As getxattr(2) does with a larger buffer: no value is longer than XATTR_SIZE_MAX, and
+        // the host answers ERANGE or E2BIG exactly as it would to a local caller.
+        let size = (size as usize).min(XATTR_SIZE_MAX);
+        let mut buf = vec![0u8; size];
         // SAFETY: `buf` is writable for `size` bytes (a null pointer with size 0 asks for the
         // length); result checked.
         let n = unsafe {
@@ -1538,7 +1895,7 @@ impl FileSystem for PassthroughFs {
                 } else {
                     buf.as_mut_ptr() as *mut libc::c_void
                 },
-                size as usize,
+                size,
             )
         };
         if n < 0 {
@@ -1559,26 +1916,36 @@ impl FileSystem for PassthroughFs {
         let data = self.inodes.get(inode)?;
         let fd = self.inode_fd(&data)?;
         let path = self.proc_relative(fd.as_fd().as_raw_fd())?;
-        let mut buf = vec![0u8; size as usize];
-        // SAFETY: as in getxattr.
+        // The whole list is read (it is at most XATTR_LIST_MAX; longer lists make the host
+        // answer E2BIG), so that hidden names can be left out before sizes are compared.
+        let mut buf = vec![0u8; XATTR_LIST_MAX];
+        // SAFETY: `buf` is writable for its length; result checked.
         let n = unsafe {
             libc::listxattr(
                 path.as_ptr(),
-                if size == 0 {
-                    std::ptr::null_mut()
-                } else {
-                    buf.as_mut_ptr() as *mut libc::c_char
-                },
-                size as usize,
+                buf.as_mut_ptr() as *mut libc::c_char,
+                buf.len(),
             )
         };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
+        buf.truncate(n as usize);
+        if !self.posix_acl.load(Ordering::Relaxed) {
+            let mut shown = Vec::with_capacity(buf.len());
+            for name in buf.split_inclusive(|&b| b == 0) {
+                let bare = name.strip_suffix(&[0]).unwrap_or(name);
+                if bare != POSIX_ACL_ACCESS && bare != POSIX_ACL_DEFAULT {
+                    shown.extend_from_slice(name);
+                }
+            }
+            buf = shown;
+        }
         if size == 0 {
-            Ok(ListxattrReply::Count(n as u32))
+            Ok(ListxattrReply::Count(buf.len() as u32))
+        } else if buf.len() > size as usize {
+            Err(errno(libc::ERANGE))
         } else {
-            buf.truncate(n as usize);
             Ok(ListxattrReply::Names(buf))
         }
     }
@@ -1588,6 +1955,7 @@ impl FileSystem for PassthroughFs {
             return Err(errno(libc::ENOSYS));
         }
         self.check_writable()?;
+        self.check_acl_name(name)?;
         let data = self.inodes.get(inode)?;
         let fd = self.inode_fd(&data)?;
         let path = self.proc_relative(fd.as_fd().as_raw_fd())?;

@@ -54,10 +54,53 @@ impl InodeData {
     }
 }
 
+/// Lookup tables. An inode held by descriptor pins its host inode, so its (dev, ino, mount)
+/// key stays its own until it is released; one held only by file handle does not, and once
+/// the host file is deleted the number may come back as another file. Handle-held inodes are
+/// therefore found by their handle bytes (which carry a generation number), never by key.
 #[derive(Default)]
 struct Maps {
     by_id: HashMap<u64, Arc<InodeData>>,
+    /// Inodes held by descriptor.
     by_key: HashMap<InodeKey, u64>,
+    /// Inodes held by file handle.
+    by_handle: HashMap<FileHandle, u64>,
+}
+
+impl Maps {
+    /// The inode `key`/`handle` name, if the client holds it.
+    fn find(&self, key: &InodeKey, handle: Option<&FileHandle>) -> Option<&Arc<InodeData>> {
+        handle
+            .and_then(|h| self.by_handle.get(h))
+            .or_else(|| self.by_key.get(key))
+            .and_then(|id| self.by_id.get(id))
+    }
+
+    fn insert(&mut self, data: Arc<InodeData>) {
+        match &data.file {
+            InodeFile::Fd(_) => self.by_key.insert(data.key, data.id),
+            InodeFile::Handle(handle) => self.by_handle.insert(handle.clone(), data.id),
+        };
+        self.by_id.insert(data.id, data);
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(data) = self.by_id.remove(&id) else {
+            return;
+        };
+        match &data.file {
+            InodeFile::Fd(_) => {
+                if self.by_key.get(&data.key) == Some(&id) {
+                    self.by_key.remove(&data.key);
+                }
+            }
+            InodeFile::Handle(handle) => {
+                if self.by_handle.get(handle) == Some(&id) {
+                    self.by_handle.remove(handle);
+                }
+            }
+        }
+    }
 }
 
 /// All inodes the client holds, with their lookup counts.
@@ -88,47 +131,57 @@ impl InodeStore {
             .ok_or_else(|| errno(libc::EBADF))
     }
 
-    /// Takes one more reference on the inode `key` if it is known, else inserts the inode
-    /// `make` builds (with one reference).
+    /// Takes one more reference on the inode the host calls `key` (and, when it has one,
+    /// `handle`) if the client holds it, else inserts the inode `make` builds (with one
+    /// reference).
+    ///
+    /// A held inode matches by handle first; by key only if it is held by descriptor (see
+    /// [`Maps`]), so a reused inode number never resolves to a node of a deleted file.
     pub fn get_or_insert(
         &self,
         key: InodeKey,
+        handle: Option<&FileHandle>,
         make: impl FnOnce() -> io::Result<InodeData>,
     ) -> io::Result<Arc<InodeData>> {
-        if let Some(found) = self.take_ref(&key)? {
+        if let Some(found) = self.take_ref(&key, handle)? {
             return Ok(found);
         }
         let mut data = make()?;
         let mut maps = self.maps.write().map_err(|_| errno(libc::EIO))?;
         // Another thread may have inserted it while `make` ran.
-        if let Some(id) = maps.by_key.get(&key) {
-            if let Some(found) = maps.by_id.get(id) {
-                found.refcount.fetch_add(1, Ordering::AcqRel);
-                return Ok(found.clone());
-            }
+        if let Some(found) = maps.find(&key, handle) {
+            found.refcount.fetch_add(1, Ordering::AcqRel);
+            return Ok(found.clone());
         }
         if maps.by_id.len() >= self.limit {
             return Err(errno(libc::ENFILE));
         }
         data.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let data = Arc::new(data);
-        maps.by_key.insert(key, data.id);
-        maps.by_id.insert(data.id, data.clone());
+        maps.insert(data.clone());
         Ok(data)
     }
 
-    fn take_ref(&self, key: &InodeKey) -> io::Result<Option<Arc<InodeData>>> {
+    /// Takes one more reference on the inode with node id `id` (a lookup of "." or "..").
+    pub fn take_ref_by_id(&self, id: u64) -> io::Result<Arc<InodeData>> {
+        let maps = self.maps.read().map_err(|_| errno(libc::EIO))?;
+        let found = maps.by_id.get(&id).ok_or_else(|| errno(libc::EBADF))?;
+        found.refcount.fetch_add(1, Ordering::AcqRel);
+        Ok(found.clone())
+    }
+
+    fn take_ref(
+        &self,
+        key: &InodeKey,
+        handle: Option<&FileHandle>,
+    ) -> io::Result<Option<Arc<InodeData>>> {
         let maps = self.maps.read().map_err(|_| errno(libc::EIO))?;
         // Counts only drop to zero under the write lock, together with removal, so any inode
         // visible here is alive.
-        Ok(maps
-            .by_key
-            .get(key)
-            .and_then(|id| maps.by_id.get(id))
-            .map(|found| {
-                found.refcount.fetch_add(1, Ordering::AcqRel);
-                found.clone()
-            }))
+        Ok(maps.find(key, handle).map(|found| {
+            found.refcount.fetch_add(1, Ordering::AcqRel);
+            found.clone()
+        }))
     }
 
     /// Drops `count` references; the inode is released when none remain.
@@ -151,11 +204,7 @@ impl InodeStore {
             }
         }
         if current.saturating_sub(count) == 0 {
-            let key = data.key;
-            maps.by_id.remove(&id);
-            if maps.by_key.get(&key) == Some(&id) {
-                maps.by_key.remove(&key);
-            }
+            maps.remove(id);
         }
     }
 
@@ -164,6 +213,7 @@ impl InodeStore {
         if let Ok(mut maps) = self.maps.write() {
             maps.by_id.retain(|id, _| *id == keep);
             maps.by_key.retain(|_, id| *id == keep);
+            maps.by_handle.retain(|_, id| *id == keep);
         }
     }
 
@@ -193,9 +243,9 @@ mod tests {
     #[test]
     fn a_second_lookup_shares_the_inode_and_forget_releases_it() {
         let store = InodeStore::new(1, 10);
-        let a = store.get_or_insert(key(5), || make(5)).unwrap();
+        let a = store.get_or_insert(key(5), None, || make(5)).unwrap();
         let b = store
-            .get_or_insert(key(5), || panic!("must reuse"))
+            .get_or_insert(key(5), None, || panic!("must reuse"))
             .unwrap();
         assert_eq!(a.id, b.id);
         store.forget(a.id, 1);
@@ -212,18 +262,102 @@ mod tests {
     fn lookups_past_the_limit_fail_with_enfile() {
         let store = InodeStore::new(1, 3);
         for ino in 0..3 {
-            store.get_or_insert(key(ino), || make(ino)).unwrap();
+            store.get_or_insert(key(ino), None, || make(ino)).unwrap();
         }
-        let err = store.get_or_insert(key(99), || make(99)).err().unwrap();
+        let err = store
+            .get_or_insert(key(99), None, || make(99))
+            .err()
+            .unwrap();
         assert_eq!(err.raw_os_error(), Some(libc::ENFILE));
         // Known inodes can still be looked up again.
-        assert!(store.get_or_insert(key(1), || make(1)).is_ok());
+        assert!(store.get_or_insert(key(1), None, || make(1)).is_ok());
+    }
+
+    fn make_handle_held(ino: u64, handle: &FileHandle) -> io::Result<InodeData> {
+        Ok(InodeData::new(
+            key(ino),
+            InodeFile::Handle(handle.clone()),
+            libc::S_IFREG,
+        ))
+    }
+
+    #[test]
+    fn a_reused_inode_number_with_a_new_handle_is_a_new_inode() {
+        let store = InodeStore::new(1, 10);
+        // Same (dev, ino, mount), different generation: the old file was deleted and its
+        // number reused.
+        let old_handle = FileHandle::for_test(1, &[12, 0, 0, 0, 1, 0, 0, 0]);
+        let new_handle = FileHandle::for_test(1, &[12, 0, 0, 0, 2, 0, 0, 0]);
+        let old = store
+            .get_or_insert(key(12), Some(&old_handle), || {
+                make_handle_held(12, &old_handle)
+            })
+            .unwrap();
+        let new = store
+            .get_or_insert(key(12), Some(&new_handle), || {
+                make_handle_held(12, &new_handle)
+            })
+            .unwrap();
+        assert_ne!(old.id, new.id, "a new file must get a new node id");
+        // Each handle still finds its own inode.
+        let again = store
+            .get_or_insert(key(12), Some(&old_handle), || panic!("must reuse"))
+            .unwrap();
+        assert_eq!(again.id, old.id);
+        // Forgetting one leaves the other reachable.
+        store.forget(old.id, 2);
+        let still = store
+            .get_or_insert(key(12), Some(&new_handle), || panic!("must reuse"))
+            .unwrap();
+        assert_eq!(still.id, new.id);
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn a_handle_held_inode_is_never_found_by_key_alone() {
+        let store = InodeStore::new(1, 10);
+        let handle = FileHandle::for_test(1, &[3, 0, 0, 0, 9, 0, 0, 0]);
+        let held = store
+            .get_or_insert(key(3), Some(&handle), || make_handle_held(3, &handle))
+            .unwrap();
+        // A lookup that could not produce a handle (it falls back to a descriptor) must not
+        // take over a handle-held node: nothing pins that inode number.
+        let by_fd = store.get_or_insert(key(3), None, || make(3)).unwrap();
+        assert_ne!(held.id, by_fd.id);
+        // A descriptor-held inode is found by key even when a handle is offered (an O_TMPFILE
+        // file linked into the tree later can produce one).
+        let other = FileHandle::for_test(1, &[3, 0, 0, 0, 10, 0, 0, 0]);
+        let found = store
+            .get_or_insert(key(3), Some(&other), || {
+                panic!("must reuse the fd-held inode")
+            })
+            .unwrap();
+        assert_eq!(found.id, by_fd.id);
+    }
+
+    #[test]
+    fn lookups_of_dot_take_a_reference_by_id() {
+        let store = InodeStore::new(1, 10);
+        let a = store.get_or_insert(key(4), None, || make(4)).unwrap();
+        let b = store.take_ref_by_id(a.id).unwrap();
+        assert_eq!(a.id, b.id);
+        store.forget(a.id, 1);
+        assert!(store.get(a.id).is_ok(), "the second reference keeps it");
+        store.forget(a.id, 1);
+        assert!(store.get(a.id).is_err());
+        assert_eq!(
+            store
+                .take_ref_by_id(a.id)
+                .err()
+                .and_then(|e| e.raw_os_error()),
+            Some(libc::EBADF)
+        );
     }
 
     #[test]
     fn forgetting_more_than_was_looked_up_does_not_underflow() {
         let store = InodeStore::new(1, 10);
-        let a = store.get_or_insert(key(7), || make(7)).unwrap();
+        let a = store.get_or_insert(key(7), None, || make(7)).unwrap();
         store.forget(a.id, u64::MAX);
         assert_eq!(store.len(), 0);
         store.forget(a.id, 1);

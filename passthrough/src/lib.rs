@@ -16,7 +16,7 @@ mod fs;
 mod inode_store;
 mod util;
 
-pub use config::{CachePolicy, Config, InodeFileHandles};
+pub use config::{CachePolicy, Config, InodeFileHandles, Negotiation};
 pub use error::Error;
 pub use extra_ops::FsServer;
 pub use fs::PassthroughFs;
