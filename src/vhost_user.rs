@@ -25,6 +25,7 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex, VringSta
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    VRING_DESC_F_INDIRECT as VIRTQ_DESC_F_INDIRECT, VRING_DESC_F_NEXT as VIRTQ_DESC_F_NEXT,
 };
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
@@ -226,14 +227,17 @@ impl FsBackend {
     ) -> usize {
         let mut handled = 0;
         loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
+            let (chain, desc_table) = {
+                let mut state = vring.get_mut();
+                let queue = state.get_queue_mut();
+                let desc_table = queue.desc_table();
+                (queue.pop_descriptor_chain(mem.clone()), desc_table)
+            };
             let Some(chain) = chain else {
                 return handled;
             };
             handled += 1;
+            let head_flags = head_descriptor_flags(mem, desc_table, chain.head_index());
             match &self.pool {
                 Some(pool) => {
                     let server = self.server.clone();
@@ -243,13 +247,13 @@ impl FsBackend {
                     pool.execute(Box::new(move || {
                         narrow_thread_filter(ThreadRole::ThreadPool, seccomp);
                         let head = chain.head_index();
-                        let used = serve_request(&server, queue, &mem, chain);
+                        let used = serve_request(&server, queue, &mem, chain, head_flags);
                         complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
                     }));
                 }
                 None => {
                     let head = chain.head_index();
-                    let used = serve_request(&self.server, queue, mem, chain);
+                    let used = serve_request(&self.server, queue, mem, chain, head_flags);
                     complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
                 }
             }
@@ -282,9 +286,10 @@ fn serve_request(
     queue: usize,
     mem: &MemoryGuard,
     chain: DescriptorChain<MemoryGuard>,
+    head_flags: Option<u16>,
 ) -> u32 {
     let head = chain.head_index();
-    if let Err(reason) = check_chain(&chain) {
+    if let Err(reason) = check_chain(&chain, head_flags) {
         warn!(
             queue,
             head, "Dropping a malformed descriptor chain: {reason}."
@@ -331,11 +336,28 @@ fn serve_request(
     }
 }
 
+/// The flags of the chain's head descriptor in the queue's descriptor table (`None` when the
+/// table cannot be read there).
+fn head_descriptor_flags(mem: &MemoryGuard, desc_table: u64, head: u16) -> Option<u16> {
+    // A split-ring descriptor is 16 bytes: address, length, then the 16-bit flags.
+    let addr = desc_table.checked_add(u64::from(head) * 16 + 12)?;
+    vm_memory::Bytes::read_obj::<u16>(&**mem, vm_memory::GuestAddress(addr)).ok()
+}
+
 /// Walks a chain the way the readers will, catching what their iterators silently cut short:
 /// loops, next indices out of range, unreadable or nested-indirect descriptors (each ends the
-/// walk on a descriptor that still has NEXT set), and readable descriptors placed after
-/// writable ones (virtio 2.7.4.2 puts all device-writable descriptors last).
-fn check_chain(chain: &DescriptorChain<MemoryGuard>) -> Result<(), &'static str> {
+/// walk on a descriptor that still has NEXT set), readable descriptors placed after writable
+/// ones (virtio 2.7.4.2 puts all device-writable descriptors last), and a head that refers to
+/// an indirect table yet has NEXT set (2.7.5.3.1 forbids it; the iterator would silently drop
+/// whatever follows).
+fn check_chain(
+    chain: &DescriptorChain<MemoryGuard>,
+    head_flags: Option<u16>,
+) -> Result<(), &'static str> {
+    const INDIRECT_AND_NEXT: u16 = (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT) as u16;
+    if head_flags.is_some_and(|flags| flags & INDIRECT_AND_NEXT == INDIRECT_AND_NEXT) {
+        return Err("its head refers to an indirect table and also has NEXT set");
+    }
     let mut descriptors = 0usize;
     let mut last_has_next = false;
     let mut writable_seen = false;

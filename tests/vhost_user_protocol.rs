@@ -15,11 +15,13 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 
 use berth_frontend::fuse::{opcode, OutHeader, ROOT_ID};
-use berth_frontend::virtqueue::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+use berth_frontend::virtqueue::{
+    Descriptor, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+};
 use berth_frontend::{FsQueue, RawDescriptor, RawNext, Request};
 use frontend_util::*;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 const S_IFMT: u32 = libc::S_IFMT;
 
@@ -288,9 +290,34 @@ fn pipelined_reads_on_one_queue() {
     daemon.assert_alive("after pipelined reads");
 }
 
+/// Distinct content for each queue's file.
+fn queue_pattern(queue: u16, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            (i as u32)
+                .wrapping_mul(31)
+                .wrapping_add(u32::from(queue) * 7) as u8
+        })
+        .collect()
+}
+
 #[test]
 fn four_request_queues_all_answer() {
     let fixture = Fixture::new();
+    // A directory every queue lists at the same time.
+    let listing = fixture.shared.join("listing");
+    fs::create_dir(&listing).unwrap();
+    for i in 0..300 {
+        fs::write(
+            listing.join(format!("entry-{i:03}-{}", "x".repeat(i % 40))),
+            b"e",
+        )
+        .unwrap();
+    }
+    let listed_on_host: BTreeSet<String> = fs::read_dir(&listing)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     let mut daemon = fixture.start_daemon();
     let mut device = match berth_frontend::VhostUserFs::connect(
         &fixture.socket,
@@ -309,6 +336,7 @@ fn four_request_queues_all_answer() {
     assert!(device.negotiated().backend_queues >= 5);
     let mut first = init_first_queue(&mut device);
     let hello = first.lookup(ROOT_ID, b"hello.txt").expect("LOOKUP");
+    let listing_node = first.lookup(ROOT_ID, b"listing").expect("LOOKUP listing");
     let fh = first
         .open(hello.nodeid, libc::O_RDONLY as u32)
         .expect("OPEN")
@@ -316,11 +344,15 @@ fn four_request_queues_all_answer() {
     let mut queues = vec![first];
     queues.extend(device.take_request_queues());
     assert_eq!(queues.len(), 4);
+    const CHUNK: usize = 16 * 1024;
+    const CHUNKS: usize = 8;
 
-    // One thread per queue, each with several requests in flight.
+    // One thread per queue, each with several requests in flight: READs of a shared file,
+    // pipelined WRITEs of its own file, READDIRPLUS of a shared directory, all at once.
     let workers: Vec<_> = queues
         .into_iter()
         .map(|mut queue| {
+            let expected_listing = listed_on_host.clone();
             std::thread::spawn(move || {
                 let index = queue.index();
                 let mut tickets = Vec::new();
@@ -349,6 +381,71 @@ fn four_request_queues_all_answer() {
                 }
                 let attr = queue.getattr(hello.nodeid).expect("GETATTR");
                 assert_eq!(attr.attr.size, HELLO_CONTENT.len() as u64);
+
+                let name = format!("written-by-queue-{index}");
+                let (file, open) = queue
+                    .create(ROOT_ID, name.as_bytes(), 0o100644, libc::O_RDWR as u32)
+                    .expect("CREATE");
+                let content = queue_pattern(index, CHUNK * CHUNKS);
+                let mut writes = Vec::new();
+                for (n, chunk) in content.chunks(CHUNK).enumerate() {
+                    let write = berth_frontend::fuse::WriteIn {
+                        fh: open.fh,
+                        offset: (n * CHUNK) as u64,
+                        size: chunk.len() as u32,
+                        fuse_flags: 0,
+                        lock_owner: 0,
+                        flags: 0,
+                        padding: 0,
+                    };
+                    let ticket = queue
+                        .submit(&Request {
+                            opcode: opcode::WRITE,
+                            nodeid: file.nodeid,
+                            args: &[vm_memory::ByteValued::as_slice(&write)],
+                            payload: chunk,
+                            reply_capacity: Some(
+                                std::mem::size_of::<berth_frontend::fuse::WriteOut>() as u32,
+                            ),
+                        })
+                        .expect("submit WRITE");
+                    writes.push(ticket);
+                }
+                queue.notify().expect("kick");
+                for ticket in writes {
+                    let done = queue
+                        .wait_for(ticket)
+                        .expect("reply")
+                        .check()
+                        .expect("WRITE");
+                    let out: berth_frontend::fuse::WriteOut =
+                        berth_frontend::fuse::parse_struct(&done.body, false, "WRITE").unwrap();
+                    assert_eq!(out.size as usize, CHUNK, "queue {index}: bytes written");
+                }
+                queue
+                    .release(file.nodeid, open.fh, libc::O_RDWR as u32)
+                    .expect("RELEASE");
+
+                let entries = queue
+                    .list_dir_plus(listing_node.nodeid)
+                    .expect("READDIRPLUS");
+                let listed: BTreeSet<String> = entries
+                    .iter()
+                    .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+                    .filter(|n| n != "." && n != "..")
+                    .collect();
+                assert_eq!(
+                    listed, expected_listing,
+                    "queue {index}: READDIRPLUS listing"
+                );
+                let forgets: Vec<(u64, u64)> = entries
+                    .iter()
+                    .filter(|e| e.entry.nodeid != 0)
+                    .map(|e| (e.entry.nodeid, 1))
+                    .collect();
+                for batch in forgets.chunks(FsQueue::MAX_BATCH_FORGET) {
+                    queue.batch_forget(batch).expect("BATCH_FORGET");
+                }
                 index
             })
         })
@@ -359,6 +456,13 @@ fn four_request_queues_all_answer() {
         .collect();
     answered.sort();
     assert_eq!(answered, vec![1, 2, 3, 4]);
+    for index in 1..=4u16 {
+        let on_host = fs::read(fixture.shared.join(format!("written-by-queue-{index}"))).unwrap();
+        assert!(
+            on_host == queue_pattern(index, CHUNK * CHUNKS),
+            "the file queue {index} wrote has the content it sent"
+        );
+    }
     daemon.assert_alive("after using four queues");
 }
 
@@ -538,6 +642,180 @@ fn malformed_looping_chain() {
             ],
             Some(reply),
         )
+    });
+}
+
+/// Writes `descriptors` as an indirect table at a fresh guest address; returns it.
+fn indirect_table(queue: &mut FsQueue, descriptors: &[Descriptor]) -> GuestAddress {
+    let table = queue.allocate_raw_buffer(4096).unwrap();
+    for (i, descriptor) in descriptors.iter().enumerate() {
+        queue
+            .ram()
+            .memory()
+            .write_obj(*descriptor, table.unchecked_add(16 * i as u64))
+            .unwrap();
+    }
+    table
+}
+
+/// A GETATTR request plus a reply buffer, as the two descriptors of an indirect table.
+fn getattr_table_entries(queue: &mut FsQueue) -> ([Descriptor; 2], GuestAddress) {
+    let (request, len) = getattr_request(queue);
+    let reply = queue.allocate_raw_buffer(4096).unwrap();
+    (
+        [
+            Descriptor {
+                addr: request.0,
+                len,
+                flags: VIRTQ_DESC_F_NEXT,
+                next: 1,
+            },
+            Descriptor {
+                addr: reply.0,
+                len: 4096,
+                flags: VIRTQ_DESC_F_WRITE,
+                next: 0,
+            },
+        ],
+        reply,
+    )
+}
+
+fn indirect(table: GuestAddress, len: u32, extra_flags: u16) -> RawDescriptor {
+    RawDescriptor {
+        addr: table.0,
+        len,
+        flags: VIRTQ_DESC_F_INDIRECT | extra_flags,
+        next: RawNext::Following,
+    }
+}
+
+#[test]
+fn indirect_descriptor_table_is_served() {
+    let fixture = Fixture::new();
+    let mut daemon = fixture.start_daemon();
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    let negotiated = device.negotiated().acked_features;
+    assert_ne!(
+        negotiated & berth_frontend::device::VIRTIO_RING_F_INDIRECT_DESC,
+        0,
+        "the daemon offers indirect descriptors"
+    );
+    let mut queue = init_first_queue(&mut device);
+    let (entries, reply) = getattr_table_entries(&mut queue);
+    let table = indirect_table(&mut queue, &entries);
+    let head = queue
+        .submit_raw(&[indirect(table, 32, 0)])
+        .expect("publish an indirect chain");
+    let used = queue
+        .wait_raw(head, Duration::from_secs(5))
+        .expect("used ring")
+        .expect("the indirect request is answered");
+    let header: OutHeader = queue.ram().memory().read_obj(reply).unwrap();
+    assert_eq!(
+        header.error, 0,
+        "GETATTR through an indirect table: {header:?}"
+    );
+    assert_eq!(used.len, header.len);
+    let attr: berth_frontend::fuse::AttrOut = queue
+        .ram()
+        .memory()
+        .read_obj(reply.unchecked_add(std::mem::size_of::<OutHeader>() as u64))
+        .unwrap();
+    assert_eq!(attr.attr.mode & S_IFMT, libc::S_IFDIR);
+    assert_eq!(
+        u64::from(attr.attr.mode),
+        u64::from(fs::metadata(&fixture.shared).unwrap().mode())
+    );
+    daemon.assert_alive("after an indirect request");
+}
+
+#[test]
+fn malformed_indirect_table_outside_guest_memory() {
+    malformed_chain_is_survived("indirect table outside guest memory", |queue, _| {
+        let beyond = GuestAddress(queue.ram().end().0 + 0x10_0000);
+        (vec![indirect(beyond, 32, 0)], None)
+    });
+}
+
+#[test]
+fn malformed_indirect_table_straddling_the_end_of_memory() {
+    malformed_chain_is_survived("indirect table past the end of memory", |queue, _| {
+        let near_end = GuestAddress(queue.ram().end().0 - 16);
+        (vec![indirect(near_end, 64, 0)], None)
+    });
+}
+
+#[test]
+fn malformed_nested_indirect_table() {
+    malformed_chain_is_survived("nested indirect table", |queue, _| {
+        let (entries, reply) = getattr_table_entries(queue);
+        let inner = indirect_table(queue, &entries);
+        let outer = indirect_table(
+            queue,
+            &[Descriptor {
+                addr: inner.0,
+                len: 32,
+                flags: VIRTQ_DESC_F_INDIRECT,
+                next: 0,
+            }],
+        );
+        (vec![indirect(outer, 16, 0)], Some(reply))
+    });
+}
+
+#[test]
+fn malformed_zero_length_indirect_table() {
+    malformed_chain_is_survived("zero-length indirect table", |queue, _| {
+        let (entries, reply) = getattr_table_entries(queue);
+        let table = indirect_table(queue, &entries);
+        (vec![indirect(table, 0, 0)], Some(reply))
+    });
+}
+
+#[test]
+fn malformed_indirect_table_of_odd_length() {
+    malformed_chain_is_survived("indirect table not a multiple of 16 bytes", |queue, _| {
+        let (entries, reply) = getattr_table_entries(queue);
+        let table = indirect_table(queue, &entries);
+        (vec![indirect(table, 20, 0)], Some(reply))
+    });
+}
+
+#[test]
+fn malformed_indirect_with_next() {
+    malformed_chain_is_survived("indirect descriptor with NEXT", |queue, _| {
+        let (entries, reply) = getattr_table_entries(queue);
+        let table = indirect_table(queue, &entries);
+        let extra = queue.allocate_raw_buffer(4096).unwrap();
+        (
+            vec![
+                indirect(table, 32, VIRTQ_DESC_F_NEXT),
+                writable(extra, 4096),
+            ],
+            Some(reply),
+        )
+    });
+}
+
+#[test]
+fn malformed_indirect_next_index_out_of_the_table() {
+    malformed_chain_is_survived("indirect next index beyond the table", |queue, _| {
+        let (mut entries, reply) = getattr_table_entries(queue);
+        entries[0].next = 9;
+        let table = indirect_table(queue, &entries);
+        (vec![indirect(table, 32, 0)], Some(reply))
+    });
+}
+
+#[test]
+fn malformed_indirect_table_looping() {
+    malformed_chain_is_survived("indirect table looping on itself", |queue, _| {
+        let (mut entries, reply) = getattr_table_entries(queue);
+        entries[1].flags |= VIRTQ_DESC_F_NEXT;
+        entries[1].next = 0;
+        let table = indirect_table(queue, &entries);
+        (vec![indirect(table, 32, 0)], Some(reply))
     });
 }
 
