@@ -281,3 +281,194 @@ fn print_capabilities_is_json_of_type_fs() {
     });
     assert_eq!(json["type"], "fs", "capabilities: {json}");
 }
+
+/// A regular file in the shared directory at the socket's own path, as seen from inside the
+/// sandbox (where the shared directory is `/`): removing the socket by path there would hit it.
+fn plant_decoy(fixture: &Fixture) -> std::path::PathBuf {
+    let relative = fixture
+        .socket
+        .strip_prefix("/")
+        .expect("absolute socket path");
+    let decoy = fixture.shared.join(relative);
+    std::fs::create_dir_all(decoy.parent().unwrap()).unwrap();
+    std::fs::write(&decoy, b"a guest's file").unwrap();
+    decoy
+}
+
+fn connected_daemon(fixture: &Fixture) -> (Daemon, VhostUserFs) {
+    let mut daemon = fixture.start_daemon();
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    queue.getattr(ROOT_ID).expect("GETATTR");
+    (daemon, device)
+}
+
+#[test]
+fn sigterm_on_a_connected_daemon_exits_zero_and_removes_the_socket() {
+    if !testing_berth() {
+        skip_by_design("virtiofsd exits 1 on SIGTERM; berth exits 0");
+        return;
+    }
+    let fixture = Fixture::new();
+    let decoy = plant_decoy(&fixture);
+    let (mut daemon, _device) = connected_daemon(&fixture);
+    // SAFETY: kill has no memory-safety preconditions; the pid is our un-reaped child.
+    assert_eq!(
+        unsafe { libc::kill(daemon.pid() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let status = daemon
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("still running 5 s after SIGTERM\n{}", daemon.stderr()));
+    assert!(
+        status.success(),
+        "exit after SIGTERM: {}\n--- daemon stderr ---\n{}",
+        describe_status(status),
+        daemon.stderr()
+    );
+    assert!(
+        !fixture.socket.exists(),
+        "the socket file is removed (the daemon ran in the namespace sandbox)\n{}",
+        daemon.stderr()
+    );
+    assert_eq!(std::fs::read(&decoy).unwrap(), b"a guest's file");
+}
+
+#[test]
+fn disconnect_removes_the_socket_and_no_guest_file() {
+    let fixture = Fixture::new();
+    let decoy = plant_decoy(&fixture);
+    let (mut daemon, device) = connected_daemon(&fixture);
+    device.disconnect();
+    let status = daemon.wait_exit(Duration::from_secs(5)).unwrap_or_else(|| {
+        panic!(
+            "still running 5 s after the disconnect\n{}",
+            daemon.stderr()
+        )
+    });
+    assert!(status.success(), "{}", describe_status(status));
+    assert_eq!(
+        std::fs::read(&decoy).unwrap(),
+        b"a guest's file",
+        "the file at the socket's path inside the shared directory is untouched"
+    );
+    if testing_berth() {
+        assert!(!fixture.socket.exists(), "the socket file is removed");
+    }
+}
+
+#[test]
+fn print_capabilities_lists_the_features() {
+    let (binary, _) = daemon_binary();
+    let output = Command::new(binary)
+        .arg("--print-capabilities")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run --print-capabilities");
+    assert!(output.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let features: Vec<&str> = json["features"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no features array in {json}"))
+        .iter()
+        .map(|f| {
+            f.as_str()
+                .unwrap_or_else(|| panic!("feature {f} is not a string"))
+        })
+        .collect();
+    for wanted in [
+        "posix-acl-negotiation-mode",
+        "security-label-negotiation-mode",
+        "separate-options",
+    ] {
+        assert!(
+            features.contains(&wanted),
+            "{wanted} missing from {features:?}"
+        );
+    }
+    if testing_berth() {
+        // berth cannot migrate, so it must not tell QEMU it can.
+        assert_eq!(features.len(), 3, "{features:?}");
+    }
+}
+
+/// Some group of this machine other than the caller's own, with its gid.
+fn another_group() -> Option<(String, u32)> {
+    // SAFETY: getegid has no preconditions.
+    let own = unsafe { libc::getegid() };
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let gid: u32 = fields.nth(1)?.parse().ok()?;
+        (gid != own && !name.is_empty()).then(|| (name.to_owned(), gid))
+    })
+}
+
+#[test]
+fn socket_group_owns_the_socket() {
+    if !running_as_root() {
+        skip("giving the socket to another group needs root");
+        return;
+    }
+    let Some((group, gid)) = another_group() else {
+        skip("/etc/group lists no group but the caller's");
+        return;
+    };
+    for spelling in [group.clone(), gid.to_string()] {
+        let fixture = Fixture::new();
+        let mut args = fixture.basic_args();
+        args.push("--socket-group".into());
+        args.push(spelling.clone().into());
+        let mut daemon = Daemon::spawn(args);
+        daemon.wait_for_socket(&fixture.socket);
+        let meta = std::fs::symlink_metadata(&fixture.socket).unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::gid(&meta),
+            gid,
+            "--socket-group {spelling}"
+        );
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            0o770,
+            "owner and group may connect, others not (--socket-group {spelling})"
+        );
+        let stream = UnixStream::connect(&fixture.socket).expect("connect");
+        assert_answers_init(&mut daemon, stream, &fixture.shared);
+    }
+    // Without the flag the socket is the owner's alone.
+    let fixture = Fixture::new();
+    let _daemon = fixture.start_daemon();
+    let meta = std::fs::symlink_metadata(&fixture.socket).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o700
+    );
+}
+
+#[test]
+fn unknown_socket_group_is_refused() {
+    if !testing_berth() {
+        skip_by_design("checks berth's message");
+        return;
+    }
+    let (output, fixture) = run_to_exit(&["--socket-group", "no-such-group-berth"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("no-such-group-berth"), "{stderr}");
+    assert!(!fixture.socket.exists(), "no socket is left behind");
+}
+
+#[test]
+fn legacy_sandbox_option_contradicting_the_flag_is_a_usage_error() {
+    assert_usage_error(
+        "legacy_sandbox_option_contradicting_the_flag_is_a_usage_error",
+        &["--sandbox", "none", "-o", "sandbox=chroot"],
+        &["--sandbox none", "sandbox=chroot"],
+    );
+    assert_usage_error(
+        "legacy_sandbox_option_contradicting_the_flag_is_a_usage_error",
+        &["--modcaps", "+sys_admin", "-o", "modcaps=-mknod"],
+        &["modcaps"],
+    );
+}
