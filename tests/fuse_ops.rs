@@ -744,12 +744,253 @@ fn o_direct_read_and_write_with_allow_direct_io() {
     // SAFETY: fcntl F_GETFL on an fd we own.
     let flags = cvt(unsafe { libc::fcntl(fd.raw(), libc::F_GETFL) }).unwrap();
     assert_ne!(flags & libc::O_DIRECT, 0, "the fd keeps O_DIRECT");
+    // berth's own descriptor on the file bypasses the host page cache too.
+    let daemon_flags = fs.daemon_fd_flags(&t.u("data"));
+    assert!(
+        !daemon_flags.is_empty() && daemon_flags.iter().all(|f| f & libc::O_DIRECT != 0),
+        "the daemon's descriptors on the file keep O_DIRECT: {daemon_flags:?}"
+    );
+    // Misaligned O_DIRECT I/O fails as it does on the host: the guest gets the host's EINVAL.
+    put(&t.d("data"), &expected);
+    let direct = open(&t.d("data"), libc::O_RDWR | libc::O_DIRECT, 0).unwrap();
+    for (what, offset, len) in [
+        ("unaligned offset", 100, 4096),
+        ("unaligned length", 4096, 100),
+    ] {
+        let host = direct.pwrite(&buf.as_slice()[..len], offset);
+        let guest = fd.pwrite(&buf.as_slice()[..len], offset);
+        assert_errno(
+            &format!("O_DIRECT write, {what}, on the host"),
+            &host,
+            libc::EINVAL,
+        );
+        assert_errno(
+            &format!("O_DIRECT write, {what}, through the mount"),
+            &guest,
+            libc::EINVAL,
+        );
+        let mut back = AlignedBuf::new(4096, 4096);
+        let host = direct.pread(&mut back.as_mut_slice()[..len], offset);
+        let guest = fd.pread(&mut back.as_mut_slice()[..len], offset);
+        assert_errno(
+            &format!("O_DIRECT read, {what}, on the host"),
+            &host,
+            libc::EINVAL,
+        );
+        assert_errno(
+            &format!("O_DIRECT read, {what}, through the mount"),
+            &guest,
+            libc::EINVAL,
+        );
+    }
     fd.close().unwrap();
     assert!(
         read_all(&t.u("data")) == expected,
-        "underlying content after O_DIRECT writes"
+        "underlying content after O_DIRECT writes (the refused ones changed nothing)"
     );
     assert_same_attrs("O_DIRECT file", &t.v("data"), &t.u("data"));
+    fs.finish();
+}
+
+#[test]
+fn o_direct_is_not_passed_on_without_allow_direct_io() {
+    let Some(fs) = FuseMount::start(&[]) else {
+        return;
+    };
+    put(&fs.under("plain"), b"");
+    let fd = open(&fs.via("plain"), libc::O_RDWR | libc::O_DIRECT, 0).expect("open O_DIRECT");
+    let daemon_flags = fs.daemon_fd_flags(&fs.under("plain"));
+    assert!(!daemon_flags.is_empty(), "the daemon holds the open file");
+    assert!(
+        daemon_flags.iter().all(|f| f & libc::O_DIRECT == 0),
+        "as virtiofsd, O_DIRECT is dropped unless --allow-direct-io: {daemon_flags:?}"
+    );
+    // The host file is cached, so even misaligned direct I/O from the guest succeeds.
+    assert_eq!(fd.pwrite(b"not aligned", 3).unwrap(), 11);
+    fd.close().unwrap();
+    assert_eq!(read_all(&fs.under("plain")), b"\0\0\0not aligned");
+    fs.finish();
+}
+
+/// Maps `len` bytes of `fd` shared and read-write; the error if the kernel refuses.
+fn map_shared(fd: &Fd, len: usize) -> Result<*mut libc::c_void, i32> {
+    // SAFETY: a fresh mapping of a descriptor we own; the caller unmaps it.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.raw(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(ptr)
+    }
+}
+
+#[test]
+fn allow_mmap_lets_cache_never_files_be_mapped_shared() {
+    const LEN: usize = 8192;
+    {
+        let Some(fs) = FuseMount::start(&["--cache", "never"]) else {
+            return;
+        };
+        put(&fs.under("mapped"), &vec![b'.'; LEN]);
+        let fd = open(&fs.via("mapped"), libc::O_RDWR, 0).unwrap();
+        assert_eq!(
+            map_shared(&fd, LEN).err(),
+            Some(libc::ENODEV),
+            "a DIRECT_IO file cannot be mapped shared without --allow-mmap"
+        );
+        fd.close().unwrap();
+        fs.finish();
+    }
+    let Some(fs) = FuseMount::start(&["--cache", "never", "--allow-mmap"]) else {
+        return;
+    };
+    put(&fs.under("mapped"), &vec![b'.'; LEN]);
+    let fd = open(&fs.via("mapped"), libc::O_RDWR, 0).unwrap();
+    let ptr = map_shared(&fd, LEN)
+        .unwrap_or_else(|e| panic!("mmap with --allow-mmap: {}", errno_name(e)));
+    let data = pattern(3, LEN);
+    // SAFETY: the mapping is LEN bytes long and nothing else aliases it in this process.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.cast::<u8>(), LEN) };
+    // SAFETY: ptr/LEN is our mapping.
+    assert_eq!(unsafe { libc::msync(ptr, LEN, libc::MS_SYNC) }, 0);
+    // SAFETY: ptr/LEN is our mapping, unmapped once.
+    unsafe { libc::munmap(ptr, LEN) };
+    fd.close().unwrap();
+    assert!(
+        read_all(&fs.under("mapped")) == data,
+        "the mapping's writes reached the file"
+    );
+    fs.finish();
+}
+
+/// A POSIX ACL xattr value (version 2): `(tag, perm, id)` entries.
+fn acl_xattr(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut value = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        value.extend_from_slice(&tag.to_le_bytes());
+        value.extend_from_slice(&perm.to_le_bytes());
+        value.extend_from_slice(&id.to_le_bytes());
+    }
+    value
+}
+
+const ACL_USER_OBJ: u16 = 0x01;
+const ACL_USER: u16 = 0x02;
+const ACL_GROUP_OBJ: u16 = 0x04;
+const ACL_MASK: u16 = 0x10;
+const ACL_OTHER: u16 = 0x20;
+const ACL_UNDEFINED_ID: u32 = u32::MAX;
+
+/// Runs `script` in `sh` with umask 077 (in a child: the umask is per process).
+fn with_umask_077(script: &str, dir: &Path) {
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("umask 077 && {script}"))
+        .current_dir(dir)
+        .status()
+        .expect("run sh");
+    assert!(status.success(), "{script} in {}", dir.display());
+}
+
+#[test]
+fn posix_acl_default_acls_are_inherited_despite_the_umask() {
+    let Some(fs) = FuseMount::start(&["--posix-acl"]) else {
+        return;
+    };
+    let t = Twin::new(&fs, "acl", EMPTY);
+    // A default ACL granting everyone rwx, plus a named user: new files inherit it, and the
+    // creator's umask does not apply (only the ACL and the requested mode do).
+    let default_acl = acl_xattr(&[
+        (ACL_USER_OBJ, 7, ACL_UNDEFINED_ID),
+        (ACL_USER, 7, 4242),
+        (ACL_GROUP_OBJ, 7, ACL_UNDEFINED_ID),
+        (ACL_MASK, 7, ACL_UNDEFINED_ID),
+        (ACL_OTHER, 7, ACL_UNDEFINED_ID),
+    ]);
+    t.op("set the default ACL", 0, |base| {
+        setxattr(base, "system.posix_acl_default", &default_acl, 0)
+    });
+    assert_eq!(
+        getxattr(&t.u(""), "system.posix_acl_default").unwrap(),
+        getxattr(&t.d(""), "system.posix_acl_default").unwrap(),
+        "the default ACL set through the mount is on the underlying directory"
+    );
+    with_umask_077(": > file && mkdir sub", &t.d(""));
+    with_umask_077(": > file && mkdir sub", &t.v(""));
+    for name in ["file", "sub"] {
+        let direct = lstat(&t.d(name)).unwrap();
+        let under = lstat(&t.u(name)).unwrap();
+        assert_eq!(
+            under.st_mode, direct.st_mode,
+            "{name}: mode {:o} through the mount, {:o} on the host",
+            under.st_mode, direct.st_mode
+        );
+        assert_eq!(
+            direct.st_mode & 0o777,
+            if name == "file" { 0o666 } else { 0o777 }
+        );
+        assert_eq!(
+            getxattr(&t.u(name), "system.posix_acl_access").ok(),
+            getxattr(&t.d(name), "system.posix_acl_access").ok(),
+            "{name}: inherited access ACL"
+        );
+        assert!(
+            getxattr(&t.d(name), "system.posix_acl_access").is_ok(),
+            "{name}: the named user entry makes the inherited ACL an extended one"
+        );
+        assert_eq!(
+            getxattr(&t.v(name), "system.posix_acl_access").ok(),
+            getxattr(&t.u(name), "system.posix_acl_access").ok(),
+            "{name}: the ACL read back through the mount"
+        );
+    }
+    assert_eq!(
+        getxattr(&t.u("sub"), "system.posix_acl_default").unwrap(),
+        default_acl,
+        "a new directory inherits the default ACL"
+    );
+    // An access ACL written through the mount changes the underlying mode as on the host.
+    let access = acl_xattr(&[
+        (ACL_USER_OBJ, 6, ACL_UNDEFINED_ID),
+        (ACL_GROUP_OBJ, 4, ACL_UNDEFINED_ID),
+        (ACL_OTHER, 0, ACL_UNDEFINED_ID),
+    ]);
+    t.op("set an access ACL", 0, |base| {
+        setxattr(&base.join("file"), "system.posix_acl_access", &access, 0)
+    });
+    t.same("after the access ACL", "file");
+    assert_eq!(lstat(&t.u("file")).unwrap().st_mode & 0o777, 0o640);
+    fs.finish();
+}
+
+#[test]
+fn acl_attributes_need_posix_acl() {
+    let Some(fs) = FuseMount::start(&["--xattr"]) else {
+        return;
+    };
+    put(&fs.under("f"), b"");
+    let acl = acl_xattr(&[
+        (ACL_USER_OBJ, 6, ACL_UNDEFINED_ID),
+        (ACL_GROUP_OBJ, 4, ACL_UNDEFINED_ID),
+        (ACL_OTHER, 4, ACL_UNDEFINED_ID),
+    ]);
+    assert_errno(
+        "setting an ACL without --posix-acl",
+        &setxattr(&fs.via("f"), "system.posix_acl_access", &acl, 0),
+        libc::EOPNOTSUPP,
+    );
+    assert!(getxattr(&fs.under("f"), "system.posix_acl_access").is_err());
+    // Ordinary attributes still work.
+    setxattr(&fs.via("f"), "user.plain", b"v", 0).unwrap();
+    assert_eq!(getxattr(&fs.under("f"), "user.plain").unwrap(), b"v");
     fs.finish();
 }
 

@@ -296,6 +296,34 @@ impl FuseMount {
             .count()
     }
 
+    /// The `flags` (as in fcntl F_GETFL) of every descriptor the daemon holds on `target`,
+    /// read from /proc/PID/fdinfo.
+    pub fn daemon_fd_flags(&self, target: &Path) -> Vec<libc::c_int> {
+        let target = target.canonicalize().unwrap_or_else(|_| target.to_owned());
+        let dir = format!("/proc/{}/fd", self.pid());
+        let mut flags = Vec::new();
+        for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot list {dir}: {e}")) {
+            let Ok(entry) = entry else { continue };
+            if fs::read_link(entry.path()).ok().as_deref() != Some(target.as_path()) {
+                continue;
+            }
+            let info = format!(
+                "/proc/{}/fdinfo/{}",
+                self.pid(),
+                entry.file_name().to_string_lossy()
+            );
+            let Ok(text) = fs::read_to_string(&info) else {
+                continue;
+            };
+            if let Some(octal) = text.lines().find_map(|l| l.strip_prefix("flags:")) {
+                if let Ok(value) = libc::c_int::from_str_radix(octal.trim(), 8) {
+                    flags.push(value);
+                }
+            }
+        }
+        flags
+    }
+
     /// Whether the mount is still in the mount table.
     pub fn is_mounted(&self) -> bool {
         is_fuse_mounted(&self.mnt)
