@@ -1916,22 +1916,36 @@ impl FileSystem for PassthroughFs {
         let data = self.inodes.get(inode)?;
         let fd = self.inode_fd(&data)?;
         let path = self.proc_relative(fd.as_fd().as_raw_fd())?;
-        // The whole list is read (it is at most XATTR_LIST_MAX; longer lists make the host
-        // answer E2BIG), so that hidden names can be left out before sizes are compared.
-        let mut buf = vec![0u8; XATTR_LIST_MAX];
+        // As listxattr(2) does with a larger buffer, the size is capped at XATTR_LIST_MAX (the
+        // host answers E2BIG for longer lists). When ACL names are hidden, the whole list is
+        // read so that they are left out before sizes are compared.
+        let hide_acls = !self.posix_acl.load(Ordering::Relaxed);
+        let read_size = if hide_acls {
+            XATTR_LIST_MAX
+        } else {
+            (size as usize).min(XATTR_LIST_MAX)
+        };
+        let mut buf = vec![0u8; read_size];
         // SAFETY: `buf` is writable for its length; result checked.
         let n = unsafe {
             libc::listxattr(
                 path.as_ptr(),
-                buf.as_mut_ptr() as *mut libc::c_char,
-                buf.len(),
+                if read_size == 0 {
+                    std::ptr::null_mut()
+                } else {
+                    buf.as_mut_ptr() as *mut libc::c_char
+                },
+                read_size,
             )
         };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
+        if read_size == 0 {
+            return Ok(ListxattrReply::Count(n as u32));
+        }
         buf.truncate(n as usize);
-        if !self.posix_acl.load(Ordering::Relaxed) {
+        if hide_acls {
             let mut shown = Vec::with_capacity(buf.len());
             for name in buf.split_inclusive(|&b| b == 0) {
                 let bare = name.strip_suffix(&[0]).unwrap_or(name);
