@@ -29,7 +29,7 @@ GUEST_MODULES=(virtio virtio_ring virtio_pci virtio_pci_modern_dev virtio_pci_le
 	virtio_blk fuse virtiofs erofs netfs cachefiles ublk_drv loop)
 
 # Userland packages unpacked into the tools image mounted at /usr in the guest.
-GUEST_TOOL_PACKAGES=(bash fio libaio1t64 coreutils diffutils attr util-linux)
+GUEST_TOOL_PACKAGES=(bash fio libaio1t64 coreutils diffutils attr util-linux perl-base)
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() {
@@ -284,6 +284,8 @@ resolve_kernel() {
 		KERNEL_IMAGE=$(readlink -f "$BERTH_GUEST_KERNEL")
 		KERNEL_MODULES=${BERTH_GUEST_MODULES:-}
 		[ -z "$KERNEL_MODULES" ] || [ -d "$KERNEL_MODULES" ] || die "module tree $KERNEL_MODULES does not exist"
+		[ -n "$KERNEL_MODULES" ] ||
+			log "no module tree given (--modules / BERTH_GUEST_MODULES): the guest loads no modules, so everything it needs must be built in"
 	else
 		fetch_debian_kernel
 	fi
@@ -486,8 +488,12 @@ daemon_binary() {
 		DAEMON=$VIRTIOFSD_ROOT/bin/virtiofsd
 	else
 		command -v cargo >/dev/null || die "cargo is needed to build berth"
-		log "building berth (cargo build --release)"
-		(cd "$REPO_ROOT" && cargo build --release --quiet --bin berth) >&2 || die "berth does not build"
+		# C compilers for the -sys crates (zstd, the TLS stack of the S3 client).
+		ensure_host_packages build-essential pkg-config
+		local quiet=--quiet
+		[ -z "${BERTH_GUEST_VERBOSE:-}" ] || quiet=""
+		log "building berth (cargo build --release; a first build takes a few minutes)"
+		(cd "$REPO_ROOT" && cargo build --release $quiet --bin berth) >&2 || die "berth does not build"
 		DAEMON=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/berth
 		[ -x "$DAEMON" ] || die "no berth binary at $DAEMON"
 	fi
