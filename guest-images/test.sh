@@ -35,15 +35,12 @@ while [ $# -gt 0 ]; do
 	esac
 done
 case $daemon_kind in berth | virtiofsd) ;; *) die "--daemon must be berth or virtiofsd" ;; esac
-# berth runs with its defaults (namespace sandbox, seccomp kill), as a host would run it;
-# virtiofsd's namespace sandbox needs more of the host than this harness offers.
-# Host-side locks (--posix-lock, --flock) are berth's own flags; virtiofsd 1.14
-# always leaves locks to the guest.
+# Both daemons run with their defaults (namespace sandbox, seccomp kill), as a
+# host would run them. Host-side locks (--posix-lock, --flock) are berth's own
+# flags; virtiofsd 1.14 always leaves locks to the guest.
 if [ "$daemon_kind" = virtiofsd ]; then
-	ISOLATION=(--sandbox none --seccomp none)
 	HOST_LOCK_FLAGS=()
 else
-	ISOLATION=()
 	# A guest waiting in F_SETLKW holds a pool thread, not its queue's thread.
 	HOST_LOCK_FLAGS=(--posix-lock --flock --thread-pool-size=4)
 fi
@@ -123,7 +120,7 @@ start_daemon() {
 	local name=$1 share=$2
 	shift 2
 	local sock=$WORK/$name.sock
-	"$DAEMON" --socket-path "$sock" --shared-dir "$share" "${ISOLATION[@]}" \
+	"$DAEMON" --socket-path "$sock" --shared-dir "$share" \
 		"$@" >"$LOGS/$name.log" 2>&1 &
 	DAEMON_PID[$name]=$!
 	wait_for_socket "$name" "$sock"
@@ -145,7 +142,7 @@ start_kata_daemon() {
 		if (fileno($listener) != 3) { POSIX::dup2(fileno($listener), 3) or die "dup2: $!\n" }
 		exec { $ARGV[0] } @ARGV or die "exec $ARGV[0]: $!\n";
 	' "$sock" "$DAEMON" --syslog --cache=auto --shared-dir="$share" --fd=3 \
-		--thread-pool-size=1 --announce-submounts "${ISOLATION[@]}" \
+		--thread-pool-size=1 --announce-submounts \
 		>"$LOGS/$name.log" 2>&1 &
 	DAEMON_PID[$name]=$!
 	wait_for_socket "$name" "$sock"
@@ -190,9 +187,10 @@ check_daemons_exit() {
 	fi
 }
 
-# Every named daemon serves from a process confined the way berth confines
-# itself by default: seccomp filter in force, own mount, pid and net namespaces.
-# (berth forks in namespace mode; the serving process is the parent's child.)
+# Every named daemon serves from a process confined the way berth and virtiofsd
+# confine themselves by default: seccomp filter in force, own mount, pid and net
+# namespaces, no CAP_SYS_ADMIN. (Both fork in namespace mode; the serving
+# process is the started process's child.)
 check_confined() {
 	local check=$1
 	shift
@@ -395,13 +393,7 @@ if any_selected "${MAIN_GUEST_CHECKS[@]}" "${MAIN_HOST_CHECKS[@]}"; then
 	start_daemon never "$WORK/share-never" --cache=never
 	start_daemon auto "$WORK/share-auto" --cache=auto
 	start_kata_daemon kata "$WORK/share-kata"
-	if selected daemons-confined; then
-		if [ "$daemon_kind" = berth ]; then
-			check_confined daemons-confined main never auto kata
-		else
-			record daemons-confined SKIP 0 "virtiofsd runs unconfined here (--sandbox none --seccomp none)"
-		fi
-	fi
+	selected daemons-confined && check_confined daemons-confined main never auto kata
 	serve_cache_changes "$WORK/share-never=$WORK/share-never/changed" \
 		"$WORK/share-auto=$WORK/share-never/auto-changed" &
 	BACKGROUND_PIDS+=("$!")

@@ -44,15 +44,10 @@ impl DaemonCommand {
             .arg(shared)
             .args(["--cache", "auto"])
             .arg(format!("--thread-pool-size={}", self.thread_pool_size));
+        // Both daemons keep their default confinement (namespace sandbox, seccomp kill), as a
+        // host runs them; the serving process is then the sandbox's child (`serving_pid`).
         if self.backend == Backend::Virtiofsd {
-            command.args([
-                "--sandbox",
-                "none",
-                "--seccomp",
-                "none",
-                "--log-level",
-                "error",
-            ]);
+            command.args(["--log-level", "error"]);
         } else {
             command.args(["--log-level", "warn"]);
         }
