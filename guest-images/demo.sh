@@ -37,9 +37,7 @@ mkdir "$work/share"
 echo "hello from the host" >"$work/share/from-host.txt"
 
 log "step 3/4: serving $work/share with $(basename "$DAEMON")"
-isolation=()
-[ "$daemon_kind" = virtiofsd ] && isolation=(--sandbox none --seccomp none)
-"$DAEMON" --socket-path "$work/fs.sock" --shared-dir "$work/share" "${isolation[@]}" \
+"$DAEMON" --socket-path "$work/fs.sock" --shared-dir "$work/share" \
 	>"$work/daemon.log" 2>&1 &
 daemon_pid=$!
 for _ in $(seq 100); do

@@ -12,9 +12,9 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Checks of each boot; "mount" and "umount" always run in a boot that runs.
-MAIN_GUEST_CHECKS=(mount file-ops xattr flock sha256-host-to-guest sha256-guest-write fio-verify
+MAIN_GUEST_CHECKS=(mount file-ops xattr flock flock-local posix-locks posix-locks-local posix-locks-host sha256-host-to-guest sha256-guest-write fio-verify
 	tree-5000 cache-never cache-auto kata-fd3 umount)
-MAIN_HOST_CHECKS=(sha256-guest-to-host tree-5000-host-diff kata-fd3-host daemons-exit-0 no-stray)
+MAIN_HOST_CHECKS=(daemons-confined sha256-guest-to-host tree-5000-host-diff kata-fd3-host daemons-exit-0 no-stray)
 MQ_GUEST_CHECKS=(mq-mount mq-load mq-umount)
 MQ_HOST_CHECKS=(mq-queues-used mq-daemon-exit-0 mq-no-stray)
 
@@ -35,12 +35,14 @@ while [ $# -gt 0 ]; do
 	esac
 done
 case $daemon_kind in berth | virtiofsd) ;; *) die "--daemon must be berth or virtiofsd" ;; esac
-# berth runs with its defaults (namespace sandbox, seccomp kill), as a host would run it;
-# virtiofsd's namespace sandbox needs more of the host than this harness offers.
+# Both daemons run with their defaults (namespace sandbox, seccomp kill), as a
+# host would run them. Host-side locks (--posix-lock, --flock) are berth's own
+# flags; virtiofsd 1.14 always leaves locks to the guest.
 if [ "$daemon_kind" = virtiofsd ]; then
-	ISOLATION=(--sandbox none --seccomp none)
+	HOST_LOCK_FLAGS=()
 else
-	ISOLATION=()
+	# A guest waiting in F_SETLKW holds a pool thread, not its queue's thread.
+	HOST_LOCK_FLAGS=(--posix-lock --flock --thread-pool-size=4)
 fi
 require_root
 
@@ -118,7 +120,7 @@ start_daemon() {
 	local name=$1 share=$2
 	shift 2
 	local sock=$WORK/$name.sock
-	"$DAEMON" --socket-path "$sock" --shared-dir "$share" "${ISOLATION[@]}" \
+	"$DAEMON" --socket-path "$sock" --shared-dir "$share" \
 		"$@" >"$LOGS/$name.log" 2>&1 &
 	DAEMON_PID[$name]=$!
 	wait_for_socket "$name" "$sock"
@@ -140,7 +142,7 @@ start_kata_daemon() {
 		if (fileno($listener) != 3) { POSIX::dup2(fileno($listener), 3) or die "dup2: $!\n" }
 		exec { $ARGV[0] } @ARGV or die "exec $ARGV[0]: $!\n";
 	' "$sock" "$DAEMON" --syslog --cache=auto --shared-dir="$share" --fd=3 \
-		--thread-pool-size=1 --announce-submounts "${ISOLATION[@]}" \
+		--thread-pool-size=1 --announce-submounts \
 		>"$LOGS/$name.log" 2>&1 &
 	DAEMON_PID[$name]=$!
 	wait_for_socket "$name" "$sock"
@@ -185,6 +187,48 @@ check_daemons_exit() {
 	fi
 }
 
+# Every named daemon serves from a process confined the way berth and virtiofsd
+# confine themselves by default: seccomp filter in force, own mount, pid and net
+# namespaces, no CAP_SYS_ADMIN. (Both fork in namespace mode; the serving
+# process is the started process's child.)
+check_confined() {
+	local check=$1
+	shift
+	local start name pid server problems=()
+	start=$(now_seconds)
+	for name in "$@"; do
+		pid=${DAEMON_PID[$name]}
+		server=""
+		for _ in $(seq 100); do
+			server=$(cat "/proc/$pid/task/$pid/children" 2>/dev/null | awk '{ print $1 }')
+			if [ -n "$server" ] && grep -q '^Seccomp:[[:space:]]*2' "/proc/$server/status" 2>/dev/null; then
+				break
+			fi
+			sleep 0.05
+		done
+		if [ -z "$server" ]; then
+			problems+=("$name: no serving child process under pid $pid")
+			continue
+		fi
+		grep -q '^Seccomp:[[:space:]]*2' "/proc/$server/status" ||
+			problems+=("$name: pid $server runs without a seccomp filter")
+		local ns
+		for ns in mnt pid net; do
+			[ "$(readlink "/proc/$server/ns/$ns")" != "$(readlink "/proc/self/ns/$ns")" ] ||
+				problems+=("$name: pid $server shares the host's $ns namespace")
+		done
+		local caps
+		caps=$(awk '/^CapEff:/ { print $2 }' "/proc/$server/status")
+		# CAP_SYS_ADMIN (bit 21) must be gone.
+		[ $((0x$caps >> 21 & 1)) = 0 ] || problems+=("$name: pid $server keeps CAP_SYS_ADMIN (CapEff $caps)")
+	done
+	if [ ${#problems[@]} -eq 0 ]; then
+		record "$check" PASS "$(seconds_since "$start")"
+	else
+		record "$check" FAIL "$(seconds_since "$start")" "${problems[@]}"
+	fi
+}
+
 # No process started for this run and no mount below the work directory remain.
 check_no_stray() {
 	local check=$1 start problems=() pid
@@ -207,27 +251,54 @@ check_no_stray() {
 	fi
 }
 
-# Host side of the cache checks: once the guest signals, replace the file by
-# rename (a new inode) and tell the guest.
+# Host side of the cache checks: once the guest signals SHARE/ready, replace
+# SHARE/value by rename (a new inode) and create SIGNAL. Arguments are
+# SHARE=SIGNAL pairs; the signals live on the cache=never share, so the guest
+# sees them as soon as they exist, whatever the share under test caches.
 serve_cache_changes() {
-	local share pending=("$@") deadline=$((SECONDS + 600))
+	local pair share signal pending=("$@") deadline=$((SECONDS + 600))
 	while [ ${#pending[@]} -gt 0 ] && [ $SECONDS -lt $deadline ]; do
 		local still=()
-		for share in "${pending[@]}"; do
+		for pair in "${pending[@]}"; do
+			share=${pair%%=*}
+			signal=${pair#*=}
 			if [ -e "$share/ready" ]; then
 				# Another link keeps the old inode alive, so a guest that still
 				# holds it reads the old content instead of failing with ESTALE.
 				ln "$share/value" "$share/.value.old"
 				printf v2 >"$share/.value.new"
 				mv "$share/.value.new" "$share/value"
-				touch "$share/changed"
+				touch "$signal"
 			else
-				still+=("$share")
+				still+=("$pair")
 			fi
 		done
 		pending=("${still[@]}")
+		sleep 0.01
+	done
+}
+
+# Host side of the posix-locks-host check on SHARE (served with --posix-lock):
+# takes a write lock when the guest asks, releases it when told, then reports
+# whether a lock the guest holds blocks the host.
+serve_host_locks() {
+	local share=$1 pl=$GUEST_IMAGES_DIR/guest/posix-lock.pl deadline=$((SECONDS + 600))
+	until [ -e "$share/host-lock-request" ]; do
+		[ $SECONDS -lt $deadline ] || return 0
 		sleep 0.02
 	done
+	: >"$share/host-locked"
+	perl "$pl" hold "$share/host-locked" w 0 0 "$share/host-lock-held" "$share/host-lock-release" || return 0
+	until [ -e "$share/guest-lock-held" ]; do
+		[ $SECONDS -lt $deadline ] || return 0
+		sleep 0.02
+	done
+	local rc=0
+	perl "$pl" try "$share/host-locked" w 0 0 || rc=$?
+	case $rc in
+	1) touch "$share/host-saw-conflict" ;;
+	*) echo "host lock attempt exited $rc" >"$share/host-saw-no-conflict" ;;
+	esac
 }
 
 # run_guest NAME SCRIPT GUEST_CHECKS... -- BOOT_ARGS...: boots a guest running
@@ -244,10 +315,10 @@ run_guest() {
 	shift
 	local console=$LOGS/$name-console.log extra=$WORK/$name-extra
 	mkdir -p "$extra"
-	cp "$GUEST_IMAGES_DIR/guest/checks.sh" "$extra/checks.sh"
+	cp "$GUEST_IMAGES_DIR/guest/checks.sh" "$GUEST_IMAGES_DIR/guest/posix-lock.pl" "$extra/"
 	local guest_only=$only
 	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount"
-	printf 'ONLY=%q\n' "$guest_only" >"$extra/env"
+	printf 'ONLY=%q\nHOST_LOCKS=%q\n' "$guest_only" "${#HOST_LOCK_FLAGS[@]}" >"$extra/env"
 	: >"$console"
 	log "booting guest '$name' (console: $console)"
 	local start rc=0
@@ -316,11 +387,17 @@ if any_selected "${MAIN_GUEST_CHECKS[@]}" "${MAIN_HOST_CHECKS[@]}"; then
 	printf v1 >"$WORK/share-auto/value"
 	echo "kata host file" >"$WORK/share-kata/from-host"
 
-	start_daemon main "$WORK/share-main" --xattr
+	# main takes locks on the host (berth's --posix-lock and --flock); the
+	# other shares leave them to the guest kernel, as virtiofsd does.
+	start_daemon main "$WORK/share-main" --xattr "${HOST_LOCK_FLAGS[@]}"
 	start_daemon never "$WORK/share-never" --cache=never
 	start_daemon auto "$WORK/share-auto" --cache=auto
 	start_kata_daemon kata "$WORK/share-kata"
-	serve_cache_changes "$WORK/share-never" "$WORK/share-auto" &
+	selected daemons-confined && check_confined daemons-confined main never auto kata
+	serve_cache_changes "$WORK/share-never=$WORK/share-never/changed" \
+		"$WORK/share-auto=$WORK/share-never/auto-changed" &
+	BACKGROUND_PIDS+=("$!")
+	serve_host_locks "$WORK/share-main" &
 	BACKGROUND_PIDS+=("$!")
 
 	cat >"$WORK/main.sh" <<'EOF'
@@ -329,7 +406,16 @@ echo "@@boot $(cut -d' ' -f1 /proc/uptime)"
 check mount mount_shares main never auto kata
 check file-ops file_operations
 check xattr extended_attributes
-check flock lock_conflict
+check flock lock_conflict /mnt/main
+check flock-local lock_conflict /mnt/auto
+if [ "$HOST_LOCKS" != 0 ]; then
+	check posix-locks posix_locks /mnt/main host
+	check posix-locks-host posix_locks_host /mnt/main
+else
+	skip posix-locks "the daemon has no host-side locks; the guest kernel keeps them (posix-locks-local)"
+	skip posix-locks-host "the daemon has no host-side locks"
+fi
+check posix-locks-local posix_locks /mnt/auto guest
 check sha256-host-to-guest host_file_hash
 check sha256-guest-write guest_file_write
 check fio-verify fio_verify

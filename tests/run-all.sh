@@ -45,6 +45,12 @@ if [ ! -x "$venv/bin/moto_server" ]; then
 fi
 export PATH="$venv/bin:$PATH"
 
+# As root every test has what it needs here: one that would skip fails instead, so that a
+# missing kernel feature or tool cannot turn a tier green by not running it.
+if [ "$(id -u)" -eq 0 ]; then
+	export BERTH_TESTS_NO_SKIP=1
+fi
+
 section "cargo fmt --check"
 cargo fmt --all --check
 

@@ -44,15 +44,10 @@ impl DaemonCommand {
             .arg(shared)
             .args(["--cache", "auto"])
             .arg(format!("--thread-pool-size={}", self.thread_pool_size));
+        // Both daemons keep their default confinement (namespace sandbox, seccomp kill), as a
+        // host runs them; the serving process is then the sandbox's child (`serving_pid`).
         if self.backend == Backend::Virtiofsd {
-            command.args([
-                "--sandbox",
-                "none",
-                "--seccomp",
-                "none",
-                "--log-level",
-                "error",
-            ]);
+            command.args(["--log-level", "error"]);
         } else {
             command.args(["--log-level", "warn"]);
         }
@@ -101,8 +96,11 @@ impl Daemon {
         Ok(daemon)
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// The process that serves requests: with a namespace sandbox both berth and virtiofsd
+    /// fork, and the started process only waits for its child; without one it serves itself.
+    /// Resolved at every call, since the child appears only once the sandbox is set up.
+    pub fn serving_pid(&self) -> u32 {
+        serving_pid(self.child.id())
     }
 
     /// Waits for the daemon to exit on its own (it should once the frontend disconnects),
@@ -129,6 +127,14 @@ impl Drop for Daemon {
         }
         let _ = std::fs::remove_file(&self.socket);
     }
+}
+
+/// The first child of `pid`, or `pid` itself when it has none.
+pub fn serving_pid(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()
+        .and_then(|children| children.split_whitespace().next()?.parse().ok())
+        .unwrap_or(pid)
 }
 
 /// Resource figures of a process.
