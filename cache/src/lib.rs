@@ -6,16 +6,18 @@
 pub mod backend;
 pub mod chunkmap;
 pub mod engine;
+pub mod erofs;
 pub mod error;
 pub mod image;
 pub mod manifest;
 pub mod metrics;
 pub mod mount;
+pub mod supervise;
 
 pub use backend::{open_backend, BlobBackend, LocalDirBackend, ObjectStoreBackend, S3Config};
-pub use engine::{BlobHandle, CacheConfig, CacheEngine};
+pub use engine::{BlobHandle, CacheConfig, CacheEngine, VerifyOnOpen};
 pub use error::{CacheError, Result};
 pub use image::{build_image, BuildOptions, BuildReport};
-pub use manifest::{Compression, Manifest};
+pub use manifest::{Compression, Manifest, PrefetchEntry};
 pub use metrics::{Metrics, MetricsWriter};
 pub use mount::{mount_image, MountHandle, MountOptions};

@@ -113,13 +113,13 @@ impl Write for LogBuffer {
 fn lazily_fetched_image_through_fanotify() {
     let scratch = tempfile::tempdir().unwrap();
     if let Err(reason) = check_support(scratch.path()) {
-        eprintln!("skipping: {reason}");
+        common::skip(&reason);
         return;
     }
     let moto = match Moto::start(None) {
         Ok(moto) => moto,
         Err(reason) => {
-            eprintln!("skipping: {reason}");
+            common::skip(&reason);
             return;
         }
     };

@@ -55,7 +55,9 @@ pub fn publish(
         compression,
         object,
         bootstrap: "boot.img".into(),
+        bootstrap_digest: None,
         chunks,
+        prefetch: Vec::new(),
     };
     manifest.validate().unwrap();
     manifest
@@ -214,5 +216,161 @@ impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Reports why a test cannot run here. Returns normally (the test then returns early
+/// and counts as passed) unless `BERTH_TESTS_NO_SKIP=1` is set, as CI sets it: then a
+/// missing prerequisite is a failure.
+pub fn skip(reason: &str) {
+    if std::env::var_os("BERTH_TESTS_NO_SKIP").is_some_and(|v| v == "1") {
+        panic!("BERTH_TESTS_NO_SKIP=1, but this test would skip: {reason}");
+    }
+    eprintln!("skipping: {reason}");
+}
+
+/// A real backend whose replies can be bent: cut short, padded, or made to panic,
+/// and which counts requests in flight. Used to prove the engine checks every reply.
+#[derive(Debug)]
+pub struct Faulty {
+    pub inner: Arc<dyn BlobBackend>,
+    pub mode: Mutex<Fault>,
+    pub in_flight: std::sync::atomic::AtomicUsize,
+    pub max_in_flight: std::sync::atomic::AtomicUsize,
+    pub requests: std::sync::atomic::AtomicUsize,
+    pub delay: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    Short,
+    Long,
+    Panic,
+}
+
+impl Faulty {
+    pub fn new(inner: Arc<dyn BlobBackend>, delay: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            mode: Mutex::new(Fault::None),
+            in_flight: Default::default(),
+            max_in_flight: Default::default(),
+            requests: Default::default(),
+            delay,
+        })
+    }
+    pub fn set(&self, fault: Fault) {
+        *self.mode.lock().unwrap() = fault;
+    }
+}
+
+impl BlobBackend for Faulty {
+    fn read_range(&self, name: &str, range: Range<u64>) -> Result<Vec<u8>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.requests.fetch_add(1, SeqCst);
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, SeqCst);
+        std::thread::sleep(self.delay);
+        let result = self.inner.read_range(name, range);
+        self.in_flight.fetch_sub(1, SeqCst);
+        let mode = *self.mode.lock().unwrap();
+        match (mode, result) {
+            (Fault::Short, Ok(mut data)) => {
+                data.truncate(data.len() / 2);
+                Ok(data)
+            }
+            (Fault::Long, Ok(mut data)) => {
+                data.extend_from_slice(&[0u8; 100]);
+                Ok(data)
+            }
+            (Fault::Panic, _) => panic!("the backend wrapper panics, as a buggy backend might"),
+            (_, result) => result,
+        }
+    }
+    fn size(&self, name: &str) -> Result<u64> {
+        self.inner.size(name)
+    }
+    fn put_file(&self, name: &str, path: &Path) -> Result<()> {
+        self.inner.put_file(name, path)
+    }
+    fn put_bytes(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.inner.put_bytes(name, data)
+    }
+    fn describe(&self) -> String {
+        format!("faulty {}", self.inner.describe())
+    }
+}
+
+/// A real backend whose reads wait at a gate the test opens one read at a time, and
+/// which records the order in which reads started. Makes priorities observable
+/// without timing.
+#[derive(Debug)]
+pub struct Gated {
+    pub inner: Arc<dyn BlobBackend>,
+    state: Mutex<(Vec<Range<u64>>, usize)>,
+    changed: std::sync::Condvar,
+}
+
+impl Gated {
+    pub fn new(inner: Arc<dyn BlobBackend>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            state: Mutex::new((Vec::new(), 0)),
+            changed: std::sync::Condvar::new(),
+        })
+    }
+    /// Ranges of the reads started so far, in order.
+    pub fn started(&self) -> Vec<Range<u64>> {
+        self.state.lock().unwrap().0.clone()
+    }
+    /// Waits until `count` reads have started.
+    pub fn wait_started(&self, count: usize) -> Vec<Range<u64>> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut state = self.state.lock().unwrap();
+        while state.0.len() < count {
+            assert!(
+                Instant::now() < deadline,
+                "only {} reads started",
+                state.0.len()
+            );
+            state = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(50))
+                .unwrap()
+                .0;
+        }
+        state.0.clone()
+    }
+    /// Lets `count` more reads finish.
+    pub fn release(&self, count: usize) {
+        self.state.lock().unwrap().1 += count;
+        self.changed.notify_all();
+    }
+}
+
+impl BlobBackend for Gated {
+    fn read_range(&self, name: &str, range: Range<u64>) -> Result<Vec<u8>> {
+        let mut state = self.state.lock().unwrap();
+        state.0.push(range.clone());
+        self.changed.notify_all();
+        while state.1 == 0 {
+            state = self.changed.wait(state).unwrap();
+        }
+        state.1 -= 1;
+        drop(state);
+        self.inner.read_range(name, range)
+    }
+    fn size(&self, name: &str) -> Result<u64> {
+        self.inner.size(name)
+    }
+    fn put_file(&self, name: &str, path: &Path) -> Result<()> {
+        self.inner.put_file(name, path)
+    }
+    fn put_bytes(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.inner.put_bytes(name, data)
+    }
+    fn describe(&self) -> String {
+        format!("gated {}", self.inner.describe())
     }
 }
