@@ -374,3 +374,129 @@ impl BlobBackend for Gated {
         format!("gated {}", self.inner.describe())
     }
 }
+
+/// One request a [`CountingProxy`] forwarded.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub method: String,
+    pub path: String,
+    /// The `Range: bytes=a-b` header as `a..b+1`.
+    pub range: Option<Range<u64>>,
+}
+
+/// A plain HTTP proxy in front of the S3 server that records every request the server
+/// is sent and can delay each one: what the backend really saw, not what the engine
+/// thinks it asked for. One upstream connection per request (`Connection: close`).
+pub struct CountingProxy {
+    pub port: u16,
+    seen: Arc<Mutex<Vec<SeenRequest>>>,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn parse_range(value: &str) -> Option<Range<u64>> {
+    let (start, end) = value.trim().strip_prefix("bytes=")?.split_once('-')?;
+    Some(start.parse().ok()?..end.parse::<u64>().ok()? + 1)
+}
+
+fn proxy_one(
+    mut client: TcpStream,
+    upstream: u16,
+    seen: &Mutex<Vec<SeenRequest>>,
+    delay_ms: &std::sync::atomic::AtomicU64,
+) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if client.read(&mut byte)? == 0 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = text.split("\r\n");
+    let request_line = lines.next().unwrap_or_default().to_string();
+    let mut parts = request_line.split(' ');
+    let method = parts.next().unwrap_or_default().to_string();
+    let path = parts.next().unwrap_or_default().to_string();
+    let mut length = 0usize;
+    let mut range = None;
+    let mut forwarded = format!("{request_line}\r\n");
+    for line in lines.filter(|l| !l.is_empty()) {
+        let (name, value) = line.split_once(':').unwrap_or((line, ""));
+        match name.to_ascii_lowercase().as_str() {
+            "content-length" => length = value.trim().parse().unwrap_or(0),
+            "range" => range = parse_range(value),
+            "connection" => continue,
+            _ => {}
+        }
+        forwarded.push_str(line);
+        forwarded.push_str("\r\n");
+    }
+    forwarded.push_str("Connection: close\r\n\r\n");
+    let mut body = vec![0u8; length];
+    client.read_exact(&mut body)?;
+    seen.lock().unwrap().push(SeenRequest {
+        method,
+        path,
+        range,
+    });
+    let delay = delay_ms.load(std::sync::atomic::Ordering::SeqCst);
+    if delay > 0 {
+        std::thread::sleep(Duration::from_millis(delay));
+    }
+    let mut server = TcpStream::connect(("127.0.0.1", upstream))?;
+    server.write_all(forwarded.as_bytes())?;
+    server.write_all(&body)?;
+    std::io::copy(&mut server, &mut client)?;
+    Ok(())
+}
+
+impl CountingProxy {
+    pub fn start(upstream: u16) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen: Arc<Mutex<Vec<SeenRequest>>> = Arc::default();
+        let delay_ms: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+        let (log, delay) = (seen.clone(), delay_ms.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let (log, delay) = (log.clone(), delay.clone());
+                std::thread::spawn(move || {
+                    // A dead upstream shows as a dropped connection, as it would.
+                    let _ = proxy_one(client, upstream, &log, &delay);
+                });
+            }
+        });
+        Self {
+            port,
+            seen,
+            delay_ms,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Delays every later request by `delay`.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+
+    /// Ranged GETs of objects whose key ends with `object`, from index `from` of the log.
+    pub fn range_reads(&self, object: &str, from: usize) -> Vec<Range<u64>> {
+        self.seen.lock().unwrap()[from..]
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with(object))
+            .filter_map(|r| r.range.clone())
+            .collect()
+    }
+
+    /// Requests seen so far.
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
