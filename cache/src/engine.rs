@@ -649,6 +649,16 @@ impl BlobHandle {
         lock(&self.blob.listener).0 = Some(Arc::new(listener));
     }
 
+    /// Tells the engine that `range` was read from the cache file without going
+    /// through it (a consumer that answers hits itself), so sequential readers are
+    /// still followed and read ahead of.
+    pub fn note_read(&self, range: Range<u64>) {
+        let chunks = self.blob.manifest.chunks_of(range);
+        if !chunks.is_empty() {
+            self.engine.note_access(&self.blob, &chunks);
+        }
+    }
+
     /// See [`CacheEngine::read`].
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
         self.engine.read(&self.blob, offset, buf)
@@ -923,6 +933,13 @@ impl EngineInner {
             }
             stream.start = stream.start.max(wanted.start);
             stream.end = stream.end.max(wanted.end);
+            // Like the kernel's asynchronous readahead: top the window up only once the
+            // reader has used half of what is ahead of it, so each top-up is large
+            // enough to merge into big backend reads.
+            let lead = stream.frontier.saturating_sub(stream.end);
+            if lead * 2 > stream.window {
+                return;
+            }
             let target = stream.end.saturating_add(stream.window).min(chunk_count);
             let from = stream.frontier.max(stream.end);
             stream.frontier = stream.frontier.max(target);

@@ -497,7 +497,17 @@ impl EventHandler {
         let size = self.blob.manifest().blob_size;
         let range = event.range.clone().unwrap_or(0..size);
         let outcome = if ours {
-            self.blob.ensure_present(range.clone())
+            // A panic anywhere below must still deny the read, never leave it hanging.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.blob.ensure_present(range.clone())
+            }))
+            .unwrap_or_else(|_| {
+                Err(CacheError::FetchFailed {
+                    blob: self.blob.id().to_string(),
+                    chunk: range.start / u64::from(self.blob.manifest().chunk_size),
+                    message: "internal error (panic) while fetching".into(),
+                })
+            })
         } else {
             Err(CacheError::UnknownBlob("an unmarked file".into()))
         };

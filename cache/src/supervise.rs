@@ -65,6 +65,7 @@ pub const WORKER_GRACE: Duration = Duration::from_secs(10);
 const MESSAGE_LEN: usize = 40;
 const TAG_REQUEST: u8 = 1;
 const TAG_STOP: u8 = 2;
+const TAG_ACCESSED: u8 = 3;
 const TAG_READY: u8 = 10;
 const TAG_PRESENT: u8 = 11;
 const TAG_REPLY: u8 = 12;
@@ -81,6 +82,11 @@ enum Message {
         len: u64,
     },
     Stop,
+    /// The supervisor let a read of present data through itself: for read-ahead.
+    Accessed {
+        offset: u64,
+        len: u64,
+    },
     /// The worker serves; the first one sends the cache file descriptor with it.
     Ready,
     /// This byte range of the blob is present.
@@ -106,6 +112,7 @@ impl Message {
                 len,
             } => (TAG_REQUEST, id, offset, len, event_fd),
             Message::Stop => (TAG_STOP, 0, 0, 0, 0),
+            Message::Accessed { offset, len } => (TAG_ACCESSED, offset, len, 0, 0),
             Message::Ready => (TAG_READY, 0, 0, 0, 0),
             Message::Present { start, end } => (TAG_PRESENT, start, end, 0, 0),
             Message::Reply { id, errno } => (TAG_REPLY, id, 0, 0, errno),
@@ -132,6 +139,10 @@ impl Message {
                 event_fd: d,
             },
             TAG_STOP => Message::Stop,
+            TAG_ACCESSED => Message::Accessed {
+                offset: u(8),
+                len: u(16),
+            },
             TAG_READY => Message::Ready,
             TAG_PRESENT => Message::Present {
                 start: u(8),
@@ -362,6 +373,8 @@ struct Supervisor {
     identity: (u64, u64),
     cache_path: PathBuf,
     mark_removed: bool,
+    /// Chunks of the last read answered here and reported to the worker.
+    last_accessed: Range<u64>,
 }
 
 /// Lowers this process's soft file limit so event descriptors stay below
@@ -464,6 +477,23 @@ impl Supervisor {
         }
     }
 
+    /// Lets the worker follow sequential readers whose reads were answered here (once
+    /// per chunk range, not per event).
+    fn report_access(&mut self, range: &Range<u64>) {
+        let chunks = self.manifest.chunks_of(range.clone());
+        if chunks == self.last_accessed || !self.worker_ready() {
+            return;
+        }
+        self.last_accessed = chunks;
+        if let Some(socket) = &self.socket {
+            let message = Message::Accessed {
+                offset: range.start,
+                len: range.end - range.start,
+            };
+            let _ = send(socket.as_raw_fd(), message, None);
+        }
+    }
+
     /// Sends every unsent event to a ready worker.
     fn dispatch(&mut self) {
         if !self.worker_ready() {
@@ -530,6 +560,7 @@ impl Supervisor {
                 if let Err(err) = respond(group, fd.as_raw_fd(), libc::FAN_ALLOW) {
                     tracing::error!("cannot answer a fanotify event: {err}");
                 }
+                self.report_access(&range);
                 continue;
             }
             if self
@@ -758,6 +789,7 @@ pub fn supervise(options: SupervisorOptions) -> Result<()> {
         command: options.worker.clone(),
         identity: (0, 0),
         mark_removed: false,
+        last_accessed: 0..0,
     };
     // 1. The first worker opens the blob (before the mark) and sends its descriptor.
     supervisor.spawn_worker()?;
@@ -1036,7 +1068,17 @@ pub fn run_worker(options: WorkerOptions, fds: WorkerFds) -> Result<()> {
                 let Ok((id, event_fd, range)) = next else {
                     return;
                 };
-                let outcome = blob.ensure_present(range.clone());
+                // A panic must still answer the read (with a denial).
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    blob.ensure_present(range.clone())
+                }))
+                .unwrap_or_else(|_| {
+                    Err(CacheError::FetchFailed {
+                        blob: blob.id().to_string(),
+                        chunk: range.start / u64::from(blob.manifest().chunk_size),
+                        message: "internal error (panic) while fetching".into(),
+                    })
+                });
                 let errno = match &outcome {
                     Ok(()) => 0,
                     Err(err) => {
@@ -1076,6 +1118,9 @@ pub fn run_worker(options: WorkerOptions, fds: WorkerFds) -> Result<()> {
             ))) => {
                 in_flight.fetch_add(1, Ordering::SeqCst);
                 let _ = sender.send((id, event_fd, offset..offset.saturating_add(len)));
+            }
+            Ok(Some((Message::Accessed { offset, len }, _))) => {
+                blob.note_read(offset..offset.saturating_add(len));
             }
             Ok(Some((Message::Stop, _))) => {
                 drop(sender);
