@@ -850,3 +850,76 @@ fn cache_capacity_evicts_only_blobs_not_in_use() {
     );
     drop(mount_a);
 }
+
+/// `--prefetch-list` at build time and `--prefetch list` (the default) at mount time: the
+/// listed files are fetched in the background before anyone reads them, so they read
+/// back even with the backend gone, while a file not listed fails with EIO.
+#[test]
+fn prefetch_list_is_fetched_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    if let Err(reason) = berth_cache::mount::check_support(dir.path()) {
+        skip(&reason);
+        return;
+    }
+    let list = dir.path().join("prefetch.txt");
+    fs::write(&list, "# boot first\n/hot\nwarm\n").unwrap();
+    let built = build(
+        dir.path(),
+        "image",
+        &[
+            ("hot/a", 2 << 20),
+            ("hot/b", 1 << 20),
+            ("cold", 4 << 20),
+            ("warm", 700_000),
+        ],
+        &["--prefetch-list", list.to_str().unwrap()],
+    );
+    let manifest = berth_cache::Manifest::load(&built.image.join("manifest.json")).unwrap();
+    let paths: Vec<&str> = manifest.prefetch.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["/hot", "warm"]);
+    let listed: u64 = manifest
+        .prefetch
+        .iter()
+        .flat_map(|e| e.ranges.iter())
+        .map(|[start, end]| end - start)
+        .sum();
+    assert!(listed >= (3 << 20) + 700_000, "{listed}");
+    let cache = dir.path().join("cache");
+    let mnt = dir.path().join("mnt");
+    let backend = format!("--backend=file://{}", built.store.display());
+    let mount = start_mount(
+        dir.path(),
+        &built.image,
+        &mnt,
+        &cache,
+        &[&backend, "--readahead=0"],
+    );
+    // Nobody reads; the listed chunks arrive anyway.
+    let cache_file = cache.join(format!("{}.data", manifest.blob_id));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        use std::os::unix::fs::MetadataExt;
+        let cached = fs::metadata(&cache_file).map_or(0, |m| m.blocks() * 512);
+        if cached >= listed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {cached} of {listed} bytes prefetched"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    fs::rename(&built.store, dir.path().join("store-away")).unwrap();
+    for (name, expected) in &built.files {
+        let read = fs::read(mnt.join(name));
+        if name.starts_with("cold") {
+            let err = read.expect_err("not prefetched, no backend: must fail");
+            assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+        } else {
+            assert!(read.unwrap() == *expected, "{}", name.display());
+        }
+    }
+    drop(mount);
+    assert!(!is_mounted(&mnt));
+}
