@@ -510,7 +510,8 @@ impl Supervisor {
                 len: event.range.end - event.range.start,
             };
             if send(socket, message, None).is_err() {
-                // The worker is gone; noticed on the socket.
+                // The socket is full (retried on the next round) or the worker is gone
+                // (noticed on the socket).
                 return;
             }
             event.sent = true;
@@ -720,6 +721,8 @@ impl Supervisor {
             self.worker_lost();
         }
         self.deny_overdue();
+        // Requests a full socket refused earlier.
+        self.dispatch();
         fds[0].revents & libc::POLLIN != 0 && shutdown.triggered()
     }
 }
@@ -1243,4 +1246,54 @@ fn take_over(
     }
     tracing::info!("unmounted {}", options.mountpoint.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_garbage_is_refused() {
+        let messages = [
+            Message::Request {
+                id: u64::MAX,
+                event_fd: 4095,
+                offset: 1 << 40,
+                len: 131_072,
+            },
+            Message::Stop,
+            Message::Accessed { offset: 7, len: 9 },
+            Message::Ready,
+            Message::Present {
+                start: 0,
+                end: 1 << 20,
+            },
+            Message::Reply {
+                id: 3,
+                errno: libc::EIO,
+            },
+        ];
+        for message in messages {
+            assert_eq!(Message::decode(&message.encode()), Some(message));
+        }
+        assert_eq!(Message::decode(&[0u8; MESSAGE_LEN]), None);
+        assert_eq!(Message::decode(&[TAG_READY; 12]), None);
+    }
+
+    #[test]
+    fn descriptors_pass_over_the_socket() {
+        let (a, b) = socket_pair().unwrap();
+        let file = File::open("/proc/self/exe").unwrap();
+        send(a.as_raw_fd(), Message::Ready, Some(file.as_raw_fd())).unwrap();
+        let (message, fd) = receive(b.as_raw_fd()).unwrap().unwrap();
+        assert_eq!(message, Message::Ready);
+        let received = File::from(fd.expect("a descriptor"));
+        let (x, y) = (file.metadata().unwrap(), received.metadata().unwrap());
+        assert_eq!((x.dev(), x.ino()), (y.dev(), y.ino()));
+        drop(a);
+        assert!(
+            receive(b.as_raw_fd()).unwrap().is_none(),
+            "a closed peer reads as gone"
+        );
+    }
 }
