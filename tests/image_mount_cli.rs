@@ -923,3 +923,43 @@ fn prefetch_list_is_fetched_in_the_background() {
     drop(mount);
     assert!(!is_mounted(&mnt));
 }
+
+/// SIGTERM while a file is open in the mount: it stays mounted and served (cold data
+/// still reads correctly), and unmounts and exits 0 once the file is closed.
+#[test]
+fn busy_mount_is_served_until_released() {
+    let dir = tempfile::tempdir().unwrap();
+    if let Err(reason) = berth_cache::mount::check_support(dir.path()) {
+        skip(&reason);
+        return;
+    }
+    let built = build(
+        dir.path(),
+        "image",
+        &[("held", 1 << 20), ("later", 2 << 20)],
+        &[],
+    );
+    let mnt = dir.path().join("mnt");
+    let backend = format!("--backend=file://{}", built.store.display());
+    let mut mount = start_mount(
+        dir.path(),
+        &built.image,
+        &mnt,
+        &dir.path().join("cache"),
+        &[&backend],
+    );
+    let held = fs::File::open(mnt.join("held")).unwrap();
+    terminate(&mount.child);
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        mount.child.try_wait().unwrap().is_none(),
+        "exited with a file open"
+    );
+    assert!(is_mounted(&mnt));
+    assert!(fs::read(mnt.join("later")).unwrap() == built.files[1].1);
+    drop(held);
+    let status = wait_with_timeout(&mut mount.child, Duration::from_secs(30)).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", mount.stderr());
+    assert!(!is_mounted(&mnt));
+    assert!(mount.stderr().contains("is busy"), "{}", mount.stderr());
+}

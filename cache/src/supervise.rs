@@ -907,21 +907,25 @@ pub fn supervise(options: SupervisorOptions) -> Result<()> {
         if stopping && Instant::now() >= next_unmount {
             match unmount(&options.mountpoint) {
                 Ok(()) => break,
-                Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
+                // Unmounted by someone else: nothing is left to guard.
+                Err(err) if err.raw_os_error() == Some(libc::EINVAL) => break,
+                Err(err) => {
+                    // Never close the group while mounted: serve on and retry.
                     if !told_busy {
-                        tracing::warn!(
-                            "{} is busy; it stays mounted and served until the files open in it are closed",
-                            options.mountpoint.display()
-                        );
+                        if err.raw_os_error() == Some(libc::EBUSY) {
+                            tracing::warn!(
+                                "{} is busy; it stays mounted and served until the files open in it are closed",
+                                options.mountpoint.display()
+                            );
+                        } else {
+                            tracing::error!(
+                                "cannot unmount {}: {err}; it stays mounted and served, retrying",
+                                options.mountpoint.display()
+                            );
+                        }
                         told_busy = true;
                     }
                     next_unmount = Instant::now() + Duration::from_millis(200);
-                }
-                Err(err) => {
-                    return Err(CacheError::Kernel {
-                        operation: "umount",
-                        source: err,
-                    })
                 }
             }
         }
