@@ -963,3 +963,63 @@ fn busy_mount_is_served_until_released() {
     assert!(!is_mounted(&mnt));
     assert!(mount.stderr().contains("is busy"), "{}", mount.stderr());
 }
+
+/// A worker that cannot come back (its cache directory is gone): waiting reads are
+/// denied with EIO after the grace period rather than hanging or returning zeros, and
+/// reads work again once a worker can start.
+#[test]
+fn reads_fail_with_eio_while_no_worker_can_start() {
+    let dir = tempfile::tempdir().unwrap();
+    if let Err(reason) = berth_cache::mount::check_support(dir.path()) {
+        skip(&reason);
+        return;
+    }
+    let built = build(
+        dir.path(),
+        "image",
+        &[("first", 1 << 20), ("second", 1 << 20)],
+        &[],
+    );
+    let mnt = dir.path().join("mnt");
+    let cache = dir.path().join("cache");
+    let backend = format!("--backend=file://{}", built.store.display());
+    let mut mount = start_mount(
+        dir.path(),
+        &built.image,
+        &mnt,
+        &cache,
+        &[&backend, "--readahead=0"],
+    );
+    assert!(fs::read(mnt.join("first")).unwrap() == built.files[0].1);
+    let worker = worker_of(mount.child.id(), None);
+    let away = dir.path().join("cache-away");
+    fs::rename(&cache, &away).unwrap();
+    kill9(worker);
+    let err = fs::read(mnt.join("second")).expect_err("no worker: the read must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    fs::rename(&away, &cache).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let data = loop {
+        match fs::read(mnt.join("second")) {
+            Ok(data) => break data,
+            Err(err) => {
+                assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+                assert!(
+                    Instant::now() < deadline,
+                    "no worker came back: {}",
+                    mount.stderr()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    assert!(data == built.files[1].1);
+    assert!(
+        mount.stderr().contains("no mount worker"),
+        "{}",
+        mount.stderr()
+    );
+    terminate(&mount.child);
+    let status = wait_with_timeout(&mut mount.child, Duration::from_secs(30)).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", mount.stderr());
+}
