@@ -1023,3 +1023,54 @@ fn reads_fail_with_eio_while_no_worker_can_start() {
     let status = wait_with_timeout(&mut mount.child, Duration::from_secs(30)).unwrap();
     assert_eq!(status.code(), Some(0), "{}", mount.stderr());
 }
+
+/// A bootstrap that is not the one the manifest was built with is refused before
+/// anything is mounted, and so is a manifest that does not validate.
+#[test]
+fn wrong_bootstrap_or_corrupt_manifest_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    if std::process::Command::new("mkfs.erofs")
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        skip("mkfs.erofs (erofs-utils) is not installed");
+        return;
+    }
+    let built = build(dir.path(), "image", &[("file", 100_000)], &[]);
+    let other = build(dir.path(), "other", &[("else", 100_000)], &[]);
+    let mnt = dir.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    fs::copy(other.image.join("boot.img"), built.image.join("boot.img")).unwrap();
+    let output = run(berth()
+        .arg("mount")
+        .arg(&built.image)
+        .arg(&mnt)
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache")));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output.stderr).contains("belongs to another image"),
+        "{}",
+        text(&output.stderr)
+    );
+    assert!(!is_mounted(&mnt));
+
+    let manifest = other.image.join("manifest.json");
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+    value["chunks"][0]["stored_size"] = serde_json::json!(1u64 << 40);
+    fs::write(&manifest, serde_json::to_vec(&value).unwrap()).unwrap();
+    let output = run(berth()
+        .arg("mount")
+        .arg(&other.image)
+        .arg(&mnt)
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache")));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output.stderr).contains("chunks[0].stored_size"),
+        "{}",
+        text(&output.stderr)
+    );
+}

@@ -1,7 +1,10 @@
 //! berth's host cache: blobs fetched lazily, chunk by chunk, from a backend
 //! (local directory, S3-compatible store or HTTP) into sparse local files with a
-//! crash-consistent chunk map; and its first consumer, erofs images whose data blob
-//! is filled on demand through fanotify pre-content events.
+//! crash-consistent chunk map ([`engine`], [`chunkmap`], [`backend`]); and its first
+//! consumer, erofs images ([`image`], [`manifest`], [`erofs`]) whose data blob is filled
+//! on demand through fanotify pre-content events ([`mount`] in process, [`supervise`] as
+//! `berth mount` runs it: a supervisor and a worker process, failing closed when either
+//! dies).
 
 pub mod backend;
 pub mod chunkmap;
