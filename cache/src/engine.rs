@@ -299,7 +299,7 @@ struct BackgroundQueues {
     active: usize,
 }
 
-/// Read-ahead items kept at most; older ones are dropped (their reader moved on).
+/// Read-ahead items queued at most; beyond that new (farther) ones are dropped.
 const MAX_READAHEAD_ITEMS: usize = 256;
 
 #[derive(Debug)]
@@ -1369,12 +1369,9 @@ impl EngineInner {
             };
             match priority {
                 Priority::Prefetch => queues.prefetch.push_back(item),
-                _ => {
-                    queues.readahead.push_back(item);
-                    while queues.readahead.len() > MAX_READAHEAD_ITEMS {
-                        queues.readahead.pop_front();
-                    }
-                }
+                // Full: the farthest read-ahead is the least useful, so it is what goes.
+                _ if queues.readahead.len() >= MAX_READAHEAD_ITEMS => {}
+                _ => queues.readahead.push_back(item),
             }
         }
         drop(queues);
