@@ -97,8 +97,9 @@ pub fn run_mount(settings: MountSettings, signals: TerminationSignals) -> anyhow
     let shutdown = ShutdownSignal::new()?;
     let trigger = shutdown.clone();
     signals.spawn_handler(move |signal| {
-        info!("Received {}; unmounting.", signal_name(signal));
+        // First: logging can fail (a closed stderr pipe makes tracing panic).
         trigger.trigger();
+        info!("Received {}; unmounting.", signal_name(signal));
     })?;
     let program = std::env::current_exe().context("cannot find the berth executable")?;
     let mountpoint = settings.mountpoint.display().to_string();
