@@ -283,8 +283,24 @@ pub struct ImageBuildArgs {
     #[arg(long)]
     pub keep_raw_blob: bool,
 
+    /// File listing paths of the image to fetch in the background once it is mounted,
+    /// one per line, most wanted first (a directory stands for every file below it).
+    #[arg(long, value_name = "FILE")]
+    pub prefetch_list: Option<PathBuf>,
+
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// What `berth mount` fetches in the background, below on-demand reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrefetchMode {
+    /// Nothing.
+    None,
+    /// The image's prefetch list (`berth image build --prefetch-list`).
+    List,
+    /// The prefetch list, then the whole blob.
+    All,
 }
 
 /// `berth mount` flags.
@@ -324,6 +340,18 @@ pub struct MountArgs {
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: u16,
+
+    /// What to fetch in the background after mounting.
+    #[arg(long, value_name = "WHAT", value_enum, default_value_t = PrefetchMode::List)]
+    pub prefetch: PrefetchMode,
+
+    /// How far ahead of a sequential reader to fetch (0: no read-ahead).
+    #[arg(long, value_name = "BYTES", default_value = "16M", value_parser = parse_size)]
+    pub readahead: u64,
+
+    /// Internal: run as the serving worker of a supervising `berth mount`.
+    #[arg(long, hide = true)]
+    pub internal_worker: bool,
 
     #[command(flatten)]
     pub common: CommonArgs,
@@ -594,6 +622,7 @@ pub struct ImageBuildSettings {
     pub chunk_size: u32,
     pub compression: Compression,
     pub keep_raw_blob: bool,
+    pub prefetch_list: Option<PathBuf>,
     pub process: ProcessSettings,
 }
 
@@ -608,6 +637,10 @@ pub struct MountSettings {
     pub metrics_file: Option<PathBuf>,
     pub metrics_interval: Duration,
     pub threads: usize,
+    pub prefetch: PrefetchMode,
+    pub readahead: u64,
+    /// Run as the worker of a supervisor (see `src/image.rs`).
+    pub internal_worker: bool,
     pub process: ProcessSettings,
 }
 
@@ -997,6 +1030,7 @@ impl ImageBuildArgs {
             chunk_size: self.chunk_size,
             compression: self.compression.into(),
             keep_raw_blob: self.keep_raw_blob,
+            prefetch_list: self.prefetch_list.clone(),
             process: self.common.resolve(None, Vec::new())?,
         })
     }
@@ -1013,6 +1047,9 @@ impl MountArgs {
             metrics_file: self.metrics_file.clone(),
             metrics_interval: Duration::from_secs(self.metrics_interval),
             threads: usize::from(self.threads),
+            prefetch: self.prefetch,
+            readahead: self.readahead,
+            internal_worker: self.internal_worker,
             process: self.common.resolve(None, Vec::new())?,
         })
     }

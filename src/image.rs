@@ -1,19 +1,25 @@
 //! `berth image build` and `berth mount`: front ends of the `berth_cache` image builder and
 //! lazy mounter.
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use berth_cache::image::manifest_path_of;
-use berth_cache::{
-    build_image, mount_image, open_backend, BlobBackend, BuildOptions, CacheConfig, CacheEngine,
-    CacheError, LocalDirBackend, Manifest, MetricsWriter, MountOptions,
+use berth_cache::supervise::{
+    run_worker, supervise, ShutdownSignal, SupervisorOptions, WorkerCommand, WorkerFds,
+    WorkerOptions,
 };
-use tracing::{error, info, warn};
+use berth_cache::{
+    build_image, open_backend, BlobBackend, BuildOptions, CacheConfig, CacheEngine,
+    LocalDirBackend, Manifest, MetricsWriter,
+};
+use clap::ValueEnum;
+use tracing::{error, info};
 
-use crate::cli::{ImageBuildSettings, MountSettings};
+use crate::cli::{ImageBuildSettings, MountSettings, PrefetchMode};
 use crate::shutdown::{signal_name, TerminationSignals};
 
 /// The backend named on the command line, or else the directory `default_dir`.
@@ -48,6 +54,7 @@ pub fn run_build(settings: ImageBuildSettings, signals: TerminationSignals) -> a
     options.chunk_size = settings.chunk_size;
     options.compression = settings.compression;
     options.keep_raw_blob = settings.keep_raw_blob;
+    options.prefetch_list = settings.prefetch_list.clone();
     options.progress = std::io::stderr().is_terminal();
     let report = build_image(&options)
         .with_context(|| format!("cannot build an image from {}", settings.source.display()))?;
@@ -65,8 +72,13 @@ pub fn run_build(settings: ImageBuildSettings, signals: TerminationSignals) -> a
     Ok(())
 }
 
-/// Mounts the image and serves it until a termination signal, then unmounts.
+/// `berth mount`: the supervisor, which mounts the image and keeps it fail-closed while
+/// a worker child process (this binary again, with `--internal-worker`) fetches the data;
+/// see `berth_cache::supervise`.
 pub fn run_mount(settings: MountSettings, signals: TerminationSignals) -> anyhow::Result<()> {
+    if settings.internal_worker {
+        return run_mount_worker(settings, signals);
+    }
     let manifest_path = manifest_path_of(&settings.image);
     if !manifest_path.is_file() {
         bail!(
@@ -81,83 +93,145 @@ pub fn run_mount(settings: MountSettings, signals: TerminationSignals) -> anyhow
             settings.mountpoint.display()
         );
     }
+    Manifest::load(&manifest_path)?;
+    let shutdown = ShutdownSignal::new()?;
+    let trigger = shutdown.clone();
+    signals.spawn_handler(move |signal| {
+        // First: logging can fail (a closed stderr pipe makes tracing panic).
+        trigger.trigger();
+        info!("Received {}; unmounting.", signal_name(signal));
+    })?;
+    let program = std::env::current_exe().context("cannot find the berth executable")?;
+    let mountpoint = settings.mountpoint.display().to_string();
+    let options = SupervisorOptions {
+        image: settings.image.clone(),
+        mountpoint: settings.mountpoint.clone(),
+        cache_dir: settings.cache_dir.clone(),
+        worker: WorkerCommand {
+            program,
+            args: worker_args(&settings),
+        },
+        shutdown,
+    };
+    supervise(options)
+        .with_context(|| format!("cannot serve {} on {mountpoint}", settings.image.display()))?;
+    info!("Unmounted {mountpoint}.");
+    Ok(())
+}
+
+/// The worker's command line: the same mount settings, plus the internal flag.
+fn worker_args(settings: &MountSettings) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "mount".into(),
+        settings.image.clone().into(),
+        settings.mountpoint.clone().into(),
+        "--internal-worker".into(),
+        "--cache-dir".into(),
+        settings.cache_dir.clone().into(),
+        format!("--threads={}", settings.threads).into(),
+        format!("--readahead={}", settings.readahead).into(),
+        format!(
+            "--prefetch={}",
+            match settings.prefetch {
+                PrefetchMode::None => "none",
+                PrefetchMode::List => "list",
+                PrefetchMode::All => "all",
+            }
+        )
+        .into(),
+        format!("--metrics-interval={}", settings.metrics_interval.as_secs()).into(),
+    ];
+    if let Some(capacity) = settings.cache_capacity {
+        args.push(format!("--cache-capacity={capacity}").into());
+    }
+    if let Some(backend) = &settings.backend {
+        args.push(format!("--backend={backend}").into());
+    }
+    if let Some(path) = &settings.metrics_file {
+        args.push("--metrics-file".into());
+        args.push(path.clone().into());
+    }
+    if let Some(level) = settings.process.log_level {
+        if let Some(value) = level.to_possible_value() {
+            args.push(format!("--log-level={}", value.get_name()).into());
+        }
+    }
+    if settings.process.syslog {
+        args.push("--syslog".into());
+    }
+    args
+}
+
+/// The mount worker: opens the cache and serves the supervisor's requests.
+fn run_mount_worker(settings: MountSettings, signals: TerminationSignals) -> anyhow::Result<()> {
+    // SAFETY: first thing in a process started by the supervisor, which installed
+    // descriptors 3 to 5 for it; nothing in this process has opened files yet that
+    // could hold those numbers.
+    let fds = unsafe { WorkerFds::inherited() };
+    let first = fds.data.is_none();
+    let manifest_path = manifest_path_of(&settings.image);
     let image_dir = manifest_path
         .parent()
         .filter(|dir| !dir.as_os_str().is_empty())
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let backend = backend_or_directory(settings.backend.as_deref(), &image_dir)?;
     let description = backend.describe();
-    // A wrong --backend would otherwise mount fine and fail every read with EIO.
     let manifest = Manifest::load(&manifest_path)?;
-    let stored_size = backend.size(&manifest.object).with_context(|| {
-        format!(
-            "the blob of {} is not available from {description}",
-            settings.image.display()
-        )
-    })?;
-    let expected_size: u64 = manifest.chunks.iter().map(|c| c.stored_size).sum();
-    if stored_size != expected_size {
-        bail!(
-            "the blob {} in {description} holds {stored_size} bytes, but the image expects \
-             {expected_size}",
-            manifest.object
-        );
+    if first {
+        // A wrong --backend would otherwise mount fine and fail every read with EIO.
+        let stored_size = backend.size(&manifest.object).with_context(|| {
+            format!(
+                "the blob of {} is not available from {description}",
+                settings.image.display()
+            )
+        })?;
+        if stored_size != manifest.stored_size() {
+            bail!(
+                "the blob {} in {description} holds {stored_size} bytes, but the image expects \
+                 {}",
+                manifest.object,
+                manifest.stored_size()
+            );
+        }
     }
-
-    let (signal_sender, received_signal) = mpsc::channel();
-    signals.spawn_handler(move |signal| {
-        let _ = signal_sender.send(signal);
-    })?;
-
+    // The supervisor coordinates shutdown; a signal only matters after a takeover.
+    let shutdown = ShutdownSignal::new()?;
+    let trigger = shutdown.clone();
+    signals.spawn_handler(move |_| trigger.trigger())?;
     let mut config = CacheConfig::new(&settings.cache_dir);
     config.capacity_bytes = settings.cache_capacity;
+    config.readahead_max_bytes = settings.readahead;
     let engine =
         Arc::new(CacheEngine::new(config, backend).with_context(|| {
             format!("cannot open the cache in {}", settings.cache_dir.display())
         })?);
-    let metrics = settings
-        .metrics_file
-        .map(|path| MetricsWriter::start(engine.metrics(), path, settings.metrics_interval));
-    let mountpoint = settings.mountpoint.display();
-    let mut handle = mount_image(MountOptions {
-        image: settings.image.clone(),
-        mountpoint: settings.mountpoint.clone(),
-        engine,
-        handler_threads: settings.threads,
-    })
-    .with_context(|| format!("cannot mount {} on {mountpoint}", settings.image.display()))?;
-    info!(
-        "Mounted {} on {mountpoint}, fetching its data from {description}; stop with SIGINT or SIGTERM.",
-        settings.image.display()
+    let metrics = MetricsWriter::start_logging(
+        engine.metrics(),
+        settings.metrics_file.clone(),
+        settings.metrics_interval,
     );
-
-    let signal = received_signal
-        .recv()
-        .map_err(|_| anyhow!("waiting for termination signals failed"))?;
-    info!("Received {}; unmounting {mountpoint}.", signal_name(signal));
-    // Until the unmount succeeds the fanotify group must stay open: closing it would let
-    // reads of missing data through as zeros. So a busy mount is served on and retried.
-    let mut told_busy = false;
-    loop {
-        match handle.try_unmount() {
-            Ok(()) => break,
-            Err(CacheError::Kernel { source, .. })
-                if source.raw_os_error() == Some(libc::EBUSY) =>
-            {
-                if !told_busy {
-                    warn!(
-                        "{mountpoint} is busy; it stays mounted and served until the files \
-                         open in it are closed."
-                    );
-                    told_busy = true;
-                }
-            }
-            Err(err) => return Err(err).with_context(|| format!("cannot unmount {mountpoint}")),
+    let mut prefetch: Vec<std::ops::Range<u64>> = Vec::new();
+    if settings.prefetch != PrefetchMode::None {
+        for entry in &manifest.prefetch {
+            prefetch.extend(entry.ranges.iter().map(|&[start, end]| start..end));
         }
     }
-    drop(handle);
+    if settings.prefetch == PrefetchMode::All {
+        prefetch.push(0..manifest.blob_size);
+    }
+    run_worker(
+        WorkerOptions {
+            image: settings.image.clone(),
+            mountpoint: settings.mountpoint.clone(),
+            engine,
+            threads: settings.threads,
+            prefetch,
+            shutdown,
+        },
+        fds,
+    )
+    .with_context(|| format!("cannot serve {}", settings.image.display()))?;
     // Last, so the file ends with the final counts.
     drop(metrics);
-    info!("Unmounted {mountpoint}.");
     Ok(())
 }

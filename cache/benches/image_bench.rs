@@ -78,6 +78,43 @@ fn umount(mountpoint: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A cold pass through `berth mount` run as an operator would (a separate process).
+fn cold_through_berth_mount(
+    berth: &Path,
+    image: &Path,
+    mountpoint: &Path,
+    cache: &Path,
+    backend: &str,
+) -> Result<f64> {
+    let mut child = std::process::Command::new(berth)
+        .arg("mount")
+        .arg(image)
+        .arg(mountpoint)
+        .arg("--cache-dir")
+        .arg(cache)
+        .arg(format!("--backend={backend}"))
+        .arg("--log-level=warn")
+        .spawn()
+        .context("starting berth mount")?;
+    let wanted = mountpoint.to_string_lossy().into_owned();
+    let started = Instant::now();
+    while !std::fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+    {
+        if child.try_wait()?.is_some() || started.elapsed().as_secs() > 60 {
+            bail!("berth mount did not mount");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop_caches()?;
+    let (cold, _) = read_tree(mountpoint)?;
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    child.wait()?;
+    Ok(cold)
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -88,6 +125,10 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let size_mib: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(256);
     let work = tempfile::tempdir()?;
+    let backend_spec = match args.get(2) {
+        Some(spec) => spec.clone(),
+        None => format!("file://{}", work.path().join("store").display()),
+    };
     let backend: Arc<dyn BlobBackend> = match args.get(2) {
         Some(spec) => open_backend(spec)?,
         None => Arc::new(LocalDirBackend::new(work.path().join("store"))),
@@ -128,7 +169,29 @@ fn main() -> Result<()> {
     let (local, bytes) = read_tree(&mountpoint)?;
     umount(&mountpoint)?;
 
-    // Lazily fetched: cold cache, then warm cache (page cache dropped).
+    // Lazily fetched, cold, as before read-ahead existed: one chunk per miss.
+    let cold_no_readahead = {
+        let mut config = CacheConfig::new(work.path().join("cache-no-readahead"));
+        config.readahead_max_bytes = 0;
+        let engine = Arc::new(CacheEngine::new(config, backend.clone())?);
+        let mount = mount_image(MountOptions {
+            image: image.clone(),
+            mountpoint: mountpoint.clone(),
+            engine,
+            handler_threads: 4,
+        })?;
+        drop_caches()?;
+        let (cold, _) = read_tree(&mountpoint)?;
+        let requests = mount
+            .engine()
+            .metrics()
+            .backend_requests
+            .load(std::sync::atomic::Ordering::Relaxed);
+        mount.unmount()?;
+        (cold, requests)
+    };
+
+    // Lazily fetched with the defaults: cold cache, then warm cache (page cache dropped).
     let engine = Arc::new(CacheEngine::new(
         CacheConfig::new(work.path().join("cache")),
         backend.clone(),
@@ -152,6 +215,18 @@ fn main() -> Result<()> {
         .load(std::sync::atomic::Ordering::Relaxed);
     mount.unmount()?;
 
+    // The same through `berth mount` (supervisor + worker process), if built.
+    let supervised = match std::env::current_exe()?.parent().map(|d| d.join("berth")) {
+        Some(berth) if berth.is_file() => Some(cold_through_berth_mount(
+            &berth,
+            &image,
+            &mountpoint,
+            &work.path().join("cache-berth"),
+            &backend_spec,
+        )?),
+        _ => None,
+    };
+
     println!(
         "image: {} MiB in {FILES} files, blob {} chunks of 1 MiB, backend {}",
         bytes >> 20,
@@ -162,12 +237,29 @@ fn main() -> Result<()> {
     println!("{:<28} {:>10.1}", "raw backend (4 MiB ranges)", raw);
     println!("{:<28} {:>10.1}", "erofs, local blob (limit)", local);
     println!(
+        "{:<28} {:>10.1}  ({:.2} of limit, {:.2} of raw backend; {} backend reads)",
+        "lazy, cold, no read-ahead",
+        cold_no_readahead.0,
+        cold_no_readahead.0 / local,
+        cold_no_readahead.0 / raw,
+        cold_no_readahead.1
+    );
+    println!(
         "{:<28} {:>10.1}  ({:.2} of limit, {:.2} of raw backend; {requests} backend reads)",
         "lazy, cold cache",
         cold,
         cold / local,
         cold / raw
     );
+    if let Some(supervised) = supervised {
+        println!(
+            "{:<28} {:>10.1}  ({:.2} of limit, {:.2} of raw backend)",
+            "berth mount, cold cache",
+            supervised,
+            supervised / local,
+            supervised / raw
+        );
+    }
     println!(
         "{:<28} {:>10.1}  ({:.2} of limit)",
         "lazy, warm cache",

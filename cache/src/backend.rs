@@ -48,6 +48,23 @@ fn backend_error(
     }
 }
 
+/// Rejects a range whose end lies before its start.
+fn check_range(name: &str, range: &Range<u64>) -> Result<usize> {
+    if range.end < range.start {
+        return Err(backend_error(
+            "read",
+            name,
+            format!(
+                "the range {}..{} ends before it starts",
+                range.start, range.end
+            ),
+            false,
+        ));
+    }
+    usize::try_from(range.end - range.start)
+        .map_err(|_| backend_error("read", name, "the range is too large", false))
+}
+
 /// Blobs stored as files under a local directory (the embedded default).
 #[derive(Debug, Clone)]
 pub struct LocalDirBackend {
@@ -85,8 +102,7 @@ impl LocalDirBackend {
 impl BlobBackend for LocalDirBackend {
     fn read_range(&self, name: &str, range: Range<u64>) -> Result<Vec<u8>> {
         let path = self.path_of(name)?;
-        let len = usize::try_from(range.end.saturating_sub(range.start))
-            .map_err(|_| backend_error("read", name, "the range is too large", false))?;
+        let len = check_range(name, &range)?;
         let file = File::open(&path).map_err(|e| backend_error("read", name, e, true))?;
         let mut data = vec![0u8; len];
         file.read_exact_at(&mut data, range.start).map_err(|e| {
@@ -273,7 +289,10 @@ const UPLOAD_PART_SIZE: usize = 16 << 20;
 impl BlobBackend for ObjectStoreBackend {
     fn read_range(&self, name: &str, range: Range<u64>) -> Result<Vec<u8>> {
         let location = self.location(name);
-        let expected = range.end.saturating_sub(range.start);
+        let expected = check_range(name, &range)? as u64;
+        if expected == 0 {
+            return Ok(Vec::new());
+        }
         let bytes = self
             .runtime
             .block_on(self.store.get_range(&location, range))

@@ -3,12 +3,20 @@
 //! On-disk format (all integers little endian): two slots of `slot_size` bytes
 //! (a multiple of 4096), each
 //! `magic "BRTHCMAP" | u32 version | u32 chunk_size | u64 blob_size | u64 generation |
-//!  [u8; 32] blob id | u64 bitmap_len | [u8; 32] blake3(header[0..72] ++ bitmap) | bitmap`.
+//!  [u8; 32] blob id | u64 bitmap_len | u64 flags | [u8; 16] boot id |
+//!  [u8; 32] blake3(header[0..96] ++ bitmap) | bitmap`.
 //! Bit `i` of the bitmap (byte `i / 8`, bit `i % 8`) says chunk `i` is present and
 //! durable in the cache file. An update writes the whole map into the slot of the
 //! next generation and fdatasyncs it, so a torn write leaves the other slot intact;
 //! on open the valid slot of the highest generation wins, and if neither is valid
 //! (or it describes another blob) the map starts empty.
+//!
+//! `flags` bit 0 says the map was closed cleanly (its cache file synced, nothing open
+//! it); while a blob is in use its map says "in use" and carries the kernel's boot id.
+//! A map found in use from an earlier boot went through a machine crash or power cut,
+//! and [`ChunkMap::needs_verification`] says its chunks deserve a re-hash; a map left
+//! in use by a process that died in this boot does not (the page cache survived it and
+//! every ready chunk was synced before it was marked).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -17,8 +25,9 @@ use std::path::{Path, PathBuf};
 use crate::error::{IoContext, Result};
 
 const MAGIC: &[u8; 8] = b"BRTHCMAP";
-const VERSION: u32 = 1;
-const HEADER_LEN: usize = 72;
+const VERSION: u32 = 2;
+const HEADER_LEN: usize = 96;
+const FLAG_CLEAN: u64 = 1;
 const CHECKSUM_LEN: usize = 32;
 const SLOT_ALIGN: usize = 4096;
 
@@ -29,6 +38,8 @@ pub enum MapLoad {
     Created,
     /// A valid map was loaded.
     Loaded,
+    /// A map of an older format was found: it starts empty.
+    Outdated,
     /// A map existed but no slot was valid for this blob: it starts empty.
     Discarded,
 }
@@ -45,6 +56,28 @@ pub struct ChunkMap {
     bits: Vec<u8>,
     generation: u64,
     slot_size: usize,
+    /// What the loaded slot said: closed cleanly, and the boot it was last used in.
+    loaded_clean: bool,
+    loaded_boot: [u8; 16],
+    /// What the next persist writes.
+    clean: bool,
+}
+
+/// The kernel's boot id (zeros if unavailable, which never matches a real one).
+fn boot_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    if let Ok(text) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+        let hex: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
+        for (i, byte) in id.iter_mut().enumerate() {
+            let pair = hex
+                .get(2 * i..2 * i + 2)
+                .and_then(|p| std::str::from_utf8(p).ok());
+            *byte = pair
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .unwrap_or(0);
+        }
+    }
+    id
 }
 
 impl ChunkMap {
@@ -76,32 +109,77 @@ impl ChunkMap {
             bits: vec![0; bitmap_len],
             generation: 0,
             slot_size,
+            loaded_clean: false,
+            loaded_boot: [0; 16],
+            clean: true,
         };
-        let mut best: Option<(u64, Vec<u8>)> = None;
+        let mut best: Option<Slot> = None;
+        let mut outdated = false;
         for slot in 0..2u64 {
-            if let Some((generation, bits)) = map.read_slot(slot) {
-                if best.as_ref().is_none_or(|(g, _)| generation > *g) {
-                    best = Some((generation, bits));
+            match map.read_slot(slot) {
+                SlotRead::Valid(found) => {
+                    if best
+                        .as_ref()
+                        .is_none_or(|b| found.generation > b.generation)
+                    {
+                        best = Some(found);
+                    }
                 }
+                SlotRead::Outdated => outdated = true,
+                SlotRead::Invalid => {}
             }
         }
         let outcome = match best {
-            Some((generation, bits)) => {
-                map.generation = generation;
-                map.bits = bits;
+            Some(slot) => {
+                map.generation = slot.generation;
+                map.bits = slot.bits;
+                map.loaded_clean = slot.flags & FLAG_CLEAN != 0;
+                map.loaded_boot = slot.boot;
+                map.clean = map.loaded_clean;
                 MapLoad::Loaded
             }
+            None if outdated => MapLoad::Outdated,
             None if existed => MapLoad::Discarded,
             None => MapLoad::Created,
         };
         if outcome != MapLoad::Loaded {
+            if outcome == MapLoad::Outdated {
+                tracing::info!(
+                    "chunk map {} has an older format; starting empty",
+                    path.display()
+                );
+            }
             // Persist the empty state so an old, foreign map cannot resurface.
             map.persist()?;
         }
         Ok((map, outcome))
     }
 
-    fn encode(&self, generation: u64) -> Vec<u8> {
+    /// Whether the ready chunks should be re-hashed before they are trusted: the map
+    /// was in use when the machine last went down (see the module documentation).
+    pub fn needs_verification(&self) -> bool {
+        self.ready_count() > 0 && !self.loaded_clean && self.loaded_boot != boot_id()
+    }
+
+    /// Whether the loaded map had been closed cleanly.
+    pub fn was_closed_cleanly(&self) -> bool {
+        self.loaded_clean
+    }
+
+    /// Records durably that the blob is in use (call before changing the cache file).
+    pub fn begin_use(&mut self) -> Result<()> {
+        self.clean = false;
+        self.persist()
+    }
+
+    /// Records durably that the map is closed cleanly. Call only once the cache file
+    /// is synced and nothing writes to it any more.
+    pub fn mark_clean(&mut self) -> Result<()> {
+        self.clean = true;
+        self.persist()
+    }
+
+    fn encode(&self, generation: u64, boot: [u8; 16]) -> Vec<u8> {
         let mut slot = Vec::with_capacity(self.slot_size);
         slot.extend_from_slice(MAGIC);
         slot.extend_from_slice(&VERSION.to_le_bytes());
@@ -110,6 +188,9 @@ impl ChunkMap {
         slot.extend_from_slice(&generation.to_le_bytes());
         slot.extend_from_slice(&self.blob_id);
         slot.extend_from_slice(&(self.bits.len() as u64).to_le_bytes());
+        let flags = if self.clean { FLAG_CLEAN } else { 0 };
+        slot.extend_from_slice(&flags.to_le_bytes());
+        slot.extend_from_slice(&boot);
         let mut hasher = blake3::Hasher::new();
         hasher.update(&slot[..HEADER_LEN]);
         hasher.update(&self.bits);
@@ -119,38 +200,58 @@ impl ChunkMap {
         slot
     }
 
-    fn read_slot(&self, slot: u64) -> Option<(u64, Vec<u8>)> {
+    fn read_slot(&self, slot: u64) -> SlotRead {
         let mut buf = vec![0u8; self.slot_size];
-        self.file
+        if self
+            .file
             .read_exact_at(&mut buf, slot * self.slot_size as u64)
-            .ok()?;
-        let header = &buf[..HEADER_LEN];
-        let field = |at: usize| -> Option<u64> {
-            Some(u64::from_le_bytes(header.get(at..at + 8)?.try_into().ok()?))
-        };
-        if &header[..8] != MAGIC
-            || header[8..12] != VERSION.to_le_bytes()
-            || header[12..16] != self.chunk_size.to_le_bytes()
-            || field(16)? != self.blob_size
-            || header[32..64] != self.blob_id
-            || field(64)? != self.bits.len() as u64
+            .is_err()
         {
-            return None;
+            return SlotRead::Invalid;
         }
-        let generation = field(24)?;
+        let header = &buf[..HEADER_LEN];
+        let field = |at: usize| -> u64 {
+            header
+                .get(at..at + 8)
+                .and_then(|b| b.try_into().ok())
+                .map_or(u64::MAX, u64::from_le_bytes)
+        };
+        if &header[..8] != MAGIC {
+            return SlotRead::Invalid;
+        }
+        if header[8..12] != VERSION.to_le_bytes() {
+            return SlotRead::Outdated;
+        }
+        if header[12..16] != self.chunk_size.to_le_bytes()
+            || field(16) != self.blob_size
+            || header[32..64] != self.blob_id
+            || field(64) != self.bits.len() as u64
+        {
+            return SlotRead::Invalid;
+        }
         let stored_sum = &buf[HEADER_LEN..HEADER_LEN + CHECKSUM_LEN];
         let bits =
             buf[HEADER_LEN + CHECKSUM_LEN..HEADER_LEN + CHECKSUM_LEN + self.bits.len()].to_vec();
         let mut hasher = blake3::Hasher::new();
         hasher.update(header);
         hasher.update(&bits);
-        (hasher.finalize().as_bytes() == stored_sum).then_some((generation, bits))
+        if hasher.finalize().as_bytes() != stored_sum {
+            return SlotRead::Invalid;
+        }
+        let mut boot = [0u8; 16];
+        boot.copy_from_slice(&header[80..96]);
+        SlotRead::Valid(Slot {
+            generation: field(24),
+            flags: field(72),
+            boot,
+            bits,
+        })
     }
 
     /// Writes the in-memory state into the next generation's slot, durably.
     fn persist(&mut self) -> Result<()> {
         let generation = self.generation + 1;
-        let slot = self.encode(generation);
+        let slot = self.encode(generation, boot_id());
         let offset = (generation % 2) * self.slot_size as u64;
         self.file
             .write_all_at(&slot, offset)
@@ -200,6 +301,20 @@ impl ChunkMap {
     pub fn clear(&mut self, indices: &[u64]) -> Result<()> {
         self.set(indices, false)
     }
+}
+
+struct Slot {
+    generation: u64,
+    flags: u64,
+    boot: [u8; 16],
+    bits: Vec<u8>,
+}
+
+enum SlotRead {
+    Valid(Slot),
+    /// A map slot of another format version.
+    Outdated,
+    Invalid,
 }
 
 #[cfg(test)]
@@ -263,6 +378,53 @@ mod tests {
         std::fs::write(&path, vec![0xa5u8; 3 * 4096]).unwrap();
         let (map, outcome) = ChunkMap::open(&path, ID, 4096, 64 * 4096).unwrap();
         assert_eq!(outcome, MapLoad::Discarded);
+        assert_eq!(map.ready_count(), 0);
+    }
+
+    #[test]
+    fn clean_close_and_crash_detection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        let (mut map, _) = ChunkMap::open(&path, ID, 4096, 64 * 4096).unwrap();
+        map.begin_use().unwrap();
+        map.mark_ready(&[1, 2]).unwrap();
+        drop(map);
+        // Left in use by a process of this boot: not clean, but no re-hash needed.
+        let (mut map, outcome) = ChunkMap::open(&path, ID, 4096, 64 * 4096).unwrap();
+        assert_eq!(outcome, MapLoad::Loaded);
+        assert!(!map.was_closed_cleanly());
+        assert!(!map.needs_verification());
+        map.mark_clean().unwrap();
+        drop(map);
+        let (mut map, _) = ChunkMap::open(&path, ID, 4096, 64 * 4096).unwrap();
+        assert!(map.was_closed_cleanly() && !map.needs_verification());
+        // In use during an earlier boot (a machine crash): re-hash before trusting.
+        map.clean = false;
+        let generation = map.generation + 1;
+        let slot = map.encode(generation, [0xab; 16]);
+        map.file
+            .write_all_at(&slot, (generation % 2) * map.slot_size as u64)
+            .unwrap();
+        drop(map);
+        let (map, _) = ChunkMap::open(&path, ID, 4096, 64 * 4096).unwrap();
+        assert_eq!(map.ready_count(), 2);
+        assert!(map.needs_verification());
+    }
+
+    #[test]
+    fn older_format_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        let (mut map, _) = ChunkMap::open(&path, ID, 4096, 64 * 4096).unwrap();
+        map.mark_ready(&[3]).unwrap();
+        drop(map);
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        for slot in 0..2u64 {
+            file.write_all_at(&1u32.to_le_bytes(), slot * 4096 + 8)
+                .unwrap();
+        }
+        let (map, outcome) = ChunkMap::open(&path, ID, 4096, 64 * 4096).unwrap();
+        assert_eq!(outcome, MapLoad::Outdated);
         assert_eq!(map.ready_count(), 0);
     }
 }

@@ -3,14 +3,22 @@
 //! Durability order for every fetched chunk: `pwrite` the data, `fdatasync` the
 //! cache file, then persist the chunk map (itself fdatasync'd). A crash between
 //! the steps leaves a chunk whose data may be present but which is not marked
-//! ready, never the reverse. With `verify_on_open`, ready chunks are re-hashed when
-//! a blob is opened, so even a map from a misbehaving disk is not trusted blindly.
+//! ready, never the reverse. After a machine crash (see [`VerifyOnOpen`]) the chunks
+//! marked ready are re-hashed when the blob is opened, so even a disk that lost
+//! acknowledged writes is not trusted blindly.
+//!
+//! Fetches come in three priorities: on-demand reads (a reader is waiting), read-ahead
+//! of a sequential reader, and the prefetch list. Background fetches (read-ahead and
+//! prefetch) take a backend permit *before* they claim chunks, so a chunk is only
+//! ever "being fetched" by someone who is actually fetching it: an on-demand reader
+//! never waits behind background work that is itself waiting for a permit.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -23,6 +31,19 @@ use crate::error::{CacheError, IoContext, Result};
 use crate::manifest::{decompress_chunk, parse_digest, Manifest};
 use crate::metrics::Metrics;
 
+/// When the chunks a map marks ready are re-hashed as a blob is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyOnOpen {
+    /// Every time.
+    Always,
+    /// When the map was in use as the machine last went down (crash or power cut). A
+    /// map closed cleanly, or left open by a process that died while the kernel kept
+    /// running, is trusted: every ready chunk was synced before it was marked.
+    AfterMachineCrash,
+    /// Never (the durability order alone is trusted).
+    Never,
+}
+
 /// Tunables of a [`CacheEngine`].
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
@@ -33,22 +54,28 @@ pub struct CacheConfig {
     pub capacity_bytes: Option<u64>,
     /// Backend reads in flight at once, all priorities together.
     pub max_concurrent_fetches: usize,
-    /// Backend reads prefetch workers may have in flight (below on-demand reads,
-    /// which also go first whenever any is waiting).
+    /// Backend reads read-ahead may have in flight.
+    pub max_readahead_fetches: usize,
+    /// Backend reads the prefetch list may have in flight.
     pub max_prefetch_fetches: usize,
-    /// Number of prefetch worker threads.
-    pub prefetch_workers: usize,
+    /// Threads serving read-ahead and the prefetch list.
+    pub background_workers: usize,
     /// A miss is extended over following missing chunks until one backend read
     /// covers at least this many stored bytes.
     pub merge_min_bytes: u64,
-    /// One backend read covers at most this many stored bytes.
+    /// One backend read covers at most this many stored bytes (background reads are
+    /// cut into pieces of this size).
     pub merge_max_bytes: u64,
+    /// How far ahead of a sequential reader chunks are fetched; the window starts at
+    /// two chunks and doubles with each chunk the reader moves on, up to this. 0 turns
+    /// read-ahead off.
+    pub readahead_max_bytes: u64,
     /// Attempts per backend read for transient errors.
     pub fetch_attempts: u32,
     /// Delay before the first retry; doubled for each further one.
     pub retry_base_delay: Duration,
-    /// Re-hash the chunks marked ready when a blob is opened.
-    pub verify_on_open: bool,
+    /// When ready chunks are re-hashed as a blob is opened.
+    pub verify_on_open: VerifyOnOpen,
 }
 
 impl CacheConfig {
@@ -58,13 +85,15 @@ impl CacheConfig {
             cache_dir: cache_dir.into(),
             capacity_bytes: None,
             max_concurrent_fetches: 8,
+            max_readahead_fetches: 4,
             max_prefetch_fetches: 2,
-            prefetch_workers: 2,
+            background_workers: 4,
             merge_min_bytes: 1 << 20,
-            merge_max_bytes: 8 << 20,
+            merge_max_bytes: 4 << 20,
+            readahead_max_bytes: 16 << 20,
             fetch_attempts: 4,
             retry_base_delay: Duration::from_millis(50),
-            verify_on_open: true,
+            verify_on_open: VerifyOnOpen::AfterMachineCrash,
         }
     }
 }
@@ -85,10 +114,38 @@ struct ChunkStates {
     next_ticket: u64,
 }
 
+/// Called with each byte range (chunk-aligned) that became present.
+type ReadyCallback = Arc<dyn Fn(Range<u64>) + Send + Sync>;
+
+struct ReadyListener(Option<ReadyCallback>);
+
+impl std::fmt::Debug for ReadyListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+    }
+}
+
+/// One sequential reader seen on a blob, in chunk indexes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Stream {
+    start: u64,
+    end: u64,
+    /// Read-ahead window in chunks.
+    window: u64,
+    /// Read-ahead is queued up to here.
+    frontier: u64,
+    last_use: u64,
+}
+
+/// Sequential readers tracked per blob.
+const STREAMS: usize = 4;
+
 #[derive(Debug)]
 struct BlobCache {
     manifest: Manifest,
     digests: Vec<[u8; 32]>,
+    /// The cache file; it also carries the blob's `flock`, so another process's engine
+    /// neither opens nor evicts the blob while this one has it.
     data: File,
     data_path: PathBuf,
     map_path: PathBuf,
@@ -98,47 +155,99 @@ struct BlobCache {
     handles: AtomicUsize,
     last_used: AtomicU64,
     evicted: AtomicBool,
+    streams: Mutex<([Stream; STREAMS], u64)>,
+    listener: Mutex<ReadyListener>,
+}
+
+impl Drop for BlobCache {
+    fn drop(&mut self) {
+        if self.evicted.load(Ordering::SeqCst) {
+            return;
+        }
+        // Nothing writes any more: sync and record a clean close, so the next open
+        // trusts the map without re-hashing.
+        let closed = self
+            .data
+            .sync_data()
+            .context(|| format!("syncing {}", self.data_path.display()))
+            .and_then(|()| lock(&self.map).mark_clean());
+        if let Err(err) = closed {
+            tracing::warn!(blob = %self.manifest.blob_id, "cannot record a clean close: {err}");
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Priority {
-    OnDemand,
-    Prefetch,
+    OnDemand = 0,
+    ReadAhead = 1,
+    Prefetch = 2,
+}
+
+#[derive(Debug, Default)]
+struct PermitState {
+    total: usize,
+    in_flight: [usize; 3],
+    waiting: [usize; 3],
 }
 
 #[derive(Debug)]
 struct FetchPermits {
-    state: Mutex<(usize, usize)>,
+    state: Mutex<PermitState>,
     freed: Condvar,
     max: usize,
-    prefetch_max: usize,
+    class_max: [usize; 3],
 }
 
-struct Permit<'a>(&'a FetchPermits);
+struct Permit<'a> {
+    permits: &'a FetchPermits,
+    priority: Priority,
+}
 
 impl FetchPermits {
-    fn acquire(&self, priority: Priority) -> Permit<'_> {
-        let mut state = lock(&self.state);
-        if priority == Priority::OnDemand {
-            state.1 += 1;
-            while state.0 >= self.max {
-                state = self.freed.wait(state).unwrap_or_else(|e| e.into_inner());
-            }
-            state.1 -= 1;
-        } else {
-            while state.0 >= self.prefetch_max || state.1 > 0 {
-                state = self.freed.wait(state).unwrap_or_else(|e| e.into_inner());
-            }
+    fn new(config: &CacheConfig) -> Self {
+        let max = config.max_concurrent_fetches.max(1);
+        Self {
+            state: Mutex::new(PermitState::default()),
+            freed: Condvar::new(),
+            max,
+            class_max: [
+                max,
+                config.max_readahead_fetches.clamp(1, max),
+                config.max_prefetch_fetches.clamp(1, max),
+            ],
         }
-        state.0 += 1;
-        Permit(self)
+    }
+
+    /// Waits for a backend slot: a priority class gets one only while no higher
+    /// class is waiting, and below its own bound.
+    fn acquire(&self, priority: Priority) -> Permit<'_> {
+        let class = priority as usize;
+        let mut state = lock(&self.state);
+        state.waiting[class] += 1;
+        while state.total >= self.max
+            || state.in_flight[class] >= self.class_max[class]
+            || state.waiting[..class].iter().any(|&w| w > 0)
+        {
+            state = self.freed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.waiting[class] -= 1;
+        state.in_flight[class] += 1;
+        state.total += 1;
+        Permit {
+            permits: self,
+            priority,
+        }
     }
 }
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        lock(&self.0.state).0 -= 1;
-        self.0.freed.notify_all();
+        let mut state = lock(&self.permits.state);
+        state.total -= 1;
+        state.in_flight[self.priority as usize] -= 1;
+        drop(state);
+        self.permits.freed.notify_all();
     }
 }
 
@@ -153,6 +262,46 @@ fn now_ticks() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+fn mtime_ticks(meta: &fs::Metadata) -> u64 {
+    (meta.mtime().max(0) as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec().max(0) as u64)
+}
+
+/// Takes the blob's exclusive `flock` without waiting; `Ok(false)` if another open
+/// file description holds it.
+fn try_lock_blob(file: &File) -> std::io::Result<bool> {
+    // SAFETY: flock on a descriptor we own; the result is checked.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}
+
+/// Work for the background workers.
+#[derive(Debug)]
+struct BackgroundItem {
+    blob_id: String,
+    chunks: Range<u64>,
+}
+
+#[derive(Debug, Default)]
+struct BackgroundQueues {
+    readahead: VecDeque<BackgroundItem>,
+    prefetch: VecDeque<BackgroundItem>,
+    /// Items taken by a worker and not finished yet.
+    active: usize,
+}
+
+/// Read-ahead items queued at most; beyond that new (farther) ones are dropped.
+const MAX_READAHEAD_ITEMS: usize = 256;
+
 #[derive(Debug)]
 struct EngineInner {
     config: CacheConfig,
@@ -161,15 +310,15 @@ struct EngineInner {
     blobs: Mutex<HashMap<String, Arc<BlobCache>>>,
     /// Cache files found on disk and not opened: bytes used and last use.
     dormant: Mutex<HashMap<String, (u64, u64)>>,
-    prefetch_queue: Mutex<VecDeque<(String, u64)>>,
-    prefetch_ready: Condvar,
+    background: Mutex<BackgroundQueues>,
+    background_changed: Condvar,
     shutdown: AtomicBool,
     permits: FetchPermits,
     /// Serializes evictions.
     evicting: Mutex<()>,
 }
 
-/// The engine. Cheap to share behind an `Arc`; prefetch workers stop when dropped.
+/// The engine. Cheap to share behind an `Arc`; background workers stop when dropped.
 #[derive(Debug)]
 pub struct CacheEngine {
     inner: Arc<EngineInner>,
@@ -184,14 +333,98 @@ pub struct BlobHandle {
 }
 
 /// A claimed run of adjacent chunks, fetched with one backend read.
+#[derive(Debug, Clone)]
 struct Run {
     chunks: Range<u64>,
     ticket: u64,
 }
 
+/// Runs claimed by one caller. Whatever is not settled when it is dropped (an early
+/// return, a panic) goes back to `Missing` with a failure for its waiters, so no
+/// chunk is left "being fetched" by nobody.
+struct Claim<'a> {
+    blob: &'a BlobCache,
+    current: Option<Run>,
+    remaining: VecDeque<Run>,
+}
+
+impl<'a> Claim<'a> {
+    fn new(blob: &'a BlobCache, runs: Vec<Run>) -> Self {
+        Self {
+            blob,
+            current: None,
+            remaining: runs.into(),
+        }
+    }
+
+    fn next_run(&mut self) -> Option<Run> {
+        let run = self.remaining.pop_front()?;
+        self.current = Some(run.clone());
+        Some(run)
+    }
+
+    /// Records the outcome of the current run; returns the first error of a chunk in
+    /// `wanted`.
+    fn settle(&mut self, outcome: Vec<Result<()>>, wanted: &Range<u64>) -> Option<CacheError> {
+        let run = self.current.take()?;
+        let mut states = lock(&self.blob.states);
+        let mut failure = None;
+        for (index, result) in run.chunks.clone().zip(outcome) {
+            match result {
+                Ok(()) => states.states[index as usize] = ChunkState::Ready,
+                Err(err) => {
+                    states.states[index as usize] = ChunkState::Missing;
+                    states.failures.insert(index, (run.ticket, err.to_string()));
+                    if wanted.contains(&index) && failure.is_none() {
+                        failure = Some(err);
+                    }
+                }
+            }
+        }
+        drop(states);
+        self.blob.changed.notify_all();
+        failure
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let abandoned: Vec<Run> = self
+            .current
+            .take()
+            .into_iter()
+            .chain(self.remaining.drain(..))
+            .collect();
+        if abandoned.is_empty() {
+            return;
+        }
+        let mut states = lock(&self.blob.states);
+        for run in abandoned {
+            for index in run.chunks {
+                if states.states[index as usize] == ChunkState::Fetching(run.ticket) {
+                    states.states[index as usize] = ChunkState::Missing;
+                    states
+                        .failures
+                        .insert(index, (run.ticket, "the fetch was abandoned".to_string()));
+                }
+            }
+        }
+        drop(states);
+        self.blob.changed.notify_all();
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 impl CacheEngine {
     /// Creates the engine over `backend`, with its cache directory (created if
-    /// needed) and prefetch workers.
+    /// needed) and background workers.
     pub fn new(config: CacheConfig, backend: Arc<dyn BlobBackend>) -> Result<Self> {
         fs::create_dir_all(&config.cache_dir)
             .context(|| format!("creating {}", config.cache_dir.display()))?;
@@ -201,36 +434,33 @@ impl CacheEngine {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let (Some(id), Ok(meta)) = (name.strip_suffix(".data"), entry.metadata()) {
-                let last_used = meta.mtime().max(0) as u64 * 1_000_000_000;
+                // The map is rewritten at every open, fetch and close: its mtime is the
+                // blob's last use (the data file's is only its last fetch).
+                let map = config.cache_dir.join(format!("{id}.map"));
+                let last_used =
+                    fs::metadata(&map).map_or_else(|_| mtime_ticks(&meta), |m| mtime_ticks(&m));
                 dormant.insert(id.to_string(), (meta.blocks() * 512, last_used));
             }
         }
         let inner = Arc::new(EngineInner {
-            permits: FetchPermits {
-                state: Mutex::new((0, 0)),
-                freed: Condvar::new(),
-                max: config.max_concurrent_fetches.max(1),
-                prefetch_max: config
-                    .max_prefetch_fetches
-                    .clamp(1, config.max_concurrent_fetches.max(1)),
-            },
+            permits: FetchPermits::new(&config),
             config,
             backend,
             metrics: Arc::new(Metrics::default()),
             blobs: Mutex::new(HashMap::new()),
             dormant: Mutex::new(dormant),
-            prefetch_queue: Mutex::new(VecDeque::new()),
-            prefetch_ready: Condvar::new(),
+            background: Mutex::new(BackgroundQueues::default()),
+            background_changed: Condvar::new(),
             shutdown: AtomicBool::new(false),
             evicting: Mutex::new(()),
         });
         let mut workers = Vec::new();
-        for index in 0..inner.config.prefetch_workers {
+        for index in 0..inner.config.background_workers {
             let worker_inner = inner.clone();
             let worker = std::thread::Builder::new()
-                .name(format!("berth-prefetch-{index}"))
-                .spawn(move || worker_inner.prefetch_loop())
-                .context(|| "starting a prefetch worker".to_string())?;
+                .name(format!("berth-fetch-bg-{index}"))
+                .spawn(move || worker_inner.background_loop())
+                .context(|| "starting a background fetch worker".to_string())?;
             workers.push(worker);
         }
         Ok(Self { inner, workers })
@@ -251,10 +481,23 @@ impl CacheEngine {
         self.inner.backend.clone()
     }
 
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &CacheConfig {
+        &self.inner.config
+    }
+
     /// Opens the blob described by `manifest`: creates its full-size sparse cache
     /// file and chunk map if needed (trusting the map only as far as it checks out).
+    /// Fails with [`CacheError::BlobBusy`] if another process has the blob open.
     pub fn open_blob(&self, manifest: &Manifest) -> Result<BlobHandle> {
-        self.inner.open_blob(manifest)
+        self.inner.open_blob(manifest, None)
+    }
+
+    /// Like [`CacheEngine::open_blob`], but uses `data` as the cache file: an already
+    /// open descriptor of `<cache dir>/<blob id>.data` of the right size (for example one
+    /// opened before a fanotify mark was placed, whose accesses raise no events).
+    pub fn open_blob_with_file(&self, manifest: &Manifest, data: File) -> Result<BlobHandle> {
+        self.inner.open_blob(manifest, Some(data))
     }
 
     /// Reads up to `buf.len()` bytes of `blob_id` at `offset`, fetching what is
@@ -274,7 +517,8 @@ impl CacheEngine {
     /// Queues `ranges` of `blob_id` for background fetching below on-demand reads.
     pub fn prefetch(&self, blob_id: &str, ranges: &[Range<u64>]) -> Result<()> {
         let blob = self.inner.blob(blob_id)?;
-        self.inner.queue_prefetch(&blob, ranges);
+        self.inner
+            .queue_background(&blob, ranges, Priority::Prefetch);
         Ok(())
     }
 
@@ -293,11 +537,33 @@ impl CacheEngine {
         self.inner.total_cached_bytes()
     }
 
+    /// Blocks until no background work is queued or running, or `timeout` passes;
+    /// returns whether it went idle.
+    pub fn wait_background_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut queues = lock(&self.inner.background);
+        loop {
+            if queues.readahead.is_empty() && queues.prefetch.is_empty() && queues.active == 0 {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            queues = self
+                .inner
+                .background_changed
+                .wait_timeout(queues, (deadline - now).min(Duration::from_millis(50)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// Blocks until the prefetch queue is empty (in-flight prefetches may still run).
     pub fn wait_prefetch_queue_empty(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if lock(&self.inner.prefetch_queue).is_empty() {
+            if lock(&self.inner.background).prefetch.is_empty() {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -309,7 +575,7 @@ impl CacheEngine {
 impl Drop for CacheEngine {
     fn drop(&mut self) {
         self.inner.shutdown.store(true, Ordering::SeqCst);
-        self.inner.prefetch_ready.notify_all();
+        self.inner.background_changed.notify_all();
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
@@ -349,6 +615,50 @@ impl BlobHandle {
         map.ready_count() == map.chunk_count()
     }
 
+    /// Whether every byte of `range` is present in the cache file, without fetching
+    /// (an empty range, or one past the end, is present).
+    pub fn is_present(&self, range: Range<u64>) -> bool {
+        let chunks = self.blob.manifest.chunks_of(range);
+        let states = lock(&self.blob.states);
+        chunks
+            .clone()
+            .all(|i| states.states[i as usize] == ChunkState::Ready)
+    }
+
+    /// The present parts of the blob, as chunk-aligned byte ranges in order.
+    pub fn present_ranges(&self) -> Vec<Range<u64>> {
+        let manifest = &self.blob.manifest;
+        let states = lock(&self.blob.states);
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for (index, state) in states.states.iter().enumerate() {
+            if *state != ChunkState::Ready {
+                continue;
+            }
+            let range = manifest.chunk_range(index as u64);
+            match out.last_mut() {
+                Some(last) if last.end == range.start => last.end = range.end,
+                _ => out.push(range),
+            }
+        }
+        out
+    }
+
+    /// Calls `listener` with every chunk-aligned byte range that becomes present from
+    /// now on (after it is durable), whichever fetch brought it in.
+    pub fn set_ready_listener(&self, listener: impl Fn(Range<u64>) + Send + Sync + 'static) {
+        lock(&self.blob.listener).0 = Some(Arc::new(listener));
+    }
+
+    /// Tells the engine that `range` was read from the cache file without going
+    /// through it (a consumer that answers hits itself), so sequential readers are
+    /// still followed and read ahead of.
+    pub fn note_read(&self, range: Range<u64>) {
+        let chunks = self.blob.manifest.chunks_of(range);
+        if !chunks.is_empty() {
+            self.engine.note_access(&self.blob, &chunks);
+        }
+    }
+
     /// See [`CacheEngine::read`].
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
         self.engine.read(&self.blob, offset, buf)
@@ -360,9 +670,11 @@ impl BlobHandle {
             .ensure_present(&self.blob, range, Priority::OnDemand)
     }
 
-    /// See [`CacheEngine::prefetch`].
+    /// See [`CacheEngine::prefetch`]: the ranges are fetched in order, below
+    /// on-demand reads and read-ahead.
     pub fn prefetch(&self, ranges: &[Range<u64>]) {
-        self.engine.queue_prefetch(&self.blob, ranges);
+        self.engine
+            .queue_background(&self.blob, ranges, Priority::Prefetch);
     }
 }
 
@@ -384,8 +696,40 @@ impl EngineInner {
         Ok(blob)
     }
 
-    fn open_blob(self: &Arc<Self>, manifest: &Manifest) -> Result<BlobHandle> {
+    /// Opens the cache file of `id` by path and takes its lock, making sure the lock
+    /// is on the file the path names (an evictor may unlink it in between).
+    fn open_locked_data_file(&self, id: &str, data_path: &Path) -> Result<File> {
+        for _ in 0..8 {
+            let data = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(data_path)
+                .context(|| format!("opening cache file {}", data_path.display()))?;
+            if !try_lock_blob(&data).context(|| format!("locking {}", data_path.display()))? {
+                return Err(CacheError::BlobBusy {
+                    blob: id.to_string(),
+                    path: data_path.to_path_buf(),
+                });
+            }
+            let ours = data
+                .metadata()
+                .context(|| format!("reading {}", data_path.display()))?;
+            match fs::metadata(data_path) {
+                Ok(now) if now.dev() == ours.dev() && now.ino() == ours.ino() => return Ok(data),
+                _ => continue,
+            }
+        }
+        Err(CacheError::Io {
+            context: format!("opening cache file {}", data_path.display()),
+            source: std::io::Error::other("the file keeps being replaced"),
+        })
+    }
+
+    fn open_blob(self: &Arc<Self>, manifest: &Manifest, given: Option<File>) -> Result<BlobHandle> {
         manifest.validate()?;
+        // Held throughout: an eviction cannot pick this blob while it is being opened.
         let mut blobs = lock(&self.blobs);
         if let Some(blob) = blobs.get(&manifest.blob_id) {
             if blob.manifest != *manifest {
@@ -401,35 +745,58 @@ impl EngineInner {
             });
         }
         let id = &manifest.blob_id;
-        let blob_digest =
-            parse_digest(id).ok_or_else(|| CacheError::InvalidManifest("bad blob id".into()))?;
+        let blob_digest = parse_digest(id)
+            .ok_or_else(|| CacheError::InvalidManifest("field `blob_id`: not a digest".into()))?;
         let mut digests = Vec::with_capacity(manifest.chunks.len());
-        for chunk in &manifest.chunks {
-            digests.push(
-                parse_digest(&chunk.digest)
-                    .ok_or_else(|| CacheError::InvalidManifest("bad digest".into()))?,
-            );
+        for (index, chunk) in manifest.chunks.iter().enumerate() {
+            digests.push(parse_digest(&chunk.digest).ok_or_else(|| {
+                CacheError::InvalidManifest(format!("field `chunks[{index}].digest`: not a digest"))
+            })?);
         }
         let data_path = self.config.cache_dir.join(format!("{id}.data"));
         let map_path = self.config.cache_dir.join(format!("{id}.map"));
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&data_path)
-            .context(|| format!("opening cache file {}", data_path.display()))?;
-        let current_len = data
-            .metadata()
-            .context(|| format!("reading {}", data_path.display()))?
-            .len();
-        let size_was_wrong = current_len != manifest.blob_size;
-        if size_was_wrong {
-            // A file of the wrong size holds nothing we can trust: start as all holes.
-            data.set_len(0)
-                .and_then(|()| data.set_len(manifest.blob_size))
-                .context(|| format!("sizing cache file {}", data_path.display()))?;
-        }
+        let (data, size_was_wrong) = match given {
+            Some(data) => {
+                let (ours, named) = (
+                    data.metadata()
+                        .context(|| format!("reading {}", data_path.display()))?,
+                    fs::metadata(&data_path)
+                        .context(|| format!("reading {}", data_path.display()))?,
+                );
+                if (ours.dev(), ours.ino()) != (named.dev(), named.ino())
+                    || ours.len() != manifest.blob_size
+                {
+                    return Err(CacheError::Io {
+                        context: format!("using the given cache file for {}", data_path.display()),
+                        source: std::io::Error::other(
+                            "it is not that file, or not of the blob's size",
+                        ),
+                    });
+                }
+                if !try_lock_blob(&data).context(|| format!("locking {}", data_path.display()))? {
+                    return Err(CacheError::BlobBusy {
+                        blob: id.clone(),
+                        path: data_path,
+                    });
+                }
+                (data, false)
+            }
+            None => {
+                let data = self.open_locked_data_file(id, &data_path)?;
+                let current_len = data
+                    .metadata()
+                    .context(|| format!("reading {}", data_path.display()))?
+                    .len();
+                let size_was_wrong = current_len != manifest.blob_size;
+                if size_was_wrong {
+                    // A file of the wrong size holds nothing we can trust: start as all holes.
+                    data.set_len(0)
+                        .and_then(|()| data.set_len(manifest.blob_size))
+                        .context(|| format!("sizing cache file {}", data_path.display()))?;
+                }
+                (data, size_was_wrong)
+            }
+        };
         let (mut map, outcome) = ChunkMap::open(
             &map_path,
             blob_digest,
@@ -443,7 +810,13 @@ impl EngineInner {
         if outcome == MapLoad::Discarded {
             tracing::warn!(blob = %id, "chunk map was invalid; starting with an empty cache");
         }
-        if self.config.verify_on_open && map.ready_count() > 0 {
+        let verify = match self.config.verify_on_open {
+            VerifyOnOpen::Always => map.ready_count() > 0,
+            VerifyOnOpen::AfterMachineCrash => map.needs_verification(),
+            VerifyOnOpen::Never => false,
+        };
+        if verify {
+            let started = Instant::now();
             let mut bad = Vec::new();
             let mut buffer = vec![0u8; manifest.chunk_size as usize];
             for index in (0..map.chunk_count()).filter(|&i| map.is_ready(i)) {
@@ -455,11 +828,14 @@ impl EngineInner {
                     bad.push(index);
                 }
             }
+            tracing::info!(blob = %id, chunks = map.ready_count(), elapsed = ?started.elapsed(), "re-hashed the cached chunks");
             if !bad.is_empty() {
                 tracing::warn!(blob = %id, chunks = ?bad, "cached chunks failed verification on open; refetching them");
                 map.clear(&bad)?;
             }
         }
+        // From here on the cache file may change: a crash now is not a clean close.
+        map.begin_use()?;
         let states = (0..map.chunk_count())
             .map(|i| {
                 if map.is_ready(i) {
@@ -473,7 +849,7 @@ impl EngineInner {
             .filter(|&i| map.is_ready(i))
             .map(|i| manifest.chunk_range(i).end - manifest.chunk_range(i).start)
             .sum();
-        tracing::info!(blob = %id, ready_chunks = map.ready_count(), chunks = map.chunk_count(), "opened blob cache");
+        tracing::info!(blob = %id, ready_chunks = map.ready_count(), chunks = map.chunk_count(), verified = verify, "opened blob cache");
         let blob = Arc::new(BlobCache {
             manifest: manifest.clone(),
             digests,
@@ -490,6 +866,8 @@ impl EngineInner {
             handles: AtomicUsize::new(1),
             last_used: AtomicU64::new(now_ticks()),
             evicted: AtomicBool::new(false),
+            streams: Mutex::new(([Stream::default(); STREAMS], 0)),
+            listener: Mutex::new(ReadyListener(None)),
         });
         lock(&self.dormant).remove(id);
         self.metrics
@@ -518,6 +896,60 @@ impl EngineInner {
         Ok(len)
     }
 
+    /// Follows sequential readers of `blob` and queues read-ahead in front of them.
+    fn note_access(&self, blob: &BlobCache, wanted: &Range<u64>) {
+        let chunk_size = u64::from(blob.manifest.chunk_size);
+        let max_window = self.config.readahead_max_bytes / chunk_size;
+        if max_window == 0 {
+            return;
+        }
+        let chunk_count = blob.manifest.chunk_count();
+        let queue = {
+            let mut guard = lock(&blob.streams);
+            let (streams, clock) = &mut *guard;
+            *clock += 1;
+            let now = *clock;
+            let found = streams
+                .iter()
+                .position(|s| s.last_use != 0 && s.start <= wanted.start && wanted.start <= s.end);
+            let Some(index) = found else {
+                // A new reader (or a jump): remember it, no read-ahead yet.
+                let oldest = (0..STREAMS)
+                    .min_by_key(|&i| streams[i].last_use)
+                    .unwrap_or(0);
+                streams[oldest] = Stream {
+                    start: wanted.start,
+                    end: wanted.end,
+                    window: 0,
+                    frontier: wanted.end,
+                    last_use: now,
+                };
+                return;
+            };
+            let stream = &mut streams[index];
+            stream.last_use = now;
+            if wanted.end > stream.end {
+                stream.window = (stream.window * 2).clamp(2, max_window);
+            }
+            stream.start = stream.start.max(wanted.start);
+            stream.end = stream.end.max(wanted.end);
+            // Like the kernel's asynchronous readahead: top the window up only once the
+            // reader has used half of what is ahead of it, so each top-up is large
+            // enough to merge into big backend reads.
+            let lead = stream.frontier.saturating_sub(stream.end);
+            if lead * 2 > stream.window {
+                return;
+            }
+            let target = stream.end.saturating_add(stream.window).min(chunk_count);
+            let from = stream.frontier.max(stream.end);
+            stream.frontier = stream.frontier.max(target);
+            from..target
+        };
+        if !queue.is_empty() {
+            self.queue_chunks(blob, queue, Priority::ReadAhead);
+        }
+    }
+
     fn ensure_present(
         &self,
         blob: &BlobCache,
@@ -525,12 +957,13 @@ impl EngineInner {
         priority: Priority,
     ) -> Result<()> {
         let manifest = &blob.manifest;
-        let end = range.end.min(manifest.blob_size);
-        if range.start >= end {
+        let wanted = manifest.chunks_of(range);
+        if wanted.is_empty() {
             return Ok(());
         }
-        let chunk_size = u64::from(manifest.chunk_size);
-        let wanted = range.start / chunk_size..(end - 1) / chunk_size + 1;
+        if priority == Priority::OnDemand {
+            self.note_access(blob, &wanted);
+        }
         let mut watched: HashMap<u64, u64> = HashMap::new();
         let mut first_pass = true;
         loop {
@@ -571,9 +1004,12 @@ impl EngineInner {
                 self.metrics
                     .chunk_misses
                     .fetch_add(misses, Ordering::Relaxed);
+                if misses > 0 {
+                    tracing::trace!(blob = %manifest.blob_id, chunks = ?wanted, hits, misses, "on-demand miss");
+                }
             }
             first_pass = false;
-            let runs = self.claim_runs(blob, &mut states, wanted.clone());
+            let runs = self.claim_runs(blob, &mut states, wanted.clone(), true);
             if runs.is_empty() {
                 if !pending {
                     return Ok(());
@@ -586,53 +1022,59 @@ impl EngineInner {
                 continue;
             }
             drop(states);
-            let mut remaining = runs.into_iter();
-            while let Some(run) = remaining.next() {
-                let outcome = self.fetch_run(blob, run.chunks.clone(), priority);
-                let mut states = lock(&blob.states);
-                let mut failure = None;
-                for (index, result) in run.chunks.clone().zip(outcome) {
-                    match result {
-                        Ok(()) => states.states[index as usize] = ChunkState::Ready,
-                        Err(err) => {
-                            states.states[index as usize] = ChunkState::Missing;
-                            states.failures.insert(index, (run.ticket, err.to_string()));
-                            if wanted.contains(&index) && failure.is_none() {
-                                failure = Some(err);
-                            }
-                        }
-                    }
-                }
-                if let Some(err) = failure {
-                    // Hand back the runs not attempted, so their waiters claim them.
-                    for later in remaining {
-                        for index in later.chunks {
-                            states.states[index as usize] = ChunkState::Missing;
-                        }
-                    }
-                    drop(states);
-                    blob.changed.notify_all();
+            let mut claim = Claim::new(blob, runs);
+            while let Some(run) = claim.next_run() {
+                let outcome = self.fetch_run_guarded(blob, run.chunks.clone(), priority, None);
+                if let Some(err) = claim.settle(outcome, &wanted) {
+                    // Dropping the claim hands back the runs not attempted.
                     return Err(err);
                 }
-                drop(states);
-                blob.changed.notify_all();
+            }
+        }
+    }
+
+    /// [`Self::fetch_run`], with a panic turned into an error for every chunk.
+    fn fetch_run_guarded(
+        &self,
+        blob: &BlobCache,
+        chunks: Range<u64>,
+        priority: Priority,
+        permit: Option<&Permit<'_>>,
+    ) -> Vec<Result<()>> {
+        match catch_unwind(AssertUnwindSafe(|| {
+            self.fetch_run(blob, chunks.clone(), priority, permit)
+        })) {
+            Ok(outcome) => outcome,
+            Err(payload) => {
+                let message = format!("internal error: {}", panic_message(payload.as_ref()));
+                tracing::error!(blob = %blob.manifest.blob_id, chunks = ?chunks, "fetch failed: {message}");
+                chunks
+                    .map(|chunk| {
+                        Err(CacheError::FetchFailed {
+                            blob: blob.manifest.blob_id.clone(),
+                            chunk,
+                            message: message.clone(),
+                        })
+                    })
+                    .collect()
             }
         }
     }
 
     /// Marks the missing chunks of `wanted` as being fetched by us, grouped into
-    /// runs of adjacent chunks; a short last run is extended over following missing
-    /// chunks to reach `merge_min_bytes`.
+    /// runs of adjacent chunks of at most `merge_max_bytes`; with `extend`, a short
+    /// last run grows over following missing chunks to reach `merge_min_bytes`.
     fn claim_runs(
         &self,
         blob: &BlobCache,
         states: &mut ChunkStates,
         wanted: Range<u64>,
+        extend: bool,
     ) -> Vec<Run> {
         let chunks = &blob.manifest.chunks;
         let run_bytes = |run: &Range<u64>, with: u64| {
             let last = &chunks[with as usize];
-            last.offset + last.stored_size - chunks[run.start as usize].offset
+            (last.offset + last.stored_size).saturating_sub(chunks[run.start as usize].offset)
         };
         let mut runs: Vec<Run> = Vec::new();
         let claim =
@@ -664,8 +1106,11 @@ impl EngineInner {
         for index in wanted.clone() {
             claim(states, &mut runs, index, true);
         }
-        // Read ahead: a short run ending at the end of the request grows over the
-        // following missing chunks until one backend read is worth it.
+        if !extend {
+            return runs;
+        }
+        // A short run ending at the end of the request grows over the following
+        // missing chunks until one backend read is worth it.
         let mut index = wanted.end;
         while (index as usize) < chunks.len() {
             let Some(run) = runs.last() else { break };
@@ -683,18 +1128,21 @@ impl EngineInner {
     }
 
     /// Fetches chunks `chunks` with one backend read (retried), verifies each and
-    /// makes the good ones durable and ready. Returns one outcome per chunk.
+    /// makes the good ones durable and ready. Returns one outcome per chunk. Takes a
+    /// backend permit unless the caller holds one.
     fn fetch_run(
         &self,
         blob: &BlobCache,
         chunks: Range<u64>,
         priority: Priority,
+        permit: Option<&Permit<'_>>,
     ) -> Vec<Result<()>> {
         let manifest = &blob.manifest;
         let id = &manifest.blob_id;
         let first = &manifest.chunks[chunks.start as usize];
         let last = &manifest.chunks[chunks.end as usize - 1];
         let stored = first.offset..last.offset + last.stored_size;
+        let expected_len = stored.end - stored.start;
         let count = (chunks.end - chunks.start) as usize;
         let fail_all = |message: String| -> Vec<Result<()>> {
             chunks
@@ -708,8 +1156,12 @@ impl EngineInner {
                 })
                 .collect()
         };
+        let fetch_started = Instant::now();
         let data = {
-            let _permit = self.permits.acquire(priority);
+            let _own_permit = match permit {
+                Some(_) => None,
+                None => Some(self.permits.acquire(priority)),
+            };
             let mut attempt = 0;
             loop {
                 attempt += 1;
@@ -717,7 +1169,27 @@ impl EngineInner {
                     .backend_requests
                     .fetch_add(1, Ordering::Relaxed);
                 let started = Instant::now();
-                match self.backend.read_range(&manifest.object, stored.clone()) {
+                let reply = self
+                    .backend
+                    .read_range(&manifest.object, stored.clone())
+                    .and_then(|data| {
+                        if data.len() as u64 == expected_len {
+                            Ok(data)
+                        } else {
+                            Err(CacheError::Backend {
+                                operation: "read",
+                                name: manifest.object.clone(),
+                                message: format!(
+                                    "asked for bytes {}..{} ({expected_len} bytes), received {}",
+                                    stored.start,
+                                    stored.end,
+                                    data.len()
+                                ),
+                                transient: true,
+                            })
+                        }
+                    });
+                match reply {
                     Ok(data) => {
                         self.metrics.observe_fetch_latency(started.elapsed());
                         self.metrics
@@ -740,19 +1212,19 @@ impl EngineInner {
                 }
             }
         };
+        let backend_latency = fetch_started.elapsed();
         let mut outcomes: Vec<Result<()>> = Vec::with_capacity(count);
         let mut good = Vec::with_capacity(count);
         let mut good_bytes = 0;
         for index in chunks.clone() {
             let entry = &manifest.chunks[index as usize];
+            // In bounds: the manifest's chunks are contiguous from `stored.start` and
+            // the reply length was checked against the run.
             let at = (entry.offset - stored.start) as usize;
+            let stored_chunk = data.get(at..at + entry.stored_size as usize).unwrap_or(&[]);
             let raw_range = manifest.chunk_range(index);
             let raw_len = (raw_range.end - raw_range.start) as usize;
-            let outcome = match decompress_chunk(
-                manifest.compression,
-                &data[at..at + entry.stored_size as usize],
-                raw_len,
-            ) {
+            let outcome = match decompress_chunk(manifest.compression, stored_chunk, raw_len) {
                 Err(message) => {
                     self.metrics
                         .verification_failures
@@ -808,64 +1280,163 @@ impl EngineInner {
         self.metrics
             .chunks_fetched
             .fetch_add(good.len() as u64, Ordering::Relaxed);
-        if priority == Priority::Prefetch {
-            self.metrics
-                .chunks_prefetched
-                .fetch_add(good.len() as u64, Ordering::Relaxed);
+        let counter = match priority {
+            Priority::OnDemand => None,
+            Priority::ReadAhead => Some(&self.metrics.chunks_read_ahead),
+            Priority::Prefetch => Some(&self.metrics.chunks_prefetched),
+        };
+        if let Some(counter) = counter {
+            counter.fetch_add(good.len() as u64, Ordering::Relaxed);
         }
         if !blob.evicted.load(Ordering::SeqCst) {
             self.metrics
                 .cached_bytes
                 .fetch_add(good_bytes, Ordering::Relaxed);
         }
+        tracing::debug!(
+            blob = %id,
+            chunks = ?chunks,
+            priority = ?priority,
+            bytes = expected_len,
+            backend_ms = backend_latency.as_secs_f64() * 1e3,
+            total_ms = fetch_started.elapsed().as_secs_f64() * 1e3,
+            "fetched"
+        );
+        let listener = lock(&blob.listener).0.clone();
+        if let Some(listener) = listener {
+            let mut start = good[0];
+            for (i, &index) in good.iter().enumerate() {
+                let next = good.get(i + 1).copied();
+                if next != Some(index + 1) {
+                    listener(manifest.chunk_range(start).start..manifest.chunk_range(index).end);
+                    if let Some(next) = next {
+                        start = next;
+                    }
+                }
+            }
+        }
         self.evict_if_needed();
         outcomes
     }
 
-    fn queue_prefetch(&self, blob: &BlobCache, ranges: &[Range<u64>]) {
-        let chunk_size = u64::from(blob.manifest.chunk_size);
-        let states = lock(&blob.states);
-        let mut queue = lock(&self.prefetch_queue);
+    /// Queues the chunks overlapping `ranges` for background fetching, in pieces of
+    /// at most `merge_max_bytes`.
+    fn queue_background(&self, blob: &BlobCache, ranges: &[Range<u64>], priority: Priority) {
         for range in ranges {
-            let end = range.end.min(blob.manifest.blob_size);
-            if range.start >= end {
-                continue;
-            }
-            for index in range.start / chunk_size..(end - 1) / chunk_size + 1 {
-                if states.states[index as usize] == ChunkState::Missing {
-                    queue.push_back((blob.manifest.blob_id.clone(), index));
-                }
+            let chunks = blob.manifest.chunks_of(range.clone());
+            if !chunks.is_empty() {
+                self.queue_chunks(blob, chunks, priority);
             }
         }
-        drop(queue);
-        self.prefetch_ready.notify_all();
     }
 
-    fn prefetch_loop(&self) {
+    fn queue_chunks(&self, blob: &BlobCache, chunks: Range<u64>, priority: Priority) {
+        let manifest = &blob.manifest;
+        let mut items = Vec::new();
+        {
+            let states = lock(&blob.states);
+            let mut current: Option<Range<u64>> = None;
+            for index in chunks {
+                if states.states[index as usize] != ChunkState::Missing {
+                    items.extend(current.take());
+                    continue;
+                }
+                let entry = &manifest.chunks[index as usize];
+                match &mut current {
+                    Some(run)
+                        if entry.offset + entry.stored_size
+                            - manifest.chunks[run.start as usize].offset
+                            <= self.config.merge_max_bytes =>
+                    {
+                        run.end = index + 1
+                    }
+                    _ => {
+                        items.extend(current.take());
+                        current = Some(index..index + 1);
+                    }
+                }
+            }
+            items.extend(current);
+        }
+        if items.is_empty() {
+            return;
+        }
+        let mut queues = lock(&self.background);
+        for chunks in items {
+            let item = BackgroundItem {
+                blob_id: manifest.blob_id.clone(),
+                chunks,
+            };
+            match priority {
+                Priority::Prefetch => queues.prefetch.push_back(item),
+                // Full: the farthest read-ahead is the least useful, so it is what goes.
+                _ if queues.readahead.len() >= MAX_READAHEAD_ITEMS => {}
+                _ => queues.readahead.push_back(item),
+            }
+        }
+        drop(queues);
+        self.background_changed.notify_all();
+    }
+
+    fn background_loop(&self) {
         loop {
-            let next = {
-                let mut queue = lock(&self.prefetch_queue);
+            let (item, priority) = {
+                let mut queues = lock(&self.background);
                 loop {
                     if self.shutdown.load(Ordering::SeqCst) {
                         return;
                     }
-                    if let Some(item) = queue.pop_front() {
-                        break item;
+                    if let Some(item) = queues.readahead.pop_front() {
+                        queues.active += 1;
+                        break (item, Priority::ReadAhead);
                     }
-                    queue = self
-                        .prefetch_ready
-                        .wait_timeout(queue, Duration::from_millis(500))
+                    if let Some(item) = queues.prefetch.pop_front() {
+                        queues.active += 1;
+                        break (item, Priority::Prefetch);
+                    }
+                    queues = self
+                        .background_changed
+                        .wait_timeout(queues, Duration::from_millis(500))
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                 }
             };
-            let (blob_id, index) = next;
-            let Ok(blob) = self.blob(&blob_id) else {
-                continue;
-            };
-            let range = blob.manifest.chunk_range(index);
-            if let Err(err) = self.ensure_present(&blob, range, Priority::Prefetch) {
-                tracing::warn!(blob = %blob_id, chunk = index, "prefetch failed: {err}");
+            if let Ok(blob) = self.blob(&item.blob_id) {
+                // A blob nobody holds may be evicted any moment: not worth fetching for.
+                if blob.handles.load(Ordering::SeqCst) > 0 {
+                    self.background_fetch(&blob, item.chunks, priority);
+                }
+            }
+            lock(&self.background).active -= 1;
+            self.background_changed.notify_all();
+        }
+    }
+
+    /// Fetches the missing chunks of `chunks` in the background: the permit first,
+    /// then the claim (see the module documentation).
+    fn background_fetch(&self, blob: &BlobCache, chunks: Range<u64>, priority: Priority) {
+        {
+            let states = lock(&blob.states);
+            if chunks
+                .clone()
+                .all(|i| states.states[i as usize] != ChunkState::Missing)
+            {
+                return;
+            }
+        }
+        let permit = self.permits.acquire(priority);
+        if self.shutdown.load(Ordering::SeqCst) {
+            return;
+        }
+        let runs = {
+            let mut states = lock(&blob.states);
+            self.claim_runs(blob, &mut states, chunks.clone(), false)
+        };
+        let mut claim = Claim::new(blob, runs);
+        while let Some(run) = claim.next_run() {
+            let outcome = self.fetch_run_guarded(blob, run.chunks.clone(), priority, Some(&permit));
+            if let Some(err) = claim.settle(outcome, &run.chunks) {
+                tracing::warn!(blob = %blob.manifest.blob_id, chunks = ?run.chunks, "background fetch ({priority:?}) failed: {err}");
             }
         }
     }
@@ -881,13 +1452,18 @@ impl EngineInner {
             return;
         };
         let _serial = lock(&self.evicting);
+        // Blobs another process holds (their lock is taken): skipped this round.
+        let mut busy: HashSet<String> = HashSet::new();
         while self.total_cached_bytes() > capacity {
+            // Held while choosing and deleting, so the blob cannot be opened meanwhile.
+            let mut blobs = lock(&self.blobs);
             let mut candidates: Vec<(u64, String, bool)> = lock(&self.dormant)
                 .iter()
+                .filter(|(id, _)| !busy.contains(*id) && !blobs.contains_key(*id))
                 .map(|(id, (_, used))| (*used, id.clone(), false))
                 .collect();
             candidates.extend(
-                lock(&self.blobs)
+                blobs
                     .iter()
                     .filter(|(_, b)| b.handles.load(Ordering::SeqCst) == 0)
                     .map(|(id, b)| (b.last_used.load(Ordering::Relaxed), id.clone(), true)),
@@ -900,7 +1476,6 @@ impl EngineInner {
             let data_path = self.config.cache_dir.join(format!("{id}.data"));
             let map_path = self.config.cache_dir.join(format!("{id}.map"));
             if open {
-                let mut blobs = lock(&self.blobs);
                 let Some(blob) = blobs.get(&id).cloned() else {
                     continue;
                 };
@@ -922,13 +1497,49 @@ impl EngineInner {
                     ready_bytes.min(self.metrics.cached_bytes.load(Ordering::Relaxed)),
                     Ordering::Relaxed,
                 );
+                // We hold the blob's lock through `blob.data`.
                 let _ = fs::remove_file(&blob.map_path);
                 let _ = fs::remove_file(&blob.data_path);
             } else {
-                lock(&self.dormant).remove(&id);
+                // Another process may use the blob: only delete it under its lock.
+                let file = match OpenOptions::new().read(true).write(true).open(&data_path) {
+                    Ok(file) => file,
+                    Err(err) => {
+                        if err.kind() == std::io::ErrorKind::NotFound {
+                            lock(&self.dormant).remove(&id);
+                        } else {
+                            tracing::warn!(
+                                "cannot open {} to evict it: {err}",
+                                data_path.display()
+                            );
+                            busy.insert(id);
+                        }
+                        continue;
+                    }
+                };
+                match try_lock_blob(&file) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::debug!(blob = %id, "not evicting a blob another process has open");
+                        busy.insert(id);
+                        continue;
+                    }
+                    Err(err) => {
+                        tracing::warn!("cannot lock {} to evict it: {err}", data_path.display());
+                        busy.insert(id);
+                        continue;
+                    }
+                }
+                if lock(&self.dormant).remove(&id).is_none() {
+                    continue;
+                }
                 let _ = fs::remove_file(&map_path);
-                let _ = fs::remove_file(&data_path);
+                if let Err(err) = fs::remove_file(&data_path) {
+                    tracing::warn!("cannot remove {}: {err}", data_path.display());
+                }
+                drop(file);
             }
+            drop(blobs);
             self.metrics.evictions.fetch_add(1, Ordering::Relaxed);
             tracing::info!(blob = %id, "evicted blob from the cache");
         }

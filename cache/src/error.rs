@@ -42,8 +42,21 @@ pub enum CacheError {
     },
     #[error("The blob {0} is not open in the cache.")]
     UnknownBlob(String),
+    #[error("The cache of blob {blob} ({}) is in use by another process (another `berth mount` on the same cache directory?).", path.display())]
+    BlobBusy {
+        blob: String,
+        path: std::path::PathBuf,
+    },
     #[error("The manifest is invalid: {0}")]
     InvalidManifest(String),
+    #[error("The erofs image is invalid or unsupported: {0}")]
+    InvalidImage(String),
+    #[error("The prefetch list {path}, line {line}: {message}")]
+    PrefetchList {
+        path: std::path::PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("The backend location `{0}` is not understood.")]
     InvalidBackend(String),
     #[error("The command `{command}` failed: {message}")]

@@ -10,8 +10,11 @@ use std::sync::Arc;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend::BlobBackend;
+use crate::erofs::ErofsImage;
 use crate::error::{CacheError, IoContext, Result};
-use crate::manifest::{compress_chunk, ChunkEntry, Compression, Manifest, MANIFEST_VERSION};
+use crate::manifest::{
+    compress_chunk, ChunkEntry, Compression, Manifest, PrefetchEntry, MANIFEST_VERSION,
+};
 
 /// File names inside an image directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -34,6 +37,10 @@ pub struct BuildOptions {
     pub object_prefix: String,
     /// Keep the uncompressed blob in `out_dir` (handy as a fully local copy).
     pub keep_raw_blob: bool,
+    /// A file naming, one per line, the paths of the image to prefetch after mounting,
+    /// most wanted first (a directory stands for every file below it; empty lines and
+    /// lines starting with `#` are ignored).
+    pub prefetch_list: Option<PathBuf>,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
 }
@@ -53,6 +60,7 @@ impl BuildOptions {
             backend,
             object_prefix: "blobs".into(),
             keep_raw_blob: true,
+            prefetch_list: None,
             progress: false,
         }
     }
@@ -103,33 +111,32 @@ pub fn build_image(options: &BuildOptions) -> Result<BuildReport> {
             options.chunk_size
         )));
     }
-    let extracted = out.join(".rootfs");
-    let tree: PathBuf = if options.source.is_dir() {
-        options.source.clone()
-    } else {
-        let _ = fs::remove_dir_all(&extracted);
-        fs::create_dir_all(&extracted).context(|| format!("creating {}", extracted.display()))?;
-        run(Command::new("tar")
-            .arg("-xf")
-            .arg(&options.source)
-            .arg("-C")
-            .arg(&extracted))?;
-        extracted.clone()
-    };
     let bootstrap_path = out.join(BOOTSTRAP_FILE);
     let raw_path = out.join(RAW_BLOB_FILE);
     for stale in [&bootstrap_path, &raw_path] {
         let _ = fs::remove_file(stale);
     }
-    let mkfs = run(Command::new("mkfs.erofs")
-        .arg(format!("--chunksize={}", options.chunk_size))
-        .arg(format!("--blobdev={}", raw_path.display()))
-        .arg(&bootstrap_path)
-        .arg(&tree));
-    if tree == extracted {
+    let mut mkfs = Command::new("mkfs.erofs");
+    mkfs.arg(format!("--chunksize={}", options.chunk_size))
+        .arg(format!("--blobdev={}", raw_path.display()));
+    let extracted = out.join(".rootfs");
+    if options.source.is_dir() {
+        run(mkfs.arg(&bootstrap_path).arg(&options.source))?;
+    } else {
+        // Debian bookworm's erofs-utils (1.5) cannot read tar archives (`--tar` came in
+        // 1.7): extract with every attribute tar can restore, then build from the tree.
         let _ = fs::remove_dir_all(&extracted);
+        fs::create_dir_all(&extracted).context(|| format!("creating {}", extracted.display()))?;
+        let extract = run(Command::new("tar")
+            .args(tar_attribute_flags())
+            .arg("-xf")
+            .arg(&options.source)
+            .arg("-C")
+            .arg(&extracted));
+        let built = extract.and_then(|()| run(mkfs.arg(&bootstrap_path).arg(&extracted)));
+        let _ = fs::remove_dir_all(&extracted);
+        built?;
     }
-    mkfs?;
 
     let blob_size = fs::metadata(&raw_path)
         .context(|| format!("reading {}", raw_path.display()))?
@@ -210,6 +217,10 @@ pub fn build_image(options: &BuildOptions) -> Result<BuildReport> {
     };
     let blob_id = blob_hasher.finalize().to_hex().to_string();
     let object = format!("{}/{blob_id}", options.object_prefix.trim_matches('/'));
+    let prefetch = match &options.prefetch_list {
+        Some(list) => resolve_prefetch_list(list, &bootstrap_path, blob_size)?,
+        None => Vec::new(),
+    };
     let manifest = Manifest {
         version: MANIFEST_VERSION,
         blob_id,
@@ -218,7 +229,9 @@ pub fn build_image(options: &BuildOptions) -> Result<BuildReport> {
         compression: options.compression,
         object: object.clone(),
         bootstrap: BOOTSTRAP_FILE.into(),
+        bootstrap_digest: Some(file_digest(&bootstrap_path)?),
         chunks,
+        prefetch,
     };
     manifest.validate()?;
     bar.set_message("uploading");
@@ -243,6 +256,71 @@ pub fn build_image(options: &BuildOptions) -> Result<BuildReport> {
         raw_blob_path,
         stored_bytes: offset,
     })
+}
+
+/// `tar` flags that restore ownership, permissions, xattrs and ACLs (root may set
+/// every xattr namespace; others only `user.*`).
+fn tar_attribute_flags() -> Vec<&'static str> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut flags = vec![
+        "--preserve-permissions",
+        "--numeric-owner",
+        "--xattrs",
+        "--acls",
+    ];
+    flags.push(if root {
+        "--xattrs-include=*"
+    } else {
+        "--xattrs-include=user.*"
+    });
+    if root {
+        flags.push("--same-owner");
+    }
+    flags
+}
+
+/// Hex blake3 digest of a file's contents.
+pub fn file_digest(path: &Path) -> Result<String> {
+    let mut file = File::open(path).context(|| format!("opening {}", path.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    std::io::copy(&mut file, &mut hasher).context(|| format!("reading {}", path.display()))?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Reads a prefetch list and finds where each path's data lies in the blob.
+fn resolve_prefetch_list(
+    list: &Path,
+    bootstrap: &Path,
+    blob_size: u64,
+) -> Result<Vec<PrefetchEntry>> {
+    let text = fs::read_to_string(list).context(|| format!("reading {}", list.display()))?;
+    let image = ErofsImage::open(bootstrap)?;
+    let mut entries = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let path = line.trim();
+        if path.is_empty() || path.starts_with('#') {
+            continue;
+        }
+        let error = |message: String| CacheError::PrefetchList {
+            path: list.to_path_buf(),
+            line: number + 1,
+            message,
+        };
+        let ranges = image
+            .data_ranges(path)?
+            .ok_or_else(|| error(format!("`{path}` is not in the image")))?;
+        let ranges: Vec<[u64; 2]> = ranges
+            .into_iter()
+            .map(|r| [r.start.min(blob_size), r.end.min(blob_size)])
+            .filter(|[start, end]| start < end)
+            .collect();
+        entries.push(PrefetchEntry {
+            path: path.to_string(),
+            ranges,
+        });
+    }
+    Ok(entries)
 }
 
 /// Finds the manifest for `image`: the file itself, or `manifest.json` inside it.

@@ -19,8 +19,10 @@ pub struct Metrics {
     pub chunk_misses: AtomicU64,
     /// Chunks written into cache files after a fetch (on demand or prefetch).
     pub chunks_fetched: AtomicU64,
-    /// Chunks fetched by prefetch workers.
+    /// Chunks fetched for the prefetch list.
     pub chunks_prefetched: AtomicU64,
+    /// Chunks fetched ahead of a sequential reader.
+    pub chunks_read_ahead: AtomicU64,
     /// Range reads sent to the backend (including retries).
     pub backend_requests: AtomicU64,
     /// Bytes received from the backend.
@@ -54,6 +56,43 @@ impl Metrics {
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// The main counters, in a fixed order: hits, misses, fetched, prefetched, read
+    /// ahead, backend requests, backend bytes, backend errors, verification failures.
+    pub fn summary(&self) -> [u64; 9] {
+        [
+            &self.chunk_hits,
+            &self.chunk_misses,
+            &self.chunks_fetched,
+            &self.chunks_prefetched,
+            &self.chunks_read_ahead,
+            &self.backend_requests,
+            &self.backend_bytes,
+            &self.backend_errors,
+            &self.verification_failures,
+        ]
+        .map(|c| c.load(Ordering::Relaxed))
+    }
+
+    /// Logs the counters and the mean fetch latency (debug level).
+    pub fn log_summary(&self) {
+        let [hits, misses, fetched, prefetched, read_ahead, requests, bytes, errors, bad] =
+            self.summary();
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let mean_ms = if count == 0 {
+            0.0
+        } else {
+            self.latency_sum_micros.load(Ordering::Relaxed) as f64 / count as f64 / 1e3
+        };
+        tracing::debug!(
+            target: "berth_cache::metrics",
+            hits, misses, fetched, prefetched, read_ahead, requests, bytes, errors,
+            verification_failures = bad,
+            cached_bytes = self.cached_bytes.load(Ordering::Relaxed),
+            mean_fetch_ms = mean_ms,
+            "cache metrics"
+        );
+    }
+
     /// Number of fetch latencies recorded.
     pub fn fetch_count(&self) -> u64 {
         self.latency_count.load(Ordering::Relaxed)
@@ -62,7 +101,7 @@ impl Metrics {
     /// The metrics in the Prometheus text format.
     pub fn render_prometheus(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64, &str); 11] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 12] = [
             (
                 "berth_cache_chunk_hits_total",
                 "Chunks requested that were already cached.",
@@ -83,8 +122,14 @@ impl Metrics {
             ),
             (
                 "berth_cache_chunks_prefetched_total",
-                "Chunks fetched by prefetch workers.",
+                "Chunks fetched for the prefetch list.",
                 &self.chunks_prefetched,
+                "counter",
+            ),
+            (
+                "berth_cache_chunks_read_ahead_total",
+                "Chunks fetched ahead of sequential readers.",
+                &self.chunks_read_ahead,
                 "counter",
             ),
             (
@@ -171,17 +216,32 @@ impl MetricsWriter {
     /// partial file), and once more when dropped so the file ends with the final
     /// counts.
     pub fn start(metrics: Arc<Metrics>, path: PathBuf, interval: Duration) -> Self {
+        Self::start_logging(metrics, Some(path), interval)
+    }
+
+    /// Like [`MetricsWriter::start`] with an optional file; in addition, every
+    /// `interval` in which anything changed, the counters are logged through `tracing`
+    /// (at debug level, target `berth_cache::metrics`).
+    pub fn start_logging(metrics: Arc<Metrics>, path: Option<PathBuf>, interval: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("berth-cache-metrics".into())
             .spawn(move || {
-                let partial = path.with_extension("partial");
+                let mut last_logged = None;
                 loop {
-                    let write = std::fs::write(&partial, metrics.render_prometheus())
-                        .and_then(|()| std::fs::rename(&partial, &path));
-                    if let Err(err) = write {
-                        tracing::warn!("cannot write metrics to {}: {err}", path.display());
+                    if let Some(path) = &path {
+                        if let Err(err) = crate::manifest::write_atomically(
+                            path,
+                            metrics.render_prometheus().as_bytes(),
+                        ) {
+                            tracing::warn!("cannot write metrics: {err}");
+                        }
+                    }
+                    let snapshot = metrics.summary();
+                    if last_logged.as_ref() != Some(&snapshot) {
+                        metrics.log_summary();
+                        last_logged = Some(snapshot);
                     }
                     if stop_flag.load(Ordering::Relaxed) {
                         return;

@@ -35,12 +35,12 @@ use crate::manifest::Manifest;
 /// `FAN_PRE_ACCESS` (Linux 6.14): permission to access a file range before it is read or written.
 pub const FAN_PRE_ACCESS: u64 = 0x0010_0000;
 /// Info record type carrying the accessed range of a pre-content event.
-const FAN_EVENT_INFO_TYPE_RANGE: u8 = 6;
+pub(crate) const FAN_EVENT_INFO_TYPE_RANGE: u8 = 6;
 const FANOTIFY_METADATA_VERSION: u8 = 3;
 const EVENT_METADATA_LEN: usize = 24;
 const RANGE_RECORD_LEN: usize = 24;
 /// `FAN_DENY_ERRNO(EIO)`: deny with the errno the reader should see (Linux 6.14).
-const FAN_DENY_EIO: u32 = libc::FAN_DENY | ((libc::EIO as u32 & 0xff) << 24);
+pub(crate) const FAN_DENY_EIO: u32 = libc::FAN_DENY | ((libc::EIO as u32 & 0xff) << 24);
 
 /// What to mount and how.
 pub struct MountOptions {
@@ -84,14 +84,14 @@ pub struct MountHandle {
     mounted: bool,
 }
 
-fn last_os_error(operation: &'static str) -> CacheError {
+pub(crate) fn last_os_error(operation: &'static str) -> CacheError {
     CacheError::Kernel {
         operation,
         source: io::Error::last_os_error(),
     }
 }
 
-fn c_path(path: &Path) -> Result<CString> {
+pub(crate) fn c_path(path: &Path) -> Result<CString> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| CacheError::Io {
         context: format!("using path {}", path.display()),
         source: io::Error::from(io::ErrorKind::InvalidInput),
@@ -99,7 +99,7 @@ fn c_path(path: &Path) -> Result<CString> {
 }
 
 /// Creates a pre-content fanotify group (non-blocking, close-on-exec).
-fn pre_content_group() -> Result<OwnedFd> {
+pub(crate) fn pre_content_group() -> Result<OwnedFd> {
     // SAFETY: plain syscall with constant flags; the result is checked.
     let fd = unsafe {
         libc::fanotify_init(
@@ -114,11 +114,11 @@ fn pre_content_group() -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn mark_pre_access(group: &OwnedFd, path: &Path) -> Result<()> {
+pub(crate) fn mark_pre_access(group: &OwnedFd, path: &Path) -> Result<()> {
     change_mark(group, path, libc::FAN_MARK_ADD)
 }
 
-fn change_mark(group: &OwnedFd, path: &Path, flags: libc::c_uint) -> Result<()> {
+pub(crate) fn change_mark(group: &OwnedFd, path: &Path, flags: libc::c_uint) -> Result<()> {
     let path = c_path(path)?;
     // SAFETY: `group` is a live fanotify descriptor and `path` a NUL-terminated string.
     let rc = unsafe {
@@ -164,7 +164,29 @@ pub fn check_support(scratch: &Path) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Mounts the image described by `options`.
+/// Checks the bootstrap against the digest the manifest records for it (if any): a
+/// bootstrap from another build would read another image's chunks as its files.
+pub fn check_bootstrap(manifest: &Manifest, bootstrap: &Path) -> Result<()> {
+    let Some(expected) = &manifest.bootstrap_digest else {
+        return Ok(());
+    };
+    let actual = crate::image::file_digest(bootstrap)?;
+    if &actual != expected {
+        return Err(CacheError::InvalidImage(format!(
+            "{} has digest {actual}, but the manifest expects {expected}: it belongs to another image",
+            bootstrap.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Mounts the image described by `options`, served by threads of this process.
+///
+/// The kernel lets pending and later reads through when the fanotify group closes, so
+/// if this process dies (SIGKILL, OOM, abort) with the image still mounted, reads of
+/// data not fetched yet return the sparse cache file's zeros. `berth mount` therefore
+/// uses [`crate::supervise`], which survives the death of the serving process; this
+/// in-process form is for tests, benchmarks and embedders that manage that risk.
 pub fn mount_image(options: MountOptions) -> Result<MountHandle> {
     let manifest_path = manifest_path_of(&options.image);
     let manifest = Manifest::load(&manifest_path)?;
@@ -179,6 +201,7 @@ pub fn mount_image(options: MountOptions) -> Result<MountHandle> {
             bootstrap.display()
         )));
     }
+    check_bootstrap(&manifest, &bootstrap)?;
     // 1. The engine's descriptor of the cache file is opened before the mark.
     let blob = Arc::new(options.engine.open_blob(&manifest)?);
     let cache_path = fs::canonicalize(blob.cache_path())
@@ -346,7 +369,7 @@ impl Drop for MountHandle {
 
 /// Once every chunk is present, events only cost time: drop the mark. The blob is
 /// in use while mounted, so it cannot be evicted and its chunks stay present.
-fn remove_mark_if_complete(
+pub(crate) fn remove_mark_if_complete(
     group: &OwnedFd,
     blob: &BlobHandle,
     cache_path: &Path,
@@ -365,24 +388,24 @@ fn remove_mark_if_complete(
     }
 }
 
-struct EventHandler {
-    cache_path: PathBuf,
-    complete: Arc<AtomicBool>,
-    group: Arc<OwnedFd>,
-    wake: RawFd,
-    stop: Arc<AtomicBool>,
-    blob: Arc<BlobHandle>,
-    file_identity: (u64, u64),
+pub(crate) struct EventHandler {
+    pub(crate) cache_path: PathBuf,
+    pub(crate) complete: Arc<AtomicBool>,
+    pub(crate) group: Arc<OwnedFd>,
+    pub(crate) wake: RawFd,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) blob: Arc<BlobHandle>,
+    pub(crate) file_identity: (u64, u64),
 }
 
 /// One parsed pre-content event.
-struct Event {
-    fd: Option<OwnedFd>,
-    range: Option<Range<u64>>,
+pub(crate) struct Event {
+    pub(crate) fd: Option<OwnedFd>,
+    pub(crate) range: Option<Range<u64>>,
 }
 
 /// Parses the events in `buf`; malformed trailing bytes are ignored.
-fn parse_events(buf: &[u8]) -> Vec<Event> {
+pub(crate) fn parse_events(buf: &[u8]) -> Vec<Event> {
     let mut events = Vec::new();
     let mut at = 0;
     while buf.len() - at >= EVENT_METADATA_LEN {
@@ -427,7 +450,7 @@ fn parse_events(buf: &[u8]) -> Vec<Event> {
 }
 
 impl EventHandler {
-    fn run(self) {
+    pub(crate) fn run(self) {
         let mut buf = [0u8; 256];
         loop {
             if self.stop.load(Ordering::SeqCst) {
@@ -474,7 +497,17 @@ impl EventHandler {
         let size = self.blob.manifest().blob_size;
         let range = event.range.clone().unwrap_or(0..size);
         let outcome = if ours {
-            self.blob.ensure_present(range.clone())
+            // A panic anywhere below must still deny the read, never leave it hanging.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.blob.ensure_present(range.clone())
+            }))
+            .unwrap_or_else(|_| {
+                Err(CacheError::FetchFailed {
+                    blob: self.blob.id().to_string(),
+                    chunk: range.start / u64::from(self.blob.manifest().chunk_size),
+                    message: "internal error (panic) while fetching".into(),
+                })
+            })
         } else {
             Err(CacheError::UnknownBlob("an unmarked file".into()))
         };
@@ -496,7 +529,7 @@ impl EventHandler {
         }
     }
 
-    fn respond(&self, fd: &OwnedFd, response: u32) -> io::Result<()> {
+    pub(crate) fn respond(&self, fd: &OwnedFd, response: u32) -> io::Result<()> {
         let answer = libc::fanotify_response {
             fd: fd.as_raw_fd(),
             response,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use berth_cache::chunkmap::ChunkMap;
 use berth_cache::manifest::parse_digest;
 use berth_cache::{
-    BlobBackend, CacheConfig, CacheEngine, CacheError, Compression, LocalDirBackend,
+    BlobBackend, CacheConfig, CacheEngine, CacheError, Compression, LocalDirBackend, VerifyOnOpen,
 };
 use common::{pseudo_random, publish, Recording};
 
@@ -19,6 +19,8 @@ fn config(dir: &std::path::Path) -> CacheConfig {
     let mut config = CacheConfig::new(dir);
     config.merge_min_bytes = u64::from(CHUNK);
     config.retry_base_delay = Duration::from_millis(5);
+    // Off unless a test is about it: it would add backend reads to exact counts.
+    config.readahead_max_bytes = 0;
     config
 }
 
@@ -268,7 +270,9 @@ fn map_marked_ready_without_data_is_repaired_on_open() {
     let (mut map, _) = ChunkMap::open(&map_path, id, CHUNK, manifest.blob_size).unwrap();
     map.mark_ready(&[2]).unwrap();
     drop(map);
-    let engine = CacheEngine::new(config(&s.cache), s.backend.clone()).unwrap();
+    let mut config = config(&s.cache);
+    config.verify_on_open = VerifyOnOpen::Always;
+    let engine = CacheEngine::new(config, s.backend.clone()).unwrap();
     let handle = engine.open_blob(&manifest).unwrap();
     assert_eq!(
         engine.ready_chunks(handle.id()).unwrap(),

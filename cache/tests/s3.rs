@@ -15,7 +15,7 @@ fn s3_and_http_backends_serve_range_reads_through_the_engine() {
     let moto = match Moto::start(None) {
         Ok(moto) => moto,
         Err(reason) => {
-            eprintln!("skipping: {reason}");
+            common::skip(&reason);
             return;
         }
     };
@@ -70,7 +70,7 @@ fn open_backend_takes_s3_settings_from_the_environment() {
     let moto = match Moto::start(None) {
         Ok(moto) => moto,
         Err(reason) => {
-            eprintln!("skipping: {reason}");
+            common::skip(&reason);
             return;
         }
     };
