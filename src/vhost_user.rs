@@ -25,7 +25,6 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex, VringSta
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-    VRING_DESC_F_INDIRECT as VIRTQ_DESC_F_INDIRECT, VRING_DESC_F_NEXT as VIRTQ_DESC_F_NEXT,
 };
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
@@ -37,6 +36,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::cli::MAX_TAG_LEN;
+use crate::fast_io::{self, ChainLayout};
 use crate::pool::WorkerPool;
 use berth_seccomp::{SeccompAction, ThreadRole};
 
@@ -289,39 +289,46 @@ fn serve_request(
     head_flags: Option<u16>,
 ) -> u32 {
     let head = chain.head_index();
-    if let Err(reason) = check_chain(&chain, head_flags) {
-        warn!(
-            queue,
-            head, "Dropping a malformed descriptor chain: {reason}."
-        );
-        return 0;
+    let mut layout = ChainLayout::new();
+    match layout.walk(&chain, head_flags) {
+        Ok(()) => {}
+        Err(reason) => {
+            warn!(
+                queue,
+                head, "Dropping a malformed descriptor chain: {reason}."
+            );
+            return 0;
+        }
     }
-    let reader = match Reader::from_descriptor_chain(&**mem, chain.clone()) {
-        Ok(reader) => reader,
-        Err(e) => {
-            warn!(
-                queue,
-                head, "Dropping a request whose readable descriptors are invalid: {e}."
-            );
-            return 0;
-        }
-    };
-    let writer = match VirtioFsWriter::new(&**mem, chain) {
-        Ok(writer) => writer,
-        Err(e) => {
-            warn!(
-                queue,
-                head, "Dropping a request whose writable descriptors are invalid: {e}."
-            );
-            return 0;
-        }
-    };
     // A bug in request decoding must cost one request, not the queue's thread.
     let result = panic::catch_unwind(AssertUnwindSafe(|| {
-        server.handle_message(reader, writer.into(), None)
+        if let Some(written) = fast_io::try_serve(server, mem, &layout) {
+            return Ok(Some(written as usize));
+        }
+        let reader = match Reader::from_descriptor_chain(&**mem, chain.clone()) {
+            Ok(reader) => reader,
+            Err(e) => {
+                warn!(
+                    queue,
+                    head, "Dropping a request whose readable descriptors are invalid: {e}."
+                );
+                return Ok(None);
+            }
+        };
+        let writer = match VirtioFsWriter::new(&**mem, chain) {
+            Ok(writer) => writer,
+            Err(e) => {
+                warn!(
+                    queue,
+                    head, "Dropping a request whose writable descriptors are invalid: {e}."
+                );
+                return Ok(None);
+            }
+        };
+        server.handle_message(reader, writer.into(), None).map(Some)
     }));
     match result {
-        Ok(Ok(written)) => u32::try_from(written).unwrap_or(0),
+        Ok(Ok(written)) => written.and_then(|w| u32::try_from(w).ok()).unwrap_or(0),
         Ok(Err(e)) => {
             warn!(queue, head, "Could not serve a request: {e}.");
             0
@@ -342,43 +349,6 @@ fn head_descriptor_flags(mem: &MemoryGuard, desc_table: u64, head: u16) -> Optio
     // A split-ring descriptor is 16 bytes: address, length, then the 16-bit flags.
     let addr = desc_table.checked_add(u64::from(head) * 16 + 12)?;
     vm_memory::Bytes::read_obj::<u16>(&**mem, vm_memory::GuestAddress(addr)).ok()
-}
-
-/// Walks a chain the way the readers will, catching what their iterators silently cut short:
-/// loops, next indices out of range, unreadable or nested-indirect descriptors (each ends the
-/// walk on a descriptor that still has NEXT set), readable descriptors placed after writable
-/// ones (virtio 2.7.4.2 puts all device-writable descriptors last), and a head that refers to
-/// an indirect table yet has NEXT set (2.7.5.3.1 forbids it; the iterator would silently drop
-/// whatever follows).
-fn check_chain(
-    chain: &DescriptorChain<MemoryGuard>,
-    head_flags: Option<u16>,
-) -> Result<(), &'static str> {
-    const INDIRECT_AND_NEXT: u16 = (VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT) as u16;
-    if head_flags.is_some_and(|flags| flags & INDIRECT_AND_NEXT == INDIRECT_AND_NEXT) {
-        return Err("its head refers to an indirect table and also has NEXT set");
-    }
-    let mut descriptors = 0usize;
-    let mut last_has_next = false;
-    let mut writable_seen = false;
-    for desc in chain.clone() {
-        descriptors += 1;
-        if desc.is_write_only() {
-            writable_seen = true;
-        } else if writable_seen {
-            return Err("a device-readable descriptor follows a device-writable one");
-        }
-        last_has_next = desc.has_next();
-    }
-    if descriptors == 0 {
-        return Err("its head descriptor cannot be read");
-    }
-    if last_has_next {
-        return Err(
-            "it does not end (a loop, a next index out of range or an unreadable descriptor)",
-        );
-    }
-    Ok(())
 }
 
 /// Puts a served chain on the used ring and tells the guest if it asked to be told.
