@@ -41,7 +41,10 @@ pub fn init(level: Option<LogLevel>, syslog: bool) -> bool {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| level_filter(LevelFilter::INFO))
         }
     };
+    // A log line that cannot be written (stderr closed, a full pipe) is lost, not reported:
+    // the report would go to stderr too, and failing to print it panics the logging thread.
     let builder = tracing_subscriber::fmt()
+        .log_internal_errors(false)
         .with_env_filter(filter)
         .with_target(true)
         .with_ansi(io::stderr().is_terminal());

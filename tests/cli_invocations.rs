@@ -9,7 +9,7 @@
 mod frontend_util;
 
 use std::ffi::OsString;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -476,4 +476,42 @@ fn legacy_sandbox_option_contradicting_the_flag_is_a_usage_error() {
         &["--modcaps", "+sys_admin", "-o", "modcaps=-mknod"],
         &["modcaps"],
     );
+}
+
+#[test]
+fn a_closed_stderr_does_not_stop_the_daemon() {
+    // An operator's `berth ... 2>&1 | head` or a log collector that went away: every log line
+    // then fails to write, and the daemon must keep serving regardless.
+    let fixture = Fixture::new();
+    let socket = fixture.socket.to_str().unwrap().to_owned();
+    let shared = fixture.shared.to_str().unwrap().to_owned();
+    let mut pipe = [0; 2];
+    // SAFETY: pipe writes two descriptors into the array.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    // SAFETY: both descriptors were just created and are owned here; the read end is closed at
+    // once so that every write to the other end fails with EPIPE.
+    let write_end = unsafe {
+        libc::close(pipe[0]);
+        std::os::fd::OwnedFd::from_raw_fd(pipe[1])
+    };
+    let mut daemon = Daemon::spawn_with(
+        args(&[
+            "--socket-path",
+            &socket,
+            "--shared-dir",
+            &shared,
+            "--log-level",
+            "debug",
+        ]),
+        |command| {
+            command.stderr(Stdio::from(write_end));
+        },
+    );
+    let stream = connect_path(&mut daemon, &fixture.socket);
+    let mut device = VhostUserFs::from_stream(stream, test_config(1)).expect("vhost-user set-up");
+    let mut queue = init_first_queue(&mut device);
+    for _ in 0..50 {
+        queue.getattr(ROOT_ID).expect("GETATTR with stderr closed");
+    }
+    daemon.assert_alive("after logging into a closed pipe");
 }
