@@ -35,6 +35,19 @@ berth="$target/release/berth"
 loadgen="$target/release/berth-loadgen"
 
 virtiofsd="${VIRTIOFSD:-$cache/virtiofsd-1.14.0/bin/virtiofsd}"
+# The full comparison needs the peer: build it once into the cache (a few minutes; it links
+# Debian's libseccomp and libcap-ng). The CI smoke run uses it only when it is already there.
+if [[ ! -x "$virtiofsd" && $mode == full && -z "${VIRTIOFSD:-}" ]]; then
+    if [[ $(id -u) == 0 ]]; then
+        for pkg in libseccomp-dev libcap-ng-dev pkg-config; do
+            dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" ||
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg"
+        done
+    fi
+    echo "building virtiofsd 1.14.0 into $cache/virtiofsd-1.14.0 (once)"
+    cargo install --locked virtiofsd --version 1.14.0 --root "$cache/virtiofsd-1.14.0" ||
+        echo "virtiofsd did not build; comparing berth with native only"
+fi
 if [[ ! -x "$virtiofsd" ]]; then
     echo "virtiofsd not found at $virtiofsd (install: cargo install virtiofsd --version 1.14.0 --root $cache/virtiofsd-1.14.0); running berth and native only"
     virtiofsd_args=()
