@@ -12,8 +12,8 @@ use std::io;
 use std::mem::{ManuallyDrop, MaybeUninit};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
@@ -30,6 +30,7 @@ use crate::extra_ops::{
     init_flags, SecContext, SETXATTR_ACL_KILL_SGID, XATTR_LIST_MAX, XATTR_SIZE_MAX,
 };
 use crate::file_handle::{FileHandle, MountFds};
+use crate::handle_table::{HandleTable, OwnedBy};
 use crate::inode_store::{InodeData, InodeFile, InodeKey, InodeStore};
 use crate::util::{
     check_ret, errno, fd_name, fstat, openat, statx, validate_name, CredentialsGuard, EMPTY_CSTR,
@@ -56,6 +57,12 @@ struct HandleData {
     dir_cursor: Mutex<()>,
 }
 
+impl OwnedBy for HandleData {
+    fn inode(&self) -> u64 {
+        self.inode
+    }
+}
+
 /// A descriptor on an inode: borrowed from the store, or opened from a file handle.
 enum InodeFd<'a> {
     Borrowed(BorrowedFd<'a>),
@@ -75,8 +82,7 @@ impl AsFd for InodeFd<'_> {
 pub struct PassthroughFs {
     cfg: Config,
     inodes: InodeStore,
-    handles: RwLock<HashMap<u64, Arc<HandleData>>>,
-    next_handle: AtomicU64,
+    handles: HandleTable<HandleData>,
     mount_fds: MountFds,
     /// Per (inode, lock owner) descriptions carrying POSIX locks; see `owner_lock_file`.
     lock_files: Mutex<HashMap<(u64, u64), Arc<File>>>,
@@ -169,8 +175,7 @@ impl PassthroughFs {
             // SAFETY: geteuid has no preconditions.
             switch_credentials: unsafe { libc::geteuid() } == 0,
             inodes: InodeStore::new(ROOT_ID, cfg.max_inodes),
-            handles: RwLock::new(HashMap::new()),
-            next_handle: AtomicU64::new(1),
+            handles: HandleTable::new(),
             mount_fds,
             lock_files: Mutex::new(HashMap::new()),
             proc_self_fd,
@@ -203,7 +208,7 @@ impl PassthroughFs {
 
     /// Number of open file and directory handles.
     pub fn handle_count(&self) -> usize {
-        self.handles.read().map(|h| h.len()).unwrap_or(0)
+        self.handles.len()
     }
 
     fn inode_fd<'a>(&self, data: &'a InodeData) -> io::Result<InodeFd<'a>> {
@@ -235,39 +240,20 @@ impl PassthroughFs {
     }
 
     fn handle(&self, inode: u64, handle: u64) -> io::Result<Arc<HandleData>> {
-        let handles = self.handles.read().map_err(|_| errno(libc::EIO))?;
-        match handles.get(&handle) {
-            Some(h) if h.inode == inode => Ok(h.clone()),
-            _ => Err(errno(libc::EBADF)),
-        }
+        self.handles.get(inode, handle)
     }
 
     fn insert_handle(&self, inode: u64, file: File) -> io::Result<u64> {
-        if self.handle_count() >= self.cfg.max_handles {
-            return Err(errno(libc::EMFILE));
-        }
-        let id = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let data = Arc::new(HandleData {
+        let data = HandleData {
             inode,
             file,
             dir_cursor: Mutex::new(()),
-        });
-        self.handles
-            .write()
-            .map_err(|_| errno(libc::EIO))?
-            .insert(id, data);
-        Ok(id)
+        };
+        self.handles.insert(data, self.cfg.max_handles)
     }
 
     fn remove_handle(&self, inode: u64, handle: u64) -> io::Result<()> {
-        let mut handles = self.handles.write().map_err(|_| errno(libc::EIO))?;
-        match handles.get(&handle) {
-            Some(h) if h.inode == inode => {
-                handles.remove(&handle);
-                Ok(())
-            }
-            _ => Err(errno(libc::EBADF)),
-        }
+        self.handles.remove(inode, handle)
     }
 
     fn check_writable(&self) -> io::Result<()> {
@@ -1370,9 +1356,7 @@ impl FileSystem for PassthroughFs {
     }
 
     fn destroy(&self) {
-        if let Ok(mut handles) = self.handles.write() {
-            handles.clear();
-        }
+        self.handles.clear();
         self.inodes.clear_except(ROOT_ID);
     }
 

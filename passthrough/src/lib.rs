@@ -13,6 +13,7 @@ mod error;
 mod extra_ops;
 mod file_handle;
 mod fs;
+mod handle_table;
 mod inode_store;
 mod util;
 
