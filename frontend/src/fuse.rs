@@ -7,8 +7,8 @@ use crate::Error;
 
 pub use fuse_backend_rs::abi::fuse_abi::{
     Attr, AttrOut, BatchForgetIn, CreateIn, ForgetIn, ForgetOne, GetattrIn, InHeader, InitIn,
-    InitIn2, InitOut, MkdirIn, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, WriteIn, WriteOut,
-    ROOT_ID,
+    InitIn2, InitOut, LinkIn, MkdirIn, MknodIn, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn,
+    Rename2In, RenameIn, SetattrIn, WriteIn, WriteOut, ROOT_ID,
 };
 
 /// FUSE protocol major version spoken by this frontend.
@@ -21,9 +21,15 @@ pub mod opcode {
     pub const LOOKUP: u32 = 1;
     pub const FORGET: u32 = 2;
     pub const GETATTR: u32 = 3;
+    pub const SETATTR: u32 = 4;
+    pub const READLINK: u32 = 5;
+    pub const SYMLINK: u32 = 6;
+    pub const MKNOD: u32 = 8;
     pub const MKDIR: u32 = 9;
     pub const UNLINK: u32 = 10;
     pub const RMDIR: u32 = 11;
+    pub const RENAME: u32 = 12;
+    pub const LINK: u32 = 13;
     pub const OPEN: u32 = 14;
     pub const READ: u32 = 15;
     pub const WRITE: u32 = 16;
@@ -38,6 +44,27 @@ pub mod opcode {
     pub const DESTROY: u32 = 38;
     pub const BATCH_FORGET: u32 = 42;
     pub const READDIRPLUS: u32 = 44;
+    pub const RENAME2: u32 = 45;
+}
+
+/// `fuse_setattr_in.valid` bits (FATTR_*).
+pub mod setattr_valid {
+    pub const MODE: u32 = 1 << 0;
+    pub const UID: u32 = 1 << 1;
+    pub const GID: u32 = 1 << 2;
+    pub const SIZE: u32 = 1 << 3;
+    pub const ATIME: u32 = 1 << 4;
+    pub const MTIME: u32 = 1 << 5;
+    pub const FH: u32 = 1 << 6;
+    pub const KILL_SUIDGID: u32 = 1 << 11;
+}
+
+/// Flags a guest kernel puts in `fuse_write_in.write_flags` / `fuse_open_in.open_flags`.
+pub mod kill_priv {
+    /// FUSE_WRITE_KILL_SUIDGID: the writer is unprivileged (HANDLE_KILLPRIV_V2).
+    pub const WRITE_KILL_SUIDGID: u32 = 1 << 2;
+    /// FUSE_OPEN_KILL_SUIDGID: an O_TRUNC open by an unprivileged caller.
+    pub const OPEN_KILL_SUIDGID: u32 = 1 << 0;
 }
 
 /// FUSE_INIT flag bits a Linux virtio-fs guest commonly requests.
@@ -83,9 +110,15 @@ pub fn opcode_name(op: u32) -> &'static str {
         opcode::LOOKUP => "LOOKUP",
         opcode::FORGET => "FORGET",
         opcode::GETATTR => "GETATTR",
+        opcode::SETATTR => "SETATTR",
+        opcode::READLINK => "READLINK",
+        opcode::SYMLINK => "SYMLINK",
+        opcode::MKNOD => "MKNOD",
         opcode::MKDIR => "MKDIR",
         opcode::UNLINK => "UNLINK",
         opcode::RMDIR => "RMDIR",
+        opcode::RENAME => "RENAME",
+        opcode::LINK => "LINK",
         opcode::OPEN => "OPEN",
         opcode::READ => "READ",
         opcode::WRITE => "WRITE",
@@ -100,6 +133,7 @@ pub fn opcode_name(op: u32) -> &'static str {
         opcode::DESTROY => "DESTROY",
         opcode::BATCH_FORGET => "BATCH_FORGET",
         opcode::READDIRPLUS => "READDIRPLUS",
+        opcode::RENAME2 => "RENAME2",
         _ => "UNKNOWN",
     }
 }
