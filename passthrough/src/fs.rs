@@ -650,8 +650,10 @@ impl PassthroughFs {
         self.check_writable()?;
         let parent_data = self.inodes.get(parent)?;
         let flags = self.sanitize_open_flags(args.flags) & !libc::O_DIRECTORY;
+        // Reopened before switching to the caller: open_by_handle_at needs
+        // CAP_DAC_READ_SEARCH, which a non-root fsuid does not carry.
+        let parent_fd = self.inode_fd(&parent_data)?;
         let file = self.as_caller(ctx, args.umask, || {
-            let parent_fd = self.inode_fd(&parent_data)?;
             openat(
                 parent_fd.as_fd(),
                 c".",
