@@ -15,7 +15,7 @@ use std::time::Duration;
 use berth_cache::manifest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use berth_cache::Compression;
 use berth_passthrough::{CachePolicy, Config, InodeFileHandles};
-use berth_seccomp::{ModCaps, SandboxMode, SeccompAction};
+use berth_seccomp::{IdMap, ModCaps, SandboxMode, SeccompAction};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 /// Longest tag the virtio-fs config space holds (virtio spec 5.11.4).
@@ -344,24 +344,6 @@ pub struct VhostUserArgs {
     #[arg(long)]
     pub print_capabilities: bool,
 
-    /// Process isolation: `namespace` (new mount, pid and net namespaces, the shared directory
-    /// as root), `chroot` (chroot into the shared directory) or `none`.
-    #[arg(
-        long,
-        value_name = "namespace|chroot|none",
-        default_value = "namespace"
-    )]
-    pub sandbox: String,
-
-    /// Seccomp filter action for a system call outside each thread's allow-list:
-    /// `kill` the process, `log` it, raise SIGSYS (`trap`), or no filter (`none`).
-    #[arg(long, value_name = "none|kill|log|trap", default_value = "kill")]
-    pub seccomp: String,
-
-    /// Capability changes, virtiofsd's syntax: `+sys_admin:-chown`, `=chown,fowner`.
-    #[arg(long, value_name = "CAPS")]
-    pub modcaps: Option<String>,
-
     /// virtiofsd migration flags: berth offers no migration, so these are refused.
     #[arg(long, value_name = "MODE", hide = true)]
     pub migration_mode: Option<String>,
@@ -371,6 +353,9 @@ pub struct VhostUserArgs {
     pub migration_verify_handles: bool,
     #[arg(long, hide = true)]
     pub migration_confirm_paths: bool,
+
+    #[command(flatten)]
+    pub isolation: IsolationArgs,
 
     #[command(flatten)]
     pub fs: FsArgs,
@@ -392,10 +377,50 @@ pub struct FuseArgs {
     pub threads: u16,
 
     #[command(flatten)]
+    pub isolation: IsolationArgs,
+
+    #[command(flatten)]
     pub fs: FsArgs,
 
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// How the serving process confines itself, shared by both modes (virtiofsd's flags).
+#[derive(Debug, Args)]
+pub struct IsolationArgs {
+    /// Process isolation: `namespace` (new mount, pid and net namespaces, the shared directory
+    /// as root), `chroot` (chroot into the shared directory) or `none`.
+    #[arg(
+        long,
+        value_name = "namespace|chroot|none",
+        default_value = "namespace"
+    )]
+    pub sandbox: String,
+
+    /// Seccomp filter action for a system call outside each thread's allow-list:
+    /// `kill` the process, `log` it, raise SIGSYS (`trap`), or no filter (`none`).
+    #[arg(long, value_name = "none|kill|log|trap", default_value = "kill")]
+    pub seccomp: String,
+
+    /// Capability changes, virtiofsd's syntax: a `:`-separated list of capabilities, each
+    /// preceded by `+` (keep it too) or `-` (drop it), e.g. `+sys_admin:-chown:-mknod`.
+    #[arg(long, value_name = "CAPS")]
+    pub modcaps: Option<String>,
+
+    /// User namespace uid mapping when not started as root (namespace sandbox), virtiofsd's
+    /// syntax `:namespace_uid:host_uid:count:`; an unprivileged user maps its own uid
+    /// (count 1) [default: :0:<euid>:1:].
+    #[arg(long, value_name = ":NS_UID:HOST_UID:COUNT:", value_parser = parse_id_map)]
+    pub uid_map: Option<IdMap>,
+
+    /// User namespace gid mapping, like --uid-map [default: :0:<egid>:1:].
+    #[arg(long, value_name = ":NS_GID:HOST_GID:COUNT:", value_parser = parse_id_map)]
+    pub gid_map: Option<IdMap>,
+}
+
+fn parse_id_map(s: &str) -> Result<IdMap, String> {
+    s.parse::<IdMap>().map_err(|e| e.to_string())
 }
 
 /// Flags that shape the filesystem, shared by both modes.
@@ -481,10 +506,6 @@ pub struct FsArgs {
     #[arg(long, hide = true)]
     pub allow_mmap: bool,
     #[arg(long, value_name = "MAP", hide = true)]
-    pub uid_map: Vec<String>,
-    #[arg(long, value_name = "MAP", hide = true)]
-    pub gid_map: Vec<String>,
-    #[arg(long, value_name = "MAP", hide = true)]
     pub translate_uid: Vec<String>,
     #[arg(long, value_name = "MAP", hide = true)]
     pub translate_gid: Vec<String>,
@@ -543,17 +564,26 @@ pub struct VhostUserSettings {
     pub thread_pool_size: usize,
     pub max_request_queues: u16,
     pub poll_us: u32,
+    pub isolation: IsolationSettings,
+    pub fs: Config,
+    pub process: ProcessSettings,
+}
+
+/// The resolved isolation flags.
+#[derive(Debug, Clone)]
+pub struct IsolationSettings {
     pub sandbox: SandboxMode,
     pub seccomp: SeccompAction,
     pub modcaps: ModCaps,
-    pub fs: Config,
-    pub process: ProcessSettings,
+    pub uid_map: Option<IdMap>,
+    pub gid_map: Option<IdMap>,
 }
 
 #[derive(Debug)]
 pub struct FuseSettings {
     pub mountpoint: PathBuf,
     pub threads: usize,
+    pub isolation: IsolationSettings,
     pub fs: Config,
     pub process: ProcessSettings,
 }
@@ -656,7 +686,7 @@ impl CompatOptions {
                     .map_err(|_| bad("expected a non-negative number of seconds"))?;
                 self.timeout = Some(timeout);
             }
-            // Checked by the vhost-user settings, which own isolation.
+            // Resolved with the isolation flags (IsolationArgs).
             "sandbox" | "modcaps" => {}
             "xattrmap" => return Err(CliError::UnsupportedFlag("-o xattrmap")),
             _ => return Err(CliError::UnknownCompatOption(format!("{key}={value}"))),
@@ -816,8 +846,6 @@ impl FsArgs {
         let unsupported = [
             (self.xattrmap.is_some(), "--xattrmap"),
             (self.allow_mmap, "--allow-mmap"),
-            (!self.uid_map.is_empty(), "--uid-map"),
-            (!self.gid_map.is_empty(), "--gid-map"),
             (!self.translate_uid.is_empty(), "--translate-uid"),
             (!self.translate_gid.is_empty(), "--translate-gid"),
         ];
@@ -863,9 +891,10 @@ fn compat_value(options: &[String], key: &str) -> Option<String> {
         .next_back()
 }
 
-impl VhostUserArgs {
-    fn resolve(&self) -> Result<VhostUserSettings, CliError> {
-        let compat_sandbox = compat_value(&self.fs.compat_options, "sandbox");
+impl IsolationArgs {
+    /// Merges the flags with their `-o sandbox=` / `-o modcaps=` counterparts.
+    fn resolve(&self, compat_options: &[String]) -> Result<IsolationSettings, CliError> {
+        let compat_sandbox = compat_value(compat_options, "sandbox");
         let sandbox_value = match (&compat_sandbox, self.sandbox.as_str()) {
             (Some(compat), "namespace") => compat.clone(),
             (Some(compat), flag) if compat != flag => {
@@ -888,13 +917,31 @@ impl VhostUserArgs {
         let modcaps_spec = self
             .modcaps
             .clone()
-            .or_else(|| compat_value(&self.fs.compat_options, "modcaps"));
+            .or_else(|| compat_value(compat_options, "modcaps"));
         let modcaps: ModCaps = match &modcaps_spec {
             Some(spec) => spec
                 .parse()
                 .map_err(|e: berth_seccomp::Error| CliError::BadModcaps(e.to_string()))?,
             None => ModCaps::default(),
         };
+        if (self.uid_map.is_some() || self.gid_map.is_some()) && sandbox != SandboxMode::Namespace {
+            return Err(CliError::Conflict(
+                "--uid-map and --gid-map need the namespace sandbox (--sandbox namespace)".into(),
+            ));
+        }
+        Ok(IsolationSettings {
+            sandbox,
+            seccomp,
+            modcaps,
+            uid_map: self.uid_map,
+            gid_map: self.gid_map,
+        })
+    }
+}
+
+impl VhostUserArgs {
+    fn resolve(&self) -> Result<VhostUserSettings, CliError> {
+        let isolation = self.isolation.resolve(&self.fs.compat_options)?;
         let migration = [
             (self.migration_mode.is_some(), "--migration-mode"),
             (self.migration_on_error.is_some(), "--migration-on-error"),
@@ -930,9 +977,7 @@ impl VhostUserArgs {
             thread_pool_size: self.thread_pool_size,
             max_request_queues: self.max_request_queues,
             poll_us: self.poll_us,
-            sandbox,
-            seccomp,
-            modcaps,
+            isolation,
             fs,
             process: self.common.resolve(compat_level, warnings)?,
         })
@@ -943,10 +988,12 @@ impl FuseArgs {
     fn resolve(&self) -> Result<FuseSettings, CliError> {
         let mut warnings = Vec::new();
         let (fs, compat_level) = self.fs.resolve(&mut warnings)?;
+        let isolation = self.isolation.resolve(&self.fs.compat_options)?;
         Ok(FuseSettings {
             // clap enforces `required`; the Option only lets the struct be flattened.
             mountpoint: self.mountpoint.clone().unwrap_or_default(),
             threads: usize::from(self.threads),
+            isolation,
             fs,
             process: self.common.resolve(compat_level, warnings)?,
         })
@@ -1245,15 +1292,34 @@ mod tests {
             Ok(Mode::VhostUser(s)) => s,
             other => panic!("{extra}: {other:?}"),
         };
-        assert_eq!(settings("--sandbox=none").sandbox, SandboxMode::None);
         assert_eq!(
-            settings("--sandbox=namespace").sandbox,
+            settings("--sandbox=none").isolation.sandbox,
+            SandboxMode::None
+        );
+        assert_eq!(
+            settings("--sandbox=namespace").isolation.sandbox,
             SandboxMode::Namespace
         );
-        assert_eq!(settings("--sandbox=chroot").sandbox, SandboxMode::Chroot);
-        assert_eq!(settings("--seccomp=kill").seccomp, SeccompAction::Kill);
-        assert_eq!(settings("--seccomp=log").seccomp, SeccompAction::Log);
-        assert!(settings("--modcaps=+sys_admin:-chown").modcaps.add.len() == 1);
+        assert_eq!(
+            settings("--sandbox=chroot").isolation.sandbox,
+            SandboxMode::Chroot
+        );
+        assert_eq!(
+            settings("--seccomp=kill").isolation.seccomp,
+            SeccompAction::Kill
+        );
+        assert_eq!(
+            settings("--seccomp=log").isolation.seccomp,
+            SeccompAction::Log
+        );
+        assert!(
+            settings("--modcaps=+sys_admin:-chown")
+                .isolation
+                .modcaps
+                .add
+                .len()
+                == 1
+        );
         assert!(matches!(
             with("--sandbox=jail").unwrap_err(),
             CliError::InvalidChoice {

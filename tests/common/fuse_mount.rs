@@ -281,9 +281,19 @@ impl FuseMount {
         fs::read_to_string(&self.log_path).unwrap_or_else(|e| format!("<no log: {e}>"))
     }
 
-    /// The daemon's open file descriptors, counted in /proc.
+    /// The process serving the mount: in the namespace sandbox (the default), the launched
+    /// process only supervises its child, which serves.
+    pub fn serving_pid(&self) -> u32 {
+        let pid = self.pid();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))
+            .unwrap_or(pid)
+    }
+
+    /// The serving process's open file descriptors, counted in /proc.
     pub fn daemon_fd_count(&self) -> usize {
-        let dir = format!("/proc/{}/fd", self.pid());
+        let dir = format!("/proc/{}/fd", self.serving_pid());
         fs::read_dir(&dir)
             .unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
             .count()
