@@ -298,13 +298,39 @@ fn run(
         stop_workers(session, &event_receiver, running);
         bail!("could not start the FUSE worker threads");
     }
-    if let Err(e) = wait_for_workers(&event_receiver, running) {
-        stop_workers(session, &event_receiver, running);
-        return Err(e);
-    }
-
+    // Until every worker has confined itself a missing report is an error; a worker that could
+    // not install its filter ends the daemon (it would serve unconfined otherwise). The
+    // filesystem may already be unmounted from outside meanwhile: that ends it cleanly.
+    let start_deadline = Instant::now() + WORKER_START_TIMEOUT;
+    let mut confined = 0;
     loop {
-        let outcome = match event_receiver.recv() {
+        let event = if confined < running {
+            let timeout = start_deadline.saturating_duration_since(Instant::now());
+            match event_receiver.recv_timeout(timeout) {
+                Ok(event) => Ok(event),
+                Err(RecvTimeoutError::Timeout) => {
+                    stop_workers(session, &event_receiver, running);
+                    bail!("the FUSE workers did not install their seccomp filters in time");
+                }
+                Err(RecvTimeoutError::Disconnected) => Err(mpsc::RecvError),
+            }
+        } else {
+            event_receiver.recv()
+        };
+        return match event {
+            Ok(Event::Started {
+                outcome: Ok(()), ..
+            }) => {
+                confined += 1;
+                continue;
+            }
+            Ok(Event::Started {
+                index,
+                outcome: Err(e),
+            }) => {
+                stop_workers(session, &event_receiver, running);
+                Err(anyhow!("FUSE worker {index} cannot confine itself: {e}"))
+            }
             Ok(Event::Signal(signal)) => {
                 info!("Received {}; unmounting.", signal_name(signal));
                 stop_workers(session, &event_receiver, running);
@@ -325,43 +351,9 @@ fn run(
                     Some(e) => Err(anyhow!("FUSE worker {index} failed: {e}")),
                 }
             }
-            Ok(Event::Started { .. }) => continue,
             Err(mpsc::RecvError) => Err(anyhow!("lost track of the FUSE worker threads")),
         };
-        return outcome;
     }
-}
-
-/// Waits until every worker confined itself; a worker that could not install its filter is
-/// an error (it serves nothing).
-fn wait_for_workers(events: &mpsc::Receiver<Event>, workers: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + WORKER_START_TIMEOUT;
-    let mut started = 0;
-    let mut pending_signal = None;
-    while started < workers {
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        match events.recv_timeout(timeout) {
-            Ok(Event::Started {
-                outcome: Ok(()), ..
-            }) => started += 1,
-            Ok(Event::Started {
-                index,
-                outcome: Err(e),
-            }) => return Err(anyhow!("FUSE worker {index} cannot confine itself: {e}")),
-            Ok(Event::Signal(signal)) => pending_signal = Some(signal),
-            Ok(Event::WorkerStopped { index, error }) => {
-                return Err(anyhow!(
-                    "FUSE worker {index} stopped while starting: {}",
-                    error.unwrap_or_else(|| "the connection closed".into())
-                ))
-            }
-            Err(_) => return Err(anyhow!("the FUSE workers did not start in time")),
-        }
-    }
-    if let Some(signal) = pending_signal {
-        return Err(anyhow!("received {} while starting", signal_name(signal)));
-    }
-    Ok(())
 }
 
 fn run_worker(index: usize, mut channel: FuseChannel, server: &FsServer) -> Result<(), String> {
