@@ -36,6 +36,8 @@ const FUSE_ATTR_SUBMOUNT: u32 = 1;
 const FUSE_LK_FLOCK: u32 = 1;
 const FUSE_WRITE_KILL_PRIV: u32 = 4;
 const FUSE_OPEN_KILL_SUIDGID: u32 = 1;
+/// Largest xattr value (and name list) the kernel returns: XATTR_SIZE_MAX = XATTR_LIST_MAX.
+const XATTR_SIZE_MAX: u32 = 65536;
 /// FUSE's "to the end of the file" lock end.
 const OFFSET_MAX: u64 = i64::MAX as u64;
 
@@ -1528,6 +1530,9 @@ impl FileSystem for PassthroughFs {
         let data = self.inodes.get(inode)?;
         let fd = self.inode_fd(&data)?;
         let path = self.proc_relative(fd.as_fd().as_raw_fd())?;
+        // The guest picks `size` (up to 4 GiB); the kernel never returns more than
+        // XATTR_SIZE_MAX, so a larger buffer would only be an allocation the guest controls.
+        let size = size.min(XATTR_SIZE_MAX);
         let mut buf = vec![0u8; size as usize];
         // SAFETY: `buf` is writable for `size` bytes (a null pointer with size 0 asks for the
         // length); result checked.
@@ -1561,6 +1566,8 @@ impl FileSystem for PassthroughFs {
         let data = self.inodes.get(inode)?;
         let fd = self.inode_fd(&data)?;
         let path = self.proc_relative(fd.as_fd().as_raw_fd())?;
+        // As in getxattr: the kernel lists at most XATTR_LIST_MAX bytes.
+        let size = size.min(XATTR_SIZE_MAX);
         let mut buf = vec![0u8; size as usize];
         // SAFETY: as in getxattr.
         let n = unsafe {
