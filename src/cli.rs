@@ -417,6 +417,17 @@ pub struct IsolationArgs {
     /// User namespace gid mapping, like --uid-map [default: :0:<egid>:1:].
     #[arg(long, value_name = ":NS_GID:HOST_GID:COUNT:", value_parser = parse_id_map)]
     pub gid_map: Option<IdMap>,
+
+    /// Most inodes the guest may hold (looked up and not yet forgotten); further lookups fail
+    /// with ENFILE [default: 4194304; with --inode-file-handles never, where each costs a
+    /// descriptor, half of what RLIMIT_NOFILE leaves after a reserve].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
+    pub max_inodes: Option<u64>,
+
+    /// Most files and directories the guest may have open at once; further opens fail with
+    /// EMFILE [default: half of what RLIMIT_NOFILE leaves after a reserve].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_handles: Option<u64>,
 }
 
 fn parse_id_map(s: &str) -> Result<IdMap, String> {
@@ -577,6 +588,9 @@ pub struct IsolationSettings {
     pub modcaps: ModCaps,
     pub uid_map: Option<IdMap>,
     pub gid_map: Option<IdMap>,
+    /// `None`: derived from the descriptor limit at start-up.
+    pub max_inodes: Option<u64>,
+    pub max_handles: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -935,6 +949,8 @@ impl IsolationArgs {
             modcaps,
             uid_map: self.uid_map,
             gid_map: self.gid_map,
+            max_inodes: self.max_inodes,
+            max_handles: self.max_handles,
         })
     }
 }
@@ -1346,6 +1362,63 @@ mod tests {
             with("--migration-mode=file-handles").unwrap_err(),
             CliError::UnsupportedFlag("--migration-mode")
         );
+    }
+
+    #[test]
+    fn guest_limits_and_id_maps_parse() {
+        let s = vhost_user(&[
+            "--fd=3",
+            "--shared-dir=/d",
+            "--max-inodes=1000",
+            "--max-handles=10",
+            "--uid-map=:0:1000:1:",
+            "--gid-map=/5/1000/1/",
+        ]);
+        assert_eq!(s.isolation.max_inodes, Some(1000));
+        assert_eq!(s.isolation.max_handles, Some(10));
+        assert_eq!(
+            s.isolation.uid_map,
+            Some(IdMap {
+                inside: 0,
+                outside: 1000,
+                count: 1
+            })
+        );
+        assert_eq!(s.isolation.gid_map.map(|m| m.inside), Some(5));
+        for bad in [
+            "--max-inodes=1",
+            "--max-handles=0",
+            "--max-handles=lots",
+            "--uid-map=0:1000:1",
+            "--gid-map=:0:1000:0:",
+        ] {
+            let err = parse(&["--fd=3", "--shared-dir=/d", bad]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad}");
+        }
+        match resolve(&[
+            "fuse",
+            "--shared-dir=/d",
+            "--mountpoint=/m",
+            "--seccomp=log",
+            "-o",
+            "sandbox=chroot,modcaps=-mknod",
+        ]) {
+            Ok(Mode::Fuse(s)) => {
+                assert_eq!(s.isolation.sandbox, SandboxMode::Chroot);
+                assert_eq!(s.isolation.seccomp, SeccompAction::Log);
+                assert_eq!(s.isolation.modcaps.remove.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            resolve(&[
+                "--fd=3",
+                "--shared-dir=/d",
+                "--sandbox=none",
+                "--uid-map=:0:1:1:"
+            ]),
+            Err(CliError::Conflict(_))
+        ));
     }
 
     #[test]

@@ -65,8 +65,14 @@ fn main() -> ExitCode {
         .and_then(|limit| {
             tracing::debug!("The open file limit is {limit}.");
             match mode {
-                Mode::VhostUser(settings) => run_vhost_user(settings, signals),
-                Mode::Fuse(settings) => run_fuse(settings, signals),
+                Mode::VhostUser(mut settings) => {
+                    apply_guest_limits(&mut settings.fs, &settings.isolation, limit);
+                    run_vhost_user(settings, signals)
+                }
+                Mode::Fuse(mut settings) => {
+                    apply_guest_limits(&mut settings.fs, &settings.isolation, limit);
+                    run_fuse(settings, signals)
+                }
                 Mode::ImageBuild(settings) => image::run_build(settings, signals),
                 Mode::Mount(settings) => image::run_mount(settings, signals),
                 Mode::PrintCapabilities => Ok(()),
@@ -95,6 +101,46 @@ fn open_filesystem(cfg: Config) -> anyhow::Result<Arc<FsServer>> {
     let fs = PassthroughFs::new(cfg)
         .with_context(|| format!("cannot share the directory {}", root.display()))?;
     Ok(Arc::new(FsServer::new(fs)))
+}
+
+/// Descriptors kept back from the guest's share of RLIMIT_NOFILE for the daemon itself
+/// (sockets, eventfds and epoll sets per queue, guest memory regions, lock files, mounts).
+fn reserved_fds(nofile: u64) -> u64 {
+    (nofile / 4).min(1024)
+}
+
+/// Sets the inode and open-handle caps: as given, or derived from the descriptor limit so
+/// that a guest hits ENFILE/EMFILE from berth before the process runs out of descriptors.
+fn apply_guest_limits(cfg: &mut Config, isolation: &IsolationSettings, nofile: u64) {
+    let share = nofile.saturating_sub(reserved_fds(nofile)) / 2;
+    let clamp = |n: u64| usize::try_from(n).unwrap_or(usize::MAX).max(1);
+    cfg.max_handles = clamp(isolation.max_handles.unwrap_or(share));
+    cfg.max_inodes = match isolation.max_inodes {
+        Some(n) => clamp(n),
+        // Inodes held by descriptor cost one each.
+        None if cfg.inode_file_handles == InodeFileHandles::Never => {
+            cfg.max_inodes.min(clamp(share))
+        }
+        None => cfg.max_inodes,
+    };
+    let fd_bound = cfg.max_handles as u64
+        + if cfg.inode_file_handles == InodeFileHandles::Never {
+            cfg.max_inodes as u64
+        } else {
+            0
+        };
+    if fd_bound > nofile {
+        warn!(
+            "--max-handles {} (plus inodes held by descriptor) exceeds the descriptor limit \
+             {nofile}: guests may exhaust it before berth's own limits apply.",
+            cfg.max_handles
+        );
+    }
+    tracing::debug!(
+        "Guest limits: {} inodes, {} open handles.",
+        cfg.max_inodes,
+        cfg.max_handles
+    );
 }
 
 fn sandbox_config(isolation: &IsolationSettings, shared_dir: &Path) -> SandboxConfig {
