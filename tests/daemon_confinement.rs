@@ -539,3 +539,121 @@ fn a_full_workload_under_seccomp_log_leaves_no_audit_record() {
         );
     }
 }
+
+/// Gives the daemon a private /dev whose `log` is `socket` (root only: the test must not
+/// create /dev/log on the host).
+fn with_private_dev_log(command: &mut std::process::Command, socket: &Path) {
+    use std::os::unix::process::CommandExt;
+    let socket = std::ffi::CString::new(socket.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
+    // calls on pointers it owns.
+    unsafe {
+        command.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return fail();
+            }
+            let none = std::ptr::null::<libc::c_char>();
+            if libc::mount(
+                none,
+                c"/".as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+                || libc::mount(
+                    c"tmpfs".as_ptr(),
+                    c"/dev".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return fail();
+            }
+            let fd = libc::open(c"/dev/log".as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o600);
+            if fd < 0 {
+                return fail();
+            }
+            libc::close(fd);
+            if libc::mount(
+                socket.as_ptr(),
+                c"/dev/log".as_ptr(),
+                none,
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) != 0
+            {
+                return fail();
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn syslog_logging_from_queue_and_pool_threads_passes_the_filters() {
+    let test = "syslog_logging_from_queue_and_pool_threads_passes_the_filters";
+    if !require_root_berth(test) {
+        return;
+    }
+    for extra in [&["--syslog"][..], &["--syslog", "--thread-pool-size=2"]] {
+        let fixture = Fixture::new();
+        let log_socket = fixture.root.path().join("log.sock");
+        let syslog = std::os::unix::net::UnixDatagram::bind(&log_socket).unwrap();
+        syslog
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut args = fixture.basic_args();
+        args.extend(extra.iter().map(OsString::from));
+        let mut daemon = Daemon::spawn_with(args, |command| {
+            with_private_dev_log(command, &log_socket);
+        });
+        daemon.wait_for_socket(&fixture.socket);
+        let mut device = connect(&mut daemon, &fixture.socket, 1);
+        let mut queue = init_first_queue(&mut device);
+        // A chain without a writable reply buffer: the thread serving it logs a warning.
+        use berth_frontend::virtqueue::VIRTQ_DESC_F_NEXT;
+        use berth_frontend::{RawDescriptor, RawNext};
+        let request = queue.allocate_raw_buffer(4096).unwrap();
+        let getattr = fuse_backend_rs::abi::fuse_abi::GetattrIn::default();
+        let (_, len) = queue
+            .write_request_bytes(request, 3, ROOT_ID, &[getattr.as_slice()])
+            .unwrap();
+        let reply = queue.allocate_raw_buffer(4096).unwrap();
+        for _ in 0..3 {
+            let head = queue
+                .submit_raw(&[
+                    RawDescriptor {
+                        addr: request.0,
+                        len,
+                        flags: VIRTQ_DESC_F_NEXT,
+                        next: RawNext::Following,
+                    },
+                    RawDescriptor {
+                        addr: reply.0,
+                        len: 4096,
+                        flags: 0,
+                        next: RawNext::Following,
+                    },
+                ])
+                .unwrap();
+            let _ = queue.wait_raw(head, Duration::from_millis(300));
+        }
+        queue
+            .getattr(ROOT_ID)
+            .expect("GETATTR after the malformed chains");
+        daemon.assert_alive(&format!("{extra:?}: after logging from a serving thread"));
+        let mut lines = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = syslog.recv(&mut buf) {
+            lines.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("Could not serve a request") && l.starts_with("<12>berth[")),
+            "{extra:?}: no warning reached syslog: {lines:#?}"
+        );
+    }
+}
