@@ -10,6 +10,7 @@
 
 use std::io;
 use std::num::Wrapping;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::io::AsRawFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,6 +100,9 @@ pub struct FsBackend {
     confine_events: Vec<EventFd>,
     /// Where the queue threads report how installing their filter went.
     confine_reports: Mutex<Option<mpsc::Sender<Result<(), String>>>>,
+    /// The consumer ends of the queue threads' exit events: vhost-user-backend 0.22 takes
+    /// them as raw descriptors into its epoll sets and never closes them.
+    exit_consumers: Mutex<Vec<RawFd>>,
 }
 
 impl FsBackend {
@@ -139,7 +143,25 @@ impl FsBackend {
                 .collect(),
             confine_events,
             confine_reports: Mutex::new(None),
+            exit_consumers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Closes the exit-event descriptors the library leaks, once the daemon that used this
+    /// backend is dropped (its queue threads joined). berth serves one connection per process
+    /// and never needs this; a process that creates daemon after daemon (the fuzzer) would run
+    /// out of descriptors without it, and then start queue threads that cannot be stopped.
+    #[allow(dead_code)] // Used by the fuzz harness, which builds this file as a library.
+    pub fn reclaim_exit_events(&self) {
+        let mut fds = self
+            .exit_consumers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for fd in fds.drain(..) {
+            // SAFETY: the library converted these descriptors into raw numbers it never
+            // closes; with its threads joined nothing refers to them any more.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
     }
 
     /// The event id that tells a queue thread to confine itself: above the queues and the
@@ -380,7 +402,7 @@ fn confine_control_thread(action: SeccompAction) {
 
 /// Runs one FUSE request and returns the number of reply bytes written into the chain. A chain
 /// that cannot be decoded is returned with nothing written: there is nowhere to put a reply.
-fn serve_request(
+pub(crate) fn serve_request(
     server: &FsServer,
     queue: usize,
     mem: &MemoryGuard,
@@ -572,7 +594,13 @@ impl VhostUserBackend for FsBackend {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
+            Ok(pair) => {
+                self.exit_consumers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(pair.0.as_raw_fd());
+                Some(pair)
+            }
             Err(e) => {
                 error!("Cannot create a queue thread's exit event: {e}.");
                 None
