@@ -49,12 +49,35 @@ fn inode_of(path: &Path) -> (u64, u64) {
 /// The detached unmount guard of the mount at `mnt`: a berth process whose command line
 /// names the mount point and that is not the launched daemon or its sandboxed child.
 fn unmount_guard(mnt: &Path, launched: u32, server: u32) -> Option<u32> {
+    // The mount is visible a moment before the guard is forked.
+    let deadline = Instant::now() + DAEMON_TIMEOUT;
+    loop {
+        if let Some(pid) = find_unmount_guard(mnt, launched, server) {
+            return Some(pid);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn find_unmount_guard(mnt: &Path, launched: u32, server: u32) -> Option<u32> {
     let wanted = mnt.as_os_str().as_encoded_bytes();
     for entry in fs::read_dir("/proc").ok()?.flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
         if pid == launched || pid == server {
+            continue;
+        }
+        // The short-lived intermediate child of the double fork is still berth's child.
+        let stat = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(launched) {
             continue;
         }
         let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
@@ -303,4 +326,90 @@ fn uid_maps_need_the_namespace_sandbox() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("namespace sandbox"), "{stderr}");
+}
+
+/// Runs `script` with /bin/sh as uid/gid 1000.
+fn as_guest_user(script: &str) -> std::process::ExitStatus {
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new("/bin/sh");
+    command.arg("-c").arg(script);
+    // SAFETY: only async-signal-safe id changes between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(1000, 1000, 1000) != 0
+                || libc::setresuid(1000, 1000, 1000) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.status().expect("run /bin/sh")
+}
+
+#[test]
+fn a_full_workload_under_seccomp_log_leaves_no_audit_record() {
+    use std::os::unix::fs::PermissionsExt;
+    let test = "fuse_confinement::a_full_workload_under_seccomp_log_leaves_no_audit_record";
+    if !can_run(test) {
+        return;
+    }
+    if let Some(reason) = seccomp_audit_unavailable() {
+        skip_or_fail(test, &reason);
+        return;
+    }
+    let since = kmsg_position();
+    let Some(mut fs_mount) = FuseMount::start(&[
+        "--seccomp=log",
+        "--xattr",
+        "--posix-lock",
+        "--flock",
+        "--threads=2",
+    ]) else {
+        return;
+    };
+    let launched = fs_mount.pid();
+    let server = serving_pid(launched, true);
+    let guard = unmount_guard(fs_mount.mnt(), launched, server).expect("the unmount guard");
+    let home = fs_mount.under("home");
+    fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(1000), Some(1000)).unwrap();
+    fs::set_permissions(fs_mount.shared(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mnt = fs_mount.mnt().display().to_string();
+    // As root: the whole range of calls, from a shell and from here.
+    let root_script = format!(
+        "set -e; cd {mnt}; echo data > f; cat f >/dev/null; mkdir d; ln -s f l; ln f h; \
+         mv h d/h; chmod 640 f; chown 1000:1000 f; truncate -s 2 f; mkfifo p; \
+         touch -d @1000000 f; ls -la . d >/dev/null; stat -f . >/dev/null; \
+         setfattr -n user.x -v 1 f 2>/dev/null || true; getfattr -d f >/dev/null 2>&1 || true; \
+         flock f true; dd if=f of=g bs=1 count=1 conv=fsync 2>/dev/null; \
+         fallocate -l 8192 g 2>/dev/null || true; cp --reflink=never g g2; rm -r d l p g g2"
+    );
+    let status = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(&root_script)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the root workload failed");
+    // As a guest user: creating calls switch the file system identity.
+    let user_script = format!(
+        "set -e; cd {mnt}/home; echo data > f; mkdir d; ln -s f l; ln f h; mv h d/h; \
+         mkfifo p; chmod 600 f; truncate -s 1 f; ls -la . d >/dev/null; rm -r d l p f"
+    );
+    assert!(
+        as_guest_user(&user_script).success(),
+        "the guest user workload failed"
+    );
+    fs_mount.signal(libc::SIGTERM);
+    let status = fs_mount
+        .wait_exit(DAEMON_TIMEOUT)
+        .expect("berth exits on SIGTERM");
+    assert!(status.success(), "{status}\n{}", fs_mount.log());
+    std::thread::sleep(Duration::from_millis(300));
+    let records = seccomp_records(since, &[launched, server, guard]);
+    assert!(
+        records.is_empty(),
+        "system calls outside the allow-lists (thread, number): {records:?}"
+    );
 }

@@ -441,3 +441,51 @@ fn a_frontend_that_never_reads_replies_does_not_stall_other_queues() {
         daemon.assert_alive("after the stuck queue drained");
     }
 }
+
+#[test]
+fn each_held_inode_costs_a_bounded_amount_of_memory() {
+    let test = "each_held_inode_costs_a_bounded_amount_of_memory";
+    if !berth_only(test) {
+        return;
+    }
+    let fixture = Fixture::new();
+    let many = fixture.shared.join("many");
+    fs::create_dir(&many).unwrap();
+    const FILES: usize = 20_000;
+    for i in 0..FILES {
+        fs::write(many.join(format!("f{i}")), b"").unwrap();
+    }
+    let (mut daemon, server) = start(&fixture, &["--max-inodes=10000"]);
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    let dir = queue.lookup(ROOT_ID, b"many").expect("LOOKUP many");
+    // Warm up allocator arenas and the server's tables before measuring.
+    for i in 0..100 {
+        let entry = queue
+            .lookup(dir.nodeid, format!("f{i}").as_bytes())
+            .unwrap();
+        queue.forget(entry.nodeid, 1).unwrap();
+    }
+    let before = vm_kib(server, "RssAnon:");
+    let mut held = 0u64;
+    let mut refused = 0u64;
+    for i in 0..FILES {
+        match queue.lookup(dir.nodeid, format!("f{i}").as_bytes()) {
+            Ok(_) => held += 1,
+            Err(e) => {
+                assert_eq!(e.errno(), Some(libc::ENFILE));
+                refused += 1;
+            }
+        }
+    }
+    let after = vm_kib(server, "RssAnon:");
+    assert_eq!(held, 10_000 - 2, "root and 'many' count against the cap");
+    assert_eq!(refused, FILES as u64 - held);
+    let per_inode = (after.saturating_sub(before) * 1024) / held;
+    eprintln!(
+        "{held} inodes held cost {} KiB: {per_inode} bytes each",
+        after - before
+    );
+    assert!(per_inode < 1024, "{per_inode} bytes per held inode");
+    daemon.assert_alive("after holding 10 000 inodes");
+}
