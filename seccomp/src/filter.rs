@@ -1,11 +1,13 @@
 //! `--seccomp`: per-thread system call allow-lists, compiled to BPF with seccompiler.
 //!
 //! Each thread installs the filter of its role when it starts. Filters are inherited by the
-//! threads a thread creates afterwards and stack (a call must pass every filter), so a thread
-//! that spawns others installs its filter after spawning them, or its list must cover theirs.
-//! The lists were built by tracing the daemon (`strace -f`) through a workload touching every
-//! FUSE operation, over /dev/fuse and over vhost-user, plus what the Rust runtime and glibc do
-//! rarely (panics, thread exit, memory management, time).
+//! threads a thread creates afterwards and stack (a call must pass every filter), so the main
+//! filter, installed first, covers every role's list and each thread narrows it to its own.
+//! The lists were built by tracing the daemon (`strace -f`, per thread, after its filter)
+//! through the protocol, confinement and /dev/fuse suites, which touch every FUSE operation as
+//! root and as a guest user, inline and on the thread pool, plus what the Rust runtime and
+//! glibc do rarely (panics, thread exit, memory management, time). The berth binary's tests
+//! re-check them under `--seccomp log`: a full workload must leave no audit record.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
