@@ -291,7 +291,11 @@ pub fn init_first_queue(device: &mut VhostUserFs) -> FsQueue {
     queue
 }
 
-/// Prints a skip reason in a form that stands out in test output.
+/// Prints a skip reason in a form that stands out in test output; with
+/// `BERTH_TESTS_NO_SKIP=1` (CI) a skip is a failure instead.
 pub fn skip(test: &str, reason: &str) {
+    if std::env::var("BERTH_TESTS_NO_SKIP").is_ok_and(|v| v == "1") {
+        panic!("{test} cannot run here and BERTH_TESTS_NO_SKIP=1 forbids skipping it: {reason}");
+    }
     eprintln!("SKIPPED {test}: {reason}");
 }

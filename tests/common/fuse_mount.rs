@@ -188,6 +188,9 @@ impl FuseMount {
     /// As [`FuseMount::start`], with a watchdog limit other than [`TEST_TIMEOUT`].
     pub fn start_with_limit(flags: &[&str], limit: Duration) -> Option<FuseMount> {
         if let Some(reason) = skip_reason() {
+            if std::env::var("BERTH_TESTS_NO_SKIP").is_ok_and(|v| v == "1") {
+                panic!("BERTH_TESTS_NO_SKIP=1 forbids skipping this FUSE test: {reason}");
+            }
             eprintln!("SKIPPED: {reason}");
             return None;
         }
