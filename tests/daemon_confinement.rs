@@ -531,7 +531,7 @@ fn a_full_workload_under_seccomp_log_leaves_no_audit_record() {
             .expect("berth exits after the disconnect");
         assert!(status.success(), "{}", daemon.stderr());
         // The kernel writes audit records asynchronously.
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_secs(1));
         let records = seccomp_records(since, &[daemon.pid(), server]);
         assert!(
             records.is_empty(),

@@ -406,7 +406,7 @@ fn a_full_workload_under_seccomp_log_leaves_no_audit_record() {
         .wait_exit(DAEMON_TIMEOUT)
         .expect("berth exits on SIGTERM");
     assert!(status.success(), "{status}\n{}", fs_mount.log());
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_secs(1));
     let records = seccomp_records(since, &[launched, server, guard]);
     assert!(
         records.is_empty(),

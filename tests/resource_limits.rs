@@ -388,8 +388,8 @@ fn a_frontend_that_never_reads_replies_does_not_stall_other_queues() {
     if !berth_only(test) {
         return;
     }
-    let fixture = Fixture::new();
     for extra in [&[][..], &["--thread-pool-size=2"]] {
+        let fixture = Fixture::new();
         let (mut daemon, server) = start(&fixture, extra);
         let mut config = test_config(2);
         config.queue.size = 256;
