@@ -195,9 +195,10 @@ fn run_vhost_user(
     let file_handles = settings.fs.inode_file_handles != InodeFileHandles::Never;
     let server = open_filesystem(settings.fs)?;
     confine_main_thread(&settings.isolation, file_handles)?;
+    let socket_to_remove = socket_path.clone();
     signals.spawn_handler(move |signal| {
         info!("Received {}; exiting.", signal_name(signal));
-        if let Some(path) = socket_path {
+        if let Some(path) = socket_to_remove {
             let _ = std::fs::remove_file(path);
         }
         std::process::exit(0);
@@ -215,7 +216,7 @@ fn run_vhost_user(
             settings.thread_pool_size
         );
     }
-    vhost_user::serve(
+    let served = vhost_user::serve(
         server,
         vhost_user::DeviceOptions {
             tag: settings.tag,
@@ -225,7 +226,12 @@ fn run_vhost_user(
             seccomp: settings.isolation.seccomp,
         },
         listener,
-    )
+    );
+    // Reachable only without a sandbox (the path lies outside the shared directory).
+    if let Some(path) = socket_path {
+        let _ = std::fs::remove_file(path);
+    }
+    served
 }
 
 fn run_fuse(mut settings: FuseSettings, signals: TerminationSignals) -> anyhow::Result<()> {

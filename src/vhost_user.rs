@@ -772,18 +772,41 @@ pub fn listener_at_path(path: &std::path::Path, group: Option<&str>) -> anyhow::
     }
     let gid = group.map(lookup_group).transpose()?;
     let mask = if gid.is_some() { 0o007 } else { 0o077 };
+    // The socket is bound under a temporary name and renamed into place once it listens and
+    // has its final owner: a VMM (or libvirt) that connects as soon as the path appears must
+    // never find a socket that is bound but not yet listening (ECONNREFUSED).
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("the socket path {} names no file", path.display()))?;
+    let staging = path.with_file_name(format!(
+        ".{}.{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&staging);
     // SAFETY: umask has no memory effects; it is restored right after the bind.
     let old_mask = unsafe { libc::umask(mask) };
-    let listener = Listener::new(path, true);
+    let bound = std::os::unix::net::UnixListener::bind(&staging);
     // SAFETY: as above.
     unsafe { libc::umask(old_mask) };
     let listener =
-        listener.map_err(|e| anyhow!("cannot create the socket {}: {e}", path.display()))?;
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .with_context(|| format!("cannot give the socket {} to group {gid}", path.display()))?;
+        bound.map_err(|e| anyhow!("cannot create the socket {}: {e}", path.display()))?;
+    let placed = gid
+        .map(|gid| {
+            std::os::unix::fs::chown(&staging, None, Some(gid)).with_context(|| {
+                format!("cannot give the socket {} to group {gid}", path.display())
+            })
+        })
+        .transpose()
+        .and_then(|_| {
+            std::fs::rename(&staging, path)
+                .with_context(|| format!("cannot create the socket {}", path.display()))
+        });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
     }
-    Ok(listener)
+    Ok(Listener::from(listener))
 }
 
 fn lookup_group(name: &str) -> anyhow::Result<u32> {
@@ -927,6 +950,30 @@ mod tests {
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
             0o700
+        );
+        // It appears listening, under its name, with no staging file left behind.
+        std::os::unix::net::UnixStream::connect(&path).expect("the socket listens");
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["precious", "vfs.sock"]);
+        drop(listener);
+    }
+
+    #[test]
+    fn a_socket_group_owns_the_socket_and_may_connect() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grouped.sock");
+        // SAFETY: getegid has no preconditions.
+        let gid = unsafe { libc::getegid() };
+        let listener = listener_at_path(&path, Some(&gid.to_string())).expect("the socket");
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            0o770
         );
         drop(listener);
     }
