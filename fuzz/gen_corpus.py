@@ -13,10 +13,16 @@ def save(target, name, data):
         f.write(data)
 
 
-def fuse(opcode, nodeid, body, unique=1, parts=1):
-    header = struct.pack("<IIQQIIIHH", 40 + len(body), opcode, unique, nodeid, 0, 0, 1, 0, 0)
-    # The first byte tells the harness over how many descriptors to spread the request.
-    return bytes([parts - 1]) + header + body
+# Upper bits of the control byte: how the harness bends the descriptor chain (fuse.rs Shape).
+REPLY_READABLE, REPLY_FIRST, REPLY_OUTSIDE, LOOP, NEXT_OUT_OF_RANGE, SHORT_REPLY = (
+    0x04, 0x08, 0x10, 0x20, 0x40, 0x80)
+
+
+def fuse(opcode, nodeid, body, unique=1, parts=1, shape=0, uid=0):
+    header = struct.pack("<IIQQIIIHH", 40 + len(body), opcode, unique, nodeid, uid, uid, 1, 0, 0)
+    # The control byte's low bits tell the harness over how many descriptors to spread the
+    # request; its upper bits how to bend the chain.
+    return bytes([(parts - 1) | shape]) + header + body
 
 
 def read_in(fh, offset, size):
@@ -53,6 +59,19 @@ fuse_seeds = {
     "syncfs": fuse(50, 1, struct.pack("<Q", 0)),
     "tmpfile": fuse(51, 1, struct.pack("<IIII", os.O_RDWR, 0o600, 0o022, 0) + b"\0"),
     "destroy": fuse(38, 0, b""),
+    "setxattr": fuse(21, 1, struct.pack("<II", 2, 0) + b"user.fuzz\0v1"),
+    "listxattr": fuse(23, 1, struct.pack("<II", 256, 0)),
+    "removexattr": fuse(24, 1, b"user.fuzz\0"),
+    "getxattr_huge": fuse(22, 1, struct.pack("<II", 0xFFFFFFFF, 0) + b"user.fuzz\0"),
+    "create_as_user": fuse(35, 1, struct.pack("<IIII", os.O_RDWR | os.O_CREAT, 0o644, 0o022, 0)
+                           + b"users\0", uid=1000),
+    "lookup_dotdot": fuse(1, 1, b"..\0"),
+    "shape_reply_readable": fuse(3, 1, struct.pack("<IIQ", 0, 0, 0), shape=REPLY_READABLE),
+    "shape_reply_first": fuse(3, 1, struct.pack("<IIQ", 0, 0, 0), shape=REPLY_FIRST),
+    "shape_reply_outside": fuse(3, 1, struct.pack("<IIQ", 0, 0, 0), shape=REPLY_OUTSIDE),
+    "shape_loop": fuse(3, 1, struct.pack("<IIQ", 0, 0, 0), parts=2, shape=LOOP),
+    "shape_next_out_of_range": fuse(3, 1, struct.pack("<IIQ", 0, 0, 0), shape=NEXT_OUT_OF_RANGE),
+    "shape_short_reply": fuse(15, 2, read_in(1, 0, 4096), shape=SHORT_REPLY),
 }
 for name, data in fuse_seeds.items():
     save("fuse_request", name, data)
@@ -83,6 +102,11 @@ vhost_seeds = {
     "reply_ack": vu(16, u64(0x8)) + vu(3, flags=1 | 0x8),
     "max_mem_slots": vu(16, u64(0x8000)) + vu(36),
     "vring_addr": vu(9, struct.pack("<IIQQQQ", 0, 0, 0x1000, 0x2000, 0x3000, 0)),
+    # berth's device: config space writes are refused, odd reads padded.
+    "set_config": vu(16, u64(0x200)) + vu(25, struct.pack("<III", 0, 4, 0) + b"abcd"),
+    "get_config_odd": vu(16, u64(0x200)) + vu(24, struct.pack("<III", 30, 40, 0) + bytes(40)),
+    "reset_device": vu(3) + vu(2, u64(1 << 32)) + vu(34),
+    "kick_nofd": vu(3) + vu(8, state(1, 64)) + vu(12, u64(0x100 | 1)) + vu(13, u64(0x100 | 1)),
 }
 for name, data in vhost_seeds.items():
     save("vhost_user_message", name, data)

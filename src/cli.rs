@@ -15,7 +15,7 @@ use std::time::Duration;
 use berth_cache::manifest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use berth_cache::Compression;
 use berth_passthrough::{CachePolicy, Config, InodeFileHandles, Negotiation as FsNegotiation};
-use berth_seccomp::{ModCaps, SandboxMode, SeccompAction};
+use berth_seccomp::{IdMap, ModCaps, SandboxMode, SeccompAction};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 /// Longest tag the virtio-fs config space holds (virtio spec 5.11.4).
@@ -400,20 +400,6 @@ pub struct VhostUserArgs {
     #[arg(long)]
     pub print_capabilities: bool,
 
-    /// Process isolation: `namespace` (new mount, pid and net namespaces, the shared directory
-    /// as root), `chroot` (chroot into the shared directory) or `none` [default: namespace].
-    #[arg(long, value_name = "namespace|chroot|none")]
-    pub sandbox: Option<String>,
-
-    /// Seccomp filter action for a system call outside each thread's allow-list:
-    /// `kill` the process, `log` it, raise SIGSYS (`trap`), or no filter (`none`).
-    #[arg(long, value_name = "none|kill|log|trap", default_value = "kill")]
-    pub seccomp: String,
-
-    /// Capability changes, virtiofsd's syntax: `+sys_admin:-chown`, `=chown,fowner`.
-    #[arg(long, value_name = "CAPS")]
-    pub modcaps: Option<String>,
-
     /// virtiofsd migration flags: berth offers no migration, so these are refused.
     #[arg(long, value_name = "MODE", hide = true)]
     pub migration_mode: Option<String>,
@@ -423,6 +409,9 @@ pub struct VhostUserArgs {
     pub migration_verify_handles: bool,
     #[arg(long, hide = true)]
     pub migration_confirm_paths: bool,
+
+    #[command(flatten)]
+    pub isolation: IsolationArgs,
 
     #[command(flatten)]
     pub fs: FsArgs,
@@ -444,10 +433,57 @@ pub struct FuseArgs {
     pub threads: u16,
 
     #[command(flatten)]
+    pub isolation: IsolationArgs,
+
+    #[command(flatten)]
     pub fs: FsArgs,
 
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// How the serving process confines itself, shared by both modes (virtiofsd's flags).
+#[derive(Debug, Args)]
+pub struct IsolationArgs {
+    /// Process isolation: `namespace` (new mount, pid and net namespaces, the shared directory
+    /// as root), `chroot` (chroot into the shared directory) or `none` [default: namespace].
+    #[arg(long, value_name = "namespace|chroot|none")]
+    pub sandbox: Option<String>,
+
+    /// Seccomp filter action for a system call outside each thread's allow-list:
+    /// `kill` the process, `log` it, raise SIGSYS (`trap`), or no filter (`none`).
+    #[arg(long, value_name = "none|kill|log|trap", default_value = "kill")]
+    pub seccomp: String,
+
+    /// Capability changes, virtiofsd's syntax: a `:`-separated list of capabilities, each
+    /// preceded by `+` (keep it too) or `-` (drop it), e.g. `+sys_admin:-chown:-mknod`.
+    #[arg(long, value_name = "CAPS")]
+    pub modcaps: Option<String>,
+
+    /// User namespace uid mapping when not started as root (namespace sandbox), virtiofsd's
+    /// syntax `:namespace_uid:host_uid:count:`; an unprivileged user maps its own uid
+    /// (count 1) [default: :0:<euid>:1:].
+    #[arg(long, value_name = ":NS_UID:HOST_UID:COUNT:", value_parser = parse_id_map)]
+    pub uid_map: Option<IdMap>,
+
+    /// User namespace gid mapping, like --uid-map [default: :0:<egid>:1:].
+    #[arg(long, value_name = ":NS_GID:HOST_GID:COUNT:", value_parser = parse_id_map)]
+    pub gid_map: Option<IdMap>,
+
+    /// Most inodes the guest may hold (looked up and not yet forgotten); further lookups fail
+    /// with ENFILE [default: 4194304; with --inode-file-handles never, where each costs a
+    /// descriptor, half of what RLIMIT_NOFILE leaves after a reserve].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
+    pub max_inodes: Option<u64>,
+
+    /// Most files and directories the guest may have open at once; further opens fail with
+    /// EMFILE [default: half of what RLIMIT_NOFILE leaves after a reserve].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_handles: Option<u64>,
+}
+
+fn parse_id_map(s: &str) -> Result<IdMap, String> {
+    s.parse::<IdMap>().map_err(|e| e.to_string())
 }
 
 /// Flags that shape the filesystem, shared by both modes.
@@ -536,10 +572,6 @@ pub struct FsArgs {
     #[arg(long, value_name = "MAP", hide = true)]
     pub xattrmap: Option<String>,
     #[arg(long, value_name = "MAP", hide = true)]
-    pub uid_map: Vec<String>,
-    #[arg(long, value_name = "MAP", hide = true)]
-    pub gid_map: Vec<String>,
-    #[arg(long, value_name = "MAP", hide = true)]
     pub translate_uid: Vec<String>,
     #[arg(long, value_name = "MAP", hide = true)]
     pub translate_gid: Vec<String>,
@@ -598,17 +630,29 @@ pub struct VhostUserSettings {
     pub thread_pool_size: usize,
     pub max_request_queues: u16,
     pub poll_us: u32,
+    pub isolation: IsolationSettings,
+    pub fs: Config,
+    pub process: ProcessSettings,
+}
+
+/// The resolved isolation flags.
+#[derive(Debug, Clone)]
+pub struct IsolationSettings {
     pub sandbox: SandboxMode,
     pub seccomp: SeccompAction,
     pub modcaps: ModCaps,
-    pub fs: Config,
-    pub process: ProcessSettings,
+    pub uid_map: Option<IdMap>,
+    pub gid_map: Option<IdMap>,
+    /// `None`: derived from the descriptor limit at start-up.
+    pub max_inodes: Option<u64>,
+    pub max_handles: Option<u64>,
 }
 
 #[derive(Debug)]
 pub struct FuseSettings {
     pub mountpoint: PathBuf,
     pub threads: usize,
+    pub isolation: IsolationSettings,
     pub fs: Config,
     pub process: ProcessSettings,
 }
@@ -716,7 +760,7 @@ impl CompatOptions {
                     .map_err(|_| bad("expected a non-negative number of seconds"))?;
                 self.timeout = Some(timeout);
             }
-            // Checked by the vhost-user settings, which own isolation.
+            // Resolved with the isolation flags (IsolationArgs).
             "sandbox" | "modcaps" => {}
             "xattrmap" => return Err(CliError::UnsupportedFlag("-o xattrmap")),
             _ => return Err(CliError::UnknownCompatOption(format!("{key}={value}"))),
@@ -870,8 +914,6 @@ impl FsArgs {
     fn reject_unsupported(&self) -> Result<(), CliError> {
         let unsupported = [
             (self.xattrmap.is_some(), "--xattrmap"),
-            (!self.uid_map.is_empty(), "--uid-map"),
-            (!self.gid_map.is_empty(), "--gid-map"),
             (!self.translate_uid.is_empty(), "--translate-uid"),
             (!self.translate_gid.is_empty(), "--translate-gid"),
         ];
@@ -917,8 +959,10 @@ fn compat_value(options: &[String], key: &str) -> Option<String> {
         .next_back()
 }
 
-impl VhostUserArgs {
-    fn resolve(&self) -> Result<VhostUserSettings, CliError> {
+impl IsolationArgs {
+    /// Merges the flags with their `-o sandbox=` / `-o modcaps=` counterparts; a flag and an
+    /// option that disagree are an error, never one silently winning.
+    fn resolve(&self, compat_options: &[String]) -> Result<IsolationSettings, CliError> {
         let parse_sandbox = |value: &str| {
             value
                 .parse::<SandboxMode>()
@@ -929,7 +973,7 @@ impl VhostUserArgs {
                 })
         };
         let flag_sandbox = self.sandbox.as_deref().map(parse_sandbox).transpose()?;
-        let compat_sandbox = compat_value(&self.fs.compat_options, "sandbox");
+        let compat_sandbox = compat_value(compat_options, "sandbox");
         let compat_mode = compat_sandbox.as_deref().map(parse_sandbox).transpose()?;
         let sandbox = match (flag_sandbox, compat_mode) {
             (Some(flag), Some(compat)) if flag != compat => {
@@ -947,7 +991,7 @@ impl VhostUserArgs {
             value: self.seccomp.clone(),
             expected: "none, kill, log, trap",
         })?;
-        let compat_modcaps = compat_value(&self.fs.compat_options, "modcaps");
+        let compat_modcaps = compat_value(compat_options, "modcaps");
         let modcaps_spec = match (&self.modcaps, compat_modcaps) {
             (Some(flag), Some(compat)) if *flag != compat => {
                 return Err(CliError::Conflict(format!(
@@ -963,6 +1007,26 @@ impl VhostUserArgs {
                 .map_err(|e: berth_seccomp::Error| CliError::BadModcaps(e.to_string()))?,
             None => ModCaps::default(),
         };
+        if (self.uid_map.is_some() || self.gid_map.is_some()) && sandbox != SandboxMode::Namespace {
+            return Err(CliError::Conflict(
+                "--uid-map and --gid-map need the namespace sandbox (--sandbox namespace)".into(),
+            ));
+        }
+        Ok(IsolationSettings {
+            sandbox,
+            seccomp,
+            modcaps,
+            uid_map: self.uid_map,
+            gid_map: self.gid_map,
+            max_inodes: self.max_inodes,
+            max_handles: self.max_handles,
+        })
+    }
+}
+
+impl VhostUserArgs {
+    fn resolve(&self) -> Result<VhostUserSettings, CliError> {
+        let isolation = self.isolation.resolve(&self.fs.compat_options)?;
         let migration = [
             (self.migration_mode.is_some(), "--migration-mode"),
             (self.migration_on_error.is_some(), "--migration-on-error"),
@@ -998,9 +1062,7 @@ impl VhostUserArgs {
             thread_pool_size: self.thread_pool_size,
             max_request_queues: self.max_request_queues,
             poll_us: self.poll_us,
-            sandbox,
-            seccomp,
-            modcaps,
+            isolation,
             fs,
             process: self.common.resolve(compat_level, warnings)?,
         })
@@ -1011,10 +1073,12 @@ impl FuseArgs {
     fn resolve(&self) -> Result<FuseSettings, CliError> {
         let mut warnings = Vec::new();
         let (fs, compat_level) = self.fs.resolve(&mut warnings)?;
+        let isolation = self.isolation.resolve(&self.fs.compat_options)?;
         Ok(FuseSettings {
             // clap enforces `required`; the Option only lets the struct be flattened.
             mountpoint: self.mountpoint.clone().unwrap_or_default(),
             threads: usize::from(self.threads),
+            isolation,
             fs,
             process: self.common.resolve(compat_level, warnings)?,
         })
@@ -1300,11 +1364,11 @@ mod tests {
             "-o",
             "sandbox=chroot",
         ]);
-        assert_eq!(s.sandbox, SandboxMode::Chroot);
+        assert_eq!(s.isolation.sandbox, SandboxMode::Chroot);
         let s = vhost_user(&["--fd=3", "--shared-dir=/d", "-o", "sandbox=none"]);
-        assert_eq!(s.sandbox, SandboxMode::None);
+        assert_eq!(s.isolation.sandbox, SandboxMode::None);
         let s = vhost_user(&["--fd=3", "--shared-dir=/d"]);
-        assert_eq!(s.sandbox, SandboxMode::Namespace);
+        assert_eq!(s.isolation.sandbox, SandboxMode::Namespace);
         let s = vhost_user(&[
             "--fd=3",
             "--shared-dir=/d",
@@ -1312,9 +1376,9 @@ mod tests {
             "-o",
             "modcaps=+sys_admin",
         ]);
-        assert_eq!(s.modcaps.add.len(), 1);
+        assert_eq!(s.isolation.modcaps.add.len(), 1);
         let s = vhost_user(&["--fd=3", "--shared-dir=/d", "-o", "modcaps=+sys_admin"]);
-        assert_eq!(s.modcaps.add.len(), 1);
+        assert_eq!(s.isolation.modcaps.add.len(), 1);
     }
 
     #[test]
@@ -1408,15 +1472,34 @@ mod tests {
             Ok(Mode::VhostUser(s)) => s,
             other => panic!("{extra}: {other:?}"),
         };
-        assert_eq!(settings("--sandbox=none").sandbox, SandboxMode::None);
         assert_eq!(
-            settings("--sandbox=namespace").sandbox,
+            settings("--sandbox=none").isolation.sandbox,
+            SandboxMode::None
+        );
+        assert_eq!(
+            settings("--sandbox=namespace").isolation.sandbox,
             SandboxMode::Namespace
         );
-        assert_eq!(settings("--sandbox=chroot").sandbox, SandboxMode::Chroot);
-        assert_eq!(settings("--seccomp=kill").seccomp, SeccompAction::Kill);
-        assert_eq!(settings("--seccomp=log").seccomp, SeccompAction::Log);
-        assert!(settings("--modcaps=+sys_admin:-chown").modcaps.add.len() == 1);
+        assert_eq!(
+            settings("--sandbox=chroot").isolation.sandbox,
+            SandboxMode::Chroot
+        );
+        assert_eq!(
+            settings("--seccomp=kill").isolation.seccomp,
+            SeccompAction::Kill
+        );
+        assert_eq!(
+            settings("--seccomp=log").isolation.seccomp,
+            SeccompAction::Log
+        );
+        assert!(
+            settings("--modcaps=+sys_admin:-chown")
+                .isolation
+                .modcaps
+                .add
+                .len()
+                == 1
+        );
         assert!(matches!(
             with("--sandbox=jail").unwrap_err(),
             CliError::InvalidChoice {
@@ -1443,6 +1526,63 @@ mod tests {
             with("--migration-mode=file-handles").unwrap_err(),
             CliError::UnsupportedFlag("--migration-mode")
         );
+    }
+
+    #[test]
+    fn guest_limits_and_id_maps_parse() {
+        let s = vhost_user(&[
+            "--fd=3",
+            "--shared-dir=/d",
+            "--max-inodes=1000",
+            "--max-handles=10",
+            "--uid-map=:0:1000:1:",
+            "--gid-map=/5/1000/1/",
+        ]);
+        assert_eq!(s.isolation.max_inodes, Some(1000));
+        assert_eq!(s.isolation.max_handles, Some(10));
+        assert_eq!(
+            s.isolation.uid_map,
+            Some(IdMap {
+                inside: 0,
+                outside: 1000,
+                count: 1
+            })
+        );
+        assert_eq!(s.isolation.gid_map.map(|m| m.inside), Some(5));
+        for bad in [
+            "--max-inodes=1",
+            "--max-handles=0",
+            "--max-handles=lots",
+            "--uid-map=0:1000:1",
+            "--gid-map=:0:1000:0:",
+        ] {
+            let err = parse(&["--fd=3", "--shared-dir=/d", bad]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad}");
+        }
+        match resolve(&[
+            "fuse",
+            "--shared-dir=/d",
+            "--mountpoint=/m",
+            "--seccomp=log",
+            "-o",
+            "sandbox=chroot,modcaps=-mknod",
+        ]) {
+            Ok(Mode::Fuse(s)) => {
+                assert_eq!(s.isolation.sandbox, SandboxMode::Chroot);
+                assert_eq!(s.isolation.seccomp, SeccompAction::Log);
+                assert_eq!(s.isolation.modcaps.remove.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            resolve(&[
+                "--fd=3",
+                "--shared-dir=/d",
+                "--sandbox=none",
+                "--uid-map=:0:1:1:"
+            ]),
+            Err(CliError::Conflict(_))
+        ));
     }
 
     #[test]

@@ -57,6 +57,12 @@ pub struct ChainLayout {
     overflow: bool,
 }
 
+impl Default for ChainLayout {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ChainLayout {
     pub fn new() -> Self {
         ChainLayout {

@@ -1,11 +1,21 @@
 //! `berth fuse`: the same filesystem mounted on the host through /dev/fuse.
 //!
-//! The main thread mounts, starts the worker threads (each reading requests from its own
-//! channel on the FUSE connection) and then waits for one of two things: a termination signal,
-//! after which it stops the workers and unmounts, or a worker stopping by itself, which means
-//! the filesystem was unmounted from outside (or the connection failed).
+//! Start-up, in this order: [`mount`] in the host's namespaces (the mount must be visible on
+//! the host), [`UnmountGuard::spawn`] a small process that stays outside the sandbox with the
+//! privilege to unmount, then the binary enters the sandbox, drops capabilities and installs
+//! the main seccomp filter, and [`serve`] starts the workers, each reading requests from its
+//! own channel on the FUSE connection under the FUSE worker filter.
+//!
+//! The main thread then waits for one of two things: a termination signal, after which it
+//! stops the workers and has the guard unmount, or a worker stopping by itself, which means
+//! the filesystem was unmounted from outside (or the connection failed). If berth dies
+//! instead, the guard sees its end of a pipe close and unmounts then.
 
-use std::os::unix::io::AsRawFd;
+use std::ffi::CString;
+use std::io;
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -13,8 +23,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail};
+use anyhow::{anyhow, bail, Context};
 use berth_passthrough::FsServer;
+use berth_seccomp::{SeccompAction, ThreadRole};
 use fuse_backend_rs::transport::{FuseChannel, FuseSession};
 use tracing::{debug, error, info, warn};
 
@@ -23,32 +34,227 @@ use crate::shutdown::{signal_name, TerminationSignals};
 /// How long stopping workers may take before berth unmounts anyway (a worker can be stuck in
 /// a slow host operation).
 const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long the workers may take to install their seccomp filters.
+const WORKER_START_TIMEOUT: Duration = Duration::from_secs(10);
 
 enum Event {
     Signal(libc::c_int),
-    WorkerStopped { index: usize, error: Option<String> },
+    Started {
+        index: usize,
+        outcome: Result<(), String>,
+    },
+    WorkerStopped {
+        index: usize,
+        error: Option<String>,
+    },
 }
 
-/// Mounts the filesystem served by `server` on `mountpoint` and serves it with `threads`
-/// workers until a termination signal or an external unmount.
-pub fn serve(
-    server: Arc<FsServer>,
-    mountpoint: &Path,
-    threads: usize,
-    readonly: bool,
-    signals: TerminationSignals,
-) -> anyhow::Result<()> {
+/// Mounts the FUSE filesystem on `mountpoint` (an absolute path) in the current namespaces.
+///
+/// The session never unmounts by itself (its `Drop` would, by path, from wherever the process
+/// is confined to by then): the [`UnmountGuard`] does.
+pub fn mount(mountpoint: &Path, readonly: bool) -> anyhow::Result<ManuallyDrop<FuseSession>> {
     let mut session = FuseSession::new(mountpoint, "berth", "berth", readonly)
         .map_err(|e| anyhow!("cannot use {} as a mount point: {e}", mountpoint.display()))?;
     session.set_allow_other(true);
     session
         .mount()
         .map_err(|e| anyhow!("cannot mount on {}: {e}", mountpoint.display()))?;
+    Ok(ManuallyDrop::new(session))
+}
+
+/// A process outside the sandbox that unmounts the mount point when asked to, or when berth
+/// is gone (its end of the request pipe closed), whatever confinement berth is in.
+pub struct UnmountGuard {
+    /// Written (one byte) to ask for the unmount; closed when berth exits.
+    request: OwnedFd,
+    /// Read (one byte) once the unmount happened.
+    done: OwnedFd,
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 returns.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and nothing else owns them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Closes every descriptor above stderr except `keep`.
+fn close_all_but(keep: &[RawFd]) {
+    let mut keep = keep.to_vec();
+    keep.sort_unstable();
+    let mut from = 3u32;
+    for fd in keep {
+        let fd = fd as u32;
+        if fd > from {
+            // SAFETY: closing descriptors nothing in this (forked) process uses any more.
+            unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32) };
+        }
+        from = fd + 1;
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32) };
+}
+
+impl UnmountGuard {
+    /// Forks the guard (detached: it is nobody's child but init's). Call it while the process
+    /// is single-threaded, before the sandbox and before capabilities are dropped: the guard
+    /// keeps the process's capabilities to unmount, and installs `seccomp` (when root; an
+    /// unprivileged guard needs fusermount, an exec no filter allows).
+    pub fn spawn(mountpoint: &Path, seccomp: SeccompAction, root: bool) -> anyhow::Result<Self> {
+        let path = CString::new(mountpoint.as_os_str().as_bytes())
+            .map_err(|_| anyhow!("the mount point contains a NUL byte"))?;
+        let (request_read, request_write) = pipe().context("cannot create the unmount pipe")?;
+        let (done_read, done_write) = pipe().context("cannot create the unmount pipe")?;
+        // SAFETY: the process is single-threaded (documented precondition); the child only
+        // makes plain system calls (and fusermount, unprivileged) before exiting.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(anyhow!(
+                "cannot start the unmount guard: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        if pid == 0 {
+            // SAFETY: as above; the grandchild is the guard, reparented once this child exits.
+            if unsafe { libc::fork() } != 0 {
+                // SAFETY: _exit skips the parent's atexit handlers and buffers.
+                unsafe { libc::_exit(0) };
+            }
+            run_guard(&path, &request_read, &done_write, seccomp, root);
+        }
+        let mut status = 0;
+        // SAFETY: reaping the intermediate child, which exits at once.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        drop((request_read, done_write));
+        Ok(UnmountGuard {
+            request: request_write,
+            done: done_read,
+        })
+    }
+
+    /// Has the guard unmount now and waits until it has.
+    pub fn unmount(self) {
+        let byte = [1u8];
+        // SAFETY: writing one byte from a valid buffer to our pipe end.
+        let written = unsafe { libc::write(self.request.as_raw_fd(), byte.as_ptr().cast(), 1) };
+        if written != 1 {
+            error!(
+                "Cannot ask for the unmount: {}.",
+                io::Error::last_os_error()
+            );
+            return;
+        }
+        let mut ack = [0u8];
+        // SAFETY: reading one byte into a valid buffer; EOF (0) means the guard is gone.
+        let read = unsafe { libc::read(self.done.as_raw_fd(), ack.as_mut_ptr().cast(), 1) };
+        if read != 1 {
+            error!("The unmount guard is gone; the mount point may still be mounted.");
+        }
+    }
+}
+
+/// The guard's life: wait for a request or for berth's end, unmount, report, exit.
+fn run_guard(
+    path: &CString,
+    request: &OwnedFd,
+    done: &OwnedFd,
+    seccomp: SeccompAction,
+    root: bool,
+) -> ! {
+    // It must not keep /dev/fuse (the connection would outlive berth) or anything else open.
+    close_all_but(&[request.as_raw_fd(), done.as_raw_fd()]);
+    if root {
+        if let Err(e) = berth_seccomp::install_filter(ThreadRole::Supervisor, seccomp) {
+            eprintln!("error: the unmount guard: {e}");
+            // SAFETY: _exit only ends this process.
+            unsafe { libc::_exit(1) };
+        }
+    }
+    let mut byte = [0u8];
+    let asked = loop {
+        // SAFETY: reading one byte into a valid buffer.
+        let n = unsafe { libc::read(request.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        break n == 1;
+    };
+    unmount_path(path, !root);
+    if asked {
+        // SAFETY: writing one byte from a valid buffer to our pipe end.
+        unsafe { libc::write(done.as_raw_fd(), byte.as_ptr().cast(), 1) };
+    }
+    // SAFETY: _exit only ends this process.
+    unsafe { libc::_exit(0) }
+}
+
+/// Lazily unmounts `path`; already unmounted (from outside) is fine.
+fn unmount_path(path: &CString, with_helper: bool) {
+    // SAFETY: `path` is NUL-terminated.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return;
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOENT) => return,
+        Some(libc::EPERM) if with_helper => {
+            let path = std::ffi::OsStr::from_bytes(path.as_bytes());
+            for helper in ["fusermount3", "fusermount"] {
+                let unmounted = std::process::Command::new(helper)
+                    .arg("-u")
+                    .arg("-z")
+                    .arg(path)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if unmounted {
+                    return;
+                }
+            }
+        }
+        _ => {}
+    }
+    eprintln!(
+        "error: cannot unmount {}: {error}",
+        String::from_utf8_lossy(path.as_bytes())
+    );
+}
+
+/// Serves the mounted `session` with `threads` workers until a termination signal or an
+/// external unmount, then has `guard` unmount `mountpoint`.
+pub fn serve(
+    server: Arc<FsServer>,
+    session: ManuallyDrop<FuseSession>,
+    mountpoint: &Path,
+    threads: usize,
+    seccomp: SeccompAction,
+    guard: UnmountGuard,
+    signals: TerminationSignals,
+) -> anyhow::Result<()> {
+    let outcome = run(&server, &session, mountpoint, threads, seccomp, signals);
+    guard.unmount();
+    match &outcome {
+        Ok(()) => info!("Unmounted {}.", mountpoint.display()),
+        Err(_) => info!("Unmounted {} after an error.", mountpoint.display()),
+    }
+    outcome
+}
+
+fn run(
+    server: &Arc<FsServer>,
+    session: &FuseSession,
+    mountpoint: &Path,
+    threads: usize,
+    seccomp: SeccompAction,
+    signals: TerminationSignals,
+) -> anyhow::Result<()> {
     info!(
         "Mounted the shared directory on {} with {threads} worker threads.",
         mountpoint.display()
     );
-
     let (events, event_receiver) = mpsc::channel();
     let signal_events = events.clone();
     signals.spawn_handler(move |signal| {
@@ -69,7 +275,15 @@ pub fn serve(
         let spawned = thread::Builder::new()
             .name(format!("berth-fuse-{index}"))
             .spawn(move || {
-                let error = run_worker(index, channel, &server).err();
+                let outcome = berth_seccomp::install_filter(ThreadRole::FuseWorker, seccomp)
+                    .map_err(|e| e.to_string());
+                let ready = outcome.is_ok();
+                let _ = events.send(Event::Started { index, outcome });
+                let error = if ready {
+                    run_worker(index, channel, &server).err()
+                } else {
+                    None
+                };
                 let _ = events.send(Event::WorkerStopped { index, error });
             });
         match spawned {
@@ -81,42 +295,65 @@ pub fn serve(
         }
     }
     if running < threads {
-        stop_workers(&session, &event_receiver, running);
-        unmount(&mut session, mountpoint);
+        stop_workers(session, &event_receiver, running);
         bail!("could not start the FUSE worker threads");
     }
-
-    let mut lost = false;
-    let outcome = match event_receiver.recv() {
-        Ok(Event::Signal(signal)) => {
-            info!("Received {}; unmounting.", signal_name(signal));
-            stop_workers(&session, &event_receiver, running);
-            Ok(())
-        }
-        Ok(Event::WorkerStopped { index, error }) => {
-            lost = connection_lost(&session);
-            stop_workers(&session, &event_receiver, running - 1);
-            match error {
-                _ if lost => {
-                    info!("The filesystem was unmounted; shutting down.");
-                    Ok(())
+    // Until every worker has confined itself a missing report is an error; a worker that could
+    // not install its filter ends the daemon (it would serve unconfined otherwise). The
+    // filesystem may already be unmounted from outside meanwhile: that ends it cleanly.
+    let start_deadline = Instant::now() + WORKER_START_TIMEOUT;
+    let mut confined = 0;
+    loop {
+        let event = if confined < running {
+            let timeout = start_deadline.saturating_duration_since(Instant::now());
+            match event_receiver.recv_timeout(timeout) {
+                Ok(event) => Ok(event),
+                Err(RecvTimeoutError::Timeout) => {
+                    stop_workers(session, &event_receiver, running);
+                    bail!("the FUSE workers did not install their seccomp filters in time");
                 }
-                None => {
-                    info!("The FUSE connection was closed; shutting down.");
-                    Ok(())
-                }
-                Some(e) => Err(anyhow!("FUSE worker {index} failed: {e}")),
+                Err(RecvTimeoutError::Disconnected) => Err(mpsc::RecvError),
             }
-        }
-        Err(mpsc::RecvError) => Err(anyhow!("lost track of the FUSE worker threads")),
-    };
-    if lost {
-        // Already gone from the mount table; this only closes berth's side.
-        let _ = session.umount();
-    } else {
-        unmount(&mut session, mountpoint);
+        } else {
+            event_receiver.recv()
+        };
+        return match event {
+            Ok(Event::Started {
+                outcome: Ok(()), ..
+            }) => {
+                confined += 1;
+                continue;
+            }
+            Ok(Event::Started {
+                index,
+                outcome: Err(e),
+            }) => {
+                stop_workers(session, &event_receiver, running);
+                Err(anyhow!("FUSE worker {index} cannot confine itself: {e}"))
+            }
+            Ok(Event::Signal(signal)) => {
+                info!("Received {}; unmounting.", signal_name(signal));
+                stop_workers(session, &event_receiver, running);
+                Ok(())
+            }
+            Ok(Event::WorkerStopped { index, error }) => {
+                let lost = connection_lost(session);
+                stop_workers(session, &event_receiver, running - 1);
+                match error {
+                    _ if lost => {
+                        info!("The filesystem was unmounted; shutting down.");
+                        Ok(())
+                    }
+                    None => {
+                        info!("The FUSE connection was closed; shutting down.");
+                        Ok(())
+                    }
+                    Some(e) => Err(anyhow!("FUSE worker {index} failed: {e}")),
+                }
+            }
+            Err(mpsc::RecvError) => Err(anyhow!("lost track of the FUSE worker threads")),
+        };
     }
-    outcome
 }
 
 fn run_worker(index: usize, mut channel: FuseChannel, server: &FsServer) -> Result<(), String> {
@@ -161,7 +398,7 @@ fn stop_workers(session: &FuseSession, events: &mpsc::Receiver<Event>, mut runni
                     debug!(worker = index, "FUSE worker stopped: {e}.");
                 }
             }
-            Ok(Event::Signal(_)) => {}
+            Ok(Event::Signal(_)) | Ok(Event::Started { .. }) => {}
             Err(RecvTimeoutError::Timeout) => {
                 warn!("{running} FUSE worker threads are still busy; unmounting anyway.");
                 return;
@@ -184,11 +421,4 @@ fn connection_lost(session: &FuseSession) -> bool {
     // SAFETY: one valid pollfd, zero timeout.
     let rc = unsafe { libc::poll(&mut pollfd, 1, 0) };
     rc > 0 && pollfd.revents & libc::POLLERR != 0
-}
-
-fn unmount(session: &mut FuseSession, mountpoint: &Path) {
-    match session.umount() {
-        Ok(()) => info!("Unmounted {}.", mountpoint.display()),
-        Err(e) => error!("Cannot unmount {}: {e}.", mountpoint.display()),
-    }
 }

@@ -11,6 +11,7 @@ mod pool;
 mod shutdown;
 mod vhost_user;
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ use berth_seccomp::{CapsNeeded, SandboxConfig, ThreadRole};
 use clap::Parser;
 use tracing::{info, warn};
 
-use crate::cli::{Cli, FuseSettings, ListenerSource, Mode, VhostUserSettings};
+use crate::cli::{Cli, FuseSettings, IsolationSettings, ListenerSource, Mode, VhostUserSettings};
 use crate::shutdown::{signal_name, TerminationSignals};
 
 /// Exit status for a command line that parsed but cannot be honoured (clap uses 2 as well).
@@ -65,8 +66,14 @@ fn main() -> ExitCode {
         .and_then(|limit| {
             tracing::debug!("The open file limit is {limit}.");
             match mode {
-                Mode::VhostUser(settings) => run_vhost_user(settings, signals),
-                Mode::Fuse(settings) => run_fuse(settings, signals),
+                Mode::VhostUser(mut settings) => {
+                    apply_guest_limits(&mut settings.fs, &settings.isolation, limit);
+                    run_vhost_user(settings, signals)
+                }
+                Mode::Fuse(mut settings) => {
+                    apply_guest_limits(&mut settings.fs, &settings.isolation, limit);
+                    run_fuse(settings, signals)
+                }
                 Mode::ImageBuild(settings) => image::run_build(settings, signals),
                 Mode::Mount(settings) => image::run_mount(settings, signals),
                 Mode::PrintCapabilities => Ok(()),
@@ -97,6 +104,71 @@ fn open_filesystem(cfg: Config) -> anyhow::Result<Arc<FsServer>> {
     Ok(Arc::new(FsServer::new(fs)))
 }
 
+/// Descriptors kept back from the guest's share of RLIMIT_NOFILE for the daemon itself
+/// (sockets, eventfds and epoll sets per queue, guest memory regions, lock files, mounts).
+fn reserved_fds(nofile: u64) -> u64 {
+    (nofile / 4).min(1024)
+}
+
+/// Sets the inode and open-handle caps: as given, or derived from the descriptor limit so
+/// that a guest hits ENFILE/EMFILE from berth before the process runs out of descriptors.
+fn apply_guest_limits(cfg: &mut Config, isolation: &IsolationSettings, nofile: u64) {
+    let share = nofile.saturating_sub(reserved_fds(nofile)) / 2;
+    let clamp = |n: u64| usize::try_from(n).unwrap_or(usize::MAX).max(1);
+    cfg.max_handles = clamp(isolation.max_handles.unwrap_or(share));
+    cfg.max_inodes = match isolation.max_inodes {
+        Some(n) => clamp(n),
+        // Inodes held by descriptor cost one each.
+        None if cfg.inode_file_handles == InodeFileHandles::Never => {
+            cfg.max_inodes.min(clamp(share))
+        }
+        None => cfg.max_inodes,
+    };
+    let fd_bound = cfg.max_handles as u64
+        + if cfg.inode_file_handles == InodeFileHandles::Never {
+            cfg.max_inodes as u64
+        } else {
+            0
+        };
+    if fd_bound > nofile {
+        warn!(
+            "--max-handles {} (plus inodes held by descriptor) exceeds the descriptor limit \
+             {nofile}: guests may exhaust it before berth's own limits apply.",
+            cfg.max_handles
+        );
+    }
+    tracing::debug!(
+        "Guest limits: {} inodes, {} open handles.",
+        cfg.max_inodes,
+        cfg.max_handles
+    );
+}
+
+fn sandbox_config(isolation: &IsolationSettings, shared_dir: &Path) -> SandboxConfig {
+    SandboxConfig {
+        mode: isolation.sandbox,
+        shared_dir: shared_dir.to_owned(),
+        uid_map: isolation.uid_map,
+        gid_map: isolation.gid_map,
+        supervisor_seccomp: isolation.seccomp,
+    }
+}
+
+/// Drops capabilities (when root) and installs the main thread's seccomp filter: every thread
+/// started afterwards inherits it and narrows it to its role.
+fn confine_main_thread(isolation: &IsolationSettings, file_handles: bool) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        berth_seccomp::drop_capabilities(&CapsNeeded {
+            file_handles,
+            modcaps: isolation.modcaps.clone(),
+        })
+        .context("cannot drop capabilities")?;
+    }
+    berth_seccomp::install_filter(ThreadRole::Main, isolation.seccomp)
+        .context("cannot install the seccomp filter")
+}
+
 fn run_vhost_user(
     mut settings: VhostUserSettings,
     signals: TerminationSignals,
@@ -116,28 +188,14 @@ fn run_vhost_user(
             (listener, Some(Arc::new(file)))
         }
     };
-    let outcome = berth_seccomp::enter_sandbox(&SandboxConfig {
-        mode: settings.sandbox,
-        shared_dir: settings.fs.root_dir.clone(),
-        uid_map: None,
-        gid_map: None,
-    })
-    .context("cannot enter the sandbox")?;
+    let outcome =
+        berth_seccomp::enter_sandbox(&sandbox_config(&settings.isolation, &settings.fs.root_dir))
+            .context("cannot enter the sandbox")?;
     settings.fs.root_dir = outcome.root_dir;
     settings.fs.proc_self_fd = outcome.proc_self_fd.map(Arc::new);
     let file_handles = settings.fs.inode_file_handles != InodeFileHandles::Never;
     let server = open_filesystem(settings.fs)?;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        berth_seccomp::drop_capabilities(&CapsNeeded {
-            file_handles,
-            modcaps: settings.modcaps,
-        })
-        .context("cannot drop capabilities")?;
-    }
-    // Every thread started from here on inherits the main filter; queue workers narrow it.
-    berth_seccomp::install_filter(ThreadRole::Main, settings.seccomp)
-        .context("cannot install the seccomp filter")?;
+    confine_main_thread(&settings.isolation, file_handles)?;
     let socket_for_signals = socket_file.clone();
     signals.spawn_handler(move |signal| {
         info!("Received {}; exiting.", signal_name(signal));
@@ -166,7 +224,7 @@ fn run_vhost_user(
             max_request_queues: settings.max_request_queues,
             poll_us: settings.poll_us,
             thread_pool_size: settings.thread_pool_size,
-            seccomp: settings.seccomp,
+            seccomp: settings.isolation.seccomp,
         },
         listener,
     );
@@ -176,14 +234,59 @@ fn run_vhost_user(
     result
 }
 
-fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Result<()> {
-    let readonly = settings.fs.readonly;
-    let server = open_filesystem(settings.fs)?;
+fn run_fuse(mut settings: FuseSettings, signals: TerminationSignals) -> anyhow::Result<()> {
+    if !settings.fs.root_dir.is_dir() {
+        return Err(anyhow!(
+            "the shared directory {} does not exist or is not a directory",
+            settings.fs.root_dir.display()
+        ));
+    }
+    let mountpoint = settings.mountpoint.canonicalize().with_context(|| {
+        format!(
+            "cannot use {} as a mount point",
+            settings.mountpoint.display()
+        )
+    })?;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    // The mount must be visible on the host: it is made before the sandbox (a new mount
+    // namespace) exists, and only a guard left outside can take it down again.
+    let session = fusedev::mount(&mountpoint, settings.fs.readonly)?;
+    let guard = match fusedev::UnmountGuard::spawn(&mountpoint, settings.isolation.seccomp, root) {
+        Ok(guard) => guard,
+        Err(e) => {
+            let mut session = std::mem::ManuallyDrop::into_inner(session);
+            let _ = session.umount();
+            return Err(e);
+        }
+    };
+    let prepared = (|| {
+        let outcome = berth_seccomp::enter_sandbox(&sandbox_config(
+            &settings.isolation,
+            &settings.fs.root_dir,
+        ))
+        .context("cannot enter the sandbox")?;
+        settings.fs.root_dir = outcome.root_dir;
+        settings.fs.proc_self_fd = outcome.proc_self_fd.map(Arc::new);
+        let file_handles = settings.fs.inode_file_handles != InodeFileHandles::Never;
+        let server = open_filesystem(settings.fs)?;
+        confine_main_thread(&settings.isolation, file_handles)?;
+        Ok(server)
+    })();
+    let server = match prepared {
+        Ok(server) => server,
+        Err(e) => {
+            guard.unmount();
+            return Err(e);
+        }
+    };
     fusedev::serve(
         server,
-        &settings.mountpoint,
+        session,
+        &mountpoint,
         settings.threads,
-        readonly,
+        settings.isolation.seccomp,
+        guard,
         signals,
     )
 }

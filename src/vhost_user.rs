@@ -10,8 +10,11 @@
 
 use std::io;
 use std::num::Wrapping;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::io::AsRawFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -34,6 +37,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::cli::MAX_TAG_LEN;
 use crate::fast_io::{self, ChainLayout};
@@ -44,6 +48,12 @@ use berth_seccomp::{SeccompAction, ThreadRole};
 const MAX_QUEUE_SIZE: usize = 32768;
 /// Index of the high-priority queue.
 const HIPRIO_QUEUE: usize = 0;
+/// Name of the thread vhost-user-backend runs the control messages on.
+const CONTROL_THREAD_NAME: &str = "berth-vhost-user";
+/// How long the queue threads may take to install their seccomp filters at start-up.
+const CONFINE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Jobs that may wait for a free pool thread, per pool thread.
+const POOL_BACKLOG_PER_THREAD: usize = 16;
 
 type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 type MemoryGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
@@ -86,19 +96,39 @@ pub struct FsBackend {
     seccomp: SeccompAction,
     /// Per queue: whether its first request has been logged.
     queue_seen: Vec<AtomicBool>,
+    /// Per queue thread: an eventfd that, once written, makes the thread install its seccomp
+    /// filter (the library starts the threads, so this is the first thing they run of ours).
+    confine_events: Vec<EventFd>,
+    /// Where the queue threads report how installing their filter went.
+    confine_reports: Mutex<Option<mpsc::Sender<Result<(), String>>>>,
+    /// The consumer ends of the queue threads' exit events: vhost-user-backend 0.22 takes
+    /// them as raw descriptors into its epoll sets and never closes them.
+    exit_consumers: Mutex<Vec<RawFd>>,
 }
 
 impl FsBackend {
     pub fn new(server: Arc<FsServer>, options: DeviceOptions) -> anyhow::Result<Self> {
         let num_request_queues = usize::from(options.max_request_queues);
+        let seccomp = options.seccomp;
         let pool = if options.thread_pool_size > 1 {
             Some(
-                WorkerPool::new(options.thread_pool_size)
-                    .context("cannot start the request thread pool")?,
+                WorkerPool::new(
+                    options.thread_pool_size,
+                    options.thread_pool_size * POOL_BACKLOG_PER_THREAD,
+                    move || {
+                        berth_seccomp::install_filter(ThreadRole::ThreadPool, seccomp)
+                            .map_err(|e| e.to_string())
+                    },
+                )
+                .context("cannot start the request thread pool")?,
             )
         } else {
             None
         };
+        let confine_events = (0..=num_request_queues)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()
+            .context("cannot create the queue threads' start-up events")?;
         Ok(FsBackend {
             server,
             tag: options.tag,
@@ -112,7 +142,96 @@ impl FsBackend {
             queue_seen: (0..=num_request_queues)
                 .map(|_| AtomicBool::new(false))
                 .collect(),
+            confine_events,
+            confine_reports: Mutex::new(None),
+            exit_consumers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Closes the exit-event descriptors the library leaks, once the daemon that used this
+    /// backend is dropped (its queue threads joined). berth serves one connection per process
+    /// and never needs this; a process that creates daemon after daemon (the fuzzer) would run
+    /// out of descriptors without it, and then start queue threads that cannot be stopped.
+    #[allow(dead_code)] // Used by the fuzz harness, which builds this file as a library.
+    pub fn reclaim_exit_events(&self) {
+        let mut fds = self
+            .exit_consumers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for fd in fds.drain(..) {
+            // SAFETY: the library converted these descriptors into raw numbers it never
+            // closes; with its threads joined nothing refers to them any more.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+
+    /// The event id that tells a queue thread to confine itself: above the queues and the
+    /// library's exit event (`num_queues()`), as `register_listener` requires.
+    fn confine_event_id(&self) -> u16 {
+        (self.num_queues() + 1) as u16
+    }
+
+    /// Has every queue thread of `daemon` install the queue worker filter before any frontend
+    /// connects, and fails if one cannot.
+    fn confine_queue_threads(
+        &self,
+        daemon: &VhostUserDaemon<Arc<FsBackend>>,
+    ) -> anyhow::Result<()> {
+        if self.seccomp == SeccompAction::None {
+            return Ok(());
+        }
+        let (reports, received) = mpsc::channel();
+        *self
+            .confine_reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(reports);
+        let handlers = daemon.get_epoll_handlers();
+        for (thread, handler) in handlers.iter().enumerate() {
+            let event = self
+                .confine_events
+                .get(thread)
+                .ok_or_else(|| anyhow!("queue thread {thread} has no start-up event"))?;
+            handler
+                .register_listener(
+                    event.as_raw_fd(),
+                    EventSet::IN,
+                    u64::from(self.confine_event_id()),
+                )
+                .with_context(|| format!("cannot reach queue thread {thread}"))?;
+            event
+                .write(1)
+                .with_context(|| format!("cannot wake queue thread {thread}"))?;
+        }
+        for _ in &handlers {
+            match received.recv_timeout(CONFINE_TIMEOUT) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(anyhow!(e)),
+                Err(_) => {
+                    return Err(anyhow!(
+                        "the queue threads did not install their seccomp filters within \
+                         {CONFINE_TIMEOUT:?}"
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs on a queue thread when its start-up event fires.
+    fn confine_this_queue_thread(&self, thread: usize) {
+        if let Some(event) = self.confine_events.get(thread) {
+            // Level-triggered: drain it, or the thread would be woken again and again.
+            let _ = event.read();
+        }
+        let outcome = berth_seccomp::install_filter(ThreadRole::QueueWorker, self.seccomp)
+            .map_err(|e| format!("queue thread {thread}: {e}"));
+        let reports = self
+            .confine_reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(reports) = reports.as_ref() {
+            let _ = reports.send(outcome);
+        }
     }
 
     fn config_space(&self) -> VirtioFsConfig {
@@ -243,9 +362,7 @@ impl FsBackend {
                     let server = self.server.clone();
                     let vring = vring.clone();
                     let mem = mem.clone();
-                    let seccomp = self.seccomp;
                     pool.execute(Box::new(move || {
-                        narrow_thread_filter(ThreadRole::ThreadPool, seccomp);
                         let head = chain.head_index();
                         let used = serve_request(&server, queue, &mem, chain, head_flags);
                         complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
@@ -262,26 +379,34 @@ impl FsBackend {
 }
 
 thread_local! {
-    static THREAD_FILTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static CONTROL_FILTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Installs this thread's own, narrower seccomp filter on its first event (the library starts
-/// the queue threads, so there is no earlier hook).
-pub fn narrow_thread_filter(role: ThreadRole, action: SeccompAction) {
-    THREAD_FILTERED.with(|done| {
+/// Installs the control thread's filter the first time the library calls into the backend
+/// from it (GET_FEATURES opens every session); the library starts that thread itself. Under
+/// `--seccomp kill` a filter that cannot be installed ends the daemon: serving the VMM with a
+/// wider filter than promised is not an option.
+fn confine_control_thread(action: SeccompAction) {
+    if action == SeccompAction::None || std::thread::current().name() != Some(CONTROL_THREAD_NAME) {
+        return;
+    }
+    CONTROL_FILTERED.with(|done| {
         if done.replace(true) {
             return;
         }
-        if let Err(e) = berth_seccomp::install_filter(role, action) {
-            // The inherited main filter still applies.
-            warn!("Cannot narrow the seccomp filter of a {role:?} thread: {e}.");
+        if let Err(e) = berth_seccomp::install_filter(ThreadRole::VhostUserControl, action) {
+            if action == SeccompAction::Kill {
+                error!("{e}; exiting.");
+                std::process::exit(1);
+            }
+            warn!("{e}; the control thread keeps the main thread's filter.");
         }
     });
 }
 
 /// Runs one FUSE request and returns the number of reply bytes written into the chain. A chain
 /// that cannot be decoded is returned with nothing written: there is nowhere to put a reply.
-fn serve_request(
+pub(crate) fn serve_request(
     server: &FsServer,
     queue: usize,
     mem: &MemoryGuard,
@@ -345,7 +470,7 @@ fn serve_request(
 
 /// The flags of the chain's head descriptor in the queue's descriptor table (`None` when the
 /// table cannot be read there).
-fn head_descriptor_flags(mem: &MemoryGuard, desc_table: u64, head: u16) -> Option<u16> {
+pub(crate) fn head_descriptor_flags(mem: &MemoryGuard, desc_table: u64, head: u16) -> Option<u16> {
     // A split-ring descriptor is 16 bytes: address, length, then the 16-bit flags.
     let addr = desc_table.checked_add(u64::from(head) * 16 + 12)?;
     vm_memory::Bytes::read_obj::<u16>(&**mem, vm_memory::GuestAddress(addr)).ok()
@@ -394,6 +519,7 @@ impl VhostUserBackend for FsBackend {
     }
 
     fn features(&self) -> u64 {
+        confine_control_thread(self.seccomp);
         (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
@@ -401,6 +527,7 @@ impl VhostUserBackend for FsBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        confine_control_thread(self.seccomp);
         let mut features = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::BACKEND_REQ
@@ -412,11 +539,17 @@ impl VhostUserBackend for FsBackend {
         features
     }
 
+    fn acked_features(&self, _features: u64) {
+        confine_control_thread(self.seccomp);
+    }
+
     fn set_event_idx(&self, enabled: bool) {
+        confine_control_thread(self.seccomp);
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        confine_control_thread(self.seccomp);
         let config = self.config_space();
         let mut bytes: Vec<u8> = config
             .as_slice()
@@ -437,11 +570,13 @@ impl VhostUserBackend for FsBackend {
     }
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        confine_control_thread(self.seccomp);
         *self.memory.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
         Ok(())
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {
+        confine_control_thread(self.seccomp);
         *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
     }
 
@@ -451,7 +586,13 @@ impl VhostUserBackend for FsBackend {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
+            Ok(pair) => {
+                self.exit_consumers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(pair.0.as_raw_fd());
+                Some(pair)
+            }
             Err(e) => {
                 error!("Cannot create a queue thread's exit event: {e}.");
                 None
@@ -474,7 +615,10 @@ impl VhostUserBackend for FsBackend {
             );
             return Ok(());
         }
-        narrow_thread_filter(ThreadRole::QueueWorker, self.seccomp);
+        if device_event == self.confine_event_id() {
+            self.confine_this_queue_thread(thread_id);
+            return Ok(());
+        }
         // One queue per thread: the thread index is the queue index, the event its only vring.
         match vrings.get(usize::from(device_event)) {
             Some(vring) => self.serve_queue(thread_id, vring),
@@ -496,11 +640,14 @@ pub fn serve(
     let queues = options.max_request_queues;
     let backend = Arc::new(FsBackend::new(server, options)?);
     let mut daemon = VhostUserDaemon::new(
-        "berth-vhost-user".to_owned(),
-        backend,
+        CONTROL_THREAD_NAME.to_owned(),
+        backend.clone(),
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(|e| anyhow!("cannot set up the vhost-user device: {e}"))?;
+    backend
+        .confine_queue_threads(&daemon)
+        .context("cannot confine the queue threads")?;
 
     info!(
         "Waiting for the vhost-user frontend to connect (offering up to {queues} request queues)."
@@ -702,23 +849,44 @@ pub fn listener_at_path(
         }
     }
     let mask = if gid.is_some() { 0o007 } else { 0o077 };
+    // The socket is bound under a temporary name and renamed into place once it listens and
+    // has its final owner: a VMM (or libvirt) that connects as soon as the path appears must
+    // never find a socket that is bound but not yet listening (ECONNREFUSED).
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("the socket path {} names no file", path.display()))?;
+    let staging = path.with_file_name(format!(
+        ".{}.{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&staging);
     // SAFETY: umask has no memory effects; it is restored right after the bind.
     let old_mask = unsafe { libc::umask(mask) };
-    let bound = std::os::unix::net::UnixListener::bind(path);
+    let bound = std::os::unix::net::UnixListener::bind(&staging);
     // SAFETY: as above.
     unsafe { libc::umask(old_mask) };
-    let bound = bound.map_err(|e| anyhow!("cannot create the socket {}: {e}", path.display()))?;
-    let socket_file = SocketFile::new(path)?;
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .with_context(|| format!("cannot give the socket {} to group {gid}", path.display()))?;
+    let listener =
+        bound.map_err(|e| anyhow!("cannot create the socket {}: {e}", path.display()))?;
+    let placed = gid
+        .map(|gid| {
+            std::os::unix::fs::chown(&staging, None, Some(gid)).with_context(|| {
+                format!("cannot give the socket {} to group {gid}", path.display())
+            })
+        })
+        .transpose()
+        .and_then(|_| {
+            std::fs::rename(&staging, path)
+                .with_context(|| format!("cannot create the socket {}", path.display()))
+        });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
     }
-    let fd = std::os::fd::IntoRawFd::into_raw_fd(bound);
-    // SAFETY: `fd` is a listening unix socket just released by its owner; the Listener takes
-    // it over. Built from a descriptor, the Listener has no path to remove when dropped (its
-    // own removal would resolve the path inside the sandbox).
-    let listener = unsafe { <Listener as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
-    Ok((listener, socket_file))
+    let socket_file = SocketFile::new(path)?;
+    // Built from the socket itself, the Listener has no path to remove when dropped (its own
+    // removal would resolve the path inside the sandbox): `socket_file` removes it.
+    Ok((Listener::from(listener), socket_file))
 }
 
 fn lookup_group(name: &str) -> anyhow::Result<u32> {
@@ -864,6 +1032,14 @@ mod tests {
             std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
             0o700
         );
+        // It appears listening, under its name, with no staging file left behind.
+        std::os::unix::net::UnixStream::connect(&path).expect("the socket listens");
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["precious", "vfs.sock"]);
         drop(listener);
         assert!(path.exists(), "dropping the listener leaves the path alone");
         // Only the socket berth bound is removed: not a file that took its place.
@@ -875,6 +1051,23 @@ mod tests {
         let (_listener, socket_file) = listener_at_path(&path, None).unwrap();
         socket_file.remove();
         assert!(!path.exists(), "berth's own socket is removed");
+    }
+
+    #[test]
+    fn a_socket_group_owns_the_socket_and_may_connect() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grouped.sock");
+        // SAFETY: getegid has no preconditions.
+        let gid = unsafe { libc::getegid() };
+        let (listener, _socket_file) =
+            listener_at_path(&path, Some(&gid.to_string())).expect("the socket");
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            0o770
+        );
+        drop(listener);
     }
 
     #[test]

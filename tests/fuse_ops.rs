@@ -1077,7 +1077,8 @@ fn fsync_fdatasync_and_flush_on_close() {
 
 #[test]
 fn xattrs_get_set_list_remove() {
-    let Some(fs) = FuseMount::start(&["--xattr"]) else {
+    // trusted.* needs CAP_SYS_ADMIN, which the confined daemon only keeps when asked to.
+    let Some(fs) = FuseMount::start(&["--xattr", "--modcaps=+sys_admin"]) else {
         return;
     };
     let t = Twin::new(&fs, "xattr", basic_tree);

@@ -64,9 +64,7 @@ if [ $skip_fuzz -eq 0 ]; then
 	section "fuzz corpus and regression replay"
 	(cd fuzz && cargo test --release)
 	section "fuzz smoke run (60 s per target)"
-	# vhost_user_message is left out: it can hang in vhost-user-backend's daemon teardown
-	# (a race in the library's Drop, not in berth's device); see fuzz/README.md.
-	fuzz/run.sh 60 fuse_request cli_options
+	fuzz/run.sh 60 fuse_request vhost_user_message cli_options manifest_parse
 fi
 
 if [ -x benches/compare.sh ]; then

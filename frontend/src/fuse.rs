@@ -9,7 +9,7 @@ pub use fuse_backend_rs::abi::fuse_abi::{
     Attr, AttrOut, BatchForgetIn, CopyFileRangeIn, CreateIn, FallocateIn, FileLock, FlushIn,
     ForgetIn, ForgetOne, FsyncIn, GetattrIn, GetxattrIn, GetxattrOut, InHeader, InitIn, InitIn2,
     InitOut, LinkIn, LkIn, LkOut, LseekIn, LseekOut, MkdirIn, MknodIn, OpenIn, OpenOut, OutHeader,
-    ReadIn, ReleaseIn, Rename2In, SetxattrIn, WriteIn, WriteOut, ROOT_ID,
+    ReadIn, ReleaseIn, Rename2In, RenameIn, SetattrIn, SetxattrIn, WriteIn, WriteOut, ROOT_ID,
 };
 
 /// FUSE protocol major version spoken by this frontend.
@@ -22,12 +22,15 @@ pub mod opcode {
     pub const LOOKUP: u32 = 1;
     pub const FORGET: u32 = 2;
     pub const GETATTR: u32 = 3;
+    pub const SETATTR: u32 = 4;
+    pub const READLINK: u32 = 5;
     pub const SYMLINK: u32 = 6;
     pub const MKNOD: u32 = 8;
-    pub const LINK: u32 = 13;
     pub const MKDIR: u32 = 9;
     pub const UNLINK: u32 = 10;
     pub const RMDIR: u32 = 11;
+    pub const RENAME: u32 = 12;
+    pub const LINK: u32 = 13;
     pub const OPEN: u32 = 14;
     pub const READ: u32 = 15;
     pub const WRITE: u32 = 16;
@@ -63,6 +66,26 @@ pub mod open_flags {
     pub const DIRECT_IO: u32 = 1 << 0;
     pub const KEEP_CACHE: u32 = 1 << 1;
     pub const CACHE_DIR: u32 = 1 << 3;
+}
+
+/// `fuse_setattr_in.valid` bits (FATTR_*).
+pub mod setattr_valid {
+    pub const MODE: u32 = 1 << 0;
+    pub const UID: u32 = 1 << 1;
+    pub const GID: u32 = 1 << 2;
+    pub const SIZE: u32 = 1 << 3;
+    pub const ATIME: u32 = 1 << 4;
+    pub const MTIME: u32 = 1 << 5;
+    pub const FH: u32 = 1 << 6;
+    pub const KILL_SUIDGID: u32 = 1 << 11;
+}
+
+/// Flags a guest kernel puts in `fuse_write_in.write_flags` / `fuse_open_in.open_flags`.
+pub mod kill_priv {
+    /// FUSE_WRITE_KILL_SUIDGID: the writer is unprivileged (HANDLE_KILLPRIV_V2).
+    pub const WRITE_KILL_SUIDGID: u32 = 1 << 2;
+    /// FUSE_OPEN_KILL_SUIDGID: an O_TRUNC open by an unprivileged caller.
+    pub const OPEN_KILL_SUIDGID: u32 = 1 << 0;
 }
 
 /// FUSE_INIT flag bits a Linux virtio-fs guest commonly requests.
@@ -112,9 +135,15 @@ pub fn opcode_name(op: u32) -> &'static str {
         opcode::LOOKUP => "LOOKUP",
         opcode::FORGET => "FORGET",
         opcode::GETATTR => "GETATTR",
+        opcode::SETATTR => "SETATTR",
+        opcode::READLINK => "READLINK",
+        opcode::SYMLINK => "SYMLINK",
+        opcode::MKNOD => "MKNOD",
         opcode::MKDIR => "MKDIR",
         opcode::UNLINK => "UNLINK",
         opcode::RMDIR => "RMDIR",
+        opcode::RENAME => "RENAME",
+        opcode::LINK => "LINK",
         opcode::OPEN => "OPEN",
         opcode::READ => "READ",
         opcode::WRITE => "WRITE",
@@ -129,9 +158,6 @@ pub fn opcode_name(op: u32) -> &'static str {
         opcode::DESTROY => "DESTROY",
         opcode::BATCH_FORGET => "BATCH_FORGET",
         opcode::READDIRPLUS => "READDIRPLUS",
-        opcode::SYMLINK => "SYMLINK",
-        opcode::LINK => "LINK",
-        opcode::MKNOD => "MKNOD",
         opcode::FSYNC => "FSYNC",
         opcode::SETXATTR => "SETXATTR",
         opcode::GETXATTR => "GETXATTR",

@@ -11,8 +11,9 @@ use vm_memory::{Address, ByteValued, Bytes, GuestAddress};
 
 use crate::fuse::{
     self, opcode, parse_struct, AttrOut, BatchForgetIn, CreateIn, DirEntry, DirEntryPlus, ForgetIn,
-    ForgetOne, GetattrIn, InHeader, InitIn, InitIn2, InitOut, MkdirIn, OpenIn, OpenOut, OutHeader,
-    ReadIn, ReleaseIn, WriteIn, WriteOut, IN_HEADER_SIZE, OUT_HEADER_SIZE,
+    ForgetOne, GetattrIn, InHeader, InitIn, InitIn2, InitOut, LinkIn, MkdirIn, MknodIn, OpenIn,
+    OpenOut, OutHeader, ReadIn, ReleaseIn, Rename2In, RenameIn, SetattrIn, WriteIn, WriteOut,
+    IN_HEADER_SIZE, OUT_HEADER_SIZE,
 };
 use crate::memory::GuestRam;
 use crate::virtqueue::{Buffer, RawDescriptor, SplitQueue, UsedElement};
@@ -140,6 +141,8 @@ pub struct FsQueue {
     ready: VecDeque<Completion>,
     raw_ready: VecDeque<UsedElement>,
     scratch: Vec<u8>,
+    /// uid and gid put in the header of every request from now on (the guest caller).
+    caller: (u32, u32),
 }
 
 impl FsQueue {
@@ -175,7 +178,19 @@ impl FsQueue {
             ready: VecDeque::new(),
             raw_ready: VecDeque::new(),
             scratch: Vec::with_capacity(REQUEST_AREA_SIZE as usize),
+            caller: (0, 0),
         })
+    }
+
+    /// Sends the requests submitted from now on as guest user `uid`, group `gid` (root, 0/0,
+    /// until changed), the way a guest kernel fills `fuse_in_header` for its calling process.
+    pub fn set_caller(&mut self, uid: u32, gid: u32) {
+        self.caller = (uid, gid);
+    }
+
+    /// The uid and gid requests are sent as.
+    pub fn caller(&self) -> (u32, u32) {
+        self.caller
     }
 
     /// The vhost-user queue index (0 is hiprio, 1.. are request queues).
@@ -290,9 +305,8 @@ impl FsQueue {
             opcode: request.opcode,
             unique,
             nodeid: request.nodeid,
-            // Root in the guest: the daemon maps credentials, as for a real guest.
-            uid: 0,
-            gid: 0,
+            uid: self.caller.0,
+            gid: self.caller.1,
             pid: std::process::id(),
             // Since FUSE 7.36 the low half is `total_extlen`.
             padding: u32::from(total_extlen),
@@ -582,8 +596,8 @@ impl FsQueue {
             opcode,
             unique,
             nodeid,
-            uid: 0,
-            gid: 0,
+            uid: self.caller.0,
+            gid: self.caller.1,
             pid: std::process::id(),
             padding: 0,
         };
@@ -867,26 +881,7 @@ impl FsQueue {
 
     /// Writes `data` at `offset` to open file `fh` of `nodeid`; returns bytes written.
     pub fn write(&mut self, nodeid: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Error> {
-        let size = u32::try_from(data.len())
-            .map_err(|_| Error::InvalidRequest("write payload exceeds 4 GiB".into()))?;
-        let write = WriteIn {
-            fh,
-            offset,
-            size,
-            fuse_flags: 0,
-            lock_owner: 0,
-            flags: 0,
-            padding: 0,
-        };
-        let request = Request {
-            opcode: opcode::WRITE,
-            nodeid,
-            args: &[write.as_slice()],
-            payload: data,
-            reply_capacity: Some(std::mem::size_of::<WriteOut>() as u32),
-        };
-        let out: WriteOut = self.reply_struct(&request, "WRITE")?;
-        Ok(out.size)
+        self.write_with(nodeid, fh, offset, data, 0)
     }
 
     fn release_like(&mut self, op: u32, nodeid: u64, fh: u64, flags: u32) -> Result<(), Error> {
@@ -951,6 +946,171 @@ impl FsQueue {
             reply_capacity: Some(size),
         };
         fuse::parse_dirent(&self.call(&request)?.check()?.body)
+    }
+
+    /// Changes attributes of `nodeid` as `setattr` describes (its `valid` bits say which).
+    pub fn setattr(&mut self, nodeid: u64, setattr: &SetattrIn) -> Result<AttrOut, Error> {
+        let request = Request {
+            opcode: opcode::SETATTR,
+            nodeid,
+            args: &[setattr.as_slice()],
+            payload: &[],
+            reply_capacity: Some(std::mem::size_of::<AttrOut>() as u32),
+        };
+        self.reply_struct(&request, "SETATTR")
+    }
+
+    /// The target of symlink `nodeid`.
+    pub fn readlink(&mut self, nodeid: u64) -> Result<Vec<u8>, Error> {
+        let request = Request {
+            opcode: opcode::READLINK,
+            nodeid,
+            args: &[],
+            payload: &[],
+            reply_capacity: Some(REPLY_AREA_SIZE - OUT_HEADER_SIZE as u32),
+        };
+        Ok(self.call(&request)?.check()?.body)
+    }
+
+    /// Creates symlink `name` in `parent` pointing to `target`.
+    pub fn symlink(&mut self, parent: u64, name: &[u8], target: &[u8]) -> Result<EntryOut, Error> {
+        let request = Request {
+            opcode: opcode::SYMLINK,
+            nodeid: parent,
+            args: &[name, b"\0", target, b"\0"],
+            payload: &[],
+            reply_capacity: Some(std::mem::size_of::<EntryOut>() as u32),
+        };
+        self.reply_struct(&request, "SYMLINK")
+    }
+
+    /// Creates node `name` in `parent` (`mode` carries the file type, `rdev` the device).
+    pub fn mknod(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+    ) -> Result<EntryOut, Error> {
+        let mknod = MknodIn {
+            mode,
+            rdev,
+            umask: 0,
+            padding: 0,
+        };
+        let request = Request {
+            opcode: opcode::MKNOD,
+            nodeid: parent,
+            args: &[mknod.as_slice(), name, b"\0"],
+            payload: &[],
+            reply_capacity: Some(std::mem::size_of::<EntryOut>() as u32),
+        };
+        self.reply_struct(&request, "MKNOD")
+    }
+
+    /// Renames `oldname` in `olddir` to `newname` in `newdir` (FUSE_RENAME).
+    pub fn rename(
+        &mut self,
+        olddir: u64,
+        oldname: &[u8],
+        newdir: u64,
+        newname: &[u8],
+    ) -> Result<(), Error> {
+        let rename = RenameIn { newdir };
+        self.reply_empty(&Request {
+            opcode: opcode::RENAME,
+            nodeid: olddir,
+            args: &[rename.as_slice(), oldname, b"\0", newname, b"\0"],
+            payload: &[],
+            reply_capacity: Some(0),
+        })
+    }
+
+    /// Like [`FsQueue::rename`] with renameat2 `flags` (FUSE_RENAME2).
+    pub fn rename2(
+        &mut self,
+        olddir: u64,
+        oldname: &[u8],
+        newdir: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<(), Error> {
+        let rename = Rename2In {
+            newdir,
+            flags,
+            padding: 0,
+        };
+        self.reply_empty(&Request {
+            opcode: opcode::RENAME2,
+            nodeid: olddir,
+            args: &[rename.as_slice(), oldname, b"\0", newname, b"\0"],
+            payload: &[],
+            reply_capacity: Some(0),
+        })
+    }
+
+    /// Creates hard link `newname` in `newparent` to the inode `nodeid`.
+    pub fn link(&mut self, nodeid: u64, newparent: u64, newname: &[u8]) -> Result<EntryOut, Error> {
+        let link = LinkIn { oldnodeid: nodeid };
+        let request = Request {
+            opcode: opcode::LINK,
+            nodeid: newparent,
+            args: &[link.as_slice(), newname, b"\0"],
+            payload: &[],
+            reply_capacity: Some(std::mem::size_of::<EntryOut>() as u32),
+        };
+        self.reply_struct(&request, "LINK")
+    }
+
+    /// Opens `nodeid` with open(2) `flags` and FUSE open flags (e.g.
+    /// [`fuse::kill_priv::OPEN_KILL_SUIDGID`]).
+    pub fn open_with(
+        &mut self,
+        nodeid: u64,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> Result<OpenOut, Error> {
+        let open = OpenIn { flags, fuse_flags };
+        let request = Request {
+            opcode: opcode::OPEN,
+            nodeid,
+            args: &[open.as_slice()],
+            payload: &[],
+            reply_capacity: Some(std::mem::size_of::<OpenOut>() as u32),
+        };
+        self.reply_struct(&request, "OPEN")
+    }
+
+    /// Like [`FsQueue::write`] with FUSE write flags (e.g.
+    /// [`fuse::kill_priv::WRITE_KILL_SUIDGID`]).
+    pub fn write_with(
+        &mut self,
+        nodeid: u64,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        write_flags: u32,
+    ) -> Result<u32, Error> {
+        let size = u32::try_from(data.len())
+            .map_err(|_| Error::InvalidRequest("write payload exceeds 4 GiB".into()))?;
+        let write = WriteIn {
+            fh,
+            offset,
+            size,
+            fuse_flags: write_flags,
+            lock_owner: 0,
+            flags: 0,
+            padding: 0,
+        };
+        let request = Request {
+            opcode: opcode::WRITE,
+            nodeid,
+            args: &[write.as_slice()],
+            payload: data,
+            reply_capacity: Some(std::mem::size_of::<WriteOut>() as u32),
+        };
+        let out: WriteOut = self.reply_struct(&request, "WRITE")?;
+        Ok(out.size)
     }
 
     /// Lists a whole directory with OPENDIR + READDIRPLUS (until empty) + RELEASEDIR.

@@ -4,8 +4,24 @@ pub mod fuse;
 pub mod vhost_user;
 
 /// The binary's command-line module, compiled here as is: it only depends on std, clap,
-/// thiserror, serde_json and berth-passthrough. (Moving it into a library crate would make this path
-/// include unnecessary.)
+/// thiserror, serde_json and berth's library crates. (Moving it into a library crate would make
+/// this path include unnecessary.)
 #[allow(dead_code)]
 #[path = "../../src/cli.rs"]
 pub mod cli;
+
+/// The binary's request thread pool, which `device` uses.
+#[allow(dead_code)]
+#[path = "../../src/pool.rs"]
+pub mod pool;
+
+/// The READ/WRITE fast path and chain layout the device serves requests through.
+#[allow(dead_code)]
+#[path = "../../src/fast_io.rs"]
+pub mod fast_io;
+
+/// berth's vhost-user-fs device (`FsBackend`, descriptor chain checking and request serving),
+/// compiled here as is so that the fuzzers drive the code the daemon runs.
+#[allow(dead_code)]
+#[path = "../../src/vhost_user.rs"]
+pub mod device;

@@ -1,86 +1,69 @@
-//! Feeds a byte stream, as a VMM would write it to the vhost-user socket, to the vhost-user
-//! message handling berth runs on its control thread (the vhost-user-backend library's daemon
-//! and request handler), with a stand-in device that offers virtio-fs's queue layout and
-//! features. berth's own device (src/vhost_user.rs) is in the binary and not reachable here.
+//! Feeds a byte stream, as a VMM would write it to the vhost-user socket, to the message
+//! handling berth runs on its control thread: vhost-user-backend's daemon and request handler
+//! driving berth's own device, `FsBackend` from src/vhost_user.rs (features, protocol
+//! features, config space reads and writes, memory tables, vring set-up), over a scratch
+//! shared directory.
 
 use std::io::Write;
 use std::os::unix::net::UnixListener;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
-use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-};
+use berth_passthrough::{Config, FsServer, PassthroughFs};
+use berth_seccomp::SeccompAction;
+use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 
-/// A device that accepts every configuration and serves nothing.
-struct StandInDevice;
+use crate::device::{DeviceOptions, FsBackend};
 
-impl VhostUserBackend for StandInDevice {
-    type Bitmap = ();
-    type Vring = VringRwLock;
-
-    fn num_queues(&self) -> usize {
-        2
-    }
-
-    fn max_queue_size(&self) -> usize {
-        1024
-    }
-
-    fn features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1)
-            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
-            | (1 << VIRTIO_RING_F_EVENT_IDX)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-    }
-
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::BACKEND_REQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::CONFIG
-    }
-
-    fn set_event_idx(&self, _enabled: bool) {}
-
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap<()>>) -> std::io::Result<()> {
-        Ok(())
-    }
-
-    /// Without exit events the queue threads never end and dropping the daemon joins forever
-    /// (berth's device provides them the same way).
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
-    }
-
-    fn handle_event(
-        &self,
-        _device_event: u16,
-        _evset: EventSet,
-        _vrings: &[VringRwLock],
-        _thread_id: usize,
-    ) -> std::io::Result<()> {
-        Ok(())
-    }
+struct Shared {
+    server: Arc<FsServer>,
+    _dir: tempfile::TempDir,
 }
 
-/// Runs a daemon connected to a fresh socket, writes `data` to it as the frontend, hangs up,
-/// and waits until the daemon's message thread has finished with the stream.
+fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("scratch directory");
+        std::fs::write(dir.path().join("file"), b"hello fuzzer\n").expect("fixture file");
+        let fs = PassthroughFs::new(Config {
+            root_dir: dir.path().to_owned(),
+            xattr: true,
+            ..Default::default()
+        })
+        .expect("passthrough filesystem");
+        Shared {
+            server: Arc::new(FsServer::new(fs)),
+            _dir: dir,
+        }
+    })
+}
+
+/// Runs berth's device behind a daemon connected to a fresh socket, writes `data` to it as
+/// the frontend, hangs up, waits until the control thread has finished with the stream, and
+/// tears everything down (queue threads joined, descriptors closed).
 pub fn serve(data: &[u8]) {
     let dir = tempfile::tempdir().expect("socket directory");
     let path = dir.path().join("vhost.sock");
     let listener = UnixListener::bind(&path).expect("bind socket");
-    let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
-    let mut daemon =
-        VhostUserDaemon::new("fuzz".to_owned(), Arc::new(StandInDevice), memory).expect("daemon");
+    let backend = Arc::new(
+        FsBackend::new(
+            shared().server.clone(),
+            DeviceOptions {
+                tag: Some("fuzz".to_owned()),
+                max_request_queues: 2,
+                thread_pool_size: 0,
+                poll_us: 0,
+                seccomp: SeccompAction::None,
+            },
+        )
+        .expect("device"),
+    );
+    let mut daemon = VhostUserDaemon::new(
+        "fuzz-control".to_owned(),
+        backend.clone(),
+        GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new()),
+    )
+    .expect("daemon");
     let bytes = data.to_vec();
     let frontend = std::thread::spawn(move || {
         if let Ok((mut stream, _)) = listener.accept() {
@@ -97,4 +80,17 @@ pub fn serve(data: &[u8]) {
         let _ = daemon.wait();
     }
     let _ = frontend.join();
+    // Joins the queue threads (each exits on its exit event), then closes the exit events'
+    // descriptors that the library keeps: without that, a process creating daemon after
+    // daemon runs out of descriptors after some 20 000 inputs here, gets no exit event for
+    // the next daemon's threads, and hangs joining them.
+    drop(daemon);
+    backend.reclaim_exit_events();
+}
+
+/// Descriptors this process has open (for the teardown test).
+pub fn open_descriptors() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }

@@ -23,18 +23,22 @@ fn fuse_request_inputs_are_served_without_crashing() {
     let files = inputs("fuse_request");
     assert!(files.len() >= 10, "seed corpus missing: {files:?}");
     let mut replied = 0;
+    let mut well_formed = 0;
     for file in &files {
         let data = std::fs::read(file).unwrap();
-        if berth_fuzz::fuse::serve(&data).is_some_and(|len| len >= 16) {
-            replied += 1;
+        let answered = berth_fuzz::fuse::serve(&data).is_some_and(|len| len >= 16);
+        // The shape_* seeds are malformed chains on purpose (dropped, see below).
+        let name = file.file_name().unwrap().to_string_lossy();
+        if !name.starts_with("shape_") {
+            well_formed += 1;
+            replied += usize::from(answered);
         }
     }
-    // Every seed is a well-formed request: the server must answer most of them with at least
-    // a reply header (FORGET has no reply).
+    // Every other seed is a well-formed request: the server must answer most of them with at
+    // least a reply header (FORGET has no reply).
     assert!(
-        replied * 10 >= files.len() * 8,
-        "{replied} of {} answered",
-        files.len()
+        replied * 10 >= well_formed * 8,
+        "{replied} of {well_formed} answered"
     );
 }
 
@@ -45,6 +49,32 @@ fn init_seed_gets_a_fuse_init_reply() {
             .unwrap();
     // fuse_out_header (16) + fuse_init_out (64).
     assert_eq!(berth_fuzz::fuse::serve(&data), Some(80));
+}
+
+#[test]
+fn malformed_chain_shapes_are_dropped_without_a_reply() {
+    use berth_fuzz::fuse::Shape;
+    let getattr =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/fuse_request/getattr"))
+            .unwrap();
+    // Well formed, it is answered: header (16) + fuse_attr_out (104).
+    assert_eq!(berth_fuzz::fuse::serve(&getattr), Some(120));
+    for bit in [
+        Shape::REPLY_READABLE,
+        Shape::REPLY_FIRST,
+        Shape::REPLY_OUTSIDE_MEMORY,
+        Shape::LOOP,
+        Shape::NEXT_OUT_OF_RANGE,
+        Shape::SHORT_REPLY,
+    ] {
+        let mut bent = getattr.clone();
+        bent[0] |= bit;
+        assert_eq!(
+            berth_fuzz::fuse::serve(&bent),
+            Some(0),
+            "shape {bit:#04x} got a reply"
+        );
+    }
 }
 
 #[test]
@@ -88,4 +118,22 @@ fn cli_seeds_parse_through_the_real_parser() {
         }
     }
     assert!(accepted >= 2, "only {accepted} seeds accepted");
+}
+
+#[test]
+fn manifest_inputs_parse_or_are_refused_without_panicking() {
+    let files = inputs("manifest_parse");
+    assert!(!files.is_empty(), "seed corpus missing");
+    let mut accepted = 0;
+    for file in &files {
+        let data = std::fs::read(file).unwrap();
+        if let Ok(manifest) = berth_cache::Manifest::parse(&data) {
+            accepted += 1;
+            // What is accepted must describe chunks inside the blob.
+            for index in 0..manifest.chunk_count() {
+                assert!(manifest.chunk_range(index).end <= manifest.blob_size);
+            }
+        }
+    }
+    assert!(accepted >= 1, "no seed is a valid manifest");
 }

@@ -372,8 +372,15 @@ impl PassthroughFs {
     /// caller: the client says so with FUSE_OPEN_KILL_SUIDGID under killpriv_v2; otherwise
     /// (berth itself keeps CAP_FSETID) any caller but root loses them.
     fn truncation_kills_priv(&self, ctx: &Context, fuse_flags: u32) -> bool {
+        self.modification_kills_priv(ctx, fuse_flags & FUSE_OPEN_KILL_SUIDGID != 0)
+    }
+
+    /// The same rule for WRITE (FUSE_WRITE_KILL_SUIDGID) and truncating SETATTR
+    /// (FATTR_KILL_SUIDGID): without killpriv_v2 the daemon cannot rely on the client (a
+    /// direct-I/O write clears nothing in the guest), so an unprivileged caller loses them.
+    fn modification_kills_priv(&self, ctx: &Context, client_says_so: bool) -> bool {
         if self.killpriv_v2.load(Ordering::Relaxed) {
-            fuse_flags & FUSE_OPEN_KILL_SUIDGID != 0
+            client_says_so
         } else {
             ctx.uid != 0
         }
@@ -666,8 +673,10 @@ impl PassthroughFs {
         self.check_writable()?;
         let parent_data = self.inodes.get(parent)?;
         let flags = self.sanitize_open_flags(args.flags) & !libc::O_DIRECTORY;
+        // Reopened before switching to the caller: open_by_handle_at needs
+        // CAP_DAC_READ_SEARCH, which a non-root fsuid does not carry.
+        let parent_fd = self.inode_fd(&parent_data)?;
         let file = self.as_caller(ctx, args.umask, || {
-            let parent_fd = self.inode_fd(&parent_data)?;
             openat(
                 parent_fd.as_fd(),
                 c".",
@@ -1393,7 +1402,7 @@ impl FileSystem for PassthroughFs {
 
     fn setattr(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         inode: u64,
         attr: stat64,
         handle: Option<u64>,
@@ -1463,6 +1472,15 @@ impl FileSystem for PassthroughFs {
                 }
             };
             check_ret(ret)?;
+            if !valid.contains(SetattrValid::KILL_SUIDGID)
+                && self.modification_kills_priv(ctx, false)
+            {
+                let file = match &open_handle {
+                    Some(h) => h.file.try_clone()?,
+                    None => self.open_inode(&data, libc::O_RDONLY | libc::O_NONBLOCK)?,
+                };
+                kill_suid_sgid(&file)?;
+            }
         }
 
         if valid.contains(SetattrValid::KILL_SUIDGID) {
@@ -1742,7 +1760,7 @@ impl FileSystem for PassthroughFs {
 
     fn write(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         inode: u64,
         handle: u64,
         r: &mut dyn ZeroCopyReader,
@@ -1755,7 +1773,7 @@ impl FileSystem for PassthroughFs {
     ) -> io::Result<usize> {
         self.check_writable()?;
         let data = self.handle(inode, handle)?;
-        if fuse_flags & FUSE_WRITE_KILL_PRIV != 0 && self.killpriv_v2.load(Ordering::Relaxed) {
+        if self.modification_kills_priv(ctx, fuse_flags & FUSE_WRITE_KILL_PRIV != 0) {
             kill_suid_sgid(&data.file)?;
         }
         let mut file = file_ref(&data.file);

@@ -1,16 +1,21 @@
 //! `--seccomp`: per-thread system call allow-lists, compiled to BPF with seccompiler.
 //!
 //! Each thread installs the filter of its role when it starts. Filters are inherited by the
-//! threads a thread creates afterwards and stack (a call must pass every filter), so a thread
-//! that spawns others installs its filter after spawning them, or its list must cover theirs.
-//! The lists were built by tracing the daemon (`strace -f`) through a workload touching every
-//! FUSE operation, over /dev/fuse and over vhost-user, plus what the Rust runtime and glibc do
-//! rarely (panics, thread exit, memory management, time).
+//! threads a thread creates afterwards and stack (a call must pass every filter), so the main
+//! filter, installed first, covers every role's list and each thread narrows it to its own.
+//! The lists were built by tracing the daemon (`strace -f`, per thread, after its filter)
+//! through the protocol, confinement and /dev/fuse suites, which touch every FUSE operation as
+//! root and as a guest user, inline and on the thread pool, plus what the Rust runtime and
+//! glibc do rarely (panics, thread exit, memory management, time). The berth binary's tests
+//! re-check them under `--seccomp log`: a full workload must leave no audit record.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
-use seccompiler::{BpfProgram, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    TargetArch,
+};
 
 use crate::Error;
 
@@ -61,6 +66,10 @@ pub enum ThreadRole {
     /// (unmounting in FUSE mode), accepting connections, logging and exit. Its list covers
     /// every other role's, because the threads it spawns afterwards inherit its filter.
     Main,
+    /// The processes left outside the sandbox: the namespace mode's parent, which only waits
+    /// for the serving child, forwards termination signals to it and mirrors its exit, and
+    /// `berth fuse`'s unmount guard.
+    Supervisor,
 }
 
 impl ThreadRole {
@@ -71,12 +80,14 @@ impl ThreadRole {
             ThreadRole::ThreadPool => "thread pool",
             ThreadRole::FuseWorker => "FUSE worker",
             ThreadRole::Main => "main",
+            ThreadRole::Supervisor => "sandbox supervisor",
         }
     }
 }
 
-/// What every thread does through the Rust runtime and glibc: memory, locks, time, logging to
-/// stderr, thread exit, panics (which abort via tgkill when they cannot unwind).
+/// What every thread does through the Rust runtime and glibc: memory, locks, time, thread
+/// start and exit, logging (to stderr, or to the already connected syslog socket with
+/// `--syslog`), panics (which abort via tgkill when they cannot unwind).
 const RUNTIME: &[libc::c_long] = &[
     libc::SYS_brk,
     libc::SYS_clock_gettime,
@@ -85,16 +96,11 @@ const RUNTIME: &[libc::c_long] = &[
     libc::SYS_exit,
     libc::SYS_exit_group,
     libc::SYS_futex,
-    libc::SYS_getegid,
-    libc::SYS_geteuid,
-    libc::SYS_getgid,
     libc::SYS_getpid,
     libc::SYS_getrandom,
     libc::SYS_gettid,
     libc::SYS_gettimeofday,
-    libc::SYS_getuid,
     libc::SYS_madvise,
-    libc::SYS_membarrier,
     libc::SYS_mmap,
     libc::SYS_mprotect,
     libc::SYS_mremap,
@@ -107,154 +113,146 @@ const RUNTIME: &[libc::c_long] = &[
     libc::SYS_rt_sigreturn,
     libc::SYS_sched_getaffinity,
     libc::SYS_sched_yield,
+    // One datagram per log line on the syslog socket (glibc's send is sendto).
+    libc::SYS_sendto,
     libc::SYS_set_robust_list,
     libc::SYS_sigaltstack,
     libc::SYS_tgkill,
-    libc::SYS_tkill,
     libc::SYS_write,
     libc::SYS_writev,
-    #[cfg(target_arch = "x86_64")]
-    libc::SYS_time,
 ];
 
 /// Serving filesystem requests on the shared directory (the passthrough filesystem): opening
-/// by handle or through /proc/self/fd, data and metadata operations, switching to the caller's
-/// credentials and umask per request.
+/// by handle or through /proc/self/fd, data and metadata operations, switching the file system
+/// identity to the caller's (setfsuid/setfsgid) and the umask per request.
 const FILESYSTEM: &[libc::c_long] = &[
-    libc::SYS_capget,
-    libc::SYS_capset,
     libc::SYS_copy_file_range,
-    libc::SYS_dup,
-    libc::SYS_faccessat,
-    libc::SYS_faccessat2,
     libc::SYS_fallocate,
     libc::SYS_fchdir,
     libc::SYS_fchmod,
     libc::SYS_fchmodat,
-    libc::SYS_fchown,
     libc::SYS_fchownat,
     libc::SYS_fcntl,
     libc::SYS_fdatasync,
-    libc::SYS_fgetxattr,
-    libc::SYS_flistxattr,
     libc::SYS_flock,
-    libc::SYS_fremovexattr,
-    libc::SYS_fsetxattr,
     libc::SYS_fstat,
     libc::SYS_fstatfs,
+    libc::SYS_fsetxattr,
     libc::SYS_fsync,
     libc::SYS_ftruncate,
     libc::SYS_getdents64,
     libc::SYS_getxattr,
-    libc::SYS_lgetxattr,
     libc::SYS_linkat,
     libc::SYS_listxattr,
-    libc::SYS_llistxattr,
-    libc::SYS_lremovexattr,
     libc::SYS_lseek,
-    libc::SYS_lsetxattr,
     libc::SYS_mkdirat,
     libc::SYS_mknodat,
     libc::SYS_name_to_handle_at,
     libc::SYS_newfstatat,
     libc::SYS_open_by_handle_at,
     libc::SYS_openat,
-    libc::SYS_openat2,
     libc::SYS_pread64,
     libc::SYS_preadv,
-    libc::SYS_preadv2,
     libc::SYS_pwrite64,
     libc::SYS_pwritev,
-    libc::SYS_pwritev2,
-    libc::SYS_read,
     libc::SYS_readlinkat,
-    libc::SYS_readv,
     libc::SYS_removexattr,
-    libc::SYS_renameat,
     libc::SYS_renameat2,
-    libc::SYS_setgroups,
-    libc::SYS_setresgid,
-    libc::SYS_setresuid,
+    libc::SYS_setfsgid,
+    libc::SYS_setfsuid,
     libc::SYS_setxattr,
     libc::SYS_statx,
     libc::SYS_symlinkat,
     libc::SYS_syncfs,
     libc::SYS_umask,
     libc::SYS_unlinkat,
-    // Per-thread fs attributes (umask) need an unshared CLONE_FS.
+    // Only unshare(CLONE_FS), for a per-thread umask and working directory (see ARG_RULES).
     libc::SYS_unshare,
     libc::SYS_utimensat,
 ];
 
-/// Waiting on eventfds and descriptors with epoll.
-const EVENT_LOOP: &[libc::c_long] = &[
-    libc::SYS_epoll_ctl,
-    libc::SYS_epoll_pwait,
-    libc::SYS_epoll_wait,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
-    libc::SYS_read,
-];
+/// Waiting on eventfds (queue kicks) and /dev/fuse with epoll, reading what woke the thread.
+const EVENT_LOOP: &[libc::c_long] = &[libc::SYS_epoll_pwait, libc::SYS_epoll_wait, libc::SYS_read];
 
 /// The vhost-user control thread: messages with descriptors over the Unix socket, guest memory
-/// mapping, event loop set-up, and the thread spawning of the backend library.
-const VHOST_USER_CONTROL: &[libc::c_long] = &[
-    libc::SYS_accept4,
-    libc::SYS_clone,
-    libc::SYS_clone3,
-    libc::SYS_dup,
-    libc::SYS_epoll_create1,
-    libc::SYS_eventfd2,
-    libc::SYS_fcntl,
-    libc::SYS_fstat,
-    libc::SYS_newfstatat,
-    libc::SYS_recvfrom,
-    libc::SYS_recvmsg,
-    libc::SYS_sendmsg,
-    libc::SYS_sendto,
-    libc::SYS_shutdown,
-    libc::SYS_statx,
-];
+/// mapping (mmap and munmap are in RUNTIME), and (un)registering queue kicks with the queue
+/// threads' epoll sets.
+const VHOST_USER_CONTROL: &[libc::c_long] =
+    &[libc::SYS_epoll_ctl, libc::SYS_recvmsg, libc::SYS_sendmsg];
 
-/// The main and signal threads after start-up: waiting for a signal or for the workers,
-/// waking them, unmounting, accepting a new vhost-user connection and spawning its threads.
+/// The main and signal threads after start-up: accepting the frontend, spawning the control
+/// thread (and, in FUSE mode, nothing more), creating the queue threads' epoll sets and exit
+/// events, waiting for a signal, removing the socket or unmounting, and exiting.
 const MAIN: &[libc::c_long] = &[
     libc::SYS_accept4,
     libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_epoll_create1,
-    libc::SYS_eventfd2,
     libc::SYS_epoll_ctl,
-    libc::SYS_epoll_pwait,
-    libc::SYS_epoll_wait,
-    libc::SYS_kill,
-    libc::SYS_read,
+    libc::SYS_eventfd2,
+    libc::SYS_fcntl,
+    libc::SYS_poll,
     libc::SYS_rt_sigaction,
     libc::SYS_rt_sigtimedwait,
     // Threads started under the main filter narrow it with a filter of their own role.
     libc::SYS_seccomp,
     libc::SYS_umount2,
     libc::SYS_unlink,
-    libc::SYS_unlinkat,
-    libc::SYS_wait4,
-    libc::SYS_waitid,
 ];
 
-/// The system calls `role` may make, sorted and without duplicates.
+/// The processes left outside the sandbox, which handle no guest input: the namespace mode's
+/// parent (waiting for the child, forwarding signals to it, mirroring its end with raise) and
+/// `berth fuse`'s unmount guard (waiting on a pipe, unmounting, answering on another pipe).
+const SUPERVISOR: &[libc::c_long] = &[
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_kill,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_read,
+    libc::SYS_rt_sigtimedwait,
+    libc::SYS_tgkill,
+    libc::SYS_umount2,
+    libc::SYS_wait4,
+    libc::SYS_write,
+];
+
+/// Calls allowed only with these arguments: (call, argument index, required value).
+const ARG_RULES: &[(libc::c_long, u8, u64)] = &[(libc::SYS_unshare, 0, libc::CLONE_FS as u64)];
+
+/// The system calls `role` may make, sorted and without duplicates (some only with the
+/// arguments [`ARG_RULES`] names).
 pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
     let groups: &[&[libc::c_long]] = match role {
-        ThreadRole::VhostUserControl => &[RUNTIME, VHOST_USER_CONTROL, EVENT_LOOP, FILESYSTEM],
+        ThreadRole::VhostUserControl => &[RUNTIME, VHOST_USER_CONTROL],
         ThreadRole::QueueWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
         ThreadRole::ThreadPool => &[RUNTIME, FILESYSTEM],
         ThreadRole::FuseWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
         // Threads inherit their creator's filter and filters stack, so the thread that spawns
         // all others must allow everything they do.
         ThreadRole::Main => &[RUNTIME, MAIN, VHOST_USER_CONTROL, EVENT_LOOP, FILESYSTEM],
+        ThreadRole::Supervisor => &[SUPERVISOR],
     };
     let mut calls: Vec<libc::c_long> = groups.iter().flat_map(|g| g.iter().copied()).collect();
     calls.sort_unstable();
     calls.dedup();
     calls
+}
+
+fn rules_for(nr: libc::c_long) -> Result<Vec<SeccompRule>, String> {
+    ARG_RULES
+        .iter()
+        .filter(|(call, _, _)| *call == nr)
+        .map(|&(_, index, value)| {
+            let condition =
+                SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+                    .map_err(|e| e.to_string())?;
+            SeccompRule::new(vec![condition]).map_err(|e| e.to_string())
+        })
+        .collect()
 }
 
 fn target_arch() -> Result<TargetArch, String> {
@@ -274,8 +272,9 @@ fn compile(role: ThreadRole, action: SeccompAction) -> Result<Option<BpfProgram>
     };
     let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls(role)
         .into_iter()
-        .map(|nr| (nr, Vec::new()))
-        .collect();
+        .map(|nr| Ok((nr, rules_for(nr)?)))
+        .collect::<Result<_, String>>()
+        .map_err(build_error)?;
     let filter = SeccompFilter::new(
         rules,
         mismatch,
@@ -326,15 +325,18 @@ mod tests {
         );
     }
 
+    const ALL_ROLES: [ThreadRole; 6] = [
+        ThreadRole::VhostUserControl,
+        ThreadRole::QueueWorker,
+        ThreadRole::ThreadPool,
+        ThreadRole::FuseWorker,
+        ThreadRole::Main,
+        ThreadRole::Supervisor,
+    ];
+
     #[test]
     fn every_role_compiles_for_every_action() {
-        for role in [
-            ThreadRole::VhostUserControl,
-            ThreadRole::QueueWorker,
-            ThreadRole::ThreadPool,
-            ThreadRole::FuseWorker,
-            ThreadRole::Main,
-        ] {
+        for role in ALL_ROLES {
             assert!(compile(role, SeccompAction::None).unwrap().is_none());
             for action in [SeccompAction::Kill, SeccompAction::Log, SeccompAction::Trap] {
                 let program = compile(role, action).unwrap().unwrap();
@@ -347,21 +349,38 @@ mod tests {
     #[test]
     fn roles_get_what_they_need_and_not_more() {
         let has = |role, nr| allowed_syscalls(role).contains(&nr);
-        // Only the control thread talks to the VMM socket.
+        // Only the control thread talks to the VMM socket, and it touches no files.
         assert!(has(ThreadRole::VhostUserControl, libc::SYS_recvmsg));
+        assert!(!has(ThreadRole::VhostUserControl, libc::SYS_openat));
+        assert!(!has(
+            ThreadRole::VhostUserControl,
+            libc::SYS_open_by_handle_at
+        ));
         assert!(!has(ThreadRole::QueueWorker, libc::SYS_recvmsg));
         assert!(!has(ThreadRole::FuseWorker, libc::SYS_accept4));
-        // Every request-serving role can reopen inodes and switch credentials.
+        // Every request-serving role can reopen inodes and act as the guest caller.
         for role in [
             ThreadRole::QueueWorker,
             ThreadRole::ThreadPool,
             ThreadRole::FuseWorker,
         ] {
-            assert!(has(role, libc::SYS_openat));
-            assert!(has(role, libc::SYS_open_by_handle_at));
-            assert!(has(role, libc::SYS_setresuid));
-            assert!(!has(role, libc::SYS_execve));
+            for nr in [
+                libc::SYS_openat,
+                libc::SYS_open_by_handle_at,
+                libc::SYS_setfsuid,
+                libc::SYS_setfsgid,
+                libc::SYS_umask,
+                libc::SYS_unshare,
+            ] {
+                assert!(has(role, nr), "{role:?} lacks {nr}");
+            }
+            // Nothing spawns threads or talks to sockets while serving.
+            for nr in [libc::SYS_clone, libc::SYS_clone3, libc::SYS_accept4] {
+                assert!(!has(role, nr), "{role:?} allows {nr}");
+            }
         }
+        // The pool is handed requests in memory: it waits on nothing but futexes.
+        assert!(!has(ThreadRole::ThreadPool, libc::SYS_epoll_wait));
         // Threads spawned by main inherit its filter: it must not block what they need.
         let main = allowed_syscalls(ThreadRole::Main);
         for role in [
@@ -374,22 +393,48 @@ mod tests {
                 assert!(main.contains(&nr), "main lacks {nr} of {role:?}");
             }
         }
-        // Nobody may exec, ptrace or mount after start-up (only unmount for FUSE shutdown).
-        for role in [
-            ThreadRole::VhostUserControl,
-            ThreadRole::QueueWorker,
-            ThreadRole::ThreadPool,
-            ThreadRole::FuseWorker,
-            ThreadRole::Main,
+        // The supervisor only waits, signals and exits.
+        for nr in [
+            libc::SYS_openat,
+            libc::SYS_mmap,
+            libc::SYS_clone,
+            libc::SYS_mount,
         ] {
+            assert!(!has(ThreadRole::Supervisor, nr), "supervisor allows {nr}");
+        }
+        // Nobody may exec, ptrace, mount, change identity or open sockets after start-up.
+        for role in ALL_ROLES {
             for forbidden in [
                 libc::SYS_execve,
+                libc::SYS_execveat,
                 libc::SYS_ptrace,
+                libc::SYS_process_vm_writev,
                 libc::SYS_mount,
+                libc::SYS_pivot_root,
+                libc::SYS_chroot,
+                libc::SYS_setns,
                 libc::SYS_socket,
+                libc::SYS_connect,
+                libc::SYS_bind,
+                libc::SYS_setuid,
+                libc::SYS_setresuid,
+                libc::SYS_setgroups,
+                libc::SYS_capset,
+                libc::SYS_init_module,
+                libc::SYS_bpf,
+                libc::SYS_ioctl,
+                libc::SYS_keyctl,
+                libc::SYS_perf_event_open,
             ] {
                 assert!(!has(role, forbidden), "{role:?} allows {forbidden}");
             }
         }
+    }
+
+    #[test]
+    fn unshare_is_only_allowed_for_a_private_fs_struct() {
+        let rules = rules_for(libc::SYS_unshare).unwrap();
+        assert_eq!(rules.len(), 1);
+        assert!(rules_for(libc::SYS_openat).unwrap().is_empty());
     }
 }

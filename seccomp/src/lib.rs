@@ -8,8 +8,10 @@
 //!    in the process that serves; the waiting parent of the namespace mode closes its copies.
 //! 3. Open the filesystem (root directory, `/proc/self/fd`), the socket and `/dev/fuse`.
 //! 4. [`drop_capabilities`]: keep only what serving needs.
-//! 5. [`install_filter`] at the start of each thread, with the thread's [`ThreadRole`]; the
-//!    main thread installs [`ThreadRole::Main`] last, once every thread is spawned.
+//! 5. [`install_filter`]: the main thread installs [`ThreadRole::Main`] before it starts any
+//!    other thread; each thread then stacks the filter of its own [`ThreadRole`] before it
+//!    serves anything (filters are inherited and stack, so a call must pass both). The
+//!    processes left outside the sandbox install [`ThreadRole::Supervisor`].
 
 mod caps;
 mod error;

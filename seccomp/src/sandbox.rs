@@ -17,7 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use crate::Error;
+use crate::{install_filter, Error, SeccompAction, ThreadRole};
 
 /// How the daemon confines itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -110,6 +110,9 @@ pub struct SandboxConfig {
     pub uid_map: Option<IdMap>,
     /// User namespace gid mapping, like `uid_map`.
     pub gid_map: Option<IdMap>,
+    /// The seccomp action of the filter the namespace mode's supervising parent installs
+    /// once it has nothing left to do but wait ([`ThreadRole::Supervisor`]).
+    pub supervisor_seccomp: SeccompAction,
 }
 
 /// Where the sandboxed process finds what it serves.
@@ -260,38 +263,44 @@ fn enter_chroot(shared_dir: &Path) -> Result<SandboxOutcome, Error> {
     })
 }
 
-fn write_id_maps(cfg: &SandboxConfig) -> Result<(), Error> {
-    let write = |path: &str, content: String, step: &'static str| {
+/// The line written to `/proc/self/{uid,gid}_map` for `map` (default: inside 0 is the
+/// current id). Without privilege in the parent namespace the kernel accepts only the writer's
+/// own id, once: checked here so that the error names the option.
+fn id_map_line(map: Option<IdMap>, current: u32, option: &'static str) -> Result<String, Error> {
+    let map = map.unwrap_or(IdMap {
+        inside: 0,
+        outside: current,
+        count: 1,
+    });
+    if map.outside != current || map.count != 1 {
+        return Err(Error::InvalidValue {
+            what: option,
+            value: format!(":{}:{}:{}:", map.inside, map.outside, map.count),
+            reason: format!(
+                "an unprivileged user can map only its own id {current}, with a count of 1 \
+                 (ranges need newuidmap/newgidmap, which berth does not run)"
+            ),
+        });
+    }
+    Ok(format!("{} {} {}\n", map.inside, map.outside, map.count))
+}
+
+fn write_id_maps(uid_line: &str, gid_line: &str) -> Result<(), Error> {
+    let write = |path: &str, content: &str, step: &'static str| {
         File::options()
             .write(true)
             .open(path)
             .and_then(|mut f| f.write_all(content.as_bytes()))
             .map_err(sys_error(step))
     };
-    let line = |map: Option<IdMap>, current: u32| {
-        let map = map.unwrap_or(IdMap {
-            inside: 0,
-            outside: current,
-            count: 1,
-        });
-        format!("{} {} {}\n", map.inside, map.outside, map.count)
-    };
     // An unprivileged writer must give up setgroups before it may write a gid map.
     write(
         "/proc/self/setgroups",
-        "deny".to_owned(),
+        "deny",
         "writing /proc/self/setgroups",
     )?;
-    write(
-        "/proc/self/uid_map",
-        line(cfg.uid_map, geteuid()),
-        "writing /proc/self/uid_map",
-    )?;
-    write(
-        "/proc/self/gid_map",
-        line(cfg.gid_map, getegid()),
-        "writing /proc/self/gid_map",
-    )?;
+    write("/proc/self/uid_map", uid_line, "writing /proc/self/uid_map")?;
+    write("/proc/self/gid_map", gid_line, "writing /proc/self/gid_map")?;
     Ok(())
 }
 
@@ -301,15 +310,21 @@ fn enter_namespaces(
     root: bool,
 ) -> Result<SandboxOutcome, Error> {
     let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWNET;
-    if !root {
+    let id_lines = if root {
+        None
+    } else {
         flags |= libc::CLONE_NEWUSER;
-    }
+        Some((
+            id_map_line(cfg.uid_map, geteuid(), "--uid-map")?,
+            id_map_line(cfg.gid_map, getegid(), "--gid-map")?,
+        ))
+    };
     // SAFETY: unshare only changes this process's namespaces.
     check("unshare", unsafe { libc::unshare(flags) })?;
-    if !root {
+    if let Some((uid_line, gid_line)) = id_lines {
         // The euid/egid seen from inside are the outside ones until the maps exist.
         let (uid, gid) = (geteuid(), getegid());
-        write_id_maps(cfg)?;
+        write_id_maps(&uid_line, &gid_line)?;
         let inside_uid = cfg.uid_map.map_or(0, |m| m.inside);
         let inside_gid = cfg.gid_map.map_or(0, |m| m.inside);
         tracing::debug!("user namespace: uid {uid} is {inside_uid}, gid {gid} is {inside_gid}");
@@ -326,7 +341,7 @@ fn enter_namespaces(
     // arbitrary code.
     let child = check("fork", unsafe { libc::fork() })?;
     if child > 0 {
-        supervise_child(child);
+        supervise_child(child, cfg.supervisor_seccomp);
     }
     // Only the child gets here: it is pid 1 of the new pid namespace. If the supervising parent
     // dies, even by SIGKILL, which it cannot forward, the daemon must not live on unseen.
@@ -420,12 +435,19 @@ fn setup_mounts(shared_dir: &Path) -> Result<OwnedFd, Error> {
 }
 
 /// The namespace mode's parent: waits for the serving child and mirrors its end.
-fn supervise_child(child: libc::pid_t) -> ! {
+fn supervise_child(child: libc::pid_t, seccomp: SeccompAction) -> ! {
     // The parent needs none of its descriptors; closing them makes the child the only holder
     // of the listening socket, so a second connection attempt fails instead of hanging.
     // SAFETY: closing descriptors this process no longer uses; no Rust object in this process
     // uses them again because the process only waits and exits below.
     unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    // From here on the parent only waits, signals and exits.
+    if let Err(e) = install_filter(ThreadRole::Supervisor, seccomp) {
+        eprintln!("error: {e}");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child, libc::SIGKILL) };
+        std::process::exit(1);
+    }
 
     // Termination signals aimed at the parent (the VMM knows only its pid) go to the child.
     // SAFETY: an all-zero sigset_t is a valid value to initialise with sigemptyset.
@@ -453,7 +475,7 @@ fn supervise_child(child: libc::pid_t) -> ! {
             mirror_exit(status);
         }
         if waited < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            std::process::exit(1);
+            exit_now(1);
         }
         // SAFETY: `set` is initialised; a null info pointer is allowed.
         let signal = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
@@ -477,9 +499,16 @@ fn mirror_exit(status: libc::c_int) -> ! {
             libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
             libc::raise(signal);
         }
-        std::process::exit(128 + signal);
+        exit_now(128 + signal);
     }
-    std::process::exit(libc::WEXITSTATUS(status));
+    exit_now(libc::WEXITSTATUS(status));
+}
+
+/// Ends the supervisor without the runtime's exit-time cleanup, which its filter does not
+/// allow (and which it does not need: it holds no buffers or files).
+fn exit_now(code: libc::c_int) -> ! {
+    // SAFETY: _exit only ends this process.
+    unsafe { libc::_exit(code) }
 }
 
 #[cfg(test)]
@@ -538,6 +567,7 @@ mod tests {
             shared_dir: PathBuf::from("/nonexistent/dir"),
             uid_map: None,
             gid_map: None,
+            supervisor_seccomp: SeccompAction::None,
         };
         let outcome = enter_sandbox(&cfg).unwrap();
         assert_eq!(outcome.root_dir, PathBuf::from("/nonexistent/dir"));
@@ -557,6 +587,7 @@ mod tests {
             shared_dir: PathBuf::from("/"),
             uid_map: map,
             gid_map: None,
+            supervisor_seccomp: SeccompAction::None,
         };
         let err = enter_sandbox(&cfg).unwrap_err().to_string();
         assert!(err.contains("uid/gid maps"), "{err}");

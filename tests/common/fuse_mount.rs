@@ -288,9 +288,19 @@ impl FuseMount {
         fs::read_to_string(&self.log_path).unwrap_or_else(|e| format!("<no log: {e}>"))
     }
 
-    /// The daemon's open file descriptors, counted in /proc.
+    /// The process serving the mount: in the namespace sandbox (the default), the launched
+    /// process only supervises its child, which serves.
+    pub fn serving_pid(&self) -> u32 {
+        let pid = self.pid();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))
+            .unwrap_or(pid)
+    }
+
+    /// The serving process's open file descriptors, counted in /proc.
     pub fn daemon_fd_count(&self) -> usize {
-        let dir = format!("/proc/{}/fd", self.pid());
+        let dir = format!("/proc/{}/fd", self.serving_pid());
         fs::read_dir(&dir)
             .unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
             .count()
@@ -299,19 +309,23 @@ impl FuseMount {
     /// The `flags` (as in fcntl F_GETFL) of every descriptor the daemon holds on `target`,
     /// read from /proc/PID/fdinfo.
     pub fn daemon_fd_flags(&self, target: &Path) -> Vec<libc::c_int> {
-        let target = target.canonicalize().unwrap_or_else(|_| target.to_owned());
-        let dir = format!("/proc/{}/fd", self.pid());
+        use std::os::unix::fs::MetadataExt;
+        // Compared by device and inode: inside the sandbox the link text is the path as the
+        // serving process sees it, not the host's.
+        let want = fs::metadata(target)
+            .unwrap_or_else(|e| panic!("cannot stat {}: {e}", target.display()));
+        let pid = self.serving_pid();
+        let dir = format!("/proc/{pid}/fd");
         let mut flags = Vec::new();
         for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot list {dir}: {e}")) {
             let Ok(entry) = entry else { continue };
-            if fs::read_link(entry.path()).ok().as_deref() != Some(target.as_path()) {
+            let Ok(meta) = fs::metadata(entry.path()) else {
+                continue;
+            };
+            if (meta.dev(), meta.ino()) != (want.dev(), want.ino()) {
                 continue;
             }
-            let info = format!(
-                "/proc/{}/fdinfo/{}",
-                self.pid(),
-                entry.file_name().to_string_lossy()
-            );
+            let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
             let Ok(text) = fs::read_to_string(&info) else {
                 continue;
             };
