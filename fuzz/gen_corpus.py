@@ -120,3 +120,36 @@ cli_seeds = {
 }
 for name, data in cli_seeds.items():
     save("cli_options", name, data)
+
+# --xattrmap: the map text, a NUL, then NUL-separated names to match (fuzz/src/xattrmap.rs).
+xattrmap_seeds = {
+    "doc_prefix_client": ":prefix:client:trusted.:user.virtiofs.:",
+    "doc_prefix_server": ":prefix:server::user.virtiofs.:",
+    "doc_prefix_all": ":prefix:all:trusted.:user.virtiofs.:",
+    "doc_ok_client": ":ok:client:user.::",
+    "doc_ok_server": ":ok:server::security.:",
+    "doc_ok_all": ":ok:all:::",
+    "doc_bad_server": ":bad:server::security.:",
+    "example1": ":prefix:all::user.virtiofs.::bad:all:::",
+    "example1_map": ":map::user.virtiofs.:",
+    "example2": "/prefix/all/trusted./user.virtiofs./\n            /bad/server//trusted./\n"
+                "            /bad/client/user.virtiofs.//\n            /ok/all///",
+    "example2_map": "/map/trusted./user.virtiofs./",
+    "example3": "/bad/all/security./security./\n            /ok/all///",
+    "unsupported_selinux": "/unsupported/all/security.selinux/security.selinux//ok/all///",
+    "incomplete": ":prefix:client:hi",
+    "map_not_last": ":map:trusted.:virtiofs.user.::map:trusted.:virtiofs.user.:",
+    "bad_type": ":TOMATOPIRATE:trusted.:virtiofs.user.:",
+    "bad_scope": "/prefix/helloworld///",
+    "multibyte_separator": "\u00a7ok\u00a7client\u00a7a:b/c\u00a7\u00a7  |bad|all|||",
+}
+xattr_names = (b"\0user.foo\0user.virtiofs.user.foo\0trusted.overlay.opaque\0security.selinux"
+               b"\0security.capability\0system.posix_acl_access\0user.virtiofs.\0")
+for name, text in xattrmap_seeds.items():
+    save("xattrmap_parse", name, text.encode() + xattr_names)
+cli_xattrmap_seeds = {
+    "legacy_xattrmap": b"\x00xattrmap=:map::user.virtiofs.:,cache=auto",
+    "flags_xattrmap": b"\x01--xattrmap\x00/prefix/all/trusted./user.virtiofs./ /ok/all///",
+}
+for name, data in cli_xattrmap_seeds.items():
+    save("cli_options", name, data)

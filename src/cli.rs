@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use berth_cache::manifest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use berth_cache::Compression;
-use berth_passthrough::{CachePolicy, Config, InodeFileHandles, Negotiation as FsNegotiation};
+use berth_passthrough::{
+    CachePolicy, Config, InodeFileHandles, Negotiation as FsNegotiation, XattrMap, XattrMapError,
+};
 use berth_seccomp::{IdMap, ModCaps, SandboxMode, SeccompAction};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
@@ -51,6 +53,8 @@ pub enum CliError {
     },
     #[error("conflicting options: {0}")]
     Conflict(String),
+    #[error("invalid --xattrmap: {0}")]
+    BadXattrMap(XattrMapError),
 }
 
 /// How loudly berth logs.
@@ -568,9 +572,13 @@ pub struct FsArgs {
     #[arg(long)]
     pub allow_mmap: bool,
 
+    /// Rename extended attributes between guest and host with virtiofsd's rules
+    /// (`:type:scope:key:prepend:` or `:map:key:prepend:`); implies --xattr.
+    // Appended rather than overridden: a repeat with other rules is a conflict, not a pick.
+    #[arg(long, value_name = "RULES", action = ArgAction::Append)]
+    pub xattrmap: Vec<String>,
+
     /// virtiofsd flags berth does not implement; refused with a message.
-    #[arg(long, value_name = "MAP", hide = true)]
-    pub xattrmap: Option<String>,
     #[arg(long, value_name = "MAP", hide = true)]
     pub translate_uid: Vec<String>,
     #[arg(long, value_name = "MAP", hide = true)]
@@ -715,6 +723,7 @@ struct CompatOptions {
     security_label: Option<bool>,
     posix_lock: Option<bool>,
     flock: Option<bool>,
+    xattrmap: Option<XattrMap>,
 }
 
 impl CompatOptions {
@@ -762,7 +771,19 @@ impl CompatOptions {
             }
             // Resolved with the isolation flags (IsolationArgs).
             "sandbox" | "modcaps" => {}
-            "xattrmap" => return Err(CliError::UnsupportedFlag("-o xattrmap")),
+            "xattrmap" => {
+                let map = value.parse::<XattrMap>().map_err(|e| bad(&e.to_string()))?;
+                if self
+                    .xattrmap
+                    .as_ref()
+                    .is_some_and(|earlier| *earlier != map)
+                {
+                    return Err(CliError::Conflict(
+                        "-o xattrmap is given twice with different rules".into(),
+                    ));
+                }
+                self.xattrmap = Some(map);
+            }
             _ => return Err(CliError::UnknownCompatOption(format!("{key}={value}"))),
         }
         Ok(())
@@ -843,10 +864,35 @@ impl FsArgs {
             self.security_label,
             compat.security_label,
         )?;
+        let mut xattrmap_flag: Option<XattrMap> = None;
+        for rules in &self.xattrmap {
+            let map = XattrMap::parse(rules).map_err(CliError::BadXattrMap)?;
+            if xattrmap_flag
+                .as_ref()
+                .is_some_and(|earlier| *earlier != map)
+            {
+                return Err(CliError::Conflict(
+                    "--xattrmap is given twice with different rules".into(),
+                ));
+            }
+            xattrmap_flag = Some(map);
+        }
+        if let (Some(flag), Some(compat)) = (&xattrmap_flag, &compat.xattrmap) {
+            if flag != compat {
+                return Err(CliError::Conflict(
+                    "--xattrmap and -o xattrmap give different rules".into(),
+                ));
+            }
+        }
+        let xattrmap = xattrmap_flag.or(compat.xattrmap);
         let xattr = merge_switch("xattr support", given(self.xattr), compat.xattr)?;
-        if compat.xattr == Some(false) && (posix_acl.wanted() || security_label.wanted()) {
+        if compat.xattr == Some(false)
+            && (posix_acl.wanted() || security_label.wanted() || xattrmap.is_some())
+        {
             return Err(CliError::Conflict(
-                "-o no_xattr turns off xattrs, which posix ACLs and security labels need".into(),
+                "-o no_xattr turns off xattrs, which posix ACLs, security labels and \
+                 --xattrmap need"
+                    .into(),
             ));
         }
 
@@ -888,9 +934,10 @@ impl FsArgs {
             entry_timeout: compat.timeout,
             attr_timeout: compat.timeout,
             writeback: merge_switch("writeback caching", given(self.writeback), compat.writeback)?,
-            xattr: xattr || posix_acl.wanted() || security_label.wanted(),
+            xattr: xattr || posix_acl.wanted() || security_label.wanted() || xattrmap.is_some(),
             posix_acl,
             security_label,
+            xattrmap,
             allow_mmap: self.allow_mmap,
             allow_direct_io: merge_switch(
                 "direct I/O",
@@ -913,7 +960,6 @@ impl FsArgs {
 
     fn reject_unsupported(&self) -> Result<(), CliError> {
         let unsupported = [
-            (self.xattrmap.is_some(), "--xattrmap"),
             (!self.translate_uid.is_empty(), "--translate-uid"),
             (!self.translate_gid.is_empty(), "--translate-gid"),
         ];
@@ -1519,10 +1565,6 @@ mod tests {
             CliError::BadModcaps(_)
         ));
         assert_eq!(
-            with("--xattrmap=:map::user.virtiofs.:").unwrap_err(),
-            CliError::UnsupportedFlag("--xattrmap")
-        );
-        assert_eq!(
             with("--migration-mode=file-handles").unwrap_err(),
             CliError::UnsupportedFlag("--migration-mode")
         );
@@ -1655,6 +1697,97 @@ mod tests {
             }
         );
         assert_eq!(s.process.warnings.len(), 1);
+    }
+
+    #[test]
+    fn xattrmap_flag_and_legacy_option() {
+        let base = ["--fd=3", "--shared-dir=/d"];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            resolve(&args)
+        };
+        let settings = |extra: &[&str]| match with(extra) {
+            Ok(Mode::VhostUser(s)) => s,
+            other => panic!("{extra:?}: expected vhost-user mode, got {other:?}"),
+        };
+        let expected = XattrMap::parse(":map::user.virtiofs.:").unwrap();
+        // Both spellings, and the map implies --xattr (as virtiofsd).
+        for extra in [
+            &["--xattrmap=:map::user.virtiofs.:"][..],
+            &["--xattrmap", ":map::user.virtiofs.:"],
+            &["-o", "xattrmap=:map::user.virtiofs.:"],
+            &["-o", "xattrmap=:map::user.virtiofs.:,cache=auto"],
+        ] {
+            let s = settings(extra);
+            assert_eq!(s.fs.xattrmap.as_ref(), Some(&expected), "{extra:?}");
+            assert!(s.fs.xattr, "{extra:?} turns xattrs on");
+        }
+        assert!(settings(&[]).fs.xattrmap.is_none());
+        // Rules with whitespace and newlines between them, and `=` inside a -o value.
+        let s = settings(&[
+            "--xattrmap",
+            "/prefix/all/a=b./user.x./
+  /ok/all///",
+        ]);
+        assert_eq!(s.fs.xattrmap.unwrap().rules().len(), 2);
+        let s = settings(&["-o", "xattrmap=/prefix/all/a=b./user.x./ /ok/all///"]);
+        assert_eq!(s.fs.xattrmap.unwrap().rules().len(), 2);
+        // The same rules twice agree; different rules conflict.
+        let same = settings(&[
+            "--xattrmap=:map::user.virtiofs.:",
+            "-o",
+            "xattrmap=/map//user.virtiofs./",
+        ]);
+        assert_eq!(same.fs.xattrmap, Some(expected));
+        for extra in [
+            &["--xattrmap=:map::user.a.:", "-o", "xattrmap=:map::user.b.:"][..],
+            &[
+                "-o",
+                "xattrmap=:map::user.a.:",
+                "-o",
+                "xattrmap=:map::user.b.:",
+            ],
+            &["--xattrmap=:ok:all:::", "-o", "no_xattr"],
+        ] {
+            let err = with(extra).unwrap_err();
+            assert!(matches!(err, CliError::Conflict(_)), "{extra:?}: {err}");
+        }
+        assert!(
+            settings(&["--xattrmap=:ok:all:::", "--xattrmap=/ok/all///"])
+                .fs
+                .xattrmap
+                .is_some()
+        );
+        let err = with(&["--xattrmap=:ok:all:::", "--xattrmap=:bad:all:::"]).unwrap_err();
+        assert!(matches!(err, CliError::Conflict(_)), "{err}");
+        // Malformed rules name the rule and what is wrong with it.
+        let err = with(&["--xattrmap=:ok:all::: :prefix:client:trusted."]).unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, CliError::BadXattrMap(_)), "{message}");
+        assert!(
+            message.starts_with("invalid --xattrmap: xattr map rule 2"),
+            "{message}"
+        );
+        assert!(message.contains(":prefix:client:trusted."), "{message}");
+        let err = with(&["-o", "xattrmap=:nonsense:all:::"]).unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, CliError::BadCompatValue { .. }), "{message}");
+        assert!(message.contains("unknown type 'nonsense'"), "{message}");
+        assert_eq!(
+            with(&["--xattrmap= \n "]).unwrap_err(),
+            CliError::BadXattrMap(XattrMapError::NoRules)
+        );
+        // The fuse subcommand takes it too.
+        match resolve(&[
+            "fuse",
+            "--shared-dir=/d",
+            "--mountpoint=/m",
+            "--xattrmap=:ok:all:::",
+        ]) {
+            Ok(Mode::Fuse(s)) => assert!(s.fs.xattrmap.is_some() && s.fs.xattr),
+            other => panic!("expected fuse mode, got {other:?}"),
+        }
     }
 
     #[test]

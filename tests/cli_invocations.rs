@@ -199,6 +199,39 @@ fn conflicting_flags_are_a_usage_error() {
     );
 }
 
+#[test]
+fn malformed_xattrmaps_are_usage_errors_naming_the_rule() {
+    let test = "malformed_xattrmaps_are_usage_errors_naming_the_rule";
+    assert_usage_error(
+        test,
+        &[
+            "--xattr",
+            "--xattrmap=:ok:client:user.:: :prefix:everywhere:::",
+        ],
+        &[
+            "--xattrmap",
+            "rule 2",
+            ":prefix:everywhere:::",
+            "unknown scope 'everywhere'",
+        ],
+    );
+    assert_usage_error(
+        test,
+        &["--xattrmap", ":prefix:all:trusted.:user.vm."],
+        &["rule 1", "separator ':'"],
+    );
+    assert_usage_error(
+        test,
+        &["-o", "xattrmap=:map::user.virtiofs.: :ok:all:::"],
+        &["-o xattrmap", "must be the last rule"],
+    );
+    assert_usage_error(
+        test,
+        &["--xattrmap=:map::user.a.:", "-o", "xattrmap=:map::user.b.:"],
+        &["conflicting", "xattrmap"],
+    );
+}
+
 /// Starts the daemon with `extra` isolation flags and checks it serves the share.
 fn serves_with(extra: &[&str]) {
     let fixture = Fixture::new();

@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use berth_frontend::fuse::{
-    init_flags, opcode, open_flags, CopyFileRangeIn, CreateIn, FallocateIn, FileLock, FlushIn,
-    FsyncIn, GetxattrIn, GetxattrOut, InitOut, LinkIn, LkIn, LkOut, LseekIn, LseekOut, MkdirIn,
-    MknodIn, OpenOut, Rename2In, SetxattrIn, WriteOut, ROOT_ID,
+    init_flags, opcode, open_flags, setattr_valid, CopyFileRangeIn, CreateIn, FallocateIn,
+    FileLock, FlushIn, FsyncIn, GetxattrIn, GetxattrOut, InitOut, LinkIn, LkIn, LkOut, LseekIn,
+    LseekOut, MkdirIn, MknodIn, OpenOut, Rename2In, SetattrIn, SetxattrIn, WriteOut, ROOT_ID,
 };
 use berth_frontend::{EntryOut, FsQueue, Request, VhostUserFs};
 use frontend_util::*;
@@ -1429,4 +1429,385 @@ fn a_reused_inode_number_gets_a_new_node() {
         );
     }
     s.daemon.assert_alive("after the inode reuse");
+}
+
+// ----- xattr name mapping (--xattrmap) -----
+
+fn host_setxattr(path: &Path, name: &str, value: &[u8]) {
+    let cpath = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let cname = CString::new(name).unwrap();
+    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+    let rc = unsafe {
+        libc::lsetxattr(
+            cpath.as_ptr(),
+            cname.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "host setxattr {name} on {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+fn host_getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let cpath = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let cname = CString::new(name).unwrap();
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: valid strings and a buffer of the given length.
+    let n = unsafe {
+        libc::lgetxattr(
+            cpath.as_ptr(),
+            cname.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    (n >= 0).then(|| {
+        buf.truncate(n as usize);
+        buf
+    })
+}
+
+/// The size in a GETXATTR or LISTXATTR reply to a size-0 probe.
+fn probed_size(reply: Result<Vec<u8>, i32>) -> Result<u32, i32> {
+    reply.map(|body| {
+        GetxattrOut::from_slice(&body)
+            .copied()
+            .expect("a fuse_getxattr_out")
+            .size
+    })
+}
+
+#[test]
+fn xattr_size_probes_answer_for_the_mapped_names() {
+    let mut s = Session::start(&["--xattrmap=:map::user.virtiofs.:"]);
+    s.init_out();
+    let path = s.host("hello.txt");
+    host_setxattr(&path, "user.virtiofs.user.berth", b"0123456789");
+    // Host names the guest does not see: the host's list is far longer than the guest's (as
+    // many as an ext4 inode holds in one block).
+    for i in 0..30 {
+        host_setxattr(&path, &format!("user.hidden-by-the-map-{i:03}"), b"h");
+    }
+    let node = s.queue.lookup(ROOT_ID, b"hello.txt").unwrap();
+    let q = &mut s.queue;
+    // GETXATTR reads the prefixed host name: its size, ERANGE below it, the value.
+    assert_eq!(
+        probed_size(getxattr(q, node.nodeid, b"user.berth", 0, 64)),
+        Ok(10)
+    );
+    assert_eq!(
+        getxattr(q, node.nodeid, b"user.berth", 9, 4000),
+        Err(libc::ERANGE)
+    );
+    assert_eq!(
+        getxattr(q, node.nodeid, b"user.berth", 10, 4000),
+        Ok(b"0123456789".to_vec())
+    );
+    // The host's own names are not reachable under their names.
+    assert_eq!(
+        getxattr(q, node.nodeid, b"user.hidden-by-the-map-000", 0, 64),
+        Err(libc::ENODATA)
+    );
+    // SETXATTR goes to the prefixed name, and the probe sees the new size.
+    setxattr(q, node.nodeid, b"user.second", b"22", 2).expect("SETXATTR user.second");
+    assert_eq!(
+        host_getxattr(&path, "user.virtiofs.user.second"),
+        Some(b"22".to_vec())
+    );
+    assert_eq!(host_getxattr(&path, "user.second"), None);
+    let guest_list: &[u8] = b"user.berth\0user.second\0";
+    if testing_berth() {
+        // LISTXATTR's size probe answers the size of the mapped list (virtiofsd answers the
+        // host list's size, and then ERANGE for a buffer of the size it gave).
+        assert_eq!(
+            probed_size(listxattr(q, node.nodeid, 0, 64)),
+            Ok(guest_list.len() as u32)
+        );
+        let exact = listxattr(q, node.nodeid, guest_list.len() as u32, 4000).expect("LISTXATTR");
+        let mut names: Vec<&[u8]> = exact.split(|&b| b == 0).filter(|n| !n.is_empty()).collect();
+        names.sort();
+        assert_eq!(names, [&b"user.berth"[..], b"user.second"]);
+        assert_eq!(exact.len(), guest_list.len());
+        assert_eq!(
+            listxattr(q, node.nodeid, guest_list.len() as u32 - 1, 4000),
+            Err(libc::ERANGE)
+        );
+    }
+    // Any buffer the host list fits in works on both daemons.
+    let names = listxattr(q, node.nodeid, 65536, 65536).expect("LISTXATTR");
+    assert_eq!(names.len(), guest_list.len(), "listed: {names:?}");
+    s.daemon.assert_alive("after the mapped xattr requests");
+}
+
+#[test]
+fn acl_names_with_an_xattr_map() {
+    // Without --posix-acl, the guest's ACL names are refused before mapping, and mapped host
+    // copies are hidden (as virtiofsd).
+    let mut s = Session::start(&["--xattrmap=:map::user.virtiofs.:"]);
+    s.init_out();
+    let path = s.host("hello.txt");
+    host_setxattr(
+        &path,
+        "user.virtiofs.system.posix_acl_access",
+        &acl_value(0o640),
+    );
+    host_setxattr(&path, "user.virtiofs.user.kept", b"k");
+    let node = s.queue.lookup(ROOT_ID, b"hello.txt").unwrap();
+    let value = acl_value(0o600);
+    let err = setxattr(
+        &mut s.queue,
+        node.nodeid,
+        b"system.posix_acl_access",
+        &value,
+        value.len() as u32,
+    )
+    .unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EOPNOTSUPP), "{err}");
+    assert_eq!(
+        getxattr(
+            &mut s.queue,
+            node.nodeid,
+            b"system.posix_acl_access",
+            100,
+            4000
+        ),
+        Err(libc::EOPNOTSUPP)
+    );
+    let names = listxattr(&mut s.queue, node.nodeid, 4096, 4096).expect("LISTXATTR");
+    assert_eq!(names, b"user.kept\0");
+    if testing_berth() {
+        assert_eq!(
+            probed_size(listxattr(&mut s.queue, node.nodeid, 0, 64)),
+            Ok(b"user.kept\0".len() as u32)
+        );
+    }
+    drop(s);
+
+    // With ACLs negotiated, they are stored under the mapped name (the host then keeps them
+    // as opaque data: it does not enforce them) and read back through it.
+    let mut s = Session::start_in(
+        Fixture::new(),
+        &["--posix-acl", "--xattrmap=:map::user.virtiofs.:"],
+        init_flags::DEFAULT | ACL_FLAGS,
+    );
+    s.init_out();
+    let node = s.queue.lookup(ROOT_ID, b"hello.txt").unwrap();
+    let args = SetxattrInExt {
+        size: value.len() as u32,
+        flags: 0,
+        setxattr_flags: 0,
+        padding: 0,
+    };
+    s.queue
+        .request_empty(&Request {
+            opcode: opcode::SETXATTR,
+            nodeid: node.nodeid,
+            args: &[args.as_slice(), b"system.posix_acl_access\0", &value],
+            payload: &[],
+            reply_capacity: Some(0),
+        })
+        .expect("SETXATTR system.posix_acl_access");
+    let path = s.host("hello.txt");
+    assert_eq!(
+        host_getxattr(&path, "user.virtiofs.system.posix_acl_access"),
+        Some(value.clone())
+    );
+    assert_eq!(host_getxattr(&path, "system.posix_acl_access"), None);
+    assert_eq!(
+        getxattr(
+            &mut s.queue,
+            node.nodeid,
+            b"system.posix_acl_access",
+            100,
+            4000
+        ),
+        Ok(value.clone())
+    );
+    let names = listxattr(&mut s.queue, node.nodeid, 4096, 4096).expect("LISTXATTR");
+    assert_eq!(names, b"system.posix_acl_access\0");
+}
+
+#[test]
+fn security_labels_are_stored_under_mapped_names() {
+    // Mapped into user.*, a label needs no CAP_SYS_ADMIN on the host.
+    let mut s = labelled_session(&["--xattrmap=:map::user.virtiofs.:"]);
+    let ext = secctx_extension(LABEL_NAME, LABEL);
+    let mkdir = MkdirIn {
+        mode: 0o755,
+        umask: 0,
+    };
+    s.queue
+        .call_with_extensions(
+            &Request {
+                opcode: opcode::MKDIR,
+                nodeid: ROOT_ID,
+                args: &[mkdir.as_slice(), b"labelled\0"],
+                payload: &[],
+                reply_capacity: entry_reply(),
+            },
+            &ext,
+        )
+        .unwrap()
+        .check()
+        .expect("MKDIR with a security context");
+    let create = create_in(0o100640, libc::O_RDWR as u32);
+    s.queue
+        .call_with_extensions(
+            &Request {
+                opcode: opcode::CREATE,
+                nodeid: ROOT_ID,
+                args: &[create.as_slice(), b"labelled-file\0"],
+                payload: &[],
+                reply_capacity: Some(
+                    (std::mem::size_of::<EntryOut>() + std::mem::size_of::<OpenOut>()) as u32,
+                ),
+            },
+            &ext,
+        )
+        .unwrap()
+        .check()
+        .expect("CREATE with a security context");
+    for name in ["labelled", "labelled-file"] {
+        let path = s.host(name);
+        assert_eq!(
+            host_getxattr(&path, "user.virtiofs.security.selinux").as_deref(),
+            Some(LABEL),
+            "{name}: the label under its mapped name"
+        );
+        assert_eq!(host_label(&path), None, "{name}: no host security.selinux");
+    }
+    drop(s);
+
+    // A map that refuses security.* refuses labelled creates, and creates nothing.
+    let mut s = labelled_session(&["--xattrmap=/bad/all/security./security./ /ok/all///"]);
+    let reply = s
+        .queue
+        .call_with_extensions(
+            &Request {
+                opcode: opcode::MKDIR,
+                nodeid: ROOT_ID,
+                args: &[mkdir.as_slice(), b"refused\0"],
+                payload: &[],
+                reply_capacity: entry_reply(),
+            },
+            &ext,
+        )
+        .unwrap()
+        .check();
+    assert_eq!(reply.unwrap_err().errno(), Some(libc::EPERM));
+    assert!(!s.host("refused").exists(), "nothing is created");
+    s.daemon.assert_alive("after the refused label");
+}
+
+#[test]
+fn names_no_xattrmap_rule_matches_are_refused_and_hidden() {
+    if !testing_berth() {
+        skip_by_design("virtiofsd aborts on a name its map does not cover; checked on berth");
+        return;
+    }
+    // Only trusted.* is covered, in both directions.
+    let mut s = Session::start(&["--xattrmap=:prefix:all:trusted.:user.virtiofs.:"]);
+    s.init_out();
+    let path = s.host("hello.txt");
+    host_setxattr(&path, "user.virtiofs.trusted.x", b"t");
+    host_setxattr(&path, "user.uncovered", b"u");
+    let node = s.queue.lookup(ROOT_ID, b"hello.txt").unwrap();
+    let q = &mut s.queue;
+    let err = setxattr(q, node.nodeid, b"user.uncovered", b"v", 1).unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EPERM), "{err}");
+    assert_eq!(
+        getxattr(q, node.nodeid, b"user.uncovered", 100, 4000),
+        Err(libc::ENODATA)
+    );
+    assert_eq!(
+        getxattr(q, node.nodeid, b"trusted.x", 100, 4000),
+        Ok(b"t".to_vec())
+    );
+    assert_eq!(
+        listxattr(q, node.nodeid, 4096, 4096).expect("LISTXATTR"),
+        b"trusted.x\0"
+    );
+    assert_eq!(host_getxattr(&path, "user.uncovered"), Some(b"u".to_vec()));
+    s.daemon.assert_alive("after names no rule matches");
+    assert!(
+        s.daemon
+            .stderr()
+            .contains("no --xattrmap rule matches every name"),
+        "the daemon warns at start about the missing catch-all:\n{}",
+        s.daemon.stderr()
+    );
+}
+
+#[test]
+fn a_renamed_security_capability_is_dropped_on_write_truncate_and_chown() {
+    if !testing_berth() {
+        skip_by_design("virtiofsd drops it too, also on SETXATTR; berth's rule is checked");
+        return;
+    }
+    if !running_as_root() {
+        skip("needs root to chown a file");
+        return;
+    }
+    // The host kernel drops the real security.capability by itself; the renamed one is
+    // berth's to drop, whatever the guest negotiated.
+    let mut s = Session::start(&["--xattrmap=:map::user.virtiofs.:"]);
+    s.init_out();
+    let path = s.host("hello.txt");
+    let caps_name = "user.virtiofs.security.capability";
+    let node = s.queue.lookup(ROOT_ID, b"hello.txt").unwrap();
+    let open = s.queue.open(node.nodeid, libc::O_RDWR as u32).unwrap();
+    let truncate = SetattrIn {
+        valid: setattr_valid::SIZE,
+        size: 3,
+        ..Default::default()
+    };
+    let chown = SetattrIn {
+        valid: setattr_valid::UID | setattr_valid::GID,
+        uid: 1234,
+        gid: 1234,
+        ..Default::default()
+    };
+    let chmod = SetattrIn {
+        valid: setattr_valid::MODE,
+        mode: libc::S_IFREG | 0o640,
+        ..Default::default()
+    };
+    for what in ["write", "truncate", "chown", "chmod"] {
+        host_setxattr(&path, caps_name, b"caps");
+        host_setxattr(&path, "user.virtiofs.user.other", b"kept");
+        let q = &mut s.queue;
+        match what {
+            "write" => assert_eq!(q.write(node.nodeid, open.fh, 0, b"x").unwrap(), 1),
+            "truncate" => drop(q.setattr(node.nodeid, &truncate).expect("SETATTR size")),
+            "chown" => drop(q.setattr(node.nodeid, &chown).expect("SETATTR uid/gid")),
+            _ => drop(q.setattr(node.nodeid, &chmod).expect("SETATTR mode")),
+        }
+        let left = host_getxattr(&path, caps_name);
+        if what == "chmod" {
+            assert_eq!(left, Some(b"caps".to_vec()), "chmod keeps capabilities");
+        } else {
+            assert_eq!(left, None, "{what} drops the renamed security.capability");
+        }
+        assert_eq!(
+            host_getxattr(&path, "user.virtiofs.user.other"),
+            Some(b"kept".to_vec()),
+            "{what} keeps other attributes"
+        );
+    }
+    // An O_TRUNC open too; without the attribute every operation still succeeds.
+    host_setxattr(&path, caps_name, b"caps");
+    let reopened = s
+        .queue
+        .open(node.nodeid, (libc::O_RDWR | libc::O_TRUNC) as u32)
+        .unwrap();
+    assert_eq!(host_getxattr(&path, caps_name), None, "O_TRUNC open");
+    assert_eq!(s.queue.write(node.nodeid, reopened.fh, 0, b"y").unwrap(), 1);
+    s.daemon.assert_alive("after the capability drops");
 }

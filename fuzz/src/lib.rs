@@ -2,6 +2,7 @@
 
 pub mod fuse;
 pub mod vhost_user;
+pub mod xattrmap;
 
 /// The binary's command-line module, compiled here as is: it only depends on std, clap,
 /// thiserror, serde_json and berth's library crates. (Moving it into a library crate would make

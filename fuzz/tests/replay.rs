@@ -137,3 +137,19 @@ fn manifest_inputs_parse_or_are_refused_without_panicking() {
     }
     assert!(accepted >= 1, "no seed is a valid manifest");
 }
+
+#[test]
+fn xattrmap_inputs_parse_or_are_refused_without_panicking() {
+    use berth_fuzz::xattrmap::{check, Outcome};
+    let files = inputs("xattrmap_parse");
+    assert!(files.len() >= 10, "seed corpus missing: {files:?}");
+    let outcomes: Vec<Outcome> = files
+        .iter()
+        .map(|file| check(&std::fs::read(file).unwrap()))
+        .collect();
+    let accepted = outcomes.iter().filter(|o| **o == Outcome::Accepted).count();
+    let refused = outcomes.iter().filter(|o| **o == Outcome::Refused).count();
+    // The seeds are virtiofsd's documented examples and a few malformed maps.
+    assert!(accepted >= 10, "only {accepted} seeds accepted");
+    assert!(refused >= 4, "only {refused} seeds refused");
+}

@@ -6,6 +6,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::xattr_map::XattrMap;
+
 /// How much the FUSE client may cache; the same four modes as virtiofsd's `--cache`.
 #[derive(Debug, Default, Clone, Copy, Eq, PartialEq)]
 pub enum CachePolicy {
@@ -117,6 +119,9 @@ pub struct Config {
     /// Store the security label the guest sends with each new node (FUSE_SECURITY_CTX;
     /// implies `xattr`).
     pub security_label: Negotiation,
+    /// Renames extended attributes between guest and host (virtiofsd's `--xattrmap`; implies
+    /// `xattr`).
+    pub xattrmap: Option<XattrMap>,
     /// Let the guest mmap files opened with DIRECT_IO (FUSE_DIRECT_IO_ALLOW_MMAP), as
     /// virtiofsd's `--allow-mmap`; only safe when nothing else changes the shared files.
     pub allow_mmap: bool,
@@ -160,6 +165,7 @@ impl Default for Config {
             xattr: false,
             posix_acl: Negotiation::Never,
             security_label: Negotiation::Never,
+            xattrmap: None,
             allow_mmap: false,
             allow_direct_io: false,
             announce_submounts: true,

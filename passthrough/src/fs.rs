@@ -4,6 +4,7 @@
 //! descriptor (or file handle) of its parent, never following a final symlink, so a guest
 //! cannot walk out of the shared directory through `..` or symlinks.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
@@ -35,6 +36,7 @@ use crate::inode_store::{InodeData, InodeFile, InodeKey, InodeStore};
 use crate::util::{
     check_ret, errno, fd_name, fstat, openat, statx, validate_name, CredentialsGuard, EMPTY_CSTR,
 };
+use crate::xattr_map::{ClientName, ServerName};
 
 const FUSE_ATTR_SUBMOUNT: u32 = 1;
 const FUSE_LK_FLOCK: u32 = 1;
@@ -101,6 +103,20 @@ pub struct PassthroughFs {
     setxattr_ext: AtomicBool,
     /// New nodes come with the guest's security context (FUSE_SECURITY_CTX).
     security_ctx: AtomicBool,
+    /// The host name of `security.capability` when the xattr map renames it: the host kernel
+    /// no longer drops it on write, truncation and chown, so berth does.
+    remapped_capability: Option<CString>,
+    /// A name no xattr map rule matched was reported already (reported once, not per request).
+    reported_unmatched_name: AtomicBool,
+}
+
+/// Which request a guest xattr name came with: refusals differ per operation, as in
+/// virtiofsd.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum XattrOp {
+    Get,
+    /// SETXATTR, REMOVEXATTR and security labels.
+    Change,
 }
 
 thread_local! {
@@ -112,8 +128,25 @@ thread_local! {
 impl PassthroughFs {
     /// Opens the shared directory named in `cfg`.
     pub fn new(mut cfg: Config) -> Result<Self, Error> {
-        // ACLs and security labels are extended attributes.
-        cfg.xattr |= cfg.posix_acl.wanted() || cfg.security_label.wanted();
+        // ACLs, security labels and renamed names are extended attributes.
+        cfg.xattr |=
+            cfg.posix_acl.wanted() || cfg.security_label.wanted() || cfg.xattrmap.is_some();
+        let remapped_capability = cfg.xattrmap.as_ref().and_then(|m| m.remapped_capability());
+        if let Some(map) = &cfg.xattrmap {
+            let (client, server) = map.is_terminated();
+            if !client {
+                tracing::warn!(
+                    "no --xattrmap rule matches every name from the guest: a name no rule \
+                     matches is refused (EPERM, ENODATA for getxattr)"
+                );
+            }
+            if !server {
+                tracing::warn!(
+                    "no --xattrmap rule matches every name on the host: a name no rule \
+                     matches is left out of listings"
+                );
+            }
+        }
         let root_path = CString::new(cfg.root_dir.as_os_str().as_bytes()).map_err(|_| {
             Error::OpenSharedDir {
                 path: cfg.root_dir.clone(),
@@ -186,6 +219,8 @@ impl PassthroughFs {
             posix_acl: AtomicBool::new(false),
             setxattr_ext: AtomicBool::new(false),
             security_ctx: AtomicBool::new(false),
+            remapped_capability,
+            reported_unmatched_name: AtomicBool::new(false),
             cfg,
         };
         let key = InodeKey {
@@ -671,6 +706,8 @@ impl PassthroughFs {
         secctx: Option<&SecContext>,
     ) -> io::Result<(Entry, u64, u32)> {
         self.check_writable()?;
+        let secctx = self.host_security_context(secctx)?;
+        let secctx = secctx.as_deref();
         let parent_data = self.inodes.get(parent)?;
         let flags = self.sanitize_open_flags(args.flags) & !libc::O_DIRECTORY;
         // Reopened before switching to the caller: open_by_handle_at needs
@@ -883,6 +920,100 @@ impl PassthroughFs {
         Ok(())
     }
 
+    /// The host name for an xattr name from the guest: through the xattr map, unchanged
+    /// without one. A `bad` rule refuses it with EPERM (ENODATA for GETXATTR, as virtiofsd),
+    /// an `unsupported` one with ENOTSUP. virtiofsd aborts on a name no rule matches; berth
+    /// refuses it as a `bad` rule would.
+    fn host_xattr_name<'a>(&self, name: &'a CStr, op: XattrOp) -> io::Result<Cow<'a, CStr>> {
+        let Some(map) = &self.cfg.xattrmap else {
+            return Ok(Cow::Borrowed(name));
+        };
+        let denied = || {
+            errno(match op {
+                XattrOp::Get => libc::ENODATA,
+                XattrOp::Change => libc::EPERM,
+            })
+        };
+        match map.map_client(name) {
+            ClientName::Host(host) => Ok(host),
+            ClientName::Denied => Err(denied()),
+            ClientName::Unsupported => Err(errno(libc::ENOTSUP)),
+            ClientName::Unmatched => {
+                self.report_unmatched_name(name.to_bytes(), "sent by the guest", "refused");
+                Err(denied())
+            }
+        }
+    }
+
+    /// The name the guest sees for an xattr listed on the host, `None` when it is hidden.
+    fn guest_xattr_name<'a>(&self, name: &'a [u8]) -> Option<&'a [u8]> {
+        let Some(map) = &self.cfg.xattrmap else {
+            return Some(name);
+        };
+        match map.map_server(name) {
+            ServerName::Guest(guest) => Some(guest),
+            ServerName::Hidden => None,
+            ServerName::Unmatched => {
+                self.report_unmatched_name(name, "listed on the host", "hidden");
+                None
+            }
+        }
+    }
+
+    /// Warns about the first name no xattr map rule matches; later ones are not logged, so a
+    /// guest cannot flood the log.
+    fn report_unmatched_name(&self, name: &[u8], origin: &str, outcome: &str) {
+        if !self.reported_unmatched_name.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "no --xattrmap rule matches the xattr name {:?} {origin}: it is {outcome} \
+                 (further unmatched names are not reported)",
+                String::from_utf8_lossy(name)
+            );
+        }
+    }
+
+    /// The security context to store on a new node, its name mapped as for SETXATTR; checked
+    /// before the node is created, so a refused label creates nothing.
+    fn host_security_context<'a>(
+        &self,
+        secctx: Option<&'a SecContext>,
+    ) -> io::Result<Option<Cow<'a, SecContext>>> {
+        let Some(secctx) = secctx else {
+            return Ok(None);
+        };
+        Ok(Some(
+            match self.host_xattr_name(&secctx.name, XattrOp::Change)? {
+                Cow::Borrowed(_) => Cow::Borrowed(secctx),
+                Cow::Owned(name) => Cow::Owned(SecContext {
+                    name,
+                    value: secctx.value.clone(),
+                }),
+            },
+        ))
+    }
+
+    /// Drops the renamed `security.capability` from the file `fd` is open on (through
+    /// /proc/self/fd for an `O_PATH` descriptor), as the host kernel drops the real one on
+    /// write, truncation and chown. Nothing to do without a renaming map.
+    fn drop_remapped_capability(&self, fd: RawFd, o_path: bool) -> io::Result<()> {
+        let Some(name) = &self.remapped_capability else {
+            return Ok(());
+        };
+        let ret = if o_path {
+            let path = self.proc_relative(fd)?;
+            // SAFETY: both strings are NUL-terminated; result checked.
+            unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }
+        } else {
+            // SAFETY: `name` is NUL-terminated, `fd` an open descriptor; result checked.
+            unsafe { libc::fremovexattr(fd, name.as_ptr()) }
+        };
+        match check_ret(ret) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::ENOTSUP)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Answers SETXATTR; `setxattr_flags` is the extended header's word (SETXATTR_EXT).
     pub(crate) fn do_setxattr(
         &self,
@@ -900,6 +1031,7 @@ impl PassthroughFs {
         if value.len() > XATTR_SIZE_MAX {
             return Err(errno(libc::E2BIG));
         }
+        let host_name = self.host_xattr_name(name, XattrOp::Change)?;
         let data = self.inodes.get(inode)?;
         let fd = self.inode_fd(&data)?;
         let path = self.proc_relative(fd.as_fd().as_raw_fd())?;
@@ -926,7 +1058,7 @@ impl PassthroughFs {
         check_ret(unsafe {
             libc::setxattr(
                 path.as_ptr(),
-                name.as_ptr(),
+                host_name.as_ptr(),
                 value.as_ptr() as *const libc::c_void,
                 value.len(),
                 flags as libc::c_int,
@@ -946,6 +1078,8 @@ impl PassthroughFs {
     ) -> io::Result<(Entry, u64, OpenOptions)> {
         self.check_writable()?;
         let name = cstr_arg(name)?;
+        let secctx = self.host_security_context(secctx)?;
+        let secctx = secctx.as_deref();
         let parent_data = self.inodes.get(parent)?;
         let parent_fd = self.inode_fd(&parent_data)?;
         let flags = self.sanitize_open_flags(args.flags);
@@ -975,10 +1109,11 @@ impl PassthroughFs {
                 Err(e) => return Err(e),
             },
         };
-        if args.flags as libc::c_int & libc::O_TRUNC != 0
-            && self.truncation_kills_priv(ctx, args.fuse_flags)
-        {
-            kill_suid_sgid(&File::from(fd.try_clone()?))?;
+        if args.flags as libc::c_int & libc::O_TRUNC != 0 {
+            if self.truncation_kills_priv(ctx, args.fuse_flags) {
+                kill_suid_sgid(&File::from(fd.try_clone()?))?;
+            }
+            self.drop_remapped_capability(fd.as_raw_fd(), false)?;
         }
         let path_fd = openat(
             self.proc_self_fd.as_fd(),
@@ -1009,6 +1144,8 @@ impl PassthroughFs {
     ) -> io::Result<Entry> {
         self.check_writable()?;
         let name = cstr_arg(name)?;
+        let secctx = self.host_security_context(secctx)?;
+        let secctx = secctx.as_deref();
         let parent_data = self.inodes.get(parent)?;
         let parent_fd = self.inode_fd(&parent_data)?;
         self.as_caller(ctx, umask, || {
@@ -1035,6 +1172,8 @@ impl PassthroughFs {
     ) -> io::Result<Entry> {
         self.check_writable()?;
         let name = cstr_arg(name)?;
+        let secctx = self.host_security_context(secctx)?;
+        let secctx = secctx.as_deref();
         let kind = mode & libc::S_IFMT;
         if (kind == libc::S_IFCHR || kind == libc::S_IFBLK) && !self.cfg.allow_device_nodes {
             return Err(errno(libc::EPERM));
@@ -1069,6 +1208,8 @@ impl PassthroughFs {
     ) -> io::Result<Entry> {
         self.check_writable()?;
         let name = cstr_arg(name)?;
+        let secctx = self.host_security_context(secctx)?;
+        let secctx = secctx.as_deref();
         let parent_data = self.inodes.get(parent)?;
         let parent_fd = self.inode_fd(&parent_data)?;
         self.as_caller(ctx, 0, || {
@@ -1441,6 +1582,11 @@ impl FileSystem for PassthroughFs {
             } else {
                 u32::MAX
             };
+            // The kernel drops file capabilities on chown of anything but a directory; only
+            // regular files carry them.
+            if data.file_type == libc::S_IFREG {
+                self.drop_remapped_capability(path_fd.as_fd().as_raw_fd(), true)?;
+            }
             // SAFETY: fchownat with AT_EMPTY_PATH acts on the descriptor; result checked.
             check_ret(unsafe {
                 libc::fchownat(
@@ -1472,6 +1618,7 @@ impl FileSystem for PassthroughFs {
                 }
             };
             check_ret(ret)?;
+            self.drop_remapped_capability(path_fd.as_fd().as_raw_fd(), true)?;
             if !valid.contains(SetattrValid::KILL_SUIDGID)
                 && self.modification_kills_priv(ctx, false)
             {
@@ -1719,8 +1866,11 @@ impl FileSystem for PassthroughFs {
             _ => return Err(errno(libc::ENXIO)),
         }
         let file = self.open_inode(&data, self.sanitize_open_flags(flags))?;
-        if iflags & libc::O_TRUNC != 0 && self.truncation_kills_priv(ctx, fuse_flags) {
-            kill_suid_sgid(&file)?;
+        if iflags & libc::O_TRUNC != 0 {
+            if self.truncation_kills_priv(ctx, fuse_flags) {
+                kill_suid_sgid(&file)?;
+            }
+            self.drop_remapped_capability(file.as_raw_fd(), false)?;
         }
         let fh = self.insert_handle(inode, file)?;
         Ok((Some(fh), self.open_options(false), None))
@@ -1776,6 +1926,7 @@ impl FileSystem for PassthroughFs {
         if self.modification_kills_priv(ctx, fuse_flags & FUSE_WRITE_KILL_PRIV != 0) {
             kill_suid_sgid(&data.file)?;
         }
+        self.drop_remapped_capability(data.file.as_raw_fd(), false)?;
         let mut file = file_ref(&data.file);
         match r.read_to(&mut *file, size as usize, offset) {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && is_direct(&data.file) => {
@@ -1879,6 +2030,7 @@ impl FileSystem for PassthroughFs {
             return Err(errno(libc::ENOSYS));
         }
         self.check_acl_name(name)?;
+        let host_name = self.host_xattr_name(name, XattrOp::Get)?;
         let data = self.inodes.get(inode)?;
         let fd = self.inode_fd(&data)?;
         let path = self.proc_relative(fd.as_fd().as_raw_fd())?;
@@ -1891,7 +2043,7 @@ impl FileSystem for PassthroughFs {
         let n = unsafe {
             libc::getxattr(
                 path.as_ptr(),
-                name.as_ptr(),
+                host_name.as_ptr(),
                 if size == 0 {
                     std::ptr::null_mut()
                 } else {
@@ -1919,10 +2071,12 @@ impl FileSystem for PassthroughFs {
         let fd = self.inode_fd(&data)?;
         let path = self.proc_relative(fd.as_fd().as_raw_fd())?;
         // As listxattr(2) does with a larger buffer, the size is capped at XATTR_LIST_MAX (the
-        // host answers E2BIG for longer lists). When ACL names are hidden, the whole list is
-        // read so that they are left out before sizes are compared.
+        // host answers E2BIG for longer lists). When ACL names are hidden or names are mapped,
+        // the whole list is read so that sizes are compared (and the size probe answered)
+        // with the list the guest gets.
         let hide_acls = !self.posix_acl.load(Ordering::Relaxed);
-        let read_size = if hide_acls {
+        let rewrite = hide_acls || self.cfg.xattrmap.is_some();
+        let read_size = if rewrite {
             XATTR_LIST_MAX
         } else {
             (size as usize).min(XATTR_LIST_MAX)
@@ -1947,13 +2101,19 @@ impl FileSystem for PassthroughFs {
             return Ok(ListxattrReply::Count(n as u32));
         }
         buf.truncate(n as usize);
-        if hide_acls {
+        if rewrite {
+            // Mapping only strips prefixes or hides names: the list never grows.
             let mut shown = Vec::with_capacity(buf.len());
-            for name in buf.split_inclusive(|&b| b == 0) {
-                let bare = name.strip_suffix(&[0]).unwrap_or(name);
-                if bare != POSIX_ACL_ACCESS && bare != POSIX_ACL_DEFAULT {
-                    shown.extend_from_slice(name);
+            for host in buf.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+                let Some(guest) = self.guest_xattr_name(host) else {
+                    continue;
+                };
+                // ACL names are hidden by what the guest would see (as virtiofsd).
+                if hide_acls && (guest == POSIX_ACL_ACCESS || guest == POSIX_ACL_DEFAULT) {
+                    continue;
                 }
+                shown.extend_from_slice(guest);
+                shown.push(0);
             }
             buf = shown;
         }
@@ -1972,11 +2132,12 @@ impl FileSystem for PassthroughFs {
         }
         self.check_writable()?;
         self.check_acl_name(name)?;
+        let host_name = self.host_xattr_name(name, XattrOp::Change)?;
         let data = self.inodes.get(inode)?;
         let fd = self.inode_fd(&data)?;
         let path = self.proc_relative(fd.as_fd().as_raw_fd())?;
         // SAFETY: both strings are NUL-terminated; result checked.
-        check_ret(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) })?;
+        check_ret(unsafe { libc::removexattr(path.as_ptr(), host_name.as_ptr()) })?;
         Ok(())
     }
 

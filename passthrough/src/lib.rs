@@ -16,8 +16,10 @@ mod fs;
 mod handle_table;
 mod inode_store;
 mod util;
+pub mod xattr_map;
 
 pub use config::{CachePolicy, Config, InodeFileHandles, Negotiation};
 pub use error::Error;
 pub use extra_ops::FsServer;
 pub use fs::PassthroughFs;
+pub use xattr_map::{XattrMap, XattrMapError};

@@ -137,6 +137,7 @@ const FILESYSTEM: &[libc::c_long] = &[
     libc::SYS_flock,
     libc::SYS_fstat,
     libc::SYS_fstatfs,
+    libc::SYS_fremovexattr,
     libc::SYS_fsetxattr,
     libc::SYS_fsync,
     libc::SYS_ftruncate,
