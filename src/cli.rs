@@ -51,6 +51,8 @@ pub enum CliError {
     },
     #[error("conflicting options: {0}")]
     Conflict(String),
+    #[error("{0}")]
+    BadIdMaps(String),
 }
 
 /// How loudly berth logs.
@@ -461,14 +463,16 @@ pub struct IsolationArgs {
     pub modcaps: Option<String>,
 
     /// User namespace uid mapping when not started as root (namespace sandbox), virtiofsd's
-    /// syntax `:namespace_uid:host_uid:count:`; an unprivileged user maps its own uid
-    /// (count 1) [default: :0:<euid>:1:].
+    /// syntax `:namespace_uid:host_uid:count:`; give it several times for several ranges.
+    /// Anything but the user's own uid with count 1 is written by newuidmap, within the ranges
+    /// /etc/subuid grants the user [default: :0:<euid>:1:].
     #[arg(long, value_name = ":NS_UID:HOST_UID:COUNT:", value_parser = parse_id_map)]
-    pub uid_map: Option<IdMap>,
+    pub uid_map: Vec<IdMap>,
 
-    /// User namespace gid mapping, like --uid-map [default: :0:<egid>:1:].
+    /// User namespace gid mapping, like --uid-map (newgidmap, /etc/subgid)
+    /// [default: :0:<egid>:1:].
     #[arg(long, value_name = ":NS_GID:HOST_GID:COUNT:", value_parser = parse_id_map)]
-    pub gid_map: Option<IdMap>,
+    pub gid_map: Vec<IdMap>,
 
     /// Most inodes the guest may hold (looked up and not yet forgotten); further lookups fail
     /// with ENFILE [default: 4194304; with --inode-file-handles never, where each costs a
@@ -641,8 +645,8 @@ pub struct IsolationSettings {
     pub sandbox: SandboxMode,
     pub seccomp: SeccompAction,
     pub modcaps: ModCaps,
-    pub uid_map: Option<IdMap>,
-    pub gid_map: Option<IdMap>,
+    pub uid_map: Vec<IdMap>,
+    pub gid_map: Vec<IdMap>,
     /// `None`: derived from the descriptor limit at start-up.
     pub max_inodes: Option<u64>,
     pub max_handles: Option<u64>,
@@ -1007,17 +1011,22 @@ impl IsolationArgs {
                 .map_err(|e: berth_seccomp::Error| CliError::BadModcaps(e.to_string()))?,
             None => ModCaps::default(),
         };
-        if (self.uid_map.is_some() || self.gid_map.is_some()) && sandbox != SandboxMode::Namespace {
+        if (!self.uid_map.is_empty() || !self.gid_map.is_empty())
+            && sandbox != SandboxMode::Namespace
+        {
             return Err(CliError::Conflict(
                 "--uid-map and --gid-map need the namespace sandbox (--sandbox namespace)".into(),
             ));
         }
+        berth_seccomp::check_id_maps(&self.uid_map, "--uid-map")
+            .and_then(|()| berth_seccomp::check_id_maps(&self.gid_map, "--gid-map"))
+            .map_err(|e| CliError::BadIdMaps(e.to_string()))?;
         Ok(IsolationSettings {
             sandbox,
             seccomp,
             modcaps,
-            uid_map: self.uid_map,
-            gid_map: self.gid_map,
+            uid_map: self.uid_map.clone(),
+            gid_map: self.gid_map.clone(),
             max_inodes: self.max_inodes,
             max_handles: self.max_handles,
         })
@@ -1074,6 +1083,7 @@ impl FuseArgs {
         let mut warnings = Vec::new();
         let (fs, compat_level) = self.fs.resolve(&mut warnings)?;
         let isolation = self.isolation.resolve(&self.fs.compat_options)?;
+        refuse_id_map_ranges_for_fuse(&isolation)?;
         Ok(FuseSettings {
             // clap enforces `required`; the Option only lets the struct be flattened.
             mountpoint: self.mountpoint.clone().unwrap_or_default(),
@@ -1083,6 +1093,35 @@ impl FuseArgs {
             process: self.common.resolve(compat_level, warnings)?,
         })
     }
+}
+
+/// The kernel hands a FUSE server the callers' host ids, which berth's user namespace would
+/// read as its own: with ranges mapped, host uid 1000 would create files as whatever host id
+/// namespace uid 1000 stands for. Ranges are for the vhost-user daemon, whose ids come from the
+/// guest. (Root gets maps refused by the sandbox, with its own reason.)
+fn refuse_id_map_ranges_for_fuse(isolation: &IsolationSettings) -> Result<(), CliError> {
+    // SAFETY: geteuid and getegid have no preconditions.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if euid == 0 {
+        return Ok(());
+    }
+    for (maps, own, option, helper) in [
+        (&isolation.uid_map, euid, "--uid-map", "newuidmap"),
+        (&isolation.gid_map, egid, "--gid-map", "newgidmap"),
+    ] {
+        if berth_seccomp::id_maps_need_helper(maps, own) {
+            let given: Vec<String> = maps.iter().map(ToString::to_string).collect();
+            return Err(CliError::BadIdMaps(format!(
+                "berth fuse cannot use {option} {} (a map for {helper}): FUSE \
+                 requests carry the callers' host ids, which a user namespace mapping ranges or \
+                 other ids would read as other host ids, so files would land under the wrong \
+                 owners; map only your own id {own} with a count of 1 here, or serve the ranges \
+                 through vhost-user",
+                given.join(" ")
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl ImageBuildArgs {
@@ -1536,19 +1575,46 @@ mod tests {
             "--max-inodes=1000",
             "--max-handles=10",
             "--uid-map=:0:1000:1:",
+            "--uid-map=:1:200000:65536:",
             "--gid-map=/5/1000/1/",
         ]);
         assert_eq!(s.isolation.max_inodes, Some(1000));
         assert_eq!(s.isolation.max_handles, Some(10));
         assert_eq!(
             s.isolation.uid_map,
-            Some(IdMap {
-                inside: 0,
-                outside: 1000,
-                count: 1
-            })
+            [
+                IdMap {
+                    inside: 0,
+                    outside: 1000,
+                    count: 1
+                },
+                IdMap {
+                    inside: 1,
+                    outside: 200000,
+                    count: 65536
+                }
+            ]
         );
-        assert_eq!(s.isolation.gid_map.map(|m| m.inside), Some(5));
+        assert_eq!(
+            s.isolation
+                .gid_map
+                .iter()
+                .map(|m| m.inside)
+                .collect::<Vec<_>>(),
+            [5]
+        );
+        // Overlapping ranges are refused before anything starts, naming the option.
+        let err = resolve(&[
+            "--fd=3",
+            "--shared-dir=/d",
+            "--gid-map=:0:1000:1:",
+            "--gid-map=:0:200000:10:",
+        ])
+        .unwrap_err();
+        assert!(
+            matches!(&err, CliError::BadIdMaps(m) if m.contains("--gid-map") && m.contains("overlaps")),
+            "{err}"
+        );
         for bad in [
             "--max-inodes=1",
             "--max-handles=0",
