@@ -1082,8 +1082,10 @@ impl FuseArgs {
     fn resolve(&self) -> Result<FuseSettings, CliError> {
         let mut warnings = Vec::new();
         let (fs, compat_level) = self.fs.resolve(&mut warnings)?;
-        let isolation = self.isolation.resolve(&self.fs.compat_options)?;
-        refuse_id_map_ranges_for_fuse(&isolation)?;
+        let mut isolation = self.isolation.resolve(&self.fs.compat_options)?;
+        // SAFETY: geteuid and getegid have no preconditions.
+        let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        fuse_id_maps(&mut isolation, euid, egid)?;
         Ok(FuseSettings {
             // clap enforces `required`; the Option only lets the struct be flattened.
             mountpoint: self.mountpoint.clone().unwrap_or_default(),
@@ -1095,27 +1097,40 @@ impl FuseArgs {
     }
 }
 
-/// The kernel hands a FUSE server the callers' host ids, which berth's user namespace would
-/// read as its own: with ranges mapped, host uid 1000 would create files as whatever host id
-/// namespace uid 1000 stands for. Ranges are for the vhost-user daemon, whose ids come from the
-/// guest. (Root gets maps refused by the sandbox, with its own reason.)
-fn refuse_id_map_ranges_for_fuse(isolation: &IsolationSettings) -> Result<(), CliError> {
-    // SAFETY: geteuid and getegid have no preconditions.
-    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+/// The kernel hands a FUSE server the callers' host ids (and takes the ids in its replies as
+/// host ids), which berth's user namespace would read as its own. So an unprivileged `berth
+/// fuse` maps only its own ids, each to itself: inside the namespace it is then the same user
+/// as outside, creates files as itself and reports host ids unchanged (as it does without a
+/// sandbox). A range, another id, or its own id under another number would put files under
+/// the wrong owners and show root-owned files as the caller's or the reverse. Ranges are for the
+/// vhost-user daemon, whose ids come from the guest. (Root gets maps refused by the sandbox,
+/// with its own reason.)
+fn fuse_id_maps(isolation: &mut IsolationSettings, euid: u32, egid: u32) -> Result<(), CliError> {
     if euid == 0 {
         return Ok(());
     }
-    for (maps, own, option, helper) in [
-        (&isolation.uid_map, euid, "--uid-map", "newuidmap"),
-        (&isolation.gid_map, egid, "--gid-map", "newgidmap"),
+    for (maps, own, option) in [
+        (&mut isolation.uid_map, euid, "--uid-map"),
+        (&mut isolation.gid_map, egid, "--gid-map"),
     ] {
-        if berth_seccomp::id_maps_need_helper(maps, own) {
+        let identity = IdMap {
+            inside: own,
+            outside: own,
+            count: 1,
+        };
+        if maps.is_empty() {
+            if isolation.sandbox == SandboxMode::Namespace {
+                maps.push(identity);
+            }
+            continue;
+        }
+        if maps.as_slice() != [identity] {
             let given: Vec<String> = maps.iter().map(ToString::to_string).collect();
             return Err(CliError::BadIdMaps(format!(
-                "berth fuse cannot use {option} {} (a map for {helper}): FUSE \
-                 requests carry the callers' host ids, which a user namespace mapping ranges or \
-                 other ids would read as other host ids, so files would land under the wrong \
-                 owners; map only your own id {own} with a count of 1 here, or serve the ranges \
+                "berth fuse cannot use {option} {}: FUSE requests carry the callers' host ids, \
+                 which a user namespace mapping ranges, other ids or your own id under another \
+                 number would read as other users, so files would land under the wrong owners; \
+                 leave it out (berth fuse maps your own id {own} to itself) or serve the ranges \
                  through vhost-user",
                 given.join(" ")
             )));
@@ -1202,6 +1217,64 @@ mod tests {
         match resolve(args) {
             Ok(Mode::VhostUser(s)) => s,
             other => panic!("{args:?} should select vhost-user mode, got {other:?}"),
+        }
+    }
+
+    fn isolation(sandbox: SandboxMode, uid_map: Vec<IdMap>) -> IsolationSettings {
+        IsolationSettings {
+            sandbox,
+            seccomp: SeccompAction::Kill,
+            modcaps: ModCaps::default(),
+            uid_map,
+            gid_map: Vec::new(),
+            max_inodes: None,
+            max_handles: None,
+        }
+    }
+
+    #[test]
+    fn unprivileged_fuse_maps_its_own_ids_to_themselves() {
+        let own = |id| IdMap {
+            inside: id,
+            outside: id,
+            count: 1,
+        };
+        // No map given: the namespace sandbox gets the identity of the caller's ids.
+        let mut i = isolation(SandboxMode::Namespace, Vec::new());
+        fuse_id_maps(&mut i, 1000, 1001).unwrap();
+        assert_eq!(i.uid_map, [own(1000)]);
+        assert_eq!(i.gid_map, [own(1001)]);
+        // The same map given explicitly is fine; without a namespace nothing is added.
+        let mut i = isolation(SandboxMode::Namespace, vec![own(1000)]);
+        fuse_id_maps(&mut i, 1000, 1001).unwrap();
+        let mut i = isolation(SandboxMode::Chroot, Vec::new());
+        fuse_id_maps(&mut i, 1000, 1001).unwrap();
+        assert!(i.uid_map.is_empty());
+        // Root is left to the sandbox's own checks.
+        let mut i = isolation(SandboxMode::Namespace, Vec::new());
+        fuse_id_maps(&mut i, 0, 0).unwrap();
+        assert!(i.uid_map.is_empty());
+        // The own id under another number (the vhost-user default), another id, or a range:
+        // FUSE's host ids would be read as other users.
+        for bad in [
+            IdMap {
+                inside: 0,
+                outside: 1000,
+                count: 1,
+            },
+            own(1234),
+            IdMap {
+                inside: 1000,
+                outside: 1000,
+                count: 10,
+            },
+        ] {
+            let mut i = isolation(SandboxMode::Namespace, vec![bad]);
+            let err = fuse_id_maps(&mut i, 1000, 1001).unwrap_err().to_string();
+            assert!(
+                err.contains("--uid-map") && err.contains("host ids"),
+                "{err}"
+            );
         }
     }
 

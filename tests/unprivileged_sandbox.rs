@@ -650,11 +650,24 @@ fn berth_fuse_refuses_ranges_with_a_reason() {
             && stderr.contains("host ids"),
         "{stderr}"
     );
-    // The user's own id alone needs no helper and is not what is refused.
+    // The own id under another number would make host root's files look like the caller's.
+    let out = unprivileged(Command::new(env!("CARGO_BIN_EXE_berth")).args([
+        "fuse",
+        "--shared-dir=/tmp",
+        "--uid-map=:0:65534:1:",
+    ]))
+    .arg("--mountpoint")
+    .arg(dir.path())
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("maps your own id 65534 to itself"), "{stderr}");
+    // The user's own id mapped to itself is what berth fuse uses anyway: not refused.
     let out = unprivileged(Command::new(env!("CARGO_BIN_EXE_berth")).args([
         "fuse",
         "--shared-dir=/nonexistent/dir",
-        "--uid-map=:0:65534:1:",
+        "--uid-map=:65534:65534:1:",
     ]))
     .arg("--mountpoint")
     .arg(dir.path())
