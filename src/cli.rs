@@ -55,6 +55,8 @@ pub enum CliError {
     Conflict(String),
     #[error("invalid --xattrmap: {0}")]
     BadXattrMap(XattrMapError),
+    #[error("{0}")]
+    BadIdMaps(String),
 }
 
 /// How loudly berth logs.
@@ -465,14 +467,16 @@ pub struct IsolationArgs {
     pub modcaps: Option<String>,
 
     /// User namespace uid mapping when not started as root (namespace sandbox), virtiofsd's
-    /// syntax `:namespace_uid:host_uid:count:`; an unprivileged user maps its own uid
-    /// (count 1) [default: :0:<euid>:1:].
+    /// syntax `:namespace_uid:host_uid:count:`; give it several times for several ranges.
+    /// Anything but the user's own uid with count 1 is written by newuidmap, within the ranges
+    /// /etc/subuid grants the user [default: :0:<euid>:1:].
     #[arg(long, value_name = ":NS_UID:HOST_UID:COUNT:", value_parser = parse_id_map)]
-    pub uid_map: Option<IdMap>,
+    pub uid_map: Vec<IdMap>,
 
-    /// User namespace gid mapping, like --uid-map [default: :0:<egid>:1:].
+    /// User namespace gid mapping, like --uid-map (newgidmap, /etc/subgid)
+    /// [default: :0:<egid>:1:].
     #[arg(long, value_name = ":NS_GID:HOST_GID:COUNT:", value_parser = parse_id_map)]
-    pub gid_map: Option<IdMap>,
+    pub gid_map: Vec<IdMap>,
 
     /// Most inodes the guest may hold (looked up and not yet forgotten); further lookups fail
     /// with ENFILE [default: 4194304; with --inode-file-handles never, where each costs a
@@ -649,8 +653,8 @@ pub struct IsolationSettings {
     pub sandbox: SandboxMode,
     pub seccomp: SeccompAction,
     pub modcaps: ModCaps,
-    pub uid_map: Option<IdMap>,
-    pub gid_map: Option<IdMap>,
+    pub uid_map: Vec<IdMap>,
+    pub gid_map: Vec<IdMap>,
     /// `None`: derived from the descriptor limit at start-up.
     pub max_inodes: Option<u64>,
     pub max_handles: Option<u64>,
@@ -1053,17 +1057,22 @@ impl IsolationArgs {
                 .map_err(|e: berth_seccomp::Error| CliError::BadModcaps(e.to_string()))?,
             None => ModCaps::default(),
         };
-        if (self.uid_map.is_some() || self.gid_map.is_some()) && sandbox != SandboxMode::Namespace {
+        if (!self.uid_map.is_empty() || !self.gid_map.is_empty())
+            && sandbox != SandboxMode::Namespace
+        {
             return Err(CliError::Conflict(
                 "--uid-map and --gid-map need the namespace sandbox (--sandbox namespace)".into(),
             ));
         }
+        berth_seccomp::check_id_maps(&self.uid_map, "--uid-map")
+            .and_then(|()| berth_seccomp::check_id_maps(&self.gid_map, "--gid-map"))
+            .map_err(|e| CliError::BadIdMaps(e.to_string()))?;
         Ok(IsolationSettings {
             sandbox,
             seccomp,
             modcaps,
-            uid_map: self.uid_map,
-            gid_map: self.gid_map,
+            uid_map: self.uid_map.clone(),
+            gid_map: self.gid_map.clone(),
             max_inodes: self.max_inodes,
             max_handles: self.max_handles,
         })
@@ -1119,7 +1128,10 @@ impl FuseArgs {
     fn resolve(&self) -> Result<FuseSettings, CliError> {
         let mut warnings = Vec::new();
         let (fs, compat_level) = self.fs.resolve(&mut warnings)?;
-        let isolation = self.isolation.resolve(&self.fs.compat_options)?;
+        let mut isolation = self.isolation.resolve(&self.fs.compat_options)?;
+        // SAFETY: geteuid and getegid have no preconditions.
+        let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        fuse_id_maps(&mut isolation, euid, egid)?;
         Ok(FuseSettings {
             // clap enforces `required`; the Option only lets the struct be flattened.
             mountpoint: self.mountpoint.clone().unwrap_or_default(),
@@ -1129,6 +1141,48 @@ impl FuseArgs {
             process: self.common.resolve(compat_level, warnings)?,
         })
     }
+}
+
+/// The kernel hands a FUSE server the callers' host ids (and takes the ids in its replies as
+/// host ids), which berth's user namespace would read as its own. So an unprivileged `berth
+/// fuse` maps only its own ids, each to itself: inside the namespace it is then the same user
+/// as outside, creates files as itself and reports host ids unchanged (as it does without a
+/// sandbox). A range, another id, or its own id under another number would put files under
+/// the wrong owners and show root-owned files as the caller's or the reverse. Ranges are for the
+/// vhost-user daemon, whose ids come from the guest. (Root gets maps refused by the sandbox,
+/// with its own reason.)
+fn fuse_id_maps(isolation: &mut IsolationSettings, euid: u32, egid: u32) -> Result<(), CliError> {
+    if euid == 0 {
+        return Ok(());
+    }
+    for (maps, own, option) in [
+        (&mut isolation.uid_map, euid, "--uid-map"),
+        (&mut isolation.gid_map, egid, "--gid-map"),
+    ] {
+        let identity = IdMap {
+            inside: own,
+            outside: own,
+            count: 1,
+        };
+        if maps.is_empty() {
+            if isolation.sandbox == SandboxMode::Namespace {
+                maps.push(identity);
+            }
+            continue;
+        }
+        if maps.as_slice() != [identity] {
+            let given: Vec<String> = maps.iter().map(ToString::to_string).collect();
+            return Err(CliError::BadIdMaps(format!(
+                "berth fuse cannot use {option} {}: FUSE requests carry the callers' host ids, \
+                 which a user namespace mapping ranges, other ids or your own id under another \
+                 number would read as other users, so files would land under the wrong owners; \
+                 leave it out (berth fuse maps your own id {own} to itself) or serve the ranges \
+                 through vhost-user",
+                given.join(" ")
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl ImageBuildArgs {
@@ -1209,6 +1263,64 @@ mod tests {
         match resolve(args) {
             Ok(Mode::VhostUser(s)) => s,
             other => panic!("{args:?} should select vhost-user mode, got {other:?}"),
+        }
+    }
+
+    fn isolation(sandbox: SandboxMode, uid_map: Vec<IdMap>) -> IsolationSettings {
+        IsolationSettings {
+            sandbox,
+            seccomp: SeccompAction::Kill,
+            modcaps: ModCaps::default(),
+            uid_map,
+            gid_map: Vec::new(),
+            max_inodes: None,
+            max_handles: None,
+        }
+    }
+
+    #[test]
+    fn unprivileged_fuse_maps_its_own_ids_to_themselves() {
+        let own = |id| IdMap {
+            inside: id,
+            outside: id,
+            count: 1,
+        };
+        // No map given: the namespace sandbox gets the identity of the caller's ids.
+        let mut i = isolation(SandboxMode::Namespace, Vec::new());
+        fuse_id_maps(&mut i, 1000, 1001).unwrap();
+        assert_eq!(i.uid_map, [own(1000)]);
+        assert_eq!(i.gid_map, [own(1001)]);
+        // The same map given explicitly is fine; without a namespace nothing is added.
+        let mut i = isolation(SandboxMode::Namespace, vec![own(1000)]);
+        fuse_id_maps(&mut i, 1000, 1001).unwrap();
+        let mut i = isolation(SandboxMode::Chroot, Vec::new());
+        fuse_id_maps(&mut i, 1000, 1001).unwrap();
+        assert!(i.uid_map.is_empty());
+        // Root is left to the sandbox's own checks.
+        let mut i = isolation(SandboxMode::Namespace, Vec::new());
+        fuse_id_maps(&mut i, 0, 0).unwrap();
+        assert!(i.uid_map.is_empty());
+        // The own id under another number (the vhost-user default), another id, or a range:
+        // FUSE's host ids would be read as other users.
+        for bad in [
+            IdMap {
+                inside: 0,
+                outside: 1000,
+                count: 1,
+            },
+            own(1234),
+            IdMap {
+                inside: 1000,
+                outside: 1000,
+                count: 10,
+            },
+        ] {
+            let mut i = isolation(SandboxMode::Namespace, vec![bad]);
+            let err = fuse_id_maps(&mut i, 1000, 1001).unwrap_err().to_string();
+            assert!(
+                err.contains("--uid-map") && err.contains("host ids"),
+                "{err}"
+            );
         }
     }
 
@@ -1578,19 +1690,46 @@ mod tests {
             "--max-inodes=1000",
             "--max-handles=10",
             "--uid-map=:0:1000:1:",
+            "--uid-map=:1:200000:65536:",
             "--gid-map=/5/1000/1/",
         ]);
         assert_eq!(s.isolation.max_inodes, Some(1000));
         assert_eq!(s.isolation.max_handles, Some(10));
         assert_eq!(
             s.isolation.uid_map,
-            Some(IdMap {
-                inside: 0,
-                outside: 1000,
-                count: 1
-            })
+            [
+                IdMap {
+                    inside: 0,
+                    outside: 1000,
+                    count: 1
+                },
+                IdMap {
+                    inside: 1,
+                    outside: 200000,
+                    count: 65536
+                }
+            ]
         );
-        assert_eq!(s.isolation.gid_map.map(|m| m.inside), Some(5));
+        assert_eq!(
+            s.isolation
+                .gid_map
+                .iter()
+                .map(|m| m.inside)
+                .collect::<Vec<_>>(),
+            [5]
+        );
+        // Overlapping ranges are refused before anything starts, naming the option.
+        let err = resolve(&[
+            "--fd=3",
+            "--shared-dir=/d",
+            "--gid-map=:0:1000:1:",
+            "--gid-map=:0:200000:10:",
+        ])
+        .unwrap_err();
+        assert!(
+            matches!(&err, CliError::BadIdMaps(m) if m.contains("--gid-map") && m.contains("overlaps")),
+            "{err}"
+        );
         for bad in [
             "--max-inodes=1",
             "--max-handles=0",

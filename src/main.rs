@@ -148,8 +148,8 @@ fn sandbox_config(isolation: &IsolationSettings, shared_dir: &Path) -> SandboxCo
     SandboxConfig {
         mode: isolation.sandbox,
         shared_dir: shared_dir.to_owned(),
-        uid_map: isolation.uid_map,
-        gid_map: isolation.gid_map,
+        uid_map: isolation.uid_map.clone(),
+        gid_map: isolation.gid_map.clone(),
         supervisor_seccomp: isolation.seccomp,
     }
 }

@@ -27,6 +27,10 @@ pub enum Error {
         /// The system error.
         source: io::Error,
     },
+    /// The id maps of the new user namespace could not be written (the message names the
+    /// option, and the helper with its exit status and complaint where one ran).
+    #[error("sandbox: cannot write the user namespace's id maps: {0}")]
+    UserNamespaceMaps(String),
     /// The shared directory cannot be used as the sandbox root.
     #[error("sandbox: cannot use shared directory {path}: {source}")]
     SharedDir {

@@ -1,7 +1,9 @@
 //! Confinement of the berth daemon, applied once at start-up in this order:
 //!
 //! 1. [`set_rlimit_nofile`]: raise the descriptor limit while still privileged.
-//! 2. [`enter_sandbox`]: before any thread exists (it forks and may unshare a user namespace).
+//! 2. [`enter_sandbox`]: before any thread exists (it forks and may unshare a user namespace,
+//!    whose id maps beyond the caller's own id a process forked outside it writes with
+//!    newuidmap/newgidmap).
 //!    Afterwards the shared directory is reachable as [`SandboxOutcome::root_dir`] and
 //!    `/proc/self/fd` only through [`SandboxOutcome::proc_self_fd`] (namespace and chroot modes).
 //!    Descriptors opened before (the vhost-user listener given with `--fd`, `/dev/fuse`) stay open
@@ -23,5 +25,8 @@ pub use crate::caps::{apply_modcaps, drop_capabilities, CapsNeeded, ModCaps};
 pub use crate::error::Error;
 pub use crate::filter::{allowed_syscalls, install_filter, SeccompAction, ThreadRole};
 pub use crate::rlimit::set_rlimit_nofile;
-pub use crate::sandbox::{enter_sandbox, IdMap, SandboxConfig, SandboxMode, SandboxOutcome};
+pub use crate::sandbox::{
+    check_id_maps, enter_sandbox, id_maps_need_helper, IdMap, SandboxConfig, SandboxMode,
+    SandboxOutcome,
+};
 pub use ::caps::Capability;

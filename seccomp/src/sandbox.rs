@@ -1,20 +1,24 @@
 //! `--sandbox`: confine the daemon's view of the host filesystem to the shared directory.
 //!
-//! * `namespace`: new mount, pid and network namespaces (plus a user namespace when not root).
-//!   The process forks; the child is pid 1 of the new pid namespace and goes on to serve, while
-//!   the parent closes its descriptors, forwards termination signals and finally exits with the
-//!   child's status. The child mounts a fresh /proc, keeps a descriptor to its `/proc/self/fd`,
-//!   and pivots into a bind mount of the shared directory, detaching the old root: afterwards
-//!   the shared directory is `/` and nothing else of the host is reachable by path.
+//! * `namespace`: new mount, pid and network namespaces (plus a user namespace when not root,
+//!   see [`IdMap`] for how its id maps are written). The process forks; the child is pid 1 of
+//!   the new pid namespace and goes on to serve, while the parent closes its descriptors,
+//!   forwards termination signals and finally exits with the child's status. The child mounts
+//!   a fresh /proc, keeps a descriptor to its `/proc/self/fd`, and pivots into a bind mount of
+//!   the shared directory, detaching the old root: afterwards the shared directory is `/` and
+//!   nothing else of the host is reachable by path.
 //! * `chroot`: keeps a descriptor to `/proc/self/fd`, then chroots into the shared directory.
 //! * `none`: nothing.
 
 use std::ffi::{CStr, CString};
+use std::fmt;
 use std::fs::File;
-use std::io::{self, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
 use std::str::FromStr;
 
 use crate::{install_filter, Error, SeccompAction, ThreadRole};
@@ -50,6 +54,12 @@ impl FromStr for SandboxMode {
 
 /// One user or group id mapping of a user namespace, in virtiofsd's `--uid-map` syntax
 /// `:inside:outside:count:` (the first character is the separator).
+///
+/// An unprivileged process may itself map only its own id, once, with a count of 1; that is
+/// what berth does when given nothing else (inside 0 stands for the caller's id). Any other
+/// set of maps — ranges, other ids, several lines — is written by the setuid helpers
+/// `newuidmap` / `newgidmap` of shadow-utils, run by a process left outside the new user
+/// namespace, and holds only where /etc/subuid and /etc/subgid grant the ids to the user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdMap {
     /// First id inside the namespace.
@@ -94,8 +104,71 @@ impl FromStr for IdMap {
         if map.count == 0 {
             return Err(invalid("count must be at least 1"));
         }
+        // The kernel refuses a range reaching id 4294967295 (the invalid id -1).
+        if map.inside.checked_add(map.count).is_none()
+            || map.outside.checked_add(map.count).is_none()
+        {
+            return Err(invalid("the range must end below id 4294967295"));
+        }
         Ok(map)
     }
+}
+
+impl fmt::Display for IdMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, ":{}:{}:{}:", self.inside, self.outside, self.count)
+    }
+}
+
+impl IdMap {
+    /// The id inside the namespace that stands for `outside`, if this map covers it.
+    fn inside_of(&self, outside: u32) -> Option<u32> {
+        let offset = outside.checked_sub(self.outside)?;
+        (offset < self.count).then(|| self.inside + offset)
+    }
+
+    fn covers_inside(&self, inside: u32) -> bool {
+        inside >= self.inside && inside - self.inside < self.count
+    }
+
+    /// Whether the half-open ranges `[a, a + a_count)` and `[b, b + b_count)` meet.
+    fn ranges_meet(a: u32, a_count: u32, b: u32, b_count: u32) -> bool {
+        u64::from(a) < u64::from(b) + u64::from(b_count)
+            && u64::from(b) < u64::from(a) + u64::from(a_count)
+    }
+}
+
+/// Most lines the kernel accepts in one id map.
+const MAX_ID_MAP_LINES: usize = 340;
+
+/// Checks the maps given for one option (`--uid-map` or `--gid-map`, named by `option`) the
+/// way the kernel will check them, so that a bad set is refused with the option's name before
+/// anything starts: at most 340 maps, and no two of them overlapping inside or outside.
+pub fn check_id_maps(maps: &[IdMap], option: &'static str) -> Result<(), Error> {
+    if maps.len() > MAX_ID_MAP_LINES {
+        return Err(Error::InvalidValue {
+            what: option,
+            value: format!("({} maps)", maps.len()),
+            reason: format!("the kernel accepts at most {MAX_ID_MAP_LINES} maps"),
+        });
+    }
+    for (i, a) in maps.iter().enumerate() {
+        for b in &maps[i + 1..] {
+            let side = if IdMap::ranges_meet(a.inside, a.count, b.inside, b.count) {
+                "inside the namespace"
+            } else if IdMap::ranges_meet(a.outside, a.count, b.outside, b.count) {
+                "on the host"
+            } else {
+                continue;
+            };
+            return Err(Error::InvalidValue {
+                what: option,
+                value: b.to_string(),
+                reason: format!("its range overlaps that of {a} {side}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What [`enter_sandbox`] needs.
@@ -105,11 +178,11 @@ pub struct SandboxConfig {
     pub mode: SandboxMode,
     /// The shared directory, which becomes the root in `namespace` and `chroot` modes.
     pub shared_dir: PathBuf,
-    /// User namespace uid mapping (namespace mode, unprivileged only). Default: inside 0 maps
-    /// to the current euid.
-    pub uid_map: Option<IdMap>,
-    /// User namespace gid mapping, like `uid_map`.
-    pub gid_map: Option<IdMap>,
+    /// User namespace uid maps (namespace mode, unprivileged only; see [`IdMap`]). Empty: inside
+    /// 0 maps to the current euid.
+    pub uid_map: Vec<IdMap>,
+    /// User namespace gid maps, like `uid_map`.
+    pub gid_map: Vec<IdMap>,
     /// The seccomp action of the filter the namespace mode's supervising parent installs
     /// once it has nothing left to do but wait ([`ThreadRole::Supervisor`]).
     pub supervisor_seccomp: SeccompAction,
@@ -196,13 +269,15 @@ fn getegid() -> u32 {
 /// before the call stay open in the returning process.
 pub fn enter_sandbox(cfg: &SandboxConfig) -> Result<SandboxOutcome, Error> {
     let root = geteuid() == 0;
-    if (cfg.uid_map.is_some() || cfg.gid_map.is_some())
+    if (!cfg.uid_map.is_empty() || !cfg.gid_map.is_empty())
         && (root || cfg.mode != SandboxMode::Namespace)
     {
         return Err(Error::SandboxNotPermitted(
             "uid/gid maps can only be used by an unprivileged user in namespace sandbox mode",
         ));
     }
+    check_id_maps(&cfg.uid_map, "--uid-map")?;
+    check_id_maps(&cfg.gid_map, "--gid-map")?;
     if cfg.mode == SandboxMode::Chroot && !root {
         return Err(Error::SandboxNotPermitted(
             "sandbox mode 'chroot' can only be used by root (use 'namespace' instead)",
@@ -263,44 +338,403 @@ fn enter_chroot(shared_dir: &Path) -> Result<SandboxOutcome, Error> {
     })
 }
 
-/// The line written to `/proc/self/{uid,gid}_map` for `map` (default: inside 0 is the
-/// current id). Without privilege in the parent namespace the kernel accepts only the writer's
-/// own id, once: checked here so that the error names the option.
-fn id_map_line(map: Option<IdMap>, current: u32, option: &'static str) -> Result<String, Error> {
-    let map = map.unwrap_or(IdMap {
-        inside: 0,
-        outside: current,
-        count: 1,
-    });
-    if map.outside != current || map.count != 1 {
-        return Err(Error::InvalidValue {
-            what: option,
-            value: format!(":{}:{}:{}:", map.inside, map.outside, map.count),
-            reason: format!(
-                "an unprivileged user can map only its own id {current}, with a count of 1 \
-                 (ranges need newuidmap/newgidmap, which berth does not run)"
-            ),
-        });
-    }
-    Ok(format!("{} {} {}\n", map.inside, map.outside, map.count))
+/// Whether `maps`, given for an id whose current value is `own`, need newuidmap/newgidmap:
+/// anything but `own` once with a count of 1 (no maps means that default) does.
+pub fn id_maps_need_helper(maps: &[IdMap], own: u32) -> bool {
+    IdMapPlan::new(IdKind::User, maps, own).needs_helper()
 }
 
-fn write_id_maps(uid_line: &str, gid_line: &str) -> Result<(), Error> {
-    let write = |path: &str, content: &str, step: &'static str| {
-        File::options()
-            .write(true)
-            .open(path)
-            .and_then(|mut f| f.write_all(content.as_bytes()))
-            .map_err(sys_error(step))
+/// Which of the two id maps of a user namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdKind {
+    User,
+    Group,
+}
+
+impl IdKind {
+    fn option(self) -> &'static str {
+        match self {
+            IdKind::User => "--uid-map",
+            IdKind::Group => "--gid-map",
+        }
+    }
+
+    /// The shadow-utils helper that writes this map with the privilege the caller lacks.
+    fn helper(self) -> &'static str {
+        match self {
+            IdKind::User => "newuidmap",
+            IdKind::Group => "newgidmap",
+        }
+    }
+
+    fn map_file(self) -> &'static str {
+        match self {
+            IdKind::User => "uid_map",
+            IdKind::Group => "gid_map",
+        }
+    }
+
+    fn id_name(self) -> &'static str {
+        match self {
+            IdKind::User => "uid",
+            IdKind::Group => "gid",
+        }
+    }
+
+    /// Where the helper looks up which ids the user may map.
+    fn subordinate_ids_file(self) -> &'static str {
+        match self {
+            IdKind::User => "/etc/subuid",
+            IdKind::Group => "/etc/subgid",
+        }
+    }
+}
+
+/// One id map of the user namespace to be created, and how it gets written.
+#[derive(Debug, Clone)]
+struct IdMapPlan {
+    kind: IdKind,
+    maps: Vec<IdMap>,
+    /// The caller's own id (euid or egid) outside.
+    own: u32,
+}
+
+impl IdMapPlan {
+    fn new(kind: IdKind, given: &[IdMap], own: u32) -> Self {
+        let maps = if given.is_empty() {
+            vec![IdMap {
+                inside: 0,
+                outside: own,
+                count: 1,
+            }]
+        } else {
+            given.to_vec()
+        };
+        IdMapPlan { kind, maps, own }
+    }
+
+    /// Anything but the caller's own id, once, needs the setuid helper: the kernel lets an
+    /// unprivileged writer map nothing else.
+    fn needs_helper(&self) -> bool {
+        !matches!(self.maps.as_slice(), [only] if only.outside == self.own && only.count == 1)
+    }
+
+    /// The id the process takes inside: root if the namespace has one (credential switching
+    /// for the guest's users needs it), else the one standing for the caller's own id, else the
+    /// first mapped.
+    fn inside_id(&self) -> u32 {
+        if self.maps.iter().any(|m| m.covers_inside(0)) {
+            return 0;
+        }
+        self.maps
+            .iter()
+            .find_map(|m| m.inside_of(self.own))
+            .unwrap_or(self.maps[0].inside)
+    }
+
+    fn content(&self) -> String {
+        self.maps
+            .iter()
+            .map(|m| format!("{} {} {}\n", m.inside, m.outside, m.count))
+            .collect()
+    }
+
+    /// Writes the map into `/proc/<process>/` (`self` or a pid) directly, which the kernel
+    /// allows an unprivileged writer only for its own id.
+    fn write_directly(&self, process: &str) -> Result<(), String> {
+        let write = |file: &str, content: &str| {
+            let path = format!("/proc/{process}/{file}");
+            File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|mut f| f.write_all(content.as_bytes()))
+                .map_err(|e| format!("cannot write {content:?} to {path}: {e}"))
+        };
+        if self.kind == IdKind::Group {
+            // An unprivileged writer must give up setgroups before it may write a gid map.
+            write("setgroups", "deny")?;
+        }
+        write(self.kind.map_file(), &self.content())
+    }
+
+    /// Has the helper write the map of process `pid` (run from outside its user namespace).
+    /// The helper leaves setgroups allowed when /etc/subgid grants the ranges, and denies it
+    /// otherwise, as the kernel requires for an unprivileged gid map.
+    fn write_with_helper(&self, pid: libc::pid_t) -> Result<(), String> {
+        let helper = self.kind.helper();
+        let mut args = vec![pid.to_string()];
+        for map in &self.maps {
+            args.extend([map.inside, map.outside, map.count].map(|n| n.to_string()));
+        }
+        let command_line = format!("{helper} {}", args.join(" "));
+        let output = Command::new(helper)
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    format!(
+                        "{helper} is not installed (Debian and Ubuntu: package uidmap; Fedora: \
+                         shadow-utils); without it an unprivileged user can map only its own \
+                         {}, with a count of 1",
+                        self.kind.id_name()
+                    )
+                } else {
+                    format!("cannot run {helper}: {e}")
+                }
+            })?;
+        if output.status.success() {
+            return Ok(());
+        }
+        let said = String::from_utf8_lossy(&output.stderr);
+        let said = said.trim();
+        let hint = if no_new_privs() {
+            "no_new_privs is set on berth (by whatever started it), so the setuid helper ran \
+             without its privilege"
+                .to_owned()
+        } else {
+            format!(
+                "the ids must be granted to this user (uid {}) in {}",
+                real_uid(),
+                self.kind.subordinate_ids_file()
+            )
+        };
+        Err(format!(
+            "`{command_line}` {}{}{said}; {hint}",
+            exit_description(output.status),
+            if said.is_empty() { "" } else { ": " },
+        ))
+    }
+}
+
+fn exit_description(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("was killed by signal {signal}"),
+        (None, None) => format!("ended with {status}"),
+    }
+}
+
+fn real_uid() -> u32 {
+    // SAFETY: getuid has no preconditions.
+    unsafe { libc::getuid() }
+}
+
+fn no_new_privs() -> bool {
+    // SAFETY: PR_GET_NO_NEW_PRIVS only reads this thread's flag.
+    unsafe { libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) == 1 }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), Error> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 returns.
+    check("creating a pipe", unsafe {
+        libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC)
+    })?;
+    // SAFETY: both descriptors were just created and nothing else owns them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Closes every descriptor above stderr except `keep`.
+fn close_all_but(keep: &[RawFd]) {
+    let mut keep = keep.to_vec();
+    keep.sort_unstable();
+    let mut from = 3u32;
+    for fd in keep {
+        let Ok(fd) = u32::try_from(fd) else { continue };
+        if fd > from {
+            // SAFETY: closing descriptors nothing in this (forked) process uses any more.
+            unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32) };
+        }
+        from = from.max(fd + 1);
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32) };
+}
+
+/// A process forked before `unshare`, so left in the parent user namespace, that writes the
+/// new namespace's id maps with newuidmap/newgidmap once asked to: a process inside cannot
+/// use the setuid helpers (their owner, host root, is not mapped there).
+///
+/// It runs before any seccomp filter exists and is reaped before the sandbox goes on.
+struct OutsideMapWriter {
+    pid: libc::pid_t,
+    /// One byte asks for the maps; closing it unwritten sends the writer away.
+    go: Option<File>,
+    /// The writer's report: nothing on success, else why it failed; EOF when it exits.
+    report: File,
+}
+
+impl OutsideMapWriter {
+    /// Forks the writer for the maps of this process. Call it while single-threaded.
+    fn spawn(plans: [IdMapPlan; 2]) -> Result<Self, Error> {
+        // SAFETY: getpid has no preconditions.
+        let target = unsafe { libc::getpid() };
+        let (go_read, go_write) = pipe()?;
+        let (report_read, report_write) = pipe()?;
+        // SAFETY: the process is single-threaded (precondition of enter_sandbox), so the child
+        // may run arbitrary code; it never returns from write_maps_from_outside.
+        let pid = check("forking the id map writer", unsafe { libc::fork() })?;
+        if pid == 0 {
+            drop((go_write, report_read));
+            write_maps_from_outside(target, &plans, go_read.into(), report_write.into());
+        }
+        drop((go_read, report_write));
+        Ok(OutsideMapWriter {
+            pid,
+            go: Some(go_write.into()),
+            report: report_read.into(),
+        })
+    }
+
+    /// Asks for the maps (the caller has unshared its user namespace) and waits until they are
+    /// written or the writer failed.
+    fn write_maps(mut self) -> Result<(), Error> {
+        let mut failure = String::new();
+        let asked = match self.go.take() {
+            Some(mut go) => go.write_all(&[1]),
+            None => Err(io::Error::from_raw_os_error(libc::EPIPE)),
+        };
+        // Read even when the word could not be sent: the writer may have said why it left.
+        let read = (&self.report).read_to_string(&mut failure);
+        let status = self.reap();
+        if !failure.is_empty() {
+            return Err(Error::UserNamespaceMaps(failure));
+        }
+        asked.map_err(sys_error("asking the id map writer to start"))?;
+        read.map_err(sys_error("reading the id map writer's report"))?;
+        match status {
+            Some(status) if status.success() => Ok(()),
+            Some(status) => Err(Error::UserNamespaceMaps(format!(
+                "the process writing them {} without saying why",
+                exit_description(status)
+            ))),
+            None => Err(Error::UserNamespaceMaps(
+                "the process writing them could not be waited for".into(),
+            )),
+        }
+    }
+
+    fn reap(&mut self) -> Option<ExitStatus> {
+        let pid = std::mem::take(&mut self.pid);
+        let mut status = 0;
+        loop {
+            // SAFETY: waiting for our own child; `status` is a valid out pointer.
+            let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+            if waited == pid {
+                return Some(ExitStatus::from_raw(status));
+            }
+            if waited < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return None;
+        }
+    }
+}
+
+impl Drop for OutsideMapWriter {
+    /// Never asked (the unshare failed): the writer sees its pipe close, exits, and is reaped.
+    fn drop(&mut self) {
+        self.go = None;
+        if self.pid > 0 {
+            self.reap();
+        }
+    }
+}
+
+/// The outside writer's life: wait for the word, write both maps of `target`, report, exit.
+fn write_maps_from_outside(
+    target: libc::pid_t,
+    plans: &[IdMapPlan; 2],
+    mut go: File,
+    mut report: File,
+) -> ! {
+    // The helpers must not inherit the daemon's socket or /dev/fuse.
+    close_all_but(&[go.as_raw_fd(), report.as_raw_fd()]);
+    let mut byte = [0u8];
+    let asked = loop {
+        match go.read(&mut byte) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => break matches!(other, Ok(1)),
+        }
     };
-    // An unprivileged writer must give up setgroups before it may write a gid map.
-    write(
-        "/proc/self/setgroups",
-        "deny",
-        "writing /proc/self/setgroups",
-    )?;
-    write("/proc/self/uid_map", uid_line, "writing /proc/self/uid_map")?;
-    write("/proc/self/gid_map", gid_line, "writing /proc/self/gid_map")?;
+    if !asked {
+        exit_now(0);
+    }
+    let process = target.to_string();
+    for plan in plans {
+        let written = if plan.needs_helper() {
+            plan.write_with_helper(target)
+        } else {
+            plan.write_directly(&process)
+        };
+        if let Err(reason) = written {
+            let _ = write!(report, "{}: {reason}", plan.kind.option());
+            exit_now(1);
+        }
+    }
+    exit_now(0);
+}
+
+/// Writes the maps of the user namespace this process just unshared: itself when both map only
+/// its own ids, else through the outside writer spawned before the unshare.
+fn write_user_namespace_maps(
+    plans: &[IdMapPlan; 2],
+    outside: Option<OutsideMapWriter>,
+) -> Result<(), Error> {
+    if let Some(writer) = outside {
+        return writer.write_maps();
+    }
+    for plan in plans {
+        plan.write_directly("self").map_err(|reason| {
+            Error::UserNamespaceMaps(format!("{}: {reason}", plan.kind.option()))
+        })?;
+    }
+    Ok(())
+}
+
+/// Takes the ids chosen inside the freshly mapped namespace. Where setgroups is still allowed
+/// (newgidmap granted ranges), the launcher's supplementary groups are dropped first: the
+/// daemon acts for the guest's users, who must not inherit them.
+fn become_inside_ids(uid_plan: &IdMapPlan, gid_plan: &IdMapPlan) -> Result<(), Error> {
+    let setgroups = std::fs::read_to_string("/proc/self/setgroups")
+        .map_err(sys_error("reading /proc/self/setgroups"))?;
+    if setgroups.trim() == "allow" {
+        // SAFETY: a zero-length list with a null pointer is valid for setgroups.
+        check("dropping supplementary groups", unsafe {
+            libc::setgroups(0, std::ptr::null())
+        })?;
+    } else if uid_plan
+        .maps
+        .iter()
+        .map(|m| u64::from(m.count))
+        .sum::<u64>()
+        > 1
+    {
+        // SAFETY: a zero-length query of the supplementary group count.
+        let supplementary = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+        if supplementary > 0 {
+            tracing::warn!(
+                "The launcher's {supplementary} supplementary groups stay with every guest user \
+                 (setgroups is denied in the user namespace, so they cannot be dropped); map the \
+                 gids with a --gid-map range granted in /etc/subgid to have them dropped."
+            );
+        }
+    }
+    let (uid, gid) = (uid_plan.inside_id(), gid_plan.inside_id());
+    // SAFETY: plain id switches within the namespace just mapped.
+    check("setresgid in the user namespace", unsafe {
+        libc::setresgid(gid, gid, gid)
+    })?;
+    // SAFETY: as above.
+    check("setresuid in the user namespace", unsafe {
+        libc::setresuid(uid, uid, uid)
+    })?;
+    tracing::debug!(
+        "user namespace: running as uid {uid}, gid {gid} inside; uid map {:?}, gid map {:?}",
+        uid_plan.content(),
+        gid_plan.content()
+    );
     Ok(())
 }
 
@@ -310,32 +744,27 @@ fn enter_namespaces(
     root: bool,
 ) -> Result<SandboxOutcome, Error> {
     let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWNET;
-    let id_lines = if root {
+    let plans = if root {
         None
     } else {
         flags |= libc::CLONE_NEWUSER;
-        Some((
-            id_map_line(cfg.uid_map, geteuid(), "--uid-map")?,
-            id_map_line(cfg.gid_map, getegid(), "--gid-map")?,
-        ))
+        Some([
+            IdMapPlan::new(IdKind::User, &cfg.uid_map, geteuid()),
+            IdMapPlan::new(IdKind::Group, &cfg.gid_map, getegid()),
+        ])
+    };
+    // The writer must exist before the unshare to stay outside the new user namespace.
+    let outside = match &plans {
+        Some(plans) if plans.iter().any(IdMapPlan::needs_helper) => {
+            Some(OutsideMapWriter::spawn(plans.clone())?)
+        }
+        _ => None,
     };
     // SAFETY: unshare only changes this process's namespaces.
     check("unshare", unsafe { libc::unshare(flags) })?;
-    if let Some((uid_line, gid_line)) = id_lines {
-        // The euid/egid seen from inside are the outside ones until the maps exist.
-        let (uid, gid) = (geteuid(), getegid());
-        write_id_maps(&uid_line, &gid_line)?;
-        let inside_uid = cfg.uid_map.map_or(0, |m| m.inside);
-        let inside_gid = cfg.gid_map.map_or(0, |m| m.inside);
-        tracing::debug!("user namespace: uid {uid} is {inside_uid}, gid {gid} is {inside_gid}");
-        // SAFETY: plain id switches within the namespace just mapped.
-        check("setresgid in the user namespace", unsafe {
-            libc::setresgid(inside_gid, inside_gid, inside_gid)
-        })?;
-        // SAFETY: as above.
-        check("setresuid in the user namespace", unsafe {
-            libc::setresuid(inside_uid, inside_uid, inside_uid)
-        })?;
+    if let Some(plans) = &plans {
+        write_user_namespace_maps(plans, outside)?;
+        become_inside_ids(&plans[0], &plans[1])?;
     }
     // SAFETY: the process is single-threaded (documented precondition), so the child may run
     // arbitrary code.
@@ -555,6 +984,8 @@ mod tests {
             ":a:1:1:",
             ":0:1:0:",
             ":0:1:1:2:",
+            ":4294967295:0:1:",
+            ":0:4294967000:1000:",
         ] {
             assert!(bad.parse::<IdMap>().is_err(), "{bad:?} parsed");
         }
@@ -565,8 +996,8 @@ mod tests {
         let cfg = SandboxConfig {
             mode: SandboxMode::None,
             shared_dir: PathBuf::from("/nonexistent/dir"),
-            uid_map: None,
-            gid_map: None,
+            uid_map: Vec::new(),
+            gid_map: Vec::new(),
             supervisor_seccomp: SeccompAction::None,
         };
         let outcome = enter_sandbox(&cfg).unwrap();
@@ -577,19 +1008,74 @@ mod tests {
 
     #[test]
     fn id_maps_are_refused_where_virtiofsd_refuses_them() {
-        let map = Some(IdMap {
+        let map = vec![IdMap {
             inside: 0,
             outside: 0,
             count: 1,
-        });
+        }];
         let cfg = SandboxConfig {
             mode: SandboxMode::Chroot,
             shared_dir: PathBuf::from("/"),
             uid_map: map,
-            gid_map: None,
+            gid_map: Vec::new(),
             supervisor_seccomp: SeccompAction::None,
         };
         let err = enter_sandbox(&cfg).unwrap_err().to_string();
         assert!(err.contains("uid/gid maps"), "{err}");
+    }
+
+    fn map(inside: u32, outside: u32, count: u32) -> IdMap {
+        IdMap {
+            inside,
+            outside,
+            count,
+        }
+    }
+
+    #[test]
+    fn overlapping_or_too_many_maps_are_refused() {
+        assert!(check_id_maps(&[map(0, 1000, 1), map(1, 200000, 65536)], "--uid-map").is_ok());
+        let err = check_id_maps(&[map(0, 1000, 10), map(5, 200000, 10)], "--uid-map")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid --uid-map ':5:200000:10:': its range overlaps that of :0:1000:10: inside \
+             the namespace"
+        );
+        let err = check_id_maps(&[map(0, 1000, 1), map(1, 1000, 1)], "--gid-map")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("on the host"), "{err}");
+        let many: Vec<IdMap> = (0..341).map(|i| map(i, 100000 + i, 1)).collect();
+        let err = check_id_maps(&many, "--uid-map").unwrap_err().to_string();
+        assert!(err.contains("at most 340"), "{err}");
+    }
+
+    #[test]
+    fn only_the_own_id_once_is_written_without_the_helper() {
+        let plan = |given: &[IdMap]| IdMapPlan::new(IdKind::User, given, 1000);
+        assert!(!plan(&[]).needs_helper());
+        assert_eq!(plan(&[]).content(), "0 1000 1\n");
+        assert!(!plan(&[map(5, 1000, 1)]).needs_helper());
+        assert!(plan(&[map(0, 1000, 2)]).needs_helper());
+        assert!(plan(&[map(0, 1001, 1)]).needs_helper());
+        let two = plan(&[map(0, 1000, 1), map(1, 200000, 65536)]);
+        assert!(two.needs_helper());
+        assert_eq!(two.content(), "0 1000 1\n1 200000 65536\n");
+    }
+
+    #[test]
+    fn the_process_becomes_root_inside_if_mapped_else_its_own_id() {
+        let plan = |given: &[IdMap]| IdMapPlan::new(IdKind::Group, given, 1000);
+        assert_eq!(plan(&[]).inside_id(), 0);
+        assert_eq!(plan(&[map(5, 1000, 1)]).inside_id(), 5);
+        assert_eq!(
+            plan(&[map(7, 1000, 1), map(0, 200000, 7)]).inside_id(),
+            0,
+            "root inside, so that guest users can be switched to"
+        );
+        assert_eq!(plan(&[map(10, 990, 20)]).inside_id(), 20);
+        assert_eq!(plan(&[map(3, 200000, 2)]).inside_id(), 3);
     }
 }

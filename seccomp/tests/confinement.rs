@@ -170,8 +170,8 @@ fn scenario_child() {
             let outcome = enter_sandbox(&SandboxConfig {
                 mode,
                 shared_dir: dir,
-                uid_map: None,
-                gid_map: None,
+                uid_map: Vec::new(),
+                gid_map: Vec::new(),
                 supervisor_seccomp: SeccompAction::None,
             })
             .expect("enter sandbox");
