@@ -69,6 +69,8 @@ impl OwnedBy for HandleData {
 enum InodeFd<'a> {
     Borrowed(BorrowedFd<'a>),
     Owned(OwnedFd),
+    /// A handle-held directory's descriptor from the inode store's cache.
+    Shared(Arc<OwnedFd>),
 }
 
 impl AsFd for InodeFd<'_> {
@@ -76,6 +78,7 @@ impl AsFd for InodeFd<'_> {
         match self {
             InodeFd::Borrowed(fd) => *fd,
             InodeFd::Owned(fd) => fd.as_fd(),
+            InodeFd::Shared(fd) => fd.as_fd(),
         }
     }
 }
@@ -250,8 +253,17 @@ impl PassthroughFs {
         match &data.file {
             InodeFile::Fd(fd) => Ok(InodeFd::Borrowed(fd.as_fd())),
             InodeFile::Handle(handle) => {
+                if data.is_dir() {
+                    if let Some(fd) = self.inodes.cached_dir_fd(data.id) {
+                        return Ok(InodeFd::Shared(fd));
+                    }
+                }
                 let mount_fd = self.mount_fds.get(handle.mnt_id)?;
-                Ok(InodeFd::Owned(handle.open(mount_fd.as_fd(), libc::O_PATH)?))
+                let fd = handle.open(mount_fd.as_fd(), libc::O_PATH)?;
+                if data.is_dir() {
+                    return Ok(InodeFd::Shared(self.inodes.cache_dir_fd(data.id, fd)));
+                }
+                Ok(InodeFd::Owned(fd))
             }
         }
     }
@@ -362,17 +374,32 @@ impl PassthroughFs {
                 Err(_) => None,
             },
         };
+        let mut fd = Some(fd);
         let data = self.inodes.get_or_insert(key, handle.as_ref(), || {
             let file = match &handle {
-                None => InodeFile::Fd(fd),
-                Some(handle) => match self.ensure_mount_fd(handle.mnt_id, &fd, file_type, parent) {
-                    Ok(()) => InodeFile::Handle(handle.clone()),
-                    Err(e) if self.file_handles == InodeFileHandles::Mandatory => return Err(e),
-                    Err(_) => InodeFile::Fd(fd),
-                },
+                None => InodeFile::Fd(fd.take().ok_or_else(|| errno(libc::EIO))?),
+                Some(handle) => {
+                    let Some(path_fd) = fd.as_ref() else {
+                        return Err(errno(libc::EIO));
+                    };
+                    match self.ensure_mount_fd(handle.mnt_id, path_fd, file_type, parent) {
+                        Ok(()) => InodeFile::Handle(handle.clone()),
+                        Err(e) if self.file_handles == InodeFileHandles::Mandatory => {
+                            return Err(e)
+                        }
+                        Err(_) => InodeFile::Fd(fd.take().ok_or_else(|| errno(libc::EIO))?),
+                    }
+                }
             };
             Ok(InodeData::new(key, file, file_type))
         })?;
+        // A directory held by handle keeps the descriptor just opened: its next child lookup
+        // needs it.
+        if let (Some(fd), InodeFile::Handle(_), true) = (fd, &data.file, data.is_dir()) {
+            if self.inodes.cached_dir_fd(data.id).is_none() {
+                self.inodes.cache_dir_fd(data.id, fd);
+            }
+        }
         Ok(self.entry_for(&data, sx.st, parent.key.mnt_id))
     }
 

@@ -6,6 +6,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::fd_cache::{FdCache, DEFAULT_CAPACITY};
 use crate::file_handle::FileHandle;
 use crate::util::errno;
 
@@ -110,6 +111,8 @@ pub struct InodeStore {
     /// Most inodes held at once: a client that looks up without ever forgetting gets ENFILE
     /// instead of growing the daemon without bound.
     limit: usize,
+    /// Descriptors of handle-held directories in use (see [`FdCache`]).
+    dir_fds: FdCache,
 }
 
 impl InodeStore {
@@ -119,6 +122,7 @@ impl InodeStore {
             maps: RwLock::new(Maps::default()),
             next_id: AtomicU64::new(root_id),
             limit: limit.max(1),
+            dir_fds: FdCache::new(DEFAULT_CAPACITY),
         }
     }
 
@@ -186,11 +190,18 @@ impl InodeStore {
 
     /// Drops `count` references; the inode is released when none remain.
     pub fn forget(&self, id: u64, count: u64) {
+        if self.drop_refs(id, count) {
+            self.dir_fds.remove(id);
+        }
+    }
+
+    /// [`forget`](Self::forget) under the table lock; true when the inode was released.
+    fn drop_refs(&self, id: u64, count: u64) -> bool {
         let Ok(mut maps) = self.maps.write() else {
-            return;
+            return false;
         };
         let Some(data) = maps.by_id.get(&id) else {
-            return;
+            return false;
         };
         let mut current = data.refcount.load(Ordering::Acquire);
         loop {
@@ -205,7 +216,9 @@ impl InodeStore {
         }
         if current.saturating_sub(count) == 0 {
             maps.remove(id);
+            return true;
         }
+        false
     }
 
     /// Drops every inode but `keep`.
@@ -215,6 +228,23 @@ impl InodeStore {
             maps.by_key.retain(|_, id| *id == keep);
             maps.by_handle.retain(|_, id| *id == keep);
         }
+        self.dir_fds.retain_only(keep);
+    }
+
+    /// The cached descriptor of directory `id`, held by file handle, if there is one.
+    pub fn cached_dir_fd(&self, id: u64) -> Option<Arc<OwnedFd>> {
+        self.dir_fds.get(id)
+    }
+
+    /// Caches `fd`, an `O_PATH` descriptor of the handle-held directory `id`.
+    pub fn cache_dir_fd(&self, id: u64, fd: OwnedFd) -> Arc<OwnedFd> {
+        self.dir_fds.insert(id, fd)
+    }
+
+    /// Number of directory descriptors cached (for tests).
+    #[cfg(test)]
+    pub fn cached_dir_fds(&self) -> usize {
+        self.dir_fds.len()
     }
 
     /// Number of inodes held.
@@ -256,6 +286,25 @@ mod tests {
             Some(libc::EBADF)
         );
         assert_eq!(store.len(), 0);
+    }
+
+    #[test]
+    fn forgetting_a_directory_closes_its_cached_descriptor() {
+        let store = InodeStore::new(1, 10);
+        let dir = store.get_or_insert(key(5), None, || make(5)).unwrap();
+        let other = store.get_or_insert(key(6), None, || make(6)).unwrap();
+        store.cache_dir_fd(dir.id, std::fs::File::open("/").unwrap().into());
+        store.cache_dir_fd(other.id, std::fs::File::open("/").unwrap().into());
+        assert_eq!(store.cached_dir_fds(), 2);
+        store.forget(dir.id, 1);
+        assert!(store.cached_dir_fd(dir.id).is_none());
+        assert_eq!(
+            store.cached_dir_fds(),
+            1,
+            "only the forgotten inode's entry goes"
+        );
+        store.clear_except(1);
+        assert_eq!(store.cached_dir_fds(), 0);
     }
 
     #[test]

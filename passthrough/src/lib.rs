@@ -11,6 +11,7 @@
 mod config;
 mod error;
 mod extra_ops;
+mod fd_cache;
 mod file_handle;
 mod fs;
 mod handle_table;
