@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Plots the medians of a `berth-loadgen compare --json` file, one SVG per workload family.
+"""Plots the medians of a `berth-loadgen compare --json` file, one SVG per workload family,
+or the table of a `benches/guest-fio.sh` JSON file as guest-fio.svg.
 
     python3 benches/plot.py benches/results/full.json docs/plots
+    python3 benches/plot.py benches/results/guest-fio.json docs/plots
 
 Needs matplotlib (pip install matplotlib).
 """
@@ -26,6 +28,9 @@ def main():
     source, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
     out_dir.mkdir(parents=True, exist_ok=True)
     data = json.loads(source.read_text())
+    if "table" in data:
+        plot_guest_fio(data, out_dir)
+        return
     summary = data["summary"]
     machine = data["machine"]
     for family, title in FAMILIES.items():
@@ -69,6 +74,32 @@ def main():
         fig.tight_layout()
         fig.savefig(out_dir / f"{family}.svg", metadata={"Date": None})
         plt.close(fig)
+
+
+def plot_guest_fio(data, out_dir):
+    table = data["table"]
+    labels = [row["job"] for row in table]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    width = 0.4
+    for index, backend in enumerate(("berth", "virtiofsd")):
+        xs = [i + (index - 0.5) * width for i in range(len(labels))]
+        ax.bar(xs, [row[f"{backend}_iops"] for row in table], width, label=backend,
+               color=COLORS[backend])
+    for i, row in enumerate(table):
+        top = max(row["berth_iops"], row["virtiofsd_iops"])
+        ax.annotate(f"{row['ratio']:.2f}x", (i, top), ha="center", va="bottom", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=7, rotation=30, ha="right")
+    ax.set_title(
+        f"fio in a QEMU TCG guest (IOPS, log scale), median of {data['repetitions']} boots, "
+        f"{data['runtime_s']} s per job; labels: berth/virtiofsd",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "guest-fio.svg", metadata={"Date": None})
+    plt.close(fig)
 
 
 if __name__ == "__main__":
