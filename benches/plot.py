@@ -50,55 +50,50 @@ def main():
                     if r["backend"] == "native" or r["depth"] == depth:
                         group[r["backend"]] = r["ops_per_s"]
                 groups.append(group)
-        backends = [b for b in ("berth", "virtiofsd", "native") if any(b in g for g in groups)]
-        width = 0.8 / len(backends)
-        fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(labels)), 5))
-        for index, backend in enumerate(backends):
-            xs = [i + (index - (len(backends) - 1) / 2) * width for i in range(len(labels))]
-            ys = [g.get(backend, 0) for g in groups]
-            ax.bar(xs, ys, width, label=backend, color=COLORS[backend])
-        for i, g in enumerate(groups):
-            if g.get("berth") and g.get("virtiofsd"):
-                ratio = g["berth"] / g["virtiofsd"]
-                top = max(g.get("berth", 0), g.get("virtiofsd", 0))
-                ax.annotate(f"{ratio:.2f}x", (i, top), ha="center", va="bottom", fontsize=7)
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels(labels, fontsize=7, rotation=90)
-        ax.set_title(
+        bar_chart(
+            labels,
+            groups,
             f"{title}\n{machine['cpu_model']} x{machine['cpus']}, kernel {machine['kernel']}, "
             f"median of {machine['reps']}; labels: berth/virtiofsd",
-            fontsize=9,
+            out_dir / f"{family}.svg",
+            width=max(8, 0.9 * len(labels)),
         )
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"{family}.svg", metadata={"Date": None})
-        plt.close(fig)
 
 
 def plot_guest_fio(data, out_dir):
     table = data["table"]
-    labels = [row["job"] for row in table]
-    fig, ax = plt.subplots(figsize=(9, 5))
-    width = 0.4
-    for index, backend in enumerate(("berth", "virtiofsd")):
-        xs = [i + (index - 0.5) * width for i in range(len(labels))]
-        ax.bar(xs, [row[f"{backend}_iops"] for row in table], width, label=backend,
-               color=COLORS[backend])
-    for i, row in enumerate(table):
-        top = max(row["berth_iops"], row["virtiofsd_iops"])
-        ax.annotate(f"{row['ratio']:.2f}x", (i, top), ha="center", va="bottom", fontsize=7)
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, fontsize=7, rotation=30, ha="right")
-    ax.set_title(
+    bar_chart(
+        [row["job"] for row in table],
+        [{"berth": row["berth_iops"], "virtiofsd": row["virtiofsd_iops"]} for row in table],
         f"fio in a QEMU TCG guest (IOPS, log scale), median of {data['repetitions']} boots, "
         f"{data['runtime_s']} s per job; labels: berth/virtiofsd",
-        fontsize=9,
+        out_dir / "guest-fio.svg",
+        width=9,
+        rotation=30,
     )
+
+
+def bar_chart(labels, groups, title, path, width, rotation=90):
+    """One group of bars per label (a dict backend -> value), log scale, with the
+    berth/virtiofsd ratio over each group that has both."""
+    backends = [b for b in ("berth", "virtiofsd", "native") if any(b in g for g in groups)]
+    bar = 0.8 / len(backends)
+    fig, ax = plt.subplots(figsize=(width, 5))
+    for index, backend in enumerate(backends):
+        xs = [i + (index - (len(backends) - 1) / 2) * bar for i in range(len(labels))]
+        ax.bar(xs, [g.get(backend, 0) for g in groups], bar, label=backend, color=COLORS[backend])
+    for i, g in enumerate(groups):
+        if g.get("berth") and g.get("virtiofsd"):
+            top = max(g["berth"], g["virtiofsd"])
+            ax.annotate(f"{g['berth'] / g['virtiofsd']:.2f}x", (i, top), ha="center", va="bottom",
+                        fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=7, rotation=rotation, ha="center" if rotation == 90 else "right")
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "guest-fio.svg", metadata={"Date": None})
+    fig.savefig(path, metadata={"Date": None})
     plt.close(fig)
 
 
