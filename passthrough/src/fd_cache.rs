@@ -9,7 +9,8 @@
 //! allocated on the host; a deleted directory is empty.
 //!
 //! Entries are keyed by FUSE node id, which is never reused, and dropped when the inode is
-//! forgotten.
+//! forgotten. A request still running when its directory is forgotten may cache the
+//! descriptor again; that entry only ages out, and cannot be found under another inode.
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
