@@ -1431,6 +1431,75 @@ fn a_reused_inode_number_gets_a_new_node() {
     s.daemon.assert_alive("after the inode reuse");
 }
 
+/// berth keeps the descriptors of directories in use. One of a directory the host has
+/// replaced must not make the old node look like an empty, live directory: as when reopening
+/// by file handle, requests under it get ESTALE (the guest then revalidates its path and
+/// finds the new directory), never ENOENT.
+#[test]
+fn a_directory_replaced_on_the_host_gives_estale_under_its_old_node() {
+    if !running_as_root() {
+        skip("needs root: open_by_handle_at needs CAP_DAC_READ_SEARCH");
+        return;
+    }
+    let fixture = Fixture::new();
+    fs::create_dir(fixture.shared.join("d")).unwrap();
+    fs::write(fixture.shared.join("d/x"), b"old").unwrap();
+    let mut s = Session::start_in(
+        fixture,
+        &["--inode-file-handles=mandatory"],
+        init_flags::DEFAULT,
+    );
+    s.init_out();
+    let old_dir = s.queue.lookup(ROOT_ID, b"d").expect("LOOKUP d");
+    // A lookup inside it puts its descriptor in use.
+    s.queue.lookup(old_dir.nodeid, b"x").expect("LOOKUP d/x");
+
+    fs::remove_dir_all(s.host("d")).unwrap();
+    fs::create_dir(s.host("d")).unwrap();
+    fs::write(s.host("d/x"), b"new!").unwrap();
+
+    let errno_of = |r: Result<EntryOut, berth_frontend::Error>| match r {
+        Ok(entry) => panic!("a request under the deleted directory succeeded: {entry:?}"),
+        Err(e) => e.errno(),
+    };
+    assert_eq!(
+        errno_of(s.queue.lookup(old_dir.nodeid, b"x")),
+        Some(libc::ESTALE),
+        "LOOKUP under the replaced directory"
+    );
+    assert_eq!(
+        errno_of(s.queue.mkdir(old_dir.nodeid, b"sub", 0o755)),
+        Some(libc::ESTALE),
+        "MKDIR under the replaced directory"
+    );
+    assert_eq!(
+        errno_of(
+            s.queue
+                .create_with(
+                    old_dir.nodeid,
+                    b"f",
+                    create_in(0o100644, libc::O_RDWR as u32)
+                )
+                .map(|(entry, _)| entry)
+        ),
+        Some(libc::ESTALE),
+        "CREATE under the replaced directory"
+    );
+    // What the guest does next: look the path up again, and reach the new directory.
+    let new_dir = s.queue.lookup(ROOT_ID, b"d").expect("LOOKUP d again");
+    assert_ne!(new_dir.nodeid, old_dir.nodeid);
+    let x = s
+        .queue
+        .lookup(new_dir.nodeid, b"x")
+        .expect("LOOKUP new d/x");
+    assert_eq!(x.attr.size, 4, "the new directory's file");
+    assert!(
+        !s.host("d/sub").exists() && !s.host("d/f").exists(),
+        "nothing was created in the new directory through the old node"
+    );
+    s.daemon.assert_alive("after the directory was replaced");
+}
+
 // ----- xattr name mapping (--xattrmap) -----
 
 fn host_setxattr(path: &Path, name: &str, value: &[u8]) {

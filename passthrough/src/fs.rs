@@ -268,6 +268,23 @@ impl PassthroughFs {
         }
     }
 
+    /// A cached directory descriptor outlives the directory's deletion on the host, where
+    /// reopening it by handle fails with ESTALE, which makes the guest revalidate its path and
+    /// find a directory put in its place. So an ENOENT under a cached descriptor whose
+    /// directory is gone becomes ESTALE, and the descriptor leaves the cache.
+    fn stale_parent(&self, parent: &InodeData, fd: &InodeFd<'_>, err: io::Error) -> io::Error {
+        if err.raw_os_error() != Some(libc::ENOENT) || !matches!(fd, InodeFd::Shared(_)) {
+            return err;
+        }
+        match statx(fd.as_fd(), EMPTY_CSTR) {
+            Ok(sx) if sx.st.st_nlink == 0 => {
+                self.inodes.uncache_dir_fd(parent.id);
+                errno(libc::ESTALE)
+            }
+            _ => err,
+        }
+    }
+
     /// Opens the inode itself for I/O with `flags`.
     fn open_inode(&self, data: &InodeData, flags: libc::c_int) -> io::Result<File> {
         let flags = flags & !(libc::O_NOFOLLOW | libc::O_CREAT | libc::O_EXCL);
@@ -341,6 +358,7 @@ impl PassthroughFs {
         }
         let parent_fd = self.inode_fd(&parent_data)?;
         self.lookup_at(&parent_data, parent_fd.as_fd(), name)
+            .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e))
     }
 
     /// Looks `name` up in the directory `parent`, open as `parent_fd`.
@@ -740,14 +758,16 @@ impl PassthroughFs {
         // Reopened before switching to the caller: open_by_handle_at needs
         // CAP_DAC_READ_SEARCH, which a non-root fsuid does not carry.
         let parent_fd = self.inode_fd(&parent_data)?;
-        let file = self.as_caller(ctx, args.umask, || {
-            openat(
-                parent_fd.as_fd(),
-                c".",
-                flags | libc::O_TMPFILE,
-                args.mode & 0o7777,
-            )
-        })?;
+        let file = self
+            .as_caller(ctx, args.umask, || {
+                openat(
+                    parent_fd.as_fd(),
+                    c".",
+                    flags | libc::O_TMPFILE,
+                    args.mode & 0o7777,
+                )
+            })
+            .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e))?;
         if let Some(secctx) = secctx {
             // Unnamed: if labelling fails, closing the descriptor removes the file.
             set_xattr_on_fd(file.as_fd(), secctx)?;
@@ -1121,6 +1141,7 @@ impl PassthroughFs {
                     args.mode & 0o7777,
                 )
             })
+            .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e))
         };
         let fd = match secctx {
             None => open_as_caller(libc::O_CREAT | guest_excl)?,
@@ -1178,7 +1199,8 @@ impl PassthroughFs {
         self.as_caller(ctx, umask, || {
             // SAFETY: `name` is NUL-terminated; result checked.
             check_ret(unsafe { libc::mkdirat(parent_fd.as_fd().as_raw_fd(), name.as_ptr(), mode) })
-        })?;
+        })
+        .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e))?;
         if let Some(secctx) = secctx {
             self.label_new_node(parent_fd.as_fd(), name, None, secctx, true)?;
         }
@@ -1217,7 +1239,8 @@ impl PassthroughFs {
                     rdev as libc::dev_t,
                 )
             })
-        })?;
+        })
+        .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e))?;
         if let Some(secctx) = secctx {
             self.label_new_node(parent_fd.as_fd(), name, None, secctx, false)?;
         }
@@ -1248,7 +1271,8 @@ impl PassthroughFs {
                     name.as_ptr(),
                 )
             })
-        })?;
+        })
+        .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e))?;
         if let Some(secctx) = secctx {
             self.label_new_node(parent_fd.as_fd(), name, None, secctx, false)?;
         }
@@ -1786,7 +1810,8 @@ impl FileSystem for PassthroughFs {
         let parent_data = self.inodes.get(parent)?;
         let parent_fd = self.inode_fd(&parent_data)?;
         // SAFETY: `name` is NUL-terminated; result checked.
-        check_ret(unsafe { libc::unlinkat(parent_fd.as_fd().as_raw_fd(), name.as_ptr(), 0) })?;
+        check_ret(unsafe { libc::unlinkat(parent_fd.as_fd().as_raw_fd(), name.as_ptr(), 0) })
+            .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e))?;
         Ok(())
     }
 
@@ -1802,7 +1827,8 @@ impl FileSystem for PassthroughFs {
                 name.as_ptr(),
                 libc::AT_REMOVEDIR,
             )
-        })?;
+        })
+        .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e))?;
         Ok(())
     }
 
@@ -1836,7 +1862,9 @@ impl FileSystem for PassthroughFs {
                 )
             };
             check_ret(ret as libc::c_int)
-        })?;
+        })
+        .map_err(|e| self.stale_parent(&old_data, &old_fd, e))
+        .map_err(|e| self.stale_parent(&new_data, &new_fd, e))?;
         Ok(())
     }
 
@@ -1867,7 +1895,8 @@ impl FileSystem for PassthroughFs {
                 newname.as_ptr(),
                 libc::AT_SYMLINK_FOLLOW,
             )
-        })?;
+        })
+        .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e))?;
         self.do_lookup(newparent, newname)
     }
 

@@ -236,6 +236,11 @@ impl InodeStore {
         self.dir_fds.get(id)
     }
 
+    /// Drops the descriptor cached for directory `id`.
+    pub fn uncache_dir_fd(&self, id: u64) {
+        self.dir_fds.remove(id);
+    }
+
     /// Caches `fd`, an `O_PATH` descriptor of the handle-held directory `id`.
     pub fn cache_dir_fd(&self, id: u64, fd: OwnedFd) -> Arc<OwnedFd> {
         self.dir_fds.insert(id, fd)
