@@ -56,11 +56,31 @@ enum Event {
 pub fn mount(mountpoint: &Path, readonly: bool) -> anyhow::Result<ManuallyDrop<FuseSession>> {
     let mut session = FuseSession::new(mountpoint, "berth", "berth", readonly)
         .map_err(|e| anyhow!("cannot use {} as a mount point: {e}", mountpoint.display()))?;
-    session.set_allow_other(true);
+    let allow_other = allow_other_permitted();
+    if !allow_other {
+        warn!(
+            "mounting for this user only: fusermount lets an unprivileged user give other users \
+             access (allow_other) only when /etc/fuse.conf says user_allow_other"
+        );
+    }
+    session.set_allow_other(allow_other);
     session
         .mount()
         .map_err(|e| anyhow!("cannot mount on {}: {e}", mountpoint.display()))?;
     Ok(ManuallyDrop::new(session))
+}
+
+/// Whether the mount may be opened to other users: always for root, and for anyone else
+/// only where /etc/fuse.conf allows it (fusermount refuses `allow_other` otherwise, and the
+/// whole mount would fail).
+fn allow_other_permitted() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    std::fs::read_to_string("/etc/fuse.conf")
+        .map(|conf| conf.lines().any(|line| line.trim() == "user_allow_other"))
+        .unwrap_or(false)
 }
 
 /// A process outside the sandbox that unmounts the mount point when asked to, or when berth

@@ -739,3 +739,164 @@ fn a_uid_range_with_only_the_own_gid_mixes_helper_and_direct_maps() {
     assert!(status.success(), "{}", daemon.stderr());
     drop(user);
 }
+
+/// Gives everyone read and write access to /dev/fuse for the life of the value, as Debian's
+/// default 0666 does, when this machine has it narrower; the mode is put back when dropped.
+struct DevFuseOpenToAll {
+    restore: Option<u32>,
+}
+
+impl DevFuseOpenToAll {
+    fn new() -> Result<Self, String> {
+        let mode = fs::metadata("/dev/fuse")
+            .map_err(|e| format!("no /dev/fuse: {e}"))?
+            .permissions()
+            .mode()
+            & 0o7777;
+        if mode & 0o006 == 0o006 {
+            return Ok(DevFuseOpenToAll { restore: None });
+        }
+        fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(mode | 0o666))
+            .map_err(|e| format!("cannot open /dev/fuse to users: {e}"))?;
+        Ok(DevFuseOpenToAll {
+            restore: Some(mode),
+        })
+    }
+}
+
+impl Drop for DevFuseOpenToAll {
+    fn drop(&mut self) {
+        if let Some(mode) = self.restore {
+            let _ = fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(mode));
+        }
+    }
+}
+
+fn is_mounted(mountpoint: &Path) -> bool {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let wanted = mountpoint.to_string_lossy();
+    mountinfo
+        .lines()
+        .any(|line| line.split(' ').nth(4) == Some(wanted.as_ref()))
+}
+
+/// `berth fuse` started by an ordinary user: it mounts through fusermount, confines itself in
+/// a user namespace mapping the user's own ids to themselves, and what the user creates
+/// through the mount lands on the host as the user. Without user_allow_other in
+/// /etc/fuse.conf the mount is the user's alone (and still mounts).
+#[test]
+fn berth_fuse_serves_an_unprivileged_user_through_fusermount() {
+    let test = "berth_fuse_serves_an_unprivileged_user_through_fusermount";
+    if let Some(reason) = cannot_run() {
+        skip_or_fail(test, &reason);
+        return;
+    }
+    if Command::new("fusermount3")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        skip_or_fail(test, "fusermount3 is not installed (Debian: fuse3)");
+        return;
+    }
+    let _dev_fuse = match DevFuseOpenToAll::new() {
+        Ok(guard) => guard,
+        Err(reason) => {
+            skip_or_fail(test, &reason);
+            return;
+        }
+    };
+    let fixture = nobody_fixture();
+    let mountpoint = fixture.shared.parent().unwrap().join("mnt");
+    fs::create_dir(&mountpoint).unwrap();
+    std::os::unix::fs::chown(&mountpoint, Some(NOBODY), Some(NOBODY)).unwrap();
+    let log = fixture.shared.parent().unwrap().join("berth.log");
+    let mut berth = unprivileged(
+        Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("fuse")
+            .arg("--shared-dir")
+            .arg(&fixture.shared)
+            .arg("--mountpoint")
+            .arg(&mountpoint),
+    )
+    .stdout(Stdio::null())
+    .stderr(fs::File::create(&log).unwrap())
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !is_mounted(&mountpoint) {
+        if let Ok(Some(status)) = berth.try_wait() {
+            panic!(
+                "berth fuse exited ({status}) before mounting:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "berth fuse did not mount in 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let as_user = |script: &str| {
+        let out = unprivileged(Command::new("sh").arg("-c").arg(script))
+            .env("M", &mountpoint)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}\nberth: {}",
+            String::from_utf8_lossy(&out.stderr),
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(as_user("cat \"$M/hello\""), "hello");
+    as_user("echo mine > \"$M/by-user\" && mkdir \"$M/dir\" && ln -s hello \"$M/link\"");
+    for made in ["by-user", "dir", "link"] {
+        assert_eq!(
+            owner(&fixture.shared.join(made)),
+            (NOBODY, NOBODY),
+            "{made} created through the mount must belong to the user on the host"
+        );
+    }
+    assert_eq!(fs::read(fixture.shared.join("by-user")).unwrap(), b"mine\n");
+    // The serving process is in its own user namespace, as nobody on the host.
+    let server = serving_pid(berth.id(), true);
+    let user_ns = |pid: u32| fs::read_link(format!("/proc/{pid}/ns/user")).unwrap();
+    assert_ne!(
+        user_ns(server),
+        user_ns(std::process::id()),
+        "no user namespace"
+    );
+    assert_eq!(host_ids(server), (NOBODY, NOBODY));
+    // Other users (root included) get in only where /etc/fuse.conf allows it.
+    let allow_other = fs::read_to_string("/etc/fuse.conf")
+        .map(|c| c.lines().any(|l| l.trim() == "user_allow_other"))
+        .unwrap_or(false);
+    match fs::read(mountpoint.join("hello")) {
+        Ok(data) => assert!(allow_other, "root read {data:?} without user_allow_other"),
+        Err(e) => {
+            assert!(
+                !allow_other,
+                "root could not read with user_allow_other: {e}"
+            );
+            assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+        }
+    }
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(berth.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = berth.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "berth fuse ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "{status}: {}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(!is_mounted(&mountpoint), "the mount outlived berth fuse");
+}
