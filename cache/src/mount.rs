@@ -91,6 +91,31 @@ pub(crate) fn last_os_error(operation: &'static str) -> CacheError {
     }
 }
 
+/// Mounts the erofs `bootstrap` file itself (mount(2) on the file, no loop device) read-only
+/// on `mountpoint`, its data blob being the cache file `blob`.
+pub(crate) fn mount_erofs_file(bootstrap: &Path, blob: &Path, mountpoint: &Path) -> Result<()> {
+    let source = c_path(bootstrap)?;
+    let target = c_path(mountpoint)?;
+    let data = CString::new(format!("device={}", blob.display())).map_err(|_| CacheError::Io {
+        context: "building mount options".into(),
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })?;
+    // SAFETY: all pointers are NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            c"erofs".as_ptr(),
+            libc::MS_RDONLY,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc < 0 {
+        return Err(last_os_error("mount(erofs)"));
+    }
+    Ok(())
+}
+
 pub(crate) fn c_path(path: &Path) -> Result<CString> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| CacheError::Io {
         context: format!("using path {}", path.display()),
@@ -248,28 +273,8 @@ pub fn mount_image(options: MountOptions) -> Result<MountHandle> {
         handle.threads.push(thread);
     }
     handle.wake = Some(wake);
-    let source = c_path(&bootstrap)?;
-    let target = c_path(&options.mountpoint)?;
-    let data =
-        CString::new(format!("device={}", cache_path.display())).map_err(|_| CacheError::Io {
-            context: "building mount options".into(),
-            source: io::Error::from(io::ErrorKind::InvalidInput),
-        })?;
-    // SAFETY: all pointers are NUL-terminated strings that outlive the call. The
-    // syscall mounts the bootstrap file itself (no loop device).
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            c"erofs".as_ptr(),
-            libc::MS_RDONLY,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc < 0 {
-        // Nothing is mounted: stopping the handlers and closing the group is safe.
-        return Err(last_os_error("mount(erofs)"));
-    }
+    // On failure nothing is mounted: stopping the handlers and closing the group is safe.
+    mount_erofs_file(&bootstrap, &cache_path, &options.mountpoint)?;
     handle.mounted = true;
     remove_mark_if_complete(&group, &blob, &cache_path, &complete);
     tracing::info!(mountpoint = %options.mountpoint.display(), blob = %manifest.blob_id, "mounted image");

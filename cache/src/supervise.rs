@@ -45,8 +45,8 @@ use crate::error::{CacheError, IoContext, Result};
 use crate::image::manifest_path_of;
 use crate::manifest::Manifest;
 use crate::mount::{
-    c_path, change_mark, check_bootstrap, last_os_error, mark_pre_access, parse_events,
-    pre_content_group, remove_mark_if_complete, EventHandler, FAN_DENY_EIO,
+    c_path, change_mark, check_bootstrap, last_os_error, mark_pre_access, mount_erofs_file,
+    parse_events, pre_content_group, remove_mark_if_complete, EventHandler, FAN_DENY_EIO,
 };
 
 /// Descriptor numbers the worker receives.
@@ -858,28 +858,7 @@ pub fn supervise(options: SupervisorOptions) -> Result<()> {
     supervisor.cache_path = cache_path.clone();
     // 2. Mark, then 3. mount (erofs opens the device after the mark).
     mark_pre_access(&supervisor.group, &cache_path)?;
-    let source = c_path(&bootstrap)?;
-    let target = c_path(&options.mountpoint)?;
-    let mount_data =
-        std::ffi::CString::new(format!("device={}", cache_path.display())).map_err(|_| {
-            CacheError::Io {
-                context: "building mount options".into(),
-                source: io::Error::from(io::ErrorKind::InvalidInput),
-            }
-        })?;
-    // SAFETY: NUL-terminated strings that outlive the call; mounts the bootstrap file
-    // itself (no loop device).
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            c"erofs".as_ptr(),
-            libc::MS_RDONLY,
-            mount_data.as_ptr().cast(),
-        )
-    };
-    if rc < 0 {
-        let err = last_os_error("mount(erofs)");
+    if let Err(err) = mount_erofs_file(&bootstrap, &cache_path, &options.mountpoint) {
         stop_worker(&mut supervisor);
         return Err(err);
     }
