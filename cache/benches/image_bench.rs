@@ -50,23 +50,7 @@ fn read_tree(root: &Path) -> Result<(f64, u64)> {
 }
 
 fn mount_local(bootstrap: &Path, blob: &Path, mountpoint: &Path) -> Result<()> {
-    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).context("path with NUL");
-    let (source, target) = (c(bootstrap)?, c(mountpoint)?);
-    let data = CString::new(format!("device={}", blob.display()))?;
-    // SAFETY: NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            c"erofs".as_ptr(),
-            libc::MS_RDONLY,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        bail!("mount: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
+    berth_cache::mount::mount_erofs_file(bootstrap, blob, mountpoint).context("mount")
 }
 
 fn umount(mountpoint: &Path) -> Result<()> {

@@ -93,7 +93,7 @@ pub(crate) fn last_os_error(operation: &'static str) -> CacheError {
 
 /// Mounts the erofs `bootstrap` file itself (mount(2) on the file, no loop device) read-only
 /// on `mountpoint`, its data blob being the cache file `blob`.
-pub(crate) fn mount_erofs_file(bootstrap: &Path, blob: &Path, mountpoint: &Path) -> Result<()> {
+pub fn mount_erofs_file(bootstrap: &Path, blob: &Path, mountpoint: &Path) -> Result<()> {
     let source = c_path(bootstrap)?;
     let target = c_path(mountpoint)?;
     let data = CString::new(format!("device={}", blob.display())).map_err(|_| CacheError::Io {
