@@ -14,7 +14,7 @@
 use std::ffi::CString;
 use std::io;
 use std::mem::ManuallyDrop;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use berth_passthrough::FsServer;
-use berth_seccomp::{SeccompAction, ThreadRole};
+use berth_seccomp::{cloexec_pipe, close_all_but, SeccompAction, ThreadRole};
 use fuse_backend_rs::transport::{FuseChannel, FuseSession};
 use tracing::{debug, error, info, warn};
 
@@ -92,33 +92,6 @@ pub struct UnmountGuard {
     done: OwnedFd,
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe2 returns.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just created and nothing else owns them.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// Closes every descriptor above stderr except `keep`.
-fn close_all_but(keep: &[RawFd]) {
-    let mut keep = keep.to_vec();
-    keep.sort_unstable();
-    let mut from = 3u32;
-    for fd in keep {
-        let fd = fd as u32;
-        if fd > from {
-            // SAFETY: closing descriptors nothing in this (forked) process uses any more.
-            unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32) };
-        }
-        from = fd + 1;
-    }
-    // SAFETY: as above.
-    unsafe { libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32) };
-}
-
 impl UnmountGuard {
     /// Forks the guard (detached: it is nobody's child but init's). Call it while the process
     /// is single-threaded, before the sandbox and before capabilities are dropped: the guard
@@ -127,8 +100,9 @@ impl UnmountGuard {
     pub fn spawn(mountpoint: &Path, seccomp: SeccompAction, root: bool) -> anyhow::Result<Self> {
         let path = CString::new(mountpoint.as_os_str().as_bytes())
             .map_err(|_| anyhow!("the mount point contains a NUL byte"))?;
-        let (request_read, request_write) = pipe().context("cannot create the unmount pipe")?;
-        let (done_read, done_write) = pipe().context("cannot create the unmount pipe")?;
+        let (request_read, request_write) =
+            cloexec_pipe().context("cannot create the unmount pipe")?;
+        let (done_read, done_write) = cloexec_pipe().context("cannot create the unmount pipe")?;
         // SAFETY: the process is single-threaded (documented precondition); the child only
         // makes plain system calls (and fusermount, unprivileged) before exiting.
         let pid = unsafe { libc::fork() };

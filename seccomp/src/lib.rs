@@ -26,7 +26,7 @@ pub use crate::error::Error;
 pub use crate::filter::{allowed_syscalls, install_filter, SeccompAction, ThreadRole};
 pub use crate::rlimit::set_rlimit_nofile;
 pub use crate::sandbox::{
-    check_id_maps, enter_sandbox, id_maps_need_helper, IdMap, SandboxConfig, SandboxMode,
-    SandboxOutcome,
+    check_id_maps, cloexec_pipe, close_all_but, enter_sandbox, id_maps_need_helper, IdMap,
+    SandboxConfig, SandboxMode, SandboxOutcome,
 };
 pub use ::caps::Capability;

@@ -526,17 +526,24 @@ fn no_new_privs() -> bool {
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), Error> {
+    cloexec_pipe().map_err(sys_error("creating a pipe"))
+}
+
+/// A pipe whose two ends (read, write) close on exec: for a helper process forked before
+/// confinement to talk to berth.
+pub fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors pipe2 returns.
-    check("creating a pipe", unsafe {
-        libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC)
-    })?;
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     // SAFETY: both descriptors were just created and nothing else owns them.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Closes every descriptor above stderr except `keep`.
-fn close_all_but(keep: &[RawFd]) {
+/// Closes every descriptor above stderr except `keep`: for a forked helper process, so it
+/// holds nothing of berth's but what it needs.
+pub fn close_all_but(keep: &[RawFd]) {
     let mut keep = keep.to_vec();
     keep.sort_unstable();
     let mut from = 3u32;
