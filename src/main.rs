@@ -169,10 +169,24 @@ fn confine_main_thread(isolation: &IsolationSettings, file_handles: bool) -> any
         .context("cannot install the seccomp filter")
 }
 
-fn run_vhost_user(
-    mut settings: VhostUserSettings,
-    signals: TerminationSignals,
-) -> anyhow::Result<()> {
+/// Enters the sandbox, opens the shared directory (as it is seen from inside) and confines
+/// the main thread: the order both modes need, since the filesystem's descriptors must be
+/// opened after pivot_root and before the filters forbid opening them.
+fn confine_and_open(
+    isolation: &IsolationSettings,
+    mut fs: Config,
+) -> anyhow::Result<Arc<FsServer>> {
+    let outcome = berth_seccomp::enter_sandbox(&sandbox_config(isolation, &fs.root_dir))
+        .context("cannot enter the sandbox")?;
+    fs.root_dir = outcome.root_dir;
+    fs.proc_self_fd = outcome.proc_self_fd.map(Arc::new);
+    let file_handles = fs.inode_file_handles != InodeFileHandles::Never;
+    let server = open_filesystem(fs)?;
+    confine_main_thread(isolation, file_handles)?;
+    Ok(server)
+}
+
+fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> anyhow::Result<()> {
     let host_locks = settings.fs.posix_lock || settings.fs.flock;
     if !settings.fs.root_dir.is_dir() {
         return Err(anyhow!(
@@ -188,14 +202,7 @@ fn run_vhost_user(
             (listener, Some(Arc::new(file)))
         }
     };
-    let outcome =
-        berth_seccomp::enter_sandbox(&sandbox_config(&settings.isolation, &settings.fs.root_dir))
-            .context("cannot enter the sandbox")?;
-    settings.fs.root_dir = outcome.root_dir;
-    settings.fs.proc_self_fd = outcome.proc_self_fd.map(Arc::new);
-    let file_handles = settings.fs.inode_file_handles != InodeFileHandles::Never;
-    let server = open_filesystem(settings.fs)?;
-    confine_main_thread(&settings.isolation, file_handles)?;
+    let server = confine_and_open(&settings.isolation, settings.fs)?;
     let socket_for_signals = socket_file.clone();
     signals.spawn_handler(move |signal| {
         info!("Received {}; exiting.", signal_name(signal));
@@ -234,7 +241,7 @@ fn run_vhost_user(
     result
 }
 
-fn run_fuse(mut settings: FuseSettings, signals: TerminationSignals) -> anyhow::Result<()> {
+fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Result<()> {
     if !settings.fs.root_dir.is_dir() {
         return Err(anyhow!(
             "the shared directory {} does not exist or is not a directory",
@@ -260,19 +267,7 @@ fn run_fuse(mut settings: FuseSettings, signals: TerminationSignals) -> anyhow::
             return Err(e);
         }
     };
-    let prepared = (|| {
-        let outcome = berth_seccomp::enter_sandbox(&sandbox_config(
-            &settings.isolation,
-            &settings.fs.root_dir,
-        ))
-        .context("cannot enter the sandbox")?;
-        settings.fs.root_dir = outcome.root_dir;
-        settings.fs.proc_self_fd = outcome.proc_self_fd.map(Arc::new);
-        let file_handles = settings.fs.inode_file_handles != InodeFileHandles::Never;
-        let server = open_filesystem(settings.fs)?;
-        confine_main_thread(&settings.isolation, file_handles)?;
-        Ok(server)
-    })();
+    let prepared = confine_and_open(&settings.isolation, settings.fs);
     let server = match prepared {
         Ok(server) => server,
         Err(e) => {
