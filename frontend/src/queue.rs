@@ -794,28 +794,16 @@ impl FsQueue {
         mode: u32,
         flags: u32,
     ) -> Result<(EntryOut, OpenOut), Error> {
-        let create = CreateIn {
-            flags,
-            mode,
-            umask: 0,
-            fuse_flags: 0,
-        };
-        let entry_size = std::mem::size_of::<EntryOut>();
-        let request = Request {
-            opcode: opcode::CREATE,
-            nodeid: parent,
-            args: &[create.as_slice(), name, b"\0"],
-            payload: &[],
-            reply_capacity: Some((entry_size + std::mem::size_of::<OpenOut>()) as u32),
-        };
-        let done = self.call(&request)?.check()?;
-        let entry: EntryOut = parse_struct(&done.body, false, "CREATE entry")?;
-        let open: OpenOut = parse_struct(
-            done.body.get(entry_size..).unwrap_or(&[]),
-            false,
-            "CREATE open",
-        )?;
-        Ok((entry, open))
+        self.create_with(
+            parent,
+            name,
+            CreateIn {
+                flags,
+                mode,
+                umask: 0,
+                fuse_flags: 0,
+            },
+        )
     }
 
     /// Creates directory `name` in `parent`.
