@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use berth_frontend::fuse::{setattr_valid, SetattrIn, ROOT_ID};
-use berth_frontend::{Completion, FsQueue, Request};
+use berth_frontend::FsQueue;
 use frontend_util::*;
 use fuse_backend_rs::abi::fuse_abi::{
     AccessIn, CopyFileRangeIn, CreateIn, FallocateIn, FileLock, FlushIn, FsyncIn, GetxattrIn, LkIn,
@@ -49,24 +49,6 @@ const COPY_FILE_RANGE: u32 = 47;
 const SYNCFS: u32 = 50;
 const TMPFILE: u32 = 51;
 const FUSE_LK_FLOCK: u32 = 1;
-
-fn call(
-    queue: &mut FsQueue,
-    op: u32,
-    nodeid: u64,
-    args: &[&[u8]],
-    reply: u32,
-) -> Result<Completion, berth_frontend::Error> {
-    queue
-        .call(&Request {
-            opcode: op,
-            nodeid,
-            args,
-            payload: &[],
-            reply_capacity: Some(reply),
-        })?
-        .check()
-}
 
 /// A shared directory with a directory the guest user owns (fsuid 1000 cannot write to the
 /// root-owned share root, just as on a real host).

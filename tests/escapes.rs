@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use berth_frontend::fuse::{kill_priv, opcode, setattr_valid, SetattrIn, ROOT_ID};
 use berth_frontend::EntryOut;
-use berth_frontend::{Completion, FsQueue, Request};
+use berth_frontend::FsQueue;
 use frontend_util::*;
 use fuse_backend_rs::abi::fuse_abi::{CopyFileRangeIn, SetxattrIn};
 use security_util::*;
@@ -124,24 +124,6 @@ fn berth_only(test: &str) -> bool {
         return false;
     }
     true
-}
-
-fn call(
-    queue: &mut FsQueue,
-    op: u32,
-    nodeid: u64,
-    args: &[&[u8]],
-    reply: u32,
-) -> Result<Completion, berth_frontend::Error> {
-    queue
-        .call(&Request {
-            opcode: op,
-            nodeid,
-            args,
-            payload: &[],
-            reply_capacity: Some(reply),
-        })?
-        .check()
 }
 
 fn errno_of<T: std::fmt::Debug>(result: Result<T, berth_frontend::Error>, what: &str) -> i32 {

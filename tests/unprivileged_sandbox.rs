@@ -624,6 +624,21 @@ fn a_range_not_granted_in_subuid_is_refused_naming_newuidmap() {
     drop(user);
 }
 
+/// Runs `berth fuse ARGS --mountpoint MOUNTPOINT` as nobody; its output and stderr.
+fn berth_fuse_as_nobody(mountpoint: &Path, args: &[&str]) -> (std::process::Output, String) {
+    let out = unprivileged(
+        Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("fuse")
+            .args(args)
+            .arg("--mountpoint")
+            .arg(mountpoint),
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stderr)
+}
+
 #[test]
 fn berth_fuse_refuses_ranges_with_a_reason() {
     let test = "berth_fuse_refuses_ranges_with_a_reason";
@@ -633,17 +648,14 @@ fn berth_fuse_refuses_ranges_with_a_reason() {
     }
     let dir = tempfile::tempdir().unwrap();
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let out = unprivileged(Command::new(env!("CARGO_BIN_EXE_berth")).args([
-        "fuse",
-        "--shared-dir=/tmp",
-        "--uid-map=:0:65534:1:",
-        "--uid-map=:1:200000:65536:",
-    ]))
-    .arg("--mountpoint")
-    .arg(dir.path())
-    .output()
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (out, stderr) = berth_fuse_as_nobody(
+        dir.path(),
+        &[
+            "--shared-dir=/tmp",
+            "--uid-map=:0:65534:1:",
+            "--uid-map=:1:200000:65536:",
+        ],
+    );
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("berth fuse cannot use --uid-map :0:65534:1: :1:200000:65536:")
@@ -651,32 +663,18 @@ fn berth_fuse_refuses_ranges_with_a_reason() {
         "{stderr}"
     );
     // The own id under another number would make host root's files look like the caller's.
-    let out = unprivileged(Command::new(env!("CARGO_BIN_EXE_berth")).args([
-        "fuse",
-        "--shared-dir=/tmp",
-        "--uid-map=:0:65534:1:",
-    ]))
-    .arg("--mountpoint")
-    .arg(dir.path())
-    .output()
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (out, stderr) =
+        berth_fuse_as_nobody(dir.path(), &["--shared-dir=/tmp", "--uid-map=:0:65534:1:"]);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("maps your own id 65534 to itself"),
         "{stderr}"
     );
     // The user's own id mapped to itself is what berth fuse uses anyway: not refused.
-    let out = unprivileged(Command::new(env!("CARGO_BIN_EXE_berth")).args([
-        "fuse",
-        "--shared-dir=/nonexistent/dir",
-        "--uid-map=:65534:65534:1:",
-    ]))
-    .arg("--mountpoint")
-    .arg(dir.path())
-    .output()
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (out, stderr) = berth_fuse_as_nobody(
+        dir.path(),
+        &["--shared-dir=/nonexistent/dir", "--uid-map=:65534:65534:1:"],
+    );
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         !stderr.contains("berth fuse cannot use") && stderr.contains("/nonexistent/dir"),

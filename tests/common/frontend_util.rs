@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_frontend::{DeviceConfig, FsQueue, VhostUserFs};
+use berth_frontend::{Completion, DeviceConfig, FsQueue, Request, VhostUserFs};
 
 /// Environment variable naming an alternative daemon binary to test.
 pub const DAEMON_OVERRIDE_ENV: &str = "BERTH_TEST_DAEMON";
@@ -302,4 +302,24 @@ pub fn init_first_queue(device: &mut VhostUserFs) -> FsQueue {
 pub fn running_as_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Sends one FUSE request with no payload, `args` as its arguments and room for a `reply` of
+/// that many bytes, and fails on an error reply.
+pub fn call(
+    queue: &mut FsQueue,
+    op: u32,
+    nodeid: u64,
+    args: &[&[u8]],
+    reply: u32,
+) -> Result<Completion, berth_frontend::Error> {
+    queue
+        .call(&Request {
+            opcode: op,
+            nodeid,
+            args,
+            payload: &[],
+            reply_capacity: Some(reply),
+        })?
+        .check()
 }
