@@ -391,6 +391,43 @@ fn disconnect_removes_the_socket_and_no_guest_file() {
 }
 
 #[test]
+fn an_ordinary_start_logs_no_warning() {
+    if !testing_berth() {
+        skip_by_design("berth's own log");
+        return;
+    }
+    let fixture = Fixture::new();
+    // As an operator starts it: no RUST_LOG, so berth's default level (info).
+    let mut daemon = Daemon::spawn_with(fixture.basic_args(), |command| {
+        command.env_remove("RUST_LOG");
+    });
+    daemon.wait_for_socket(&fixture.socket);
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    queue.getattr(ROOT_ID).expect("GETATTR");
+    drop(queue);
+    device.disconnect();
+    let status = daemon
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("still running after the disconnect\n{}", daemon.stderr()));
+    assert!(status.success(), "{}", describe_status(status));
+    let log = daemon.stderr();
+    assert!(
+        log.contains("INFO"),
+        "the daemon logs at its default level: {log}"
+    );
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains(" WARN ") || line.contains(" ERROR "))
+        .collect();
+    assert!(
+        warnings.is_empty(),
+        "a start, a session and a disconnect log no warning:\n{}",
+        warnings.join("\n")
+    );
+}
+
+#[test]
 fn print_capabilities_lists_the_features() {
     let (binary, _) = daemon_binary();
     let output = Command::new(binary)

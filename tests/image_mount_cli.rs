@@ -162,6 +162,11 @@ fn build_then_mount_lazily_and_stop_with_sigterm() {
         "{}",
         text(&build.stdout)
     );
+    assert!(
+        !text(&build.stderr).contains(" WARN "),
+        "an ordinary build logs no warning: {}",
+        text(&build.stderr)
+    );
     assert!(image.join("manifest.json").is_file());
     assert!(image.join("boot.img").is_file());
     assert!(

@@ -89,7 +89,9 @@ pub fn set_rlimit_nofile(requested: Option<u64>) -> Result<u64, Error> {
             if set_nofile(target, target.max(hard)).is_ok() {
                 return Ok(target);
             }
-            tracing::warn!(
+            // Expected wherever the hard limit is below the target and berth may not raise it
+            // (unprivileged, or a container): nothing for the user to act on.
+            tracing::debug!(
                 "cannot raise RLIMIT_NOFILE to {target}; using the hard limit {hard} instead"
             );
             if soft < hard {
