@@ -12,11 +12,11 @@
 //! instead, the guard sees its end of a pipe close and unmounts then.
 
 use std::ffi::CString;
+use std::fs::File;
 use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
@@ -24,10 +24,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use berth_passthrough::FsServer;
+use berth_passthrough::{FsServer, IoSegment, Served};
 use berth_seccomp::{cloexec_pipe, close_all_but, SeccompAction, ThreadRole};
-use fuse_backend_rs::transport::{FuseChannel, FuseSession};
+use fuse_backend_rs::transport::FuseSession;
 use tracing::{debug, error, info, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::shutdown::{signal_name, TerminationSignals};
 
@@ -255,9 +257,11 @@ fn run(
         let _ = signal_events.send(Event::Signal(signal));
     })?;
 
+    let stop =
+        Arc::new(EventFd::new(EFD_NONBLOCK).context("cannot create the workers' stop event")?);
     let mut running = 0;
     for index in 0..threads {
-        let channel = match session.new_channel() {
+        let channel = match Channel::new(session, &stop) {
             Ok(channel) => channel,
             Err(e) => {
                 error!("Cannot open a channel on the FUSE connection: {e}.");
@@ -289,7 +293,7 @@ fn run(
         }
     }
     if running < threads {
-        stop_workers(session, &event_receiver, running);
+        stop_workers(&stop, &event_receiver, running);
         bail!("could not start the FUSE worker threads");
     }
     // Until every worker has confined itself a missing report is an error; a worker that could
@@ -303,7 +307,7 @@ fn run(
             match event_receiver.recv_timeout(timeout) {
                 Ok(event) => Ok(event),
                 Err(RecvTimeoutError::Timeout) => {
-                    stop_workers(session, &event_receiver, running);
+                    stop_workers(&stop, &event_receiver, running);
                     bail!("the FUSE workers did not install their seccomp filters in time");
                 }
                 Err(RecvTimeoutError::Disconnected) => Err(mpsc::RecvError),
@@ -322,17 +326,17 @@ fn run(
                 index,
                 outcome: Err(e),
             }) => {
-                stop_workers(session, &event_receiver, running);
+                stop_workers(&stop, &event_receiver, running);
                 Err(anyhow!("FUSE worker {index} cannot confine itself: {e}"))
             }
             Ok(Event::Signal(signal)) => {
                 info!("Received {}; unmounting.", signal_name(signal));
-                stop_workers(session, &event_receiver, running);
+                stop_workers(&stop, &event_receiver, running);
                 Ok(())
             }
             Ok(Event::WorkerStopped { index, error }) => {
                 let lost = connection_lost(session);
-                stop_workers(session, &event_receiver, running - 1);
+                stop_workers(&stop, &event_receiver, running - 1);
                 match error {
                     _ if lost => {
                         info!("The filesystem was unmounted; shutting down.");
@@ -350,36 +354,131 @@ fn run(
     }
 }
 
-fn run_worker(index: usize, mut channel: FuseChannel, server: &FsServer) -> Result<(), String> {
-    loop {
-        let (reader, writer) = match channel.get_request() {
-            Ok(Some(request)) => request,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(e.to_string()),
-        };
-        let result = panic::catch_unwind(AssertUnwindSafe(|| {
-            server.handle_message(reader, writer.into(), None)
-        }));
-        match result {
-            Ok(Ok(_)) => {}
-            // The kernel forgets interrupted requests; a reply to one fails with ENOENT.
-            Ok(Err(fuse_backend_rs::Error::EncodeMessage(e)))
-                if e.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                debug!(worker = index, "The kernel dropped an interrupted request.");
+/// One worker's connection to /dev/fuse: its own descriptor on the session, an epoll set
+/// with the workers' shared stop event, and buffers for one request and its reply.
+struct Channel {
+    file: File,
+    epoll: Epoll,
+    request: Vec<u8>,
+    reply: Vec<u8>,
+}
+
+/// Epoll data of the FUSE descriptor and of the stop event.
+const FUSE_READABLE: u64 = 0;
+const STOP: u64 = 1;
+
+impl Channel {
+    fn new(session: &FuseSession, stop: &EventFd) -> io::Result<Self> {
+        let file = session
+            .get_fuse_file()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOTCONN))?
+            .try_clone()?;
+        let epoll = Epoll::new()?;
+        // Level-triggered: a request another worker does not take wakes this one again, and
+        // the stop event (never read) wakes every worker.
+        epoll.ctl(
+            ControlOperation::Add,
+            file.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, FUSE_READABLE),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP),
+        )?;
+        Ok(Channel {
+            file,
+            epoll,
+            request: vec![0u8; session.bufsize()],
+            reply: vec![0u8; session.bufsize()],
+        })
+    }
+
+    /// Waits for the next request and reads it into the request buffer; `None` when the
+    /// workers are stopped or the filesystem was unmounted.
+    fn next_request(&mut self) -> io::Result<Option<usize>> {
+        let mut events = [EpollEvent::default(); 2];
+        loop {
+            let ready = match self.epoll.wait(-1, &mut events) {
+                Ok(ready) => ready,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if events[..ready].iter().any(|e| e.data() == STOP) {
+                return Ok(None);
             }
-            Ok(Err(e)) => warn!(worker = index, "Could not serve a FUSE request: {e}."),
-            Err(_) => error!(
-                worker = index,
-                "Serving a FUSE request panicked; the request was dropped."
-            ),
+            if ready == 0 {
+                continue;
+            }
+            // SAFETY: reading into our own buffer, for its full length.
+            let n = unsafe {
+                libc::read(
+                    self.file.as_raw_fd(),
+                    self.request.as_mut_ptr().cast(),
+                    self.request.len(),
+                )
+            };
+            if n >= 0 {
+                return Ok(Some(n as usize));
+            }
+            let error = io::Error::last_os_error();
+            match error.raw_os_error() {
+                // Interrupted before it was read, taken by another worker, or a signal.
+                Some(libc::ENOENT) | Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
+                // Unmounted.
+                Some(libc::ENODEV) => return Ok(None),
+                _ => return Err(error),
+            }
+        }
+    }
+
+    /// Writes the reply (one write: the kernel takes each write as a whole reply).
+    fn send_reply(&self, len: usize) -> io::Result<()> {
+        let reply = &self.reply[..len];
+        // SAFETY: writing from our own buffer, for a length within it.
+        let n = unsafe { libc::write(self.file.as_raw_fd(), reply.as_ptr().cast(), reply.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+fn run_worker(index: usize, mut channel: Channel, server: &FsServer) -> Result<(), String> {
+    loop {
+        let len = match channel.next_request() {
+            Ok(Some(len)) => len,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(format!("cannot read a request from /dev/fuse: {e}")),
+        };
+        let served = {
+            let Channel { request, reply, .. } = &mut channel;
+            server.handle(
+                &[IoSegment::from_mut_slice(&mut request[..len])],
+                &[IoSegment::from_mut_slice(reply)],
+                None,
+            )
+        };
+        match served {
+            Served::Replied(len) => match channel.send_reply(len) {
+                Ok(()) => {}
+                // The kernel forgets interrupted requests; a reply to one fails with ENOENT.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    debug!(worker = index, "The kernel dropped an interrupted request.");
+                }
+                Err(e) => warn!(worker = index, "Cannot send a FUSE reply: {e}."),
+            },
+            Served::NoReply => {}
+            Served::Dropped(why) => {
+                warn!(worker = index, "Dropping a FUSE request: {why}.")
+            }
         }
     }
 }
 
 /// Wakes every worker and waits (bounded) for `running` of them to report that they stopped.
-fn stop_workers(session: &FuseSession, events: &mpsc::Receiver<Event>, mut running: usize) {
-    if let Err(e) = session.wake() {
+fn stop_workers(stop: &EventFd, events: &mpsc::Receiver<Event>, mut running: usize) {
+    if let Err(e) = stop.write(1) {
         warn!("Cannot wake the FUSE worker threads: {e}.");
     }
     let deadline = Instant::now() + WORKER_STOP_GRACE;

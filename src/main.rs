@@ -3,7 +3,6 @@
 //! [`fusedev`]) around the passthrough filesystem, or the lazily fetched images ([`image`]).
 
 mod cli;
-mod fast_io;
 mod fusedev;
 mod image;
 mod logging;

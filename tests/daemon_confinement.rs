@@ -17,12 +17,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use berth_frontend::fuse::{setattr_valid, SetattrIn, ROOT_ID};
-use berth_frontend::FsQueue;
-use frontend_util::*;
-use fuse_backend_rs::abi::fuse_abi::{
+use berth_frontend::fuse::{
     AccessIn, CopyFileRangeIn, CreateIn, FallocateIn, FileLock, FlushIn, FsyncIn, GetxattrIn, LkIn,
     LseekIn, SetxattrIn,
 };
+use berth_frontend::FsQueue;
+use frontend_util::*;
 use security_util::*;
 use vm_memory::ByteValued;
 
@@ -598,7 +598,7 @@ fn syslog_logging_from_queue_and_pool_threads_passes_the_filters() {
         use berth_frontend::virtqueue::VIRTQ_DESC_F_NEXT;
         use berth_frontend::{RawDescriptor, RawNext};
         let request = queue.allocate_raw_buffer(4096).unwrap();
-        let getattr = fuse_backend_rs::abi::fuse_abi::GetattrIn::default();
+        let getattr = berth_frontend::fuse::GetattrIn::default();
         let (_, len) = queue
             .write_request_bytes(request, 3, ROOT_ID, &[getattr.as_slice()])
             .unwrap();
@@ -634,7 +634,7 @@ fn syslog_logging_from_queue_and_pool_threads_passes_the_filters() {
         assert!(
             lines
                 .iter()
-                .any(|l| l.contains("Could not serve a request") && l.starts_with("<12>berth[")),
+                .any(|l| l.contains("Dropping a request") && l.starts_with("<12>berth[")),
             "{extra:?}: no warning reached syslog: {lines:#?}"
         );
     }

@@ -26,10 +26,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use berth_frontend::fuse::{kill_priv, opcode, setattr_valid, SetattrIn, ROOT_ID};
+use berth_frontend::fuse::{CopyFileRangeIn, SetxattrIn};
 use berth_frontend::EntryOut;
 use berth_frontend::FsQueue;
 use frontend_util::*;
-use fuse_backend_rs::abi::fuse_abi::{CopyFileRangeIn, SetxattrIn};
 use security_util::*;
 use vm_memory::ByteValued;
 

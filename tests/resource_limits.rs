@@ -14,10 +14,10 @@ use std::ffi::OsString;
 use std::fs;
 use std::time::{Duration, Instant};
 
+use berth_frontend::fuse::GetxattrIn;
 use berth_frontend::fuse::{opcode, WriteIn, ROOT_ID};
 use berth_frontend::{DeviceConfig, FsQueue, Request};
 use frontend_util::*;
-use fuse_backend_rs::abi::fuse_abi::GetxattrIn;
 use security_util::*;
 use vm_memory::ByteValued;
 

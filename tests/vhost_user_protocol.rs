@@ -645,6 +645,275 @@ fn malformed_looping_chain() {
     });
 }
 
+/// Publishes a GETATTR whose device-readable part is cut to `readable_len` bytes (the whole
+/// request when `None`), with `reply_len` bytes of reply room; returns what came back on the
+/// used ring, the reply header if the daemon wrote one, and the request's unique id.
+fn bent_getattr(
+    queue: &mut FsQueue,
+    readable_len: Option<u32>,
+    reply_len: u32,
+) -> (Option<berth_frontend::UsedElement>, Option<OutHeader>, u64) {
+    let addr = queue.allocate_raw_buffer(4096).unwrap();
+    let getattr = berth_frontend::fuse::GetattrIn::default();
+    let (unique, len) = queue
+        .write_request_bytes(
+            addr,
+            opcode::GETATTR,
+            ROOT_ID,
+            &[vm_memory::ByteValued::as_slice(&getattr)],
+        )
+        .unwrap();
+    let reply = queue.allocate_raw_buffer(4096).unwrap();
+    // A recognisable pattern, to tell a reply from untouched memory.
+    queue
+        .ram()
+        .memory()
+        .write_slice(&[0xa5u8; 64], reply)
+        .unwrap();
+    let head = queue
+        .submit_raw(&[
+            readable(addr, readable_len.unwrap_or(len), true),
+            writable(reply, reply_len),
+        ])
+        .expect("publish raw chain");
+    let used = queue
+        .wait_raw(head, Duration::from_secs(2))
+        .expect("used ring");
+    let header = used
+        .filter(|u| u.len >= 16)
+        .map(|_| queue.ram().memory().read_obj::<OutHeader>(reply).unwrap());
+    (used, header, unique)
+}
+
+#[test]
+fn a_request_cut_short_is_answered_einval_when_its_unique_id_is_there() {
+    if !testing_berth() {
+        eprintln!("skipping: berth's answer to malformed chains is berth's own");
+        return;
+    }
+    let fixture = Fixture::new();
+    let mut daemon = fixture.start_daemon();
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    // 20 bytes: the header's len, opcode and unique are there, the rest is not.
+    let (used, header, unique) = bent_getattr(&mut queue, Some(20), 4096);
+    let used = used.expect("the chain is returned");
+    assert_eq!(used.len, 16, "a bare error header");
+    let header = header.unwrap();
+    assert_eq!(
+        (header.len, header.error, header.unique),
+        (16, -libc::EINVAL, unique)
+    );
+    // 10 bytes: not even the unique id; nothing can be answered, the chain comes back empty.
+    let (used, _, _) = bent_getattr(&mut queue, Some(10), 4096);
+    assert_eq!(used.expect("the chain is returned").len, 0);
+    daemon.assert_alive("after requests cut short");
+    assert_eq!(
+        queue.getattr(ROOT_ID).unwrap().attr.mode & S_IFMT,
+        libc::S_IFDIR
+    );
+}
+
+#[test]
+fn a_reply_buffer_too_small_for_the_reply_is_answered_eio() {
+    if !testing_berth() {
+        eprintln!("skipping: berth's answer to malformed chains is berth's own");
+        return;
+    }
+    let fixture = Fixture::new();
+    let mut daemon = fixture.start_daemon();
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    // Room for a header but not for fuse_attr_out.
+    let (used, header, unique) = bent_getattr(&mut queue, None, 32);
+    assert_eq!(used.expect("the chain is returned").len, 16);
+    let header = header.unwrap();
+    assert_eq!((header.error, header.unique), (-libc::EIO, unique));
+    // Room for less than a header: returned with nothing written.
+    let (used, _, _) = bent_getattr(&mut queue, None, 8);
+    assert_eq!(used.expect("the chain is returned").len, 0);
+    daemon.assert_alive("after short reply buffers");
+}
+
+#[test]
+fn a_chain_that_does_not_end_is_answered_eio() {
+    if !testing_berth() {
+        eprintln!("skipping: berth's answer to malformed chains is berth's own");
+        return;
+    }
+    let fixture = Fixture::new();
+    let mut daemon = fixture.start_daemon();
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    let (request, len) = getattr_request(&mut queue);
+    let reply = queue.allocate_raw_buffer(4096).unwrap();
+    let size = queue.virtqueue().size();
+    let head = queue
+        .submit_raw(&[
+            readable(request, len, true),
+            RawDescriptor {
+                addr: reply.0,
+                len: 4096,
+                flags: VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT,
+                next: RawNext::Index(size + 7),
+            },
+        ])
+        .unwrap();
+    let used = queue
+        .wait_raw(head, Duration::from_secs(2))
+        .unwrap()
+        .expect("the chain is returned");
+    assert_eq!(used.len, 16);
+    let header: OutHeader = queue.ram().memory().read_obj(reply).unwrap();
+    assert_eq!(header.error, -libc::EIO);
+    let log = daemon.stderr();
+    assert!(
+        log.contains("Answering a malformed descriptor chain with EIO"),
+        "the daemon says why: {log}"
+    );
+}
+
+#[test]
+fn destroy_is_answered() {
+    let fixture = Fixture::new();
+    let mut daemon = fixture.start_daemon();
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    // A Linux guest logs "virtio-fs: response too short (0)" at every unmount otherwise.
+    let done = queue
+        .call(&Request {
+            opcode: opcode::DESTROY,
+            nodeid: 0,
+            args: &[],
+            payload: &[],
+            reply_capacity: Some(0),
+        })
+        .expect("DESTROY gets a reply header");
+    assert_eq!(done.used_len, 16);
+    assert_eq!(done.header.map(|h| h.error), Some(0));
+    // The guest may mount again on the same connection.
+    queue.init_default().expect("FUSE_INIT after DESTROY");
+    assert_eq!(
+        queue.getattr(ROOT_ID).unwrap().attr.mode & S_IFMT,
+        libc::S_IFDIR
+    );
+}
+
+/// The daemon with its default log level (info), for tests that read what it says.
+fn start_daemon_logging_info(fixture: &Fixture) -> Daemon {
+    let mut daemon = Daemon::spawn_with(fixture.basic_args(), |command| {
+        command.env("RUST_LOG", "info");
+    });
+    daemon.wait_for_socket(&fixture.socket);
+    daemon
+}
+
+/// A session with a file looked up and opened: (queue, node id, handle).
+fn open_data_file(fixture: &Fixture, queue: &mut FsQueue) -> (u64, u64) {
+    fs::write(fixture.shared.join("held"), b"kept open across the reset").unwrap();
+    let node = queue.lookup(ROOT_ID, b"held").expect("LOOKUP").nodeid;
+    let fh = queue.open(node, libc::O_RDONLY as u32).expect("OPEN").fh;
+    (node, fh)
+}
+
+#[test]
+fn a_guest_that_restarts_the_device_mounts_afresh() {
+    if !testing_berth() {
+        eprintln!("skipping: session reset on a new FUSE_INIT is berth's");
+        return;
+    }
+    let fixture = Fixture::new();
+    let mut daemon = start_daemon_logging_info(&fixture);
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    let (node, fh) = open_data_file(&fixture, &mut queue);
+    // The guest reboots: QEMU stops every queue (GET_VRING_BASE), the new kernel's driver
+    // sets up new rings and mounts again, without an unmount in between.
+    drop(queue);
+    device.stop_queues().expect("GET_VRING_BASE on every queue");
+    device.start_fresh_queues().expect("queues set up again");
+    let mut queue = init_first_queue(&mut device);
+    let err = queue
+        .read(node, fh, 0, 100)
+        .expect_err("the old handle is gone");
+    assert_eq!(err.errno(), Some(libc::EBADF), "{err}");
+    let err = queue.getattr(node).expect_err("the old inode is gone");
+    assert_eq!(err.errno(), Some(libc::EBADF), "{err}");
+    // The new session works on the same daemon.
+    let (node, fh) = open_data_file(&fixture, &mut queue);
+    assert_eq!(
+        queue.read(node, fh, 0, 100).unwrap(),
+        b"kept open across the reset"
+    );
+    let log = daemon.stderr();
+    assert!(log.contains("The frontend stopped every queue"), "{log}");
+    assert!(log.contains("started a new FUSE session"), "{log}");
+    assert!(
+        !log.contains("ERROR"),
+        "stopping and restarting is no error: {log}"
+    );
+    daemon.assert_alive("after the restart");
+}
+
+#[test]
+fn a_paused_guest_keeps_its_files() {
+    if !testing_berth() {
+        eprintln!("skipping: berth-specific lifecycle");
+        return;
+    }
+    let fixture = Fixture::new();
+    let mut daemon = fixture.start_daemon();
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    let (node, fh) = open_data_file(&fixture, &mut queue);
+    // `stop` and `cont` in QEMU (or a migration that failed): the queues stop and start again
+    // where they were, and no FUSE_INIT follows.
+    let bases = device.stop_queues().expect("GET_VRING_BASE on every queue");
+    let hiprio = device.take_queue(0).expect("hiprio queue");
+    device.restart_queue(&hiprio, bases[0]).unwrap();
+    device.restart_queue(&queue, bases[1]).unwrap();
+    assert_eq!(
+        queue.read(node, fh, 0, 100).unwrap(),
+        b"kept open across the reset"
+    );
+    let log = daemon.stderr();
+    assert!(!log.contains("ERROR") && !log.contains("WARN"), "{log}");
+    daemon.assert_alive("after the pause");
+}
+
+#[test]
+fn reset_device_drops_the_guest_session() {
+    if !testing_berth() {
+        eprintln!("skipping: berth-specific lifecycle");
+        return;
+    }
+    let fixture = Fixture::new();
+    let mut daemon = start_daemon_logging_info(&fixture);
+    let mut device = connect(&mut daemon, &fixture.socket, 1);
+    assert!(device
+        .negotiated()
+        .acked_protocol_features
+        .contains(VhostUserProtocolFeatures::RESET_DEVICE));
+    let mut queue = init_first_queue(&mut device);
+    let (node, fh) = open_data_file(&fixture, &mut queue);
+    drop(queue);
+    device.reset_device().expect("RESET_DEVICE");
+    let mut queue = device.take_request_queue(1).unwrap();
+    let err = queue
+        .read(node, fh, 0, 100)
+        .expect_err("the old handle is gone");
+    assert_eq!(err.errno(), Some(libc::EBADF), "{err}");
+    queue.init_default().expect("FUSE_INIT after the reset");
+    let (node, fh) = open_data_file(&fixture, &mut queue);
+    assert_eq!(
+        queue.read(node, fh, 0, 100).unwrap(),
+        b"kept open across the reset"
+    );
+    let log = daemon.stderr();
+    assert!(log.contains("The frontend reset the device"), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
 /// Writes `descriptors` as an indirect table at a fresh guest address; returns it.
 fn indirect_table(queue: &mut FsQueue, descriptors: &[Descriptor]) -> GuestAddress {
     let table = queue.allocate_raw_buffer(4096).unwrap();

@@ -71,6 +71,7 @@ pub struct VhostUserFs {
     frontend: Frontend,
     ram: Arc<GuestRam>,
     negotiated: Negotiated,
+    config: DeviceConfig,
     queues: Vec<Option<FsQueue>>,
 }
 
@@ -134,8 +135,50 @@ impl VhostUserFs {
             frontend,
             ram,
             negotiated,
+            config,
             queues,
         })
+    }
+
+    /// Stops every queue with GET_VRING_BASE, as a VMM does when the guest resets the device,
+    /// the VM is paused or it migrates; returns each queue's base (its next available index).
+    /// The queues already handed out stay usable once started again with
+    /// [`VhostUserFs::restart_queue`].
+    pub fn stop_queues(&mut self) -> Result<Vec<u32>, Error> {
+        (0..=usize::from(self.request_queue_count()))
+            .map(|index| Ok(self.frontend.get_vring_base(index)?))
+            .collect()
+    }
+
+    /// Starts `queue` again where it stopped (`base` from [`VhostUserFs::stop_queues`]), as a
+    /// VMM resuming a paused guest does.
+    pub fn restart_queue(&mut self, queue: &FsQueue, base: u32) -> Result<(), Error> {
+        let base = u16::try_from(base)
+            .map_err(|_| Error::InvalidConfig(format!("vring base {base} is out of range")))?;
+        start_vring_at(&mut self.frontend, queue, base)
+    }
+
+    /// Sets up fresh queues (new rings, base 0) in place of the old ones, as a rebooted
+    /// guest's driver does once the device was stopped or reset; take them again with
+    /// [`VhostUserFs::take_queue`]. The old queues are dead from then on.
+    pub fn start_fresh_queues(&mut self) -> Result<(), Error> {
+        let mut queues = Vec::new();
+        for index in 0..=self.config.request_queues {
+            let mut queue = FsQueue::new(self.ram.clone(), index, self.config.queue)?;
+            queue.virtqueue().set_event_idx(self.negotiated.event_idx);
+            start_vring(&mut self.frontend, &queue)?;
+            queues.push(Some(queue));
+        }
+        self.queues = queues;
+        Ok(())
+    }
+
+    /// RESET_DEVICE (when the backend offers it), then the features again and fresh queues:
+    /// a VMM resetting the device for a rebooting guest.
+    pub fn reset_device(&mut self) -> Result<(), Error> {
+        self.frontend.reset_device()?;
+        self.frontend.set_features(self.negotiated.acked_features)?;
+        self.start_fresh_queues()
     }
 
     /// Feature negotiation results.
@@ -220,7 +263,8 @@ fn negotiate(
     let offered_protocol_features = frontend.get_protocol_features()?;
     let wanted = VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIG;
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::RESET_DEVICE;
     let acked_protocol_features = offered_protocol_features & wanted;
     frontend.set_protocol_features(acked_protocol_features)?;
 
@@ -253,11 +297,15 @@ fn negotiate(
 }
 
 fn start_vring(frontend: &mut Frontend, queue: &FsQueue) -> Result<(), Error> {
+    start_vring_at(frontend, queue, 0)
+}
+
+fn start_vring_at(frontend: &mut Frontend, queue: &FsQueue, base: u16) -> Result<(), Error> {
     let index = usize::from(queue.index());
     let vq = queue.virtqueue_ref();
     frontend.set_vring_num(index, vq.size())?;
     frontend.set_vring_addr(index, &vq.config_data()?)?;
-    frontend.set_vring_base(index, 0)?;
+    frontend.set_vring_base(index, base)?;
     frontend.set_vring_call(index, vq.call_fd())?;
     frontend.set_vring_kick(index, vq.kick_fd())?;
     frontend.set_vring_enable(index, true)?;

@@ -1,15 +1,16 @@
-//! FUSE message constants and reply parsers built on fuse-backend-rs's ABI structs.
+//! FUSE message constants and reply parsers built on the frontend's own wire structs
+//! ([`crate::abi`]).
 
-use fuse_backend_rs::abi::fuse_abi::{Dirent, EntryOut};
 use vm_memory::ByteValued;
 
 use crate::Error;
 
-pub use fuse_backend_rs::abi::fuse_abi::{
-    Attr, AttrOut, BatchForgetIn, CopyFileRangeIn, CreateIn, FallocateIn, FileLock, FlushIn,
-    ForgetIn, ForgetOne, FsyncIn, GetattrIn, GetxattrIn, GetxattrOut, InHeader, InitIn, InitIn2,
-    InitOut, LinkIn, LkIn, LkOut, LseekIn, LseekOut, MkdirIn, MknodIn, OpenIn, OpenOut, OutHeader,
-    ReadIn, ReleaseIn, Rename2In, RenameIn, SetattrIn, SetxattrIn, WriteIn, WriteOut, ROOT_ID,
+pub use crate::abi::{
+    AccessIn, Attr, AttrOut, BatchForgetIn, CopyFileRangeIn, CreateIn, Dirent, EntryOut,
+    FallocateIn, FileLock, FlushIn, ForgetIn, ForgetOne, FsyncIn, GetattrIn, GetxattrIn,
+    GetxattrOut, InHeader, InitIn, InitIn2, InitOut, Kstatfs, LinkIn, LkIn, LkOut, LseekIn,
+    LseekOut, MkdirIn, MknodIn, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, Rename2In, RenameIn,
+    SetattrIn, SetxattrIn, WriteIn, WriteOut, ROOT_ID,
 };
 
 /// FUSE protocol major version spoken by this frontend.

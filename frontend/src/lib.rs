@@ -6,6 +6,7 @@
 //! pipelined API (`submit` / `notify` / `next_completion`) for queue depths above one, and a
 //! raw API (`submit_raw` / `wait_raw`) to hand-craft descriptor chains.
 
+pub mod abi;
 pub mod device;
 pub mod fuse;
 pub mod memory;

@@ -19,7 +19,7 @@ use crate::memory::GuestRam;
 use crate::virtqueue::{Buffer, RawDescriptor, SplitQueue, UsedElement};
 use crate::Error;
 
-pub use fuse_backend_rs::abi::fuse_abi::EntryOut;
+pub use crate::abi::EntryOut;
 
 /// Bytes reserved per slot for the request header and arguments (names included).
 pub const REQUEST_AREA_SIZE: u32 = 4096;

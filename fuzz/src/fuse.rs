@@ -1,6 +1,7 @@
 //! Feeds one FUSE request, as a guest would place it in a virtqueue descriptor chain, through
-//! berth's own request path (`serve_request` in src/vhost_user.rs: the descriptor chain check,
-//! the FUSE server, the passthrough filesystem with xattrs on) over a scratch directory.
+//! berth's own request path (`serve_request` in src/vhost_user/queue.rs: the descriptor chain
+//! walk into segments, berth's FUSE dispatcher `FsServer`, the passthrough filesystem with
+//! xattrs on) over a scratch directory.
 //!
 //! Input: a control byte, then the request bytes. The control byte's two low bits spread the
 //! request over 1 to 3 device-readable descriptors; its upper bits bend the chain out of
@@ -175,7 +176,8 @@ pub fn serve(data: &[u8]) -> Option<u32> {
         &harness().server,
         1,
         &guard,
-        chain,
+        &chain,
         head_flags,
+        None,
     ))
 }

@@ -16,13 +16,8 @@ pub mod cli;
 #[path = "../../src/pool.rs"]
 pub mod pool;
 
-/// The READ/WRITE fast path and chain layout the device serves requests through.
+/// berth's vhost-user-fs device (`FsBackend`, descriptor chains into request segments, request
+/// serving), compiled here as is so that the fuzzers drive the code the daemon runs.
 #[allow(dead_code)]
-#[path = "../../src/fast_io.rs"]
-pub mod fast_io;
-
-/// berth's vhost-user-fs device (`FsBackend`, descriptor chain checking and request serving),
-/// compiled here as is so that the fuzzers drive the code the daemon runs.
-#[allow(dead_code)]
-#[path = "../../src/vhost_user.rs"]
+#[path = "../../src/vhost_user/mod.rs"]
 pub mod device;

@@ -52,27 +52,31 @@ fn init_seed_gets_a_fuse_init_reply() {
 }
 
 #[test]
-fn malformed_chain_shapes_are_dropped_without_a_reply() {
+fn malformed_chain_shapes_get_an_error_reply_only_where_one_fits() {
     use berth_fuzz::fuse::Shape;
     let getattr =
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/fuse_request/getattr"))
             .unwrap();
     // Well formed, it is answered: header (16) + fuse_attr_out (104).
     assert_eq!(berth_fuzz::fuse::serve(&getattr), Some(120));
-    for bit in [
-        Shape::REPLY_READABLE,
-        Shape::REPLY_FIRST,
-        Shape::REPLY_OUTSIDE_MEMORY,
-        Shape::LOOP,
-        Shape::NEXT_OUT_OF_RANGE,
-        Shape::SHORT_REPLY,
+    for (bit, reply) in [
+        // No device-writable buffer (or none inside guest memory): nowhere to answer.
+        (Shape::REPLY_READABLE, 0),
+        (Shape::REPLY_OUTSIDE_MEMORY, 0),
+        // The request comes after the reply buffer: its unique id is not read.
+        (Shape::REPLY_FIRST, 0),
+        // Request and reply buffer are there, the chain goes on wrongly: EIO (a bare header).
+        (Shape::LOOP, 16),
+        (Shape::NEXT_OUT_OF_RANGE, 16),
+        // A reply buffer shorter than a reply header.
+        (Shape::SHORT_REPLY, 0),
     ] {
         let mut bent = getattr.clone();
         bent[0] |= bit;
         assert_eq!(
             berth_fuzz::fuse::serve(&bent),
-            Some(0),
-            "shape {bit:#04x} got a reply"
+            Some(reply),
+            "shape {bit:#04x}"
         );
     }
 }

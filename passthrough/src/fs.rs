@@ -27,12 +27,12 @@ use fuse_backend_rs::api::filesystem::{
 
 use crate::config::{CachePolicy, Config, InodeFileHandles, Negotiation};
 use crate::error::Error;
-use crate::extra_ops::{
-    init_flags, SecContext, SETXATTR_ACL_KILL_SGID, XATTR_LIST_MAX, XATTR_SIZE_MAX,
-};
 use crate::file_handle::{FileHandle, MountFds};
 use crate::handle_table::{HandleTable, OwnedBy};
 use crate::inode_store::{InodeData, InodeFile, InodeKey, InodeStore};
+use crate::server::{
+    init_flags, SecContext, SETXATTR_ACL_KILL_SGID, XATTR_LIST_MAX, XATTR_SIZE_MAX,
+};
 use crate::util::{
     check_ret, errno, fd_name, fstat, openat, statx, validate_name, CredentialsGuard, EMPTY_CSTR,
 };
@@ -237,6 +237,28 @@ impl PassthroughFs {
         });
         root.map_err(Error::StatSharedDir)?;
         Ok(fs)
+    }
+
+    /// Forgets everything the client held: open files and directories (closing them drops
+    /// their flock locks), the descriptions carrying its POSIX locks, every inode but the
+    /// root, and what FUSE_INIT negotiated. For FUSE_DESTROY, a device reset, and a guest
+    /// that starts a new session without ending the last.
+    pub(crate) fn reset(&self) {
+        self.handles.clear();
+        if let Ok(mut locks) = self.lock_files.lock() {
+            locks.clear();
+        }
+        self.inodes.clear_except(ROOT_ID);
+        for negotiated in [
+            &self.writeback,
+            &self.announce_submounts,
+            &self.killpriv_v2,
+            &self.posix_acl,
+            &self.setxattr_ext,
+            &self.security_ctx,
+        ] {
+            negotiated.store(false, Ordering::Relaxed);
+        }
     }
 
     /// Number of inodes the client holds (for metrics and tests).
@@ -1550,15 +1572,13 @@ impl FileSystem for PassthroughFs {
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        // FsServer answers INIT itself (it needs flags FsOptions lacks); this path serves
-        // fuse-backend-rs's own server.
+        // FsServer answers INIT itself with `negotiate` (it needs flags FsOptions lacks).
         self.negotiate(capable.bits())
             .map(FsOptions::from_bits_truncate)
     }
 
     fn destroy(&self) {
-        self.handles.clear();
-        self.inodes.clear_except(ROOT_ID);
+        self.reset();
     }
 
     fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {

@@ -1,8 +1,9 @@
 //! berth's host-directory filesystem.
 //!
 //! This crate sits in the middle of berth's file data path: a transport (vhost-user virtqueues
-//! or /dev/fuse) decodes a FUSE request, [`FsServer`] dispatches it, and [`PassthroughFs`] turns
-//! it into syscalls on the shared host directory. It knows nothing about vhost-user or ublk.
+//! or /dev/fuse) hands over a FUSE request as byte segments, [`FsServer`] decodes and dispatches
+//! it, and [`PassthroughFs`] turns it into syscalls on the shared host directory. It knows
+//! nothing about vhost-user, virtqueues or ublk.
 //!
 //! Inodes are keyed by (device, inode number, mount id) and, where the host filesystem allows,
 //! held by file handle rather than by an open descriptor, so that a guest looking up a million
@@ -10,17 +11,17 @@
 
 mod config;
 mod error;
-mod extra_ops;
 mod fd_cache;
 mod file_handle;
 mod fs;
 mod handle_table;
 mod inode_store;
+pub mod server;
 mod util;
 pub mod xattr_map;
 
 pub use config::{CachePolicy, Config, InodeFileHandles, Negotiation};
 pub use error::Error;
-pub use extra_ops::FsServer;
 pub use fs::PassthroughFs;
+pub use server::{DaxWindow, DropReason, FsServer, IoSegment, Served};
 pub use xattr_map::{XattrMap, XattrMapError};

@@ -176,10 +176,15 @@ const FILESYSTEM: &[libc::c_long] = &[
 const EVENT_LOOP: &[libc::c_long] = &[libc::SYS_epoll_pwait, libc::SYS_epoll_wait, libc::SYS_read];
 
 /// The vhost-user control thread: messages with descriptors over the Unix socket, guest memory
-/// mapping (mmap and munmap are in RUNTIME), and (un)registering queue kicks with the queue
-/// threads' epoll sets.
-const VHOST_USER_CONTROL: &[libc::c_long] =
-    &[libc::SYS_epoll_ctl, libc::SYS_recvmsg, libc::SYS_sendmsg];
+/// mapping (mmap and munmap are in RUNTIME), (un)registering queue kicks with the queue
+/// threads' epoll sets, and shutting the socket down when the frontend hangs up
+/// (vhost-user-backend 0.24 does on the way out).
+const VHOST_USER_CONTROL: &[libc::c_long] = &[
+    libc::SYS_epoll_ctl,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+];
 
 /// The main and signal threads after start-up: accepting the frontend, spawning the control
 /// thread (and, in FUSE mode, nothing more), creating the queue threads' epoll sets and exit

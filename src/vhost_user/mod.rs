@@ -7,29 +7,43 @@
 //! queues never wait for each other. With `--thread-pool-size` above 1 the queue threads hand
 //! each request to a shared pool instead of serving it inline, so that one slow or blocking
 //! request (a waiting lock, a slow disk) does not hold up the rest of its queue.
+//!
+//! [`queue`] serves a queue, [`chain`] turns a descriptor chain into the byte segments the
+//! FUSE server reads requests from and writes replies into, [`socket`] sets up the listening
+//! socket.
+//!
+//! A device reset (GET_VRING_BASE on every queue, then the queues started again, as QEMU does
+//! when a guest reboots) keeps the guest's inodes and open files: a paused VM (`stop`/`cont`)
+//! or a failed migration stops and restarts the queues the same way and must find them. The
+//! rebooted guest's new FUSE_INIT is what drops them (see the server's session handling);
+//! RESET_DEVICE drops them at once.
+
+mod chain;
+mod queue;
+mod socket;
+
+#[allow(unused_imports)] // The fuzz harness builds this module and drives requests directly.
+pub(crate) use queue::{head_descriptor_flags, serve_request};
+pub use socket::{listener_at_path, listener_from_fd};
 
 use std::io;
-use std::num::Wrapping;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::io::AsRawFd;
-use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use berth_passthrough::FsServer;
-use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Backend, Error as VhostUserError, Listener};
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
     ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap, Le32,
 };
@@ -40,7 +54,6 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::cli::MAX_TAG_LEN;
-use crate::fast_io::{self, ChainLayout};
 use crate::pool::WorkerPool;
 use berth_seccomp::{SeccompAction, ThreadRole};
 
@@ -54,6 +67,9 @@ const CONTROL_THREAD_NAME: &str = "berth-vhost-user";
 const CONFINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Jobs that may wait for a free pool thread, per pool thread.
 const POOL_BACKLOG_PER_THREAD: usize = 16;
+/// How long GET_VRING_BASE waits for a queue's requests still being served (one may be
+/// waiting for a lock indefinitely).
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 type MemoryGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
@@ -69,6 +85,38 @@ struct VirtioFsConfig {
 
 // SAFETY: plain old data with no padding (36 bytes + a 4-byte little-endian integer).
 unsafe impl ByteValued for VirtioFsConfig {}
+
+/// Requests taken from one queue and not yet returned to it.
+#[derive(Default)]
+struct InFlight(Arc<AtomicUsize>);
+
+/// One request in flight; returned when dropped.
+struct InFlightRequest(Arc<AtomicUsize>);
+
+impl Drop for InFlightRequest {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl InFlight {
+    fn start(&self) -> InFlightRequest {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        InFlightRequest(self.0.clone())
+    }
+
+    /// Waits until none is left, up to `timeout`; returns how many are left.
+    fn wait_idle(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = self.0.load(Ordering::Acquire);
+            if left == 0 || Instant::now() >= deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
 
 /// Options of the device, from the command line.
 pub struct DeviceOptions {
@@ -94,14 +142,16 @@ pub struct FsBackend {
     pool: Option<WorkerPool>,
     poll: Duration,
     seccomp: SeccompAction,
-    /// Per queue: whether its first request has been logged.
-    queue_seen: Vec<AtomicBool>,
+    /// Per queue: started (its first request logged) and not stopped since.
+    queue_started: Vec<AtomicBool>,
+    /// Per queue: requests being served.
+    in_flight: Vec<InFlight>,
     /// Per queue thread: an eventfd that, once written, makes the thread install its seccomp
     /// filter (the library starts the threads, so this is the first thing they run of ours).
     confine_events: Vec<EventFd>,
     /// Where the queue threads report how installing their filter went.
     confine_reports: Mutex<Option<mpsc::Sender<Result<(), String>>>>,
-    /// The consumer ends of the queue threads' exit events: vhost-user-backend 0.22 takes
+    /// The consumer ends of the queue threads' exit events: vhost-user-backend 0.24 takes
     /// them as raw descriptors into its epoll sets and never closes them.
     exit_consumers: Mutex<Vec<RawFd>>,
 }
@@ -139,8 +189,11 @@ impl FsBackend {
             pool,
             poll: Duration::from_micros(u64::from(options.poll_us)),
             seccomp: options.seccomp,
-            queue_seen: (0..=num_request_queues)
+            queue_started: (0..=num_request_queues)
                 .map(|_| AtomicBool::new(false))
+                .collect(),
+            in_flight: (0..=num_request_queues)
+                .map(|_| InFlight::default())
                 .collect(),
             confine_events,
             confine_reports: Mutex::new(None),
@@ -251,131 +304,6 @@ impl FsBackend {
         let memory = self.memory.read().unwrap_or_else(|e| e.into_inner());
         memory.as_ref().map(|m| m.memory())
     }
-
-    /// Serves everything available on one queue, re-checking after re-enabling notifications
-    /// so that a request added in between is not left waiting for a kick that never comes.
-    fn serve_queue(&self, queue: usize, vring: &Vring) {
-        let Some(mem) = self.guest_memory() else {
-            warn!(
-                queue,
-                "The frontend kicked a queue before sending the guest memory table; ignoring it."
-            );
-            return;
-        };
-        if !self.queue_seen[queue].swap(true, Ordering::Relaxed) {
-            let kind = if queue == HIPRIO_QUEUE {
-                "high-priority"
-            } else {
-                "request"
-            };
-            info!(queue, "The frontend started using {kind} queue {queue}.");
-        }
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
-        let mut handled = 0usize;
-        loop {
-            let before = handled;
-            self.serve_until_empty(queue, vring, &mem, event_idx, &mut handled);
-            // A guest that just got a reply often sends the next request within microseconds:
-            // waiting briefly here saves both sides a sleep and a wake-up.
-            if handled == before || self.poll.is_zero() || !self.poll_for_work(vring, &mem) {
-                break;
-            }
-        }
-        if handled > 0 {
-            debug!(queue, handled, "served requests");
-        }
-    }
-
-    /// Spins up to the poll window; true when the guest made a new request available.
-    fn poll_for_work(&self, vring: &Vring, mem: &MemoryGuard) -> bool {
-        let deadline = Instant::now() + self.poll;
-        loop {
-            let pending = {
-                let state = vring.get_mut();
-                let queue = state.get_queue();
-                queue
-                    .avail_idx(&**mem, Ordering::Acquire)
-                    .map(|avail| avail != Wrapping(queue.next_avail()))
-                    .unwrap_or(false)
-            };
-            if pending {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::hint::spin_loop();
-        }
-    }
-
-    fn serve_until_empty(
-        &self,
-        queue: usize,
-        vring: &Vring,
-        mem: &MemoryGuard,
-        event_idx: bool,
-        handled: &mut usize,
-    ) {
-        loop {
-            if event_idx {
-                if let Err(e) = vring.disable_notification() {
-                    warn!(queue, "Cannot disable queue notifications: {e}.");
-                }
-            }
-            *handled += self.drain_queue(queue, vring, mem, event_idx);
-            if !event_idx {
-                break;
-            }
-            match vring.enable_notification() {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn!(queue, "Cannot re-enable queue notifications: {e}.");
-                    break;
-                }
-            }
-        }
-    }
-
-    fn drain_queue(
-        &self,
-        queue: usize,
-        vring: &Vring,
-        mem: &MemoryGuard,
-        event_idx: bool,
-    ) -> usize {
-        let mut handled = 0;
-        loop {
-            let (chain, desc_table) = {
-                let mut state = vring.get_mut();
-                let queue = state.get_queue_mut();
-                let desc_table = queue.desc_table();
-                (queue.pop_descriptor_chain(mem.clone()), desc_table)
-            };
-            let Some(chain) = chain else {
-                return handled;
-            };
-            handled += 1;
-            let head_flags = head_descriptor_flags(mem, desc_table, chain.head_index());
-            match &self.pool {
-                Some(pool) => {
-                    let server = self.server.clone();
-                    let vring = vring.clone();
-                    let mem = mem.clone();
-                    pool.execute(Box::new(move || {
-                        let head = chain.head_index();
-                        let used = serve_request(&server, queue, &mem, chain, head_flags);
-                        complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
-                    }));
-                }
-                None => {
-                    let head = chain.head_index();
-                    let used = serve_request(&self.server, queue, mem, chain, head_flags);
-                    complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
-                }
-            }
-        }
-    }
 }
 
 thread_local! {
@@ -404,104 +332,33 @@ fn confine_control_thread(action: SeccompAction) {
     });
 }
 
-/// Runs one FUSE request and returns the number of reply bytes written into the chain. A chain
-/// that cannot be decoded is returned with nothing written: there is nowhere to put a reply.
-pub(crate) fn serve_request(
-    server: &FsServer,
-    queue: usize,
-    mem: &MemoryGuard,
-    chain: DescriptorChain<MemoryGuard>,
-    head_flags: Option<u16>,
-) -> u32 {
-    let head = chain.head_index();
-    let mut layout = ChainLayout::new();
-    match layout.walk(&chain, head_flags) {
-        Ok(()) => {}
-        Err(reason) => {
+impl FsBackend {
+    /// Waits for `queue`'s requests to be returned and marks it stopped; says so once every
+    /// queue that was started is stopped.
+    fn stop_queue(&self, queue: usize) {
+        let (Some(in_flight), Some(started)) =
+            (self.in_flight.get(queue), self.queue_started.get(queue))
+        else {
+            return;
+        };
+        let left = in_flight.wait_idle(STOP_TIMEOUT);
+        if left > 0 {
             warn!(
                 queue,
-                head, "Dropping a malformed descriptor chain: {reason}."
+                "The frontend stopped queue {queue} while {left} of its requests were still \
+                 being served (waited {STOP_TIMEOUT:?}); their replies may land after the stop."
             );
-            return 0;
         }
-    }
-    // A bug in request decoding must cost one request, not the queue's thread.
-    let result = panic::catch_unwind(AssertUnwindSafe(|| {
-        if let Some(written) = fast_io::try_serve(server, mem, &layout) {
-            return Ok(Some(written as usize));
-        }
-        let reader = match Reader::from_descriptor_chain(&**mem, chain.clone()) {
-            Ok(reader) => reader,
-            Err(e) => {
-                warn!(
-                    queue,
-                    head, "Dropping a request whose readable descriptors are invalid: {e}."
-                );
-                return Ok(None);
-            }
-        };
-        let writer = match VirtioFsWriter::new(&**mem, chain) {
-            Ok(writer) => writer,
-            Err(e) => {
-                warn!(
-                    queue,
-                    head, "Dropping a request whose writable descriptors are invalid: {e}."
-                );
-                return Ok(None);
-            }
-        };
-        server.handle_message(reader, writer.into(), None).map(Some)
-    }));
-    match result {
-        Ok(Ok(written)) => written.and_then(|w| u32::try_from(w).ok()).unwrap_or(0),
-        Ok(Err(e)) => {
-            warn!(queue, head, "Could not serve a request: {e}.");
-            0
-        }
-        Err(_) => {
-            error!(
-                queue,
-                head, "Serving a request panicked; the request was dropped."
+        if started.swap(false, Ordering::AcqRel)
+            && self
+                .queue_started
+                .iter()
+                .all(|started| !started.load(Ordering::Acquire))
+        {
+            info!(
+                "The frontend stopped every queue (a reset, pause or migration); the guest's \
+                 files stay open until it starts a new FUSE session."
             );
-            0
-        }
-    }
-}
-
-/// The flags of the chain's head descriptor in the queue's descriptor table (`None` when the
-/// table cannot be read there).
-pub(crate) fn head_descriptor_flags(mem: &MemoryGuard, desc_table: u64, head: u16) -> Option<u16> {
-    // A split-ring descriptor is 16 bytes: address, length, then the 16-bit flags.
-    let addr = desc_table.checked_add(u64::from(head) * 16 + 12)?;
-    vm_memory::Bytes::read_obj::<u16>(&**mem, vm_memory::GuestAddress(addr)).ok()
-}
-
-/// Puts a served chain on the used ring and tells the guest if it asked to be told.
-fn complete_request(
-    queue: usize,
-    vring: &mut VringState<GuestMemory>,
-    head: u16,
-    used: u32,
-    event_idx: bool,
-) {
-    if let Err(e) = vring.add_used(head, used) {
-        warn!(
-            queue,
-            head, "Cannot return a descriptor chain to the used ring: {e}."
-        );
-        return;
-    }
-    let notify = !event_idx
-        || vring.needs_notification().unwrap_or_else(|e| {
-            warn!(
-                queue,
-                "Cannot tell whether the guest wants a notification ({e}); sending one."
-            );
-            true
-        });
-    if notify {
-        if let Err(e) = vring.signal_used_queue() {
-            warn!(queue, "Cannot notify the guest of used descriptors: {e}.");
         }
     }
 }
@@ -532,7 +389,8 @@ impl VhostUserBackend for FsBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::BACKEND_SEND_FD
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE;
         if self.tag.is_some() {
             features |= VhostUserProtocolFeatures::CONFIG;
         }
@@ -541,6 +399,25 @@ impl VhostUserBackend for FsBackend {
 
     fn acked_features(&self, _features: u64) {
         confine_control_thread(self.seccomp);
+    }
+
+    /// RESET_DEVICE: the guest's session is over; the queues are disabled by the library.
+    fn reset_device(&self) {
+        confine_control_thread(self.seccomp);
+        for queue in 0..self.num_queues() {
+            self.stop_queue(queue);
+        }
+        info!("The frontend reset the device; dropping the guest's inodes, open files and locks.");
+        self.server.reset_session();
+    }
+
+    /// GET_VRING_BASE: the queue is stopped (unregistered, no longer ready). Requests still
+    /// being served from it are waited for, so that none lands on its rings once the frontend
+    /// has taken them back.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        confine_control_thread(self.seccomp);
+        self.stop_queue(queue_index as usize);
+        Ok(())
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -676,272 +553,10 @@ pub fn serve(
     }
 }
 
-/// A listening socket inherited from the parent (Kata's `--fd=3`), checked before use.
-pub fn listener_from_fd(fd: i32) -> anyhow::Result<Listener> {
-    // SAFETY: libc::stat is plain old data; all-zero bytes are a valid value.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat only writes into `stat`; an invalid descriptor yields EBADF.
-    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
-        return Err(anyhow!(
-            "--fd {fd} is not an open file descriptor: {}",
-            io::Error::last_os_error()
-        ));
-    }
-    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(anyhow!("--fd {fd} is not a socket"));
-    }
-    let int_option = |level, name| -> io::Result<libc::c_int> {
-        let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: `value` and `len` describe a valid c_int buffer for getsockopt.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                level,
-                name,
-                (&mut value as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(value)
-    };
-    let domain = int_option(libc::SOL_SOCKET, libc::SO_DOMAIN)
-        .with_context(|| format!("cannot inspect the socket --fd {fd}"))?;
-    if domain != libc::AF_UNIX {
-        return Err(anyhow!("--fd {fd} is not a unix domain socket"));
-    }
-    let listening = int_option(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)
-        .with_context(|| format!("cannot inspect the socket --fd {fd}"))?;
-    if listening == 0 {
-        return Err(anyhow!("--fd {fd} is a socket but is not listening"));
-    }
-    // The vhost crate's accept loop spins on EAGAIN, so the socket must block; and the
-    // descriptor should not leak into anything berth runs (e.g. fusermount).
-    // SAFETY: plain fcntl calls on a descriptor checked above.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
-            return Err(anyhow!(
-                "cannot make --fd {fd} blocking: {}",
-                io::Error::last_os_error()
-            ));
-        }
-        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-    }
-    // SAFETY: the descriptor is an open listening unix socket that nothing else in this
-    // process owns; the Listener takes ownership of it.
-    Ok(unsafe { <Listener as std::os::unix::io::FromRawFd>::from_raw_fd(fd) })
-}
-
-/// The socket file berth created at `--socket-path`, removed when berth exits.
-///
-/// Inside the sandbox the path no longer names it (the shared directory is the root by then,
-/// and the same path there may be a guest's file), so a descriptor on its directory is kept
-/// and only the socket with the inode berth bound is unlinked.
-pub struct SocketFile {
-    dir: std::os::fd::OwnedFd,
-    name: std::ffi::CString,
-    dev: u64,
-    ino: u64,
-}
-
-impl SocketFile {
-    fn new(path: &std::path::Path) -> anyhow::Result<SocketFile> {
-        use std::os::unix::ffi::OsStrExt;
-        let parent = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            Some(parent) => parent.to_owned(),
-            None => std::path::PathBuf::from("."),
-        };
-        let name = path
-            .file_name()
-            .ok_or_else(|| anyhow!("the socket path {} names no file", path.display()))?;
-        let name = std::ffi::CString::new(name.as_bytes())
-            .map_err(|_| anyhow!("the socket path {} contains a NUL byte", path.display()))?;
-        let dir = std::os::unix::fs::OpenOptionsExt::custom_flags(
-            std::fs::OpenOptions::new().read(true),
-            libc::O_PATH | libc::O_DIRECTORY,
-        )
-        .open(&parent)
-        .with_context(|| format!("cannot open the socket's directory {}", parent.display()))?;
-        let metadata = std::fs::symlink_metadata(path)
-            .with_context(|| format!("cannot inspect the socket {}", path.display()))?;
-        Ok(SocketFile {
-            dir: dir.into(),
-            name,
-            dev: std::os::unix::fs::MetadataExt::dev(&metadata),
-            ino: std::os::unix::fs::MetadataExt::ino(&metadata),
-        })
-    }
-
-    /// Unlinks the socket if it is still the one berth created (not a file or a newer
-    /// daemon's socket put there since).
-    pub fn remove(&self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: libc::stat is plain old data; all-zero bytes are a valid value.
-        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `name` is NUL-terminated, `stat` a valid out-buffer; the result is checked.
-        let found = unsafe {
-            libc::fstatat(
-                self.dir.as_raw_fd(),
-                self.name.as_ptr(),
-                &mut stat,
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        } == 0;
-        if found
-            && stat.st_mode & libc::S_IFMT == libc::S_IFSOCK
-            && stat.st_dev == self.dev
-            && stat.st_ino == self.ino
-        {
-            // SAFETY: as above; removing the socket berth bound.
-            if unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.name.as_ptr(), 0) } != 0 {
-                warn!(
-                    "Cannot remove the socket file: {}.",
-                    io::Error::last_os_error()
-                );
-            }
-        }
-    }
-}
-
-/// Creates the vhost-user socket at `path`: replaces a stale socket file, but refuses one that
-/// a live process is listening on. The socket is accessible to its owner (and `group`) only.
-/// The returned [`SocketFile`] removes it again; the listener itself never touches the path.
-pub fn listener_at_path(
-    path: &std::path::Path,
-    group: Option<&str>,
-) -> anyhow::Result<(Listener, SocketFile)> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.is_dir() {
-            return Err(anyhow!(
-                "cannot create the socket {}: {} is not a directory",
-                path.display(),
-                parent.display()
-            ));
-        }
-    }
-    if let Ok(metadata) = std::fs::symlink_metadata(path) {
-        if !std::os::unix::fs::FileTypeExt::is_socket(&metadata.file_type()) {
-            return Err(anyhow!(
-                "cannot create the socket {}: a file that is not a socket is in the way",
-                path.display()
-            ));
-        }
-    }
-    if socket_is_listening(path) {
-        return Err(anyhow!(
-            "the socket {} is in use by another process",
-            path.display()
-        ));
-    }
-    let gid = group.map(lookup_group).transpose()?;
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(anyhow!(
-                "cannot replace the stale socket {}: {e}",
-                path.display()
-            ))
-        }
-    }
-    let mask = if gid.is_some() { 0o007 } else { 0o077 };
-    // The socket is bound under a temporary name and renamed into place once it listens and
-    // has its final owner: a VMM (or libvirt) that connects as soon as the path appears must
-    // never find a socket that is bound but not yet listening (ECONNREFUSED).
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("the socket path {} names no file", path.display()))?;
-    let staging = path.with_file_name(format!(
-        ".{}.{}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&staging);
-    // SAFETY: umask has no memory effects; it is restored right after the bind.
-    let old_mask = unsafe { libc::umask(mask) };
-    let bound = std::os::unix::net::UnixListener::bind(&staging);
-    // SAFETY: as above.
-    unsafe { libc::umask(old_mask) };
-    let listener =
-        bound.map_err(|e| anyhow!("cannot create the socket {}: {e}", path.display()))?;
-    let placed = gid
-        .map(|gid| {
-            std::os::unix::fs::chown(&staging, None, Some(gid)).with_context(|| {
-                format!("cannot give the socket {} to group {gid}", path.display())
-            })
-        })
-        .transpose()
-        .and_then(|_| {
-            std::fs::rename(&staging, path)
-                .with_context(|| format!("cannot create the socket {}", path.display()))
-        });
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&staging);
-        return Err(e);
-    }
-    let socket_file = SocketFile::new(path)?;
-    // Built from the socket itself, the Listener has no path to remove when dropped (its own
-    // removal would resolve the path inside the sandbox): `socket_file` removes it.
-    Ok((Listener::from(listener), socket_file))
-}
-
-fn lookup_group(name: &str) -> anyhow::Result<u32> {
-    let c_name = std::ffi::CString::new(name)
-        .map_err(|_| anyhow!("the socket group name '{name}' contains a NUL byte"))?;
-    // SAFETY: libc::group is plain old data; all-zero bytes (null pointers) are a valid value.
-    let mut group: libc::group = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::group = std::ptr::null_mut();
-    let mut buf = vec![0 as libc::c_char; 16384];
-    // SAFETY: all pointers are valid for the sizes given; getgrnam_r fills `group`/`result`.
-    let rc = unsafe {
-        libc::getgrnam_r(
-            c_name.as_ptr(),
-            &mut group,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc == 0 && !result.is_null() {
-        return Ok(group.gr_gid);
-    }
-    name.parse::<u32>()
-        .map_err(|_| anyhow!("the socket group '{name}' does not exist"))
-}
-
-/// Whether a process is listening on the unix socket at `path` (per /proc/net/unix), found
-/// without connecting: a connection would be taken as a frontend by a vhost-user daemon.
-fn socket_is_listening(path: &std::path::Path) -> bool {
-    const SO_ACCEPTCON: u32 = 1 << 16;
-    let Ok(metadata) = std::fs::symlink_metadata(path) else {
-        return false;
-    };
-    if !std::os::unix::fs::FileTypeExt::is_socket(&metadata.file_type()) {
-        return false;
-    }
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
-        return false;
-    };
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (Some(flags), Some(bound)) = (fields.get(3), fields.get(7)) else {
-            return false;
-        };
-        let listening = u32::from_str_radix(flags, 16).is_ok_and(|f| f & SO_ACCEPTCON != 0);
-        listening && std::path::Path::new(bound) == absolute
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use berth_passthrough::{Config, PassthroughFs};
-    use std::fs::File;
 
     fn backend(tag: Option<&str>, queues: u16) -> FsBackend {
         let fs = PassthroughFs::new(Config {
@@ -1008,85 +623,5 @@ mod tests {
             virtio & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
             0
         );
-    }
-
-    #[test]
-    fn stale_socket_is_replaced_live_one_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vfs.sock");
-        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        let err = listener_at_path(&path, None)
-            .err()
-            .expect("a live socket is refused");
-        assert!(err.to_string().contains("in use"), "{err}");
-        drop(live); // the file stays behind: a stale socket
-        assert!(path.exists());
-        let (listener, socket_file) =
-            listener_at_path(&path, None).expect("a stale socket is replaced");
-        let not_socket = dir.path().join("precious");
-        std::fs::write(&not_socket, b"data").unwrap();
-        assert!(listener_at_path(&not_socket, None).is_err());
-        assert_eq!(std::fs::read(&not_socket).unwrap(), b"data");
-        let mode = std::fs::metadata(&path).unwrap().permissions();
-        assert_eq!(
-            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
-            0o700
-        );
-        // It appears listening, under its name, with no staging file left behind.
-        std::os::unix::net::UnixStream::connect(&path).expect("the socket listens");
-        let mut names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["precious", "vfs.sock"]);
-        drop(listener);
-        assert!(path.exists(), "dropping the listener leaves the path alone");
-        // Only the socket berth bound is removed: not a file that took its place.
-        std::fs::remove_file(&path).unwrap();
-        std::fs::write(&path, b"someone else's").unwrap();
-        socket_file.remove();
-        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
-        std::fs::remove_file(&path).unwrap();
-        let (_listener, socket_file) = listener_at_path(&path, None).unwrap();
-        socket_file.remove();
-        assert!(!path.exists(), "berth's own socket is removed");
-    }
-
-    #[test]
-    fn a_socket_group_owns_the_socket_and_may_connect() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("grouped.sock");
-        // SAFETY: getegid has no preconditions.
-        let gid = unsafe { libc::getegid() };
-        let (listener, _socket_file) =
-            listener_at_path(&path, Some(&gid.to_string())).expect("the socket");
-        let meta = std::fs::metadata(&path).unwrap();
-        assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid);
-        assert_eq!(
-            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
-            0o770
-        );
-        drop(listener);
-    }
-
-    #[test]
-    fn inherited_fd_must_be_a_listening_socket() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = File::create(dir.path().join("plain")).unwrap();
-        let err = listener_from_fd(std::os::unix::io::AsRawFd::as_raw_fd(&file))
-            .err()
-            .unwrap();
-        assert!(err.to_string().contains("not a socket"), "{err}");
-        let err = listener_from_fd(-1).err().unwrap();
-        assert!(
-            err.to_string().contains("not an open file descriptor"),
-            "{err}"
-        );
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let err = listener_from_fd(std::os::unix::io::AsRawFd::as_raw_fd(&a))
-            .err()
-            .unwrap();
-        assert!(err.to_string().contains("not listening"), "{err}");
     }
 }

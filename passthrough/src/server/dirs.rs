@@ -1,0 +1,119 @@
+//! Directory handles: OPENDIR, READDIR, READDIRPLUS, RELEASEDIR, FSYNCDIR.
+
+use std::io;
+use std::mem::size_of;
+
+use fuse_backend_rs::abi::fuse_abi::{
+    Dirent, EntryOut, FsyncIn, OpenIn, OutHeader, ReadIn, ReleaseIn,
+};
+use fuse_backend_rs::api::filesystem::{DirEntry, Entry, FileSystem};
+use vm_memory::ByteValued;
+
+use super::buffers::{Cursor, IoSegment, ReplyData};
+use super::reply::{self, Answer};
+use super::request::Request;
+use super::FsServer;
+
+impl FsServer {
+    pub(super) fn opendir(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+        let OpenIn { flags, .. } = req.read()?;
+        let (fh, options) = self.fs.opendir(&req.ctx, req.nodeid(), flags)?;
+        Answer::of(&reply::open_out(fh.unwrap_or(0), options.bits(), None))
+    }
+
+    /// READDIR and READDIRPLUS: entries are written straight into the reply after the header,
+    /// as many as `size` holds.
+    pub(super) fn readdir(
+        &self,
+        req: &mut Request<'_, '_>,
+        reply: &[IoSegment<'_>],
+        plus: bool,
+    ) -> io::Result<Answer> {
+        let ReadIn {
+            fh, offset, size, ..
+        } = req.read()?;
+        let mut cursor = Cursor::new(reply);
+        if cursor.remaining() < size as usize {
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        }
+        cursor
+            .skip(size_of::<OutHeader>())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EIO))?;
+        let mut data = ReplyData::new(&mut cursor);
+        let max = size as usize;
+        if plus {
+            self.fs
+                .readdirplus(&req.ctx, req.nodeid(), fh, size, offset, &mut |d, e| {
+                    add_dirent(&mut data, max, d, Some(e))
+                })?;
+        } else {
+            self.fs
+                .readdir(&req.ctx, req.nodeid(), fh, size, offset, &mut |d| {
+                    add_dirent(&mut data, max, d, None)
+                })?;
+        }
+        Ok(Answer::Data(data.written()))
+    }
+
+    pub(super) fn releasedir(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+        let ReleaseIn { fh, flags, .. } = req.read()?;
+        self.fs.releasedir(&req.ctx, req.nodeid(), flags, fh)?;
+        Answer::empty()
+    }
+
+    pub(super) fn fsyncdir(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+        let FsyncIn {
+            fh, fsync_flags, ..
+        } = req.read()?;
+        self.fs
+            .fsyncdir(&req.ctx, req.nodeid(), fsync_flags & 1 != 0, fh)?;
+        Answer::empty()
+    }
+}
+
+/// Appends one directory entry (with its lookup for READDIRPLUS), padded to 8 bytes, if it
+/// fits in `max` bytes of entries; returns its size, or 0 when the reply is full.
+fn add_dirent(
+    data: &mut ReplyData<'_, '_, '_>,
+    max: usize,
+    dirent: DirEntry<'_>,
+    entry: Option<Entry>,
+) -> io::Result<usize> {
+    let overflow = || io::Error::from_raw_os_error(libc::EOVERFLOW);
+    let namelen = u32::try_from(dirent.name.len()).map_err(|_| overflow())?;
+    let dirent_len = size_of::<Dirent>()
+        .checked_add(dirent.name.len())
+        .ok_or_else(overflow)?;
+    let padded_len = dirent_len
+        .checked_add(7)
+        .map(|len| len & !7)
+        .ok_or_else(overflow)?;
+    let total = if entry.is_some() {
+        padded_len
+            .checked_add(size_of::<EntryOut>())
+            .ok_or_else(overflow)?
+    } else {
+        padded_len
+    };
+    if max.saturating_sub(data.written()) < total || data.remaining() < total {
+        return Ok(0);
+    }
+    let header = Dirent {
+        ino: dirent.ino,
+        off: dirent.offset,
+        namelen,
+        type_: dirent.type_,
+    };
+    let padding = [0u8; 8];
+    let written = (|| {
+        if let Some(entry) = entry {
+            data.append(EntryOut::from(entry).as_slice())?;
+        }
+        data.append(header.as_slice())?;
+        data.append(dirent.name)?;
+        data.append(&padding[..padded_len - dirent_len])
+    })();
+    // Cannot fail: the room was checked above.
+    written.map_err(|_| io::Error::from_raw_os_error(libc::EIO))?;
+    Ok(total)
+}

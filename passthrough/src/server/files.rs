@@ -1,0 +1,228 @@
+//! Open files: OPEN, READ, WRITE, RELEASE and the other requests on a file handle.
+
+use std::io;
+use std::mem::size_of;
+
+use fuse_backend_rs::abi::fuse_abi::{
+    BmapIn, BmapOut, CopyFileRangeIn, FallocateIn, FlushIn, FsyncIn, IoctlIn, IoctlOut, LseekIn,
+    LseekOut, OpenIn, OutHeader, PollIn, PollOut, ReadIn, ReleaseIn, WriteIn, WriteOut,
+    READ_LOCKOWNER, RELEASE_FLOCK_UNLOCK, RELEASE_FLUSH, WRITE_CACHE, WRITE_LOCKOWNER,
+};
+use fuse_backend_rs::api::filesystem::{FileSystem, IoctlData};
+
+use super::buffers::{Cursor, IoSegment, ReplyData};
+use super::reply::{self, Answer, Body};
+use super::request::Request;
+use super::FsServer;
+
+impl FsServer {
+    pub(super) fn open(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+        let OpenIn { flags, fuse_flags } = req.read()?;
+        let (fh, options, backing_id) = self.fs.open(&req.ctx, req.nodeid(), flags, fuse_flags)?;
+        Answer::of(&reply::open_out(
+            fh.unwrap_or(0),
+            options.bits(),
+            backing_id,
+        ))
+    }
+
+    /// READ: the host file is read straight into the reply segments after the header.
+    pub(super) fn read(
+        &self,
+        req: &mut Request<'_, '_>,
+        reply: &[IoSegment<'_>],
+    ) -> io::Result<Answer> {
+        let ReadIn {
+            fh,
+            offset,
+            size,
+            read_flags,
+            lock_owner,
+            flags,
+            ..
+        } = req.read()?;
+        let owner = (read_flags & READ_LOCKOWNER != 0).then_some(lock_owner);
+        let mut cursor = Cursor::new(reply);
+        // Without room for the header nothing can be answered: do not read at all.
+        cursor
+            .skip(size_of::<OutHeader>())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EIO))?;
+        let mut data = ReplyData::new(&mut cursor);
+        let count = self.fs.read(
+            &req.ctx,
+            req.nodeid(),
+            fh,
+            &mut data,
+            size,
+            offset,
+            owner,
+            flags,
+        )?;
+        Ok(Answer::Data(count.min(data.written())))
+    }
+
+    /// WRITE: the request's data segments are written to the host file as they are.
+    pub(super) fn write(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+        let WriteIn {
+            fh,
+            offset,
+            size,
+            fuse_flags,
+            lock_owner,
+            flags,
+            ..
+        } = req.read()?;
+        let owner = (fuse_flags & WRITE_LOCKOWNER != 0).then_some(lock_owner);
+        let delayed_write = fuse_flags & WRITE_CACHE != 0;
+        let ctx = req.ctx;
+        let nodeid = req.nodeid();
+        let count = self.fs.write(
+            &ctx,
+            nodeid,
+            fh,
+            &mut req.data(),
+            size,
+            offset,
+            owner,
+            delayed_write,
+            flags,
+            fuse_flags,
+        )?;
+        Answer::of(&WriteOut {
+            size: count as u32,
+            ..Default::default()
+        })
+    }
+
+    pub(super) fn release(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+        let ReleaseIn {
+            fh,
+            flags,
+            release_flags,
+            lock_owner,
+        } = req.read()?;
+        let flush = release_flags & RELEASE_FLUSH != 0;
+        let flock_release = release_flags & RELEASE_FLOCK_UNLOCK != 0;
+        let lock_owner = (flush || flock_release).then_some(lock_owner);
+        self.fs.release(
+            &req.ctx,
+            req.nodeid(),
+            flags,
+            fh,
+            flush,
+            flock_release,
+            lock_owner,
+        )?;
+        Answer::empty()
+    }
+
+    pub(super) fn flush(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+        let FlushIn { fh, lock_owner, .. } = req.read()?;
+        self.fs.flush(&req.ctx, req.nodeid(), fh, lock_owner)?;
+        Answer::empty()
+    }
+
+    pub(super) fn fsync(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+        let FsyncIn {
+            fh, fsync_flags, ..
+        } = req.read()?;
+        self.fs
+            .fsync(&req.ctx, req.nodeid(), fsync_flags & 1 != 0, fh)?;
+        Answer::empty()
+    }
+
+    pub(super) fn fallocate(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+        let FallocateIn {
+            fh,
+            offset,
+            length,
+            mode,
+            ..
+        } = req.read()?;
+        self.fs
+            .fallocate(&req.ctx, req.nodeid(), fh, mode, offset, length)?;
+        Answer::empty()
+    }
+
+    pub(super) fn lseek(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+        let LseekIn {
+            fh, offset, whence, ..
+        } = req.read()?;
+        let offset = self.fs.lseek(&req.ctx, req.nodeid(), fh, offset, whence)?;
+        Answer::of(&LseekOut { offset })
+    }
+
+    pub(super) fn copy_file_range(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+        let args: CopyFileRangeIn = req.read()?;
+        let copied = self.fs.copy_file_range(&req.ctx, req.nodeid(), &args)?;
+        Answer::of(&WriteOut {
+            size: copied,
+            ..Default::default()
+        })
+    }
+
+    pub(super) fn syncfs(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+        self.fs.syncfs(req.nodeid())?;
+        Answer::empty()
+    }
+
+    pub(super) fn ioctl(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+        let IoctlIn {
+            fh,
+            flags,
+            cmd,
+            in_size,
+            out_size,
+            ..
+        } = req.read()?;
+        let in_size = in_size as usize;
+        if in_size > req.remaining() {
+            return Err(io::Error::from_raw_os_error(libc::ENOTTY));
+        }
+        let input = req.rest(in_size);
+        let data = IoctlData {
+            data: (!input.is_empty()).then_some(&input[..]),
+            ..Default::default()
+        };
+        let result = self
+            .fs
+            .ioctl(&req.ctx, req.nodeid(), fh, flags, cmd, data, out_size)?;
+        let mut body = Body::of(&IoctlOut {
+            result: result.result,
+            ..Default::default()
+        });
+        if let Some(out) = result.data {
+            body.push(out);
+        }
+        Ok(Answer::Body(body))
+    }
+
+    pub(super) fn poll(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+        let PollIn {
+            fh,
+            kh,
+            flags,
+            events,
+        } = req.read()?;
+        let revents = self
+            .fs
+            .poll(&req.ctx, req.nodeid(), fh, kh, flags, events)?;
+        Answer::of(&PollOut {
+            revents,
+            padding: 0,
+        })
+    }
+
+    pub(super) fn bmap(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+        let BmapIn {
+            block, blocksize, ..
+        } = req.read()?;
+        let block = self.fs.bmap(&req.ctx, req.nodeid(), block, blocksize)?;
+        Answer::of(&BmapOut { block })
+    }
+
+    pub(super) fn notify_reply(&self) -> io::Result<Answer> {
+        self.fs.notify_reply()?;
+        Ok(Answer::NoReply)
+    }
+}

@@ -1,0 +1,237 @@
+//! [`FsServer`]: berth's FUSE request dispatcher, the same for every transport.
+//!
+//! A transport hands [`FsServer::handle`] a request as readable [`IoSegment`]s and room for the
+//! reply as writable ones, and gets back what was written ([`Served`]). It knows nothing of
+//! virtqueues or /dev/fuse: the virtio transport passes guest memory it has checked, `berth
+//! fuse` its own buffers, and a FUSE-over-io_uring transport would pass its ring buffers.
+//!
+//! Inside, a request goes: [`buffers`] (the only code that touches request and reply memory,
+//! with checked lengths) → [`request`] (header, arguments, names) → one handler per opcode
+//! (`entries`, `files`, `dirs`, `xattrs`, `locks`, `session`, `dax`) calling [`PassthroughFs`]
+//! → [`reply`] (the reply header and body). READ and WRITE data move between the host file and
+//! the segments with one `preadv`/`pwritev`, never through a buffer of berth's.
+//!
+//! Requests are decoded as fuse-backend-rs 0.14's server decoded them and answered with the
+//! same errnos; where it dropped a request it could not decode, berth answers EINVAL. A bug
+//! in a handler (a panic) costs that request only: it is answered EIO.
+
+mod abi;
+mod buffers;
+mod dax;
+mod dirs;
+mod entries;
+mod files;
+mod locks;
+mod reply;
+mod request;
+mod session;
+mod xattrs;
+
+use std::fmt;
+use std::io;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use fuse_backend_rs::abi::fuse_abi::InHeader;
+
+pub(crate) use abi::{init_flags, SETXATTR_ACL_KILL_SGID, XATTR_LIST_MAX, XATTR_SIZE_MAX};
+pub use abi::{opcode, RemoveMappingOne, SetupMappingIn, MAX_BUFFER_SIZE};
+pub use buffers::IoSegment;
+pub use dax::DaxWindow;
+pub(crate) use request::SecContext;
+
+use crate::fs::PassthroughFs;
+use abi::BUFFER_HEADER_SIZE;
+use buffers::Cursor;
+use reply::Answer;
+use request::Request;
+
+/// What became of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// A reply of this many bytes is at the start of the reply segments.
+    Replied(usize),
+    /// The request takes no reply (FORGET, BATCH_FORGET, INTERRUPT).
+    NoReply,
+    /// No reply could be written.
+    Dropped(DropReason),
+}
+
+impl Served {
+    /// Reply bytes written (0 when there is no reply).
+    pub fn reply_len(self) -> usize {
+        match self {
+            Served::Replied(len) => len,
+            Served::NoReply | Served::Dropped(_) => 0,
+        }
+    }
+}
+
+/// Why a request got no reply although it should have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The request is too short to hold the part of the header with its unique id: a reply
+    /// could not say which request it answers.
+    HeaderUnreadable,
+    /// The reply room cannot hold even a reply header.
+    NoRoomForHeader,
+    /// A reply longer than the reply room (only while writing it; an error reply is sent
+    /// instead when a header fits).
+    ReplyTooLong,
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DropReason::HeaderUnreadable => "it is too short to say which request it is",
+            DropReason::NoRoomForHeader => "its reply buffer cannot hold a reply header",
+            DropReason::ReplyTooLong => "its reply buffer is too small for the reply",
+        })
+    }
+}
+
+/// Bytes of the request header up to and including `unique`: enough to answer a request.
+const UNIQUE_END: usize = 16;
+
+/// Dispatches FUSE requests to a [`PassthroughFs`].
+pub struct FsServer {
+    fs: Arc<PassthroughFs>,
+    /// FUSE_INIT was answered and no DESTROY or reset came since.
+    initialized: AtomicBool,
+}
+
+impl FsServer {
+    /// Serves `fs`.
+    pub fn new(fs: PassthroughFs) -> Self {
+        FsServer {
+            fs: Arc::new(fs),
+            initialized: AtomicBool::new(false),
+        }
+    }
+
+    /// The filesystem being served.
+    pub fn fs(&self) -> &Arc<PassthroughFs> {
+        &self.fs
+    }
+
+    /// Serves one request. `request` holds the request's bytes, `reply` the room for its
+    /// reply; `dax` the transport's DAX window, if it has one (FUSE_SETUPMAPPING and
+    /// FUSE_REMOVEMAPPING are ENOSYS without). Never panics.
+    pub fn handle(
+        &self,
+        request: &[IoSegment<'_>],
+        reply: &[IoSegment<'_>],
+        dax: Option<&dyn DaxWindow>,
+    ) -> Served {
+        let Some(mut req) = Request::new(Cursor::new(request)) else {
+            return self.refuse(request, reply, libc::EINVAL);
+        };
+        let unique = req.header.unique;
+        let opcode = req.header.opcode;
+        // A bug in a handler must cost one request, not the thread serving the queue.
+        let answer = panic::catch_unwind(AssertUnwindSafe(|| self.dispatch(&mut req, reply, dax)));
+        let answer = answer.unwrap_or_else(|_| {
+            tracing::error!(opcode, unique, "Serving a request panicked; answering EIO.");
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        });
+        tracing::trace!(opcode, unique, nodeid = req.header.nodeid, answer = ?answer.as_ref().map(|_| ()), "served");
+        reply::finish(reply, unique, answer)
+    }
+
+    /// Answers a request that cannot be served (a malformed descriptor chain, say) with
+    /// `errno`, if its unique id can be read and a reply header fits.
+    pub fn refuse(&self, request: &[IoSegment<'_>], reply: &[IoSegment<'_>], errno: i32) -> Served {
+        let mut head = [0u8; UNIQUE_END];
+        if Cursor::new(request).read_exact(&mut head).is_err() {
+            return Served::Dropped(DropReason::HeaderUnreadable);
+        }
+        let mut header = InHeader::default();
+        vm_memory::ByteValued::as_mut_slice(&mut header)[..UNIQUE_END].copy_from_slice(&head);
+        if matches!(
+            header.opcode,
+            opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT
+        ) {
+            // Nothing waits for a reply to these.
+            return Served::NoReply;
+        }
+        reply::error(reply, header.unique, errno)
+    }
+
+    /// Forgets everything the guest had: inodes, open files and directories, locks, the
+    /// negotiated protocol. For a device reset, or a guest that starts over without unmounting.
+    pub fn reset_session(&self) {
+        self.fs.reset();
+        self.initialized
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    fn dispatch(
+        &self,
+        req: &mut Request<'_, '_>,
+        reply: &[IoSegment<'_>],
+        dax: Option<&dyn DaxWindow>,
+    ) -> io::Result<Answer> {
+        if req.header.len > abi::MAX_BUFFER_SIZE + BUFFER_HEADER_SIZE {
+            return match req.header.opcode {
+                opcode::FORGET | opcode::BATCH_FORGET => Ok(Answer::NoReply),
+                _ => Err(io::Error::from_raw_os_error(libc::ENOMEM)),
+            };
+        }
+        match req.header.opcode {
+            opcode::LOOKUP => self.lookup(req),
+            opcode::FORGET => self.forget(req),
+            opcode::GETATTR => self.getattr(req),
+            opcode::SETATTR => self.setattr(req),
+            opcode::READLINK => self.readlink(req),
+            opcode::SYMLINK => self.symlink(req),
+            opcode::MKNOD => self.mknod(req),
+            opcode::MKDIR => self.mkdir(req),
+            opcode::UNLINK => self.unlink(req),
+            opcode::RMDIR => self.rmdir(req),
+            opcode::RENAME => self.rename(req),
+            opcode::LINK => self.link(req),
+            opcode::OPEN => self.open(req),
+            opcode::READ => self.read(req, reply),
+            opcode::WRITE => self.write(req),
+            opcode::STATFS => self.statfs(req),
+            opcode::RELEASE => self.release(req),
+            opcode::FSYNC => self.fsync(req),
+            opcode::SETXATTR => self.setxattr(req),
+            opcode::GETXATTR => self.getxattr(req),
+            opcode::LISTXATTR => self.listxattr(req),
+            opcode::REMOVEXATTR => self.removexattr(req),
+            opcode::FLUSH => self.flush(req),
+            opcode::INIT => self.init(req),
+            opcode::OPENDIR => self.opendir(req),
+            opcode::READDIR => self.readdir(req, reply, false),
+            opcode::RELEASEDIR => self.releasedir(req),
+            opcode::FSYNCDIR => self.fsyncdir(req),
+            opcode::GETLK => self.getlk(req),
+            opcode::SETLK => self.setlk(req),
+            opcode::SETLKW => self.setlkw(req),
+            opcode::ACCESS => self.access(req),
+            opcode::CREATE => self.create(req),
+            opcode::INTERRUPT => Ok(Answer::NoReply),
+            opcode::BMAP => self.bmap(req),
+            opcode::DESTROY => self.destroy(),
+            opcode::IOCTL => self.ioctl(req),
+            opcode::POLL => self.poll(req),
+            opcode::NOTIFY_REPLY => self.notify_reply(),
+            opcode::BATCH_FORGET => self.batch_forget(req),
+            opcode::FALLOCATE => self.fallocate(req),
+            opcode::READDIRPLUS => self.readdir(req, reply, true),
+            opcode::RENAME2 => self.rename2(req),
+            opcode::LSEEK => self.lseek(req),
+            opcode::COPY_FILE_RANGE => self.copy_file_range(req),
+            opcode::SETUPMAPPING => self.setupmapping(req, dax),
+            opcode::REMOVEMAPPING => self.removemapping(req, dax),
+            opcode::SYNCFS => self.syncfs(req),
+            opcode::TMPFILE => self.tmpfile(req),
+            _ => Err(io::Error::from_raw_os_error(libc::ENOSYS)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,558 @@
+//! Requests through the dispatcher from byte buffers, as a transport hands them over.
+
+use std::mem::size_of;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use fuse_backend_rs::abi::fuse_abi::{
+    AttrOut, EntryOut, ForgetIn, GetattrIn, InitIn, InitOut, OpenIn, OpenOut, OutHeader, ReadIn,
+    WriteIn, WriteOut, ROOT_ID,
+};
+use fuse_backend_rs::api::filesystem::Context;
+use vm_memory::ByteValued;
+
+use super::*;
+use crate::{Config, PassthroughFs};
+
+const UNIQUE: u64 = 0x1234_5678;
+const FILE_LEN: usize = 3 << 20;
+
+struct Fixture {
+    dir: std::path::PathBuf,
+    server: FsServer,
+    content: Vec<u8>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn fixture() -> Fixture {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "berth-server-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let content: Vec<u8> = (0..FILE_LEN).map(|i| (i * 7 + i / 4096) as u8).collect();
+    std::fs::write(dir.join("data"), &content).unwrap();
+    let fs = PassthroughFs::new(Config {
+        root_dir: dir.clone(),
+        ..Config::default()
+    })
+    .unwrap();
+    Fixture {
+        dir,
+        server: FsServer::new(fs),
+        content,
+    }
+}
+
+/// A request: header (with `len` covering `args`), then the argument bytes.
+fn request(opcode: u32, nodeid: u64, args: &[&[u8]]) -> Vec<u8> {
+    let body: usize = args.iter().map(|a| a.len()).sum();
+    let header = InHeader {
+        len: (size_of::<InHeader>() + body) as u32,
+        opcode,
+        unique: UNIQUE,
+        nodeid,
+        uid: 0,
+        gid: 0,
+        pid: 1,
+        ..Default::default()
+    };
+    let mut bytes = header.as_slice().to_vec();
+    for arg in args {
+        bytes.extend_from_slice(arg);
+    }
+    bytes
+}
+
+/// Serves `request` (one segment) with `reply_room` bytes of reply room (one segment).
+fn serve(server: &FsServer, request: &[u8], reply_room: usize) -> (Served, Vec<u8>) {
+    serve_with(server, request, reply_room, None)
+}
+
+fn serve_with(
+    server: &FsServer,
+    request: &[u8],
+    reply_room: usize,
+    dax: Option<&dyn DaxWindow>,
+) -> (Served, Vec<u8>) {
+    let mut request = request.to_vec();
+    let mut reply = vec![0u8; reply_room];
+    let served = {
+        let request = [IoSegment::from_mut_slice(&mut request)];
+        let reply_segments = [IoSegment::from_mut_slice(&mut reply)];
+        server.handle(&request, &reply_segments, dax)
+    };
+    reply.truncate(served.reply_len());
+    (served, reply)
+}
+
+fn header(reply: &[u8]) -> OutHeader {
+    *OutHeader::from_slice(&reply[..size_of::<OutHeader>()]).unwrap()
+}
+
+fn errno(reply: &[u8]) -> i32 {
+    assert_eq!(header(reply).unique, UNIQUE);
+    -header(reply).error
+}
+
+fn body<T: ByteValued>(reply: &[u8]) -> T {
+    *T::from_slice(&reply[size_of::<OutHeader>()..size_of::<OutHeader>() + size_of::<T>()]).unwrap()
+}
+
+fn lookup(server: &FsServer, name: &str) -> EntryOut {
+    let name = format!("{name}\0");
+    let (_, reply) = serve(
+        server,
+        &request(opcode::LOOKUP, ROOT_ID, &[name.as_bytes()]),
+        4096,
+    );
+    assert_eq!(errno(&reply), 0, "LOOKUP {name}");
+    body(&reply)
+}
+
+fn open(server: &FsServer, nodeid: u64, flags: i32) -> u64 {
+    let args = OpenIn {
+        flags: flags as u32,
+        fuse_flags: 0,
+    };
+    let (_, reply) = serve(
+        server,
+        &request(opcode::OPEN, nodeid, &[args.as_slice()]),
+        4096,
+    );
+    assert_eq!(errno(&reply), 0, "OPEN");
+    body::<OpenOut>(&reply).fh
+}
+
+fn init(server: &FsServer) -> InitOut {
+    let args = InitIn {
+        major: 7,
+        minor: 38,
+        max_readahead: 1 << 17,
+        flags: 0,
+    };
+    let (served, reply) = serve(server, &request(opcode::INIT, 0, &[args.as_slice()]), 4096);
+    assert_eq!(served, Served::Replied(16 + size_of::<InitOut>()));
+    assert_eq!(errno(&reply), 0);
+    body(&reply)
+}
+
+#[test]
+fn destroy_is_answered_with_a_bare_header_and_drops_the_session() {
+    let f = fixture();
+    init(&f.server);
+    let node = lookup(&f.server, "data").nodeid;
+    let (served, reply) = serve(&f.server, &request(opcode::DESTROY, 0, &[]), 4096);
+    assert_eq!(served, Served::Replied(16));
+    assert_eq!(header(&reply).len, 16);
+    assert_eq!(errno(&reply), 0);
+    let getattr = GetattrIn::default();
+    let (_, reply) = serve(
+        &f.server,
+        &request(opcode::GETATTR, node, &[getattr.as_slice()]),
+        4096,
+    );
+    assert_eq!(
+        errno(&reply),
+        libc::EBADF,
+        "the inode went with the session"
+    );
+}
+
+#[test]
+fn forgets_and_interrupts_get_no_reply() {
+    let f = fixture();
+    let node = lookup(&f.server, "data").nodeid;
+    for request in [
+        request(opcode::FORGET, node, &[ForgetIn { nlookup: 1 }.as_slice()]),
+        request(opcode::FORGET, node, &[]),
+        request(opcode::INTERRUPT, 0, &[&[0u8; 8]]),
+        request(
+            opcode::BATCH_FORGET,
+            0,
+            &[&1u32.to_le_bytes(), &[0u8; 4], &[0u8; 8]],
+        ),
+    ] {
+        let mut reply = vec![0xaau8; 64];
+        let served = {
+            let mut request = request.clone();
+            f.server.handle(
+                &[IoSegment::from_mut_slice(&mut request)],
+                &[IoSegment::from_mut_slice(&mut reply)],
+                None,
+            )
+        };
+        assert_eq!(served, Served::NoReply);
+        assert!(reply.iter().all(|&b| b == 0xaa), "nothing written");
+    }
+    assert_eq!(
+        f.server.fs().inode_count(),
+        1,
+        "the FORGET dropped the lookup"
+    );
+}
+
+#[test]
+fn a_truncated_header_is_answered_einval_when_its_unique_id_is_there() {
+    let f = fixture();
+    let full = request(opcode::GETATTR, ROOT_ID, &[GetattrIn::default().as_slice()]);
+    let (served, reply) = serve(&f.server, &full[..20], 4096);
+    assert_eq!(served, Served::Replied(16));
+    assert_eq!(errno(&reply), libc::EINVAL);
+    let (served, _) = serve(&f.server, &full[..10], 4096);
+    assert_eq!(served, Served::Dropped(DropReason::HeaderUnreadable));
+    // A header that fits but no room for a reply header.
+    let (served, _) = serve(&f.server, &full, 15);
+    assert_eq!(served, Served::Dropped(DropReason::NoRoomForHeader));
+}
+
+#[test]
+fn undecodable_requests_are_einval() {
+    let f = fixture();
+    // GETATTR without its arguments, LOOKUP of a name without its NUL, RENAME with one name.
+    for request in [
+        request(opcode::GETATTR, ROOT_ID, &[]),
+        request(opcode::LOOKUP, ROOT_ID, &[b"data"]),
+        request(
+            opcode::RENAME,
+            ROOT_ID,
+            &[&ROOT_ID.to_le_bytes(), b"data\0"],
+        ),
+        request(opcode::INIT, 0, &[&[7, 0, 0, 0]]),
+    ] {
+        let (served, reply) = serve(&f.server, &request, 4096);
+        assert_eq!(served, Served::Replied(16));
+        assert_eq!(errno(&reply), libc::EINVAL);
+    }
+    // A header claiming more than the request holds.
+    let mut lie = request(opcode::LOOKUP, ROOT_ID, &[b"data\0"]);
+    lie[..4].copy_from_slice(&4096u32.to_le_bytes());
+    let (_, reply) = serve(&f.server, &lie, 4096);
+    assert_eq!(errno(&reply), libc::EINVAL);
+}
+
+#[test]
+fn oversized_and_unknown_requests() {
+    let f = fixture();
+    let mut big = request(opcode::GETATTR, ROOT_ID, &[GetattrIn::default().as_slice()]);
+    big[..4].copy_from_slice(&((1u32 << 20) + 4097).to_le_bytes());
+    let (_, reply) = serve(&f.server, &big, 4096);
+    assert_eq!(errno(&reply), libc::ENOMEM);
+    big[4..8].copy_from_slice(&opcode::FORGET.to_le_bytes());
+    assert_eq!(serve(&f.server, &big, 4096).0, Served::NoReply);
+    for op in [52, 4096, u32::MAX] {
+        let (_, reply) = serve(&f.server, &request(op, ROOT_ID, &[]), 4096);
+        assert_eq!(errno(&reply), libc::ENOSYS, "opcode {op}");
+    }
+}
+
+#[test]
+fn a_reply_that_does_not_fit_its_room_is_eio() {
+    let f = fixture();
+    let getattr = request(opcode::GETATTR, ROOT_ID, &[GetattrIn::default().as_slice()]);
+    let (served, reply) = serve(&f.server, &getattr, 16 + size_of::<AttrOut>() - 1);
+    assert_eq!(served, Served::Replied(16));
+    assert_eq!(errno(&reply), libc::EIO);
+    let (served, reply) = serve(&f.server, &getattr, 16 + size_of::<AttrOut>());
+    assert_eq!(served, Served::Replied(16 + size_of::<AttrOut>()));
+    assert_eq!(errno(&reply), 0);
+}
+
+/// A DAX window that records what it is asked, or panics.
+#[derive(Default)]
+struct Window {
+    setups: Mutex<Vec<(u64, SetupMappingIn)>>,
+    removals: Mutex<Vec<RemoveMappingOne>>,
+    panic: bool,
+}
+
+impl DaxWindow for Window {
+    fn setup_mapping(
+        &self,
+        _ctx: &Context,
+        nodeid: u64,
+        mapping: &SetupMappingIn,
+    ) -> std::io::Result<()> {
+        assert!(!self.panic, "a bug in the window");
+        self.setups.lock().unwrap().push((nodeid, *mapping));
+        Ok(())
+    }
+
+    fn remove_mappings(
+        &self,
+        _ctx: &Context,
+        _nodeid: u64,
+        ranges: &[RemoveMappingOne],
+    ) -> std::io::Result<()> {
+        self.removals.lock().unwrap().extend_from_slice(ranges);
+        Ok(())
+    }
+}
+
+#[test]
+fn mappings_are_enosys_without_a_window_and_go_to_the_window_with_one() {
+    let f = fixture();
+    let mapping = SetupMappingIn {
+        fh: 3,
+        foffset: 4096,
+        len: 2 << 20,
+        flags: 2,
+        moffset: 8 << 20,
+    };
+    let setup = request(opcode::SETUPMAPPING, 5, &[mapping.as_slice()]);
+    let ranges = [
+        RemoveMappingOne {
+            moffset: 0,
+            len: 4096,
+        },
+        RemoveMappingOne {
+            moffset: 1 << 21,
+            len: 1 << 21,
+        },
+    ];
+    let remove = request(
+        opcode::REMOVEMAPPING,
+        5,
+        &[
+            &2u32.to_le_bytes(),
+            ranges[0].as_slice(),
+            ranges[1].as_slice(),
+        ],
+    );
+    for request in [&setup, &remove] {
+        let (_, reply) = serve(&f.server, request, 4096);
+        assert_eq!(errno(&reply), libc::ENOSYS);
+    }
+    let window = Window::default();
+    let (_, reply) = serve_with(&f.server, &setup, 4096, Some(&window));
+    assert_eq!(errno(&reply), 0);
+    let (_, reply) = serve_with(&f.server, &remove, 4096, Some(&window));
+    assert_eq!(errno(&reply), 0);
+    assert_eq!(*window.setups.lock().unwrap(), vec![(5, mapping)]);
+    assert_eq!(*window.removals.lock().unwrap(), ranges.to_vec());
+    // A count the request does not carry is refused before the window sees anything.
+    let short = request(
+        opcode::REMOVEMAPPING,
+        5,
+        &[&3u32.to_le_bytes(), ranges[0].as_slice()],
+    );
+    let (_, reply) = serve_with(&f.server, &short, 4096, Some(&window));
+    assert_eq!(errno(&reply), libc::EINVAL);
+    let huge = request(opcode::REMOVEMAPPING, 5, &[&u32::MAX.to_le_bytes()]);
+    let (_, reply) = serve_with(&f.server, &huge, 4096, Some(&window));
+    assert_eq!(errno(&reply), libc::ENOMEM);
+    assert_eq!(window.removals.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn a_panicking_handler_costs_one_request() {
+    let f = fixture();
+    let window = Window {
+        panic: true,
+        ..Window::default()
+    };
+    let setup = request(
+        opcode::SETUPMAPPING,
+        5,
+        &[SetupMappingIn::default().as_slice()],
+    );
+    let (served, reply) = serve_with(&f.server, &setup, 4096, Some(&window));
+    assert_eq!(served, Served::Replied(16));
+    assert_eq!(errno(&reply), libc::EIO);
+    assert_eq!(lookup(&f.server, "data").attr.size, FILE_LEN as u64);
+}
+
+/// `count` 4 KiB reply pages after a 16-byte header segment, in reverse order of memory
+/// (like a guest's pinned user pages).
+fn scattered(count: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
+    (vec![0u8; 16], (0..count).map(|_| vec![0u8; 4096]).collect())
+}
+
+#[test]
+fn read_lands_in_scattered_reply_segments() {
+    let f = fixture();
+    let node = lookup(&f.server, "data").nodeid;
+    let fh = open(&f.server, node, libc::O_RDWR);
+    for (offset, pages) in [
+        (8192u64, 1usize),
+        (5000, 3),
+        (0, 256),
+        (FILE_LEN as u64 - 100, 1),
+    ] {
+        let size = (pages * 4096) as u32;
+        let args = ReadIn {
+            fh,
+            offset,
+            size,
+            ..Default::default()
+        };
+        let mut req = request(opcode::READ, node, &[args.as_slice()]);
+        let (mut head, mut pages_buf) = scattered(pages);
+        let served = {
+            let mut segments = vec![IoSegment::from_mut_slice(&mut head)];
+            segments.extend(pages_buf.iter_mut().map(|p| IoSegment::from_mut_slice(p)));
+            f.server
+                .handle(&[IoSegment::from_mut_slice(&mut req)], &segments, None)
+        };
+        let expected = (size as usize).min(FILE_LEN - offset as usize);
+        assert_eq!(served, Served::Replied(16 + expected));
+        assert_eq!(errno(&head), 0);
+        assert_eq!(header(&head).len as usize, 16 + expected);
+        let data: Vec<u8> = pages_buf.concat();
+        let start = offset as usize;
+        assert_eq!(&data[..expected], &f.content[start..start + expected]);
+    }
+    // A reply room smaller than the read: EIO, as fuse-backend-rs answered.
+    let args = ReadIn {
+        fh,
+        size: 3 * 4096,
+        ..Default::default()
+    };
+    let (_, reply) = serve(
+        &f.server,
+        &request(opcode::READ, node, &[args.as_slice()]),
+        16 + 8192,
+    );
+    assert_eq!(errno(&reply), libc::EIO);
+    // A handle that does not exist.
+    let args = ReadIn {
+        fh: fh + 1000,
+        size: 4096,
+        ..Default::default()
+    };
+    let (_, reply) = serve(
+        &f.server,
+        &request(opcode::READ, node, &[args.as_slice()]),
+        8192,
+    );
+    assert_eq!(errno(&reply), libc::EBADF);
+}
+
+#[test]
+fn write_takes_its_data_from_split_segments() {
+    let f = fixture();
+    let node = lookup(&f.server, "data").nodeid;
+    let fh = open(&f.server, node, libc::O_RDWR);
+    let payload: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    let args = WriteIn {
+        fh,
+        offset: 4096 * 3 + 17,
+        size: payload.len() as u32,
+        ..Default::default()
+    };
+    let mut head = request(opcode::WRITE, node, &[args.as_slice()]);
+    let len = (head.len() + payload.len()) as u32;
+    head[..4].copy_from_slice(&len.to_le_bytes());
+    let mut parts: Vec<Vec<u8>> = vec![
+        payload[..1000].to_vec(),
+        payload[1000..5096].to_vec(),
+        payload[5096..].to_vec(),
+    ];
+    let mut reply = vec![0u8; 64];
+    let served = {
+        let mut segments = vec![IoSegment::from_mut_slice(&mut head)];
+        segments.extend(parts.iter_mut().map(|p| IoSegment::from_mut_slice(p)));
+        f.server
+            .handle(&segments, &[IoSegment::from_mut_slice(&mut reply)], None)
+    };
+    assert_eq!(served, Served::Replied(16 + size_of::<WriteOut>()));
+    assert_eq!(errno(&reply), 0);
+    assert_eq!(body::<WriteOut>(&reply).size as usize, payload.len());
+    let on_disk = std::fs::read(f.dir.join("data")).unwrap();
+    let start = args.offset as usize;
+    assert_eq!(&on_disk[start..start + payload.len()], &payload[..]);
+    // Claiming more data than the request carries writes what is there, as before.
+    let args = WriteIn {
+        fh,
+        size: 8192,
+        ..Default::default()
+    };
+    let short = request(opcode::WRITE, node, &[args.as_slice(), &[7u8; 100]]);
+    let (_, reply) = serve(&f.server, &short, 64);
+    assert_eq!(errno(&reply), 0);
+    assert_eq!(body::<WriteOut>(&reply).size, 100);
+}
+
+#[test]
+fn a_second_init_starts_a_new_session() {
+    let f = fixture();
+    init(&f.server);
+    let node = lookup(&f.server, "data").nodeid;
+    let fh = open(&f.server, node, libc::O_RDONLY);
+    assert_eq!(f.server.fs().handle_count(), 1);
+    // The guest rebooted: the new kernel mounts again without unmounting first.
+    init(&f.server);
+    assert_eq!(
+        f.server.fs().handle_count(),
+        0,
+        "the old guest's files are closed"
+    );
+    assert_eq!(f.server.fs().inode_count(), 1, "only the root is left");
+    let args = ReadIn {
+        fh,
+        size: 4096,
+        ..Default::default()
+    };
+    let (_, reply) = serve(
+        &f.server,
+        &request(opcode::READ, node, &[args.as_slice()]),
+        8192,
+    );
+    assert_eq!(errno(&reply), libc::EBADF);
+    // And the new session works.
+    let node = lookup(&f.server, "data").nodeid;
+    open(&f.server, node, libc::O_RDONLY);
+    // A reset from the transport does the same.
+    f.server.reset_session();
+    assert_eq!(f.server.fs().handle_count(), 0);
+    assert_eq!(f.server.fs().inode_count(), 1);
+}
+
+#[test]
+fn refused_requests_are_answered_when_they_can_be() {
+    let f = fixture();
+    let getattr = request(opcode::GETATTR, ROOT_ID, &[GetattrIn::default().as_slice()]);
+    let mut reply = vec![0u8; 64];
+    let served = {
+        let mut req = getattr.clone();
+        f.server.refuse(
+            &[IoSegment::from_mut_slice(&mut req)],
+            &[IoSegment::from_mut_slice(&mut reply)],
+            libc::EIO,
+        )
+    };
+    assert_eq!(served, Served::Replied(16));
+    assert_eq!(errno(&reply), libc::EIO);
+    // No reply room, no unique id, or a request that takes no reply.
+    let mut req = getattr.clone();
+    assert_eq!(
+        f.server
+            .refuse(&[IoSegment::from_mut_slice(&mut req)], &[], libc::EIO),
+        Served::Dropped(DropReason::NoRoomForHeader)
+    );
+    let mut short = getattr[..12].to_vec();
+    assert_eq!(
+        f.server.refuse(
+            &[IoSegment::from_mut_slice(&mut short)],
+            &[IoSegment::from_mut_slice(&mut reply)],
+            libc::EIO
+        ),
+        Served::Dropped(DropReason::HeaderUnreadable)
+    );
+    let mut forget = request(opcode::FORGET, 2, &[ForgetIn { nlookup: 1 }.as_slice()]);
+    assert_eq!(
+        f.server.refuse(
+            &[IoSegment::from_mut_slice(&mut forget)],
+            &[IoSegment::from_mut_slice(&mut reply)],
+            libc::EIO
+        ),
+        Served::NoReply
+    );
+}

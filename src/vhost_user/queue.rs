@@ -1,0 +1,242 @@
+//! Serving a virtqueue: pop a descriptor chain, turn it into segments ([`chain`]), hand it to
+//! the FUSE server, return it on the used ring with the reply's length.
+//!
+//! Every request takes this one path, READ and WRITE included: the server moves their data
+//! between the host file and the guest's buffers with one `preadv`/`pwritev`.
+
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use berth_passthrough::{DaxWindow, FsServer, Served};
+use tracing::{debug, info, warn};
+use vhost_user_backend::{VringState, VringT};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+
+use super::chain::ChainSegments;
+use super::{FsBackend, GuestMemory, MemoryGuard, Vring, HIPRIO_QUEUE};
+
+impl FsBackend {
+    /// Serves everything available on one queue, re-checking after re-enabling notifications
+    /// so that a request added in between is not left waiting for a kick that never comes.
+    pub(super) fn serve_queue(&self, queue: usize, vring: &Vring) {
+        let Some(mem) = self.guest_memory() else {
+            warn!(
+                queue,
+                "The frontend kicked a queue before sending the guest memory table; ignoring it."
+            );
+            return;
+        };
+        if !vring.get_ref().get_queue().ready() {
+            // A kick (or the library's vring-enabled event) for a queue stopped meanwhile.
+            return;
+        }
+        if !self.queue_started[queue].swap(true, Ordering::Relaxed) {
+            let kind = if queue == HIPRIO_QUEUE {
+                "high-priority"
+            } else {
+                "request"
+            };
+            info!(queue, "The frontend started using {kind} queue {queue}.");
+        }
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let mut handled = 0usize;
+        loop {
+            let before = handled;
+            self.serve_until_empty(queue, vring, &mem, event_idx, &mut handled);
+            // A guest that just got a reply often sends the next request within microseconds:
+            // waiting briefly here saves both sides a sleep and a wake-up.
+            if handled == before || self.poll.is_zero() || !self.poll_for_work(vring, &mem) {
+                break;
+            }
+        }
+        if handled > 0 {
+            debug!(queue, handled, "served requests");
+        }
+    }
+
+    /// Spins up to the poll window; true when the guest made a new request available.
+    fn poll_for_work(&self, vring: &Vring, mem: &MemoryGuard) -> bool {
+        let deadline = Instant::now() + self.poll;
+        loop {
+            let pending = {
+                let state = vring.get_mut();
+                let queue = state.get_queue();
+                queue
+                    .avail_idx(&**mem, Ordering::Acquire)
+                    .map(|avail| avail != Wrapping(queue.next_avail()))
+                    .unwrap_or(false)
+            };
+            if pending {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn serve_until_empty(
+        &self,
+        queue: usize,
+        vring: &Vring,
+        mem: &MemoryGuard,
+        event_idx: bool,
+        handled: &mut usize,
+    ) {
+        loop {
+            if event_idx {
+                if let Err(e) = vring.disable_notification() {
+                    warn!(queue, "Cannot disable queue notifications: {e}.");
+                }
+            }
+            *handled += self.drain_queue(queue, vring, mem, event_idx);
+            if !event_idx {
+                break;
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!(queue, "Cannot re-enable queue notifications: {e}.");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn drain_queue(
+        &self,
+        queue: usize,
+        vring: &Vring,
+        mem: &MemoryGuard,
+        event_idx: bool,
+    ) -> usize {
+        let mut handled = 0;
+        loop {
+            let (chain, desc_table) = {
+                let mut state = vring.get_mut();
+                let queue = state.get_queue_mut();
+                // Stopped (GET_VRING_BASE) since the kick: the frontend has taken it back.
+                if !queue.ready() {
+                    return handled;
+                }
+                let desc_table = queue.desc_table();
+                (queue.pop_descriptor_chain(mem.clone()), desc_table)
+            };
+            let Some(chain) = chain else {
+                return handled;
+            };
+            handled += 1;
+            let in_flight = self.in_flight[queue].start();
+            let head_flags = head_descriptor_flags(mem, desc_table, chain.head_index());
+            match &self.pool {
+                Some(pool) => {
+                    let server = self.server.clone();
+                    let vring = vring.clone();
+                    let mem = mem.clone();
+                    pool.execute(Box::new(move || {
+                        let head = chain.head_index();
+                        let used = serve_request(&server, queue, &mem, &chain, head_flags, None);
+                        complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
+                        drop(in_flight);
+                    }));
+                }
+                None => {
+                    let head = chain.head_index();
+                    let used = serve_request(&self.server, queue, mem, &chain, head_flags, None);
+                    complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
+                    drop(in_flight);
+                }
+            }
+        }
+    }
+}
+
+/// Serves the request in one descriptor chain and returns the number of reply bytes written
+/// into it. A malformed chain is answered with EIO when its request's unique id can be read
+/// and a reply header fits, and returned with nothing written (and a warning) otherwise.
+pub(crate) fn serve_request<M>(
+    server: &FsServer,
+    queue: usize,
+    mem: &GuestMemoryMmap,
+    chain: &DescriptorChain<M>,
+    head_flags: Option<u16>,
+    dax: Option<&dyn DaxWindow>,
+) -> u32
+where
+    M: std::ops::Deref + Clone,
+    M::Target: vm_memory::GuestMemory,
+{
+    let head = chain.head_index();
+    let mut segments = ChainSegments::default();
+    let served = match segments.walk(chain, mem, head_flags) {
+        Ok(()) => server.handle(&segments.readable, &segments.writable, dax),
+        Err(fault) => {
+            let served = server.refuse(&segments.readable, &segments.writable, libc::EIO);
+            match served {
+                Served::Replied(_) => warn!(
+                    queue,
+                    head, "Answering a malformed descriptor chain with EIO: {fault}."
+                ),
+                _ => warn!(
+                    queue,
+                    head, "Dropping a malformed descriptor chain: {fault}."
+                ),
+            }
+            return u32::try_from(served.reply_len()).unwrap_or(0);
+        }
+    };
+    if let Served::Dropped(why) = served {
+        warn!(queue, head, "Dropping a request: {why}.");
+    }
+    u32::try_from(served.reply_len()).unwrap_or(0)
+}
+
+/// The flags of the chain's head descriptor in the queue's descriptor table (`None` when the
+/// table cannot be read there).
+pub(crate) fn head_descriptor_flags(
+    mem: &GuestMemoryMmap,
+    desc_table: u64,
+    head: u16,
+) -> Option<u16> {
+    // A split-ring descriptor is 16 bytes: address, length, then the 16-bit flags.
+    let addr = desc_table.checked_add(u64::from(head) * 16 + 12)?;
+    let mut flags = [0u8; 2];
+    GuestMemoryBackend::get_slice(mem, vm_memory::GuestAddress(addr), 2)
+        .ok()?
+        .copy_to(&mut flags);
+    Some(u16::from_le_bytes(flags))
+}
+
+/// Puts a served chain on the used ring and tells the guest if it asked to be told.
+fn complete_request(
+    queue: usize,
+    vring: &mut VringState<GuestMemory>,
+    head: u16,
+    used: u32,
+    event_idx: bool,
+) {
+    if let Err(e) = vring.add_used(head, used) {
+        warn!(
+            queue,
+            head, "Cannot return a descriptor chain to the used ring: {e}."
+        );
+        return;
+    }
+    let notify = !event_idx
+        || vring.needs_notification().unwrap_or_else(|e| {
+            warn!(
+                queue,
+                "Cannot tell whether the guest wants a notification ({e}); sending one."
+            );
+            true
+        });
+    if notify {
+        if let Err(e) = vring.signal_used_queue() {
+            warn!(queue, "Cannot notify the guest of used descriptors: {e}.");
+        }
+    }
+}
