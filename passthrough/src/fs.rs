@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
-use std::mem::{ManuallyDrop, MaybeUninit};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +29,7 @@ use crate::config::{CachePolicy, Config, InodeFileHandles, Negotiation};
 use crate::error::Error;
 use crate::file_handle::{FileHandle, MountFds};
 use crate::handle_table::{HandleTable, OwnedBy};
+use crate::host_file::HostFile;
 use crate::inode_store::{InodeData, InodeFile, InodeKey, InodeStore};
 use crate::server::{
     init_flags, SecContext, SETXATTR_ACL_KILL_SGID, XATTR_LIST_MAX, XATTR_SIZE_MAX,
@@ -1555,13 +1556,6 @@ fn kill_suid_sgid(file: &File) -> io::Result<()> {
     Ok(())
 }
 
-/// Borrows a handle's file as the `&mut File` the zero-copy traits want.
-fn file_ref(file: &File) -> ManuallyDrop<File> {
-    // SAFETY: the descriptor stays open for as long as `file` lives, which outlives the
-    // returned value's use; ManuallyDrop keeps it from being closed twice.
-    ManuallyDrop::new(unsafe { File::from_raw_fd(file.as_raw_fd()) })
-}
-
 fn cstr_arg(name: &CStr) -> io::Result<&CStr> {
     validate_name(name)?;
     Ok(name)
@@ -1975,8 +1969,8 @@ impl FileSystem for PassthroughFs {
         _flags: u32,
     ) -> io::Result<usize> {
         let data = self.handle(inode, handle)?;
-        let mut file = file_ref(&data.file);
-        match w.write_from(&mut *file, size as usize, offset) {
+        let mut file = HostFile::new(data.file.as_fd());
+        match w.write_from(&mut file, size as usize, offset) {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && is_direct(&data.file) => {
                 read_direct_aligned(&data.file, w, size as usize, offset)
             }
@@ -2003,8 +1997,8 @@ impl FileSystem for PassthroughFs {
             kill_suid_sgid(&data.file)?;
         }
         self.drop_remapped_capability(data.file.as_raw_fd(), false)?;
-        let mut file = file_ref(&data.file);
-        match r.read_to(&mut *file, size as usize, offset) {
+        let mut file = HostFile::new(data.file.as_fd());
+        match r.read_to(&mut file, size as usize, offset) {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && is_direct(&data.file) => {
                 write_direct_aligned(&data.file, r, size as usize, offset)
             }

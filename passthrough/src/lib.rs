@@ -15,6 +15,7 @@ mod fd_cache;
 mod file_handle;
 mod fs;
 mod handle_table;
+mod host_file;
 mod inode_store;
 pub mod server;
 mod util;

@@ -13,7 +13,7 @@ use berth_passthrough::IoSegment;
 use smallvec::SmallVec;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 /// Segments kept inline per direction: a 4 KiB request or reply and its headers fit, a 1 MiB
 /// one in 4 KiB pages spills to the heap (once per such request).
@@ -53,6 +53,15 @@ impl fmt::Display for ChainError {
             }
         }
     }
+}
+
+/// A guest buffer as the server's segment.
+fn segment<'m>(slice: &VolatileSlice<'m>) -> IoSegment<'m> {
+    // SAFETY: the slice lies in a region of guest memory, which stays mapped for 'm (the
+    // caller holds the memory); the guest may change the bytes at any time, which the server
+    // allows for (it reads them with volatile copies and checks everything it reads). Writes
+    // through it bypass dirty-page tracking: guest memory has none (`Bitmap = ()`).
+    unsafe { IoSegment::from_raw_parts(slice.ptr_guard_mut().as_ptr(), slice.len()) }
 }
 
 /// A chain's buffers in host memory: the request, then the room for the reply.
@@ -95,14 +104,20 @@ impl<'m> ChainSegments<'m> {
             } else {
                 &mut self.readable
             };
-            for slice in GuestMemoryBackend::get_slices(mem, desc.addr(), desc.len() as usize) {
-                let slice = slice.map_err(|_| ChainError::OutsideMemory { writable })?;
-                let ptr = slice.ptr_guard_mut().as_ptr();
-                // SAFETY: the slice lies in a region of `mem`, which stays mapped for 'm; the
-                // guest may change the bytes at any time, which the server allows for (it reads
-                // them with volatile copies and checks everything it reads). Writes through it
-                // bypass dirty-page tracking: guest memory has none (`Bitmap = ()`).
-                out.push(unsafe { IoSegment::from_raw_parts(ptr, slice.len()) });
+            let len = desc.len() as usize;
+            if len > 0 {
+                // One region holds the buffer, nearly always; otherwise it is split at region
+                // boundaries.
+                match GuestMemoryBackend::get_slice(mem, desc.addr(), len) {
+                    Ok(slice) => out.push(segment(&slice)),
+                    Err(_) => {
+                        for slice in GuestMemoryBackend::get_slices(mem, desc.addr(), len) {
+                            let slice =
+                                slice.map_err(|_| ChainError::OutsideMemory { writable })?;
+                            out.push(segment(&slice));
+                        }
+                    }
+                }
             }
             last_has_next = desc.has_next();
         }

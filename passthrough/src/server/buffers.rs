@@ -152,15 +152,14 @@ impl<'s, 'a> Cursor<'s, 'a> {
             self.index += 1;
             self.offset = 0;
         }
-        // Land past empty segments so that the next piece starts where its bytes are.
-        while self
-            .segments
-            .get(self.index)
-            .is_some_and(|s| self.offset >= s.len && self.remaining > 0)
-        {
-            self.index += 1;
-            self.offset = 0;
-        }
+    }
+
+    /// The next `len` bytes when they lie in the current segment (the common case: a header
+    /// or an argument struct in one descriptor).
+    fn contiguous(&self, len: usize) -> Option<VolatileSlice<'a, ()>> {
+        let segment = self.segments.get(self.index)?;
+        let end = self.offset.checked_add(len)?;
+        (end <= segment.len).then(|| segment.volatile(self.offset, len))
     }
 
     /// Copies the next `out.len()` bytes into `out` and moves past them; fails, moving
@@ -168,6 +167,12 @@ impl<'s, 'a> Cursor<'s, 'a> {
     pub(crate) fn read_exact(&mut self, out: &mut [u8]) -> Result<(), Short> {
         if out.len() > self.remaining {
             return Err(Short);
+        }
+        if let Some(slice) = self.contiguous(out.len()) {
+            slice.copy_to(out);
+            self.offset += out.len();
+            self.remaining -= out.len();
+            return Ok(());
         }
         let mut done = 0;
         self.pieces(out.len(), |segment, offset, len| {
@@ -194,6 +199,12 @@ impl<'s, 'a> Cursor<'s, 'a> {
     pub(crate) fn write_all(&mut self, bytes: &[u8]) -> Result<(), Short> {
         if bytes.len() > self.remaining {
             return Err(Short);
+        }
+        if let Some(slice) = self.contiguous(bytes.len()) {
+            slice.copy_from(bytes);
+            self.offset += bytes.len();
+            self.remaining -= bytes.len();
+            return Ok(());
         }
         let mut done = 0;
         self.pieces(bytes.len(), |segment, offset, len| {

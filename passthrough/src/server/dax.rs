@@ -11,7 +11,7 @@ use std::mem::size_of;
 use fuse_backend_rs::api::filesystem::Context;
 
 use super::abi::{RemoveMappingIn, RemoveMappingOne, SetupMappingIn, MAX_BUFFER_SIZE};
-use super::reply::Answer;
+use super::reply::{self, Answer};
 use super::request::Request;
 use super::FsServer;
 
@@ -39,7 +39,7 @@ impl FsServer {
         let window = dax.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOSYS))?;
         let mapping: SetupMappingIn = req.read()?;
         window.setup_mapping(&req.ctx, req.nodeid(), &mapping)?;
-        Answer::empty()
+        reply::done()
     }
 
     pub(super) fn removemapping(
@@ -63,6 +63,6 @@ impl FsServer {
             ranges.push(req.read::<RemoveMappingOne>()?);
         }
         window.remove_mappings(&req.ctx, req.nodeid(), &ranges)?;
-        Answer::empty()
+        reply::done()
     }
 }

@@ -3,22 +3,25 @@
 use std::io;
 use std::mem::size_of;
 
-use fuse_backend_rs::abi::fuse_abi::{
-    Dirent, EntryOut, FsyncIn, OpenIn, OutHeader, ReadIn, ReleaseIn,
-};
+use fuse_backend_rs::abi::fuse_abi::{Dirent, EntryOut, FsyncIn, OpenIn, ReadIn, ReleaseIn};
 use fuse_backend_rs::api::filesystem::{DirEntry, Entry, FileSystem};
 use vm_memory::ByteValued;
 
-use super::buffers::{Cursor, IoSegment, ReplyData};
-use super::reply::{self, Answer};
+use super::buffers::ReplyData;
+use super::reply::{self, Answer, Reply};
 use super::request::Request;
 use super::FsServer;
 
 impl FsServer {
-    pub(super) fn opendir(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn opendir(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let OpenIn { flags, .. } = req.read()?;
         let (fh, options) = self.fs.opendir(&req.ctx, req.nodeid(), flags)?;
-        Answer::of(&reply::open_out(fh.unwrap_or(0), options.bits(), None))
+        reply::open(out, fh.unwrap_or(0), options.bits(), None)?;
+        reply::done()
     }
 
     /// READDIR and READDIRPLUS: entries are written straight into the reply after the header,
@@ -26,20 +29,17 @@ impl FsServer {
     pub(super) fn readdir(
         &self,
         req: &mut Request<'_, '_>,
-        reply: &[IoSegment<'_>],
+        out: &mut Reply<'_, '_>,
         plus: bool,
     ) -> io::Result<Answer> {
         let ReadIn {
             fh, offset, size, ..
         } = req.read()?;
-        let mut cursor = Cursor::new(reply);
-        if cursor.remaining() < size as usize {
+        // As fuse-backend-rs: the whole reply room (header included) must hold `size`.
+        if out.total_room() < size as usize {
             return Err(io::Error::from_raw_os_error(libc::ENOMEM));
         }
-        cursor
-            .skip(size_of::<OutHeader>())
-            .map_err(|_| io::Error::from_raw_os_error(libc::EIO))?;
-        let mut data = ReplyData::new(&mut cursor);
+        let mut data = out.data();
         let max = size as usize;
         if plus {
             self.fs
@@ -52,13 +52,13 @@ impl FsServer {
                     add_dirent(&mut data, max, d, None)
                 })?;
         }
-        Ok(Answer::Data(data.written()))
+        reply::done()
     }
 
     pub(super) fn releasedir(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
         let ReleaseIn { fh, flags, .. } = req.read()?;
         self.fs.releasedir(&req.ctx, req.nodeid(), flags, fh)?;
-        Answer::empty()
+        reply::done()
     }
 
     pub(super) fn fsyncdir(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
@@ -67,7 +67,7 @@ impl FsServer {
         } = req.read()?;
         self.fs
             .fsyncdir(&req.ctx, req.nodeid(), fsync_flags & 1 != 0, fh)?;
-        Answer::empty()
+        reply::done()
     }
 }
 

@@ -7,13 +7,12 @@ use std::mem::size_of;
 use fuse_backend_rs::abi::fuse_abi::{stat64, InHeader};
 use fuse_backend_rs::abi::fuse_abi::{
     AccessIn, BatchForgetIn, CreateIn, ForgetIn, ForgetOne, GetattrIn, Kstatfs, LinkIn, MkdirIn,
-    MknodIn, OpenOut, Rename2In, RenameIn, SetattrIn, SetattrValid, FATTR_FH, GETATTR_FH,
+    MknodIn, Rename2In, RenameIn, SetattrIn, SetattrValid, FATTR_FH, GETATTR_FH,
 };
 use fuse_backend_rs::api::filesystem::FileSystem;
-use vm_memory::ByteValued;
 
 use super::abi::{BUFFER_HEADER_SIZE, MAX_BUFFER_SIZE};
-use super::reply::{self, Answer, Body};
+use super::reply::{self, Answer, Reply};
 use super::request::{
     self, einval, parse_security_context, split_cstr, split_extensions, struct_at, Request,
     SecContext,
@@ -27,11 +26,16 @@ pub(super) const MAX_LABELLED_BODY: usize = 2 * 4096 + super::XATTR_SIZE_MAX + 4
 const MAX_TMPFILE_NAME: usize = 4096;
 
 impl FsServer {
-    pub(super) fn lookup(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn lookup(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let body = req.body(0)?;
         let name = request::name(&body)?;
         let entry = self.fs.lookup(&req.ctx, req.nodeid(), name)?;
-        Ok(Answer::Body(reply::entry(entry)))
+        reply::entry(out, entry)?;
+        reply::done()
     }
 
     pub(super) fn forget(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
@@ -68,37 +72,61 @@ impl FsServer {
         Ok(Answer::NoReply)
     }
 
-    pub(super) fn getattr(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn getattr(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let GetattrIn { flags, fh, .. } = req.read()?;
         let handle = (flags & GETATTR_FH != 0).then_some(fh);
         let (st, timeout) = self.fs.getattr(&req.ctx, req.nodeid(), handle)?;
-        Ok(Answer::Body(reply::attr(st, timeout)))
+        reply::attr(out, st, timeout)?;
+        reply::done()
     }
 
-    pub(super) fn setattr(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn setattr(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let setattr: SetattrIn = req.read()?;
         let handle = (setattr.valid & FATTR_FH != 0).then_some(setattr.fh);
         let valid = SetattrValid::from_bits_truncate(setattr.valid);
         let st: stat64 = setattr.into();
         let (st, timeout) = self.fs.setattr(&req.ctx, req.nodeid(), st, handle, valid)?;
-        Ok(Answer::Body(reply::attr(st, timeout)))
+        reply::attr(out, st, timeout)?;
+        reply::done()
     }
 
-    pub(super) fn readlink(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn readlink(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let target = self.fs.readlink(&req.ctx, req.nodeid())?;
-        Ok(Answer::Body(Body::bytes(target)))
+        out.append(&target)?;
+        reply::done()
     }
 
-    pub(super) fn symlink(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn symlink(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let (body, secctx) = self.creation_body(req, 0)?;
         let (name, linkname) = request::two_names(&body)?;
         let entry = self
             .fs
             .do_symlink(&req.ctx, linkname, req.nodeid(), name, secctx.as_ref())?;
-        Ok(Answer::Body(reply::entry(entry)))
+        reply::entry(out, entry)?;
+        reply::done()
     }
 
-    pub(super) fn mknod(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn mknod(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let (body, secctx) = self.creation_body(req, size_of::<MknodIn>())?;
         let args: MknodIn = struct_at(&body)?;
         let name = request::name(&body[size_of::<MknodIn>()..])?;
@@ -111,10 +139,15 @@ impl FsServer {
             args.umask,
             secctx.as_ref(),
         )?;
-        Ok(Answer::Body(reply::entry(entry)))
+        reply::entry(out, entry)?;
+        reply::done()
     }
 
-    pub(super) fn mkdir(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn mkdir(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let (body, secctx) = self.creation_body(req, size_of::<MkdirIn>())?;
         let args: MkdirIn = struct_at(&body)?;
         let name = request::name(&body[size_of::<MkdirIn>()..])?;
@@ -126,20 +159,29 @@ impl FsServer {
             args.umask,
             secctx.as_ref(),
         )?;
-        Ok(Answer::Body(reply::entry(entry)))
+        reply::entry(out, entry)?;
+        reply::done()
     }
 
-    pub(super) fn create(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn create(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let (body, secctx) = self.creation_body(req, size_of::<CreateIn>())?;
         let args: CreateIn = struct_at(&body)?;
         let name = request::name(&body[size_of::<CreateIn>()..])?;
         let (entry, fh, options) =
             self.fs
                 .do_create(&req.ctx, req.nodeid(), name, &args, secctx.as_ref())?;
-        Ok(created(entry, fh, options.bits()))
+        created(out, entry, fh, options.bits())
     }
 
-    pub(super) fn tmpfile(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn tmpfile(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let args: CreateIn = req.read()?;
         let secctx = if self.fs.security_ctx_enabled() {
             let body = labelled_body(req, size_of::<CreateIn>())?;
@@ -155,7 +197,7 @@ impl FsServer {
         let (entry, fh, open_flags) =
             self.fs
                 .tmpfile(&req.ctx, req.nodeid(), &args, secctx.as_ref())?;
-        Ok(created(entry, fh, open_flags))
+        created(out, entry, fh, open_flags)
     }
 
     /// The body of a request that creates a node: its arguments (`fixed` bytes) and name(s)
@@ -185,14 +227,14 @@ impl FsServer {
         let body = req.body(0)?;
         self.fs
             .unlink(&req.ctx, req.nodeid(), request::name(&body)?)?;
-        Answer::empty()
+        reply::done()
     }
 
     pub(super) fn rmdir(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
         let body = req.body(0)?;
         self.fs
             .rmdir(&req.ctx, req.nodeid(), request::name(&body)?)?;
-        Answer::empty()
+        reply::done()
     }
 
     pub(super) fn rename(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
@@ -218,35 +260,48 @@ impl FsServer {
         let (oldname, newname) = request::two_names(&body)?;
         self.fs
             .rename(&req.ctx, req.nodeid(), oldname, newdir, newname, flags)?;
-        Answer::empty()
+        reply::done()
     }
 
-    pub(super) fn link(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn link(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let LinkIn { oldnodeid } = req.read()?;
         let body = req.body(size_of::<LinkIn>())?;
         let name = request::name(&body)?;
         let entry = self.fs.link(&req.ctx, oldnodeid, req.nodeid(), name)?;
-        Ok(Answer::Body(reply::entry(entry)))
+        reply::entry(out, entry)?;
+        reply::done()
     }
 
-    pub(super) fn statfs(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn statfs(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let st = self.fs.statfs(&req.ctx, req.nodeid())?;
-        Answer::of(&Kstatfs::from(st))
+        reply::with(out, &Kstatfs::from(st))
     }
 
     pub(super) fn access(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
         let AccessIn { mask, .. } = req.read()?;
         self.fs.access(&req.ctx, req.nodeid(), mask)?;
-        Answer::empty()
+        reply::done()
     }
 }
 
 /// The reply to CREATE and TMPFILE: the new entry, then the open file.
-fn created(entry: fuse_backend_rs::api::filesystem::Entry, fh: u64, open_flags: u32) -> Answer {
-    let mut body = reply::entry(entry);
-    let open: OpenOut = reply::open_out(fh, open_flags, None);
-    body.push(open.as_slice());
-    Answer::Body(body)
+fn created(
+    out: &mut Reply<'_, '_>,
+    entry: fuse_backend_rs::api::filesystem::Entry,
+    fh: u64,
+    open_flags: u32,
+) -> io::Result<Answer> {
+    reply::entry(out, entry)?;
+    reply::open(out, fh, open_flags, None)?;
+    reply::done()
 }
 
 /// Everything after the header and `consumed` bytes already read, as long as the header says,

@@ -1,36 +1,35 @@
 //! Open files: OPEN, READ, WRITE, RELEASE and the other requests on a file handle.
 
 use std::io;
-use std::mem::size_of;
 
 use fuse_backend_rs::abi::fuse_abi::{
     BmapIn, BmapOut, CopyFileRangeIn, FallocateIn, FlushIn, FsyncIn, IoctlIn, IoctlOut, LseekIn,
-    LseekOut, OpenIn, OutHeader, PollIn, PollOut, ReadIn, ReleaseIn, WriteIn, WriteOut,
-    READ_LOCKOWNER, RELEASE_FLOCK_UNLOCK, RELEASE_FLUSH, WRITE_CACHE, WRITE_LOCKOWNER,
+    LseekOut, OpenIn, PollIn, PollOut, ReadIn, ReleaseIn, WriteIn, WriteOut, READ_LOCKOWNER,
+    RELEASE_FLOCK_UNLOCK, RELEASE_FLUSH, WRITE_CACHE, WRITE_LOCKOWNER,
 };
 use fuse_backend_rs::api::filesystem::{FileSystem, IoctlData};
 
-use super::buffers::{Cursor, IoSegment, ReplyData};
-use super::reply::{self, Answer, Body};
+use super::reply::{self, Answer, Reply};
 use super::request::Request;
 use super::FsServer;
 
 impl FsServer {
-    pub(super) fn open(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn open(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let OpenIn { flags, fuse_flags } = req.read()?;
         let (fh, options, backing_id) = self.fs.open(&req.ctx, req.nodeid(), flags, fuse_flags)?;
-        Answer::of(&reply::open_out(
-            fh.unwrap_or(0),
-            options.bits(),
-            backing_id,
-        ))
+        reply::open(out, fh.unwrap_or(0), options.bits(), backing_id)?;
+        reply::done()
     }
 
     /// READ: the host file is read straight into the reply segments after the header.
     pub(super) fn read(
         &self,
         req: &mut Request<'_, '_>,
-        reply: &[IoSegment<'_>],
+        out: &mut Reply<'_, '_>,
     ) -> io::Result<Answer> {
         let ReadIn {
             fh,
@@ -42,12 +41,7 @@ impl FsServer {
             ..
         } = req.read()?;
         let owner = (read_flags & READ_LOCKOWNER != 0).then_some(lock_owner);
-        let mut cursor = Cursor::new(reply);
-        // Without room for the header nothing can be answered: do not read at all.
-        cursor
-            .skip(size_of::<OutHeader>())
-            .map_err(|_| io::Error::from_raw_os_error(libc::EIO))?;
-        let mut data = ReplyData::new(&mut cursor);
+        let mut data = out.data();
         let count = self.fs.read(
             &req.ctx,
             req.nodeid(),
@@ -58,11 +52,16 @@ impl FsServer {
             owner,
             flags,
         )?;
-        Ok(Answer::Data(count.min(data.written())))
+        debug_assert!(count <= data.written());
+        reply::done()
     }
 
     /// WRITE: the request's data segments are written to the host file as they are.
-    pub(super) fn write(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn write(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let WriteIn {
             fh,
             offset,
@@ -88,10 +87,13 @@ impl FsServer {
             flags,
             fuse_flags,
         )?;
-        Answer::of(&WriteOut {
-            size: count as u32,
-            ..Default::default()
-        })
+        reply::with(
+            out,
+            &WriteOut {
+                size: count as u32,
+                ..Default::default()
+            },
+        )
     }
 
     pub(super) fn release(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
@@ -113,13 +115,13 @@ impl FsServer {
             flock_release,
             lock_owner,
         )?;
-        Answer::empty()
+        reply::done()
     }
 
     pub(super) fn flush(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
         let FlushIn { fh, lock_owner, .. } = req.read()?;
         self.fs.flush(&req.ctx, req.nodeid(), fh, lock_owner)?;
-        Answer::empty()
+        reply::done()
     }
 
     pub(super) fn fsync(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
@@ -128,7 +130,7 @@ impl FsServer {
         } = req.read()?;
         self.fs
             .fsync(&req.ctx, req.nodeid(), fsync_flags & 1 != 0, fh)?;
-        Answer::empty()
+        reply::done()
     }
 
     pub(super) fn fallocate(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
@@ -141,32 +143,47 @@ impl FsServer {
         } = req.read()?;
         self.fs
             .fallocate(&req.ctx, req.nodeid(), fh, mode, offset, length)?;
-        Answer::empty()
+        reply::done()
     }
 
-    pub(super) fn lseek(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn lseek(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let LseekIn {
             fh, offset, whence, ..
         } = req.read()?;
         let offset = self.fs.lseek(&req.ctx, req.nodeid(), fh, offset, whence)?;
-        Answer::of(&LseekOut { offset })
+        reply::with(out, &LseekOut { offset })
     }
 
-    pub(super) fn copy_file_range(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn copy_file_range(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let args: CopyFileRangeIn = req.read()?;
         let copied = self.fs.copy_file_range(&req.ctx, req.nodeid(), &args)?;
-        Answer::of(&WriteOut {
-            size: copied,
-            ..Default::default()
-        })
+        reply::with(
+            out,
+            &WriteOut {
+                size: copied,
+                ..Default::default()
+            },
+        )
     }
 
     pub(super) fn syncfs(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
         self.fs.syncfs(req.nodeid())?;
-        Answer::empty()
+        reply::done()
     }
 
-    pub(super) fn ioctl(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn ioctl(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let IoctlIn {
             fh,
             flags,
@@ -187,17 +204,21 @@ impl FsServer {
         let result = self
             .fs
             .ioctl(&req.ctx, req.nodeid(), fh, flags, cmd, data, out_size)?;
-        let mut body = Body::of(&IoctlOut {
+        out.put(&IoctlOut {
             result: result.result,
             ..Default::default()
-        });
-        if let Some(out) = result.data {
-            body.push(out);
+        })?;
+        if let Some(data) = result.data {
+            out.append(data)?;
         }
-        Ok(Answer::Body(body))
+        reply::done()
     }
 
-    pub(super) fn poll(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn poll(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let PollIn {
             fh,
             kh,
@@ -207,18 +228,25 @@ impl FsServer {
         let revents = self
             .fs
             .poll(&req.ctx, req.nodeid(), fh, kh, flags, events)?;
-        Answer::of(&PollOut {
-            revents,
-            padding: 0,
-        })
+        reply::with(
+            out,
+            &PollOut {
+                revents,
+                padding: 0,
+            },
+        )
     }
 
-    pub(super) fn bmap(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn bmap(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let BmapIn {
             block, blocksize, ..
         } = req.read()?;
         let block = self.fs.bmap(&req.ctx, req.nodeid(), block, blocksize)?;
-        Answer::of(&BmapOut { block })
+        reply::with(out, &BmapOut { block })
     }
 
     pub(super) fn notify_reply(&self) -> io::Result<Answer> {

@@ -5,12 +5,16 @@ use std::io;
 use fuse_backend_rs::abi::fuse_abi::{LkIn, LkOut};
 use fuse_backend_rs::api::filesystem::FileSystem;
 
-use super::reply::Answer;
+use super::reply::{self, Answer, Reply};
 use super::request::Request;
 use super::FsServer;
 
 impl FsServer {
-    pub(super) fn getlk(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn getlk(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let LkIn {
             fh,
             owner,
@@ -21,7 +25,7 @@ impl FsServer {
         let lock = self
             .fs
             .getlk(&req.ctx, req.nodeid(), fh, owner, lk.into(), lk_flags)?;
-        Answer::of(&LkOut { lk: lock.into() })
+        reply::with(out, &LkOut { lk: lock.into() })
     }
 
     pub(super) fn setlk(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
@@ -34,7 +38,7 @@ impl FsServer {
         } = req.read()?;
         self.fs
             .setlk(&req.ctx, req.nodeid(), fh, owner, lk.into(), lk_flags)?;
-        Answer::empty()
+        reply::done()
     }
 
     /// SETLKW waits for the lock: the thread serving the request blocks meanwhile.
@@ -48,6 +52,6 @@ impl FsServer {
         } = req.read()?;
         self.fs
             .setlk_wait(req.nodeid(), fh, owner, lk.into(), lk_flags)?;
-        Answer::empty()
+        reply::done()
     }
 }

@@ -38,13 +38,14 @@ use fuse_backend_rs::abi::fuse_abi::InHeader;
 pub(crate) use abi::{init_flags, SETXATTR_ACL_KILL_SGID, XATTR_LIST_MAX, XATTR_SIZE_MAX};
 pub use abi::{opcode, RemoveMappingOne, SetupMappingIn, MAX_BUFFER_SIZE};
 pub use buffers::IoSegment;
+pub(crate) use buffers::IOV_BATCH;
 pub use dax::DaxWindow;
 pub(crate) use request::SecContext;
 
 use crate::fs::PassthroughFs;
 use abi::BUFFER_HEADER_SIZE;
 use buffers::Cursor;
-use reply::Answer;
+use reply::{Answer, Reply};
 use request::Request;
 
 /// What became of a request.
@@ -129,14 +130,25 @@ impl FsServer {
         };
         let unique = req.header.unique;
         let opcode = req.header.opcode;
+        let mut out = Reply::new(reply);
+        if !out.has_room()
+            && !matches!(
+                opcode,
+                opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT
+            )
+        {
+            // Nowhere to say what became of it: leave it undone.
+            return Served::Dropped(DropReason::NoRoomForHeader);
+        }
         // A bug in a handler must cost one request, not the thread serving the queue.
-        let answer = panic::catch_unwind(AssertUnwindSafe(|| self.dispatch(&mut req, reply, dax)));
-        let answer = answer.unwrap_or_else(|_| {
-            tracing::error!(opcode, unique, "Serving a request panicked; answering EIO.");
-            Err(io::Error::from_raw_os_error(libc::EIO))
-        });
-        tracing::trace!(opcode, unique, nodeid = req.header.nodeid, answer = ?answer.as_ref().map(|_| ()), "served");
-        reply::finish(reply, unique, answer)
+        let answer =
+            panic::catch_unwind(AssertUnwindSafe(|| self.dispatch(&mut req, &mut out, dax)))
+                .unwrap_or_else(|_| {
+                    tracing::error!(opcode, unique, "Serving a request panicked; answering EIO.");
+                    Err(io::Error::from_raw_os_error(libc::EIO))
+                });
+        tracing::trace!(opcode, unique, nodeid = req.header.nodeid, answer = ?answer, "served");
+        reply::finish(reply, unique, answer, out.written())
     }
 
     /// Answers a request that cannot be served (a malformed descriptor chain, say) with
@@ -169,7 +181,7 @@ impl FsServer {
     fn dispatch(
         &self,
         req: &mut Request<'_, '_>,
-        reply: &[IoSegment<'_>],
+        out: &mut Reply<'_, '_>,
         dax: Option<&dyn DaxWindow>,
     ) -> io::Result<Answer> {
         if req.header.len > abi::MAX_BUFFER_SIZE + BUFFER_HEADER_SIZE {
@@ -179,55 +191,55 @@ impl FsServer {
             };
         }
         match req.header.opcode {
-            opcode::LOOKUP => self.lookup(req),
+            opcode::LOOKUP => self.lookup(req, out),
             opcode::FORGET => self.forget(req),
-            opcode::GETATTR => self.getattr(req),
-            opcode::SETATTR => self.setattr(req),
-            opcode::READLINK => self.readlink(req),
-            opcode::SYMLINK => self.symlink(req),
-            opcode::MKNOD => self.mknod(req),
-            opcode::MKDIR => self.mkdir(req),
+            opcode::GETATTR => self.getattr(req, out),
+            opcode::SETATTR => self.setattr(req, out),
+            opcode::READLINK => self.readlink(req, out),
+            opcode::SYMLINK => self.symlink(req, out),
+            opcode::MKNOD => self.mknod(req, out),
+            opcode::MKDIR => self.mkdir(req, out),
             opcode::UNLINK => self.unlink(req),
             opcode::RMDIR => self.rmdir(req),
             opcode::RENAME => self.rename(req),
-            opcode::LINK => self.link(req),
-            opcode::OPEN => self.open(req),
-            opcode::READ => self.read(req, reply),
-            opcode::WRITE => self.write(req),
-            opcode::STATFS => self.statfs(req),
+            opcode::LINK => self.link(req, out),
+            opcode::OPEN => self.open(req, out),
+            opcode::READ => self.read(req, out),
+            opcode::WRITE => self.write(req, out),
+            opcode::STATFS => self.statfs(req, out),
             opcode::RELEASE => self.release(req),
             opcode::FSYNC => self.fsync(req),
             opcode::SETXATTR => self.setxattr(req),
-            opcode::GETXATTR => self.getxattr(req),
-            opcode::LISTXATTR => self.listxattr(req),
+            opcode::GETXATTR => self.getxattr(req, out),
+            opcode::LISTXATTR => self.listxattr(req, out),
             opcode::REMOVEXATTR => self.removexattr(req),
             opcode::FLUSH => self.flush(req),
-            opcode::INIT => self.init(req),
-            opcode::OPENDIR => self.opendir(req),
-            opcode::READDIR => self.readdir(req, reply, false),
+            opcode::INIT => self.init(req, out),
+            opcode::OPENDIR => self.opendir(req, out),
+            opcode::READDIR => self.readdir(req, out, false),
             opcode::RELEASEDIR => self.releasedir(req),
             opcode::FSYNCDIR => self.fsyncdir(req),
-            opcode::GETLK => self.getlk(req),
+            opcode::GETLK => self.getlk(req, out),
             opcode::SETLK => self.setlk(req),
             opcode::SETLKW => self.setlkw(req),
             opcode::ACCESS => self.access(req),
-            opcode::CREATE => self.create(req),
+            opcode::CREATE => self.create(req, out),
             opcode::INTERRUPT => Ok(Answer::NoReply),
-            opcode::BMAP => self.bmap(req),
+            opcode::BMAP => self.bmap(req, out),
             opcode::DESTROY => self.destroy(),
-            opcode::IOCTL => self.ioctl(req),
-            opcode::POLL => self.poll(req),
+            opcode::IOCTL => self.ioctl(req, out),
+            opcode::POLL => self.poll(req, out),
             opcode::NOTIFY_REPLY => self.notify_reply(),
             opcode::BATCH_FORGET => self.batch_forget(req),
             opcode::FALLOCATE => self.fallocate(req),
-            opcode::READDIRPLUS => self.readdir(req, reply, true),
+            opcode::READDIRPLUS => self.readdir(req, out, true),
             opcode::RENAME2 => self.rename2(req),
-            opcode::LSEEK => self.lseek(req),
-            opcode::COPY_FILE_RANGE => self.copy_file_range(req),
+            opcode::LSEEK => self.lseek(req, out),
+            opcode::COPY_FILE_RANGE => self.copy_file_range(req, out),
             opcode::SETUPMAPPING => self.setupmapping(req, dax),
             opcode::REMOVEMAPPING => self.removemapping(req, dax),
             opcode::SYNCFS => self.syncfs(req),
-            opcode::TMPFILE => self.tmpfile(req),
+            opcode::TMPFILE => self.tmpfile(req, out),
             _ => Err(io::Error::from_raw_os_error(libc::ENOSYS)),
         }
     }

@@ -16,14 +16,18 @@ use fuse_backend_rs::api::filesystem::FileSystem;
 use vm_memory::ByteValued;
 
 use super::abi::{init_flags, BUFFER_HEADER_SIZE, MAX_REQ_PAGES, MIN_READ_BUFFER};
-use super::reply::{Answer, Body};
+use super::reply::{self, Answer, Reply};
 use super::request::Request;
 use super::FsServer;
 
 impl FsServer {
     /// FUSE_INIT, negotiated on all 64 flag bits (fuse-backend-rs's `FsOptions` lacks some);
     /// the reply is laid out as fuse-backend-rs laid it out.
-    pub(super) fn init(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn init(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let init: InitIn = req.read()?;
         if init.major < KERNEL_VERSION {
             tracing::error!(
@@ -35,11 +39,14 @@ impl FsServer {
         }
         if init.major > KERNEL_VERSION {
             // The client answers with an INIT of our major version.
-            return Answer::of(&InitOut {
-                major: KERNEL_VERSION,
-                minor: KERNEL_MINOR_VERSION,
-                ..Default::default()
-            });
+            return reply::with(
+                out,
+                &InitOut {
+                    major: KERNEL_VERSION,
+                    minor: KERNEL_MINOR_VERSION,
+                    ..Default::default()
+                },
+            );
         }
         let mut capable = u64::from(init.flags);
         if capable & init_flags::INIT_EXT != 0 {
@@ -62,7 +69,7 @@ impl FsServer {
         let page_size = fuse_backend_rs::transport::pagesize() as u32;
         let max_pages = FsOptions::MAX_PAGES.bits();
         let big_writes = FsOptions::BIG_WRITES.bits();
-        let mut out = InitOut {
+        let mut init_out = InitOut {
             major: KERNEL_VERSION,
             minor: KERNEL_MINOR_VERSION,
             max_readahead: init.max_readahead,
@@ -75,12 +82,12 @@ impl FsServer {
             ..Default::default()
         };
         if enabled & (big_writes | max_pages) != 0 {
-            out.max_write = u32::from(MAX_REQ_PAGES) * page_size;
+            init_out.max_write = u32::from(MAX_REQ_PAGES) * page_size;
         }
         if enabled & max_pages != 0 {
-            out.max_pages = MAX_REQ_PAGES;
+            init_out.max_pages = MAX_REQ_PAGES;
         }
-        let bytes = out.as_slice();
+        let bytes = init_out.as_slice();
         let len = if init.minor < KERNEL_MINOR_VERSION_INIT_OUT_SIZE {
             FUSE_COMPAT_INIT_OUT_SIZE
         } else if init.minor < KERNEL_MINOR_VERSION_INIT_22_OUT_SIZE {
@@ -89,9 +96,8 @@ impl FsServer {
             bytes.len()
         };
         self.initialized.store(true, Ordering::Release);
-        let mut body = Body::empty();
-        body.push(&bytes[..len]);
-        Ok(Answer::Body(body))
+        out.append(&bytes[..len])?;
+        reply::done()
     }
 
     /// FUSE_DESTROY (the guest unmounts): everything it held is dropped. Answered with a bare
@@ -99,6 +105,6 @@ impl FsServer {
     pub(super) fn destroy(&self) -> io::Result<Answer> {
         self.fs.destroy();
         self.initialized.store(false, Ordering::Release);
-        Answer::empty()
+        reply::done()
     }
 }

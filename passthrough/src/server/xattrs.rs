@@ -7,7 +7,7 @@ use fuse_backend_rs::abi::fuse_abi::{GetxattrIn, GetxattrOut};
 use fuse_backend_rs::api::filesystem::{FileSystem, GetxattrReply, ListxattrReply};
 
 use super::abi::XATTR_SIZE_MAX;
-use super::reply::{Answer, Body};
+use super::reply::{self, Answer, Reply};
 use super::request::{self, einval, le_u32, split_cstr, Request};
 use super::FsServer;
 
@@ -32,30 +32,50 @@ impl FsServer {
         let value = rest.get(..size).ok_or_else(einval)?;
         self.fs
             .do_setxattr(req.nodeid(), name, value, flags, setxattr_flags)?;
-        Answer::empty()
+        reply::done()
     }
 
-    pub(super) fn getxattr(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn getxattr(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let GetxattrIn { size, .. } = req.read()?;
         let body = req.body(size_of::<GetxattrIn>())?;
         let name = request::name(&body)?;
         match self.fs.getxattr(&req.ctx, req.nodeid(), name, size)? {
-            GetxattrReply::Value(value) => Ok(Answer::Body(Body::bytes(value))),
-            GetxattrReply::Count(count) => Answer::of(&GetxattrOut {
-                size: count,
-                ..Default::default()
-            }),
+            GetxattrReply::Value(value) => {
+                out.append(&value)?;
+                reply::done()
+            }
+            GetxattrReply::Count(count) => reply::with(
+                out,
+                &GetxattrOut {
+                    size: count,
+                    ..Default::default()
+                },
+            ),
         }
     }
 
-    pub(super) fn listxattr(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn listxattr(
+        &self,
+        req: &mut Request<'_, '_>,
+        out: &mut Reply<'_, '_>,
+    ) -> io::Result<Answer> {
         let GetxattrIn { size, .. } = req.read()?;
         match self.fs.listxattr(&req.ctx, req.nodeid(), size)? {
-            ListxattrReply::Names(names) => Ok(Answer::Body(Body::bytes(names))),
-            ListxattrReply::Count(count) => Answer::of(&GetxattrOut {
-                size: count,
-                ..Default::default()
-            }),
+            ListxattrReply::Names(names) => {
+                out.append(&names)?;
+                reply::done()
+            }
+            ListxattrReply::Count(count) => reply::with(
+                out,
+                &GetxattrOut {
+                    size: count,
+                    ..Default::default()
+                },
+            ),
         }
     }
 
@@ -63,6 +83,6 @@ impl FsServer {
         let body = req.body(0)?;
         self.fs
             .removexattr(&req.ctx, req.nodeid(), request::name(&body)?)?;
-        Answer::empty()
+        reply::done()
     }
 }
