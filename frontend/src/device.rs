@@ -73,6 +73,10 @@ pub struct VhostUserFs {
     negotiated: Negotiated,
     config: DeviceConfig,
     queues: Vec<Option<FsQueue>>,
+    /// Our end of the backend request channel (SET_BACKEND_REQ_FD), when the backend offers
+    /// one, as QEMU sets it up: the backend sends its own requests (shared memory mappings)
+    /// there.
+    backend_requests: Option<UnixStream>,
 }
 
 impl VhostUserFs {
@@ -121,6 +125,16 @@ impl VhostUserFs {
         let ram = Arc::new(GuestRam::new(config.memory_size)?);
         let mut frontend = Frontend::from_stream(stream, total_queues);
         let negotiated = negotiate(&mut frontend, total_queues, config.event_idx)?;
+        let backend_requests = if negotiated
+            .acked_protocol_features
+            .contains(VhostUserProtocolFeatures::BACKEND_REQ)
+        {
+            let (ours, theirs) = UnixStream::pair().map_err(Error::Socket)?;
+            frontend.set_backend_request_fd(&theirs)?;
+            Some(ours)
+        } else {
+            None
+        };
 
         frontend.set_mem_table(&ram.region_infos()?)?;
 
@@ -137,6 +151,7 @@ impl VhostUserFs {
             negotiated,
             config,
             queues,
+            backend_requests,
         })
     }
 
@@ -194,6 +209,11 @@ impl VhostUserFs {
     /// The vhost-user channel, for tests that send messages of their own.
     pub fn frontend(&mut self) -> &mut Frontend {
         &mut self.frontend
+    }
+
+    /// Our end of the backend request channel, if the backend took one.
+    pub fn backend_requests(&self) -> Option<&UnixStream> {
+        self.backend_requests.as_ref()
     }
 
     /// Number of request queues set up.
@@ -261,10 +281,13 @@ fn negotiate(
     acked_features |= offered_features & VIRTIO_RING_F_INDIRECT_DESC;
 
     let offered_protocol_features = frontend.get_protocol_features()?;
+    // As QEMU: a backend request channel whenever the backend offers one.
     let wanted = VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::RESET_DEVICE;
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::BACKEND_SEND_FD;
     let acked_protocol_features = offered_protocol_features & wanted;
     frontend.set_protocol_features(acked_protocol_features)?;
 

@@ -177,10 +177,12 @@ const EVENT_LOOP: &[libc::c_long] = &[libc::SYS_epoll_pwait, libc::SYS_epoll_wai
 
 /// The vhost-user control thread: messages with descriptors over the Unix socket, guest memory
 /// mapping (mmap and munmap are in RUNTIME), (un)registering queue kicks with the queue
-/// threads' epoll sets, and shutting the socket down when the frontend hangs up
-/// (vhost-user-backend 0.24 does on the way out).
+/// threads' epoll sets, checking that the backend request channel the frontend sends is a Unix
+/// stream socket (vhost 0.18 asks getsockopt), and shutting the socket down when the frontend
+/// hangs up (vhost-user-backend 0.24 does on the way out).
 const VHOST_USER_CONTROL: &[libc::c_long] = &[
     libc::SYS_epoll_ctl,
+    libc::SYS_getsockopt,
     libc::SYS_recvmsg,
     libc::SYS_sendmsg,
     libc::SYS_shutdown,
