@@ -107,6 +107,25 @@ vhost_seeds = {
     "get_config_odd": vu(16, u64(0x200)) + vu(24, struct.pack("<III", 30, 40, 0) + bytes(40)),
     "reset_device": vu(3) + vu(2, u64(1 << 32)) + vu(34),
     "kick_nofd": vu(3) + vu(8, state(1, 64)) + vu(12, u64(0x100 | 1)) + vu(13, u64(0x100 | 1)),
+    # Device lifecycle: every queue stopped (GET_VRING_BASE), started again, then a reset
+    # with RESET_DEVICE acknowledged (protocol feature bit 13).
+    "stop_restart_reset": b"".join([
+        vu(3),
+        vu(1),
+        vu(16, u64(0x8 | 0x2000)),
+        vu(2, u64((1 << 32) | (1 << 30))),
+        vu(8, state(1, 64)),
+        vu(10, state(1, 0)),
+        vu(18, state(1, 1)),
+        vu(11, state(0, 0)),
+        vu(11, state(1, 0)),
+        vu(11, state(2, 0)),
+        vu(10, state(1, 7)),
+        vu(18, state(1, 1)),
+        vu(34, flags=1 | 0x8),
+        vu(2, u64((1 << 32) | (1 << 30))),
+        vu(11, state(1, 0)),
+    ]),
 }
 for name, data in vhost_seeds.items():
     save("vhost_user_message", name, data)

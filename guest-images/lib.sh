@@ -528,15 +528,18 @@ choose_accel() {
 }
 
 # guest_boot --script FILE [--extra DIR] [--fs TAG=SOCKET[,queues=N]]... [--timeout S]
-#            [--console FILE] [--show-console]
+#            [--console FILE] [--show-console] [--allow-reboot]
 # Boots a guest that runs FILE as /test/run.sh (with DIR's files beside it) and
 # returns the script's exit code, read from the console marker. 124 when the
 # guest timed out, 125 when it ended without a marker.
 guest_boot() {
-	local script="" extra="" timeout=600 console="" show=0 fs_args=() n=0
+	local script="" extra="" timeout=600 console="" show=0 fs_args=() n=0 reboot=-no-reboot
 	while [ $# -gt 0 ]; do
 		case $1 in
 		--script) script=$2; shift 2 ;;
+		# The guest may reset the machine (and boots again from the same kernel and
+		# initramfs); by default a reset ends QEMU.
+		--allow-reboot) reboot=""; shift ;;
 		--extra) extra=$2; shift 2 ;;
 		--timeout) timeout=$2; shift 2 ;;
 		--console) console=$2; shift 2 ;;
@@ -574,7 +577,7 @@ guest_boot() {
 	# shellcheck disable=SC2054 # the commas belong to QEMU's option syntax
 	local qemu=(qemu-system-x86_64 -accel "$accel" -machine q35 -cpu "$cpu" -smp 2 -m 1G
 		-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem
-		-nographic -no-reboot -nodefaults -serial stdio
+		-nographic ${reboot:+"$reboot"} -nodefaults -serial stdio
 		-kernel "$KERNEL_IMAGE" -initrd "$tmp/initrd"
 		-append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init"
 		"${disk_args[@]}" "${fs_args[@]}")

@@ -13,10 +13,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Checks of each boot; "mount" and "umount" always run in a boot that runs.
 MAIN_GUEST_CHECKS=(mount file-ops xattr flock flock-local posix-locks posix-locks-local posix-locks-host sha256-host-to-guest sha256-guest-write fio-verify
-	tree-5000 cache-never cache-auto kata-fd3 umount)
+	tree-5000 cache-never cache-auto kata-fd3 umount umount-quiet)
 MAIN_HOST_CHECKS=(daemons-confined sha256-guest-to-host tree-5000-host-diff kata-fd3-host daemons-exit-0 no-stray)
 MQ_GUEST_CHECKS=(mq-mount mq-load mq-umount)
 MQ_HOST_CHECKS=(mq-queues-used mq-daemon-exit-0 mq-no-stray)
+# A guest that resets the machine without unmounting, boots again and mounts the
+# share on the same daemon.
+REBOOT_GUEST_CHECKS=(reboot-first-mount reboot-first-boot reboot-remount reboot-after reboot-umount reboot-umount-quiet)
+REBOOT_HOST_CHECKS=(reboot-host-sees reboot-new-session reboot-daemon-exit-0)
 
 daemon_kind=berth only="" keep=0
 while [ $# -gt 0 ]; do
@@ -27,7 +31,8 @@ while [ $# -gt 0 ]; do
 	--only) only=$2; shift 2 ;;
 	--keep) keep=1; shift ;;
 	--list)
-		printf '%s\n' "${MAIN_GUEST_CHECKS[@]}" "${MAIN_HOST_CHECKS[@]}" "${MQ_GUEST_CHECKS[@]}" "${MQ_HOST_CHECKS[@]}"
+		printf '%s\n' "${MAIN_GUEST_CHECKS[@]}" "${MAIN_HOST_CHECKS[@]}" "${MQ_GUEST_CHECKS[@]}" "${MQ_HOST_CHECKS[@]}" \
+			"${REBOOT_GUEST_CHECKS[@]}" "${REBOOT_HOST_CHECKS[@]}"
 		exit 0
 		;;
 	-h | --help) sed -n '2,11p' "$0"; exit 0 ;;
@@ -66,8 +71,8 @@ record() { # record NAME PASS|FAIL SECONDS [DETAIL...]
 
 # --- workspace and cleanup -------------------------------------------------------
 
-WORK=$(mktemp -d /tmp/berth-guest-test.XXXXXX)
-TRASH=$(mktemp -d /tmp/berth-guest-trash.XXXXXX)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/berth-guest-test.XXXXXX")
+TRASH=$(mktemp -d "${TMPDIR:-/tmp}/berth-guest-trash.XXXXXX")
 LOGS=$WORK/logs
 mkdir -p "$LOGS"
 declare -A DAEMON_PID=()
@@ -317,8 +322,8 @@ run_guest() {
 	mkdir -p "$extra"
 	cp "$GUEST_IMAGES_DIR/guest/checks.sh" "$GUEST_IMAGES_DIR/guest/posix-lock.pl" "$extra/"
 	local guest_only=$only
-	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount"
-	printf 'ONLY=%q\nHOST_LOCKS=%q\n' "$guest_only" "${#HOST_LOCK_FLAGS[@]}" >"$extra/env"
+	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount,reboot-first-mount,reboot-remount"
+	printf 'ONLY=%q\nHOST_LOCKS=%q\nDAEMON_KIND=%q\n' "$guest_only" "${#HOST_LOCK_FLAGS[@]}" "$daemon_kind" >"$extra/env"
 	: >"$console"
 	log "booting guest '$name' (console: $console)"
 	local start rc=0
@@ -424,6 +429,11 @@ check cache-never cache_never
 check cache-auto cache_auto
 check kata-fd3 kata_fd3
 check umount unmount_shares main never auto kata
+if [ "$DAEMON_KIND" = berth ]; then
+	check umount-quiet no_short_replies
+else
+	skip umount-quiet "berth's answer to FUSE_DESTROY; not checked for $DAEMON_KIND"
+fi
 [ "$CHECK_FAILURES" = 0 ]
 EOF
 	run_guest main "$WORK/main.sh" "${MAIN_GUEST_CHECKS[@]}" -- \
@@ -505,6 +515,56 @@ EOF
 	discard_in_background "$WORK/share-mq"
 	finish_discards
 	selected mq-no-stray && check_no_stray mq-no-stray
+fi
+if any_selected "${REBOOT_GUEST_CHECKS[@]}" "${REBOOT_HOST_CHECKS[@]}"; then
+	mkdir -p "$WORK/share-reboot"
+	start_daemon reboot "$WORK/share-reboot"
+	cat >"$WORK/reboot.sh" <<'EOF'
+echo "@@boot $(cut -d' ' -f1 /proc/uptime)"
+. /test/checks.sh
+mkdir -p /mnt/reboot
+mount -t virtiofs reboot /mnt/reboot
+if [ ! -e /mnt/reboot/first-boot-done ]; then
+	umount /mnt/reboot
+	check reboot-first-mount mount_shares reboot
+	check reboot-first-boot reboot_first_boot
+	# Reset the machine now: no unmount, a file held open.
+	echo b >/proc/sysrq-trigger
+	sleep 30
+	exit 1
+fi
+umount /mnt/reboot
+check reboot-remount mount_shares reboot
+check reboot-after reboot_second_boot
+check reboot-umount unmount_shares reboot
+if [ "$DAEMON_KIND" = berth ]; then
+	check reboot-umount-quiet no_short_replies
+else
+	skip reboot-umount-quiet "berth's answer to FUSE_DESTROY; not checked for $DAEMON_KIND"
+fi
+[ "$CHECK_FAILURES" = 0 ]
+EOF
+	run_guest reboot "$WORK/reboot.sh" "${REBOOT_GUEST_CHECKS[@]}" -- --allow-reboot --fs "reboot=$WORK/reboot.sock"
+	if selected reboot-host-sees; then
+		start=$(now_seconds)
+		if [ "$(cat "$WORK/share-reboot/after" 2>/dev/null)" = "written after the reboot" ]; then
+			record reboot-host-sees PASS "$(seconds_since "$start")"
+		else
+			record reboot-host-sees FAIL "$(seconds_since "$start")" "the file the rebooted guest wrote is not on the host"
+		fi
+	fi
+	if selected reboot-new-session; then
+		start=$(now_seconds)
+		if [ "$daemon_kind" != berth ]; then
+			record reboot-new-session SKIP 0 "berth's log line"
+		elif grep -q 'started a new FUSE session' "$LOGS/reboot.log"; then
+			record reboot-new-session PASS "$(seconds_since "$start")"
+		else
+			record reboot-new-session FAIL "$(seconds_since "$start")" "the daemon did not see the guest start over ($LOGS/reboot.log)"
+		fi
+	fi
+	selected reboot-daemon-exit-0 && check_daemons_exit reboot-daemon-exit-0 reboot
+	discard_in_background "$WORK/share-reboot"
 fi
 finish_discards
 

@@ -448,3 +448,34 @@ unmount_shares() {
 		false
 	fi
 }
+
+# The kernel complains about every reply shorter than a reply header (an unanswered
+# FUSE_DESTROY at unmount, a dropped request).
+no_short_replies() {
+	if dmesg | grep -i 'response too short'; then
+		false
+	fi
+}
+
+# First boot of the reboot check: leave a file written and one held open, then reset
+# the machine without unmounting, as a guest that reboots or crashes does.
+reboot_first_boot() {
+	[ ! -e /mnt/reboot/first-boot-done ]
+	echo "written before the reboot" >/mnt/reboot/before
+	exec 3</mnt/reboot/before
+	sync
+	touch /mnt/reboot/first-boot-done
+}
+
+# Second boot: the share mounts again on the same daemon and works.
+reboot_second_boot() {
+	[ ! -e /mnt/reboot/second-boot-done ]
+	touch /mnt/reboot/second-boot-done
+	[ "$(cat /mnt/reboot/before)" = "written before the reboot" ]
+	mkdir /mnt/reboot/dir
+	echo "written after the reboot" >/mnt/reboot/dir/after
+	mv /mnt/reboot/dir/after /mnt/reboot/after
+	rmdir /mnt/reboot/dir
+	[ "$(cat /mnt/reboot/after)" = "written after the reboot" ]
+	[ "$(ls /mnt/reboot | tr '\n' ' ')" = "after before first-boot-done second-boot-done " ]
+}
