@@ -439,6 +439,9 @@ pub struct FuseArgs {
     pub threads: u16,
 
     #[command(flatten)]
+    pub shared_cache: crate::shared_cache::SharedCacheArgs,
+
+    #[command(flatten)]
     pub isolation: IsolationArgs,
 
     #[command(flatten)]
@@ -664,6 +667,7 @@ pub struct IsolationSettings {
 pub struct FuseSettings {
     pub mountpoint: PathBuf,
     pub threads: usize,
+    pub shared_cache: crate::shared_cache::SharedCacheArgs,
     pub isolation: IsolationSettings,
     pub fs: Config,
     pub process: ProcessSettings,
@@ -1136,6 +1140,7 @@ impl FuseArgs {
             // clap enforces `required`; the Option only lets the struct be flattened.
             mountpoint: self.mountpoint.clone().unwrap_or_default(),
             threads: usize::from(self.threads),
+            shared_cache: self.shared_cache.clone(),
             isolation,
             fs,
             process: self.common.resolve(compat_level, warnings)?,
