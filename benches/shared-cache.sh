@@ -69,7 +69,8 @@ git -C "$work/repo-src" -c user.email=bench@berth -c user.name=bench commit -qm 
 git clone -q "$work/repo-src" "$share/repo"
 tar -C "$work/repo-src" -cf "$work/untar.tar" --exclude=.git .
 
-# start_mount DIR MODE LOG: one berth fuse mount of $share on DIR.
+# start_mount DIR MODE LOG: one berth fuse mount of $share on DIR; its pid in $mount_pid.
+mount_pid=""
 start_mount() {
 	local dir=$1 mode=$2 log=$3 flags=()
 	case $mode in
@@ -78,20 +79,20 @@ start_mount() {
 	never) flags=(--cache never) ;;
 	esac
 	"$berth" fuse --shared-dir "$share" --mountpoint "$dir" "${flags[@]}" >"$log" 2>&1 &
-	local pid=$! i
+	mount_pid=$!
+	local i
 	for i in $(seq 1 200); do
 		mountpoint -q "$dir" && break
 		sleep 0.05
 	done
 	mountpoint -q "$dir" || { cat "$log" >&2; echo "mount failed" >&2; exit 1; }
 	mounts+=("$dir")
-	echo "$pid"
 }
 
+# stop_mount PID: SIGTERM, and wait until it has unmounted and logged its request counts.
 stop_mount() {
-	local pid=$1
-	kill -TERM "$pid"
-	wait "$pid" 2>/dev/null || true
+	kill -TERM "$1"
+	wait "$1" 2>/dev/null || true
 }
 
 count_of() {
@@ -120,42 +121,60 @@ results=()
 record() { results+=("$1"); printf '%s\n' "$1"; }
 
 for mode in shared auto never; do
-	rm -f "$work/versions.table"
 	# Workloads through mount A while mount B is mounted too (as two guests would be).
 	for workload in stat-storm git-status untar; do
-		pa=$(start_mount "$work/a" "$mode" "$work/a.log")
-		pb=$(start_mount "$work/b" "$mode" "$work/b.log")
-		case $workload in
-		stat-storm)
-			stat_storm "$work/a/tree" # cold: fills the caches
-			t=$(now)
-			stat_storm "$work/a/tree"
-			secs=$(since "$t")
-			;;
-		git-status)
-			git -C "$work/a/repo" status --porcelain >/dev/null
-			t=$(now)
-			git -C "$work/a/repo" status --porcelain >/dev/null
-			secs=$(since "$t")
-			;;
-		untar)
-			dest=$work/a/untar-$mode
-			mkdir "$dest"
-			t=$(now)
-			tar -C "$dest" -xf "$work/untar.tar"
-			secs=$(since "$t")
-			;;
-		esac
-		stop_mount "$pb"
-		stop_mount "$pa"
-		mounts=()
-		record "{\"mode\":\"$mode\",\"workload\":\"$workload\",\"seconds\":$secs,\"requests\":$(requests "$work/a.log"),\"lookups\":$(lookups "$work/a.log")}"
+		# The warm pass's requests: a run with it minus a run without it.
+		for pass in cold warm; do
+			rm -f "$work/versions.table"
+			start_mount "$work/a" "$mode" "$work/a.log"
+			pa=$mount_pid
+			start_mount "$work/b" "$mode" "$work/b.log"
+			pb=$mount_pid
+			secs=0
+			case $workload in
+			stat-storm)
+				stat_storm "$work/a/tree"
+				if [ $pass = warm ]; then
+					t=$(now)
+					stat_storm "$work/a/tree"
+					secs=$(since "$t")
+				fi
+				;;
+			git-status)
+				git -C "$work/a/repo" status --porcelain >/dev/null
+				if [ $pass = warm ]; then
+					t=$(now)
+					git -C "$work/a/repo" status --porcelain >/dev/null
+					secs=$(since "$t")
+				fi
+				;;
+			untar)
+				if [ $pass = warm ]; then
+					dest=$work/a/untar-$mode
+					mkdir "$dest"
+					t=$(now)
+					tar -C "$dest" -xf "$work/untar.tar"
+					secs=$(since "$t")
+				fi
+				;;
+			esac
+			stop_mount "$pb"
+			stop_mount "$pa"
+			mounts=()
+			if [ $pass = cold ]; then
+				cold_requests=$(requests "$work/a.log")
+				cold_lookups=$(lookups "$work/a.log")
+			fi
+		done
+		record "{\"mode\":\"$mode\",\"workload\":\"$workload\",\"seconds\":$secs,\"requests\":$(($(requests "$work/a.log") - cold_requests)),\"lookups\":$(($(lookups "$work/a.log") - cold_lookups))}"
 	done
 
 	# Staleness: B has the file's attributes cached; A (or a host process) chmods it; how
 	# long until B's stat shows the new mode.
-	pa=$(start_mount "$work/a" "$mode" "$work/a.log")
-	pb=$(start_mount "$work/b" "$mode" "$work/b.log")
+	start_mount "$work/a" "$mode" "$work/a.log"
+	pa=$mount_pid
+	start_mount "$work/b" "$mode" "$work/b.log"
+	pb=$mount_pid
 	for source in mount host; do
 		out=$(python3 - "$work/a/stale" "$work/b/stale" "$share/stale" "$source" "$reps" <<'EOF'
 import os, sys, time, statistics

@@ -190,7 +190,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the shared directory on a host mount point through /dev/fuse.
-    Fuse(FuseArgs),
+    Fuse(Box<FuseArgs>),
     /// Build images whose data is fetched lazily (see `berth mount`).
     #[command(subcommand)]
     Image(ImageCommand),

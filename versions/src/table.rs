@@ -306,7 +306,7 @@ impl VersionTable {
     }
 
     fn atomic_u64(&self, offset: u64) -> &AtomicU64 {
-        debug_assert!(offset % 8 == 0 && offset + 8 <= self.geometry.file_size);
+        debug_assert!(offset.is_multiple_of(8) && offset + 8 <= self.geometry.file_size);
         // SAFETY: every caller passes an 8-aligned offset inside the mapping (slot and ring
         // indexes are reduced modulo their array lengths); AtomicU64 has u64's layout, and the
         // mapping outlives the returned reference (tied to &self).
@@ -314,7 +314,7 @@ impl VersionTable {
     }
 
     fn atomic_u32(&self, offset: u64) -> &AtomicU32 {
-        debug_assert!(offset % 4 == 0 && offset + 4 <= self.geometry.file_size);
+        debug_assert!(offset.is_multiple_of(4) && offset + 4 <= self.geometry.file_size);
         // SAFETY: as for atomic_u64, with 4-byte alignment.
         unsafe { &*(self.map.add(offset as usize) as *const AtomicU32) }
     }
