@@ -165,6 +165,25 @@ fn run_matrix(
         )
     });
 
+    // mkdir, then a file in the new directory (an inotify watcher must watch it first).
+    let (d, inner) = (p("newdir"), p("newdir/inner"));
+    assert!(meta(&b.via(&d)).is_none());
+    fs::create_dir(change(&d)).unwrap();
+    fs::write(change(&inner), b"inside").unwrap();
+    check("mkdir", &mut || {
+        let seen = fs::read(b.via(&inner)).ok();
+        (
+            seen.as_deref() == Some(b"inside"),
+            format!("B reads {:?}", seen.map(|s| String::from_utf8_lossy(&s).into_owned())),
+        )
+    });
+    // ...and a change inside it after B cached it.
+    fs::set_permissions(change(&inner), fs::Permissions::from_mode(0o640)).unwrap();
+    check("chmod-in-new-dir", &mut || {
+        let mode = meta(&b.via(&inner)).map(|m| m.mode() & 0o777);
+        (mode == Some(0o640), format!("B sees mode {mode:?}"))
+    });
+
     // hard link: B has the file (one link) and the missing second name looked up.
     let (f, l) = (p("linked"), p("second-name"));
     fs::write(a.under(&f), b"x").unwrap();
