@@ -174,7 +174,10 @@ fn run_matrix(
         let seen = fs::read(b.via(&inner)).ok();
         (
             seen.as_deref() == Some(b"inside"),
-            format!("B reads {:?}", seen.map(|s| String::from_utf8_lossy(&s).into_owned())),
+            format!(
+                "B reads {:?}",
+                seen.map(|s| String::from_utf8_lossy(&s).into_owned())
+            ),
         )
     });
     // ...and a change inside it after B cached it.
