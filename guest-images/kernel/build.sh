@@ -1,47 +1,57 @@
 #!/usr/bin/env bash
-# Builds a small guest kernel from Debian's linux-source-SERIES package: `allnoconfig` plus a
-# configuration fragment plus a patch series, cached by a hash of all three and of the source
-# package's version, so a second run costs nothing.
+# Builds a small guest kernel from a Debian linux-source package: `allnoconfig` (or
+# --base) plus a configuration fragment plus a patch series, cached by a hash of all of them,
+# the source package's version and the compiler, so a second run costs nothing.
 #
-# Usage: guest-images/kernel/build.sh --name NAME --config FRAGMENT [--series 7.2] [--patches DIR]
+# Usage: build.sh --fragment FILE [--package linux-source-7.2] [--suite sid]
+#                 [--patches DIR] [--base allnoconfig|tinyconfig|defconfig] [--name NAME]
+#                 [--jobs N]
 #
-# Prints the directory holding the result: `vmlinux` (QEMU boots it through its PVH entry),
-# `bzImage`, `config` (the full .config) and `source-version`. Inputs:
-#   --name NAME        names the cache entry (kernels/NAME-<key> under the berth cache)
-#   --config FRAGMENT  CONFIG_X=y / =n / ="..." lines applied on top of allnoconfig; every
-#                      line is checked afterwards, so an unmet dependency fails the build
-#   --series SERIES    the linux-source-SERIES package (default 7.2)
-#   --patches DIR      *.patch files applied in name order with `patch -p1`
-#
-# The source package comes through guest-images/lib.sh's private apt configuration (the
-# machine's own apt sources are only read). Concurrent builds of the same kernel wait for each
-# other (flock); BERTH_KERNEL_KEEP_BUILD=1 keeps the build tree for incremental work.
-source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+# Prints the directory holding the result (kernels/NAME-<key> under the berth cache):
+# `vmlinux` (QEMU boots it through its PVH entry), `bzImage`, `config` (the full .config) and
+# `source-version`. Every CONFIG_X=... line of the fragment is checked after configuring: one
+# that did not stick (an unmet dependency) fails the build, naming it. Patches (DIR/*.patch,
+# in name order) are applied with `patch -p1`. The source comes through guest-images/lib.sh's
+# private apt configuration, one per suite beside the kernels (the machine's own apt sources
+# are only read). Concurrent builds of the same kernel wait for each other (flock);
+# BERTH_KERNEL_KEEP_BUILD=1 keeps the build tree for incremental work.
+# (The same interface as the 6.12 cachefiles kernel's script, so the two can be one.)
+set -euo pipefail
+KERNEL_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-name="" fragment="" series=7.2 patches=""
+package=linux-source-7.2 suite=sid fragment="" patches="" base=allnoconfig name="" jobs=$(nproc)
 while [ $# -gt 0 ]; do
 	case $1 in
-	--name) name=$2; shift 2 ;;
-	--config) fragment=$2; shift 2 ;;
-	--series) series=$2; shift 2 ;;
+	--package) package=$2; shift 2 ;;
+	--suite) suite=$2; shift 2 ;;
+	--fragment | --config) fragment=$2; shift 2 ;;
 	--patches) patches=$2; shift 2 ;;
-	-h | --help) sed -n '2,17p' "$0"; exit 0 ;;
-	*) die "build.sh: unknown argument $1" ;;
+	--base) base=$2; shift 2 ;;
+	--name) name=$2; shift 2 ;;
+	--jobs) jobs=$2; shift 2 ;;
+	-h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+	*) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
-[ -n "$name" ] || die "build.sh: --name is required"
-[ -f "$fragment" ] || die "build.sh: the configuration fragment '$fragment' does not exist"
-[ -z "$patches" ] || [ -d "$patches" ] || die "build.sh: the patch directory '$patches' does not exist"
+[ -n "$fragment" ] && [ -f "$fragment" ] || { echo "build.sh: --fragment FILE is required" >&2; exit 2; }
+[ -z "$patches" ] || [ -d "$patches" ] || { echo "build.sh: $patches is not a directory" >&2; exit 2; }
+case $base in allnoconfig | tinyconfig | defconfig) ;; *) echo "build.sh: unknown --base $base" >&2; exit 2 ;; esac
 fragment=$(readlink -f "$fragment")
+[ -n "$name" ] || name=${package#linux-source-}
 
-kernels=${XDG_CACHE_HOME:-$HOME/.cache}/berth/kernels
+KERNELS=${XDG_CACHE_HOME:-$HOME/.cache}/berth/kernels
+# The private apt state lives beside the kernels, one per suite.
+export BERTH_GUEST_CACHE=$KERNELS/apt-$suite BERTH_GUEST_SUITE=$suite
+# shellcheck source=../lib.sh
+source "$KERNEL_DIR/../lib.sh"
+
+kernels=$KERNELS
 mkdir -p "$kernels"
 exec {lock}>"$kernels/$name.lock"
 flock "$lock"
 
 setup_private_apt
 private_apt_update
-package=linux-source-$series
 version=$(apt-cache "${APT_OPTS[@]}" show --no-all-versions "$package" 2>/dev/null | awk '/^Version:/ { print $2; exit }')
 [ -n "$version" ] || die "Debian $BERTH_GUEST_SUITE has no $package package"
 
@@ -50,7 +60,7 @@ if [ -n "$patches" ]; then
 	mapfile -t patch_files < <(find "$patches" -maxdepth 1 -name '*.patch' | LC_ALL=C sort)
 fi
 key=$( (
-	echo "$package $version"
+	echo "$package $version $base"
 	cat "$fragment"
 	for p in "${patch_files[@]}"; do
 		basename "$p"
@@ -80,8 +90,8 @@ for p in "${patch_files[@]}"; do
 	patch -d "$build" -p1 --quiet --forward <"$p" || die "$(basename "$p") does not apply to $package $version"
 done
 
-log "configuring: allnoconfig + $(basename "$(dirname "$fragment")")/$(basename "$fragment")"
-make -C "$build" -s allnoconfig KCONFIG_ALLCONFIG="$fragment" >&2
+log "configuring: $base + $(basename "$(dirname "$fragment")")/$(basename "$fragment")"
+make -C "$build" -s "$base" KCONFIG_ALLCONFIG="$fragment" >&2
 missing=$(grep -E '^CONFIG_[A-Za-z0-9_]+=' "$fragment" | while IFS= read -r line; do
 	sym=${line%%=*}
 	want=${line#*=}
@@ -95,8 +105,8 @@ done)
 [ -z "$missing" ] || die "the configuration did not take (unmet dependencies?): $missing"
 
 started=$(now_seconds)
-log "building $package $version (make -j$(nproc))"
-make -C "$build" -s -j"$(nproc)" KBUILD_BUILD_USER=berth KBUILD_BUILD_HOST=berth vmlinux bzImage >&2 ||
+log "building $package $version (make -j$jobs)"
+make -C "$build" -s -j"$jobs" KBUILD_BUILD_USER=berth KBUILD_BUILD_HOST=berth vmlinux bzImage >&2 ||
 	die "the kernel does not build; the tree is kept at $build"
 mkdir -p "$out.tmp"
 cp "$build/vmlinux" "$build/arch/x86/boot/bzImage" "$out.tmp/"

@@ -9,8 +9,8 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 build_only=0
 [ "${1:-}" = --build-only ] && build_only=1
-out=$("$here/../build.sh" --name shared-versions-7.2 --series 7.2 \
-	--config "$here/config" --patches "$here/patches")
+out=$("$here/../build.sh" --name shared-versions-7.2 --package linux-source-7.2 --suite sid \
+	--fragment "$here/config" --patches "$here/patches")
 echo "shared-versions kernel: $out ($(cat "$out/source-version"))"
 [ $build_only -eq 1 ] && exit 0
 # Everything is built in: no module tree.
