@@ -196,6 +196,9 @@ pub enum Command {
     Image(ImageCommand),
     /// Mount an image read-only, fetching its data on first access, until SIGINT or SIGTERM.
     Mount(MountArgs),
+    /// Block devices: ublk exports of images and files.
+    #[command(subcommand)]
+    Block(crate::block::BlockCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -223,6 +226,11 @@ impl From<ChunkCompression> for Compression {
             ChunkCompression::Lz4 => Compression::Lz4,
         }
     }
+}
+
+/// [`parse_size`] for other modules' clap arguments.
+pub fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s)
 }
 
 /// A byte count: plain, or with a binary suffix (K, M, G, optionally followed by `iB`).
@@ -590,7 +598,7 @@ pub struct FsArgs {
 }
 
 /// Logging and process limits, shared by both modes.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
     /// Log level [default: info, or RUST_LOG's filter when that is set].
     #[arg(long, value_name = "LEVEL", value_enum)]
@@ -621,6 +629,7 @@ pub enum Mode {
     Fuse(FuseSettings),
     ImageBuild(ImageBuildSettings),
     Mount(MountSettings),
+    Block(crate::block::BlockCommand, ProcessSettings),
 }
 
 /// Where the vhost-user listening socket comes from.
@@ -975,7 +984,7 @@ impl FsArgs {
 }
 
 impl CommonArgs {
-    fn resolve(
+    pub(crate) fn resolve(
         &self,
         compat_level: Option<LogLevel>,
         mut warnings: Vec<String>,
@@ -1228,6 +1237,10 @@ impl Cli {
                 Ok(Mode::ImageBuild(args.resolve()?))
             }
             Some(Command::Mount(args)) => Ok(Mode::Mount(args.resolve()?)),
+            Some(Command::Block(command)) => {
+                let process = command.common().resolve(None, Vec::new())?;
+                Ok(Mode::Block(command.clone(), process))
+            }
             None if self.serve.print_capabilities => Ok(Mode::PrintCapabilities),
             None => Ok(Mode::VhostUser(self.serve.resolve()?)),
         }
