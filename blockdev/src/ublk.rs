@@ -73,7 +73,9 @@ impl Transport {
 
     fn ctrl_flags(self) -> u64 {
         match self {
-            Transport::ZeroCopy => sys::UBLK_F_AUTO_BUF_REG as u64,
+            // SUPPORT_ZERO_COPY too: without it the kernel refuses the manual
+            // UBLK_U_IO_REGISTER_IO_BUF that the NEED_REG_BUF fallback needs.
+            Transport::ZeroCopy => (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_SUPPORT_ZERO_COPY) as u64,
             Transport::UserCopy => sys::UBLK_F_USER_COPY as u64,
             Transport::Copy => 0,
         }
@@ -91,7 +93,7 @@ pub fn driver_features() -> Option<u64> {
 pub fn choose_transport(wanted: Option<Transport>, features: u64) -> Result<Transport> {
     let has = |flag: u32| features & u64::from(flag) != 0;
     let offered = |t: Transport| match t {
-        Transport::ZeroCopy => has(sys::UBLK_F_AUTO_BUF_REG),
+        Transport::ZeroCopy => has(sys::UBLK_F_AUTO_BUF_REG) && has(sys::UBLK_F_SUPPORT_ZERO_COPY),
         Transport::UserCopy => has(sys::UBLK_F_USER_COPY),
         Transport::Copy => true,
     };
@@ -265,7 +267,8 @@ pub fn serve(
         }))?;
     if mode == ServeMode::Recover {
         let features = ctrl.dev_info().flags;
-        let transport_flags = (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_USER_COPY) as u64;
+        let transport_flags =
+            (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_USER_COPY) as u64;
         if features & transport_flags != config.transport.ctrl_flags() {
             return Err(BlockError::UblkSetup(format!(
                 "device {} was created with flags {features:#x}, not for the {} transport",
