@@ -6,7 +6,7 @@
 # the shared guest cache itself is never rebuilt.
 
 BLOCK_GUEST_MODULES=(crc16 mbcache jbd2 ext4)
-BLOCK_TOOL_PACKAGES=(e2fsprogs)
+BLOCK_TOOL_PACKAGES=(e2fsprogs strace)
 
 # Sets BLOCK_MODULES_CPIO.
 build_block_modules_cpio() {

@@ -529,12 +529,12 @@ choose_accel() {
 
 # guest_boot --script FILE [--extra DIR] [--fs TAG=SOCKET[,queues=N]]... [--timeout S]
 #            [--console FILE] [--show-console] [--disk FILE[,ro]]... [--initrd-append CPIO]
-#            [--qemu-arg ARG]...
+#            [--qemu-arg ARG]... [--append KERNEL-ARGS]
 # Boots a guest that runs FILE as /test/run.sh (with DIR's files beside it) and
 # returns the script's exit code, read from the console marker. 124 when the
 # guest timed out, 125 when it ended without a marker.
 guest_boot() {
-	local script="" extra="" timeout=600 console="" show=0 fs_args=() n=0 more_disks=() appended="" qemu_extra=()
+	local script="" extra="" timeout=600 console="" show=0 fs_args=() n=0 more_disks=() appended="" qemu_extra=() cmdline_extra=""
 	while [ $# -gt 0 ]; do
 		case $1 in
 		--script) script=$2; shift 2 ;;
@@ -553,6 +553,7 @@ guest_boot() {
 			;;
 		--initrd-append) appended=$2; shift 2 ;;
 		--qemu-arg) qemu_extra+=("$2"); shift 2 ;;
+		--append) cmdline_extra="$cmdline_extra $2"; shift 2 ;;
 		--fs)
 			local spec=$2 tag sock queues=1
 			tag=${spec%%=*}
@@ -595,7 +596,7 @@ guest_boot() {
 		-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem
 		-nographic -no-reboot -nodefaults -serial stdio
 		-kernel "$KERNEL_IMAGE" -initrd "$tmp/initrd"
-		-append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init"
+		-append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init$cmdline_extra"
 		"${disk_args[@]}" "${more_disks[@]}" "${fs_args[@]}" "${qemu_extra[@]}")
 	local rc=0 tail_pid="" attempt
 	for attempt in 1 2; do

@@ -19,7 +19,7 @@ MAIN_HOST_CHECKS=(daemons-confined sha256-guest-to-host tree-5000-host-diff kata
 MQ_GUEST_CHECKS=(mq-mount mq-load mq-umount)
 MQ_HOST_CHECKS=(mq-queues-used mq-daemon-exit-0 mq-no-stray)
 BLOCK_GUEST_CHECKS=(block-setup block-zero-copy block-user-copy block-copy block-reg-fallback
-	block-discard-zeroes block-readonly block-recovery)
+	block-discard-zeroes block-readonly block-seccomp block-recovery)
 
 daemon_kind=berth only="" keep=0
 while [ $# -gt 0 ]; do
@@ -532,6 +532,7 @@ check block-copy block_transport copy
 check block-reg-fallback block_registration_fallback
 check block-discard-zeroes block_discard_zeroes
 check block-readonly block_readonly
+check block-seccomp block_seccomp
 check block-recovery block_recovery
 [ "$CHECK_FAILURES" = 0 ]
 EOF

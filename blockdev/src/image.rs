@@ -3,21 +3,83 @@
 //! (and verified) the first time a request touches them; the data is then read from the
 //! engine's cache file. Read-only: put an overlay on top to write.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
-use berth_cache::BlobHandle;
+use berth_cache::{BlobHandle, CacheError};
 
 use crate::error::{BlockError, Result};
 use crate::target::{push_extent, BlockTarget, Extent, Source, TargetInfo, WriteTicket};
 
+/// A fetch handed to the fetch threads, with where to send its outcome.
+type FetchJob = (Range<u64>, Sender<Result<(), CacheError>>);
+
+/// Threads that make missing ranges present. Requests wait for them rather than fetch
+/// themselves: a backend may open sockets and start threads of its own, which the
+/// confined threads serving requests (ublk queues) are not allowed to do.
+struct FetchPool {
+    jobs: Option<Mutex<Sender<FetchJob>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl FetchPool {
+    fn start(blob: Arc<BlobHandle>, count: usize) -> Self {
+        let (sender, receiver) = channel::<FetchJob>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        let threads = (0..count)
+            .filter_map(|i| {
+                let blob = blob.clone();
+                let receiver: Arc<Mutex<Receiver<FetchJob>>> = receiver.clone();
+                std::thread::Builder::new()
+                    .name(format!("berth-blk-fetch-{i}"))
+                    .spawn(move || loop {
+                        let job = receiver.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok((range, reply)) = job else { return };
+                        let _ = reply.send(blob.ensure_present(range));
+                    })
+                    .map_err(|err| tracing::warn!("cannot start a fetch thread: {err}"))
+                    .ok()
+            })
+            .collect();
+        Self {
+            jobs: Some(Mutex::new(sender)),
+            threads,
+        }
+    }
+}
+
+impl Drop for FetchPool {
+    fn drop(&mut self) {
+        // Closing the channel ends the threads.
+        self.jobs.take();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// A block image served from the cache engine.
-#[derive(Debug)]
 pub struct ImageTarget {
-    blob: BlobHandle,
+    blob: Arc<BlobHandle>,
     info: TargetInfo,
     hits: AtomicU64,
     misses: AtomicU64,
+    fetchers: FetchPool,
 }
+
+impl std::fmt::Debug for ImageTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageTarget")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Fetch threads per image: misses of different requests are fetched side by side.
+const FETCH_THREADS: usize = 4;
 
 impl ImageTarget {
     /// Serves the blob of `blob` as a read-only device of `block_size`-byte blocks (the
@@ -33,11 +95,35 @@ impl ImageTarget {
             write_zeroes: false,
             description: format!("image:{}", blob.id()),
         };
+        let blob = Arc::new(blob);
         Self {
+            fetchers: FetchPool::start(blob.clone(), FETCH_THREADS),
             blob,
             info,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+        }
+    }
+
+    /// Makes `range` present through the fetch threads and waits for it.
+    fn fetch(&self, range: Range<u64>) -> Result<()> {
+        let (reply, outcome) = channel();
+        let sent = self.fetchers.jobs.as_ref().is_some_and(|jobs| {
+            jobs.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send((range.clone(), reply))
+                .is_ok()
+        });
+        if !sent || self.fetchers.threads.is_empty() {
+            return Err(BlockError::UblkSetup(
+                "the image's fetch threads are gone".into(),
+            ));
+        }
+        match outcome.recv() {
+            Ok(result) => result.map_err(BlockError::Cache),
+            Err(_) => Err(BlockError::UblkSetup(
+                "a fetch thread ended without an answer".into(),
+            )),
         }
     }
 
@@ -72,7 +158,7 @@ impl BlockTarget for ImageTarget {
                 self.blob.note_read(range.clone());
             } else {
                 self.misses.fetch_add(1, Ordering::Relaxed);
-                self.blob.ensure_present(range).map_err(BlockError::Cache)?;
+                self.fetch(range)?;
             }
             push_extent(
                 out,

@@ -75,7 +75,9 @@ impl Transport {
         match self {
             // SUPPORT_ZERO_COPY too: without it the kernel refuses the manual
             // UBLK_U_IO_REGISTER_IO_BUF that the NEED_REG_BUF fallback needs.
-            Transport::ZeroCopy => (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_SUPPORT_ZERO_COPY) as u64,
+            Transport::ZeroCopy => {
+                (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_SUPPORT_ZERO_COPY) as u64
+            }
             Transport::UserCopy => sys::UBLK_F_USER_COPY as u64,
             Transport::Copy => 0,
         }
@@ -116,6 +118,18 @@ pub fn supports_recovery(features: u64) -> bool {
         && features & u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE) != 0
 }
 
+/// Run by each queue thread once its ring is set up, before it serves anything: where the
+/// binary confines the thread (drops capabilities, installs a seccomp filter). An error
+/// stops the queue, and with it the device.
+#[derive(Clone)]
+pub struct QueueThreadSetup(pub Arc<dyn Fn(u16) -> std::result::Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for QueueThreadSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QueueThreadSetup(..)")
+    }
+}
+
 /// What to create.
 #[derive(Debug, Clone)]
 pub struct DeviceConfig {
@@ -134,6 +148,8 @@ pub struct DeviceConfig {
     /// Test hook: make the kernel's automatic buffer registration fail for odd tags, so
     /// that the per-I/O `UBLK_IO_F_NEED_REG_BUF` fallback is exercised.
     pub force_registration_fallback: bool,
+    /// Confinement of the queue threads.
+    pub queue_thread_setup: Option<QueueThreadSetup>,
 }
 
 /// Create a new device, or take over one whose server died.
@@ -267,8 +283,9 @@ pub fn serve(
         }))?;
     if mode == ServeMode::Recover {
         let features = ctrl.dev_info().flags;
-        let transport_flags =
-            (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_USER_COPY) as u64;
+        let transport_flags = (sys::UBLK_F_AUTO_BUF_REG
+            | sys::UBLK_F_SUPPORT_ZERO_COPY
+            | sys::UBLK_F_USER_COPY) as u64;
         if features & transport_flags != config.transport.ctrl_flags() {
             return Err(BlockError::UblkSetup(format!(
                 "device {} was created with flags {features:#x}, not for the {} transport",
@@ -341,6 +358,7 @@ pub fn serve(
     let zero_fd = zero.as_raw_fd();
     let transport = config.transport;
     let force_fallback = config.force_registration_fallback;
+    let setup = config.queue_thread_setup.clone();
     let queue_target = target.clone();
     let q_fn = move |qid: u16, dev: &UblkDev| {
         let ctx = Rc::new(QueueCtx {
@@ -351,7 +369,7 @@ pub fn serve(
             zero: zero_fd,
             max_io: dev.dev_info.max_io_buf_bytes as usize,
         });
-        serve_queue(qid, dev, ctx, force_fallback);
+        serve_queue(qid, dev, ctx, force_fallback, setup.clone());
     };
     let device_started = move |ctrl: &UblkCtrl| {
         let info = ctrl.dev_info();
@@ -366,7 +384,13 @@ pub fn serve(
     result.map(|_| ()).map_err(ublk_err("serving the device"))
 }
 
-fn serve_queue(qid: u16, dev: &UblkDev, ctx: Rc<QueueCtx>, force_fallback: bool) {
+fn serve_queue(
+    qid: u16,
+    dev: &UblkDev,
+    ctx: Rc<QueueCtx>,
+    force_fallback: bool,
+    setup: Option<QueueThreadSetup>,
+) {
     let queue = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(err) => {
@@ -374,6 +398,12 @@ fn serve_queue(qid: u16, dev: &UblkDev, ctx: Rc<QueueCtx>, force_fallback: bool)
             return;
         }
     };
+    if let Some(QueueThreadSetup(setup)) = &setup {
+        if let Err(err) = setup(qid) {
+            tracing::error!(queue = qid, "cannot confine the ublk queue thread: {err}");
+            return;
+        }
+    }
     let executor = Rc::new(smol::LocalExecutor::new());
     let mut tasks = Vec::new();
     for tag in queue.tags() {
@@ -387,7 +417,9 @@ fn serve_queue(qid: u16, dev: &UblkDev, ctx: Rc<QueueCtx>, force_fallback: bool)
         }));
     }
     let run = executor.clone();
-    smol::block_on(executor.run(async move {
+    // A plain parking block_on: no I/O reactor (and no reactor thread) is needed, the
+    // queue waits in io_uring_enter.
+    smol::future::block_on(executor.run(async move {
         let run_ops = || while run.try_tick() {};
         let done = || tasks.iter().all(|t| t.is_finished());
         if let Err(err) = libublk::wait_and_handle_io_events(&queue, Some(20), run_ops, done).await
@@ -720,4 +752,64 @@ async fn move_data(
         transfer(Backing::CharDevice, user_copy_pos(), len, Mem::Ptr(p), true).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ZERO_COPY: u64 = (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_SUPPORT_ZERO_COPY) as u64;
+    const USER_COPY: u64 = sys::UBLK_F_USER_COPY as u64;
+
+    #[test]
+    fn auto_takes_the_best_transport_the_driver_offers() {
+        assert_eq!(
+            choose_transport(None, ZERO_COPY | USER_COPY).unwrap(),
+            Transport::ZeroCopy
+        );
+        assert_eq!(
+            choose_transport(None, USER_COPY).unwrap(),
+            Transport::UserCopy
+        );
+        // AUTO_BUF_REG alone is not enough: the fallback needs SUPPORT_ZERO_COPY.
+        assert_eq!(
+            choose_transport(None, sys::UBLK_F_AUTO_BUF_REG as u64 | USER_COPY).unwrap(),
+            Transport::UserCopy
+        );
+        assert_eq!(choose_transport(None, 0).unwrap(), Transport::Copy);
+    }
+
+    #[test]
+    fn an_explicit_transport_the_driver_lacks_is_refused_not_downgraded() {
+        let err = choose_transport(Some(Transport::ZeroCopy), USER_COPY).unwrap_err();
+        assert!(err.to_string().contains("zero-copy"), "{err}");
+        assert!(choose_transport(Some(Transport::UserCopy), 0).is_err());
+        assert_eq!(
+            choose_transport(Some(Transport::Copy), ZERO_COPY).unwrap(),
+            Transport::Copy
+        );
+        assert_eq!(
+            choose_transport(Some(Transport::UserCopy), ZERO_COPY | USER_COPY).unwrap(),
+            Transport::UserCopy
+        );
+    }
+
+    #[test]
+    fn transport_names_round_trip() {
+        for t in [Transport::ZeroCopy, Transport::UserCopy, Transport::Copy] {
+            assert_eq!(Transport::from_name(t.name()), Some(t));
+        }
+        assert_eq!(Transport::from_name("fast"), None);
+    }
+
+    #[test]
+    fn forced_fallback_points_odd_tags_outside_the_buffer_table() {
+        assert_eq!(auto_reg(4, true).index, 4);
+        assert_eq!(auto_reg(5, true).index, u16::MAX);
+        assert_eq!(auto_reg(5, false).index, 5);
+        assert_eq!(
+            auto_reg(5, false).flags,
+            sys::UBLK_AUTO_BUF_REG_FALLBACK as u8
+        );
+    }
 }

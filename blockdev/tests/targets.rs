@@ -571,3 +571,24 @@ fn an_image_fetches_only_the_chunks_read_and_an_overlay_makes_it_writable() {
         "{err}"
     );
 }
+
+#[test]
+fn an_image_whose_backend_lost_the_blob_fails_reads_instead_of_returning_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..64u64).flat_map(|b| pattern(3, b)).collect();
+    let manifest = store_blob(&dir.path().join("store"), &data, 64 << 10);
+    let mut config = CacheConfig::new(dir.path().join("cache"));
+    config.fetch_attempts = 1;
+    let engine = CacheEngine::new(
+        config,
+        Arc::new(LocalDirBackend::new(dir.path().join("store"))),
+    )
+    .unwrap();
+    let image = ImageTarget::new(engine.open_blob(&manifest).unwrap(), 4096);
+    fs::remove_file(dir.path().join("store").join(&manifest.object)).unwrap();
+    let mut buf = vec![0xffu8; BLOCK];
+    let err = read_at(&image, 0, &mut buf).unwrap_err();
+    assert!(matches!(err, BlockError::Cache(_)), "{err}");
+    assert_eq!(err.errno(), libc::EIO);
+    assert_eq!(image.hits_and_misses(), (0, 1));
+}

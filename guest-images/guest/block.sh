@@ -200,3 +200,31 @@ block_recovery() {
 	stop_device rec2
 	rm -f /tmp/rec.img
 }
+
+# The queue threads run confined: the ublk queue seccomp filter in kill mode (the default,
+# as in every block check: a call outside the list kills berth, which then does not exit 0)
+# and no capabilities. The workload touches every request type and the device's shutdown.
+block_seccomp() {
+	truncate -s 64M /tmp/sc.img
+	start_device sc /tmp/sc.img --queues 2 --seccomp kill
+	local tid confined=0
+	for tid in /proc/"$DEV_PID"/task/*; do
+		if grep -q '^Seccomp:[[:space:]]*2' "$tid/status"; then
+			[ "$(awk '/^CapEff:/ { print $2 }' "$tid/status")" = 0000000000000000 ] || {
+				echo "a confined thread keeps capabilities: $(grep Cap "$tid/status")"
+				return 1
+			}
+			confined=$((confined + 1))
+		fi
+	done
+	echo "@@info $confined confined queue thread(s)"
+	[ "$confined" -ge 2 ]
+	filesystem_roundtrip "$DEV_PATH"
+	fio_verify_device "$DEV_PATH" 4M
+	blkdiscard -o 0 -l 1M "$DEV_PATH"
+	blkdiscard -z -o 1M -l 1M "$DEV_PATH"
+	sync "$DEV_PATH"
+	# Exit status 0, not 159 (SIGSYS).
+	stop_device sc
+	rm -f /tmp/sc.img
+}

@@ -116,6 +116,11 @@ pub struct AddArgs {
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub metrics_interval: u64,
 
+    /// What a queue thread's system call outside its allow-list does: `kill` the process,
+    /// `log` it to the audit log and let it through, `trap` (SIGSYS), or `none` (no filter).
+    #[arg(long, value_name = "ACTION", default_value = "kill", value_parser = parse_seccomp)]
+    pub seccomp: berth_seccomp::SeccompAction,
+
     /// Test hook: make the kernel's automatic buffer registration fail for every other
     /// request, so that berth's own registration (UBLK_IO_F_NEED_REG_BUF) is exercised.
     #[arg(long, hide = true)]
@@ -164,8 +169,16 @@ pub struct RecoverArgs {
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub metrics_interval: u64,
 
+    /// As for `berth block add`.
+    #[arg(long, value_name = "ACTION", default_value = "kill", value_parser = parse_seccomp)]
+    pub seccomp: berth_seccomp::SeccompAction,
+
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+fn parse_seccomp(s: &str) -> Result<berth_seccomp::SeccompAction, String> {
+    s.parse().map_err(|e: berth_seccomp::Error| e.to_string())
 }
 
 impl BlockCommand {

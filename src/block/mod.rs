@@ -10,12 +10,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use berth_blockdev::ublk::{self, DeviceConfig, ServeMode, Started, Transport, UblkCounters};
+use berth_blockdev::ublk::{
+    self, DeviceConfig, QueueThreadSetup, ServeMode, Started, Transport, UblkCounters,
+};
 use berth_blockdev::{
     DeviceMetrics, ImageTarget, OverlayOptions, OverlayTarget, RawOptions, RawTarget, SharedTarget,
 };
 use berth_cache::image::manifest_path_of;
 use berth_cache::{open_backend, BlobBackend, CacheConfig, CacheEngine, LocalDirBackend, Manifest};
+use berth_seccomp::{SeccompAction, ThreadRole};
 use serde_json::json;
 use tracing::{error, info, warn};
 
@@ -255,8 +258,14 @@ fn serve_devices(
     devices: Vec<(DeviceDescription, ServeMode, i32)>,
     metrics_file: Option<PathBuf>,
     metrics_interval: Duration,
+    seccomp: SeccompAction,
     signals: TerminationSignals,
 ) -> anyhow::Result<()> {
+    // Queue threads keep no capabilities and only their role's system calls.
+    let confine = QueueThreadSetup(Arc::new(move |_queue| {
+        berth_seccomp::drop_thread_capabilities().map_err(|e| e.to_string())?;
+        berth_seccomp::install_filter(ThreadRole::UblkQueue, seccomp).map_err(|e| e.to_string())
+    }));
     let engines = Arc::new(Engines::default());
     let started_ids: Arc<Mutex<Vec<u32>>> = Arc::default();
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -302,6 +311,7 @@ fn serve_devices(
             recovery: desc.recovery,
             description: desc.to_json(),
             force_registration_fallback: desc.force_registration_fallback,
+            queue_thread_setup: Some(confine.clone()),
         };
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Started, String>>();
         let failed_tx = ready_tx.clone();
@@ -485,6 +495,7 @@ fn run_add(args: AddArgs, signals: TerminationSignals) -> anyhow::Result<()> {
         devices,
         args.metrics_file,
         Duration::from_secs(args.metrics_interval),
+        args.seccomp,
         signals,
     )
 }
@@ -510,6 +521,7 @@ fn run_recover(args: RecoverArgs, signals: TerminationSignals) -> anyhow::Result
         devices,
         args.metrics_file,
         Duration::from_secs(args.metrics_interval),
+        args.seccomp,
         signals,
     )
 }
