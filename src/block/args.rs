@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
 
-use crate::cli::{CommonArgs, DEFAULT_CACHE_DIR};
+use crate::cli::CommonArgs;
+use crate::image::args::{parse_size, DEFAULT_CACHE_DIR};
 
 /// `berth block` subcommands.
 #[derive(Debug, Clone, Subcommand)]
@@ -42,7 +43,7 @@ pub struct TargetArgs {
     pub backend: Option<String>,
 
     /// How far ahead of a sequential reader an image is fetched (0: no read-ahead).
-    #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = crate::cli::parse_size_arg)]
+    #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_size)]
     pub readahead: u64,
 
     /// Logical block size of the devices.
@@ -85,7 +86,7 @@ pub struct AddArgs {
     pub depth: u16,
 
     /// Largest request, in bytes.
-    #[arg(long, value_name = "BYTES", default_value = "512K", value_parser = crate::cli::parse_size_arg)]
+    #[arg(long, value_name = "BYTES", default_value = "512K", value_parser = parse_size)]
     pub max_io: u64,
 
     /// How request data moves (see `berth block --help` in the README).

@@ -16,7 +16,6 @@ use berth_blockdev::ublk::{
 use berth_blockdev::{
     DeviceMetrics, ImageTarget, OverlayOptions, OverlayTarget, RawOptions, RawTarget, SharedTarget,
 };
-use berth_cache::image::manifest_path_of;
 use berth_cache::{open_backend, BlobBackend, CacheConfig, CacheEngine, LocalDirBackend, Manifest};
 use berth_seccomp::{SeccompAction, ThreadRole};
 use serde_json::json;
@@ -99,6 +98,15 @@ impl DeviceDescription {
             recovery: flag("recovery"),
             force_registration_fallback: flag("force_registration_fallback"),
         })
+    }
+}
+
+/// The manifest of `image`: the file itself, or `manifest.json` inside the directory.
+fn manifest_path_of(image: &Path) -> PathBuf {
+    if image.is_dir() {
+        image.join("manifest.json")
+    } else {
+        image.to_path_buf()
     }
 }
 
