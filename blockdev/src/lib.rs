@@ -9,6 +9,7 @@
 //! [`metrics::DeviceMetrics`] counts what each device serves. This crate knows nothing of
 //! the command line; the binary wires it.
 
+pub mod build;
 pub mod error;
 pub mod export;
 pub mod image;

@@ -228,3 +228,43 @@ block_seccomp() {
 	stop_device sc
 	rm -f /tmp/sc.img
 }
+
+# A 4 GiB ext4 image built on the host with `berth image build --block`, fetched lazily
+# from the host (its store is a virtio-fs share served by the host's berth) with an
+# overlay for writes: the files the host put in read back with their checksums, a write
+# survives a restart of the device, fsck is clean.
+block_lazy_image() {
+	mkdir -p /mnt/store
+	mount -t virtiofs store /mnt/store
+	start_device lazy /mnt/store/img --overlay /tmp/lazy.ovl --cache-dir /tmp/lazy-cache
+	[ "$(blockdev --getsize64 "$DEV_PATH")" = 4294967296 ]
+	mount -t ext4 "$DEV_PATH" /mnt/blk
+	(cd /mnt/blk && sha256sum -c --quiet /test/tree.sums)
+	echo "written in the guest" >/mnt/blk/from-guest
+	umount /mnt/blk
+	e2 e2fsck -fn "$DEV_PATH" >/dev/null
+	stop_device lazy
+	start_device lazy /mnt/store/img --overlay /tmp/lazy.ovl --cache-dir /tmp/lazy-cache
+	mount -t ext4 -o ro "$DEV_PATH" /mnt/blk
+	[ "$(cat /mnt/blk/from-guest)" = "written in the guest" ]
+	umount /mnt/blk
+	sleep 1.2
+	echo "@@info fetched $(metric /tmp/lazy.prom berth_cache_chunks_fetched_total) chunks, cache hits/misses $(metric /tmp/lazy.prom berth_block_cache_hits_total)/$(metric /tmp/lazy.prom berth_block_cache_misses_total)"
+	stop_device lazy
+}
+
+# Reading 100 MiB of the 4 GiB image fetches at most 110 MiB of it.
+block_lazy_fetch_ratio() {
+	mountpoint -q /mnt/store || { mkdir -p /mnt/store; mount -t virtiofs store /mnt/store; }
+	start_device ratio /mnt/store/img --readonly --cache-dir /tmp/ratio-cache --readahead 0
+	dd if="$DEV_PATH" of=/dev/null bs=1M count=100 skip=1024 iflag=direct status=none
+	sleep 1.5
+	local chunks chunk_size fetched
+	chunks=$(metric /tmp/ratio.prom berth_cache_chunks_fetched_total)
+	chunk_size=$(grep -o '"chunk_size":[0-9]*' /mnt/store/img/manifest.json | cut -d: -f2)
+	fetched=$((chunks * chunk_size))
+	echo "@@info read 104857600 bytes, fetched $fetched ($chunks chunks of $chunk_size)"
+	[ "$fetched" -ge 104857600 ] && [ "$fetched" -le 115343360 ]
+	stop_device ratio
+	umount /mnt/store
+}

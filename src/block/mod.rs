@@ -585,6 +585,46 @@ fn run_del(args: DelArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `berth image build --block`: a block image through the shared blob writer.
+pub fn run_block_build(
+    settings: &crate::image::args::ImageBuildSettings,
+    fs: crate::image::args::BlockFs,
+    size: Option<u64>,
+    backend: Arc<dyn BlobBackend>,
+) -> anyhow::Result<()> {
+    use berth_blockdev::build::{build_block_image, BlockBuildOptions, Filesystem};
+    let options = BlockBuildOptions {
+        source: settings.source.clone(),
+        out_dir: settings.out_dir.clone(),
+        filesystem: match fs {
+            crate::image::args::BlockFs::Ext4 => Filesystem::Ext4,
+            crate::image::args::BlockFs::Erofs => Filesystem::Erofs,
+        },
+        size,
+        layout: berth_cache::BlobLayout {
+            chunk_size: settings.chunk_size,
+            compression: settings.compression,
+        },
+        backend: backend.clone(),
+        object_prefix: "blobs".into(),
+        keep_disk_image: settings.keep_raw_blob,
+    };
+    let report = build_block_image(&options)
+        .with_context(|| format!("cannot build a block image from {}", settings.source.display()))?;
+    let manifest = &report.manifest;
+    println!(
+        "Built block image {}: blob {} of {} bytes in {} chunks, {} bytes stored as {} in {}.",
+        settings.out_dir.display(),
+        manifest.blob_id,
+        manifest.blob_size,
+        manifest.chunks.len(),
+        report.stored_bytes,
+        manifest.object,
+        backend.describe()
+    );
+    Ok(())
+}
+
 /// Runs a `berth block` subcommand.
 pub fn run(command: BlockCommand, signals: TerminationSignals) -> anyhow::Result<()> {
     match command {

@@ -106,8 +106,29 @@ pub struct ImageBuildArgs {
     #[arg(long, value_name = "FILE")]
     pub prefetch_list: Option<PathBuf>,
 
+    /// Build a block image for `berth block` instead: SOURCE is a filesystem or disk
+    /// image used as it is, or a directory made into one (see --fs).
+    #[arg(long, conflicts_with = "prefetch_list")]
+    pub block: bool,
+
+    /// With --block and a directory: the filesystem to make.
+    #[arg(long = "fs", value_name = "FS", value_enum, default_value_t = BlockFs::Ext4, requires = "block")]
+    pub block_fs: BlockFs,
+
+    /// With --block, --fs ext4 and a directory: the image's size [default: the tree × 1.5
+    /// plus 64M].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, requires = "block")]
+    pub size: Option<u64>,
+
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// Filesystems `berth image build --block` makes from a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BlockFs {
+    Ext4,
+    Erofs,
 }
 
 /// What `berth mount` fetches in the background, below on-demand reads.
@@ -185,6 +206,8 @@ pub struct ImageBuildSettings {
     pub compression: Compression,
     pub keep_raw_blob: bool,
     pub prefetch_list: Option<PathBuf>,
+    /// `Some`: a block image with this filesystem (for a directory source) and size.
+    pub block: Option<(BlockFs, Option<u64>)>,
     pub process: ProcessSettings,
 }
 
@@ -216,6 +239,7 @@ impl ImageBuildArgs {
             compression: self.compression.into(),
             keep_raw_blob: self.keep_raw_blob,
             prefetch_list: self.prefetch_list.clone(),
+            block: self.block.then_some((self.block_fs, self.size)),
             process: self.common.resolve(None, Vec::new())?,
         })
     }

@@ -52,6 +52,9 @@ pub fn run_build(settings: ImageBuildSettings, signals: TerminationSignals) -> a
         bail!("the source {} does not exist", settings.source.display());
     }
     let backend = backend_or_directory(settings.backend.as_deref(), &settings.out_dir)?;
+    if let Some((fs, size)) = settings.block {
+        return crate::block::run_block_build(&settings, fs, size, backend);
+    }
     let mut options = BuildOptions::new(&settings.source, &settings.out_dir, backend.clone());
     options.chunk_size = settings.chunk_size;
     options.compression = settings.compression;
