@@ -134,6 +134,10 @@ impl Engines {
         }
         let mut config = CacheConfig::new(cache_dir);
         config.readahead_max_bytes = readahead;
+        // Disk images are mostly free space, stored as tiny compressed zero chunks: merging
+        // a miss until a backend read covers 1 MiB *stored* would pull in (and write out)
+        // hundreds of MiB of zeros for one block. Fetch what is read, plus read-ahead.
+        config.merge_min_bytes = 0;
         let engine = Arc::new(
             CacheEngine::new(config, backend)
                 .with_context(|| format!("cannot open the cache in {}", cache_dir.display()))?,
