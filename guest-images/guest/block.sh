@@ -265,7 +265,8 @@ block_lazy_fetch_ratio() {
 	sleep 1.5
 	local chunks chunk_size fetched
 	chunks=$(metric /tmp/ratio.prom berth_cache_chunks_fetched_total)
-	chunk_size=$(grep -o '"chunk_size":[0-9]*' /mnt/store/img/manifest.json | cut -d: -f2)
+	chunk_size=$(tr -d ' \n' </mnt/store/img/manifest.json | grep -o '"chunk_size":[0-9]*' | cut -d: -f2)
+	[ -n "$chunks" ] && [ -n "$chunk_size" ]
 	fetched=$((chunks * chunk_size))
 	echo "@@info read 104857600 bytes, fetched $fetched ($chunks chunks of $chunk_size)"
 	[ "$fetched" -ge 104857600 ] && [ "$fetched" -le 115343360 ]
