@@ -613,8 +613,12 @@ pub fn run_block_build(
         object_prefix: "blobs".into(),
         keep_disk_image: settings.keep_raw_blob,
     };
-    let report = build_block_image(&options)
-        .with_context(|| format!("cannot build a block image from {}", settings.source.display()))?;
+    let report = build_block_image(&options).with_context(|| {
+        format!(
+            "cannot build a block image from {}",
+            settings.source.display()
+        )
+    })?;
     let manifest = &report.manifest;
     println!(
         "Built block image {}: blob {} of {} bytes in {} chunks, {} bytes stored as {} in {}.",
