@@ -528,12 +528,13 @@ choose_accel() {
 }
 
 # guest_boot --script FILE [--extra DIR] [--fs TAG=SOCKET[,queues=N]]... [--timeout S]
-#            [--console FILE] [--show-console]
+#            [--console FILE] [--show-console] [--disk FILE[,ro]]... [--initrd-append CPIO]
+#            [--qemu-arg ARG]... [--append KERNEL-ARGS]
 # Boots a guest that runs FILE as /test/run.sh (with DIR's files beside it) and
 # returns the script's exit code, read from the console marker. 124 when the
 # guest timed out, 125 when it ended without a marker.
 guest_boot() {
-	local script="" extra="" timeout=600 console="" show=0 fs_args=() n=0
+	local script="" extra="" timeout=600 console="" show=0 fs_args=() n=0 more_disks=() appended="" qemu_extra=() cmdline_extra=""
 	while [ $# -gt 0 ]; do
 		case $1 in
 		--script) script=$2; shift 2 ;;
@@ -541,6 +542,18 @@ guest_boot() {
 		--timeout) timeout=$2; shift 2 ;;
 		--console) console=$2; shift 2 ;;
 		--show-console) show=1; shift ;;
+		--disk)
+			# Extra virtio-blk disks follow the tools image: /dev/vdb, /dev/vdc, ...
+			local disk=$2 ro=off
+			case $disk in *,ro) ro=on; disk=${disk%,ro} ;; esac
+			more_disks+=(-drive "file=$disk,if=none,id=disk$n,format=raw,readonly=$ro"
+				-device "virtio-blk-pci,drive=disk$n")
+			n=$((n + 1))
+			shift 2
+			;;
+		--initrd-append) appended=$2; shift 2 ;;
+		--qemu-arg) qemu_extra+=("$2"); shift 2 ;;
+		--append) cmdline_extra="$cmdline_extra $2"; shift 2 ;;
 		--fs)
 			local spec=$2 tag sock queues=1
 			tag=${spec%%=*}
@@ -562,7 +575,14 @@ guest_boot() {
 	[ -z "$extra" ] || cp -a "$extra/." "$tmp/extra/test/"
 	cp "$script" "$tmp/extra/test/run.sh"
 	(cd "$tmp/extra" && find . | LC_ALL=C sort | cpio -o -H newc --owner=0:0 --quiet) >"$tmp/extra.cpio"
-	cat "$BASE_INITRAMFS" "$tmp/extra.cpio" >"$tmp/initrd"
+	if [ -n "$appended" ]; then
+		# Each cpio starts on a 512-byte boundary.
+		cp "$appended" "$tmp/appended.cpio"
+		truncate -s %512 "$tmp/appended.cpio"
+		cat "$BASE_INITRAMFS" "$tmp/appended.cpio" "$tmp/extra.cpio" >"$tmp/initrd"
+	else
+		cat "$BASE_INITRAMFS" "$tmp/extra.cpio" >"$tmp/initrd"
+	fi
 	local disk_args=()
 	if [ -n "${TOOLS_IMAGE:-}" ]; then
 		# shellcheck disable=SC2054 # the commas belong to QEMU's option syntax
@@ -576,8 +596,8 @@ guest_boot() {
 		-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem
 		-nographic -no-reboot -nodefaults -serial stdio
 		-kernel "$KERNEL_IMAGE" -initrd "$tmp/initrd"
-		-append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init"
-		"${disk_args[@]}" "${fs_args[@]}")
+		-append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init$cmdline_extra"
+		"${disk_args[@]}" "${more_disks[@]}" "${fs_args[@]}" "${qemu_extra[@]}")
 	local rc=0 tail_pid="" attempt
 	for attempt in 1 2; do
 		rc=0

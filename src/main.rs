@@ -2,6 +2,7 @@
 //! command line ([`cli`]), logging, the open file limit, and one of the two transports ([`vhost_user`],
 //! [`fusedev`]) around the passthrough filesystem, or the lazily fetched images ([`image`]).
 
+mod block;
 mod cli;
 mod fast_io;
 mod fuse_notify;
@@ -47,6 +48,7 @@ fn main() -> ExitCode {
         Mode::Fuse(settings) => &settings.process,
         Mode::ImageBuild(settings) => &settings.process,
         Mode::Mount(settings) => &settings.process,
+        Mode::Block(_, process) => process,
     };
     let (log_level, rlimit_nofile) = (process.log_level, process.rlimit_nofile);
 
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
                 }
                 Mode::ImageBuild(settings) => image::run_build(settings, signals),
                 Mode::Mount(settings) => image::run_mount(settings, signals),
+                Mode::Block(command, _) => block::run(command, signals),
                 Mode::PrintCapabilities => Ok(()),
             }
         });
