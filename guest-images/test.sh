@@ -435,6 +435,14 @@ boot_seconds() {
 
 prepare_start=$(now_seconds)
 prepare_guest
+SID_SELECTED=0
+if any_selected "${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
+	"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}"; then
+	SID_SELECTED=1
+	ensure_host_packages python3 # for qmp.py
+	QMP=$GUEST_IMAGES_DIR/qmp.py
+	fetch_qemu_sid
+fi
 daemon_binary "$daemon_kind"
 log "guest ready and $daemon_kind at $DAEMON after $(seconds_since "$prepare_start") s"
 
@@ -576,11 +584,7 @@ EOF
 	selected mq-no-stray && check_no_stray mq-no-stray
 fi
 
-if any_selected "${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
-	"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}"; then
-	ensure_host_packages python3
-	QMP=$GUEST_IMAGES_DIR/qmp.py
-	fetch_qemu_sid
+if [ "$SID_SELECTED" = 1 ]; then
 	if selected sid-qemu-version; then
 		start=$(now_seconds)
 		version=$("${QEMU_SID_CMD[@]}" --version 2>&1 | head -n1 || true)
@@ -648,7 +652,7 @@ GUEST
 
 		if [ "$daemon_kind" = virtiofsd ]; then
 			for check in sid-migrate-refused sid-incoming-quit; do
-				selected "$check" && record "$check" SKIP 0 "virtiofsd 1.14 can migrate (LOG_SHMFD, device state): the refusal is berth's"
+				selected "$check" && record "$check" SKIP 0 "virtiofsd 1.14 can migrate under this QEMU (LOG_SHMFD, device state), so there is no refusal to check"
 			done
 		else
 			if selected sid-migrate-refused; then
