@@ -26,6 +26,10 @@ check() {
 		set -eE -o pipefail
 		shopt -s inherit_errexit
 		trap 'echo "failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
+		# A check that fails while a helper it started in the background still
+		# waits (a lock holder waiting for its "go" file) would otherwise keep
+		# this command substitution open until the guest times out.
+		trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 		"$@"
 	) 2>&1
 	rc=$?
