@@ -28,6 +28,8 @@ SID_FS_HOST_CHECKS=(sid-fs-host sid-migrate-refused sid-incoming-quit sid-fs-dae
 SID_MIGRATION_REFUSAL="Migration disabled: vhost-user backend lacks VHOST_USER_PROTOCOL_F_LOG_SHMFD feature"
 
 daemon_kind=berth only="" keep=0
+# Longest a boot may take; the host helpers that serve a boot wait as long.
+GUEST_TIMEOUT=${GUEST_TIMEOUT:-900}
 while [ $# -gt 0 ]; do
 	case $1 in
 	--daemon) daemon_kind=$2; shift 2 ;;
@@ -267,7 +269,7 @@ check_no_stray() {
 # SHARE=SIGNAL pairs; the signals live on the cache=never share, so the guest
 # sees them as soon as they exist, whatever the share under test caches.
 serve_cache_changes() {
-	local pair share signal pending=("$@") deadline=$((SECONDS + 600))
+	local pair share signal pending=("$@") deadline=$((SECONDS + GUEST_TIMEOUT))
 	while [ ${#pending[@]} -gt 0 ] && [ $SECONDS -lt $deadline ]; do
 		local still=()
 		for pair in "${pending[@]}"; do
@@ -293,7 +295,7 @@ serve_cache_changes() {
 # takes a write lock when the guest asks, releases it when told, then reports
 # whether a lock the guest holds blocks the host.
 serve_host_locks() {
-	local share=$1 pl=$GUEST_IMAGES_DIR/guest/posix-lock.pl deadline=$((SECONDS + 600))
+	local share=$1 pl=$GUEST_IMAGES_DIR/guest/posix-lock.pl deadline=$((SECONDS + GUEST_TIMEOUT))
 	until [ -e "$share/host-lock-request" ]; do
 		[ $SECONDS -lt $deadline ] || return 0
 		sleep 0.02
@@ -344,7 +346,7 @@ check_round_trip() {
 # then lets the guest go on (SHARE/migrate-attempted). Nothing is attempted
 # with virtiofsd, which can migrate.
 serve_migration_attempt() {
-	local share=$1 out=$WORK/migration deadline=$((SECONDS + 600))
+	local share=$1 out=$WORK/migration deadline=$((SECONDS + GUEST_TIMEOUT))
 	until [ -e "$share/ready-to-migrate" ]; do
 		[ $SECONDS -lt $deadline ] || return 0
 		sleep 0.05
@@ -392,7 +394,7 @@ run_guest() {
 	log "booting guest '$name' (console: $console)"
 	local start rc=0
 	start=$(now_seconds)
-	guest_boot --script "$script" --extra "$extra" --console "$console" --timeout "${GUEST_TIMEOUT:-900}" "$@" &
+	guest_boot --script "$script" --extra "$extra" --console "$console" --timeout "$GUEST_TIMEOUT" "$@" &
 	local boot_pid=$!
 	BACKGROUND_PIDS+=("$boot_pid")
 	local reported=" " line check status took
