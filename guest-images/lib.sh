@@ -892,6 +892,12 @@ guest_boot() {
 	[ -z "$extra" ] || cp -a "$extra/." "$tmp/extra/test/"
 	cp "$script" "$tmp/extra/test/run.sh"
 	(cd "$tmp/extra" && find . | LC_ALL=C sort | cpio -o -H newc --owner=0:0 --quiet) >"$tmp/extra.cpio"
+	if [ ! -f "$BASE_INITRAMFS" ]; then
+		# Another run pruned it since this one prepared (older versions of these
+		# scripts removed every other initramfs): build it again.
+		log "$BASE_INITRAMFS disappeared from the cache; building it again"
+		build_base_initramfs
+	fi
 	cat "$BASE_INITRAMFS" "$tmp/extra.cpio" >"$tmp/initrd"
 	local disk_args=()
 	if [ -n "${TOOLS_IMAGE:-}" ]; then
