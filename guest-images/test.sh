@@ -79,8 +79,8 @@ record() { # record NAME PASS|FAIL SECONDS [DETAIL...]
 
 # --- workspace and cleanup -------------------------------------------------------
 
-WORK=$(mktemp -d /tmp/berth-guest-test.XXXXXX)
-TRASH=$(mktemp -d /tmp/berth-guest-trash.XXXXXX)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/berth-guest-test.XXXXXX")
+TRASH=$(mktemp -d "${TMPDIR:-/tmp}/berth-guest-trash.XXXXXX")
 LOGS=$WORK/logs
 mkdir -p "$LOGS"
 declare -A DAEMON_PID=()
