@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Plots the medians of a `berth-loadgen compare --json` file, one SVG per workload family,
-or the table of a `benches/guest-fio.sh` JSON file as guest-fio.svg.
+the table of a `benches/guest-fio.sh` JSON file as guest-fio.svg, or the table of a
+`benches/guest-block.sh` JSON file as guest-block.svg.
 
     python3 benches/plot.py benches/results/full.json docs/plots
     python3 benches/plot.py benches/results/guest-fio.json docs/plots
+    python3 benches/plot.py benches/results/guest-block.json docs/plots
 
 Needs matplotlib (pip install matplotlib).
 """
@@ -16,7 +18,8 @@ import matplotlib
 matplotlib.use("svg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"berth": "#1f77b4", "virtiofsd": "#ff7f0e", "native": "#7f7f7f"}
+COLORS = {"berth": "#1f77b4", "virtiofsd": "#ff7f0e", "native": "#7f7f7f",
+          "zero-copy": "#1f77b4", "user-copy": "#2ca02c", "copy": "#9467bd", "loop": "#7f7f7f"}
 FAMILIES = {
     "read": "Reads (ops/s, log scale)",
     "write": "Writes (ops/s, log scale)",
@@ -28,6 +31,9 @@ def main():
     source, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
     out_dir.mkdir(parents=True, exist_ok=True)
     data = json.loads(source.read_text())
+    if data.get("kind") == "guest-block":
+        plot_guest_block(data, out_dir)
+        return
     if "table" in data:
         plot_guest_fio(data, out_dir)
         return
@@ -71,6 +77,33 @@ def plot_guest_fio(data, out_dir):
         width=9,
         rotation=30,
     )
+
+
+def plot_guest_block(data, out_dir):
+    """ublk transports against the loop device, one group of bars per job and queue count,
+    with zero-copy/user-copy and zero-copy/loop over each group."""
+    table = data["table"]
+    backends = ["zero-copy", "user-copy", "copy", "loop"]
+    labels = [f"{row['job']}\n{row['queues']} queue(s)" for row in table]
+    bar = 0.8 / len(backends)
+    fig, ax = plt.subplots(figsize=(max(9, 0.9 * len(labels)), 5))
+    for index, backend in enumerate(backends):
+        xs = [i + (index - (len(backends) - 1) / 2) * bar for i in range(len(table))]
+        ax.bar(xs, [row["backends"].get(backend, {}).get("iops", 0) for row in table], bar,
+               label=backend, color=COLORS[backend])
+    for i, row in enumerate(table):
+        top = max(b.get("iops", 0) for b in row["backends"].values())
+        ax.annotate(f"zc/uc {row['zc_over_uc']:.2f}x\nzc/loop {row['zc_over_loop']:.2f}x", (i, top),
+                    ha="center", va="bottom", fontsize=6)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=7, rotation=90)
+    ax.set_title(f"ublk in a QEMU TCG guest (IOPS, log scale), fio libaio O_DIRECT, "
+                 f"{data['runtime_s']} s per job, one boot", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "guest-block.svg", metadata={"Date": None})
+    plt.close(fig)
 
 
 def bar_chart(labels, groups, title, path, width, rotation=90):

@@ -12,13 +12,13 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use berth_cache::manifest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
-use berth_cache::Compression;
 use berth_passthrough::{
     CachePolicy, Config, InodeFileHandles, Negotiation as FsNegotiation, XattrMap, XattrMapError,
 };
 use berth_seccomp::{IdMap, ModCaps, SandboxMode, SeccompAction};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+use crate::image::args::{ImageBuildSettings, ImageCommand, MountArgs, MountSettings};
 
 /// Longest tag the virtio-fs config space holds (virtio spec 5.11.4).
 pub const MAX_TAG_LEN: usize = 36;
@@ -190,177 +190,15 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the shared directory on a host mount point through /dev/fuse.
-    Fuse(FuseArgs),
+    Fuse(Box<FuseArgs>),
     /// Build images whose data is fetched lazily (see `berth mount`).
     #[command(subcommand)]
     Image(ImageCommand),
     /// Mount an image read-only, fetching its data on first access, until SIGINT or SIGTERM.
     Mount(MountArgs),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum ImageCommand {
-    /// Build an erofs image from a directory or tar archive and upload its data blob.
-    Build(ImageBuildArgs),
-}
-
-/// Where the cache of `berth mount` lives unless --cache-dir says otherwise.
-pub const DEFAULT_CACHE_DIR: &str = "/var/cache/berth/blobs";
-
-/// How the chunks of an image's blob are stored in the backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ChunkCompression {
-    None,
-    Zstd,
-    Lz4,
-}
-
-impl From<ChunkCompression> for Compression {
-    fn from(value: ChunkCompression) -> Self {
-        match value {
-            ChunkCompression::None => Compression::None,
-            ChunkCompression::Zstd => Compression::Zstd,
-            ChunkCompression::Lz4 => Compression::Lz4,
-        }
-    }
-}
-
-/// A byte count: plain, or with a binary suffix (K, M, G, optionally followed by `iB`).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, suffix) = s.split_at(digits_end);
-    let shift = match suffix.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" => 10,
-        "m" | "mib" => 20,
-        "g" | "gib" => 30,
-        _ => {
-            return Err(format!(
-                "'{s}' is not a size (examples: 4096, 64K, 1M, 2GiB)"
-            ))
-        }
-    };
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (examples: 4096, 64K, 1M, 2GiB)"))?;
-    value
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("'{s}' is too large"))
-}
-
-fn parse_chunk_size(s: &str) -> Result<u32, String> {
-    let size = parse_size(s)?;
-    match u32::try_from(size) {
-        Ok(size) if size.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&size) => {
-            Ok(size)
-        }
-        _ => Err(format!(
-            "the chunk size must be a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE} bytes"
-        )),
-    }
-}
-
-/// `berth image build` flags.
-#[derive(Debug, Args)]
-pub struct ImageBuildArgs {
-    /// The directory or tar archive (any compression tar detects) to build the image from.
-    #[arg(value_name = "SOURCE")]
-    pub source: PathBuf,
-
-    /// Directory receiving the image: manifest.json and boot.img (the erofs metadata).
-    #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
-
-    /// Where the data blob is uploaded: file://DIR (or a plain directory),
-    /// s3://BUCKET[/PREFIX] (settings from the AWS_* environment variables) or
-    /// http(s)://URL [default: the --out directory].
-    #[arg(long, value_name = "LOCATION")]
-    pub backend: Option<String>,
-
-    /// Chunk size of the blob: the unit fetched, verified and cached (a power of two).
-    #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_chunk_size)]
-    pub chunk_size: u32,
-
-    /// How each chunk is stored in the backend.
-    #[arg(long, value_name = "METHOD", value_enum, default_value_t = ChunkCompression::None)]
-    pub compression: ChunkCompression,
-
-    /// Also keep the uncompressed blob as blob.raw in the --out directory.
-    #[arg(long)]
-    pub keep_raw_blob: bool,
-
-    /// File listing paths of the image to fetch in the background once it is mounted,
-    /// one per line, most wanted first (a directory stands for every file below it).
-    #[arg(long, value_name = "FILE")]
-    pub prefetch_list: Option<PathBuf>,
-
-    #[command(flatten)]
-    pub common: CommonArgs,
-}
-
-/// What `berth mount` fetches in the background, below on-demand reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum PrefetchMode {
-    /// Nothing.
-    None,
-    /// The image's prefetch list (`berth image build --prefetch-list`).
-    List,
-    /// The prefetch list, then the whole blob.
-    All,
-}
-
-/// `berth mount` flags.
-#[derive(Debug, Args)]
-pub struct MountArgs {
-    /// The image directory (holding manifest.json), or the manifest file itself.
-    #[arg(value_name = "IMAGE")]
-    pub image: PathBuf,
-
-    /// Where to mount the image on the host.
-    #[arg(value_name = "MOUNTPOINT")]
-    pub mountpoint: PathBuf,
-
-    /// Directory of the local cache of fetched chunks.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_CACHE_DIR)]
-    pub cache_dir: PathBuf,
-
-    /// Most bytes the cache keeps; blobs not in use are evicted beyond it [default: no limit].
-    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
-    pub cache_capacity: Option<u64>,
-
-    /// Where the data blob is fetched from, as for `berth image build --backend`
-    /// [default: the image's directory].
-    #[arg(long, value_name = "LOCATION")]
-    pub backend: Option<String>,
-
-    /// Keep the cache metrics in this file (Prometheus text format).
-    #[arg(long, value_name = "PATH")]
-    pub metrics_file: Option<PathBuf>,
-
-    /// How often the metrics file is rewritten.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10,
-          value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub metrics_interval: u64,
-
-    /// Threads answering the kernel's requests for missing data.
-    #[arg(long, value_name = "N", default_value_t = 4,
-          value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub threads: u16,
-
-    /// What to fetch in the background after mounting.
-    #[arg(long, value_name = "WHAT", value_enum, default_value_t = PrefetchMode::List)]
-    pub prefetch: PrefetchMode,
-
-    /// How far ahead of a sequential reader to fetch (0: no read-ahead).
-    #[arg(long, value_name = "BYTES", default_value = "16M", value_parser = parse_size)]
-    pub readahead: u64,
-
-    /// Internal: run as the serving worker of a supervising `berth mount`.
-    #[arg(long, hide = true)]
-    pub internal_worker: bool,
-
-    #[command(flatten)]
-    pub common: CommonArgs,
+    /// Block devices: ublk exports of images and files.
+    #[command(subcommand)]
+    Block(crate::block::BlockCommand),
 }
 
 /// The vhost-user daemon's flags (the default mode).
@@ -437,6 +275,9 @@ pub struct FuseArgs {
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
+
+    #[command(flatten)]
+    pub shared_cache: crate::shared_cache::SharedCacheArgs,
 
     #[command(flatten)]
     pub isolation: IsolationArgs,
@@ -590,7 +431,7 @@ pub struct FsArgs {
 }
 
 /// Logging and process limits, shared by both modes.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
     /// Log level [default: info, or RUST_LOG's filter when that is set].
     #[arg(long, value_name = "LEVEL", value_enum)]
@@ -621,6 +462,7 @@ pub enum Mode {
     Fuse(FuseSettings),
     ImageBuild(ImageBuildSettings),
     Mount(MountSettings),
+    Block(crate::block::BlockCommand, ProcessSettings),
 }
 
 /// Where the vhost-user listening socket comes from.
@@ -664,39 +506,9 @@ pub struct IsolationSettings {
 pub struct FuseSettings {
     pub mountpoint: PathBuf,
     pub threads: usize,
+    pub shared_cache: crate::shared_cache::SharedCacheArgs,
     pub isolation: IsolationSettings,
     pub fs: Config,
-    pub process: ProcessSettings,
-}
-
-#[derive(Debug)]
-pub struct ImageBuildSettings {
-    pub source: PathBuf,
-    pub out_dir: PathBuf,
-    /// `None`: the output directory.
-    pub backend: Option<String>,
-    pub chunk_size: u32,
-    pub compression: Compression,
-    pub keep_raw_blob: bool,
-    pub prefetch_list: Option<PathBuf>,
-    pub process: ProcessSettings,
-}
-
-#[derive(Debug)]
-pub struct MountSettings {
-    pub image: PathBuf,
-    pub mountpoint: PathBuf,
-    pub cache_dir: PathBuf,
-    pub cache_capacity: Option<u64>,
-    /// `None`: the image's directory.
-    pub backend: Option<String>,
-    pub metrics_file: Option<PathBuf>,
-    pub metrics_interval: Duration,
-    pub threads: usize,
-    pub prefetch: PrefetchMode,
-    pub readahead: u64,
-    /// Run as the worker of a supervisor (see `src/image.rs`).
-    pub internal_worker: bool,
     pub process: ProcessSettings,
 }
 
@@ -975,7 +787,7 @@ impl FsArgs {
 }
 
 impl CommonArgs {
-    fn resolve(
+    pub(crate) fn resolve(
         &self,
         compat_level: Option<LogLevel>,
         mut warnings: Vec<String>,
@@ -1136,6 +948,7 @@ impl FuseArgs {
             // clap enforces `required`; the Option only lets the struct be flattened.
             mountpoint: self.mountpoint.clone().unwrap_or_default(),
             threads: usize::from(self.threads),
+            shared_cache: self.shared_cache.clone(),
             isolation,
             fs,
             process: self.common.resolve(compat_level, warnings)?,
@@ -1185,40 +998,6 @@ fn fuse_id_maps(isolation: &mut IsolationSettings, euid: u32, egid: u32) -> Resu
     Ok(())
 }
 
-impl ImageBuildArgs {
-    fn resolve(&self) -> Result<ImageBuildSettings, CliError> {
-        Ok(ImageBuildSettings {
-            source: self.source.clone(),
-            out_dir: self.out.clone(),
-            backend: self.backend.clone(),
-            chunk_size: self.chunk_size,
-            compression: self.compression.into(),
-            keep_raw_blob: self.keep_raw_blob,
-            prefetch_list: self.prefetch_list.clone(),
-            process: self.common.resolve(None, Vec::new())?,
-        })
-    }
-}
-
-impl MountArgs {
-    fn resolve(&self) -> Result<MountSettings, CliError> {
-        Ok(MountSettings {
-            image: self.image.clone(),
-            mountpoint: self.mountpoint.clone(),
-            cache_dir: self.cache_dir.clone(),
-            cache_capacity: self.cache_capacity,
-            backend: self.backend.clone(),
-            metrics_file: self.metrics_file.clone(),
-            metrics_interval: Duration::from_secs(self.metrics_interval),
-            threads: usize::from(self.threads),
-            prefetch: self.prefetch,
-            readahead: self.readahead,
-            internal_worker: self.internal_worker,
-            process: self.common.resolve(None, Vec::new())?,
-        })
-    }
-}
-
 impl Cli {
     /// Checks and completes the parsed command line.
     pub fn resolve(&self) -> Result<Mode, CliError> {
@@ -1228,6 +1007,10 @@ impl Cli {
                 Ok(Mode::ImageBuild(args.resolve()?))
             }
             Some(Command::Mount(args)) => Ok(Mode::Mount(args.resolve()?)),
+            Some(Command::Block(command)) => {
+                let process = command.common().resolve(None, Vec::new())?;
+                Ok(Mode::Block(command.clone(), process))
+            }
             None if self.serve.print_capabilities => Ok(Mode::PrintCapabilities),
             None => Ok(Mode::VhostUser(self.serve.resolve()?)),
         }
@@ -1965,116 +1748,5 @@ mod tests {
         // Serve flags before the subcommand are not silently dropped.
         let err = parse(&["--fd=3", "fuse", "--shared-dir=/d", "--mountpoint=/m"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
-    }
-
-    #[test]
-    fn image_build_subcommand() {
-        match resolve(&["image", "build", "/src.tar", "--out", "/img"]) {
-            Ok(Mode::ImageBuild(s)) => {
-                assert_eq!(s.source, PathBuf::from("/src.tar"));
-                assert_eq!(s.out_dir, PathBuf::from("/img"));
-                assert_eq!(s.backend, None);
-                assert_eq!(s.chunk_size, 1 << 20);
-                assert_eq!(s.compression, Compression::None);
-                assert!(!s.keep_raw_blob);
-            }
-            other => panic!("expected image build, got {other:?}"),
-        }
-        match resolve(&[
-            "image",
-            "build",
-            "/src",
-            "--out=/img",
-            "--backend=s3://bucket/images",
-            "--chunk-size=64K",
-            "--compression=zstd",
-            "--keep-raw-blob",
-            "--log-level=debug",
-        ]) {
-            Ok(Mode::ImageBuild(s)) => {
-                assert_eq!(s.backend.as_deref(), Some("s3://bucket/images"));
-                assert_eq!(s.chunk_size, 64 << 10);
-                assert_eq!(s.compression, Compression::Zstd);
-                assert!(s.keep_raw_blob);
-                assert_eq!(s.process.log_level, Some(LogLevel::Debug));
-            }
-            other => panic!("expected image build, got {other:?}"),
-        }
-        assert_eq!(
-            parse(&["image", "build", "/src"]).unwrap_err().kind(),
-            ErrorKind::MissingRequiredArgument
-        );
-        for bad in [
-            &["image", "build", "/s", "--out=/o", "--chunk-size=3000"][..],
-            &["image", "build", "/s", "--out=/o", "--chunk-size=1K"],
-            &["image", "build", "/s", "--out=/o", "--chunk-size=128M"],
-            &["image", "build", "/s", "--out=/o", "--chunk-size=1X"],
-            &["image", "build", "/s", "--out=/o", "--compression=gzip"],
-            &["image", "/s", "--out=/o"],
-        ] {
-            let err = parse(bad).unwrap_err();
-            assert_eq!(err.exit_code(), 2, "{bad:?} should be a usage error");
-        }
-    }
-
-    #[test]
-    fn mount_subcommand() {
-        match resolve(&["mount", "/img", "/mnt"]) {
-            Ok(Mode::Mount(s)) => {
-                assert_eq!(s.image, PathBuf::from("/img"));
-                assert_eq!(s.mountpoint, PathBuf::from("/mnt"));
-                assert_eq!(s.cache_dir, PathBuf::from(DEFAULT_CACHE_DIR));
-                assert_eq!(s.cache_capacity, None);
-                assert_eq!(s.backend, None);
-                assert_eq!(s.metrics_file, None);
-                assert_eq!(s.threads, 4);
-            }
-            other => panic!("expected mount, got {other:?}"),
-        }
-        match resolve(&[
-            "mount",
-            "/img/manifest.json",
-            "/mnt",
-            "--cache-dir=/c",
-            "--cache-capacity=2GiB",
-            "--backend",
-            "http://127.0.0.1:8000/images",
-            "--metrics-file=/run/berth.prom",
-            "--metrics-interval=30",
-            "--threads=8",
-        ]) {
-            Ok(Mode::Mount(s)) => {
-                assert_eq!(s.cache_dir, PathBuf::from("/c"));
-                assert_eq!(s.cache_capacity, Some(2 << 30));
-                assert_eq!(s.backend.as_deref(), Some("http://127.0.0.1:8000/images"));
-                assert_eq!(s.metrics_file, Some(PathBuf::from("/run/berth.prom")));
-                assert_eq!(s.metrics_interval, Duration::from_secs(30));
-                assert_eq!(s.threads, 8);
-            }
-            other => panic!("expected mount, got {other:?}"),
-        }
-        for bad in [
-            &["mount", "/img"][..],
-            &["mount", "/img", "/mnt", "--threads=0"],
-            &["mount", "/img", "/mnt", "--cache-capacity=lots"],
-            &["mount", "/img", "/mnt", "--metrics-interval=0"],
-            &["--fd=3", "mount", "/img", "/mnt"],
-        ] {
-            let err = parse(bad).unwrap_err();
-            assert_eq!(err.exit_code(), 2, "{bad:?} should be a usage error");
-        }
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64k"), Ok(64 << 10));
-        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
-        assert_eq!(parse_size("3G"), Ok(3 << 30));
-        assert!(parse_size("").is_err());
-        assert!(parse_size("M").is_err());
-        assert!(parse_size("1.5M").is_err());
-        assert!(parse_size("99999999999999999999G").is_err());
-        assert!(parse_size("18446744073709551615G").is_err());
     }
 }

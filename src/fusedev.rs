@@ -473,6 +473,9 @@ fn run_worker(index: usize, mut channel: Channel, server: &FsServer) -> Result<(
                 warn!(worker = index, "Dropping a FUSE request: {why}.")
             }
         }
+        // The reply reached the kernel (or never will): shared caching settles what it
+        // handed out.
+        server.reply_sent();
     }
 }
 

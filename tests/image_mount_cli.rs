@@ -131,7 +131,7 @@ fn metric(metrics: &str, name: &str) -> Option<u64> {
 #[test]
 fn build_then_mount_lazily_and_stop_with_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    if let Err(reason) = berth_cache::mount::check_support(dir.path()) {
+    if let Err(reason) = berth_ondemand::mount::check_support(dir.path()) {
         skip::skip(&reason);
         return;
     }
@@ -253,7 +253,7 @@ fn build_then_mount_lazily_and_stop_with_sigterm() {
 #[test]
 fn default_backend_is_the_image_directory() {
     let dir = tempfile::tempdir().unwrap();
-    if let Err(reason) = berth_cache::mount::check_support(dir.path()) {
+    if let Err(reason) = berth_ondemand::mount::check_support(dir.path()) {
         skip::skip(&reason);
         return;
     }
@@ -528,7 +528,7 @@ fn assert_ready_chunks_are_correct(cache: &Path, image: &Path) -> u64 {
 #[test]
 fn killed_worker_is_replaced_and_reads_never_see_zeros() {
     let dir = tempfile::tempdir().unwrap();
-    if let Err(reason) = berth_cache::mount::check_support(dir.path()) {
+    if let Err(reason) = berth_ondemand::mount::check_support(dir.path()) {
         skip::skip(&reason);
         return;
     }
@@ -634,7 +634,7 @@ fn killed_worker_is_replaced_and_reads_never_see_zeros() {
 #[test]
 fn killed_supervisor_leaves_the_worker_serving() {
     let dir = tempfile::tempdir().unwrap();
-    if let Err(reason) = berth_cache::mount::check_support(dir.path()) {
+    if let Err(reason) = berth_ondemand::mount::check_support(dir.path()) {
         skip::skip(&reason);
         return;
     }
@@ -691,7 +691,7 @@ fn killed_supervisor_leaves_the_worker_serving() {
 fn tar_input_keeps_modes_owners_and_xattrs() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = tempfile::tempdir().unwrap();
-    if let Err(reason) = berth_cache::mount::check_support(dir.path()) {
+    if let Err(reason) = berth_ondemand::mount::check_support(dir.path()) {
         skip::skip(&reason);
         return;
     }
@@ -772,7 +772,7 @@ fn tar_input_keeps_modes_owners_and_xattrs() {
 #[test]
 fn cache_capacity_evicts_only_blobs_not_in_use() {
     let dir = tempfile::tempdir().unwrap();
-    if let Err(reason) = berth_cache::mount::check_support(dir.path()) {
+    if let Err(reason) = berth_ondemand::mount::check_support(dir.path()) {
         skip::skip(&reason);
         return;
     }
@@ -857,7 +857,7 @@ fn cache_capacity_evicts_only_blobs_not_in_use() {
 #[test]
 fn prefetch_list_is_fetched_in_the_background() {
     let dir = tempfile::tempdir().unwrap();
-    if let Err(reason) = berth_cache::mount::check_support(dir.path()) {
+    if let Err(reason) = berth_ondemand::mount::check_support(dir.path()) {
         skip::skip(&reason);
         return;
     }
@@ -929,7 +929,7 @@ fn prefetch_list_is_fetched_in_the_background() {
 #[test]
 fn busy_mount_is_served_until_released() {
     let dir = tempfile::tempdir().unwrap();
-    if let Err(reason) = berth_cache::mount::check_support(dir.path()) {
+    if let Err(reason) = berth_ondemand::mount::check_support(dir.path()) {
         skip::skip(&reason);
         return;
     }
@@ -970,7 +970,7 @@ fn busy_mount_is_served_until_released() {
 #[test]
 fn reads_fail_with_eio_while_no_worker_can_start() {
     let dir = tempfile::tempdir().unwrap();
-    if let Err(reason) = berth_cache::mount::check_support(dir.path()) {
+    if let Err(reason) = berth_ondemand::mount::check_support(dir.path()) {
         skip::skip(&reason);
         return;
     }

@@ -1267,26 +1267,31 @@ impl EngineInner {
         if good.is_empty() {
             return outcomes;
         }
-        // Data first, durably; only then the map.
+        // Data first, durably; only then the map. The counters move under the map's
+        // lock, so whoever sees the chunks ready (`ready_chunks`) sees them counted.
         let durable = blob
             .data
             .sync_data()
             .context(|| format!("syncing {}", blob.data_path.display()))
-            .and_then(|()| lock(&blob.map).mark_ready(&good));
+            .and_then(|()| {
+                let mut map = lock(&blob.map);
+                map.mark_ready(&good)?;
+                self.metrics
+                    .chunks_fetched
+                    .fetch_add(good.len() as u64, Ordering::Relaxed);
+                let counter = match priority {
+                    Priority::OnDemand => None,
+                    Priority::ReadAhead => Some(&self.metrics.chunks_read_ahead),
+                    Priority::Prefetch => Some(&self.metrics.chunks_prefetched),
+                };
+                if let Some(counter) = counter {
+                    counter.fetch_add(good.len() as u64, Ordering::Relaxed);
+                }
+                Ok(())
+            });
         if let Err(err) = durable {
             let message = err.to_string();
             return fail_all(message);
-        }
-        self.metrics
-            .chunks_fetched
-            .fetch_add(good.len() as u64, Ordering::Relaxed);
-        let counter = match priority {
-            Priority::OnDemand => None,
-            Priority::ReadAhead => Some(&self.metrics.chunks_read_ahead),
-            Priority::Prefetch => Some(&self.metrics.chunks_prefetched),
-        };
-        if let Some(counter) = counter {
-            counter.fetch_add(good.len() as u64, Ordering::Relaxed);
         }
         if !blob.evicted.load(Ordering::SeqCst) {
             self.metrics

@@ -1,4 +1,4 @@
-//! Error type of the cache engine, its backends, the image builder and the mounter.
+//! Error type of the cache engine, its backends and the blob writer.
 
 use std::io;
 
@@ -49,24 +49,8 @@ pub enum CacheError {
     },
     #[error("The manifest is invalid: {0}")]
     InvalidManifest(String),
-    #[error("The erofs image is invalid or unsupported: {0}")]
-    InvalidImage(String),
-    #[error("The prefetch list {path}, line {line}: {message}")]
-    PrefetchList {
-        path: std::path::PathBuf,
-        line: usize,
-        message: String,
-    },
     #[error("The backend location `{0}` is not understood.")]
     InvalidBackend(String),
-    #[error("The command `{command}` failed: {message}")]
-    Command { command: String, message: String },
-    #[error("The kernel refused {operation}: {source}")]
-    Kernel {
-        operation: &'static str,
-        #[source]
-        source: io::Error,
-    },
     #[error("The engine is shutting down.")]
     ShuttingDown,
 }

@@ -11,6 +11,13 @@ pub mod xattrmap;
 #[path = "../../src/cli.rs"]
 pub mod cli;
 
+/// The `image build` / `mount` flags, which the command line's subcommands name.
+pub mod image {
+    #[allow(dead_code)]
+    #[path = "../../../src/image/args.rs"]
+    pub mod args;
+}
+
 /// The binary's request thread pool, which `device` uses.
 #[allow(dead_code)]
 #[path = "../../src/pool.rs"]

@@ -9,6 +9,7 @@
 //! held by file handle rather than by an open descriptor, so that a guest looking up a million
 //! files does not pin a million descriptors.
 
+mod coherence;
 mod config;
 mod error;
 mod fd_cache;
@@ -21,6 +22,7 @@ pub mod server;
 mod util;
 pub mod xattr_map;
 
+pub use coherence::{Invalidation, SharedCache};
 pub use config::{CachePolicy, Config, InodeFileHandles, Negotiation};
 pub use error::Error;
 pub use fs::PassthroughFs;

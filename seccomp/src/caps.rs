@@ -154,6 +154,17 @@ pub fn drop_capabilities(needed: &CapsNeeded) -> Result<CapsHashSet, Error> {
     Ok(keep)
 }
 
+/// Empties the calling thread's effective, permitted, inheritable and ambient sets (other
+/// threads keep theirs: capabilities are per thread). For threads that only move data
+/// between descriptors they were handed, such as ublk queue threads.
+pub fn drop_thread_capabilities() -> Result<(), Error> {
+    caps::clear(None, CapSet::Ambient).map_err(caps_error("clear the ambient set"))?;
+    caps::clear(None, CapSet::Inheritable).map_err(caps_error("clear the inheritable set"))?;
+    caps::clear(None, CapSet::Effective).map_err(caps_error("clear the effective set"))?;
+    caps::clear(None, CapSet::Permitted).map_err(caps_error("clear the permitted set"))?;
+    Ok(())
+}
+
 /// Parses a `--modcaps` value and drops capabilities as [`drop_capabilities`] does.
 pub fn apply_modcaps(spec: &str, file_handles: bool) -> Result<CapsHashSet, Error> {
     drop_capabilities(&CapsNeeded {

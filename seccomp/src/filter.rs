@@ -62,6 +62,11 @@ pub enum ThreadRole {
     ThreadPool,
     /// Reads requests from /dev/fuse and serves them.
     FuseWorker,
+    /// Reads fanotify or inotify events about the shared directory and bumps version-table
+    /// slots (shared caching); watches directories created later.
+    HostWatcher,
+    /// Waits on the version table and writes invalidations to /dev/fuse (shared caching).
+    FuseNotifier,
     /// The main thread and the signal-waiting thread once start-up is over: waiting, shutdown
     /// (unmounting in FUSE mode), accepting connections, logging and exit. Its list covers
     /// every other role's, because the threads it spawns afterwards inherit its filter.
@@ -70,6 +75,10 @@ pub enum ThreadRole {
     /// for the serving child, forwards termination signals to it and mirrors its exit, and
     /// `berth fuse`'s unmount guard.
     Supervisor,
+    /// A ublk queue thread of `berth block`, once its ring is set up: waits on and submits
+    /// to its io_uring, moves data between backing files and the kernel's request buffers,
+    /// makes writes durable, and fetches missing image chunks.
+    UblkQueue,
 }
 
 impl ThreadRole {
@@ -79,8 +88,11 @@ impl ThreadRole {
             ThreadRole::QueueWorker => "queue worker",
             ThreadRole::ThreadPool => "thread pool",
             ThreadRole::FuseWorker => "FUSE worker",
+            ThreadRole::HostWatcher => "host watcher",
+            ThreadRole::FuseNotifier => "FUSE notifier",
             ThreadRole::Main => "main",
             ThreadRole::Supervisor => "sandbox supervisor",
+            ThreadRole::UblkQueue => "ublk queue",
         }
     }
 }
@@ -228,8 +240,47 @@ const SUPERVISOR: &[libc::c_long] = &[
     libc::SYS_write,
 ];
 
-/// Calls allowed only with these arguments: (call, argument index, required value).
-const ARG_RULES: &[(libc::c_long, u8, u64)] = &[(libc::SYS_unshare, 0, libc::CLONE_FS as u64)];
+/// The host watcher's inotify fallback adds a watch for each new directory.
+const HOST_WATCH: &[libc::c_long] = &[libc::SYS_inotify_add_watch];
+
+/// Block-device ioctls a ublk queue thread may issue on a raw block-device target
+/// (include/uapi/linux/fs.h): BLKDISCARD and BLKZEROOUT, nothing else.
+const BLKDISCARD: u64 = 0x1277;
+const BLKZEROOUT: u64 = 0x127f;
+
+/// A ublk queue thread: its io_uring (enter for requests and target I/O, register for the
+/// per-request buffer registration of the zero-copy fallback), the target's data and
+/// durability calls (an overlay's map writes, FLUSH, DISCARD as a punched hole), reading the
+/// blob objects of a local image store while fetching chunks, and the two block ioctls (see
+/// ARG_RULES). No sockets: remote backends fetch on the cache engine's own runtime threads.
+const UBLK_QUEUE: &[libc::c_long] = &[
+    libc::SYS_fallocate,
+    libc::SYS_fdatasync,
+    libc::SYS_fstat,
+    libc::SYS_fsync,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_ioctl,
+    libc::SYS_lseek,
+    libc::SYS_newfstatat,
+    libc::SYS_openat,
+    libc::SYS_pread64,
+    libc::SYS_preadv,
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    // glibc reads /proc/sys/vm/overcommit_memory (openat, read) when a thread's malloc arena
+    // is trimmed at thread exit.
+    libc::SYS_read,
+    libc::SYS_statx,
+];
+
+/// Calls allowed only with these arguments: (call, argument index, required value). Several
+/// entries for one call are alternatives.
+const ARG_RULES: &[(libc::c_long, u8, u64)] = &[
+    (libc::SYS_unshare, 0, libc::CLONE_FS as u64),
+    (libc::SYS_ioctl, 1, BLKDISCARD),
+    (libc::SYS_ioctl, 1, BLKZEROOUT),
+];
 
 /// The system calls `role` may make, sorted and without duplicates (some only with the
 /// arguments [`ARG_RULES`] names).
@@ -239,10 +290,20 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ThreadRole::QueueWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
         ThreadRole::ThreadPool => &[RUNTIME, FILESYSTEM],
         ThreadRole::FuseWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
+        ThreadRole::HostWatcher => &[RUNTIME, EVENT_LOOP, FILESYSTEM, HOST_WATCH],
+        ThreadRole::FuseNotifier => &[RUNTIME],
         // Threads inherit their creator's filter and filters stack, so the thread that spawns
         // all others must allow everything they do.
-        ThreadRole::Main => &[RUNTIME, MAIN, VHOST_USER_CONTROL, EVENT_LOOP, FILESYSTEM],
+        ThreadRole::Main => &[
+            RUNTIME,
+            MAIN,
+            VHOST_USER_CONTROL,
+            EVENT_LOOP,
+            FILESYSTEM,
+            HOST_WATCH,
+        ],
         ThreadRole::Supervisor => &[SUPERVISOR],
+        ThreadRole::UblkQueue => &[RUNTIME, UBLK_QUEUE],
     };
     let mut calls: Vec<libc::c_long> = groups.iter().flat_map(|g| g.iter().copied()).collect();
     calls.sort_unstable();
@@ -333,13 +394,14 @@ mod tests {
         );
     }
 
-    const ALL_ROLES: [ThreadRole; 6] = [
+    const ALL_ROLES: [ThreadRole; 7] = [
         ThreadRole::VhostUserControl,
         ThreadRole::QueueWorker,
         ThreadRole::ThreadPool,
         ThreadRole::FuseWorker,
         ThreadRole::Main,
         ThreadRole::Supervisor,
+        ThreadRole::UblkQueue,
     ];
 
     #[test]
@@ -430,13 +492,47 @@ mod tests {
                 libc::SYS_capset,
                 libc::SYS_init_module,
                 libc::SYS_bpf,
-                libc::SYS_ioctl,
                 libc::SYS_keyctl,
                 libc::SYS_perf_event_open,
             ] {
                 assert!(!has(role, forbidden), "{role:?} allows {forbidden}");
             }
+            // ioctl only where the block queue needs it, and only with its two requests.
+            assert_eq!(
+                has(role, libc::SYS_ioctl),
+                role == ThreadRole::UblkQueue,
+                "{role:?}"
+            );
         }
+    }
+
+    #[test]
+    fn ublk_queue_threads_get_their_ring_and_data_calls_only() {
+        let queue = allowed_syscalls(ThreadRole::UblkQueue);
+        for nr in [
+            libc::SYS_io_uring_enter,
+            libc::SYS_io_uring_register,
+            libc::SYS_pread64,
+            libc::SYS_pwrite64,
+            libc::SYS_fdatasync,
+            libc::SYS_fallocate,
+        ] {
+            assert!(queue.contains(&nr), "the ublk queue lacks {nr}");
+        }
+        // Setting up rings and devices is done before the filter.
+        for nr in [
+            libc::SYS_io_uring_setup,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_socket,
+            libc::SYS_sched_setaffinity,
+            libc::SYS_unlinkat,
+            libc::SYS_renameat2,
+        ] {
+            assert!(!queue.contains(&nr), "the ublk queue allows {nr}");
+        }
+        let ioctl_rules = rules_for(libc::SYS_ioctl).unwrap();
+        assert_eq!(ioctl_rules.len(), 2, "BLKDISCARD and BLKZEROOUT only");
     }
 
     #[test]

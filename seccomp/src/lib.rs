@@ -14,6 +14,10 @@
 //!    other thread; each thread then stacks the filter of its own [`ThreadRole`] before it
 //!    serves anything (filters are inherited and stack, so a call must pass both). The
 //!    processes left outside the sandbox install [`ThreadRole::Supervisor`].
+//!
+//! `berth block` (ublk) confines its queue threads only: each one, once its io_uring is set
+//! up, drops every capability ([`drop_thread_capabilities`]) and installs
+//! [`ThreadRole::UblkQueue`].
 
 mod caps;
 mod error;
@@ -21,7 +25,9 @@ mod filter;
 mod rlimit;
 mod sandbox;
 
-pub use crate::caps::{apply_modcaps, drop_capabilities, CapsNeeded, ModCaps};
+pub use crate::caps::{
+    apply_modcaps, drop_capabilities, drop_thread_capabilities, CapsNeeded, ModCaps,
+};
 pub use crate::error::Error;
 pub use crate::filter::{allowed_syscalls, install_filter, SeccompAction, ThreadRole};
 pub use crate::rlimit::set_rlimit_nofile;

@@ -173,7 +173,12 @@ where
     let head = chain.head_index();
     let mut segments = ChainSegments::default();
     let served = match segments.walk(chain, mem, head_flags) {
-        Ok(()) => server.handle(&segments.readable, &segments.writable, dax),
+        Ok(()) => {
+            let served = server.handle(&segments.readable, &segments.writable, dax);
+            // The reply is in guest memory: shared caching settles what it handed out.
+            server.reply_sent();
+            served
+        }
         Err(fault) => {
             let served = server.refuse(&segments.readable, &segments.writable, libc::EIO);
             match served {

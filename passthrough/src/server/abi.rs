@@ -54,6 +54,62 @@ pub mod opcode {
     pub const REMOVEMAPPING: u32 = 49;
     pub const SYNCFS: u32 = 50;
     pub const TMPFILE: u32 = 51;
+
+    /// The opcode's name (`LOOKUP`, `READ`…), for logs and request counts.
+    pub fn name(op: u32) -> Option<&'static str> {
+        Some(match op {
+            LOOKUP => "LOOKUP",
+            FORGET => "FORGET",
+            GETATTR => "GETATTR",
+            SETATTR => "SETATTR",
+            READLINK => "READLINK",
+            SYMLINK => "SYMLINK",
+            MKNOD => "MKNOD",
+            MKDIR => "MKDIR",
+            UNLINK => "UNLINK",
+            RMDIR => "RMDIR",
+            RENAME => "RENAME",
+            LINK => "LINK",
+            OPEN => "OPEN",
+            READ => "READ",
+            WRITE => "WRITE",
+            STATFS => "STATFS",
+            RELEASE => "RELEASE",
+            FSYNC => "FSYNC",
+            SETXATTR => "SETXATTR",
+            GETXATTR => "GETXATTR",
+            LISTXATTR => "LISTXATTR",
+            REMOVEXATTR => "REMOVEXATTR",
+            FLUSH => "FLUSH",
+            INIT => "INIT",
+            OPENDIR => "OPENDIR",
+            READDIR => "READDIR",
+            RELEASEDIR => "RELEASEDIR",
+            FSYNCDIR => "FSYNCDIR",
+            GETLK => "GETLK",
+            SETLK => "SETLK",
+            SETLKW => "SETLKW",
+            ACCESS => "ACCESS",
+            CREATE => "CREATE",
+            INTERRUPT => "INTERRUPT",
+            BMAP => "BMAP",
+            DESTROY => "DESTROY",
+            IOCTL => "IOCTL",
+            POLL => "POLL",
+            NOTIFY_REPLY => "NOTIFY_REPLY",
+            BATCH_FORGET => "BATCH_FORGET",
+            FALLOCATE => "FALLOCATE",
+            READDIRPLUS => "READDIRPLUS",
+            RENAME2 => "RENAME2",
+            LSEEK => "LSEEK",
+            COPY_FILE_RANGE => "COPY_FILE_RANGE",
+            SETUPMAPPING => "SETUPMAPPING",
+            REMOVEMAPPING => "REMOVEMAPPING",
+            SYNCFS => "SYNCFS",
+            TMPFILE => "TMPFILE",
+            _ => return None,
+        })
+    }
 }
 
 /// FUSE_INIT flag bits, as 64-bit values (`flags | flags2 << 32`), including those

@@ -30,7 +30,7 @@ mod xattrs;
 use std::fmt;
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::InHeader;
@@ -100,7 +100,14 @@ pub struct FsServer {
     fs: Arc<PassthroughFs>,
     /// FUSE_INIT was answered and no DESTROY or reset came since.
     initialized: AtomicBool,
+    /// Requests served per opcode (for the log at exit and the benchmarks); opcodes past the
+    /// table (CUSE_INIT, garbage) are counted in `served_other`.
+    served: [AtomicU64; SERVED_OPCODES],
+    served_other: AtomicU64,
 }
+
+/// Opcodes counted one by one: every FUSE opcode so far, with room to spare.
+const SERVED_OPCODES: usize = 64;
 
 impl FsServer {
     /// Serves `fs`.
@@ -108,7 +115,40 @@ impl FsServer {
         FsServer {
             fs: Arc::new(fs),
             initialized: AtomicBool::new(false),
+            served: std::array::from_fn(|_| AtomicU64::new(0)),
+            served_other: AtomicU64::new(0),
         }
+    }
+
+    /// Requests served so far, as `total=N NAME=count…` over the opcodes seen (by number,
+    /// `opN=count`, where berth has no name for one; `other=count` past the table).
+    pub fn request_counts(&self) -> String {
+        let mut total = 0;
+        let mut parts = Vec::new();
+        for (op, count) in self.served.iter().enumerate() {
+            let n = count.load(Ordering::Relaxed);
+            if n == 0 {
+                continue;
+            }
+            total += n;
+            match u32::try_from(op).ok().and_then(opcode::name) {
+                Some(name) => parts.push(format!("{name}={n}")),
+                None => parts.push(format!("op{op}={n}")),
+            }
+        }
+        let other = self.served_other.load(Ordering::Relaxed);
+        if other > 0 {
+            total += other;
+            parts.push(format!("other={other}"));
+        }
+        format!("total={total} {}", parts.join(" "))
+    }
+
+    /// Tells the filesystem that the reply to the request this thread served last has reached
+    /// the client (written to guest memory, or to /dev/fuse): shared caching settles what that
+    /// reply handed out. A transport calls it once after every [`FsServer::handle`].
+    pub fn reply_sent(&self) {
+        self.fs.reply_sent();
     }
 
     /// The filesystem being served.
@@ -130,6 +170,10 @@ impl FsServer {
         };
         let unique = req.header.unique;
         let opcode = req.header.opcode;
+        match self.served.get(opcode as usize) {
+            Some(count) => count.fetch_add(1, Ordering::Relaxed),
+            None => self.served_other.fetch_add(1, Ordering::Relaxed),
+        };
         let mut out = Reply::new(reply);
         if !out.has_room()
             && !matches!(

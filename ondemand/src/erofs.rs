@@ -15,7 +15,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::error::{CacheError, IoContext, Result};
+use crate::error::{IoContext, OndemandError, Result};
 
 const SUPERBLOCK_OFFSET: u64 = 1024;
 const MAGIC: u32 = 0xE0F5_E1E2;
@@ -87,7 +87,7 @@ impl ErofsImage {
         let mut sb = [0u8; 128];
         file.read_exact_at(&mut sb, SUPERBLOCK_OFFSET)
             .context(|| format!("reading the superblock of {name}"))?;
-        let bad = |why: &str| CacheError::InvalidImage(format!("{name}: {why}"));
+        let bad = |why: &str| OndemandError::InvalidImage(format!("{name}: {why}"));
         if u32_at(&sb, 0) != MAGIC {
             return Err(bad("not an erofs image (bad magic)"));
         }
@@ -127,8 +127,8 @@ impl ErofsImage {
         })
     }
 
-    fn bad(&self, why: String) -> CacheError {
-        CacheError::InvalidImage(format!("{}: {why}", self.name))
+    fn bad(&self, why: String) -> OndemandError {
+        OndemandError::InvalidImage(format!("{}: {why}", self.name))
     }
 
     fn read_at(&self, at: u64, len: usize) -> Result<Vec<u8>> {

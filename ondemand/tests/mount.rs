@@ -2,6 +2,7 @@
 //! fanotify pre-content events. Skips with a reason when root, erofs, fanotify
 //! pre-content, mkfs.erofs or moto are unavailable.
 
+#[path = "../../cache/tests/common/mod.rs"]
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,11 +12,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_cache::mount::check_support;
-use berth_cache::{
-    build_image, mount_image, BlobBackend, BuildOptions, CacheConfig, CacheEngine, Compression,
-    MountHandle, MountOptions, ObjectStoreBackend,
-};
+use berth_cache::{BlobBackend, CacheConfig, CacheEngine, Compression, ObjectStoreBackend};
+use berth_ondemand::mount::check_support;
+use berth_ondemand::{build_image, mount_image, BuildOptions, MountHandle, MountOptions};
 use common::{pseudo_random, CountingProxy, Moto};
 
 const FILES: usize = 2000;
@@ -124,7 +123,7 @@ fn chunks_requested(
 
 /// The chunks holding the data of the files `indexes`.
 fn chunks_of_files(
-    image: &berth_cache::erofs::ErofsImage,
+    image: &berth_ondemand::erofs::ErofsImage,
     manifest: &berth_cache::Manifest,
     indexes: impl Iterator<Item = usize>,
 ) -> BTreeSet<u64> {
@@ -195,7 +194,7 @@ fn lazily_fetched_image_through_fanotify() {
     let manifest = report.manifest.clone();
     let object = manifest.object.clone();
     let total_chunks = manifest.chunks.len() as u64;
-    let erofs = berth_cache::erofs::ErofsImage::open(&report.bootstrap_path).unwrap();
+    let erofs = berth_ondemand::erofs::ErofsImage::open(&report.bootstrap_path).unwrap();
     eprintln!("built {} chunks in {:?}", total_chunks, started.elapsed());
     let fixture = Fixture {
         dir,

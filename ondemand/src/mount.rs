@@ -26,11 +26,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::backend::BlobBackend;
-use crate::engine::{BlobHandle, CacheConfig, CacheEngine};
-use crate::error::{CacheError, IoContext, Result};
+use berth_cache::{BlobBackend, BlobHandle, CacheConfig, CacheEngine, CacheError, Manifest};
+
+use crate::error::{IoContext, OndemandError, Result};
 use crate::image::manifest_path_of;
-use crate::manifest::Manifest;
 
 /// `FAN_PRE_ACCESS` (Linux 6.14): permission to access a file range before it is read or written.
 pub const FAN_PRE_ACCESS: u64 = 0x0010_0000;
@@ -84,8 +83,8 @@ pub struct MountHandle {
     mounted: bool,
 }
 
-pub(crate) fn last_os_error(operation: &'static str) -> CacheError {
-    CacheError::Kernel {
+pub(crate) fn last_os_error(operation: &'static str) -> OndemandError {
+    OndemandError::Kernel {
         operation,
         source: io::Error::last_os_error(),
     }
@@ -96,10 +95,11 @@ pub(crate) fn last_os_error(operation: &'static str) -> CacheError {
 pub fn mount_erofs_file(bootstrap: &Path, blob: &Path, mountpoint: &Path) -> Result<()> {
     let source = c_path(bootstrap)?;
     let target = c_path(mountpoint)?;
-    let data = CString::new(format!("device={}", blob.display())).map_err(|_| CacheError::Io {
-        context: "building mount options".into(),
-        source: io::Error::from(io::ErrorKind::InvalidInput),
-    })?;
+    let data =
+        CString::new(format!("device={}", blob.display())).map_err(|_| OndemandError::Io {
+            context: "building mount options".into(),
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        })?;
     // SAFETY: all pointers are NUL-terminated strings that outlive the call.
     let rc = unsafe {
         libc::mount(
@@ -117,7 +117,7 @@ pub fn mount_erofs_file(bootstrap: &Path, blob: &Path, mountpoint: &Path) -> Res
 }
 
 pub(crate) fn c_path(path: &Path) -> Result<CString> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| CacheError::Io {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| OndemandError::Io {
         context: format!("using path {}", path.display()),
         source: io::Error::from(io::ErrorKind::InvalidInput),
     })
@@ -197,7 +197,7 @@ pub fn check_bootstrap(manifest: &Manifest, bootstrap: &Path) -> Result<()> {
     };
     let actual = crate::image::file_digest(bootstrap)?;
     if &actual != expected {
-        return Err(CacheError::InvalidImage(format!(
+        return Err(OndemandError::InvalidImage(format!(
             "{} has digest {actual}, but the manifest expects {expected}: it belongs to another image",
             bootstrap.display()
         )));
@@ -224,7 +224,8 @@ pub fn mount_image(options: MountOptions) -> Result<MountHandle> {
         return Err(CacheError::InvalidManifest(format!(
             "bootstrap {} is missing",
             bootstrap.display()
-        )));
+        ))
+        .into());
     }
     check_bootstrap(&manifest, &bootstrap)?;
     // 1. The engine's descriptor of the cache file is opened before the mark.
@@ -312,7 +313,7 @@ impl MountHandle {
             let err = io::Error::last_os_error();
             attempts += 1;
             if err.raw_os_error() != Some(libc::EBUSY) || attempts >= 20 {
-                return Err(CacheError::Kernel {
+                return Err(OndemandError::Kernel {
                     operation: "umount",
                     source: err,
                 });

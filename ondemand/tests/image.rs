@@ -1,13 +1,15 @@
 //! The image builder without mounting (no root needed): where files land in the blob,
 //! the prefetch list, the bootstrap digest, tar input.
 
+#[path = "../../cache/tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use berth_cache::erofs::ErofsImage;
-use berth_cache::{build_image, BlobBackend, BuildOptions, LocalDirBackend, Manifest};
+use berth_cache::{BlobBackend, LocalDirBackend, Manifest};
+use berth_ondemand::erofs::ErofsImage;
+use berth_ondemand::{build_image, BuildOptions};
 use common::pseudo_random;
 
 fn have_mkfs() -> bool {
@@ -74,7 +76,7 @@ fn erofs_reader_finds_every_file_in_the_blob_and_the_prefetch_list_is_resolved()
     assert_eq!(
         manifest.bootstrap_digest.as_deref(),
         Some(
-            berth_cache::image::file_digest(&report.bootstrap_path)
+            berth_ondemand::image::file_digest(&report.bootstrap_path)
                 .unwrap()
                 .as_str()
         )

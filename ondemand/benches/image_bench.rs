@@ -12,10 +12,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use berth_cache::{
-    build_image, mount_image, open_backend, BlobBackend, BuildOptions, CacheConfig, CacheEngine,
-    LocalDirBackend, MountOptions,
-};
+use berth_cache::{open_backend, BlobBackend, CacheConfig, CacheEngine, LocalDirBackend};
+use berth_ondemand::{build_image, mount_image, BuildOptions, MountOptions};
 
 const FILES: usize = 4;
 
@@ -50,7 +48,7 @@ fn read_tree(root: &Path) -> Result<(f64, u64)> {
 }
 
 fn mount_local(bootstrap: &Path, blob: &Path, mountpoint: &Path) -> Result<()> {
-    berth_cache::mount::mount_erofs_file(bootstrap, blob, mountpoint).context("mount")
+    berth_ondemand::mount::mount_erofs_file(bootstrap, blob, mountpoint).context("mount")
 }
 
 fn umount(mountpoint: &Path) -> Result<()> {

@@ -1,5 +1,7 @@
-//! `berth image build` and `berth mount`: front ends of the `berth_cache` image builder and
-//! lazy mounter.
+//! `berth image build` and `berth mount`: front ends of the `berth_ondemand` image builder
+//! and lazy mounter. Their flags live in [`args`].
+
+pub mod args;
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
@@ -7,19 +9,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use berth_cache::image::manifest_path_of;
-use berth_cache::supervise::{
+use berth_cache::{
+    open_backend, BlobBackend, CacheConfig, CacheEngine, LocalDirBackend, Manifest, MetricsWriter,
+};
+use berth_ondemand::image::manifest_path_of;
+use berth_ondemand::supervise::{
     run_worker, supervise, ShutdownSignal, SupervisorOptions, WorkerCommand, WorkerFds,
     WorkerOptions,
 };
-use berth_cache::{
-    build_image, open_backend, BlobBackend, BuildOptions, CacheConfig, CacheEngine,
-    LocalDirBackend, Manifest, MetricsWriter,
-};
+use berth_ondemand::{build_image, BuildOptions};
 use clap::ValueEnum;
 use tracing::{error, info};
 
-use crate::cli::{ImageBuildSettings, MountSettings, PrefetchMode};
+use crate::image::args::{ImageBuildSettings, MountSettings, PrefetchMode};
 use crate::shutdown::{signal_name, TerminationSignals};
 
 /// The backend named on the command line, or else the directory `default_dir`.
@@ -50,6 +52,9 @@ pub fn run_build(settings: ImageBuildSettings, signals: TerminationSignals) -> a
         bail!("the source {} does not exist", settings.source.display());
     }
     let backend = backend_or_directory(settings.backend.as_deref(), &settings.out_dir)?;
+    if let Some((fs, size)) = settings.block {
+        return crate::block::run_block_build(&settings, fs, size, backend);
+    }
     let mut options = BuildOptions::new(&settings.source, &settings.out_dir, backend.clone());
     options.chunk_size = settings.chunk_size;
     options.compression = settings.compression;
@@ -74,7 +79,7 @@ pub fn run_build(settings: ImageBuildSettings, signals: TerminationSignals) -> a
 
 /// `berth mount`: the supervisor, which mounts the image and keeps it fail-closed while
 /// a worker child process (this binary again, with `--internal-worker`) fetches the data;
-/// see `berth_cache::supervise`.
+/// see `berth_ondemand::supervise`.
 pub fn run_mount(settings: MountSettings, signals: TerminationSignals) -> anyhow::Result<()> {
     if settings.internal_worker {
         return run_mount_worker(settings, signals);

@@ -40,10 +40,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::engine::{BlobHandle, CacheEngine};
-use crate::error::{CacheError, IoContext, Result};
+use berth_cache::{BlobHandle, CacheEngine, CacheError, Manifest};
+
+use crate::error::{IoContext, OndemandError, Result};
 use crate::image::manifest_path_of;
-use crate::manifest::Manifest;
 use crate::mount::{
     c_path, change_mark, check_bootstrap, last_os_error, mark_pre_access, mount_erofs_file,
     parse_events, pre_content_group, remove_mark_if_complete, EventHandler, FAN_DENY_EIO,
@@ -260,11 +260,11 @@ impl ShutdownSignal {
         unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
-    fn raw(&self) -> RawFd {
+    pub(crate) fn raw(&self) -> RawFd {
         self.0.as_raw_fd()
     }
 
-    fn triggered(&self) -> bool {
+    pub(crate) fn triggered(&self) -> bool {
         let mut value: u64 = 0;
         // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd.
         let n = unsafe { libc::read(self.0.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
@@ -434,7 +434,7 @@ impl Supervisor {
                 Ok(())
             });
         }
-        let child = command.spawn().map_err(|e| CacheError::Command {
+        let child = command.spawn().map_err(|e| OndemandError::Command {
             command: format!("{} (mount worker)", self.command.program.display()),
             message: e.to_string(),
         })?;
@@ -810,7 +810,7 @@ pub fn supervise(options: SupervisorOptions) -> Result<()> {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            return Err(CacheError::Command {
+            return Err(OndemandError::Command {
                 command: "berth mount (worker)".into(),
                 message: "the mount worker did not start serving; see its error above".into(),
             });
@@ -841,7 +841,7 @@ pub fn supervise(options: SupervisorOptions) -> Result<()> {
         }
     }
     let Some(data) = supervisor.data.as_ref() else {
-        return Err(CacheError::Command {
+        return Err(OndemandError::Command {
             command: "berth mount (worker)".into(),
             message: "the worker did not hand over the cache file".into(),
         });

@@ -1,26 +1,24 @@
 //! Building an image: an erofs bootstrap (kept local) plus a chunked data blob
-//! (uploaded to the backend) and the manifest describing it.
+//! (uploaded to the backend) and the manifest describing it. mkfs.erofs writes the
+//! bootstrap and the raw blob; `berth_cache::blob_writer` cuts, digests, compresses and
+//! uploads the blob.
 
 use std::fs::{self, File};
-use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use berth_cache::blob_writer::{object_name, stage_blob_file, BlobLayout};
+use berth_cache::{BlobBackend, Compression, Manifest, PrefetchEntry};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::backend::BlobBackend;
 use crate::erofs::ErofsImage;
-use crate::error::{CacheError, IoContext, Result};
-use crate::manifest::{
-    compress_chunk, ChunkEntry, Compression, Manifest, PrefetchEntry, MANIFEST_VERSION,
-};
+use crate::error::{IoContext, OndemandError, Result};
 
 /// File names inside an image directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const BOOTSTRAP_FILE: &str = "boot.img";
 pub const RAW_BLOB_FILE: &str = "blob.raw";
-const STORED_BLOB_FILE: &str = "blob.stored";
 
 /// What to build and where to put it.
 #[derive(Debug, Clone)]
@@ -79,12 +77,12 @@ pub struct BuildReport {
 
 fn run(command: &mut Command) -> Result<()> {
     let description = format!("{command:?}");
-    let output = command.output().map_err(|e| CacheError::Command {
+    let output = command.output().map_err(|e| OndemandError::Command {
         command: description.clone(),
         message: e.to_string(),
     })?;
     if !output.status.success() {
-        return Err(CacheError::Command {
+        return Err(OndemandError::Command {
             command: description,
             message: format!(
                 "{}: {}",
@@ -100,17 +98,11 @@ fn run(command: &mut Command) -> Result<()> {
 pub fn build_image(options: &BuildOptions) -> Result<BuildReport> {
     let out = &options.out_dir;
     fs::create_dir_all(out).context(|| format!("creating {}", out.display()))?;
-    let probe = Manifest::chunk_count_for(1, options.chunk_size);
-    if probe != 1
-        || !options.chunk_size.is_power_of_two()
-        || !(crate::manifest::MIN_CHUNK_SIZE..=crate::manifest::MAX_CHUNK_SIZE)
-            .contains(&options.chunk_size)
-    {
-        return Err(CacheError::InvalidManifest(format!(
-            "chunk size {} is not usable",
-            options.chunk_size
-        )));
+    BlobLayout {
+        chunk_size: options.chunk_size,
+        compression: options.compression,
     }
+    .check()?;
     let bootstrap_path = out.join(BOOTSTRAP_FILE);
     let raw_path = out.join(RAW_BLOB_FILE);
     for stale in [&bootstrap_path, &raw_path] {
@@ -152,94 +144,27 @@ pub fn build_image(options: &BuildOptions) -> Result<BuildReport> {
         bar.set_style(style);
     }
     bar.set_message("chunking");
-    let stored_path = out.join(STORED_BLOB_FILE);
-    let mut raw = File::open(&raw_path).context(|| format!("opening {}", raw_path.display()))?;
-    let mut stored = match options.compression {
-        Compression::None => None,
-        _ => Some(BufWriter::new(
-            File::create(&stored_path).context(|| format!("creating {}", stored_path.display()))?,
-        )),
+    let layout = BlobLayout {
+        chunk_size: options.chunk_size,
+        compression: options.compression,
     };
-    let mut blob_hasher = blake3::Hasher::new();
-    let mut chunks = Vec::new();
-    let mut offset = 0u64;
-    let mut buffer = vec![0u8; options.chunk_size as usize];
-    loop {
-        let mut filled = 0;
-        while filled < buffer.len() {
-            let n = raw
-                .read(&mut buffer[filled..])
-                .context(|| format!("reading {}", raw_path.display()))?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
-        if filled == 0 {
-            break;
-        }
-        let chunk = &buffer[..filled];
-        blob_hasher.update(chunk);
-        let stored_size = match &mut stored {
-            None => filled as u64,
-            Some(writer) => {
-                let packed = compress_chunk(options.compression, chunk)?;
-                writer
-                    .write_all(&packed)
-                    .context(|| format!("writing {}", stored_path.display()))?;
-                packed.len() as u64
-            }
-        };
-        chunks.push(ChunkEntry {
-            digest: blake3::hash(chunk).to_hex().to_string(),
-            offset,
-            stored_size,
-        });
-        offset += stored_size;
-        bar.inc(filled as u64);
-        if filled < buffer.len() {
-            break;
-        }
-    }
-    let upload_path = match stored {
-        None => raw_path.clone(),
-        Some(writer) => {
-            writer
-                .into_inner()
-                .map_err(|e| CacheError::Io {
-                    context: format!("writing {}", stored_path.display()),
-                    source: e.into_error(),
-                })?
-                .sync_all()
-                .context(|| format!("syncing {}", stored_path.display()))?;
-            stored_path.clone()
-        }
-    };
-    let blob_id = blob_hasher.finalize().to_hex().to_string();
-    let object = format!("{}/{blob_id}", options.object_prefix.trim_matches('/'));
+    let staged = stage_blob_file(&raw_path, layout, out, |n| bar.inc(n))?;
+    let object = object_name(&options.object_prefix, &staged.blob_id);
     let prefetch = match &options.prefetch_list {
         Some(list) => resolve_prefetch_list(list, &bootstrap_path, blob_size)?,
         None => Vec::new(),
     };
-    let manifest = Manifest {
-        version: MANIFEST_VERSION,
-        blob_id,
-        blob_size,
-        chunk_size: options.chunk_size,
-        compression: options.compression,
-        object: object.clone(),
-        bootstrap: BOOTSTRAP_FILE.into(),
-        bootstrap_digest: Some(file_digest(&bootstrap_path)?),
-        chunks,
+    let manifest = staged.manifest(
+        &object,
+        BOOTSTRAP_FILE,
+        Some(file_digest(&bootstrap_path)?),
         prefetch,
-    };
-    manifest.validate()?;
+    )?;
     bar.set_message("uploading");
-    options.backend.put_file(&object, &upload_path)?;
+    staged.upload(options.backend.as_ref(), &object)?;
     bar.finish_with_message("done");
-    if upload_path == stored_path {
-        let _ = fs::remove_file(&stored_path);
-    }
+    let stored_bytes = staged.stored_bytes;
+    drop(staged);
     let manifest_path = out.join(MANIFEST_FILE);
     manifest.save(&manifest_path)?;
     let raw_blob_path = if options.keep_raw_blob {
@@ -248,13 +173,13 @@ pub fn build_image(options: &BuildOptions) -> Result<BuildReport> {
         let _ = fs::remove_file(&raw_path);
         None
     };
-    tracing::info!(blob = %manifest.blob_id, size = blob_size, stored = offset, "built image");
+    tracing::info!(blob = %manifest.blob_id, size = blob_size, stored = stored_bytes, "built image");
     Ok(BuildReport {
         manifest,
         manifest_path,
         bootstrap_path,
         raw_blob_path,
-        stored_bytes: offset,
+        stored_bytes,
     })
 }
 
@@ -302,7 +227,7 @@ fn resolve_prefetch_list(
         if path.is_empty() || path.starts_with('#') {
             continue;
         }
-        let error = |message: String| CacheError::PrefetchList {
+        let error = |message: String| OndemandError::PrefetchList {
             path: list.to_path_buf(),
             line: number + 1,
             message,

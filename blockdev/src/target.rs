@@ -1,0 +1,265 @@
+//! The interface every block target implements, and the request semantics shared by all
+//! transports.
+//!
+//! A target does not move data itself: it says *where* the bytes of a request live
+//! ([`BlockTarget::map_read`], [`BlockTarget::map_write`]) as extents of host files, so
+//! that each transport moves them its own way (io_uring with the kernel's registered
+//! request buffer for ublk zero-copy, `preadv` into guest memory for vhost-user-blk,
+//! plain `pread` here in [`read_at`]). Metadata work — fetching an image's chunks,
+//! allocating overlay clusters, making writes durable — stays in the target.
+//!
+//! A future target with a write path of its own (an object-storage volume) implements the
+//! same trait: `map_write` hands out extents of its local log, `finish_write` records
+//! them, `flush` makes them durable.
+
+use std::os::fd::RawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use crate::error::{BlockError, IoContext, Result};
+
+/// What a target is, as the transports need to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetInfo {
+    /// Device size in bytes (a multiple of `block_size`).
+    pub size: u64,
+    /// Logical block size: every request is aligned to it.
+    pub block_size: u32,
+    /// Writes, discards and write-zeroes are refused.
+    pub read_only: bool,
+    /// DISCARD is meaningful (it frees space); otherwise it is refused.
+    pub discard: bool,
+    /// WRITE_ZEROES is served.
+    pub write_zeroes: bool,
+    /// A short description for logs and `berth block list` (`raw:/path`, `image:<id>`, …).
+    pub description: String,
+}
+
+/// Where a piece of a request's data lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `len` bytes of the file `fd` at `offset`. The descriptor stays valid as long as
+    /// the target lives.
+    File { fd: RawFd, offset: u64 },
+    /// Reads as zeros; nothing to transfer.
+    Zero,
+}
+
+/// One piece of a request, in request order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    pub source: Source,
+}
+
+/// A write in progress: what [`BlockTarget::map_write`] allocated, to be settled with
+/// [`BlockTarget::finish_write`] once the data is written (or failed to be).
+#[derive(Debug, Default)]
+pub struct WriteTicket {
+    /// Target-private description of what to record (e.g. new overlay clusters).
+    pub(crate) allocations: Vec<(u64, u64)>,
+}
+
+impl WriteTicket {
+    /// A write that allocates nothing (written in place).
+    pub fn in_place() -> Self {
+        Self::default()
+    }
+}
+
+/// A block target: raw file or device, lazily fetched image, copy-on-write overlay.
+pub trait BlockTarget: Send + Sync {
+    /// Size, block size and capabilities.
+    fn info(&self) -> &TargetInfo;
+
+    /// Appends to `out` the extents holding `[offset, offset + len)`, making their data
+    /// present first (a lazily fetched image fetches the missing chunks here).
+    fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()>;
+
+    /// Appends to `out` the file extents the data of `[offset, offset + len)` is to be
+    /// written to (all [`Source::File`]), allocating space where needed. The caller
+    /// writes the data and then calls [`Self::finish_write`] with the ticket.
+    fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<WriteTicket>;
+
+    /// Settles a write: on success makes the written data visible to later reads (the
+    /// new location survives a crash of this process), on failure releases what was
+    /// allocated. With `fua` the write is durable when this returns.
+    fn finish_write(&self, ticket: WriteTicket, written: bool, fua: bool) -> Result<()>;
+
+    /// Makes every completed write durable on the backing store.
+    fn flush(&self) -> Result<()>;
+
+    /// The range's contents become unspecified and its space may be freed.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// The range reads as zeros afterwards.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Extra Prometheus lines for this target (cache hits and misses of an image), each
+    /// metric name given, labels excluded: `(name, help, value)`.
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        Vec::new()
+    }
+}
+
+/// A request a transport received, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write { fua: bool },
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+impl Op {
+    /// Name used in logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write { .. } => "write",
+            Op::Flush => "flush",
+            Op::Discard => "discard",
+            Op::WriteZeroes => "write_zeroes",
+        }
+    }
+}
+
+/// Checks a request against the target: inside the device, block aligned, allowed on
+/// it. Every transport calls this before anything else, so no target sees a request
+/// that fails it.
+pub fn validate(info: &TargetInfo, op: Op, offset: u64, len: u64) -> Result<()> {
+    if op == Op::Flush {
+        return Ok(());
+    }
+    let end = offset.checked_add(len);
+    if end.is_none_or(|end| end > info.size) {
+        return Err(BlockError::OutOfRange {
+            offset,
+            len,
+            size: info.size,
+        });
+    }
+    let block = u64::from(info.block_size);
+    if !offset.is_multiple_of(block) || !len.is_multiple_of(block) {
+        return Err(BlockError::Misaligned {
+            offset,
+            len,
+            block_size: info.block_size,
+        });
+    }
+    match op {
+        Op::Read => Ok(()),
+        _ if info.read_only => Err(BlockError::ReadOnly),
+        Op::Discard if !info.discard => Err(BlockError::Unsupported("discard")),
+        Op::WriteZeroes if !info.write_zeroes => Err(BlockError::Unsupported("write zeroes")),
+        _ => Ok(()),
+    }
+}
+
+fn file_of(fd: RawFd) -> std::mem::ManuallyDrop<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the descriptor belongs to a target that outlives this call (extents are
+    // only valid while their target lives); ManuallyDrop keeps it from being closed.
+    std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// Reads `buf.len()` bytes at `offset` through `target` with plain `pread`s.
+pub fn read_at(target: &dyn BlockTarget, offset: u64, buf: &mut [u8]) -> Result<()> {
+    validate(target.info(), Op::Read, offset, buf.len() as u64)?;
+    let mut extents = Vec::new();
+    target.map_read(offset, buf.len() as u64, &mut extents)?;
+    let mut at = 0usize;
+    for extent in extents {
+        let piece = buf
+            .get_mut(at..at + extent.len as usize)
+            .ok_or_else(|| BlockError::UblkSetup("the target mapped more than asked".into()))?;
+        match extent.source {
+            Source::Zero => piece.fill(0),
+            Source::File { fd, offset } => {
+                file_of(fd).read_exact_at(piece, offset).context(|| {
+                    format!(
+                        "reading {} bytes at {offset} of the backing file",
+                        piece.len()
+                    )
+                })?
+            }
+        }
+        at += extent.len as usize;
+    }
+    Ok(())
+}
+
+/// Writes `buf` at `offset` through `target` with plain `pwrite`s.
+pub fn write_at(target: &dyn BlockTarget, offset: u64, buf: &[u8], fua: bool) -> Result<()> {
+    validate(target.info(), Op::Write { fua }, offset, buf.len() as u64)?;
+    let mut extents = Vec::new();
+    let ticket = target.map_write(offset, buf.len() as u64, &mut extents)?;
+    let mut at = 0usize;
+    let mut outcome = Ok(());
+    for extent in extents {
+        let Some(piece) = buf.get(at..at + extent.len as usize) else {
+            outcome = Err(BlockError::UblkSetup(
+                "the target mapped more than asked".into(),
+            ));
+            break;
+        };
+        if let Source::File { fd, offset } = extent.source {
+            outcome = file_of(fd).write_all_at(piece, offset).context(|| {
+                format!(
+                    "writing {} bytes at {offset} of the backing file",
+                    piece.len()
+                )
+            });
+            if outcome.is_err() {
+                break;
+            }
+        }
+        at += extent.len as usize;
+    }
+    let written = outcome.is_ok();
+    let finished = target.finish_write(ticket, written, fua);
+    outcome.and(finished)
+}
+
+/// DISCARD of `[offset, offset + len)` after validating it.
+pub fn discard_at(target: &dyn BlockTarget, offset: u64, len: u64) -> Result<()> {
+    validate(target.info(), Op::Discard, offset, len)?;
+    target.discard(offset, len)
+}
+
+/// WRITE_ZEROES of `[offset, offset + len)` after validating it.
+pub fn write_zeroes_at(target: &dyn BlockTarget, offset: u64, len: u64) -> Result<()> {
+    validate(target.info(), Op::WriteZeroes, offset, len)?;
+    target.write_zeroes(offset, len)
+}
+
+/// Shared handle to a target.
+pub type SharedTarget = Arc<dyn BlockTarget>;
+
+/// Appends `extent` to `out`, merging it with the last one when they are contiguous.
+pub(crate) fn push_extent(out: &mut Vec<Extent>, extent: Extent) {
+    if extent.len == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        match (&mut last.source, extent.source) {
+            (Source::Zero, Source::Zero) => {
+                last.len += extent.len;
+                return;
+            }
+            (
+                Source::File { fd, offset },
+                Source::File {
+                    fd: next_fd,
+                    offset: next,
+                },
+            ) if *fd == next_fd && *offset + last.len == next => {
+                last.len += extent.len;
+                return;
+            }
+            _ => {}
+        }
+    }
+    out.push(extent);
+}

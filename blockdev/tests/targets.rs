@@ -1,0 +1,594 @@
+//! The block engine's targets and request semantics, without ublk: raw files, lazily
+//! fetched images through the cache engine, and the copy-on-write overlay's crash
+//! consistency.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use berth_blockdev::export::export_to_file;
+use berth_blockdev::target::{discard_at, read_at, validate, write_at, write_zeroes_at};
+use berth_blockdev::{
+    BlockError, BlockTarget, ImageTarget, Op, OverlayOptions, OverlayRecovery, OverlayTarget,
+    RawOptions, RawTarget, SharedTarget,
+};
+use berth_cache::manifest::ChunkEntry;
+use berth_cache::{CacheConfig, CacheEngine, Compression, LocalDirBackend, Manifest};
+
+const BLOCK: usize = 4096;
+
+/// Deterministic, block-distinct content: block `i` is filled from a seed of (tag, i).
+fn pattern(tag: u8, block: u64) -> Vec<u8> {
+    let mut state = (u64::from(tag) << 56) ^ block.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 1;
+    (0..BLOCK)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+fn base_file(dir: &Path, blocks: u64) -> std::path::PathBuf {
+    let path = dir.join("base.img");
+    let file = fs::File::create(&path).unwrap();
+    for b in 0..blocks {
+        file.write_all_at(&pattern(1, b), b * BLOCK as u64).unwrap();
+    }
+    path
+}
+
+fn read_block(target: &dyn BlockTarget, block: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; BLOCK];
+    read_at(target, block * BLOCK as u64, &mut buf).unwrap();
+    buf
+}
+
+fn raw_base(path: &Path) -> SharedTarget {
+    Arc::new(
+        RawTarget::open(
+            path,
+            &RawOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    )
+}
+
+#[test]
+fn raw_target_round_trips_and_zeroes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = base_file(dir.path(), 64);
+    let target = RawTarget::open(&path, &RawOptions::default()).unwrap();
+    assert_eq!(target.info().size, 64 * BLOCK as u64);
+    assert_eq!(read_block(&target, 5), pattern(1, 5));
+    let data: Vec<u8> = [pattern(2, 10), pattern(2, 11)].concat();
+    write_at(&target, 10 * BLOCK as u64, &data, true).unwrap();
+    assert_eq!(read_block(&target, 11), pattern(2, 11));
+    // The write reached the file itself.
+    let mut on_disk = vec![0u8; BLOCK];
+    fs::File::open(&path)
+        .unwrap()
+        .read_exact_at(&mut on_disk, 10 * BLOCK as u64)
+        .unwrap();
+    assert_eq!(on_disk, pattern(2, 10));
+    write_zeroes_at(&target, 20 * BLOCK as u64, 2 * BLOCK as u64).unwrap();
+    assert_eq!(read_block(&target, 21), vec![0u8; BLOCK]);
+    assert_eq!(read_block(&target, 22), pattern(1, 22));
+    discard_at(&target, 30 * BLOCK as u64, BLOCK as u64).unwrap();
+    assert_eq!(
+        read_block(&target, 30),
+        vec![0u8; BLOCK],
+        "a punched hole reads zeros"
+    );
+    target.flush().unwrap();
+}
+
+#[test]
+fn requests_outside_the_device_misaligned_or_writing_read_only_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = base_file(dir.path(), 8);
+    let ro = RawTarget::open(
+        &path,
+        &RawOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let info = ro.info().clone();
+    assert!(matches!(
+        validate(&info, Op::Read, 8 * BLOCK as u64, BLOCK as u64),
+        Err(BlockError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        validate(&info, Op::Read, u64::MAX - 10, BLOCK as u64),
+        Err(BlockError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        validate(&info, Op::Read, 512, BLOCK as u64),
+        Err(BlockError::Misaligned { .. })
+    ));
+    assert!(matches!(
+        validate(&info, Op::Write { fua: false }, 0, BLOCK as u64),
+        Err(BlockError::ReadOnly)
+    ));
+    assert!(matches!(
+        validate(&info, Op::Discard, 0, BLOCK as u64),
+        Err(BlockError::ReadOnly)
+    ));
+    assert!(validate(&info, Op::Flush, 0, 0).is_ok());
+    assert!(matches!(
+        write_at(&ro, 0, &[0u8; BLOCK], false),
+        Err(BlockError::ReadOnly)
+    ));
+    assert_eq!(BlockError::ReadOnly.errno(), libc::EROFS);
+    // The file is unchanged.
+    assert_eq!(read_block(&ro, 0), pattern(1, 0));
+    // A file smaller than a block cannot be a device.
+    let tiny = dir.path().join("tiny");
+    fs::write(&tiny, b"abc").unwrap();
+    assert!(matches!(
+        RawTarget::open(&tiny, &RawOptions::default()),
+        Err(BlockError::BadBacking { .. })
+    ));
+}
+
+#[test]
+fn overlay_reads_the_base_until_written_and_never_writes_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_path = base_file(dir.path(), 64);
+    let before = fs::read(&base_path).unwrap();
+    let overlay_path = dir.path().join("overlay");
+    let (overlay, recovery) = OverlayTarget::open(
+        &overlay_path,
+        raw_base(&base_path),
+        &OverlayOptions {
+            size: Some(128 * BLOCK as u64),
+        },
+    )
+    .unwrap();
+    assert_eq!(recovery, OverlayRecovery::Created);
+    assert_eq!(
+        overlay.info().size,
+        128 * BLOCK as u64,
+        "the overlay can be larger than its base"
+    );
+    assert_eq!(read_block(&overlay, 3), pattern(1, 3));
+    assert_eq!(
+        read_block(&overlay, 100),
+        vec![0u8; BLOCK],
+        "past the base reads zeros"
+    );
+    // A write spanning written and unwritten clusters, then an overwrite in place.
+    write_at(&overlay, 4 * BLOCK as u64, &pattern(3, 4), false).unwrap();
+    let span: Vec<u8> = (3..7).flat_map(|b| pattern(4, b)).collect();
+    write_at(&overlay, 3 * BLOCK as u64, &span, false).unwrap();
+    for b in 3..7 {
+        assert_eq!(read_block(&overlay, b), pattern(4, b));
+    }
+    assert_eq!(read_block(&overlay, 7), pattern(1, 7));
+    write_at(&overlay, 100 * BLOCK as u64, &pattern(4, 100), false).unwrap();
+    assert_eq!(read_block(&overlay, 100), pattern(4, 100));
+    write_zeroes_at(&overlay, 10 * BLOCK as u64, 2 * BLOCK as u64).unwrap();
+    discard_at(&overlay, 4 * BLOCK as u64, BLOCK as u64).unwrap();
+    assert_eq!(
+        read_block(&overlay, 10),
+        vec![0u8; BLOCK],
+        "write-zeroes hides the base"
+    );
+    assert_eq!(
+        read_block(&overlay, 4),
+        vec![0u8; BLOCK],
+        "a discarded cluster reads zeros, not the base"
+    );
+    assert_eq!(read_block(&overlay, 5), pattern(4, 5));
+    overlay.flush().unwrap();
+    drop(overlay);
+    assert_eq!(
+        fs::read(&base_path).unwrap(),
+        before,
+        "the base is never written"
+    );
+    // Reopened after a clean close: everything is there.
+    let (overlay, recovery) = OverlayTarget::open(
+        &overlay_path,
+        raw_base(&base_path),
+        &OverlayOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(recovery, OverlayRecovery::Clean);
+    assert_eq!(read_block(&overlay, 6), pattern(4, 6));
+    assert_eq!(read_block(&overlay, 11), vec![0u8; BLOCK]);
+    assert_eq!(read_block(&overlay, 100), pattern(4, 100));
+    assert_eq!(read_block(&overlay, 12), pattern(1, 12));
+}
+
+#[test]
+fn overlay_keeps_every_completed_write_when_the_process_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_path = base_file(dir.path(), 64);
+    let overlay_path = dir.path().join("overlay");
+    let (overlay, _) = OverlayTarget::open(
+        &overlay_path,
+        raw_base(&base_path),
+        &OverlayOptions::default(),
+    )
+    .unwrap();
+    write_at(&overlay, 0, &pattern(5, 0), false).unwrap();
+    overlay.flush().unwrap();
+    for b in 1..20 {
+        write_at(&overlay, b * BLOCK as u64, &pattern(5, b), false).unwrap();
+    }
+    write_zeroes_at(&overlay, 30 * BLOCK as u64, BLOCK as u64).unwrap();
+    // No flush: killed.
+    overlay.abandon_as_if_killed();
+    let (overlay, recovery) = OverlayTarget::open(
+        &overlay_path,
+        raw_base(&base_path),
+        &OverlayOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(recovery, OverlayRecovery::AfterProcessCrash);
+    for b in 0..20 {
+        assert_eq!(read_block(&overlay, b), pattern(5, b), "block {b}");
+    }
+    assert_eq!(read_block(&overlay, 30), vec![0u8; BLOCK]);
+    assert_eq!(read_block(&overlay, 31), pattern(1, 31));
+    // Recovery committed the live map: a machine crash now loses nothing either.
+    overlay.abandon_as_if_killed();
+    OverlayTarget::mark_used_in_another_boot(&overlay_path).unwrap();
+    let (overlay, recovery) = OverlayTarget::open(
+        &overlay_path,
+        raw_base(&base_path),
+        &OverlayOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(recovery, OverlayRecovery::AfterMachineCrash);
+    for b in 0..20 {
+        assert_eq!(
+            read_block(&overlay, b),
+            pattern(5, b),
+            "block {b} after the machine crash"
+        );
+    }
+}
+
+#[test]
+fn after_a_machine_crash_unflushed_writes_read_old_data_never_zeros_or_other_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_path = base_file(dir.path(), 64);
+    let overlay_path = dir.path().join("overlay");
+    let (overlay, _) = OverlayTarget::open(
+        &overlay_path,
+        raw_base(&base_path),
+        &OverlayOptions::default(),
+    )
+    .unwrap();
+    // Flushed: blocks 0..8 hold generation 6.
+    let data: Vec<u8> = (0..8).flat_map(|b| pattern(6, b)).collect();
+    write_at(&overlay, 0, &data, false).unwrap();
+    overlay.flush().unwrap();
+    // Not flushed: block 0 discarded (its slot freed), new blocks 40..48 written (they may
+    // take freed slots only after a commit), block 1 rewritten in place.
+    discard_at(&overlay, 0, BLOCK as u64).unwrap();
+    let fresh: Vec<u8> = (40..48).flat_map(|b| pattern(7, b)).collect();
+    write_at(&overlay, 40 * BLOCK as u64, &fresh, false).unwrap();
+    write_at(&overlay, 50 * BLOCK as u64, &pattern(7, 50), false).unwrap();
+    write_at(&overlay, BLOCK as u64, &pattern(7, 1), false).unwrap();
+    overlay.abandon_as_if_killed();
+    // The live map may have hit the disk before its data: simulate the worst, garbage in it.
+    let garbage = vec![0xabu8; 4096];
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(&overlay_path)
+        .unwrap();
+    let live_map_start = 4096 + (64 * 8u64).div_ceil(4096) * 4096;
+    file.write_all_at(&garbage, live_map_start).unwrap();
+    drop(file);
+    OverlayTarget::mark_used_in_another_boot(&overlay_path).unwrap();
+    let (overlay, recovery) = OverlayTarget::open(
+        &overlay_path,
+        raw_base(&base_path),
+        &OverlayOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(recovery, OverlayRecovery::AfterMachineCrash);
+    // Block 0: the flushed data, or zeros only because the guest discarded it.
+    let b0 = read_block(&overlay, 0);
+    assert!(
+        b0 == pattern(6, 0) || b0 == vec![0u8; BLOCK],
+        "block 0 is neither its data nor discarded"
+    );
+    // Block 1 was rewritten in place: old or new, nothing else.
+    let b1 = read_block(&overlay, 1);
+    assert!(b1 == pattern(6, 1) || b1 == pattern(7, 1));
+    for b in 2..8 {
+        assert_eq!(read_block(&overlay, b), pattern(6, b), "flushed block {b}");
+    }
+    for b in (40..48).chain([50]) {
+        assert_eq!(
+            read_block(&overlay, b),
+            pattern(1, b),
+            "unflushed new block {b} falls back to the base"
+        );
+    }
+    // The overlay works on: write, flush, reopen.
+    write_at(&overlay, 40 * BLOCK as u64, &pattern(8, 40), false).unwrap();
+    drop(overlay);
+    let (overlay, recovery) = OverlayTarget::open(
+        &overlay_path,
+        raw_base(&base_path),
+        &OverlayOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(recovery, OverlayRecovery::Clean);
+    assert_eq!(read_block(&overlay, 40), pattern(8, 40));
+    assert_eq!(read_block(&overlay, 3), pattern(6, 3));
+}
+
+#[test]
+fn a_freed_slot_is_not_reused_before_a_commit_drops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_path = base_file(dir.path(), 16);
+    let overlay_path = dir.path().join("overlay");
+    let (overlay, _) = OverlayTarget::open(
+        &overlay_path,
+        raw_base(&base_path),
+        &OverlayOptions::default(),
+    )
+    .unwrap();
+    write_at(&overlay, 0, &pattern(9, 0), false).unwrap();
+    overlay.flush().unwrap();
+    write_zeroes_at(&overlay, 0, BLOCK as u64).unwrap();
+    // Without a commit in between, this must not land in block 0's old slot.
+    write_at(&overlay, 5 * BLOCK as u64, &pattern(9, 5), false).unwrap();
+    overlay.abandon_as_if_killed();
+    OverlayTarget::mark_used_in_another_boot(&overlay_path).unwrap();
+    let (overlay, _) = OverlayTarget::open(
+        &overlay_path,
+        raw_base(&base_path),
+        &OverlayOptions::default(),
+    )
+    .unwrap();
+    let b0 = read_block(&overlay, 0);
+    assert_ne!(b0, pattern(9, 5), "block 0 shows block 5's data");
+    assert!(b0 == pattern(9, 0) || b0 == vec![0u8; BLOCK]);
+}
+
+#[test]
+fn overlays_refuse_the_wrong_base_a_second_user_and_a_damaged_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_path = base_file(dir.path(), 16);
+    let other_path = dir.path().join("other.img");
+    fs::write(&other_path, vec![0u8; 32 * BLOCK]).unwrap();
+    let overlay_path = dir.path().join("overlay");
+    let (overlay, _) = OverlayTarget::open(
+        &overlay_path,
+        raw_base(&base_path),
+        &OverlayOptions::default(),
+    )
+    .unwrap();
+    assert!(matches!(
+        OverlayTarget::open(
+            &overlay_path,
+            raw_base(&base_path),
+            &OverlayOptions::default()
+        ),
+        Err(BlockError::OverlayBusy { .. })
+    ));
+    drop(overlay);
+    let err = OverlayTarget::open(
+        &overlay_path,
+        raw_base(&other_path),
+        &OverlayOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, BlockError::OverlayBaseMismatch { .. }),
+        "{err}"
+    );
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(&overlay_path)
+        .unwrap();
+    file.write_all_at(&[0x55u8; 1024], 0).unwrap();
+    drop(file);
+    let err = OverlayTarget::open(
+        &overlay_path,
+        raw_base(&base_path),
+        &OverlayOptions::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("no valid header"), "{err}");
+    // Not an overlay at all.
+    let err = OverlayTarget::open(
+        &base_path,
+        raw_base(&other_path),
+        &OverlayOptions::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, BlockError::InvalidOverlay { .. }), "{err}");
+}
+
+#[test]
+fn concurrent_writers_and_flushes_keep_every_block_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_path = base_file(dir.path(), 256);
+    let overlay_path = dir.path().join("overlay");
+    let (overlay, _) = OverlayTarget::open(
+        &overlay_path,
+        raw_base(&base_path),
+        &OverlayOptions::default(),
+    )
+    .unwrap();
+    let overlay = Arc::new(overlay);
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let overlay = overlay.clone();
+            std::thread::spawn(move || {
+                // Thread t owns blocks b with b % 4 == t; it writes each several times.
+                for round in 0..5u8 {
+                    for b in (t..256).step_by(4) {
+                        write_at(&*overlay, b * BLOCK as u64, &pattern(10 + round, b), false)
+                            .unwrap();
+                        if b % 37 == 0 {
+                            overlay.flush().unwrap();
+                        }
+                        if b % 11 == 0 {
+                            discard_at(&*overlay, b * BLOCK as u64, BLOCK as u64).unwrap();
+                            write_at(&*overlay, b * BLOCK as u64, &pattern(10 + round, b), false)
+                                .unwrap();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    for b in 0..256 {
+        assert_eq!(read_block(&*overlay, b), pattern(14, b), "block {b}");
+    }
+    let overlay = Arc::try_unwrap(overlay).unwrap();
+    overlay.abandon_as_if_killed();
+    let (overlay, _) = OverlayTarget::open(
+        &overlay_path,
+        raw_base(&base_path),
+        &OverlayOptions::default(),
+    )
+    .unwrap();
+    for b in 0..256 {
+        assert_eq!(
+            read_block(&overlay, b),
+            pattern(14, b),
+            "block {b} after a kill"
+        );
+    }
+    // Freed slots were reused: the data area did not grow to 5 × 256 clusters.
+    let len = fs::metadata(&overlay_path).unwrap().len();
+    assert!(
+        len < (1 << 20) + 600 * BLOCK as u64,
+        "overlay grew to {len} bytes"
+    );
+}
+
+/// Stores `data` as a chunked, digested blob under `dir/blobs` and returns its manifest.
+fn store_blob(dir: &Path, data: &[u8], chunk_size: u32) -> Manifest {
+    let blob_id = blake3::hash(data).to_hex().to_string();
+    fs::create_dir_all(dir.join("blobs")).unwrap();
+    fs::write(dir.join("blobs").join(&blob_id), data).unwrap();
+    let chunks = data
+        .chunks(chunk_size as usize)
+        .enumerate()
+        .map(|(i, c)| ChunkEntry {
+            digest: blake3::hash(c).to_hex().to_string(),
+            offset: (i * chunk_size as usize) as u64,
+            stored_size: c.len() as u64,
+        })
+        .collect();
+    Manifest {
+        version: 1,
+        blob_id: blob_id.clone(),
+        blob_size: data.len() as u64,
+        chunk_size,
+        compression: Compression::None,
+        object: format!("blobs/{blob_id}"),
+        bootstrap: "disk.img".into(),
+        bootstrap_digest: None,
+        chunks,
+        prefetch: Vec::new(),
+    }
+}
+
+#[test]
+fn an_image_fetches_only_the_chunks_read_and_an_overlay_makes_it_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocks = 256u64; // 1 MiB in 64 KiB chunks
+    let data: Vec<u8> = (0..blocks).flat_map(|b| pattern(1, b)).collect();
+    let manifest = store_blob(&dir.path().join("store"), &data, 64 << 10);
+    let mut config = CacheConfig::new(dir.path().join("cache"));
+    config.readahead_max_bytes = 0;
+    config.merge_min_bytes = 0;
+    let engine = CacheEngine::new(
+        config,
+        Arc::new(LocalDirBackend::new(dir.path().join("store"))),
+    )
+    .unwrap();
+    let image = Arc::new(ImageTarget::new(engine.open_blob(&manifest).unwrap(), 4096));
+    assert!(image.info().read_only);
+    assert_eq!(read_block(&*image, 20), pattern(1, 20));
+    assert_eq!(
+        engine.ready_chunks(&manifest.blob_id).unwrap(),
+        1,
+        "one 64 KiB chunk fetched"
+    );
+    assert_eq!(read_block(&*image, 21), pattern(1, 21));
+    assert_eq!(image.hits_and_misses(), (1, 1));
+    assert!(matches!(
+        write_at(&*image, 0, &[0u8; BLOCK], false),
+        Err(BlockError::ReadOnly)
+    ));
+    let overlay_path = dir.path().join("overlay");
+    let (overlay, _) =
+        OverlayTarget::open(&overlay_path, image.clone(), &OverlayOptions::default()).unwrap();
+    write_at(&overlay, 100 * BLOCK as u64, &pattern(2, 100), true).unwrap();
+    assert_eq!(read_block(&overlay, 100), pattern(2, 100));
+    assert_eq!(read_block(&overlay, 101), pattern(1, 101));
+    assert_eq!(
+        engine.ready_chunks(&manifest.blob_id).unwrap(),
+        2,
+        "a write to the overlay fetches nothing"
+    );
+    let text: String = overlay
+        .counters()
+        .iter()
+        .map(|(name, _, v)| format!("{name} {v}\n"))
+        .collect();
+    assert!(text.contains("berth_block_cache_misses_total 2"), "{text}");
+    assert!(text.contains("berth_block_overlay_clusters 1"), "{text}");
+    // Folding the overlay and its base into one file.
+    let out = dir.path().join("folded.img");
+    export_to_file(&overlay, &out).unwrap();
+    let folded = fs::read(&out).unwrap();
+    assert_eq!(folded.len(), data.len());
+    assert_eq!(&folded[100 * BLOCK..101 * BLOCK], &pattern(2, 100)[..]);
+    assert_eq!(&folded[..100 * BLOCK], &data[..100 * BLOCK]);
+    assert_eq!(&folded[101 * BLOCK..], &data[101 * BLOCK..]);
+    // An overlay made for this image refuses another one.
+    drop(overlay);
+    let other = store_blob(&dir.path().join("store"), &vec![7u8; data.len()], 64 << 10);
+    let other_image = Arc::new(ImageTarget::new(engine.open_blob(&other).unwrap(), 4096));
+    let err =
+        OverlayTarget::open(&overlay_path, other_image, &OverlayOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, BlockError::OverlayBaseMismatch { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_image_whose_backend_lost_the_blob_fails_reads_instead_of_returning_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..64u64).flat_map(|b| pattern(3, b)).collect();
+    let manifest = store_blob(&dir.path().join("store"), &data, 64 << 10);
+    let mut config = CacheConfig::new(dir.path().join("cache"));
+    config.fetch_attempts = 1;
+    let engine = CacheEngine::new(
+        config,
+        Arc::new(LocalDirBackend::new(dir.path().join("store"))),
+    )
+    .unwrap();
+    let image = ImageTarget::new(engine.open_blob(&manifest).unwrap(), 4096);
+    fs::remove_file(dir.path().join("store").join(&manifest.object)).unwrap();
+    let mut buf = vec![0xffu8; BLOCK];
+    let err = read_at(&image, 0, &mut buf).unwrap_err();
+    assert!(matches!(err, BlockError::Cache(_)), "{err}");
+    assert_eq!(err.errno(), libc::EIO);
+    assert_eq!(image.hits_and_misses(), (0, 1));
+}

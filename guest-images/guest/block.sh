@@ -1,0 +1,275 @@
+# shellcheck shell=bash
+# Guest side of the block checks: berth (delivered as /test/berth) exports files and
+# images as ublk devices inside the guest; the checks put filesystems and fio on them.
+# Sourced after checks.sh (check/skip/wait_for_file).
+
+BERTH=/test/berth
+E2FS=/opt/e2fs
+e2() { LD_LIBRARY_PATH=$E2FS/lib/x86_64-linux-gnu "$E2FS/sbin/$1" "${@:2}"; }
+
+block_setup() {
+	mkdir -p "$E2FS" /mnt/blk
+	mount -t erofs -o ro /dev/vdb "$E2FS"
+	local version
+	version=$(e2 mke2fs -V 2>&1)
+	echo "@@info ${version%%$'\n'*}"
+	[ -c /dev/ublk-control ]
+	"$BERTH" block list
+}
+
+# Deletes every ublk device and ends every berth a failed check left behind.
+reset_devices() {
+	local id
+	for id in $("$BERTH" block list --json | grep -o '"id":[0-9]*' | cut -d: -f2); do
+		"$BERTH" block del "$id" >/dev/null 2>&1 || true
+	done
+	pkill -9 -x berth 2>/dev/null || true
+}
+
+# start_device NAME ARGS...: `berth block add ARGS` in the background; sets DEV_ID,
+# DEV_PATH and DEV_PID once the device exists.
+start_device() {
+	local name=$1 line=""
+	shift
+	reset_devices
+	"$BERTH" block add "$@" --metrics-file "/tmp/$name.prom" --metrics-interval 1 \
+		>"/tmp/$name.out" 2>"/tmp/$name.log" &
+	DEV_PID=$!
+	for _ in $(seq 600); do
+		line=$(grep -m1 '^ublk device' "/tmp/$name.out" || true)
+		[ -n "$line" ] && break
+		kill -0 "$DEV_PID" 2>/dev/null || break
+		sleep 0.1
+	done
+	if [ -z "$line" ]; then
+		echo "berth block add $* did not start a device:"
+		tail -n 20 "/tmp/$name.log" "/tmp/$name.out"
+		return 1
+	fi
+	DEV_ID=$(echo "$line" | awk '{ print $3 }')
+	DEV_PATH=$(echo "$line" | awk '{ print $4 }')
+	for _ in $(seq 100); do
+		[ -b "$DEV_PATH" ] && break
+		sleep 0.1
+	done
+	[ -b "$DEV_PATH" ]
+	echo "@@info $line"
+}
+
+# stop_device NAME: deletes the device; berth must exit 0.
+stop_device() {
+	"$BERTH" block del "$DEV_ID" >/dev/null
+	local rc=0
+	wait "$DEV_PID" || rc=$?
+	if [ "$rc" != 0 ]; then
+		echo "berth exited with $rc:"
+		tail -n 20 "/tmp/$1.log"
+		return 1
+	fi
+}
+
+metric() { # metric FILE NAME-AND-LABELS-PREFIX: prints the value
+	grep -v "^#" "$1" | grep -F "$2" | head -n1 | awk '{ print $NF }'
+}
+
+# A filesystem on DEV: mkfs, fsck, a file tree written and read back with checksums
+# across a remount, fsck again.
+filesystem_roundtrip() {
+	local dev=$1
+	e2 mkfs.ext4 -q -F "$dev"
+	e2 e2fsck -fn "$dev" >/dev/null
+	mount -t ext4 "$dev" /mnt/blk
+	mkdir /mnt/blk/tree
+	local i
+	for i in $(seq 1 24); do
+		mkdir -p "/mnt/blk/tree/d$((i % 6))"
+		head -c $((i * 7919 % 300000 + 1)) /dev/urandom >"/mnt/blk/tree/d$((i % 6))/f$i"
+	done
+	(cd /mnt/blk/tree && find . -type f -print0 | sort -z | xargs -0 sha256sum) >/tmp/tree.sums
+	umount /mnt/blk
+	e2 e2fsck -fn "$dev" >/dev/null
+	mount -t ext4 "$dev" /mnt/blk
+	(cd /mnt/blk/tree && sha256sum -c --quiet /tmp/tree.sums)
+	umount /mnt/blk
+}
+
+# fio random writes with crc32c verification, then a read-only verification pass.
+fio_verify_device() {
+	local dev=$1 size=${2:-8M} out
+	out=$(fio --name=vw --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 \
+		--rw=randwrite --bsrange=4k-64k --size="$size" --verify=crc32c --verify_fatal=1 \
+		--do_verify=1 --randseed=7 --output-format=terse 2>&1) || { echo "$out"; return 1; }
+	out=$(fio --name=vw --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 \
+		--rw=randwrite --bsrange=4k-64k --size="$size" --verify=crc32c --verify_fatal=1 \
+		--verify_only=1 --randseed=7 --output-format=terse 2>&1) || { echo "$out"; return 1; }
+}
+
+# One transport: a raw file exported through it, filesystem and fio on top, and the
+# metrics naming the transport.
+block_transport() {
+	local transport=$1 name=raw-$1
+	truncate -s 96M "/tmp/$name.img"
+	start_device "$name" "/tmp/$name.img" --ublk-transport "$transport" --queues 2
+	filesystem_roundtrip "$DEV_PATH"
+	fio_verify_device "$DEV_PATH"
+	sleep 1.2
+	grep -q "berth_block_info{device=\"ublkb$DEV_ID\",transport=\"$transport\"" "/tmp/$name.prom"
+	local reads
+	reads=$(metric "/tmp/$name.prom" "berth_block_requests_total{device=\"ublkb$DEV_ID\",op=\"read\"}")
+	[ "${reads:-0}" -gt 0 ]
+	echo "@@info $transport: $reads reads served, $(metric "/tmp/$name.prom" "berth_block_requests_total{device=\"ublkb$DEV_ID\",op=\"flush\"}") flushes"
+	stop_device "$name"
+	rm -f "/tmp/$name.img"
+}
+
+# Zero-copy with the kernel's automatic registration failing for every other request:
+# berth registers those buffers itself, data stays right.
+block_registration_fallback() {
+	truncate -s 128M /tmp/fallback.img
+	start_device fallback /tmp/fallback.img --ublk-transport zero-copy --force-registration-fallback
+	fio_verify_device "$DEV_PATH" 8M
+	sleep 1.2
+	local manual
+	manual=$(metric /tmp/fallback.prom "berth_block_ublk_manual_registrations_total{device=\"ublkb$DEV_ID\"}")
+	echo "@@info buffers registered by berth: $manual"
+	[ "${manual:-0}" -gt 0 ]
+	stop_device fallback
+	rm -f /tmp/fallback.img
+}
+
+# DISCARD and WRITE_ZEROES read back as zeros; FLUSH is counted.
+block_discard_zeroes() {
+	truncate -s 64M /tmp/dz.img
+	start_device dz /tmp/dz.img
+	head -c 8M /dev/urandom >/tmp/dz.data
+	dd if=/tmp/dz.data of="$DEV_PATH" bs=1M oflag=direct status=none
+	blkdiscard -o 0 -l 1M "$DEV_PATH"
+	cmp -n 1048576 "$DEV_PATH" /dev/zero
+	blkdiscard -z -o 2M -l 1M "$DEV_PATH"
+	cmp -n 1048576 -i 2097152 "$DEV_PATH" /dev/zero
+	cmp -n 1048576 -i 1048576 "$DEV_PATH" /tmp/dz.data
+	sync "$DEV_PATH"
+	blockdev --flushbufs "$DEV_PATH"
+	stop_device dz
+	rm -f /tmp/dz.img /tmp/dz.data
+}
+
+# A read-only export refuses writes.
+block_readonly() {
+	head -c 16M /dev/urandom >/tmp/ro.img
+	start_device ro /tmp/ro.img --readonly
+	[ "$(blockdev --getro "$DEV_PATH")" = 1 ]
+	if dd if=/dev/zero of="$DEV_PATH" bs=4k count=1 oflag=direct status=none 2>/dev/null; then
+		echo "a write to the read-only device succeeded"
+		return 1
+	fi
+	cmp "$DEV_PATH" /tmp/ro.img
+	stop_device ro
+	rm -f /tmp/ro.img
+}
+
+# kill -9 of the server during fio's write phase, `berth block recover`, and fio's
+# verification finds every block it wrote.
+block_recovery() {
+	truncate -s 128M /tmp/rec.img
+	start_device rec /tmp/rec.img --ublk-transport zero-copy
+	local id=$DEV_ID dev=$DEV_PATH
+	fio --name=rec --filename="$dev" --direct=1 --ioengine=libaio --iodepth=32 \
+		--rw=randwrite --bs=4k --size=24M --verify=crc32c --verify_fatal=1 --do_verify=1 \
+		--randseed=11 --output=/tmp/rec.fio >/dev/null 2>&1 &
+	local fio_pid=$!
+	sleep 2
+	kill -0 "$fio_pid"
+	kill -9 "$DEV_PID"
+	wait "$DEV_PID" 2>/dev/null || true
+	"$BERTH" block list | sed 's/^/@@info /'
+	"$BERTH" block list --json | grep -q '"state":"quiesced"'
+	"$BERTH" block recover "$id" --metrics-file /tmp/rec2.prom --metrics-interval 1 \
+		>/tmp/rec2.out 2>/tmp/rec2.log &
+	DEV_PID=$!
+	local rc=0
+	wait "$fio_pid" || rc=$?
+	if [ "$rc" != 0 ] || ! grep -q 'err= 0' /tmp/rec.fio; then
+		echo "fio failed across the recovery (status $rc):"
+		tail -n 30 /tmp/rec.fio
+		tail -n 10 /tmp/rec2.log
+		return 1
+	fi
+	grep -E 'write:|read:' /tmp/rec.fio | sed 's/^/@@info /'
+	DEV_ID=$id
+	stop_device rec2
+	rm -f /tmp/rec.img
+}
+
+# The queue threads run confined: the ublk queue seccomp filter in kill mode (the default,
+# as in every block check: a call outside the list kills berth, which then does not exit 0)
+# and no capabilities. The workload touches every request type and the device's shutdown.
+block_seccomp() {
+	truncate -s 64M /tmp/sc.img
+	start_device sc /tmp/sc.img --queues 2 --seccomp kill
+	local tid confined=0
+	for tid in /proc/"$DEV_PID"/task/*; do
+		if grep -q '^Seccomp:[[:space:]]*2' "$tid/status"; then
+			[ "$(awk '/^CapEff:/ { print $2 }' "$tid/status")" = 0000000000000000 ] || {
+				echo "a confined thread keeps capabilities: $(grep Cap "$tid/status")"
+				return 1
+			}
+			confined=$((confined + 1))
+		fi
+	done
+	echo "@@info $confined confined queue thread(s)"
+	[ "$confined" -ge 2 ]
+	filesystem_roundtrip "$DEV_PATH"
+	fio_verify_device "$DEV_PATH" 4M
+	blkdiscard -o 0 -l 1M "$DEV_PATH"
+	blkdiscard -z -o 1M -l 1M "$DEV_PATH"
+	sync "$DEV_PATH"
+	# Exit status 0, not 159 (SIGSYS).
+	stop_device sc
+	rm -f /tmp/sc.img
+}
+
+# A 4 GiB ext4 image built on the host with `berth image build --block`, fetched lazily
+# from the host (its store is a virtio-fs share served by the host's berth) with an
+# overlay for writes: the files the host put in read back with their checksums, a write
+# survives a restart of the device, fsck is clean.
+block_lazy_image() {
+	mkdir -p /mnt/store
+	mount -t virtiofs store /mnt/store
+	start_device lazy /mnt/store/img --overlay /tmp/lazy.ovl --cache-dir /tmp/lazy-cache
+	[ "$(blockdev --getsize64 "$DEV_PATH")" = 4294967296 ]
+	mount -t ext4 "$DEV_PATH" /mnt/blk || {
+		tail -n 20 /tmp/lazy.log
+		dmesg | tail -n 10
+		return 1
+	}
+	(cd /mnt/blk && sha256sum -c --quiet /test/tree.sums)
+	echo "written in the guest" >/mnt/blk/from-guest
+	umount /mnt/blk
+	e2 e2fsck -fn "$DEV_PATH" >/dev/null
+	stop_device lazy
+	start_device lazy /mnt/store/img --overlay /tmp/lazy.ovl --cache-dir /tmp/lazy-cache
+	mount -t ext4 -o ro "$DEV_PATH" /mnt/blk
+	[ "$(cat /mnt/blk/from-guest)" = "written in the guest" ]
+	umount /mnt/blk
+	sleep 1.2
+	echo "@@info fetched $(metric /tmp/lazy.prom berth_cache_chunks_fetched_total) chunks, cache hits/misses $(metric /tmp/lazy.prom berth_block_cache_hits_total)/$(metric /tmp/lazy.prom berth_block_cache_misses_total)"
+	stop_device lazy
+}
+
+# Reading 100 MiB of the 4 GiB image fetches at most 110 MiB of it.
+block_lazy_fetch_ratio() {
+	mountpoint -q /mnt/store || { mkdir -p /mnt/store; mount -t virtiofs store /mnt/store; }
+	start_device ratio /mnt/store/img --readonly --cache-dir /tmp/ratio-cache --readahead 0
+	dd if="$DEV_PATH" of=/dev/null bs=1M count=100 skip=1024 iflag=direct status=none
+	sleep 1.5
+	local chunks chunk_size fetched
+	chunks=$(metric /tmp/ratio.prom berth_cache_chunks_fetched_total)
+	chunk_size=$(tr -d ' \n' </mnt/store/img/manifest.json | grep -o '"chunk_size":[0-9]*' | cut -d: -f2)
+	[ -n "$chunks" ] && [ -n "$chunk_size" ]
+	fetched=$((chunks * chunk_size))
+	echo "@@info read 104857600 bytes, fetched $fetched ($chunks chunks of $chunk_size)"
+	[ "$fetched" -ge 104857600 ] && [ "$fetched" -le 115343360 ]
+	stop_device ratio
+	umount /mnt/store
+}

@@ -1,0 +1,671 @@
+//! `berth block`: ublk block devices over the block engine (`berth_blockdev`). This
+//! module opens the targets the command line names, hands each to the ublk server on its
+//! own thread, writes the metrics file and turns SIGTERM into a clean stop.
+
+pub mod args;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use berth_blockdev::ublk::{
+    self, DeviceConfig, QueueThreadSetup, ServeMode, Started, Transport, UblkCounters,
+};
+use berth_blockdev::{
+    DeviceMetrics, ImageTarget, OverlayOptions, OverlayTarget, RawOptions, RawTarget, SharedTarget,
+};
+use berth_cache::{open_backend, BlobBackend, CacheConfig, CacheEngine, LocalDirBackend, Manifest};
+use berth_seccomp::{SeccompAction, ThreadRole};
+use serde_json::json;
+use tracing::{error, info, warn};
+
+use crate::shutdown::{signal_name, TerminationSignals};
+pub use args::BlockCommand;
+use args::{AddArgs, DelArgs, ListArgs, RecoverArgs, TransportArg};
+
+/// Everything needed to open a device's target again (stored with the device for
+/// `berth block recover`).
+#[derive(Debug, Clone, PartialEq)]
+struct DeviceDescription {
+    target: PathBuf,
+    overlay: Option<PathBuf>,
+    read_only: bool,
+    cache_dir: PathBuf,
+    backend: Option<String>,
+    readahead: u64,
+    block_size: u32,
+    transport: Transport,
+    queues: u16,
+    depth: u16,
+    max_io: u32,
+    recovery: bool,
+    force_registration_fallback: bool,
+}
+
+impl DeviceDescription {
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "target": self.target,
+            "overlay": self.overlay,
+            "read_only": self.read_only,
+            "cache_dir": self.cache_dir,
+            "backend": self.backend,
+            "readahead": self.readahead,
+            "block_size": self.block_size,
+            "transport": self.transport.name(),
+            "queues": self.queues,
+            "depth": self.depth,
+            "max_io": self.max_io,
+            "recovery": self.recovery,
+            "force_registration_fallback": self.force_registration_fallback,
+        })
+    }
+
+    fn from_json(value: &serde_json::Value) -> anyhow::Result<Self> {
+        let text = |key: &str| value.get(key).and_then(|v| v.as_str()).map(str::to_owned);
+        let number = |key: &str| value.get(key).and_then(|v| v.as_u64());
+        let flag = |key: &str| value.get(key).and_then(|v| v.as_bool()).unwrap_or(false);
+        let missing = |key: &str| anyhow!("the stored description lacks `{key}`");
+        Ok(Self {
+            target: text("target")
+                .map(PathBuf::from)
+                .ok_or_else(|| missing("target"))?,
+            overlay: text("overlay").map(PathBuf::from),
+            read_only: flag("read_only"),
+            cache_dir: text("cache_dir")
+                .map(PathBuf::from)
+                .ok_or_else(|| missing("cache_dir"))?,
+            backend: text("backend"),
+            readahead: number("readahead").unwrap_or(4 << 20),
+            block_size: number("block_size")
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(4096),
+            transport: text("transport")
+                .as_deref()
+                .and_then(Transport::from_name)
+                .ok_or_else(|| missing("transport"))?,
+            queues: number("queues")
+                .and_then(|n| u16::try_from(n).ok())
+                .ok_or_else(|| missing("queues"))?,
+            depth: number("depth")
+                .and_then(|n| u16::try_from(n).ok())
+                .ok_or_else(|| missing("depth"))?,
+            max_io: number("max_io")
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| missing("max_io"))?,
+            recovery: flag("recovery"),
+            force_registration_fallback: flag("force_registration_fallback"),
+        })
+    }
+}
+
+/// The manifest of `image`: the file itself, or `manifest.json` inside the directory.
+fn manifest_path_of(image: &Path) -> PathBuf {
+    if image.is_dir() {
+        image.join("manifest.json")
+    } else {
+        image.to_path_buf()
+    }
+}
+
+/// Whether `path` names an image (a directory with a manifest, or a manifest).
+fn is_image(path: &Path) -> bool {
+    manifest_path_of(path).is_file()
+        && (path.is_dir() || path.extension().is_some_and(|e| e == "json"))
+}
+
+/// Cache engines of this process, one per cache directory and backend.
+#[derive(Default)]
+struct Engines(Mutex<HashMap<(PathBuf, String), Arc<CacheEngine>>>);
+
+impl Engines {
+    fn get(
+        &self,
+        cache_dir: &Path,
+        backend: Arc<dyn BlobBackend>,
+        key: String,
+        readahead: u64,
+    ) -> anyhow::Result<Arc<CacheEngine>> {
+        let mut engines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(engine) = engines.get(&(cache_dir.to_path_buf(), key.clone())) {
+            return Ok(engine.clone());
+        }
+        let mut config = CacheConfig::new(cache_dir);
+        config.readahead_max_bytes = readahead;
+        // Disk images are mostly free space, stored as tiny compressed zero chunks: merging
+        // a miss until a backend read covers 1 MiB *stored* would pull in (and write out)
+        // hundreds of MiB of zeros for one block. Fetch what is read, plus read-ahead.
+        config.merge_min_bytes = 0;
+        let engine = Arc::new(
+            CacheEngine::new(config, backend)
+                .with_context(|| format!("cannot open the cache in {}", cache_dir.display()))?,
+        );
+        engines.insert((cache_dir.to_path_buf(), key), engine.clone());
+        Ok(engine)
+    }
+
+    fn all(&self) -> Vec<Arc<CacheEngine>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Opens the target a description names.
+fn open_target(desc: &DeviceDescription, engines: &Engines) -> anyhow::Result<SharedTarget> {
+    let base: SharedTarget = if is_image(&desc.target) {
+        let manifest_path = manifest_path_of(&desc.target);
+        let manifest = Manifest::load(&manifest_path)
+            .with_context(|| format!("cannot load the image {}", desc.target.display()))?;
+        let image_dir = manifest_path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let (backend, key): (Arc<dyn BlobBackend>, String) = match &desc.backend {
+            Some(spec) => (open_backend(spec)?, spec.clone()),
+            None => (
+                Arc::new(LocalDirBackend::new(&image_dir)),
+                image_dir.display().to_string(),
+            ),
+        };
+        let engine = engines.get(&desc.cache_dir, backend, key, desc.readahead)?;
+        let blob = engine
+            .open_blob(&manifest)
+            .with_context(|| format!("cannot open the blob of {}", desc.target.display()))?;
+        Arc::new(ImageTarget::new(blob, desc.block_size))
+    } else {
+        let read_only = desc.read_only || desc.overlay.is_some();
+        Arc::new(
+            RawTarget::open(
+                &desc.target,
+                &RawOptions {
+                    read_only,
+                    block_size: desc.block_size,
+                    direct: false,
+                },
+            )
+            .with_context(|| format!("cannot open {}", desc.target.display()))?,
+        )
+    };
+    match &desc.overlay {
+        Some(path) => {
+            let (overlay, recovery) =
+                OverlayTarget::open(path, base, &OverlayOptions::default())
+                    .with_context(|| format!("cannot open the overlay {}", path.display()))?;
+            info!(overlay = %path.display(), ?recovery, "Opened the overlay.");
+            Ok(Arc::new(overlay))
+        }
+        None => Ok(base),
+    }
+}
+
+/// One device being served.
+struct Served {
+    name: Mutex<String>,
+    target: SharedTarget,
+    metrics: Arc<DeviceMetrics>,
+    counters: Arc<UblkCounters>,
+}
+
+/// Writes every device's and engine's metrics into `path`, atomically.
+fn write_metrics(path: &Path, devices: &[Arc<Served>], engines: &Engines) {
+    let mut text = String::new();
+    for (i, device) in devices.iter().enumerate() {
+        let name = device
+            .name
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        device
+            .metrics
+            .render(&name, &*device.target, i == 0, &mut text);
+        let manual = device
+            .counters
+            .manual_registrations
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if i == 0 {
+            text.push_str("# HELP berth_block_ublk_manual_registrations_total Zero-copy requests whose buffer berth registered itself (UBLK_IO_F_NEED_REG_BUF).\n# TYPE berth_block_ublk_manual_registrations_total counter\n");
+        }
+        text.push_str(&format!(
+            "berth_block_ublk_manual_registrations_total{{device=\"{name}\"}} {manual}\n"
+        ));
+    }
+    for engine in engines.all() {
+        text.push_str(&engine.render_prometheus());
+    }
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(err) = written {
+        warn!("cannot write the metrics file {}: {err}", path.display());
+    }
+}
+
+fn transport_for(arg: TransportArg) -> anyhow::Result<Transport> {
+    let features = ublk::driver_features().ok_or_else(|| {
+        anyhow!("the ublk driver does not answer (is the ublk_drv module loaded? `modprobe ublk_drv`; Linux 6.0 or later)")
+    })?;
+    let wanted = match arg {
+        TransportArg::Auto => None,
+        TransportArg::ZeroCopy => Some(Transport::ZeroCopy),
+        TransportArg::UserCopy => Some(Transport::UserCopy),
+        TransportArg::Copy => Some(Transport::Copy),
+    };
+    let transport = ublk::choose_transport(wanted, features)?;
+    info!(
+        features = format!("{features:#x}"),
+        transport = transport.name(),
+        "The ublk driver answered."
+    );
+    Ok(transport)
+}
+
+/// Serves `devices` (description, mode, id) until every one of them is gone; SIGTERM and
+/// SIGINT stop them all.
+fn serve_devices(
+    devices: Vec<(DeviceDescription, ServeMode, i32)>,
+    metrics_file: Option<PathBuf>,
+    metrics_interval: Duration,
+    seccomp: SeccompAction,
+    signals: TerminationSignals,
+) -> anyhow::Result<()> {
+    // Queue threads keep no capabilities and only their role's system calls.
+    let confine = QueueThreadSetup(Arc::new(move |_queue| {
+        berth_seccomp::drop_thread_capabilities().map_err(|e| e.to_string())?;
+        berth_seccomp::install_filter(ThreadRole::UblkQueue, seccomp).map_err(|e| e.to_string())
+    }));
+    let engines = Arc::new(Engines::default());
+    let started_ids: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let started_ids = started_ids.clone();
+        let stopping = stopping.clone();
+        signals.spawn_handler(move |signal| {
+            stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+            let ids = started_ids
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            info!(
+                "Received {}; stopping devices {ids:?}.",
+                signal_name(signal)
+            );
+            for id in ids {
+                if let Err(err) =
+                    libublk::ctrl::UblkCtrl::new_simple(id as i32).and_then(|c| c.kill_dev())
+                {
+                    warn!("cannot stop ublk device {id}: {err}");
+                }
+            }
+        })?;
+    }
+    let mut served = Vec::new();
+    let mut threads = Vec::new();
+    for (desc, mode, id) in devices {
+        let target = open_target(&desc, &engines)?;
+        let device = Arc::new(Served {
+            name: Mutex::new(format!("ublk{id}")),
+            target: target.clone(),
+            metrics: Arc::new(DeviceMetrics::new(desc.transport.name())),
+            counters: Arc::default(),
+        });
+        served.push(device.clone());
+        let config = DeviceConfig {
+            id,
+            queues: desc.queues,
+            depth: desc.depth,
+            max_io_bytes: desc.max_io,
+            transport: desc.transport,
+            recovery: desc.recovery,
+            description: desc.to_json(),
+            force_registration_fallback: desc.force_registration_fallback,
+            queue_thread_setup: Some(confine.clone()),
+        };
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Started, String>>();
+        let failed_tx = ready_tx.clone();
+        let started_ids = started_ids.clone();
+        let name_slot = device.clone();
+        let thread = std::thread::Builder::new()
+            .name("berth-ublk-ctrl".into())
+            .spawn(move || {
+                let on_started = move |started: &Started| {
+                    *name_slot.name.lock().unwrap_or_else(|e| e.into_inner()) =
+                        format!("ublkb{}", started.id);
+                    started_ids
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(started.id);
+                    let _ = ready_tx.send(Ok(started.clone()));
+                };
+                ublk::serve(
+                    &config,
+                    mode,
+                    target,
+                    device.metrics.clone(),
+                    device.counters.clone(),
+                    on_started,
+                )
+                .map_err(|err| {
+                    let message = format!("{:#}", anyhow::Error::from(err));
+                    let _ = failed_tx.send(Err(message.clone()));
+                    anyhow!(message)
+                })
+            })
+            .context("cannot start a device thread")?;
+        match ready_rx.recv() {
+            Ok(Ok(started)) => {
+                println!(
+                    "ublk device {} {} transport={} target={}",
+                    started.id,
+                    started.block_device,
+                    started.transport.name(),
+                    served
+                        .last()
+                        .map(|d| d.target.info().description.clone())
+                        .unwrap_or_default()
+                );
+                info!(id = started.id, device = %started.block_device, transport = started.transport.name(), "Serving.");
+            }
+            Ok(Err(message)) => {
+                let _ = thread.join();
+                bail!("cannot serve {}: {message}", desc.target.display());
+            }
+            Err(_) => {
+                let outcome = thread.join();
+                bail!(
+                    "the device thread for {} ended early: {outcome:?}",
+                    desc.target.display()
+                );
+            }
+        }
+        threads.push(thread);
+    }
+    let metrics_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let metrics_thread = metrics_file.clone().map(|path| {
+        let served = served.clone();
+        let engines = engines.clone();
+        let stop = metrics_stop.clone();
+        std::thread::spawn(move || {
+            let step = Duration::from_millis(100);
+            let mut waited = Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if waited >= metrics_interval || waited.is_zero() {
+                    write_metrics(&path, &served, &engines);
+                    waited = Duration::ZERO;
+                }
+                std::thread::sleep(step);
+                waited += step;
+            }
+        })
+    });
+    let mut failures = 0;
+    for thread in threads {
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                error!("{err}");
+                failures += 1;
+            }
+            Err(_) => failures += 1,
+        }
+    }
+    metrics_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(thread) = metrics_thread {
+        let _ = thread.join();
+    }
+    if let Some(path) = &metrics_file {
+        write_metrics(path, &served, &engines);
+    }
+    // Overlays commit and close cleanly as their targets drop here.
+    drop(served);
+    if failures > 0 {
+        bail!("{failures} device(s) failed");
+    }
+    Ok(())
+}
+
+fn run_add(args: AddArgs, signals: TerminationSignals) -> anyhow::Result<()> {
+    if !args.overlay.is_empty() && args.overlay.len() != args.targets.len() {
+        bail!(
+            "give one --overlay per target ({} targets, {} overlays)",
+            args.targets.len(),
+            args.overlay.len()
+        );
+    }
+    if args.id.is_some() && (args.targets.len() != 1 || args.count != 1) {
+        bail!("--id needs exactly one target and --count 1");
+    }
+    if args.count > 1 && (!args.readonly || !args.overlay.is_empty()) {
+        bail!("--count exports a target several times: only with --readonly and without --overlay");
+    }
+    let max_io = u32::try_from(args.max_io)
+        .ok()
+        .filter(|n| n.is_power_of_two() && (4096..=(1 << 20)).contains(n))
+        .ok_or_else(|| anyhow!("--max-io must be a power of two from 4K to 1M"))?;
+    let transport = transport_for(args.transport)?;
+    let features = ublk::driver_features().unwrap_or(0);
+    let recovery = !args.no_recovery && ublk::supports_recovery(features);
+    if !args.no_recovery && !recovery {
+        warn!("The ublk driver cannot recover devices (no UBLK_F_USER_RECOVERY_REISSUE): they fail if berth dies.");
+    }
+    let mut devices = Vec::new();
+    for (i, target) in args.targets.iter().enumerate() {
+        let target = std::fs::canonicalize(target)
+            .with_context(|| format!("cannot find {}", target.display()))?;
+        let overlay = match args.overlay.get(i) {
+            Some(path) => {
+                // An absolute path, so that `recover` finds it from anywhere.
+                let dir = path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                let dir = std::fs::canonicalize(dir)
+                    .with_context(|| format!("cannot find the directory of {}", path.display()))?;
+                Some(
+                    dir.join(
+                        path.file_name()
+                            .ok_or_else(|| anyhow!("{} is not a file name", path.display()))?,
+                    ),
+                )
+            }
+            None => None,
+        };
+        if is_image(&target) && overlay.is_none() && !args.readonly {
+            info!(
+                "{} is an image: exported read-only (give --overlay to write).",
+                target.display()
+            );
+        }
+        let desc = DeviceDescription {
+            read_only: args.readonly || (is_image(&target) && overlay.is_none()),
+            target,
+            overlay,
+            cache_dir: args.target.cache_dir.clone(),
+            backend: args.target.backend.clone(),
+            readahead: args.target.readahead,
+            block_size: args.target.block_size,
+            transport,
+            queues: args.queues,
+            depth: args.depth,
+            max_io,
+            recovery,
+            force_registration_fallback: args.force_registration_fallback,
+        };
+        for _ in 0..args.count {
+            devices.push((
+                desc.clone(),
+                ServeMode::Add,
+                args.id.map_or(-1, |id| id as i32),
+            ));
+        }
+    }
+    serve_devices(
+        devices,
+        args.metrics_file,
+        Duration::from_secs(args.metrics_interval),
+        args.seccomp,
+        signals,
+    )
+}
+
+fn run_recover(args: RecoverArgs, signals: TerminationSignals) -> anyhow::Result<()> {
+    let mut devices = Vec::new();
+    for id in &args.ids {
+        let stored = ublk::stored_description(*id)?;
+        let desc = DeviceDescription::from_json(&stored)
+            .with_context(|| format!("cannot recover ublk device {id}"))?;
+        let (state, pid) = ublk::device_state(*id)?;
+        if state != "quiesced" {
+            warn!(
+                id,
+                state,
+                pid,
+                "The device is not waiting for a new server; trying to recover it anyway."
+            );
+        }
+        devices.push((desc, ServeMode::Recover, *id as i32));
+    }
+    serve_devices(
+        devices,
+        args.metrics_file,
+        Duration::from_secs(args.metrics_interval),
+        args.seccomp,
+        signals,
+    )
+}
+
+fn run_list(args: ListArgs) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for id in ublk::device_ids() {
+        let (state, pid) = ublk::device_state(id).unwrap_or_else(|_| ("unknown".into(), 0));
+        let desc = ublk::stored_description(id).ok();
+        rows.push(json!({
+            "id": id,
+            "device": format!("/dev/ublkb{id}"),
+            "state": state,
+            "pid": pid,
+            "berth": desc,
+        }));
+    }
+    if args.json {
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    println!(
+        "{:<4} {:<14} {:<10} {:<8} {:<10} TARGET",
+        "ID", "DEVICE", "STATE", "PID", "TRANSPORT"
+    );
+    for row in rows {
+        let berth = &row["berth"];
+        let mut target = berth["target"]
+            .as_str()
+            .unwrap_or("(not berth)")
+            .to_string();
+        if let Some(overlay) = berth["overlay"].as_str() {
+            target.push_str(&format!(" + overlay {overlay}"));
+        }
+        println!(
+            "{:<4} {:<14} {:<10} {:<8} {:<10} {}",
+            row["id"],
+            row["device"].as_str().unwrap_or(""),
+            row["state"].as_str().unwrap_or(""),
+            row["pid"],
+            berth["transport"].as_str().unwrap_or("-"),
+            target
+        );
+    }
+    Ok(())
+}
+
+fn run_del(args: DelArgs) -> anyhow::Result<()> {
+    for id in args.ids {
+        ublk::delete_device(id).with_context(|| format!("cannot delete ublk device {id}"))?;
+        println!("deleted ublk device {id}");
+    }
+    Ok(())
+}
+
+/// `berth image build --block`: a block image through the shared blob writer.
+pub fn run_block_build(
+    settings: &crate::image::args::ImageBuildSettings,
+    fs: crate::image::args::BlockFs,
+    size: Option<u64>,
+    backend: Arc<dyn BlobBackend>,
+) -> anyhow::Result<()> {
+    use berth_blockdev::build::{build_block_image, BlockBuildOptions, Filesystem};
+    let options = BlockBuildOptions {
+        source: settings.source.clone(),
+        out_dir: settings.out_dir.clone(),
+        filesystem: match fs {
+            crate::image::args::BlockFs::Ext4 => Filesystem::Ext4,
+            crate::image::args::BlockFs::Erofs => Filesystem::Erofs,
+        },
+        size,
+        layout: berth_cache::BlobLayout {
+            chunk_size: settings.chunk_size,
+            compression: settings.compression,
+        },
+        backend: backend.clone(),
+        object_prefix: "blobs".into(),
+        keep_disk_image: settings.keep_raw_blob,
+    };
+    let report = build_block_image(&options).with_context(|| {
+        format!(
+            "cannot build a block image from {}",
+            settings.source.display()
+        )
+    })?;
+    let manifest = &report.manifest;
+    println!(
+        "Built block image {}: blob {} of {} bytes in {} chunks, {} bytes stored as {} in {}.",
+        settings.out_dir.display(),
+        manifest.blob_id,
+        manifest.blob_size,
+        manifest.chunks.len(),
+        report.stored_bytes,
+        manifest.object,
+        backend.describe()
+    );
+    Ok(())
+}
+
+/// Runs a `berth block` subcommand.
+pub fn run(command: BlockCommand, signals: TerminationSignals) -> anyhow::Result<()> {
+    match command {
+        BlockCommand::Add(args) => run_add(args, signals),
+        BlockCommand::Recover(args) => run_recover(args, signals),
+        BlockCommand::List(args) => run_list(args),
+        BlockCommand::Del(args) => run_del(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_description_survives_its_json_round_trip() {
+        let desc = DeviceDescription {
+            target: "/srv/img".into(),
+            overlay: Some("/srv/ov".into()),
+            read_only: false,
+            cache_dir: "/var/cache/berth".into(),
+            backend: Some("s3://b/p".into()),
+            readahead: 123,
+            block_size: 512,
+            transport: Transport::UserCopy,
+            queues: 4,
+            depth: 64,
+            max_io: 1 << 19,
+            recovery: true,
+            force_registration_fallback: false,
+        };
+        assert_eq!(DeviceDescription::from_json(&desc.to_json()).unwrap(), desc);
+        let err = DeviceDescription::from_json(&json!({"target": "/x"})).unwrap_err();
+        assert!(err.to_string().contains("cache_dir"), "{err}");
+    }
+}
