@@ -388,13 +388,16 @@ build_base_initramfs() {
 		stat -c '%s %Y' "$BUSYBOX" "$KERNEL_IMAGE"
 	) | sha256sum | cut -c1-16)
 	dir=$BERTH_GUEST_CACHE/initramfs
-	BASE_INITRAMFS=$dir/base-$key.cpio
+	# One per kernel: tiers booting different kernels keep theirs side by side.
+	local kernel_key
+	kernel_key=$(echo "$KERNEL_IMAGE" | sha256sum | cut -c1-8)
+	BASE_INITRAMFS=$dir/base-$kernel_key-$key.cpio
 	if [ -f "$BASE_INITRAMFS" ] && [ -z "${BERTH_GUEST_REFRESH:-}" ]; then
 		return 0
 	fi
 	log "building initramfs"
 	mkdir -p "$dir"
-	rm -f "$dir"/base-*.cpio
+	rm -f "$dir"/base-"$kernel_key"-*.cpio "$dir"/base-"$key".cpio
 	local stage
 	stage=$(mktemp -d)
 	mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,mnt,run,etc,usr,modules,test}
@@ -528,12 +531,13 @@ choose_accel() {
 }
 
 # guest_boot --script FILE [--extra DIR] [--fs TAG=SOCKET[,queues=N]]... [--timeout S]
-#            [--console FILE] [--show-console]
+#            [--console FILE] [--show-console] [--disk FILE]...
+# (--disk: a writable raw virtio-blk disk, /dev/vdb, /dev/vdc… after the tools image)
 # Boots a guest that runs FILE as /test/run.sh (with DIR's files beside it) and
 # returns the script's exit code, read from the console marker. 124 when the
 # guest timed out, 125 when it ended without a marker.
 guest_boot() {
-	local script="" extra="" timeout=600 console="" show=0 fs_args=() n=0
+	local script="" extra="" timeout=600 console="" show=0 fs_args=() n=0 extra_disks=()
 	while [ $# -gt 0 ]; do
 		case $1 in
 		--script) script=$2; shift 2 ;;
@@ -541,6 +545,13 @@ guest_boot() {
 		--timeout) timeout=$2; shift 2 ;;
 		--console) console=$2; shift 2 ;;
 		--show-console) show=1; shift ;;
+		--disk)
+			# shellcheck disable=SC2054 # the commas belong to QEMU's option syntax
+			extra_disks+=(-drive "file=$2,if=none,id=disk$n,format=raw"
+				-device "virtio-blk-pci,drive=disk$n")
+			n=$((n + 1))
+			shift 2
+			;;
 		--fs)
 			local spec=$2 tag sock queues=1
 			tag=${spec%%=*}
@@ -577,7 +588,7 @@ guest_boot() {
 		-nographic -no-reboot -nodefaults -serial stdio
 		-kernel "$KERNEL_IMAGE" -initrd "$tmp/initrd"
 		-append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init"
-		"${disk_args[@]}" "${fs_args[@]}")
+		"${disk_args[@]}" "${extra_disks[@]}" "${fs_args[@]}")
 	local rc=0 tail_pid="" attempt
 	for attempt in 1 2; do
 		rc=0

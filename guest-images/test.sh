@@ -10,6 +10,8 @@
 # non-zero when any check fails. Logs (daemon logs, guest consoles) are kept,
 # and their directory printed, when a check fails or with --keep.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=ondemand-tier.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ondemand-tier.sh"
 
 # Checks of each boot; "mount" and "umount" always run in a boot that runs.
 MAIN_GUEST_CHECKS=(mount file-ops xattr flock flock-local posix-locks posix-locks-local posix-locks-host sha256-host-to-guest sha256-guest-write fio-verify
@@ -27,7 +29,8 @@ while [ $# -gt 0 ]; do
 	--only) only=$2; shift 2 ;;
 	--keep) keep=1; shift ;;
 	--list)
-		printf '%s\n' "${MAIN_GUEST_CHECKS[@]}" "${MAIN_HOST_CHECKS[@]}" "${MQ_GUEST_CHECKS[@]}" "${MQ_HOST_CHECKS[@]}"
+		printf '%s\n' "${MAIN_GUEST_CHECKS[@]}" "${MAIN_HOST_CHECKS[@]}" "${MQ_GUEST_CHECKS[@]}" "${MQ_HOST_CHECKS[@]}" \
+			"${IMAGE_GUEST_CHECKS[@]}" "${IMAGE_HOST_CHECKS[@]}" "${FSCACHE_GUEST_CHECKS[@]}" "${FSCACHE_HOST_CHECKS[@]}"
 		exit 0
 		;;
 	-h | --help) sed -n '2,11p' "$0"; exit 0 ;;
@@ -316,8 +319,10 @@ run_guest() {
 	local console=$LOGS/$name-console.log extra=$WORK/$name-extra
 	mkdir -p "$extra"
 	cp "$GUEST_IMAGES_DIR/guest/checks.sh" "$GUEST_IMAGES_DIR/guest/posix-lock.pl" "$extra/"
+	# RUN_GUEST_EXTRA: a directory of further files for the guest's /test.
+	[ -z "${RUN_GUEST_EXTRA:-}" ] || cp -a "$RUN_GUEST_EXTRA/." "$extra/"
 	local guest_only=$only
-	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount"
+	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount,fscache-setup,img-setup,img-warm-setup"
 	printf 'ONLY=%q\nHOST_LOCKS=%q\n' "$guest_only" "${#HOST_LOCK_FLAGS[@]}" >"$extra/env"
 	: >"$console"
 	log "booting guest '$name' (console: $console)"
@@ -507,6 +512,17 @@ EOF
 	selected mq-no-stray && check_no_stray mq-no-stray
 fi
 finish_discards
+
+if [ "$daemon_kind" = virtiofsd ]; then
+	for check in "${IMAGE_GUEST_CHECKS[@]}" "${IMAGE_HOST_CHECKS[@]}" "${FSCACHE_GUEST_CHECKS[@]}" "${FSCACHE_HOST_CHECKS[@]}"; do
+		selected "$check" && record "$check" SKIP 0 "berth's image tiers need berth (image build, mount); run them with --daemon berth"
+	done
+else
+	image_virtiofs_tier
+	finish_discards
+	fscache_tier
+	finish_discards
+fi
 
 passed=0 failed=0 skipped=0
 for result in "${RESULTS[@]}"; do

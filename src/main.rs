@@ -45,6 +45,8 @@ fn main() -> ExitCode {
         Mode::Fuse(settings) => &settings.process,
         Mode::ImageBuild(settings) => &settings.process,
         Mode::Mount(settings) => &settings.process,
+        Mode::Fscache(settings) => &settings.process,
+        Mode::ImageInspect(settings) => &settings.process,
     };
     let (log_level, rlimit_nofile) = (process.log_level, process.rlimit_nofile);
 
@@ -76,6 +78,8 @@ fn main() -> ExitCode {
                 }
                 Mode::ImageBuild(settings) => image::run_build(settings, signals),
                 Mode::Mount(settings) => image::run_mount(settings, signals),
+                Mode::Fscache(settings) => image::fscache::run_fscache(settings, signals),
+                Mode::ImageInspect(settings) => image::run_inspect(settings),
                 Mode::PrintCapabilities => Ok(()),
             }
         });
