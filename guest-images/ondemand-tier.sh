@@ -38,8 +38,9 @@ fscache_tier() {
 	local tier_started kernel_dir
 	tier_started=$(now_seconds)
 	log "fscache tier: building (or finding) the 6.12 guest kernel"
-	kernel_dir=$("$GUEST_IMAGES_DIR/kernel/build.sh" --fragment "$GUEST_IMAGES_DIR/kernel/ondemand-6.12.config" \
-		--name ondemand-6.12) || die "the 6.12 guest kernel does not build"
+	kernel_dir=$("$GUEST_IMAGES_DIR/kernel/build.sh" --package linux-source-6.12 --suite trixie \
+		--fragment "$GUEST_IMAGES_DIR/kernel/ondemand-6.12.config" --name ondemand-6.12) ||
+		die "the 6.12 guest kernel does not build"
 	ensure_host_packages e2fsprogs
 	local share=$WORK/share-images extra=$WORK/fscache-files
 	mkdir -p "$share" "$extra"
@@ -86,7 +87,7 @@ fscache_tier() {
 	cat >"$WORK/fscache.sh" <<'EOF'
 . /test/fscache.sh
 EOF
-	log "fscache tier ready after $(seconds_since "$tier_started") s (kernel $(sed -n 's/^version=//p' "$kernel_dir/build-info"))"
+	log "fscache tier ready after $(seconds_since "$tier_started") s (kernel $(cat "$kernel_dir/source-version"))"
 	RUN_GUEST_EXTRA=$extra GUEST_TIMEOUT=${FSCACHE_GUEST_TIMEOUT:-900} run_guest fscache "$WORK/fscache.sh" \
 		"${FSCACHE_GUEST_CHECKS[@]}" -- --fs "images=$WORK/images.sock" --disk "$disk"
 	KERNEL_IMAGE=$saved_kernel KERNEL_MODULES=$saved_modules BASE_INITRAMFS=$saved_base

@@ -194,7 +194,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the shared directory on a host mount point through /dev/fuse.
-    Fuse(FuseArgs),
+    Fuse(Box<FuseArgs>),
     /// Build images whose data is fetched lazily (see `berth mount`).
     #[command(subcommand)]
     Image(ImageCommand),
@@ -279,6 +279,9 @@ pub struct FuseArgs {
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
+
+    #[command(flatten)]
+    pub shared_cache: crate::shared_cache::SharedCacheArgs,
 
     #[command(flatten)]
     pub isolation: IsolationArgs,
@@ -508,6 +511,7 @@ pub struct IsolationSettings {
 pub struct FuseSettings {
     pub mountpoint: PathBuf,
     pub threads: usize,
+    pub shared_cache: crate::shared_cache::SharedCacheArgs,
     pub isolation: IsolationSettings,
     pub fs: Config,
     pub process: ProcessSettings,
@@ -949,6 +953,7 @@ impl FuseArgs {
             // clap enforces `required`; the Option only lets the struct be flattened.
             mountpoint: self.mountpoint.clone().unwrap_or_default(),
             threads: usize::from(self.threads),
+            shared_cache: self.shared_cache.clone(),
             isolation,
             fs,
             process: self.common.resolve(compat_level, warnings)?,

@@ -1,34 +1,35 @@
 #!/usr/bin/env bash
-# Builds a small guest kernel from a Debian linux-source package, once: the result is
-# cached under ${XDG_CACHE_HOME:-~/.cache}/berth/kernels/<name>-<key>, keyed by a hash
-# of the source package's version, the base config, the fragment, the patches and this
-# script, so any change rebuilds and nothing else does. Prints that directory (holding
-# `vmlinux`, the ELF QEMU boots through its PVH entry, `bzImage` and `config`) on stdout.
+# Builds a small guest kernel from a Debian linux-source package: `allnoconfig` (or
+# --base) plus a configuration fragment plus a patch series, cached by a hash of all of them,
+# the source package's version and the compiler, so a second run costs nothing.
 #
-# Usage: build.sh --fragment FILE [--package linux-source-6.12] [--suite trixie]
-#                 [--patches DIR] [--base allnoconfig|tinyconfig|defconfig]
-#                 [--name NAME] [--jobs N]
+# Usage: build.sh --fragment FILE [--package linux-source-7.2] [--suite sid]
+#                 [--patches DIR] [--base allnoconfig|tinyconfig|defconfig] [--name NAME]
+#                 [--jobs N]
 #
-# The config is `make <base>` plus the fragment (merge_config.sh), completed by
-# olddefconfig; every option the fragment sets must survive that, or the build stops
-# naming it (a dependency is missing from the fragment). Patches (DIR/*.patch, in name
-# order) are applied with `patch -p1` before configuring. The source comes through the
-# private apt configuration of ../lib.sh (never the machine's apt sources), for the
-# given Debian suite. Concurrent runs for the same key wait for each other (flock).
+# Prints the directory holding the result (kernels/NAME-<key> under the berth cache):
+# `vmlinux` (QEMU boots it through its PVH entry), `bzImage`, `config` (the full .config) and
+# `source-version`. Every CONFIG_X=... line of the fragment is checked after configuring: one
+# that did not stick (an unmet dependency) fails the build, naming it. Patches (DIR/*.patch,
+# in name order) are applied with `patch -p1`. The source comes through guest-images/lib.sh's
+# private apt configuration, one per suite beside the kernels (the machine's own apt sources
+# are only read). Concurrent builds of the same kernel wait for each other (flock);
+# BERTH_KERNEL_KEEP_BUILD=1 keeps the build tree for incremental work.
+# (The same interface as the 6.12 cachefiles kernel's script, so the two can be one.)
 set -euo pipefail
 KERNEL_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-package=linux-source-6.12 suite=trixie fragment="" patches="" base=allnoconfig name="" jobs=$(nproc)
+package=linux-source-7.2 suite=sid fragment="" patches="" base=allnoconfig name="" jobs=$(nproc)
 while [ $# -gt 0 ]; do
 	case $1 in
 	--package) package=$2; shift 2 ;;
 	--suite) suite=$2; shift 2 ;;
-	--fragment) fragment=$2; shift 2 ;;
+	--fragment | --config) fragment=$2; shift 2 ;;
 	--patches) patches=$2; shift 2 ;;
 	--base) base=$2; shift 2 ;;
 	--name) name=$2; shift 2 ;;
 	--jobs) jobs=$2; shift 2 ;;
-	-h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,18p' "$0"; exit 0 ;;
 	*) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -36,7 +37,6 @@ done
 [ -z "$patches" ] || [ -d "$patches" ] || { echo "build.sh: $patches is not a directory" >&2; exit 2; }
 case $base in allnoconfig | tinyconfig | defconfig) ;; *) echo "build.sh: unknown --base $base" >&2; exit 2 ;; esac
 fragment=$(readlink -f "$fragment")
-[ -z "$patches" ] || patches=$(readlink -f "$patches")
 [ -n "$name" ] || name=${package#linux-source-}
 
 KERNELS=${XDG_CACHE_HOME:-$HOME/.cache}/berth/kernels
@@ -44,12 +44,16 @@ KERNELS=${XDG_CACHE_HOME:-$HOME/.cache}/berth/kernels
 export BERTH_GUEST_CACHE=$KERNELS/apt-$suite BERTH_GUEST_SUITE=$suite
 # shellcheck source=../lib.sh
 source "$KERNEL_DIR/../lib.sh"
-mkdir -p "$KERNELS"
+
+kernels=$KERNELS
+mkdir -p "$kernels"
+exec {lock}>"$kernels/$name.lock"
+flock "$lock"
 
 setup_private_apt
 private_apt_update
 version=$(apt-cache "${APT_OPTS[@]}" show --no-all-versions "$package" 2>/dev/null | awk '/^Version:/ { print $2; exit }')
-[ -n "$version" ] || die "Debian $suite has no package $package"
+[ -n "$version" ] || die "Debian $BERTH_GUEST_SUITE has no $package package"
 
 patch_files=()
 if [ -n "$patches" ]; then
@@ -57,61 +61,69 @@ if [ -n "$patches" ]; then
 fi
 key=$( (
 	echo "$package $version $base"
-	cat "$fragment" "$KERNEL_DIR/build.sh"
+	cat "$fragment"
 	for p in "${patch_files[@]}"; do
-		echo "patch ${p##*/}"
+		basename "$p"
 		cat "$p"
 	done
+	gcc --version | head -n1
 ) | sha256sum | cut -c1-16)
-out=$KERNELS/$name-$key
-
-exec 9>"$KERNELS/.lock-$name-$key"
-flock 9
-if [ -f "$out/vmlinux" ] && [ -f "$out/.done" ]; then
+out=$kernels/$name-$key
+if [ -f "$out/.done" ]; then
 	echo "$out"
 	exit 0
 fi
 
-ensure_host_packages build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils
-log "building the $name guest kernel ($package $version, $base + ${fragment##*/}${patches:+ + ${#patch_files[@]} patches}) with $jobs jobs"
-started=$(date +%s)
-deb=$(private_apt_download "$package")
-build=$KERNELS/build-$name-$key
+ensure_host_packages build-essential bc bison flex libelf-dev xz-utils
+deb=$BERTH_GUEST_CACHE/apt/debs/${package}_${version}_all.deb
+if [ ! -f "$deb" ]; then
+	log "downloading $package $version"
+	deb=$(private_apt_download "$package")
+fi
+build=$kernels/$name-$key.build
 rm -rf "$build" "$out"
-mkdir -p "$build" "$out"
-# The package holds the source as a tarball: unpack only that.
-dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$build" --wildcards './usr/src/linux-source-*.tar.xz'
-tar -xJf "$build"/usr/src/linux-source-*.tar.xz -C "$build"
-rm -rf "$build/usr"
-src=$(find "$build" -mindepth 1 -maxdepth 1 -type d -name 'linux-source-*' | head -n1)
-[ -n "$src" ] || die "no source tree in $deb"
-unpacked=$(date +%s)
+mkdir -p "$build"
+log "unpacking $package $version"
+dpkg-deb --fsys-tarfile "$deb" | tar -xO "./usr/src/$package.tar.xz" | xz -dcT0 | tar -x -C "$build" --strip-components=1
 for p in "${patch_files[@]}"; do
-	log "applying ${p##*/}"
-	patch -d "$src" -p1 --forward --batch <"$p" >&2 || die "${p##*/} does not apply to $package $version"
+	log "applying $(basename "$p")"
+	patch -d "$build" -p1 --quiet --forward <"$p" || die "$(basename "$p") does not apply to $package $version"
 done
 
-make -C "$src" -s "$base" >&2
-"$src/scripts/kconfig/merge_config.sh" -m -O "$src" "$src/.config" "$fragment" >/dev/null
-make -C "$src" -s olddefconfig >&2
-# Every option the fragment sets must have survived olddefconfig.
-dropped=()
-while IFS= read -r line; do
-	case $line in
-	CONFIG_*=n) opt=${line%%=*}; grep -qx "$opt=[ym]" "$src/.config" && dropped+=("$line (is set)") ;;
-	CONFIG_*=*) grep -qxF "$line" "$src/.config" || dropped+=("$line (is: $(grep -E "^(# )?${line%%=*}[= ]" "$src/.config" || echo unset))") ;;
-	esac
-done < <(sed -e 's/[[:space:]]*#.*//' -e '/^$/d' "$fragment")
-[ ${#dropped[@]} -eq 0 ] || die "options of ${fragment##*/} that olddefconfig did not keep: ${dropped[*]}"
+log "configuring: $base + $(basename "$(dirname "$fragment")")/$(basename "$fragment")"
+make -C "$build" -s "$base" KCONFIG_ALLCONFIG="$fragment" >&2
+missing=$(grep -E '^CONFIG_[A-Za-z0-9_]+=' "$fragment" | while IFS= read -r line; do
+	sym=${line%%=*}
+	want=${line#*=}
+	have=$(grep -E "^$sym=" "$build/.config" | cut -d= -f2- || true)
+	if [ "$want" = n ]; then
+		[ -z "$have" ] || echo "$sym is set to $have, wanted off"
+	elif [ "$have" != "$want" ]; then
+		echo "$sym is ${have:-off}, wanted $want"
+	fi
+done)
+[ -z "$missing" ] || die "the configuration did not take (unmet dependencies?): $missing"
 
-make -C "$src" -s -j"$jobs" bzImage >&2 || die "the kernel does not build; see above"
-finished=$(date +%s)
-cp "$src/vmlinux" "$out/vmlinux"
-cp "$src/arch/x86/boot/bzImage" "$out/bzImage"
-cp "$src/.config" "$out/config"
-printf 'package=%s\nversion=%s\nbase=%s\nunpack_seconds=%s\nbuild_seconds=%s\njobs=%s\n' \
-	"$package" "$version" "$base" $((unpacked - started)) $((finished - unpacked)) "$jobs" >"$out/build-info"
-rm -rf "$build"
-touch "$out/.done"
-log "built $out in $((finished - started)) s (unpacking $((unpacked - started)) s, compiling $((finished - unpacked)) s)"
+started=$(now_seconds)
+unpacked_at=$(date +%s)
+log "building $package $version (make -j$jobs)"
+make -C "$build" -s -j"$jobs" KBUILD_BUILD_USER=berth KBUILD_BUILD_HOST=berth vmlinux bzImage >&2 ||
+	die "the kernel does not build; the tree is kept at $build"
+mkdir -p "$out.tmp"
+cp "$build/vmlinux" "$build/arch/x86/boot/bzImage" "$out.tmp/"
+cp "$build/.config" "$out.tmp/config"
+echo "$package $version" >"$out.tmp/source-version"
+# What the build cost, for the record (the machine's load changes it a lot).
+printf 'jobs=%s\ncompile_seconds=%s\nload_average=%s\n' "$jobs" $(($(date +%s) - unpacked_at)) \
+	"$(cut -d' ' -f1-3 /proc/loadavg)" >"$out.tmp/build-info"
+touch "$out.tmp/.done"
+mv "$out.tmp" "$out"
+log "built in $(seconds_since "$started") s"
+if [ -z "${BERTH_KERNEL_KEEP_BUILD:-}" ]; then
+	rm -rf "$build"
+fi
+# Older builds of the same name are no longer wanted.
+for old in "$kernels/$name"-*; do
+	[ "$old" = "$out" ] || [ "$old" = "$build" ] || [ "$old" = "$kernels/$name.lock" ] || rm -rf "$old"
+done
 echo "$out"

@@ -62,6 +62,11 @@ pub enum ThreadRole {
     ThreadPool,
     /// Reads requests from /dev/fuse and serves them.
     FuseWorker,
+    /// Reads fanotify or inotify events about the shared directory and bumps version-table
+    /// slots (shared caching); watches directories created later.
+    HostWatcher,
+    /// Waits on the version table and writes invalidations to /dev/fuse (shared caching).
+    FuseNotifier,
     /// The main thread and the signal-waiting thread once start-up is over: waiting, shutdown
     /// (unmounting in FUSE mode), accepting connections, logging and exit. Its list covers
     /// every other role's, because the threads it spawns afterwards inherit its filter.
@@ -79,6 +84,8 @@ impl ThreadRole {
             ThreadRole::QueueWorker => "queue worker",
             ThreadRole::ThreadPool => "thread pool",
             ThreadRole::FuseWorker => "FUSE worker",
+            ThreadRole::HostWatcher => "host watcher",
+            ThreadRole::FuseNotifier => "FUSE notifier",
             ThreadRole::Main => "main",
             ThreadRole::Supervisor => "sandbox supervisor",
         }
@@ -221,6 +228,9 @@ const SUPERVISOR: &[libc::c_long] = &[
     libc::SYS_write,
 ];
 
+/// The host watcher's inotify fallback adds a watch for each new directory.
+const HOST_WATCH: &[libc::c_long] = &[libc::SYS_inotify_add_watch];
+
 /// Calls allowed only with these arguments: (call, argument index, required value).
 const ARG_RULES: &[(libc::c_long, u8, u64)] = &[(libc::SYS_unshare, 0, libc::CLONE_FS as u64)];
 
@@ -232,9 +242,18 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ThreadRole::QueueWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
         ThreadRole::ThreadPool => &[RUNTIME, FILESYSTEM],
         ThreadRole::FuseWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
+        ThreadRole::HostWatcher => &[RUNTIME, EVENT_LOOP, FILESYSTEM, HOST_WATCH],
+        ThreadRole::FuseNotifier => &[RUNTIME],
         // Threads inherit their creator's filter and filters stack, so the thread that spawns
         // all others must allow everything they do.
-        ThreadRole::Main => &[RUNTIME, MAIN, VHOST_USER_CONTROL, EVENT_LOOP, FILESYSTEM],
+        ThreadRole::Main => &[
+            RUNTIME,
+            MAIN,
+            VHOST_USER_CONTROL,
+            EVENT_LOOP,
+            FILESYSTEM,
+            HOST_WATCH,
+        ],
         ThreadRole::Supervisor => &[SUPERVISOR],
     };
     let mut calls: Vec<libc::c_long> = groups.iter().flat_map(|g| g.iter().copied()).collect();
