@@ -11,6 +11,8 @@
 # and their directory printed, when a check fails or with --keep.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/block-lib.sh"
+# shellcheck source=ondemand-tier.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ondemand-tier.sh"
 
 # Checks of each boot; "mount" and "umount" always run in a boot that runs.
 MAIN_GUEST_CHECKS=(mount file-ops xattr flock flock-local posix-locks posix-locks-local posix-locks-host sha256-host-to-guest sha256-guest-write fio-verify
@@ -51,7 +53,8 @@ while [ $# -gt 0 ]; do
 			"${REBOOT_GUEST_CHECKS[@]}" "${REBOOT_HOST_CHECKS[@]}" \
 			"${BLOCK_GUEST_CHECKS[@]}" "${BLOCK_HOST_CHECKS[@]}" \
 			"${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
-			"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}"
+			"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}" \
+			"${IMAGE_GUEST_CHECKS[@]}" "${IMAGE_HOST_CHECKS[@]}" "${FSCACHE_GUEST_CHECKS[@]}" "${FSCACHE_HOST_CHECKS[@]}"
 		exit 0
 		;;
 	-h | --help) sed -n '2,11p' "$0"; exit 0 ;;
@@ -381,8 +384,10 @@ guest_extra() {
 	local extra=$WORK/$1-extra
 	mkdir -p "$extra"
 	cp "$GUEST_IMAGES_DIR/guest/checks.sh" "$GUEST_IMAGES_DIR/guest/posix-lock.pl" "$extra/"
+	# RUN_GUEST_EXTRA: a directory of further files for the guest's /test.
+	[ -z "${RUN_GUEST_EXTRA:-}" ] || cp -a "$RUN_GUEST_EXTRA/." "$extra/"
 	local guest_only=$only
-	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount,reboot-first-mount,reboot-remount,sid-generic-mount,sid-generic-umount,sid-fs-mount,sid-fs-after-migrate,sid-fs-umount"
+	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount,reboot-first-mount,reboot-remount,sid-generic-mount,sid-generic-umount,sid-fs-mount,sid-fs-after-migrate,sid-fs-umount,fscache-setup,img-setup,img-warm-setup"
 	printf 'ONLY=%q\nHOST_LOCKS=%q\nDAEMON_KIND=%q\n' "$guest_only" "${#HOST_LOCK_FLAGS[@]}" "$daemon_kind" >"$extra/env"
 	echo "$extra"
 }
@@ -821,6 +826,17 @@ EOF
 		--disk "$BLOCK_TOOLS_IMAGE,ro" --initrd-append "$BLOCK_MODULES_CPIO" \
 		--fs "store=$WORK/store.sock"
 	selected block-store-exit-0 && check_daemons_exit block-store-exit-0 store
+fi
+
+if [ "$daemon_kind" = virtiofsd ]; then
+	for check in "${IMAGE_GUEST_CHECKS[@]}" "${IMAGE_HOST_CHECKS[@]}" "${FSCACHE_GUEST_CHECKS[@]}" "${FSCACHE_HOST_CHECKS[@]}"; do
+		selected "$check" && record "$check" SKIP 0 "berth's image tiers need berth (image build, mount); run them with --daemon berth"
+	done
+else
+	image_virtiofs_tier
+	finish_discards
+	fscache_tier
+	finish_discards
 fi
 
 passed=0 failed=0 skipped=0

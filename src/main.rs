@@ -48,6 +48,8 @@ fn main() -> ExitCode {
         Mode::ImageBuild(settings) => &settings.process,
         Mode::Mount(settings) => &settings.process,
         Mode::Block(_, process) => process,
+        Mode::Fscache(settings) => &settings.process,
+        Mode::ImageInspect(settings) => &settings.process,
     };
     let (log_level, rlimit_nofile) = (process.log_level, process.rlimit_nofile);
 
@@ -80,6 +82,8 @@ fn main() -> ExitCode {
                 Mode::ImageBuild(settings) => image::run_build(settings, signals),
                 Mode::Mount(settings) => image::run_mount(settings, signals),
                 Mode::Block(command, _) => block::run(command, signals),
+                Mode::Fscache(settings) => image::fscache::run_fscache(settings, signals),
+                Mode::ImageInspect(settings) => image::run_inspect(settings),
                 Mode::PrintCapabilities => Ok(()),
             }
         });

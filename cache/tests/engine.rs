@@ -362,3 +362,53 @@ fn lru_blobs_not_in_use_are_evicted_over_capacity() {
     assert!(engine.cached_bytes() <= 20 * u64::from(CHUNK));
     assert_eq!(engine.ready_chunks(pinned.id()).unwrap(), 8);
 }
+
+/// The map as a crash would leave it: a copy of the file, read as a restarted engine
+/// reads it.
+fn ready_on_disk(s: &Setup, manifest: &berth_cache::Manifest) -> u64 {
+    let copy = s.cache.join("copy.map");
+    std::fs::copy(s.cache.join(format!("{}.map", manifest.blob_id)), &copy).unwrap();
+    let id = parse_digest(&manifest.blob_id).unwrap();
+    let (map, _) = ChunkMap::open(&copy, id, manifest.chunk_size, manifest.blob_size).unwrap();
+    let ready = map.ready_count();
+    drop(map);
+    std::fs::remove_file(&copy).unwrap();
+    ready
+}
+
+#[test]
+fn fetched_chunks_are_served_at_once_and_marked_only_once_synced() {
+    let (s, manifest) = setup(8 * CHUNK as usize, Compression::None, Duration::ZERO);
+    let mut config = config(&s.cache);
+    // A group commit that never comes by itself.
+    config.sync_interval = Duration::from_secs(3600);
+    let engine = CacheEngine::new(config, s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    let mut buf = vec![0u8; 3 * CHUNK as usize];
+    handle.read(0, &mut buf).unwrap();
+    assert_eq!(buf, s.data[..buf.len()]);
+    assert_eq!(
+        engine.ready_chunks(handle.id()).unwrap(),
+        3,
+        "served and counted"
+    );
+    // A crash now: the map claims nothing that was not synced.
+    assert_eq!(ready_on_disk(&s, &manifest), 0);
+    engine.sync();
+    assert_eq!(ready_on_disk(&s, &manifest), 3);
+    // The rest, then a clean close: everything is marked without an explicit sync.
+    handle.read(3 * u64::from(CHUNK), &mut buf).unwrap();
+    drop(handle);
+    drop(engine);
+    assert_eq!(ready_on_disk(&s, &manifest), 6);
+    let reads = s.backend.reads().len();
+    let engine = CacheEngine::new(self::config(&s.cache), s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    assert_eq!(engine.ready_chunks(handle.id()).unwrap(), 6);
+    handle.read(0, &mut buf).unwrap();
+    assert_eq!(
+        s.backend.reads().len(),
+        reads,
+        "nothing refetched after the restart"
+    );
+}

@@ -105,6 +105,7 @@ done)
 [ -z "$missing" ] || die "the configuration did not take (unmet dependencies?): $missing"
 
 started=$(now_seconds)
+unpacked_at=$(date +%s)
 log "building $package $version (make -j$jobs)"
 make -C "$build" -s -j"$jobs" KBUILD_BUILD_USER=berth KBUILD_BUILD_HOST=berth vmlinux bzImage >&2 ||
 	die "the kernel does not build; the tree is kept at $build"
@@ -112,6 +113,9 @@ mkdir -p "$out.tmp"
 cp "$build/vmlinux" "$build/arch/x86/boot/bzImage" "$out.tmp/"
 cp "$build/.config" "$out.tmp/config"
 echo "$package $version" >"$out.tmp/source-version"
+# What the build cost, for the record (the machine's load changes it a lot).
+printf 'jobs=%s\ncompile_seconds=%s\nload_average=%s\n' "$jobs" $(($(date +%s) - unpacked_at)) \
+	"$(cut -d' ' -f1-3 /proc/loadavg)" >"$out.tmp/build-info"
 touch "$out.tmp/.done"
 mv "$out.tmp" "$out"
 log "built in $(seconds_since "$started") s"
