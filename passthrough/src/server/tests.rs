@@ -556,3 +556,23 @@ fn refused_requests_are_answered_when_they_can_be() {
         Served::NoReply
     );
 }
+
+#[test]
+fn request_counts_count_every_opcode_served() {
+    let f = fixture();
+    assert_eq!(f.server.request_counts(), "total=0 ");
+    init(&f.server);
+    lookup(&f.server, "data");
+    lookup(&f.server, "data");
+    // Opcodes berth does not serve, inside the table and past it, are counted too.
+    let (_, reply) = serve(&f.server, &request(63, ROOT_ID, &[]), 4096);
+    assert_eq!(errno(&reply), libc::ENOSYS);
+    let (_, reply) = serve(&f.server, &request(4096, ROOT_ID, &[]), 4096);
+    assert_eq!(errno(&reply), libc::ENOSYS);
+    // A request whose header does not decode has no opcode to count.
+    serve(&f.server, &request(opcode::GETATTR, ROOT_ID, &[])[..20], 4096);
+    assert_eq!(
+        f.server.request_counts(),
+        "total=5 LOOKUP=2 INIT=1 op63=1 other=1"
+    );
+}
