@@ -388,7 +388,11 @@ fn fetched_chunks_are_served_at_once_and_marked_only_once_synced() {
     let mut buf = vec![0u8; 3 * CHUNK as usize];
     handle.read(0, &mut buf).unwrap();
     assert_eq!(buf, s.data[..buf.len()]);
-    assert_eq!(engine.ready_chunks(handle.id()).unwrap(), 3, "served and counted");
+    assert_eq!(
+        engine.ready_chunks(handle.id()).unwrap(),
+        3,
+        "served and counted"
+    );
     // A crash now: the map claims nothing that was not synced.
     assert_eq!(ready_on_disk(&s, &manifest), 0);
     engine.sync();
@@ -403,7 +407,13 @@ fn fetched_chunks_are_served_at_once_and_marked_only_once_synced() {
     let handle = engine.open_blob(&manifest).unwrap();
     assert_eq!(engine.ready_chunks(handle.id()).unwrap(), 6);
     handle.read(0, &mut buf).unwrap();
-    assert_eq!(s.backend.reads().len(), reads, "nothing refetched after the restart");
+    assert_eq!(
+        s.backend.reads().len(),
+        reads,
+        "nothing refetched after the restart"
+    );
+}
+
 /// A disk-image-like blob: data chunks with runs of all-zero chunks between them.
 fn sparse_setup(compression: Compression) -> (Setup, berth_cache::Manifest) {
     let dir = tempfile::tempdir().unwrap();
