@@ -12,6 +12,10 @@
 //! marked ready are re-hashed when the blob is opened, so even a disk that lost
 //! acknowledged writes is not trusted blindly.
 //!
+//! A chunk whose digest is that of all zeros (free space of a disk image, mostly) is
+//! never fetched: its range of the cache file is punched out, which reads as zeros, and
+//! it is marked ready like a fetched one.
+//!
 //! Fetches come in three priorities: on-demand reads (a reader is waiting), read-ahead
 //! of a sequential reader, and the prefetch list. Background fetches (read-ahead and
 //! prefetch) take a backend permit *before* they claim chunks, so a chunk is only
@@ -66,7 +70,8 @@ pub struct CacheConfig {
     /// Threads serving read-ahead and the prefetch list.
     pub background_workers: usize,
     /// A miss is extended over following missing chunks until one backend read
-    /// covers at least this many stored bytes.
+    /// covers at least this many bytes of the blob (uncompressed: on a well
+    /// compressed blob, stored bytes would pull in far more than was asked for).
     pub merge_min_bytes: u64,
     /// One backend read covers at most this many stored bytes (background reads are
     /// cut into pieces of this size).
@@ -158,6 +163,8 @@ const STREAMS: usize = 4;
 struct BlobCache {
     manifest: Manifest,
     digests: Vec<[u8; 32]>,
+    /// Chunks whose content is all zeros: made present without a backend read.
+    zero: Vec<bool>,
     /// The cache file; it also carries the blob's `flock`, so another process's engine
     /// neither opens nor evicts the blob while this one has it.
     data: File,
@@ -441,6 +448,44 @@ impl Drop for Claim<'_> {
         drop(states);
         self.blob.changed.notify_all();
     }
+}
+
+/// Which chunks of `manifest` hold only zeros, by their digests.
+fn zero_chunks(manifest: &Manifest, digests: &[[u8; 32]]) -> Vec<bool> {
+    let mut zero_digests: HashMap<u64, [u8; 32]> = HashMap::new();
+    (0..manifest.chunk_count())
+        .map(|index| {
+            let range = manifest.chunk_range(index);
+            let len = range.end - range.start;
+            let zero = zero_digests
+                .entry(len)
+                .or_insert_with(|| *blake3::hash(&vec![0u8; len as usize]).as_bytes());
+            digests.get(index as usize) == Some(zero)
+        })
+        .collect()
+}
+
+/// Makes `range` of `file` read as zeros: a punched hole (no space used), or zeros
+/// written where the filesystem cannot punch.
+fn punch_zeros(file: &File, range: Range<u64>) -> std::io::Result<()> {
+    let len = range.end - range.start;
+    // SAFETY: fallocate on a descriptor we own; the arguments are plain integers.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            range.start as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(err);
+    }
+    file.write_all_at(&vec![0u8; len as usize], range.start)
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -799,6 +844,7 @@ impl EngineInner {
                 CacheError::InvalidManifest(format!("field `chunks[{index}].digest`: not a digest"))
             })?);
         }
+        let zero = zero_chunks(manifest, &digests);
         let data_path = self.config.cache_dir.join(format!("{id}.data"));
         let map_path = self.config.cache_dir.join(format!("{id}.map"));
         let (data, size_was_wrong) = match given {
@@ -899,6 +945,7 @@ impl EngineInner {
         let blob = Arc::new(BlobCache {
             manifest: manifest.clone(),
             digests,
+            zero,
             data,
             data_path,
             map_path,
@@ -1119,12 +1166,18 @@ impl EngineInner {
         wanted: Range<u64>,
         extend: bool,
     ) -> Vec<Run> {
-        let chunks = &blob.manifest.chunks;
-        let run_bytes = |run: &Range<u64>, with: u64| {
+        let manifest = &blob.manifest;
+        let chunks = &manifest.chunks;
+        let stored_bytes = |run: &Range<u64>, with: u64| {
             let last = &chunks[with as usize];
             (last.offset + last.stored_size).saturating_sub(chunks[run.start as usize].offset)
         };
+        let raw_bytes = |run: &Range<u64>, with: u64| {
+            manifest.chunk_range(with).end - manifest.chunk_range(run.start).start
+        };
         let mut runs: Vec<Run> = Vec::new();
+        // A run is all zero chunks (no backend read) or none: one zero chunk inside a
+        // run of data would be fetched for nothing.
         let claim =
             |states: &mut ChunkStates, runs: &mut Vec<Run>, index: u64, may_start: bool| -> bool {
                 if states.states[index as usize] != ChunkState::Missing {
@@ -1132,7 +1185,8 @@ impl EngineInner {
                 }
                 if let Some(run) = runs.last_mut() {
                     if run.chunks.end == index
-                        && run_bytes(&run.chunks, index) <= self.config.merge_max_bytes
+                        && blob.zero[index as usize] == blob.zero[run.chunks.start as usize]
+                        && stored_bytes(&run.chunks, index) <= self.config.merge_max_bytes
                     {
                         run.chunks.end = index + 1;
                         states.states[index as usize] = ChunkState::Fetching(run.ticket);
@@ -1163,7 +1217,7 @@ impl EngineInner {
         while (index as usize) < chunks.len() {
             let Some(run) = runs.last() else { break };
             if run.chunks.end != index
-                || run_bytes(&run.chunks, index - 1) >= self.config.merge_min_bytes
+                || raw_bytes(&run.chunks, index - 1) >= self.config.merge_min_bytes
             {
                 break;
             }
@@ -1205,7 +1259,11 @@ impl EngineInner {
                 .collect()
         };
         let fetch_started = Instant::now();
-        let data = {
+        // A run of zero chunks (claim_runs never mixes them with data) needs no backend.
+        let zero_run = blob.zero[chunks.start as usize];
+        let data = if zero_run {
+            Vec::new()
+        } else {
             let _own_permit = match permit {
                 Some(_) => None,
                 None => Some(self.permits.acquire(priority)),
@@ -1272,6 +1330,17 @@ impl EngineInner {
             let stored_chunk = data.get(at..at + entry.stored_size as usize).unwrap_or(&[]);
             let raw_range = manifest.chunk_range(index);
             let raw_len = (raw_range.end - raw_range.start) as usize;
+            if zero_run {
+                let outcome = punch_zeros(&blob.data, raw_range.clone())
+                    .context(|| format!("zeroing chunk {index} of {}", blob.data_path.display()))
+                    .map(|()| {
+                        self.metrics.zero_chunks.fetch_add(1, Ordering::Relaxed);
+                        good.push(index);
+                        good_bytes += raw_len as u64;
+                    });
+                outcomes.push(outcome);
+                continue;
+            }
             let outcome = match decompress_chunk(manifest.compression, stored_chunk, raw_len) {
                 Err(message) => {
                     self.metrics

@@ -570,7 +570,11 @@ fn request_counts_count_every_opcode_served() {
     let (_, reply) = serve(&f.server, &request(4096, ROOT_ID, &[]), 4096);
     assert_eq!(errno(&reply), libc::ENOSYS);
     // A request whose header does not decode has no opcode to count.
-    serve(&f.server, &request(opcode::GETATTR, ROOT_ID, &[])[..20], 4096);
+    serve(
+        &f.server,
+        &request(opcode::GETATTR, ROOT_ID, &[])[..20],
+        4096,
+    );
     assert_eq!(
         f.server.request_counts(),
         "total=5 LOOKUP=2 INIT=1 op63=1 other=1"
