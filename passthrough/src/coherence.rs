@@ -7,7 +7,10 @@
 //!    contents, data) reads the inode's version *before* reading the host, and, once the reply
 //!    is written to the kernel, lowers the inode's `known` version to it ([`Coherence::reply_sent`]).
 //!    A reply racing with a notification therefore leaves `known` behind the table, and the
-//!    notifier invalidates again after it.
+//!    notifier invalidates after it: `reply_sent` finds the table ahead of what the reply
+//!    handed out and queues the slot for the notifier's next round
+//!    ([`Coherence::take_rechecks`]), since the notifier may have handled that move already
+//!    (it skips inodes whose first reply is not written yet).
 //! 2. A change made through this mount bumps the versions it affects after the host call
 //!    returned and before the reply; when nothing else moved the slot meanwhile, `known`
 //!    follows (the kernel updates its own cache from the reply), so the mount does not
@@ -86,6 +89,8 @@ pub(crate) struct Coherence {
     names: Mutex<HashMap<u64, HashSet<Box<[u8]>>>>,
     /// Invalidations sent (for tests and metrics).
     pub(crate) sent: AtomicU64,
+    /// Slots whose reply was written after the table had moved past what it handed out.
+    rechecks: Mutex<Vec<Slot>>,
 }
 
 impl Coherence {
@@ -95,6 +100,7 @@ impl Coherence {
             by_slot: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             sent: AtomicU64::new(0),
+            rechecks: Mutex::new(Vec::new()),
         }
     }
 
@@ -227,13 +233,44 @@ impl Coherence {
         let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
         for (id, version) in pending {
             if let Ok(data) = inodes.get(id) {
-                data.known.fetch_min(version, Ordering::SeqCst);
+                let previous = data.known.fetch_min(version, Ordering::SeqCst);
+                let Some(slot) = data.slot else {
+                    continue;
+                };
+                // The table moved on before this reply reached the kernel: the notifier may
+                // have handled that move already (skipping an inode not delivered yet, or
+                // comparing against the `known` this reply just lowered), and nothing would
+                // wake it again.
+                if self.cfg.table.version(slot) != previous.min(version) {
+                    if let Ok(mut rechecks) = self.rechecks.lock() {
+                        rechecks.push(slot);
+                    }
+                }
             }
         }
     }
 
+    /// Slots the notifier must compare on its next round even if the table reports no
+    /// change of them (see `reply_sent`).
+    pub(crate) fn take_rechecks(&self) -> Vec<Slot> {
+        self.rechecks
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default()
+    }
+
     /// What the client must drop after `changes`; `known` moves to the table's versions.
     pub(crate) fn stale(&self, changes: Changes, inodes: &InodeStore) -> Vec<Invalidation> {
+        let rechecks = self.take_rechecks();
+        let changes = match changes {
+            _ if rechecks.is_empty() => changes,
+            Changes::None => Changes::Slots(rechecks),
+            Changes::Slots(mut slots) => {
+                slots.extend(rechecks);
+                Changes::Slots(slots)
+            }
+            Changes::Everything => Changes::Everything,
+        };
         let (ids, everything) = match changes {
             Changes::None => return Vec::new(),
             Changes::Slots(slots) => {
