@@ -199,7 +199,7 @@ mod tests {
     fn random_operations_match_a_block_array() {
         const BLOCKS: u64 = 300;
         let mut model: Vec<Option<Loc>> = vec![None; BLOCKS as usize];
-        let mut map = ExtentMap::new();
+        let mut map: ExtentMap<Loc> = ExtentMap::new();
         let mut state = 0x1234_5678_9abc_def1u64;
         for step in 0..20_000 {
             let start = rng(&mut state) % BLOCKS;
@@ -213,7 +213,7 @@ mod tests {
                 }
                 1 => {
                     let tag = (rng(&mut state) % 3) as u8;
-                    map.remove_where(start, len, |v| v.1 == tag);
+                    map.remove_where(start, len, |v: &Loc| v.1 == tag);
                     for b in start..start + len {
                         if model[b as usize].is_some_and(|v| v.1 == tag) {
                             model[b as usize] = None;

@@ -313,7 +313,7 @@ pub struct Manifest {
 
 const MAGIC: &[u8; 8] = b"BERTHVMF";
 const MANIFEST_FORMAT: u32 = 1;
-const HEADER_LEN: usize = 144;
+const HEADER_LEN: usize = 136;
 /// Largest decoded body accepted (a bound on what a hostile object can make us allocate).
 const MAX_BODY: u64 = 4 << 30;
 
