@@ -15,6 +15,13 @@
 #   BERTH_DEBIAN_MIRROR      Debian archive URI, instead of the one in the apt sources
 #   BERTH_GUEST_ACCEL        tcg or kvm, instead of probing
 #   BERTH_GUEST_REFRESH=1    refetch package lists and rebuild cached artifacts
+#   BERTH_GUEST_QEMU         bookworm (the host's QEMU 7.2, default) or sid (Debian sid's QEMU)
+#   BERTH_QEMU_SID_SERIES    QEMU release series expected from sid (default 11.1)
+#
+# The cache may be shared by concurrent runs (CI, other developers' test runs):
+# every step that writes it holds an exclusive flock on locks/<step>.lock in the
+# cache, builds under a temporary name and renames the finished artifact into
+# place. A run that finds a finished artifact uses it without taking the lock.
 
 set -euo pipefail
 
@@ -23,6 +30,7 @@ REPO_ROOT=$(cd "$GUEST_IMAGES_DIR/.." && pwd)
 BERTH_GUEST_CACHE=${BERTH_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/berth/guest}
 BERTH_GUEST_SERIES=${BERTH_GUEST_SERIES:-7.2}
 BERTH_GUEST_SUITE=${BERTH_GUEST_SUITE:-sid}
+BERTH_QEMU_SID_SERIES=${BERTH_QEMU_SID_SERIES:-11.1}
 
 # Modules the guests may need; any that are built in or absent are skipped.
 GUEST_MODULES=(virtio virtio_ring virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev
@@ -44,6 +52,55 @@ require_root() {
 # Seconds since the epoch with millisecond precision, for check durations.
 now_seconds() { date +%s.%3N; }
 seconds_since() { awk -v a="$1" -v b="$(now_seconds)" 'BEGIN { printf "%.2f", b - a }'; }
+
+# --- cache locking -------------------------------------------------------------
+
+# with_cache_lock NAME|LOCKFILE COMMAND [ARGS...]: runs COMMAND in this shell
+# while holding an exclusive flock on $BERTH_GUEST_CACHE/locks/NAME.lock (or on
+# LOCKFILE, when it contains a slash). Re-entrant: a lock this process already
+# holds is not taken again. Locks are always taken in the same order (a cached
+# artifact's lock, then the private apt's), so two runs cannot deadlock. A run
+# that dies releases its locks with its file descriptors.
+declare -A CACHE_LOCK_FDS=()
+with_cache_lock() {
+	local name=$1 file
+	shift
+	case $name in
+	*/*) file=$name ;;
+	*) file=$BERTH_GUEST_CACHE/locks/$name.lock ;;
+	esac
+	if [ -n "${CACHE_LOCK_FDS[$file]:-}" ]; then
+		"$@"
+		return
+	fi
+	local fd
+	mkdir -p "$(dirname "$file")"
+	exec {fd}>>"$file"
+	if ! flock -n "$fd"; then
+		log "waiting for another run that is writing '$(basename "$file" .lock)' into the cache"
+		flock "$fd"
+	fi
+	CACHE_LOCK_FDS[$file]=$fd
+	# Under errexit a failure ends the script (and so releases the lock) here.
+	"$@"
+	local rc=$?
+	unset "CACHE_LOCK_FDS[$file]"
+	exec {fd}>&-
+	return "$rc"
+}
+
+# replace_dir NEW DEST: moves the finished directory NEW to DEST, replacing an
+# older DEST; a process still reading the old one keeps its open files.
+replace_dir() {
+	local new=$1 dest=$2
+	if [ -e "$dest" ]; then
+		mv -T "$dest" "$dest.old.$$"
+		mv -T "$new" "$dest"
+		rm -rf "$dest.old.$$"
+	else
+		mv -T "$new" "$dest"
+	fi
+}
 
 # Installs Debian packages on the host with the machine's own apt, only when missing.
 ensure_host_packages() {
@@ -122,19 +179,32 @@ debian_mirror() {
 }
 
 # Private apt configuration under the cache, so the machine's apt state and
-# sources stay untouched. Sets APT_OPTS.
+# sources stay untouched: apt/ for $BERTH_GUEST_SUITE, apt-SUITE/ for another
+# suite. setup_private_apt [SUITE] sets APT_OPTS and APT_LOCK (the lock every
+# apt run on that configuration holds: apt's own locking is off, as the state
+# lives in the cache).
 APT_OPTS=()
+APT_LOCK=apt
+APT_SUITE=$BERTH_GUEST_SUITE
 setup_private_apt() {
-	local dir=$BERTH_GUEST_CACHE/apt mirror
+	APT_SUITE=${1:-$BERTH_GUEST_SUITE}
+	APT_LOCK=apt
+	[ "$APT_SUITE" = "$BERTH_GUEST_SUITE" ] || APT_LOCK=apt-$APT_SUITE
+	with_cache_lock "$APT_LOCK" write_private_apt_config
+}
+
+write_private_apt_config() {
+	local dir=$BERTH_GUEST_CACHE/$APT_LOCK mirror
 	mirror=$(debian_mirror)
 	mkdir -p "$dir/etc/parts" "$dir/etc/preferences.d" "$dir/state/lists/partial" \
-		"$dir/cache/archives/partial" "$dir/debs"
-	local want="deb $mirror $BERTH_GUEST_SUITE main"
+		"$dir/cache/archives/partial"
+	local want="deb $mirror $APT_SUITE main"
 	if [ "$(cat "$dir/etc/sources.list" 2>/dev/null)" != "$want" ]; then
-		echo "$want" >"$dir/etc/sources.list"
+		echo "$want" >"$dir/etc/sources.list.tmp"
+		mv "$dir/etc/sources.list.tmp" "$dir/etc/sources.list"
 		rm -f "$dir/state/updated"
 	fi
-	: >"$dir/state/status.empty"
+	[ -f "$dir/state/status.empty" ] || : >"$dir/state/status.empty"
 	APT_OPTS=(
 		-o "Dir::Etc::SourceList=$dir/etc/sources.list"
 		-o "Dir::Etc::SourceParts=$dir/etc/parts"
@@ -152,34 +222,55 @@ setup_private_apt() {
 		-o "Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled=false"
 		# Frozen mirrors serve Release files past their Valid-Until date.
 		-o "Acquire::Check-Valid-Until=false"
+		# Runs on one configuration are serialised by APT_LOCK instead.
 		-o "Debug::NoLocking=true"
 		# Files are written by root into the cache; the _apt sandbox user may not reach it.
 		-o "APT::Sandbox::User=root"
 	)
 }
 
+# private_apt apt-get|apt-cache ARGS...: runs apt on the private configuration
+# set up last, holding its lock.
+private_apt() {
+	local tool=$1
+	shift
+	with_cache_lock "$APT_LOCK" "$tool" "${APT_OPTS[@]}" "$@"
+}
+
 # apt's download progress lines are shown with BERTH_GUEST_VERBOSE=1.
 apt_quiet() { if [ -n "${BERTH_GUEST_VERBOSE:-}" ]; then echo -q; else echo -qq; fi; }
 
 private_apt_update() {
-	local stamp=$BERTH_GUEST_CACHE/apt/state/updated
+	with_cache_lock "$APT_LOCK" update_private_apt_lists
+}
+
+update_private_apt_lists() {
+	local stamp=$BERTH_GUEST_CACHE/$APT_LOCK/state/updated
 	if [ -f "$stamp" ] && [ -z "${BERTH_GUEST_REFRESH:-}" ] &&
 		[ -n "$(find "$stamp" -mmin -1440 2>/dev/null)" ]; then
 		return 0
 	fi
-	log "fetching package lists of Debian $BERTH_GUEST_SUITE from $(debian_mirror)"
+	log "fetching package lists of Debian $APT_SUITE from $(debian_mirror)"
 	apt-get "${APT_OPTS[@]}" "$(apt_quiet)" update >&2
 	touch "$stamp"
 }
 
-# Downloads the named packages (no dependencies) into the cache; prints the .deb paths.
+# private_apt_download DIR PACKAGE...: downloads the named packages (no
+# dependencies) into DIR, a directory of the calling step; prints the .deb paths.
 private_apt_download() {
-	local debs=$BERTH_GUEST_CACHE/apt/debs
-	(cd "$debs" && apt-get "${APT_OPTS[@]}" "$(apt_quiet)" download "$@" >&2)
+	local dir=$1
+	shift
+	mkdir -p "$dir"
+	(cd "$dir" && private_apt apt-get "$(apt_quiet)" download "$@" >&2)
 	local p
 	for p in "$@"; do
-		ls -t "$debs/${p}_"*.deb | head -n1
+		ls -t "$dir/${p%%=*}_"*.deb | head -n1
 	done
+}
+
+# Prints the total download size of the named packages in MB.
+private_apt_megabytes() {
+	private_apt apt-cache show --no-all-versions "$@" | awk '/^Size:/ { s += $2 } END { printf "%d", s / 1e6 }'
 }
 
 # Moves the top-level bin/sbin/lib* directories of an unpacked root into usr/,
@@ -197,40 +288,20 @@ merge_usr() {
 
 # --- kernel -----------------------------------------------------------------
 
-# Fetches Debian's newest linux-image-$BERTH_GUEST_SERIES*-amd64 and unpacks it.
-# Sets KERNEL_IMAGE (bootable image) and KERNEL_MODULES (lib/modules/<version>).
+# Fetches Debian's newest linux-image-$BERTH_GUEST_SERIES*-amd64 and unpacks it
+# into kernel/<package>/ (complete when it holds .done). Sets KERNEL_IMAGE
+# (bootable image) and KERNEL_MODULES (lib/modules/<version>).
 fetch_debian_kernel() {
-	local kdir=$BERTH_GUEST_CACHE/kernel cached=""
-	mkdir -p "$kdir"
-	if [ -z "${BERTH_GUEST_REFRESH:-}" ]; then
-		cached=$(ls -d "$kdir"/linux-image-"$BERTH_GUEST_SERIES"*/.done 2>/dev/null | sort -V | tail -n1 || true)
-	fi
-	if [ -z "$cached" ]; then
-		setup_private_apt
-		private_apt_update
-		local pkg deps=()
-		pkg=$(apt-cache "${APT_OPTS[@]}" pkgnames "linux-image-$BERTH_GUEST_SERIES" |
-			grep -E "^linux-image-${BERTH_GUEST_SERIES//./\\.}[.0-9]*(\+[a-z0-9]+)?-amd64$" | sort -V | tail -n1 || true)
-		[ -n "$pkg" ] || die "Debian $BERTH_GUEST_SUITE has no linux-image-$BERTH_GUEST_SERIES*-amd64 package"
-		# The image package may be a small one that depends on linux-binary-* and
-		# linux-modules-* packages that carry the kernel and its modules.
-		mapfile -t deps < <(apt-cache "${APT_OPTS[@]}" depends "$pkg" | awk '/Depends: linux-(binary|modules)-/ { print $2 }' | sort -u)
-		local megabytes
-		megabytes=$(apt-cache "${APT_OPTS[@]}" show --no-all-versions "$pkg" "${deps[@]}" | awk '/^Size:/ { s += $2 } END { printf "%d", s / 1e6 }')
-		log "downloading $pkg ${deps[*]} ($megabytes MB)"
-		local root=$kdir/$pkg/root deb
-		rm -rf "${kdir:?}/$pkg"
-		mkdir -p "$root"
-		for deb in $(private_apt_download "$pkg" "${deps[@]}"); do
-			dpkg-deb -x "$deb" "$root"
-			rm -f "$deb"
-		done
-		merge_usr "$root"
-		touch "$kdir/$pkg/.done"
-		cached=$kdir/$pkg/.done
-	fi
 	local pdir
-	pdir=$(dirname "$cached")
+	pdir=$(cached_debian_kernel)
+	if [ -z "$pdir" ] || [ -n "${BERTH_GUEST_REFRESH:-}" ]; then
+		with_cache_lock kernel build_debian_kernel
+		pdir=$(cached_debian_kernel)
+		[ -n "$pdir" ] || die "no unpacked kernel in $BERTH_GUEST_CACHE/kernel"
+	elif [ ! -f "$pdir/vmlinux" ] && [ ! -f "$pdir/.no-vmlinux" ]; then
+		# Unpacked by an older version of these scripts.
+		with_cache_lock kernel extract_cached_vmlinux "$pdir"
+	fi
 	KERNEL_MODULES=$(ls -d "$pdir"/root/usr/lib/modules/*/ | head -n1)
 	KERNEL_MODULES=${KERNEL_MODULES%/}
 	local vmlinuz
@@ -238,15 +309,60 @@ fetch_debian_kernel() {
 	[ -n "$vmlinuz" ] || die "no vmlinuz in $pdir"
 	KERNEL_IMAGE=$vmlinuz
 	# The uncompressed ELF boots ~2 s faster under TCG (PVH entry, no decompressor).
-	if [ ! -f "$pdir/vmlinux" ]; then
-		if extract_vmlinux "$vmlinuz" "$pdir/vmlinux.tmp"; then
-			mv "$pdir/vmlinux.tmp" "$pdir/vmlinux"
-		else
-			rm -f "$pdir/vmlinux.tmp"
-		fi
-	fi
 	[ -f "$pdir/vmlinux" ] && KERNEL_IMAGE=$pdir/vmlinux
 	return 0
+}
+
+# Prints the newest complete kernel directory in the cache (nothing when none).
+cached_debian_kernel() {
+	local marker
+	marker=$(ls -d "$BERTH_GUEST_CACHE"/kernel/linux-image-"$BERTH_GUEST_SERIES"*/.done 2>/dev/null | sort -V | tail -n1 || true)
+	[ -z "$marker" ] || dirname "$marker"
+}
+
+# Runs under the kernel lock: downloads and unpacks into kernel/.stage-<package>,
+# extracts vmlinux, then renames the directory into place.
+build_debian_kernel() {
+	if [ -z "${BERTH_GUEST_REFRESH:-}" ] && [ -n "$(cached_debian_kernel)" ]; then
+		return 0 # another run finished it while this one waited
+	fi
+	local kdir=$BERTH_GUEST_CACHE/kernel
+	setup_private_apt
+	private_apt_update
+	local pkg deps=()
+	pkg=$(private_apt apt-cache pkgnames "linux-image-$BERTH_GUEST_SERIES" |
+		grep -E "^linux-image-${BERTH_GUEST_SERIES//./\\.}[.0-9]*(\+[a-z0-9]+)?-amd64$" | sort -V | tail -n1 || true)
+	[ -n "$pkg" ] || die "Debian $BERTH_GUEST_SUITE has no linux-image-$BERTH_GUEST_SERIES*-amd64 package"
+	# The image package may be a small one that depends on linux-binary-* and
+	# linux-modules-* packages that carry the kernel and its modules.
+	mapfile -t deps < <(private_apt apt-cache depends "$pkg" | awk '/Depends: linux-(binary|modules)-/ { print $2 }' | sort -u)
+	log "downloading $pkg ${deps[*]} ($(private_apt_megabytes "$pkg" "${deps[@]}") MB)"
+	local stage=$kdir/.stage-$pkg deb
+	rm -rf "$stage"
+	mkdir -p "$stage/root"
+	for deb in $(private_apt_download "$stage/debs" "$pkg" "${deps[@]}"); do
+		dpkg-deb -x "$deb" "$stage/root"
+		rm -f "$deb"
+	done
+	rm -rf "$stage/debs"
+	merge_usr "$stage/root"
+	extract_cached_vmlinux "$stage"
+	touch "$stage/.done"
+	replace_dir "$stage" "$kdir/$pkg"
+}
+
+# extract_cached_vmlinux DIR: writes DIR/vmlinux from the bzImage under DIR/root
+# (or DIR/.no-vmlinux when that fails, so later runs do not retry).
+extract_cached_vmlinux() {
+	local dir=$1 vmlinuz
+	[ ! -f "$dir/vmlinux" ] || return 0
+	vmlinuz=$(ls "$dir"/root/usr/lib/modules/*/vmlinuz "$dir"/root/boot/vmlinuz-* 2>/dev/null | head -n1 || true)
+	if [ -n "$vmlinuz" ] && extract_vmlinux "$vmlinuz" "$dir/vmlinux.tmp"; then
+		mv "$dir/vmlinux.tmp" "$dir/vmlinux"
+	else
+		rm -f "$dir/vmlinux.tmp"
+		touch "$dir/.no-vmlinux"
+	fi
 }
 
 # True when $1 is an ELF file whose section headers lie within the file, i.e. it
@@ -294,21 +410,27 @@ resolve_kernel() {
 # --- initramfs ---------------------------------------------------------------
 
 fetch_busybox() {
-	local dir=$BERTH_GUEST_CACHE/busybox
-	if [ ! -x "$dir/busybox" ] || [ -n "${BERTH_GUEST_REFRESH:-}" ]; then
-		setup_private_apt
-		private_apt_update
-		log "downloading busybox-static"
-		local deb
-		deb=$(private_apt_download busybox-static)
-		rm -rf "$dir"
-		mkdir -p "$dir/root"
-		dpkg-deb -x "$deb" "$dir/root"
-		merge_usr "$dir/root"
-		cp "$dir/root/usr/bin/busybox" "$dir/busybox"
-		rm -rf "${dir:?}/root" "$deb"
+	BUSYBOX=$BERTH_GUEST_CACHE/busybox/busybox
+	if [ ! -x "$BUSYBOX" ] || [ -n "${BERTH_GUEST_REFRESH:-}" ]; then
+		with_cache_lock busybox build_busybox
 	fi
-	BUSYBOX=$dir/busybox
+}
+
+build_busybox() {
+	[ -n "${BERTH_GUEST_REFRESH:-}" ] || [ ! -x "$BUSYBOX" ] || return 0
+	setup_private_apt
+	private_apt_update
+	log "downloading busybox-static"
+	local dir=$BERTH_GUEST_CACHE/busybox deb
+	local stage=$dir/.stage
+	rm -rf "$stage"
+	mkdir -p "$stage/root"
+	deb=$(private_apt_download "$stage/debs" busybox-static)
+	dpkg-deb -x "$deb" "$stage/root"
+	merge_usr "$stage/root"
+	cp "$stage/root/usr/bin/busybox" "$dir/busybox.tmp"
+	mv "$dir/busybox.tmp" "$BUSYBOX"
+	rm -rf "$stage"
 }
 
 # Prints the module paths (relative to the tree) needed for GUEST_MODULES, each
@@ -389,12 +511,19 @@ build_base_initramfs() {
 	) | sha256sum | cut -c1-16)
 	dir=$BERTH_GUEST_CACHE/initramfs
 	BASE_INITRAMFS=$dir/base-$key.cpio
-	if [ -f "$BASE_INITRAMFS" ] && [ -z "${BERTH_GUEST_REFRESH:-}" ]; then
-		return 0
+	if [ ! -f "$BASE_INITRAMFS" ] || [ -n "${BERTH_GUEST_REFRESH:-}" ]; then
+		with_cache_lock initramfs write_base_initramfs "$dir"
 	fi
+}
+
+write_base_initramfs() {
+	local dir=$1
+	[ -n "${BERTH_GUEST_REFRESH:-}" ] || [ ! -f "$BASE_INITRAMFS" ] || return 0
 	log "building initramfs"
 	mkdir -p "$dir"
-	rm -f "$dir"/base-*.cpio
+	# Keep a few older ones: a concurrent run with another kernel may still use them.
+	find "$dir" -maxdepth 1 -name 'base-*.cpio' ! -path "$BASE_INITRAMFS" -printf '%T@ %p\n' |
+		sort -rn | tail -n +4 | cut -d' ' -f2- | xargs -r rm -f
 	local stage
 	stage=$(mktemp -d)
 	mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,mnt,run,etc,usr,modules,test}
@@ -433,34 +562,175 @@ build_base_initramfs() {
 # Builds an erofs image of the guest tools' /usr (fio, coreutils, diffutils, attr,
 # util-linux and their libraries). Sets TOOLS_IMAGE.
 build_tools_image() {
-	local dir=$BERTH_GUEST_CACHE/tools key
+	local key
 	key=$(echo "$BERTH_GUEST_SUITE ${GUEST_TOOL_PACKAGES[*]}" | sha256sum | cut -c1-16)
-	TOOLS_IMAGE=$dir/tools-$key.erofs
-	if [ -f "$TOOLS_IMAGE" ] && [ -z "${BERTH_GUEST_REFRESH:-}" ]; then
-		return 0
+	TOOLS_IMAGE=$BERTH_GUEST_CACHE/tools/tools-$key.erofs
+	if [ ! -f "$TOOLS_IMAGE" ] || [ -n "${BERTH_GUEST_REFRESH:-}" ]; then
+		with_cache_lock tools write_tools_image
 	fi
+}
+
+write_tools_image() {
+	[ -n "${BERTH_GUEST_REFRESH:-}" ] || [ ! -f "$TOOLS_IMAGE" ] || return 0
+	local dir=$BERTH_GUEST_CACHE/tools
 	setup_private_apt
 	private_apt_update
 	log "downloading guest tools: ${GUEST_TOOL_PACKAGES[*]} and their dependencies"
-	local debs=$dir/debs
-	rm -rf "$debs"
-	mkdir -p "$debs/partial"
+	local stage=$dir/.stage
+	rm -rf "$stage"
+	mkdir -p "$stage/debs/partial" "$stage/root"
 	# Against the empty status file, apt resolves the full dependency closure.
-	apt-get "${APT_OPTS[@]}" -o "Dir::Cache::archives=$debs" "$(apt_quiet)" -y --no-install-recommends \
+	private_apt apt-get -o "Dir::Cache::archives=$stage/debs" "$(apt_quiet)" -y --no-install-recommends \
 		install --download-only "${GUEST_TOOL_PACKAGES[@]}" >&2
-	log "unpacking $(ls "$debs"/*.deb | wc -l) packages ($(du -sm "$debs" | cut -f1) MB)"
-	local stage deb
-	stage=$(mktemp -d)
-	for deb in "$debs"/*.deb; do
-		dpkg-deb -x "$deb" "$stage"
+	log "unpacking $(ls "$stage"/debs/*.deb | wc -l) packages ($(du -sm "$stage/debs" | cut -f1) MB)"
+	local deb
+	for deb in "$stage"/debs/*.deb; do
+		dpkg-deb -x "$deb" "$stage/root"
 	done
-	merge_usr "$stage"
-	rm -rf "$stage"/usr/share/{doc,man,info,locale,lintian,bug,zoneinfo,bash-completion}
-	mkdir -p "$dir"
+	merge_usr "$stage/root"
+	rm -rf "$stage"/root/usr/share/{doc,man,info,locale,lintian,bug,zoneinfo,bash-completion}
 	log "packing tools image"
-	mkfs.erofs -zlz4 "$TOOLS_IMAGE.tmp" "$stage/usr" >/dev/null
+	mkfs.erofs -zlz4 "$TOOLS_IMAGE.tmp" "$stage/root/usr" >/dev/null
 	mv "$TOOLS_IMAGE.tmp" "$TOOLS_IMAGE"
-	rm -rf "$stage" "$debs"
+	rm -rf "$stage"
+}
+
+# --- Debian sid's QEMU ---------------------------------------------------------
+
+# sid's QEMU (11.1 when this was written) runs on this host without being
+# installed: qemu-system-x86 and its dependency closure, resolved with a private
+# apt configuration for sid and unpacked into one root, started through that
+# root's own dynamic loader and libraries. Its guest-visible features the host's
+# QEMU 7.2 lacks: the generic vhost-user device (the only way it offers a
+# virtio-fs DAX window) and virtio-fs back-end state for migration.
+QEMU_SID_SUITE=${BERTH_QEMU_SID_SUITE:-sid}
+# Not needed to run QEMU, and systemd alone is a third of the download.
+QEMU_SID_LEAVE_OUT=(systemd libsystemd-shared)
+# The module directory compiled into Debian's QEMU; the host's QEMU keeps its own
+# modules there, which a QEMU of another build refuses to load ("Only modules
+# from the same build can be loaded").
+QEMU_MODULE_PATH=/usr/lib/x86_64-linux-gnu/qemu
+
+# Fetches sid's QEMU into qemu-sid/<Debian version>/ (complete once renamed into
+# place) and sets QEMU_SID_DIR, QEMU_SID_VERSION and QEMU_SID_CMD, the command
+# that starts it (arguments follow).
+fetch_qemu_sid() {
+	QEMU_SID_DIR=$(cached_qemu_sid)
+	if [ -z "$QEMU_SID_DIR" ] || [ -n "${BERTH_GUEST_REFRESH:-}" ]; then
+		with_cache_lock qemu-sid build_qemu_sid
+		QEMU_SID_DIR=$(cached_qemu_sid)
+		[ -n "$QEMU_SID_DIR" ] || die "no unpacked QEMU in $BERTH_GUEST_CACHE/qemu-sid"
+	fi
+	# shellcheck disable=SC2034 # for the scripts that source this file
+	QEMU_SID_VERSION=$(cat "$QEMU_SID_DIR/version")
+	qemu_sid_command "$QEMU_SID_DIR/root"
+}
+
+# Prints the newest complete qemu-sid/<version> of the expected series.
+cached_qemu_sid() {
+	local version
+	version=$(ls -d "$BERTH_GUEST_CACHE"/qemu-sid/"$BERTH_QEMU_SID_SERIES".*/version 2>/dev/null | sort -V | tail -n1 || true)
+	[ -z "$version" ] || dirname "$version"
+}
+
+# qemu_sid_command ROOT: sets QEMU_SID_CMD. The loader finds libraries in ROOT
+# only (one missing there would come from the host: build_qemu_sid checks that
+# none does); -L points at ROOT's firmware, the firmware packages' directories
+# first. QEMU loads modules from the directory compiled into it, where the
+# host's QEMU keeps its own: it runs in a private mount namespace in which
+# ROOT's module directory covers the host's. (QEMU_MODULE_DIR is not enough:
+# QEMU still falls back to that directory for a module sid's packages lack, and
+# aborts.) Without a host QEMU there is nothing to cover.
+qemu_sid_command() {
+	local root=$1
+	local qemu=("$root/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --library-path "$root/usr/lib/x86_64-linux-gnu"
+		"$root/usr/bin/qemu-system-x86_64"
+		-L "$root/usr/share/seabios" -L "$root/usr/lib/ipxe/qemu" -L "$root/usr/share/qemu")
+	if [ -d "$QEMU_MODULE_PATH" ]; then
+		# shellcheck disable=SC2016 # expanded by the inner shell
+		QEMU_SID_CMD=(unshare --mount --propagation private --
+			sh -c 'mount --bind "$1" "$2" && shift 2 && exec "$@"' qemu-sid
+			"$root$QEMU_MODULE_PATH" "$QEMU_MODULE_PATH" "${qemu[@]}")
+	else
+		QEMU_SID_CMD=(env "QEMU_MODULE_DIR=$root$QEMU_MODULE_PATH" "${qemu[@]}")
+	fi
+}
+
+# Runs under the qemu-sid lock: resolves, downloads and unpacks into
+# qemu-sid/.stage, checks the result, then renames it into place.
+build_qemu_sid() {
+	if [ -z "${BERTH_GUEST_REFRESH:-}" ] && [ -n "$(cached_qemu_sid)" ]; then
+		return 0 # another run finished it while this one waited
+	fi
+	local dir=$BERTH_GUEST_CACHE/qemu-sid start
+	start=$(now_seconds)
+	setup_private_apt "$QEMU_SID_SUITE"
+	private_apt_update
+	local version upstream
+	version=$(private_apt apt-cache show --no-all-versions qemu-system-x86 | awk '/^Version:/ { print $2; exit }')
+	[ -n "$version" ] || die "Debian $QEMU_SID_SUITE has no qemu-system-x86"
+	upstream=${version#*:}
+	upstream=${upstream%%[+~-]*}
+	case $upstream in
+	"$BERTH_QEMU_SID_SERIES".*) ;;
+	*) die "Debian $QEMU_SID_SUITE has QEMU $upstream, not $BERTH_QEMU_SID_SERIES.x; set BERTH_QEMU_SID_SERIES=${upstream%.*} to use it (the guest checks were written against $BERTH_QEMU_SID_SERIES)" ;;
+	esac
+	# The closure apt would install on an empty system, less what QEMU does not need.
+	local packages=()
+	mapfile -t packages < <(private_apt apt-get -s --no-install-recommends install qemu-system-x86 |
+		awk '$1 == "Inst" { print $2 }' | grep -vxF "${QEMU_SID_LEAVE_OUT[@]/#/-e}")
+	[ ${#packages[@]} -gt 0 ] || die "apt resolved no packages for qemu-system-x86"
+	local stage=$dir/.stage
+	rm -rf "$stage"
+	mkdir -p "$stage/root"
+	log "downloading QEMU $version from Debian $QEMU_SID_SUITE: ${#packages[@]} packages ($(private_apt_megabytes "${packages[@]}") MB)"
+	local deb
+	for deb in $(private_apt_download "$stage/debs" "${packages[@]}"); do
+		dpkg-deb -x "$deb" "$stage/root"
+	done
+	(cd "$stage/debs" && du -sb -- *.deb) | awk '{ sub(/\.deb$/, "", $2); print $2, $1 }' >"$stage/packages"
+	rm -rf "$stage/debs"
+	merge_usr "$stage/root"
+	rm -rf "$stage"/root/usr/share/{doc,man,info,locale,lintian,bug-report,bash-completion}
+	# One system emulator is enough.
+	rm -f "$stage"/root/usr/bin/qemu-system-i386 "$stage"/root/usr/bin/qemu-system-x86_64-microvm
+	relative_symlinks "$stage/root"
+	check_qemu_sid_root "$stage/root"
+	qemu_sid_command "$stage/root"
+	local line
+	line=$("${QEMU_SID_CMD[@]}" --version | head -n1)
+	case $line in
+	"QEMU emulator version $BERTH_QEMU_SID_SERIES."*) ;;
+	*) die "sid's QEMU reports '$line', expected version $BERTH_QEMU_SID_SERIES.x" ;;
+	esac
+	echo "$line" >"$stage/version"
+	mkdir -p "$dir"
+	replace_dir "$stage" "$dir/${version#*:}"
+	log "$line unpacked in $dir/${version#*:} ($(du -sm "$dir/${version#*:}" | cut -f1) MB) in $(seconds_since "$start") s"
+}
+
+# Rewrites the absolute symbolic links inside ROOT as relative ones, so they
+# point into ROOT rather than at the host's files.
+relative_symlinks() {
+	local root=$1 link target
+	while IFS= read -r -d '' link; do
+		target=$(readlink "$link")
+		ln -sfn "$(realpath -m --relative-to="$(dirname "$link")" "$root$target")" "$link"
+	done < <(find "$root" -type l -lname '/*' -print0)
+}
+
+# Checks that ROOT holds what qemu_sid_command starts and that every library
+# QEMU links resolves inside ROOT.
+check_qemu_sid_root() {
+	local root=$1 f
+	for f in usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 usr/bin/qemu-system-x86_64 \
+		"${QEMU_MODULE_PATH#/}" usr/share/seabios/bios-256k.bin usr/share/qemu/pvh.bin; do
+		[ -e "$root/$f" ] || die "sid's QEMU is incomplete: no $f in $root"
+	done
+	local outside
+	outside=$("$root/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --library-path "$root/usr/lib/x86_64-linux-gnu" \
+		--list "$root/usr/bin/qemu-system-x86_64" | awk -v root="$root/" '/=>/ && index($3, root) != 1 { print }')
+	[ -z "$outside" ] || die "sid's QEMU would load libraries from outside its root: $outside"
 }
 
 prepare_guest() {
@@ -480,10 +750,7 @@ VIRTIOFSD_ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/berth/virtiofsd-1.14.0
 daemon_binary() {
 	if [ "$1" = virtiofsd ]; then
 		if [ ! -x "$VIRTIOFSD_ROOT/bin/virtiofsd" ]; then
-			ensure_host_packages libseccomp-dev libcap-ng-dev pkg-config
-			command -v cargo >/dev/null || die "cargo is needed to build virtiofsd"
-			log "building virtiofsd 1.14.0 (a few minutes)"
-			cargo install --locked virtiofsd --version 1.14.0 --root "$VIRTIOFSD_ROOT" >&2
+			with_cache_lock "$VIRTIOFSD_ROOT.lock" build_virtiofsd
 		fi
 		DAEMON=$VIRTIOFSD_ROOT/bin/virtiofsd
 	else
@@ -497,6 +764,16 @@ daemon_binary() {
 		DAEMON=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/berth
 		[ -x "$DAEMON" ] || die "no berth binary at $DAEMON"
 	fi
+}
+
+build_virtiofsd() {
+	[ ! -x "$VIRTIOFSD_ROOT/bin/virtiofsd" ] || return 0
+	ensure_host_packages libseccomp-dev libcap-ng-dev pkg-config
+	command -v cargo >/dev/null || die "cargo is needed to build virtiofsd"
+	log "building virtiofsd 1.14.0 (a few minutes)"
+	rm -rf "$VIRTIOFSD_ROOT.stage"
+	cargo install --locked virtiofsd --version 1.14.0 --root "$VIRTIOFSD_ROOT.stage" >&2
+	replace_dir "$VIRTIOFSD_ROOT.stage" "$VIRTIOFSD_ROOT"
 }
 
 # --- booting -----------------------------------------------------------------
@@ -513,28 +790,48 @@ choose_accel() {
 	local stamp
 	stamp=$BERTH_GUEST_CACHE/kvm-probe-$(uname -r)-$(stat -c %Y "$KERNEL_IMAGE")
 	if [ ! -f "$stamp" ]; then
-		log "probing KVM (up to 20 s)"
-		local tmp
-		tmp=$(mktemp -d)
-		echo 'exit 0' >"$tmp/run.sh"
-		if GUEST_ACCEL=kvm guest_boot --script "$tmp/run.sh" --timeout 20 --console "$tmp/console" >/dev/null 2>&1; then
-			echo kvm >"$stamp"
-		else
-			echo tcg >"$stamp"
-		fi
-		rm -rf "$tmp"
+		with_cache_lock kvm-probe probe_kvm "$stamp"
 	fi
 	GUEST_ACCEL=$(cat "$stamp")
 }
 
-# guest_boot --script FILE [--extra DIR] [--fs TAG=SOCKET[,queues=N]]... [--timeout S]
-#            [--console FILE] [--show-console] [--disk FILE[,ro]]... [--initrd-append CPIO]
-#            [--qemu-arg ARG]... [--append KERNEL-ARGS]
+probe_kvm() {
+	local stamp=$1
+	[ ! -f "$stamp" ] || return 0
+	log "probing KVM (up to 20 s)"
+	local tmp answer=tcg
+	tmp=$(mktemp -d)
+	echo 'exit 0' >"$tmp/run.sh"
+	if GUEST_ACCEL=kvm guest_boot --qemu bookworm --script "$tmp/run.sh" --timeout 20 --console "$tmp/console" >/dev/null 2>&1; then
+		answer=kvm
+	fi
+	echo "$answer" >"$stamp.tmp"
+	mv "$stamp.tmp" "$stamp"
+	rm -rf "$tmp"
+}
+
+# guest_boot --script FILE [--extra DIR] [--qemu bookworm|sid]
+#            [--fs TAG=SOCKET[,queues=N][,queue-size=Q][,device=fs|generic]]...
+#            [--qmp SOCKET] [--incoming URI] [--qemu-arg ARG]... [--timeout S]
+#            [--console FILE] [--show-console] [--disk FILE[,ro]]...
+#            [--initrd-append CPIO] [--append KERNEL-ARGS]
 # Boots a guest that runs FILE as /test/run.sh (with DIR's files beside it) and
 # returns the script's exit code, read from the console marker. 124 when the
 # guest timed out, 125 when it ended without a marker.
+#
+# --qemu picks the VMM: bookworm (the host's QEMU 7.2, default, or
+# $BERTH_GUEST_QEMU) or sid (Debian sid's QEMU, fetched into the cache). Each
+# --fs attaches a vhost-user daemon listening on SOCKET: device=fs (default) as
+# vhost-user-fs-pci with TAG; device=generic (sid only) as QEMU's generic
+# vhost-user-test-device-pci with virtio-id 26 (virtio-fs), N+1 queues and the
+# 40-byte virtio-fs config space, which the daemon fills: start it with --tag TAG,
+# and have it report N request queues (berth: --max-request-queues N), or the
+# guest asks for queues the device does not have and its driver fails (EINVAL). --qmp opens a QMP socket (server, no wait) for migrate, system_reset,
+# quit...; --incoming starts an instance that waits for a migration (same
+# script, same devices as the source); --qemu-arg passes an argument through.
 guest_boot() {
-	local script="" extra="" timeout=600 console="" show=0 fs_args=() n=0 more_disks=() appended="" qemu_extra=() cmdline_extra=""
+	local script="" extra="" timeout=600 console="" show=0 fs_specs=() qmp="" incoming=""
+	local qemu_kind=${BERTH_GUEST_QEMU:-bookworm} passthrough=() more_disks=() disk_n=0 appended="" cmdline_extra=""
 	while [ $# -gt 0 ]; do
 		case $1 in
 		--script) script=$2; shift 2 ;;
@@ -546,28 +843,60 @@ guest_boot() {
 			# Extra virtio-blk disks follow the tools image: /dev/vdb, /dev/vdc, ...
 			local disk=$2 ro=off
 			case $disk in *,ro) ro=on; disk=${disk%,ro} ;; esac
-			more_disks+=(-drive "file=$disk,if=none,id=disk$n,format=raw,readonly=$ro"
-				-device "virtio-blk-pci,drive=disk$n")
-			n=$((n + 1))
+			more_disks+=(-drive "file=$disk,if=none,id=disk$disk_n,format=raw,readonly=$ro"
+				-device "virtio-blk-pci,drive=disk$disk_n")
+			disk_n=$((disk_n + 1))
 			shift 2
 			;;
 		--initrd-append) appended=$2; shift 2 ;;
-		--qemu-arg) qemu_extra+=("$2"); shift 2 ;;
 		--append) cmdline_extra="$cmdline_extra $2"; shift 2 ;;
-		--fs)
-			local spec=$2 tag sock queues=1
-			tag=${spec%%=*}
-			sock=${spec#*=}
-			case $sock in *,queues=*) queues=${sock##*,queues=}; sock=${sock%%,queues=*} ;; esac
-			fs_args+=(-chardev "socket,id=fs$n,path=$sock"
-				-device "vhost-user-fs-pci,chardev=fs$n,tag=$tag,num-request-queues=$queues")
-			n=$((n + 1))
-			shift 2
-			;;
+		--qemu) qemu_kind=$2; shift 2 ;;
+		--fs) fs_specs+=("$2"); shift 2 ;;
+		--qmp) qmp=$2; shift 2 ;;
+		--incoming) incoming=$2; shift 2 ;;
+		--qemu-arg) passthrough+=("$2"); shift 2 ;;
 		*) die "guest_boot: unknown argument $1" ;;
 		esac
 	done
 	[ -n "$script" ] || die "guest_boot: --script is required"
+	local qemu_cmd=()
+	case $qemu_kind in
+	bookworm) qemu_cmd=(qemu-system-x86_64) ;;
+	sid)
+		fetch_qemu_sid
+		qemu_cmd=("${QEMU_SID_CMD[@]}")
+		;;
+	*) die "guest_boot: --qemu must be bookworm or sid, not '$qemu_kind'" ;;
+	esac
+	local fs_args=() n=0 spec
+	for spec in "${fs_specs[@]}"; do
+		local tag=${spec%%=*} rest=${spec#*=} sock opt options=() queues=1 queue_size="" device=fs
+		sock=${rest%%,*}
+		if [ -z "$tag" ] || [ "$tag" = "$spec" ] || [ -z "$sock" ]; then
+			die "guest_boot: --fs wants TAG=SOCKET[,OPTION=VALUE...], not '$spec'"
+		fi
+		IFS=, read -ra options <<<"${rest#"$sock"}"
+		for opt in "${options[@]}"; do
+			case $opt in
+			"") ;;
+			queues=*) queues=${opt#queues=} ;;
+			queue-size=*) queue_size=${opt#queue-size=} ;;
+			device=fs | device=generic) device=${opt#device=} ;;
+			*) die "guest_boot: unknown --fs option '$opt' in '$spec'" ;;
+			esac
+		done
+		fs_args+=(-chardev "socket,id=fs$n,path=$sock")
+		if [ "$device" = generic ]; then
+			[ "$qemu_kind" = sid ] || die "guest_boot: device=generic needs --qemu sid (QEMU 7.2 has no vhost-user-test-device-pci)"
+			# The device knows nothing of virtio-fs: 26 is its virtio device id,
+			# queue 0 the high-priority queue, and the 40-byte config space (a
+			# 36-byte tag, the number of request queues) comes from the daemon.
+			fs_args+=(-device "vhost-user-test-device-pci,chardev=fs$n,virtio-id=26,num_vqs=$((queues + 1)),vq_size=${queue_size:-128},config_size=40")
+		else
+			fs_args+=(-device "vhost-user-fs-pci,chardev=fs$n,tag=$tag,num-request-queues=$queues${queue_size:+,queue-size=$queue_size}")
+		fi
+		n=$((n + 1))
+	done
 	local tmp
 	tmp=$(mktemp -d)
 	[ -n "$console" ] || console=$tmp/console
@@ -575,6 +904,12 @@ guest_boot() {
 	[ -z "$extra" ] || cp -a "$extra/." "$tmp/extra/test/"
 	cp "$script" "$tmp/extra/test/run.sh"
 	(cd "$tmp/extra" && find . | LC_ALL=C sort | cpio -o -H newc --owner=0:0 --quiet) >"$tmp/extra.cpio"
+	if [ ! -f "$BASE_INITRAMFS" ]; then
+		# Another run pruned it since this one prepared (older versions of these
+		# scripts removed every other initramfs): build it again.
+		log "$BASE_INITRAMFS disappeared from the cache; building it again"
+		build_base_initramfs
+	fi
 	if [ -n "$appended" ]; then
 		# Each cpio starts on a 512-byte boundary.
 		cp "$appended" "$tmp/appended.cpio"
@@ -589,15 +924,18 @@ guest_boot() {
 		disk_args=(-drive "file=$TOOLS_IMAGE,if=none,id=tools,format=raw,readonly=on"
 			-device virtio-blk-pci,drive=tools)
 	fi
+	local control_args=()
+	[ -z "$qmp" ] || control_args+=(-qmp "unix:$qmp,server=on,wait=off")
+	[ -z "$incoming" ] || control_args+=(-incoming "$incoming")
 	local accel=${GUEST_ACCEL:-tcg} cpu=max
 	[ "$accel" = kvm ] && cpu=host
 	# shellcheck disable=SC2054 # the commas belong to QEMU's option syntax
-	local qemu=(qemu-system-x86_64 -accel "$accel" -machine q35 -cpu "$cpu" -smp 2 -m 1G
+	local qemu=("${qemu_cmd[@]}" -accel "$accel" -machine q35 -cpu "$cpu" -smp 2 -m 1G
 		-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem
 		-nographic -no-reboot -nodefaults -serial stdio
 		-kernel "$KERNEL_IMAGE" -initrd "$tmp/initrd"
 		-append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init$cmdline_extra"
-		"${disk_args[@]}" "${more_disks[@]}" "${fs_args[@]}" "${qemu_extra[@]}")
+		"${disk_args[@]}" "${more_disks[@]}" "${fs_args[@]}" "${control_args[@]}" "${passthrough[@]}")
 	local rc=0 tail_pid="" attempt
 	for attempt in 1 2; do
 		rc=0

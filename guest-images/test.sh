@@ -11,6 +11,8 @@
 # and their directory printed, when a check fails or with --keep.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/block-lib.sh"
+# shellcheck source=ondemand-tier.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ondemand-tier.sh"
 
 # Checks of each boot; "mount" and "umount" always run in a boot that runs.
 MAIN_GUEST_CHECKS=(mount file-ops xattr flock flock-local posix-locks posix-locks-local posix-locks-host sha256-host-to-guest sha256-guest-write fio-verify
@@ -22,8 +24,19 @@ BLOCK_GUEST_CHECKS=(block-setup block-zero-copy block-user-copy block-copy block
 	block-discard-zeroes block-readonly block-seccomp block-recovery block-lazy-image
 	block-lazy-fetch-ratio)
 BLOCK_HOST_CHECKS=(block-store-exit-0)
+# Debian sid's QEMU: one boot with the share on the generic vhost-user device,
+# one on vhost-user-fs-pci with a migration attempt to a second, incoming QEMU.
+SID_CHECKS=(sid-qemu-version)
+SID_GENERIC_GUEST_CHECKS=(sid-generic-mount sid-generic-io sid-generic-umount)
+SID_GENERIC_HOST_CHECKS=(sid-generic-host sid-generic-daemon-exit-0)
+SID_FS_GUEST_CHECKS=(sid-fs-mount sid-fs-io sid-fs-after-migrate sid-fs-umount)
+SID_FS_HOST_CHECKS=(sid-fs-host sid-migrate-refused sid-incoming-quit sid-fs-daemons-exit-0 sid-no-stray)
+# What QEMU 11.1 answers `migrate` with while the daemon cannot log dirty pages.
+SID_MIGRATION_REFUSAL="Migration disabled: vhost-user backend lacks VHOST_USER_PROTOCOL_F_LOG_SHMFD feature"
 
 daemon_kind=berth only="" keep=0
+# Longest a boot may take; the host helpers that serve a boot wait as long.
+GUEST_TIMEOUT=${GUEST_TIMEOUT:-900}
 while [ $# -gt 0 ]; do
 	case $1 in
 	--daemon) daemon_kind=$2; shift 2 ;;
@@ -33,7 +46,10 @@ while [ $# -gt 0 ]; do
 	--keep) keep=1; shift ;;
 	--list)
 		printf '%s\n' "${MAIN_GUEST_CHECKS[@]}" "${MAIN_HOST_CHECKS[@]}" "${MQ_GUEST_CHECKS[@]}" "${MQ_HOST_CHECKS[@]}" \
-			"${BLOCK_GUEST_CHECKS[@]}" "${BLOCK_HOST_CHECKS[@]}"
+			"${BLOCK_GUEST_CHECKS[@]}" "${BLOCK_HOST_CHECKS[@]}" \
+			"${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
+			"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}" \
+			"${IMAGE_GUEST_CHECKS[@]}" "${IMAGE_HOST_CHECKS[@]}" "${FSCACHE_GUEST_CHECKS[@]}" "${FSCACHE_HOST_CHECKS[@]}"
 		exit 0
 		;;
 	-h | --help) sed -n '2,11p' "$0"; exit 0 ;;
@@ -72,8 +88,8 @@ record() { # record NAME PASS|FAIL SECONDS [DETAIL...]
 
 # --- workspace and cleanup -------------------------------------------------------
 
-WORK=$(mktemp -d /tmp/berth-guest-test.XXXXXX)
-TRASH=$(mktemp -d /tmp/berth-guest-trash.XXXXXX)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/berth-guest-test.XXXXXX")
+TRASH=$(mktemp -d "${TMPDIR:-/tmp}/berth-guest-trash.XXXXXX")
 LOGS=$WORK/logs
 mkdir -p "$LOGS"
 declare -A DAEMON_PID=()
@@ -262,7 +278,7 @@ check_no_stray() {
 # SHARE=SIGNAL pairs; the signals live on the cache=never share, so the guest
 # sees them as soon as they exist, whatever the share under test caches.
 serve_cache_changes() {
-	local pair share signal pending=("$@") deadline=$((SECONDS + 600))
+	local pair share signal pending=("$@") deadline=$((SECONDS + GUEST_TIMEOUT))
 	while [ ${#pending[@]} -gt 0 ] && [ $SECONDS -lt $deadline ]; do
 		local still=()
 		for pair in "${pending[@]}"; do
@@ -288,7 +304,7 @@ serve_cache_changes() {
 # takes a write lock when the guest asks, releases it when told, then reports
 # whether a lock the guest holds blocks the host.
 serve_host_locks() {
-	local share=$1 pl=$GUEST_IMAGES_DIR/guest/posix-lock.pl deadline=$((SECONDS + 600))
+	local share=$1 pl=$GUEST_IMAGES_DIR/guest/posix-lock.pl deadline=$((SECONDS + GUEST_TIMEOUT))
 	until [ -e "$share/host-lock-request" ]; do
 		[ $SECONDS -lt $deadline ] || return 0
 		sleep 0.02
@@ -307,6 +323,70 @@ serve_host_locks() {
 	esac
 }
 
+# record_problems NAME START [PROBLEM...]: PASS when no problem was found.
+record_problems() {
+	local check=$1 start=$2
+	shift 2
+	if [ $# -eq 0 ]; then
+		record "$check" PASS "$(seconds_since "$start")"
+	else
+		record "$check" FAIL "$(seconds_since "$start")" "$@"
+	fi
+}
+
+# check_round_trip NAME SHARE: the 4 MiB file the guest wrote (share_round_trip
+# in checks.sh) reads back on the host with the sha256 the guest computed.
+check_round_trip() {
+	local check=$1 share=$2 start want got problems=()
+	start=$(now_seconds)
+	want=$(cat "$share/from-guest.sha256" 2>/dev/null || echo none)
+	got=$(sha256sum <"$share/from-guest" 2>/dev/null | cut -c1-64 || true)
+	[ "$want" = "$got" ] || problems+=("the guest wrote sha256 $want, the host reads ${got:-no file}")
+	if [ "$check" = sid-fs-host ] &&
+		[ "$(cat "$share/after-migrate" 2>/dev/null)" != "written after the migration attempt" ]; then
+		problems+=("the file the guest wrote after the migration attempt is missing or wrong on the host")
+	fi
+	record_problems "$check" "$start" "${problems[@]}"
+}
+
+# Host side of sid-migrate-refused: once the guest on the source QEMU asks
+# (SHARE/ready-to-migrate), asks the source over QMP to migrate to the incoming
+# QEMU and keeps QEMU's answer and both QEMUs' run states in $WORK/migration,
+# then lets the guest go on (SHARE/migrate-attempted). Nothing is attempted
+# with virtiofsd, which can migrate.
+serve_migration_attempt() {
+	local share=$1 out=$WORK/migration deadline=$((SECONDS + GUEST_TIMEOUT))
+	until [ -e "$share/ready-to-migrate" ]; do
+		[ $SECONDS -lt $deadline ] || return 0
+		sleep 0.05
+	done
+	if [ "$daemon_kind" = berth ]; then
+		"$QMP" --wait 60 "$WORK/sid-incoming.qmp" query-status >"$out/incoming-status" 2>&1 || true
+		local rc=0
+		"$QMP" "$WORK/sid-source.qmp" migrate "{\"uri\": \"unix:$WORK/migration.sock\"}" \
+			>"$out/migrate.out" 2>"$out/migrate.err" || rc=$?
+		echo "$rc" >"$out/migrate.rc"
+		"$QMP" "$WORK/sid-source.qmp" query-status >"$out/source-status" 2>&1 || true
+	fi
+	touch "$share/migrate-attempted"
+}
+
+# guest_extra NAME: writes the files boot NAME's guest finds beside its script
+# (the check library, the env it reads) into $WORK/NAME-extra; prints the path.
+# The checks a boot cannot do without (mounts, the migration handshake) run
+# even when --only leaves them out.
+guest_extra() {
+	local extra=$WORK/$1-extra
+	mkdir -p "$extra"
+	cp "$GUEST_IMAGES_DIR/guest/checks.sh" "$GUEST_IMAGES_DIR/guest/posix-lock.pl" "$extra/"
+	# RUN_GUEST_EXTRA: a directory of further files for the guest's /test.
+	[ -z "${RUN_GUEST_EXTRA:-}" ] || cp -a "$RUN_GUEST_EXTRA/." "$extra/"
+	local guest_only=$only
+	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount,sid-generic-mount,sid-generic-umount,sid-fs-mount,sid-fs-after-migrate,sid-fs-umount,fscache-setup,img-setup,img-warm-setup"
+	printf 'ONLY=%q\nHOST_LOCKS=%q\n' "$guest_only" "${#HOST_LOCK_FLAGS[@]}" >"$extra/env"
+	echo "$extra"
+}
+
 # run_guest NAME SCRIPT GUEST_CHECKS... -- BOOT_ARGS...: boots a guest running
 # SCRIPT, prints its check lines as they arrive and records them; checks that
 # never reported are failures.
@@ -319,17 +399,13 @@ run_guest() {
 		shift
 	done
 	shift
-	local console=$LOGS/$name-console.log extra=$WORK/$name-extra
-	mkdir -p "$extra"
-	cp "$GUEST_IMAGES_DIR/guest/checks.sh" "$GUEST_IMAGES_DIR/guest/posix-lock.pl" "$extra/"
-	local guest_only=$only
-	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount"
-	printf 'ONLY=%q\nHOST_LOCKS=%q\n' "$guest_only" "${#HOST_LOCK_FLAGS[@]}" >"$extra/env"
+	local console=$LOGS/$name-console.log extra
+	extra=$(guest_extra "$name")
 	: >"$console"
 	log "booting guest '$name' (console: $console)"
 	local start rc=0
 	start=$(now_seconds)
-	guest_boot --script "$script" --extra "$extra" --console "$console" --timeout "${GUEST_TIMEOUT:-900}" "$@" &
+	guest_boot --script "$script" --extra "$extra" --console "$console" --timeout "$GUEST_TIMEOUT" "$@" &
 	local boot_pid=$!
 	BACKGROUND_PIDS+=("$boot_pid")
 	local reported=" " line check status took
@@ -372,6 +448,14 @@ boot_seconds() {
 
 prepare_start=$(now_seconds)
 prepare_guest
+SID_SELECTED=0
+if any_selected "${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
+	"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}"; then
+	SID_SELECTED=1
+	ensure_host_packages python3 # for qmp.py
+	QMP=$GUEST_IMAGES_DIR/qmp.py
+	fetch_qemu_sid
+fi
 daemon_binary "$daemon_kind"
 log "guest ready and $daemon_kind at $DAEMON after $(seconds_since "$prepare_start") s"
 
@@ -512,6 +596,132 @@ EOF
 	finish_discards
 	selected mq-no-stray && check_no_stray mq-no-stray
 fi
+
+if [ "$SID_SELECTED" = 1 ]; then
+	if selected sid-qemu-version; then
+		start=$(now_seconds)
+		version=$("${QEMU_SID_CMD[@]}" --version 2>&1 | head -n1 || true)
+		case $version in
+		"QEMU emulator version $BERTH_QEMU_SID_SERIES."*) record sid-qemu-version PASS "$(seconds_since "$start")" "$version" ;;
+		*) record sid-qemu-version FAIL "$(seconds_since "$start")" "expected QEMU $BERTH_QEMU_SID_SERIES.x from $QEMU_SID_DIR, it says: $version" ;;
+		esac
+	fi
+
+	if any_selected "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}"; then
+		mkdir -p "$WORK/share-generic"
+		echo "host file for generic" >"$WORK/share-generic/from-host"
+		# The generic device takes the config space from the daemon: the tag, and
+		# the number of request queues the guest will use, which must match the
+		# device's queues (berth reports --max-request-queues there; virtiofsd 1).
+		generic_flags=(--tag generic)
+		[ "$daemon_kind" = virtiofsd ] || generic_flags+=(--max-request-queues 1)
+		start_daemon generic "$WORK/share-generic" "${generic_flags[@]}"
+		cat >"$WORK/sid-generic.sh" <<'GUEST'
+echo "@@boot $(cut -d' ' -f1 /proc/uptime)"
+. /test/checks.sh
+check sid-generic-mount mount_generic_share generic
+check sid-generic-io share_round_trip /mnt/generic
+check sid-generic-umount unmount_shares generic
+[ "$CHECK_FAILURES" = 0 ]
+GUEST
+		run_guest sid-generic "$WORK/sid-generic.sh" "${SID_GENERIC_GUEST_CHECKS[@]}" -- \
+			--qemu sid --timeout 300 --fs "generic=$WORK/generic.sock,device=generic"
+		selected sid-generic-host && check_round_trip sid-generic-host "$WORK/share-generic"
+		selected sid-generic-daemon-exit-0 && check_daemons_exit sid-generic-daemon-exit-0 generic
+		discard_in_background "$WORK/share-generic"
+	fi
+
+	if any_selected "${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}"; then
+		mkdir -p "$WORK/share-fs" "$WORK/migration"
+		echo "host file for fs" >"$WORK/share-fs/from-host"
+		cat >"$WORK/sid-fs.sh" <<'GUEST'
+echo "@@boot $(cut -d' ' -f1 /proc/uptime)"
+. /test/checks.sh
+check sid-fs-mount mount_shares fs
+check sid-fs-io share_round_trip /mnt/fs
+check sid-fs-after-migrate after_refused_migration /mnt/fs
+check sid-fs-umount unmount_shares fs
+[ "$CHECK_FAILURES" = 0 ]
+GUEST
+		start_daemon fs "$WORK/share-fs"
+		fs_daemons=(fs) incoming_pid=""
+		if [ "$daemon_kind" = berth ]; then
+			# The destination: a second daemon on the same directory behind a
+			# second QEMU with the same devices and initramfs, waiting for the guest.
+			start_daemon fs-incoming "$WORK/share-fs"
+			fs_daemons+=(fs-incoming)
+			guest_boot --qemu sid --script "$WORK/sid-fs.sh" --extra "$(guest_extra sid-fs)" \
+				--console "$LOGS/sid-incoming-console.log" --timeout 300 \
+				--fs "fs=$WORK/fs-incoming.sock" --qmp "$WORK/sid-incoming.qmp" \
+				--incoming "unix:$WORK/migration.sock" >"$LOGS/sid-incoming.log" 2>&1 &
+			incoming_pid=$!
+			BACKGROUND_PIDS+=("$incoming_pid")
+		fi
+		serve_migration_attempt "$WORK/share-fs" &
+		BACKGROUND_PIDS+=("$!")
+		run_guest sid-fs "$WORK/sid-fs.sh" "${SID_FS_GUEST_CHECKS[@]}" -- \
+			--qemu sid --timeout 300 --fs "fs=$WORK/fs.sock" --qmp "$WORK/sid-source.qmp"
+		selected sid-fs-host && check_round_trip sid-fs-host "$WORK/share-fs"
+
+		if [ "$daemon_kind" = virtiofsd ]; then
+			for check in sid-migrate-refused sid-incoming-quit; do
+				selected "$check" && record "$check" SKIP 0 "virtiofsd 1.14 can migrate under this QEMU (LOG_SHMFD, device state), so there is no refusal to check"
+			done
+		else
+			if selected sid-migrate-refused; then
+				start=$(now_seconds)
+				problems=()
+				m=$WORK/migration
+				if [ ! -f "$m/migrate.rc" ]; then
+					problems+=("no migration was attempted: the guest never asked (see sid-fs-after-migrate)")
+				else
+					answer="$(cat "$m/migrate.err" "$m/migrate.out")"
+					if [ "$(cat "$m/migrate.rc")" != 1 ] || [[ $answer != *"$SID_MIGRATION_REFUSAL"* ]]; then
+						problems+=("expected QEMU to refuse with \"$SID_MIGRATION_REFUSAL\"; qmp.py exited $(cat "$m/migrate.rc"): $answer")
+					fi
+					grep -q '"status": "running"' "$m/source-status" ||
+						problems+=("the source QEMU is not running the guest after the attempt: $(cat "$m/source-status")")
+					grep -q '"status": "inmigrate"' "$m/incoming-status" ||
+						problems+=("the incoming QEMU was not waiting for a migration: $(cat "$m/incoming-status")")
+				fi
+				if [ ${#problems[@]} -eq 0 ]; then
+					record sid-migrate-refused PASS "$(seconds_since "$start")" "QEMU: $(head -n1 "$m/migrate.err")"
+				else
+					record sid-migrate-refused FAIL "$(seconds_since "$start")" "${problems[@]}"
+				fi
+			fi
+			# The incoming QEMU never got a guest: QMP quit ends it (status 0, no
+			# guest exit marker, so guest_boot reports 125).
+			start=$(now_seconds)
+			problems=()
+			"$QMP" --wait 10 "$WORK/sid-incoming.qmp" quit >/dev/null 2>"$WORK/migration/quit.err" ||
+				problems+=("QMP quit failed: $(cat "$WORK/migration/quit.err")")
+			for _ in $(seq 150); do
+				kill -0 "$incoming_pid" 2>/dev/null || break
+				sleep 0.1
+			done
+			if kill -0 "$incoming_pid" 2>/dev/null; then
+				problems+=("the incoming QEMU is still running 15 s after quit")
+				kill "$incoming_pid" 2>/dev/null || true
+			fi
+			rc=0
+			wait "$incoming_pid" || rc=$?
+			if [ "$rc" != 125 ] || ! grep -q '(qemu exit 0)' "$LOGS/sid-incoming.log"; then
+				problems+=("the incoming QEMU ended with guest_boot status $rc: $(tail -n 3 "$LOGS/sid-incoming.log")")
+			fi
+			selected sid-incoming-quit && record_problems sid-incoming-quit "$start" "${problems[@]}"
+		fi
+		selected sid-fs-daemons-exit-0 && check_daemons_exit sid-fs-daemons-exit-0 "${fs_daemons[@]}"
+		for pid in "${BACKGROUND_PIDS[@]}"; do
+			kill "$pid" 2>/dev/null || true
+			wait "$pid" 2>/dev/null || true
+		done
+		BACKGROUND_PIDS=()
+		discard_in_background "$WORK/share-fs"
+		finish_discards
+		selected sid-no-stray && check_no_stray sid-no-stray
+	fi
+fi
 finish_discards
 
 # Block devices: berth runs inside the guest and exports files through ublk (the 7.2
@@ -556,6 +766,17 @@ EOF
 		--disk "$BLOCK_TOOLS_IMAGE,ro" --initrd-append "$BLOCK_MODULES_CPIO" \
 		--fs "store=$WORK/store.sock"
 	selected block-store-exit-0 && check_daemons_exit block-store-exit-0 store
+fi
+
+if [ "$daemon_kind" = virtiofsd ]; then
+	for check in "${IMAGE_GUEST_CHECKS[@]}" "${IMAGE_HOST_CHECKS[@]}" "${FSCACHE_GUEST_CHECKS[@]}" "${FSCACHE_HOST_CHECKS[@]}"; do
+		selected "$check" && record "$check" SKIP 0 "berth's image tiers need berth (image build, mount); run them with --daemon berth"
+	done
+else
+	image_virtiofs_tier
+	finish_discards
+	fscache_tier
+	finish_discards
 fi
 
 passed=0 failed=0 skipped=0

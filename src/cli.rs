@@ -18,7 +18,10 @@ use berth_passthrough::{
 use berth_seccomp::{IdMap, ModCaps, SandboxMode, SeccompAction};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
-use crate::image::args::{ImageBuildSettings, ImageCommand, MountArgs, MountSettings};
+use crate::image::args::{
+    FscacheArgs, FscacheSettings, ImageBuildSettings, ImageCommand, ImageInspectSettings,
+    MountArgs, MountSettings,
+};
 
 /// Longest tag the virtio-fs config space holds (virtio spec 5.11.4).
 pub const MAX_TAG_LEN: usize = 36;
@@ -174,7 +177,8 @@ fn parse_tag(tag: &str) -> Result<String, String> {
     override_usage = "berth --shared-dir <DIR> (--socket-path <PATH> | --fd <FD>) [OPTIONS]\n       \
                       berth fuse --shared-dir <DIR> --mountpoint <DIR> [OPTIONS]\n       \
                       berth image build <SOURCE> --out <DIR> [OPTIONS]\n       \
-                      berth mount <IMAGE> <MOUNTPOINT> [OPTIONS]",
+                      berth mount <IMAGE> <MOUNTPOINT> [OPTIONS]\n       \
+                      berth fscache [OPTIONS]",
     args_override_self = true,
     args_conflicts_with_subcommands = true,
     arg_required_else_help = true
@@ -190,7 +194,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the shared directory on a host mount point through /dev/fuse.
-    Fuse(FuseArgs),
+    Fuse(Box<FuseArgs>),
     /// Build images whose data is fetched lazily (see `berth mount`).
     #[command(subcommand)]
     Image(ImageCommand),
@@ -199,6 +203,9 @@ pub enum Command {
     /// Block devices: ublk exports of images and files.
     #[command(subcommand)]
     Block(crate::block::BlockCommand),
+    /// Serve erofs images over cachefiles on-demand mode (the host's one fscache daemon;
+    /// `berth mount --mode fscache` starts one when none runs).
+    Fscache(FscacheArgs),
 }
 
 /// The vhost-user daemon's flags (the default mode).
@@ -275,6 +282,9 @@ pub struct FuseArgs {
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
+
+    #[command(flatten)]
+    pub shared_cache: crate::shared_cache::SharedCacheArgs,
 
     #[command(flatten)]
     pub isolation: IsolationArgs,
@@ -458,8 +468,10 @@ pub enum Mode {
     VhostUser(VhostUserSettings),
     Fuse(FuseSettings),
     ImageBuild(ImageBuildSettings),
+    ImageInspect(ImageInspectSettings),
     Mount(MountSettings),
     Block(crate::block::BlockCommand, ProcessSettings),
+    Fscache(FscacheSettings),
 }
 
 /// Where the vhost-user listening socket comes from.
@@ -503,6 +515,7 @@ pub struct IsolationSettings {
 pub struct FuseSettings {
     pub mountpoint: PathBuf,
     pub threads: usize,
+    pub shared_cache: crate::shared_cache::SharedCacheArgs,
     pub isolation: IsolationSettings,
     pub fs: Config,
     pub process: ProcessSettings,
@@ -944,6 +957,7 @@ impl FuseArgs {
             // clap enforces `required`; the Option only lets the struct be flattened.
             mountpoint: self.mountpoint.clone().unwrap_or_default(),
             threads: usize::from(self.threads),
+            shared_cache: self.shared_cache.clone(),
             isolation,
             fs,
             process: self.common.resolve(compat_level, warnings)?,
@@ -1001,11 +1015,15 @@ impl Cli {
             Some(Command::Image(ImageCommand::Build(args))) => {
                 Ok(Mode::ImageBuild(args.resolve()?))
             }
+            Some(Command::Image(ImageCommand::Inspect(args))) => {
+                Ok(Mode::ImageInspect(args.resolve()?))
+            }
             Some(Command::Mount(args)) => Ok(Mode::Mount(args.resolve()?)),
             Some(Command::Block(command)) => {
                 let process = command.common().resolve(None, Vec::new())?;
                 Ok(Mode::Block(command.clone(), process))
             }
+            Some(Command::Fscache(args)) => Ok(Mode::Fscache(args.resolve()?)),
             None if self.serve.print_capabilities => Ok(Mode::PrintCapabilities),
             None => Ok(Mode::VhostUser(self.serve.resolve()?)),
         }

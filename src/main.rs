@@ -5,10 +5,12 @@
 mod block;
 mod cli;
 mod fast_io;
+mod fuse_notify;
 mod fusedev;
 mod image;
 mod logging;
 mod pool;
+mod shared_cache;
 mod shutdown;
 mod vhost_user;
 
@@ -47,6 +49,8 @@ fn main() -> ExitCode {
         Mode::ImageBuild(settings) => &settings.process,
         Mode::Mount(settings) => &settings.process,
         Mode::Block(_, process) => process,
+        Mode::Fscache(settings) => &settings.process,
+        Mode::ImageInspect(settings) => &settings.process,
     };
     let (log_level, rlimit_nofile) = (process.log_level, process.rlimit_nofile);
 
@@ -79,6 +83,8 @@ fn main() -> ExitCode {
                 Mode::ImageBuild(settings) => image::run_build(settings, signals),
                 Mode::Mount(settings) => image::run_mount(settings, signals),
                 Mode::Block(command, _) => block::run(command, signals),
+                Mode::Fscache(settings) => image::fscache::run_fscache(settings, signals),
+                Mode::ImageInspect(settings) => image::run_inspect(settings),
                 Mode::PrintCapabilities => Ok(()),
             }
         });
@@ -175,14 +181,19 @@ fn confine_main_thread(isolation: &IsolationSettings, file_handles: bool) -> any
 /// Enters the sandbox, opens the shared directory (as it is seen from inside) and confines
 /// the main thread: the order both modes need, since the filesystem's descriptors must be
 /// opened after pivot_root and before the filters forbid opening them.
+///
+/// `in_sandbox` runs inside the sandbox while the process still has its capabilities (shared
+/// caching sets up its host watcher there).
 fn confine_and_open(
     isolation: &IsolationSettings,
     mut fs: Config,
+    in_sandbox: impl FnOnce(&mut Config) -> anyhow::Result<()>,
 ) -> anyhow::Result<Arc<FsServer>> {
     let outcome = berth_seccomp::enter_sandbox(&sandbox_config(isolation, &fs.root_dir))
         .context("cannot enter the sandbox")?;
     fs.root_dir = outcome.root_dir;
     fs.proc_self_fd = outcome.proc_self_fd.map(Arc::new);
+    in_sandbox(&mut fs)?;
     let file_handles = fs.inode_file_handles != InodeFileHandles::Never;
     let server = open_filesystem(fs)?;
     confine_main_thread(isolation, file_handles)?;
@@ -205,7 +216,7 @@ fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> a
             (listener, Some(Arc::new(file)))
         }
     };
-    let server = confine_and_open(&settings.isolation, settings.fs)?;
+    let server = confine_and_open(&settings.isolation, settings.fs, |_| Ok(()))?;
     let socket_for_signals = socket_file.clone();
     signals.spawn_handler(move |signal| {
         info!("Received {}; exiting.", signal_name(signal));
@@ -259,6 +270,12 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
     })?;
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
+    // The version table lives outside the shared directory: open it before the sandbox.
+    let shared = shared_cache::open_table(
+        &settings.shared_cache,
+        &settings.fs.root_dir,
+        settings.fs.writeback,
+    )?;
     // The mount must be visible on the host: it is made before the sandbox (a new mount
     // namespace) exists, and only a guard left outside can take it down again.
     let session = fusedev::mount(&mountpoint, settings.fs.readonly)?;
@@ -270,7 +287,27 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
             return Err(e);
         }
     };
-    let prepared = confine_and_open(&settings.isolation, settings.fs);
+    let mut watcher = None;
+    let notifier_fuse = match (&shared, session.get_fuse_file()) {
+        (Some(_), Some(file)) => Some(file.try_clone().context("cannot duplicate /dev/fuse")?),
+        _ => None,
+    };
+    let prepared = confine_and_open(&settings.isolation, settings.fs, |fs| {
+        if let Some(shared) = &shared {
+            watcher = Some(shared.attach(fs)?);
+        }
+        Ok(())
+    })
+    .and_then(|server| {
+        let seccomp = settings.isolation.seccomp;
+        if let Some(watcher) = watcher.take() {
+            shared_cache::start_watcher(watcher, seccomp)?;
+        }
+        if let Some(fuse) = notifier_fuse {
+            fuse_notify::start(server.clone(), fuse, seccomp)?;
+        }
+        Ok(server)
+    });
     let server = match prepared {
         Ok(server) => server,
         Err(e) => {
@@ -278,13 +315,15 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
             return Err(e);
         }
     };
-    fusedev::serve(
-        server,
+    let served = fusedev::serve(
+        server.clone(),
         session,
         &mountpoint,
         settings.threads,
         settings.isolation.seccomp,
         guard,
         signals,
-    )
+    );
+    info!("FUSE requests served: {}.", server.request_counts());
+    served
 }

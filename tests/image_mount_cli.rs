@@ -1069,3 +1069,119 @@ fn wrong_bootstrap_or_corrupt_manifest_is_refused() {
         text(&output.stderr)
     );
 }
+
+#[test]
+fn inspect_names_the_chunks_of_paths_and_auto_mode_says_what_it_chose() {
+    let dir = tempfile::tempdir().unwrap();
+    if let Err(reason) = berth_ondemand::mount::check_support(dir.path()) {
+        skip::skip(&reason);
+        return;
+    }
+    let source = dir.path().join("source");
+    let image = dir.path().join("image");
+    generate_tree(&source);
+    let build = run(berth()
+        .args(["image", "build"])
+        .arg(&source)
+        .arg("--out")
+        .arg(&image)
+        .arg("--chunk-size=64K"));
+    assert!(build.status.success(), "{}", text(&build.stderr));
+
+    // The whole image in short.
+    let summary = run(berth().args(["image", "inspect"]).arg(&image));
+    assert!(summary.status.success(), "{}", text(&summary.stderr));
+    let summary = text(&summary.stdout);
+    let field = |name: &str| {
+        summary
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}\t")))
+            .unwrap_or_else(|| panic!("no {name} in {summary}"))
+            .to_string()
+    };
+    assert_eq!(field("chunk_size"), "65536");
+    let chunks: u64 = field("chunks").parse().unwrap();
+    // Per path: a 1 MiB file spans 16 or 17 chunks of 64 KiB; the empty file none; a
+    // directory the chunks of everything below it.
+    let paths = run(berth().args(["image", "inspect"]).arg(&image).args([
+        "dir2/sub1/file07",
+        "dir0/sub0/file00",
+        "/",
+    ]));
+    assert!(paths.status.success(), "{}", text(&paths.stderr));
+    let lines: Vec<Vec<String>> = text(&paths.stdout)
+        .lines()
+        .map(|l| l.split('\t').map(str::to_string).collect())
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[0][0], "dir2/sub1/file07");
+    let big: u64 = lines[0][1].parse().unwrap();
+    assert!((16..=17).contains(&big), "{lines:?}");
+    assert_eq!(lines[1][1], "0", "{lines:?}");
+    assert_eq!(
+        lines[2][1],
+        chunks.to_string(),
+        "the root holds every chunk"
+    );
+    let missing = run(berth()
+        .args(["image", "inspect"])
+        .arg(&image)
+        .arg("no/such"));
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("no/such is not in the image"));
+
+    // Without --mode, berth mount picks fanotify on a kernel with pre-content events,
+    // and says so.
+    let mnt = dir.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let stderr = dir.path().join("mount.stderr");
+    let child = berth()
+        .arg("mount")
+        .arg(&image)
+        .arg(&mnt)
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let mut mount = MountProcess { child, stderr };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !is_mounted(&mnt) {
+        if let Some(status) = mount.child.try_wait().unwrap() {
+            panic!("berth mount exited with {status}: {}", mount.stderr());
+        }
+        assert!(Instant::now() < deadline, "not mounted: {}", mount.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        mount.stderr().contains("Mode fanotify"),
+        "{}",
+        mount.stderr()
+    );
+    assert_eq!(fs::read(mnt.join(relative(7))).unwrap(), file_contents(7));
+    terminate(&mount.child);
+    let status = wait_with_timeout(&mut mount.child, Duration::from_secs(30)).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", mount.stderr());
+
+    // fscache mode on a kernel without cachefiles fails at once, saying why.
+    if !berth_ondemand::cachefiles::device::available() {
+        let cachefiles = dir.path().join("cachefiles");
+        let refused = run(berth()
+            .arg("mount")
+            .arg(&image)
+            .arg(&mnt)
+            .args(["--mode", "fscache", "--cachefiles-dir"])
+            .arg(&cachefiles)
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache")));
+        assert_eq!(refused.status.code(), Some(1));
+        assert!(
+            text(&refused.stderr).contains("the kernel has no cachefiles"),
+            "{}",
+            text(&refused.stderr)
+        );
+        assert!(!is_mounted(&mnt));
+    }
+}

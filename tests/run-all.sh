@@ -23,7 +23,7 @@ started=$(date +%s)
 
 section "installing test dependencies"
 packages=(build-essential pkg-config fuse3 attr acl cpio zstd erofs-utils busybox-static
-	qemu-system-x86 python3-pip python3-venv strace uidmap libclang-dev)
+	qemu-system-x86 python3 python3-pip python3-venv strace uidmap git bc bison flex libelf-dev libclang-dev)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -78,6 +78,12 @@ if [ $skip_guest -eq 0 ]; then
 		echo "SKIP guest tier: needs root"
 	else
 		guest-images/test.sh --daemon berth
+	fi
+	section "shared-versions guest kernel: build (cached) and boot against berth"
+	if [ "$(id -u)" -ne 0 ]; then
+		echo "SKIP shared-versions guest kernel: needs root"
+	else
+		guest-images/kernel/shared-versions/check.sh
 	fi
 fi
 

@@ -63,11 +63,17 @@ pub struct BlockBuildReport {
 
 fn run(command: &mut Command) -> Result<()> {
     let description = format!("{command:?}");
-    let output = command.output().context(|| format!("running {description}"))?;
+    let output = command
+        .output()
+        .context(|| format!("running {description}"))?;
     if !output.status.success() {
         return Err(BlockError::BadBacking {
             path: description,
-            problem: format!("{}: {}", output.status, String::from_utf8_lossy(&output.stderr).trim()),
+            problem: format!(
+                "{}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
         });
     }
     Ok(())
@@ -77,11 +83,17 @@ fn tree_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             match entry.file_type() {
                 Ok(t) if t.is_dir() => stack.push(entry.path()),
-                Ok(_) => total += entry.metadata().map_or(0, |m| m.len().div_ceil(4096) * 4096),
+                Ok(_) => {
+                    total += entry
+                        .metadata()
+                        .map_or(0, |m| m.len().div_ceil(4096) * 4096)
+                }
                 Err(_) => {}
             }
         }
@@ -111,7 +123,9 @@ pub fn build_block_image(options: &BlockBuildOptions) -> Result<BlockBuildReport
             Filesystem::Erofs => {
                 run(Command::new("mkfs.erofs").arg(&made).arg(&options.source))?;
                 // A block device is a whole number of 4 KiB blocks.
-                let len = fs::metadata(&made).context(|| format!("reading {}", made.display()))?.len();
+                let len = fs::metadata(&made)
+                    .context(|| format!("reading {}", made.display()))?
+                    .len();
                 fs::OpenOptions::new()
                     .write(true)
                     .open(&made)
@@ -138,11 +152,17 @@ pub fn build_block_image(options: &BlockBuildOptions) -> Result<BlockBuildReport
         .manifest(
             &object,
             BLOCK_DESCRIPTOR,
-            Some(blake3::hash(descriptor_text.as_bytes()).to_hex().to_string()),
+            Some(
+                blake3::hash(descriptor_text.as_bytes())
+                    .to_hex()
+                    .to_string(),
+            ),
             Vec::new(),
         )
         .map_err(BlockError::Cache)?;
-    staged.upload(&*options.backend, &object).map_err(BlockError::Cache)?;
+    staged
+        .upload(&*options.backend, &object)
+        .map_err(BlockError::Cache)?;
     let manifest_path = out.join("manifest.json");
     manifest.save(&manifest_path).map_err(BlockError::Cache)?;
     let stored_bytes = staged.stored_bytes;

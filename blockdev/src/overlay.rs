@@ -745,7 +745,7 @@ impl BlockTarget for OverlayTarget {
 
     fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<WriteTicket> {
         let cluster = self.layout.cluster;
-        if offset % cluster != 0 || len % cluster != 0 {
+        if !offset.is_multiple_of(cluster) || !len.is_multiple_of(cluster) {
             return Err(BlockError::Misaligned {
                 offset,
                 len,

@@ -320,7 +320,7 @@ pub fn validate(info: &TargetInfo, op: Op, offset: u64, len: u64) -> Result<()> 
         });
     }
     let block = u64::from(info.block_size);
-    if offset % block != 0 || len % block != 0 {
+    if !offset.is_multiple_of(block) || !len.is_multiple_of(block) {
         return Err(BlockError::Misaligned {
             offset,
             len,

@@ -3,9 +3,18 @@
 //! Durability order for every fetched chunk: `pwrite` the data, `fdatasync` the
 //! cache file, then persist the chunk map (itself fdatasync'd). A crash between
 //! the steps leaves a chunk whose data may be present but which is not marked
-//! ready, never the reverse. After a machine crash (see [`VerifyOnOpen`]) the chunks
+//! ready, never the reverse. The two syncs are a group commit off the read path
+//! ([`CacheConfig::sync_interval`]): a verified chunk is served from the page cache as
+//! soon as it is written, and a sync thread makes every chunk written since its last
+//! round durable, then marks them in the map, in one `fdatasync` each. A crash loses
+//! at most the marks of that window (those chunks are fetched again), never trust in
+//! unsynced data. After a machine crash (see [`VerifyOnOpen`]) the chunks
 //! marked ready are re-hashed when the blob is opened, so even a disk that lost
 //! acknowledged writes is not trusted blindly.
+//!
+//! A chunk whose digest is that of all zeros (free space of a disk image, mostly) is
+//! never fetched: its range of the cache file is punched out, which reads as zeros, and
+//! it is marked ready like a fetched one.
 //!
 //! Fetches come in three priorities: on-demand reads (a reader is waiting), read-ahead
 //! of a sequential reader, and the prefetch list. Background fetches (read-ahead and
@@ -61,7 +70,8 @@ pub struct CacheConfig {
     /// Threads serving read-ahead and the prefetch list.
     pub background_workers: usize,
     /// A miss is extended over following missing chunks until one backend read
-    /// covers at least this many stored bytes.
+    /// covers at least this many bytes of the blob (uncompressed: on a well
+    /// compressed blob, stored bytes would pull in far more than was asked for).
     pub merge_min_bytes: u64,
     /// One backend read covers at most this many stored bytes (background reads are
     /// cut into pieces of this size).
@@ -76,6 +86,11 @@ pub struct CacheConfig {
     pub retry_base_delay: Duration,
     /// When ready chunks are re-hashed as a blob is opened.
     pub verify_on_open: VerifyOnOpen,
+    /// How long fetched chunks may wait to be synced and marked in the chunk map (a
+    /// group commit); zero syncs each fetch before its readers go on.
+    pub sync_interval: Duration,
+    /// Unsynced bytes that start a sync round before the interval is over.
+    pub sync_batch_bytes: u64,
 }
 
 impl CacheConfig {
@@ -94,6 +109,8 @@ impl CacheConfig {
             fetch_attempts: 4,
             retry_base_delay: Duration::from_millis(50),
             verify_on_open: VerifyOnOpen::AfterMachineCrash,
+            sync_interval: Duration::from_millis(100),
+            sync_batch_bytes: 64 << 20,
         }
     }
 }
@@ -109,6 +126,8 @@ enum ChunkState {
 #[derive(Debug)]
 struct ChunkStates {
     states: Vec<ChunkState>,
+    /// Chunks in state `Ready`.
+    ready: u64,
     /// Last failed fetch per chunk: its ticket and message, for the waiters of it.
     failures: HashMap<u64, (u64, String)>,
     next_ticket: u64,
@@ -144,12 +163,16 @@ const STREAMS: usize = 4;
 struct BlobCache {
     manifest: Manifest,
     digests: Vec<[u8; 32]>,
+    /// Chunks whose content is all zeros: made present without a backend read.
+    zero: Vec<bool>,
     /// The cache file; it also carries the blob's `flock`, so another process's engine
     /// neither opens nor evicts the blob while this one has it.
     data: File,
     data_path: PathBuf,
     map_path: PathBuf,
     map: Mutex<ChunkMap>,
+    /// Chunks written (and verified) but not synced and marked in the map yet.
+    unsynced: Mutex<Vec<u64>>,
     states: Mutex<ChunkStates>,
     changed: Condvar,
     handles: AtomicUsize,
@@ -164,13 +187,18 @@ impl Drop for BlobCache {
         if self.evicted.load(Ordering::SeqCst) {
             return;
         }
-        // Nothing writes any more: sync and record a clean close, so the next open
-        // trusts the map without re-hashing.
+        // Nothing writes any more: sync, mark what was waiting for it and record a clean
+        // close, so the next open trusts the map without re-hashing.
+        let unsynced = std::mem::take(&mut *lock(&self.unsynced));
         let closed = self
             .data
             .sync_data()
             .context(|| format!("syncing {}", self.data_path.display()))
-            .and_then(|()| lock(&self.map).mark_clean());
+            .and_then(|()| {
+                let mut map = lock(&self.map);
+                map.mark_ready(&unsynced)?;
+                map.mark_clean()
+            });
         if let Err(err) = closed {
             tracing::warn!(blob = %self.manifest.blob_id, "cannot record a clean close: {err}");
         }
@@ -316,6 +344,9 @@ struct EngineInner {
     permits: FetchPermits,
     /// Serializes evictions.
     evicting: Mutex<()>,
+    /// Set to start a sync round early.
+    sync_due: Mutex<bool>,
+    sync_changed: Condvar,
 }
 
 /// The engine. Cheap to share behind an `Arc`; background workers stop when dropped.
@@ -371,7 +402,12 @@ impl<'a> Claim<'a> {
         let mut failure = None;
         for (index, result) in run.chunks.clone().zip(outcome) {
             match result {
-                Ok(()) => states.states[index as usize] = ChunkState::Ready,
+                Ok(()) => {
+                    if states.states[index as usize] != ChunkState::Ready {
+                        states.ready += 1;
+                    }
+                    states.states[index as usize] = ChunkState::Ready
+                }
                 Err(err) => {
                     states.states[index as usize] = ChunkState::Missing;
                     states.failures.insert(index, (run.ticket, err.to_string()));
@@ -414,6 +450,44 @@ impl Drop for Claim<'_> {
     }
 }
 
+/// Which chunks of `manifest` hold only zeros, by their digests.
+fn zero_chunks(manifest: &Manifest, digests: &[[u8; 32]]) -> Vec<bool> {
+    let mut zero_digests: HashMap<u64, [u8; 32]> = HashMap::new();
+    (0..manifest.chunk_count())
+        .map(|index| {
+            let range = manifest.chunk_range(index);
+            let len = range.end - range.start;
+            let zero = zero_digests
+                .entry(len)
+                .or_insert_with(|| *blake3::hash(&vec![0u8; len as usize]).as_bytes());
+            digests.get(index as usize) == Some(zero)
+        })
+        .collect()
+}
+
+/// Makes `range` of `file` read as zeros: a punched hole (no space used), or zeros
+/// written where the filesystem cannot punch.
+fn punch_zeros(file: &File, range: Range<u64>) -> std::io::Result<()> {
+    let len = range.end - range.start;
+    // SAFETY: fallocate on a descriptor we own; the arguments are plain integers.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            range.start as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(err);
+    }
+    file.write_all_at(&vec![0u8; len as usize], range.start)
+}
+
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
@@ -453,6 +527,8 @@ impl CacheEngine {
             background_changed: Condvar::new(),
             shutdown: AtomicBool::new(false),
             evicting: Mutex::new(()),
+            sync_due: Mutex::new(false),
+            sync_changed: Condvar::new(),
         });
         let mut workers = Vec::new();
         for index in 0..inner.config.background_workers {
@@ -462,6 +538,14 @@ impl CacheEngine {
                 .spawn(move || worker_inner.background_loop())
                 .context(|| "starting a background fetch worker".to_string())?;
             workers.push(worker);
+        }
+        if !inner.config.sync_interval.is_zero() {
+            let sync_inner = inner.clone();
+            let syncer = std::thread::Builder::new()
+                .name("berth-cache-sync".into())
+                .spawn(move || sync_inner.sync_loop())
+                .context(|| "starting the cache sync thread".to_string())?;
+            workers.push(syncer);
         }
         Ok(Self { inner, workers })
     }
@@ -527,9 +611,15 @@ impl CacheEngine {
         Ok(self.inner.blob(blob_id)?.data_path.clone())
     }
 
-    /// Number of chunks of `blob_id` present in the cache.
+    /// Number of chunks of `blob_id` present in the cache file (some may still wait for
+    /// the sync that makes them durable).
     pub fn ready_chunks(&self, blob_id: &str) -> Result<u64> {
-        Ok(lock(&self.inner.blob(blob_id)?.map).ready_count())
+        Ok(lock(&self.inner.blob(blob_id)?.states).ready)
+    }
+
+    /// Makes every chunk fetched so far durable and marked in its chunk map now.
+    pub fn sync(&self) {
+        self.inner.sync_round();
     }
 
     /// Bytes currently cached (open and dormant blobs).
@@ -576,6 +666,7 @@ impl Drop for CacheEngine {
     fn drop(&mut self) {
         self.inner.shutdown.store(true, Ordering::SeqCst);
         self.inner.background_changed.notify_all();
+        self.inner.sync_changed.notify_all();
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
@@ -611,8 +702,8 @@ impl BlobHandle {
 
     /// Whether every chunk of the blob is present.
     pub fn is_complete(&self) -> bool {
-        let map = lock(&self.blob.map);
-        map.ready_count() == map.chunk_count()
+        let states = lock(&self.blob.states);
+        states.ready == states.states.len() as u64
     }
 
     /// Whether every byte of `range` is present in the cache file, without fetching
@@ -753,6 +844,7 @@ impl EngineInner {
                 CacheError::InvalidManifest(format!("field `chunks[{index}].digest`: not a digest"))
             })?);
         }
+        let zero = zero_chunks(manifest, &digests);
         let data_path = self.config.cache_dir.join(format!("{id}.data"));
         let map_path = self.config.cache_dir.join(format!("{id}.map"));
         let (data, size_was_wrong) = match given {
@@ -836,7 +928,7 @@ impl EngineInner {
         }
         // From here on the cache file may change: a crash now is not a clean close.
         map.begin_use()?;
-        let states = (0..map.chunk_count())
+        let states: Vec<ChunkState> = (0..map.chunk_count())
             .map(|i| {
                 if map.is_ready(i) {
                     ChunkState::Ready
@@ -853,11 +945,14 @@ impl EngineInner {
         let blob = Arc::new(BlobCache {
             manifest: manifest.clone(),
             digests,
+            zero,
             data,
             data_path,
             map_path,
             map: Mutex::new(map),
+            unsynced: Mutex::new(Vec::new()),
             states: Mutex::new(ChunkStates {
+                ready: states.iter().filter(|s| **s == ChunkState::Ready).count() as u64,
                 states,
                 failures: HashMap::new(),
                 next_ticket: 1,
@@ -1071,12 +1166,18 @@ impl EngineInner {
         wanted: Range<u64>,
         extend: bool,
     ) -> Vec<Run> {
-        let chunks = &blob.manifest.chunks;
-        let run_bytes = |run: &Range<u64>, with: u64| {
+        let manifest = &blob.manifest;
+        let chunks = &manifest.chunks;
+        let stored_bytes = |run: &Range<u64>, with: u64| {
             let last = &chunks[with as usize];
             (last.offset + last.stored_size).saturating_sub(chunks[run.start as usize].offset)
         };
+        let raw_bytes = |run: &Range<u64>, with: u64| {
+            manifest.chunk_range(with).end - manifest.chunk_range(run.start).start
+        };
         let mut runs: Vec<Run> = Vec::new();
+        // A run is all zero chunks (no backend read) or none: one zero chunk inside a
+        // run of data would be fetched for nothing.
         let claim =
             |states: &mut ChunkStates, runs: &mut Vec<Run>, index: u64, may_start: bool| -> bool {
                 if states.states[index as usize] != ChunkState::Missing {
@@ -1084,7 +1185,8 @@ impl EngineInner {
                 }
                 if let Some(run) = runs.last_mut() {
                     if run.chunks.end == index
-                        && run_bytes(&run.chunks, index) <= self.config.merge_max_bytes
+                        && blob.zero[index as usize] == blob.zero[run.chunks.start as usize]
+                        && stored_bytes(&run.chunks, index) <= self.config.merge_max_bytes
                     {
                         run.chunks.end = index + 1;
                         states.states[index as usize] = ChunkState::Fetching(run.ticket);
@@ -1115,7 +1217,7 @@ impl EngineInner {
         while (index as usize) < chunks.len() {
             let Some(run) = runs.last() else { break };
             if run.chunks.end != index
-                || run_bytes(&run.chunks, index - 1) >= self.config.merge_min_bytes
+                || raw_bytes(&run.chunks, index - 1) >= self.config.merge_min_bytes
             {
                 break;
             }
@@ -1157,7 +1259,11 @@ impl EngineInner {
                 .collect()
         };
         let fetch_started = Instant::now();
-        let data = {
+        // A run of zero chunks (claim_runs never mixes them with data) needs no backend.
+        let zero_run = blob.zero[chunks.start as usize];
+        let data = if zero_run {
+            Vec::new()
+        } else {
             let _own_permit = match permit {
                 Some(_) => None,
                 None => Some(self.permits.acquire(priority)),
@@ -1224,6 +1330,17 @@ impl EngineInner {
             let stored_chunk = data.get(at..at + entry.stored_size as usize).unwrap_or(&[]);
             let raw_range = manifest.chunk_range(index);
             let raw_len = (raw_range.end - raw_range.start) as usize;
+            if zero_run {
+                let outcome = punch_zeros(&blob.data, raw_range.clone())
+                    .context(|| format!("zeroing chunk {index} of {}", blob.data_path.display()))
+                    .map(|()| {
+                        self.metrics.zero_chunks.fetch_add(1, Ordering::Relaxed);
+                        good.push(index);
+                        good_bytes += raw_len as u64;
+                    });
+                outcomes.push(outcome);
+                continue;
+            }
             let outcome = match decompress_chunk(manifest.compression, stored_chunk, raw_len) {
                 Err(message) => {
                     self.metrics
@@ -1267,31 +1384,39 @@ impl EngineInner {
         if good.is_empty() {
             return outcomes;
         }
-        // Data first, durably; only then the map. The counters move under the map's
-        // lock, so whoever sees the chunks ready (`ready_chunks`) sees them counted.
-        let durable = blob
-            .data
-            .sync_data()
-            .context(|| format!("syncing {}", blob.data_path.display()))
-            .and_then(|()| {
-                let mut map = lock(&blob.map);
-                map.mark_ready(&good)?;
-                self.metrics
-                    .chunks_fetched
-                    .fetch_add(good.len() as u64, Ordering::Relaxed);
-                let counter = match priority {
-                    Priority::OnDemand => None,
-                    Priority::ReadAhead => Some(&self.metrics.chunks_read_ahead),
-                    Priority::Prefetch => Some(&self.metrics.chunks_prefetched),
-                };
-                if let Some(counter) = counter {
-                    counter.fetch_add(good.len() as u64, Ordering::Relaxed);
-                }
-                Ok(())
-            });
-        if let Err(err) = durable {
-            let message = err.to_string();
-            return fail_all(message);
+        // Data first, durably; only then the map: at once, or by the sync thread's next
+        // round (the readers go on from the page cache meanwhile).
+        if self.config.sync_interval.is_zero() {
+            let durable = blob
+                .data
+                .sync_data()
+                .context(|| format!("syncing {}", blob.data_path.display()))
+                .and_then(|()| lock(&blob.map).mark_ready(&good));
+            if let Err(err) = durable {
+                let message = err.to_string();
+                return fail_all(message);
+            }
+        } else {
+            let waiting = {
+                let mut unsynced = lock(&blob.unsynced);
+                unsynced.extend_from_slice(&good);
+                unsynced.len() as u64 * u64::from(manifest.chunk_size)
+            };
+            if waiting >= self.config.sync_batch_bytes {
+                *lock(&self.sync_due) = true;
+                self.sync_changed.notify_all();
+            }
+        }
+        self.metrics
+            .chunks_fetched
+            .fetch_add(good.len() as u64, Ordering::Relaxed);
+        let counter = match priority {
+            Priority::OnDemand => None,
+            Priority::ReadAhead => Some(&self.metrics.chunks_read_ahead),
+            Priority::Prefetch => Some(&self.metrics.chunks_prefetched),
+        };
+        if let Some(counter) = counter {
+            counter.fetch_add(good.len() as u64, Ordering::Relaxed);
         }
         if !blob.evicted.load(Ordering::SeqCst) {
             self.metrics
@@ -1451,6 +1576,55 @@ impl EngineInner {
         dormant + self.metrics.cached_bytes.load(Ordering::Relaxed)
     }
 
+    /// One round of the group commit: for every open blob with chunks written since the
+    /// last round, sync its cache file once, then mark those chunks in its map. Chunks
+    /// whose sync failed are treated as never fetched.
+    fn sync_round(&self) {
+        let blobs: Vec<Arc<BlobCache>> = lock(&self.blobs).values().cloned().collect();
+        for blob in blobs {
+            let pending = std::mem::take(&mut *lock(&blob.unsynced));
+            if pending.is_empty() || blob.evicted.load(Ordering::SeqCst) {
+                continue;
+            }
+            let durable = blob
+                .data
+                .sync_data()
+                .context(|| format!("syncing {}", blob.data_path.display()))
+                .and_then(|()| lock(&blob.map).mark_ready(&pending));
+            if let Err(err) = durable {
+                tracing::error!(blob = %blob.manifest.blob_id, chunks = pending.len(), "cannot make fetched chunks durable; they will be fetched again: {err}");
+                let mut states = lock(&blob.states);
+                for &index in &pending {
+                    if states.states[index as usize] == ChunkState::Ready {
+                        states.states[index as usize] = ChunkState::Missing;
+                        states.ready -= 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn sync_loop(&self) {
+        loop {
+            let stop = {
+                let mut due = lock(&self.sync_due);
+                if !*due && !self.shutdown.load(Ordering::SeqCst) {
+                    due = self
+                        .sync_changed
+                        .wait_timeout(due, self.config.sync_interval.max(Duration::from_millis(1)))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                *due = false;
+                self.shutdown.load(Ordering::SeqCst)
+            };
+            self.sync_round();
+            if stop {
+                return;
+            }
+        }
+    }
+
     /// Evicts blobs not in use, least recently used first, until under capacity.
     fn evict_if_needed(&self) {
         let Some(capacity) = self.config.capacity_bytes else {
@@ -1489,10 +1663,11 @@ impl EngineInner {
                 }
                 blobs.remove(&id);
                 blob.evicted.store(true, Ordering::SeqCst);
+                // What the counter holds for it: every chunk written, synced or not.
                 let ready_bytes: u64 = {
-                    let map = lock(&blob.map);
-                    (0..map.chunk_count())
-                        .filter(|&i| map.is_ready(i))
+                    let states = lock(&blob.states);
+                    (0..states.states.len() as u64)
+                        .filter(|&i| states.states[i as usize] == ChunkState::Ready)
                         .map(|i| {
                             blob.manifest.chunk_range(i).end - blob.manifest.chunk_range(i).start
                         })

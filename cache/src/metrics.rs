@@ -17,8 +17,11 @@ pub struct Metrics {
     pub chunk_hits: AtomicU64,
     /// Chunks requested that had to be fetched (or waited for).
     pub chunk_misses: AtomicU64,
-    /// Chunks written into cache files after a fetch (on demand or prefetch).
+    /// Chunks made present in cache files (fetched on demand or in the background, or
+    /// all-zero chunks punched out without a backend read).
     pub chunks_fetched: AtomicU64,
+    /// Of those, all-zero chunks: no backend read, no space used.
+    pub zero_chunks: AtomicU64,
     /// Chunks fetched for the prefetch list.
     pub chunks_prefetched: AtomicU64,
     /// Chunks fetched ahead of a sequential reader.
@@ -101,7 +104,7 @@ impl Metrics {
     /// The metrics in the Prometheus text format.
     pub fn render_prometheus(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64, &str); 12] = [
+        let counters: [(&str, &str, &AtomicU64, &str); 13] = [
             (
                 "berth_cache_chunk_hits_total",
                 "Chunks requested that were already cached.",
@@ -116,8 +119,14 @@ impl Metrics {
             ),
             (
                 "berth_cache_chunks_fetched_total",
-                "Chunks fetched and written to the cache.",
+                "Chunks made present in the cache (fetched, or all-zero chunks punched out).",
                 &self.chunks_fetched,
+                "counter",
+            ),
+            (
+                "berth_cache_zero_chunks_total",
+                "All-zero chunks made present without a backend read.",
+                &self.zero_chunks,
                 "counter",
             ),
             (

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
@@ -361,4 +362,169 @@ fn lru_blobs_not_in_use_are_evicted_over_capacity() {
     assert!(cache_file(&blobs[0].1).exists() && cache_file(&blobs[2].1).exists());
     assert!(engine.cached_bytes() <= 20 * u64::from(CHUNK));
     assert_eq!(engine.ready_chunks(pinned.id()).unwrap(), 8);
+}
+
+/// The map as a crash would leave it: a copy of the file, read as a restarted engine
+/// reads it.
+fn ready_on_disk(s: &Setup, manifest: &berth_cache::Manifest) -> u64 {
+    let copy = s.cache.join("copy.map");
+    std::fs::copy(s.cache.join(format!("{}.map", manifest.blob_id)), &copy).unwrap();
+    let id = parse_digest(&manifest.blob_id).unwrap();
+    let (map, _) = ChunkMap::open(&copy, id, manifest.chunk_size, manifest.blob_size).unwrap();
+    let ready = map.ready_count();
+    drop(map);
+    std::fs::remove_file(&copy).unwrap();
+    ready
+}
+
+#[test]
+fn fetched_chunks_are_served_at_once_and_marked_only_once_synced() {
+    let (s, manifest) = setup(8 * CHUNK as usize, Compression::None, Duration::ZERO);
+    let mut config = config(&s.cache);
+    // A group commit that never comes by itself.
+    config.sync_interval = Duration::from_secs(3600);
+    let engine = CacheEngine::new(config, s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    let mut buf = vec![0u8; 3 * CHUNK as usize];
+    handle.read(0, &mut buf).unwrap();
+    assert_eq!(buf, s.data[..buf.len()]);
+    assert_eq!(
+        engine.ready_chunks(handle.id()).unwrap(),
+        3,
+        "served and counted"
+    );
+    // A crash now: the map claims nothing that was not synced.
+    assert_eq!(ready_on_disk(&s, &manifest), 0);
+    engine.sync();
+    assert_eq!(ready_on_disk(&s, &manifest), 3);
+    // The rest, then a clean close: everything is marked without an explicit sync.
+    handle.read(3 * u64::from(CHUNK), &mut buf).unwrap();
+    drop(handle);
+    drop(engine);
+    assert_eq!(ready_on_disk(&s, &manifest), 6);
+    let reads = s.backend.reads().len();
+    let engine = CacheEngine::new(self::config(&s.cache), s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    assert_eq!(engine.ready_chunks(handle.id()).unwrap(), 6);
+    handle.read(0, &mut buf).unwrap();
+    assert_eq!(
+        s.backend.reads().len(),
+        reads,
+        "nothing refetched after the restart"
+    );
+}
+
+/// A disk-image-like blob: data chunks with runs of all-zero chunks between them.
+fn sparse_setup(compression: Compression) -> (Setup, berth_cache::Manifest) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let cache = dir.path().join("cache");
+    let local: Arc<dyn BlobBackend> = Arc::new(LocalDirBackend::new(&store));
+    let chunk = CHUNK as usize;
+    // Chunks 0-1 and 10 hold data, 2-9 and 11-15 are zeros; the blob ends mid-chunk.
+    let mut data = vec![0u8; 16 * chunk - 100];
+    data[..2 * chunk].copy_from_slice(&pseudo_random(3, 2 * chunk));
+    data[10 * chunk..11 * chunk].copy_from_slice(&pseudo_random(4, chunk));
+    let manifest = publish(&data, CHUNK, compression, local.as_ref());
+    let backend = Recording::new(local, Duration::ZERO);
+    (
+        Setup {
+            _dir: dir,
+            store,
+            cache,
+            data,
+            backend,
+        },
+        manifest,
+    )
+}
+
+#[test]
+fn zero_chunks_are_made_present_without_a_backend_read_and_take_no_space() {
+    let (s, manifest) = sparse_setup(Compression::Zstd);
+    let engine = CacheEngine::new(config(&s.cache), s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    let chunk = u64::from(CHUNK);
+    // A stale byte where a zero chunk lies (a cache file reused after a crash) must not
+    // survive: the zeros are punched, not assumed.
+    let cache_file = engine.cache_file_path(handle.id()).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new()
+            .write(true)
+            .open(&cache_file)
+            .unwrap(),
+        &[0xaa; 16],
+        3 * chunk + 5,
+    )
+    .unwrap();
+    let mut buf = vec![0xffu8; (8 * chunk) as usize];
+    handle.read(2 * chunk, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0), "zero chunks read as zeros");
+    assert!(s.backend.reads().is_empty(), "{:?}", s.backend.reads());
+    assert!(handle.is_present(2 * chunk..10 * chunk));
+    assert_eq!(engine.ready_chunks(handle.id()).unwrap(), 8);
+    // The tail chunk is shorter: still recognised as zeros.
+    let mut tail = vec![0xffu8; 100];
+    handle.read(16 * chunk - 200, &mut tail).unwrap();
+    assert!(tail.iter().all(|&b| b == 0));
+    assert!(s.backend.reads().is_empty(), "{:?}", s.backend.reads());
+    let allocated = std::fs::metadata(&cache_file).unwrap().blocks() * 512;
+    assert!(
+        allocated < chunk,
+        "zero chunks are holes, {allocated} bytes allocated"
+    );
+    // Data chunks still come from the backend and verify.
+    let mut all = vec![0u8; s.data.len()];
+    let mut at = 0;
+    while at < all.len() {
+        at += handle.read(at as u64, &mut all[at..]).unwrap();
+    }
+    assert!(all == s.data, "the whole blob reads back");
+    assert_eq!(s.backend.reads().len(), 2, "{:?}", s.backend.reads());
+    let metrics = engine.metrics();
+    assert_eq!(metrics.chunks_fetched.load(Ordering::Relaxed), 16);
+    assert_eq!(metrics.zero_chunks.load(Ordering::Relaxed), 13);
+}
+
+#[test]
+fn a_miss_is_merged_by_uncompressed_bytes_and_never_over_zero_chunks() {
+    let (s, manifest) = sparse_setup(Compression::Zstd);
+    let mut config = config(&s.cache);
+    // Two chunks of blob, however small they are stored.
+    config.merge_min_bytes = 2 * u64::from(CHUNK);
+    let engine = CacheEngine::new(config, s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    let chunk = u64::from(CHUNK);
+    handle.ensure_present(0..1).unwrap();
+    let stored = |i: usize| {
+        manifest.chunks[i].offset..manifest.chunks[i].offset + manifest.chunks[i].stored_size
+    };
+    assert_eq!(
+        s.backend.reads(),
+        vec![stored(0).start..stored(1).end],
+        "extended to the second chunk"
+    );
+    // A miss of chunk 10 is not extended over the zero chunks after it (nothing to
+    // fetch there), and they are not made present either.
+    handle.ensure_present(10 * chunk..10 * chunk + 1).unwrap();
+    assert_eq!(s.backend.reads()[1], stored(10));
+    assert_eq!(s.backend.reads().len(), 2);
+    assert!(!handle.is_present(11 * chunk..12 * chunk));
+    // A request over data and zeros reads only the data.
+    drop(handle);
+    drop(engine);
+    let (s, manifest) = sparse_setup(Compression::None);
+    let engine = CacheEngine::new(config_for_merge(&s.cache), s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    handle.ensure_present(chunk..11 * chunk).unwrap();
+    assert_eq!(
+        s.backend.reads(),
+        vec![chunk..2 * chunk, 10 * chunk..11 * chunk]
+    );
+}
+
+fn config_for_merge(dir: &std::path::Path) -> CacheConfig {
+    let mut config = config(dir);
+    config.merge_min_bytes = 1 << 20;
+    config
 }

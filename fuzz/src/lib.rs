@@ -11,12 +11,27 @@ pub mod xattrmap;
 #[path = "../../src/cli.rs"]
 pub mod cli;
 
-/// The `image build` / `mount` flags, which the command line's subcommands name.
+/// The `image build` / `mount` and `block` flags, which the command line's subcommands name.
+/// (A `#[path]` inside an inline module resolves through a directory named after the module,
+/// which does not exist here, so the files are compiled at the top level and re-exported under
+/// the names `cli` uses.)
+#[allow(dead_code)]
+#[path = "../../src/image/args.rs"]
+pub mod image_args;
 pub mod image {
-    #[allow(dead_code)]
-    #[path = "../../../src/image/args.rs"]
-    pub mod args;
+    pub use crate::image_args as args;
 }
+#[allow(dead_code)]
+#[path = "../../src/block/args.rs"]
+pub mod block_args;
+pub mod block {
+    pub use crate::block_args::BlockCommand;
+}
+
+/// `--shared-cache` and its table options, flattened into `berth fuse`'s arguments.
+#[allow(dead_code)]
+#[path = "../../src/shared_cache.rs"]
+pub mod shared_cache;
 
 /// The binary's request thread pool, which `device` uses.
 #[allow(dead_code)]

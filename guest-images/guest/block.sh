@@ -43,7 +43,7 @@ start_device() {
 	done
 	if [ -z "$line" ]; then
 		echo "berth block add $* did not start a device:"
-		tail -n 20 "/tmp/$name.log"
+		tail -n 20 "/tmp/$name.log" "/tmp/$name.out"
 		return 1
 	fi
 	DEV_ID=$(echo "$line" | awk '{ print $3 }')
@@ -69,7 +69,7 @@ stop_device() {
 }
 
 metric() { # metric FILE NAME-AND-LABELS-PREFIX: prints the value
-	grep -F "$2" "$1" | head -n1 | awk '{ print $NF }'
+	grep -v "^#" "$1" | grep -F "$2" | head -n1 | awk '{ print $NF }'
 }
 
 # A filesystem on DEV: mkfs, fsck, a file tree written and read back with checksums
@@ -238,7 +238,11 @@ block_lazy_image() {
 	mount -t virtiofs store /mnt/store
 	start_device lazy /mnt/store/img --overlay /tmp/lazy.ovl --cache-dir /tmp/lazy-cache
 	[ "$(blockdev --getsize64 "$DEV_PATH")" = 4294967296 ]
-	mount -t ext4 "$DEV_PATH" /mnt/blk
+	mount -t ext4 "$DEV_PATH" /mnt/blk || {
+		tail -n 20 /tmp/lazy.log
+		dmesg | tail -n 10
+		return 1
+	}
 	(cd /mnt/blk && sha256sum -c --quiet /test/tree.sums)
 	echo "written in the guest" >/mnt/blk/from-guest
 	umount /mnt/blk
@@ -261,7 +265,8 @@ block_lazy_fetch_ratio() {
 	sleep 1.5
 	local chunks chunk_size fetched
 	chunks=$(metric /tmp/ratio.prom berth_cache_chunks_fetched_total)
-	chunk_size=$(grep -o '"chunk_size":[0-9]*' /mnt/store/img/manifest.json | cut -d: -f2)
+	chunk_size=$(tr -d ' \n' </mnt/store/img/manifest.json | grep -o '"chunk_size":[0-9]*' | cut -d: -f2)
+	[ -n "$chunks" ] && [ -n "$chunk_size" ]
 	fetched=$((chunks * chunk_size))
 	echo "@@info read 104857600 bytes, fetched $fetched ($chunks chunks of $chunk_size)"
 	[ "$fetched" -ge 104857600 ] && [ "$fetched" -le 115343360 ]

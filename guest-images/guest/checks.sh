@@ -26,6 +26,10 @@ check() {
 		set -eE -o pipefail
 		shopt -s inherit_errexit
 		trap 'echo "failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
+		# A check that fails while a helper it started in the background still
+		# waits (a lock holder waiting for its "go" file) would otherwise keep
+		# this command substitution open until the guest times out.
+		trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 		"$@"
 	) 2>&1
 	rc=$?
@@ -447,4 +451,41 @@ unmount_shares() {
 		grep ' virtiofs ' /proc/mounts
 		false
 	fi
+}
+
+# --- sid's QEMU ----------------------------------------------------------------
+
+# The generic device's share, mounted without dax (the daemon offers no DAX
+# window yet); reports whether the guest found one.
+mount_generic_share() {
+	mount_shares "$1"
+	local window
+	window=$(dmesg | grep -oE 'virtiofs virtio[0-9]+: (Cache len|virtio_fs_setup_dax).*' | tail -n1 || true)
+	echo "@@info DAX window: ${window:-no message from the guest}"
+	echo "@@info mounted: $(grep " /mnt/$1 " /proc/mounts)"
+}
+
+# Share $1 (/mnt/TAG) holds from-host, written by the host; the guest reads it
+# and leaves 4 MiB of random data in from-guest and its sha256 in
+# from-guest.sha256 for the host to compare.
+share_round_trip() {
+	local d=$1
+	[ "$(cat "$d/from-host")" = "host file for ${d##*/}" ]
+	head -c 4M /dev/urandom >/tmp/round-trip
+	cp /tmp/round-trip "$d/from-guest"
+	cmp /tmp/round-trip "$d/from-guest"
+	sha256sum </tmp/round-trip | cut -c1-64 >"$d/from-guest.sha256"
+	rm /tmp/round-trip
+}
+
+# Asks the host to migrate the guest (ready-to-migrate), waits until it has
+# tried (migrate-attempted), then uses share $1 again: while the daemon cannot
+# migrate, QEMU refuses and the guest keeps running on the source.
+after_refused_migration() {
+	local d=$1
+	touch "$d/ready-to-migrate"
+	wait_for_file "$d/migrate-attempted" 180
+	[ "$(cat "$d/from-host")" = "host file for ${d##*/}" ]
+	echo "written after the migration attempt" >"$d/after-migrate"
+	[ "$(cat "$d/after-migrate")" = "written after the migration attempt" ]
 }

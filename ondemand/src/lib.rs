@@ -8,12 +8,16 @@
 //! file-backed with the blob's sparse cache file as its device and fills missing ranges
 //! from fanotify pre-content events (Linux 6.14+); [`supervise`] is how `berth mount`
 //! runs that, in a supervisor and a worker process that fail closed when either dies.
+//! [`cachefiles`] serves the same images through cachefiles' on-demand mode, for
+//! kernels (5.19 to 7.1) without pre-content events.
 //! Every read of image data ends in `BlobHandle::ensure_present`: the engine fetches,
 //! verifies and persists, and only then is the kernel told to go on.
 
+pub mod cachefiles;
 pub mod erofs;
 pub mod error;
 pub mod image;
+pub mod ipc;
 pub mod mount;
 pub mod supervise;
 

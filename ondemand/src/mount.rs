@@ -161,8 +161,18 @@ pub(crate) fn change_mark(group: &OwnedFd, path: &Path, flags: libc::c_uint) -> 
     Ok(())
 }
 
-/// Checks that this process can mount erofs images through fanotify pre-content
-/// events here; `Err` says why not. `scratch` must be a writable directory.
+/// Whether this kernel gives this process fanotify pre-content events (Linux 6.14+,
+/// root): a probe file in the writable directory `scratch` is marked. `Err` says why not.
+pub fn fanotify_available(scratch: &Path) -> std::result::Result<(), String> {
+    let probe = scratch.join(format!(".fanotify-probe-{}", std::process::id()));
+    fs::write(&probe, b"").map_err(|e| format!("cannot write {}: {e}", probe.display()))?;
+    let outcome = pre_content_group().and_then(|group| mark_pre_access(&group, &probe));
+    let _ = fs::remove_file(&probe);
+    outcome.map_err(|e| format!("fanotify pre-content events are unavailable: {e}"))
+}
+
+/// Checks that this process can build and mount erofs images through fanotify
+/// pre-content events here; `Err` says why not. `scratch` must be a writable directory.
 pub fn check_support(scratch: &Path) -> std::result::Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -175,11 +185,7 @@ pub fn check_support(scratch: &Path) -> std::result::Result<(), String> {
     {
         return Err("the kernel has no erofs support".into());
     }
-    let probe = scratch.join(".fanotify-probe");
-    fs::write(&probe, b"").map_err(|e| format!("cannot write {}: {e}", probe.display()))?;
-    let outcome = pre_content_group().and_then(|group| mark_pre_access(&group, &probe));
-    let _ = fs::remove_file(&probe);
-    outcome.map_err(|e| format!("fanotify pre-content events are unavailable: {e}"))?;
+    fanotify_available(scratch)?;
     let mkfs = std::process::Command::new("mkfs.erofs")
         .arg("--help")
         .output();

@@ -152,6 +152,8 @@ pub struct Config {
     pub max_handles: usize,
     /// An open /proc/self/fd, for sandboxes where /proc is not reachable by path.
     pub proc_self_fd: Option<Arc<OwnedFd>>,
+    /// Shared caching through a version table (`--shared-cache`).
+    pub shared_cache: Option<crate::coherence::SharedCache>,
 }
 
 impl Default for Config {
@@ -180,6 +182,7 @@ impl Default for Config {
             max_inodes: 4 << 20,
             max_handles: 1 << 20,
             proc_self_fd: None,
+            shared_cache: None,
         }
     }
 }

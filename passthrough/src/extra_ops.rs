@@ -94,6 +94,8 @@ pub struct SecContext {
 pub struct FsServer {
     server: Server<Arc<PassthroughFs>>,
     fs: Arc<PassthroughFs>,
+    /// Requests served per opcode (for the log at exit and the benchmarks).
+    served: [std::sync::atomic::AtomicU64; 64],
 }
 
 impl FsServer {
@@ -103,7 +105,46 @@ impl FsServer {
         FsServer {
             server: Server::new(fs.clone()),
             fs,
+            served: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
         }
+    }
+
+    /// Requests served so far, as `NAME=count` pairs of the opcodes seen (LOOKUP, GETATTR,
+    /// READ… by number where berth has no name for them).
+    pub fn request_counts(&self) -> String {
+        const NAMES: &[(usize, &str)] = &[
+            (1, "LOOKUP"),
+            (2, "FORGET"),
+            (3, "GETATTR"),
+            (4, "SETATTR"),
+            (5, "READLINK"),
+            (14, "OPEN"),
+            (15, "READ"),
+            (16, "WRITE"),
+            (17, "STATFS"),
+            (18, "RELEASE"),
+            (25, "FLUSH"),
+            (27, "OPENDIR"),
+            (28, "READDIR"),
+            (29, "RELEASEDIR"),
+            (35, "CREATE"),
+            (42, "BATCH_FORGET"),
+            (44, "READDIRPLUS"),
+        ];
+        let mut total = 0;
+        let mut parts = Vec::new();
+        for (op, count) in self.served.iter().enumerate() {
+            let n = count.load(std::sync::atomic::Ordering::Relaxed);
+            if n == 0 {
+                continue;
+            }
+            total += n;
+            match NAMES.iter().find(|(o, _)| *o == op) {
+                Some((_, name)) => parts.push(format!("{name}={n}")),
+                None => parts.push(format!("op{op}={n}")),
+            }
+        }
+        format!("total={total} {}", parts.join(" "))
     }
 
     /// The filesystem being served.
@@ -127,8 +168,11 @@ impl FsServer {
             // Let the library produce its usual decode error.
             Err(_) => return self.server.handle_message(r, w, vu_req, None),
         };
+        if let Some(count) = self.served.get(header.opcode as usize) {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let labelled = self.fs.security_ctx_enabled();
-        match header.opcode {
+        let served = match header.opcode {
             OPCODE_COPY_FILE_RANGE
             | OPCODE_SYNCFS
             | OPCODE_TMPFILE
@@ -139,7 +183,10 @@ impl FsServer {
                 self.handle_extra(header, peek, w)
             }
             _ => self.server.handle_message(r, w, vu_req, None),
-        }
+        };
+        // The reply is written: shared caching settles what it handed out.
+        self.fs.reply_sent();
+        served
     }
 
     fn handle_extra<S: BitmapSlice>(

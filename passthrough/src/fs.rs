@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use berth_versions::{Changes, SlotKey, VersionTable};
 use fuse_backend_rs::abi::fuse_abi::{
     stat64, statvfs64, CopyFileRangeIn, CreateIn, FsOptions, OpenOptions, SetattrValid, ROOT_ID,
 };
@@ -25,6 +26,7 @@ use fuse_backend_rs::api::filesystem::{
     ZeroCopyWriter,
 };
 
+use crate::coherence::{Coherence, Invalidation, Ticket};
 use crate::config::{CachePolicy, Config, InodeFileHandles, Negotiation};
 use crate::error::Error;
 use crate::extra_ops::{
@@ -111,6 +113,8 @@ pub struct PassthroughFs {
     remapped_capability: Option<CString>,
     /// A name no xattr map rule matched was reported already (reported once, not per request).
     reported_unmatched_name: AtomicBool,
+    /// Shared caching through the version table, when enabled.
+    coherence: Option<Coherence>,
 }
 
 /// Which request a guest xattr name came with: refusals differ per operation, as in
@@ -224,6 +228,7 @@ impl PassthroughFs {
             security_ctx: AtomicBool::new(false),
             remapped_capability,
             reported_unmatched_name: AtomicBool::new(false),
+            coherence: cfg.shared_cache.clone().map(Coherence::new),
             cfg,
         };
         let key = InodeKey {
@@ -231,11 +236,22 @@ impl PassthroughFs {
             dev: root_stat.st.st_dev,
             mnt_id: root_stat.mnt_id,
         };
+        let root_ticket = match &fs.coherence {
+            Some(c) => Some(
+                c.claim(&SlotKey::of(root_fd.as_fd(), EMPTY_CSTR).map_err(Error::StatSharedDir)?),
+            ),
+            None => None,
+        };
         // The root is always held by descriptor: it must survive any handle trouble.
         let root = fs.inodes.get_or_insert(key, None, || {
-            Ok(InodeData::new(key, InodeFile::Fd(root_fd), libc::S_IFDIR))
+            let mut data = InodeData::new(key, InodeFile::Fd(root_fd), libc::S_IFDIR);
+            fs.attach_slot(&mut data, root_ticket, key.dev);
+            Ok(data)
         });
-        root.map_err(Error::StatSharedDir)?;
+        let root = root.map_err(Error::StatSharedDir)?;
+        if let Some(c) = &fs.coherence {
+            c.register(&root);
+        }
         Ok(fs)
     }
 
@@ -247,6 +263,108 @@ impl PassthroughFs {
     /// Number of open file and directory handles.
     pub fn handle_count(&self) -> usize {
         self.handles.len()
+    }
+
+    /// The version table, when shared caching is on.
+    pub fn version_table(&self) -> Option<&Arc<VersionTable>> {
+        self.coherence.as_ref().map(|c| &c.cfg.table)
+    }
+
+    /// What the client must drop after `changes` were published in the version table (a
+    /// `berth fuse` mount's notifier sends these to its kernel).
+    pub fn stale_cache(&self, changes: Changes) -> Vec<Invalidation> {
+        match &self.coherence {
+            Some(c) => c.stale(changes, &self.inodes),
+            None => Vec::new(),
+        }
+    }
+
+    /// Invalidations handed out so far (for tests and metrics).
+    pub fn invalidations_sent(&self) -> u64 {
+        self.coherence
+            .as_ref()
+            .map(|c| c.sent.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// Called once the reply to this thread's request has reached the client.
+    pub fn reply_sent(&self) {
+        if let Some(c) = &self.coherence {
+            c.reply_sent(&self.inodes);
+        }
+    }
+
+    fn forget_inode(&self, id: u64, count: u64) {
+        if let Some(released) = self.inodes.forget(id, count) {
+            if let Some(c) = &self.coherence {
+                c.released(&released);
+            }
+        }
+    }
+
+    fn attach_slot(&self, data: &mut InodeData, ticket: Option<Ticket>, dev: u64) {
+        if let (Some(c), Some(ticket)) = (&self.coherence, ticket) {
+            data.slot = ticket.slot();
+            data.tracked = c.tracked(ticket, dev);
+        }
+    }
+
+    /// The version of `data` before this request reads or changes it on the host.
+    fn before(&self, data: &InodeData) -> Option<Ticket> {
+        self.coherence.as_ref().map(|c| c.before(data))
+    }
+
+    /// This request hands out what it read of `data` since `ticket`.
+    fn observed(&self, data: &InodeData, ticket: Option<Ticket>) {
+        if let (Some(c), Some(t)) = (&self.coherence, ticket) {
+            c.observed(data, t);
+        }
+    }
+
+    /// This request changed `data` on the host (after `ticket` was read).
+    fn changed(&self, data: &InodeData, ticket: Option<Ticket>) {
+        if let (Some(c), Some(t)) = (&self.coherence, ticket) {
+            c.changed(&self.inodes, data, t);
+        }
+    }
+
+    /// The key of `name` in `dir`, before a change removes or replaces it (shared caching).
+    fn key_of_name(&self, dir: BorrowedFd<'_>, name: &CStr) -> Option<SlotKey> {
+        self.coherence.as_ref()?;
+        SlotKey::of(dir, name).ok()
+    }
+
+    /// This request changed the inode `key` names.
+    fn changed_key(&self, key: Option<SlotKey>) {
+        if let (Some(c), Some(key)) = (&self.coherence, key) {
+            c.changed_key(&self.inodes, &key);
+        }
+    }
+
+    /// Timeouts of an entry for `data` found in `parent`: long for what the version table
+    /// tracks, the cache mode's otherwise.
+    fn timeouts(&self, data: &InodeData, parent: Option<&InodeData>) -> (Duration, Duration) {
+        match &self.coherence {
+            Some(c) => {
+                let long = c.cfg.timeout;
+                let entry = if parent.is_none_or(|p| p.tracked) {
+                    long
+                } else {
+                    self.entry_timeout
+                };
+                let attr = if data.tracked {
+                    long
+                } else {
+                    self.attr_timeout
+                };
+                (entry, attr)
+            }
+            None => (self.entry_timeout, self.attr_timeout),
+        }
+    }
+
+    fn attr_timeout_of(&self, data: &InodeData) -> Duration {
+        self.timeouts(data, None).1
     }
 
     fn inode_fd<'a>(&self, data: &'a InodeData) -> io::Result<InodeFd<'a>> {
@@ -328,17 +446,18 @@ impl PassthroughFs {
         }
     }
 
-    fn entry_for(&self, data: &InodeData, st: stat64, parent_mnt_id: u64) -> Entry {
+    fn entry_for(&self, data: &InodeData, st: stat64, parent: &InodeData) -> Entry {
         let submount = self.announce_submounts.load(Ordering::Relaxed)
             && data.is_dir()
-            && data.key.mnt_id != parent_mnt_id;
+            && data.key.mnt_id != parent.key.mnt_id;
+        let (entry_timeout, attr_timeout) = self.timeouts(data, Some(parent));
         Entry {
             inode: data.id,
             generation: 0,
             attr: st,
             attr_flags: if submount { FUSE_ATTR_SUBMOUNT } else { 0 },
-            attr_timeout: self.attr_timeout,
-            entry_timeout: self.entry_timeout,
+            attr_timeout,
+            entry_timeout,
         }
     }
 
@@ -348,17 +467,45 @@ impl PassthroughFs {
         if bytes == b"." || (bytes == b".." && parent == ROOT_ID) {
             // `..` of the share root is the root itself: never a way out.
             let fd = self.inode_fd(&parent_data)?;
+            let ticket = self.before(&parent_data);
             let sx = statx(fd.as_fd(), EMPTY_CSTR)?;
             let data = self.inodes.take_ref_by_id(parent)?;
-            return Ok(self.entry_for(&data, sx.st, parent_data.key.mnt_id));
+            self.observed(&data, ticket);
+            return Ok(self.entry_for(&data, sx.st, &parent_data));
         }
         validate_name(name)?;
         if !parent_data.is_dir() {
             return Err(errno(libc::ENOTDIR));
         }
         let parent_fd = self.inode_fd(&parent_data)?;
-        self.lookup_at(&parent_data, parent_fd.as_fd(), name)
-            .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e))
+        let ticket = self.before(&parent_data);
+        let result = self
+            .lookup_at(&parent_data, parent_fd.as_fd(), name)
+            .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e));
+        match (&self.coherence, result) {
+            (Some(c), Ok(entry)) => {
+                c.named(&parent_data, bytes);
+                self.observed(&parent_data, ticket);
+                Ok(entry)
+            }
+            // A missing name in a tracked directory is cached as missing (a negative entry)
+            // until the directory's version moves.
+            (Some(c), Err(e)) if e.raw_os_error() == Some(libc::ENOENT) && parent_data.tracked => {
+                c.named(&parent_data, bytes);
+                self.observed(&parent_data, ticket);
+                // SAFETY: stat64 is plain old data; all-zeroes is valid.
+                let attr: stat64 = unsafe { std::mem::zeroed() };
+                Ok(Entry {
+                    inode: 0,
+                    generation: 0,
+                    attr,
+                    attr_flags: 0,
+                    attr_timeout: Duration::ZERO,
+                    entry_timeout: c.cfg.timeout,
+                })
+            }
+            (_, result) => result,
+        }
     }
 
     /// Looks `name` up in the directory `parent`, open as `parent_fd`.
@@ -377,6 +524,11 @@ impl PassthroughFs {
     /// The file handle is taken before the table is searched: an inode held by handle is only
     /// ever matched by its handle, whose generation number tells a reused inode number apart.
     fn insert_looked_up(&self, fd: OwnedFd, parent: &InodeData) -> io::Result<Entry> {
+        // With shared caching the slot's version is read before the attributes.
+        let ticket = match &self.coherence {
+            Some(c) => Some(c.claim(&SlotKey::of(fd.as_fd(), EMPTY_CSTR)?)),
+            None => None,
+        };
         let sx = statx(fd.as_fd(), EMPTY_CSTR)?;
         let key = InodeKey {
             ino: sx.st.st_ino,
@@ -409,8 +561,14 @@ impl PassthroughFs {
                     }
                 }
             };
-            Ok(InodeData::new(key, file, file_type))
+            let mut data = InodeData::new(key, file, file_type);
+            self.attach_slot(&mut data, ticket, key.dev);
+            Ok(data)
         })?;
+        if let Some(c) = &self.coherence {
+            c.register(&data);
+        }
+        self.observed(&data, ticket);
         // A directory held by handle keeps the descriptor just opened: its next child lookup
         // needs it.
         if let (Some(fd), InodeFile::Handle(_), true) = (fd, &data.file, data.is_dir()) {
@@ -418,7 +576,7 @@ impl PassthroughFs {
                 self.inodes.cache_dir_fd(data.id, fd);
             }
         }
-        Ok(self.entry_for(&data, sx.st, parent.key.mnt_id))
+        Ok(self.entry_for(&data, sx.st, parent))
     }
 
     /// Finds a descriptor on mount `mnt_id` for reopening handles: the inode itself when it
@@ -489,6 +647,16 @@ impl PassthroughFs {
     /// Open flags for OPEN and OPENDIR, as virtiofsd 1.14 sets them: `never` bypasses the
     /// guest page cache for files, `metadata` too but keeps directory listings, `always` keeps
     /// everything, `auto` leaves the defaults (close-to-open consistency).
+    /// Open flags for `data`: with shared caching, a tracked inode's data and listings stay
+    /// cached across opens (the notifier drops them when its version moves).
+    fn open_options_for(&self, data: &InodeData) -> OpenOptions {
+        match (self.coherence.is_some() && data.tracked, data.is_dir()) {
+            (true, true) => OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE,
+            (true, false) => OpenOptions::KEEP_CACHE,
+            (false, is_dir) => self.open_options(is_dir),
+        }
+    }
+
     fn open_options(&self, is_dir: bool) -> OpenOptions {
         match (self.cfg.cache, is_dir) {
             (CachePolicy::Never, false) | (CachePolicy::Metadata, false) => OpenOptions::DIRECT_IO,
@@ -540,6 +708,28 @@ impl PassthroughFs {
         }
         let data = self.handle(inode, handle)?;
         let _cursor = data.dir_cursor.lock().map_err(|_| errno(libc::EIO))?;
+        // The listing (cached with CACHE_DIR) is as old as the version read before it.
+        let dir_node = self
+            .coherence
+            .as_ref()
+            .and_then(|_| self.inodes.get(inode).ok());
+        let ticket = dir_node.as_ref().and_then(|n| self.before(n));
+        let result = self.read_entries(inode, &data, size, offset, plus, add_entry);
+        if let Some(node) = &dir_node {
+            self.observed(node, ticket);
+        }
+        result
+    }
+
+    fn read_entries(
+        &self,
+        inode: u64,
+        data: &HandleData,
+        size: u32,
+        offset: u64,
+        plus: bool,
+        add_entry: &mut dyn FnMut(DirEntry, Option<Entry>) -> io::Result<usize>,
+    ) -> io::Result<()> {
         let fd = data.file.as_raw_fd();
         // SAFETY: lseek on a descriptor we own; the result is checked.
         let ret = unsafe { libc::lseek64(fd, offset as i64, libc::SEEK_SET) };
@@ -614,7 +804,12 @@ impl PassthroughFs {
                     };
                     // The open directory is the parent: no reopen per entry.
                     match self.lookup_at(parent, data.file.as_fd(), name) {
-                        Ok(e) => Some(e),
+                        Ok(e) => {
+                            if let Some(c) = &self.coherence {
+                                c.named(parent, raw.name);
+                            }
+                            Some(e)
+                        }
                         // Removed since getdents saw it: skip it.
                         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
                         // Never drop an entry silently: end the reply here, or fail it.
@@ -625,13 +820,13 @@ impl PassthroughFs {
                 let looked_up = entry.as_ref().map(|e| e.inode).unwrap_or(0);
                 let written = add_entry(dirent, entry).inspect_err(|_| {
                     if looked_up != 0 {
-                        self.inodes.forget(looked_up, 1);
+                        self.forget_inode(looked_up, 1);
                     }
                 })?;
                 if written == 0 {
                     // The reply is full: this entry was not sent, so its lookup never happened.
                     if looked_up != 0 {
-                        self.inodes.forget(looked_up, 1);
+                        self.forget_inode(looked_up, 1);
                     }
                     return Ok(());
                 }
@@ -713,6 +908,9 @@ impl PassthroughFs {
         if copied < 0 {
             return Err(io::Error::last_os_error());
         }
+        if let Ok(node) = self.inodes.get(args.nodeid_out) {
+            self.changed(&node, self.before(&node));
+        }
         Ok(copied as u32)
     }
 
@@ -788,11 +986,11 @@ impl PassthroughFs {
         let data = self.inodes.get_or_insert(key, None, || {
             Ok(InodeData::new(key, InodeFile::Fd(path_fd), libc::S_IFREG))
         })?;
-        let entry = self.entry_for(&data, sx.st, parent_data.key.mnt_id);
+        let entry = self.entry_for(&data, sx.st, &parent_data);
         let fh = match self.insert_handle(data.id, File::from(file)) {
             Ok(fh) => fh,
             Err(e) => {
-                self.inodes.forget(entry.inode, 1);
+                self.forget_inode(entry.inode, 1);
                 return Err(e);
             }
         };
@@ -1101,6 +1299,7 @@ impl PassthroughFs {
                 })?;
             }
         }
+        let ticket = self.before(&data);
         // SAFETY: path and name are NUL-terminated, value is a valid slice; result checked.
         check_ret(unsafe {
             libc::setxattr(
@@ -1111,6 +1310,7 @@ impl PassthroughFs {
                 flags as libc::c_int,
             )
         })?;
+        self.changed(&data, ticket);
         Ok(())
     }
 
@@ -1129,6 +1329,7 @@ impl PassthroughFs {
         let secctx = secctx.as_deref();
         let parent_data = self.inodes.get(parent)?;
         let parent_fd = self.inode_fd(&parent_data)?;
+        let parent_ticket = self.before(&parent_data);
         let flags = self.sanitize_open_flags(args.flags);
         // Keep the guest's O_EXCL: it is how create-if-absent races are decided.
         let guest_excl = args.flags as libc::c_int & libc::O_EXCL;
@@ -1162,7 +1363,9 @@ impl PassthroughFs {
                 kill_suid_sgid(&File::from(fd.try_clone()?))?;
             }
             self.drop_remapped_capability(fd.as_raw_fd(), false)?;
+            self.changed_key(self.key_of_name(fd.as_fd(), EMPTY_CSTR));
         }
+        self.changed(&parent_data, parent_ticket);
         let path_fd = openat(
             self.proc_self_fd.as_fd(),
             &fd_name(fd.as_raw_fd()),
@@ -1170,14 +1373,21 @@ impl PassthroughFs {
             0,
         )?;
         let entry = self.insert_looked_up(path_fd, &parent_data)?;
+        if let Some(c) = &self.coherence {
+            c.named(&parent_data, name.to_bytes());
+        }
         let fh = match self.insert_handle(entry.inode, File::from(fd)) {
             Ok(fh) => fh,
             Err(e) => {
-                self.inodes.forget(entry.inode, 1);
+                self.forget_inode(entry.inode, 1);
                 return Err(e);
             }
         };
-        Ok((entry, fh, self.create_options()))
+        let options = match self.inodes.get(entry.inode) {
+            Ok(data) if self.coherence.is_some() && data.tracked => OpenOptions::KEEP_CACHE,
+            _ => self.create_options(),
+        };
+        Ok((entry, fh, options))
     }
 
     /// Answers MKDIR, storing `secctx` on the new directory.
@@ -1196,11 +1406,13 @@ impl PassthroughFs {
         let secctx = secctx.as_deref();
         let parent_data = self.inodes.get(parent)?;
         let parent_fd = self.inode_fd(&parent_data)?;
+        let ticket = self.before(&parent_data);
         self.as_caller(ctx, umask, || {
             // SAFETY: `name` is NUL-terminated; result checked.
             check_ret(unsafe { libc::mkdirat(parent_fd.as_fd().as_raw_fd(), name.as_ptr(), mode) })
         })
         .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e))?;
+        self.changed(&parent_data, ticket);
         if let Some(secctx) = secctx {
             self.label_new_node(parent_fd.as_fd(), name, None, secctx, true)?;
         }
@@ -1229,6 +1441,7 @@ impl PassthroughFs {
         }
         let parent_data = self.inodes.get(parent)?;
         let parent_fd = self.inode_fd(&parent_data)?;
+        let ticket = self.before(&parent_data);
         self.as_caller(ctx, umask, || {
             // SAFETY: `name` is NUL-terminated; result checked.
             check_ret(unsafe {
@@ -1241,6 +1454,7 @@ impl PassthroughFs {
             })
         })
         .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e))?;
+        self.changed(&parent_data, ticket);
         if let Some(secctx) = secctx {
             self.label_new_node(parent_fd.as_fd(), name, None, secctx, false)?;
         }
@@ -1262,6 +1476,7 @@ impl PassthroughFs {
         let secctx = secctx.as_deref();
         let parent_data = self.inodes.get(parent)?;
         let parent_fd = self.inode_fd(&parent_data)?;
+        let ticket = self.before(&parent_data);
         self.as_caller(ctx, 0, || {
             // SAFETY: both strings are NUL-terminated; result checked.
             check_ret(unsafe {
@@ -1273,6 +1488,7 @@ impl PassthroughFs {
             })
         })
         .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e))?;
+        self.changed(&parent_data, ticket);
         if let Some(secctx) = secctx {
             self.label_new_node(parent_fd.as_fd(), name, None, secctx, false)?;
         }
@@ -1567,14 +1783,14 @@ impl FileSystem for PassthroughFs {
 
     fn forget(&self, _ctx: &Context, inode: u64, count: u64) {
         if inode != ROOT_ID {
-            self.inodes.forget(inode, count);
+            self.forget_inode(inode, count);
         }
     }
 
     fn batch_forget(&self, _ctx: &Context, requests: Vec<(u64, u64)>) {
         for (inode, count) in requests {
             if inode != ROOT_ID {
-                self.inodes.forget(inode, count);
+                self.forget_inode(inode, count);
             }
         }
     }
@@ -1585,11 +1801,14 @@ impl FileSystem for PassthroughFs {
         inode: u64,
         handle: Option<u64>,
     ) -> io::Result<(stat64, Duration)> {
-        if let Some(h) = handle.and_then(|h| self.handle(inode, h).ok()) {
-            return Ok((fstat(h.file.as_raw_fd())?, self.attr_timeout));
-        }
         let data = self.inodes.get(inode)?;
-        Ok((self.stat_inode(&data)?, self.attr_timeout))
+        let ticket = self.before(&data);
+        let st = match handle.and_then(|h| self.handle(inode, h).ok()) {
+            Some(h) => fstat(h.file.as_raw_fd())?,
+            None => self.stat_inode(&data)?,
+        };
+        self.observed(&data, ticket);
+        Ok((st, self.attr_timeout_of(&data)))
     }
 
     fn setattr(
@@ -1605,147 +1824,152 @@ impl FileSystem for PassthroughFs {
         let open_handle = handle.and_then(|h| self.handle(inode, h).ok());
         let path_fd = self.inode_fd(&data)?;
         let proc_name = fd_name(path_fd.as_fd().as_raw_fd());
-
-        if valid.contains(SetattrValid::MODE) {
-            // SAFETY: the calls only read their arguments; results are checked.
-            let ret = match &open_handle {
-                Some(h) => unsafe { libc::fchmod(h.file.as_raw_fd(), attr.st_mode) },
-                None => unsafe {
-                    libc::fchmodat(
-                        self.proc_self_fd.as_raw_fd(),
-                        proc_name.as_ptr(),
-                        attr.st_mode,
-                        0,
-                    )
-                },
-            };
-            check_ret(ret)?;
-        }
-
-        if valid.intersects(SetattrValid::UID | SetattrValid::GID) {
-            let uid = if valid.contains(SetattrValid::UID) {
-                attr.st_uid
-            } else {
-                u32::MAX
-            };
-            let gid = if valid.contains(SetattrValid::GID) {
-                attr.st_gid
-            } else {
-                u32::MAX
-            };
-            // The kernel drops file capabilities on chown of anything but a directory; only
-            // regular files carry them.
-            if data.file_type == libc::S_IFREG {
-                self.drop_remapped_capability(path_fd.as_fd().as_raw_fd(), true)?;
-            }
-            // SAFETY: fchownat with AT_EMPTY_PATH acts on the descriptor; result checked.
-            check_ret(unsafe {
-                libc::fchownat(
-                    path_fd.as_fd().as_raw_fd(),
-                    EMPTY_CSTR.as_ptr(),
-                    uid,
-                    gid,
-                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-                )
-            })?;
-        }
-
-        if valid.contains(SetattrValid::SIZE) {
-            if data.file_type != libc::S_IFREG {
-                return Err(errno(if data.is_dir() {
-                    libc::EISDIR
-                } else {
-                    libc::EINVAL
-                }));
-            }
-            let size = attr.st_size;
-            let ret = match &open_handle {
-                // SAFETY: ftruncate on an open descriptor; result checked.
-                Some(h) => unsafe { libc::ftruncate64(h.file.as_raw_fd(), size) },
-                None => {
-                    let file = self.open_inode(&data, libc::O_WRONLY | libc::O_NONBLOCK)?;
-                    // SAFETY: as above.
-                    unsafe { libc::ftruncate64(file.as_raw_fd(), size) }
-                }
-            };
-            check_ret(ret)?;
-            self.drop_remapped_capability(path_fd.as_fd().as_raw_fd(), true)?;
-            if !valid.contains(SetattrValid::KILL_SUIDGID)
-                && self.modification_kills_priv(ctx, false)
-            {
-                let file = match &open_handle {
-                    Some(h) => h.file.try_clone()?,
-                    None => self.open_inode(&data, libc::O_RDONLY | libc::O_NONBLOCK)?,
+        // Whatever part of the change got done is bumped, also when a later part fails.
+        let ticket = self.before(&data);
+        let outcome = (|| -> io::Result<()> {
+            if valid.contains(SetattrValid::MODE) {
+                // SAFETY: the calls only read their arguments; results are checked.
+                let ret = match &open_handle {
+                    Some(h) => unsafe { libc::fchmod(h.file.as_raw_fd(), attr.st_mode) },
+                    None => unsafe {
+                        libc::fchmodat(
+                            self.proc_self_fd.as_raw_fd(),
+                            proc_name.as_ptr(),
+                            attr.st_mode,
+                            0,
+                        )
+                    },
                 };
-                kill_suid_sgid(&file)?;
+                check_ret(ret)?;
             }
-        }
 
-        if valid.contains(SetattrValid::KILL_SUIDGID) {
-            let st = self.stat_inode(&data)?;
-            let cleared = st.st_mode & !(libc::S_ISUID | libc::S_ISGID);
-            if cleared != st.st_mode && data.file_type == libc::S_IFREG {
-                // SAFETY: fchmodat through /proc on our descriptor; result checked.
+            if valid.intersects(SetattrValid::UID | SetattrValid::GID) {
+                let uid = if valid.contains(SetattrValid::UID) {
+                    attr.st_uid
+                } else {
+                    u32::MAX
+                };
+                let gid = if valid.contains(SetattrValid::GID) {
+                    attr.st_gid
+                } else {
+                    u32::MAX
+                };
+                // The kernel drops file capabilities on chown of anything but a directory; only
+                // regular files carry them.
+                if data.file_type == libc::S_IFREG {
+                    self.drop_remapped_capability(path_fd.as_fd().as_raw_fd(), true)?;
+                }
+                // SAFETY: fchownat with AT_EMPTY_PATH acts on the descriptor; result checked.
                 check_ret(unsafe {
-                    libc::fchmodat(
-                        self.proc_self_fd.as_raw_fd(),
-                        proc_name.as_ptr(),
-                        cleared & 0o7777,
-                        0,
+                    libc::fchownat(
+                        path_fd.as_fd().as_raw_fd(),
+                        EMPTY_CSTR.as_ptr(),
+                        uid,
+                        gid,
+                        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
                     )
                 })?;
             }
-        }
 
-        if valid.intersects(
-            SetattrValid::ATIME
-                | SetattrValid::MTIME
-                | SetattrValid::ATIME_NOW
-                | SetattrValid::MTIME_NOW,
-        ) {
-            let omit = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: libc::UTIME_OMIT,
-            };
-            let now = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: libc::UTIME_NOW,
-            };
-            let mut times = [omit, omit];
-            if valid.contains(SetattrValid::ATIME_NOW) {
-                times[0] = now;
-            } else if valid.contains(SetattrValid::ATIME) {
-                times[0] = libc::timespec {
-                    tv_sec: attr.st_atime,
-                    tv_nsec: attr.st_atime_nsec,
+            if valid.contains(SetattrValid::SIZE) {
+                if data.file_type != libc::S_IFREG {
+                    return Err(errno(if data.is_dir() {
+                        libc::EISDIR
+                    } else {
+                        libc::EINVAL
+                    }));
+                }
+                let size = attr.st_size;
+                let ret = match &open_handle {
+                    // SAFETY: ftruncate on an open descriptor; result checked.
+                    Some(h) => unsafe { libc::ftruncate64(h.file.as_raw_fd(), size) },
+                    None => {
+                        let file = self.open_inode(&data, libc::O_WRONLY | libc::O_NONBLOCK)?;
+                        // SAFETY: as above.
+                        unsafe { libc::ftruncate64(file.as_raw_fd(), size) }
+                    }
                 };
+                check_ret(ret)?;
+                self.drop_remapped_capability(path_fd.as_fd().as_raw_fd(), true)?;
+                if !valid.contains(SetattrValid::KILL_SUIDGID)
+                    && self.modification_kills_priv(ctx, false)
+                {
+                    let file = match &open_handle {
+                        Some(h) => h.file.try_clone()?,
+                        None => self.open_inode(&data, libc::O_RDONLY | libc::O_NONBLOCK)?,
+                    };
+                    kill_suid_sgid(&file)?;
+                }
             }
-            if valid.contains(SetattrValid::MTIME_NOW) {
-                times[1] = now;
-            } else if valid.contains(SetattrValid::MTIME) {
-                times[1] = libc::timespec {
-                    tv_sec: attr.st_mtime,
-                    tv_nsec: attr.st_mtime_nsec,
-                };
-            }
-            let ret = match &open_handle {
-                // SAFETY: futimens with a two-element array; result checked.
-                Some(h) => unsafe { libc::futimens(h.file.as_raw_fd(), times.as_ptr()) },
-                // SAFETY: utimensat with AT_EMPTY_PATH acts on the descriptor itself (a symlink
-                // stays unfollowed); result checked.
-                None => unsafe {
-                    libc::utimensat(
-                        path_fd.as_fd().as_raw_fd(),
-                        EMPTY_CSTR.as_ptr(),
-                        times.as_ptr(),
-                        libc::AT_EMPTY_PATH,
-                    )
-                },
-            };
-            check_ret(ret)?;
-        }
 
-        Ok((self.stat_inode(&data)?, self.attr_timeout))
+            if valid.contains(SetattrValid::KILL_SUIDGID) {
+                let st = self.stat_inode(&data)?;
+                let cleared = st.st_mode & !(libc::S_ISUID | libc::S_ISGID);
+                if cleared != st.st_mode && data.file_type == libc::S_IFREG {
+                    // SAFETY: fchmodat through /proc on our descriptor; result checked.
+                    check_ret(unsafe {
+                        libc::fchmodat(
+                            self.proc_self_fd.as_raw_fd(),
+                            proc_name.as_ptr(),
+                            cleared & 0o7777,
+                            0,
+                        )
+                    })?;
+                }
+            }
+
+            if valid.intersects(
+                SetattrValid::ATIME
+                    | SetattrValid::MTIME
+                    | SetattrValid::ATIME_NOW
+                    | SetattrValid::MTIME_NOW,
+            ) {
+                let omit = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                };
+                let now = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                };
+                let mut times = [omit, omit];
+                if valid.contains(SetattrValid::ATIME_NOW) {
+                    times[0] = now;
+                } else if valid.contains(SetattrValid::ATIME) {
+                    times[0] = libc::timespec {
+                        tv_sec: attr.st_atime,
+                        tv_nsec: attr.st_atime_nsec,
+                    };
+                }
+                if valid.contains(SetattrValid::MTIME_NOW) {
+                    times[1] = now;
+                } else if valid.contains(SetattrValid::MTIME) {
+                    times[1] = libc::timespec {
+                        tv_sec: attr.st_mtime,
+                        tv_nsec: attr.st_mtime_nsec,
+                    };
+                }
+                let ret = match &open_handle {
+                    // SAFETY: futimens with a two-element array; result checked.
+                    Some(h) => unsafe { libc::futimens(h.file.as_raw_fd(), times.as_ptr()) },
+                    // SAFETY: utimensat with AT_EMPTY_PATH acts on the descriptor itself (a symlink
+                    // stays unfollowed); result checked.
+                    None => unsafe {
+                        libc::utimensat(
+                            path_fd.as_fd().as_raw_fd(),
+                            EMPTY_CSTR.as_ptr(),
+                            times.as_ptr(),
+                            libc::AT_EMPTY_PATH,
+                        )
+                    },
+                };
+                check_ret(ret)?;
+            }
+            Ok(())
+        })();
+        self.changed(&data, ticket);
+        outcome?;
+        Ok((self.stat_inode(&data)?, self.attr_timeout_of(&data)))
     }
 
     fn readlink(&self, _ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
@@ -1809,9 +2033,14 @@ impl FileSystem for PassthroughFs {
         let name = cstr_arg(name)?;
         let parent_data = self.inodes.get(parent)?;
         let parent_fd = self.inode_fd(&parent_data)?;
+        let ticket = self.before(&parent_data);
+        // The unlinked inode's link count changes too (it may have other names).
+        let child = self.key_of_name(parent_fd.as_fd(), name);
         // SAFETY: `name` is NUL-terminated; result checked.
         check_ret(unsafe { libc::unlinkat(parent_fd.as_fd().as_raw_fd(), name.as_ptr(), 0) })
             .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e))?;
+        self.changed(&parent_data, ticket);
+        self.changed_key(child);
         Ok(())
     }
 
@@ -1820,6 +2049,8 @@ impl FileSystem for PassthroughFs {
         let name = cstr_arg(name)?;
         let parent_data = self.inodes.get(parent)?;
         let parent_fd = self.inode_fd(&parent_data)?;
+        let ticket = self.before(&parent_data);
+        let child = self.key_of_name(parent_fd.as_fd(), name);
         // SAFETY: `name` is NUL-terminated; result checked.
         check_ret(unsafe {
             libc::unlinkat(
@@ -1829,6 +2060,8 @@ impl FileSystem for PassthroughFs {
             )
         })
         .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e))?;
+        self.changed(&parent_data, ticket);
+        self.changed_key(child);
         Ok(())
     }
 
@@ -1848,6 +2081,11 @@ impl FileSystem for PassthroughFs {
         let new_data = self.inodes.get(newdir)?;
         let old_fd = self.inode_fd(&old_data)?;
         let new_fd = self.inode_fd(&new_data)?;
+        let old_ticket = self.before(&old_data);
+        let new_ticket = self.before(&new_data);
+        // The moved inode's ctime changes, a replaced one loses a link.
+        let moved = self.key_of_name(old_fd.as_fd(), oldname);
+        let replaced = self.key_of_name(new_fd.as_fd(), newname);
         // A whiteout is a device node: create it as the caller.
         self.as_caller(ctx, 0, || {
             // SAFETY: both names are NUL-terminated; result checked.
@@ -1865,6 +2103,12 @@ impl FileSystem for PassthroughFs {
         })
         .map_err(|e| self.stale_parent(&old_data, &old_fd, e))
         .map_err(|e| self.stale_parent(&new_data, &new_fd, e))?;
+        self.changed(&old_data, old_ticket);
+        if newdir != olddir {
+            self.changed(&new_data, new_ticket);
+        }
+        self.changed_key(moved);
+        self.changed_key(replaced);
         Ok(())
     }
 
@@ -1885,6 +2129,8 @@ impl FileSystem for PassthroughFs {
         let fd = self.inode_fd(&data)?;
         let parent_fd = self.inode_fd(&parent_data)?;
         let proc_name = fd_name(fd.as_fd().as_raw_fd());
+        let ticket = self.before(&data);
+        let parent_ticket = self.before(&parent_data);
         // SAFETY: names are NUL-terminated; AT_SYMLINK_FOLLOW resolves the /proc magic link to
         // our inode (not beyond it); result checked.
         check_ret(unsafe {
@@ -1897,6 +2143,8 @@ impl FileSystem for PassthroughFs {
             )
         })
         .map_err(|e| self.stale_parent(&parent_data, &parent_fd, e))?;
+        self.changed(&data, ticket);
+        self.changed(&parent_data, parent_ticket);
         self.do_lookup(newparent, newname)
     }
 
@@ -1921,15 +2169,17 @@ impl FileSystem for PassthroughFs {
             // Device nodes and fifos are opened by the client kernel itself, never here.
             _ => return Err(errno(libc::ENXIO)),
         }
+        let ticket = self.before(&data);
         let file = self.open_inode(&data, self.sanitize_open_flags(flags))?;
         if iflags & libc::O_TRUNC != 0 {
+            self.changed(&data, ticket);
             if self.truncation_kills_priv(ctx, fuse_flags) {
                 kill_suid_sgid(&file)?;
             }
             self.drop_remapped_capability(file.as_raw_fd(), false)?;
         }
         let fh = self.insert_handle(inode, file)?;
-        Ok((Some(fh), self.open_options(false), None))
+        Ok((Some(fh), self.open_options_for(&data), None))
     }
 
     fn create(
@@ -1955,13 +2205,23 @@ impl FileSystem for PassthroughFs {
         _flags: u32,
     ) -> io::Result<usize> {
         let data = self.handle(inode, handle)?;
+        // Data read into the client's page cache is as old as the version read before it.
+        let node = self
+            .coherence
+            .as_ref()
+            .and_then(|_| self.inodes.get(inode).ok());
+        let ticket = node.as_ref().and_then(|n| self.before(n));
         let mut file = file_ref(&data.file);
-        match w.write_from(&mut *file, size as usize, offset) {
+        let read = match w.write_from(&mut *file, size as usize, offset) {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && is_direct(&data.file) => {
                 read_direct_aligned(&data.file, w, size as usize, offset)
             }
             other => other,
+        };
+        if let Some(node) = &node {
+            self.observed(node, ticket);
         }
+        read
     }
 
     fn write(
@@ -1983,13 +2243,22 @@ impl FileSystem for PassthroughFs {
             kill_suid_sgid(&data.file)?;
         }
         self.drop_remapped_capability(data.file.as_raw_fd(), false)?;
+        let node = self
+            .coherence
+            .as_ref()
+            .and_then(|_| self.inodes.get(inode).ok());
+        let ticket = node.as_ref().and_then(|n| self.before(n));
         let mut file = file_ref(&data.file);
-        match r.read_to(&mut *file, size as usize, offset) {
+        let written = match r.read_to(&mut *file, size as usize, offset) {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && is_direct(&data.file) => {
                 write_direct_aligned(&data.file, r, size as usize, offset)
             }
             other => other,
+        };
+        if let Some(node) = &node {
+            self.changed(node, ticket);
         }
+        written
     }
 
     fn flush(&self, _ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
@@ -2025,6 +2294,11 @@ impl FileSystem for PassthroughFs {
     ) -> io::Result<()> {
         self.check_writable()?;
         let data = self.handle(inode, handle)?;
+        let node = self
+            .coherence
+            .as_ref()
+            .and_then(|_| self.inodes.get(inode).ok());
+        let ticket = node.as_ref().and_then(|n| self.before(n));
         // SAFETY: fallocate on an open descriptor; result checked.
         check_ret(unsafe {
             libc::fallocate64(
@@ -2034,6 +2308,9 @@ impl FileSystem for PassthroughFs {
                 length as i64,
             )
         })?;
+        if let Some(node) = &node {
+            self.changed(node, ticket);
+        }
         Ok(())
     }
 
@@ -2192,8 +2469,10 @@ impl FileSystem for PassthroughFs {
         let data = self.inodes.get(inode)?;
         let fd = self.inode_fd(&data)?;
         let path = self.proc_relative(fd.as_fd().as_raw_fd())?;
+        let ticket = self.before(&data);
         // SAFETY: both strings are NUL-terminated; result checked.
         check_ret(unsafe { libc::removexattr(path.as_ptr(), host_name.as_ptr()) })?;
+        self.changed(&data, ticket);
         Ok(())
     }
 
@@ -2209,7 +2488,7 @@ impl FileSystem for PassthroughFs {
         }
         let file = self.open_inode(&data, libc::O_RDONLY | libc::O_DIRECTORY)?;
         let fh = self.insert_handle(inode, file)?;
-        Ok((Some(fh), self.open_options(true)))
+        Ok((Some(fh), self.open_options_for(&data)))
     }
 
     fn readdir(

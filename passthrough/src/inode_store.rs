@@ -37,6 +37,12 @@ pub struct InodeData {
     pub file_type: u32,
     /// Lookups not yet forgotten by the client.
     refcount: AtomicU64,
+    /// The inode's slot in the version table (shared caching only).
+    pub slot: Option<berth_versions::Slot>,
+    /// It has a slot and host changes to it are watched: the client may cache it long.
+    pub tracked: bool,
+    /// The version the client's cache of it reflects (`berth fuse` with shared caching).
+    pub known: AtomicU64,
 }
 
 impl InodeData {
@@ -47,6 +53,9 @@ impl InodeData {
             file,
             file_type,
             refcount: AtomicU64::new(1),
+            slot: None,
+            tracked: false,
+            known: AtomicU64::new(crate::coherence::NOT_DELIVERED),
         }
     }
 
@@ -188,21 +197,21 @@ impl InodeStore {
         }))
     }
 
-    /// Drops `count` references; the inode is released when none remain.
-    pub fn forget(&self, id: u64, count: u64) {
-        if self.drop_refs(id, count) {
+    /// Drops `count` references; the inode is released (and returned) when none remain.
+    pub fn forget(&self, id: u64, count: u64) -> Option<Arc<InodeData>> {
+        let released = self.drop_refs(id, count);
+        if released.is_some() {
             self.dir_fds.remove(id);
         }
+        released
     }
 
-    /// [`forget`](Self::forget) under the table lock; true when the inode was released.
-    fn drop_refs(&self, id: u64, count: u64) -> bool {
+    /// [`forget`](Self::forget) under the table lock; the inode when it was released.
+    fn drop_refs(&self, id: u64, count: u64) -> Option<Arc<InodeData>> {
         let Ok(mut maps) = self.maps.write() else {
-            return false;
+            return None;
         };
-        let Some(data) = maps.by_id.get(&id) else {
-            return false;
-        };
+        let data = maps.by_id.get(&id)?.clone();
         let mut current = data.refcount.load(Ordering::Acquire);
         loop {
             let next = current.saturating_sub(count);
@@ -216,9 +225,9 @@ impl InodeStore {
         }
         if current.saturating_sub(count) == 0 {
             maps.remove(id);
-            return true;
+            return Some(data);
         }
-        false
+        None
     }
 
     /// Drops every inode but `keep`.

@@ -8,6 +8,7 @@
 //! held by file handle rather than by an open descriptor, so that a guest looking up a million
 //! files does not pin a million descriptors.
 
+mod coherence;
 mod config;
 mod error;
 mod extra_ops;
@@ -19,6 +20,7 @@ mod inode_store;
 mod util;
 pub mod xattr_map;
 
+pub use coherence::{Invalidation, SharedCache};
 pub use config::{CachePolicy, Config, InodeFileHandles, Negotiation};
 pub use error::Error;
 pub use extra_ops::FsServer;

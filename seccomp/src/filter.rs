@@ -62,6 +62,11 @@ pub enum ThreadRole {
     ThreadPool,
     /// Reads requests from /dev/fuse and serves them.
     FuseWorker,
+    /// Reads fanotify or inotify events about the shared directory and bumps version-table
+    /// slots (shared caching); watches directories created later.
+    HostWatcher,
+    /// Waits on the version table and writes invalidations to /dev/fuse (shared caching).
+    FuseNotifier,
     /// The main thread and the signal-waiting thread once start-up is over: waiting, shutdown
     /// (unmounting in FUSE mode), accepting connections, logging and exit. Its list covers
     /// every other role's, because the threads it spawns afterwards inherit its filter.
@@ -83,6 +88,8 @@ impl ThreadRole {
             ThreadRole::QueueWorker => "queue worker",
             ThreadRole::ThreadPool => "thread pool",
             ThreadRole::FuseWorker => "FUSE worker",
+            ThreadRole::HostWatcher => "host watcher",
+            ThreadRole::FuseNotifier => "FUSE notifier",
             ThreadRole::Main => "main",
             ThreadRole::Supervisor => "sandbox supervisor",
             ThreadRole::UblkQueue => "ublk queue",
@@ -226,6 +233,9 @@ const SUPERVISOR: &[libc::c_long] = &[
     libc::SYS_write,
 ];
 
+/// The host watcher's inotify fallback adds a watch for each new directory.
+const HOST_WATCH: &[libc::c_long] = &[libc::SYS_inotify_add_watch];
+
 /// Block-device ioctls a ublk queue thread may issue on a raw block-device target
 /// (include/uapi/linux/fs.h): BLKDISCARD and BLKZEROOUT, nothing else.
 const BLKDISCARD: u64 = 0x1277;
@@ -276,9 +286,18 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ThreadRole::QueueWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
         ThreadRole::ThreadPool => &[RUNTIME, FILESYSTEM],
         ThreadRole::FuseWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
+        ThreadRole::HostWatcher => &[RUNTIME, EVENT_LOOP, FILESYSTEM, HOST_WATCH],
+        ThreadRole::FuseNotifier => &[RUNTIME],
         // Threads inherit their creator's filter and filters stack, so the thread that spawns
         // all others must allow everything they do.
-        ThreadRole::Main => &[RUNTIME, MAIN, VHOST_USER_CONTROL, EVENT_LOOP, FILESYSTEM],
+        ThreadRole::Main => &[
+            RUNTIME,
+            MAIN,
+            VHOST_USER_CONTROL,
+            EVENT_LOOP,
+            FILESYSTEM,
+            HOST_WATCH,
+        ],
         ThreadRole::Supervisor => &[SUPERVISOR],
         ThreadRole::UblkQueue => &[RUNTIME, UBLK_QUEUE],
     };

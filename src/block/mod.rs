@@ -134,6 +134,10 @@ impl Engines {
         }
         let mut config = CacheConfig::new(cache_dir);
         config.readahead_max_bytes = readahead;
+        // Disk images are mostly free space, stored as tiny compressed zero chunks: merging
+        // a miss until a backend read covers 1 MiB *stored* would pull in (and write out)
+        // hundreds of MiB of zeros for one block. Fetch what is read, plus read-ahead.
+        config.merge_min_bytes = 0;
         let engine = Arc::new(
             CacheEngine::new(config, backend)
                 .with_context(|| format!("cannot open the cache in {}", cache_dir.display()))?,
@@ -609,8 +613,12 @@ pub fn run_block_build(
         object_prefix: "blobs".into(),
         keep_disk_image: settings.keep_raw_blob,
     };
-    let report = build_block_image(&options)
-        .with_context(|| format!("cannot build a block image from {}", settings.source.display()))?;
+    let report = build_block_image(&options).with_context(|| {
+        format!(
+            "cannot build a block image from {}",
+            settings.source.display()
+        )
+    })?;
     let manifest = &report.manifest;
     println!(
         "Built block image {}: blob {} of {} bytes in {} chunks, {} bytes stored as {} in {}.",

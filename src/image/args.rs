@@ -14,10 +14,16 @@ use crate::cli::{CliError, CommonArgs, ProcessSettings};
 pub enum ImageCommand {
     /// Build an erofs image from a directory or tar archive and upload its data blob.
     Build(ImageBuildArgs),
+    /// Describe an image, or where the data of paths in it lies in its blob (chunks).
+    Inspect(ImageInspectArgs),
 }
 
 /// Where the cache of `berth mount` lives unless --cache-dir says otherwise.
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/berth/blobs";
+/// Where the cachefiles cache of fscache mode lives unless --cachefiles-dir says otherwise.
+pub const DEFAULT_CACHEFILES_DIR: &str = "/var/cache/berth/cachefiles";
+/// The erofs domain of fscache mode unless --domain-id says otherwise.
+pub const DEFAULT_DOMAIN_ID: &str = "berth";
 
 /// How the chunks of an image's blob are stored in the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -131,6 +137,40 @@ pub enum BlockFs {
     Erofs,
 }
 
+/// `berth image inspect` arguments.
+#[derive(Debug, Args)]
+pub struct ImageInspectArgs {
+    /// The image directory (holding manifest.json), or the manifest file itself.
+    #[arg(value_name = "IMAGE")]
+    pub image: PathBuf,
+
+    /// Paths inside the image: print, tab-separated, each path, the number of blob
+    /// chunks holding its data and those chunks (`3-5,9`; a directory stands for every
+    /// file below it).
+    #[arg(value_name = "PATH")]
+    pub paths: Vec<String>,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Debug)]
+pub struct ImageInspectSettings {
+    pub image: PathBuf,
+    pub paths: Vec<String>,
+    pub process: ProcessSettings,
+}
+
+impl ImageInspectArgs {
+    pub(crate) fn resolve(&self) -> Result<ImageInspectSettings, CliError> {
+        Ok(ImageInspectSettings {
+            image: self.image.clone(),
+            paths: self.paths.clone(),
+            process: self.common.resolve(None, Vec::new())?,
+        })
+    }
+}
+
 /// What `berth mount` fetches in the background, below on-demand reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PrefetchMode {
@@ -153,6 +193,50 @@ pub struct MountArgs {
     #[arg(value_name = "MOUNTPOINT")]
     pub mountpoint: PathBuf,
 
+    /// Where the data blob is fetched from, as for `berth image build --backend`
+    /// [default: the image's directory].
+    #[arg(long, value_name = "LOCATION")]
+    pub backend: Option<String>,
+
+    /// What to fetch in the background after mounting.
+    #[arg(long, value_name = "WHAT", value_enum, default_value_t = PrefetchMode::List)]
+    pub prefetch: PrefetchMode,
+
+    /// How the kernel asks for missing data: `fanotify` pre-content events (Linux 6.14+),
+    /// `fscache` (cachefiles on-demand mode, Linux 5.19 to 7.1), or `auto`: fanotify
+    /// where the kernel has it, fscache otherwise.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = MountMode::Auto)]
+    pub mode: MountMode,
+
+    /// fscache mode: the cachefiles cache directory (not on tmpfs), shared by every
+    /// image of the host; its server listens on a socket inside it.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_CACHEFILES_DIR)]
+    pub cachefiles_dir: PathBuf,
+
+    /// fscache mode: the erofs fsid (the bootstrap's cache key) [default: derived from
+    /// the image and the mount point].
+    #[arg(long, value_name = "ID")]
+    pub fsid: Option<String>,
+
+    /// fscache mode: the erofs domain; images of one domain share the cached data of
+    /// identical blobs. Empty: no domain.
+    #[arg(long, value_name = "ID", default_value = DEFAULT_DOMAIN_ID)]
+    pub domain_id: String,
+
+    /// Internal: run as the serving worker of a supervising `berth mount`.
+    #[arg(long, hide = true)]
+    pub internal_worker: bool,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// The cache engine's flags (`berth mount`, `berth fscache`).
+#[derive(Debug, Args)]
+pub struct EngineArgs {
     /// Directory of the local cache of fetched chunks.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_CACHE_DIR)]
     pub cache_dir: PathBuf,
@@ -160,11 +244,6 @@ pub struct MountArgs {
     /// Most bytes the cache keeps; blobs not in use are evicted beyond it [default: no limit].
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub cache_capacity: Option<u64>,
-
-    /// Where the data blob is fetched from, as for `berth image build --backend`
-    /// [default: the image's directory].
-    #[arg(long, value_name = "LOCATION")]
-    pub backend: Option<String>,
 
     /// Keep the cache metrics in this file (Prometheus text format).
     #[arg(long, value_name = "PATH")]
@@ -180,20 +259,40 @@ pub struct MountArgs {
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: u16,
 
-    /// What to fetch in the background after mounting.
-    #[arg(long, value_name = "WHAT", value_enum, default_value_t = PrefetchMode::List)]
-    pub prefetch: PrefetchMode,
-
     /// How far ahead of a sequential reader to fetch (0: no read-ahead).
     #[arg(long, value_name = "BYTES", default_value = "16M", value_parser = parse_size)]
     pub readahead: u64,
+}
 
-    /// Internal: run as the serving worker of a supervising `berth mount`.
+/// `berth fscache` flags.
+#[derive(Debug, Args)]
+pub struct FscacheArgs {
+    /// The cachefiles cache directory (not on tmpfs: ext4, xfs…).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_CACHEFILES_DIR)]
+    pub cachefiles_dir: PathBuf,
+
+    /// Exit once no image is mounted and no `berth mount` is connected (how `berth
+    /// mount` starts a server when none runs).
+    #[arg(long)]
+    pub exit_when_idle: bool,
+
+    /// Internal: run as the serving worker of a supervising `berth fscache`.
     #[arg(long, hide = true)]
     pub internal_worker: bool,
 
     #[command(flatten)]
+    pub engine: EngineArgs,
+
+    #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// How `berth mount` learns about reads of missing data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MountMode {
+    Auto,
+    Fanotify,
+    Fscache,
 }
 
 #[derive(Debug)]
@@ -224,9 +323,73 @@ pub struct MountSettings {
     pub threads: usize,
     pub prefetch: PrefetchMode,
     pub readahead: u64,
-    /// Run as the worker of a supervisor (see `src/image.rs`).
+    pub mode: MountMode,
+    pub cachefiles_dir: PathBuf,
+    pub fsid: Option<String>,
+    /// `None`: no domain.
+    pub domain_id: Option<String>,
+    /// Run as the worker of a supervisor (see `src/image/mod.rs`).
     pub internal_worker: bool,
     pub process: ProcessSettings,
+}
+
+/// The engine part of `berth fscache` (also what `berth mount` starts one with).
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub cache_dir: PathBuf,
+    pub cache_capacity: Option<u64>,
+    pub metrics_file: Option<PathBuf>,
+    pub metrics_interval: Duration,
+    pub threads: usize,
+    pub readahead: u64,
+}
+
+#[derive(Debug)]
+pub struct FscacheSettings {
+    pub cachefiles_dir: PathBuf,
+    pub exit_when_idle: bool,
+    pub internal_worker: bool,
+    pub engine: EngineSettings,
+    pub process: ProcessSettings,
+}
+
+impl EngineArgs {
+    fn resolve(&self) -> EngineSettings {
+        EngineSettings {
+            cache_dir: self.cache_dir.clone(),
+            cache_capacity: self.cache_capacity,
+            metrics_file: self.metrics_file.clone(),
+            metrics_interval: Duration::from_secs(self.metrics_interval),
+            threads: usize::from(self.threads),
+            readahead: self.readahead,
+        }
+    }
+}
+
+impl MountSettings {
+    /// The engine settings, as a server for this mount is started with.
+    pub fn engine(&self) -> EngineSettings {
+        EngineSettings {
+            cache_dir: self.cache_dir.clone(),
+            cache_capacity: self.cache_capacity,
+            metrics_file: self.metrics_file.clone(),
+            metrics_interval: self.metrics_interval,
+            threads: self.threads,
+            readahead: self.readahead,
+        }
+    }
+}
+
+impl FscacheArgs {
+    pub(crate) fn resolve(&self) -> Result<FscacheSettings, CliError> {
+        Ok(FscacheSettings {
+            cachefiles_dir: self.cachefiles_dir.clone(),
+            exit_when_idle: self.exit_when_idle,
+            internal_worker: self.internal_worker,
+            engine: self.engine.resolve(),
+            process: self.common.resolve(None, Vec::new())?,
+        })
+    }
 }
 
 impl ImageBuildArgs {
@@ -250,14 +413,18 @@ impl MountArgs {
         Ok(MountSettings {
             image: self.image.clone(),
             mountpoint: self.mountpoint.clone(),
-            cache_dir: self.cache_dir.clone(),
-            cache_capacity: self.cache_capacity,
+            cache_dir: self.engine.cache_dir.clone(),
+            cache_capacity: self.engine.cache_capacity,
             backend: self.backend.clone(),
-            metrics_file: self.metrics_file.clone(),
-            metrics_interval: Duration::from_secs(self.metrics_interval),
-            threads: usize::from(self.threads),
+            metrics_file: self.engine.metrics_file.clone(),
+            metrics_interval: Duration::from_secs(self.engine.metrics_interval),
+            threads: usize::from(self.engine.threads),
             prefetch: self.prefetch,
-            readahead: self.readahead,
+            readahead: self.engine.readahead,
+            mode: self.mode,
+            cachefiles_dir: self.cachefiles_dir.clone(),
+            fsid: self.fsid.clone(),
+            domain_id: Some(self.domain_id.clone()).filter(|d| !d.is_empty()),
             internal_worker: self.internal_worker,
             process: self.common.resolve(None, Vec::new())?,
         })
@@ -377,6 +544,67 @@ mod tests {
             let err = parse(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad:?} should be a usage error");
         }
+    }
+
+    #[test]
+    fn mount_modes_and_fscache_flags() {
+        match resolve(&["mount", "/img", "/mnt"]) {
+            Ok(Mode::Mount(s)) => {
+                assert_eq!(s.mode, MountMode::Auto);
+                assert_eq!(s.cachefiles_dir, PathBuf::from(DEFAULT_CACHEFILES_DIR));
+                assert_eq!(s.domain_id.as_deref(), Some(DEFAULT_DOMAIN_ID));
+                assert_eq!(s.fsid, None);
+            }
+            other => panic!("expected mount, got {other:?}"),
+        }
+        match resolve(&[
+            "mount",
+            "/img",
+            "/mnt",
+            "--mode=fscache",
+            "--cachefiles-dir=/var/cf",
+            "--fsid=app-1",
+            "--domain-id=",
+        ]) {
+            Ok(Mode::Mount(s)) => {
+                assert_eq!(s.mode, MountMode::Fscache);
+                assert_eq!(s.cachefiles_dir, PathBuf::from("/var/cf"));
+                assert_eq!(s.fsid.as_deref(), Some("app-1"));
+                assert_eq!(s.domain_id, None, "an empty domain means none");
+            }
+            other => panic!("expected mount, got {other:?}"),
+        }
+        assert_eq!(
+            parse(&["mount", "/img", "/mnt", "--mode=nbd"])
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
+        match resolve(&[
+            "fscache",
+            "--cachefiles-dir=/var/cf",
+            "--exit-when-idle",
+            "--cache-dir=/c",
+            "--readahead=0",
+            "--threads=2",
+        ]) {
+            Ok(Mode::Fscache(s)) => {
+                assert_eq!(s.cachefiles_dir, PathBuf::from("/var/cf"));
+                assert!(s.exit_when_idle && !s.internal_worker);
+                assert_eq!(s.engine.cache_dir, PathBuf::from("/c"));
+                assert_eq!(s.engine.readahead, 0);
+                assert_eq!(s.engine.threads, 2);
+            }
+            other => panic!("expected fscache, got {other:?}"),
+        }
+        match resolve(&["image", "inspect", "/img", "a/b", "c"]) {
+            Ok(Mode::ImageInspect(s)) => {
+                assert_eq!(s.image, PathBuf::from("/img"));
+                assert_eq!(s.paths, ["a/b", "c"]);
+            }
+            other => panic!("expected image inspect, got {other:?}"),
+        }
+        assert_eq!(parse(&["fscache", "/extra"]).unwrap_err().exit_code(), 2);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! and lazy mounter. Their flags live in [`args`].
 
 pub mod args;
+pub mod fscache;
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
@@ -21,7 +22,9 @@ use berth_ondemand::{build_image, BuildOptions};
 use clap::ValueEnum;
 use tracing::{error, info};
 
-use crate::image::args::{ImageBuildSettings, MountSettings, PrefetchMode};
+use crate::image::args::{
+    ImageBuildSettings, ImageInspectSettings, MountMode, MountSettings, PrefetchMode,
+};
 use crate::shutdown::{signal_name, TerminationSignals};
 
 /// The backend named on the command line, or else the directory `default_dir`.
@@ -77,6 +80,59 @@ pub fn run_build(settings: ImageBuildSettings, signals: TerminationSignals) -> a
     Ok(())
 }
 
+/// `berth image inspect`: the image's manifest in short, or per path the blob chunks
+/// holding its data (tab-separated: path, chunk count, chunk ranges).
+pub fn run_inspect(settings: ImageInspectSettings) -> anyhow::Result<()> {
+    let manifest_path = manifest_path_of(&settings.image);
+    let manifest = Manifest::load(&manifest_path)?;
+    if settings.paths.is_empty() {
+        println!("blob\t{}", manifest.blob_id);
+        println!("object\t{}", manifest.object);
+        println!("size\t{}", manifest.blob_size);
+        println!("stored\t{}", manifest.stored_size());
+        println!("chunk_size\t{}", manifest.chunk_size);
+        println!("chunks\t{}", manifest.chunk_count());
+        println!("compression\t{:?}", manifest.compression);
+        println!("prefetch_entries\t{}", manifest.prefetch.len());
+        return Ok(());
+    }
+    let bootstrap = manifest_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join(&manifest.bootstrap);
+    let erofs = berth_ondemand::erofs::ErofsImage::open(&bootstrap)?;
+    for path in &settings.paths {
+        let Some(ranges) = erofs.data_ranges(path)? else {
+            bail!("{path} is not in the image");
+        };
+        let mut chunks: Vec<u64> = ranges
+            .into_iter()
+            .flat_map(|range| manifest.chunks_of(range))
+            .collect();
+        chunks.sort_unstable();
+        chunks.dedup();
+        let mut spans: Vec<String> = Vec::new();
+        let mut at = 0;
+        while at < chunks.len() {
+            let start = chunks[at];
+            let mut end = start;
+            while at + 1 < chunks.len() && chunks[at + 1] == end + 1 {
+                at += 1;
+                end += 1;
+            }
+            spans.push(if start == end {
+                start.to_string()
+            } else {
+                format!("{start}-{end}")
+            });
+            at += 1;
+        }
+        println!("{path}\t{}\t{}", chunks.len(), spans.join(","));
+    }
+    Ok(())
+}
+
 /// `berth mount`: the supervisor, which mounts the image and keeps it fail-closed while
 /// a worker child process (this binary again, with `--internal-worker`) fetches the data;
 /// see `berth_ondemand::supervise`.
@@ -84,6 +140,53 @@ pub fn run_mount(settings: MountSettings, signals: TerminationSignals) -> anyhow
     if settings.internal_worker {
         return run_mount_worker(settings, signals);
     }
+    let manifest_path = manifest_path_of(&settings.image);
+    if !manifest_path.is_file() {
+        bail!(
+            "{} is not an image: {} does not exist",
+            settings.image.display(),
+            manifest_path.display()
+        );
+    }
+    if !settings.mountpoint.is_dir() {
+        bail!(
+            "the mount point {} is not a directory",
+            settings.mountpoint.display()
+        );
+    }
+    match choose_mode(&settings) {
+        MountMode::Fscache => fscache::run_mount_fscache(settings, signals),
+        _ => run_mount_fanotify(settings, signals),
+    }
+}
+
+/// The mode `--mode auto` stands for on this kernel, said in the log.
+fn choose_mode(settings: &MountSettings) -> MountMode {
+    if settings.mode != MountMode::Auto {
+        return settings.mode;
+    }
+    let scratch = &settings.cache_dir;
+    let fanotify = std::fs::create_dir_all(scratch)
+        .map_err(|e| format!("cannot create {}: {e}", scratch.display()))
+        .and_then(|()| berth_ondemand::mount::fanotify_available(scratch));
+    match fanotify {
+        Ok(()) => {
+            info!("Mode fanotify: the kernel has fanotify pre-content events.");
+            MountMode::Fanotify
+        }
+        Err(why) if berth_ondemand::cachefiles::device::available() => {
+            info!("Mode fscache: {why}; the kernel has cachefiles.");
+            MountMode::Fscache
+        }
+        Err(why) => {
+            info!("Mode fanotify, although {why}: the kernel has no cachefiles either.");
+            MountMode::Fanotify
+        }
+    }
+}
+
+/// `berth mount --mode fanotify`.
+fn run_mount_fanotify(settings: MountSettings, signals: TerminationSignals) -> anyhow::Result<()> {
     let manifest_path = manifest_path_of(&settings.image);
     if !manifest_path.is_file() {
         bail!(

@@ -194,6 +194,15 @@ impl FuseMount {
 
     /// As [`FuseMount::start`], with a watchdog limit other than [`TEST_TIMEOUT`].
     pub fn start_with_limit(flags: &[&str], limit: Duration) -> Option<FuseMount> {
+        Self::start_inner(None, flags, limit)
+    }
+
+    /// A second mount of `first`'s shared directory, on a mount point of its own.
+    pub fn start_beside(first: &FuseMount, flags: &[&str]) -> Option<FuseMount> {
+        Self::start_inner(Some(first.shared()), flags, TEST_TIMEOUT)
+    }
+
+    fn start_inner(existing: Option<&Path>, flags: &[&str], limit: Duration) -> Option<FuseMount> {
         if let Some(reason) = skip_reason() {
             skip(&reason);
             return None;
@@ -206,9 +215,14 @@ impl FuseMount {
         fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755))
             .expect("chmod the temporary directory");
         let base = root.path().canonicalize().expect("canonicalize tempdir");
-        let shared = base.join("shared");
+        let shared = existing
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| base.join("shared"));
         let mnt = base.join("mnt");
         for dir in [&shared, &mnt] {
+            if existing == Some(dir.as_path()) {
+                continue;
+            }
             fs::create_dir(dir).expect("create shared/ and mnt/");
             fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).expect("chmod dir");
         }

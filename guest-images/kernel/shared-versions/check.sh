@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds the shared-versions guest kernel (Debian's linux-source-7.2, allnoconfig + this
+# directory's config + patches; cached) and boots it against today's berth, which offers no
+# version table: the patched guest must behave exactly like an unpatched one (mounts, file
+# operations, xattrs, both cache modes), proving the extension stays off unless negotiated.
+#
+# Usage: guest-images/kernel/shared-versions/check.sh [--build-only]
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+build_only=0
+[ "${1:-}" = --build-only ] && build_only=1
+out=$("$here/../build.sh" --name shared-versions-7.2 --package linux-source-7.2 --suite sid \
+	--fragment "$here/config" --patches "$here/patches")
+echo "shared-versions kernel: $out ($(cat "$out/source-version"))"
+[ $build_only -eq 1 ] && exit 0
+# Everything is built in: no module tree.
+"$here/../../test.sh" --daemon berth --kernel "$out/vmlinux" \
+	--only mount,file-ops,xattr,cache-never,cache-auto,umount,daemons-exit-0,no-stray

@@ -1,0 +1,137 @@
+//! Page-aligned buffers: cachefiles writes what the daemon gives an object straight to
+//! the backing file with direct I/O, which refuses (EINVAL) buffers, offsets and lengths
+//! not aligned to the block size. Writes are made from these buffers, at page-aligned
+//! offsets, in page multiples (zero-padded past the end of the data).
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::fs::File;
+use std::io;
+use std::mem::ManuallyDrop;
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+
+/// The alignment of every offset, length and buffer written into a cache object.
+pub const PAGE: usize = 4096;
+
+/// A zeroed, page-aligned heap buffer of a page multiple.
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+// SAFETY: the buffer is plain memory owned by this value alone.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A buffer of at least `len` bytes (rounded up to a page multiple, at least one).
+    pub fn new(len: usize) -> Self {
+        let size = len.max(1).div_ceil(PAGE) * PAGE;
+        let layout = Layout::from_size_align(size, PAGE).unwrap_or_else(|_| {
+            // Only a length near usize::MAX gets here.
+            std::alloc::handle_alloc_error(Layout::new::<u8>())
+        });
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Self { ptr, layout }
+    }
+
+    pub fn len(&self) -> usize {
+        self.layout.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points to `len()` initialised (zeroed) bytes owned by us.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len()) }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: as above, shared.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this very layout.
+        unsafe { dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// Copies `len` bytes at `offset` (page-aligned) from the file `source` into the cache
+/// object `object`, in pieces of at most `piece` bytes, the last one zero-padded to a
+/// page multiple.
+pub fn copy_into_object(
+    source: &File,
+    object: RawFd,
+    offset: u64,
+    len: u64,
+    buffer: &mut AlignedBuf,
+) -> io::Result<()> {
+    if !offset.is_multiple_of(PAGE as u64) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("offset {offset} is not page-aligned"),
+        ));
+    }
+    // SAFETY: `object` stays open for the call (the caller holds it); ManuallyDrop
+    // keeps this File from closing it.
+    let out = ManuallyDrop::new(unsafe { File::from_raw_fd(object) });
+    let mut done = 0u64;
+    while done < len {
+        let n = ((len - done) as usize).min(buffer.len());
+        let padded = n.div_ceil(PAGE) * PAGE;
+        let slice = buffer.as_mut_slice();
+        source.read_exact_at(&mut slice[..n], offset + done)?;
+        slice[n..padded].fill(0);
+        out.write_all_at(&slice[..padded], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_page_aligned_multiples_and_copies_pad_the_tail() {
+        let buf = AlignedBuf::new(5000);
+        assert_eq!(buf.len(), 8192);
+        assert_eq!(buf.as_slice().as_ptr() as usize % PAGE, 0);
+        assert!(buf.as_slice().iter().all(|&b| b == 0));
+
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("source");
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&source, &data).unwrap();
+        let target = File::create(dir.path().join("target")).unwrap();
+        let mut buffer = AlignedBuf::new(4096);
+        copy_into_object(
+            &File::open(&source).unwrap(),
+            std::os::fd::AsRawFd::as_raw_fd(&target),
+            0,
+            data.len() as u64,
+            &mut buffer,
+        )
+        .unwrap();
+        let copied = std::fs::read(dir.path().join("target")).unwrap();
+        assert_eq!(copied.len(), 12_288, "written in whole pages");
+        assert_eq!(&copied[..data.len()], &data[..]);
+        assert!(copied[data.len()..].iter().all(|&b| b == 0));
+        assert!(copy_into_object(
+            &File::open(&source).unwrap(),
+            std::os::fd::AsRawFd::as_raw_fd(&target),
+            100,
+            10,
+            &mut buffer
+        )
+        .is_err());
+    }
+}

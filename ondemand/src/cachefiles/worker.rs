@@ -1,0 +1,505 @@
+//! The worker of a cachefiles server: runs the cache engine, and fills the kernel's
+//! cache objects of data blobs.
+//!
+//! A READ is served by making its chunks present in the engine (fetched, verified,
+//! persisted), copying them from the engine's cache file into the object's anonymous
+//! descriptor and completing the request. A chunk that cannot be fetched or fails its
+//! digest is not written: completing without data makes the reader's read fail with
+//! EIO, never return zeros. Chunks the engine brings in by itself (read-ahead of a
+//! sequential reader, the prefetch list) are pushed into the open objects as they
+//! arrive, so the kernel finds them without asking.
+//!
+//! The worker holds no `/dev/cachefiles` descriptor: it dies with its supervisor
+//! (`PR_SET_PDEATHSIG`), so the anonymous descriptors it holds close with it and a
+//! restarted server can `restore` the requests.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::mem::ManuallyDrop;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
+
+use berth_cache::{
+    open_backend, BlobBackend, BlobHandle, CacheEngine, CacheError, LocalDirBackend, Manifest,
+};
+
+use super::aligned::{copy_into_object, AlignedBuf};
+use super::device::complete_read;
+use super::protocol::{FromWorker, Prefetch, ToWorker};
+use crate::error::{IoContext, OndemandError, Result};
+use crate::image::manifest_path_of;
+use crate::ipc;
+
+/// Backends by object name: one engine serves the images of every backend.
+#[derive(Debug, Default)]
+pub struct RoutedBackend {
+    routes: RwLock<HashMap<String, Arc<dyn BlobBackend>>>,
+}
+
+impl RoutedBackend {
+    /// Reads of `object` go to `backend` from now on.
+    pub fn route(&self, object: &str, backend: Arc<dyn BlobBackend>) {
+        self.routes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(object.to_string(), backend);
+    }
+
+    fn backend(&self, name: &str) -> berth_cache::Result<Arc<dyn BlobBackend>> {
+        self.routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or(CacheError::Unsupported("objects of no registered image"))
+    }
+}
+
+impl BlobBackend for RoutedBackend {
+    fn read_range(&self, name: &str, range: Range<u64>) -> berth_cache::Result<Vec<u8>> {
+        self.backend(name)?.read_range(name, range)
+    }
+    fn size(&self, name: &str) -> berth_cache::Result<u64> {
+        self.backend(name)?.size(name)
+    }
+    fn put_file(&self, name: &str, path: &Path) -> berth_cache::Result<()> {
+        self.backend(name)?.put_file(name, path)
+    }
+    fn put_bytes(&self, name: &str, data: &[u8]) -> berth_cache::Result<()> {
+        self.backend(name)?.put_bytes(name, data)
+    }
+    fn describe(&self) -> String {
+        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        let mut names: Vec<String> = routes.values().map(|b| b.describe()).collect();
+        names.sort();
+        names.dedup();
+        names.join(", ")
+    }
+}
+
+/// A kernel cache object of a blob: where data is pushed.
+#[derive(Debug)]
+struct Sink {
+    object_id: u32,
+    fd: OwnedFd,
+    /// Chunks written into this object (while it is open the kernel keeps them).
+    pushed: Mutex<Vec<bool>>,
+}
+
+#[derive(Debug)]
+struct OpenBlob {
+    handle: Arc<BlobHandle>,
+    /// Images using the blob.
+    images: Vec<String>,
+    sinks: Arc<Mutex<Vec<Arc<Sink>>>>,
+}
+
+/// Descriptor number the worker receives its socket at.
+pub const WORKER_SOCKET_FD: RawFd = 3;
+
+struct Worker {
+    engine: Arc<CacheEngine>,
+    backends: Arc<RoutedBackend>,
+    socket: Arc<OwnedFd>,
+    blobs: Mutex<HashMap<String, OpenBlob>>,
+    objects: Mutex<HashMap<u32, (String, Arc<Sink>)>>,
+}
+
+fn send(socket: &OwnedFd, message: &FromWorker) {
+    if let Err(err) = ipc::send(socket.as_raw_fd(), message, None) {
+        tracing::debug!("cannot report to the supervisor: {err}");
+    }
+}
+
+/// Copies `range` of the cache file (present) into `sink`, whole chunks, skipping
+/// chunks pushed before; marks what it wrote.
+fn push(handle: &BlobHandle, sink: &Sink, range: Range<u64>) -> std::io::Result<()> {
+    let manifest = handle.manifest();
+    let chunks = manifest.chunks_of(range);
+    // SAFETY: the engine's cache file descriptor stays open while `handle` lives; the
+    // File is never dropped (ManuallyDrop), so it is not closed here.
+    let cache = ManuallyDrop::new(unsafe { File::from_raw_fd(handle.cache_raw_fd()) });
+    let mut buffer: Option<AlignedBuf> = None;
+    for index in chunks {
+        let pushed = sink
+            .pushed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(index as usize)
+            .copied()
+            .unwrap_or(true);
+        if pushed {
+            continue;
+        }
+        let chunk = manifest.chunk_range(index);
+        let buffer = buffer.get_or_insert_with(|| AlignedBuf::new(manifest.chunk_size as usize));
+        copy_into_object(
+            &cache,
+            sink.fd.as_raw_fd(),
+            chunk.start,
+            chunk.end - chunk.start,
+            buffer,
+        )?;
+        if let Some(slot) = sink
+            .pushed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(index as usize)
+        {
+            *slot = true;
+        }
+    }
+    Ok(())
+}
+
+impl Worker {
+    fn add_image(
+        &self,
+        key: &str,
+        manifest_path: &Path,
+        backend: Option<&str>,
+        prefetch: Prefetch,
+    ) -> Result<()> {
+        let manifest_path = manifest_path_of(manifest_path);
+        let manifest = Manifest::load(&manifest_path)?;
+        let image_dir = manifest_path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let backend: Arc<dyn BlobBackend> = match backend {
+            Some(spec) => open_backend(spec)?,
+            None => Arc::new(LocalDirBackend::new(&image_dir)),
+        };
+        let mut blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(open) = blobs.get_mut(&manifest.blob_id) {
+            if open.handle.manifest() != &manifest {
+                return Err(CacheError::InvalidManifest(format!(
+                    "blob {} is already served with a different manifest",
+                    manifest.blob_id
+                ))
+                .into());
+            }
+            if !open.images.iter().any(|k| k == key) {
+                open.images.push(key.to_string());
+            }
+            return Ok(());
+        }
+        // A wrong backend would otherwise fail every read with EIO.
+        let stored = backend.size(&manifest.object)?;
+        if stored != manifest.stored_size() {
+            return Err(CacheError::InvalidManifest(format!(
+                "the blob {} in {} holds {stored} bytes, but the image expects {}",
+                manifest.object,
+                backend.describe(),
+                manifest.stored_size()
+            ))
+            .into());
+        }
+        self.backends.route(&manifest.object, backend);
+        let handle = Arc::new(self.engine.open_blob(&manifest)?);
+        let sinks: Arc<Mutex<Vec<Arc<Sink>>>> = Arc::default();
+        {
+            let sinks = sinks.clone();
+            let weak = Arc::downgrade(&handle);
+            handle.set_ready_listener(move |range| {
+                let Some(handle) = weak.upgrade() else { return };
+                let sinks: Vec<Arc<Sink>> = sinks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                for sink in sinks {
+                    if let Err(err) = push(&handle, &sink, range.clone()) {
+                        tracing::warn!(
+                            object = sink.object_id,
+                            "cannot push fetched data into the cache object: {err}"
+                        );
+                    }
+                }
+            });
+        }
+        let mut ranges: Vec<Range<u64>> = Vec::new();
+        if prefetch != Prefetch::None {
+            for entry in &manifest.prefetch {
+                ranges.extend(entry.ranges.iter().map(|&[start, end]| start..end));
+            }
+        }
+        if prefetch == Prefetch::All {
+            ranges.push(0..manifest.blob_size);
+        }
+        if !ranges.is_empty() {
+            handle.prefetch(&ranges);
+        }
+        tracing::info!(image = key, blob = %manifest.blob_id, "serving blob");
+        blobs.insert(
+            manifest.blob_id.clone(),
+            OpenBlob {
+                handle,
+                images: vec![key.to_string()],
+                sinks,
+            },
+        );
+        Ok(())
+    }
+
+    fn remove_image(&self, key: &str) {
+        let mut blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
+        blobs.retain(|id, open| {
+            open.images.retain(|k| k != key);
+            let keep = !open.images.is_empty();
+            if !keep {
+                tracing::info!(blob = %id, "blob no longer served");
+            }
+            keep
+        });
+    }
+
+    fn add_object(&self, object_id: u32, blob_id: &str, fd: OwnedFd) {
+        let blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(open) = blobs.get(blob_id) else {
+            tracing::error!(
+                object_id,
+                blob = blob_id,
+                "a cache object of a blob no image here has"
+            );
+            return;
+        };
+        let chunks = open.handle.manifest().chunk_count() as usize;
+        let sink = Arc::new(Sink {
+            object_id,
+            fd,
+            pushed: Mutex::new(vec![false; chunks]),
+        });
+        open.sinks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(sink.clone());
+        drop(blobs);
+        self.objects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(object_id, (blob_id.to_string(), sink));
+    }
+
+    fn drop_object(&self, object_id: u32) {
+        let removed = self
+            .objects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&object_id);
+        if let Some((blob_id, _)) = removed {
+            if let Some(open) = self
+                .blobs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&blob_id)
+            {
+                open.sinks
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|s| s.object_id != object_id);
+            }
+        }
+    }
+
+    /// Serves one READ; returns whether data was written.
+    fn read(&self, msg_id: u32, object_id: u32, off: u64, len: u64) -> bool {
+        let object = self
+            .objects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&object_id)
+            .cloned();
+        let Some((blob_id, sink)) = object else {
+            tracing::error!(
+                object_id,
+                msg_id,
+                "a READ of an object this worker was not given"
+            );
+            return false;
+        };
+        let handle = self
+            .blobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&blob_id)
+            .map(|open| open.handle.clone());
+        let Some(handle) = handle else {
+            let _ = complete_read(sink.fd.as_raw_fd(), msg_id);
+            return false;
+        };
+        let size = handle.manifest().blob_size;
+        let range = off.min(size)..off.saturating_add(len).min(size);
+        // A panic must still complete the request (with EIO), never leave it waiting.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            handle
+                .ensure_present(range.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    // Whole chunks: the kernel then finds the rest of each without asking.
+                    let chunks = handle.manifest().chunks_of(range.clone());
+                    let whole = handle.manifest().chunk_range(chunks.start).start
+                        ..handle
+                            .manifest()
+                            .chunk_range(chunks.end.saturating_sub(1))
+                            .end;
+                    push(&handle, &sink, whole)
+                        .map_err(|e| format!("writing into cache object {object_id} failed: {e}"))
+                })
+        }))
+        .unwrap_or_else(|_| Err("internal error (panic) while serving".into()));
+        let ok = match outcome {
+            Ok(()) => true,
+            Err(message) => {
+                tracing::error!(blob = %blob_id, range = ?range, "failing a read of blob {blob_id} with EIO: {message}");
+                false
+            }
+        };
+        if let Err(err) = complete_read(sink.fd.as_raw_fd(), msg_id) {
+            // Gone already (the reader was killed, or a restarted supervisor re-sent a
+            // request the previous worker completed).
+            tracing::debug!(msg_id, "completing a READ: {err}");
+        }
+        ok
+    }
+}
+
+/// What the worker runs with.
+pub struct WorkerOptions {
+    pub engine: Arc<CacheEngine>,
+    pub backends: Arc<RoutedBackend>,
+    pub threads: usize,
+}
+
+/// Takes the supervisor's socket from [`WORKER_SOCKET_FD`] and asks to die with the
+/// supervisor.
+///
+/// # Safety
+/// Call once, first thing in a worker process started by the supervisor.
+pub unsafe fn inherited_socket() -> Result<OwnedFd> {
+    // SAFETY: prctl with constant arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    // SAFETY (caller): the supervisor installed the socket at this number for us.
+    if unsafe { libc::fcntl(WORKER_SOCKET_FD, libc::F_GETFD) } < 0 {
+        return Err(OndemandError::Io {
+            context: "taking the supervisor's socket (run `berth fscache`, not the worker)".into(),
+            source: std::io::Error::from_raw_os_error(libc::EBADF),
+        });
+    }
+    // SAFETY: marks our own descriptor close-on-exec.
+    unsafe { libc::fcntl(WORKER_SOCKET_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // The supervisor may already be gone (before PDEATHSIG was armed).
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } == 1 {
+        std::process::exit(1);
+    }
+    // SAFETY: an open descriptor the supervisor gave to this process alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(WORKER_SOCKET_FD) })
+}
+
+/// Serves the supervisor on `socket` until it says stop or goes away.
+pub fn run_worker(options: WorkerOptions, socket: OwnedFd) -> Result<()> {
+    let socket = Arc::new(socket);
+    let worker = Arc::new(Worker {
+        engine: options.engine,
+        backends: options.backends,
+        socket: socket.clone(),
+        blobs: Mutex::new(HashMap::new()),
+        objects: Mutex::new(HashMap::new()),
+    });
+    let (sender, receiver) = mpsc::channel::<(u32, u32, u64, u64)>();
+    let receiver = Arc::new(Mutex::new(receiver));
+    let mut pool = Vec::new();
+    for index in 0..options.threads.max(1) {
+        let (worker, receiver) = (worker.clone(), receiver.clone());
+        pool.push(
+            std::thread::Builder::new()
+                .name(format!("berth-fscache-{index}"))
+                .spawn(move || loop {
+                    let next = receiver.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok((msg_id, object_id, off, len)) = next else {
+                        return;
+                    };
+                    let ok = worker.read(msg_id, object_id, off, len);
+                    send(&worker.socket, &FromWorker::ReadDone { msg_id, ok });
+                })
+                .context(|| "starting a worker thread".into())?,
+        );
+    }
+    send(&socket, &FromWorker::Ready);
+    loop {
+        let message = match ipc::receive::<ToWorker>(socket.as_raw_fd()) {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            Err(err) if err.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(err) => {
+                tracing::error!("the supervisor's socket failed: {err}");
+                break;
+            }
+        };
+        match message {
+            (
+                ToWorker::AddImage {
+                    key,
+                    manifest,
+                    backend,
+                    prefetch,
+                },
+                _,
+            ) => {
+                let error = worker
+                    .add_image(&key, &manifest, backend.as_deref(), prefetch)
+                    .err()
+                    .map(|e| e.to_string());
+                if let Some(error) = &error {
+                    tracing::error!(image = %key, "cannot serve the image: {error}");
+                }
+                send(&socket, &FromWorker::ImageAdded { key, error });
+            }
+            (ToWorker::RemoveImage { key }, _) => worker.remove_image(&key),
+            (ToWorker::Object { object_id, blob_id }, Some(fd)) => {
+                worker.add_object(object_id, &blob_id, fd)
+            }
+            (ToWorker::Object { object_id, .. }, None) => {
+                tracing::error!(object_id, "a cache object came without its descriptor")
+            }
+            (ToWorker::DropObject { object_id }, _) => worker.drop_object(object_id),
+            (
+                ToWorker::Read {
+                    msg_id,
+                    object_id,
+                    off,
+                    len,
+                },
+                _,
+            ) => {
+                let _ = sender.send((msg_id, object_id, off, len));
+            }
+            (ToWorker::Stop, _) => break,
+        }
+    }
+    drop(sender);
+    for thread in pool {
+        let _ = thread.join();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routed_backend_reads_each_object_from_its_own_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = LocalDirBackend::new(dir.path().join("a"));
+        let b = LocalDirBackend::new(dir.path().join("b"));
+        a.put_bytes("blobs/x", b"from a").unwrap();
+        b.put_bytes("blobs/y", b"from b").unwrap();
+        let routed = RoutedBackend::default();
+        routed.route("blobs/x", Arc::new(a));
+        routed.route("blobs/y", Arc::new(b));
+        assert_eq!(routed.read_range("blobs/x", 0..6).unwrap(), b"from a");
+        assert_eq!(routed.read_range("blobs/y", 5..6).unwrap(), b"b");
+        assert!(routed.read_range("blobs/z", 0..1).is_err());
+        assert_eq!(routed.size("blobs/y").unwrap(), 6);
+    }
+}
