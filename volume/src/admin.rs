@@ -11,8 +11,8 @@ use serde::Serialize;
 
 use crate::error::{Result, VolumeError};
 use crate::format::{
-    hex, now_ms, random_id, CloneRecord, CloneSource, LeaseRecord, Manifest, ManifestKind,
-    PackLoc, VolumeConfig, VOLUME_FORMAT,
+    hex, now_ms, random_id, CloneRecord, CloneSource, LeaseRecord, Manifest, ManifestKind, PackLoc,
+    VolumeConfig, VOLUME_FORMAT,
 };
 use crate::lease;
 use crate::pack::PackBuilder;
@@ -194,9 +194,14 @@ fn import(
             builder.finish(id, key.clone(), config.chunk_blocks(), config.compression)?;
         store.put(&key, &object, COMMAND_PATIENCE)?;
         for &(lba, len, at) in &builder.extents {
-            manifest
-                .extents
-                .push((lba, len, Some(PackLoc { pack: id, block: at })));
+            manifest.extents.push((
+                lba,
+                len,
+                Some(PackLoc {
+                    pack: id,
+                    block: at,
+                }),
+            ));
         }
         manifest.packs.push(info);
         manifest.next_pack_id = id + 1;
@@ -284,7 +289,10 @@ fn live_clones(store: &Arc<Store>, name: &str) -> Result<Vec<String>> {
             continue;
         }
         let clone = store.sibling(&record.prefix);
-        if clone.get(&clone.key("volume.json"), COMMAND_PATIENCE)?.is_some() {
+        if clone
+            .get(&clone.key("volume.json"), COMMAND_PATIENCE)?
+            .is_some()
+        {
             out.push(record.prefix);
         }
     }
@@ -355,7 +363,10 @@ pub fn clone_volume(source: &Location, snapshot: &str, target: &Location) -> Res
         &serde_json::to_vec_pretty(&record).unwrap_or_default(),
         COMMAND_PATIENCE,
     )?;
-    if store.get(&store.snapshot_key(snapshot), COMMAND_PATIENCE)?.is_none() {
+    if store
+        .get(&store.snapshot_key(snapshot), COMMAND_PATIENCE)?
+        .is_none()
+    {
         store.delete(&registration, COMMAND_PATIENCE)?;
         return Err(VolumeError::NoSnapshot(snapshot.to_string()));
     }
@@ -376,7 +387,11 @@ pub fn clone_volume(source: &Location, snapshot: &str, target: &Location) -> Res
     manifest.wal_epoch = 0;
     manifest.wal_seq = 0;
     manifest.written_ms = now_ms();
-    target_store.create(&target_store.manifest_key(1), &manifest.encode(), COMMAND_PATIENCE)?;
+    target_store.create(
+        &target_store.manifest_key(1),
+        &manifest.encode(),
+        COMMAND_PATIENCE,
+    )?;
     Ok(clone_config)
 }
 
@@ -500,7 +515,12 @@ pub fn info(location: &Location) -> Result<VolumeInfo> {
         if let Some((data, _)) = store.get(&object.name, COMMAND_PATIENCE)? {
             let manifest = Manifest::decode(&object.name, &data)?;
             snapshots.push(SnapshotInfo {
-                name: object.name.rsplit('/').next().unwrap_or_default().to_string(),
+                name: object
+                    .name
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
                 version: manifest.version,
                 mapped_bytes: manifest.extents.iter().map(|e| e.1).sum::<u64>()
                     * u64::from(config.block_size),

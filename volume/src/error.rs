@@ -13,7 +13,9 @@ pub enum VolumeError {
     },
     #[error("The bucket request failed")]
     Store(#[source] berth_cache::CacheError),
-    #[error("The bucket failed to {operation} `{object}` after {attempts} attempts over {seconds} s")]
+    #[error(
+        "The bucket failed to {operation} `{object}` after {attempts} attempts over {seconds} s"
+    )]
     StoreGaveUp {
         operation: &'static str,
         object: String,

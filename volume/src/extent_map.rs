@@ -126,7 +126,10 @@ impl<V: Advance> ExtentMap<V> {
             .next_back()
             .filter(|(&s, &(l, _))| s + l > start)
             .map(|(&s, &(l, v))| (s, l, v));
-        let rest = self.extents.range(start..end).map(|(&s, &(l, v))| (s, l, v));
+        let rest = self
+            .extents
+            .range(start..end)
+            .map(|(&s, &(l, v))| (s, l, v));
         for (s, l, v) in first.into_iter().chain(rest) {
             if s > at {
                 f(Piece {
@@ -255,7 +258,10 @@ mod tests {
                 for pair in all.windows(2) {
                     let ((s0, l0, v0), (s1, _, v1)) = (pair[0], pair[1]);
                     assert!(s0 + l0 <= s1);
-                    assert!(!(s0 + l0 == s1 && v0.advance(l0) == v1), "unmerged {pair:?}");
+                    assert!(
+                        !(s0 + l0 == s1 && v0.advance(l0) == v1),
+                        "unmerged {pair:?}"
+                    );
                 }
             }
         }

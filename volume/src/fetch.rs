@@ -30,7 +30,10 @@ impl Inner {
             .iter()
             .map(|&(start, len)| {
                 let from = start - start % window;
-                let to = (start + len).div_ceil(window).saturating_mul(window).min(blocks);
+                let to = (start + len)
+                    .div_ceil(window)
+                    .saturating_mul(window)
+                    .min(blocks);
                 (from, to)
             })
             .collect();
@@ -81,7 +84,10 @@ impl Inner {
             let mut i = 0;
             while i < chunks.len() {
                 let mut j = i + 1;
-                while j < chunks.len() && chunks[j] == chunks[j - 1] + 1 && j - i < MAX_CHUNKS_PER_GET {
+                while j < chunks.len()
+                    && chunks[j] == chunks[j - 1] + 1
+                    && j - i < MAX_CHUNKS_PER_GET
+                {
                     j += 1;
                 }
                 let (first, count) = (chunks[i], j - i);
@@ -150,7 +156,9 @@ impl Inner {
         }
         let mut written = Vec::new();
         for &(lba, len, loc) in &runs {
-            let Some(pack) = packs.get(&loc.pack) else { continue };
+            let Some(pack) = packs.get(&loc.pack) else {
+                continue;
+            };
             let per = u64::from(pack.chunk_blocks);
             let mut i = 0;
             while i < len {

@@ -78,7 +78,10 @@ impl VolumeConfig {
             )));
         }
         if !config.block_size.is_power_of_two() || !(512..=4096).contains(&config.block_size) {
-            return Err(bad(format!("block size {} is not usable", config.block_size)));
+            return Err(bad(format!(
+                "block size {} is not usable",
+                config.block_size
+            )));
         }
         if config.size == 0 || config.size % u64::from(config.block_size) != 0 {
             return Err(bad(format!(
@@ -90,7 +93,10 @@ impl VolumeConfig {
             || config.chunk_size < config.block_size
             || config.chunk_size > 16 << 20
         {
-            return Err(bad(format!("chunk size {} is not usable", config.chunk_size)));
+            return Err(bad(format!(
+                "chunk size {} is not usable",
+                config.chunk_size
+            )));
         }
         if parse_id(&config.id).is_none() {
             return Err(bad(format!("id `{}` is not 32 hex digits", config.id)));
@@ -117,13 +123,7 @@ pub fn random_id() -> [u8; 16] {
     let mut filled = 0;
     while filled < id.len() {
         // SAFETY: writes at most `id.len() - filled` bytes into `id`, which outlives the call.
-        let n = unsafe {
-            libc::getrandom(
-                id[filled..].as_mut_ptr().cast(),
-                id.len() - filled,
-                0,
-            )
-        };
+        let n = unsafe { libc::getrandom(id[filled..].as_mut_ptr().cast(), id.len() - filled, 0) };
         if n <= 0 {
             // getrandom cannot really fail here; fall back on time and pid.
             let now = now_ms() as u128 ^ (u128::from(std::process::id()) << 64);
@@ -194,7 +194,10 @@ impl LeaseRecord {
     }
 
     pub fn holder(&self) -> String {
-        format!("host {} pid {} (session {})", self.host, self.pid, self.session)
+        format!(
+            "host {} pid {} (session {})",
+            self.host, self.pid, self.session
+        )
     }
 }
 
@@ -360,13 +363,19 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap_or([0; 2])))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().unwrap_or([0; 2]),
+        ))
     }
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap_or([0; 4])))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().unwrap_or([0; 4]),
+        ))
     }
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap_or([0; 8])))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().unwrap_or([0; 8]),
+        ))
     }
     fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
         Ok(self.take(N)?.try_into().unwrap_or([0; N]))
@@ -447,7 +456,10 @@ impl Manifest {
             problem,
         };
         if data.len() < HEADER_LEN + 32 {
-            return Err(bad(format!("{} bytes is too short for a manifest", data.len())));
+            return Err(bad(format!(
+                "{} bytes is too short for a manifest",
+                data.len()
+            )));
         }
         let (content, digest) = data.split_at(data.len() - 32);
         if blake3::hash(content).as_bytes() != digest {

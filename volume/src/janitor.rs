@@ -80,7 +80,9 @@ impl Inner {
                                 .gc_manifests_deleted
                                 .fetch_add(report.manifests_deleted, Ordering::Relaxed);
                         }
-                        Err(err) => tracing::warn!(volume = %self.store.location, "garbage collection: {err}"),
+                        Err(err) => {
+                            tracing::warn!(volume = %self.store.location, "garbage collection: {err}")
+                        }
                     }
                 }
             }
@@ -131,7 +133,9 @@ impl Inner {
             self.metrics
                 .cached_bytes
                 .store(state.presence.count() * bs, Ordering::Relaxed);
-            self.metrics.evicted_bytes.fetch_add(freed, Ordering::Relaxed);
+            self.metrics
+                .evicted_bytes
+                .fetch_add(freed, Ordering::Relaxed);
         }
         if victims.is_empty() {
             return Ok(());
@@ -174,7 +178,8 @@ impl Inner {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let Some(mut lease) = self.lease.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            let Some(mut lease) = self.lease.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            else {
                 return;
             };
             match lease::renew(&self.store, &mut lease, Patience::For(period)) {

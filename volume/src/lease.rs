@@ -101,7 +101,9 @@ pub fn acquire(
                     generation: current.generation + 1,
                     ..mine
                 };
-                if let Some(new_version) = store.replace(&key, &record.encode(), &version, patience)? {
+                if let Some(new_version) =
+                    store.replace(&key, &record.encode(), &version, patience)?
+                {
                     return Ok(Lease {
                         record,
                         version: new_version,
@@ -194,7 +196,10 @@ pub fn break_lease(store: &Store, patience: Patience) -> Result<Option<LeaseReco
             ),
             ..current.clone()
         };
-        if store.replace(&key, &record.encode(), &version, patience)?.is_some() {
+        if store
+            .replace(&key, &record.encode(), &version, patience)?
+            .is_some()
+        {
             return Ok(Some(current));
         }
     }

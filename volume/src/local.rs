@@ -63,12 +63,12 @@ impl LocalDir {
     pub fn read_meta(&self) -> Result<Option<LocalMeta>> {
         let path = self.meta_path();
         match std::fs::read(&path) {
-            Ok(data) => serde_json::from_slice(&data)
-                .map(Some)
-                .map_err(|e| VolumeError::ForeignLocalState {
+            Ok(data) => serde_json::from_slice(&data).map(Some).map_err(|e| {
+                VolumeError::ForeignLocalState {
                     path: path.display().to_string(),
                     problem: format!("its meta file is unreadable: {e}"),
-                }),
+                }
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).context(|| format!("reading {}", path.display())),
         }
@@ -97,7 +97,9 @@ impl LocalDir {
         if !has_files {
             return Ok(None);
         }
-        let target = self.path.join(format!("orphaned-wal-{}", crate::format::now_ms()));
+        let target = self
+            .path
+            .join(format!("orphaned-wal-{}", crate::format::now_ms()));
         std::fs::rename(&wal, &target).context(|| format!("moving {} aside", wal.display()))?;
         std::fs::write(target.join("WHY"), format!("{why}\n"))
             .context(|| format!("writing {}", target.display()))?;
@@ -322,7 +324,11 @@ impl PresenceFile {
                         *last &= (1u64 << (blocks % 64)) - 1;
                     }
                 }
-                presence.count = presence.words.iter().map(|w| u64::from(w.count_ones())).sum();
+                presence.count = presence
+                    .words
+                    .iter()
+                    .map(|w| u64::from(w.count_ones()))
+                    .sum();
             } else {
                 header_ok = false;
             }

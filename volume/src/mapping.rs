@@ -48,11 +48,14 @@ impl BlockMap {
         }
         for &(start, len, loc) in &manifest.extents {
             if let Some(loc) = loc {
-                let pack = self
-                    .packs
-                    .get(&loc.pack)
-                    .ok_or_else(|| bad(format!("an extent uses pack {} it does not list", loc.pack)))?;
-                if loc.block.checked_add(len).is_none_or(|end| end > pack.raw_blocks) {
+                let pack = self.packs.get(&loc.pack).ok_or_else(|| {
+                    bad(format!("an extent uses pack {} it does not list", loc.pack))
+                })?;
+                if loc
+                    .block
+                    .checked_add(len)
+                    .is_none_or(|end| end > pack.raw_blocks)
+                {
                     return Err(bad(format!(
                         "an extent reaches past the end of pack {}",
                         loc.pack

@@ -21,7 +21,10 @@ pub struct Histogram {
 impl Histogram {
     pub fn observe(&self, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
-        let index = BUCKETS.iter().position(|&b| secs <= b).unwrap_or(BUCKETS.len());
+        let index = BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(BUCKETS.len());
         self.counts[index].fetch_add(1, Ordering::Relaxed);
         self.sum_us
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
@@ -89,38 +92,142 @@ impl VolumeMetrics {
             }
         };
         let plain: [(&str, &str, &AtomicU64); 22] = [
-            ("berth_volume_dirty_bytes", "Bytes written and acknowledged but not in the bucket yet.", &self.dirty_bytes),
-            ("berth_volume_wal_bytes", "Bytes of write-ahead log on local disk.", &self.wal_bytes),
-            ("berth_volume_cached_bytes", "Bytes of bucket data cached locally.", &self.cached_bytes),
-            ("berth_volume_manifest_version", "The manifest version in the bucket.", &self.manifest_version),
-            ("berth_volume_uploads_total", "Packs uploaded.", &self.uploads),
-            ("berth_volume_upload_bytes_total", "Bytes of packs uploaded (as stored).", &self.upload_bytes),
-            ("berth_volume_upload_raw_bytes_total", "Bytes of blocks uploaded (before compression).", &self.upload_raw_bytes),
-            ("berth_volume_manifests_written_total", "Manifest versions written.", &self.manifests_written),
-            ("berth_volume_fetches_total", "Pack ranges fetched for reads.", &self.fetches),
-            ("berth_volume_fetch_bytes_total", "Bytes fetched for reads.", &self.fetch_bytes),
-            ("berth_volume_read_hits_total", "Reads served from local data only.", &self.read_hits),
-            ("berth_volume_read_misses_total", "Reads that waited for a fetch.", &self.read_misses),
-            ("berth_volume_evicted_bytes_total", "Cached bytes evicted.", &self.evicted_bytes),
-            ("berth_volume_gc_runs_total", "Garbage collection passes.", &self.gc_runs),
-            ("berth_volume_gc_packs_deleted_total", "Packs deleted by garbage collection.", &self.gc_packs_deleted),
-            ("berth_volume_gc_bytes_deleted_total", "Bytes of packs deleted by garbage collection.", &self.gc_bytes_deleted),
-            ("berth_volume_gc_manifests_deleted_total", "Old manifest versions deleted.", &self.gc_manifests_deleted),
-            ("berth_volume_compacted_bytes_total", "Live bytes rewritten out of sparse packs.", &self.compacted_bytes),
-            ("berth_volume_lease_renewals_total", "Lease renewals.", &self.lease_renewals),
-            ("berth_volume_segments_created_total", "Log segments created.", &self.segments_created),
-            ("berth_volume_segments_retired_total", "Log segments deleted once uploaded.", &self.segments_retired),
-            ("berth_volume_fenced", "1 once another writer took the volume over.", &self.fenced),
+            (
+                "berth_volume_dirty_bytes",
+                "Bytes written and acknowledged but not in the bucket yet.",
+                &self.dirty_bytes,
+            ),
+            (
+                "berth_volume_wal_bytes",
+                "Bytes of write-ahead log on local disk.",
+                &self.wal_bytes,
+            ),
+            (
+                "berth_volume_cached_bytes",
+                "Bytes of bucket data cached locally.",
+                &self.cached_bytes,
+            ),
+            (
+                "berth_volume_manifest_version",
+                "The manifest version in the bucket.",
+                &self.manifest_version,
+            ),
+            (
+                "berth_volume_uploads_total",
+                "Packs uploaded.",
+                &self.uploads,
+            ),
+            (
+                "berth_volume_upload_bytes_total",
+                "Bytes of packs uploaded (as stored).",
+                &self.upload_bytes,
+            ),
+            (
+                "berth_volume_upload_raw_bytes_total",
+                "Bytes of blocks uploaded (before compression).",
+                &self.upload_raw_bytes,
+            ),
+            (
+                "berth_volume_manifests_written_total",
+                "Manifest versions written.",
+                &self.manifests_written,
+            ),
+            (
+                "berth_volume_fetches_total",
+                "Pack ranges fetched for reads.",
+                &self.fetches,
+            ),
+            (
+                "berth_volume_fetch_bytes_total",
+                "Bytes fetched for reads.",
+                &self.fetch_bytes,
+            ),
+            (
+                "berth_volume_read_hits_total",
+                "Reads served from local data only.",
+                &self.read_hits,
+            ),
+            (
+                "berth_volume_read_misses_total",
+                "Reads that waited for a fetch.",
+                &self.read_misses,
+            ),
+            (
+                "berth_volume_evicted_bytes_total",
+                "Cached bytes evicted.",
+                &self.evicted_bytes,
+            ),
+            (
+                "berth_volume_gc_runs_total",
+                "Garbage collection passes.",
+                &self.gc_runs,
+            ),
+            (
+                "berth_volume_gc_packs_deleted_total",
+                "Packs deleted by garbage collection.",
+                &self.gc_packs_deleted,
+            ),
+            (
+                "berth_volume_gc_bytes_deleted_total",
+                "Bytes of packs deleted by garbage collection.",
+                &self.gc_bytes_deleted,
+            ),
+            (
+                "berth_volume_gc_manifests_deleted_total",
+                "Old manifest versions deleted.",
+                &self.gc_manifests_deleted,
+            ),
+            (
+                "berth_volume_compacted_bytes_total",
+                "Live bytes rewritten out of sparse packs.",
+                &self.compacted_bytes,
+            ),
+            (
+                "berth_volume_lease_renewals_total",
+                "Lease renewals.",
+                &self.lease_renewals,
+            ),
+            (
+                "berth_volume_segments_created_total",
+                "Log segments created.",
+                &self.segments_created,
+            ),
+            (
+                "berth_volume_segments_retired_total",
+                "Log segments deleted once uploaded.",
+                &self.segments_retired,
+            ),
+            (
+                "berth_volume_fenced",
+                "1 once another writer took the volume over.",
+                &self.fenced,
+            ),
         ];
         for (metric, help, value) in plain {
-            let kind = if metric.ends_with("_total") { "counter" } else { "gauge" };
+            let kind = if metric.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
             family(out, metric, kind, help);
             let _ = writeln!(out, "{metric}{{{label}}} {}", value.load(Ordering::Relaxed));
         }
         for (metric, help, histogram) in [
-            ("berth_volume_upload_seconds", "Time to upload a pack and write its manifest.", &self.upload_latency),
-            ("berth_volume_flush_seconds", "Time a FLUSH took to be durable.", &self.flush_latency),
-            ("berth_volume_fetch_seconds", "Time to fetch and check a pack range.", &self.fetch_latency),
+            (
+                "berth_volume_upload_seconds",
+                "Time to upload a pack and write its manifest.",
+                &self.upload_latency,
+            ),
+            (
+                "berth_volume_flush_seconds",
+                "Time a FLUSH took to be durable.",
+                &self.flush_latency,
+            ),
+            (
+                "berth_volume_fetch_seconds",
+                "Time to fetch and check a pack range.",
+                &self.fetch_latency,
+            ),
         ] {
             family(out, metric, "histogram", help);
             histogram.render(out, metric, &label);

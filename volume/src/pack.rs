@@ -164,9 +164,7 @@ mod tests {
             builder.add(12, &noise[1024..]);
             builder.add(100, &vec![0u8; 512 * 3]);
             assert_eq!(builder.extents, vec![(10, 5, 0), (100, 3, 5)]);
-            let (object, info) = builder
-                .finish(1, "p".into(), 2, compression)
-                .unwrap();
+            let (object, info) = builder.finish(1, "p".into(), 2, compression).unwrap();
             assert_eq!(info.chunks.len(), 4);
             let all = decode_chunks(&info, 0, 4, &object, compression, 512).unwrap();
             assert_eq!(all, builder.raw());

@@ -48,7 +48,9 @@ impl Location {
         }
         if let Some(path) = spec.strip_prefix("file://") {
             let path = path.trim_end_matches('/');
-            let (root, name) = path.rsplit_once('/').ok_or_else(|| invalid("use file:///DIR/NAME"))?;
+            let (root, name) = path
+                .rsplit_once('/')
+                .ok_or_else(|| invalid("use file:///DIR/NAME"))?;
             if name.is_empty() || !path.starts_with('/') {
                 return Err(invalid("use an absolute path: file:///DIR/NAME"));
             }
@@ -250,7 +252,9 @@ impl Store {
 
     /// Plain overwrite (packs: immutable names, so a retry rewrites the same bytes).
     pub fn put(&self, key: &str, data: &[u8], patience: Patience) -> Result<()> {
-        self.retry("upload", key, patience, || self.backend.put_bytes(key, data))?;
+        self.retry("upload", key, patience, || {
+            self.backend.put_bytes(key, data)
+        })?;
         self.counters
             .bytes_up
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -260,7 +264,9 @@ impl Store {
     /// Creates `key` with `data` unless it exists. A retry after a lost answer finds its
     /// own bytes there, which counts as written.
     pub fn create(&self, key: &str, data: &[u8], patience: Patience) -> Result<Created> {
-        let outcome = self.retry("create", key, patience, || self.backend.put_if_absent(key, data))?;
+        let outcome = self.retry("create", key, patience, || {
+            self.backend.put_if_absent(key, data)
+        })?;
         self.counters
             .bytes_up
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -271,7 +277,11 @@ impl Store {
             Some((existing, _)) if existing == data => Ok(Created::Written),
             Some((existing, _)) => Ok(Created::Taken(existing)),
             // Created and deleted in between: try once more.
-            None => match self.backend.put_if_absent(key, data).map_err(VolumeError::Store)? {
+            None => match self
+                .backend
+                .put_if_absent(key, data)
+                .map_err(VolumeError::Store)?
+            {
                 Some(_) => Ok(Created::Written),
                 None => Ok(Created::Taken(Vec::new())),
             },
@@ -323,10 +333,12 @@ impl Store {
 
     pub fn load_manifest(&self, version: u64, patience: Patience) -> Result<Manifest> {
         let key = self.manifest_key(version);
-        let (data, _) = self.get(&key, patience)?.ok_or_else(|| VolumeError::Corrupt {
-            object: key.clone(),
-            problem: "it is missing (deleted while in use?)".into(),
-        })?;
+        let (data, _) = self
+            .get(&key, patience)?
+            .ok_or_else(|| VolumeError::Corrupt {
+                object: key.clone(),
+                problem: "it is missing (deleted while in use?)".into(),
+            })?;
         let manifest = Manifest::decode(&key, &data)?;
         if manifest.version != version {
             return Err(VolumeError::Corrupt {
@@ -374,21 +386,33 @@ impl Store {
     }
 
     /// Refuses a manifest of another volume or geometry.
-    pub fn check_identity(&self, config: &VolumeConfig, key: &str, manifest: &Manifest) -> Result<()> {
+    pub fn check_identity(
+        &self,
+        config: &VolumeConfig,
+        key: &str,
+        manifest: &Manifest,
+    ) -> Result<()> {
         if manifest.volume_id != config.id_bytes()
             || manifest.size != config.size
             || manifest.block_size != config.block_size
         {
             return Err(VolumeError::Corrupt {
                 object: key.to_string(),
-                problem: "it belongs to another volume (id, size or block size differ from volume.json)".into(),
+                problem:
+                    "it belongs to another volume (id, size or block size differ from volume.json)"
+                        .into(),
             });
         }
         Ok(())
     }
 
     /// A snapshot's full manifest.
-    pub fn load_snapshot(&self, config: &VolumeConfig, name: &str, patience: Patience) -> Result<Manifest> {
+    pub fn load_snapshot(
+        &self,
+        config: &VolumeConfig,
+        name: &str,
+        patience: Patience,
+    ) -> Result<Manifest> {
         let key = self.snapshot_key(name);
         let (data, _) = self
             .get(&key, patience)?

@@ -21,7 +21,10 @@ use crate::wal::{self, Record, RecordKind};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BatchLoc {
     /// Block `block` of the data of record `seq`.
-    Data { seq: u64, block: u64 },
+    Data {
+        seq: u64,
+        block: u64,
+    },
     Zero,
 }
 
@@ -68,7 +71,8 @@ impl RateLimit {
             return;
         };
         let now = Instant::now();
-        self.allowance = (self.allowance + now.duration_since(self.last).as_secs_f64() * rate as f64)
+        self.allowance = (self.allowance
+            + now.duration_since(self.last).as_secs_f64() * rate as f64)
             .min(rate as f64);
         self.last = now;
         self.allowance -= bytes as f64;
@@ -211,17 +215,17 @@ impl Inner {
         let (pack_id, kind, version) = {
             let state = self.lock();
             let version = state.map.version + 1;
-            let kind = if version.saturating_sub(state.last_full_version) >= self.options.full_every {
+            let kind = if version.saturating_sub(state.last_full_version) >= self.options.full_every
+            {
                 ManifestKind::Full
             } else {
                 ManifestKind::Delta
             };
             (state.map.next_pack_id, kind, version)
         };
-        let key = self.store.key(&format!(
-            "packs/{pack_id:016x}-{}",
-            &self.session_hex[..12]
-        ));
+        let key = self
+            .store
+            .key(&format!("packs/{pack_id:016x}-{}", &self.session_hex[..12]));
         let mut builder = PackBuilder::new(self.config.block_size);
         let mut extents = Vec::new();
         for (lba, len, loc) in batch.view.iter() {
@@ -306,7 +310,9 @@ impl Inner {
             )));
         }
         failpoint::hit("upload.after_manifest_put");
-        self.metrics.manifests_written.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .manifests_written
+            .fetch_add(1, Ordering::Relaxed);
         {
             let mut state = self.lock();
             state.map.apply(&manifest_key, &manifest)?;
@@ -381,7 +387,9 @@ impl Inner {
             let mut state = self.lock();
             let last = batch.last_seq;
             for &(lba, len, _) in &ranges {
-                state.dirty.remove_where(lba, len, |loc: &DirtyLoc| loc.seq() <= last);
+                state
+                    .dirty
+                    .remove_where(lba, len, |loc: &DirtyLoc| loc.seq() <= last);
             }
             while state.pending.front().is_some_and(|r| r.seq <= last) {
                 if let Some(record) = state.pending.pop_front() {
@@ -423,9 +431,7 @@ impl Inner {
             let doomed: Vec<u32> = state
                 .segments
                 .iter()
-                .filter(|(&n, s)| {
-                    Some(n) != active && s.outstanding == 0 && s.max_seq <= applied
-                })
+                .filter(|(&n, s)| Some(n) != active && s.outstanding == 0 && s.max_seq <= applied)
                 .map(|(&n, _)| n)
                 .collect();
             let retired = doomed

@@ -35,8 +35,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use berth_blockdev::{
-    BlockError, BlockTarget, Completion, Extent, Progress, ReadPin, Source, TargetInfo,
-    WriteTicket,
+    BlockError, BlockTarget, Completion, Extent, Progress, ReadPin, Source, TargetInfo, WriteTicket,
 };
 
 use crate::error::{IoContext, Result, VolumeError};
@@ -370,7 +369,9 @@ impl Inner {
         );
         state.active = Some(number);
         state.dir_needs_sync = true;
-        self.metrics.segments_created.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .segments_created
+            .fetch_add(1, Ordering::Relaxed);
         self.update_wal_gauge(state);
         Ok(())
     }
@@ -453,7 +454,11 @@ impl Inner {
     fn finish_write(&self, ticket: &WriteTicket, written: bool) -> Result<()> {
         let (&(number, block), &(lba, blocks)) = match ticket.allocations() {
             [a, b] => (a, b),
-            _ => return Err(VolumeError::Invalid("a write ticket of another target".into())),
+            _ => {
+                return Err(VolumeError::Invalid(
+                    "a write ticket of another target".into(),
+                ))
+            }
         };
         let number = number as u32;
         let files = {
@@ -479,7 +484,12 @@ impl Inner {
         failpoint::hit("write.after_data");
         let len = blocks * self.block_size;
         let crc = CRC_BUF.with(|buf| {
-            wal::crc_of(&files.data, block * self.block_size, len, &mut buf.borrow_mut())
+            wal::crc_of(
+                &files.data,
+                block * self.block_size,
+                len,
+                &mut buf.borrow_mut(),
+            )
         });
         let mut state = self.lock();
         let crc = match crc {
@@ -647,51 +657,59 @@ impl Inner {
     ) {
         let bs = self.block_size;
         let cache_fd = self.cache.as_raw_fd();
-        state.dirty.for_each_piece(start, blocks, |piece| match piece.value {
-            Some(DirtyLoc::Data { segment, block, .. }) => {
-                let fd = state.segments.get(&segment).map(|s| s.files.data.as_raw_fd());
-                match fd {
-                    Some(fd) => out.push(Extent {
-                        len: piece.len * bs,
-                        source: Source::File {
-                            fd,
-                            offset: block * bs,
-                        },
-                    }),
-                    // Cannot happen (segments outlive their dirty entries); refuse
-                    // rather than guess.
-                    None => missing.push((piece.start, piece.len)),
+        state
+            .dirty
+            .for_each_piece(start, blocks, |piece| match piece.value {
+                Some(DirtyLoc::Data { segment, block, .. }) => {
+                    let fd = state
+                        .segments
+                        .get(&segment)
+                        .map(|s| s.files.data.as_raw_fd());
+                    match fd {
+                        Some(fd) => out.push(Extent {
+                            len: piece.len * bs,
+                            source: Source::File {
+                                fd,
+                                offset: block * bs,
+                            },
+                        }),
+                        // Cannot happen (segments outlive their dirty entries); refuse
+                        // rather than guess.
+                        None => missing.push((piece.start, piece.len)),
+                    }
                 }
-            }
-            Some(DirtyLoc::Zero { .. }) => out.push(Extent {
-                len: piece.len * bs,
-                source: Source::Zero,
-            }),
-            None => {
-                state.map.map.for_each_piece(piece.start, piece.len, |mapped| {
-                    if mapped.value.is_none() {
-                        out.push(Extent {
-                            len: mapped.len * bs,
-                            source: Source::Zero,
+                Some(DirtyLoc::Zero { .. }) => out.push(Extent {
+                    len: piece.len * bs,
+                    source: Source::Zero,
+                }),
+                None => {
+                    state
+                        .map
+                        .map
+                        .for_each_piece(piece.start, piece.len, |mapped| {
+                            if mapped.value.is_none() {
+                                out.push(Extent {
+                                    len: mapped.len * bs,
+                                    source: Source::Zero,
+                                });
+                                return;
+                            }
+                            for (run, len, set) in state.presence.runs(mapped.start, mapped.len) {
+                                if set {
+                                    out.push(Extent {
+                                        len: len * bs,
+                                        source: Source::File {
+                                            fd: cache_fd,
+                                            offset: run * bs,
+                                        },
+                                    });
+                                } else {
+                                    missing.push((run, len));
+                                }
+                            }
                         });
-                        return;
-                    }
-                    for (run, len, set) in state.presence.runs(mapped.start, mapped.len) {
-                        if set {
-                            out.push(Extent {
-                                len: len * bs,
-                                source: Source::File {
-                                    fd: cache_fd,
-                                    offset: run * bs,
-                                },
-                            });
-                        } else {
-                            missing.push((run, len));
-                        }
-                    }
-                });
-            }
-        });
+                }
+            });
     }
 
     fn fetch_and_wait(&self, missing: Vec<(u64, u64)>) -> Result<()> {
@@ -783,7 +801,9 @@ impl Inner {
         self.metrics
             .flush_latency
             .observe(request.started.elapsed());
-        request.completion.complete(outcome.map_err(|e| e.into_block()));
+        request
+            .completion
+            .complete(outcome.map_err(|e| e.into_block()));
     }
 
     /// Finishes the object-durability flushes the bucket now covers, and fails those that
@@ -794,9 +814,11 @@ impl Inner {
             return;
         }
         let uploaded = state.uploaded_seq;
-        let refusal = state.fenced.clone().map(VolumeError::Fenced).or_else(|| {
-            state.failed.clone().map(VolumeError::Failed)
-        });
+        let refusal = state
+            .fenced
+            .clone()
+            .map(VolumeError::Fenced)
+            .or_else(|| state.failed.clone().map(VolumeError::Failed));
         let waiters = std::mem::take(&mut state.object_waiters);
         let mut kept = Vec::new();
         for request in waiters {
@@ -916,13 +938,19 @@ impl Volume {
     }
 
     /// As [`Self::open`], on a store the caller made (tests wrap its backend).
-    pub fn open_with_store(store: Arc<Store>, options: VolumeOptions) -> Result<(Self, OpenReport)> {
+    pub fn open_with_store(
+        store: Arc<Store>,
+        options: VolumeOptions,
+    ) -> Result<(Self, OpenReport)> {
         let patience = Patience::For(options.open_timeout);
         let config = store.load_config(patience)?;
         let local = LocalDir::lock(&options.cache_dir.join(&config.id))?;
         let old_meta = local.read_meta()?;
         if let Some(meta) = &old_meta {
-            if meta.volume_id != config.id || meta.block_size != config.block_size || meta.size != config.size {
+            if meta.volume_id != config.id
+                || meta.block_size != config.block_size
+                || meta.size != config.size
+            {
                 return Err(VolumeError::ForeignLocalState {
                     path: local.path.display().to_string(),
                     problem: format!("it is for volume {} ({} bytes)", meta.volume_id, meta.size),
@@ -990,7 +1018,8 @@ impl Volume {
             local.reset_cache()?;
         }
         let cache = local.open_cache(config.size)?;
-        let (presence_file, presence) = PresenceFile::open(&local.path, &config.id_bytes(), config.blocks())?;
+        let (presence_file, presence) =
+            PresenceFile::open(&local.path, &config.id_bytes(), config.blocks())?;
 
         let mut meta = match (&old_meta, keep_local) {
             (Some(meta), true) => meta.clone(),
@@ -1059,9 +1088,14 @@ impl Volume {
         // A new epoch for this process's records, recorded before any of them exists.
         {
             let mut state = inner.lock();
-            let epoch = meta.epochs.last().map_or(1, |&(e, _)| e + 1).max(state.epoch + 1);
+            let epoch = meta
+                .epochs
+                .last()
+                .map_or(1, |&(e, _)| e + 1)
+                .max(state.epoch + 1);
             state.epoch = epoch;
-            meta.epochs.retain(|&(_, start)| start > meta.applied_seq || start == 0);
+            meta.epochs
+                .retain(|&(_, start)| start > meta.applied_seq || start == 0);
             meta.epochs.push((epoch, state.next_seq));
             meta.session = session_hex.clone();
             meta.next_segment = state.next_segment;
@@ -1120,13 +1154,25 @@ impl Volume {
         };
         let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
         let inner = self.inner.clone();
-        threads.push(spawn("berth-vol-upload".into(), Box::new(move || inner.uploader()))?);
+        threads.push(spawn(
+            "berth-vol-upload".into(),
+            Box::new(move || inner.uploader()),
+        )?);
         let inner = self.inner.clone();
-        threads.push(spawn("berth-vol-flush".into(), Box::new(move || inner.flusher()))?);
+        threads.push(spawn(
+            "berth-vol-flush".into(),
+            Box::new(move || inner.flusher()),
+        )?);
         let inner = self.inner.clone();
-        threads.push(spawn("berth-vol-janitor".into(), Box::new(move || inner.janitor()))?);
+        threads.push(spawn(
+            "berth-vol-janitor".into(),
+            Box::new(move || inner.janitor()),
+        )?);
         let inner = self.inner.clone();
-        threads.push(spawn("berth-vol-lease".into(), Box::new(move || inner.lease_keeper()))?);
+        threads.push(spawn(
+            "berth-vol-lease".into(),
+            Box::new(move || inner.lease_keeper()),
+        )?);
         let (jobs, receiver) = channel::<FetchJob>();
         let receiver = Arc::new(Mutex::new(receiver));
         for i in 0..self.inner.options.fetch_threads.max(1) {
@@ -1258,7 +1304,12 @@ impl BlockTarget for Volume {
         &self.info
     }
 
-    fn map_read(&self, _offset: u64, _len: u64, _out: &mut Vec<Extent>) -> berth_blockdev::Result<()> {
+    fn map_read(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _out: &mut Vec<Extent>,
+    ) -> berth_blockdev::Result<()> {
         // A volume's blocks move (log segments retire, cache blocks are evicted): only
         // pinned reads are safe.
         Err(BlockError::Unsupported("reads without a pin on a volume"))
@@ -1286,7 +1337,12 @@ impl BlockTarget for Volume {
             .map_err(VolumeError::into_block)
     }
 
-    fn finish_write(&self, ticket: WriteTicket, written: bool, fua: bool) -> berth_blockdev::Result<()> {
+    fn finish_write(
+        &self,
+        ticket: WriteTicket,
+        written: bool,
+        fua: bool,
+    ) -> berth_blockdev::Result<()> {
         self.inner
             .finish_write(&ticket, written)
             .map_err(VolumeError::into_block)?;
@@ -1411,7 +1467,9 @@ impl Inner {
             };
             if record.kind == RecordKind::Data {
                 let end = record.data_block + u64::from(record.blocks);
-                if end > seg.files.data_blocks || record.lba + u64::from(record.blocks) > self.blocks() {
+                if end > seg.files.data_blocks
+                    || record.lba + u64::from(record.blocks) > self.blocks()
+                {
                     break;
                 }
                 let crc = wal::crc_of(
@@ -1436,9 +1494,7 @@ impl Inner {
         {
             let mut state = self.lock();
             state.segments = segments;
-            state.next_segment = meta
-                .next_segment
-                .max(max_number.map_or(0, |n| n + 1));
+            state.next_segment = meta.next_segment.max(max_number.map_or(0, |n| n + 1));
             state.next_seq = last_seq + 1;
             state.epoch = valid.last().map_or(0, |r| r.epoch);
             state.uploaded_seq = uploaded.min(last_seq).max(meta.applied_seq);
@@ -1452,7 +1508,9 @@ impl Inner {
                     },
                     RecordKind::Zero => DirtyLoc::Zero { seq: record.seq },
                 };
-                state.dirty.insert(record.lba, u64::from(record.blocks), loc);
+                state
+                    .dirty
+                    .insert(record.lba, u64::from(record.blocks), loc);
             }
         }
         // Uploaded but not applied: apply from the log now. The rest waits for upload.
@@ -1496,10 +1554,11 @@ impl Inner {
     fn write_fence_manifest(&self) -> Result<()> {
         let template = self.manifest_template(ManifestKind::Delta);
         let key = self.store.manifest_key(template.version);
-        match self
-            .store
-            .create(&key, &template.encode(), Patience::For(self.options.open_timeout))?
-        {
+        match self.store.create(
+            &key,
+            &template.encode(),
+            Patience::For(self.options.open_timeout),
+        )? {
             Created::Written => {}
             Created::Taken(_) => {
                 return Err(VolumeError::Fenced(format!(
@@ -1566,9 +1625,13 @@ fn push_extent(out: &mut Vec<Extent>, extent: Extent) {
                 last.len += extent.len;
                 return;
             }
-            (Source::File { fd, offset }, Source::File { fd: next_fd, offset: next })
-                if *fd == next_fd && *offset + last.len == next =>
-            {
+            (
+                Source::File { fd, offset },
+                Source::File {
+                    fd: next_fd,
+                    offset: next,
+                },
+            ) if *fd == next_fd && *offset + last.len == next => {
                 last.len += extent.len;
                 return;
             }

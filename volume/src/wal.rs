@@ -70,7 +70,8 @@ impl Record {
     /// The record in `slot`, if it is one (its checksum holds).
     pub fn decode(slot: &[u8]) -> Option<Self> {
         let slot: &[u8; RECORD_LEN] = slot.try_into().ok()?;
-        let u32_at = |at: usize| u32::from_le_bytes([slot[at], slot[at + 1], slot[at + 2], slot[at + 3]]);
+        let u32_at =
+            |at: usize| u32::from_le_bytes([slot[at], slot[at + 1], slot[at + 2], slot[at + 3]]);
         let u64_at = |at: usize| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&slot[at..at + 8]);
@@ -314,11 +315,19 @@ mod tests {
             crc: 0,
         };
         seg.index.write_all_at(&mk(1).encode(), 0).unwrap();
-        seg.index.write_all_at(&mk(3).encode(), 2 * RECORD_LEN as u64).unwrap();
-        let (records, used) = SegmentFiles::open(dir.path(), 5, 4096).unwrap().scan().unwrap();
+        seg.index
+            .write_all_at(&mk(3).encode(), 2 * RECORD_LEN as u64)
+            .unwrap();
+        let (records, used) = SegmentFiles::open(dir.path(), 5, 4096)
+            .unwrap()
+            .scan()
+            .unwrap();
         assert_eq!(records, vec![mk(1), mk(3)]);
         assert_eq!(used, 3);
         assert_eq!(list_segments(dir.path()).unwrap(), vec![5]);
-        assert!(SegmentFiles::create(dir.path(), 5, 64, 4096).is_err(), "never reused");
+        assert!(
+            SegmentFiles::create(dir.path(), 5, 64, 4096).is_err(),
+            "never reused"
+        );
     }
 }
