@@ -637,7 +637,12 @@ impl BlockTarget for MovingTarget {
     fn info(&self) -> &berth_blockdev::TargetInfo {
         self.inner.info()
     }
-    fn map_read(&self, _: u64, _: u64, _: &mut Vec<berth_blockdev::Extent>) -> berth_blockdev::Result<()> {
+    fn map_read(
+        &self,
+        _: u64,
+        _: u64,
+        _: &mut Vec<berth_blockdev::Extent>,
+    ) -> berth_blockdev::Result<()> {
         Err(BlockError::Unsupported("unpinned reads"))
     }
     fn map_read_pinned(
@@ -708,7 +713,11 @@ fn reads_hold_their_pin_until_the_data_moved_and_pending_flushes_are_awaited() {
         .unwrap()
         .read_exact_at(&mut after, 3 * BLOCK as u64)
         .unwrap();
-    assert_eq!(after, vec![0xee; BLOCK], "the pin was released after the read");
+    assert_eq!(
+        after,
+        vec![0xee; BLOCK],
+        "the pin was released after the read"
+    );
     // Writes and flushes wait for the other thread's answer.
     write_at(&target, 5 * BLOCK as u64, &pattern(9, 5), true).unwrap();
     assert_eq!(flushes.load(std::sync::atomic::Ordering::SeqCst), 1);
@@ -729,6 +738,9 @@ fn reads_hold_their_pin_until_the_data_moved_and_pending_flushes_are_awaited() {
     // SAFETY (test): reads 8 bytes into `counter` from the completion's eventfd.
     let n = unsafe { libc::read(completion.raw_fd(), counter.as_mut_ptr().cast(), 8) };
     assert_eq!(n, 8);
-    assert!(completion.take().unwrap().is_ok(), "the first outcome counts");
+    assert!(
+        completion.take().unwrap().is_ok(),
+        "the first outcome counts"
+    );
     assert!(completion.take().is_none());
 }

@@ -303,7 +303,10 @@ impl BlobBackend for LocalDirBackend {
                 };
                 let name = relative.to_string_lossy().into_owned();
                 // Staged copies of uploads in progress are not objects.
-                if name.ends_with(".partial") || name.contains("/.berth-") || name.starts_with(".berth-") {
+                if name.ends_with(".partial")
+                    || name.contains("/.berth-")
+                    || name.starts_with(".berth-")
+                {
                     continue;
                 }
                 let modified_ms = meta
@@ -345,10 +348,7 @@ impl LocalDirBackend {
         fs::create_dir_all(parent).context(|| format!("creating {}", parent.display()))?;
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let staged = parent.join(format!(
-            ".berth-stage-{}-{unique}",
-            std::process::id()
-        ));
+        let staged = parent.join(format!(".berth-stage-{}-{unique}", std::process::id()));
         let mut file = File::create(&staged).map_err(|e| backend_error("upload", name, e, true))?;
         file.write_all(data)
             .and_then(|()| file.sync_all())
@@ -609,7 +609,10 @@ impl BlobBackend for ObjectStoreBackend {
             };
             let version = version_of(result.meta.e_tag.clone(), result.meta.version.clone());
             let expected = result.meta.size;
-            let data = result.bytes().await.map_err(|e| classify("read", name, e))?;
+            let data = result
+                .bytes()
+                .await
+                .map_err(|e| classify("read", name, e))?;
             if data.len() as u64 != expected {
                 return Err(backend_error(
                     "read",
@@ -625,10 +628,10 @@ impl BlobBackend for ObjectStoreBackend {
     fn put_if_absent(&self, name: &str, data: &[u8]) -> Result<Option<ObjectVersion>> {
         let location = self.location(name);
         let payload = PutPayload::from(bytes::Bytes::copy_from_slice(data));
-        match self
-            .runtime
-            .block_on(self.store.put_opts(&location, payload, PutMode::Create.into()))
-        {
+        match self.runtime.block_on(
+            self.store
+                .put_opts(&location, payload, PutMode::Create.into()),
+        ) {
             Ok(put) => Ok(Some(version_of(put.e_tag, put.version))),
             Err(object_store::Error::AlreadyExists { .. })
             | Err(object_store::Error::Precondition { .. }) => Ok(None),

@@ -256,4 +256,3 @@ impl BlobBackend for Gated {
         format!("gated {}", self.inner.describe())
     }
 }
-
