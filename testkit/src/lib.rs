@@ -348,9 +348,7 @@ fn proxy_one(mut client: TcpStream, state: &ProxyState) -> std::io::Result<()> {
         }
         Some(FaultAction::Status(code)) => {
             record(*code);
-            let body = format!(
-                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>InjectedFault</Code><Message>injected by the test proxy</Message></Error>"
-            );
+            let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>InjectedFault</Code><Message>injected by the test proxy</Message></Error>";
             write!(
                 client,
                 "HTTP/1.1 {code} Injected\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

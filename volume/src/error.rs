@@ -12,7 +12,7 @@ pub enum VolumeError {
         source: io::Error,
     },
     #[error("The bucket request failed")]
-    Store(#[source] berth_cache::CacheError),
+    Store(#[source] Box<berth_cache::CacheError>),
     #[error(
         "The bucket failed to {operation} `{object}` after {attempts} attempts over {seconds} s"
     )]
@@ -22,7 +22,7 @@ pub enum VolumeError {
         attempts: u32,
         seconds: u64,
         #[source]
-        source: berth_cache::CacheError,
+        source: Box<berth_cache::CacheError>,
     },
     #[error("The object `{object}` is corrupt: {problem}")]
     Corrupt { object: String, problem: String },
@@ -78,6 +78,12 @@ impl<T> IoContext<T> for io::Result<T> {
 }
 
 impl VolumeError {
+    /// A failed bucket request (boxed: the backend's error is large, and results of this
+    /// crate are on every request's path).
+    pub fn store(err: berth_cache::CacheError) -> Self {
+        Self::Store(Box::new(err))
+    }
+
     /// The errno a request failing with this error completes with.
     pub fn errno(&self) -> i32 {
         match self {

@@ -68,7 +68,7 @@ impl PackBuilder {
             let digest = *blake3::hash(raw).as_bytes();
             let packed = match compression {
                 Compression::None => None,
-                other => Some(compress_chunk(other, raw).map_err(VolumeError::Store)?),
+                other => Some(compress_chunk(other, raw).map_err(VolumeError::store)?),
             };
             let (stored, compressed): (&[u8], bool) = match &packed {
                 Some(p) if p.len() < raw.len() => (p, true),

@@ -138,7 +138,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 impl Store {
     pub fn open(location: &Location) -> Result<Arc<Self>> {
-        let backend = open_backend(&location.root).map_err(VolumeError::Store)?;
+        let backend = open_backend(&location.root).map_err(VolumeError::store)?;
         Ok(Self::with_backend(location, backend))
     }
 
@@ -207,7 +207,7 @@ impl Store {
                             object: object.to_string(),
                             attempts,
                             seconds: started.elapsed().as_secs(),
-                            source: err,
+                            source: Box::new(err),
                         });
                     }
                     if attempts == 1 || attempts % 10 == 0 {
@@ -224,7 +224,7 @@ impl Store {
                 }
                 Err(err) => {
                     self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                    return Err(VolumeError::Store(err));
+                    return Err(VolumeError::store(err));
                 }
             }
         }
@@ -280,7 +280,7 @@ impl Store {
             None => match self
                 .backend
                 .put_if_absent(key, data)
-                .map_err(VolumeError::Store)?
+                .map_err(VolumeError::store)?
             {
                 Some(_) => Ok(Created::Written),
                 None => Ok(Created::Taken(Vec::new())),
