@@ -49,6 +49,9 @@ impl Default for CreateOptions {
 pub trait ImportSource {
     /// Bytes of data.
     fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Fills `buf` from `offset` (past the end: zeros).
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
     fn describe(&self) -> String;
@@ -104,7 +107,7 @@ impl ImportSource for FileSource {
 pub fn create(
     location: &Location,
     options: &CreateOptions,
-    mut source: Option<&mut dyn ImportSource>,
+    source: Option<&mut dyn ImportSource>,
 ) -> Result<VolumeConfig> {
     let store = Store::open(location)?;
     let bs = options.block_size;
@@ -164,7 +167,7 @@ pub fn create(
         packs: Vec::new(),
         extents: Vec::new(),
     };
-    if let Some(source) = source.as_deref_mut() {
+    if let Some(source) = source {
         import(&store, &config, options.pack_bytes, source, &mut manifest)?;
     }
     match store.create(&store.manifest_key(1), &manifest.encode(), COMMAND_PATIENCE)? {

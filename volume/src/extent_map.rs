@@ -225,7 +225,7 @@ mod tests {
                 }
                 _ => {
                     // Often continue a neighbour, so that merging is exercised.
-                    let base = if rng(&mut state) % 2 == 0 {
+                    let base = if rng(&mut state).is_multiple_of(2) {
                         start * 7
                     } else {
                         rng(&mut state) % 10_000

@@ -83,7 +83,7 @@ impl VolumeConfig {
                 config.block_size
             )));
         }
-        if config.size == 0 || config.size % u64::from(config.block_size) != 0 {
+        if config.size == 0 || !config.size.is_multiple_of(u64::from(config.block_size)) {
             return Err(bad(format!(
                 "size {} is not a positive multiple of the block size",
                 config.size

@@ -319,7 +319,7 @@ impl PresenceFile {
                     *w = u64::from_le_bytes(bytes.try_into().unwrap_or_default());
                 }
                 // Bits past the end would be garbage: keep them clear.
-                if blocks % 64 != 0 {
+                if !blocks.is_multiple_of(64) {
                     if let Some(last) = presence.words.last_mut() {
                         *last &= (1u64 << (blocks % 64)) - 1;
                     }

@@ -210,7 +210,7 @@ impl Store {
                             source: Box::new(err),
                         });
                     }
-                    if attempts == 1 || attempts % 10 == 0 {
+                    if attempts == 1 || attempts.is_multiple_of(10) {
                         tracing::warn!(
                             object,
                             attempts,

@@ -1456,9 +1456,8 @@ impl Inner {
         records.sort_by_key(|r| r.seq);
         records.dedup_by_key(|r| r.seq);
         let mut valid = Vec::new();
-        let mut expected = meta.applied_seq + 1;
         let mut buf = Vec::new();
-        for record in records {
+        for (expected, record) in (meta.applied_seq + 1..).zip(records) {
             if record.seq != expected {
                 break;
             }
@@ -1488,7 +1487,6 @@ impl Inner {
                 }
             }
             valid.push(record);
-            expected += 1;
         }
         let last_seq = valid.last().map_or(meta.applied_seq, |r| r.seq);
         {

@@ -131,7 +131,7 @@ fn reads_return_the_latest_write_through_uploads_and_rotations_and_from_the_buck
             1 => flush(&*volume).unwrap(),
             _ => {
                 let data = pseudo_random(step, len);
-                write_at(&*volume, offset, &data, rng(&mut state) % 7 == 0).unwrap();
+                write_at(&*volume, offset, &data, rng(&mut state).is_multiple_of(7)).unwrap();
                 model[offset as usize..offset as usize + len].copy_from_slice(&data);
             }
         }

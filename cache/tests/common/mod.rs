@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests.
-#![allow(dead_code)]
+// Each test binary uses a different part of these helpers and re-exports.
+#![allow(dead_code, unused_imports)]
 
 use std::ops::Range;
 use std::path::Path;
