@@ -109,7 +109,16 @@ pub fn create(
     options: &CreateOptions,
     source: Option<&mut dyn ImportSource>,
 ) -> Result<VolumeConfig> {
-    let store = Store::open(location)?;
+    create_in(&Store::open(location)?, options, source)
+}
+
+/// As [`create`], in a store the caller opened (tests reach their server this way).
+pub fn create_in(
+    store: &Arc<Store>,
+    options: &CreateOptions,
+    source: Option<&mut dyn ImportSource>,
+) -> Result<VolumeConfig> {
+    let store = store.clone();
     let bs = options.block_size;
     if !bs.is_power_of_two() || !(512..=4096).contains(&bs) {
         return Err(VolumeError::Invalid(format!(
@@ -145,11 +154,11 @@ pub fn create(
     let encoded = serde_json::to_vec_pretty(&config).unwrap_or_default();
     let config = VolumeConfig::parse("volume.json", &encoded)?;
     if !store.list("", COMMAND_PATIENCE)?.is_empty() {
-        return Err(VolumeError::VolumeExists(location.to_string()));
+        return Err(VolumeError::VolumeExists(store.location.to_string()));
     }
     match store.create(&store.key("volume.json"), &encoded, COMMAND_PATIENCE)? {
         Created::Written => {}
-        Created::Taken(_) => return Err(VolumeError::VolumeExists(location.to_string())),
+        Created::Taken(_) => return Err(VolumeError::VolumeExists(store.location.to_string())),
     }
     let mut manifest = Manifest {
         kind: ManifestKind::Full,
@@ -172,7 +181,7 @@ pub fn create(
     }
     match store.create(&store.manifest_key(1), &manifest.encode(), COMMAND_PATIENCE)? {
         Created::Written => Ok(config),
-        Created::Taken(_) => Err(VolumeError::VolumeExists(location.to_string())),
+        Created::Taken(_) => Err(VolumeError::VolumeExists(store.location.to_string())),
     }
 }
 
