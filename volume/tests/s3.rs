@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use berth_blockdev::target::{flush, read_at, write_at};
 use berth_cache::{BlobBackend, ObjectStoreBackend, S3Config};
-use berth_testkit::{pseudo_random, skip, Moto};
+use berth_testkit::{pseudo_random, skip, CountingProxy, Moto};
 use berth_volume::admin::{self, CreateOptions};
-use berth_volume::{Location, Store, Volume, VolumeError, VolumeOptions};
+use berth_volume::{Durability, Location, Store, Volume, VolumeError, VolumeOptions};
 
 fn options(cache_dir: &std::path::Path) -> VolumeOptions {
     VolumeOptions {
@@ -23,6 +23,22 @@ fn options(cache_dir: &std::path::Path) -> VolumeOptions {
     }
 }
 
+/// The whole bucket `berth` at `endpoint` (volumes add their prefixes).
+fn bucket_at(endpoint: &str) -> Arc<dyn BlobBackend> {
+    Arc::new(
+        ObjectStoreBackend::s3(&S3Config {
+            bucket: "berth".into(),
+            prefix: String::new(),
+            endpoint: Some(endpoint.into()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some("testing".into()),
+            secret_access_key: Some("testing".into()),
+            allow_http: true,
+        })
+        .unwrap(),
+    )
+}
+
 #[test]
 fn the_lease_refuses_a_second_writer_and_the_bucket_carries_the_data_to_the_next() {
     let moto = match Moto::start(None) {
@@ -33,19 +49,7 @@ fn the_lease_refuses_a_second_writer_and_the_bucket_carries_the_data_to_the_next
         }
     };
     moto.create_bucket("berth");
-    let settings = moto.s3_config("berth");
-    let backend: Arc<dyn BlobBackend> = Arc::new(
-        ObjectStoreBackend::s3(&S3Config {
-            bucket: settings.bucket.clone(),
-            prefix: String::new(),
-            endpoint: Some(settings.endpoint.clone()),
-            region: Some(settings.region.clone()),
-            access_key_id: Some(settings.access_key_id.clone()),
-            secret_access_key: Some(settings.secret_access_key.clone()),
-            allow_http: true,
-        })
-        .unwrap(),
-    );
+    let backend = bucket_at(&moto.endpoint());
     let location = Location::parse("s3://berth/volumes/one").unwrap();
     let store = || Store::with_backend(&location, backend.clone());
     let create = CreateOptions {
@@ -98,4 +102,71 @@ fn the_lease_refuses_a_second_writer_and_the_bucket_carries_the_data_to_the_next
         libc::EIO,
         "a damaged pack is an I/O error: {err}"
     );
+}
+
+/// `--durability object` through a bucket outage: FLUSH fails with EIO after the flush
+/// timeout instead of hanging or claiming durability, the acknowledged writes stay in
+/// the local log, and once the bucket is back they reach it and the next host.
+#[test]
+fn a_bucket_outage_fails_object_flushes_in_bounded_time_and_loses_nothing() {
+    let moto = match Moto::start(None) {
+        Ok(moto) => moto,
+        Err(reason) => {
+            skip(&reason);
+            return;
+        }
+    };
+    moto.create_bucket("berth");
+    let proxy = CountingProxy::start(moto.port);
+    let backend = bucket_at(&proxy.endpoint());
+    let location = Location::parse("s3://berth/volumes/outage").unwrap();
+    let store = || Store::with_backend(&location, backend.clone());
+    let create = CreateOptions {
+        size: Some(8 << 20),
+        ..CreateOptions::default()
+    };
+    admin::create_in(&store(), &create, None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let object = |cache: &str| VolumeOptions {
+        durability: Durability::Object,
+        flush_timeout: Duration::from_secs(2),
+        lease_ttl: Duration::from_secs(120),
+        ..options(&dir.path().join(cache))
+    };
+    let (volume, _) = Volume::open_with_store(store(), object("host-a")).unwrap();
+    let before = pseudo_random(21, 256 << 10);
+    write_at(&volume, 0, &before, false).unwrap();
+    flush(&volume).unwrap();
+
+    proxy.outage();
+    let during = pseudo_random(22, 256 << 10);
+    write_at(&volume, 4 << 20, &during, false).unwrap();
+    let started = std::time::Instant::now();
+    let err = flush(&volume).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the FLUSH failed within a bounded time, not after {:?}",
+        started.elapsed()
+    );
+    let mut got = vec![0u8; during.len()];
+    read_at(&volume, 4 << 20, &mut got).unwrap();
+    assert!(
+        got == during,
+        "the acknowledged write reads back during the outage"
+    );
+
+    proxy.clear_faults();
+    flush(&volume).unwrap();
+    volume.close().unwrap();
+    drop(volume);
+    let (next, _) = Volume::open_with_store(store(), options(&dir.path().join("host-b"))).unwrap();
+    for (offset, data) in [(0u64, &before), (4 << 20, &during)] {
+        let mut got = vec![0u8; data.len()];
+        read_at(&next, offset, &mut got).unwrap();
+        assert!(
+            &got == data,
+            "the write at {offset} reached the bucket after the outage"
+        );
+    }
 }
