@@ -40,12 +40,12 @@ pub enum Takeover {
     Successor,
 }
 
-/// Takes the lease for `session`. `previous` is the session that served last from the
-/// same local state (may take over its lease at once).
+/// Takes the lease for `session`. `previous` are the sessions that served, or started
+/// to, from the same local state (their lease may be taken over at once).
 pub fn acquire(
     store: &Store,
     session: &str,
-    previous: Option<&str>,
+    previous: &[&str],
     ttl_ms: i64,
     patience: Patience,
 ) -> Result<Lease> {
@@ -81,7 +81,9 @@ pub fn acquire(
             }
             Some((data, version)) => {
                 let current = LeaseRecord::parse(&key, &data)?;
-                let succeeding = previous.is_some_and(|p| !p.is_empty() && p == current.session);
+                let succeeding = previous
+                    .iter()
+                    .any(|p| !p.is_empty() && *p == current.session);
                 let expired = current.expires_ms() < now_ms();
                 if !(current.is_free() || expired || succeeding || current.session == session) {
                     return Err(VolumeError::Leased {

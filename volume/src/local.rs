@@ -52,6 +52,26 @@ impl LocalDir {
         })
     }
 
+    /// Records `session` as the one starting to serve from this state (synced) and
+    /// returns the one recorded before, if any.
+    pub fn swap_starting_session(&self, session: &str) -> Result<Option<String>> {
+        let path = self.path.join("starting-session");
+        let earlier = std::fs::read_to_string(&path)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty());
+        let staged = self.path.join("starting-session.new");
+        let write = || -> std::io::Result<()> {
+            let mut file = File::create(&staged)?;
+            std::io::Write::write_all(&mut file, session.as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&staged, &path)?;
+            File::open(&self.path)?.sync_all()
+        };
+        write().context(|| format!("recording the starting session in {}", path.display()))?;
+        Ok(earlier)
+    }
+
     pub fn wal_dir(&self) -> PathBuf {
         self.path.join("wal")
     }

@@ -959,12 +959,19 @@ impl Volume {
         }
         let session = random_id();
         let session_hex = hex(&session);
-        let previous = old_meta.as_ref().map(|m| m.session.clone());
+        // The session about to take the lease is recorded first: a process killed
+        // between taking the lease and writing its meta file must not lock this host
+        // out of its own volume until the lease expires.
+        let started = local.swap_starting_session(&session_hex)?;
+        let mut previous: Vec<&str> = started.iter().map(String::as_str).collect();
+        if let Some(meta) = &old_meta {
+            previous.push(&meta.session);
+        }
         let _ = Takeover::Successor;
         let lease = lease::acquire(
             &store,
             &session_hex,
-            previous.as_deref(),
+            &previous,
             options.lease_ttl.as_millis() as i64,
             patience,
         )?;
