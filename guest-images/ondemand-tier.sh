@@ -38,8 +38,7 @@ fscache_tier() {
 	local tier_started kernel_dir
 	tier_started=$(now_seconds)
 	log "fscache tier: building (or finding) the 6.12 guest kernel"
-	kernel_dir=$("$GUEST_IMAGES_DIR/kernel/build.sh" --package linux-source-6.12 --suite trixie \
-		--fragment "$GUEST_IMAGES_DIR/kernel/ondemand-6.12.config" --name ondemand-6.12) ||
+	kernel_dir=$("$GUEST_IMAGES_DIR/kernel/ondemand-6.12.sh") ||
 		die "the 6.12 guest kernel does not build"
 	ensure_host_packages e2fsprogs
 	local share=$WORK/share-images extra=$WORK/fscache-files

@@ -620,7 +620,16 @@ fn killed_worker_is_replaced_and_reads_never_see_zeros() {
     let log = mount.stderr();
     assert!(log.contains("the mount worker died"), "{log}");
     let ready = assert_ready_chunks_are_correct(&cache, &built.image);
-    assert!(ready > 1000, "only {ready} chunks cached");
+    // A killed worker loses the marks of chunks it fetched but had not synced yet (the
+    // engine's group commit: at most one sync interval each; those chunks are fetched
+    // again when next asked for). The last worker was never killed and exited cleanly,
+    // so everything it fetched, the small files at least, is marked.
+    let small_bytes: u64 = files[2..].iter().map(|(_, size)| *size as u64).sum();
+    let small_chunks = small_bytes.div_ceil(u64::from(manifest.chunk_size));
+    assert!(
+        ready >= small_chunks,
+        "only {ready} chunks marked ready; the last worker fetched at least {small_chunks}"
+    );
 }
 
 /// `kill -9` of the supervisor: the worker, which holds a duplicate of the group, takes

@@ -45,6 +45,22 @@ if [ ! -x "$venv/bin/moto_server" ]; then
 fi
 export PATH="$venv/bin:$PATH"
 
+# The guest kernels the guest tier builds from source (about 12 CPU-minutes each, cached) are
+# built in the background, niced, while the workspace compiles and its tests run: much of that
+# time leaves a core idle. The tiers that boot them later call the same scripts, which wait on
+# the build's lock and then find the result in the cache (or build it, if this failed).
+kernel_prebuild_pid=""
+if [ $skip_guest -eq 0 ] && [ "$(id -u)" -eq 0 ]; then
+	prebuild_log="${XDG_CACHE_HOME:-$HOME/.cache}/berth/kernels/prebuild.log"
+	mkdir -p "$(dirname "$prebuild_log")"
+	echo "building the guest kernels in the background (log: $prebuild_log)"
+	# Its own process group, so that an early exit stops the whole build.
+	setsid nice -n 10 bash -c 'guest-images/kernel/shared-versions/check.sh --build-only;
+		guest-images/kernel/ondemand-6.12.sh' >"$prebuild_log" 2>&1 &
+	kernel_prebuild_pid=$!
+	trap 'kill -- "-$kernel_prebuild_pid" 2>/dev/null || true' EXIT
+fi
+
 # As root every test has what it needs here: one that would skip fails instead, so that a
 # missing kernel feature or tool cannot turn a tier green by not running it.
 if [ "$(id -u)" -eq 0 ]; then
