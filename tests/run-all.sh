@@ -76,6 +76,9 @@ cargo clippy --workspace --all-targets --release -- -D warnings
 section "cargo test (workspace, release)"
 cargo test --workspace --release --no-fail-fast
 
+section "volume: kill -9 at every crash point (failpoints build)"
+cargo test -p berth-volume --release --features failpoints --test crash_points
+
 if [ $skip_fuzz -eq 0 ]; then
 	section "fuzz corpus and regression replay"
 	(cd fuzz && cargo test --release)

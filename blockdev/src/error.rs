@@ -45,6 +45,15 @@ pub enum BlockError {
     },
     #[error("ublk: {0}")]
     UblkSetup(String),
+    /// A target outside this crate failed (an object-storage volume), with the errno it
+    /// wants the request completed with.
+    #[error("The {target} target failed")]
+    Target {
+        target: &'static str,
+        errno: i32,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Result alias of this crate.
@@ -57,6 +66,7 @@ impl BlockError {
             BlockError::OutOfRange { .. } | BlockError::Misaligned { .. } => libc::EINVAL,
             BlockError::ReadOnly => libc::EROFS,
             BlockError::Unsupported(_) => libc::EOPNOTSUPP,
+            BlockError::Target { errno, .. } => *errno,
             BlockError::Io { source, .. } => match source.raw_os_error() {
                 Some(libc::ENOSPC) => libc::ENOSPC,
                 Some(libc::EDQUOT) => libc::ENOSPC,

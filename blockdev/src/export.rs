@@ -27,8 +27,10 @@ pub fn export_to_file(target: &dyn BlockTarget, out: &Path) -> Result<u64> {
     while at < size {
         let n = (size - at).min(STEP);
         extents.clear();
-        target.map_read(at, n, &mut extents)?;
-        if extents.iter().all(|e| e.source == Source::Zero) {
+        let pin = target.map_read_pinned(at, n, &mut extents)?;
+        let all_zero = extents.iter().all(|e| e.source == Source::Zero);
+        drop(pin);
+        if all_zero {
             at += n;
             continue;
         }

@@ -24,4 +24,7 @@ pub use image::ImageTarget;
 pub use metrics::DeviceMetrics;
 pub use overlay::{OverlayOptions, OverlayRecovery, OverlayTarget};
 pub use raw::{RawOptions, RawTarget};
-pub use target::{BlockTarget, Extent, Op, SharedTarget, Source, TargetInfo, WriteTicket};
+pub use target::{
+    BlockTarget, Completion, Extent, Op, Progress, ReadPin, SharedTarget, Source, TargetInfo,
+    WriteTicket,
+};

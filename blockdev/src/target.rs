@@ -8,13 +8,19 @@
 //! plain `pread` here in [`read_at`]). Metadata work — fetching an image's chunks,
 //! allocating overlay clusters, making writes durable — stays in the target.
 //!
-//! A future target with a write path of its own (an object-storage volume) implements the
-//! same trait: `map_write` hands out extents of its local log, `finish_write` records
-//! them, `flush` makes them durable.
+//! A target with a write path of its own (an object-storage volume) implements the same
+//! trait: `map_write` hands out extents of its local log, `finish_write` records them,
+//! `flush` makes them durable. Such a target may move data that a read mapped (a log
+//! segment retired once uploaded, a cache block evicted): transports take reads through
+//! [`BlockTarget::map_read_pinned`] and hold the returned [`ReadPin`] until the bytes have
+//! moved. And its durable point may be slow (an upload): transports start FLUSH and FUA
+//! writes with [`BlockTarget::start_flush`] and [`BlockTarget::start_finish_write`], which
+//! may answer [`Progress::Pending`] with a [`Completion`] to wait on instead of blocking
+//! the thread that serves every other request of the queue.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::{BlockError, IoContext, Result};
 
@@ -65,6 +71,154 @@ impl WriteTicket {
     pub fn in_place() -> Self {
         Self::default()
     }
+
+    /// A ticket carrying a target's own description of what it allocated, as pairs of
+    /// numbers only that target interprets (targets outside this crate build theirs here).
+    pub fn with_allocations(allocations: Vec<(u64, u64)>) -> Self {
+        Self { allocations }
+    }
+
+    /// What [`Self::with_allocations`] was given.
+    pub fn allocations(&self) -> &[(u64, u64)] {
+        &self.allocations
+    }
+}
+
+/// Keeps the bytes a read was mapped to where they are until it is dropped: a target
+/// that moves data (retires a log segment, evicts a cache block) waits for the pins taken
+/// before the move. Targets whose extents never move hand out [`ReadPin::none`].
+#[derive(Default)]
+pub struct ReadPin(Vec<Box<dyn Send>>);
+
+impl std::fmt::Debug for ReadPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReadPin({} held)", self.0.len())
+    }
+}
+
+impl ReadPin {
+    /// Nothing to hold.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Holds `guard` until the pin is dropped.
+    pub fn new(guard: impl Send + 'static) -> Self {
+        Self(vec![Box::new(guard)])
+    }
+
+    /// Holds what `other` holds too (a layered target pinning its base's extents).
+    pub fn join(&mut self, other: ReadPin) {
+        self.0.extend(other.0);
+    }
+}
+
+/// A request a target finishes on another thread (a FLUSH waiting for an upload). The
+/// transport waits until [`Completion::raw_fd`], an eventfd, becomes readable (for
+/// example with an io_uring read of 8 bytes on it), or blocks in [`Completion::wait`],
+/// and then takes the outcome with [`Completion::take`].
+pub struct Completion {
+    event: OwnedFd,
+    /// (finished, outcome not taken yet)
+    state: Mutex<(bool, Option<Result<()>>)>,
+    done: Condvar,
+}
+
+impl std::fmt::Debug for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Completion")
+            .field("fd", &self.event.as_raw_fd())
+            .field("finished", &self.is_complete())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Completion {
+    /// A completion not finished yet.
+    pub fn new() -> Result<Arc<Self>> {
+        // SAFETY: eventfd has no memory arguments; the descriptor it returns is owned here.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(BlockError::Io {
+                context: "creating an eventfd for a pending request".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Arc::new(Self {
+            // SAFETY: `fd` was just returned by eventfd and nothing else owns it.
+            event: unsafe { OwnedFd::from_raw_fd(fd) },
+            state: Mutex::new((false, None)),
+            done: Condvar::new(),
+        }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, (bool, Option<Result<()>>)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Finishes the request with `outcome` (only the first call counts) and wakes the
+    /// transport.
+    pub fn complete(&self, outcome: Result<()>) {
+        let mut state = self.state();
+        if state.0 {
+            return;
+        }
+        *state = (true, Some(outcome));
+        drop(state);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from `one`, alive across the call, to our eventfd. It
+        // cannot fail short of a counter overflow, which one write per completion rules out.
+        unsafe { libc::write(self.event.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        self.done.notify_all();
+    }
+
+    /// The eventfd that becomes readable once the request is finished.
+    pub fn raw_fd(&self) -> RawFd {
+        self.event.as_raw_fd()
+    }
+
+    /// Whether [`Self::complete`] was called.
+    pub fn is_complete(&self) -> bool {
+        self.state().0
+    }
+
+    /// The outcome, once finished (taken: a second call gets `None`).
+    pub fn take(&self) -> Option<Result<()>> {
+        self.state().1.take()
+    }
+
+    /// Blocks until the request is finished and returns its outcome (an error if it was
+    /// already taken).
+    pub fn wait(&self) -> Result<()> {
+        let mut state = self.state();
+        while !state.0 {
+            state = self.done.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.1.take().unwrap_or_else(|| {
+            Err(BlockError::UblkSetup(
+                "the outcome of a pending request was taken twice".into(),
+            ))
+        })
+    }
+}
+
+/// Where a request a target may finish later stands.
+#[derive(Debug)]
+pub enum Progress {
+    /// Finished on the spot.
+    Done(Result<()>),
+    /// Finished later: wait on the completion.
+    Pending(Arc<Completion>),
+}
+
+impl Progress {
+    /// Blocks until finished (for callers with no I/O loop of their own).
+    pub fn wait(self) -> Result<()> {
+        match self {
+            Progress::Done(outcome) => outcome,
+            Progress::Pending(completion) => completion.wait(),
+        }
+    }
 }
 
 /// A block target: raw file or device, lazily fetched image, copy-on-write overlay.
@@ -73,8 +227,17 @@ pub trait BlockTarget: Send + Sync {
     fn info(&self) -> &TargetInfo;
 
     /// Appends to `out` the extents holding `[offset, offset + len)`, making their data
-    /// present first (a lazily fetched image fetches the missing chunks here).
+    /// present first (a lazily fetched image fetches the missing chunks here). The
+    /// extents stay valid as long as the target lives; a target that cannot promise that
+    /// refuses here and serves [`Self::map_read_pinned`].
     fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()>;
+
+    /// [`Self::map_read`] for targets that move data: the extents stay valid while the
+    /// returned pin is held. Transports read through this and drop the pin once the
+    /// bytes have moved. Default: `map_read`, nothing to pin.
+    fn map_read_pinned(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<ReadPin> {
+        self.map_read(offset, len, out).map(|()| ReadPin::none())
+    }
 
     /// Appends to `out` the file extents the data of `[offset, offset + len)` is to be
     /// written to (all [`Source::File`]), allocating space where needed. The caller
@@ -86,8 +249,24 @@ pub trait BlockTarget: Send + Sync {
     /// allocated. With `fua` the write is durable when this returns.
     fn finish_write(&self, ticket: WriteTicket, written: bool, fua: bool) -> Result<()>;
 
+    /// [`Self::finish_write`] without blocking the caller on slow durability work: a
+    /// target whose FUA means an upload answers [`Progress::Pending`]. Transports serving
+    /// many requests on one thread settle writes through this. Default: `finish_write`
+    /// on the spot.
+    fn start_finish_write(&self, ticket: WriteTicket, written: bool, fua: bool) -> Progress {
+        Progress::Done(self.finish_write(ticket, written, fua))
+    }
+
     /// Makes every completed write durable on the backing store.
     fn flush(&self) -> Result<()>;
+
+    /// [`Self::flush`] without blocking the caller: a target whose flush waits for other
+    /// threads (a group commit, an upload) answers [`Progress::Pending`], so that the
+    /// transport's I/O loop keeps serving the requests the flush may itself be waiting
+    /// for. Default: `flush` on the spot.
+    fn start_flush(&self) -> Progress {
+        Progress::Done(self.flush())
+    }
 
     /// The range's contents become unspecified and its space may be freed.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
@@ -168,7 +347,7 @@ fn file_of(fd: RawFd) -> std::mem::ManuallyDrop<std::fs::File> {
 pub fn read_at(target: &dyn BlockTarget, offset: u64, buf: &mut [u8]) -> Result<()> {
     validate(target.info(), Op::Read, offset, buf.len() as u64)?;
     let mut extents = Vec::new();
-    target.map_read(offset, buf.len() as u64, &mut extents)?;
+    let _pin = target.map_read_pinned(offset, buf.len() as u64, &mut extents)?;
     let mut at = 0usize;
     for extent in extents {
         let piece = buf
@@ -218,8 +397,13 @@ pub fn write_at(target: &dyn BlockTarget, offset: u64, buf: &[u8], fua: bool) ->
         at += extent.len as usize;
     }
     let written = outcome.is_ok();
-    let finished = target.finish_write(ticket, written, fua);
+    let finished = target.start_finish_write(ticket, written, fua).wait();
     outcome.and(finished)
+}
+
+/// FLUSH through `target`, waiting for it to finish.
+pub fn flush(target: &dyn BlockTarget) -> Result<()> {
+    target.start_flush().wait()
 }
 
 /// DISCARD of `[offset, offset + len)` after validating it.

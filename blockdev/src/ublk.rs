@@ -16,7 +16,9 @@
 //!
 //! Zeros (a discarded overlay cluster, the tail past an image) are read from
 //! `/dev/zero` into the request in zero-copy mode. Metadata work — an image fetching
-//! chunks, an overlay allocating clusters, FLUSH — runs on the queue thread.
+//! chunks, an overlay allocating clusters — runs on the queue thread. A FLUSH or FUA write
+//! the target finishes on another thread ([`Progress::Pending`]) is awaited on the ring
+//! (a read of the completion's eventfd) while the queue serves its other requests.
 //!
 //! # Recovery
 //! Devices are created with `UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE`: if the
@@ -41,7 +43,7 @@ use libublk::{sys, BufDesc, UblkError, UblkFlags, UblkUringData};
 
 use crate::error::{BlockError, Result};
 use crate::metrics::DeviceMetrics;
-use crate::target::{validate, Extent, Op, SharedTarget, Source};
+use crate::target::{validate, Extent, Op, Progress, SharedTarget, Source};
 
 /// How request data moves between the kernel and berth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -548,7 +550,10 @@ async fn serve_op(
         });
     }
     match op {
-        Op::Flush => ctx.target.flush(),
+        // Started, then awaited on the ring: a flush that waits for other threads (a
+        // volume's upload) must not stop this queue's other requests, which it may be
+        // waiting for.
+        Op::Flush => wait_progress(ctx.target.start_flush()).await,
         Op::Discard => ctx.target.discard(offset, len),
         Op::WriteZeroes => ctx.target.write_zeroes(offset, len),
         Op::Read | Op::Write { .. } => {
@@ -571,6 +576,41 @@ async fn serve_op(
             moved
         }
     }
+}
+
+/// Waits for a request the target finishes elsewhere: an io_uring read of its eventfd
+/// completes when it is done, and the queue serves other requests meanwhile.
+async fn wait_progress(progress: Progress) -> Result<()> {
+    let completion = match progress {
+        Progress::Done(outcome) => return outcome,
+        Progress::Pending(completion) => completion,
+    };
+    let mut counter = [0u8; 8];
+    loop {
+        let sqe = opcode::Read::new(
+            types::Fd(completion.raw_fd()),
+            counter.as_mut_ptr(),
+            counter.len() as u32,
+        )
+        .build();
+        let res = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
+            .await
+            .unwrap_or(-libc::EIO);
+        if res == -libc::EINTR || res == -libc::EAGAIN {
+            continue;
+        }
+        if res < 0 {
+            // The ring cannot wait for it: block this once rather than lose the outcome.
+            tracing::warn!("cannot wait on a pending request's eventfd: errno {}", -res);
+            return completion.wait();
+        }
+        break;
+    }
+    completion.take().unwrap_or_else(|| {
+        Err(BlockError::UblkSetup(
+            "a pending request finished without an outcome".into(),
+        ))
+    })
 }
 
 fn io_error(what: &str, res: i32) -> BlockError {
@@ -694,10 +734,12 @@ async fn move_data(
         .await?;
     }
     let mut extents: Vec<Extent> = Vec::new();
+    // A read's pin keeps its extents in place until the data has moved.
+    let mut pin = None;
     let ticket = if write {
         Some(ctx.target.map_write(offset, len, &mut extents)?)
     } else {
-        ctx.target.map_read(offset, len, &mut extents)?;
+        pin = Some(ctx.target.map_read_pinned(offset, len, &mut extents)?);
         None
     };
     let mut at = 0u64;
@@ -740,9 +782,11 @@ async fn move_data(
         }
         at += extent.len;
     }
+    drop(pin);
     if let Some(ticket) = ticket {
         let fua = matches!(op, Op::Write { fua: true });
-        let finished = ctx.target.finish_write(ticket, outcome.is_ok(), fua);
+        let finished =
+            wait_progress(ctx.target.start_finish_write(ticket, outcome.is_ok(), fua)).await;
         outcome = outcome.and(finished);
     }
     outcome?;

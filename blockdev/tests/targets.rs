@@ -592,3 +592,155 @@ fn an_image_whose_backend_lost_the_blob_fails_reads_instead_of_returning_zeros()
     assert_eq!(err.errno(), libc::EIO);
     assert_eq!(image.hits_and_misses(), (0, 1));
 }
+
+/// A raw file served by a target that moves data the moment a read's pin is dropped
+/// (overwrites the mapped bytes with 0xee, as a volume retiring a log segment would) and
+/// whose FLUSH and FUA finish on another thread after a delay.
+struct MovingTarget {
+    inner: RawTarget,
+    flushes: Arc<std::sync::atomic::AtomicU64>,
+    fail_flush: bool,
+}
+
+struct MoveOnRelease {
+    file: fs::File,
+    offset: u64,
+    len: usize,
+}
+
+impl Drop for MoveOnRelease {
+    fn drop(&mut self) {
+        self.file
+            .write_all_at(&vec![0xee; self.len], self.offset)
+            .unwrap();
+    }
+}
+
+impl MovingTarget {
+    fn finish_later(&self) -> berth_blockdev::Progress {
+        let completion = berth_blockdev::Completion::new().unwrap();
+        let (done, flushes, fail) = (completion.clone(), self.flushes.clone(), self.fail_flush);
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            flushes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            done.complete(if fail {
+                Err(BlockError::Unsupported("flushing to nowhere"))
+            } else {
+                Ok(())
+            });
+        });
+        berth_blockdev::Progress::Pending(completion)
+    }
+}
+
+impl BlockTarget for MovingTarget {
+    fn info(&self) -> &berth_blockdev::TargetInfo {
+        self.inner.info()
+    }
+    fn map_read(
+        &self,
+        _: u64,
+        _: u64,
+        _: &mut Vec<berth_blockdev::Extent>,
+    ) -> berth_blockdev::Result<()> {
+        Err(BlockError::Unsupported("unpinned reads"))
+    }
+    fn map_read_pinned(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<berth_blockdev::Extent>,
+    ) -> berth_blockdev::Result<berth_blockdev::ReadPin> {
+        self.inner.map_read(offset, len, out)?;
+        Ok(berth_blockdev::ReadPin::new(MoveOnRelease {
+            file: self.inner.file().try_clone().unwrap(),
+            offset,
+            len: len as usize,
+        }))
+    }
+    fn map_write(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<berth_blockdev::Extent>,
+    ) -> berth_blockdev::Result<berth_blockdev::WriteTicket> {
+        self.inner.map_write(offset, len, out)
+    }
+    fn finish_write(
+        &self,
+        _: berth_blockdev::WriteTicket,
+        _: bool,
+        _: bool,
+    ) -> berth_blockdev::Result<()> {
+        Err(BlockError::Unsupported("settling writes on the spot"))
+    }
+    fn start_finish_write(
+        &self,
+        _ticket: berth_blockdev::WriteTicket,
+        _written: bool,
+        _fua: bool,
+    ) -> berth_blockdev::Progress {
+        self.finish_later()
+    }
+    fn flush(&self) -> berth_blockdev::Result<()> {
+        Err(BlockError::Unsupported("flushing on the spot"))
+    }
+    fn start_flush(&self) -> berth_blockdev::Progress {
+        self.finish_later()
+    }
+    fn discard(&self, offset: u64, len: u64) -> berth_blockdev::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> berth_blockdev::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+}
+
+#[test]
+fn reads_hold_their_pin_until_the_data_moved_and_pending_flushes_are_awaited() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = base_file(dir.path(), 16);
+    let flushes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let target = MovingTarget {
+        inner: RawTarget::open(&path, &RawOptions::default()).unwrap(),
+        flushes: flushes.clone(),
+        fail_flush: false,
+    };
+    // The data is read before the pin goes (after it, the bytes would be 0xee).
+    assert_eq!(read_block(&target, 3), pattern(1, 3));
+    let mut after = vec![0u8; BLOCK];
+    fs::File::open(&path)
+        .unwrap()
+        .read_exact_at(&mut after, 3 * BLOCK as u64)
+        .unwrap();
+    assert_eq!(
+        after,
+        vec![0xee; BLOCK],
+        "the pin was released after the read"
+    );
+    // Writes and flushes wait for the other thread's answer.
+    write_at(&target, 5 * BLOCK as u64, &pattern(9, 5), true).unwrap();
+    assert_eq!(flushes.load(std::sync::atomic::Ordering::SeqCst), 1);
+    berth_blockdev::target::flush(&target).unwrap();
+    assert_eq!(flushes.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let failing = MovingTarget {
+        fail_flush: true,
+        ..target
+    };
+    let err = berth_blockdev::target::flush(&failing).unwrap_err();
+    assert!(matches!(err, BlockError::Unsupported(_)), "{err}");
+    // A completion is finished once; its fd is readable afterwards.
+    let completion = berth_blockdev::Completion::new().unwrap();
+    assert!(!completion.is_complete());
+    completion.complete(Ok(()));
+    completion.complete(Err(BlockError::ReadOnly));
+    let mut counter = [0u8; 8];
+    // SAFETY (test): reads 8 bytes into `counter` from the completion's eventfd.
+    let n = unsafe { libc::read(completion.raw_fd(), counter.as_mut_ptr().cast(), 8) };
+    assert_eq!(n, 8);
+    assert!(
+        completion.take().unwrap().is_ok(),
+        "the first outcome counts"
+    );
+    assert!(completion.take().is_none());
+}

@@ -1,5 +1,11 @@
 //! Where blobs live: a local directory, S3-compatible object storage or plain HTTP
 //! range reads, all behind the synchronous [`BlobBackend`] trait.
+//!
+//! Besides reads and uploads, a backend may offer what a writer that shares a store with
+//! others needs (object-storage volumes: leases, versioned manifests, garbage
+//! collection): whole-object reads with the object's version, conditional writes (create
+//! only if absent, replace only if unchanged: S3's `If-None-Match: *` and `If-Match`),
+//! deletion and listing. Backends without them answer [`CacheError::Unsupported`].
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -13,10 +19,25 @@ use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::http::HttpBuilder;
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart,
+    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig, UpdateVersion,
+    WriteMultipart,
 };
 
 use crate::error::{CacheError, IoContext, Result};
+
+/// The version of a stored object a conditional write compares against (S3's ETag).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ObjectVersion(pub String);
+
+/// One object a listing found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    /// Its name, relative to the backend (as the other calls take it).
+    pub name: String,
+    pub size: u64,
+    /// Last modification, in milliseconds since the Unix epoch (the store's clock).
+    pub modified_ms: i64,
+}
 
 /// A store of named blobs that can be read by byte range.
 ///
@@ -32,6 +53,44 @@ pub trait BlobBackend: Send + Sync + std::fmt::Debug {
     fn put_bytes(&self, name: &str, data: &[u8]) -> Result<()>;
     /// A short human description, for logs.
     fn describe(&self) -> String;
+
+    /// The whole object `name` and its version, or `None` when there is none.
+    fn get_versioned(&self, name: &str) -> Result<Option<(Vec<u8>, ObjectVersion)>> {
+        let _ = name;
+        Err(CacheError::Unsupported("versioned reads"))
+    }
+
+    /// Stores `data` as `name` only if no object has that name: the new version, or
+    /// `None` when one exists (nothing is written then).
+    fn put_if_absent(&self, name: &str, data: &[u8]) -> Result<Option<ObjectVersion>> {
+        let _ = (name, data);
+        Err(CacheError::Unsupported("conditional writes"))
+    }
+
+    /// Replaces `name` with `data` only if its current version is `expected`: the new
+    /// version, or `None` when the object changed or is gone (nothing is written then).
+    fn put_if_version(
+        &self,
+        name: &str,
+        data: &[u8],
+        expected: &ObjectVersion,
+    ) -> Result<Option<ObjectVersion>> {
+        let _ = (name, data, expected);
+        Err(CacheError::Unsupported("conditional writes"))
+    }
+
+    /// Deletes `name`; deleting what is not there succeeds.
+    fn delete(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Err(CacheError::Unsupported("deletion"))
+    }
+
+    /// Every object whose name starts with `prefix` followed by `/` (or every object
+    /// when `prefix` is empty), in no particular order.
+    fn list(&self, prefix: &str) -> Result<Vec<ListedObject>> {
+        let _ = prefix;
+        Err(CacheError::Unsupported("listing"))
+    }
 }
 
 fn backend_error(
@@ -124,11 +183,16 @@ impl BlobBackend for LocalDirBackend {
         if let Some(parent) = target.parent() {
             fs::create_dir_all(parent).context(|| format!("creating {}", parent.display()))?;
         }
-        // Copy to a temporary name first so a reader never sees a half-written blob.
+        // Copy to a temporary name first so a reader never sees a half-written blob, and
+        // sync it: a stored object survives a power cut, as it would in a real store.
         let partial = target.with_extension("partial");
         fs::copy(path, &partial)
             .context(|| format!("copying {} to {}", path.display(), partial.display()))?;
-        fs::rename(&partial, &target).context(|| format!("renaming {}", partial.display()))
+        File::open(&partial)
+            .and_then(|f| f.sync_all())
+            .context(|| format!("syncing {}", partial.display()))?;
+        fs::rename(&partial, &target).context(|| format!("renaming {}", partial.display()))?;
+        sync_parent(&target)
     }
 
     fn put_bytes(&self, name: &str, data: &[u8]) -> Result<()> {
@@ -138,11 +202,178 @@ impl BlobBackend for LocalDirBackend {
         }
         let partial = target.with_extension("partial");
         fs::write(&partial, data).context(|| format!("writing {}", partial.display()))?;
-        fs::rename(&partial, &target).context(|| format!("renaming {}", partial.display()))
+        File::open(&partial)
+            .and_then(|f| f.sync_all())
+            .context(|| format!("syncing {}", partial.display()))?;
+        fs::rename(&partial, &target).context(|| format!("renaming {}", partial.display()))?;
+        sync_parent(&target)
     }
 
     fn describe(&self) -> String {
         format!("directory {}", self.root.display())
+    }
+
+    fn get_versioned(&self, name: &str) -> Result<Option<(Vec<u8>, ObjectVersion)>> {
+        let path = self.path_of(name)?;
+        match fs::read(&path) {
+            Ok(data) => {
+                let version = local_version(&data);
+                Ok(Some((data, version)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(backend_error("read", name, e, true)),
+        }
+    }
+
+    fn put_if_absent(&self, name: &str, data: &[u8]) -> Result<Option<ObjectVersion>> {
+        let target = self.path_of(name)?;
+        let staged = self.stage(name, &target, data)?;
+        // link() refuses an existing name: the check and the write are one step.
+        let linked = fs::hard_link(&staged, &target);
+        let _ = fs::remove_file(&staged);
+        match linked {
+            Ok(()) => {
+                sync_parent(&target)?;
+                Ok(Some(local_version(data)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(backend_error("upload", name, e, true)),
+        }
+    }
+
+    fn put_if_version(
+        &self,
+        name: &str,
+        data: &[u8],
+        expected: &ObjectVersion,
+    ) -> Result<Option<ObjectVersion>> {
+        let target = self.path_of(name)?;
+        // Compare and replace under a lock every writer of this directory takes.
+        let _lock = self.conditional_lock()?;
+        let current = match fs::read(&target) {
+            Ok(current) => current,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(backend_error("read", name, e, true)),
+        };
+        if &local_version(&current) != expected {
+            return Ok(None);
+        }
+        let staged = self.stage(name, &target, data)?;
+        fs::rename(&staged, &target).map_err(|e| backend_error("upload", name, e, true))?;
+        sync_parent(&target)?;
+        Ok(Some(local_version(data)))
+    }
+
+    fn delete(&self, name: &str) -> Result<()> {
+        let path = self.path_of(name)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(backend_error("delete", name, e, true)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ListedObject>> {
+        let prefix = prefix.trim_matches('/');
+        let start = if prefix.is_empty() {
+            self.root.clone()
+        } else {
+            self.path_of(prefix)?
+        };
+        let mut out = Vec::new();
+        let mut pending = vec![start];
+        while let Some(dir) = pending.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(backend_error("list", prefix, e, true)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| backend_error("list", prefix, e, true))?;
+                let meta = entry
+                    .metadata()
+                    .map_err(|e| backend_error("list", prefix, e, true))?;
+                let path = entry.path();
+                if meta.is_dir() {
+                    pending.push(path);
+                    continue;
+                }
+                let Ok(relative) = path.strip_prefix(&self.root) else {
+                    continue;
+                };
+                let name = relative.to_string_lossy().into_owned();
+                // Staged copies of uploads in progress are not objects.
+                if name.ends_with(".partial")
+                    || name.contains("/.berth-")
+                    || name.starts_with(".berth-")
+                {
+                    continue;
+                }
+                let modified_ms = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_millis() as i64);
+                out.push(ListedObject {
+                    name,
+                    size: meta.len(),
+                    modified_ms,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Syncs the directory holding `path`, so that a name just linked or renamed there
+/// survives a power cut.
+fn sync_parent(path: &Path) -> Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("."));
+    File::open(parent)
+        .and_then(|dir| dir.sync_all())
+        .context(|| format!("syncing the directory {}", parent.display()))
+}
+
+/// A local object's version: the digest of its content.
+fn local_version(data: &[u8]) -> ObjectVersion {
+    ObjectVersion(blake3::hash(data).to_hex().to_string())
+}
+
+impl LocalDirBackend {
+    /// Writes `data` to a uniquely named file beside `target` (synced), for a link or
+    /// rename into place.
+    fn stage(&self, name: &str, target: &Path, data: &[u8]) -> Result<PathBuf> {
+        use std::io::Write as _;
+        let parent = target.parent().unwrap_or(&self.root);
+        fs::create_dir_all(parent).context(|| format!("creating {}", parent.display()))?;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let staged = parent.join(format!(".berth-stage-{}-{unique}", std::process::id()));
+        let mut file = File::create(&staged).map_err(|e| backend_error("upload", name, e, true))?;
+        file.write_all(data)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| backend_error("upload", name, e, true))?;
+        Ok(staged)
+    }
+
+    /// The lock conditional replacements of this directory take.
+    fn conditional_lock(&self) -> Result<File> {
+        fs::create_dir_all(&self.root).context(|| format!("creating {}", self.root.display()))?;
+        let path = self.root.join(".berth-conditional.lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
+            return Err(CacheError::Io {
+                context: format!("locking {}", path.display()),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(file)
     }
 }
 
@@ -367,6 +598,113 @@ impl BlobBackend for ObjectStoreBackend {
     fn describe(&self) -> String {
         self.description.clone()
     }
+
+    fn get_versioned(&self, name: &str) -> Result<Option<(Vec<u8>, ObjectVersion)>> {
+        let location = self.location(name);
+        self.runtime.block_on(async {
+            let result = match self.store.get(&location).await {
+                Ok(result) => result,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(classify("read", name, e)),
+            };
+            let version = version_of(result.meta.e_tag.clone(), result.meta.version.clone());
+            let expected = result.meta.size;
+            let data = result
+                .bytes()
+                .await
+                .map_err(|e| classify("read", name, e))?;
+            if data.len() as u64 != expected {
+                return Err(backend_error(
+                    "read",
+                    name,
+                    format!("expected {expected} bytes, received {}", data.len()),
+                    true,
+                ));
+            }
+            Ok(Some((data.to_vec(), version)))
+        })
+    }
+
+    fn put_if_absent(&self, name: &str, data: &[u8]) -> Result<Option<ObjectVersion>> {
+        let location = self.location(name);
+        let payload = PutPayload::from(bytes::Bytes::copy_from_slice(data));
+        match self.runtime.block_on(
+            self.store
+                .put_opts(&location, payload, PutMode::Create.into()),
+        ) {
+            Ok(put) => Ok(Some(version_of(put.e_tag, put.version))),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(None),
+            Err(e) => Err(classify("upload", name, e)),
+        }
+    }
+
+    fn put_if_version(
+        &self,
+        name: &str,
+        data: &[u8],
+        expected: &ObjectVersion,
+    ) -> Result<Option<ObjectVersion>> {
+        let location = self.location(name);
+        let payload = PutPayload::from(bytes::Bytes::copy_from_slice(data));
+        let mode = PutMode::Update(UpdateVersion {
+            e_tag: Some(expected.0.clone()),
+            version: None,
+        });
+        match self
+            .runtime
+            .block_on(self.store.put_opts(&location, payload, mode.into()))
+        {
+            Ok(put) => Ok(Some(version_of(put.e_tag, put.version))),
+            Err(object_store::Error::Precondition { .. })
+            | Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(classify("upload", name, e)),
+        }
+    }
+
+    fn delete(&self, name: &str) -> Result<()> {
+        let location = self.location(name);
+        match self.runtime.block_on(self.store.delete(&location)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(classify("delete", name, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ListedObject>> {
+        use futures_util::stream::TryStreamExt;
+        let prefix = prefix.trim_matches('/');
+        let full = match (self.prefix.is_empty(), prefix.is_empty()) {
+            (true, _) => prefix.to_string(),
+            (false, true) => self.prefix.clone(),
+            (false, false) => format!("{}/{prefix}", self.prefix),
+        };
+        let location = ObjectPath::from(full);
+        let strip = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let listed: Vec<object_store::ObjectMeta> = self
+            .runtime
+            .block_on(self.store.list(Some(&location)).try_collect())
+            .map_err(|e| classify("list", prefix, e))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|meta| {
+                let name = meta.location.as_ref().strip_prefix(&strip)?.to_string();
+                Some(ListedObject {
+                    name,
+                    size: meta.size,
+                    modified_ms: meta.last_modified.timestamp_millis(),
+                })
+            })
+            .collect())
+    }
+}
+
+/// The version a conditional write compares: the ETag (or the store's version id).
+fn version_of(e_tag: Option<String>, version: Option<String>) -> ObjectVersion {
+    ObjectVersion(e_tag.or(version).unwrap_or_default())
 }
 
 /// Opens the backend named by `spec`:

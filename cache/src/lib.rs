@@ -19,7 +19,10 @@ pub mod error;
 pub mod manifest;
 pub mod metrics;
 
-pub use backend::{open_backend, BlobBackend, LocalDirBackend, ObjectStoreBackend, S3Config};
+pub use backend::{
+    open_backend, BlobBackend, ListedObject, LocalDirBackend, ObjectStoreBackend, ObjectVersion,
+    S3Config,
+};
 pub use blob_writer::{stage_blob_file, BlobLayout, BlobWriter, StagedBlob};
 pub use engine::{BlobHandle, CacheConfig, CacheEngine, VerifyOnOpen};
 pub use error::{CacheError, Result};

@@ -21,7 +21,7 @@ fn s3_and_http_backends_serve_range_reads_through_the_engine() {
     };
     moto.create_bucket("berth");
     let s3: Arc<dyn BlobBackend> =
-        Arc::new(ObjectStoreBackend::s3(&moto.s3_config("berth")).unwrap());
+        Arc::new(ObjectStoreBackend::s3(&common::s3_config(&moto, "berth")).unwrap());
 
     // A file larger than one upload part goes up as a multipart upload.
     let dir = tempfile::tempdir().unwrap();

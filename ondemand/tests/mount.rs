@@ -171,7 +171,7 @@ fn lazily_fetched_image_through_fanotify() {
         .with_writer(move || writer.clone())
         .try_init();
     moto.create_bucket("berth");
-    let s3_config = moto.s3_config("berth");
+    let s3_config = common::s3_config(&moto, "berth");
     // Uploads go straight to the server; the mounts read through a proxy that records
     // what the server is asked for.
     let direct: Arc<dyn BlobBackend> = Arc::new(ObjectStoreBackend::s3(&s3_config).unwrap());

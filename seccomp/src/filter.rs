@@ -252,8 +252,11 @@ const BLKZEROOUT: u64 = 0x127f;
 /// per-request buffer registration of the zero-copy fallback), the target's data and
 /// durability calls (an overlay's map writes, FLUSH, DISCARD as a punched hole), reading the
 /// blob objects of a local image store while fetching chunks, and the two block ioctls (see
-/// ARG_RULES). No sockets: remote backends fetch on the cache engine's own runtime threads.
+/// ARG_RULES), and eventfd2 for the completion of a FLUSH a target finishes on another thread
+/// (waited for on the ring). No sockets: remote backends fetch on the cache engine's own
+/// runtime threads.
 const UBLK_QUEUE: &[libc::c_long] = &[
+    libc::SYS_eventfd2,
     libc::SYS_fallocate,
     libc::SYS_fdatasync,
     libc::SYS_fstat,
@@ -516,6 +519,7 @@ mod tests {
             libc::SYS_pwrite64,
             libc::SYS_fdatasync,
             libc::SYS_fallocate,
+            libc::SYS_eventfd2,
         ] {
             assert!(queue.contains(&nr), "the ublk queue lacks {nr}");
         }

@@ -1,0 +1,77 @@
+//! Named crash points for the kill -9 tests. With the `failpoints` feature, setting
+//! `BERTH_VOLUME_FAILPOINT=NAME:N` makes the process kill itself with SIGKILL the N-th
+//! time it passes `NAME` (a list separated by commas arms several). Without the feature
+//! [`hit`] compiles to nothing.
+
+/// Every crash point, in the order a write meets them (for the tests to walk through).
+pub const ALL: &[&str] = &[
+    "write.after_alloc",
+    "write.after_data",
+    "write.after_record",
+    "flush.before_sync",
+    "flush.after_data_sync",
+    "flush.after_sync",
+    "rotate.after_create",
+    "upload.after_pack_read",
+    "upload.after_pack_put",
+    "upload.after_manifest_put",
+    "apply.after_clear",
+    "apply.after_cache_write",
+    "apply.after_cache_sync",
+    "apply.after_set",
+    "apply.after_meta",
+    "trim.before_unlink",
+    "trim.after_unlink",
+    "evict.after_clear",
+    "evict.after_punch",
+    "fetch.after_install",
+    "checkpoint.after_persist",
+    "open.after_replay",
+    "open.after_meta",
+    "open.after_fence",
+    "lease.after_renew",
+    "close.after_drain",
+];
+
+#[cfg(feature = "failpoints")]
+mod armed {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    fn table() -> &'static HashMap<String, (u64, AtomicU64)> {
+        static TABLE: OnceLock<HashMap<String, (u64, AtomicU64)>> = OnceLock::new();
+        TABLE.get_or_init(|| {
+            let mut table = HashMap::new();
+            if let Ok(spec) = std::env::var("BERTH_VOLUME_FAILPOINT") {
+                for item in spec.split(',') {
+                    if let Some((name, n)) = item.split_once(':') {
+                        if let Ok(n) = n.trim().parse::<u64>() {
+                            table.insert(name.trim().to_string(), (n.max(1), AtomicU64::new(0)));
+                        }
+                    }
+                }
+            }
+            table
+        })
+    }
+
+    pub fn hit(name: &str) {
+        if let Some((at, seen)) = table().get(name) {
+            if seen.fetch_add(1, Ordering::SeqCst) + 1 == *at {
+                eprintln!("failpoint {name} hit {at} times: killing the process");
+                // SAFETY: sends SIGKILL to this process; no memory involved.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// Passes crash point `name`.
+#[inline]
+pub fn hit(name: &str) {
+    #[cfg(feature = "failpoints")]
+    armed::hit(name);
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}

@@ -1,0 +1,199 @@
+//! Reads that miss: the blocks around them (read-ahead) that are mapped to a pack and
+//! not cached are fetched by range, checked chunk by chunk against their digests, and
+//! written into the cache file. A block is marked present only if its mapping is still
+//! the one fetched when the data lands, so an upload applied meanwhile always wins.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::error::{IoContext, Result};
+use crate::extent_map::Advance;
+use crate::failpoint;
+use crate::format::{PackInfo, PackLoc};
+use crate::pack::decode_chunks;
+use crate::store::Patience;
+use crate::volume::Inner;
+
+/// Most chunks fetched in one request.
+const MAX_CHUNKS_PER_GET: usize = 64;
+
+impl Inner {
+    /// Makes the blocks of `ranges` (and their read-ahead window) present.
+    pub(crate) fn fetch(self: &Arc<Self>, ranges: &[(u64, u64)]) -> Result<()> {
+        let started = Instant::now();
+        let window = (self.options.readahead_bytes / self.block_size).max(1);
+        let blocks = self.config.blocks();
+        let mut wanted: Vec<(u64, u64)> = ranges
+            .iter()
+            .map(|&(start, len)| {
+                let from = start - start % window;
+                let to = (start + len)
+                    .div_ceil(window)
+                    .saturating_mul(window)
+                    .min(blocks);
+                (from, to)
+            })
+            .collect();
+        wanted.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (from, to) in wanted {
+            match merged.last_mut() {
+                Some(last) if from <= last.1 => last.1 = last.1.max(to),
+                _ => merged.push((from, to)),
+            }
+        }
+        // What is mapped and missing, per pack.
+        let mut needs: Vec<(u64, u64, PackLoc)> = Vec::new();
+        let mut packs: BTreeMap<u64, Arc<PackInfo>> = BTreeMap::new();
+        {
+            let state = self.lock();
+            for &(from, to) in &merged {
+                for piece in state.map.map.pieces(from, to - from) {
+                    let Some(loc) = piece.value else { continue };
+                    for (run, len, set) in state.presence.runs(piece.start, piece.len) {
+                        if !set {
+                            needs.push((run, len, loc.advance(run - piece.start)));
+                        }
+                    }
+                    if let Some(pack) = state.map.packs.get(&loc.pack) {
+                        packs.insert(loc.pack, pack.clone());
+                    }
+                }
+            }
+        }
+        if needs.is_empty() {
+            return Ok(());
+        }
+        // The chunks each pack must give, fetched in runs of neighbouring chunks.
+        let mut raw: BTreeMap<(u64, usize), Arc<Vec<u8>>> = BTreeMap::new();
+        for (&pack_id, pack) in &packs {
+            let mut chunks: Vec<usize> = needs
+                .iter()
+                .filter(|n| n.2.pack == pack_id)
+                .flat_map(|&(_, len, loc)| {
+                    let per = u64::from(pack.chunk_blocks);
+                    (loc.block / per)..=((loc.block + len - 1) / per)
+                })
+                .map(|c| c as usize)
+                .collect();
+            chunks.sort_unstable();
+            chunks.dedup();
+            let mut i = 0;
+            while i < chunks.len() {
+                let mut j = i + 1;
+                while j < chunks.len()
+                    && chunks[j] == chunks[j - 1] + 1
+                    && j - i < MAX_CHUNKS_PER_GET
+                {
+                    j += 1;
+                }
+                let (first, count) = (chunks[i], j - i);
+                let from = pack.chunks[first].offset;
+                let last = &pack.chunks[first + count - 1];
+                let to = last.offset + u64::from(last.stored_len);
+                let stored = self.store.read_range(
+                    &pack.key,
+                    from..to,
+                    Patience::For(self.options.fetch_timeout),
+                )?;
+                let data = decode_chunks(
+                    pack,
+                    first,
+                    count,
+                    &stored,
+                    self.config.compression,
+                    self.config.block_size,
+                )?;
+                self.metrics.fetches.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .fetch_bytes
+                    .fetch_add(stored.len() as u64, Ordering::Relaxed);
+                let chunk_bytes = u64::from(pack.chunk_blocks) * self.block_size;
+                for k in 0..count {
+                    let start = k as u64 * chunk_bytes;
+                    let end = (start + chunk_bytes).min(data.len() as u64);
+                    raw.insert(
+                        (pack_id, first + k),
+                        Arc::new(data[start as usize..end as usize].to_vec()),
+                    );
+                }
+                i = j;
+            }
+        }
+        self.install(&needs, &packs, &raw)?;
+        self.metrics.fetch_latency.observe(started.elapsed());
+        Ok(())
+    }
+
+    /// Writes fetched blocks into the cache and marks those still mapped as fetched.
+    fn install(
+        &self,
+        needs: &[(u64, u64, PackLoc)],
+        packs: &BTreeMap<u64, Arc<PackInfo>>,
+        raw: &BTreeMap<(u64, usize), Arc<Vec<u8>>>,
+    ) -> Result<()> {
+        let bs = self.block_size;
+        let _writing = self.cache_write.lock().unwrap_or_else(|e| e.into_inner());
+        // Only blocks still mapped to what was fetched and still missing.
+        let mut runs: Vec<(u64, u64, PackLoc)> = Vec::new();
+        {
+            let state = self.lock();
+            for &(lba, len, loc) in needs {
+                for piece in state.map.map.pieces(lba, len) {
+                    if piece.value != Some(loc.advance(piece.start - lba)) {
+                        continue;
+                    }
+                    for (run, n, set) in state.presence.runs(piece.start, piece.len) {
+                        if !set {
+                            runs.push((run, n, loc.advance(run - lba)));
+                        }
+                    }
+                }
+            }
+        }
+        let mut written = Vec::new();
+        for &(lba, len, loc) in &runs {
+            let Some(pack) = packs.get(&loc.pack) else {
+                continue;
+            };
+            let per = u64::from(pack.chunk_blocks);
+            let mut i = 0;
+            while i < len {
+                let block = loc.block + i;
+                let chunk = (block / per) as usize;
+                let n = (len - i).min(per - block % per);
+                let Some(data) = raw.get(&(loc.pack, chunk)) else {
+                    i += n;
+                    continue;
+                };
+                let within = ((block % per) * bs) as usize;
+                let Some(bytes) = data.get(within..within + (n * bs) as usize) else {
+                    i += n;
+                    continue;
+                };
+                self.cache
+                    .write_all_at(bytes, (lba + i) * bs)
+                    .context(|| "writing fetched data into the cache file".to_string())?;
+                written.push((lba + i, n, loc.advance(i)));
+                i += n;
+            }
+        }
+        let mut state = self.lock();
+        for (lba, n, loc) in written {
+            for piece in state.map.map.pieces(lba, n) {
+                if piece.value == Some(loc.advance(piece.start - lba)) {
+                    state.presence.set_range(piece.start, piece.len, true);
+                }
+            }
+        }
+        self.metrics
+            .cached_bytes
+            .store(state.presence.count() * bs, Ordering::Relaxed);
+        drop(state);
+        failpoint::hit("fetch.after_install");
+        Ok(())
+    }
+}

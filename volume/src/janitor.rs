@@ -1,0 +1,209 @@
+//! Background upkeep of a served volume: retired data is freed once no read uses it,
+//! the cache is kept under its size limit (CLOCK over 1 MiB regions), the presence
+//! bitmap is checkpointed, an idle log segment retires, unreferenced packs are collected,
+//! and the lease is renewed (losing it fences the volume).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use crate::failpoint;
+use crate::lease::{self, Renewal};
+use crate::store::Patience;
+use crate::upload::punch;
+use crate::volume::Inner;
+
+impl Inner {
+    pub(crate) fn janitor(self: &Arc<Self>) {
+        let mut last_persist = Instant::now();
+        let mut last_gc = Instant::now();
+        let mut idle_since: Option<(Option<u32>, u64, Instant)> = None;
+        loop {
+            {
+                let state = self.lock();
+                if state.stopping {
+                    return;
+                }
+                let _ = self
+                    .changed
+                    .wait_timeout(state, Duration::from_millis(200))
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            self.pins.run_ready();
+            if let Err(err) = self.evict() {
+                tracing::warn!(volume = %self.store.location, "evicting cache blocks: {err}");
+            }
+            if last_persist.elapsed() >= Duration::from_secs(5) {
+                if let Err(err) = self.persist_presence() {
+                    tracing::warn!(volume = %self.store.location, "checkpointing the cache map: {err}");
+                }
+                failpoint::hit("checkpoint.after_persist");
+                last_persist = Instant::now();
+            }
+            // An active segment untouched for a while retires once all of it is applied.
+            let now_active = {
+                let state = self.lock();
+                let active = state.active;
+                let max_seq = active
+                    .and_then(|n| state.segments.get(&n))
+                    .map_or(0, |s| s.max_seq);
+                (active, max_seq)
+            };
+            match idle_since {
+                Some((active, seq, since)) if (active, seq) == now_active => {
+                    let quiet = (self.options.upload_interval * 2).max(Duration::from_secs(2));
+                    if active.is_some() && since.elapsed() >= quiet {
+                        self.seal_idle();
+                    }
+                }
+                _ => idle_since = Some((now_active.0, now_active.1, Instant::now())),
+            }
+            self.check_object_waiters();
+            if let Some(period) = self.options.gc_interval {
+                if last_gc.elapsed() >= period {
+                    last_gc = Instant::now();
+                    match crate::admin::collect_garbage(
+                        &self.store,
+                        &self.config,
+                        self.options.gc_grace,
+                        false,
+                    ) {
+                        Ok(report) => {
+                            self.metrics.gc_runs.fetch_add(1, Ordering::Relaxed);
+                            self.metrics
+                                .gc_packs_deleted
+                                .fetch_add(report.packs_deleted, Ordering::Relaxed);
+                            self.metrics
+                                .gc_bytes_deleted
+                                .fetch_add(report.bytes_deleted, Ordering::Relaxed);
+                            self.metrics
+                                .gc_manifests_deleted
+                                .fetch_add(report.manifests_deleted, Ordering::Relaxed);
+                        }
+                        Err(err) => {
+                            tracing::warn!(volume = %self.store.location, "garbage collection: {err}")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps the cache under its limit: clears the presence of the least recently used
+    /// regions (on disk first), then punches them once no read uses them.
+    pub(crate) fn evict(self: &Arc<Self>) -> crate::error::Result<()> {
+        let Some(limit) = self.options.cache_bytes else {
+            return Ok(());
+        };
+        let bs = self.block_size;
+        let mut victims = Vec::new();
+        {
+            let mut state = self.lock();
+            let used = state.presence.count() * bs;
+            if used <= limit {
+                return Ok(());
+            }
+            let target = limit / 10 * 9;
+            let regions = state.region_refs.len();
+            let mut freed = 0u64;
+            let mut steps = 0;
+            while used.saturating_sub(freed) > target && steps < 2 * regions {
+                let r = state.clock_hand;
+                state.clock_hand = (r + 1) % regions.max(1);
+                steps += 1;
+                if state.region_refs[r] {
+                    state.region_refs[r] = false;
+                    continue;
+                }
+                let start = r as u64 * self.region_blocks;
+                let len = self.region_blocks.min(self.config.blocks() - start);
+                let present: u64 = state
+                    .presence
+                    .runs(start, len)
+                    .iter()
+                    .filter(|r| r.2)
+                    .map(|r| r.1)
+                    .sum();
+                if present > 0 {
+                    state.presence.set_range(start, len, false);
+                    freed += present * bs;
+                    victims.push((start, len));
+                }
+            }
+            self.metrics
+                .cached_bytes
+                .store(state.presence.count() * bs, Ordering::Relaxed);
+            self.metrics
+                .evicted_bytes
+                .fetch_add(freed, Ordering::Relaxed);
+        }
+        if victims.is_empty() {
+            return Ok(());
+        }
+        self.persist_presence()?;
+        failpoint::hit("evict.after_clear");
+        let weak: Weak<Inner> = Arc::downgrade(self);
+        self.pins.defer(move || {
+            let Some(inner) = weak.upgrade() else { return };
+            let _writing = inner.cache_write.lock().unwrap_or_else(|e| e.into_inner());
+            // Blocks fetched again since are left alone.
+            let runs: Vec<(u64, u64)> = {
+                let state = inner.lock();
+                victims
+                    .iter()
+                    .flat_map(|&(start, len)| state.presence.runs(start, len))
+                    .filter(|r| !r.2)
+                    .map(|r| (r.0, r.1))
+                    .collect()
+            };
+            for (start, len) in runs {
+                if let Err(err) = punch(&inner.cache, start * bs, len * bs) {
+                    tracing::warn!("punching evicted cache blocks: {err}");
+                }
+            }
+            failpoint::hit("evict.after_punch");
+        });
+        Ok(())
+    }
+
+    /// Renews the lease every third of its time to live; a lease another session took
+    /// fences the volume.
+    pub(crate) fn lease_keeper(self: &Arc<Self>) {
+        let period = self.options.lease_ttl / 3;
+        loop {
+            let deadline = Instant::now() + period;
+            while Instant::now() < deadline {
+                if self.lock().stopping {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let Some(mut lease) = self.lease.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            else {
+                return;
+            };
+            match lease::renew(&self.store, &mut lease, Patience::For(period)) {
+                Ok(Renewal::Renewed) => {
+                    *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
+                    self.metrics.lease_renewals.fetch_add(1, Ordering::Relaxed);
+                    failpoint::hit("lease.after_renew");
+                }
+                Ok(Renewal::Lost(holder)) => {
+                    self.fence(format!("the lease is now held by {holder}"));
+                    return;
+                }
+                Err(err) => {
+                    if self.lock().stopping {
+                        return;
+                    }
+                    let expired = lease.record.expires_ms() < crate::format::now_ms();
+                    tracing::warn!(
+                        volume = %self.store.location,
+                        expired,
+                        "cannot renew the lease: {err}"
+                    );
+                }
+            }
+        }
+    }
+}

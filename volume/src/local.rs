@@ -1,0 +1,385 @@
+//! A volume's state on this host, under `CACHE_DIR/<volume id>/`:
+//!
+//! ```text
+//! lock       flock: one process serves a volume's local state at a time
+//! meta       JSON, replaced atomically: which manifest version the cache reflects,
+//!            the log epochs, the session that served last
+//! cache      sparse file the size of the volume: clean blocks (as in the bucket)
+//! present    which blocks of `cache` hold the current bucket data (bitmap)
+//! wal/       the write-ahead log (see `wal`)
+//! ```
+//!
+//! The presence bitmap obeys two rules, so that after any crash a set bit means the
+//! cache block holds the current data: a bit reaches the disk only after its block's data
+//! did (the cache file is synced before bits are written), and a bit is cleared on disk
+//! before its block is overwritten or punched.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{IoContext, Result, VolumeError};
+
+/// The lock on a local state directory.
+#[derive(Debug)]
+pub struct LocalDir {
+    pub path: PathBuf,
+    _lock: File,
+}
+
+impl LocalDir {
+    /// Creates (if needed) and locks `path`.
+    pub fn lock(path: &Path) -> Result<Self> {
+        std::fs::create_dir_all(path.join("wal"))
+            .context(|| format!("creating {}", path.display()))?;
+        let lock_path = path.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .context(|| format!("opening {}", lock_path.display()))?;
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(VolumeError::LocalBusy(path.display().to_string()));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    /// Records `session` as the one starting to serve from this state (synced) and
+    /// returns the one recorded before, if any.
+    pub fn swap_starting_session(&self, session: &str) -> Result<Option<String>> {
+        let path = self.path.join("starting-session");
+        let earlier = std::fs::read_to_string(&path)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty());
+        let staged = self.path.join("starting-session.new");
+        let write = || -> std::io::Result<()> {
+            let mut file = File::create(&staged)?;
+            std::io::Write::write_all(&mut file, session.as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&staged, &path)?;
+            File::open(&self.path)?.sync_all()
+        };
+        write().context(|| format!("recording the starting session in {}", path.display()))?;
+        Ok(earlier)
+    }
+
+    pub fn wal_dir(&self) -> PathBuf {
+        self.path.join("wal")
+    }
+
+    pub fn meta_path(&self) -> PathBuf {
+        self.path.join("meta")
+    }
+
+    pub fn read_meta(&self) -> Result<Option<LocalMeta>> {
+        let path = self.meta_path();
+        match std::fs::read(&path) {
+            Ok(data) => serde_json::from_slice(&data).map(Some).map_err(|e| {
+                VolumeError::ForeignLocalState {
+                    path: path.display().to_string(),
+                    problem: format!("its meta file is unreadable: {e}"),
+                }
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Replaces the meta file atomically and durably.
+    pub fn write_meta(&self, meta: &LocalMeta) -> Result<()> {
+        let path = self.meta_path();
+        let staged = self.path.join("meta.new");
+        let data = serde_json::to_vec_pretty(meta).unwrap_or_default();
+        let file = File::create(&staged).context(|| format!("creating {}", staged.display()))?;
+        file.write_all_at(&data, 0)
+            .and_then(|()| file.sync_all())
+            .context(|| format!("writing {}", staged.display()))?;
+        std::fs::rename(&staged, &path).context(|| format!("renaming {}", staged.display()))?;
+        sync_dir(&self.path)
+    }
+
+    /// Moves the log aside (it holds writes the bucket will never take), keeping it for
+    /// the operator; returns where it went.
+    pub fn quarantine_wal(&self, why: &str) -> Result<Option<PathBuf>> {
+        let wal = self.wal_dir();
+        let has_files = std::fs::read_dir(&wal)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        if !has_files {
+            return Ok(None);
+        }
+        let target = self
+            .path
+            .join(format!("orphaned-wal-{}", crate::format::now_ms()));
+        std::fs::rename(&wal, &target).context(|| format!("moving {} aside", wal.display()))?;
+        std::fs::write(target.join("WHY"), format!("{why}\n"))
+            .context(|| format!("writing {}", target.display()))?;
+        std::fs::create_dir_all(&wal).context(|| format!("creating {}", wal.display()))?;
+        sync_dir(&self.path)?;
+        Ok(Some(target))
+    }
+
+    /// Forgets the cached blocks (another writer changed the volume).
+    pub fn reset_cache(&self) -> Result<()> {
+        for name in ["cache", "present"] {
+            let path = self.path.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).context(|| format!("removing {}", path.display())),
+            }
+        }
+        sync_dir(&self.path)
+    }
+
+    /// The cache file, sized to the volume.
+    pub fn open_cache(&self, size: u64) -> Result<File> {
+        let path = self.path.join("cache");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .context(|| format!("opening {}", path.display()))?;
+        file.set_len(size)
+            .context(|| format!("sizing {}", path.display()))?;
+        Ok(file)
+    }
+}
+
+pub fn sync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .context(|| format!("syncing the directory {}", path.display()))
+}
+
+/// What `meta` records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalMeta {
+    pub volume_id: String,
+    pub location: String,
+    pub size: u64,
+    pub block_size: u32,
+    /// The session that served last from this directory.
+    pub session: String,
+    /// The manifest version the cache and `present` reflect.
+    pub applied_version: u64,
+    /// Everything of the log up to this sequence number is in that version.
+    pub applied_seq: u64,
+    /// Log epochs: (epoch, its first sequence number), ascending.
+    pub epochs: Vec<(u32, u64)>,
+    /// The next segment number to create.
+    pub next_segment: u32,
+}
+
+impl LocalMeta {
+    /// The epoch a record of sequence number `seq` must carry to count.
+    pub fn epoch_of(&self, seq: u64) -> Option<u32> {
+        self.epochs
+            .iter()
+            .rev()
+            .find(|&&(_, start)| start <= seq)
+            .map(|&(epoch, _)| epoch)
+    }
+}
+
+const PRESENT_MAGIC: &[u8; 8] = b"BERTHPRS";
+const PRESENT_HEADER: u64 = 4096;
+const PAGE_WORDS: usize = 512;
+
+/// Which cache blocks hold the bucket's current data.
+#[derive(Debug)]
+pub struct Presence {
+    words: Vec<u64>,
+    blocks: u64,
+    /// Pages (of PAGE_WORDS words) changed since the last persist.
+    dirty_pages: std::collections::BTreeSet<usize>,
+    count: u64,
+}
+
+impl Presence {
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Blocks set.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn get(&self, block: u64) -> bool {
+        block < self.blocks && self.words[(block / 64) as usize] & (1 << (block % 64)) != 0
+    }
+
+    fn put(&mut self, block: u64, value: bool) {
+        let word = (block / 64) as usize;
+        let bit = 1u64 << (block % 64);
+        let was = self.words[word] & bit != 0;
+        if was == value {
+            return;
+        }
+        if value {
+            self.words[word] |= bit;
+            self.count += 1;
+        } else {
+            self.words[word] &= !bit;
+            self.count -= 1;
+        }
+        self.dirty_pages.insert(word / PAGE_WORDS);
+    }
+
+    pub fn set_range(&mut self, start: u64, len: u64, value: bool) {
+        let end = (start + len).min(self.blocks);
+        for block in start..end {
+            self.put(block, value);
+        }
+    }
+
+    /// Runs of `[start, start + len)`: (first block, length, set).
+    pub fn runs(&self, start: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        for block in start..start + len {
+            let set = self.get(block);
+            match out.last_mut() {
+                Some(last) if last.2 == set => last.1 += 1,
+                _ => out.push((block, 1, set)),
+            }
+        }
+        out
+    }
+
+    pub fn clear_all(&mut self) {
+        for (i, w) in self.words.iter_mut().enumerate() {
+            if *w != 0 {
+                *w = 0;
+                self.dirty_pages.insert(i / PAGE_WORDS);
+            }
+        }
+        self.count = 0;
+    }
+
+    /// The changed pages, to persist: (file offset, bytes). Clears the change set.
+    pub fn take_dirty(&mut self) -> Vec<(u64, Vec<u8>)> {
+        let pages = std::mem::take(&mut self.dirty_pages);
+        pages
+            .into_iter()
+            .map(|page| {
+                let from = page * PAGE_WORDS;
+                let to = (from + PAGE_WORDS).min(self.words.len());
+                let bytes: Vec<u8> = self.words[from..to]
+                    .iter()
+                    .flat_map(|w| w.to_le_bytes())
+                    .collect();
+                (PRESENT_HEADER + (from * 8) as u64, bytes)
+            })
+            .collect()
+    }
+
+    /// Marks pages [`Self::take_dirty`] gave out as changed again (their write failed).
+    pub fn requeue(&mut self, pages: &[(u64, Vec<u8>)]) {
+        for (offset, _) in pages {
+            let word = ((offset - PRESENT_HEADER) / 8) as usize;
+            self.dirty_pages.insert(word / PAGE_WORDS);
+        }
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.dirty_pages.is_empty()
+    }
+}
+
+/// The `present` file.
+#[derive(Debug)]
+pub struct PresenceFile {
+    file: File,
+    path: PathBuf,
+}
+
+impl PresenceFile {
+    /// Opens (or creates, all clear) the bitmap of a volume of `blocks` blocks.
+    pub fn open(dir: &Path, volume_id: &[u8; 16], blocks: u64) -> Result<(Self, Presence)> {
+        let path = dir.join("present");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .context(|| format!("opening {}", path.display()))?;
+        let words = blocks.div_ceil(64) as usize;
+        let mut header = [0u8; 64];
+        let got = crate::wal::read_full_at(&file, &mut header, 0)
+            .context(|| format!("reading {}", path.display()))?;
+        let mut header_ok = got == 64
+            && &header[..8] == PRESENT_MAGIC
+            && header[8..24] == volume_id[..]
+            && u64::from_le_bytes(header[24..32].try_into().unwrap_or_default()) == blocks;
+        let mut presence = Presence {
+            words: vec![0; words],
+            blocks,
+            dirty_pages: Default::default(),
+            count: 0,
+        };
+        if header_ok {
+            let mut raw = vec![0u8; words * 8];
+            let got = crate::wal::read_full_at(&file, &mut raw, PRESENT_HEADER)
+                .context(|| format!("reading {}", path.display()))?;
+            if got == raw.len() {
+                for (w, bytes) in presence.words.iter_mut().zip(raw.chunks_exact(8)) {
+                    *w = u64::from_le_bytes(bytes.try_into().unwrap_or_default());
+                }
+                // Bits past the end would be garbage: keep them clear.
+                if !blocks.is_multiple_of(64) {
+                    if let Some(last) = presence.words.last_mut() {
+                        *last &= (1u64 << (blocks % 64)) - 1;
+                    }
+                }
+                presence.count = presence
+                    .words
+                    .iter()
+                    .map(|w| u64::from(w.count_ones()))
+                    .sum();
+            } else {
+                header_ok = false;
+            }
+        }
+        if !header_ok {
+            let mut fresh = [0u8; 64];
+            fresh[..8].copy_from_slice(PRESENT_MAGIC);
+            fresh[8..24].copy_from_slice(volume_id);
+            fresh[24..32].copy_from_slice(&blocks.to_le_bytes());
+            file.set_len(0)
+                .and_then(|()| file.set_len(PRESENT_HEADER + words as u64 * 8))
+                .and_then(|()| file.write_all_at(&fresh, 0))
+                .and_then(|()| file.sync_all())
+                .context(|| format!("initialising {}", path.display()))?;
+        }
+        Ok((Self { file, path }, presence))
+    }
+
+    /// Writes changed pages and syncs. The caller has synced the cache file first when
+    /// any of these pages sets bits.
+    pub fn write(&self, pages: &[(u64, Vec<u8>)]) -> Result<()> {
+        if pages.is_empty() {
+            return Ok(());
+        }
+        for (offset, bytes) in pages {
+            self.file
+                .write_all_at(bytes, *offset)
+                .context(|| format!("writing {}", self.path.display()))?;
+        }
+        self.file
+            .sync_data()
+            .context(|| format!("syncing {}", self.path.display()))
+    }
+}

@@ -1,0 +1,533 @@
+//! The uploader: completed log records, a batch at a time, become a pack and the next
+//! manifest version in the bucket; then the batch is applied locally (cache rewritten,
+//! dirty entries dropped) and log segments that hold nothing needed any more retire.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{IoContext, Result, VolumeError};
+use crate::extent_map::{Advance, ExtentMap};
+use crate::failpoint;
+use crate::format::{hex, Manifest, ManifestKind, PackLoc};
+use crate::pack::PackBuilder;
+use crate::store::{Created, Patience};
+use crate::volume::{DirtyLoc, Inner};
+use crate::wal::{self, Record, RecordKind};
+
+/// Where a block of a batch comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BatchLoc {
+    /// Block `block` of the data of record `seq`.
+    Data {
+        seq: u64,
+        block: u64,
+    },
+    Zero,
+}
+
+impl Advance for BatchLoc {
+    fn advance(&self, blocks: u64) -> Self {
+        match *self {
+            BatchLoc::Data { seq, block } => BatchLoc::Data {
+                seq,
+                block: block + blocks,
+            },
+            BatchLoc::Zero => BatchLoc::Zero,
+        }
+    }
+}
+
+/// Records read back from the log, checked, and folded into the final state of every
+/// block they touch.
+pub(crate) struct Batch {
+    pub last_seq: u64,
+    pub epoch: u32,
+    pub view: ExtentMap<BatchLoc>,
+    pub data: HashMap<u64, Vec<u8>>,
+}
+
+impl Batch {
+    fn bytes_of(&self, seq: u64, block: u64, blocks: u64, block_size: u64) -> &[u8] {
+        let data = self.data.get(&seq).map(Vec::as_slice).unwrap_or_default();
+        let start = (block * block_size) as usize;
+        let end = ((block + blocks) * block_size) as usize;
+        data.get(start..end).unwrap_or_default()
+    }
+}
+
+/// A token bucket for `--upload-rate`.
+struct RateLimit {
+    rate: Option<u64>,
+    allowance: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn wait_for(&mut self, bytes: u64) {
+        let Some(rate) = self.rate.filter(|&r| r > 0) else {
+            return;
+        };
+        let now = Instant::now();
+        self.allowance = (self.allowance
+            + now.duration_since(self.last).as_secs_f64() * rate as f64)
+            .min(rate as f64);
+        self.last = now;
+        self.allowance -= bytes as f64;
+        if self.allowance < 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(-self.allowance / rate as f64));
+        }
+    }
+}
+
+impl Inner {
+    /// The uploader thread.
+    pub(crate) fn uploader(self: &Arc<Self>) {
+        let mut limit = RateLimit {
+            rate: self.options.upload_rate,
+            allowance: 0.0,
+            last: Instant::now(),
+        };
+        loop {
+            let records = {
+                let mut state = self.lock();
+                loop {
+                    let blocked = state.fenced.is_some() || state.failed.is_some();
+                    let due = !state.pending.is_empty()
+                        && !blocked
+                        && (state.pending_bytes >= self.options.pack_bytes
+                            || state.upload_now
+                            || state.stopping
+                            || state
+                                .oldest_pending
+                                .is_some_and(|t| t.elapsed() >= self.options.upload_interval));
+                    if due {
+                        break;
+                    }
+                    if state.stopping {
+                        return;
+                    }
+                    if state.pending.is_empty() {
+                        state.upload_now = false;
+                    }
+                    state = self
+                        .changed
+                        .wait_timeout(state, Duration::from_millis(100))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                let mut taken = Vec::new();
+                let mut bytes = 0u64;
+                for record in &state.pending {
+                    let size = record_bytes(record, self.block_size);
+                    if !taken.is_empty() && bytes + size > self.options.pack_bytes {
+                        break;
+                    }
+                    bytes += size;
+                    taken.push(*record);
+                }
+                if taken.len() == state.pending.len() {
+                    state.upload_now = false;
+                }
+                taken
+            };
+            if let Err(err) = self.upload(&records, &mut limit) {
+                match err {
+                    VolumeError::Fenced(holder) => self.fence(holder),
+                    VolumeError::StoreGaveUp { .. } if self.store.is_stopped() => return,
+                    VolumeError::ShuttingDown => return,
+                    other => {
+                        // Reading the log back failed its checksum, or the disk failed:
+                        // uploading what is there could spread damage. Stop.
+                        self.fail(format!("uploading: {other}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads `records` back from the log (checking each against its checksum) and folds
+    /// them into a batch.
+    pub(crate) fn read_batch(&self, records: &[Record]) -> Result<Batch> {
+        let mut view = ExtentMap::new();
+        let mut data = HashMap::new();
+        let segments: HashMap<u32, Arc<wal::SegmentFiles>> = {
+            let state = self.lock();
+            state
+                .segments
+                .iter()
+                .map(|(&n, s)| (n, s.files.clone()))
+                .collect()
+        };
+        for record in records {
+            let blocks = u64::from(record.blocks);
+            match record.kind {
+                RecordKind::Zero => view.insert(record.lba, blocks, BatchLoc::Zero),
+                RecordKind::Data => {
+                    let files = segments.get(&record.segment).ok_or_else(|| {
+                        VolumeError::Wal(format!(
+                            "log segment {} of record {} is gone",
+                            record.segment, record.seq
+                        ))
+                    })?;
+                    let mut bytes = vec![0u8; (blocks * self.block_size) as usize];
+                    files
+                        .data
+                        .read_exact_at(&mut bytes, record.data_block * self.block_size)
+                        .context(|| format!("reading log segment {}", record.segment))?;
+                    let crc = crc32c::crc32c(&bytes);
+                    if crc != record.crc {
+                        return Err(VolumeError::Wal(format!(
+                            "the data of record {} (blocks {}..{}) in segment {} no longer matches its checksum: the local disk corrupted it",
+                            record.seq,
+                            record.lba,
+                            record.lba + blocks,
+                            record.segment
+                        )));
+                    }
+                    data.insert(record.seq, bytes);
+                    view.insert(
+                        record.lba,
+                        blocks,
+                        BatchLoc::Data {
+                            seq: record.seq,
+                            block: 0,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(Batch {
+            last_seq: records.last().map_or(0, |r| r.seq),
+            epoch: records.last().map_or(0, |r| r.epoch),
+            view,
+            data,
+        })
+    }
+
+    /// One batch: pack, upload, manifest, apply.
+    fn upload(self: &Arc<Self>, records: &[Record], limit: &mut RateLimit) -> Result<()> {
+        let started = Instant::now();
+        let batch = self.read_batch(records)?;
+        failpoint::hit("upload.after_pack_read");
+        let (pack_id, kind, version) = {
+            let state = self.lock();
+            let version = state.map.version + 1;
+            let kind = if version.saturating_sub(state.last_full_version) >= self.options.full_every
+            {
+                ManifestKind::Full
+            } else {
+                ManifestKind::Delta
+            };
+            (state.map.next_pack_id, kind, version)
+        };
+        let key = self
+            .store
+            .key(&format!("packs/{pack_id:016x}-{}", &self.session_hex[..12]));
+        let mut builder = PackBuilder::new(self.config.block_size);
+        let mut extents = Vec::new();
+        for (lba, len, loc) in batch.view.iter() {
+            match loc {
+                BatchLoc::Zero => extents.push((lba, len, None)),
+                BatchLoc::Data { seq, block } => {
+                    let at = builder.blocks();
+                    builder.add(lba, batch.bytes_of(seq, block, len, self.block_size));
+                    extents.push((
+                        lba,
+                        len,
+                        Some(PackLoc {
+                            pack: pack_id,
+                            block: at,
+                        }),
+                    ));
+                }
+            }
+        }
+        let mut delta = self.manifest_template(ManifestKind::Delta);
+        delta.version = version;
+        delta.wal_epoch = batch.epoch;
+        delta.wal_seq = batch.last_seq;
+        delta.extents = extents;
+        let mut put_at = None;
+        let mut pack_object = None;
+        if !builder.is_empty() {
+            let (object, info) = builder.finish(
+                pack_id,
+                key.clone(),
+                self.config.chunk_blocks(),
+                self.config.compression,
+            )?;
+            limit.wait_for(object.len() as u64);
+            self.store.put(&key, &object, Patience::Forever)?;
+            failpoint::hit("upload.after_pack_put");
+            put_at = Some(Instant::now());
+            self.metrics.uploads.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .upload_bytes
+                .fetch_add(object.len() as u64, Ordering::Relaxed);
+            self.metrics
+                .upload_raw_bytes
+                .fetch_add(builder.raw().len() as u64, Ordering::Relaxed);
+            delta.packs.push(info);
+            delta.next_pack_id = pack_id + 1;
+            pack_object = Some(object);
+        }
+        let manifest = match kind {
+            ManifestKind::Delta => delta.clone(),
+            ManifestKind::Full => {
+                let mut full_map = self.lock().map.clone();
+                full_map.apply("(the next version)", &delta)?;
+                full_map.to_full(&delta)
+            }
+        };
+        // A pack put long ago (the manifest write kept failing) might have been taken for
+        // garbage by now: put it again before the manifest makes it live.
+        let refresh_after = self.options.gc_grace / 4;
+        let manifest_key = self.store.manifest_key(version);
+        let encoded = manifest.encode();
+        let created = loop {
+            if let (Some(at), Some(object)) = (put_at, &pack_object) {
+                if at.elapsed() > refresh_after {
+                    self.store.put(&key, object, Patience::Forever)?;
+                    put_at = Some(Instant::now());
+                }
+            }
+            let patience = Patience::For(refresh_after.max(Duration::from_secs(1)));
+            match self.store.create(&manifest_key, &encoded, patience) {
+                Ok(created) => break created,
+                Err(VolumeError::StoreGaveUp { .. }) if !self.store.is_stopped() => continue,
+                Err(err) => return Err(err),
+            }
+        };
+        if let Created::Taken(theirs) = created {
+            let who = Manifest::decode(&manifest_key, &theirs)
+                .map(|m| format!("session {}", hex(&m.session)))
+                .unwrap_or_else(|_| "an unreadable object".into());
+            return Err(VolumeError::Fenced(format!(
+                "manifest version {version} was written by {who}"
+            )));
+        }
+        failpoint::hit("upload.after_manifest_put");
+        self.metrics
+            .manifests_written
+            .fetch_add(1, Ordering::Relaxed);
+        {
+            let mut state = self.lock();
+            state.map.apply(&manifest_key, &manifest)?;
+            if kind == ManifestKind::Full {
+                state.last_full_version = version;
+            }
+            state.uploaded_seq = state.uploaded_seq.max(batch.last_seq);
+            self.metrics
+                .manifest_version
+                .store(version, Ordering::Relaxed);
+        }
+        self.changed.notify_all();
+        self.check_object_waiters();
+        self.metrics.upload_latency.observe(started.elapsed());
+        drop(pack_object);
+        self.apply_batch(&batch, version)
+    }
+
+    /// Makes the local copy follow a batch that is in the bucket: the cache blocks it
+    /// changes are invalidated on disk, rewritten, synced and marked present again; the
+    /// dirty entries of the batch go; log segments with nothing left to upload retire.
+    pub(crate) fn apply_batch(self: &Arc<Self>, batch: &Batch, version: u64) -> Result<()> {
+        let ranges: Vec<(u64, u64, BatchLoc)> = batch.view.iter().collect();
+        {
+            let mut state = self.lock();
+            for &(lba, len, _) in &ranges {
+                state.presence.set_range(lba, len, false);
+            }
+            state.uploaded_seq = state.uploaded_seq.max(batch.last_seq);
+        }
+        self.persist_presence()?;
+        failpoint::hit("apply.after_clear");
+        // Reads that mapped these cache blocks before they were invalidated finish first.
+        self.pins.wait_older();
+        {
+            let _writing = self.cache_write.lock().unwrap_or_else(|e| e.into_inner());
+            for &(lba, len, loc) in &ranges {
+                let offset = lba * self.block_size;
+                match loc {
+                    BatchLoc::Data { seq, block } => {
+                        let bytes = batch.bytes_of(seq, block, len, self.block_size);
+                        self.cache
+                            .write_all_at(bytes, offset)
+                            .context(|| "writing the cache file".to_string())?;
+                    }
+                    BatchLoc::Zero => punch(&self.cache, offset, len * self.block_size)
+                        .context(|| "punching the cache file".to_string())?,
+                }
+            }
+            failpoint::hit("apply.after_cache_write");
+            self.cache
+                .sync_data()
+                .context(|| "syncing the cache file".to_string())?;
+            failpoint::hit("apply.after_cache_sync");
+            let mut state = self.lock();
+            for &(lba, len, loc) in &ranges {
+                if let BatchLoc::Data { .. } = loc {
+                    for piece in state.map.map.pieces(lba, len) {
+                        if piece.value.is_some() {
+                            state.presence.set_range(piece.start, piece.len, true);
+                        }
+                    }
+                }
+            }
+            self.metrics
+                .cached_bytes
+                .store(state.presence.count() * self.block_size, Ordering::Relaxed);
+        }
+        self.persist_presence()?;
+        failpoint::hit("apply.after_set");
+        {
+            let mut state = self.lock();
+            let last = batch.last_seq;
+            for &(lba, len, _) in &ranges {
+                state
+                    .dirty
+                    .remove_where(lba, len, |loc: &DirtyLoc| loc.seq() <= last);
+            }
+            while state.pending.front().is_some_and(|r| r.seq <= last) {
+                if let Some(record) = state.pending.pop_front() {
+                    state.pending_bytes = state
+                        .pending_bytes
+                        .saturating_sub(record_bytes(&record, self.block_size));
+                }
+            }
+            state.oldest_pending = if state.pending.is_empty() {
+                None
+            } else {
+                Some(state.oldest_pending.unwrap_or_else(Instant::now))
+            };
+            self.metrics
+                .dirty_bytes
+                .store(state.pending_bytes, Ordering::Relaxed);
+        }
+        self.changed.notify_all();
+        self.write_meta(|m| {
+            m.applied_version = m.applied_version.max(version);
+            m.applied_seq = m.applied_seq.max(batch.last_seq);
+        })?;
+        failpoint::hit("apply.after_meta");
+        self.trim_segments(false);
+        Ok(())
+    }
+
+    /// Retires the log segments that hold nothing not yet applied: they leave the
+    /// segment table now and their files go once no read uses them.
+    pub(crate) fn trim_segments(self: &Arc<Self>, now: bool) {
+        let applied = self
+            .meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .applied_seq;
+        let retired: Vec<Arc<wal::SegmentFiles>> = {
+            let mut state = self.lock();
+            let active = state.active;
+            let doomed: Vec<u32> = state
+                .segments
+                .iter()
+                .filter(|(&n, s)| Some(n) != active && s.outstanding == 0 && s.max_seq <= applied)
+                .map(|(&n, _)| n)
+                .collect();
+            let retired = doomed
+                .iter()
+                .filter_map(|n| state.segments.remove(n))
+                .map(|s| s.files)
+                .collect();
+            self.update_wal_gauge(&state);
+            retired
+        };
+        if retired.is_empty() {
+            return;
+        }
+        let dir = self.local.wal_dir();
+        let metrics = self.metrics.clone();
+        let remove = move || {
+            for files in retired {
+                let number = files.number;
+                drop(files);
+                failpoint::hit("trim.before_unlink");
+                let (data, index) = wal::segment_paths(&dir, number);
+                // The index first: a data file without its index holds no records.
+                let _ = std::fs::remove_file(index);
+                let _ = std::fs::remove_file(data);
+                metrics.segments_retired.fetch_add(1, Ordering::Relaxed);
+                failpoint::hit("trim.after_unlink");
+            }
+            let _ = crate::local::sync_dir(&dir);
+        };
+        if now {
+            remove();
+        } else {
+            self.pins.defer(remove);
+        }
+    }
+
+    /// Seals the active segment when everything in it is applied and nothing is in
+    /// flight, so that it can retire while the volume is idle.
+    pub(crate) fn seal_idle(self: &Arc<Self>) {
+        let applied = self
+            .meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .applied_seq;
+        {
+            let mut state = self.lock();
+            let Some(number) = state.active else { return };
+            let idle = state.pending.is_empty()
+                && state
+                    .segments
+                    .get(&number)
+                    .is_some_and(|s| s.outstanding == 0 && s.max_seq <= applied);
+            if !idle {
+                return;
+            }
+            if let Some(seg) = state.segments.get_mut(&number) {
+                seg.sealed = true;
+            }
+            state.active = None;
+        }
+        self.trim_segments(false);
+    }
+}
+
+fn record_bytes(record: &Record, block_size: u64) -> u64 {
+    match record.kind {
+        RecordKind::Data => u64::from(record.blocks) * block_size,
+        RecordKind::Zero => 1,
+    }
+}
+
+/// Frees `[offset, offset + len)` of `file` (reads back as zeros).
+pub(crate) fn punch(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on a descriptor we own; plain integer arguments.
+    let rc = unsafe {
+        libc::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        // No holes here: write zeros.
+        let zeros = vec![0u8; (len as usize).min(1 << 20)];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(zeros.len() as u64) as usize;
+            file.write_all_at(&zeros[..n], offset + at)?;
+            at += n as u64;
+        }
+        return Ok(());
+    }
+    Err(err)
+}
