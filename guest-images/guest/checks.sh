@@ -28,8 +28,10 @@ check() {
 		trap 'echo "failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
 		# A check that fails while a helper it started in the background still
 		# waits (a lock holder waiting for its "go" file) would otherwise keep
-		# this command substitution open until the guest times out.
-		trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
+		# this command substitution open until the guest times out. Only then:
+		# helpers a passing check leaves running (a daemon and the shell that
+		# records its exit status) belong to later checks.
+		trap 'status=$?; [ "$status" = 0 ] || kill $(jobs -p) 2>/dev/null || true' EXIT
 		"$@"
 	) 2>&1
 	rc=$?

@@ -86,8 +86,18 @@ spawn() {
 # stop NAME: SIGTERM to what spawn started; fails unless it exits 0 within 60 s.
 stop() {
 	local name=$1
-	kill -TERM "$(cat "/tmp/$name.pid")"
-	wait_until "[ -s /tmp/$name.rc ]" 60
+	local pid
+	pid=$(cat "/tmp/$name.pid")
+	kill -TERM "$pid"
+	wait_until "[ -s /tmp/$name.rc ]" 60 || {
+		# What it is stuck on, thread by thread.
+		local task
+		[ -d "/proc/$pid" ] || echo "$name (pid $pid) is gone, but its exit status was never recorded"
+		for task in /proc/"$pid"/task/*; do
+			echo "$name thread ${task##*/}: $(grep -E '^(Name|State)' "$task/status" 2>/dev/null | tr '\n\t' '  ') wchan $(cat "$task/wchan" 2>/dev/null) syscall $(cat "$task/syscall" 2>/dev/null)"
+		done
+		return 1
+	}
 	[ "$(cat "/tmp/$name.rc")" = 0 ] || {
 		echo "$name exited with status $(cat "/tmp/$name.rc")"
 		return 1
@@ -160,6 +170,29 @@ sixteen_readers() {
 	[ $((after - before)) -eq "$F_SHARED_CHUNKS" ]
 }
 
+# wait_reader PID WHAT: waits (up to 120 s) for a background reader; a read still blocked
+# then fails the check with what it waits on and the server's last words, instead of
+# holding the guest until its timeout.
+wait_reader() {
+	local pid=$1 what=$2 rc=0 deadline=$((SECONDS + 120))
+	while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt "$deadline" ]; do
+		sleep 0.2
+	done
+	if kill -0 "$pid" 2>/dev/null; then
+		echo "the read of $what is still blocked after 120 s"
+		local task
+		for task in /proc/[0-9]*; do
+			grep -q '^PPid:[[:space:]]*'"$pid"'$' "$task/status" 2>/dev/null || continue
+			echo "  reader ${task#/proc/}: $(grep '^State' "$task/status" | tr '\t' ' ') wchan $(cat "$task/wchan" 2>/dev/null)"
+		done
+		tail -n 30 "$SERVER_LOG"
+		kill "$pid" 2>/dev/null
+		return 1
+	fi
+	wait "$pid" || rc=$?
+	return $rc
+}
+
 worker_kill() {
 	drop_caches
 	local old new reader rc=0
@@ -172,7 +205,7 @@ worker_kill() {
 	# Killed in the middle of the file: some chunks fetched, most not.
 	wait_fetched $((before + 3))
 	kill -9 "$old"
-	wait "$reader" || rc=$?
+	wait_reader "$reader" "$F_BIG" || rc=$?
 	[ "$rc" = 0 ]
 	[ "$(cat /tmp/reader-big)" = "$(expected_digest "$F_BIG")" ]
 	grep -q "the cachefiles worker died" "$SERVER_LOG"
@@ -195,7 +228,7 @@ full_restart() {
 	wait_fetched $((before + 3))
 	progress=$(($(metric berth_cache_chunks_fetched_total) - before))
 	kill -9 "$supervisor" "$worker"
-	wait "$reader" || rc=$?
+	wait_reader "$reader" "$F_RESTART" || rc=$?
 	[ "$rc" = 0 ]
 	[ "$(cat /tmp/reader-restart)" = "$(expected_digest "$F_RESTART")" ]
 	grep -q "took /dev/cachefiles back from the service manager" "$SERVER_LOG"
