@@ -174,19 +174,16 @@ sixteen_readers() {
 # then fails the check with what it waits on and the server's last words, instead of
 # holding the guest until its timeout.
 wait_reader() {
-	local pid=$1 what=$2 rc=0 deadline=$((SECONDS + 120))
-	while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt "$deadline" ]; do
-		sleep 0.2
-	done
-	if kill -0 "$pid" 2>/dev/null; then
-		echo "the read of $what is still blocked after 120 s"
+	local pid=$1 what=$2 rc=0
+	if ! wait_until "! kill -0 $pid 2>/dev/null" 120; then
+		echo "the read of $what is still blocked"
 		local task
 		for task in /proc/[0-9]*; do
 			grep -q '^PPid:[[:space:]]*'"$pid"'$' "$task/status" 2>/dev/null || continue
 			echo "  reader ${task#/proc/}: $(grep '^State' "$task/status" | tr '\t' ' ') wchan $(cat "$task/wchan" 2>/dev/null)"
 		done
 		tail -n 30 "$SERVER_LOG"
-		kill "$pid" 2>/dev/null
+		kill "$pid" 2>/dev/null || true
 		return 1
 	fi
 	wait "$pid" || rc=$?
