@@ -70,6 +70,10 @@ pub struct ServerOptions {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct SavedState {
     images: Vec<SavedImage>,
+    /// The worker serving then: a restarted server waits for it to be gone before it
+    /// writes `restore` (see `wait_for_previous_worker`).
+    #[serde(default)]
+    worker_pid: Option<u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -261,6 +265,10 @@ impl Server {
                     fsid: i.fsid.clone(),
                 })
                 .collect(),
+            worker_pid: match &self.worker {
+                WorkerState::Starting(child) | WorkerState::Ready(child) => Some(child.id()),
+                WorkerState::Down(_) => None,
+            },
         };
         let outcome = serde_json::to_vec_pretty(&state)
             .map_err(io::Error::other)
@@ -769,6 +777,7 @@ impl Server {
         tracing::info!(pid = child.id(), "started the cachefiles worker");
         self.socket = Some(ours);
         self.worker = WorkerState::Starting(child);
+        self.save_state();
         Ok(())
     }
 
@@ -1048,6 +1057,58 @@ fn on_tmpfs(dir: &Path) -> bool {
     rc == 0 && stat.f_type == libc::TMPFS_MAGIC
 }
 
+/// How long a restarted server waits for the previous worker to be gone.
+const PREVIOUS_WORKER_GRACE: Duration = Duration::from_secs(30);
+
+/// The previous server's worker (killed with it) may still be finishing a system call.
+/// Until it is gone it holds the objects' descriptors and the blob caches' locks: `restore`
+/// written meanwhile hands this server READs of objects whose descriptors only that
+/// process has (nothing could complete them), and the new worker finds the blobs locked.
+/// So it is killed (if it is still a berth cachefiles worker) and waited for, for a bounded
+/// time.
+fn wait_for_previous_worker(pid: u32) {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let is_worker = std::fs::read(proc_dir.join("cmdline"))
+        .map(|cmdline| {
+            let words: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            words.iter().any(|w| *w == b"fscache")
+                && words.iter().any(|w| *w == b"--internal-worker")
+        })
+        .unwrap_or(false);
+    if !is_worker {
+        return;
+    }
+    // A zombie has closed its descriptors already.
+    let alive = || {
+        std::fs::read_to_string(proc_dir.join("stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.trim_start().chars().next())
+            })
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    };
+    let Ok(raw_pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) with a pid checked above to be the previous berth worker and a
+    // constant signal; no memory is involved.
+    unsafe { libc::kill(raw_pid, libc::SIGKILL) };
+    let started = Instant::now();
+    while alive() {
+        if started.elapsed() > PREVIOUS_WORKER_GRACE {
+            tracing::warn!(pid, "the previous cachefiles worker is still not gone; restoring anyway (reads of objects it held may wait)");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::info!(
+        pid,
+        waited_ms = started.elapsed().as_millis() as u64,
+        "the previous cachefiles worker is gone"
+    );
+}
+
 /// Runs the server until the shutdown signal fires (then unmounts everything it
 /// serves, waiting while mounts are busy) or, with `exit_when_idle`, until nothing is
 /// mounted any more.
@@ -1118,6 +1179,9 @@ pub fn serve(options: ServerOptions) -> Result<()> {
             .ok()
             .and_then(|text| serde_json::from_slice(&text).ok())
             .unwrap_or_default();
+        if let Some(pid) = saved.worker_pid {
+            wait_for_previous_worker(pid);
+        }
         for image in saved.images {
             if !is_erofs_mount(&image.spec.mountpoint) {
                 tracing::warn!(mountpoint = %image.spec.mountpoint.display(), "no longer mounted; not served again");
