@@ -78,7 +78,7 @@ ensure_host_packages build-essential bc bison flex libelf-dev xz-utils
 deb=$BERTH_GUEST_CACHE/apt/debs/${package}_${version}_all.deb
 if [ ! -f "$deb" ]; then
 	log "downloading $package $version"
-	deb=$(private_apt_download "$package")
+	deb=$(private_apt_download "$(dirname "$deb")" "$package")
 fi
 build=$kernels/$name-$key.build
 rm -rf "$build" "$out"
