@@ -18,6 +18,9 @@ use crate::lease;
 use crate::pack::PackBuilder;
 use crate::store::{Created, Location, Patience, Store};
 
+/// Where a snapshot being taken announces itself (see [`collect_garbage`]).
+const SNAPSHOT_INTENTS: &str = "snapshot-intents";
+
 /// How long commands wait for the bucket.
 pub const COMMAND_PATIENCE: Patience = Patience::For(Duration::from_secs(60));
 
@@ -277,14 +280,30 @@ fn latest_state(store: &Store, config: &VolumeConfig) -> Result<(u64, Manifest)>
 /// Keeps the volume's latest manifest version (what the bucket holds now) as snapshot
 /// `name`; returns that version.
 pub fn snapshot(location: &Location, name: &str) -> Result<u64> {
+    snapshot_in(&Store::open(location)?, name)
+}
+
+/// As [`snapshot`], in a store the caller opened (tests wrap its backend).
+///
+/// The snapshot announces itself first with an object under `snapshot-intents/`, kept
+/// until the snapshot is written: garbage collection deletes no pack meanwhile, so the
+/// packs of the version read here stay even if newer versions stop using them.
+pub fn snapshot_in(store: &Arc<Store>, name: &str) -> Result<u64> {
     check_name(name)?;
-    let store = Store::open(location)?;
     let config = store.load_config(COMMAND_PATIENCE)?;
-    let (version, full) = latest_state(&store, &config)?;
-    match store.create(&store.snapshot_key(name), &full.encode(), COMMAND_PATIENCE)? {
-        Created::Written => Ok(version),
-        Created::Taken(_) => Err(VolumeError::SnapshotExists(name.to_string())),
+    let intent = store.key(&format!("{SNAPSHOT_INTENTS}/{}", hex(&random_id())));
+    store.create(&intent, name.as_bytes(), COMMAND_PATIENCE)?;
+    let taken = latest_state(store, &config).and_then(|(version, full)| {
+        match store.create(&store.snapshot_key(name), &full.encode(), COMMAND_PATIENCE)? {
+            Created::Written => Ok(version),
+            Created::Taken(_) => Err(VolumeError::SnapshotExists(name.to_string())),
+        }
+    });
+    // Left behind, the intent only holds garbage collection back (it says so).
+    if let Err(err) = store.delete(&intent, COMMAND_PATIENCE) {
+        tracing::warn!(object = %intent, "removing the snapshot intent: {err}");
     }
+    taken
 }
 
 /// The clones made from snapshot `name` whose volume still exists.
@@ -413,14 +432,37 @@ pub struct GcReport {
     pub live_packs: u64,
     pub packs_deleted: u64,
     pub bytes_deleted: u64,
-    /// Unreferenced but younger than the grace period (an upload in progress may need them).
-    pub packs_kept_young: u64,
+    /// Unreferenced packs numbered at or past the latest manifest's next pack id: an
+    /// upload whose manifest is not written yet (or never will be) made them.
+    pub packs_kept_in_flight: u64,
+    /// Unreferenced packs kept because a snapshot was being taken (or a snapshot command
+    /// died and left its intent object: delete `snapshot-intents/*` once none runs).
+    pub packs_kept_for_snapshots: u64,
+    pub snapshots_in_progress: u64,
     pub manifests_deleted: u64,
     pub dry_run: bool,
 }
 
-/// Deletes the packs of this volume no manifest of the current state or any snapshot
-/// uses, and manifest versions older than the last full one, when older than `grace`.
+/// The id a pack's object name starts with (`packs/<id in hex>-<writer>`).
+fn pack_id_of(key: &str) -> Option<u64> {
+    let name = key.rsplit('/').next()?;
+    let (id, _) = name.split_once('-')?;
+    u64::from_str_radix(id, 16).ok()
+}
+
+/// Deletes the packs of this volume that neither the current state nor any snapshot
+/// uses and that no manifest can come to use, and manifest versions older than the last
+/// full one (those when older than `grace`, for readers that loaded an older version).
+///
+/// Pack deletion bets nothing on time. A pass reads the latest manifest `L` first, and
+/// keeps every pack `L` or a snapshot uses, and every pack numbered at or past `L`'s
+/// next pack id: a manifest published after `L` (while this pass runs, or by an upload
+/// whose pack is in the bucket but whose manifest is not) only adds packs with such ids,
+/// because the writer numbers its packs from the id its latest manifest carries. A
+/// snapshot being taken announces itself with an intent object first; the pass lists
+/// intents after reading `L` and before listing snapshots, and deletes no pack while one
+/// exists. A snapshot announced later reads a manifest at least as new as `L`, whose
+/// packs are all kept by the rules above.
 pub fn collect_garbage(
     store: &Arc<Store>,
     config: &VolumeConfig,
@@ -433,7 +475,10 @@ pub fn collect_garbage(
         return Ok(GcReport::default());
     };
     let (state, full_version) = store.load_state(config, latest, patience)?;
+    let first_unpublished = state.next_pack_id;
     let mut live: HashSet<String> = state.packs.values().map(|p| p.key.clone()).collect();
+    // Intents before snapshots: a snapshot whose intent is gone by now is listed below.
+    let intents = store.list(SNAPSHOT_INTENTS, patience)?.len() as u64;
     for object in store.list("snapshots", patience)? {
         let Some((data, _)) = store.get(&object.name, patience)? else {
             continue;
@@ -441,9 +486,9 @@ pub fn collect_garbage(
         let manifest = Manifest::decode(&object.name, &data)?;
         live.extend(manifest.packs.iter().map(|p| p.key.clone()));
     }
-    let cutoff = now_ms() - grace.as_millis() as i64;
     let mut report = GcReport {
         live_packs: live.len() as u64,
+        snapshots_in_progress: intents,
         dry_run,
         ..GcReport::default()
     };
@@ -451,8 +496,13 @@ pub fn collect_garbage(
         if live.contains(&object.name) {
             continue;
         }
-        if object.modified_ms > cutoff {
-            report.packs_kept_young += 1;
+        // Unparseable names are not ours to judge.
+        if pack_id_of(&object.name).is_none_or(|id| id >= first_unpublished) {
+            report.packs_kept_in_flight += 1;
+            continue;
+        }
+        if intents > 0 {
+            report.packs_kept_for_snapshots += 1;
             continue;
         }
         if !dry_run {
@@ -461,6 +511,14 @@ pub fn collect_garbage(
         report.packs_deleted += 1;
         report.bytes_deleted += object.size;
     }
+    if intents > 0 {
+        tracing::warn!(
+            volume = %store.location,
+            intents,
+            "garbage collection kept unreferenced packs: a snapshot is being taken"
+        );
+    }
+    let cutoff = now_ms() - grace.as_millis() as i64;
     for object in store.list("manifests", patience)? {
         let Some(version) = object
             .name

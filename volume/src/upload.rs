@@ -250,8 +250,6 @@ impl Inner {
         delta.wal_epoch = batch.epoch;
         delta.wal_seq = batch.last_seq;
         delta.extents = extents;
-        let mut put_at = None;
-        let mut pack_object = None;
         if !builder.is_empty() {
             let (object, info) = builder.finish(
                 pack_id,
@@ -262,7 +260,6 @@ impl Inner {
             limit.wait_for(object.len() as u64);
             self.store.put(&key, &object, Patience::Forever)?;
             failpoint::hit("upload.after_pack_put");
-            put_at = Some(Instant::now());
             self.metrics.uploads.fetch_add(1, Ordering::Relaxed);
             self.metrics
                 .upload_bytes
@@ -272,7 +269,6 @@ impl Inner {
                 .fetch_add(builder.raw().len() as u64, Ordering::Relaxed);
             delta.packs.push(info);
             delta.next_pack_id = pack_id + 1;
-            pack_object = Some(object);
         }
         let manifest = match kind {
             ManifestKind::Delta => delta.clone(),
@@ -282,25 +278,12 @@ impl Inner {
                 full_map.to_full(&delta)
             }
         };
-        // A pack put long ago (the manifest write kept failing) might have been taken for
-        // garbage by now: put it again before the manifest makes it live.
-        let refresh_after = self.options.gc_grace / 4;
+        // However long this takes, garbage collection keeps the pack: its id is at or
+        // past the next pack id of every manifest in the bucket until this one is.
         let manifest_key = self.store.manifest_key(version);
-        let encoded = manifest.encode();
-        let created = loop {
-            if let (Some(at), Some(object)) = (put_at, &pack_object) {
-                if at.elapsed() > refresh_after {
-                    self.store.put(&key, object, Patience::Forever)?;
-                    put_at = Some(Instant::now());
-                }
-            }
-            let patience = Patience::For(refresh_after.max(Duration::from_secs(1)));
-            match self.store.create(&manifest_key, &encoded, patience) {
-                Ok(created) => break created,
-                Err(VolumeError::StoreGaveUp { .. }) if !self.store.is_stopped() => continue,
-                Err(err) => return Err(err),
-            }
-        };
+        let created = self
+            .store
+            .create(&manifest_key, &manifest.encode(), Patience::Forever)?;
         if let Created::Taken(theirs) = created {
             let who = Manifest::decode(&manifest_key, &theirs)
                 .map(|m| format!("session {}", hex(&m.session)))
@@ -327,7 +310,6 @@ impl Inner {
         self.changed.notify_all();
         self.check_object_waiters();
         self.metrics.upload_latency.observe(started.elapsed());
-        drop(pack_object);
         self.apply_batch(&batch, version)
     }
 

@@ -105,7 +105,9 @@ pub struct VolumeOptions {
     pub full_every: u64,
     /// Background garbage collection period (None: only `berth volume gc`).
     pub gc_interval: Option<Duration>,
-    /// Unreferenced packs younger than this are kept.
+    /// Manifest versions a newer full version supersedes are kept this long, for readers
+    /// that loaded an older version. Packs never depend on it (see
+    /// [`crate::admin::collect_garbage`]).
     pub gc_grace: Duration,
     /// Packs whose live share falls below this fraction are rewritten.
     pub compact_below: f64,

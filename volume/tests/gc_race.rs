@@ -1,0 +1,440 @@
+//! Garbage collection racing the writer, made deterministic: a bucket wrapper stops one
+//! request (GC's listing, the uploader's manifest write, the snapshot's write) at a gate
+//! while the test makes the other side take its step, then lets it go. Whatever the
+//! interleaving, no pack that a published manifest, an upload about to publish one, or a
+//! snapshot being taken references may be deleted.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use berth_blockdev::target::{read_at, write_at};
+use berth_cache::{open_backend, BlobBackend, ListedObject, ObjectVersion};
+use berth_testkit::pseudo_random;
+use berth_volume::admin::{self, CreateOptions, COMMAND_PATIENCE};
+use berth_volume::{Location, Store, Volume, VolumeOptions};
+
+const MIB: u64 = 1 << 20;
+
+/// Far shorter than the stalls below: a GC that bets on time loses.
+const GRACE: Duration = Duration::from_millis(100);
+const STALL: Duration = Duration::from_millis(400);
+
+#[derive(Default)]
+struct GateState {
+    armed: bool,
+    reached: bool,
+    released: bool,
+}
+
+/// Stops the first request of kind `operation` whose object name contains `name_part`,
+/// once armed, until released.
+struct Gate {
+    operation: &'static str,
+    name_part: String,
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+impl Gate {
+    fn new(operation: &'static str, name_part: &str) -> Arc<Self> {
+        Arc::new(Self {
+            operation,
+            name_part: name_part.to_string(),
+            state: Mutex::new(GateState::default()),
+            changed: Condvar::new(),
+        })
+    }
+
+    fn arm(&self) {
+        self.state.lock().unwrap().armed = true;
+    }
+
+    fn pass(&self, operation: &str, name: &str) {
+        if operation != self.operation || !name.contains(&self.name_part) {
+            return;
+        }
+        let mut state = self.state.lock().unwrap();
+        if !state.armed {
+            return;
+        }
+        state.armed = false;
+        state.reached = true;
+        self.changed.notify_all();
+        while !state.released {
+            state = self.changed.wait(state).unwrap();
+        }
+    }
+
+    fn wait_reached(&self) {
+        let mut state = self.state.lock().unwrap();
+        while !state.reached {
+            let (next, timeout) = self
+                .changed
+                .wait_timeout(state, Duration::from_secs(30))
+                .unwrap();
+            state = next;
+            assert!(
+                !timeout.timed_out() || state.reached,
+                "nothing reached the gate on {} of `{}`",
+                self.operation,
+                self.name_part
+            );
+        }
+    }
+
+    fn release(&self) {
+        self.state.lock().unwrap().released = true;
+        self.changed.notify_all();
+    }
+}
+
+#[derive(Debug)]
+struct GatedBucket {
+    inner: Arc<dyn BlobBackend>,
+    gate: Arc<Gate>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gate({} {})", self.operation, self.name_part)
+    }
+}
+
+impl BlobBackend for GatedBucket {
+    fn read_range(&self, name: &str, range: Range<u64>) -> berth_cache::Result<Vec<u8>> {
+        self.inner.read_range(name, range)
+    }
+    fn size(&self, name: &str) -> berth_cache::Result<u64> {
+        self.inner.size(name)
+    }
+    fn put_file(&self, name: &str, path: &Path) -> berth_cache::Result<()> {
+        self.inner.put_file(name, path)
+    }
+    fn put_bytes(&self, name: &str, data: &[u8]) -> berth_cache::Result<()> {
+        self.inner.put_bytes(name, data)
+    }
+    fn describe(&self) -> String {
+        format!("gated {}", self.inner.describe())
+    }
+    fn get_versioned(&self, name: &str) -> berth_cache::Result<Option<(Vec<u8>, ObjectVersion)>> {
+        self.inner.get_versioned(name)
+    }
+    fn put_if_absent(&self, name: &str, data: &[u8]) -> berth_cache::Result<Option<ObjectVersion>> {
+        self.gate.pass("create", name);
+        self.inner.put_if_absent(name, data)
+    }
+    fn put_if_version(
+        &self,
+        name: &str,
+        data: &[u8],
+        expected: &ObjectVersion,
+    ) -> berth_cache::Result<Option<ObjectVersion>> {
+        self.inner.put_if_version(name, data, expected)
+    }
+    fn delete(&self, name: &str) -> berth_cache::Result<()> {
+        self.inner.delete(name)
+    }
+    fn list(&self, prefix: &str) -> berth_cache::Result<Vec<ListedObject>> {
+        self.gate.pass("list", prefix);
+        self.inner.list(prefix)
+    }
+}
+
+fn gated_store(location: &Location, gate: &Arc<Gate>) -> Arc<Store> {
+    let bucket = GatedBucket {
+        inner: open_backend(&location.root).unwrap(),
+        gate: gate.clone(),
+    };
+    Store::with_backend(location, Arc::new(bucket))
+}
+
+fn create(bucket: &Path) -> Location {
+    let location = Location::parse(&format!("file://{}/vol", bucket.display())).unwrap();
+    let options = CreateOptions {
+        size: Some(16 * MIB),
+        ..CreateOptions::default()
+    };
+    admin::create(&location, &options, None).unwrap();
+    location
+}
+
+/// Uploads only when asked (`sync_to_bucket`, close), no background GC.
+fn options(cache_dir: &Path) -> VolumeOptions {
+    VolumeOptions {
+        cache_dir: cache_dir.to_path_buf(),
+        upload_interval: Duration::from_secs(3600),
+        gc_interval: None,
+        gc_grace: GRACE,
+        open_timeout: Duration::from_secs(10),
+        fetch_timeout: Duration::from_secs(10),
+        drain_timeout: Duration::from_secs(30),
+        flush_timeout: Duration::from_secs(10),
+        ..VolumeOptions::default()
+    }
+}
+
+/// The packs `keys` names that the bucket no longer holds.
+fn missing(store: &Store, keys: impl IntoIterator<Item = String>) -> Vec<String> {
+    let present: Vec<String> = store
+        .list("packs", COMMAND_PATIENCE)
+        .unwrap()
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    keys.into_iter().filter(|k| !present.contains(k)).collect()
+}
+
+/// The packs the latest manifest version uses that the bucket no longer holds.
+fn missing_from_latest(location: &Location) -> Vec<String> {
+    let store = Store::open(location).unwrap();
+    let config = store.load_config(COMMAND_PATIENCE).unwrap();
+    let versions = store.manifest_versions(COMMAND_PATIENCE).unwrap();
+    let latest = *versions.last().unwrap();
+    let (state, _) = store.load_state(&config, latest, COMMAND_PATIENCE).unwrap();
+    missing(&store, state.packs.values().map(|p| p.key.clone()))
+}
+
+fn read(volume: &Volume, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0x5a; len];
+    read_at(volume, offset, &mut buf)
+        .unwrap_or_else(|e| panic!("reading {len} bytes at {offset}: {e}"));
+    buf
+}
+
+/// GC reads the latest manifest (its live set), then stalls; meanwhile the uploader puts
+/// a new pack and publishes the next manifest version using it. GC goes on to list the
+/// packs: the new one is in no manifest GC read, and its age is past the grace.
+#[test]
+fn gc_keeps_the_pack_of_a_manifest_published_during_its_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let location = create(&dir.path().join("bucket"));
+    let first = pseudo_random(11, MIB as usize);
+    let second = pseudo_random(12, MIB as usize);
+    let (volume, _) = Volume::open(&location, options(&dir.path().join("host1"))).unwrap();
+    write_at(&volume, 0, &first, false).unwrap();
+    volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
+    write_at(&volume, 4 * MIB, &second, false).unwrap();
+
+    // GC's pass stops right after it read the manifests, before it looks at anything else.
+    let gate = Gate::new("list", "/snapshots");
+    gate.arm();
+    let gc_store = gated_store(&location, &gate);
+    let config = gc_store.load_config(COMMAND_PATIENCE).unwrap();
+    let gc = std::thread::spawn(move || {
+        admin::collect_garbage(&gc_store, &config, GRACE, false).unwrap()
+    });
+    gate.wait_reached();
+    volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
+    std::thread::sleep(STALL);
+    gate.release();
+    let report = gc.join().unwrap();
+
+    let lost = missing_from_latest(&location);
+    assert!(
+        lost.is_empty(),
+        "GC deleted {lost:?}, used by the manifest published during its pass ({report:?})"
+    );
+    volume.close().unwrap();
+    let (volume, _) = Volume::open(&location, options(&dir.path().join("host2"))).unwrap();
+    assert!(read(&volume, 0, first.len()) == first);
+    assert!(read(&volume, 4 * MIB, second.len()) == second);
+}
+
+/// The uploader has put its pack and stalls before the manifest that makes it live
+/// (a slow or failing manifest write); a whole GC pass runs meanwhile, then the manifest
+/// goes in.
+#[test]
+fn gc_keeps_the_pack_of_an_upload_whose_manifest_is_not_written_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let location = create(&dir.path().join("bucket"));
+    let data = pseudo_random(21, MIB as usize);
+    let gate = Gate::new("create", "/manifests/");
+    let (volume, _) = Volume::open_with_store(
+        gated_store(&location, &gate),
+        options(&dir.path().join("host1")),
+    )
+    .unwrap();
+    let volume = Arc::new(volume);
+    write_at(&*volume, 0, &data, false).unwrap();
+    gate.arm();
+    let syncing = {
+        let volume = volume.clone();
+        std::thread::spawn(move || volume.sync_to_bucket(Duration::from_secs(30)))
+    };
+    gate.wait_reached();
+    std::thread::sleep(STALL);
+    let report = admin::gc(&location, GRACE, false).unwrap();
+    gate.release();
+    syncing.join().unwrap().unwrap();
+
+    let lost = missing_from_latest(&location);
+    assert!(
+        lost.is_empty(),
+        "GC deleted {lost:?}, the pack of an upload in flight ({report:?})"
+    );
+    volume.close().unwrap();
+    let (volume, _) = Volume::open(&location, options(&dir.path().join("host2"))).unwrap();
+    assert!(read(&volume, 0, data.len()) == data);
+}
+
+/// `berth volume snapshot` has read the latest manifest and stalls before it writes the
+/// snapshot; meanwhile the volume overwrites everything that manifest's pack held, and
+/// a whole GC pass runs. Then the snapshot goes in, naming that pack.
+#[test]
+fn gc_keeps_the_packs_of_a_snapshot_being_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let location = create(&dir.path().join("bucket"));
+    let old = pseudo_random(31, MIB as usize);
+    let new = pseudo_random(32, MIB as usize);
+    let (volume, _) = Volume::open(&location, options(&dir.path().join("host1"))).unwrap();
+    write_at(&volume, 0, &old, false).unwrap();
+    volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
+
+    let gate = Gate::new("create", "/snapshots/");
+    gate.arm();
+    let snapshot_store = gated_store(&location, &gate);
+    let snapshotting =
+        std::thread::spawn(move || admin::snapshot_in(&snapshot_store, "racing").unwrap());
+    gate.wait_reached();
+    write_at(&volume, 0, &new, false).unwrap();
+    volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
+    std::thread::sleep(STALL);
+    let report = admin::gc(&location, GRACE, false).unwrap();
+    gate.release();
+    snapshotting.join().unwrap();
+
+    let store = Store::open(&location).unwrap();
+    let config = store.load_config(COMMAND_PATIENCE).unwrap();
+    let snapshot = store
+        .load_snapshot(&config, "racing", COMMAND_PATIENCE)
+        .unwrap();
+    let lost = missing(&store, snapshot.packs.iter().map(|p| p.key.clone()));
+    assert!(
+        lost.is_empty(),
+        "GC deleted {lost:?}, used by the snapshot being taken ({report:?})"
+    );
+    volume.close().unwrap();
+    let clone = location.sibling("clone");
+    admin::clone_volume(&location, "racing", &clone).unwrap();
+    let (volume, _) = Volume::open(&clone, options(&dir.path().join("host2"))).unwrap();
+    assert!(read(&volume, 0, old.len()) == old);
+}
+
+fn rng(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// Bounded soak of the same races left to chance: random overwrites uploaded every few
+/// milliseconds, the volume's own GC every 20 ms, and snapshots taken (each checked
+/// whole, then most deleted) all along from another thread. Afterwards the volume reads
+/// back its model from the bucket alone, and the snapshots kept have all their packs.
+/// `BERTH_VOLUME_SOAK_SECONDS` lengthens it (default 8).
+#[test]
+fn constant_gc_under_writes_and_snapshots_loses_nothing() {
+    let seconds = std::env::var("BERTH_VOLUME_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8u64);
+    // Small, so that whole packs are overwritten and become garbage.
+    const SPAN: u64 = 2 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let location = create(&dir.path().join("bucket"));
+    let busy = |cache: &str| VolumeOptions {
+        segment_bytes: 256 << 10,
+        pack_bytes: 256 << 10,
+        upload_interval: Duration::from_millis(5),
+        full_every: 4,
+        // Writers wait for the uploads: packs are superseded while the soak runs.
+        max_dirty_bytes: 2 * MIB,
+        gc_interval: Some(Duration::from_millis(20)),
+        // Packs never go by it; it only keeps superseded manifest versions a moment for
+        // a snapshot that is loading one (it would fail, cleanly, without).
+        gc_grace: Duration::from_secs(2),
+        ..options(&dir.path().join(cache))
+    };
+    let (volume, _) = Volume::open(&location, busy("host1")).unwrap();
+    let volume = Arc::new(volume);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let snapshots = {
+        let (location, stop) = (location.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let store = Store::open(&location).unwrap();
+            let config = store.load_config(COMMAND_PATIENCE).unwrap();
+            let mut taken = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let name = format!("soak-{taken}");
+                admin::snapshot(&location, &name).unwrap();
+                taken += 1;
+                std::thread::sleep(Duration::from_millis(300));
+                // Checked, then dropped: what only it held becomes garbage for GC.
+                let snapshot = store
+                    .load_snapshot(&config, &name, COMMAND_PATIENCE)
+                    .unwrap();
+                let lost = missing(&store, snapshot.packs.iter().map(|p| p.key.clone()));
+                assert!(lost.is_empty(), "GC deleted {lost:?} of snapshot {name}");
+                if taken % 4 != 0 {
+                    admin::delete_snapshot(&location, &name).unwrap();
+                }
+            }
+            taken
+        })
+    };
+    let mut model = vec![0u8; SPAN as usize];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+    let mut step = 0u64;
+    while std::time::Instant::now() < deadline {
+        let block = rng(&mut state) % (SPAN / 4096);
+        let blocks = 1 + rng(&mut state) % 16.min(SPAN / 4096 - block);
+        let (offset, len) = (block * 4096, (blocks * 4096) as usize);
+        let data = pseudo_random(1000 + step, len);
+        write_at(&*volume, offset, &data, false).unwrap();
+        model[offset as usize..offset as usize + len].copy_from_slice(&data);
+        step += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let taken = snapshots.join().unwrap();
+    volume.sync_to_bucket(Duration::from_secs(60)).unwrap();
+    let metrics = volume.metrics();
+    let (runs, deleted) = (
+        metrics.gc_runs.load(std::sync::atomic::Ordering::Relaxed),
+        metrics
+            .gc_packs_deleted
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    assert!(
+        runs >= 10 && deleted > 0,
+        "GC ran all along ({runs} passes, {deleted} packs deleted, {step} writes)"
+    );
+    eprintln!("soak: {step} writes, {runs} GC passes, {deleted} packs deleted, {taken} snapshots");
+    volume.close().unwrap();
+    drop(volume);
+
+    let lost = missing_from_latest(&location);
+    assert!(lost.is_empty(), "GC deleted live packs {lost:?}");
+    let store = Store::open(&location).unwrap();
+    let config = store.load_config(COMMAND_PATIENCE).unwrap();
+    assert!(taken >= 4, "snapshots were taken ({taken})");
+    // Every fourth snapshot stays: still whole after the last GC passes.
+    for object in store.list("snapshots", COMMAND_PATIENCE).unwrap() {
+        let name = object.name.rsplit('/').next().unwrap();
+        let snapshot = store
+            .load_snapshot(&config, name, COMMAND_PATIENCE)
+            .unwrap();
+        let lost = missing(&store, snapshot.packs.iter().map(|p| p.key.clone()));
+        assert!(lost.is_empty(), "GC deleted {lost:?} of snapshot {name}");
+    }
+    let (volume, _) = Volume::open(&location, options(&dir.path().join("host2"))).unwrap();
+    let got = read(&volume, 0, SPAN as usize);
+    if let Some(at) = got.iter().zip(&model).position(|(a, b)| a != b) {
+        panic!(
+            "after {step} writes, byte {at} reads {:#x} from the bucket, expected {:#x}",
+            got[at], model[at]
+        );
+    }
+}
