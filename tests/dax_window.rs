@@ -161,6 +161,19 @@ fn bytes_move_both_ways_between_the_file_and_the_window() {
         .assert_alive("after mapping under the default seccomp filter");
 }
 
+/// A SETUPMAPPING the daemon must refuse, and the errno it must give.
+#[derive(Clone, Copy)]
+struct Refusal {
+    what: &'static str,
+    node: u64,
+    fh: u64,
+    file_offset: u64,
+    len: u64,
+    flags: u64,
+    window_offset: u64,
+    errno: i32,
+}
+
 #[test]
 fn refusals_carry_their_errno_and_map_nothing() {
     if skip_unless_berth() {
@@ -171,115 +184,89 @@ fn refusals_carry_their_errno_and_map_nothing() {
     let node = s.file("data", &pattern(3, 8 * MIB as usize));
     let dir = s.queue.lookup(ROOT_ID, b"sub").unwrap().nodeid;
     let read_only_fh = s.queue.open(node, libc::O_RDONLY as u32).unwrap().fh;
-    let cases: Vec<(&str, u64, u64, u64, u64, u64, u64, i32)> = vec![
-        // what, node, fh, file offset, len, flags, window offset, errno
-        (
-            "past the window",
-            node,
-            NO_HANDLE,
-            0,
-            2 * MIB,
-            READ,
-            WINDOW,
-            libc::EINVAL,
-        ),
-        (
-            "across the end",
-            node,
-            NO_HANDLE,
-            0,
-            4 * MIB,
-            READ,
-            WINDOW - 2 * MIB,
-            libc::EINVAL,
-        ),
-        (
-            "misaligned in the window",
-            node,
-            NO_HANDLE,
-            0,
-            2 * MIB,
-            READ,
-            MIB,
-            libc::EINVAL,
-        ),
-        (
-            "not whole 2 MiB",
-            node,
-            NO_HANDLE,
-            0,
-            MIB,
-            READ,
-            0,
-            libc::EINVAL,
-        ),
-        (
-            "file offset not page-aligned",
-            node,
-            NO_HANDLE,
-            100,
-            2 * MIB,
-            READ,
-            0,
-            libc::EINVAL,
-        ),
-        ("no access", node, NO_HANDLE, 0, 2 * MIB, 0, 0, libc::EINVAL),
-        (
-            "unknown flag",
-            node,
-            NO_HANDLE,
-            0,
-            2 * MIB,
-            READ | 8,
-            0,
-            libc::EINVAL,
-        ),
-        (
-            "unknown handle",
-            node,
-            987_654,
-            0,
-            2 * MIB,
-            READ,
-            0,
-            libc::EBADF,
-        ),
-        (
-            "writable, file opened read-only",
-            node,
-            read_only_fh,
-            0,
-            2 * MIB,
-            READ | WRITE,
-            0,
-            libc::EACCES,
-        ),
-        (
-            "a directory",
-            dir,
-            NO_HANDLE,
-            0,
-            2 * MIB,
-            READ,
-            0,
-            libc::EINVAL,
-        ),
-        (
-            "an unknown node",
-            424_242,
-            NO_HANDLE,
-            0,
-            2 * MIB,
-            READ,
-            0,
-            libc::EBADF,
-        ),
+    // A valid request; each case changes one thing.
+    let base = Refusal {
+        what: "",
+        node,
+        fh: NO_HANDLE,
+        file_offset: 0,
+        len: 2 * MIB,
+        flags: READ,
+        window_offset: 0,
+        errno: libc::EINVAL,
+    };
+    let cases = [
+        Refusal {
+            what: "past the window",
+            window_offset: WINDOW,
+            ..base
+        },
+        Refusal {
+            what: "across the end",
+            len: 4 * MIB,
+            window_offset: WINDOW - 2 * MIB,
+            ..base
+        },
+        Refusal {
+            what: "misaligned in the window",
+            window_offset: MIB,
+            ..base
+        },
+        Refusal {
+            what: "not whole 2 MiB",
+            len: MIB,
+            ..base
+        },
+        Refusal {
+            what: "file offset not page-aligned",
+            file_offset: 100,
+            ..base
+        },
+        Refusal {
+            what: "no access",
+            flags: 0,
+            ..base
+        },
+        Refusal {
+            what: "unknown flag",
+            flags: READ | 8,
+            ..base
+        },
+        Refusal {
+            what: "unknown handle",
+            fh: 987_654,
+            errno: libc::EBADF,
+            ..base
+        },
+        Refusal {
+            what: "writable, file opened read-only",
+            fh: read_only_fh,
+            flags: READ | WRITE,
+            errno: libc::EACCES,
+            ..base
+        },
+        Refusal {
+            what: "a directory",
+            node: dir,
+            ..base
+        },
+        Refusal {
+            what: "an unknown node",
+            node: 424_242,
+            errno: libc::EBADF,
+            ..base
+        },
     ];
-    for (what, node, fh, file_offset, len, flags, window_offset, errno) in cases {
-        let r = s
-            .queue
-            .setupmapping(node, fh, file_offset, len, flags, window_offset);
-        assert_eq!(s.errno_of(r), errno, "{what}");
+    for case in cases {
+        let r = s.queue.setupmapping(
+            case.node,
+            case.fh,
+            case.file_offset,
+            case.len,
+            case.flags,
+            case.window_offset,
+        );
+        assert_eq!(s.errno_of(r), case.errno, "{}", case.what);
     }
     assert!(window.messages().is_empty(), "nothing reached the VMM");
     // Removals: each range is checked before any is unmapped.
@@ -406,4 +393,51 @@ fn mappings_go_with_the_session() {
     assert!(log.contains("unmapped 1 DAX window ranges"), "{log}");
     assert!(!log.contains("ERROR"), "{log}");
     s.daemon.assert_alive("after the sessions");
+}
+
+#[test]
+fn pool_threads_map_under_their_own_filter() {
+    if skip_unless_berth() {
+        return;
+    }
+    let mut s = Session::start(&["--dax-window", "64M", "--thread-pool-size", "2"]);
+    let window = s.window();
+    let content = pattern(13, 2 * MIB as usize);
+    let node = s.file("data", &content);
+    s.queue
+        .setupmapping(node, NO_HANDLE, 0, 2 * MIB, READ | WRITE, 4 * MIB)
+        .expect("SETUPMAPPING from a pool thread");
+    let mut seen = vec![0u8; content.len()];
+    window.read(4 * MIB, &mut seen).unwrap();
+    assert!(seen == content, "the window shows the file");
+    s.queue.removemapping(node, &[(4 * MIB, 2 * MIB)]).unwrap();
+    assert!(window.mappings().is_empty());
+    s.daemon.assert_alive("after mapping from the pool");
+}
+
+#[test]
+fn a_forgotten_file_stays_mapped_until_removed() {
+    if skip_unless_berth() {
+        return;
+    }
+    let mut s = Session::start(&["--dax-window", "64M"]);
+    let window = s.window();
+    let content = pattern(17, 2 * MIB as usize);
+    let node = s.file("data", &content);
+    let fh = s.queue.open(node, libc::O_RDONLY as u32).unwrap().fh;
+    s.queue.setupmapping(node, fh, 0, 2 * MIB, READ, 0).unwrap();
+    // The guest closes and forgets the file, and it goes from the host directory too.
+    s.queue.release(node, fh, libc::O_RDONLY as u32).unwrap();
+    s.queue.forget(node, 1).unwrap();
+    fs::remove_file(s.fixture.shared.join("data")).unwrap();
+    let mut seen = vec![0u8; content.len()];
+    window.read(0, &mut seen).unwrap();
+    assert!(seen == content, "the mapping still shows the file");
+    // The node itself is gone: a new mapping of it has nothing to open.
+    s.queue
+        .setupmapping(node, NO_HANDLE, 0, 2 * MIB, READ, 2 * MIB)
+        .expect_err("the forgotten node cannot be opened");
+    assert_eq!(window.mappings().len(), 1);
+    s.queue.removemapping(node, &[(0, 2 * MIB)]).unwrap();
+    assert!(window.mappings().is_empty());
 }

@@ -127,7 +127,7 @@ impl WindowManager {
             _ => 4096,
         };
         let granule_ok = config.granule.is_power_of_two() && config.granule >= page_size;
-        if !granule_ok || config.size == 0 || config.size % config.granule != 0 {
+        if !granule_ok || config.size == 0 || !config.size.is_multiple_of(config.granule) {
             return Err(DaxError::BadWindowSize {
                 size: config.size,
                 granule: config.granule,
@@ -178,7 +178,7 @@ impl WindowManager {
     /// Checks that `[offset, offset + len)` is a whole number of granules inside the window.
     fn check_window_range(&self, offset: u64, len: u64) -> Result<(), DaxError> {
         let granule = self.config.granule;
-        if len == 0 || offset % granule != 0 || len % granule != 0 {
+        if len == 0 || !offset.is_multiple_of(granule) || !len.is_multiple_of(granule) {
             return Err(DaxError::Granularity {
                 offset,
                 len,
@@ -204,7 +204,8 @@ impl WindowManager {
         self.check_window_range(req.window_offset, req.len)?;
         // mmap takes a signed file offset.
         let file_end = req.file_offset.checked_add(req.len);
-        if req.file_offset % self.page_size != 0 || file_end.is_none_or(|end| end > i64::MAX as u64)
+        if !req.file_offset.is_multiple_of(self.page_size)
+            || file_end.is_none_or(|end| end > i64::MAX as u64)
         {
             return Err(DaxError::FileOffset {
                 offset: req.file_offset,

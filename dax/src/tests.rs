@@ -94,8 +94,7 @@ fn setup(
     vmm: &FakeVmm,
     files: &Files,
     inode: usize,
-    window_offset: u64,
-    len: u64,
+    (window_offset, len): (u64, u64),
     file_offset: u64,
     flags: u64,
 ) -> Result<(), DaxError> {
@@ -189,10 +188,10 @@ fn each_refusal_has_its_errno_and_reaches_no_vmm() {
         (0, G, 0, RO | 4, libc::EINVAL),     // unknown flag
     ];
     for (i, (offset, len, file_offset, flags, errno)) in cases.into_iter().enumerate() {
-        let err = setup(&w, &vmm, &f, 0, offset, len, file_offset, flags).unwrap_err();
+        let err = setup(&w, &vmm, &f, 0, (offset, len), file_offset, flags).unwrap_err();
         assert_eq!(err.errno(), errno, "case {i}: {err}");
     }
-    let err = setup(&w, &vmm, &f, 0, 0, G, u64::MAX - 4095, RO).unwrap_err();
+    let err = setup(&w, &vmm, &f, 0, (0, G), u64::MAX - 4095, RO).unwrap_err();
     assert_eq!(err.errno(), libc::EINVAL);
     assert_eq!(w.metrics().refused, 9);
     assert!(vmm.mappings.borrow().is_empty());
@@ -253,7 +252,7 @@ fn each_refusal_has_its_errno_and_reaches_no_vmm() {
     assert_eq!(err.errno(), libc::ENODEV);
 
     // Removal ranges are checked, all before any is carried out.
-    setup(&w, &vmm, &f, 0, 0, G, 0, RO).unwrap();
+    setup(&w, &vmm, &f, 0, (0, G), 0, RO).unwrap();
     let err = w.remove(Some(&vmm), &[(0, G), (G, 4096)]).unwrap_err();
     assert_eq!(err.errno(), libc::EINVAL);
     let err = w.remove(Some(&vmm), &[(0, G), (3 * G, 2 * G)]).unwrap_err();
@@ -272,9 +271,9 @@ fn read_only_share_refuses_writable_mappings() {
     })
     .unwrap();
     let vmm = FakeVmm::default();
-    let err = setup(&w, &vmm, &f, 0, 0, G, 0, RW).unwrap_err();
+    let err = setup(&w, &vmm, &f, 0, (0, G), 0, RW).unwrap_err();
     assert_eq!(err.errno(), libc::EROFS);
-    setup(&w, &vmm, &f, 0, 0, G, 0, RO).unwrap();
+    setup(&w, &vmm, &f, 0, (0, G), 0, RO).unwrap();
     assert!(!w.mappings()[0].writable);
     assert_in_step(&w, &vmm, &f);
 }
@@ -284,8 +283,8 @@ fn overlapping_setup_replaces_and_keeps_the_remainders() {
     let f = files(2);
     let w = window(8);
     let vmm = FakeVmm::default();
-    setup(&w, &vmm, &f, 0, 0, 6 * G, 10 * G, RW).unwrap();
-    setup(&w, &vmm, &f, 1, 2 * G, G, 0, RO).unwrap();
+    setup(&w, &vmm, &f, 0, (0, 6 * G), 10 * G, RW).unwrap();
+    setup(&w, &vmm, &f, 1, (2 * G, G), 0, RO).unwrap();
     let m = w.mappings();
     let shape: Vec<_> = m
         .iter()
@@ -310,7 +309,7 @@ fn partial_removal_splits() {
     let f = files(1);
     let w = window(8);
     let vmm = FakeVmm::default();
-    setup(&w, &vmm, &f, 0, G, 4 * G, 0, RO).unwrap();
+    setup(&w, &vmm, &f, 0, (G, 4 * G), 0, RO).unwrap();
     w.remove(Some(&vmm), &[(2 * G, G), (7 * G, G)]).unwrap();
     let shape: Vec<_> = w
         .mappings()
@@ -331,11 +330,11 @@ fn clear_unmaps_everything_or_forgets_it() {
     let w = window(8);
     let vmm = FakeVmm::default();
     for slot in [0, 3, 5] {
-        setup(&w, &vmm, &f, 0, slot * G, G, 0, RO).unwrap();
+        setup(&w, &vmm, &f, 0, (slot * G, G), 0, RO).unwrap();
     }
     assert_eq!(w.clear(Some(&vmm)), 3);
     assert_in_step(&w, &vmm, &f);
-    setup(&w, &vmm, &f, 0, 0, G, 0, RO).unwrap();
+    setup(&w, &vmm, &f, 0, (0, G), 0, RO).unwrap();
     assert_eq!(w.clear(None), 1);
     assert!(w.mappings().is_empty());
     assert_eq!(w.metrics().live_ranges, 0);
@@ -347,7 +346,7 @@ fn a_failed_map_leaves_table_and_vmm_in_step() {
     let w = window(4);
     let vmm = FakeVmm::default();
     *vmm.fail_next_map.borrow_mut() = true;
-    let err = setup(&w, &vmm, &f, 0, 0, G, 0, RO).unwrap_err();
+    let err = setup(&w, &vmm, &f, 0, (0, G), 0, RO).unwrap_err();
     assert_eq!(err.errno(), libc::EIO);
     assert_eq!(w.metrics().frontend_errors, 1);
     assert_in_step(&w, &vmm, &f);
@@ -393,8 +392,7 @@ fn random_operations_match_a_per_slot_model() {
                 &vmm,
                 &f,
                 inode,
-                start * G,
-                slots * G,
+                (start * G, slots * G),
                 file_offset,
                 flags,
             );
