@@ -21,6 +21,8 @@ pub struct ShmemMapping {
     pub len: u64,
     pub file_offset: u64,
     pub writable: bool,
+    /// The descriptor passed was open for writing (QEMU 11.1 needs one for every mapping).
+    pub descriptor_writable: bool,
 }
 
 /// A shared memory region of `size` bytes and what is mapped in it.
@@ -187,6 +189,8 @@ impl VhostUserFrontendReqHandler for ShmemWindow {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         let writable = flags & VhostUserMMapFlags::WRITABLE.bits() != 0;
+        // SAFETY: F_GETFL only reads the flags of the descriptor the message carried.
+        let access = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) } & libc::O_ACCMODE;
         let prot = if writable {
             libc::PROT_READ | libc::PROT_WRITE
         } else {
@@ -213,6 +217,7 @@ impl VhostUserFrontendReqHandler for ShmemWindow {
                 len,
                 file_offset,
                 writable,
+                descriptor_writable: access == libc::O_RDWR,
             },
         );
         Ok(0)

@@ -125,11 +125,29 @@ impl VhostDax {
                 writable,
             });
         }
+        // QEMU 11.1 maps every SHMEM_MAP descriptor shared and writable, whatever the
+        // request's flags, and fails (EACCES) on a read-only descriptor: on a writable share
+        // read mappings get a read-write descriptor too, when the host allows one.
+        let read_write = writable || !self.fs.is_read_only();
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(file) = files.get(&(inode, writable)).and_then(Weak::upgrade) {
-            return Ok(MappableFile { file, writable });
+        for descriptor_writable in [read_write, false] {
+            if let Some(file) = files
+                .get(&(inode, descriptor_writable))
+                .and_then(Weak::upgrade)
+            {
+                return Ok(MappableFile {
+                    file,
+                    writable: descriptor_writable,
+                });
+            }
         }
-        let (file, writable) = self.fs.open_for_mapping(inode, None, writable)?;
+        let opened = match self.fs.open_for_mapping(inode, None, read_write) {
+            Err(e) if !writable && read_write && refused_writing(&e) => {
+                self.fs.open_for_mapping(inode, None, false)
+            }
+            other => other,
+        };
+        let (file, writable) = opened?;
         let file = Arc::new(file);
         if files.len() >= 1024 {
             files.retain(|_, file| file.strong_count() > 0);
@@ -137,6 +155,14 @@ impl VhostDax {
         files.insert((inode, writable), Arc::downgrade(&file));
         Ok(MappableFile { file, writable })
     }
+}
+
+/// Whether opening for writing failed only because writing is not allowed.
+fn refused_writing(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EACCES | libc::EPERM | libc::EROFS | libc::ETXTBSY)
+    )
 }
 
 impl DaxWindow for VhostDax {

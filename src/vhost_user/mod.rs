@@ -175,6 +175,13 @@ impl FsBackend {
                     .map_err(|e| anyhow!("cannot set up the DAX window: {e}"))?,
             )),
         };
+        if dax.is_some() && server.fs().is_read_only() {
+            warn!(
+                "The DAX window of a --readonly share only holds read-only descriptors, which \
+                 QEMU 11.1 cannot map (it maps every window range writable): its guests need \
+                 mounts without dax."
+            );
+        }
         let (queue_role, pool_role) = if dax.is_some() {
             (ThreadRole::DaxQueueWorker, ThreadRole::DaxThreadPool)
         } else {
