@@ -10,7 +10,7 @@
 //!
 //! [`queue`] serves a queue, [`chain`] turns a descriptor chain into the byte segments the
 //! FUSE server reads requests from and writes replies into, [`socket`] sets up the listening
-//! socket.
+//! socket, [`dax`] connects the DAX window (`--dax-window`) to the backend request channel.
 //!
 //! A device reset (GET_VRING_BASE on every queue, then the queues started again, as QEMU does
 //! when a guest reboots) keeps the guest's inodes and open files: a paused VM (`stop`/`cont`)
@@ -610,6 +610,10 @@ mod tests {
     use berth_passthrough::{Config, PassthroughFs};
 
     fn backend(tag: Option<&str>, queues: u16) -> FsBackend {
+        backend_with_window(tag, queues, 0)
+    }
+
+    fn backend_with_window(tag: Option<&str>, queues: u16, dax_window: u64) -> FsBackend {
         let fs = PassthroughFs::new(Config {
             root_dir: std::env::temp_dir(),
             ..Config::default()
@@ -623,7 +627,7 @@ mod tests {
                 thread_pool_size: 0,
                 poll_us: 0,
                 seccomp: SeccompAction::None,
-                dax_window: 0,
+                dax_window,
             },
         )
         .unwrap()
@@ -650,6 +654,41 @@ mod tests {
         assert_eq!(b.get_config(36, 4), 5u32.to_le_bytes().to_vec());
         assert_eq!(b.get_config(38, 8), vec![0, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(b.get_config(u32::MAX, 2), vec![0, 0]);
+    }
+
+    #[test]
+    fn shared_memory_only_with_a_window() {
+        let without = backend(Some("fs"), 1);
+        assert!(!without
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::SHMEM));
+        assert_eq!(without.get_shmem_config().unwrap().nregions, 0);
+        let with = backend_with_window(Some("fs"), 1, 1 << 30);
+        assert!(with
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::SHMEM));
+        let config = with.get_shmem_config().unwrap();
+        assert_eq!(config.nregions, 1);
+        assert_eq!(config.memory_sizes[0], 1 << 30);
+        assert_eq!(config.memory_sizes[1], 0);
+        // A size the window manager refuses fails the device, not the first request.
+        let fs = PassthroughFs::new(Config {
+            root_dir: std::env::temp_dir(),
+            ..Config::default()
+        })
+        .unwrap();
+        let bad = FsBackend::new(
+            Arc::new(FsServer::new(fs)),
+            DeviceOptions {
+                tag: None,
+                max_request_queues: 1,
+                thread_pool_size: 0,
+                poll_us: 0,
+                seccomp: SeccompAction::None,
+                dax_window: 3 << 20,
+            },
+        );
+        assert!(bad.is_err());
     }
 
     #[test]
