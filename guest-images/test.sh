@@ -33,6 +33,9 @@ BLOCK_HOST_CHECKS=(block-store-exit-0)
 SID_CHECKS=(sid-qemu-version)
 SID_GENERIC_GUEST_CHECKS=(sid-generic-mount sid-generic-io sid-generic-umount)
 SID_GENERIC_HOST_CHECKS=(sid-generic-host sid-generic-daemon-exit-0)
+# berth's DAX window on the generic device: a dax=always mount, data through it.
+SID_DAX_GUEST_CHECKS=(sid-dax-mount sid-dax-io sid-dax-umount)
+SID_DAX_HOST_CHECKS=(sid-dax-daemon-exit-0 sid-dax-host)
 SID_FS_GUEST_CHECKS=(sid-fs-mount sid-fs-io sid-fs-after-migrate sid-fs-umount)
 SID_FS_HOST_CHECKS=(sid-fs-host sid-migrate-refused sid-incoming-quit sid-fs-daemons-exit-0 sid-no-stray)
 # What QEMU 11.1 answers `migrate` with while the daemon cannot log dirty pages.
@@ -53,6 +56,7 @@ while [ $# -gt 0 ]; do
 			"${REBOOT_GUEST_CHECKS[@]}" "${REBOOT_HOST_CHECKS[@]}" \
 			"${BLOCK_GUEST_CHECKS[@]}" "${BLOCK_HOST_CHECKS[@]}" \
 			"${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
+			"${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}" \
 			"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}" \
 			"${IMAGE_GUEST_CHECKS[@]}" "${IMAGE_HOST_CHECKS[@]}" "${FSCACHE_GUEST_CHECKS[@]}" "${FSCACHE_HOST_CHECKS[@]}"
 		exit 0
@@ -387,7 +391,7 @@ guest_extra() {
 	# RUN_GUEST_EXTRA: a directory of further files for the guest's /test.
 	[ -z "${RUN_GUEST_EXTRA:-}" ] || cp -a "$RUN_GUEST_EXTRA/." "$extra/"
 	local guest_only=$only
-	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount,reboot-first-mount,reboot-remount,sid-generic-mount,sid-generic-umount,sid-fs-mount,sid-fs-after-migrate,sid-fs-umount,fscache-setup,img-setup,img-warm-setup"
+	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount,reboot-first-mount,reboot-remount,sid-generic-mount,sid-generic-umount,sid-dax-mount,sid-dax-umount,sid-fs-mount,sid-fs-after-migrate,sid-fs-umount,fscache-setup,img-setup,img-warm-setup"
 	printf 'ONLY=%q\nHOST_LOCKS=%q\nDAEMON_KIND=%q\n' "$guest_only" "${#HOST_LOCK_FLAGS[@]}" "$daemon_kind" >"$extra/env"
 	echo "$extra"
 }
@@ -455,6 +459,7 @@ prepare_start=$(now_seconds)
 prepare_guest
 SID_SELECTED=0
 if any_selected "${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
+	"${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}" \
 	"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}"; then
 	SID_SELECTED=1
 	ensure_host_packages python3 # for qmp.py
@@ -689,6 +694,49 @@ GUEST
 		selected sid-generic-host && check_round_trip sid-generic-host "$WORK/share-generic"
 		selected sid-generic-daemon-exit-0 && check_daemons_exit sid-generic-daemon-exit-0 generic
 		discard_in_background "$WORK/share-generic"
+	fi
+
+	if any_selected "${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}"; then
+		if [ "$daemon_kind" != berth ]; then
+			for check in "${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}"; do
+				selected "$check" && record "$check" SKIP 0 "virtiofsd offers no DAX window"
+			done
+		else
+			mkdir -p "$WORK/share-dax"
+			head -c 64M /dev/urandom >"$WORK/share-dax/from-host-64M"
+			host_sum=$(sha256sum <"$WORK/share-dax/from-host-64M" | cut -c1-64)
+			start_daemon dax "$WORK/share-dax" --tag dax --max-request-queues 1 --dax-window 1G
+			# The checksum travels in the script: a small file on the share cannot be
+			# read through QEMU 11.1's window (see dax_round_trip).
+			{
+				echo 'echo "@@boot $(cut -d" " -f1 /proc/uptime)"'
+				echo '. /test/checks.sh'
+				echo 'check sid-dax-mount mount_dax_share dax'
+				echo "check sid-dax-io dax_round_trip /mnt/dax $host_sum"
+				echo 'check sid-dax-umount unmount_shares dax'
+				echo '[ "$CHECK_FAILURES" = 0 ]'
+			} >"$WORK/sid-dax.sh"
+			run_guest sid-dax "$WORK/sid-dax.sh" "${SID_DAX_GUEST_CHECKS[@]}" -- \
+				--qemu sid --timeout 300 --fs "dax=$WORK/dax.sock,device=generic"
+			# The daemon logs the window's counters as it exits.
+			selected sid-dax-daemon-exit-0 && check_daemons_exit sid-dax-daemon-exit-0 dax
+			if selected sid-dax-host; then
+				start=$(now_seconds)
+				problems=()
+				want=$(cat "$WORK/share-dax/dax-file.sha256" 2>/dev/null || echo none)
+				got=$(sha256sum <"$WORK/share-dax/dax-file" 2>/dev/null | cut -c1-64 || true)
+				[ "$want" = "$got" ] || problems+=("the guest wrote sha256 $want through the window, the host reads ${got:-no file}")
+				grep -a 'Cache len: 0x40000000' "$LOGS/sid-dax-console.log" >/dev/null ||
+					problems+=("the guest did not log a 1 GiB DAX window ($LOGS/sid-dax-console.log)")
+				maps=$(sed -n 's/.*DAX window at exit: .* maps=\([0-9]*\) .*/\1/p' "$LOGS/dax.log")
+				[ "${maps:-0}" -gt 0 ] || problems+=("berth mapped nothing into the window ($LOGS/dax.log)")
+				if grep -E 'did not (map|unmap)|Cannot unmap' "$LOGS/dax.log" >/dev/null; then
+					problems+=("the VMM failed window requests: $(grep -E 'did not (map|unmap)|Cannot unmap' "$LOGS/dax.log" | sed -n 1,3p)")
+				fi
+				record_problems sid-dax-host "$start" "${problems[@]}"
+			fi
+			discard_in_background "$WORK/share-dax"
+		fi
 	fi
 
 	if any_selected "${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}"; then

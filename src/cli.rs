@@ -158,6 +158,17 @@ fn parse_cache(s: &str) -> Result<CachePolicy, String> {
     s.parse()
 }
 
+/// `--dax-window`: a size in whole 2 MiB units (the granularity Linux guests map in).
+fn parse_dax_window(s: &str) -> Result<u64, String> {
+    let size = crate::image::args::parse_size(s)?;
+    if !size.is_multiple_of(berth_dax::GUEST_MAPPING_GRANULE) {
+        return Err(format!(
+            "the DAX window must be a multiple of 2 MiB (examples: 0, 64M, 1G), '{s}' is not"
+        ));
+    }
+    Ok(size)
+}
+
 fn parse_tag(tag: &str) -> Result<String, String> {
     if tag.is_empty() || tag.len() > MAX_TAG_LEN {
         Err(format!(
@@ -246,6 +257,13 @@ pub struct VhostUserArgs {
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub poll_us: u32,
+
+    /// Offer a DAX window of this size (shared memory region 0, e.g. 1G; 0: none): the guest
+    /// maps file ranges from the host page cache (`mount -o dax=always`). Needs a VMM that
+    /// honours vhost-user shared memory (protocol feature SHMEM), e.g. QEMU 11.1's
+    /// vhost-user-test-device-pci with virtio-id=26; see the README.
+    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_dax_window)]
+    pub dax_window: u64,
 
     /// Print the vhost-user backend capabilities (JSON) and exit.
     #[arg(long)]
@@ -493,6 +511,8 @@ pub struct VhostUserSettings {
     pub thread_pool_size: usize,
     pub max_request_queues: u16,
     pub poll_us: u32,
+    /// Bytes in the DAX window (0: none).
+    pub dax_window: u64,
     pub isolation: IsolationSettings,
     pub fs: Config,
     pub process: ProcessSettings,
@@ -938,6 +958,7 @@ impl VhostUserArgs {
             thread_pool_size: self.thread_pool_size,
             max_request_queues: self.max_request_queues,
             poll_us: self.poll_us,
+            dax_window: self.dax_window,
             isolation,
             fs,
             process: self.common.resolve(compat_level, warnings)?,
@@ -1178,6 +1199,30 @@ mod tests {
         assert_eq!(s.max_request_queues, 16);
         assert_eq!(s.thread_pool_size, 0);
         assert_eq!(s.tag, None);
+        assert_eq!(s.dax_window, 0);
+    }
+
+    #[test]
+    fn dax_window_takes_whole_2mib_units() {
+        let base = ["--shared-dir", "/d", "--socket-path", "/s", "--dax-window"];
+        let with = |size: &str| {
+            let mut args = base.to_vec();
+            args.push(size);
+            parse(&args)
+        };
+        assert_eq!(
+            vhost_user(&[&base[..], &["1G"]].concat()).dax_window,
+            1 << 30
+        );
+        assert_eq!(
+            vhost_user(&[&base[..], &["64M"]].concat()).dax_window,
+            64 << 20
+        );
+        assert_eq!(vhost_user(&[&base[..], &["0"]].concat()).dax_window, 0);
+        for bad in ["3M", "4097", "1T", "2x"] {
+            let err = with(bad).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad}");
+        }
     }
 
     #[test]

@@ -245,6 +245,7 @@ fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> a
             poll_us: settings.poll_us,
             thread_pool_size: settings.thread_pool_size,
             seccomp: settings.isolation.seccomp,
+            dax_window: settings.dax_window,
         },
         listener,
     );

@@ -11,6 +11,7 @@ use vhost::VhostBackend;
 
 use crate::memory::GuestRam;
 use crate::queue::{queue_memory_footprint, FsQueue, QueueConfig};
+use crate::shmem::{serve_backend_requests, ShmemWindow};
 use crate::Error;
 
 /// VIRTIO_F_VERSION_1: the device speaks virtio 1.x.
@@ -77,6 +78,9 @@ pub struct VhostUserFs {
     /// one, as QEMU sets it up: the backend sends its own requests (shared memory mappings)
     /// there.
     backend_requests: Option<UnixStream>,
+    /// Shared memory region 0 (the DAX window), when the backend offers SHMEM and a non-empty
+    /// region: a thread serves the backend's SHMEM_MAP / SHMEM_UNMAP into it.
+    shmem: Option<Arc<ShmemWindow>>,
 }
 
 impl VhostUserFs {
@@ -125,15 +129,32 @@ impl VhostUserFs {
         let ram = Arc::new(GuestRam::new(config.memory_size)?);
         let mut frontend = Frontend::from_stream(stream, total_queues);
         let negotiated = negotiate(&mut frontend, total_queues, config.event_idx)?;
-        let backend_requests = if negotiated
-            .acked_protocol_features
-            .contains(VhostUserProtocolFeatures::BACKEND_REQ)
-        {
+        let acked = negotiated.acked_protocol_features;
+        // As QEMU: the regions are asked for once the features are settled.
+        let shmem = if acked.contains(VhostUserProtocolFeatures::SHMEM) {
+            let regions = frontend.get_shmem_config()?;
+            match regions.memory_sizes.first() {
+                Some(&size) if regions.nregions > 0 && size > 0 => {
+                    Some(Arc::new(ShmemWindow::new(size)?))
+                }
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let backend_requests = if !acked.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            None
+        } else if let Some(window) = &shmem {
+            let theirs = serve_backend_requests(
+                window.clone(),
+                acked.contains(VhostUserProtocolFeatures::REPLY_ACK),
+            )?;
+            frontend.set_backend_request_fd(&theirs)?;
+            None
+        } else {
             let (ours, theirs) = UnixStream::pair().map_err(Error::Socket)?;
             frontend.set_backend_request_fd(&theirs)?;
             Some(ours)
-        } else {
-            None
         };
 
         frontend.set_mem_table(&ram.region_infos()?)?;
@@ -152,6 +173,7 @@ impl VhostUserFs {
             config,
             queues,
             backend_requests,
+            shmem,
         })
     }
 
@@ -214,6 +236,11 @@ impl VhostUserFs {
     /// Our end of the backend request channel, if the backend took one.
     pub fn backend_requests(&self) -> Option<&UnixStream> {
         self.backend_requests.as_ref()
+    }
+
+    /// Shared memory region 0 (the DAX window), if the backend offered one.
+    pub fn shmem_window(&self) -> Option<&Arc<ShmemWindow>> {
+        self.shmem.as_ref()
     }
 
     /// Number of request queues set up.
@@ -287,7 +314,8 @@ fn negotiate(
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::BACKEND_REQ
-        | VhostUserProtocolFeatures::BACKEND_SEND_FD;
+        | VhostUserProtocolFeatures::BACKEND_SEND_FD
+        | VhostUserProtocolFeatures::SHMEM;
     let acked_protocol_features = offered_protocol_features & wanted;
     frontend.set_protocol_features(acked_protocol_features)?;
 

@@ -58,6 +58,8 @@ pub mod opcode {
     pub const RENAME2: u32 = 45;
     pub const LSEEK: u32 = 46;
     pub const COPY_FILE_RANGE: u32 = 47;
+    pub const SETUPMAPPING: u32 = 48;
+    pub const REMOVEMAPPING: u32 = 49;
     pub const SYNCFS: u32 = 50;
     pub const TMPFILE: u32 = 51;
 }
@@ -171,6 +173,8 @@ pub fn opcode_name(op: u32) -> &'static str {
         opcode::RENAME2 => "RENAME2",
         opcode::LSEEK => "LSEEK",
         opcode::COPY_FILE_RANGE => "COPY_FILE_RANGE",
+        opcode::SETUPMAPPING => "SETUPMAPPING",
+        opcode::REMOVEMAPPING => "REMOVEMAPPING",
         opcode::SYNCFS => "SYNCFS",
         opcode::TMPFILE => "TMPFILE",
         _ => "UNKNOWN",

@@ -11,6 +11,7 @@ pub mod device;
 pub mod fuse;
 pub mod memory;
 pub mod queue;
+pub mod shmem;
 pub mod virtqueue;
 
 use std::time::Duration;
@@ -19,6 +20,7 @@ pub use device::{DeviceConfig, Negotiated, VhostUserFs, HIPRIO_QUEUE};
 pub use fuse::{DirEntry, DirEntryPlus};
 pub use memory::GuestRam;
 pub use queue::{Completion, EntryOut, FsQueue, QueueConfig, Request, Ticket};
+pub use shmem::{ShmemMapping, ShmemWindow};
 pub use virtqueue::{Buffer, RawDescriptor, RawNext, SplitQueue, UsedElement};
 
 /// Everything that can go wrong in the frontend.

@@ -893,6 +893,60 @@ impl FsQueue {
         self.release_like(opcode::RELEASE, nodeid, fh, flags)
     }
 
+    /// FUSE_SETUPMAPPING: maps `len` bytes of `nodeid`'s file from `file_offset` at
+    /// `window_offset` of the DAX window; `fh` is an open file, or `u64::MAX` for none (as a
+    /// Linux guest sends); `flags` FUSE_SETUPMAPPING_FLAG_WRITE (1) and/or _READ (2).
+    pub fn setupmapping(
+        &mut self,
+        nodeid: u64,
+        fh: u64,
+        file_offset: u64,
+        len: u64,
+        flags: u64,
+        window_offset: u64,
+    ) -> Result<(), Error> {
+        let mut args = Vec::with_capacity(40);
+        for field in [fh, file_offset, len, flags, window_offset] {
+            args.extend_from_slice(&field.to_le_bytes());
+        }
+        self.reply_empty(&Request {
+            opcode: opcode::SETUPMAPPING,
+            nodeid,
+            args: &[&args],
+            payload: &[],
+            reply_capacity: Some(0),
+        })
+    }
+
+    /// FUSE_REMOVEMAPPING of `ranges` (window offset, length) of the DAX window.
+    pub fn removemapping(&mut self, nodeid: u64, ranges: &[(u64, u64)]) -> Result<(), Error> {
+        let mut args = Vec::with_capacity(8 + 16 * ranges.len());
+        args.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
+        // fuse_removemapping_in is one u32; the ranges follow at once.
+        for &(offset, len) in ranges {
+            args.extend_from_slice(&offset.to_le_bytes());
+            args.extend_from_slice(&len.to_le_bytes());
+        }
+        self.reply_empty(&Request {
+            opcode: opcode::REMOVEMAPPING,
+            nodeid,
+            args: &[&args],
+            payload: &[],
+            reply_capacity: Some(0),
+        })
+    }
+
+    /// FUSE_DESTROY: the guest unmounts.
+    pub fn destroy(&mut self) -> Result<(), Error> {
+        self.reply_empty(&Request {
+            opcode: opcode::DESTROY,
+            nodeid: 0,
+            args: &[],
+            payload: &[],
+            reply_capacity: Some(0),
+        })
+    }
+
     /// Closes open directory `fh`.
     pub fn releasedir(&mut self, nodeid: u64, fh: u64) -> Result<(), Error> {
         self.release_like(opcode::RELEASEDIR, nodeid, fh, libc::O_RDONLY as u32)

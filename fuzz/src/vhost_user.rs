@@ -54,6 +54,7 @@ pub fn serve(data: &[u8]) {
                 thread_pool_size: 0,
                 poll_us: 0,
                 seccomp: SeccompAction::None,
+                dax_window: 0,
             },
         )
         .expect("device"),

@@ -498,6 +498,39 @@ mount_generic_share() {
 	echo "@@info mounted: $(grep " /mnt/$1 " /proc/mounts)"
 }
 
+# Mounts share $1 with dax=always (refused unless the device has a DAX window)
+# and shows the window the guest kernel found.
+mount_dax_share() {
+	mkdir -p "/mnt/$1"
+	mount -t virtiofs "$1" "/mnt/$1" -o dax=always
+	ls "/mnt/$1" >/dev/null
+	local window
+	window=$(dmesg | grep -oE 'virtiofs virtio[0-9]+: Cache len: .*')
+	echo "@@info DAX window: $window"
+	echo "@@info mounted: $(grep " /mnt/$1 " /proc/mounts)"
+}
+
+# On DAX share $1: reads the host's from-host-64M through the window and
+# compares its sha256 with $2; fills a preallocated 64 MiB file with random data
+# through the window (writes inside the file's size are DAX writes; extending
+# ones would go through FUSE_WRITE), reads it back after dropping the guest's
+# caches and leaves its sha256 in dax-file.sha256 for the host. Every file read
+# here is a whole number of 2 MiB mappings: QEMU 11.1 refuses to map a range
+# that reaches past a file's end.
+dax_round_trip() {
+	local d=$1 want_host=$2 sum
+	[ "$(sha256sum <"$d/from-host-64M" | cut -c1-64)" = "$want_host" ]
+	head -c 64M /dev/urandom >/tmp/dax-data
+	sum=$(sha256sum </tmp/dax-data | cut -c1-64)
+	truncate -s 64M "$d/dax-file"
+	dd if=/tmp/dax-data of="$d/dax-file" bs=1M conv=notrunc status=none
+	rm /tmp/dax-data
+	sync
+	echo 3 >/proc/sys/vm/drop_caches
+	[ "$(sha256sum <"$d/dax-file" | cut -c1-64)" = "$sum" ]
+	echo "$sum" >"$d/dax-file.sha256"
+}
+
 # Share $1 (/mnt/TAG) holds from-host, written by the host; the guest reads it
 # and leaves 4 MiB of random data in from-guest and its sha256 in
 # from-guest.sha256 for the host to compare.

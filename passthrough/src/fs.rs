@@ -444,6 +444,52 @@ impl PassthroughFs {
         Ok(File::from(fd))
     }
 
+    /// Whether the share is exported read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.cfg.readonly
+    }
+
+    /// A descriptor of `inode`'s data for a DAX window mapping, and whether it is open for
+    /// writing. With `handle` (an open file of the guest's) it is that file's description;
+    /// without (a Linux guest sends none) the inode is opened read-write for a writable
+    /// mapping and read-only otherwise, as the daemon, which the guest kernel's own permission
+    /// checks precede.
+    pub fn open_for_mapping(
+        &self,
+        inode: u64,
+        handle: Option<u64>,
+        writable: bool,
+    ) -> io::Result<(File, bool)> {
+        if let Some(handle) = handle {
+            let data = self.handle(inode, handle)?;
+            // SAFETY: F_GETFL only reads the flags of a descriptor the handle owns.
+            let flags = unsafe { libc::fcntl(data.file.as_raw_fd(), libc::F_GETFL) };
+            if flags < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let access = flags & libc::O_ACCMODE;
+            if access == libc::O_WRONLY {
+                // A mapping is always readable: mmap refuses write-only descriptors.
+                return Err(errno(libc::EACCES));
+            }
+            return Ok((data.file.try_clone()?, access == libc::O_RDWR));
+        }
+        if writable {
+            self.check_writable()?;
+        }
+        let data = self.inodes.get(inode)?;
+        if data.file_type != libc::S_IFREG {
+            return Err(errno(libc::EINVAL));
+        }
+        let access = if writable {
+            libc::O_RDWR
+        } else {
+            libc::O_RDONLY
+        };
+        let file = self.open_inode(&data, access | libc::O_CLOEXEC)?;
+        Ok((file, writable))
+    }
+
     fn handle(&self, inode: u64, handle: u64) -> io::Result<Arc<HandleData>> {
         self.handles.get(inode, handle)
     }

@@ -26,5 +26,7 @@ pub use coherence::{Invalidation, SharedCache};
 pub use config::{CachePolicy, Config, InodeFileHandles, Negotiation};
 pub use error::Error;
 pub use fs::PassthroughFs;
-pub use server::{DaxWindow, DropReason, FsServer, IoSegment, Served};
+pub use server::{
+    DaxWindow, DropReason, FsServer, IoSegment, RemoveMappingOne, Served, SetupMappingIn,
+};
 pub use xattr_map::{XattrMap, XattrMapError};

@@ -60,6 +60,11 @@ pub enum ThreadRole {
     QueueWorker,
     /// Serves filesystem requests handed over by queue workers.
     ThreadPool,
+    /// A queue worker of a device with a DAX window: also sends the window's map and unmap
+    /// requests to the VMM over the backend request channel and reads their acknowledgements.
+    DaxQueueWorker,
+    /// A pool thread of a device with a DAX window (as [`ThreadRole::DaxQueueWorker`]).
+    DaxThreadPool,
     /// Reads requests from /dev/fuse and serves them.
     FuseWorker,
     /// Reads fanotify or inotify events about the shared directory and bumps version-table
@@ -87,6 +92,8 @@ impl ThreadRole {
             ThreadRole::VhostUserControl => "vhost-user control",
             ThreadRole::QueueWorker => "queue worker",
             ThreadRole::ThreadPool => "thread pool",
+            ThreadRole::DaxQueueWorker => "queue worker (DAX)",
+            ThreadRole::DaxThreadPool => "thread pool (DAX)",
             ThreadRole::FuseWorker => "FUSE worker",
             ThreadRole::HostWatcher => "host watcher",
             ThreadRole::FuseNotifier => "FUSE notifier",
@@ -200,6 +207,10 @@ const VHOST_USER_CONTROL: &[libc::c_long] = &[
     libc::SYS_shutdown,
 ];
 
+/// DAX window requests to the VMM: SHMEM_MAP with the file's descriptor (sendmsg), and the
+/// VMM's acknowledgement (recvmsg) on the backend request channel.
+const DAX_CHANNEL: &[libc::c_long] = &[libc::SYS_recvmsg, libc::SYS_sendmsg];
+
 /// The main and signal threads after start-up: accepting the frontend, spawning the control
 /// thread (and, in FUSE mode, nothing more), creating the queue threads' epoll sets and exit
 /// events, waiting for a signal, removing the socket or unmounting, and exiting.
@@ -292,6 +303,8 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ThreadRole::VhostUserControl => &[RUNTIME, VHOST_USER_CONTROL],
         ThreadRole::QueueWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
         ThreadRole::ThreadPool => &[RUNTIME, FILESYSTEM],
+        ThreadRole::DaxQueueWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM, DAX_CHANNEL],
+        ThreadRole::DaxThreadPool => &[RUNTIME, FILESYSTEM, DAX_CHANNEL],
         ThreadRole::FuseWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
         ThreadRole::HostWatcher => &[RUNTIME, EVENT_LOOP, FILESYSTEM, HOST_WATCH],
         ThreadRole::FuseNotifier => &[RUNTIME],
@@ -397,10 +410,12 @@ mod tests {
         );
     }
 
-    const ALL_ROLES: [ThreadRole; 7] = [
+    const ALL_ROLES: [ThreadRole; 9] = [
         ThreadRole::VhostUserControl,
         ThreadRole::QueueWorker,
         ThreadRole::ThreadPool,
+        ThreadRole::DaxQueueWorker,
+        ThreadRole::DaxThreadPool,
         ThreadRole::FuseWorker,
         ThreadRole::Main,
         ThreadRole::Supervisor,
@@ -430,6 +445,12 @@ mod tests {
             libc::SYS_open_by_handle_at
         ));
         assert!(!has(ThreadRole::QueueWorker, libc::SYS_recvmsg));
+        assert!(!has(ThreadRole::ThreadPool, libc::SYS_sendmsg));
+        // Only a device with a DAX window talks to the VMM from its request threads.
+        for role in [ThreadRole::DaxQueueWorker, ThreadRole::DaxThreadPool] {
+            assert!(has(role, libc::SYS_sendmsg) && has(role, libc::SYS_recvmsg));
+            assert!(!has(role, libc::SYS_accept4));
+        }
         assert!(!has(ThreadRole::FuseWorker, libc::SYS_accept4));
         // Every request-serving role can reopen inodes and act as the guest caller.
         for role in [
@@ -460,6 +481,8 @@ mod tests {
             ThreadRole::VhostUserControl,
             ThreadRole::QueueWorker,
             ThreadRole::ThreadPool,
+            ThreadRole::DaxQueueWorker,
+            ThreadRole::DaxThreadPool,
             ThreadRole::FuseWorker,
         ] {
             for nr in allowed_syscalls(role) {

@@ -10,7 +10,7 @@
 //!
 //! [`queue`] serves a queue, [`chain`] turns a descriptor chain into the byte segments the
 //! FUSE server reads requests from and writes replies into, [`socket`] sets up the listening
-//! socket.
+//! socket, [`dax`] connects the DAX window (`--dax-window`) to the backend request channel.
 //!
 //! A device reset (GET_VRING_BASE on every queue, then the queues started again, as QEMU does
 //! when a guest reboots) keeps the guest's inodes and open files: a paused VM (`stop`/`cont`)
@@ -19,6 +19,7 @@
 //! RESET_DEVICE drops them at once.
 
 mod chain;
+mod dax;
 mod queue;
 mod socket;
 
@@ -37,7 +38,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use berth_passthrough::FsServer;
 use tracing::{error, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Backend, Error as VhostUserError, Listener};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -56,6 +59,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::cli::MAX_TAG_LEN;
 use crate::pool::WorkerPool;
 use berth_seccomp::{SeccompAction, ThreadRole};
+use dax::VhostDax;
 
 /// Largest queue the frontend may configure (virtiofsd offers the same).
 const MAX_QUEUE_SIZE: usize = 32768;
@@ -127,6 +131,8 @@ pub struct DeviceOptions {
     pub poll_us: u32,
     /// What the queue threads' seccomp filters do with a system call they do not allow.
     pub seccomp: SeccompAction,
+    /// Bytes in the DAX window (shared memory region 0); 0: no window.
+    pub dax_window: u64,
 }
 
 /// berth's vhost-user-fs backend.
@@ -136,12 +142,14 @@ pub struct FsBackend {
     num_request_queues: usize,
     memory: RwLock<Option<GuestMemory>>,
     event_idx: AtomicBool,
-    /// The backend-to-frontend channel, kept for DAX window mappings (not served yet).
-    #[allow(dead_code)]
-    backend_req: Mutex<Option<Backend>>,
+    /// The DAX window, when `--dax-window` asks for one; it holds the backend request
+    /// channel its mappings go through.
+    dax: Option<Arc<VhostDax>>,
     pool: Option<WorkerPool>,
     poll: Duration,
     seccomp: SeccompAction,
+    /// The queue threads' seccomp role (with the backend request channel when DAX is on).
+    queue_role: ThreadRole,
     /// Per queue: started (its first request logged) and not stopped since.
     queue_started: Vec<AtomicBool>,
     /// Per queue: requests being served.
@@ -160,14 +168,32 @@ impl FsBackend {
     pub fn new(server: Arc<FsServer>, options: DeviceOptions) -> anyhow::Result<Self> {
         let num_request_queues = usize::from(options.max_request_queues);
         let seccomp = options.seccomp;
+        let dax = match options.dax_window {
+            0 => None,
+            size => Some(Arc::new(
+                VhostDax::new(size, server.fs().clone())
+                    .map_err(|e| anyhow!("cannot set up the DAX window: {e}"))?,
+            )),
+        };
+        if dax.is_some() && server.fs().is_read_only() {
+            warn!(
+                "The DAX window of a --readonly share only holds read-only descriptors, which \
+                 QEMU 11.1 cannot map (it maps every window range writable): its guests need \
+                 mounts without dax."
+            );
+        }
+        let (queue_role, pool_role) = if dax.is_some() {
+            (ThreadRole::DaxQueueWorker, ThreadRole::DaxThreadPool)
+        } else {
+            (ThreadRole::QueueWorker, ThreadRole::ThreadPool)
+        };
         let pool = if options.thread_pool_size > 1 {
             Some(
                 WorkerPool::new(
                     options.thread_pool_size,
                     options.thread_pool_size * POOL_BACKLOG_PER_THREAD,
                     move || {
-                        berth_seccomp::install_filter(ThreadRole::ThreadPool, seccomp)
-                            .map_err(|e| e.to_string())
+                        berth_seccomp::install_filter(pool_role, seccomp).map_err(|e| e.to_string())
                     },
                 )
                 .context("cannot start the request thread pool")?,
@@ -185,7 +211,8 @@ impl FsBackend {
             num_request_queues,
             memory: RwLock::new(None),
             event_idx: AtomicBool::new(false),
-            backend_req: Mutex::new(None),
+            dax,
+            queue_role,
             pool,
             poll: Duration::from_micros(u64::from(options.poll_us)),
             seccomp: options.seccomp,
@@ -276,7 +303,7 @@ impl FsBackend {
             // Level-triggered: drain it, or the thread would be woken again and again.
             let _ = event.read();
         }
-        let outcome = berth_seccomp::install_filter(ThreadRole::QueueWorker, self.seccomp)
+        let outcome = berth_seccomp::install_filter(self.queue_role, self.seccomp)
             .map_err(|e| format!("queue thread {thread}: {e}"));
         let reports = self
             .confine_reports
@@ -394,6 +421,9 @@ impl VhostUserBackend for FsBackend {
         if self.tag.is_some() {
             features |= VhostUserProtocolFeatures::CONFIG;
         }
+        if self.dax.is_some() {
+            features |= VhostUserProtocolFeatures::SHMEM;
+        }
         features
     }
 
@@ -408,6 +438,14 @@ impl VhostUserBackend for FsBackend {
             self.stop_queue(queue);
         }
         info!("The frontend reset the device; dropping the guest's inodes, open files and locks.");
+        if let Some(dax) = &self.dax {
+            // Unmapped by the guest's next INIT: the VMM cannot take our requests while it
+            // waits on this thread (see the dax module).
+            let live = dax.metrics().live_ranges;
+            if live > 0 {
+                info!("{live} DAX window ranges stay mapped until the guest's next FUSE_INIT.");
+            }
+        }
         self.server.reset_session();
     }
 
@@ -454,7 +492,17 @@ impl VhostUserBackend for FsBackend {
 
     fn set_backend_req_fd(&self, backend: Backend) {
         confine_control_thread(self.seccomp);
-        *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
+        if let Some(dax) = &self.dax {
+            dax.set_channel(backend);
+        }
+    }
+
+    fn get_shmem_config(&self) -> io::Result<VhostUserShMemConfig> {
+        confine_control_thread(self.seccomp);
+        Ok(match &self.dax {
+            Some(dax) => VhostUserShMemConfig::new(1, &[dax.size()]),
+            None => VhostUserShMemConfig::default(),
+        })
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -535,6 +583,9 @@ pub fn serve(
     info!("The frontend connected; serving requests.");
 
     let result = daemon.wait();
+    if let Some(dax) = &backend.dax {
+        info!("DAX window at exit: {}.", dax.metrics());
+    }
     // Dropping the daemon joins the queue threads, and one may be blocked in a host call (a
     // lock wait) indefinitely; the process exits right after this, so skip the join.
     std::mem::forget(daemon);
@@ -559,6 +610,10 @@ mod tests {
     use berth_passthrough::{Config, PassthroughFs};
 
     fn backend(tag: Option<&str>, queues: u16) -> FsBackend {
+        backend_with_window(tag, queues, 0)
+    }
+
+    fn backend_with_window(tag: Option<&str>, queues: u16, dax_window: u64) -> FsBackend {
         let fs = PassthroughFs::new(Config {
             root_dir: std::env::temp_dir(),
             ..Config::default()
@@ -572,6 +627,7 @@ mod tests {
                 thread_pool_size: 0,
                 poll_us: 0,
                 seccomp: SeccompAction::None,
+                dax_window,
             },
         )
         .unwrap()
@@ -598,6 +654,41 @@ mod tests {
         assert_eq!(b.get_config(36, 4), 5u32.to_le_bytes().to_vec());
         assert_eq!(b.get_config(38, 8), vec![0, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(b.get_config(u32::MAX, 2), vec![0, 0]);
+    }
+
+    #[test]
+    fn shared_memory_only_with_a_window() {
+        let without = backend(Some("fs"), 1);
+        assert!(!without
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::SHMEM));
+        assert_eq!(without.get_shmem_config().unwrap().nregions, 0);
+        let with = backend_with_window(Some("fs"), 1, 1 << 30);
+        assert!(with
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::SHMEM));
+        let config = with.get_shmem_config().unwrap();
+        assert_eq!(config.nregions, 1);
+        assert_eq!(config.memory_sizes[0], 1 << 30);
+        assert_eq!(config.memory_sizes[1], 0);
+        // A size the window manager refuses fails the device, not the first request.
+        let fs = PassthroughFs::new(Config {
+            root_dir: std::env::temp_dir(),
+            ..Config::default()
+        })
+        .unwrap();
+        let bad = FsBackend::new(
+            Arc::new(FsServer::new(fs)),
+            DeviceOptions {
+                tag: None,
+                max_request_queues: 1,
+                thread_pool_size: 0,
+                poll_us: 0,
+                seccomp: SeccompAction::None,
+                dax_window: 3 << 20,
+            },
+        );
+        assert!(bad.is_err());
     }
 
     #[test]

@@ -135,18 +135,21 @@ impl FsBackend {
             match &self.pool {
                 Some(pool) => {
                     let server = self.server.clone();
+                    let dax = self.dax.clone();
                     let vring = vring.clone();
                     let mem = mem.clone();
                     pool.execute(Box::new(move || {
                         let head = chain.head_index();
-                        let used = serve_request(&server, queue, &mem, &chain, head_flags, None);
+                        let dax = dax.as_deref().map(|d| d as &dyn DaxWindow);
+                        let used = serve_request(&server, queue, &mem, &chain, head_flags, dax);
                         complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
                         drop(in_flight);
                     }));
                 }
                 None => {
                     let head = chain.head_index();
-                    let used = serve_request(&self.server, queue, mem, &chain, head_flags, None);
+                    let dax = self.dax.as_deref().map(|d| d as &dyn DaxWindow);
+                    let used = serve_request(&self.server, queue, mem, &chain, head_flags, dax);
                     complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
                     drop(in_flight);
                 }

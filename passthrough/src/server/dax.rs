@@ -28,6 +28,10 @@ pub trait DaxWindow: Send + Sync {
         nodeid: u64,
         ranges: &[RemoveMappingOne],
     ) -> io::Result<()>;
+
+    /// The FUSE session starts (INIT) or ends (DESTROY): nothing the guest mapped before
+    /// stays mapped.
+    fn end_session(&self) {}
 }
 
 impl FsServer {

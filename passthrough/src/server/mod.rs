@@ -258,7 +258,12 @@ impl FsServer {
             opcode::LISTXATTR => self.listxattr(req, out),
             opcode::REMOVEXATTR => self.removexattr(req),
             opcode::FLUSH => self.flush(req),
-            opcode::INIT => self.init(req, out),
+            opcode::INIT => {
+                if let Some(window) = dax {
+                    window.end_session();
+                }
+                self.init(req, out)
+            }
             opcode::OPENDIR => self.opendir(req, out),
             opcode::READDIR => self.readdir(req, out, false),
             opcode::RELEASEDIR => self.releasedir(req),
@@ -270,7 +275,12 @@ impl FsServer {
             opcode::CREATE => self.create(req, out),
             opcode::INTERRUPT => Ok(Answer::NoReply),
             opcode::BMAP => self.bmap(req, out),
-            opcode::DESTROY => self.destroy(),
+            opcode::DESTROY => {
+                if let Some(window) = dax {
+                    window.end_session();
+                }
+                self.destroy()
+            }
             opcode::IOCTL => self.ioctl(req, out),
             opcode::POLL => self.poll(req, out),
             opcode::NOTIFY_REPLY => self.notify_reply(),
