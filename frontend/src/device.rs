@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::VhostBackend;
+use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 
+use crate::dirty_log::DirtyLog;
 use crate::memory::GuestRam;
 use crate::queue::{queue_memory_footprint, FsQueue, QueueConfig};
 use crate::Error;
@@ -21,6 +22,8 @@ pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// VHOST_USER_F_PROTOCOL_FEATURES: protocol feature negotiation is available.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// VHOST_F_LOG_ALL: the backend logs every guest page it writes in the dirty log.
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
 /// Index of the virtio-fs high-priority queue.
 pub const HIPRIO_QUEUE: u16 = 0;
@@ -188,6 +191,47 @@ impl VhostUserFs {
         Ok(())
     }
 
+    /// Starts dirty-page logging as a VMM does when a migration begins: hands the backend a
+    /// log covering guest RAM (SET_LOG_BASE) and sets VHOST_F_LOG_ALL.
+    pub fn start_dirty_log(&mut self) -> Result<DirtyLog, Error> {
+        for (offered, name) in [
+            (
+                self.negotiated.offered_features & VHOST_F_LOG_ALL != 0,
+                "VHOST_F_LOG_ALL",
+            ),
+            (
+                self.negotiated
+                    .acked_protocol_features
+                    .contains(VhostUserProtocolFeatures::LOG_SHMFD),
+                "VHOST_USER_PROTOCOL_F_LOG_SHMFD",
+            ),
+        ] {
+            if !offered {
+                return Err(Error::Negotiation(format!(
+                    "the backend does not offer {name}"
+                )));
+            }
+        }
+        let log = DirtyLog::new(self.ram.size())?;
+        self.frontend.set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: log.len() as u64,
+                mmap_offset: 0,
+                mmap_handle: std::os::fd::AsRawFd::as_raw_fd(log.file()),
+            }),
+        )?;
+        self.frontend
+            .set_features(self.negotiated.acked_features | VHOST_F_LOG_ALL)?;
+        Ok(log)
+    }
+
+    /// Ends dirty-page logging (VHOST_F_LOG_ALL cleared again), as after a failed migration.
+    pub fn stop_dirty_log(&mut self) -> Result<(), Error> {
+        self.frontend.set_features(self.negotiated.acked_features)?;
+        Ok(())
+    }
+
     /// RESET_DEVICE (when the backend offers it), then the features again and fresh queues:
     /// a VMM resetting the device for a rebooting guest.
     pub fn reset_device(&mut self) -> Result<(), Error> {
@@ -287,7 +331,9 @@ fn negotiate(
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::BACKEND_REQ
-        | VhostUserProtocolFeatures::BACKEND_SEND_FD;
+        | VhostUserProtocolFeatures::BACKEND_SEND_FD
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::DEVICE_STATE;
     let acked_protocol_features = offered_protocol_features & wanted;
     frontend.set_protocol_features(acked_protocol_features)?;
 

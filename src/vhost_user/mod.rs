@@ -39,6 +39,7 @@ use berth_passthrough::FsServer;
 use tracing::{error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Backend, Error as VhostUserError, Listener};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -71,8 +72,11 @@ const POOL_BACKLOG_PER_THREAD: usize = 16;
 /// waiting for a lock indefinitely).
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
-type MemoryGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
+/// Guest memory with a dirty-page bitmap per region: while the frontend has installed a log
+/// (SET_LOG_BASE, during migration) every write through it is marked there.
+pub(crate) type LoggedMemory = GuestMemoryMmap<BitmapMmapRegion>;
+type GuestMemory = GuestMemoryAtomic<LoggedMemory>;
+type MemoryGuard = GuestMemoryLoadGuard<LoggedMemory>;
 type Vring = VringMutex<GuestMemory>;
 
 /// The virtio-fs device configuration space (virtio spec 5.11.4).
@@ -136,6 +140,10 @@ pub struct FsBackend {
     num_request_queues: usize,
     memory: RwLock<Option<GuestMemory>>,
     event_idx: AtomicBool,
+    /// The frontend acknowledged VHOST_F_LOG_ALL: it is migrating the guest and wants every
+    /// page berth writes marked in the dirty log. Read after a reply is written, so a reply
+    /// written before logging started is covered by the migration's first full copy.
+    logging: Arc<AtomicBool>,
     /// The backend-to-frontend channel, kept for DAX window mappings (not served yet).
     #[allow(dead_code)]
     backend_req: Mutex<Option<Backend>>,
@@ -185,6 +193,7 @@ impl FsBackend {
             num_request_queues,
             memory: RwLock::new(None),
             event_idx: AtomicBool::new(false),
+            logging: Arc::new(AtomicBool::new(false)),
             backend_req: Mutex::new(None),
             pool,
             poll: Duration::from_micros(u64::from(options.poll_us)),
@@ -364,7 +373,7 @@ impl FsBackend {
 }
 
 impl VhostUserBackend for FsBackend {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -381,6 +390,7 @@ impl VhostUserBackend for FsBackend {
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -390,15 +400,24 @@ impl VhostUserBackend for FsBackend {
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::BACKEND_SEND_FD
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::RESET_DEVICE;
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::LOG_SHMFD;
         if self.tag.is_some() {
             features |= VhostUserProtocolFeatures::CONFIG;
         }
         features
     }
 
-    fn acked_features(&self, _features: u64) {
+    fn acked_features(&self, features: u64) {
         confine_control_thread(self.seccomp);
+        let logging = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if self.logging.swap(logging, Ordering::SeqCst) != logging {
+            if logging {
+                info!("The frontend started dirty-page logging (a migration is under way).");
+            } else {
+                info!("The frontend stopped dirty-page logging.");
+            }
+        }
     }
 
     /// RESET_DEVICE: the guest's session is over; the queues are disabled by the library.
@@ -519,7 +538,7 @@ pub fn serve(
     let mut daemon = VhostUserDaemon::new(
         CONTROL_THREAD_NAME.to_owned(),
         backend.clone(),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        GuestMemoryAtomic::new(LoggedMemory::new()),
     )
     .map_err(|e| anyhow!("cannot set up the vhost-user device: {e}"))?;
     backend

@@ -5,17 +5,17 @@
 //! between the host file and the guest's buffers with one `preadv`/`pwritev`.
 
 use std::num::Wrapping;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use berth_passthrough::{DaxWindow, FsServer, Served};
 use tracing::{debug, info, warn};
 use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::GuestMemoryBackend;
 
 use super::chain::ChainSegments;
-use super::{FsBackend, GuestMemory, MemoryGuard, Vring, HIPRIO_QUEUE};
+use super::{FsBackend, GuestMemory, LoggedMemory, MemoryGuard, Vring, HIPRIO_QUEUE};
 
 impl FsBackend {
     /// Serves everything available on one queue, re-checking after re-enabling notifications
@@ -137,16 +137,27 @@ impl FsBackend {
                     let server = self.server.clone();
                     let vring = vring.clone();
                     let mem = mem.clone();
+                    let logging = self.logging.clone();
                     pool.execute(Box::new(move || {
                         let head = chain.head_index();
-                        let used = serve_request(&server, queue, &mem, &chain, head_flags, None);
+                        let used = serve_request(
+                            &server, queue, &mem, &chain, head_flags, None, &logging,
+                        );
                         complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
                         drop(in_flight);
                     }));
                 }
                 None => {
                     let head = chain.head_index();
-                    let used = serve_request(&self.server, queue, mem, &chain, head_flags, None);
+                    let used = serve_request(
+                        &self.server,
+                        queue,
+                        mem,
+                        &chain,
+                        head_flags,
+                        None,
+                        &self.logging,
+                    );
                     complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
                     drop(in_flight);
                 }
@@ -158,13 +169,19 @@ impl FsBackend {
 /// Serves the request in one descriptor chain and returns the number of reply bytes written
 /// into it. A malformed chain is answered with EIO when its request's unique id can be read
 /// and a reply header fits, and returned with nothing written (and a warning) otherwise.
+///
+/// The server writes replies through raw pointers, which guest memory's dirty bitmap does not
+/// see: when `logging` is set once the reply is written (the frontend is migrating the guest),
+/// the reply's pages are marked in the log here. The used ring is written through the memory
+/// API, which marks its pages itself.
 pub(crate) fn serve_request<M>(
     server: &FsServer,
     queue: usize,
-    mem: &GuestMemoryMmap,
+    mem: &LoggedMemory,
     chain: &DescriptorChain<M>,
     head_flags: Option<u16>,
     dax: Option<&dyn DaxWindow>,
+    logging: &AtomicBool,
 ) -> u32
 where
     M: std::ops::Deref + Clone,
@@ -181,6 +198,9 @@ where
         }
         Err(fault) => {
             let served = server.refuse(&segments.readable, &segments.writable, libc::EIO);
+            if logging.load(Ordering::SeqCst) {
+                segments.mark_written(served.reply_len());
+            }
             match served {
                 Served::Replied(_) => warn!(
                     queue,
@@ -194,6 +214,9 @@ where
             return u32::try_from(served.reply_len()).unwrap_or(0);
         }
     };
+    if logging.load(Ordering::SeqCst) {
+        segments.mark_written(served.reply_len());
+    }
     if let Served::Dropped(why) = served {
         warn!(queue, head, "Dropping a request: {why}.");
     }
@@ -203,7 +226,7 @@ where
 /// The flags of the chain's head descriptor in the queue's descriptor table (`None` when the
 /// table cannot be read there).
 pub(crate) fn head_descriptor_flags(
-    mem: &GuestMemoryMmap,
+    mem: &LoggedMemory,
     desc_table: u64,
     head: u16,
 ) -> Option<u16> {
