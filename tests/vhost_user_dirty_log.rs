@@ -36,10 +36,7 @@ fn logged_read(queue: &mut FsQueue, nodeid: u64, fh: u64, offset: u64) -> BTreeS
     // Two pages for the header so that it can cross from the first into the second.
     let header_area = queue.allocate_raw_buffer(2 * 4096).expect("header buffer");
     let header = header_area.0 + 4096 - 8;
-    let data = queue
-        .allocate_raw_buffer(8 * 4096)
-        .expect("data buffer")
-        .0;
+    let data = queue.allocate_raw_buffer(8 * 4096).expect("data buffer").0;
     let head = queue
         .submit_raw(&[
             RawDescriptor {
@@ -67,7 +64,10 @@ fn logged_read(queue: &mut FsQueue, nodeid: u64, fh: u64, offset: u64) -> BTreeS
         .expect("wait for READ")
         .expect("the daemon answers the READ");
     let used_len = u64::from(used.len);
-    assert!(used_len > OUT_HEADER, "the READ returned data ({used_len} bytes)");
+    assert!(
+        used_len > OUT_HEADER,
+        "the READ returned data ({used_len} bytes)"
+    );
     let mut pages: BTreeSet<u64> = pages_of(header, OUT_HEADER).collect();
     pages.extend(pages_of(data, used_len - OUT_HEADER));
     pages.extend(used_ring_pages(queue));
@@ -81,7 +81,9 @@ fn used_ring_pages(queue: &FsQueue) -> impl Iterator<Item = u64> {
 /// Looks up and opens big.bin on `queue`.
 fn open_big(queue: &mut FsQueue) -> (u64, u64) {
     let entry = queue.lookup(ROOT_ID, b"big.bin\0").expect("LOOKUP big.bin");
-    let open = queue.open(entry.nodeid, libc::O_RDONLY as u32).expect("OPEN");
+    let open = queue
+        .open(entry.nodeid, libc::O_RDONLY as u32)
+        .expect("OPEN");
     (entry.nodeid, open.fh)
 }
 
@@ -111,7 +113,11 @@ fn logged_pages_are_exactly_the_pages_written_on_one_queue() {
     log.clear();
     let tail = (BIG_SIZE as u64) - 700;
     let expected = logged_read(&mut queue, nodeid, fh, tail);
-    assert_eq!(log.dirty_pages(), expected, "dirty pages after a short READ");
+    assert_eq!(
+        log.dirty_pages(),
+        expected,
+        "dirty pages after a short READ"
+    );
     assert!(
         expected.len() <= 4,
         "a 700-byte reply touches at most header, data and used ring pages: {expected:?}"

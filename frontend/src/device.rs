@@ -5,7 +5,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserHeaderFlag,
+    VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 
@@ -232,6 +235,54 @@ impl VhostUserFs {
         Ok(())
     }
 
+    /// Saves the backend's device state as a VMM does on the migration source, once the
+    /// queues are stopped: SET_DEVICE_STATE_FD (save) with a pipe, read to the end, then
+    /// CHECK_DEVICE_STATE. A backend that fails the check is an error even if bytes came.
+    pub fn save_device_state(&mut self) -> Result<Vec<u8>, Error> {
+        use std::io::Read;
+        let (mut reader, writer) = pipe()?;
+        let returned = self.frontend.set_device_state_fd(
+            VhostTransferStateDirection::SAVE,
+            VhostTransferStatePhase::STOPPED,
+            writer.into(),
+        )?;
+        if returned.is_some() {
+            return Err(Error::Negotiation(
+                "the backend returned its own state channel, which this frontend does not use"
+                    .into(),
+            ));
+        }
+        let mut state = Vec::new();
+        reader.read_to_end(&mut state).map_err(Error::Socket)?;
+        self.frontend.check_device_state()?;
+        Ok(state)
+    }
+
+    /// Loads device state into the backend as a VMM does on the migration destination:
+    /// SET_DEVICE_STATE_FD (load) with a pipe, the bytes written and the pipe closed, then
+    /// CHECK_DEVICE_STATE.
+    pub fn load_device_state(&mut self, state: &[u8]) -> Result<(), Error> {
+        use std::io::Write;
+        let (reader, mut writer) = pipe()?;
+        let returned = self.frontend.set_device_state_fd(
+            VhostTransferStateDirection::LOAD,
+            VhostTransferStatePhase::STOPPED,
+            reader.into(),
+        )?;
+        if returned.is_some() {
+            return Err(Error::Negotiation(
+                "the backend returned its own state channel, which this frontend does not use"
+                    .into(),
+            ));
+        }
+        // A backend that gives up early closes its end: the rest of the write fails, and the
+        // check below says why.
+        let _ = writer.write_all(state);
+        drop(writer);
+        self.frontend.check_device_state()?;
+        Ok(())
+    }
+
     /// RESET_DEVICE (when the backend offers it), then the features again and fresh queues:
     /// a VMM resetting the device for a rebooting guest.
     pub fn reset_device(&mut self) -> Result<(), Error> {
@@ -363,6 +414,23 @@ fn negotiate(
         backend_queues,
         event_idx,
     })
+}
+
+/// A pipe: (read end, write end), both close-on-exec.
+fn pipe() -> Result<(std::fs::File, std::fs::File), Error> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 returns; the result is checked.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::Socket(std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 just returned these descriptors and nothing else owns them.
+    unsafe {
+        Ok((
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        ))
+    }
 }
 
 fn start_vring(frontend: &mut Frontend, queue: &FsQueue) -> Result<(), Error> {

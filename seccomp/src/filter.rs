@@ -62,6 +62,10 @@ pub enum ThreadRole {
     ThreadPool,
     /// Reads requests from /dev/fuse and serves them.
     FuseWorker,
+    /// Saves the filesystem's state into the VMM's pipe, or loads it from one, during a live
+    /// migration (vhost-user SET_DEVICE_STATE_FD): describes or reopens every inode and open
+    /// file the guest holds.
+    Migration,
     /// Reads fanotify or inotify events about the shared directory and bumps version-table
     /// slots (shared caching); watches directories created later.
     HostWatcher,
@@ -89,6 +93,7 @@ impl ThreadRole {
             ThreadRole::ThreadPool => "thread pool",
             ThreadRole::FuseWorker => "FUSE worker",
             ThreadRole::HostWatcher => "host watcher",
+            ThreadRole::Migration => "migration",
             ThreadRole::FuseNotifier => "FUSE notifier",
             ThreadRole::Main => "main",
             ThreadRole::Supervisor => "sandbox supervisor",
@@ -295,6 +300,8 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ThreadRole::FuseWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
         ThreadRole::HostWatcher => &[RUNTIME, EVENT_LOOP, FILESYSTEM, HOST_WATCH],
         ThreadRole::FuseNotifier => &[RUNTIME],
+        // Reads the pipe (loading) with read; writes go through RUNTIME's write.
+        ThreadRole::Migration => &[RUNTIME, FILESYSTEM, &[libc::SYS_read]],
         // Threads inherit their creator's filter and filters stack, so the thread that spawns
         // all others must allow everything they do.
         ThreadRole::Main => &[
@@ -397,8 +404,9 @@ mod tests {
         );
     }
 
-    const ALL_ROLES: [ThreadRole; 7] = [
+    const ALL_ROLES: [ThreadRole; 8] = [
         ThreadRole::VhostUserControl,
+        ThreadRole::Migration,
         ThreadRole::QueueWorker,
         ThreadRole::ThreadPool,
         ThreadRole::FuseWorker,
@@ -458,6 +466,7 @@ mod tests {
         let main = allowed_syscalls(ThreadRole::Main);
         for role in [
             ThreadRole::VhostUserControl,
+            ThreadRole::Migration,
             ThreadRole::QueueWorker,
             ThreadRole::ThreadPool,
             ThreadRole::FuseWorker,

@@ -11,9 +11,9 @@ use std::ops::Deref;
 
 use berth_passthrough::IoSegment;
 use smallvec::SmallVec;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use virtio_queue::DescriptorChain;
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryBackend, VolatileSlice};
 

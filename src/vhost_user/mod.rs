@@ -21,6 +21,7 @@
 mod chain;
 mod queue;
 mod socket;
+mod state;
 
 #[allow(unused_imports)] // The fuzz harness builds this module and drives requests directly.
 pub(crate) use queue::{head_descriptor_flags, serve_request};
@@ -37,7 +38,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use berth_passthrough::FsServer;
 use tracing::{error, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Backend, Error as VhostUserError, Listener};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex};
@@ -159,6 +163,8 @@ pub struct FsBackend {
     confine_events: Vec<EventFd>,
     /// Where the queue threads report how installing their filter went.
     confine_reports: Mutex<Option<mpsc::Sender<Result<(), String>>>>,
+    /// Saves and loads the filesystem's state for live migration.
+    state: state::StateTransfer,
     /// The consumer ends of the queue threads' exit events: vhost-user-backend 0.24 takes
     /// them as raw descriptors into its epoll sets and never closes them.
     exit_consumers: Mutex<Vec<RawFd>>,
@@ -187,7 +193,9 @@ impl FsBackend {
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<io::Result<Vec<_>>>()
             .context("cannot create the queue threads' start-up events")?;
+        let state = state::StateTransfer::start(server.clone(), seccomp)?;
         Ok(FsBackend {
+            state,
             server,
             tag: options.tag,
             num_request_queues,
@@ -401,7 +409,8 @@ impl VhostUserBackend for FsBackend {
             | VhostUserProtocolFeatures::BACKEND_SEND_FD
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
-            | VhostUserProtocolFeatures::LOG_SHMFD;
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::DEVICE_STATE;
         if self.tag.is_some() {
             features |= VhostUserProtocolFeatures::CONFIG;
         }
@@ -437,6 +446,30 @@ impl VhostUserBackend for FsBackend {
         confine_control_thread(self.seccomp);
         self.stop_queue(queue_index as usize);
         Ok(())
+    }
+
+    /// SET_DEVICE_STATE_FD: the transfer runs on the migration thread; the frontend reads or
+    /// writes `file` after this returns and asks for the outcome with CHECK_DEVICE_STATE.
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: std::fs::File,
+    ) -> io::Result<Option<std::fs::File>> {
+        confine_control_thread(self.seccomp);
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "berth transfers its state only with the device stopped",
+            ));
+        }
+        self.state.begin(direction, file)?;
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        confine_control_thread(self.seccomp);
+        self.state.check()
     }
 
     fn set_event_idx(&self, enabled: bool) {

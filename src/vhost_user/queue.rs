@@ -140,9 +140,8 @@ impl FsBackend {
                     let logging = self.logging.clone();
                     pool.execute(Box::new(move || {
                         let head = chain.head_index();
-                        let used = serve_request(
-                            &server, queue, &mem, &chain, head_flags, None, &logging,
-                        );
+                        let used =
+                            serve_request(&server, queue, &mem, &chain, head_flags, None, &logging);
                         complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
                         drop(in_flight);
                     }));
@@ -225,11 +224,7 @@ where
 
 /// The flags of the chain's head descriptor in the queue's descriptor table (`None` when the
 /// table cannot be read there).
-pub(crate) fn head_descriptor_flags(
-    mem: &LoggedMemory,
-    desc_table: u64,
-    head: u16,
-) -> Option<u16> {
+pub(crate) fn head_descriptor_flags(mem: &LoggedMemory, desc_table: u64, head: u16) -> Option<u16> {
     // A split-ring descriptor is 16 bytes: address, length, then the 16-bit flags.
     let addr = desc_table.checked_add(u64::from(head) * 16 + 12)?;
     let mut flags = [0u8; 2];
