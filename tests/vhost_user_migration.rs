@@ -64,14 +64,14 @@ fn read_whole(queue: &mut FsQueue, nodeid: u64, fh: u64) -> Vec<u8> {
     }
 }
 
-fn round_trip(mode: &str) {
+fn round_trip(flags: &[&str]) {
     let fixture = Fixture::new();
     let many = fixture.shared.join("many");
     fs::create_dir(&many).expect("create many/");
     for n in 0..MANY {
         fs::write(many.join(format!("f{n}")), n.to_string()).expect("create a small file");
     }
-    let flags = ["--migration-mode", mode];
+    let mode = flags.join(" ");
     let source_socket = socket(&fixture, "source.sock");
     let mut source = start(&fixture.shared, &source_socket, &flags);
     let mut device = connect(&mut source, &source_socket, 1);
@@ -159,7 +159,20 @@ fn state_round_trip_in_find_paths_mode() {
         skip_by_design("berth's own state format");
         return;
     }
-    round_trip("find-paths");
+    round_trip(&["--migration-mode", "find-paths"]);
+}
+
+#[test]
+fn state_round_trip_with_verified_handles_and_confirmed_paths() {
+    if !testing_berth() {
+        skip_by_design("berth's own state format");
+        return;
+    }
+    if !running_as_root() {
+        skip("file handles need CAP_DAC_READ_SEARCH");
+        return;
+    }
+    round_trip(&["--migration-verify-handles", "--migration-confirm-paths"]);
 }
 
 #[test]
@@ -172,7 +185,7 @@ fn state_round_trip_in_file_handles_mode() {
         skip("file handles need CAP_DAC_READ_SEARCH");
         return;
     }
-    round_trip("file-handles");
+    round_trip(&["--migration-mode", "file-handles"]);
 }
 
 /// A valid stream from a source with a file looked up and open.
@@ -311,4 +324,37 @@ fn a_host_deleted_inode_answers_eio_with_guest_error() {
     );
     queue.getattr(hello).expect("the other inode works");
     dest.assert_alive("after loading a lost inode");
+}
+
+#[test]
+fn a_file_renamed_out_of_the_share_cannot_be_described() {
+    if !testing_berth() {
+        skip_by_design("berth's own state format");
+        return;
+    }
+    let fixture = Fixture::new();
+    fs::write(fixture.shared.join("leaving.txt"), b"bye").expect("create leaving.txt");
+    let source_socket = socket(&fixture, "source.sock");
+    let mut source = start(
+        &fixture.shared,
+        &source_socket,
+        &["--migration-confirm-paths"],
+    );
+    let mut device = connect(&mut source, &source_socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    let leaving = queue
+        .lookup(ROOT_ID, b"leaving.txt\0")
+        .expect("LOOKUP leaving.txt")
+        .nodeid;
+    fs::rename(
+        fixture.shared.join("leaving.txt"),
+        fixture.root.path().join("gone.txt"),
+    )
+    .expect("move the file out of the share on the host");
+    assert!(save(&mut device).is_err(), "the save must fail");
+    let log = source.stderr();
+    assert!(
+        log.contains(&format!("Cannot describe inode {leaving}")),
+        "the source names the inode it cannot describe:\n{log}"
+    );
 }
