@@ -73,7 +73,7 @@ fn round_trip(flags: &[&str]) {
     }
     let mode = flags.join(" ");
     let source_socket = socket(&fixture, "source.sock");
-    let mut source = start(&fixture.shared, &source_socket, &flags);
+    let mut source = start(&fixture.shared, &source_socket, flags);
     let mut device = connect(&mut source, &source_socket, 1);
     let mut queue = init_first_queue(&mut device);
 
@@ -114,7 +114,7 @@ fn round_trip(flags: &[&str]) {
     drop(source);
 
     let (mut dest, mut device, mut queue) =
-        destination(&fixture.shared, &socket(&fixture, "dest.sock"), &flags);
+        destination(&fixture.shared, &socket(&fixture, "dest.sock"), flags);
     device
         .load_device_state(&state)
         .unwrap_or_else(|e| panic!("load ({mode}) failed: {e}\n{}", dest.stderr()));

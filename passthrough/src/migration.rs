@@ -41,6 +41,10 @@ const KIND_PATH: u8 = 0;
 const KIND_HANDLE: u8 = 1;
 const KIND_LOST: u8 = 2;
 
+/// How the source describes one inode: its kind, its path or file handle, and (find-paths
+/// with `--migration-verify-handles`) its file handle for the destination to check.
+type Description = (u8, Vec<u8>, Option<Vec<u8>>);
+
 /// Why state could not be saved or loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
@@ -334,7 +338,7 @@ impl PassthroughFs {
         data: &InodeData,
         root_path: &[u8],
         root_fd: BorrowedFd<'_>,
-    ) -> Result<(u8, Vec<u8>, Option<Vec<u8>>), String> {
+    ) -> Result<Description, String> {
         let migration = &self.cfg.migration;
         if matches!(data.file, InodeFile::Lost) {
             return Err("it was lost in an earlier migration".into());
@@ -753,4 +757,84 @@ pub fn read_stream(file: &mut File, limit: usize) -> io::Result<Vec<u8>> {
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_payload_opens_and_damage_is_named() {
+        let sealed = seal(b"payload".to_vec());
+        assert_eq!(open_sealed(&sealed).unwrap(), b"payload");
+        assert!(matches!(
+            open_sealed(&sealed[..sealed.len() - 1]),
+            Err(MigrationError::Truncated(_))
+        ));
+        let mut longer = sealed.clone();
+        longer.push(0);
+        assert!(matches!(
+            open_sealed(&longer),
+            Err(MigrationError::Corrupt(_))
+        ));
+        let mut flipped = sealed.clone();
+        flipped[HEADER_LEN] ^= 1;
+        assert!(matches!(
+            open_sealed(&flipped),
+            Err(MigrationError::Corrupt(_))
+        ));
+        let mut newer = sealed.clone();
+        newer[8..12].copy_from_slice(&(STATE_FORMAT_VERSION + 1).to_le_bytes());
+        assert!(matches!(
+            open_sealed(&newer),
+            Err(MigrationError::NewerFormat { .. })
+        ));
+        assert!(matches!(
+            open_sealed(b"NOTBERTH and more"),
+            Err(MigrationError::BadMagic)
+        ));
+    }
+
+    #[test]
+    fn counts_larger_than_the_stream_are_refused_before_allocating() {
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&u64::MAX.to_le_bytes());
+        let mut reader = Reader { rest: &payload };
+        assert!(reader.count(8, "inodes").is_err());
+    }
+
+    #[test]
+    fn paths_are_relative_to_the_share_only() {
+        assert_eq!(
+            relative_to(b"/srv/share/a/b", b"/srv/share"),
+            Some(&b"a/b"[..])
+        );
+        assert_eq!(relative_to(b"/srv/shared/a", b"/srv/share"), None);
+        assert_eq!(relative_to(b"/a/b", b"/"), Some(&b"a/b"[..]));
+        assert_eq!(relative_to(b"/other", b"/srv/share"), None);
+    }
+
+    #[test]
+    fn a_stream_path_cannot_leave_the_share() {
+        let dir = std::env::temp_dir().join(format!("berth-mig-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("inside")).unwrap();
+        std::fs::write(dir.join("inside/file"), b"x").unwrap();
+        std::os::unix::fs::symlink("/etc", dir.join("escape")).unwrap_or(());
+        let root = File::open(&dir).unwrap();
+        assert!(open_beneath(root.as_fd(), b"inside/file").is_ok());
+        for hostile in [
+            &b"../etc/passwd"[..],
+            b"inside/../../etc",
+            b"escape/passwd",
+            b"",
+            b"/etc",
+        ] {
+            assert!(
+                open_beneath(root.as_fd(), hostile).is_err(),
+                "{} must be refused",
+                String::from_utf8_lossy(hostile)
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
