@@ -11,10 +11,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 
 use berth_passthrough::{Config, FsServer, PassthroughFs};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
