@@ -38,8 +38,6 @@ SID_DAX_GUEST_CHECKS=(sid-dax-mount sid-dax-io sid-dax-umount)
 SID_DAX_HOST_CHECKS=(sid-dax-daemon-exit-0 sid-dax-host)
 SID_FS_GUEST_CHECKS=(sid-fs-mount sid-fs-io sid-fs-after-migrate sid-fs-umount)
 SID_FS_HOST_CHECKS=(sid-fs-host sid-migrate-refused sid-incoming-quit sid-fs-daemons-exit-0 sid-no-stray)
-# What QEMU 11.1 answers `migrate` with while the daemon cannot log dirty pages.
-SID_MIGRATION_REFUSAL="Migration disabled: vhost-user backend lacks VHOST_USER_PROTOCOL_F_LOG_SHMFD feature"
 
 daemon_kind=berth only="" keep=0
 # Longest a boot may take; the host helpers that serve a boot wait as long.
@@ -358,25 +356,16 @@ check_round_trip() {
 	record_problems "$check" "$start" "${problems[@]}"
 }
 
-# Host side of sid-migrate-refused: once the guest on the source QEMU asks
-# (SHARE/ready-to-migrate), asks the source over QMP to migrate to the incoming
-# QEMU and keeps QEMU's answer and both QEMUs' run states in $WORK/migration,
-# then lets the guest go on (SHARE/migrate-attempted). Nothing is attempted
-# with virtiofsd, which can migrate.
+# Host side of the guest's migration handshake: once the guest asks
+# (SHARE/ready-to-migrate), lets it go on (SHARE/migrate-attempted). No migration
+# is attempted: both daemons can migrate now and QEMU would carry the guest over
+# to an incoming QEMU this tier does not follow yet.
 serve_migration_attempt() {
-	local share=$1 out=$WORK/migration deadline=$((SECONDS + GUEST_TIMEOUT))
+	local share=$1 deadline=$((SECONDS + GUEST_TIMEOUT))
 	until [ -e "$share/ready-to-migrate" ]; do
 		[ $SECONDS -lt $deadline ] || return 0
 		sleep 0.05
 	done
-	if [ "$daemon_kind" = berth ]; then
-		"$QMP" --wait 60 "$WORK/sid-incoming.qmp" query-status >"$out/incoming-status" 2>&1 || true
-		local rc=0
-		"$QMP" "$WORK/sid-source.qmp" migrate "{\"uri\": \"unix:$WORK/migration.sock\"}" \
-			>"$out/migrate.out" 2>"$out/migrate.err" || rc=$?
-		echo "$rc" >"$out/migrate.rc"
-		"$QMP" "$WORK/sid-source.qmp" query-status >"$out/source-status" 2>&1 || true
-	fi
 	touch "$share/migrate-attempted"
 }
 
@@ -752,73 +741,19 @@ check sid-fs-umount unmount_shares fs
 [ "$CHECK_FAILURES" = 0 ]
 GUEST
 		start_daemon fs "$WORK/share-fs"
-		fs_daemons=(fs) incoming_pid=""
-		if [ "$daemon_kind" = berth ]; then
-			# The destination: a second daemon on the same directory behind a
-			# second QEMU with the same devices and initramfs, waiting for the guest.
-			start_daemon fs-incoming "$WORK/share-fs"
-			fs_daemons+=(fs-incoming)
-			guest_boot --qemu sid --script "$WORK/sid-fs.sh" --extra "$(guest_extra sid-fs)" \
-				--console "$LOGS/sid-incoming-console.log" --timeout 300 \
-				--fs "fs=$WORK/fs-incoming.sock" --qmp "$WORK/sid-incoming.qmp" \
-				--incoming "unix:$WORK/migration.sock" >"$LOGS/sid-incoming.log" 2>&1 &
-			incoming_pid=$!
-			BACKGROUND_PIDS+=("$incoming_pid")
-		fi
+		fs_daemons=(fs)
 		serve_migration_attempt "$WORK/share-fs" &
 		BACKGROUND_PIDS+=("$!")
 		run_guest sid-fs "$WORK/sid-fs.sh" "${SID_FS_GUEST_CHECKS[@]}" -- \
 			--qemu sid --timeout 300 --fs "fs=$WORK/fs.sock" --qmp "$WORK/sid-source.qmp"
 		selected sid-fs-host && check_round_trip sid-fs-host "$WORK/share-fs"
 
-		if [ "$daemon_kind" = virtiofsd ]; then
-			for check in sid-migrate-refused sid-incoming-quit; do
-				selected "$check" && record "$check" SKIP 0 "virtiofsd 1.14 can migrate under this QEMU (LOG_SHMFD, device state), so there is no refusal to check"
-			done
-		else
-			if selected sid-migrate-refused; then
-				start=$(now_seconds)
-				problems=()
-				m=$WORK/migration
-				if [ ! -f "$m/migrate.rc" ]; then
-					problems+=("no migration was attempted: the guest never asked (see sid-fs-after-migrate)")
-				else
-					answer="$(cat "$m/migrate.err" "$m/migrate.out")"
-					if [ "$(cat "$m/migrate.rc")" != 1 ] || [[ $answer != *"$SID_MIGRATION_REFUSAL"* ]]; then
-						problems+=("expected QEMU to refuse with \"$SID_MIGRATION_REFUSAL\"; qmp.py exited $(cat "$m/migrate.rc"): $answer")
-					fi
-					grep -q '"status": "running"' "$m/source-status" ||
-						problems+=("the source QEMU is not running the guest after the attempt: $(cat "$m/source-status")")
-					grep -q '"status": "inmigrate"' "$m/incoming-status" ||
-						problems+=("the incoming QEMU was not waiting for a migration: $(cat "$m/incoming-status")")
-				fi
-				if [ ${#problems[@]} -eq 0 ]; then
-					record sid-migrate-refused PASS "$(seconds_since "$start")" "QEMU: $(head -n1 "$m/migrate.err")"
-				else
-					record sid-migrate-refused FAIL "$(seconds_since "$start")" "${problems[@]}"
-				fi
-			fi
-			# The incoming QEMU never got a guest: QMP quit ends it (status 0, no
-			# guest exit marker, so guest_boot reports 125).
-			start=$(now_seconds)
-			problems=()
-			"$QMP" --wait 10 "$WORK/sid-incoming.qmp" quit >/dev/null 2>"$WORK/migration/quit.err" ||
-				problems+=("QMP quit failed: $(cat "$WORK/migration/quit.err")")
-			for _ in $(seq 150); do
-				kill -0 "$incoming_pid" 2>/dev/null || break
-				sleep 0.1
-			done
-			if kill -0 "$incoming_pid" 2>/dev/null; then
-				problems+=("the incoming QEMU is still running 15 s after quit")
-				kill "$incoming_pid" 2>/dev/null || true
-			fi
-			rc=0
-			wait "$incoming_pid" || rc=$?
-			if [ "$rc" != 125 ] || ! grep -q '(qemu exit 0)' "$LOGS/sid-incoming.log"; then
-				problems+=("the incoming QEMU ended with guest_boot status $rc: $(tail -n 3 "$LOGS/sid-incoming.log")")
-			fi
-			selected sid-incoming-quit && record_problems sid-incoming-quit "$start" "${problems[@]}"
-		fi
+		# Both berth and virtiofsd 1.14 offer LOG_SHMFD and device state now, so
+		# QEMU no longer refuses; the real migration check (guest carried over to a
+		# second QEMU and daemon) is not written yet.
+		for check in sid-migrate-refused sid-incoming-quit; do
+			selected "$check" && record "$check" SKIP 0 "the daemon can migrate under this QEMU (LOG_SHMFD, device state), so there is no refusal to check; a real migration check is still to come"
+		done
 		selected sid-fs-daemons-exit-0 && check_daemons_exit sid-fs-daemons-exit-0 "${fs_daemons[@]}"
 		for pid in "${BACKGROUND_PIDS[@]}"; do
 			kill "$pid" 2>/dev/null || true

@@ -13,7 +13,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use berth_passthrough::{
-    CachePolicy, Config, InodeFileHandles, Negotiation as FsNegotiation, XattrMap, XattrMapError,
+    CachePolicy, Config, InodeFileHandles, MigrationConfig, MigrationMode, MigrationOnError,
+    Negotiation as FsNegotiation, XattrMap, XattrMapError,
 };
 use berth_seccomp::{IdMap, ModCaps, SandboxMode, SeccompAction};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
@@ -269,14 +270,20 @@ pub struct VhostUserArgs {
     #[arg(long)]
     pub print_capabilities: bool,
 
-    /// virtiofsd migration flags: berth offers no migration, so these are refused.
-    #[arg(long, value_name = "MODE", hide = true)]
+    /// How inodes are described to a live-migration destination: find-paths (by path under
+    /// the shared directory) or file-handles (same host filesystem only).
+    #[arg(long, value_name = "MODE")]
     pub migration_mode: Option<String>,
-    #[arg(long, value_name = "MODE", hide = true)]
+    /// An inode that cannot be migrated: abort (the migration fails, the guest keeps running
+    /// on the source) or guest-error (the guest gets EIO for it on the destination).
+    #[arg(long, value_name = "MODE")]
     pub migration_on_error: Option<String>,
-    #[arg(long, hide = true)]
+    /// find-paths: send file handles too and have the destination check it opened the very
+    /// same inodes (same host filesystem only).
+    #[arg(long)]
     pub migration_verify_handles: bool,
-    #[arg(long, hide = true)]
+    /// find-paths: re-open every path on the source before sending it, to catch renames.
+    #[arg(long)]
     pub migration_confirm_paths: bool,
 
     #[command(flatten)]
@@ -923,18 +930,35 @@ impl IsolationArgs {
 impl VhostUserArgs {
     fn resolve(&self) -> Result<VhostUserSettings, CliError> {
         let isolation = self.isolation.resolve(&self.fs.compat_options)?;
-        let migration = [
-            (self.migration_mode.is_some(), "--migration-mode"),
-            (self.migration_on_error.is_some(), "--migration-on-error"),
-            (self.migration_verify_handles, "--migration-verify-handles"),
-            (self.migration_confirm_paths, "--migration-confirm-paths"),
-        ];
-        if let Some((_, flag)) = migration.iter().find(|(present, _)| *present) {
-            return Err(CliError::UnsupportedFlag(flag));
-        }
-
         let mut warnings = Vec::new();
-        let (fs, compat_level) = self.fs.resolve(&mut warnings)?;
+        let (mut fs, compat_level) = self.fs.resolve(&mut warnings)?;
+        fs.migration = MigrationConfig {
+            mode: match &self.migration_mode {
+                Some(mode) => mode.parse().map_err(|_| CliError::InvalidChoice {
+                    flag: "migration-mode",
+                    value: mode.clone(),
+                    expected: "find-paths, file-handles",
+                })?,
+                None => MigrationMode::default(),
+            },
+            on_error: match &self.migration_on_error {
+                Some(mode) => mode.parse().map_err(|_| CliError::InvalidChoice {
+                    flag: "migration-on-error",
+                    value: mode.clone(),
+                    expected: "abort, guest-error",
+                })?,
+                None => MigrationOnError::default(),
+            },
+            verify_handles: self.migration_verify_handles,
+            confirm_paths: self.migration_confirm_paths,
+            // The sandbox makes the shared directory the root: remember the host's name for it
+            // now, for the destination's check that state comes from the same share.
+            share_path: Some(
+                fs.root_dir
+                    .canonicalize()
+                    .unwrap_or_else(|_| fs.root_dir.clone()),
+            ),
+        };
 
         let listener = match (&self.fd, &self.socket_path, &self.socket) {
             (Some(fd), _, _) => ListenerSource::Fd(*fd),
@@ -1057,6 +1081,7 @@ pub fn capabilities_json() -> String {
         "posix-acl-negotiation-mode",
         "security-label-negotiation-mode",
         "separate-options",
+        "migrate-precopy",
     ];
     serde_json::json!({ "type": "fs", "features": features }).to_string()
 }
@@ -1517,10 +1542,39 @@ mod tests {
             with("--modcaps=+no_such_cap").unwrap_err(),
             CliError::BadModcaps(_)
         ));
-        assert_eq!(
-            with("--migration-mode=file-handles").unwrap_err(),
-            CliError::UnsupportedFlag("--migration-mode")
-        );
+        assert!(matches!(
+            with("--migration-mode=by-magic").unwrap_err(),
+            CliError::InvalidChoice {
+                flag: "migration-mode",
+                ..
+            }
+        ));
+        assert!(matches!(
+            with("--migration-on-error=ignore").unwrap_err(),
+            CliError::InvalidChoice {
+                flag: "migration-on-error",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn migration_flags_take_virtiofsd_values() {
+        let s = vhost_user(&[
+            "--fd=3",
+            "--shared-dir=/d",
+            "--migration-mode=file-handles",
+            "--migration-on-error=guest-error",
+            "--migration-verify-handles",
+            "--migration-confirm-paths",
+        ]);
+        assert_eq!(s.fs.migration.mode, MigrationMode::FileHandles);
+        assert_eq!(s.fs.migration.on_error, MigrationOnError::GuestError);
+        assert!(s.fs.migration.verify_handles && s.fs.migration.confirm_paths);
+        let s = vhost_user(&["--fd=3", "--shared-dir=/d"]);
+        assert_eq!(s.fs.migration.mode, MigrationMode::FindPaths);
+        assert_eq!(s.fs.migration.on_error, MigrationOnError::Abort);
+        assert!(capabilities_json().contains("migrate-precopy"));
     }
 
     #[test]

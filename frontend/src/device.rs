@@ -5,10 +5,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserHeaderFlag,
+    VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::VhostBackend;
+use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 
+use crate::dirty_log::DirtyLog;
 use crate::memory::GuestRam;
 use crate::queue::{queue_memory_footprint, FsQueue, QueueConfig};
 use crate::shmem::{serve_backend_requests, ShmemWindow};
@@ -22,6 +26,8 @@ pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// VHOST_USER_F_PROTOCOL_FEATURES: protocol feature negotiation is available.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// VHOST_F_LOG_ALL: the backend logs every guest page it writes in the dirty log.
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
 /// Index of the virtio-fs high-priority queue.
 pub const HIPRIO_QUEUE: u16 = 0;
@@ -210,6 +216,95 @@ impl VhostUserFs {
         Ok(())
     }
 
+    /// Starts dirty-page logging as a VMM does when a migration begins: hands the backend a
+    /// log covering guest RAM (SET_LOG_BASE) and sets VHOST_F_LOG_ALL.
+    pub fn start_dirty_log(&mut self) -> Result<DirtyLog, Error> {
+        for (offered, name) in [
+            (
+                self.negotiated.offered_features & VHOST_F_LOG_ALL != 0,
+                "VHOST_F_LOG_ALL",
+            ),
+            (
+                self.negotiated
+                    .acked_protocol_features
+                    .contains(VhostUserProtocolFeatures::LOG_SHMFD),
+                "VHOST_USER_PROTOCOL_F_LOG_SHMFD",
+            ),
+        ] {
+            if !offered {
+                return Err(Error::Negotiation(format!(
+                    "the backend does not offer {name}"
+                )));
+            }
+        }
+        let log = DirtyLog::new(self.ram.size())?;
+        self.frontend.set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: log.len() as u64,
+                mmap_offset: 0,
+                mmap_handle: std::os::fd::AsRawFd::as_raw_fd(log.file()),
+            }),
+        )?;
+        self.frontend
+            .set_features(self.negotiated.acked_features | VHOST_F_LOG_ALL)?;
+        Ok(log)
+    }
+
+    /// Ends dirty-page logging (VHOST_F_LOG_ALL cleared again), as after a failed migration.
+    pub fn stop_dirty_log(&mut self) -> Result<(), Error> {
+        self.frontend.set_features(self.negotiated.acked_features)?;
+        Ok(())
+    }
+
+    /// Saves the backend's device state as a VMM does on the migration source, once the
+    /// queues are stopped: SET_DEVICE_STATE_FD (save) with a pipe, read to the end, then
+    /// CHECK_DEVICE_STATE. A backend that fails the check is an error even if bytes came.
+    pub fn save_device_state(&mut self) -> Result<Vec<u8>, Error> {
+        use std::io::Read;
+        let (mut reader, writer) = pipe()?;
+        let returned = self.frontend.set_device_state_fd(
+            VhostTransferStateDirection::SAVE,
+            VhostTransferStatePhase::STOPPED,
+            writer.into(),
+        )?;
+        if returned.is_some() {
+            return Err(Error::Negotiation(
+                "the backend returned its own state channel, which this frontend does not use"
+                    .into(),
+            ));
+        }
+        let mut state = Vec::new();
+        reader.read_to_end(&mut state).map_err(Error::Socket)?;
+        self.frontend.check_device_state()?;
+        Ok(state)
+    }
+
+    /// Loads device state into the backend as a VMM does on the migration destination:
+    /// SET_DEVICE_STATE_FD (load) with a pipe, the bytes written and the pipe closed, then
+    /// CHECK_DEVICE_STATE.
+    pub fn load_device_state(&mut self, state: &[u8]) -> Result<(), Error> {
+        use std::io::Write;
+        let (reader, mut writer) = pipe()?;
+        let returned = self.frontend.set_device_state_fd(
+            VhostTransferStateDirection::LOAD,
+            VhostTransferStatePhase::STOPPED,
+            reader.into(),
+        )?;
+        if returned.is_some() {
+            return Err(Error::Negotiation(
+                "the backend returned its own state channel, which this frontend does not use"
+                    .into(),
+            ));
+        }
+        // A backend that gives up early closes its end: the rest of the write fails, and the
+        // check below says why.
+        let _ = writer.write_all(state);
+        drop(writer);
+        self.frontend.check_device_state()?;
+        Ok(())
+    }
+
     /// RESET_DEVICE (when the backend offers it), then the features again and fresh queues:
     /// a VMM resetting the device for a rebooting guest.
     pub fn reset_device(&mut self) -> Result<(), Error> {
@@ -315,7 +410,9 @@ fn negotiate(
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::BACKEND_SEND_FD
-        | VhostUserProtocolFeatures::SHMEM;
+        | VhostUserProtocolFeatures::SHMEM
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::DEVICE_STATE;
     let acked_protocol_features = offered_protocol_features & wanted;
     frontend.set_protocol_features(acked_protocol_features)?;
 
@@ -345,6 +442,23 @@ fn negotiate(
         backend_queues,
         event_idx,
     })
+}
+
+/// A pipe: (read end, write end), both close-on-exec.
+fn pipe() -> Result<(std::fs::File, std::fs::File), Error> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 returns; the result is checked.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::Socket(std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 just returned these descriptors and nothing else owns them.
+    unsafe {
+        Ok((
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        ))
+    }
 }
 
 fn start_vring(frontend: &mut Frontend, queue: &FsQueue) -> Result<(), Error> {

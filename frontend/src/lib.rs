@@ -8,6 +8,7 @@
 
 pub mod abi;
 pub mod device;
+pub mod dirty_log;
 pub mod fuse;
 pub mod memory;
 pub mod queue;
@@ -17,6 +18,7 @@ pub mod virtqueue;
 use std::time::Duration;
 
 pub use device::{DeviceConfig, Negotiated, VhostUserFs, HIPRIO_QUEUE};
+pub use dirty_log::DirtyLog;
 pub use fuse::{DirEntry, DirEntryPlus};
 pub use memory::GuestRam;
 pub use queue::{Completion, EntryOut, FsQueue, QueueConfig, Request, Ticket};

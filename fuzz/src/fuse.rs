@@ -7,9 +7,11 @@
 //! request over 1 to 3 device-readable descriptors; its upper bits bend the chain out of
 //! shape the way a hostile guest could (see [`Shape`]).
 
+use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 
 use berth_passthrough::{Config, FsServer, PassthroughFs};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -27,6 +29,8 @@ const MAX_READABLE: usize = 3;
 const REPLY_LEN: u32 = 0x10_0000;
 const MEMORY_SIZE: usize = 0x80_0000;
 const QUEUE_SIZE: u16 = 16;
+/// Dirty-page logging stays off: no frontend installs a log here.
+static LOGGING: AtomicBool = AtomicBool::new(false);
 
 /// Ways the upper bits of the control byte bend the descriptor chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +119,7 @@ pub fn serve(data: &[u8]) -> Option<u32> {
     if parts.iter().any(|p| p.len() > MAX_PART) {
         return None;
     }
-    let mem: GuestMemoryMmap<()> =
+    let mem: GuestMemoryMmap<BitmapMmapRegion> =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).expect("guest memory");
     let mock = MockSplitQueue::new(&mem, QUEUE_SIZE);
     let mut descriptors = Vec::new();
@@ -179,5 +183,6 @@ pub fn serve(data: &[u8]) -> Option<u32> {
         &chain,
         head_flags,
         None,
+        &LOGGING,
     ))
 }

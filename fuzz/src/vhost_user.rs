@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use berth_passthrough::{Config, FsServer, PassthroughFs};
 use berth_seccomp::SeccompAction;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -62,7 +63,7 @@ pub fn serve(data: &[u8]) {
     let mut daemon = VhostUserDaemon::new(
         "fuzz-control".to_owned(),
         backend.clone(),
-        GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new()),
+        GuestMemoryAtomic::new(GuestMemoryMmap::<BitmapMmapRegion>::new()),
     )
     .expect("daemon");
     let bytes = data.to_vec();

@@ -545,8 +545,8 @@ share_round_trip() {
 }
 
 # Asks the host to migrate the guest (ready-to-migrate), waits until it has
-# tried (migrate-attempted), then uses share $1 again: while the daemon cannot
-# migrate, QEMU refuses and the guest keeps running on the source.
+# answered (migrate-attempted), then uses share $1 again. The host attempts no
+# migration for now (see serve_migration_attempt in test.sh).
 after_refused_migration() {
 	local d=$1
 	touch "$d/ready-to-migrate"

@@ -98,6 +98,74 @@ impl FromStr for InodeFileHandles {
     }
 }
 
+/// How the source describes each inode to the destination of a migration (virtiofsd's
+/// `--migration-mode`).
+#[derive(Debug, Default, Clone, Copy, Eq, PartialEq)]
+pub enum MigrationMode {
+    /// By its path relative to the shared directory, found through /proc/self/fd: works
+    /// wherever the destination sees the same tree under its shared directory.
+    #[default]
+    FindPaths,
+    /// By its file handle: needs the destination on the same host filesystem, survives
+    /// renames.
+    FileHandles,
+}
+
+impl FromStr for MigrationMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "find-paths" => Ok(MigrationMode::FindPaths),
+            "file-handles" => Ok(MigrationMode::FileHandles),
+            other => Err(format!(
+                "unknown migration mode '{other}'; expected find-paths or file-handles"
+            )),
+        }
+    }
+}
+
+/// What to do with an inode that cannot be described (source) or found again (destination)
+/// during a migration (virtiofsd's `--migration-on-error`).
+#[derive(Debug, Default, Clone, Copy, Eq, PartialEq)]
+pub enum MigrationOnError {
+    /// Fail the transfer: the VMM keeps the guest running on the source.
+    #[default]
+    Abort,
+    /// Carry on; the guest gets EIO for that inode on the destination.
+    GuestError,
+}
+
+impl FromStr for MigrationOnError {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "abort" => Ok(MigrationOnError::Abort),
+            "guest-error" => Ok(MigrationOnError::GuestError),
+            other => Err(format!(
+                "unknown migration error mode '{other}'; expected abort or guest-error"
+            )),
+        }
+    }
+}
+
+/// Live-migration settings.
+#[derive(Debug, Default, Clone)]
+pub struct MigrationConfig {
+    pub mode: MigrationMode,
+    pub on_error: MigrationOnError,
+    /// Find-paths mode: send each inode's file handle too, and have the destination check
+    /// that the path leads to the very same inode (same host filesystem only).
+    pub verify_handles: bool,
+    /// Find-paths mode: re-open each path on the source before sending it and check that it
+    /// still leads to the inode, catching a rename racing with the lookup of the path.
+    pub confirm_paths: bool,
+    /// The shared directory as the host names it (before any sandbox changes the root): the
+    /// destination refuses state saved from another share.
+    pub share_path: Option<PathBuf>,
+}
+
 /// Everything that shapes the filesystem's behaviour.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -154,6 +222,8 @@ pub struct Config {
     pub proc_self_fd: Option<Arc<OwnedFd>>,
     /// Shared caching through a version table (`--shared-cache`).
     pub shared_cache: Option<crate::coherence::SharedCache>,
+    /// Live-migration settings.
+    pub migration: MigrationConfig,
 }
 
 impl Default for Config {
@@ -183,6 +253,7 @@ impl Default for Config {
             max_handles: 1 << 20,
             proc_self_fd: None,
             shared_cache: None,
+            migration: MigrationConfig::default(),
         }
     }
 }

@@ -58,6 +58,29 @@ impl FileHandle {
         })
     }
 
+    /// The handle as bytes another process can open it from: its type, then its bytes (the
+    /// mount id is this process's own and left out).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + self.bytes.len());
+        out.extend_from_slice(&self.handle_type.to_le_bytes());
+        out.extend_from_slice(&self.bytes);
+        out
+    }
+
+    /// A handle from [`to_bytes`](Self::to_bytes) output; `None` when malformed. Its mount id
+    /// is unknown (0): open it with the descriptor of the mount it belongs to.
+    pub fn from_bytes(bytes: &[u8]) -> Option<FileHandle> {
+        if bytes.len() < 4 || bytes.len() - 4 > MAX_HANDLE_SIZE {
+            return None;
+        }
+        let (kind, rest) = bytes.split_at(4);
+        Some(FileHandle {
+            mnt_id: 0,
+            handle_type: i32::from_le_bytes([kind[0], kind[1], kind[2], kind[3]]),
+            bytes: rest.to_vec(),
+        })
+    }
+
     /// A handle with the given bytes, for tests of the inode table.
     #[cfg(test)]
     pub fn for_test(mnt_id: u64, bytes: &[u8]) -> FileHandle {

@@ -55,11 +55,11 @@ const MAX_IO_SIZE: usize = 1 << 20;
 const DIRECT_IO_MEMORY_ALIGN: usize = 4096;
 
 /// An open file or directory the client refers to by handle number.
-struct HandleData {
-    inode: u64,
-    file: File,
+pub(crate) struct HandleData {
+    pub(crate) inode: u64,
+    pub(crate) file: File,
     /// Serialises seek + getdents on directory handles.
-    dir_cursor: Mutex<()>,
+    pub(crate) dir_cursor: Mutex<()>,
 }
 
 impl OwnedBy for HandleData {
@@ -69,7 +69,7 @@ impl OwnedBy for HandleData {
 }
 
 /// A descriptor on an inode: borrowed from the store, or opened from a file handle.
-enum InodeFd<'a> {
+pub(crate) enum InodeFd<'a> {
     Borrowed(BorrowedFd<'a>),
     Owned(OwnedFd),
     /// A handle-held directory's descriptor from the inode store's cache.
@@ -88,27 +88,27 @@ impl AsFd for InodeFd<'_> {
 
 /// The shared host directory as a FUSE filesystem.
 pub struct PassthroughFs {
-    cfg: Config,
-    inodes: InodeStore,
-    handles: HandleTable<HandleData>,
-    mount_fds: MountFds,
+    pub(crate) cfg: Config,
+    pub(crate) inodes: InodeStore,
+    pub(crate) handles: HandleTable<HandleData>,
+    pub(crate) mount_fds: MountFds,
     /// Per (inode, lock owner) descriptions carrying POSIX locks; see `owner_lock_file`.
     lock_files: Mutex<HashMap<(u64, u64), Arc<File>>>,
-    proc_self_fd: OwnedFd,
-    file_handles: InodeFileHandles,
+    pub(crate) proc_self_fd: OwnedFd,
+    pub(crate) file_handles: InodeFileHandles,
     entry_timeout: Duration,
     attr_timeout: Duration,
     /// Root can act as the caller (fsuid/fsgid); anyone else creates files as itself.
     switch_credentials: bool,
-    writeback: AtomicBool,
-    announce_submounts: AtomicBool,
-    killpriv_v2: AtomicBool,
+    pub(crate) writeback: AtomicBool,
+    pub(crate) announce_submounts: AtomicBool,
+    pub(crate) killpriv_v2: AtomicBool,
     /// POSIX ACLs were negotiated (POSIX_ACL, DONT_MASK and SETXATTR_EXT).
-    posix_acl: AtomicBool,
+    pub(crate) posix_acl: AtomicBool,
     /// SETXATTR requests carry the extended header (FUSE_SETXATTR_EXT).
-    setxattr_ext: AtomicBool,
+    pub(crate) setxattr_ext: AtomicBool,
     /// New nodes come with the guest's security context (FUSE_SECURITY_CTX).
-    security_ctx: AtomicBool,
+    pub(crate) security_ctx: AtomicBool,
     /// The host name of `security.capability` when the xattr map renames it: the host kernel
     /// no longer drops it on write, truncation and chown, so berth does.
     remapped_capability: Option<CString>,
@@ -390,7 +390,7 @@ impl PassthroughFs {
         self.timeouts(data, None).1
     }
 
-    fn inode_fd<'a>(&self, data: &'a InodeData) -> io::Result<InodeFd<'a>> {
+    pub(crate) fn inode_fd<'a>(&self, data: &'a InodeData) -> io::Result<InodeFd<'a>> {
         match &data.file {
             InodeFile::Fd(fd) => Ok(InodeFd::Borrowed(fd.as_fd())),
             InodeFile::Handle(handle) => {
@@ -406,6 +406,7 @@ impl PassthroughFs {
                 }
                 Ok(InodeFd::Owned(fd))
             }
+            InodeFile::Lost => Err(errno(libc::EIO)),
         }
     }
 
@@ -427,7 +428,7 @@ impl PassthroughFs {
     }
 
     /// Opens the inode itself for I/O with `flags`.
-    fn open_inode(&self, data: &InodeData, flags: libc::c_int) -> io::Result<File> {
+    pub(crate) fn open_inode(&self, data: &InodeData, flags: libc::c_int) -> io::Result<File> {
         let flags = flags & !(libc::O_NOFOLLOW | libc::O_CREAT | libc::O_EXCL);
         let fd = match &data.file {
             InodeFile::Fd(fd) => openat(
@@ -440,6 +441,7 @@ impl PassthroughFs {
                 let mount_fd = self.mount_fds.get(handle.mnt_id)?;
                 handle.open(mount_fd.as_fd(), flags)?
             }
+            InodeFile::Lost => return Err(errno(libc::EIO)),
         };
         Ok(File::from(fd))
     }
@@ -494,7 +496,7 @@ impl PassthroughFs {
         self.handles.get(inode, handle)
     }
 
-    fn insert_handle(&self, inode: u64, file: File) -> io::Result<u64> {
+    pub(crate) fn insert_handle(&self, inode: u64, file: File) -> io::Result<u64> {
         let data = HandleData {
             inode,
             file,

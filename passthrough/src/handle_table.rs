@@ -90,6 +90,41 @@ impl<T: OwnedBy> HandleTable<T> {
         }
     }
 
+    /// Every handle with its number (the migration source's snapshot).
+    pub(crate) fn snapshot(&self) -> Vec<(u64, Arc<T>)> {
+        let mut all = Vec::with_capacity(self.len());
+        for shard in self.shards.iter() {
+            if let Ok(shard) = shard.read() {
+                all.extend(shard.iter().map(|(id, data)| (*id, data.clone())));
+            }
+        }
+        all.sort_by_key(|(id, _)| *id);
+        all
+    }
+
+    /// The number the next new handle gets.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next.load(Ordering::Acquire)
+    }
+
+    /// Inserts a handle rebuilt from migrated state under its own number, and makes sure
+    /// new handles get numbers above it and at least `next`. Fails with EEXIST when the
+    /// number is taken.
+    pub(crate) fn restore(&self, id: u64, data: T, next: u64) -> io::Result<()> {
+        if id == 0 {
+            return Err(errno(libc::EINVAL));
+        }
+        let mut shard = self.shard(id).write().map_err(|_| errno(libc::EIO))?;
+        if shard.contains_key(&id) {
+            return Err(errno(libc::EEXIST));
+        }
+        shard.insert(id, Arc::new(data));
+        self.len.fetch_add(1, Ordering::Relaxed);
+        self.next
+            .fetch_max(next.max(id.saturating_add(1)), Ordering::AcqRel);
+        Ok(())
+    }
+
     pub(crate) fn clear(&self) {
         for shard in self.shards.iter() {
             if let Ok(mut shard) = shard.write() {

@@ -25,6 +25,9 @@ pub enum InodeFile {
     Fd(OwnedFd),
     /// A file handle, reopened on demand.
     Handle(FileHandle),
+    /// Migrated from another daemon that could not describe it, or not found again here
+    /// (`--migration-on-error guest-error`): every use fails with EIO.
+    Lost,
 }
 
 /// One looked-up inode.
@@ -62,6 +65,16 @@ impl InodeData {
     pub fn is_dir(&self) -> bool {
         self.file_type == libc::S_IFDIR
     }
+
+    /// Lookups the client has not forgotten yet.
+    pub fn lookups(&self) -> u64 {
+        self.refcount.load(Ordering::Acquire)
+    }
+
+    /// Sets the lookup count (an inode rebuilt from migrated state).
+    pub fn set_lookups(&self, count: u64) {
+        self.refcount.store(count, Ordering::Release);
+    }
 }
 
 /// Lookup tables. An inode held by descriptor pins its host inode, so its (dev, ino, mount)
@@ -90,6 +103,8 @@ impl Maps {
         match &data.file {
             InodeFile::Fd(_) => self.by_key.insert(data.key, data.id),
             InodeFile::Handle(handle) => self.by_handle.insert(handle.clone(), data.id),
+            // Never found by a lookup: a new lookup of the same name gets a new node.
+            InodeFile::Lost => None,
         };
         self.by_id.insert(data.id, data);
     }
@@ -109,6 +124,7 @@ impl Maps {
                     self.by_handle.remove(handle);
                 }
             }
+            InodeFile::Lost => {}
         }
     }
 }
@@ -259,6 +275,36 @@ impl InodeStore {
     #[cfg(test)]
     pub fn cached_dir_fds(&self) -> usize {
         self.dir_fds.len()
+    }
+
+    /// Every inode held, in node id order (the migration source's snapshot).
+    pub fn snapshot(&self) -> Vec<Arc<InodeData>> {
+        let mut all: Vec<_> = self
+            .maps
+            .read()
+            .map(|m| m.by_id.values().cloned().collect())
+            .unwrap_or_default();
+        all.sort_by_key(|data| data.id);
+        all
+    }
+
+    /// The id the next new inode gets.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.load(Ordering::Acquire)
+    }
+
+    /// Inserts an inode rebuilt from migrated state under its own id (already set in `data`),
+    /// replacing whatever had that id, and makes sure new inodes get ids above it and at least
+    /// `next_id`.
+    pub fn restore(&self, data: InodeData, next_id: u64) -> io::Result<()> {
+        let mut maps = self.maps.write().map_err(|_| errno(libc::EIO))?;
+        let id = data.id;
+        maps.remove(id);
+        maps.insert(Arc::new(data));
+        self.dir_fds.remove(id);
+        self.next_id
+            .fetch_max(next_id.max(id.saturating_add(1)), Ordering::AcqRel);
+        Ok(())
     }
 
     /// Number of inodes held.

@@ -18,14 +18,19 @@ mod fs;
 mod handle_table;
 mod host_file;
 mod inode_store;
+mod migration;
 pub mod server;
 mod util;
 pub mod xattr_map;
 
 pub use coherence::{Invalidation, SharedCache};
-pub use config::{CachePolicy, Config, InodeFileHandles, Negotiation};
+pub use config::{
+    CachePolicy, Config, InodeFileHandles, MigrationConfig, MigrationMode, MigrationOnError,
+    Negotiation,
+};
 pub use error::Error;
 pub use fs::PassthroughFs;
+pub use migration::{read_stream, MigrationError, STATE_FORMAT_VERSION, STATE_MAGIC};
 pub use server::{
     DaxWindow, DropReason, FsServer, IoSegment, RemoveMappingOne, Served, SetupMappingIn,
 };

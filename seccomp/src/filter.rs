@@ -67,6 +67,10 @@ pub enum ThreadRole {
     DaxThreadPool,
     /// Reads requests from /dev/fuse and serves them.
     FuseWorker,
+    /// Saves the filesystem's state into the VMM's pipe, or loads it from one, during a live
+    /// migration (vhost-user SET_DEVICE_STATE_FD): describes or reopens every inode and open
+    /// file the guest holds.
+    Migration,
     /// Reads fanotify or inotify events about the shared directory and bumps version-table
     /// slots (shared caching); watches directories created later.
     HostWatcher,
@@ -96,6 +100,7 @@ impl ThreadRole {
             ThreadRole::DaxThreadPool => "thread pool (DAX)",
             ThreadRole::FuseWorker => "FUSE worker",
             ThreadRole::HostWatcher => "host watcher",
+            ThreadRole::Migration => "migration",
             ThreadRole::FuseNotifier => "FUSE notifier",
             ThreadRole::Main => "main",
             ThreadRole::Supervisor => "sandbox supervisor",
@@ -308,6 +313,8 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ThreadRole::FuseWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
         ThreadRole::HostWatcher => &[RUNTIME, EVENT_LOOP, FILESYSTEM, HOST_WATCH],
         ThreadRole::FuseNotifier => &[RUNTIME],
+        // Reads the pipe (loading) with read; writes go through RUNTIME's write.
+        ThreadRole::Migration => &[RUNTIME, FILESYSTEM, &[libc::SYS_read]],
         // Threads inherit their creator's filter and filters stack, so the thread that spawns
         // all others must allow everything they do.
         ThreadRole::Main => &[
@@ -410,8 +417,9 @@ mod tests {
         );
     }
 
-    const ALL_ROLES: [ThreadRole; 9] = [
+    const ALL_ROLES: [ThreadRole; 10] = [
         ThreadRole::VhostUserControl,
+        ThreadRole::Migration,
         ThreadRole::QueueWorker,
         ThreadRole::ThreadPool,
         ThreadRole::DaxQueueWorker,
@@ -479,6 +487,7 @@ mod tests {
         let main = allowed_syscalls(ThreadRole::Main);
         for role in [
             ThreadRole::VhostUserControl,
+            ThreadRole::Migration,
             ThreadRole::QueueWorker,
             ThreadRole::ThreadPool,
             ThreadRole::DaxQueueWorker,

@@ -11,9 +11,13 @@ use std::ops::Deref;
 
 use berth_passthrough::IoSegment;
 use smallvec::SmallVec;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestMemoryBackend, VolatileSlice};
+
+use super::LoggedMemory;
 
 /// Segments kept inline per direction: a 4 KiB request or reply and its headers fit, a 1 MiB
 /// one in 4 KiB pages spills to the heap (once per such request).
@@ -55,12 +59,16 @@ impl fmt::Display for ChainError {
     }
 }
 
+/// A guest buffer of the chain, with its region's dirty-page bitmap.
+type GuestSlice<'m> = VolatileSlice<'m, BitmapMmapRegion>;
+
 /// A guest buffer as the server's segment.
-fn segment<'m>(slice: &VolatileSlice<'m>) -> IoSegment<'m> {
+fn segment<'m>(slice: &GuestSlice<'m>) -> IoSegment<'m> {
     // SAFETY: the slice lies in a region of guest memory, which stays mapped for 'm (the
     // caller holds the memory); the guest may change the bytes at any time, which the server
     // allows for (it reads them with volatile copies and checks everything it reads). Writes
-    // through it bypass dirty-page tracking: guest memory has none (`Bitmap = ()`).
+    // through the raw pointer (reply headers, `preadv` straight into guest memory) bypass the
+    // dirty-page bitmap: [`ChainSegments::mark_written`] marks them once the reply is in.
     unsafe { IoSegment::from_raw_parts(slice.ptr_guard_mut().as_ptr(), slice.len()) }
 }
 
@@ -69,6 +77,8 @@ fn segment<'m>(slice: &VolatileSlice<'m>) -> IoSegment<'m> {
 pub(crate) struct ChainSegments<'m> {
     pub readable: Segments<'m>,
     pub writable: Segments<'m>,
+    /// The guest slices behind `writable`, in the same order, for dirty-page logging.
+    written: SmallVec<[GuestSlice<'m>; INLINE_SEGMENTS]>,
 }
 
 impl<'m> ChainSegments<'m> {
@@ -80,7 +90,7 @@ impl<'m> ChainSegments<'m> {
     pub(crate) fn walk<M>(
         &mut self,
         chain: &DescriptorChain<M>,
-        mem: &'m GuestMemoryMmap,
+        mem: &'m LoggedMemory,
         head_flags: Option<u16>,
     ) -> Result<(), ChainError>
     where
@@ -99,22 +109,17 @@ impl<'m> ChainSegments<'m> {
             if !writable && !self.writable.is_empty() {
                 return Err(ChainError::ReadableAfterWritable);
             }
-            let out = if writable {
-                &mut self.writable
-            } else {
-                &mut self.readable
-            };
             let len = desc.len() as usize;
             if len > 0 {
                 // One region holds the buffer, nearly always; otherwise it is split at region
                 // boundaries.
                 match GuestMemoryBackend::get_slice(mem, desc.addr(), len) {
-                    Ok(slice) => out.push(segment(&slice)),
+                    Ok(slice) => self.push(slice, writable),
                     Err(_) => {
                         for slice in GuestMemoryBackend::get_slices(mem, desc.addr(), len) {
                             let slice =
                                 slice.map_err(|_| ChainError::OutsideMemory { writable })?;
-                            out.push(segment(&slice));
+                            self.push(slice, writable);
                         }
                     }
                 }
@@ -128,5 +133,29 @@ impl<'m> ChainSegments<'m> {
             return Err(ChainError::Unterminated);
         }
         Ok(())
+    }
+
+    fn push(&mut self, slice: GuestSlice<'m>, writable: bool) {
+        if writable {
+            self.writable.push(segment(&slice));
+            self.written.push(slice);
+        } else {
+            self.readable.push(segment(&slice));
+        }
+    }
+
+    /// Marks the pages of the first `len` bytes of the reply room dirty in the frontend's
+    /// log (the server writes a reply front to back, so that is exactly what it wrote). Does
+    /// nothing while no log is installed.
+    pub(crate) fn mark_written(&self, len: usize) {
+        let mut left = len;
+        for slice in &self.written {
+            if left == 0 {
+                break;
+            }
+            let here = left.min(slice.len());
+            slice.bitmap().mark_dirty(0, here);
+            left -= here;
+        }
     }
 }

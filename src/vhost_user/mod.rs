@@ -22,6 +22,7 @@ mod chain;
 mod dax;
 mod queue;
 mod socket;
+mod state;
 
 #[allow(unused_imports)] // The fuzz harness builds this module and drives requests directly.
 pub(crate) use queue::{head_descriptor_flags, serve_request};
@@ -39,9 +40,11 @@ use anyhow::{anyhow, Context};
 use berth_passthrough::FsServer;
 use tracing::{error, info, warn};
 use vhost::vhost_user::message::{
-    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserVirtioFeatures,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserShMemConfig, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Backend, Error as VhostUserError, Listener};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -75,8 +78,11 @@ const POOL_BACKLOG_PER_THREAD: usize = 16;
 /// waiting for a lock indefinitely).
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
-type MemoryGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
+/// Guest memory with a dirty-page bitmap per region: while the frontend has installed a log
+/// (SET_LOG_BASE, during migration) every write through it is marked there.
+pub(crate) type LoggedMemory = GuestMemoryMmap<BitmapMmapRegion>;
+type GuestMemory = GuestMemoryAtomic<LoggedMemory>;
+type MemoryGuard = GuestMemoryLoadGuard<LoggedMemory>;
 type Vring = VringMutex<GuestMemory>;
 
 /// The virtio-fs device configuration space (virtio spec 5.11.4).
@@ -145,6 +151,10 @@ pub struct FsBackend {
     /// The DAX window, when `--dax-window` asks for one; it holds the backend request
     /// channel its mappings go through.
     dax: Option<Arc<VhostDax>>,
+    /// The frontend acknowledged VHOST_F_LOG_ALL: it is migrating the guest and wants every
+    /// page berth writes marked in the dirty log. Read after a reply is written, so a reply
+    /// written before logging started is covered by the migration's first full copy.
+    logging: Arc<AtomicBool>,
     pool: Option<WorkerPool>,
     poll: Duration,
     seccomp: SeccompAction,
@@ -159,6 +169,8 @@ pub struct FsBackend {
     confine_events: Vec<EventFd>,
     /// Where the queue threads report how installing their filter went.
     confine_reports: Mutex<Option<mpsc::Sender<Result<(), String>>>>,
+    /// Saves and loads the filesystem's state for live migration.
+    state: state::StateTransfer,
     /// The consumer ends of the queue threads' exit events: vhost-user-backend 0.24 takes
     /// them as raw descriptors into its epoll sets and never closes them.
     exit_consumers: Mutex<Vec<RawFd>>,
@@ -205,7 +217,9 @@ impl FsBackend {
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<io::Result<Vec<_>>>()
             .context("cannot create the queue threads' start-up events")?;
+        let state = state::StateTransfer::start(server.clone(), seccomp)?;
         Ok(FsBackend {
+            state,
             server,
             tag: options.tag,
             num_request_queues,
@@ -213,6 +227,7 @@ impl FsBackend {
             event_idx: AtomicBool::new(false),
             dax,
             queue_role,
+            logging: Arc::new(AtomicBool::new(false)),
             pool,
             poll: Duration::from_micros(u64::from(options.poll_us)),
             seccomp: options.seccomp,
@@ -391,7 +406,7 @@ impl FsBackend {
 }
 
 impl VhostUserBackend for FsBackend {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -408,6 +423,7 @@ impl VhostUserBackend for FsBackend {
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -417,7 +433,9 @@ impl VhostUserBackend for FsBackend {
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::BACKEND_SEND_FD
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::RESET_DEVICE;
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::DEVICE_STATE;
         if self.tag.is_some() {
             features |= VhostUserProtocolFeatures::CONFIG;
         }
@@ -427,8 +445,16 @@ impl VhostUserBackend for FsBackend {
         features
     }
 
-    fn acked_features(&self, _features: u64) {
+    fn acked_features(&self, features: u64) {
         confine_control_thread(self.seccomp);
+        let logging = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if self.logging.swap(logging, Ordering::SeqCst) != logging {
+            if logging {
+                info!("The frontend started dirty-page logging (a migration is under way).");
+            } else {
+                info!("The frontend stopped dirty-page logging.");
+            }
+        }
     }
 
     /// RESET_DEVICE: the guest's session is over; the queues are disabled by the library.
@@ -456,6 +482,30 @@ impl VhostUserBackend for FsBackend {
         confine_control_thread(self.seccomp);
         self.stop_queue(queue_index as usize);
         Ok(())
+    }
+
+    /// SET_DEVICE_STATE_FD: the transfer runs on the migration thread; the frontend reads or
+    /// writes `file` after this returns and asks for the outcome with CHECK_DEVICE_STATE.
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: std::fs::File,
+    ) -> io::Result<Option<std::fs::File>> {
+        confine_control_thread(self.seccomp);
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "berth transfers its state only with the device stopped",
+            ));
+        }
+        self.state.begin(direction, file)?;
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        confine_control_thread(self.seccomp);
+        self.state.check()
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -567,7 +617,7 @@ pub fn serve(
     let mut daemon = VhostUserDaemon::new(
         CONTROL_THREAD_NAME.to_owned(),
         backend.clone(),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        GuestMemoryAtomic::new(LoggedMemory::new()),
     )
     .map_err(|e| anyhow!("cannot set up the vhost-user device: {e}"))?;
     backend

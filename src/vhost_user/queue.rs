@@ -5,17 +5,17 @@
 //! between the host file and the guest's buffers with one `preadv`/`pwritev`.
 
 use std::num::Wrapping;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use berth_passthrough::{DaxWindow, FsServer, Served};
 use tracing::{debug, info, warn};
 use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::GuestMemoryBackend;
 
 use super::chain::ChainSegments;
-use super::{FsBackend, GuestMemory, MemoryGuard, Vring, HIPRIO_QUEUE};
+use super::{FsBackend, GuestMemory, LoggedMemory, MemoryGuard, Vring, HIPRIO_QUEUE};
 
 impl FsBackend {
     /// Serves everything available on one queue, re-checking after re-enabling notifications
@@ -138,10 +138,12 @@ impl FsBackend {
                     let dax = self.dax.clone();
                     let vring = vring.clone();
                     let mem = mem.clone();
+                    let logging = self.logging.clone();
                     pool.execute(Box::new(move || {
                         let head = chain.head_index();
                         let dax = dax.as_deref().map(|d| d as &dyn DaxWindow);
-                        let used = serve_request(&server, queue, &mem, &chain, head_flags, dax);
+                        let used =
+                            serve_request(&server, queue, &mem, &chain, head_flags, dax, &logging);
                         complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
                         drop(in_flight);
                     }));
@@ -149,7 +151,15 @@ impl FsBackend {
                 None => {
                     let head = chain.head_index();
                     let dax = self.dax.as_deref().map(|d| d as &dyn DaxWindow);
-                    let used = serve_request(&self.server, queue, mem, &chain, head_flags, dax);
+                    let used = serve_request(
+                        &self.server,
+                        queue,
+                        mem,
+                        &chain,
+                        head_flags,
+                        dax,
+                        &self.logging,
+                    );
                     complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
                     drop(in_flight);
                 }
@@ -161,13 +171,19 @@ impl FsBackend {
 /// Serves the request in one descriptor chain and returns the number of reply bytes written
 /// into it. A malformed chain is answered with EIO when its request's unique id can be read
 /// and a reply header fits, and returned with nothing written (and a warning) otherwise.
+///
+/// The server writes replies through raw pointers, which guest memory's dirty bitmap does not
+/// see: when `logging` is set once the reply is written (the frontend is migrating the guest),
+/// the reply's pages are marked in the log here. The used ring is written through the memory
+/// API, which marks its pages itself.
 pub(crate) fn serve_request<M>(
     server: &FsServer,
     queue: usize,
-    mem: &GuestMemoryMmap,
+    mem: &LoggedMemory,
     chain: &DescriptorChain<M>,
     head_flags: Option<u16>,
     dax: Option<&dyn DaxWindow>,
+    logging: &AtomicBool,
 ) -> u32
 where
     M: std::ops::Deref + Clone,
@@ -184,6 +200,9 @@ where
         }
         Err(fault) => {
             let served = server.refuse(&segments.readable, &segments.writable, libc::EIO);
+            if logging.load(Ordering::SeqCst) {
+                segments.mark_written(served.reply_len());
+            }
             match served {
                 Served::Replied(_) => warn!(
                     queue,
@@ -197,6 +216,9 @@ where
             return u32::try_from(served.reply_len()).unwrap_or(0);
         }
     };
+    if logging.load(Ordering::SeqCst) {
+        segments.mark_written(served.reply_len());
+    }
     if let Served::Dropped(why) = served {
         warn!(queue, head, "Dropping a request: {why}.");
     }
@@ -205,11 +227,7 @@ where
 
 /// The flags of the chain's head descriptor in the queue's descriptor table (`None` when the
 /// table cannot be read there).
-pub(crate) fn head_descriptor_flags(
-    mem: &GuestMemoryMmap,
-    desc_table: u64,
-    head: u16,
-) -> Option<u16> {
+pub(crate) fn head_descriptor_flags(mem: &LoggedMemory, desc_table: u64, head: u16) -> Option<u16> {
     // A split-ring descriptor is 16 bytes: address, length, then the 16-bit flags.
     let addr = desc_table.checked_add(u64::from(head) * 16 + 12)?;
     let mut flags = [0u8; 2];

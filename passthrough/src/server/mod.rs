@@ -222,6 +222,22 @@ impl FsServer {
             .store(false, std::sync::atomic::Ordering::Release);
     }
 
+    /// Serializes the guest's session for a live migration (the queues are stopped).
+    pub fn save_state(&self) -> Result<Vec<u8>, crate::MigrationError> {
+        self.fs.save_state(&crate::migration::SessionState {
+            initialized: self.initialized.load(std::sync::atomic::Ordering::Acquire),
+        })
+    }
+
+    /// Rebuilds the guest's session from a migration source's state; on error nothing the
+    /// guest held before is kept (it had nothing: the destination loads before it runs).
+    pub fn load_state(&self, stream: &[u8]) -> Result<(), crate::MigrationError> {
+        let session = self.fs.load_state(stream)?;
+        self.initialized
+            .store(session.initialized, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
     fn dispatch(
         &self,
         req: &mut Request<'_, '_>,

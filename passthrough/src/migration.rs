@@ -1,0 +1,840 @@
+//! Live migration of the filesystem's state: what the guest holds (inodes with their lookup
+//! counts, open files and directories, what FUSE_INIT negotiated) serialized on the source
+//! and rebuilt on the destination, so the guest carries on with the same node ids and handles.
+//!
+//! The stream is `magic, version, reserved, payload length, CRC-32C of the payload`, then the
+//! payload. Every field is little-endian; every count is checked against the bytes left
+//! before anything is allocated, so a truncated or hostile stream is refused, never trusted.
+//! Inodes are described by their path under the shared directory (`find-paths`) or by their
+//! file handle (`file-handles`); the destination resolves a path one component at a time
+//! from its shared directory without following symlinks, so a stream cannot lead it outside.
+//! A file handle cannot be confined that way: `file-handles` mode trusts the source as much
+//! as the host filesystem it shares with it.
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+
+use fuse_backend_rs::abi::fuse_abi::ROOT_ID;
+
+use crate::config::{MigrationMode, MigrationOnError};
+use crate::file_handle::FileHandle;
+use crate::fs::{HandleData, PassthroughFs};
+use crate::inode_store::{InodeData, InodeFile, InodeKey};
+use crate::util::{errno, fd_name, openat, statx, EMPTY_CSTR};
+
+/// First bytes of a berth state stream.
+pub const STATE_MAGIC: [u8; 8] = *b"BERTHFS\x01";
+/// The newest format this build writes and reads.
+pub const STATE_FORMAT_VERSION: u32 = 1;
+/// Magic, version, reserved word, payload length, checksum.
+const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4;
+/// Largest path or file handle a stream may carry for one inode.
+const MAX_NAME_BYTES: usize = libc::PATH_MAX as usize;
+
+const KIND_PATH: u8 = 0;
+const KIND_HANDLE: u8 = 1;
+const KIND_LOST: u8 = 2;
+
+/// How the source describes one inode: its kind, its path or file handle, and (find-paths
+/// with `--migration-verify-handles`) its file handle for the destination to check.
+type Description = (u8, Vec<u8>, Option<Vec<u8>>);
+
+/// Why state could not be saved or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("Cannot describe inode {id} to the destination: {reason}.")]
+    Undescribable { id: u64, reason: String },
+    #[error("Cannot find inode {id} ({what}) again: {reason}.")]
+    NotFound {
+        id: u64,
+        what: String,
+        reason: String,
+    },
+    #[error("The state stream is not berth's (wrong magic bytes).")]
+    BadMagic,
+    #[error(
+        "The state stream has format version {found}, newer than this berth reads ({supported}); \
+         migrate to a berth at least as new as the source."
+    )]
+    NewerFormat { found: u32, supported: u32 },
+    #[error("The state stream is truncated: {0}.")]
+    Truncated(String),
+    #[error("The state stream is corrupt: {0}.")]
+    Corrupt(String),
+    #[error(
+        "The state stream was saved from another shared directory ({theirs}); this daemon \
+         shares {ours}."
+    )]
+    ForeignShare { theirs: String, ours: String },
+    #[error("Host I/O failed while {what}: {source}.")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_error(what: &'static str) -> impl FnOnce(io::Error) -> MigrationError {
+    move |source| MigrationError::Io { what, source }
+}
+
+/// The FUSE session flags FUSE_INIT negotiated, one bit each.
+const SESSION_FLAGS: usize = 6;
+
+/// What the source wrote about the guest's session.
+pub(crate) struct SessionState {
+    pub initialized: bool,
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, v: &[u8]) {
+        self.u32(v.len() as u32);
+        self.0.extend_from_slice(v);
+    }
+}
+
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], MigrationError> {
+        if self.rest.len() < n {
+            return Err(MigrationError::Corrupt(format!(
+                "{what} runs past the end of the payload"
+            )));
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+    fn u8(&mut self, what: &str) -> Result<u8, MigrationError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, MigrationError> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, MigrationError> {
+        let b = self.take(8, what)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn bytes(&mut self, what: &str) -> Result<&'a [u8], MigrationError> {
+        let len = self.u32(what)? as usize;
+        if len > MAX_NAME_BYTES {
+            return Err(MigrationError::Corrupt(format!(
+                "{what} is {len} bytes long, more than {MAX_NAME_BYTES}"
+            )));
+        }
+        self.take(len, what)
+    }
+    /// A count of entries at least `entry_len` bytes each, checked against what is left.
+    fn count(&mut self, entry_len: usize, what: &str) -> Result<usize, MigrationError> {
+        let count = self.u64(what)?;
+        match usize::try_from(count) {
+            Ok(n) if n.saturating_mul(entry_len) <= self.rest.len() => Ok(n),
+            _ => Err(MigrationError::Corrupt(format!(
+                "{count} {what} cannot fit in the {} bytes left",
+                self.rest.len()
+            ))),
+        }
+    }
+}
+
+/// Wraps `payload` in the header.
+fn seal(payload: Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&STATE_MAGIC);
+    out.extend_from_slice(&STATE_FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Checks the header and returns the payload.
+fn open_sealed(stream: &[u8]) -> Result<&[u8], MigrationError> {
+    if stream.len() < STATE_MAGIC.len() {
+        return Err(MigrationError::Truncated(format!(
+            "{} bytes, not even the magic",
+            stream.len()
+        )));
+    }
+    if stream[..8] != STATE_MAGIC {
+        return Err(MigrationError::BadMagic);
+    }
+    if stream.len() < HEADER_LEN {
+        return Err(MigrationError::Truncated(format!(
+            "{} bytes, shorter than the {HEADER_LEN}-byte header",
+            stream.len()
+        )));
+    }
+    let mut header = Reader {
+        rest: &stream[8..HEADER_LEN],
+    };
+    let version = header.u32("version")?;
+    if version > STATE_FORMAT_VERSION {
+        return Err(MigrationError::NewerFormat {
+            found: version,
+            supported: STATE_FORMAT_VERSION,
+        });
+    }
+    if version == 0 {
+        return Err(MigrationError::Corrupt("format version 0".into()));
+    }
+    let _reserved = header.u32("reserved word")?;
+    let len = header.u64("payload length")?;
+    let checksum = header.u32("checksum")?;
+    let payload = &stream[HEADER_LEN..];
+    match usize::try_from(len) {
+        Ok(len) if len == payload.len() => {}
+        Ok(len) if len > payload.len() => {
+            return Err(MigrationError::Truncated(format!(
+                "the header announces {len} payload bytes, {} arrived",
+                payload.len()
+            )))
+        }
+        _ => {
+            return Err(MigrationError::Corrupt(format!(
+                "the header announces {len} payload bytes, {} arrived",
+                payload.len()
+            )))
+        }
+    }
+    if crc32c::crc32c(payload) != checksum {
+        return Err(MigrationError::Corrupt(
+            "the payload checksum does not match".into(),
+        ));
+    }
+    Ok(payload)
+}
+
+/// Reads the target of `/proc/self/fd/<fd>`.
+fn fd_path(proc_self_fd: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    let name = fd_name(fd.as_raw_fd());
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: `name` is NUL-terminated, `buf` has room for the length passed; result checked.
+    let len = unsafe {
+        libc::readlinkat(
+            proc_self_fd.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if len < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(len as usize);
+    Ok(buf)
+}
+
+/// `path` (as the kernel names the inode) relative to `root`, if it lies under it.
+fn relative_to<'p>(path: &'p [u8], root: &[u8]) -> Option<&'p [u8]> {
+    if root == b"/" {
+        return path.strip_prefix(b"/");
+    }
+    let rest = path.strip_prefix(root)?;
+    if rest.is_empty() {
+        return Some(rest);
+    }
+    rest.strip_prefix(b"/")
+}
+
+/// Opens `relative` beneath `root` one component at a time, never following a symlink and
+/// refusing `.`, `..` and empty components.
+fn open_beneath(root: BorrowedFd<'_>, relative: &[u8]) -> io::Result<OwnedFd> {
+    let mut current: Option<OwnedFd> = None;
+    for component in relative.split(|&b| b == b'/') {
+        if component.is_empty() || component == b"." || component == b".." {
+            return Err(errno(libc::EINVAL));
+        }
+        let name = CString::new(component).map_err(|_| errno(libc::EINVAL))?;
+        let dir = current.as_ref().map_or(root, |fd| fd.as_fd());
+        current = Some(openat(dir, &name, libc::O_PATH | libc::O_NOFOLLOW, 0)?);
+    }
+    current.ok_or_else(|| errno(libc::EINVAL))
+}
+
+fn display(bytes: &[u8]) -> String {
+    Path::new(OsStr::from_bytes(bytes)).display().to_string()
+}
+
+impl PassthroughFs {
+    fn session_flags(&self) -> u8 {
+        [
+            &self.writeback,
+            &self.announce_submounts,
+            &self.killpriv_v2,
+            &self.posix_acl,
+            &self.setxattr_ext,
+            &self.security_ctx,
+        ]
+        .iter()
+        .enumerate()
+        .fold(0u8, |bits, (i, flag)| {
+            bits | (u8::from(flag.load(Ordering::Relaxed)) << i)
+        })
+    }
+
+    fn set_session_flags(&self, bits: u8) {
+        for (i, flag) in [
+            &self.writeback,
+            &self.announce_submounts,
+            &self.killpriv_v2,
+            &self.posix_acl,
+            &self.setxattr_ext,
+            &self.security_ctx,
+        ]
+        .iter()
+        .enumerate()
+        {
+            flag.store(bits & (1 << i) != 0, Ordering::Relaxed);
+        }
+    }
+
+    /// The shared directory as the host names it, for the foreign-share check.
+    fn share_name(&self) -> Vec<u8> {
+        self.cfg
+            .migration
+            .share_path
+            .as_ref()
+            .unwrap_or(&self.cfg.root_dir)
+            .as_os_str()
+            .as_bytes()
+            .to_vec()
+    }
+
+    fn root_inode(&self) -> Result<std::sync::Arc<InodeData>, MigrationError> {
+        self.inodes
+            .get(ROOT_ID)
+            .map_err(io_error("finding the root inode"))
+    }
+
+    /// How the source describes `data`: (kind, path or handle bytes, handle for
+    /// verification), or why it cannot.
+    fn describe(
+        &self,
+        data: &InodeData,
+        root_path: &[u8],
+        root_fd: BorrowedFd<'_>,
+    ) -> Result<Description, String> {
+        let migration = &self.cfg.migration;
+        if matches!(data.file, InodeFile::Lost) {
+            return Err("it was lost in an earlier migration".into());
+        }
+        let fd = self.inode_fd(data).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ESTALE) {
+                "it was deleted on the host (its file handle is stale)".to_owned()
+            } else {
+                format!("cannot open it ({e})")
+            }
+        })?;
+        let handle_bytes = || {
+            FileHandle::from_fd(fd.as_fd())
+                .map(|h| h.to_bytes())
+                .map_err(|e| format!("it has no file handle ({e})"))
+        };
+        match migration.mode {
+            MigrationMode::FileHandles => Ok((KIND_HANDLE, handle_bytes()?, None)),
+            MigrationMode::FindPaths => {
+                let sx = statx(fd.as_fd(), EMPTY_CSTR).map_err(|e| format!("stat fails ({e})"))?;
+                if sx.st.st_nlink == 0 && !data.is_dir() {
+                    return Err("it was deleted on the host".into());
+                }
+                let path = fd_path(self.proc_self_fd.as_fd(), fd.as_fd())
+                    .map_err(|e| format!("its path cannot be read ({e})"))?;
+                if path.ends_with(b" (deleted)") {
+                    return Err("it was deleted on the host".into());
+                }
+                let relative = relative_to(&path, root_path).ok_or_else(|| {
+                    format!(
+                        "it is now at {}, outside the shared directory (renamed away?)",
+                        display(&path)
+                    )
+                })?;
+                if relative.is_empty() {
+                    return Err("its path names the shared directory itself".into());
+                }
+                if migration.confirm_paths {
+                    let again = open_beneath(root_fd, relative).map_err(|e| {
+                        format!("its path {} cannot be opened ({e})", display(relative))
+                    })?;
+                    let found = statx(again.as_fd(), EMPTY_CSTR)
+                        .map_err(|e| format!("stat of {} fails ({e})", display(relative)))?;
+                    if found.st.st_ino != sx.st.st_ino || found.st.st_dev != sx.st.st_dev {
+                        return Err(format!(
+                            "its path {} now leads to another inode (renamed meanwhile)",
+                            display(relative)
+                        ));
+                    }
+                }
+                let verify = if migration.verify_handles {
+                    Some(handle_bytes()?)
+                } else {
+                    None
+                };
+                Ok((KIND_PATH, relative.to_vec(), verify))
+            }
+        }
+    }
+
+    /// Serializes what the guest holds. With `--migration-on-error abort` an inode that cannot
+    /// be described fails the save; with `guest-error` it is sent as lost.
+    pub(crate) fn save_state(&self, session: &SessionState) -> Result<Vec<u8>, MigrationError> {
+        let root = self.root_inode()?;
+        let root_fd = self.inode_fd(&root).map_err(io_error("opening the root"))?;
+        let root_path = fd_path(self.proc_self_fd.as_fd(), root_fd.as_fd())
+            .map_err(io_error("reading the shared directory's path"))?;
+        let mut w = Writer(Vec::new());
+        w.bytes(&self.share_name());
+        w.u64(root.key.dev);
+        w.u64(root.key.ino);
+        w.u8(u8::from(session.initialized));
+        w.u8(self.session_flags());
+        w.u64(self.inodes.next_id());
+        w.u64(self.handles.next_id());
+
+        let inodes = self.inodes.snapshot();
+        w.u64(inodes.len() as u64);
+        for data in &inodes {
+            w.u64(data.id);
+            w.u64(data.lookups());
+            w.u32(data.file_type);
+            if data.id == ROOT_ID {
+                w.u8(KIND_PATH);
+                w.bytes(b"");
+                w.u8(0);
+                continue;
+            }
+            match self.describe(data, &root_path, root_fd.as_fd()) {
+                Ok((kind, bytes, verify)) => {
+                    w.u8(kind);
+                    w.bytes(&bytes);
+                    match verify {
+                        Some(handle) => {
+                            w.u8(1);
+                            w.bytes(&handle);
+                        }
+                        None => w.u8(0),
+                    }
+                }
+                Err(reason) => match self.cfg.migration.on_error {
+                    MigrationOnError::Abort => {
+                        return Err(MigrationError::Undescribable {
+                            id: data.id,
+                            reason,
+                        })
+                    }
+                    MigrationOnError::GuestError => {
+                        tracing::warn!(
+                            "Cannot describe inode {} to the destination: {reason}; the guest \
+                             gets EIO for it after the migration (--migration-on-error \
+                             guest-error).",
+                            data.id
+                        );
+                        w.u8(KIND_LOST);
+                        w.bytes(b"");
+                        w.u8(0);
+                    }
+                },
+            }
+        }
+
+        let handles = self.handles.snapshot();
+        w.u64(handles.len() as u64);
+        for (fh, handle) in &handles {
+            let fd = handle.file.as_raw_fd();
+            // SAFETY: F_GETFL on a descriptor this handle owns; the result is checked.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+            if flags < 0 {
+                return Err(MigrationError::Io {
+                    what: "reading an open file's flags",
+                    source: io::Error::last_os_error(),
+                });
+            }
+            // SAFETY: lseek on an owned descriptor; only a directory's position matters.
+            let position = unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) };
+            w.u64(*fh);
+            w.u64(handle.inode);
+            w.u32(flags as u32);
+            w.u64(position.max(0) as u64);
+        }
+        Ok(seal(w.0))
+    }
+
+    /// Rebuilds what the guest held from a stream [`save_state`](Self::save_state) wrote,
+    /// after checking all of it; returns the guest's session state. Whatever the guest held
+    /// on this daemon before is dropped first.
+    pub(crate) fn load_state(&self, stream: &[u8]) -> Result<SessionState, MigrationError> {
+        let payload = open_sealed(stream)?;
+        let mut r = Reader { rest: payload };
+        let share = r.bytes("share path")?.to_vec();
+        let root_dev = r.u64("share device")?;
+        let root_ino = r.u64("share inode")?;
+        let root = self.root_inode()?;
+        let ours = self.share_name();
+        if share != ours && (root_dev, root_ino) != (root.key.dev, root.key.ino) {
+            return Err(MigrationError::ForeignShare {
+                theirs: display(&share),
+                ours: display(&ours),
+            });
+        }
+        let initialized = r.u8("session state")? != 0;
+        let flags = r.u8("session flags")?;
+        if flags >> SESSION_FLAGS != 0 {
+            return Err(MigrationError::Corrupt(format!(
+                "unknown session flags {flags:#x}"
+            )));
+        }
+        let next_inode = r.u64("next inode id")?;
+        let next_handle = r.u64("next handle")?;
+
+        struct Inode {
+            id: u64,
+            lookups: u64,
+            file_type: u32,
+            kind: u8,
+            bytes: Vec<u8>,
+            verify: Option<Vec<u8>>,
+        }
+        let count = r.count(8 + 8 + 4 + 1 + 4 + 1, "inodes")?;
+        let mut inodes = Vec::with_capacity(count);
+        let mut seen = std::collections::HashSet::with_capacity(count);
+        for _ in 0..count {
+            let id = r.u64("inode id")?;
+            let lookups = r.u64("lookup count")?;
+            let file_type = r.u32("file type")?;
+            let kind = r.u8("inode kind")?;
+            let bytes = r.bytes("inode path or handle")?.to_vec();
+            let verify = match r.u8("handle flag")? {
+                0 => None,
+                1 => Some(r.bytes("verification handle")?.to_vec()),
+                other => {
+                    return Err(MigrationError::Corrupt(format!(
+                        "handle flag {other} of inode {id}"
+                    )))
+                }
+            };
+            if id == 0 || !seen.insert(id) {
+                return Err(MigrationError::Corrupt(format!(
+                    "inode id {id} is zero or repeated"
+                )));
+            }
+            if kind > KIND_LOST || file_type & !libc::S_IFMT != 0 {
+                return Err(MigrationError::Corrupt(format!(
+                    "inode {id} has kind {kind} and type {file_type:#o}"
+                )));
+            }
+            inodes.push(Inode {
+                id,
+                lookups,
+                file_type,
+                kind,
+                bytes,
+                verify,
+            });
+        }
+        if !seen.contains(&ROOT_ID) {
+            return Err(MigrationError::Corrupt("the root inode is missing".into()));
+        }
+        let handle_count = r.count(8 + 8 + 4 + 8, "open handles")?;
+        let mut handles = Vec::with_capacity(handle_count);
+        for _ in 0..handle_count {
+            let fh = r.u64("handle number")?;
+            let inode = r.u64("handle inode")?;
+            let flags = r.u32("open flags")?;
+            let position = r.u64("directory position")?;
+            if fh == 0 || !seen.contains(&inode) {
+                return Err(MigrationError::Corrupt(format!(
+                    "handle {fh} refers to inode {inode}, which the stream does not hold"
+                )));
+            }
+            handles.push((fh, inode, flags, position));
+        }
+        if !r.rest.is_empty() {
+            return Err(MigrationError::Corrupt(format!(
+                "{} bytes follow the last entry",
+                r.rest.len()
+            )));
+        }
+
+        // Everything parsed: rebuild.
+        self.reset();
+        let root_fd = self.inode_fd(&root).map_err(io_error("opening the root"))?;
+        let mount_fd = self.mount_fds.get(root.key.mnt_id).ok();
+        for inode in &inodes {
+            if inode.id == ROOT_ID {
+                root.set_lookups(inode.lookups.max(1));
+                continue;
+            }
+            let found = if inode.kind == KIND_LOST {
+                // The source already chose EIO for it (its own --migration-on-error).
+                Err(None)
+            } else {
+                self.find_again(
+                    inode.kind,
+                    &inode.bytes,
+                    inode.verify.as_deref(),
+                    inode.file_type,
+                    root_fd.as_fd(),
+                    mount_fd.as_deref(),
+                )
+                .map_err(Some)
+            };
+            let file = match found {
+                Ok(found) => Some(found),
+                Err(None) => None,
+                Err(Some(reason)) => {
+                    let what = match inode.kind {
+                        KIND_PATH => format!("path {}", display(&inode.bytes)),
+                        _ => "by file handle".to_owned(),
+                    };
+                    match self.cfg.migration.on_error {
+                        MigrationOnError::Abort => {
+                            self.reset();
+                            return Err(MigrationError::NotFound {
+                                id: inode.id,
+                                what,
+                                reason,
+                            });
+                        }
+                        MigrationOnError::GuestError => {
+                            tracing::warn!(
+                                "Cannot find inode {} ({what}) again: {reason}; the guest gets \
+                                 EIO for it (--migration-on-error guest-error).",
+                                inode.id
+                            );
+                            None
+                        }
+                    }
+                }
+            };
+            let data = match file {
+                Some((fd, key)) => {
+                    let mut data = InodeData::new(key, InodeFile::Fd(fd), inode.file_type);
+                    data.id = inode.id;
+                    data
+                }
+                None => {
+                    let key = InodeKey {
+                        ino: 0,
+                        dev: 0,
+                        mnt_id: 0,
+                    };
+                    let mut data = InodeData::new(key, InodeFile::Lost, inode.file_type);
+                    data.id = inode.id;
+                    data
+                }
+            };
+            data.set_lookups(inode.lookups.max(1));
+            self.inodes
+                .restore(data, next_inode)
+                .map_err(io_error("rebuilding the inode table"))?;
+        }
+
+        for (fh, inode, flags, position) in handles {
+            let data = match self.inodes.get(inode) {
+                Ok(data) if !matches!(data.file, InodeFile::Lost) => data,
+                // The guest's calls on it fail as its inode's do.
+                _ => continue,
+            };
+            let flags = (flags as libc::c_int)
+                & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY);
+            let file = match self.open_inode(&data, flags) {
+                Ok(file) => file,
+                Err(e) => {
+                    if self.cfg.migration.on_error == MigrationOnError::Abort {
+                        self.reset();
+                        return Err(MigrationError::NotFound {
+                            id: inode,
+                            what: format!("open handle {fh}"),
+                            reason: e.to_string(),
+                        });
+                    }
+                    tracing::warn!(
+                        "Cannot reopen handle {fh} of inode {inode}: {e}; the guest gets \
+                         EBADF for it."
+                    );
+                    continue;
+                }
+            };
+            if data.is_dir() && position > 0 {
+                // SAFETY: lseek on the directory just opened; a failure leaves it at 0.
+                unsafe { libc::lseek(file.as_raw_fd(), position as libc::off_t, libc::SEEK_SET) };
+            }
+            let handle = HandleData {
+                inode,
+                file,
+                dir_cursor: Mutex::new(()),
+            };
+            if let Err(e) = self.handles.restore(fh, handle, next_handle) {
+                self.reset();
+                return Err(MigrationError::Corrupt(format!(
+                    "handle {fh} cannot be restored ({e})"
+                )));
+            }
+        }
+        self.set_session_flags(flags);
+        Ok(SessionState { initialized })
+    }
+
+    /// Opens the inode a stream entry describes; the descriptor and its key, or why not.
+    fn find_again(
+        &self,
+        kind: u8,
+        bytes: &[u8],
+        verify: Option<&[u8]>,
+        file_type: u32,
+        root_fd: BorrowedFd<'_>,
+        mount_fd: Option<&OwnedFd>,
+    ) -> Result<(OwnedFd, InodeKey), String> {
+        let fd = match kind {
+            KIND_PATH => open_beneath(root_fd, bytes).map_err(|e| e.to_string())?,
+            KIND_HANDLE => {
+                let handle = FileHandle::from_bytes(bytes)
+                    .ok_or_else(|| "the file handle is malformed".to_owned())?;
+                let mount_fd =
+                    mount_fd.ok_or_else(|| "file handles are not usable here".to_owned())?;
+                handle
+                    .open(mount_fd.as_fd(), libc::O_PATH)
+                    .map_err(|e| e.to_string())?
+            }
+            _ => return Err("the source could not describe it".into()),
+        };
+        let sx = statx(fd.as_fd(), EMPTY_CSTR).map_err(|e| e.to_string())?;
+        if sx.st.st_mode & libc::S_IFMT != file_type {
+            return Err(format!(
+                "it is of type {:#o} here, {file_type:#o} on the source",
+                sx.st.st_mode & libc::S_IFMT
+            ));
+        }
+        if let Some(expected) = verify {
+            let here = FileHandle::from_fd(fd.as_fd())
+                .map_err(|e| format!("its file handle cannot be read ({e})"))?;
+            if here.to_bytes() != expected {
+                return Err("it is not the inode the source had (file handles differ)".into());
+            }
+        }
+        let key = InodeKey {
+            ino: sx.st.st_ino,
+            dev: sx.st.st_dev,
+            mnt_id: sx.mnt_id,
+        };
+        Ok((fd, key))
+    }
+}
+
+/// Reads a whole state stream from `file` (a pipe from the VMM), up to `limit` bytes.
+pub fn read_stream(file: &mut File, limit: usize) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    file.take(limit as u64 + 1).read_to_end(&mut out)?;
+    if out.len() > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the state stream is larger than {limit} bytes"),
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_payload_opens_and_damage_is_named() {
+        let sealed = seal(b"payload".to_vec());
+        assert_eq!(open_sealed(&sealed).unwrap(), b"payload");
+        assert!(matches!(
+            open_sealed(&sealed[..sealed.len() - 1]),
+            Err(MigrationError::Truncated(_))
+        ));
+        let mut longer = sealed.clone();
+        longer.push(0);
+        assert!(matches!(
+            open_sealed(&longer),
+            Err(MigrationError::Corrupt(_))
+        ));
+        let mut flipped = sealed.clone();
+        flipped[HEADER_LEN] ^= 1;
+        assert!(matches!(
+            open_sealed(&flipped),
+            Err(MigrationError::Corrupt(_))
+        ));
+        let mut newer = sealed.clone();
+        newer[8..12].copy_from_slice(&(STATE_FORMAT_VERSION + 1).to_le_bytes());
+        assert!(matches!(
+            open_sealed(&newer),
+            Err(MigrationError::NewerFormat { .. })
+        ));
+        assert!(matches!(
+            open_sealed(b"NOTBERTH and more"),
+            Err(MigrationError::BadMagic)
+        ));
+    }
+
+    #[test]
+    fn counts_larger_than_the_stream_are_refused_before_allocating() {
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&u64::MAX.to_le_bytes());
+        let mut reader = Reader { rest: &payload };
+        assert!(reader.count(8, "inodes").is_err());
+    }
+
+    #[test]
+    fn paths_are_relative_to_the_share_only() {
+        assert_eq!(
+            relative_to(b"/srv/share/a/b", b"/srv/share"),
+            Some(&b"a/b"[..])
+        );
+        assert_eq!(relative_to(b"/srv/shared/a", b"/srv/share"), None);
+        assert_eq!(relative_to(b"/a/b", b"/"), Some(&b"a/b"[..]));
+        assert_eq!(relative_to(b"/other", b"/srv/share"), None);
+    }
+
+    #[test]
+    fn a_stream_path_cannot_leave_the_share() {
+        let dir = std::env::temp_dir().join(format!("berth-mig-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("inside")).unwrap();
+        std::fs::write(dir.join("inside/file"), b"x").unwrap();
+        std::os::unix::fs::symlink("/etc", dir.join("escape")).unwrap_or(());
+        let root = File::open(&dir).unwrap();
+        assert!(open_beneath(root.as_fd(), b"inside/file").is_ok());
+        for hostile in [
+            &b"../etc/passwd"[..],
+            b"inside/../../etc",
+            b"escape/passwd",
+            b"",
+            b"/etc",
+        ] {
+            assert!(
+                open_beneath(root.as_fd(), hostile).is_err(),
+                "{} must be refused",
+                String::from_utf8_lossy(hostile)
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,360 @@
+//! Live migration of berth's device state, with the berth-frontend as both VMMs: the source
+//! daemon's state is saved (queues stopped, SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE) and
+//! loaded into a second daemon serving the same shared directory, which must then answer the
+//! guest's node ids and open handles as the first did. Damaged, foreign, newer and truncated
+//! streams must be refused, and an inode deleted on the host must follow
+//! `--migration-on-error`.
+
+#[path = "common/frontend_util.rs"]
+mod frontend_util;
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use berth_frontend::fuse::ROOT_ID;
+use berth_frontend::{FsQueue, VhostUserFs};
+use frontend_util::*;
+
+/// Files looked up before the migration (the "10 000 looked-up inodes").
+const MANY: usize = 10_000;
+
+fn start(shared: &Path, socket: &Path, extra: &[&str]) -> Daemon {
+    let mut args: Vec<OsString> = vec![
+        "--socket-path".into(),
+        socket.into(),
+        "--shared-dir".into(),
+        shared.into(),
+    ];
+    args.extend(extra.iter().map(OsString::from));
+    let mut daemon = Daemon::spawn(args);
+    daemon.wait_for_socket(socket);
+    daemon
+}
+
+fn socket(fixture: &Fixture, name: &str) -> PathBuf {
+    fixture.root.path().join(name)
+}
+
+/// Saves the source's state as QEMU does: queues stopped first.
+fn save(device: &mut VhostUserFs) -> Result<Vec<u8>, berth_frontend::Error> {
+    device.stop_queues().expect("stop the queues");
+    device.save_device_state()
+}
+
+/// A destination daemon on `shared`, connected, with its queue 1 taken (no FUSE_INIT: the
+/// guest's session comes with the state).
+fn destination(shared: &Path, socket: &Path, extra: &[&str]) -> (Daemon, VhostUserFs, FsQueue) {
+    let mut daemon = start(shared, socket, extra);
+    let mut device = connect(&mut daemon, socket, 1);
+    let queue = device.take_request_queue(1).expect("request queue 1");
+    (daemon, device, queue)
+}
+
+fn read_whole(queue: &mut FsQueue, nodeid: u64, fh: u64) -> Vec<u8> {
+    let mut content = Vec::new();
+    loop {
+        let chunk = queue
+            .read(nodeid, fh, content.len() as u64, 64 * 1024)
+            .expect("READ");
+        if chunk.is_empty() {
+            return content;
+        }
+        content.extend_from_slice(&chunk);
+    }
+}
+
+fn round_trip(flags: &[&str]) {
+    let fixture = Fixture::new();
+    let many = fixture.shared.join("many");
+    fs::create_dir(&many).expect("create many/");
+    for n in 0..MANY {
+        fs::write(many.join(format!("f{n}")), n.to_string()).expect("create a small file");
+    }
+    let mode = flags.join(" ");
+    let source_socket = socket(&fixture, "source.sock");
+    let mut source = start(&fixture.shared, &source_socket, flags);
+    let mut device = connect(&mut source, &source_socket, 1);
+    let mut queue = init_first_queue(&mut device);
+
+    let many_dir = queue.lookup(ROOT_ID, b"many\0").expect("LOOKUP many");
+    let mut nodes = Vec::with_capacity(MANY);
+    for n in 0..MANY {
+        let name = format!("f{n}\0");
+        nodes.push(
+            queue
+                .lookup(many_dir.nodeid, name.as_bytes())
+                .expect("LOOKUP")
+                .nodeid,
+        );
+    }
+    // A file looked up three times, open for reading, and a directory open part-way.
+    let big = queue.lookup(ROOT_ID, b"big.bin\0").expect("LOOKUP big.bin");
+    for _ in 0..2 {
+        queue
+            .lookup(ROOT_ID, b"big.bin\0")
+            .expect("LOOKUP big.bin again");
+    }
+    let big_fh = queue
+        .open(big.nodeid, libc::O_RDONLY as u32)
+        .expect("OPEN")
+        .fh;
+    let sub = queue.lookup(ROOT_ID, b"sub\0").expect("LOOKUP sub");
+    let sub_fh = queue.opendir(sub.nodeid).expect("OPENDIR").fh;
+    let hello = queue.lookup(ROOT_ID, b"hello.txt\0").expect("LOOKUP hello");
+    let hello_fh = queue
+        .open(hello.nodeid, libc::O_RDWR as u32)
+        .expect("OPEN rw")
+        .fh;
+
+    let state = save(&mut device)
+        .unwrap_or_else(|e| panic!("save ({mode}) failed: {e}\n{}", source.stderr()));
+    assert!(state.len() > MANY * 8, "the state holds every inode");
+    drop(device);
+    drop(source);
+
+    let (mut dest, mut device, mut queue) =
+        destination(&fixture.shared, &socket(&fixture, "dest.sock"), flags);
+    device
+        .load_device_state(&state)
+        .unwrap_or_else(|e| panic!("load ({mode}) failed: {e}\n{}", dest.stderr()));
+
+    // Same node ids, same handles.
+    for (n, &node) in nodes.iter().enumerate().step_by(97) {
+        let attr = queue.getattr(node).expect("GETATTR of a migrated node");
+        assert_eq!(attr.attr.size, n.to_string().len() as u64, "size of f{n}");
+    }
+    assert_eq!(read_whole(&mut queue, big.nodeid, big_fh), big_content());
+    let entries = queue
+        .readdir(sub.nodeid, sub_fh, 0, 4096)
+        .expect("READDIR on a migrated directory handle");
+    assert!(entries.iter().any(|e| e.name == b"inner.txt"));
+    queue
+        .write(hello.nodeid, hello_fh, 0, b"HELLO")
+        .expect("WRITE through a migrated read-write handle");
+    assert!(fs::read(fixture.shared.join("hello.txt"))
+        .expect("read hello.txt")
+        .starts_with(b"HELLO"));
+    // Lookup counts came along: big.bin goes only after all three lookups are forgotten.
+    queue.forget(big.nodeid, 2).expect("FORGET 2");
+    queue
+        .getattr(big.nodeid)
+        .expect("one lookup of big.bin is left");
+    // New nodes and handles do not collide with migrated ones.
+    let fresh = queue
+        .lookup(ROOT_ID, b"mode640.txt\0")
+        .expect("LOOKUP after migration");
+    assert!(fresh.nodeid > *nodes.iter().max().unwrap_or(&0));
+    let fresh_fh = queue
+        .open(fresh.nodeid, libc::O_RDONLY as u32)
+        .expect("OPEN")
+        .fh;
+    assert!(![big_fh, sub_fh, hello_fh].contains(&fresh_fh));
+    dest.assert_alive("after the migration");
+}
+
+#[test]
+fn state_round_trip_in_find_paths_mode() {
+    if !testing_berth() {
+        skip_by_design("berth's own state format");
+        return;
+    }
+    round_trip(&["--migration-mode", "find-paths"]);
+}
+
+#[test]
+fn state_round_trip_with_verified_handles_and_confirmed_paths() {
+    if !testing_berth() {
+        skip_by_design("berth's own state format");
+        return;
+    }
+    if !running_as_root() {
+        skip("file handles need CAP_DAC_READ_SEARCH");
+        return;
+    }
+    round_trip(&["--migration-verify-handles", "--migration-confirm-paths"]);
+}
+
+#[test]
+fn state_round_trip_in_file_handles_mode() {
+    if !testing_berth() {
+        skip_by_design("berth's own state format");
+        return;
+    }
+    if !running_as_root() {
+        skip("file handles need CAP_DAC_READ_SEARCH");
+        return;
+    }
+    round_trip(&["--migration-mode", "file-handles"]);
+}
+
+/// A valid stream from a source with a file looked up and open.
+fn valid_state(fixture: &Fixture) -> Vec<u8> {
+    let source_socket = socket(fixture, "source.sock");
+    let mut source = start(&fixture.shared, &source_socket, &[]);
+    let mut device = connect(&mut source, &source_socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    let hello = queue.lookup(ROOT_ID, b"hello.txt\0").expect("LOOKUP");
+    queue
+        .open(hello.nodeid, libc::O_RDONLY as u32)
+        .expect("OPEN");
+    save(&mut device).expect("save")
+}
+
+#[test]
+fn damaged_foreign_newer_and_truncated_streams_are_refused() {
+    if !testing_berth() {
+        skip_by_design("berth's own state format");
+        return;
+    }
+    let fixture = Fixture::new();
+    let state = valid_state(&fixture);
+    let (mut dest, mut device, mut queue) =
+        destination(&fixture.shared, &socket(&fixture, "dest.sock"), &[]);
+
+    let mut corrupt = state.clone();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0x40;
+    let mut newer = state.clone();
+    newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let mut foreign_magic = state.clone();
+    foreign_magic[0] = b'X';
+    let cases: [(&str, &[u8], &str); 5] = [
+        ("truncated", &state[..state.len() - 7], "truncated"),
+        ("header only", &state[..10], "truncated"),
+        ("corrupt", &corrupt, "checksum"),
+        ("newer", &newer, "newer than this berth reads"),
+        ("not berth's", &foreign_magic, "magic"),
+    ];
+    for (what, stream, message) in cases {
+        assert!(
+            device.load_device_state(stream).is_err(),
+            "a {what} stream must be refused"
+        );
+        let log = dest.stderr();
+        assert!(
+            log.contains(message),
+            "the refusal of a {what} stream says {message:?}:\n{log}"
+        );
+    }
+    // Nothing was half-loaded: the destination holds no node of the source.
+    assert!(queue.getattr(2).is_err(), "no migrated node after refusals");
+    dest.assert_alive("after refusing streams");
+
+    // A daemon serving another directory refuses the stream as foreign.
+    let other = Fixture::new();
+    let (mut foreign, mut device, _queue) =
+        destination(&other.shared, &socket(&other, "other.sock"), &[]);
+    assert!(device.load_device_state(&state).is_err());
+    let log = foreign.stderr();
+    assert!(
+        log.contains("another shared directory"),
+        "the refusal names the share:\n{log}"
+    );
+    foreign.assert_alive("after refusing a foreign stream");
+}
+
+/// A source whose looked-up, open `victim` is deleted on the host before the save.
+fn save_with_deleted_inode(
+    fixture: &Fixture,
+    on_error: &str,
+) -> (Daemon, Result<Vec<u8>, String>, u64, u64) {
+    fs::write(fixture.shared.join("victim.txt"), b"doomed").expect("create victim");
+    let source_socket = socket(fixture, "source.sock");
+    let mut source = start(
+        &fixture.shared,
+        &source_socket,
+        &["--migration-on-error", on_error],
+    );
+    let mut device = connect(&mut source, &source_socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    let victim = queue
+        .lookup(ROOT_ID, b"victim.txt\0")
+        .expect("LOOKUP victim")
+        .nodeid;
+    let hello = queue
+        .lookup(ROOT_ID, b"hello.txt\0")
+        .expect("LOOKUP hello")
+        .nodeid;
+    fs::remove_file(fixture.shared.join("victim.txt")).expect("delete victim on the host");
+    let saved = save(&mut device).map_err(|e| e.to_string());
+    drop(device);
+    (source, saved, victim, hello)
+}
+
+#[test]
+fn a_host_deleted_inode_aborts_the_save_by_default() {
+    if !testing_berth() {
+        skip_by_design("berth's own state format");
+        return;
+    }
+    let fixture = Fixture::new();
+    let (source, saved, victim, _) = save_with_deleted_inode(&fixture, "abort");
+    assert!(
+        saved.is_err(),
+        "the save must fail so QEMU keeps the source"
+    );
+    let log = source.stderr();
+    assert!(
+        log.contains(&format!("Cannot describe inode {victim}")) && log.contains("deleted"),
+        "the source says which inode and why:\n{log}"
+    );
+}
+
+#[test]
+fn a_host_deleted_inode_answers_eio_with_guest_error() {
+    if !testing_berth() {
+        skip_by_design("berth's own state format");
+        return;
+    }
+    let fixture = Fixture::new();
+    let (_source, saved, victim, hello) = save_with_deleted_inode(&fixture, "guest-error");
+    let state = saved.expect("the save succeeds with guest-error");
+    let (mut dest, mut device, mut queue) = destination(
+        &fixture.shared,
+        &socket(&fixture, "dest.sock"),
+        &["--migration-on-error", "guest-error"],
+    );
+    device.load_device_state(&state).expect("load");
+    let err = queue.getattr(victim).expect_err("the lost inode fails");
+    assert_eq!(
+        err.errno(),
+        Some(libc::EIO),
+        "EIO for the lost inode: {err}"
+    );
+    queue.getattr(hello).expect("the other inode works");
+    dest.assert_alive("after loading a lost inode");
+}
+
+#[test]
+fn a_file_renamed_out_of_the_share_cannot_be_described() {
+    if !testing_berth() {
+        skip_by_design("berth's own state format");
+        return;
+    }
+    let fixture = Fixture::new();
+    fs::write(fixture.shared.join("leaving.txt"), b"bye").expect("create leaving.txt");
+    let source_socket = socket(&fixture, "source.sock");
+    let mut source = start(
+        &fixture.shared,
+        &source_socket,
+        &["--migration-confirm-paths"],
+    );
+    let mut device = connect(&mut source, &source_socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    let leaving = queue
+        .lookup(ROOT_ID, b"leaving.txt\0")
+        .expect("LOOKUP leaving.txt")
+        .nodeid;
+    fs::rename(
+        fixture.shared.join("leaving.txt"),
+        fixture.root.path().join("gone.txt"),
+    )
+    .expect("move the file out of the share on the host");
+    assert!(save(&mut device).is_err(), "the save must fail");
+    let log = source.stderr();
+    assert!(
+        log.contains(&format!("Cannot describe inode {leaving}")),
+        "the source names the inode it cannot describe:\n{log}"
+    );
+}
