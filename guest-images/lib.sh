@@ -932,6 +932,11 @@ guest_boot() {
 	[ -z "$incoming" ] || control_args+=(-incoming "$incoming")
 	local accel=${GUEST_ACCEL:-tcg} cpu=max
 	[ "$accel" = kvm ] && cpu=host
+	# Under TCG the clocksource watchdog soon finds the TSC unstable, and the kernel then
+	# live-patches the scheduler clock's static key while the other vCPU runs it (an int3
+	# oops in sched_clock_cpu before init). Declaring it unstable at boot settles the key
+	# before the second vCPU starts.
+	[ "$accel" = tcg ] && cmdline_extra="$cmdline_extra tsc=unstable"
 	# shellcheck disable=SC2054 # the commas belong to QEMU's option syntax
 	local qemu=("${qemu_cmd[@]}" -accel "$accel" -machine q35 -cpu "$cpu" -smp 2 -m 1G
 		-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem

@@ -176,10 +176,18 @@ block_recovery() {
 	local id=$DEV_ID dev=$DEV_PATH
 	fio --name=rec --filename="$dev" --direct=1 --ioengine=libaio --iodepth=32 \
 		--rw=randwrite --bs=4k --size=24M --verify=crc32c --verify_fatal=1 --do_verify=1 \
-		--randseed=11 --output=/tmp/rec.fio >/dev/null 2>&1 &
+		--rate_iops=1000 --randseed=11 --output=/tmp/rec.fio >/dev/null 2>&1 &
 	local fio_pid=$!
+	# The rate bound keeps the write phase (6144 writes) running for about 6 s, so the
+	# kill below always lands in the middle of it.
 	sleep 2
-	kill -0 "$fio_pid"
+	if ! kill -0 "$fio_pid" 2>/dev/null; then
+		local early=0
+		wait "$fio_pid" || early=$?
+		echo "fio ended (status $early) before the server was killed:"
+		tail -n 30 /tmp/rec.fio
+		return 1
+	fi
 	kill -9 "$DEV_PID"
 	wait "$DEV_PID" 2>/dev/null || true
 	"$BERTH" block list | sed 's/^/@@info /'
