@@ -17,7 +17,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use fuse_backend_rs::abi::fuse_abi::ROOT_ID;
@@ -281,7 +281,9 @@ fn display(bytes: &[u8]) -> String {
 }
 
 impl PassthroughFs {
-    fn session_flags(&self) -> u8 {
+    /// The per-session flags FUSE_INIT negotiated, in the bit order the
+    /// state stream uses; one list so saving and loading cannot disagree.
+    fn session_flag_cells(&self) -> [&AtomicBool; 6] {
         [
             &self.writeback,
             &self.announce_submounts,
@@ -290,25 +292,19 @@ impl PassthroughFs {
             &self.setxattr_ext,
             &self.security_ctx,
         ]
-        .iter()
-        .enumerate()
-        .fold(0u8, |bits, (i, flag)| {
-            bits | (u8::from(flag.load(Ordering::Relaxed)) << i)
-        })
+    }
+
+    fn session_flags(&self) -> u8 {
+        self.session_flag_cells()
+            .iter()
+            .enumerate()
+            .fold(0u8, |bits, (i, flag)| {
+                bits | (u8::from(flag.load(Ordering::Relaxed)) << i)
+            })
     }
 
     fn set_session_flags(&self, bits: u8) {
-        for (i, flag) in [
-            &self.writeback,
-            &self.announce_submounts,
-            &self.killpriv_v2,
-            &self.posix_acl,
-            &self.setxattr_ext,
-            &self.security_ctx,
-        ]
-        .iter()
-        .enumerate()
-        {
+        for (i, flag) in self.session_flag_cells().iter().enumerate() {
             flag.store(bits & (1 << i) != 0, Ordering::Relaxed);
         }
     }
