@@ -13,8 +13,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use berth_passthrough::{
-    CachePolicy, Config, InodeFileHandles, MigrationConfig, MigrationMode, MigrationOnError,
-    Negotiation as FsNegotiation, XattrMap, XattrMapError,
+    CachePolicy, Config, DaxPolicy, InodeFileHandles, MigrationConfig, MigrationMode,
+    MigrationOnError, Negotiation as FsNegotiation, XattrMap, XattrMapError,
 };
 use berth_seccomp::{IdMap, ModCaps, SandboxMode, SeccompAction};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
@@ -170,6 +170,11 @@ fn parse_dax_window(s: &str) -> Result<u64, String> {
     Ok(size)
 }
 
+fn parse_dax_policy(s: &str) -> Result<DaxPolicy, String> {
+    s.parse()
+        .map_err(|e: berth_passthrough::DaxPolicyError| e.to_string())
+}
+
 fn parse_tag(tag: &str) -> Result<String, String> {
     if tag.is_empty() || tag.len() > MAX_TAG_LEN {
         Err(format!(
@@ -265,6 +270,13 @@ pub struct VhostUserArgs {
     /// vhost-user-test-device-pci with virtio-id=26; see the README.
     #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_dax_window)]
     pub dax_window: u64,
+
+    /// Which regular files a guest mounted with `-o dax=inode` maps through the DAX window:
+    /// never, always, size:N (files of at least N bytes, K/M/G suffixes allowed) or xattr
+    /// (files whose host attribute user.berth.dax is `1`). Default with a window: always.
+    /// A `dax=always` mount maps every file regardless.
+    #[arg(long, value_name = "POLICY", value_parser = parse_dax_policy)]
+    pub dax_policy: Option<DaxPolicy>,
 
     /// Print the vhost-user backend capabilities (JSON) and exit.
     #[arg(long)]
@@ -932,6 +944,16 @@ impl VhostUserArgs {
         let isolation = self.isolation.resolve(&self.fs.compat_options)?;
         let mut warnings = Vec::new();
         let (mut fs, compat_level) = self.fs.resolve(&mut warnings)?;
+        fs.dax_policy = match (self.dax_window, self.dax_policy) {
+            (0, None) => DaxPolicy::Never,
+            (0, Some(_)) => {
+                warnings.push(
+                    "--dax-policy has no effect without a DAX window (--dax-window)".to_owned(),
+                );
+                DaxPolicy::Never
+            }
+            (_, policy) => policy.unwrap_or(DaxPolicy::Always),
+        };
         fs.migration = MigrationConfig {
             mode: match &self.migration_mode {
                 Some(mode) => mode.parse().map_err(|_| CliError::InvalidChoice {
@@ -1082,6 +1104,9 @@ pub fn capabilities_json() -> String {
         "security-label-negotiation-mode",
         "separate-options",
         "migrate-precopy",
+        // berth's own: a DAX window (`--dax-window`) and per-file DAX (`--dax-policy`).
+        "dax-window",
+        "dax-policy",
     ];
     serde_json::json!({ "type": "fs", "features": features }).to_string()
 }
@@ -1225,6 +1250,38 @@ mod tests {
         assert_eq!(s.thread_pool_size, 0);
         assert_eq!(s.tag, None);
         assert_eq!(s.dax_window, 0);
+    }
+
+    #[test]
+    fn dax_policy_defaults_to_always_with_a_window_and_never_without() {
+        let base = ["--shared-dir", "/d", "--socket-path", "/s"];
+        let no_window = vhost_user(&base);
+        assert_eq!(no_window.fs.dax_policy, DaxPolicy::Never);
+        assert!(no_window.process.warnings.is_empty());
+        let window = vhost_user(&[&base[..], &["--dax-window", "64M"]].concat());
+        assert_eq!(window.fs.dax_policy, DaxPolicy::Always);
+        let sized = vhost_user(
+            &[
+                &base[..],
+                &["--dax-window", "64M", "--dax-policy", "size:2M"],
+            ]
+            .concat(),
+        );
+        assert_eq!(sized.fs.dax_policy, DaxPolicy::MinSize(2 << 20));
+        let idle = vhost_user(&[&base[..], &["--dax-policy", "xattr"]].concat());
+        assert_eq!(idle.fs.dax_policy, DaxPolicy::Never);
+        assert!(
+            idle.process
+                .warnings
+                .iter()
+                .any(|w| w.contains("--dax-policy")),
+            "a policy without a window is reported: {:?}",
+            idle.process.warnings
+        );
+        let bad = parse(&[&base[..], &["--dax-policy", "size:lots"]].concat())
+            .expect_err("size:lots refused");
+        assert_eq!(bad.kind(), ErrorKind::ValueValidation);
+        assert!(bad.to_string().contains("needs a size in bytes"), "{bad}");
     }
 
     #[test]

@@ -71,6 +71,71 @@ impl Negotiation {
     }
 }
 
+/// The host extended attribute that marks a file for DAX under `--dax-policy xattr`: the
+/// file is mapped through the window when its value is `1`.
+pub const DAX_XATTR: &std::ffi::CStr = c"user.berth.dax";
+
+/// Which regular files the guest is told to map through the DAX window (FUSE_ATTR_DAX in each
+/// reply's attributes). Only a guest mounted with `-o dax=inode` asks for (and honours) the
+/// per-file flag; `dax=always` maps every file whatever it says.
+#[derive(Debug, Default, Clone, Copy, Eq, PartialEq)]
+pub enum DaxPolicy {
+    /// No file carries the flag (and FUSE_HAS_INODE_DAX is not negotiated).
+    #[default]
+    Never,
+    /// Every regular file.
+    Always,
+    /// Regular files of at least this many bytes (small files gain little from a 2 MiB
+    /// mapping and cost a window range each).
+    MinSize(u64),
+    /// Regular files whose host attribute [`DAX_XATTR`] reads `1`.
+    Xattr,
+}
+
+/// Why a `--dax-policy` value was refused.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum DaxPolicyError {
+    /// Not one of the four forms.
+    #[error("unknown DAX policy '{0}'; expected never, always, size:N (e.g. size:1M) or xattr")]
+    Unknown(String),
+    /// `size:` without a usable size.
+    #[error(
+        "the DAX policy '{0}' needs a size in bytes with an optional K, M or G suffix \
+         (e.g. size:4096, size:1M)"
+    )]
+    BadSize(String),
+}
+
+impl FromStr for DaxPolicy {
+    type Err = DaxPolicyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "never" => return Ok(DaxPolicy::Never),
+            "always" => return Ok(DaxPolicy::Always),
+            "xattr" => return Ok(DaxPolicy::Xattr),
+            _ => {}
+        }
+        let Some(size) = s.strip_prefix("size:") else {
+            return Err(DaxPolicyError::Unknown(s.to_owned()));
+        };
+        let bad = || DaxPolicyError::BadSize(s.to_owned());
+        let (digits, shift) = match size.as_bytes().last() {
+            Some(b'k' | b'K') => (&size[..size.len() - 1], 10),
+            Some(b'm' | b'M') => (&size[..size.len() - 1], 20),
+            Some(b'g' | b'G') => (&size[..size.len() - 1], 30),
+            _ => (size, 0),
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        n.checked_mul(1u64 << shift)
+            .map(DaxPolicy::MinSize)
+            .ok_or_else(bad)
+    }
+}
+
 /// Whether inodes are held by file handle (`name_to_handle_at`) instead of an `O_PATH` fd.
 #[derive(Debug, Default, Clone, Copy, Eq, PartialEq)]
 pub enum InodeFileHandles {
@@ -224,6 +289,8 @@ pub struct Config {
     pub shared_cache: Option<crate::coherence::SharedCache>,
     /// Live-migration settings.
     pub migration: MigrationConfig,
+    /// Which files the guest maps through the DAX window; `Never` when there is no window.
+    pub dax_policy: DaxPolicy,
 }
 
 impl Default for Config {
@@ -254,6 +321,53 @@ impl Default for Config {
             proc_self_fd: None,
             shared_cache: None,
             migration: MigrationConfig::default(),
+            dax_policy: DaxPolicy::Never,
+        }
+    }
+}
+
+#[cfg(test)]
+mod dax_policy_tests {
+    use super::*;
+
+    #[test]
+    fn the_four_forms_parse() {
+        assert_eq!("never".parse(), Ok(DaxPolicy::Never));
+        assert_eq!("always".parse(), Ok(DaxPolicy::Always));
+        assert_eq!("xattr".parse(), Ok(DaxPolicy::Xattr));
+        assert_eq!("size:0".parse(), Ok(DaxPolicy::MinSize(0)));
+        assert_eq!("size:4096".parse(), Ok(DaxPolicy::MinSize(4096)));
+        assert_eq!("size:64k".parse(), Ok(DaxPolicy::MinSize(64 << 10)));
+        assert_eq!("size:2M".parse(), Ok(DaxPolicy::MinSize(2 << 20)));
+        assert_eq!("size:3G".parse(), Ok(DaxPolicy::MinSize(3 << 30)));
+    }
+
+    #[test]
+    fn anything_else_is_refused_with_its_text() {
+        for bad in ["", "Never", "sometimes", "size", "xattr:user.x", " always"] {
+            assert_eq!(
+                bad.parse::<DaxPolicy>(),
+                Err(DaxPolicyError::Unknown(bad.to_owned())),
+                "{bad:?}"
+            );
+        }
+        for bad in [
+            "size:",
+            "size:M",
+            "size:1T",
+            "size:-1",
+            "size:+1",
+            "size:1.5M",
+            "size: 1M",
+            "size:18446744073709551616",
+            "size:17179869184G",
+        ] {
+            let e = bad.parse::<DaxPolicy>().expect_err(bad);
+            assert_eq!(e, DaxPolicyError::BadSize(bad.to_owned()));
+            assert!(
+                e.to_string().contains(bad),
+                "the message quotes {bad:?}: {e}"
+            );
         }
     }
 }

@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use berth_versions::{Changes, SlotKey, VersionTable};
 use fuse_backend_rs::abi::fuse_abi::{
-    stat64, statvfs64, CopyFileRangeIn, CreateIn, FsOptions, OpenOptions, SetattrValid, ROOT_ID,
+    stat64, statvfs64, CopyFileRangeIn, CreateIn, FsOptions, OpenOptions, SetattrValid,
+    FUSE_ATTR_DAX, ROOT_ID,
 };
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileLock, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader,
@@ -27,7 +28,7 @@ use fuse_backend_rs::api::filesystem::{
 };
 
 use crate::coherence::{Coherence, Invalidation, Ticket};
-use crate::config::{CachePolicy, Config, InodeFileHandles, Negotiation};
+use crate::config::{CachePolicy, Config, DaxPolicy, InodeFileHandles, Negotiation, DAX_XATTR};
 use crate::error::Error;
 use crate::file_handle::{FileHandle, MountFds};
 use crate::handle_table::{HandleTable, OwnedBy};
@@ -109,6 +110,8 @@ pub struct PassthroughFs {
     pub(crate) setxattr_ext: AtomicBool,
     /// New nodes come with the guest's security context (FUSE_SECURITY_CTX).
     pub(crate) security_ctx: AtomicBool,
+    /// The guest decides DAX per file from FUSE_ATTR_DAX (FUSE_HAS_INODE_DAX negotiated).
+    inode_dax: AtomicBool,
     /// The host name of `security.capability` when the xattr map renames it: the host kernel
     /// no longer drops it on write, truncation and chown, so berth does.
     remapped_capability: Option<CString>,
@@ -227,6 +230,7 @@ impl PassthroughFs {
             posix_acl: AtomicBool::new(false),
             setxattr_ext: AtomicBool::new(false),
             security_ctx: AtomicBool::new(false),
+            inode_dax: AtomicBool::new(false),
             remapped_capability,
             reported_unmatched_name: AtomicBool::new(false),
             coherence: cfg.shared_cache.clone().map(Coherence::new),
@@ -526,10 +530,63 @@ impl PassthroughFs {
             inode: data.id,
             generation: 0,
             attr: st,
-            attr_flags: if submount { FUSE_ATTR_SUBMOUNT } else { 0 },
+            attr_flags: if submount { FUSE_ATTR_SUBMOUNT } else { 0 } | self.dax_flag(data, &st),
             attr_timeout,
             entry_timeout,
         }
+    }
+
+    /// FUSE_ATTR_DAX when the guest decides DAX per file and `--dax-policy` picks this one
+    /// (a regular file; of the policy's size, or carrying its extended attribute).
+    fn dax_flag(&self, data: &InodeData, st: &stat64) -> u32 {
+        if !self.inode_dax.load(Ordering::Relaxed) || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return 0;
+        }
+        let chosen = match self.cfg.dax_policy {
+            DaxPolicy::Never => false,
+            DaxPolicy::Always => true,
+            DaxPolicy::MinSize(min) => u64::try_from(st.st_size).is_ok_and(|size| size >= min),
+            DaxPolicy::Xattr => self.marked_for_dax(data),
+        };
+        if chosen {
+            FUSE_ATTR_DAX
+        } else {
+            0
+        }
+    }
+
+    /// Attribute flags of the inode `inode` for a GETATTR or SETATTR reply with `st`.
+    pub(crate) fn attr_flags_of(&self, inode: u64, st: &stat64) -> u32 {
+        if !self.inode_dax.load(Ordering::Relaxed) {
+            return 0;
+        }
+        match self.inodes.get(inode) {
+            Ok(data) => self.dax_flag(&data, st),
+            Err(_) => 0,
+        }
+    }
+
+    /// Whether the host file carries [`DAX_XATTR`] with the value `1`; any failure to read
+    /// it (no attribute, no xattr support on the host filesystem) means no.
+    fn marked_for_dax(&self, data: &InodeData) -> bool {
+        let Ok(fd) = self.inode_fd(data) else {
+            return false;
+        };
+        let Ok(path) = self.proc_relative(fd.as_fd().as_raw_fd()) else {
+            return false;
+        };
+        // Room for a longer value than `1`, so "10" or "1\n" read as what they are, not "1".
+        let mut value = [0u8; 4];
+        // SAFETY: `value` is writable for its length; result checked.
+        let n = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                DAX_XATTR.as_ptr(),
+                value.as_mut_ptr() as *mut libc::c_void,
+                value.len(),
+            )
+        };
+        n == 1 && value[0] == b'1'
     }
 
     fn do_lookup(&self, parent: u64, name: &CStr) -> io::Result<Entry> {
@@ -1154,6 +1211,11 @@ impl PassthroughFs {
         if self.cfg.allow_mmap {
             want |= init_flags::DIRECT_IO_ALLOW_MMAP;
         }
+        if self.cfg.dax_policy != DaxPolicy::Never {
+            // A guest mounted with `dax=inode` offers it and then maps exactly the files
+            // whose attributes carry FUSE_ATTR_DAX.
+            want |= FsOptions::PERFILE_DAX.bits();
+        }
         // Flags above bit 31 only count when the reply says the second word is there.
         if want >> 32 != 0 {
             want |= FsOptions::INIT_EXT.bits();
@@ -1174,6 +1236,8 @@ impl PassthroughFs {
             .store(on(init_flags::SETXATTR_EXT), Ordering::Relaxed);
         self.security_ctx
             .store(on(init_flags::SECURITY_CTX), Ordering::Relaxed);
+        self.inode_dax
+            .store(on(FsOptions::PERFILE_DAX.bits()), Ordering::Relaxed);
         Ok(enabled)
     }
 

@@ -25,8 +25,8 @@ pub mod xattr_map;
 
 pub use coherence::{Invalidation, SharedCache};
 pub use config::{
-    CachePolicy, Config, InodeFileHandles, MigrationConfig, MigrationMode, MigrationOnError,
-    Negotiation,
+    CachePolicy, Config, DaxPolicy, DaxPolicyError, InodeFileHandles, MigrationConfig,
+    MigrationMode, MigrationOnError, Negotiation, DAX_XATTR,
 };
 pub use error::Error;
 pub use fs::PassthroughFs;

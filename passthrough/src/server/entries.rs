@@ -80,7 +80,8 @@ impl FsServer {
         let GetattrIn { flags, fh, .. } = req.read()?;
         let handle = (flags & GETATTR_FH != 0).then_some(fh);
         let (st, timeout) = self.fs.getattr(&req.ctx, req.nodeid(), handle)?;
-        reply::attr(out, st, timeout)?;
+        let flags = self.fs.attr_flags_of(req.nodeid(), &st);
+        reply::attr(out, st, flags, timeout)?;
         reply::done()
     }
 
@@ -94,7 +95,8 @@ impl FsServer {
         let valid = SetattrValid::from_bits_truncate(setattr.valid);
         let st: stat64 = setattr.into();
         let (st, timeout) = self.fs.setattr(&req.ctx, req.nodeid(), st, handle, valid)?;
-        reply::attr(out, st, timeout)?;
+        let flags = self.fs.attr_flags_of(req.nodeid(), &st);
+        reply::attr(out, st, flags, timeout)?;
         reply::done()
     }
 

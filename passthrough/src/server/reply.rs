@@ -10,7 +10,7 @@ use std::io;
 use std::mem::size_of;
 use std::time::Duration;
 
-use fuse_backend_rs::abi::fuse_abi::{stat64, AttrOut, EntryOut, OpenOut, OutHeader};
+use fuse_backend_rs::abi::fuse_abi::{stat64, Attr, AttrOut, EntryOut, OpenOut, OutHeader};
 use fuse_backend_rs::api::filesystem::Entry;
 use vm_memory::ByteValued;
 
@@ -115,13 +115,18 @@ pub(crate) fn entry(out: &mut Reply<'_, '_>, entry: Entry) -> io::Result<()> {
     out.put(&EntryOut::from(entry))
 }
 
-/// The reply to a GETATTR or SETATTR.
-pub(crate) fn attr(out: &mut Reply<'_, '_>, st: stat64, timeout: Duration) -> io::Result<()> {
+/// The reply to a GETATTR or SETATTR; `flags` are fuse_attr's (FUSE_ATTR_DAX).
+pub(crate) fn attr(
+    out: &mut Reply<'_, '_>,
+    st: stat64,
+    flags: u32,
+    timeout: Duration,
+) -> io::Result<()> {
     out.put(&AttrOut {
         attr_valid: timeout.as_secs(),
         attr_valid_nsec: timeout.subsec_nanos(),
         dummy: 0,
-        attr: st.into(),
+        attr: Attr::with_flags(st, flags),
     })
 }
 
