@@ -10,6 +10,19 @@
 SID_DAXINODE_GUEST_CHECKS=(sid-daxinode-mount sid-daxinode-policy sid-daxinode-mmap
 	sid-daxinode-fio sid-daxinode-256M sid-daxinode-umount)
 SID_DAXINODE_HOST_CHECKS=(sid-daxinode-host sid-daxinode-daemon-exit-0)
+# Two guests, two berth daemons, one host directory, both with DAX: a write
+# through guest A's MAP_SHARED mapping shows in guest B's without any sync.
+SID_DAXPAIR_GUEST_CHECKS=(sid-daxpair-mount sid-daxpair-seen sid-daxpair-umount)
+SID_DAXPAIR_HOST_CHECKS=(sid-daxpair-poke sid-daxpair-host sid-daxpair-daemons-exit-0)
+# Everything here, for test.sh's --list and its choice of QEMUs to fetch.
+SID_DAX_TIER_CHECKS=("${SID_DAXINODE_GUEST_CHECKS[@]}" "${SID_DAXINODE_HOST_CHECKS[@]}"
+	"${SID_DAXPAIR_GUEST_CHECKS[@]}" "${SID_DAXPAIR_HOST_CHECKS[@]}")
+
+# Runs this file's boots (test.sh calls it with sid's QEMU fetched).
+sid_dax_tiers() {
+	dax_inode_tier
+	dax_pair_tier
+}
 
 # The share: files on both sides of the policy's 2 MiB. The DAX ones are whole
 # 2 MiB ranges and preallocated (sparse), so the guest's writes stay inside
@@ -80,6 +93,76 @@ GUEST
 			problems+=("the VMM failed window requests: $(grep -E 'did not (map|unmap)|Cannot unmap' "$LOGS/daxinode.log" | sed -n 1,3p)")
 		fi
 		record_problems sid-daxinode-host "$start" "${problems[@]}"
+	fi
+	discard_in_background "$share"
+}
+
+dax_pair_tier() {
+	if ! any_selected "${SID_DAXPAIR_GUEST_CHECKS[@]}" "${SID_DAXPAIR_HOST_CHECKS[@]}"; then
+		return 0
+	fi
+	if [ "$daemon_kind" != berth ]; then
+		local check
+		for check in "${SID_DAXPAIR_GUEST_CHECKS[@]}" "${SID_DAXPAIR_HOST_CHECKS[@]}"; do
+			selected "$check" && record "$check" SKIP 0 "virtiofsd offers no DAX window"
+		done
+		return 0
+	fi
+	local share=$WORK/share-daxpair extra=$WORK/daxpair-files side
+	mkdir -p "$share" "$extra"
+	# A whole 2 MiB range of zeros: QEMU 11.1 maps nothing past a file's end.
+	head -c 2M /dev/zero >"$share/pair-2M"
+	cp "$GUEST_IMAGES_DIR/guest/dax.pl" "$GUEST_IMAGES_DIR/guest/dax.sh" "$extra/"
+	for side in a b; do
+		start_daemon "daxpair-$side" "$share" --tag daxpair --max-request-queues 1 --dax-window 256M
+	done
+	local mount='[ -z "$ONLY" ] || ONLY="$ONLY,sid-daxpair-mount,sid-daxpair-umount"
+check sid-daxpair-mount mount_dax_share daxpair'
+	printf '%s\n' 'echo "@@boot $(cut -d" " -f1 /proc/uptime)"' '. /test/checks.sh' '. /test/dax.sh' \
+		"$mount" '[ -z "$ONLY" ] || ONLY="$ONLY,sid-daxpair-poke"' \
+		'check sid-daxpair-poke dax_pair_poke /mnt/daxpair' \
+		'umount /mnt/daxpair' '[ "$CHECK_FAILURES" = 0 ]' >"$WORK/sid-daxpair-a.sh"
+	printf '%s\n' 'echo "@@boot $(cut -d" " -f1 /proc/uptime)"' '. /test/checks.sh' '. /test/dax.sh' \
+		"$mount" 'check sid-daxpair-seen dax_pair_watch /mnt/daxpair' \
+		'check sid-daxpair-umount unmount_shares daxpair' '[ "$CHECK_FAILURES" = 0 ]' >"$WORK/sid-daxpair-b.sh"
+	# Guest A boots in the background (its one check is read from its console
+	# afterwards), guest B in the foreground like every other boot.
+	local console_a=$LOGS/sid-daxpair-a-console.log extra_a rc_a=0 pid_a start
+	extra_a=$(RUN_GUEST_EXTRA=$extra guest_extra sid-daxpair-a)
+	start=$(now_seconds)
+	guest_boot --qemu sid --script "$WORK/sid-daxpair-a.sh" --extra "$extra_a" --console "$console_a" \
+		--timeout 300 --fs "daxpair=$WORK/daxpair-a.sock,device=generic" >/dev/null 2>&1 &
+	pid_a=$!
+	BACKGROUND_PIDS+=("$pid_a")
+	RUN_GUEST_EXTRA=$extra run_guest sid-daxpair-b "$WORK/sid-daxpair-b.sh" "${SID_DAXPAIR_GUEST_CHECKS[@]}" -- \
+		--qemu sid --timeout 300 --fs "daxpair=$WORK/daxpair-b.sock,device=generic"
+	wait "$pid_a" || rc_a=$?
+	local kept=() pid
+	for pid in "${BACKGROUND_PIDS[@]}"; do
+		[ "$pid" = "$pid_a" ] || kept+=("$pid")
+	done
+	BACKGROUND_PIDS=("${kept[@]}")
+	if selected sid-daxpair-poke; then
+		local line
+		line=$(tr -d '\r' <"$console_a" | grep -a -o '@@check sid-daxpair-poke [A-Z]*' || true)
+		case $line in
+		*PASS) record sid-daxpair-poke PASS "$(seconds_since "$start")" ;;
+		*) record sid-daxpair-poke FAIL "$(seconds_since "$start")" "guest A (status $rc_a) did not store through its mapping: ${line:-no result} ($console_a)" ;;
+		esac
+	fi
+	selected sid-daxpair-daemons-exit-0 && check_daemons_exit sid-daxpair-daemons-exit-0 daxpair-a daxpair-b
+	if selected sid-daxpair-host; then
+		local problems=() got
+		start=$(now_seconds)
+		# One copy of the data: the host file itself holds A's unsynced store.
+		got=$(dd if="$share/pair-2M" bs=1 skip=4096 count=18 status=none)
+		[ "$got" = "written by guest A" ] || problems+=("the host file holds '$got' where guest A stored its text")
+		for side in a b; do
+			if grep -E 'did not (map|unmap)|Cannot unmap' "$LOGS/daxpair-$side.log" >/dev/null; then
+				problems+=("guest $side's VMM failed window requests ($LOGS/daxpair-$side.log)")
+			fi
+		done
+		record_problems sid-daxpair-host "$start" "${problems[@]}"
 	fi
 	discard_in_background "$share"
 }

@@ -57,7 +57,7 @@ while [ $# -gt 0 ]; do
 			"${BLOCK_GUEST_CHECKS[@]}" "${BLOCK_HOST_CHECKS[@]}" \
 			"${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
 			"${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}" \
-			"${SID_DAXINODE_GUEST_CHECKS[@]}" "${SID_DAXINODE_HOST_CHECKS[@]}" \
+			"${SID_DAX_TIER_CHECKS[@]}" \
 			"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}" \
 			"${IMAGE_GUEST_CHECKS[@]}" "${IMAGE_HOST_CHECKS[@]}" "${FSCACHE_GUEST_CHECKS[@]}" "${FSCACHE_HOST_CHECKS[@]}"
 		exit 0
@@ -452,7 +452,7 @@ prepare_guest
 SID_SELECTED=0
 if any_selected "${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
 	"${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}" \
-	"${SID_DAXINODE_GUEST_CHECKS[@]}" "${SID_DAXINODE_HOST_CHECKS[@]}" \
+	"${SID_DAX_TIER_CHECKS[@]}" \
 	"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}"; then
 	SID_SELECTED=1
 	ensure_host_packages python3 # for qmp.py
@@ -731,7 +731,7 @@ GUEST
 			discard_in_background "$WORK/share-dax"
 		fi
 	fi
-	dax_inode_tier
+	sid_dax_tiers
 
 	if any_selected "${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}"; then
 		mkdir -p "$WORK/share-fs" "$WORK/migration"

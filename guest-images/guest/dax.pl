@@ -7,13 +7,15 @@
 #                              does not report the attribute at all)
 #   dax.pl mmap-fill FILE SRC  maps FILE (MAP_SHARED, its whole size), copies
 #                              SRC into the mapping with read(2), msync(MS_SYNC)
-#   dax.pl mmap-watch FILE OFFSET LEN EXPECT SECONDS
-#                              maps FILE read-only and polls the mapping until
-#                              the LEN bytes at OFFSET read EXPECT (exit 0), or
-#                              SECONDS pass (exit 1)
-#   dax.pl mmap-poke FILE OFFSET TEXT
-#                              maps FILE (MAP_SHARED) and stores TEXT at OFFSET
-#                              through the mapping, without msync
+#   dax.pl mmap-watch FILE OFFSET EXPECT SECONDS READY
+#                              maps FILE read-only, reads the bytes at OFFSET
+#                              once (they must not be EXPECT yet), creates the
+#                              file READY, then polls the mapping until they
+#                              read EXPECT (exit 0) or SECONDS pass (exit 1)
+#   dax.pl mmap-poke FILE OFFSET TEXT UNTIL SECONDS
+#                              maps FILE (MAP_SHARED), stores TEXT at OFFSET
+#                              through the mapping, and keeps it mapped, never
+#                              msynced, until the file UNTIL exists
 use strict;
 use warnings;
 use Fcntl qw(O_RDONLY O_RDWR);
@@ -70,7 +72,8 @@ if ($cmd eq 'attr') {
 	syscall($nr{msync}, $addr, $len, MS_SYNC) == 0 or fail "msync: $!";
 	syscall($nr{munmap}, $addr, $len) == 0 or fail "munmap: $!";
 } elsif ($cmd eq 'mmap-poke') {
-	my ($path, $offset, $text) = @ARGV;
+	my ($path, $offset, $text, $until, $seconds) = @ARGV;
+	# Numbers, not strings: syscall passes a string argument as a pointer.
 	$offset += 0;
 	my (undef, $len) = statx_of($path);
 	sysopen(my $fh, $path, O_RDWR) or fail "open $path: $!";
@@ -81,25 +84,36 @@ if ($cmd eq 'attr') {
 	close $w;
 	my $n = syscall($nr{read}, fileno($r), $addr + $offset, length($text));
 	fail "store through the mapping: $!" unless $n == length($text);
-	# Stay mapped (no msync, no munmap) until the watcher has seen it.
-	sleep 1 while -e "$path.poke-hold";
+	print "stored\n";
+	my $deadline = time + $seconds;
+	until (-e $until) {
+		fail "$until did not appear in $seconds s" if time > $deadline;
+		select(undef, undef, undef, 0.2);
+	}
 } elsif ($cmd eq 'mmap-watch') {
-	my ($path, $offset, $len, $expect, $seconds) = @ARGV;
-	# Numbers, not strings: syscall passes a string argument as a pointer.
-	($offset, $len) = ($offset + 0, $len + 0);
+	my ($path, $offset, $expect, $seconds, $ready) = @ARGV;
+	$offset += 0;
+	my $len = length($expect);
 	my (undef, $size) = statx_of($path);
 	sysopen(my $fh, $path, O_RDONLY) or fail "open $path: $!";
 	my $addr = map_file(fileno($fh), $size, PROT_READ);
 	pipe(my $r, my $w) or fail "pipe: $!";
-	my $deadline = time + $seconds;
-	while (1) {
-		# write(2) from the mapping into a pipe reads the mapped bytes.
+	# write(2) from the mapping into a pipe reads the mapped bytes.
+	my $peek = sub {
 		my $n = syscall($nr{write}, fileno($w), $addr + $offset, $len);
 		fail "read the mapping: $!" unless $n == $len;
 		sysread($r, my $seen, $len) == $len or fail "pipe read: $!";
+		return $seen;
+	};
+	fail "the mapping shows '$expect' before the other side wrote it" if $peek->() eq $expect;
+	open(my $signal, '>', $ready) or fail "create $ready: $!";
+	close $signal;
+	my $deadline = time + $seconds;
+	while (1) {
+		my $seen = $peek->();
 		if ($seen eq $expect) { print "seen\n"; exit 0 }
 		if (time > $deadline) { print "still '$seen'\n"; exit 1 }
-		select(undef, undef, undef, 0.1);
+		select(undef, undef, undef, 0.05);
 	}
 } else {
 	fail "unknown command $cmd";

@@ -90,3 +90,25 @@ dax_write_256m() {
 	[ "$(sha256sum <"$d/big-256M" | cut -c1-64)" = "$sum" ]
 	echo "$sum" >"$d/256M.sha256"
 }
+
+# Guest A of the two-guest pair (each guest on its own berth, one host
+# directory, both dax=always): once guest B has mapped $1/pair-2M, stores a
+# text through A's own MAP_SHARED mapping, never msyncs, and keeps the mapping
+# until B has seen the text in its mapping.
+dax_pair_poke() {
+	local d=$1
+	for _ in $(seq 1800); do
+		[ -e "$d/b-mapped" ] && break
+		sleep 0.1
+	done
+	[ -e "$d/b-mapped" ]
+	perl /test/dax.pl mmap-poke "$d/pair-2M" 4096 "written by guest A" "$d/b-saw" 120
+}
+
+# Guest B: maps $1/pair-2M read-only, says so, and watches the mapping until A's
+# text appears (both map the host's page cache: one copy of the data).
+dax_pair_watch() {
+	local d=$1
+	perl /test/dax.pl mmap-watch "$d/pair-2M" 4096 "written by guest A" 120 "$d/b-mapped"
+	touch "$d/b-saw"
+}
