@@ -457,12 +457,15 @@ fn print_capabilities_lists_the_features() {
         );
     }
     if testing_berth() {
-        // berth migrates (dirty logging and device state), and says so; nothing more.
-        assert!(
-            features.contains(&"migrate-precopy"),
-            "migrate-precopy missing from {features:?}"
-        );
-        assert_eq!(features.len(), 4, "{features:?}");
+        // berth migrates (dirty logging and device state) and offers a DAX window with a
+        // per-file policy, and says so; nothing more.
+        for wanted in ["migrate-precopy", "dax-window", "dax-policy"] {
+            assert!(
+                features.contains(&wanted),
+                "{wanted} missing from {features:?}"
+            );
+        }
+        assert_eq!(features.len(), 6, "{features:?}");
     }
 }
 
