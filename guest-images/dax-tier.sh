@@ -1,14 +1,14 @@
 # shellcheck shell=bash
 # The per-file DAX boot of test.sh (sourced by it; uses its record/run_guest/
 # start_daemon helpers and $WORK, $LOGS, $DAEMON): Debian sid's QEMU on the
-# generic vhost-user device, berth with --dax-window 1G --dax-policy size:2M, a
-# `dax=inode` mount. The guest checks that exactly the policy's files are DAX
-# (statx), writes through a MAP_SHARED mapping and msyncs, runs fio with crc32c
+# generic vhost-user device, berth with --dax-window 1G --dax-policy size:2M
+# (and a second share with --dax-policy xattr), `dax=inode` mounts. The guest
+# checks that exactly the policies' files are DAX (statx), writes through a MAP_SHARED mapping and msyncs, runs fio with crc32c
 # verification over a DAX file, and writes 256 MiB through the window; the host
 # compares the checksums with what it reads from its own files.
 
-SID_DAXINODE_GUEST_CHECKS=(sid-daxinode-mount sid-daxinode-policy sid-daxinode-mmap
-	sid-daxinode-fio sid-daxinode-256M sid-daxinode-umount)
+SID_DAXINODE_GUEST_CHECKS=(sid-daxinode-mount sid-daxinode-policy sid-daxinode-xattr
+	sid-daxinode-mmap sid-daxinode-fio sid-daxinode-256M sid-daxinode-umount)
 SID_DAXINODE_HOST_CHECKS=(sid-daxinode-host sid-daxinode-daemon-exit-0)
 # Two guests, two berth daemons, one host directory, both with DAX: a write
 # through guest A's MAP_SHARED mapping shows in guest B's without any sync.
@@ -22,6 +22,16 @@ SID_DAX_TIER_CHECKS=("${SID_DAXINODE_GUEST_CHECKS[@]}" "${SID_DAXINODE_HOST_CHEC
 sid_dax_tiers() {
 	dax_inode_tier
 	dax_pair_tier
+}
+
+# The second share, served with --dax-policy xattr: two 4 MiB files, one marked.
+dax_xattr_share() {
+	local share=$1
+	mkdir -p "$share"
+	head -c 4M /dev/urandom >"$share/marked-4M"
+	head -c 4M /dev/urandom >"$share/unmarked-4M"
+	python3 -c 'import os, sys; os.setxattr(sys.argv[1], "user.berth.dax", b"1")' "$share/marked-4M"
+	(cd "$share" && sha256sum marked-4M unmarked-4M >host.sums)
 }
 
 # The share: files on both sides of the policy's 2 MiB. The DAX ones are whole
@@ -53,31 +63,37 @@ dax_inode_tier() {
 	fi
 	local share=$WORK/share-daxinode extra=$WORK/daxinode-files
 	dax_inode_share "$share"
+	dax_xattr_share "$WORK/share-daxattr"
 	mkdir -p "$extra"
 	cp "$GUEST_IMAGES_DIR/guest/dax.pl" "$GUEST_IMAGES_DIR/guest/dax.sh" "$extra/"
 	start_daemon daxinode "$share" --tag daxinode --max-request-queues 1 \
 		--dax-window 1G --dax-policy size:2M
+	start_daemon daxattr "$WORK/share-daxattr" --tag daxattr --max-request-queues 1 \
+		--dax-window 64M --dax-policy xattr
 	cat >"$WORK/sid-daxinode.sh" <<'GUEST'
 echo "@@boot $(cut -d' ' -f1 /proc/uptime)"
 . /test/checks.sh
 . /test/dax.sh
-# The mount and unmount run whatever --only picked.
-[ -z "$ONLY" ] || ONLY="$ONLY,sid-daxinode-mount,sid-daxinode-umount"
+# The mounts and unmounts run whatever --only picked.
+[ -z "$ONLY" ] || ONLY="$ONLY,sid-daxinode-mount,sid-daxinode-xattr,sid-daxinode-umount"
 check sid-daxinode-mount mount_dax_inode_share daxinode
 check sid-daxinode-policy dax_policy_files /mnt/daxinode
+check sid-daxinode-xattr dax_xattr_files daxattr
 check sid-daxinode-mmap dax_mmap_write /mnt/daxinode
 check sid-daxinode-fio dax_fio_verify /mnt/daxinode
 check sid-daxinode-256M dax_write_256m /mnt/daxinode
-check sid-daxinode-umount unmount_shares daxinode
+check sid-daxinode-umount unmount_shares daxinode daxattr
 [ "$CHECK_FAILURES" = 0 ]
 GUEST
 	RUN_GUEST_EXTRA=$extra run_guest sid-daxinode "$WORK/sid-daxinode.sh" "${SID_DAXINODE_GUEST_CHECKS[@]}" -- \
-		--qemu sid --timeout 300 --fs "daxinode=$WORK/daxinode.sock,device=generic"
-	selected sid-daxinode-daemon-exit-0 && check_daemons_exit sid-daxinode-daemon-exit-0 daxinode
+		--qemu sid --timeout 300 --fs "daxinode=$WORK/daxinode.sock,device=generic" \
+		--fs "daxattr=$WORK/daxattr.sock,device=generic"
+	selected sid-daxinode-daemon-exit-0 && check_daemons_exit sid-daxinode-daemon-exit-0 daxinode daxattr
 	if selected sid-daxinode-host; then
 		local start problems=() name want got maps
 		start=$(now_seconds)
 		for name in mmap:big-8M 256M:big-256M; do
+			selected "sid-daxinode-${name%%:*}" || continue
 			want=$(cat "$share/${name%%:*}.sha256" 2>/dev/null || echo none)
 			got=$(sha256sum <"$share/${name#*:}" | cut -c1-64)
 			[ "$want" = "$got" ] ||
@@ -85,6 +101,10 @@ GUEST
 		done
 		maps=$(sed -n 's/.*DAX window at exit: .* maps=\([0-9]*\) .*/\1/p' "$LOGS/daxinode.log")
 		[ "${maps:-0}" -gt 0 ] || problems+=("berth mapped nothing into the window ($LOGS/daxinode.log)")
+		# The marked file of the xattr share was read through its window.
+		local xattr_maps
+		xattr_maps=$(sed -n 's/.*DAX window at exit: .* maps=\([0-9]*\) .*/\1/p' "$LOGS/daxattr.log")
+		[ "${xattr_maps:-0}" -gt 0 ] || problems+=("berth mapped nothing for the file marked user.berth.dax ($LOGS/daxattr.log)")
 		# 256 MiB written through the window is at least 128 mappings of 2 MiB.
 		if selected sid-daxinode-256M && [ "${maps:-0}" -lt 128 ]; then
 			problems+=("only ${maps:-0} window mappings for a 256 MiB file written through DAX")
@@ -94,7 +114,7 @@ GUEST
 		fi
 		record_problems sid-daxinode-host "$start" "${problems[@]}"
 	fi
-	discard_in_background "$share"
+	discard_in_background "$share" "$WORK/share-daxattr"
 }
 
 dax_pair_tier() {

@@ -39,6 +39,22 @@ fio-64M dax"
 	(cd "$d" && sha256sum -c --quiet host.sums)
 }
 
+# Mounts tag $1 (served with --dax-policy xattr) with dax=inode: statx reports
+# DAX on the file the host marked with user.berth.dax=1 only, and both files
+# read what the host wrote (the marked one through the window).
+dax_xattr_files() {
+	local d=/mnt/$1 got
+	mount_dax_inode_share "$1"
+	got=$(cd "$d" && perl /test/dax.pl attr marked-4M unmarked-4M)
+	if [ "$got" != "marked-4M dax
+unmarked-4M plain" ]; then
+		echo "statx says:"
+		echo "$got"
+		false
+	fi
+	(cd "$d" && sha256sum -c --quiet host.sums)
+}
+
 # Maps $1/big-8M MAP_SHARED, stores 8 MiB of random data through the mapping,
 # msyncs, and leaves the data's sha256 in mmap.sha256 for the host.
 dax_mmap_write() {
