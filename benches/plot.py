@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Plots the medians of a `berth-loadgen compare --json` file, one SVG per workload family,
-the table of a `benches/guest-fio.sh` JSON file as guest-fio.svg, or the table of a
-`benches/guest-block.sh` JSON file as guest-block.svg.
+the table of a `benches/guest-fio.sh` JSON file as guest-fio.svg, the table of a
+`benches/guest-block.sh` JSON file as guest-block.svg, or the table of a
+`benches/guest-dax.sh` JSON file as guest-dax.svg.
 
     python3 benches/plot.py benches/results/full.json docs/plots
     python3 benches/plot.py benches/results/guest-fio.json docs/plots
     python3 benches/plot.py benches/results/guest-block.json docs/plots
+    python3 benches/plot.py benches/results/guest-dax.json docs/plots
 
 Needs matplotlib (pip install matplotlib).
 """
@@ -18,7 +20,7 @@ import matplotlib
 matplotlib.use("svg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"berth": "#1f77b4", "virtiofsd": "#ff7f0e", "native": "#7f7f7f",
+COLORS = {"DAX": "#2ca02c", "no DAX": "#d62728", "berth": "#1f77b4", "virtiofsd": "#ff7f0e", "native": "#7f7f7f",
           "zero-copy": "#1f77b4", "user-copy": "#2ca02c", "copy": "#9467bd", "loop": "#7f7f7f"}
 FAMILIES = {
     "read": "Reads (ops/s, log scale)",
@@ -33,6 +35,9 @@ def main():
     data = json.loads(source.read_text())
     if data.get("kind") == "guest-block":
         plot_guest_block(data, out_dir)
+        return
+    if "window_at_exit" in data:
+        plot_guest_dax(data, out_dir)
         return
     if "table" in data:
         plot_guest_fio(data, out_dir)
@@ -77,6 +82,31 @@ def plot_guest_fio(data, out_dir):
         width=9,
         rotation=30,
     )
+
+
+def plot_guest_dax(data, out_dir):
+    """DAX against no DAX on one berth, one group of bars per job, the ratio over each."""
+    table = data["table"]
+    modes = [("DAX", "dax_iops"), ("no DAX", "nodax_iops")]
+    bar = 0.8 / len(modes)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for index, (mode, key) in enumerate(modes):
+        xs = [i + (index - (len(modes) - 1) / 2) * bar for i in range(len(table))]
+        ax.bar(xs, [row[key] for row in table], bar, label=mode, color=COLORS[mode])
+    for i, row in enumerate(table):
+        ax.annotate(f"{row['ratio']:.2f}x", (i, max(row["dax_iops"], row["nodax_iops"])),
+                    ha="center", va="bottom", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(table)))
+    ax.set_xticklabels([row["job"] for row in table], fontsize=7, rotation=30, ha="right")
+    ax.set_title(f"fio in a QEMU TCG guest (IOPS, log scale), berth --dax-window 1G, "
+                 f"dax=always vs dax=never alternating on one boot,\nmedian of "
+                 f"{data['repetitions']}, {data['runtime_s']} s per job; labels: DAX/no DAX",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "guest-dax.svg", metadata={"Date": None})
+    plt.close(fig)
 
 
 def plot_guest_block(data, out_dir):
