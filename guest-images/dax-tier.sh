@@ -86,7 +86,7 @@ check sid-daxinode-umount unmount_shares daxinode daxattr
 [ "$CHECK_FAILURES" = 0 ]
 GUEST
 	RUN_GUEST_EXTRA=$extra run_guest sid-daxinode "$WORK/sid-daxinode.sh" "${SID_DAXINODE_GUEST_CHECKS[@]}" -- \
-		--qemu sid --timeout 300 --fs "daxinode=$WORK/daxinode.sock,device=generic" \
+		--qemu sid --timeout 600 --fs "daxinode=$WORK/daxinode.sock,device=generic" \
 		--fs "daxattr=$WORK/daxattr.sock,device=generic"
 	selected sid-daxinode-daemon-exit-0 && check_daemons_exit sid-daxinode-daemon-exit-0 daxinode daxattr
 	if selected sid-daxinode-host; then
