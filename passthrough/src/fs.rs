@@ -111,7 +111,7 @@ pub struct PassthroughFs {
     /// New nodes come with the guest's security context (FUSE_SECURITY_CTX).
     pub(crate) security_ctx: AtomicBool,
     /// The guest decides DAX per file from FUSE_ATTR_DAX (FUSE_HAS_INODE_DAX negotiated).
-    inode_dax: AtomicBool,
+    pub(crate) inode_dax: AtomicBool,
     /// The host name of `security.capability` when the xattr map renames it: the host kernel
     /// no longer drops it on write, truncation and chown, so berth does.
     remapped_capability: Option<CString>,

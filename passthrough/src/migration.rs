@@ -85,7 +85,7 @@ fn io_error(what: &'static str) -> impl FnOnce(io::Error) -> MigrationError {
 }
 
 /// The FUSE session flags FUSE_INIT negotiated, one bit each.
-const SESSION_FLAGS: usize = 6;
+const SESSION_FLAGS: usize = 7;
 
 /// What the source wrote about the guest's session.
 pub(crate) struct SessionState {
@@ -283,7 +283,7 @@ fn display(bytes: &[u8]) -> String {
 impl PassthroughFs {
     /// The per-session flags FUSE_INIT negotiated, in the bit order the
     /// state stream uses; one list so saving and loading cannot disagree.
-    fn session_flag_cells(&self) -> [&AtomicBool; 6] {
+    fn session_flag_cells(&self) -> [&AtomicBool; SESSION_FLAGS] {
         [
             &self.writeback,
             &self.announce_submounts,
@@ -291,6 +291,8 @@ impl PassthroughFs {
             &self.posix_acl,
             &self.setxattr_ext,
             &self.security_ctx,
+            // Added last: a stream from before per-file DAX reads as "not negotiated".
+            &self.inode_dax,
         ]
     }
 
@@ -808,6 +810,31 @@ mod tests {
         assert_eq!(relative_to(b"/srv/shared/a", b"/srv/share"), None);
         assert_eq!(relative_to(b"/a/b", b"/"), Some(&b"a/b"[..]));
         assert_eq!(relative_to(b"/other", b"/srv/share"), None);
+    }
+
+    #[test]
+    fn per_file_dax_travels_with_the_session() {
+        let dir = std::env::temp_dir().join(format!("berth-mig-dax-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = || crate::Config {
+            root_dir: dir.clone(),
+            dax_policy: crate::DaxPolicy::Always,
+            ..Default::default()
+        };
+        let source = PassthroughFs::new(config()).unwrap();
+        source.inode_dax.store(true, Ordering::Relaxed);
+        let stream = source
+            .save_state(&SessionState { initialized: true })
+            .unwrap();
+        let destination = PassthroughFs::new(config()).unwrap();
+        assert!(!destination.inode_dax.load(Ordering::Relaxed));
+        destination.load_state(&stream).unwrap();
+        assert!(
+            destination.inode_dax.load(Ordering::Relaxed),
+            "FUSE_HAS_INODE_DAX negotiated on the source holds on the destination"
+        );
+        drop((source, destination));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
