@@ -308,6 +308,12 @@ pub struct FuseArgs {
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
 
+    /// FUSE passthrough: the kernel reads, writes and maps open files straight from the host
+    /// file (Linux 6.9+, CONFIG_FUSE_PASSTHROUGH, CAP_SYS_ADMIN). `auto` uses it where the
+    /// kernel and berth's privileges allow, `always` fails to start otherwise.
+    #[arg(long, value_name = "auto|always|never", default_value = "auto")]
+    pub passthrough: berth_passthrough::PassthroughMode,
+
     #[command(flatten)]
     pub shared_cache: crate::shared_cache::SharedCacheArgs,
 
@@ -542,6 +548,7 @@ pub struct IsolationSettings {
 pub struct FuseSettings {
     pub mountpoint: PathBuf,
     pub threads: usize,
+    pub passthrough: berth_passthrough::PassthroughMode,
     pub shared_cache: crate::shared_cache::SharedCacheArgs,
     pub isolation: IsolationSettings,
     pub fs: Config,
@@ -1002,6 +1009,7 @@ impl FuseArgs {
             // clap enforces `required`; the Option only lets the struct be flattened.
             mountpoint: self.mountpoint.clone().unwrap_or_default(),
             threads: usize::from(self.threads),
+            passthrough: self.passthrough,
             shared_cache: self.shared_cache.clone(),
             isolation,
             fs,

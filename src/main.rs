@@ -164,11 +164,16 @@ fn sandbox_config(isolation: &IsolationSettings, shared_dir: &Path) -> SandboxCo
 
 /// Drops capabilities (when root) and installs the main thread's seccomp filter: every thread
 /// started afterwards inherits it and narrows it to its role.
-fn confine_main_thread(isolation: &IsolationSettings, file_handles: bool) -> anyhow::Result<()> {
+fn confine_main_thread(
+    isolation: &IsolationSettings,
+    file_handles: bool,
+    fuse_passthrough: bool,
+) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         berth_seccomp::drop_capabilities(&CapsNeeded {
             file_handles,
+            fuse_passthrough,
             modcaps: isolation.modcaps.clone(),
         })
         .context("cannot drop capabilities")?;
@@ -182,10 +187,12 @@ fn confine_main_thread(isolation: &IsolationSettings, file_handles: bool) -> any
 /// opened after pivot_root and before the filters forbid opening them.
 ///
 /// `in_sandbox` runs inside the sandbox while the process still has its capabilities (shared
-/// caching sets up its host watcher there).
+/// caching sets up its host watcher there). `fuse_passthrough` keeps the capability FUSE
+/// passthrough needs.
 fn confine_and_open(
     isolation: &IsolationSettings,
     mut fs: Config,
+    fuse_passthrough: bool,
     in_sandbox: impl FnOnce(&mut Config) -> anyhow::Result<()>,
 ) -> anyhow::Result<Arc<FsServer>> {
     let outcome = berth_seccomp::enter_sandbox(&sandbox_config(isolation, &fs.root_dir))
@@ -195,7 +202,7 @@ fn confine_and_open(
     in_sandbox(&mut fs)?;
     let file_handles = fs.inode_file_handles != InodeFileHandles::Never;
     let server = open_filesystem(fs)?;
-    confine_main_thread(isolation, file_handles)?;
+    confine_main_thread(isolation, file_handles, fuse_passthrough)?;
     Ok(server)
 }
 
@@ -215,7 +222,7 @@ fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> a
             (listener, Some(Arc::new(file)))
         }
     };
-    let server = confine_and_open(&settings.isolation, settings.fs, |_| Ok(()))?;
+    let server = confine_and_open(&settings.isolation, settings.fs, false, |_| Ok(()))?;
     let socket_for_signals = socket_file.clone();
     signals.spawn_handler(move |signal| {
         info!("Received {}; exiting.", signal_name(signal));
@@ -276,9 +283,26 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
         &settings.fs.root_dir,
         settings.fs.writeback,
     )?;
+    let passthrough = fusedev::passthrough_wanted(
+        settings.passthrough,
+        &settings.fs,
+        settings.shared_cache.shared_cache,
+    )?;
     // The mount must be visible on the host: it is made before the sandbox (a new mount
     // namespace) exists, and only a guard left outside can take it down again.
     let session = fusedev::mount(&mountpoint, settings.fs.readonly)?;
+    let backing = match passthrough {
+        true => match fusedev::backing_files(&session, settings.passthrough, &settings.fs.root_dir)
+        {
+            Ok(backing) => Some(backing),
+            Err(e) => {
+                let mut session = std::mem::ManuallyDrop::into_inner(session);
+                let _ = session.umount();
+                return Err(e);
+            }
+        },
+        false => None,
+    };
     let guard = match fusedev::UnmountGuard::spawn(&mountpoint, settings.isolation.seccomp, root) {
         Ok(guard) => guard,
         Err(e) => {
@@ -292,7 +316,7 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
         (Some(_), Some(file)) => Some(file.try_clone().context("cannot duplicate /dev/fuse")?),
         _ => None,
     };
-    let prepared = confine_and_open(&settings.isolation, settings.fs, |fs| {
+    let prepared = confine_and_open(&settings.isolation, settings.fs, passthrough, |fs| {
         if let Some(shared) = &shared {
             watcher = Some(shared.attach(fs)?);
         }
@@ -305,6 +329,9 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
         }
         if let Some(fuse) = notifier_fuse {
             fuse_notify::start(server.clone(), fuse, seccomp)?;
+        }
+        if let Some(backing) = backing {
+            server.use_backing_files(backing);
         }
         Ok(server)
     });
@@ -325,5 +352,8 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
         signals,
     );
     info!("FUSE requests served: {}.", server.request_counts());
+    if let Some(backing) = server.backing_files() {
+        info!("FUSE passthrough backing files: {}.", backing.summary());
+    }
     served
 }

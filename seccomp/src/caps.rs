@@ -80,6 +80,9 @@ impl FromStr for ModCaps {
 pub struct CapsNeeded {
     /// `--inode-file-handles` is not `never`: `open_by_handle_at` needs CAP_DAC_READ_SEARCH.
     pub file_handles: bool,
+    /// `berth fuse` with FUSE passthrough: registering backing files needs CAP_SYS_ADMIN
+    /// (in the initial user namespace).
+    pub fuse_passthrough: bool,
     /// The `--modcaps` adjustments.
     pub modcaps: ModCaps,
 }
@@ -99,6 +102,16 @@ impl CapsNeeded {
                 return Err(Error::CapabilityRequired {
                     capability: "DAC_READ_SEARCH".to_owned(),
                     needed_by: "--inode-file-handles",
+                });
+            }
+            keep.insert(needed);
+        }
+        if self.fuse_passthrough {
+            let needed = Capability::CAP_SYS_ADMIN;
+            if self.modcaps.remove.contains(&needed) {
+                return Err(Error::CapabilityRequired {
+                    capability: "SYS_ADMIN".to_owned(),
+                    needed_by: "--passthrough",
                 });
             }
             keep.insert(needed);
@@ -165,10 +178,24 @@ pub fn drop_thread_capabilities() -> Result<(), Error> {
     Ok(())
 }
 
+/// Whether this process may register FUSE passthrough backing files: the kernel asks for
+/// CAP_SYS_ADMIN in the initial user namespace, so the capability must be effective and the
+/// process must not be in a user namespace of its own (its uid map is the identity over
+/// every id).
+pub fn can_register_fuse_backing_files() -> bool {
+    let admin = caps::has_cap(None, CapSet::Effective, Capability::CAP_SYS_ADMIN).unwrap_or(false);
+    let initial_namespace = std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|map| {
+        let fields: Vec<&str> = map.split_whitespace().collect();
+        fields == ["0", "0", "4294967295"]
+    });
+    admin && initial_namespace
+}
+
 /// Parses a `--modcaps` value and drops capabilities as [`drop_capabilities`] does.
 pub fn apply_modcaps(spec: &str, file_handles: bool) -> Result<CapsHashSet, Error> {
     drop_capabilities(&CapsNeeded {
         file_handles,
+        fuse_passthrough: false,
         modcaps: spec.parse()?,
     })
 }
@@ -223,6 +250,7 @@ mod tests {
 
         let needed = CapsNeeded {
             file_handles: true,
+            fuse_passthrough: false,
             modcaps: "+sys_admin:-chown:-mknod".parse().unwrap(),
         };
         let keep = needed.resolve().unwrap();
@@ -234,9 +262,29 @@ mod tests {
     }
 
     #[test]
+    fn fuse_passthrough_keeps_sys_admin() {
+        let needed = CapsNeeded {
+            fuse_passthrough: true,
+            ..Default::default()
+        };
+        assert!(needed
+            .resolve()
+            .unwrap()
+            .contains(&Capability::CAP_SYS_ADMIN));
+        let needed = CapsNeeded {
+            fuse_passthrough: true,
+            modcaps: "-sys_admin".parse().unwrap(),
+            ..Default::default()
+        };
+        let err = needed.resolve().unwrap_err().to_string();
+        assert_eq!(err, "cannot drop SYS_ADMIN: --passthrough needs it");
+    }
+
+    #[test]
     fn file_handles_cannot_lose_dac_read_search() {
         let needed = CapsNeeded {
             file_handles: true,
+            fuse_passthrough: false,
             modcaps: "-dac_read_search".parse().unwrap(),
         };
         let err = needed.resolve().unwrap_err().to_string();
