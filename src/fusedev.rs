@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use berth_passthrough::server::opcode;
 use berth_passthrough::{
-    BackingFiles, Config as FsConfig, FsServer, IoSegment, PassthroughMode, Served,
+    BackingFiles, BackingRegistrar, Config as FsConfig, FsServer, IoSegment, PassthroughMode,
+    Served,
 };
 use berth_seccomp::{cloexec_pipe, close_all_but, SeccompAction, ThreadRole};
 use fuse_backend_rs::transport::FuseSession;
@@ -110,6 +111,36 @@ pub fn passthrough_wanted(
     }
 }
 
+/// Starts the thread that registers backing files: it keeps CAP_SYS_ADMIN alone (the
+/// kernel's condition for registering) and may make only the two backing ioctls. Call it
+/// while the process still holds the capability, before the main thread drops it.
+pub fn start_backing_registrar(
+    registrar: BackingRegistrar,
+    seccomp: SeccompAction,
+) -> anyhow::Result<()> {
+    let (ready, confined) = mpsc::channel();
+    thread::Builder::new()
+        .name("berth-backing".to_owned())
+        .spawn(move || {
+            let outcome = berth_seccomp::keep_only_thread_capabilities(&[
+                berth_seccomp::Capability::CAP_SYS_ADMIN,
+            ])
+            .and_then(|()| berth_seccomp::install_filter(ThreadRole::FuseBackingRegistrar, seccomp))
+            .map_err(|e| e.to_string());
+            let serve = outcome.is_ok();
+            let _ = ready.send(outcome);
+            if serve {
+                registrar.serve();
+            }
+        })
+        .context("cannot start the FUSE backing-file registrar")?;
+    match confined.recv_timeout(WORKER_START_TIMEOUT) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => bail!("the FUSE backing-file registrar cannot confine itself: {e}"),
+        Err(_) => bail!("the FUSE backing-file registrar did not start"),
+    }
+}
+
 /// The backing-file table of `session`'s connection. The kernel refuses a backing file on a
 /// filesystem stacked deeper than FUSE_INIT said: one level (the shared directory's own
 /// filesystem), or two where that is itself stacked (overlayfs).
@@ -117,7 +148,7 @@ pub fn backing_files(
     session: &FuseSession,
     mode: PassthroughMode,
     shared_dir: &Path,
-) -> anyhow::Result<BackingFiles> {
+) -> anyhow::Result<(BackingFiles, BackingRegistrar)> {
     const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
     let device = session
         .get_fuse_file()
@@ -325,10 +356,7 @@ fn run(
 
     let stop =
         Arc::new(EventFd::new(EFD_NONBLOCK).context("cannot create the workers' stop event")?);
-    let role = match server.backing_files() {
-        Some(_) => ThreadRole::FusePassthroughWorker,
-        None => ThreadRole::FuseWorker,
-    };
+    let role = ThreadRole::FuseWorker;
     let mut running = 0;
     for index in 0..threads {
         let channel = match Channel::new(session, &stop) {

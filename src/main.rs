@@ -164,16 +164,11 @@ fn sandbox_config(isolation: &IsolationSettings, shared_dir: &Path) -> SandboxCo
 
 /// Drops capabilities (when root) and installs the main thread's seccomp filter: every thread
 /// started afterwards inherits it and narrows it to its role.
-fn confine_main_thread(
-    isolation: &IsolationSettings,
-    file_handles: bool,
-    fuse_passthrough: bool,
-) -> anyhow::Result<()> {
+fn confine_main_thread(isolation: &IsolationSettings, file_handles: bool) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         berth_seccomp::drop_capabilities(&CapsNeeded {
             file_handles,
-            fuse_passthrough,
             modcaps: isolation.modcaps.clone(),
         })
         .context("cannot drop capabilities")?;
@@ -187,12 +182,10 @@ fn confine_main_thread(
 /// opened after pivot_root and before the filters forbid opening them.
 ///
 /// `in_sandbox` runs inside the sandbox while the process still has its capabilities (shared
-/// caching sets up its host watcher there). `fuse_passthrough` keeps the capability FUSE
-/// passthrough needs.
+/// caching sets up its host watcher there, FUSE passthrough its registrar thread).
 fn confine_and_open(
     isolation: &IsolationSettings,
     mut fs: Config,
-    fuse_passthrough: bool,
     in_sandbox: impl FnOnce(&mut Config) -> anyhow::Result<()>,
 ) -> anyhow::Result<Arc<FsServer>> {
     let outcome = berth_seccomp::enter_sandbox(&sandbox_config(isolation, &fs.root_dir))
@@ -202,7 +195,7 @@ fn confine_and_open(
     in_sandbox(&mut fs)?;
     let file_handles = fs.inode_file_handles != InodeFileHandles::Never;
     let server = open_filesystem(fs)?;
-    confine_main_thread(isolation, file_handles, fuse_passthrough)?;
+    confine_main_thread(isolation, file_handles)?;
     Ok(server)
 }
 
@@ -222,7 +215,7 @@ fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> a
             (listener, Some(Arc::new(file)))
         }
     };
-    let server = confine_and_open(&settings.isolation, settings.fs, false, |_| Ok(()))?;
+    let server = confine_and_open(&settings.isolation, settings.fs, |_| Ok(()))?;
     let socket_for_signals = socket_file.clone();
     signals.spawn_handler(move |signal| {
         info!("Received {}; exiting.", signal_name(signal));
@@ -291,17 +284,17 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
     // The mount must be visible on the host: it is made before the sandbox (a new mount
     // namespace) exists, and only a guard left outside can take it down again.
     let session = fusedev::mount(&mountpoint, settings.fs.readonly)?;
-    let backing = match passthrough {
+    let (backing, mut registrar) = match passthrough {
         true => match fusedev::backing_files(&session, settings.passthrough, &settings.fs.root_dir)
         {
-            Ok(backing) => Some(backing),
+            Ok((backing, registrar)) => (Some(backing), Some(registrar)),
             Err(e) => {
                 let mut session = std::mem::ManuallyDrop::into_inner(session);
                 let _ = session.umount();
                 return Err(e);
             }
         },
-        false => None,
+        false => (None, None),
     };
     let guard = match fusedev::UnmountGuard::spawn(&mountpoint, settings.isolation.seccomp, root) {
         Ok(guard) => guard,
@@ -316,9 +309,14 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
         (Some(_), Some(file)) => Some(file.try_clone().context("cannot duplicate /dev/fuse")?),
         _ => None,
     };
-    let prepared = confine_and_open(&settings.isolation, settings.fs, passthrough, |fs| {
+    let seccomp = settings.isolation.seccomp;
+    let prepared = confine_and_open(&settings.isolation, settings.fs, |fs| {
         if let Some(shared) = &shared {
             watcher = Some(shared.attach(fs)?);
+        }
+        // Started while the process still holds CAP_SYS_ADMIN, which only it keeps.
+        if let Some(registrar) = registrar.take() {
+            fusedev::start_backing_registrar(registrar, seccomp)?;
         }
         Ok(())
     })

@@ -80,9 +80,6 @@ impl FromStr for ModCaps {
 pub struct CapsNeeded {
     /// `--inode-file-handles` is not `never`: `open_by_handle_at` needs CAP_DAC_READ_SEARCH.
     pub file_handles: bool,
-    /// `berth fuse` with FUSE passthrough: registering backing files needs CAP_SYS_ADMIN
-    /// (in the initial user namespace).
-    pub fuse_passthrough: bool,
     /// The `--modcaps` adjustments.
     pub modcaps: ModCaps,
 }
@@ -102,16 +99,6 @@ impl CapsNeeded {
                 return Err(Error::CapabilityRequired {
                     capability: "DAC_READ_SEARCH".to_owned(),
                     needed_by: "--inode-file-handles",
-                });
-            }
-            keep.insert(needed);
-        }
-        if self.fuse_passthrough {
-            let needed = Capability::CAP_SYS_ADMIN;
-            if self.modcaps.remove.contains(&needed) {
-                return Err(Error::CapabilityRequired {
-                    capability: "SYS_ADMIN".to_owned(),
-                    needed_by: "--passthrough",
                 });
             }
             keep.insert(needed);
@@ -191,11 +178,35 @@ pub fn can_register_fuse_backing_files() -> bool {
     admin && initial_namespace
 }
 
+/// Reduces the calling thread's capabilities to `keep` alone (effective and permitted; the
+/// inheritable, ambient and bounding sets emptied): for a thread that does one privileged
+/// thing, such as registering FUSE passthrough backing files with CAP_SYS_ADMIN. Other
+/// threads keep theirs.
+pub fn keep_only_thread_capabilities(keep: &[Capability]) -> Result<(), Error> {
+    let keep: CapsHashSet = keep.iter().copied().collect();
+    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP)
+        .map_err(caps_error("read the effective capabilities"))?
+    {
+        let bounding =
+            caps::read(None, CapSet::Bounding).map_err(caps_error("read the bounding set"))?;
+        for capability in bounding {
+            caps::drop(None, CapSet::Bounding, capability)
+                .map_err(caps_error("shrink the bounding set"))?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient).map_err(caps_error("clear the ambient set"))?;
+    caps::clear(None, CapSet::Inheritable).map_err(caps_error("clear the inheritable set"))?;
+    caps::set(None, CapSet::Effective, &keep)
+        .map_err(caps_error("set the effective capabilities"))?;
+    caps::set(None, CapSet::Permitted, &keep)
+        .map_err(caps_error("set the permitted capabilities"))?;
+    Ok(())
+}
+
 /// Parses a `--modcaps` value and drops capabilities as [`drop_capabilities`] does.
 pub fn apply_modcaps(spec: &str, file_handles: bool) -> Result<CapsHashSet, Error> {
     drop_capabilities(&CapsNeeded {
         file_handles,
-        fuse_passthrough: false,
         modcaps: spec.parse()?,
     })
 }
@@ -250,7 +261,6 @@ mod tests {
 
         let needed = CapsNeeded {
             file_handles: true,
-            fuse_passthrough: false,
             modcaps: "+sys_admin:-chown:-mknod".parse().unwrap(),
         };
         let keep = needed.resolve().unwrap();
@@ -262,29 +272,9 @@ mod tests {
     }
 
     #[test]
-    fn fuse_passthrough_keeps_sys_admin() {
-        let needed = CapsNeeded {
-            fuse_passthrough: true,
-            ..Default::default()
-        };
-        assert!(needed
-            .resolve()
-            .unwrap()
-            .contains(&Capability::CAP_SYS_ADMIN));
-        let needed = CapsNeeded {
-            fuse_passthrough: true,
-            modcaps: "-sys_admin".parse().unwrap(),
-            ..Default::default()
-        };
-        let err = needed.resolve().unwrap_err().to_string();
-        assert_eq!(err, "cannot drop SYS_ADMIN: --passthrough needs it");
-    }
-
-    #[test]
     fn file_handles_cannot_lose_dac_read_search() {
         let needed = CapsNeeded {
             file_handles: true,
-            fuse_passthrough: false,
             modcaps: "-dac_read_search".parse().unwrap(),
         };
         let err = needed.resolve().unwrap_err().to_string();

@@ -67,9 +67,10 @@ pub enum ThreadRole {
     DaxThreadPool,
     /// Reads requests from /dev/fuse and serves them.
     FuseWorker,
-    /// A FUSE worker of a mount with FUSE passthrough: also registers and closes backing
-    /// files on /dev/fuse (its two ioctls, nothing else).
-    FusePassthroughWorker,
+    /// Registers and closes FUSE passthrough backing files on /dev/fuse for the FUSE workers
+    /// (its two ioctls, nothing else); the one thread that keeps CAP_SYS_ADMIN, which the
+    /// kernel asks of it.
+    FuseBackingRegistrar,
     /// Saves the filesystem's state into the VMM's pipe, or loads it from one, during a live
     /// migration (vhost-user SET_DEVICE_STATE_FD): describes or reopens every inode and open
     /// file the guest holds.
@@ -102,7 +103,7 @@ impl ThreadRole {
             ThreadRole::DaxQueueWorker => "queue worker (DAX)",
             ThreadRole::DaxThreadPool => "thread pool (DAX)",
             ThreadRole::FuseWorker => "FUSE worker",
-            ThreadRole::FusePassthroughWorker => "FUSE worker (passthrough)",
+            ThreadRole::FuseBackingRegistrar => "FUSE backing-file registrar",
             ThreadRole::HostWatcher => "host watcher",
             ThreadRole::Migration => "migration",
             ThreadRole::FuseNotifier => "FUSE notifier",
@@ -302,8 +303,7 @@ const UBLK_QUEUE: &[libc::c_long] = &[
 const FUSE_DEV_IOC_BACKING_OPEN: u64 = 0x4010_e501;
 const FUSE_DEV_IOC_BACKING_CLOSE: u64 = 0x4004_e502;
 
-/// A FUSE worker with passthrough registers backing files (ioctl, with the two requests of
-/// [`ioctl_requests`] only).
+/// The FUSE backing-file registrar: ioctl, with the two requests of [`ioctl_requests`] only.
 const FUSE_PASSTHROUGH: &[libc::c_long] = &[libc::SYS_ioctl];
 
 /// Calls allowed only with these arguments: (call, argument index, required value). Several
@@ -316,8 +316,7 @@ const ARG_RULES: &[(libc::c_long, u8, u64)] = &[(libc::SYS_unshare, 0, libc::CLO
 fn ioctl_requests(role: ThreadRole) -> &'static [u64] {
     match role {
         ThreadRole::UblkQueue => &[BLKDISCARD, BLKZEROOUT],
-        // The main thread's filter stays under the workers' (filters stack).
-        ThreadRole::FusePassthroughWorker | ThreadRole::Main => {
+        ThreadRole::FuseBackingRegistrar => {
             &[FUSE_DEV_IOC_BACKING_OPEN, FUSE_DEV_IOC_BACKING_CLOSE]
         }
         _ => &[],
@@ -334,7 +333,8 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ThreadRole::DaxQueueWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM, DAX_CHANNEL],
         ThreadRole::DaxThreadPool => &[RUNTIME, FILESYSTEM, DAX_CHANNEL],
         ThreadRole::FuseWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
-        ThreadRole::FusePassthroughWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM, FUSE_PASSTHROUGH],
+        // Started before the main thread's filter, so not under it.
+        ThreadRole::FuseBackingRegistrar => &[RUNTIME, FUSE_PASSTHROUGH],
         ThreadRole::HostWatcher => &[RUNTIME, EVENT_LOOP, FILESYSTEM, HOST_WATCH],
         ThreadRole::FuseNotifier => &[RUNTIME],
         // Reads the pipe (loading) with read; writes go through RUNTIME's write.
@@ -348,7 +348,6 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
             EVENT_LOOP,
             FILESYSTEM,
             HOST_WATCH,
-            FUSE_PASSTHROUGH,
         ],
         ThreadRole::Supervisor => &[SUPERVISOR],
         ThreadRole::UblkQueue => &[RUNTIME, UBLK_QUEUE],
@@ -455,7 +454,7 @@ mod tests {
         ThreadRole::DaxQueueWorker,
         ThreadRole::DaxThreadPool,
         ThreadRole::FuseWorker,
-        ThreadRole::FusePassthroughWorker,
+        ThreadRole::FuseBackingRegistrar,
         ThreadRole::Main,
         ThreadRole::Supervisor,
         ThreadRole::UblkQueue,
@@ -569,7 +568,7 @@ mod tests {
                 has(role, libc::SYS_ioctl),
                 matches!(
                     role,
-                    ThreadRole::UblkQueue | ThreadRole::FusePassthroughWorker | ThreadRole::Main
+                    ThreadRole::UblkQueue | ThreadRole::FuseBackingRegistrar
                 ),
                 "{role:?}"
             );
@@ -621,15 +620,26 @@ mod tests {
     }
 
     #[test]
-    fn only_passthrough_fuse_workers_register_backing_files() {
+    fn only_the_registrar_registers_backing_files() {
         let requests = [FUSE_DEV_IOC_BACKING_OPEN, FUSE_DEV_IOC_BACKING_CLOSE];
-        assert_eq!(ioctl_requests(ThreadRole::FusePassthroughWorker), &requests);
-        assert!(!allowed_syscalls(ThreadRole::FuseWorker).contains(&libc::SYS_ioctl));
-        assert!(ioctl_requests(ThreadRole::FuseWorker).is_empty());
-        // The passthrough worker is the plain worker plus ioctl.
-        let mut plain = allowed_syscalls(ThreadRole::FuseWorker);
-        plain.push(libc::SYS_ioctl);
-        plain.sort_unstable();
-        assert_eq!(allowed_syscalls(ThreadRole::FusePassthroughWorker), plain);
+        assert_eq!(ioctl_requests(ThreadRole::FuseBackingRegistrar), &requests);
+        for role in [ThreadRole::FuseWorker, ThreadRole::Main] {
+            assert!(
+                !allowed_syscalls(role).contains(&libc::SYS_ioctl),
+                "{role:?}"
+            );
+            assert!(ioctl_requests(role).is_empty(), "{role:?}");
+        }
+        // The registrar touches no file, opens nothing and waits on nothing but its channel.
+        let registrar = allowed_syscalls(ThreadRole::FuseBackingRegistrar);
+        for nr in [
+            libc::SYS_openat,
+            libc::SYS_open_by_handle_at,
+            libc::SYS_pread64,
+            libc::SYS_epoll_pwait,
+            libc::SYS_clone3,
+        ] {
+            assert!(!registrar.contains(&nr), "the registrar allows {nr}");
+        }
     }
 }

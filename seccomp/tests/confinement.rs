@@ -205,7 +205,6 @@ fn scenario_child() {
         "caps" => {
             let needed = CapsNeeded {
                 file_handles: true,
-                fuse_passthrough: false,
                 modcaps: "+sys_admin:-chown".parse().unwrap(),
             };
             let kept = drop_capabilities(&needed).expect("drop capabilities");

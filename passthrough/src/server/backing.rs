@@ -7,6 +7,10 @@
 //! with that id; the id is closed again (`FUSE_DEV_IOC_BACKING_CLOSE`) when the last such open
 //! of the inode is released, or when the session ends.
 //!
+//! The kernel lets only a holder of CAP_SYS_ADMIN register backing files. The threads that
+//! parse requests do not hold it: a [`BackingRegistrar`], on a thread of its own that keeps
+//! that one capability and may make only these two ioctls, registers and closes for them.
+//!
 //! The kernel insists on one backing file per FUSE inode while any passthrough open of it
 //! lives, and refuses (EIO to the opener) to mix a passthrough open with a cached one on the
 //! same inode. So the table here is per inode: the first open decides, later opens of the same
@@ -19,7 +23,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 
 use vm_memory::ByteValued;
 
@@ -108,17 +113,62 @@ struct Stats {
     registered: AtomicU64,
     closed_on_release: AtomicU64,
     closed_at_end: AtomicU64,
-    close_failures: AtomicU64,
+    /// Counted by the registrar.
+    close_failures: Arc<AtomicU64>,
     refused_by_kernel: AtomicU64,
     classic_opens: AtomicU64,
     passthrough_opens: AtomicU64,
 }
 
+/// What a worker asks of the [`BackingRegistrar`].
+#[derive(Debug)]
+enum RegistrarRequest {
+    /// Register the descriptor (valid until the answer) and answer its backing id.
+    Open {
+        fd: i32,
+        answer: mpsc::SyncSender<io::Result<u32>>,
+    },
+    Close(u32),
+    /// Answer once every request before this one is done.
+    Sync(mpsc::SyncSender<()>),
+}
+
+/// Registers and closes backing files on the connection's /dev/fuse for [`BackingFiles`], on
+/// the thread that runs [`BackingRegistrar::serve`].
+#[derive(Debug)]
+pub struct BackingRegistrar {
+    /// The connection's /dev/fuse descriptor (the ioctls go to it).
+    device: File,
+    requests: Receiver<RegistrarRequest>,
+    close_failures: Arc<AtomicU64>,
+}
+
+impl BackingRegistrar {
+    /// Serves requests until every [`BackingFiles`] sender is gone.
+    pub fn serve(self) {
+        for request in self.requests.iter() {
+            match request {
+                RegistrarRequest::Open { fd, answer } => {
+                    let _ = answer.send(register(&self.device, fd));
+                }
+                RegistrarRequest::Close(id) => {
+                    if let Err(e) = close(&self.device, id) {
+                        self.close_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(id, "Cannot close a FUSE backing id: {e}.");
+                    }
+                }
+                RegistrarRequest::Sync(answer) => {
+                    let _ = answer.send(());
+                }
+            }
+        }
+    }
+}
+
 /// Backing files registered on one FUSE connection.
 #[derive(Debug)]
 pub struct BackingFiles {
-    /// The connection's /dev/fuse descriptor (the ioctls go to it).
-    device: File,
+    requests: Sender<RegistrarRequest>,
     mode: PassthroughMode,
     /// Passed in FUSE_INIT: how deep filesystems may stack under the mount, the backing
     /// files' own filesystem included (the kernel refuses a deeper backing file with ELOOP).
@@ -139,18 +189,31 @@ pub(crate) enum OpenPath {
 }
 
 impl BackingFiles {
-    /// Backing files for the connection `device` (a /dev/fuse descriptor); `max_stack_depth`
-    /// is 1 when the shared directory is on a plain filesystem, 2 on a stacked one (overlayfs).
-    pub fn new(device: File, mode: PassthroughMode, max_stack_depth: u32) -> Self {
-        BackingFiles {
+    /// Backing files for the connection `device` (a /dev/fuse descriptor), and the registrar
+    /// to run on a thread holding CAP_SYS_ADMIN; `max_stack_depth` is 1 when the shared
+    /// directory is on a plain filesystem, 2 on a stacked one (overlayfs).
+    pub fn new(
+        device: File,
+        mode: PassthroughMode,
+        max_stack_depth: u32,
+    ) -> (Self, BackingRegistrar) {
+        let (sender, requests) = mpsc::channel();
+        let stats = Stats::default();
+        let registrar = BackingRegistrar {
             device,
+            requests,
+            close_failures: stats.close_failures.clone(),
+        };
+        let backing = BackingFiles {
+            requests: sender,
             mode,
             max_stack_depth,
             active: AtomicBool::new(false),
             failed: Mutex::new(None),
             table: Mutex::new(Table::default()),
-            stats: Stats::default(),
-        }
+            stats,
+        };
+        (backing, registrar)
     }
 
     /// FUSE_INIT: whether passthrough is on, given what the kernel `offered` and whether the
@@ -311,6 +374,11 @@ impl BackingFiles {
         }
         table.inodes.clear();
         table.handles.clear();
+        // Closed before the caller goes on (to unmount, say).
+        let (answer, done) = mpsc::sync_channel(1);
+        if self.send(RegistrarRequest::Sync(answer)) {
+            let _ = done.recv();
+        }
     }
 
     /// Backing ids registered and not closed yet.
@@ -340,42 +408,65 @@ impl BackingFiles {
     }
 
     fn register(&self, file: BorrowedFd<'_>) -> io::Result<u32> {
-        let map = BackingMap {
+        let (answer, id) = mpsc::sync_channel(1);
+        let request = RegistrarRequest::Open {
             fd: file.as_raw_fd(),
-            ..Default::default()
+            answer,
         };
-        // SAFETY: the ioctl reads one `fuse_backing_map` from a valid, live struct; the
-        // descriptor is the connection's /dev/fuse, which the request is defined for.
-        let id = unsafe {
-            libc::ioctl(
-                self.device.as_raw_fd(),
-                FUSE_DEV_IOC_BACKING_OPEN as libc::c_ulong,
-                map.as_slice().as_ptr(),
-            )
-        };
-        if id < 0 {
-            return Err(io::Error::last_os_error());
+        if !self.send(request) {
+            return Err(io::Error::from_raw_os_error(libc::ENOTCONN));
         }
-        u32::try_from(id).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+        // The descriptor stays open meanwhile: the caller holds the open file.
+        id.recv()
+            .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(libc::ENOTCONN)))
     }
 
     fn close(&self, id: u32) {
-        // SAFETY: the ioctl reads one u32 from a valid local; the descriptor is the
-        // connection's /dev/fuse.
-        let rc = unsafe {
-            libc::ioctl(
-                self.device.as_raw_fd(),
-                FUSE_DEV_IOC_BACKING_CLOSE as libc::c_ulong,
-                &id as *const u32,
-            )
-        };
-        if rc < 0 {
+        if !self.send(RegistrarRequest::Close(id)) {
             self.stats.close_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(
-                id,
-                "Cannot close a FUSE backing id: {}.",
-                io::Error::last_os_error()
-            );
         }
     }
+
+    /// Hands `request` to the registrar; `false` when it is gone.
+    fn send(&self, request: RegistrarRequest) -> bool {
+        self.requests.send(request).is_ok()
+    }
+}
+
+/// `FUSE_DEV_IOC_BACKING_OPEN` of `fd` on `device`: the new backing id.
+fn register(device: &File, fd: i32) -> io::Result<u32> {
+    let map = BackingMap {
+        fd,
+        ..Default::default()
+    };
+    // SAFETY: the ioctl reads one `fuse_backing_map` from a valid, live struct; the descriptor
+    // is the connection's /dev/fuse, which the request is defined for.
+    let id = unsafe {
+        libc::ioctl(
+            device.as_raw_fd(),
+            FUSE_DEV_IOC_BACKING_OPEN as libc::c_ulong,
+            map.as_slice().as_ptr(),
+        )
+    };
+    if id < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u32::try_from(id).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+/// `FUSE_DEV_IOC_BACKING_CLOSE` of `id` on `device`.
+fn close(device: &File, id: u32) -> io::Result<()> {
+    // SAFETY: the ioctl reads one u32 from a valid local; the descriptor is the connection's
+    // /dev/fuse.
+    let rc = unsafe {
+        libc::ioctl(
+            device.as_raw_fd(),
+            FUSE_DEV_IOC_BACKING_CLOSE as libc::c_ulong,
+            &id as *const u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

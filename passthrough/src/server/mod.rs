@@ -39,7 +39,7 @@ use fuse_backend_rs::abi::fuse_abi::InHeader;
 pub(crate) use abi::{init_flags, SETXATTR_ACL_KILL_SGID, XATTR_LIST_MAX, XATTR_SIZE_MAX};
 pub use abi::{opcode, RemoveMappingOne, SetupMappingIn, MAX_BUFFER_SIZE};
 pub use backing::{
-    BackingFiles, PassthroughError, PassthroughMode, FUSE_DEV_IOC_BACKING_CLOSE,
+    BackingFiles, BackingRegistrar, PassthroughError, PassthroughMode, FUSE_DEV_IOC_BACKING_CLOSE,
     FUSE_DEV_IOC_BACKING_OPEN,
 };
 pub use buffers::IoSegment;
