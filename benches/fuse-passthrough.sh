@@ -11,7 +11,8 @@
 # Usage: benches/fuse-passthrough.sh [--runtime S] [--size MIB] [--reps R] [--json FILE] [--quick]
 #   --runtime S  seconds per fio run (default 10)
 #   --size MIB   the file's size (default 1024)
-#   --reps R     repetitions; the median of each target is reported (default 1)
+#   --reps R     repetitions; medians are reported, ratios as the median of each repetition's
+#                ratio (default 1)
 #   --quick      2 s runs on a 128 MiB file (a smoke run for CI)
 # Needs root (mounts) and fio, python3.
 set -euo pipefail
@@ -25,7 +26,7 @@ while [ $# -gt 0 ]; do
 	--reps) reps=$2; shift 2 ;;
 	--json) json=$2; shift 2 ;;
 	--quick) runtime=2; size=128; shift ;;
-	-h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,18p' "$0"; exit 0 ;;
 	*) echo "fuse-passthrough.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -66,15 +67,19 @@ start_mount "$work/classic" never "$work/classic.log"
 start_mount "$work/passthrough" always "$work/passthrough.log"
 
 # run_fio DIR RW BS JOBS: prints the IOPS and the bytes per second of one fio run.
-run_fio() {
-	fio --name=b --filename="$1/data" --rw="$2" --bs="$3" --numjobs="$4" --ioengine=psync \
-		--size="${size}m" --time_based --runtime="$runtime" --ramp_time=1 \
-		--group_reporting --output-format=json |
-		python3 -c '
+cat >"$work/fio-result.py" <<'EOF'
 import json, sys
 job = json.load(sys.stdin)["jobs"][0]
 side = job["read"] if job["read"]["io_bytes"] > 0 else job["write"]
-print(f"{side[\"iops\"]:.0f} {side[\"bw_bytes\"]:.0f}")'
+iops, bw = side["iops"], side["bw_bytes"]
+print(f"{iops:.0f} {bw:.0f}")
+EOF
+run_fio() {
+	local out
+	out=$(fio --name=b --filename="$1/data" --rw="$2" --bs="$3" --numjobs="$4" --ioengine=psync \
+		--size="${size}m" --time_based --runtime="$runtime" --ramp_time=1 \
+		--group_reporting --output-format=json)
+	python3 "$work/fio-result.py" <<<"$out"
 }
 
 workloads=("randread 4k 1" "randread 4k 2" "randwrite 4k 1" "randwrite 4k 2" "read 1m 1")
@@ -87,7 +92,8 @@ for workload in "${workloads[@]}"; do
 			native) dir=$work/src ;;
 			*) dir=$work/$target ;;
 			esac
-			read -r iops bw < <(run_fio "$dir" "$rw" "$bs" "$jobs")
+			result=$(run_fio "$dir" "$rw" "$bs" "$jobs")
+			read -r iops bw <<<"$result"
 			results+=("{\"workload\":\"$rw $bs x$jobs\",\"rep\":$rep,\"target\":\"$target\",\"iops\":$iops,\"bytes_per_s\":$bw}")
 		done
 	done
@@ -104,7 +110,7 @@ printf 'passthrough mount served: %s\n' "$(served "$work/passthrough.log")"
 sed -n 's/.*FUSE passthrough backing files: \(.*\)\./passthrough backing files: \1/p' \
 	"$work/passthrough.log"
 
-printf '%s\n' "${results[@]}" | python3 -c '
+cat >"$work/table.py" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(line) for line in sys.stdin]
 runtime, size = sys.argv[1], sys.argv[2]
@@ -112,16 +118,21 @@ by = {}
 for r in rows:
     by.setdefault(r["workload"], {}).setdefault(r["target"], []).append(r)
 print(f"\nfio psync, {runtime} s per run, a {size} MiB file on tmpfs, berth with --cache never")
-print(f"{\"workload\":<18} {\"native\":>12} {\"classic\":>12} {\"passthrough\":>12} {\"classic/n\":>10} {\"pass/n\":>8}")
+header = ("workload", "native", "classic", "passthrough", "classic/n", "pass/n")
+print("%-18s %12s %12s %12s %10s %8s" % header)
 for workload, targets in by.items():
-    def value(target):
-        samples = targets[target]
-        key = "bytes_per_s" if workload.startswith("read 1m") else "iops"
-        return statistics.median(s[key] for s in samples)
-    n, c, p = value("native"), value("classic"), value("passthrough")
-    unit = (lambda v: f"{v / 1e9:.2f} GB/s") if workload.startswith("read 1m") else (lambda v: f"{v / 1e3:.0f} k/s")
-    print(f"{workload:<18} {unit(n):>12} {unit(c):>12} {unit(p):>12} {c / n:>9.2f}x {p / n:>7.2f}x")
-' "$runtime" "$size"
+    sequential = workload.startswith("read 1m")
+    key = "bytes_per_s" if sequential else "iops"
+    n, c, p = (statistics.median(s[key] for s in targets[t]) for t in ("native", "classic", "passthrough"))
+    # Ratios within each repetition (the three ran back to back), then their median: the
+    # machine's load drifts between repetitions more than within one.
+    native = {s["rep"]: s[key] for s in targets["native"]}
+    def ratio(target):
+        return statistics.median(s[key] / native[s["rep"]] for s in targets[target])
+    unit = (lambda v: "%.2f GB/s" % (v / 1e9)) if sequential else (lambda v: "%.0f k/s" % (v / 1e3))
+    print("%-18s %12s %12s %12s %9.2fx %7.2fx" % (workload, unit(n), unit(c), unit(p), ratio("classic"), ratio("passthrough")))
+EOF
+printf '%s\n' "${results[@]}" | python3 "$work/table.py" "$runtime" "$size"
 
 if [ -n "$json" ]; then
 	printf '%s\n' "${results[@]}" >"$json"

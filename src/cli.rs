@@ -1869,4 +1869,31 @@ mod tests {
         let err = parse(&["--fd=3", "fuse", "--shared-dir=/d", "--mountpoint=/m"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
     }
+
+    #[test]
+    fn fuse_passthrough_modes() {
+        use berth_passthrough::PassthroughMode;
+        let mode = |extra: &[&str]| {
+            let mut args = vec!["fuse", "--shared-dir=/d", "--mountpoint=/m"];
+            args.extend_from_slice(extra);
+            match resolve(&args) {
+                Ok(Mode::Fuse(s)) => s.passthrough,
+                other => panic!("expected fuse mode, got {other:?}"),
+            }
+        };
+        assert_eq!(mode(&[]), PassthroughMode::Auto);
+        assert_eq!(mode(&["--passthrough=never"]), PassthroughMode::Never);
+        assert_eq!(mode(&["--passthrough", "always"]), PassthroughMode::Always);
+        let err = parse(&[
+            "fuse",
+            "--shared-dir=/d",
+            "--mountpoint=/m",
+            "--passthrough=on",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("expected auto, always or never"), "{err}");
+        // vhost-user mode has no such flag.
+        assert!(parse(&["--socket-path=/s", "--shared-dir=/d", "--passthrough=never"]).is_err());
+    }
 }

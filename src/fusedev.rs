@@ -159,9 +159,14 @@ pub fn backing_files(
         .map_err(|_| anyhow!("the shared directory's path contains a NUL byte"))?;
     let mut st = std::mem::MaybeUninit::<libc::statfs64>::zeroed();
     // SAFETY: `path` is NUL-terminated and `st` a properly sized out-buffer.
-    let stacked = unsafe { libc::statfs64(path.as_ptr(), st.as_mut_ptr()) } == 0
+    let stacked = unsafe { libc::statfs64(path.as_ptr(), st.as_mut_ptr()) } == 0 && {
         // SAFETY: statfs64 succeeded and filled the buffer.
-        && unsafe { st.assume_init() }.f_type as i64 == OVERLAYFS_SUPER_MAGIC;
+        let st = unsafe { st.assume_init() };
+        // f_type's width differs between architectures.
+        #[allow(clippy::unnecessary_cast)]
+        let magic = st.f_type as i64;
+        magic == OVERLAYFS_SUPER_MAGIC
+    };
     Ok(BackingFiles::new(device, mode, if stacked { 2 } else { 1 }))
 }
 
@@ -435,6 +440,10 @@ fn run(
             Ok(Event::WorkerStopped { index, error }) => {
                 let lost = connection_lost(session);
                 stop_workers(&stop, &event_receiver, running - 1);
+                // The kernel may drop the connection after a refused FUSE_INIT: still an error.
+                if let Some(e) = server.backing_files().and_then(BackingFiles::failure) {
+                    return Err(anyhow!("--passthrough always cannot be honoured: {e}"));
+                }
                 match error {
                     _ if lost => {
                         info!("The filesystem was unmounted; shutting down.");

@@ -525,8 +525,9 @@ impl PassthroughFs {
         };
         let setgid_exec = libc::S_ISGID | libc::S_IXGRP;
         if st.st_mode & libc::S_ISUID != 0 || st.st_mode & setgid_exec == setgid_exec {
-            // The kernel writes the backing file with berth's credentials, which may keep
-            // these bits; berth clears them for an unprivileged writer.
+            // berth's rule for clearing them (an unprivileged writer, or the client's
+            // KILL_PRIV flag) stays on berth's path instead of depending on what a kernel's
+            // passthrough write does with the FUSE inode's and the backing file's bits.
             return Some("writes to a setuid or setgid file must clear those bits");
         }
         None

@@ -600,8 +600,10 @@ fn init_offering(server: &FsServer, flags: u64) -> (Served, Vec<u8>) {
         max_readahead: 1 << 17,
         flags: flags as u32 | init_flags::INIT_EXT as u32,
     };
-    let mut args2 = fuse_backend_rs::abi::fuse_abi::InitIn2::default();
-    args2.flags2 = (flags >> 32) as u32;
+    let args2 = fuse_backend_rs::abi::fuse_abi::InitIn2 {
+        flags2: (flags >> 32) as u32,
+        ..Default::default()
+    };
     serve(
         server,
         &request(opcode::INIT, 0, &[args.as_slice(), args2.as_slice()]),
