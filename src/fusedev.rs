@@ -94,7 +94,8 @@ pub fn passthrough_wanted(
         Some("shared caching (--shared-cache) must see every write")
     } else if !berth_seccomp::can_register_fuse_backing_files() {
         Some(
-            "registering backing files needs CAP_SYS_ADMIN in the initial user namespace              (run berth fuse as root)",
+            "registering backing files needs CAP_SYS_ADMIN in the initial user namespace \
+             (run berth fuse as root)",
         )
     } else {
         None
@@ -361,7 +362,6 @@ fn run(
 
     let stop =
         Arc::new(EventFd::new(EFD_NONBLOCK).context("cannot create the workers' stop event")?);
-    let role = ThreadRole::FuseWorker;
     let mut running = 0;
     for index in 0..threads {
         let channel = match Channel::new(session, &stop) {
@@ -376,8 +376,8 @@ fn run(
         let spawned = thread::Builder::new()
             .name(format!("berth-fuse-{index}"))
             .spawn(move || {
-                let outcome =
-                    berth_seccomp::install_filter(role, seccomp).map_err(|e| e.to_string());
+                let outcome = berth_seccomp::install_filter(ThreadRole::FuseWorker, seccomp)
+                    .map_err(|e| e.to_string());
                 let ready = outcome.is_ok();
                 let _ = events.send(Event::Started { index, outcome });
                 let error = if ready {
