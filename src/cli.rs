@@ -320,6 +320,12 @@ pub struct FuseArgs {
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
 
+    /// FUSE passthrough: the kernel reads, writes and maps open files straight from the host
+    /// file (Linux 6.9+, CONFIG_FUSE_PASSTHROUGH, CAP_SYS_ADMIN). `auto` uses it where the
+    /// kernel and berth's privileges allow, `always` fails to start otherwise.
+    #[arg(long, value_name = "auto|always|never", default_value = "auto")]
+    pub passthrough: berth_passthrough::PassthroughMode,
+
     #[command(flatten)]
     pub shared_cache: crate::shared_cache::SharedCacheArgs,
 
@@ -554,6 +560,7 @@ pub struct IsolationSettings {
 pub struct FuseSettings {
     pub mountpoint: PathBuf,
     pub threads: usize,
+    pub passthrough: berth_passthrough::PassthroughMode,
     pub shared_cache: crate::shared_cache::SharedCacheArgs,
     pub isolation: IsolationSettings,
     pub fs: Config,
@@ -1024,6 +1031,7 @@ impl FuseArgs {
             // clap enforces `required`; the Option only lets the struct be flattened.
             mountpoint: self.mountpoint.clone().unwrap_or_default(),
             threads: usize::from(self.threads),
+            passthrough: self.passthrough,
             shared_cache: self.shared_cache.clone(),
             isolation,
             fs,
@@ -1917,5 +1925,32 @@ mod tests {
         // Serve flags before the subcommand are not silently dropped.
         let err = parse(&["--fd=3", "fuse", "--shared-dir=/d", "--mountpoint=/m"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn fuse_passthrough_modes() {
+        use berth_passthrough::PassthroughMode;
+        let mode = |extra: &[&str]| {
+            let mut args = vec!["fuse", "--shared-dir=/d", "--mountpoint=/m"];
+            args.extend_from_slice(extra);
+            match resolve(&args) {
+                Ok(Mode::Fuse(s)) => s.passthrough,
+                other => panic!("expected fuse mode, got {other:?}"),
+            }
+        };
+        assert_eq!(mode(&[]), PassthroughMode::Auto);
+        assert_eq!(mode(&["--passthrough=never"]), PassthroughMode::Never);
+        assert_eq!(mode(&["--passthrough", "always"]), PassthroughMode::Always);
+        let err = parse(&[
+            "fuse",
+            "--shared-dir=/d",
+            "--mountpoint=/m",
+            "--passthrough=on",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("expected auto, always or never"), "{err}");
+        // vhost-user mode has no such flag.
+        assert!(parse(&["--socket-path=/s", "--shared-dir=/d", "--passthrough=never"]).is_err());
     }
 }

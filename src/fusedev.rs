@@ -24,7 +24,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use berth_passthrough::{FsServer, IoSegment, Served};
+use berth_passthrough::server::opcode;
+use berth_passthrough::{
+    BackingFiles, BackingRegistrar, Config as FsConfig, FsServer, IoSegment, PassthroughMode,
+    Served,
+};
 use berth_seccomp::{cloexec_pipe, close_all_but, SeccompAction, ThreadRole};
 use fuse_backend_rs::transport::FuseSession;
 use tracing::{debug, error, info, warn};
@@ -70,6 +74,101 @@ pub fn mount(mountpoint: &Path, readonly: bool) -> anyhow::Result<ManuallyDrop<F
         .mount()
         .map_err(|e| anyhow!("cannot mount on {}: {e}", mountpoint.display()))?;
     Ok(ManuallyDrop::new(session))
+}
+
+/// Whether FUSE passthrough is to be set up for `mode`: never with `--writeback` (the kernel
+/// refuses both on one connection) or shared caching (which must see every write), nor
+/// without CAP_SYS_ADMIN in the initial user namespace; `always` makes each of those an error.
+/// Whether the kernel offers it is known at FUSE_INIT.
+pub fn passthrough_wanted(
+    mode: PassthroughMode,
+    fs: &FsConfig,
+    shared_cache: bool,
+) -> anyhow::Result<bool> {
+    if mode == PassthroughMode::Never {
+        return Ok(false);
+    }
+    let obstacle = if fs.writeback && !fs.readonly {
+        Some("the kernel cannot combine it with the writeback cache (--writeback)")
+    } else if shared_cache {
+        Some("shared caching (--shared-cache) must see every write")
+    } else if !berth_seccomp::can_register_fuse_backing_files() {
+        Some(
+            "registering backing files needs CAP_SYS_ADMIN in the initial user namespace \
+             (run berth fuse as root)",
+        )
+    } else {
+        None
+    };
+    match (obstacle, mode) {
+        (None, _) => Ok(true),
+        (Some(why), PassthroughMode::Always) => {
+            bail!("--passthrough always cannot be honoured: {why}")
+        }
+        (Some(why), _) => {
+            info!("FUSE passthrough is off: {why}.");
+            Ok(false)
+        }
+    }
+}
+
+/// Starts the thread that registers backing files: it keeps CAP_SYS_ADMIN alone (the
+/// kernel's condition for registering) and may make only the two backing ioctls. Call it
+/// while the process still holds the capability, before the main thread drops it.
+pub fn start_backing_registrar(
+    registrar: BackingRegistrar,
+    seccomp: SeccompAction,
+) -> anyhow::Result<()> {
+    let (ready, confined) = mpsc::channel();
+    thread::Builder::new()
+        .name("berth-backing".to_owned())
+        .spawn(move || {
+            let outcome = berth_seccomp::keep_only_thread_capabilities(&[
+                berth_seccomp::Capability::CAP_SYS_ADMIN,
+            ])
+            .and_then(|()| berth_seccomp::install_filter(ThreadRole::FuseBackingRegistrar, seccomp))
+            .map_err(|e| e.to_string());
+            let serve = outcome.is_ok();
+            let _ = ready.send(outcome);
+            if serve {
+                registrar.serve();
+            }
+        })
+        .context("cannot start the FUSE backing-file registrar")?;
+    match confined.recv_timeout(WORKER_START_TIMEOUT) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => bail!("the FUSE backing-file registrar cannot confine itself: {e}"),
+        Err(_) => bail!("the FUSE backing-file registrar did not start"),
+    }
+}
+
+/// The backing-file table of `session`'s connection. The kernel refuses a backing file on a
+/// filesystem stacked deeper than FUSE_INIT said: one level (the shared directory's own
+/// filesystem), or two where that is itself stacked (overlayfs).
+pub fn backing_files(
+    session: &FuseSession,
+    mode: PassthroughMode,
+    shared_dir: &Path,
+) -> anyhow::Result<(BackingFiles, BackingRegistrar)> {
+    const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+    let device = session
+        .get_fuse_file()
+        .ok_or_else(|| anyhow!("the FUSE session has no /dev/fuse descriptor"))?
+        .try_clone()
+        .context("cannot duplicate /dev/fuse")?;
+    let path = CString::new(shared_dir.as_os_str().as_bytes())
+        .map_err(|_| anyhow!("the shared directory's path contains a NUL byte"))?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs64>::zeroed();
+    // SAFETY: `path` is NUL-terminated and `st` a properly sized out-buffer.
+    let stacked = unsafe { libc::statfs64(path.as_ptr(), st.as_mut_ptr()) } == 0 && {
+        // SAFETY: statfs64 succeeded and filled the buffer.
+        let st = unsafe { st.assume_init() };
+        // f_type's width differs between architectures.
+        #[allow(clippy::unnecessary_cast)]
+        let magic = st.f_type as i64;
+        magic == OVERLAYFS_SUPER_MAGIC
+    };
+    Ok(BackingFiles::new(device, mode, if stacked { 2 } else { 1 }))
 }
 
 /// Whether the mount may be opened to other users: always for root, and for anyone else
@@ -231,6 +330,10 @@ pub fn serve(
     signals: TerminationSignals,
 ) -> anyhow::Result<()> {
     let outcome = run(&server, &session, mountpoint, threads, seccomp, signals);
+    // The workers are stopped: nothing registers backing files any more.
+    if let Some(backing) = server.backing_files() {
+        backing.close_all();
+    }
     guard.unmount();
     match &outcome {
         Ok(()) => info!("Unmounted {}.", mountpoint.display()),
@@ -337,6 +440,10 @@ fn run(
             Ok(Event::WorkerStopped { index, error }) => {
                 let lost = connection_lost(session);
                 stop_workers(&stop, &event_receiver, running - 1);
+                // The kernel may drop the connection after a refused FUSE_INIT: still an error.
+                if let Some(e) = server.backing_files().and_then(BackingFiles::failure) {
+                    return Err(anyhow!("--passthrough always cannot be honoured: {e}"));
+                }
                 match error {
                     _ if lost => {
                         info!("The filesystem was unmounted; shutting down.");
@@ -476,7 +583,18 @@ fn run_worker(index: usize, mut channel: Channel, server: &FsServer) -> Result<(
         // The reply reached the kernel (or never will): shared caching settles what it
         // handed out.
         server.reply_sent();
+        if request_opcode(&channel.request[..len]) == Some(opcode::INIT) {
+            if let Some(e) = server.backing_files().and_then(BackingFiles::failure) {
+                return Err(format!("--passthrough always cannot be honoured: {e}"));
+            }
+        }
     }
+}
+
+/// The opcode of the request in `request` (after its 4-byte length), if it is that long.
+fn request_opcode(request: &[u8]) -> Option<u32> {
+    let bytes = request.get(4..8)?;
+    Some(u32::from_ne_bytes(bytes.try_into().ok()?))
 }
 
 /// Wakes every worker and waits (bounded) for `running` of them to report that they stopped.

@@ -182,7 +182,7 @@ fn confine_main_thread(isolation: &IsolationSettings, file_handles: bool) -> any
 /// opened after pivot_root and before the filters forbid opening them.
 ///
 /// `in_sandbox` runs inside the sandbox while the process still has its capabilities (shared
-/// caching sets up its host watcher there).
+/// caching sets up its host watcher there, FUSE passthrough its registrar thread).
 fn confine_and_open(
     isolation: &IsolationSettings,
     mut fs: Config,
@@ -276,9 +276,26 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
         &settings.fs.root_dir,
         settings.fs.writeback,
     )?;
+    let passthrough = fusedev::passthrough_wanted(
+        settings.passthrough,
+        &settings.fs,
+        settings.shared_cache.shared_cache,
+    )?;
     // The mount must be visible on the host: it is made before the sandbox (a new mount
     // namespace) exists, and only a guard left outside can take it down again.
     let session = fusedev::mount(&mountpoint, settings.fs.readonly)?;
+    let (backing, mut registrar) = match passthrough {
+        true => match fusedev::backing_files(&session, settings.passthrough, &settings.fs.root_dir)
+        {
+            Ok((backing, registrar)) => (Some(backing), Some(registrar)),
+            Err(e) => {
+                let mut session = std::mem::ManuallyDrop::into_inner(session);
+                let _ = session.umount();
+                return Err(e);
+            }
+        },
+        false => (None, None),
+    };
     let guard = match fusedev::UnmountGuard::spawn(&mountpoint, settings.isolation.seccomp, root) {
         Ok(guard) => guard,
         Err(e) => {
@@ -292,9 +309,14 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
         (Some(_), Some(file)) => Some(file.try_clone().context("cannot duplicate /dev/fuse")?),
         _ => None,
     };
+    let seccomp = settings.isolation.seccomp;
     let prepared = confine_and_open(&settings.isolation, settings.fs, |fs| {
         if let Some(shared) = &shared {
             watcher = Some(shared.attach(fs)?);
+        }
+        // Started while the process still holds CAP_SYS_ADMIN, which only it keeps.
+        if let Some(registrar) = registrar.take() {
+            fusedev::start_backing_registrar(registrar, seccomp)?;
         }
         Ok(())
     })
@@ -305,6 +327,9 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
         }
         if let Some(fuse) = notifier_fuse {
             fuse_notify::start(server.clone(), fuse, seccomp)?;
+        }
+        if let Some(backing) = backing {
+            server.use_backing_files(backing);
         }
         Ok(server)
     });
@@ -325,5 +350,8 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
         signals,
     );
     info!("FUSE requests served: {}.", server.request_counts());
+    if let Some(backing) = server.backing_files() {
+        info!("FUSE passthrough backing files: {}.", backing.summary());
+    }
     served
 }

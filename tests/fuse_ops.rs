@@ -836,7 +836,9 @@ fn map_shared(fd: &Fd, len: usize) -> Result<*mut libc::c_void, i32> {
 fn allow_mmap_lets_cache_never_files_be_mapped_shared() {
     const LEN: usize = 8192;
     {
-        let Some(fs) = FuseMount::start(&["--cache", "never"]) else {
+        // The classic path: a passthrough open maps the host file itself, coherently, and
+        // needs no --allow-mmap.
+        let Some(fs) = FuseMount::start(&["--cache", "never", "--passthrough=never"]) else {
             return;
         };
         put(&fs.under("mapped"), &vec![b'.'; LEN]);

@@ -22,7 +22,7 @@ section() { printf '\n==== %s (%s)\n' "$1" "$(date +%H:%M:%S)"; }
 started=$(date +%s)
 
 section "installing test dependencies"
-packages=(build-essential pkg-config fuse3 attr acl cpio zstd erofs-utils busybox-static
+packages=(build-essential pkg-config fuse3 fio attr acl cpio zstd erofs-utils busybox-static
 	qemu-system-x86 python3 python3-pip python3-venv strace uidmap git bc bison flex libelf-dev libclang-dev)
 missing=()
 for p in "${packages[@]}"; do
@@ -76,6 +76,13 @@ cargo clippy --workspace --all-targets --release -- -D warnings
 section "cargo test (workspace, release)"
 cargo test --workspace --release --no-fail-fast
 
+# The workspace run above mounts with berth's default, FUSE passthrough where the kernel has
+# it (and tests/fuse_passthrough.rs proves it on); the host /dev/fuse suites run once more on
+# the classic path, where every byte goes through berth. Built already: only the run costs.
+section "host /dev/fuse suites again, classic path (--passthrough never)"
+BERTH_FUSE_TEST_PASSTHROUGH=never cargo test --release --test fuse_ops --test fuse_semantics \
+	--test fuse_stress --test fuse_xattrmap --test fuse_lifecycle --test fuse_confinement
+
 section "volume: kill -9 at every crash point (failpoints build)"
 cargo test -p berth-volume --release --features failpoints --test crash_points
 
@@ -89,6 +96,11 @@ fi
 if [ -x benches/compare.sh ]; then
 	section "load generator smoke run"
 	benches/compare.sh --quick
+fi
+
+if [ "$(id -u)" -eq 0 ]; then
+	section "berth fuse data I/O: native, classic, passthrough (quick)"
+	benches/fuse-passthrough.sh --quick
 fi
 
 if [ $skip_guest -eq 0 ]; then

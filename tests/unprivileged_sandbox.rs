@@ -898,3 +898,28 @@ fn berth_fuse_serves_an_unprivileged_user_through_fusermount() {
     );
     assert!(!is_mounted(&mountpoint), "the mount outlived berth fuse");
 }
+
+#[test]
+fn berth_fuse_as_nobody_refuses_passthrough_always_before_mounting() {
+    let test = "berth_fuse_as_nobody_refuses_passthrough_always_before_mounting";
+    if !is_root() {
+        skip_or_fail(test, "needs root to run berth fuse as nobody");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let (out, stderr) =
+        berth_fuse_as_nobody(dir.path(), &["--shared-dir=/tmp", "--passthrough=always"]);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--passthrough always cannot be honoured")
+            && stderr.contains("CAP_SYS_ADMIN in the initial user namespace"),
+        "{stderr}"
+    );
+    assert!(
+        !fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(dir.path().to_str().unwrap()),
+        "it mounted anyway"
+    );
+}

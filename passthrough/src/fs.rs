@@ -500,6 +500,43 @@ impl PassthroughFs {
         self.handles.get(inode, handle)
     }
 
+    /// The open file `handle` of `inode`, if it is open.
+    pub(crate) fn open_handle(&self, inode: u64, handle: u64) -> Option<Arc<HandleData>> {
+        self.handles.get(inode, handle).ok()
+    }
+
+    /// Why an open with `flags` on the host descriptor `file` must not be handed to the
+    /// kernel as a FUSE passthrough open (which bypasses berth for its reads and writes), if
+    /// it must not: what berth does on those paths that the kernel would not.
+    pub(crate) fn passthrough_refusal(&self, flags: u32, file: &File) -> Option<&'static str> {
+        let flags = flags as libc::c_int;
+        if flags & libc::O_DIRECT != 0 && !self.cfg.allow_direct_io {
+            // berth drops O_DIRECT on the host; the kernel would open the backing file with it.
+            return Some("O_DIRECT without --allow-direct-io");
+        }
+        if self.coherence.is_some() {
+            return Some("shared caching must see every write");
+        }
+        if flags & libc::O_ACCMODE == libc::O_RDONLY {
+            return None;
+        }
+        if self.remapped_capability.is_some() {
+            return Some("the xattr map renames security.capability, which writes must drop");
+        }
+        let st = match fstat_of(file) {
+            Ok(st) => st,
+            Err(_) => return Some("cannot stat the file"),
+        };
+        let setgid_exec = libc::S_ISGID | libc::S_IXGRP;
+        if st.st_mode & libc::S_ISUID != 0 || st.st_mode & setgid_exec == setgid_exec {
+            // berth's rule for clearing them (an unprivileged writer, or the client's
+            // KILL_PRIV flag) stays on berth's path instead of depending on what a kernel's
+            // passthrough write does with the FUSE inode's and the backing file's bits.
+            return Some("writes to a setuid or setgid file must clear those bits");
+        }
+        None
+    }
+
     pub(crate) fn insert_handle(&self, inode: u64, file: File) -> io::Result<u64> {
         let data = HandleData {
             inode,
@@ -2769,4 +2806,13 @@ impl FileSystem for PassthroughFs {
     ) -> io::Result<()> {
         self.do_setlk(inode, handle, owner, lock, flags, true)
     }
+}
+
+/// `fstat` of an open descriptor.
+fn fstat_of(file: &File) -> io::Result<libc::stat64> {
+    let mut st = MaybeUninit::<libc::stat64>::zeroed();
+    // SAFETY: `st` is a properly sized out-buffer for one stat64; the descriptor is open.
+    check_ret(unsafe { libc::fstat64(file.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstat64 succeeded and filled the buffer.
+    Ok(unsafe { st.assume_init() })
 }

@@ -32,6 +32,7 @@ pub use error::Error;
 pub use fs::PassthroughFs;
 pub use migration::{read_stream, MigrationError, STATE_FORMAT_VERSION, STATE_MAGIC};
 pub use server::{
-    DaxWindow, DropReason, FsServer, IoSegment, RemoveMappingOne, Served, SetupMappingIn,
+    BackingFiles, BackingRegistrar, DaxWindow, DropReason, FsServer, IoSegment, PassthroughError,
+    PassthroughMode, RemoveMappingOne, Served, SetupMappingIn,
 };
 pub use xattr_map::{XattrMap, XattrMapError};

@@ -165,6 +165,44 @@ pub fn drop_thread_capabilities() -> Result<(), Error> {
     Ok(())
 }
 
+/// Whether this process may register FUSE passthrough backing files: the kernel asks for
+/// CAP_SYS_ADMIN in the initial user namespace, so the capability must be effective and the
+/// process must not be in a user namespace of its own (its uid map is the identity over
+/// every id).
+pub fn can_register_fuse_backing_files() -> bool {
+    let admin = caps::has_cap(None, CapSet::Effective, Capability::CAP_SYS_ADMIN).unwrap_or(false);
+    let initial_namespace = std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|map| {
+        let fields: Vec<&str> = map.split_whitespace().collect();
+        fields == ["0", "0", "4294967295"]
+    });
+    admin && initial_namespace
+}
+
+/// Reduces the calling thread's capabilities to `keep` alone (effective and permitted; the
+/// inheritable, ambient and bounding sets emptied): for a thread that does one privileged
+/// thing, such as registering FUSE passthrough backing files with CAP_SYS_ADMIN. Other
+/// threads keep theirs.
+pub fn keep_only_thread_capabilities(keep: &[Capability]) -> Result<(), Error> {
+    let keep: CapsHashSet = keep.iter().copied().collect();
+    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP)
+        .map_err(caps_error("read the effective capabilities"))?
+    {
+        let bounding =
+            caps::read(None, CapSet::Bounding).map_err(caps_error("read the bounding set"))?;
+        for capability in bounding {
+            caps::drop(None, CapSet::Bounding, capability)
+                .map_err(caps_error("shrink the bounding set"))?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient).map_err(caps_error("clear the ambient set"))?;
+    caps::clear(None, CapSet::Inheritable).map_err(caps_error("clear the inheritable set"))?;
+    caps::set(None, CapSet::Effective, &keep)
+        .map_err(caps_error("set the effective capabilities"))?;
+    caps::set(None, CapSet::Permitted, &keep)
+        .map_err(caps_error("set the permitted capabilities"))?;
+    Ok(())
+}
+
 /// Parses a `--modcaps` value and drops capabilities as [`drop_capabilities`] does.
 pub fn apply_modcaps(spec: &str, file_handles: bool) -> Result<CapsHashSet, Error> {
     drop_capabilities(&CapsNeeded {

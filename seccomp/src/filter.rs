@@ -67,6 +67,10 @@ pub enum ThreadRole {
     DaxThreadPool,
     /// Reads requests from /dev/fuse and serves them.
     FuseWorker,
+    /// Registers and closes FUSE passthrough backing files on /dev/fuse for the FUSE workers
+    /// (its two ioctls, nothing else); the one thread that keeps CAP_SYS_ADMIN, which the
+    /// kernel asks of it.
+    FuseBackingRegistrar,
     /// Saves the filesystem's state into the VMM's pipe, or loads it from one, during a live
     /// migration (vhost-user SET_DEVICE_STATE_FD): describes or reopens every inode and open
     /// file the guest holds.
@@ -99,6 +103,7 @@ impl ThreadRole {
             ThreadRole::DaxQueueWorker => "queue worker (DAX)",
             ThreadRole::DaxThreadPool => "thread pool (DAX)",
             ThreadRole::FuseWorker => "FUSE worker",
+            ThreadRole::FuseBackingRegistrar => "FUSE backing-file registrar",
             ThreadRole::HostWatcher => "host watcher",
             ThreadRole::Migration => "migration",
             ThreadRole::FuseNotifier => "FUSE notifier",
@@ -293,13 +298,30 @@ const UBLK_QUEUE: &[libc::c_long] = &[
     libc::SYS_statx,
 ];
 
+/// FUSE passthrough's requests on /dev/fuse (include/uapi/linux/fuse.h):
+/// `FUSE_DEV_IOC_BACKING_OPEN` and `FUSE_DEV_IOC_BACKING_CLOSE`.
+const FUSE_DEV_IOC_BACKING_OPEN: u64 = 0x4010_e501;
+const FUSE_DEV_IOC_BACKING_CLOSE: u64 = 0x4004_e502;
+
+/// The FUSE backing-file registrar: ioctl, with the two requests of [`ioctl_requests`] only.
+const FUSE_PASSTHROUGH: &[libc::c_long] = &[libc::SYS_ioctl];
+
 /// Calls allowed only with these arguments: (call, argument index, required value). Several
-/// entries for one call are alternatives.
-const ARG_RULES: &[(libc::c_long, u8, u64)] = &[
-    (libc::SYS_unshare, 0, libc::CLONE_FS as u64),
-    (libc::SYS_ioctl, 1, BLKDISCARD),
-    (libc::SYS_ioctl, 1, BLKZEROOUT),
-];
+/// entries for one call are alternatives. ioctl's requests depend on the role
+/// ([`ioctl_requests`]).
+const ARG_RULES: &[(libc::c_long, u8, u64)] = &[(libc::SYS_unshare, 0, libc::CLONE_FS as u64)];
+
+/// The ioctl requests `role` may make (on any descriptor: the request numbers are specific to
+/// the device they are meant for).
+fn ioctl_requests(role: ThreadRole) -> &'static [u64] {
+    match role {
+        ThreadRole::UblkQueue => &[BLKDISCARD, BLKZEROOUT],
+        ThreadRole::FuseBackingRegistrar => {
+            &[FUSE_DEV_IOC_BACKING_OPEN, FUSE_DEV_IOC_BACKING_CLOSE]
+        }
+        _ => &[],
+    }
+}
 
 /// The system calls `role` may make, sorted and without duplicates (some only with the
 /// arguments [`ARG_RULES`] names).
@@ -311,6 +333,8 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ThreadRole::DaxQueueWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM, DAX_CHANNEL],
         ThreadRole::DaxThreadPool => &[RUNTIME, FILESYSTEM, DAX_CHANNEL],
         ThreadRole::FuseWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
+        // Started before the main thread's filter, so not under it.
+        ThreadRole::FuseBackingRegistrar => &[RUNTIME, FUSE_PASSTHROUGH],
         ThreadRole::HostWatcher => &[RUNTIME, EVENT_LOOP, FILESYSTEM, HOST_WATCH],
         ThreadRole::FuseNotifier => &[RUNTIME],
         // Reads the pipe (loading) with read; writes go through RUNTIME's write.
@@ -334,11 +358,16 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
     calls
 }
 
-fn rules_for(nr: libc::c_long) -> Result<Vec<SeccompRule>, String> {
+fn rules_for(role: ThreadRole, nr: libc::c_long) -> Result<Vec<SeccompRule>, String> {
+    let ioctls = ioctl_requests(role)
+        .iter()
+        .map(|&request| (libc::SYS_ioctl, 1u8, request));
     ARG_RULES
         .iter()
+        .copied()
+        .chain(ioctls)
         .filter(|(call, _, _)| *call == nr)
-        .map(|&(_, index, value)| {
+        .map(|(_, index, value)| {
             let condition =
                 SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
                     .map_err(|e| e.to_string())?;
@@ -364,7 +393,7 @@ fn compile(role: ThreadRole, action: SeccompAction) -> Result<Option<BpfProgram>
     };
     let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls(role)
         .into_iter()
-        .map(|nr| Ok((nr, rules_for(nr)?)))
+        .map(|nr| Ok((nr, rules_for(role, nr)?)))
         .collect::<Result<_, String>>()
         .map_err(build_error)?;
     let filter = SeccompFilter::new(
@@ -417,7 +446,7 @@ mod tests {
         );
     }
 
-    const ALL_ROLES: [ThreadRole; 10] = [
+    const ALL_ROLES: [ThreadRole; 11] = [
         ThreadRole::VhostUserControl,
         ThreadRole::Migration,
         ThreadRole::QueueWorker,
@@ -425,6 +454,7 @@ mod tests {
         ThreadRole::DaxQueueWorker,
         ThreadRole::DaxThreadPool,
         ThreadRole::FuseWorker,
+        ThreadRole::FuseBackingRegistrar,
         ThreadRole::Main,
         ThreadRole::Supervisor,
         ThreadRole::UblkQueue,
@@ -532,12 +562,18 @@ mod tests {
             ] {
                 assert!(!has(role, forbidden), "{role:?} allows {forbidden}");
             }
-            // ioctl only where the block queue needs it, and only with its two requests.
+            // ioctl only where the block queue or FUSE passthrough needs it, and only with
+            // their two requests each.
             assert_eq!(
                 has(role, libc::SYS_ioctl),
-                role == ThreadRole::UblkQueue,
+                matches!(
+                    role,
+                    ThreadRole::UblkQueue | ThreadRole::FuseBackingRegistrar
+                ),
                 "{role:?}"
             );
+            let ioctl_rules = rules_for(role, libc::SYS_ioctl).unwrap();
+            assert_eq!(ioctl_rules.len(), ioctl_requests(role).len(), "{role:?}");
         }
     }
 
@@ -567,14 +603,43 @@ mod tests {
         ] {
             assert!(!queue.contains(&nr), "the ublk queue allows {nr}");
         }
-        let ioctl_rules = rules_for(libc::SYS_ioctl).unwrap();
-        assert_eq!(ioctl_rules.len(), 2, "BLKDISCARD and BLKZEROOUT only");
+        assert_eq!(
+            ioctl_requests(ThreadRole::UblkQueue),
+            &[BLKDISCARD, BLKZEROOUT],
+            "BLKDISCARD and BLKZEROOUT only"
+        );
     }
 
     #[test]
     fn unshare_is_only_allowed_for_a_private_fs_struct() {
-        let rules = rules_for(libc::SYS_unshare).unwrap();
+        let rules = rules_for(ThreadRole::FuseWorker, libc::SYS_unshare).unwrap();
         assert_eq!(rules.len(), 1);
-        assert!(rules_for(libc::SYS_openat).unwrap().is_empty());
+        assert!(rules_for(ThreadRole::FuseWorker, libc::SYS_openat)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn only_the_registrar_registers_backing_files() {
+        let requests = [FUSE_DEV_IOC_BACKING_OPEN, FUSE_DEV_IOC_BACKING_CLOSE];
+        assert_eq!(ioctl_requests(ThreadRole::FuseBackingRegistrar), &requests);
+        for role in [ThreadRole::FuseWorker, ThreadRole::Main] {
+            assert!(
+                !allowed_syscalls(role).contains(&libc::SYS_ioctl),
+                "{role:?}"
+            );
+            assert!(ioctl_requests(role).is_empty(), "{role:?}");
+        }
+        // The registrar touches no file, opens nothing and waits on nothing but its channel.
+        let registrar = allowed_syscalls(ThreadRole::FuseBackingRegistrar);
+        for nr in [
+            libc::SYS_openat,
+            libc::SYS_open_by_handle_at,
+            libc::SYS_pread64,
+            libc::SYS_epoll_pwait,
+            libc::SYS_clone3,
+        ] {
+            assert!(!registrar.contains(&nr), "the registrar allows {nr}");
+        }
     }
 }

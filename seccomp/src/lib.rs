@@ -26,7 +26,8 @@ mod rlimit;
 mod sandbox;
 
 pub use crate::caps::{
-    apply_modcaps, drop_capabilities, drop_thread_capabilities, CapsNeeded, ModCaps,
+    apply_modcaps, can_register_fuse_backing_files, drop_capabilities, drop_thread_capabilities,
+    keep_only_thread_capabilities, CapsNeeded, ModCaps,
 };
 pub use crate::error::Error;
 pub use crate::filter::{allowed_syscalls, install_filter, SeccompAction, ThreadRole};

@@ -171,6 +171,20 @@ fn extra_daemon_args() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The FUSE passthrough mode the suites run in: `BERTH_FUSE_TEST_PASSTHROUGH` (`never` for
+/// the classic path, `always` to insist), given as `--passthrough` to every daemon whose test
+/// does not choose one itself; berth's default (`auto`: on wherever the kernel and root allow)
+/// when unset.
+fn passthrough_args(flags: &[&str]) -> Vec<String> {
+    if flags.iter().any(|f| f.starts_with("--passthrough")) {
+        return Vec::new();
+    }
+    match std::env::var("BERTH_FUSE_TEST_PASSTHROUGH") {
+        Ok(mode) if !mode.is_empty() => vec![format!("--passthrough={mode}")],
+        _ => Vec::new(),
+    }
+}
+
 /// A running `berth fuse` daemon serving `shared()` at `mnt()`.
 pub struct FuseMount {
     child: Option<Child>,
@@ -235,6 +249,7 @@ impl FuseMount {
             .arg("--mountpoint")
             .arg(&mnt)
             .args(flags)
+            .args(passthrough_args(flags))
             .args(extra_daemon_args())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup the log fd"))

@@ -176,7 +176,8 @@ impl FsServer {
         let (entry, fh, options) =
             self.fs
                 .do_create(&req.ctx, req.nodeid(), name, &args, secctx.as_ref())?;
-        created(out, entry, fh, options.bits())
+        let (open_flags, backing_id) = self.open_path(entry.inode, fh, args.flags, options.bits());
+        created(out, entry, fh, open_flags, backing_id)
     }
 
     pub(super) fn tmpfile(
@@ -199,7 +200,8 @@ impl FsServer {
         let (entry, fh, open_flags) =
             self.fs
                 .tmpfile(&req.ctx, req.nodeid(), &args, secctx.as_ref())?;
-        created(out, entry, fh, open_flags)
+        let (open_flags, backing_id) = self.open_path(entry.inode, fh, args.flags, open_flags);
+        created(out, entry, fh, open_flags, backing_id)
     }
 
     /// The body of a request that creates a node: its arguments (`fixed` bytes) and name(s)
@@ -300,9 +302,10 @@ fn created(
     entry: fuse_backend_rs::api::filesystem::Entry,
     fh: u64,
     open_flags: u32,
+    backing_id: Option<u32>,
 ) -> io::Result<Answer> {
     reply::entry(out, entry)?;
-    reply::open(out, fh, open_flags, None)?;
+    reply::open(out, fh, open_flags, backing_id)?;
     reply::done()
 }
 

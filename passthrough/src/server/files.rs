@@ -20,8 +20,11 @@ impl FsServer {
         out: &mut Reply<'_, '_>,
     ) -> io::Result<Answer> {
         let OpenIn { flags, fuse_flags } = req.read()?;
-        let (fh, options, backing_id) = self.fs.open(&req.ctx, req.nodeid(), flags, fuse_flags)?;
-        reply::open(out, fh.unwrap_or(0), options.bits(), backing_id)?;
+        let nodeid = req.nodeid();
+        let (fh, options, _) = self.fs.open(&req.ctx, nodeid, flags, fuse_flags)?;
+        let fh = fh.unwrap_or(0);
+        let (open_flags, backing_id) = self.open_path(nodeid, fh, flags, options.bits());
+        reply::open(out, fh, open_flags, backing_id)?;
         reply::done()
     }
 
@@ -106,7 +109,7 @@ impl FsServer {
         let flush = release_flags & RELEASE_FLUSH != 0;
         let flock_release = release_flags & RELEASE_FLOCK_UNLOCK != 0;
         let lock_owner = (flush || flock_release).then_some(lock_owner);
-        self.fs.release(
+        let released = self.fs.release(
             &req.ctx,
             req.nodeid(),
             flags,
@@ -114,7 +117,12 @@ impl FsServer {
             flush,
             flock_release,
             lock_owner,
-        )?;
+        );
+        // The kernel is done with the open either way: its backing id goes with it.
+        if let Some(backing) = self.backing.get() {
+            backing.release(req.nodeid(), fh);
+        }
+        released?;
         reply::done()
     }
 

@@ -16,6 +16,7 @@
 //! in a handler (a panic) costs that request only: it is answered EIO.
 
 mod abi;
+mod backing;
 mod buffers;
 mod dax;
 mod dirs;
@@ -31,12 +32,16 @@ use std::fmt;
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use fuse_backend_rs::abi::fuse_abi::InHeader;
 
 pub(crate) use abi::{init_flags, SETXATTR_ACL_KILL_SGID, XATTR_LIST_MAX, XATTR_SIZE_MAX};
 pub use abi::{opcode, RemoveMappingOne, SetupMappingIn, MAX_BUFFER_SIZE};
+pub use backing::{
+    BackingFiles, BackingRegistrar, PassthroughError, PassthroughMode, FUSE_DEV_IOC_BACKING_CLOSE,
+    FUSE_DEV_IOC_BACKING_OPEN,
+};
 pub use buffers::IoSegment;
 pub(crate) use buffers::IOV_BATCH;
 pub use dax::DaxWindow;
@@ -104,6 +109,8 @@ pub struct FsServer {
     /// table (CUSE_INIT, garbage) are counted in `served_other`.
     served: [AtomicU64; SERVED_OPCODES],
     served_other: AtomicU64,
+    /// FUSE passthrough's backing files, for a /dev/fuse transport that asked for it.
+    backing: OnceLock<BackingFiles>,
 }
 
 /// Opcodes counted one by one: every FUSE opcode so far, with room to spare.
@@ -117,6 +124,7 @@ impl FsServer {
             initialized: AtomicBool::new(false),
             served: std::array::from_fn(|_| AtomicU64::new(0)),
             served_other: AtomicU64::new(0),
+            backing: OnceLock::new(),
         }
     }
 
@@ -149,6 +157,44 @@ impl FsServer {
     /// reply handed out. A transport calls it once after every [`FsServer::handle`].
     pub fn reply_sent(&self) {
         self.fs.reply_sent();
+    }
+
+    /// Serves opens through FUSE passthrough where FUSE_INIT allows (a /dev/fuse transport
+    /// only, before it starts serving); `false` if backing files were set up already.
+    pub fn use_backing_files(&self, backing: BackingFiles) -> bool {
+        self.backing.set(backing).is_ok()
+    }
+
+    /// The FUSE passthrough backing files, when the transport set them up.
+    pub fn backing_files(&self) -> Option<&BackingFiles> {
+        self.backing.get()
+    }
+
+    /// How to answer the open `fh` of `inode` (opened with `flags`, answered with
+    /// `open_flags` so far): through passthrough where it is on and this open allows it,
+    /// which replaces the page-cache flags with `FOPEN_PASSTHROUGH` and gives a backing id.
+    fn open_path(&self, inode: u64, fh: u64, flags: u32, open_flags: u32) -> (u32, Option<u32>) {
+        let Some(backing) = self.backing.get().filter(|b| b.is_active()) else {
+            return (open_flags, None);
+        };
+        let Some(handle) = self.fs.open_handle(inode, fh) else {
+            return (open_flags, None);
+        };
+        let refusal = self.fs.passthrough_refusal(flags, &handle.file);
+        match backing.open(inode, fh, std::os::fd::AsFd::as_fd(&handle.file), refusal) {
+            backing::OpenPath::Passthrough(id) => {
+                // FOPEN_DIRECT_IO would take precedence over passthrough in the kernel, and
+                // the page cache to keep is the host file's own.
+                let cache_flags = (fuse_backend_rs::abi::fuse_abi::OpenOptions::DIRECT_IO
+                    | fuse_backend_rs::abi::fuse_abi::OpenOptions::KEEP_CACHE)
+                    .bits();
+                (
+                    (open_flags & !cache_flags) | backing::FOPEN_PASSTHROUGH,
+                    Some(id),
+                )
+            }
+            backing::OpenPath::Classic => (open_flags, None),
+        }
     }
 
     /// The filesystem being served.
@@ -217,6 +263,9 @@ impl FsServer {
     /// Forgets everything the guest had: inodes, open files and directories, locks, the
     /// negotiated protocol. For a device reset, or a guest that starts over without unmounting.
     pub fn reset_session(&self) {
+        if let Some(backing) = self.backing.get() {
+            backing.close_all();
+        }
         self.fs.reset();
         self.initialized
             .store(false, std::sync::atomic::Ordering::Release);

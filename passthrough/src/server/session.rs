@@ -16,6 +16,7 @@ use fuse_backend_rs::api::filesystem::FileSystem;
 use vm_memory::ByteValued;
 
 use super::abi::{init_flags, BUFFER_HEADER_SIZE, MAX_REQ_PAGES, MIN_READ_BUFFER};
+use super::backing::INIT_PASSTHROUGH;
 use super::reply::{self, Answer, Reply};
 use super::request::Request;
 use super::FsServer;
@@ -60,7 +61,22 @@ impl FsServer {
             );
             self.reset_session();
         }
-        let enabled = self.fs.negotiate(capable)?;
+        let mut enabled = self.fs.negotiate(capable)?;
+        let mut max_stack_depth = 0;
+        if let Some(backing) = self.backing.get() {
+            let writeback = enabled & FsOptions::WRITEBACK_CACHE.bits() != 0;
+            match backing.negotiate(capable, writeback) {
+                Ok(true) => {
+                    enabled |= INIT_PASSTHROUGH | (capable & init_flags::INIT_EXT);
+                    max_stack_depth = backing.max_stack_depth();
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!("Refusing FUSE_INIT: --passthrough always, but {e}.");
+                    return Err(io::Error::from_raw_os_error(libc::EPROTO));
+                }
+            }
+        }
         tracing::info!(
             "FUSE_INIT {}.{}: the client offered {capable:#x}, berth enabled {enabled:#x}.",
             init.major,
@@ -87,6 +103,8 @@ impl FsServer {
         if enabled & max_pages != 0 {
             init_out.max_pages = MAX_REQ_PAGES;
         }
+        // `max_stack_depth` follows `flags2` (fuse-backend-rs 0.14 names it `unused[0]`).
+        init_out.unused[0] = max_stack_depth;
         let bytes = init_out.as_slice();
         let len = if init.minor < KERNEL_MINOR_VERSION_INIT_OUT_SIZE {
             FUSE_COMPAT_INIT_OUT_SIZE
@@ -103,6 +121,9 @@ impl FsServer {
     /// FUSE_DESTROY (the guest unmounts): everything it held is dropped. Answered with a bare
     /// header, which the guest waits for.
     pub(super) fn destroy(&self) -> io::Result<Answer> {
+        if let Some(backing) = self.backing.get() {
+            backing.close_all();
+        }
         self.fs.destroy();
         self.initialized.store(false, Ordering::Release);
         reply::done()

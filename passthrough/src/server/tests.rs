@@ -580,3 +580,103 @@ fn request_counts_count_every_opcode_served() {
         "total=5 LOOKUP=2 INIT=1 op63=1 other=1"
     );
 }
+
+/// A server with FUSE passthrough backing files in `mode`, on a "device" that refuses the
+/// backing ioctls (/dev/null answers ENOTTY), with its registrar on a thread of its own.
+fn with_backing(mode: PassthroughMode) -> Fixture {
+    let fixture = fixture();
+    let device = std::fs::File::open("/dev/null").unwrap();
+    let (backing, registrar) = BackingFiles::new(device, mode, 1);
+    std::thread::spawn(move || registrar.serve());
+    assert!(fixture.server.use_backing_files(backing));
+    fixture
+}
+
+/// FUSE_INIT 7.45 offering `flags` (both words).
+fn init_offering(server: &FsServer, flags: u64) -> (Served, Vec<u8>) {
+    let args = InitIn {
+        major: 7,
+        minor: 45,
+        max_readahead: 1 << 17,
+        flags: flags as u32 | init_flags::INIT_EXT as u32,
+    };
+    let args2 = fuse_backend_rs::abi::fuse_abi::InitIn2 {
+        flags2: (flags >> 32) as u32,
+        ..Default::default()
+    };
+    serve(
+        server,
+        &request(opcode::INIT, 0, &[args.as_slice(), args2.as_slice()]),
+        4096,
+    )
+}
+
+#[test]
+fn init_turns_passthrough_on_where_the_kernel_offers_it() {
+    let f = with_backing(PassthroughMode::Auto);
+    let (_, reply) = init_offering(&f.server, backing::INIT_PASSTHROUGH);
+    assert_eq!(errno(&reply), 0);
+    let out: InitOut = body(&reply);
+    let enabled = u64::from(out.flags) | u64::from(out.flags2) << 32;
+    assert_ne!(enabled & backing::INIT_PASSTHROUGH, 0, "{enabled:#x}");
+    assert_ne!(
+        enabled & init_flags::INIT_EXT,
+        0,
+        "flags2 must count: {enabled:#x}"
+    );
+    assert_eq!(out.unused[0], 1, "max_stack_depth");
+    assert!(f.server.backing_files().unwrap().is_active());
+
+    // The kernel refuses this "device"'s registration: the open is served the classic way.
+    let entry = lookup(&f.server, "data");
+    let args = OpenIn {
+        flags: libc::O_RDONLY as u32,
+        fuse_flags: 0,
+    };
+    let (_, reply) = serve(
+        &f.server,
+        &request(opcode::OPEN, entry.nodeid, &[args.as_slice()]),
+        4096,
+    );
+    assert_eq!(errno(&reply), 0);
+    let open: OpenOut = body(&reply);
+    assert_eq!(open.open_flags & backing::FOPEN_PASSTHROUGH, 0);
+    assert_eq!(open.passthrough, 0);
+    let summary = f.server.backing_files().unwrap().summary();
+    assert!(summary.contains("refused=1"), "{summary}");
+    assert!(summary.contains("classic_opens=1"), "{summary}");
+}
+
+#[test]
+fn init_without_the_kernel_offer_leaves_passthrough_off_or_fails_always() {
+    let f = with_backing(PassthroughMode::Auto);
+    let (_, reply) = init_offering(&f.server, 0);
+    assert_eq!(errno(&reply), 0);
+    let out: InitOut = body(&reply);
+    assert_eq!(u64::from(out.flags2) << 32 & backing::INIT_PASSTHROUGH, 0);
+    assert_eq!(out.unused[0], 0, "no max_stack_depth without passthrough");
+    assert!(!f.server.backing_files().unwrap().is_active());
+    assert_eq!(f.server.backing_files().unwrap().failure(), None);
+
+    let f = with_backing(PassthroughMode::Always);
+    let (_, reply) = init_offering(&f.server, 0);
+    assert_eq!(errno(&reply), libc::EPROTO);
+    assert_eq!(
+        f.server.backing_files().unwrap().failure(),
+        Some(PassthroughError::NotOffered)
+    );
+}
+
+#[test]
+fn passthrough_is_off_with_the_writeback_cache() {
+    let f = with_backing(PassthroughMode::Always);
+    let b = f.server.backing_files().unwrap();
+    assert_eq!(
+        b.negotiate(backing::INIT_PASSTHROUGH, true),
+        Err(PassthroughError::Writeback)
+    );
+    let f = with_backing(PassthroughMode::Auto);
+    let b = f.server.backing_files().unwrap();
+    assert_eq!(b.negotiate(backing::INIT_PASSTHROUGH, true), Ok(false));
+    assert!(!b.is_active());
+}
