@@ -101,6 +101,12 @@ mig_hop() {
 			[ -S "$WORK/$to.in" ] && break
 			sleep 0.1
 		done
+		# The return path lets the destination tell the source that it could not load
+		# the state (virtiofsd refuses a lost inode only there): the source then fails
+		# the migration and runs the guest on, instead of stopping it for good.
+		local caps='{"capabilities": [{"capability": "return-path", "state": true}]}'
+		qmp "$WORK/$to.qmp" migrate-set-capabilities "$caps" >/dev/null
+		qmp "$WORK/$from.qmp" migrate-set-capabilities "$caps" >/dev/null
 		# Same host: no need to hold back the bandwidth (QEMU's default is 128 MiB/s).
 		qmp "$WORK/$from.qmp" migrate-set-parameters '{"max-bandwidth": 4294967296}' >/dev/null
 		if ! error=$(qmp "$WORK/$from.qmp" migrate "{\"uri\": \"unix:$WORK/$to.in\"}" 2>&1 >/dev/null); then
@@ -268,14 +274,14 @@ mig_boot() {
 			"hop 2 failed" "check $p-abort-kept mig_after_hop 2 8 9" mig_forget_deleted \
 			"hop 3 done" "check $p-hop2 mig_after_hop 3 8" "check $p-renamed mig_renamed_visible" \
 			"hop 4 done" "check $p-guest-error mig_lost_handle" \
-			"check $p-finish mig_finish" "check $p-kernel-quiet mig_quiet_kernel" \
+			mig_stop "check $p-finish mig_finish" "check $p-kernel-quiet mig_quiet_kernel" \
 			mig_release "check $p-umount unmount_shares fs"
 	else
 		mig_guest_script "$MIG_BOOT" \
 			"check $p-mount mount_shares fs" setup "check $p-start mig_started" \
 			"hop 1 done" "check $p-hop1 mig_after_hop 1 8 9" \
 			"hop 2 done" "check $p-hop2 mig_after_hop 2 8 9" "check $p-renamed mig_renamed_visible" \
-			"check $p-finish mig_finish" "check $p-kernel-quiet mig_quiet_kernel" \
+			mig_stop "check $p-finish mig_finish" "check $p-kernel-quiet mig_quiet_kernel" \
 			mig_release "check $p-umount unmount_shares fs"
 	fi
 	local daemons=() consoles=()
@@ -327,6 +333,7 @@ mig_boot() {
 	# The last QEMU powers off when the guest script ends; the others quit or
 	# failed. Anything left (a failed chain) is stopped.
 	local name pid deadline=$((SECONDS + MIGRATE_STEP_TIMEOUT))
+	[ "$ok" = 1 ] || deadline=$((SECONDS + 30))
 	pid=${MIG_QEMU_PID[$MIG_CURRENT]}
 	while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
 	for name in "${!MIG_QEMU_PID[@]}"; do

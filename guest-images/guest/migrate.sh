@@ -187,11 +187,16 @@ mig_forget_deleted() {
 	echo 2 >/proc/sys/vm/drop_caches
 }
 
-# Stops the workload; fio's verify passed in every run, the log holds lines 1..N
-# in order and its checksum is written for the host to compare.
-mig_finish() {
+# Stops the workload and waits for it (in the script's shell: the jobs are its
+# children); fio's current run ends first.
+mig_stop() {
 	touch /tmp/stop-writer /tmp/stop-fio
 	wait "$MIG_WRITER" "$MIG_FIO" || true
+}
+
+# fio's verify passed in every run, the log holds lines 1..N in order and its
+# checksum is written for the host to compare.
+mig_finish() {
 	[ ! -e /tmp/writer.errors ] || {
 		cat /tmp/writer.errors
 		return 1
