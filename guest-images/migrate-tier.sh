@@ -275,14 +275,14 @@ mig_boot() {
 			"hop 3 done" "check $p-hop2 mig_after_hop 3 8" "check $p-renamed mig_renamed_visible" \
 			"hop 4 done" "check $p-guest-error mig_lost_handle" \
 			mig_stop "check $p-finish mig_finish" "check $p-kernel-quiet mig_quiet_kernel" \
-			mig_release "check $p-umount unmount_shares fs"
+			mig_release "check $p-umount mig_unmount"
 	else
 		mig_guest_script "$MIG_BOOT" \
 			"check $p-mount mount_shares fs" setup "check $p-start mig_started" \
 			"hop 1 done" "check $p-hop1 mig_after_hop 1 8 9" \
 			"hop 2 done" "check $p-hop2 mig_after_hop 2 8 9" "check $p-renamed mig_renamed_visible" \
 			mig_stop "check $p-finish mig_finish" "check $p-kernel-quiet mig_quiet_kernel" \
-			mig_release "check $p-umount unmount_shares fs"
+			mig_release "check $p-umount mig_unmount"
 	fi
 	local daemons=() consoles=()
 	log "migration tier ($mode): booting the guest on $p-a"

@@ -61,9 +61,14 @@ mig_setup() {
 		9<"$MIG/delete-me.txt" 10<"$MIG/lose-me.txt"
 }
 
-# Closes the held descriptors (before the unmount).
+# Closes the held descriptors (before the unmount), one at a time: closing the lost
+# handle may fail (its FLUSH gets an error), and bash keeps copies of the descriptors
+# of an exec whose redirections did not all succeed.
 mig_release() {
-	exec 6>&- 7<&- 8<&- 9<&- 10<&-
+	local fd
+	for fd in 10 9 8 7 6; do
+		{ exec {fd}>&-; } 2>/dev/null || echo "@@info closing held descriptor $fd failed"
+	done
 }
 
 # The workload is running: the writer has written, no fio run failed yet.
@@ -192,6 +197,20 @@ mig_forget_deleted() {
 mig_stop() {
 	touch /tmp/stop-writer /tmp/stop-fio
 	wait "$MIG_WRITER" "$MIG_FIO" || true
+}
+
+# Unmounts the share, retrying for a few seconds (the releases of the handles just
+# closed may still be on their way); names what still holds it when that fails.
+mig_unmount() {
+	local i
+	for i in $(seq 30); do
+		umount /mnt/fs 2>/dev/null && return 0
+		sleep 0.1
+	done
+	echo "still in use:"
+	ls -l /proc/[0-9]*/fd 2>/dev/null | grep /mnt/fs || true
+	ls -l /proc/[0-9]*/cwd 2>/dev/null | grep /mnt/fs || true
+	umount /mnt/fs
 }
 
 # fio's verify passed in every run, the log holds lines 1..N in order and its
