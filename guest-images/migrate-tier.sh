@@ -21,11 +21,11 @@
 
 MIGRATE_MODES=(fp fh)
 MIGRATE_FP_GUEST_CHECKS=(mig-fp-mount mig-fp-start mig-fp-hop1 mig-fp-abort-kept mig-fp-hop2
-	mig-fp-renamed mig-fp-guest-error mig-fp-finish mig-fp-kernel-quiet mig-fp-umount)
+	mig-fp-renamed mig-fp-guest-error mig-fp-finish mig-fp-umount mig-fp-kernel-quiet)
 MIGRATE_FP_HOST_CHECKS=(mig-fp-migrate1 mig-fp-abort mig-fp-migrate2 mig-fp-migrate3
 	mig-fp-log-host mig-fp-daemons-exit-0 mig-fp-no-stray)
 MIGRATE_FH_GUEST_CHECKS=(mig-fh-mount mig-fh-start mig-fh-hop1 mig-fh-hop2 mig-fh-renamed
-	mig-fh-finish mig-fh-kernel-quiet mig-fh-umount)
+	mig-fh-finish mig-fh-umount mig-fh-kernel-quiet)
 MIGRATE_FH_HOST_CHECKS=(mig-fh-migrate1 mig-fh-migrate2 mig-fh-log-host mig-fh-daemons-exit-0
 	mig-fh-no-stray)
 MIGRATE_CHECKS=("${MIGRATE_FP_GUEST_CHECKS[@]}" "${MIGRATE_FP_HOST_CHECKS[@]}"
@@ -274,15 +274,15 @@ mig_boot() {
 			"hop 2 failed" "check $p-abort-kept mig_after_hop 2 8 9" mig_forget_deleted \
 			"hop 3 done" "check $p-hop2 mig_after_hop 3 8" "check $p-renamed mig_renamed_visible" \
 			"hop 4 done" "check $p-guest-error mig_lost_handle" \
-			mig_stop "check $p-finish mig_finish" "check $p-kernel-quiet mig_quiet_kernel" \
-			mig_release "check $p-umount mig_unmount"
+			mig_stop "check $p-finish mig_finish" mig_release \
+			"check $p-umount mig_unmount" "check $p-kernel-quiet mig_quiet_kernel"
 	else
 		mig_guest_script "$MIG_BOOT" \
 			"check $p-mount mount_shares fs" setup "check $p-start mig_started" \
 			"hop 1 done" "check $p-hop1 mig_after_hop 1 8 9" \
 			"hop 2 done" "check $p-hop2 mig_after_hop 2 8 9" "check $p-renamed mig_renamed_visible" \
-			mig_stop "check $p-finish mig_finish" "check $p-kernel-quiet mig_quiet_kernel" \
-			mig_release "check $p-umount mig_unmount"
+			mig_stop "check $p-finish mig_finish" mig_release \
+			"check $p-umount mig_unmount" "check $p-kernel-quiet mig_quiet_kernel"
 	fi
 	local daemons=() consoles=()
 	log "migration tier ($mode): booting the guest on $p-a"
