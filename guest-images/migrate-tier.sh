@@ -219,6 +219,7 @@ mig_delete_lost() { rm "$WORK/share-mig/lose-me.txt"; }
 mig_guest_script() {
 	local boot=$1
 	shift
+	# shellcheck disable=SC2016 # expanded in the guest
 	{
 		echo 'echo "@@boot $(cut -d" " -f1 /proc/uptime)"'
 		echo '. /test/checks.sh'
@@ -230,7 +231,6 @@ mig_guest_script() {
 			"hop "*)
 				local hop expect
 				read -r _ hop expect <<<"$step"
-				# shellcheck disable=SC2016 # expanded in the guest
 				printf 'outcome=$(mig_handover %s); [ "$outcome" = %s ] || { echo "@@detail hop %s: the host reports $outcome"; CHECK_FAILURES=$((CHECK_FAILURES + 1)); }\n' "$hop" "$expect" "$hop"
 				;;
 			*) echo "$step" ;;
@@ -254,13 +254,15 @@ mig_boot() {
 		guest_checks=("${MIGRATE_FH_GUEST_CHECKS[@]}") host_checks=("${MIGRATE_FH_HOST_CHECKS[@]}")
 	fi
 	any_selected "${guest_checks[@]}" "${host_checks[@]}" || return 0
+	# shellcheck disable=SC2154 # test.sh's --daemon
 	MIG_MODE_NAME=$mode MIG_DAEMON_KIND=$daemon_kind MIG_BOOT=mig-$mode_short MIG_REPORTED=" "
 	local p=mig-$mode_short
 	rm -rf "$WORK/share-mig"
 	mkdir -p "$WORK/share-mig/mig"
 	# The same-host upgrade: the guest moves to a daemon started from another copy of
 	# the binary.
-	local upgraded=$WORK/$p-upgraded-$(basename "$DAEMON")
+	local upgraded
+	upgraded=$WORK/$p-upgraded-$(basename "$DAEMON")
 	cp "$DAEMON" "$upgraded"
 	MIG_EXTRA=$WORK/$p-extra
 	mkdir -p "$MIG_EXTRA"

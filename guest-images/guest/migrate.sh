@@ -124,7 +124,7 @@ mig_handover() {
 		}
 		sleep 0.05
 	done
-	if [ -e "$MIG/mig/done-$1" ]; then echo done; else echo failed; fi
+	if [ -e "$MIG/mig/done-$1" ]; then echo "done"; else echo failed; fi
 }
 
 # After a hop (or a refused one): the held handles read and write, new files can be
@@ -208,8 +208,11 @@ mig_unmount() {
 		sleep 0.1
 	done
 	echo "still in use:"
-	ls -l /proc/[0-9]*/fd 2>/dev/null | grep /mnt/fs || true
-	ls -l /proc/[0-9]*/cwd 2>/dev/null | grep /mnt/fs || true
+	local link target
+	for link in /proc/[0-9]*/fd/* /proc/[0-9]*/cwd; do
+		target=$(readlink "$link" 2>/dev/null) || continue
+		case $target in /mnt/fs*) echo "$link -> $target" ;; esac
+	done
 	umount /mnt/fs
 }
 
