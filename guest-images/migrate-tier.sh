@@ -70,21 +70,13 @@ mig_wait_ready() {
 	done
 }
 
-# Prints "STATUS TOTAL_MS DOWNTIME_MS ERROR" from query-migrate on QMP socket $1.
-mig_query() {
-	qmp "$1" query-migrate | python3 -c '
-import json, sys
-d = json.load(sys.stdin)
-print(d.get("status", "none"), d.get("total-time", "-"), d.get("downtime", "-"), d.get("error-desc", ""))'
-}
-
-# mig_hop CHECK HOP FROM TO EXPECT: migrates the guest from QEMU FROM to QEMU TO
-# (already started with --incoming) once the guest is ready for HOP; EXPECT is
-# completed or failed. Records CHECK with the times QEMU measured; on success TO
-# becomes the current QEMU and FROM is told to quit.
+# mig_hop CHECK HOP FROM TO EXPECT: once the guest is ready for HOP, migrates it with
+# live-migrate.sh from QEMU FROM to QEMU TO (already started with --incoming); EXPECT
+# is completed or failed. Records CHECK with the times QEMU measured; on success TO
+# becomes the current QEMU and FROM has been told to quit.
 MIG_TIMES=()
 mig_hop() {
-	local check=$1 hop=$2 from=$3 to=$4 expect=$5 start problems=() answer status total downtime error=""
+	local check=$1 hop=$2 from=$3 to=$4 expect=$5 start problems=() status total downtime error=""
 	start=$(now_seconds)
 	if ! mig_wait_ready "$hop"; then
 		record "$check" FAIL "$(seconds_since "$start")" "the guest did not reach hop $hop (console $LOGS/$from-console.log)"
@@ -94,48 +86,29 @@ mig_hop() {
 	[ -z "${MIG_BEFORE_HOP:-}" ] || $MIG_BEFORE_HOP
 	MIG_BEFORE_HOP=""
 	start=$(now_seconds)
-	if ! qmp --wait 60 "$WORK/$to.qmp" query-status >/dev/null; then
-		problems+=("the incoming QEMU $to does not answer on QMP ($LOGS/$to-boot.log)")
-	else
-		for _ in $(seq 100); do
-			[ -S "$WORK/$to.in" ] && break
-			sleep 0.1
-		done
-		# The return path lets the destination tell the source that it could not load
-		# the state (virtiofsd refuses a lost inode only there): the source then fails
-		# the migration and runs the guest on, instead of stopping it for good.
-		local caps='{"capabilities": [{"capability": "return-path", "state": true}]}'
-		qmp "$WORK/$to.qmp" migrate-set-capabilities "$caps" >/dev/null
-		qmp "$WORK/$from.qmp" migrate-set-capabilities "$caps" >/dev/null
-		# Same host: no need to hold back the bandwidth (QEMU's default is 128 MiB/s).
-		qmp "$WORK/$from.qmp" migrate-set-parameters '{"max-bandwidth": 4294967296}' >/dev/null
-		if ! error=$(qmp "$WORK/$from.qmp" migrate "{\"uri\": \"unix:$WORK/$to.in\"}" 2>&1 >/dev/null); then
-			status=failed
-		else
-			error=""
-			local deadline=$((SECONDS + MIGRATE_TIMEOUT))
-			while :; do
-				answer=$(mig_query "$WORK/$from.qmp" 2>&1) || answer="unknown - - $answer"
-				read -r status total downtime error <<<"$answer"
-				case $status in
-				completed | failed | cancelled) break ;;
-				esac
-				if [ $SECONDS -ge $deadline ]; then
-					problems+=("the migration is still '$status' after $MIGRATE_TIMEOUT s")
-					qmp "$WORK/$from.qmp" migrate_cancel >/dev/null 2>&1 || true
-					break
-				fi
-				sleep 0.2
-			done
-		fi
-	fi
+	# QEMU creates the incoming socket while it starts.
+	for _ in $(seq 100); do
+		[ -S "$WORK/$to.in" ] && break
+		sleep 0.1
+	done
+	local out rc=0
+	out=$("$GUEST_IMAGES_DIR/live-migrate.sh" --timeout "$MIGRATE_TIMEOUT" \
+		"$WORK/$from.qmp" "$WORK/$to.qmp" "unix:$WORK/$to.in" 2>&1) || rc=$?
+	case $rc:$out in
+	0:"completed downtime="*)
+		status=completed
+		downtime=${out#*downtime=} downtime=${downtime%% *}
+		total=${out##*total=}
+		;;
+	1:"failed: "*) status=failed error=${out#failed: } ;;
+	*) status=unknown problems+=("live-migrate.sh exited $rc: $out") ;;
+	esac
 	local took
 	took=$(seconds_since "$start")
 	if [ "$expect" = completed ]; then
 		if [ "$status" = completed ] && [ ${#problems[@]} -eq 0 ]; then
 			MIG_TIMES+=("$check $MIG_DAEMON_KIND $MIG_MODE_NAME: downtime $downtime ms, total $total ms")
-			# The destination runs the guest now; the source QEMU waits, paused, to be told to quit.
-			qmp "$WORK/$from.qmp" quit >/dev/null 2>&1 || true
+			# The destination runs the guest now; live-migrate.sh told the source to quit.
 			wait "${MIG_QEMU_PID[$from]}" 2>/dev/null || true
 			MIG_CURRENT=$to
 			touch "$WORK/share-mig/mig/done-$hop"
