@@ -318,8 +318,13 @@ mig_boot() {
 		fi
 		wait "$pid" 2>/dev/null || true
 	done
+	# Only this boot's QEMUs leave the list of background jobs.
+	local kept=() job
+	for job in "${BACKGROUND_PIDS[@]}"; do
+		[[ " ${MIG_QEMU_PID[*]} " == *" $job "* ]] || kept+=("$job")
+	done
+	BACKGROUND_PIDS=("${kept[@]}")
 	MIG_QEMU_PID=()
-	BACKGROUND_PIDS=()
 	mig_record_guest "${consoles[@]}"
 	local check
 	for check in "${guest_checks[@]}"; do

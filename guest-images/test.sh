@@ -356,7 +356,7 @@ check_round_trip() {
 
 # guest_extra NAME: writes the files boot NAME's guest finds beside its script
 # (the check library, the env it reads) into $WORK/NAME-extra; prints the path.
-# The checks a boot cannot do without (mounts, the migration handshake) run
+# The checks a boot cannot do without (mounts, unmounts, setups) run
 # even when --only leaves them out.
 guest_extra() {
 	local extra=$WORK/$1-extra
