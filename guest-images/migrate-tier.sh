@@ -141,7 +141,7 @@ mig_hop() {
 	printf '    %s\n' "refused as expected: ${error:-no reason given}"
 }
 
-# record_guest_checks CONSOLE...: records the @@check lines the guest printed on the
+# mig_record_guest CONSOLE...: records the @@check lines the guest printed on the
 # consoles of the chain, and shows kernel complaints.
 mig_record_guest() {
 	local console line check status took
