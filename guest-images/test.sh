@@ -15,6 +15,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/block-lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/ondemand-tier.sh"
 # shellcheck source=dax-tier.sh
 source "$(dirname "${BASH_SOURCE[0]}")/dax-tier.sh"
+# shellcheck source=migrate-tier.sh
+source "$(dirname "${BASH_SOURCE[0]}")/migrate-tier.sh"
 
 # Checks of each boot; "mount" and "umount" always run in a boot that runs.
 MAIN_GUEST_CHECKS=(mount file-ops xattr flock flock-local posix-locks posix-locks-local posix-locks-host sha256-host-to-guest sha256-guest-write fio-verify
@@ -31,15 +33,15 @@ BLOCK_GUEST_CHECKS=(block-setup block-zero-copy block-user-copy block-copy block
 	block-lazy-fetch-ratio)
 BLOCK_HOST_CHECKS=(block-store-exit-0)
 # Debian sid's QEMU: one boot with the share on the generic vhost-user device,
-# one on vhost-user-fs-pci with a migration attempt to a second, incoming QEMU.
+# one on vhost-user-fs-pci; the live-migration boots are in migrate-tier.sh.
 SID_CHECKS=(sid-qemu-version)
 SID_GENERIC_GUEST_CHECKS=(sid-generic-mount sid-generic-io sid-generic-umount)
 SID_GENERIC_HOST_CHECKS=(sid-generic-host sid-generic-daemon-exit-0)
 # berth's DAX window on the generic device: a dax=always mount, data through it.
 SID_DAX_GUEST_CHECKS=(sid-dax-mount sid-dax-io sid-dax-umount)
 SID_DAX_HOST_CHECKS=(sid-dax-daemon-exit-0 sid-dax-host)
-SID_FS_GUEST_CHECKS=(sid-fs-mount sid-fs-io sid-fs-after-migrate sid-fs-umount)
-SID_FS_HOST_CHECKS=(sid-fs-host sid-migrate-refused sid-incoming-quit sid-fs-daemons-exit-0 sid-no-stray)
+SID_FS_GUEST_CHECKS=(sid-fs-mount sid-fs-io sid-fs-umount)
+SID_FS_HOST_CHECKS=(sid-fs-host sid-fs-daemons-exit-0 sid-no-stray)
 
 daemon_kind=berth only="" keep=0
 # Longest a boot may take; the host helpers that serve a boot wait as long.
@@ -58,7 +60,7 @@ while [ $# -gt 0 ]; do
 			"${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
 			"${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}" \
 			"${SID_DAX_TIER_CHECKS[@]}" \
-			"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}" \
+			"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}" "${MIGRATE_CHECKS[@]}" \
 			"${IMAGE_GUEST_CHECKS[@]}" "${IMAGE_HOST_CHECKS[@]}" "${FSCACHE_GUEST_CHECKS[@]}" "${FSCACHE_HOST_CHECKS[@]}"
 		exit 0
 		;;
@@ -352,29 +354,12 @@ check_round_trip() {
 	want=$(cat "$share/from-guest.sha256" 2>/dev/null || echo none)
 	got=$(sha256sum <"$share/from-guest" 2>/dev/null | cut -c1-64 || true)
 	[ "$want" = "$got" ] || problems+=("the guest wrote sha256 $want, the host reads ${got:-no file}")
-	if [ "$check" = sid-fs-host ] &&
-		[ "$(cat "$share/after-migrate" 2>/dev/null)" != "written after the migration attempt" ]; then
-		problems+=("the file the guest wrote after the migration attempt is missing or wrong on the host")
-	fi
 	record_problems "$check" "$start" "${problems[@]}"
-}
-
-# Host side of the guest's migration handshake: once the guest asks
-# (SHARE/ready-to-migrate), lets it go on (SHARE/migrate-attempted). No migration
-# is attempted: both daemons can migrate now and QEMU would carry the guest over
-# to an incoming QEMU this tier does not follow yet.
-serve_migration_attempt() {
-	local share=$1 deadline=$((SECONDS + GUEST_TIMEOUT))
-	until [ -e "$share/ready-to-migrate" ]; do
-		[ $SECONDS -lt $deadline ] || return 0
-		sleep 0.05
-	done
-	touch "$share/migrate-attempted"
 }
 
 # guest_extra NAME: writes the files boot NAME's guest finds beside its script
 # (the check library, the env it reads) into $WORK/NAME-extra; prints the path.
-# The checks a boot cannot do without (mounts, the migration handshake) run
+# The checks a boot cannot do without (mounts, unmounts, setups) run
 # even when --only leaves them out.
 guest_extra() {
 	local extra=$WORK/$1-extra
@@ -383,7 +368,7 @@ guest_extra() {
 	# RUN_GUEST_EXTRA: a directory of further files for the guest's /test.
 	[ -z "${RUN_GUEST_EXTRA:-}" ] || cp -a "$RUN_GUEST_EXTRA/." "$extra/"
 	local guest_only=$only
-	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount,reboot-first-mount,reboot-remount,sid-generic-mount,sid-generic-umount,sid-dax-mount,sid-dax-umount,sid-fs-mount,sid-fs-after-migrate,sid-fs-umount,fscache-setup,img-setup,img-warm-setup"
+	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount,reboot-first-mount,reboot-remount,sid-generic-mount,sid-generic-umount,sid-dax-mount,sid-dax-umount,sid-fs-mount,sid-fs-umount,fscache-setup,img-setup,img-warm-setup"
 	printf 'ONLY=%q\nHOST_LOCKS=%q\nDAEMON_KIND=%q\n' "$guest_only" "${#HOST_LOCK_FLAGS[@]}" "$daemon_kind" >"$extra/env"
 	echo "$extra"
 }
@@ -453,7 +438,7 @@ SID_SELECTED=0
 if any_selected "${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
 	"${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}" \
 	"${SID_DAX_TIER_CHECKS[@]}" \
-	"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}"; then
+	"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}" "${MIGRATE_CHECKS[@]}"; then
 	SID_SELECTED=1
 	ensure_host_packages python3 # for qmp.py
 	QMP=$GUEST_IMAGES_DIR/qmp.py
@@ -734,41 +719,26 @@ GUEST
 	sid_dax_tiers
 
 	if any_selected "${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}"; then
-		mkdir -p "$WORK/share-fs" "$WORK/migration"
+		mkdir -p "$WORK/share-fs"
 		echo "host file for fs" >"$WORK/share-fs/from-host"
 		cat >"$WORK/sid-fs.sh" <<'GUEST'
 echo "@@boot $(cut -d' ' -f1 /proc/uptime)"
 . /test/checks.sh
 check sid-fs-mount mount_shares fs
 check sid-fs-io share_round_trip /mnt/fs
-check sid-fs-after-migrate after_refused_migration /mnt/fs
 check sid-fs-umount unmount_shares fs
 [ "$CHECK_FAILURES" = 0 ]
 GUEST
 		start_daemon fs "$WORK/share-fs"
-		fs_daemons=(fs)
-		serve_migration_attempt "$WORK/share-fs" &
-		BACKGROUND_PIDS+=("$!")
 		run_guest sid-fs "$WORK/sid-fs.sh" "${SID_FS_GUEST_CHECKS[@]}" -- \
-			--qemu sid --timeout 300 --fs "fs=$WORK/fs.sock" --qmp "$WORK/sid-source.qmp"
+			--qemu sid --timeout 300 --fs "fs=$WORK/fs.sock"
 		selected sid-fs-host && check_round_trip sid-fs-host "$WORK/share-fs"
-
-		# Both berth and virtiofsd 1.14 offer LOG_SHMFD and device state now, so
-		# QEMU no longer refuses; the real migration check (guest carried over to a
-		# second QEMU and daemon) is not written yet.
-		for check in sid-migrate-refused sid-incoming-quit; do
-			selected "$check" && record "$check" SKIP 0 "the daemon can migrate under this QEMU (LOG_SHMFD, device state), so there is no refusal to check; a real migration check is still to come"
-		done
-		selected sid-fs-daemons-exit-0 && check_daemons_exit sid-fs-daemons-exit-0 "${fs_daemons[@]}"
-		for pid in "${BACKGROUND_PIDS[@]}"; do
-			kill "$pid" 2>/dev/null || true
-			wait "$pid" 2>/dev/null || true
-		done
-		BACKGROUND_PIDS=()
+		selected sid-fs-daemons-exit-0 && check_daemons_exit sid-fs-daemons-exit-0 fs
 		discard_in_background "$WORK/share-fs"
 		finish_discards
 		selected sid-no-stray && check_no_stray sid-no-stray
 	fi
+	migrate_tier
 fi
 finish_discards
 

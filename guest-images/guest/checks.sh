@@ -543,15 +543,3 @@ share_round_trip() {
 	sha256sum </tmp/round-trip | cut -c1-64 >"$d/from-guest.sha256"
 	rm /tmp/round-trip
 }
-
-# Asks the host to migrate the guest (ready-to-migrate), waits until it has
-# answered (migrate-attempted), then uses share $1 again. The host attempts no
-# migration for now (see serve_migration_attempt in test.sh).
-after_refused_migration() {
-	local d=$1
-	touch "$d/ready-to-migrate"
-	wait_for_file "$d/migrate-attempted" 180
-	[ "$(cat "$d/from-host")" = "host file for ${d##*/}" ]
-	echo "written after the migration attempt" >"$d/after-migrate"
-	[ "$(cat "$d/after-migrate")" = "written after the migration attempt" ]
-}
