@@ -50,9 +50,9 @@
 //! the index by inode, plus the trees' node overhead: at most [`MAX_BYTES_PER_RANGE`] bytes
 //! (the unit tests fill a 64 GiB window and measure it). A 64 GiB window in 2 MiB ranges
 //! (32 768 ranges) therefore costs at most 32 768 × 160 bytes = 5 MiB (141 bytes a range,
-//! 4.4 MiB, measured on x86-64). Each distinct mapped
-//! file holds one descriptor while it has a live range. The placeholder is
-//! sparse: host memory only for placeholder pages the guest has touched (at most the window).
+//! 4.4 MiB, measured on x86-64). Each distinct mapped file holds one descriptor while it has
+//! a live range. The placeholder is sparse: host memory only for placeholder pages the guest
+//! has touched (at most the window).
 
 mod error;
 mod metrics;
