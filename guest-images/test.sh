@@ -13,6 +13,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/block-lib.sh"
 # shellcheck source=ondemand-tier.sh
 source "$(dirname "${BASH_SOURCE[0]}")/ondemand-tier.sh"
+# shellcheck source=dax-reclaim-tier.sh
+source "$(dirname "${BASH_SOURCE[0]}")/dax-reclaim-tier.sh"
 
 # Checks of each boot; "mount" and "umount" always run in a boot that runs.
 MAIN_GUEST_CHECKS=(mount file-ops xattr flock flock-local posix-locks posix-locks-local posix-locks-host sha256-host-to-guest sha256-guest-write fio-verify
@@ -55,6 +57,7 @@ while [ $# -gt 0 ]; do
 			"${BLOCK_GUEST_CHECKS[@]}" "${BLOCK_HOST_CHECKS[@]}" \
 			"${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
 			"${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}" \
+			"${DAX_RECLAIM_GUEST_CHECKS[@]}" "${DAX_RECLAIM_HOST_CHECKS[@]}" \
 			"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}" \
 			"${IMAGE_GUEST_CHECKS[@]}" "${IMAGE_HOST_CHECKS[@]}" "${FSCACHE_GUEST_CHECKS[@]}" "${FSCACHE_HOST_CHECKS[@]}"
 		exit 0
@@ -380,7 +383,7 @@ guest_extra() {
 	# RUN_GUEST_EXTRA: a directory of further files for the guest's /test.
 	[ -z "${RUN_GUEST_EXTRA:-}" ] || cp -a "$RUN_GUEST_EXTRA/." "$extra/"
 	local guest_only=$only
-	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount,reboot-first-mount,reboot-remount,sid-generic-mount,sid-generic-umount,sid-dax-mount,sid-dax-umount,sid-fs-mount,sid-fs-after-migrate,sid-fs-umount,fscache-setup,img-setup,img-warm-setup"
+	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount,reboot-first-mount,reboot-remount,sid-generic-mount,sid-generic-umount,sid-dax-mount,sid-dax-umount,sid-daxr-mount,sid-daxr-umount,sid-fs-mount,sid-fs-after-migrate,sid-fs-umount,fscache-setup,img-setup,img-warm-setup"
 	printf 'ONLY=%q\nHOST_LOCKS=%q\nDAEMON_KIND=%q\n' "$guest_only" "${#HOST_LOCK_FLAGS[@]}" "$daemon_kind" >"$extra/env"
 	echo "$extra"
 }
@@ -449,6 +452,7 @@ prepare_guest
 SID_SELECTED=0
 if any_selected "${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
 	"${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}" \
+	"${DAX_RECLAIM_GUEST_CHECKS[@]}" "${DAX_RECLAIM_HOST_CHECKS[@]}" \
 	"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}"; then
 	SID_SELECTED=1
 	ensure_host_packages python3 # for qmp.py
@@ -727,6 +731,8 @@ GUEST
 			discard_in_background "$WORK/share-dax"
 		fi
 	fi
+
+	dax_reclaim_tier
 
 	if any_selected "${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}"; then
 		mkdir -p "$WORK/share-fs" "$WORK/migration"
