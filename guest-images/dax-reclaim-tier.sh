@@ -36,8 +36,10 @@ dax_reclaim_host_loop() {
 	done
 	size=$(((RANDOM * 32768 + RANDOM) % pages * 4096))
 	truncate -s "$size" "$share/loop-file"
-	echo "$size" >"$share/loop-done"
-	echo "$round rounds" >"$share/loop-rounds"
+	# Padded to a whole page, which QEMU 11.1 can map (the guest reads it through
+	# the window too).
+	printf '%-4095s\n' "$size" >"$share/loop-done.tmp"
+	mv "$share/loop-done.tmp" "$share/loop-done"
 }
 
 dax_reclaim_tier() {
@@ -60,8 +62,8 @@ dax_reclaim_tier() {
 	for i in $(seq 16); do
 		head -c 32M /dev/urandom >"$share/ws/f$i"
 	done
-	(cd "$share/ws" && sha256sum -- *) >"$share/ws.sha256"
-	cp "$GUEST_IMAGES_DIR/guest/dax-reclaim.sh" "$extra/"
+	(cd "$share/ws" && sha256sum -- *) >"$extra/ws.sha256"
+	cp "$GUEST_IMAGES_DIR/guest/dax-reclaim.sh" "$GUEST_IMAGES_DIR/guest/dax-reclaim-read.pl" "$extra/"
 	start_daemon daxr "$share" --tag daxr --max-request-queues 1 --dax-window 64M
 	cat >"$WORK/sid-daxr.sh" <<'GUEST'
 echo "@@boot $(cut -d' ' -f1 /proc/uptime)"

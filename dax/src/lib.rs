@@ -563,11 +563,26 @@ impl WindowManager {
         let shrinking = file_backed < old.value.file_backed;
         let mut mapping = old.value;
         mapping.file_backed = file_backed;
+        let inode = mapping.inode;
         if self
-            .map(state, frontend, old.start, old.len, mapping)
+            .map(state, frontend, old.start, old.len, mapping.clone())
             .is_err()
         {
-            return false;
+            // QEMU 11.1 refuses a mapping that reaches past the file's end even inside its
+            // last page: keep the range mapped, without the page holding the end (which then
+            // reads as zeros), rather than leave a hole in the window.
+            if file_backed == 0 {
+                return false;
+            }
+            mapping.file_backed = file_backed - self.page_size;
+            if self.map(state, frontend, old.start, old.len, mapping).is_err() {
+                return false;
+            }
+            tracing::warn!(
+                "The VMM refused the page holding the end of inode {inode}'s file at window \
+                 offset {:#x}: it reads as zeros until the range is mapped again.",
+                start + file_backed - self.page_size
+            );
         }
         let counter = if shrinking {
             &self.counters.repoints

@@ -678,3 +678,20 @@ fn a_full_64_gib_window_costs_a_bounded_amount_of_memory() {
         assert_eq!(w.clear(Some(&NullVmm)), RANGES as usize);
     }
 }
+
+#[test]
+fn a_refused_end_page_falls_back_to_zeros_not_a_hole() {
+    let f = files(1);
+    let w = window(2);
+    let vmm = FakeVmm::default();
+    setup(&w, &vmm, &f, 0, (0, G), 0, RW).unwrap();
+    // The file shrinks to 3 pages + 1 byte; the VMM refuses the first map after the unmap
+    // (as QEMU 11.1 refuses a file piece reaching past the end inside the last page).
+    f.files[0].0.set_len(3 * page() + 1).unwrap();
+    *vmm.fail_next_map.borrow_mut() = true;
+    assert_eq!(w.resized(Some(&vmm), 0), 1);
+    let m = w.mappings();
+    assert_eq!((m.len(), m[0].file_backed), (1, 3 * page()));
+    assert_in_step(&w, &vmm, &f);
+    assert_eq!(w.metrics().frontend_errors, 1);
+}
