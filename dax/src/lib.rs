@@ -34,14 +34,14 @@
 //!
 //! What is left: a host process that shrinks a mapped file races with the watcher. Between
 //! its truncation and berth's re-pointing (the time for the kernel to queue the event and
-//! berth to read it and send two vhost-user messages, well under a millisecond when idle), a
-//! guest access through the window to a page past the new end faults in the VMM. The kernel
-//! offers no way to be asked before another process truncates (fanotify permission events
-//! cover opens and reads, not truncation); the share's owner must not shrink files a guest
-//! may have mapped if that risk is unacceptable, or run the guest without DAX. Re-pointing
-//! itself is an unmap followed by a map (the VMM refuses overlapping maps), so for that
-//! moment the range is a hole in the window, which QEMU serves as unassigned memory rather
-//! than faulting.
+//! berth to read it and get an unmap and a map through the VMM, ~4 ms with QEMU under TCG),
+//! a guest access through the window to a page past the new end faults in the VMM; a guest
+//! that reads the file the whole time does hit it. Linux 6.14 and later raise a pre-content
+//! permission event before a truncation (CAP_SYS_ADMIN, filesystems that allow it), which
+//! could close the race; it is not used yet. Until then, host processes must not shrink
+//! files a guest may have mapped, or the guest runs without DAX. Re-pointing itself is an
+//! unmap followed by a map (the VMM refuses overlapping maps), so for that moment the range
+//! is a hole in the window, which QEMU serves as unassigned memory rather than faulting.
 //!
 //! # Memory
 //!
