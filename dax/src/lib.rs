@@ -41,7 +41,7 @@
 //! could close the race; it is not used yet. Until then, host processes must not shrink
 //! files a guest may have mapped, or the guest runs without DAX. Re-pointing itself is an
 //! unmap followed by a map (the VMM refuses overlapping maps), so for that moment the range
-//! is a hole in the window, which QEMU serves as unassigned memory rather than faulting.
+//! is a hole in the window (the VMM keeps the region reserved; not measured with QEMU).
 //!
 //! # Memory
 //!
