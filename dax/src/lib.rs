@@ -575,7 +575,10 @@ impl WindowManager {
                 return false;
             }
             mapping.file_backed = file_backed - self.page_size;
-            if self.map(state, frontend, old.start, old.len, mapping).is_err() {
+            if self
+                .map(state, frontend, old.start, old.len, mapping)
+                .is_err()
+            {
                 return false;
             }
             tracing::warn!(
