@@ -481,18 +481,6 @@ impl WindowManager {
         self.reconcile(&mut state, frontend, starts)
     }
 
-    /// The descriptors of the mapped files, one per file (for a watcher to mark).
-    pub fn mapped_files(&self) -> Vec<Arc<File>> {
-        let state = self.lock();
-        let mut files: Vec<Arc<File>> = Vec::new();
-        for range in state.table.iter() {
-            if !files.iter().any(|f| Arc::ptr_eq(f, &range.value.file)) {
-                files.push(range.value.file.clone());
-            }
-        }
-        files
-    }
-
     fn reconcile(
         &self,
         state: &mut State,
