@@ -269,3 +269,34 @@ fn a_host_truncation_is_seen_and_repointed() {
     assert_eq!(exit_counter(&log, "repoints"), expected_repoints, "{log}");
     assert_eq!(exit_counter(&log, "restores"), 2, "{log}");
 }
+
+#[test]
+fn a_forgotten_file_is_still_watched_until_its_range_goes() {
+    let Some(mut s) = Session::start() else {
+        return;
+    };
+    let window = s.window();
+    let content = pattern(7, 2 * MIB as usize);
+    let path = s.fixture.shared.join("data");
+    let node = s.file("data", &content);
+    s.queue
+        .setupmapping(node, NO_HANDLE, 0, 2 * MIB, READ, 4 * MIB)
+        .unwrap();
+    // The guest forgets the file (its range stays, holding the file's descriptor).
+    s.queue.forget(node, 1).unwrap();
+    let host = fs::OpenOptions::new().write(true).open(&path).unwrap();
+    host.set_len(page()).unwrap();
+    wait_for_shape(
+        &window,
+        &[
+            (4 * MIB, page(), false),
+            (4 * MIB + page(), 2 * MIB - page(), true),
+        ],
+        "after a host truncation of a forgotten file",
+    );
+    assert_window_shows(&window, 4 * MIB, 2 * MIB, &content[..page() as usize]);
+    s.queue.removemapping(node, &[(4 * MIB, 2 * MIB)]).unwrap();
+    assert!(window.mappings().is_empty());
+    s.daemon
+        .assert_alive("after the forgotten file's range went");
+}
