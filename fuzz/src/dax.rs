@@ -81,10 +81,15 @@ impl Frontend for FakeVmm {
     }
 }
 
-/// The files of one input (fresh per input, so parallel replays do not share them).
+/// The files of one thread (each input sets their sizes; parallel replays run on threads
+/// of their own, so they never share them).
 struct Files {
     _dir: tempfile::TempDir,
     files: Vec<(Arc<File>, u64)>,
+}
+
+thread_local! {
+    static THREAD_FILES: Files = files();
 }
 
 fn files() -> Files {
@@ -112,9 +117,11 @@ fn page() -> u64 {
 
 /// Runs the operations `data` describes and checks every invariant after each.
 pub fn check(data: &[u8]) -> Outcome {
+    THREAD_FILES.with(|f| run(f, data))
+}
+
+fn run(f: &Files, data: &[u8]) -> Outcome {
     let page = page();
-    let f = files();
-    let f = &f;
     let mut sizes = [0u64; FILES];
     for (i, (file, _)) in f.files.iter().enumerate() {
         sizes[i] = 12 * G;
@@ -145,7 +152,7 @@ pub fn check(data: &[u8]) -> Outcome {
                 let start = b % (SLOTS + 2);
                 let slots = 1 + c % 4;
                 let file_offset = (a >> 2) % 8 * G + (c >> 2) % 4 * page;
-                let flags = (a >> 5) % 4 | if fault == 2 { 8 } else { 0 };
+                let flags = ((a >> 5) % 4) | if fault == 2 { 8 } else { 0 };
                 let misaligned = fault == 1;
                 let window_offset = start * G + if misaligned { page } else { 0 };
                 let valid =
