@@ -172,3 +172,29 @@ cli_xattrmap_seeds = {
 }
 for name, data in cli_xattrmap_seeds.items():
     save("cli_options", name, data)
+
+
+# dax_window: 4-byte operations (fuzz/src/dax.rs): [op, a, b, c]; op & 7 = 0 setup, 1 remove,
+# 2 resize seen after the fact, 3 resize announced first, 4 recheck all, 5 clear (a == 0);
+# op bits 6-7: 1 misaligned, 2 unknown flag; bits 3-5: sub-page bytes of a size.
+def dax(*ops):
+    return b"".join(bytes(op) for op in ops)
+
+
+SETUP, REMOVE, RESIZED, RESIZING, RECHECK, CLEAR = range(6)
+RW = 3 << 5
+dax_seeds = {
+    # Map 4 slots of file 0, cut it to 100 KiB (announced), grow it back, remove the middle.
+    "truncate_then_grow": dax((SETUP, RW, 0, 3), (RESIZING, 0, 0, 100), (RESIZED, 0, 255, 255),
+                              (REMOVE, 0, 1, 1)),
+    # Two files side by side, a host truncation of each, a recheck, an overlap, a clear.
+    "two_files": dax((SETUP, RW | 0, 0, 1), (SETUP, RW | 1, 2, 1), (RESIZED, 1, 0, 0),
+                     (RESIZED, 0, 1, 0), (RECHECK, 0, 0, 0), (SETUP, RW | 2, 1, 2),
+                     (CLEAR, 0, 0, 0)),
+    # File offsets with extra pages, sub-page sizes, refusals (misaligned, past the end, flags).
+    "odd_offsets": dax((SETUP, RW | 4, 3, 13), (RESIZING | 8, 0, 2, 7), (SETUP | 0x40, RW, 1, 0),
+                       (SETUP, RW, 15, 3), (SETUP, 0, 0, 0), (SETUP | 0x80, RW, 0, 0),
+                       (REMOVE | 0x40, 0, 3, 0), (REMOVE, 0, 17, 0)),
+}
+for name, data in dax_seeds.items():
+    save("dax_window", name, data)

@@ -17,6 +17,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/ondemand-tier.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/dax-tier.sh"
 # shellcheck source=migrate-tier.sh
 source "$(dirname "${BASH_SOURCE[0]}")/migrate-tier.sh"
+# shellcheck source=dax-reclaim-tier.sh
+source "$(dirname "${BASH_SOURCE[0]}")/dax-reclaim-tier.sh"
 
 # Checks of each boot; "mount" and "umount" always run in a boot that runs.
 MAIN_GUEST_CHECKS=(mount file-ops xattr flock flock-local posix-locks posix-locks-local posix-locks-host sha256-host-to-guest sha256-guest-write fio-verify
@@ -60,6 +62,7 @@ while [ $# -gt 0 ]; do
 			"${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
 			"${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}" \
 			"${SID_DAX_TIER_CHECKS[@]}" \
+			"${DAX_RECLAIM_GUEST_CHECKS[@]}" "${DAX_RECLAIM_HOST_CHECKS[@]}" \
 			"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}" "${MIGRATE_CHECKS[@]}" \
 			"${IMAGE_GUEST_CHECKS[@]}" "${IMAGE_HOST_CHECKS[@]}" "${FSCACHE_GUEST_CHECKS[@]}" "${FSCACHE_HOST_CHECKS[@]}"
 		exit 0
@@ -368,7 +371,7 @@ guest_extra() {
 	# RUN_GUEST_EXTRA: a directory of further files for the guest's /test.
 	[ -z "${RUN_GUEST_EXTRA:-}" ] || cp -a "$RUN_GUEST_EXTRA/." "$extra/"
 	local guest_only=$only
-	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount,reboot-first-mount,reboot-remount,sid-generic-mount,sid-generic-umount,sid-dax-mount,sid-dax-umount,sid-fs-mount,sid-fs-umount,fscache-setup,img-setup,img-warm-setup"
+	[ -z "$only" ] || guest_only="$only,mount,umount,mq-mount,mq-umount,reboot-first-mount,reboot-remount,sid-generic-mount,sid-generic-umount,sid-dax-mount,sid-dax-umount,sid-daxr-mount,sid-daxr-umount,sid-fs-mount,sid-fs-umount,fscache-setup,img-setup,img-warm-setup"
 	printf 'ONLY=%q\nHOST_LOCKS=%q\nDAEMON_KIND=%q\n' "$guest_only" "${#HOST_LOCK_FLAGS[@]}" "$daemon_kind" >"$extra/env"
 	echo "$extra"
 }
@@ -438,6 +441,7 @@ SID_SELECTED=0
 if any_selected "${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
 	"${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}" \
 	"${SID_DAX_TIER_CHECKS[@]}" \
+	"${DAX_RECLAIM_GUEST_CHECKS[@]}" "${DAX_RECLAIM_HOST_CHECKS[@]}" \
 	"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}" "${MIGRATE_CHECKS[@]}"; then
 	SID_SELECTED=1
 	ensure_host_packages python3 # for qmp.py
@@ -717,6 +721,8 @@ GUEST
 		fi
 	fi
 	sid_dax_tiers
+
+	dax_reclaim_tier
 
 	if any_selected "${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}"; then
 		mkdir -p "$WORK/share-fs"

@@ -25,6 +25,8 @@ pub enum DaxError {
     File(#[source] io::Error),
     #[error("The VMM has no channel for mapping requests (no backend request channel, or no shared memory support).")]
     NoChannel,
+    #[error("The placeholder for ranges past their file's end cannot be created: {0}.")]
+    Placeholder(#[source] io::Error),
     #[error("The VMM failed to carry out the mapping request: {0}.")]
     Frontend(#[source] io::Error),
 }
@@ -42,6 +44,7 @@ impl DaxError {
             DaxError::NotWritable => libc::EACCES,
             DaxError::File(e) => e.raw_os_error().unwrap_or(libc::EIO),
             DaxError::NoChannel => libc::ENODEV,
+            DaxError::Placeholder(e) => e.raw_os_error().unwrap_or(libc::EIO),
             DaxError::Frontend(_) => libc::EIO,
         }
     }
@@ -58,6 +61,7 @@ impl DaxError {
             DaxError::NotWritable => "not-writable",
             DaxError::File(_) => "file",
             DaxError::NoChannel => "no-channel",
+            DaxError::Placeholder(_) => "placeholder",
             DaxError::Frontend(_) => "frontend",
         }
     }

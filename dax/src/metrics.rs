@@ -14,6 +14,9 @@ pub(crate) struct Counters {
     pub frontend_errors: AtomicU64,
     pub map_nanos: AtomicU64,
     pub unmap_nanos: AtomicU64,
+    pub placeholder_bytes: AtomicU64,
+    pub repoints: AtomicU64,
+    pub restores: AtomicU64,
 }
 
 impl Counters {
@@ -28,6 +31,9 @@ impl Counters {
             frontend_errors: get(&self.frontend_errors),
             map_nanos: get(&self.map_nanos),
             unmap_nanos: get(&self.unmap_nanos),
+            placeholder_bytes: get(&self.placeholder_bytes),
+            repoints: get(&self.repoints),
+            restores: get(&self.restores),
         }
     }
 }
@@ -51,6 +57,12 @@ pub struct Metrics {
     pub map_nanos: u64,
     /// Time spent waiting for the VMM's SHMEM_UNMAP acknowledgements, in nanoseconds.
     pub unmap_nanos: u64,
+    /// Bytes of live ranges shown from the placeholder (past their file's end) now.
+    pub placeholder_bytes: u64,
+    /// Ranges re-pointed because their file shrank (berth's own request or a host process).
+    pub repoints: u64,
+    /// Ranges mapped back to their file because it grew again.
+    pub restores: u64,
 }
 
 impl fmt::Display for Metrics {
@@ -59,7 +71,7 @@ impl fmt::Display for Metrics {
         write!(
             f,
             "mapped_bytes={} live_ranges={} maps={} unmaps={} refused={} frontend_errors={} \
-             map_avg_us={} unmap_avg_us={}",
+             map_avg_us={} unmap_avg_us={} placeholder_bytes={} repoints={} restores={}",
             self.mapped_bytes,
             self.live_ranges,
             self.maps,
@@ -68,6 +80,9 @@ impl fmt::Display for Metrics {
             self.frontend_errors,
             average(self.map_nanos, self.maps),
             average(self.unmap_nanos, self.unmaps),
+            self.placeholder_bytes,
+            self.repoints,
+            self.restores,
         )
     }
 }

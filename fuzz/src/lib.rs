@@ -1,5 +1,6 @@
 //! Harnesses shared by the fuzz targets and by the regression tests that replay their crashes.
 
+pub mod dax;
 pub mod fuse;
 pub mod vhost_user;
 pub mod xattrmap;

@@ -157,3 +157,38 @@ fn xattrmap_inputs_parse_or_are_refused_without_panicking() {
     assert!(accepted >= 10, "only {accepted} seeds accepted");
     assert!(refused >= 4, "only {refused} seeds refused");
 }
+
+#[test]
+fn dax_window_inputs_keep_the_window_manager_and_its_model_in_step() {
+    let files = inputs("dax_window");
+    assert!(files.len() >= 3, "seed corpus missing: {files:?}");
+    let mut total = berth_fuzz::dax::Outcome::default();
+    for file in &files {
+        let outcome = berth_fuzz::dax::check(&std::fs::read(file).unwrap());
+        total.accepted += outcome.accepted;
+        total.refused += outcome.refused;
+        total.repointed += outcome.repointed;
+    }
+    // The seeds reach every path: accepted and refused requests, and re-pointed ranges.
+    assert!(total.accepted >= 6, "{total:?}");
+    assert!(total.refused >= 6, "{total:?}");
+    assert!(total.repointed >= 3, "{total:?}");
+}
+
+#[test]
+fn dax_window_random_operations_stay_in_step() {
+    // A deterministic stream of operations beyond the seeds (xorshift64*).
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut bytes = Vec::with_capacity(4 * 2_000);
+    while bytes.len() < 4 * 2_000 {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        bytes.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    let outcome = berth_fuzz::dax::check(&bytes);
+    assert!(
+        outcome.accepted > 300 && outcome.repointed > 100,
+        "{outcome:?}"
+    );
+}

@@ -65,6 +65,10 @@ pub enum ThreadRole {
     DaxQueueWorker,
     /// A pool thread of a device with a DAX window (as [`ThreadRole::DaxQueueWorker`]).
     DaxThreadPool,
+    /// The DAX reclaim thread: reads the fanotify group that marks mapped files, reads their
+    /// sizes (fstat on the mapping's descriptor), re-points window ranges past the end over
+    /// the backend request channel, and punches the placeholder's pages it let go of.
+    DaxWatcher,
     /// Reads requests from /dev/fuse and serves them.
     FuseWorker,
     /// Registers and closes FUSE passthrough backing files on /dev/fuse for the FUSE workers
@@ -102,6 +106,7 @@ impl ThreadRole {
             ThreadRole::ThreadPool => "thread pool",
             ThreadRole::DaxQueueWorker => "queue worker (DAX)",
             ThreadRole::DaxThreadPool => "thread pool (DAX)",
+            ThreadRole::DaxWatcher => "DAX reclaim",
             ThreadRole::FuseWorker => "FUSE worker",
             ThreadRole::FuseBackingRegistrar => "FUSE backing-file registrar",
             ThreadRole::HostWatcher => "host watcher",
@@ -221,6 +226,28 @@ const VHOST_USER_CONTROL: &[libc::c_long] = &[
 /// VMM's acknowledgement (recvmsg) on the backend request channel.
 const DAX_CHANNEL: &[libc::c_long] = &[libc::SYS_recvmsg, libc::SYS_sendmsg];
 
+/// Threads that map window ranges mark each mapped file in the reclaim thread's fanotify
+/// group (by descriptor) and punch placeholder pages a removed range leaves behind.
+const DAX_MAPPING: &[libc::c_long] = &[libc::SYS_fanotify_mark, libc::SYS_fallocate];
+
+/// The DAX reclaim thread, besides DAX_CHANNEL and DAX_MAPPING: waiting on its fanotify group
+/// (read) and reading mapped files' sizes.
+const DAX_RECLAIM: &[libc::c_long] = &[
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_read,
+    libc::SYS_statx,
+];
+
+/// Setting up a DAX window (after the main filter is in place): its placeholder memfd
+/// (created, sized, sealed) and the reclaim thread's fanotify group.
+const DAX_SETUP: &[libc::c_long] = &[
+    libc::SYS_fanotify_init,
+    libc::SYS_fcntl,
+    libc::SYS_ftruncate,
+    libc::SYS_memfd_create,
+];
+
 /// The main and signal threads after start-up: accepting the frontend, spawning the control
 /// thread (and, in FUSE mode, nothing more), creating the queue threads' epoll sets and exit
 /// events, waiting for a signal, removing the socket or unmounting, and exiting.
@@ -330,8 +357,9 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ThreadRole::VhostUserControl => &[RUNTIME, VHOST_USER_CONTROL],
         ThreadRole::QueueWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
         ThreadRole::ThreadPool => &[RUNTIME, FILESYSTEM],
-        ThreadRole::DaxQueueWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM, DAX_CHANNEL],
-        ThreadRole::DaxThreadPool => &[RUNTIME, FILESYSTEM, DAX_CHANNEL],
+        ThreadRole::DaxQueueWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM, DAX_CHANNEL, DAX_MAPPING],
+        ThreadRole::DaxThreadPool => &[RUNTIME, FILESYSTEM, DAX_CHANNEL, DAX_MAPPING],
+        ThreadRole::DaxWatcher => &[RUNTIME, DAX_CHANNEL, DAX_MAPPING, DAX_RECLAIM],
         ThreadRole::FuseWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
         // Started before the main thread's filter, so not under it.
         ThreadRole::FuseBackingRegistrar => &[RUNTIME, FUSE_PASSTHROUGH],
@@ -348,6 +376,9 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
             EVENT_LOOP,
             FILESYSTEM,
             HOST_WATCH,
+            DAX_MAPPING,
+            DAX_RECLAIM,
+            DAX_SETUP,
         ],
         ThreadRole::Supervisor => &[SUPERVISOR],
         ThreadRole::UblkQueue => &[RUNTIME, UBLK_QUEUE],
@@ -448,6 +479,7 @@ mod tests {
 
     const ALL_ROLES: [ThreadRole; 11] = [
         ThreadRole::VhostUserControl,
+        ThreadRole::DaxWatcher,
         ThreadRole::Migration,
         ThreadRole::QueueWorker,
         ThreadRole::ThreadPool,
@@ -490,6 +522,26 @@ mod tests {
             assert!(!has(role, libc::SYS_accept4));
         }
         assert!(!has(ThreadRole::FuseWorker, libc::SYS_accept4));
+        // Only DAX threads mark files for the reclaim thread; it reads sizes, re-points
+        // ranges and opens, writes or truncates no file.
+        for role in [ThreadRole::DaxQueueWorker, ThreadRole::DaxThreadPool] {
+            assert!(has(role, libc::SYS_fanotify_mark));
+        }
+        assert!(!has(ThreadRole::QueueWorker, libc::SYS_fanotify_mark));
+        assert!(!has(ThreadRole::FuseWorker, libc::SYS_fanotify_mark));
+        for nr in [libc::SYS_fstat, libc::SYS_read, libc::SYS_sendmsg] {
+            assert!(has(ThreadRole::DaxWatcher, nr), "DAX reclaim lacks {nr}");
+        }
+        for nr in [
+            libc::SYS_openat,
+            libc::SYS_open_by_handle_at,
+            libc::SYS_pwrite64,
+            libc::SYS_ftruncate,
+            libc::SYS_fanotify_init,
+            libc::SYS_memfd_create,
+        ] {
+            assert!(!has(ThreadRole::DaxWatcher, nr), "DAX reclaim allows {nr}");
+        }
         // Every request-serving role can reopen inodes and act as the guest caller.
         for role in [
             ThreadRole::QueueWorker,
@@ -522,6 +574,7 @@ mod tests {
             ThreadRole::ThreadPool,
             ThreadRole::DaxQueueWorker,
             ThreadRole::DaxThreadPool,
+            ThreadRole::DaxWatcher,
             ThreadRole::FuseWorker,
         ] {
             for nr in allowed_syscalls(role) {

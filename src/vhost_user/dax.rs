@@ -15,13 +15,15 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex, Weak};
 
+use super::dax_watch::FileWatch;
 use berth_dax::{
     DaxError, Frontend, MappableFile, Metrics, SetupRequest, WindowConfig, WindowManager,
     GUEST_MAPPING_GRANULE,
 };
 use berth_passthrough::{DaxWindow, PassthroughFs, RemoveMappingOne, SetupMappingIn};
+use berth_seccomp::{SeccompAction, ThreadRole};
 use fuse_backend_rs::api::filesystem::Context;
-use tracing::info;
+use tracing::{info, warn};
 use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 
@@ -77,6 +79,9 @@ pub struct VhostDax {
     /// Files opened for mappings without a handle, per (inode, writable): every range of one
     /// file shares one descriptor, so a full window holds one per file, not one per range.
     files: Mutex<HashMap<(u64, bool), Weak<File>>>,
+    /// Marks every mapped file for host processes' size changes (none if fanotify is not
+    /// available: then only berth's own truncations are seen).
+    watch: Option<Arc<FileWatch>>,
 }
 
 impl VhostDax {
@@ -87,12 +92,65 @@ impl VhostDax {
             granule: GUEST_MAPPING_GRANULE,
             read_only: fs.is_read_only(),
         })?;
+        let watch = match FileWatch::new() {
+            Ok(watch) => Some(Arc::new(watch)),
+            Err(e) => {
+                warn!(
+                    "Cannot watch DAX-mapped files for host truncation (fanotify: {e}); a host \
+                     process that shrinks a mapped file may crash the VMM."
+                );
+                None
+            }
+        };
         Ok(VhostDax {
             manager,
             fs,
             channel: Mutex::new(None),
             files: Mutex::new(HashMap::new()),
+            watch,
         })
+    }
+
+    /// Starts the reclaim thread: when a host process changes a mapped file, the window's
+    /// ranges follow its new size (see the dax_watch module).
+    pub fn start_watcher(self: &Arc<Self>, seccomp: SeccompAction) -> io::Result<()> {
+        let Some(watch) = self.watch.clone() else {
+            return Ok(());
+        };
+        let window = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("dax-reclaim".to_owned())
+            .spawn(move || {
+                if let Err(e) = berth_seccomp::install_filter(ThreadRole::DaxWatcher, seccomp) {
+                    warn!("The DAX reclaim thread cannot confine itself ({e}); it stops.");
+                    return;
+                }
+                let e = watch.run(|| {
+                    if let Some(window) = window.upgrade() {
+                        window.recheck_all();
+                    }
+                });
+                warn!("The DAX reclaim thread stops: reading its file watch failed ({e}).");
+            })
+            .map(drop)
+    }
+
+    /// Every range follows its file's size now.
+    fn recheck_all(&self) {
+        let channel = self.channel();
+        let frontend = channel.as_ref().map(Channel);
+        let changed = self
+            .manager
+            .recheck_all(frontend.as_ref().map(|f| f as &dyn Frontend));
+        if changed > 0 {
+            info!("A host process resized DAX-mapped files: re-pointed {changed} window ranges.");
+        }
+    }
+
+    fn watch(&self, file: &File) {
+        if let Some(watch) = &self.watch {
+            watch.mark(file);
+        }
     }
 
     /// The window's size in bytes.
@@ -120,6 +178,7 @@ impl VhostDax {
     fn open(&self, inode: u64, handle: u64, writable: bool) -> io::Result<MappableFile> {
         if handle != NO_HANDLE {
             let (file, writable) = self.fs.open_for_mapping(inode, Some(handle), writable)?;
+            self.watch(&file);
             return Ok(MappableFile {
                 file: Arc::new(file),
                 writable,
@@ -148,6 +207,7 @@ impl VhostDax {
             other => other,
         };
         let (file, writable) = opened?;
+        self.watch(&file);
         let file = Arc::new(file);
         if files.len() >= 1024 {
             files.retain(|_, file| file.strong_count() > 0);
@@ -202,6 +262,29 @@ impl DaxWindow for VhostDax {
         self.manager
             .remove(frontend.as_ref().map(|f| f as &dyn Frontend), &ranges)
             .map_err(io::Error::from)
+    }
+
+    fn resizing(&self, nodeid: u64, new_size: u64) {
+        if !self.manager.maps_inode(nodeid) {
+            return;
+        }
+        let channel = self.channel();
+        let frontend = channel.as_ref().map(Channel);
+        self.manager.resizing(
+            frontend.as_ref().map(|f| f as &dyn Frontend),
+            nodeid,
+            new_size,
+        );
+    }
+
+    fn resized(&self, nodeid: u64) {
+        if !self.manager.maps_inode(nodeid) {
+            return;
+        }
+        let channel = self.channel();
+        let frontend = channel.as_ref().map(Channel);
+        self.manager
+            .resized(frontend.as_ref().map(|f| f as &dyn Frontend), nodeid);
     }
 
     fn end_session(&self) {

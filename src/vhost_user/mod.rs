@@ -20,6 +20,7 @@
 
 mod chain;
 mod dax;
+mod dax_watch;
 mod queue;
 mod socket;
 mod state;
@@ -187,6 +188,10 @@ impl FsBackend {
                     .map_err(|e| anyhow!("cannot set up the DAX window: {e}"))?,
             )),
         };
+        if let Some(dax) = &dax {
+            dax.start_watcher(seccomp)
+                .context("cannot start the DAX reclaim thread")?;
+        }
         if dax.is_some() && server.fs().is_read_only() {
             warn!(
                 "The DAX window of a --readonly share only holds read-only descriptors, which \

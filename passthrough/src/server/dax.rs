@@ -32,6 +32,15 @@ pub trait DaxWindow: Send + Sync {
     /// The FUSE session starts (INIT) or ends (DESTROY): nothing the guest mapped before
     /// stays mapped.
     fn end_session(&self) {}
+
+    /// `nodeid`'s file is about to be cut to `new_size` bytes by this request (SETATTR with a
+    /// size, OPEN with O_TRUNC, FALLOCATE collapsing a range): window ranges past that size
+    /// must stop showing the file before it shrinks, or the VMM faults on them.
+    fn resizing(&self, _nodeid: u64, _new_size: u64) {}
+
+    /// `nodeid`'s file may have changed size (the request that may have changed it is done,
+    /// successfully or not): window ranges follow the size it has now.
+    fn resized(&self, _nodeid: u64) {}
 }
 
 impl FsServer {

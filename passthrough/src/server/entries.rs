@@ -12,6 +12,7 @@ use fuse_backend_rs::abi::fuse_abi::{
 use fuse_backend_rs::api::filesystem::FileSystem;
 
 use super::abi::{BUFFER_HEADER_SIZE, MAX_BUFFER_SIZE};
+use super::dax::DaxWindow;
 use super::reply::{self, Answer, Reply};
 use super::request::{
     self, einval, parse_security_context, split_cstr, split_extensions, struct_at, Request,
@@ -89,13 +90,25 @@ impl FsServer {
         &self,
         req: &mut Request<'_, '_>,
         out: &mut Reply<'_, '_>,
+        dax: Option<&dyn DaxWindow>,
     ) -> io::Result<Answer> {
         let setattr: SetattrIn = req.read()?;
         let handle = (setattr.valid & FATTR_FH != 0).then_some(setattr.fh);
         let valid = SetattrValid::from_bits_truncate(setattr.valid);
+        let new_size = setattr.size;
         let st: stat64 = setattr.into();
-        let (st, timeout) = self.fs.setattr(&req.ctx, req.nodeid(), st, handle, valid)?;
-        let flags = self.fs.attr_flags_of(req.nodeid(), &st);
+        let nodeid = req.nodeid();
+        // Window ranges past the new size leave the file before it shrinks (see DaxWindow).
+        let resizing = dax.filter(|_| valid.contains(SetattrValid::SIZE));
+        if let Some(window) = resizing {
+            window.resizing(nodeid, new_size);
+        }
+        let result = self.fs.setattr(&req.ctx, nodeid, st, handle, valid);
+        if let Some(window) = resizing {
+            window.resized(nodeid);
+        }
+        let (st, timeout) = result?;
+        let flags = self.fs.attr_flags_of(nodeid, &st);
         reply::attr(out, st, flags, timeout)?;
         reply::done()
     }
@@ -169,6 +182,7 @@ impl FsServer {
         &self,
         req: &mut Request<'_, '_>,
         out: &mut Reply<'_, '_>,
+        dax: Option<&dyn DaxWindow>,
     ) -> io::Result<Answer> {
         let (body, secctx) = self.creation_body(req, size_of::<CreateIn>())?;
         let args: CreateIn = struct_at(&body)?;
@@ -176,6 +190,11 @@ impl FsServer {
         let (entry, fh, options) =
             self.fs
                 .do_create(&req.ctx, req.nodeid(), name, &args, secctx.as_ref())?;
+        // CREATE of an existing file with O_TRUNC names its parent, not the file: the file's
+        // ranges can only follow once the truncation is done (see DaxWindow).
+        if let Some(window) = dax.filter(|_| args.flags & libc::O_TRUNC as u32 != 0) {
+            window.resized(entry.inode);
+        }
         let (open_flags, backing_id) = self.open_path(entry.inode, fh, args.flags, options.bits());
         created(out, entry, fh, open_flags, backing_id)
     }

@@ -9,6 +9,7 @@ use fuse_backend_rs::abi::fuse_abi::{
 };
 use fuse_backend_rs::api::filesystem::{FileSystem, IoctlData};
 
+use super::dax::DaxWindow;
 use super::reply::{self, Answer, Reply};
 use super::request::Request;
 use super::FsServer;
@@ -18,10 +19,20 @@ impl FsServer {
         &self,
         req: &mut Request<'_, '_>,
         out: &mut Reply<'_, '_>,
+        dax: Option<&dyn DaxWindow>,
     ) -> io::Result<Answer> {
         let OpenIn { flags, fuse_flags } = req.read()?;
         let nodeid = req.nodeid();
-        let (fh, options, _) = self.fs.open(&req.ctx, nodeid, flags, fuse_flags)?;
+        // O_TRUNC: window ranges of the file leave it before it is cut (see DaxWindow).
+        let truncating = dax.filter(|_| flags & libc::O_TRUNC as u32 != 0);
+        if let Some(window) = truncating {
+            window.resizing(nodeid, 0);
+        }
+        let result = self.fs.open(&req.ctx, nodeid, flags, fuse_flags);
+        if let Some(window) = truncating {
+            window.resized(nodeid);
+        }
+        let (fh, options, _) = result?;
         let fh = fh.unwrap_or(0);
         let (open_flags, backing_id) = self.open_path(nodeid, fh, flags, options.bits());
         reply::open(out, fh, open_flags, backing_id)?;
@@ -64,6 +75,7 @@ impl FsServer {
         &self,
         req: &mut Request<'_, '_>,
         out: &mut Reply<'_, '_>,
+        dax: Option<&dyn DaxWindow>,
     ) -> io::Result<Answer> {
         let WriteIn {
             fh,
@@ -89,7 +101,13 @@ impl FsServer {
             delayed_write,
             flags,
             fuse_flags,
-        )?;
+        );
+        // A guest extends a DAX-mapped file with WRITE (its DAX path does not write past the
+        // end through the window): the pages the file now reaches show it again.
+        if let Some(window) = dax {
+            window.resized(nodeid);
+        }
+        let count = count?;
         reply::with(
             out,
             &WriteOut {
@@ -141,7 +159,11 @@ impl FsServer {
         reply::done()
     }
 
-    pub(super) fn fallocate(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+    pub(super) fn fallocate(
+        &self,
+        req: &mut Request<'_, '_>,
+        dax: Option<&dyn DaxWindow>,
+    ) -> io::Result<Answer> {
         let FallocateIn {
             fh,
             offset,
@@ -149,8 +171,22 @@ impl FsServer {
             mode,
             ..
         } = req.read()?;
-        self.fs
-            .fallocate(&req.ctx, req.nodeid(), fh, mode, offset, length)?;
+        let nodeid = req.nodeid();
+        // Collapsing a range shifts what follows it down and shrinks the file: the window's
+        // ranges from `offset` on leave the file first (punching holes shrinks nothing; holes
+        // read as zeros through a mapping).
+        if let Some(window) = dax {
+            if mode as i32 & libc::FALLOC_FL_COLLAPSE_RANGE != 0 {
+                window.resizing(nodeid, offset);
+            }
+        }
+        let result = self
+            .fs
+            .fallocate(&req.ctx, nodeid, fh, mode, offset, length);
+        if let Some(window) = dax {
+            window.resized(nodeid);
+        }
+        result?;
         reply::done()
     }
 
@@ -170,9 +206,14 @@ impl FsServer {
         &self,
         req: &mut Request<'_, '_>,
         out: &mut Reply<'_, '_>,
+        dax: Option<&dyn DaxWindow>,
     ) -> io::Result<Answer> {
         let args: CopyFileRangeIn = req.read()?;
-        let copied = self.fs.copy_file_range(&req.ctx, req.nodeid(), &args)?;
+        let copied = self.fs.copy_file_range(&req.ctx, req.nodeid(), &args);
+        if let Some(window) = dax {
+            window.resized(args.nodeid_out);
+        }
+        let copied = copied?;
         reply::with(
             out,
             &WriteOut {
