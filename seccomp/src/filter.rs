@@ -88,6 +88,10 @@ pub enum ThreadRole {
     /// to its io_uring, moves data between backing files and the kernel's request buffers,
     /// makes writes durable, and fetches missing image chunks.
     UblkQueue,
+    /// A vhost-user-blk queue thread of `berth block serve-vhost`: waits on its queue's
+    /// kick, moves data between the target's files and guest memory, makes writes durable,
+    /// discards, and fetches missing image chunks.
+    VhostBlkQueue,
 }
 
 impl ThreadRole {
@@ -105,6 +109,7 @@ impl ThreadRole {
             ThreadRole::Main => "main",
             ThreadRole::Supervisor => "sandbox supervisor",
             ThreadRole::UblkQueue => "ublk queue",
+            ThreadRole::VhostBlkQueue => "vhost-user-blk queue",
         }
     }
 }
@@ -293,6 +298,29 @@ const UBLK_QUEUE: &[libc::c_long] = &[
     libc::SYS_statx,
 ];
 
+/// A vhost-user-blk queue thread: the block engine's data and durability calls (as a ublk
+/// queue's, without io_uring: `preadv`/`pwritev` straight between the target's files and
+/// guest memory), reading the blob objects of a local image store and writing the cache's
+/// chunk files while fetching, the two block ioctls (see ARG_RULES) for a block-device
+/// target, and eventfd2 for a FLUSH a target finishes on another thread. No sockets: remote
+/// backends fetch on the cache engine's own threads.
+const VHOST_BLK_QUEUE: &[libc::c_long] = &[
+    libc::SYS_eventfd2,
+    libc::SYS_fallocate,
+    libc::SYS_fdatasync,
+    libc::SYS_fstat,
+    libc::SYS_fsync,
+    libc::SYS_ioctl,
+    libc::SYS_lseek,
+    libc::SYS_newfstatat,
+    libc::SYS_openat,
+    libc::SYS_pread64,
+    libc::SYS_preadv,
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    libc::SYS_statx,
+];
+
 /// Calls allowed only with these arguments: (call, argument index, required value). Several
 /// entries for one call are alternatives.
 const ARG_RULES: &[(libc::c_long, u8, u64)] = &[
@@ -327,6 +355,8 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ],
         ThreadRole::Supervisor => &[SUPERVISOR],
         ThreadRole::UblkQueue => &[RUNTIME, UBLK_QUEUE],
+        // EVENT_LOOP: its kick and the library's exit event, waited on with epoll.
+        ThreadRole::VhostBlkQueue => &[RUNTIME, EVENT_LOOP, VHOST_BLK_QUEUE],
     };
     let mut calls: Vec<libc::c_long> = groups.iter().flat_map(|g| g.iter().copied()).collect();
     calls.sort_unstable();
@@ -417,7 +447,7 @@ mod tests {
         );
     }
 
-    const ALL_ROLES: [ThreadRole; 10] = [
+    const ALL_ROLES: [ThreadRole; 11] = [
         ThreadRole::VhostUserControl,
         ThreadRole::Migration,
         ThreadRole::QueueWorker,
@@ -428,6 +458,7 @@ mod tests {
         ThreadRole::Main,
         ThreadRole::Supervisor,
         ThreadRole::UblkQueue,
+        ThreadRole::VhostBlkQueue,
     ];
 
     #[test]
@@ -535,9 +566,40 @@ mod tests {
             // ioctl only where the block queue needs it, and only with its two requests.
             assert_eq!(
                 has(role, libc::SYS_ioctl),
-                role == ThreadRole::UblkQueue,
+                matches!(role, ThreadRole::UblkQueue | ThreadRole::VhostBlkQueue),
                 "{role:?}"
             );
+        }
+    }
+
+    #[test]
+    fn vhost_blk_queue_threads_get_their_kick_and_data_calls_only() {
+        let queue = allowed_syscalls(ThreadRole::VhostBlkQueue);
+        for nr in [
+            libc::SYS_epoll_wait,
+            libc::SYS_read,
+            libc::SYS_preadv,
+            libc::SYS_pwritev,
+            libc::SYS_fdatasync,
+            libc::SYS_fallocate,
+            libc::SYS_openat,
+        ] {
+            assert!(queue.contains(&nr), "the vhost-user-blk queue lacks {nr}");
+        }
+        // No vhost-user messages, no sockets, no threads, no renaming files: the control
+        // thread talks to the VMM and the cache engine's own threads fetch remotely.
+        for nr in [
+            libc::SYS_recvmsg,
+            libc::SYS_sendmsg,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_io_uring_setup,
+            libc::SYS_unlinkat,
+            libc::SYS_renameat2,
+        ] {
+            assert!(!queue.contains(&nr), "the vhost-user-blk queue allows {nr}");
         }
     }
 
