@@ -129,8 +129,9 @@ struct Buffers<'m> {
     writable_len: u64,
     /// Why the chain is malformed, if it is.
     fault: Option<&'static str>,
-    /// A device-writable buffer could not be mapped: where the status byte goes is unknown.
-    writable_lost: bool,
+    /// The last non-empty device-writable buffer could not be mapped: the status byte,
+    /// which ends it, has nowhere to go.
+    last_writable_lost: bool,
 }
 
 impl<'m> Buffers<'m> {
@@ -172,11 +173,12 @@ impl<'m> Buffers<'m> {
                     .fault
                     .get_or_insert("a buffer lies outside guest memory");
                 if writable {
-                    buffers.writable_lost = true;
+                    buffers.last_writable_lost = true;
                 }
                 continue;
             }
             if writable {
+                buffers.last_writable_lost = false;
                 buffers.writable_len += len as u64;
                 buffers.writable.extend(pieces);
             } else {
@@ -196,7 +198,7 @@ impl<'m> Buffers<'m> {
 
     /// Writes `status` into the last byte of the device-writable part, if there is one.
     fn write_status(&self, status: u8) -> bool {
-        if self.writable_lost {
+        if self.last_writable_lost {
             return false;
         }
         let Some(last) = self.writable.iter().rev().find(|s| !s.is_empty()) else {
