@@ -1,7 +1,7 @@
 //! Harnesses shared by the fuzz targets and by the regression tests that replay their crashes.
 
-pub mod fuse;
 pub mod blk_request;
+pub mod fuse;
 pub mod vhost_user;
 pub mod xattrmap;
 

@@ -592,7 +592,11 @@ fn serve_ranges(
         }
         let offset = sector_offset(sector)?;
         let len = u64::from(sectors) * SECTOR_SIZE;
-        let op = if discard { Op::Discard } else { Op::WriteZeroes };
+        let op = if discard {
+            Op::Discard
+        } else {
+            Op::WriteZeroes
+        };
         target::validate(target.info(), op, offset, len)?;
         ranges.push((offset, len));
     }
