@@ -191,7 +191,9 @@ fn discard_and_write_zeroes_reach_the_file() {
     // DISCARD of 1 MiB at 2 MiB: a punched hole that reads as zeros.
     let sector = (2u64 << 20) / 512;
     assert_eq!(queue.discard(&[(sector, 2048, 0)]).unwrap(), status::OK);
-    assert!(read_file_at(&file, 2 << 20, 1 << 20).iter().all(|&b| b == 0));
+    assert!(read_file_at(&file, 2 << 20, 1 << 20)
+        .iter()
+        .all(|&b| b == 0));
     assert!(
         fs::metadata(&file).unwrap().blocks() < blocks_before,
         "the discarded range is deallocated"
@@ -209,7 +211,9 @@ fn discard_and_write_zeroes_reach_the_file() {
     assert!(read_file_at(&file, a * 512, 16 * 512)
         .iter()
         .all(|&b| b == 0));
-    assert!(read_file_at(&file, b * 512, 8 * 512).iter().all(|&b| b == 0));
+    assert!(read_file_at(&file, b * 512, 8 * 512)
+        .iter()
+        .all(|&b| b == 0));
     // The block after each range keeps its data.
     let original = pattern(1, FILE_SIZE as usize);
     let after = (a * 512 + 16 * 512) as usize;
@@ -221,9 +225,7 @@ fn discard_and_write_zeroes_reach_the_file() {
     // DISCARD may not carry UNMAP, nor any segment an unknown flag: UNSUPP, nothing done.
     let untouched = (6u64 << 20) / 512;
     assert_eq!(
-        queue
-            .discard(&[(untouched, 8, RANGE_FLAG_UNMAP)])
-            .unwrap(),
+        queue.discard(&[(untouched, 8, RANGE_FLAG_UNMAP)]).unwrap(),
         status::UNSUPP
     );
     assert_eq!(
@@ -335,7 +337,11 @@ fn out_of_range_and_malformed_requests_get_an_error_status_and_the_daemon_lives(
     let ram = queue.ram().clone();
     let buf = queue.allocate_raw_buffer(2 * BLOCK as u32).unwrap().0;
     let status_at = queue.allocate_raw_buffer(16).unwrap().0;
-    let put_status = |value: u8| ram.memory().write_obj(value, GuestAddress(status_at)).unwrap();
+    let put_status = |value: u8| {
+        ram.memory()
+            .write_obj(value, GuestAddress(status_at))
+            .unwrap()
+    };
     let get_status = || -> u8 { ram.memory().read_obj(GuestAddress(status_at)).unwrap() };
     let wait = Duration::from_secs(5);
 
@@ -384,7 +390,12 @@ fn out_of_range_and_malformed_requests_get_an_error_status_and_the_daemon_lives(
     put_status(0xff);
     queue
         .raw(
-            &chain(&[(buf, 16, false), (data, 4096, true), (buf, 16, false), (status_at, 1, true)]),
+            &chain(&[
+                (buf, 16, false),
+                (data, 4096, true),
+                (buf, 16, false),
+                (status_at, 1, true),
+            ]),
             wait,
         )
         .unwrap()
@@ -413,7 +424,11 @@ fn out_of_range_and_malformed_requests_get_an_error_status_and_the_daemon_lives(
     put_status(0xff);
     queue
         .raw(
-            &chain(&[(buf, 16, false), (buf, 0x8000_0000, true), (status_at, 1, true)]),
+            &chain(&[
+                (buf, 16, false),
+                (buf, 0x8000_0000, true),
+                (status_at, 1, true),
+            ]),
             wait,
         )
         .unwrap()
@@ -425,7 +440,11 @@ fn out_of_range_and_malformed_requests_get_an_error_status_and_the_daemon_lives(
     put_status(0xff);
     let used = queue
         .raw(
-            &chain(&[(buf, 16, false), (buf, u32::MAX, true), (status_at, 1, true)]),
+            &chain(&[
+                (buf, 16, false),
+                (buf, u32::MAX, true),
+                (status_at, 1, true),
+            ]),
             wait,
         )
         .unwrap()
@@ -567,7 +586,11 @@ fn a_lazily_fetched_image_fetches_only_what_is_read_and_writes_go_to_the_overlay
     assert_eq!(queue.flush().unwrap(), status::OK);
     let _dir = served.finish(device);
     assert!(fs::metadata(&overlay).unwrap().len() > 0);
-    assert_eq!(fs::read(&source).unwrap(), content, "the source is untouched");
+    assert_eq!(
+        fs::read(&source).unwrap(),
+        content,
+        "the source is untouched"
+    );
 }
 
 #[test]

@@ -115,9 +115,8 @@ pub struct BlkConfig {
 impl BlkConfig {
     fn parse(bytes: &[u8]) -> Self {
         let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
-        let u32_at = |o: usize| {
-            u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]])
-        };
+        let u32_at =
+            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
         let mut capacity = [0u8; 8];
         capacity.copy_from_slice(&bytes[0..8]);
         Self {
@@ -484,7 +483,9 @@ impl BlkQueue {
     /// WRITE_ZEROES of the given segments; returns the status byte.
     pub fn write_zeroes(&mut self, ranges: &[(u64, u32, u32)]) -> Result<u8, Error> {
         let table = Self::range_table(ranges);
-        Ok(self.request(request_type::WRITE_ZEROES, 0, &table, 0)?.status)
+        Ok(self
+            .request(request_type::WRITE_ZEROES, 0, &table, 0)?
+            .status)
     }
 
     /// Allocates a scratch guest buffer for raw chains (never freed).

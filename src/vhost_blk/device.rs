@@ -129,8 +129,10 @@ impl BlkBackend {
             config[offset..offset + bytes.len()].copy_from_slice(bytes);
         };
         put(0, &(info.size / SECTOR_SIZE).to_le_bytes()); // capacity
-        // seg_max: a request's data descriptors, leaving room for header and status.
-        let seg_max = u32::from(self.options.max_queue_size).saturating_sub(2).max(1);
+                                                          // seg_max: a request's data descriptors, leaving room for header and status.
+        let seg_max = u32::from(self.options.max_queue_size)
+            .saturating_sub(2)
+            .max(1);
         put(12, &seg_max.to_le_bytes());
         put(20, &info.block_size.to_le_bytes()); // blk_size
         put(34, &self.options.queues.to_le_bytes()); // num_queues

@@ -112,7 +112,10 @@ pub fn run(args: ServeVhostArgs, signals: TerminationSignals) -> anyhow::Result<
         }
         (None, None) => return Err(anyhow!("one of --socket-path or --fd is required")),
     };
-    let serial = args.serial.clone().unwrap_or_else(|| default_serial(&target));
+    let serial = args
+        .serial
+        .clone()
+        .unwrap_or_else(|| default_serial(&target));
     let seccomp = args.seccomp;
     let backend = Arc::new(BlkBackend::new(
         block_target.clone(),
