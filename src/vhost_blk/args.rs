@@ -105,3 +105,60 @@ impl ServeVhostArgs {
 pub fn capabilities_json() -> String {
     serde_json::json!({ "type": "blk", "features": ["read-only", "blk-file"] }).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::block::BlockCommand;
+    use crate::cli::{Cli, Command};
+
+    fn serve_vhost(args: &[&str]) -> Result<super::ServeVhostArgs, clap::Error> {
+        let argv = ["berth", "block", "serve-vhost"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Some(Command::Block(BlockCommand::ServeVhost(args))) => Ok(args),
+            other => panic!("{args:?} parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn serve_vhost_flags_parse() {
+        let args = serve_vhost(&[
+            "--socket-path=/run/d.sock",
+            "--queues=4",
+            "--queue-size=256",
+            "--serial=disk0",
+            "--overlay=/o",
+            "/srv/img",
+        ])
+        .unwrap();
+        assert_eq!(args.target_path().unwrap().to_str(), Some("/srv/img"));
+        assert_eq!((args.queues, args.queue_size), (4, 256));
+        assert_eq!(args.serial.as_deref(), Some("disk0"));
+        // The vhost-user backend conventions' spellings.
+        let args = serve_vhost(&["--fd=3", "--blk-file=/f", "--read-only"]).unwrap();
+        assert_eq!(args.target_path().unwrap().to_str(), Some("/f"));
+        assert!(args.readonly && args.fd == Some(3));
+        assert!(
+            serve_vhost(&["--print-capabilities"])
+                .unwrap()
+                .print_capabilities
+        );
+    }
+
+    #[test]
+    fn serve_vhost_refuses_what_it_cannot_serve() {
+        for bad in [
+            &["/f"][..],                                     // no socket
+            &["--socket-path=/s"],                           // no target
+            &["--socket-path=/s", "--queues=0", "/f"],       // no queue
+            &["--socket-path=/s", "--queues=65", "/f"],      // more than 64
+            &["--socket-path=/s", "--queue-size=100", "/f"], // not a power of two
+            &["--socket-path=/s", "--serial=123456789012345678901", "/f"],
+            &["--socket-path=/s", "--fd=3", "/f"],
+            &["--socket-path=/s", "--blk-file=/g", "/f"],
+        ] {
+            assert!(serve_vhost(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -519,3 +519,83 @@ pub fn serve(
         Err(e) => Err(anyhow!("the vhost-user connection failed: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_blockdev::{RawOptions, RawTarget};
+
+    fn backend(read_only: bool, queues: u16) -> (BlkBackend, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let target = RawTarget::open(
+            &path,
+            &RawOptions {
+                read_only,
+                block_size: 4096,
+                direct: false,
+            },
+        )
+        .unwrap();
+        let backend = BlkBackend::new(
+            Arc::new(target),
+            BlkOptions {
+                queues,
+                max_queue_size: 256,
+                serial: "s".into(),
+                seccomp: SeccompAction::None,
+            },
+        )
+        .unwrap();
+        (backend, dir)
+    }
+
+    fn u32_at(config: &[u8], offset: usize) -> u32 {
+        u32::from_le_bytes(config[offset..offset + 4].try_into().unwrap())
+    }
+
+    #[test]
+    fn the_config_space_describes_the_target() {
+        let (b, _dir) = backend(false, 4);
+        let config = b.get_config(0, CONFIG_SPACE_LEN as u32);
+        assert_eq!(&config[0..8], &2048u64.to_le_bytes(), "capacity in sectors");
+        assert_eq!(u32_at(&config, 12), 254, "seg_max");
+        assert_eq!(u32_at(&config, 20), 4096, "blk_size");
+        assert_eq!(&config[34..36], &4u16.to_le_bytes(), "num_queues");
+        assert_eq!(u32_at(&config, 40), MAX_RANGES, "max_discard_seg");
+        assert_eq!(u32_at(&config, 44), 8, "discard_sector_alignment");
+        assert_eq!(u32_at(&config, 52), MAX_RANGES, "max_write_zeroes_seg");
+        // Reads past the end are padded, never panic.
+        assert_eq!(b.get_config(70, 8), vec![0; 8]);
+        assert_eq!(b.get_config(u32::MAX, 4), vec![0; 4]);
+        assert!(b.set_config(0, &[1]).is_err());
+        assert_eq!(b.queues_per_thread(), vec![1, 2, 4, 8]);
+        let features = b.features();
+        for bit in [
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_MQ,
+            VIRTIO_BLK_F_DISCARD,
+            VIRTIO_BLK_F_WRITE_ZEROES,
+        ] {
+            assert_ne!(features & (1 << bit), 0, "bit {bit}");
+        }
+        assert_eq!(features & (1 << VIRTIO_BLK_F_RO), 0);
+        assert!(b
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ));
+    }
+
+    #[test]
+    fn a_read_only_target_offers_ro_and_no_discard() {
+        let (b, _dir) = backend(true, 1);
+        let features = b.features();
+        assert_ne!(features & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(
+            features & ((1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)),
+            0
+        );
+        let config = b.config_space();
+        assert!(config[36..60].iter().all(|&b| b == 0), "no discard limits");
+    }
+}

@@ -167,3 +167,20 @@ fn confine_main_thread(seccomp: SeccompAction) -> anyhow::Result<()> {
     berth_seccomp::install_filter(ThreadRole::Main, seccomp)
         .context("cannot install the seccomp filter")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_serial_is_the_file_name_cut_to_twenty_bytes() {
+        assert_eq!(default_serial(Path::new("/srv/disk.img")), "disk.img");
+        assert_eq!(
+            default_serial(Path::new("/srv/a-rather-long-image-name.raw")),
+            "a-rather-long-image-"
+        );
+        // Never cut inside a character.
+        assert_eq!(default_serial(Path::new("/x/ééééééééééé")), "éééééééééé");
+        assert_eq!(default_serial(Path::new("/")), "berth");
+    }
+}
