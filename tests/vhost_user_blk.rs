@@ -6,6 +6,8 @@
 
 #[path = "common/frontend_util.rs"]
 mod frontend_util;
+#[path = "common/security_util.rs"]
+mod security_util;
 
 use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -602,4 +604,50 @@ fn print_capabilities_names_a_blk_backend() {
     assert!(output.status.success());
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(json["type"], "blk");
+}
+
+#[test]
+fn the_daemon_serves_from_a_sandbox_with_confined_threads() {
+    if !security_util::is_root() {
+        security_util::skip_or_fail(
+            "the_daemon_serves_from_a_sandbox_with_confined_threads",
+            "the capability checks need root",
+        );
+        return;
+    }
+    let (mut served, file) = Served::raw(&["--queues", "2"]);
+    let mut device = served.connect(BlkDeviceConfig {
+        queues: 2,
+        ..BlkDeviceConfig::default()
+    });
+    let mut queue = device.take_queue(0).unwrap();
+    assert_eq!(queue.flush().unwrap(), status::OK);
+    // The namespace sandbox forks: its child serves, in mount and network namespaces of
+    // its own, seeing the file's directory as its root.
+    let server = security_util::serving_pid(served.daemon.pid(), true);
+    for ns in ["mnt", "net", "pid"] {
+        assert_ne!(
+            fs::read_link(format!("/proc/{server}/ns/{ns}")).unwrap(),
+            fs::read_link(format!("/proc/self/ns/{ns}")).unwrap(),
+            "{ns} namespace"
+        );
+    }
+    let root_listing: Vec<_> = fs::read_dir(format!("/proc/{server}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        root_listing.contains(&file.file_name().unwrap().to_owned()),
+        "the root is the file's directory: {root_listing:?}"
+    );
+    // Every thread has a seccomp filter; the queue threads have no capabilities at all.
+    let threads = security_util::threads(server);
+    assert!(threads.iter().all(|t| t.seccomp_mode == 2), "{threads:?}");
+    let workers: Vec<_> = threads
+        .iter()
+        .filter(|t| t.name.starts_with("vring_worker") || t.name.starts_with("vhost"))
+        .collect();
+    assert!(workers.len() >= 2, "two queue threads: {threads:?}");
+    assert!(workers.iter().all(|t| t.cap_eff == 0), "{workers:?}");
+    let _dir = served.finish(device);
 }

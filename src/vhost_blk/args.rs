@@ -57,6 +57,13 @@ pub struct ServeVhostArgs {
     #[arg(long, value_name = "TEXT", value_parser = parse_serial)]
     pub serial: Option<String>,
 
+    /// How the process confines itself once the target is open: `namespace` (new mount, pid
+    /// and network namespaces with the target's directory as the root), `chroot` (root
+    /// only), or `none`. An image is served without one: it opens its cache's chunk files
+    /// by path and may fetch them over the network.
+    #[arg(long, value_name = "MODE", default_value = "namespace", value_parser = parse_sandbox)]
+    pub sandbox: berth_seccomp::SandboxMode,
+
     /// What a thread's system call outside its allow-list does: `kill` the process, `log` it
     /// to the audit log and let it through, `trap` (SIGSYS), or `none` (no filter).
     #[arg(long, value_name = "ACTION", default_value = "kill", value_parser = parse_seccomp)]
@@ -87,6 +94,10 @@ fn parse_serial(s: &str) -> Result<String, String> {
         return Err(format!("`{s}` is longer than 20 bytes"));
     }
     Ok(s.to_owned())
+}
+
+fn parse_sandbox(s: &str) -> Result<berth_seccomp::SandboxMode, String> {
+    s.parse().map_err(|e: berth_seccomp::Error| e.to_string())
 }
 
 fn parse_seccomp(s: &str) -> Result<berth_seccomp::SeccompAction, String> {
@@ -157,6 +168,7 @@ mod tests {
             &["--socket-path=/s", "--serial=123456789012345678901", "/f"],
             &["--socket-path=/s", "--fd=3", "/f"],
             &["--socket-path=/s", "--blk-file=/g", "/f"],
+            &["--socket-path=/s", "--sandbox=jail", "/f"],
         ] {
             assert!(serve_vhost(bad).is_err(), "{bad:?} accepted");
         }

@@ -6,11 +6,13 @@
 //! threads), and this module opens the target, the socket, confines the process and serves
 //! one frontend connection.
 //!
-//! Confinement: the target, its overlay and cache are opened first; then every queue thread
+//! Confinement: the target, its overlay and the socket are opened first; a file or block
+//! device target then enters the `--sandbox` (by default new mount, pid and network
+//! namespaces with the target's directory as the root), which an image skips (it opens its
+//! cache's chunk files by path as it fetches, maybe over the network). Every queue thread
 //! drops all capabilities and installs the vhost-user-blk queue filter (block I/O on the
 //! target's descriptors and the cache's files, no sockets, no exec), the control thread the
-//! vhost-user control filter, and the main thread the main filter. No mount namespace is
-//! entered: a lazily fetched image opens its cache files as it fetches, by path.
+//! vhost-user control filter, and the main thread the main filter.
 
 pub mod args;
 pub mod device;
@@ -20,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
-use berth_seccomp::{SeccompAction, ThreadRole};
+use berth_seccomp::{SandboxConfig, SandboxMode, SeccompAction, ThreadRole};
 use tracing::info;
 
 use crate::block::{is_image, open_target_from, Engines};
@@ -117,6 +119,26 @@ pub fn run(args: ServeVhostArgs, signals: TerminationSignals) -> anyhow::Result<
         .clone()
         .unwrap_or_else(|| default_serial(&target));
     let seccomp = args.seccomp;
+    // Everything is open and no thread exists yet, as the namespaces need.
+    if image && args.sandbox != SandboxMode::None {
+        info!(
+            "{} is an image: served without a sandbox (its chunks are fetched and cached by \
+             path).",
+            target.display()
+        );
+    } else if args.sandbox != SandboxMode::None {
+        let root = target
+            .parent()
+            .ok_or_else(|| anyhow!("{} has no directory", target.display()))?;
+        berth_seccomp::enter_sandbox(&SandboxConfig {
+            mode: args.sandbox,
+            shared_dir: root.to_path_buf(),
+            uid_map: Vec::new(),
+            gid_map: Vec::new(),
+            supervisor_seccomp: seccomp,
+        })
+        .context("cannot enter the sandbox")?;
+    }
     let backend = Arc::new(BlkBackend::new(
         block_target.clone(),
         BlkOptions {
