@@ -651,3 +651,55 @@ fn the_daemon_serves_from_a_sandbox_with_confined_threads() {
     assert!(workers.iter().all(|t| t.cap_eff == 0), "{workers:?}");
     let _dir = served.finish(device);
 }
+
+#[test]
+fn an_inherited_listening_socket_serves_as_fd_3() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.raw");
+    fs::write(&file, pattern(3, 1 << 20)).unwrap();
+    let socket = dir.path().join("inherited.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let fd = listener.as_raw_fd();
+    let args = [
+        "block".to_string(),
+        "serve-vhost".into(),
+        "--fd=3".into(),
+        file.display().to_string(),
+    ];
+    let mut daemon = Daemon::spawn_with(&args, |command| {
+        // SAFETY: dup2 and fcntl are async-signal-safe; they only rearrange descriptors of
+        // the child.
+        unsafe {
+            command.pre_exec(move || {
+                // dup2 onto itself keeps close-on-exec: clear it instead.
+                let rc = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    // The listener stays open here too: a daemon that died would leave the connection
+    // waiting in its backlog, so check it is serving first.
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.assert_alive("with an inherited socket");
+    let mut device =
+        VhostUserBlk::connect(&socket, BlkDeviceConfig::default(), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e}\n{}", daemon.stderr()));
+    let mut queue = device.take_queue(0).unwrap();
+    assert_eq!(
+        queue.read(8, BLOCK as u32).unwrap().unwrap(),
+        pattern(3, 1 << 20)[4096..8192]
+    );
+    device.disconnect();
+    let status = daemon.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(status.success(), "{}", daemon.stderr());
+    drop(listener);
+}
