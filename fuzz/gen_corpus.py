@@ -198,3 +198,44 @@ dax_seeds = {
 }
 for name, data in dax_seeds.items():
     save("dax_window", name, data)
+# vhost_blk_request: a control byte (low bits: readable descriptors; upper bits: the chain's
+# shape, fuzz/src/blk_request.rs Shape), two bytes of device-writable room in 512-byte units,
+# then the readable bytes (a virtio-blk header and its payload). The device is 1 MiB of
+# 512-byte blocks.
+SPLIT_ROOM, NO_STATUS, STATUS_OUTSIDE, READABLE_LAST, BLK_LOOP, READ_ONLY = (
+    0x04, 0x08, 0x10, 0x20, 0x40, 0x80)
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+
+
+def blk(kind, sector=0, payload=b"", room=0, parts=1, shape=0):
+    return (bytes([(parts - 1) | shape]) + struct.pack("<H", room)
+            + struct.pack("<IIQ", kind, 0, sector) + payload)
+
+
+def ranges(*segments):
+    return b"".join(struct.pack("<QII", s, n, f) for s, n, f in segments)
+
+
+blk_seeds = {
+    "read": blk(T_IN, 8, room=8),
+    "read_split_room": blk(T_IN, 16, room=64, shape=SPLIT_ROOM),
+    "read_header_split": blk(T_IN, 0, room=1, parts=2),
+    "write": blk(T_OUT, 8, bytes(range(256)) * 16),
+    "write_three_parts": blk(T_OUT, 64, b"\xa5" * 8192, parts=3),
+    "flush": blk(T_FLUSH),
+    "get_id": blk(T_GET_ID, room=1),
+    "discard": blk(T_DISCARD, payload=ranges((16, 8, 0), (64, 16, 0))),
+    "write_zeroes_unmap": blk(T_WRITE_ZEROES, payload=ranges((32, 8, 1))),
+    "discard_with_unmap": blk(T_DISCARD, payload=ranges((16, 8, 1))),
+    "write_read_only": blk(T_OUT, 0, b"\x01" * 512, shape=READ_ONLY),
+    "read_out_of_range": blk(T_IN, 2048, room=8),
+    "read_overflowing_sector": blk(T_IN, (1 << 64) - 1, room=1),
+    "unknown_type": blk(99),
+    "short_header": bytes([0]) + struct.pack("<H", 0) + b"\x00" * 8,
+    "no_status": blk(T_IN, 0, shape=NO_STATUS),
+    "status_outside_memory": blk(T_IN, 0, room=1, shape=STATUS_OUTSIDE),
+    "readable_after_writable": blk(T_IN, 0, room=1, shape=READABLE_LAST),
+    "loop": blk(T_FLUSH, shape=BLK_LOOP),
+}
+for name, data in blk_seeds.items():
+    save("vhost_blk_request", name, data)

@@ -9,7 +9,7 @@ shift || true
 cd "$(dirname "$0")"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(fuse_request vhost_user_message cli_options manifest_parse xattrmap_parse dax_window)
+    targets=(fuse_request vhost_user_message vhost_blk_request cli_options manifest_parse xattrmap_parse dax_window)
 fi
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/berth/fuzz
 

@@ -19,6 +19,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/dax-tier.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/migrate-tier.sh"
 # shellcheck source=dax-reclaim-tier.sh
 source "$(dirname "${BASH_SOURCE[0]}")/dax-reclaim-tier.sh"
+# shellcheck source=vhost-blk-tier.sh
+source "$(dirname "${BASH_SOURCE[0]}")/vhost-blk-tier.sh"
 
 # Checks of each boot; "mount" and "umount" always run in a boot that runs.
 MAIN_GUEST_CHECKS=(mount file-ops xattr flock flock-local posix-locks posix-locks-local posix-locks-host sha256-host-to-guest sha256-guest-write fio-verify
@@ -59,6 +61,7 @@ while [ $# -gt 0 ]; do
 		printf '%s\n' "${MAIN_GUEST_CHECKS[@]}" "${MAIN_HOST_CHECKS[@]}" "${MQ_GUEST_CHECKS[@]}" "${MQ_HOST_CHECKS[@]}" \
 			"${REBOOT_GUEST_CHECKS[@]}" "${REBOOT_HOST_CHECKS[@]}" \
 			"${BLOCK_GUEST_CHECKS[@]}" "${BLOCK_HOST_CHECKS[@]}" \
+			"${VBLK_GUEST_CHECKS[@]}" "${VBLK_HOST_CHECKS[@]}" \
 			"${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
 			"${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}" \
 			"${SID_DAX_TIER_CHECKS[@]}" \
@@ -790,6 +793,14 @@ EOF
 		--disk "$BLOCK_TOOLS_IMAGE,ro" --initrd-append "$BLOCK_MODULES_CPIO" \
 		--fs "store=$WORK/store.sock"
 	selected block-store-exit-0 && check_daemons_exit block-store-exit-0 store
+fi
+
+if [ "$daemon_kind" = berth ]; then
+	vhost_blk_tier
+else
+	for check in "${VBLK_GUEST_CHECKS[@]}" "${VBLK_HOST_CHECKS[@]}"; do
+		selected "$check" && record "$check" SKIP 0 "vhost-user-blk is berth's block side; run it with --daemon berth"
+	done
 fi
 
 if [ "$daemon_kind" = virtiofsd ]; then

@@ -11,6 +11,7 @@ mod logging;
 mod pool;
 mod shared_cache;
 mod shutdown;
+mod vhost_blk;
 mod vhost_user;
 
 use std::path::Path;

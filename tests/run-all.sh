@@ -90,7 +90,7 @@ if [ $skip_fuzz -eq 0 ]; then
 	section "fuzz corpus and regression replay"
 	(cd fuzz && cargo test --release)
 	section "fuzz smoke run (60 s per target)"
-	fuzz/run.sh 60 fuse_request vhost_user_message cli_options manifest_parse xattrmap_parse dax_window
+	fuzz/run.sh 60 fuse_request vhost_user_message vhost_blk_request cli_options manifest_parse xattrmap_parse dax_window
 fi
 
 if [ -x benches/compare.sh ]; then

@@ -5,8 +5,11 @@
 //! over one split virtqueue, owned by one thread: a typed API (`lookup`, `read`, ...), a
 //! pipelined API (`submit` / `notify` / `next_completion`) for queue depths above one, and a
 //! raw API (`submit_raw` / `wait_raw`) to hand-craft descriptor chains.
+//!
+//! [`blk::VhostUserBlk`] is the same for vhost-user-blk: a virtio-blk driver per queue.
 
 pub mod abi;
+pub mod blk;
 pub mod device;
 pub mod dirty_log;
 pub mod fuse;
@@ -17,6 +20,7 @@ pub mod virtqueue;
 
 use std::time::Duration;
 
+pub use blk::{BlkConfig, BlkDeviceConfig, BlkQueue, BlkReply, VhostUserBlk};
 pub use device::{DeviceConfig, Negotiated, VhostUserFs, HIPRIO_QUEUE};
 pub use dirty_log::DirtyLog;
 pub use fuse::{DirEntry, DirEntryPlus};

@@ -1,5 +1,6 @@
 //! Harnesses shared by the fuzz targets and by the regression tests that replay their crashes.
 
+pub mod blk_request;
 pub mod dax;
 pub mod fuse;
 pub mod vhost_user;
@@ -26,7 +27,20 @@ pub mod image {
 #[path = "../../src/block/args.rs"]
 pub mod block_args;
 pub mod block {
+    pub use crate::block_args as args;
     pub use crate::block_args::BlockCommand;
+}
+
+/// `berth block serve-vhost`'s flags (named by the block subcommands) and its request
+/// path: one virtio-blk request in a descriptor chain against the block engine.
+#[allow(dead_code)]
+#[path = "../../src/vhost_blk/args.rs"]
+pub mod vhost_blk_args;
+#[allow(dead_code)]
+#[path = "../../src/vhost_blk/request.rs"]
+pub mod vhost_blk_request;
+pub mod vhost_blk {
+    pub use crate::vhost_blk_args as args;
 }
 
 /// `--shared-cache` and its table options, flattened into `berth fuse`'s arguments.

@@ -96,6 +96,10 @@ pub enum ThreadRole {
     /// to its io_uring, moves data between backing files and the kernel's request buffers,
     /// makes writes durable, and fetches missing image chunks.
     UblkQueue,
+    /// A vhost-user-blk queue thread of `berth block serve-vhost`: waits on its queue's
+    /// kick, moves data between the target's files and guest memory, makes writes durable,
+    /// discards, and fetches missing image chunks.
+    VhostBlkQueue,
 }
 
 impl ThreadRole {
@@ -115,6 +119,7 @@ impl ThreadRole {
             ThreadRole::Main => "main",
             ThreadRole::Supervisor => "sandbox supervisor",
             ThreadRole::UblkQueue => "ublk queue",
+            ThreadRole::VhostBlkQueue => "vhost-user-blk queue",
         }
     }
 }
@@ -291,7 +296,7 @@ const SUPERVISOR: &[libc::c_long] = &[
 /// The host watcher's inotify fallback adds a watch for each new directory.
 const HOST_WATCH: &[libc::c_long] = &[libc::SYS_inotify_add_watch];
 
-/// Block-device ioctls a ublk queue thread may issue on a raw block-device target
+/// Block-device ioctls a block queue thread (ublk or vhost-user-blk) may issue on a raw target
 /// (include/uapi/linux/fs.h): BLKDISCARD and BLKZEROOUT, nothing else.
 const BLKDISCARD: u64 = 0x1277;
 const BLKZEROOUT: u64 = 0x127f;
@@ -332,6 +337,28 @@ const FUSE_DEV_IOC_BACKING_CLOSE: u64 = 0x4004_e502;
 
 /// The FUSE backing-file registrar: ioctl, with the two requests of [`ioctl_requests`] only.
 const FUSE_PASSTHROUGH: &[libc::c_long] = &[libc::SYS_ioctl];
+/// A vhost-user-blk queue thread: the block engine's data and durability calls (as a ublk
+/// queue's, without io_uring: `preadv`/`pwritev` straight between the target's files and
+/// guest memory), reading the blob objects of a local image store and writing the cache's
+/// chunk files while fetching, the two block ioctls (see ARG_RULES) for a block-device
+/// target, and eventfd2 for a FLUSH a target finishes on another thread. No sockets: remote
+/// backends fetch on the cache engine's own threads.
+const VHOST_BLK_QUEUE: &[libc::c_long] = &[
+    libc::SYS_eventfd2,
+    libc::SYS_fallocate,
+    libc::SYS_fdatasync,
+    libc::SYS_fstat,
+    libc::SYS_fsync,
+    libc::SYS_ioctl,
+    libc::SYS_lseek,
+    libc::SYS_newfstatat,
+    libc::SYS_openat,
+    libc::SYS_pread64,
+    libc::SYS_preadv,
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    libc::SYS_statx,
+];
 
 /// Calls allowed only with these arguments: (call, argument index, required value). Several
 /// entries for one call are alternatives. ioctl's requests depend on the role
@@ -342,7 +369,7 @@ const ARG_RULES: &[(libc::c_long, u8, u64)] = &[(libc::SYS_unshare, 0, libc::CLO
 /// the device they are meant for).
 fn ioctl_requests(role: ThreadRole) -> &'static [u64] {
     match role {
-        ThreadRole::UblkQueue => &[BLKDISCARD, BLKZEROOUT],
+        ThreadRole::UblkQueue | ThreadRole::VhostBlkQueue => &[BLKDISCARD, BLKZEROOUT],
         ThreadRole::FuseBackingRegistrar => {
             &[FUSE_DEV_IOC_BACKING_OPEN, FUSE_DEV_IOC_BACKING_CLOSE]
         }
@@ -382,6 +409,8 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ],
         ThreadRole::Supervisor => &[SUPERVISOR],
         ThreadRole::UblkQueue => &[RUNTIME, UBLK_QUEUE],
+        // EVENT_LOOP: its kick and the library's exit event, waited on with epoll.
+        ThreadRole::VhostBlkQueue => &[RUNTIME, EVENT_LOOP, VHOST_BLK_QUEUE],
     };
     let mut calls: Vec<libc::c_long> = groups.iter().flat_map(|g| g.iter().copied()).collect();
     calls.sort_unstable();
@@ -490,6 +519,7 @@ mod tests {
         ThreadRole::Main,
         ThreadRole::Supervisor,
         ThreadRole::UblkQueue,
+        ThreadRole::VhostBlkQueue,
     ];
 
     #[test]
@@ -615,18 +645,51 @@ mod tests {
             ] {
                 assert!(!has(role, forbidden), "{role:?} allows {forbidden}");
             }
-            // ioctl only where the block queue or FUSE passthrough needs it, and only with
+            // ioctl only where a block queue or FUSE passthrough needs it, and only with
             // their two requests each.
             assert_eq!(
                 has(role, libc::SYS_ioctl),
                 matches!(
                     role,
-                    ThreadRole::UblkQueue | ThreadRole::FuseBackingRegistrar
+                    ThreadRole::UblkQueue
+                        | ThreadRole::VhostBlkQueue
+                        | ThreadRole::FuseBackingRegistrar
                 ),
                 "{role:?}"
             );
             let ioctl_rules = rules_for(role, libc::SYS_ioctl).unwrap();
             assert_eq!(ioctl_rules.len(), ioctl_requests(role).len(), "{role:?}");
+        }
+    }
+
+    #[test]
+    fn vhost_blk_queue_threads_get_their_kick_and_data_calls_only() {
+        let queue = allowed_syscalls(ThreadRole::VhostBlkQueue);
+        for nr in [
+            libc::SYS_epoll_wait,
+            libc::SYS_read,
+            libc::SYS_preadv,
+            libc::SYS_pwritev,
+            libc::SYS_fdatasync,
+            libc::SYS_fallocate,
+            libc::SYS_openat,
+        ] {
+            assert!(queue.contains(&nr), "the vhost-user-blk queue lacks {nr}");
+        }
+        // No vhost-user messages, no sockets, no threads, no renaming files: the control
+        // thread talks to the VMM and the cache engine's own threads fetch remotely.
+        for nr in [
+            libc::SYS_recvmsg,
+            libc::SYS_sendmsg,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_io_uring_setup,
+            libc::SYS_unlinkat,
+            libc::SYS_renameat2,
+        ] {
+            assert!(!queue.contains(&nr), "the vhost-user-blk queue allows {nr}");
         }
     }
 

@@ -17,7 +17,11 @@
 //!
 //! `berth block` (ublk) confines its queue threads only: each one, once its io_uring is set
 //! up, drops every capability ([`drop_thread_capabilities`]) and installs
-//! [`ThreadRole::UblkQueue`].
+//! [`ThreadRole::UblkQueue`]. `berth block serve-vhost` (vhost-user-blk) follows the order
+//! above with one difference: its queue threads are started (by vhost-user-backend) before
+//! the main filter, so each drops every capability and installs
+//! [`ThreadRole::VhostBlkQueue`] on its own, which allows the block ioctls the main filter
+//! lacks.
 
 mod caps;
 mod error;

@@ -18,6 +18,9 @@ pub enum BlockCommand {
     Del(DelArgs),
     /// Serve again the ublk devices whose server died; their held requests complete.
     Recover(RecoverArgs),
+    /// Serve an image or file to a VMM as a vhost-user-blk device (QEMU's
+    /// vhost-user-blk-pci) until the frontend disconnects.
+    ServeVhost(crate::vhost_blk::args::ServeVhostArgs),
 }
 
 /// The ublk transport.
@@ -190,6 +193,7 @@ impl BlockCommand {
             BlockCommand::List(a) => &a.common,
             BlockCommand::Del(a) => &a.common,
             BlockCommand::Recover(a) => &a.common,
+            BlockCommand::ServeVhost(a) => &a.common,
         }
     }
 }

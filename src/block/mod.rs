@@ -111,14 +111,14 @@ fn manifest_path_of(image: &Path) -> PathBuf {
 }
 
 /// Whether `path` names an image (a directory with a manifest, or a manifest).
-fn is_image(path: &Path) -> bool {
+pub(crate) fn is_image(path: &Path) -> bool {
     manifest_path_of(path).is_file()
         && (path.is_dir() || path.extension().is_some_and(|e| e == "json"))
 }
 
 /// Cache engines of this process, one per cache directory and backend.
 #[derive(Default)]
-struct Engines(Mutex<HashMap<(PathBuf, String), Arc<CacheEngine>>>);
+pub(crate) struct Engines(Mutex<HashMap<(PathBuf, String), Arc<CacheEngine>>>);
 
 impl Engines {
     fn get(
@@ -158,41 +158,65 @@ impl Engines {
 
 /// Opens the target a description names.
 fn open_target(desc: &DeviceDescription, engines: &Engines) -> anyhow::Result<SharedTarget> {
-    let base: SharedTarget = if is_image(&desc.target) {
-        let manifest_path = manifest_path_of(&desc.target);
+    let settings = args::TargetArgs {
+        cache_dir: desc.cache_dir.clone(),
+        backend: desc.backend.clone(),
+        readahead: desc.readahead,
+        block_size: desc.block_size,
+    };
+    open_target_from(
+        &desc.target,
+        desc.overlay.as_deref(),
+        desc.read_only,
+        &settings,
+        engines,
+    )
+}
+
+/// Opens `target` (an image or a file / block device) with `overlay` over it, as the block
+/// engine serves it to every transport.
+pub(crate) fn open_target_from(
+    target: &Path,
+    overlay: Option<&Path>,
+    read_only: bool,
+    settings: &args::TargetArgs,
+    engines: &Engines,
+) -> anyhow::Result<SharedTarget> {
+    let base: SharedTarget = if is_image(target) {
+        let manifest_path = manifest_path_of(target);
         let manifest = Manifest::load(&manifest_path)
-            .with_context(|| format!("cannot load the image {}", desc.target.display()))?;
+            .with_context(|| format!("cannot load the image {}", target.display()))?;
         let image_dir = manifest_path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-        let (backend, key): (Arc<dyn BlobBackend>, String) = match &desc.backend {
+        let (backend, key): (Arc<dyn BlobBackend>, String) = match &settings.backend {
             Some(spec) => (open_backend(spec)?, spec.clone()),
             None => (
                 Arc::new(LocalDirBackend::new(&image_dir)),
                 image_dir.display().to_string(),
             ),
         };
-        let engine = engines.get(&desc.cache_dir, backend, key, desc.readahead)?;
+        let engine = engines.get(&settings.cache_dir, backend, key, settings.readahead)?;
         let blob = engine
             .open_blob(&manifest)
-            .with_context(|| format!("cannot open the blob of {}", desc.target.display()))?;
-        Arc::new(ImageTarget::new(blob, desc.block_size))
+            .with_context(|| format!("cannot open the blob of {}", target.display()))?;
+        Arc::new(ImageTarget::new(blob, settings.block_size))
     } else {
-        let read_only = desc.read_only || desc.overlay.is_some();
+        let read_only = read_only || overlay.is_some();
         Arc::new(
             RawTarget::open(
-                &desc.target,
+                target,
                 &RawOptions {
                     read_only,
-                    block_size: desc.block_size,
+                    block_size: settings.block_size,
                     direct: false,
                 },
             )
-            .with_context(|| format!("cannot open {}", desc.target.display()))?,
+            .with_context(|| format!("cannot open {}", target.display()))?,
         )
     };
-    match &desc.overlay {
+    match overlay {
         Some(path) => {
             let (overlay, recovery) =
                 OverlayTarget::open(path, base, &OverlayOptions::default())
@@ -640,6 +664,7 @@ pub fn run(command: BlockCommand, signals: TerminationSignals) -> anyhow::Result
         BlockCommand::Recover(args) => run_recover(args, signals),
         BlockCommand::List(args) => run_list(args),
         BlockCommand::Del(args) => run_del(args),
+        BlockCommand::ServeVhost(args) => crate::vhost_blk::run(args, signals),
     }
 }
 

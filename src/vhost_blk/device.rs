@@ -1,0 +1,601 @@
+//! The vhost-user-blk device: virtqueues in, block engine requests ([`super::request`]),
+//! status bytes out.
+//!
+//! Every queue is a request queue with a worker thread of its own from vhost-user-backend
+//! (one bit per thread in `queues_per_thread`); requests are served inline on it, so queues
+//! never wait for each other. Before any frontend connects, each queue thread drops its
+//! capabilities and installs the vhost-user-blk queue filter; the control thread installs
+//! the control filter on its first message.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use berth_blockdev::{SharedTarget, TargetInfo};
+use berth_seccomp::{SeccompAction, ThreadRole};
+use tracing::{error, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex, VringState, VringT};
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::request::{
+    serve_chain, BlkMemory, RequestPolicy, MAX_RANGES, MAX_RANGE_SECTORS, SECTOR_SIZE,
+};
+
+/// Name of the thread vhost-user-backend runs the control messages on.
+pub const CONTROL_THREAD_NAME: &str = "berth-vhost-blk";
+/// How long the queue threads may take to install their seccomp filters at start-up.
+const CONFINE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of the virtio-blk configuration space berth fills (up to the secure-erase fields).
+pub const CONFIG_SPACE_LEN: usize = 72;
+
+type GuestMemory = GuestMemoryAtomic<BlkMemory>;
+type Vring = VringMutex<GuestMemory>;
+
+/// Options of the device, from the command line.
+#[derive(Debug, Clone)]
+pub struct BlkOptions {
+    /// Request queues offered.
+    pub queues: u16,
+    /// Largest queue size the frontend may configure.
+    pub max_queue_size: u16,
+    /// Serial number GET_ID returns.
+    pub serial: String,
+    /// What the threads' seccomp filters do with a system call they do not allow.
+    pub seccomp: SeccompAction,
+}
+
+/// berth's vhost-user-blk backend.
+pub struct BlkBackend {
+    target: SharedTarget,
+    policy: RequestPolicy,
+    options: BlkOptions,
+    memory: RwLock<Option<GuestMemory>>,
+    event_idx: AtomicBool,
+    /// Per queue: requests served since the queue was last started (logged once).
+    queue_started: Vec<AtomicBool>,
+    /// Per queue thread: an eventfd that, once written, makes the thread confine itself.
+    confine_events: Vec<EventFd>,
+    confine_reports: Mutex<Option<mpsc::Sender<Result<(), String>>>>,
+    /// The consumer ends of the queue threads' exit events, which vhost-user-backend 0.24
+    /// never closes.
+    exit_consumers: Mutex<Vec<RawFd>>,
+}
+
+impl BlkBackend {
+    pub fn new(target: SharedTarget, options: BlkOptions) -> anyhow::Result<Self> {
+        let policy = RequestPolicy::for_target(target.as_ref(), &options.serial);
+        let queues = usize::from(options.queues);
+        let confine_events = (0..queues)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()
+            .context("cannot create the queue threads' start-up events")?;
+        Ok(Self {
+            target,
+            policy,
+            memory: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            queue_started: (0..queues).map(|_| AtomicBool::new(false)).collect(),
+            confine_events,
+            confine_reports: Mutex::new(None),
+            exit_consumers: Mutex::new(Vec::new()),
+            options,
+        })
+    }
+
+    fn info(&self) -> &TargetInfo {
+        self.target.info()
+    }
+
+    /// Closes the exit-event descriptors the library leaks, once the daemon that used this
+    /// backend is dropped (for processes that create daemon after daemon, like tests).
+    #[allow(dead_code)]
+    pub fn reclaim_exit_events(&self) {
+        let mut fds = self
+            .exit_consumers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for fd in fds.drain(..) {
+            // SAFETY: the library converted these descriptors into raw numbers it never
+            // closes; with its threads joined nothing refers to them any more.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+
+    /// The virtio-blk configuration space (virtio 1.2, 5.2.4), little-endian.
+    pub fn config_space(&self) -> [u8; CONFIG_SPACE_LEN] {
+        let info = self.info();
+        let mut config = [0u8; CONFIG_SPACE_LEN];
+        let mut put = |offset: usize, bytes: &[u8]| {
+            config[offset..offset + bytes.len()].copy_from_slice(bytes);
+        };
+        put(0, &(info.size / SECTOR_SIZE).to_le_bytes()); // capacity
+                                                          // seg_max: a request's data descriptors, leaving room for header and status.
+        let seg_max = u32::from(self.options.max_queue_size)
+            .saturating_sub(2)
+            .max(1);
+        put(12, &seg_max.to_le_bytes());
+        put(20, &info.block_size.to_le_bytes()); // blk_size
+        put(34, &self.options.queues.to_le_bytes()); // num_queues
+        let block_sectors = (u64::from(info.block_size) / SECTOR_SIZE) as u32;
+        if self.policy.discard {
+            put(36, &MAX_RANGE_SECTORS.to_le_bytes()); // max_discard_sectors
+            put(40, &MAX_RANGES.to_le_bytes()); // max_discard_seg
+            put(44, &block_sectors.to_le_bytes()); // discard_sector_alignment
+        }
+        if self.policy.write_zeroes {
+            put(48, &MAX_RANGE_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+            put(52, &MAX_RANGES.to_le_bytes()); // max_write_zeroes_seg
+            put(56, &[u8::from(self.policy.discard)]); // write_zeroes_may_unmap
+        }
+        config
+    }
+
+    /// Has every queue thread of `daemon` drop its capabilities and install the queue filter
+    /// before any frontend connects, and fails if one cannot.
+    pub fn confine_queue_threads(
+        &self,
+        daemon: &VhostUserDaemon<Arc<BlkBackend>>,
+    ) -> anyhow::Result<()> {
+        let (reports, received) = mpsc::channel();
+        *self
+            .confine_reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(reports);
+        let handlers = daemon.get_epoll_handlers();
+        for (thread, handler) in handlers.iter().enumerate() {
+            let event = self
+                .confine_events
+                .get(thread)
+                .ok_or_else(|| anyhow!("queue thread {thread} has no start-up event"))?;
+            handler
+                .register_listener(
+                    event.as_raw_fd(),
+                    EventSet::IN,
+                    u64::from(self.confine_event_id()),
+                )
+                .with_context(|| format!("cannot reach queue thread {thread}"))?;
+            event
+                .write(1)
+                .with_context(|| format!("cannot wake queue thread {thread}"))?;
+        }
+        for _ in &handlers {
+            match received.recv_timeout(CONFINE_TIMEOUT) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(anyhow!(e)),
+                Err(_) => {
+                    return Err(anyhow!(
+                        "the queue threads did not confine themselves within {CONFINE_TIMEOUT:?}"
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The event id that tells a queue thread to confine itself: above the queues and the
+    /// library's exit event (`num_queues()`), as `register_listener` requires.
+    fn confine_event_id(&self) -> u16 {
+        (self.num_queues() + 1) as u16
+    }
+
+    fn confine_this_queue_thread(&self, thread: usize) {
+        if let Some(event) = self.confine_events.get(thread) {
+            // Level-triggered: drain it, or the thread would be woken again and again.
+            let _ = event.read();
+        }
+        let seccomp = self.options.seccomp;
+        let outcome = berth_seccomp::drop_thread_capabilities()
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                berth_seccomp::install_filter(ThreadRole::VhostBlkQueue, seccomp)
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(|e| format!("queue thread {thread}: {e}"));
+        let reports = self
+            .confine_reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(reports) = reports.as_ref() {
+            let _ = reports.send(outcome);
+        }
+    }
+
+    /// Serves everything available on one queue, re-checking after re-enabling notifications
+    /// so that a request added in between is not left waiting for a kick that never comes.
+    fn serve_queue(&self, queue: usize, vring: &Vring) {
+        let Some(mem) = self
+            .memory
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|m| m.memory())
+        else {
+            warn!(
+                queue,
+                "The frontend kicked a queue before sending the guest memory table; ignoring it."
+            );
+            return;
+        };
+        if !vring.get_ref().get_queue().ready() {
+            return;
+        }
+        if let Some(started) = self.queue_started.get(queue) {
+            if !started.swap(true, Ordering::Relaxed) {
+                info!(queue, "The frontend started using queue {queue}.");
+            }
+        }
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                if let Err(e) = vring.disable_notification() {
+                    warn!(queue, "Cannot disable queue notifications: {e}.");
+                }
+            }
+            loop {
+                let chain = {
+                    let mut state = vring.get_mut();
+                    let queue = state.get_queue_mut();
+                    if !queue.ready() {
+                        return;
+                    }
+                    queue.pop_descriptor_chain(mem.clone())
+                };
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let answered = serve_chain(self.target.as_ref(), &self.policy, &chain, &mem);
+                complete(
+                    queue,
+                    &mut vring.get_mut(),
+                    head,
+                    answered.used_len,
+                    event_idx,
+                );
+            }
+            if !event_idx {
+                break;
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!(queue, "Cannot re-enable queue notifications: {e}.");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Puts a served chain on the used ring and tells the guest if it asked to be told.
+fn complete(
+    queue: usize,
+    vring: &mut VringState<GuestMemory>,
+    head: u16,
+    used: u32,
+    event_idx: bool,
+) {
+    if let Err(e) = vring.add_used(head, used) {
+        warn!(
+            queue,
+            head, "Cannot return a descriptor chain to the used ring: {e}."
+        );
+        return;
+    }
+    let notify = !event_idx || vring.needs_notification().unwrap_or(true);
+    if notify {
+        if let Err(e) = vring.signal_used_queue() {
+            warn!(queue, "Cannot notify the guest of used descriptors: {e}.");
+        }
+    }
+}
+
+thread_local! {
+    static CONTROL_FILTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs the control thread's filter the first time the library calls into the backend
+/// from it (GET_FEATURES opens every session). Under `--seccomp kill` a filter that cannot be
+/// installed ends the daemon rather than serve the VMM wider than promised.
+fn confine_control_thread(action: SeccompAction) {
+    if action == SeccompAction::None || std::thread::current().name() != Some(CONTROL_THREAD_NAME) {
+        return;
+    }
+    CONTROL_FILTERED.with(|done| {
+        if done.replace(true) {
+            return;
+        }
+        if let Err(e) = berth_seccomp::install_filter(ThreadRole::VhostUserControl, action) {
+            if action == SeccompAction::Kill {
+                error!("{e}; exiting.");
+                std::process::exit(1);
+            }
+            warn!("{e}; the control thread keeps the main thread's filter.");
+        }
+    });
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.options.queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.options.max_queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        confine_control_thread(self.options.seccomp);
+        let mut features = (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_MQ)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.info().read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        if self.policy.discard {
+            features |= 1 << VIRTIO_BLK_F_DISCARD;
+        }
+        if self.policy.write_zeroes {
+            features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        features
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        confine_control_thread(self.options.seccomp);
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        confine_control_thread(self.options.seccomp);
+        for started in &self.queue_started {
+            started.store(false, Ordering::Relaxed);
+        }
+        info!("The frontend reset the device.");
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        confine_control_thread(self.options.seccomp);
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        confine_control_thread(self.options.seccomp);
+        let config = self.config_space();
+        let mut bytes: Vec<u8> = config
+            .iter()
+            .skip(offset as usize)
+            .take(size as usize)
+            .copied()
+            .collect();
+        bytes.resize(size as usize, 0);
+        bytes
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the virtio-blk configuration space is read-only (no VIRTIO_BLK_F_CONFIG_WCE)",
+        ))
+    }
+
+    fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        confine_control_thread(self.options.seccomp);
+        *self.memory.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues()).map(|queue| 1u64 << queue).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => {
+                self.exit_consumers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(pair.0.as_raw_fd());
+                Some(pair)
+            }
+            Err(e) => {
+                error!("Cannot create a queue thread's exit event: {e}.");
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        confine_control_thread(self.options.seccomp);
+        // Requests are served inline on the queue's thread, which the library holds off
+        // while it takes the queue back: nothing is left in flight here.
+        if let Some(started) = self.queue_started.get(queue_index as usize) {
+            started.store(false, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // Errors returned from here stop the queue's thread, so problems are logged instead.
+        if evset != EventSet::IN {
+            warn!(
+                queue = thread_id,
+                "Ignoring an unexpected queue event {evset:?}."
+            );
+            return Ok(());
+        }
+        if device_event == self.confine_event_id() {
+            self.confine_this_queue_thread(thread_id);
+            return Ok(());
+        }
+        match vrings.get(usize::from(device_event)) {
+            Some(vring) => self.serve_queue(thread_id, vring),
+            None => warn!(
+                queue = thread_id,
+                "Ignoring an event for unknown vring {device_event}."
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// Serves one frontend connection on `listener` until it disconnects. `before_accept` runs
+/// once the queue threads are confined and before the frontend is accepted (the main
+/// thread confines itself there).
+pub fn serve(
+    backend: Arc<BlkBackend>,
+    mut listener: Listener,
+    before_accept: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut daemon = VhostUserDaemon::new(
+        CONTROL_THREAD_NAME.to_owned(),
+        backend.clone(),
+        GuestMemoryAtomic::new(BlkMemory::new()),
+    )
+    .map_err(|e| anyhow!("cannot set up the vhost-user-blk device: {e}"))?;
+    if backend.options.seccomp != SeccompAction::None {
+        backend
+            .confine_queue_threads(&daemon)
+            .context("cannot confine the queue threads")?;
+    }
+    before_accept()?;
+    info!(
+        "Waiting for the vhost-user frontend to connect (offering {} queues).",
+        backend.options.queues
+    );
+    daemon
+        .start(&mut listener)
+        .map_err(|e| anyhow!("cannot accept the vhost-user frontend connection: {e}"))?;
+    info!("The frontend connected; serving requests.");
+    let result = daemon.wait();
+    // The queue threads end with the daemon; a request blocked in a slow fetch would hold up
+    // the join, and the process exits right after this anyway.
+    std::mem::forget(daemon);
+    match result {
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => {
+            info!("The frontend disconnected; shutting down.");
+            Ok(())
+        }
+        Err(e) => Err(anyhow!("the vhost-user connection failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_blockdev::{RawOptions, RawTarget};
+
+    fn backend(read_only: bool, queues: u16) -> (BlkBackend, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let target = RawTarget::open(
+            &path,
+            &RawOptions {
+                read_only,
+                block_size: 4096,
+                direct: false,
+            },
+        )
+        .unwrap();
+        let backend = BlkBackend::new(
+            Arc::new(target),
+            BlkOptions {
+                queues,
+                max_queue_size: 256,
+                serial: "s".into(),
+                seccomp: SeccompAction::None,
+            },
+        )
+        .unwrap();
+        (backend, dir)
+    }
+
+    fn u32_at(config: &[u8], offset: usize) -> u32 {
+        u32::from_le_bytes(config[offset..offset + 4].try_into().unwrap())
+    }
+
+    #[test]
+    fn the_config_space_describes_the_target() {
+        let (b, _dir) = backend(false, 4);
+        let config = b.get_config(0, CONFIG_SPACE_LEN as u32);
+        assert_eq!(&config[0..8], &2048u64.to_le_bytes(), "capacity in sectors");
+        assert_eq!(u32_at(&config, 12), 254, "seg_max");
+        assert_eq!(u32_at(&config, 20), 4096, "blk_size");
+        assert_eq!(&config[34..36], &4u16.to_le_bytes(), "num_queues");
+        assert_eq!(u32_at(&config, 40), MAX_RANGES, "max_discard_seg");
+        assert_eq!(u32_at(&config, 44), 8, "discard_sector_alignment");
+        assert_eq!(u32_at(&config, 52), MAX_RANGES, "max_write_zeroes_seg");
+        // Reads past the end are padded, never panic.
+        assert_eq!(b.get_config(70, 8), vec![0; 8]);
+        assert_eq!(b.get_config(u32::MAX, 4), vec![0; 4]);
+        assert!(b.set_config(0, &[1]).is_err());
+        assert_eq!(b.queues_per_thread(), vec![1, 2, 4, 8]);
+        let features = b.features();
+        for bit in [
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_MQ,
+            VIRTIO_BLK_F_DISCARD,
+            VIRTIO_BLK_F_WRITE_ZEROES,
+        ] {
+            assert_ne!(features & (1 << bit), 0, "bit {bit}");
+        }
+        assert_eq!(features & (1 << VIRTIO_BLK_F_RO), 0);
+        assert!(b
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ));
+    }
+
+    #[test]
+    fn a_read_only_target_offers_ro_and_no_discard() {
+        let (b, _dir) = backend(true, 1);
+        let features = b.features();
+        assert_ne!(features & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(
+            features & ((1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)),
+            0
+        );
+        let config = b.config_space();
+        assert!(config[36..60].iter().all(|&b| b == 0), "no discard limits");
+    }
+}

@@ -1,0 +1,208 @@
+//! `berth block serve-vhost`: the block engine (`berth_blockdev`) as a vhost-user-blk
+//! backend, for QEMU's `vhost-user-blk-pci` and VMMs like it.
+//!
+//! [`request`] decodes and serves one virtio-blk request from a descriptor chain,
+//! [`device`] is the vhost-user backend around it (features, configuration space, queue
+//! threads), and this module opens the target, the socket, confines the process and serves
+//! one frontend connection.
+//!
+//! Confinement: the target, its overlay and the socket are opened first; a file or block
+//! device target then enters the `--sandbox` (by default new mount, pid and network
+//! namespaces with the target's directory as the root), which an image skips (it opens its
+//! cache's chunk files by path as it fetches, maybe over the network). Every queue thread
+//! drops all capabilities and installs the vhost-user-blk queue filter (block I/O on the
+//! target's descriptors and the cache's files, no sockets, no exec), the control thread the
+//! vhost-user control filter, and the main thread the main filter.
+
+pub mod args;
+pub mod device;
+pub mod request;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use berth_seccomp::{SandboxConfig, SandboxMode, SeccompAction, ThreadRole};
+use tracing::info;
+
+use crate::block::{is_image, open_target_from, Engines};
+use crate::shutdown::{signal_name, TerminationSignals};
+use args::ServeVhostArgs;
+use device::{BlkBackend, BlkOptions};
+
+/// An absolute path for `path`, whose directory must exist (the file need not).
+fn absolute_in_existing_dir(path: &Path) -> anyhow::Result<PathBuf> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = std::fs::canonicalize(dir)
+        .with_context(|| format!("cannot find the directory of {}", path.display()))?;
+    Ok(dir.join(
+        path.file_name()
+            .ok_or_else(|| anyhow!("{} is not a file name", path.display()))?,
+    ))
+}
+
+/// The serial number a target gets unless `--serial` names one: its file name, cut to fit.
+fn default_serial(target: &Path) -> String {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "berth".into());
+    let mut serial = String::new();
+    for c in name.chars() {
+        if serial.len() + c.len_utf8() > request::SERIAL_LEN {
+            break;
+        }
+        serial.push(c);
+    }
+    serial
+}
+
+/// Runs `berth block serve-vhost`.
+pub fn run(args: ServeVhostArgs, signals: TerminationSignals) -> anyhow::Result<()> {
+    if args.print_capabilities {
+        println!("{}", args::capabilities_json());
+        return Ok(());
+    }
+    let target = args
+        .target_path()
+        .ok_or_else(|| anyhow!("give the image or file to export"))?;
+    let target = std::fs::canonicalize(target)
+        .with_context(|| format!("cannot find {}", target.display()))?;
+    let overlay = args
+        .overlay
+        .as_deref()
+        .map(absolute_in_existing_dir)
+        .transpose()?;
+    if args.readonly && overlay.is_some() {
+        return Err(anyhow!(
+            "--overlay makes the device writable: leave out --readonly or the overlay"
+        ));
+    }
+    let image = is_image(&target);
+    if image && overlay.is_none() && !args.readonly {
+        info!(
+            "{} is an image: exported read-only (give --overlay to write).",
+            target.display()
+        );
+    }
+    let read_only = args.readonly || (image && overlay.is_none());
+    let engines = Engines::default();
+    let block_target = open_target_from(
+        &target,
+        overlay.as_deref(),
+        read_only,
+        &args.target_options,
+        &engines,
+    )?;
+    let info = block_target.info().clone();
+    info!(
+        target = %info.description,
+        size = info.size,
+        block_size = info.block_size,
+        read_only = info.read_only,
+        "Opened the target."
+    );
+
+    let (listener, socket_file) = match (&args.socket_path, args.fd) {
+        (_, Some(fd)) => (crate::vhost_user::listener_from_fd(fd)?, None),
+        (Some(path), None) => {
+            let (listener, file) = crate::vhost_user::listener_at_path(path, None)?;
+            (listener, Some(Arc::new(file)))
+        }
+        (None, None) => return Err(anyhow!("one of --socket-path or --fd is required")),
+    };
+    let serial = args
+        .serial
+        .clone()
+        .unwrap_or_else(|| default_serial(&target));
+    let seccomp = args.seccomp;
+    // Everything is open and no thread exists yet, as the namespaces need.
+    if image && args.sandbox != SandboxMode::None {
+        info!(
+            "{} is an image: served without a sandbox (its chunks are fetched and cached by \
+             path).",
+            target.display()
+        );
+    } else if args.sandbox != SandboxMode::None {
+        let root = target
+            .parent()
+            .ok_or_else(|| anyhow!("{} has no directory", target.display()))?;
+        berth_seccomp::enter_sandbox(&SandboxConfig {
+            mode: args.sandbox,
+            shared_dir: root.to_path_buf(),
+            uid_map: Vec::new(),
+            gid_map: Vec::new(),
+            supervisor_seccomp: seccomp,
+        })
+        .context("cannot enter the sandbox")?;
+    }
+    let backend = Arc::new(BlkBackend::new(
+        block_target.clone(),
+        BlkOptions {
+            queues: args.queues,
+            max_queue_size: args.queue_size,
+            serial,
+            seccomp,
+        },
+    )?);
+    let socket_for_signals = socket_file.clone();
+    let target_for_signals = block_target.clone();
+    let result = device::serve(backend, listener, move || {
+        confine_main_thread(seccomp)?;
+        // Started after the main filter, so the signal thread inherits it.
+        signals.spawn_handler(move |signal| {
+            info!("Received {}; flushing and exiting.", signal_name(signal));
+            let code = match berth_blockdev::target::flush(target_for_signals.as_ref()) {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!("The final flush failed: {e:#}.");
+                    1
+                }
+            };
+            if let Some(socket) = &socket_for_signals {
+                socket.remove();
+            }
+            std::process::exit(code);
+        })?;
+        Ok(())
+    });
+    if let Some(socket) = socket_file {
+        socket.remove();
+    }
+    // What the guest wrote is made durable before the process ends (an overlay also
+    // records its map when the target drops).
+    let flushed = berth_blockdev::target::flush(block_target.as_ref())
+        .map_err(|e| anyhow!("the final flush failed: {e:#}"));
+    result.and(flushed)
+}
+
+/// Drops the capabilities of a root process and installs the main thread's filter.
+fn confine_main_thread(seccomp: SeccompAction) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        berth_seccomp::drop_capabilities(&berth_seccomp::CapsNeeded::default())
+            .context("cannot drop capabilities")?;
+    }
+    berth_seccomp::install_filter(ThreadRole::Main, seccomp)
+        .context("cannot install the seccomp filter")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_serial_is_the_file_name_cut_to_twenty_bytes() {
+        assert_eq!(default_serial(Path::new("/srv/disk.img")), "disk.img");
+        assert_eq!(
+            default_serial(Path::new("/srv/a-rather-long-image-name.raw")),
+            "a-rather-long-image-"
+        );
+        // Never cut inside a character.
+        assert_eq!(default_serial(Path::new("/x/ééééééééééé")), "éééééééééé");
+        assert_eq!(default_serial(Path::new("/")), "berth");
+    }
+}

@@ -1,0 +1,705 @@
+//! `berth block serve-vhost` driven by the repo's own frontend as a VMM and virtio-blk
+//! driver: every request type against a raw file (checked on the host file), FLUSH,
+//! DISCARD and WRITE_ZEROES, read-only refusal, out-of-range and malformed requests, two
+//! queues at once, and a lazily fetched image that only fetches what is read. The daemon
+//! runs with its default `--seccomp kill`, so a system call its filters miss ends the test.
+
+#[path = "common/frontend_util.rs"]
+mod frontend_util;
+#[path = "common/security_util.rs"]
+mod security_util;
+
+use std::fs;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use berth_frontend::blk::{features, request_type, status, RANGE_FLAG_UNMAP};
+use berth_frontend::virtqueue::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+use berth_frontend::{BlkDeviceConfig, BlkQueue, RawDescriptor, RawNext, VhostUserBlk};
+use frontend_util::{describe_status, Daemon};
+use vm_memory::{Bytes, GuestAddress};
+
+const BLOCK: usize = 4096;
+const SECTORS_PER_BLOCK: u64 = (BLOCK / 512) as u64;
+/// The raw file exported by most tests: 8 MiB.
+const FILE_SIZE: u64 = 8 << 20;
+
+/// Deterministic, position-dependent bytes.
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 9) as u8))
+        .collect()
+}
+
+struct Served {
+    dir: tempfile::TempDir,
+    daemon: Daemon,
+    socket: PathBuf,
+}
+
+impl Served {
+    /// A daemon serving `target` with `extra` flags, its socket ready.
+    fn start(dir: tempfile::TempDir, target: &Path, extra: &[&str]) -> Served {
+        let socket = dir.path().join("blk.sock");
+        let mut args: Vec<String> = vec![
+            "block".into(),
+            "serve-vhost".into(),
+            "--socket-path".into(),
+            socket.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(target.display().to_string());
+        let mut daemon = Daemon::spawn(&args);
+        daemon.wait_for_socket(&socket);
+        Served {
+            dir,
+            daemon,
+            socket,
+        }
+    }
+
+    /// A daemon serving a fresh 8 MiB raw file (returned) filled with pattern 1.
+    fn raw(extra: &[&str]) -> (Served, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("disk.raw");
+        fs::write(&file, pattern(1, FILE_SIZE as usize)).unwrap();
+        (Served::start(dir, &file, extra), file)
+    }
+
+    fn connect(&mut self, config: BlkDeviceConfig) -> VhostUserBlk {
+        match VhostUserBlk::connect(&self.socket, config, Duration::from_secs(10)) {
+            Ok(device) => device,
+            Err(e) => panic!(
+                "cannot connect: {e}\n--- daemon stderr ---\n{}",
+                self.daemon.stderr()
+            ),
+        }
+    }
+
+    /// Disconnects `device` and expects the daemon to exit with status 0; hands back the
+    /// directory holding the served file.
+    fn finish(mut self, device: VhostUserBlk) -> tempfile::TempDir {
+        device.disconnect();
+        let status = self
+            .daemon
+            .wait_exit(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("the daemon did not exit after the frontend left"));
+        assert!(
+            status.success(),
+            "daemon ended with {}\n--- stderr ---\n{}",
+            describe_status(status),
+            self.daemon.stderr()
+        );
+        assert!(!self.socket.exists(), "the socket is removed at exit");
+        self.dir
+    }
+}
+
+fn read_file_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf
+}
+
+#[test]
+fn config_space_and_features_describe_the_file() {
+    let (mut served, _file) = Served::raw(&["--queues", "3", "--queue-size", "256"]);
+    let device = served.connect(BlkDeviceConfig::default());
+    let config = *device.config();
+    assert_eq!(config.capacity, FILE_SIZE / 512);
+    assert_eq!(config.blk_size, BLOCK as u32);
+    assert_eq!(config.num_queues, 3);
+    assert_eq!(config.seg_max, 254, "queue size minus header and status");
+    assert_eq!(device.backend_queues(), 3);
+    assert_eq!(config.discard_sector_alignment, SECTORS_PER_BLOCK as u32);
+    assert!(config.max_discard_sectors > 0 && config.max_discard_seg > 0);
+    assert!(config.max_write_zeroes_sectors > 0 && config.max_write_zeroes_seg > 0);
+    let offered = device.offered_features();
+    for (bit, name) in [
+        (features::FLUSH, "FLUSH"),
+        (features::MQ, "MQ"),
+        (features::BLK_SIZE, "BLK_SIZE"),
+        (features::SEG_MAX, "SEG_MAX"),
+        (features::DISCARD, "DISCARD"),
+        (features::WRITE_ZEROES, "WRITE_ZEROES"),
+    ] {
+        assert_ne!(offered & bit, 0, "{name} offered");
+    }
+    assert_eq!(offered & features::RO, 0, "a writable file is not RO");
+    let _dir = served.finish(device);
+}
+
+#[test]
+fn every_request_type_round_trips_against_the_file() {
+    let (mut served, file) = Served::raw(&["--serial", "berth-test-disk"]);
+    let mut device = served.connect(BlkDeviceConfig::default());
+    let mut queue = device.take_queue(0).unwrap();
+
+    // IN: what the file holds, over several data descriptors (256 KiB in 64 KiB pieces).
+    let at = 1u64 << 20;
+    let read = queue.read(at / 512, 256 << 10).unwrap().unwrap();
+    assert_eq!(read, read_file_at(&file, at, 256 << 10));
+
+    // OUT then IN: the file changes, and reads see it.
+    let data = pattern(7, 512 << 10);
+    let at = 3u64 << 20;
+    assert_eq!(queue.write(at / 512, &data).unwrap(), status::OK);
+    assert_eq!(read_file_at(&file, at, data.len()), data);
+    assert_eq!(queue.read(at / 512, 512 << 10).unwrap().unwrap(), data);
+    // The blocks around it are untouched.
+    assert_eq!(
+        read_file_at(&file, at - BLOCK as u64, BLOCK),
+        pattern(1, FILE_SIZE as usize)[(at as usize - BLOCK)..at as usize]
+    );
+
+    // FLUSH.
+    assert_eq!(queue.flush().unwrap(), status::OK);
+
+    // GET_ID: the serial, NUL-padded to 20 bytes, and the used length counts it.
+    let reply = queue
+        .request(request_type::GET_ID, 0, &[], 20)
+        .expect("GET_ID");
+    assert_eq!(reply.status, status::OK);
+    assert_eq!(&reply.data[..15], b"berth-test-disk");
+    assert!(reply.data[15..].iter().all(|&b| b == 0));
+    assert_eq!(reply.used_len, 21);
+
+    // A read's used length is its data plus the status byte.
+    let reply = queue.request(request_type::IN, 0, &[], 8192).unwrap();
+    assert_eq!((reply.status, reply.used_len), (status::OK, 8193));
+
+    // Types berth does not serve are UNSUPP.
+    for kind in [request_type::GET_LIFETIME, 99, 0x8000_0000] {
+        let reply = queue.request(kind, 0, &[], 0).unwrap();
+        assert_eq!(reply.status, status::UNSUPP, "type {kind:#x}");
+    }
+    let _dir = served.finish(device);
+    // Everything written is in the file after the daemon exits.
+    assert_eq!(read_file_at(&file, 3 << 20, data.len()), data);
+}
+
+#[test]
+fn discard_and_write_zeroes_reach_the_file() {
+    let (mut served, file) = Served::raw(&[]);
+    let mut device = served.connect(BlkDeviceConfig::default());
+    let mut queue = device.take_queue(0).unwrap();
+    let blocks_before = fs::metadata(&file).unwrap().blocks();
+
+    // DISCARD of 1 MiB at 2 MiB: a punched hole that reads as zeros.
+    let sector = (2u64 << 20) / 512;
+    assert_eq!(queue.discard(&[(sector, 2048, 0)]).unwrap(), status::OK);
+    assert!(read_file_at(&file, 2 << 20, 1 << 20)
+        .iter()
+        .all(|&b| b == 0));
+    assert!(
+        fs::metadata(&file).unwrap().blocks() < blocks_before,
+        "the discarded range is deallocated"
+    );
+
+    // WRITE_ZEROES of two segments, one allowed to unmap.
+    let a = (4u64 << 20) / 512;
+    let b = (5u64 << 20) / 512;
+    assert_eq!(
+        queue
+            .write_zeroes(&[(a, 16, 0), (b, 8, RANGE_FLAG_UNMAP)])
+            .unwrap(),
+        status::OK
+    );
+    assert!(read_file_at(&file, a * 512, 16 * 512)
+        .iter()
+        .all(|&b| b == 0));
+    assert!(read_file_at(&file, b * 512, 8 * 512)
+        .iter()
+        .all(|&b| b == 0));
+    // The block after each range keeps its data.
+    let original = pattern(1, FILE_SIZE as usize);
+    let after = (a * 512 + 16 * 512) as usize;
+    assert_eq!(
+        read_file_at(&file, after as u64, BLOCK),
+        original[after..after + BLOCK]
+    );
+
+    // DISCARD may not carry UNMAP, nor any segment an unknown flag: UNSUPP, nothing done.
+    let untouched = (6u64 << 20) / 512;
+    assert_eq!(
+        queue.discard(&[(untouched, 8, RANGE_FLAG_UNMAP)]).unwrap(),
+        status::UNSUPP
+    );
+    assert_eq!(
+        queue.write_zeroes(&[(untouched, 8, 1 << 5)]).unwrap(),
+        status::UNSUPP
+    );
+    // Misaligned, out-of-range, empty or ragged tables: IOERR, nothing done.
+    assert_eq!(
+        queue.write_zeroes(&[(untouched + 1, 8, 0)]).unwrap(),
+        status::IOERR
+    );
+    assert_eq!(
+        queue
+            .discard(&[(untouched, 8, 0), (FILE_SIZE / 512, 8, 0)])
+            .unwrap(),
+        status::IOERR,
+        "one bad segment fails the whole request"
+    );
+    let reply = queue
+        .request(request_type::DISCARD, 0, &[0u8; 10], 0)
+        .unwrap();
+    assert_eq!(reply.status, status::IOERR);
+    let reply = queue.request(request_type::DISCARD, 0, &[], 0).unwrap();
+    assert_eq!(reply.status, status::IOERR);
+    let too_many: Vec<(u64, u32, u32)> = (0..100).map(|i| (untouched + i * 8, 8, 0)).collect();
+    assert_eq!(queue.discard(&too_many).unwrap(), status::IOERR);
+    assert_eq!(
+        read_file_at(&file, untouched * 512, 100 * BLOCK),
+        original[(untouched * 512) as usize..(untouched * 512) as usize + 100 * BLOCK]
+    );
+    let _dir = served.finish(device);
+}
+
+#[test]
+fn a_read_only_device_refuses_writes() {
+    let (mut served, file) = Served::raw(&["--readonly"]);
+    let mut device = served.connect(BlkDeviceConfig::default());
+    let offered = device.offered_features();
+    assert_ne!(offered & features::RO, 0, "VIRTIO_BLK_F_RO offered");
+    assert_eq!(offered & (features::DISCARD | features::WRITE_ZEROES), 0);
+    let mut queue = device.take_queue(0).unwrap();
+    let before = fs::read(&file).unwrap();
+    assert_eq!(queue.write(0, &pattern(9, BLOCK)).unwrap(), status::IOERR);
+    assert_eq!(queue.discard(&[(0, 8, 0)]).unwrap(), status::UNSUPP);
+    assert_eq!(queue.write_zeroes(&[(0, 8, 0)]).unwrap(), status::UNSUPP);
+    assert_eq!(queue.flush().unwrap(), status::OK);
+    assert_eq!(
+        queue.read(0, BLOCK as u32).unwrap().unwrap(),
+        before[..BLOCK]
+    );
+    let _dir = served.finish(device);
+    assert!(fs::read(&file).unwrap() == before, "the file is unchanged");
+}
+
+/// A raw chain: `parts` as (address, length, device-writable), linked in order.
+fn chain(parts: &[(u64, u32, bool)]) -> Vec<RawDescriptor> {
+    parts
+        .iter()
+        .enumerate()
+        .map(|(i, &(addr, len, writable))| RawDescriptor {
+            addr,
+            len,
+            flags: if writable { VIRTQ_DESC_F_WRITE } else { 0 }
+                | if i + 1 < parts.len() {
+                    VIRTQ_DESC_F_NEXT
+                } else {
+                    0
+                },
+            next: RawNext::Following,
+        })
+        .collect()
+}
+
+fn header(kind: u32, sector: u64) -> [u8; 16] {
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&kind.to_le_bytes());
+    header[8..16].copy_from_slice(&sector.to_le_bytes());
+    header
+}
+
+#[test]
+fn out_of_range_and_malformed_requests_get_an_error_status_and_the_daemon_lives() {
+    let (mut served, file) = Served::raw(&[]);
+    let mut device = served.connect(BlkDeviceConfig::default());
+    let mut queue = device.take_queue(0).unwrap();
+    let capacity = FILE_SIZE / 512;
+
+    // Out of range, overflowing, misaligned, or crossing the end: IOERR.
+    for (sector, len) in [
+        (capacity, BLOCK as u32),
+        (capacity - SECTORS_PER_BLOCK, 2 * BLOCK as u32),
+        (u64::MAX, BLOCK as u32),
+        (u64::MAX / 512 + 1, BLOCK as u32),
+        (1, BLOCK as u32),
+        (0, 512),
+    ] {
+        assert_eq!(
+            queue.read(sector, len).unwrap(),
+            Err(status::IOERR),
+            "read of {len} at sector {sector}"
+        );
+        assert_eq!(
+            queue.write(sector, &vec![0xee; len as usize]).unwrap(),
+            status::IOERR,
+            "write of {len} at sector {sector}"
+        );
+    }
+
+    let ram = queue.ram().clone();
+    let buf = queue.allocate_raw_buffer(2 * BLOCK as u32).unwrap().0;
+    let status_at = queue.allocate_raw_buffer(16).unwrap().0;
+    let put_status = |value: u8| {
+        ram.memory()
+            .write_obj(value, GuestAddress(status_at))
+            .unwrap()
+    };
+    let get_status = || -> u8 { ram.memory().read_obj(GuestAddress(status_at)).unwrap() };
+    let wait = Duration::from_secs(5);
+
+    // A header of 8 bytes: IOERR in the status byte.
+    ram.memory()
+        .write_slice(&header(request_type::IN, 0), GuestAddress(buf))
+        .unwrap();
+    put_status(0xff);
+    let used = queue
+        .raw(&chain(&[(buf, 8, false), (status_at, 1, true)]), wait)
+        .unwrap()
+        .expect("a short header is answered");
+    assert_eq!((get_status(), used.len), (status::IOERR, 1));
+
+    // A read whose data buffer is device-readable (wrong direction): no room to read into,
+    // so nothing but a status, and the file is not read into guest memory.
+    let data = buf + BLOCK as u64;
+    put_status(0xff);
+    let used = queue
+        .raw(
+            &chain(&[(buf, 16, false), (data, 4096, false), (status_at, 1, true)]),
+            wait,
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(get_status(), status::OK, "a zero-length read");
+    assert_eq!(used.len, 1);
+
+    // A write whose data is device-writable: the device must not take it as data.
+    ram.memory()
+        .write_slice(&header(request_type::OUT, 0), GuestAddress(buf))
+        .unwrap();
+    let before = read_file_at(&file, 0, BLOCK);
+    put_status(0xff);
+    queue
+        .raw(
+            &chain(&[(buf, 16, false), (data, 4096, true), (status_at, 1, true)]),
+            wait,
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(get_status(), status::OK, "a zero-length write");
+    assert_eq!(read_file_at(&file, 0, BLOCK), before);
+
+    // A device-readable buffer after a device-writable one: IOERR.
+    put_status(0xff);
+    queue
+        .raw(
+            &chain(&[
+                (buf, 16, false),
+                (data, 4096, true),
+                (buf, 16, false),
+                (status_at, 1, true),
+            ]),
+            wait,
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(get_status(), status::IOERR);
+
+    // A data buffer outside guest memory: IOERR, status still written.
+    ram.memory()
+        .write_slice(&header(request_type::IN, 0), GuestAddress(buf))
+        .unwrap();
+    put_status(0xff);
+    queue
+        .raw(
+            &chain(&[
+                (buf, 16, false),
+                (ram.size() + (1 << 30), 4096, true),
+                (status_at, 1, true),
+            ]),
+            wait,
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(get_status(), status::IOERR);
+
+    // A data buffer of 2 GiB running past guest RAM: IOERR, nothing read past it.
+    put_status(0xff);
+    queue
+        .raw(
+            &chain(&[
+                (buf, 16, false),
+                (buf, 0x8000_0000, true),
+                (status_at, 1, true),
+            ]),
+            wait,
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(get_status(), status::IOERR);
+
+    // A chain longer than 4 GiB in total (illegal, virtio 1.2 2.7.5.2): its end cannot be
+    // found, so it is returned with nothing written.
+    put_status(0xff);
+    let used = queue
+        .raw(
+            &chain(&[
+                (buf, 16, false),
+                (buf, u32::MAX, true),
+                (status_at, 1, true),
+            ]),
+            wait,
+        )
+        .unwrap()
+        .expect("an overlong chain is still returned");
+    assert_eq!((used.len, get_status()), (0, 0xff));
+
+    // No device-writable byte at all: returned with nothing written.
+    let used = queue
+        .raw(&chain(&[(buf, 16, false)]), wait)
+        .unwrap()
+        .expect("a chain without status is still returned");
+    assert_eq!(used.len, 0);
+
+    // A chain whose last descriptor loops back to its head: returned, IOERR where it fits.
+    let mut looped = chain(&[(buf, 16, false), (status_at, 1, true)]);
+    looped[1].flags |= VIRTQ_DESC_F_NEXT;
+    looped[1].next = RawNext::ChainPosition(0);
+    put_status(0xff);
+    let _ = queue.raw(&looped, wait).unwrap();
+
+    // The daemon is alive and well: a normal request still works.
+    served.daemon.assert_alive("after malformed chains");
+    let read = queue
+        .read(16, BLOCK as u32)
+        .expect("the queue still works")
+        .expect("status OK");
+    assert_eq!(read, read_file_at(&file, 16 * 512, BLOCK));
+    let _dir = served.finish(device);
+}
+
+#[test]
+fn two_queues_serve_at_once() {
+    let (mut served, file) = Served::raw(&["--queues", "2"]);
+    let mut device = served.connect(BlkDeviceConfig {
+        queues: 2,
+        ..BlkDeviceConfig::default()
+    });
+    let queues: Vec<BlkQueue> = (0..2).map(|i| device.take_queue(i).unwrap()).collect();
+    let threads: Vec<_> = queues
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut queue)| {
+            std::thread::spawn(move || {
+                // Each queue owns its own 2 MiB half of the first 4 MiB.
+                let base = (i as u64) * (2 << 20);
+                for round in 0..32u64 {
+                    let at = base + round * 64 * 1024;
+                    let data = pattern((i as u8) * 64 + round as u8, 64 << 10);
+                    assert_eq!(queue.write(at / 512, &data).unwrap(), status::OK);
+                    assert_eq!(queue.read(at / 512, 64 << 10).unwrap().unwrap(), data);
+                }
+                assert_eq!(queue.flush().unwrap(), status::OK);
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("a queue thread failed");
+    }
+    let _dir = served.finish(device);
+    for i in 0..2u64 {
+        for round in [0u64, 31] {
+            let at = i * (2 << 20) + round * 64 * 1024;
+            assert_eq!(
+                read_file_at(&file, at, 64 << 10),
+                pattern((i as u8) * 64 + round as u8, 64 << 10)
+            );
+        }
+    }
+}
+
+/// Bytes of data the files below `dir` hold on disk.
+fn allocated_below(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in fs::read_dir(dir).unwrap().flatten() {
+        let meta = entry.metadata().unwrap();
+        if meta.is_dir() {
+            total += allocated_below(&entry.path());
+        } else {
+            total += meta.blocks() * 512;
+        }
+    }
+    total
+}
+
+#[test]
+fn a_lazily_fetched_image_fetches_only_what_is_read_and_writes_go_to_the_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.img");
+    let size = 32usize << 20;
+    // Data that does not compress: every chunk is stored whole.
+    let content: Vec<u8> = (0..size)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3])
+        .collect();
+    fs::write(&source, &content).unwrap();
+    let image = dir.path().join("image");
+    let built = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["image", "build", "--block", "--chunk-size", "64K", "--out"])
+        .arg(&image)
+        .arg(&source)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let cache = dir.path().join("cache");
+    let overlay = dir.path().join("overlay");
+    let (cache_arg, overlay_arg) = (cache.display().to_string(), overlay.display().to_string());
+    let mut served = Served::start(
+        tempfile::tempdir().unwrap(),
+        &image,
+        &[
+            "--cache-dir",
+            &cache_arg,
+            "--readahead",
+            "0",
+            "--overlay",
+            &overlay_arg,
+        ],
+    );
+    let mut device = served.connect(BlkDeviceConfig::default());
+    assert_eq!(device.config().capacity, (size / 512) as u64);
+    let mut queue = device.take_queue(0).unwrap();
+    let at = 16usize << 20;
+    assert_eq!(
+        queue.read((at / 512) as u64, 8192).unwrap().unwrap(),
+        content[at..at + 8192]
+    );
+    let fetched = allocated_below(&cache);
+    assert!(
+        fetched <= 512 << 10,
+        "reading 8 KiB of a 32 MiB image put {fetched} bytes in the cache"
+    );
+    // A write lands in the overlay, and reads back over the image.
+    let data = pattern(5, 3 * BLOCK);
+    assert_eq!(queue.write(8, &data).unwrap(), status::OK);
+    assert_eq!(queue.read(8, data.len() as u32).unwrap().unwrap(), data);
+    assert_eq!(queue.flush().unwrap(), status::OK);
+    let _dir = served.finish(device);
+    assert!(fs::metadata(&overlay).unwrap().len() > 0);
+    assert_eq!(
+        fs::read(&source).unwrap(),
+        content,
+        "the source is untouched"
+    );
+}
+
+#[test]
+fn print_capabilities_names_a_blk_backend() {
+    let output = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["block", "serve-vhost", "--print-capabilities"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["type"], "blk");
+}
+
+#[test]
+fn the_daemon_serves_from_a_sandbox_with_confined_threads() {
+    if !security_util::is_root() {
+        security_util::skip_or_fail(
+            "the_daemon_serves_from_a_sandbox_with_confined_threads",
+            "the capability checks need root",
+        );
+        return;
+    }
+    let (mut served, file) = Served::raw(&["--queues", "2"]);
+    let mut device = served.connect(BlkDeviceConfig {
+        queues: 2,
+        ..BlkDeviceConfig::default()
+    });
+    let mut queue = device.take_queue(0).unwrap();
+    assert_eq!(queue.flush().unwrap(), status::OK);
+    // The namespace sandbox forks: its child serves, in mount and network namespaces of
+    // its own, seeing the file's directory as its root.
+    let server = security_util::serving_pid(served.daemon.pid(), true);
+    for ns in ["mnt", "net", "pid"] {
+        assert_ne!(
+            fs::read_link(format!("/proc/{server}/ns/{ns}")).unwrap(),
+            fs::read_link(format!("/proc/self/ns/{ns}")).unwrap(),
+            "{ns} namespace"
+        );
+    }
+    let root_listing: Vec<_> = fs::read_dir(format!("/proc/{server}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        root_listing.contains(&file.file_name().unwrap().to_owned()),
+        "the root is the file's directory: {root_listing:?}"
+    );
+    // Every thread has a seccomp filter; the queue threads have no capabilities at all.
+    let threads = security_util::threads(server);
+    assert!(threads.iter().all(|t| t.seccomp_mode == 2), "{threads:?}");
+    let workers: Vec<_> = threads
+        .iter()
+        .filter(|t| t.name.starts_with("vring_worker") || t.name.starts_with("vhost"))
+        .collect();
+    assert!(workers.len() >= 2, "two queue threads: {threads:?}");
+    assert!(workers.iter().all(|t| t.cap_eff == 0), "{workers:?}");
+    let _dir = served.finish(device);
+}
+
+#[test]
+fn an_inherited_listening_socket_serves_as_fd_3() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.raw");
+    fs::write(&file, pattern(3, 1 << 20)).unwrap();
+    let socket = dir.path().join("inherited.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let fd = listener.as_raw_fd();
+    let args = [
+        "block".to_string(),
+        "serve-vhost".into(),
+        "--fd=3".into(),
+        file.display().to_string(),
+    ];
+    let mut daemon = Daemon::spawn_with(&args, |command| {
+        // SAFETY: dup2 and fcntl are async-signal-safe; they only rearrange descriptors of
+        // the child.
+        unsafe {
+            command.pre_exec(move || {
+                // dup2 onto itself keeps close-on-exec: clear it instead.
+                let rc = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    // The listener stays open here too: a daemon that died would leave the connection
+    // waiting in its backlog, so check it is serving first.
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.assert_alive("with an inherited socket");
+    let mut device =
+        VhostUserBlk::connect(&socket, BlkDeviceConfig::default(), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e}\n{}", daemon.stderr()));
+    let mut queue = device.take_queue(0).unwrap();
+    assert_eq!(
+        queue.read(8, BLOCK as u32).unwrap().unwrap(),
+        pattern(3, 1 << 20)[4096..8192]
+    );
+    device.disconnect();
+    let status = daemon.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(status.success(), "{}", daemon.stderr());
+    drop(listener);
+}
