@@ -22,10 +22,10 @@ use serde_json::json;
 use tracing::{error, info, warn};
 
 use crate::shutdown::{signal_name, TerminationSignals};
-use crate::volume::{is_volume_spec, open_volume_target, VolumeServeSettings};
+use crate::volume::{is_volume_spec, open_volume, VolumeServeSettings};
 pub use args::BlockCommand;
 use args::{AddArgs, DelArgs, ListArgs, RecoverArgs, TransportArg};
-use berth_volume::Durability;
+use berth_volume::{Durability, Volume};
 
 /// Everything needed to open a device's target again (stored with the device for
 /// `berth block recover`).
@@ -188,9 +188,6 @@ impl Engines {
 
 /// Opens the target a description names.
 fn open_target(desc: &DeviceDescription, engines: &Engines) -> anyhow::Result<SharedTarget> {
-    if let Some(settings) = &desc.volume {
-        return open_volume_target(&desc.target.to_string_lossy(), settings);
-    }
     let base: SharedTarget = if is_image(&desc.target) {
         let manifest_path = manifest_path_of(&desc.target);
         let manifest = Manifest::load(&manifest_path)
@@ -241,6 +238,8 @@ fn open_target(desc: &DeviceDescription, engines: &Engines) -> anyhow::Result<Sh
 struct Served {
     name: Mutex<String>,
     target: SharedTarget,
+    /// The same target when it is a volume (for its own metrics).
+    volume: Option<Arc<Volume>>,
     metrics: Arc<DeviceMetrics>,
     counters: Arc<UblkCounters>,
 }
@@ -267,6 +266,18 @@ fn write_metrics(path: &Path, devices: &[Arc<Served>], engines: &Engines) {
         text.push_str(&format!(
             "berth_block_ublk_manual_registrations_total{{device=\"{name}\"}} {manual}\n"
         ));
+    }
+    let mut first_volume = true;
+    for device in devices {
+        if let Some(volume) = &device.volume {
+            let name = device
+                .name
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            volume.render_metrics(&name, first_volume, &mut text);
+            first_volume = false;
+        }
     }
     for engine in engines.all() {
         text.push_str(&engine.render_prometheus());
@@ -339,10 +350,17 @@ fn serve_devices(
     let mut served = Vec::new();
     let mut threads = Vec::new();
     for (desc, mode, id) in devices {
-        let target = open_target(&desc, &engines)?;
+        let (target, volume): (SharedTarget, _) = match &desc.volume {
+            Some(settings) => {
+                let volume = open_volume(&desc.target.to_string_lossy(), settings)?;
+                (volume.clone(), Some(volume))
+            }
+            None => (open_target(&desc, &engines)?, None),
+        };
         let device = Arc::new(Served {
             name: Mutex::new(format!("ublk{id}")),
             target: target.clone(),
+            volume,
             metrics: Arc::new(DeviceMetrics::new(desc.transport.name())),
             counters: Arc::default(),
         });

@@ -1,7 +1,7 @@
 //! `berth volume`: writable volumes on object storage (`berth_volume`). The bucket
 //! operations (create, snapshot, clone, gc, info, break-lease) run here and exit; serving a
 //! volume goes through `berth block add volume:…`, which takes its target from
-//! [`open_volume_target`].
+//! [`open_volume`] (an `Arc<Volume>` is a `SharedTarget`).
 
 pub mod args;
 
@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use berth_blockdev::SharedTarget;
 use berth_volume::admin::{self, CreateOptions, FileSource, ImportSource, VolumeInfo};
 use berth_volume::format::now_ms;
 use berth_volume::store::Patience;
@@ -82,14 +81,6 @@ pub fn open_volume(spec: &str, settings: &VolumeServeSettings) -> anyhow::Result
         );
     }
     Ok(Arc::new(volume))
-}
-
-/// [`open_volume`] as a transport's shared target.
-pub fn open_volume_target(
-    spec: &str,
-    settings: &VolumeServeSettings,
-) -> anyhow::Result<SharedTarget> {
-    Ok(open_volume(spec, settings)?)
 }
 
 /// Parses the location and checks that its bucket answers within `--timeout`; returns
