@@ -220,6 +220,10 @@ pub enum Command {
     /// Block devices: ublk exports of images and files.
     #[command(subcommand)]
     Block(crate::block::BlockCommand),
+    /// Writable volumes on object storage: create, snapshot, clone, gc, info (served with
+    /// `berth block add volume:s3://BUCKET/PREFIX`).
+    #[command(subcommand)]
+    Volume(crate::volume::VolumeCommand),
     /// Serve erofs images over cachefiles on-demand mode (the host's one fscache daemon;
     /// `berth mount --mode fscache` starts one when none runs).
     Fscache(FscacheArgs),
@@ -514,6 +518,7 @@ pub enum Mode {
     ImageInspect(ImageInspectSettings),
     Mount(MountSettings),
     Block(crate::block::BlockCommand, ProcessSettings),
+    Volume(crate::volume::VolumeCommand, ProcessSettings),
     Fscache(FscacheSettings),
 }
 
@@ -1097,6 +1102,10 @@ impl Cli {
             Some(Command::Block(command)) => {
                 let process = command.common().resolve(None, Vec::new())?;
                 Ok(Mode::Block(command.clone(), process))
+            }
+            Some(Command::Volume(command)) => {
+                let process = command.common().resolve(None, Vec::new())?;
+                Ok(Mode::Volume(command.clone(), process))
             }
             Some(Command::Fscache(args)) => Ok(Mode::Fscache(args.resolve()?)),
             None if self.serve.print_capabilities => Ok(Mode::PrintCapabilities),

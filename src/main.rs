@@ -13,6 +13,7 @@ mod shared_cache;
 mod shutdown;
 mod vhost_blk;
 mod vhost_user;
+mod volume;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -49,6 +50,7 @@ fn main() -> ExitCode {
         Mode::ImageBuild(settings) => &settings.process,
         Mode::Mount(settings) => &settings.process,
         Mode::Block(_, process) => process,
+        Mode::Volume(_, process) => process,
         Mode::Fscache(settings) => &settings.process,
         Mode::ImageInspect(settings) => &settings.process,
     };
@@ -83,6 +85,7 @@ fn main() -> ExitCode {
                 Mode::ImageBuild(settings) => image::run_build(settings, signals),
                 Mode::Mount(settings) => image::run_mount(settings, signals),
                 Mode::Block(command, _) => block::run(command, signals),
+                Mode::Volume(command, _) => volume::run(command),
                 Mode::Fscache(settings) => image::fscache::run_fscache(settings, signals),
                 Mode::ImageInspect(settings) => image::run_inspect(settings),
                 Mode::PrintCapabilities => Ok(()),

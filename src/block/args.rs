@@ -49,9 +49,13 @@ pub struct TargetArgs {
     #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_size)]
     pub readahead: u64,
 
-    /// Logical block size of the devices.
+    /// Logical block size of the devices (a volume has its own).
     #[arg(long, value_name = "BYTES", default_value_t = 4096, value_parser = parse_block_size)]
     pub block_size: u32,
+
+    /// How `volume:` targets are served.
+    #[command(flatten)]
+    pub volume: crate::volume::args::VolumeServeArgs,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -64,9 +68,10 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
 /// `berth block add` flags.
 #[derive(Debug, Clone, Args)]
 pub struct AddArgs {
-    /// Images (a directory holding manifest.json, or the manifest) or files / block
-    /// devices to export, one device each.
-    #[arg(value_name = "IMAGE|FILE", required = true)]
+    /// Images (a directory holding manifest.json, or the manifest), files / block devices,
+    /// or volumes (`volume:s3://BUCKET/PREFIX`, see `berth volume`) to export, one device
+    /// each.
+    #[arg(value_name = "IMAGE|FILE|volume:LOCATION", required = true)]
     pub targets: Vec<PathBuf>,
 
     /// Copy-on-write overlay file for writes (created if missing), one per target in

@@ -22,8 +22,10 @@ use serde_json::json;
 use tracing::{error, info, warn};
 
 use crate::shutdown::{signal_name, TerminationSignals};
+use crate::volume::{is_volume_spec, open_volume, VolumeServeSettings};
 pub use args::BlockCommand;
 use args::{AddArgs, DelArgs, ListArgs, RecoverArgs, TransportArg};
+use berth_volume::{Durability, Volume};
 
 /// Everything needed to open a device's target again (stored with the device for
 /// `berth block recover`).
@@ -42,6 +44,8 @@ struct DeviceDescription {
     max_io: u32,
     recovery: bool,
     force_registration_fallback: bool,
+    /// How the target is served when it is a volume (`volume:LOCATION`).
+    volume: Option<VolumeServeSettings>,
 }
 
 impl DeviceDescription {
@@ -60,6 +64,11 @@ impl DeviceDescription {
             "max_io": self.max_io,
             "recovery": self.recovery,
             "force_registration_fallback": self.force_registration_fallback,
+            "volume": self.volume.as_ref().map(|v| json!({
+                "dir": v.volume_dir,
+                "durability": v.durability.name(),
+                "upload_interval": v.upload_interval.as_secs(),
+            })),
         })
     }
 
@@ -97,6 +106,27 @@ impl DeviceDescription {
                 .ok_or_else(|| missing("max_io"))?,
             recovery: flag("recovery"),
             force_registration_fallback: flag("force_registration_fallback"),
+            volume: match value.get("volume").filter(|v| !v.is_null()) {
+                None => None,
+                Some(volume) => Some(VolumeServeSettings {
+                    volume_dir: volume
+                        .get("dir")
+                        .and_then(|v| v.as_str())
+                        .map(PathBuf::from)
+                        .ok_or_else(|| missing("volume.dir"))?,
+                    durability: volume
+                        .get("durability")
+                        .and_then(|v| v.as_str())
+                        .and_then(Durability::from_name)
+                        .ok_or_else(|| missing("volume.durability"))?,
+                    upload_interval: Duration::from_secs(
+                        volume
+                            .get("upload_interval")
+                            .and_then(|v| v.as_u64())
+                            .unwrap_or(5),
+                    ),
+                }),
+            },
         })
     }
 }
@@ -232,6 +262,8 @@ pub(crate) fn open_target_from(
 struct Served {
     name: Mutex<String>,
     target: SharedTarget,
+    /// The same target when it is a volume (for its own metrics).
+    volume: Option<Arc<Volume>>,
     metrics: Arc<DeviceMetrics>,
     counters: Arc<UblkCounters>,
 }
@@ -258,6 +290,18 @@ fn write_metrics(path: &Path, devices: &[Arc<Served>], engines: &Engines) {
         text.push_str(&format!(
             "berth_block_ublk_manual_registrations_total{{device=\"{name}\"}} {manual}\n"
         ));
+    }
+    let mut first_volume = true;
+    for device in devices {
+        if let Some(volume) = &device.volume {
+            let name = device
+                .name
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            volume.render_metrics(&name, first_volume, &mut text);
+            first_volume = false;
+        }
     }
     for engine in engines.all() {
         text.push_str(&engine.render_prometheus());
@@ -330,10 +374,17 @@ fn serve_devices(
     let mut served = Vec::new();
     let mut threads = Vec::new();
     for (desc, mode, id) in devices {
-        let target = open_target(&desc, &engines)?;
+        let (target, volume): (SharedTarget, _) = match &desc.volume {
+            Some(settings) => {
+                let volume = open_volume(&desc.target.to_string_lossy(), settings)?;
+                (volume.clone(), Some(volume))
+            }
+            None => (open_target(&desc, &engines)?, None),
+        };
         let device = Arc::new(Served {
             name: Mutex::new(format!("ublk{id}")),
             target: target.clone(),
+            volume,
             metrics: Arc::new(DeviceMetrics::new(desc.transport.name())),
             counters: Arc::default(),
         });
@@ -478,6 +529,34 @@ fn run_add(args: AddArgs, signals: TerminationSignals) -> anyhow::Result<()> {
     }
     let mut devices = Vec::new();
     for (i, target) in args.targets.iter().enumerate() {
+        if is_volume_spec(&target.to_string_lossy()) {
+            if args.readonly || args.overlay.get(i).is_some() {
+                bail!(
+                    "{} is a volume: it is served writable, without --readonly or --overlay (clone a snapshot for a separate copy)",
+                    target.display()
+                );
+            }
+            // Checked now, so that a typo fails before any device is created.
+            berth_volume::Location::parse(&target.to_string_lossy())?;
+            let desc = DeviceDescription {
+                target: target.clone(),
+                overlay: None,
+                read_only: false,
+                cache_dir: args.target.cache_dir.clone(),
+                backend: None,
+                readahead: args.target.readahead,
+                block_size: args.target.block_size,
+                transport,
+                queues: args.queues,
+                depth: args.depth,
+                max_io,
+                recovery,
+                force_registration_fallback: args.force_registration_fallback,
+                volume: Some(VolumeServeSettings::from(&args.target.volume)),
+            };
+            devices.push((desc, ServeMode::Add, args.id.map_or(-1, |id| id as i32)));
+            continue;
+        }
         let target = std::fs::canonicalize(target)
             .with_context(|| format!("cannot find {}", target.display()))?;
         let overlay = match args.overlay.get(i) {
@@ -518,6 +597,7 @@ fn run_add(args: AddArgs, signals: TerminationSignals) -> anyhow::Result<()> {
             max_io,
             recovery,
             force_registration_fallback: args.force_registration_fallback,
+            volume: None,
         };
         for _ in 0..args.count {
             devices.push((
@@ -688,8 +768,24 @@ mod tests {
             max_io: 1 << 19,
             recovery: true,
             force_registration_fallback: false,
+            volume: None,
         };
         assert_eq!(DeviceDescription::from_json(&desc.to_json()).unwrap(), desc);
+        let volume = DeviceDescription {
+            target: "volume:s3://bucket/vol".into(),
+            overlay: None,
+            volume: Some(VolumeServeSettings {
+                volume_dir: "/var/lib/berth/volumes".into(),
+                durability: Durability::Object,
+                upload_interval: Duration::from_secs(7),
+            }),
+            ..desc.clone()
+        };
+        assert_eq!(
+            DeviceDescription::from_json(&volume.to_json()).unwrap(),
+            volume,
+            "a volume device keeps how it is served, for `recover`"
+        );
         let err = DeviceDescription::from_json(&json!({"target": "/x"})).unwrap_err();
         assert!(err.to_string().contains("cache_dir"), "{err}");
     }

@@ -1,0 +1,421 @@
+//! `berth volume`: writable volumes on object storage (`berth_volume`). The bucket
+//! operations (create, snapshot, clone, gc, info, break-lease) run here and exit; serving a
+//! volume goes through `berth block add volume:…`, which takes its target from
+//! [`open_volume`] (an `Arc<Volume>` is a `SharedTarget`).
+
+pub mod args;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use berth_volume::admin::{self, CreateOptions, FileSource, ImportSource, VolumeInfo};
+use berth_volume::format::now_ms;
+use berth_volume::store::Patience;
+use berth_volume::{Durability, Location, Store, Volume, VolumeOptions};
+use tracing::info;
+
+pub use args::VolumeCommand;
+use args::{
+    BucketArgs, CloneArgs, CreateArgs, DurabilityArg, ExerciseArgs, GcArgs, InfoArgs, LocationArgs,
+    SnapshotArgs, VolumeServeArgs,
+};
+
+/// The prefix a block target spec starts with when it names a volume.
+pub const VOLUME_SPEC_PREFIX: &str = "volume:";
+
+/// Whether a block target spec (`volume:s3://BUCKET/PREFIX`) names a volume.
+pub fn is_volume_spec(spec: &str) -> bool {
+    spec.starts_with(VOLUME_SPEC_PREFIX)
+}
+
+/// How a served volume behaves: the settings `berth block add` stores with the device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeServeSettings {
+    pub volume_dir: std::path::PathBuf,
+    pub durability: Durability,
+    pub upload_interval: Duration,
+}
+
+impl From<&VolumeServeArgs> for VolumeServeSettings {
+    fn from(args: &VolumeServeArgs) -> Self {
+        Self {
+            volume_dir: args.volume_dir.clone(),
+            durability: match args.durability {
+                DurabilityArg::Local => Durability::Local,
+                DurabilityArg::Object => Durability::Object,
+            },
+            upload_interval: Duration::from_secs(args.upload_interval),
+        }
+    }
+}
+
+/// Opens the volume a `volume:LOCATION` spec names, for writing, as a block target that
+/// any transport (ublk, vhost-user-blk) serves: READ, WRITE, FLUSH (durable as
+/// `settings.durability` says), DISCARD and WRITE_ZEROES map onto the volume. Takes the
+/// volume's lease; recovers its local state (replays the write-ahead log) first.
+pub fn open_volume(spec: &str, settings: &VolumeServeSettings) -> anyhow::Result<Arc<Volume>> {
+    let location = Location::parse(spec)?;
+    let options = VolumeOptions {
+        cache_dir: settings.volume_dir.clone(),
+        durability: settings.durability,
+        upload_interval: settings.upload_interval,
+        ..VolumeOptions::default()
+    };
+    let (volume, report) = Volume::open(&location, options)
+        .with_context(|| format!("cannot open the volume {location}"))?;
+    info!(
+        volume = %location,
+        manifest_version = report.manifest_version,
+        replayed = report.replayed,
+        reapplied = report.reapplied,
+        reset_local = report.reset_local,
+        durability = settings.durability.name(),
+        "Opened the volume."
+    );
+    if let Some(path) = &report.quarantined {
+        tracing::warn!(
+            "Local state of another writer was set aside in {}.",
+            path.display()
+        );
+    }
+    Ok(Arc::new(volume))
+}
+
+/// Parses the location and checks that its bucket answers within `--timeout`; returns
+/// whether a volume is there. Commands then run with the volume engine's own patience.
+fn reach(location: &str, bucket: &BucketArgs) -> anyhow::Result<(Location, bool)> {
+    let location = Location::parse(location)?;
+    let store = Store::open(&location)?;
+    // A listing first: a read in a missing bucket looks like a missing object. Of a
+    // folder that is empty but while a snapshot is being taken, so it costs little.
+    let probe = |patience| store.list("snapshot-intents", patience);
+    let hint = if location.root.starts_with("s3://") {
+        " (its endpoint and credentials come from the AWS_* environment variables)"
+    } else {
+        ""
+    };
+    if let Err(err) = probe(Patience::For(Duration::ZERO)) {
+        // S3 answers a missing bucket with 404 NoSuchBucket, which the backend cannot
+        // tell from a passing failure: retrying it would only delay the answer.
+        if format!("{:#}", anyhow::Error::from(err)).contains("NoSuchBucket") {
+            bail!("the bucket of {location} does not exist (create it first){hint}");
+        }
+        probe(Patience::For(Duration::from_secs(bucket.timeout)))
+            .with_context(|| format!("cannot reach the bucket of {location}{hint}"))?;
+    }
+    let config = store.key("volume.json");
+    let found = store
+        .get(&config, Patience::For(Duration::from_secs(bucket.timeout)))
+        .with_context(|| format!("cannot reach the bucket of {location}"))?;
+    Ok((location, found.is_some()))
+}
+
+/// As [`reach`], and fails unless a volume is there.
+fn reach_volume(location: &str, bucket: &BucketArgs) -> anyhow::Result<Location> {
+    let (location, found) = reach(location, bucket)?;
+    if !found {
+        bail!(berth_volume::VolumeError::NoVolume(location.to_string()));
+    }
+    Ok(location)
+}
+
+fn run_create(args: CreateArgs) -> anyhow::Result<()> {
+    let (location, found) = reach(&args.location, &args.bucket)?;
+    if found {
+        bail!(berth_volume::VolumeError::VolumeExists(
+            location.to_string()
+        ));
+    }
+    let options = CreateOptions {
+        size: args.size,
+        block_size: args.block_size,
+        ..CreateOptions::default()
+    };
+    let mut source = match &args.from {
+        Some(path) => Some(
+            FileSource::open(path)
+                .with_context(|| format!("cannot read the image {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let config = admin::create(
+        &location,
+        &options,
+        source.as_mut().map(|s| s as &mut dyn ImportSource),
+    )
+    .with_context(|| format!("cannot create the volume {location}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&config)?);
+    } else {
+        println!(
+            "Created volume {location}: {} bytes, block size {}, id {}{}.",
+            config.size,
+            config.block_size,
+            config.id,
+            args.from
+                .as_ref()
+                .map(|p| format!(", from {}", p.display()))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn run_snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
+    let location = reach_volume(&args.location, &args.bucket)?;
+    if args.delete {
+        admin::delete_snapshot(&location, &args.name)
+            .with_context(|| format!("cannot delete snapshot `{}` of {location}", args.name))?;
+        println!("Deleted snapshot `{}` of {location}.", args.name);
+        return Ok(());
+    }
+    let version = admin::snapshot(&location, &args.name)
+        .with_context(|| format!("cannot snapshot {location}"))?;
+    println!(
+        "Snapshot `{}` of {location} is manifest version {version}.",
+        args.name
+    );
+    Ok(())
+}
+
+fn run_clone(args: CloneArgs) -> anyhow::Result<()> {
+    let source = reach_volume(&args.source, &args.bucket)?;
+    let target = Location::parse(&args.target)?;
+    let config = admin::clone_volume(&source, &args.snapshot, &target).with_context(|| {
+        format!(
+            "cannot clone snapshot `{}` of {source} to {target}",
+            args.snapshot
+        )
+    })?;
+    println!(
+        "Cloned snapshot `{}` of {source} to {target} (id {}); it shares the source's packs.",
+        args.snapshot, config.id
+    );
+    Ok(())
+}
+
+fn run_gc(args: GcArgs) -> anyhow::Result<()> {
+    let location = reach_volume(&args.location, &args.bucket)?;
+    let report = admin::gc(&location, Duration::from_secs(args.grace), args.dry_run)
+        .with_context(|| format!("cannot collect the garbage of {location}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let verb = if report.dry_run {
+        "would delete"
+    } else {
+        "deleted"
+    };
+    println!(
+        "{location}: {verb} {} packs ({} bytes) and {} manifest versions; {} packs live, {} kept for uploads in flight, {} kept for snapshots being taken.",
+        report.packs_deleted,
+        report.bytes_deleted,
+        report.manifests_deleted,
+        report.live_packs,
+        report.packs_kept_in_flight,
+        report.packs_kept_for_snapshots
+    );
+    Ok(())
+}
+
+/// `info` as text.
+fn render_info(info: &VolumeInfo) -> String {
+    let mut out = String::new();
+    let config = &info.config;
+    let mut line = |key: &str, value: String| out.push_str(&format!("{key:<10} {value}\n"));
+    line("volume", info.location.clone());
+    line("id", config.id.clone());
+    line(
+        "size",
+        format!(
+            "{} bytes, block size {}, chunk size {}, compression {:?}",
+            config.size, config.block_size, config.chunk_size, config.compression
+        ),
+    );
+    if let Some(parent) = &config.parent {
+        line(
+            "parent",
+            format!("{} (snapshot `{}`)", parent.prefix, parent.snapshot),
+        );
+    }
+    line(
+        "manifest",
+        format!(
+            "version {} ({} versions kept), last written by {}",
+            info.manifest_version, info.manifest_versions_kept, info.last_written_by
+        ),
+    );
+    line(
+        "data",
+        format!(
+            "{} bytes mapped in {} packs; {} pack objects of this volume ({} bytes)",
+            info.mapped_bytes, info.packs_in_use, info.pack_objects, info.pack_bytes_stored
+        ),
+    );
+    if info.snapshots.is_empty() {
+        line("snapshots", "none".into());
+    }
+    for snapshot in &info.snapshots {
+        line(
+            "snapshot",
+            format!(
+                "{} (manifest version {}, {} bytes mapped)",
+                snapshot.name, snapshot.version, snapshot.mapped_bytes
+            ),
+        );
+    }
+    for clone in &info.clones {
+        line(
+            "clone",
+            format!("{} (from snapshot `{}`)", clone.prefix, clone.snapshot),
+        );
+    }
+    let lease = match &info.lease {
+        Some(lease) if !lease.is_free() => {
+            let left = (lease.expires_ms() - now_ms()) / 1000;
+            if info.lease_expired {
+                format!(
+                    "expired: held by {}, not renewed for {} s",
+                    lease.holder(),
+                    -left
+                )
+            } else {
+                format!("held by {}, expires in {left} s", lease.holder())
+            }
+        }
+        Some(lease) if !lease.note.is_empty() => format!("free ({})", lease.note),
+        _ => "free".into(),
+    };
+    line("lease", lease);
+    out
+}
+
+fn run_info(args: InfoArgs) -> anyhow::Result<()> {
+    let location = reach_volume(&args.location, &args.bucket)?;
+    let info = admin::info(&location).with_context(|| format!("cannot read {location}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{}", render_info(&info));
+    }
+    Ok(())
+}
+
+fn run_break_lease(args: LocationArgs) -> anyhow::Result<()> {
+    let location = reach_volume(&args.location, &args.bucket)?;
+    match admin::break_lease(&location)
+        .with_context(|| format!("cannot break the lease of {location}"))?
+    {
+        Some(lease) if !lease.is_free() => println!(
+            "Broke the lease of {location} held by {}; that writer is fenced at its next upload.",
+            lease.holder()
+        ),
+        _ => println!("The lease of {location} was free."),
+    }
+    Ok(())
+}
+
+/// Block `block`'s content at `generation` in the `exercise` stream: a header naming both
+/// (so a reader can tell which write it sees) and a body derived from them.
+pub fn exercise_block(block: u64, generation: u64, len: usize) -> Vec<u8> {
+    let mut data = Vec::with_capacity(len);
+    data.extend_from_slice(b"BERTHEX1");
+    data.extend_from_slice(&block.to_le_bytes());
+    data.extend_from_slice(&generation.to_le_bytes());
+    // splitmix64: cheap and fully determined by (block, generation).
+    let mut state = block.rotate_left(32) ^ generation;
+    while data.len() < len {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        data.extend_from_slice(&z.to_le_bytes());
+    }
+    data.truncate(len);
+    data
+}
+
+/// The block write `index` of the `exercise` stream goes to (it revisits blocks, so that
+/// overwrites are exercised too).
+pub fn exercise_block_of(index: u64, blocks: u64) -> u64 {
+    index.wrapping_mul(0x9e37_79b1) % blocks.max(1)
+}
+
+fn run_exercise(args: ExerciseArgs) -> anyhow::Result<()> {
+    let spec = format!("{VOLUME_SPEC_PREFIX}{}", args.location);
+    reach_volume(&args.location, &args.bucket)?;
+    let volume = open_volume(&spec, &VolumeServeSettings::from(&args.serve))?;
+    let block_size = u64::from(volume.config().block_size);
+    if args.blocks == 0 || args.blocks * block_size > volume.config().size {
+        bail!(
+            "--blocks must be from 1 to {} for this volume",
+            volume.config().size / block_size
+        );
+    }
+    let target: &dyn berth_blockdev::BlockTarget = &*volume;
+    let mut stdout = std::io::stdout();
+    for index in 0..args.writes {
+        let block = exercise_block_of(index, args.blocks);
+        let data = exercise_block(block, index + 1, block_size as usize);
+        berth_blockdev::target::write_at(target, block * block_size, &data, false)
+            .with_context(|| format!("write {index} (block {block})"))?;
+        if (index + 1) % args.flush_every == 0 || index + 1 == args.writes {
+            berth_blockdev::target::flush(target).with_context(|| "FLUSH")?;
+            writeln!(stdout, "acked {}", index + 1)?;
+            stdout.flush()?;
+        }
+        if args.pause_ms > 0 {
+            std::thread::sleep(Duration::from_millis(args.pause_ms));
+        }
+    }
+    volume.close()?;
+    writeln!(stdout, "done")?;
+    Ok(())
+}
+
+/// Runs a `berth volume` subcommand.
+pub fn run(command: VolumeCommand) -> anyhow::Result<()> {
+    match command {
+        VolumeCommand::Create(args) => run_create(args),
+        VolumeCommand::Snapshot(args) => run_snapshot(args),
+        VolumeCommand::Clone(args) => run_clone(args),
+        VolumeCommand::Gc(args) => run_gc(args),
+        VolumeCommand::Info(args) => run_info(args),
+        VolumeCommand::BreakLease(args) => run_break_lease(args),
+        VolumeCommand::Exercise(args) => run_exercise(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exercise_blocks_name_their_block_and_generation_and_differ() {
+        let a = exercise_block(7, 1, 4096);
+        let b = exercise_block(7, 2, 4096);
+        assert_eq!(a.len(), 4096);
+        assert_eq!(&a[..8], b"BERTHEX1");
+        assert_eq!(u64::from_le_bytes(a[8..16].try_into().unwrap()), 7);
+        assert_eq!(u64::from_le_bytes(b[16..24].try_into().unwrap()), 2);
+        assert_ne!(a[24..], b[24..], "bodies of two generations differ");
+        assert_eq!(
+            a,
+            exercise_block(7, 1, 4096),
+            "the content is deterministic"
+        );
+    }
+
+    #[test]
+    fn the_exercise_stream_revisits_blocks_within_range() {
+        let blocks: Vec<u64> = (0..64).map(|i| exercise_block_of(i, 16)).collect();
+        assert!(blocks.iter().all(|&b| b < 16));
+        let distinct: std::collections::HashSet<_> = blocks.iter().collect();
+        assert!(distinct.len() > 8, "the stream spreads over the blocks");
+        assert!(distinct.len() < 64, "and writes some of them again");
+    }
+}
