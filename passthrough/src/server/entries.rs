@@ -34,7 +34,9 @@ impl FsServer {
         let body = req.body(0)?;
         let name = request::name(&body)?;
         let entry = self.fs.lookup(&req.ctx, req.nodeid(), name)?;
+        let ext = self.version_ext(entry.inode, Some(req.nodeid()));
         reply::entry(out, entry)?;
+        reply::version_ext(out, ext)?;
         reply::done()
     }
 
@@ -82,6 +84,7 @@ impl FsServer {
         let (st, timeout) = self.fs.getattr(&req.ctx, req.nodeid(), handle)?;
         let flags = self.fs.attr_flags_of(req.nodeid(), &st);
         reply::attr(out, st, flags, timeout)?;
+        reply::version_ext(out, self.version_ext(req.nodeid(), None))?;
         reply::done()
     }
 
@@ -97,6 +100,7 @@ impl FsServer {
         let (st, timeout) = self.fs.setattr(&req.ctx, req.nodeid(), st, handle, valid)?;
         let flags = self.fs.attr_flags_of(req.nodeid(), &st);
         reply::attr(out, st, flags, timeout)?;
+        reply::version_ext(out, self.version_ext(req.nodeid(), None))?;
         reply::done()
     }
 
@@ -120,7 +124,9 @@ impl FsServer {
         let entry = self
             .fs
             .do_symlink(&req.ctx, linkname, req.nodeid(), name, secctx.as_ref())?;
+        let ext = self.version_ext(entry.inode, Some(req.nodeid()));
         reply::entry(out, entry)?;
+        reply::version_ext(out, ext)?;
         reply::done()
     }
 
@@ -141,7 +147,9 @@ impl FsServer {
             args.umask,
             secctx.as_ref(),
         )?;
+        let ext = self.version_ext(entry.inode, Some(req.nodeid()));
         reply::entry(out, entry)?;
+        reply::version_ext(out, ext)?;
         reply::done()
     }
 
@@ -161,7 +169,9 @@ impl FsServer {
             args.umask,
             secctx.as_ref(),
         )?;
+        let ext = self.version_ext(entry.inode, Some(req.nodeid()));
         reply::entry(out, entry)?;
+        reply::version_ext(out, ext)?;
         reply::done()
     }
 
@@ -177,7 +187,8 @@ impl FsServer {
             self.fs
                 .do_create(&req.ctx, req.nodeid(), name, &args, secctx.as_ref())?;
         let (open_flags, backing_id) = self.open_path(entry.inode, fh, args.flags, options.bits());
-        created(out, entry, fh, open_flags, backing_id)
+        let ext = self.version_ext(entry.inode, Some(req.nodeid()));
+        created(out, entry, fh, open_flags, backing_id, ext)
     }
 
     pub(super) fn tmpfile(
@@ -201,7 +212,8 @@ impl FsServer {
             self.fs
                 .tmpfile(&req.ctx, req.nodeid(), &args, secctx.as_ref())?;
         let (open_flags, backing_id) = self.open_path(entry.inode, fh, args.flags, open_flags);
-        created(out, entry, fh, open_flags, backing_id)
+        let ext = self.version_ext(entry.inode, Some(req.nodeid()));
+        created(out, entry, fh, open_flags, backing_id, ext)
     }
 
     /// The body of a request that creates a node: its arguments (`fixed` bytes) and name(s)
@@ -276,7 +288,9 @@ impl FsServer {
         let body = req.body(size_of::<LinkIn>())?;
         let name = request::name(&body)?;
         let entry = self.fs.link(&req.ctx, oldnodeid, req.nodeid(), name)?;
+        let ext = self.version_ext(entry.inode, Some(req.nodeid()));
         reply::entry(out, entry)?;
+        reply::version_ext(out, ext)?;
         reply::done()
     }
 
@@ -296,16 +310,19 @@ impl FsServer {
     }
 }
 
-/// The reply to CREATE and TMPFILE: the new entry, then the open file.
+/// The reply to CREATE and TMPFILE: the new entry, then the open file, then the version
+/// extension when negotiated.
 fn created(
     out: &mut Reply<'_, '_>,
     entry: fuse_backend_rs::api::filesystem::Entry,
     fh: u64,
     open_flags: u32,
     backing_id: Option<u32>,
+    ext: Option<berth_versions::wire::VersionExt>,
 ) -> io::Result<Answer> {
     reply::entry(out, entry)?;
     reply::open(out, fh, open_flags, backing_id)?;
+    reply::version_ext(out, ext)?;
     reply::done()
 }
 
