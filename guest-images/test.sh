@@ -15,6 +15,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/block-lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/ondemand-tier.sh"
 # shellcheck source=dax-tier.sh
 source "$(dirname "${BASH_SOURCE[0]}")/dax-tier.sh"
+# shellcheck source=shared-versions-tier.sh
+source "$(dirname "${BASH_SOURCE[0]}")/shared-versions-tier.sh"
 
 # Checks of each boot; "mount" and "umount" always run in a boot that runs.
 MAIN_GUEST_CHECKS=(mount file-ops xattr flock flock-local posix-locks posix-locks-local posix-locks-host sha256-host-to-guest sha256-guest-write fio-verify
@@ -57,7 +59,7 @@ while [ $# -gt 0 ]; do
 			"${BLOCK_GUEST_CHECKS[@]}" "${BLOCK_HOST_CHECKS[@]}" \
 			"${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
 			"${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}" \
-			"${SID_DAX_TIER_CHECKS[@]}" \
+			"${SID_DAX_TIER_CHECKS[@]}" "${SV_TIER_CHECKS[@]}" \
 			"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}" \
 			"${IMAGE_GUEST_CHECKS[@]}" "${IMAGE_HOST_CHECKS[@]}" "${FSCACHE_GUEST_CHECKS[@]}" "${FSCACHE_HOST_CHECKS[@]}"
 		exit 0
@@ -452,7 +454,7 @@ prepare_guest
 SID_SELECTED=0
 if any_selected "${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
 	"${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}" \
-	"${SID_DAX_TIER_CHECKS[@]}" \
+	"${SID_DAX_TIER_CHECKS[@]}" "${SV_TIER_CHECKS[@]}" \
 	"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}"; then
 	SID_SELECTED=1
 	ensure_host_packages python3 # for qmp.py
@@ -732,6 +734,7 @@ GUEST
 		fi
 	fi
 	sid_dax_tiers
+	sv_tier
 
 	if any_selected "${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}"; then
 		mkdir -p "$WORK/share-fs" "$WORK/migration"

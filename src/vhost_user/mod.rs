@@ -493,6 +493,9 @@ impl VhostUserBackend for FsBackend {
             }
         }
         self.server.reset_session();
+        if let Some(versions) = &self.versions {
+            versions.device_reset();
+        }
     }
 
     /// GET_VRING_BASE: the queue is stopped (unregistered, no longer ready). Requests still
@@ -557,6 +560,9 @@ impl VhostUserBackend for FsBackend {
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
         confine_control_thread(self.seccomp);
         *self.memory.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        if let Some(versions) = &self.versions {
+            versions.device_started();
+        }
         Ok(())
     }
 

@@ -3,10 +3,14 @@
 //! never the index) mapped into it by a `SHMEM_MAP` on the backend request channel.
 //!
 //! The guest looks for a valid table header in region 1 when it mounts, before its first
-//! FUSE request, so the mapping is made as soon as the VMM hands over the channel
-//! (SET_BACKEND_REQ_FD), not when the guest first asks for something. It is sent from a
-//! thread of its own: the VMM serves backend requests in its main loop, which is blocked while
-//! it waits for the control thread's answer to SET_BACKEND_REQ_FD.
+//! FUSE request, so the mapping is made as soon as the device starts, not when the guest first
+//! asks for something. QEMU 11.1 can only take a `SHMEM_MAP` once the device has started (it
+//! crashes on one sent before: the device is not attached to its vhost state until then), and
+//! a started device is the first to get a memory table (SET_MEM_TABLE), so that is the cue;
+//! the guest driver starts the device at probe time, well before anything mounts. A device
+//! reset makes QEMU drop every mapping, so the next start maps again. The request is sent
+//! from a thread of its own: the VMM serves backend requests in its main loop, which is
+//! blocked while it waits for the control thread's answer to SET_MEM_TABLE.
 //!
 //! Read-only: the map request asks for a read-only mapping, but QEMU 11.1 maps every
 //! `SHMEM_MAP` descriptor shared and writable whatever the request's flags (and refuses a
@@ -16,6 +20,7 @@
 //! can change anyway. See the README's "Shared caching for virtio-fs guests".
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 use anyhow::Context;
@@ -33,7 +38,12 @@ pub struct VersionsRegion {
     mapped_len: u64,
     /// Bytes of the region: `mapped_len` rounded up to a power of two (a PCI BAR's size).
     region_len: u64,
-    channels: Mutex<mpsc::Sender<Backend>>,
+    /// The mapper thread's work: a channel to map the table through.
+    jobs: Mutex<mpsc::Sender<Backend>>,
+    /// The backend request channel the VMM handed over (SET_BACKEND_REQ_FD).
+    channel: Mutex<Option<Backend>>,
+    /// A map request went out since the channel was set or the device was reset.
+    mapped: AtomicBool,
 }
 
 impl VersionsRegion {
@@ -43,7 +53,7 @@ impl VersionsRegion {
         let region_len = mapped_len
             .checked_next_power_of_two()
             .context("the version table is too large for a shared memory region")?;
-        let (channels, received) = mpsc::channel::<Backend>();
+        let (jobs, received) = mpsc::channel::<Backend>();
         let mapped_table = table.clone();
         std::thread::Builder::new()
             .name("berth-versions-map".into())
@@ -61,7 +71,9 @@ impl VersionsRegion {
             table,
             mapped_len,
             region_len,
-            channels: Mutex::new(channels),
+            jobs: Mutex::new(jobs),
+            channel: Mutex::new(None),
+            mapped: AtomicBool::new(false),
         })
     }
 
@@ -70,16 +82,43 @@ impl VersionsRegion {
         self.region_len
     }
 
-    /// The VMM handed over a backend request channel: the table is mapped through it.
+    /// The VMM handed over a backend request channel: the table is mapped through it when
+    /// the device starts.
     pub fn set_channel(&self, backend: Backend) {
-        let sent = self
-            .channels
+        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
+        self.mapped.store(false, Ordering::SeqCst);
+    }
+
+    /// The device started (the VMM sent a memory table): maps the table unless it is mapped
+    /// already.
+    pub fn device_started(&self) {
+        let channel = self
+            .channel
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .send(backend);
+            .clone();
+        let Some(channel) = channel else {
+            warn!(
+                "The VMM set up no backend request channel; the guest does not get the version                  table."
+            );
+            return;
+        };
+        if self.mapped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(channel);
         if sent.is_err() {
             warn!("The version table mapper is not running; the guest does not get the table.");
         }
+    }
+
+    /// The device was reset: the VMM dropped the mapping, the next start maps again.
+    pub fn device_reset(&self) {
+        self.mapped.store(false, Ordering::SeqCst);
     }
 
     /// For the exit log.
