@@ -89,3 +89,45 @@ sv_stat_storm() {
 	done
 	touch "$2/storm-done"
 }
+
+# Guest A of the pair: once guest B has cached everything ($2/b-ready), makes
+# the same changes a host process makes in sv_host_changes, through its own
+# berth daemon, then says so ($2/a-done).
+sv_pair_change() {
+	local d=$1/pair sig=$2
+	sv_wait_for 3000 "$sig/b-ready"
+	chmod 600 "$d/chmod-me"
+	echo two >>"$d/grow-me"
+	ln "$d/link-me" "$d/link-me-too"
+	echo new >"$d/created"
+	mv "$d/rename-me" "$d/renamed"
+	rm "$d/unlink-me"
+	touch "$sig/a-done"
+}
+
+# Guest B of the pair: caches what guest A is about to change, and once A is
+# done sees every change at its very next stat, open or readdir (A's daemon
+# moved the versions before it answered A): no retries here.
+sv_pair_seen() {
+	local d=$1/pair sig=$2
+	sv_mode_is "$d/chmod-me" 644
+	sv_content_is "$d/grow-me" one
+	sv_links_are "$d/link-me" 1
+	sv_exists "$d/rename-me"
+	sv_exists "$d/unlink-me"
+	sv_gone "$d/created"
+	ls "$d" >/dev/null
+	touch "$sig/b-ready"
+	sv_wait_for 3000 "$sig/a-done"
+	sv_mode_is "$d/chmod-me" 600
+	sv_content_is "$d/grow-me" "one
+two"
+	sv_size_is "$d/grow-me" 8
+	sv_links_are "$d/link-me" 2
+	sv_exists "$d/created"
+	sv_listed "$d" created
+	sv_exists "$d/renamed"
+	sv_gone "$d/rename-me"
+	sv_gone "$d/unlink-me"
+	sv_unlisted "$d" unlink-me
+}

@@ -18,4 +18,4 @@ echo "shared-versions kernel: $out ($(cat "$out/source-version"))"
 [ $build_only -eq 1 ] && exit 0
 # Everything is built in: no module tree.
 "$here/../../test.sh" --daemon berth --kernel "$out/vmlinux" \
-	--only mount,file-ops,xattr,cache-never,cache-auto,umount,daemons-exit-0,no-stray,sv-mount,sv-host-changes,sv-stat-storm,sv-umount,sv-storm-requests,sv-daemons-exit-0
+	--only mount,file-ops,xattr,cache-never,cache-auto,umount,daemons-exit-0,no-stray,sv-mount,sv-host-changes,sv-stat-storm,sv-umount,sv-storm-requests,sv-daemons-exit-0,sv-pair-mount,sv-pair-seen,sv-pair-umount,sv-pair-change,sv-pair-daemons-exit-0
