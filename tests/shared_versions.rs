@@ -165,7 +165,7 @@ fn region_1_holds_the_table_and_replies_carry_slots_when_negotiated() {
     let region = s.region();
     assert!(region.size().is_power_of_two());
     assert!(region.size() >= VERSIONS_AT + 8 * SLOTS);
-    // The mapping is made as soon as the backend request channel exists.
+    // The mapping is made once the device has started (its first memory table).
     eventually("the table's SHMEM_MAP", || !region.mappings().is_empty());
     let mapping = region.mappings()[0];
     assert_eq!(mapping.offset, 0);

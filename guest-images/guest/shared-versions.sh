@@ -49,8 +49,15 @@ sv_links_are() { [ "$(stat -c %h "$1")" = "$2" ]; }
 sv_content_is() { [ "$(cat "$1")" = "$2" ]; }
 sv_exists() { [ -e "$1" ]; }
 sv_gone() { [ ! -e "$1" ]; }
-sv_listed() { ls "$1" | grep -x -- "$2" >/dev/null; }
-sv_unlisted() { ! ls "$1" | grep -x -- "$2" >/dev/null; }
+# Whether a listing of directory $1 (a readdir, through the glob) holds $2.
+sv_listed() {
+	local f
+	for f in "$1"/*; do
+		[ "${f##*/}" != "$2" ] || return 0
+	done
+	return 1
+}
+sv_unlisted() { ! sv_listed "$@"; }
 
 # Caches what the host is about to change (attributes, contents, names, a
 # missing name), asks the host ($2/host-go) to change it, and sees every change

@@ -16,6 +16,6 @@ out=$("$here/../build.sh" --name shared-versions-7.2 --package linux-source-7.2 
 	--fragment "$here/config" --patches "$here/patches")
 echo "shared-versions kernel: $out ($(cat "$out/source-version"))"
 [ $build_only -eq 1 ] && exit 0
-# Everything is built in: no module tree.
-"$here/../../test.sh" --daemon berth --kernel "$out/vmlinux" \
+# Everything is built in: no module tree. The sv-* checks run only with this kernel.
+BERTH_SHARED_VERSIONS_KERNEL=1 "$here/../../test.sh" --daemon berth --kernel "$out/vmlinux" \
 	--only mount,file-ops,xattr,cache-never,cache-auto,umount,daemons-exit-0,no-stray,sv-mount,sv-host-changes,sv-stat-storm,sv-umount,sv-storm-requests,sv-daemons-exit-0,sv-pair-mount,sv-pair-seen,sv-pair-umount,sv-pair-change,sv-pair-daemons-exit-0
