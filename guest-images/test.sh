@@ -21,6 +21,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/migrate-tier.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/dax-reclaim-tier.sh"
 # shellcheck source=vhost-blk-tier.sh
 source "$(dirname "${BASH_SOURCE[0]}")/vhost-blk-tier.sh"
+# shellcheck source=shared-versions-tier.sh
+source "$(dirname "${BASH_SOURCE[0]}")/shared-versions-tier.sh"
 
 # Checks of each boot; "mount" and "umount" always run in a boot that runs.
 MAIN_GUEST_CHECKS=(mount file-ops xattr flock flock-local posix-locks posix-locks-local posix-locks-host sha256-host-to-guest sha256-guest-write fio-verify
@@ -64,7 +66,7 @@ while [ $# -gt 0 ]; do
 			"${VBLK_GUEST_CHECKS[@]}" "${VBLK_HOST_CHECKS[@]}" \
 			"${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
 			"${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}" \
-			"${SID_DAX_TIER_CHECKS[@]}" \
+			"${SID_DAX_TIER_CHECKS[@]}" "${SV_TIER_CHECKS[@]}" \
 			"${DAX_RECLAIM_GUEST_CHECKS[@]}" "${DAX_RECLAIM_HOST_CHECKS[@]}" \
 			"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}" "${MIGRATE_CHECKS[@]}" \
 			"${IMAGE_GUEST_CHECKS[@]}" "${IMAGE_HOST_CHECKS[@]}" "${FSCACHE_GUEST_CHECKS[@]}" "${FSCACHE_HOST_CHECKS[@]}"
@@ -443,7 +445,7 @@ prepare_guest
 SID_SELECTED=0
 if any_selected "${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
 	"${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}" \
-	"${SID_DAX_TIER_CHECKS[@]}" \
+	"${SID_DAX_TIER_CHECKS[@]}" "${SV_TIER_CHECKS[@]}" \
 	"${DAX_RECLAIM_GUEST_CHECKS[@]}" "${DAX_RECLAIM_HOST_CHECKS[@]}" \
 	"${SID_FS_GUEST_CHECKS[@]}" "${SID_FS_HOST_CHECKS[@]}" "${MIGRATE_CHECKS[@]}"; then
 	SID_SELECTED=1
@@ -724,6 +726,7 @@ GUEST
 		fi
 	fi
 	sid_dax_tiers
+	sv_tier
 
 	dax_reclaim_tier
 

@@ -282,6 +282,13 @@ pub struct VhostUserArgs {
     #[arg(long, value_name = "POLICY", value_parser = parse_dax_policy)]
     pub dax_policy: Option<DaxPolicy>,
 
+    /// Shared caching for virtio-fs guests (see --shared-cache's own help): the version table
+    /// is offered as shared memory region 1 and a guest kernel with berth's shared-versions
+    /// patches caches long, comparing versions itself. Unpatched guests keep the --cache
+    /// mode's timeouts for untracked inodes and a day for tracked ones.
+    #[command(flatten)]
+    pub shared_cache: crate::shared_cache::SharedCacheArgs,
+
     /// Print the vhost-user backend capabilities (JSON) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -543,6 +550,7 @@ pub struct VhostUserSettings {
     pub poll_us: u32,
     /// Bytes in the DAX window (0: none).
     pub dax_window: u64,
+    pub shared_cache: crate::shared_cache::SharedCacheArgs,
     pub isolation: IsolationSettings,
     pub fs: Config,
     pub process: ProcessSettings,
@@ -966,6 +974,14 @@ impl VhostUserArgs {
             }
             (_, policy) => policy.unwrap_or(DaxPolicy::Always),
         };
+        if self.shared_cache.shared_cache && self.dax_window > 0 {
+            // A guest writing through a DAX mapping changes the file without a request, so no
+            // version would move: other clients would keep stale data.
+            return Err(CliError::Conflict(
+                "--shared-cache cannot be combined with --dax-window yet: writes through the                  window would not move the file's version"
+                    .into(),
+            ));
+        }
         fs.migration = MigrationConfig {
             mode: match &self.migration_mode {
                 Some(mode) => mode.parse().map_err(|_| CliError::InvalidChoice {
@@ -1017,6 +1033,7 @@ impl VhostUserArgs {
             max_request_queues: self.max_request_queues,
             poll_us: self.poll_us,
             dax_window: self.dax_window,
+            shared_cache: self.shared_cache.clone(),
             isolation,
             fs,
             process: self.common.resolve(compat_level, warnings)?,

@@ -219,7 +219,22 @@ fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> a
             (listener, Some(Arc::new(file)))
         }
     };
-    let server = confine_and_open(&settings.isolation, settings.fs, |_| Ok(()))?;
+    // The version table lives outside the shared directory: open it before the sandbox.
+    let shared = shared_cache::open_table(
+        &settings.shared_cache,
+        &settings.fs.root_dir,
+        settings.fs.writeback,
+    )?;
+    let mut watcher = None;
+    let server = confine_and_open(&settings.isolation, settings.fs, |fs| {
+        if let Some(shared) = &shared {
+            watcher = Some(shared.attach(fs, false)?);
+        }
+        Ok(())
+    })?;
+    if let Some(watcher) = watcher.take() {
+        shared_cache::start_watcher(watcher, settings.isolation.seccomp)?;
+    }
     let socket_for_signals = socket_file.clone();
     signals.spawn_handler(move |signal| {
         info!("Received {}; exiting.", signal_name(signal));
@@ -250,6 +265,7 @@ fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> a
             thread_pool_size: settings.thread_pool_size,
             seccomp: settings.isolation.seccomp,
             dax_window: settings.dax_window,
+            versions: shared.as_ref().map(|s| s.table().clone()),
         },
         listener,
     );
@@ -316,7 +332,7 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
     let seccomp = settings.isolation.seccomp;
     let prepared = confine_and_open(&settings.isolation, settings.fs, |fs| {
         if let Some(shared) = &shared {
-            watcher = Some(shared.attach(fs)?);
+            watcher = Some(shared.attach(fs, true)?);
         }
         // Started while the process still holds CAP_SYS_ADMIN, which only it keeps.
         if let Some(registrar) = registrar.take() {

@@ -1,4 +1,4 @@
-//! `berth fuse --shared-cache`: its flags, and the start-up of the version table and of the
+//! `--shared-cache` (`berth fuse` and the vhost-user daemon): its flags, and the start-up of the version table and of the
 //! host watcher around the passthrough filesystem.
 //!
 //! Order at start: the table is opened before the sandbox (its directory is outside the share),
@@ -119,9 +119,16 @@ pub fn open_table(
 }
 
 impl SharedCacheSetup {
+    /// The table.
+    pub fn table(&self) -> &Arc<VersionTable> {
+        &self.table
+    }
+
     /// Inside the sandbox, before capabilities are dropped: sets up the host watcher and turns
-    /// shared caching on in `fs`. Returns the watcher, to be started with [`start_watcher`].
-    pub fn attach(&self, fs: &mut Config) -> anyhow::Result<HostWatcher> {
+    /// shared caching on in `fs`. `track_client`: keep track of what the client cached, for a
+    /// notifier (a `berth fuse` mount; a virtio-fs guest compares versions itself). Returns
+    /// the watcher, to be started with [`start_watcher`].
+    pub fn attach(&self, fs: &mut Config, track_client: bool) -> anyhow::Result<HostWatcher> {
         let watcher = HostWatcher::new(self.watch, &fs.root_dir, self.table.clone())?;
         info!(
             "Shared caching: host changes are seen through {}.",
@@ -138,7 +145,7 @@ impl SharedCacheSetup {
                 watcher.devices().to_vec()
             },
             timeout: SHARED_TIMEOUT,
-            track_client: true,
+            track_client,
         });
         Ok(watcher)
     }

@@ -15,7 +15,7 @@ use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 use crate::dirty_log::DirtyLog;
 use crate::memory::GuestRam;
 use crate::queue::{queue_memory_footprint, FsQueue, QueueConfig};
-use crate::shmem::{serve_backend_requests, ShmemWindow};
+use crate::shmem::{serve_backend_requests, ShmemRegions, ShmemWindow};
 use crate::Error;
 
 /// VIRTIO_F_VERSION_1: the device speaks virtio 1.x.
@@ -87,6 +87,8 @@ pub struct VhostUserFs {
     /// Shared memory region 0 (the DAX window), when the backend offers SHMEM and a non-empty
     /// region: a thread serves the backend's SHMEM_MAP / SHMEM_UNMAP into it.
     shmem: Option<Arc<ShmemWindow>>,
+    /// Every non-empty shared memory region the backend asked for (region 0 included).
+    shmem_regions: Vec<Arc<ShmemWindow>>,
 }
 
 impl VhostUserFs {
@@ -137,22 +139,29 @@ impl VhostUserFs {
         let negotiated = negotiate(&mut frontend, total_queues, config.event_idx)?;
         let acked = negotiated.acked_protocol_features;
         // As QEMU: the regions are asked for once the features are settled.
-        let shmem = if acked.contains(VhostUserProtocolFeatures::SHMEM) {
+        // Empty regions get no address space (QEMU gives them no BAR).
+        let mut shmem_regions = Vec::new();
+        if acked.contains(VhostUserProtocolFeatures::SHMEM) {
             let regions = frontend.get_shmem_config()?;
-            match regions.memory_sizes.first() {
-                Some(&size) if regions.nregions > 0 && size > 0 => {
-                    Some(Arc::new(ShmemWindow::new(size)?))
+            for (id, &size) in regions
+                .memory_sizes
+                .iter()
+                .enumerate()
+                .take(regions.nregions as usize)
+            {
+                if size > 0 {
+                    let id = u8::try_from(id)
+                        .map_err(|_| Error::InvalidConfig(format!("shared memory region {id}")))?;
+                    shmem_regions.push(Arc::new(ShmemWindow::with_id(id, size)?));
                 }
-                _ => None,
             }
-        } else {
-            None
-        };
+        }
+        let shmem = shmem_regions.iter().find(|w| w.id() == 0).cloned();
         let backend_requests = if !acked.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
             None
-        } else if let Some(window) = &shmem {
+        } else if !shmem_regions.is_empty() {
             let theirs = serve_backend_requests(
-                window.clone(),
+                Arc::new(ShmemRegions(shmem_regions.clone())),
                 acked.contains(VhostUserProtocolFeatures::REPLY_ACK),
             )?;
             frontend.set_backend_request_fd(&theirs)?;
@@ -180,6 +189,7 @@ impl VhostUserFs {
             queues,
             backend_requests,
             shmem,
+            shmem_regions,
         })
     }
 
@@ -336,6 +346,11 @@ impl VhostUserFs {
     /// Shared memory region 0 (the DAX window), if the backend offered one.
     pub fn shmem_window(&self) -> Option<&Arc<ShmemWindow>> {
         self.shmem.as_ref()
+    }
+
+    /// Shared memory region `id`, when the backend offers it non-empty.
+    pub fn shmem_region(&self, id: u8) -> Option<&Arc<ShmemWindow>> {
+        self.shmem_regions.iter().find(|w| w.id() == id)
     }
 
     /// Number of request queues set up.

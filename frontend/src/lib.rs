@@ -26,7 +26,7 @@ pub use dirty_log::DirtyLog;
 pub use fuse::{DirEntry, DirEntryPlus};
 pub use memory::GuestRam;
 pub use queue::{Completion, EntryOut, FsQueue, QueueConfig, Request, Ticket};
-pub use shmem::{ShmemMapping, ShmemWindow};
+pub use shmem::{ShmemMapping, ShmemRegions, ShmemWindow};
 pub use virtqueue::{Buffer, RawDescriptor, RawNext, SplitQueue, UsedElement};
 
 /// Everything that can go wrong in the frontend.

@@ -27,6 +27,8 @@ pub struct ShmemMapping {
 
 /// A shared memory region of `size` bytes and what is mapped in it.
 pub struct ShmemWindow {
+    /// The region's id (virtio-fs: 0 the DAX window, 1 berth's version table).
+    id: u8,
     base: usize,
     size: u64,
     mappings: Mutex<BTreeMap<u64, ShmemMapping>>,
@@ -41,8 +43,13 @@ unsafe impl Send for ShmemWindow {}
 unsafe impl Sync for ShmemWindow {}
 
 impl ShmemWindow {
-    /// Reserves `size` bytes of inaccessible address space.
+    /// Reserves `size` bytes of inaccessible address space for region 0.
     pub fn new(size: u64) -> Result<Self, Error> {
+        Self::with_id(0, size)
+    }
+
+    /// Reserves `size` bytes of inaccessible address space for region `id`.
+    pub fn with_id(id: u8, size: u64) -> Result<Self, Error> {
         let len = usize::try_from(size)
             .map_err(|_| Error::InvalidConfig(format!("window of {size} bytes")))?;
         // SAFETY: a fresh anonymous reservation; nothing else refers to it.
@@ -60,11 +67,17 @@ impl ShmemWindow {
             return Err(Error::MapMemory(io::Error::last_os_error().to_string()));
         }
         Ok(ShmemWindow {
+            id,
             base: base as usize,
             size,
             mappings: Mutex::new(BTreeMap::new()),
             log: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The region's id.
+    pub fn id(&self) -> u8 {
+        self.id
     }
 
     /// Bytes in the region.
@@ -181,7 +194,7 @@ impl VhostUserFrontendReqHandler for ShmemWindow {
         let Some(end) = end else {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         };
-        if req.shmid != 0
+        if req.shmid != self.id
             || mappings
                 .values()
                 .any(|m| m.offset < end && offset < m.offset + m.len)
@@ -231,7 +244,7 @@ impl VhostUserFrontendReqHandler for ShmemWindow {
             .push((false, offset, len));
         let mut mappings = self.lock();
         match mappings.get(&offset) {
-            Some(m) if m.len == len && req.shmid == 0 => {}
+            Some(m) if m.len == len && req.shmid == self.id => {}
             _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
         }
         self.reserve(offset, len)?;
@@ -240,13 +253,36 @@ impl VhostUserFrontendReqHandler for ShmemWindow {
     }
 }
 
+/// The shared memory regions of a device, by id: the backend's requests go to the region they
+/// name (a request for a region the device does not have is refused, EINVAL, as QEMU does).
+pub struct ShmemRegions(pub Vec<Arc<ShmemWindow>>);
+
+impl ShmemRegions {
+    fn region(&self, id: u8) -> HandlerResult<&Arc<ShmemWindow>> {
+        self.0
+            .iter()
+            .find(|w| w.id == id)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+    }
+}
+
+impl VhostUserFrontendReqHandler for ShmemRegions {
+    fn shmem_map(&self, req: &VhostUserMMap, fd: &dyn AsRawFd) -> HandlerResult<u64> {
+        self.region(req.shmid)?.shmem_map(req, fd)
+    }
+
+    fn shmem_unmap(&self, req: &VhostUserMMap) -> HandlerResult<u64> {
+        self.region(req.shmid)?.shmem_unmap(req)
+    }
+}
+
 /// Serves the backend request channel until the backend hangs up; returns the descriptor to
 /// hand the backend (SET_BACKEND_REQ_FD).
 pub(crate) fn serve_backend_requests(
-    window: Arc<ShmemWindow>,
+    regions: Arc<ShmemRegions>,
     reply_ack: bool,
 ) -> Result<UnixStream, Error> {
-    let mut handler = FrontendReqHandler::new(window).map_err(vhost::Error::from)?;
+    let mut handler = FrontendReqHandler::new(regions).map_err(vhost::Error::from)?;
     handler.set_reply_ack_flag(reply_ack);
     // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor of the handler's end, owned by us.
     let theirs = unsafe { libc::fcntl(handler.get_tx_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };

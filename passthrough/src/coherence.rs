@@ -69,11 +69,57 @@ pub enum Invalidation {
 thread_local! {
     /// (node id, version) pairs this thread's current request has handed out.
     static PENDING: RefCell<Vec<(u64, u64)>> = const { RefCell::new(Vec::new()) };
+    /// What this thread's current request handed out of each tracked inode, in order: for the
+    /// reply extension a virtio-fs guest negotiated ([`ReplyVersion`]).
+    static REPLY_VERSIONS: RefCell<Vec<(u64, ReplyVersion)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The slot, generation and version a reply hands out for one inode: the version was read
+/// before the host was (or, after a change this request made, is the version the change left
+/// when nothing else moved it meanwhile), and the generation with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyVersion {
+    /// The inode's slot.
+    pub slot: Slot,
+    /// The table generation when the version was read.
+    pub generation: u64,
+    /// The version the reply's contents are at least as new as.
+    pub version: u64,
+}
+
+/// Forgets what the last request on this thread handed out (a new request starts).
+pub(crate) fn begin_reply() {
+    REPLY_VERSIONS.with(|r| r.borrow_mut().clear());
+}
+
+/// The last version the current request on this thread handed out for node `id`, if the inode
+/// is tracked.
+pub(crate) fn reply_version(id: u64) -> Option<ReplyVersion> {
+    REPLY_VERSIONS.with(|r| {
+        r.borrow()
+            .iter()
+            .rev()
+            .find(|(node, _)| *node == id)
+            .map(|(_, v)| *v)
+    })
+}
+
+fn record_reply_version(id: u64, slot: Slot, generation: u64, version: u64) {
+    REPLY_VERSIONS.with(|r| {
+        r.borrow_mut().push((
+            id,
+            ReplyVersion {
+                slot,
+                generation,
+                version,
+            },
+        ))
+    });
 }
 
 /// A version read before a request touched the host.
 #[derive(Clone, Copy)]
-pub(crate) struct Ticket(Option<(Slot, u64)>);
+pub(crate) struct Ticket(Option<(Slot, u64)>, u64);
 
 impl Ticket {
     pub(crate) fn slot(&self) -> Option<Slot> {
@@ -107,7 +153,13 @@ impl Coherence {
     /// The slot of a newly looked-up inode and its version, read before its attributes.
     pub(crate) fn claim(&self, key: &SlotKey) -> Ticket {
         let table = &self.cfg.table;
-        Ticket(table.slot_for(key).map(|slot| (slot, table.version(slot))))
+        // The generation first: a slot reassigned by a new generation is then never paired
+        // with the new generation and the old inode's version.
+        let generation = table.generation();
+        Ticket(
+            table.slot_for(key).map(|slot| (slot, table.version(slot))),
+            generation,
+        )
     }
 
     /// Whether an inode on `dev` with `ticket` may be cached long.
@@ -153,13 +205,23 @@ impl Coherence {
 
     /// Reads `data`'s version before the host is read or changed.
     pub(crate) fn before(&self, data: &InodeData) -> Ticket {
-        Ticket(data.slot.map(|slot| (slot, self.cfg.table.version(slot))))
+        let generation = self.cfg.table.generation();
+        Ticket(
+            data.slot.map(|slot| (slot, self.cfg.table.version(slot))),
+            generation,
+        )
     }
 
     /// The request hands out what it read of `data` after `ticket`.
     pub(crate) fn observed(&self, data: &InodeData, ticket: Ticket) {
-        if let (true, Some((_, version))) = (self.cfg.track_client, ticket.0) {
+        let Some((slot, version)) = ticket.0 else {
+            return;
+        };
+        if self.cfg.track_client {
             PENDING.with(|p| p.borrow_mut().push((data.id, version)));
+        }
+        if data.tracked {
+            record_reply_version(data.id, slot, ticket.1, version);
         }
     }
 
@@ -182,14 +244,17 @@ impl Coherence {
             return;
         };
         let old = self.bump_own(inodes, slot);
+        // The reply reflects the change; anything that slipped in before it may not be.
+        let reflected = match ticket.0 {
+            Some((_, before)) if before == old => old.wrapping_add(1),
+            Some((_, before)) => before,
+            None => old,
+        };
         if self.cfg.track_client {
-            // The reply reflects the change; anything that slipped in before it may not be.
-            let reflected = match ticket.0 {
-                Some((_, before)) if before == old => old.wrapping_add(1),
-                Some((_, before)) => before,
-                None => old,
-            };
             PENDING.with(|p| p.borrow_mut().push((data.id, reflected)));
+        }
+        if data.tracked {
+            record_reply_version(data.id, slot, ticket.1, reflected);
         }
     }
 

@@ -314,6 +314,21 @@ impl PassthroughFs {
             .unwrap_or(0)
     }
 
+    /// A new request starts on this thread: forgets the versions the last one handed out.
+    pub fn begin_request(&self) {
+        if self.coherence.is_some() {
+            crate::coherence::begin_reply();
+        }
+    }
+
+    /// What the current request on this thread handed out of node `id`: its slot, the table
+    /// generation and the version its reply is at least as new as; `None` when the inode is
+    /// not tracked by the version table (or shared caching is off).
+    pub fn reply_version(&self, id: u64) -> Option<crate::coherence::ReplyVersion> {
+        self.coherence.as_ref()?;
+        crate::coherence::reply_version(id)
+    }
+
     /// Called once the reply to this thread's request has reached the client.
     pub fn reply_sent(&self) {
         if let Some(c) = &self.coherence {
@@ -879,11 +894,12 @@ impl PassthroughFs {
             .as_ref()
             .and_then(|_| self.inodes.get(inode).ok());
         let ticket = dir_node.as_ref().and_then(|n| self.before(n));
-        let result = self.read_entries(inode, &data, size, offset, plus, add_entry);
+        // Recorded before the entries are added: a READDIRPLUS entry's extension carries the
+        // directory's version as its parent version.
         if let Some(node) = &dir_node {
             self.observed(node, ticket);
         }
-        result
+        self.read_entries(inode, &data, size, offset, plus, add_entry)
     }
 
     fn read_entries(

@@ -84,6 +84,9 @@ pub enum ThreadRole {
     HostWatcher,
     /// Waits on the version table and writes invalidations to /dev/fuse (shared caching).
     FuseNotifier,
+    /// Maps the version table into the VMM's shared memory region 1 over the backend request
+    /// channel, each time the VMM hands over a channel (shared caching for virtio-fs guests).
+    VersionsMapper,
     /// The main thread and the signal-waiting thread once start-up is over: waiting, shutdown
     /// (unmounting in FUSE mode), accepting connections, logging and exit. Its list covers
     /// every other role's, because the threads it spawns afterwards inherit its filter.
@@ -116,6 +119,7 @@ impl ThreadRole {
             ThreadRole::HostWatcher => "host watcher",
             ThreadRole::Migration => "migration",
             ThreadRole::FuseNotifier => "FUSE notifier",
+            ThreadRole::VersionsMapper => "version table mapper",
             ThreadRole::Main => "main",
             ThreadRole::Supervisor => "sandbox supervisor",
             ThreadRole::UblkQueue => "ublk queue",
@@ -392,6 +396,7 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ThreadRole::FuseBackingRegistrar => &[RUNTIME, FUSE_PASSTHROUGH],
         ThreadRole::HostWatcher => &[RUNTIME, EVENT_LOOP, FILESYSTEM, HOST_WATCH],
         ThreadRole::FuseNotifier => &[RUNTIME],
+        ThreadRole::VersionsMapper => &[RUNTIME, DAX_CHANNEL],
         // Reads the pipe (loading) with read; writes go through RUNTIME's write.
         ThreadRole::Migration => &[RUNTIME, FILESYSTEM, &[libc::SYS_read]],
         // Threads inherit their creator's filter and filters stack, so the thread that spawns
@@ -506,7 +511,8 @@ mod tests {
         );
     }
 
-    const ALL_ROLES: [ThreadRole; 11] = [
+    const ALL_ROLES: [ThreadRole; 12] = [
+        ThreadRole::VersionsMapper,
         ThreadRole::VhostUserControl,
         ThreadRole::DaxWatcher,
         ThreadRole::Migration,

@@ -24,6 +24,7 @@ mod dax_watch;
 mod queue;
 mod socket;
 mod state;
+mod versions;
 
 #[allow(unused_imports)] // The fuzz harness builds this module and drives requests directly.
 pub(crate) use queue::{head_descriptor_flags, serve_request};
@@ -64,6 +65,7 @@ use crate::cli::MAX_TAG_LEN;
 use crate::pool::WorkerPool;
 use berth_seccomp::{SeccompAction, ThreadRole};
 use dax::VhostDax;
+use versions::VersionsRegion;
 
 /// Largest queue the frontend may configure (virtiofsd offers the same).
 const MAX_QUEUE_SIZE: usize = 32768;
@@ -140,6 +142,9 @@ pub struct DeviceOptions {
     pub seccomp: SeccompAction,
     /// Bytes in the DAX window (shared memory region 0); 0: no window.
     pub dax_window: u64,
+    /// The shared version table offered to the guest as shared memory region 1
+    /// (`--shared-cache`).
+    pub versions: Option<Arc<berth_versions::VersionTable>>,
 }
 
 /// berth's vhost-user-fs backend.
@@ -152,6 +157,8 @@ pub struct FsBackend {
     /// The DAX window, when `--dax-window` asks for one; it holds the backend request
     /// channel its mappings go through.
     dax: Option<Arc<VhostDax>>,
+    /// The version table as shared memory region 1, with `--shared-cache`.
+    versions: Option<VersionsRegion>,
     /// The frontend acknowledged VHOST_F_LOG_ALL: it is migrating the guest and wants every
     /// page berth writes marked in the dirty log. Read after a reply is written, so a reply
     /// written before logging started is covered by the migration's first full copy.
@@ -223,7 +230,20 @@ impl FsBackend {
             .collect::<io::Result<Vec<_>>>()
             .context("cannot create the queue threads' start-up events")?;
         let state = state::StateTransfer::start(server.clone(), seccomp)?;
+        let versions = match options.versions {
+            Some(table) => {
+                let region = VersionsRegion::start(table, seccomp)?;
+                if !server.offer_shared_versions() {
+                    return Err(anyhow!(
+                        "the version table is offered to the guest but the filesystem does not                          use it"
+                    ));
+                }
+                Some(region)
+            }
+            None => None,
+        };
         Ok(FsBackend {
+            versions,
             state,
             server,
             tag: options.tag,
@@ -444,7 +464,7 @@ impl VhostUserBackend for FsBackend {
         if self.tag.is_some() {
             features |= VhostUserProtocolFeatures::CONFIG;
         }
-        if self.dax.is_some() {
+        if self.dax.is_some() || self.versions.is_some() {
             features |= VhostUserProtocolFeatures::SHMEM;
         }
         features
@@ -478,6 +498,9 @@ impl VhostUserBackend for FsBackend {
             }
         }
         self.server.reset_session();
+        if let Some(versions) = &self.versions {
+            versions.device_reset();
+        }
     }
 
     /// GET_VRING_BASE: the queue is stopped (unregistered, no longer ready). Requests still
@@ -542,11 +565,17 @@ impl VhostUserBackend for FsBackend {
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
         confine_control_thread(self.seccomp);
         *self.memory.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        if let Some(versions) = &self.versions {
+            versions.device_started();
+        }
         Ok(())
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {
         confine_control_thread(self.seccomp);
+        if let Some(versions) = &self.versions {
+            versions.set_channel(backend.clone());
+        }
         if let Some(dax) = &self.dax {
             dax.set_channel(backend);
         }
@@ -554,8 +583,11 @@ impl VhostUserBackend for FsBackend {
 
     fn get_shmem_config(&self) -> io::Result<VhostUserShMemConfig> {
         confine_control_thread(self.seccomp);
-        Ok(match &self.dax {
-            Some(dax) => VhostUserShMemConfig::new(1, &[dax.size()]),
+        let window = self.dax.as_ref().map_or(0, |dax| dax.size());
+        Ok(match &self.versions {
+            // Region 0 stays the DAX window, empty without one.
+            Some(versions) => VhostUserShMemConfig::new(2, &[window, versions.region_len()]),
+            None if window > 0 => VhostUserShMemConfig::new(1, &[window]),
             None => VhostUserShMemConfig::default(),
         })
     }
@@ -638,8 +670,12 @@ pub fn serve(
     info!("The frontend connected; serving requests.");
 
     let result = daemon.wait();
+    info!("FUSE requests served: {}.", backend.server.request_counts());
     if let Some(dax) = &backend.dax {
         info!("DAX window at exit: {}.", dax.metrics());
+    }
+    if let Some(versions) = &backend.versions {
+        info!("Version table at exit: {}.", versions.describe());
     }
     // Dropping the daemon joins the queue threads, and one may be blocked in a host call (a
     // lock wait) indefinitely; the process exits right after this, so skip the join.
@@ -683,6 +719,7 @@ mod tests {
                 poll_us: 0,
                 seccomp: SeccompAction::None,
                 dax_window,
+                versions: None,
             },
         )
         .unwrap()
@@ -741,6 +778,7 @@ mod tests {
                 poll_us: 0,
                 seccomp: SeccompAction::None,
                 dax_window: 3 << 20,
+                versions: None,
             },
         );
         assert!(bad.is_err());

@@ -3,6 +3,7 @@
 use std::io;
 use std::mem::size_of;
 
+use berth_versions::wire::{VersionExt, VERSION_EXT_SIZE};
 use fuse_backend_rs::abi::fuse_abi::{Dirent, EntryOut, FsyncIn, OpenIn, ReadIn, ReleaseIn};
 use fuse_backend_rs::api::filesystem::{DirEntry, Entry, FileSystem};
 use vm_memory::ByteValued;
@@ -42,9 +43,11 @@ impl FsServer {
         let mut data = out.data();
         let max = size as usize;
         if plus {
+            let dir = req.nodeid();
             self.fs
-                .readdirplus(&req.ctx, req.nodeid(), fh, size, offset, &mut |d, e| {
-                    add_dirent(&mut data, max, d, Some(e))
+                .readdirplus(&req.ctx, dir, fh, size, offset, &mut |d, e| {
+                    let ext = self.version_ext(e.inode, Some(dir));
+                    add_dirent(&mut data, max, d, Some((e, ext)))
                 })?;
         } else {
             self.fs
@@ -77,7 +80,7 @@ fn add_dirent(
     data: &mut ReplyData<'_, '_, '_>,
     max: usize,
     dirent: DirEntry<'_>,
-    entry: Option<Entry>,
+    entry: Option<(Entry, Option<VersionExt>)>,
 ) -> io::Result<usize> {
     let overflow = || io::Error::from_raw_os_error(libc::EOVERFLOW);
     let namelen = u32::try_from(dirent.name.len()).map_err(|_| overflow())?;
@@ -88,12 +91,14 @@ fn add_dirent(
         .checked_add(7)
         .map(|len| len & !7)
         .ok_or_else(overflow)?;
-    let total = if entry.is_some() {
-        padded_len
-            .checked_add(size_of::<EntryOut>())
-            .ok_or_else(overflow)?
-    } else {
-        padded_len
+    let total = match &entry {
+        Some((_, ext)) => {
+            let ext_len = if ext.is_some() { VERSION_EXT_SIZE } else { 0 };
+            padded_len
+                .checked_add(size_of::<EntryOut>() + ext_len)
+                .ok_or_else(overflow)?
+        }
+        None => padded_len,
     };
     if max.saturating_sub(data.written()) < total || data.remaining() < total {
         return Ok(0);
@@ -106,8 +111,13 @@ fn add_dirent(
     };
     let padding = [0u8; 8];
     let written = (|| {
-        if let Some(entry) = entry {
+        if let Some((entry, ext)) = entry {
             data.append(EntryOut::from(entry).as_slice())?;
+            // The version extension sits between the entry and the dirent; both sizes are
+            // multiples of 8, so the record's padding stays the dirent's.
+            if let Some(ext) = ext {
+                data.append(&ext.encode())?;
+            }
         }
         data.append(header.as_slice())?;
         data.append(dirent.name)?;

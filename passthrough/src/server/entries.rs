@@ -35,7 +35,9 @@ impl FsServer {
         let body = req.body(0)?;
         let name = request::name(&body)?;
         let entry = self.fs.lookup(&req.ctx, req.nodeid(), name)?;
+        let ext = self.version_ext(entry.inode, Some(req.nodeid()));
         reply::entry(out, entry)?;
+        reply::version_ext(out, ext)?;
         reply::done()
     }
 
@@ -83,6 +85,7 @@ impl FsServer {
         let (st, timeout) = self.fs.getattr(&req.ctx, req.nodeid(), handle)?;
         let flags = self.fs.attr_flags_of(req.nodeid(), &st);
         reply::attr(out, st, flags, timeout)?;
+        reply::version_ext(out, self.version_ext(req.nodeid(), None))?;
         reply::done()
     }
 
@@ -110,6 +113,7 @@ impl FsServer {
         let (st, timeout) = result?;
         let flags = self.fs.attr_flags_of(nodeid, &st);
         reply::attr(out, st, flags, timeout)?;
+        reply::version_ext(out, self.version_ext(req.nodeid(), None))?;
         reply::done()
     }
 
@@ -133,7 +137,9 @@ impl FsServer {
         let entry = self
             .fs
             .do_symlink(&req.ctx, linkname, req.nodeid(), name, secctx.as_ref())?;
+        let ext = self.version_ext(entry.inode, Some(req.nodeid()));
         reply::entry(out, entry)?;
+        reply::version_ext(out, ext)?;
         reply::done()
     }
 
@@ -154,7 +160,9 @@ impl FsServer {
             args.umask,
             secctx.as_ref(),
         )?;
+        let ext = self.version_ext(entry.inode, Some(req.nodeid()));
         reply::entry(out, entry)?;
+        reply::version_ext(out, ext)?;
         reply::done()
     }
 
@@ -174,7 +182,9 @@ impl FsServer {
             args.umask,
             secctx.as_ref(),
         )?;
+        let ext = self.version_ext(entry.inode, Some(req.nodeid()));
         reply::entry(out, entry)?;
+        reply::version_ext(out, ext)?;
         reply::done()
     }
 
@@ -196,7 +206,8 @@ impl FsServer {
             window.resized(entry.inode);
         }
         let (open_flags, backing_id) = self.open_path(entry.inode, fh, args.flags, options.bits());
-        created(out, entry, fh, open_flags, backing_id)
+        let ext = self.version_ext(entry.inode, Some(req.nodeid()));
+        created(out, entry, fh, open_flags, backing_id, ext)
     }
 
     pub(super) fn tmpfile(
@@ -220,7 +231,8 @@ impl FsServer {
             self.fs
                 .tmpfile(&req.ctx, req.nodeid(), &args, secctx.as_ref())?;
         let (open_flags, backing_id) = self.open_path(entry.inode, fh, args.flags, open_flags);
-        created(out, entry, fh, open_flags, backing_id)
+        let ext = self.version_ext(entry.inode, Some(req.nodeid()));
+        created(out, entry, fh, open_flags, backing_id, ext)
     }
 
     /// The body of a request that creates a node: its arguments (`fixed` bytes) and name(s)
@@ -295,7 +307,9 @@ impl FsServer {
         let body = req.body(size_of::<LinkIn>())?;
         let name = request::name(&body)?;
         let entry = self.fs.link(&req.ctx, oldnodeid, req.nodeid(), name)?;
+        let ext = self.version_ext(entry.inode, Some(req.nodeid()));
         reply::entry(out, entry)?;
+        reply::version_ext(out, ext)?;
         reply::done()
     }
 
@@ -315,16 +329,19 @@ impl FsServer {
     }
 }
 
-/// The reply to CREATE and TMPFILE: the new entry, then the open file.
+/// The reply to CREATE and TMPFILE: the new entry, then the open file, then the version
+/// extension when negotiated.
 fn created(
     out: &mut Reply<'_, '_>,
     entry: fuse_backend_rs::api::filesystem::Entry,
     fh: u64,
     open_flags: u32,
     backing_id: Option<u32>,
+    ext: Option<berth_versions::wire::VersionExt>,
 ) -> io::Result<Answer> {
     reply::entry(out, entry)?;
     reply::open(out, fh, open_flags, backing_id)?;
+    reply::version_ext(out, ext)?;
     reply::done()
 }
 

@@ -111,6 +111,34 @@ pub struct FsServer {
     served_other: AtomicU64,
     /// FUSE passthrough's backing files, for a /dev/fuse transport that asked for it.
     backing: OnceLock<BackingFiles>,
+    /// The transport offers the version table to the client (a virtio-fs device with
+    /// shared-memory region 1): FUSE_INIT may negotiate the reply extension.
+    versions_offered: AtomicBool,
+    /// This session negotiated the version extension: replies with attributes carry it.
+    versions_negotiated: AtomicBool,
+}
+
+/// The extension for what a request handed out of an inode (`own`) and of the directory it was
+/// found in (`dir`); `current_generation` when neither says which generation they belong to.
+fn version_ext_of(
+    own: Option<crate::coherence::ReplyVersion>,
+    dir: Option<crate::coherence::ReplyVersion>,
+    current_generation: Option<u64>,
+) -> berth_versions::wire::VersionExt {
+    // The guest records one generation for the inode and the dentry: the older of the two,
+    // so that anything read under an older generation counts as moved.
+    let generation = match (own, dir) {
+        (Some(o), Some(d)) => o.generation.min(d.generation),
+        (Some(o), None) => o.generation,
+        (None, Some(d)) => d.generation,
+        (None, None) => current_generation.unwrap_or(0),
+    };
+    berth_versions::wire::VersionExt {
+        slot: own.map_or(berth_versions::Slot::NONE, |o| o.slot.0),
+        generation: generation as u32,
+        version: own.map_or(0, |o| o.version),
+        parent_version: dir.map_or(0, |d| d.version),
+    }
 }
 
 /// Opcodes counted one by one: every FUSE opcode so far, with room to spare.
@@ -125,7 +153,42 @@ impl FsServer {
             served: std::array::from_fn(|_| AtomicU64::new(0)),
             served_other: AtomicU64::new(0),
             backing: OnceLock::new(),
+            versions_offered: AtomicBool::new(false),
+            versions_negotiated: AtomicBool::new(false),
         }
+    }
+
+    /// Lets FUSE_INIT negotiate the version-table reply extension
+    /// ([`berth_versions::wire::INIT_SHARED_VERSIONS`]): for a transport that gives the client
+    /// the table (virtio-fs shared-memory region 1). `false` when the filesystem has no table.
+    pub fn offer_shared_versions(&self) -> bool {
+        let has_table = self.fs.version_table().is_some();
+        self.versions_offered.store(has_table, Ordering::Release);
+        has_table
+    }
+
+    /// Whether the current session negotiated the version-table reply extension.
+    pub fn shared_versions_negotiated(&self) -> bool {
+        self.versions_negotiated.load(Ordering::Acquire)
+    }
+
+    /// The reply extension for a reply about node `node` (0 for a negative entry), created in
+    /// directory `parent` for replies that make a dentry; `None` unless negotiated.
+    fn version_ext(
+        &self,
+        node: u64,
+        parent: Option<u64>,
+    ) -> Option<berth_versions::wire::VersionExt> {
+        if !self.versions_negotiated.load(Ordering::Acquire) {
+            return None;
+        }
+        let own = (node != 0).then(|| self.fs.reply_version(node)).flatten();
+        let dir = parent.and_then(|p| self.fs.reply_version(p));
+        Some(version_ext_of(
+            own,
+            dir,
+            self.fs.version_table().map(|t| t.generation()),
+        ))
     }
 
     /// Requests served so far, as `total=N NAME=count…` over the opcodes seen (by number,
@@ -220,6 +283,7 @@ impl FsServer {
             Some(count) => count.fetch_add(1, Ordering::Relaxed),
             None => self.served_other.fetch_add(1, Ordering::Relaxed),
         };
+        self.fs.begin_request();
         let mut out = Reply::new(reply);
         if !out.has_room()
             && !matches!(
@@ -267,6 +331,7 @@ impl FsServer {
             backing.close_all();
         }
         self.fs.reset();
+        self.versions_negotiated.store(false, Ordering::Release);
         self.initialized
             .store(false, std::sync::atomic::Ordering::Release);
     }

@@ -115,6 +115,18 @@ pub(crate) fn entry(out: &mut Reply<'_, '_>, entry: Entry) -> io::Result<()> {
     out.put(&EntryOut::from(entry))
 }
 
+/// The version-table extension, when the session negotiated it: after the `fuse_entry_out` or
+/// `fuse_attr_out` (and after the `fuse_open_out` of CREATE and TMPFILE).
+pub(crate) fn version_ext(
+    out: &mut Reply<'_, '_>,
+    ext: Option<berth_versions::wire::VersionExt>,
+) -> io::Result<()> {
+    match ext {
+        Some(ext) => out.append(&ext.encode()),
+        None => Ok(()),
+    }
+}
+
 /// The reply to a GETATTR or SETATTR; `flags` are fuse_attr's (FUSE_ATTR_DAX).
 pub(crate) fn attr(
     out: &mut Reply<'_, '_>,

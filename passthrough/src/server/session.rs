@@ -20,6 +20,7 @@ use super::backing::INIT_PASSTHROUGH;
 use super::reply::{self, Answer, Reply};
 use super::request::Request;
 use super::FsServer;
+use berth_versions::wire::INIT_SHARED_VERSIONS;
 
 impl FsServer {
     /// FUSE_INIT, negotiated on all 64 flag bits (fuse-backend-rs's `FsOptions` lacks some);
@@ -77,6 +78,15 @@ impl FsServer {
                 }
             }
         }
+        // The version table's reply extension: only when the transport gave the client the
+        // table and the client found it (it offers the flag only then).
+        let versions = self.versions_offered.load(Ordering::Acquire)
+            && capable & INIT_SHARED_VERSIONS != 0
+            && capable & init_flags::INIT_EXT != 0;
+        if versions {
+            enabled |= INIT_SHARED_VERSIONS | init_flags::INIT_EXT;
+        }
+        self.versions_negotiated.store(versions, Ordering::Release);
         tracing::info!(
             "FUSE_INIT {}.{}: the client offered {capable:#x}, berth enabled {enabled:#x}.",
             init.major,
@@ -125,6 +135,7 @@ impl FsServer {
             backing.close_all();
         }
         self.fs.destroy();
+        self.versions_negotiated.store(false, Ordering::Release);
         self.initialized.store(false, Ordering::Release);
         reply::done()
     }

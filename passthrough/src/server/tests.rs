@@ -680,3 +680,231 @@ fn passthrough_is_off_with_the_writeback_cache() {
     assert_eq!(b.negotiate(backing::INIT_PASSTHROUGH, true), Ok(false));
     assert!(!b.is_active());
 }
+
+/// A fixture serving its directory with shared caching (no host watcher: nothing but the
+/// tests changes it), and its version table.
+fn with_versions() -> (Fixture, std::sync::Arc<berth_versions::VersionTable>) {
+    use std::os::unix::fs::MetadataExt;
+    let f = fixture();
+    let meta = std::fs::metadata(&f.dir).unwrap();
+    let table_path = f.dir.with_extension("table");
+    let (table, _) = berth_versions::VersionTable::open(&berth_versions::TableOptions {
+        path: table_path.clone(),
+        slots: 1024,
+        share_dev: meta.dev(),
+        share_ino: meta.ino(),
+    })
+    .unwrap();
+    let _ = std::fs::remove_file(&table_path);
+    let table = std::sync::Arc::new(table);
+    let fs = PassthroughFs::new(Config {
+        root_dir: f.dir.clone(),
+        shared_cache: Some(crate::SharedCache {
+            table: table.clone(),
+            watched_devices: vec![meta.dev()],
+            timeout: std::time::Duration::from_secs(86400),
+            track_client: false,
+        }),
+        ..Config::default()
+    })
+    .unwrap();
+    let mut f = f;
+    f.server = FsServer::new(fs);
+    (f, table)
+}
+
+use berth_versions::wire::{VersionExt, INIT_SHARED_VERSIONS, VERSION_EXT_SIZE};
+
+fn enabled_flags(reply: &[u8]) -> u64 {
+    let out: InitOut = body(reply);
+    u64::from(out.flags) | u64::from(out.flags2) << 32
+}
+
+/// The extension at `offset` bytes into the reply body.
+fn ext_at(reply: &[u8], offset: usize) -> VersionExt {
+    VersionExt::decode(&reply[size_of::<OutHeader>() + offset..]).unwrap()
+}
+
+#[test]
+fn the_version_extension_needs_the_transport_offer_and_the_client_flag() {
+    let (f, _table) = with_versions();
+    // The transport did not offer the table: the flag is not echoed, replies are as before.
+    let (_, reply) = init_offering(&f.server, INIT_SHARED_VERSIONS);
+    assert_eq!(enabled_flags(&reply) & INIT_SHARED_VERSIONS, 0);
+    let name = b"data\0";
+    let (served, _) = serve(&f.server, &request(opcode::LOOKUP, ROOT_ID, &[name]), 4096);
+    assert_eq!(served, Served::Replied(16 + size_of::<EntryOut>()));
+
+    // Offered, but the client does not ask: still nothing.
+    assert!(f.server.offer_shared_versions());
+    let (_, reply) = init_offering(&f.server, 0);
+    assert_eq!(enabled_flags(&reply) & INIT_SHARED_VERSIONS, 0);
+    assert!(!f.server.shared_versions_negotiated());
+    let (served, _) = serve(&f.server, &request(opcode::LOOKUP, ROOT_ID, &[name]), 4096);
+    assert_eq!(served, Served::Replied(16 + size_of::<EntryOut>()));
+
+    // Both: negotiated, and every LOOKUP reply grows by the extension.
+    let (_, reply) = init_offering(&f.server, INIT_SHARED_VERSIONS);
+    assert_ne!(enabled_flags(&reply) & INIT_SHARED_VERSIONS, 0);
+    assert_ne!(enabled_flags(&reply) & init_flags::INIT_EXT, 0);
+    assert!(f.server.shared_versions_negotiated());
+    let (served, _) = serve(&f.server, &request(opcode::LOOKUP, ROOT_ID, &[name]), 4096);
+    assert_eq!(
+        served,
+        Served::Replied(16 + size_of::<EntryOut>() + VERSION_EXT_SIZE)
+    );
+
+    // A server without a table never offers it.
+    let plain = fixture();
+    assert!(!plain.server.offer_shared_versions());
+    let (_, reply) = init_offering(&plain.server, INIT_SHARED_VERSIONS);
+    assert_eq!(enabled_flags(&reply) & INIT_SHARED_VERSIONS, 0);
+}
+
+#[test]
+fn replies_carry_each_inodes_slot_and_the_version_they_are_as_new_as() {
+    let (f, table) = with_versions();
+    assert!(f.server.offer_shared_versions());
+    let (_, reply) = init_offering(&f.server, INIT_SHARED_VERSIONS);
+    assert_eq!(errno(&reply), 0);
+    let generation = table.generation() as u32;
+
+    // The root's slot, through GETATTR.
+    let (served, reply) = serve(
+        &f.server,
+        &request(opcode::GETATTR, ROOT_ID, &[GetattrIn::default().as_slice()]),
+        4096,
+    );
+    assert_eq!(
+        served,
+        Served::Replied(16 + size_of::<AttrOut>() + VERSION_EXT_SIZE)
+    );
+    let root = ext_at(&reply, size_of::<AttrOut>());
+    assert_ne!(root.slot, berth_versions::Slot::NONE);
+    assert_eq!(root.generation, generation);
+    assert_eq!(root.version, table.version(berth_versions::Slot(root.slot)));
+    assert_eq!(root.parent_version, 0);
+
+    // LOOKUP: the file's own slot and the directory's version.
+    let (_, reply) = serve(
+        &f.server,
+        &request(opcode::LOOKUP, ROOT_ID, &[b"data\0"]),
+        4096,
+    );
+    let entry: EntryOut = body(&reply);
+    let file = ext_at(&reply, size_of::<EntryOut>());
+    assert_ne!(file.slot, berth_versions::Slot::NONE);
+    assert_ne!(file.slot, root.slot);
+    assert_eq!(file.version, table.version(berth_versions::Slot(file.slot)));
+    assert_eq!(file.parent_version, root.version);
+
+    // A change through the server moves the version, and the reply says it reflects it.
+    let setattr = fuse_backend_rs::abi::fuse_abi::SetattrIn {
+        valid: fuse_backend_rs::abi::fuse_abi::SetattrValid::MODE.bits(),
+        mode: libc::S_IFREG | 0o600,
+        ..Default::default()
+    };
+    let (_, reply) = serve(
+        &f.server,
+        &request(opcode::SETATTR, entry.nodeid, &[setattr.as_slice()]),
+        4096,
+    );
+    assert_eq!(errno(&reply), 0);
+    let changed = ext_at(&reply, size_of::<AttrOut>());
+    assert_eq!(changed.slot, file.slot);
+    assert_eq!(changed.version, file.version + 1);
+    assert_eq!(
+        table.version(berth_versions::Slot(file.slot)),
+        changed.version
+    );
+
+    // A missing name: a negative entry (node 0) without a slot, good while the directory
+    // holds its version.
+    let (_, reply) = serve(
+        &f.server,
+        &request(opcode::LOOKUP, ROOT_ID, &[b"missing\0"]),
+        4096,
+    );
+    assert_eq!(errno(&reply), 0);
+    assert_eq!(body::<EntryOut>(&reply).nodeid, 0);
+    let negative = ext_at(&reply, size_of::<EntryOut>());
+    assert_eq!(negative.slot, berth_versions::Slot::NONE);
+    assert_eq!(negative.parent_version, root.version);
+
+    // Creating an entry moves the directory; the reply's parent version is the moved one.
+    let mkdir = fuse_backend_rs::abi::fuse_abi::MkdirIn {
+        mode: 0o755,
+        umask: 0,
+    };
+    let (served, reply) = serve(
+        &f.server,
+        &request(opcode::MKDIR, ROOT_ID, &[mkdir.as_slice(), b"sub\0"]),
+        4096,
+    );
+    assert_eq!(
+        served,
+        Served::Replied(16 + size_of::<EntryOut>() + VERSION_EXT_SIZE)
+    );
+    let sub = ext_at(&reply, size_of::<EntryOut>());
+    let root_now = table.version(berth_versions::Slot(root.slot));
+    assert_eq!(root_now, root.version + 1);
+    assert_eq!(sub.parent_version, root_now);
+}
+
+#[test]
+fn readdirplus_records_carry_the_extension_between_entry_and_dirent() {
+    let (f, table) = with_versions();
+    std::fs::write(f.dir.join("a-longer-name"), b"x").unwrap();
+    assert!(f.server.offer_shared_versions());
+    init_offering(&f.server, INIT_SHARED_VERSIONS);
+    let (_, reply) = serve(
+        &f.server,
+        &request(opcode::OPENDIR, ROOT_ID, &[OpenIn::default().as_slice()]),
+        4096,
+    );
+    let fh = body::<OpenOut>(&reply).fh;
+    let read = ReadIn {
+        fh,
+        size: 8192,
+        ..Default::default()
+    };
+    let (_, reply) = serve(
+        &f.server,
+        &request(opcode::READDIRPLUS, ROOT_ID, &[read.as_slice()]),
+        16384,
+    );
+    assert_eq!(errno(&reply), 0);
+    let records = &reply[size_of::<OutHeader>()..];
+    let dirent_size = size_of::<fuse_backend_rs::abi::fuse_abi::Dirent>();
+    let mut pos = 0;
+    let mut names = Vec::new();
+    let mut root_version = None;
+    while pos < records.len() {
+        let entry = *EntryOut::from_slice(&records[pos..pos + size_of::<EntryOut>()]).unwrap();
+        let ext = VersionExt::decode(&records[pos + size_of::<EntryOut>()..]).unwrap();
+        let at = pos + size_of::<EntryOut>() + VERSION_EXT_SIZE;
+        let dirent =
+            *fuse_backend_rs::abi::fuse_abi::Dirent::from_slice(&records[at..at + dirent_size])
+                .unwrap();
+        let name = &records[at + dirent_size..at + dirent_size + dirent.namelen as usize];
+        names.push(String::from_utf8_lossy(name).into_owned());
+        // Every record: the directory's version as parent version; a slot for real entries.
+        assert_eq!(
+            *root_version.get_or_insert(ext.parent_version),
+            ext.parent_version
+        );
+        if entry.nodeid == 0 {
+            assert_eq!(ext.slot, berth_versions::Slot::NONE, "{name:?}");
+        } else {
+            assert_eq!(
+                ext.version,
+                table.version(berth_versions::Slot(ext.slot)),
+                "{name:?}"
+            );
+        }
+        pos = at + (dirent_size + dirent.namelen as usize).next_multiple_of(8);
+    }
+    assert_eq!(pos, records.len());
+    names.sort();
+    assert_eq!(names, [".", "..", "a-longer-name", "data"]);
+}
