@@ -511,7 +511,7 @@ mod tests {
         );
     }
 
-    const ALL_ROLES: [ThreadRole; 12] = [
+    const ALL_ROLES: [ThreadRole; 14] = [
         ThreadRole::VersionsMapper,
         ThreadRole::VhostUserControl,
         ThreadRole::DaxWatcher,
