@@ -703,3 +703,132 @@ fn an_inherited_listening_socket_serves_as_fd_3() {
     assert!(status.success(), "{}", daemon.stderr());
     drop(listener);
 }
+
+/// `berth volume ARGS`, which must succeed; its standard output.
+fn berth_volume(args: &[&str]) -> String {
+    let (berth, _) = frontend_util::daemon_binary();
+    let out = Command::new(berth)
+        .arg("volume")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "berth volume {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_volume_is_served_keeps_acknowledged_writes_across_kill_9_and_reopens_from_its_bucket() {
+    if !frontend_util::testing_berth() {
+        eprintln!("SKIP: volumes are berth's own");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bucket = dir.path().join("bucket");
+    fs::create_dir(&bucket).unwrap();
+    let location = format!("file://{}/vol", bucket.display());
+    berth_volume(&["create", &location, "--size", "8M"]);
+    let spec = PathBuf::from(format!("volume:{location}"));
+    let volume_dir = dir.path().join("local").display().to_string();
+    let extra = ["--volume-dir", volume_dir.as_str()];
+
+    let mut served = Served::start(dir, &spec, &extra);
+    let mut device = served.connect(BlkDeviceConfig::default());
+    let config = *device.config();
+    assert_eq!(config.capacity, (8u64 << 20) / 512);
+    assert_eq!(device.offered_features() & features::RO, 0, "a volume is writable");
+    let mut queue = device.take_queue(0).unwrap();
+    // A new volume reads as zeros.
+    let zeros = queue.read(0, 64 << 10).unwrap().unwrap();
+    assert!(zeros.iter().all(|&b| b == 0));
+    let flushed = pattern(11, 256 << 10);
+    assert_eq!(queue.write((1 << 20) / 512, &flushed).unwrap(), status::OK);
+    assert_eq!(queue.flush().unwrap(), status::OK);
+    // Acknowledged but not flushed: in the write-ahead log, which a killed process leaves.
+    let unflushed = pattern(12, 128 << 10);
+    assert_eq!(
+        queue.write((5 << 20) / 512, &unflushed).unwrap(),
+        status::OK
+    );
+    // WRITE_ZEROES over part of the flushed range.
+    assert_eq!(
+        queue.write_zeroes(&[((1 << 20) / 512 + 16, 16, 0)]).unwrap(),
+        status::OK
+    );
+    let mut expected = flushed.clone();
+    expected[16 * 512..32 * 512].fill(0);
+    assert_eq!(
+        queue.read((1 << 20) / 512, 256 << 10).unwrap().unwrap(),
+        expected
+    );
+
+    // kill -9, then a new process on the same local state: the log is replayed.
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    assert_eq!(
+        unsafe { libc::kill(served.daemon.pid() as libc::pid_t, libc::SIGKILL) },
+        0
+    );
+    served.daemon.wait_exit(Duration::from_secs(10)).unwrap();
+    drop(device);
+    let Served { dir, socket, .. } = served;
+    let _ = fs::remove_file(&socket);
+    let mut served = Served::start(dir, &spec, &extra);
+    let mut device = served.connect(BlkDeviceConfig::default());
+    let mut queue = device.take_queue(0).unwrap();
+    assert_eq!(
+        queue.read((1 << 20) / 512, 256 << 10).unwrap().unwrap(),
+        expected,
+        "the flushed write and the zeroed range after kill -9"
+    );
+    assert_eq!(
+        queue.read((5 << 20) / 512, 128 << 10).unwrap().unwrap(),
+        unflushed,
+        "the acknowledged, unflushed write after kill -9"
+    );
+    // A clean exit uploads what is left and gives the lease back.
+    let dir = served.finish(device);
+
+    // The local disk lost: a fresh local directory reopens the volume from the bucket alone.
+    let fresh_dir = dir.path().join("fresh").display().to_string();
+    let mut served = Served::start(dir, &spec, &["--volume-dir", fresh_dir.as_str()]);
+    let mut device = served.connect(BlkDeviceConfig::default());
+    let mut queue = device.take_queue(0).unwrap();
+    assert_eq!(
+        queue.read((1 << 20) / 512, 256 << 10).unwrap().unwrap(),
+        expected
+    );
+    assert_eq!(
+        queue.read((5 << 20) / 512, 128 << 10).unwrap().unwrap(),
+        unflushed
+    );
+    let _dir = served.finish(device);
+    let info = berth_volume(&["info", &location, "--json"]);
+    assert!(info.contains("\"size\""), "{info}");
+}
+
+#[test]
+fn a_volume_cannot_be_served_read_only_or_with_an_overlay() {
+    if !frontend_util::testing_berth() {
+        eprintln!("SKIP: volumes are berth's own");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let location = format!("file://{}/vol", dir.path().display());
+    let (berth, _) = frontend_util::daemon_binary();
+    let out = Command::new(berth)
+        .args(["block", "serve-vhost", "--socket-path"])
+        .arg(dir.path().join("s.sock"))
+        .arg("--readonly")
+        .arg(format!("volume:{location}"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is a volume: it is served writable"),
+        "{stderr}"
+    );
+}

@@ -16,9 +16,9 @@ pub const MAX_QUEUES: u16 = 64;
 /// `berth block serve-vhost` flags.
 #[derive(Debug, Clone, Args)]
 pub struct ServeVhostArgs {
-    /// Image (a directory holding manifest.json, or the manifest) or file / block device to
-    /// export.
-    #[arg(value_name = "IMAGE|FILE",
+    /// Image (a directory holding manifest.json, or the manifest), file / block device, or
+    /// volume (`volume:s3://BUCKET/PREFIX`, see `berth volume`) to export.
+    #[arg(value_name = "IMAGE|FILE|volume:LOCATION",
           required_unless_present_any = ["print_capabilities", "blk_file"])]
     pub target: Option<PathBuf>,
 

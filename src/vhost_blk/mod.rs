@@ -9,7 +9,8 @@
 //! Confinement: the target, its overlay and the socket are opened first; a file or block
 //! device target then enters the `--sandbox` (by default new mount, pid and network
 //! namespaces with the target's directory as the root), which an image skips (it opens its
-//! cache's chunk files by path as it fetches, maybe over the network). Every queue thread
+//! cache's chunk files by path as it fetches, maybe over the network), and so does a volume
+//! (`volume:LOCATION`: its bucket and its local write-ahead log and cache). Every queue thread
 //! drops all capabilities and installs the vhost-user-blk queue filter (block I/O on the
 //! target's descriptors and the cache's files, no sockets, no exec), the control thread the
 //! vhost-user control filter, and the main thread the main filter.
@@ -26,6 +27,8 @@ use berth_seccomp::{SandboxConfig, SandboxMode, SeccompAction, ThreadRole};
 use tracing::info;
 
 use crate::block::{is_image, open_target_from, Engines};
+use crate::volume::{is_volume_spec, open_volume, VolumeServeSettings};
+use berth_blockdev::SharedTarget;
 use crate::shutdown::{signal_name, TerminationSignals};
 use args::ServeVhostArgs;
 use device::{BlkBackend, BlkOptions};
@@ -60,15 +63,19 @@ fn default_serial(target: &Path) -> String {
     serial
 }
 
-/// Runs `berth block serve-vhost`.
-pub fn run(args: ServeVhostArgs, signals: TerminationSignals) -> anyhow::Result<()> {
-    if args.print_capabilities {
-        println!("{}", args::capabilities_json());
-        return Ok(());
-    }
-    let target = args
-        .target_path()
-        .ok_or_else(|| anyhow!("give the image or file to export"))?;
+/// The target of a `serve-vhost`, open, with what its serial and confinement depend on.
+struct OpenedTarget {
+    target: SharedTarget,
+    /// What the serial defaults to (its last path component).
+    name: String,
+    /// The directory the sandbox is rooted at, or why the target is served without one.
+    sandbox_root: Result<PathBuf, String>,
+    /// The cache engines an image target fetches through, kept for as long as it is served.
+    _engines: Engines,
+}
+
+/// Opens an image, or a file or block device, with its overlay.
+fn open_path_target(target: &Path, args: &ServeVhostArgs) -> anyhow::Result<OpenedTarget> {
     let target = std::fs::canonicalize(target)
         .with_context(|| format!("cannot find {}", target.display()))?;
     let overlay = args
@@ -97,6 +104,55 @@ pub fn run(args: ServeVhostArgs, signals: TerminationSignals) -> anyhow::Result<
         &args.target_options,
         &engines,
     )?;
+    let sandbox_root = if image {
+        Err(format!(
+            "{} is an image: served without a sandbox (its chunks are fetched and cached by path).",
+            target.display()
+        ))
+    } else {
+        Ok(target.parent().unwrap_or(Path::new("/")).to_path_buf())
+    };
+    Ok(OpenedTarget {
+        target: block_target,
+        name: target.display().to_string(),
+        sandbox_root,
+        _engines: engines,
+    })
+}
+
+/// Opens a volume (`volume:LOCATION`) for writing: takes its lease and replays its local
+/// write-ahead log first, as `berth block add` does.
+fn open_volume_target(spec: &str, args: &ServeVhostArgs) -> anyhow::Result<OpenedTarget> {
+    if args.readonly || args.overlay.is_some() {
+        return Err(anyhow!(
+            "{spec} is a volume: it is served writable, without --readonly or --overlay (clone a snapshot for a separate copy)"
+        ));
+    }
+    let volume = open_volume(spec, &VolumeServeSettings::from(&args.target_options.volume))?;
+    Ok(OpenedTarget {
+        target: volume,
+        name: spec.trim_end_matches('/').to_string(),
+        sandbox_root: Err(format!(
+            "{spec} is a volume: served without a sandbox (it reaches its bucket and keeps its local state by path)."
+        )),
+        _engines: Engines::default(),
+    })
+}
+
+/// Runs `berth block serve-vhost`.
+pub fn run(args: ServeVhostArgs, signals: TerminationSignals) -> anyhow::Result<()> {
+    if args.print_capabilities {
+        println!("{}", args::capabilities_json());
+        return Ok(());
+    }
+    let target = args
+        .target_path()
+        .ok_or_else(|| anyhow!("give the image, file or volume to export"))?;
+    let opened = match target.to_str().filter(|spec| is_volume_spec(spec)) {
+        Some(spec) => open_volume_target(spec, &args)?,
+        None => open_path_target(target, &args)?,
+    };
+    let block_target = opened.target.clone();
     let info = block_target.info().clone();
     info!(
         target = %info.description,
@@ -117,27 +173,22 @@ pub fn run(args: ServeVhostArgs, signals: TerminationSignals) -> anyhow::Result<
     let serial = args
         .serial
         .clone()
-        .unwrap_or_else(|| default_serial(&target));
+        .unwrap_or_else(|| default_serial(Path::new(&opened.name)));
     let seccomp = args.seccomp;
-    // Everything is open and no thread exists yet, as the namespaces need.
-    if image && args.sandbox != SandboxMode::None {
-        info!(
-            "{} is an image: served without a sandbox (its chunks are fetched and cached by \
-             path).",
-            target.display()
-        );
-    } else if args.sandbox != SandboxMode::None {
-        let root = target
-            .parent()
-            .ok_or_else(|| anyhow!("{} has no directory", target.display()))?;
-        berth_seccomp::enter_sandbox(&SandboxConfig {
-            mode: args.sandbox,
-            shared_dir: root.to_path_buf(),
-            uid_map: Vec::new(),
-            gid_map: Vec::new(),
-            supervisor_seccomp: seccomp,
-        })
-        .context("cannot enter the sandbox")?;
+    // Everything is open and, but for a volume's own (which then has no sandbox), no thread
+    // exists yet, as the namespaces need.
+    if args.sandbox != SandboxMode::None {
+        match &opened.sandbox_root {
+            Err(why) => info!("{why}"),
+            Ok(root) => berth_seccomp::enter_sandbox(&SandboxConfig {
+                mode: args.sandbox,
+                shared_dir: root.clone(),
+                uid_map: Vec::new(),
+                gid_map: Vec::new(),
+                supervisor_seccomp: seccomp,
+            })
+            .context("cannot enter the sandbox")?,
+        }
     }
     let backend = Arc::new(BlkBackend::new(
         block_target.clone(),
