@@ -739,7 +739,11 @@ fn a_volume_is_served_keeps_acknowledged_writes_across_kill_9_and_reopens_from_i
     let mut device = served.connect(BlkDeviceConfig::default());
     let config = *device.config();
     assert_eq!(config.capacity, (8u64 << 20) / 512);
-    assert_eq!(device.offered_features() & features::RO, 0, "a volume is writable");
+    assert_eq!(
+        device.offered_features() & features::RO,
+        0,
+        "a volume is writable"
+    );
     let mut queue = device.take_queue(0).unwrap();
     // A new volume reads as zeros.
     let zeros = queue.read(0, 64 << 10).unwrap().unwrap();
@@ -755,7 +759,9 @@ fn a_volume_is_served_keeps_acknowledged_writes_across_kill_9_and_reopens_from_i
     );
     // WRITE_ZEROES over part of the flushed range.
     assert_eq!(
-        queue.write_zeroes(&[((1 << 20) / 512 + 16, 16, 0)]).unwrap(),
+        queue
+            .write_zeroes(&[((1 << 20) / 512 + 16, 16, 0)])
+            .unwrap(),
         status::OK
     );
     let mut expected = flushed.clone();

@@ -193,6 +193,8 @@ fn open_target(desc: &DeviceDescription, engines: &Engines) -> anyhow::Result<Sh
         backend: desc.backend.clone(),
         readahead: desc.readahead,
         block_size: desc.block_size,
+        // Not read: a volume description is opened with open_volume, never here.
+        volume: Default::default(),
     };
     open_target_from(
         &desc.target,

@@ -27,10 +27,10 @@ use berth_seccomp::{SandboxConfig, SandboxMode, SeccompAction, ThreadRole};
 use tracing::info;
 
 use crate::block::{is_image, open_target_from, Engines};
-use crate::volume::{is_volume_spec, open_volume, VolumeServeSettings};
-use berth_blockdev::SharedTarget;
 use crate::shutdown::{signal_name, TerminationSignals};
+use crate::volume::{is_volume_spec, open_volume, VolumeServeSettings};
 use args::ServeVhostArgs;
+use berth_blockdev::SharedTarget;
 use device::{BlkBackend, BlkOptions};
 
 /// An absolute path for `path`, whose directory must exist (the file need not).
@@ -128,7 +128,10 @@ fn open_volume_target(spec: &str, args: &ServeVhostArgs) -> anyhow::Result<Opene
             "{spec} is a volume: it is served writable, without --readonly or --overlay (clone a snapshot for a separate copy)"
         ));
     }
-    let volume = open_volume(spec, &VolumeServeSettings::from(&args.target_options.volume))?;
+    let volume = open_volume(
+        spec,
+        &VolumeServeSettings::from(&args.target_options.volume),
+    )?;
     Ok(OpenedTarget {
         target: volume,
         name: spec.trim_end_matches('/').to_string(),
@@ -180,14 +183,16 @@ pub fn run(args: ServeVhostArgs, signals: TerminationSignals) -> anyhow::Result<
     if args.sandbox != SandboxMode::None {
         match &opened.sandbox_root {
             Err(why) => info!("{why}"),
-            Ok(root) => berth_seccomp::enter_sandbox(&SandboxConfig {
-                mode: args.sandbox,
-                shared_dir: root.clone(),
-                uid_map: Vec::new(),
-                gid_map: Vec::new(),
-                supervisor_seccomp: seccomp,
-            })
-            .context("cannot enter the sandbox")?,
+            Ok(root) => {
+                berth_seccomp::enter_sandbox(&SandboxConfig {
+                    mode: args.sandbox,
+                    shared_dir: root.clone(),
+                    uid_map: Vec::new(),
+                    gid_map: Vec::new(),
+                    supervisor_seccomp: seccomp,
+                })
+                .context("cannot enter the sandbox")?;
+            }
         }
     }
     let backend = Arc::new(BlkBackend::new(

@@ -192,9 +192,23 @@ pub struct VolumeServeArgs {
 
     /// Acknowledged writes of a volume reach the bucket within this time (the recovery
     /// point when the local disk is lost).
-    #[arg(long, value_name = "SECONDS", default_value_t = 5,
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_UPLOAD_INTERVAL_SECS,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub upload_interval: u64,
+}
+
+/// `--upload-interval`'s default.
+const DEFAULT_UPLOAD_INTERVAL_SECS: u64 = 5;
+
+impl Default for VolumeServeArgs {
+    /// The flags' defaults (for a target that is not a volume).
+    fn default() -> Self {
+        Self {
+            volume_dir: DEFAULT_VOLUME_DIR.into(),
+            durability: DurabilityArg::Local,
+            upload_interval: DEFAULT_UPLOAD_INTERVAL_SECS,
+        }
+    }
 }
 
 /// `berth volume exercise` flags (test hook).
