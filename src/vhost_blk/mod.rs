@@ -31,7 +31,9 @@ use crate::shutdown::{signal_name, TerminationSignals};
 use crate::volume::{is_volume_spec, open_volume, VolumeServeSettings};
 use args::ServeVhostArgs;
 use berth_blockdev::SharedTarget;
+use berth_volume::Volume;
 use device::{BlkBackend, BlkOptions};
+use std::sync::mpsc;
 
 /// An absolute path for `path`, whose directory must exist (the file need not).
 fn absolute_in_existing_dir(path: &Path) -> anyhow::Result<PathBuf> {
@@ -72,6 +74,48 @@ struct OpenedTarget {
     sandbox_root: Result<PathBuf, String>,
     /// The cache engines an image target fetches through, kept for as long as it is served.
     _engines: Engines,
+    /// The target when it is a volume: closed at exit (what is left uploaded, the lease
+    /// given back), since the signal thread keeps a reference to the target for ever.
+    volume: Option<VolumeCloser>,
+}
+
+/// Closes a volume from a thread started before any seccomp filter: closing records the
+/// volume's local state (directories made, files renamed into place), which the main
+/// thread's filter does not allow, as the volume's own threads do unconfined.
+#[derive(Clone)]
+struct VolumeCloser {
+    requests: mpsc::Sender<CloseReply>,
+}
+
+/// Where the closing thread answers one request.
+type CloseReply = mpsc::Sender<Result<(), String>>;
+
+impl VolumeCloser {
+    fn start(volume: Arc<Volume>) -> anyhow::Result<Self> {
+        let (requests, received) = mpsc::channel::<CloseReply>();
+        std::thread::Builder::new()
+            .name("berth-vol-close".into())
+            .spawn(move || {
+                while let Ok(reply) = received.recv() {
+                    let _ = reply.send(volume.close().map_err(|e| format!("{e:#}")));
+                }
+            })
+            .context("cannot start the volume's closing thread")?;
+        Ok(Self { requests })
+    }
+
+    /// Uploads what is left (for at most the volume's drain timeout), gives the lease back
+    /// and stops the volume's threads; a second call does nothing.
+    fn close(&self) -> anyhow::Result<()> {
+        let (reply, answer) = mpsc::channel();
+        self.requests
+            .send(reply)
+            .map_err(|_| anyhow!("the volume's closing thread is gone"))?;
+        answer
+            .recv()
+            .map_err(|_| anyhow!("the volume's closing thread is gone"))?
+            .map_err(|e| anyhow!("closing the volume failed: {e}"))
+    }
 }
 
 /// Opens an image, or a file or block device, with its overlay.
@@ -117,6 +161,7 @@ fn open_path_target(target: &Path, args: &ServeVhostArgs) -> anyhow::Result<Open
         name: target.display().to_string(),
         sandbox_root,
         _engines: engines,
+        volume: None,
     })
 }
 
@@ -132,6 +177,7 @@ fn open_volume_target(spec: &str, args: &ServeVhostArgs) -> anyhow::Result<Opene
         spec,
         &VolumeServeSettings::from(&args.target_options.volume),
     )?;
+    let closer = VolumeCloser::start(volume.clone())?;
     Ok(OpenedTarget {
         target: volume,
         name: spec.trim_end_matches('/').to_string(),
@@ -139,6 +185,7 @@ fn open_volume_target(spec: &str, args: &ServeVhostArgs) -> anyhow::Result<Opene
             "{spec} is a volume: served without a sandbox (it reaches its bucket and keeps its local state by path)."
         )),
         _engines: Engines::default(),
+        volume: Some(closer),
     })
 }
 
@@ -206,18 +253,25 @@ pub fn run(args: ServeVhostArgs, signals: TerminationSignals) -> anyhow::Result<
     )?);
     let socket_for_signals = socket_file.clone();
     let target_for_signals = block_target.clone();
+    let volume_for_signals = opened.volume.clone();
     let result = device::serve(backend, listener, move || {
         confine_main_thread(seccomp)?;
         // Started after the main filter, so the signal thread inherits it.
         signals.spawn_handler(move |signal| {
             info!("Received {}; flushing and exiting.", signal_name(signal));
-            let code = match berth_blockdev::target::flush(target_for_signals.as_ref()) {
+            let mut code = match berth_blockdev::target::flush(target_for_signals.as_ref()) {
                 Ok(()) => 0,
                 Err(e) => {
                     tracing::error!("The final flush failed: {e:#}.");
                     1
                 }
             };
+            if let Some(volume) = &volume_for_signals {
+                if let Err(e) = volume.close() {
+                    tracing::error!("{e:#}.");
+                    code = 1;
+                }
+            }
             if let Some(socket) = &socket_for_signals {
                 socket.remove();
             }
@@ -232,7 +286,11 @@ pub fn run(args: ServeVhostArgs, signals: TerminationSignals) -> anyhow::Result<
     // records its map when the target drops).
     let flushed = berth_blockdev::target::flush(block_target.as_ref())
         .map_err(|e| anyhow!("the final flush failed: {e:#}"));
-    result.and(flushed)
+    let closed = match &opened.volume {
+        Some(volume) => volume.close(),
+        None => Ok(()),
+    };
+    result.and(flushed).and(closed)
 }
 
 /// Drops the capabilities of a root process and installs the main thread's filter.
