@@ -22,7 +22,7 @@ pub mod ublk;
 pub use error::{BlockError, Result};
 pub use image::ImageTarget;
 pub use metrics::DeviceMetrics;
-pub use overlay::{OverlayOptions, OverlayRecovery, OverlayTarget};
+pub use overlay::{OverlayDescription, OverlayOptions, OverlayRecovery, OverlayTarget};
 pub use raw::{RawOptions, RawTarget};
 pub use target::{
     BlockTarget, Completion, Extent, Op, Progress, ReadPin, SharedTarget, Source, TargetInfo,

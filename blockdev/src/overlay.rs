@@ -225,6 +225,42 @@ pub struct OverlayTarget {
     header: Mutex<Header>,
     state: RwLock<MapState>,
     commit_lock: Mutex<()>,
+    /// Opened with [`OverlayTarget::open_read_only`]: the file is never written.
+    read_only: bool,
+}
+
+/// What an overlay file's header records, read without opening it for serving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayDescription {
+    /// Size of the device it makes.
+    pub size: u64,
+    /// Cluster size, which is the block size of the base it was made over.
+    pub block_size: u32,
+    /// Size of that base.
+    pub base_size: u64,
+    /// How that base is identified (`image:<blob id>` for an image).
+    pub base_id: String,
+    /// A server has the overlay open now.
+    pub in_use: bool,
+}
+
+/// Reads the newest valid header of the overlay file `file` (at `path`).
+fn read_header(file: &File, path: &Path) -> Result<Header> {
+    let invalid = |problem: String| BlockError::InvalidOverlay {
+        path: path.display().to_string(),
+        problem,
+    };
+    let mut slots = [0u8; 2 * HEADER_SLOT as usize];
+    file.read_exact_at(&mut slots, 0)
+        .map_err(|e| invalid(format!("its header cannot be read: {e}")))?;
+    [
+        Header::decode(&slots[..HEADER_SLOT as usize]),
+        Header::decode(&slots[HEADER_SLOT as usize..]),
+    ]
+    .into_iter()
+    .flatten()
+    .max_by_key(|h| h.generation)
+    .ok_or_else(|| invalid("no valid header (not an overlay, or damaged)".into()))
 }
 
 impl std::fmt::Debug for OverlayTarget {
@@ -271,6 +307,39 @@ impl OverlayTarget {
         base: SharedTarget,
         options: &OverlayOptions,
     ) -> Result<(Self, OverlayRecovery)> {
+        Self::open_mode(path, base, options, false)
+    }
+
+    /// Opens the existing overlay at `path` over `base` to read the device it makes,
+    /// without writing anything to the file (not even its header): the writes a killed
+    /// server left are read as a writable open would recover them, and left as they are.
+    /// Refused while a server has the overlay open.
+    pub fn open_read_only(path: &Path, base: SharedTarget) -> Result<(Self, OverlayRecovery)> {
+        Self::open_mode(path, base, &OverlayOptions::default(), true)
+    }
+
+    /// What the header of the overlay file at `path` records.
+    pub fn describe(path: &Path) -> Result<OverlayDescription> {
+        let file = File::open(path).context(|| format!("opening overlay {}", path.display()))?;
+        let header = read_header(&file, path)?;
+        // SAFETY: flock on a descriptor we own; the result is checked. The shared lock,
+        // if taken, is released when `file` closes below.
+        let in_use = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0;
+        Ok(OverlayDescription {
+            size: header.size,
+            block_size: 1u32 << header.cluster_shift.min(31),
+            base_size: header.base_size,
+            base_id: header.base_id,
+            in_use,
+        })
+    }
+
+    fn open_mode(
+        path: &Path,
+        base: SharedTarget,
+        options: &OverlayOptions,
+        read_only: bool,
+    ) -> Result<(Self, OverlayRecovery)> {
         let invalid = |problem: String| BlockError::InvalidOverlay {
             path: path.display().to_string(),
             problem,
@@ -278,13 +347,19 @@ impl OverlayTarget {
         let base_info = base.info().clone();
         let file = OpenOptions::new()
             .read(true)
-            .write(true)
-            .create(true)
+            .write(!read_only)
+            .create(!read_only)
             .truncate(false)
             .open(path)
             .context(|| format!("opening overlay {}", path.display()))?;
+        // A reader shares the lock with other readers, never with a server.
+        let mode = if read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
         // SAFETY: flock on a descriptor we own; the result is checked.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
             return Err(BlockError::OverlayBusy {
                 path: path.display().to_string(),
             });
@@ -294,6 +369,11 @@ impl OverlayTarget {
             .context(|| format!("reading {}", path.display()))?
             .len();
         let block = base_info.block_size;
+        if len == 0 && read_only {
+            return Err(invalid(
+                "the file is empty (no write was ever made through it)".into(),
+            ));
+        }
         let (header, recovery) = if len == 0 {
             let size = options.size.unwrap_or(base_info.size).max(base_info.size);
             let size = size.div_ceil(u64::from(block)) * u64::from(block);
@@ -311,17 +391,7 @@ impl OverlayTarget {
                 .context(|| format!("sizing overlay {}", path.display()))?;
             (header, OverlayRecovery::Created)
         } else {
-            let mut slots = [0u8; 2 * HEADER_SLOT as usize];
-            file.read_exact_at(&mut slots, 0)
-                .map_err(|e| invalid(format!("its header cannot be read: {e}")))?;
-            let header = [
-                Header::decode(&slots[..HEADER_SLOT as usize]),
-                Header::decode(&slots[HEADER_SLOT as usize..]),
-            ]
-            .into_iter()
-            .flatten()
-            .max_by_key(|h| h.generation)
-            .ok_or_else(|| invalid("no valid header (not an overlay, or damaged)".into()))?;
+            let header = read_header(&file, path)?;
             if header.cluster_shift != block.trailing_zeros() {
                 return Err(invalid(format!(
                     "its clusters are {} bytes, the base's blocks {block}",
@@ -356,9 +426,9 @@ impl OverlayTarget {
             info: TargetInfo {
                 size,
                 block_size: block,
-                read_only: false,
-                discard: true,
-                write_zeroes: true,
+                read_only,
+                discard: !read_only,
+                write_zeroes: !read_only,
                 description: format!("overlay:{} on {}", path.display(), base_info.description),
             },
             base,
@@ -368,9 +438,12 @@ impl OverlayTarget {
             header: Mutex::new(header),
             state: RwLock::new(MapState::default()),
             commit_lock: Mutex::new(()),
+            read_only,
         };
         target.load(recovery)?;
-        target.write_header(true)?;
+        if !read_only {
+            target.write_header(true)?;
+        }
         tracing::info!(overlay = %path.display(), ?recovery, clusters = target.read_state().entries.len(), "opened overlay");
         Ok((target, recovery))
     }
@@ -497,7 +570,9 @@ impl OverlayTarget {
             state.next_slot = next_slot;
             state.entries = chosen;
         }
-        if !differing.is_empty() {
+        if !differing.is_empty() && self.read_only {
+            tracing::info!(overlay = %self.path.display(), clusters = differing.len(), ?recovery, "reading the overlay as a server would recover it, without recovering it");
+        } else if !differing.is_empty() {
             if recovery == OverlayRecovery::AfterMachineCrash {
                 tracing::warn!(overlay = %self.path.display(), clusters = differing.len(), "the machine went down with unflushed writes; they are dropped");
             } else {
@@ -541,6 +616,9 @@ impl OverlayTarget {
 
     /// Commits: data durable, then the changed entries into the committed map, durable.
     fn commit(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
         let _serial = lock(&self.commit_lock);
         let (values, frees) = {
             let mut state = self.write_state();
@@ -674,6 +752,9 @@ impl OverlayTarget {
 
 impl Drop for OverlayTarget {
     fn drop(&mut self) {
+        if self.read_only {
+            return;
+        }
         let closed = self.commit().and_then(|()| self.write_header(false));
         if let Err(err) = closed {
             tracing::error!(overlay = %self.path.display(), "cannot close the overlay cleanly: {err}");
@@ -744,6 +825,9 @@ impl BlockTarget for OverlayTarget {
     }
 
     fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<WriteTicket> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
         let cluster = self.layout.cluster;
         if !offset.is_multiple_of(cluster) || !len.is_multiple_of(cluster) {
             return Err(BlockError::Misaligned {
@@ -837,11 +921,17 @@ impl BlockTarget for OverlayTarget {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
         // Discarded clusters read as zeros (not as the base: the guest let them go).
         self.set_range(offset, len, ZEROS)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
         self.set_range(offset, len, ZEROS)
     }
 

@@ -336,7 +336,7 @@ pub fn validate(info: &TargetInfo, op: Op, offset: u64, len: u64) -> Result<()> 
     }
 }
 
-fn file_of(fd: RawFd) -> std::mem::ManuallyDrop<std::fs::File> {
+pub(crate) fn file_of(fd: RawFd) -> std::mem::ManuallyDrop<std::fs::File> {
     use std::os::fd::FromRawFd;
     // SAFETY: the descriptor belongs to a target that outlives this call (extents are
     // only valid while their target lives); ManuallyDrop keeps it from being closed.

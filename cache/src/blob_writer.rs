@@ -12,7 +12,7 @@
 //! ```
 
 use std::fs::{self, File};
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::backend::BlobBackend;
@@ -137,6 +137,15 @@ pub struct BlobWriter {
     chunks: Vec<ChunkEntry>,
     blob_size: u64,
     stored_bytes: u64,
+    /// Digest and stored form of an all-zero chunk of the full chunk size, made the
+    /// first time one is cut (disk images are mostly free space).
+    zero_chunk: Option<(String, Vec<u8>)>,
+}
+
+/// Whether `data` holds only zeros (a block at a time, so the OR vectorizes).
+fn all_zero(data: &[u8]) -> bool {
+    data.chunks(256)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 impl std::fmt::Debug for BlobWriter {
@@ -179,6 +188,7 @@ impl BlobWriter {
             chunks: Vec::new(),
             blob_size: 0,
             stored_bytes: 0,
+            zero_chunk: None,
         }
     }
 
@@ -190,9 +200,34 @@ impl BlobWriter {
     fn push_chunk(&mut self, chunk_len: usize) -> Result<()> {
         let chunk = &self.pending[..chunk_len];
         self.blob_hasher.update(chunk);
-        let stored_size = match &mut self.stored {
-            None => chunk_len as u64,
-            Some(writer) => {
+        // A full chunk of zeros reuses the digest and stored form of the first one, and
+        // is left as a hole in an uncompressed staged object: free space costs no
+        // digest, no compression and no disk space.
+        let zero = chunk_len == self.layout.chunk_size as usize && all_zero(chunk);
+        if zero && self.zero_chunk.is_none() {
+            let stored = match self.layout.compression {
+                Compression::None => Vec::new(),
+                other => compress_chunk(other, chunk)?,
+            };
+            self.zero_chunk = Some((blake3::hash(chunk).to_hex().to_string(), stored));
+        }
+        let (digest, stored_size) = match (&mut self.stored, &self.zero_chunk) {
+            (None, Some((digest, _))) if zero => (digest.clone(), chunk_len as u64),
+            (None, _) => (blake3::hash(chunk).to_hex().to_string(), chunk_len as u64),
+            (Some(writer), Some((digest, packed))) if zero => {
+                if self.layout.compression == Compression::None {
+                    writer
+                        .seek(SeekFrom::Current(chunk_len as i64))
+                        .context(|| format!("writing {}", self.stored_path.display()))?;
+                    (digest.clone(), chunk_len as u64)
+                } else {
+                    writer
+                        .write_all(packed)
+                        .context(|| format!("writing {}", self.stored_path.display()))?;
+                    (digest.clone(), packed.len() as u64)
+                }
+            }
+            (Some(writer), _) => {
                 let packed;
                 let bytes = match self.layout.compression {
                     Compression::None => chunk,
@@ -204,17 +239,28 @@ impl BlobWriter {
                 writer
                     .write_all(bytes)
                     .context(|| format!("writing {}", self.stored_path.display()))?;
-                bytes.len() as u64
+                (blake3::hash(chunk).to_hex().to_string(), bytes.len() as u64)
             }
         };
         self.chunks.push(ChunkEntry {
-            digest: blake3::hash(chunk).to_hex().to_string(),
+            digest,
             offset: self.stored_bytes,
             stored_size,
         });
         self.stored_bytes += stored_size;
         self.blob_size += chunk_len as u64;
         self.pending.drain(..chunk_len);
+        Ok(())
+    }
+
+    /// Appends `len` zero bytes to the blob (whole zero chunks cost no copy).
+    pub fn append_zeros(&mut self, mut len: u64) -> Result<()> {
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        while len > 0 {
+            let take = len.min(ZEROS.len() as u64);
+            self.append(&ZEROS[..take as usize])?;
+            len -= take;
+        }
         Ok(())
     }
 
@@ -239,6 +285,7 @@ impl BlobWriter {
             self.push_chunk(len)?;
         }
         let owned = self.stored.is_some();
+        let stored_bytes = self.stored_bytes;
         if let Some(writer) = self.stored.take() {
             let synced = writer
                 .into_inner()
@@ -247,7 +294,10 @@ impl BlobWriter {
                     source: e.into_error(),
                 })
                 .and_then(|file| {
-                    file.sync_all()
+                    // Zero chunks at the end were skipped over: the object still ends
+                    // where the last chunk does.
+                    file.set_len(stored_bytes)
+                        .and_then(|()| file.sync_all())
                         .context(|| format!("syncing {}", self.stored_path.display()))
                 });
             if let Err(err) = synced {
@@ -385,6 +435,56 @@ mod tests {
             assert!(!staged.exists(), "the staged copy is removed");
         }
         assert!(raw.exists(), "the caller's file is never removed");
+    }
+
+    #[test]
+    fn zero_chunks_are_cut_like_any_other_and_read_back_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = 65536usize;
+        // Data, three zero chunks, a chunk half data, a zero chunk at the very end (left
+        // as a hole the object must still cover).
+        let mut data = pattern(chunk);
+        data.extend(vec![0u8; 3 * chunk]);
+        data.extend(pattern(chunk / 2));
+        data.extend(vec![0u8; chunk / 2]);
+        data.extend(vec![0u8; chunk]);
+        for compression in [Compression::None, Compression::Zstd, Compression::Lz4] {
+            let layout = BlobLayout {
+                chunk_size: chunk as u32,
+                compression,
+            };
+            let mut writer = BlobWriter::new(dir.path(), layout).unwrap();
+            writer.append(&data[..chunk + 100]).unwrap();
+            writer.append_zeros(3 * chunk as u64 - 100).unwrap();
+            writer.append(&data[4 * chunk..5 * chunk]).unwrap();
+            writer.append_zeros(chunk as u64).unwrap();
+            let staged = writer.finish().unwrap();
+            assert_eq!(staged.blob_id, blake3::hash(&data).to_hex().to_string());
+            assert_eq!(staged.blob_size, data.len() as u64);
+            assert_eq!(staged.chunks.len(), 6);
+            let store = LocalDirBackend::new(dir.path().join("store"));
+            let object = object_name("blobs", &staged.blob_id);
+            let manifest = staged.manifest(&object, "b", None, Vec::new()).unwrap();
+            staged.upload(&store, &object).unwrap();
+            assert_eq!(store.size(&object).unwrap(), manifest.stored_size());
+            for (index, entry) in manifest.chunks.iter().enumerate() {
+                let range = manifest.chunk_range(index as u64);
+                let expected = &data[range.start as usize..range.end as usize];
+                let stored = store
+                    .read_range(&object, entry.offset..entry.offset + entry.stored_size)
+                    .unwrap();
+                let chunk = decompress_chunk(compression, &stored, expected.len()).unwrap();
+                assert_eq!(chunk, expected, "chunk {index} ({compression:?})");
+                assert_eq!(entry.digest, blake3::hash(expected).to_hex().to_string());
+            }
+            if compression != Compression::None {
+                let zero = &manifest.chunks[1];
+                assert!(
+                    zero.stored_size < chunk as u64 / 16,
+                    "a zero chunk compresses to almost nothing: {zero:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand, ValueEnum};
 
 use crate::cli::CommonArgs;
-use crate::image::args::{parse_size, DEFAULT_CACHE_DIR};
+use crate::image::args::{parse_chunk_size, parse_size, ChunkCompression, DEFAULT_CACHE_DIR};
 
 /// `berth block` subcommands.
 #[derive(Debug, Clone, Subcommand)]
@@ -21,6 +21,10 @@ pub enum BlockCommand {
     /// Serve an image or file to a VMM as a vhost-user-blk device (QEMU's
     /// vhost-user-blk-pci) until the frontend disconnects.
     ServeVhost(crate::vhost_blk::args::ServeVhostArgs),
+    /// Fold a copy-on-write overlay into a new block image that holds, byte for byte,
+    /// what the image with the overlay reads; the image and the overlay are left as they
+    /// are.
+    Commit(CommitArgs),
 }
 
 /// The ublk transport.
@@ -142,6 +146,52 @@ pub struct AddArgs {
     pub common: CommonArgs,
 }
 
+/// `berth block commit` flags.
+#[derive(Debug, Clone, Args)]
+pub struct CommitArgs {
+    /// The block image the overlay was made over (a directory holding manifest.json, or
+    /// the manifest).
+    #[arg(value_name = "IMAGE")]
+    pub image: PathBuf,
+
+    /// The overlay file to fold in (not in use by a running device).
+    #[arg(long, value_name = "FILE")]
+    pub overlay: PathBuf,
+
+    /// Directory receiving the new image (absent or empty, outside the image's).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Where the image's blob is fetched from (`file://DIR`, `s3://BUCKET/PREFIX`,
+    /// `http(s)://URL`) [default: the image's directory].
+    #[arg(long, value_name = "LOCATION")]
+    pub backend: Option<String>,
+
+    /// Where the new image's blob is uploaded (as for `berth image build --backend`)
+    /// [default: the --out directory].
+    #[arg(long, value_name = "LOCATION")]
+    pub store: Option<String>,
+
+    /// Local cache of the image's fetched chunks.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+
+    /// Chunk size of the new blob [default: the image's].
+    #[arg(long, value_name = "BYTES", value_parser = parse_chunk_size)]
+    pub chunk_size: Option<u32>,
+
+    /// How each chunk of the new blob is stored [default: as in the image].
+    #[arg(long, value_name = "METHOD", value_enum)]
+    pub compression: Option<ChunkCompression>,
+
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
 /// `berth block list` flags.
 #[derive(Debug, Clone, Args)]
 pub struct ListArgs {
@@ -199,6 +249,7 @@ impl BlockCommand {
             BlockCommand::Del(a) => &a.common,
             BlockCommand::Recover(a) => &a.common,
             BlockCommand::ServeVhost(a) => &a.common,
+            BlockCommand::Commit(a) => &a.common,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! own thread, writes the metrics file and turns SIGTERM into a clean stop.
 
 pub mod args;
+mod commit;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -132,7 +133,7 @@ impl DeviceDescription {
 }
 
 /// The manifest of `image`: the file itself, or `manifest.json` inside the directory.
-fn manifest_path_of(image: &Path) -> PathBuf {
+pub(crate) fn manifest_path_of(image: &Path) -> PathBuf {
     if image.is_dir() {
         image.join("manifest.json")
     } else {
@@ -214,6 +215,27 @@ pub(crate) fn open_target_from(
     settings: &args::TargetArgs,
     engines: &Engines,
 ) -> anyhow::Result<SharedTarget> {
+    let base = open_base_target(target, read_only || overlay.is_some(), settings, engines)?;
+    match overlay {
+        Some(path) => {
+            let (overlay, recovery) =
+                OverlayTarget::open(path, base, &OverlayOptions::default())
+                    .with_context(|| format!("cannot open the overlay {}", path.display()))?;
+            info!(overlay = %path.display(), ?recovery, "Opened the overlay.");
+            Ok(Arc::new(overlay))
+        }
+        None => Ok(base),
+    }
+}
+
+/// Opens `target` (an image or a file / block device) alone, as the block engine serves
+/// it (an image is always read-only).
+pub(crate) fn open_base_target(
+    target: &Path,
+    read_only: bool,
+    settings: &args::TargetArgs,
+    engines: &Engines,
+) -> anyhow::Result<SharedTarget> {
     let base: SharedTarget = if is_image(target) {
         let manifest_path = manifest_path_of(target);
         let manifest = Manifest::load(&manifest_path)
@@ -235,7 +257,6 @@ pub(crate) fn open_target_from(
             .with_context(|| format!("cannot open the blob of {}", target.display()))?;
         Arc::new(ImageTarget::new(blob, settings.block_size))
     } else {
-        let read_only = read_only || overlay.is_some();
         Arc::new(
             RawTarget::open(
                 target,
@@ -248,16 +269,7 @@ pub(crate) fn open_target_from(
             .with_context(|| format!("cannot open {}", target.display()))?,
         )
     };
-    match overlay {
-        Some(path) => {
-            let (overlay, recovery) =
-                OverlayTarget::open(path, base, &OverlayOptions::default())
-                    .with_context(|| format!("cannot open the overlay {}", path.display()))?;
-            info!(overlay = %path.display(), ?recovery, "Opened the overlay.");
-            Ok(Arc::new(overlay))
-        }
-        None => Ok(base),
-    }
+    Ok(base)
 }
 
 /// One device being served.
@@ -747,6 +759,7 @@ pub fn run(command: BlockCommand, signals: TerminationSignals) -> anyhow::Result
         BlockCommand::List(args) => run_list(args),
         BlockCommand::Del(args) => run_del(args),
         BlockCommand::ServeVhost(args) => crate::vhost_blk::run(args, signals),
+        BlockCommand::Commit(args) => commit::run(args, signals),
     }
 }
 

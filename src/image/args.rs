@@ -66,7 +66,7 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
-fn parse_chunk_size(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_chunk_size(s: &str) -> Result<u32, String> {
     let size = parse_size(s)?;
     match u32::try_from(size) {
         Ok(size) if size.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&size) => {
