@@ -31,6 +31,15 @@ pub mod block {
     pub use crate::block_args::BlockCommand;
 }
 
+/// `berth volume`'s flags, and how `berth block` serves a volume.
+#[allow(dead_code)]
+#[path = "../../src/volume/args.rs"]
+pub mod volume_args;
+pub mod volume {
+    pub use crate::volume_args as args;
+    pub use crate::volume_args::VolumeCommand;
+}
+
 /// `berth block serve-vhost`'s flags (named by the block subcommands) and its request
 /// path: one virtio-blk request in a descriptor chain against the block engine.
 #[allow(dead_code)]

@@ -56,6 +56,7 @@ pub fn serve(data: &[u8]) {
                 poll_us: 0,
                 seccomp: SeccompAction::None,
                 dax_window: 0,
+                versions: None,
             },
         )
         .expect("device"),
