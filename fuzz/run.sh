@@ -12,8 +12,6 @@ if [ ${#targets[@]} -eq 0 ]; then
     targets=(fuse_request vhost_user_message vhost_blk_request cli_options manifest_parse xattrmap_parse dax_window)
 fi
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/berth/fuzz
-# Leak reports that are not berth's (see lsan.supp).
-export LSAN_OPTIONS="suppressions=$PWD/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked

@@ -33,16 +33,33 @@ struct Job {
 
 /// The thread that saves and loads the filesystem's state.
 pub(super) struct StateTransfer {
-    jobs: Mutex<mpsc::Sender<Job>>,
+    /// Taken when the device goes, which ends the thread.
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
     /// The verdict of the transfer started last, until CHECK_DEVICE_STATE collects it.
     pending: Mutex<Option<mpsc::Receiver<Result<(), String>>>>,
+    /// Joined when the device goes, so that nothing of the thread outlives it.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for StateTransfer {
+    fn drop(&mut self) {
+        self.jobs
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        // A transfer still running ends with its pipe: the VMM's end closes when the VMM
+        // goes, and the VMM has gone from this device already.
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl StateTransfer {
     /// Starts the transfer thread (from the main thread, which may still create threads).
     pub(super) fn start(server: Arc<FsServer>, seccomp: SeccompAction) -> anyhow::Result<Self> {
         let (jobs, queue) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("berth-migration".into())
             .spawn(move || {
                 if let Err(e) = berth_seccomp::install_filter(ThreadRole::Migration, seccomp) {
@@ -66,8 +83,9 @@ impl StateTransfer {
             })
             .context("cannot start the migration thread")?;
         Ok(StateTransfer {
-            jobs: Mutex::new(jobs),
+            jobs: Mutex::new(Some(jobs)),
             pending: Mutex::new(None),
+            thread: Some(thread),
         })
     }
 
@@ -82,6 +100,8 @@ impl StateTransfer {
         self.jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the migration thread is gone"))?
             .send(Job {
                 direction,
                 file,
