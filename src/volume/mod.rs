@@ -218,6 +218,18 @@ fn run_gc(args: GcArgs) -> anyhow::Result<()> {
         report.packs_kept_in_flight,
         report.packs_kept_for_snapshots
     );
+    if report.stale_intents_removed > 0 {
+        println!(
+            "{location}: {} the intents of {} snapshot commands that died (older than {} s).",
+            if report.dry_run {
+                "would remove"
+            } else {
+                "removed"
+            },
+            report.stale_intents_removed,
+            admin::STALE_INTENT_AGE.as_secs()
+        );
+    }
     Ok(())
 }
 

@@ -24,6 +24,11 @@ const SNAPSHOT_INTENTS: &str = "snapshot-intents";
 /// How long commands wait for the bucket.
 pub const COMMAND_PATIENCE: Patience = Patience::For(Duration::from_secs(60));
 
+/// A snapshot intent older than this belongs to a snapshot command that died (its requests
+/// each give up after [`COMMAND_PATIENCE`]); garbage collection removes it, since it would
+/// otherwise hold back every pack deletion for ever.
+pub const STALE_INTENT_AGE: Duration = Duration::from_secs(3600);
+
 /// Geometry of a new volume.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
@@ -299,11 +304,43 @@ pub fn snapshot_in(store: &Arc<Store>, name: &str) -> Result<u64> {
             Created::Taken(_) => Err(VolumeError::SnapshotExists(name.to_string())),
         }
     });
-    // Left behind, the intent only holds garbage collection back (it says so).
+    // A command stopped past STALE_INTENT_AGE finds its intent removed: garbage collection
+    // may then have deleted packs of the version it read, so the snapshot stands only if
+    // every pack it names is still there.
+    if let Ok(version) = taken {
+        if store.get(&intent, COMMAND_PATIENCE)?.is_none() {
+            verify_snapshot_packs(store, name, version)?;
+        }
+    }
+    // Left behind, the intent only holds garbage collection back until it is stale.
     if let Err(err) = store.delete(&intent, COMMAND_PATIENCE) {
         tracing::warn!(object = %intent, "removing the snapshot intent: {err}");
     }
     taken
+}
+
+/// Checks that every pack snapshot `name` (of manifest `version`) names is in the bucket;
+/// if one is gone, removes the snapshot and says so.
+fn verify_snapshot_packs(store: &Arc<Store>, name: &str, version: u64) -> Result<()> {
+    let key = store.snapshot_key(name);
+    let Some((data, _)) = store.get(&key, COMMAND_PATIENCE)? else {
+        return Err(VolumeError::SnapshotLost(name.to_string(), version));
+    };
+    let manifest = Manifest::decode(&key, &data)?;
+    let present: HashSet<String> = store
+        .list("packs", COMMAND_PATIENCE)?
+        .into_iter()
+        .map(|object| object.name)
+        .collect();
+    if manifest
+        .packs
+        .iter()
+        .all(|pack| present.contains(&pack.key))
+    {
+        return Ok(());
+    }
+    store.delete(&key, COMMAND_PATIENCE)?;
+    Err(VolumeError::SnapshotLost(name.to_string(), version))
 }
 
 /// The clones made from snapshot `name` whose volume still exists.
@@ -435,10 +472,11 @@ pub struct GcReport {
     /// Unreferenced packs numbered at or past the latest manifest's next pack id: an
     /// upload whose manifest is not written yet (or never will be) made them.
     pub packs_kept_in_flight: u64,
-    /// Unreferenced packs kept because a snapshot was being taken (or a snapshot command
-    /// died and left its intent object: delete `snapshot-intents/*` once none runs).
+    /// Unreferenced packs kept because a snapshot was being taken.
     pub packs_kept_for_snapshots: u64,
     pub snapshots_in_progress: u64,
+    /// Intents of snapshot commands that died, older than [`STALE_INTENT_AGE`], removed.
+    pub stale_intents_removed: u64,
     pub manifests_deleted: u64,
     pub dry_run: bool,
 }
@@ -478,7 +516,24 @@ pub fn collect_garbage(
     let first_unpublished = state.next_pack_id;
     let mut live: HashSet<String> = state.packs.values().map(|p| p.key.clone()).collect();
     // Intents before snapshots: a snapshot whose intent is gone by now is listed below.
-    let intents = store.list(SNAPSHOT_INTENTS, patience)?.len() as u64;
+    let stale_before = now_ms() - STALE_INTENT_AGE.as_millis() as i64;
+    let mut intents = 0;
+    let mut stale_intents_removed = 0;
+    for intent in store.list(SNAPSHOT_INTENTS, patience)? {
+        if intent.modified_ms > stale_before {
+            intents += 1;
+            continue;
+        }
+        tracing::warn!(
+            object = %intent.name,
+            "removing a snapshot intent older than {} s: its snapshot command is gone",
+            STALE_INTENT_AGE.as_secs()
+        );
+        if !dry_run {
+            store.delete(&intent.name, patience)?;
+        }
+        stale_intents_removed += 1;
+    }
     for object in store.list("snapshots", patience)? {
         let Some((data, _)) = store.get(&object.name, patience)? else {
             continue;
@@ -489,6 +544,7 @@ pub fn collect_garbage(
     let mut report = GcReport {
         live_packs: live.len() as u64,
         snapshots_in_progress: intents,
+        stale_intents_removed,
         dry_run,
         ..GcReport::default()
     };

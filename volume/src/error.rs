@@ -52,6 +52,8 @@ pub enum VolumeError {
     NoSnapshot(String),
     #[error("The snapshot `{0}` already exists.")]
     SnapshotExists(String),
+    #[error("The snapshot `{0}` of manifest version {1} was not kept: its command was stopped for so long that garbage collection took its intent for a dead one and deleted packs that version needs; take the snapshot again.")]
+    SnapshotLost(String, u64),
     #[error("The snapshot `{snapshot}` is the source of clones ({clones}); delete them first.")]
     SnapshotInUse { snapshot: String, clones: String },
     #[error("Invalid argument: {0}")]

@@ -322,6 +322,131 @@ fn gc_keeps_the_packs_of_a_snapshot_being_taken() {
     assert!(read(&volume, 0, old.len()) == old);
 }
 
+/// Files under `dir` whose path contains `part`.
+fn files_containing(dir: &Path, part: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.to_string_lossy().contains(part) {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// Makes the bucket's snapshot intents look older than the stale age.
+fn age_intents(bucket: &Path) -> usize {
+    let old = std::time::SystemTime::now() - admin::STALE_INTENT_AGE - Duration::from_secs(60);
+    let intents = files_containing(bucket, "snapshot-intents/");
+    for path in &intents {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    }
+    intents.len()
+}
+
+#[test]
+fn a_stale_snapshot_intent_is_removed_and_no_longer_holds_gc_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let bucket = dir.path().join("bucket");
+    let location = create(&bucket);
+    let (volume, _) = Volume::open(&location, options(&dir.path().join("host1"))).unwrap();
+    write_at(&volume, 0, &pseudo_random(41, MIB as usize), false).unwrap();
+    volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
+    let new = pseudo_random(42, MIB as usize);
+    write_at(&volume, 0, &new, false).unwrap();
+    volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
+
+    // What a snapshot command killed between its intent and its snapshot leaves.
+    let store = Store::open(&location).unwrap();
+    let backend = open_backend(&location.root).unwrap();
+    backend
+        .put_bytes(&store.key("snapshot-intents/0123abcd"), b"killed")
+        .unwrap();
+    let fresh = admin::gc(&location, GRACE, false).unwrap();
+    assert_eq!(
+        (
+            fresh.snapshots_in_progress,
+            fresh.packs_deleted,
+            fresh.stale_intents_removed
+        ),
+        (1, 0, 0),
+        "a recent intent holds deletion back: {fresh:?}"
+    );
+    assert!(fresh.packs_kept_for_snapshots >= 1, "{fresh:?}");
+
+    assert_eq!(age_intents(&bucket), 1);
+    let dry = admin::gc(&location, GRACE, true).unwrap();
+    assert_eq!(dry.stale_intents_removed, 1, "{dry:?}");
+    assert_eq!(files_containing(&bucket, "snapshot-intents/").len(), 1);
+    let stale = admin::gc(&location, GRACE, false).unwrap();
+    assert_eq!(
+        (stale.snapshots_in_progress, stale.stale_intents_removed),
+        (0, 1),
+        "{stale:?}"
+    );
+    assert!(stale.packs_deleted >= 1, "{stale:?}");
+    assert!(files_containing(&bucket, "snapshot-intents/").is_empty());
+    assert!(missing_from_latest(&location).is_empty());
+    assert!(read(&volume, 0, new.len()) == new);
+    volume.close().unwrap();
+}
+
+#[test]
+fn a_snapshot_stopped_past_the_stale_age_is_refused_rather_than_kept_without_its_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    let bucket = dir.path().join("bucket");
+    let location = create(&bucket);
+    let (volume, _) = Volume::open(&location, options(&dir.path().join("host1"))).unwrap();
+    write_at(&volume, 0, &pseudo_random(51, MIB as usize), false).unwrap();
+    volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
+
+    // The snapshot reads the version above and stops before writing its object ...
+    let gate = Gate::new("create", "/snapshots/");
+    gate.arm();
+    let snapshot_store = gated_store(&location, &gate);
+    let snapshotting = std::thread::spawn(move || admin::snapshot_in(&snapshot_store, "stopped"));
+    gate.wait_reached();
+    // ... for longer than the stale age: a newer version drops the old pack, and GC takes
+    // the intent for a dead command's and deletes that pack.
+    write_at(&volume, 0, &pseudo_random(52, MIB as usize), false).unwrap();
+    volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
+    assert_eq!(age_intents(&bucket), 1);
+    let report = admin::gc(&location, GRACE, false).unwrap();
+    assert_eq!(report.stale_intents_removed, 1, "{report:?}");
+    assert!(report.packs_deleted >= 1, "{report:?}");
+    gate.release();
+
+    let outcome = snapshotting.join().unwrap();
+    match outcome {
+        Err(err) => assert!(
+            err.to_string().contains("was not kept") && err.to_string().contains("again"),
+            "{err}"
+        ),
+        Ok(version) => panic!("a snapshot of version {version} kept without its packs"),
+    }
+    let store = Store::open(&location).unwrap();
+    let config = store.load_config(COMMAND_PATIENCE).unwrap();
+    assert!(
+        store
+            .load_snapshot(&config, "stopped", COMMAND_PATIENCE)
+            .is_err(),
+        "the snapshot object is removed"
+    );
+    // A new snapshot now works.
+    admin::snapshot(&location, "stopped").unwrap();
+    volume.close().unwrap();
+}
+
 fn rng(state: &mut u64) -> u64 {
     *state ^= *state << 13;
     *state ^= *state >> 7;
