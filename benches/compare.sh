@@ -35,9 +35,9 @@ berth="$target/release/berth"
 loadgen="$target/release/berth-loadgen"
 
 virtiofsd="${VIRTIOFSD:-$cache/virtiofsd-1.14.0/bin/virtiofsd}"
-# The full comparison needs the peer: build it once into the cache (a few minutes; it links
-# Debian's libseccomp and libcap-ng). The CI smoke run uses it only when it is already there.
-if [[ ! -x "$virtiofsd" && $mode == full && -z "${VIRTIOFSD:-}" ]]; then
+# The comparison needs the peer, the quick CI run too: build it once into the cache (a few
+# minutes; it links Debian's libseccomp and libcap-ng).
+if [[ ! -x "$virtiofsd" && -z "${VIRTIOFSD:-}" ]]; then
     if [[ $(id -u) == 0 ]]; then
         for pkg in libseccomp-dev libcap-ng-dev pkg-config; do
             dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" ||
