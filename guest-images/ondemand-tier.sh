@@ -10,11 +10,11 @@
 #   ordinary host directory the host can corrupt on purpose).
 
 FSCACHE_GUEST_CHECKS=(fscache-setup fscache-one-file fscache-16-readers fscache-worker-kill
-	fscache-full-restart fscache-all-files fscache-shared-blob fscache-corrupt-chunk
+	fscache-full-restart fscache-restart-held-fd fscache-all-files fscache-shared-blob fscache-corrupt-chunk
 	fscache-unmount fscache-autostart)
 FSCACHE_HOST_CHECKS=(fscache-daemon-exit-0)
 
-# The test tree: 2 000 files, four of them large (64, 32, 16 and 4 MiB), the rest
+# The test tree: 2 000 files, five of them large (64, 32, 16, 8 and 4 MiB), the rest
 # small; names d<N%40>/f<N>.
 fscache_tree() {
 	local root=$1 i size
@@ -22,6 +22,7 @@ fscache_tree() {
 		case $i in
 		0) size=$((64 << 20)) ;;
 		500) size=$((32 << 20)) ;;
+		1200) size=$((8 << 20)) ;;
 		1000) size=$((16 << 20)) ;;
 		1500) size=$((4 << 20)) ;;
 		*) size=$(((i * 7919) % 24000)) ;;
@@ -61,6 +62,7 @@ fscache_tier() {
 		echo "F_SMALL=d20/f1500 F_SMALL_CHUNKS=$(chunks_of d20/f1500)"
 		echo "F_SHARED=d0/f1000 F_SHARED_CHUNKS=$(chunks_of d0/f1000)"
 		echo "F_BIG=d0/f0 F_RESTART=d20/f500 F_RESTART_CHUNKS=$(chunks_of d20/f500)"
+		echo "F_HELD=d0/f1200"
 		echo "BAD_FILE=big BAD_BLOB=$bad_blob BAD_CHUNK=$bad_chunk"
 		echo "GOOD_FILE=small GOOD_DIGEST=$(sha256sum <"$WORK/fscache-src-b/small" | cut -c1-64)"
 	} >"$share/expect.env"
@@ -75,7 +77,7 @@ fscache_tier() {
 		die "berth-service-harness does not build"
 	objcopy --strip-debug "$DAEMON" "$extra/berth"
 	objcopy --strip-debug "$bin_dir/berth-service-harness" "$extra/berth-service-harness"
-	cp "$GUEST_IMAGES_DIR/guest/fscache.sh" "$extra/"
+	cp "$GUEST_IMAGES_DIR/guest/fscache.sh" "$GUEST_IMAGES_DIR/guest/hold-fd.pl" "$extra/"
 
 	start_daemon images "$share" --readonly
 	# Boot the 6.12 kernel: module-less, so its own initramfs; the 7.2 one is put back.

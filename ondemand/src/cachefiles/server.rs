@@ -17,7 +17,8 @@
 //!   descriptor store ([`super::fdstore`]) the device stays open; the restarted server
 //!   takes it back, reloads the images it served from the state file in the cachefiles
 //!   directory, writes `restore`, and the kernel hands it every unfinished request again
-//!   (re-opening objects whose descriptors died). Without one, the kernel unbinds the
+//!   (re-opening objects whose descriptors died; see [`OrphanReads`] for a descriptor
+//!   that outlives the previous server). Without one, the kernel unbinds the
 //!   cache and reads of the images fail with EIO (they never read as zeros).
 
 use std::collections::{BTreeMap, HashMap};
@@ -74,6 +75,10 @@ struct SavedState {
     /// writes `restore` (see `wait_for_previous_worker`).
     #[serde(default)]
     worker_pid: Option<u32>,
+    /// Its start time (field 22 of `/proc/PID/stat`): a process that is exiting has an
+    /// empty command line, so this is what tells it from a later process with the pid.
+    #[serde(default)]
+    worker_start_time: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -126,6 +131,29 @@ struct PendingRead {
     since: Instant,
 }
 
+/// READs the kernel handed over for objects this server holds no descriptor of. After a
+/// restart, `restore` gives back every unfinished request; the kernel re-opens an object
+/// first only if its last anonymous descriptor is closed. If a copy outlived the previous
+/// server (a process still exiting, a descriptor in flight), the READ comes as it was and
+/// cannot be completed: nothing here can write into that object. Once that copy is closed
+/// the kernel would re-open the object, but only for a request it hands out again, so
+/// `restore` is written again, with backoff, until no such READ is left.
+struct OrphanReads {
+    /// msg_id → object_id of the READs seen since the last `restore`.
+    reads: BTreeMap<u32, u32>,
+    /// When the first of them was seen.
+    since: Instant,
+    next_restore: Instant,
+    interval: Duration,
+    warned: bool,
+}
+
+/// The first re-`restore` after an orphan READ, and the longest wait between two.
+const ORPHAN_RETRY_FIRST: Duration = Duration::from_millis(250);
+const ORPHAN_RETRY_MAX: Duration = Duration::from_secs(2);
+/// After this long the server names the processes still holding descriptors.
+const ORPHAN_WARN_AFTER: Duration = Duration::from_secs(10);
+
 enum WorkerState {
     Starting(Child),
     Ready(Child),
@@ -154,6 +182,7 @@ struct Server {
     images: BTreeMap<String, Image>,
     objects: HashMap<u32, Object>,
     pending: BTreeMap<u32, PendingRead>,
+    orphans: Option<OrphanReads>,
     worker: WorkerState,
     socket: Option<OwnedFd>,
     command: WorkerCommand,
@@ -250,6 +279,13 @@ fn unmount(path: &Path) -> io::Result<()> {
 }
 
 impl Server {
+    fn worker_pid(&self) -> Option<u32> {
+        match &self.worker {
+            WorkerState::Starting(child) | WorkerState::Ready(child) => Some(child.id()),
+            WorkerState::Down(_) => None,
+        }
+    }
+
     fn state_path(&self) -> PathBuf {
         self.dir.join(STATE_NAME)
     }
@@ -265,10 +301,8 @@ impl Server {
                     fsid: i.fsid.clone(),
                 })
                 .collect(),
-            worker_pid: match &self.worker {
-                WorkerState::Starting(child) | WorkerState::Ready(child) => Some(child.id()),
-                WorkerState::Down(_) => None,
-            },
+            worker_pid: self.worker_pid(),
+            worker_start_time: self.worker_pid().and_then(process_start_time),
         };
         let outcome = serde_json::to_vec_pretty(&state)
             .map_err(io::Error::other)
@@ -636,14 +670,19 @@ impl Server {
     }
 
     fn handle_read(&mut self, msg_id: u32, object_id: u32, off: u64, len: u64) {
-        let Some(object) = self.objects.get(&object_id) else {
-            // Without its descriptor the request cannot even be completed; the kernel
-            // fails it when the object goes.
-            tracing::error!(
-                object_id,
+        // `restore` hands out again every request not completed yet, those in the
+        // worker's hands included: one already pending is the same request (message ids
+        // are allocated cyclically over 32 bits).
+        if self.pending.contains_key(&msg_id) {
+            tracing::debug!(
                 msg_id,
-                "a READ of an object this server never opened"
+                object_id,
+                "a READ handed out again; already in hand"
             );
+            return;
+        }
+        let Some(object) = self.objects.get(&object_id) else {
+            self.orphan_read(msg_id, object_id);
             return;
         };
         match &object.kind {
@@ -678,6 +717,65 @@ impl Server {
                 );
                 self.dispatch();
             }
+        }
+    }
+
+    fn orphan_read(&mut self, msg_id: u32, object_id: u32) {
+        let now = Instant::now();
+        let orphans = self.orphans.get_or_insert_with(|| {
+            tracing::warn!(
+                object_id,
+                msg_id,
+                "a READ of an object this server never opened: a descriptor of it outlived \
+                 the previous server; asking the kernel again once that copy is closed"
+            );
+            OrphanReads {
+                reads: BTreeMap::new(),
+                since: now,
+                next_restore: now + ORPHAN_RETRY_FIRST,
+                interval: ORPHAN_RETRY_FIRST,
+                warned: false,
+            }
+        });
+        orphans.reads.insert(msg_id, object_id);
+    }
+
+    /// Writes `restore` again while READs of unknown objects are waiting (see
+    /// [`OrphanReads`]).
+    fn retry_orphans(&mut self) {
+        let Some(orphans) = self.orphans.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        if now < orphans.next_restore {
+            return;
+        }
+        if orphans.reads.is_empty() {
+            // None came back after the last `restore`: the kernel re-opened their
+            // objects and handed them out under the new ids.
+            tracing::info!(
+                waited_ms = orphans.since.elapsed().as_millis() as u64,
+                "every READ of an object the previous server held is handed out again"
+            );
+            self.orphans = None;
+            return;
+        }
+        if !orphans.warned && orphans.since.elapsed() > ORPHAN_WARN_AFTER {
+            orphans.warned = true;
+            let objects: Vec<u32> = orphans.reads.values().copied().collect();
+            let holders = processes_holding_cachefiles_descriptors();
+            tracing::error!(
+                ?objects,
+                holders = %if holders.is_empty() { "none found".to_string() } else { holders.join(", ") },
+                "reads of these cache objects wait: a descriptor of them still outlives the \
+                 previous server; they go on once the processes holding one close it"
+            );
+        }
+        orphans.reads.clear();
+        orphans.next_restore = now + orphans.interval;
+        orphans.interval = (orphans.interval * 2).min(ORPHAN_RETRY_MAX);
+        if let Err(err) = self.device.restore() {
+            tracing::error!("asking the kernel for the waiting READs again: {err}");
         }
     }
 
@@ -1024,9 +1122,44 @@ impl Server {
             }
         }
         self.fail_overdue();
+        self.retry_orphans();
         self.dispatch();
         fds[0].revents != 0 && shutdown.triggered()
     }
+}
+
+/// The processes other than this one with a cachefiles anonymous descriptor open, as
+/// "PID (NAME)", for an error message.
+fn processes_holding_cachefiles_descriptors() -> Vec<String> {
+    let own = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut holders = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if pid == own {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.as_os_str() == "anon_inode:[cachefiles]")
+        });
+        if holds {
+            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            holders.push(format!("{pid} ({})", comm.trim()));
+        }
+    }
+    holders
 }
 
 /// Copies `off..off + len` of the image's bootstrap into its cache object (whole
@@ -1060,33 +1193,48 @@ fn on_tmpfs(dir: &Path) -> bool {
 /// How long a restarted server waits for the previous worker to be gone.
 const PREVIOUS_WORKER_GRACE: Duration = Duration::from_secs(30);
 
-/// The previous server's worker (killed with it) may still be finishing a system call.
-/// Until it is gone it holds the objects' descriptors and the blob caches' locks: `restore`
-/// written meanwhile hands this server READs of objects whose descriptors only that
-/// process has (nothing could complete them), and the new worker finds the blobs locked.
-/// So it is killed (if it is still a berth cachefiles worker) and waited for, for a bounded
-/// time.
-fn wait_for_previous_worker(pid: u32) {
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    let is_worker = std::fs::read(proc_dir.join("cmdline"))
-        .map(|cmdline| {
-            let words: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-            words.iter().any(|w| *w == b"fscache")
-                && words.iter().any(|w| *w == b"--internal-worker")
-        })
-        .unwrap_or(false);
-    if !is_worker {
+/// Where a process is, from `/proc/PID/stat`: its state letter and start time (field 22,
+/// in clock ticks since boot). `None` once it is reaped.
+fn process_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields after it are
+    // counted from the last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // Fields 3 (the state) .. 22 (the start time): 19 more after the state.
+    let start_time = fields.nth(18)?.parse().ok()?;
+    Some((state, start_time))
+}
+
+fn process_start_time(pid: u32) -> Option<u64> {
+    process_stat(pid).map(|(_, start)| start)
+}
+
+/// The previous server's worker (killed with it) may still be finishing a system call or
+/// its exit. Until it is gone it holds the objects' descriptors and the blob caches'
+/// locks: `restore` written meanwhile hands this server READs of objects whose
+/// descriptors only that process has, and the new worker finds the blobs locked. So it is
+/// killed (if it is still that berth cachefiles worker) and waited for, for a bounded
+/// time. A process that is exiting has released its memory, so its command line reads
+/// empty: it is recognised by its start time as well.
+fn wait_for_previous_worker(pid: u32, saved_start_time: Option<u64>) {
+    let Some((_, start_time)) = process_stat(pid) else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let words: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let named_worker =
+        words.iter().any(|w| *w == b"fscache") && words.iter().any(|w| *w == b"--internal-worker");
+    let same_process = saved_start_time == Some(start_time);
+    // An old state file has no start time: only the command line can tell then.
+    if !(same_process || (saved_start_time.is_none() && named_worker)) {
         return;
     }
     // A zombie has closed its descriptors already.
     let alive = || {
-        std::fs::read_to_string(proc_dir.join("stat"))
-            .ok()
-            .and_then(|stat| {
-                stat.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.trim_start().chars().next())
-            })
-            .is_some_and(|state| state != 'Z' && state != 'X')
+        process_stat(pid)
+            .is_some_and(|(state, start)| start == start_time && state != 'Z' && state != 'X')
     };
     let Ok(raw_pid) = libc::pid_t::try_from(pid) else {
         return;
@@ -1097,7 +1245,7 @@ fn wait_for_previous_worker(pid: u32) {
     let started = Instant::now();
     while alive() {
         if started.elapsed() > PREVIOUS_WORKER_GRACE {
-            tracing::warn!(pid, "the previous cachefiles worker is still not gone; restoring anyway (reads of objects it held may wait)");
+            tracing::warn!(pid, "the previous cachefiles worker is still not gone; restoring anyway (reads of objects it held wait until it is)");
             return;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -1163,6 +1311,7 @@ pub fn serve(options: ServerOptions) -> Result<()> {
         images: BTreeMap::new(),
         objects: HashMap::new(),
         pending: BTreeMap::new(),
+        orphans: None,
         worker: WorkerState::Down(Instant::now()),
         socket: None,
         command: options.worker.clone(),
@@ -1180,7 +1329,7 @@ pub fn serve(options: ServerOptions) -> Result<()> {
             .and_then(|text| serde_json::from_slice(&text).ok())
             .unwrap_or_default();
         if let Some(pid) = saved.worker_pid {
-            wait_for_previous_worker(pid);
+            wait_for_previous_worker(pid, saved.worker_start_time);
         }
         for image in saved.images {
             if !is_erofs_mount(&image.spec.mountpoint) {
@@ -1294,6 +1443,48 @@ mod tests {
         for bad in ["", "a,b", "a b", "a/b", "x=y", &"z".repeat(200)] {
             assert!(!valid_key(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn process_stat_reads_state_and_start_time() {
+        let (state, start) = process_stat(std::process::id()).expect("own stat");
+        assert!(!matches!(state, 'Z' | 'X'), "{state}");
+        assert!(start > 0);
+        let mut child = Command::new("sleep").arg("30").spawn().expect("sleep");
+        let (_, child_start) = process_stat(child.id()).expect("child stat");
+        assert!(child_start >= start);
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        assert_eq!(
+            process_stat(child.id()),
+            None,
+            "a reaped process has no stat"
+        );
+    }
+
+    #[test]
+    fn previous_worker_is_known_by_its_start_time_only() {
+        // A process of another start time (the pid reused) is left alone.
+        let mut other = Command::new("sleep").arg("30").spawn().expect("sleep");
+        let start = process_start_time(other.id()).expect("start time");
+        wait_for_previous_worker(other.id(), Some(start + 1));
+        assert!(
+            other.try_wait().expect("try_wait").is_none(),
+            "a stranger was killed"
+        );
+        // Without a recorded start time only a worker's command line counts.
+        wait_for_previous_worker(other.id(), None);
+        assert!(
+            other.try_wait().expect("try_wait").is_none(),
+            "a stranger was killed"
+        );
+        // The recorded process is killed and waited for, whatever its command line says
+        // (an exiting one reads empty). It is our child, so it stays a zombie until reaped,
+        // and a zombie counts as gone.
+        wait_for_previous_worker(other.id(), Some(start));
+        let status = other.wait().expect("wait");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
     }
 
     #[test]
