@@ -14,6 +14,7 @@ mod shutdown;
 mod vhost_blk;
 mod vhost_user;
 mod volume;
+mod vring_events;
 
 use std::path::Path;
 use std::process::ExitCode;

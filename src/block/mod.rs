@@ -23,7 +23,9 @@ use serde_json::json;
 use tracing::{error, info, warn};
 
 use crate::shutdown::{signal_name, TerminationSignals};
-use crate::volume::{is_volume_spec, open_volume, VolumeServeSettings};
+use crate::volume::{
+    check_volume_served_writable, is_volume_spec, open_volume, VolumeServeSettings,
+};
 pub use args::BlockCommand;
 use args::{AddArgs, DelArgs, ListArgs, RecoverArgs, TransportArg};
 use berth_volume::{Durability, Volume};
@@ -544,12 +546,11 @@ fn run_add(args: AddArgs, signals: TerminationSignals) -> anyhow::Result<()> {
     let mut devices = Vec::new();
     for (i, target) in args.targets.iter().enumerate() {
         if is_volume_spec(&target.to_string_lossy()) {
-            if args.readonly || args.overlay.get(i).is_some() {
-                bail!(
-                    "{} is a volume: it is served writable, without --readonly or --overlay (clone a snapshot for a separate copy)",
-                    target.display()
-                );
-            }
+            check_volume_served_writable(
+                &target.to_string_lossy(),
+                args.readonly,
+                args.overlay.get(i).is_some(),
+            )?;
             // Checked now, so that a typo fails before any device is created.
             berth_volume::Location::parse(&target.to_string_lossy())?;
             let desc = DeviceDescription {

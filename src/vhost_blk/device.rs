@@ -37,6 +37,8 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::vring_events::{self, route, Drained, QueueEvent};
+
 use super::request::{
     serve_chain, BlkMemory, RequestPolicy, MAX_RANGES, MAX_RANGE_SECTORS, SECTOR_SIZE,
 };
@@ -245,44 +247,28 @@ impl BlkBackend {
             }
         }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        loop {
-            if event_idx {
-                if let Err(e) = vring.disable_notification() {
-                    warn!(queue, "Cannot disable queue notifications: {e}.");
+        vring_events::drain_queue(queue, vring, event_idx, || loop {
+            let chain = {
+                let mut state = vring.get_mut();
+                let queue = state.get_queue_mut();
+                if !queue.ready() {
+                    return Drained::Stopped;
                 }
-            }
-            loop {
-                let chain = {
-                    let mut state = vring.get_mut();
-                    let queue = state.get_queue_mut();
-                    if !queue.ready() {
-                        return;
-                    }
-                    queue.pop_descriptor_chain(mem.clone())
-                };
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                let answered = serve_chain(self.target.as_ref(), &self.policy, &chain, &mem);
-                complete(
-                    queue,
-                    &mut vring.get_mut(),
-                    head,
-                    answered.used_len,
-                    event_idx,
-                );
-            }
-            if !event_idx {
-                break;
-            }
-            match vring.enable_notification() {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn!(queue, "Cannot re-enable queue notifications: {e}.");
-                    break;
-                }
-            }
-        }
+                queue.pop_descriptor_chain(mem.clone())
+            };
+            let Some(chain) = chain else {
+                return Drained::Empty;
+            };
+            let head = chain.head_index();
+            let answered = serve_chain(self.target.as_ref(), &self.policy, &chain, &mem);
+            complete(
+                queue,
+                &mut vring.get_mut(),
+                head,
+                answered.used_len,
+                event_idx,
+            );
+        });
     }
 }
 
@@ -453,24 +439,16 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        // Errors returned from here stop the queue's thread, so problems are logged instead.
-        if evset != EventSet::IN {
-            warn!(
-                queue = thread_id,
-                "Ignoring an unexpected queue event {evset:?}."
-            );
-            return Ok(());
-        }
-        if device_event == self.confine_event_id() {
-            self.confine_this_queue_thread(thread_id);
-            return Ok(());
-        }
-        match vrings.get(usize::from(device_event)) {
-            Some(vring) => self.serve_queue(thread_id, vring),
-            None => warn!(
-                queue = thread_id,
-                "Ignoring an event for unknown vring {device_event}."
-            ),
+        match route(
+            device_event,
+            evset,
+            vrings,
+            thread_id,
+            self.confine_event_id(),
+        ) {
+            Some(QueueEvent::Confine) => self.confine_this_queue_thread(thread_id),
+            Some(QueueEvent::Kick(vring)) => self.serve_queue(thread_id, vring),
+            None => {}
         }
         Ok(())
     }

@@ -28,7 +28,9 @@ use tracing::info;
 
 use crate::block::{is_image, open_target_from, Engines};
 use crate::shutdown::{signal_name, TerminationSignals};
-use crate::volume::{is_volume_spec, open_volume, VolumeServeSettings};
+use crate::volume::{
+    check_volume_served_writable, is_volume_spec, open_volume, VolumeServeSettings,
+};
 use args::ServeVhostArgs;
 use berth_blockdev::SharedTarget;
 use berth_volume::Volume;
@@ -168,11 +170,7 @@ fn open_path_target(target: &Path, args: &ServeVhostArgs) -> anyhow::Result<Open
 /// Opens a volume (`volume:LOCATION`) for writing: takes its lease and replays its local
 /// write-ahead log first, as `berth block add` does.
 fn open_volume_target(spec: &str, args: &ServeVhostArgs) -> anyhow::Result<OpenedTarget> {
-    if args.readonly || args.overlay.is_some() {
-        return Err(anyhow!(
-            "{spec} is a volume: it is served writable, without --readonly or --overlay (clone a snapshot for a separate copy)"
-        ));
-    }
+    check_volume_served_writable(spec, args.readonly, args.overlay.is_some())?;
     let volume = open_volume(
         spec,
         &VolumeServeSettings::from(&args.target_options.volume),

@@ -63,6 +63,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::cli::MAX_TAG_LEN;
 use crate::pool::WorkerPool;
+use crate::vring_events::{route, QueueEvent};
 use berth_seccomp::{SeccompAction, ThreadRole};
 use dax::VhostDax;
 use versions::VersionsRegion;
@@ -619,25 +620,16 @@ impl VhostUserBackend for FsBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        // Errors returned from here stop the queue's thread, so problems are logged instead.
-        if evset != EventSet::IN {
-            warn!(
-                queue = thread_id,
-                "Ignoring an unexpected queue event {evset:?}."
-            );
-            return Ok(());
-        }
-        if device_event == self.confine_event_id() {
-            self.confine_this_queue_thread(thread_id);
-            return Ok(());
-        }
-        // One queue per thread: the thread index is the queue index, the event its only vring.
-        match vrings.get(usize::from(device_event)) {
-            Some(vring) => self.serve_queue(thread_id, vring),
-            None => warn!(
-                queue = thread_id,
-                "Ignoring an event for unknown vring {device_event}."
-            ),
+        match route(
+            device_event,
+            evset,
+            vrings,
+            thread_id,
+            self.confine_event_id(),
+        ) {
+            Some(QueueEvent::Confine) => self.confine_this_queue_thread(thread_id),
+            Some(QueueEvent::Kick(vring)) => self.serve_queue(thread_id, vring),
+            None => {}
         }
         Ok(())
     }

@@ -10,6 +10,8 @@ use std::time::Instant;
 
 use berth_passthrough::{DaxWindow, FsServer, Served};
 use tracing::{debug, info, warn};
+
+use crate::vring_events::{self, Drained};
 use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::GuestMemoryBackend;
@@ -86,25 +88,10 @@ impl FsBackend {
         event_idx: bool,
         handled: &mut usize,
     ) {
-        loop {
-            if event_idx {
-                if let Err(e) = vring.disable_notification() {
-                    warn!(queue, "Cannot disable queue notifications: {e}.");
-                }
-            }
+        vring_events::drain_queue(queue, vring, event_idx, || {
             *handled += self.drain_queue(queue, vring, mem, event_idx);
-            if !event_idx {
-                break;
-            }
-            match vring.enable_notification() {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn!(queue, "Cannot re-enable queue notifications: {e}.");
-                    break;
-                }
-            }
-        }
+            Drained::Empty
+        });
     }
 
     fn drain_queue(

@@ -30,6 +30,21 @@ pub fn is_volume_spec(spec: &str) -> bool {
     spec.starts_with(VOLUME_SPEC_PREFIX)
 }
 
+/// Refuses `--readonly` and `--overlay` for a volume target: a volume is one writer's
+/// disk, served writable, and a separate copy is a clone of a snapshot.
+pub fn check_volume_served_writable(
+    spec: &str,
+    readonly: bool,
+    overlay: bool,
+) -> anyhow::Result<()> {
+    if readonly || overlay {
+        anyhow::bail!(
+            "{spec} is a volume: it is served writable, without --readonly or --overlay (clone a snapshot for a separate copy)"
+        );
+    }
+    Ok(())
+}
+
 /// How a served volume behaves: the settings `berth block add` stores with the device.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VolumeServeSettings {
