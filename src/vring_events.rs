@@ -1,51 +1,141 @@
 //! What both vhost-user devices (virtio-fs in [`crate::vhost_user`], virtio-blk in
-//! [`crate::vhost_blk`]) do with a queue thread's events: route an event to the queue it
-//! kicked (or to the thread's one-time confinement), and drain a queue with guest
-//! notifications suppressed meanwhile when EVENT_IDX is on.
+//! [`crate::vhost_blk`]) do with their queue threads: have each one confine itself (its
+//! seccomp filter) before a frontend connects, route an event to the queue it kicked, and
+//! drain a queue with guest notifications suppressed meanwhile when EVENT_IDX is on.
 //!
 //! Errors returned to vhost-user-backend from an event handler stop the queue's thread,
-//! so everything here logs problems instead of returning them.
+//! so the event paths here log problems instead of returning them.
 
+use std::os::fd::AsRawFd;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
 use tracing::warn;
-use vhost_user_backend::VringT;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringT};
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// Where one queue thread's event goes.
-pub(crate) enum QueueEvent<'a, V> {
-    /// The device's own event: confine this queue thread (its seccomp filter).
-    Confine,
-    /// The guest kicked this vring.
-    Kick(&'a V),
+/// How long the queue threads get to confine themselves.
+const CONFINE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One start-up event per queue thread: written once, it makes the thread confine itself
+/// (the library gives no hook that runs on a queue thread before the first kick).
+pub(crate) struct QueueConfinement {
+    events: Vec<EventFd>,
+    /// The event id the threads' listeners are registered under: above the queues and the
+    /// library's exit event (`num_queues()`), as `register_listener` requires.
+    event_id: u16,
+    reports: Mutex<Option<mpsc::Sender<Result<(), String>>>>,
 }
 
-/// Routes `device_event` of `thread_id`; `None` for an event to ignore (logged).
-pub(crate) fn route<'a, V>(
+impl QueueConfinement {
+    pub(crate) fn new(threads: usize, num_queues: usize) -> anyhow::Result<Self> {
+        let events = (0..threads)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("cannot create the queue threads' start-up events")?;
+        let event_id = u16::try_from(num_queues + 1).context("too many queues")?;
+        Ok(Self {
+            events,
+            event_id,
+            reports: Mutex::new(None),
+        })
+    }
+
+    pub(crate) fn event_id(&self) -> u16 {
+        self.event_id
+    }
+
+    /// Has every queue thread of `handlers` run its confinement (see [`Self::on_event`])
+    /// before any frontend connects, and fails if one cannot or does not answer in time.
+    pub(crate) fn confine_all<T: VhostUserBackend>(
+        &self,
+        handlers: &[Arc<VringEpollHandler<T>>],
+    ) -> anyhow::Result<()> {
+        let (reports, received) = mpsc::channel();
+        *self.reports.lock().unwrap_or_else(|e| e.into_inner()) = Some(reports);
+        for (thread, handler) in handlers.iter().enumerate() {
+            let event = self
+                .events
+                .get(thread)
+                .ok_or_else(|| anyhow!("queue thread {thread} has no start-up event"))?;
+            handler
+                .register_listener(event.as_raw_fd(), EventSet::IN, u64::from(self.event_id))
+                .with_context(|| format!("cannot reach queue thread {thread}"))?;
+            event
+                .write(1)
+                .with_context(|| format!("cannot wake queue thread {thread}"))?;
+        }
+        for _ in handlers {
+            match received.recv_timeout(CONFINE_TIMEOUT) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(anyhow!(e)),
+                Err(_) => {
+                    return Err(anyhow!(
+                        "the queue threads did not confine themselves within {CONFINE_TIMEOUT:?}"
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs on queue thread `thread` when its start-up event fires: `confine` installs the
+    /// thread's restrictions; the outcome goes to [`Self::confine_all`].
+    pub(crate) fn on_event(&self, thread: usize, confine: impl FnOnce() -> Result<(), String>) {
+        if let Some(event) = self.events.get(thread) {
+            // Level-triggered: drain it, or the thread would be woken again and again.
+            let _ = event.read();
+        }
+        let outcome = confine().map_err(|e| format!("queue thread {thread}: {e}"));
+        let reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(reports) = reports.as_ref() {
+            let _ = reports.send(outcome);
+        }
+    }
+}
+
+/// A vhost-user device's side of its queue threads, for [`handle_queue_event`].
+pub(crate) trait QueueThreads {
+    type Vring;
+    fn confinement(&self) -> &QueueConfinement;
+    /// Runs once on each queue thread, from its start-up event.
+    fn confine_this_queue_thread(&self, thread: usize);
+    /// Serves what the guest made available on `queue`.
+    fn serve_queue(&self, queue: usize, vring: &Self::Vring);
+}
+
+/// The body of `VhostUserBackend::handle_event` for a device with one queue per thread (the
+/// thread index is the queue index, the event its only vring): routes the start-up event
+/// and kicks; never returns an error, since one would stop the thread.
+pub(crate) fn handle_queue_event<D: QueueThreads>(
+    device: &D,
     device_event: u16,
     evset: EventSet,
-    vrings: &'a [V],
+    vrings: &[D::Vring],
     thread_id: usize,
-    confine_event_id: u16,
-) -> Option<QueueEvent<'a, V>> {
+) -> std::io::Result<()> {
     if evset != EventSet::IN {
         warn!(
             queue = thread_id,
             "Ignoring an unexpected queue event {evset:?}."
         );
-        return None;
+        return Ok(());
     }
-    if device_event == confine_event_id {
-        return Some(QueueEvent::Confine);
+    if device_event == device.confinement().event_id() {
+        device.confine_this_queue_thread(thread_id);
+        return Ok(());
     }
-    // One queue per thread: the thread index is the queue index, the event its only vring.
-    let vring = vrings.get(usize::from(device_event));
-    if vring.is_none() {
-        warn!(
+    match vrings.get(usize::from(device_event)) {
+        Some(vring) => device.serve_queue(thread_id, vring),
+        None => warn!(
             queue = thread_id,
             "Ignoring an event for unknown vring {device_event}."
-        );
+        ),
     }
-    vring.map(QueueEvent::Kick)
+    Ok(())
 }
 
 /// Whether a queue may still be served after a drain.

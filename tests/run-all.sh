@@ -88,6 +88,8 @@ cargo test -p berth-volume --release --features failpoints --test crash_points
 
 if [ $skip_fuzz -eq 0 ]; then
 	section "fuzz corpus and regression replay"
+	# The harness crate is outside the workspace: its lints run here.
+	(cd fuzz && cargo clippy --all-targets --release -- -D warnings)
 	(cd fuzz && cargo test --release)
 	section "fuzz smoke run (60 s per target)"
 	fuzz/run.sh 60 fuse_request vhost_user_message vhost_blk_request cli_options manifest_parse xattrmap_parse dax_window

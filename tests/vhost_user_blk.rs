@@ -838,3 +838,100 @@ fn a_volume_cannot_be_served_read_only_or_with_an_overlay() {
         "{stderr}"
     );
 }
+
+/// The value of the sample `name{labels}` in a Prometheus text file, if present.
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
+#[test]
+fn the_metrics_file_counts_requests_bytes_errors_and_latency_from_inside_the_sandbox() {
+    // Kept apart from the exported file's directory, which the sandbox makes the root.
+    let metrics_dir = tempfile::tempdir().unwrap();
+    let metrics_path = metrics_dir.path().join("blk.prom");
+    let metrics_arg = metrics_path.display().to_string();
+    let (mut served, file) =
+        Served::raw(&["--metrics-file", &metrics_arg, "--metrics-interval", "1"]);
+    let device_label = format!("device=\"{}\"", file.display());
+    let mut device = served.connect(BlkDeviceConfig::default());
+    let mut queue = device.take_queue(0).unwrap();
+
+    for i in 0..3u64 {
+        assert!(queue.read(i * SECTORS_PER_BLOCK, 64 << 10).unwrap().is_ok());
+    }
+    assert_eq!(queue.write(0, &pattern(3, 128 << 10)).unwrap(), status::OK);
+    assert_eq!(queue.flush().unwrap(), status::OK);
+    assert_eq!(queue.discard(&[(4096, 16, 0)]).unwrap(), status::OK);
+    // One read past the end: an error, counted as one.
+    let past_end = FILE_SIZE / 512;
+    let reply = queue
+        .request(request_type::IN, past_end, &[], 4096)
+        .unwrap();
+    assert_eq!(reply.status, status::IOERR);
+    // GET_ID is no block operation: not counted.
+    assert_eq!(
+        queue
+            .request(request_type::GET_ID, 0, &[], 20)
+            .unwrap()
+            .status,
+        status::OK
+    );
+
+    // Rewritten while the device serves (every second).
+    let reads = format!("berth_block_requests_total{{{device_label},op=\"read\"}}");
+    let mut seen = String::new();
+    for _ in 0..100 {
+        seen = fs::read_to_string(&metrics_path).unwrap_or_default();
+        if metric(&seen, &reads) == Some(4.0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        metric(&seen, &reads),
+        Some(4.0),
+        "the metrics file while serving:\n{seen}\n--- daemon stderr ---\n{}",
+        served.daemon.stderr()
+    );
+
+    let _dir = served.finish(device);
+    let text = fs::read_to_string(&metrics_path).unwrap();
+    let sample = |name: &str, op: &str| {
+        metric(&text, &format!("{name}{{{device_label},op=\"{op}\"}}"))
+            .unwrap_or_else(|| panic!("no {name} for {op} in:\n{text}"))
+    };
+    assert_eq!(sample("berth_block_requests_total", "read"), 4.0);
+    assert_eq!(
+        sample("berth_block_bytes_total", "read"),
+        (3 * (64 << 10)) as f64
+    );
+    assert_eq!(sample("berth_block_errors_total", "read"), 1.0);
+    assert_eq!(sample("berth_block_requests_total", "write"), 1.0);
+    assert_eq!(
+        sample("berth_block_bytes_total", "write"),
+        (128 << 10) as f64
+    );
+    assert_eq!(sample("berth_block_requests_total", "flush"), 1.0);
+    assert_eq!(sample("berth_block_requests_total", "discard"), 1.0);
+    assert_eq!(
+        sample("berth_block_bytes_total", "discard"),
+        (16 * 512) as f64
+    );
+    // Seven block requests timed; GET_ID is not one.
+    let count = metric(
+        &text,
+        &format!("berth_block_request_seconds_count{{{device_label}}}"),
+    );
+    assert_eq!(count, Some(7.0), "{text}");
+    assert!(
+        text.contains(&format!(
+            "berth_block_info{{{device_label},transport=\"vhost-user\""
+        )),
+        "the transport is named:\n{text}"
+    );
+    assert!(
+        !metrics_dir.path().join("blk.prom.tmp").exists(),
+        "no temporary file is left"
+    );
+}

@@ -62,6 +62,11 @@ pub mod shared_cache;
 #[path = "../../src/pool.rs"]
 pub mod pool;
 
+/// What the vhost-user devices share about their queue threads, which `device` uses.
+#[allow(dead_code)]
+#[path = "../../src/vring_events.rs"]
+pub mod vring_events;
+
 /// berth's vhost-user-fs device (`FsBackend`, descriptor chains into request segments, request
 /// serving), compiled here as is so that the fuzzers drive the code the daemon runs.
 #[allow(dead_code)]

@@ -192,6 +192,8 @@ fn dax_window_random_operations_stay_in_step() {
         "{outcome:?}"
     );
 }
+
+#[test]
 fn vhost_blk_request_inputs_are_served_without_crashing() {
     let files = inputs("vhost_blk_request");
     assert!(files.len() >= 10, "seed corpus missing: {files:?}");

@@ -241,7 +241,7 @@ full_restart() {
 	again=$(fetched_now)
 	echo "@@info supervisor $supervisor and worker $worker killed after at least $progress of the file's $F_RESTART_CHUNKS chunks; after the restart: $after more fetched, then $((again - after)) for rereading every file read before"
 	# What the restarted server had to wait for (a slow pass is explained here).
-	grep -E "previous cachefiles worker|never opened|handed out again|reads of these cache objects wait" "$SERVER_LOG" |
+	{ grep -E "previous cachefiles worker|never opened|handed out again|reads of these cache objects wait" "$SERVER_LOG" || true; } |
 		sed 's/^/@@info   server: /'
 	echo "@@info the read finished $read_secs s after the kill"
 	# Chunks fetched before the restart are not fetched again.

@@ -179,7 +179,7 @@ impl Engines {
         Ok(engine)
     }
 
-    fn all(&self) -> Vec<Arc<CacheEngine>> {
+    pub(crate) fn all(&self) -> Vec<Arc<CacheEngine>> {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())

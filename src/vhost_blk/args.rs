@@ -69,6 +69,17 @@ pub struct ServeVhostArgs {
     #[arg(long, value_name = "ACTION", default_value = "kill", value_parser = parse_seccomp)]
     pub seccomp: berth_seccomp::SeccompAction,
 
+    /// Keep the device's metrics in this file (Prometheus text format): requests, bytes,
+    /// errors and a latency histogram per operation, with the image's cache engine or the
+    /// volume's counters. Rewritten every --metrics-interval and at exit.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
+
+    /// How often the metrics file is rewritten.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub metrics_interval: u64,
+
     /// Print the vhost-user backend capabilities (JSON, `"type": "blk"`) and exit.
     #[arg(long)]
     pub print_capabilities: bool,

@@ -10,12 +10,11 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::Instant;
 
 use anyhow::{anyhow, Context};
-use berth_blockdev::{SharedTarget, TargetInfo};
+use berth_blockdev::{DeviceMetrics, SharedTarget, TargetInfo};
 use berth_seccomp::{SeccompAction, ThreadRole};
 use tracing::{error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -23,7 +22,7 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex, VringState, VringT};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_OK,
 };
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -35,9 +34,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::vring_events::{self, route, Drained, QueueEvent};
+use crate::vring_events::{self, handle_queue_event, Drained, QueueConfinement, QueueThreads};
 
 use super::request::{
     serve_chain, BlkMemory, RequestPolicy, MAX_RANGES, MAX_RANGE_SECTORS, SECTOR_SIZE,
@@ -46,7 +44,6 @@ use super::request::{
 /// Name of the thread vhost-user-backend runs the control messages on.
 pub const CONTROL_THREAD_NAME: &str = "berth-vhost-blk";
 /// How long the queue threads may take to install their seccomp filters at start-up.
-const CONFINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of the virtio-blk configuration space berth fills (up to the secure-erase fields).
 pub const CONFIG_SPACE_LEN: usize = 72;
 
@@ -64,6 +61,8 @@ pub struct BlkOptions {
     pub serial: String,
     /// What the threads' seccomp filters do with a system call they do not allow.
     pub seccomp: SeccompAction,
+    /// Where served requests are counted (transport `vhost-user`).
+    pub metrics: Arc<DeviceMetrics>,
 }
 
 /// berth's vhost-user-blk backend.
@@ -75,9 +74,8 @@ pub struct BlkBackend {
     event_idx: AtomicBool,
     /// Per queue: requests served since the queue was last started (logged once).
     queue_started: Vec<AtomicBool>,
-    /// Per queue thread: an eventfd that, once written, makes the thread confine itself.
-    confine_events: Vec<EventFd>,
-    confine_reports: Mutex<Option<mpsc::Sender<Result<(), String>>>>,
+    /// Makes each queue thread drop its capabilities and install its filter.
+    confinement: QueueConfinement,
     /// The consumer ends of the queue threads' exit events, which vhost-user-backend 0.24
     /// never closes.
     exit_consumers: Mutex<Vec<RawFd>>,
@@ -87,18 +85,14 @@ impl BlkBackend {
     pub fn new(target: SharedTarget, options: BlkOptions) -> anyhow::Result<Self> {
         let policy = RequestPolicy::for_target(target.as_ref(), &options.serial);
         let queues = usize::from(options.queues);
-        let confine_events = (0..queues)
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<io::Result<Vec<_>>>()
-            .context("cannot create the queue threads' start-up events")?;
+        let confinement = QueueConfinement::new(queues, queues)?;
         Ok(Self {
             target,
             policy,
             memory: RwLock::new(None),
             event_idx: AtomicBool::new(false),
             queue_started: (0..queues).map(|_| AtomicBool::new(false)).collect(),
-            confine_events,
-            confine_reports: Mutex::new(None),
+            confinement,
             exit_consumers: Mutex::new(Vec::new()),
             options,
         })
@@ -158,68 +152,24 @@ impl BlkBackend {
         &self,
         daemon: &VhostUserDaemon<Arc<BlkBackend>>,
     ) -> anyhow::Result<()> {
-        let (reports, received) = mpsc::channel();
-        *self
-            .confine_reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(reports);
-        let handlers = daemon.get_epoll_handlers();
-        for (thread, handler) in handlers.iter().enumerate() {
-            let event = self
-                .confine_events
-                .get(thread)
-                .ok_or_else(|| anyhow!("queue thread {thread} has no start-up event"))?;
-            handler
-                .register_listener(
-                    event.as_raw_fd(),
-                    EventSet::IN,
-                    u64::from(self.confine_event_id()),
-                )
-                .with_context(|| format!("cannot reach queue thread {thread}"))?;
-            event
-                .write(1)
-                .with_context(|| format!("cannot wake queue thread {thread}"))?;
-        }
-        for _ in &handlers {
-            match received.recv_timeout(CONFINE_TIMEOUT) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(anyhow!(e)),
-                Err(_) => {
-                    return Err(anyhow!(
-                        "the queue threads did not confine themselves within {CONFINE_TIMEOUT:?}"
-                    ))
-                }
-            }
-        }
-        Ok(())
+        self.confinement.confine_all(&daemon.get_epoll_handlers())
     }
+}
 
-    /// The event id that tells a queue thread to confine itself: above the queues and the
-    /// library's exit event (`num_queues()`), as `register_listener` requires.
-    fn confine_event_id(&self) -> u16 {
-        (self.num_queues() + 1) as u16
+impl QueueThreads for BlkBackend {
+    type Vring = Vring;
+
+    fn confinement(&self) -> &QueueConfinement {
+        &self.confinement
     }
 
     fn confine_this_queue_thread(&self, thread: usize) {
-        if let Some(event) = self.confine_events.get(thread) {
-            // Level-triggered: drain it, or the thread would be woken again and again.
-            let _ = event.read();
-        }
         let seccomp = self.options.seccomp;
-        let outcome = berth_seccomp::drop_thread_capabilities()
-            .map_err(|e| e.to_string())
-            .and_then(|()| {
-                berth_seccomp::install_filter(ThreadRole::VhostBlkQueue, seccomp)
-                    .map_err(|e| e.to_string())
-            })
-            .map_err(|e| format!("queue thread {thread}: {e}"));
-        let reports = self
-            .confine_reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(reports) = reports.as_ref() {
-            let _ = reports.send(outcome);
-        }
+        self.confinement.on_event(thread, || {
+            berth_seccomp::drop_thread_capabilities().map_err(|e| e.to_string())?;
+            berth_seccomp::install_filter(ThreadRole::VhostBlkQueue, seccomp)
+                .map_err(|e| e.to_string())
+        });
     }
 
     /// Serves everything available on one queue, re-checking after re-enabling notifications
@@ -260,7 +210,14 @@ impl BlkBackend {
                 return Drained::Empty;
             };
             let head = chain.head_index();
+            let started = Instant::now();
             let answered = serve_chain(self.target.as_ref(), &self.policy, &chain, &mem);
+            if let Some((op, bytes)) = answered.metered {
+                let ok = answered.status == Some(VIRTIO_BLK_S_OK as u8);
+                self.options
+                    .metrics
+                    .record(op, bytes, ok, started.elapsed());
+            }
             complete(
                 queue,
                 &mut vring.get_mut(),
@@ -439,18 +396,7 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        match route(
-            device_event,
-            evset,
-            vrings,
-            thread_id,
-            self.confine_event_id(),
-        ) {
-            Some(QueueEvent::Confine) => self.confine_this_queue_thread(thread_id),
-            Some(QueueEvent::Kick(vring)) => self.serve_queue(thread_id, vring),
-            None => {}
-        }
-        Ok(())
+        handle_queue_event(self, device_event, evset, vrings, thread_id)
     }
 }
 
@@ -523,6 +469,7 @@ mod tests {
                 max_queue_size: 256,
                 serial: "s".into(),
                 seccomp: SeccompAction::None,
+                metrics: Arc::new(DeviceMetrics::new("vhost-user")),
             },
         )
         .unwrap();

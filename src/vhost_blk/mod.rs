@@ -17,10 +17,12 @@
 
 pub mod args;
 pub mod device;
+mod metrics;
 pub mod request;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use berth_seccomp::{SandboxConfig, SandboxMode, SeccompAction, ThreadRole};
@@ -32,9 +34,10 @@ use crate::volume::{
     check_volume_served_writable, is_volume_spec, open_volume, VolumeServeSettings,
 };
 use args::ServeVhostArgs;
-use berth_blockdev::SharedTarget;
+use berth_blockdev::{DeviceMetrics, SharedTarget};
 use berth_volume::Volume;
 use device::{BlkBackend, BlkOptions};
+use metrics::{MetricsFile, MetricsWriter};
 use std::sync::mpsc;
 
 /// An absolute path for `path`, whose directory must exist (the file need not).
@@ -75,10 +78,12 @@ struct OpenedTarget {
     /// The directory the sandbox is rooted at, or why the target is served without one.
     sandbox_root: Result<PathBuf, String>,
     /// The cache engines an image target fetches through, kept for as long as it is served.
-    _engines: Engines,
+    engines: Engines,
     /// The target when it is a volume: closed at exit (what is left uploaded, the lease
     /// given back), since the signal thread keeps a reference to the target for ever.
     volume: Option<VolumeCloser>,
+    /// The same volume, for its counters in the metrics file.
+    volume_metrics: Option<Arc<Volume>>,
 }
 
 /// Closes a volume from a thread started before any seccomp filter: closing records the
@@ -162,7 +167,8 @@ fn open_path_target(target: &Path, args: &ServeVhostArgs) -> anyhow::Result<Open
         target: block_target,
         name: target.display().to_string(),
         sandbox_root,
-        _engines: engines,
+        engines,
+        volume_metrics: None,
         volume: None,
     })
 }
@@ -177,12 +183,13 @@ fn open_volume_target(spec: &str, args: &ServeVhostArgs) -> anyhow::Result<Opene
     )?;
     let closer = VolumeCloser::start(volume.clone())?;
     Ok(OpenedTarget {
-        target: volume,
+        target: volume.clone(),
         name: spec.trim_end_matches('/').to_string(),
         sandbox_root: Err(format!(
             "{spec} is a volume: served without a sandbox (it reaches its bucket and keeps its local state by path)."
         )),
-        _engines: Engines::default(),
+        engines: Engines::default(),
+        volume_metrics: Some(volume.clone()),
         volume: Some(closer),
     })
 }
@@ -223,6 +230,11 @@ pub fn run(args: ServeVhostArgs, signals: TerminationSignals) -> anyhow::Result<
         .clone()
         .unwrap_or_else(|| default_serial(Path::new(&opened.name)));
     let seccomp = args.seccomp;
+    let metrics_file = args
+        .metrics_file
+        .as_deref()
+        .map(MetricsFile::open)
+        .transpose()?;
     // Everything is open and, but for a volume's own (which then has no sandbox), no thread
     // exists yet, as the namespaces need.
     if args.sandbox != SandboxMode::None {
@@ -240,6 +252,7 @@ pub fn run(args: ServeVhostArgs, signals: TerminationSignals) -> anyhow::Result<
             }
         }
     }
+    let device_metrics = Arc::new(DeviceMetrics::new("vhost-user"));
     let backend = Arc::new(BlkBackend::new(
         block_target.clone(),
         BlkOptions {
@@ -247,13 +260,39 @@ pub fn run(args: ServeVhostArgs, signals: TerminationSignals) -> anyhow::Result<
             max_queue_size: args.queue_size,
             serial,
             seccomp,
+            metrics: device_metrics.clone(),
         },
     )?);
+    let render = {
+        let target = block_target.clone();
+        let name = opened.name.clone();
+        let engines = opened.engines.all();
+        let volume = opened.volume_metrics.clone();
+        move || {
+            let mut text = String::new();
+            device_metrics.render(&name, target.as_ref(), true, &mut text);
+            if let Some(volume) = &volume {
+                volume.render_metrics(&name, true, &mut text);
+            }
+            for engine in &engines {
+                text.push_str(&engine.render_prometheus());
+            }
+            text
+        }
+    };
+    let metrics_interval = Duration::from_secs(args.metrics_interval);
+    let metrics_writer = Arc::new(Mutex::new(None));
+    let metrics_slot = metrics_writer.clone();
     let socket_for_signals = socket_file.clone();
     let target_for_signals = block_target.clone();
     let volume_for_signals = opened.volume.clone();
     let result = device::serve(backend, listener, move || {
         confine_main_thread(seccomp)?;
+        // Started after the main filter, which allows its openat and renameat2.
+        if let Some(file) = metrics_file {
+            let writer = MetricsWriter::start(file, metrics_interval, render)?;
+            *metrics_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
+        }
         // Started after the main filter, so the signal thread inherits it.
         signals.spawn_handler(move |signal| {
             info!("Received {}; flushing and exiting.", signal_name(signal));
@@ -280,6 +319,13 @@ pub fn run(args: ServeVhostArgs, signals: TerminationSignals) -> anyhow::Result<
     if let Some(socket) = socket_file {
         socket.remove();
     }
+    // The last write of the metrics file, with every request counted.
+    drop(
+        metrics_writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(),
+    );
     // What the guest wrote is made durable before the process ends (an overlay also
     // records its map when the target drops).
     let flushed = berth_blockdev::target::flush(block_target.as_ref())

@@ -84,6 +84,21 @@ pub struct Answered {
     pub status: Option<u8>,
     /// The request type from the header, when the header could be read.
     pub request_type: Option<u32>,
+    /// For the device's metrics: the block operation and the bytes it covered (`None` for
+    /// GET_ID, unknown types and chains too malformed to have a type).
+    pub metered: Option<(Op, u64)>,
+}
+
+/// The block operation of a virtio-blk request type, for metrics.
+fn metered_op(request_type: u32) -> Option<Op> {
+    match request_type {
+        VIRTIO_BLK_T_IN => Some(Op::Read),
+        VIRTIO_BLK_T_OUT => Some(Op::Write { fua: false }),
+        VIRTIO_BLK_T_FLUSH => Some(Op::Flush),
+        VIRTIO_BLK_T_DISCARD => Some(Op::Discard),
+        VIRTIO_BLK_T_WRITE_ZEROES => Some(Op::WriteZeroes),
+        _ => None,
+    }
 }
 
 /// Why a request failed, as the status byte says it.
@@ -377,8 +392,9 @@ where
             )
         }
     };
-    let (status, written) = match outcome {
-        Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+    let op = request_type.and_then(metered_op);
+    let (status, written, covered) = match outcome {
+        Ok((written, covered)) => (VIRTIO_BLK_S_OK as u8, written, covered),
         Err(failure) => {
             tracing::debug!(
                 request_type,
@@ -391,14 +407,16 @@ where
                 Some(VIRTIO_BLK_T_IN) => buffers.writable_len.saturating_sub(1),
                 _ => 0,
             };
-            (failure.status(), written)
+            (failure.status(), written, 0)
         }
     };
+    let metered = op.map(|op| (op, covered));
     if buffers.write_status(status) {
         Answered {
             used_len: u32::try_from(written + 1).unwrap_or(u32::MAX),
             status: Some(status),
             request_type,
+            metered,
         }
     } else {
         tracing::warn!(
@@ -409,19 +427,20 @@ where
             used_len: 0,
             status: None,
             request_type,
+            metered,
         }
     }
 }
 
 /// Serves a well-formed chain; returns the data bytes written into the guest's buffers
-/// (before the status byte).
+/// (before the status byte) and the bytes of the device the request covered.
 fn serve(
     target: &dyn BlockTarget,
     policy: &RequestPolicy,
     buffers: &Buffers<'_>,
     request_type: u32,
     sector: u64,
-) -> Result<u64, Failure> {
+) -> Result<(u64, u64), Failure> {
     let info = target.info();
     // The status byte is the last writable one; what precedes it is room for data.
     let room = buffers.writable_len - 1;
@@ -432,7 +451,7 @@ fn serve(
             target::validate(info, Op::Read, offset, room)?;
             let slices = sub_slices(&buffers.writable, 0, room)?;
             read_into(target, offset, room, &slices)?;
-            Ok(room)
+            Ok((room, room))
         }
         VIRTIO_BLK_T_OUT => {
             if info.read_only {
@@ -442,11 +461,11 @@ fn serve(
             target::validate(info, Op::Write { fua: false }, offset, payload)?;
             let slices = sub_slices(&buffers.readable, HEADER_LEN as u64, payload)?;
             write_from(target, offset, payload, &slices)?;
-            Ok(0)
+            Ok((0, payload))
         }
         VIRTIO_BLK_T_FLUSH => {
             target::flush(target)?;
-            Ok(0)
+            Ok((0, 0))
         }
         VIRTIO_BLK_T_GET_ID => {
             let len = room.min(SERIAL_LEN as u64);
@@ -456,7 +475,7 @@ fn serve(
                 slice.copy_from(&policy.serial[at..at + slice.len()]);
                 at += slice.len();
             }
-            Ok(len)
+            Ok((len, 0))
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             let discard = request_type == VIRTIO_BLK_T_DISCARD;
@@ -471,8 +490,8 @@ fn serve(
                     if discard { "DISCARD" } else { "WRITE_ZEROES" }
                 )));
             }
-            serve_ranges(target, buffers, payload, discard)?;
-            Ok(0)
+            let covered = serve_ranges(target, buffers, payload, discard)?;
+            Ok((0, covered))
         }
         other => Err(Failure::Unsupported(format!(
             "request type {other} is not supported"
@@ -557,7 +576,7 @@ fn serve_ranges(
     buffers: &Buffers<'_>,
     payload: u64,
     discard: bool,
-) -> Result<(), Failure> {
+) -> Result<u64, Failure> {
     if payload == 0 || !payload.is_multiple_of(RANGE_LEN as u64) {
         return Err(Failure::Io(format!(
             "a segment table of {payload} bytes is not whole 16-byte segments"
@@ -600,6 +619,7 @@ fn serve_ranges(
         target::validate(target.info(), op, offset, len)?;
         ranges.push((offset, len));
     }
+    let mut covered = 0u64;
     for (offset, len) in ranges {
         if len == 0 {
             continue;
@@ -609,6 +629,7 @@ fn serve_ranges(
         } else {
             target.write_zeroes(offset, len)?;
         }
+        covered += len;
     }
-    Ok(())
+    Ok(covered)
 }

@@ -34,7 +34,6 @@ use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -59,11 +58,10 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::cli::MAX_TAG_LEN;
 use crate::pool::WorkerPool;
-use crate::vring_events::{route, QueueEvent};
+use crate::vring_events::{handle_queue_event, QueueConfinement, QueueThreads};
 use berth_seccomp::{SeccompAction, ThreadRole};
 use dax::VhostDax;
 use versions::VersionsRegion;
@@ -75,7 +73,6 @@ const HIPRIO_QUEUE: usize = 0;
 /// Name of the thread vhost-user-backend runs the control messages on.
 const CONTROL_THREAD_NAME: &str = "berth-vhost-user";
 /// How long the queue threads may take to install their seccomp filters at start-up.
-const CONFINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Jobs that may wait for a free pool thread, per pool thread.
 const POOL_BACKLOG_PER_THREAD: usize = 16;
 /// How long GET_VRING_BASE waits for a queue's requests still being served (one may be
@@ -173,11 +170,9 @@ pub struct FsBackend {
     queue_started: Vec<AtomicBool>,
     /// Per queue: requests being served.
     in_flight: Vec<InFlight>,
-    /// Per queue thread: an eventfd that, once written, makes the thread install its seccomp
-    /// filter (the library starts the threads, so this is the first thing they run of ours).
-    confine_events: Vec<EventFd>,
-    /// Where the queue threads report how installing their filter went.
-    confine_reports: Mutex<Option<mpsc::Sender<Result<(), String>>>>,
+    /// Makes each queue thread install its seccomp filter (the library starts the threads,
+    /// so this is the first thing they run of ours).
+    confinement: QueueConfinement,
     /// Saves and loads the filesystem's state for live migration.
     state: state::StateTransfer,
     /// The consumer ends of the queue threads' exit events: vhost-user-backend 0.24 takes
@@ -226,17 +221,14 @@ impl FsBackend {
         } else {
             None
         };
-        let confine_events = (0..=num_request_queues)
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<io::Result<Vec<_>>>()
-            .context("cannot create the queue threads' start-up events")?;
+        let confinement = QueueConfinement::new(num_request_queues + 1, num_request_queues + 1)?;
         let state = state::StateTransfer::start(server.clone(), seccomp)?;
         let versions = match options.versions {
             Some(table) => {
                 let region = VersionsRegion::start(table, seccomp)?;
                 if !server.offer_shared_versions() {
                     return Err(anyhow!(
-                        "the version table is offered to the guest but the filesystem does not                          use it"
+                        "the version table is offered to the guest but the filesystem does not use it"
                     ));
                 }
                 Some(region)
@@ -263,8 +255,7 @@ impl FsBackend {
             in_flight: (0..=num_request_queues)
                 .map(|_| InFlight::default())
                 .collect(),
-            confine_events,
-            confine_reports: Mutex::new(None),
+            confinement,
             exit_consumers: Mutex::new(Vec::new()),
         })
     }
@@ -286,12 +277,6 @@ impl FsBackend {
         }
     }
 
-    /// The event id that tells a queue thread to confine itself: above the queues and the
-    /// library's exit event (`num_queues()`), as `register_listener` requires.
-    fn confine_event_id(&self) -> u16 {
-        (self.num_queues() + 1) as u16
-    }
-
     /// Has every queue thread of `daemon` install the queue worker filter before any frontend
     /// connects, and fails if one cannot.
     fn confine_queue_threads(
@@ -301,58 +286,7 @@ impl FsBackend {
         if self.seccomp == SeccompAction::None {
             return Ok(());
         }
-        let (reports, received) = mpsc::channel();
-        *self
-            .confine_reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(reports);
-        let handlers = daemon.get_epoll_handlers();
-        for (thread, handler) in handlers.iter().enumerate() {
-            let event = self
-                .confine_events
-                .get(thread)
-                .ok_or_else(|| anyhow!("queue thread {thread} has no start-up event"))?;
-            handler
-                .register_listener(
-                    event.as_raw_fd(),
-                    EventSet::IN,
-                    u64::from(self.confine_event_id()),
-                )
-                .with_context(|| format!("cannot reach queue thread {thread}"))?;
-            event
-                .write(1)
-                .with_context(|| format!("cannot wake queue thread {thread}"))?;
-        }
-        for _ in &handlers {
-            match received.recv_timeout(CONFINE_TIMEOUT) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(anyhow!(e)),
-                Err(_) => {
-                    return Err(anyhow!(
-                        "the queue threads did not install their seccomp filters within \
-                         {CONFINE_TIMEOUT:?}"
-                    ))
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Runs on a queue thread when its start-up event fires.
-    fn confine_this_queue_thread(&self, thread: usize) {
-        if let Some(event) = self.confine_events.get(thread) {
-            // Level-triggered: drain it, or the thread would be woken again and again.
-            let _ = event.read();
-        }
-        let outcome = berth_seccomp::install_filter(self.queue_role, self.seccomp)
-            .map_err(|e| format!("queue thread {thread}: {e}"));
-        let reports = self
-            .confine_reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(reports) = reports.as_ref() {
-            let _ = reports.send(outcome);
-        }
+        self.confinement.confine_all(&daemon.get_epoll_handlers())
     }
 
     fn config_space(&self) -> VirtioFsConfig {
@@ -620,18 +554,26 @@ impl VhostUserBackend for FsBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        match route(
-            device_event,
-            evset,
-            vrings,
-            thread_id,
-            self.confine_event_id(),
-        ) {
-            Some(QueueEvent::Confine) => self.confine_this_queue_thread(thread_id),
-            Some(QueueEvent::Kick(vring)) => self.serve_queue(thread_id, vring),
-            None => {}
-        }
-        Ok(())
+        handle_queue_event(self, device_event, evset, vrings, thread_id)
+    }
+}
+
+impl QueueThreads for FsBackend {
+    type Vring = Vring;
+
+    fn confinement(&self) -> &QueueConfinement {
+        &self.confinement
+    }
+
+    /// Runs on a queue thread when its start-up event fires.
+    fn confine_this_queue_thread(&self, thread: usize) {
+        self.confinement.on_event(thread, || {
+            berth_seccomp::install_filter(self.queue_role, self.seccomp).map_err(|e| e.to_string())
+        });
+    }
+
+    fn serve_queue(&self, queue: usize, vring: &Vring) {
+        self.serve_kicked_queue(queue, vring);
     }
 }
 

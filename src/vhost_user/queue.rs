@@ -22,7 +22,7 @@ use super::{FsBackend, GuestMemory, LoggedMemory, MemoryGuard, Vring, HIPRIO_QUE
 impl FsBackend {
     /// Serves everything available on one queue, re-checking after re-enabling notifications
     /// so that a request added in between is not left waiting for a kick that never comes.
-    pub(super) fn serve_queue(&self, queue: usize, vring: &Vring) {
+    pub(super) fn serve_kicked_queue(&self, queue: usize, vring: &Vring) {
         let Some(mem) = self.guest_memory() else {
             warn!(
                 queue,
