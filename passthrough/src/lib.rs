@@ -18,6 +18,7 @@ mod fs;
 mod handle_table;
 mod host_file;
 mod inode_store;
+mod lock_state;
 mod migration;
 pub mod server;
 mod util;
