@@ -99,7 +99,7 @@ pub struct PassthroughFs {
     /// Per (inode, lock owner) descriptions carrying POSIX locks; see `owner_lock_file`.
     pub(crate) lock_files: Mutex<HashMap<(u64, u64), Arc<File>>>,
     /// Locks a live migration brought that are still being taken again, or were lost.
-    pub(crate) lock_restore: Arc<LockRestore>,
+    pub(crate) lock_restore: LockRestore,
     pub(crate) proc_self_fd: OwnedFd,
     /// This process's /proc/self/fdinfo, if reachable: where migration reads the held locks.
     pub(crate) proc_self_fdinfo: Option<OwnedFd>,
@@ -242,7 +242,7 @@ impl PassthroughFs {
             handles: HandleTable::new(),
             mount_fds,
             lock_files: Mutex::new(HashMap::new()),
-            lock_restore: Arc::new(LockRestore::default()),
+            lock_restore: LockRestore::default(),
             proc_self_fd,
             proc_self_fdinfo,
             file_handles,

@@ -31,6 +31,7 @@ pub use config::{
 };
 pub use error::Error;
 pub use fs::PassthroughFs;
+pub use lock_state::LOCK_RETRY_INTERVAL;
 pub use migration::{read_stream, MigrationError, STATE_FORMAT_VERSION, STATE_MAGIC};
 pub use server::{
     BackingFiles, BackingRegistrar, DaxWindow, DropReason, FsServer, IoSegment, PassthroughError,

@@ -9,8 +9,9 @@
 //!
 //! On one host the source still holds its copies while the destination loads the state: it
 //! lets go when it exits, after the migration completed. So the destination takes each lock
-//! without waiting, and a lock that conflicts is retried in the background until the source
-//! is gone, for a bounded time. Meanwhile the host kernel still refuses everyone else the
+//! without waiting, and a lock that conflicts is retried until the source is gone, for a
+//! bounded time, by the thread that loaded the state (between its jobs; see
+//! [`FsServer::retry_migrated_locks`](crate::FsServer::retry_migrated_locks)). Meanwhile the host kernel still refuses everyone else the
 //! range (the source holds it), and the guest's own lock requests on that inode wait until
 //! every lock pending on it is settled, so no other lock owner of the guest is granted a
 //! range in the instant between the source letting go and the destination taking it. A lock
@@ -24,7 +25,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crate::fs::HandleData;
@@ -34,8 +35,8 @@ use crate::util::{check_ret, openat};
 pub(crate) const LOCK_TO_EOF: u64 = i64::MAX as u64;
 /// How long the destination retries a lock the source still holds, by default.
 pub(crate) const DEFAULT_REACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Pause between two tries of the pending locks.
-const RETRY_INTERVAL: Duration = Duration::from_millis(50);
+/// Pause between two tries of the locks a destination could not take yet.
+pub const LOCK_RETRY_INTERVAL: Duration = Duration::from_millis(50);
 /// How much longer than the retry deadline a guest lock request waits for a settlement.
 const SETTLE_SLACK: Duration = Duration::from_secs(1);
 
@@ -244,8 +245,6 @@ struct Restore {
     deadline: Option<Instant>,
     /// (inode, owner) pairs whose POSIX locks were lost in the migration.
     lost_owners: HashSet<(u64, u64)>,
-    /// Whether a retry thread runs.
-    retrying: bool,
 }
 
 /// The locks the destination is still taking again, and those it lost.
@@ -292,9 +291,9 @@ impl LockRestore {
         Self::lose(&mut self.state(), pending, reason);
     }
 
-    /// Retries `pending` in the background until each is taken, its owner or handle is
-    /// closed, or `timeout` passes (then it is lost).
-    pub(crate) fn start(self: &Arc<Self>, pending: Vec<Pending>, timeout: Duration) {
+    /// Keeps `pending` for [`retry_round`](Self::retry_round) until each is taken, its owner
+    /// or handle is closed, or `timeout` passes (then it is lost).
+    pub(crate) fn start(&self, pending: Vec<Pending>, timeout: Duration) {
         if pending.is_empty() {
             return;
         }
@@ -308,34 +307,15 @@ impl LockRestore {
         }
         state.pending.extend(pending);
         state.deadline = Some(Instant::now() + timeout);
-        if state.retrying {
-            return;
-        }
-        let weak = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("berth-lock-restore".into())
-            .spawn(move || loop {
-                std::thread::sleep(RETRY_INTERVAL);
-                let Some(me) = weak.upgrade() else { break };
-                if !me.retry_round() {
-                    break;
-                }
-            });
-        match spawned {
-            Ok(_) => state.retrying = true,
-            Err(e) => {
-                let reason = format!("no thread to retry it ({e})");
-                let pending = std::mem::take(&mut state.pending);
-                for p in &pending {
-                    Self::lose(&mut state, p, &reason);
-                }
-                self.settled.notify_all();
-            }
-        }
     }
 
-    /// Tries every pending lock once; false when none is left (the thread ends).
-    fn retry_round(&self) -> bool {
+    /// Whether some lock is still to be taken again.
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.state().pending.is_empty()
+    }
+
+    /// Tries every pending lock once; false when none is left.
+    pub(crate) fn retry_round(&self) -> bool {
         let mut state = self.state();
         let expired = state.deadline.is_none_or(|d| Instant::now() >= d);
         let pending = std::mem::take(&mut state.pending);
@@ -356,8 +336,7 @@ impl LockRestore {
         }
         state.pending = left;
         self.settled.notify_all();
-        state.retrying = !state.pending.is_empty();
-        state.retrying
+        !state.pending.is_empty()
     }
 
     /// Waits until no lock is pending on `inode` any more (bounded by the retry deadline).

@@ -1225,12 +1225,14 @@ mod tests {
             (entry.inode, fh.unwrap())
         }
 
+        /// Retries the pending locks, as the migration thread does, until none is left.
         fn wait_settled(fs: &PassthroughFs) {
             let deadline = Instant::now() + Duration::from_secs(10);
-            while fs.lock_restore.pending_count() > 0 {
+            while fs.lock_restore.retry_round() {
                 assert!(Instant::now() < deadline, "the pending locks never settled");
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(crate::LOCK_RETRY_INTERVAL);
             }
+            assert_eq!(fs.lock_restore.pending_count(), 0);
         }
 
         fn version_of(stream: &[u8]) -> u32 {
@@ -1290,11 +1292,14 @@ mod tests {
                     destination.setlk(&ctx, inode, fh, 8, lock(libc::F_WRLCK, 12, 12), 0)
                 });
                 std::thread::sleep(Duration::from_millis(200));
+                // Still held by the source: retrying changes nothing.
+                assert!(destination.lock_restore.retry_round());
                 assert!(
                     !other.is_finished(),
                     "lock requests wait while locks are pending"
                 );
                 drop(source);
+                s.spawn(|| wait_settled(&destination));
                 let answer = other.join().unwrap();
                 assert_eq!(
                     answer.err().and_then(|e| e.raw_os_error()),
