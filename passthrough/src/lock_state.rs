@@ -329,7 +329,9 @@ impl LockRestore {
                 None if expired => Self::lose(
                     &mut state,
                     &p,
-                    "another host process still holds a conflicting lock after the retry time",
+                    "a conflicting lock is still held on the host after the retry time (by \
+                     another host process?); the guest has moved already, so even \
+                     --migration-on-error abort cannot refuse the migration any more",
                 ),
                 None => left.push(p),
             }
