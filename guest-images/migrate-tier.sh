@@ -8,7 +8,9 @@
 # fio writes and verifies (guest/migrate.sh).
 #
 # One boot per --migration-mode:
-#   find-paths   A -> B; rename one held file and delete another on the host;
+#   find-paths   A -> B, with a POSIX and a flock lock held in the guest (berth): the
+#                host sees both held by B, the guest unlocks and locks again;
+#                rename one held file and delete another on the host;
 #                B -> X refused (--migration-on-error abort: the guest stays on B
 #                and keeps working); the guest lets go of the deleted file;
 #                B -> A' (A' runs a copy of the daemon binary at another path: the
@@ -20,9 +22,9 @@
 # Each hop prints QEMU's downtime and total migration time.
 
 MIGRATE_MODES=(fp fh)
-MIGRATE_FP_GUEST_CHECKS=(mig-fp-mount mig-fp-start mig-fp-hop1 mig-fp-abort-kept mig-fp-hop2
+MIGRATE_FP_GUEST_CHECKS=(mig-fp-mount mig-fp-start mig-fp-hop1 mig-fp-locks-kept mig-fp-abort-kept mig-fp-hop2
 	mig-fp-renamed mig-fp-guest-error mig-fp-finish mig-fp-umount mig-fp-kernel-quiet)
-MIGRATE_FP_HOST_CHECKS=(mig-fp-migrate1 mig-fp-abort mig-fp-migrate2 mig-fp-migrate3
+MIGRATE_FP_HOST_CHECKS=(mig-fp-migrate1 mig-fp-locks-host mig-fp-abort mig-fp-migrate2 mig-fp-migrate3
 	mig-fp-log-host mig-fp-daemons-exit-0 mig-fp-no-stray)
 MIGRATE_FH_GUEST_CHECKS=(mig-fh-mount mig-fh-start mig-fh-hop1 mig-fh-hop2 mig-fh-renamed
 	mig-fh-finish mig-fh-umount mig-fh-kernel-quiet)
@@ -56,7 +58,51 @@ mig_qemu() {
 mig_daemon() {
 	local name=$1 mode=$2 on_error=$3 binary=${4:-$DAEMON}
 	DAEMON=$binary start_daemon "$name" "$WORK/share-mig" \
-		--migration-mode "$mode" --migration-on-error "$on_error"
+		--migration-mode "$mode" --migration-on-error "$on_error" "${HOST_LOCK_FLAGS[@]}"
+}
+
+# mig_probe_locks CHECK SOURCE DESTINATION: once the guest asks (mig/locks-probe), checks
+# from the host that the locks the guest took before the hop are held: the source daemon
+# has exited (its own copies are gone), the destination logged taking both again, and a
+# host process is refused them. Answers in mig/locks-probed ("held" or what is wrong).
+mig_probe_locks() {
+	local check=$1 source=$2 destination=$3 share=$WORK/share-mig start problems=()
+	local pl=$GUEST_IMAGES_DIR/guest/posix-lock.pl deadline=$((SECONDS + MIGRATE_STEP_TIMEOUT))
+	start=$(now_seconds)
+	until [ -e "$share/mig/locks-probe" ]; do
+		if [ $SECONDS -ge $deadline ]; then
+			! selected "$check" || record "$check" FAIL "$(seconds_since "$start")" "the guest never asked for the probe"
+			return 1
+		fi
+		sleep 0.1
+	done
+	local pid=${DAEMON_PID[$source]:-} taken=0 log=$LOGS/$destination.log
+	for _ in $(seq 150); do
+		[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	[ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null || problems+=("the source daemon $source still runs")
+	# The destination retries what the source held every 50 ms.
+	for _ in $(seq 100); do
+		taken=$(grep -c "Took the guest's" "$log" || true)
+		[ "$taken" -lt 2 ] || break
+		sleep 0.1
+	done
+	[ "$taken" -ge 2 ] || problems+=("$destination logged taking $taken of the 2 locks again")
+	if grep "Lost the guest's" "$log"; then problems+=("$destination lost a lock"); fi
+	local rc=0
+	perl "$pl" try "$share/mig-locked.txt" w 10 1 || rc=$?
+	[ "$rc" = 1 ] || problems+=("a host process's F_SETLK on the guest's POSIX range exited $rc (1: refused)")
+	if flock -n -s "$share/mig-flocked.txt" true; then
+		problems+=("a host process got a shared flock on the file the guest holds exclusively")
+	fi
+	if [ ${#problems[@]} -eq 0 ]; then
+		echo held >"$share/mig/locks-probed.tmp"
+	else
+		printf '%s; ' "${problems[@]}" >"$share/mig/locks-probed.tmp"
+	fi
+	mv "$share/mig/locks-probed.tmp" "$share/mig/locks-probed"
+	! selected "$check" || record_problems "$check" "$start" "${problems[@]}"
 }
 
 # Waits for the guest to create mig/ready-HOP on the share; false on timeout.
@@ -239,13 +285,20 @@ mig_boot() {
 	cp "$DAEMON" "$upgraded"
 	MIG_EXTRA=$WORK/$p-extra
 	mkdir -p "$MIG_EXTRA"
-	cp "$GUEST_IMAGES_DIR/guest/checks.sh" "$GUEST_IMAGES_DIR/guest/migrate.sh" "$MIG_EXTRA/"
+	cp "$GUEST_IMAGES_DIR/guest/checks.sh" "$GUEST_IMAGES_DIR/guest/migrate.sh" \
+		"$GUEST_IMAGES_DIR/guest/posix-lock.pl" "$MIG_EXTRA/"
 	# Every check of the boot runs: each depends on the ones before.
 	printf 'ONLY=\nHOST_LOCKS=0\nDAEMON_KIND=%q\n' "$daemon_kind" >"$MIG_EXTRA/env"
+	# The locks the guest holds move with it (berth's host-side locks only: virtiofsd 1.14
+	# leaves them to the guest kernel, which loses them with the old QEMU).
+	local lock_setup=: lock_check="skip $p-locks-kept 'the daemon has no host-side locks'"
+	if [ ${#HOST_LOCK_FLAGS[@]} -gt 0 ]; then
+		lock_setup=mig_lock_setup lock_check="check $p-locks-kept mig_locks_kept"
+	fi
 	if [ "$mode_short" = fp ]; then
 		mig_guest_script "$MIG_BOOT" \
-			"check $p-mount mount_shares fs" setup "check $p-start mig_started" \
-			"hop 1 done" "check $p-hop1 mig_after_hop 1 8 9" \
+			"check $p-mount mount_shares fs" setup "check $p-start mig_started" "$lock_setup" \
+			"hop 1 done" "check $p-hop1 mig_after_hop 1 8 9" "$lock_check" \
 			"hop 2 failed" "check $p-abort-kept mig_after_hop 2 8 9" mig_forget_deleted \
 			"hop 3 done" "check $p-hop2 mig_after_hop 3 8" "check $p-renamed mig_renamed_visible" \
 			"hop 4 done" "check $p-guest-error mig_lost_handle" \
@@ -273,6 +326,12 @@ mig_boot() {
 	consoles+=("$LOGS/$p-qb-console.log")
 	mig_hop "$p-migrate1" 1 "$p-qa" "$p-qb" completed || ok=0
 	if [ "$mode_short" = fp ]; then
+		# The guest waits for the probe's answer: it runs whichever checks are selected.
+		if [ ${#HOST_LOCK_FLAGS[@]} -eq 0 ]; then
+			! selected "$p-locks-host" || record "$p-locks-host" SKIP 0 "the daemon has no host-side locks"
+		elif [ "$ok" = 1 ]; then
+			mig_probe_locks "$p-locks-host" "$p-a" "$p-b" || true
+		fi
 		if [ "$ok" = 1 ]; then
 			mig_daemon "$p-x" "$mode" abort
 			daemons+=("$p-x")

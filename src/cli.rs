@@ -1008,6 +1008,7 @@ impl VhostUserArgs {
                     .canonicalize()
                     .unwrap_or_else(|_| fs.root_dir.clone()),
             ),
+            lock_reacquire_timeout: None,
         };
 
         let listener = match (&self.fd, &self.socket_path, &self.socket) {

@@ -197,6 +197,7 @@ fn confine_and_open(
         .context("cannot enter the sandbox")?;
     fs.root_dir = outcome.root_dir;
     fs.proc_self_fd = outcome.proc_self_fd.map(Arc::new);
+    fs.proc_self_fdinfo = outcome.proc_self_fdinfo.map(Arc::new);
     in_sandbox(&mut fs)?;
     let file_handles = fs.inode_file_handles != InodeFileHandles::Never;
     let server = open_filesystem(fs)?;

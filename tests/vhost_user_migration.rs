@@ -3,7 +3,8 @@
 //! loaded into a second daemon serving the same shared directory, which must then answer the
 //! guest's node ids and open handles as the first did. Damaged, foreign, newer and truncated
 //! streams must be refused, and an inode deleted on the host must follow
-//! `--migration-on-error`.
+//! `--migration-on-error`. The guest's host-side locks move too, taken again by the
+//! destination once the source lets go of its copies.
 
 #[path = "common/frontend_util.rs"]
 mod frontend_util;
@@ -216,7 +217,7 @@ fn damaged_foreign_newer_and_truncated_streams_are_refused() {
     let last = corrupt.len() - 1;
     corrupt[last] ^= 0x40;
     let mut newer = state.clone();
-    newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+    newer[8..12].copy_from_slice(&(berth_passthrough::STATE_FORMAT_VERSION + 1).to_le_bytes());
     let mut foreign_magic = state.clone();
     foreign_magic[0] = b'X';
     let cases: [(&str, &[u8], &str); 5] = [
@@ -357,4 +358,197 @@ fn a_file_renamed_out_of_the_share_cannot_be_described() {
         log.contains(&format!("Cannot describe inode {leaving}")),
         "the source names the inode it cannot describe:\n{log}"
     );
+}
+
+/// FUSE_SETLK of `owner` on `fh`: a POSIX lock, or with `flock` a flock lock (FUSE_LK_FLOCK).
+fn setlk(
+    queue: &mut FsQueue,
+    nodeid: u64,
+    fh: u64,
+    owner: u64,
+    (kind, start, end): (libc::c_int, u64, u64),
+    flock: bool,
+) -> Result<(), berth_frontend::Error> {
+    use berth_frontend::fuse::{opcode, FileLock, LkIn};
+    use vm_memory::ByteValued;
+    let lk = LkIn {
+        fh,
+        owner,
+        lk: FileLock {
+            start,
+            end,
+            type_: kind as u32,
+            pid: 0,
+        },
+        lk_flags: u32::from(flock),
+        padding: 0,
+    };
+    queue.request_empty(&berth_frontend::Request {
+        opcode: opcode::SETLK,
+        nodeid,
+        args: &[lk.as_slice()],
+        payload: &[],
+        reply_capacity: Some(0),
+    })
+}
+
+/// A host process's description of `path`.
+fn host_open(path: &Path) -> fs::File {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open the shared file on the host")
+}
+
+/// F_OFD_GETLK from a host description: the type of a lock in the way of a write lock on
+/// `start..start+len`, F_UNLCK when none is.
+fn host_lock_in_the_way(path: &Path, start: i64, len: i64) -> libc::c_int {
+    use std::os::fd::AsRawFd;
+    let file = host_open(path);
+    // SAFETY: flock is plain old data; all-zeroes is valid.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start;
+    fl.l_len = len;
+    // SAFETY: F_OFD_GETLK fills the struct it is given; the descriptor is open.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(ret, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
+    libc::c_int::from(fl.l_type)
+}
+
+/// Whether a host flock(LOCK_SH | LOCK_NB) on `path` is refused (it is let go at once).
+fn host_flock_refused(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let file = host_open(path);
+    // SAFETY: flock on an open descriptor.
+    let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    if ret == 0 {
+        return false;
+    }
+    let e = std::io::Error::last_os_error();
+    assert_eq!(e.raw_os_error(), Some(libc::EWOULDBLOCK), "flock: {e}");
+    true
+}
+
+#[test]
+fn locks_are_taken_again_once_the_source_lets_go() {
+    if !testing_berth() {
+        skip_by_design("berth's host-side locks (--posix-lock, --flock)");
+        return;
+    }
+    let fixture = Fixture::new();
+    let flags = ["--posix-lock", "--flock"];
+    let file = fixture.shared.join("hello.txt");
+    let source_socket = socket(&fixture, "source.sock");
+    let mut source = start(&fixture.shared, &source_socket, &flags);
+    let mut device = connect(&mut source, &source_socket, 1);
+    let mut queue = init_first_queue(&mut device);
+    let hello = queue.lookup(ROOT_ID, b"hello.txt\0").expect("LOOKUP hello");
+    let fh = queue
+        .open(hello.nodeid, libc::O_RDWR as u32)
+        .expect("OPEN rw")
+        .fh;
+    setlk(
+        &mut queue,
+        hello.nodeid,
+        fh,
+        7,
+        (libc::F_WRLCK, 0, 99),
+        false,
+    )
+    .expect("SETLK");
+    setlk(&mut queue, hello.nodeid, fh, 7, (libc::F_WRLCK, 0, 0), true).expect("flock");
+    let state = save(&mut device).unwrap_or_else(|e| panic!("save: {e}\n{}", source.stderr()));
+
+    // The same-host order: the destination loads while the source still holds its copies.
+    // Its log (at info) says when it took them again.
+    let dest_socket = socket(&fixture, "dest.sock");
+    let mut args: Vec<OsString> = vec![
+        "--socket-path".into(),
+        dest_socket.clone().into(),
+        "--shared-dir".into(),
+        fixture.shared.clone().into(),
+    ];
+    args.extend(flags.iter().map(OsString::from));
+    let mut dest = Daemon::spawn_with(args, |command| {
+        command.env("RUST_LOG", "info");
+    });
+    dest.wait_for_socket(&dest_socket);
+    let mut dest_device = connect(&mut dest, &dest_socket, 1);
+    let mut dest_queue = dest_device.take_request_queue(1).expect("request queue 1");
+    dest_device
+        .load_device_state(&state)
+        .unwrap_or_else(|e| panic!("load: {e}\n{}", dest.stderr()));
+    assert_eq!(host_lock_in_the_way(&file, 50, 1), libc::F_WRLCK);
+    drop(device);
+    drop(source);
+    // The source's sandboxed child dies with it a moment later; the destination then takes
+    // the locks on its next try.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut seen_free = false;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let stderr = dest.stderr();
+        if stderr.matches("Took the guest's").count() >= 2 {
+            break;
+        }
+        seen_free |= host_lock_in_the_way(&file, 50, 1) == libc::F_UNLCK;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the destination did not take the locks again (seen free: {seen_free}):\n{stderr}"
+        );
+    }
+    assert_eq!(host_lock_in_the_way(&file, 50, 1), libc::F_WRLCK);
+    assert_eq!(host_lock_in_the_way(&file, 100, 0), libc::F_UNLCK);
+    assert!(host_flock_refused(&file), "the guest's flock lock is held");
+
+    // The guest lets go and locks again through the destination.
+    setlk(
+        &mut dest_queue,
+        hello.nodeid,
+        fh,
+        7,
+        (libc::F_UNLCK, 0, 99),
+        false,
+    )
+    .expect("unlock");
+    assert_eq!(host_lock_in_the_way(&file, 50, 1), libc::F_UNLCK);
+    setlk(
+        &mut dest_queue,
+        hello.nodeid,
+        fh,
+        7,
+        (libc::F_WRLCK, 40, 59),
+        false,
+    )
+    .expect("relock");
+    assert_eq!(host_lock_in_the_way(&file, 50, 1), libc::F_WRLCK);
+    // Another lock owner of the guest is refused the range.
+    let refused = setlk(
+        &mut dest_queue,
+        hello.nodeid,
+        fh,
+        8,
+        (libc::F_RDLCK, 45, 45),
+        false,
+    );
+    assert_eq!(refused.err().and_then(|e| e.errno()), Some(libc::EAGAIN));
+    setlk(
+        &mut dest_queue,
+        hello.nodeid,
+        fh,
+        7,
+        (libc::F_UNLCK, 0, 0),
+        true,
+    )
+    .expect("funlock");
+    assert!(!host_flock_refused(&file));
+    assert!(
+        !dest.stderr().contains("Lost the guest's"),
+        "{}",
+        dest.stderr()
+    );
+    dest.assert_alive("after the migration");
 }

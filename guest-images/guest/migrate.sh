@@ -61,6 +61,55 @@ mig_setup() {
 		9<"$MIG/delete-me.txt" 10<"$MIG/lose-me.txt"
 }
 
+# Locks that move with the guest (berth with --posix-lock --flock): a POSIX write lock on
+# bytes 0..99 of mig-locked.txt and an exclusive flock lock on mig-flocked.txt, each held
+# by a process of the script's shell until /tmp/ml-go or /tmp/mf-go exists.
+mig_lock_setup() {
+	: >"$MIG/mig-locked.txt"
+	: >"$MIG/mig-flocked.txt"
+	perl /test/posix-lock.pl hold "$MIG/mig-locked.txt" w 0 100 /tmp/ml-ready /tmp/ml-go &
+	MIG_POSIX_HOLDER=$!
+	flock -x "$MIG/mig-flocked.txt" -c 'touch /tmp/mf-ready; until [ -e /tmp/mf-go ]; do sleep 0.05; done' &
+	MIG_FLOCK_HOLDER=$!
+	wait_for_file /tmp/ml-ready 30 && wait_for_file /tmp/mf-ready 30 ||
+		echo "@@detail the lock holders did not start"
+}
+
+# After a hop: the host sees both locks held (it probes when mig/locks-probe appears and
+# answers in mig/locks-probed), another guest process is refused them too, and once the
+# holders let go the guest locks the same ranges again.
+mig_locks_kept() {
+	touch "$MIG/mig/locks-probe"
+	wait_for_file "$MIG/mig/locks-probed" 90
+	local host
+	host=$(cat "$MIG/mig/locks-probed")
+	if [ "$host" != held ]; then
+		echo "the host's probe: $host"
+		return 1
+	fi
+	posix_lock_try "$MIG/mig-locked.txt" w 50 10 conflict
+	if flock -n -s "$MIG/mig-flocked.txt" true; then
+		echo "another guest process got a shared flock while the exclusive one is held"
+		return 1
+	fi
+	touch /tmp/ml-go /tmp/mf-go
+	local pid waited
+	for pid in "$MIG_POSIX_HOLDER" "$MIG_FLOCK_HOLDER"; do
+		waited=0
+		while kill -0 "$pid" 2>/dev/null; do
+			waited=$((waited + 1))
+			[ $waited -lt 500 ] || {
+				echo "lock holder $pid did not exit"
+				return 1
+			}
+			sleep 0.02
+		done
+	done
+	posix_lock_try "$MIG/mig-locked.txt" w 0 100 granted
+	flock -n -x "$MIG/mig-flocked.txt" true
+	posix_lock_try "$MIG/mig-locked.txt" r 0 0 granted
+}
+
 # Closes the held descriptors (before the unmount), one at a time: closing the lost
 # handle may fail (its FLUSH gets an error), and bash keeps copies of the descriptors
 # of an exec whose redirections did not all succeed.
@@ -195,7 +244,7 @@ mig_forget_deleted() {
 # Stops the workload and waits for it (in the script's shell: the jobs are its
 # children); fio's current run ends first.
 mig_stop() {
-	touch /tmp/stop-writer /tmp/stop-fio
+	touch /tmp/stop-writer /tmp/stop-fio /tmp/ml-go /tmp/mf-go
 	wait "$MIG_WRITER" "$MIG_FIO" || true
 }
 

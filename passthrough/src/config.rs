@@ -229,6 +229,9 @@ pub struct MigrationConfig {
     /// The shared directory as the host names it (before any sandbox changes the root): the
     /// destination refuses state saved from another share.
     pub share_path: Option<PathBuf>,
+    /// How long the destination keeps trying to take a migrated lock that another
+    /// description still holds (the source's own copy, until it exits); `None`: 30 s.
+    pub lock_reacquire_timeout: Option<Duration>,
 }
 
 /// Everything that shapes the filesystem's behaviour.
@@ -285,6 +288,9 @@ pub struct Config {
     pub max_handles: usize,
     /// An open /proc/self/fd, for sandboxes where /proc is not reachable by path.
     pub proc_self_fd: Option<Arc<OwnedFd>>,
+    /// An open /proc/self/fdinfo (where the kernel lists each descriptor's locks, for live
+    /// migration), for sandboxes where /proc is not reachable by path.
+    pub proc_self_fdinfo: Option<Arc<OwnedFd>>,
     /// Shared caching through a version table (`--shared-cache`).
     pub shared_cache: Option<crate::coherence::SharedCache>,
     /// Live-migration settings.
@@ -319,6 +325,7 @@ impl Default for Config {
             max_inodes: 4 << 20,
             max_handles: 1 << 20,
             proc_self_fd: None,
+            proc_self_fdinfo: None,
             shared_cache: None,
             migration: MigrationConfig::default(),
             dax_policy: DaxPolicy::Never,

@@ -34,6 +34,7 @@ use crate::file_handle::{FileHandle, MountFds};
 use crate::handle_table::{HandleTable, OwnedBy};
 use crate::host_file::HostFile;
 use crate::inode_store::{InodeData, InodeFile, InodeKey, InodeStore};
+use crate::lock_state::LockRestore;
 use crate::server::{
     init_flags, SecContext, SETXATTR_ACL_KILL_SGID, XATTR_LIST_MAX, XATTR_SIZE_MAX,
 };
@@ -61,6 +62,8 @@ pub(crate) struct HandleData {
     pub(crate) file: File,
     /// Serialises seek + getdents on directory handles.
     pub(crate) dir_cursor: Mutex<()>,
+    /// Its flock lock was lost in a live migration: every request on it fails with EIO.
+    pub(crate) locks_lost: AtomicBool,
 }
 
 impl OwnedBy for HandleData {
@@ -94,8 +97,12 @@ pub struct PassthroughFs {
     pub(crate) handles: HandleTable<HandleData>,
     pub(crate) mount_fds: MountFds,
     /// Per (inode, lock owner) descriptions carrying POSIX locks; see `owner_lock_file`.
-    lock_files: Mutex<HashMap<(u64, u64), Arc<File>>>,
+    pub(crate) lock_files: Mutex<HashMap<(u64, u64), Arc<File>>>,
+    /// Locks a live migration brought that are still being taken again, or were lost.
+    pub(crate) lock_restore: LockRestore,
     pub(crate) proc_self_fd: OwnedFd,
+    /// This process's /proc/self/fdinfo, if reachable: where migration reads the held locks.
+    pub(crate) proc_self_fdinfo: Option<OwnedFd>,
     pub(crate) file_handles: InodeFileHandles,
     entry_timeout: Duration,
     attr_timeout: Duration,
@@ -188,6 +195,19 @@ impl PassthroughFs {
             )
             .map_err(Error::OpenProcSelfFd)?,
         };
+        // Only live migration reads it (the locks each descriptor holds): without it a save
+        // that has locks to describe fails with the reason.
+        let proc_self_fdinfo = match (&cfg.proc_self_fdinfo, &cfg.proc_self_fd) {
+            (Some(fd), _) => fd.try_clone().ok(),
+            (None, Some(_)) => None,
+            (None, None) => openat(
+                cwd_fd,
+                c"/proc/self/fdinfo",
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+            )
+            .ok(),
+        };
         let root_stat = statx(root_fd.as_fd(), EMPTY_CSTR).map_err(Error::StatSharedDir)?;
 
         let mount_fds = MountFds::default();
@@ -222,7 +242,9 @@ impl PassthroughFs {
             handles: HandleTable::new(),
             mount_fds,
             lock_files: Mutex::new(HashMap::new()),
+            lock_restore: LockRestore::default(),
             proc_self_fd,
+            proc_self_fdinfo,
             file_handles,
             writeback: AtomicBool::new(false),
             announce_submounts: AtomicBool::new(false),
@@ -266,6 +288,7 @@ impl PassthroughFs {
     /// that starts a new session without ending the last.
     pub(crate) fn reset(&self) {
         self.handles.clear();
+        self.lock_restore.clear();
         if let Ok(mut locks) = self.lock_files.lock() {
             locks.clear();
         }
@@ -512,12 +535,16 @@ impl PassthroughFs {
     }
 
     fn handle(&self, inode: u64, handle: u64) -> io::Result<Arc<HandleData>> {
-        self.handles.get(inode, handle)
+        let data = self.handles.get(inode, handle)?;
+        if data.locks_lost.load(Ordering::Relaxed) {
+            return Err(errno(libc::EIO));
+        }
+        Ok(data)
     }
 
     /// The open file `handle` of `inode`, if it is open.
     pub(crate) fn open_handle(&self, inode: u64, handle: u64) -> Option<Arc<HandleData>> {
-        self.handles.get(inode, handle).ok()
+        self.handle(inode, handle).ok()
     }
 
     /// Why an open with `flags` on the host descriptor `file` must not be handed to the
@@ -557,6 +584,7 @@ impl PassthroughFs {
             inode,
             file,
             dir_cursor: Mutex::new(()),
+            locks_lost: AtomicBool::new(false),
         };
         self.handles.insert(data, self.cfg.max_handles)
     }
@@ -1059,6 +1087,17 @@ impl PassthroughFs {
     fn release_owner_locks(&self, inode: u64, owner: u64) {
         if let Ok(mut locks) = self.lock_files.lock() {
             locks.remove(&(inode, owner));
+        }
+        self.lock_restore.forget_owner(inode, owner);
+    }
+
+    /// Before answering a lock request on `inode`: waits while locks a live migration
+    /// brought are still being taken again on it, and fails with EIO if `owner`'s were lost.
+    fn settle_migrated_locks(&self, inode: u64, owner: Option<u64>) -> io::Result<()> {
+        self.lock_restore.wait_settled(inode);
+        match owner {
+            Some(owner) if self.lock_restore.owner_lost(inode, owner) => Err(errno(libc::EIO)),
+            _ => Ok(()),
         }
     }
 
@@ -1696,6 +1735,7 @@ impl PassthroughFs {
             if !self.cfg.flock {
                 return Err(errno(libc::ENOSYS));
             }
+            self.settle_migrated_locks(inode, None)?;
             let data = self.handle(inode, handle)?;
             let mut op = match lock.lock_type as libc::c_int {
                 libc::F_RDLCK => libc::LOCK_SH,
@@ -1713,6 +1753,7 @@ impl PassthroughFs {
         if !self.cfg.posix_lock {
             return Err(errno(libc::ENOSYS));
         }
+        self.settle_migrated_locks(inode, Some(owner))?;
         let mut fl = to_flock(&lock)?;
         let cmd = if wait {
             libc::F_OFD_SETLKW
@@ -2443,8 +2484,12 @@ impl FileSystem for PassthroughFs {
     fn flush(&self, _ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
         // Data is written through. A close drops the closer's POSIX locks, and the client
         // sends FLUSH (not RELEASE) synchronously with close(2): drop that owner's locks now.
-        self.handle(inode, handle)?;
+        let data = self.handles.get(inode, handle)?;
         self.release_owner_locks(inode, lock_owner);
+        if data.locks_lost.load(Ordering::Relaxed) {
+            // Its flock lock was lost in a migration: close(2) reports it.
+            return Err(errno(libc::EIO));
+        }
         Ok(())
     }
 
@@ -2782,6 +2827,7 @@ impl FileSystem for PassthroughFs {
         if !self.cfg.posix_lock || flags & FUSE_LK_FLOCK != 0 {
             return Err(errno(libc::ENOSYS));
         }
+        self.settle_migrated_locks(inode, Some(owner))?;
         let file = self.owner_lock_file(inode, handle, owner)?;
         let mut fl = to_flock(&lock)?;
         // SAFETY: fcntl with a valid flock struct; result checked.

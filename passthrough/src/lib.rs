@@ -18,6 +18,7 @@ mod fs;
 mod handle_table;
 mod host_file;
 mod inode_store;
+mod lock_state;
 mod migration;
 pub mod server;
 mod util;
@@ -30,6 +31,7 @@ pub use config::{
 };
 pub use error::Error;
 pub use fs::PassthroughFs;
+pub use lock_state::LOCK_RETRY_INTERVAL;
 pub use migration::{read_stream, MigrationError, STATE_FORMAT_VERSION, STATE_MAGIC};
 pub use server::{
     BackingFiles, BackingRegistrar, DaxWindow, DropReason, FsServer, IoSegment, PassthroughError,

@@ -10,6 +10,10 @@
 //! from its shared directory without following symlinks, so a stream cannot lead it outside.
 //! A file handle cannot be confined that way: `file-handles` mode trusts the source as much
 //! as the host filesystem it shares with it.
+//!
+//! Format 2 adds the guest's locks after the handles (see [`crate::lock_state`]): each
+//! handle's flock lock, and each lock owner's POSIX ranges per inode. A source writes format 1
+//! when the guest holds no lock, so a destination that predates lock records still takes it.
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -18,7 +22,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use fuse_backend_rs::abi::fuse_abi::ROOT_ID;
 
@@ -26,12 +30,18 @@ use crate::config::{MigrationMode, MigrationOnError};
 use crate::file_handle::FileHandle;
 use crate::fs::{HandleData, PassthroughFs};
 use crate::inode_store::{InodeData, InodeFile, InodeKey};
+use crate::lock_state::{
+    held_by, try_take, HeldRange, LockClass, Pending, Target, DEFAULT_REACQUIRE_TIMEOUT,
+    LOCK_TO_EOF,
+};
 use crate::util::{errno, fd_name, openat, statx, EMPTY_CSTR};
 
 /// First bytes of a berth state stream.
 pub const STATE_MAGIC: [u8; 8] = *b"BERTHFS\x01";
 /// The newest format this build writes and reads.
-pub const STATE_FORMAT_VERSION: u32 = 1;
+pub const STATE_FORMAT_VERSION: u32 = 2;
+/// The first format with lock records.
+const LOCKS_VERSION: u32 = 2;
 /// Magic, version, reserved word, payload length, checksum.
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4;
 /// Largest path or file handle a stream may carry for one inode.
@@ -72,6 +82,10 @@ pub enum MigrationError {
          shares {ours}."
     )]
     ForeignShare { theirs: String, ours: String },
+    #[error("Cannot read the locks the guest holds on the host: {0}.")]
+    LocksUnreadable(String),
+    #[error("Cannot take the guest's {what} again: {reason}.")]
+    LockNotRestored { what: String, reason: String },
     #[error("Host I/O failed while {what}: {source}.")]
     Io {
         what: &'static str,
@@ -160,11 +174,11 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Wraps `payload` in the header.
-fn seal(payload: Vec<u8>) -> Vec<u8> {
+/// Wraps `payload`, in format `version`, in the header.
+fn seal(payload: Vec<u8>, version: u32) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&STATE_MAGIC);
-    out.extend_from_slice(&STATE_FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
@@ -172,8 +186,8 @@ fn seal(payload: Vec<u8>) -> Vec<u8> {
     out
 }
 
-/// Checks the header and returns the payload.
-fn open_sealed(stream: &[u8]) -> Result<&[u8], MigrationError> {
+/// Checks the header and returns the format version and the payload.
+fn open_sealed(stream: &[u8]) -> Result<(u32, &[u8]), MigrationError> {
     if stream.len() < STATE_MAGIC.len() {
         return Err(MigrationError::Truncated(format!(
             "{} bytes, not even the magic",
@@ -226,7 +240,96 @@ fn open_sealed(stream: &[u8]) -> Result<&[u8], MigrationError> {
             "the payload checksum does not match".into(),
         ));
     }
-    Ok(payload)
+    Ok((version, payload))
+}
+
+/// The guest's locks as the source describes them.
+#[derive(Default)]
+struct LockRecords {
+    /// (handle, write) for each handle holding a flock lock.
+    flocks: Vec<(u64, bool)>,
+    /// (inode, lock owner, ranges) for each owner holding POSIX locks on an inode.
+    owners: Vec<(u64, u64, Vec<HeldRange>)>,
+}
+
+impl LockRecords {
+    fn is_empty(&self) -> bool {
+        self.flocks.is_empty() && self.owners.is_empty()
+    }
+
+    fn write(&self, w: &mut Writer) {
+        w.u64(self.flocks.len() as u64);
+        for &(fh, write) in &self.flocks {
+            w.u64(fh);
+            w.u8(u8::from(write));
+        }
+        w.u64(self.owners.len() as u64);
+        for (inode, owner, ranges) in &self.owners {
+            w.u64(*inode);
+            w.u64(*owner);
+            w.u64(ranges.len() as u64);
+            for range in ranges {
+                w.u8(u8::from(range.write));
+                w.u64(range.start);
+                w.u64(range.end);
+            }
+        }
+    }
+
+    /// Reads the records, checking each against the handles (`fh` to inode) and inodes the
+    /// stream holds.
+    fn read(
+        r: &mut Reader<'_>,
+        handles: &std::collections::HashMap<u64, u64>,
+        inodes: &std::collections::HashSet<u64>,
+    ) -> Result<Self, MigrationError> {
+        let lock_type = |r: &mut Reader<'_>, what: &str| match r.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(MigrationError::Corrupt(format!("{what} {other}"))),
+        };
+        let mut records = LockRecords::default();
+        let count = r.count(8 + 1, "flock locks")?;
+        let mut seen = std::collections::HashSet::with_capacity(count);
+        for _ in 0..count {
+            let fh = r.u64("flock handle")?;
+            let write = lock_type(r, "flock lock type")?;
+            if !handles.contains_key(&fh) || !seen.insert(fh) {
+                return Err(MigrationError::Corrupt(format!(
+                    "a flock lock names handle {fh}, which the stream does not hold or \
+                     names twice"
+                )));
+            }
+            records.flocks.push((fh, write));
+        }
+        let count = r.count(8 + 8 + 8, "lock owners")?;
+        let mut seen = std::collections::HashSet::with_capacity(count);
+        for _ in 0..count {
+            let inode = r.u64("lock inode")?;
+            let owner = r.u64("lock owner")?;
+            if !inodes.contains(&inode) || !seen.insert((inode, owner)) {
+                return Err(MigrationError::Corrupt(format!(
+                    "POSIX locks of owner {owner:#x} name inode {inode}, which the stream \
+                     does not hold, or name it twice"
+                )));
+            }
+            let ranges = r.count(1 + 8 + 8, "lock ranges")?;
+            let mut held = Vec::with_capacity(ranges);
+            for _ in 0..ranges {
+                let write = lock_type(r, "POSIX lock type")?;
+                let start = r.u64("lock start")?;
+                let end = r.u64("lock end")?;
+                if start > end || end > LOCK_TO_EOF {
+                    return Err(MigrationError::Corrupt(format!(
+                        "a POSIX lock of owner {owner:#x} on inode {inode} spans {start}..={end}"
+                    )));
+                }
+                held.push(HeldRange { write, start, end });
+            }
+            records.owners.push((inode, owner, held));
+        }
+        Ok(records)
+    }
 }
 
 /// Reads the target of `/proc/self/fd/<fd>`.
@@ -478,14 +581,209 @@ impl PassthroughFs {
             w.u32(flags as u32);
             w.u64(position.max(0) as u64);
         }
-        Ok(seal(w.0))
+        let locks = self.describe_locks(&handles)?;
+        if locks.is_empty() {
+            // Nothing format 2 adds: a destination that predates lock records reads it too.
+            return Ok(seal(w.0, 1));
+        }
+        locks.write(&mut w);
+        Ok(seal(w.0, LOCKS_VERSION))
+    }
+
+    /// The locks the guest holds, read back from the kernel. A description whose locks
+    /// cannot be read fails the save with `--migration-on-error abort`; with `guest-error`
+    /// its locks are left behind (logged).
+    fn describe_locks(
+        &self,
+        handles: &[(u64, Arc<HandleData>)],
+    ) -> Result<LockRecords, MigrationError> {
+        let mut records = LockRecords::default();
+        let owner_files: Vec<((u64, u64), Arc<File>)> = match self.lock_files.lock() {
+            Ok(files) => files.iter().map(|(k, f)| (*k, f.clone())).collect(),
+            Err(_) => Vec::new(),
+        };
+        if owner_files.is_empty() && (!self.cfg.flock || handles.is_empty()) {
+            return Ok(records);
+        }
+        let unreadable = |what: String, reason: String| -> Result<(), MigrationError> {
+            match self.cfg.migration.on_error {
+                MigrationOnError::Abort => {
+                    Err(MigrationError::LocksUnreadable(format!("{what}: {reason}")))
+                }
+                MigrationOnError::GuestError => {
+                    tracing::warn!(
+                        "Cannot read the locks of {what} ({reason}); they do not move to the \
+                         destination (--migration-on-error guest-error)."
+                    );
+                    Ok(())
+                }
+            }
+        };
+        let Some(fdinfo) = &self.proc_self_fdinfo else {
+            unreadable(
+                "any open file".into(),
+                "/proc/self/fdinfo is out of reach in this sandbox".into(),
+            )?;
+            return Ok(records);
+        };
+        if self.cfg.flock {
+            for (fh, handle) in handles {
+                match held_by(fdinfo.as_fd(), handle.file.as_raw_fd(), LockClass::Flock) {
+                    Ok(held) => {
+                        if let Some(lock) = held.first() {
+                            records.flocks.push((*fh, lock.write));
+                        }
+                    }
+                    Err(e) => unreadable(format!("handle {fh}"), e.to_string())?,
+                }
+            }
+        }
+        for ((inode, owner), file) in owner_files {
+            if self.inodes.get(inode).is_err() {
+                continue;
+            }
+            match held_by(fdinfo.as_fd(), file.as_raw_fd(), LockClass::Posix) {
+                Ok(held) if held.is_empty() => {}
+                Ok(held) => records.owners.push((inode, owner, held)),
+                Err(e) => unreadable(
+                    format!("lock owner {owner:#x} on inode {inode}"),
+                    e.to_string(),
+                )?,
+            }
+        }
+        Ok(records)
+    }
+
+    /// Takes a migrated lock on `fd`: held elsewhere, it is retried later (`pending`); refused
+    /// for another reason, it fails the load (`abort`) or is lost (`guest-error`).
+    fn take_migrated(
+        &self,
+        fd: std::os::fd::RawFd,
+        lock: Pending,
+        pending: &mut Vec<Pending>,
+    ) -> Result<(), MigrationError> {
+        let class = match lock.target {
+            Target::Owner { .. } => LockClass::Posix,
+            Target::Handle { .. } => LockClass::Flock,
+        };
+        match try_take(fd, class, lock.range) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                pending.push(lock);
+                Ok(())
+            }
+            Err(e) => self.lock_not_restored(&lock, e.to_string()),
+        }
+    }
+
+    fn lock_not_restored(&self, lock: &Pending, reason: String) -> Result<(), MigrationError> {
+        match self.cfg.migration.on_error {
+            MigrationOnError::Abort => {
+                self.reset();
+                Err(MigrationError::LockNotRestored {
+                    what: lock.what(),
+                    reason,
+                })
+            }
+            MigrationOnError::GuestError => {
+                self.lock_restore.lose_now(lock, &reason);
+                Ok(())
+            }
+        }
+    }
+
+    /// A description of `data` for an owner's POSIX locks: writable for write locks, readable
+    /// for read locks (read-write when it can be).
+    fn open_lock_file(&self, data: &InodeData, ranges: &[HeldRange]) -> io::Result<File> {
+        let flags = libc::O_NONBLOCK | libc::O_NOCTTY;
+        self.open_inode(data, libc::O_RDWR | flags).or_else(|e| {
+            let reads = ranges.iter().any(|r| !r.write);
+            let writes = ranges.iter().any(|r| r.write);
+            match (reads, writes) {
+                (true, false) => self.open_inode(data, libc::O_RDONLY | flags),
+                (false, true) => self.open_inode(data, libc::O_WRONLY | flags),
+                _ => Err(e),
+            }
+        })
+    }
+
+    /// Takes the guest's locks again on the rebuilt handles and owner descriptions.
+    fn restore_locks(
+        &self,
+        locks: LockRecords,
+        handle_inodes: &std::collections::HashMap<u64, u64>,
+    ) -> Result<(), MigrationError> {
+        let mut pending = Vec::new();
+        for (fh, write) in locks.flocks {
+            let Some(&inode) = handle_inodes.get(&fh) else {
+                continue;
+            };
+            // A handle that was not rebuilt already fails with EBADF.
+            let Ok(handle) = self.handles.get(inode, fh) else {
+                continue;
+            };
+            let lock = Pending {
+                inode,
+                target: Target::Handle {
+                    fh,
+                    handle: Arc::downgrade(&handle),
+                },
+                range: HeldRange::whole(write),
+            };
+            self.take_migrated(handle.file.as_raw_fd(), lock, &mut pending)?;
+        }
+        for (inode, owner, ranges) in locks.owners {
+            let data = match self.inodes.get(inode) {
+                Ok(data) if !matches!(data.file, InodeFile::Lost) => data,
+                // The inode itself fails with EIO.
+                _ => continue,
+            };
+            let file = match self.open_lock_file(&data, &ranges) {
+                Ok(file) => Arc::new(file),
+                Err(e) => {
+                    for range in ranges {
+                        let lock = Pending {
+                            inode,
+                            target: Target::Owner {
+                                owner,
+                                file: std::sync::Weak::new(),
+                            },
+                            range,
+                        };
+                        self.lock_not_restored(&lock, format!("the file cannot be opened ({e})"))?;
+                    }
+                    continue;
+                }
+            };
+            if let Ok(mut files) = self.lock_files.lock() {
+                files.insert((inode, owner), file.clone());
+            }
+            for range in ranges {
+                let lock = Pending {
+                    inode,
+                    target: Target::Owner {
+                        owner,
+                        file: Arc::downgrade(&file),
+                    },
+                    range,
+                };
+                self.take_migrated(file.as_raw_fd(), lock, &mut pending)?;
+            }
+        }
+        let timeout = self
+            .cfg
+            .migration
+            .lock_reacquire_timeout
+            .unwrap_or(DEFAULT_REACQUIRE_TIMEOUT);
+        self.lock_restore.start(pending, timeout);
+        Ok(())
     }
 
     /// Rebuilds what the guest held from a stream [`save_state`](Self::save_state) wrote,
     /// after checking all of it; returns the guest's session state. Whatever the guest held
     /// on this daemon before is dropped first.
     pub(crate) fn load_state(&self, stream: &[u8]) -> Result<SessionState, MigrationError> {
-        let payload = open_sealed(stream)?;
+        let (version, payload) = open_sealed(stream)?;
         let mut r = Reader { rest: payload };
         let share = r.bytes("share path")?.to_vec();
         let root_dev = r.u64("share device")?;
@@ -558,6 +856,7 @@ impl PassthroughFs {
         }
         let handle_count = r.count(8 + 8 + 4 + 8, "open handles")?;
         let mut handles = Vec::with_capacity(handle_count);
+        let mut handle_inodes = std::collections::HashMap::with_capacity(handle_count);
         for _ in 0..handle_count {
             let fh = r.u64("handle number")?;
             let inode = r.u64("handle inode")?;
@@ -569,7 +868,13 @@ impl PassthroughFs {
                 )));
             }
             handles.push((fh, inode, flags, position));
+            handle_inodes.insert(fh, inode);
         }
+        let locks = if version >= LOCKS_VERSION {
+            LockRecords::read(&mut r, &handle_inodes, &seen)?
+        } else {
+            LockRecords::default()
+        };
         if !r.rest.is_empty() {
             return Err(MigrationError::Corrupt(format!(
                 "{} bytes follow the last entry",
@@ -685,6 +990,7 @@ impl PassthroughFs {
                 inode,
                 file,
                 dir_cursor: Mutex::new(()),
+                locks_lost: AtomicBool::new(false),
             };
             if let Err(e) = self.handles.restore(fh, handle, next_handle) {
                 self.reset();
@@ -693,6 +999,7 @@ impl PassthroughFs {
                 )));
             }
         }
+        self.restore_locks(locks, &handle_inodes)?;
         self.set_session_flags(flags);
         Ok(SessionState { initialized })
     }
@@ -763,8 +1070,11 @@ mod tests {
 
     #[test]
     fn a_sealed_payload_opens_and_damage_is_named() {
-        let sealed = seal(b"payload".to_vec());
-        assert_eq!(open_sealed(&sealed).unwrap(), b"payload");
+        let sealed = seal(b"payload".to_vec(), STATE_FORMAT_VERSION);
+        assert_eq!(
+            open_sealed(&sealed).unwrap(),
+            (STATE_FORMAT_VERSION, &b"payload"[..])
+        );
         assert!(matches!(
             open_sealed(&sealed[..sealed.len() - 1]),
             Err(MigrationError::Truncated(_))
@@ -835,6 +1145,328 @@ mod tests {
         );
         drop((source, destination));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    mod locks {
+        use super::*;
+        use crate::MigrationConfig;
+        use fuse_backend_rs::api::filesystem::{Context, FileLock, FileSystem};
+        use std::path::PathBuf;
+        use std::time::{Duration, Instant};
+
+        const FLOCK: u32 = 1;
+
+        struct Share(PathBuf);
+
+        impl Share {
+            fn new(name: &str) -> Self {
+                let dir = std::env::temp_dir()
+                    .join(format!("berth-miglock-{name}-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join("f"), vec![7u8; 4096]).unwrap();
+                Share(dir)
+            }
+
+            fn fs(&self, on_error: MigrationOnError, timeout: Duration) -> PassthroughFs {
+                PassthroughFs::new(crate::Config {
+                    root_dir: self.0.clone(),
+                    posix_lock: true,
+                    flock: true,
+                    migration: MigrationConfig {
+                        on_error,
+                        lock_reacquire_timeout: Some(timeout),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                })
+                .unwrap()
+            }
+
+            /// A host process's own description of the shared file.
+            fn host_file(&self) -> File {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(self.0.join("f"))
+                    .unwrap()
+            }
+
+            /// Whether a host description is refused `range` (and lets go of it if not).
+            fn host_conflicts(&self, class: LockClass, range: HeldRange) -> bool {
+                !try_take(self.host_file().as_raw_fd(), class, range).unwrap()
+            }
+        }
+
+        impl Drop for Share {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+
+        fn lock(kind: libc::c_int, start: u64, end: u64) -> FileLock {
+            FileLock {
+                start,
+                end,
+                lock_type: kind as u32,
+                pid: 0,
+            }
+        }
+
+        fn range(write: bool, start: u64, end: u64) -> HeldRange {
+            HeldRange { write, start, end }
+        }
+
+        /// The guest's view: the file looked up and opened read-write.
+        fn open_f(fs: &PassthroughFs) -> (u64, u64) {
+            let ctx = Context::default();
+            let entry = fs.lookup(&ctx, ROOT_ID, c"f").unwrap();
+            let (fh, _, _) = fs.open(&ctx, entry.inode, libc::O_RDWR as u32, 0).unwrap();
+            (entry.inode, fh.unwrap())
+        }
+
+        /// Retries the pending locks, as the migration thread does, until none is left.
+        fn wait_settled(fs: &PassthroughFs) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while fs.lock_restore.retry_round() {
+                assert!(Instant::now() < deadline, "the pending locks never settled");
+                std::thread::sleep(crate::LOCK_RETRY_INTERVAL);
+            }
+            assert_eq!(fs.lock_restore.pending_count(), 0);
+        }
+
+        fn version_of(stream: &[u8]) -> u32 {
+            open_sealed(stream).unwrap().0
+        }
+
+        /// The source of the tests below: owner 7 holds a write lock on bytes 10..=19 and a
+        /// read lock from 100 on, and the handle holds an exclusive flock lock.
+        fn locked_source(share: &Share) -> (PassthroughFs, u64, u64, Vec<u8>) {
+            let source = share.fs(MigrationOnError::Abort, Duration::from_secs(10));
+            let ctx = Context::default();
+            let (inode, fh) = open_f(&source);
+            let unlocked = source
+                .save_state(&SessionState { initialized: true })
+                .unwrap();
+            assert_eq!(version_of(&unlocked), 1, "no lock: the older format");
+            source
+                .setlk(&ctx, inode, fh, 7, lock(libc::F_WRLCK, 10, 19), 0)
+                .unwrap();
+            source
+                .setlk(&ctx, inode, fh, 7, lock(libc::F_RDLCK, 100, LOCK_TO_EOF), 0)
+                .unwrap();
+            source
+                .setlk(
+                    &ctx,
+                    inode,
+                    fh,
+                    7,
+                    lock(libc::F_WRLCK, 0, LOCK_TO_EOF),
+                    FLOCK,
+                )
+                .unwrap();
+            let stream = source
+                .save_state(&SessionState { initialized: true })
+                .unwrap();
+            assert_eq!(version_of(&stream), LOCKS_VERSION);
+            (source, inode, fh, stream)
+        }
+
+        #[test]
+        fn locks_move_and_the_destination_waits_for_the_source_to_let_go() {
+            let share = Share::new("move");
+            let (source, inode, fh, stream) = locked_source(&share);
+            let destination = share.fs(MigrationOnError::Abort, Duration::from_secs(10));
+            destination.load_state(&stream).unwrap();
+            // The read range is shared with the source's copy; the write range and the
+            // exclusive flock wait for the source.
+            let mut pending = destination.lock_restore.pending_classes();
+            pending.sort_by_key(|c| *c == LockClass::Flock);
+            assert_eq!(pending, vec![LockClass::Posix, LockClass::Flock]);
+            let ctx = Context::default();
+            std::thread::scope(|s| {
+                // Another guest lock owner asks for the write range meanwhile: it must not be
+                // granted in the instant between the source letting go and the destination
+                // taking it again.
+                let other = s.spawn(|| {
+                    destination.setlk(&ctx, inode, fh, 8, lock(libc::F_WRLCK, 12, 12), 0)
+                });
+                std::thread::sleep(Duration::from_millis(200));
+                // Still held by the source: retrying changes nothing.
+                assert!(destination.lock_restore.retry_round());
+                assert!(
+                    !other.is_finished(),
+                    "lock requests wait while locks are pending"
+                );
+                drop(source);
+                s.spawn(|| wait_settled(&destination));
+                let answer = other.join().unwrap();
+                assert_eq!(
+                    answer.err().and_then(|e| e.raw_os_error()),
+                    Some(libc::EAGAIN),
+                    "the migrated write lock refuses another owner"
+                );
+            });
+            wait_settled(&destination);
+            // Held on the host by the destination now.
+            assert!(share.host_conflicts(LockClass::Posix, range(true, 15, 15)));
+            assert!(share.host_conflicts(LockClass::Posix, range(true, 200, 300)));
+            assert!(!share.host_conflicts(LockClass::Posix, range(false, 200, 300)));
+            assert!(!share.host_conflicts(LockClass::Posix, range(true, 20, 99)));
+            assert!(share.host_conflicts(LockClass::Flock, HeldRange::whole(false)));
+            // GETLK of another owner sees the migrated lock.
+            let seen = destination
+                .getlk(&ctx, inode, fh, 9, lock(libc::F_WRLCK, 0, 15), 0)
+                .unwrap();
+            assert_eq!(
+                (seen.lock_type, seen.start, seen.end),
+                (libc::F_WRLCK as u32, 10, 19)
+            );
+            // The guest unlocks and locks again.
+            destination
+                .setlk(&ctx, inode, fh, 7, lock(libc::F_UNLCK, 10, 19), 0)
+                .unwrap();
+            assert!(!share.host_conflicts(LockClass::Posix, range(true, 15, 15)));
+            destination
+                .setlk(&ctx, inode, fh, 7, lock(libc::F_WRLCK, 10, 19), 0)
+                .unwrap();
+            assert!(share.host_conflicts(LockClass::Posix, range(true, 15, 15)));
+            destination
+                .setlk(
+                    &ctx,
+                    inode,
+                    fh,
+                    7,
+                    lock(libc::F_UNLCK, 0, LOCK_TO_EOF),
+                    FLOCK,
+                )
+                .unwrap();
+            assert!(!share.host_conflicts(LockClass::Flock, HeldRange::whole(true)));
+            destination
+                .setlk(
+                    &ctx,
+                    inode,
+                    fh,
+                    7,
+                    lock(libc::F_RDLCK, 0, LOCK_TO_EOF),
+                    FLOCK,
+                )
+                .unwrap();
+            assert!(share.host_conflicts(LockClass::Flock, HeldRange::whole(true)));
+            // Closing drops the owner's POSIX locks.
+            destination.flush(&ctx, inode, fh, 7).unwrap();
+            assert!(!share.host_conflicts(LockClass::Posix, range(true, 0, LOCK_TO_EOF)));
+        }
+
+        #[test]
+        fn a_lock_another_host_process_took_is_lost_and_reported() {
+            let share = Share::new("lost");
+            let (source, inode, fh, stream) = locked_source(&share);
+            drop(source);
+            // A host process takes the write range and the flock before the destination.
+            let thief = share.host_file();
+            assert!(try_take(thief.as_raw_fd(), LockClass::Posix, range(true, 15, 15)).unwrap());
+            assert!(
+                try_take(thief.as_raw_fd(), LockClass::Flock, HeldRange::whole(false)).unwrap()
+            );
+            let destination = share.fs(MigrationOnError::GuestError, Duration::from_millis(300));
+            destination.load_state(&stream).unwrap();
+            wait_settled(&destination);
+            let ctx = Context::default();
+            let errno_of = |r: io::Result<()>| r.err().and_then(|e| e.raw_os_error());
+            // Owner 7's lock requests on the file fail; another owner's do not.
+            assert_eq!(
+                errno_of(destination.setlk(&ctx, inode, fh, 7, lock(libc::F_UNLCK, 0, 5), 0)),
+                Some(libc::EIO)
+            );
+            // The flock handle fails every request.
+            assert_eq!(
+                errno_of(destination.setlk(
+                    &ctx,
+                    inode,
+                    fh,
+                    7,
+                    lock(libc::F_UNLCK, 0, LOCK_TO_EOF),
+                    FLOCK
+                )),
+                Some(libc::EIO)
+            );
+            assert_eq!(
+                errno_of(destination.flush(&ctx, inode, fh, 7)),
+                Some(libc::EIO),
+                "close reports the lost flock"
+            );
+            // The flush dropped owner 7's locks: it starts afresh.
+            let (_, fh2) = open_f(&destination);
+            assert_eq!(
+                errno_of(destination.setlk(&ctx, inode, fh2, 7, lock(libc::F_WRLCK, 30, 40), 0)),
+                None
+            );
+            // The read range that did not conflict was taken again, then dropped by the flush.
+            assert!(!share.host_conflicts(LockClass::Posix, range(true, 200, 300)));
+        }
+
+        #[test]
+        fn damaged_lock_records_are_refused_with_the_reason() {
+            let share = Share::new("corrupt");
+            let (source, _inode, fh, stream) = locked_source(&share);
+            drop(source);
+            let (_, payload) = open_sealed(&stream).unwrap();
+            // The lock section ends the payload: one flock record, one owner with two ranges.
+            let section = 8 + (8 + 1) + 8 + (8 + 8 + 8) + 2 * (1 + 8 + 8);
+            let at = payload.len() - section;
+            assert_eq!(&payload[at..at + 8], &1u64.to_le_bytes());
+            assert_eq!(&payload[at + 8..at + 16], &fh.to_le_bytes());
+            let destination = share.fs(MigrationOnError::Abort, Duration::from_secs(1));
+            let refused = |payload: &[u8], version: u32| -> String {
+                match destination.load_state(&seal(payload.to_vec(), version)) {
+                    Err(e @ MigrationError::Corrupt(_)) => e.to_string(),
+                    other => panic!("expected a corrupt-stream refusal, got {:?}", other.err()),
+                }
+            };
+            let patched = |offset: usize, bytes: &[u8]| {
+                let mut p = payload.to_vec();
+                p[offset..offset + bytes.len()].copy_from_slice(bytes);
+                p
+            };
+            let ranges_at = at + 17 + 8 + 24;
+            for (what, damaged) in [
+                (
+                    "unknown flock handle",
+                    patched(at + 8, &999u64.to_le_bytes()),
+                ),
+                ("flock type", patched(at + 16, &[2])),
+                ("owner count", patched(at + 17, &u64::MAX.to_le_bytes())),
+                ("unknown inode", patched(at + 25, &4242u64.to_le_bytes())),
+                ("range count", patched(ranges_at - 8, &3u64.to_le_bytes())),
+                ("range type", patched(ranges_at, &[9])),
+                (
+                    "start after end",
+                    patched(ranges_at + 1, &20u64.to_le_bytes()),
+                ),
+                (
+                    "end past EOF",
+                    patched(ranges_at + 9, &u64::MAX.to_le_bytes()),
+                ),
+            ] {
+                let reason = refused(&damaged, LOCKS_VERSION);
+                assert!(reason.contains("lock"), "{what}: {reason}");
+            }
+            let cut = refused(&payload[..payload.len() - 1], LOCKS_VERSION);
+            assert!(cut.contains("lock ranges cannot fit"), "{cut}");
+            // Read as format 1, the lock section is bytes that should not be there.
+            assert!(refused(payload, 1).contains("follow the last entry"));
+            // Every truncation is refused, none panics.
+            for len in 0..payload.len() {
+                assert!(destination
+                    .load_state(&seal(payload[..len].to_vec(), LOCKS_VERSION))
+                    .is_err());
+            }
+            assert!(share
+                .fs(MigrationOnError::Abort, Duration::from_secs(1))
+                .load_state(&stream)
+                .is_ok());
+        }
     }
 
     #[test]

@@ -196,6 +196,9 @@ pub struct SandboxOutcome {
     /// An `O_PATH` descriptor of this process's `/proc/self/fd`, opened before the root
     /// changed (namespace and chroot modes; `/proc` is not reachable by path afterwards).
     pub proc_self_fd: Option<OwnedFd>,
+    /// A descriptor of this process's `/proc/self/fdinfo` (namespace and chroot modes), where
+    /// the kernel lists the locks each descriptor holds; `None` if it could not be opened.
+    pub proc_self_fdinfo: Option<OwnedFd>,
     /// True in the pid-1 child of the namespace mode.
     pub in_pid_namespace: bool,
 }
@@ -250,6 +253,24 @@ fn open_path(step: &'static str, path: &CStr, flags: libc::c_int) -> Result<Owne
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A detached bind mount of `path` (`open_tree(OPEN_TREE_CLONE)`), if the kernel allows it.
+fn open_tree_clone(path: &CStr) -> Option<OwnedFd> {
+    // SAFETY: `path` is NUL-terminated; the returned descriptor is checked before being owned.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just returned by the kernel and nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
 fn geteuid() -> u32 {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() }
@@ -287,6 +308,7 @@ pub fn enter_sandbox(cfg: &SandboxConfig) -> Result<SandboxOutcome, Error> {
         return Ok(SandboxOutcome {
             root_dir: cfg.shared_dir.clone(),
             proc_self_fd: None,
+            proc_self_fdinfo: None,
             in_pid_namespace: false,
         });
     }
@@ -324,6 +346,12 @@ fn enter_chroot(shared_dir: &Path) -> Result<SandboxOutcome, Error> {
         c"/proc/self/fd",
         libc::O_PATH | libc::O_DIRECTORY,
     )?;
+    let proc_self_fdinfo = open_path(
+        "opening /proc/self/fdinfo",
+        c"/proc/self/fdinfo",
+        libc::O_PATH | libc::O_DIRECTORY,
+    )
+    .ok();
     let dir = cstring(shared_dir)?;
     // SAFETY: `dir` is NUL-terminated.
     check("chroot", unsafe { libc::chroot(dir.as_ptr()) })?;
@@ -334,6 +362,7 @@ fn enter_chroot(shared_dir: &Path) -> Result<SandboxOutcome, Error> {
     Ok(SandboxOutcome {
         root_dir: PathBuf::from("/"),
         proc_self_fd: Some(proc_self_fd),
+        proc_self_fdinfo,
         in_pid_namespace: false,
     })
 }
@@ -793,16 +822,18 @@ fn enter_namespaces(
     })?;
     // (The parent lives outside this pid namespace, so getppid() reads 0 either way and
     // cannot tell whether it died in the instant before the prctl.)
-    let proc_self_fd = setup_mounts(shared_dir)?;
+    let (proc_self_fd, proc_self_fdinfo) = setup_mounts(shared_dir)?;
     Ok(SandboxOutcome {
         root_dir: PathBuf::from("/"),
         proc_self_fd: Some(proc_self_fd),
+        proc_self_fdinfo,
         in_pid_namespace: true,
     })
 }
 
-/// Builds the child's filesystem view; returns the `/proc/self/fd` descriptor.
-fn setup_mounts(shared_dir: &Path) -> Result<OwnedFd, Error> {
+/// Builds the child's filesystem view; returns the `/proc/self/fd` descriptor and, where the
+/// kernel can clone a mount without a mount point, a `/proc/self/fdinfo` one.
+fn setup_mounts(shared_dir: &Path) -> Result<(OwnedFd, Option<OwnedFd>), Error> {
     // Nothing done from here on may propagate back to the host's mount namespace, while host
     // mounts appearing under the shared directory still propagate in.
     mount(
@@ -820,6 +851,10 @@ fn setup_mounts(shared_dir: &Path) -> Result<OwnedFd, Error> {
         Some(c"proc"),
         libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_NOSUID | libc::MS_RELATIME,
     )?;
+    // A detached copy of just our fdinfo directory, for the lock state a live migration
+    // carries: `..` from its root stays in it. Without it migration reports that it cannot
+    // read the locks, so a kernel without open_tree loses nothing else.
+    let proc_self_fdinfo = open_tree_clone(c"/proc/self/fdinfo");
     // Over /proc goes just our fd directory: `..` from the descriptor cannot climb to the rest
     // of proc once the old root is detached.
     mount(
@@ -837,7 +872,7 @@ fn setup_mounts(shared_dir: &Path) -> Result<OwnedFd, Error> {
 
     if shared_dir == Path::new("/") {
         // Already the root: there is nothing to pivot into.
-        return Ok(proc_self_fd);
+        return Ok((proc_self_fd, proc_self_fdinfo));
     }
     let dir = cstring(shared_dir)?;
     // pivot_root needs the new root to be a mount point.
@@ -867,7 +902,7 @@ fn setup_mounts(shared_dir: &Path) -> Result<OwnedFd, Error> {
     check("chdir to the new root", unsafe {
         libc::chdir(c"/".as_ptr())
     })?;
-    Ok(proc_self_fd)
+    Ok((proc_self_fd, proc_self_fdinfo))
 }
 
 /// The namespace mode's parent: waits for the serving child and mirrors its end.

@@ -199,6 +199,25 @@ fn scenario_child() {
             let reopened =
                 unsafe { libc::openat(proc_fd.as_raw_fd(), name.as_ptr(), libc::O_WRONLY) };
             say(&format!("reopen={}", reopened >= 0));
+            // The kept /proc/self/fdinfo describes our descriptors (live migration reads
+            // their locks there); in the namespace mode `..` from it reaches nothing else.
+            let fdinfo = outcome.proc_self_fdinfo.expect("proc_self_fdinfo");
+            let open_in_fdinfo = |name: &str| {
+                let name = CString::new(name).unwrap();
+                // SAFETY: valid directory fd and NUL-terminated name; the result is checked.
+                let fd = unsafe { libc::openat(fdinfo.as_raw_fd(), name.as_ptr(), libc::O_RDONLY) };
+                // SAFETY: a descriptor just opened, owned by nothing else.
+                (fd >= 0).then(|| unsafe { std::fs::File::from_raw_fd(fd) })
+            };
+            let mut info = String::new();
+            if let Some(mut file) = open_in_fdinfo(&write_end.as_raw_fd().to_string()) {
+                std::io::Read::read_to_string(&mut file, &mut info).unwrap();
+            }
+            say(&format!("fdinfo={}", info.contains("flags:")));
+            say(&format!(
+                "fdinfo_up={}",
+                open_in_fdinfo("../status").is_some()
+            ));
             say(&format!("interfaces={}", interfaces().join(",")));
             std::process::exit(SANDBOX_EXIT);
         }
@@ -476,6 +495,8 @@ fn namespace_sandbox_makes_the_shared_dir_root_in_new_namespaces() {
         "host_etc=false",
         "pipe=true",
         "reopen=true",
+        "fdinfo=true",
+        "fdinfo_up=false",
         "interfaces=lo\n",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in {out}");
@@ -507,6 +528,7 @@ fn chroot_sandbox_makes_the_shared_dir_root() {
         "host_etc=false",
         "pipe=true",
         "reopen=true",
+        "fdinfo=true",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in {out}");
     }

@@ -5,7 +5,8 @@
 //! The control thread must not block on the pipe (the VMM reads or writes it after the
 //! reply), and its seccomp filter allows no file access, so the transfer runs on a thread of
 //! its own, started with the device and confined to the migration role; the control thread
-//! hands it the pipe and, at CHECK_DEVICE_STATE, waits for its verdict.
+//! hands it the pipe and, at CHECK_DEVICE_STATE, waits for its verdict. After a load it also
+//! takes again, every few milliseconds, the guest's locks the source still held.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -73,7 +74,24 @@ impl StateTransfer {
                     }
                     return;
                 }
-                for job in queue {
+                loop {
+                    // Locks a loaded state brought that the source still held are retried
+                    // here between jobs (the source lets go when it exits).
+                    let job = if server.migrated_locks_pending() {
+                        match queue.recv_timeout(berth_passthrough::LOCK_RETRY_INTERVAL) {
+                            Ok(job) => job,
+                            Err(mpsc::RecvTimeoutError::Timeout) => {
+                                server.retry_migrated_locks();
+                                continue;
+                            }
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        }
+                    } else {
+                        match queue.recv() {
+                            Ok(job) => job,
+                            Err(_) => break,
+                        }
+                    };
                     let outcome = transfer(&server, job.direction, job.file);
                     if let Err(e) = &outcome {
                         error!("{e}");

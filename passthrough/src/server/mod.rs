@@ -352,6 +352,20 @@ impl FsServer {
         Ok(())
     }
 
+    /// Whether locks a loaded state brought are still to be taken again (the source still
+    /// held them): the thread that loaded the state calls [`retry_migrated_locks`]
+    /// (Self::retry_migrated_locks) every [`LOCK_RETRY_INTERVAL`](crate::LOCK_RETRY_INTERVAL)
+    /// meanwhile.
+    pub fn migrated_locks_pending(&self) -> bool {
+        self.fs.lock_restore.has_pending()
+    }
+
+    /// Tries once more to take the locks a loaded state brought that are still held elsewhere;
+    /// those whose time ran out are lost. True while some are left.
+    pub fn retry_migrated_locks(&self) -> bool {
+        self.fs.lock_restore.retry_round()
+    }
+
     fn dispatch(
         &self,
         req: &mut Request<'_, '_>,
