@@ -67,6 +67,11 @@ git -C "$work/repo-src" init -q
 git -C "$work/repo-src" -c user.email=bench@berth -c user.name=bench add -A
 git -C "$work/repo-src" -c user.email=bench@berth -c user.name=bench commit -qm tree
 git clone -q "$work/repo-src" "$share/repo"
+# An index written in the same second as the files leaves them "racily clean": the first
+# status through a mount would read them all and rewrite the index (in the first mode's
+# cold pass only). Refreshed a second later, every status only stats.
+sleep 1.1
+git -C "$share/repo" update-index -q --really-refresh
 tar -C "$work/repo-src" -cf "$work/untar.tar" --exclude=.git .
 
 # start_mount DIR MODE LOG: one berth fuse mount of $share on DIR; its pid in $mount_pid.

@@ -11,9 +11,11 @@
 SV_GUEST_CHECKS=(sv-mount sv-host-changes sv-stat-storm sv-umount)
 SV_HOST_CHECKS=(sv-storm-requests sv-daemons-exit-0)
 # Two guests on two berth daemons sharing one directory and one table: guest A
-# changes, guest B sees every change at its next access.
-SV_PAIR_GUEST_CHECKS=(sv-pair-mount sv-pair-seen sv-pair-umount)
-SV_PAIR_HOST_CHECKS=(sv-pair-change sv-pair-daemons-exit-0)
+# changes, guest B sees every change at its next access; then a host process
+# changes what both cache, and both see it (sv-pair-host-changes in B,
+# sv-pair-a-host-changes in A, read from its console).
+SV_PAIR_GUEST_CHECKS=(sv-pair-mount sv-pair-seen sv-pair-host-changes sv-pair-umount)
+SV_PAIR_HOST_CHECKS=(sv-pair-change sv-pair-a-host-changes sv-pair-daemons-exit-0)
 SV_TIER_CHECKS=("${SV_GUEST_CHECKS[@]}" "${SV_HOST_CHECKS[@]}"
 	"${SV_PAIR_GUEST_CHECKS[@]}" "${SV_PAIR_HOST_CHECKS[@]}")
 # Files of the stat storm, and the most LOOKUP + GETATTR requests the whole boot
@@ -21,13 +23,26 @@ SV_TIER_CHECKS=("${SV_GUEST_CHECKS[@]}" "${SV_HOST_CHECKS[@]}"
 SV_STORM_FILES=200
 SV_MAX_METADATA_REQUESTS=800
 
-# The host's part of sv-host-changes: once the guest has cached everything
-# ($sig/host-go), change it all as a host process would and say so.
+# sv_host_files DIR: the files a host process changes in sv_serve_host_changes.
+sv_host_files() {
+	local d=$1 i
+	mkdir -p "$d"
+	echo one >"$d/grow-me"
+	for i in chmod-me link-me rename-me unlink-me; do echo "$i" >"$d/$i"; done
+	chmod 644 "$d/chmod-me"
+}
+
+# The host's part of sv-host-changes and the sv-pair-*host-changes checks:
+# sv_serve_host_changes DIR DONE READY...: once every guest has cached everything
+# (each READY file exists), change DIR as a host process would and say so (DONE).
 sv_serve_host_changes() {
-	local d=$1/host sig=$2 deadline=$((SECONDS + GUEST_TIMEOUT))
-	until [ -e "$sig/host-go" ]; do
-		[ $SECONDS -lt $deadline ] || return 0
-		sleep 0.02
+	local d=$1 done=$2 deadline=$((SECONDS + GUEST_TIMEOUT)) ready
+	shift 2
+	for ready in "$@"; do
+		until [ -e "$ready" ]; do
+			[ $SECONDS -lt $deadline ] || return 0
+			sleep 0.02
+		done
 	done
 	chmod 600 "$d/chmod-me"
 	echo two >>"$d/grow-me"
@@ -35,7 +50,7 @@ sv_serve_host_changes() {
 	echo new >"$d/created"
 	mv "$d/rename-me" "$d/renamed"
 	rm "$d/unlink-me"
-	touch "$sig/host-done"
+	touch "$done"
 }
 
 # The checks need a guest kernel with the shared-versions patches, which
@@ -66,10 +81,8 @@ sv_single_tier() {
 		return 0
 	fi
 	local share=$WORK/share-sv sig=$WORK/share-svsig extra=$WORK/sv-files i
-	mkdir -p "$share/host" "$share/storm" "$sig" "$extra"
-	echo one >"$share/host/grow-me"
-	for i in chmod-me link-me rename-me unlink-me; do echo "$i" >"$share/host/$i"; done
-	chmod 644 "$share/host/chmod-me"
+	mkdir -p "$share/storm" "$sig" "$extra"
+	sv_host_files "$share/host"
 	for i in $(seq "$SV_STORM_FILES"); do : >"$share/storm/f$i"; done
 	cp "$GUEST_IMAGES_DIR/guest/shared-versions.sh" "$extra/"
 	start_daemon sv "$share" --tag sv --max-request-queues 1 \
@@ -82,13 +95,13 @@ echo "@@boot $(cut -d' ' -f1 /proc/uptime)"
 [ -z "$ONLY" ] || ONLY="$ONLY,sv-mount,sv-umount"
 check sv-mount sv_mount sv
 mount_shares svsig
-check sv-host-changes sv_host_changes /mnt/sv /mnt/svsig
+check sv-host-changes sv_host_changes /mnt/sv/host /mnt/svsig/host-go /mnt/svsig/host-done
 check sv-stat-storm sv_stat_storm /mnt/sv /mnt/svsig
 umount /mnt/svsig
 check sv-umount unmount_shares sv
 [ "$CHECK_FAILURES" = 0 ]
 GUEST
-	sv_serve_host_changes "$share" "$sig" &
+	sv_serve_host_changes "$share/host" "$sig/host-done" "$sig/host-go" &
 	BACKGROUND_PIDS+=($!)
 	RUN_GUEST_EXTRA=$extra run_guest sv "$WORK/sv.sh" "${SV_GUEST_CHECKS[@]}" -- \
 		--qemu sid --timeout 300 --fs "sv=$WORK/sv.sock,device=generic" \
@@ -124,11 +137,10 @@ sv_pair_tier() {
 		done
 		return 0
 	fi
-	local share=$WORK/share-svpair sig=$WORK/share-svpairsig extra=$WORK/svpair-files side i
-	mkdir -p "$share/pair" "$sig" "$extra"
-	echo one >"$share/pair/grow-me"
-	for i in chmod-me link-me rename-me unlink-me; do echo "$i" >"$share/pair/$i"; done
-	chmod 644 "$share/pair/chmod-me"
+	local share=$WORK/share-svpair sig=$WORK/share-svpairsig extra=$WORK/svpair-files side
+	mkdir -p "$sig" "$extra"
+	sv_host_files "$share/pair"
+	sv_host_files "$share/pair-host"
 	cp "$GUEST_IMAGES_DIR/guest/shared-versions.sh" "$extra/"
 	for side in a b; do
 		start_daemon "svpair-$side" "$share" --tag svpair --max-request-queues 1 \
@@ -138,14 +150,23 @@ sv_pair_tier() {
 	local head='echo "@@boot $(cut -d" " -f1 /proc/uptime)"
 . /test/checks.sh
 . /test/shared-versions.sh
-[ -z "$ONLY" ] || ONLY="$ONLY,sv-pair-mount,sv-pair-umount,sv-pair-change"
+[ -z "$ONLY" ] || ONLY="$ONLY,sv-pair-mount,sv-pair-umount,sv-pair-change,sv-pair-a-host-changes"
 check sv-pair-mount sv_mount svpair
 mount_shares svpairsig'
+	local host_changes='sv_host_changes /mnt/svpair/pair-host'
 	printf '%s\n' "$head" 'check sv-pair-change sv_pair_change /mnt/svpair /mnt/svpairsig' \
+		"check sv-pair-a-host-changes $host_changes /mnt/svpairsig/a-host-ready /mnt/svpairsig/host-done" \
 		'umount /mnt/svpairsig' 'umount /mnt/svpair' '[ "$CHECK_FAILURES" = 0 ]' >"$WORK/sv-pair-a.sh"
 	printf '%s\n' "$head" 'check sv-pair-seen sv_pair_seen /mnt/svpair /mnt/svpairsig' \
+		"check sv-pair-host-changes $host_changes /mnt/svpairsig/b-host-ready /mnt/svpairsig/host-done" \
 		'umount /mnt/svpairsig' 'check sv-pair-umount unmount_shares svpair' \
 		'[ "$CHECK_FAILURES" = 0 ]' >"$WORK/sv-pair-b.sh"
+	# The host process changes pair-host once both guests cached it (guest A always
+	# takes part, guest B when its check is selected).
+	local readies=("$sig/a-host-ready")
+	selected sv-pair-host-changes && readies+=("$sig/b-host-ready")
+	sv_serve_host_changes "$share/pair-host" "$sig/host-done" "${readies[@]}" &
+	BACKGROUND_PIDS+=($!)
 	# Guest A boots in the background (its check is read from its console
 	# afterwards), guest B in the foreground like every other boot.
 	local console_a=$LOGS/sv-pair-a-console.log extra_a rc_a=0 pid_a start
@@ -165,14 +186,22 @@ mount_shares svpairsig'
 		[ "$pid" = "$pid_a" ] || kept+=("$pid")
 	done
 	BACKGROUND_PIDS=("${kept[@]}")
-	if selected sv-pair-change; then
-		local line
-		line=$(tr -d '\r' <"$console_a" | grep -a -o '@@check sv-pair-change [A-Z]*' || true)
+	local check what line
+	for check in sv-pair-change sv-pair-a-host-changes; do
+		selected "$check" || continue
+		what="make its changes"
+		[ "$check" = sv-pair-change ] || what="see the host process's changes"
+		line=$(tr -d '\r' <"$console_a" | grep -a -o "@@check $check [A-Z]*" || true)
 		case $line in
-		*PASS) record sv-pair-change PASS "$(seconds_since "$start")" ;;
-		*) record sv-pair-change FAIL "$(seconds_since "$start")" "guest A (status $rc_a) did not make its changes: ${line:-no result} ($console_a)" ;;
+		*PASS) record "$check" PASS "$(seconds_since "$start")" ;;
+		*)
+			local details=()
+			mapfile -t details < <(tr -d '\r' <"$console_a" | sed -n "s/^.*@@detail $check: //p")
+			record "$check" FAIL "$(seconds_since "$start")" \
+				"guest A (status $rc_a) did not $what: ${line:-no result} ($console_a)" "${details[@]}"
+			;;
 		esac
-	fi
+	done
 	selected sv-pair-daemons-exit-0 &&
 		check_daemons_exit sv-pair-daemons-exit-0 svpair-a svpair-b svpairsig-a svpairsig-b
 	discard_in_background "$share" "$sig"

@@ -126,6 +126,12 @@ if [ $skip_guest -eq 0 ]; then
 	else
 		guest-images/kernel/shared-versions/check.sh
 	fi
+	section "shared caching in the guest: shared vs auto vs never (quick)"
+	if [ "$(id -u)" -ne 0 ]; then
+		echo "SKIP guest shared-caching benchmark: needs root"
+	else
+		benches/guest-shared-cache.sh --quick
+	fi
 fi
 
 section "done in $(($(date +%s) - started)) s"

@@ -59,11 +59,12 @@ sv_listed() {
 }
 sv_unlisted() { ! sv_listed "$@"; }
 
-# Caches what the host is about to change (attributes, contents, names, a
-# missing name), asks the host ($2/host-go) to change it, and sees every change
-# at its next stat, open or readdir once the host says it is done.
+# sv_host_changes DIR READY DONE: caches what a host process is about to change
+# in DIR (attributes, contents, names, a missing name), says so (creates READY),
+# and once the host has changed it all (DONE exists) sees every change at its
+# next stat, open or readdir.
 sv_host_changes() {
-	local d=$1/host sig=$2
+	local d=$1 ready=$2 done=$3
 	sv_mode_is "$d/chmod-me" 644
 	sv_content_is "$d/grow-me" one
 	sv_links_are "$d/link-me" 1
@@ -71,8 +72,8 @@ sv_host_changes() {
 	sv_exists "$d/unlink-me"
 	sv_gone "$d/created"
 	ls "$d" >/dev/null
-	touch "$sig/host-go"
-	sv_wait_for 1200 "$sig/host-done"
+	touch "$ready"
+	sv_wait_for 1200 "$done"
 	sv_eventually chmod sv_mode_is "$d/chmod-me" 600
 	sv_eventually "write and size" sv_content_is "$d/grow-me" "one
 two"
