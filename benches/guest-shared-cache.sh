@@ -301,8 +301,11 @@ for mode in shared auto never; do
 		# The warm pass's share of the warm boot's requests. In auto mode the cold passes
 		# of the two boots may differ by a few entries that expired mid-walk: never below 0.
 		requests=$(warm_count total) lookups=$(warm_count LOOKUP) getattrs=$(warm_count GETATTR)
+		# A new table generation (berth lost host events) makes every client revalidate
+		# everything, rightly: such a pass's counts say nothing about caching.
+		regenerations=$(grep -c "revalidates everything" "$warm_log" || true)
 		log "  $secs s, $requests requests ($lookups LOOKUP, $getattrs GETATTR)"
-		result "{\"mode\":\"$mode\",\"workload\":\"$workload\",\"seconds\":$secs,\"requests\":$requests,\"lookups\":$lookups,\"getattrs\":$getattrs}"
+		result "{\"mode\":\"$mode\",\"workload\":\"$workload\",\"seconds\":$secs,\"requests\":$requests,\"lookups\":$lookups,\"getattrs\":$getattrs,\"regenerations\":$regenerations}"
 	done
 
 	# Staleness: guests A and B on their own daemons (one table in shared mode); a host
@@ -410,7 +413,11 @@ if check == "1":
     # What must hold however loaded the machine is: the warm stat storm served from the
     # guest's cache with the table, and both staleness windows well under auto's 1 s.
     storm = by[("shared", "stat-storm")]
-    if storm["lookups"] + storm["getattrs"] > int(files) // 10:
+    if storm["lookups"] + storm["getattrs"] > int(files) // 10 and storm.get("regenerations"):
+        print(f"NOTE: shared mode's warm stat storm cost {storm['lookups']} LOOKUP + "
+              f"{storm['getattrs']} GETATTR after berth started a new table generation "
+              "(host events lost, logged): a full revalidation is the right answer then")
+    elif storm["lookups"] + storm["getattrs"] > int(files) // 10:
         problems.append(f"shared mode's warm stat storm of {files} files cost "
                         f"{storm['lookups']} LOOKUP + {storm['getattrs']} GETATTR")
     for w in ["staleness-host", "staleness-guest"]:
