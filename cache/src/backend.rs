@@ -45,6 +45,29 @@ pub struct ListedObject {
 pub trait BlobBackend: Send + Sync + std::fmt::Debug {
     /// Reads exactly `range` of blob `name`; a short object is an error.
     fn read_range(&self, name: &str, range: Range<u64>) -> Result<Vec<u8>>;
+    /// Reads exactly `buf.len()` bytes of blob `name` from `offset` into `buf` (the
+    /// engine's fetch buffers, reused from fetch to fetch). The default goes through
+    /// [`Self::read_range`]; a backend that can fill `buf` directly saves a copy.
+    fn read_range_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| backend_error("read", name, "the range is too large", false))?;
+        let data = self.read_range(name, offset..end)?;
+        if data.len() != buf.len() {
+            return Err(backend_error(
+                "read",
+                name,
+                format!(
+                    "asked for bytes {offset}..{end} ({} bytes), received {}",
+                    buf.len(),
+                    data.len()
+                ),
+                true,
+            ));
+        }
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
     /// The size of blob `name` in bytes.
     fn size(&self, name: &str) -> Result<u64>;
     /// Stores the contents of the local file `path` as blob `name`.
@@ -124,6 +147,23 @@ fn check_range(name: &str, range: &Range<u64>) -> Result<usize> {
         .map_err(|_| backend_error("read", name, "the range is too large", false))
 }
 
+/// Alignment of direct reads of a local-directory backend (offset, length, buffer).
+const DIRECT_ALIGN: usize = 4096;
+/// Reads of up to this many bytes (an on-demand miss of a 1 MiB chunk) go through
+/// the page cache.
+const DIRECT_MIN: usize = 1 << 20;
+
+/// Reads `buf.len()` bytes of `path` at `offset` with `O_DIRECT`; `EINVAL` when the
+/// filesystem or the alignment does not allow it.
+fn read_direct(path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)?;
+    file.read_exact_at(buf, offset)
+}
+
 /// Blobs stored as files under a local directory (the embedded default).
 #[derive(Debug, Clone)]
 pub struct LocalDirBackend {
@@ -169,6 +209,39 @@ impl BlobBackend for LocalDirBackend {
             backend_error("read", name, e, transient)
         })?;
         Ok(data)
+    }
+
+    fn read_range_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let path = self.path_of(name)?;
+        let read_error = |e: io::Error| {
+            let transient = e.kind() != io::ErrorKind::UnexpectedEof;
+            backend_error("read", name, e, transient)
+        };
+        // Reads longer than a chunk (the engine's read-ahead and prefetch, merged)
+        // bypass the page cache: what is fetched is kept in the cache file (whose pages
+        // serve the readers), so a second cached copy of the stored object would only
+        // cost a copy and memory. Shorter ones (single on-demand misses) go through it,
+        // where the kernel's readahead of the object serves the next misses. Whatever
+        // direct I/O cannot do (a filesystem without it, an unaligned tail) is read
+        // through the page cache too.
+        let mut done = 0;
+        let aligned = buf.len() - buf.len() % DIRECT_ALIGN;
+        if aligned > DIRECT_MIN
+            && offset.is_multiple_of(DIRECT_ALIGN as u64)
+            && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+        {
+            match read_direct(&path, offset, &mut buf[..aligned]) {
+                Ok(()) => done = aligned,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(read_error(e)),
+            }
+        }
+        if done < buf.len() {
+            let file = File::open(&path).map_err(|e| backend_error("read", name, e, true))?;
+            file.read_exact_at(&mut buf[done..], offset + done as u64)
+                .map_err(read_error)?;
+        }
+        Ok(())
     }
 
     fn size(&self, name: &str) -> Result<u64> {
@@ -539,6 +612,34 @@ impl BlobBackend for ObjectStoreBackend {
         Ok(bytes.to_vec())
     }
 
+    fn read_range_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let location = self.location(name);
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| backend_error("read", name, "the range is too large", false))?;
+        let bytes = self
+            .runtime
+            .block_on(self.store.get_range(&location, offset..end))
+            .map_err(|e| classify("read", name, e))?;
+        if bytes.len() != buf.len() {
+            return Err(backend_error(
+                "read",
+                name,
+                format!(
+                    "asked for bytes {offset}..{end} ({} bytes), received {}",
+                    buf.len(),
+                    bytes.len()
+                ),
+                true,
+            ));
+        }
+        buf.copy_from_slice(&bytes);
+        Ok(())
+    }
+
     fn size(&self, name: &str) -> Result<u64> {
         let location = self.location(name);
         self.runtime
@@ -733,4 +834,63 @@ pub fn open_backend(spec: &str) -> Result<Arc<dyn BlobBackend>> {
         return Err(CacheError::InvalidBackend(spec.to_string()));
     }
     Ok(Arc::new(LocalDirBackend::new(dir)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A page-aligned window of `len` bytes inside `storage`.
+    fn aligned(storage: &mut [u8], len: usize) -> &mut [u8] {
+        let start = storage.as_ptr().align_offset(DIRECT_ALIGN);
+        &mut storage[start..start + len]
+    }
+
+    #[test]
+    fn reads_into_a_buffer_match_range_reads_direct_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalDirBackend::new(dir.path());
+        // Not a multiple of the direct I/O alignment, so reads at the end have a tail.
+        let data: Vec<u8> = (0..(3 << 20) + 1234u32)
+            .map(|i| (i * 7 + i / 4096) as u8)
+            .collect();
+        backend.put_bytes("blobs/x", &data).unwrap();
+        let mut storage = vec![0u8; (4 << 20) + DIRECT_ALIGN];
+        // (offset, length, aligned buffer): direct reads, reads with a tail, an
+        // unaligned offset, an unaligned buffer, a small read.
+        let cases = [
+            (0usize, 2 << 20, true),
+            (1 << 20, data.len() - (1 << 20), true),
+            (4096, (1 << 20) + 100, true),
+            (513, 1 << 20, true),
+            (0, 1 << 20, false),
+            (8192, 4096, true),
+        ];
+        for (offset, len, is_aligned) in cases {
+            let buf = if is_aligned {
+                aligned(&mut storage, len)
+            } else {
+                let start = storage.as_ptr().align_offset(DIRECT_ALIGN) + 1;
+                &mut storage[start..start + len]
+            };
+            buf.fill(0xee);
+            backend
+                .read_range_into("blobs/x", offset as u64, buf)
+                .unwrap();
+            assert!(
+                buf == &data[offset..offset + len],
+                "bytes {offset}..{} differ",
+                offset + len
+            );
+        }
+        // Past the end of the object: an error that retrying does not cure, direct
+        // path or not.
+        for (offset, len) in [(2 << 20, 2 << 20), (data.len() - 10, 20)] {
+            let buf = aligned(&mut storage, len);
+            let err = backend
+                .read_range_into("blobs/x", offset as u64, buf)
+                .unwrap_err();
+            assert!(!err.is_transient(), "{err}");
+        }
+    }
 }

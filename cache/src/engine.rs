@@ -37,7 +37,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::backend::BlobBackend;
 use crate::chunkmap::{ChunkMap, MapLoad};
 use crate::error::{CacheError, IoContext, Result};
-use crate::manifest::{decompress_chunk, parse_digest, Manifest};
+use crate::manifest::{decompress_chunk, parse_digest, Compression, Manifest};
 use crate::metrics::Metrics;
 
 /// When the chunks a map marks ready are re-hashed as a blob is opened.
@@ -347,6 +347,73 @@ struct EngineInner {
     /// Set to start a sync round early.
     sync_due: Mutex<bool>,
     sync_changed: Condvar,
+    /// Fetch buffers kept for the next backend reads (at most one per fetch permit).
+    buffers: Mutex<Vec<Vec<u8>>>,
+}
+
+/// Fetch buffers larger than this are not kept for reuse.
+const MAX_POOLED_BUFFER: usize = 16 << 20;
+
+/// Fetch buffers start on a page boundary, so a backend may read into them with
+/// direct I/O.
+const BUFFER_ALIGN: usize = 4096;
+
+/// A buffer a backend read lands in, from the engine's pool and back to it when
+/// dropped: a reused buffer is neither allocated nor zeroed again.
+struct FetchBuffer<'a> {
+    /// `BUFFER_ALIGN` bytes longer than the longest read it may take, for alignment.
+    data: Vec<u8>,
+    start: usize,
+    len: usize,
+    pool: &'a Mutex<Vec<Vec<u8>>>,
+    keep: usize,
+}
+
+impl<'a> FetchBuffer<'a> {
+    fn take(pool: &'a Mutex<Vec<Vec<u8>>>, len: usize, keep: usize) -> Self {
+        let pooled = {
+            let mut pool = lock(pool);
+            let fits = pool.iter().position(|b| b.len() >= len + BUFFER_ALIGN);
+            fits.map(|at| pool.swap_remove(at))
+        };
+        let data = match pooled {
+            Some(data) => data,
+            None if len == 0 => Vec::new(),
+            None => vec![0u8; len + BUFFER_ALIGN],
+        };
+        // The allocation never moves while the buffer owns it.
+        let start = data.as_ptr().align_offset(BUFFER_ALIGN).min(data.len());
+        Self {
+            data,
+            start,
+            len,
+            pool,
+            keep,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.data[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::Deref for FetchBuffer<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data[self.start..self.start + self.len]
+    }
+}
+
+impl Drop for FetchBuffer<'_> {
+    fn drop(&mut self) {
+        if self.data.is_empty() || self.data.len() > MAX_POOLED_BUFFER {
+            return;
+        }
+        let mut pool = lock(self.pool);
+        if pool.len() < self.keep {
+            pool.push(std::mem::take(&mut self.data));
+        }
+    }
 }
 
 /// The engine. Cheap to share behind an `Arc`; background workers stop when dropped.
@@ -529,6 +596,7 @@ impl CacheEngine {
             evicting: Mutex::new(()),
             sync_due: Mutex::new(false),
             sync_changed: Condvar::new(),
+            buffers: Mutex::new(Vec::new()),
         });
         let mut workers = Vec::new();
         for index in 0..inner.config.background_workers {
@@ -1261,9 +1329,14 @@ impl EngineInner {
         let fetch_started = Instant::now();
         // A run of zero chunks (claim_runs never mixes them with data) needs no backend.
         let zero_run = blob.zero[chunks.start as usize];
+        let keep = self.config.max_concurrent_fetches.max(1);
         let data = if zero_run {
-            Vec::new()
+            FetchBuffer::take(&self.buffers, 0, keep)
         } else {
+            let Ok(len) = usize::try_from(expected_len) else {
+                return fail_all(format!("a backend read of {expected_len} bytes"));
+            };
+            let mut buffer = FetchBuffer::take(&self.buffers, len, keep);
             let _own_permit = match permit {
                 Some(_) => None,
                 None => Some(self.permits.acquire(priority)),
@@ -1275,33 +1348,20 @@ impl EngineInner {
                     .backend_requests
                     .fetch_add(1, Ordering::Relaxed);
                 let started = Instant::now();
-                let reply = self
-                    .backend
-                    .read_range(&manifest.object, stored.clone())
-                    .and_then(|data| {
-                        if data.len() as u64 == expected_len {
-                            Ok(data)
-                        } else {
-                            Err(CacheError::Backend {
-                                operation: "read",
-                                name: manifest.object.clone(),
-                                message: format!(
-                                    "asked for bytes {}..{} ({expected_len} bytes), received {}",
-                                    stored.start,
-                                    stored.end,
-                                    data.len()
-                                ),
-                                transient: true,
-                            })
-                        }
-                    });
+                // The reply's length is the buffer's: `read_range_into` fills it exactly
+                // or fails.
+                let reply = self.backend.read_range_into(
+                    &manifest.object,
+                    stored.start,
+                    buffer.as_mut_slice(),
+                );
                 match reply {
-                    Ok(data) => {
+                    Ok(()) => {
                         self.metrics.observe_fetch_latency(started.elapsed());
                         self.metrics
                             .backend_bytes
-                            .fetch_add(data.len() as u64, Ordering::Relaxed);
-                        break data;
+                            .fetch_add(expected_len, Ordering::Relaxed);
+                        break buffer;
                     }
                     Err(err) => {
                         self.metrics.backend_errors.fetch_add(1, Ordering::Relaxed);
@@ -1341,7 +1401,14 @@ impl EngineInner {
                 outcomes.push(outcome);
                 continue;
             }
-            let outcome = match decompress_chunk(manifest.compression, stored_chunk, raw_len) {
+            // Stored uncompressed: verified and written from the backend's buffer itself.
+            let decompressed =
+                if manifest.compression == Compression::None && stored_chunk.len() == raw_len {
+                    Ok(None)
+                } else {
+                    decompress_chunk(manifest.compression, stored_chunk, raw_len).map(Some)
+                };
+            let outcome = match decompressed {
                 Err(message) => {
                     self.metrics
                         .verification_failures
@@ -1353,8 +1420,9 @@ impl EngineInner {
                         message,
                     })
                 }
-                Ok(raw) => {
-                    let actual = blake3::hash(&raw);
+                Ok(decompressed) => {
+                    let raw = decompressed.as_deref().unwrap_or(stored_chunk);
+                    let actual = blake3::hash(raw);
                     if actual.as_bytes() != &blob.digests[index as usize] {
                         self.metrics
                             .verification_failures
@@ -1368,7 +1436,7 @@ impl EngineInner {
                         })
                     } else {
                         blob.data
-                            .write_all_at(&raw, raw_range.start)
+                            .write_all_at(raw, raw_range.start)
                             .context(|| {
                                 format!("writing chunk {index} to {}", blob.data_path.display())
                             })

@@ -1,8 +1,10 @@
 //! Sequential read throughput of a lazily fetched image (cold and warm cache)
 //! against the same erofs image mounted from a fully local blob (the limit) and
 //! against raw backend range reads. Needs root. Usage:
-//! `berth-image-bench [SIZE_MIB] [BACKEND]` (BACKEND as for `berth image build --backend`; a
-//! temporary directory when absent).
+//! `berth-image-bench [SIZE_MIB] [BACKEND] [--rounds=N]` (BACKEND as for `berth image build
+//! --backend`; a temporary directory when absent). The raw, limit and cold passes are repeated
+//! `N` times (default 3), interleaved, and reported as medians; ratios are taken against the
+//! best raw backend and limit passes, so that load on the machine never flatters them.
 
 use std::ffi::CString;
 use std::io::Read;
@@ -24,6 +26,17 @@ fn drop_caches() -> Result<()> {
     // SAFETY: sync(2) has no arguments and cannot fail.
     unsafe { libc::sync() };
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")
+}
+
+/// CPU time used by this process so far (all threads), in seconds.
+fn process_cpu_seconds() -> f64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes into our own timespec; the clock id is a constant the kernel knows.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) };
+    now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
 }
 
 /// Reads every file under `root` sequentially in 1 MiB reads; returns MiB/s.
@@ -97,6 +110,60 @@ fn cold_through_berth_mount(
     Ok(cold)
 }
 
+/// One pass: MiB/s and the CPU seconds this process spent in it (readers, fanotify
+/// handlers, fetch workers; not kernel writeback threads).
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    mib_s: f64,
+    cpu_s: f64,
+}
+
+fn timed(pass: impl FnOnce() -> Result<f64>) -> Result<Pass> {
+    let cpu = process_cpu_seconds();
+    let mib_s = pass()?;
+    Ok(Pass {
+        mib_s,
+        cpu_s: process_cpu_seconds() - cpu,
+    })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Median MiB/s, median CPU seconds and the range of MiB/s of `passes`.
+fn summary(passes: &[Pass]) -> String {
+    let speeds: Vec<f64> = passes.iter().map(|p| p.mib_s).collect();
+    let low = speeds.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = speeds.iter().copied().fold(0.0, f64::max);
+    format!(
+        "{:>10.1} {:>7.3}  [{low:.0}–{high:.0}]",
+        median(speeds.clone()),
+        median(passes.iter().map(|p| p.cpu_s).collect()),
+    )
+}
+
+fn best(passes: &[Pass]) -> f64 {
+    passes.iter().map(|p| p.mib_s).fold(0.0, f64::max)
+}
+
+/// The median of `passes` against the best of `against`: a reference pass slowed down
+/// by the machine's other load does not flatter the ratio.
+fn ratio(passes: &[Pass], against: &[Pass]) -> f64 {
+    median(passes.iter().map(|p| p.mib_s).collect()) / best(against)
+}
+
+/// The median of `passes` against the lesser of the best raw backend and the best
+/// limit pass (the goal's base).
+fn goal_ratio(passes: &[Pass], raw: &[Pass], local: &[Pass]) -> f64 {
+    median(passes.iter().map(|p| p.mib_s).collect()) / best(raw).min(best(local))
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -104,14 +171,25 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args: Vec<String> = std::env::args().collect();
-    let size_mib: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(256);
+    let mut rounds = 3usize;
+    let mut positional = Vec::new();
+    for arg in std::env::args().skip(1) {
+        match arg.strip_prefix("--rounds=") {
+            Some(n) => rounds = n.parse::<usize>().context("--rounds")?.max(1),
+            None => positional.push(arg),
+        }
+    }
+    let size_mib: usize = positional
+        .first()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(256);
     let work = tempfile::tempdir()?;
-    let backend_spec = match args.get(2) {
+    let backend_spec = match positional.get(1) {
         Some(spec) => spec.clone(),
         None => format!("file://{}", work.path().join("store").display()),
     };
-    let backend: Arc<dyn BlobBackend> = match args.get(2) {
+    let backend: Arc<dyn BlobBackend> = match positional.get(1) {
         Some(spec) => open_backend(spec)?,
         None => Arc::new(LocalDirBackend::new(work.path().join("store"))),
     };
@@ -134,26 +212,44 @@ fn main() -> Result<()> {
     let raw_blob: PathBuf = report.raw_blob_path.clone().context("raw blob kept")?;
     let mountpoint = work.path().join("mnt");
     std::fs::create_dir_all(&mountpoint)?;
+    let berth = std::env::current_exe()?
+        .parent()
+        .map(|d| d.join("berth"))
+        .filter(|berth| berth.is_file());
 
-    // Raw backend: sequential 4 MiB range reads of the whole object.
-    let started = Instant::now();
-    let mut offset = 0;
-    while offset < report.stored_bytes {
-        let end = (offset + (4 << 20)).min(report.stored_bytes);
-        backend.read_range(&report.manifest.object, offset..end)?;
-        offset = end;
-    }
-    let raw = report.stored_bytes as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64();
+    let (mut raw, mut local, mut cold_no_readahead, mut cold, mut supervised) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut requests_no_readahead, mut requests, mut misses) = (0, 0, 0);
+    let mut bytes = 0;
+    let mut warm_mount = None;
+    for round in 0..rounds {
+        // The limit: the same image with its blob fully local.
+        mount_local(&report.bootstrap_path, &raw_blob, &mountpoint)?;
+        drop_caches()?;
+        local.push(timed(|| {
+            let (speed, read) = read_tree(&mountpoint)?;
+            bytes = read;
+            Ok(speed)
+        })?);
+        umount(&mountpoint)?;
 
-    // The limit: the same image with its blob fully local.
-    mount_local(&report.bootstrap_path, &raw_blob, &mountpoint)?;
-    drop_caches()?;
-    let (local, bytes) = read_tree(&mountpoint)?;
-    umount(&mountpoint)?;
+        // Raw backend: sequential 4 MiB range reads of the whole object, as cold as the
+        // lazy passes find it.
+        drop_caches()?;
+        raw.push(timed(|| {
+            let started = Instant::now();
+            let mut offset = 0;
+            while offset < report.stored_bytes {
+                let end = (offset + (4 << 20)).min(report.stored_bytes);
+                backend.read_range(&report.manifest.object, offset..end)?;
+                offset = end;
+            }
+            Ok(report.stored_bytes as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64())
+        })?);
 
-    // Lazily fetched, cold, as before read-ahead existed: one chunk per miss.
-    let cold_no_readahead = {
-        let mut config = CacheConfig::new(work.path().join("cache-no-readahead"));
+        // Lazily fetched, cold, as before read-ahead existed: one chunk per miss.
+        let cache_dir = work.path().join("cache-no-readahead");
+        let mut config = CacheConfig::new(&cache_dir);
         config.readahead_max_bytes = 0;
         let engine = Arc::new(CacheEngine::new(config, backend.clone())?);
         let mount = mount_image(MountOptions {
@@ -163,96 +259,138 @@ fn main() -> Result<()> {
             handler_threads: 4,
         })?;
         drop_caches()?;
-        let (cold, _) = read_tree(&mountpoint)?;
-        let requests = mount
+        cold_no_readahead.push(timed(|| Ok(read_tree(&mountpoint)?.0))?);
+        requests_no_readahead = mount
             .engine()
             .metrics()
             .backend_requests
             .load(std::sync::atomic::Ordering::Relaxed);
         mount.unmount()?;
-        (cold, requests)
-    };
+        std::fs::remove_dir_all(&cache_dir)?;
 
-    // Lazily fetched with the defaults: cold cache, then warm cache (page cache dropped).
-    let engine = Arc::new(CacheEngine::new(
-        CacheConfig::new(work.path().join("cache")),
-        backend.clone(),
-    )?);
-    let mount = mount_image(MountOptions {
-        image: image.clone(),
-        mountpoint: mountpoint.clone(),
-        engine,
-        handler_threads: 4,
-    })?;
+        // Lazily fetched with the defaults, cold cache.
+        let cache_dir = work.path().join("cache");
+        if cache_dir.exists() {
+            std::fs::remove_dir_all(&cache_dir)?;
+        }
+        let engine = Arc::new(CacheEngine::new(
+            CacheConfig::new(&cache_dir),
+            backend.clone(),
+        )?);
+        let mount = mount_image(MountOptions {
+            image: image.clone(),
+            mountpoint: mountpoint.clone(),
+            engine,
+            handler_threads: 4,
+        })?;
+        drop_caches()?;
+        cold.push(timed(|| Ok(read_tree(&mountpoint)?.0))?);
+        let metrics = mount.engine().metrics();
+        requests = metrics
+            .backend_requests
+            .load(std::sync::atomic::Ordering::Relaxed);
+        // Chunks a reader found missing (being fetched, or fetched by the reader itself):
+        // the read-ahead did not keep ahead of it there.
+        misses = metrics
+            .chunk_misses
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if round + 1 == rounds {
+            warm_mount = Some(mount);
+        } else {
+            mount.unmount()?;
+        }
+
+        eprintln!(
+            "round {round}: raw {:.0}, limit {:.0} ({:.3} CPU s), cold without read-ahead {:.0}, cold {:.0} ({:.3} CPU s) MiB/s",
+            raw[round].mib_s,
+            local[round].mib_s,
+            local[round].cpu_s,
+            cold_no_readahead[round].mib_s,
+            cold[round].mib_s,
+            cold[round].cpu_s
+        );
+        // The same through `berth mount` (supervisor + worker process), if built.
+        if let Some(berth) = &berth {
+            let cache_dir = work.path().join("cache-berth");
+            match cold_through_berth_mount(berth, &image, &mountpoint, &cache_dir, &backend_spec) {
+                Ok(speed) => supervised.push(speed),
+                Err(err) => eprintln!("round {round}: the berth mount pass failed: {err:#}"),
+            }
+            if cache_dir.exists() {
+                std::fs::remove_dir_all(&cache_dir)?;
+            }
+        }
+    }
+
+    // Warm: the last round's in-process mount, page cache dropped, twice.
+    let mount = warm_mount.context("no round ran")?;
     drop_caches()?;
-    let (cold, _) = read_tree(&mountpoint)?;
+    let warm = timed(|| Ok(read_tree(&mountpoint)?.0))?;
     drop_caches()?;
-    let (warm, _) = read_tree(&mountpoint)?;
-    drop_caches()?;
-    let (warm_again, _) = read_tree(&mountpoint)?;
-    let requests = mount
-        .engine()
-        .metrics()
-        .backend_requests
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let warm_again = timed(|| Ok(read_tree(&mountpoint)?.0))?;
     mount.unmount()?;
 
-    // The same through `berth mount` (supervisor + worker process), if built.
-    let supervised = match std::env::current_exe()?.parent().map(|d| d.join("berth")) {
-        Some(berth) if berth.is_file() => Some(cold_through_berth_mount(
-            &berth,
-            &image,
-            &mountpoint,
-            &work.path().join("cache-berth"),
-            &backend_spec,
-        )?),
-        _ => None,
-    };
-
     println!(
-        "image: {} MiB in {FILES} files, blob {} chunks of 1 MiB, backend {}",
+        "image: {} MiB in {FILES} files, blob {} chunks of 1 MiB, backend {}; {rounds} rounds",
         bytes >> 20,
         report.manifest.chunks.len(),
         backend.describe()
     );
-    println!("{:<28} {:>10}", "sequential read", "MiB/s");
-    println!("{:<28} {:>10.1}", "raw backend (4 MiB ranges)", raw);
-    println!("{:<28} {:>10.1}", "erofs, local blob (limit)", local);
     println!(
-        "{:<28} {:>10.1}  ({:.2} of limit, {:.2} of raw backend; {} backend reads)",
+        "{:<28} {:>10} {:>7}  [range]",
+        "sequential read (median)", "MiB/s", "CPU s"
+    );
+    println!("{:<28} {}", "raw backend (4 MiB ranges)", summary(&raw));
+    println!("{:<28} {}", "erofs, local blob (limit)", summary(&local));
+    println!(
+        "{:<28} {}  {:.2} of limit, {:.2} of raw, {:.2} of goal base; {requests_no_readahead} backend reads",
         "lazy, cold, no read-ahead",
-        cold_no_readahead.0,
-        cold_no_readahead.0 / local,
-        cold_no_readahead.0 / raw,
-        cold_no_readahead.1
+        summary(&cold_no_readahead),
+        ratio(&cold_no_readahead, &local),
+        ratio(&cold_no_readahead, &raw),
+        goal_ratio(&cold_no_readahead, &raw, &local),
     );
     println!(
-        "{:<28} {:>10.1}  ({:.2} of limit, {:.2} of raw backend; {requests} backend reads)",
+        "{:<28} {}  {:.2} of limit, {:.2} of raw, {:.2} of goal base; {requests} backend reads, {misses} chunks missed",
         "lazy, cold cache",
-        cold,
-        cold / local,
-        cold / raw
+        summary(&cold),
+        ratio(&cold, &local),
+        ratio(&cold, &raw),
+        goal_ratio(&cold, &raw, &local),
     );
-    if let Some(supervised) = supervised {
+    if !supervised.is_empty() {
+        let supervised: Vec<Pass> = supervised
+            .into_iter()
+            .map(|mib_s| Pass {
+                mib_s,
+                cpu_s: f64::NAN,
+            })
+            .collect();
         println!(
-            "{:<28} {:>10.1}  ({:.2} of limit, {:.2} of raw backend)",
+            "{:<28} {}  {:.2} of limit, {:.2} of raw, {:.2} of goal base",
             "berth mount, cold cache",
-            supervised,
-            supervised / local,
-            supervised / raw
+            summary(&supervised),
+            ratio(&supervised, &local),
+            ratio(&supervised, &raw),
+            goal_ratio(&supervised, &raw, &local),
         );
     }
     println!(
-        "{:<28} {:>10.1}  ({:.2} of limit)",
+        "{:<28} {:>10.1} {:>7.3}  {:.2} of limit",
         "lazy, warm cache",
-        warm,
-        warm / local
+        warm.mib_s,
+        warm.cpu_s,
+        warm.mib_s / best(&local)
     );
     println!(
-        "{:<28} {:>10.1}  ({:.2} of limit)",
+        "{:<28} {:>10.1} {:>7.3}  {:.2} of limit",
         "lazy, warm cache, again",
-        warm_again,
-        warm_again / local
+        warm_again.mib_s,
+        warm_again.cpu_s,
+        warm_again.mib_s / best(&local)
+    );
+    println!(
+        "(ratios: median against the best raw backend and limit passes; goal base: the lesser of those two)"
     );
     Ok(())
 }

@@ -461,28 +461,89 @@ pub(crate) fn parse_events(buf: &[u8]) -> Vec<Event> {
     events
 }
 
+/// Token of the fanotify group in a handler's epoll set.
+const GROUP_TOKEN: u64 = 0;
+
+/// An epoll set of its own for one handler thread: the group, added exclusively (one
+/// queued event wakes one waiting handler, not all of them), and the wake-up eventfd
+/// (which wakes every handler to see the stop flag).
+fn exclusive_waiter(group: RawFd, wake: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: epoll_create1 returned a new descriptor that nothing else owns.
+    let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+    for (target, events, token) in [
+        (group, libc::EPOLLIN | libc::EPOLLEXCLUSIVE, GROUP_TOKEN),
+        (wake, libc::EPOLLIN, GROUP_TOKEN + 1),
+    ] {
+        let mut event = libc::epoll_event {
+            events: events as u32,
+            u64: token,
+        };
+        // SAFETY: both descriptors are live; the kernel copies the event it is given.
+        if unsafe { libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, target, &mut event) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(epoll)
+}
+
+/// The device and inode of open file `fd`.
+fn identity(fd: &OwnedFd) -> Option<(u64, u64)> {
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat fills our buffer from a live descriptor; the result is checked.
+    if unsafe { libc::fstat(fd.as_raw_fd(), stat.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: a successful fstat initialised the whole structure.
+    let stat = unsafe { stat.assume_init() };
+    Some((stat.st_dev, stat.st_ino))
+}
+
 impl EventHandler {
+    /// Waits up to a second for the group to have events; `true` when it has.
+    fn wait(&self, epoll: Option<&OwnedFd>) -> bool {
+        if let Some(epoll) = epoll {
+            let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
+            // SAFETY: the kernel writes at most two events into our array.
+            let n = unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), 2, 1000) };
+            let ready = &events[..n.max(0) as usize];
+            return ready.iter().any(|e| {
+                let token = e.u64;
+                token == GROUP_TOKEN
+            });
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: self.group.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.wake,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+        rc > 0 && fds[0].revents & libc::POLLIN != 0
+    }
+
     pub(crate) fn run(self) {
         let mut buf = [0u8; 256];
+        // Without an epoll set of its own (out of descriptors), the handler polls.
+        let epoll = exclusive_waiter(self.group.as_raw_fd(), self.wake)
+            .inspect_err(|err| tracing::warn!("fanotify handler without epoll: {err}"))
+            .ok();
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 return;
             }
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.group.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.wake,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
-            if rc <= 0 || fds[0].revents & libc::POLLIN == 0 {
+            if !self.wait(epoll.as_ref()) {
                 continue;
             }
             // SAFETY: reads into our own buffer of the given length.
@@ -502,10 +563,7 @@ impl EventHandler {
             tracing::warn!("fanotify queue overflowed");
             return;
         };
-        let ours = fs::File::from(fd.try_clone().unwrap_or_else(|_| fd_dup_failed()))
-            .metadata()
-            .map(|m| (m.dev(), m.ino()) == self.file_identity)
-            .unwrap_or(false);
+        let ours = identity(&fd) == Some(self.file_identity);
         let size = self.blob.manifest().blob_size;
         let range = event.range.clone().unwrap_or(0..size);
         let outcome = if ours {
@@ -561,11 +619,4 @@ impl EventHandler {
             Err(io::Error::last_os_error())
         }
     }
-}
-
-fn fd_dup_failed() -> OwnedFd {
-    // An fd that cannot be duplicated is treated as foreign: /dev/null never matches.
-    fs::File::open("/dev/null")
-        .map(OwnedFd::from)
-        .unwrap_or_else(|_| std::process::abort())
 }

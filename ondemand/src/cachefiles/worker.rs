@@ -61,6 +61,9 @@ impl BlobBackend for RoutedBackend {
     fn read_range(&self, name: &str, range: Range<u64>) -> berth_cache::Result<Vec<u8>> {
         self.backend(name)?.read_range(name, range)
     }
+    fn read_range_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> berth_cache::Result<()> {
+        self.backend(name)?.read_range_into(name, offset, buf)
+    }
     fn size(&self, name: &str) -> berth_cache::Result<u64> {
         self.backend(name)?.size(name)
     }
