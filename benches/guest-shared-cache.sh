@@ -36,7 +36,10 @@
 #   --keep          keep the work directory (consoles and berth's logs) for a look
 # (as root; builds berth and the guest kernel, fetches sid's QEMU and a tools image with
 # git into the guest cache)
-source "$(dirname "${BASH_SOURCE[0]}")/../guest-images/lib.sh"
+bench_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "$bench_dir/../guest-images/lib.sh"
+# shellcheck source=benches/metadata-trees.sh
+source "$bench_dir/metadata-trees.sh"
 
 files=20000 repo_files=3000 reps=10 json="" quick=0 keep=0
 while [ $# -gt 0 ]; do
@@ -83,35 +86,8 @@ share=$work/share sig=$work/sig
 mkdir -p "$share" "$sig" "$work/logs"
 
 log "preparing: a $files-file tree, a $repo_files-file git checkout and its tarball"
-python3 - "$share/tree" "$files" <<'EOF'
-import os, sys
-root, n = sys.argv[1], int(sys.argv[2])
-for i in range(n):
-    d = os.path.join(root, f"d{i // 1000:04d}")
-    if i % 1000 == 0:
-        os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, f"f{i % 1000:04d}"), "w") as f:
-        f.write("x")
-EOF
-python3 - "$work/repo-src" "$repo_files" <<'EOF'
-import os, sys
-root, n = sys.argv[1], int(sys.argv[2])
-for i in range(n):
-    d = os.path.join(root, f"src{i // 200:03d}")
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, f"file{i:05d}.c"), "w") as f:
-        f.write(f"int f{i}(void) {{ return {i}; }}\n")
-EOF
-git -C "$work/repo-src" init -q
-git -C "$work/repo-src" -c user.email=bench@berth -c user.name=bench add -A
-git -C "$work/repo-src" -c user.email=bench@berth -c user.name=bench commit -qm tree
-git clone -q "$work/repo-src" "$share/repo"
-# An index written in the same second as the files leaves them "racily clean": the first
-# status would read them all and rewrite the index, in the cold boot but not in the warm
-# one. Refreshed a second later, every status in the guest only stats.
-sleep 1.1
-git -C "$share/repo" update-index -q --really-refresh
-tar -C "$work/repo-src" -cf "$sig/untar.tar" --exclude=.git .
+stat_tree "$share/tree" "$files"
+git_checkout "$work/repo-src" "$share/repo" "$sig/untar.tar" "$repo_files"
 mkdir -p "$share/stale"
 for source in host guest; do
 	: >"$share/stale/$source"

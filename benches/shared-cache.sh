@@ -12,6 +12,8 @@
 # Needs root (mounts) and git, tar, python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=benches/metadata-trees.sh
+. benches/metadata-trees.sh
 
 files=100000 reps=20 json=""
 while [ $# -gt 0 ]; do
@@ -42,37 +44,9 @@ share=$work/share
 mkdir -p "$share" "$work/a" "$work/b"
 
 echo "preparing: a $files-file tree, a git checkout, a tarball" >&2
-python3 - "$share/tree" "$files" <<'EOF'
-import os, sys
-root, n = sys.argv[1], int(sys.argv[2])
-per_dir = 1000
-for i in range(n):
-    d = os.path.join(root, f"d{i // per_dir:04d}")
-    if i % per_dir == 0:
-        os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, f"f{i % per_dir:04d}"), "w") as f:
-        f.write("x")
-EOF
+stat_tree "$share/tree" "$files"
 repo_files=$((files / 20))
-python3 - "$work/repo-src" "$repo_files" <<'EOF'
-import os, sys
-root, n = sys.argv[1], int(sys.argv[2])
-for i in range(n):
-    d = os.path.join(root, f"src{i // 200:03d}")
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, f"file{i:05d}.c"), "w") as f:
-        f.write(f"int f{i}(void) {{ return {i}; }}\n")
-EOF
-git -C "$work/repo-src" init -q
-git -C "$work/repo-src" -c user.email=bench@berth -c user.name=bench add -A
-git -C "$work/repo-src" -c user.email=bench@berth -c user.name=bench commit -qm tree
-git clone -q "$work/repo-src" "$share/repo"
-# An index written in the same second as the files leaves them "racily clean": the first
-# status through a mount would read them all and rewrite the index (in the first mode's
-# cold pass only). Refreshed a second later, every status only stats.
-sleep 1.1
-git -C "$share/repo" update-index -q --really-refresh
-tar -C "$work/repo-src" -cf "$work/untar.tar" --exclude=.git .
+git_checkout "$work/repo-src" "$share/repo" "$work/untar.tar" "$repo_files"
 
 # start_mount DIR MODE LOG: one berth fuse mount of $share on DIR; its pid in $mount_pid.
 mount_pid=""

@@ -49,24 +49,9 @@ pub trait BlobBackend: Send + Sync + std::fmt::Debug {
     /// engine's fetch buffers, reused from fetch to fetch). The default goes through
     /// [`Self::read_range`]; a backend that can fill `buf` directly saves a copy.
     fn read_range_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .ok_or_else(|| backend_error("read", name, "the range is too large", false))?;
+        let end = range_end(name, offset, buf.len())?;
         let data = self.read_range(name, offset..end)?;
-        if data.len() != buf.len() {
-            return Err(backend_error(
-                "read",
-                name,
-                format!(
-                    "asked for bytes {offset}..{end} ({} bytes), received {}",
-                    buf.len(),
-                    data.len()
-                ),
-                true,
-            ));
-        }
-        buf.copy_from_slice(&data);
-        Ok(())
+        copy_whole_range(name, offset..end, &data, buf)
     }
     /// The size of blob `name` in bytes.
     fn size(&self, name: &str) -> Result<u64>;
@@ -114,6 +99,33 @@ pub trait BlobBackend: Send + Sync + std::fmt::Debug {
         let _ = prefix;
         Err(CacheError::Unsupported("listing"))
     }
+}
+
+/// The end of a read of `len` bytes from `offset` of blob `name`.
+fn range_end(name: &str, offset: u64, len: usize) -> Result<u64> {
+    offset
+        .checked_add(len as u64)
+        .ok_or_else(|| backend_error("read", name, "the range is too large", false))
+}
+
+/// Copies a backend's answer for `range` into `buf`, refusing a short or long one.
+fn copy_whole_range(name: &str, range: Range<u64>, data: &[u8], buf: &mut [u8]) -> Result<()> {
+    if data.len() != buf.len() {
+        return Err(backend_error(
+            "read",
+            name,
+            format!(
+                "asked for bytes {}..{} ({} bytes), received {}",
+                range.start,
+                range.end,
+                buf.len(),
+                data.len()
+            ),
+            true,
+        ));
+    }
+    buf.copy_from_slice(data);
+    Ok(())
 }
 
 fn backend_error(
@@ -617,27 +629,12 @@ impl BlobBackend for ObjectStoreBackend {
             return Ok(());
         }
         let location = self.location(name);
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .ok_or_else(|| backend_error("read", name, "the range is too large", false))?;
+        let end = range_end(name, offset, buf.len())?;
         let bytes = self
             .runtime
             .block_on(self.store.get_range(&location, offset..end))
             .map_err(|e| classify("read", name, e))?;
-        if bytes.len() != buf.len() {
-            return Err(backend_error(
-                "read",
-                name,
-                format!(
-                    "asked for bytes {offset}..{end} ({} bytes), received {}",
-                    buf.len(),
-                    bytes.len()
-                ),
-                true,
-            ));
-        }
-        buf.copy_from_slice(&bytes);
-        Ok(())
+        copy_whole_range(name, offset..end, &bytes, buf)
     }
 
     fn size(&self, name: &str) -> Result<u64> {

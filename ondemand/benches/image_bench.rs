@@ -247,18 +247,24 @@ fn main() -> Result<()> {
             Ok(report.stored_bytes as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64())
         })?);
 
+        // A fanotify mount of the image on `mountpoint`, fetching through `engine`, with
+        // the page cache dropped.
+        let mount_cold = |engine: Arc<CacheEngine>| -> Result<_> {
+            let mount = mount_image(MountOptions {
+                image: image.clone(),
+                mountpoint: mountpoint.clone(),
+                engine,
+                handler_threads: 4,
+            })?;
+            drop_caches()?;
+            Ok(mount)
+        };
         // Lazily fetched, cold, as before read-ahead existed: one chunk per miss.
         let cache_dir = work.path().join("cache-no-readahead");
         let mut config = CacheConfig::new(&cache_dir);
         config.readahead_max_bytes = 0;
         let engine = Arc::new(CacheEngine::new(config, backend.clone())?);
-        let mount = mount_image(MountOptions {
-            image: image.clone(),
-            mountpoint: mountpoint.clone(),
-            engine,
-            handler_threads: 4,
-        })?;
-        drop_caches()?;
+        let mount = mount_cold(engine)?;
         cold_no_readahead.push(timed(|| Ok(read_tree(&mountpoint)?.0))?);
         requests_no_readahead = mount
             .engine()
@@ -277,13 +283,7 @@ fn main() -> Result<()> {
             CacheConfig::new(&cache_dir),
             backend.clone(),
         )?);
-        let mount = mount_image(MountOptions {
-            image: image.clone(),
-            mountpoint: mountpoint.clone(),
-            engine,
-            handler_threads: 4,
-        })?;
-        drop_caches()?;
+        let mount = mount_cold(engine)?;
         cold.push(timed(|| Ok(read_tree(&mountpoint)?.0))?);
         let metrics = mount.engine().metrics();
         requests = metrics
