@@ -33,8 +33,9 @@
 # Under QEMU TCG (no usable KVM) the guest's CPU time dominates and a 1 GiB image takes
 # long, so the default is 256 MiB (about four minutes on a loaded 2-core host, three
 # passes of each kind); --size 1G, the size of the goal, takes about six minutes
-# with --reps 1 and a quarter of an hour with the default three. The virtio-fs share's files are in the host's page
-# cache throughout (written just before), for the raw pass and the cold fetches alike.
+# with --reps 1 and eleven with the default three. The virtio-fs share's files are in the
+# host's page cache throughout (written just before), for the raw pass and the cold
+# fetches alike.
 #
 # Usage: benches/guest-fscache.sh [--size SIZE] [--random-reads N] [--reps R] [--quick]
 #                                 [--json FILE] [--keep]
@@ -56,7 +57,7 @@ while [ $# -gt 0 ]; do
 	--json) json=$2; shift 2 ;;
 	--quick) size=64M random_reads=1024 reps=1 quick=1; shift ;;
 	--keep) keep=1; shift ;;
-	-h | --help) sed -n '2,47p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,48p' "$0"; exit 0 ;;
 	*) die "unknown argument $1" ;;
 	esac
 done
