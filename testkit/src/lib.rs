@@ -10,8 +10,27 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+/// Held while a test forks a helper process and while it opens something whose "in use"
+/// check rests on a lock (a version table's OFD lock, a volume's or blob's `flock`). Between
+/// fork and exec the child shares every open file description of the test process, locks
+/// included, so a test opening a file at that moment on another thread would find it still
+/// held by a handle it has already dropped. [`spawn_guarded`] returns only after the exec.
+pub fn fork_guard() -> MutexGuard<'static, ()> {
+    static FORK_GUARD: Mutex<()> = Mutex::new(());
+    FORK_GUARD
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Spawns `command` under [`fork_guard`]; `Command::spawn` returns once the child has exec'd
+/// (or failed to), so no descriptor of this process outlives the guard in the child.
+pub fn spawn_guarded(command: &mut Command) -> std::io::Result<Child> {
+    let _guard = fork_guard();
+    command.spawn()
+}
 
 /// Deterministic pseudo-random bytes (xorshift), so sources can be regenerated.
 pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {

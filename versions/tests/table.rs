@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use berth_testkit::{fork_guard, spawn_guarded};
 use berth_versions::{Changes, Error, OpenOutcome, Slot, SlotKey, TableOptions, VersionTable};
 
 const SLOTS: u64 = 4096;
@@ -26,8 +27,14 @@ fn key(n: u64) -> SlotKey {
     SlotKey::Inode { dev: 7, ino: n }
 }
 
+fn open_table(opts: &TableOptions) -> Result<(VersionTable, OpenOutcome), Error> {
+    let _guard = fork_guard();
+    VersionTable::open(opts)
+}
+
 fn helper(mode: &str, path: &Path, arg: u64) -> Child {
-    Command::new(std::env::current_exe().unwrap())
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
         .args([
             "--exact",
             "helper_process",
@@ -39,9 +46,8 @@ fn helper(mode: &str, path: &Path, arg: u64) -> Child {
             format!("{mode}:{}:{arg}", path.display()),
         )
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::inherit());
+    spawn_guarded(&mut command).unwrap()
 }
 
 /// Does a helper's work when run as one; otherwise there is nothing to test here.
@@ -54,7 +60,7 @@ fn helper_process() {
     let mode = parts.next().unwrap().to_owned();
     let path = PathBuf::from(parts.next().unwrap());
     let arg: u64 = parts.next().unwrap().parse().unwrap();
-    let (table, _) = VersionTable::open(&options(&path, SLOTS)).unwrap();
+    let (table, _) = open_table(&options(&path, SLOTS)).unwrap();
     match mode.as_str() {
         // Claim the slots of keys 0..64 (reporting them) and bump each `arg` times.
         "bump" => {
@@ -109,7 +115,7 @@ fn wait_for(path: &Path) {
 fn concurrent_bumps_from_several_processes_lose_no_update() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("table");
-    let (table, outcome) = VersionTable::open(&options(&path, SLOTS)).unwrap();
+    let (table, outcome) = open_table(&options(&path, SLOTS)).unwrap();
     assert_eq!(outcome, OpenOutcome::Created);
     let mut feed = table.feed();
     let per_process = 64 * 1600u64;
@@ -150,7 +156,7 @@ fn concurrent_bumps_from_several_processes_lose_no_update() {
 fn a_process_killed_mid_update_leaves_a_consistent_table() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("table");
-    let (table, _) = VersionTable::open(&options(&path, SLOTS)).unwrap();
+    let (table, _) = open_table(&options(&path, SLOTS)).unwrap();
     for round in 0..5 {
         let _ = std::fs::remove_file(format!("{}.ready", path.display()));
         let mut child = helper("forever", &path, 0);
@@ -171,7 +177,7 @@ fn a_process_killed_mid_update_leaves_a_consistent_table() {
     }
     assert!(!seen.is_empty(), "the helpers claimed nothing");
     // A new process attaches to the table as it is.
-    let (again, outcome) = VersionTable::open(&options(&path, SLOTS)).unwrap();
+    let (again, outcome) = open_table(&options(&path, SLOTS)).unwrap();
     assert_eq!(outcome, OpenOutcome::Attached);
     for (k, slot) in &seen {
         assert_eq!(again.find_slot(&key(*k)), Some(*slot));
@@ -192,7 +198,7 @@ fn a_process_killed_mid_update_leaves_a_consistent_table() {
 fn a_table_cut_short_while_being_built_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("table");
-    drop(VersionTable::open(&options(&path, SLOTS)).unwrap());
+    drop(open_table(&options(&path, SLOTS)).unwrap());
     // As a builder killed after sizing the file and before its header was complete leaves it.
     let header = std::fs::read(&path).unwrap()[..4096].to_vec();
     let mut cut = header.clone();
@@ -200,7 +206,7 @@ fn a_table_cut_short_while_being_built_is_rebuilt() {
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &cut, 0).unwrap();
     drop(f);
-    let (table, outcome) = VersionTable::open(&options(&path, SLOTS)).unwrap();
+    let (table, outcome) = open_table(&options(&path, SLOTS)).unwrap();
     assert!(
         matches!(&outcome, OpenOutcome::Rebuilt(reason) if reason.contains("checksum")),
         "{outcome:?}"
@@ -215,7 +221,7 @@ fn damaged_foreign_and_too_small_files_are_refused() {
     // Not a table at all: refused, and never overwritten.
     let foreign = dir.path().join("foreign");
     std::fs::write(&foreign, b"precious data that is not a version table\n").unwrap();
-    let err = VersionTable::open(&options(&foreign, SLOTS)).err().unwrap();
+    let err = open_table(&options(&foreign, SLOTS)).err().unwrap();
     assert!(matches!(err, Error::Foreign { .. }), "{err}");
     assert!(
         err.to_string().contains("not a berth version table"),
@@ -229,64 +235,64 @@ fn damaged_foreign_and_too_small_files_are_refused() {
     // A directory or a symlink at the path: refused.
     let as_dir = dir.path().join("dir");
     std::fs::create_dir(&as_dir).unwrap();
-    assert!(VersionTable::open(&options(&as_dir, SLOTS)).is_err());
+    assert!(open_table(&options(&as_dir, SLOTS)).is_err());
     let link = dir.path().join("link");
     std::os::unix::fs::symlink(&foreign, &link).unwrap();
-    let err = VersionTable::open(&options(&link, SLOTS)).err().unwrap();
+    let err = open_table(&options(&link, SLOTS)).err().unwrap();
     assert!(matches!(err, Error::Io { .. }), "{err}");
 
     // Too small (a table's beginning, truncated): refused while in use, rebuilt when alone.
     let path = dir.path().join("table");
-    let (holder, _) = VersionTable::open(&options(&path, SLOTS)).unwrap();
+    let (holder, _) = open_table(&options(&path, SLOTS)).unwrap();
     let size = std::fs::metadata(&path).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(1000).unwrap();
-    let err = VersionTable::open(&options(&path, SLOTS)).err().unwrap();
+    let err = open_table(&options(&path, SLOTS)).err().unwrap();
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains("shorter than"), "{err}");
     f.set_len(size).unwrap();
     drop(holder);
     f.set_len(1000).unwrap();
-    let (table, outcome) = VersionTable::open(&options(&path, SLOTS)).unwrap();
+    let (table, outcome) = open_table(&options(&path, SLOTS)).unwrap();
     assert!(matches!(outcome, OpenOutcome::Rebuilt(_)), "{outcome:?}");
     assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
     drop(table);
 
     // Damaged header (a flipped byte): refused while in use.
-    let (holder, _) = VersionTable::open(&options(&path, SLOTS)).unwrap();
+    let (holder, _) = open_table(&options(&path, SLOTS)).unwrap();
     // The rebuild replaced the file: write to the new one.
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[30] ^= 1;
     std::os::unix::fs::FileExt::write_all_at(&f, &bytes[..4096], 0).unwrap();
-    let err = VersionTable::open(&options(&path, SLOTS)).err().unwrap();
+    let err = open_table(&options(&path, SLOTS)).err().unwrap();
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
     drop(holder);
-    let (_, outcome) = VersionTable::open(&options(&path, SLOTS)).unwrap();
+    let (_, outcome) = open_table(&options(&path, SLOTS)).unwrap();
     assert!(matches!(outcome, OpenOutcome::Rebuilt(_)));
 
     // Another directory's table: refused while that directory is served.
-    let (holder, _) = VersionTable::open(&options(&path, SLOTS)).unwrap();
+    let (holder, _) = open_table(&options(&path, SLOTS)).unwrap();
     let mut other = options(&path, SLOTS);
     other.share_ino = 99;
-    let err = VersionTable::open(&other).err().unwrap();
+    let err = open_table(&other).err().unwrap();
     assert!(matches!(err, Error::OtherDirectory { ino: 2, .. }), "{err}");
     drop(holder);
-    let (t, outcome) = VersionTable::open(&other).unwrap();
+    let (t, outcome) = open_table(&other).unwrap();
     assert!(matches!(outcome, OpenOutcome::Rebuilt(_)));
     assert_eq!(t.share(), (0x801, 99));
     drop(t);
 
     // Another size than asked for: kept while in use.
-    let (holder, _) = VersionTable::open(&other).unwrap();
-    let (t, outcome) = VersionTable::open(&options_with(&other, 8192)).unwrap();
+    let (holder, _) = open_table(&other).unwrap();
+    let (t, outcome) = open_table(&options_with(&other, 8192)).unwrap();
     assert_eq!(outcome, OpenOutcome::KeptSize(SLOTS));
     assert_eq!(t.slots(), SLOTS);
     drop((t, holder));
 
     // Out-of-range sizes are refused before anything is touched.
     assert!(matches!(
-        VersionTable::open(&options(&dir.path().join("tiny"), 3)),
+        open_table(&options(&dir.path().join("tiny"), 3)),
         Err(Error::SlotCount { .. })
     ));
     assert!(!dir.path().join("tiny").exists());
@@ -312,10 +318,10 @@ fn a_table_of_another_user_is_refused() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("table");
-    drop(VersionTable::open(&options(&path, SLOTS)).unwrap());
+    drop(open_table(&options(&path, SLOTS)).unwrap());
     std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let err = VersionTable::open(&options(&path, SLOTS)).err().unwrap();
+    let err = open_table(&options(&path, SLOTS)).err().unwrap();
     assert!(matches!(err, Error::NotOwned { owner: 65534, .. }), "{err}");
 }
 
@@ -323,7 +329,7 @@ fn a_table_of_another_user_is_refused() {
 fn a_full_table_overflows_to_no_slot_and_keeps_the_slots_it_gave() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("table");
-    let (table, _) = VersionTable::open(&options(&path, 64)).unwrap();
+    let (table, _) = open_table(&options(&path, 64)).unwrap();
     let given: Vec<Option<Slot>> = (0..200).map(|n| table.slot_for(&key(n))).collect();
     let with_slot = given.iter().filter(|s| s.is_some()).count();
     assert_eq!(with_slot, 64, "every slot is used before any key overflows");
@@ -339,7 +345,7 @@ fn a_full_table_overflows_to_no_slot_and_keeps_the_slots_it_gave() {
 fn slots_are_reused_only_after_a_new_generation() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("table");
-    let (table, _) = VersionTable::open(&options(&path, 64)).unwrap();
+    let (table, _) = open_table(&options(&path, 64)).unwrap();
     let first_generation = table.generation();
     let before: Vec<Option<Slot>> = (0..48).map(|n| table.slot_for(&key(n))).collect();
     let slot0 = before[0].unwrap();
@@ -347,7 +353,7 @@ fn slots_are_reused_only_after_a_new_generation() {
     let version0 = table.version(slot0);
 
     // Another process attaching (while this one holds the table) changes nothing.
-    let (second, outcome) = VersionTable::open(&options(&path, 64)).unwrap();
+    let (second, outcome) = open_table(&options(&path, 64)).unwrap();
     assert_eq!(outcome, OpenOutcome::Attached);
     assert_eq!(second.generation(), first_generation);
     let seen: Vec<Option<Slot>> = (0..48).map(|n| second.find_slot(&key(n))).collect();
@@ -358,7 +364,7 @@ fn slots_are_reused_only_after_a_new_generation() {
     // Alone with a three-quarters-full index: a new generation and an empty index. Keys may
     // now land on other keys' old slots, which is why clients forget slots of older
     // generations; versions keep counting up.
-    let (table, outcome) = VersionTable::open(&options(&path, 64)).unwrap();
+    let (table, outcome) = open_table(&options(&path, 64)).unwrap();
     assert_eq!(outcome, OpenOutcome::NewGeneration);
     assert!(table.generation() > first_generation);
     assert_eq!(table.slots_in_use(), 0);
@@ -373,7 +379,7 @@ fn slots_are_reused_only_after_a_new_generation() {
 fn a_reader_sleeping_on_the_table_wakes_for_another_process_bump() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("table");
-    let (table, _) = VersionTable::open(&options(&path, SLOTS)).unwrap();
+    let (table, _) = open_table(&options(&path, SLOTS)).unwrap();
     let mut feed = table.feed();
     assert_eq!(feed.poll(), Changes::None);
     let mut child = helper("bump", &path, 1);

@@ -10,12 +10,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_blockdev::target::{flush, read_at, write_at, write_zeroes_at};
-use berth_testkit::pseudo_random;
+use berth_testkit::{fork_guard, pseudo_random, spawn_guarded};
 use berth_volume::admin::{self, CreateOptions};
-use berth_volume::{Durability, Location, Volume, VolumeError, VolumeOptions};
+use berth_volume::{Durability, Location, OpenReport, Volume, VolumeError, VolumeOptions};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 16 * MIB;
+
+/// Opens a volume under the fork guard: a crash child forked by another test at that moment
+/// would otherwise still hold the local-state lock of a volume this test has closed.
+fn open_volume(
+    location: &Location,
+    options: VolumeOptions,
+) -> Result<(Volume, OpenReport), VolumeError> {
+    let _guard = fork_guard();
+    Volume::open(location, options)
+}
 
 fn create(bucket: &Path, name: &str) -> Location {
     let location = Location::parse(&format!("file://{}/{name}", bucket.display())).unwrap();
@@ -91,7 +101,7 @@ fn reads_return_the_latest_write_through_uploads_and_rotations_and_from_the_buck
     let dir = tempfile::tempdir().unwrap();
     let location = create(&dir.path().join("bucket"), "vol");
     let (volume, report) =
-        Volume::open(&location, busy_options(&dir.path().join("cache-a"))).unwrap();
+        open_volume(&location, busy_options(&dir.path().join("cache-a"))).unwrap();
     assert_eq!(report.replayed, 0);
     let volume = Arc::new(volume);
     let mut model = vec![0u8; SIZE as usize];
@@ -169,7 +179,7 @@ fn reads_return_the_latest_write_through_uploads_and_rotations_and_from_the_buck
 
     // The local disk is lost: everything comes from the bucket.
     let (volume, report) =
-        Volume::open(&location, busy_options(&dir.path().join("cache-b"))).unwrap();
+        open_volume(&location, busy_options(&dir.path().join("cache-b"))).unwrap();
     assert_eq!(report.replayed, 0);
     assert_same(&volume, &model, "reopened from the bucket alone");
 }
@@ -193,7 +203,7 @@ fn crash_child() {
         durability,
         ..lazy_options(&cache)
     };
-    let (volume, _) = Volume::open(&location, options).unwrap();
+    let (volume, _) = open_volume(&location, options).unwrap();
     let version = volume.manifest_version();
     for i in 0..64u64 {
         write_at(&volume, i * 64 * 1024, &pseudo_random(i, 64 * 1024), false).unwrap();
@@ -212,7 +222,8 @@ fn crash_child() {
 }
 
 fn run_crash_child(location: &Location, cache: &Path, durability: Durability) {
-    let status = Command::new(std::env::current_exe().unwrap())
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
         .args([
             "--exact",
             "crash_child",
@@ -223,9 +234,8 @@ fn run_crash_child(location: &Location, cache: &Path, durability: Durability) {
         .env(
             "BERTH_VOLUME_CRASH_CHILD",
             format!("{location}|{}|{}", cache.display(), durability.name()),
-        )
-        .status()
-        .unwrap();
+        );
+    let status = spawn_guarded(&mut command).unwrap().wait().unwrap();
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(libc::SIGABRT),
@@ -252,13 +262,13 @@ fn after_a_crash_the_log_is_replayed_and_the_lease_keeps_other_hosts_out() {
     let cache = dir.path().join("cache");
     run_crash_child(&location, &cache, Durability::Local);
 
-    let other_host = Volume::open(&location, lazy_options(&dir.path().join("other")));
+    let other_host = open_volume(&location, lazy_options(&dir.path().join("other")));
     match other_host {
         Err(VolumeError::Leased { .. }) => {}
         other => panic!("a second writer must be refused by the lease, got {other:?}"),
     }
 
-    let (volume, report) = Volume::open(&location, lazy_options(&cache)).unwrap();
+    let (volume, report) = open_volume(&location, lazy_options(&cache)).unwrap();
     assert!(
         report.replayed >= 64,
         "replayed {} records",
@@ -268,7 +278,7 @@ fn after_a_crash_the_log_is_replayed_and_the_lease_keeps_other_hosts_out() {
     // And the replayed records reach the bucket.
     volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
     volume.close().unwrap();
-    let (volume, _) = Volume::open(&location, lazy_options(&dir.path().join("other"))).unwrap();
+    let (volume, _) = open_volume(&location, lazy_options(&dir.path().join("other"))).unwrap();
     assert_crash_data(&volume);
 }
 
@@ -283,12 +293,12 @@ fn an_object_flush_survives_losing_the_host() {
     std::fs::remove_dir_all(&cache).unwrap();
 
     assert!(matches!(
-        Volume::open(&location, lazy_options(&dir.path().join("new-host"))),
+        open_volume(&location, lazy_options(&dir.path().join("new-host"))),
         Err(VolumeError::Leased { .. })
     ));
     let broken = admin::break_lease(&location).unwrap();
     assert!(broken.is_some(), "there was a lease to break");
-    let (volume, _) = Volume::open(&location, lazy_options(&dir.path().join("new-host"))).unwrap();
+    let (volume, _) = open_volume(&location, lazy_options(&dir.path().join("new-host"))).unwrap();
     assert_crash_data(&volume);
 }
 
@@ -302,14 +312,14 @@ fn gc_deletes_only_packs_nothing_uses() {
     let second = pseudo_random(2, (4 * MIB) as usize);
     let third = pseudo_random(3, (4 * MIB) as usize);
     {
-        let (volume, _) = Volume::open(&location, lazy_options(&dir.path().join("c1"))).unwrap();
+        let (volume, _) = open_volume(&location, lazy_options(&dir.path().join("c1"))).unwrap();
         write_at(&volume, 0, &first, false).unwrap();
         volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
         volume.close().unwrap();
     }
     admin::snapshot(&location, "base").unwrap();
     {
-        let (volume, _) = Volume::open(&location, lazy_options(&dir.path().join("c1"))).unwrap();
+        let (volume, _) = open_volume(&location, lazy_options(&dir.path().join("c1"))).unwrap();
         write_at(&volume, 0, &second, false).unwrap();
         volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
         write_at(&volume, 0, &third, false).unwrap();
@@ -328,7 +338,7 @@ fn gc_deletes_only_packs_nothing_uses() {
         "a second pass finds nothing more: {again:?}"
     );
 
-    let (volume, _) = Volume::open(&location, lazy_options(&dir.path().join("c2"))).unwrap();
+    let (volume, _) = open_volume(&location, lazy_options(&dir.path().join("c2"))).unwrap();
     assert!(
         read(&volume, 0, third.len()) == third,
         "the volume lost live data to GC"
@@ -337,7 +347,7 @@ fn gc_deletes_only_packs_nothing_uses() {
 
     let clone = location.sibling("clone");
     admin::clone_volume(&location, "base", &clone).unwrap();
-    let (volume, _) = Volume::open(&clone, lazy_options(&dir.path().join("c3"))).unwrap();
+    let (volume, _) = open_volume(&clone, lazy_options(&dir.path().join("c3"))).unwrap();
     assert!(
         read(&volume, 0, first.len()) == first,
         "the snapshot lost its packs to GC"
