@@ -86,6 +86,7 @@ pub fn open_volume(spec: &str, settings: &VolumeServeSettings) -> anyhow::Result
         replayed = report.replayed,
         reapplied = report.reapplied,
         reset_local = report.reset_local,
+        lost_tail = report.lost_tail,
         durability = settings.durability.name(),
         "Opened the volume."
     );

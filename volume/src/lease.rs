@@ -18,10 +18,19 @@ pub struct Lease {
     pub version: ObjectVersion,
 }
 
+/// The host's name (from the kernel: a sandboxed process may not reach /proc).
 fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
+    let mut name = [0u8; 256];
+    // SAFETY: gethostname writes at most `name.len()` bytes into `name`, which outlives it.
+    let ret = unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) };
+    if ret != 0 {
+        return "unknown".into();
+    }
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    match String::from_utf8_lossy(&name[..end]).trim() {
+        "" => "unknown".into(),
+        host => host.to_string(),
+    }
 }
 
 fn render_time(ms: i64) -> String {

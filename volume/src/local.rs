@@ -31,10 +31,16 @@ pub struct LocalDir {
 }
 
 impl LocalDir {
-    /// Creates (if needed) and locks `path`.
+    /// Creates (if needed) and locks `path`. The new directories' entries are synced, so
+    /// that a power cut cannot take the state directory (with a log that FLUSHes made
+    /// durable) away from its parent.
     pub fn lock(path: &Path) -> Result<Self> {
         std::fs::create_dir_all(path.join("wal"))
             .context(|| format!("creating {}", path.display()))?;
+        sync_dir(path)?;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
         let lock_path = path.join("lock");
         let lock = OpenOptions::new()
             .create(true)

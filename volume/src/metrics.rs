@@ -34,6 +34,11 @@ impl Histogram {
         self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
     }
 
+    /// The sum of the observed durations.
+    pub fn sum(&self) -> Duration {
+        Duration::from_micros(self.sum_us.load(Ordering::Relaxed))
+    }
+
     fn render(&self, out: &mut String, name: &str, label: &str) {
         let mut cumulative = 0;
         for (i, bound) in BUCKETS.iter().enumerate() {

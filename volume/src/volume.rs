@@ -304,6 +304,9 @@ pub struct OpenReport {
     /// The local state was from another writer and was set aside.
     pub reset_local: bool,
     pub quarantined: Option<PathBuf>,
+    /// The bucket held log records the local log had lost (unflushed writes uploaded
+    /// before a power cut of the local disk): the volume continued from the bucket.
+    pub lost_tail: bool,
 }
 
 thread_local! {
@@ -1497,7 +1500,26 @@ impl Inner {
             }
             valid.push(record);
         }
-        let last_seq = valid.last().map_or(meta.applied_seq, |r| r.seq);
+        let mut last_seq = valid.last().map_or(meta.applied_seq, |r| r.seq);
+        if uploaded > last_seq {
+            // The bucket is ahead of the log: records uploaded before they were flushed
+            // were lost here (a power cut of the local disk before the batch was
+            // applied). The bucket's version is the volume now. The log's records are all
+            // in it, some overwritten by the lost ones, and cache blocks those changed
+            // may still be marked present: none of the log is replayed and the whole
+            // cache is dropped (on disk before anything reads it).
+            tracing::warn!(
+                volume = %self.store.location,
+                local = last_seq,
+                bucket = uploaded,
+                "the local log ends before what the bucket holds (unflushed writes lost by a power cut): the volume continues from the bucket and drops its local cache"
+            );
+            report.lost_tail = true;
+            valid.clear();
+            last_seq = uploaded;
+            self.lock().presence.clear_all();
+            self.persist_presence()?;
+        }
         {
             let mut state = self.lock();
             state.segments = segments;
