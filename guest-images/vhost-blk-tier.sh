@@ -18,6 +18,20 @@ start_vblk() {
 	wait_for_socket "$name" "$WORK/$name.sock"
 }
 
+# check_overlay_and_fetch CHECK OVERLAY CACHE_DIR IMAGE_MIB: records CHECK, which passes
+# when the overlay holds the guest's 3 MiB write and less than half of the image was
+# fetched into the cache.
+check_overlay_and_fetch() {
+	local check=$1 overlay_file=$2 cache_dir=$3 image_mib=$4 start overlay cached problems=()
+	start=$(now_seconds)
+	overlay=$(du -k "$overlay_file" | cut -f1)
+	cached=$(du -sk "$cache_dir" | cut -f1)
+	[ "$overlay" -ge 3072 ] || problems+=("the overlay holds only ${overlay} KiB after a 3 MiB write")
+	[ "$cached" -lt $((image_mib << 9)) ] || problems+=("${cached} KiB of a ${image_mib} MiB image were fetched")
+	printf '    overlay %s KiB, fetched %s KiB of the %s MiB image\n' "$overlay" "$cached" "$image_mib"
+	record_problems "$check" "$start" "${problems[@]}"
+}
+
 vhost_blk_tier() {
 	if ! any_selected "${VBLK_GUEST_CHECKS[@]}" "${VBLK_HOST_CHECKS[@]}"; then
 		return 0
@@ -66,17 +80,9 @@ GUEST
 			problems+=("the guest wrote sha256 ${want:-nothing} at 96 MiB, the served file holds $got")
 		record_problems vblk-raw-host "$start" "${problems[@]}"
 	fi
+	# The guest's writes went to the overlay; of the image only what was read was fetched
+	# (the tree is 24 MiB of 128 MiB).
 	if selected vblk-image-host; then
-		# The guest's writes went to the overlay; of the image only what was read was
-		# fetched (the tree is 24 MiB of 128 MiB).
-		start=$(now_seconds)
-		problems=()
-		local overlay cached
-		overlay=$(du -k "$WORK/vblk-overlay" | cut -f1)
-		cached=$(du -sk "$WORK/vblk-cache" | cut -f1)
-		[ "$overlay" -ge 3072 ] || problems+=("the overlay holds only ${overlay} KiB after a 3 MiB write")
-		[ "$cached" -lt $((64 << 10)) ] || problems+=("${cached} KiB of a 128 MiB image were fetched")
-		printf '    overlay %s KiB, fetched %s KiB of the image\n' "$overlay" "$cached"
-		record_problems vblk-image-host "$start" "${problems[@]}"
+		check_overlay_and_fetch vblk-image-host "$WORK/vblk-overlay" "$WORK/vblk-cache" 128
 	fi
 }

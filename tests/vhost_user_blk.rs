@@ -135,6 +135,37 @@ fn config_space_and_features_describe_the_file() {
 }
 
 #[test]
+fn a_short_config_space_read_describes_the_file_too() {
+    // QEMU 7.2's backends refuse a GET_CONFIG beyond their 60-byte struct; the frontend can
+    // ask for just that much, and berth answers it with the same fields.
+    let (mut served, _file) = Served::raw(&["--queues", "2"]);
+    let device = served.connect(BlkDeviceConfig {
+        config_len: berth_frontend::blk::MIN_CONFIG_LEN,
+        ..BlkDeviceConfig::default()
+    });
+    let config = *device.config();
+    assert_eq!(config.capacity, FILE_SIZE / 512);
+    assert_eq!(config.blk_size, BLOCK as u32);
+    assert_eq!(config.num_queues, 2);
+    assert!(config.max_write_zeroes_sectors > 0 && config.max_write_zeroes_seg > 0);
+    let _dir = served.finish(device);
+    for config_len in [berth_frontend::blk::MIN_CONFIG_LEN - 1, 73] {
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let refused = VhostUserBlk::from_stream(
+            ours,
+            BlkDeviceConfig {
+                config_len,
+                ..BlkDeviceConfig::default()
+            },
+        );
+        assert!(
+            matches!(refused, Err(berth_frontend::Error::InvalidConfig(_))),
+            "config_len {config_len} must be refused before any message"
+        );
+    }
+}
+
+#[test]
 fn every_request_type_round_trips_against_the_file() {
     let (mut served, file) = Served::raw(&["--serial", "berth-test-disk"]);
     let mut device = served.connect(BlkDeviceConfig::default());
@@ -531,21 +562,19 @@ fn allocated_below(dir: &Path) -> u64 {
     total
 }
 
-#[test]
-fn a_lazily_fetched_image_fetches_only_what_is_read_and_writes_go_to_the_overlay() {
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("source.img");
-    let size = 32usize << 20;
-    // Data that does not compress: every chunk is stored whole.
-    let content: Vec<u8> = (0..size)
+/// Bytes that do not compress, so that every chunk of an image of them is stored whole.
+fn incompressible(size: usize) -> Vec<u8> {
+    (0..size)
         .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3])
-        .collect();
-    fs::write(&source, &content).unwrap();
-    let image = dir.path().join("image");
+        .collect()
+}
+
+/// Builds a block image of 64 KiB chunks at `image` from the file `source`.
+fn build_block_image(source: &Path, image: &Path) {
     let built = Command::new(env!("CARGO_BIN_EXE_berth"))
         .args(["image", "build", "--block", "--chunk-size", "64K", "--out"])
-        .arg(&image)
-        .arg(&source)
+        .arg(image)
+        .arg(source)
         .output()
         .unwrap();
     assert!(
@@ -553,12 +582,15 @@ fn a_lazily_fetched_image_fetches_only_what_is_read_and_writes_go_to_the_overlay
         "{}",
         String::from_utf8_lossy(&built.stderr)
     );
-    let cache = dir.path().join("cache");
-    let overlay = dir.path().join("overlay");
+}
+
+/// Serves `image`, fetching chunks into `cache` only as they are read, writes going to
+/// `overlay`.
+fn serve_image_without_readahead(image: &Path, cache: &Path, overlay: &Path) -> Served {
     let (cache_arg, overlay_arg) = (cache.display().to_string(), overlay.display().to_string());
-    let mut served = Served::start(
+    Served::start(
         tempfile::tempdir().unwrap(),
-        &image,
+        image,
         &[
             "--cache-dir",
             &cache_arg,
@@ -567,7 +599,40 @@ fn a_lazily_fetched_image_fetches_only_what_is_read_and_writes_go_to_the_overlay
             "--overlay",
             &overlay_arg,
         ],
+    )
+}
+
+/// Ends a served image after the test wrote to it: the writes are in the non-empty `overlay`,
+/// and the `source` file the image was built from still holds `content`.
+fn finish_with_writes_in_overlay(
+    served: Served,
+    device: VhostUserBlk,
+    overlay: &Path,
+    source: &Path,
+    content: &[u8],
+) {
+    let _dir = served.finish(device);
+    assert!(fs::metadata(overlay).unwrap().len() > 0);
+    assert_eq!(
+        fs::read(source).unwrap(),
+        content,
+        "the source is untouched"
     );
+}
+
+#[test]
+fn a_lazily_fetched_image_fetches_only_what_is_read_and_writes_go_to_the_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.img");
+    let size = 32usize << 20;
+    // Data that does not compress: every chunk is stored whole.
+    let content = incompressible(size);
+    fs::write(&source, &content).unwrap();
+    let image = dir.path().join("image");
+    build_block_image(&source, &image);
+    let cache = dir.path().join("cache");
+    let overlay = dir.path().join("overlay");
+    let mut served = serve_image_without_readahead(&image, &cache, &overlay);
     let mut device = served.connect(BlkDeviceConfig::default());
     assert_eq!(device.config().capacity, (size / 512) as u64);
     let mut queue = device.take_queue(0).unwrap();
@@ -586,13 +651,327 @@ fn a_lazily_fetched_image_fetches_only_what_is_read_and_writes_go_to_the_overlay
     assert_eq!(queue.write(8, &data).unwrap(), status::OK);
     assert_eq!(queue.read(8, data.len() as u32).unwrap().unwrap(), data);
     assert_eq!(queue.flush().unwrap(), status::OK);
-    let _dir = served.finish(device);
-    assert!(fs::metadata(&overlay).unwrap().len() > 0);
-    assert_eq!(
-        fs::read(&source).unwrap(),
-        content,
-        "the source is untouched"
+    finish_with_writes_in_overlay(served, device, &overlay, &source, &content);
+}
+
+/// The mount options of the mount at `mount_point` in `pid`'s mount namespace.
+fn mount_options(pid: u32, mount_point: &Path) -> Option<String> {
+    let table = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    // The last mount listed at a point is the one on top.
+    table.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        (fields.get(4).map(Path::new) == Some(mount_point)).then(|| fields[5].to_string())
+    })
+}
+
+/// Asserts that `server` runs in mount, network and pid namespaces other than the test's.
+fn assert_in_namespaces_of_its_own(server: u32) {
+    for ns in ["mnt", "net", "pid"] {
+        assert_ne!(
+            fs::read_link(format!("/proc/{server}/ns/{ns}")).unwrap(),
+            fs::read_link(format!("/proc/self/ns/{ns}")).unwrap(),
+            "{ns} namespace"
+        );
+    }
+}
+
+/// The root directory `server` sees, as the test reaches it.
+fn sandbox_root(server: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{server}/root"))
+}
+
+/// Where the host path `path` would stand in `server`'s root.
+fn in_sandbox(server: u32, path: &Path) -> PathBuf {
+    sandbox_root(server).join(path.strip_prefix("/").unwrap())
+}
+
+/// What a sandboxed server may see of the host, each path at its own path.
+struct Confinement<'a> {
+    files: &'a [&'a Path],
+    dirs: &'a [&'a Path],
+    /// Host paths the server must not reach.
+    hidden: &'a [&'a Path],
+    read_only_mounts: &'a [&'a Path],
+    writable_mounts: &'a [&'a Path],
+}
+
+/// Asserts that `server` runs in namespaces of its own and sees the host as `confinement`
+/// says: its files and directories, none of its hidden paths, its mounts read-only or
+/// writable as listed.
+fn assert_confined_to(server: u32, confinement: &Confinement) {
+    assert_in_namespaces_of_its_own(server);
+    for file in confinement.files {
+        assert!(
+            in_sandbox(server, file).is_file(),
+            "{} is a file in the sandbox",
+            file.display()
+        );
+    }
+    for dir in confinement.dirs {
+        assert!(
+            in_sandbox(server, dir).is_dir(),
+            "{} is a directory in the sandbox",
+            dir.display()
+        );
+    }
+    for hidden in confinement.hidden {
+        assert!(
+            !in_sandbox(server, hidden).exists(),
+            "{} is reachable from the sandbox",
+            hidden.display()
+        );
+    }
+    let mounts = confinement
+        .read_only_mounts
+        .iter()
+        .map(|path| (path, false));
+    let mounts = mounts.chain(confinement.writable_mounts.iter().map(|path| (path, true)));
+    for (path, writable) in mounts {
+        let options = mount_options(server, path)
+            .unwrap_or_else(|| panic!("{} is not a mount in the sandbox", path.display()));
+        let read_only = options.split(',').any(|o| o == "ro");
+        assert_eq!(read_only, !writable, "{}: {options}", path.display());
+    }
+}
+
+#[test]
+fn an_image_is_served_from_a_sandbox_holding_only_its_cache_image_and_overlay() {
+    if !security_util::root_or_skip(
+        "an_image_is_served_from_a_sandbox_holding_only_its_cache_image_and_overlay",
+        "reading the server's root and mount table needs root",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = fs::canonicalize(dir.path()).unwrap();
+    let source = base.join("source.img");
+    let size = 16usize << 20;
+    let content = incompressible(size);
+    fs::write(&source, &content).unwrap();
+    let image = base.join("image");
+    build_block_image(&source, &image);
+    // The cache directory does not exist yet: the daemon makes it before the sandbox.
+    let cache = base.join("cache");
+    let overlay_dir = base.join("overlays");
+    fs::create_dir(&overlay_dir).unwrap();
+    let overlay = overlay_dir.join("disk.ovl");
+    fs::write(base.join("secret"), b"not for the daemon").unwrap();
+    let mut served = serve_image_without_readahead(&image, &cache, &overlay);
+    let mut device = served.connect(BlkDeviceConfig::default());
+    let mut queue = device.take_queue(0).unwrap();
+    let server = security_util::serving_pid(served.daemon.pid(), true);
+    // Chunks are fetched into the cache from inside the sandbox, by path.
+    for at in [0usize, 5 << 20, size - 8192] {
+        assert_eq!(
+            queue.read((at / 512) as u64, 8192).unwrap().unwrap(),
+            content[at..at + 8192],
+            "the image's bytes at {at}"
+        );
+    }
+    assert!(
+        allocated_below(&cache) > 0,
+        "fetched chunks are in the cache"
     );
+    let data = pattern(9, 2 * BLOCK);
+    assert_eq!(queue.write(64, &data).unwrap(), status::OK);
+    assert_eq!(queue.flush().unwrap(), status::OK);
+    assert_eq!(queue.read(64, data.len() as u32).unwrap().unwrap(), data);
+
+    // In namespaces of its own (a local backend: no network either), the root holds the
+    // cache, the image and the overlay's directory at their own paths, and nothing else of
+    // the host. The image's directory and the root itself are read-only, the cache and the
+    // overlay's directory writable.
+    assert_confined_to(
+        server,
+        &Confinement {
+            files: &[&image.join("manifest.json"), &overlay],
+            dirs: &[&cache],
+            hidden: &[
+                &base.join("secret"),
+                &source,
+                Path::new("/etc/passwd"),
+                Path::new("/usr"),
+            ],
+            read_only_mounts: &[&image, Path::new("/")],
+            writable_mounts: &[&cache, &overlay_dir],
+        },
+    );
+    let top: Vec<_> = fs::read_dir(sandbox_root(server))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let first = base.components().nth(1).unwrap().as_os_str().to_owned();
+    assert_eq!(top, vec![first], "the root holds only the way to the binds");
+    // The queue threads are confined as for a file; the engine's own threads, started
+    // inside the sandbox, have no administrative capability either.
+    let threads = security_util::threads(server);
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    assert!(
+        threads.iter().all(|t| t.cap_eff & CAP_SYS_ADMIN == 0),
+        "{threads:?}"
+    );
+    assert!(
+        threads.iter().any(|t| t.name.starts_with("berth-fetch-bg")),
+        "the engine's fetch threads run in the sandbox: {threads:?}"
+    );
+    let workers: Vec<_> = threads
+        .iter()
+        .filter(|t| t.name.starts_with("vring_worker") || t.name.starts_with("vhost"))
+        .collect();
+    assert!(!workers.is_empty(), "{threads:?}");
+    assert!(
+        workers
+            .iter()
+            .all(|t| t.seccomp_mode == 2 && t.cap_eff == 0),
+        "{workers:?}"
+    );
+    finish_with_writes_in_overlay(served, device, &overlay, &source, &content);
+}
+
+#[test]
+fn an_image_that_cannot_be_opened_in_the_sandbox_fails_and_leaves_no_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("image");
+    fs::create_dir(&image).unwrap();
+    // A manifest, so the target is taken for an image, that does not parse.
+    fs::write(image.join("manifest.json"), b"{ not json").unwrap();
+    let socket = dir.path().join("blk.sock");
+    let cache = dir.path().join("cache");
+    let mut daemon = Daemon::spawn([
+        "block".to_string(),
+        "serve-vhost".into(),
+        "--socket-path".into(),
+        socket.display().to_string(),
+        "--cache-dir".into(),
+        cache.display().to_string(),
+        image.display().to_string(),
+    ]);
+    let status = daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("the daemon exits");
+    assert!(!status.success(), "{}", daemon.stderr());
+    assert!(
+        daemon.stderr().contains("cannot load the image"),
+        "{}",
+        daemon.stderr()
+    );
+    assert!(!socket.exists(), "the socket is removed");
+}
+
+#[test]
+fn flushes_taken_off_the_ring_together_are_answered_by_one_sync_after_the_writes() {
+    let metrics_dir = tempfile::tempdir().unwrap();
+    let metrics_path = metrics_dir.path().join("blk.prom");
+    let metrics_arg = metrics_path.display().to_string();
+    let (mut served, file) = Served::raw(&["--metrics-file", &metrics_arg]);
+    let device_label = format!("device=\"{}\"", file.display());
+    let mut device = served.connect(BlkDeviceConfig::default());
+    let mut queue = device.take_queue(0).unwrap();
+    // A write completed before the batch: every FLUSH of the batch covers it.
+    let first = pattern(20, BLOCK);
+    assert_eq!(queue.write(0, &first).unwrap(), status::OK);
+    // Let the queue thread go idle, so that it finds the whole batch at one kick.
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Writes with FLUSHes among them and behind them, published at once.
+    let kinds = [
+        Some(1u64),
+        None,
+        Some(2),
+        None,
+        None,
+        Some(3),
+        None,
+        Some(4),
+        None,
+        None,
+        None,
+        None,
+    ];
+    let flushes = kinds.iter().filter(|k| k.is_none()).count();
+    let ram = queue.ram().clone();
+    let mem = ram.memory();
+    let mut heads = Vec::new();
+    let mut statuses = Vec::new();
+    for kind in kinds {
+        let header_at = queue.allocate_raw_buffer(16).unwrap();
+        let status_at = queue.allocate_raw_buffer(1).unwrap();
+        mem.write_obj(0xffu8, status_at).unwrap();
+        let parts = match kind {
+            Some(block) => {
+                mem.write_slice(
+                    &header(request_type::OUT, block * SECTORS_PER_BLOCK),
+                    header_at,
+                )
+                .unwrap();
+                let data_at = queue.allocate_raw_buffer(BLOCK as u32).unwrap();
+                mem.write_slice(&pattern(20 + block as u8, BLOCK), data_at)
+                    .unwrap();
+                vec![
+                    (header_at.0, 16, false),
+                    (data_at.0, BLOCK as u32, false),
+                    (status_at.0, 1, true),
+                ]
+            }
+            None => {
+                mem.write_slice(&header(request_type::FLUSH, 0), header_at)
+                    .unwrap();
+                vec![(header_at.0, 16, false), (status_at.0, 1, true)]
+            }
+        };
+        heads.push(queue.virtqueue().add_raw_chain(&chain(&parts)).unwrap());
+        statuses.push(status_at);
+    }
+    queue.virtqueue().notify().unwrap();
+    let mut returned = Vec::new();
+    for _ in &kinds {
+        let used = queue
+            .virtqueue()
+            .wait_used(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e}\n--- daemon stderr ---\n{}", served.daemon.stderr()));
+        returned.push(used.head);
+    }
+    returned.sort_unstable();
+    heads.sort_unstable();
+    assert_eq!(returned, heads, "every chain comes back once");
+    for (kind, at) in kinds.iter().zip(&statuses) {
+        let status: u8 = mem.read_obj(*at).unwrap();
+        assert_eq!(status, status::OK, "{kind:?}");
+    }
+    for block in 1..=4u64 {
+        assert_eq!(
+            queue
+                .read(block * SECTORS_PER_BLOCK, BLOCK as u32)
+                .unwrap()
+                .unwrap(),
+            pattern(20 + block as u8, BLOCK)
+        );
+    }
+
+    let _dir = served.finish(device);
+    let text = fs::read_to_string(&metrics_path).unwrap();
+    let flush_requests = metric(
+        &text,
+        &format!("berth_block_requests_total{{{device_label},op=\"flush\"}}"),
+    );
+    assert_eq!(flush_requests, Some(flushes as f64), "{text}");
+    let syncs = metric(
+        &text,
+        &format!("berth_block_flush_syncs_total{{{device_label}}}"),
+    )
+    .unwrap_or_else(|| panic!("no sync count in:\n{text}"));
+    // One flush answers them all (a second if the thread woke before the batch was whole).
+    assert!(
+        (1.0..=2.0).contains(&syncs),
+        "{flushes} FLUSHes took {syncs} flushes of the file"
+    );
+    assert_eq!(read_file_at(&file, 0, BLOCK), first);
+    for block in 1..=4u64 {
+        assert_eq!(
+            read_file_at(&file, block * BLOCK as u64, BLOCK),
+            pattern(20 + block as u8, BLOCK)
+        );
+    }
 }
 
 #[test]
@@ -608,11 +987,10 @@ fn print_capabilities_names_a_blk_backend() {
 
 #[test]
 fn the_daemon_serves_from_a_sandbox_with_confined_threads() {
-    if !security_util::is_root() {
-        security_util::skip_or_fail(
-            "the_daemon_serves_from_a_sandbox_with_confined_threads",
-            "the capability checks need root",
-        );
+    if !security_util::root_or_skip(
+        "the_daemon_serves_from_a_sandbox_with_confined_threads",
+        "the capability checks need root",
+    ) {
         return;
     }
     let (mut served, file) = Served::raw(&["--queues", "2"]);
@@ -625,13 +1003,7 @@ fn the_daemon_serves_from_a_sandbox_with_confined_threads() {
     // The namespace sandbox forks: its child serves, in mount and network namespaces of
     // its own, seeing the file's directory as its root.
     let server = security_util::serving_pid(served.daemon.pid(), true);
-    for ns in ["mnt", "net", "pid"] {
-        assert_ne!(
-            fs::read_link(format!("/proc/{server}/ns/{ns}")).unwrap(),
-            fs::read_link(format!("/proc/self/ns/{ns}")).unwrap(),
-            "{ns} namespace"
-        );
-    }
+    assert_in_namespaces_of_its_own(server);
     let root_listing: Vec<_> = fs::read_dir(format!("/proc/{server}/root"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -734,9 +1106,27 @@ fn a_volume_is_served_keeps_acknowledged_writes_across_kill_9_and_reopens_from_i
     let spec = PathBuf::from(format!("volume:{location}"));
     let volume_dir = dir.path().join("local").display().to_string();
     let extra = ["--volume-dir", volume_dir.as_str()];
+    let outside = dir.path().join("outside");
+    fs::write(&outside, b"not for the daemon").unwrap();
 
     let mut served = Served::start(dir, &spec, &extra);
     let mut device = served.connect(BlkDeviceConfig::default());
+    if security_util::is_root() {
+        // Served from a sandbox holding only its local state and its bucket's directory,
+        // at their own paths, in namespaces of its own (a file:// bucket: no network).
+        let server = security_util::serving_pid(served.daemon.pid(), true);
+        let local_state = Path::new(&volume_dir);
+        assert_confined_to(
+            server,
+            &Confinement {
+                files: &[],
+                dirs: &[&bucket.join("vol"), local_state],
+                hidden: &[&outside, Path::new("/etc/passwd")],
+                read_only_mounts: &[],
+                writable_mounts: &[&bucket, local_state],
+            },
+        );
+    }
     let config = *device.config();
     assert_eq!(config.capacity, (8u64 << 20) / 512);
     assert_eq!(

@@ -61,8 +61,12 @@ pub mod status {
 pub const RANGE_FLAG_UNMAP: u32 = 1;
 /// Sectors are 512 bytes.
 pub const SECTOR_SIZE: u64 = 512;
-/// Bytes of the configuration space read (up to the secure-erase fields).
-const CONFIG_LEN: u32 = 72;
+/// Bytes of the configuration space read by default (up to the secure-erase fields).
+pub const CONFIG_LEN: u32 = 72;
+/// The shortest configuration space read: up to `write_zeroes_may_unmap` and its padding,
+/// the size of `struct virtio_blk_config` before the secure-erase fields (QEMU 7.2's
+/// backends refuse a longer GET_CONFIG).
+pub const MIN_CONFIG_LEN: u32 = 60;
 
 /// How the frontend sets up the device.
 #[derive(Debug, Clone, Copy)]
@@ -81,6 +85,9 @@ pub struct BlkDeviceConfig {
     pub event_idx: bool,
     /// Timeout on every vhost-user message and every request.
     pub timeout: Duration,
+    /// Bytes of the configuration space GET_CONFIG asks for, from [`MIN_CONFIG_LEN`] to
+    /// [`CONFIG_LEN`]: a backend may refuse more than its `struct virtio_blk_config` holds.
+    pub config_len: u32,
 }
 
 impl Default for BlkDeviceConfig {
@@ -93,6 +100,7 @@ impl Default for BlkDeviceConfig {
             segment_size: 64 << 10,
             event_idx: true,
             timeout: Duration::from_secs(10),
+            config_len: CONFIG_LEN,
         }
     }
 }
@@ -182,6 +190,12 @@ impl VhostUserBlk {
                 "a blk device needs a queue and a non-zero segment size".into(),
             ));
         }
+        if !(MIN_CONFIG_LEN..=CONFIG_LEN).contains(&config.config_len) {
+            return Err(Error::InvalidConfig(format!(
+                "the configuration space length {} is not from {MIN_CONFIG_LEN} to {CONFIG_LEN}",
+                config.config_len
+            )));
+        }
         let ram = Arc::new(GuestRam::new(config.memory_size)?);
         let total_queues = u64::from(config.queues);
         let mut frontend = Frontend::from_stream(stream, total_queues);
@@ -230,12 +244,13 @@ impl VhostUserBlk {
                 offered: backend_queues,
             });
         }
-        let zeros = vec![0u8; CONFIG_LEN as usize];
+        let config_len = config.config_len;
+        let zeros = vec![0u8; config_len as usize];
         let (_, payload) =
-            frontend.get_config(0, CONFIG_LEN, VhostUserConfigFlags::WRITABLE, &zeros)?;
-        if payload.len() < CONFIG_LEN as usize {
+            frontend.get_config(0, config_len, VhostUserConfigFlags::WRITABLE, &zeros)?;
+        if payload.len() < config_len as usize {
             return Err(Error::Negotiation(format!(
-                "the configuration space is {} bytes, not {CONFIG_LEN}",
+                "the configuration space is {} bytes, not {config_len}",
                 payload.len()
             )));
         }

@@ -1,5 +1,6 @@
 //! Feeds one virtio-blk request, as a guest would place it in a descriptor chain, through
-//! berth's vhost-user-blk request path (`serve_chain` in src/vhost_blk/request.rs) against a
+//! berth's vhost-user-blk request path (`serve_chain_with` in src/vhost_blk/request.rs, a FLUSH
+//! deferred and answered after a flush of the target, as the device does) against a
 //! 1 MiB raw file (or the same file read-only).
 //!
 //! Input: a control byte, two bytes of device-writable room (little-endian, in 512-byte
@@ -16,7 +17,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
-use crate::vhost_blk_request::{serve_chain, Answered, BlkMemory, RequestPolicy};
+use crate::vhost_blk_request::{serve_chain_with, Answered, BlkMemory, FlushMode, RequestPolicy};
 
 /// Where the buffers go in guest memory (the queue's rings live below).
 const DATA_START: u64 = 0x10_0000;
@@ -159,5 +160,17 @@ pub fn serve(data: &[u8]) -> Option<Answered> {
         &harness().writable
     };
     let policy = RequestPolicy::for_target(target.as_ref(), "fuzz");
-    Some(serve_chain(target.as_ref(), &policy, &chain, &guard))
+    let target = target.as_ref();
+    let answered = serve_chain_with(target, &policy, &chain, &guard, FlushMode::Defer);
+    if !answered.deferred {
+        return Some(answered);
+    }
+    let flushed = berth_blockdev::target::flush(target).map_err(|e| e.to_string());
+    Some(serve_chain_with(
+        target,
+        &policy,
+        &chain,
+        &guard,
+        FlushMode::Done(&flushed),
+    ))
 }

@@ -71,6 +71,10 @@ pub enum ThreadRole {
     DaxWatcher,
     /// Reads requests from /dev/fuse and serves them.
     FuseWorker,
+    /// A FUSE-over-io_uring queue thread: serves as a FUSE worker does, with requests and
+    /// replies moving through its ring (io_uring_enter). The ring was set up and restricted to
+    /// FUSE commands on /dev/fuse before any filter: setting up or registering is not allowed.
+    FuseRing,
     /// Registers and closes FUSE passthrough backing files on /dev/fuse for the FUSE workers
     /// (its two ioctls, nothing else); the one thread that keeps CAP_SYS_ADMIN, which the
     /// kernel asks of it.
@@ -115,6 +119,7 @@ impl ThreadRole {
             ThreadRole::DaxThreadPool => "thread pool (DAX)",
             ThreadRole::DaxWatcher => "DAX reclaim",
             ThreadRole::FuseWorker => "FUSE worker",
+            ThreadRole::FuseRing => "FUSE ring",
             ThreadRole::FuseBackingRegistrar => "FUSE backing-file registrar",
             ThreadRole::HostWatcher => "host watcher",
             ThreadRole::Migration => "migration",
@@ -334,6 +339,14 @@ const UBLK_QUEUE: &[libc::c_long] = &[
     libc::SYS_statx,
 ];
 
+/// A FUSE ring thread's ring: submitting and waiting. Its ring is restricted to FUSE
+/// commands on /dev/fuse and a poll of the stop event (fuse_uring.rs), so the calls io_uring
+/// could otherwise make past this filter are out of its reach.
+const FUSE_RING: &[libc::c_long] = &[libc::SYS_io_uring_enter];
+/// What a FUSE ring thread does before its own filter, under the main one: pin itself to its
+/// queue's CPU.
+const FUSE_RING_START: &[libc::c_long] = &[libc::SYS_sched_setaffinity];
+
 /// FUSE passthrough's requests on /dev/fuse (include/uapi/linux/fuse.h):
 /// `FUSE_DEV_IOC_BACKING_OPEN` and `FUSE_DEV_IOC_BACKING_CLOSE`.
 const FUSE_DEV_IOC_BACKING_OPEN: u64 = 0x4010_e501;
@@ -392,6 +405,7 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ThreadRole::DaxThreadPool => &[RUNTIME, FILESYSTEM, DAX_CHANNEL, DAX_MAPPING],
         ThreadRole::DaxWatcher => &[RUNTIME, DAX_CHANNEL, DAX_MAPPING, DAX_RECLAIM],
         ThreadRole::FuseWorker => &[RUNTIME, EVENT_LOOP, FILESYSTEM],
+        ThreadRole::FuseRing => &[RUNTIME, EVENT_LOOP, FILESYSTEM, FUSE_RING],
         // Started before the main thread's filter, so not under it.
         ThreadRole::FuseBackingRegistrar => &[RUNTIME, FUSE_PASSTHROUGH],
         ThreadRole::HostWatcher => &[RUNTIME, EVENT_LOOP, FILESYSTEM, HOST_WATCH],
@@ -411,6 +425,8 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
             DAX_MAPPING,
             DAX_RECLAIM,
             DAX_SETUP,
+            FUSE_RING,
+            FUSE_RING_START,
         ],
         ThreadRole::Supervisor => &[SUPERVISOR],
         ThreadRole::UblkQueue => &[RUNTIME, UBLK_QUEUE],
@@ -511,7 +527,8 @@ mod tests {
         );
     }
 
-    const ALL_ROLES: [ThreadRole; 14] = [
+    const ALL_ROLES: [ThreadRole; 15] = [
+        ThreadRole::FuseRing,
         ThreadRole::VersionsMapper,
         ThreadRole::VhostUserControl,
         ThreadRole::DaxWatcher,
@@ -730,6 +747,33 @@ mod tests {
             &[BLKDISCARD, BLKZEROOUT],
             "BLKDISCARD and BLKZEROOUT only"
         );
+    }
+
+    #[test]
+    fn fuse_ring_threads_may_enter_their_ring_but_not_make_one() {
+        let ring = allowed_syscalls(ThreadRole::FuseRing);
+        let worker = allowed_syscalls(ThreadRole::FuseWorker);
+        assert!(ring.contains(&libc::SYS_io_uring_enter));
+        for nr in &worker {
+            assert!(
+                ring.contains(nr),
+                "a FUSE ring thread lacks the worker's {nr}"
+            );
+        }
+        assert_eq!(ring.len(), worker.len() + 1, "io_uring_enter only");
+        for nr in [
+            libc::SYS_io_uring_setup,
+            libc::SYS_io_uring_register,
+            libc::SYS_sched_setaffinity,
+            libc::SYS_ioctl,
+        ] {
+            assert!(!ring.contains(&nr), "a FUSE ring thread may call {nr}");
+        }
+        // The main filter, which every thread inherits, never allows setting up a ring.
+        let main = allowed_syscalls(ThreadRole::Main);
+        assert!(main.contains(&libc::SYS_io_uring_enter));
+        assert!(!main.contains(&libc::SYS_io_uring_setup));
+        assert!(!main.contains(&libc::SYS_io_uring_register));
     }
 
     #[test]

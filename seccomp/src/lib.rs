@@ -6,6 +6,9 @@
 //!    newuidmap/newgidmap).
 //!    Afterwards the shared directory is reachable as [`SandboxOutcome::root_dir`] and
 //!    `/proc/self/fd` only through [`SandboxOutcome::proc_self_fd`] (namespace and chroot modes).
+//!    A root of several host paths ([`SandboxRoot::Paths`], namespace mode) keeps each at its
+//!    own path, for a process that goes on opening files by path (an image's cache engine, a
+//!    volume).
 //!    Descriptors opened before (the vhost-user listener given with `--fd`, `/dev/fuse`) stay open
 //!    in the process that serves; the waiting parent of the namespace mode closes its copies.
 //! 3. Open the filesystem (root directory, `/proc/self/fd`), the socket and `/dev/fuse`.
@@ -38,6 +41,6 @@ pub use crate::filter::{allowed_syscalls, install_filter, SeccompAction, ThreadR
 pub use crate::rlimit::set_rlimit_nofile;
 pub use crate::sandbox::{
     check_id_maps, cloexec_pipe, close_all_but, enter_sandbox, id_maps_need_helper, IdMap,
-    SandboxConfig, SandboxMode, SandboxOutcome,
+    SandboxConfig, SandboxMode, SandboxOutcome, SandboxPath, SandboxRoot,
 };
 pub use ::caps::Capability;

@@ -10,7 +10,7 @@
 //! * `chroot`: keeps a descriptor to `/proc/self/fd`, then chroots into the shared directory.
 //! * `none`: nothing.
 
-use std::ffi::{CStr, CString};
+use std::ffi::{CStr, CString, OsStr};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -171,13 +171,38 @@ pub fn check_id_maps(maps: &[IdMap], option: &'static str) -> Result<(), Error> 
     Ok(())
 }
 
+/// A host path kept in a [`SandboxRoot::Paths`] root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxPath {
+    /// The path (absolute; a directory or a file, which must exist). It appears at the same
+    /// path inside; a symbolic link is followed to what it names.
+    pub path: PathBuf,
+    /// Whether the process may change what is below it (else it is mounted read-only).
+    pub writable: bool,
+}
+
+/// What becomes the root of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SandboxRoot {
+    /// This directory becomes `/` (the shared directory of the filesystem daemons).
+    Dir(PathBuf),
+    /// A new, empty and read-only root holding only these host paths, each bind-mounted at
+    /// its own absolute path, so that a path named before the sandbox names the same file
+    /// inside it (for a process that keeps opening files by path in several places, as a
+    /// cache engine does). Namespace mode only.
+    Paths(Vec<SandboxPath>),
+}
+
 /// What [`enter_sandbox`] needs.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
     /// The confinement.
     pub mode: SandboxMode,
-    /// The shared directory, which becomes the root in `namespace` and `chroot` modes.
-    pub shared_dir: PathBuf,
+    /// What becomes the root in `namespace` and `chroot` modes.
+    pub root: SandboxRoot,
+    /// Namespace mode: stay in the host's network namespace (a process that fetches over the
+    /// network) instead of an empty one of its own.
+    pub keep_network: bool,
     /// User namespace uid maps (namespace mode, unprivileged only; see [`IdMap`]). Empty: inside
     /// 0 maps to the current euid.
     pub uid_map: Vec<IdMap>,
@@ -191,7 +216,8 @@ pub struct SandboxConfig {
 /// Where the sandboxed process finds what it serves.
 #[derive(Debug)]
 pub struct SandboxOutcome {
-    /// The path of the shared directory from now on: `/` when sandboxed, else unchanged.
+    /// The path of the shared directory from now on: `/` when sandboxed, else unchanged
+    /// (always `/` for a [`SandboxRoot::Paths`] root, whose paths keep their names).
     pub root_dir: PathBuf,
     /// An `O_PATH` descriptor of this process's `/proc/self/fd`, opened before the root
     /// changed (namespace and chroot modes; `/proc` is not reachable by path afterwards).
@@ -306,25 +332,38 @@ pub fn enter_sandbox(cfg: &SandboxConfig) -> Result<SandboxOutcome, Error> {
     }
     if cfg.mode == SandboxMode::None {
         return Ok(SandboxOutcome {
-            root_dir: cfg.shared_dir.clone(),
+            root_dir: match &cfg.root {
+                SandboxRoot::Dir(dir) => dir.clone(),
+                SandboxRoot::Paths(_) => PathBuf::from("/"),
+            },
             proc_self_fd: None,
             proc_self_fdinfo: None,
             in_pid_namespace: false,
         });
     }
-    let shared_dir = cfg
-        .shared_dir
-        .canonicalize()
-        .map_err(|source| Error::SharedDir {
-            path: cfg.shared_dir.clone(),
-            source,
-        })?;
-    if !shared_dir.is_dir() {
-        return Err(Error::SharedDir {
-            path: shared_dir,
-            source: io::Error::from_raw_os_error(libc::ENOTDIR),
-        });
-    }
+    let new_root = match &cfg.root {
+        SandboxRoot::Dir(dir) => {
+            let shared_dir = dir.canonicalize().map_err(|source| Error::SharedDir {
+                path: dir.clone(),
+                source,
+            })?;
+            if !shared_dir.is_dir() {
+                return Err(Error::SharedDir {
+                    path: shared_dir,
+                    source: io::Error::from_raw_os_error(libc::ENOTDIR),
+                });
+            }
+            NewRoot::Dir(shared_dir)
+        }
+        SandboxRoot::Paths(paths) => {
+            if cfg.mode != SandboxMode::Namespace {
+                return Err(Error::SandboxNotPermitted(
+                    "a root made of several paths needs the namespace sandbox (--sandbox namespace)",
+                ));
+            }
+            NewRoot::Binds(plan_binds(paths)?)
+        }
+    };
     if root {
         // Root may switch to any guest uid/gid; supplementary groups of the launcher must not
         // tag along into those identities.
@@ -333,11 +372,69 @@ pub fn enter_sandbox(cfg: &SandboxConfig) -> Result<SandboxOutcome, Error> {
             libc::setgroups(0, std::ptr::null())
         })?;
     }
-    match cfg.mode {
-        SandboxMode::Chroot => enter_chroot(&shared_dir),
-        SandboxMode::Namespace => enter_namespaces(cfg, &shared_dir, root),
-        SandboxMode::None => unreachable!("handled above"),
+    match (cfg.mode, &new_root) {
+        (SandboxMode::Chroot, NewRoot::Dir(shared_dir)) => enter_chroot(shared_dir),
+        (SandboxMode::Namespace, _) => enter_namespaces(cfg, &new_root, root),
+        _ => unreachable!("refused above"),
     }
+}
+
+/// The root [`enter_sandbox`] builds, its paths checked and made canonical.
+enum NewRoot {
+    /// Pivot into this directory.
+    Dir(PathBuf),
+    /// A tmpfs holding these binds, in mounting order.
+    Binds(Vec<Bind>),
+}
+
+/// One bind mount of a [`SandboxRoot::Paths`] root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Bind {
+    /// What is mounted (the canonical host path).
+    source: PathBuf,
+    /// Where, inside the new root (the path as given, absolute and without `..`).
+    target: PathBuf,
+    writable: bool,
+    dir: bool,
+}
+
+/// Checks `paths` and orders them for mounting: each bind's source exists, its target is
+/// absolute and outside /proc (where the root is assembled), one target is mounted once
+/// (writable if any of its entries is), and a path comes after the paths it is below.
+fn plan_binds(paths: &[SandboxPath]) -> Result<Vec<Bind>, Error> {
+    let mut binds: Vec<Bind> = Vec::new();
+    for entry in paths {
+        let invalid = |source: io::Error| Error::SharedDir {
+            path: entry.path.clone(),
+            source,
+        };
+        let target = &entry.path;
+        if !target.is_absolute()
+            || target.starts_with("/proc")
+            || target
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(invalid(io::Error::from_raw_os_error(libc::EINVAL)));
+        }
+        let source = target.canonicalize().map_err(invalid)?;
+        if source.starts_with("/proc") {
+            return Err(invalid(io::Error::from_raw_os_error(libc::EINVAL)));
+        }
+        let dir = source.is_dir();
+        let target: PathBuf = target.components().collect();
+        match binds.iter_mut().find(|b| b.target == target) {
+            Some(bind) => bind.writable |= entry.writable,
+            None => binds.push(Bind {
+                source,
+                target,
+                writable: entry.writable,
+                dir,
+            }),
+        }
+    }
+    binds.sort_by_key(|b| b.target.components().count());
+    Ok(binds)
 }
 
 fn enter_chroot(shared_dir: &Path) -> Result<SandboxOutcome, Error> {
@@ -776,10 +873,13 @@ fn become_inside_ids(uid_plan: &IdMapPlan, gid_plan: &IdMapPlan) -> Result<(), E
 
 fn enter_namespaces(
     cfg: &SandboxConfig,
-    shared_dir: &Path,
+    new_root: &NewRoot,
     root: bool,
 ) -> Result<SandboxOutcome, Error> {
-    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWNET;
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID;
+    if !cfg.keep_network {
+        flags |= libc::CLONE_NEWNET;
+    }
     let plans = if root {
         None
     } else {
@@ -822,7 +922,7 @@ fn enter_namespaces(
     })?;
     // (The parent lives outside this pid namespace, so getppid() reads 0 either way and
     // cannot tell whether it died in the instant before the prctl.)
-    let (proc_self_fd, proc_self_fdinfo) = setup_mounts(shared_dir)?;
+    let (proc_self_fd, proc_self_fdinfo) = setup_mounts(new_root)?;
     Ok(SandboxOutcome {
         root_dir: PathBuf::from("/"),
         proc_self_fd: Some(proc_self_fd),
@@ -833,7 +933,7 @@ fn enter_namespaces(
 
 /// Builds the child's filesystem view; returns the `/proc/self/fd` descriptor and, where the
 /// kernel can clone a mount without a mount point, a `/proc/self/fdinfo` one.
-fn setup_mounts(shared_dir: &Path) -> Result<(OwnedFd, Option<OwnedFd>), Error> {
+fn setup_mounts(new_root: &NewRoot) -> Result<(OwnedFd, Option<OwnedFd>), Error> {
     // Nothing done from here on may propagate back to the host's mount namespace, while host
     // mounts appearing under the shared directory still propagate in.
     mount(
@@ -870,21 +970,30 @@ fn setup_mounts(shared_dir: &Path) -> Result<(OwnedFd, Option<OwnedFd>), Error> 
         libc::O_PATH | libc::O_DIRECTORY,
     )?;
 
-    if shared_dir == Path::new("/") {
-        // Already the root: there is nothing to pivot into.
-        return Ok((proc_self_fd, proc_self_fdinfo));
-    }
-    let dir = cstring(shared_dir)?;
-    // pivot_root needs the new root to be a mount point.
-    mount(
-        "bind-mounting the shared directory",
-        Some(&dir),
-        &dir,
-        None,
-        libc::MS_BIND | libc::MS_REC,
-    )?;
+    let dir = match new_root {
+        NewRoot::Dir(shared_dir) if shared_dir == Path::new("/") => {
+            // Already the root: there is nothing to pivot into.
+            return Ok((proc_self_fd, proc_self_fdinfo));
+        }
+        NewRoot::Dir(shared_dir) => {
+            let dir = cstring(shared_dir)?;
+            // pivot_root needs the new root to be a mount point.
+            mount(
+                "bind-mounting the shared directory",
+                Some(&dir),
+                &dir,
+                None,
+                libc::MS_BIND | libc::MS_REC,
+            )?;
+            dir
+        }
+        NewRoot::Binds(binds) => {
+            assemble_root(binds)?;
+            CString::from(ASSEMBLY_POINT)
+        }
+    };
     // SAFETY: `dir` is NUL-terminated.
-    check("chdir to the shared directory", unsafe {
+    check("chdir to the new root", unsafe {
         libc::chdir(dir.as_ptr())
     })?;
     // pivot_root(".", ".") stacks the old root on top of the new one, so unmounting "." then
@@ -902,7 +1011,98 @@ fn setup_mounts(shared_dir: &Path) -> Result<(OwnedFd, Option<OwnedFd>), Error> 
     check("chdir to the new root", unsafe {
         libc::chdir(c"/".as_ptr())
     })?;
+    if matches!(new_root, NewRoot::Binds(_)) {
+        // Nothing can be created in the root itself, only below the writable binds.
+        mount(
+            "making the new root read-only",
+            None,
+            c"/",
+            None,
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | TMPFS_FLAGS,
+        )?;
+    }
     Ok((proc_self_fd, proc_self_fdinfo))
+}
+
+/// Where a [`SandboxRoot::Paths`] root is put together: the /proc mount point, which by then
+/// holds only this process's fd directory (the descriptor to it is open) and which no
+/// bind's source can be below, so that every source is still reachable by its host path.
+const ASSEMBLY_POINT: &CStr = c"/proc";
+
+/// The flags of the new root's tmpfs.
+const TMPFS_FLAGS: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+
+/// The mount flags a bind of `path` must keep when remounted (a user namespace may not drop
+/// the ones its mounts were given by the host).
+fn locked_flags(path: &CStr) -> Result<libc::c_ulong, Error> {
+    // SAFETY: an all-zero statvfs is a valid out value.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `stat` a valid out pointer.
+    check("statvfs of a bind", unsafe {
+        libc::statvfs(path.as_ptr(), &mut stat)
+    })?;
+    let mut flags = 0;
+    for (st, ms) in [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ] {
+        if stat.f_flag & st != 0 {
+            flags |= ms;
+        }
+    }
+    Ok(flags)
+}
+
+/// Mounts a tmpfs on [`ASSEMBLY_POINT`] and bind-mounts each of `binds` into it at its
+/// target path, creating the directories (and, for a file, the empty file) it is mounted on.
+fn assemble_root(binds: &[Bind]) -> Result<(), Error> {
+    mount(
+        "mounting the new root's tmpfs",
+        Some(c"tmpfs"),
+        ASSEMBLY_POINT,
+        Some(c"tmpfs"),
+        TMPFS_FLAGS,
+    )?;
+    let base = Path::new(OsStr::from_bytes(ASSEMBLY_POINT.to_bytes()));
+    for bind in binds {
+        let relative = bind.target.strip_prefix("/").unwrap_or(&bind.target);
+        let at = base.join(relative);
+        // A target below an earlier bind already exists there (its source does); anything
+        // else is created in the tmpfs.
+        if !at.exists() {
+            let made = if bind.dir {
+                std::fs::create_dir_all(&at)
+            } else {
+                at.parent()
+                    .map_or(Ok(()), std::fs::create_dir_all)
+                    .and_then(|()| File::create(&at).map(drop))
+            };
+            made.map_err(sys_error("creating a bind's mount point"))?;
+        }
+        let (source, at) = (cstring(&bind.source)?, cstring(&at)?);
+        mount(
+            "bind-mounting a path into the new root",
+            Some(&source),
+            &at,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+        )?;
+        if !bind.writable {
+            let flags = locked_flags(&at)?;
+            mount(
+                "making a bind read-only",
+                None,
+                &at,
+                None,
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | flags,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// The namespace mode's parent: waits for the serving child and mirrors its end.
@@ -1037,7 +1237,8 @@ mod tests {
     fn none_mode_changes_nothing() {
         let cfg = SandboxConfig {
             mode: SandboxMode::None,
-            shared_dir: PathBuf::from("/nonexistent/dir"),
+            root: SandboxRoot::Dir(PathBuf::from("/nonexistent/dir")),
+            keep_network: false,
             uid_map: Vec::new(),
             gid_map: Vec::new(),
             supervisor_seccomp: SeccompAction::None,
@@ -1057,13 +1258,63 @@ mod tests {
         }];
         let cfg = SandboxConfig {
             mode: SandboxMode::Chroot,
-            shared_dir: PathBuf::from("/"),
+            root: SandboxRoot::Dir(PathBuf::from("/")),
+            keep_network: false,
             uid_map: map,
             gid_map: Vec::new(),
             supervisor_seccomp: SeccompAction::None,
         };
         let err = enter_sandbox(&cfg).unwrap_err().to_string();
         assert!(err.contains("uid/gid maps"), "{err}");
+    }
+
+    #[test]
+    fn binds_are_merged_and_ordered_parents_first_and_bad_paths_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(base.join("a/b")).unwrap();
+        std::fs::write(base.join("a/file"), b"x").unwrap();
+        let path = |rel: &str, writable| SandboxPath {
+            path: base.join(rel),
+            writable,
+        };
+        let binds = plan_binds(&[
+            path("a/b", false),
+            path("a/file", false),
+            path("a", false),
+            path("a/b", true),
+        ])
+        .unwrap();
+        let order: Vec<_> = binds
+            .iter()
+            .map(|b| {
+                (
+                    b.target.strip_prefix(&base).unwrap().to_owned(),
+                    b.writable,
+                    b.dir,
+                )
+            })
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                (PathBuf::from("a"), false, true),
+                (PathBuf::from("a/b"), true, true),
+                (PathBuf::from("a/file"), false, false),
+            ]
+        );
+        for bad in [
+            PathBuf::from("relative/dir"),
+            PathBuf::from("/proc/self"),
+            base.join("a/../a"),
+            base.join("missing"),
+        ] {
+            let entry = SandboxPath {
+                path: bad.clone(),
+                writable: false,
+            };
+            assert!(plan_binds(&[entry]).is_err(), "{} accepted", bad.display());
+        }
     }
 
     fn map(inside: u32, outside: u32, count: u32) -> IdMap {

@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 
 use berth_seccomp::{
     drop_capabilities, enter_sandbox, install_filter, CapsNeeded, SandboxConfig, SandboxMode,
-    SeccompAction, ThreadRole,
+    SandboxOutcome, SandboxPath, SandboxRoot, SeccompAction, ThreadRole,
 };
 
 const SCENARIO_ENV: &str = "BERTH_SECCOMP_SCENARIO";
@@ -161,23 +161,14 @@ fn scenario_child() {
         }
         "namespace" | "chroot" => {
             let dir = shared_dir.expect("shared dir");
+            let host_net = std::fs::File::open("/proc/self/ns/net").unwrap();
             let (read_end, write_end) = pipe();
             let mode = if scenario == "namespace" {
                 SandboxMode::Namespace
             } else {
                 SandboxMode::Chroot
             };
-            let outcome = enter_sandbox(&SandboxConfig {
-                mode,
-                shared_dir: dir,
-                uid_map: Vec::new(),
-                gid_map: Vec::new(),
-                supervisor_seccomp: SeccompAction::None,
-            })
-            .expect("enter sandbox");
-            // SAFETY: getpid has no preconditions.
-            say(&format!("pid={}", unsafe { libc::getpid() }));
-            say(&format!("root_dir={}", outcome.root_dir.display()));
+            let outcome = enter_sandbox_and_say_where(mode, SandboxRoot::Dir(dir), false);
             say(&format!("marker={}", Path::new("/marker").exists()));
             say(&format!("host_etc={}", Path::new("/etc/passwd").exists()));
             // A descriptor from before the sandbox still works.
@@ -219,6 +210,35 @@ fn scenario_child() {
                 open_in_fdinfo("../status").is_some()
             ));
             say(&format!("interfaces={}", interfaces().join(",")));
+            say(&format!("same_net={}", same_net_namespace(&host_net)));
+            std::process::exit(SANDBOX_EXIT);
+        }
+        "paths" => {
+            // A root of two binds below the fixture: `ro` read-only, `rw` writable.
+            let dir = shared_dir.expect("shared dir");
+            let host_net = std::fs::File::open("/proc/self/ns/net").unwrap();
+            let root = SandboxRoot::Paths(vec![
+                SandboxPath {
+                    path: dir.join("ro"),
+                    writable: false,
+                },
+                SandboxPath {
+                    path: dir.join("rw"),
+                    writable: true,
+                },
+            ]);
+            let _outcome = enter_sandbox_and_say_where(SandboxMode::Namespace, root, true);
+            say(&format!("ro_marker={}", dir.join("ro/marker").exists()));
+            say(&format!("outside={}", dir.join("outside").exists()));
+            say(&format!("host_etc={}", Path::new("/etc/passwd").exists()));
+            let write = |path: PathBuf| match std::fs::write(path, b"y") {
+                Ok(()) => "ok".to_string(),
+                Err(e) => format!("{:?}", e.raw_os_error()),
+            };
+            say(&format!("ro_write={}", write(dir.join("ro/new"))));
+            say(&format!("rw_write={}", write(dir.join("rw/new"))));
+            say(&format!("root_write={}", write(PathBuf::from("/new"))));
+            say(&format!("same_net={}", same_net_namespace(&host_net)));
             std::process::exit(SANDBOX_EXIT);
         }
         "caps" => {
@@ -240,6 +260,28 @@ fn scenario_child() {
 
 /// Creates, writes, reads, links, renames, lists and removes entries under `dir` with the
 /// *at system calls; returns how many entries the listing saw.
+/// Enters a sandbox of `mode` at `root` (no id maps, no supervisor filter), then says the
+/// pid it has inside and the root directory it was given.
+fn enter_sandbox_and_say_where(
+    mode: SandboxMode,
+    root: SandboxRoot,
+    keep_network: bool,
+) -> SandboxOutcome {
+    let outcome = enter_sandbox(&SandboxConfig {
+        mode,
+        root,
+        keep_network,
+        uid_map: Vec::new(),
+        gid_map: Vec::new(),
+        supervisor_seccomp: SeccompAction::None,
+    })
+    .expect("enter sandbox");
+    // SAFETY: getpid has no preconditions.
+    say(&format!("pid={}", unsafe { libc::getpid() }));
+    say(&format!("root_dir={}", outcome.root_dir.display()));
+    outcome
+}
+
 fn at_work(dir: libc::c_int) -> usize {
     let check = |what: &str, ret: libc::c_int| {
         assert!(ret >= 0, "{what}: {}", std::io::Error::last_os_error());
@@ -330,6 +372,29 @@ fn pipe() -> (OwnedFd, OwnedFd) {
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
     // SAFETY: both were just created and are owned by nobody else.
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// Whether this process is in the network namespace `ns` (a descriptor of a
+/// `/proc/PID/ns/net`), found through a socket's namespace (/proc may be out of reach).
+fn same_net_namespace(ns: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    /// SIOCGSKNS: a descriptor of a socket's network namespace.
+    const SIOCGSKNS: libc::c_ulong = 0x894C;
+    // SAFETY: a plain socket call; the result is checked.
+    let socket = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(socket >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: `socket` was just opened and is owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(socket) };
+    // SAFETY: SIOCGSKNS takes no argument and returns a new descriptor, checked below.
+    let current = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCGSKNS as _) };
+    assert!(
+        current >= 0,
+        "SIOCGSKNS: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a descriptor just returned by the kernel, owned by nothing else.
+    let current = unsafe { std::fs::File::from_raw_fd(current) };
+    current.metadata().unwrap().ino() == ns.metadata().unwrap().ino()
 }
 
 fn interfaces() -> Vec<String> {
@@ -498,6 +563,7 @@ fn namespace_sandbox_makes_the_shared_dir_root_in_new_namespaces() {
         "fdinfo=true",
         "fdinfo_up=false",
         "interfaces=lo\n",
+        "same_net=false",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in {out}");
     }
@@ -507,6 +573,49 @@ fn namespace_sandbox_makes_the_shared_dir_root_in_new_namespaces() {
         !mounts.contains(dir.path().to_str().unwrap()),
         "mount leaked"
     );
+}
+
+#[test]
+fn a_root_of_paths_holds_them_at_their_own_paths_read_only_where_asked() {
+    if !is_root() {
+        skip_or_fail(
+            "a_root_of_paths_holds_them_at_their_own_paths_read_only_where_asked",
+            "needs root (serve-vhost's image test runs the same root unprivileged too)",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().canonicalize().unwrap();
+    for sub in ["ro", "rw"] {
+        std::fs::create_dir(base.join(sub)).unwrap();
+    }
+    std::fs::write(base.join("ro/marker"), b"x").unwrap();
+    std::fs::write(base.join("outside"), b"x").unwrap();
+    let output = run_scenario("paths", Some(&base));
+    let out = stdout(&output);
+    assert_eq!(output.status.code(), Some(SANDBOX_EXIT), "{output:?}");
+    let erofs = format!("Some({})", libc::EROFS);
+    for expected in [
+        "pid=1".to_string(),
+        "root_dir=/".into(),
+        "ro_marker=true".into(),
+        "outside=false".into(),
+        "host_etc=false".into(),
+        format!("ro_write={erofs}"),
+        "rw_write=ok".into(),
+        format!("root_write={erofs}"),
+    ] {
+        assert!(out.contains(&expected), "missing {expected:?} in {out}");
+    }
+    // The host's network is kept (a fresh namespace otherwise, as the next test shows).
+    assert!(out.contains("same_net=true"), "{out}");
+    assert!(
+        base.join("rw/new").is_file(),
+        "the writable bind is the host directory"
+    );
+    assert!(!base.join("ro/new").exists());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(base.to_str().unwrap()), "mount leaked");
 }
 
 #[test]

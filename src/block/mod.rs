@@ -22,6 +22,7 @@ use berth_seccomp::{SeccompAction, ThreadRole};
 use serde_json::json;
 use tracing::{error, info, warn};
 
+use crate::metrics_file::{merge_families, MetricsFile, MetricsWriter};
 use crate::shutdown::{signal_name, TerminationSignals};
 use crate::volume::{
     check_volume_served_writable, is_volume_spec, open_volume, VolumeServeSettings,
@@ -284,8 +285,8 @@ struct Served {
     counters: Arc<UblkCounters>,
 }
 
-/// Writes every device's and engine's metrics into `path`, atomically.
-fn write_metrics(path: &Path, devices: &[Arc<Served>], engines: &Engines) {
+/// Every device's, volume's and engine's metrics, as one exposition.
+fn render_metrics(devices: &[Arc<Served>], engines: &Engines) -> String {
     let mut text = String::new();
     for (i, device) in devices.iter().enumerate() {
         let name = device
@@ -306,27 +307,14 @@ fn write_metrics(path: &Path, devices: &[Arc<Served>], engines: &Engines) {
         text.push_str(&format!(
             "berth_block_ublk_manual_registrations_total{{device=\"{name}\"}} {manual}\n"
         ));
-    }
-    let mut first_volume = true;
-    for device in devices {
         if let Some(volume) = &device.volume {
-            let name = device
-                .name
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            volume.render_metrics(&name, first_volume, &mut text);
-            first_volume = false;
+            volume.render_metrics(&name, true, &mut text);
         }
     }
     for engine in engines.all() {
         text.push_str(&engine.render_prometheus());
     }
-    let tmp = path.with_extension("tmp");
-    let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(err) = written {
-        warn!("cannot write the metrics file {}: {err}", path.display());
-    }
+    merge_families(&text)
 }
 
 fn transport_for(arg: TransportArg) -> anyhow::Result<Transport> {
@@ -357,6 +345,7 @@ fn serve_devices(
     seccomp: SeccompAction,
     signals: TerminationSignals,
 ) -> anyhow::Result<()> {
+    let metrics_file = metrics_file.as_deref().map(MetricsFile::open).transpose()?;
     // Queue threads keep no capabilities and only their role's system calls.
     let confine = QueueThreadSetup(Arc::new(move |_queue| {
         berth_seccomp::drop_thread_capabilities().map_err(|e| e.to_string())?;
@@ -475,24 +464,16 @@ fn serve_devices(
         }
         threads.push(thread);
     }
-    let metrics_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let metrics_thread = metrics_file.clone().map(|path| {
-        let served = served.clone();
-        let engines = engines.clone();
-        let stop = metrics_stop.clone();
-        std::thread::spawn(move || {
-            let step = Duration::from_millis(100);
-            let mut waited = Duration::ZERO;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                if waited >= metrics_interval || waited.is_zero() {
-                    write_metrics(&path, &served, &engines);
-                    waited = Duration::ZERO;
-                }
-                std::thread::sleep(step);
-                waited += step;
-            }
-        })
-    });
+    let metrics_writer = match metrics_file {
+        Some(file) => {
+            let served = served.clone();
+            let engines = engines.clone();
+            Some(MetricsWriter::start(file, metrics_interval, move || {
+                render_metrics(&served, &engines)
+            })?)
+        }
+        None => None,
+    };
     let mut failures = 0;
     for thread in threads {
         match thread.join() {
@@ -504,13 +485,8 @@ fn serve_devices(
             Err(_) => failures += 1,
         }
     }
-    metrics_stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    if let Some(thread) = metrics_thread {
-        let _ = thread.join();
-    }
-    if let Some(path) = &metrics_file {
-        write_metrics(path, &served, &engines);
-    }
+    // The last write of the metrics file, with every request counted.
+    drop(metrics_writer);
     // Overlays commit and close cleanly as their targets drop here.
     drop(served);
     if failures > 0 {

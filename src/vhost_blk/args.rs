@@ -58,9 +58,10 @@ pub struct ServeVhostArgs {
     pub serial: Option<String>,
 
     /// How the process confines itself once the target is open: `namespace` (new mount, pid
-    /// and network namespaces with the target's directory as the root), `chroot` (root
-    /// only), or `none`. An image is served without one: it opens its cache's chunk files
-    /// by path and may fetch them over the network.
+    /// and network namespaces with the target's directory as the root; for an image, a root
+    /// holding only its cache, its directory, a local backend's and the overlay's; for a
+    /// volume, its --volume-dir and a file:// bucket's directory; the host's network kept for
+    /// S3 or HTTP), `chroot` (root only; files and block devices only), or `none`.
     #[arg(long, value_name = "MODE", default_value = "namespace", value_parser = parse_sandbox)]
     pub sandbox: berth_seccomp::SandboxMode,
 

@@ -3,13 +3,16 @@
 //!
 //! Every queue is a request queue with a worker thread of its own from vhost-user-backend
 //! (one bit per thread in `queues_per_thread`); requests are served inline on it, so queues
-//! never wait for each other. Before any frontend connects, each queue thread drops its
+//! never wait for each other. A FLUSH waits until the thread has served what else it found
+//! on the ring, and the FLUSHes gathered so are answered by one flush of the target (each
+//! covers the writes completed before it was made, which all completed before that flush).
+//! Before any frontend connects, each queue thread drops its
 //! capabilities and installs the vhost-user-blk queue filter; the control thread installs
 //! the control filter on its first message.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -28,7 +31,7 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::QueueT;
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -38,7 +41,8 @@ use vmm_sys_util::event::{
 use crate::vring_events::{self, handle_queue_event, Drained, QueueConfinement, QueueThreads};
 
 use super::request::{
-    serve_chain, BlkMemory, RequestPolicy, MAX_RANGES, MAX_RANGE_SECTORS, SECTOR_SIZE,
+    serve_chain_with, Answered, BlkMemory, FlushMode, RequestPolicy, MAX_RANGES, MAX_RANGE_SECTORS,
+    SECTOR_SIZE,
 };
 
 /// Name of the thread vhost-user-backend runs the control messages on.
@@ -63,7 +67,16 @@ pub struct BlkOptions {
     pub seccomp: SeccompAction,
     /// Where served requests are counted (transport `vhost-user`).
     pub metrics: Arc<DeviceMetrics>,
+    /// Flushes of the target made for FLUSH requests (one answers every FLUSH gathered).
+    pub flush_syncs: Arc<AtomicU64>,
 }
+
+/// At most this many other requests are served while a FLUSH waits for the ring to empty,
+/// so that a guest that keeps the ring full still sees its FLUSHes answered.
+const MAX_SERVED_BEHIND_FLUSH: usize = 256;
+
+/// FLUSH chains taken off a queue and not answered yet, with when each was taken.
+type PendingFlushes<M> = Vec<(DescriptorChain<M>, Instant)>;
 
 /// berth's vhost-user-blk backend.
 pub struct BlkBackend {
@@ -197,27 +210,53 @@ impl QueueThreads for BlkBackend {
             }
         }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        // FLUSHes are gathered while the ring holds requests, and answered together by one
+        // flush of the target once it is empty (or after MAX_SERVED_BEHIND_FLUSH others):
+        // a FLUSH covers the writes completed before it was made, all of which completed
+        // before it was taken off the ring, so before that one flush.
+        let mut pending: PendingFlushes<_> = Vec::new();
+        let mut served_behind = 0usize;
         vring_events::drain_queue(queue, vring, event_idx, || loop {
-            let chain = {
+            let popped = {
                 let mut state = vring.get_mut();
                 let queue = state.get_queue_mut();
-                if !queue.ready() {
-                    return Drained::Stopped;
-                }
-                queue.pop_descriptor_chain(mem.clone())
+                queue
+                    .ready()
+                    .then(|| queue.pop_descriptor_chain(mem.clone()))
             };
-            let Some(chain) = chain else {
-                return Drained::Empty;
+            let chain = match popped {
+                Some(Some(chain)) => chain,
+                Some(None) | None => {
+                    let ready = popped.is_some();
+                    if !pending.is_empty() {
+                        self.answer_flushes(queue, vring, &mem, &mut pending, event_idx);
+                        served_behind = 0;
+                        if ready {
+                            // Requests made meanwhile are served, their FLUSHes gathered.
+                            continue;
+                        }
+                    }
+                    return if ready {
+                        Drained::Empty
+                    } else {
+                        Drained::Stopped
+                    };
+                }
             };
             let head = chain.head_index();
             let started = Instant::now();
-            let answered = serve_chain(self.target.as_ref(), &self.policy, &chain, &mem);
-            if let Some((op, bytes)) = answered.metered {
-                let ok = answered.status == Some(VIRTIO_BLK_S_OK as u8);
-                self.options
-                    .metrics
-                    .record(op, bytes, ok, started.elapsed());
+            let answered = serve_chain_with(
+                self.target.as_ref(),
+                &self.policy,
+                &chain,
+                &mem,
+                FlushMode::Defer,
+            );
+            if answered.deferred {
+                pending.push((chain, started));
+                continue;
             }
+            self.record(&answered, started);
             complete(
                 queue,
                 &mut vring.get_mut(),
@@ -225,7 +264,58 @@ impl QueueThreads for BlkBackend {
                 answered.used_len,
                 event_idx,
             );
+            if !pending.is_empty() {
+                served_behind += 1;
+                if served_behind >= MAX_SERVED_BEHIND_FLUSH {
+                    self.answer_flushes(queue, vring, &mem, &mut pending, event_idx);
+                    served_behind = 0;
+                }
+            }
         });
+    }
+}
+
+impl BlkBackend {
+    fn record(&self, answered: &Answered, started: Instant) {
+        if let Some((op, bytes)) = answered.metered {
+            let ok = answered.status == Some(VIRTIO_BLK_S_OK as u8);
+            self.options
+                .metrics
+                .record(op, bytes, ok, started.elapsed());
+        }
+    }
+
+    /// Flushes the target once and answers every FLUSH in `pending` with its outcome.
+    fn answer_flushes<M>(
+        &self,
+        queue: usize,
+        vring: &Vring,
+        mem: &M,
+        pending: &mut PendingFlushes<M>,
+        event_idx: bool,
+    ) where
+        M: std::ops::Deref<Target = BlkMemory> + Clone,
+    {
+        let outcome =
+            berth_blockdev::target::flush(self.target.as_ref()).map_err(|e| format!("{e:#}"));
+        self.options.flush_syncs.fetch_add(1, Ordering::Relaxed);
+        for (chain, started) in pending.drain(..) {
+            let answered = serve_chain_with(
+                self.target.as_ref(),
+                &self.policy,
+                &chain,
+                mem,
+                FlushMode::Done(&outcome),
+            );
+            self.record(&answered, started);
+            complete(
+                queue,
+                &mut vring.get_mut(),
+                chain.head_index(),
+                answered.used_len,
+                event_idx,
+            );
+        }
     }
 }
 
@@ -470,6 +560,7 @@ mod tests {
                 serial: "s".into(),
                 seccomp: SeccompAction::None,
                 metrics: Arc::new(DeviceMetrics::new("vhost-user")),
+                flush_syncs: Arc::default(),
             },
         )
         .unwrap();

@@ -87,6 +87,20 @@ pub struct Answered {
     /// For the device's metrics: the block operation and the bytes it covered (`None` for
     /// GET_ID, unknown types and chains too malformed to have a type).
     pub metered: Option<(Op, u64)>,
+    /// A well-formed FLUSH left for later ([`FlushMode::Defer`]): nothing was done or written;
+    /// serve the chain again with [`FlushMode::Done`] once the target has been flushed.
+    pub deferred: bool,
+}
+
+/// What [`serve_chain_with`] does with a FLUSH.
+#[derive(Debug, Clone, Copy)]
+pub enum FlushMode<'r> {
+    /// Leaves a well-formed FLUSH untouched and answers it as `deferred` (a malformed one is
+    /// answered with its error at once).
+    Defer,
+    /// The target was flushed after the FLUSH was taken off the ring, with this outcome:
+    /// answers it with that.
+    Done(&'r Result<(), String>),
 }
 
 /// The block operation of a virtio-blk request type, for metrics.
@@ -351,13 +365,14 @@ fn sector_offset(sector: u64) -> Result<u64, Failure> {
         .ok_or_else(|| Failure::Io(format!("sector {sector} is beyond any device")))
 }
 
-/// Serves the request in `chain` against `target` and writes its status byte. Never panics
-/// on what the guest put in the chain.
-pub fn serve_chain<M>(
+/// Serves the request in `chain` against `target` and writes its status byte, a FLUSH as
+/// `flush` says. Never panics on what the guest put in the chain.
+pub fn serve_chain_with<M>(
     target: &dyn BlockTarget,
     policy: &RequestPolicy,
     chain: &DescriptorChain<M>,
     mem: &BlkMemory,
+    flush: FlushMode<'_>,
 ) -> Answered
 where
     M: Deref + Clone,
@@ -380,6 +395,21 @@ where
         (None, Some(_)) if buffers.writable_len == 0 => Err(Failure::Io(
             "the chain has no device-writable status byte".into(),
         )),
+        (None, Some(VIRTIO_BLK_T_FLUSH)) => match flush {
+            FlushMode::Defer => {
+                return Answered {
+                    used_len: 0,
+                    status: None,
+                    request_type,
+                    metered: None,
+                    deferred: true,
+                }
+            }
+            FlushMode::Done(outcome) => outcome
+                .as_ref()
+                .map(|()| (0, 0))
+                .map_err(|e| Failure::Io(e.clone())),
+        },
         (None, Some(request_type)) => {
             let mut sector = [0u8; 8];
             sector.copy_from_slice(&header[8..16]);
@@ -417,6 +447,7 @@ where
             status: Some(status),
             request_type,
             metered,
+            deferred: false,
         }
     } else {
         tracing::warn!(
@@ -428,6 +459,7 @@ where
             status: None,
             request_type,
             metered,
+            deferred: false,
         }
     }
 }
@@ -462,10 +494,6 @@ fn serve(
             let slices = sub_slices(&buffers.readable, HEADER_LEN as u64, payload)?;
             write_from(target, offset, payload, &slices)?;
             Ok((0, payload))
-        }
-        VIRTIO_BLK_T_FLUSH => {
-            target::flush(target)?;
-            Ok((0, 0))
         }
         VIRTIO_BLK_T_GET_ID => {
             let len = room.min(SERIAL_LEN as u64);

@@ -34,6 +34,15 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Whether the test process is root; when it is not, reports `test` skipped for `reason` as
+/// [`skip_or_fail`] does, and the test is to return.
+pub fn root_or_skip(test: &str, reason: &str) -> bool {
+    if !is_root() {
+        skip_or_fail(test, reason);
+    }
+    is_root()
+}
+
 /// The process that serves requests: with the namespace sandbox (`forks`), the child of the
 /// launched process (the sandbox's pid 1) once it exists; otherwise the launched process.
 pub fn serving_pid(launched: u32, forks: bool) -> u32 {
