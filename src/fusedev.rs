@@ -18,6 +18,7 @@ use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread;
@@ -26,8 +27,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use berth_passthrough::server::opcode;
 use berth_passthrough::{
-    BackingFiles, BackingRegistrar, Config as FsConfig, FsServer, IoSegment, PassthroughMode,
-    Served,
+    BackingFiles, BackingRegistrar, Config as FsConfig, FsServer, IoSegment, IoUringInit,
+    PassthroughMode, Served,
 };
 use berth_seccomp::{cloexec_pipe, close_all_but, SeccompAction, ThreadRole};
 use fuse_backend_rs::transport::FuseSession;
@@ -35,6 +36,7 @@ use tracing::{debug, error, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::fuse_uring::{self, Gate, QueueRing, RingEnd, TransportCounts};
 use crate::shutdown::{signal_name, TerminationSignals};
 
 /// How long stopping workers may take before berth unmounts anyway (a worker can be stuck in
@@ -318,18 +320,79 @@ fn unmount_path(path: &CString, with_helper: bool) {
     );
 }
 
-/// Serves the mounted `session` with `threads` workers until a termination signal or an
-/// external unmount, then has `guard` unmount `mountpoint`.
+/// The rings of FUSE over io_uring, made before the seccomp filter ([`Rings::create`]).
+pub struct Rings {
+    queues: Vec<QueueRing>,
+    stop: Arc<EventFd>,
+    required: bool,
+}
+
+impl Rings {
+    /// A restricted ring per queue of `plan` on `session`'s /dev/fuse.
+    pub fn create(session: &FuseSession, plan: &fuse_uring::Plan) -> anyhow::Result<Self> {
+        let fuse = session
+            .get_fuse_file()
+            .ok_or_else(|| anyhow!("the FUSE session has no /dev/fuse descriptor"))?;
+        let stop =
+            Arc::new(EventFd::new(EFD_NONBLOCK).context("cannot create the workers' stop event")?);
+        let queues = fuse_uring::create_rings(plan, fuse, &stop)
+            .context("cannot set up the io_uring rings for FUSE over io_uring")?;
+        Ok(Rings {
+            queues,
+            stop,
+            required: plan.required,
+        })
+    }
+}
+
+/// What the workers share about the transport.
+struct Transport {
+    /// The ring threads' start signal (FUSE_INIT answered).
+    gate: Gate,
+    counts: TransportCounts,
+    /// Ring queues, when io_uring is offered, and rings over all queues.
+    queues: usize,
+    rings: usize,
+    /// `--io-uring always`.
+    required: bool,
+    payload_len: usize,
+}
+
+/// Serves the mounted `session` with `threads` workers (and a ring thread per queue of
+/// `rings`) until a termination signal or an external unmount, then has `guard` unmount
+/// `mountpoint`.
+#[allow(clippy::too_many_arguments)]
 pub fn serve(
     server: Arc<FsServer>,
     session: ManuallyDrop<FuseSession>,
     mountpoint: &Path,
     threads: usize,
+    rings: Option<Rings>,
     seccomp: SeccompAction,
     guard: UnmountGuard,
     signals: TerminationSignals,
 ) -> anyhow::Result<()> {
-    let outcome = run(&server, &session, mountpoint, threads, seccomp, signals);
+    let queues = rings
+        .as_ref()
+        .and_then(|r| r.queues.iter().map(|q| q.qid() + 1).max())
+        .unwrap_or(0);
+    let transport = Arc::new(Transport {
+        gate: Gate::new(),
+        counts: TransportCounts::new(queues),
+        queues,
+        rings: rings.as_ref().map_or(0, |r| r.queues.len()),
+        required: rings.as_ref().is_some_and(|r| r.required),
+        payload_len: session
+            .bufsize()
+            .max(berth_passthrough::server::MAX_BUFFER_SIZE as usize),
+    });
+    let outcome = run(
+        &server, &session, mountpoint, threads, rings, &transport, seccomp, signals,
+    );
+    info!(
+        "FUSE requests by transport: {}.",
+        transport.counts.summary()
+    );
     // The workers are stopped: nothing registers backing files any more.
     if let Some(backing) = server.backing_files() {
         backing.close_all();
@@ -342,11 +405,14 @@ pub fn serve(
     outcome
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     server: &Arc<FsServer>,
     session: &FuseSession,
     mountpoint: &Path,
     threads: usize,
+    rings: Option<Rings>,
+    transport: &Arc<Transport>,
     seccomp: SeccompAction,
     signals: TerminationSignals,
 ) -> anyhow::Result<()> {
@@ -360,11 +426,75 @@ fn run(
         let _ = signal_events.send(Event::Signal(signal));
     })?;
 
-    let stop =
-        Arc::new(EventFd::new(EFD_NONBLOCK).context("cannot create the workers' stop event")?);
+    let (stop, queues, required) = match rings {
+        Some(rings) => (rings.stop, rings.queues, rings.required),
+        None => (
+            Arc::new(EventFd::new(EFD_NONBLOCK).context("cannot create the workers' stop event")?),
+            Vec::new(),
+            false,
+        ),
+    };
+    let stop = Stopper {
+        event: stop,
+        transport: transport.clone(),
+    };
     let mut running = 0;
+    let wanted = threads + queues.len();
+    // The ring threads first: each pins itself to its queue's CPU, confines itself and waits
+    // for FUSE_INIT, which a classic worker answers.
+    for (ring_index, queue) in queues.into_iter().enumerate() {
+        let qid = queue.qid();
+        let slot = queue.slot();
+        let index = threads + ring_index;
+        let server = server.clone();
+        let events = events.clone();
+        let transport = transport.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("berth-uring-{qid}.{slot}"))
+            .spawn(move || {
+                fuse_uring::pin_to_cpu(qid);
+                let outcome = berth_seccomp::install_filter(ThreadRole::FuseRing, seccomp)
+                    .map_err(|e| e.to_string());
+                let ready = outcome.is_ok();
+                let _ = events.send(Event::Started { index, outcome });
+                if !ready {
+                    let _ = events.send(Event::WorkerStopped { index, error: None });
+                    return;
+                }
+                let served = fuse_uring::serve_queue(
+                    queue,
+                    &server,
+                    &transport.gate,
+                    required,
+                    transport.payload_len,
+                    &transport.counts,
+                );
+                match served {
+                    Ok(RingEnd::Done) => {
+                        let _ = events.send(Event::WorkerStopped { index, error: None });
+                    }
+                    Ok(RingEnd::NotUsed) => {
+                        let _ = events.send(Event::WorkerStopped { index, error: None });
+                    }
+                    Err(e) => {
+                        let _ = events.send(Event::WorkerStopped {
+                            index,
+                            error: Some(e),
+                        });
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => running += 1,
+            Err(e) => {
+                error!("Cannot start FUSE ring thread {qid}: {e}.");
+                stop_workers(&stop, &event_receiver, running);
+                bail!("could not start the FUSE ring threads");
+            }
+        }
+    }
     for index in 0..threads {
-        let channel = match Channel::new(session, &stop) {
+        let channel = match Channel::new(session, &stop.event) {
             Ok(channel) => channel,
             Err(e) => {
                 error!("Cannot open a channel on the FUSE connection: {e}.");
@@ -373,6 +503,7 @@ fn run(
         };
         let server = server.clone();
         let events = events.clone();
+        let transport = transport.clone();
         let spawned = thread::Builder::new()
             .name(format!("berth-fuse-{index}"))
             .spawn(move || {
@@ -381,7 +512,7 @@ fn run(
                 let ready = outcome.is_ok();
                 let _ = events.send(Event::Started { index, outcome });
                 let error = if ready {
-                    run_worker(index, channel, &server).err()
+                    run_worker(index, channel, &server, &transport).err()
                 } else {
                     None
                 };
@@ -395,7 +526,7 @@ fn run(
             }
         }
     }
-    if running < threads {
+    if running < wanted {
         stop_workers(&stop, &event_receiver, running);
         bail!("could not start the FUSE worker threads");
     }
@@ -443,6 +574,12 @@ fn run(
                 // The kernel may drop the connection after a refused FUSE_INIT: still an error.
                 if let Some(e) = server.backing_files().and_then(BackingFiles::failure) {
                     return Err(anyhow!("--passthrough always cannot be honoured: {e}"));
+                }
+                if required && server.io_uring_init() == IoUringInit::NotOffered {
+                    return Err(anyhow!(
+                        "--io-uring always: the kernel did not offer FUSE_OVER_IO_URING at \
+                         FUSE_INIT"
+                    ));
                 }
                 match error {
                     _ if lost => {
@@ -551,13 +688,29 @@ impl Channel {
     }
 }
 
-fn run_worker(index: usize, mut channel: Channel, server: &FsServer) -> Result<(), String> {
+fn run_worker(
+    index: usize,
+    mut channel: Channel,
+    server: &FsServer,
+    transport: &Transport,
+) -> Result<(), String> {
     loop {
         let len = match channel.next_request() {
             Ok(Some(len)) => len,
             Ok(None) => return Ok(()),
             Err(e) => return Err(format!("cannot read a request from /dev/fuse: {e}")),
         };
+        let op = request_opcode(&channel.request[..len]);
+        transport.counts.device.fetch_add(1, Ordering::Relaxed);
+        if matches!(
+            op,
+            Some(opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT)
+        ) {
+            transport
+                .counts
+                .device_no_reply
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let served = {
             let Channel { request, reply, .. } = &mut channel;
             server.handle(
@@ -583,9 +736,34 @@ fn run_worker(index: usize, mut channel: Channel, server: &FsServer) -> Result<(
         // The reply reached the kernel (or never will): shared caching settles what it
         // handed out.
         server.reply_sent();
-        if request_opcode(&channel.request[..len]) == Some(opcode::INIT) {
+        if op == Some(opcode::INIT) {
             if let Some(e) = server.backing_files().and_then(BackingFiles::failure) {
                 return Err(format!("--passthrough always cannot be honoured: {e}"));
+            }
+            if transport.queues > 0 {
+                match server.io_uring_init() {
+                    IoUringInit::Enabled => {
+                        fuse_uring::log_transport(
+                            transport.queues,
+                            transport.rings,
+                            transport.payload_len,
+                        );
+                        transport.gate.open();
+                    }
+                    IoUringInit::NotOffered if transport.required => {
+                        return Err("--io-uring always: the kernel did not offer \
+                                    FUSE_OVER_IO_URING at FUSE_INIT"
+                            .to_owned());
+                    }
+                    IoUringInit::NotOffered => {
+                        info!(
+                            "FUSE transport: /dev/fuse read and write (io_uring is off: the \
+                             kernel did not offer FUSE_OVER_IO_URING at FUSE_INIT)."
+                        );
+                        transport.gate.close();
+                    }
+                    IoUringInit::Undecided => transport.gate.close(),
+                }
             }
         }
     }
@@ -597,9 +775,17 @@ fn request_opcode(request: &[u8]) -> Option<u32> {
     Some(u32::from_ne_bytes(bytes.try_into().ok()?))
 }
 
+/// The workers' stop event, and the ring threads' gate (a ring thread that never got to
+/// register waits there).
+struct Stopper {
+    event: Arc<EventFd>,
+    transport: Arc<Transport>,
+}
+
 /// Wakes every worker and waits (bounded) for `running` of them to report that they stopped.
-fn stop_workers(stop: &EventFd, events: &mpsc::Receiver<Event>, mut running: usize) {
-    if let Err(e) = stop.write(1) {
+fn stop_workers(stop: &Stopper, events: &mpsc::Receiver<Event>, mut running: usize) {
+    stop.transport.gate.stop();
+    if let Err(e) = stop.event.write(1) {
         warn!("Cannot wake the FUSE worker threads: {e}.");
     }
     let deadline = Instant::now() + WORKER_STOP_GRACE;

@@ -137,12 +137,21 @@ fn default_namespace_sandbox_serves_the_host_mount_confined() {
     );
 
     let threads = threads(server);
+    // The /dev/fuse workers, and (over io_uring) the ring threads, each under its own
+    // filter on top of the main one.
     let workers: Vec<_> = threads
         .iter()
         .filter(|t| t.name.starts_with("berth-fuse-"))
         .collect();
+    let rings: Vec<_> = threads
+        .iter()
+        .filter(|t| t.name.starts_with("berth-uring-"))
+        .collect();
     assert_eq!(workers.len(), 3, "{threads:#?}");
-    for worker in &workers {
+    if std::env::var("BERTH_FUSE_TEST_IO_URING").is_ok_and(|mode| mode == "always") {
+        assert!(rings.len() >= 2, "no FUSE ring threads: {threads:#?}");
+    }
+    for worker in workers.iter().chain(&rings) {
         assert_eq!(worker.seccomp_mode, 2, "{worker:?}");
         assert_eq!(worker.seccomp_filters, 2, "main + FUSE worker: {worker:?}");
     }

@@ -43,42 +43,12 @@ fn start_with_passthrough(flags: &[&str]) -> Option<FuseMount> {
     None
 }
 
-/// Ends the daemon with SIGTERM, checks it exited 0 and unmounted, and returns its output.
-fn stop(mut fs: FuseMount) -> String {
-    fs.signal(libc::SIGTERM);
-    let status = fs.wait_exit(DAEMON_TIMEOUT);
-    let log = fs.log();
-    match status {
-        Some(s) => assert!(s.success(), "the daemon exited with {s}:\n{log}"),
-        None => panic!("no exit within {DAEMON_TIMEOUT:?} of SIGTERM:\n{log}"),
-    }
-    assert!(!fs.is_mounted(), "still mounted after the daemon exited");
-    log
-}
-
-/// `name=N` from the daemon's exit line starting with `line` (0 when the name is absent).
-fn count(log: &str, line: &str, name: &str) -> u64 {
-    let Some(found) = log
-        .lines()
-        .find_map(|l| l.split_once(line).map(|(_, rest)| rest))
-    else {
-        panic!("no '{line}' line in the daemon's output:\n{log}");
-    };
-    found
-        .trim_end_matches('.')
-        .split_whitespace()
-        .filter_map(|field| field.split_once('='))
-        .find(|(key, _)| *key == name)
-        .map(|(_, value)| value.parse().expect("a count"))
-        .unwrap_or(0)
-}
-
 fn served(log: &str, opcode: &str) -> u64 {
-    count(log, "FUSE requests served:", opcode)
+    exit_count(log, "FUSE requests served:", opcode)
 }
 
 fn backing(log: &str, name: &str) -> u64 {
-    count(log, "FUSE passthrough backing files:", name)
+    exit_count(log, "FUSE passthrough backing files:", name)
 }
 
 /// Every id registered was closed, by RELEASE or at unmount, and the kernel refused none.
@@ -159,7 +129,7 @@ fn data_bypasses_the_daemon_in_every_cache_mode() {
             return;
         };
         exercise_data(&fs, "data", true);
-        let log = stop(fs);
+        let log = fs.stop_for_log();
         assert_eq!(
             served(&log, "READ"),
             0,
@@ -184,7 +154,7 @@ fn never_serves_every_byte_through_the_daemon() {
         return;
     };
     exercise_data(&fs, "data", false);
-    let log = stop(fs);
+    let log = fs.stop_for_log();
     assert!(served(&log, "READ") > 0, "no READ reached berth:\n{log}");
     assert!(served(&log, "WRITE") > 0, "no WRITE reached berth:\n{log}");
     assert!(
@@ -221,7 +191,7 @@ fn release_closes_backing_ids_over_10000_opens() {
     );
     // One file still open at unmount: its id is closed then.
     let held = open(&fs.via("f"), libc::O_RDONLY, 0).unwrap();
-    let log = stop(fs);
+    let log = fs.stop_for_log();
     drop(held);
     assert!(
         backing(&log, "passthrough_opens") >= 10_002,
@@ -269,7 +239,7 @@ fn opens_passthrough_cannot_honour_are_served_by_berth() {
     assert_eq!(buf.as_slice(), data.as_slice(), "mixed read content");
     assert_eq!(first.pread_vec(data.len(), 0).unwrap(), data);
     drop((first, second));
-    let log = stop(fs);
+    let log = fs.stop_for_log();
     assert_eq!(
         backing(&log, "classic_opens"),
         2,

@@ -34,7 +34,7 @@ pub use fs::PassthroughFs;
 pub use lock_state::LOCK_RETRY_INTERVAL;
 pub use migration::{read_stream, MigrationError, STATE_FORMAT_VERSION, STATE_MAGIC};
 pub use server::{
-    BackingFiles, BackingRegistrar, DaxWindow, DropReason, FsServer, IoSegment, PassthroughError,
-    PassthroughMode, RemoveMappingOne, Served, SetupMappingIn,
+    BackingFiles, BackingRegistrar, DaxWindow, DropReason, FsServer, IoSegment, IoUringInit,
+    PassthroughError, PassthroughMode, RemoveMappingOne, Served, SetupMappingIn,
 };
 pub use xattr_map::{XattrMap, XattrMapError};

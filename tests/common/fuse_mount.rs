@@ -185,6 +185,20 @@ fn passthrough_args(flags: &[&str]) -> Vec<String> {
     }
 }
 
+/// The FUSE transport the suites run over: `BERTH_FUSE_TEST_IO_URING` (`always` for FUSE over
+/// io_uring, which needs the fuse module's enable_uring parameter set, `never` for /dev/fuse
+/// read and write), given as `--io-uring` to every daemon whose test does not choose one
+/// itself; berth's default (`auto`) when unset.
+fn io_uring_args(flags: &[&str]) -> Vec<String> {
+    if flags.iter().any(|f| f.starts_with("--io-uring")) {
+        return Vec::new();
+    }
+    match std::env::var("BERTH_FUSE_TEST_IO_URING") {
+        Ok(mode) if !mode.is_empty() => vec![format!("--io-uring={mode}")],
+        _ => Vec::new(),
+    }
+}
+
 /// A running `berth fuse` daemon serving `shared()` at `mnt()`.
 pub struct FuseMount {
     child: Option<Child>,
@@ -250,6 +264,7 @@ impl FuseMount {
             .arg(&mnt)
             .args(flags)
             .args(passthrough_args(flags))
+            .args(io_uring_args(flags))
             .args(extra_daemon_args())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup the log fd"))
@@ -407,6 +422,20 @@ impl FuseMount {
         );
     }
 
+    /// Ends the daemon with SIGTERM, checks it exited 0 and unmounted, and returns its
+    /// output, for a test to read its exit lines.
+    pub fn stop_for_log(mut self) -> String {
+        self.signal(libc::SIGTERM);
+        let status = self.wait_exit(DAEMON_TIMEOUT);
+        let log = self.log();
+        match status {
+            Some(s) => assert!(s.success(), "the daemon exited with {s}:\n{log}"),
+            None => panic!("no exit within {DAEMON_TIMEOUT:?} of SIGTERM:\n{log}"),
+        }
+        assert!(!self.is_mounted(), "still mounted after the daemon exited");
+        log
+    }
+
     /// Ends a test: the daemon must still be running, must exit 0 within the timeout after
     /// SIGTERM, and must have removed its mount.
     pub fn finish(mut self) {
@@ -492,6 +521,23 @@ impl Drop for FuseMount {
 }
 
 /// Drops clean dentries and inodes (which makes the kernel send FORGETs).
+/// `name=N` from the daemon's exit line starting with `line` (0 when the name is absent).
+pub fn exit_count(log: &str, line: &str, name: &str) -> u64 {
+    let Some(found) = log
+        .lines()
+        .find_map(|l| l.split_once(line).map(|(_, rest)| rest))
+    else {
+        panic!("no '{line}' line in the daemon's output:\n{log}");
+    };
+    found
+        .trim_end_matches('.')
+        .split_whitespace()
+        .filter_map(|field| field.split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.parse().expect("a count"))
+        .unwrap_or(0)
+}
+
 pub fn drop_dentry_caches() {
     fs::write("/proc/sys/vm/drop_caches", "2").expect("write /proc/sys/vm/drop_caches");
 }

@@ -31,7 +31,7 @@ mod xattrs;
 use std::fmt;
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use fuse_backend_rs::abi::fuse_abi::InHeader;
@@ -116,6 +116,29 @@ pub struct FsServer {
     versions_offered: AtomicBool,
     /// This session negotiated the version extension: replies with attributes carry it.
     versions_negotiated: AtomicBool,
+    /// FUSE over io_uring as the transport asked for it ([`IO_URING_NOT_ASKED`] and co).
+    io_uring_wanted: AtomicU8,
+    /// What FUSE_INIT made of it ([`IoUringInit`] as a number).
+    io_uring_init: AtomicU8,
+}
+
+/// `FUSE_OVER_IO_URING` in FUSE_INIT's 64-bit flags (`flags2` bit 9, Linux 6.14+): the
+/// server fetches requests and commits replies through io_uring commands on /dev/fuse.
+pub const INIT_OVER_IO_URING: u64 = 1 << 41;
+
+const IO_URING_NOT_ASKED: u8 = 0;
+const IO_URING_WANTED: u8 = 1;
+const IO_URING_REQUIRED: u8 = 2;
+
+/// What FUSE_INIT decided about FUSE over io_uring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoUringInit {
+    /// No FUSE_INIT yet, or the transport did not ask for io_uring.
+    Undecided,
+    /// Negotiated: the client expects the server's ring entries.
+    Enabled,
+    /// The client did not offer `FUSE_OVER_IO_URING` (or `FUSE_INIT_EXT`).
+    NotOffered,
 }
 
 /// The extension for what a request handed out of an inode (`own`) and of the directory it was
@@ -155,7 +178,62 @@ impl FsServer {
             backing: OnceLock::new(),
             versions_offered: AtomicBool::new(false),
             versions_negotiated: AtomicBool::new(false),
+            io_uring_wanted: AtomicU8::new(IO_URING_NOT_ASKED),
+            io_uring_init: AtomicU8::new(0),
         }
+    }
+
+    /// Lets FUSE_INIT negotiate FUSE over io_uring ([`INIT_OVER_IO_URING`]), for a /dev/fuse
+    /// transport that will register ring entries once INIT is answered. `required`: refuse
+    /// FUSE_INIT when the client does not offer it.
+    pub fn offer_io_uring(&self, required: bool) {
+        let wanted = if required {
+            IO_URING_REQUIRED
+        } else {
+            IO_URING_WANTED
+        };
+        self.io_uring_wanted.store(wanted, Ordering::Release);
+    }
+
+    /// What the last FUSE_INIT decided about FUSE over io_uring.
+    pub fn io_uring_init(&self) -> IoUringInit {
+        match self.io_uring_init.load(Ordering::Acquire) {
+            1 => IoUringInit::Enabled,
+            2 => IoUringInit::NotOffered,
+            _ => IoUringInit::Undecided,
+        }
+    }
+
+    /// Negotiates FUSE over io_uring for a client that offered `capable`: the flags to enable,
+    /// or an error when it is required and not offered.
+    fn negotiate_io_uring(&self, capable: u64) -> io::Result<u64> {
+        let wanted = self.io_uring_wanted.load(Ordering::Acquire);
+        if wanted == IO_URING_NOT_ASKED {
+            return Ok(0);
+        }
+        let offered = capable & INIT_OVER_IO_URING != 0 && capable & abi::init_flags::INIT_EXT != 0;
+        let (state, enabled) = match offered {
+            true => (
+                IoUringInit::Enabled,
+                INIT_OVER_IO_URING | abi::init_flags::INIT_EXT,
+            ),
+            false => (IoUringInit::NotOffered, 0),
+        };
+        self.io_uring_init.store(
+            match state {
+                IoUringInit::Enabled => 1,
+                _ => 2,
+            },
+            Ordering::Release,
+        );
+        if !offered && wanted == IO_URING_REQUIRED {
+            tracing::error!(
+                "Refusing FUSE_INIT: --io-uring always, but the kernel did not offer \
+                 FUSE_OVER_IO_URING."
+            );
+            return Err(io::Error::from_raw_os_error(libc::EPROTO));
+        }
+        Ok(enabled)
     }
 
     /// Lets FUSE_INIT negotiate the version-table reply extension

@@ -78,6 +78,7 @@ impl FsServer {
                 }
             }
         }
+        enabled |= self.negotiate_io_uring(capable)?;
         // The version table's reply extension: only when the transport gave the client the
         // table and the client found it (it offers the flag only then).
         let versions = self.versions_offered.load(Ordering::Acquire)

@@ -908,3 +908,41 @@ fn readdirplus_records_carry_the_extension_between_entry_and_dirent() {
     names.sort();
     assert_eq!(names, [".", "..", "a-longer-name", "data"]);
 }
+
+#[test]
+fn init_negotiates_io_uring_only_when_asked_and_offered() {
+    use super::{IoUringInit, INIT_OVER_IO_URING};
+    let enabled_of = |reply: &[u8]| {
+        let out: InitOut = body(reply);
+        u64::from(out.flags) | u64::from(out.flags2) << 32
+    };
+    // Not asked: the flag stays off even where the kernel offers it.
+    let f = fixture();
+    let (_, reply) = init_offering(&f.server, INIT_OVER_IO_URING);
+    assert_eq!(errno(&reply), 0);
+    assert_eq!(enabled_of(&reply) & INIT_OVER_IO_URING, 0);
+    assert_eq!(f.server.io_uring_init(), IoUringInit::Undecided);
+
+    // Asked and offered: on, with FUSE_INIT_EXT so that flags2 counts.
+    let f = fixture();
+    f.server.offer_io_uring(false);
+    let (_, reply) = init_offering(&f.server, INIT_OVER_IO_URING);
+    assert_eq!(errno(&reply), 0);
+    let enabled = enabled_of(&reply);
+    assert_ne!(enabled & INIT_OVER_IO_URING, 0, "{enabled:#x}");
+    assert_ne!(enabled & init_flags::INIT_EXT, 0, "{enabled:#x}");
+    assert_eq!(f.server.io_uring_init(), IoUringInit::Enabled);
+
+    // Asked, not offered: off under auto, FUSE_INIT refused under always.
+    let f = fixture();
+    f.server.offer_io_uring(false);
+    let (_, reply) = init_offering(&f.server, 0);
+    assert_eq!(errno(&reply), 0);
+    assert_eq!(enabled_of(&reply) & INIT_OVER_IO_URING, 0);
+    assert_eq!(f.server.io_uring_init(), IoUringInit::NotOffered);
+    let f = fixture();
+    f.server.offer_io_uring(true);
+    let (_, reply) = init_offering(&f.server, 0);
+    assert_eq!(errno(&reply), libc::EPROTO);
+    assert_eq!(f.server.io_uring_init(), IoUringInit::NotOffered);
+}
