@@ -1,12 +1,13 @@
 # shellcheck shell=bash
 # Guest artifacts of the block checks (sourced by test.sh after lib.sh): the modules a
-# filesystem on a ublk or vhost-user-blk disk needs (ext4 and its dependencies), appended
-# to the shared initramfs as a second cpio, and e2fsprogs for mkfs/fsck as an erofs disk.
+# filesystem on a ublk or vhost-user-blk disk needs (ext4 and its dependencies, and
+# device-mapper's flakey target for the power-cut check), appended to the shared initramfs
+# as a second cpio, and e2fsprogs for mkfs/fsck (and dmsetup) as an erofs disk.
 # Both live in $BERTH_GUEST_CACHE/block, built once per kernel and suite, under a lock, so
 # the shared guest cache itself is never rebuilt.
 
-BLOCK_GUEST_MODULES=(crc16 mbcache jbd2 ext4)
-BLOCK_TOOL_PACKAGES=(e2fsprogs strace)
+BLOCK_GUEST_MODULES=(crc16 mbcache jbd2 ext4 dm_mod dm_flakey)
+BLOCK_TOOL_PACKAGES=(e2fsprogs strace dmsetup)
 
 # Sets BLOCK_MODULES_CPIO.
 build_block_modules_cpio() {

@@ -180,16 +180,20 @@ debian_mirror() {
 
 # Private apt configuration under the cache, so the machine's apt state and
 # sources stay untouched: apt/ for $BERTH_GUEST_SUITE, apt-SUITE/ for another
-# suite. setup_private_apt [SUITE] sets APT_OPTS and APT_LOCK (the lock every
+# suite, apt-SUITE-src/ for a suite's source packages as well (`apt-get source`).
+# setup_private_apt [SUITE [src]] sets APT_OPTS and APT_LOCK (the lock every
 # apt run on that configuration holds: apt's own locking is off, as the state
 # lives in the cache).
 APT_OPTS=()
 APT_LOCK=apt
 APT_SUITE=$BERTH_GUEST_SUITE
+APT_WITH_SOURCES=""
 setup_private_apt() {
 	APT_SUITE=${1:-$BERTH_GUEST_SUITE}
+	APT_WITH_SOURCES=${2:-}
 	APT_LOCK=apt
 	[ "$APT_SUITE" = "$BERTH_GUEST_SUITE" ] || APT_LOCK=apt-$APT_SUITE
+	[ -z "$APT_WITH_SOURCES" ] || APT_LOCK=apt-$APT_SUITE-src
 	with_cache_lock "$APT_LOCK" write_private_apt_config
 }
 
@@ -199,6 +203,7 @@ write_private_apt_config() {
 	mkdir -p "$dir/etc/parts" "$dir/etc/preferences.d" "$dir/state/lists/partial" \
 		"$dir/cache/archives/partial"
 	local want="deb $mirror $APT_SUITE main"
+	[ -z "$APT_WITH_SOURCES" ] || want+=$'\n'"deb-src $mirror $APT_SUITE main"
 	if [ "$(cat "$dir/etc/sources.list" 2>/dev/null)" != "$want" ]; then
 		echo "$want" >"$dir/etc/sources.list.tmp"
 		mv "$dir/etc/sources.list.tmp" "$dir/etc/sources.list"

@@ -21,6 +21,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/migrate-tier.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/dax-reclaim-tier.sh"
 # shellcheck source=vhost-blk-tier.sh
 source "$(dirname "${BASH_SOURCE[0]}")/vhost-blk-tier.sh"
+# shellcheck source=vroot-tier.sh
+source "$(dirname "${BASH_SOURCE[0]}")/vroot-tier.sh"
 # shellcheck source=shared-versions-tier.sh
 source "$(dirname "${BASH_SOURCE[0]}")/shared-versions-tier.sh"
 
@@ -35,7 +37,7 @@ MQ_HOST_CHECKS=(mq-queues-used mq-daemon-exit-0 mq-no-stray)
 REBOOT_GUEST_CHECKS=(reboot-first-mount reboot-first-boot reboot-remount reboot-after reboot-umount reboot-umount-quiet)
 REBOOT_HOST_CHECKS=(reboot-host-sees reboot-new-session reboot-daemon-exit-0)
 BLOCK_GUEST_CHECKS=(block-setup block-zero-copy block-user-copy block-copy block-reg-fallback
-	block-discard-zeroes block-readonly block-seccomp block-recovery block-lazy-image
+	block-discard-zeroes block-readonly block-seccomp block-recovery block-volume block-power-cut block-lazy-image
 	block-lazy-fetch-ratio)
 BLOCK_HOST_CHECKS=(block-store-exit-0)
 # Debian sid's QEMU: one boot with the share on the generic vhost-user device,
@@ -64,6 +66,7 @@ while [ $# -gt 0 ]; do
 			"${REBOOT_GUEST_CHECKS[@]}" "${REBOOT_HOST_CHECKS[@]}" \
 			"${BLOCK_GUEST_CHECKS[@]}" "${BLOCK_HOST_CHECKS[@]}" \
 			"${VBLK_GUEST_CHECKS[@]}" "${VBLK_HOST_CHECKS[@]}" \
+			"${VROOT_GUEST_CHECKS[@]}" "${VROOT_HOST_CHECKS[@]}" \
 			"${SID_CHECKS[@]}" "${SID_GENERIC_GUEST_CHECKS[@]}" "${SID_GENERIC_HOST_CHECKS[@]}" \
 			"${SID_DAX_GUEST_CHECKS[@]}" "${SID_DAX_HOST_CHECKS[@]}" \
 			"${SID_DAX_TIER_CHECKS[@]}" "${SV_TIER_CHECKS[@]}" \
@@ -201,12 +204,11 @@ wait_for_socket() {
 	die "daemon $name did not create $sock"
 }
 
-# Waits up to 15 s for the named daemons to exit; records one check.
-check_daemons_exit() {
-	local check=$1
-	shift
-	local start name pid rc problems=()
-	start=$(now_seconds)
+# reap_daemons NAME...: waits up to 15 s for each named daemon to exit (ending it
+# then) and forgets it; sets REAP_PROBLEMS to what went wrong.
+reap_daemons() {
+	local name pid rc
+	REAP_PROBLEMS=()
 	for name in "$@"; do
 		pid=${DAEMON_PID[$name]}
 		for _ in $(seq 150); do
@@ -214,19 +216,23 @@ check_daemons_exit() {
 			sleep 0.1
 		done
 		if kill -0 "$pid" 2>/dev/null; then
-			problems+=("$name is still running 15 s after QEMU quit")
+			REAP_PROBLEMS+=("$name is still running 15 s after QEMU quit")
 			kill "$pid" 2>/dev/null || true
 		fi
 		rc=0
-		wait "$pid" || rc=$?
+		wait "$pid" 2>/dev/null || rc=$?
 		unset "DAEMON_PID[$name]"
-		[ "$rc" = 0 ] || problems+=("$name exited with status $rc; last log lines:" "$(tail -n 5 "$LOGS/$name.log")")
+		[ "$rc" = 0 ] || REAP_PROBLEMS+=("$name exited with status $rc; last log lines:" "$(tail -n 5 "$LOGS/$name.log")")
 	done
-	if [ ${#problems[@]} -eq 0 ]; then
-		record "$check" PASS "$(seconds_since "$start")"
-	else
-		record "$check" FAIL "$(seconds_since "$start")" "${problems[@]}"
-	fi
+}
+
+# Waits up to 15 s for the named daemons to exit; records one check.
+check_daemons_exit() {
+	local check=$1 start
+	shift
+	start=$(now_seconds)
+	reap_daemons "$@"
+	record_problems "$check" "$start" "${REAP_PROBLEMS[@]}"
 }
 
 # Every named daemon serves from a process confined the way berth and virtiofsd
@@ -776,6 +782,12 @@ check block-discard-zeroes block_discard_zeroes
 check block-readonly block_readonly
 check block-seccomp block_seccomp
 check block-recovery block_recovery
+check block-volume block_volume
+if have_dm_flakey; then
+	check block-power-cut block_power_cut
+else
+	skip block-power-cut "the guest kernel has no dm-flakey"
+fi
 check block-lazy-image block_lazy_image
 check block-lazy-fetch-ratio block_lazy_fetch_ratio
 [ "$CHECK_FAILURES" = 0 ]
@@ -800,8 +812,9 @@ fi
 
 if [ "$daemon_kind" = berth ]; then
 	vhost_blk_tier
+	vroot_tier
 else
-	for check in "${VBLK_GUEST_CHECKS[@]}" "${VBLK_HOST_CHECKS[@]}"; do
+	for check in "${VBLK_GUEST_CHECKS[@]}" "${VBLK_HOST_CHECKS[@]}" "${VROOT_GUEST_CHECKS[@]}" "${VROOT_HOST_CHECKS[@]}"; do
 		selected "$check" && record "$check" SKIP 0 "vhost-user-blk is berth's block side; run it with --daemon berth"
 	done
 fi

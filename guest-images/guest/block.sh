@@ -209,6 +209,63 @@ block_recovery() {
 	rm -f /tmp/rec.img
 }
 
+# A berth volume through ublk, its bucket a directory here (file://): mkfs and a tree,
+# synced; the server killed with SIGKILL while the filesystem is mounted; `berth block
+# recover` brings the same device back and the tree, read through it, checks out; after a
+# write and unmount, fsck is clean. The volume then opens from its bucket alone (local
+# state thrown away), and a clone of its snapshot serves the same tree and takes writes
+# the volume does not see.
+block_volume() {
+	local location=file:///tmp/bucket/vol clone=file:///tmp/bucket/clone i
+	rm -rf /tmp/bucket /tmp/vol-local /tmp/vol-fresh /tmp/clone-local
+	mkdir -p /tmp/bucket
+	"$BERTH" volume create "$location" --size 128M >/dev/null
+	start_device vol "volume:$location" --volume-dir /tmp/vol-local --ublk-transport zero-copy
+	local id=$DEV_ID dev=$DEV_PATH
+	e2 mkfs.ext4 -q -F "$dev"
+	mount -t ext4 "$dev" /mnt/blk
+	mkdir /mnt/blk/tree
+	for i in $(seq 1 40); do head -c $((i * 12011)) /dev/urandom >"/mnt/blk/tree/f$i"; done
+	head -c 6M /dev/urandom >/mnt/blk/tree/big
+	(cd /mnt/blk/tree && find . -type f -print0 | sort -z | xargs -0 sha256sum) >/tmp/vol.sums
+	sync
+	kill -9 "$DEV_PID"
+	wait "$DEV_PID" 2>/dev/null || true
+	"$BERTH" block list --json | grep -q '"state":"quiesced"'
+	"$BERTH" block recover "$id" >/tmp/vol2.out 2>/tmp/vol2.log &
+	DEV_PID=$!
+	DEV_ID=$id
+	echo 3 >/proc/sys/vm/drop_caches
+	(cd /mnt/blk/tree && sha256sum -c --quiet /tmp/vol.sums)
+	head -c 1M /dev/urandom >/mnt/blk/after-recovery
+	sha256sum </mnt/blk/after-recovery >/tmp/after.sum
+	umount /mnt/blk
+	e2 e2fsck -fn "$dev" >/dev/null
+	stop_device vol2
+	"$BERTH" volume snapshot "$location" first >/dev/null
+	"$BERTH" volume clone "$location" "$clone" --snapshot first >/dev/null
+	start_device vol-fresh "volume:$location" --volume-dir /tmp/vol-fresh
+	e2 e2fsck -fn "$DEV_PATH" >/dev/null
+	mount -t ext4 -o ro "$DEV_PATH" /mnt/blk
+	(cd /mnt/blk/tree && sha256sum -c --quiet /tmp/vol.sums)
+	[ "$(sha256sum </mnt/blk/after-recovery)" = "$(cat /tmp/after.sum)" ]
+	umount /mnt/blk
+	stop_device vol-fresh
+	start_device clone "volume:$clone" --volume-dir /tmp/clone-local
+	mount -t ext4 "$DEV_PATH" /mnt/blk
+	(cd /mnt/blk/tree && sha256sum -c --quiet /tmp/vol.sums)
+	echo clone >/mnt/blk/written-by-clone
+	umount /mnt/blk
+	stop_device clone
+	start_device vol-again "volume:$location" --volume-dir /tmp/vol-fresh
+	mount -t ext4 -o ro "$DEV_PATH" /mnt/blk
+	[ ! -e /mnt/blk/written-by-clone ]
+	umount /mnt/blk
+	stop_device vol-again
+	echo "@@info $(wc -l </tmp/vol.sums) files survived kill -9 + recover, the bucket alone and a clone"
+	rm -rf /tmp/bucket /tmp/vol-local /tmp/vol-fresh /tmp/clone-local
+}
+
 # The queue threads run confined: the ublk queue seccomp filter in kill mode (the default,
 # as in every block check: a call outside the list kills berth, which then does not exit 0)
 # and no capabilities. The workload touches every request type and the device's shutdown.
@@ -280,4 +337,146 @@ block_lazy_fetch_ratio() {
 	[ "$fetched" -ge 104857600 ] && [ "$fetched" -le 115343360 ]
 	stop_device ratio
 	umount /mnt/store
+}
+
+# dm_table NAME TABLE: loads TABLE into device-mapper device NAME and resumes it, creating
+# the device first. The device is suspended without freezing the filesystem on it
+# (--nolockfs), so switching tables writes back nothing the filesystem still holds.
+dmsetup() { DM_DISABLE_UDEV=1 e2 dmsetup "$@"; }
+dm_table() {
+	local name=$1 table=$2
+	if ! dmsetup info "$name" >/dev/null 2>&1; then
+		dmsetup create "$name" --table "$table"
+		return
+	fi
+	dmsetup suspend --nolockfs "$name"
+	dmsetup load "$name" --table "$table"
+	dmsetup resume "$name"
+}
+
+# Whether device-mapper's flakey target is there (a module loaded at boot, or built in).
+have_dm_flakey() {
+	[ -d /sys/module/dm_flakey ] || dmsetup targets 2>/dev/null | grep -q '^flakey'
+}
+
+# The /dev node of device-mapper device NAME.
+dm_node() {
+	local sys
+	for sys in /sys/block/dm-*; do
+		if [ "$(cat "$sys/dm/name" 2>/dev/null)" = "$1" ]; then
+			echo "/dev/${sys##*/}"
+			return 0
+		fi
+	done
+	echo "no device-mapper device named $1" >&2
+	return 1
+}
+
+# A power cut of the disk holding a volume's local state (log and cache). That disk is
+# ext4 on dm-flakey on a loop device, the bucket a directory elsewhere (file://). The
+# volume, served through ublk with uploads held back (so the log is the only home of what
+# the guest writes), gets an ext4 filesystem and a tree, synced (a FLUSH: berth syncs the
+# log), then more files written with O_DIRECT and never synced (acknowledged, never
+# flushed), with the volume's filesystem committing no journal on its own. The cut:
+# dm-flakey drops every write from then on (as the kernel's power-fail tests do), berth
+# is killed with SIGKILL, the ublk device goes with the volume's filesystem still mounted
+# (so none of its cached state reaches the volume), and the local filesystem is unmounted
+# (its writeback lost) and the page cache dropped. After the flakey device passes writes
+# again and the local filesystem is mounted (journal replay), berth opens the volume from
+# that state: it must replay log records, fewer than it had (the unflushed tail is gone),
+# fsck of the volume must be clean, and every synced file must read back with its
+# checksum. Unsynced files may or may not be there.
+block_power_cut() {
+	local location=file:///tmp/pc-bucket/vol local_mnt=/mnt/pc-local i loop sectors dm
+	local pass fail
+	rm -rf /tmp/pc-bucket /tmp/pc-disk.img
+	mkdir -p /tmp/pc-bucket "$local_mnt"
+	truncate -s 160M /tmp/pc-disk.img
+	loop=$(losetup -f)
+	losetup "$loop" /tmp/pc-disk.img
+	sectors=$(blockdev --getsz "$loop")
+	pass="0 $sectors flakey $loop 0 3600 0"
+	fail="0 $sectors flakey $loop 0 0 3600 1 drop_writes"
+	dm_table pc-local "$pass"
+	dm=$(dm_node pc-local)
+	e2 mkfs.ext4 -q -F "$dm"
+	mount -t ext4 "$dm" "$local_mnt"
+	"$BERTH" volume create "$location" --size 128M >/dev/null
+	local opts=(--volume-dir "$local_mnt/volumes" --upload-interval 3600)
+	start_device pc "volume:$location" "${opts[@]}"
+	local id=$DEV_ID dev=$DEV_PATH
+	e2 mkfs.ext4 -q -F "$dev"
+	# No journal commit on a timer: what reaches the volume unsynced stays unflushed.
+	mount -t ext4 -o commit=3600 "$dev" /mnt/blk
+	mkdir -p /mnt/blk/synced/a /mnt/blk/synced/b /mnt/blk/unsynced
+	for i in $(seq 1 30); do head -c $((i * 9973 + 1)) /dev/urandom >"/mnt/blk/synced/a/f$i"; done
+	for i in $(seq 1 10); do head -c $((i * 65536)) /dev/urandom >"/mnt/blk/synced/b/g$i"; done
+	head -c 4M /dev/urandom >/mnt/blk/synced/big
+	(cd /mnt/blk/synced && find . -type f -print0 | sort -z | xargs -0 sha256sum) >/tmp/pc.sums
+	sync
+	# Acknowledged by berth, never flushed.
+	for i in $(seq 1 8); do
+		dd if=/dev/urandom of="/mnt/blk/unsynced/u$i" bs=256k count=2 oflag=direct status=none
+	done
+	# Every completed write, discard and write-zeroes request is a log record.
+	sleep 1.5
+	local op records=0 count
+	for op in write discard write_zeroes; do
+		count=$(metric /tmp/pc.prom "berth_block_requests_total{device=\"ublkb$id\",op=\"$op\"}")
+		records=$((records + ${count:-0}))
+	done
+	# The cut: writes to the local disk vanish from now on; berth dies.
+	dm_table pc-local "$fail"
+	kill -9 "$DEV_PID"
+	wait "$DEV_PID" 2>/dev/null || true
+	# The old device goes with its filesystem mounted: deleting it fails the I/O the
+	# filesystem still has, so unmounting it sends nothing to the volume.
+	"$BERTH" block del "$id" >/tmp/pc-del.out 2>&1 &
+	local del_pid=$!
+	sleep 1
+	if ! timeout 120 umount /mnt/blk; then
+		echo "@@info the filesystem of the deleted device did not unmount in 120 s: detached"
+		umount -l /mnt/blk || true
+	fi
+	wait "$del_pid" || { cat /tmp/pc-del.out; return 1; }
+	[ ! -b "$dev" ] || { echo "$dev is still there after the cut"; return 1; }
+	umount "$local_mnt"
+	blockdev --flushbufs "$dm"
+	echo 3 >/proc/sys/vm/drop_caches
+	# Power back: the local filesystem replays its journal.
+	dm_table pc-local "$pass"
+	mount -t ext4 "$dm" "$local_mnt"
+	start_device pc2 "volume:$location" "${opts[@]}"
+	local opened replayed
+	opened=$(grep -m1 'Opened the volume' /tmp/pc2.log || true)
+	echo "@@info ${opened##*: }"
+	replayed=$(echo "$opened" | grep -o 'replayed=[0-9]*' | cut -d= -f2)
+	echo "@@info $records log records before the cut, $replayed replayed after it"
+	if [ "${replayed:-0}" -le 0 ]; then
+		echo "berth replayed no log records after the power cut: $opened"
+		return 1
+	fi
+	# The unflushed tail never reached the local disk: the cut took something.
+	if [ "$replayed" -ge "$records" ]; then
+		echo "all $records log records survived: the power cut dropped nothing"
+		return 1
+	fi
+	e2 e2fsck -fn "$DEV_PATH" >/tmp/pc-fsck.out 2>&1 || {
+		echo "fsck after the power cut:"
+		tail -n 30 /tmp/pc-fsck.out
+		return 1
+	}
+	mount -t ext4 "$DEV_PATH" /mnt/blk
+	local survived=0
+	for i in $(seq 1 8); do [ -s "/mnt/blk/unsynced/u$i" ] && survived=$((survived + 1)); done
+	echo "@@info $(wc -l </tmp/pc.sums) synced files checked; $survived of 8 unsynced files there"
+	(cd /mnt/blk/synced && sha256sum -c --quiet /tmp/pc.sums)
+	echo after >/mnt/blk/after-power-cut
+	umount /mnt/blk
+	e2 e2fsck -fn "$DEV_PATH" >/dev/null
+	stop_device pc2
+	umount "$local_mnt"
+	dmsetup remove pc-local
+	losetup -d "$loop"
+	rm -rf /tmp/pc-bucket /tmp/pc-disk.img
 }

@@ -1207,6 +1207,28 @@ fn process_stat(pid: u32) -> Option<(char, u64)> {
     Some((state, start_time))
 }
 
+/// Whether process `pid`, started at `start_time`, still holds its descriptors. They are
+/// closed when its last thread exits: a zombie leader (state Z) whose other threads are
+/// still finishing (a fetch thread in a slow read, say) keeps them, and so the blob
+/// caches' locks and the cachefiles objects.
+fn process_running(pid: u32, start_time: u64) -> bool {
+    match process_stat(pid) {
+        Some((state, start)) if start == start_time => {
+            if !matches!(state, 'Z' | 'X') {
+                return true;
+            }
+            // Exited threads other than the leader are released at once: any listed here
+            // is still running or exiting.
+            std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|mut tasks| {
+                tasks.any(|task| {
+                    task.is_ok_and(|task| task.file_name().to_str() != Some(&pid.to_string()))
+                })
+            })
+        }
+        _ => false,
+    }
+}
+
 fn process_start_time(pid: u32) -> Option<u64> {
     process_stat(pid).map(|(_, start)| start)
 }
@@ -1231,11 +1253,7 @@ fn wait_for_previous_worker(pid: u32, saved_start_time: Option<u64>) {
     if !(same_process || (saved_start_time.is_none() && named_worker)) {
         return;
     }
-    // A zombie has closed its descriptors already.
-    let alive = || {
-        process_stat(pid)
-            .is_some_and(|(state, start)| start == start_time && state != 'Z' && state != 'X')
-    };
+    let alive = || process_running(pid, start_time);
     let Ok(raw_pid) = libc::pid_t::try_from(pid) else {
         return;
     };
@@ -1485,6 +1503,46 @@ mod tests {
         let status = other.wait().expect("wait");
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn a_zombie_leader_with_a_thread_left_still_holds_its_descriptors() {
+        // The leader thread exits (pthread_exit) while another thread sleeps: the leader
+        // reads as a zombie, yet the process, and its descriptors, are still there.
+        let script = "import ctypes, threading, time\n\
+            threading.Thread(target=time.sleep, args=(60,)).start()\n\
+            ctypes.CDLL(None).pthread_exit(None)\n";
+        let mut child = match Command::new("python3").args(["-c", script]).spawn() {
+            Ok(child) => child,
+            Err(err) => {
+                eprintln!("SKIP: python3 is needed to make a zombie leader: {err}");
+                return;
+            }
+        };
+        let start = process_start_time(child.id()).expect("start time");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while process_stat(child.id()).is_some_and(|(state, _)| state != 'Z') {
+            assert!(
+                Instant::now() < deadline,
+                "the leader never became a zombie"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            process_running(child.id(), start),
+            "a zombie leader with a live thread counted as gone"
+        );
+        assert!(
+            !process_running(child.id(), start + 1),
+            "another start time"
+        );
+        child.kill().expect("kill");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while process_running(child.id(), start) {
+            assert!(Instant::now() < deadline, "the killed process never went");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait().expect("wait");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use berth_cache::{
     open_backend, BlobBackend, BlobHandle, CacheEngine, CacheError, LocalDirBackend, Manifest,
@@ -201,7 +202,7 @@ impl Worker {
             .into());
         }
         self.backends.route(&manifest.object, backend);
-        let handle = Arc::new(self.engine.open_blob(&manifest)?);
+        let handle = Arc::new(open_blob_when_free(&self.engine, &manifest)?);
         let sinks: Arc<Mutex<Vec<Arc<Sink>>>> = Arc::default();
         {
             let sinks = sinks.clone();
@@ -484,6 +485,29 @@ pub fn run_worker(options: WorkerOptions, socket: OwnedFd) -> Result<()> {
         let _ = thread.join();
     }
     Ok(())
+}
+
+/// How long a worker waits for a blob cache another process still holds. A previous
+/// worker killed with its server may still be exiting: its descriptors, and so the blob's
+/// lock, are closed only when its last thread is gone.
+const BLOB_BUSY_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Opens the blob's cache, waiting (bounded) while another process holds its lock.
+fn open_blob_when_free(engine: &CacheEngine, manifest: &Manifest) -> Result<BlobHandle> {
+    let started = Instant::now();
+    let mut logged = false;
+    loop {
+        match engine.open_blob(manifest) {
+            Err(CacheError::BlobBusy { .. }) if started.elapsed() < BLOB_BUSY_PATIENCE => {
+                if !logged {
+                    tracing::info!(blob = %manifest.blob_id, "the blob's cache is held by another process (a previous worker still exiting?); waiting for it");
+                    logged = true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return Ok(other?),
+        }
+    }
 }
 
 #[cfg(test)]
