@@ -319,6 +319,17 @@ pub struct VhostUserArgs {
     pub common: CommonArgs,
 }
 
+/// `berth fuse --io-uring`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoUringMode {
+    /// io_uring where the kernel allows it, /dev/fuse read and write otherwise.
+    Auto,
+    /// io_uring or refuse to start.
+    Always,
+    /// /dev/fuse read and write only.
+    Never,
+}
+
 /// `berth fuse` flags.
 #[derive(Debug, Args)]
 pub struct FuseArgs {
@@ -326,7 +337,8 @@ pub struct FuseArgs {
     #[arg(long, value_name = "DIR", required = true)]
     pub mountpoint: Option<PathBuf>,
 
-    /// Worker threads reading /dev/fuse.
+    /// Worker threads reading /dev/fuse; with FUSE over io_uring also the ring threads,
+    /// spread over the CPUs' queues (at least two per queue).
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
@@ -336,6 +348,17 @@ pub struct FuseArgs {
     /// kernel and berth's privileges allow, `always` fails to start otherwise.
     #[arg(long, value_name = "auto|always|never", default_value = "auto")]
     pub passthrough: berth_passthrough::PassthroughMode,
+
+    /// FUSE over io_uring: requests and replies move through a ring per CPU instead of
+    /// read and write on /dev/fuse (Linux 6.14+, CONFIG_FUSE_IO_URING, the fuse module's
+    /// enable_uring parameter set to Y). `auto` uses it where the kernel allows, `always`
+    /// fails to start otherwise.
+    #[arg(
+        long = "io-uring",
+        value_name = "auto|always|never",
+        default_value = "auto"
+    )]
+    pub io_uring: IoUringMode,
 
     #[command(flatten)]
     pub shared_cache: crate::shared_cache::SharedCacheArgs,
@@ -574,6 +597,7 @@ pub struct FuseSettings {
     pub mountpoint: PathBuf,
     pub threads: usize,
     pub passthrough: berth_passthrough::PassthroughMode,
+    pub io_uring: IoUringMode,
     pub shared_cache: crate::shared_cache::SharedCacheArgs,
     pub isolation: IsolationSettings,
     pub fs: Config,
@@ -1055,6 +1079,7 @@ impl FuseArgs {
             mountpoint: self.mountpoint.clone().unwrap_or_default(),
             threads: usize::from(self.threads),
             passthrough: self.passthrough,
+            io_uring: self.io_uring,
             shared_cache: self.shared_cache.clone(),
             isolation,
             fs,
@@ -1979,5 +2004,29 @@ mod tests {
         assert!(err.contains("expected auto, always or never"), "{err}");
         // vhost-user mode has no such flag.
         assert!(parse(&["--socket-path=/s", "--shared-dir=/d", "--passthrough=never"]).is_err());
+    }
+
+    #[test]
+    fn fuse_io_uring_modes() {
+        let mode = |extra: &[&str]| {
+            let mut args = vec!["fuse", "--shared-dir=/d", "--mountpoint=/m"];
+            args.extend_from_slice(extra);
+            match resolve(&args) {
+                Ok(Mode::Fuse(s)) => s.io_uring,
+                other => panic!("expected fuse mode, got {other:?}"),
+            }
+        };
+        assert_eq!(mode(&[]), IoUringMode::Auto);
+        assert_eq!(mode(&["--io-uring=never"]), IoUringMode::Never);
+        assert_eq!(mode(&["--io-uring", "always"]), IoUringMode::Always);
+        assert!(parse(&[
+            "fuse",
+            "--shared-dir=/d",
+            "--mountpoint=/m",
+            "--io-uring=on"
+        ])
+        .is_err());
+        // vhost-user mode has no such flag.
+        assert!(parse(&["--socket-path=/s", "--shared-dir=/d", "--io-uring=always"]).is_err());
     }
 }

@@ -5,9 +5,11 @@
 mod block;
 mod cli;
 mod fuse_notify;
+mod fuse_uring;
 mod fusedev;
 mod image;
 mod logging;
+mod metrics_file;
 mod pool;
 mod shared_cache;
 mod shutdown;
@@ -22,7 +24,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
 use berth_passthrough::{Config, FsServer, InodeFileHandles, PassthroughFs};
-use berth_seccomp::{CapsNeeded, SandboxConfig, ThreadRole};
+use berth_seccomp::{CapsNeeded, SandboxConfig, SandboxRoot, ThreadRole};
 use clap::Parser;
 use tracing::{info, warn};
 
@@ -160,7 +162,8 @@ fn apply_guest_limits(cfg: &mut Config, isolation: &IsolationSettings, nofile: u
 fn sandbox_config(isolation: &IsolationSettings, shared_dir: &Path) -> SandboxConfig {
     SandboxConfig {
         mode: isolation.sandbox,
-        shared_dir: shared_dir.to_owned(),
+        root: SandboxRoot::Dir(shared_dir.to_owned()),
+        keep_network: false,
         uid_map: isolation.uid_map.clone(),
         gid_map: isolation.gid_map.clone(),
         supervisor_seccomp: isolation.seccomp,
@@ -303,6 +306,8 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
         &settings.fs,
         settings.shared_cache.shared_cache,
     )?;
+    // Whether to offer FUSE over io_uring, from sysfs (which the sandbox may hide).
+    let uring_plan = fuse_uring::plan(settings.io_uring, settings.threads)?;
     // The mount must be visible on the host: it is made before the sandbox (a new mount
     // namespace) exists, and only a guard left outside can take it down again.
     let session = fusedev::mount(&mountpoint, settings.fs.readonly)?;
@@ -332,9 +337,20 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
         _ => None,
     };
     let seccomp = settings.isolation.seccomp;
+    let mut rings = None;
     let prepared = confine_and_open(&settings.isolation, settings.fs, |fs| {
         if let Some(shared) = &shared {
             watcher = Some(shared.attach(fs, true)?);
+        }
+        // Made and restricted while io_uring_setup and io_uring_register are still allowed.
+        if let Some(plan) = &uring_plan {
+            match fusedev::Rings::create(&session, plan) {
+                Ok(made) => rings = Some(made),
+                Err(e) if plan.required => return Err(e.context("--io-uring always")),
+                Err(e) => {
+                    info!("FUSE transport: /dev/fuse read and write (io_uring is off: {e:#}).")
+                }
+            }
         }
         // Started while the process still holds CAP_SYS_ADMIN, which only it keeps.
         if let Some(registrar) = registrar.take() {
@@ -353,6 +369,9 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
         if let Some(backing) = backing {
             server.use_backing_files(backing);
         }
+        if let (Some(plan), Some(_)) = (&uring_plan, &rings) {
+            server.offer_io_uring(plan.required);
+        }
         Ok(server)
     });
     let server = match prepared {
@@ -367,6 +386,7 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
         session,
         &mountpoint,
         settings.threads,
+        rings,
         settings.isolation.seccomp,
         guard,
         signals,

@@ -23,7 +23,8 @@ started=$(date +%s)
 
 section "installing test dependencies"
 packages=(build-essential pkg-config fuse3 fio attr acl cpio zstd erofs-utils busybox-static
-	qemu-system-x86 python3 python3-pip python3-venv strace uidmap git bc bison flex libelf-dev libclang-dev)
+	qemu-system-x86 python3 python3-pip python3-venv strace uidmap git bc bison flex libelf-dev libclang-dev
+	libfuse3-dev meson ninja-build liburing-dev libnuma-dev)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -83,6 +84,21 @@ section "host /dev/fuse suites again, classic path (--passthrough never)"
 BERTH_FUSE_TEST_PASSTHROUGH=never cargo test --release --test fuse_ops --test fuse_semantics \
 	--test fuse_stress --test fuse_xattrmap --test fuse_lifecycle --test fuse_confinement
 
+# And once more over FUSE over io_uring, where the kernel has it (the fuse module's
+# enable_uring parameter, set for the run and restored after).
+uring_parameter=/sys/module/fuse/parameters/enable_uring
+if [ "$(id -u)" -eq 0 ] && [ -e $uring_parameter ]; then
+	section "host /dev/fuse suites again, over io_uring (--io-uring always)"
+	uring_saved=$(cat $uring_parameter)
+	echo Y >$uring_parameter
+	uring_status=0
+	BERTH_FUSE_TEST_IO_URING=always cargo test --release --test fuse_ops --test fuse_semantics \
+		--test fuse_stress --test fuse_xattrmap --test fuse_lifecycle --test fuse_confinement \
+		--test fuse_passthrough || uring_status=$?
+	echo "$uring_saved" >$uring_parameter
+	[ $uring_status -eq 0 ] || exit $uring_status
+fi
+
 section "volume: kill -9 at every crash point (failpoints build)"
 cargo test -p berth-volume --release --features failpoints --test crash_points
 
@@ -100,9 +116,22 @@ if [ -x benches/compare.sh ]; then
 	benches/compare.sh --quick
 fi
 
+if [ -x benches/blk-compare.sh ]; then
+	section "vhost-user-blk load generator smoke run (berth vs qemu-storage-daemon vs a volume)"
+	benches/blk-compare.sh --quick
+fi
+
+if [ -x benches/volume-flush.sh ]; then
+	section "volume flush against raw PUTs to the S3 server, smoke run"
+	benches/volume-flush.sh --quick
+fi
+
 if [ "$(id -u)" -eq 0 ]; then
-	section "berth fuse data I/O: native, classic, passthrough (quick)"
-	benches/fuse-passthrough.sh --quick
+	# Native, libfuse's passthrough_hp (Debian sid's fuse3 source built once into the cache:
+	# classic, passthrough, io_uring and both) and berth in the same four modes (the io_uring
+	# ones where the kernel has FUSE over io_uring).
+	section "berth fuse against native and passthrough_hp, every mode (quick)"
+	benches/fuse-compare.sh --quick --libfuse sid
 fi
 
 if [ $skip_guest -eq 0 ]; then
@@ -131,6 +160,12 @@ if [ $skip_guest -eq 0 ]; then
 		echo "SKIP guest shared-caching benchmark: needs root"
 	else
 		benches/guest-shared-cache.sh --quick
+	fi
+	section "ublk in the guest: transports against the loop device, and density (quick)"
+	if [ "$(id -u)" -ne 0 ]; then
+		echo "SKIP guest ublk benchmark: needs root"
+	else
+		benches/guest-block.sh --quick --json "${TMPDIR:-/tmp}/berth-guest-block-quick.json"
 	fi
 fi
 

@@ -71,29 +71,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(spec: &DaemonCommand, socket: &Path, shared: &Path) -> Result<Self> {
-        let _ = std::fs::remove_file(socket);
-        let child = spec
-            .command(socket, shared)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("cannot start {}", spec.binary.display()))?;
-        let mut daemon = Self {
+        let child = start_listening(spec.command(socket, shared), socket, &spec.binary)?;
+        Ok(Self {
             child,
             socket: socket.to_owned(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            if let Some(status) = daemon.child.try_wait()? {
-                bail!("{} exited at start: {status}", spec.binary.display());
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not create its socket", spec.binary.display());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(daemon)
+        })
     }
 
     /// The process that serves requests: with a namespace sandbox both berth and virtiofsd
@@ -130,6 +112,44 @@ impl Drop for Daemon {
 }
 
 /// The first child of `pid`, or `pid` itself when it has none.
+/// Waits (10 s at most) for a just started daemon to create its socket; fails if it exits
+/// first.
+/// Starts a daemon that listens on `socket` (a stale one removed first), stdin and stdout
+/// closed, and waits for the socket to appear. If it does not, the daemon is killed and the
+/// socket removed, as dropping a started daemon does.
+pub fn start_listening(mut command: Command, socket: &Path, binary: &Path) -> Result<Child> {
+    let _ = std::fs::remove_file(socket);
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    if let Err(err) = wait_for_socket(&mut child, socket, binary) {
+        if let Ok(None) = child.try_wait() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(socket);
+        return Err(err);
+    }
+    Ok(child)
+}
+
+fn wait_for_socket(child: &mut Child, socket: &Path, binary: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Some(status) = child.try_wait()? {
+            bail!("{} exited at start: {status}", binary.display());
+        }
+        if Instant::now() > deadline {
+            bail!("{} did not create its socket", binary.display());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
 pub fn serving_pid(pid: u32) -> u32 {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .ok()

@@ -4,7 +4,14 @@
 //! vhost-user socket with N request queues at a fixed queue depth, checks every reply, runs the
 //! same operations as direct syscalls for the native limit, and prints medians.
 //! `run` drives one workload against a daemon that is already listening (for profiling).
+//! `blk-compare` does the same for vhost-user-blk: berth's `block serve-vhost` against
+//! qemu-storage-daemon's vhost-user-blk export on the same raw file and, with `--volume`,
+//! against berth serving that data as a volume on an S3 server; `blk-run` drives one block
+//! workload against a backend already listening. `vol-flush` times a volume's upload of
+//! dirty data against raw PUTs of the same bytes to the same server.
 
+mod blk;
+mod blkcompare;
 mod daemon;
 mod fileset;
 mod native;
@@ -12,6 +19,8 @@ mod pattern;
 mod report;
 mod stats;
 mod vhost;
+mod volflush;
+mod volume;
 mod workload;
 
 use std::path::PathBuf;
@@ -37,6 +46,86 @@ enum Command {
     Compare(CompareArgs),
     /// Run one workload against a daemon already listening on --socket.
     Run(RunArgs),
+    /// Run every block workload against berth and qemu-storage-daemon, alternating.
+    BlkCompare(BlkCompareArgs),
+    /// Run one block workload against a vhost-user-blk backend already listening on --socket.
+    BlkRun(BlkRunArgs),
+    /// Time a volume's upload of N MiB of dirty data against raw PUTs of as many bytes.
+    VolFlush(volflush::VolFlushArgs),
+}
+
+#[derive(clap::Args)]
+struct BlkCompareArgs {
+    /// The berth binary.
+    #[arg(long)]
+    berth: PathBuf,
+    /// The qemu-storage-daemon binary; without it only berth runs.
+    #[arg(long)]
+    qsd: Option<PathBuf>,
+    /// qemu-storage-daemon's aio mode for the file (io_uring, its fastest here, or threads).
+    #[arg(long, default_value = "io_uring")]
+    qsd_aio: String,
+    /// Also serve the image's data as a volume (`berth block serve-vhost volume:s3://...`)
+    /// on an S3 server (moto) started here, and compare it with berth on the raw file.
+    #[arg(long)]
+    volume: bool,
+    /// The raw image both backends serve (made, with the read pattern, unless it is ready).
+    #[arg(long)]
+    image: PathBuf,
+    /// Image size (K, M, G suffixes) [default: 1G, --quick 64M].
+    #[arg(long)]
+    size: Option<String>,
+    /// Smoke mode: small image, one short run per case, pass/fail exit code.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds per run.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Repetitions of every case (medians are reported).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Comma-separated workload names (default: all).
+    #[arg(long)]
+    workloads: Option<String>,
+    /// Comma-separated request queue counts [default: 1,2; --quick 2].
+    #[arg(long)]
+    queues: Option<String>,
+    /// Comma-separated queue depths (requests in flight per queue) [default: 1,32; --quick 8].
+    #[arg(long)]
+    depths: Option<String>,
+    /// Data descriptors are cut to at most this many bytes.
+    #[arg(long, default_value = "64K")]
+    segment: String,
+    /// Do not negotiate VIRTIO_RING_F_EVENT_IDX.
+    #[arg(long)]
+    no_event_idx: bool,
+    /// Write every run's figures here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct BlkRunArgs {
+    #[arg(long)]
+    socket: PathBuf,
+    /// Size of the image the backend serves, prepared by `blk-compare` (K, M, G suffixes).
+    #[arg(long)]
+    size: String,
+    #[arg(long)]
+    workload: String,
+    #[arg(long, default_value_t = 1)]
+    queues: usize,
+    #[arg(long, default_value_t = 1)]
+    depth: u16,
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    #[arg(long, default_value = "64K")]
+    segment: String,
+    #[arg(long)]
+    no_event_idx: bool,
+    /// Pid of the backend, to report its CPU time.
+    #[arg(long)]
+    pid: Option<u32>,
 }
 
 #[derive(clap::Args)]
@@ -109,6 +198,9 @@ fn main() {
     let result = match cli.command {
         Command::Compare(args) => compare(args),
         Command::Run(args) => run_one(args),
+        Command::BlkCompare(args) => blk_compare(args),
+        Command::BlkRun(args) => blk_run(args),
+        Command::VolFlush(args) => volflush::run(args),
     };
     match result {
         Ok(true) => {}
@@ -241,6 +333,155 @@ fn run_one(args: RunArgs) -> Result<bool> {
         line.p99_us,
         line.cpu_s,
         line.kicks_per_request
+    );
+    Ok(true)
+}
+
+fn blk_workloads(filter: Option<&str>) -> Result<Vec<blk::BlkWorkload>> {
+    match filter {
+        None => Ok(blk::BlkWorkload::all()),
+        Some(names) => names
+            .split(',')
+            .map(|name| {
+                blk::BlkWorkload::parse(name.trim())
+                    .with_context(|| format!("unknown block workload '{name}'"))
+            })
+            .collect(),
+    }
+}
+
+fn segment_size(text: &str) -> Result<u32> {
+    let bytes = blk::parse_size(text)?;
+    match u32::try_from(bytes) {
+        Ok(bytes) if (512..=1 << 20).contains(&bytes) && bytes.is_multiple_of(512) => Ok(bytes),
+        _ => bail!("the segment size must be a multiple of 512 from 512 to 1M, not {text}"),
+    }
+}
+
+fn blk_compare(args: BlkCompareArgs) -> Result<bool> {
+    let (size, seconds, reps, queues, depths) = if args.quick {
+        ("64M", 0.3, 1, "2", "8")
+    } else {
+        ("1G", 2.0, 3, "1,2", "1,32")
+    };
+    let size = blk::parse_size(args.size.as_deref().unwrap_or(size))?;
+    let layout = blk::DiskLayout::new(size)?;
+    blk::prepare_image(&args.image, layout)?;
+    let mut daemons = vec![blkcompare::BlkDaemonCommand {
+        backend: blkcompare::BlkBackend::Berth,
+        binary: args.berth.clone(),
+        qsd_aio: args.qsd_aio.clone(),
+        volume: None,
+    }];
+    match &args.qsd {
+        Some(path) if path.exists() => daemons.push(blkcompare::BlkDaemonCommand {
+            backend: blkcompare::BlkBackend::Qsd,
+            binary: path.clone(),
+            qsd_aio: args.qsd_aio.clone(),
+            volume: None,
+        }),
+        Some(path) => println!(
+            "qemu-storage-daemon not found at {}: running berth only",
+            path.display()
+        ),
+        None => println!("no qemu-storage-daemon given: running berth only"),
+    }
+    // The volume's server and local state live as long as the runs (the state is this
+    // process's: its bucket goes with it).
+    let volume_dir = args
+        .image
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join(format!("volumes-{}", std::process::id()));
+    let server = if args.volume {
+        let server = volume::S3Server::start("berth-bench")?;
+        let started = std::time::Instant::now();
+        let bench = volume::BenchVolume::prepare(&server, "blk", &args.image, layout, &volume_dir)?;
+        println!(
+            "volume {} made from the image on {} and its read region read once ({:.1} s)",
+            bench.location,
+            server.endpoint(),
+            started.elapsed().as_secs_f64()
+        );
+        daemons.push(blkcompare::BlkDaemonCommand {
+            backend: blkcompare::BlkBackend::Volume,
+            binary: args.berth.clone(),
+            qsd_aio: args.qsd_aio.clone(),
+            volume: Some(std::sync::Arc::new(bench)),
+        });
+        Some(server)
+    } else {
+        None
+    };
+    let plan = blkcompare::BlkPlan {
+        image: args.image.clone(),
+        layout,
+        workloads: blk_workloads(args.workloads.as_deref())?,
+        queues: list(args.queues.as_deref().unwrap_or(queues), "queue count")?,
+        depths: list(args.depths.as_deref().unwrap_or(depths), "depth")?,
+        duration: Duration::from_secs_f64(args.seconds.unwrap_or(seconds)),
+        reps: args.reps.unwrap_or(reps).max(1),
+        segment: segment_size(&args.segment)?,
+        event_idx: !args.no_event_idx,
+        quick: args.quick,
+        qsd_aio: args.qsd_aio.clone(),
+        volume: args.volume,
+    };
+    if plan.queues.contains(&0) || plan.depths.contains(&0) {
+        bail!("queue counts and depths start at 1");
+    }
+    let outcome = blkcompare::run_plan(&daemons, &plan);
+    drop(daemons);
+    if let Some(server) = server {
+        drop(server);
+        let _ = std::fs::remove_dir_all(&volume_dir);
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&outcome)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    blkcompare::print(&outcome, &plan);
+    Ok(outcome.failures.is_empty())
+}
+
+fn blk_run(args: BlkRunArgs) -> Result<bool> {
+    let layout = blk::DiskLayout::new(blk::parse_size(&args.size)?)?;
+    let Some(workload) = blk::BlkWorkload::parse(&args.workload) else {
+        bail!("unknown block workload '{}'", args.workload);
+    };
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs() % 4000 + 4001);
+    let case = blk::BlkCase {
+        workload,
+        queues: args.queues,
+        depth: args.depth,
+        duration: Duration::from_secs_f64(args.seconds),
+        generation,
+        segment: segment_size(&args.segment)?,
+        event_idx: !args.no_event_idx,
+    };
+    let pid = args.pid;
+    let sampler = move || pid.and_then(|p| daemon::sample(p).ok());
+    let run = blk::run(&args.socket, layout, &case, &sampler)?;
+    let result = &run.result;
+    let elapsed = result.elapsed.max(1e-9);
+    let cpu = match (result.before, result.after) {
+        (Some(before), Some(after)) => after.cpu_seconds - before.cpu_seconds,
+        _ => 0.0,
+    };
+    println!(
+        "{} q{} qd{}: {:.0} IOPS, {:.1} MiB/s, p50 {:.1} us, p99 {:.1} us, backend cpu {:.2} s, {:.2} kicks/request, {} writes read back",
+        workload.name(),
+        args.queues,
+        args.depth,
+        result.ops as f64 / elapsed,
+        result.bytes as f64 / elapsed / f64::from(1 << 20),
+        result.latency.quantile(0.5) as f64 / 1000.0,
+        result.latency.quantile(0.99) as f64 / 1000.0,
+        cpu,
+        result.kicks as f64 / result.requests.max(1) as f64,
+        run.read_back
     );
     Ok(true)
 }

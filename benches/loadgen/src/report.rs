@@ -1,6 +1,5 @@
 //! Running the comparison plan, the median summary and its table.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -11,7 +10,7 @@ use serde::Serialize;
 use crate::daemon::{self, Backend, Daemon, DaemonCommand, ProcSample};
 use crate::fileset::FileSet;
 use crate::native;
-use crate::stats::median;
+use crate::stats::{self, set_medians, summarize_groups, HostFacts};
 use crate::vhost::{self, FrontendOptions};
 use crate::workload::{Case, RunResult, Workload};
 
@@ -111,9 +110,8 @@ pub struct FdCheck {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
-    pub cpu_model: String,
-    pub cpus: usize,
-    pub kernel: String,
+    #[serde(flatten)]
+    pub host: HostFacts,
     pub event_idx: bool,
     pub seconds_per_run: f64,
     pub reps: usize,
@@ -129,19 +127,8 @@ pub struct Outcome {
 }
 
 fn machine(plan: &Plan) -> Machine {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu_model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-        .unwrap_or_default();
     Machine {
-        cpu_model,
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
+        host: HostFacts::read(),
         event_idx: plan.event_idx,
         seconds_per_run: plan.duration.as_secs_f64(),
         reps: plan.reps,
@@ -149,9 +136,7 @@ fn machine(plan: &Plan) -> Machine {
 }
 
 fn socket_path() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("berth-loadgen-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir.join("vhost.sock"))
+    Ok(stats::socket_path("berth-loadgen", "vhost.sock")?)
 }
 
 /// virtiofsd serves one request queue: a case of N queues at depth D runs on its single queue
@@ -365,33 +350,20 @@ fn fd_check(files: &FileSet, spec: &DaemonCommand, lookups: usize) -> Result<(u6
 }
 
 fn summarize(runs: &[Row]) -> Vec<Row> {
-    let mut groups: BTreeMap<(String, usize, u16, Backend), Vec<&Row>> = BTreeMap::new();
-    for row in runs {
-        groups
-            .entry((row.workload.clone(), row.queues, row.depth, row.backend))
-            .or_default()
-            .push(row);
-    }
-    groups
-        .into_values()
-        .map(|rows| {
-            let pick =
-                |f: fn(&Row) -> f64| median(&mut rows.iter().map(|r| f(r)).collect::<Vec<_>>());
+    summarize_groups(
+        runs,
+        |row| (row.workload.clone(), row.queues, row.depth, row.backend),
+        |rows| {
             let mut summary = rows[0].clone();
             summary.rep = rows.len();
-            summary.ops_per_s = pick(|r| r.ops_per_s);
-            summary.mib_per_s = pick(|r| r.mib_per_s);
-            summary.p50_us = pick(|r| r.p50_us);
-            summary.p99_us = pick(|r| r.p99_us);
-            summary.cpu_s = pick(|r| r.cpu_s);
-            summary.cpu_us_per_op = pick(|r| r.cpu_us_per_op);
-            summary.hwm_mib = pick(|r| r.hwm_mib);
-            summary.idle_rss_mib = pick(|r| r.idle_rss_mib);
-            summary.fds = pick(|r| r.fds);
-            summary.kicks_per_request = pick(|r| r.kicks_per_request);
+            set_medians!(
+                summary, rows;
+                ops_per_s, mib_per_s, p50_us, p99_us, cpu_s, cpu_us_per_op,
+                hwm_mib, idle_rss_mib, fds, kicks_per_request,
+            );
             summary
-        })
-        .collect()
+        },
+    )
 }
 
 fn find<'a>(
@@ -472,9 +444,9 @@ pub fn print(outcome: &Outcome, plan: &Plan) {
     } else {
         println!(
             "\n{} x {} cpus, kernel {}, {} s per run, median of {}, EVENT_IDX {}",
-            m.cpu_model,
-            m.cpus,
-            m.kernel,
+            m.host.cpu_model,
+            m.host.cpus,
+            m.host.kernel,
             m.seconds_per_run,
             m.reps,
             if m.event_idx { "on" } else { "off" }

@@ -89,6 +89,69 @@ pub fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// Median of `field` over `rows`.
+pub fn median_of<R>(rows: &[&R], field: impl Fn(&R) -> f64) -> f64 {
+    median(&mut rows.iter().map(|r| field(r)).collect::<Vec<_>>())
+}
+
+/// Sets each named `f64` field of the row `$summary` to that field's median over `$rows`
+/// (with [`median_of`]).
+macro_rules! set_medians {
+    ($summary:expr, $rows:expr; $($field:ident),+ $(,)?) => {
+        $($summary.$field = $crate::stats::median_of($rows, |r| r.$field);)+
+    };
+}
+pub(crate) use set_medians;
+
+/// `runs` grouped by `key` (in key order), each group folded into one summary row by
+/// `fold` (which takes the medians it wants with [`median_of`]).
+pub fn summarize_groups<R, K: Ord>(
+    runs: &[R],
+    key: impl Fn(&R) -> K,
+    fold: impl Fn(&[&R]) -> R,
+) -> Vec<R> {
+    let mut groups: std::collections::BTreeMap<K, Vec<&R>> = std::collections::BTreeMap::new();
+    for row in runs {
+        groups.entry(key(row)).or_default().push(row);
+    }
+    groups.values().map(|rows| fold(rows)).collect()
+}
+
+/// The machine a comparison ran on, as every report records it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HostFacts {
+    pub cpu_model: String,
+    pub cpus: usize,
+    pub kernel: String,
+}
+
+impl HostFacts {
+    pub fn read() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            .unwrap_or_default();
+        Self {
+            cpu_model,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        }
+    }
+}
+
+/// A socket path in a directory of this process's own (`TAG-PID` under the temporary
+/// directory), for a daemon under test to listen on.
+pub fn socket_path(tag: &str, name: &str) -> std::io::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir.join(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +185,14 @@ mod tests {
             assert!(lower_bound(bucket) <= value && value < lower_bound(bucket + 1).max(value + 1));
             previous = bucket;
         }
+    }
+
+    #[test]
+    fn groups_are_summarized_in_key_order_with_medians() {
+        let runs = [("b", 1.0), ("a", 5.0), ("b", 3.0), ("a", 1.0), ("b", 2.0)];
+        let summary =
+            summarize_groups(&runs, |r| r.0, |rows| (rows[0].0, median_of(rows, |r| r.1)));
+        assert_eq!(summary, vec![("a", 3.0), ("b", 2.0)]);
     }
 
     #[test]

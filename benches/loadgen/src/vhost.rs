@@ -20,7 +20,8 @@ use crate::daemon::ProcSample;
 use crate::fileset::{self, FileSet, WRITE_FILE_BASE};
 use crate::pattern;
 use crate::workload::{
-    harness, remember_write, Case, Offsets, Rng, RunResult, WorkerResult, Workload, READDIR_BUFFER,
+    harness, remember_write, take_queue, Case, Offsets, Rng, RunResult, WorkerResult, Workload,
+    READDIR_BUFFER,
 };
 
 /// How the frontend is set up.
@@ -75,11 +76,7 @@ pub fn run(
         case.duration,
         sampler,
         |index| {
-            let queue = slots[index]
-                .lock()
-                .map_err(|_| anyhow!("queue lock poisoned"))?
-                .take()
-                .context("queue already taken")?;
+            let queue = take_queue(&slots, index)?;
             Worker::new(queue, files, case, index)
         },
         |worker, stop| worker.run(stop),

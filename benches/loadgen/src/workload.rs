@@ -137,6 +137,17 @@ pub struct RunResult {
 
 /// Runs `threads` workers: each sets itself up with `setup`, all start together, `run` goes
 /// until the stop flag, and `sampler` reads the daemon's figures at the start and the stop.
+/// Takes the queue of worker `index` out of the slots handed to [`harness`]'s workers.
+pub fn take_queue<Q>(slots: &[std::sync::Mutex<Option<Q>>], index: usize) -> Result<Q> {
+    slots
+        .get(index)
+        .ok_or_else(|| anyhow!("no queue for worker {index}"))?
+        .lock()
+        .map_err(|_| anyhow!("queue lock poisoned"))?
+        .take()
+        .ok_or_else(|| anyhow!("queue already taken"))
+}
+
 pub fn harness<W, S, R>(
     threads: usize,
     duration: Duration,

@@ -1,0 +1,458 @@
+//! `vol-flush`: how fast a volume gets dirty data into its bucket, as a fraction of how
+//! fast the same S3 server takes raw PUTs of the same bytes.
+//!
+//! One process does both, alternating per repetition, against one moto server on
+//! loopback through the same S3 client (object_store, via berth's cache backend):
+//!
+//! - volume: a new volume (`--durability object`, `--pack` bytes per pack) is opened in
+//!   this process; N MiB of incompressible data are written to it as 1 MiB writes, then a
+//!   FLUSH, which with object durability completes once everything is in the bucket (packs
+//!   and manifest versions). Throughput is N MiB over the time from the first write to the
+//!   FLUSH's completion. Afterwards the volume is opened again from an empty local
+//!   directory (everything comes from the bucket) and read back in full.
+//! - raw PUT: the same N MiB cut into objects of the pack size, PUT by S streams.
+//!
+//! The fraction is the volume's MiB/s over the best raw PUT MiB/s of the repetition.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use berth_blockdev::target::{flush, read_at, write_at};
+use berth_cache::BlobBackend;
+use berth_volume::admin::{self, CreateOptions};
+use berth_volume::{Durability, Location, Store, Volume, VolumeOptions};
+use serde::Serialize;
+
+use crate::blk::parse_size;
+use crate::stats::{median, HostFacts};
+use crate::volume::S3Server;
+use crate::workload::Rng;
+
+#[derive(clap::Args)]
+pub struct VolFlushArgs {
+    /// Directory for the volumes' local state (emptied first, removed after).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Smoke mode: 16 MiB, 4 MiB packs, one repetition, pass/fail exit code.
+    #[arg(long)]
+    quick: bool,
+    /// MiB of dirty data per measurement [default: 256; --quick 16].
+    #[arg(long)]
+    mib: Option<u64>,
+    /// Pack size: the volume's upload batch and the raw PUTs' object size (K, M suffixes)
+    /// [default: 32M, the volume default; --quick 4M].
+    #[arg(long)]
+    pack: Option<String>,
+    /// Comma-separated numbers of parallel raw PUT streams [default: 1,4; --quick 1,2].
+    #[arg(long)]
+    streams: Option<String>,
+    /// Repetitions (medians are reported) [default: 3; --quick 1].
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Write every run's figures here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// One measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct FlushRow {
+    /// `volume` or `put-S` (S parallel streams).
+    pub method: String,
+    pub rep: usize,
+    pub mib_per_s: f64,
+    pub seconds: f64,
+    /// Volume: seconds from the last write's completion to the FLUSH's.
+    pub drain_seconds: f64,
+    /// Objects written (volume: packs; manifests not counted).
+    pub objects: u64,
+    /// Bytes sent as objects (volume: packs as stored).
+    pub object_bytes: u64,
+    /// Volume: manifest versions written.
+    pub manifests: u64,
+    /// Volume: seconds its uploader spent in batches (pack, PUT, manifest, local apply).
+    pub upload_busy_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FlushOutcome {
+    #[serde(flatten)]
+    pub host: HostFacts,
+    pub server: String,
+    pub mib: u64,
+    pub pack_bytes: u64,
+    pub reps: usize,
+    pub runs: Vec<FlushRow>,
+    /// Volume MiB/s over the best raw PUT MiB/s, per repetition.
+    pub fractions: Vec<f64>,
+    pub fraction_median: f64,
+    pub failures: Vec<String>,
+}
+
+struct Plan {
+    dir: PathBuf,
+    bytes: u64,
+    pack: u64,
+    streams: Vec<usize>,
+    reps: usize,
+}
+
+pub fn run(args: VolFlushArgs) -> Result<bool> {
+    let (mib, pack, streams, reps) = if args.quick {
+        (16, "4M", "1,2", 1)
+    } else {
+        (256, "32M", "1,4", 3)
+    };
+    let mib = args.mib.unwrap_or(mib);
+    let pack = parse_size(args.pack.as_deref().unwrap_or(pack))?;
+    if mib == 0 || pack < 1 << 20 || !pack.is_multiple_of(1 << 20) {
+        bail!("--mib must be at least 1 and --pack a multiple of 1 MiB");
+    }
+    let streams: Vec<usize> = args
+        .streams
+        .as_deref()
+        .unwrap_or(streams)
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .map_err(|_| anyhow!("bad stream count '{s}'"))
+        })
+        .collect::<Result<_>>()?;
+    if streams.is_empty() || streams.contains(&0) {
+        bail!("stream counts start at 1");
+    }
+    let plan = Plan {
+        dir: args.dir.clone(),
+        bytes: mib << 20,
+        pack,
+        streams,
+        reps: args.reps.unwrap_or(reps).max(1),
+    };
+    let _ = std::fs::remove_dir_all(&plan.dir);
+    std::fs::create_dir_all(&plan.dir)
+        .with_context(|| format!("cannot create {}", plan.dir.display()))?;
+    let server = S3Server::start("berth-flush")?;
+    let backend = server.backend()?;
+    // Incompressible, so that packs are as large as the raw objects (LZ4 keeps a chunk
+    // that does not shrink as it is).
+    let mut data = vec![0u8; plan.bytes as usize];
+    let mut rng = Rng::new(0xf1a5);
+    for word in data.chunks_exact_mut(8) {
+        word.copy_from_slice(&rng.next().to_le_bytes());
+    }
+    let outcome = measure(&plan, &server, &backend, &data);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&plan.dir);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&outcome)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    print(&outcome, &plan);
+    Ok(outcome.failures.is_empty())
+}
+
+fn measure(
+    plan: &Plan,
+    server: &S3Server,
+    backend: &Arc<dyn BlobBackend>,
+    data: &[u8],
+) -> FlushOutcome {
+    let mut runs = Vec::new();
+    let mut failures = Vec::new();
+    let mut fractions = Vec::new();
+    // The first requests to a new server are slow (its request paths warm up, the client
+    // opens its connections): they would count against whichever method runs first.
+    if let Err(err) = warm_up(plan, backend, data) {
+        failures.push(format!("warming the server up: {err:#}"));
+    }
+    for rep in 0..plan.reps {
+        let mut methods: Vec<Option<usize>> = std::iter::once(None)
+            .chain(plan.streams.iter().map(|&s| Some(s)))
+            .collect();
+        if rep % 2 == 1 {
+            methods.reverse();
+        }
+        let mut volume_rate = None;
+        let mut best_put: Option<f64> = None;
+        for method in methods {
+            let outcome = match method {
+                None => volume_flush(plan, server, backend, data, rep),
+                Some(streams) => raw_puts(plan, backend, data, rep, streams),
+            };
+            match outcome {
+                Ok(row) => {
+                    eprintln!(
+                        "rep {} {}: {:.1} MiB/s ({:.2} s)",
+                        rep + 1,
+                        row.method,
+                        row.mib_per_s,
+                        row.seconds
+                    );
+                    match method {
+                        None => volume_rate = Some(row.mib_per_s),
+                        Some(_) => {
+                            best_put =
+                                Some(best_put.map_or(row.mib_per_s, |b| b.max(row.mib_per_s)))
+                        }
+                    }
+                    runs.push(row);
+                }
+                Err(err) => failures.push(format!(
+                    "rep {} {}: {err:#}",
+                    rep + 1,
+                    method.map_or("volume".to_string(), |s| format!("put-{s}"))
+                )),
+            }
+        }
+        if let (Some(volume), Some(put)) = (volume_rate, best_put) {
+            if put > 0.0 {
+                fractions.push(volume / put);
+            }
+        }
+    }
+    FlushOutcome {
+        host: HostFacts::read(),
+        server: format!("moto on loopback ({})", server.endpoint()),
+        mib: plan.bytes >> 20,
+        pack_bytes: plan.pack,
+        reps: plan.reps,
+        fraction_median: median(&mut fractions.clone()),
+        fractions,
+        runs,
+        failures,
+    }
+}
+
+fn store(server: &S3Server, backend: &Arc<dyn BlobBackend>, prefix: &str) -> Result<Arc<Store>> {
+    let location = Location::parse(&server.location(prefix))?;
+    Ok(Store::with_backend(&location, backend.clone()))
+}
+
+fn volume_options(dir: &Path, plan: &Plan) -> VolumeOptions {
+    VolumeOptions {
+        cache_dir: dir.to_path_buf(),
+        durability: Durability::Object,
+        pack_bytes: plan.pack,
+        // Room for a slow, shared machine: a timeout here is a failure, not a figure.
+        flush_timeout: Duration::from_secs(600),
+        drain_timeout: Duration::from_secs(600),
+        gc_interval: None,
+        ..VolumeOptions::default()
+    }
+}
+
+/// Writes `data` to a new volume and FLUSHes it into the bucket; then reads it all back
+/// through a second open from an empty local directory.
+fn volume_flush(
+    plan: &Plan,
+    server: &S3Server,
+    backend: &Arc<dyn BlobBackend>,
+    data: &[u8],
+    rep: usize,
+) -> Result<FlushRow> {
+    let prefix = format!("flush-{rep}");
+    let store = store(server, backend, &prefix)?;
+    admin::create_in(
+        &store,
+        &CreateOptions {
+            size: Some(plan.bytes),
+            ..CreateOptions::default()
+        },
+        None,
+    )
+    .context("creating the volume")?;
+    let local = plan.dir.join(format!("writer-{rep}"));
+    let (volume, _) = Volume::open_with_store(store.clone(), volume_options(&local, plan))
+        .context("opening the volume")?;
+    let chunk = 1usize << 20;
+    let started = Instant::now();
+    for (index, piece) in data.chunks(chunk).enumerate() {
+        write_at(&volume, (index * chunk) as u64, piece, false)
+            .with_context(|| format!("writing MiB {index}"))?;
+    }
+    let written = Instant::now();
+    flush(&volume).context("FLUSH (object durability)")?;
+    let done = Instant::now();
+    let metrics = volume.metrics();
+    let row = FlushRow {
+        method: "volume".into(),
+        rep,
+        mib_per_s: plan.bytes as f64 / f64::from(1 << 20) / (done - started).as_secs_f64(),
+        seconds: (done - started).as_secs_f64(),
+        drain_seconds: (done - written).as_secs_f64(),
+        objects: metrics.uploads.load(Ordering::Relaxed),
+        object_bytes: metrics.upload_bytes.load(Ordering::Relaxed),
+        manifests: metrics.manifests_written.load(Ordering::Relaxed),
+        upload_busy_seconds: metrics.upload_latency.sum().as_secs_f64(),
+    };
+    volume.close().context("closing the volume")?;
+    drop(volume);
+    if row.object_bytes < plan.bytes {
+        bail!(
+            "the volume uploaded {} bytes of packs for {} bytes of incompressible data",
+            row.object_bytes,
+            plan.bytes
+        );
+    }
+    // Everything from the bucket alone.
+    let reader = plan.dir.join(format!("reader-{rep}"));
+    let (volume, _) = Volume::open_with_store(store, volume_options(&reader, plan))
+        .context("opening the volume again from an empty local directory")?;
+    let mut buffer = vec![0u8; chunk];
+    for (index, piece) in data.chunks(chunk).enumerate() {
+        let buffer = &mut buffer[..piece.len()];
+        read_at(&volume, (index * chunk) as u64, buffer)
+            .with_context(|| format!("reading MiB {index} back"))?;
+        if buffer != piece {
+            bail!("MiB {index} of the volume reads back wrong from the bucket");
+        }
+    }
+    volume.close().context("closing the reader")?;
+    let _ = std::fs::remove_dir_all(&local);
+    let _ = std::fs::remove_dir_all(&reader);
+    Ok(row)
+}
+
+/// A few untimed requests of each kind the measurements make.
+fn warm_up(plan: &Plan, backend: &Arc<dyn BlobBackend>, data: &[u8]) -> Result<()> {
+    let object = &data[..(plan.pack as usize).min(data.len())];
+    for index in 0..2 {
+        let name = format!("warm-up/{index}");
+        backend.put_bytes(&name, object)?;
+        backend.put_if_absent(&format!("warm-up/small-{index}"), b"warm")?;
+        backend.size(&name)?;
+    }
+    for index in 0..2 {
+        backend.delete(&format!("warm-up/{index}"))?;
+        backend.delete(&format!("warm-up/small-{index}"))?;
+    }
+    Ok(())
+}
+
+/// PUTs `data` cut into objects of the pack size, `streams` at a time.
+fn raw_puts(
+    plan: &Plan,
+    backend: &Arc<dyn BlobBackend>,
+    data: &[u8],
+    rep: usize,
+    streams: usize,
+) -> Result<FlushRow> {
+    let objects: Vec<&[u8]> = data.chunks(plan.pack as usize).collect();
+    let next = AtomicUsize::new(0);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..streams)
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    loop {
+                        let index = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(object) = objects.get(index) else {
+                            return Ok(());
+                        };
+                        let name = format!("raw/{rep}-{streams}/{index:06}");
+                        backend
+                            .put_bytes(&name, object)
+                            .with_context(|| format!("PUT {name}"))?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().map_err(|_| anyhow!("a PUT thread panicked"))?)
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    // Read one back: the server took the bytes, not just the requests.
+    let last = objects.len() - 1;
+    let name = format!("raw/{rep}-{streams}/{last:06}");
+    let stored = backend
+        .size(&name)
+        .with_context(|| format!("HEAD {name}"))?;
+    if stored != objects[last].len() as u64 {
+        bail!(
+            "{name} holds {stored} bytes, {} were PUT",
+            objects[last].len()
+        );
+    }
+    for index in 0..objects.len() {
+        let _ = backend.delete(&format!("raw/{rep}-{streams}/{index:06}"));
+    }
+    Ok(FlushRow {
+        method: format!("put-{streams}"),
+        rep,
+        mib_per_s: plan.bytes as f64 / f64::from(1 << 20) / seconds,
+        seconds,
+        drain_seconds: 0.0,
+        objects: objects.len() as u64,
+        object_bytes: plan.bytes,
+        manifests: 0,
+        upload_busy_seconds: 0.0,
+    })
+}
+
+fn print(outcome: &FlushOutcome, plan: &Plan) {
+    println!(
+        "\n{} x {} cpus, kernel {}; {}; {} MiB per measurement, packs / objects of {} MiB, \
+         median of {}",
+        outcome.host.cpu_model,
+        outcome.host.cpus,
+        outcome.host.kernel,
+        outcome.server,
+        outcome.mib,
+        outcome.pack_bytes >> 20,
+        outcome.reps
+    );
+    println!(
+        "{:<8} {:>8} {:>13} {:>8} {:>8} {:>9} {:>9} {:>8}",
+        "method", "MiB/s", "min..max", "seconds", "drain s", "objects", "manifests", "busy s"
+    );
+    let methods = std::iter::once("volume".to_string())
+        .chain(plan.streams.iter().map(|s| format!("put-{s}")));
+    for method in methods {
+        let rows: Vec<&FlushRow> = outcome.runs.iter().filter(|r| r.method == method).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let pick =
+            |f: fn(&FlushRow) -> f64| median(&mut rows.iter().map(|r| f(r)).collect::<Vec<_>>());
+        let rates: Vec<f64> = rows.iter().map(|r| r.mib_per_s).collect();
+        let low = rates.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = rates.iter().copied().fold(0.0, f64::max);
+        println!(
+            "{:<8} {:>8.1} {:>13} {:>8.2} {:>8.2} {:>9.0} {:>9.0} {:>8.2}",
+            method,
+            pick(|r| r.mib_per_s),
+            format!("{low:.1}..{high:.1}"),
+            pick(|r| r.seconds),
+            pick(|r| r.drain_seconds),
+            pick(|r| r.objects as f64),
+            pick(|r| r.manifests as f64),
+            pick(|r| r.upload_busy_seconds)
+        );
+    }
+    let fractions: Vec<String> = outcome
+        .fractions
+        .iter()
+        .map(|f| format!("{f:.2}"))
+        .collect();
+    println!(
+        "volume flush / best raw PUT: {:.2} (median; per repetition: {}; goal >= 0.8)",
+        outcome.fraction_median,
+        fractions.join(", ")
+    );
+    for failure in &outcome.failures {
+        println!("FAIL {failure}");
+    }
+    if outcome.failures.is_empty() {
+        println!(
+            "PASS: every volume flush completed and read back in full from the bucket alone; \
+             every raw PUT stored"
+        );
+    } else {
+        println!("FAILED: {} measurement(s) failed", outcome.failures.len());
+    }
+}
