@@ -417,7 +417,17 @@ fn each_thread_runs_under_the_filter_of_its_role() {
         queue.getattr(ROOT_ID).expect("GETATTR");
     }
     let server = serving_pid(daemon.pid(), true);
-    let threads = threads(server);
+    let named = |threads: &[ThreadInfo], name: &str| {
+        threads.iter().filter(|t| t.name.starts_with(name)).count()
+    };
+    // A new thread takes its name when it first runs: on a loaded machine the last one
+    // spawned may not have yet.
+    let mut threads = security_util::threads(server);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while named(&threads, "signals") == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        threads = security_util::threads(server);
+    }
     let by_name = |name: &str| -> Vec<&ThreadInfo> {
         threads
             .iter()
