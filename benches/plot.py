@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"DAX": "#2ca02c", "no DAX": "#d62728", "berth": "#1f77b4", "virtiofsd": "#ff7f0e", "native": "#7f7f7f",
           "zero-copy": "#1f77b4", "user-copy": "#2ca02c", "copy": "#9467bd", "loop": "#7f7f7f",
-          "qsd": "#ff7f0e", "volume": "#2ca02c", "put-1": "#7f7f7f", "put-2": "#bcbd22", "put-4": "#9467bd",
+          "qsd": "#ff7f0e", "volume": "#2ca02c", "volume-1": "#98df8a", "volume-2": "#2ca02c", "volume-4": "#2ca02c", "put-1": "#7f7f7f", "put-2": "#bcbd22", "put-4": "#9467bd",
           "hp": "#ff7f0e", "hp-pass": "#ffbb78", "hp-uring": "#d62728", "hp-both": "#ff9896",
           "classic": "#1f77b4", "passthrough": "#2ca02c", "uring": "#9467bd", "both": "#17becf"}
 FAMILIES = {
@@ -195,7 +195,8 @@ def plot_volume_flush(data, out_dir):
     ax.set_xticklabels([f"rep {rep + 1}" for rep in reps], fontsize=8)
     ax.set_ylabel("MiB/s")
     title = (f"Volume flush vs raw PUT to {data['server'].split(' (')[0]}, {data['mib']} MiB, "
-             f"{data['pack_bytes'] >> 20} MiB packs;\nlabels: volume / best raw PUT "
+             f"{data['pack_bytes'] >> 20} MiB packs;\nlabels: volume"
+             f"{'-' + str(data['upload_streams']) if 'upload_streams' in data else ''} / best raw PUT "
              f"(median {data['fraction_median']:.2f})")
     save_chart(fig, ax, title, out_dir / "volume-flush.svg")
 

@@ -5,14 +5,14 @@
 #
 #   benches/volume-flush.sh [--quick] [--json FILE] [extra berth-loadgen vol-flush options...]
 #
-# Full: 256 MiB per measurement, 32 MiB packs (the volume default), raw PUTs with 1 and 4
-# streams, median of 3. --quick: smoke mode for CI (16 MiB, 4 MiB packs, one repetition, a
+# Full: 256 MiB per measurement, 32 MiB packs (the volume default), the volume uploading 1
+# and 4 packs at once, raw PUTs with 1 and 4 streams, median of 3. --quick: smoke mode for CI (16 MiB, 4 MiB packs, one repetition, a
 # few seconds); exits non-zero unless every flush completed and read back from the bucket
 # and every PUT was stored (never on the fraction).
 # --json FILE: every run's figures (default: benches/results/volume-flush.json; --quick
 #          writes under $TMPDIR).
 # Options after these go to `berth-loadgen vol-flush` (--mib N, --pack SIZE, --streams
-# LIST, --reps N).
+# LIST for the raw PUTs, --upload-streams LIST for the volume, --reps N).
 # moto_server must be on PATH or in the test venv (see tests/run-all.sh); without it the
 # run is skipped, a failure under BERTH_TESTS_NO_SKIP=1. CARGO_TARGET_DIR is honoured.
 set -euo pipefail

@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::metrics_file::{merge_families, MetricsFile, MetricsWriter};
 use crate::shutdown::{signal_name, TerminationSignals};
+use crate::volume::args::DEFAULT_UPLOAD_STREAMS;
 use crate::volume::{
     check_volume_served_writable, is_volume_spec, open_volume, VolumeServeSettings,
 };
@@ -72,6 +73,7 @@ impl DeviceDescription {
                 "dir": v.volume_dir,
                 "durability": v.durability.name(),
                 "upload_interval": v.upload_interval.as_secs(),
+                "upload_streams": v.upload_streams,
             })),
         })
     }
@@ -129,6 +131,12 @@ impl DeviceDescription {
                             .and_then(|v| v.as_u64())
                             .unwrap_or(5),
                     ),
+                    upload_streams: volume
+                        .get("upload_streams")
+                        .and_then(|v| v.as_u64())
+                        .map_or(usize::from(DEFAULT_UPLOAD_STREAMS), |n| {
+                            n.clamp(1, 64) as usize
+                        }),
                 }),
             },
         })
@@ -770,6 +778,7 @@ mod tests {
                 volume_dir: "/var/lib/berth/volumes".into(),
                 durability: Durability::Object,
                 upload_interval: Duration::from_secs(7),
+                upload_streams: 3,
             }),
             ..desc.clone()
         };

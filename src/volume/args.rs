@@ -195,7 +195,17 @@ pub struct VolumeServeArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_UPLOAD_INTERVAL_SECS,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub upload_interval: u64,
+
+    /// Packs a volume builds and uploads at once (their manifest versions are still
+    /// written in order). While uploading, memory is bounded by about 2 × this × 32 MiB.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_UPLOAD_STREAMS,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub upload_streams: u16,
 }
+
+/// `--upload-streams`' default: on an S3 server over a LAN four PUT streams carry about
+/// twice what one does (docs/benchmarks.md, "Flush throughput against raw PUT").
+pub const DEFAULT_UPLOAD_STREAMS: u16 = 4;
 
 /// `--upload-interval`'s default.
 const DEFAULT_UPLOAD_INTERVAL_SECS: u64 = 5;
@@ -207,6 +217,7 @@ impl Default for VolumeServeArgs {
             volume_dir: DEFAULT_VOLUME_DIR.into(),
             durability: DurabilityArg::Local,
             upload_interval: DEFAULT_UPLOAD_INTERVAL_SECS,
+            upload_streams: DEFAULT_UPLOAD_STREAMS,
         }
     }
 }

@@ -51,6 +51,7 @@ pub struct VolumeServeSettings {
     pub volume_dir: std::path::PathBuf,
     pub durability: Durability,
     pub upload_interval: Duration,
+    pub upload_streams: usize,
 }
 
 impl From<&VolumeServeArgs> for VolumeServeSettings {
@@ -62,6 +63,7 @@ impl From<&VolumeServeArgs> for VolumeServeSettings {
                 DurabilityArg::Object => Durability::Object,
             },
             upload_interval: Duration::from_secs(args.upload_interval),
+            upload_streams: usize::from(args.upload_streams),
         }
     }
 }
@@ -76,6 +78,7 @@ pub fn open_volume(spec: &str, settings: &VolumeServeSettings) -> anyhow::Result
         cache_dir: settings.volume_dir.clone(),
         durability: settings.durability,
         upload_interval: settings.upload_interval,
+        upload_streams: settings.upload_streams,
         ..VolumeOptions::default()
     };
     let (volume, report) = Volume::open(&location, options)

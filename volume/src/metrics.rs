@@ -64,6 +64,9 @@ pub struct VolumeMetrics {
     pub cached_bytes: AtomicU64,
     pub manifest_version: AtomicU64,
     pub uploads: AtomicU64,
+    /// Packs being built or PUT right now, and the most at once since the volume opened.
+    pub uploads_in_flight: AtomicU64,
+    pub uploads_in_flight_max: AtomicU64,
     pub upload_bytes: AtomicU64,
     pub upload_raw_bytes: AtomicU64,
     pub manifests_written: AtomicU64,
@@ -96,7 +99,7 @@ impl VolumeMetrics {
                 let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
             }
         };
-        let plain: [(&str, &str, &AtomicU64); 22] = [
+        let plain: [(&str, &str, &AtomicU64); 24] = [
             (
                 "berth_volume_dirty_bytes",
                 "Bytes written and acknowledged but not in the bucket yet.",
@@ -121,6 +124,16 @@ impl VolumeMetrics {
                 "berth_volume_uploads_total",
                 "Packs uploaded.",
                 &self.uploads,
+            ),
+            (
+                "berth_volume_uploads_in_flight",
+                "Packs being built or uploaded now.",
+                &self.uploads_in_flight,
+            ),
+            (
+                "berth_volume_uploads_in_flight_max",
+                "The most packs built or uploaded at once since the volume opened.",
+                &self.uploads_in_flight_max,
             ),
             (
                 "berth_volume_upload_bytes_total",

@@ -2,19 +2,21 @@
 //! manifest version in the bucket; then the batch is applied locally (cache rewritten,
 //! dirty entries dropped) and log segments that hold nothing needed any more retire.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{IoContext, Result, VolumeError};
 use crate::extent_map::{Advance, ExtentMap};
 use crate::failpoint;
-use crate::format::{hex, Manifest, ManifestKind, PackLoc};
+use crate::format::{hex, Manifest, ManifestKind, PackInfo, PackLoc};
 use crate::pack::PackBuilder;
 use crate::store::{Created, Patience};
-use crate::volume::{DirtyLoc, Inner};
+use crate::volume::{DirtyLoc, Inner, State};
 use crate::wal::{self, Record, RecordKind};
 
 /// Where a block of a batch comes from.
@@ -82,69 +84,183 @@ impl RateLimit {
     }
 }
 
+/// A batch handed to a stream thread, which packs it and PUTs the pack; batches are
+/// published (manifest version, local apply) in the order they were taken.
+struct InFlight {
+    bytes: u64,
+    packed: Receiver<Result<Packed>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A batch whose pack (if it has data) is in the bucket.
+struct Packed {
+    batch: Batch,
+    started: Instant,
+    extents: Vec<(u64, u64, Option<PackLoc>)>,
+    pack: Option<PackInfo>,
+}
+
 impl Inner {
-    /// The uploader thread.
+    /// The uploader thread. Up to `upload_streams` batches are packed and PUT at once,
+    /// each on a thread of its own; their manifest versions are written one at a time,
+    /// in the order the batches were taken (a manifest is a delta over the previous one,
+    /// and the log is trimmed only behind what is published). Pack ids are handed out
+    /// when a batch is taken, upwards from the latest manifest's next pack id, so a pack
+    /// in the bucket whose manifest is not yet is numbered at or past every published
+    /// manifest's next pack id and garbage collection keeps it.
     pub(crate) fn uploader(self: &Arc<Self>) {
-        let mut limit = RateLimit {
+        let limit = Arc::new(Mutex::new(RateLimit {
             rate: self.options.upload_rate,
             allowance: 0.0,
             last: Instant::now(),
-        };
+        }));
+        let streams = self.options.upload_streams.max(1);
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        // The last record handed to a stream, and the next pack id to hand out.
+        let mut taken_seq = 0u64;
+        let mut next_pack_id = 0u64;
         loop {
-            let records = {
+            // Top up the streams with every batch that is due.
+            let mut stop = false;
+            while in_flight.len() < streams {
+                let in_flight_bytes: u64 = in_flight.iter().map(|f| f.bytes).sum();
                 let mut state = self.lock();
-                loop {
-                    let blocked = state.fenced.is_some() || state.failed.is_some();
-                    let due = !state.pending.is_empty()
-                        && !blocked
-                        && (state.pending_bytes >= self.options.pack_bytes
-                            || state.upload_now
-                            || state.stopping
-                            || state
-                                .oldest_pending
-                                .is_some_and(|t| t.elapsed() >= self.options.upload_interval));
-                    if due {
-                        break;
+                let Some((records, bytes)) =
+                    self.take_batch(&mut state, taken_seq, in_flight_bytes)
+                else {
+                    stop = state.stopping;
+                    if in_flight.is_empty() && !stop {
+                        let _ = self
+                            .changed
+                            .wait_timeout(state, Duration::from_millis(100))
+                            .unwrap_or_else(|e| e.into_inner());
                     }
-                    if state.stopping {
-                        return;
-                    }
-                    if state.pending.is_empty() {
-                        state.upload_now = false;
-                    }
-                    state = self
-                        .changed
-                        .wait_timeout(state, Duration::from_millis(100))
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
+                    break;
+                };
+                let pack_id = next_pack_id.max(state.map.next_pack_id);
+                drop(state);
+                next_pack_id = pack_id + 1;
+                taken_seq = records.last().map_or(taken_seq, |r| r.seq);
+                in_flight.push_back(self.start_pack(records, bytes, pack_id, limit.clone()));
+            }
+            let Some(front) = in_flight.front_mut() else {
+                if stop {
+                    return;
                 }
-                let mut taken = Vec::new();
-                let mut bytes = 0u64;
-                for record in &state.pending {
-                    let size = record_bytes(record, self.block_size);
-                    if !taken.is_empty() && bytes + size > self.options.pack_bytes {
-                        break;
-                    }
-                    bytes += size;
-                    taken.push(*record);
-                }
-                if taken.len() == state.pending.len() {
-                    state.upload_now = false;
-                }
-                taken
+                continue;
             };
-            if let Err(err) = self.upload(&records, &mut limit) {
-                match err {
-                    VolumeError::Fenced(holder) => self.fence(holder),
-                    VolumeError::StoreGaveUp { .. } if self.store.is_stopped() => return,
-                    VolumeError::ShuttingDown => return,
-                    other => {
-                        // Reading the log back failed its checksum, or the disk failed:
-                        // uploading what is there could spread damage. Stop.
-                        self.fail(format!("uploading: {other}"));
-                    }
+            let packed = match front.packed.recv_timeout(Duration::from_millis(100)) {
+                Ok(packed) => packed,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => Err(VolumeError::Wal(
+                    "a pack upload thread ended without a result".into(),
+                )),
+            };
+            let Some(mut front) = in_flight.pop_front() else {
+                continue;
+            };
+            if let Some(thread) = front.thread.take() {
+                let _ = thread.join();
+            }
+            let outcome = packed.and_then(|packed| self.publish(packed));
+            let Err(err) = outcome else {
+                continue;
+            };
+            // Whatever follows this batch is not published: wait for its threads, drop
+            // their packs (garbage once a later manifest passes their ids) and take its
+            // records again if uploading goes on.
+            for mut later in in_flight.drain(..) {
+                if let Some(thread) = later.thread.take() {
+                    let _ = thread.join();
                 }
             }
+            taken_seq = self.lock().uploaded_seq;
+            match err {
+                VolumeError::Fenced(holder) => self.fence(holder),
+                VolumeError::StoreGaveUp { .. } if self.store.is_stopped() => return,
+                VolumeError::ShuttingDown => return,
+                other => {
+                    // Reading the log back failed its checksum, or the disk failed:
+                    // uploading what is there could spread damage. Stop.
+                    self.fail(format!("uploading: {other}"));
+                }
+            }
+        }
+    }
+
+    /// The next batch of records after `after_seq` (at most `pack_bytes`, at least one
+    /// record), with its size, if one is due.
+    fn take_batch(
+        &self,
+        state: &mut State,
+        after_seq: u64,
+        in_flight_bytes: u64,
+    ) -> Option<(Vec<Record>, u64)> {
+        let blocked = state.fenced.is_some() || state.failed.is_some();
+        let untaken = state.pending.back().is_some_and(|r| r.seq > after_seq);
+        if state.pending.is_empty() {
+            state.upload_now = false;
+        }
+        let due = untaken
+            && !blocked
+            && (state.pending_bytes.saturating_sub(in_flight_bytes) >= self.options.pack_bytes
+                || state.upload_now
+                || state.stopping
+                || state
+                    .oldest_pending
+                    .is_some_and(|t| t.elapsed() >= self.options.upload_interval));
+        if !due {
+            return None;
+        }
+        let mut taken = Vec::new();
+        let mut bytes = 0u64;
+        let mut all = true;
+        for record in state.pending.iter().filter(|r| r.seq > after_seq) {
+            let size = record_bytes(record, self.block_size);
+            if !taken.is_empty() && bytes + size > self.options.pack_bytes {
+                all = false;
+                break;
+            }
+            bytes += size;
+            taken.push(*record);
+        }
+        if all {
+            state.upload_now = false;
+        }
+        Some((taken, bytes))
+    }
+
+    /// Starts packing and uploading a batch on a thread of its own (inline if no thread
+    /// can be started).
+    fn start_pack(
+        self: &Arc<Self>,
+        records: Vec<Record>,
+        bytes: u64,
+        pack_id: u64,
+        limit: Arc<Mutex<RateLimit>>,
+    ) -> InFlight {
+        let (send, packed) = sync_channel(1);
+        let spawned = {
+            let (inner, records, limit, send) =
+                (self.clone(), records.clone(), limit.clone(), send.clone());
+            std::thread::Builder::new()
+                .name("berth-vol-pack".into())
+                .spawn(move || {
+                    let _ = send.send(inner.pack_and_put(&records, pack_id, &limit));
+                })
+        };
+        let thread = match spawned {
+            Ok(thread) => Some(thread),
+            Err(err) => {
+                tracing::warn!("cannot start a pack upload thread, uploading inline: {err}");
+                let _ = send.send(self.pack_and_put(&records, pack_id, &limit));
+                None
+            }
+        };
+        InFlight {
+            bytes,
+            packed,
+            thread,
         }
     }
 
@@ -207,22 +323,37 @@ impl Inner {
         })
     }
 
-    /// One batch: pack, upload, manifest, apply.
-    fn upload(self: &Arc<Self>, records: &[Record], limit: &mut RateLimit) -> Result<()> {
+    /// Reads a batch back from the log, builds its pack (numbered `pack_id`) and PUTs it.
+    fn pack_and_put(
+        &self,
+        records: &[Record],
+        pack_id: u64,
+        limit: &Mutex<RateLimit>,
+    ) -> Result<Packed> {
+        let busy = self
+            .metrics
+            .uploads_in_flight
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        self.metrics
+            .uploads_in_flight_max
+            .fetch_max(busy, Ordering::Relaxed);
+        let packed = self.build_and_put(records, pack_id, limit);
+        self.metrics
+            .uploads_in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+        packed
+    }
+
+    fn build_and_put(
+        &self,
+        records: &[Record],
+        pack_id: u64,
+        limit: &Mutex<RateLimit>,
+    ) -> Result<Packed> {
         let started = Instant::now();
         let batch = self.read_batch(records)?;
         failpoint::hit("upload.after_pack_read");
-        let (pack_id, kind, version) = {
-            let state = self.lock();
-            let version = state.map.version + 1;
-            let kind = if version.saturating_sub(state.last_full_version) >= self.options.full_every
-            {
-                ManifestKind::Full
-            } else {
-                ManifestKind::Delta
-            };
-            (state.map.next_pack_id, kind, version)
-        };
         let key = self
             .store
             .key(&format!("packs/{pack_id:016x}-{}", &self.session_hex[..12]));
@@ -245,11 +376,7 @@ impl Inner {
                 }
             }
         }
-        let mut delta = self.manifest_template(ManifestKind::Delta);
-        delta.version = version;
-        delta.wal_epoch = batch.epoch;
-        delta.wal_seq = batch.last_seq;
-        delta.extents = extents;
+        let mut pack = None;
         if !builder.is_empty() {
             let (object, info) = builder.finish(
                 pack_id,
@@ -257,7 +384,10 @@ impl Inner {
                 self.config.chunk_blocks(),
                 self.config.compression,
             )?;
-            limit.wait_for(object.len() as u64);
+            limit
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .wait_for(object.len() as u64);
             self.store.put(&key, &object, Patience::Forever)?;
             failpoint::hit("upload.after_pack_put");
             self.metrics.uploads.fetch_add(1, Ordering::Relaxed);
@@ -267,8 +397,43 @@ impl Inner {
             self.metrics
                 .upload_raw_bytes
                 .fetch_add(builder.raw().len() as u64, Ordering::Relaxed);
+            pack = Some(info);
+        }
+        Ok(Packed {
+            batch,
+            started,
+            extents,
+            pack,
+        })
+    }
+
+    /// Publishes a packed batch: the next manifest version, then the local apply.
+    fn publish(self: &Arc<Self>, packed: Packed) -> Result<()> {
+        let Packed {
+            batch,
+            started,
+            extents,
+            pack,
+        } = packed;
+        let (kind, version) = {
+            let state = self.lock();
+            let version = state.map.version + 1;
+            let kind = if version.saturating_sub(state.last_full_version) >= self.options.full_every
+            {
+                ManifestKind::Full
+            } else {
+                ManifestKind::Delta
+            };
+            (kind, version)
+        };
+        let mut delta = self.manifest_template(ManifestKind::Delta);
+        delta.version = version;
+        delta.wal_epoch = batch.epoch;
+        delta.wal_seq = batch.last_seq;
+        delta.extents = extents;
+        if let Some(info) = pack {
+            delta.next_pack_id = delta.next_pack_id.max(info.id + 1);
             delta.packs.push(info);
-            delta.next_pack_id = pack_id + 1;
         }
         let manifest = match kind {
             ManifestKind::Delta => delta.clone(),

@@ -101,6 +101,9 @@ pub struct VolumeOptions {
     pub readahead_bytes: u64,
     /// Upload bandwidth limit in bytes per second (None: unlimited).
     pub upload_rate: Option<u64>,
+    /// Packs built and PUT at once (their manifest versions are still written in order).
+    /// Memory while uploading is bounded by about twice this many `pack_bytes`.
+    pub upload_streams: usize,
     /// A full manifest every this many versions (deltas in between).
     pub full_every: u64,
     /// Background garbage collection period (None: only `berth volume gc`).
@@ -133,6 +136,7 @@ impl Default for VolumeOptions {
             fetch_threads: 4,
             readahead_bytes: 1 << 20,
             upload_rate: None,
+            upload_streams: 4,
             full_every: 32,
             gc_interval: Some(Duration::from_secs(600)),
             gc_grace: Duration::from_secs(3600),

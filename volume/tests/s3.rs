@@ -1,13 +1,14 @@
 //! A volume in a real S3-compatible server (moto) on loopback: the lease's conditional
 //! writes keep a second writer out, data moves to the next host through the bucket, and
-//! a damaged pack fails reads instead of returning wrong data.
+//! a damaged pack fails reads instead of returning wrong data, several packs upload at
+//! once while their manifest versions are published in order.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use berth_blockdev::target::{flush, read_at, write_at};
 use berth_cache::{BlobBackend, ObjectStoreBackend, S3Config};
-use berth_testkit::{pseudo_random, skip, CountingProxy, Moto};
+use berth_testkit::{pseudo_random, skip, CountingProxy, FaultAction, FaultRule, Moto};
 use berth_volume::admin::{self, CreateOptions};
 use berth_volume::{Durability, Location, Store, Volume, VolumeError, VolumeOptions};
 
@@ -169,4 +170,110 @@ fn a_bucket_outage_fails_object_flushes_in_bounded_time_and_loses_nothing() {
             "the write at {offset} reached the bucket after the outage"
         );
     }
+}
+
+/// Packs upload several at once, and a slow first pack holds back only the publishing:
+/// its PUT is delayed while the next packs land, yet every manifest version adds packs
+/// in the order they were numbered (each delta is over the one before), the FLUSH under
+/// object durability waits for all of them, and a host with an empty cache reads every
+/// byte back from the bucket.
+#[test]
+fn packs_upload_in_parallel_and_their_manifests_publish_in_order() {
+    let moto = match Moto::start(None) {
+        Ok(moto) => moto,
+        Err(reason) => {
+            skip(&reason);
+            return;
+        }
+    };
+    moto.create_bucket("berth");
+    let proxy = CountingProxy::start(moto.port);
+    let backend = bucket_at(&proxy.endpoint());
+    let location = Location::parse("s3://berth/volumes/parallel").unwrap();
+    let store = || Store::with_backend(&location, backend.clone());
+    let create = CreateOptions {
+        size: Some(8 << 20),
+        ..CreateOptions::default()
+    };
+    admin::create_in(&store(), &create, None).unwrap();
+    let versions_before = store()
+        .manifest_versions(berth_volume::store::Patience::Forever)
+        .unwrap();
+    let first_new_version = versions_before.last().copied().unwrap_or(0) + 1;
+    // The first pack this writer numbers is the volume's next pack id: 1 after create.
+    proxy.add_fault(
+        FaultRule::on(
+            "PUT",
+            "/packs/0000000000000001-",
+            FaultAction::Delay(Duration::from_millis(1500)),
+        )
+        .times(1),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let packs = 8usize;
+    let pack_bytes = 256usize << 10;
+    let writer = VolumeOptions {
+        durability: Durability::Object,
+        pack_bytes: pack_bytes as u64,
+        upload_streams: 4,
+        full_every: 1000,
+        flush_timeout: Duration::from_secs(60),
+        ..options(&dir.path().join("host-a"))
+    };
+    let (volume, _) = Volume::open_with_store(store(), writer).unwrap();
+    let data = pseudo_random(31, packs * pack_bytes);
+    for (index, piece) in data.chunks(pack_bytes).enumerate() {
+        write_at(&volume, (index * pack_bytes) as u64, piece, false).unwrap();
+    }
+    flush(&volume).unwrap();
+    let at_once = volume
+        .metrics()
+        .uploads_in_flight_max
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        at_once >= 2,
+        "packs were uploaded one at a time ({at_once} at most) while the first was slow"
+    );
+    volume.close().unwrap();
+    drop(volume);
+
+    let bucket = store();
+    let versions = bucket
+        .manifest_versions(berth_volume::store::Patience::Forever)
+        .unwrap();
+    let new: Vec<u64> = versions
+        .iter()
+        .copied()
+        .filter(|&v| v >= first_new_version)
+        .collect();
+    let expected: Vec<u64> = (first_new_version..first_new_version + new.len() as u64).collect();
+    assert_eq!(new, expected, "manifest versions are consecutive");
+    let mut last_pack = 0u64;
+    let mut published = 0usize;
+    for version in new {
+        let key = bucket.manifest_key(version);
+        let (bytes, _) = bucket
+            .get(&key, berth_volume::store::Patience::Forever)
+            .unwrap()
+            .unwrap();
+        let manifest = berth_volume::format::Manifest::decode(&key, &bytes).unwrap();
+        for pack in &manifest.packs {
+            assert!(
+                pack.id > last_pack,
+                "version {version} publishes pack {} after pack {last_pack}",
+                pack.id
+            );
+            last_pack = pack.id;
+            published += 1;
+        }
+    }
+    assert!(
+        published >= packs,
+        "{published} packs published for {packs} packs of writes"
+    );
+
+    let (next, _) = Volume::open_with_store(store(), options(&dir.path().join("host-b"))).unwrap();
+    let mut got = vec![0u8; data.len()];
+    read_at(&next, 0, &mut got).unwrap();
+    assert!(got == data, "every byte reads back from the bucket alone");
 }

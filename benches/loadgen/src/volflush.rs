@@ -49,6 +49,10 @@ pub struct VolFlushArgs {
     /// Comma-separated numbers of parallel raw PUT streams [default: 1,4; --quick 1,2].
     #[arg(long)]
     streams: Option<String>,
+    /// Comma-separated numbers of packs the volume uploads at once, one volume method
+    /// each; the fraction is taken for the last [default: 1,4; --quick 1,2].
+    #[arg(long)]
+    upload_streams: Option<String>,
     /// Repetitions (medians are reported) [default: 3; --quick 1].
     #[arg(long)]
     reps: Option<usize>,
@@ -60,7 +64,7 @@ pub struct VolFlushArgs {
 /// One measurement.
 #[derive(Debug, Clone, Serialize)]
 pub struct FlushRow {
-    /// `volume` or `put-S` (S parallel streams).
+    /// `volume-U` (U packs uploaded at once) or `put-S` (S parallel streams).
     pub method: String,
     pub rep: usize,
     pub mib_per_s: f64,
@@ -73,8 +77,11 @@ pub struct FlushRow {
     pub object_bytes: u64,
     /// Volume: manifest versions written.
     pub manifests: u64,
-    /// Volume: seconds its uploader spent in batches (pack, PUT, manifest, local apply).
+    /// Volume: seconds its batches spent from being taken to being applied (pack, PUT,
+    /// manifest, local apply), summed: more than the wall time when packs overlap.
     pub upload_busy_seconds: f64,
+    /// Volume: the most packs built or PUT at once.
+    pub uploads_at_once: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -86,7 +93,10 @@ pub struct FlushOutcome {
     pub pack_bytes: u64,
     pub reps: usize,
     pub runs: Vec<FlushRow>,
-    /// Volume MiB/s over the best raw PUT MiB/s, per repetition.
+    /// Packs the volume uploaded at once in the method the fractions are taken for.
+    pub upload_streams: usize,
+    /// Volume MiB/s (the last upload-streams setting) over the best raw PUT MiB/s, per
+    /// repetition.
     pub fractions: Vec<f64>,
     pub fraction_median: f64,
     pub failures: Vec<String>,
@@ -97,7 +107,49 @@ struct Plan {
     bytes: u64,
     pack: u64,
     streams: Vec<usize>,
+    upload_streams: Vec<usize>,
     reps: usize,
+}
+
+/// What one measurement does.
+#[derive(Clone, Copy)]
+enum Method {
+    /// Writes and FLUSHes a volume that uploads this many packs at once.
+    Volume(usize),
+    /// PUTs the same bytes this many streams at a time.
+    Put(usize),
+}
+
+impl Method {
+    fn name(self) -> String {
+        match self {
+            Method::Volume(n) => format!("volume-{n}"),
+            Method::Put(n) => format!("put-{n}"),
+        }
+    }
+}
+
+fn parse_counts(list: &str, what: &str) -> Result<Vec<usize>> {
+    let counts: Vec<usize> = list
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .map_err(|_| anyhow!("bad {what} count '{s}'"))
+        })
+        .collect::<Result<_>>()?;
+    if counts.is_empty() || counts.contains(&0) {
+        bail!("{what} counts start at 1");
+    }
+    Ok(counts)
+}
+
+fn streams_default_for_volume(quick: bool) -> &'static str {
+    if quick {
+        "1,2"
+    } else {
+        "1,4"
+    }
 }
 
 pub fn run(args: VolFlushArgs) -> Result<bool> {
@@ -111,25 +163,19 @@ pub fn run(args: VolFlushArgs) -> Result<bool> {
     if mib == 0 || pack < 1 << 20 || !pack.is_multiple_of(1 << 20) {
         bail!("--mib must be at least 1 and --pack a multiple of 1 MiB");
     }
-    let streams: Vec<usize> = args
-        .streams
-        .as_deref()
-        .unwrap_or(streams)
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse()
-                .map_err(|_| anyhow!("bad stream count '{s}'"))
-        })
-        .collect::<Result<_>>()?;
-    if streams.is_empty() || streams.contains(&0) {
-        bail!("stream counts start at 1");
-    }
+    let streams = parse_counts(args.streams.as_deref().unwrap_or(streams), "stream")?;
+    let upload_streams = parse_counts(
+        args.upload_streams
+            .as_deref()
+            .unwrap_or(streams_default_for_volume(args.quick)),
+        "upload stream",
+    )?;
     let plan = Plan {
         dir: args.dir.clone(),
         bytes: mib << 20,
         pack,
         streams,
+        upload_streams,
         reps: args.reps.unwrap_or(reps).max(1),
     };
     let _ = std::fs::remove_dir_all(&plan.dir);
@@ -170,8 +216,11 @@ fn measure(
         failures.push(format!("warming the server up: {err:#}"));
     }
     for rep in 0..plan.reps {
-        let mut methods: Vec<Option<usize>> = std::iter::once(None)
-            .chain(plan.streams.iter().map(|&s| Some(s)))
+        let mut methods: Vec<Method> = plan
+            .upload_streams
+            .iter()
+            .map(|&u| Method::Volume(u))
+            .chain(plan.streams.iter().map(|&s| Method::Put(s)))
             .collect();
         if rep % 2 == 1 {
             methods.reverse();
@@ -180,8 +229,8 @@ fn measure(
         let mut best_put: Option<f64> = None;
         for method in methods {
             let outcome = match method {
-                None => volume_flush(plan, server, backend, data, rep),
-                Some(streams) => raw_puts(plan, backend, data, rep, streams),
+                Method::Volume(uploads) => volume_flush(plan, server, backend, data, rep, uploads),
+                Method::Put(streams) => raw_puts(plan, backend, data, rep, streams),
             };
             match outcome {
                 Ok(row) => {
@@ -193,19 +242,19 @@ fn measure(
                         row.seconds
                     );
                     match method {
-                        None => volume_rate = Some(row.mib_per_s),
-                        Some(_) => {
+                        Method::Volume(uploads) => {
+                            if Some(&uploads) == plan.upload_streams.last() {
+                                volume_rate = Some(row.mib_per_s)
+                            }
+                        }
+                        Method::Put(_) => {
                             best_put =
                                 Some(best_put.map_or(row.mib_per_s, |b| b.max(row.mib_per_s)))
                         }
                     }
                     runs.push(row);
                 }
-                Err(err) => failures.push(format!(
-                    "rep {} {}: {err:#}",
-                    rep + 1,
-                    method.map_or("volume".to_string(), |s| format!("put-{s}"))
-                )),
+                Err(err) => failures.push(format!("rep {} {}: {err:#}", rep + 1, method.name())),
             }
         }
         if let (Some(volume), Some(put)) = (volume_rate, best_put) {
@@ -220,6 +269,7 @@ fn measure(
         mib: plan.bytes >> 20,
         pack_bytes: plan.pack,
         reps: plan.reps,
+        upload_streams: plan.upload_streams.last().copied().unwrap_or(1),
         fraction_median: median(&mut fractions.clone()),
         fractions,
         runs,
@@ -232,11 +282,12 @@ fn store(server: &S3Server, backend: &Arc<dyn BlobBackend>, prefix: &str) -> Res
     Ok(Store::with_backend(&location, backend.clone()))
 }
 
-fn volume_options(dir: &Path, plan: &Plan) -> VolumeOptions {
+fn volume_options(dir: &Path, plan: &Plan, upload_streams: usize) -> VolumeOptions {
     VolumeOptions {
         cache_dir: dir.to_path_buf(),
         durability: Durability::Object,
         pack_bytes: plan.pack,
+        upload_streams,
         // Room for a slow, shared machine: a timeout here is a failure, not a figure.
         flush_timeout: Duration::from_secs(600),
         drain_timeout: Duration::from_secs(600),
@@ -253,8 +304,9 @@ fn volume_flush(
     backend: &Arc<dyn BlobBackend>,
     data: &[u8],
     rep: usize,
+    upload_streams: usize,
 ) -> Result<FlushRow> {
-    let prefix = format!("flush-{rep}");
+    let prefix = format!("flush-{rep}-{upload_streams}");
     let store = store(server, backend, &prefix)?;
     admin::create_in(
         &store,
@@ -265,9 +317,10 @@ fn volume_flush(
         None,
     )
     .context("creating the volume")?;
-    let local = plan.dir.join(format!("writer-{rep}"));
-    let (volume, _) = Volume::open_with_store(store.clone(), volume_options(&local, plan))
-        .context("opening the volume")?;
+    let local = plan.dir.join(format!("writer-{rep}-{upload_streams}"));
+    let (volume, _) =
+        Volume::open_with_store(store.clone(), volume_options(&local, plan, upload_streams))
+            .context("opening the volume")?;
     let chunk = 1usize << 20;
     let started = Instant::now();
     for (index, piece) in data.chunks(chunk).enumerate() {
@@ -279,7 +332,7 @@ fn volume_flush(
     let done = Instant::now();
     let metrics = volume.metrics();
     let row = FlushRow {
-        method: "volume".into(),
+        method: Method::Volume(upload_streams).name(),
         rep,
         mib_per_s: plan.bytes as f64 / f64::from(1 << 20) / (done - started).as_secs_f64(),
         seconds: (done - started).as_secs_f64(),
@@ -288,6 +341,7 @@ fn volume_flush(
         object_bytes: metrics.upload_bytes.load(Ordering::Relaxed),
         manifests: metrics.manifests_written.load(Ordering::Relaxed),
         upload_busy_seconds: metrics.upload_latency.sum().as_secs_f64(),
+        uploads_at_once: metrics.uploads_in_flight_max.load(Ordering::Relaxed),
     };
     volume.close().context("closing the volume")?;
     drop(volume);
@@ -299,8 +353,8 @@ fn volume_flush(
         );
     }
     // Everything from the bucket alone.
-    let reader = plan.dir.join(format!("reader-{rep}"));
-    let (volume, _) = Volume::open_with_store(store, volume_options(&reader, plan))
+    let reader = plan.dir.join(format!("reader-{rep}-{upload_streams}"));
+    let (volume, _) = Volume::open_with_store(store, volume_options(&reader, plan, 1))
         .context("opening the volume again from an empty local directory")?;
     let mut buffer = vec![0u8; chunk];
     for (index, piece) in data.chunks(chunk).enumerate() {
@@ -391,6 +445,7 @@ fn raw_puts(
         object_bytes: plan.bytes,
         manifests: 0,
         upload_busy_seconds: 0.0,
+        uploads_at_once: 0,
     })
 }
 
@@ -407,11 +462,22 @@ fn print(outcome: &FlushOutcome, plan: &Plan) {
         outcome.reps
     );
     println!(
-        "{:<8} {:>8} {:>13} {:>8} {:>8} {:>9} {:>9} {:>8}",
-        "method", "MiB/s", "min..max", "seconds", "drain s", "objects", "manifests", "busy s"
+        "{:<9} {:>8} {:>13} {:>8} {:>8} {:>9} {:>9} {:>8} {:>7}",
+        "method",
+        "MiB/s",
+        "min..max",
+        "seconds",
+        "drain s",
+        "objects",
+        "manifests",
+        "busy s",
+        "at once"
     );
-    let methods = std::iter::once("volume".to_string())
-        .chain(plan.streams.iter().map(|s| format!("put-{s}")));
+    let methods = plan
+        .upload_streams
+        .iter()
+        .map(|&u| Method::Volume(u).name())
+        .chain(plan.streams.iter().map(|&s| Method::Put(s).name()));
     for method in methods {
         let rows: Vec<&FlushRow> = outcome.runs.iter().filter(|r| r.method == method).collect();
         if rows.is_empty() {
@@ -423,7 +489,7 @@ fn print(outcome: &FlushOutcome, plan: &Plan) {
         let low = rates.iter().copied().fold(f64::INFINITY, f64::min);
         let high = rates.iter().copied().fold(0.0, f64::max);
         println!(
-            "{:<8} {:>8.1} {:>13} {:>8.2} {:>8.2} {:>9.0} {:>9.0} {:>8.2}",
+            "{:<9} {:>8.1} {:>13} {:>8.2} {:>8.2} {:>9.0} {:>9.0} {:>8.2} {:>7.0}",
             method,
             pick(|r| r.mib_per_s),
             format!("{low:.1}..{high:.1}"),
@@ -431,7 +497,8 @@ fn print(outcome: &FlushOutcome, plan: &Plan) {
             pick(|r| r.drain_seconds),
             pick(|r| r.objects as f64),
             pick(|r| r.manifests as f64),
-            pick(|r| r.upload_busy_seconds)
+            pick(|r| r.upload_busy_seconds),
+            pick(|r| r.uploads_at_once as f64)
         );
     }
     let fractions: Vec<String> = outcome
@@ -440,7 +507,9 @@ fn print(outcome: &FlushOutcome, plan: &Plan) {
         .map(|f| format!("{f:.2}"))
         .collect();
     println!(
-        "volume flush / best raw PUT: {:.2} (median; per repetition: {}; goal >= 0.8)",
+        "volume flush ({} packs at once) / best raw PUT: {:.2} (median; per repetition: {}; \
+         goal >= 0.8)",
+        outcome.upload_streams,
         outcome.fraction_median,
         fractions.join(", ")
     );
