@@ -417,17 +417,21 @@ fn each_thread_runs_under_the_filter_of_its_role() {
         queue.getattr(ROOT_ID).expect("GETATTR");
     }
     let server = serving_pid(daemon.pid(), true);
-    let named = |threads: &[ThreadInfo], name: &str| {
-        threads.iter().filter(|t| t.name.starts_with(name)).count()
-    };
-    // A new thread takes its name when it first runs: on a loaded machine the last one
-    // spawned may not have yet.
-    let mut threads = security_util::threads(server);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while named(&threads, "signals") == 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        threads = security_util::threads(server);
-    }
+    let roles = [
+        ("signals", 1, 1),
+        ("berth-vhost-us", 1, 2),
+        ("vring_worker", 3, 2),
+        ("berth-pool-", 3, 2),
+    ];
+    let threads = security_util::threads_when(server, |threads| {
+        roles.iter().all(|&(name, count, filters)| {
+            threads
+                .iter()
+                .filter(|t| t.name.starts_with(name) && t.seccomp_filters == filters)
+                .count()
+                == count
+        })
+    });
     let by_name = |name: &str| -> Vec<&ThreadInfo> {
         threads
             .iter()
@@ -438,12 +442,7 @@ fn each_thread_runs_under_the_filter_of_its_role() {
     // The main thread and the signal thread run the main filter alone; every other thread has
     // stacked its role's narrower filter on top of the main one it inherited.
     assert_eq!(threads[0].seccomp_filters, 1, "main thread: {threads:#?}");
-    for (name, count, filters) in [
-        ("signals", 1, 1),
-        ("berth-vhost-us", 1, 2),
-        ("vring_worker", 3, 2),
-        ("berth-pool-", 3, 2),
-    ] {
+    for (name, count, filters) in roles {
         let found = by_name(name);
         assert_eq!(found.len(), count, "{name} threads: {threads:#?}");
         for thread in found {

@@ -136,7 +136,13 @@ fn default_namespace_sandbox_serves_the_host_mount_confined() {
         "the server's root is not the shared directory"
     );
 
-    let threads = threads(server);
+    let threads = threads_when(server, |threads| {
+        threads
+            .iter()
+            .filter(|t| t.name.starts_with("berth-fuse-") && t.seccomp_filters == 2)
+            .count()
+            == 3
+    });
     // The /dev/fuse workers, and (over io_uring) the ring threads, each under its own
     // filter on top of the main one.
     let workers: Vec<_> = threads

@@ -804,7 +804,12 @@ fn an_image_is_served_from_a_sandbox_holding_only_its_cache_image_and_overlay() 
     assert_eq!(top, vec![first], "the root holds only the way to the binds");
     // The queue threads are confined as for a file; the engine's own threads, started
     // inside the sandbox, have no administrative capability either.
-    let threads = security_util::threads(server);
+    let threads = security_util::threads_when(server, |threads| {
+        let workers = || threads.iter().filter(|t| is_queue_thread(t));
+        threads.iter().any(|t| t.name.starts_with("berth-fetch-bg"))
+            && workers().count() > 0
+            && workers().all(|t| t.seccomp_mode == 2 && t.cap_eff == 0)
+    });
     const CAP_SYS_ADMIN: u64 = 1 << 21;
     assert!(
         threads.iter().all(|t| t.cap_eff & CAP_SYS_ADMIN == 0),
@@ -814,10 +819,7 @@ fn an_image_is_served_from_a_sandbox_holding_only_its_cache_image_and_overlay() 
         threads.iter().any(|t| t.name.starts_with("berth-fetch-bg")),
         "the engine's fetch threads run in the sandbox: {threads:?}"
     );
-    let workers: Vec<_> = threads
-        .iter()
-        .filter(|t| t.name.starts_with("vring_worker") || t.name.starts_with("vhost"))
-        .collect();
+    let workers: Vec<_> = threads.iter().filter(|t| is_queue_thread(t)).collect();
     assert!(!workers.is_empty(), "{threads:?}");
     assert!(
         workers
@@ -1013,15 +1015,22 @@ fn the_daemon_serves_from_a_sandbox_with_confined_threads() {
         "the root is the file's directory: {root_listing:?}"
     );
     // Every thread has a seccomp filter; the queue threads have no capabilities at all.
-    let threads = security_util::threads(server);
+    let threads = security_util::threads_when(server, |threads| {
+        let workers = || threads.iter().filter(|t| is_queue_thread(t));
+        threads.iter().all(|t| t.seccomp_mode == 2)
+            && workers().count() >= 2
+            && workers().all(|t| t.cap_eff == 0)
+    });
     assert!(threads.iter().all(|t| t.seccomp_mode == 2), "{threads:?}");
-    let workers: Vec<_> = threads
-        .iter()
-        .filter(|t| t.name.starts_with("vring_worker") || t.name.starts_with("vhost"))
-        .collect();
+    let workers: Vec<_> = threads.iter().filter(|t| is_queue_thread(t)).collect();
     assert!(workers.len() >= 2, "two queue threads: {threads:?}");
     assert!(workers.iter().all(|t| t.cap_eff == 0), "{workers:?}");
     let _dir = served.finish(device);
+}
+
+/// A vhost-user queue thread (or the backend's own vhost thread).
+fn is_queue_thread(thread: &security_util::ThreadInfo) -> bool {
+    thread.name.starts_with("vring_worker") || thread.name.starts_with("vhost")
 }
 
 #[test]

@@ -73,6 +73,21 @@ pub struct ThreadInfo {
     pub cap_eff: u64,
 }
 
+/// Every thread of `pid`, once `ready` holds for them (or after 10 s, for the caller's
+/// assertions to report). A thread takes its name and its role's filter when it first
+/// runs: on a loaded machine the newest may not have run yet when a test looks.
+#[allow(dead_code)]
+pub fn threads_when(pid: u32, ready: impl Fn(&[ThreadInfo]) -> bool) -> Vec<ThreadInfo> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let found = threads(pid);
+        if ready(&found) || std::time::Instant::now() >= deadline {
+            return found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Every thread of `pid`.
 pub fn threads(pid: u32) -> Vec<ThreadInfo> {
     let mut threads = Vec::new();
