@@ -136,12 +136,22 @@ fn default_namespace_sandbox_serves_the_host_mount_confined() {
         "the server's root is not the shared directory"
     );
 
+    let over_io_uring =
+        std::env::var("BERTH_FUSE_TEST_IO_URING").is_ok_and(|mode| mode == "always");
+    // Every thread started: named, under its filter, with its capabilities dropped.
     let threads = threads_when(server, |threads| {
-        threads
-            .iter()
-            .filter(|t| t.name.starts_with("berth-fuse-") && t.seccomp_filters == 2)
-            .count()
-            == 3
+        let started = |prefix: &str| {
+            threads
+                .iter()
+                .filter(|t| t.name.starts_with(prefix) && t.seccomp_filters == 2)
+                .count()
+        };
+        started("berth-fuse-") == 3
+            && (!over_io_uring || started("berth-uring-") >= 2)
+            && threads.iter().all(|t| {
+                t.seccomp_mode == 2
+                    && (t.name == "berth-backing" || t.cap_eff & (1 << CAP_SYS_ADMIN) == 0)
+            })
     });
     // The /dev/fuse workers, and (over io_uring) the ring threads, each under its own
     // filter on top of the main one.
@@ -154,7 +164,7 @@ fn default_namespace_sandbox_serves_the_host_mount_confined() {
         .filter(|t| t.name.starts_with("berth-uring-"))
         .collect();
     assert_eq!(workers.len(), 3, "{threads:#?}");
-    if std::env::var("BERTH_FUSE_TEST_IO_URING").is_ok_and(|mode| mode == "always") {
+    if over_io_uring {
         assert!(rings.len() >= 2, "no FUSE ring threads: {threads:#?}");
     }
     for worker in workers.iter().chain(&rings) {
