@@ -40,6 +40,46 @@ fn bucket_at(endpoint: &str) -> Arc<dyn BlobBackend> {
     )
 }
 
+/// An 8 MiB volume in moto's bucket `berth`, reached through a proxy that counts requests
+/// and injects faults.
+struct ProxiedVolume {
+    proxy: CountingProxy,
+    backend: Arc<dyn BlobBackend>,
+    location: Location,
+    _moto: Moto,
+}
+
+impl ProxiedVolume {
+    /// Creates `s3://berth/volumes/NAME`; `None` (the reason printed) without moto.
+    fn create(name: &str) -> Option<Self> {
+        let moto = match Moto::start(None) {
+            Ok(moto) => moto,
+            Err(reason) => {
+                skip(&reason);
+                return None;
+            }
+        };
+        moto.create_bucket("berth");
+        let proxy = CountingProxy::start(moto.port);
+        let bucket = Self {
+            backend: bucket_at(&proxy.endpoint()),
+            location: Location::parse(&format!("s3://berth/volumes/{name}")).unwrap(),
+            proxy,
+            _moto: moto,
+        };
+        let create = CreateOptions {
+            size: Some(8 << 20),
+            ..CreateOptions::default()
+        };
+        admin::create_in(&bucket.store(), &create, None).unwrap();
+        Some(bucket)
+    }
+
+    fn store(&self) -> Arc<Store> {
+        Store::with_backend(&self.location, self.backend.clone())
+    }
+}
+
 #[test]
 fn the_lease_refuses_a_second_writer_and_the_bucket_carries_the_data_to_the_next() {
     let moto = match Moto::start(None) {
@@ -110,23 +150,10 @@ fn the_lease_refuses_a_second_writer_and_the_bucket_carries_the_data_to_the_next
 /// the local log, and once the bucket is back they reach it and the next host.
 #[test]
 fn a_bucket_outage_fails_object_flushes_in_bounded_time_and_loses_nothing() {
-    let moto = match Moto::start(None) {
-        Ok(moto) => moto,
-        Err(reason) => {
-            skip(&reason);
-            return;
-        }
+    let Some(bucket) = ProxiedVolume::create("outage") else {
+        return;
     };
-    moto.create_bucket("berth");
-    let proxy = CountingProxy::start(moto.port);
-    let backend = bucket_at(&proxy.endpoint());
-    let location = Location::parse("s3://berth/volumes/outage").unwrap();
-    let store = || Store::with_backend(&location, backend.clone());
-    let create = CreateOptions {
-        size: Some(8 << 20),
-        ..CreateOptions::default()
-    };
-    admin::create_in(&store(), &create, None).unwrap();
+    let (proxy, store) = (&bucket.proxy, || bucket.store());
     let dir = tempfile::tempdir().unwrap();
     let object = |cache: &str| VolumeOptions {
         durability: Durability::Object,
@@ -179,23 +206,10 @@ fn a_bucket_outage_fails_object_flushes_in_bounded_time_and_loses_nothing() {
 /// byte back from the bucket.
 #[test]
 fn packs_upload_in_parallel_and_their_manifests_publish_in_order() {
-    let moto = match Moto::start(None) {
-        Ok(moto) => moto,
-        Err(reason) => {
-            skip(&reason);
-            return;
-        }
+    let Some(bucket) = ProxiedVolume::create("parallel") else {
+        return;
     };
-    moto.create_bucket("berth");
-    let proxy = CountingProxy::start(moto.port);
-    let backend = bucket_at(&proxy.endpoint());
-    let location = Location::parse("s3://berth/volumes/parallel").unwrap();
-    let store = || Store::with_backend(&location, backend.clone());
-    let create = CreateOptions {
-        size: Some(8 << 20),
-        ..CreateOptions::default()
-    };
-    admin::create_in(&store(), &create, None).unwrap();
+    let (proxy, store) = (&bucket.proxy, || bucket.store());
     let versions_before = store()
         .manifest_versions(berth_volume::store::Patience::Forever)
         .unwrap();
@@ -237,8 +251,8 @@ fn packs_upload_in_parallel_and_their_manifests_publish_in_order() {
     volume.close().unwrap();
     drop(volume);
 
-    let bucket = store();
-    let versions = bucket
+    let in_bucket = store();
+    let versions = in_bucket
         .manifest_versions(berth_volume::store::Patience::Forever)
         .unwrap();
     let new: Vec<u64> = versions
@@ -251,8 +265,8 @@ fn packs_upload_in_parallel_and_their_manifests_publish_in_order() {
     let mut last_pack = 0u64;
     let mut published = 0usize;
     for version in new {
-        let key = bucket.manifest_key(version);
-        let (bytes, _) = bucket
+        let key = in_bucket.manifest_key(version);
+        let (bytes, _) = in_bucket
             .get(&key, berth_volume::store::Patience::Forever)
             .unwrap()
             .unwrap();

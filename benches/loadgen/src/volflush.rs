@@ -144,19 +144,11 @@ fn parse_counts(list: &str, what: &str) -> Result<Vec<usize>> {
     Ok(counts)
 }
 
-fn streams_default_for_volume(quick: bool) -> &'static str {
-    if quick {
-        "1,2"
-    } else {
-        "1,4"
-    }
-}
-
 pub fn run(args: VolFlushArgs) -> Result<bool> {
-    let (mib, pack, streams, reps) = if args.quick {
-        (16, "4M", "1,2", 1)
+    let (mib, pack, streams, upload_streams, reps) = if args.quick {
+        (16, "4M", "1,2", "1,2", 1)
     } else {
-        (256, "32M", "1,4", 3)
+        (256, "32M", "1,4", "1,4", 3)
     };
     let mib = args.mib.unwrap_or(mib);
     let pack = parse_size(args.pack.as_deref().unwrap_or(pack))?;
@@ -165,9 +157,7 @@ pub fn run(args: VolFlushArgs) -> Result<bool> {
     }
     let streams = parse_counts(args.streams.as_deref().unwrap_or(streams), "stream")?;
     let upload_streams = parse_counts(
-        args.upload_streams
-            .as_deref()
-            .unwrap_or(streams_default_for_volume(args.quick)),
+        args.upload_streams.as_deref().unwrap_or(upload_streams),
         "upload stream",
     )?;
     let plan = Plan {
