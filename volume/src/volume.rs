@@ -771,18 +771,26 @@ impl Inner {
 
     /// Flusher: syncs the log for waiting FLUSHes (all of them at once), then finishes
     /// them, or (object durability) hands them to wait for the bucket.
+    ///
+    /// FLUSHes waiting for the bucket are finished by the uploader as it publishes; here
+    /// they are only timed out, so with nothing to sync this thread sleeps between checks
+    /// whether or not any wait (it once spun, taking a CPU from the uploads it waited for).
     fn flusher(self: &Arc<Self>) {
         loop {
             let mut state = self.lock();
-            while state.sync_requests.is_empty() && state.object_waiters.is_empty() {
-                if state.stopping {
+            while state.sync_requests.is_empty() {
+                if state.stopping && state.object_waiters.is_empty() {
                     return;
                 }
+                let waiting = !state.object_waiters.is_empty();
                 state = self
                     .changed
                     .wait_timeout(state, Duration::from_millis(200))
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
+                if waiting && state.sync_requests.is_empty() {
+                    break;
+                }
             }
             if !state.sync_requests.is_empty() {
                 let requests = std::mem::take(&mut state.sync_requests);

@@ -170,12 +170,20 @@ fn a_bucket_outage_fails_object_flushes_in_bounded_time_and_loses_nothing() {
     let during = pseudo_random(22, 256 << 10);
     write_at(&volume, 4 << 20, &during, false).unwrap();
     let started = std::time::Instant::now();
+    let flusher_cpu_before = flusher_cpu_ticks();
     let err = flush(&volume).unwrap_err();
+    let flusher_cpu = flusher_cpu_ticks() - flusher_cpu_before;
     assert_eq!(err.errno(), libc::EIO, "{err}");
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "the FLUSH failed within a bounded time, not after {:?}",
         started.elapsed()
+    );
+    // The flusher sleeps while a FLUSH waits for the bucket (it once spun on a CPU):
+    // well under a quarter of the ~2 s wait in clock ticks (100 a second).
+    assert!(
+        flusher_cpu < 50,
+        "the flushers used {flusher_cpu} clock ticks of CPU while a FLUSH waited for the bucket"
     );
     let mut got = vec![0u8; during.len()];
     read_at(&volume, 4 << 20, &mut got).unwrap();
@@ -197,6 +205,29 @@ fn a_bucket_outage_fails_object_flushes_in_bounded_time_and_loses_nothing() {
             "the write at {offset} reached the bucket after the outage"
         );
     }
+}
+
+/// CPU time (user + system, clock ticks) of this process's volume flusher threads.
+fn flusher_cpu_ticks() -> u64 {
+    let mut ticks = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "berth-vol-flush" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name: state is the 3rd; utime and stime the 14th
+        // and 15th.
+        let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        for index in [11, 12] {
+            ticks += fields
+                .get(index)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    ticks
 }
 
 /// Packs upload several at once, and a slow first pack holds back only the publishing:
