@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -89,7 +89,57 @@ impl RateLimit {
 struct InFlight {
     bytes: u64,
     packed: Receiver<Result<Packed>>,
+    /// The stream's outcome once it has finished (the batch then waits for its turn to
+    /// be published and no longer holds a stream).
+    outcome: Option<Result<Packed>>,
     thread: Option<JoinHandle<()>>,
+}
+
+impl InFlight {
+    /// Takes the stream's outcome if it has finished.
+    fn poll(&mut self) {
+        if self.outcome.is_some() {
+            return;
+        }
+        match self.packed.try_recv() {
+            Ok(outcome) => self.outcome = Some(outcome),
+            Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::Disconnected) => {
+                self.outcome = Some(Err(VolumeError::Wal(
+                    "a pack upload thread ended without a result".into(),
+                )))
+            }
+        }
+    }
+}
+
+/// The uploader's streams: batches taken and not yet published, oldest first (those
+/// still packing or uploading hold a stream), the last record handed to a stream, the
+/// next pack id to hand out, and the channel every stream signals when it finishes.
+struct Streams {
+    in_flight: VecDeque<InFlight>,
+    taken_seq: u64,
+    next_pack_id: u64,
+    finished: Receiver<()>,
+    finished_sender: SyncSender<()>,
+}
+
+impl Streams {
+    /// Batches still being packed or uploaded.
+    fn busy(&self) -> usize {
+        self.in_flight
+            .iter()
+            .filter(|f| f.outcome.is_none())
+            .count()
+    }
+
+    /// Collects the outcomes of finished streams; answers whether the oldest batch's is in.
+    fn front_finished(&mut self) -> bool {
+        self.in_flight.iter_mut().for_each(InFlight::poll);
+        self.in_flight
+            .front()
+            .is_some_and(|front| front.outcome.is_some())
+    }
 }
 
 /// A batch whose pack (if it has data) is in the bucket.
@@ -115,52 +165,47 @@ impl Inner {
             last: Instant::now(),
         }));
         let streams = self.options.upload_streams.max(1);
-        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-        // The last record handed to a stream, and the next pack id to hand out.
-        let mut taken_seq = 0u64;
-        let mut next_pack_id = 0u64;
+        let (finished_sender, finished) = sync_channel(streams * 2 + 1);
+        let mut streams_state = Streams {
+            in_flight: VecDeque::new(),
+            taken_seq: 0,
+            next_pack_id: 0,
+            finished,
+            finished_sender,
+        };
         loop {
-            // Top up the streams with every batch that is due.
-            let mut stop = false;
-            while in_flight.len() < streams {
-                let in_flight_bytes: u64 = in_flight.iter().map(|f| f.bytes).sum();
-                let mut state = self.lock();
-                let Some((records, bytes)) =
-                    self.take_batch(&mut state, taken_seq, in_flight_bytes)
-                else {
-                    stop = state.stopping;
-                    if in_flight.is_empty() && !stop {
-                        let _ = self
-                            .changed
-                            .wait_timeout(state, Duration::from_millis(100))
-                            .unwrap_or_else(|e| e.into_inner());
-                    }
-                    break;
-                };
-                let pack_id = next_pack_id.max(state.map.next_pack_id);
-                drop(state);
-                next_pack_id = pack_id + 1;
-                taken_seq = records.last().map_or(taken_seq, |r| r.seq);
-                in_flight.push_back(self.start_pack(records, bytes, pack_id, limit.clone()));
-            }
-            let Some(front) = in_flight.front_mut() else {
+            let stop = self.top_up(&mut streams_state, streams, 0, &limit, true);
+            if streams_state.in_flight.is_empty() {
                 if stop {
                     return;
                 }
                 continue;
-            };
-            let packed = match front.packed.recv_timeout(Duration::from_millis(100)) {
-                Ok(packed) => packed,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => Err(VolumeError::Wal(
-                    "a pack upload thread ended without a result".into(),
-                )),
-            };
-            let Some(mut front) = in_flight.pop_front() else {
+            }
+            // Any stream finishing wakes this thread: a finished stream takes the next
+            // batch at once, even while an earlier batch is still uploading.
+            if !streams_state.front_finished() {
+                let _ = streams_state
+                    .finished
+                    .recv_timeout(Duration::from_millis(100));
+                if !streams_state.front_finished() {
+                    continue;
+                }
+            }
+            let Some(mut front) = streams_state.in_flight.pop_front() else {
                 continue;
             };
             if let Some(thread) = front.thread.take() {
                 let _ = thread.join();
+            }
+            let packed = front.outcome.take().unwrap_or_else(|| {
+                Err(VolumeError::Wal(
+                    "a pack upload ended without a result".into(),
+                ))
+            });
+            // The next batch starts before this one is published: the manifest write
+            // and the local apply (a cache write and sync) overlap the uploads.
+            if packed.is_ok() {
+                self.top_up(&mut streams_state, streams, front.bytes, &limit, false);
             }
             let outcome = packed.and_then(|packed| self.publish(packed));
             let Err(err) = outcome else {
@@ -169,12 +214,12 @@ impl Inner {
             // Whatever follows this batch is not published: wait for its threads, drop
             // their packs (garbage once a later manifest passes their ids) and take its
             // records again if uploading goes on.
-            for mut later in in_flight.drain(..) {
+            for mut later in streams_state.in_flight.drain(..) {
                 if let Some(thread) = later.thread.take() {
                     let _ = thread.join();
                 }
             }
-            taken_seq = self.lock().uploaded_seq;
+            streams_state.taken_seq = self.lock().uploaded_seq;
             match err {
                 VolumeError::Fenced(holder) => self.fence(holder),
                 VolumeError::StoreGaveUp { .. } if self.store.is_stopped() => return,
@@ -186,6 +231,51 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Hands every batch that is due to a stream while fewer than `streams` are busy;
+    /// `publishing` bytes (a batch out of the queue, not yet published) count as in flight.
+    /// With `may_wait` and nothing in flight or due, waits a little for writes. Answers
+    /// whether the volume is stopping.
+    fn top_up(
+        self: &Arc<Self>,
+        streams_state: &mut Streams,
+        streams: usize,
+        publishing: u64,
+        limit: &Arc<Mutex<RateLimit>>,
+        may_wait: bool,
+    ) -> bool {
+        // Finished batches waiting to be published hold memory, not a stream: at most as
+        // many again as there are streams may wait.
+        while streams_state.busy() < streams && streams_state.in_flight.len() < 2 * streams {
+            let in_flight_bytes: u64 =
+                publishing + streams_state.in_flight.iter().map(|f| f.bytes).sum::<u64>();
+            let mut state = self.lock();
+            let Some((records, bytes)) =
+                self.take_batch(&mut state, streams_state.taken_seq, in_flight_bytes)
+            else {
+                let stop = state.stopping;
+                if may_wait && streams_state.in_flight.is_empty() && !stop {
+                    let _ = self
+                        .changed
+                        .wait_timeout(state, Duration::from_millis(100))
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+                return stop;
+            };
+            let pack_id = streams_state.next_pack_id.max(state.map.next_pack_id);
+            drop(state);
+            streams_state.next_pack_id = pack_id + 1;
+            streams_state.taken_seq = records.last().map_or(streams_state.taken_seq, |r| r.seq);
+            streams_state.in_flight.push_back(self.start_pack(
+                records,
+                bytes,
+                pack_id,
+                limit.clone(),
+                streams_state.finished_sender.clone(),
+            ));
+        }
+        false
     }
 
     /// The next batch of records after `after_seq` (at most `pack_bytes`, at least one
@@ -238,15 +328,22 @@ impl Inner {
         bytes: u64,
         pack_id: u64,
         limit: Arc<Mutex<RateLimit>>,
+        finished: SyncSender<()>,
     ) -> InFlight {
         let (send, packed) = sync_channel(1);
         let spawned = {
-            let (inner, records, limit, send) =
-                (self.clone(), records.clone(), limit.clone(), send.clone());
+            let (inner, records, limit, send, finished) = (
+                self.clone(),
+                records.clone(),
+                limit.clone(),
+                send.clone(),
+                finished.clone(),
+            );
             std::thread::Builder::new()
                 .name("berth-vol-pack".into())
                 .spawn(move || {
                     let _ = send.send(inner.pack_and_put(&records, pack_id, &limit));
+                    let _ = finished.try_send(());
                 })
         };
         let thread = match spawned {
@@ -254,12 +351,14 @@ impl Inner {
             Err(err) => {
                 tracing::warn!("cannot start a pack upload thread, uploading inline: {err}");
                 let _ = send.send(self.pack_and_put(&records, pack_id, &limit));
+                let _ = finished.try_send(());
                 None
             }
         };
         InFlight {
             bytes,
             packed,
+            outcome: None,
             thread,
         }
     }

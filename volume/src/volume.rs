@@ -102,7 +102,10 @@ pub struct VolumeOptions {
     /// Upload bandwidth limit in bytes per second (None: unlimited).
     pub upload_rate: Option<u64>,
     /// Packs built and PUT at once (their manifest versions are still written in order).
-    /// Memory while uploading is bounded by about twice this many `pack_bytes`.
+    /// A batch whose pack is in the bucket waits for its turn to be published without
+    /// holding a stream, and as many batches again as there are streams may wait: memory
+    /// while uploading is bounded by about three times this many `pack_bytes` (a busy
+    /// stream holds its batch and its pack, a waiting batch only itself).
     pub upload_streams: usize,
     /// A full manifest every this many versions (deltas in between).
     pub full_every: u64,
