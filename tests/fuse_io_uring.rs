@@ -352,22 +352,9 @@ fn external_unmount_ends_the_daemon_cleanly() {
     let Some(_parameter) = set_parameter("Y") else {
         return;
     };
-    let mut fs = start_on_the_ring(&[]);
+    let fs = start_on_the_ring(&[]);
     fs::write(fs.via("x"), b"x").expect("write");
-    let out = Command::new("umount")
-        .arg(fs.mnt())
-        .output()
-        .expect("run umount");
-    assert!(
-        out.status.success(),
-        "umount failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status = fs
-        .wait_exit(DAEMON_TIMEOUT)
-        .unwrap_or_else(|| panic!("no exit within {DAEMON_TIMEOUT:?} of umount:\n{}", fs.log()));
-    let log = fs.log();
-    assert!(status.success(), "exit {status} after umount:\n{log}");
+    let log = fs.unmount_externally_for_log();
     assert_ring_carried_everything(&log, 2);
 }
 

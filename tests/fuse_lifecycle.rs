@@ -5,8 +5,6 @@
 #[path = "common/fuse_mount.rs"]
 mod fuse_mount;
 
-use std::process::Command;
-
 use fuse_mount::*;
 
 fn stop_with(signal: libc::c_int) {
@@ -59,27 +57,11 @@ fn sigterm_while_a_file_is_open_still_exits_zero() {
 
 #[test]
 fn external_umount_makes_the_daemon_exit_zero() {
-    let Some(mut fs) = FuseMount::start(&[]) else {
+    let Some(fs) = FuseMount::start(&[]) else {
         return;
     };
     assert!(fs.is_mounted());
-    let out = Command::new("umount")
-        .arg(fs.mnt())
-        .output()
-        .expect("run umount");
-    assert!(
-        out.status.success(),
-        "umount failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status = fs
-        .wait_exit(DAEMON_TIMEOUT)
-        .unwrap_or_else(|| panic!("the daemon did not exit within {DAEMON_TIMEOUT:?} of umount"));
-    assert!(
-        status.success(),
-        "after an external umount the daemon exited with {status}, expected 0; output:\n{}",
-        fs.log()
-    );
+    fs.unmount_externally_for_log();
 }
 
 #[test]

@@ -436,6 +436,32 @@ impl FuseMount {
         log
     }
 
+    /// Unmounts from outside (umount(8), as an operator would), checks the daemon exited
+    /// 0 within the timeout, and returns its output.
+    pub fn unmount_externally_for_log(mut self) -> String {
+        let out = std::process::Command::new("umount")
+            .arg(self.mnt())
+            .output()
+            .expect("run umount");
+        assert!(
+            out.status.success(),
+            "umount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status = self.wait_exit(DAEMON_TIMEOUT).unwrap_or_else(|| {
+            panic!(
+                "no exit within {DAEMON_TIMEOUT:?} of umount:\n{}",
+                self.log()
+            )
+        });
+        let log = self.log();
+        assert!(
+            status.success(),
+            "after an external umount the daemon exited with {status}, expected 0:\n{log}"
+        );
+        log
+    }
+
     /// Ends a test: the daemon must still be running, must exit 0 within the timeout after
     /// SIGTERM, and must have removed its mount.
     pub fn finish(mut self) {

@@ -54,6 +54,26 @@ enum Command {
     VolFlush(volflush::VolFlushArgs),
 }
 
+/// What every comparison (`compare`, `blk-compare`) takes beside its peers.
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// Smoke mode: a small data set, one short run per case, pass/fail exit code.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds per run.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Repetitions of every case (medians are reported).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Comma-separated workload names (default: all).
+    #[arg(long)]
+    workloads: Option<String>,
+    /// Write every run's figures here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 #[derive(clap::Args)]
 struct BlkCompareArgs {
     /// The berth binary.
@@ -75,18 +95,8 @@ struct BlkCompareArgs {
     /// Image size (K, M, G suffixes) [default: 1G, --quick 64M].
     #[arg(long)]
     size: Option<String>,
-    /// Smoke mode: small image, one short run per case, pass/fail exit code.
-    #[arg(long)]
-    quick: bool,
-    /// Seconds per run.
-    #[arg(long)]
-    seconds: Option<f64>,
-    /// Repetitions of every case (medians are reported).
-    #[arg(long)]
-    reps: Option<usize>,
-    /// Comma-separated workload names (default: all).
-    #[arg(long)]
-    workloads: Option<String>,
+    #[command(flatten)]
+    plan: PlanArgs,
     /// Comma-separated request queue counts [default: 1,2; --quick 2].
     #[arg(long)]
     queues: Option<String>,
@@ -99,9 +109,6 @@ struct BlkCompareArgs {
     /// Do not negotiate VIRTIO_RING_F_EVENT_IDX.
     #[arg(long)]
     no_event_idx: bool,
-    /// Write every run's figures here as JSON.
-    #[arg(long)]
-    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -139,18 +146,8 @@ struct CompareArgs {
     /// Directory for the file set (created; reused when complete).
     #[arg(long)]
     dir: PathBuf,
-    /// Smoke mode: small file set, one short run per workload, pass/fail exit code.
-    #[arg(long)]
-    quick: bool,
-    /// Seconds per run.
-    #[arg(long)]
-    seconds: Option<f64>,
-    /// Repetitions of every case (medians are reported).
-    #[arg(long)]
-    reps: Option<usize>,
-    /// Comma-separated workload names (default: all).
-    #[arg(long)]
-    workloads: Option<String>,
+    #[command(flatten)]
+    plan: PlanArgs,
     /// Comma-separated request queue counts.
     #[arg(long, default_value = "1,4")]
     queues: String,
@@ -163,9 +160,6 @@ struct CompareArgs {
     /// Do not negotiate VIRTIO_RING_F_EVENT_IDX (kick and call on every request).
     #[arg(long)]
     no_event_idx: bool,
-    /// Write every run's figures here as JSON.
-    #[arg(long)]
-    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -235,13 +229,13 @@ fn workloads(filter: Option<&str>) -> Result<Vec<Workload>> {
 }
 
 fn compare(args: CompareArgs) -> Result<bool> {
-    let layout = if args.quick {
+    let layout = if args.plan.quick {
         Layout::quick()
     } else {
         Layout::full()
     };
     let files = FileSet::prepare(&args.dir, layout)?;
-    let (default_seconds, default_reps, queues, depths) = if args.quick {
+    let (default_seconds, default_reps, queues, depths) = if args.plan.quick {
         (0.25, 1, vec![2usize], vec![8u16])
     } else {
         (
@@ -271,16 +265,16 @@ fn compare(args: CompareArgs) -> Result<bool> {
         None => println!("no virtiofsd given: comparing berth with native only"),
     }
     let plan = report::Plan {
-        workloads: workloads(args.workloads.as_deref())?,
+        workloads: workloads(args.plan.workloads.as_deref())?,
         queues,
         depths,
-        duration: Duration::from_secs_f64(args.seconds.unwrap_or(default_seconds)),
-        reps: args.reps.unwrap_or(default_reps).max(1),
+        duration: Duration::from_secs_f64(args.plan.seconds.unwrap_or(default_seconds)),
+        reps: args.plan.reps.unwrap_or(default_reps).max(1),
         event_idx: !args.no_event_idx,
-        quick: args.quick,
+        quick: args.plan.quick,
     };
     let outcome = report::run_plan(&files, &daemons, &plan)?;
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.plan.json {
         std::fs::write(path, serde_json::to_string_pretty(&outcome)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
@@ -359,7 +353,7 @@ fn segment_size(text: &str) -> Result<u32> {
 }
 
 fn blk_compare(args: BlkCompareArgs) -> Result<bool> {
-    let (size, seconds, reps, queues, depths) = if args.quick {
+    let (size, seconds, reps, queues, depths) = if args.plan.quick {
         ("64M", 0.3, 1, "2", "8")
     } else {
         ("1G", 2.0, 3, "1,2", "1,32")
@@ -416,14 +410,14 @@ fn blk_compare(args: BlkCompareArgs) -> Result<bool> {
     let plan = blkcompare::BlkPlan {
         image: args.image.clone(),
         layout,
-        workloads: blk_workloads(args.workloads.as_deref())?,
+        workloads: blk_workloads(args.plan.workloads.as_deref())?,
         queues: list(args.queues.as_deref().unwrap_or(queues), "queue count")?,
         depths: list(args.depths.as_deref().unwrap_or(depths), "depth")?,
-        duration: Duration::from_secs_f64(args.seconds.unwrap_or(seconds)),
-        reps: args.reps.unwrap_or(reps).max(1),
+        duration: Duration::from_secs_f64(args.plan.seconds.unwrap_or(seconds)),
+        reps: args.plan.reps.unwrap_or(reps).max(1),
         segment: segment_size(&args.segment)?,
         event_idx: !args.no_event_idx,
-        quick: args.quick,
+        quick: args.plan.quick,
         qsd_aio: args.qsd_aio.clone(),
         volume: args.volume,
     };
@@ -436,7 +430,7 @@ fn blk_compare(args: BlkCompareArgs) -> Result<bool> {
         drop(server);
         let _ = std::fs::remove_dir_all(&volume_dir);
     }
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.plan.json {
         std::fs::write(path, serde_json::to_string_pretty(&outcome)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
