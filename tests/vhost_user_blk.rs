@@ -803,7 +803,8 @@ fn an_image_is_served_from_a_sandbox_holding_only_its_cache_image_and_overlay() 
     let first = base.components().nth(1).unwrap().as_os_str().to_owned();
     assert_eq!(top, vec![first], "the root holds only the way to the binds");
     // The queue threads are confined as for a file; the engine's own threads, started
-    // inside the sandbox, have no administrative capability either.
+    // inside the sandbox, have no administrative capability either, and run under the
+    // block engine's filter (every thread has one).
     let threads = security_util::threads_when(server, |threads| {
         let workers = || threads.iter().filter(|t| is_queue_thread(t));
         threads.iter().any(|t| t.name.starts_with("berth-fetch-bg"))
@@ -818,6 +819,10 @@ fn an_image_is_served_from_a_sandbox_holding_only_its_cache_image_and_overlay() 
     assert!(
         threads.iter().any(|t| t.name.starts_with("berth-fetch-bg")),
         "the engine's fetch threads run in the sandbox: {threads:?}"
+    );
+    assert!(
+        threads.iter().all(|t| t.seccomp_mode == 2),
+        "every thread, the engine's included, runs under a seccomp filter: {threads:?}"
     );
     let workers: Vec<_> = threads.iter().filter(|t| is_queue_thread(t)).collect();
     assert!(!workers.is_empty(), "{threads:?}");
@@ -1134,6 +1139,16 @@ fn a_volume_is_served_keeps_acknowledged_writes_across_kill_9_and_reopens_from_i
                 read_only_mounts: &[],
                 writable_mounts: &[&bucket, local_state],
             },
+        );
+        // The volume's threads (log, uploader, lease) started under the block engine's
+        // filter; every thread has one.
+        let threads = security_util::threads_when(server, |threads| {
+            threads.iter().any(|t| t.name.starts_with("berth-vol-"))
+                && threads.iter().any(is_queue_thread)
+        });
+        assert!(
+            threads.iter().all(|t| t.seccomp_mode == 2),
+            "every thread, the volume's included, runs under a seccomp filter: {threads:?}"
         );
     }
     let config = *device.config();

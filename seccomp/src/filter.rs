@@ -107,6 +107,13 @@ pub enum ThreadRole {
     /// kick, moves data between the target's files and guest memory, makes writes durable,
     /// discards, and fetches missing image chunks.
     VhostBlkQueue,
+    /// The threads of a block target's cache engine or volume (`berth block serve-vhost
+    /// IMAGE|volume:…`): fetching and prefetching chunks, the object-store client and its
+    /// runtime (sockets, name resolution, TLS), a volume's log, uploads and lease. Installed
+    /// on the main thread before the target opens, so every such thread starts under it;
+    /// since every thread started afterwards inherits it too, it also allows what they do
+    /// (see [`allowed_syscalls`]), and they narrow it with a filter of their own role.
+    BlockEngine,
 }
 
 impl ThreadRole {
@@ -129,6 +136,7 @@ impl ThreadRole {
             ThreadRole::Supervisor => "sandbox supervisor",
             ThreadRole::UblkQueue => "ublk queue",
             ThreadRole::VhostBlkQueue => "vhost-user-blk queue",
+            ThreadRole::BlockEngine => "block engine",
         }
     }
 }
@@ -377,6 +385,57 @@ const VHOST_BLK_QUEUE: &[libc::c_long] = &[
     libc::SYS_statx,
 ];
 
+/// A block engine's object-store client (HTTP over TCP, TLS, its async runtime) and name
+/// resolution (glibc's resolver: a datagram socket per query, poll, FIONREAD).
+const NETWORK_CLIENT: &[libc::c_long] = &[
+    libc::SYS_connect,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_wait,
+    libc::SYS_eventfd2,
+    libc::SYS_getpeername,
+    libc::SYS_getsockname,
+    libc::SYS_getsockopt,
+    libc::SYS_ioctl,
+    libc::SYS_pipe2,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_setsockopt,
+    libc::SYS_shutdown,
+    libc::SYS_socket,
+    libc::SYS_uname,
+];
+
+/// What else starts under a block engine's filter: the engine's path-based calls (Rust's
+/// `create_dir` and `rename` are mkdir and rename), reading the process's identity, and the
+/// queue threads dropping their capabilities before their own filter (capset can only lower
+/// what a thread holds: no_new_privs is set and the bounding set is empty).
+const BLOCK_ENGINE_EXTRA: &[libc::c_long] = &[
+    libc::SYS_capget,
+    libc::SYS_capset,
+    libc::SYS_getegid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getuid,
+    libc::SYS_mkdir,
+    libc::SYS_rename,
+    libc::SYS_rmdir,
+];
+
+/// `FIONBIO` and `FIONREAD` (include/uapi/asm-generic/ioctls.h): a socket made non-blocking
+/// after it was created, and the resolver asking how long a pending answer is.
+const FIONBIO: u64 = 0x5421;
+const FIONREAD: u64 = 0x541b;
+
 /// Calls allowed only with these arguments: (call, argument index, required value). Several
 /// entries for one call are alternatives. ioctl's requests depend on the role
 /// ([`ioctl_requests`]).
@@ -387,6 +446,7 @@ const ARG_RULES: &[(libc::c_long, u8, u64)] = &[(libc::SYS_unshare, 0, libc::CLO
 fn ioctl_requests(role: ThreadRole) -> &'static [u64] {
     match role {
         ThreadRole::UblkQueue | ThreadRole::VhostBlkQueue => &[BLKDISCARD, BLKZEROOUT],
+        ThreadRole::BlockEngine => &[BLKDISCARD, BLKZEROOUT, FIONBIO, FIONREAD],
         ThreadRole::FuseBackingRegistrar => {
             &[FUSE_DEV_IOC_BACKING_OPEN, FUSE_DEV_IOC_BACKING_CLOSE]
         }
@@ -432,6 +492,20 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ThreadRole::UblkQueue => &[RUNTIME, UBLK_QUEUE],
         // EVENT_LOOP: its kick and the library's exit event, waited on with epoll.
         ThreadRole::VhostBlkQueue => &[RUNTIME, EVENT_LOOP, VHOST_BLK_QUEUE],
+        // Every thread of the process started after it inherits it (main's, the control
+        // thread's and the queues' filters stack on it), so it covers theirs; what it adds
+        // is the network client. Not exec, ptrace, mount, module or identity calls, and no
+        // listening or accepting sockets beyond main's vhost-user accept.
+        ThreadRole::BlockEngine => &[
+            RUNTIME,
+            MAIN,
+            VHOST_USER_CONTROL,
+            EVENT_LOOP,
+            FILESYSTEM,
+            VHOST_BLK_QUEUE,
+            NETWORK_CLIENT,
+            BLOCK_ENGINE_EXTRA,
+        ],
     };
     let mut calls: Vec<libc::c_long> = groups.iter().flat_map(|g| g.iter().copied()).collect();
     calls.sort_unstable();
@@ -527,7 +601,7 @@ mod tests {
         );
     }
 
-    const ALL_ROLES: [ThreadRole; 15] = [
+    const ALL_ROLES: [ThreadRole; 16] = [
         ThreadRole::FuseRing,
         ThreadRole::VersionsMapper,
         ThreadRole::VhostUserControl,
@@ -543,6 +617,7 @@ mod tests {
         ThreadRole::Supervisor,
         ThreadRole::UblkQueue,
         ThreadRole::VhostBlkQueue,
+        ThreadRole::BlockEngine,
     ];
 
     #[test]
@@ -643,9 +718,16 @@ mod tests {
         ] {
             assert!(!has(ThreadRole::Supervisor, nr), "supervisor allows {nr}");
         }
-        // Nobody may exec, ptrace, mount, change identity or open sockets after start-up.
+        // Nobody may exec, ptrace, mount, change identity or open sockets after start-up
+        // (but a block engine's object-store client connects, and the queue threads
+        // started under it drop their capabilities).
         for role in ALL_ROLES {
-            for forbidden in [
+            let sockets: &[libc::c_long] = if role == ThreadRole::BlockEngine {
+                &[]
+            } else {
+                &[libc::SYS_socket, libc::SYS_connect, libc::SYS_capset]
+            };
+            for &forbidden in sockets.iter().chain(&[
                 libc::SYS_execve,
                 libc::SYS_execveat,
                 libc::SYS_ptrace,
@@ -654,18 +736,16 @@ mod tests {
                 libc::SYS_pivot_root,
                 libc::SYS_chroot,
                 libc::SYS_setns,
-                libc::SYS_socket,
-                libc::SYS_connect,
                 libc::SYS_bind,
+                libc::SYS_listen,
                 libc::SYS_setuid,
                 libc::SYS_setresuid,
                 libc::SYS_setgroups,
-                libc::SYS_capset,
                 libc::SYS_init_module,
                 libc::SYS_bpf,
                 libc::SYS_keyctl,
                 libc::SYS_perf_event_open,
-            ] {
+            ]) {
                 assert!(!has(role, forbidden), "{role:?} allows {forbidden}");
             }
             // ioctl only where a block queue or FUSE passthrough needs it, and only with
@@ -677,11 +757,51 @@ mod tests {
                     ThreadRole::UblkQueue
                         | ThreadRole::VhostBlkQueue
                         | ThreadRole::FuseBackingRegistrar
+                        | ThreadRole::BlockEngine
                 ),
                 "{role:?}"
             );
             let ioctl_rules = rules_for(role, libc::SYS_ioctl).unwrap();
             assert_eq!(ioctl_rules.len(), ioctl_requests(role).len(), "{role:?}");
+        }
+    }
+
+    #[test]
+    fn the_block_engine_covers_every_thread_started_under_it_and_adds_a_network_client() {
+        let engine = allowed_syscalls(ThreadRole::BlockEngine);
+        // Filters stack: main, the control thread and the queues start under it.
+        for role in [ThreadRole::VhostBlkQueue, ThreadRole::VhostUserControl] {
+            for nr in allowed_syscalls(role) {
+                assert!(
+                    engine.contains(&nr),
+                    "{role:?} needs {nr}, the engine lacks it"
+                );
+            }
+            for request in ioctl_requests(role) {
+                assert!(ioctl_requests(ThreadRole::BlockEngine).contains(request));
+            }
+        }
+        for nr in MAIN {
+            assert!(engine.contains(nr), "main needs {nr}, the engine lacks it");
+        }
+        for nr in [
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_sendmmsg,
+            libc::SYS_recvfrom,
+            libc::SYS_renameat2,
+            libc::SYS_fdatasync,
+        ] {
+            assert!(engine.contains(&nr), "the block engine lacks {nr}");
+        }
+        // No io_uring (the vhost-user-blk path has none) and no server sockets.
+        for nr in [
+            libc::SYS_io_uring_setup,
+            libc::SYS_io_uring_enter,
+            libc::SYS_listen,
+            libc::SYS_bind,
+        ] {
+            assert!(!engine.contains(&nr), "the block engine allows {nr}");
         }
     }
 

@@ -474,13 +474,18 @@ pub fn run(args: ServeVhostArgs, signals: TerminationSignals) -> anyhow::Result<
         later @ (Prepared::Image(_) | Prepared::Volume(_)) => {
             // The engine's or the volume's threads start as it opens and keep what they
             // start with: the main thread's capabilities, which are cut to the default set
-            // first.
+            // first, and the block engine's filter, which every later thread inherits too
+            // and narrows with its own.
             let open = |later| match later {
                 Prepared::Image(plan) => plan.open(),
                 Prepared::Volume(plan) => plan.open(),
                 Prepared::Open(opened, _) => Ok(opened),
             };
-            match drop_capabilities_of_root().and_then(|()| open(later)) {
+            let confined = drop_capabilities_of_root().and_then(|()| {
+                berth_seccomp::install_filter(ThreadRole::BlockEngine, seccomp)
+                    .context("cannot install the block engine's seccomp filter")
+            });
+            match confined.and_then(|()| open(later)) {
                 Ok(opened) => opened,
                 Err(e) => {
                     // Nothing will listen on the socket made for it.
