@@ -59,6 +59,11 @@ pub trait BlobBackend: Send + Sync + std::fmt::Debug {
     fn put_file(&self, name: &str, path: &Path) -> Result<()>;
     /// Stores `data` as blob `name`.
     fn put_bytes(&self, name: &str, data: &[u8]) -> Result<()>;
+    /// Stores `data` as blob `name`, taking a shared buffer: a backend that sends it as it
+    /// is saves the copy [`Self::put_bytes`] makes (a retry sends the same buffer again).
+    fn put_shared(&self, name: &str, data: bytes::Bytes) -> Result<()> {
+        self.put_bytes(name, &data)
+    }
     /// A short human description, for logs.
     fn describe(&self) -> String;
 
@@ -685,10 +690,13 @@ impl BlobBackend for ObjectStoreBackend {
     }
 
     fn put_bytes(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.put_shared(name, bytes::Bytes::copy_from_slice(data))
+    }
+
+    fn put_shared(&self, name: &str, data: bytes::Bytes) -> Result<()> {
         let location = self.location(name);
-        let payload = PutPayload::from(bytes::Bytes::copy_from_slice(data));
         self.runtime
-            .block_on(self.store.put(&location, payload))
+            .block_on(self.store.put(&location, PutPayload::from(data)))
             .map(|_| ())
             .map_err(|e| classify("upload", name, e))
     }

@@ -210,10 +210,14 @@ fn import(
         }
         let id = manifest.next_pack_id;
         let key = store.key(&format!("packs/{id:016x}-import"));
-        let (object, info) =
-            builder.finish(id, key.clone(), config.chunk_blocks(), config.compression)?;
-        store.put(&key, &object, COMMAND_PATIENCE)?;
-        for &(lba, len, at) in &builder.extents {
+        let finished = std::mem::replace(builder, PackBuilder::new(config.block_size)).finish(
+            id,
+            key.clone(),
+            config.chunk_blocks(),
+            config.compression,
+        )?;
+        store.put_shared(&key, finished.object.into(), COMMAND_PATIENCE)?;
+        for &(lba, len, at) in &finished.extents {
             manifest.extents.push((
                 lba,
                 len,
@@ -223,9 +227,8 @@ fn import(
                 }),
             ));
         }
-        manifest.packs.push(info);
+        manifest.packs.push(finished.info);
         manifest.next_pack_id = id + 1;
-        *builder = PackBuilder::new(config.block_size);
         Ok(())
     };
     let mut offset = 0u64;

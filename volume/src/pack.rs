@@ -53,46 +53,82 @@ impl PackBuilder {
         self.raw.extend_from_slice(data);
     }
 
-    /// The stored object and its description (the key and id are the caller's).
+    /// The stored object and its description (the key and id are the caller's), with the
+    /// builder's extents. When no chunk compresses (already compressed or random data), the
+    /// object is the raw buffer itself, not a copy of it.
     pub fn finish(
-        &self,
+        self,
         id: u64,
         key: String,
         chunk_blocks: u32,
         compression: Compression,
-    ) -> Result<(Vec<u8>, PackInfo)> {
+    ) -> Result<FinishedPack> {
+        let raw_blocks = self.blocks();
         let chunk_bytes = chunk_blocks as usize * self.block_size;
-        let mut object = Vec::with_capacity(self.raw.len() + 64);
-        let mut chunks = Vec::new();
+        let mut digests = Vec::new();
+        let mut packed_chunks = Vec::new();
         for raw in self.raw.chunks(chunk_bytes) {
-            let digest = *blake3::hash(raw).as_bytes();
+            digests.push(*blake3::hash(raw).as_bytes());
             let packed = match compression {
                 Compression::None => None,
                 other => Some(compress_chunk(other, raw).map_err(VolumeError::store)?),
             };
-            let (stored, compressed): (&[u8], bool) = match &packed {
-                Some(p) if p.len() < raw.len() => (p, true),
-                _ => (raw, false),
-            };
-            chunks.push(ChunkInfo {
-                offset: object.len() as u64,
-                stored_len: stored.len() as u32,
-                compressed,
-                digest,
-            });
-            object.extend_from_slice(stored);
+            packed_chunks.push(packed.filter(|p| p.len() < raw.len()));
         }
-        Ok((
+        let mut chunks = Vec::with_capacity(digests.len());
+        let object = if packed_chunks.iter().all(Option::is_none) {
+            for (index, (raw, digest)) in self.raw.chunks(chunk_bytes).zip(&digests).enumerate() {
+                chunks.push(ChunkInfo {
+                    offset: (index * chunk_bytes) as u64,
+                    stored_len: raw.len() as u32,
+                    compressed: false,
+                    digest: *digest,
+                });
+            }
+            self.raw
+        } else {
+            let mut object = Vec::with_capacity(self.raw.len());
+            for ((raw, digest), packed) in self
+                .raw
+                .chunks(chunk_bytes)
+                .zip(&digests)
+                .zip(&packed_chunks)
+            {
+                let stored: &[u8] = packed.as_deref().unwrap_or(raw);
+                chunks.push(ChunkInfo {
+                    offset: object.len() as u64,
+                    stored_len: stored.len() as u32,
+                    compressed: packed.is_some(),
+                    digest: *digest,
+                });
+                object.extend_from_slice(stored);
+            }
+            object
+        };
+        Ok(FinishedPack {
+            raw_len: raw_blocks * self.block_size as u64,
             object,
-            PackInfo {
+            info: PackInfo {
                 id,
                 key,
-                raw_blocks: self.blocks(),
+                raw_blocks,
                 chunk_blocks,
                 chunks,
             },
-        ))
+            extents: self.extents,
+        })
     }
+}
+
+/// A built pack: the object to upload, its description, and where the builder's extents
+/// landed in it (`(lba, blocks, block in the pack)`).
+#[derive(Debug)]
+pub struct FinishedPack {
+    pub object: Vec<u8>,
+    pub info: PackInfo,
+    pub extents: Vec<(u64, u64, u64)>,
+    /// Raw (uncompressed) bytes the pack holds.
+    pub raw_len: u64,
 }
 
 /// The raw bytes of chunks `first..first + count` of `pack`, from `stored` (their stored
@@ -164,18 +200,55 @@ mod tests {
             builder.add(12, &noise[1024..]);
             builder.add(100, &vec![0u8; 512 * 3]);
             assert_eq!(builder.extents, vec![(10, 5, 0), (100, 3, 5)]);
-            let (object, info) = builder.finish(1, "p".into(), 2, compression).unwrap();
+            let raw = builder.raw().to_vec();
+            let finished = builder.finish(1, "p".into(), 2, compression).unwrap();
+            let (object, info) = (finished.object, finished.info);
+            assert_eq!(finished.extents, vec![(10, 5, 0), (100, 3, 5)]);
+            assert_eq!(finished.raw_len, raw.len() as u64);
             assert_eq!(info.chunks.len(), 4);
+            // The zero chunks compress (but with no compression).
+            assert_eq!(
+                info.chunks.iter().any(|c| c.compressed),
+                compression != Compression::None
+            );
             let all = decode_chunks(&info, 0, 4, &object, compression, 512).unwrap();
-            assert_eq!(all, builder.raw());
+            assert_eq!(all, raw);
             let second = &object[info.chunks[1].offset as usize..];
             let two = decode_chunks(&info, 1, 2, second, compression, 512).unwrap();
-            assert_eq!(two, builder.raw()[1024..3072]);
+            assert_eq!(two, raw[1024..3072]);
             let mut bad = object.clone();
             let at = info.chunks[2].offset as usize + 3;
             bad[at] ^= 0x40;
             let err = decode_chunks(&info, 0, 4, &bad, compression, 512).unwrap_err();
             assert!(err.to_string().contains("`p`"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_pack_of_incompressible_chunks_is_its_raw_bytes_and_reads_back() {
+        // xorshift64: no repeats LZ4 could find.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let noise: Vec<u8> = (0..512 * 7)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 32) as u8
+            })
+            .collect();
+        for compression in [Compression::None, Compression::Lz4] {
+            let mut builder = PackBuilder::new(512);
+            builder.add(0, &noise);
+            let finished = builder.finish(3, "q".into(), 2, compression).unwrap();
+            assert_eq!(finished.object, noise, "stored as they are, in order");
+            let info = finished.info;
+            assert_eq!(info.chunks.len(), 4);
+            assert!(info.chunks.iter().all(|c| !c.compressed));
+            let offsets: Vec<u64> = info.chunks.iter().map(|c| c.offset).collect();
+            assert_eq!(offsets, vec![0, 1024, 2048, 3072]);
+            assert_eq!(info.chunks[3].stored_len, 512, "the last chunk is short");
+            let all = decode_chunks(&info, 0, 4, &finished.object, compression, 512).unwrap();
+            assert_eq!(all, noise);
         }
     }
 }

@@ -261,6 +261,16 @@ impl Store {
         Ok(())
     }
 
+    /// As [`Self::put`], sending `data` without copying it (each retry sends it again).
+    pub fn put_shared(&self, key: &str, data: bytes::Bytes, patience: Patience) -> Result<()> {
+        let len = data.len() as u64;
+        self.retry("upload", key, patience, || {
+            self.backend.put_shared(key, data.clone())
+        })?;
+        self.counters.bytes_up.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Creates `key` with `data` unless it exists. A retry after a lost answer finds its
     /// own bytes there, which counts as written.
     pub fn create(&self, key: &str, data: &[u8], patience: Patience) -> Result<Created> {

@@ -477,26 +477,28 @@ impl Inner {
         }
         let mut pack = None;
         if !builder.is_empty() {
-            let (object, info) = builder.finish(
+            let finished = builder.finish(
                 pack_id,
                 key.clone(),
                 self.config.chunk_blocks(),
                 self.config.compression,
             )?;
+            let object_len = finished.object.len() as u64;
             limit
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .wait_for(object.len() as u64);
-            self.store.put(&key, &object, Patience::Forever)?;
+                .wait_for(object_len);
+            self.store
+                .put_shared(&key, finished.object.into(), Patience::Forever)?;
             failpoint::hit("upload.after_pack_put");
             self.metrics.uploads.fetch_add(1, Ordering::Relaxed);
             self.metrics
                 .upload_bytes
-                .fetch_add(object.len() as u64, Ordering::Relaxed);
+                .fetch_add(object_len, Ordering::Relaxed);
             self.metrics
                 .upload_raw_bytes
-                .fetch_add(builder.raw().len() as u64, Ordering::Relaxed);
-            pack = Some(info);
+                .fetch_add(finished.raw_len, Ordering::Relaxed);
+            pack = Some(finished.info);
         }
         Ok(Packed {
             batch,
