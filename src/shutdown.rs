@@ -54,6 +54,49 @@ impl TerminationSignals {
             .map(drop)
     }
 
+    /// Runs `work` (a slow start-up step: opening a volume whose bucket does not answer
+    /// can take a minute) while a helper thread watches for a termination signal; one that
+    /// arrives meanwhile runs `on_signal` at once (which should end the process) rather than
+    /// wait, blocked, for `work` to finish. A signal that arrives as `work` returns stays
+    /// pending for [`Self::spawn_handler`].
+    pub fn watch_during<T>(
+        &self,
+        on_signal: impl FnOnce(libc::c_int) + Send,
+        work: impl FnOnce() -> T,
+    ) -> T {
+        let done = std::sync::atomic::AtomicBool::new(false);
+        thread::scope(|scope| {
+            let watcher = thread::Builder::new()
+                .name("signals-start".into())
+                .spawn_scoped(scope, || {
+                    while !done.load(std::sync::atomic::Ordering::Acquire) {
+                        if let Some(signal) = self.wait_for(std::time::Duration::from_millis(100)) {
+                            on_signal(signal);
+                            return;
+                        }
+                    }
+                });
+            if let Err(e) = &watcher {
+                tracing::debug!("Cannot watch for signals during start-up: {e}.");
+            }
+            let result = work();
+            done.store(true, std::sync::atomic::Ordering::Release);
+            result
+        })
+    }
+
+    /// A termination signal received within `timeout`, if one was.
+    fn wait_for(&self, timeout: std::time::Duration) -> Option<libc::c_int> {
+        let timeout = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `self.set` is initialised, `timeout` is a valid timespec, and no siginfo
+        // is asked for.
+        let rc = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &timeout) };
+        (rc > 0).then_some(rc)
+    }
+
     fn wait(&self) -> Option<libc::c_int> {
         loop {
             let mut signal: libc::c_int = 0;

@@ -865,6 +865,65 @@ fn an_image_that_cannot_be_opened_in_the_sandbox_fails_and_leaves_no_socket() {
     assert!(!socket.exists(), "the socket is removed");
 }
 
+/// A volume whose bucket does not answer keeps its open retrying for a minute; SIGTERM
+/// meanwhile ends the daemon at once (exit 0, socket removed), not after the open gives up.
+#[test]
+fn sigterm_while_a_volume_waits_for_its_bucket_ends_the_daemon_at_once() {
+    if !frontend_util::testing_berth() {
+        eprintln!("SKIP: volumes are berth's own");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("blk.sock");
+    let local = dir.path().join("local");
+    let mut daemon = Daemon::spawn_with(
+        [
+            "block".to_string(),
+            "serve-vhost".into(),
+            "--socket-path".into(),
+            socket.display().to_string(),
+            "--volume-dir".into(),
+            local.display().to_string(),
+            "volume:s3://nobody-answers/vol".into(),
+        ],
+        |command| {
+            // Port 1 on loopback: every request is refused, and retried.
+            command
+                .env("RUST_LOG", "info")
+                .env("AWS_ENDPOINT", "http://127.0.0.1:1")
+                .env("AWS_ALLOW_HTTP", "true")
+                .env("AWS_REGION", "us-east-1")
+                .env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing");
+        },
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !daemon.stderr().contains("retrying") {
+        daemon.assert_alive("before its bucket was retried");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no retry within 30 s:\n{}",
+            daemon.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: kill with a pid of our own child and a valid signal.
+    assert_eq!(
+        unsafe { libc::kill(daemon.pid() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let status = daemon
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("still opening 10 s after SIGTERM:\n{}", daemon.stderr()));
+    let log = daemon.stderr();
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(
+        log.contains("Received SIGTERM while opening the target"),
+        "{log}"
+    );
+    assert!(!socket.exists(), "the socket is removed");
+}
+
 #[test]
 fn flushes_taken_off_the_ring_together_are_answered_by_one_sync_after_the_writes() {
     let metrics_dir = tempfile::tempdir().unwrap();

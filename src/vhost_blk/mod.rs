@@ -485,7 +485,21 @@ pub fn run(args: ServeVhostArgs, signals: TerminationSignals) -> anyhow::Result<
                 berth_seccomp::install_filter(ThreadRole::BlockEngine, seccomp)
                     .context("cannot install the block engine's seccomp filter")
             });
-            match confined.and_then(|()| open(later)) {
+            // A volume's bucket or an image's backend that does not answer keeps the open
+            // retrying for a while: a termination signal meanwhile ends the process now.
+            let socket_for_start = socket_file.clone();
+            let on_signal = move |signal| {
+                info!(
+                    "Received {} while opening the target; exiting without serving.",
+                    signal_name(signal)
+                );
+                if let Some(socket) = &socket_for_start {
+                    socket.remove();
+                }
+                std::process::exit(0);
+            };
+            let opened = confined.and_then(|()| signals.watch_during(on_signal, || open(later)));
+            match opened {
                 Ok(opened) => opened,
                 Err(e) => {
                     // Nothing will listen on the socket made for it.
