@@ -88,9 +88,15 @@ fn main() -> ExitCode {
                 Mode::ImageBuild(settings) => image::run_build(settings, signals),
                 Mode::Mount(settings) => image::run_mount(settings, signals),
                 Mode::Block(command, _) => block::run(command, signals),
-                Mode::Volume(command, _) => volume::run(command),
+                Mode::Volume(command, _) => signals
+                    .restore_default()
+                    .context("cannot unblock termination signals")
+                    .and_then(|()| volume::run(command)),
                 Mode::Fscache(settings) => image::fscache::run_fscache(settings, signals),
-                Mode::ImageInspect(settings) => image::run_inspect(settings),
+                Mode::ImageInspect(settings) => signals
+                    .restore_default()
+                    .context("cannot unblock termination signals")
+                    .and_then(|()| image::run_inspect(settings)),
                 Mode::PrintCapabilities => Ok(()),
             }
         });

@@ -39,6 +39,19 @@ impl TerminationSignals {
         Ok(TerminationSignals { set })
     }
 
+    /// Gives the termination signals back their default action (ending the process) for a
+    /// one-shot command that has nothing to clean up: threads started meanwhile keep them
+    /// blocked, and the kernel hands a signal to a thread that does not block it, this one.
+    pub fn restore_default(self) -> io::Result<()> {
+        // SAFETY: `self.set` is an initialised signal set; the old mask is not needed.
+        let rc =
+            unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &self.set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(())
+    }
+
     /// Runs `on_signal` with the first termination signal received, on a dedicated thread.
     pub fn spawn_handler<F>(self, on_signal: F) -> io::Result<()>
     where

@@ -344,6 +344,59 @@ fn volume_commands_create_snapshot_clone_gc_and_explain_their_errors() {
     );
 }
 
+/// A one-shot command ends on SIGTERM even while it retries a bucket that does not
+/// answer (the signals every berth command starts with blocked are given back).
+#[test]
+fn a_volume_command_waiting_for_its_bucket_ends_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["volume", "info", "s3://nobody-answers/vol"])
+        // Port 1 on loopback: every request is refused, and retried for a minute.
+        .env("AWS_ENDPOINT", "http://127.0.0.1:1")
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !log().contains("retrying") {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "ended before retrying:\n{}",
+            log()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no retry within 30 s:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: kill with the pid of our own child and a valid signal.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("still running 10 s after SIGTERM:\n{}", log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "{status}:\n{}", log());
+}
+
 #[test]
 fn a_held_lease_refuses_a_second_writer_until_broken() {
     let Some(bucket) = start_bucket() else {
