@@ -197,7 +197,8 @@ pub struct VolumeServeArgs {
     pub upload_interval: u64,
 
     /// Packs a volume builds and uploads at once (their manifest versions are still
-    /// written in order). While uploading, memory is bounded by about 3 × this × 32 MiB.
+    /// written in order). While uploading, memory is bounded by about 2 × this × 32 MiB
+    /// (3 × when the data compresses).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_UPLOAD_STREAMS,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub upload_streams: u16,

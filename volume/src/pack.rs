@@ -5,6 +5,7 @@
 
 use berth_cache::manifest::{compress_chunk, decompress_chunk};
 use berth_cache::Compression;
+use bytes::Bytes;
 
 use crate::error::{Result, VolumeError};
 use crate::format::{ChunkInfo, PackInfo};
@@ -54,8 +55,7 @@ impl PackBuilder {
     }
 
     /// The stored object and its description (the key and id are the caller's), with the
-    /// builder's extents. When no chunk compresses (already compressed or random data), the
-    /// object is the raw buffer itself, not a copy of it.
+    /// builder's extents (see [`pack_blocks`]).
     pub fn finish(
         self,
         id: u64,
@@ -63,59 +63,20 @@ impl PackBuilder {
         chunk_blocks: u32,
         compression: Compression,
     ) -> Result<FinishedPack> {
-        let raw_blocks = self.blocks();
-        let chunk_bytes = chunk_blocks as usize * self.block_size;
-        let mut digests = Vec::new();
-        let mut packed_chunks = Vec::new();
-        for raw in self.raw.chunks(chunk_bytes) {
-            digests.push(*blake3::hash(raw).as_bytes());
-            let packed = match compression {
-                Compression::None => None,
-                other => Some(compress_chunk(other, raw).map_err(VolumeError::store)?),
-            };
-            packed_chunks.push(packed.filter(|p| p.len() < raw.len()));
-        }
-        let mut chunks = Vec::with_capacity(digests.len());
-        let object = if packed_chunks.iter().all(Option::is_none) {
-            for (index, (raw, digest)) in self.raw.chunks(chunk_bytes).zip(&digests).enumerate() {
-                chunks.push(ChunkInfo {
-                    offset: (index * chunk_bytes) as u64,
-                    stored_len: raw.len() as u32,
-                    compressed: false,
-                    digest: *digest,
-                });
-            }
-            self.raw
-        } else {
-            let mut object = Vec::with_capacity(self.raw.len());
-            for ((raw, digest), packed) in self
-                .raw
-                .chunks(chunk_bytes)
-                .zip(&digests)
-                .zip(&packed_chunks)
-            {
-                let stored: &[u8] = packed.as_deref().unwrap_or(raw);
-                chunks.push(ChunkInfo {
-                    offset: object.len() as u64,
-                    stored_len: stored.len() as u32,
-                    compressed: packed.is_some(),
-                    digest: *digest,
-                });
-                object.extend_from_slice(stored);
-            }
-            object
-        };
+        let raw_len = self.raw.len() as u64;
+        let (object, info) = pack_blocks(
+            self.raw.into(),
+            self.block_size as u32,
+            id,
+            key,
+            chunk_blocks,
+            compression,
+        )?;
         Ok(FinishedPack {
-            raw_len: raw_blocks * self.block_size as u64,
             object,
-            info: PackInfo {
-                id,
-                key,
-                raw_blocks,
-                chunk_blocks,
-                chunks,
-            },
+            info,
             extents: self.extents,
+            raw_len,
         })
     }
 }
@@ -124,11 +85,72 @@ impl PackBuilder {
 /// landed in it (`(lba, blocks, block in the pack)`).
 #[derive(Debug)]
 pub struct FinishedPack {
-    pub object: Vec<u8>,
+    pub object: Bytes,
     pub info: PackInfo,
     pub extents: Vec<(u64, u64, u64)>,
     /// Raw (uncompressed) bytes the pack holds.
     pub raw_len: u64,
+}
+
+/// Cuts `raw` (whole blocks) into chunks of `chunk_blocks`, digests each and stores it
+/// compressed where that makes it smaller: the object and its description (the key and id
+/// are the caller's). When no chunk compresses (random or already compressed data) the
+/// object is `raw` itself, shared, not copied.
+pub fn pack_blocks(
+    raw: Bytes,
+    block_size: u32,
+    id: u64,
+    key: String,
+    chunk_blocks: u32,
+    compression: Compression,
+) -> Result<(Bytes, PackInfo)> {
+    let raw_blocks = raw.len() as u64 / u64::from(block_size);
+    let chunk_bytes = chunk_blocks as usize * block_size as usize;
+    let mut digests = Vec::new();
+    let mut packed_chunks = Vec::new();
+    for chunk in raw.chunks(chunk_bytes) {
+        digests.push(*blake3::hash(chunk).as_bytes());
+        let packed = match compression {
+            Compression::None => None,
+            other => Some(compress_chunk(other, chunk).map_err(VolumeError::store)?),
+        };
+        packed_chunks.push(packed.filter(|p| p.len() < chunk.len()));
+    }
+    let mut chunks = Vec::with_capacity(digests.len());
+    let object = if packed_chunks.iter().all(Option::is_none) {
+        for (index, (chunk, digest)) in raw.chunks(chunk_bytes).zip(&digests).enumerate() {
+            chunks.push(ChunkInfo {
+                offset: (index * chunk_bytes) as u64,
+                stored_len: chunk.len() as u32,
+                compressed: false,
+                digest: *digest,
+            });
+        }
+        raw
+    } else {
+        let mut object = Vec::with_capacity(raw.len());
+        for ((chunk, digest), packed) in raw.chunks(chunk_bytes).zip(&digests).zip(&packed_chunks) {
+            let stored: &[u8] = packed.as_deref().unwrap_or(chunk);
+            chunks.push(ChunkInfo {
+                offset: object.len() as u64,
+                stored_len: stored.len() as u32,
+                compressed: packed.is_some(),
+                digest: *digest,
+            });
+            object.extend_from_slice(stored);
+        }
+        object.into()
+    };
+    Ok((
+        object,
+        PackInfo {
+            id,
+            key,
+            raw_blocks,
+            chunk_blocks,
+            chunks,
+        },
+    ))
 }
 
 /// The raw bytes of chunks `first..first + count` of `pack`, from `stored` (their stored
@@ -216,7 +238,7 @@ mod tests {
             let second = &object[info.chunks[1].offset as usize..];
             let two = decode_chunks(&info, 1, 2, second, compression, 512).unwrap();
             assert_eq!(two, raw[1024..3072]);
-            let mut bad = object.clone();
+            let mut bad = object.to_vec();
             let at = info.chunks[2].offset as usize + 3;
             bad[at] ^= 0x40;
             let err = decode_chunks(&info, 0, 4, &bad, compression, 512).unwrap_err();

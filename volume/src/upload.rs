@@ -14,7 +14,7 @@ use crate::error::{IoContext, Result, VolumeError};
 use crate::extent_map::{Advance, ExtentMap};
 use crate::failpoint;
 use crate::format::{hex, Manifest, ManifestKind, PackInfo, PackLoc};
-use crate::pack::PackBuilder;
+use crate::pack::pack_blocks;
 use crate::store::{Created, Patience};
 use crate::volume::{DirtyLoc, Inner, State};
 use crate::wal::{self, Record, RecordKind};
@@ -22,6 +22,26 @@ use crate::wal::{self, Record, RecordKind};
 /// Where a block of a batch comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BatchLoc {
+    /// Block `at` of the batch's data.
+    Data {
+        at: u64,
+    },
+    Zero,
+}
+
+impl Advance for BatchLoc {
+    fn advance(&self, blocks: u64) -> Self {
+        match *self {
+            BatchLoc::Data { at } => BatchLoc::Data { at: at + blocks },
+            BatchLoc::Zero => BatchLoc::Zero,
+        }
+    }
+}
+
+/// Where a block of a record read back from the log lands (before its place in the
+/// batch's data is known).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecordLoc {
     /// Block `block` of the data of record `seq`.
     Data {
         seq: u64,
@@ -30,14 +50,14 @@ pub(crate) enum BatchLoc {
     Zero,
 }
 
-impl Advance for BatchLoc {
+impl Advance for RecordLoc {
     fn advance(&self, blocks: u64) -> Self {
         match *self {
-            BatchLoc::Data { seq, block } => BatchLoc::Data {
+            RecordLoc::Data { seq, block } => RecordLoc::Data {
                 seq,
                 block: block + blocks,
             },
-            BatchLoc::Zero => BatchLoc::Zero,
+            RecordLoc::Zero => RecordLoc::Zero,
         }
     }
 }
@@ -48,15 +68,16 @@ pub(crate) struct Batch {
     pub last_seq: u64,
     pub epoch: u32,
     pub view: ExtentMap<BatchLoc>,
-    pub data: HashMap<u64, Vec<u8>>,
+    /// Every block the batch writes data to, in volume block order, once: the raw bytes
+    /// of its pack, and what the local apply writes to the cache file.
+    pub data: bytes::Bytes,
 }
 
 impl Batch {
-    fn bytes_of(&self, seq: u64, block: u64, blocks: u64, block_size: u64) -> &[u8] {
-        let data = self.data.get(&seq).map(Vec::as_slice).unwrap_or_default();
-        let start = (block * block_size) as usize;
-        let end = ((block + blocks) * block_size) as usize;
-        data.get(start..end).unwrap_or_default()
+    fn bytes_of(&self, at: u64, blocks: u64, block_size: u64) -> &[u8] {
+        let start = (at * block_size) as usize;
+        let end = ((at + blocks) * block_size) as usize;
+        self.data.get(start..end).unwrap_or_default()
     }
 }
 
@@ -364,10 +385,12 @@ impl Inner {
     }
 
     /// Reads `records` back from the log (checking each against its checksum) and folds
-    /// them into a batch.
+    /// them into a batch. The blocks that stay (a later record of the batch may overwrite
+    /// an earlier one) are laid out in volume block order in one buffer, and a record whose
+    /// blocks all stay, the usual case, is read straight into its place there: no copy
+    /// between the log and the pack. A record wholly overwritten within the batch is not
+    /// read at all.
     pub(crate) fn read_batch(&self, records: &[Record]) -> Result<Batch> {
-        let mut view = ExtentMap::new();
-        let mut data = HashMap::new();
         let segments: HashMap<u32, Arc<wal::SegmentFiles>> = {
             let state = self.lock();
             state
@@ -376,41 +399,77 @@ impl Inner {
                 .map(|(&n, s)| (n, s.files.clone()))
                 .collect()
         };
+        let mut latest = ExtentMap::new();
         for record in records {
+            let loc = match record.kind {
+                RecordKind::Zero => RecordLoc::Zero,
+                RecordKind::Data => RecordLoc::Data {
+                    seq: record.seq,
+                    block: 0,
+                },
+            };
+            latest.insert(record.lba, u64::from(record.blocks), loc);
+        }
+        // Each record's surviving pieces: (block in the record, blocks, block in the data).
+        let mut view = ExtentMap::new();
+        let mut pieces: HashMap<u64, Vec<(u64, u64, u64)>> = HashMap::new();
+        let mut data_blocks = 0u64;
+        for (lba, len, loc) in latest.iter() {
+            match loc {
+                RecordLoc::Zero => view.insert(lba, len, BatchLoc::Zero),
+                RecordLoc::Data { seq, block } => {
+                    view.insert(lba, len, BatchLoc::Data { at: data_blocks });
+                    pieces
+                        .entry(seq)
+                        .or_default()
+                        .push((block, len, data_blocks));
+                    data_blocks += len;
+                }
+            }
+        }
+        let bs = self.block_size;
+        let mut data = vec![0u8; (data_blocks * bs) as usize];
+        let mut scratch = Vec::new();
+        for record in records.iter().filter(|r| r.kind == RecordKind::Data) {
+            let Some(kept) = pieces.get(&record.seq) else {
+                continue;
+            };
             let blocks = u64::from(record.blocks);
-            match record.kind {
-                RecordKind::Zero => view.insert(record.lba, blocks, BatchLoc::Zero),
-                RecordKind::Data => {
-                    let files = segments.get(&record.segment).ok_or_else(|| {
-                        VolumeError::Wal(format!(
-                            "log segment {} of record {} is gone",
-                            record.segment, record.seq
-                        ))
-                    })?;
-                    let mut bytes = vec![0u8; (blocks * self.block_size) as usize];
-                    files
-                        .data
-                        .read_exact_at(&mut bytes, record.data_block * self.block_size)
-                        .context(|| format!("reading log segment {}", record.segment))?;
-                    let crc = crc32c::crc32c(&bytes);
-                    if crc != record.crc {
-                        return Err(VolumeError::Wal(format!(
-                            "the data of record {} (blocks {}..{}) in segment {} no longer matches its checksum: the local disk corrupted it",
-                            record.seq,
-                            record.lba,
-                            record.lba + blocks,
-                            record.segment
-                        )));
-                    }
-                    data.insert(record.seq, bytes);
-                    view.insert(
-                        record.lba,
-                        blocks,
-                        BatchLoc::Data {
-                            seq: record.seq,
-                            block: 0,
-                        },
-                    );
+            let files = segments.get(&record.segment).ok_or_else(|| {
+                VolumeError::Wal(format!(
+                    "log segment {} of record {} is gone",
+                    record.segment, record.seq
+                ))
+            })?;
+            // Whole and in order: its pieces follow each other in the record and in the data.
+            let first_at = kept.first().map_or(0, |p| p.2);
+            let whole = kept.iter().try_fold(0u64, |next, &(block, len, at)| {
+                (block == next && at == first_at + next).then_some(next + len)
+            }) == Some(blocks);
+            let range = |at: u64, len: u64| (at * bs) as usize..((at + len) * bs) as usize;
+            let bytes: &mut [u8] = if whole {
+                &mut data[range(first_at, blocks)]
+            } else {
+                scratch.clear();
+                scratch.resize((blocks * bs) as usize, 0);
+                &mut scratch
+            };
+            files
+                .data
+                .read_exact_at(bytes, record.data_block * bs)
+                .context(|| format!("reading log segment {}", record.segment))?;
+            if crc32c::crc32c(bytes) != record.crc {
+                return Err(VolumeError::Wal(format!(
+                    "the data of record {} (blocks {}..{}) in segment {} no longer matches its checksum: the local disk corrupted it",
+                    record.seq,
+                    record.lba,
+                    record.lba + blocks,
+                    record.segment
+                )));
+            }
+            if !whole {
+                for &(block, len, at) in kept {
+                    data[range(at, len)].copy_from_slice(&scratch[range(block, len)]);
                 }
             }
         }
@@ -418,7 +477,7 @@ impl Inner {
             last_seq: records.last().map_or(0, |r| r.seq),
             epoch: records.last().map_or(0, |r| r.epoch),
             view,
-            data,
+            data: data.into(),
         })
     }
 
@@ -456,40 +515,38 @@ impl Inner {
         let key = self
             .store
             .key(&format!("packs/{pack_id:016x}-{}", &self.session_hex[..12]));
-        let mut builder = PackBuilder::new(self.config.block_size);
-        let mut extents = Vec::new();
-        for (lba, len, loc) in batch.view.iter() {
-            match loc {
-                BatchLoc::Zero => extents.push((lba, len, None)),
-                BatchLoc::Data { seq, block } => {
-                    let at = builder.blocks();
-                    builder.add(lba, batch.bytes_of(seq, block, len, self.block_size));
-                    extents.push((
-                        lba,
-                        len,
-                        Some(PackLoc {
-                            pack: pack_id,
-                            block: at,
-                        }),
-                    ));
-                }
-            }
-        }
+        let extents: Vec<_> = batch
+            .view
+            .iter()
+            .map(|(lba, len, loc)| match loc {
+                BatchLoc::Zero => (lba, len, None),
+                BatchLoc::Data { at } => (
+                    lba,
+                    len,
+                    Some(PackLoc {
+                        pack: pack_id,
+                        block: at,
+                    }),
+                ),
+            })
+            .collect();
         let mut pack = None;
-        if !builder.is_empty() {
-            let finished = builder.finish(
+        if !batch.data.is_empty() {
+            // The batch's data is the pack's raw bytes, shared, not copied.
+            let (object, info) = pack_blocks(
+                batch.data.clone(),
+                self.config.block_size,
                 pack_id,
                 key.clone(),
                 self.config.chunk_blocks(),
                 self.config.compression,
             )?;
-            let object_len = finished.object.len() as u64;
+            let object_len = object.len() as u64;
             limit
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .wait_for(object_len);
-            self.store
-                .put_shared(&key, finished.object.into(), Patience::Forever)?;
+            self.store.put_shared(&key, object, Patience::Forever)?;
             failpoint::hit("upload.after_pack_put");
             self.metrics.uploads.fetch_add(1, Ordering::Relaxed);
             self.metrics
@@ -497,8 +554,8 @@ impl Inner {
                 .fetch_add(object_len, Ordering::Relaxed);
             self.metrics
                 .upload_raw_bytes
-                .fetch_add(finished.raw_len, Ordering::Relaxed);
-            pack = Some(finished.info);
+                .fetch_add(batch.data.len() as u64, Ordering::Relaxed);
+            pack = Some(info);
         }
         Ok(Packed {
             batch,
@@ -600,8 +657,8 @@ impl Inner {
             for &(lba, len, loc) in &ranges {
                 let offset = lba * self.block_size;
                 match loc {
-                    BatchLoc::Data { seq, block } => {
-                        let bytes = batch.bytes_of(seq, block, len, self.block_size);
+                    BatchLoc::Data { at } => {
+                        let bytes = batch.bytes_of(at, len, self.block_size);
                         self.cache
                             .write_all_at(bytes, offset)
                             .context(|| "writing the cache file".to_string())?;

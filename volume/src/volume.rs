@@ -104,8 +104,9 @@ pub struct VolumeOptions {
     /// Packs built and PUT at once (their manifest versions are still written in order).
     /// A batch whose pack is in the bucket waits for its turn to be published without
     /// holding a stream, and as many batches again as there are streams may wait: memory
-    /// while uploading is bounded by about three times this many `pack_bytes` (a busy
-    /// stream holds its batch and its pack, a waiting batch only itself).
+    /// while uploading is bounded by about twice this many `pack_bytes` (a batch's data is
+    /// its pack's raw bytes; a pack whose chunks compress adds its compressed copy while
+    /// it uploads, up to three times).
     pub upload_streams: usize,
     /// A full manifest every this many versions (deltas in between).
     pub full_every: u64,
