@@ -888,13 +888,9 @@ fn sigterm_while_a_volume_waits_for_its_bucket_ends_the_daemon_at_once() {
         ],
         |command| {
             // Port 1 on loopback: every request is refused, and retried.
-            command
-                .env("RUST_LOG", "info")
-                .env("AWS_ENDPOINT", "http://127.0.0.1:1")
-                .env("AWS_ALLOW_HTTP", "true")
-                .env("AWS_REGION", "us-east-1")
-                .env("AWS_ACCESS_KEY_ID", "testing")
-                .env("AWS_SECRET_ACCESS_KEY", "testing");
+            let refusing =
+                berth_testkit::S3Settings::new("http://127.0.0.1:1", "nobody-answers", "vol");
+            command.env("RUST_LOG", "info").envs(refusing.env());
         },
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

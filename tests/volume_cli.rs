@@ -353,11 +353,7 @@ fn a_volume_command_waiting_for_its_bucket_ends_on_sigterm() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
         .args(["volume", "info", "s3://nobody-answers/vol"])
         // Port 1 on loopback: every request is refused, and retried for a minute.
-        .env("AWS_ENDPOINT", "http://127.0.0.1:1")
-        .env("AWS_ALLOW_HTTP", "true")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .envs(berth_testkit::S3Settings::new("http://127.0.0.1:1", "nobody-answers", "vol").env())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
