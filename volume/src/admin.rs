@@ -216,7 +216,7 @@ fn import(
             config.chunk_blocks(),
             config.compression,
         )?;
-        store.put_shared(&key, finished.object, COMMAND_PATIENCE)?;
+        store.put(&key, finished.object, COMMAND_PATIENCE)?;
         for &(lba, len, at) in &finished.extents {
             manifest.extents.push((
                 lba,

@@ -63,7 +63,6 @@ impl PackBuilder {
         chunk_blocks: u32,
         compression: Compression,
     ) -> Result<FinishedPack> {
-        let raw_len = self.raw.len() as u64;
         let (object, info) = pack_blocks(
             self.raw.into(),
             self.block_size as u32,
@@ -76,7 +75,6 @@ impl PackBuilder {
             object,
             info,
             extents: self.extents,
-            raw_len,
         })
     }
 }
@@ -88,8 +86,6 @@ pub struct FinishedPack {
     pub object: Bytes,
     pub info: PackInfo,
     pub extents: Vec<(u64, u64, u64)>,
-    /// Raw (uncompressed) bytes the pack holds.
-    pub raw_len: u64,
 }
 
 /// Cuts `raw` (whole blocks) into chunks of `chunk_blocks`, digests each and stores it
@@ -116,28 +112,25 @@ pub fn pack_blocks(
         };
         packed_chunks.push(packed.filter(|p| p.len() < chunk.len()));
     }
+    // Stored back to back: the object is `raw` itself unless some chunk is stored compressed.
     let mut chunks = Vec::with_capacity(digests.len());
+    let mut offset = 0u64;
+    for ((chunk, digest), packed) in raw.chunks(chunk_bytes).zip(&digests).zip(&packed_chunks) {
+        let stored_len = packed.as_ref().map_or(chunk.len(), Vec::len);
+        chunks.push(ChunkInfo {
+            offset,
+            stored_len: stored_len as u32,
+            compressed: packed.is_some(),
+            digest: *digest,
+        });
+        offset += stored_len as u64;
+    }
     let object = if packed_chunks.iter().all(Option::is_none) {
-        for (index, (chunk, digest)) in raw.chunks(chunk_bytes).zip(&digests).enumerate() {
-            chunks.push(ChunkInfo {
-                offset: (index * chunk_bytes) as u64,
-                stored_len: chunk.len() as u32,
-                compressed: false,
-                digest: *digest,
-            });
-        }
         raw
     } else {
-        let mut object = Vec::with_capacity(raw.len());
-        for ((chunk, digest), packed) in raw.chunks(chunk_bytes).zip(&digests).zip(&packed_chunks) {
-            let stored: &[u8] = packed.as_deref().unwrap_or(chunk);
-            chunks.push(ChunkInfo {
-                offset: object.len() as u64,
-                stored_len: stored.len() as u32,
-                compressed: packed.is_some(),
-                digest: *digest,
-            });
-            object.extend_from_slice(stored);
+        let mut object = Vec::with_capacity(offset as usize);
+        for (chunk, packed) in raw.chunks(chunk_bytes).zip(&packed_chunks) {
+            object.extend_from_slice(packed.as_deref().unwrap_or(chunk));
         }
         object.into()
     };
@@ -226,7 +219,7 @@ mod tests {
             let finished = builder.finish(1, "p".into(), 2, compression).unwrap();
             let (object, info) = (finished.object, finished.info);
             assert_eq!(finished.extents, vec![(10, 5, 0), (100, 3, 5)]);
-            assert_eq!(finished.raw_len, raw.len() as u64);
+            assert_eq!(info.raw_blocks * 512, raw.len() as u64);
             assert_eq!(info.chunks.len(), 4);
             // The zero chunks compress (but with no compression).
             assert_eq!(

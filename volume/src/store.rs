@@ -250,19 +250,9 @@ impl Store {
         Ok(data)
     }
 
-    /// Plain overwrite (packs: immutable names, so a retry rewrites the same bytes).
-    pub fn put(&self, key: &str, data: &[u8], patience: Patience) -> Result<()> {
-        self.retry("upload", key, patience, || {
-            self.backend.put_bytes(key, data)
-        })?;
-        self.counters
-            .bytes_up
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// As [`Self::put`], sending `data` without copying it (each retry sends it again).
-    pub fn put_shared(&self, key: &str, data: bytes::Bytes, patience: Patience) -> Result<()> {
+    /// Plain overwrite (packs: immutable names, so a retry rewrites the same bytes), sending
+    /// `data` without copying it (each retry sends it again).
+    pub fn put(&self, key: &str, data: bytes::Bytes, patience: Patience) -> Result<()> {
         let len = data.len() as u64;
         self.retry("upload", key, patience, || {
             self.backend.put_shared(key, data.clone())

@@ -546,7 +546,7 @@ impl Inner {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .wait_for(object_len);
-            self.store.put_shared(&key, object, Patience::Forever)?;
+            self.store.put(&key, object, Patience::Forever)?;
             failpoint::hit("upload.after_pack_put");
             self.metrics.uploads.fetch_add(1, Ordering::Relaxed);
             self.metrics
