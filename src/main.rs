@@ -90,12 +90,10 @@ fn main() -> ExitCode {
                 Mode::Block(command, _) => block::run(command, signals),
                 Mode::Volume(command, _) => signals
                     .restore_default()
-                    .context("cannot unblock termination signals")
                     .and_then(|()| volume::run(command)),
                 Mode::Fscache(settings) => image::fscache::run_fscache(settings, signals),
                 Mode::ImageInspect(settings) => signals
                     .restore_default()
-                    .context("cannot unblock termination signals")
                     .and_then(|()| image::run_inspect(settings)),
                 Mode::PrintCapabilities => Ok(()),
             }

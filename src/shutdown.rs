@@ -42,12 +42,13 @@ impl TerminationSignals {
     /// Gives the termination signals back their default action (ending the process) for a
     /// one-shot command that has nothing to clean up: threads started meanwhile keep them
     /// blocked, and the kernel hands a signal to a thread that does not block it, this one.
-    pub fn restore_default(self) -> io::Result<()> {
+    pub fn restore_default(self) -> anyhow::Result<()> {
         // SAFETY: `self.set` is an initialised signal set; the old mask is not needed.
         let rc =
             unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &self.set, std::ptr::null_mut()) };
         if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
+            let err = io::Error::from_raw_os_error(rc);
+            anyhow::bail!("cannot unblock termination signals: {err}");
         }
         Ok(())
     }

@@ -741,24 +741,11 @@ pub fn run(command: BlockCommand, signals: TerminationSignals) -> anyhow::Result
     match command {
         BlockCommand::Add(args) => run_add(args, signals),
         BlockCommand::Recover(args) => run_recover(args, signals),
-        BlockCommand::List(args) => {
-            one_shot(signals)?;
-            run_list(args)
-        }
-        BlockCommand::Del(args) => {
-            one_shot(signals)?;
-            run_del(args)
-        }
+        BlockCommand::List(args) => signals.restore_default().and_then(|()| run_list(args)),
+        BlockCommand::Del(args) => signals.restore_default().and_then(|()| run_del(args)),
         BlockCommand::ServeVhost(args) => crate::vhost_blk::run(args, signals),
         BlockCommand::Commit(args) => commit::run(args, signals),
     }
-}
-
-/// A command that serves nothing ends on the first termination signal, as any command does.
-fn one_shot(signals: TerminationSignals) -> anyhow::Result<()> {
-    signals
-        .restore_default()
-        .context("cannot unblock termination signals")
 }
 
 #[cfg(test)]
