@@ -238,7 +238,7 @@ pub fn build_block_image_from_target(
     while at < info.size {
         let len = step.min(info.size - at);
         extents.clear();
-        let pin = target.map_read_pinned(at, len, &mut extents)?;
+        let pin = crate::target::map_read_waiting(target, at, len, &mut extents)?;
         let mut mapped = 0u64;
         for extent in &extents {
             let Some(piece) = buf

@@ -27,7 +27,7 @@ pub fn export_to_file(target: &dyn BlockTarget, out: &Path) -> Result<u64> {
     while at < size {
         let n = (size - at).min(STEP);
         extents.clear();
-        let pin = target.map_read_pinned(at, n, &mut extents)?;
+        let pin = crate::target::map_read_waiting(target, at, n, &mut extents)?;
         let all_zero = extents.iter().all(|e| e.source == Source::Zero);
         drop(pin);
         if all_zero {

@@ -12,10 +12,45 @@ use std::thread::JoinHandle;
 use berth_cache::{BlobHandle, CacheError};
 
 use crate::error::{BlockError, Result};
-use crate::target::{push_extent, BlockTarget, Extent, Source, TargetInfo, WriteTicket};
+use crate::target::{
+    push_extent, BlockTarget, Completion, Extent, Progress, Source, TargetInfo, WriteTicket,
+};
 
 /// A fetch handed to the fetch threads, with where to send its outcome.
-type FetchJob = (Range<u64>, Sender<Result<(), CacheError>>);
+type FetchJob = (Range<u64>, FetchReply);
+
+/// Where a fetch thread sends the outcome of a job.
+enum FetchReply {
+    /// A request blocked until the range is present.
+    Blocked(Sender<Result<(), CacheError>>),
+    /// A transport serving other requests meanwhile ([`BlockTarget::start_read`]).
+    Pending(Arc<Completion>),
+}
+
+impl FetchReply {
+    fn send(&self, outcome: Result<(), CacheError>) {
+        match self {
+            FetchReply::Blocked(sender) => {
+                let _ = sender.send(outcome);
+            }
+            FetchReply::Pending(completion) => {
+                completion.complete(outcome.map_err(BlockError::Cache));
+            }
+        }
+    }
+}
+
+impl Drop for FetchReply {
+    /// A job dropped unanswered (its fetch thread gone) still finishes a pending read;
+    /// after an answer this does nothing (only a completion's first outcome counts).
+    fn drop(&mut self) {
+        if let FetchReply::Pending(completion) = self {
+            completion.complete(Err(BlockError::UblkSetup(
+                "the image's fetch threads are gone".into(),
+            )));
+        }
+    }
+}
 
 /// Threads that make missing ranges present. Requests wait for them rather than fetch
 /// themselves: a backend may open sockets and start threads of its own, which the
@@ -38,7 +73,7 @@ impl FetchPool {
                     .spawn(move || loop {
                         let job = receiver.lock().unwrap_or_else(|e| e.into_inner()).recv();
                         let Ok((range, reply)) = job else { return };
-                        let _ = reply.send(blob.ensure_present(range));
+                        reply.send(blob.ensure_present(range));
                     })
                     .map_err(|err| tracing::warn!("cannot start a fetch thread: {err}"))
                     .ok()
@@ -105,13 +140,12 @@ impl ImageTarget {
         }
     }
 
-    /// Makes `range` present through the fetch threads and waits for it.
-    fn fetch(&self, range: Range<u64>) -> Result<()> {
-        let (reply, outcome) = channel();
+    /// Hands `range` to the fetch threads.
+    fn send_fetch(&self, range: Range<u64>, reply: FetchReply) -> Result<()> {
         let sent = self.fetchers.jobs.as_ref().is_some_and(|jobs| {
             jobs.lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .send((range.clone(), reply))
+                .send((range, reply))
                 .is_ok()
         });
         if !sent || self.fetchers.threads.is_empty() {
@@ -119,6 +153,13 @@ impl ImageTarget {
                 "the image's fetch threads are gone".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// Makes `range` present through the fetch threads and waits for it.
+    fn fetch(&self, range: Range<u64>) -> Result<()> {
+        let (reply, outcome) = channel();
+        self.send_fetch(range, FetchReply::Blocked(reply))?;
         match outcome.recv() {
             Ok(result) => result.map_err(BlockError::Cache),
             Err(_) => Err(BlockError::UblkSetup(
@@ -152,8 +193,10 @@ impl BlockTarget for ImageTarget {
         let data_end = end.min(blob_size);
         if offset < data_end {
             let range = offset..data_end;
+            // Hits and misses are counted by `start_read`, which every transport calls
+            // first; a read counts again only if it has to fetch here (its chunks were
+            // evicted in between).
             if self.blob.is_present(range.clone()) {
-                self.hits.fetch_add(1, Ordering::Relaxed);
                 // Not through the engine: tell it, so sequential readers get read-ahead.
                 self.blob.note_read(range.clone());
             } else {
@@ -181,6 +224,25 @@ impl BlockTarget for ImageTarget {
             );
         }
         Ok(())
+    }
+
+    fn start_read(&self, offset: u64, len: u64) -> Progress {
+        let data_end = offset
+            .saturating_add(len)
+            .min(self.blob.manifest().blob_size);
+        if offset >= data_end || self.blob.is_present(offset..data_end) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Progress::Done(Ok(()));
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let completion = match Completion::new() {
+            Ok(completion) => completion,
+            Err(err) => return Progress::Done(Err(err)),
+        };
+        match self.send_fetch(offset..data_end, FetchReply::Pending(completion.clone())) {
+            Ok(()) => Progress::Pending(completion),
+            Err(err) => Progress::Done(Err(err)),
+        }
     }
 
     fn map_write(&self, _offset: u64, _len: u64, _out: &mut Vec<Extent>) -> Result<WriteTicket> {

@@ -26,5 +26,5 @@ pub use overlay::{OverlayDescription, OverlayOptions, OverlayRecovery, OverlayTa
 pub use raw::{RawOptions, RawTarget};
 pub use target::{
     BlockTarget, Completion, Extent, Op, Progress, ReadPin, SharedTarget, Source, TargetInfo,
-    WriteTicket,
+    Waker, WriteTicket,
 };

@@ -35,7 +35,8 @@ use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::error::{BlockError, IoContext, Result};
 use crate::raw::fallocate;
 use crate::target::{
-    push_extent, BlockTarget, Extent, SharedTarget, Source, TargetInfo, WriteTicket,
+    push_extent, BlockTarget, Completion, Extent, Progress, SharedTarget, Source, TargetInfo,
+    WriteTicket,
 };
 
 const MAGIC: &[u8; 8] = b"BERTHOVL";
@@ -822,6 +823,45 @@ impl BlockTarget for OverlayTarget {
             }
         }
         Ok(())
+    }
+
+    fn start_read(&self, offset: u64, len: u64) -> Progress {
+        // The base's part of the range: the unwritten clusters below its end.
+        let cluster = self.layout.cluster;
+        let end = offset + len;
+        let base_size = self.base.info().size;
+        let mut from_base: Vec<(u64, u64)> = Vec::new();
+        {
+            let state = self.read_state();
+            let mut at = offset;
+            while at < end.min(base_size) {
+                let c = at / cluster;
+                let piece = ((c + 1) * cluster).min(end).min(base_size) - at;
+                if state.entry(c) == UNWRITTEN {
+                    match from_base.last_mut() {
+                        Some(last) if last.0 + last.1 == at => last.1 += piece,
+                        _ => from_base.push((at, piece)),
+                    }
+                }
+                at += piece;
+            }
+        }
+        let mut waiting = Vec::new();
+        for (at, piece) in from_base {
+            match self.base.start_read(at, piece) {
+                Progress::Done(Ok(())) => {}
+                Progress::Done(Err(err)) => return Progress::Done(Err(err)),
+                Progress::Pending(completion) => waiting.push(completion),
+            }
+        }
+        match waiting.len() {
+            0 => Progress::Done(Ok(())),
+            1 => Progress::Pending(waiting.remove(0)),
+            _ => match Completion::all_of(waiting) {
+                Ok(all) => Progress::Pending(all),
+                Err(err) => Progress::Done(Err(err)),
+            },
+        }
     }
 
     fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<WriteTicket> {

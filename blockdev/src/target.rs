@@ -119,9 +119,20 @@ impl ReadPin {
 /// and then takes the outcome with [`Completion::take`].
 pub struct Completion {
     event: OwnedFd,
-    /// (finished, outcome not taken yet)
-    state: Mutex<(bool, Option<Result<()>>)>,
+    state: Mutex<CompletionState>,
     done: Condvar,
+}
+
+/// Something to call once a [`Completion`] finishes (a transport's wake-up).
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+#[derive(Default)]
+struct CompletionState {
+    finished: bool,
+    /// The outcome, until taken.
+    outcome: Option<Result<()>>,
+    /// Called once when finished.
+    wakers: Vec<Waker>,
 }
 
 impl std::fmt::Debug for Completion {
@@ -147,12 +158,12 @@ impl Completion {
         Ok(Arc::new(Self {
             // SAFETY: `fd` was just returned by eventfd and nothing else owns it.
             event: unsafe { OwnedFd::from_raw_fd(fd) },
-            state: Mutex::new((false, None)),
+            state: Mutex::new(CompletionState::default()),
             done: Condvar::new(),
         }))
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, (bool, Option<Result<()>>)> {
+    fn state(&self) -> std::sync::MutexGuard<'_, CompletionState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -160,16 +171,62 @@ impl Completion {
     /// transport.
     pub fn complete(&self, outcome: Result<()>) {
         let mut state = self.state();
-        if state.0 {
+        if state.finished {
             return;
         }
-        *state = (true, Some(outcome));
+        state.finished = true;
+        state.outcome = Some(outcome);
+        let wakers = std::mem::take(&mut state.wakers);
         drop(state);
+        for wake in wakers {
+            wake();
+        }
         let one = 1u64.to_ne_bytes();
         // SAFETY: writes 8 bytes from `one`, alive across the call, to our eventfd. It
         // cannot fail short of a counter overflow, which one write per completion rules out.
         unsafe { libc::write(self.event.as_raw_fd(), one.as_ptr().cast(), one.len()) };
         self.done.notify_all();
+    }
+
+    /// Calls `wake` once the request is finished: at once if it already is. For a
+    /// transport that waits for many requests on one event of its own rather than on each
+    /// request's eventfd.
+    pub fn on_complete(&self, wake: Waker) {
+        let mut state = self.state();
+        if !state.finished {
+            state.wakers.push(wake);
+            return;
+        }
+        drop(state);
+        wake();
+    }
+
+    /// A completion that finishes once every one of `parts` has: with the first error
+    /// among them, or success. Takes the parts' outcomes.
+    pub fn all_of(parts: Vec<Arc<Completion>>) -> Result<Arc<Self>> {
+        let all = Self::new()?;
+        // (parts not finished yet, the first error)
+        let left = Arc::new(Mutex::new((parts.len(), None::<BlockError>)));
+        if parts.is_empty() {
+            all.complete(Ok(()));
+        }
+        for part in parts {
+            let (all, left, this) = (all.clone(), left.clone(), part.clone());
+            part.on_complete(Arc::new(move || {
+                let outcome = this.take().unwrap_or(Ok(()));
+                let mut left = left.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(err) = outcome {
+                    left.1.get_or_insert(err);
+                }
+                left.0 -= 1;
+                if left.0 == 0 {
+                    let outcome = left.1.take().map_or(Ok(()), Err);
+                    drop(left);
+                    all.complete(outcome);
+                }
+            }));
+        }
+        Ok(all)
     }
 
     /// The eventfd that becomes readable once the request is finished.
@@ -179,22 +236,22 @@ impl Completion {
 
     /// Whether [`Self::complete`] was called.
     pub fn is_complete(&self) -> bool {
-        self.state().0
+        self.state().finished
     }
 
     /// The outcome, once finished (taken: a second call gets `None`).
     pub fn take(&self) -> Option<Result<()>> {
-        self.state().1.take()
+        self.state().outcome.take()
     }
 
     /// Blocks until the request is finished and returns its outcome (an error if it was
     /// already taken).
     pub fn wait(&self) -> Result<()> {
         let mut state = self.state();
-        while !state.0 {
+        while !state.finished {
             state = self.done.wait(state).unwrap_or_else(|e| e.into_inner());
         }
-        state.1.take().unwrap_or_else(|| {
+        state.outcome.take().unwrap_or_else(|| {
             Err(BlockError::UblkSetup(
                 "the outcome of a pending request was taken twice".into(),
             ))
@@ -237,6 +294,17 @@ pub trait BlockTarget: Send + Sync {
     /// bytes have moved. Default: `map_read`, nothing to pin.
     fn map_read_pinned(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<ReadPin> {
         self.map_read(offset, len, out).map(|()| ReadPin::none())
+    }
+
+    /// Makes the data of `[offset, offset + len)` local without blocking the caller: a
+    /// lazily fetched target with blocks missing hands them to its fetch threads and
+    /// answers [`Progress::Pending`]; otherwise [`Progress::Done`]. Transports serving
+    /// many requests on one thread call this before mapping a read, so that one read
+    /// waiting for the network does not hold up the others. The mapping still fetches
+    /// whatever went missing in between (eviction), blocking then. Default: nothing to
+    /// fetch.
+    fn start_read(&self, _offset: u64, _len: u64) -> Progress {
+        Progress::Done(Ok(()))
     }
 
     /// Appends to `out` the file extents the data of `[offset, offset + len)` is to be
@@ -343,11 +411,23 @@ pub(crate) fn file_of(fd: RawFd) -> std::mem::ManuallyDrop<std::fs::File> {
     std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
+/// [`BlockTarget::map_read_pinned`] once [`BlockTarget::start_read`] has made the range
+/// local, waiting for it: for callers with no I/O loop of their own.
+pub fn map_read_waiting(
+    target: &dyn BlockTarget,
+    offset: u64,
+    len: u64,
+    out: &mut Vec<Extent>,
+) -> Result<ReadPin> {
+    target.start_read(offset, len).wait()?;
+    target.map_read_pinned(offset, len, out)
+}
+
 /// Reads `buf.len()` bytes at `offset` through `target` with plain `pread`s.
 pub fn read_at(target: &dyn BlockTarget, offset: u64, buf: &mut [u8]) -> Result<()> {
     validate(target.info(), Op::Read, offset, buf.len() as u64)?;
     let mut extents = Vec::new();
-    let _pin = target.map_read_pinned(offset, buf.len() as u64, &mut extents)?;
+    let _pin = map_read_waiting(target, offset, buf.len() as u64, &mut extents)?;
     let mut at = 0usize;
     for extent in extents {
         let piece = buf

@@ -739,6 +739,8 @@ async fn move_data(
     let ticket = if write {
         Some(ctx.target.map_write(offset, len, &mut extents)?)
     } else {
+        // Missing chunks are fetched while the queue serves its other requests.
+        wait_progress(ctx.target.start_read(offset, len)).await?;
         pin = Some(ctx.target.map_read_pinned(offset, len, &mut extents)?);
         None
     };

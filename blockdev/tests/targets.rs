@@ -5,16 +5,16 @@
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use berth_blockdev::export::export_to_file;
 use berth_blockdev::target::{discard_at, read_at, validate, write_at, write_zeroes_at};
 use berth_blockdev::{
-    BlockError, BlockTarget, ImageTarget, Op, OverlayOptions, OverlayRecovery, OverlayTarget,
-    RawOptions, RawTarget, SharedTarget,
+    BlockError, BlockTarget, Completion, ImageTarget, Op, OverlayOptions, OverlayRecovery,
+    OverlayTarget, Progress, RawOptions, RawTarget, SharedTarget,
 };
 use berth_cache::manifest::ChunkEntry;
-use berth_cache::{CacheConfig, CacheEngine, Compression, LocalDirBackend, Manifest};
+use berth_cache::{BlobBackend, CacheConfig, CacheEngine, Compression, LocalDirBackend, Manifest};
 
 const BLOCK: usize = 4096;
 
@@ -743,4 +743,126 @@ fn reads_hold_their_pin_until_the_data_moved_and_pending_flushes_are_awaited() {
         "the first outcome counts"
     );
     assert!(completion.take().is_none());
+}
+
+/// A local store whose reads wait until the test opens the gate.
+#[derive(Debug)]
+struct GatedBackend {
+    inner: LocalDirBackend,
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl GatedBackend {
+    fn open_gate(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+impl BlobBackend for GatedBackend {
+    fn read_range(&self, name: &str, range: std::ops::Range<u64>) -> berth_cache::Result<Vec<u8>> {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+        drop(open);
+        self.inner.read_range(name, range)
+    }
+    fn size(&self, name: &str) -> berth_cache::Result<u64> {
+        self.inner.size(name)
+    }
+    fn put_file(&self, name: &str, path: &Path) -> berth_cache::Result<()> {
+        self.inner.put_file(name, path)
+    }
+    fn put_bytes(&self, name: &str, data: &[u8]) -> berth_cache::Result<()> {
+        self.inner.put_bytes(name, data)
+    }
+    fn describe(&self) -> String {
+        "gated".into()
+    }
+}
+
+#[test]
+fn start_read_hands_missing_chunks_to_the_fetch_threads_and_finishes_when_they_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..64u64).flat_map(|b| pattern(4, b)).collect();
+    let manifest = store_blob(&dir.path().join("store"), &data, 64 << 10);
+    let mut config = CacheConfig::new(dir.path().join("cache"));
+    config.readahead_max_bytes = 0;
+    config.merge_min_bytes = 0;
+    let backend = Arc::new(GatedBackend {
+        inner: LocalDirBackend::new(dir.path().join("store")),
+        open: Mutex::new(false),
+        opened: Condvar::new(),
+    });
+    let engine = CacheEngine::new(config, backend.clone()).unwrap();
+    let image: Arc<ImageTarget> =
+        Arc::new(ImageTarget::new(engine.open_blob(&manifest).unwrap(), 4096));
+    let overlay_path = dir.path().join("overlay");
+    let (overlay, _) =
+        OverlayTarget::open(&overlay_path, image.clone(), &OverlayOptions::default()).unwrap();
+    // Blocks 0-3 through the overlay (unwritten: its base's) and 20 of the image, in two
+    // chunks, both waiting for the gate.
+    let low = overlay.start_read(0, 4 * BLOCK as u64);
+    let high = image.start_read(20 * BLOCK as u64, BLOCK as u64);
+    let (Progress::Pending(low), Progress::Pending(high)) = (low, high) else {
+        panic!("reads of missing chunks did not wait for the fetch threads");
+    };
+    let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for completion in [&low, &high] {
+        let woken = woken.clone();
+        completion.on_complete(Arc::new(move || {
+            woken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        !low.is_complete() && !high.is_complete(),
+        "finished before the data came"
+    );
+    assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 0);
+    backend.open_gate();
+    low.wait().unwrap();
+    high.wait().unwrap();
+    assert_eq!(
+        woken.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "each waker runs once"
+    );
+    // Present now: the reads are served without another fetch.
+    assert!(matches!(
+        image.start_read(20 * BLOCK as u64, BLOCK as u64),
+        Progress::Done(Ok(()))
+    ));
+    assert_eq!(read_block(&overlay, 3), pattern(4, 3));
+    assert_eq!(read_block(&*image, 20), pattern(4, 20));
+    assert_eq!(engine.ready_chunks(&manifest.blob_id).unwrap(), 2);
+    assert_eq!(
+        image.hits_and_misses(),
+        (3, 2),
+        "two reads waited; the three after them found their chunks"
+    );
+    // A completion that already finished wakes at once.
+    let late = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = late.clone();
+    high.on_complete(Arc::new(move || {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst)
+    }));
+    assert!(late.load(std::sync::atomic::Ordering::SeqCst));
+}
+
+#[test]
+fn a_completion_of_many_finishes_with_the_last_and_carries_the_first_error() {
+    let parts: Vec<_> = (0..3).map(|_| Completion::new().unwrap()).collect();
+    let all = Completion::all_of(parts.clone()).unwrap();
+    parts[1].complete(Err(BlockError::ReadOnly));
+    parts[0].complete(Ok(()));
+    assert!(!all.is_complete());
+    parts[2].complete(Err(BlockError::Unsupported("discard")));
+    assert!(matches!(all.wait(), Err(BlockError::ReadOnly)));
+    assert!(matches!(
+        Completion::all_of(Vec::new()).unwrap().wait(),
+        Ok(())
+    ));
 }

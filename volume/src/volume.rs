@@ -256,7 +256,38 @@ impl State {
 
 /// A fetch handed to the fetch threads: block ranges to make present, and where to
 /// answer.
-pub(crate) type FetchJob = (Vec<(u64, u64)>, Sender<Result<()>>);
+pub(crate) type FetchJob = (Vec<(u64, u64)>, FetchReply);
+
+/// Where a fetch thread answers.
+pub(crate) enum FetchReply {
+    /// A read blocked until the blocks are present.
+    Blocked(Sender<Result<()>>),
+    /// A transport serving other requests meanwhile (`start_read`).
+    Pending(Arc<Completion>),
+}
+
+impl FetchReply {
+    pub(crate) fn send(&self, outcome: Result<()>) {
+        match self {
+            FetchReply::Blocked(sender) => {
+                let _ = sender.send(outcome);
+            }
+            FetchReply::Pending(completion) => {
+                completion.complete(outcome.map_err(VolumeError::into_block));
+            }
+        }
+    }
+}
+
+impl Drop for FetchReply {
+    /// A job dropped unanswered (the volume closing) still finishes a pending read; after
+    /// an answer this does nothing (only a completion's first outcome counts).
+    fn drop(&mut self) {
+        if let FetchReply::Pending(completion) = self {
+            completion.complete(Err(VolumeError::ShuttingDown.into_block()));
+        }
+    }
+}
 
 /// The shared core of a volume.
 pub(crate) struct Inner {
@@ -641,12 +672,12 @@ impl Inner {
                     for e in extents {
                         push_extent(out, e);
                     }
-                    let counter = if missed {
-                        &self.metrics.read_misses
-                    } else {
-                        &self.metrics.read_hits
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
+                    // Hits and misses are counted by `start_read`, which every transport
+                    // calls first; a read counts again only if its blocks went missing
+                    // in between and it had to fetch here.
+                    if missed {
+                        self.metrics.read_misses.fetch_add(1, Ordering::Relaxed);
+                    }
                     return Ok(ReadPin::new(pin));
                 }
             }
@@ -727,16 +758,41 @@ impl Inner {
 
     fn fetch_and_wait(&self, missing: Vec<(u64, u64)>) -> Result<()> {
         let (reply, answer) = channel();
+        self.send_fetch(missing, FetchReply::Blocked(reply))?;
+        answer.recv().map_err(|_| VolumeError::ShuttingDown)?
+    }
+
+    fn send_fetch(&self, missing: Vec<(u64, u64)>, reply: FetchReply) -> Result<()> {
         let sent = self
             .fetch_jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .is_some_and(|jobs| jobs.send((missing, reply)).is_ok());
-        if !sent {
-            return Err(VolumeError::ShuttingDown);
+        if sent {
+            Ok(())
+        } else {
+            Err(VolumeError::ShuttingDown)
         }
-        answer.recv().map_err(|_| VolumeError::ShuttingDown)?
+    }
+
+    /// Hands the blocks of `[offset, offset + len)` that are in no local file to the fetch
+    /// threads (Pending), or answers Done when none is missing. Counts the read as a hit or
+    /// a miss.
+    fn start_read(&self, offset: u64, len: u64) -> Result<Progress> {
+        let start = offset / self.block_size;
+        let blocks = len / self.block_size;
+        let mut extents = Vec::new();
+        let mut missing: Vec<(u64, u64)> = Vec::new();
+        self.resolve(&mut self.lock(), start, blocks, &mut extents, &mut missing);
+        if missing.is_empty() {
+            self.metrics.read_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Progress::Done(Ok(())));
+        }
+        self.metrics.read_misses.fetch_add(1, Ordering::Relaxed);
+        let completion = Completion::new().map_err(|e| VolumeError::Failed(e.to_string()))?;
+        self.send_fetch(missing, FetchReply::Pending(completion.clone()))?;
+        Ok(Progress::Pending(completion))
     }
 
     /// Queues a FLUSH; finished by the flusher thread.
@@ -1211,7 +1267,7 @@ impl Volume {
                 Box::new(move || loop {
                     let job = receiver.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     let Ok((ranges, reply)) = job else { return };
-                    let _ = reply.send(inner.fetch(&ranges));
+                    reply.send(inner.fetch(&ranges));
                 }),
             )?);
         }
@@ -1352,6 +1408,13 @@ impl BlockTarget for Volume {
         self.inner
             .map_read(offset, len, out)
             .map_err(VolumeError::into_block)
+    }
+
+    fn start_read(&self, offset: u64, len: u64) -> Progress {
+        match self.inner.start_read(offset, len) {
+            Ok(progress) => progress,
+            Err(err) => Progress::Done(Err(err.into_block())),
+        }
     }
 
     fn map_write(
