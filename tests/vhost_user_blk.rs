@@ -1404,3 +1404,193 @@ fn the_metrics_file_counts_requests_bytes_errors_and_latency_from_inside_the_san
         "no temporary file is left"
     );
 }
+
+/// One request on `queue`, made available without a kick: its header (and for a WRITE its
+/// data) in guest memory, a device-writable tail of `room` data bytes and the status
+/// byte. Returns the chain's head, and where its data and status land.
+fn add_request(
+    queue: &mut BlkQueue,
+    kind: u32,
+    sector: u64,
+    data: Option<&[u8]>,
+    room: u32,
+) -> (u16, Option<GuestAddress>, GuestAddress) {
+    let ram = queue.ram().clone();
+    let mem = ram.memory();
+    let header_at = queue.allocate_raw_buffer(16).unwrap();
+    mem.write_slice(&header(kind, sector), header_at).unwrap();
+    let mut parts = vec![(header_at.0, 16, false)];
+    if let Some(data) = data {
+        let data_at = queue.allocate_raw_buffer(data.len() as u32).unwrap();
+        mem.write_slice(data, data_at).unwrap();
+        parts.push((data_at.0, data.len() as u32, false));
+    }
+    let room_at = (room > 0).then(|| queue.allocate_raw_buffer(room).unwrap());
+    if let Some(at) = room_at {
+        parts.push((at.0, room, true));
+    }
+    let status_at = queue.allocate_raw_buffer(1).unwrap();
+    mem.write_obj(0xffu8, status_at).unwrap();
+    parts.push((status_at.0, 1, true));
+    let head = queue.virtqueue().add_raw_chain(&chain(&parts)).unwrap();
+    (head, room_at, status_at)
+}
+
+#[test]
+fn a_read_waiting_for_its_bucket_or_a_flush_waiting_for_an_upload_holds_up_no_other_request() {
+    if !frontend_util::testing_berth() {
+        eprintln!("SKIP: volumes are berth's own");
+        return;
+    }
+    let moto = match berth_testkit::Moto::start(None) {
+        Ok(moto) => moto,
+        Err(reason) => {
+            frontend_util::skip(&reason);
+            return;
+        }
+    };
+    moto.create_bucket("berth");
+    let proxy = berth_testkit::CountingProxy::start(moto.port);
+    let s3 = berth_testkit::S3Settings::new(&proxy.endpoint(), "berth", "vol");
+    let location = "s3://berth/vol";
+    let (berth, _) = frontend_util::daemon_binary();
+    let created = Command::new(berth)
+        .args(["volume", "create", location, "--size", "8M"])
+        .envs(s3.env())
+        .output()
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |local: &str, dir: tempfile::TempDir| {
+        let local = dir.path().join(local).display().to_string();
+        let socket = dir.path().join("blk.sock");
+        let mut daemon = Daemon::spawn_with(
+            [
+                "block".to_string(),
+                "serve-vhost".into(),
+                "--socket-path".into(),
+                socket.display().to_string(),
+                "--volume-dir".into(),
+                local,
+                "--durability".into(),
+                "object".into(),
+                format!("volume:{location}"),
+            ],
+            |command| {
+                command.envs(s3.env());
+            },
+        );
+        daemon.wait_for_socket(&socket);
+        Served {
+            dir,
+            daemon,
+            socket,
+        }
+    };
+
+    // Block 3 reaches the bucket (an object-durability FLUSH waits for the upload).
+    let mut served = serve("first", dir);
+    let mut device = served.connect(BlkDeviceConfig::default());
+    let mut queue = device.take_queue(0).unwrap();
+    let old = pattern(40, BLOCK);
+    assert_eq!(
+        queue.write(3 * SECTORS_PER_BLOCK, &old).unwrap(),
+        status::OK
+    );
+    assert_eq!(queue.flush().unwrap(), status::OK);
+    let dir = served.finish(device);
+
+    // Served again from empty local state: block 3 is only in the bucket, and the bucket
+    // now answers pack reads and writes after a long delay.
+    let mut served = serve("second", dir);
+    let mut device = served.connect(BlkDeviceConfig::default());
+    let mut queue = device.take_queue(0).unwrap();
+    let delay = berth_testkit::FaultAction::Delay(Duration::from_secs(4));
+    proxy.add_fault(berth_testkit::FaultRule::on("GET", "packs/", delay.clone()));
+    proxy.add_fault(berth_testkit::FaultRule::on("PUT", "packs/", delay));
+    let new = pattern(41, BLOCK);
+    let (read, read_at, read_status) = add_request(
+        &mut queue,
+        request_type::IN,
+        3 * SECTORS_PER_BLOCK,
+        None,
+        BLOCK as u32,
+    );
+    let (write, _, write_status) = add_request(
+        &mut queue,
+        request_type::OUT,
+        5 * SECTORS_PER_BLOCK,
+        Some(&new),
+        0,
+    );
+    let (flush, _, flush_status) = add_request(&mut queue, request_type::FLUSH, 0, None, 0);
+    queue.virtqueue().notify().unwrap();
+    let wait = |queue: &mut BlkQueue, what: &str| {
+        queue
+            .virtqueue()
+            .wait_used(Duration::from_secs(30))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{what}: {e}\n--- daemon stderr ---\n{}",
+                    served.daemon.stderr()
+                )
+            })
+            .head
+    };
+    // The WRITE behind the READ is answered while the READ waits for its pack.
+    assert_eq!(wait(&mut queue, "the write"), write);
+    // The FLUSH now waits for the upload of block 5; a request made after it is answered
+    // meanwhile.
+    std::thread::sleep(Duration::from_millis(300));
+    let (get_id, _, get_id_status) = add_request(&mut queue, request_type::GET_ID, 0, None, 20);
+    queue.virtqueue().notify().unwrap();
+    assert_eq!(
+        wait(&mut queue, "GET_ID"),
+        get_id,
+        "GET_ID waited behind the READ or the FLUSH"
+    );
+    let mut rest = [wait(&mut queue, "the read"), wait(&mut queue, "the flush")];
+    rest.sort_unstable();
+    let mut expected = [read, flush];
+    expected.sort_unstable();
+    assert_eq!(rest, expected, "the READ and the FLUSH come back once each");
+    let ram = queue.ram().clone();
+    let mem = ram.memory();
+    for (what, at) in [
+        ("read", read_status),
+        ("write", write_status),
+        ("flush", flush_status),
+        ("get_id", get_id_status),
+    ] {
+        let status: u8 = mem.read_obj(at).unwrap();
+        assert_eq!(status, status::OK, "{what}");
+    }
+    let mut got = vec![0u8; BLOCK];
+    mem.read_slice(&mut got, read_at.unwrap()).unwrap();
+    assert_eq!(got, old, "the READ got block 3 from the bucket");
+    // The delayed requests were really made: the pack read and the upload of block 5.
+    let seen = proxy.requests();
+    assert!(
+        seen.iter()
+            .any(|r| r.method == "GET" && r.path.contains("packs/")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|r| r.method == "PUT" && r.path.contains("packs/")),
+        "{seen:?}"
+    );
+    proxy.clear_faults();
+    assert_eq!(
+        queue
+            .read(5 * SECTORS_PER_BLOCK, BLOCK as u32)
+            .unwrap()
+            .unwrap(),
+        new
+    );
+    let _dir = served.finish(device);
+}

@@ -17,7 +17,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
-use crate::vhost_blk_request::{serve_chain_with, Answered, BlkMemory, FlushMode, RequestPolicy};
+use crate::vhost_blk_request::{serve_chain_with, Answered, BlkMemory, RequestPolicy, Step};
 
 /// Where the buffers go in guest memory (the queue's rings live below).
 const DATA_START: u64 = 0x10_0000;
@@ -161,8 +161,8 @@ pub fn serve(data: &[u8]) -> Option<Answered> {
     };
     let policy = RequestPolicy::for_target(target.as_ref(), "fuzz");
     let target = target.as_ref();
-    let answered = serve_chain_with(target, &policy, &chain, &guard, FlushMode::Defer);
-    if !answered.deferred {
+    let answered = serve_chain_with(target, &policy, &chain, &guard, Step::First);
+    if answered.deferred.is_none() {
         return Some(answered);
     }
     let flushed = berth_blockdev::target::flush(target).map_err(|e| e.to_string());
@@ -171,6 +171,6 @@ pub fn serve(data: &[u8]) -> Option<Answered> {
         &policy,
         &chain,
         &guard,
-        FlushMode::Done(&flushed),
+        Step::Resumed(&flushed),
     ))
 }

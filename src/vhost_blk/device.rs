@@ -6,6 +6,10 @@
 //! never wait for each other. A FLUSH waits until the thread has served what else it found
 //! on the ring, and the FLUSHes gathered so are answered by one flush of the target (each
 //! covers the writes completed before it was made, which all completed before that flush).
+//! Nor does a request wait for the network on the queue's thread: a READ whose data the
+//! target must fetch first (a lazily fetched image, a volume's bucket) and a flush that
+//! waits for an upload are parked with the target's completion, the thread serves the rest
+//! of the ring, and the completion's end wakes it (an event of its own) to answer them.
 //! Before any frontend connects, each queue thread drops its
 //! capabilities and installs the vhost-user-blk queue filter; the control thread installs
 //! the control filter on its first message.
@@ -14,10 +18,10 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use berth_blockdev::{DeviceMetrics, SharedTarget, TargetInfo};
+use berth_blockdev::{Completion, DeviceMetrics, Progress, SharedTarget, TargetInfo};
 use berth_seccomp::{SeccompAction, ThreadRole};
 use tracing::{error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -32,17 +36,19 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::atomic::GuestMemoryLoadGuard;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::vring_events::{self, handle_queue_event, Drained, QueueConfinement, QueueThreads};
 
 use super::request::{
-    serve_chain_with, Answered, BlkMemory, FlushMode, RequestPolicy, MAX_RANGES, MAX_RANGE_SECTORS,
-    SECTOR_SIZE,
+    serve_chain_with, Answered, BlkMemory, RequestPolicy, Step, Waiting, MAX_RANGES,
+    MAX_RANGE_SECTORS, SECTOR_SIZE,
 };
 
 /// Name of the thread vhost-user-backend runs the control messages on.
@@ -78,6 +84,28 @@ const MAX_SERVED_BEHIND_FLUSH: usize = 256;
 /// FLUSH chains taken off a queue and not answered yet, with when each was taken.
 type PendingFlushes<M> = Vec<(DescriptorChain<M>, Instant)>;
 
+/// A snapshot of guest memory, held by the requests taken from it.
+type MemoryGuard = GuestMemoryLoadGuard<BlkMemory>;
+
+/// How long stopping a queue waits for its parked requests before it abandons them.
+const PARKED_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Requests of one queue waiting for their target (a READ for its data to be fetched, the
+/// FLUSHes one flush answers for an upload), and the event that wakes the queue's thread
+/// when one of them may go on. The thread serves the rest of the ring meanwhile.
+struct ParkedRequests {
+    wake: Arc<EventFd>,
+    waiting: Mutex<Vec<Parked>>,
+}
+
+/// Chains answered together once `completion` finishes.
+struct Parked {
+    chains: PendingFlushes<MemoryGuard>,
+    completion: Arc<Completion>,
+    mem: MemoryGuard,
+    vring: Vring,
+}
+
 /// berth's vhost-user-blk backend.
 pub struct BlkBackend {
     target: SharedTarget,
@@ -92,6 +120,11 @@ pub struct BlkBackend {
     /// The consumer ends of the queue threads' exit events, which vhost-user-backend 0.24
     /// never closes.
     exit_consumers: Mutex<Vec<RawFd>>,
+    /// Per queue: requests waiting for the target.
+    parked: Vec<ParkedRequests>,
+    /// The event id the queue threads' wake events are registered under (above the
+    /// confinement event).
+    wake_event_id: u16,
 }
 
 impl BlkBackend {
@@ -99,7 +132,22 @@ impl BlkBackend {
         let policy = RequestPolicy::for_target(target.as_ref(), &options.serial);
         let queues = usize::from(options.queues);
         let confinement = QueueConfinement::new(queues, queues)?;
+        let parked = (0..queues)
+            .map(|_| {
+                Ok(ParkedRequests {
+                    wake: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+                    waiting: Mutex::new(Vec::new()),
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()
+            .context("cannot create the queue threads' wake events")?;
+        let wake_event_id = confinement
+            .event_id()
+            .checked_add(1)
+            .context("too many queues")?;
         Ok(Self {
+            parked,
+            wake_event_id,
             target,
             policy,
             memory: RwLock::new(None),
@@ -250,11 +298,18 @@ impl QueueThreads for BlkBackend {
                 &self.policy,
                 &chain,
                 &mem,
-                FlushMode::Defer,
+                Step::First,
             );
-            if answered.deferred {
-                pending.push((chain, started));
-                continue;
+            match answered.deferred {
+                Some(Waiting::Flush) => {
+                    pending.push((chain, started));
+                    continue;
+                }
+                Some(Waiting::Read(completion)) => {
+                    self.park(queue, vring, &mem, vec![(chain, started)], completion);
+                    continue;
+                }
+                None => {}
             }
             self.record(&answered, started);
             complete(
@@ -285,36 +340,178 @@ impl BlkBackend {
         }
     }
 
-    /// Flushes the target once and answers every FLUSH in `pending` with its outcome.
-    fn answer_flushes<M>(
+    /// Starts one flush of the target for every FLUSH in `pending`: answers them with its
+    /// outcome, or parks them until a flush that waits for other threads (an upload)
+    /// finishes, so that the queue goes on serving meanwhile.
+    fn answer_flushes(
         &self,
         queue: usize,
         vring: &Vring,
-        mem: &M,
-        pending: &mut PendingFlushes<M>,
+        mem: &MemoryGuard,
+        pending: &mut PendingFlushes<MemoryGuard>,
         event_idx: bool,
-    ) where
-        M: std::ops::Deref<Target = BlkMemory> + Clone,
-    {
-        let outcome =
-            berth_blockdev::target::flush(self.target.as_ref()).map_err(|e| format!("{e:#}"));
+    ) {
         self.options.flush_syncs.fetch_add(1, Ordering::Relaxed);
+        let outcome = match self.target.start_flush() {
+            Progress::Done(outcome) => outcome.map_err(|e| format!("{e:#}")),
+            Progress::Pending(completion) => {
+                self.park(queue, vring, mem, std::mem::take(pending), completion);
+                return;
+            }
+        };
         for (chain, started) in pending.drain(..) {
-            let answered = serve_chain_with(
-                self.target.as_ref(),
-                &self.policy,
-                &chain,
-                mem,
-                FlushMode::Done(&outcome),
-            );
-            self.record(&answered, started);
-            complete(
-                queue,
-                &mut vring.get_mut(),
-                chain.head_index(),
-                answered.used_len,
-                event_idx,
-            );
+            self.answer(queue, vring, &chain, mem, started, &outcome, event_idx);
+        }
+    }
+
+    /// Serves a chain whose wait is over (`outcome`) and puts it on the used ring.
+    #[allow(clippy::too_many_arguments)]
+    fn answer(
+        &self,
+        queue: usize,
+        vring: &Vring,
+        chain: &DescriptorChain<MemoryGuard>,
+        mem: &MemoryGuard,
+        started: Instant,
+        outcome: &Result<(), String>,
+        event_idx: bool,
+    ) {
+        let answered = serve_chain_with(
+            self.target.as_ref(),
+            &self.policy,
+            chain,
+            mem,
+            Step::Resumed(outcome),
+        );
+        self.record(&answered, started);
+        complete(
+            queue,
+            &mut vring.get_mut(),
+            chain.head_index(),
+            answered.used_len,
+            event_idx,
+        );
+    }
+
+    /// Leaves `chains` waiting for `completion`; its end wakes the queue's thread, which
+    /// then answers them ([`Self::answer_parked`]).
+    fn park(
+        &self,
+        queue: usize,
+        vring: &Vring,
+        mem: &MemoryGuard,
+        chains: PendingFlushes<MemoryGuard>,
+        completion: Arc<Completion>,
+    ) {
+        let Some(parked) = self.parked.get(queue) else {
+            // Cannot happen (one entry per queue); answer with the wait over rather than
+            // lose the requests.
+            let outcome = completion.wait().map_err(|e| format!("{e:#}"));
+            let event_idx = self.event_idx.load(Ordering::Relaxed);
+            for (chain, started) in chains {
+                self.answer(queue, vring, &chain, mem, started, &outcome, event_idx);
+            }
+            return;
+        };
+        parked
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Parked {
+                chains,
+                completion: completion.clone(),
+                mem: mem.clone(),
+                vring: vring.clone(),
+            });
+        let wake = parked.wake.clone();
+        completion.on_complete(Arc::new(move || {
+            if let Err(e) = wake.write(1) {
+                warn!("Cannot wake a queue thread for a finished request: {e}.");
+            }
+        }));
+    }
+
+    /// On queue `queue`'s thread, when its wake event fires: answers the parked requests
+    /// whose wait is over.
+    fn answer_parked(&self, queue: usize) {
+        let Some(parked) = self.parked.get(queue) else {
+            return;
+        };
+        // Level-triggered: drain it, or the thread would be woken again and again.
+        let _ = parked.wake.read();
+        // Held while answering: a device reset, which drops what is parked, waits for the
+        // answers under way and none starts after it.
+        let mut waiting = parked.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let (finished, still): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut *waiting)
+            .into_iter()
+            .partition(|p| p.completion.is_complete());
+        *waiting = still;
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        for parked in finished {
+            let outcome = parked
+                .completion
+                .take()
+                .unwrap_or(Ok(()))
+                .map_err(|e| format!("{e:#}"));
+            for (chain, started) in &parked.chains {
+                self.answer(
+                    queue,
+                    &parked.vring,
+                    chain,
+                    &parked.mem,
+                    *started,
+                    &outcome,
+                    event_idx,
+                );
+            }
+        }
+    }
+
+    /// Has the wake events of the queue threads of `daemon` delivered to them.
+    pub fn listen_for_wakes(
+        &self,
+        daemon: &VhostUserDaemon<Arc<BlkBackend>>,
+    ) -> anyhow::Result<()> {
+        for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            let parked = self
+                .parked
+                .get(thread)
+                .ok_or_else(|| anyhow!("queue thread {thread} has no wake event"))?;
+            handler
+                .register_listener(
+                    parked.wake.as_raw_fd(),
+                    EventSet::IN,
+                    u64::from(self.wake_event_id),
+                )
+                .with_context(|| format!("cannot reach queue thread {thread}"))?;
+        }
+        Ok(())
+    }
+
+    /// Waits (a while) for the parked requests of `queue` to be answered by its thread,
+    /// so that they reach the used ring before the frontend takes the queue back; what is
+    /// still waiting after that is abandoned, with a warning.
+    fn settle_parked(&self, queue: usize) {
+        let Some(parked) = self.parked.get(queue) else {
+            return;
+        };
+        let started = Instant::now();
+        loop {
+            let mut waiting = parked.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            if waiting.is_empty() {
+                return;
+            }
+            if started.elapsed() >= PARKED_PATIENCE {
+                let chains: usize = waiting.iter().map(|p| p.chains.len()).sum();
+                warn!(
+                    queue,
+                    "Queue {queue} stops with {chains} request(s) still waiting for the target after {PARKED_PATIENCE:?}; they are abandoned unanswered."
+                );
+                waiting.clear();
+                return;
+            }
+            drop(waiting);
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }
@@ -415,6 +612,21 @@ impl VhostUserBackend for BlkBackend {
         for started in &self.queue_started {
             started.store(false, Ordering::Relaxed);
         }
+        // Requests still waiting for the target belong to the rings being reset: they are
+        // never answered (the guest's driver has given them up).
+        let abandoned: usize = self
+            .parked
+            .iter()
+            .map(|parked| {
+                let mut waiting = parked.waiting.lock().unwrap_or_else(|e| e.into_inner());
+                let chains = waiting.iter().map(|p| p.chains.len()).sum::<usize>();
+                waiting.clear();
+                chains
+            })
+            .sum();
+        if abandoned > 0 {
+            warn!("The frontend reset the device with {abandoned} request(s) still waiting for the target; they are dropped.");
+        }
         info!("The frontend reset the device.");
     }
 
@@ -471,11 +683,11 @@ impl VhostUserBackend for BlkBackend {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         confine_control_thread(self.options.seccomp);
-        // Requests are served inline on the queue's thread, which the library holds off
-        // while it takes the queue back: nothing is left in flight here.
         if let Some(started) = self.queue_started.get(queue_index as usize) {
             started.store(false, Ordering::Relaxed);
         }
+        // Requests waiting for the target are answered by the queue's thread as they finish.
+        self.settle_parked(queue_index as usize);
         Ok(())
     }
 
@@ -486,6 +698,10 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        if device_event == self.wake_event_id {
+            self.answer_parked(thread_id);
+            return Ok(());
+        }
         handle_queue_event(self, device_event, evset, vrings, thread_id)
     }
 }
@@ -504,6 +720,9 @@ pub fn serve(
         GuestMemoryAtomic::new(BlkMemory::new()),
     )
     .map_err(|e| anyhow!("cannot set up the vhost-user-blk device: {e}"))?;
+    backend
+        .listen_for_wakes(&daemon)
+        .context("cannot set up the queue threads' wake events")?;
     if backend.options.seccomp != SeccompAction::None {
         backend
             .confine_queue_threads(&daemon)

@@ -14,9 +14,10 @@
 use std::io;
 use std::ops::Deref;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use berth_blockdev::target::{self, Op};
-use berth_blockdev::{BlockError, BlockTarget, Source};
+use berth_blockdev::{BlockError, BlockTarget, Completion, Progress, Source};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -76,7 +77,7 @@ impl RequestPolicy {
 }
 
 /// How a chain was answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answered {
     /// What goes in the used ring: bytes written into the chain's device-writable buffers.
     pub used_len: u32,
@@ -87,20 +88,41 @@ pub struct Answered {
     /// For the device's metrics: the block operation and the bytes it covered (`None` for
     /// GET_ID, unknown types and chains too malformed to have a type).
     pub metered: Option<(Op, u64)>,
-    /// A well-formed FLUSH left for later ([`FlushMode::Defer`]): nothing was done or written;
-    /// serve the chain again with [`FlushMode::Done`] once the target has been flushed.
-    pub deferred: bool,
+    /// A well-formed request left for later ([`Step::First`]): nothing was written into
+    /// the chain; serve it again with [`Step::Resumed`] once what it waits for is done.
+    pub deferred: Option<Waiting>,
 }
 
-/// What [`serve_chain_with`] does with a FLUSH.
+/// What a request left for later waits for.
+#[derive(Debug, Clone)]
+pub enum Waiting {
+    /// A FLUSH: a flush of the target started after it was taken off the ring.
+    Flush,
+    /// A READ: the target fetching its missing data (`BlockTarget::start_read`).
+    Read(Arc<Completion>),
+}
+
+impl PartialEq for Waiting {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Waiting::Flush, Waiting::Flush) => true,
+            (Waiting::Read(a), Waiting::Read(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Waiting {}
+
+/// Which time [`serve_chain_with`] sees a chain.
 #[derive(Debug, Clone, Copy)]
-pub enum FlushMode<'r> {
-    /// Leaves a well-formed FLUSH untouched and answers it as `deferred` (a malformed one is
-    /// answered with its error at once).
-    Defer,
-    /// The target was flushed after the FLUSH was taken off the ring, with this outcome:
-    /// answers it with that.
-    Done(&'r Result<(), String>),
+pub enum Step<'r> {
+    /// Taken off the ring: a well-formed FLUSH, and a READ whose data the target must
+    /// fetch first, are answered as `deferred` (malformed ones get their error at once).
+    First,
+    /// What the deferred request waited for finished with this outcome: a FLUSH is
+    /// answered with it; a READ is served, or gets the error.
+    Resumed(&'r Result<(), String>),
 }
 
 /// The block operation of a virtio-blk request type, for metrics.
@@ -372,7 +394,7 @@ pub fn serve_chain_with<M>(
     policy: &RequestPolicy,
     chain: &DescriptorChain<M>,
     mem: &BlkMemory,
-    flush: FlushMode<'_>,
+    step: Step<'_>,
 ) -> Answered
 where
     M: Deref + Clone,
@@ -387,6 +409,11 @@ where
     } else {
         None
     };
+    // A READ whose fetch failed gets that error.
+    let failed_fetch = match step {
+        Step::Resumed(Err(why)) => Some(why),
+        _ => None,
+    };
     let outcome = match (buffers.fault, request_type) {
         (Some(fault), _) => Err(Failure::Io(format!("malformed descriptor chain: {fault}"))),
         (None, None) => Err(Failure::Io(
@@ -395,31 +422,31 @@ where
         (None, Some(_)) if buffers.writable_len == 0 => Err(Failure::Io(
             "the chain has no device-writable status byte".into(),
         )),
-        (None, Some(VIRTIO_BLK_T_FLUSH)) => match flush {
-            FlushMode::Defer => {
-                return Answered {
-                    used_len: 0,
-                    status: None,
-                    request_type,
-                    metered: None,
-                    deferred: true,
-                }
-            }
-            FlushMode::Done(outcome) => outcome
+        (None, Some(VIRTIO_BLK_T_FLUSH)) => match step {
+            Step::First => return Answered::deferred(request_type, Waiting::Flush),
+            Step::Resumed(outcome) => outcome
                 .as_ref()
                 .map(|()| (0, 0))
                 .map_err(|e| Failure::Io(e.clone())),
         },
+        (None, Some(VIRTIO_BLK_T_IN)) if failed_fetch.is_some() => {
+            Err(Failure::Io(failed_fetch.cloned().unwrap_or_default()))
+        }
         (None, Some(request_type)) => {
             let mut sector = [0u8; 8];
             sector.copy_from_slice(&header[8..16]);
-            serve(
-                target,
-                policy,
-                &buffers,
-                request_type,
-                u64::from_le_bytes(sector),
-            )
+            let sector = u64::from_le_bytes(sector);
+            if request_type == VIRTIO_BLK_T_IN && matches!(step, Step::First) {
+                match start_read(target, &buffers, sector) {
+                    Ok(Some(completion)) => {
+                        return Answered::deferred(Some(request_type), Waiting::Read(completion))
+                    }
+                    Ok(None) => serve(target, policy, &buffers, request_type, sector),
+                    Err(failure) => Err(failure),
+                }
+            } else {
+                serve(target, policy, &buffers, request_type, sector)
+            }
         }
     };
     let op = request_type.and_then(metered_op);
@@ -447,7 +474,7 @@ where
             status: Some(status),
             request_type,
             metered,
-            deferred: false,
+            deferred: None,
         }
     } else {
         tracing::warn!(
@@ -459,8 +486,43 @@ where
             status: None,
             request_type,
             metered,
-            deferred: false,
+            deferred: None,
         }
+    }
+}
+
+impl Answered {
+    /// A request left for later: nothing written, nothing on the used ring yet.
+    fn deferred(request_type: Option<u32>, waiting: Waiting) -> Self {
+        Answered {
+            used_len: 0,
+            status: None,
+            request_type,
+            metered: None,
+            deferred: Some(waiting),
+        }
+    }
+}
+
+/// Has the target make a READ's data local without blocking: `Some` completion while it
+/// fetches, `None` when the READ can be served now. A READ the device would refuse gets
+/// its error from [`serve`], as any other.
+fn start_read(
+    target: &dyn BlockTarget,
+    buffers: &Buffers<'_>,
+    sector: u64,
+) -> Result<Option<Arc<Completion>>, Failure> {
+    let room = buffers.writable_len - 1;
+    let Ok(offset) = sector_offset(sector) else {
+        return Ok(None);
+    };
+    if room == 0 || target::validate(target.info(), Op::Read, offset, room).is_err() {
+        return Ok(None);
+    }
+    match target.start_read(offset, room) {
+        Progress::Done(Ok(())) => Ok(None),
+        Progress::Done(Err(err)) => Err(err.into()),
+        Progress::Pending(completion) => Ok(Some(completion)),
     }
 }
 
