@@ -393,6 +393,28 @@ fn a_volume_command_waiting_for_its_bucket_ends_on_sigterm() {
     assert_eq!(status.signal(), Some(libc::SIGTERM), "{status}:\n{}", log());
 }
 
+/// A host with no trusted CA certificate cannot make an HTTP client: the error says so and
+/// what to do, rather than that the location is not understood.
+#[test]
+fn no_ca_certificate_is_named_as_the_reason_an_s3_client_cannot_be_made() {
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["volume", "info", "s3://nobody-answers/vol"])
+        .envs(berth_testkit::S3Settings::new("http://127.0.0.1:1", "nobody-answers", "vol").env())
+        .env("SSL_CERT_FILE", "/nonexistent/bundle.pem")
+        .env("SSL_CERT_DIR", "/nonexistent")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("Cannot set up the HTTP client for s3://nobody-answers")
+            && stderr.contains("CA certificate")
+            && stderr.contains("SSL_CERT_FILE"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("not understood"), "{stderr}");
+}
+
 #[test]
 fn a_held_lease_refuses_a_second_writer_until_broken() {
     let Some(bucket) = start_bucket() else {

@@ -561,7 +561,7 @@ impl ObjectStoreBackend {
         }
         let store = builder
             .build()
-            .map_err(|e| CacheError::InvalidBackend(format!("s3://{}: {e}", config.bucket)))?;
+            .map_err(|e| build_error(&format!("s3://{}", config.bucket), e))?;
         Ok(Self {
             store: Arc::new(store),
             prefix: config.prefix.trim_matches('/').to_string(),
@@ -578,7 +578,7 @@ impl ObjectStoreBackend {
             .with_retry(retry)
             .with_client_options(options.with_allow_http(true))
             .build()
-            .map_err(|e| CacheError::InvalidBackend(format!("{base_url}: {e}")))?;
+            .map_err(|e| build_error(base_url, e))?;
         Ok(Self {
             store: Arc::new(store),
             prefix: String::new(),
@@ -839,6 +839,25 @@ pub fn open_backend(spec: &str) -> Result<Arc<dyn BlobBackend>> {
         return Err(CacheError::InvalidBackend(spec.to_string()));
     }
     Ok(Arc::new(LocalDirBackend::new(dir)))
+}
+
+/// What building an object-store client for `backend` failing means: a location it does
+/// not understand, or an HTTP client that cannot be made (in practice, TLS without any
+/// trusted root certificate).
+fn build_error(backend: &str, err: object_store::Error) -> CacheError {
+    match err {
+        object_store::Error::Generic {
+            store: "HTTP client",
+            source,
+        } => CacheError::BackendSetup {
+            backend: backend.to_string(),
+            message: format!(
+                "{source} (the usual cause is no trusted CA certificate on this host: \
+                     install the ca-certificates package, or point SSL_CERT_FILE at a bundle)"
+            ),
+        },
+        other => CacheError::InvalidBackend(format!("{backend}: {other}")),
+    }
 }
 
 #[cfg(test)]

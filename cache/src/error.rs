@@ -51,6 +51,8 @@ pub enum CacheError {
     InvalidManifest(String),
     #[error("The backend location `{0}` is not understood.")]
     InvalidBackend(String),
+    #[error("Cannot set up the HTTP client for {backend}: {message}.")]
+    BackendSetup { backend: String, message: String },
     #[error("The engine is shutting down.")]
     ShuttingDown,
 }
