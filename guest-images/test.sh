@@ -37,7 +37,8 @@ MQ_HOST_CHECKS=(mq-queues-used mq-daemon-exit-0 mq-no-stray)
 REBOOT_GUEST_CHECKS=(reboot-first-mount reboot-first-boot reboot-remount reboot-after reboot-umount reboot-umount-quiet)
 REBOOT_HOST_CHECKS=(reboot-host-sees reboot-new-session reboot-daemon-exit-0)
 BLOCK_GUEST_CHECKS=(block-setup block-zero-copy block-user-copy block-copy block-reg-fallback
-	block-discard-zeroes block-readonly block-seccomp block-recovery block-volume block-power-cut block-lazy-image
+	block-discard-zeroes block-readonly block-seccomp block-recovery block-volume block-volume-sigterm block-power-cut
+	block-lazy-image
 	block-lazy-fetch-ratio)
 BLOCK_HOST_CHECKS=(block-store-exit-0)
 # Debian sid's QEMU: one boot with the share on the generic vhost-user device,
@@ -767,6 +768,8 @@ if [ "$daemon_kind" = berth ] && any_selected "${BLOCK_GUEST_CHECKS[@]}" "${BLOC
 	prepare_block_guest
 	mkdir -p "$WORK/block-extra"
 	cp "$GUEST_IMAGES_DIR/guest/block.sh" "$WORK/block-extra/"
+	# For the S3 client of block-volume-sigterm (it will not start without trusted roots).
+	cp /etc/ssl/certs/ca-certificates.crt "$WORK/block-extra/"
 	# Without debug information the binary is a fraction of the size in the initramfs.
 	objcopy --strip-debug "$DAEMON" "$WORK/block-extra/berth"
 	cat >"$WORK/block.sh" <<'EOF'
@@ -783,6 +786,7 @@ check block-readonly block_readonly
 check block-seccomp block_seccomp
 check block-recovery block_recovery
 check block-volume block_volume
+check block-volume-sigterm block_volume_sigterm
 if have_dm_flakey; then
 	check block-power-cut block_power_cut
 else

@@ -24,7 +24,7 @@ started=$(date +%s)
 section "installing test dependencies"
 packages=(build-essential pkg-config fuse3 fio attr acl cpio zstd erofs-utils busybox-static
 	qemu-system-x86 python3 python3-pip python3-venv strace uidmap git bc bison flex libelf-dev libclang-dev
-	libfuse3-dev meson ninja-build liburing-dev libnuma-dev)
+	libfuse3-dev meson ninja-build liburing-dev libnuma-dev ca-certificates)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

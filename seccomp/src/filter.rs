@@ -113,7 +113,14 @@ pub enum ThreadRole {
     /// on the main thread before the target opens, so every such thread starts under it;
     /// since every thread started afterwards inherits it too, it also allows what they do
     /// (see [`allowed_syscalls`]), and they narrow it with a filter of their own role.
+    /// `berth block add|recover` (ublk) opens its targets on a thread under it, and its main
+    /// thread takes it once every device is started.
     BlockEngine,
+    /// The control thread of one ublk device of `berth block add|recover`, once the device
+    /// is started: waits for the queue threads to end, then stops and deletes the device
+    /// through the control ring it set up before (io_uring_enter only, no new ring) and
+    /// removes the device's run file.
+    UblkControl,
 }
 
 impl ThreadRole {
@@ -137,6 +144,7 @@ impl ThreadRole {
             ThreadRole::UblkQueue => "ublk queue",
             ThreadRole::VhostBlkQueue => "vhost-user-blk queue",
             ThreadRole::BlockEngine => "block engine",
+            ThreadRole::UblkControl => "ublk control",
         }
     }
 }
@@ -347,6 +355,16 @@ const UBLK_QUEUE: &[libc::c_long] = &[
     libc::SYS_statx,
 ];
 
+/// A ublk device's control thread once the device runs: its control ring's commands (stop,
+/// delete) and the run file libublk keeps per device (checked, then removed).
+const UBLK_CONTROL: &[libc::c_long] = &[
+    libc::SYS_io_uring_enter,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
 /// A FUSE ring thread's ring: submitting and waiting. Its ring is restricted to FUSE
 /// commands on /dev/fuse and a poll of the stop event (fuse_uring.rs), so the calls io_uring
 /// could otherwise make past this filter are out of its reach.
@@ -490,6 +508,7 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ],
         ThreadRole::Supervisor => &[SUPERVISOR],
         ThreadRole::UblkQueue => &[RUNTIME, UBLK_QUEUE],
+        ThreadRole::UblkControl => &[RUNTIME, UBLK_CONTROL],
         // EVENT_LOOP: its kick and the library's exit event, waited on with epoll.
         ThreadRole::VhostBlkQueue => &[RUNTIME, EVENT_LOOP, VHOST_BLK_QUEUE],
         // Every thread of the process started after it inherits it (main's, the control
@@ -601,7 +620,7 @@ mod tests {
         );
     }
 
-    const ALL_ROLES: [ThreadRole; 16] = [
+    const ALL_ROLES: [ThreadRole; 17] = [
         ThreadRole::FuseRing,
         ThreadRole::VersionsMapper,
         ThreadRole::VhostUserControl,
@@ -618,6 +637,7 @@ mod tests {
         ThreadRole::UblkQueue,
         ThreadRole::VhostBlkQueue,
         ThreadRole::BlockEngine,
+        ThreadRole::UblkControl,
     ];
 
     #[test]
@@ -763,6 +783,29 @@ mod tests {
             );
             let ioctl_rules = rules_for(role, libc::SYS_ioctl).unwrap();
             assert_eq!(ioctl_rules.len(), ioctl_requests(role).len(), "{role:?}");
+        }
+    }
+
+    #[test]
+    fn a_ublk_control_thread_submits_to_its_ring_but_opens_nothing_and_sets_up_no_ring() {
+        let control = allowed_syscalls(ThreadRole::UblkControl);
+        for nr in [libc::SYS_io_uring_enter, libc::SYS_unlink, libc::SYS_futex] {
+            assert!(control.contains(&nr), "the ublk control thread lacks {nr}");
+        }
+        for nr in [
+            libc::SYS_io_uring_setup,
+            libc::SYS_io_uring_register,
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_ioctl,
+            libc::SYS_pwrite64,
+        ] {
+            assert!(
+                !control.contains(&nr),
+                "the ublk control thread allows {nr}"
+            );
         }
     }
 

@@ -18,9 +18,14 @@
 //!    serves anything (filters are inherited and stack, so a call must pass both). The
 //!    processes left outside the sandbox install [`ThreadRole::Supervisor`].
 //!
-//! `berth block` (ublk) confines its queue threads only: each one, once its io_uring is set
-//! up, drops every capability ([`drop_thread_capabilities`]) and installs
-//! [`ThreadRole::UblkQueue`]. `berth block serve-vhost` (vhost-user-blk) follows the order
+//! `berth block add|recover` (ublk) has no sandbox (it needs the ublk devices): each queue
+//! thread, once its io_uring is set up, drops every capability
+//! ([`drop_thread_capabilities`]) and installs [`ThreadRole::UblkQueue`]; targets open on a
+//! thread under [`ThreadRole::BlockEngine`], which their engines' threads inherit; each
+//! device's control thread installs [`ThreadRole::UblkControl`] once the device runs, and
+//! the main thread [`ThreadRole::BlockEngine`] once every device does. Only the thread that
+//! waits for termination signals stays unfiltered: it stops the devices through a control
+//! ring of its own, which means setting one up. `berth block serve-vhost` (vhost-user-blk) follows the order
 //! above with one difference: its queue threads are started (by vhost-user-backend) before
 //! the main filter, so each drops every capability and installs
 //! [`ThreadRole::VhostBlkQueue`] on its own, which allows the block ioctls the main filter

@@ -387,12 +387,22 @@ fn serve_devices(
     let mut served = Vec::new();
     let mut threads = Vec::new();
     for (desc, mode, id) in devices {
-        let (target, volume): (SharedTarget, _) = match &desc.volume {
-            Some(settings) => {
-                let volume = open_volume(&desc.target.to_string_lossy(), settings)?;
-                (volume.clone(), Some(volume))
-            }
-            None => (open_target(&desc, &engines)?, None),
+        let opened = {
+            let (desc, engines) = (desc.clone(), engines.clone());
+            open_on_engine_thread(seccomp, &stopping, move || match &desc.volume {
+                Some(settings) => {
+                    let volume = open_volume(&desc.target.to_string_lossy(), settings)?;
+                    Ok((volume.clone() as SharedTarget, Some(volume)))
+                }
+                None => Ok((open_target(&desc, &engines)?, None)),
+            })?
+        };
+        let Some((target, volume)) = opened else {
+            info!(
+                "Stopping before {} was open; serving no more devices.",
+                desc.target.display()
+            );
+            break;
         };
         let device = Arc::new(Served {
             name: Mutex::new(format!("ublk{id}")),
@@ -421,6 +431,16 @@ fn serve_devices(
             .name("berth-ublk-ctrl".into())
             .spawn(move || {
                 let on_started = move |started: &Started| {
+                    // From here on this thread only waits for the queues and then stops
+                    // and deletes the device on the control ring it already has.
+                    if let Err(err) =
+                        berth_seccomp::install_filter(ThreadRole::UblkControl, seccomp)
+                    {
+                        warn!(
+                            "The control thread of ublk device {} runs unconfined: {err}.",
+                            started.id
+                        );
+                    }
                     *name_slot.name.lock().unwrap_or_else(|e| e.into_inner()) =
                         format!("ublkb{}", started.id);
                     started_ids
@@ -472,6 +492,10 @@ fn serve_devices(
         }
         threads.push(thread);
     }
+    // Every device is started: what is left here is waiting, the metrics file, and closing
+    // the targets (an overlay's last writes, a volume's uploads), all the engine's calls.
+    berth_seccomp::install_filter(ThreadRole::BlockEngine, seccomp)
+        .context("cannot confine the main thread")?;
     let metrics_writer = match metrics_file {
         Some(file) => {
             let served = served.clone();
@@ -501,6 +525,40 @@ fn serve_devices(
         bail!("{failures} device(s) failed");
     }
     Ok(())
+}
+
+/// Opens a device's target on a thread of its own under the block engine's filter, so that
+/// the threads an image's cache engine or a volume starts inherit it, while this thread
+/// watches `stopping`: a termination signal during a slow open (a bucket that does not
+/// answer) answers `None` at once instead of after the open (the thread is left to the
+/// process's exit).
+fn open_on_engine_thread<T: Send + 'static>(
+    seccomp: SeccompAction,
+    stopping: &std::sync::atomic::AtomicBool,
+    open: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<Option<T>> {
+    let (opened_tx, opened) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("berth-blk-open".into())
+        .spawn(move || {
+            let outcome = berth_seccomp::install_filter(ThreadRole::BlockEngine, seccomp)
+                .context("cannot confine the thread opening the target")
+                .and_then(|()| open());
+            let _ = opened_tx.send(outcome);
+        })
+        .context("cannot start a thread to open the target")?;
+    loop {
+        if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(None);
+        }
+        match opened.recv_timeout(Duration::from_millis(100)) {
+            Ok(outcome) => return outcome.map(Some),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("the thread opening the target ended without an answer")
+            }
+        }
+    }
 }
 
 fn run_add(args: AddArgs, signals: TerminationSignals) -> anyhow::Result<()> {
