@@ -1,6 +1,7 @@
-//! The uploader: completed log records, a batch at a time, become a pack and the next
-//! manifest version in the bucket; then the batch is applied locally (cache rewritten,
-//! dirty entries dropped) and log segments that hold nothing needed any more retire.
+//! The uploader: completed log records, a batch at a time, become a pack and then part of
+//! the next manifest version in the bucket (batches whose packs are in by then share one);
+//! then each batch is applied locally (cache rewritten, dirty entries dropped) and log
+//! segments that hold nothing needed any more retire.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::fs::FileExt;
@@ -163,6 +164,19 @@ impl Streams {
     }
 }
 
+/// Where a manifest extent's blocks are: a pack's, or zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DeltaLoc(Option<PackLoc>);
+
+impl Advance for DeltaLoc {
+    fn advance(&self, blocks: u64) -> Self {
+        DeltaLoc(self.0.map(|loc| loc.advance(blocks)))
+    }
+}
+
+/// At most this many batches whose packs are in the bucket share one manifest version.
+const MAX_BATCHES_PER_MANIFEST: usize = 16;
+
 /// A batch whose pack (if it has data) is in the bucket.
 struct Packed {
     batch: Batch,
@@ -173,9 +187,10 @@ struct Packed {
 
 impl Inner {
     /// The uploader thread. Up to `upload_streams` batches are packed and PUT at once,
-    /// each on a thread of its own; their manifest versions are written one at a time,
-    /// in the order the batches were taken (a manifest is a delta over the previous one,
-    /// and the log is trimmed only behind what is published). Pack ids are handed out
+    /// each on a thread of its own; they are published in the order they were taken, a
+    /// manifest version at a time, each version covering the oldest batch and every later
+    /// one already in the bucket (a manifest is a delta over the previous one, and the log
+    /// is trimmed only behind what is published). Pack ids are handed out
     /// when a batch is taken, upwards from the latest manifest's next pack id, so a pack
     /// in the bucket whose manifest is not yet is numbered at or past every published
     /// manifest's next pack id and garbage collection keeps it.
@@ -223,12 +238,34 @@ impl Inner {
                     "a pack upload ended without a result".into(),
                 ))
             });
-            // The next batch starts before this one is published: the manifest write
-            // and the local apply (a cache write and sync) overlap the uploads.
-            if packed.is_ok() {
-                self.top_up(&mut streams_state, streams, front.bytes, &limit, false);
-            }
-            let outcome = packed.and_then(|packed| self.publish(packed));
+            let outcome = packed.and_then(|first| {
+                // Later batches already in the bucket are published with this one: one
+                // manifest write (a round trip to a bucket busy with the other packs)
+                // for all of them.
+                let mut ready = vec![first];
+                let mut publishing = front.bytes;
+                while ready.len() < MAX_BATCHES_PER_MANIFEST
+                    && streams_state
+                        .in_flight
+                        .front()
+                        .is_some_and(|next| matches!(next.outcome, Some(Ok(_))))
+                {
+                    let Some(mut next) = streams_state.in_flight.pop_front() else {
+                        break;
+                    };
+                    if let Some(thread) = next.thread.take() {
+                        let _ = thread.join();
+                    }
+                    if let Some(Ok(packed)) = next.outcome.take() {
+                        publishing += next.bytes;
+                        ready.push(packed);
+                    }
+                }
+                // The next batches start before these are published: the manifest write
+                // and the local apply (a cache write and sync) overlap the uploads.
+                self.top_up(&mut streams_state, streams, publishing, &limit, false);
+                self.publish(ready)
+            });
             let Err(err) = outcome else {
                 continue;
             };
@@ -565,14 +602,29 @@ impl Inner {
         })
     }
 
-    /// Publishes a packed batch: the next manifest version, then the local apply.
-    fn publish(self: &Arc<Self>, packed: Packed) -> Result<()> {
-        let Packed {
-            batch,
-            started,
-            extents,
-            pack,
-        } = packed;
+    /// Publishes packed batches, in the order they were taken: the next manifest version
+    /// (one for all of them), then their local apply.
+    fn publish(self: &Arc<Self>, ready: Vec<Packed>) -> Result<()> {
+        let mut batches = Vec::with_capacity(ready.len());
+        // A manifest's extents are in block order and do not overlap: the batches' extents
+        // are laid over each other in the order the batches were taken.
+        let mut merged: ExtentMap<DeltaLoc> = ExtentMap::new();
+        let mut packs = Vec::new();
+        for packed in ready {
+            for (start, len, loc) in packed.extents {
+                merged.insert(start, len, DeltaLoc(loc));
+            }
+            packs.extend(packed.pack);
+            batches.push((packed.batch, packed.started));
+        }
+        let extents: Vec<_> = merged
+            .iter()
+            .map(|(start, len, DeltaLoc(loc))| (start, len, loc))
+            .collect();
+        let Some((last, _)) = batches.last() else {
+            return Ok(());
+        };
+        let (epoch, last_seq) = (last.epoch, last.last_seq);
         let (kind, version) = {
             let state = self.lock();
             let version = state.map.version + 1;
@@ -586,10 +638,10 @@ impl Inner {
         };
         let mut delta = self.manifest_template(ManifestKind::Delta);
         delta.version = version;
-        delta.wal_epoch = batch.epoch;
-        delta.wal_seq = batch.last_seq;
+        delta.wal_epoch = epoch;
+        delta.wal_seq = last_seq;
         delta.extents = extents;
-        if let Some(info) = pack {
+        for info in packs {
             delta.next_pack_id = delta.next_pack_id.max(info.id + 1);
             delta.packs.push(info);
         }
@@ -625,15 +677,18 @@ impl Inner {
             if kind == ManifestKind::Full {
                 state.last_full_version = version;
             }
-            state.uploaded_seq = state.uploaded_seq.max(batch.last_seq);
+            state.uploaded_seq = state.uploaded_seq.max(last_seq);
             self.metrics
                 .manifest_version
                 .store(version, Ordering::Relaxed);
         }
         self.changed.notify_all();
         self.check_object_waiters();
-        self.metrics.upload_latency.observe(started.elapsed());
-        self.apply_batch(&batch, version)
+        for (batch, started) in &batches {
+            self.metrics.upload_latency.observe(started.elapsed());
+            self.apply_batch(batch, version)?;
+        }
+        Ok(())
     }
 
     /// Makes the local copy follow a batch that is in the bucket: the cache blocks it

@@ -236,7 +236,7 @@ fn flusher_cpu_ticks() -> u64 {
 /// object durability waits for all of them, and a host with an empty cache reads every
 /// byte back from the bucket.
 #[test]
-fn packs_upload_in_parallel_and_their_manifests_publish_in_order() {
+fn packs_upload_in_parallel_and_publish_in_order_those_already_in_sharing_a_version() {
     let Some(bucket) = ProxiedVolume::create("parallel") else {
         return;
     };
@@ -295,7 +295,8 @@ fn packs_upload_in_parallel_and_their_manifests_publish_in_order() {
     assert_eq!(new, expected, "manifest versions are consecutive");
     let mut last_pack = 0u64;
     let mut published = 0usize;
-    for version in new {
+    let mut packs_per_version = Vec::new();
+    for &version in &new {
         let key = in_bucket.manifest_key(version);
         let (bytes, _) = in_bucket
             .get(&key, berth_volume::store::Patience::Forever)
@@ -311,10 +312,18 @@ fn packs_upload_in_parallel_and_their_manifests_publish_in_order() {
             last_pack = pack.id;
             published += 1;
         }
+        packs_per_version.push(manifest.packs.len());
     }
     assert!(
         published >= packs,
         "{published} packs published for {packs} packs of writes"
+    );
+    // The packs that reached the bucket while the first waited share its manifest version
+    // (one at a time they took one version each).
+    let with_packs = packs_per_version.iter().filter(|&&n| n > 0).count();
+    assert!(
+        packs_per_version.iter().max().is_some_and(|&n| n >= 4) && with_packs < packs,
+        "packs per new manifest version: {packs_per_version:?}"
     );
 
     let (next, _) = Volume::open_with_store(store(), options(&dir.path().join("host-b"))).unwrap();
