@@ -6,7 +6,8 @@
 #   benches/volume-flush.sh [--quick] [--json FILE] [extra berth-loadgen vol-flush options...]
 #
 # Full: 256 MiB per measurement, 32 MiB packs (the volume default), the volume uploading 1
-# and 4 packs at once, raw PUTs with 1 and 4 streams, median of 3. --quick: smoke mode for CI (16 MiB, 4 MiB packs, one repetition, a
+# and 4 packs at once, raw PUTs with 1 and 4 streams, median of 3 after one untimed round
+# of every method (--warm-up-reps). --quick: smoke mode for CI (16 MiB, 4 MiB packs, one repetition, a
 # few seconds); exits non-zero unless every flush completed and read back from the bucket
 # and every PUT was stored (never on the fraction).
 # --json FILE: every run's figures (default: benches/results/volume-flush.json; --quick

@@ -56,6 +56,12 @@ pub struct VolFlushArgs {
     /// Repetitions (medians are reported) [default: 3; --quick 1].
     #[arg(long)]
     reps: Option<usize>,
+    /// Untimed repetitions of every method first [default: 1; --quick 0]: a process's
+    /// first pass over fresh memory can cost several times a later one (a VM whose memory
+    /// the hypervisor maps on first touch), which would count against whichever method
+    /// runs first.
+    #[arg(long)]
+    warm_up_reps: Option<usize>,
     /// Write every run's figures here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -92,6 +98,8 @@ pub struct FlushOutcome {
     pub mib: u64,
     pub pack_bytes: u64,
     pub reps: usize,
+    /// Untimed rounds of every method before the timed ones.
+    pub warm_up_reps: usize,
     pub runs: Vec<FlushRow>,
     /// Packs the volume uploaded at once in the method the fractions are taken for.
     pub upload_streams: usize,
@@ -109,6 +117,7 @@ struct Plan {
     streams: Vec<usize>,
     upload_streams: Vec<usize>,
     reps: usize,
+    warm_up_reps: usize,
 }
 
 /// What one measurement does.
@@ -167,6 +176,7 @@ pub fn run(args: VolFlushArgs) -> Result<bool> {
         streams,
         upload_streams,
         reps: args.reps.unwrap_or(reps).max(1),
+        warm_up_reps: args.warm_up_reps.unwrap_or(usize::from(!args.quick)),
     };
     let _ = std::fs::remove_dir_all(&plan.dir);
     std::fs::create_dir_all(&plan.dir)
@@ -204,6 +214,20 @@ fn measure(
     // opens its connections): they would count against whichever method runs first.
     if let Err(err) = warm_up(plan, backend, data) {
         failures.push(format!("warming the server up: {err:#}"));
+    }
+    // Untimed rounds of every method, numbered after the timed ones.
+    for warm in 0..plan.warm_up_reps {
+        let rep = plan.reps + warm;
+        for &uploads in &plan.upload_streams {
+            if let Err(err) = volume_flush(plan, server, backend, data, rep, uploads) {
+                failures.push(format!("warm-up volume-{uploads}: {err:#}"));
+            }
+        }
+        for &streams in &plan.streams {
+            if let Err(err) = raw_puts(plan, backend, data, rep, streams) {
+                failures.push(format!("warm-up put-{streams}: {err:#}"));
+            }
+        }
     }
     for rep in 0..plan.reps {
         let mut methods: Vec<Method> = plan
@@ -259,6 +283,7 @@ fn measure(
         mib: plan.bytes >> 20,
         pack_bytes: plan.pack,
         reps: plan.reps,
+        warm_up_reps: plan.warm_up_reps,
         upload_streams: plan.upload_streams.last().copied().unwrap_or(1),
         fraction_median: median(&mut fractions.clone()),
         fractions,
@@ -448,14 +473,15 @@ fn raw_puts(
 fn print(outcome: &FlushOutcome, plan: &Plan) {
     println!(
         "\n{} x {} cpus, kernel {}; {}; {} MiB per measurement, packs / objects of {} MiB, \
-         median of {}",
+         median of {} after {} untimed",
         outcome.host.cpu_model,
         outcome.host.cpus,
         outcome.host.kernel,
         outcome.server,
         outcome.mib,
         outcome.pack_bytes >> 20,
-        outcome.reps
+        outcome.reps,
+        outcome.warm_up_reps
     );
     println!(
         "{:<9} {:>8} {:>13} {:>8} {:>8} {:>9} {:>9} {:>8} {:>7}",
