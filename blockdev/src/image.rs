@@ -13,43 +13,16 @@ use berth_cache::{BlobHandle, CacheError};
 
 use crate::error::{BlockError, Result};
 use crate::target::{
-    push_extent, BlockTarget, Completion, Extent, Progress, Source, TargetInfo, WriteTicket,
+    push_extent, BlockTarget, Completion, Extent, FetchReply, Progress, Source, TargetInfo,
+    WriteTicket,
 };
 
 /// A fetch handed to the fetch threads, with where to send its outcome.
-type FetchJob = (Range<u64>, FetchReply);
+type FetchJob = (Range<u64>, FetchReply<CacheError>);
 
-/// Where a fetch thread sends the outcome of a job.
-enum FetchReply {
-    /// A request blocked until the range is present.
-    Blocked(Sender<Result<(), CacheError>>),
-    /// A transport serving other requests meanwhile ([`BlockTarget::start_read`]).
-    Pending(Arc<Completion>),
-}
-
-impl FetchReply {
-    fn send(&self, outcome: Result<(), CacheError>) {
-        match self {
-            FetchReply::Blocked(sender) => {
-                let _ = sender.send(outcome);
-            }
-            FetchReply::Pending(completion) => {
-                completion.complete(outcome.map_err(BlockError::Cache));
-            }
-        }
-    }
-}
-
-impl Drop for FetchReply {
-    /// A job dropped unanswered (its fetch thread gone) still finishes a pending read;
-    /// after an answer this does nothing (only a completion's first outcome counts).
-    fn drop(&mut self) {
-        if let FetchReply::Pending(completion) = self {
-            completion.complete(Err(BlockError::UblkSetup(
-                "the image's fetch threads are gone".into(),
-            )));
-        }
-    }
+/// What a pending read of an image whose fetch threads are gone ends with.
+fn fetch_threads_gone() -> BlockError {
+    BlockError::UblkSetup("the image's fetch threads are gone".into())
 }
 
 /// Threads that make missing ranges present. Requests wait for them rather than fetch
@@ -141,7 +114,7 @@ impl ImageTarget {
     }
 
     /// Hands `range` to the fetch threads.
-    fn send_fetch(&self, range: Range<u64>, reply: FetchReply) -> Result<()> {
+    fn send_fetch(&self, range: Range<u64>, reply: FetchReply<CacheError>) -> Result<()> {
         let sent = self.fetchers.jobs.as_ref().is_some_and(|jobs| {
             jobs.lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -149,9 +122,7 @@ impl ImageTarget {
                 .is_ok()
         });
         if !sent || self.fetchers.threads.is_empty() {
-            return Err(BlockError::UblkSetup(
-                "the image's fetch threads are gone".into(),
-            ));
+            return Err(fetch_threads_gone());
         }
         Ok(())
     }
@@ -239,7 +210,12 @@ impl BlockTarget for ImageTarget {
             Ok(completion) => completion,
             Err(err) => return Progress::Done(Err(err)),
         };
-        match self.send_fetch(offset..data_end, FetchReply::Pending(completion.clone())) {
+        let reply = FetchReply::Pending {
+            completion: completion.clone(),
+            into_block: BlockError::Cache,
+            gone: fetch_threads_gone,
+        };
+        match self.send_fetch(offset..data_end, reply) {
             Ok(()) => Progress::Pending(completion),
             Err(err) => Progress::Done(Err(err)),
         }

@@ -259,6 +259,47 @@ impl Completion {
     }
 }
 
+/// Where a lazily fetching target's fetch thread answers a read: a caller blocked on a
+/// channel, or the completion of a read a transport started with
+/// [`BlockTarget::start_read`]. `E` is the target's error type. Dropped unanswered (its
+/// fetch threads gone), a pending reply still finishes its read, with `gone`; after an
+/// answer that does nothing (only a completion's first outcome counts).
+pub enum FetchReply<E> {
+    Blocked(std::sync::mpsc::Sender<std::result::Result<(), E>>),
+    Pending {
+        completion: Arc<Completion>,
+        into_block: fn(E) -> BlockError,
+        gone: fn() -> BlockError,
+    },
+}
+
+impl<E> FetchReply<E> {
+    /// Answers the read with `outcome`.
+    pub fn send(&self, outcome: std::result::Result<(), E>) {
+        match self {
+            FetchReply::Blocked(sender) => {
+                let _ = sender.send(outcome);
+            }
+            FetchReply::Pending {
+                completion,
+                into_block,
+                ..
+            } => completion.complete(outcome.map_err(into_block)),
+        }
+    }
+}
+
+impl<E> Drop for FetchReply<E> {
+    fn drop(&mut self) {
+        if let FetchReply::Pending {
+            completion, gone, ..
+        } = self
+        {
+            completion.complete(Err(gone()));
+        }
+    }
+}
+
 /// Where a request a target may finish later stands.
 #[derive(Debug)]
 pub enum Progress {

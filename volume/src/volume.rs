@@ -35,7 +35,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use berth_blockdev::{
-    BlockError, BlockTarget, Completion, Extent, Progress, ReadPin, Source, TargetInfo, WriteTicket,
+    BlockError, BlockTarget, Completion, Extent, FetchReply, Progress, ReadPin, Source, TargetInfo,
+    WriteTicket,
 };
 
 use crate::error::{IoContext, Result, VolumeError};
@@ -256,38 +257,7 @@ impl State {
 
 /// A fetch handed to the fetch threads: block ranges to make present, and where to
 /// answer.
-pub(crate) type FetchJob = (Vec<(u64, u64)>, FetchReply);
-
-/// Where a fetch thread answers.
-pub(crate) enum FetchReply {
-    /// A read blocked until the blocks are present.
-    Blocked(Sender<Result<()>>),
-    /// A transport serving other requests meanwhile (`start_read`).
-    Pending(Arc<Completion>),
-}
-
-impl FetchReply {
-    pub(crate) fn send(&self, outcome: Result<()>) {
-        match self {
-            FetchReply::Blocked(sender) => {
-                let _ = sender.send(outcome);
-            }
-            FetchReply::Pending(completion) => {
-                completion.complete(outcome.map_err(VolumeError::into_block));
-            }
-        }
-    }
-}
-
-impl Drop for FetchReply {
-    /// A job dropped unanswered (the volume closing) still finishes a pending read; after
-    /// an answer this does nothing (only a completion's first outcome counts).
-    fn drop(&mut self) {
-        if let FetchReply::Pending(completion) = self {
-            completion.complete(Err(VolumeError::ShuttingDown.into_block()));
-        }
-    }
-}
+pub(crate) type FetchJob = (Vec<(u64, u64)>, FetchReply<VolumeError>);
 
 /// The shared core of a volume.
 pub(crate) struct Inner {
@@ -762,7 +732,7 @@ impl Inner {
         answer.recv().map_err(|_| VolumeError::ShuttingDown)?
     }
 
-    fn send_fetch(&self, missing: Vec<(u64, u64)>, reply: FetchReply) -> Result<()> {
+    fn send_fetch(&self, missing: Vec<(u64, u64)>, reply: FetchReply<VolumeError>) -> Result<()> {
         let sent = self
             .fetch_jobs
             .lock()
@@ -791,7 +761,12 @@ impl Inner {
         }
         self.metrics.read_misses.fetch_add(1, Ordering::Relaxed);
         let completion = Completion::new().map_err(|e| VolumeError::Failed(e.to_string()))?;
-        self.send_fetch(missing, FetchReply::Pending(completion.clone()))?;
+        let reply = FetchReply::Pending {
+            completion: completion.clone(),
+            into_block: VolumeError::into_block,
+            gone: || VolumeError::ShuttingDown.into_block(),
+        };
+        self.send_fetch(missing, reply)?;
         Ok(Progress::Pending(completion))
     }
 
