@@ -763,6 +763,30 @@ impl Drop for OverlayTarget {
     }
 }
 
+impl OverlayTarget {
+    /// Where `[offset, offset + len)` is, taken under the lock: `(offset, len, entry)` runs,
+    /// one per written cluster and one per stretch of unwritten ones. Read the base after
+    /// it, without the lock: a base read may wait for a fetch.
+    fn read_plan(&self, offset: u64, len: u64) -> Vec<(u64, u64, u64)> {
+        let cluster = self.layout.cluster;
+        let end = offset + len;
+        let mut plan: Vec<(u64, u64, u64)> = Vec::new();
+        let state = self.read_state();
+        let mut at = offset;
+        while at < end {
+            let c = at / cluster;
+            let piece = ((c + 1) * cluster).min(end) - at;
+            let value = state.entry(c);
+            match plan.last_mut() {
+                Some(last) if last.2 == UNWRITTEN && value == UNWRITTEN => last.1 += piece,
+                _ => plan.push((at, piece, value)),
+            }
+            at += piece;
+        }
+        plan
+    }
+}
+
 impl BlockTarget for OverlayTarget {
     fn info(&self) -> &TargetInfo {
         &self.info
@@ -770,25 +794,8 @@ impl BlockTarget for OverlayTarget {
 
     fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
         let cluster = self.layout.cluster;
-        let end = offset + len;
-        // Plan under the lock, read the base after it: a base read may wait for a fetch.
-        let mut plan: Vec<(u64, u64, u64)> = Vec::new(); // (offset, len, entry)
-        {
-            let state = self.read_state();
-            let mut at = offset;
-            while at < end {
-                let c = at / cluster;
-                let piece = ((c + 1) * cluster).min(end) - at;
-                let value = state.entry(c);
-                match plan.last_mut() {
-                    Some(last) if last.2 == UNWRITTEN && value == UNWRITTEN => last.1 += piece,
-                    _ => plan.push((at, piece, value)),
-                }
-                at += piece;
-            }
-        }
         let base_size = self.base.info().size;
-        for (at, piece, value) in plan {
+        for (at, piece, value) in self.read_plan(offset, len) {
             match value {
                 UNWRITTEN => {
                     let in_base = base_size.saturating_sub(at).min(piece);
@@ -827,28 +834,14 @@ impl BlockTarget for OverlayTarget {
 
     fn start_read(&self, offset: u64, len: u64) -> Progress {
         // The base's part of the range: the unwritten clusters below its end.
-        let cluster = self.layout.cluster;
-        let end = offset + len;
         let base_size = self.base.info().size;
-        let mut from_base: Vec<(u64, u64)> = Vec::new();
-        {
-            let state = self.read_state();
-            let mut at = offset;
-            while at < end.min(base_size) {
-                let c = at / cluster;
-                let piece = ((c + 1) * cluster).min(end).min(base_size) - at;
-                if state.entry(c) == UNWRITTEN {
-                    match from_base.last_mut() {
-                        Some(last) if last.0 + last.1 == at => last.1 += piece,
-                        _ => from_base.push((at, piece)),
-                    }
-                }
-                at += piece;
-            }
-        }
         let mut waiting = Vec::new();
-        for (at, piece) in from_base {
-            match self.base.start_read(at, piece) {
+        for (at, piece, value) in self.read_plan(offset, len) {
+            let in_base = base_size.saturating_sub(at).min(piece);
+            if value != UNWRITTEN || in_base == 0 {
+                continue;
+            }
+            match self.base.start_read(at, in_base) {
                 Progress::Done(Ok(())) => {}
                 Progress::Done(Err(err)) => return Progress::Done(Err(err)),
                 Progress::Pending(completion) => waiting.push(completion),
