@@ -684,24 +684,34 @@ impl Inner {
         }
         self.changed.notify_all();
         self.check_object_waiters();
-        for (batch, started) in &batches {
+        for (_, started) in &batches {
             self.metrics.upload_latency.observe(started.elapsed());
-            self.apply_batch(batch, version)?;
         }
-        Ok(())
+        let published: Vec<&Batch> = batches.iter().map(|(batch, _)| batch).collect();
+        self.apply_batches(&published, version)
     }
 
-    /// Makes the local copy follow a batch that is in the bucket: the cache blocks it
-    /// changes are invalidated on disk, rewritten, synced and marked present again; the
-    /// dirty entries of the batch go; log segments with nothing left to upload retire.
-    pub(crate) fn apply_batch(self: &Arc<Self>, batch: &Batch, version: u64) -> Result<()> {
-        let ranges: Vec<(u64, u64, BatchLoc)> = batch.view.iter().collect();
+    /// Makes the local copy follow batches that are in the bucket (one manifest version's,
+    /// in the order they were taken): the cache blocks they change are invalidated on disk,
+    /// rewritten, synced and marked present again; their dirty entries go; log segments
+    /// with nothing left to upload retire. The batches of one version share each step, so
+    /// the syncs are paid once for all of them.
+    pub(crate) fn apply_batches(self: &Arc<Self>, batches: &[&Batch], version: u64) -> Result<()> {
+        let Some(last_seq) = batches.iter().map(|batch| batch.last_seq).max() else {
+            return Ok(());
+        };
+        // Per batch, in order: a later batch's blocks overwrite an earlier one's.
+        let ranges: Vec<Vec<(u64, u64, BatchLoc)>> = batches
+            .iter()
+            .map(|batch| batch.view.iter().collect())
+            .collect();
+        let all_ranges = || ranges.iter().flatten();
         {
             let mut state = self.lock();
-            for &(lba, len, _) in &ranges {
+            for &(lba, len, _) in all_ranges() {
                 state.presence.set_range(lba, len, false);
             }
-            state.uploaded_seq = state.uploaded_seq.max(batch.last_seq);
+            state.uploaded_seq = state.uploaded_seq.max(last_seq);
         }
         self.persist_presence()?;
         failpoint::hit("apply.after_clear");
@@ -709,17 +719,19 @@ impl Inner {
         self.pins.wait_older();
         {
             let _writing = self.cache_write.lock().unwrap_or_else(|e| e.into_inner());
-            for &(lba, len, loc) in &ranges {
-                let offset = lba * self.block_size;
-                match loc {
-                    BatchLoc::Data { at } => {
-                        let bytes = batch.bytes_of(at, len, self.block_size);
-                        self.cache
-                            .write_all_at(bytes, offset)
-                            .context(|| "writing the cache file".to_string())?;
+            for (batch, batch_ranges) in batches.iter().zip(&ranges) {
+                for &(lba, len, loc) in batch_ranges {
+                    let offset = lba * self.block_size;
+                    match loc {
+                        BatchLoc::Data { at } => {
+                            let bytes = batch.bytes_of(at, len, self.block_size);
+                            self.cache
+                                .write_all_at(bytes, offset)
+                                .context(|| "writing the cache file".to_string())?;
+                        }
+                        BatchLoc::Zero => punch(&self.cache, offset, len * self.block_size)
+                            .context(|| "punching the cache file".to_string())?,
                     }
-                    BatchLoc::Zero => punch(&self.cache, offset, len * self.block_size)
-                        .context(|| "punching the cache file".to_string())?,
                 }
             }
             failpoint::hit("apply.after_cache_write");
@@ -728,7 +740,7 @@ impl Inner {
                 .context(|| "syncing the cache file".to_string())?;
             failpoint::hit("apply.after_cache_sync");
             let mut state = self.lock();
-            for &(lba, len, loc) in &ranges {
+            for &(lba, len, loc) in all_ranges() {
                 if let BatchLoc::Data { .. } = loc {
                     for piece in state.map.map.pieces(lba, len) {
                         if piece.value.is_some() {
@@ -745,13 +757,15 @@ impl Inner {
         failpoint::hit("apply.after_set");
         {
             let mut state = self.lock();
-            let last = batch.last_seq;
-            for &(lba, len, _) in &ranges {
-                state
-                    .dirty
-                    .remove_where(lba, len, |loc: &DirtyLoc| loc.seq() <= last);
+            for (batch, batch_ranges) in batches.iter().zip(&ranges) {
+                let last = batch.last_seq;
+                for &(lba, len, _) in batch_ranges {
+                    state
+                        .dirty
+                        .remove_where(lba, len, |loc: &DirtyLoc| loc.seq() <= last);
+                }
             }
-            while state.pending.front().is_some_and(|r| r.seq <= last) {
+            while state.pending.front().is_some_and(|r| r.seq <= last_seq) {
                 if let Some(record) = state.pending.pop_front() {
                     state.pending_bytes = state
                         .pending_bytes
@@ -770,7 +784,7 @@ impl Inner {
         self.changed.notify_all();
         self.write_meta(|m| {
             m.applied_version = m.applied_version.max(version);
-            m.applied_seq = m.applied_seq.max(batch.last_seq);
+            m.applied_seq = m.applied_seq.max(last_seq);
         })?;
         failpoint::hit("apply.after_meta");
         self.trim_segments(false);

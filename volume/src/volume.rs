@@ -1603,7 +1603,7 @@ impl Inner {
         report.replayed = to_upload.len() as u64;
         if !to_apply.is_empty() {
             let batch = self.read_batch(&to_apply)?;
-            self.apply_batch(&batch, latest)?;
+            self.apply_batches(&[&batch], latest)?;
         } else {
             let mut state = self.lock();
             state.uploaded_seq = state.uploaded_seq.max(meta.applied_seq);
