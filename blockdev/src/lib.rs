@@ -25,6 +25,6 @@ pub use metrics::DeviceMetrics;
 pub use overlay::{OverlayDescription, OverlayOptions, OverlayRecovery, OverlayTarget};
 pub use raw::{RawOptions, RawTarget};
 pub use target::{
-    BlockTarget, Completion, Extent, FetchReply, Op, Progress, ReadPin, SharedTarget, Source,
-    TargetInfo, Waker, WriteTicket,
+    BlockTarget, Completion, Extent, FetchReply, Op, Progress, ReadMapping, ReadPin, SharedTarget,
+    Source, TargetInfo, Waker, WriteTicket,
 };

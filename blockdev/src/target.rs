@@ -319,6 +319,15 @@ impl Progress {
     }
 }
 
+/// What [`BlockTarget::map_read_or_fetch`] did with a read.
+#[derive(Debug)]
+pub enum ReadMapping {
+    /// The data is local: its extents are mapped, valid while the pin is held.
+    Mapped(ReadPin),
+    /// Some of it is being fetched: map the read once this completes.
+    Fetching(Arc<Completion>),
+}
+
 /// A block target: raw file or device, lazily fetched image, copy-on-write overlay.
 pub trait BlockTarget: Send + Sync {
     /// Size, block size and capabilities.
@@ -346,6 +355,27 @@ pub trait BlockTarget: Send + Sync {
     /// fetch.
     fn start_read(&self, _offset: u64, _len: u64) -> Progress {
         Progress::Done(Ok(()))
+    }
+
+    /// A read's mapping when its data is local ([`ReadMapping::Mapped`], extents in
+    /// `out`), otherwise its fetch started ([`ReadMapping::Fetching`], `out` untouched):
+    /// after that completes the caller maps the read with [`Self::map_read_pinned`]. What
+    /// transports call first for every read, so a target that finds both answers in one
+    /// look overrides it. Default: [`Self::start_read`], then the mapping when done.
+    fn map_read_or_fetch(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
+    ) -> Result<ReadMapping> {
+        match self.start_read(offset, len) {
+            Progress::Done(outcome) => {
+                outcome?;
+                self.map_read_pinned(offset, len, out)
+                    .map(ReadMapping::Mapped)
+            }
+            Progress::Pending(completion) => Ok(ReadMapping::Fetching(completion)),
+        }
     }
 
     /// Appends to `out` the file extents the data of `[offset, offset + len)` is to be
@@ -452,16 +482,21 @@ pub(crate) fn file_of(fd: RawFd) -> std::mem::ManuallyDrop<std::fs::File> {
     std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
-/// [`BlockTarget::map_read_pinned`] once [`BlockTarget::start_read`] has made the range
-/// local, waiting for it: for callers with no I/O loop of their own.
+/// [`BlockTarget::map_read_or_fetch`], waiting for a fetch it starts and then mapping the
+/// read: for callers with no I/O loop of their own.
 pub fn map_read_waiting(
     target: &dyn BlockTarget,
     offset: u64,
     len: u64,
     out: &mut Vec<Extent>,
 ) -> Result<ReadPin> {
-    target.start_read(offset, len).wait()?;
-    target.map_read_pinned(offset, len, out)
+    match target.map_read_or_fetch(offset, len, out)? {
+        ReadMapping::Mapped(pin) => Ok(pin),
+        ReadMapping::Fetching(completion) => {
+            completion.wait()?;
+            target.map_read_pinned(offset, len, out)
+        }
+    }
 }
 
 /// Reads `buf.len()` bytes at `offset` through `target` with plain `pread`s.

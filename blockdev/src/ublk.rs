@@ -43,7 +43,7 @@ use libublk::{sys, BufDesc, UblkError, UblkFlags, UblkUringData};
 
 use crate::error::{BlockError, Result};
 use crate::metrics::DeviceMetrics;
-use crate::target::{validate, Extent, Op, Progress, SharedTarget, Source};
+use crate::target::{validate, Extent, Op, Progress, ReadMapping, SharedTarget, Source};
 
 /// How request data moves between the kernel and berth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -739,9 +739,16 @@ async fn move_data(
     let ticket = if write {
         Some(ctx.target.map_write(offset, len, &mut extents)?)
     } else {
-        // Missing chunks are fetched while the queue serves its other requests.
-        wait_progress(ctx.target.start_read(offset, len)).await?;
-        pin = Some(ctx.target.map_read_pinned(offset, len, &mut extents)?);
+        pin = Some(
+            match ctx.target.map_read_or_fetch(offset, len, &mut extents)? {
+                ReadMapping::Mapped(pin) => pin,
+                ReadMapping::Fetching(completion) => {
+                    // Missing chunks are fetched while the queue serves its other requests.
+                    wait_progress(Progress::Pending(completion)).await?;
+                    ctx.target.map_read_pinned(offset, len, &mut extents)?
+                }
+            },
+        );
         None
     };
     let mut at = 0u64;

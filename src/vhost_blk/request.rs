@@ -17,7 +17,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use berth_blockdev::target::{self, Op};
-use berth_blockdev::{BlockError, BlockTarget, Completion, Progress, Source};
+use berth_blockdev::{BlockError, BlockTarget, Completion, Extent, ReadMapping, ReadPin, Source};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -437,15 +437,17 @@ where
             sector.copy_from_slice(&header[8..16]);
             let sector = u64::from_le_bytes(sector);
             if request_type == VIRTIO_BLK_T_IN && matches!(step, Step::First) {
-                match start_read(target, &buffers, sector) {
-                    Ok(Some(completion)) => {
+                match map_or_fetch(target, &buffers, sector) {
+                    Ok(ReadStart::Fetching(completion)) => {
                         return Answered::deferred(Some(request_type), Waiting::Read(completion))
                     }
-                    Ok(None) => serve(target, policy, &buffers, request_type, sector),
+                    Ok(ReadStart::Serve(mapped)) => {
+                        serve(target, policy, &buffers, request_type, sector, mapped)
+                    }
                     Err(failure) => Err(failure),
                 }
             } else {
-                serve(target, policy, &buffers, request_type, sector)
+                serve(target, policy, &buffers, request_type, sector, None)
             }
         }
     };
@@ -504,25 +506,35 @@ impl Answered {
     }
 }
 
-/// Has the target make a READ's data local without blocking: `Some` completion while it
-/// fetches, `None` when the READ can be served now. A READ the device would refuse gets
-/// its error from [`serve`], as any other.
-fn start_read(
+/// A READ's mapping, taken before it is served: its extents and the pin that keeps them.
+type MappedRead = (ReadPin, Vec<Extent>);
+
+/// What a READ's first look at the target found.
+enum ReadStart {
+    /// Serve it now, with its mapping when the target gave one.
+    Serve(Option<MappedRead>),
+    /// The target is fetching its data: serve it once this completes.
+    Fetching(Arc<Completion>),
+}
+
+/// Has the target map a READ whose data is local, or start fetching it without blocking.
+/// A READ the device would refuse gets its error from [`serve`], as any other.
+fn map_or_fetch(
     target: &dyn BlockTarget,
     buffers: &Buffers<'_>,
     sector: u64,
-) -> Result<Option<Arc<Completion>>, Failure> {
+) -> Result<ReadStart, Failure> {
     let room = buffers.writable_len - 1;
     let Ok(offset) = sector_offset(sector) else {
-        return Ok(None);
+        return Ok(ReadStart::Serve(None));
     };
     if room == 0 || target::validate(target.info(), Op::Read, offset, room).is_err() {
-        return Ok(None);
+        return Ok(ReadStart::Serve(None));
     }
-    match target.start_read(offset, room) {
-        Progress::Done(Ok(())) => Ok(None),
-        Progress::Done(Err(err)) => Err(err.into()),
-        Progress::Pending(completion) => Ok(Some(completion)),
+    let mut extents = Vec::new();
+    match target.map_read_or_fetch(offset, room, &mut extents)? {
+        ReadMapping::Mapped(pin) => Ok(ReadStart::Serve(Some((pin, extents)))),
+        ReadMapping::Fetching(completion) => Ok(ReadStart::Fetching(completion)),
     }
 }
 
@@ -534,6 +546,7 @@ fn serve(
     buffers: &Buffers<'_>,
     request_type: u32,
     sector: u64,
+    mapped: Option<MappedRead>,
 ) -> Result<(u64, u64), Failure> {
     let info = target.info();
     // The status byte is the last writable one; what precedes it is room for data.
@@ -544,7 +557,7 @@ fn serve(
             let offset = sector_offset(sector)?;
             target::validate(info, Op::Read, offset, room)?;
             let slices = sub_slices(&buffers.writable, 0, room)?;
-            read_into(target, offset, room, &slices)?;
+            read_into(target, offset, room, &slices, mapped)?;
             Ok((room, room))
         }
         VIRTIO_BLK_T_OUT => {
@@ -589,18 +602,26 @@ fn serve(
     }
 }
 
-/// Reads `[offset, offset + len)` of the target into `slices` (which hold `len` bytes).
+/// Reads `[offset, offset + len)` of the target into `slices` (which hold `len` bytes),
+/// through `mapped` when the READ was mapped at its first look, otherwise mapping it now.
 fn read_into(
     target: &dyn BlockTarget,
     offset: u64,
     len: u64,
     slices: &[GuestSlice<'_>],
+    mapped: Option<MappedRead>,
 ) -> Result<(), Failure> {
     if len == 0 {
         return Ok(());
     }
-    let mut extents = Vec::new();
-    let _pin = target.map_read_pinned(offset, len, &mut extents)?;
+    let (_pin, extents) = match mapped {
+        Some(mapped) => mapped,
+        None => {
+            let mut extents = Vec::new();
+            let pin = target.map_read_pinned(offset, len, &mut extents)?;
+            (pin, extents)
+        }
+    };
     let mut at = 0u64;
     for extent in extents {
         let pieces = sub_slices(slices, at, extent.len)

@@ -35,8 +35,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use berth_blockdev::{
-    BlockError, BlockTarget, Completion, Extent, FetchReply, Progress, ReadPin, Source, TargetInfo,
-    WriteTicket,
+    BlockError, BlockTarget, Completion, Extent, FetchReply, Progress, ReadMapping, ReadPin,
+    Source, TargetInfo, WriteTicket,
 };
 
 use crate::error::{IoContext, Result, VolumeError};
@@ -633,18 +633,14 @@ impl Inner {
                 let mut state = self.lock();
                 self.resolve(&mut state, start, blocks, &mut extents, &mut missing);
                 if missing.is_empty() {
-                    let first = (start / self.region_blocks) as usize;
-                    let last = ((start + blocks.max(1) - 1) / self.region_blocks) as usize;
-                    for r in first..=last.min(state.region_refs.len().saturating_sub(1)) {
-                        state.region_refs[r] = true;
-                    }
+                    self.mark_regions_read(&mut state, start, blocks);
                     drop(state);
                     for e in extents {
                         push_extent(out, e);
                     }
-                    // Hits and misses are counted by `start_read`, which every transport
-                    // calls first; a read counts again only if its blocks went missing
-                    // in between and it had to fetch here.
+                    // Hits and misses are counted by `map_read_or_fetch`, which every
+                    // transport calls first; a read counts again only if its blocks went
+                    // missing in between and it had to fetch here.
                     if missed {
                         self.metrics.read_misses.fetch_add(1, Ordering::Relaxed);
                     }
@@ -657,6 +653,15 @@ impl Inner {
         Err(VolumeError::Failed(format!(
             "blocks around {start} kept being evicted while being read (is --cache-size too small?)"
         )))
+    }
+
+    /// Marks the cache regions a read found its blocks in as recently used (for eviction).
+    fn mark_regions_read(&self, state: &mut State, start: u64, blocks: u64) {
+        let first = (start / self.region_blocks) as usize;
+        let last = ((start + blocks.max(1) - 1) / self.region_blocks) as usize;
+        for r in first..=last.min(state.region_refs.len().saturating_sub(1)) {
+            state.region_refs[r] = true;
+        }
     }
 
     /// Where `[start, start + blocks)` is now: log, cache, zeros; the blocks that are in
@@ -759,6 +764,44 @@ impl Inner {
             self.metrics.read_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Progress::Done(Ok(())));
         }
+        self.fetch_missing(missing).map(Progress::Pending)
+    }
+
+    /// One look at a read: when every block is local its extents go to `out` (valid while
+    /// the returned pin is held), otherwise the missing blocks go to the fetch threads.
+    /// Counts the read as a hit or a miss.
+    fn map_read_or_fetch(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
+    ) -> Result<ReadMapping> {
+        let start = offset / self.block_size;
+        let blocks = len / self.block_size;
+        // Pinned before the blocks are resolved, as in `map_read`.
+        let pin = self.pins.pin();
+        let mut extents = Vec::new();
+        let mut missing: Vec<(u64, u64)> = Vec::new();
+        {
+            let mut state = self.lock();
+            self.resolve(&mut state, start, blocks, &mut extents, &mut missing);
+            if missing.is_empty() {
+                self.mark_regions_read(&mut state, start, blocks);
+                drop(state);
+                self.metrics.read_hits.fetch_add(1, Ordering::Relaxed);
+                for e in extents {
+                    push_extent(out, e);
+                }
+                return Ok(ReadMapping::Mapped(ReadPin::new(pin)));
+            }
+        }
+        drop(pin);
+        self.fetch_missing(missing).map(ReadMapping::Fetching)
+    }
+
+    /// Counts a read miss and hands its missing blocks to the fetch threads; the
+    /// completion finishes once they are local.
+    fn fetch_missing(&self, missing: Vec<(u64, u64)>) -> Result<Arc<Completion>> {
         self.metrics.read_misses.fetch_add(1, Ordering::Relaxed);
         let completion = Completion::new().map_err(|e| VolumeError::Failed(e.to_string()))?;
         let reply = FetchReply::Pending {
@@ -767,7 +810,7 @@ impl Inner {
             gone: || VolumeError::ShuttingDown.into_block(),
         };
         self.send_fetch(missing, reply)?;
-        Ok(Progress::Pending(completion))
+        Ok(completion)
     }
 
     /// Queues a FLUSH; finished by the flusher thread.
@@ -1390,6 +1433,17 @@ impl BlockTarget for Volume {
             Ok(progress) => progress,
             Err(err) => Progress::Done(Err(err.into_block())),
         }
+    }
+
+    fn map_read_or_fetch(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
+    ) -> berth_blockdev::Result<ReadMapping> {
+        self.inner
+            .map_read_or_fetch(offset, len, out)
+            .map_err(VolumeError::into_block)
     }
 
     fn map_write(

@@ -353,3 +353,83 @@ fn gc_deletes_only_packs_nothing_uses() {
         "the snapshot lost its packs to GC"
     );
 }
+
+/// A transport's first look at a read: data in the log or the cache is mapped at once, in
+/// one look (a hit); data only in the bucket is handed to the fetch threads (a miss) and
+/// mapped once its completion finishes, without another fetch.
+#[test]
+fn a_read_is_mapped_at_first_look_when_local_and_fetched_when_only_in_the_bucket() {
+    use berth_blockdev::{BlockTarget, ReadMapping, Source};
+    use std::os::unix::fs::FileExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let location = create(&dir.path().join("bucket"), "vol");
+    let data = pseudo_random(7, 256 << 10);
+    {
+        let (volume, _) = open_volume(&location, lazy_options(&dir.path().join("a"))).unwrap();
+        write_at(&volume, 0, &data, false).unwrap();
+        volume.close().unwrap();
+    }
+    let (volume, _) = open_volume(&location, lazy_options(&dir.path().join("b"))).unwrap();
+    let counts = |v: &Volume| {
+        let m = v.metrics();
+        (
+            m.read_hits.load(Ordering::Relaxed),
+            m.read_misses.load(Ordering::Relaxed),
+        )
+    };
+    let read_mapped = |extents: &[berth_blockdev::Extent]| {
+        let mut got = Vec::new();
+        for extent in extents {
+            let mut piece = vec![0u8; extent.len as usize];
+            match extent.source {
+                Source::Zero => {}
+                Source::File { fd, offset } => {
+                    use std::os::fd::BorrowedFd;
+                    // SAFETY: the volume keeps the descriptor open while its pin is held.
+                    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+                    let file = std::fs::File::from(fd.try_clone_to_owned().unwrap());
+                    file.read_exact_at(&mut piece, offset).unwrap();
+                }
+            }
+            got.extend_from_slice(&piece);
+        }
+        got
+    };
+
+    let (offset, len) = (64 << 10, 64 << 10);
+    let mut extents = Vec::new();
+    let completion = match volume.map_read_or_fetch(offset, len, &mut extents).unwrap() {
+        ReadMapping::Fetching(completion) => completion,
+        ReadMapping::Mapped(_) => panic!("a read of blocks only in the bucket was mapped"),
+    };
+    assert!(extents.is_empty(), "a read being fetched maps nothing");
+    assert_eq!(counts(&volume), (0, 1));
+    completion.wait().unwrap();
+    let pin = match volume.map_read_or_fetch(offset, len, &mut extents).unwrap() {
+        ReadMapping::Mapped(pin) => pin,
+        ReadMapping::Fetching(_) => panic!("fetched blocks were fetched again"),
+    };
+    assert_eq!(
+        read_mapped(&extents),
+        data[offset as usize..(offset + len) as usize],
+        "the mapping holds the bucket's data"
+    );
+    drop(pin);
+    assert_eq!(counts(&volume), (1, 1), "the second look is a hit");
+
+    // Written here: in the log, mapped at the first look.
+    let fresh = pseudo_random(8, 8192);
+    write_at(&volume, 200 << 10, &fresh, false).unwrap();
+    extents.clear();
+    let ReadMapping::Mapped(pin) = volume
+        .map_read_or_fetch(200 << 10, 8192, &mut extents)
+        .unwrap()
+    else {
+        panic!("blocks in the log were not mapped at the first look");
+    };
+    assert_eq!(read_mapped(&extents), fresh);
+    drop(pin);
+    assert_eq!(counts(&volume), (2, 1));
+    volume.close().unwrap();
+}
