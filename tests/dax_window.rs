@@ -449,3 +449,36 @@ fn a_forgotten_file_stays_mapped_until_removed() {
     s.queue.removemapping(node, &[(0, 2 * MIB)]).unwrap();
     assert!(window.mappings().is_empty());
 }
+
+/// A guest with window ranges mapped cannot be migrated: the save is refused (the VMM then
+/// cancels the migration and the guest runs on), saying why; once the guest has unmapped
+/// them the state saves.
+#[test]
+fn a_guest_with_mapped_ranges_is_not_migrated() {
+    if skip_unless_berth() {
+        return;
+    }
+    let mut s = Session::start(&["--dax-window", "64M"]);
+    let node = s.file("data", &pattern(3, 4 * MIB as usize));
+    s.queue
+        .setupmapping(node, NO_HANDLE, 0, 4 * MIB, READ, 2 * MIB)
+        .expect("SETUPMAPPING");
+    let bases = s.device.stop_queues().expect("stop the queues");
+    let refused = s.device.save_device_state();
+    assert!(refused.is_err(), "saved a guest with a mapped range");
+    let log = s.daemon.stderr();
+    assert!(
+        log.contains("the guest has 1 ranges of the DAX window mapped"),
+        "{log}"
+    );
+    // The guest runs on, unmaps, and then it can move.
+    s.device.restart_queue(&s.queue, bases[1]).expect("restart");
+    s.queue
+        .removemapping(node, &[(2 * MIB, 4 * MIB)])
+        .expect("REMOVEMAPPING");
+    s.device.stop_queues().expect("stop the queues");
+    let state = s.device.save_device_state().expect("save after the unmap");
+    assert!(!state.is_empty());
+    s.daemon
+        .assert_alive("after the refused and the accepted save");
+}

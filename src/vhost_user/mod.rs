@@ -181,6 +181,25 @@ pub struct FsBackend {
 }
 
 impl FsBackend {
+    /// A guest with ranges of the DAX window mapped cannot move: the destination's window
+    /// would not have them, and the guest's next load from one would fault in the VMM. The
+    /// save is refused, so the frontend cancels the migration and the guest runs on here.
+    /// (No VMM migrates a device with a DAX window yet: QEMU 11.1's generic vhost-user
+    /// device blocks migration ("non-migratable device"), its vhost-user-fs device has no window.)
+    fn refuse_to_save_dax_mappings(&self) -> io::Result<()> {
+        let live = self.dax.as_ref().map_or(0, |dax| dax.metrics().live_ranges);
+        if live == 0 {
+            return Ok(());
+        }
+        let reason = format!(
+            "Refusing to save the device state: the guest has {live} ranges of the DAX window \
+             mapped, and berth cannot carry DAX mappings to another VMM's window. Unmount the \
+             share (or mount it with dax=never) before migrating this guest."
+        );
+        warn!("{reason}");
+        Err(io::Error::new(io::ErrorKind::Unsupported, reason))
+    }
+
     pub fn new(server: Arc<FsServer>, options: DeviceOptions) -> anyhow::Result<Self> {
         let num_request_queues = usize::from(options.max_request_queues);
         let seccomp = options.seccomp;
@@ -461,6 +480,9 @@ impl VhostUserBackend for FsBackend {
                 io::ErrorKind::Unsupported,
                 "berth transfers its state only with the device stopped",
             ));
+        }
+        if direction == VhostTransferStateDirection::SAVE {
+            self.refuse_to_save_dax_mappings()?;
         }
         self.state.begin(direction, file)?;
         Ok(None)
