@@ -39,6 +39,7 @@ REBOOT_HOST_CHECKS=(reboot-host-sees reboot-new-session reboot-daemon-exit-0)
 BLOCK_GUEST_CHECKS=(block-setup block-zero-copy block-user-copy block-copy block-reg-fallback
 	block-discard-zeroes block-readonly block-seccomp block-recovery block-volume block-volume-sigterm block-power-cut
 	block-lazy-image
+	block-read-overtakes-fetch
 	block-lazy-fetch-ratio)
 BLOCK_HOST_CHECKS=(block-store-exit-0)
 # Debian sid's QEMU: one boot with the share on the generic vhost-user device,
@@ -767,7 +768,7 @@ finish_discards
 if [ "$daemon_kind" = berth ] && any_selected "${BLOCK_GUEST_CHECKS[@]}" "${BLOCK_HOST_CHECKS[@]}"; then
 	prepare_block_guest
 	mkdir -p "$WORK/block-extra"
-	cp "$GUEST_IMAGES_DIR/guest/block.sh" "$WORK/block-extra/"
+	cp "$GUEST_IMAGES_DIR/guest/block.sh" "$GUEST_IMAGES_DIR/guest/slow-http.pl" "$WORK/block-extra/"
 	# For the S3 client of block-volume-sigterm (it will not start without trusted roots).
 	cp /etc/ssl/certs/ca-certificates.crt "$WORK/block-extra/"
 	# Without debug information the binary is a fraction of the size in the initramfs.
@@ -793,6 +794,7 @@ else
 	skip block-power-cut "the guest kernel has no dm-flakey"
 fi
 check block-lazy-image block_lazy_image
+check block-read-overtakes-fetch block_read_overtakes_fetch
 check block-lazy-fetch-ratio block_lazy_fetch_ratio
 [ "$CHECK_FAILURES" = 0 ]
 EOF

@@ -375,6 +375,60 @@ block_lazy_image() {
 	stop_device lazy
 }
 
+# A read waiting for its chunk holds up no other read of its queue: the image's blob comes
+# over HTTP from a server in the guest (slow-http.pl) that, once told to, answers each GET
+# only after 6 s. With one queue, a read of a file whose chunk is not fetched yet waits
+# for the server, and meanwhile a read of a block fetched before comes back at once.
+# Then the slow read returns the file's data.
+block_read_overtakes_fetch() {
+	mountpoint -q /mnt/store || { mkdir -p /mnt/store; mount -t virtiofs store /mnt/store; }
+	ip link set lo up
+	rm -f /tmp/http-slow /tmp/http-slow.seen /tmp/http-ready
+	perl /test/slow-http.pl /mnt/store/img 8400 /tmp/http-slow 6 /tmp/http-ready \
+		2>/tmp/http.log &
+	local server=$!
+	for _ in $(seq 100); do
+		[ -e /tmp/http-ready ] && break
+		sleep 0.1
+	done
+	[ -e /tmp/http-ready ] || { echo "the HTTP server did not start:"; cat /tmp/http.log; return 1; }
+	# The HTTP client wants trusted roots even for plain HTTP (see block_volume_sigterm).
+	SSL_CERT_FILE=/test/ca-certificates.crt start_device overtake /mnt/store/img \
+		--readonly --queues 1 --readahead 0 \
+		--cache-dir /tmp/overtake-cache --backend http://127.0.0.1:8400
+	# The mount fetches the metadata, the superblock's chunk among it.
+	mount -t ext4 -o ro,noload "$DEV_PATH" /mnt/blk
+	dd if="$DEV_PATH" of=/tmp/first.4k bs=4k count=1 iflag=direct status=none
+	touch /tmp/http-slow
+	# 2 MiB into the file: far from the metadata the mount read.
+	dd if=/mnt/blk/big-7 of=/tmp/slow.out bs=64k count=1 skip=32 iflag=direct status=none &
+	local slow=$!
+	for _ in $(seq 100); do
+		[ -e /tmp/http-slow.seen ] && break
+		sleep 0.1
+	done
+	[ -e /tmp/http-slow.seen ] || { echo "the read of big-7 sent no GET"; return 1; }
+	local started ended ms
+	started=$(date +%s%N)
+	dd if="$DEV_PATH" of=/tmp/again.4k bs=4k count=1 iflag=direct status=none
+	ended=$(date +%s%N)
+	ms=$(((ended - started) / 1000000))
+	echo "@@info a read of a fetched block took $ms ms while another waited 6 s for its GET"
+	kill -0 "$slow" 2>/dev/null || { echo "the read waiting for the slow server was done first"; return 1; }
+	[ "$ms" -lt 3000 ] || { echo "the read of a fetched block waited for the fetch"; return 1; }
+	cmp /tmp/first.4k /tmp/again.4k
+	rm -f /tmp/http-slow
+	wait "$slow"
+	# The slow read brought the file's bytes, and the whole file reads back right.
+	dd if=/mnt/blk/big-7 bs=64k count=1 skip=32 status=none | cmp - /tmp/slow.out
+	(cd /mnt/blk && grep ' \./big-7$' /test/tree.sums | sha256sum -c --quiet)
+	umount /mnt/blk
+	stop_device overtake
+	kill "$server"
+	wait "$server" || true
+	rm -rf /tmp/overtake-cache /tmp/first.4k /tmp/again.4k /tmp/slow.out
+}
+
 # Reading 100 MiB of the 4 GiB image fetches at most 110 MiB of it.
 block_lazy_fetch_ratio() {
 	mountpoint -q /mnt/store || { mkdir -p /mnt/store; mount -t virtiofs store /mnt/store; }
