@@ -58,9 +58,20 @@ impl TerminationSignals {
     where
         F: FnOnce(libc::c_int) + Send + 'static,
     {
+        self.spawn_handler_after(|| {}, on_signal)
+    }
+
+    /// [`Self::spawn_handler`], with `setup` run first on the dedicated thread (to prepare
+    /// what `on_signal` needs and confine the thread before it waits).
+    pub fn spawn_handler_after<S, F>(self, setup: S, on_signal: F) -> io::Result<()>
+    where
+        S: FnOnce() + Send + 'static,
+        F: FnOnce(libc::c_int) + Send + 'static,
+    {
         thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
+                setup();
                 if let Some(signal) = self.wait() {
                     on_signal(signal);
                 }

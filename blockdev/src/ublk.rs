@@ -45,6 +45,9 @@ use crate::error::{BlockError, Result};
 use crate::metrics::DeviceMetrics;
 use crate::target::{validate, Extent, Op, Progress, ReadMapping, SharedTarget, Source};
 
+/// Entries of a control ring set up ahead of time (libublk's own default).
+const CONTROL_RING_DEPTH: u32 = 16;
+
 /// How request data moves between the kernel and berth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -203,6 +206,58 @@ pub fn delete_device(id: u32) -> Result<()> {
         source,
     })?;
     Ok(())
+}
+
+/// Stops a running device from another thread of the serving process (the one that waits
+/// for SIGTERM), made ready while that thread may still open files and set up rings, so
+/// that stopping later takes nothing but submissions to a ring it already has: the device's
+/// control handle comes from [`DeviceStopper::open`], on any thread; the stopping thread
+/// calls [`prepare_control_ring`] once, before it confines itself.
+pub struct DeviceStopper {
+    id: u32,
+    ctrl: UblkCtrl,
+}
+
+impl DeviceStopper {
+    /// Opens the control of device `id` (on the calling thread's control ring).
+    pub fn open(id: u32) -> Result<Self> {
+        let ctrl = UblkCtrl::new_simple(id as i32)
+            .map_err(ublk_err(format!("opening the control of ublk device {id}")))?;
+        Ok(DeviceStopper { id, ctrl })
+    }
+
+    /// The device's id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Stops the device (its queues end, its server deletes it), through the calling
+    /// thread's control ring: one [`prepare_control_ring`] set up, or one set up now.
+    pub fn stop(&self) -> Result<()> {
+        // Nothing to do when the ring is there; otherwise the ring is set up now.
+        prepare_control_ring()?;
+        self.ctrl
+            .kill_dev()
+            .map(drop)
+            .map_err(ublk_err(format!("stopping ublk device {}", self.id)))
+    }
+}
+
+/// Sets up the calling thread's ublk control ring (what libublk would set up on the
+/// thread's first control command), so that a thread about to confine itself can later
+/// send control commands with io_uring_enter alone.
+pub fn prepare_control_ring() -> Result<()> {
+    libublk::ctrl::ublk_init_ctrl_task_ring(|ring| {
+        if ring.is_none() {
+            *ring = Some(
+                io_uring::IoUring::<io_uring::squeue::Entry128>::builder()
+                    .build(CONTROL_RING_DEPTH)
+                    .map_err(UblkError::IOError)?,
+            );
+        }
+        Ok(())
+    })
+    .map_err(ublk_err("setting up a ublk control ring"))
 }
 
 /// Ids of the ublk devices that exist.

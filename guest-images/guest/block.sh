@@ -267,11 +267,11 @@ block_volume() {
 }
 
 # Every thread runs under a seccomp filter in kill mode (the default, as in every block
-# check: a call outside the list kills berth, which then does not exit 0) but the one that
-# waits for SIGTERM, which stops the devices through a control ring of its own: the queue
+# check: a call outside the list kills berth, which then does not exit 0): the queue
 # threads under the ublk queue filter and without capabilities, the device's control
-# thread under the ublk control filter, main under the block engine's. The workload
-# touches every request type and the device's shutdown.
+# thread under the ublk control filter, main under the block engine's, the signal thread
+# under the ublk signals filter (it stops the devices through a control ring it set up
+# before). The workload touches every request type; SIGTERM ends it.
 block_seccomp() {
 	truncate -s 64M /tmp/sc.img
 	start_device sc /tmp/sc.img --queues 2 --seccomp kill
@@ -281,7 +281,6 @@ block_seccomp() {
 		# The kernel's io_uring workers (iou-wrk-*, iou-sqp-*) run no code of berth's.
 		case $name in iou-*) continue ;; esac
 		if ! grep -q '^Seccomp:[[:space:]]*2' "$tid/status"; then
-			[ "$name" = signals ] && continue
 			echo "thread $name (${tid##*/}) runs without a seccomp filter"
 			return 1
 		fi
@@ -298,8 +297,18 @@ block_seccomp() {
 	blkdiscard -o 0 -l 1M "$DEV_PATH"
 	blkdiscard -z -o 1M -l 1M "$DEV_PATH"
 	sync "$DEV_PATH"
-	# Exit status 0, not 159 (SIGSYS).
-	stop_device sc
+	# SIGTERM: the signal thread stops the device under its filter. Exit status 0, not
+	# 159 (SIGSYS), and the device is gone.
+	kill -TERM "$DEV_PID"
+	local rc=0
+	wait "$DEV_PID" || rc=$?
+	[ "$rc" = 0 ] || { echo "berth exited with $rc after SIGTERM:"; tail -n 20 /tmp/sc.log; return 1; }
+	grep -q "Received SIGTERM; stopping devices \[$DEV_ID\]" /tmp/sc.log
+	for _ in $(seq 50); do
+		[ -e "$DEV_PATH" ] || break
+		sleep 0.1
+	done
+	[ ! -e "$DEV_PATH" ] || { echo "$DEV_PATH is still there after SIGTERM"; return 1; }
 	rm -f /tmp/sc.img
 }
 

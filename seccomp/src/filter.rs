@@ -121,6 +121,10 @@ pub enum ThreadRole {
     /// through the control ring it set up before (io_uring_enter only, no new ring) and
     /// removes the device's run file.
     UblkControl,
+    /// The signal thread of `berth block add|recover`, once its control ring is set up:
+    /// waits for a termination signal, then stops every device through that ring
+    /// (io_uring_enter only, with control handles opened by the devices' control threads).
+    UblkSignals,
 }
 
 impl ThreadRole {
@@ -145,6 +149,7 @@ impl ThreadRole {
             ThreadRole::VhostBlkQueue => "vhost-user-blk queue",
             ThreadRole::BlockEngine => "block engine",
             ThreadRole::UblkControl => "ublk control",
+            ThreadRole::UblkSignals => "ublk signals",
         }
     }
 }
@@ -365,6 +370,10 @@ const UBLK_CONTROL: &[libc::c_long] = &[
     libc::SYS_unlinkat,
 ];
 
+/// `berth block add`'s signal thread: waiting for SIGTERM/SIGINT/SIGHUP (sigwait), then
+/// submitting the stop of each device to its control ring.
+const UBLK_SIGNALS: &[libc::c_long] = &[libc::SYS_rt_sigtimedwait, libc::SYS_io_uring_enter];
+
 /// A FUSE ring thread's ring: submitting and waiting. Its ring is restricted to FUSE
 /// commands on /dev/fuse and a poll of the stop event (fuse_uring.rs), so the calls io_uring
 /// could otherwise make past this filter are out of its reach.
@@ -509,6 +518,7 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ThreadRole::Supervisor => &[SUPERVISOR],
         ThreadRole::UblkQueue => &[RUNTIME, UBLK_QUEUE],
         ThreadRole::UblkControl => &[RUNTIME, UBLK_CONTROL],
+        ThreadRole::UblkSignals => &[RUNTIME, UBLK_SIGNALS],
         // EVENT_LOOP: its kick and the library's exit event, waited on with epoll.
         ThreadRole::VhostBlkQueue => &[RUNTIME, EVENT_LOOP, VHOST_BLK_QUEUE],
         // Every thread of the process started after it inherits it (main's, the control
@@ -620,7 +630,7 @@ mod tests {
         );
     }
 
-    const ALL_ROLES: [ThreadRole; 17] = [
+    const ALL_ROLES: [ThreadRole; 18] = [
         ThreadRole::FuseRing,
         ThreadRole::VersionsMapper,
         ThreadRole::VhostUserControl,
@@ -638,6 +648,7 @@ mod tests {
         ThreadRole::VhostBlkQueue,
         ThreadRole::BlockEngine,
         ThreadRole::UblkControl,
+        ThreadRole::UblkSignals,
     ];
 
     #[test]
@@ -783,6 +794,31 @@ mod tests {
             );
             let ioctl_rules = rules_for(role, libc::SYS_ioctl).unwrap();
             assert_eq!(ioctl_rules.len(), ioctl_requests(role).len(), "{role:?}");
+        }
+    }
+
+    #[test]
+    fn the_ublk_signal_thread_waits_and_submits_but_opens_nothing_and_sets_up_no_ring() {
+        let signals = allowed_syscalls(ThreadRole::UblkSignals);
+        for nr in [
+            libc::SYS_rt_sigtimedwait,
+            libc::SYS_io_uring_enter,
+            libc::SYS_write,
+        ] {
+            assert!(signals.contains(&nr), "the signal thread lacks {nr}");
+        }
+        for nr in [
+            libc::SYS_io_uring_setup,
+            libc::SYS_io_uring_register,
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_ioctl,
+            libc::SYS_unlink,
+            libc::SYS_execve,
+        ] {
+            assert!(!signals.contains(&nr), "the signal thread allows {nr}");
         }
     }
 

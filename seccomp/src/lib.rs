@@ -23,9 +23,10 @@
 //! ([`drop_thread_capabilities`]) and installs [`ThreadRole::UblkQueue`]; targets open on a
 //! thread under [`ThreadRole::BlockEngine`], which their engines' threads inherit; each
 //! device's control thread installs [`ThreadRole::UblkControl`] once the device runs, and
-//! the main thread [`ThreadRole::BlockEngine`] once every device does. Only the thread that
-//! waits for termination signals stays unfiltered: it stops the devices through a control
-//! ring of its own, which means setting one up. `berth block serve-vhost` (vhost-user-blk) follows the order
+//! the main thread [`ThreadRole::BlockEngine`] once every device does; the thread that waits
+//! for termination signals sets up its control ring first and then installs
+//! [`ThreadRole::UblkSignals`], so it stops the devices with submissions alone. `berth block
+//! serve-vhost` (vhost-user-blk) follows the order
 //! above with one difference: its queue threads are started (by vhost-user-backend) before
 //! the main filter, so each drops every capability and installs
 //! [`ThreadRole::VhostBlkQueue`] on its own, which allows the block ioctls the main filter

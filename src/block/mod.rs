@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use berth_blockdev::ublk::{
-    self, DeviceConfig, QueueThreadSetup, ServeMode, Started, Transport, UblkCounters,
+    self, DeviceConfig, DeviceStopper, QueueThreadSetup, ServeMode, Started, Transport,
+    UblkCounters,
 };
 use berth_blockdev::{
     DeviceMetrics, ImageTarget, OverlayOptions, OverlayTarget, RawOptions, RawTarget, SharedTarget,
@@ -360,26 +361,33 @@ fn serve_devices(
         berth_seccomp::install_filter(ThreadRole::UblkQueue, seccomp).map_err(|e| e.to_string())
     }));
     let engines = Arc::new(Engines::default());
-    let started_ids: Arc<Mutex<Vec<u32>>> = Arc::default();
+    // Each started device's control handle, opened by its control thread: the signal
+    // thread stops them through a control ring of its own set up before it confines itself.
+    let stoppers: Arc<Mutex<Vec<DeviceStopper>>> = Arc::default();
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
-        let started_ids = started_ids.clone();
+        let stoppers = stoppers.clone();
         let stopping = stopping.clone();
-        signals.spawn_handler(move |signal| {
+        let confine_signals = move || match ublk::prepare_control_ring() {
+            Ok(()) => {
+                if let Err(err) = berth_seccomp::install_filter(ThreadRole::UblkSignals, seccomp) {
+                    warn!("The signal thread runs unconfined: {err}.");
+                }
+            }
+            // Left unconfined, it can still set up a ring when it must stop the devices.
+            Err(err) => warn!("The signal thread runs unconfined: {err}."),
+        };
+        signals.spawn_handler_after(confine_signals, move |signal| {
             stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-            let ids = started_ids
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let stoppers = stoppers.lock().unwrap_or_else(|e| e.into_inner());
+            let ids: Vec<u32> = stoppers.iter().map(DeviceStopper::id).collect();
             info!(
                 "Received {}; stopping devices {ids:?}.",
                 signal_name(signal)
             );
-            for id in ids {
-                if let Err(err) =
-                    libublk::ctrl::UblkCtrl::new_simple(id as i32).and_then(|c| c.kill_dev())
-                {
-                    warn!("cannot stop ublk device {id}: {err}");
+            for stopper in stoppers.iter() {
+                if let Err(err) = stopper.stop() {
+                    warn!("Cannot stop ublk device {}: {err}.", stopper.id());
                 }
             }
         })?;
@@ -425,12 +433,24 @@ fn serve_devices(
         };
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Started, String>>();
         let failed_tx = ready_tx.clone();
-        let started_ids = started_ids.clone();
+        let stoppers = stoppers.clone();
         let name_slot = device.clone();
         let thread = std::thread::Builder::new()
             .name("berth-ublk-ctrl".into())
             .spawn(move || {
                 let on_started = move |started: &Started| {
+                    // Opened before this thread's filter forbids opening anything.
+                    match DeviceStopper::open(started.id) {
+                        Ok(stopper) => stoppers
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(stopper),
+                        Err(err) => warn!(
+                            "SIGTERM will not stop ublk device {} (delete it with `berth block \
+                             del`): {err}.",
+                            started.id
+                        ),
+                    }
                     // From here on this thread only waits for the queues and then stops
                     // and deletes the device on the control ring it already has.
                     if let Err(err) =
@@ -443,10 +463,6 @@ fn serve_devices(
                     }
                     *name_slot.name.lock().unwrap_or_else(|e| e.into_inner()) =
                         format!("ublkb{}", started.id);
-                    started_ids
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(started.id);
                     let _ = ready_tx.send(Ok(started.clone()));
                 };
                 ublk::serve(
