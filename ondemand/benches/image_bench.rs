@@ -5,6 +5,15 @@
 //! --backend`; a temporary directory when absent). The raw, limit and cold passes are repeated
 //! `N` times (default 3), interleaved, and reported as medians; ratios are taken against the
 //! best raw backend and limit passes, so that load on the machine never flatters them.
+//!
+//! In a VM with free page reporting (virtio-balloon), the pages `drop_caches` frees go back
+//! to the hypervisor within seconds, and the next pass pays a host fault for every page it
+//! touches again: the limit pass then reads at a fraction of its speed, depending on how long
+//! after the drop it starts, and the lazy passes, which touch more fresh memory per byte
+//! (page cache, cache file, fetch buffers), lose more. So reporting is paused for the run
+//! (`page_reporting_order` set past the largest order, restored at exit) and memory that
+//! was reported before is touched once (up to 4 GiB, half of what is available), unless
+//! `--keep-page-reporting` is given; what was reported during the run is printed.
 
 use std::ffi::CString;
 use std::io::Read;
@@ -158,6 +167,87 @@ fn ratio(passes: &[Pass], against: &[Pass]) -> f64 {
     median(passes.iter().map(|p| p.mib_s).collect()) / best(against)
 }
 
+/// The kernel's free page reporting threshold (pages of this order and above that are free
+/// get reported to the hypervisor), where a balloon driver offers reporting.
+const PAGE_REPORTING_ORDER: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
+/// What the kernel has reported so far, in KiB.
+const PAGE_REPORTING_REPORTED: &str = "/sys/module/page_reporting/parameters/reported_kib";
+/// Past the largest buddy order: no free block is ever large enough to be reported.
+const NO_REPORTING_ORDER: &str = "11";
+
+/// Free page reporting paused for as long as this lives; the old threshold is put back
+/// when it is dropped.
+struct PageReportingPause {
+    previous: String,
+}
+
+impl PageReportingPause {
+    /// Pauses reporting where the kernel has it; `None` (and why, printed) where it cannot.
+    fn start() -> Option<Self> {
+        let previous = std::fs::read_to_string(PAGE_REPORTING_ORDER).ok()?;
+        let previous = previous.trim().to_string();
+        match std::fs::write(PAGE_REPORTING_ORDER, NO_REPORTING_ORDER) {
+            Ok(()) => {
+                println!(
+                    "free page reporting paused for the run (page_reporting_order {previous} -> \
+                     {NO_REPORTING_ORDER}; restored at exit)"
+                );
+                Some(PageReportingPause { previous })
+            }
+            Err(err) => {
+                println!("free page reporting stays on (cannot pause it: {err})");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for PageReportingPause {
+    fn drop(&mut self) {
+        if let Err(err) = std::fs::write(PAGE_REPORTING_ORDER, &self.previous) {
+            eprintln!(
+                "cannot restore page_reporting_order {} ({err}); set it back by hand in {PAGE_REPORTING_ORDER}",
+                self.previous
+            );
+        }
+    }
+}
+
+/// Touches up to 4 GiB (half of what is available) once and frees it, so that free pages
+/// the hypervisor took back before reporting was paused are backed again before the passes.
+fn touch_free_memory() {
+    let available_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("MemAvailable:"))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0);
+    let bytes = (available_kib * 1024 / 2).min(4 << 30) as usize;
+    let started = Instant::now();
+    let mut memory: Vec<u8> = Vec::new();
+    if memory.try_reserve_exact(bytes).is_ok() {
+        memory.resize(bytes, 1);
+    }
+    // Kept from being optimised away: the point is the page faults.
+    let touched = std::hint::black_box(&memory).len();
+    drop(memory);
+    println!(
+        "touched {} MiB of free memory once in {:.1} s",
+        touched >> 20,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// KiB of free memory the kernel has reported to the hypervisor so far (0 without reporting).
+fn reported_kib() -> u64 {
+    std::fs::read_to_string(PAGE_REPORTING_REPORTED)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The median of `passes` against the lesser of the best raw backend and the best
 /// limit pass (the goal's base).
 fn goal_ratio(passes: &[Pass], raw: &[Pass], local: &[Pass]) -> f64 {
@@ -172,13 +262,27 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let mut rounds = 3usize;
+    let mut keep_page_reporting = false;
     let mut positional = Vec::new();
     for arg in std::env::args().skip(1) {
+        if arg == "--keep-page-reporting" {
+            keep_page_reporting = true;
+            continue;
+        }
         match arg.strip_prefix("--rounds=") {
             Some(n) => rounds = n.parse::<usize>().context("--rounds")?.max(1),
             None => positional.push(arg),
         }
     }
+    let reporting_paused = if keep_page_reporting {
+        None
+    } else {
+        PageReportingPause::start()
+    };
+    if reporting_paused.is_some() {
+        touch_free_memory();
+    }
+    let reported_at_start = reported_kib();
     let size_mib: usize = positional
         .first()
         .map(|s| s.parse())
@@ -391,6 +495,10 @@ fn main() -> Result<()> {
     );
     println!(
         "(ratios: median against the best raw backend and limit passes; goal base: the lesser of those two)"
+    );
+    println!(
+        "free memory reported to the hypervisor during the run: {} MiB",
+        reported_kib().saturating_sub(reported_at_start) >> 10
     );
     Ok(())
 }
