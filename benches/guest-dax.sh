@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# DAX against no DAX inside one guest: boots Debian sid's QEMU 11.1 (the generic
-# vhost-user device, the only one that offers a window) once, with one berth
-# serving one directory with --dax-window 1G, and runs fio on the same host
-# file through a `dax=always` mount and a `dax=never` mount of the same share,
-# alternating mount by mount: 4 KiB random read and 1 MiB sequential read, with
-# psync (O_DIRECT: no guest page cache, as with cache=none) and fio's mmap
-# engine (MAP_SHARED, buffered: without DAX the guest's page cache, warmed by a
-# read of the whole file before each job, serves it). The file is in the host's
-# page cache throughout (written just before). Prints IOPS, MiB/s
-# and the DAX/no-DAX ratio per job (medians over the repetitions) and writes
-# the table and raw numbers as JSON.
+# DAX against no DAX, and against virtiofsd, inside one guest: boots Debian sid's
+# QEMU 11.1 once with two virtio-fs devices on the same host directory: berth
+# with --dax-window 1G on the generic vhost-user device (the only one that
+# offers a window), tag `share`, and virtiofsd 1.14 (which has no window) on
+# vhost-user-fs-pci, tag `vfsd`, both with --cache auto and their default
+# confinement. fio runs on the same host file through a berth `dax=always`
+# mount, a berth `dax=never` mount and a virtiofsd mount, alternating mount by
+# mount: 4 KiB random read and 1 MiB sequential read, with psync (O_DIRECT: no
+# guest page cache, as with cache=none) and fio's mmap engine (MAP_SHARED,
+# buffered: without DAX the guest's page cache, warmed by a read of the whole
+# file before each job, serves it). The file is in the host's page cache
+# throughout (written just before). Prints IOPS, MiB/s and the ratios berth
+# DAX/no DAX, berth DAX/virtiofsd and berth no DAX/virtiofsd per job (medians
+# over the repetitions) and writes the table and raw numbers as JSON.
 #
 # Under QEMU TCG the guest's CPU time dominates: the ratios show how much FUSE
 # round trips cost against loads from the window, not absolute speed.
 #
 # Usage: benches/guest-dax.sh [--quick] [--reps N] [--runtime SECONDS] [--json FILE]
-#        (as root; builds berth, fetches sid's QEMU into the guest cache)
+#        (as root; builds berth, installs virtiofsd 1.14.0 and fetches sid's
+#        QEMU into the cache)
 source "$(dirname "${BASH_SOURCE[0]}")/../guest-images/lib.sh"
 
 reps=2 runtime=8 size=256M json=""
@@ -25,7 +29,7 @@ while [ $# -gt 0 ]; do
 	--reps) reps=$2; shift 2 ;;
 	--runtime) runtime=$2; shift 2 ;;
 	--json) json=$2; shift 2 ;;
-	-h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,22p' "$0"; exit 0 ;;
 	*) die "unknown argument $1" ;;
 	esac
 done
@@ -34,16 +38,22 @@ require_root
 
 prepare_guest
 fetch_qemu_sid
+daemon_binary virtiofsd
+VIRTIOFSD=$DAEMON
 daemon_binary berth
 BERTH=$DAEMON
 
 work=$(mktemp -d /tmp/berth-guest-dax.XXXXXX)
-daemon_pid=""
+berth_pid="" virtiofsd_pid=""
+# stop_daemon PID: ends one daemon (if it still runs) and reaps it.
+stop_daemon() {
+	[ -n "$1" ] || return 0
+	kill "$1" 2>/dev/null || true
+	wait "$1" 2>/dev/null || true
+}
 cleanup() {
-	if [ -n "$daemon_pid" ]; then
-		kill "$daemon_pid" 2>/dev/null || true
-		wait "$daemon_pid" 2>/dev/null || true
-	fi
+	stop_daemon "$berth_pid"
+	stop_daemon "$virtiofsd_pid"
 	rm -rf "$work"
 }
 trap cleanup EXIT
@@ -53,8 +63,9 @@ log "writing the $size data file"
 head -c "$size" /dev/urandom >"$work/share/data"
 
 # The guest runs each job on a fresh mount per mode, the modes alternating (and
-# their order swapping every repetition); results collect in the guest's /tmp
-# and go to the share at the end, through a dax=never mount.
+# their order rotating every repetition); results collect in the guest's /tmp
+# and go to the share at the end, through a berth dax=never mount. Modes:
+# always and never (berth, tag share), virtiofsd (tag vfsd).
 cat >"$work/guest.sh" <<EOF
 set -e
 mkdir -p /mnt/share /tmp/out
@@ -63,7 +74,10 @@ dmesg | grep -o 'virtiofs virtio[0-9]*: Cache len: .*' || true
 run_job() { # MODE NAME REP FIO_ARGS...
 	local mode=\$1 name=\$2 rep=\$3
 	shift 3
-	mount -t virtiofs share /mnt/share -o dax=\$mode
+	case \$mode in
+	virtiofsd) mount -t virtiofs vfsd /mnt/share -o dax=never ;;
+	*) mount -t virtiofs share /mnt/share -o dax=\$mode ;;
+	esac
 	# Fill the guest's view first (mappings, or its page cache for buffered
 	# mmap), then measure.
 	cat /mnt/share/data >/dev/null
@@ -73,8 +87,11 @@ run_job() { # MODE NAME REP FIO_ARGS...
 	echo "guest| \$mode \$name rep \$rep done"
 }
 for rep in \$(seq $reps); do
-	order="always never"
-	[ \$((rep % 2)) = 1 ] || order="never always"
+	case \$((rep % 3)) in
+	1) order="always never virtiofsd" ;;
+	2) order="never virtiofsd always" ;;
+	0) order="virtiofsd always never" ;;
+	esac
 	for job in psync-randread-4k psync-read-1m mmap-randread-4k mmap-read-1m; do
 		engine=\${job%%-*} rest=\${job#*-}
 		rw=\${rest%-*} bs=\${rest#*-}
@@ -91,20 +108,34 @@ cp /tmp/out/*.json /mnt/share/out/
 umount /mnt/share
 EOF
 
-log "starting berth with a 1 GiB window"
-"$BERTH" --socket-path "$work/fs.sock" --shared-dir "$work/share" --tag share \
-	--max-request-queues 1 --dax-window 1G >"$work/berth.log" 2>&1 &
-daemon_pid=$!
-for _ in $(seq 100); do
-	[ -S "$work/fs.sock" ] && break
-	sleep 0.1
-done
-[ -S "$work/fs.sock" ] || die "berth did not create its socket: $(cat "$work/berth.log")"
+# wait_socket NAME SOCKET LOG: waits up to 10 s for a daemon's socket.
+wait_socket() {
+	for _ in $(seq 100); do
+		[ -S "$2" ] && return 0
+		sleep 0.1
+	done
+	die "$1 did not create its socket: $(cat "$3")"
+}
+
+log "starting berth with a 1 GiB window and virtiofsd on the same directory"
+# Both with their default confinement (namespace sandbox, seccomp kill).
+"$BERTH" --socket-path "$work/berth.sock" --shared-dir "$work/share" --tag share \
+	--max-request-queues 1 --dax-window 1G --cache auto >"$work/berth.log" 2>&1 &
+berth_pid=$!
+"$VIRTIOFSD" --socket-path "$work/virtiofsd.sock" --shared-dir "$work/share" --cache auto \
+	>"$work/virtiofsd.log" 2>&1 &
+virtiofsd_pid=$!
+wait_socket berth "$work/berth.sock" "$work/berth.log"
+wait_socket virtiofsd "$work/virtiofsd.sock" "$work/virtiofsd.log"
 rc=0
-guest_boot --qemu sid --script "$work/guest.sh" --console "$work/console.log" --timeout 1800 \
-	--fs "share=$work/fs.sock,device=generic" || rc=$?
-wait "$daemon_pid" || true
-daemon_pid=""
+guest_boot --qemu sid --script "$work/guest.sh" --console "$work/console.log" --timeout 2700 \
+	--fs "share=$work/berth.sock,device=generic,queue-size=128" \
+	--fs "vfsd=$work/virtiofsd.sock,queue-size=128" || rc=$?
+# Both end when QEMU disconnects.
+wait "$berth_pid" || true
+berth_pid=""
+wait "$virtiofsd_pid" || true
+virtiofsd_pid=""
 [ "$rc" = 0 ] || die "the guest failed (status $rc); console: $(tail -n 20 "$work/console.log")"
 grep -a 'Cache len: 0x40000000' "$work/console.log" >/dev/null ||
 	die "the guest saw no 1 GiB DAX window; console: $work/console.log"
@@ -123,21 +154,31 @@ for name in sorted(os.listdir(results)):
     rows.setdefault(job, {}).setdefault(mode, []).append(
         {"rep": int(rep), "iops": side["iops"], "bw_bytes": side["bw_bytes"],
          "p99_us": side["clat_ns"]["percentile"].get("99.000000", 0) / 1000})
-print(f"{'job':<20} {'DAX IOPS':>10} {'no-DAX IOPS':>12} {'ratio':>7} {'DAX MiB/s':>10} {'no-DAX MiB/s':>13}")
+def ratio(a, b):
+    return a / b if b else float("nan")
+print(f"{'':<20} {'IOPS':^29} {'MiB/s':^29} {'ratios (IOPS)':^26}")
+print(f"{'job':<20} {'DAX':>9} {'no DAX':>9} {'vfsd':>9} {'DAX':>9} {'no DAX':>9} {'vfsd':>9}"
+      f" {'DAX/noDAX':>9} {'DAX/vfsd':>8} {'noDAX/vfsd':>10}")
 table = []
 for job in ["psync-randread-4k", "psync-read-1m", "mmap-randread-4k", "mmap-read-1m"]:
     modes = rows.get(job, {})
     def med(mode, key):
         values = [r[key] for r in modes.get(mode, [])]
         return statistics.median(values) if values else float("nan")
-    dax, plain = med("always", "iops"), med("never", "iops")
-    ratio = dax / plain if plain else float("nan")
-    print(f"{job:<20} {dax:>10.0f} {plain:>12.0f} {ratio:>6.2f}x {med('always', 'bw_bytes') / 2**20:>10.1f} {med('never', 'bw_bytes') / 2**20:>13.1f}")
-    table.append({"job": job, "dax_iops": dax, "nodax_iops": plain, "ratio": ratio,
-                  "dax_mib_s": med("always", "bw_bytes") / 2**20,
-                  "nodax_mib_s": med("never", "bw_bytes") / 2**20})
+    dax, plain, vfsd = med("always", "iops"), med("never", "iops"), med("virtiofsd", "iops")
+    mib = {mode: med(mode, "bw_bytes") / 2**20 for mode in ("always", "never", "virtiofsd")}
+    row = {"job": job, "dax_iops": dax, "nodax_iops": plain, "ratio": ratio(dax, plain),
+           "dax_mib_s": mib["always"], "nodax_mib_s": mib["never"],
+           "virtiofsd_iops": vfsd, "virtiofsd_mib_s": mib["virtiofsd"],
+           "dax_over_virtiofsd": ratio(dax, vfsd), "nodax_over_virtiofsd": ratio(plain, vfsd)}
+    print(f"{job:<20} {dax:>9.0f} {plain:>9.0f} {vfsd:>9.0f} {mib['always']:>9.1f} {mib['never']:>9.1f}"
+          f" {mib['virtiofsd']:>9.1f} {row['ratio']:>8.2f}x {row['dax_over_virtiofsd']:>7.2f}x"
+          f" {row['nodax_over_virtiofsd']:>9.2f}x")
+    table.append(row)
 with open(out, "w") as f:
     json.dump({"runtime_s": int(runtime), "file_size": size, "repetitions": int(reps),
-               "window_at_exit": window, "table": table, "runs": rows}, f, indent=1)
-print(f"(medians of {reps} run(s) per mode, {runtime} s per job; JSON in {out})")
+               "virtiofsd": "1.14.0", "window_at_exit": window, "table": table, "runs": rows},
+              f, indent=1)
+print(f"(medians of {reps} run(s) per mode, {runtime} s per job; DAX and no DAX are berth's"
+      f" dax=always and dax=never mounts, vfsd virtiofsd's; JSON in {out})")
 EOF

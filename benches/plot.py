@@ -103,20 +103,35 @@ def plot_guest_fio(data, out_dir):
 
 
 def plot_guest_dax(data, out_dir):
-    """DAX against no DAX on one berth, one group of bars per job, the ratio over each."""
+    """berth with DAX against berth without DAX (and virtiofsd, when the file has it), one group
+    of bars per job, the ratios over each."""
     table = data["table"]
-    key = {"DAX": "dax_iops", "no DAX": "nodax_iops"}
-    fig, ax = plt.subplots(figsize=(8, 5))
-    draw_bar_groups(ax, list(key), len(table), lambda i, mode: table[i][key[mode]])
+    key = {"berth DAX": "dax_iops", "berth no DAX": "nodax_iops"}
+    colors = {"berth DAX": COLORS["DAX"], "berth no DAX": COLORS["no DAX"], "virtiofsd": COLORS["virtiofsd"]}
+    with_virtiofsd = all("virtiofsd_iops" in row for row in table)
+    if with_virtiofsd:
+        key["virtiofsd"] = "virtiofsd_iops"
+    fig, ax = plt.subplots(figsize=(9 if with_virtiofsd else 8, 5))
+    draw_bar_groups(ax, list(key), len(table), lambda i, mode: table[i][key[mode]],
+                    color=lambda mode: colors[mode])
     for i, row in enumerate(table):
-        ax.annotate(f"{row['ratio']:.2f}x", (i, max(row["dax_iops"], row["nodax_iops"])),
-                    ha="center", va="bottom", fontsize=7)
+        note = f"{row['ratio']:.2f}x"
+        if with_virtiofsd:
+            note = f"D/nD {note}\nD/v {row['dax_over_virtiofsd']:.2f}x"
+        ax.annotate(note, (i, max(row[k] for k in key.values())), ha="center", va="bottom", fontsize=7)
     ax.set_yscale("log")
+    ax.set_ylim(top=ax.get_ylim()[1] * 3)
     ax.set_xticks(range(len(table)))
     ax.set_xticklabels([row["job"] for row in table], fontsize=7, rotation=30, ha="right")
-    title = (f"fio in a QEMU TCG guest (IOPS, log scale), berth --dax-window 1G, "
-             f"dax=always vs dax=never alternating on one boot,\nmedian of "
-             f"{data['repetitions']}, {data['runtime_s']} s per job; labels: DAX/no DAX")
+    if with_virtiofsd:
+        title = (f"fio in a QEMU TCG guest (IOPS, log scale), berth --dax-window 1G dax=always and "
+                 f"dax=never, virtiofsd {data.get('virtiofsd', '')} (no window),\nalternating on one boot, "
+                 f"median of {data['repetitions']}, {data['runtime_s']} s per job; "
+                 f"labels: DAX/no DAX (D/nD), DAX/virtiofsd (D/v)")
+    else:
+        title = (f"fio in a QEMU TCG guest (IOPS, log scale), berth --dax-window 1G, "
+                 f"dax=always vs dax=never alternating on one boot,\nmedian of "
+                 f"{data['repetitions']}, {data['runtime_s']} s per job; labels: DAX/no DAX")
     save_chart(fig, ax, title, out_dir / "guest-dax.svg")
 
 
