@@ -282,6 +282,16 @@ pub struct VhostUserArgs {
     #[arg(long, value_name = "POLICY", value_parser = parse_dax_policy)]
     pub dax_policy: Option<DaxPolicy>,
 
+    /// Keep the daemon's metrics in this file (Prometheus text format, rewritten atomically):
+    /// FUSE requests by opcode and, with a DAX window, the window's use and VMM round trips.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
+
+    /// How often the metrics file is rewritten.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub metrics_interval: u64,
+
     /// Shared caching for virtio-fs guests (see --shared-cache's own help): the version table
     /// is offered as shared memory region 1 and a guest kernel with berth's shared-versions
     /// patches caches long, comparing versions itself. Unpatched guests keep the --cache
@@ -573,6 +583,8 @@ pub struct VhostUserSettings {
     pub poll_us: u32,
     /// Bytes in the DAX window (0: none).
     pub dax_window: u64,
+    /// `--metrics-file` and how often it is rewritten.
+    pub metrics: Option<(PathBuf, std::time::Duration)>,
     pub shared_cache: crate::shared_cache::SharedCacheArgs,
     pub isolation: IsolationSettings,
     pub fs: Config,
@@ -1058,6 +1070,10 @@ impl VhostUserArgs {
             max_request_queues: self.max_request_queues,
             poll_us: self.poll_us,
             dax_window: self.dax_window,
+            metrics: self
+                .metrics_file
+                .clone()
+                .map(|path| (path, std::time::Duration::from_secs(self.metrics_interval))),
             shared_cache: self.shared_cache.clone(),
             isolation,
             fs,

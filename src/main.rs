@@ -228,6 +228,12 @@ fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> a
             (listener, Some(Arc::new(file)))
         }
     };
+    // So does the metrics file's directory.
+    let metrics = settings
+        .metrics
+        .as_ref()
+        .map(|(path, interval)| metrics_file::MetricsFile::open(path).map(|file| (file, *interval)))
+        .transpose()?;
     // The version table lives outside the shared directory: open it before the sandbox.
     let shared = shared_cache::open_table(
         &settings.shared_cache,
@@ -275,6 +281,7 @@ fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> a
             seccomp: settings.isolation.seccomp,
             dax_window: settings.dax_window,
             versions: shared.as_ref().map(|s| s.table().clone()),
+            metrics,
         },
         listener,
     );

@@ -482,3 +482,53 @@ fn a_guest_with_mapped_ranges_is_not_migrated() {
     s.daemon
         .assert_alive("after the refused and the accepted save");
 }
+
+/// `--metrics-file`: the window's use and the VMM's round trips, and the FUSE requests by
+/// opcode, rewritten while the daemon runs (here every second), from inside its sandbox.
+#[test]
+fn the_metrics_file_shows_the_window_and_the_requests() {
+    if skip_unless_berth() {
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("berth.prom");
+    let file_arg = file.to_str().unwrap().to_owned();
+    let mut s = Session::start(&[
+        "--dax-window",
+        "64M",
+        "--metrics-file",
+        &file_arg,
+        "--metrics-interval",
+        "1",
+    ]);
+    let node = s.file("data", &pattern(5, 4 * MIB as usize));
+    s.queue
+        .setupmapping(node, NO_HANDLE, 0, 4 * MIB, READ, 0)
+        .expect("SETUPMAPPING");
+    let refused = s.queue.setupmapping(node, NO_HANDLE, 0, 4 * MIB, READ, 3);
+    assert!(refused.is_err(), "an unaligned window offset was mapped");
+    let wanted = [
+        "berth_dax_window_bytes 67108864",
+        "berth_dax_mapped_bytes 4194304",
+        "berth_dax_live_ranges 1",
+        "berth_dax_maps_total 1",
+        "berth_dax_refused_total 1",
+        "berth_dax_map_wait_seconds_count 1",
+        "berth_fs_requests_total{opcode=\"SETUPMAPPING\"} 2",
+        "berth_fs_requests_total{opcode=\"LOOKUP\"} 1",
+        "# TYPE berth_dax_map_wait_seconds summary",
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut text = String::new();
+    while std::time::Instant::now() < deadline {
+        text = fs::read_to_string(&file).unwrap_or_default();
+        if wanted.iter().all(|line| text.lines().any(|l| l == *line)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    for line in wanted {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+    }
+    s.daemon.assert_alive("while writing metrics");
+}

@@ -21,6 +21,7 @@
 mod chain;
 mod dax;
 mod dax_watch;
+mod metrics;
 mod queue;
 mod socket;
 mod state;
@@ -60,6 +61,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::cli::MAX_TAG_LEN;
+use crate::metrics_file::{MetricsFile, MetricsWriter};
 use crate::pool::WorkerPool;
 use crate::vring_events::{handle_queue_event, QueueConfinement, QueueThreads};
 use berth_seccomp::{SeccompAction, ThreadRole};
@@ -143,6 +145,8 @@ pub struct DeviceOptions {
     /// The shared version table offered to the guest as shared memory region 1
     /// (`--shared-cache`).
     pub versions: Option<Arc<berth_versions::VersionTable>>,
+    /// `--metrics-file` (opened before the sandbox) and how often it is rewritten.
+    pub metrics: Option<(MetricsFile, Duration)>,
 }
 
 /// berth's vhost-user-fs backend.
@@ -602,11 +606,23 @@ impl QueueThreads for FsBackend {
 /// Serves one frontend connection on `listener` until it disconnects.
 pub fn serve(
     server: Arc<FsServer>,
-    options: DeviceOptions,
+    mut options: DeviceOptions,
     mut listener: Listener,
 ) -> anyhow::Result<()> {
     let queues = options.max_request_queues;
+    let metrics = options.metrics.take();
     let backend = Arc::new(FsBackend::new(server, options)?);
+    // Started here, under the main thread's filter, which allows what the writer does
+    // (openat and renameat2 relative to the file's directory).
+    let metrics_writer = match metrics {
+        Some((file, interval)) => {
+            let backend = backend.clone();
+            Some(MetricsWriter::start(file, interval, move || {
+                metrics::render(&backend.server, backend.dax.as_deref())
+            })?)
+        }
+        None => None,
+    };
     let mut daemon = VhostUserDaemon::new(
         CONTROL_THREAD_NAME.to_owned(),
         backend.clone(),
@@ -626,6 +642,8 @@ pub fn serve(
     info!("The frontend connected; serving requests.");
 
     let result = daemon.wait();
+    // Its last write counts every request.
+    drop(metrics_writer);
     info!("FUSE requests served: {}.", backend.server.request_counts());
     if let Some(dax) = &backend.dax {
         info!("DAX window at exit: {}.", dax.metrics());
@@ -676,6 +694,7 @@ mod tests {
                 seccomp: SeccompAction::None,
                 dax_window,
                 versions: None,
+                metrics: None,
             },
         )
         .unwrap()
@@ -735,6 +754,7 @@ mod tests {
                 seccomp: SeccompAction::None,
                 dax_window: 3 << 20,
                 versions: None,
+                metrics: None,
             },
         );
         assert!(bad.is_err());

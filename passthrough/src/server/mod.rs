@@ -272,25 +272,34 @@ impl FsServer {
     /// Requests served so far, as `total=N NAME=count…` over the opcodes seen (by number,
     /// `opN=count`, where berth has no name for one; `other=count` past the table).
     pub fn request_counts(&self) -> String {
-        let mut total = 0;
-        let mut parts = Vec::new();
+        let counts = self.requests_by_opcode();
+        let total: u64 = counts.iter().map(|(_, n)| n).sum();
+        let parts: Vec<String> = counts
+            .iter()
+            .map(|(name, n)| format!("{name}={n}"))
+            .collect();
+        format!("total={total} {}", parts.join(" "))
+    }
+
+    /// Requests served so far per opcode (its name, `opN` for one berth has no name for,
+    /// `other` past the table), leaving out those never seen.
+    pub fn requests_by_opcode(&self) -> Vec<(String, u64)> {
+        let mut counts = Vec::new();
         for (op, count) in self.served.iter().enumerate() {
             let n = count.load(Ordering::Relaxed);
             if n == 0 {
                 continue;
             }
-            total += n;
             match u32::try_from(op).ok().and_then(opcode::name) {
-                Some(name) => parts.push(format!("{name}={n}")),
-                None => parts.push(format!("op{op}={n}")),
+                Some(name) => counts.push((name.to_string(), n)),
+                None => counts.push((format!("op{op}"), n)),
             }
         }
         let other = self.served_other.load(Ordering::Relaxed);
         if other > 0 {
-            total += other;
-            parts.push(format!("other={other}"));
+            counts.push(("other".to_string(), other));
         }
-        format!("total={total} {}", parts.join(" "))
+        counts
     }
 
     /// Tells the filesystem that the reply to the request this thread served last has reached
