@@ -222,7 +222,7 @@ impl FsBackend {
             None
         };
         let confinement = QueueConfinement::new(num_request_queues + 1, num_request_queues + 1)?;
-        let state = state::StateTransfer::start(server.clone(), seccomp)?;
+        let state = state::StateTransfer::start(server.clone(), seccomp, num_request_queues + 1)?;
         let versions = match options.versions {
             Some(table) => {
                 let region = VersionsRegion::start(table, seccomp)?;
