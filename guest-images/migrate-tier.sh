@@ -8,8 +8,10 @@
 # fio writes and verifies (guest/migrate.sh).
 #
 # One boot per --migration-mode:
-#   find-paths   A -> B, with a POSIX and a flock lock held in the guest (berth): the
-#                host sees both held by B, the guest unlocks and locks again;
+#   find-paths   A -> B, with a POSIX and a flock lock held in the guest (berth) and a
+#                guest process waiting for each: the host sees both held by B, the
+#                holders let go, the waiters get the locks from B (their requests moved
+#                with the guest), the guest locks again;
 #                rename one held file and delete another on the host;
 #                B -> X refused (--migration-on-error abort: the guest stays on B
 #                and keeps working); the guest lets go of the deleted file;

@@ -630,7 +630,10 @@ fn serve_entry(entry: &mut RingEntry, scratch: &mut [u8], server: &FsServer, qid
             }
             entry.write_u32(PAYLOAD_SZ_OFFSET, body as u32);
         }
-        Served::Replied(_) | Served::NoReply => error_reply(entry, unique, libc::EIO),
+        // Only a virtqueue request is ever parked.
+        Served::Replied(_) | Served::NoReply | Served::Parked => {
+            error_reply(entry, unique, libc::EIO)
+        }
         Served::Dropped(why) => {
             warn!(queue = qid, "Dropping a FUSE request: {why}.");
             error_reply(entry, unique, libc::EIO);

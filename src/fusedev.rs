@@ -728,7 +728,8 @@ fn run_worker(
                 }
                 Err(e) => warn!(worker = index, "Cannot send a FUSE reply: {e}."),
             },
-            Served::NoReply => {}
+            // Only a virtqueue request is ever parked.
+            Served::NoReply | Served::Parked => {}
             Served::Dropped(why) => {
                 warn!(worker = index, "Dropping a FUSE request: {why}.")
             }

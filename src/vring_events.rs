@@ -103,6 +103,8 @@ pub(crate) trait QueueThreads {
     fn confinement(&self) -> &QueueConfinement;
     /// Runs once on each queue thread, from its start-up event.
     fn confine_this_queue_thread(&self, thread: usize);
+    /// Shows the device the vrings of `thread`, on every event of that thread.
+    fn saw_vrings(&self, _thread: usize, _vrings: &[Self::Vring]) {}
     /// Serves what the guest made available on `queue`.
     fn serve_queue(&self, queue: usize, vring: &Self::Vring);
 }
@@ -124,6 +126,7 @@ pub(crate) fn handle_queue_event<D: QueueThreads>(
         );
         return Ok(());
     }
+    device.saw_vrings(thread_id, vrings);
     if device_event == device.confinement().event_id() {
         device.confine_this_queue_thread(thread_id);
         return Ok(());

@@ -552,3 +552,370 @@ fn locks_are_taken_again_once_the_source_lets_go() {
     );
     dest.assert_alive("after the migration");
 }
+
+/// FUSE_SETLKW of `owner` on `fh`, published and kicked without waiting for the reply.
+fn submit_setlkw(
+    queue: &mut FsQueue,
+    nodeid: u64,
+    fh: u64,
+    owner: u64,
+    (kind, start, end): (libc::c_int, u64, u64),
+    flock: bool,
+) -> berth_frontend::Ticket {
+    use berth_frontend::fuse::{opcode, FileLock, LkIn};
+    use vm_memory::ByteValued;
+    let lk = LkIn {
+        fh,
+        owner,
+        lk: FileLock {
+            start,
+            end,
+            type_: kind as u32,
+            pid: 0,
+        },
+        lk_flags: u32::from(flock),
+        padding: 0,
+    };
+    let ticket = queue
+        .submit(&berth_frontend::Request {
+            opcode: opcode::SETLKW,
+            nodeid,
+            args: &[lk.as_slice()],
+            payload: &[],
+            reply_capacity: Some(0),
+        })
+        .expect("submit SETLKW");
+    queue.notify().expect("kick");
+    ticket
+}
+
+/// The source of a waiting lock request: owner 7 (A) holds a write lock on bytes 0..=99 of
+/// hello.txt, or an exclusive flock lock through its handle, and owner 8 (B) waits in SETLKW
+/// for the same through another handle when the queues stop and the state is saved.
+struct WaitingSource {
+    fixture: Fixture,
+    source: Daemon,
+    device: VhostUserFs,
+    hiprio: FsQueue,
+    queue: FsQueue,
+    bases: Vec<u32>,
+    state: Vec<u8>,
+    nodeid: u64,
+    fh_a: u64,
+    ticket: berth_frontend::Ticket,
+}
+
+const WAIT_FLAGS: [&str; 4] = ["--posix-lock", "--flock", "--thread-pool-size", "4"];
+
+fn waiting_source(flock: bool) -> WaitingSource {
+    let fixture = Fixture::new();
+    let source_socket = socket(&fixture, "source.sock");
+    let mut source = Daemon::spawn_with(
+        [
+            OsString::from("--socket-path"),
+            source_socket.clone().into(),
+            "--shared-dir".into(),
+            fixture.shared.clone().into(),
+        ]
+        .into_iter()
+        .chain(WAIT_FLAGS.iter().map(OsString::from)),
+        |command| {
+            command.env("RUST_LOG", "info");
+        },
+    );
+    source.wait_for_socket(&source_socket);
+    let mut device = connect(&mut source, &source_socket, 1);
+    let hiprio = device.take_queue(0).expect("hiprio queue");
+    let mut queue = init_first_queue(&mut device);
+    let hello = queue.lookup(ROOT_ID, b"hello.txt\0").expect("LOOKUP hello");
+    let fh_a = queue
+        .open(hello.nodeid, libc::O_RDWR as u32)
+        .expect("OPEN for A")
+        .fh;
+    let fh_b = queue
+        .open(hello.nodeid, libc::O_RDWR as u32)
+        .expect("OPEN for B")
+        .fh;
+    setlk(
+        &mut queue,
+        hello.nodeid,
+        fh_a,
+        7,
+        (libc::F_WRLCK, 0, 99),
+        flock,
+    )
+    .expect("A's lock");
+    let ticket = submit_setlkw(
+        &mut queue,
+        hello.nodeid,
+        fh_b,
+        8,
+        (libc::F_WRLCK, 0, 99),
+        flock,
+    );
+    // Time for B's request to be taken off the ring and wait on the source.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let bases = device.stop_queues().expect("stop the queues");
+    let state = device
+        .save_device_state()
+        .unwrap_or_else(|e| panic!("save: {e}\n{}", source.stderr()));
+    WaitingSource {
+        fixture,
+        source,
+        device,
+        hiprio,
+        queue,
+        bases,
+        state,
+        nodeid: hello.nodeid,
+        fh_a,
+        ticket,
+    }
+}
+
+fn dest_daemon(fixture: &Fixture, name: &str) -> (Daemon, PathBuf) {
+    let dest_socket = socket(fixture, name);
+    let mut dest = Daemon::spawn_with(
+        [
+            OsString::from("--socket-path"),
+            dest_socket.clone().into(),
+            "--shared-dir".into(),
+            fixture.shared.clone().into(),
+        ]
+        .into_iter()
+        .chain(WAIT_FLAGS.iter().map(OsString::from)),
+        |command| {
+            command.env("RUST_LOG", "info");
+        },
+    );
+    dest.wait_for_socket(&dest_socket);
+    (dest, dest_socket)
+}
+
+fn a_waiting_lock_request_is_answered_by_the_destination(flock: bool) {
+    let WaitingSource {
+        fixture,
+        source,
+        device,
+        hiprio,
+        mut queue,
+        bases,
+        state,
+        nodeid,
+        fh_a,
+        ticket,
+    } = waiting_source(flock);
+    let file = fixture.shared.join("hello.txt");
+    assert_eq!(
+        u32::from_le_bytes([state[8], state[9], state[10], state[11]]),
+        3,
+        "a waiting request is carried in format 3"
+    );
+    assert!(
+        source.stderr().contains("are waiting for their lock"),
+        "the source parked B's wait:\n{}",
+        source.stderr()
+    );
+
+    // The destination shares the guest's memory, loads the state and starts the queues where
+    // the source stopped them, while the source still holds its host copies of A's lock.
+    let (mut dest, dest_socket) = dest_daemon(&fixture, "dest.sock");
+    let mut dest_device = berth_frontend::VhostUserFs::connect_migrated(
+        &dest_socket,
+        test_config(1),
+        device.ram().clone(),
+        STARTUP_TIMEOUT,
+    )
+    .expect("connect to the destination");
+    dest_device
+        .load_device_state(&state)
+        .unwrap_or_else(|e| panic!("load: {e}\n{}", dest.stderr()));
+    dest_device
+        .restart_queue(&hiprio, bases[0])
+        .expect("start hiprio");
+    dest_device
+        .restart_queue(&queue, bases[1])
+        .expect("start queue 1");
+    drop(device);
+    drop(source);
+
+    // A's lock is taken again once the source is gone; B still waits behind it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !dest.stderr().contains("Took the guest's") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the destination did not take A's lock again:\n{}",
+            dest.stderr()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        !dest.stderr().contains("Answered a lock request"),
+        "B was answered while A holds the lock:\n{}",
+        dest.stderr()
+    );
+
+    // A lets go through the destination: B's request is answered in its own chain.
+    setlk(&mut queue, nodeid, fh_a, 7, (libc::F_UNLCK, 0, 99), flock).expect("A unlocks");
+    let done = queue
+        .wait_for(ticket)
+        .unwrap_or_else(|e| panic!("B's reply: {e}\n{}", dest.stderr()));
+    assert_eq!(done.unique, ticket.unique);
+    let header = done.header.expect("a reply header");
+    assert_eq!(header.error, 0, "B is granted the lock");
+    assert_eq!(header.unique, ticket.unique);
+    assert_eq!(done.used_len, 16);
+    // The host sees B's lock, held by the destination.
+    if flock {
+        assert!(host_flock_refused(&file), "B's flock lock is held");
+    } else {
+        assert_eq!(host_lock_in_the_way(&file, 50, 1), libc::F_WRLCK);
+    }
+    assert!(
+        dest.stderr().contains("Answered a lock request"),
+        "{}",
+        dest.stderr()
+    );
+    dest.assert_alive("after answering the migrated request");
+}
+
+#[test]
+fn a_waiting_posix_lock_request_moves_to_the_destination() {
+    if !testing_berth() {
+        skip_by_design("berth's own state format");
+        return;
+    }
+    a_waiting_lock_request_is_answered_by_the_destination(false);
+}
+
+#[test]
+fn a_waiting_flock_request_moves_to_the_destination() {
+    if !testing_berth() {
+        skip_by_design("berth's own state format");
+        return;
+    }
+    a_waiting_lock_request_is_answered_by_the_destination(true);
+}
+
+#[test]
+fn a_waiting_request_with_a_head_out_of_range_is_refused() {
+    if !testing_berth() {
+        skip_by_design("berth's own state format");
+        return;
+    }
+    let source = waiting_source(false);
+    let mut state = source.state.clone();
+    drop(source.device);
+    // The waiting request is the stream's last record: queue, head, queue size, ...
+    const RECORD: usize = 84;
+    const HEADER: usize = 28;
+    let head_at = state.len() - RECORD + 4;
+    assert_eq!(
+        u32::from_le_bytes(state[head_at - 4..head_at].try_into().unwrap()),
+        1,
+        "the record names queue 1"
+    );
+    state[head_at..head_at + 4].copy_from_slice(&64u32.to_le_bytes());
+    let crc = crc32c::crc32c(&state[HEADER..]);
+    state[24..28].copy_from_slice(&crc.to_le_bytes());
+    let (mut dest, dest_socket) = dest_daemon(&source.fixture, "dest.sock");
+    let mut dest_device = connect(&mut dest, &dest_socket, 1);
+    assert!(dest_device.load_device_state(&state).is_err());
+    let log = dest.stderr();
+    assert!(
+        log.contains("head index out of range"),
+        "the refusal says why:\n{log}"
+    );
+    dest.assert_alive("after refusing the stream");
+}
+
+#[test]
+fn a_waiting_lock_request_is_answered_after_a_pause() {
+    if !testing_berth() {
+        skip_by_design("berth's host-side locks (--posix-lock)");
+        return;
+    }
+    // A paused VM (or a failed migration): the queues stop while B waits and start again
+    // where they stopped, on the same daemon; B's wait resumes and is answered there.
+    let WaitingSource {
+        fixture,
+        mut source,
+        mut device,
+        hiprio,
+        mut queue,
+        bases,
+        nodeid,
+        fh_a,
+        ticket,
+        ..
+    } = waiting_source(false);
+    let file = fixture.shared.join("hello.txt");
+    device
+        .restart_queue(&hiprio, bases[0])
+        .expect("start hiprio");
+    device
+        .restart_queue(&queue, bases[1])
+        .expect("start queue 1");
+    setlk(&mut queue, nodeid, fh_a, 7, (libc::F_UNLCK, 0, 99), false).expect("A unlocks");
+    let done = queue
+        .wait_for(ticket)
+        .unwrap_or_else(|e| panic!("B's reply: {e}\n{}", source.stderr()));
+    let header = done.header.expect("a reply header");
+    assert_eq!((header.error, header.unique), (0, ticket.unique));
+    assert_eq!(host_lock_in_the_way(&file, 50, 1), libc::F_WRLCK);
+    let log = source.stderr();
+    assert!(
+        !log.contains("were still being served"),
+        "the stop did not wait for B:\n{log}"
+    );
+    source.assert_alive("after the pause");
+}
+
+#[test]
+fn a_new_fuse_session_drops_a_resumed_lock_request() {
+    if !testing_berth() {
+        skip_by_design("berth's host-side locks (--posix-lock)");
+        return;
+    }
+    let WaitingSource {
+        fixture,
+        source,
+        device,
+        hiprio,
+        mut queue,
+        bases,
+        state,
+        ticket,
+        ..
+    } = waiting_source(false);
+    let (mut dest, dest_socket) = dest_daemon(&fixture, "dest.sock");
+    let mut dest_device = berth_frontend::VhostUserFs::connect_migrated(
+        &dest_socket,
+        test_config(1),
+        device.ram().clone(),
+        STARTUP_TIMEOUT,
+    )
+    .expect("connect to the destination");
+    dest_device.load_device_state(&state).expect("load");
+    dest_device
+        .restart_queue(&hiprio, bases[0])
+        .expect("start hiprio");
+    dest_device
+        .restart_queue(&queue, bases[1])
+        .expect("start queue 1");
+    // The guest starts a new FUSE session (a reboot that skipped the device reset): what
+    // the old one waited for is nobody's any more.
+    queue.init_default().expect("FUSE_INIT");
+    drop(device);
+    drop(source);
+    // The lock is free once the source is gone; B's chain must stay unanswered.
+    queue.set_timeout(std::time::Duration::from_secs(2));
+    assert!(
+        queue.wait_for(ticket).is_err(),
+        "a request of the old session was answered:\n{}",
+        dest.stderr()
+    );
+    assert!(!dest.stderr().contains("Answered a lock request"));
+    dest.assert_alive("after the new session");
+}

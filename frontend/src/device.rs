@@ -121,6 +121,44 @@ impl VhostUserFs {
 
     /// Sets the device up over an already connected socket.
     pub fn from_stream(stream: UnixStream, config: DeviceConfig) -> Result<Self, Error> {
+        Self::set_up(stream, config, None)
+    }
+
+    /// Connects to a migration destination backend on `path` as a VMM does once the guest's
+    /// memory has moved: the same guest RAM as the source's device (`ram`), and no queue set
+    /// up yet. Load the state, then start each queue the guest had where the source stopped
+    /// it with [`VhostUserFs::restart_queue`]; the source's queue objects go on working with
+    /// this backend.
+    pub fn connect_migrated(
+        path: impl AsRef<Path>,
+        config: DeviceConfig,
+        ram: Arc<GuestRam>,
+        connect_timeout: Duration,
+    ) -> Result<Self, Error> {
+        let path = path.as_ref();
+        let deadline = Instant::now() + connect_timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(stream) => break stream,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(err) => {
+                    return Err(Error::Connect {
+                        path: path.display().to_string(),
+                        source: err,
+                    })
+                }
+            }
+        };
+        Self::set_up(stream, config, Some(ram))
+    }
+
+    fn set_up(
+        stream: UnixStream,
+        config: DeviceConfig,
+        migrated_ram: Option<Arc<GuestRam>>,
+    ) -> Result<Self, Error> {
         stream
             .set_read_timeout(Some(config.socket_timeout))
             .and_then(|_| stream.set_write_timeout(Some(config.socket_timeout)))
@@ -134,7 +172,11 @@ impl VhostUserFs {
                 config.memory_size
             )));
         }
-        let ram = Arc::new(GuestRam::new(config.memory_size)?);
+        let migrated = migrated_ram.is_some();
+        let ram = match migrated_ram {
+            Some(ram) => ram,
+            None => Arc::new(GuestRam::new(config.memory_size)?),
+        };
         let mut frontend = Frontend::from_stream(stream, total_queues);
         let negotiated = negotiate(&mut frontend, total_queues, config.event_idx)?;
         let acked = negotiated.acked_protocol_features;
@@ -176,6 +218,11 @@ impl VhostUserFs {
 
         let mut queues = Vec::new();
         for index in 0..=config.request_queues {
+            if migrated {
+                // The guest's queues come from the source, started by the caller.
+                queues.push(None);
+                continue;
+            }
             let mut queue = FsQueue::new(ram.clone(), index, config.queue)?;
             queue.virtqueue().set_event_idx(negotiated.event_idx);
             start_vring(&mut frontend, &queue)?;

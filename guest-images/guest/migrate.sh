@@ -63,7 +63,9 @@ mig_setup() {
 
 # Locks that move with the guest (berth with --posix-lock --flock): a POSIX write lock on
 # bytes 0..99 of mig-locked.txt and an exclusive flock lock on mig-flocked.txt, each held
-# by a process of the script's shell until /tmp/ml-go or /tmp/mf-go exists.
+# by a process of the script's shell until /tmp/ml-go or /tmp/mf-go exists; and a process
+# waiting for each of them (F_SETLKW on the same range, flock -x), still waiting when the
+# guest moves: its request moves with it and is answered by the destination.
 mig_lock_setup() {
 	: >"$MIG/mig-locked.txt"
 	: >"$MIG/mig-flocked.txt"
@@ -73,6 +75,16 @@ mig_lock_setup() {
 	MIG_FLOCK_HOLDER=$!
 	wait_for_file /tmp/ml-ready 30 && wait_for_file /tmp/mf-ready 30 ||
 		echo "@@detail the lock holders did not start"
+	(
+		rc=0
+		perl /test/posix-lock.pl wait "$MIG/mig-locked.txt" w 0 100 600 2>/tmp/mlw.err || rc=$?
+		echo "$rc" >/tmp/mlw.rc
+	) &
+	MIG_POSIX_WAITER=$!
+	flock -x "$MIG/mig-flocked.txt" -c 'touch /tmp/mfw-got' &
+	MIG_FLOCK_WAITER=$!
+	# Time for both requests to reach the daemon and wait there.
+	sleep 1
 }
 
 # After a hop: the host sees both locks held (it probes when mig/locks-probe appears and
@@ -92,9 +104,14 @@ mig_locks_kept() {
 		echo "another guest process got a shared flock while the exclusive one is held"
 		return 1
 	fi
+	if [ -e /tmp/mlw.rc ] || [ -e /tmp/mfw-got ]; then
+		echo "a waiter stopped waiting while the locks are held: posix $(cat /tmp/mlw.rc 2>/dev/null) $(cat /tmp/mlw.err 2>/dev/null), flock $([ -e /tmp/mfw-got ] && echo granted)"
+		return 1
+	fi
 	touch /tmp/ml-go /tmp/mf-go
 	local pid waited
-	for pid in "$MIG_POSIX_HOLDER" "$MIG_FLOCK_HOLDER"; do
+	# The waiters get the locks once the holders let go, then exit (letting go too).
+	for pid in "$MIG_POSIX_HOLDER" "$MIG_FLOCK_HOLDER" "$MIG_POSIX_WAITER" "$MIG_FLOCK_WAITER"; do
 		waited=0
 		while kill -0 "$pid" 2>/dev/null; do
 			waited=$((waited + 1))
@@ -105,6 +122,14 @@ mig_locks_kept() {
 			sleep 0.02
 		done
 	done
+	if [ "$(cat /tmp/mlw.rc 2>/dev/null)" != 0 ]; then
+		echo "the F_SETLKW that waited across the hop: exit $(cat /tmp/mlw.rc 2>/dev/null) $(cat /tmp/mlw.err 2>/dev/null)"
+		return 1
+	fi
+	if [ ! -e /tmp/mfw-got ]; then
+		echo "the flock -x that waited across the hop was not granted"
+		return 1
+	fi
 	posix_lock_try "$MIG/mig-locked.txt" w 0 100 granted
 	flock -n -x "$MIG/mig-flocked.txt" true
 	posix_lock_try "$MIG/mig-locked.txt" r 0 0 granted

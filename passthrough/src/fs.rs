@@ -35,6 +35,7 @@ use crate::handle_table::{HandleTable, OwnedBy};
 use crate::host_file::HostFile;
 use crate::inode_store::{InodeData, InodeFile, InodeKey, InodeStore};
 use crate::lock_state::LockRestore;
+use crate::lock_wait::{install_wake_handler, LockWaits, WaitOutcome, WaitingLock};
 use crate::server::{
     init_flags, SecContext, SETXATTR_ACL_KILL_SGID, XATTR_LIST_MAX, XATTR_SIZE_MAX,
 };
@@ -100,6 +101,8 @@ pub struct PassthroughFs {
     pub(crate) lock_files: Mutex<HashMap<(u64, u64), Arc<File>>>,
     /// Locks a live migration brought that are still being taken again, or were lost.
     pub(crate) lock_restore: LockRestore,
+    /// SETLKW requests waiting on the host, and those parked when their queue stopped.
+    pub(crate) lock_waits: LockWaits,
     pub(crate) proc_self_fd: OwnedFd,
     /// This process's /proc/self/fdinfo, if reachable: where migration reads the held locks.
     pub(crate) proc_self_fdinfo: Option<OwnedFd>,
@@ -146,6 +149,9 @@ thread_local! {
 impl PassthroughFs {
     /// Opens the shared directory named in `cfg`.
     pub fn new(mut cfg: Config) -> Result<Self, Error> {
+        if cfg.posix_lock || cfg.flock {
+            install_wake_handler();
+        }
         // ACLs, security labels and renamed names are extended attributes.
         cfg.xattr |=
             cfg.posix_acl.wanted() || cfg.security_label.wanted() || cfg.xattrmap.is_some();
@@ -243,6 +249,7 @@ impl PassthroughFs {
             mount_fds,
             lock_files: Mutex::new(HashMap::new()),
             lock_restore: LockRestore::default(),
+            lock_waits: LockWaits::default(),
             proc_self_fd,
             proc_self_fdinfo,
             file_handles,
@@ -287,6 +294,7 @@ impl PassthroughFs {
     /// root, and what FUSE_INIT negotiated. For FUSE_DESTROY, a device reset, and a guest
     /// that starts a new session without ending the last.
     pub(crate) fn reset(&self) {
+        self.lock_waits.end_session();
         self.handles.clear();
         self.lock_restore.clear();
         if let Ok(mut locks) = self.lock_files.lock() {
@@ -1158,6 +1166,26 @@ impl PassthroughFs {
         flags: u32,
     ) -> io::Result<()> {
         self.do_setlk(inode, handle, owner, lock, flags, true)
+    }
+
+    /// Answers SETLKW from a virtqueue: as [`setlk_wait`](Self::setlk_wait), but a wait that
+    /// is still blocked when the request's queue stops is parked (see [`crate::lock_wait`]).
+    /// `resumed`: the request was parked and is taken up again now.
+    pub(crate) fn setlk_wait_parkable(&self, request: WaitingLock, resumed: bool) -> WaitOutcome {
+        let lock = FileLock {
+            start: request.start,
+            end: request.end,
+            lock_type: request.lock_type,
+            pid: request.pid,
+        };
+        let (inode, fh, owner, flags) =
+            (request.nodeid, request.fh, request.owner, request.lk_flags);
+        self.lock_waits.wait(
+            request,
+            resumed,
+            || self.do_setlk(inode, fh, owner, lock, flags, false),
+            || self.do_setlk(inode, fh, owner, lock, flags, true),
+        )
     }
 
     /// Answers TMPFILE: an unnamed file in `parent`, open for I/O, labelled with `secctx`.

@@ -19,6 +19,7 @@ mod handle_table;
 mod host_file;
 mod inode_store;
 mod lock_state;
+mod lock_wait;
 mod migration;
 pub mod server;
 mod util;
@@ -32,6 +33,7 @@ pub use config::{
 pub use error::Error;
 pub use fs::PassthroughFs;
 pub use lock_state::LOCK_RETRY_INTERVAL;
+pub use lock_wait::{QueueOrigin, WaitingLock};
 pub use migration::{read_stream, MigrationError, STATE_FORMAT_VERSION, STATE_MAGIC};
 pub use server::{
     BackingFiles, BackingRegistrar, DaxWindow, DropReason, FsServer, IoSegment, IoUringInit,

@@ -14,6 +14,11 @@
 //! Format 2 adds the guest's locks after the handles (see [`crate::lock_state`]): each
 //! handle's flock lock, and each lock owner's POSIX ranges per inode. A source writes format 1
 //! when the guest holds no lock, so a destination that predates lock records still takes it.
+//!
+//! Format 3 adds, after the locks, the guest's SETLKW requests still waiting when the queues
+//! stopped (see [`crate::lock_wait`]): where each one's descriptor chain is and what it asked
+//! for, so that the destination waits again and answers it in the same chain. It is written
+//! only when such a request exists.
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -34,14 +39,21 @@ use crate::lock_state::{
     held_by, try_take, HeldRange, LockClass, Pending, Target, DEFAULT_REACQUIRE_TIMEOUT,
     LOCK_TO_EOF,
 };
+use crate::lock_wait::{QueueOrigin, WaitingLock};
 use crate::util::{errno, fd_name, openat, statx, EMPTY_CSTR};
 
 /// First bytes of a berth state stream.
 pub const STATE_MAGIC: [u8; 8] = *b"BERTHFS\x01";
 /// The newest format this build writes and reads.
-pub const STATE_FORMAT_VERSION: u32 = 2;
+pub const STATE_FORMAT_VERSION: u32 = 3;
 /// The first format with lock records.
 const LOCKS_VERSION: u32 = 2;
+/// The first format with waiting lock requests.
+const WAITS_VERSION: u32 = 3;
+/// Bytes of one waiting lock request.
+const WAIT_RECORD_LEN: usize = 4 + 4 + 4 + 8 + 4 + 8 * 6 + 4 * 3;
+/// Largest virtqueue a waiting request may come from (the virtio split ring limit).
+const MAX_QUEUE_SIZE: u32 = 32768;
 /// Magic, version, reserved word, payload length, checksum.
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4;
 /// Largest path or file handle a stream may carry for one inode.
@@ -332,6 +344,139 @@ impl LockRecords {
     }
 }
 
+fn write_waits(w: &mut Writer, waits: &[WaitingLock]) {
+    w.u64(waits.len() as u64);
+    for wait in waits {
+        w.u32(u32::from(wait.origin.queue));
+        w.u32(u32::from(wait.origin.head));
+        w.u32(u32::from(wait.origin.queue_size));
+        w.u64(wait.origin.desc_table);
+        w.u32(u32::from(wait.avail));
+        w.u64(wait.unique);
+        w.u64(wait.nodeid);
+        w.u64(wait.fh);
+        w.u64(wait.owner);
+        w.u64(wait.start);
+        w.u64(wait.end);
+        w.u32(wait.lock_type);
+        w.u32(wait.pid);
+        w.u32(wait.lk_flags);
+    }
+}
+
+/// Reads the waiting lock requests, checking each against the handles (`fh` to inode) the
+/// stream holds and, when known, the number of queues of this device.
+fn read_waits(
+    r: &mut Reader<'_>,
+    handles: &std::collections::HashMap<u64, u64>,
+    queues: Option<usize>,
+) -> Result<Vec<WaitingLock>, MigrationError> {
+    let count = r.count(WAIT_RECORD_LEN, "waiting lock requests")?;
+    let mut waits = Vec::with_capacity(count);
+    let mut seen = std::collections::HashSet::with_capacity(count);
+    let corrupt = |queue: u32, head: u32, why: String| {
+        MigrationError::Corrupt(format!(
+            "the lock request waiting in descriptor chain {head} of queue {queue} {why}"
+        ))
+    };
+    for _ in 0..count {
+        let queue = r.u32("waiting request queue")?;
+        let head = r.u32("waiting request head")?;
+        let queue_size = r.u32("waiting request queue size")?;
+        let desc_table = r.u64("waiting request descriptor table")?;
+        let avail = r.u32("waiting request vring base")?;
+        let unique = r.u64("waiting request unique")?;
+        let nodeid = r.u64("waiting request node")?;
+        let fh = r.u64("waiting request handle")?;
+        let owner = r.u64("waiting request lock owner")?;
+        let start = r.u64("waiting request lock start")?;
+        let end = r.u64("waiting request lock end")?;
+        let lock_type = r.u32("waiting request lock type")?;
+        let pid = r.u32("waiting request lock pid")?;
+        let lk_flags = r.u32("waiting request lock flags")?;
+        if queues.is_some_and(|queues| queue as usize >= queues) {
+            let queues = queues.unwrap_or(0);
+            return Err(corrupt(
+                queue,
+                head,
+                format!("names a queue this device does not have ({queues} queues)"),
+            ));
+        }
+        if queue > u32::from(u16::MAX) {
+            return Err(corrupt(queue, head, "names a queue out of range".into()));
+        }
+        if queue_size == 0 || queue_size > MAX_QUEUE_SIZE || !queue_size.is_power_of_two() {
+            return Err(corrupt(
+                queue,
+                head,
+                format!("has a queue size of {queue_size}"),
+            ));
+        }
+        if head >= queue_size {
+            return Err(corrupt(
+                queue,
+                head,
+                format!("has a head index out of range (the queue has {queue_size} entries)"),
+            ));
+        }
+        if avail > u32::from(u16::MAX) || desc_table % 16 != 0 {
+            return Err(corrupt(
+                queue,
+                head,
+                format!("has vring base {avail} and descriptor table {desc_table:#x}"),
+            ));
+        }
+        if unique == 0 || !seen.insert((queue, head)) {
+            return Err(corrupt(
+                queue,
+                head,
+                "has unique id 0 or is listed twice".into(),
+            ));
+        }
+        if handles.get(&fh) != Some(&nodeid) {
+            return Err(corrupt(
+                queue,
+                head,
+                format!("names handle {fh} of node {nodeid}, which the stream does not hold"),
+            ));
+        }
+        let known_type = [libc::F_RDLCK, libc::F_WRLCK]
+            .iter()
+            .any(|&t| t as u32 == lock_type);
+        if !known_type || start > end || end > LOCK_TO_EOF || lk_flags & !FUSE_LK_FLOCK != 0 {
+            return Err(corrupt(
+                queue,
+                head,
+                format!(
+                    "asks for lock type {lock_type} on {start}..={end} with flags {lk_flags:#x}"
+                ),
+            ));
+        }
+        waits.push(WaitingLock {
+            origin: QueueOrigin {
+                queue: queue as u16,
+                head: head as u16,
+                queue_size: queue_size as u16,
+                desc_table,
+            },
+            avail: avail as u16,
+            unique,
+            nodeid,
+            fh,
+            owner,
+            start,
+            end,
+            lock_type,
+            pid,
+            lk_flags,
+        });
+    }
+    Ok(waits)
+}
+
+/// FUSE_LK_FLOCK: a SETLKW for a flock lock.
+const FUSE_LK_FLOCK: u32 = 1;
+
 /// Reads the target of `/proc/self/fd/<fd>`.
 fn fd_path(proc_self_fd: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
     let name = fd_name(fd.as_raw_fd());
@@ -582,12 +727,17 @@ impl PassthroughFs {
             w.u64(position.max(0) as u64);
         }
         let locks = self.describe_locks(&handles)?;
-        if locks.is_empty() {
+        let waits = self.lock_waits.parked();
+        if locks.is_empty() && waits.is_empty() {
             // Nothing format 2 adds: a destination that predates lock records reads it too.
             return Ok(seal(w.0, 1));
         }
         locks.write(&mut w);
-        Ok(seal(w.0, LOCKS_VERSION))
+        if waits.is_empty() {
+            return Ok(seal(w.0, LOCKS_VERSION));
+        }
+        write_waits(&mut w, &waits);
+        Ok(seal(w.0, WAITS_VERSION))
     }
 
     /// The locks the guest holds, read back from the kernel. A description whose locks
@@ -782,7 +932,18 @@ impl PassthroughFs {
     /// Rebuilds what the guest held from a stream [`save_state`](Self::save_state) wrote,
     /// after checking all of it; returns the guest's session state. Whatever the guest held
     /// on this daemon before is dropped first.
+    #[cfg(test)]
     pub(crate) fn load_state(&self, stream: &[u8]) -> Result<SessionState, MigrationError> {
+        self.load_state_for(stream, None)
+    }
+
+    /// [`load_state`](Self::load_state) for a device with `queues` queues (when known): a
+    /// waiting lock request must come from one of them.
+    pub(crate) fn load_state_for(
+        &self,
+        stream: &[u8],
+        queues: Option<usize>,
+    ) -> Result<SessionState, MigrationError> {
         let (version, payload) = open_sealed(stream)?;
         let mut r = Reader { rest: payload };
         let share = r.bytes("share path")?.to_vec();
@@ -874,6 +1035,11 @@ impl PassthroughFs {
             LockRecords::read(&mut r, &handle_inodes, &seen)?
         } else {
             LockRecords::default()
+        };
+        let waits = if version >= WAITS_VERSION {
+            read_waits(&mut r, &handle_inodes, queues)?
+        } else {
+            Vec::new()
         };
         if !r.rest.is_empty() {
             return Err(MigrationError::Corrupt(format!(
@@ -1001,6 +1167,7 @@ impl PassthroughFs {
         }
         self.restore_locks(locks, &handle_inodes)?;
         self.set_session_flags(flags);
+        self.lock_waits.set_parked(waits);
         Ok(SessionState { initialized })
     }
 
@@ -1149,6 +1316,7 @@ mod tests {
 
     mod locks {
         use super::*;
+        use crate::lock_wait::WaitOutcome;
         use crate::MigrationConfig;
         use fuse_backend_rs::api::filesystem::{Context, FileLock, FileSystem};
         use std::path::PathBuf;
@@ -1404,6 +1572,227 @@ mod tests {
             );
             // The read range that did not conflict was taken again, then dropped by the flush.
             assert!(!share.host_conflicts(LockClass::Posix, range(true, 200, 300)));
+        }
+
+        /// A SETLKW of owner 8 parked in chain 5 of queue 1.
+        fn parked_request(inode: u64, fh: u64) -> WaitingLock {
+            WaitingLock {
+                origin: QueueOrigin {
+                    queue: 1,
+                    head: 5,
+                    queue_size: 64,
+                    desc_table: 0x10_0000,
+                },
+                avail: 9,
+                unique: 42,
+                nodeid: inode,
+                fh,
+                owner: 8,
+                start: 10,
+                end: 19,
+                lock_type: libc::F_WRLCK as u32,
+                pid: 1234,
+                lk_flags: 0,
+            }
+        }
+
+        #[test]
+        fn a_wait_is_parked_when_its_queue_stops_and_resumed_when_it_starts() {
+            let share = Share::new("park");
+            let fs = share.fs(MigrationOnError::Abort, Duration::from_secs(1));
+            let ctx = Context::default();
+            let (inode, fh) = open_f(&fs);
+            fs.setlk(&ctx, inode, fh, 7, lock(libc::F_WRLCK, 0, 99), 0)
+                .unwrap();
+            let request = parked_request(inode, fh);
+            std::thread::scope(|scope| {
+                let waiter = scope.spawn(|| fs.setlk_wait_parkable(request, false));
+                std::thread::sleep(Duration::from_millis(200));
+                assert!(
+                    !waiter.is_finished(),
+                    "the request waits for owner 7's lock"
+                );
+                assert_eq!(fs.lock_waits.park_queue(1, 11), 1);
+                assert!(matches!(waiter.join().unwrap(), WaitOutcome::Parked));
+            });
+            let parked = fs.lock_waits.parked();
+            assert_eq!(
+                parked,
+                vec![WaitingLock {
+                    avail: 11,
+                    ..request
+                }]
+            );
+            // A request of the stopped queue served after the stop parks at once.
+            let late = WaitingLock {
+                origin: QueueOrigin {
+                    head: 6,
+                    ..request.origin
+                },
+                unique: 44,
+                ..request
+            };
+            assert!(matches!(
+                fs.setlk_wait_parkable(late, false),
+                WaitOutcome::Parked
+            ));
+            assert!(fs
+                .lock_waits
+                .parked()
+                .contains(&WaitingLock { avail: 11, ..late }));
+            // Nothing is resumed while the queue is stopped; then each one once.
+            assert!(fs.lock_waits.to_resume(|_| true).is_empty());
+            fs.lock_waits.queue_started(1);
+            let resumed = fs.lock_waits.to_resume(|_| true);
+            assert_eq!(resumed.len(), 2);
+            assert!(fs.lock_waits.to_resume(|_| true).is_empty());
+            // Still listed for a save until taken up.
+            assert_eq!(fs.lock_waits.parked().len(), 2);
+            fs.setlk(&ctx, inode, fh, 7, lock(libc::F_UNLCK, 0, 99), 0)
+                .unwrap();
+            assert!(matches!(
+                fs.setlk_wait_parkable(resumed[0], true),
+                WaitOutcome::Answered(Ok(()))
+            ));
+            assert!(share.host_conflicts(LockClass::Posix, range(true, 15, 15)));
+            // A new session drops what is left.
+            fs.reset();
+            assert!(matches!(
+                fs.setlk_wait_parkable(resumed[1], true),
+                WaitOutcome::Gone
+            ));
+        }
+
+        #[test]
+        fn waiting_requests_round_trip_in_format_3_only_when_there_is_one() {
+            let share = Share::new("waits");
+            let source = share.fs(MigrationOnError::Abort, Duration::from_secs(1));
+            let (inode, fh) = open_f(&source);
+            let session = SessionState { initialized: true };
+            let parked = vec![
+                parked_request(inode, fh),
+                WaitingLock {
+                    origin: QueueOrigin {
+                        head: 0,
+                        ..parked_request(inode, fh).origin
+                    },
+                    unique: 43,
+                    lk_flags: FLOCK,
+                    end: LOCK_TO_EOF,
+                    ..parked_request(inode, fh)
+                },
+            ];
+            source.lock_waits.set_parked(parked.clone());
+            let stream = source.save_state(&session).unwrap();
+            assert_eq!(version_of(&stream), WAITS_VERSION);
+            let destination = share.fs(MigrationOnError::Abort, Duration::from_secs(1));
+            destination.load_state_for(&stream, Some(2)).unwrap();
+            assert_eq!(destination.lock_waits.parked(), parked);
+            // A device without queue 1 refuses it.
+            match destination.load_state_for(&stream, Some(1)) {
+                Err(e @ MigrationError::Corrupt(_)) => {
+                    assert!(
+                        e.to_string().contains("queue this device does not have"),
+                        "{e}"
+                    )
+                }
+                other => panic!("expected a refusal, got {:?}", other.err()),
+            }
+            // Without one, the older formats.
+            source.lock_waits.set_parked(Vec::new());
+            assert_eq!(version_of(&source.save_state(&session).unwrap()), 1);
+            // A destination that predates format 3 refuses it as newer.
+            let mut newer = stream.clone();
+            newer[8..12].copy_from_slice(&(WAITS_VERSION + 1).to_le_bytes());
+            assert!(matches!(
+                destination.load_state(&newer),
+                Err(MigrationError::NewerFormat { .. })
+            ));
+        }
+
+        #[test]
+        fn damaged_waiting_requests_are_refused_with_the_reason() {
+            let share = Share::new("badwaits");
+            let source = share.fs(MigrationOnError::Abort, Duration::from_secs(1));
+            let (inode, fh) = open_f(&source);
+            source
+                .lock_waits
+                .set_parked(vec![parked_request(inode, fh)]);
+            let stream = source
+                .save_state(&SessionState { initialized: true })
+                .unwrap();
+            let (_, payload) = open_sealed(&stream).unwrap();
+            let at = payload.len() - WAIT_RECORD_LEN;
+            assert_eq!(&payload[at - 8..at], &1u64.to_le_bytes());
+            let destination = share.fs(MigrationOnError::Abort, Duration::from_secs(1));
+            let refused = |payload: &[u8], version: u32| -> String {
+                match destination.load_state_for(&seal(payload.to_vec(), version), Some(2)) {
+                    Err(e @ MigrationError::Corrupt(_)) => e.to_string(),
+                    other => panic!("expected a corrupt-stream refusal, got {:?}", other.err()),
+                }
+            };
+            let patched = |offset: usize, bytes: &[u8]| {
+                let mut p = payload.to_vec();
+                p[at + offset..at + offset + bytes.len()].copy_from_slice(bytes);
+                p
+            };
+            for (what, damaged, reason) in [
+                ("queue", patched(0, &7u32.to_le_bytes()), "does not have"),
+                (
+                    "head",
+                    patched(4, &64u32.to_le_bytes()),
+                    "head index out of range",
+                ),
+                ("queue size", patched(8, &48u32.to_le_bytes()), "queue size"),
+                (
+                    "vring base",
+                    patched(20, &65536u32.to_le_bytes()),
+                    "vring base",
+                ),
+                ("unique", patched(24, &0u64.to_le_bytes()), "unique id 0"),
+                ("node", patched(32, &4242u64.to_le_bytes()), "does not hold"),
+                (
+                    "handle",
+                    patched(40, &999u64.to_le_bytes()),
+                    "does not hold",
+                ),
+                (
+                    "range",
+                    patched(56, &20u64.to_le_bytes()),
+                    "asks for lock type",
+                ),
+                (
+                    "type",
+                    patched(72, &2u32.to_le_bytes()),
+                    "asks for lock type",
+                ),
+                (
+                    "flags",
+                    patched(80, &2u32.to_le_bytes()),
+                    "asks for lock type",
+                ),
+            ] {
+                let refusal = refused(&damaged, WAITS_VERSION);
+                assert!(refusal.contains(reason), "{what}: {refusal}");
+            }
+            let twice = {
+                let mut p = payload[..at - 8].to_vec();
+                p.extend_from_slice(&2u64.to_le_bytes());
+                p.extend_from_slice(&payload[at..]);
+                p.extend_from_slice(&payload[at..]);
+                p
+            };
+            assert!(refused(&twice, WAITS_VERSION).contains("listed twice"));
+            let cut = refused(&payload[..payload.len() - 1], WAITS_VERSION);
+            assert!(cut.contains("waiting lock requests cannot fit"), "{cut}");
+            // Read as format 2, the record is bytes that should not be there.
+            assert!(refused(payload, LOCKS_VERSION).contains("follow the last entry"));
+            for len in 0..payload.len() {
+                assert!(destination
+                    .load_state_for(&seal(payload[..len].to_vec(), WAITS_VERSION), Some(2))
+                    .is_err());
+            }
+            assert!(destination.load_state_for(&stream, Some(2)).is_ok());
         }
 
         #[test]

@@ -22,6 +22,7 @@ mod chain;
 mod dax;
 mod dax_watch;
 mod metrics;
+mod parked;
 mod queue;
 mod socket;
 mod state;
@@ -35,7 +36,7 @@ use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
@@ -47,11 +48,12 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Backend, Error as VhostUserError, Listener};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringMutex, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use virtio_queue::QueueT;
 use vm_memory::{
     ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap, Le32,
 };
@@ -100,7 +102,7 @@ struct VirtioFsConfig {
 unsafe impl ByteValued for VirtioFsConfig {}
 
 /// Requests taken from one queue and not yet returned to it.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct InFlight(Arc<AtomicUsize>);
 
 /// One request in flight; returned when dropped.
@@ -154,8 +156,11 @@ pub struct FsBackend {
     server: Arc<FsServer>,
     tag: Option<String>,
     num_request_queues: usize,
-    memory: RwLock<Option<GuestMemory>>,
-    event_idx: AtomicBool,
+    memory: Arc<RwLock<Option<GuestMemory>>>,
+    event_idx: Arc<AtomicBool>,
+    /// Each queue's vring, as its thread first saw it: for answering a parked lock request,
+    /// whose wait does not run on the queue's thread.
+    vrings: Arc<Vec<OnceLock<Vring>>>,
     /// The DAX window, when `--dax-window` asks for one; it holds the backend request
     /// channel its mappings go through.
     dax: Option<Arc<VhostDax>>,
@@ -172,7 +177,7 @@ pub struct FsBackend {
     queue_role: ThreadRole,
     /// Per queue: started (its first request logged) and not stopped since.
     queue_started: Vec<AtomicBool>,
-    /// Per queue: requests being served.
+    /// Per queue: requests being served (resumed lock requests included).
     in_flight: Vec<InFlight>,
     /// Makes each queue thread install its seccomp filter (the library starts the threads,
     /// so this is the first thing they run of ours).
@@ -245,7 +250,7 @@ impl FsBackend {
             None
         };
         let confinement = QueueConfinement::new(num_request_queues + 1, num_request_queues + 1)?;
-        let state = state::StateTransfer::start(server.clone(), seccomp)?;
+        let state = state::StateTransfer::start(server.clone(), seccomp, num_request_queues + 1)?;
         let versions = match options.versions {
             Some(table) => {
                 let region = VersionsRegion::start(table, seccomp)?;
@@ -264,8 +269,9 @@ impl FsBackend {
             server,
             tag: options.tag,
             num_request_queues,
-            memory: RwLock::new(None),
-            event_idx: AtomicBool::new(false),
+            memory: Arc::new(RwLock::new(None)),
+            event_idx: Arc::new(AtomicBool::new(false)),
+            vrings: Arc::new((0..=num_request_queues).map(|_| OnceLock::new()).collect()),
             dax,
             queue_role,
             logging: Arc::new(AtomicBool::new(false)),
@@ -306,9 +312,7 @@ impl FsBackend {
         &self,
         daemon: &VhostUserDaemon<Arc<FsBackend>>,
     ) -> anyhow::Result<()> {
-        if self.seccomp == SeccompAction::None {
-            return Ok(());
-        }
+        // Without filters the start-up event still runs: it shows each thread its vring.
         self.confinement.confine_all(&daemon.get_epoll_handlers())
     }
 
@@ -358,14 +362,33 @@ fn confine_control_thread(action: SeccompAction) {
 }
 
 impl FsBackend {
-    /// Waits for `queue`'s requests to be returned and marks it stopped; says so once every
-    /// queue that was started is stopped.
+    /// Parks the lock waits of `queue`'s requests, waits for the rest to be returned and
+    /// marks it stopped; says so once every queue that was started is stopped.
     fn stop_queue(&self, queue: usize) {
         let (Some(in_flight), Some(started)) =
             (self.in_flight.get(queue), self.queue_started.get(queue))
         else {
             return;
         };
+        // A SETLKW still waiting is neither answered after the stop nor waited for: its wait
+        // is parked, to resume where the queue starts again (here, or on a migration
+        // destination through the saved state).
+        let base = self
+            .vrings
+            .get(queue)
+            .and_then(OnceLock::get)
+            .map_or(0, |vring| vring.get_ref().get_queue().next_avail());
+        if let Ok(index) = u16::try_from(queue) {
+            let parked = self.server.park_lock_waits(index, base);
+            if parked > 0 {
+                info!(
+                    queue,
+                    "{parked} lock requests of queue {queue} are waiting for their lock; they \
+                     are answered once the queue starts again (or on the migration \
+                     destination)."
+                );
+            }
+        }
         let left = in_flight.wait_idle(STOP_TIMEOUT);
         if left > 0 {
             warn!(
@@ -494,7 +517,11 @@ impl VhostUserBackend for FsBackend {
 
     fn check_device_state(&self) -> io::Result<()> {
         confine_control_thread(self.seccomp);
-        self.state.check()
+        self.state.check()?;
+        // A loaded state's waiting lock requests wait again at once (the queues they came
+        // from are not stopped here); after a save they stay parked, their queues stopped.
+        self.resume_parked_waits(None);
+        Ok(())
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -589,6 +616,14 @@ impl QueueThreads for FsBackend {
 
     fn confinement(&self) -> &QueueConfinement {
         &self.confinement
+    }
+
+    /// Keeps each queue's vring (from its thread's start-up event, before any frontend).
+    fn saw_vrings(&self, thread: usize, vrings: &[Vring]) {
+        // One queue per thread: the thread's only vring is its queue's.
+        if let (Some(slot), Some(vring)) = (self.vrings.get(thread), vrings.first()) {
+            slot.get_or_init(|| vring.clone());
+        }
     }
 
     /// Runs on a queue thread when its start-up event fires.

@@ -8,7 +8,7 @@ use std::num::Wrapping;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use berth_passthrough::{DaxWindow, FsServer, Served};
+use berth_passthrough::{DaxWindow, FsServer, QueueOrigin, Served};
 use tracing::{debug, info, warn};
 
 use crate::vring_events::{self, Drained};
@@ -41,6 +41,9 @@ impl FsBackend {
                 "request"
             };
             info!(queue, "The frontend started using {kind} queue {queue}.");
+            // Before anything new is taken off it, the queue is where it stopped.
+            let base = vring.get_ref().get_queue().next_avail();
+            self.resume_parked_waits(Some((queue, base)));
         }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut handled = 0usize;
@@ -103,7 +106,7 @@ impl FsBackend {
     ) -> usize {
         let mut handled = 0;
         loop {
-            let (chain, desc_table) = {
+            let (chain, desc_table, queue_size) = {
                 let mut state = vring.get_mut();
                 let queue = state.get_queue_mut();
                 // Stopped (GET_VRING_BASE) since the kick: the frontend has taken it back.
@@ -111,7 +114,8 @@ impl FsBackend {
                     return handled;
                 }
                 let desc_table = queue.desc_table();
-                (queue.pop_descriptor_chain(mem.clone()), desc_table)
+                let size = queue.size();
+                (queue.pop_descriptor_chain(mem.clone()), desc_table, size)
             };
             let Some(chain) = chain else {
                 return handled;
@@ -119,6 +123,12 @@ impl FsBackend {
             handled += 1;
             let in_flight = self.in_flight[queue].start();
             let head_flags = head_descriptor_flags(mem, desc_table, chain.head_index());
+            let origin = QueueOrigin {
+                queue: queue as u16,
+                head: chain.head_index(),
+                queue_size,
+                desc_table,
+            };
             match &self.pool {
                 Some(pool) => {
                     let server = self.server.clone();
@@ -129,25 +139,32 @@ impl FsBackend {
                     pool.execute(Box::new(move || {
                         let head = chain.head_index();
                         let dax = dax.as_deref().map(|d| d as &dyn DaxWindow);
-                        let used =
-                            serve_request(&server, queue, &mem, &chain, head_flags, dax, &logging);
-                        complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
+                        let request = TakenChain {
+                            chain: &chain,
+                            head_flags,
+                            origin,
+                        };
+                        if let Some(used) =
+                            serve_request_from(&server, &mem, request, dax, &logging)
+                        {
+                            complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
+                        }
                         drop(in_flight);
                     }));
                 }
                 None => {
                     let head = chain.head_index();
                     let dax = self.dax.as_deref().map(|d| d as &dyn DaxWindow);
-                    let used = serve_request(
-                        &self.server,
-                        queue,
-                        mem,
-                        &chain,
+                    let request = TakenChain {
+                        chain: &chain,
                         head_flags,
-                        dax,
-                        &self.logging,
-                    );
-                    complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
+                        origin,
+                    };
+                    if let Some(used) =
+                        serve_request_from(&self.server, mem, request, dax, &self.logging)
+                    {
+                        complete_request(queue, &mut vring.get_mut(), head, used, event_idx);
+                    }
                     drop(in_flight);
                 }
             }
@@ -163,6 +180,7 @@ impl FsBackend {
 /// see: when `logging` is set once the reply is written (the frontend is migrating the guest),
 /// the reply's pages are marked in the log here. The used ring is written through the memory
 /// API, which marks its pages itself.
+#[allow(dead_code)] // The fuzz harness serves its requests through this.
 pub(crate) fn serve_request<M>(
     server: &FsServer,
     queue: usize,
@@ -176,11 +194,76 @@ where
     M: std::ops::Deref + Clone,
     M::Target: vm_memory::GuestMemory,
 {
+    // Without the chain's place on its queue nothing is parked: there is always a length.
+    let origin = QueueOrigin {
+        queue: u16::try_from(queue).unwrap_or(u16::MAX),
+        head: chain.head_index(),
+        queue_size: 0,
+        desc_table: 0,
+    };
+    let request = TakenChain {
+        chain,
+        head_flags,
+        origin,
+    };
+    serve(server, mem, request, dax, logging, false).unwrap_or(0)
+}
+
+/// A chain taken off a queue, with what the server needs to know of its place there.
+pub(crate) struct TakenChain<'c, M> {
+    pub chain: &'c DescriptorChain<M>,
+    /// The head descriptor's flags as the table holds them, when they could be read.
+    pub head_flags: Option<u16>,
+    pub origin: QueueOrigin,
+}
+
+/// [`serve_request`] for a chain whose place on its queue is known: a SETLKW from it may be
+/// parked when the queue stops, and then `None` says the chain must not be returned.
+fn serve_request_from<M>(
+    server: &FsServer,
+    mem: &LoggedMemory,
+    request: TakenChain<'_, M>,
+    dax: Option<&dyn DaxWindow>,
+    logging: &AtomicBool,
+) -> Option<u32>
+where
+    M: std::ops::Deref + Clone,
+    M::Target: vm_memory::GuestMemory,
+{
+    serve(server, mem, request, dax, logging, true)
+}
+
+fn serve<M>(
+    server: &FsServer,
+    mem: &LoggedMemory,
+    request: TakenChain<'_, M>,
+    dax: Option<&dyn DaxWindow>,
+    logging: &AtomicBool,
+    parkable: bool,
+) -> Option<u32>
+where
+    M: std::ops::Deref + Clone,
+    M::Target: vm_memory::GuestMemory,
+{
+    let TakenChain {
+        chain,
+        head_flags,
+        origin,
+    } = request;
+    let queue = usize::from(origin.queue);
     let head = chain.head_index();
     let mut segments = ChainSegments::default();
     let served = match segments.walk(chain, mem, head_flags) {
         Ok(()) => {
-            let served = server.handle(&segments.readable, &segments.writable, dax);
+            let origin = parkable.then_some(origin);
+            let served = server.handle_from(&segments.readable, &segments.writable, dax, origin);
+            if served == Served::Parked {
+                debug!(
+                    queue,
+                    head, "Parked a lock wait: its queue stopped while it waited."
+                );
+                return None;
+            }
             // The reply is in guest memory: shared caching settles what it handed out.
             server.reply_sent();
             served
@@ -200,7 +283,7 @@ where
                     head, "Dropping a malformed descriptor chain: {fault}."
                 ),
             }
-            return u32::try_from(served.reply_len()).unwrap_or(0);
+            return Some(u32::try_from(served.reply_len()).unwrap_or(0));
         }
     };
     if logging.load(Ordering::SeqCst) {
@@ -209,7 +292,7 @@ where
     if let Served::Dropped(why) = served {
         warn!(queue, head, "Dropping a request: {why}.");
     }
-    u32::try_from(served.reply_len()).unwrap_or(0)
+    Some(u32::try_from(served.reply_len()).unwrap_or(0))
 }
 
 /// The flags of the chain's head descriptor in the queue's descriptor table (`None` when the
@@ -225,7 +308,7 @@ pub(crate) fn head_descriptor_flags(mem: &LoggedMemory, desc_table: u64, head: u
 }
 
 /// Puts a served chain on the used ring and tells the guest if it asked to be told.
-fn complete_request(
+pub(super) fn complete_request(
     queue: usize,
     vring: &mut VringState<GuestMemory>,
     head: u16,

@@ -58,7 +58,13 @@ impl Drop for StateTransfer {
 
 impl StateTransfer {
     /// Starts the transfer thread (from the main thread, which may still create threads).
-    pub(super) fn start(server: Arc<FsServer>, seccomp: SeccompAction) -> anyhow::Result<Self> {
+    /// `queues`: the device's number of queues, which a loaded state's waiting lock requests
+    /// must come from.
+    pub(super) fn start(
+        server: Arc<FsServer>,
+        seccomp: SeccompAction,
+        queues: usize,
+    ) -> anyhow::Result<Self> {
         let (jobs, queue) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("berth-migration".into())
@@ -92,7 +98,7 @@ impl StateTransfer {
                             Err(_) => break,
                         }
                     };
-                    let outcome = transfer(&server, job.direction, job.file);
+                    let outcome = transfer(&server, job.direction, job.file, queues);
                     if let Err(e) = &outcome {
                         error!("{e}");
                     }
@@ -150,6 +156,7 @@ fn transfer(
     server: &FsServer,
     direction: VhostTransferStateDirection,
     mut file: File,
+    queues: usize,
 ) -> Result<(), String> {
     match direction {
         VhostTransferStateDirection::SAVE => {
@@ -169,7 +176,7 @@ fn transfer(
             let stream = berth_passthrough::read_stream(&mut file, MAX_STATE_BYTES)
                 .map_err(|e| format!("Cannot read the device state from the frontend: {e}."))?;
             server
-                .load_state(&stream)
+                .load_state(&stream, Some(queues))
                 .map_err(|e| format!("Refusing the migrated device state: {e}"))?;
             info!(
                 bytes = stream.len(),

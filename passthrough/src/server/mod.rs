@@ -48,6 +48,7 @@ pub use dax::DaxWindow;
 pub(crate) use request::SecContext;
 
 use crate::fs::PassthroughFs;
+use crate::lock_wait::WaitOutcome as lock_wait_outcome;
 use abi::BUFFER_HEADER_SIZE;
 use buffers::Cursor;
 use reply::{Answer, Reply};
@@ -62,6 +63,10 @@ pub enum Served {
     NoReply,
     /// No reply could be written.
     Dropped(DropReason),
+    /// A SETLKW whose wait was parked when its queue stopped ([`FsServer::park_lock_waits`]):
+    /// its chain must not be returned; the wait resumes when the queue starts again
+    /// ([`FsServer::resume_lock_wait`]), here or on a migration destination.
+    Parked,
 }
 
 impl Served {
@@ -69,7 +74,7 @@ impl Served {
     pub fn reply_len(self) -> usize {
         match self {
             Served::Replied(len) => len,
-            Served::NoReply | Served::Dropped(_) => 0,
+            Served::NoReply | Served::Dropped(_) | Served::Parked => 0,
         }
     }
 }
@@ -361,9 +366,22 @@ impl FsServer {
         reply: &[IoSegment<'_>],
         dax: Option<&dyn DaxWindow>,
     ) -> Served {
+        self.handle_from(request, reply, dax, None)
+    }
+
+    /// [`handle`](Self::handle) for a request on a virtqueue at `origin`: a SETLKW from there
+    /// may be parked ([`Served::Parked`]) when the queue stops while it waits.
+    pub fn handle_from(
+        &self,
+        request: &[IoSegment<'_>],
+        reply: &[IoSegment<'_>],
+        dax: Option<&dyn DaxWindow>,
+        origin: Option<crate::QueueOrigin>,
+    ) -> Served {
         let Some(mut req) = Request::new(Cursor::new(request)) else {
             return self.refuse(request, reply, libc::EINVAL);
         };
+        req.origin = origin;
         let unique = req.header.unique;
         let opcode = req.header.opcode;
         match self.served.get(opcode as usize) {
@@ -432,8 +450,13 @@ impl FsServer {
 
     /// Rebuilds the guest's session from a migration source's state; on error nothing the
     /// guest held before is kept (it had nothing: the destination loads before it runs).
-    pub fn load_state(&self, stream: &[u8]) -> Result<(), crate::MigrationError> {
-        let session = self.fs.load_state(stream)?;
+    /// `queues` is the device's number of queues, when the transport has them.
+    pub fn load_state(
+        &self,
+        stream: &[u8],
+        queues: Option<usize>,
+    ) -> Result<(), crate::MigrationError> {
+        let session = self.fs.load_state_for(stream, queues)?;
         self.initialized
             .store(session.initialized, std::sync::atomic::Ordering::Release);
         Ok(())
@@ -451,6 +474,60 @@ impl FsServer {
     /// those whose time ran out are lost. True while some are left.
     pub fn retry_migrated_locks(&self) -> bool {
         self.fs.lock_restore.retry_round()
+    }
+
+    /// The frontend stopped `queue` with `avail` as its vring base: SETLKW waits from it are
+    /// parked (their threads stop waiting without answering). Returns how many it holds.
+    pub fn park_lock_waits(&self, queue: u16, avail: u16) -> usize {
+        self.fs.lock_waits.park_queue(queue, avail)
+    }
+
+    /// `queue` started again: SETLKW requests from it wait as usual again.
+    pub fn lock_queue_started(&self, queue: u16) {
+        self.fs.lock_waits.queue_started(queue);
+    }
+
+    /// The parked waits to resume that `select` picks, among those of queues not stopped and
+    /// not being resumed already. Each stays parked (and is saved with the state) until
+    /// [`resume_lock_wait`](Self::resume_lock_wait) takes it up.
+    pub fn parked_lock_waits_to_resume(
+        &self,
+        select: impl Fn(&crate::WaitingLock) -> bool,
+    ) -> Vec<crate::WaitingLock> {
+        self.fs.lock_waits.to_resume(select)
+    }
+
+    /// Drops a parked wait that cannot be answered any more (its chain is gone).
+    pub fn drop_parked_lock_wait(&self, lock: &crate::WaitingLock) {
+        self.fs.lock_waits.drop_parked(lock);
+    }
+
+    /// The current FUSE session, for [`resume_lock_wait`](Self::resume_lock_wait).
+    pub fn session_epoch(&self) -> u64 {
+        self.fs.lock_waits.epoch()
+    }
+
+    /// Waits again for a parked SETLKW's lock (blocking). `Some(errno)` (0 when granted) is
+    /// the reply to write into its chain; `None` when it was parked again (its queue stopped)
+    /// or the guest's session changed since `epoch`, when nothing must be written.
+    pub fn resume_lock_wait(&self, lock: crate::WaitingLock, epoch: u64) -> Option<i32> {
+        if self.fs.lock_waits.epoch() != epoch {
+            return None;
+        }
+        match self.fs.setlk_wait_parkable(lock, true) {
+            lock_wait_outcome::Parked | lock_wait_outcome::Gone => None,
+            lock_wait_outcome::Answered(result) => {
+                if self.fs.lock_waits.epoch() != epoch {
+                    return None;
+                }
+                Some(result.err().map_or(0, |e| reply::errno_of(&e)))
+            }
+        }
+    }
+
+    /// Writes a bare reply header (`errno` 0: success) for request `unique` into `reply`.
+    pub fn answer(&self, reply: &[IoSegment<'_>], unique: u64, errno: i32) -> Served {
+        reply::error(reply, unique, errno)
     }
 
     fn dispatch(

@@ -24,6 +24,8 @@ pub(crate) enum Answer {
     Reply,
     /// The request takes no reply (FORGET, BATCH_FORGET, INTERRUPT).
     NoReply,
+    /// A lock wait was parked: the request is answered later, maybe by another daemon.
+    Parked,
 }
 
 /// The reply being written: the room after the header.
@@ -167,6 +169,7 @@ pub(crate) fn finish(
 ) -> Served {
     match answer {
         Ok(Answer::NoReply) => Served::NoReply,
+        Ok(Answer::Parked) => Served::Parked,
         Ok(Answer::Reply) => match header(reply, unique, 0, body_len) {
             Ok(len) => Served::Replied(len),
             Err(DropReason::NoRoomForHeader) => Served::Dropped(DropReason::NoRoomForHeader),

@@ -29,6 +29,8 @@ pub(crate) fn einval() -> io::Error {
 pub(crate) struct Request<'s, 'a> {
     pub header: InHeader,
     pub ctx: Context,
+    /// Where the request sits on its virtqueue, when the transport is one.
+    pub origin: Option<crate::lock_wait::QueueOrigin>,
     args: Cursor<'s, 'a>,
 }
 
@@ -45,6 +47,7 @@ impl<'s, 'a> Request<'s, 'a> {
         Some(Request {
             header,
             ctx,
+            origin: None,
             args: bytes,
         })
     }
