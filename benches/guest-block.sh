@@ -49,7 +49,7 @@ objcopy --strip-debug "$DAEMON" "$work/extra/berth"
 
 cat >"$work/guest.sh" <<EOF
 set -e
-runtime=$runtime quick=$quick devices=$devices density_only=$density_only job_size=$size
+runtime=$runtime quick=$quick devices=$devices density_only=$density_only job_size=$size max_ios_bytes=""
 jobs="randread:4k:1 randread:4k:32 randwrite:4k:1 randwrite:4k:32 read:128k:8 write:128k:8 read:1m:4 write:1m:4"
 [ "\$quick" = 1 ] && jobs="randread:4k:1 randread:4k:32 read:128k:8 write:128k:8"
 run_job() { # run_job BACKEND QUEUES DEVICE JOB
@@ -57,9 +57,17 @@ run_job() { # run_job BACKEND QUEUES DEVICE JOB
 	[ "\$queues" = 4 ] && numjobs=2
 	{
 		rw=\${job%%:*}; bs=\${job#*:}; depth=\${bs#*:}; bs=\${bs%:*}
+		# With max_ios_bytes set, a job ends early once it has moved that much (the
+		# volume's bucket and log live in the guest's memory and must not fill it).
+		local limit=""
+		if [ -n "\$max_ios_bytes" ]; then
+			local unit=1
+			case \$bs in *k) unit=1024 ;; *m) unit=1048576 ;; esac
+			limit="--number_ios=\$((max_ios_bytes / (\${bs%[km]} * unit)))"
+		fi
 		out=\$(fio --name=b --filename="\$dev" --rw="\$rw" --bs="\$bs" --iodepth="\$depth" \\
 			--numjobs=\$numjobs --group_reporting --ioengine=libaio --direct=1 --size=\$job_size \\
-			--runtime=\$runtime --time_based --ramp_time=1 --output-format=terse --terse-version=3)
+			--runtime=\$runtime --time_based --ramp_time=1 \$limit --output-format=terse --terse-version=3)
 		echo "\$out" | awk -F';' -v b="\$backend" -v q="\$queues" -v j="\$rw-\$bs-qd\$depth" '
 			{ riops = \$8; wiops = \$49; rbw = \$7; wbw = \$48
 			  iops = riops + wiops; kib = rbw + wbw
@@ -148,6 +156,9 @@ rm /tmp/backing.img
 # go to its log and cache and are uploaded to a file:// bucket in the background while the
 # jobs run, every 5 s (the default).
 job_size=$volume_size
+# Each job moves at most twice the volume (a faster host would otherwise fill the
+# guest's memory with the log and the bucket's packs within one job).
+max_ios_bytes=\$((2 * ${volume_size%M} * 1048576))
 dd if=/dev/urandom of=/tmp/volume-raw.img bs=1M count=${volume_size%M} status=none
 mkdir -p /tmp/volume-bucket
 /test/berth volume create file:///tmp/volume-bucket/vol --size $volume_size >/dev/null
@@ -161,6 +172,10 @@ cmp /tmp/volume-raw.img "\$volume"
 for job in \$jobs; do
 	run_job raw-file 1 "\$raw" "\$job"
 	run_job volume 1 "\$volume" "\$job"
+	# The packs the job's overwrites superseded go, as a host's scheduled
+	# \`berth volume gc\` would have them go (the served volume's own runs every 10 min).
+	/test/berth volume gc file:///tmp/volume-bucket/vol --grace 0 >/tmp/volume-gc.log 2>&1 ||
+		{ echo "berth volume gc failed:"; tail -n 5 /tmp/volume-gc.log; exit 1; }
 done
 del_devices
 EOF
@@ -169,7 +184,11 @@ log "booting the guest: $devices devices at once, 4 backends x 2 queue counts, t
 console=$work/console
 rc=0
 guest_boot --script "$work/guest.sh" --extra "$work/extra" --console "$console" --timeout 3000 || rc=$?
-[ "$rc" = 0 ] || die "the guest failed (status $rc): $(tr -d '\r' <"$console" | tail -n 30)"
+if [ "$rc" != 0 ]; then
+	# What was measured before the failure is kept in the log.
+	tr -d '\r' <"$console" | grep -a -E '^@@(bench|density) ' >&2 || true
+	die "the guest failed (status $rc): $(tr -d '\r' <"$console" | grep -a -v '^@@bench' | tail -n 30)"
+fi
 mkdir -p "$(dirname "$json")"
 cat >"$work/report.py" <<'PY'
 import json, sys
