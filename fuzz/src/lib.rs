@@ -67,6 +67,11 @@ pub mod pool;
 #[path = "../../src/vring_events.rs"]
 pub mod vring_events;
 
+/// The daemon's `--metrics-file` writer, which `device` uses.
+#[allow(dead_code)]
+#[path = "../../src/metrics_file.rs"]
+pub mod metrics_file;
+
 /// berth's vhost-user-fs device (`FsBackend`, descriptor chains into request segments, request
 /// serving), compiled here as is so that the fuzzers drive the code the daemon runs.
 #[allow(dead_code)]

@@ -57,6 +57,7 @@ pub fn serve(data: &[u8]) {
                 seccomp: SeccompAction::None,
                 dax_window: 0,
                 versions: None,
+                metrics: None,
             },
         )
         .expect("device"),

@@ -148,7 +148,7 @@ pub struct DeviceOptions {
     /// (`--shared-cache`).
     pub versions: Option<Arc<berth_versions::VersionTable>>,
     /// `--metrics-file` (opened before the sandbox) and how often it is rewritten.
-    pub metrics: Option<(MetricsFile, Duration)>,
+    pub(crate) metrics: Option<(MetricsFile, Duration)>,
 }
 
 /// berth's vhost-user-fs backend.
