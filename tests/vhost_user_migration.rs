@@ -609,21 +609,7 @@ const WAIT_FLAGS: [&str; 4] = ["--posix-lock", "--flock", "--thread-pool-size", 
 
 fn waiting_source(flock: bool) -> WaitingSource {
     let fixture = Fixture::new();
-    let source_socket = socket(&fixture, "source.sock");
-    let mut source = Daemon::spawn_with(
-        [
-            OsString::from("--socket-path"),
-            source_socket.clone().into(),
-            "--shared-dir".into(),
-            fixture.shared.clone().into(),
-        ]
-        .into_iter()
-        .chain(WAIT_FLAGS.iter().map(OsString::from)),
-        |command| {
-            command.env("RUST_LOG", "info");
-        },
-    );
-    source.wait_for_socket(&source_socket);
+    let (mut source, source_socket) = lock_daemon(&fixture, "source.sock");
     let mut device = connect(&mut source, &source_socket, 1);
     let hiprio = device.take_queue(0).expect("hiprio queue");
     let mut queue = init_first_queue(&mut device);
@@ -673,12 +659,13 @@ fn waiting_source(flock: bool) -> WaitingSource {
     }
 }
 
-fn dest_daemon(fixture: &Fixture, name: &str) -> (Daemon, PathBuf) {
-    let dest_socket = socket(fixture, name);
-    let mut dest = Daemon::spawn_with(
+/// A daemon with host locks and a pool on `fixture`'s share, listening on socket `name`.
+fn lock_daemon(fixture: &Fixture, name: &str) -> (Daemon, PathBuf) {
+    let path = socket(fixture, name);
+    let mut daemon = Daemon::spawn_with(
         [
             OsString::from("--socket-path"),
-            dest_socket.clone().into(),
+            path.clone().into(),
             "--shared-dir".into(),
             fixture.shared.clone().into(),
         ]
@@ -688,8 +675,8 @@ fn dest_daemon(fixture: &Fixture, name: &str) -> (Daemon, PathBuf) {
             command.env("RUST_LOG", "info");
         },
     );
-    dest.wait_for_socket(&dest_socket);
-    (dest, dest_socket)
+    daemon.wait_for_socket(&path);
+    (daemon, path)
 }
 
 fn a_waiting_lock_request_is_answered_by_the_destination(flock: bool) {
@@ -719,7 +706,7 @@ fn a_waiting_lock_request_is_answered_by_the_destination(flock: bool) {
 
     // The destination shares the guest's memory, loads the state and starts the queues where
     // the source stopped them, while the source still holds its host copies of A's lock.
-    let (mut dest, dest_socket) = dest_daemon(&fixture, "dest.sock");
+    let (mut dest, dest_socket) = lock_daemon(&fixture, "dest.sock");
     let mut dest_device = berth_frontend::VhostUserFs::connect_migrated(
         &dest_socket,
         test_config(1),
@@ -819,7 +806,7 @@ fn a_waiting_request_with_a_head_out_of_range_is_refused() {
     state[head_at..head_at + 4].copy_from_slice(&64u32.to_le_bytes());
     let crc = crc32c::crc32c(&state[HEADER..]);
     state[24..28].copy_from_slice(&crc.to_le_bytes());
-    let (mut dest, dest_socket) = dest_daemon(&source.fixture, "dest.sock");
+    let (mut dest, dest_socket) = lock_daemon(&source.fixture, "dest.sock");
     let mut dest_device = connect(&mut dest, &dest_socket, 1);
     assert!(dest_device.load_device_state(&state).is_err());
     let log = dest.stderr();
@@ -889,7 +876,7 @@ fn a_new_fuse_session_drops_a_resumed_lock_request() {
         ticket,
         ..
     } = waiting_source(false);
-    let (mut dest, dest_socket) = dest_daemon(&fixture, "dest.sock");
+    let (mut dest, dest_socket) = lock_daemon(&fixture, "dest.sock");
     let mut dest_device = berth_frontend::VhostUserFs::connect_migrated(
         &dest_socket,
         test_config(1),
