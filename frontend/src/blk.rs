@@ -9,7 +9,7 @@
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
@@ -160,22 +160,7 @@ impl VhostUserBlk {
         config: BlkDeviceConfig,
         connect_timeout: Duration,
     ) -> Result<Self, Error> {
-        let path = path.as_ref();
-        let deadline = Instant::now() + connect_timeout;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(stream) => break stream,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(source) => {
-                    return Err(Error::Connect {
-                        path: path.display().to_string(),
-                        source,
-                    })
-                }
-            }
-        };
+        let stream = crate::device::connect_retrying(path.as_ref(), connect_timeout)?;
         Self::from_stream(stream, config)
     }
 

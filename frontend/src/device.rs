@@ -91,6 +91,24 @@ pub struct VhostUserFs {
     shmem_regions: Vec<Arc<ShmemWindow>>,
 }
 
+/// Connects to a backend socket at `path`, retrying until `timeout` passes (the daemon may
+/// still be starting).
+pub(crate) fn connect_retrying(path: &Path, timeout: Duration) -> Result<UnixStream, Error> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(stream) => return Ok(stream),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(source) => {
+                return Err(Error::Connect {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
 impl VhostUserFs {
     /// Connects to a backend listening on `path`, retrying until `connect_timeout` passes
     /// (the daemon may still be starting), then sets the device up.
@@ -99,23 +117,7 @@ impl VhostUserFs {
         config: DeviceConfig,
         connect_timeout: Duration,
     ) -> Result<Self, Error> {
-        let path = path.as_ref();
-        let deadline = Instant::now() + connect_timeout;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(stream) => break stream,
-                Err(err) if Instant::now() < deadline => {
-                    let _ = err;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(err) => {
-                    return Err(Error::Connect {
-                        path: path.display().to_string(),
-                        source: err,
-                    })
-                }
-            }
-        };
+        let stream = connect_retrying(path.as_ref(), connect_timeout)?;
         Self::from_stream(stream, config)
     }
 
@@ -135,22 +137,7 @@ impl VhostUserFs {
         ram: Arc<GuestRam>,
         connect_timeout: Duration,
     ) -> Result<Self, Error> {
-        let path = path.as_ref();
-        let deadline = Instant::now() + connect_timeout;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(stream) => break stream,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(err) => {
-                    return Err(Error::Connect {
-                        path: path.display().to_string(),
-                        source: err,
-                    })
-                }
-            }
-        };
+        let stream = connect_retrying(path.as_ref(), connect_timeout)?;
         Self::set_up(stream, config, Some(ram))
     }
 
