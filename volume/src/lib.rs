@@ -12,6 +12,7 @@
 //! from any host ([`admin`]). The bucket is reached through `berth_cache`'s backends.
 
 pub mod admin;
+mod buffer;
 pub mod error;
 pub mod extent_map;
 pub mod failpoint;

@@ -67,6 +67,10 @@ pub struct VolumeMetrics {
     /// Packs being built or PUT right now, and the most at once since the volume opened.
     pub uploads_in_flight: AtomicU64,
     pub uploads_in_flight_max: AtomicU64,
+    /// Bytes the uploader holds for batches taken and not yet published (their data, and
+    /// room for a compressed copy while packing), and the most since the volume opened.
+    pub upload_memory: AtomicU64,
+    pub upload_memory_max: AtomicU64,
     pub upload_bytes: AtomicU64,
     pub upload_raw_bytes: AtomicU64,
     pub manifests_written: AtomicU64,
@@ -99,7 +103,7 @@ impl VolumeMetrics {
                 let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
             }
         };
-        let plain: [(&str, &str, &AtomicU64); 24] = [
+        let plain: [(&str, &str, &AtomicU64); 26] = [
             (
                 "berth_volume_dirty_bytes",
                 "Bytes written and acknowledged but not in the bucket yet.",
@@ -134,6 +138,16 @@ impl VolumeMetrics {
                 "berth_volume_uploads_in_flight_max",
                 "The most packs built or uploaded at once since the volume opened.",
                 &self.uploads_in_flight_max,
+            ),
+            (
+                "berth_volume_upload_memory_bytes",
+                "Bytes of memory the uploader holds for batches not yet published.",
+                &self.upload_memory,
+            ),
+            (
+                "berth_volume_upload_memory_max_bytes",
+                "The most bytes of memory the uploader held at once since the volume opened.",
+                &self.upload_memory_max,
             ),
             (
                 "berth_volume_upload_bytes_total",

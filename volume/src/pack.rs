@@ -7,6 +7,7 @@ use berth_cache::manifest::{compress_chunk, decompress_chunk};
 use berth_cache::Compression;
 use bytes::Bytes;
 
+use crate::buffer::LargeBuffer;
 use crate::error::{Result, VolumeError};
 use crate::format::{ChunkInfo, PackInfo};
 
@@ -102,38 +103,43 @@ pub fn pack_blocks(
 ) -> Result<(Bytes, PackInfo)> {
     let raw_blocks = raw.len() as u64 / u64::from(block_size);
     let chunk_bytes = chunk_blocks as usize * block_size as usize;
-    let mut digests = Vec::new();
-    let mut packed_chunks = Vec::new();
-    for chunk in raw.chunks(chunk_bytes) {
-        digests.push(*blake3::hash(chunk).as_bytes());
+    let mut chunks = Vec::with_capacity(raw.len().div_ceil(chunk_bytes.max(1)));
+    // Stored back to back. The object is `raw` itself until a chunk compresses; from then
+    // on it is built in one buffer that each compressed chunk is appended to and dropped,
+    // so packing holds at most the raw bytes, the object and one chunk's output.
+    let mut built: Option<LargeBuffer> = None;
+    let mut offset = 0u64;
+    for chunk in raw.chunks(chunk_bytes.max(1)) {
+        let digest = *blake3::hash(chunk).as_bytes();
         let packed = match compression {
             Compression::None => None,
             other => Some(compress_chunk(other, chunk).map_err(VolumeError::store)?),
-        };
-        packed_chunks.push(packed.filter(|p| p.len() < chunk.len()));
-    }
-    // Stored back to back: the object is `raw` itself unless some chunk is stored compressed.
-    let mut chunks = Vec::with_capacity(digests.len());
-    let mut offset = 0u64;
-    for ((chunk, digest), packed) in raw.chunks(chunk_bytes).zip(&digests).zip(&packed_chunks) {
-        let stored_len = packed.as_ref().map_or(chunk.len(), Vec::len);
+        }
+        .filter(|p| p.len() < chunk.len());
+        if packed.is_some() && built.is_none() {
+            let mut object = LargeBuffer::with_capacity(raw.len())?;
+            object.push(&raw[..offset as usize]);
+            built = Some(object);
+        }
+        let stored = packed.as_deref().unwrap_or(chunk);
+        // Never more than `raw`: each stored chunk is at most its raw chunk.
+        if let Some(object) = built.as_mut() {
+            if !object.push(stored) {
+                return Err(VolumeError::Invalid(
+                    "a pack object outgrew its raw bytes".into(),
+                ));
+            }
+        }
         chunks.push(ChunkInfo {
             offset,
-            stored_len: stored_len as u32,
+            stored_len: stored.len() as u32,
             compressed: packed.is_some(),
-            digest: *digest,
+            digest,
         });
-        offset += stored_len as u64;
+        offset += stored.len() as u64;
     }
-    let object = if packed_chunks.iter().all(Option::is_none) {
-        raw
-    } else {
-        let mut object = Vec::with_capacity(offset as usize);
-        for (chunk, packed) in raw.chunks(chunk_bytes).zip(&packed_chunks) {
-            object.extend_from_slice(packed.as_deref().unwrap_or(chunk));
-        }
-        object.into()
-    };
+    // Pages of the object's buffer past its end were never touched: no need to shrink it.
+    let object = built.map_or(raw, LargeBuffer::freeze);
     Ok((
         object,
         PackInfo {

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::buffer::LargeBuffer;
 use crate::error::{IoContext, Result, VolumeError};
 use crate::extent_map::{Advance, ExtentMap};
 use crate::failpoint;
@@ -153,6 +154,24 @@ impl Streams {
             .iter()
             .filter(|f| f.outcome.is_none())
             .count()
+    }
+
+    /// Bytes of memory held for the batches in flight and `publishing` bytes of batches
+    /// out of the queue and not yet published: each batch's data, and as much again while
+    /// it is packed and PUT (its compressed copy).
+    fn held(&self, publishing: u64) -> u64 {
+        publishing
+            + self
+                .in_flight
+                .iter()
+                .map(|f| {
+                    if f.outcome.is_none() {
+                        2 * f.bytes
+                    } else {
+                        f.bytes
+                    }
+                })
+                .sum::<u64>()
     }
 
     /// Collects the outcomes of finished streams; answers whether the oldest batch's is in.
@@ -306,12 +325,22 @@ impl Inner {
         // Finished batches waiting to be published hold memory, not a stream: at most as
         // many again as there are streams may wait.
         while streams_state.busy() < streams && streams_state.in_flight.len() < 2 * streams {
+            streams_state.in_flight.iter_mut().for_each(InFlight::poll);
+            let held = streams_state.held(publishing);
+            self.metrics.upload_memory.store(held, Ordering::Relaxed);
+            let Some(max_bytes) = self.batch_room(held) else {
+                // Over the memory budget: a stream finishing or a publish frees some.
+                return false;
+            };
             let in_flight_bytes: u64 =
                 publishing + streams_state.in_flight.iter().map(|f| f.bytes).sum::<u64>();
             let mut state = self.lock();
-            let Some((records, bytes)) =
-                self.take_batch(&mut state, streams_state.taken_seq, in_flight_bytes)
-            else {
+            let Some((records, bytes)) = self.take_batch(
+                &mut state,
+                streams_state.taken_seq,
+                in_flight_bytes,
+                max_bytes,
+            ) else {
                 let stop = state.stopping;
                 if may_wait && streams_state.in_flight.is_empty() && !stop {
                     let _ = self
@@ -324,6 +353,11 @@ impl Inner {
             let pack_id = streams_state.next_pack_id.max(state.map.next_pack_id);
             drop(state);
             streams_state.next_pack_id = pack_id + 1;
+            let held = held + 2 * bytes;
+            self.metrics.upload_memory.store(held, Ordering::Relaxed);
+            self.metrics
+                .upload_memory_max
+                .fetch_max(held, Ordering::Relaxed);
             streams_state.taken_seq = records.last().map_or(streams_state.taken_seq, |r| r.seq);
             streams_state.in_flight.push_back(self.start_pack(
                 records,
@@ -336,13 +370,28 @@ impl Inner {
         false
     }
 
-    /// The next batch of records after `after_seq` (at most `pack_bytes`, at least one
+    /// The most data the next batch may hold with `held` bytes already held under the
+    /// upload memory budget (it needs twice its size while it is packed and PUT); None
+    /// to wait for memory. A batch is not cut below a quarter of a pack while others are
+    /// in flight (many small PUTs would cost more than waiting); with nothing held, a
+    /// batch goes whatever the budget (it takes at least one record).
+    fn batch_room(&self, held: u64) -> Option<u64> {
+        let pack_bytes = self.options.pack_bytes.max(self.block_size);
+        let room = self.options.upload_memory.saturating_sub(held) / 2;
+        if held == 0 {
+            return Some(pack_bytes.min(room).max(self.block_size));
+        }
+        (room >= (pack_bytes / 4).max(self.block_size)).then(|| room.min(pack_bytes))
+    }
+
+    /// The next batch of records after `after_seq` (at most `max_bytes`, at least one
     /// record), with its size, if one is due.
     fn take_batch(
         &self,
         state: &mut State,
         after_seq: u64,
         in_flight_bytes: u64,
+        max_bytes: u64,
     ) -> Option<(Vec<Record>, u64)> {
         let blocked = state.fenced.is_some() || state.failed.is_some();
         let untaken = state.pending.back().is_some_and(|r| r.seq > after_seq);
@@ -365,7 +414,7 @@ impl Inner {
         let mut all = true;
         for record in state.pending.iter().filter(|r| r.seq > after_seq) {
             let size = record_bytes(record, self.block_size);
-            if !taken.is_empty() && bytes + size > self.options.pack_bytes {
+            if !taken.is_empty() && bytes + size > max_bytes {
                 all = false;
                 break;
             }
@@ -465,7 +514,8 @@ impl Inner {
             }
         }
         let bs = self.block_size;
-        let mut data = vec![0u8; (data_blocks * bs) as usize];
+        let mut buffer = LargeBuffer::zeroed((data_blocks * bs) as usize)?;
+        let data = buffer.as_mut_slice();
         let mut scratch = Vec::new();
         for record in records.iter().filter(|r| r.kind == RecordKind::Data) {
             let Some(kept) = pieces.get(&record.seq) else {
@@ -514,7 +564,7 @@ impl Inner {
             last_seq: records.last().map_or(0, |r| r.seq),
             epoch: records.last().map_or(0, |r| r.epoch),
             view,
-            data: data.into(),
+            data: buffer.freeze(),
         })
     }
 

@@ -77,6 +77,14 @@ impl Durability {
     }
 }
 
+/// `VolumeOptions::upload_memory`'s default: four 16 MiB batches packing at once, or
+/// two full 32 MiB packs. Small enough for a 1 GiB machine, enough to keep four PUT
+/// streams busy against an S3 server on a LAN.
+pub const DEFAULT_UPLOAD_MEMORY: u64 = 128 << 20;
+
+/// `VolumeOptions::max_dirty_bytes`' default.
+pub const DEFAULT_MAX_DIRTY_BYTES: u64 = 1 << 30;
+
 /// How to serve a volume.
 #[derive(Debug, Clone)]
 pub struct VolumeOptions {
@@ -104,11 +112,14 @@ pub struct VolumeOptions {
     pub upload_rate: Option<u64>,
     /// Packs built and PUT at once (their manifest versions are still written in order).
     /// A batch whose pack is in the bucket waits for its turn to be published without
-    /// holding a stream, and as many batches again as there are streams may wait: memory
-    /// while uploading is bounded by about twice this many `pack_bytes` (a batch's data is
-    /// its pack's raw bytes; a pack whose chunks compress adds its compressed copy while
-    /// it uploads, up to three times).
+    /// holding a stream, and as many batches again as there are streams may wait.
     pub upload_streams: usize,
+    /// Most bytes of memory the uploader holds at once: the data of every batch taken and
+    /// not yet published, and while a batch is packed and PUT as much again for its
+    /// compressed copy. Batches shrink below `pack_bytes` to fit (never below a quarter of
+    /// it while others are in flight); a single write larger than the budget still goes,
+    /// alone.
+    pub upload_memory: u64,
     /// A full manifest every this many versions (deltas in between).
     pub full_every: u64,
     /// Background garbage collection period (None: only `berth volume gc`).
@@ -134,7 +145,7 @@ impl Default for VolumeOptions {
             segment_bytes: 32 << 20,
             pack_bytes: 32 << 20,
             upload_interval: Duration::from_secs(5),
-            max_dirty_bytes: 1 << 30,
+            max_dirty_bytes: DEFAULT_MAX_DIRTY_BYTES,
             cache_bytes: None,
             flush_timeout: Duration::from_secs(60),
             lease_ttl: Duration::from_secs(60),
@@ -142,6 +153,7 @@ impl Default for VolumeOptions {
             readahead_bytes: 1 << 20,
             upload_rate: None,
             upload_streams: 4,
+            upload_memory: DEFAULT_UPLOAD_MEMORY,
             full_every: 32,
             gc_interval: Some(Duration::from_secs(600)),
             gc_grace: Duration::from_secs(3600),

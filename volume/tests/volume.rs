@@ -433,3 +433,58 @@ fn a_read_is_mapped_at_first_look_when_local_and_fetched_when_only_in_the_bucket
     assert_eq!(counts(&volume), (2, 1));
     volume.close().unwrap();
 }
+
+/// A burst of writes far larger than the uploader may hold: the uploader never holds more
+/// than its memory budget (batches shrink to fit, the compressed copies counted), the
+/// acknowledged bytes not yet in the bucket never pass the dirty limit (writes wait for
+/// the uploader instead), and every byte reaches the bucket in order.
+#[test]
+fn sustained_writes_stay_within_the_upload_memory_budget_and_the_dirty_limit() {
+    const BUDGET: u64 = 12 * MIB;
+    const MAX_DIRTY: u64 = 24 * MIB;
+    const WRITE: usize = 256 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let location = create(&dir.path().join("bucket"), "vol");
+    let options = |cache: &str| VolumeOptions {
+        pack_bytes: 4 * MIB,
+        segment_bytes: 2 * MIB,
+        upload_streams: 4,
+        upload_memory: BUDGET,
+        max_dirty_bytes: MAX_DIRTY,
+        ..busy_options(&dir.path().join(cache))
+    };
+    let (volume, _) = open_volume(&location, options("a")).unwrap();
+    let mut model = vec![0u8; SIZE as usize];
+    // 64 MiB over a 16 MiB volume: half of each write compresses, half does not.
+    let mut state = 0x5eed_u64;
+    for step in 0..(64 * MIB as usize / WRITE) {
+        let offset = (rng(&mut state) % (SIZE / WRITE as u64)) * WRITE as u64;
+        let mut data = pseudo_random(step as u64, WRITE);
+        data[..WRITE / 2].fill(step as u8);
+        write_at(&volume, offset, &data, false).unwrap();
+        model[offset as usize..offset as usize + WRITE].copy_from_slice(&data);
+        assert!(
+            volume.dirty_bytes() <= MAX_DIRTY,
+            "step {step}: {} acknowledged bytes not in the bucket, over the {MAX_DIRTY} limit",
+            volume.dirty_bytes()
+        );
+    }
+    volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
+    let metrics = volume.metrics();
+    let held_max = metrics.upload_memory_max.load(Ordering::Relaxed);
+    assert!(held_max > 0, "the uploader's memory was accounted");
+    assert!(
+        held_max <= BUDGET,
+        "the uploader held {held_max} bytes, over its {BUDGET}-byte budget"
+    );
+    let raw = metrics.upload_raw_bytes.load(Ordering::Relaxed);
+    assert!(
+        raw >= SIZE,
+        "the burst was uploaded ({raw} raw bytes in packs)"
+    );
+    assert_same(&volume, &model, "after the burst");
+    volume.close().unwrap();
+    drop(volume);
+    let (volume, _) = open_volume(&location, options("b")).unwrap();
+    assert_same(&volume, &model, "reopened from the bucket alone");
+}
