@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::metrics_file::{merge_families, MetricsFile, MetricsWriter};
 use crate::shutdown::{signal_name, TerminationSignals};
-use crate::volume::args::DEFAULT_UPLOAD_STREAMS;
+use crate::volume::args::{DEFAULT_MAX_DIRTY, DEFAULT_UPLOAD_MEMORY, DEFAULT_UPLOAD_STREAMS};
 use crate::volume::{
     check_volume_served_writable, is_volume_spec, open_volume, VolumeServeSettings,
 };
@@ -75,6 +75,9 @@ impl DeviceDescription {
                 "durability": v.durability.name(),
                 "upload_interval": v.upload_interval.as_secs(),
                 "upload_streams": v.upload_streams,
+                "upload_memory": v.upload_memory,
+                "max_dirty_bytes": v.max_dirty_bytes,
+                "upload_rate": v.upload_rate,
             })),
         })
     }
@@ -138,6 +141,19 @@ impl DeviceDescription {
                         .map_or(usize::from(DEFAULT_UPLOAD_STREAMS), |n| {
                             n.clamp(1, 64) as usize
                         }),
+                    // Devices stored before these settings existed get the defaults.
+                    upload_memory: volume
+                        .get("upload_memory")
+                        .and_then(|v| v.as_u64())
+                        .map_or(DEFAULT_UPLOAD_MEMORY, |n| n.max(1 << 20)),
+                    max_dirty_bytes: volume
+                        .get("max_dirty_bytes")
+                        .and_then(|v| v.as_u64())
+                        .map_or(DEFAULT_MAX_DIRTY, |n| n.max(1 << 20)),
+                    upload_rate: volume
+                        .get("upload_rate")
+                        .and_then(|v| v.as_u64())
+                        .map(|n| n.max(64 << 10)),
                 }),
             },
         })
@@ -853,6 +869,9 @@ mod tests {
                 durability: Durability::Object,
                 upload_interval: Duration::from_secs(7),
                 upload_streams: 3,
+                upload_memory: 48 << 20,
+                max_dirty_bytes: 256 << 20,
+                upload_rate: Some(8 << 20),
             }),
             ..desc.clone()
         };

@@ -197,16 +197,61 @@ pub struct VolumeServeArgs {
     pub upload_interval: u64,
 
     /// Packs a volume builds and uploads at once (their manifest versions are still
-    /// written in order). While uploading, memory is bounded by about 2 × this × 32 MiB
-    /// (3 × when the data compresses).
+    /// written in order), within --upload-memory.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_UPLOAD_STREAMS,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub upload_streams: u16,
+
+    /// Most memory a volume's uploader holds at once (K, M, G suffixes): the data of the
+    /// packs being built, uploaded or waiting to be published, and their compressed
+    /// copies. Packs shrink below 32 MiB to fit.
+    #[arg(long, value_name = "BYTES", default_value = "128M", value_parser = parse_upload_memory)]
+    pub upload_memory: u64,
+
+    /// Acknowledged bytes not yet in the bucket before writes wait for the uploader (K, M,
+    /// G suffixes): bounds the write-ahead log on local disk (and, with the bucket away,
+    /// how much a lost local disk could lose beyond the last manifest).
+    #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = parse_max_dirty)]
+    pub max_dirty: u64,
+
+    /// Most bytes per second a volume uploads to its bucket (K, M, G suffixes; packs as
+    /// stored, after compression) [default: unlimited].
+    #[arg(long, value_name = "BYTES", value_parser = parse_upload_rate)]
+    pub upload_rate: Option<u64>,
+}
+
+fn parse_upload_rate(s: &str) -> Result<u64, String> {
+    let bytes = parse_size(s)?;
+    if bytes < 64 << 10 {
+        return Err("the upload rate must be at least 64K (bytes per second)".into());
+    }
+    Ok(bytes)
+}
+
+fn parse_upload_memory(s: &str) -> Result<u64, String> {
+    let bytes = parse_size(s)?;
+    if bytes < 1 << 20 {
+        return Err("the upload memory must be at least 1M".into());
+    }
+    Ok(bytes)
+}
+
+fn parse_max_dirty(s: &str) -> Result<u64, String> {
+    let bytes = parse_size(s)?;
+    if bytes < 1 << 20 {
+        return Err("the dirty limit must be at least 1M".into());
+    }
+    Ok(bytes)
 }
 
 /// `--upload-streams`' default: on an S3 server over a LAN four PUT streams carry about
 /// twice what one does (docs/benchmarks.md, "Flush throughput against raw PUT").
 pub const DEFAULT_UPLOAD_STREAMS: u16 = 4;
+
+/// `--upload-memory`'s and `--max-dirty`'s defaults (as the flags spell them: "128M",
+/// "1G"), the volume library's own.
+pub const DEFAULT_UPLOAD_MEMORY: u64 = 128 << 20;
+pub const DEFAULT_MAX_DIRTY: u64 = 1 << 30;
 
 /// `--upload-interval`'s default.
 const DEFAULT_UPLOAD_INTERVAL_SECS: u64 = 5;
@@ -219,6 +264,9 @@ impl Default for VolumeServeArgs {
             durability: DurabilityArg::Local,
             upload_interval: DEFAULT_UPLOAD_INTERVAL_SECS,
             upload_streams: DEFAULT_UPLOAD_STREAMS,
+            upload_memory: DEFAULT_UPLOAD_MEMORY,
+            max_dirty: DEFAULT_MAX_DIRTY,
+            upload_rate: None,
         }
     }
 }

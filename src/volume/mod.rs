@@ -52,6 +52,9 @@ pub struct VolumeServeSettings {
     pub durability: Durability,
     pub upload_interval: Duration,
     pub upload_streams: usize,
+    pub upload_memory: u64,
+    pub max_dirty_bytes: u64,
+    pub upload_rate: Option<u64>,
 }
 
 impl From<&VolumeServeArgs> for VolumeServeSettings {
@@ -64,6 +67,9 @@ impl From<&VolumeServeArgs> for VolumeServeSettings {
             },
             upload_interval: Duration::from_secs(args.upload_interval),
             upload_streams: usize::from(args.upload_streams),
+            upload_memory: args.upload_memory,
+            max_dirty_bytes: args.max_dirty,
+            upload_rate: args.upload_rate,
         }
     }
 }
@@ -79,6 +85,9 @@ pub fn open_volume(spec: &str, settings: &VolumeServeSettings) -> anyhow::Result
         durability: settings.durability,
         upload_interval: settings.upload_interval,
         upload_streams: settings.upload_streams,
+        upload_memory: settings.upload_memory,
+        max_dirty_bytes: settings.max_dirty_bytes,
+        upload_rate: settings.upload_rate,
         ..VolumeOptions::default()
     };
     let (volume, report) = Volume::open(&location, options)
@@ -439,6 +448,38 @@ mod tests {
             exercise_block(7, 1, 4096),
             "the content is deterministic"
         );
+    }
+
+    #[test]
+    fn the_serving_flags_default_to_the_volume_librarys_defaults() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: VolumeServeArgs,
+        }
+        let parsed = Cli::parse_from(["berth"]).serve;
+        let settings = VolumeServeSettings::from(&parsed);
+        let library = VolumeOptions::default();
+        assert_eq!(settings.upload_memory, library.upload_memory);
+        assert_eq!(settings.max_dirty_bytes, library.max_dirty_bytes);
+        assert_eq!(settings.upload_streams, library.upload_streams);
+        let defaults = VolumeServeSettings::from(&VolumeServeArgs::default());
+        assert_eq!(defaults, settings, "Default and the flags' defaults agree");
+        assert_eq!(settings.upload_rate, library.upload_rate);
+        let small = Cli::parse_from([
+            "berth",
+            "--upload-memory",
+            "48M",
+            "--max-dirty",
+            "256M",
+            "--upload-rate",
+            "10M",
+        ]);
+        assert_eq!(small.serve.upload_memory, 48 << 20);
+        assert_eq!(small.serve.max_dirty, 256 << 20);
+        assert_eq!(small.serve.upload_rate, Some(10 << 20));
+        assert!(Cli::try_parse_from(["berth", "--upload-memory", "512K"]).is_err());
     }
 
     #[test]
