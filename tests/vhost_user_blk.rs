@@ -548,11 +548,17 @@ fn two_queues_serve_at_once() {
     }
 }
 
-/// Bytes of data the files below `dir` hold on disk.
+/// Bytes of data the files below `dir` hold on disk (files a running daemon removes while
+/// this walks are left out).
 fn allocated_below(dir: &Path) -> u64 {
     let mut total = 0;
-    for entry in fs::read_dir(dir).unwrap().flatten() {
-        let meta = entry.metadata().unwrap();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
         if meta.is_dir() {
             total += allocated_below(&entry.path());
         } else {
@@ -1593,4 +1599,159 @@ fn a_read_waiting_for_its_bucket_or_a_flush_waiting_for_an_upload_holds_up_no_ot
         new
     );
     let _dir = served.finish(device);
+}
+
+/// Soak: several volumes served at once, each by its own process, each driven by a writer
+/// doing random writes (4 KiB to 1 MiB) with frequent FLUSHes and reading back against a
+/// model, for `BERTH_VOLUME_SOAK_SECONDS` (default 10). Each process stays within its
+/// budgets all along: anonymous memory within `--upload-memory` plus a fixed allowance,
+/// descriptors bounded, its local directory within the cache, `--max-dirty` and two log
+/// segments. At the end every volume reads back whole as the model says, then again from
+/// its bucket alone.
+#[test]
+fn volumes_under_a_write_soak_keep_every_write_within_memory_descriptor_and_disk_budgets() {
+    if !frontend_util::testing_berth() {
+        eprintln!("SKIP: volumes are berth's own");
+        return;
+    }
+    const DEVICES: usize = 3;
+    const SIZE: u64 = 32 << 20;
+    const UPLOAD_MEMORY_MIB: u64 = 24;
+    const MAX_DIRTY_MIB: u64 = 48;
+    // Anonymous memory allowed beyond the upload budget: the runtime, the queue's reply
+    // buffers, the extent maps and the log's checksum buffer.
+    const ALLOWANCE_MIB: u64 = 40;
+    const FD_BUDGET: usize = 64;
+    let seconds: u64 = std::env::var("BERTH_VOLUME_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+    let upload_memory = format!("{UPLOAD_MEMORY_MIB}M");
+    let max_dirty = format!("{MAX_DIRTY_MIB}M");
+
+    let writers: Vec<_> = (0..DEVICES)
+        .map(|device_index| {
+            let (upload_memory, max_dirty) = (upload_memory.clone(), max_dirty.clone());
+            std::thread::spawn(move || {
+                let dir = tempfile::tempdir().unwrap();
+                let bucket = dir.path().join("bucket");
+                fs::create_dir(&bucket).unwrap();
+                let location = format!("file://{}/vol", bucket.display());
+                berth_volume(&["create", &location, "--size", "32M"]);
+                let spec = PathBuf::from(format!("volume:{location}"));
+                let local = dir.path().join("local");
+                let local_arg = local.display().to_string();
+                let extra = [
+                    "--volume-dir",
+                    local_arg.as_str(),
+                    "--sandbox",
+                    "none",
+                    "--upload-interval",
+                    "1",
+                    "--upload-memory",
+                    upload_memory.as_str(),
+                    "--max-dirty",
+                    max_dirty.as_str(),
+                    // Slower than the writers: the backlog reaches the dirty limit and
+                    // the uploader works at its memory budget.
+                    "--upload-rate",
+                    "24M",
+                ];
+                let mut served = Served::start(dir, &spec, &extra);
+                let pid = served.daemon.pid();
+                let mut device = served.connect(BlkDeviceConfig::default());
+                let mut queue = device.take_queue(0).unwrap();
+                let mut model = vec![0u8; SIZE as usize];
+                let mut state = 0x9e37_79b9_u64 + device_index as u64;
+                let mut next = || {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state
+                };
+                let (mut writes, mut flushes, mut rss_peak_kib, mut fd_peak) = (0u64, 0u64, 0, 0);
+                let mut disk_peak = 0u64;
+                while std::time::Instant::now() < deadline {
+                    let len = [4 << 10, 64 << 10, 256 << 10, 1 << 20][(next() % 4) as usize];
+                    let offset = (next() % ((SIZE - len) / 4096)) * 4096;
+                    // Incompressible: the bytes stored are the bytes written.
+                    let data = berth_testkit::pseudo_random(
+                        (writes << 8) | device_index as u64,
+                        len as usize,
+                    );
+                    assert_eq!(queue.write(offset / 512, &data).unwrap(), status::OK);
+                    model[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+                    writes += 1;
+                    if writes % 8 == 0 {
+                        assert_eq!(queue.flush().unwrap(), status::OK);
+                        flushes += 1;
+                    }
+                    if writes % 4 == 0 {
+                        // A range written earlier (or never): the latest acknowledged bytes.
+                        let at = (next() % ((SIZE - (256 << 10)) / 4096)) * 4096;
+                        let got = queue.read(at / 512, 256 << 10).unwrap().unwrap();
+                        assert!(
+                            got == model[at as usize..at as usize + (256 << 10)],
+                            "device {device_index}: 256 KiB at {at} after {writes} writes read back wrong"
+                        );
+                    }
+                    if writes % 16 == 0 {
+                        rss_peak_kib = rss_peak_kib.max(security_util::vm_kib(pid, "RssAnon:"));
+                        fd_peak = fd_peak.max(security_util::open_fds(pid));
+                        disk_peak = disk_peak.max(allocated_below(&local));
+                    }
+                }
+                assert_eq!(queue.flush().unwrap(), status::OK);
+                let whole = |queue: &mut BlkQueue| {
+                    let mut got = Vec::with_capacity(SIZE as usize);
+                    for at in (0..SIZE).step_by(1 << 20) {
+                        got.extend(queue.read(at / 512, 1 << 20).unwrap().unwrap());
+                    }
+                    got
+                };
+                assert!(
+                    whole(&mut queue) == model,
+                    "device {device_index}: the volume reads back as the model says"
+                );
+                let dir = served.finish(device);
+                // The local disk lost: the bucket alone has every write.
+                let fresh = dir.path().join("fresh").display().to_string();
+                let mut served = Served::start(dir, &spec, &["--volume-dir", fresh.as_str()]);
+                let mut device = served.connect(BlkDeviceConfig::default());
+                let mut queue = device.take_queue(0).unwrap();
+                assert!(
+                    whole(&mut queue) == model,
+                    "device {device_index}: the volume reads back from its bucket alone"
+                );
+                let _dir = served.finish(device);
+                (writes, flushes, rss_peak_kib, fd_peak, disk_peak)
+            })
+        })
+        .collect();
+    for (device_index, writer) in writers.into_iter().enumerate() {
+        let (writes, flushes, rss_peak_kib, fd_peak, disk_peak) = writer.join().unwrap();
+        eprintln!(
+            "soak device {device_index}: {writes} writes, {flushes} flushes, peak {} MiB anonymous memory, {fd_peak} descriptors, {} MiB on local disk",
+            rss_peak_kib / 1024,
+            disk_peak >> 20
+        );
+        assert!(writes > 16, "device {device_index} wrote ({writes} writes)");
+        assert!(
+            rss_peak_kib <= (UPLOAD_MEMORY_MIB + ALLOWANCE_MIB) << 10,
+            "device {device_index}: {rss_peak_kib} KiB of anonymous memory, over the {} MiB budget",
+            UPLOAD_MEMORY_MIB + ALLOWANCE_MIB
+        );
+        assert!(
+            fd_peak <= FD_BUDGET,
+            "device {device_index}: {fd_peak} descriptors open, over the {FD_BUDGET} budget"
+        );
+        // The cache file (the volume's size at most), the dirty limit, two log segments
+        // of slack (32 MiB each) and the small metadata files.
+        let disk_budget = SIZE + (MAX_DIRTY_MIB << 20) + (64 << 20) + (4 << 20);
+        assert!(
+            disk_peak <= disk_budget,
+            "device {device_index}: {disk_peak} bytes on local disk, over the {disk_budget} budget"
+        );
+    }
 }
