@@ -16,24 +16,27 @@
 #
 # Then a writable volume (`volume:file://...`, its bucket, log and cache in the guest's
 # tmpfs) against the raw file it was filled from, both zero-copy on one queue, the same
-# jobs alternating (64 MiB, 32 MiB with --quick); the fill is compared byte for byte.
+# jobs alternating (64 MiB, 32 MiB with --quick); the fill is compared byte for byte, and
+# the volume process's peak resident memory (VmHWM) is recorded. --volume-only runs just
+# this part.
 #
 # Under QEMU TCG the emulated guest dominates: the ratios say what each transport costs
 # relative to the others on the same guest, not what a real machine reaches.
 #
-# Usage: benches/guest-block.sh [--quick] [--runtime SECONDS] [--devices N] [--density-only]
-#                               [--json FILE]   (as root)
+# Usage: benches/guest-block.sh [--quick] [--runtime SECONDS] [--devices N]
+#                               [--density-only | --volume-only] [--json FILE]   (as root)
 source "$(dirname "${BASH_SOURCE[0]}")/../guest-images/lib.sh"
 
-runtime=4 size=256M volume_size=64M json="" quick=0 devices=1000 density_only=0
+runtime=4 size=256M volume_size=64M json="" quick=0 devices=1000 density_only=0 volume_only=0
 while [ $# -gt 0 ]; do
 	case $1 in
 	--quick) runtime=2 size=64M volume_size=32M quick=1 devices=100; shift ;;
 	--runtime) runtime=$2; shift 2 ;;
 	--devices) devices=$2; shift 2 ;;
 	--density-only) density_only=1; shift ;;
+	--volume-only) volume_only=1; shift ;;
 	--json) json=$2; shift 2 ;;
-	-h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,26p' "$0"; exit 0 ;;
 	*) die "unknown argument $1" ;;
 	esac
 done
@@ -49,7 +52,8 @@ objcopy --strip-debug "$DAEMON" "$work/extra/berth"
 
 cat >"$work/guest.sh" <<EOF
 set -e
-runtime=$runtime quick=$quick devices=$devices density_only=$density_only job_size=$size max_ios_bytes=""
+runtime=$runtime quick=$quick devices=$devices density_only=$density_only volume_only=$volume_only
+job_size=$size max_ios_bytes=""
 jobs="randread:4k:1 randread:4k:32 randwrite:4k:1 randwrite:4k:32 read:128k:8 write:128k:8 read:1m:4 write:1m:4"
 [ "\$quick" = 1 ] && jobs="randread:4k:1 randread:4k:32 read:128k:8 write:128k:8"
 run_job() { # run_job BACKEND QUEUES DEVICE JOB
@@ -75,10 +79,11 @@ run_job() { # run_job BACKEND QUEUES DEVICE JOB
 			  printf "@@bench %s %s %s %.0f %.1f %s\\n", b, q, j, iops, kib / 1024, p99 }'
 	}
 }
-add_device() { # add_device NAME ARGS...: berth block add ARGS in the background; sets DEV
+add_device() { # add_device NAME ARGS...: berth block add ARGS in the background; sets DEV and PID
 	local name=\$1
 	shift
 	/test/berth block add "\$@" >/tmp/add-\$name.out 2>/tmp/add-\$name.log &
+	PID=\$!
 	for _ in \$(seq 300); do grep -q '^ublk device' /tmp/add-\$name.out && break; sleep 0.1; done
 	DEV=\$(awk '/^ublk device/ { print \$4 }' /tmp/add-\$name.out)
 	[ -b "\$DEV" ] || { cat /tmp/add-\$name.log; exit 1; }
@@ -120,6 +125,7 @@ density() { # density N: one process exports a 4 MiB image N times
 	[ -z "\$(ls /dev/ublkb* 2>/dev/null)" ] || { echo "density: devices left after berth stopped"; exit 1; }
 	echo "@@density \$n \$(awk -v a="\$start" -v b="\$ready" 'BEGIN { print b - a }') \$rss \$threads \$fds \$((avail_before - avail_after)) \$(awk -v a="\$start_down" -v b="\$down" 'BEGIN { print b - a }')"
 }
+if [ "\$volume_only" = 0 ]; then
 dd if=/dev/urandom of=/tmp/density.img bs=1M count=4 status=none
 head -c 4096 /tmp/density.img >/tmp/density.head
 density 1
@@ -150,6 +156,7 @@ for queues in 1 4; do
 	del_devices
 done
 rm /tmp/backing.img
+fi
 
 # A volume against the raw file it was filled from, both zero-copy on one queue, smaller
 # (the volume's log, cache and bucket all live in the guest's memory). The volume's writes
@@ -166,7 +173,7 @@ add_device raw-file /tmp/volume-raw.img --ublk-transport zero-copy --queues 1 --
 raw=\$DEV
 add_device volume volume:file:///tmp/volume-bucket/vol --volume-dir /tmp/volume-local \\
 	--ublk-transport zero-copy --queues 1 --depth 64
-volume=\$DEV
+volume=\$DEV volume_pid=\$PID
 dd if=/tmp/volume-raw.img of="\$volume" bs=1M oflag=direct conv=fsync status=none
 cmp /tmp/volume-raw.img "\$volume"
 for job in \$jobs; do
@@ -177,25 +184,34 @@ for job in \$jobs; do
 	/test/berth volume gc file:///tmp/volume-bucket/vol --grace 0 >/tmp/volume-gc.log 2>&1 ||
 		{ echo "berth volume gc failed:"; tail -n 5 /tmp/volume-gc.log; exit 1; }
 done
+# The most memory the volume's process held at once over all the jobs.
+echo "@@volume-memory \$(awk '/^VmHWM:/ { print \$2 }' /proc/\$volume_pid/status)"
 del_devices
 EOF
 
-log "booting the guest: $devices devices at once, 4 backends x 2 queue counts, then a volume against a raw file, $runtime s per job"
+if [ "$volume_only" = 1 ]; then
+	log "booting the guest: a volume against a raw file, $runtime s per job"
+else
+	log "booting the guest: $devices devices at once, 4 backends x 2 queue counts, then a volume against a raw file, $runtime s per job"
+fi
 console=$work/console
 rc=0
 guest_boot --script "$work/guest.sh" --extra "$work/extra" --console "$console" --timeout 3000 || rc=$?
 if [ "$rc" != 0 ]; then
 	# What was measured before the failure is kept in the log.
-	tr -d '\r' <"$console" | grep -a -E '^@@(bench|density) ' >&2 || true
+	tr -d '\r' <"$console" | grep -a -E '^@@(bench|density|volume-memory) ' >&2 || true
 	die "the guest failed (status $rc): $(tr -d '\r' <"$console" | grep -a -v '^@@bench' | tail -n 30)"
 fi
 mkdir -p "$(dirname "$json")"
 cat >"$work/report.py" <<'PY'
 import json, sys
-out, runtime, size, density_only = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-rows, volume_rows, density = {}, {}, []
+out, runtime, size, density_only, volume_only = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+rows, volume_rows, density, volume_hwm_kib = {}, {}, [], None
 for line in sys.stdin:
     fields = line.split()
+    if fields[0] == "@@volume-memory":
+        volume_hwm_kib = int(fields[1])
+        continue
     if fields[0] == "@@density":
         n, up_s, rss, threads, fds, avail_kib, down_s = fields[1:]
         density.append({"devices": int(n), "up_s": float(up_s), "rss_kib": int(rss),
@@ -234,6 +250,8 @@ for job, b in volume_rows.items():
     raw, vol = (b.get(k, {}).get("iops", float("nan")) for k in ("raw-file", "volume"))
     print(f"{job:<26} {raw:>10.0f} {vol:>10.0f}  {ratio(vol, raw):>9.2f}x")
     volume_table.append({"job": job, "backends": b, "volume_over_raw": ratio(vol, raw)})
+if volume_hwm_kib is not None:
+    print(f"volume process: {volume_hwm_kib / 1024:.0f} MiB peak resident memory (VmHWM)")
 per_device = None
 if len(density) == 2:
     one, many = density
@@ -249,12 +267,19 @@ if len(density) == 2:
           f" {per_device['fds']:.2f} descriptors, {per_device['mem_taken_kib']:.1f} KiB of memory"
           f" in all (process and kernel), {per_device['up_s'] * 1000:.1f} ms to add,"
           f" {per_device['teardown_s'] * 1000:.1f} ms to remove")
-if len(density) != 2 or ((not rows or not volume_rows) and density_only != "1"):
+if volume_only == "1":
+    complete = bool(volume_rows) and volume_hwm_kib is not None
+elif density_only == "1":
+    complete = len(density) == 2
+else:
+    complete = len(density) == 2 and rows and volume_rows and volume_hwm_kib is not None
+if not complete:
     sys.exit("the guest printed no complete set of figures")
 json.dump({"kind": "guest-block", "runtime_s": runtime, "file_size": size, "table": table,
-           "volume_table": volume_table, "density": density, "density_per_device": per_device},
+           "volume_table": volume_table, "volume_peak_rss_kib": volume_hwm_kib,
+           "density": density, "density_per_device": per_device},
           open(out, "w"), indent=1)
 print(f"(JSON in {out})")
 PY
-tr -d '\r' <"$console" | grep -a -E '^@@(bench|density) ' |
-	python3 "$work/report.py" "$json" "$runtime" "$size" "$density_only"
+tr -d '\r' <"$console" | grep -a -E '^@@(bench|density|volume-memory) ' |
+	python3 "$work/report.py" "$json" "$runtime" "$size" "$density_only" "$volume_only"
