@@ -7,20 +7,22 @@
 # moves, the guest holds files open, a writer appends numbered lines to a log and
 # fio writes and verifies (guest/migrate.sh).
 #
-# One boot per --migration-mode:
-#   find-paths   A -> B, with a POSIX and a flock lock held in the guest (berth) and a
-#                guest process waiting for each: the host sees both held by B, the
-#                holders let go, the waiters get the locks from B (their requests moved
-#                with the guest), the guest locks again;
-#                rename one held file and delete another on the host;
-#                B -> X refused (--migration-on-error abort: the guest stays on B
-#                and keeps working); the guest lets go of the deleted file;
-#                B -> A' (A' runs a copy of the daemon binary at another path: the
-#                same-host upgrade); delete a third held file; A' -> C with
-#                --migration-on-error guest-error: the migration goes through, that
-#                file's handle fails in the guest, the others work.
-#   file-handles A -> B; rename one held file and delete another on the host;
-#                B -> A' (the copied binary): file handles carry both over.
+# One boot per --migration-mode, the same chain in both:
+#   A -> B, with a POSIX and a flock lock held in the guest (berth) and a guest process
+#   waiting for each: the host sees both held by B, the holders let go, the waiters get
+#   the locks from B (their requests moved with the guest), the guest locks again;
+#   something the source cannot describe is deleted on the host; B -> X refused
+#   (--migration-on-error abort: the guest stays on B and keeps working); the guest lets
+#   go of it; B -> A' (A' runs a copy of the daemon binary at another path: the
+#   same-host upgrade); another such deletion; A' -> C with --migration-on-error
+#   guest-error: the migration goes through, that inode fails in the guest, the others
+#   work. Held files renamed and deleted on the host move with the guest in both modes.
+# What the source cannot describe:
+#   find-paths   a file the guest holds open (it has no path any more); the held files
+#                are renamed and deleted before the refused hop.
+#   file-handles an inode the guest looked up but did not open (its file handle is
+#                stale: nothing keeps the inode alive); the held files are renamed and
+#                deleted before B -> A', and file handles carry both over.
 # Each hop prints QEMU's downtime and total migration time.
 
 MIGRATE_MODES=(fp fh)
@@ -28,10 +30,10 @@ MIGRATE_FP_GUEST_CHECKS=(mig-fp-mount mig-fp-start mig-fp-hop1 mig-fp-locks-kept
 	mig-fp-renamed mig-fp-guest-error mig-fp-finish mig-fp-umount mig-fp-kernel-quiet)
 MIGRATE_FP_HOST_CHECKS=(mig-fp-migrate1 mig-fp-locks-host mig-fp-abort mig-fp-migrate2 mig-fp-migrate3
 	mig-fp-log-host mig-fp-daemons-exit-0 mig-fp-no-stray)
-MIGRATE_FH_GUEST_CHECKS=(mig-fh-mount mig-fh-start mig-fh-hop1 mig-fh-hop2 mig-fh-renamed
-	mig-fh-finish mig-fh-umount mig-fh-kernel-quiet)
-MIGRATE_FH_HOST_CHECKS=(mig-fh-migrate1 mig-fh-migrate2 mig-fh-log-host mig-fh-daemons-exit-0
-	mig-fh-no-stray)
+MIGRATE_FH_GUEST_CHECKS=(mig-fh-mount mig-fh-start mig-fh-hop1 mig-fh-locks-kept mig-fh-abort-kept mig-fh-hop2
+	mig-fh-renamed mig-fh-guest-error mig-fh-finish mig-fh-umount mig-fh-kernel-quiet)
+MIGRATE_FH_HOST_CHECKS=(mig-fh-migrate1 mig-fh-locks-host mig-fh-abort mig-fh-migrate2 mig-fh-migrate3
+	mig-fh-log-host mig-fh-daemons-exit-0 mig-fh-no-stray)
 MIGRATE_CHECKS=("${MIGRATE_FP_GUEST_CHECKS[@]}" "${MIGRATE_FP_HOST_CHECKS[@]}"
 	"${MIGRATE_FH_GUEST_CHECKS[@]}" "${MIGRATE_FH_HOST_CHECKS[@]}")
 
@@ -227,13 +229,16 @@ mig_log_host() {
 	record_problems "$check" "$start" "${problems[@]}"
 }
 
-# Host-side changes before a hop: rename one held file, delete another (and, for the
-# guest-error hop, the third).
+# Host-side changes before a hop: rename one held file and delete another; delete
+# files of the share.
 mig_rename_and_delete() {
 	mv "$WORK/share-mig/rename-me.txt" "$WORK/share-mig/renamed.txt"
-	rm "$WORK/share-mig/delete-me.txt"
+	mig_delete delete-me.txt
 }
-mig_delete_lost() { rm "$WORK/share-mig/lose-me.txt"; }
+mig_delete() {
+	local name
+	for name in "$@"; do rm "$WORK/share-mig/$name"; done
+}
 
 # Guest script of one boot, from its steps: "check NAME FUNCTION ARGS" lines, "setup",
 # "hop HOP" (hand over to the host; expect done or failed).
@@ -288,7 +293,7 @@ mig_boot() {
 	MIG_EXTRA=$WORK/$p-extra
 	mkdir -p "$MIG_EXTRA"
 	cp "$GUEST_IMAGES_DIR/guest/checks.sh" "$GUEST_IMAGES_DIR/guest/migrate.sh" \
-		"$GUEST_IMAGES_DIR/guest/posix-lock.pl" "$MIG_EXTRA/"
+		"$GUEST_IMAGES_DIR/guest/posix-lock.pl" "$GUEST_IMAGES_DIR/guest/hold-path.pl" "$MIG_EXTRA/"
 	# Every check of the boot runs: each depends on the ones before.
 	printf 'ONLY=\nHOST_LOCKS=0\nDAEMON_KIND=%q\n' "$daemon_kind" >"$MIG_EXTRA/env"
 	# The locks the guest holds move with it (berth's host-side locks only: virtiofsd 1.14
@@ -297,23 +302,30 @@ mig_boot() {
 	if [ ${#HOST_LOCK_FLAGS[@]} -gt 0 ]; then
 		lock_setup=mig_lock_setup lock_check="check $p-locks-kept mig_locks_kept"
 	fi
+	# What the mode's source cannot describe (see the top): the guest's step before the
+	# refused hop and the host's change just before it, the guest's step after it; the
+	# same before the guest-error hop and the guest's check after it; the host's change
+	# before B -> A' and the held descriptors that must read after it (find-paths: the
+	# deleted file's was closed).
+	local pin_abort=: before_abort forget_abort before_upgrade="" upgrade_fds pin_lost=: before_lost lost_check
 	if [ "$mode_short" = fp ]; then
-		mig_guest_script "$MIG_BOOT" \
-			"check $p-mount mount_shares fs" setup "check $p-start mig_started" "$lock_setup" \
-			"hop 1 done" "check $p-hop1 mig_after_hop 1 8 9" "$lock_check" \
-			"hop 2 failed" "check $p-abort-kept mig_after_hop 2 8 9" mig_forget_deleted \
-			"hop 3 done" "check $p-hop2 mig_after_hop 3 8" "check $p-renamed mig_renamed_visible" \
-			"hop 4 done" "check $p-guest-error mig_lost_handle" \
-			mig_stop "check $p-finish mig_finish" mig_release \
-			"check $p-umount mig_unmount" "check $p-kernel-quiet mig_quiet_kernel"
+		before_abort=mig_rename_and_delete forget_abort=mig_forget_deleted upgrade_fds=8
+		before_lost="mig_delete lose-me.txt" lost_check=mig_lost_handle
 	else
-		mig_guest_script "$MIG_BOOT" \
-			"check $p-mount mount_shares fs" setup "check $p-start mig_started" \
-			"hop 1 done" "check $p-hop1 mig_after_hop 1 8 9" \
-			"hop 2 done" "check $p-hop2 mig_after_hop 2 8 9" "check $p-renamed mig_renamed_visible" \
-			mig_stop "check $p-finish mig_finish" mig_release \
-			"check $p-umount mig_unmount" "check $p-kernel-quiet mig_quiet_kernel"
+		pin_abort="mig_pin_unopened unopened-abort.txt" before_abort="mig_delete unopened-abort.txt"
+		forget_abort="mig_unpin unopened-abort.txt"
+		before_upgrade=mig_rename_and_delete upgrade_fds="8 9"
+		pin_lost="mig_pin_unopened unopened-lost.txt" before_lost="mig_delete unopened-lost.txt"
+		lost_check="mig_lost_inode unopened-lost.txt"
 	fi
+	mig_guest_script "$MIG_BOOT" \
+		"check $p-mount mount_shares fs" setup "check $p-start mig_started" "$lock_setup" \
+		"hop 1 done" "check $p-hop1 mig_after_hop 1 8 9" "$lock_check" "$pin_abort" \
+		"hop 2 failed" "check $p-abort-kept mig_after_hop 2 8 9" "$forget_abort" \
+		"hop 3 done" "check $p-hop2 mig_after_hop 3 $upgrade_fds" "check $p-renamed mig_renamed_visible" "$pin_lost" \
+		"hop 4 done" "check $p-guest-error $lost_check" \
+		mig_stop "check $p-finish mig_finish" mig_release \
+		"check $p-umount mig_unmount" "check $p-kernel-quiet mig_quiet_kernel"
 	local daemons=() consoles=()
 	log "migration tier ($mode): booting the guest on $p-a"
 	mig_daemon "$p-a" "$mode" abort
@@ -327,42 +339,34 @@ mig_boot() {
 	mig_qemu "$p-qb" "$p-b" --incoming
 	consoles+=("$LOGS/$p-qb-console.log")
 	mig_hop "$p-migrate1" 1 "$p-qa" "$p-qb" completed || ok=0
-	if [ "$mode_short" = fp ]; then
-		# The guest waits for the probe's answer: it runs whichever checks are selected.
-		if [ ${#HOST_LOCK_FLAGS[@]} -eq 0 ]; then
-			! selected "$p-locks-host" || record "$p-locks-host" SKIP 0 "the daemon has no host-side locks"
-		elif [ "$ok" = 1 ]; then
-			mig_probe_locks "$p-locks-host" "$p-a" "$p-b" || true
-		fi
-		if [ "$ok" = 1 ]; then
-			mig_daemon "$p-x" "$mode" abort
-			daemons+=("$p-x")
-			mig_qemu "$p-qx" "$p-x" --incoming
-			MIG_BEFORE_HOP=mig_rename_and_delete
-			mig_hop "$p-abort" 2 "$p-qb" "$p-qx" failed || ok=0
-		fi
-		if [ "$ok" = 1 ]; then
-			mig_daemon "$p-a2" "$mode" guest-error "$upgraded"
-			daemons+=("$p-a2")
-			mig_qemu "$p-qa2" "$p-a2" --incoming
-			consoles+=("$LOGS/$p-qa2-console.log")
-			mig_hop "$p-migrate2" 3 "$p-qb" "$p-qa2" completed || ok=0
-		fi
-		if [ "$ok" = 1 ]; then
-			mig_daemon "$p-c" "$mode" guest-error
-			daemons+=("$p-c")
-			mig_qemu "$p-qc" "$p-c" --incoming
-			consoles+=("$LOGS/$p-qc-console.log")
-			MIG_BEFORE_HOP=mig_delete_lost
-			mig_hop "$p-migrate3" 4 "$p-qa2" "$p-qc" completed || ok=0
-		fi
+	# The guest waits for the probe's answer: it runs whichever checks are selected.
+	if [ ${#HOST_LOCK_FLAGS[@]} -eq 0 ]; then
+		! selected "$p-locks-host" || record "$p-locks-host" SKIP 0 "the daemon has no host-side locks"
 	elif [ "$ok" = 1 ]; then
-		mig_daemon "$p-a2" "$mode" abort "$upgraded"
+		mig_probe_locks "$p-locks-host" "$p-a" "$p-b" || true
+	fi
+	if [ "$ok" = 1 ]; then
+		mig_daemon "$p-x" "$mode" abort
+		daemons+=("$p-x")
+		mig_qemu "$p-qx" "$p-x" --incoming
+		MIG_BEFORE_HOP=$before_abort
+		mig_hop "$p-abort" 2 "$p-qb" "$p-qx" failed || ok=0
+	fi
+	if [ "$ok" = 1 ]; then
+		mig_daemon "$p-a2" "$mode" guest-error "$upgraded"
 		daemons+=("$p-a2")
 		mig_qemu "$p-qa2" "$p-a2" --incoming
 		consoles+=("$LOGS/$p-qa2-console.log")
-		MIG_BEFORE_HOP=mig_rename_and_delete
-		mig_hop "$p-migrate2" 2 "$p-qb" "$p-qa2" completed || ok=0
+		MIG_BEFORE_HOP=$before_upgrade
+		mig_hop "$p-migrate2" 3 "$p-qb" "$p-qa2" completed || ok=0
+	fi
+	if [ "$ok" = 1 ]; then
+		mig_daemon "$p-c" "$mode" guest-error
+		daemons+=("$p-c")
+		mig_qemu "$p-qc" "$p-c" --incoming
+		consoles+=("$LOGS/$p-qc-console.log")
+		MIG_BEFORE_HOP=$before_lost
+		mig_hop "$p-migrate3" 4 "$p-qa2" "$p-qc" completed || ok=0
 	fi
 	# A broken chain: the guest stops waiting for the hops that will not come.
 	[ "$ok" = 1 ] || touch "$WORK/share-mig/mig/abandon"

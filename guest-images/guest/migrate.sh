@@ -5,7 +5,7 @@
 #   fd 7   held.txt, one line read after every hop (a held read handle)
 #   fd 8   rename-me.txt, renamed on the host before a hop
 #   fd 9   delete-me.txt, deleted on the host before a hop
-#   fd 10  lose-me.txt, deleted on the host before a guest-error hop
+#   fd 10  lose-me.txt, deleted on the host before a guest-error hop (find-paths)
 # plus a writer appending numbered lines to log.txt through a handle it holds, and fio
 # writing and verifying (crc32c) fio.dat in a loop. The host and the guest take turns
 # through files in mig/ on the share: the guest creates mig/ready-HOP, the host
@@ -13,6 +13,11 @@
 #
 # The setup and the workload start in the script's own shell (mig_setup, not a
 # check): a check runs in a subshell, whose descriptors and jobs end with it.
+#
+# In file-handles mode a deleted file the guest holds open still moves (the open file
+# keeps the inode, and so its handle, alive). What the source cannot describe there is
+# an inode the guest looked up without opening it, deleted on the host: the daemon holds
+# it by file handle only, and that handle is stale. mig_pin_unopened makes one.
 
 MIG=/mnt/fs
 MIG_HOST_WAIT=${MIG_HOST_WAIT:-300}
@@ -262,14 +267,64 @@ mig_lost_handle() {
 # inode, so that the daemon no longer holds it.
 mig_forget_deleted() {
 	exec 9<&-
+	mig_forget_unused
+}
+
+mig_forget_unused() {
 	sync
 	echo 2 >/proc/sys/vm/drop_caches
 }
 
+# mig_pin_unopened NAME: creates NAME on the share (its open file is released at once)
+# and pins its inode in the guest with an O_PATH descriptor (no FUSE_OPEN), held by a
+# job of the script's shell until /tmp/pin-NAME.go exists.
+mig_pin_unopened() {
+	local name=$1
+	: >"$MIG/$name"
+	perl /test/hold-path.pl "$MIG/$name" "/tmp/pin-$name.fd" "/tmp/pin-$name.go" &
+	echo "$!" >"/tmp/pin-$name.pid"
+	wait_for_file "/tmp/pin-$name.fd" 30 || echo "@@detail the O_PATH holder of $name did not start"
+}
+
+# The pinned inode of NAME as a path the guest can stat (the holder's descriptor).
+mig_pinned() { echo "/proc/$(cat "/tmp/pin-$1.pid")/fd/$(cat "/tmp/pin-$1.fd")"; }
+
+# mig_unpin NAME: the holder lets go; then the kernel forgets the inode.
+mig_unpin() {
+	local pid
+	pid=$(cat "/tmp/pin-$1.pid")
+	touch "/tmp/pin-$1.go"
+	wait "$pid" || echo "@@info the O_PATH holder of $1 exited $?"
+	mig_forget_unused
+}
+
+# After a guest-error hop that followed the deletion on the host of NAME, pinned but not
+# open: its file handle is stale (berth finds that on the source, virtiofsd 1.14 on the
+# destination), so the destination serves it as lost: a stat that reaches the daemon
+# fails with EIO.
+# Every other handle, the held deleted file's too, still works.
+mig_lost_inode() {
+	local name=$1 err
+	if err=$(stat --cached=never -L -c %i "$(mig_pinned "$name")" 2>&1); then
+		echo "the pinned inode deleted on the host still stats after the migration (inode $err)"
+		return 1
+	fi
+	if [[ $err != *"Input/output error"* ]]; then
+		echo "a stat of the lost inode failed, but not with EIO: $err"
+		return 1
+	fi
+	echo "@@info stat on the lost inode: ${err##*: }"
+	mig_after_hop lost 8 9
+}
+
 # Stops the workload and waits for it (in the script's shell: the jobs are its
-# children); fio's current run ends first.
+# children); fio's current run ends first. Lock and O_PATH holders let go.
 mig_stop() {
 	touch /tmp/stop-writer /tmp/stop-fio /tmp/ml-go /tmp/mf-go
+	local pin
+	for pin in /tmp/pin-*.pid; do
+		[ ! -e "$pin" ] || touch "${pin%.pid}.go"
+	done
 	wait "$MIG_WRITER" "$MIG_FIO" || true
 }
 
