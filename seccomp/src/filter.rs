@@ -343,6 +343,8 @@ const UBLK_QUEUE: &[libc::c_long] = &[
     libc::SYS_fallocate,
     libc::SYS_fdatasync,
     libc::SYS_fstat,
+    // A volume's free-space check before it preallocates a log segment.
+    libc::SYS_fstatfs,
     libc::SYS_fsync,
     libc::SYS_io_uring_enter,
     libc::SYS_io_uring_register,
@@ -400,6 +402,8 @@ const VHOST_BLK_QUEUE: &[libc::c_long] = &[
     libc::SYS_fallocate,
     libc::SYS_fdatasync,
     libc::SYS_fstat,
+    // A volume's free-space check before it preallocates a log segment.
+    libc::SYS_fstatfs,
     libc::SYS_fsync,
     libc::SYS_ioctl,
     libc::SYS_lseek,

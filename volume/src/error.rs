@@ -86,6 +86,27 @@ impl VolumeError {
         Self::Store(Box::new(err))
     }
 
+    /// Whether this is the local disk running out of space (ENOSPC, EDQUOT).
+    pub fn is_no_space(&self) -> bool {
+        matches!(
+            self,
+            VolumeError::Io { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        )
+    }
+
+    /// The message with every cause after it (`what: why: why`), for logs.
+    pub fn describe(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(err) = cause {
+            text.push_str(": ");
+            text.push_str(&err.to_string());
+            cause = err.source();
+        }
+        text
+    }
+
     /// The errno a request failing with this error completes with.
     pub fn errno(&self) -> i32 {
         match self {

@@ -7,12 +7,13 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::{IoContext, Result};
 use crate::extent_map::Advance;
 use crate::failpoint;
 use crate::format::{PackInfo, PackLoc};
+use crate::local::{free_bytes, short_of_space, READ_HEADROOM};
 use crate::pack::decode_chunks;
 use crate::store::Patience;
 use crate::volume::Inner;
@@ -123,7 +124,15 @@ impl Inner {
                 i = j;
             }
         }
-        self.install(&needs, &packs, &raw)?;
+        if let Err(err) = self.install(&needs, &packs, &raw) {
+            if !err.is_no_space() {
+                return Err(err);
+            }
+            // The local disk is full: once the janitor has evicted (it is asked to), the
+            // fetched data goes in; else the read fails with ENOSPC.
+            self.wait_for_room(Duration::from_secs(2));
+            self.install(&needs, &packs, &raw)?;
+        }
         self.metrics.fetch_latency.observe(started.elapsed());
         Ok(())
     }
@@ -154,6 +163,19 @@ impl Inner {
                 }
             }
         }
+        // A read may use the disk's headroom but its last part (the meta file's rewrite
+        // needs it); short of that, the read waits for eviction.
+        let wanted: u64 = runs.iter().map(|r| r.1).sum::<u64>() * bs;
+        if let Some(free) = free_bytes(&self.cache) {
+            if free < wanted + READ_HEADROOM {
+                let mut state = self.lock();
+                let missing: Vec<(u64, u64)> = runs.iter().map(|r| (r.0, r.1)).collect();
+                self.note_cache_space(&mut state, &missing);
+                return Err(short_of_space(format!(
+                    "caching {wanted} fetched bytes: the local disk has {free} bytes free"
+                )));
+            }
+        }
         let mut written = Vec::new();
         for &(lba, len, loc) in &runs {
             let Some(pack) = packs.get(&loc.pack) else {
@@ -174,14 +196,34 @@ impl Inner {
                     i += n;
                     continue;
                 };
-                self.cache
+                if let Err(err) = self
+                    .cache
                     .write_all_at(bytes, (lba + i) * bs)
-                    .context(|| "writing fetched data into the cache file".to_string())?;
+                    .context(|| "writing fetched data into the cache file".to_string())
+                {
+                    // What was written is kept; with the disk full the janitor evicts and
+                    // the caller tries again.
+                    let mut state = self.lock();
+                    self.mark_fetched(&mut state, written);
+                    if err.is_no_space() {
+                        self.note_cache_space(&mut state, &[(lba + i, len - i)]);
+                    }
+                    return Err(err);
+                }
                 written.push((lba + i, n, loc.advance(i)));
                 i += n;
             }
         }
         let mut state = self.lock();
+        self.mark_fetched(&mut state, written);
+        drop(state);
+        failpoint::hit("fetch.after_install");
+        Ok(())
+    }
+
+    /// Marks blocks written into the cache as present where they are still mapped to what
+    /// was fetched.
+    fn mark_fetched(&self, state: &mut crate::volume::State, written: Vec<(u64, u64, PackLoc)>) {
         for (lba, n, loc) in written {
             for piece in state.map.map.pieces(lba, n) {
                 if piece.value == Some(loc.advance(piece.start - lba)) {
@@ -191,9 +233,6 @@ impl Inner {
         }
         self.metrics
             .cached_bytes
-            .store(state.presence.count() * bs, Ordering::Relaxed);
-        drop(state);
-        failpoint::hit("fetch.after_install");
-        Ok(())
+            .store(state.presence.count() * self.block_size, Ordering::Relaxed);
     }
 }

@@ -30,12 +30,13 @@ impl Inner {
                     .unwrap_or_else(|e| e.into_inner());
             }
             self.pins.run_ready();
+            self.reserve.refill();
             if let Err(err) = self.evict() {
-                tracing::warn!(volume = %self.store.location, "evicting cache blocks: {err}");
+                tracing::warn!(volume = %self.store.location, "evicting cache blocks: {}", err.describe());
             }
             if last_persist.elapsed() >= Duration::from_secs(5) {
                 if let Err(err) = self.persist_presence() {
-                    tracing::warn!(volume = %self.store.location, "checkpointing the cache map: {err}");
+                    tracing::warn!(volume = %self.store.location, "checkpointing the cache map: {}", err.describe());
                 }
                 failpoint::hit("checkpoint.after_persist");
                 last_persist = Instant::now();
@@ -81,7 +82,7 @@ impl Inner {
                                 .fetch_add(report.manifests_deleted, Ordering::Relaxed);
                         }
                         Err(err) => {
-                            tracing::warn!(volume = %self.store.location, "garbage collection: {err}")
+                            tracing::warn!(volume = %self.store.location, "garbage collection: {}", err.describe())
                         }
                     }
                 }
@@ -89,21 +90,26 @@ impl Inner {
         }
     }
 
-    /// Keeps the cache under its limit: clears the presence of the least recently used
-    /// regions (on disk first), then punches them once no read uses them.
+    /// Keeps the cache under its limit (down to 90 % of it) and, when the local disk ran
+    /// out of space (`room_wanted`), frees a tenth of what is cached, at least two log
+    /// segments' worth: clears the presence of the least recently used regions (on disk
+    /// first), then punches them once no read uses them.
     pub(crate) fn evict(self: &Arc<Self>) -> crate::error::Result<()> {
-        let Some(limit) = self.options.cache_bytes else {
-            return Ok(());
-        };
         let bs = self.block_size;
         let mut victims = Vec::new();
+        let room_wanted;
         {
             let mut state = self.lock();
+            room_wanted = std::mem::take(&mut state.room_wanted);
             let used = state.presence.count() * bs;
-            if used <= limit {
-                return Ok(());
+            let mut target = match self.options.cache_bytes {
+                Some(limit) if used > limit => limit / 10 * 9,
+                _ => used,
+            };
+            if room_wanted {
+                let room = (used / 10).max(2 * self.options.segment_bytes);
+                target = target.min(used.saturating_sub(room));
             }
-            let target = limit / 10 * 9;
             let regions = state.region_refs.len();
             let mut freed = 0u64;
             let mut steps = 0;
@@ -136,33 +142,48 @@ impl Inner {
             self.metrics
                 .evicted_bytes
                 .fetch_add(freed, Ordering::Relaxed);
-        }
-        if victims.is_empty() {
-            return Ok(());
+            if victims.is_empty() {
+                if room_wanted {
+                    // Nothing cached to give back: whoever waits for room stops waiting.
+                    state.room_made += 1;
+                    self.changed.notify_all();
+                }
+                return Ok(());
+            }
         }
         self.persist_presence()?;
         failpoint::hit("evict.after_clear");
         let weak: Weak<Inner> = Arc::downgrade(self);
         self.pins.defer(move || {
             let Some(inner) = weak.upgrade() else { return };
-            let _writing = inner.cache_write.lock().unwrap_or_else(|e| e.into_inner());
-            // Blocks fetched again since are left alone.
-            let runs: Vec<(u64, u64)> = {
-                let state = inner.lock();
-                victims
-                    .iter()
-                    .flat_map(|&(start, len)| state.presence.runs(start, len))
-                    .filter(|r| !r.2)
-                    .map(|r| (r.0, r.1))
-                    .collect()
-            };
-            for (start, len) in runs {
-                if let Err(err) = punch(&inner.cache, start * bs, len * bs) {
-                    tracing::warn!("punching evicted cache blocks: {err}");
+            {
+                let _writing = inner.cache_write.lock().unwrap_or_else(|e| e.into_inner());
+                // Blocks fetched again since are left alone.
+                let runs: Vec<(u64, u64)> = {
+                    let state = inner.lock();
+                    victims
+                        .iter()
+                        .flat_map(|&(start, len)| state.presence.runs(start, len))
+                        .filter(|r| !r.2)
+                        .map(|r| (r.0, r.1))
+                        .collect()
+                };
+                for (start, len) in runs {
+                    if let Err(err) = punch(&inner.cache, start * bs, len * bs) {
+                        tracing::warn!("punching evicted cache blocks: {err}");
+                    }
                 }
+            }
+            if room_wanted {
+                inner.lock().room_made += 1;
+                inner.changed.notify_all();
             }
             failpoint::hit("evict.after_punch");
         });
+        if room_wanted {
+            // Room is wanted now, not at the next round.
+            self.pins.run_ready();
+        }
         Ok(())
     }
 

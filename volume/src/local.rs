@@ -304,6 +304,91 @@ impl Presence {
     }
 }
 
+/// Local disk space the log and the cache leave free, for the small files the volume
+/// rewrites (meta, presence checkpoints) and the reserve: a log segment is not created, and
+/// data is not cached, into the last few MiB.
+pub const DISK_HEADROOM: u64 = 4 << 20;
+
+/// What a read's fetch leaves free: reads may use most of the headroom, writes may not.
+pub const READ_HEADROOM: u64 = 1 << 20;
+
+/// Bytes free for an unprivileged writer on the file system holding `file` (None if the
+/// kernel does not say).
+pub fn free_bytes(file: &File) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fstatfs fills the statfs it is given; the descriptor is open for the call.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: fstatfs succeeded, so it initialised the structure.
+    let stat = unsafe { stat.assume_init() };
+    Some(stat.f_bavail.saturating_mul(stat.f_bsize as u64))
+}
+
+/// An ENOSPC error for `what`, when the local disk keeps less than the headroom free.
+pub fn short_of_space(what: String) -> crate::error::VolumeError {
+    crate::error::VolumeError::Io {
+        context: what,
+        source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+    }
+}
+
+/// Space kept aside on the local disk for the small file the volume rewrites whole (its
+/// meta file, written anew and renamed over the old one): with the disk full that rewrite
+/// would fail and stop the volume, so the reserve is given back for it, and taken again
+/// once there is room.
+#[derive(Debug)]
+pub struct Reserve {
+    file: File,
+    path: PathBuf,
+    held: std::sync::atomic::AtomicBool,
+}
+
+impl Reserve {
+    /// Bytes kept aside.
+    pub const BYTES: u64 = 1 << 20;
+
+    /// Opens (or creates) the reserve file in `dir` and fills it if there is room.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join("reserve");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .context(|| format!("opening {}", path.display()))?;
+        let reserve = Self {
+            file,
+            path,
+            held: std::sync::atomic::AtomicBool::new(false),
+        };
+        reserve.refill();
+        Ok(reserve)
+    }
+
+    /// Takes the space again if it was given back; answers whether it is held.
+    pub fn refill(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.held.load(Ordering::Relaxed) {
+            return true;
+        }
+        let filled = crate::wal::preallocate(&self.file, Self::BYTES, &self.path).is_ok();
+        self.held.store(filled, Ordering::Relaxed);
+        filled
+    }
+
+    /// Gives the space back to the file system.
+    pub fn release(&self) -> Result<()> {
+        self.held.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.file
+            .set_len(0)
+            .context(|| format!("emptying {}", self.path.display()))
+    }
+}
+
 /// The `present` file.
 #[derive(Debug)]
 pub struct PresenceFile {
@@ -369,6 +454,16 @@ impl PresenceFile {
                 .and_then(|()| file.write_all_at(&fresh, 0))
                 .and_then(|()| file.sync_all())
                 .context(|| format!("initialising {}", path.display()))?;
+        }
+        // Allocated whole, so that writing its pages never needs space: with the disk
+        // full, marking evicted blocks absent must still work (it is what frees space).
+        if let Err(err) = crate::wal::preallocate(&file, PRESENT_HEADER + words as u64 * 8, &path) {
+            tracing::warn!(
+                "Cannot allocate {} in full ({}); with the local disk full, evicting cached \
+                 blocks may fail.",
+                path.display(),
+                err.describe()
+            );
         }
         Ok((Self { file, path }, presence))
     }

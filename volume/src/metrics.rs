@@ -79,6 +79,9 @@ pub struct VolumeMetrics {
     pub read_hits: AtomicU64,
     pub read_misses: AtomicU64,
     pub evicted_bytes: AtomicU64,
+    /// Bytes of published or fetched data not written to the cache because the local disk
+    /// was full (read from the bucket when needed).
+    pub uncached_bytes: AtomicU64,
     pub gc_packs_deleted: AtomicU64,
     pub gc_bytes_deleted: AtomicU64,
     pub gc_manifests_deleted: AtomicU64,
@@ -103,7 +106,7 @@ impl VolumeMetrics {
                 let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
             }
         };
-        let plain: [(&str, &str, &AtomicU64); 26] = [
+        let plain: [(&str, &str, &AtomicU64); 27] = [
             (
                 "berth_volume_dirty_bytes",
                 "Bytes written and acknowledged but not in the bucket yet.",
@@ -138,6 +141,11 @@ impl VolumeMetrics {
                 "berth_volume_uploads_in_flight_max",
                 "The most packs built or uploaded at once since the volume opened.",
                 &self.uploads_in_flight_max,
+            ),
+            (
+                "berth_volume_uncached_bytes_total",
+                "Bytes not written to the local cache because the local disk was full.",
+                &self.uncached_bytes,
             ),
             (
                 "berth_volume_upload_memory_bytes",

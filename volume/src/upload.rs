@@ -16,6 +16,7 @@ use crate::error::{IoContext, Result, VolumeError};
 use crate::extent_map::{Advance, ExtentMap};
 use crate::failpoint;
 use crate::format::{hex, Manifest, ManifestKind, PackInfo, PackLoc};
+use crate::local::{free_bytes, DISK_HEADROOM};
 use crate::pack::pack_blocks;
 use crate::store::{Created, Patience};
 use crate::volume::{DirtyLoc, Inner, State};
@@ -304,7 +305,7 @@ impl Inner {
                 other => {
                     // Reading the log back failed its checksum, or the disk failed:
                     // uploading what is there could spread damage. Stop.
-                    self.fail(format!("uploading: {other}"));
+                    self.fail(format!("uploading: {}", other.describe()));
                 }
             }
         }
@@ -767,17 +768,40 @@ impl Inner {
         failpoint::hit("apply.after_clear");
         // Reads that mapped these cache blocks before they were invalidated finish first.
         self.pins.wait_older();
+        // With the local disk full, data ranges stay out of the cache (they are in the
+        // bucket now; a read fetches them) rather than stop the volume.
+        let mut uncached: Vec<(u64, u64)> = Vec::new();
         {
             let _writing = self.cache_write.lock().unwrap_or_else(|e| e.into_inner());
+            // What the cache may still take without eating into the disk's headroom
+            // (counted as if every write needed new space).
+            let mut room = free_bytes(&self.cache).map(|free| free.saturating_sub(DISK_HEADROOM));
             for (batch, batch_ranges) in batches.iter().zip(&ranges) {
                 for &(lba, len, loc) in batch_ranges {
                     let offset = lba * self.block_size;
                     match loc {
                         BatchLoc::Data { at } => {
                             let bytes = batch.bytes_of(at, len, self.block_size);
-                            self.cache
-                                .write_all_at(bytes, offset)
-                                .context(|| "writing the cache file".to_string())?;
+                            let fits = room.is_none_or(|room| room >= bytes.len() as u64);
+                            let written = fits
+                                && match self
+                                    .cache
+                                    .write_all_at(bytes, offset)
+                                    .context(|| "writing the cache file".to_string())
+                                {
+                                    Ok(()) => true,
+                                    Err(err) if err.is_no_space() => false,
+                                    Err(err) => return Err(err),
+                                };
+                            if written {
+                                room = room.map(|room| room - bytes.len() as u64);
+                            } else {
+                                // Left out: older cached blocks of these addresses go too
+                                // (their presence is clear), giving their space back.
+                                punch(&self.cache, offset, len * self.block_size)
+                                    .context(|| "punching the cache file".to_string())?;
+                                uncached.push((lba, len));
+                            }
                         }
                         BatchLoc::Zero => punch(&self.cache, offset, len * self.block_size)
                             .context(|| "punching the cache file".to_string())?,
@@ -785,9 +809,21 @@ impl Inner {
                 }
             }
             failpoint::hit("apply.after_cache_write");
-            self.cache
+            match self
+                .cache
                 .sync_data()
-                .context(|| "syncing the cache file".to_string())?;
+                .context(|| "syncing the cache file".to_string())
+            {
+                Ok(()) => {}
+                Err(err) if err.is_no_space() => {
+                    // Which writes did not make it is unknown: none of them is trusted.
+                    uncached = all_ranges()
+                        .filter(|r| matches!(r.2, BatchLoc::Data { .. }))
+                        .map(|&(lba, len, _)| (lba, len))
+                        .collect();
+                }
+                Err(err) => return Err(err),
+            }
             failpoint::hit("apply.after_cache_sync");
             let mut state = self.lock();
             for &(lba, len, loc) in all_ranges() {
@@ -799,9 +835,13 @@ impl Inner {
                     }
                 }
             }
+            for &(lba, len) in &uncached {
+                state.presence.set_range(lba, len, false);
+            }
             self.metrics
                 .cached_bytes
                 .store(state.presence.count() * self.block_size, Ordering::Relaxed);
+            self.note_cache_space(&mut state, &uncached);
         }
         self.persist_presence()?;
         failpoint::hit("apply.after_set");
@@ -832,10 +872,19 @@ impl Inner {
                 .store(state.pending_bytes, Ordering::Relaxed);
         }
         self.changed.notify_all();
-        self.write_meta(|m| {
+        let applied = |m: &mut crate::local::LocalMeta| {
             m.applied_version = m.applied_version.max(version);
             m.applied_seq = m.applied_seq.max(last_seq);
-        })?;
+        };
+        if let Err(err) = self.write_meta(applied) {
+            if !err.is_no_space() {
+                return Err(err);
+            }
+            // The meta file is rewritten whole: with the disk full, once eviction freed
+            // some of the cache.
+            self.wait_for_room(Duration::from_secs(5));
+            self.write_meta(applied)?;
+        }
         failpoint::hit("apply.after_meta");
         self.trim_segments(false);
         Ok(())

@@ -44,7 +44,9 @@ use crate::extent_map::{Advance, ExtentMap};
 use crate::failpoint;
 use crate::format::{hex, now_ms, random_id, Manifest, ManifestKind, VolumeConfig};
 use crate::lease::{self, Lease, Takeover};
-use crate::local::{LocalDir, LocalMeta, Presence, PresenceFile};
+use crate::local::{
+    short_of_space, LocalDir, LocalMeta, Presence, PresenceFile, Reserve, DISK_HEADROOM,
+};
 use crate::mapping::BlockMap;
 use crate::metrics::VolumeMetrics;
 use crate::pins::Pins;
@@ -81,6 +83,10 @@ impl Durability {
 /// two full 32 MiB packs. Small enough for a 1 GiB machine, enough to keep four PUT
 /// streams busy against an S3 server on a LAN.
 pub const DEFAULT_UPLOAD_MEMORY: u64 = 128 << 20;
+
+/// How long a write waits for local disk space for its log segment before it fails with
+/// ENOSPC.
+const ROOM_WAIT: Duration = Duration::from_secs(10);
 
 /// `VolumeOptions::max_dirty_bytes`' default.
 pub const DEFAULT_MAX_DIRTY_BYTES: u64 = 1 << 30;
@@ -248,6 +254,16 @@ pub(crate) struct State {
     pub fenced: Option<String>,
     pub stopping: bool,
     pub upload_now: bool,
+    /// The local disk ran out of space (a log segment, a cache write): the janitor evicts
+    /// cached blocks to make room.
+    pub room_wanted: bool,
+    /// A segment number whose files an attempt that found the disk full left behind: the
+    /// next attempt takes them over.
+    pub unfinished_segment: Option<u32>,
+    /// Eviction rounds run for `room_wanted` (their blocks punched), for waiters.
+    pub room_made: u64,
+    /// The last apply left data out of the cache for want of space (logged once per spell).
+    pub cache_short_of_space: bool,
     pub sync_requests: Vec<FlushRequest>,
     pub object_waiters: Vec<FlushRequest>,
 }
@@ -287,6 +303,8 @@ pub(crate) struct Inner {
     /// Held while writing or punching the cache file.
     pub cache_write: Mutex<()>,
     pub presence_file: PresenceFile,
+    /// Local disk space kept for rewriting the meta file when the disk is full.
+    pub reserve: Reserve,
     /// Orders presence persists (snapshot and write as one).
     pub persist_lock: Mutex<()>,
     pub pins: Arc<Pins>,
@@ -366,16 +384,44 @@ impl Inner {
         self.changed.notify_all();
     }
 
-    /// Creates a new active segment (sealing the old one).
-    fn rotate(&self, state: &mut State) -> Result<()> {
+    /// Creates a new active segment (sealing the old one) with room for at least
+    /// `min_blocks` data blocks. With the local disk short of space for a whole segment,
+    /// a smaller one (down to 1 MiB, or the write) will do.
+    fn rotate(&self, state: &mut State, min_blocks: u64) -> Result<()> {
         let number = state.next_segment;
-        let data_blocks = (self.options.segment_bytes / self.block_size).max(16);
-        let files = SegmentFiles::create(
-            &self.local.wal_dir(),
-            number,
-            data_blocks,
-            self.config.block_size,
-        )?;
+        let floor = min_blocks.max((1 << 20) / self.block_size).max(16);
+        let mut data_blocks = (self.options.segment_bytes / self.block_size)
+            .max(16)
+            .max(min_blocks);
+        let free = crate::local::free_bytes(&self.cache);
+        let files = loop {
+            let needs = data_blocks * (self.block_size + wal::RECORD_LEN as u64);
+            let made = match free {
+                Some(free) if free < needs + DISK_HEADROOM => Err(short_of_space(format!(
+                    "creating log segment {number} of {needs} bytes: the local disk has {free} bytes free"
+                ))),
+                _ => SegmentFiles::create(
+                    &self.local.wal_dir(),
+                    number,
+                    data_blocks,
+                    self.config.block_size,
+                    state.unfinished_segment == Some(number),
+                ),
+            };
+            match made {
+                Ok(files) => break files,
+                Err(err) if err.is_no_space() && data_blocks / 2 >= floor => {
+                    state.unfinished_segment = Some(number);
+                    data_blocks /= 2;
+                }
+                Err(err) => {
+                    if err.is_no_space() {
+                        state.unfinished_segment = Some(number);
+                    }
+                    return Err(err);
+                }
+            }
+        };
         failpoint::hit("rotate.after_create");
         state.next_segment = number + 1;
         if let Some(active) = state.active.and_then(|a| state.segments.get_mut(&a)) {
@@ -402,6 +448,53 @@ impl Inner {
         Ok(())
     }
 
+    /// Records ranges left out of the cache for want of local disk space (none: an apply
+    /// found room): counted, logged once per spell, and the janitor asked to evict.
+    pub(crate) fn note_cache_space(&self, state: &mut State, uncached: &[(u64, u64)]) {
+        if uncached.is_empty() {
+            if state.cache_short_of_space {
+                state.cache_short_of_space = false;
+                tracing::info!(volume = %self.store.location, "The local disk has room for the cache again.");
+            }
+            return;
+        }
+        let bytes = uncached.iter().map(|r| r.1).sum::<u64>() * self.block_size;
+        self.metrics
+            .uncached_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+        state.room_wanted = true;
+        if !state.cache_short_of_space {
+            state.cache_short_of_space = true;
+            tracing::warn!(
+                volume = %self.store.location,
+                "The local disk is full: {bytes} bytes the bucket holds were not written to the \
+                 local cache (reads fetch them again); evicting cached blocks to make room."
+            );
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits (at most `timeout`) for the janitor's next eviction round made for want of
+    /// space to have freed its blocks.
+    pub(crate) fn wait_for_room(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        let round = state.room_made;
+        state.room_wanted = true;
+        self.changed.notify_all();
+        while state.room_made == round && !state.stopping {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     pub(crate) fn update_wal_gauge(&self, state: &State) {
         let bytes: u64 = state
             .segments
@@ -423,7 +516,7 @@ impl Inner {
                 }
             }
             if attempt == 0 {
-                self.rotate(state)?;
+                self.rotate(state, blocks)?;
             }
         }
         Err(VolumeError::Invalid(format!(
@@ -452,7 +545,35 @@ impl Inner {
         if let Some(err) = state.refuse_writes() {
             return Err(err);
         }
-        let number = self.room(&mut state, blocks)?;
+        // With the local disk too full for a log segment, the write waits (as for the
+        // dirty limit) while cached blocks are evicted and applied segments retire; it
+        // fails with ENOSPC only if no room comes.
+        let room_deadline = Instant::now() + ROOM_WAIT;
+        let number = loop {
+            match self.room(&mut state, blocks) {
+                Ok(number) => break number,
+                Err(err) if err.is_no_space() && Instant::now() < room_deadline => {
+                    state.room_wanted = true;
+                    self.changed.notify_all();
+                    state = self
+                        .changed
+                        .wait_timeout(state, Duration::from_millis(50))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    if let Some(err) = state.refuse_writes() {
+                        return Err(err);
+                    }
+                }
+                Err(err) => {
+                    if err.is_no_space() {
+                        state.room_wanted = true;
+                        drop(state);
+                        self.changed.notify_all();
+                    }
+                    return Err(err);
+                }
+            }
+        };
         let seg = state
             .segments
             .get_mut(&number)
@@ -1029,7 +1150,15 @@ impl Inner {
         let mut meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
         let mut next = meta.clone();
         change(&mut next);
-        self.local.write_meta(&next)?;
+        match self.local.write_meta(&next) {
+            Err(err) if err.is_no_space() => {
+                // The disk is full: the reserve makes room for this one rewrite (the
+                // janitor takes it again later).
+                self.reserve.release()?;
+                self.local.write_meta(&next)?;
+            }
+            other => other?,
+        }
         *meta = next;
         Ok(())
     }
@@ -1134,6 +1263,7 @@ impl Volume {
         let cache = local.open_cache(config.size)?;
         let (presence_file, presence) =
             PresenceFile::open(&local.path, &config.id_bytes(), config.blocks())?;
+        let reserve = Reserve::open(&local.path)?;
 
         let mut meta = match (&old_meta, keep_local) {
             (Some(meta), true) => meta.clone(),
@@ -1178,6 +1308,10 @@ impl Volume {
                 fenced: None,
                 stopping: false,
                 upload_now: false,
+                room_wanted: false,
+                room_made: 0,
+                unfinished_segment: None,
+                cache_short_of_space: false,
                 sync_requests: Vec::new(),
                 object_waiters: Vec::new(),
             }),
@@ -1185,6 +1319,7 @@ impl Volume {
             cache,
             cache_write: Mutex::new(()),
             presence_file,
+            reserve,
             persist_lock: Mutex::new(()),
             pins: Arc::new(Pins::default()),
             metrics: Arc::new(VolumeMetrics::default()),
@@ -1297,7 +1432,16 @@ impl Volume {
                 Box::new(move || loop {
                     let job = receiver.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     let Ok((ranges, reply)) = job else { return };
-                    reply.send(inner.fetch(&ranges));
+                    let fetched = inner.fetch(&ranges);
+                    if let Err(err) = &fetched {
+                        // The read fails with it: say why here, where the cause is known.
+                        tracing::warn!(
+                            volume = %inner.store.location,
+                            "A read's fetch failed: {}",
+                            err.describe()
+                        );
+                    }
+                    reply.send(fetched);
                 }),
             )?);
         }
@@ -1372,7 +1516,7 @@ impl Volume {
         let inner = &self.inner;
         let drained = self.sync_to_bucket(inner.options.drain_timeout);
         if let Err(err) = &drained {
-            tracing::warn!(volume = %inner.store.location, "closing with writes not in the bucket (they stay in the local log and are uploaded when the volume is opened again): {err}");
+            tracing::warn!(volume = %inner.store.location, "closing with writes not in the bucket (they stay in the local log and are uploaded when the volume is opened again): {}", err.describe());
         }
         failpoint::hit("close.after_drain");
         {
@@ -1397,7 +1541,10 @@ impl Volume {
                 let patience = Patience::For(Duration::from_secs(10));
                 let store = Store::with_backend_of(&inner.store);
                 if let Err(err) = lease::release(&store, &lease, patience) {
-                    tracing::warn!("cannot release the lease (it expires by itself): {err}");
+                    tracing::warn!(
+                        "cannot release the lease (it expires by itself): {}",
+                        err.describe()
+                    );
                 }
             }
         }
@@ -1408,7 +1555,7 @@ impl Volume {
 impl Drop for Volume {
     fn drop(&mut self) {
         if let Err(err) = self.close() {
-            tracing::warn!("closing the volume: {err}");
+            tracing::warn!("closing the volume: {}", err.describe());
         }
     }
 }

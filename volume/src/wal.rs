@@ -139,7 +139,7 @@ pub struct SegmentFiles {
     pub slots: u64,
 }
 
-fn preallocate(file: &File, len: u64, path: &Path) -> Result<()> {
+pub(crate) fn preallocate(file: &File, len: u64, path: &Path) -> Result<()> {
     // SAFETY: fallocate on a descriptor we own; plain integer arguments.
     let rc = unsafe {
         libc::fallocate(
@@ -163,14 +163,28 @@ fn preallocate(file: &File, len: u64, path: &Path) -> Result<()> {
 }
 
 impl SegmentFiles {
-    /// Creates segment `number` with room for `data_blocks` blocks of `block_size`.
-    pub fn create(dir: &Path, number: u32, data_blocks: u64, block_size: u32) -> Result<Self> {
+    /// Creates segment `number` with room for `data_blocks` blocks of `block_size`. Files
+    /// of that number already there are refused, unless `take_over`: the caller's own
+    /// earlier attempt left them when it could not preallocate them (the disk was full),
+    /// they hold nothing, and they are emptied and used rather than unlinked (which
+    /// request threads may not do).
+    pub fn create(
+        dir: &Path,
+        number: u32,
+        data_blocks: u64,
+        block_size: u32,
+        take_over: bool,
+    ) -> Result<Self> {
         let (data_path, index_path) = segment_paths(dir, number);
         let open = |path: &Path| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
+            let mut options = OpenOptions::new();
+            options.read(true).write(true);
+            if take_over {
+                options.create(true).truncate(true);
+            } else {
+                options.create_new(true);
+            }
+            options
                 .open(path)
                 .context(|| format!("creating {}", path.display()))
         };
@@ -303,7 +317,7 @@ mod tests {
     #[test]
     fn a_segment_scan_finds_the_records_written_and_skips_holes() {
         let dir = tempfile::tempdir().unwrap();
-        let seg = SegmentFiles::create(dir.path(), 5, 64, 4096).unwrap();
+        let seg = SegmentFiles::create(dir.path(), 5, 64, 4096, false).unwrap();
         let mk = |seq| Record {
             epoch: 1,
             seq,
@@ -326,7 +340,7 @@ mod tests {
         assert_eq!(used, 3);
         assert_eq!(list_segments(dir.path()).unwrap(), vec![5]);
         assert!(
-            SegmentFiles::create(dir.path(), 5, 64, 4096).is_err(),
+            SegmentFiles::create(dir.path(), 5, 64, 4096, false).is_err(),
             "never reused"
         );
     }

@@ -488,3 +488,116 @@ fn sustained_writes_stay_within_the_upload_memory_budget_and_the_dirty_limit() {
     let (volume, _) = open_volume(&location, options("b")).unwrap();
     assert_same(&volume, &model, "reopened from the bucket alone");
 }
+
+/// A small tmpfs mounted over `dir` for the test's life (root only).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> Option<SmallDisk> {
+        use std::ffi::CString;
+        std::fs::create_dir_all(dir).unwrap();
+        let target = CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        let options = CString::new(format!("size={size}")).unwrap();
+        // SAFETY: mount with NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            )
+        };
+        (rc == 0).then(|| SmallDisk(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let target = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: umount2 with a NUL-terminated path; MNT_DETACH needs no further state.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// The local disk fills up: the cache directory is a tmpfs far smaller than the volume.
+/// Published data that does not fit stays out of the cache (counted, read back from the
+/// bucket), cached blocks are evicted to make room, a write waits for room and fails at
+/// worst with ENOSPC (never EIO, and the volume keeps going), and every acknowledged write
+/// reads back, then again from the bucket alone.
+#[test]
+fn a_full_local_disk_costs_cache_not_data() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        berth_testkit::skip("mounting a small tmpfs for the local disk needs root");
+        return;
+    }
+    const WRITE: usize = 64 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let location = create(&dir.path().join("bucket"), "vol");
+    let Some(_disk) = SmallDisk::mount(&dir.path().join("small"), "10m") else {
+        berth_testkit::skip("mounting a tmpfs failed");
+        return;
+    };
+    let options = VolumeOptions {
+        segment_bytes: MIB,
+        pack_bytes: MIB,
+        max_dirty_bytes: 3 * MIB,
+        ..busy_options(&dir.path().join("small/cache"))
+    };
+    let (volume, _) = open_volume(&location, options).unwrap();
+    let mut model = vec![0u8; SIZE as usize];
+    let mut state = 0xd15c_u64;
+    let mut refused = 0u32;
+    // Three times the volume, which is more than half again the disk.
+    for step in 0..(3 * SIZE as usize / WRITE) {
+        let offset = (rng(&mut state) % (SIZE / WRITE as u64)) * WRITE as u64;
+        let data = pseudo_random(step as u64 + 1, WRITE);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match write_at(&volume, offset, &data, false) {
+                Ok(()) => break,
+                Err(err) => {
+                    assert_eq!(
+                        err.errno(),
+                        libc::ENOSPC,
+                        "step {step}: a full disk fails a write with ENOSPC only: {err}"
+                    );
+                    refused += 1;
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "step {step}: writes kept failing for want of space: {err}"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        model[offset as usize..offset as usize + WRITE].copy_from_slice(&data);
+    }
+    volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
+    let metrics = volume.metrics();
+    let uncached = metrics.uncached_bytes.load(Ordering::Relaxed);
+    let evicted = metrics.evicted_bytes.load(Ordering::Relaxed);
+    eprintln!("full disk: {uncached} bytes left out of the cache, {evicted} evicted, {refused} writes refused with ENOSPC");
+    assert!(
+        uncached > 0 || evicted > 0,
+        "the 10 MiB disk could not hold a 16 MiB cache and the log: it filled"
+    );
+    // In reads of 1 MiB, as a transport sends them (a read is served from the cache: all
+    // of it must fit at once).
+    for (i, expected) in model.chunks(MIB as usize).enumerate() {
+        let offset = i as u64 * MIB;
+        let mut got = vec![0u8; MIB as usize];
+        if let Err(err) = read_at(&volume, offset, &mut got) {
+            panic!("the read of MiB {i} failed with the local disk full: {err}");
+        }
+        assert!(
+            got == expected,
+            "MiB {i} reads back wrong with the local disk full"
+        );
+    }
+    volume.close().unwrap();
+    drop(volume);
+    let (volume, _) = open_volume(&location, busy_options(&dir.path().join("roomy"))).unwrap();
+    assert_same(&volume, &model, "reopened from the bucket alone");
+}
