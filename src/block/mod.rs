@@ -78,6 +78,7 @@ impl DeviceDescription {
                 "upload_memory": v.upload_memory,
                 "max_dirty_bytes": v.max_dirty_bytes,
                 "upload_rate": v.upload_rate,
+                "cache_bytes": v.cache_bytes,
             })),
         })
     }
@@ -154,6 +155,7 @@ impl DeviceDescription {
                         .get("upload_rate")
                         .and_then(|v| v.as_u64())
                         .map(|n| n.max(64 << 10)),
+                    cache_bytes: volume.get("cache_bytes").and_then(|v| v.as_u64()),
                 }),
             },
         })
@@ -872,6 +874,7 @@ mod tests {
                 upload_memory: 48 << 20,
                 max_dirty_bytes: 256 << 20,
                 upload_rate: Some(8 << 20),
+                cache_bytes: Some(1 << 30),
             }),
             ..desc.clone()
         };

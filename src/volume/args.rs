@@ -218,6 +218,12 @@ pub struct VolumeServeArgs {
     /// stored, after compression) [default: unlimited].
     #[arg(long, value_name = "BYTES", value_parser = parse_upload_rate)]
     pub upload_rate: Option<u64>,
+
+    /// Most bytes of bucket data a volume keeps cached on local disk (K, M, G suffixes);
+    /// the least recently used 1 MiB regions are evicted beyond it [default: the whole
+    /// volume, as far as the disk allows].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub volume_cache_size: Option<u64>,
 }
 
 fn parse_upload_rate(s: &str) -> Result<u64, String> {
@@ -267,6 +273,7 @@ impl Default for VolumeServeArgs {
             upload_memory: DEFAULT_UPLOAD_MEMORY,
             max_dirty: DEFAULT_MAX_DIRTY,
             upload_rate: None,
+            volume_cache_size: None,
         }
     }
 }

@@ -55,6 +55,7 @@ pub struct VolumeServeSettings {
     pub upload_memory: u64,
     pub max_dirty_bytes: u64,
     pub upload_rate: Option<u64>,
+    pub cache_bytes: Option<u64>,
 }
 
 impl From<&VolumeServeArgs> for VolumeServeSettings {
@@ -70,6 +71,7 @@ impl From<&VolumeServeArgs> for VolumeServeSettings {
             upload_memory: args.upload_memory,
             max_dirty_bytes: args.max_dirty,
             upload_rate: args.upload_rate,
+            cache_bytes: args.volume_cache_size,
         }
     }
 }
@@ -88,6 +90,7 @@ pub fn open_volume(spec: &str, settings: &VolumeServeSettings) -> anyhow::Result
         upload_memory: settings.upload_memory,
         max_dirty_bytes: settings.max_dirty_bytes,
         upload_rate: settings.upload_rate,
+        cache_bytes: settings.cache_bytes,
         ..VolumeOptions::default()
     };
     let (volume, report) = Volume::open(&location, options)
@@ -467,6 +470,7 @@ mod tests {
         let defaults = VolumeServeSettings::from(&VolumeServeArgs::default());
         assert_eq!(defaults, settings, "Default and the flags' defaults agree");
         assert_eq!(settings.upload_rate, library.upload_rate);
+        assert_eq!(settings.cache_bytes, library.cache_bytes);
         let small = Cli::parse_from([
             "berth",
             "--upload-memory",
@@ -475,10 +479,13 @@ mod tests {
             "256M",
             "--upload-rate",
             "10M",
+            "--volume-cache-size",
+            "2G",
         ]);
         assert_eq!(small.serve.upload_memory, 48 << 20);
         assert_eq!(small.serve.max_dirty, 256 << 20);
         assert_eq!(small.serve.upload_rate, Some(10 << 20));
+        assert_eq!(small.serve.volume_cache_size, Some(2 << 30));
         assert!(Cli::try_parse_from(["berth", "--upload-memory", "512K"]).is_err());
     }
 
