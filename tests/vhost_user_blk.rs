@@ -1642,11 +1642,13 @@ fn volumes_under_a_write_soak_keep_every_write_within_memory_descriptor_and_disk
                 let spec = PathBuf::from(format!("volume:{location}"));
                 let local = dir.path().join("local");
                 let local_arg = local.display().to_string();
+                // As deployed (sandbox and seccomp filters) where the test may set that up.
+                let root = security_util::is_root();
                 let extra = [
                     "--volume-dir",
                     local_arg.as_str(),
                     "--sandbox",
-                    "none",
+                    if root { "namespace" } else { "none" },
                     "--upload-interval",
                     "1",
                     "--upload-memory",
@@ -1659,8 +1661,8 @@ fn volumes_under_a_write_soak_keep_every_write_within_memory_descriptor_and_disk
                     "24M",
                 ];
                 let mut served = Served::start(dir, &spec, &extra);
-                let pid = served.daemon.pid();
                 let mut device = served.connect(BlkDeviceConfig::default());
+                let pid = security_util::serving_pid(served.daemon.pid(), root);
                 let mut queue = device.take_queue(0).unwrap();
                 let mut model = vec![0u8; SIZE as usize];
                 let mut state = 0x9e37_79b9_u64 + device_index as u64;
@@ -1754,4 +1756,133 @@ fn volumes_under_a_write_soak_keep_every_write_within_memory_descriptor_and_disk
             "device {device_index}: {disk_peak} bytes on local disk, over the {disk_budget} budget"
         );
     }
+}
+
+/// A served volume whose local directory is a tmpfs smaller than the volume (root only): as
+/// deployed, in its sandbox under its seccomp filters, it keeps serving when the disk
+/// fills. Data the disk has no room for stays out of the cache, a write the log has no room
+/// for waits while cached blocks are evicted (none fails); every acknowledged write reads
+/// back, and again from the bucket alone after a clean exit.
+#[test]
+fn a_served_volume_on_a_full_local_disk_keeps_serving_and_loses_nothing() {
+    if !frontend_util::testing_berth() {
+        eprintln!("SKIP: volumes are berth's own");
+        return;
+    }
+    if !security_util::root_or_skip(
+        "a_served_volume_on_a_full_local_disk_keeps_serving_and_loses_nothing",
+        "mounting a small tmpfs needs root",
+    ) {
+        return;
+    }
+    const SIZE: u64 = 32 << 20;
+    const WRITE: usize = 256 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let bucket = dir.path().join("bucket");
+    fs::create_dir(&bucket).unwrap();
+    let location = format!("file://{}/vol", bucket.display());
+    berth_volume(&["create", &location, "--size", "32M"]);
+    let small = dir.path().join("small");
+    fs::create_dir(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=20m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a 20 MiB tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let spec = PathBuf::from(format!("volume:{location}"));
+    let local = small.join("local").display().to_string();
+    let extra = [
+        "--volume-dir",
+        local.as_str(),
+        "--upload-interval",
+        "1",
+        "--max-dirty",
+        "8M",
+    ];
+    let mut served = Served::start(dir, &spec, &extra);
+    let mut device = served.connect(BlkDeviceConfig::default());
+    let mut queue = device.take_queue(0).unwrap();
+    let mut model = vec![0u8; SIZE as usize];
+    let mut state = 0x5eed_f00d_u64;
+    let mut refused = 0u32;
+    // Three times the volume through a disk of less than its size.
+    for step in 0..(3 * SIZE as usize / WRITE) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let offset = (state % (SIZE / WRITE as u64)) * WRITE as u64;
+        let data = berth_testkit::pseudo_random(step as u64 + 1, WRITE);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match queue.write(offset / 512, &data).unwrap() {
+                status::OK => break,
+                other => {
+                    assert_eq!(
+                        other,
+                        status::IOERR,
+                        "step {step}: a refused write is IOERR"
+                    );
+                    refused += 1;
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "step {step}: writes kept failing on the full disk\n{}",
+                        served.daemon.stderr()
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        model[offset as usize..offset as usize + WRITE].copy_from_slice(&data);
+        if step % 16 == 0 {
+            assert_eq!(queue.flush().unwrap(), status::OK, "step {step}: FLUSH");
+        }
+    }
+    served
+        .daemon
+        .assert_alive("after writing through a full local disk");
+    let whole = |queue: &mut BlkQueue, daemon: &mut frontend_util::Daemon| {
+        let mut got = Vec::with_capacity(SIZE as usize);
+        for at in (0..SIZE).step_by(1 << 20) {
+            match queue.read(at / 512, 1 << 20).unwrap() {
+                Ok(data) => got.extend(data),
+                Err(status) => panic!(
+                    "the read at {at} failed with status {status}\n{}",
+                    daemon.stderr()
+                ),
+            }
+        }
+        got
+    };
+    assert!(
+        whole(&mut queue, &mut served.daemon) == model,
+        "every acknowledged write reads back with the local disk full"
+    );
+    let stderr = served.daemon.stderr();
+    eprintln!("full local disk: {refused} writes refused and retried");
+    assert!(
+        stderr.contains("The local disk is full"),
+        "the 20 MiB disk filled (a 32 MiB cache and the log do not fit):\n{stderr}"
+    );
+    assert_eq!(
+        refused, 0,
+        "a write waits for room (eviction, retired log segments) rather than fail"
+    );
+    let dir = served.finish(device);
+    let fresh = dir.path().join("fresh").display().to_string();
+    let mut served = Served::start(dir, &spec, &["--volume-dir", fresh.as_str()]);
+    let mut device = served.connect(BlkDeviceConfig::default());
+    let mut queue = device.take_queue(0).unwrap();
+    assert!(
+        whole(&mut queue, &mut served.daemon) == model,
+        "every acknowledged write is in the bucket"
+    );
+    let _dir = served.finish(device);
 }
