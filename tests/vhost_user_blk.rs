@@ -1601,6 +1601,35 @@ fn a_read_waiting_for_its_bucket_or_a_flush_waiting_for_an_upload_holds_up_no_ot
     let _dir = served.finish(device);
 }
 
+/// The first `size` bytes of the device in 1 MiB reads; a failed read panics with the
+/// daemon's log.
+fn read_whole(queue: &mut BlkQueue, size: u64, daemon: &mut Daemon) -> Vec<u8> {
+    let mut got = Vec::with_capacity(size as usize);
+    for at in (0..size).step_by(1 << 20) {
+        match queue.read(at / 512, 1 << 20).unwrap() {
+            Ok(data) => got.extend(data),
+            Err(status) => panic!(
+                "the read at {at} failed with status {status}\n{}",
+                daemon.stderr()
+            ),
+        }
+    }
+    got
+}
+
+/// The local disk lost: serves the volume `spec` again from an empty local directory and
+/// answers what its first `size` bytes read (the bucket alone has them).
+fn read_from_bucket_alone(dir: tempfile::TempDir, spec: &Path, size: u64) -> Vec<u8> {
+    let fresh = dir.path().join("fresh").display().to_string();
+    let mut served = Served::start(dir, spec, &["--volume-dir", fresh.as_str()]);
+    let mut device = served.connect(BlkDeviceConfig::default());
+    let mut queue = device.take_queue(0).unwrap();
+    let got = read_whole(&mut queue, size, &mut served.daemon);
+    drop(queue);
+    let _dir = served.finish(device);
+    got
+}
+
 /// Soak: several volumes served at once, each by its own process, each driven by a writer
 /// doing random writes (4 KiB to 1 MiB) with frequent FLUSHes and reading back against a
 /// model, for `BERTH_VOLUME_SOAK_SECONDS` (default 10). Each process stays within its
@@ -1705,28 +1734,15 @@ fn volumes_under_a_write_soak_keep_every_write_within_memory_descriptor_and_disk
                     }
                 }
                 assert_eq!(queue.flush().unwrap(), status::OK);
-                let whole = |queue: &mut BlkQueue| {
-                    let mut got = Vec::with_capacity(SIZE as usize);
-                    for at in (0..SIZE).step_by(1 << 20) {
-                        got.extend(queue.read(at / 512, 1 << 20).unwrap().unwrap());
-                    }
-                    got
-                };
                 assert!(
-                    whole(&mut queue) == model,
+                    read_whole(&mut queue, SIZE, &mut served.daemon) == model,
                     "device {device_index}: the volume reads back as the model says"
                 );
                 let dir = served.finish(device);
-                // The local disk lost: the bucket alone has every write.
-                let fresh = dir.path().join("fresh").display().to_string();
-                let mut served = Served::start(dir, &spec, &["--volume-dir", fresh.as_str()]);
-                let mut device = served.connect(BlkDeviceConfig::default());
-                let mut queue = device.take_queue(0).unwrap();
                 assert!(
-                    whole(&mut queue) == model,
+                    read_from_bucket_alone(dir, &spec, SIZE) == model,
                     "device {device_index}: the volume reads back from its bucket alone"
                 );
-                let _dir = served.finish(device);
                 (writes, flushes, rss_peak_kib, fd_peak, disk_peak)
             })
         })
@@ -1848,21 +1864,8 @@ fn a_served_volume_on_a_full_local_disk_keeps_serving_and_loses_nothing() {
     served
         .daemon
         .assert_alive("after writing through a full local disk");
-    let whole = |queue: &mut BlkQueue, daemon: &mut frontend_util::Daemon| {
-        let mut got = Vec::with_capacity(SIZE as usize);
-        for at in (0..SIZE).step_by(1 << 20) {
-            match queue.read(at / 512, 1 << 20).unwrap() {
-                Ok(data) => got.extend(data),
-                Err(status) => panic!(
-                    "the read at {at} failed with status {status}\n{}",
-                    daemon.stderr()
-                ),
-            }
-        }
-        got
-    };
     assert!(
-        whole(&mut queue, &mut served.daemon) == model,
+        read_whole(&mut queue, SIZE, &mut served.daemon) == model,
         "every acknowledged write reads back with the local disk full"
     );
     let stderr = served.daemon.stderr();
@@ -1876,13 +1879,8 @@ fn a_served_volume_on_a_full_local_disk_keeps_serving_and_loses_nothing() {
         "a write waits for room (eviction, retired log segments) rather than fail"
     );
     let dir = served.finish(device);
-    let fresh = dir.path().join("fresh").display().to_string();
-    let mut served = Served::start(dir, &spec, &["--volume-dir", fresh.as_str()]);
-    let mut device = served.connect(BlkDeviceConfig::default());
-    let mut queue = device.take_queue(0).unwrap();
     assert!(
-        whole(&mut queue, &mut served.daemon) == model,
+        read_from_bucket_alone(dir, &spec, SIZE) == model,
         "every acknowledged write is in the bucket"
     );
-    let _dir = served.finish(device);
 }

@@ -335,6 +335,17 @@ pub fn short_of_space(what: String) -> crate::error::VolumeError {
     }
 }
 
+/// Opens `path` for reading and writing, creating it empty if it is missing.
+fn open_or_create(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .context(|| format!("opening {}", path.display()))
+}
+
 /// Space kept aside on the local disk for the small file the volume rewrites whole (its
 /// meta file, written anew and renamed over the old one): with the disk full that rewrite
 /// would fail and stop the volume, so the reserve is given back for it, and taken again
@@ -353,13 +364,7 @@ impl Reserve {
     /// Opens (or creates) the reserve file in `dir` and fills it if there is room.
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join("reserve");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .context(|| format!("opening {}", path.display()))?;
+        let file = open_or_create(&path)?;
         let reserve = Self {
             file,
             path,
@@ -400,13 +405,7 @@ impl PresenceFile {
     /// Opens (or creates, all clear) the bitmap of a volume of `blocks` blocks.
     pub fn open(dir: &Path, volume_id: &[u8; 16], blocks: u64) -> Result<(Self, Presence)> {
         let path = dir.join("present");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .context(|| format!("opening {}", path.display()))?;
+        let file = open_or_create(&path)?;
         let words = blocks.div_ceil(64) as usize;
         let mut header = [0u8; 64];
         let got = crate::wal::read_full_at(&file, &mut header, 0)
