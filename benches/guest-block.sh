@@ -171,8 +171,11 @@ mkdir -p /tmp/volume-bucket
 /test/berth volume create file:///tmp/volume-bucket/vol --size $volume_size >/dev/null
 add_device raw-file /tmp/volume-raw.img --ublk-transport zero-copy --queues 1 --depth 64
 raw=\$DEV
+# The log may hold no more than the volume's size not yet in the bucket (--max-dirty):
+# log, cache, bucket and raw file share the guest's 512 MiB tmpfs, and with the default
+# (1 GiB) a quiet host's writes fill it before the uploader catches up.
 add_device volume volume:file:///tmp/volume-bucket/vol --volume-dir /tmp/volume-local \\
-	--ublk-transport zero-copy --queues 1 --depth 64
+	--max-dirty $volume_size --ublk-transport zero-copy --queues 1 --depth 64
 volume=\$DEV volume_pid=\$PID
 dd if=/tmp/volume-raw.img of="\$volume" bs=1M oflag=direct conv=fsync status=none
 cmp /tmp/volume-raw.img "\$volume"
