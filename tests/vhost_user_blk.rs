@@ -1878,6 +1878,10 @@ fn a_served_volume_on_a_full_local_disk_keeps_serving_and_loses_nothing() {
         refused, 0,
         "a write waits for room (eviction, retired log segments) rather than fail"
     );
+    assert!(
+        stderr.contains("is smaller than the write-ahead log may grow"),
+        "a 20 MiB disk under an 8 MiB dirty limit and 32 MiB segments is pointed out at open:\n{stderr}"
+    );
     let dir = served.finish(device);
     assert!(
         read_from_bucket_alone(dir, &spec, SIZE) == model,

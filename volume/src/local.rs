@@ -315,6 +315,15 @@ pub const READ_HEADROOM: u64 = 1 << 20;
 /// Bytes free for an unprivileged writer on the file system holding `file` (None if the
 /// kernel does not say).
 pub fn free_bytes(file: &File) -> Option<u64> {
+    statfs(file).map(|stat| stat.f_bavail.saturating_mul(stat.f_bsize as u64))
+}
+
+/// The size of the file system holding `file`, in bytes (None if the kernel does not say).
+pub fn total_bytes(file: &File) -> Option<u64> {
+    statfs(file).map(|stat| stat.f_blocks.saturating_mul(stat.f_bsize as u64))
+}
+
+fn statfs(file: &File) -> Option<libc::statfs> {
     use std::os::fd::AsRawFd;
     let mut stat = std::mem::MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: fstatfs fills the statfs it is given; the descriptor is open for the call.
@@ -323,8 +332,7 @@ pub fn free_bytes(file: &File) -> Option<u64> {
         return None;
     }
     // SAFETY: fstatfs succeeded, so it initialised the structure.
-    let stat = unsafe { stat.assume_init() };
-    Some(stat.f_bavail.saturating_mul(stat.f_bsize as u64))
+    Some(unsafe { stat.assume_init() })
 }
 
 /// An ENOSPC error for `what`, when the local disk keeps less than the headroom free.

@@ -1264,6 +1264,23 @@ impl Volume {
         let (presence_file, presence) =
             PresenceFile::open(&local.path, &config.id_bytes(), config.blocks())?;
         let reserve = Reserve::open(&local.path)?;
+        // A local disk smaller than what the log may take: writes will keep waiting for
+        // room (and the cache gets little). Said once, at open, with what to change.
+        let log_may_take =
+            options.max_dirty_bytes + 2 * options.segment_bytes + DISK_HEADROOM + Reserve::BYTES;
+        if let Some(total) = crate::local::total_bytes(&cache) {
+            if total < log_may_take {
+                tracing::warn!(
+                    volume = %store.location,
+                    "The local disk holding {} ({} MiB) is smaller than the write-ahead log may \
+                     grow ({} MiB: --max-dirty, two log segments and headroom): writes will wait \
+                     for room and may fail with ENOSPC. Lower --max-dirty or use a larger disk.",
+                    local.path.display(),
+                    total >> 20,
+                    log_may_take >> 20
+                );
+            }
+        }
 
         let mut meta = match (&old_meta, keep_local) {
             (Some(meta), true) => meta.clone(),
