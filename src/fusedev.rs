@@ -494,7 +494,7 @@ fn run(
         }
     }
     for index in 0..threads {
-        let channel = match Channel::new(session, &stop.event) {
+        let channel = match Channel::new(session, &stop.event, transport.rings > 0) {
             Ok(channel) => channel,
             Err(e) => {
                 error!("Cannot open a channel on the FUSE connection: {e}.");
@@ -612,18 +612,28 @@ const FUSE_READABLE: u64 = 0;
 const STOP: u64 = 1;
 
 impl Channel {
-    fn new(session: &FuseSession, stop: &EventFd) -> io::Result<Self> {
+    /// `exclusive`: the session has io_uring rings (see below).
+    fn new(session: &FuseSession, stop: &EventFd, exclusive: bool) -> io::Result<Self> {
         let file = session
             .get_fuse_file()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOTCONN))?
             .try_clone()?;
         let epoll = Epoll::new()?;
         // Level-triggered: a request another worker does not take wakes this one again, and
-        // the stop event (never read) wakes every worker.
+        // the stop event (never read) wakes every worker. With rings, /dev/fuse carries only
+        // FORGET, BATCH_FORGET and INTERRUPT: one idle worker is woken per request
+        // (exclusive), instead of every worker running to find it taken (EAGAIN), which cost
+        // an unlink storm over io_uring 15 % of its rate. Without rings every worker stays
+        // woken: exclusive wake-ups made 1-worker create storms 25 % slower there.
+        let events = if exclusive {
+            EventSet::IN | EventSet::EXCLUSIVE
+        } else {
+            EventSet::IN
+        };
         epoll.ctl(
             ControlOperation::Add,
             file.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, FUSE_READABLE),
+            EpollEvent::new(events, FUSE_READABLE),
         )?;
         epoll.ctl(
             ControlOperation::Add,
