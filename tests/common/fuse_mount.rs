@@ -230,6 +230,12 @@ impl FuseMount {
         Self::start_inner(Some(first.shared()), flags, TEST_TIMEOUT)
     }
 
+    /// A mount of `shared`, a directory the caller made (a tmpfs of its own, say).
+    #[allow(dead_code)]
+    pub fn start_sharing(shared: &Path, flags: &[&str]) -> Option<FuseMount> {
+        Self::start_inner(Some(shared), flags, TEST_TIMEOUT)
+    }
+
     fn start_inner(existing: Option<&Path>, flags: &[&str], limit: Duration) -> Option<FuseMount> {
         if let Some(reason) = skip_reason() {
             skip(&reason);

@@ -10,6 +10,10 @@
 //! The kernel lets only a holder of CAP_SYS_ADMIN register backing files. The threads that
 //! parse requests do not hold it: a [`BackingRegistrar`], on a thread of its own that keeps
 //! that one capability and may make only these two ioctls, registers and closes for them.
+//! That hop costs thread wake-ups, so it is kept to one round trip per registration: the
+//! table is not locked meanwhile (opens of other inodes, and releases, go on), and closes are
+//! not sent one by one but gathered and made after a registration's answer, or at most
+//! [`CLOSE_DELAY`] after the first of them.
 //!
 //! The kernel insists on one backing file per FUSE inode while any passthrough open of it
 //! lives, and refuses (EIO to the opener) to mix a passthrough open with a cached one on the
@@ -23,8 +27,9 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vm_memory::ByteValued;
 
@@ -105,6 +110,9 @@ struct Table {
     inodes: HashMap<u64, InodeOpens>,
     /// (inode, handle) → whether that open was passed through.
     handles: HashMap<(u64, u64), bool>,
+    /// Bumped by [`BackingFiles::close_all`]: a registration that began before the session
+    /// ended must not add its id to the next session's table.
+    generation: u64,
 }
 
 /// Counters for the log at exit, the tests and the benchmarks.
@@ -120,6 +128,11 @@ struct Stats {
     passthrough_opens: AtomicU64,
 }
 
+/// How long a released backing id may wait for the registrar's next wake-up before it is
+/// closed anyway. Until then the kernel keeps the backing file open (a deleted file's blocks
+/// stay allocated that long); a new open of the inode registers a new id meanwhile.
+pub const CLOSE_DELAY: Duration = Duration::from_millis(20);
+
 /// What a worker asks of the [`BackingRegistrar`].
 #[derive(Debug)]
 enum RegistrarRequest {
@@ -128,9 +141,19 @@ enum RegistrarRequest {
         fd: i32,
         answer: mpsc::SyncSender<io::Result<u32>>,
     },
-    Close(u32),
-    /// Answer once every request before this one is done.
+    /// Ids are waiting in [`Closes::pending`]: close them within [`CLOSE_DELAY`].
+    CloseSoon,
+    /// Close every pending id, then answer (once every request before this one is done).
     Sync(mpsc::SyncSender<()>),
+}
+
+/// Backing ids released and not yet closed, shared by the workers and the registrar.
+#[derive(Debug, Default)]
+struct Closes {
+    pending: Mutex<Vec<u32>>,
+    /// A [`RegistrarRequest::CloseSoon`] was sent and its delay has not run out: later
+    /// releases only add their ids.
+    armed: AtomicBool,
 }
 
 /// Registers and closes backing files on the connection's /dev/fuse for [`BackingFiles`], on
@@ -140,26 +163,64 @@ pub struct BackingRegistrar {
     /// The connection's /dev/fuse descriptor (the ioctls go to it).
     device: File,
     requests: Receiver<RegistrarRequest>,
+    closes: Arc<Closes>,
     close_failures: Arc<AtomicU64>,
 }
 
 impl BackingRegistrar {
     /// Serves requests until every [`BackingFiles`] sender is gone.
     pub fn serve(self) {
-        for request in self.requests.iter() {
+        // When the pending closes are due, while a CloseSoon's delay runs.
+        let mut due: Option<Instant> = None;
+        loop {
+            let request = match due {
+                None => match self.requests.recv() {
+                    Ok(request) => Some(request),
+                    Err(_) => break,
+                },
+                Some(due) => match self
+                    .requests
+                    .recv_timeout(due.saturating_duration_since(Instant::now()))
+                {
+                    Ok(request) => Some(request),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+            };
             match request {
-                RegistrarRequest::Open { fd, answer } => {
+                Some(RegistrarRequest::Open { fd, answer }) => {
                     let _ = answer.send(register(&self.device, fd));
+                    // Awake anyway: the closes gathered so far cost no wake-up of their own.
+                    self.close_pending();
                 }
-                RegistrarRequest::Close(id) => {
-                    if let Err(e) = close(&self.device, id) {
-                        self.close_failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(id, "Cannot close a FUSE backing id: {e}.");
-                    }
+                Some(RegistrarRequest::CloseSoon) => {
+                    due.get_or_insert_with(|| Instant::now() + CLOSE_DELAY);
                 }
-                RegistrarRequest::Sync(answer) => {
+                Some(RegistrarRequest::Sync(answer)) => {
+                    self.close_pending();
                     let _ = answer.send(());
                 }
+                None => {
+                    due = None;
+                    // Disarmed before the ids are taken: a release after this sends a new
+                    // CloseSoon, and one before it left its id for the take below.
+                    self.closes.armed.store(false, Ordering::SeqCst);
+                    self.close_pending();
+                }
+            }
+        }
+        self.close_pending();
+    }
+
+    fn close_pending(&self) {
+        let ids = match self.closes.pending.lock() {
+            Ok(mut pending) => std::mem::take(&mut *pending),
+            Err(_) => return,
+        };
+        for id in ids {
+            if let Err(e) = close(&self.device, id) {
+                self.close_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(id, "Cannot close a FUSE backing id: {e}.");
             }
         }
     }
@@ -169,6 +230,7 @@ impl BackingRegistrar {
 #[derive(Debug)]
 pub struct BackingFiles {
     requests: Sender<RegistrarRequest>,
+    closes: Arc<Closes>,
     mode: PassthroughMode,
     /// Passed in FUSE_INIT: how deep filesystems may stack under the mount, the backing
     /// files' own filesystem included (the kernel refuses a deeper backing file with ELOOP).
@@ -199,13 +261,16 @@ impl BackingFiles {
     ) -> (Self, BackingRegistrar) {
         let (sender, requests) = mpsc::channel();
         let stats = Stats::default();
+        let closes = Arc::new(Closes::default());
         let registrar = BackingRegistrar {
             device,
             requests,
+            closes: closes.clone(),
             close_failures: stats.close_failures.clone(),
         };
         let backing = BackingFiles {
             requests: sender,
+            closes,
             mode,
             max_stack_depth,
             active: AtomicBool::new(false),
@@ -280,43 +345,88 @@ impl BackingFiles {
         if !self.is_active() {
             return OpenPath::Classic;
         }
+        let generation = {
+            let Ok(mut table) = self.table.lock() else {
+                return OpenPath::Classic;
+            };
+            let generation = table.generation;
+            let opens = table.inodes.entry(inode).or_default();
+            let decided = match (opens.backing_id, opens.classic, refusal) {
+                (Some(id), _, why) => {
+                    if let Some(why) = why {
+                        tracing::debug!(
+                            inode,
+                            "Passing through an open that would not be on its own ({why}): \
+                             other opens of the inode are, and the kernel takes nothing else."
+                        );
+                    }
+                    Some(OpenPath::Passthrough(id))
+                }
+                (None, classic, _) if classic > 0 => Some(OpenPath::Classic),
+                (None, _, Some(why)) => {
+                    tracing::debug!(inode, "Not passing this open through: {why}.");
+                    Some(OpenPath::Classic)
+                }
+                (None, _, None) => None,
+            };
+            if let Some(path) = decided {
+                self.account(&mut table, inode, handle, path);
+                return path;
+            }
+            generation
+        };
+        // Registered without the table locked; another open of the inode may have decided
+        // meanwhile, and then its choice stands.
+        let registered = self.register(file);
         let Ok(mut table) = self.table.lock() else {
+            if let Ok(id) = registered {
+                self.close(id);
+            }
             return OpenPath::Classic;
         };
+        if table.generation != generation {
+            // The session ended meanwhile (close_all): nothing of it is kept.
+            if let Ok(id) = registered {
+                self.close(id);
+            }
+            return OpenPath::Classic;
+        }
         let opens = table.inodes.entry(inode).or_default();
-        let path = match (opens.backing_id, opens.classic, refusal) {
-            (Some(id), _, why) => {
-                if let Some(why) = why {
-                    tracing::debug!(
-                        inode,
-                        "Passing through an open that would not be on its own ({why}): other \
-                         opens of the inode are, and the kernel takes nothing else."
-                    );
+        let path = match (opens.backing_id, opens.classic, registered) {
+            (Some(id), _, mine) => {
+                if let Ok(mine) = mine {
+                    self.close(mine);
                 }
                 OpenPath::Passthrough(id)
             }
-            (None, classic, _) if classic > 0 => OpenPath::Classic,
-            (None, _, Some(why)) => {
-                tracing::debug!(inode, "Not passing this open through: {why}.");
+            (None, classic, mine) if classic > 0 => {
+                if let Ok(mine) = mine {
+                    self.close(mine);
+                }
                 OpenPath::Classic
             }
-            (None, _, None) => match self.register(file) {
-                Ok(id) => {
-                    opens.backing_id = Some(id);
-                    self.stats.registered.fetch_add(1, Ordering::Relaxed);
-                    OpenPath::Passthrough(id)
-                }
-                Err(e) => {
-                    self.stats.refused_by_kernel.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(
-                        inode,
-                        "The kernel refused the backing file ({e}); serving this open through \
-                         berth."
-                    );
-                    OpenPath::Classic
-                }
-            },
+            (None, _, Ok(id)) => {
+                opens.backing_id = Some(id);
+                self.stats.registered.fetch_add(1, Ordering::Relaxed);
+                OpenPath::Passthrough(id)
+            }
+            (None, _, Err(e)) => {
+                self.stats.refused_by_kernel.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    inode,
+                    "The kernel refused the backing file ({e}); serving this open through \
+                     berth."
+                );
+                OpenPath::Classic
+            }
         };
+        self.account(&mut table, inode, handle, path);
+        path
+    }
+
+    /// Counts the open `handle` of `inode`, answered with `path`.
+    fn account(&self, table: &mut Table, inode: u64, handle: u64, path: OpenPath) {
+        let opens = table.inodes.entry(inode).or_default();
         match path {
             OpenPath::Passthrough(_) => {
                 opens.passthrough += 1;
@@ -330,7 +440,6 @@ impl BackingFiles {
         table
             .handles
             .insert((inode, handle), matches!(path, OpenPath::Passthrough(_)));
-        path
     }
 
     /// RELEASE of `handle`: the inode's backing id is closed with its last passthrough open.
@@ -374,7 +483,8 @@ impl BackingFiles {
         }
         table.inodes.clear();
         table.handles.clear();
-        // Closed before the caller goes on (to unmount, say).
+        table.generation += 1;
+        // Closed before the caller goes on (to unmount, say): Sync closes every pending id.
         let (answer, done) = mpsc::sync_channel(1);
         if self.send(RegistrarRequest::Sync(answer)) {
             let _ = done.recv();
@@ -421,8 +531,19 @@ impl BackingFiles {
             .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(libc::ENOTCONN)))
     }
 
+    /// Leaves `id` for the registrar to close with its next registration, or within
+    /// [`CLOSE_DELAY`].
     fn close(&self, id: u32) {
-        if !self.send(RegistrarRequest::Close(id)) {
+        match self.closes.pending.lock() {
+            Ok(mut pending) => pending.push(id),
+            Err(_) => {
+                self.stats.close_failures.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        if !self.closes.armed.swap(true, Ordering::SeqCst)
+            && !self.send(RegistrarRequest::CloseSoon)
+        {
             self.stats.close_failures.fetch_add(1, Ordering::Relaxed);
         }
     }
