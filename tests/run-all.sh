@@ -99,8 +99,8 @@ if [ "$(id -u)" -eq 0 ] && [ -e $uring_parameter ]; then
 	[ $uring_status -eq 0 ] || exit $uring_status
 fi
 
-section "volume: kill -9 at every crash point (failpoints build)"
-cargo test -p berth-volume --release --features failpoints --test crash_points
+section "volume: kill -9 at every crash point, injected errors (failpoints build)"
+cargo test -p berth-volume --release --features failpoints --test crash_points --test evict_failure
 
 if [ $skip_fuzz -eq 0 ]; then
 	section "fuzz corpus and regression replay"

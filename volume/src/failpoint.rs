@@ -2,6 +2,11 @@
 //! `BERTH_VOLUME_FAILPOINT=NAME:N` makes the process kill itself with SIGKILL the N-th
 //! time it passes `NAME` (a list separated by commas arms several). Without the feature
 //! [`hit`] compiles to nothing.
+//!
+//! Error points, for the tests of error paths that real faults (an I/O error) reach too
+//! rarely: with the feature, a test in the same process turns `NAME` on and off with
+//! [`set_failing`], and [`error`] answers whether it is on. Without the feature it is always
+//! false.
 
 /// Every crash point, in the order a write meets them (for the tests to walk through).
 pub const ALL: &[&str] = &[
@@ -56,6 +61,27 @@ mod armed {
         })
     }
 
+    fn failing() -> &'static std::sync::Mutex<Vec<String>> {
+        static FAILING: OnceLock<std::sync::Mutex<Vec<String>>> = OnceLock::new();
+        FAILING.get_or_init(Default::default)
+    }
+
+    pub fn set_failing(name: &str, on: bool) {
+        let mut failing = failing().lock().unwrap_or_else(|e| e.into_inner());
+        failing.retain(|n| n != name);
+        if on {
+            failing.push(name.to_string());
+        }
+    }
+
+    pub fn error(name: &str) -> bool {
+        failing()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|n| n == name)
+    }
+
     pub fn hit(name: &str) {
         if let Some((at, seen)) = table().get(name) {
             if seen.fetch_add(1, Ordering::SeqCst) + 1 == *at {
@@ -74,4 +100,22 @@ pub fn hit(name: &str) {
     armed::hit(name);
     #[cfg(not(feature = "failpoints"))]
     let _ = name;
+}
+
+/// Turns error point `name` on or off (tests only; needs the `failpoints` feature).
+#[cfg(feature = "failpoints")]
+pub fn set_failing(name: &str, on: bool) {
+    armed::set_failing(name, on);
+}
+
+/// Whether error point `name` fails this pass (see the module's documentation).
+#[inline]
+pub fn error(name: &str) -> bool {
+    #[cfg(feature = "failpoints")]
+    return armed::error(name);
+    #[cfg(not(feature = "failpoints"))]
+    {
+        let _ = name;
+        false
+    }
 }

@@ -7,32 +7,41 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use crate::error::VolumeError;
 use crate::failpoint;
 use crate::lease::{self, Renewal};
 use crate::store::Patience;
 use crate::upload::punch;
 use crate::volume::Inner;
 
+/// How often a lasting eviction failure is logged.
+const EVICT_WARNING_EVERY: Duration = Duration::from_secs(30);
+
 impl Inner {
     pub(crate) fn janitor(self: &Arc<Self>) {
         let mut last_persist = Instant::now();
         let mut last_gc = Instant::now();
         let mut idle_since: Option<(Option<u32>, u64, Instant)> = None;
+        let mut evict_warned: Option<Instant> = None;
         loop {
             {
                 let state = self.lock();
                 if state.stopping {
                     return;
                 }
-                let _ = self
-                    .changed
-                    .wait_timeout(state, Duration::from_millis(200))
-                    .unwrap_or_else(|e| e.into_inner());
+                drop(self.wait_changed(state, Duration::from_millis(200)));
             }
             self.pins.run_ready();
             self.reserve.refill();
-            if let Err(err) = self.evict() {
-                tracing::warn!(volume = %self.store.location, "evicting cache blocks: {}", err.describe());
+            match self.evict() {
+                // A failure that lasts (its regions are retried every pass) is logged once
+                // every half minute.
+                Err(err) if evict_warned.is_none_or(|at| at.elapsed() >= EVICT_WARNING_EVERY) => {
+                    tracing::warn!(volume = %self.store.location, "evicting cache blocks: {}", err.describe());
+                    evict_warned = Some(Instant::now());
+                }
+                Err(_) => {}
+                Ok(()) => evict_warned = None,
             }
             if last_persist.elapsed() >= Duration::from_secs(5) {
                 if let Err(err) = self.persist_presence() {
@@ -96,11 +105,15 @@ impl Inner {
     /// first), then punches them once no read uses them.
     pub(crate) fn evict(self: &Arc<Self>) -> crate::error::Result<()> {
         let bs = self.block_size;
-        let mut victims = Vec::new();
+        let mut victims;
         let room_wanted;
         {
             let mut state = self.lock();
             room_wanted = std::mem::take(&mut state.room_wanted);
+            victims = std::mem::take(&mut state.unpunched);
+            // Regions a failed round cleared are retried alone: clearing more while the map
+            // cannot be persisted would drop the cache without freeing a byte.
+            let retrying = !victims.is_empty();
             let used = state.presence.count() * bs;
             let mut target = match self.options.cache_bytes {
                 Some(limit) if used > limit => limit / 10 * 9,
@@ -113,7 +126,7 @@ impl Inner {
             let regions = state.region_refs.len();
             let mut freed = 0u64;
             let mut steps = 0;
-            while used.saturating_sub(freed) > target && steps < 2 * regions {
+            while !retrying && used.saturating_sub(freed) > target && steps < 2 * regions {
                 let r = state.clock_hand;
                 state.clock_hand = (r + 1) % regions.max(1);
                 steps += 1;
@@ -151,7 +164,23 @@ impl Inner {
                 return Ok(());
             }
         }
-        self.persist_presence()?;
+        let persisted = if failpoint::error("evict.persist") {
+            Err(VolumeError::Failed(
+                "injected: the cache map could not be persisted (error point evict.persist)".into(),
+            ))
+        } else {
+            self.persist_presence()
+        };
+        if let Err(err) = persisted {
+            let mut state = self.lock();
+            state.unpunched.extend(victims);
+            if room_wanted {
+                // Whoever waits for room keeps waiting (within its timeout) for the next
+                // round, which tries to persist these regions again.
+                state.room_wanted = true;
+            }
+            return Err(err);
+        }
         failpoint::hit("evict.after_clear");
         let weak: Weak<Inner> = Arc::downgrade(self);
         self.pins.defer(move || {

@@ -344,10 +344,7 @@ impl Inner {
             ) else {
                 let stop = state.stopping;
                 if may_wait && streams_state.in_flight.is_empty() && !stop {
-                    let _ = self
-                        .changed
-                        .wait_timeout(state, Duration::from_millis(100))
-                        .unwrap_or_else(|e| e.into_inner());
+                    drop(self.wait_changed(state, Duration::from_millis(100)));
                 }
                 return stop;
             };

@@ -262,6 +262,9 @@ pub(crate) struct State {
     pub unfinished_segment: Option<u32>,
     /// Eviction rounds run for `room_wanted` (their blocks punched), for waiters.
     pub room_made: u64,
+    /// Regions an eviction round cleared whose map it could not persist: not punched yet
+    /// (the map on disk may still call their blocks cached), so the next round does.
+    pub unpunched: Vec<(u64, u64)>,
     /// The last apply left data out of the cache for want of space (logged once per spell).
     pub cache_short_of_space: bool,
     pub sync_requests: Vec<FlushRequest>,
@@ -355,6 +358,19 @@ thread_local! {
 impl Inner {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits on `changed` with `state` for at most `timeout`; the loops around it re-check
+    /// what they wait for.
+    pub(crate) fn wait_changed<'a>(
+        &self,
+        state: MutexGuard<'a, State>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, State> {
+        self.changed
+            .wait_timeout(state, timeout)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
     }
 
     fn blocks(&self) -> u64 {
@@ -475,23 +491,22 @@ impl Inner {
     }
 
     /// Waits (at most `timeout`) for the janitor's next eviction round made for want of
-    /// space to have freed its blocks.
+    /// space to have freed its blocks. (A round the failed attempt itself asked for, through
+    /// `note_cache_space`, may have run already; waiting for one more costs another tenth of
+    /// the cache, where a round that ran before the attempt failed would have cost the
+    /// attempt its wait: the next one is the one known to come after the failure.)
     pub(crate) fn wait_for_room(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
-        let round = state.room_made;
+        let since = state.room_made;
         state.room_wanted = true;
         self.changed.notify_all();
-        while state.room_made == round && !state.stopping {
+        while state.room_made == since && !state.stopping {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
             }
-            state = self
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            state = self.wait_changed(state, left);
         }
     }
 
@@ -536,11 +551,7 @@ impl Inner {
         {
             state.upload_now = true;
             self.changed.notify_all();
-            state = self
-                .changed
-                .wait_timeout(state, Duration::from_millis(100))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            state = self.wait_changed(state, Duration::from_millis(100));
         }
         if let Some(err) = state.refuse_writes() {
             return Err(err);
@@ -555,11 +566,7 @@ impl Inner {
                 Err(err) if err.is_no_space() && Instant::now() < room_deadline => {
                     state.room_wanted = true;
                     self.changed.notify_all();
-                    state = self
-                        .changed
-                        .wait_timeout(state, Duration::from_millis(50))
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
+                    state = self.wait_changed(state, Duration::from_millis(50));
                     if let Some(err) = state.refuse_writes() {
                         return Err(err);
                     }
@@ -994,11 +1001,7 @@ impl Inner {
                     return;
                 }
                 let waiting = !state.object_waiters.is_empty();
-                state = self
-                    .changed
-                    .wait_timeout(state, Duration::from_millis(200))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                state = self.wait_changed(state, Duration::from_millis(200));
                 if waiting && state.sync_requests.is_empty() {
                     break;
                 }
@@ -1327,6 +1330,7 @@ impl Volume {
                 upload_now: false,
                 room_wanted: false,
                 room_made: 0,
+                unpunched: Vec::new(),
                 unfinished_segment: None,
                 cache_short_of_space: false,
                 sync_requests: Vec::new(),
@@ -1514,12 +1518,7 @@ impl Volume {
             }
             state.upload_now = true;
             self.inner.changed.notify_all();
-            state = self
-                .inner
-                .changed
-                .wait_timeout(state, Duration::from_millis(50))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            state = self.inner.wait_changed(state, Duration::from_millis(50));
         }
         Ok(())
     }
