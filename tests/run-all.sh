@@ -4,17 +4,23 @@
 # mounts, vhost-user protocol, cache engine), the fuzz smoke run, the load-generator smoke run
 # and the QEMU guest tier.
 #
-# Usage: tests/run-all.sh [--skip-guest] [--skip-fuzz]
+# Usage: tests/run-all.sh [--skip-guest] [--skip-fuzz] [--soak-seconds N]
+#   --soak-seconds N  how long the volume soaks run (BERTH_VOLUME_SOAK_SECONDS; default 10,
+#                     as in CI: the soak of three served volumes and the engine's GC soak)
 # Needs root for the mount, fanotify and guest tiers; without root those tests skip and say so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 skip_guest=0 skip_fuzz=0
-for arg in "$@"; do
-	case $arg in
-	--skip-guest) skip_guest=1 ;;
-	--skip-fuzz) skip_fuzz=1 ;;
-	*) echo "run-all.sh: unknown argument $arg" >&2; exit 2 ;;
+while [ $# -gt 0 ]; do
+	case $1 in
+	--skip-guest) skip_guest=1; shift ;;
+	--skip-fuzz) skip_fuzz=1; shift ;;
+	--soak-seconds)
+		[[ ${2:-} =~ ^[1-9][0-9]*$ ]] || { echo "run-all.sh: --soak-seconds takes a whole number of seconds" >&2; exit 2; }
+		export BERTH_VOLUME_SOAK_SECONDS=$2
+		shift 2 ;;
+	*) echo "run-all.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
 
