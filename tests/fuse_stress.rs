@@ -131,12 +131,33 @@ fn one_gib_file_round_trips_with_the_same_checksum() {
 
 #[test]
 fn concurrent_writers_to_disjoint_regions() {
-    let Some(fs) = FuseMount::start_with_limit(&[], STRESS_LIMIT) else {
+    concurrent_writers(&[], false);
+}
+
+/// The same with every write a round trip through berth (`--cache never`, direct I/O): the
+/// opens allow parallel direct writes, so on a file already full size the writers' requests
+/// run at once; one extending the file still goes alone.
+#[test]
+fn concurrent_direct_writers_through_berth_to_disjoint_regions() {
+    concurrent_writers(&["--cache=never", "--passthrough=never"], true);
+    concurrent_writers(&["--cache=never", "--passthrough=never"], false);
+}
+
+/// Eight threads write their own odd-sized region of one file in scrambled chunks, half
+/// through one shared open file, half through their own; `full_size`: the file is first
+/// extended to its final size.
+fn concurrent_writers(flags: &[&str], full_size: bool) {
+    let Some(fs) = FuseMount::start_with_limit(flags, STRESS_LIMIT) else {
         return;
     };
     const THREADS: usize = 8;
     const REGION: usize = 512 * 1024 + 3;
     let shared_fd = Arc::new(open(&fs.via("c.bin"), libc::O_CREAT | libc::O_RDWR, 0o644).unwrap());
+    if full_size {
+        // SAFETY: ftruncate on an open descriptor; result checked.
+        let rc = unsafe { libc::ftruncate(shared_fd.raw(), (THREADS * REGION) as libc::off_t) };
+        assert_eq!(rc, 0, "ftruncate: {}", std::io::Error::last_os_error());
+    }
     let path = fs.via("c.bin");
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {

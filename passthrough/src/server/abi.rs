@@ -112,6 +112,12 @@ pub mod opcode {
     }
 }
 
+/// `FOPEN_PARALLEL_DIRECT_WRITES` (Linux 6.2+), which fuse-backend-rs 0.14 has no name for:
+/// direct writes to one file that do not extend it may run at once. Without it the kernel
+/// holds the FUSE inode's lock across each direct write's whole round trip, so two writers
+/// of one file take turns.
+pub(crate) const FOPEN_PARALLEL_DIRECT_WRITES: u32 = 1 << 6;
+
 /// FUSE_INIT flag bits, as 64-bit values (`flags | flags2 << 32`), including those
 /// fuse-backend-rs 0.14 has no name for.
 pub(crate) mod init_flags {

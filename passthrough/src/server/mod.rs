@@ -328,7 +328,16 @@ impl FsServer {
     /// How to answer the open `fh` of `inode` (opened with `flags`, answered with
     /// `open_flags` so far): through passthrough where it is on and this open allows it,
     /// which replaces the page-cache flags with `FOPEN_PASSTHROUGH` and gives a backing id.
+    /// A direct-I/O open lets writes that do not extend the file run in parallel: each is
+    /// a `pwrite` at its own offset here, which the host file system orders as it would
+    /// two local writers (the kernel still serializes appends and extending writes).
     fn open_path(&self, inode: u64, fh: u64, flags: u32, open_flags: u32) -> (u32, Option<u32>) {
+        let direct = fuse_backend_rs::abi::fuse_abi::OpenOptions::DIRECT_IO.bits();
+        let open_flags = if open_flags & direct != 0 {
+            open_flags | abi::FOPEN_PARALLEL_DIRECT_WRITES
+        } else {
+            open_flags
+        };
         let Some(backing) = self.backing.get().filter(|b| b.is_active()) else {
             return (open_flags, None);
         };
@@ -342,7 +351,8 @@ impl FsServer {
                 // the page cache to keep is the host file's own.
                 let cache_flags = (fuse_backend_rs::abi::fuse_abi::OpenOptions::DIRECT_IO
                     | fuse_backend_rs::abi::fuse_abi::OpenOptions::KEEP_CACHE)
-                    .bits();
+                    .bits()
+                    | abi::FOPEN_PARALLEL_DIRECT_WRITES;
                 (
                     (open_flags & !cache_flags) | backing::FOPEN_PASSTHROUGH,
                     Some(id),

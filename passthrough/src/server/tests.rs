@@ -30,6 +30,10 @@ impl Drop for Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_caching(crate::config::CachePolicy::default())
+}
+
+fn fixture_caching(cache: crate::config::CachePolicy) -> Fixture {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "berth-server-{}-{}",
@@ -41,6 +45,7 @@ fn fixture() -> Fixture {
     std::fs::write(dir.join("data"), &content).unwrap();
     let fs = PassthroughFs::new(Config {
         root_dir: dir.clone(),
+        cache,
         ..Config::default()
     })
     .unwrap();
@@ -129,6 +134,51 @@ fn open(server: &FsServer, nodeid: u64, flags: i32) -> u64 {
     );
     assert_eq!(errno(&reply), 0, "OPEN");
     body::<OpenOut>(&reply).fh
+}
+
+/// The open flags OPEN answers for `data`, opened read-write, under `cache`.
+fn open_flags_caching(cache: crate::config::CachePolicy) -> u32 {
+    let f = fixture_caching(cache);
+    init(&f.server);
+    let entry = lookup(&f.server, "data");
+    let args = OpenIn {
+        flags: libc::O_RDWR as u32,
+        fuse_flags: 0,
+    };
+    let (_, reply) = serve(
+        &f.server,
+        &request(opcode::OPEN, entry.nodeid, &[args.as_slice()]),
+        4096,
+    );
+    assert_eq!(errno(&reply), 0, "OPEN");
+    body::<OpenOut>(&reply).open_flags
+}
+
+/// Direct-I/O opens let non-extending writes run in parallel (without the flag the kernel
+/// holds the inode's lock across each write's round trip: two writers took turns); opens
+/// that go through the page cache have no direct writes to parallelize.
+#[test]
+fn direct_io_opens_allow_parallel_direct_writes() {
+    use crate::config::CachePolicy;
+    let direct = fuse_backend_rs::abi::fuse_abi::OpenOptions::DIRECT_IO.bits();
+    for cache in [CachePolicy::Never, CachePolicy::Metadata] {
+        let flags = open_flags_caching(cache);
+        assert_ne!(flags & direct, 0, "{cache:?}: {flags:#x}");
+        assert_ne!(
+            flags & abi::FOPEN_PARALLEL_DIRECT_WRITES,
+            0,
+            "{cache:?}: {flags:#x}"
+        );
+    }
+    for cache in [CachePolicy::Auto, CachePolicy::Always] {
+        let flags = open_flags_caching(cache);
+        assert_eq!(flags & direct, 0, "{cache:?}: {flags:#x}");
+        assert_eq!(
+            flags & abi::FOPEN_PARALLEL_DIRECT_WRITES,
+            0,
+            "{cache:?}: {flags:#x}"
+        );
+    }
 }
 
 fn init(server: &FsServer) -> InitOut {
