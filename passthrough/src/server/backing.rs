@@ -378,49 +378,43 @@ impl BackingFiles {
         // Registered without the table locked; another open of the inode may have decided
         // meanwhile, and then its choice stands.
         let registered = self.register(file);
-        let Ok(mut table) = self.table.lock() else {
-            if let Ok(id) = registered {
+        let mut table = self.table.lock().ok();
+        // None: the table is unusable, or the session ended meanwhile (close_all bumped the
+        // generation) and nothing of this open is kept.
+        let path = table
+            .as_mut()
+            .filter(|table| table.generation == generation)
+            .map(|table| {
+                let opens = table.inodes.entry(inode).or_default();
+                match (opens.backing_id, opens.classic, &registered) {
+                    (Some(id), _, _) => OpenPath::Passthrough(id),
+                    (None, classic, _) if classic > 0 => OpenPath::Classic,
+                    (None, _, Ok(id)) => {
+                        opens.backing_id = Some(*id);
+                        self.stats.registered.fetch_add(1, Ordering::Relaxed);
+                        OpenPath::Passthrough(*id)
+                    }
+                    (None, _, Err(e)) => {
+                        self.stats.refused_by_kernel.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(
+                            inode,
+                            "The kernel refused the backing file ({e}); serving this open \
+                             through berth."
+                        );
+                        OpenPath::Classic
+                    }
+                }
+            });
+        // An id registered here and not kept goes again.
+        if let Ok(id) = registered {
+            if path != Some(OpenPath::Passthrough(id)) {
                 self.close(id);
             }
-            return OpenPath::Classic;
-        };
-        if table.generation != generation {
-            // The session ended meanwhile (close_all): nothing of it is kept.
-            if let Ok(id) = registered {
-                self.close(id);
-            }
-            return OpenPath::Classic;
         }
-        let opens = table.inodes.entry(inode).or_default();
-        let path = match (opens.backing_id, opens.classic, registered) {
-            (Some(id), _, mine) => {
-                if let Ok(mine) = mine {
-                    self.close(mine);
-                }
-                OpenPath::Passthrough(id)
-            }
-            (None, classic, mine) if classic > 0 => {
-                if let Ok(mine) = mine {
-                    self.close(mine);
-                }
-                OpenPath::Classic
-            }
-            (None, _, Ok(id)) => {
-                opens.backing_id = Some(id);
-                self.stats.registered.fetch_add(1, Ordering::Relaxed);
-                OpenPath::Passthrough(id)
-            }
-            (None, _, Err(e)) => {
-                self.stats.refused_by_kernel.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(
-                    inode,
-                    "The kernel refused the backing file ({e}); serving this open through \
-                     berth."
-                );
-                OpenPath::Classic
-            }
+        let (Some(table), Some(path)) = (table.as_mut(), path) else {
+            return OpenPath::Classic;
         };
-        self.account(&mut table, inode, handle, path);
+        self.account(table, inode, handle, path);
         path
     }
 
