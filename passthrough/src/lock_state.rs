@@ -9,15 +9,18 @@
 //!
 //! On one host the source still holds its copies while the destination loads the state: it
 //! lets go when it exits, after the migration completed. So the destination takes each lock
-//! without waiting, and a lock that conflicts is retried until the source is gone, for a
-//! bounded time, by the thread that loaded the state (between its jobs; see
-//! [`FsServer::retry_migrated_locks`](crate::FsServer::retry_migrated_locks)). Meanwhile the host kernel still refuses everyone else the
-//! range (the source holds it), and the guest's own lock requests on that inode wait until
-//! every lock pending on it is settled, so no other lock owner of the guest is granted a
-//! range in the instant between the source letting go and the destination taking it. A lock
-//! that cannot be taken again within the time (another host process took it) is lost: the
-//! loss is logged, the owner's lock requests on that inode fail with EIO until it closes the
-//! file, and a flock handle fails every request with EIO.
+//! without waiting, and for a lock that conflicts the thread that loaded the state waits in
+//! the kernel (F_OFD_SETLKW, flock without LOCK_NB) between its jobs, for a bounded time (see
+//! [`FsServer::wait_for_migrated_locks`](crate::FsServer::wait_for_migrated_locks)): the
+//! kernel wakes it as the source's exit frees the range, and only a host process asking in
+//! the instant between that wake-up and the thread's retry could take the lock first.
+//! Meanwhile the host kernel still refuses everyone else the range (the source holds it),
+//! and the guest's own lock requests on that inode wait until every lock pending on it is
+//! settled, so no other lock owner of the guest is granted a range in the instant between
+//! the source letting go and the destination taking it. A lock that cannot be taken again
+//! within the time (another host process took it) is lost: the loss is logged, the owner's
+//! lock requests on that inode fail with EIO until it closes the file, and a flock handle
+//! fails every request with EIO.
 
 use std::collections::HashSet;
 use std::ffi::CString;
@@ -25,17 +28,19 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::Ordering;
-use std::sync::{Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crate::fs::HandleData;
+use crate::lock_wait::WakeTimer;
 use crate::util::{check_ret, openat};
 
 /// FUSE's "to the end of the file" lock end.
 pub(crate) const LOCK_TO_EOF: u64 = i64::MAX as u64;
 /// How long the destination retries a lock the source still holds, by default.
 pub(crate) const DEFAULT_REACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Pause between two tries of the locks a destination could not take yet.
+/// Longest a wait for a lock the destination could not take yet lasts before its thread
+/// looks at its other work (and the others such locks) again.
 pub const LOCK_RETRY_INTERVAL: Duration = Duration::from_millis(50);
 /// How much longer than the retry deadline a guest lock request waits for a settlement.
 const SETTLE_SLACK: Duration = Duration::from_secs(1);
@@ -144,6 +149,25 @@ pub(crate) fn held_by(
 /// Takes `range` on `fd` without waiting: `Ok(false)` when another description holds a
 /// conflicting lock.
 pub(crate) fn try_take(fd: RawFd, class: LockClass, range: HeldRange) -> io::Result<bool> {
+    match lock_call(fd, class, range, false) {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes `range` on `fd`, waiting for it in the kernel: `Ok(false)` when a signal (the
+/// [`WakeTimer`]'s) interrupted the wait.
+fn take_waiting(fd: RawFd, class: LockClass, range: HeldRange) -> io::Result<bool> {
+    match lock_call(fd, class, range, true) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The host lock call taking `range` on `fd`, blocking or not.
+fn lock_call(fd: RawFd, class: LockClass, range: HeldRange, wait: bool) -> io::Result<()> {
     let result = match class {
         LockClass::Flock => {
             let op = if range.write {
@@ -151,8 +175,9 @@ pub(crate) fn try_take(fd: RawFd, class: LockClass, range: HeldRange) -> io::Res
             } else {
                 libc::LOCK_SH
             };
+            let op = if wait { op } else { op | libc::LOCK_NB };
             // SAFETY: flock on an open descriptor; the result is checked.
-            check_ret(unsafe { libc::flock(fd, op | libc::LOCK_NB) })
+            check_ret(unsafe { libc::flock(fd, op) })
         }
         LockClass::Posix => {
             // SAFETY: flock is plain old data; all-zeroes is valid.
@@ -169,18 +194,20 @@ pub(crate) fn try_take(fd: RawFd, class: LockClass, range: HeldRange) -> io::Res
             } else {
                 (range.end - range.start + 1) as i64
             };
+            let cmd = if wait {
+                libc::F_OFD_SETLKW
+            } else {
+                libc::F_OFD_SETLK
+            };
             // SAFETY: fcntl with a valid flock struct (l_pid 0, as OFD locks need); checked.
-            check_ret(unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &mut fl) })
+            check_ret(unsafe { libc::fcntl(fd, cmd, &mut fl) })
         }
     };
-    match result {
-        Ok(_) => Ok(true),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => Ok(false),
-        Err(e) => Err(e),
-    }
+    result.map(drop)
 }
 
 /// Where a pending lock is to be taken.
+#[derive(Clone)]
 pub(crate) enum Target {
     /// The description carrying owner `owner`'s POSIX locks (gone when the owner closes).
     Owner { owner: u64, file: Weak<File> },
@@ -189,6 +216,7 @@ pub(crate) enum Target {
 }
 
 /// A lock the destination could not take yet.
+#[derive(Clone)]
 pub(crate) struct Pending {
     pub inode: u64,
     pub target: Target,
@@ -218,6 +246,27 @@ impl Pending {
         }
     }
 
+    /// The description the lock is to be taken on, kept open while a thread waits for it;
+    /// `None` once the guest let go of it.
+    fn description(&self) -> Option<Description> {
+        match &self.target {
+            Target::Owner { file, .. } => file.upgrade().map(Description::Owner),
+            Target::Handle { handle, .. } => handle.upgrade().map(Description::Handle),
+        }
+    }
+
+    /// Whether `self` is the pending lock `other` was taken from.
+    fn same(&self, other: &Pending) -> bool {
+        let same_target = match (&self.target, &other.target) {
+            (Target::Owner { file: a, .. }, Target::Owner { file: b, .. }) => Weak::ptr_eq(a, b),
+            (Target::Handle { handle: a, .. }, Target::Handle { handle: b, .. }) => {
+                Weak::ptr_eq(a, b)
+            }
+            _ => false,
+        };
+        same_target && self.inode == other.inode && self.range == other.range
+    }
+
     /// One try: `Some(Ok(()))` taken, `Some(Err)` failed for good, `None` still held
     /// elsewhere. A target the guest let go of is settled (`Some(Ok(()))`).
     fn try_once(&self) -> Option<io::Result<()>> {
@@ -235,6 +284,21 @@ impl Pending {
             Ok(true) => Some(Ok(())),
             Ok(false) => None,
             Err(e) => Some(Err(e)),
+        }
+    }
+}
+
+/// An open description a pending lock is taken on.
+enum Description {
+    Owner(Arc<File>),
+    Handle(Arc<HandleData>),
+}
+
+impl Description {
+    fn fd(&self) -> RawFd {
+        match self {
+            Description::Owner(file) => file.as_raw_fd(),
+            Description::Handle(handle) => handle.file.as_raw_fd(),
         }
     }
 }
@@ -339,6 +403,62 @@ impl LockRestore {
         state.pending = left;
         self.settled.notify_all();
         !state.pending.is_empty()
+    }
+
+    /// One round of taking the pending locks again: each is tried at once ([`retry_round`]
+    /// (Self::retry_round)), then the thread waits in the kernel for the first one still
+    /// held, until it is granted or `tick` has passed (a timer signal ends the wait). A lock
+    /// the source lets go of is so taken the moment the kernel frees it, not at the next try:
+    /// a host process asking for it in between could take it. False when none is left.
+    pub(crate) fn wait_round(&self, tick: Duration) -> bool {
+        if !self.retry_round() {
+            return false;
+        }
+        let (first, description) = {
+            let state = self.state();
+            let Some(first) = state.pending.first() else {
+                return false;
+            };
+            let Some(description) = first.description() else {
+                // The guest let go of it meanwhile: the next round settles it.
+                return true;
+            };
+            (first.clone(), description)
+        };
+        let taken = match WakeTimer::arm(tick) {
+            Ok(_timer) => take_waiting(description.fd(), first.class(), first.range),
+            Err(e) => {
+                tracing::warn!(
+                    "Cannot bound a wait for a migrated lock ({e}); trying again in {tick:?}."
+                );
+                std::thread::sleep(tick);
+                return true;
+            }
+        };
+        let mut state = self.state();
+        match taken {
+            Ok(true) => {
+                // Still wanted: the guest may have let go of it while the thread waited (then
+                // the description closes with the last reference, and the lock with it).
+                if let Some(at) = state.pending.iter().position(|p| p.same(&first)) {
+                    let done = state.pending.remove(at);
+                    tracing::info!("Took the guest's {} again.", done.what());
+                    self.settled.notify_all();
+                }
+            }
+            // The timer's signal: the next round looks again.
+            Ok(false) => {}
+            Err(e) => {
+                if let Some(at) = state.pending.iter().position(|p| p.same(&first)) {
+                    let lost = state.pending.remove(at);
+                    Self::lose(&mut state, &lost, &format!("the host refuses it ({e})"));
+                    self.settled.notify_all();
+                }
+            }
+        }
+        drop(state);
+        drop(description);
+        true
     }
 
     /// Waits until no lock is pending on `inode` any more (bounded by the retry deadline).

@@ -128,6 +128,51 @@ pub(crate) fn install_wake_handler() {
     });
 }
 
+/// A timer that sends the calling thread the wake-up signal after a while, then every
+/// [`WAKE_INTERVAL`] (a signal that lands just before a lock call does not interrupt it), until
+/// dropped: it bounds a blocking host lock call, which has no timeout of its own.
+pub(crate) struct WakeTimer(libc::timer_t);
+
+impl WakeTimer {
+    /// Arms the timer for the calling thread; its first signal comes after `after`.
+    pub(crate) fn arm(after: Duration) -> io::Result<Self> {
+        // SAFETY: sigevent is plain old data; all-zeroes is valid before the fields are set.
+        let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+        event.sigev_notify = libc::SIGEV_THREAD_ID;
+        event.sigev_signo = WAKE_SIGNAL;
+        event.sigev_notify_thread_id = gettid();
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: `event` and `timer` are valid for the call; the result is checked.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let timer = WakeTimer(timer);
+        let spec = libc::itimerspec {
+            it_value: timespec(after.max(Duration::from_micros(1))),
+            it_interval: timespec(WAKE_INTERVAL),
+        };
+        // SAFETY: the timer was just created; `spec` is valid for the call; checked.
+        if unsafe { libc::timer_settime(timer.0, 0, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(timer)
+    }
+}
+
+impl Drop for WakeTimer {
+    fn drop(&mut self) {
+        // SAFETY: deletes the timer this value created, once.
+        unsafe { libc::timer_delete(self.0) };
+    }
+}
+
+fn timespec(d: Duration) -> libc::timespec {
+    libc::timespec {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    }
+}
+
 fn gettid() -> libc::pid_t {
     // SAFETY: gettid has no preconditions.
     unsafe { libc::gettid() }

@@ -1393,12 +1393,11 @@ mod tests {
             (entry.inode, fh.unwrap())
         }
 
-        /// Retries the pending locks, as the migration thread does, until none is left.
+        /// Takes the pending locks again, as the migration thread does, until none is left.
         fn wait_settled(fs: &PassthroughFs) {
             let deadline = Instant::now() + Duration::from_secs(10);
-            while fs.lock_restore.retry_round() {
+            while fs.lock_restore.wait_round(crate::LOCK_RETRY_INTERVAL) {
                 assert!(Instant::now() < deadline, "the pending locks never settled");
-                std::thread::sleep(crate::LOCK_RETRY_INTERVAL);
             }
             assert_eq!(fs.lock_restore.pending_count(), 0);
         }
@@ -1524,6 +1523,35 @@ mod tests {
             // Closing drops the owner's POSIX locks.
             destination.flush(&ctx, inode, fh, 7).unwrap();
             assert!(!share.host_conflicts(LockClass::Posix, range(true, 0, LOCK_TO_EOF)));
+        }
+
+        #[test]
+        fn a_lock_the_source_lets_go_of_is_taken_at_once_not_at_the_next_try() {
+            let share = Share::new("at-once");
+            let (source, _, _, stream) = locked_source(&share);
+            let destination = share.fs(MigrationOnError::Abort, Duration::from_secs(20));
+            destination.load_state(&stream).unwrap();
+            assert_eq!(destination.lock_restore.pending_count(), 2);
+            // Rounds far longer than the test: only the kernel's wake-up can end the wait.
+            let tick = Duration::from_secs(30);
+            std::thread::scope(|s| {
+                let waiter = s.spawn(|| while destination.lock_restore.wait_round(tick) {});
+                std::thread::sleep(Duration::from_millis(200));
+                assert!(!waiter.is_finished(), "the source still holds both locks");
+                let released = Instant::now();
+                drop(source);
+                while !waiter.is_finished() {
+                    assert!(
+                        released.elapsed() < Duration::from_secs(5),
+                        "the locks were not taken once the source let go (left: {})",
+                        destination.lock_restore.pending_count()
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+            assert_eq!(destination.lock_restore.pending_count(), 0);
+            assert!(share.host_conflicts(LockClass::Posix, range(false, 15, 15)));
+            assert!(share.host_conflicts(LockClass::Flock, HeldRange::whole(false)));
         }
 
         #[test]

@@ -191,6 +191,14 @@ const RUNTIME: &[libc::c_long] = &[
     libc::SYS_writev,
 ];
 
+/// A per-thread timer whose signal ends a blocking host lock call that has waited long enough
+/// (the migration thread's waits for the locks a migration source still holds).
+const LOCK_WAIT_TIMER: &[libc::c_long] = &[
+    libc::SYS_timer_create,
+    libc::SYS_timer_delete,
+    libc::SYS_timer_settime,
+];
+
 /// Serving filesystem requests on the shared directory (the passthrough filesystem): opening
 /// by handle or through /proc/self/fd, data and metadata operations, switching the file system
 /// identity to the caller's (setfsuid/setfsgid) and the umask per request.
@@ -502,8 +510,9 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
         ThreadRole::HostWatcher => &[RUNTIME, EVENT_LOOP, FILESYSTEM, HOST_WATCH],
         ThreadRole::FuseNotifier => &[RUNTIME],
         ThreadRole::VersionsMapper => &[RUNTIME, DAX_CHANNEL],
-        // Reads the pipe (loading) with read; writes go through RUNTIME's write.
-        ThreadRole::Migration => &[RUNTIME, FILESYSTEM, &[libc::SYS_read]],
+        // Reads the pipe (loading) with read; writes go through RUNTIME's write. Waits for
+        // the locks the source still holds in the kernel, bounded by a timer of its own.
+        ThreadRole::Migration => &[RUNTIME, FILESYSTEM, &[libc::SYS_read], LOCK_WAIT_TIMER],
         // Threads inherit their creator's filter and filters stack, so the thread that spawns
         // all others must allow everything they do.
         ThreadRole::Main => &[
@@ -512,6 +521,7 @@ pub fn allowed_syscalls(role: ThreadRole) -> Vec<libc::c_long> {
             VHOST_USER_CONTROL,
             EVENT_LOOP,
             FILESYSTEM,
+            LOCK_WAIT_TIMER,
             HOST_WATCH,
             DAX_MAPPING,
             DAX_RECLAIM,

@@ -6,7 +6,7 @@
 //! reply), and its seccomp filter allows no file access, so the transfer runs on a thread of
 //! its own, started with the device and confined to the migration role; the control thread
 //! hands it the pipe and, at CHECK_DEVICE_STATE, waits for its verdict. After a load it also
-//! takes again, every few milliseconds, the guest's locks the source still held.
+//! takes again the guest's locks the source still held, waiting for them in the kernel.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -81,16 +81,18 @@ impl StateTransfer {
                     return;
                 }
                 loop {
-                    // Locks a loaded state brought that the source still held are retried
+                    // Locks a loaded state brought that the source still held are waited for
                     // here between jobs (the source lets go when it exits).
                     let job = if server.migrated_locks_pending() {
-                        match queue.recv_timeout(berth_passthrough::LOCK_RETRY_INTERVAL) {
+                        match queue.try_recv() {
                             Ok(job) => job,
-                            Err(mpsc::RecvTimeoutError::Timeout) => {
-                                server.retry_migrated_locks();
+                            Err(mpsc::TryRecvError::Empty) => {
+                                server.wait_for_migrated_locks(
+                                    berth_passthrough::LOCK_RETRY_INTERVAL,
+                                );
                                 continue;
                             }
-                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                            Err(mpsc::TryRecvError::Disconnected) => break,
                         }
                     } else {
                         match queue.recv() {

@@ -473,17 +473,18 @@ impl FsServer {
     }
 
     /// Whether locks a loaded state brought are still to be taken again (the source still
-    /// held them): the thread that loaded the state calls [`retry_migrated_locks`]
-    /// (Self::retry_migrated_locks) every [`LOCK_RETRY_INTERVAL`](crate::LOCK_RETRY_INTERVAL)
-    /// meanwhile.
+    /// held them): the thread that loaded the state calls [`wait_for_migrated_locks`]
+    /// (Self::wait_for_migrated_locks) meanwhile.
     pub fn migrated_locks_pending(&self) -> bool {
         self.fs.lock_restore.has_pending()
     }
 
-    /// Tries once more to take the locks a loaded state brought that are still held elsewhere;
-    /// those whose time ran out are lost. True while some are left.
-    pub fn retry_migrated_locks(&self) -> bool {
-        self.fs.lock_restore.retry_round()
+    /// Tries once more to take the locks a loaded state brought that are still held elsewhere,
+    /// then waits in the kernel for up to `tick` for the first still held; those whose time
+    /// ran out are lost. True while some are left. A blocking host lock call has no timeout:
+    /// a timer signals the calling thread after `tick`.
+    pub fn wait_for_migrated_locks(&self, tick: std::time::Duration) -> bool {
+        self.fs.lock_restore.wait_round(tick)
     }
 
     /// The frontend stopped `queue` with `avail` as its vring base: SETLKW waits from it are
