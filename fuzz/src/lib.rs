@@ -10,7 +10,7 @@ pub mod xattrmap;
 /// thiserror, serde_json and berth's library crates. (Moving it into a library crate would make
 /// this path include unnecessary.)
 #[allow(dead_code)]
-#[path = "../../src/cli.rs"]
+#[path = "../../src/cli/mod.rs"]
 pub mod cli;
 
 /// The `image build` / `mount` and `block` flags, which the command line's subcommands name.
