@@ -12,11 +12,14 @@
 
 #[path = "common/fuse_mount.rs"]
 mod fuse_mount;
+#[path = "common/tmpfs.rs"]
+mod tmpfs;
 
 use std::path::Path;
 use std::process::Command;
 
 use fuse_mount::*;
+use tmpfs::TmpfsMount;
 
 /// Starts `berth fuse` with passthrough insisted on (`--passthrough=always`) and `flags`;
 /// `None` (after skipping) where the kernel does not offer passthrough.
@@ -266,24 +269,14 @@ fn a_deleted_file_gets_its_blocks_back_once_its_opens_are_released() {
         .expect("tempdir");
     let shared = dir.path().join("shared");
     std::fs::create_dir(&shared).expect("mkdir shared");
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256m", "berth-test"])
-        .arg(&shared)
-        .status()
-        .expect("run mount");
-    assert!(mounted.success(), "mount a tmpfs on {}", shared.display());
-    let unmount = || {
-        let _ = Command::new("umount").arg("-l").arg(&shared).status();
-    };
+    let _tmpfs = TmpfsMount::new(&shared, Some("256m"))
+        .unwrap_or_else(|| panic!("mount a tmpfs on {}", shared.display()));
     let Some(fs) = FuseMount::start_sharing(&shared, &["--passthrough=always", "--cache=never"])
     else {
-        unmount();
         return;
     };
     let _ = std::fs::metadata(fs.mnt());
     if !fs.log().contains("FUSE passthrough is on") {
-        drop(fs);
-        unmount();
         skip("the kernel does not offer FUSE passthrough (Linux 6.9+, CONFIG_FUSE_PASSTHROUGH)");
         return;
     }
@@ -312,7 +305,6 @@ fn a_deleted_file_gets_its_blocks_back_once_its_opens_are_released() {
         regained.push(free.saturating_sub(before));
     }
     let log = fs.stop_for_log();
-    unmount();
     for (round, bytes) in regained.iter().enumerate() {
         assert!(
             *bytes >= size as u64 * 9 / 10,

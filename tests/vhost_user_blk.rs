@@ -8,6 +8,8 @@
 mod frontend_util;
 #[path = "common/security_util.rs"]
 mod security_util;
+#[path = "common/tmpfs.rs"]
+mod tmpfs;
 
 use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -19,6 +21,7 @@ use berth_frontend::blk::{features, request_type, status, RANGE_FLAG_UNMAP};
 use berth_frontend::virtqueue::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use berth_frontend::{BlkDeviceConfig, BlkQueue, RawDescriptor, RawNext, VhostUserBlk};
 use frontend_util::{describe_status, Daemon};
+use tmpfs::TmpfsMount;
 use vm_memory::{Bytes, GuestAddress};
 
 const BLOCK: usize = 4096;
@@ -1800,19 +1803,7 @@ fn a_served_volume_on_a_full_local_disk_keeps_serving_and_loses_nothing() {
     berth_volume(&["create", &location, "--size", "32M"]);
     let small = dir.path().join("small");
     fs::create_dir(&small).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=20m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount a 20 MiB tmpfs");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    let _tmpfs = TmpfsMount::new(&small, Some("20m")).expect("mount a 20 MiB tmpfs");
     let spec = PathBuf::from(format!("volume:{location}"));
     let local = small.join("local").display().to_string();
     let extra = [

@@ -8,6 +8,8 @@
 
 #[path = "common/frontend_util.rs"]
 mod frontend_util;
+#[path = "common/tmpfs.rs"]
+mod tmpfs;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -20,6 +22,7 @@ use berth_frontend::virtqueue::{
 };
 use berth_frontend::{FsQueue, RawDescriptor, RawNext, Request};
 use frontend_util::*;
+use tmpfs::TmpfsMount;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_memory::{Address, Bytes, GuestAddress};
 
@@ -1133,34 +1136,11 @@ fn disconnect_makes_daemon_exit_zero() {
     );
 }
 
-/// Mounts a tmpfs on `dir` for the life of the value (root only).
-struct TmpfsMount(std::path::PathBuf);
-
-impl TmpfsMount {
-    fn new(dir: &std::path::Path) -> Option<Self> {
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "berth-test", dir.to_str()?])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        ok.then(|| TmpfsMount(dir.to_owned()))
-    }
-}
-
-impl Drop for TmpfsMount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 fn submount_flag(extra_args: &[&str]) -> Option<(u32, u32)> {
     let fixture = Fixture::new();
     let mountpoint = fixture.shared.join("mnt");
     fs::create_dir(&mountpoint).expect("create mnt");
-    let _tmpfs = TmpfsMount::new(&mountpoint)?;
+    let _tmpfs = TmpfsMount::new(&mountpoint, None)?;
     let mut args = fixture.basic_args();
     args.extend(extra_args.iter().map(Into::into));
     let mut daemon = Daemon::spawn(args);
