@@ -602,6 +602,69 @@ fn posix_locks_are_taken_on_the_host() {
     s.daemon.assert_alive("after the lock requests");
 }
 
+/// Without a thread pool (berth's default, and Kata's `--thread-pool-size=1`) requests are
+/// served on their queue's thread; a SETLKW that waits there would hold up the queue, and with
+/// it the holder's own unlock: the guest's lock users would wait for each other for ever.
+#[test]
+fn a_waiting_lock_request_does_not_hold_up_its_queue() {
+    if !testing_berth() {
+        skip_by_design("--posix-lock is berth's (virtiofsd keeps locks in the guest)");
+        return;
+    }
+    for flags in [
+        &["--posix-lock"][..],
+        &["--posix-lock", "--thread-pool-size=1"],
+    ] {
+        let mut s = Session::start(flags);
+        s.init_out();
+        fs::write(s.host("locked"), vec![0u8; 4096]).unwrap();
+        let path = s.host("locked");
+        let q = &mut s.queue;
+        let node = q.lookup(ROOT_ID, b"locked").unwrap();
+        let fh = q.open(node.nodeid, libc::O_RDWR as u32).unwrap().fh;
+        let lock = |q: &mut FsQueue, opcode: u32, lock: LkIn| {
+            let ticket = q
+                .submit(&Request {
+                    opcode,
+                    nodeid: node.nodeid,
+                    args: &[lock.as_slice()],
+                    payload: &[],
+                    reply_capacity: Some(0),
+                })
+                .expect("submit");
+            q.notify().expect("kick");
+            ticket
+        };
+        let holder = lock(q, opcode::SETLK, lock_request(fh, 1, libc::F_WRLCK, 0, 99));
+        q.wait_for(holder)
+            .expect("owner 1 locks")
+            .check()
+            .expect("granted");
+        // Owner 2 waits for the range; owner 1's unlock and a lookup come after it.
+        let waiter = lock(q, opcode::SETLKW, lock_request(fh, 2, libc::F_WRLCK, 0, 99));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            q.lookup(ROOT_ID, b"locked").is_ok(),
+            "{flags:?}: the queue serves on"
+        );
+        let unlock = lock(q, opcode::SETLK, lock_request(fh, 1, libc::F_UNLCK, 0, 99));
+        q.wait_for(unlock)
+            .unwrap_or_else(|e| panic!("{flags:?}: owner 1's unlock: {e}"))
+            .check()
+            .expect("unlocked");
+        let granted = q
+            .wait_for(waiter)
+            .unwrap_or_else(|e| panic!("{flags:?}: owner 2's wait: {e}"));
+        assert_eq!(granted.header.map(|h| h.error), Some(0), "{flags:?}");
+        assert_eq!(
+            host_lock_conflict(&path, 0, 100),
+            libc::F_WRLCK as libc::c_short,
+            "{flags:?}: owner 2 holds the range on the host"
+        );
+        s.daemon.assert_alive("after the lock wait");
+    }
+}
+
 #[test]
 fn tmpfile_is_unnamed_until_linked() {
     if !testing_berth() {

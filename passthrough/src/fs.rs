@@ -496,6 +496,12 @@ impl PassthroughFs {
         Ok(File::from(fd))
     }
 
+    /// Whether the guest's locks are taken on the host (`--posix-lock`, `--flock`): lock
+    /// requests may then wait in berth.
+    pub fn holds_host_locks(&self) -> bool {
+        self.cfg.posix_lock || self.cfg.flock
+    }
+
     /// Whether the share is exported read-only.
     pub fn is_read_only(&self) -> bool {
         self.cfg.readonly

@@ -63,7 +63,8 @@ pub struct VhostUserArgs {
     pub tag: Option<String>,
 
     /// Above 1: each request queue thread hands requests to a shared pool of N threads
-    /// (0 or 1: requests are served on their queue's thread).
+    /// (0 or 1: requests are served on their queue's thread, except lock requests that may
+    /// wait, with --posix-lock or --flock).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub thread_pool_size: usize,
 

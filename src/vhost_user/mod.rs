@@ -6,7 +6,9 @@
 //! vhost-user-backend (one bit per thread in `queues_per_thread`), so requests on different
 //! queues never wait for each other. With `--thread-pool-size` above 1 the queue threads hand
 //! each request to a shared pool instead of serving it inline, so that one slow or blocking
-//! request (a waiting lock, a slow disk) does not hold up the rest of its queue.
+//! request (a waiting lock, a slow disk) does not hold up the rest of its queue. Without a
+//! pool, lock requests that may wait (with `--posix-lock` or `--flock`) still go to threads
+//! of their own, since the request that lets go of the lock may be behind them on the queue.
 //!
 //! [`queue`] serves a queue, [`chain`] turns a descriptor chain into the byte segments the
 //! FUSE server reads requests from and writes replies into, [`socket`] sets up the listening
@@ -79,6 +81,9 @@ const CONTROL_THREAD_NAME: &str = "berth-vhost-user";
 /// How long the queue threads may take to install their seccomp filters at start-up.
 /// Jobs that may wait for a free pool thread, per pool thread.
 const POOL_BACKLOG_PER_THREAD: usize = 16;
+/// Threads that wait for host locks for the guest (FUSE_SETLKW) when there is no request
+/// pool: as many guest processes can wait at once before a further one queues behind them.
+const LOCK_WAITERS: usize = 8;
 /// How long GET_VRING_BASE waits for a queue's requests still being served (one may be
 /// waiting for a lock indefinitely).
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -171,6 +176,9 @@ pub struct FsBackend {
     /// written before logging started is covered by the migration's first full copy.
     logging: Arc<AtomicBool>,
     pool: Option<WorkerPool>,
+    /// With host locks (`--posix-lock`, `--flock`) and no pool: the threads SETLKW requests
+    /// wait on, so that a waiting one does not hold up its queue.
+    lock_waiters: Option<WorkerPool>,
     poll: Duration,
     seccomp: SeccompAction,
     /// The queue threads' seccomp role (with the backend request channel when DAX is on).
@@ -235,17 +243,21 @@ impl FsBackend {
         } else {
             (ThreadRole::QueueWorker, ThreadRole::ThreadPool)
         };
+        let start_pool = |size: usize| {
+            WorkerPool::new(size, size * POOL_BACKLOG_PER_THREAD, move || {
+                berth_seccomp::install_filter(pool_role, seccomp).map_err(|e| e.to_string())
+            })
+        };
         let pool = if options.thread_pool_size > 1 {
             Some(
-                WorkerPool::new(
-                    options.thread_pool_size,
-                    options.thread_pool_size * POOL_BACKLOG_PER_THREAD,
-                    move || {
-                        berth_seccomp::install_filter(pool_role, seccomp).map_err(|e| e.to_string())
-                    },
-                )
-                .context("cannot start the request thread pool")?,
+                start_pool(options.thread_pool_size)
+                    .context("cannot start the request thread pool")?,
             )
+        } else {
+            None
+        };
+        let lock_waiters = if pool.is_none() && server.fs().holds_host_locks() {
+            Some(start_pool(LOCK_WAITERS).context("cannot start the lock waiting threads")?)
         } else {
             None
         };
@@ -276,6 +288,7 @@ impl FsBackend {
             queue_role,
             logging: Arc::new(AtomicBool::new(false)),
             pool,
+            lock_waiters,
             poll: Duration::from_micros(u64::from(options.poll_us)),
             seccomp: options.seccomp,
             queue_started: (0..=num_request_queues)

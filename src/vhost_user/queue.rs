@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use crate::vring_events::{self, Drained};
 use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::GuestMemoryBackend;
+use vm_memory::{Address, Bytes, GuestMemoryBackend};
 
 use super::chain::ChainSegments;
 use super::{FsBackend, GuestMemory, LoggedMemory, MemoryGuard, Vring, HIPRIO_QUEUE};
@@ -129,7 +129,14 @@ impl FsBackend {
                 queue_size,
                 desc_table,
             };
-            match &self.pool {
+            // Without a pool, a lock request that may wait goes to the lock waiters: on the
+            // queue's thread it would hold up every later request, the holder's unlock too.
+            let pool = self.pool.as_ref().or_else(|| {
+                self.lock_waiters
+                    .as_ref()
+                    .filter(|_| asks_to_wait_for_a_lock(mem, &chain))
+            });
+            match pool {
                 Some(pool) => {
                     let server = self.server.clone();
                     let dax = self.dax.clone();
@@ -305,6 +312,23 @@ pub(crate) fn head_descriptor_flags(mem: &LoggedMemory, desc_table: u64, head: u
         .ok()?
         .copy_to(&mut flags);
     Some(u16::from_le_bytes(flags))
+}
+
+/// Whether the chain's request is a FUSE_SETLKW, read from its first descriptor (a header
+/// split over descriptors is not looked for: that request is served where it is).
+fn asks_to_wait_for_a_lock(mem: &MemoryGuard, chain: &DescriptorChain<MemoryGuard>) -> bool {
+    let Some(first) = chain.clone().next() else {
+        return false;
+    };
+    if first.is_write_only() || first.len() < 8 {
+        return false;
+    }
+    let mut opcode = [0u8; 4];
+    first
+        .addr()
+        .checked_add(4)
+        .is_some_and(|at| mem.read_slice(&mut opcode, at).is_ok())
+        && u32::from_le_bytes(opcode) == berth_passthrough::server::opcode::SETLKW
 }
 
 /// Puts a served chain on the used ring and tells the guest if it asked to be told.
