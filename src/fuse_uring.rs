@@ -64,9 +64,20 @@ pub struct Plan {
 /// Decides, before mounting, whether to offer FUSE over io_uring: `None` when it is off
 /// (logged for `auto`), an error for `always` when the kernel cannot.
 /// `threads` (`--threads`) spread over the queues, at least [`MIN_RINGS_PER_QUEUE`] each.
-pub fn plan(mode: IoUringMode, threads: usize) -> anyhow::Result<Option<Plan>> {
+pub fn plan(mode: IoUringMode, threads: usize, host_locks: bool) -> anyhow::Result<Option<Plan>> {
     if mode == IoUringMode::Never {
         info!("FUSE transport: /dev/fuse read and write (--io-uring never).");
+        return Ok(None);
+    }
+    // A lock request that waits in berth holds its ring entry until it is granted, and the
+    // kernel queues a CPU's requests behind its own queue's entries only: as many waits from
+    // one CPU as it has entries would hold up every request from that CPU, the holder's
+    // unlock too. On /dev/fuse such waits go to threads of their own.
+    const LOCKS_ON_RINGS: &str = "with --posix-lock or --flock a lock request that waits holds \
+                                  its ring entry, and a CPU's requests wait behind as many of \
+                                  them as it has rings";
+    if host_locks && mode == IoUringMode::Auto {
+        info!("FUSE transport: /dev/fuse read and write (io_uring is off: {LOCKS_ON_RINGS}).");
         return Ok(None);
     }
     let obstacle = match std::fs::read_to_string(ENABLE_PARAMETER) {
@@ -90,6 +101,13 @@ pub fn plan(mode: IoUringMode, threads: usize) -> anyhow::Result<Option<Plan>> {
         return Ok(None);
     }
     let queues = possible_cpus()?;
+    if host_locks {
+        warn!(
+            "--io-uring always: {LOCKS_ON_RINGS} ({} per CPU here); use --io-uring never (or \
+             auto) where guests wait for contended locks.",
+            threads.div_ceil(queues).max(MIN_RINGS_PER_QUEUE)
+        );
+    }
     Ok(Some(Plan {
         queues,
         rings_per_queue: threads.div_ceil(queues).max(MIN_RINGS_PER_QUEUE),

@@ -37,6 +37,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::fuse_uring::{self, Gate, QueueRing, RingEnd, TransportCounts};
+use crate::pool::WorkerPool;
 use crate::shutdown::{signal_name, TerminationSignals};
 
 /// How long stopping workers may take before berth unmounts anyway (a worker can be stuck in
@@ -356,6 +357,67 @@ struct Transport {
     /// `--io-uring always`.
     required: bool,
     payload_len: usize,
+    /// With host locks: where lock requests that may wait (FUSE_SETLKW) wait.
+    lock_waiters: Option<LockWaiters>,
+}
+
+/// Threads that wait for host locks for the kernel's FUSE_SETLKW requests read from
+/// /dev/fuse, so that the workers go on reading: a worker that waited would not read the
+/// request that lets go of the lock, and waits as many as the workers would stop the mount.
+struct LockWaiters {
+    pool: WorkerPool,
+    /// A descriptor of the connection's device, to reply on (the kernel finds a reply's
+    /// request by its unique id in the device's processing list, which every duplicate of
+    /// the session's descriptor shares).
+    device: Arc<File>,
+}
+
+/// How many lock requests wait at once; more queue behind them.
+const LOCK_WAITERS: usize = 8;
+
+impl LockWaiters {
+    fn start(session: &FuseSession, seccomp: SeccompAction) -> anyhow::Result<Self> {
+        let device = session
+            .get_fuse_file()
+            .context("the FUSE session has no device")?
+            .try_clone()
+            .context("cannot duplicate the FUSE device for the lock waiters")?;
+        let pool = WorkerPool::new(LOCK_WAITERS, LOCK_WAITERS * 16, move || {
+            berth_seccomp::install_filter(ThreadRole::FuseWorker, seccomp)
+                .map_err(|e| e.to_string())
+        })
+        .context("cannot start the lock waiting threads")?;
+        Ok(LockWaiters {
+            pool,
+            device: Arc::new(device),
+        })
+    }
+
+    /// Serves `request` (a SETLKW) on a lock waiter, which replies when the wait ends.
+    fn wait(&self, server: &Arc<FsServer>, request: &[u8]) {
+        let mut request = request.to_vec();
+        let server = server.clone();
+        let device = self.device.clone();
+        self.pool.execute(Box::new(move || {
+            // A lock reply is a bare header.
+            let mut reply = [0u8; 64];
+            let served = server.handle(
+                &[IoSegment::from_mut_slice(&mut request)],
+                &[IoSegment::from_mut_slice(&mut reply)],
+                None,
+            );
+            if let Served::Replied(len) = served {
+                match write_reply(&device, &reply[..len]) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                        debug!("The kernel dropped an interrupted lock request.");
+                    }
+                    Err(e) => warn!("Cannot send a FUSE lock reply: {e}."),
+                }
+            }
+            server.reply_sent();
+        }));
+    }
 }
 
 /// Serves the mounted `session` with `threads` workers (and a ring thread per queue of
@@ -385,6 +447,11 @@ pub fn serve(
         payload_len: session
             .bufsize()
             .max(berth_passthrough::server::MAX_BUFFER_SIZE as usize),
+        lock_waiters: if server.fs().holds_host_locks() {
+            Some(LockWaiters::start(&session, seccomp)?)
+        } else {
+            None
+        },
     });
     let outcome = run(
         &server, &session, mountpoint, threads, rings, &transport, seccomp, signals,
@@ -688,20 +755,24 @@ impl Channel {
 
     /// Writes the reply (one write: the kernel takes each write as a whole reply).
     fn send_reply(&self, len: usize) -> io::Result<()> {
-        let reply = &self.reply[..len];
-        // SAFETY: writing from our own buffer, for a length within it.
-        let n = unsafe { libc::write(self.file.as_raw_fd(), reply.as_ptr().cast(), reply.len()) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        write_reply(&self.file, &self.reply[..len])
     }
+}
+
+/// Writes one reply to the FUSE device (a single write: the kernel takes a reply whole).
+fn write_reply(device: &File, reply: &[u8]) -> io::Result<()> {
+    // SAFETY: writing from a buffer we hold, for its length.
+    let n = unsafe { libc::write(device.as_raw_fd(), reply.as_ptr().cast(), reply.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn run_worker(
     index: usize,
     mut channel: Channel,
-    server: &FsServer,
+    server: &Arc<FsServer>,
     transport: &Transport,
 ) -> Result<(), String> {
     loop {
@@ -720,6 +791,12 @@ fn run_worker(
                 .counts
                 .device_no_reply
                 .fetch_add(1, Ordering::Relaxed);
+        }
+        if op == Some(opcode::SETLKW) {
+            if let Some(waiters) = &transport.lock_waiters {
+                waiters.wait(server, &channel.request[..len]);
+                continue;
+            }
         }
         let served = {
             let Channel { request, reply, .. } = &mut channel;

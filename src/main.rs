@@ -318,7 +318,8 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
         settings.shared_cache.shared_cache,
     )?;
     // Whether to offer FUSE over io_uring, from sysfs (which the sandbox may hide).
-    let uring_plan = fuse_uring::plan(settings.io_uring, settings.threads)?;
+    let host_locks = settings.fs.posix_lock || settings.fs.flock;
+    let uring_plan = fuse_uring::plan(settings.io_uring, settings.threads, host_locks)?;
     // The mount must be visible on the host: it is made before the sandbox (a new mount
     // namespace) exists, and only a guard left outside can take it down again.
     let session = fusedev::mount(&mountpoint, settings.fs.readonly)?;

@@ -415,6 +415,27 @@ fn auto_falls_back_to_dev_fuse_and_says_why() {
     assert!(transport(&log, "dev_fuse") >= 3, "{log}");
 }
 
+/// With host locks, `auto` keeps to /dev/fuse even where the rings could start: there a lock
+/// request that waits goes to a thread of its own, while on a ring it would hold its entry.
+#[test]
+fn auto_keeps_host_locks_off_the_rings_and_says_why() {
+    let Some(_parameter) = set_parameter("Y") else {
+        return;
+    };
+    let fs = FuseMount::start(&["--io-uring=auto", "--posix-lock"]).expect("checked above");
+    fs::write(fs.via("x"), b"classic").expect("write");
+    assert_eq!(fs::read(fs.via("x")).expect("read"), b"classic");
+    let log = stop(fs);
+    assert!(
+        log.contains(
+            "FUSE transport: /dev/fuse read and write (io_uring is off: with --posix-lock or \
+             --flock a lock request that waits holds its ring entry"
+        ),
+        "{log}"
+    );
+    assert_eq!(transport(&log, "io_uring"), 0, "{log}");
+}
+
 /// An OFD lock request on `fd`.
 fn ofd_lock(fd: &Fd, cmd: libc::c_int, kind: libc::c_int) -> std::io::Result<()> {
     // SAFETY: a zeroed flock is valid; the fields that matter are set below.

@@ -1568,6 +1568,100 @@ fn pipe() -> (libc::c_int, libc::c_int) {
     (fds[0], fds[1])
 }
 
+/// More processes waiting in F_SETLKW than berth has /dev/fuse workers: a worker that waited
+/// for the lock itself would not read the holder's unlock, and these waits would stop the
+/// mount for good.
+#[test]
+fn more_lock_waits_than_workers_do_not_stop_the_mount() {
+    const WAITERS: usize = 6;
+    let Some(fs) = FuseMount::start(&["--posix-lock", "--threads", "2", "--io-uring", "never"])
+    else {
+        return;
+    };
+    put(&fs.under("contended"), &[0u8; 64]);
+    let path = cpath(&fs.via("contended"));
+    let holder = open(&fs.via("contended"), libc::O_RDWR, 0).unwrap();
+    fcntl_lock(
+        &holder,
+        libc::F_SETLK,
+        &mut flock_struct(libc::F_WRLCK, 0, 10),
+    )
+    .expect("the holder's lock");
+    let (done_r, done_w) = pipe();
+    let mut children = Vec::new();
+    for _ in 0..WAITERS {
+        // SAFETY: the child makes only async-signal-safe calls (open, fcntl, write, _exit).
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: single-threaded child; buffers are valid.
+            unsafe {
+                libc::close(done_r);
+                let fd = libc::open(path.as_ptr(), libc::O_RDWR);
+                let mut fl: libc::flock = std::mem::zeroed();
+                fl.l_type = libc::F_WRLCK as libc::c_short;
+                fl.l_whence = libc::SEEK_SET as libc::c_short;
+                fl.l_len = 10;
+                let ok = fd >= 0 && libc::fcntl(fd, libc::F_SETLKW, &mut fl) == 0;
+                let byte = if ok { b'y' } else { b'n' };
+                libc::write(done_w, (&byte as *const u8).cast(), 1);
+                // Exiting lets go of the lock for the next waiter.
+                libc::_exit(0);
+            }
+        }
+        children.push(pid);
+    }
+    // SAFETY: closing our copy of the write end, so that reads end when the children do.
+    unsafe { libc::close(done_w) };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Every waiter is in the daemon now; the mount still serves, and the holder lets go.
+    let started = std::time::Instant::now();
+    let serving = std::thread::spawn({
+        let probe = fs.via("contended");
+        move || {
+            let _ = std::fs::metadata(&probe);
+            fcntl_lock(
+                &holder,
+                libc::F_SETLK,
+                &mut flock_struct(libc::F_UNLCK, 0, 10),
+            )
+        }
+    });
+    while !serving.is_finished() && started.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let stopped = !serving.is_finished();
+    if stopped {
+        for pid in &children {
+            // SAFETY: signalling our own children.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+    }
+    assert!(
+        !stopped,
+        "with {WAITERS} lock waits the mount stopped serving:\n{}",
+        fs.log()
+    );
+    serving.join().unwrap().expect("the holder's unlock");
+    let mut granted = 0;
+    for _ in 0..WAITERS {
+        let mut byte = 0u8;
+        // SAFETY: valid one-byte buffer.
+        if unsafe { libc::read(done_r, (&mut byte as *mut u8).cast(), 1) } == 1 && byte == b'y' {
+            granted += 1;
+        }
+    }
+    for pid in children {
+        let mut status = 0;
+        // SAFETY: pid is our child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+    }
+    // SAFETY: closing the last pipe end we own.
+    unsafe { libc::close(done_r) };
+    assert_eq!(granted, WAITERS, "every waiter got the lock in turn");
+    fs.finish();
+}
+
 #[test]
 fn posix_locks_conflict_between_processes_and_setlkw_waits() {
     let Some(fs) = FuseMount::start(&["--posix-lock"]) else {
