@@ -37,7 +37,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::fuse_uring::{self, Gate, QueueRing, RingEnd, TransportCounts};
-use crate::pool::WorkerPool;
+use crate::pool::{self, WorkerPool};
 use crate::shutdown::{signal_name, TerminationSignals};
 
 /// How long stopping workers may take before berth unmounts anyway (a worker can be stuck in
@@ -372,9 +372,6 @@ struct LockWaiters {
     device: Arc<File>,
 }
 
-/// How many lock requests wait at once; more queue behind them.
-const LOCK_WAITERS: usize = 8;
-
 impl LockWaiters {
     fn start(session: &FuseSession, seccomp: SeccompAction) -> anyhow::Result<Self> {
         let device = session
@@ -382,7 +379,8 @@ impl LockWaiters {
             .context("the FUSE session has no device")?
             .try_clone()
             .context("cannot duplicate the FUSE device for the lock waiters")?;
-        let pool = WorkerPool::new(LOCK_WAITERS, LOCK_WAITERS * 16, move || {
+        let size = pool::LOCK_WAITERS;
+        let pool = WorkerPool::new(size, size * pool::BACKLOG_PER_THREAD, move || {
             berth_seccomp::install_filter(ThreadRole::FuseWorker, seccomp)
                 .map_err(|e| e.to_string())
         })

@@ -14,6 +14,15 @@ use anyhow::{anyhow, Context};
 
 pub type Job = Box<dyn FnOnce() + Send + 'static>;
 
+/// Jobs that may wait for a free pool thread, per pool thread.
+pub const BACKLOG_PER_THREAD: usize = 16;
+
+/// Threads that wait for host locks for lock requests (FUSE_SETLKW, with `--posix-lock` or
+/// `--flock`) where no request pool takes them: a request that waited on the thread that
+/// reads requests would keep it from reading the one that lets go of the lock. As many
+/// requests wait at once; more queue behind them.
+pub const LOCK_WAITERS: usize = 8;
+
 /// How long a starting pool thread may take to confine itself.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -66,7 +66,7 @@ use vmm_sys_util::event::{
 
 use crate::cli::MAX_TAG_LEN;
 use crate::metrics_file::{MetricsFile, MetricsWriter};
-use crate::pool::WorkerPool;
+use crate::pool::{self, WorkerPool};
 use crate::vring_events::{handle_queue_event, QueueConfinement, QueueThreads};
 use berth_seccomp::{SeccompAction, ThreadRole};
 use dax::VhostDax;
@@ -78,12 +78,6 @@ const MAX_QUEUE_SIZE: usize = 32768;
 const HIPRIO_QUEUE: usize = 0;
 /// Name of the thread vhost-user-backend runs the control messages on.
 const CONTROL_THREAD_NAME: &str = "berth-vhost-user";
-/// How long the queue threads may take to install their seccomp filters at start-up.
-/// Jobs that may wait for a free pool thread, per pool thread.
-const POOL_BACKLOG_PER_THREAD: usize = 16;
-/// Threads that wait for host locks for the guest (FUSE_SETLKW) when there is no request
-/// pool: as many guest processes can wait at once before a further one queues behind them.
-const LOCK_WAITERS: usize = 8;
 /// How long GET_VRING_BASE waits for a queue's requests still being served (one may be
 /// waiting for a lock indefinitely).
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -244,7 +238,7 @@ impl FsBackend {
             (ThreadRole::QueueWorker, ThreadRole::ThreadPool)
         };
         let start_pool = |size: usize| {
-            WorkerPool::new(size, size * POOL_BACKLOG_PER_THREAD, move || {
+            WorkerPool::new(size, size * pool::BACKLOG_PER_THREAD, move || {
                 berth_seccomp::install_filter(pool_role, seccomp).map_err(|e| e.to_string())
             })
         };
@@ -257,7 +251,7 @@ impl FsBackend {
             None
         };
         let lock_waiters = if pool.is_none() && server.fs().holds_host_locks() {
-            Some(start_pool(LOCK_WAITERS).context("cannot start the lock waiting threads")?)
+            Some(start_pool(pool::LOCK_WAITERS).context("cannot start the lock waiting threads")?)
         } else {
             None
         };
