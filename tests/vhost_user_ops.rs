@@ -602,18 +602,22 @@ fn posix_locks_are_taken_on_the_host() {
     s.daemon.assert_alive("after the lock requests");
 }
 
-/// Without a thread pool (berth's default, and Kata's `--thread-pool-size=1`) requests are
-/// served on their queue's thread; a SETLKW that waits there would hold up the queue, and with
-/// it the holder's own unlock: the guest's lock users would wait for each other for ever.
+/// A SETLKW that waits for its lock must not wait where other requests are served: on its
+/// queue's thread (no pool: berth's default, and Kata's `--thread-pool-size=1`) it would hold
+/// up the rest of the queue, the holder's unlock too, and on the pool's threads as many waits
+/// as threads would hold up the pool. Either way the guest's lock users would wait for each
+/// other for ever.
 #[test]
-fn a_waiting_lock_request_does_not_hold_up_its_queue() {
+fn waiting_lock_requests_hold_up_neither_their_queue_nor_the_pool() {
     if !testing_berth() {
         skip_by_design("--posix-lock is berth's (virtiofsd keeps locks in the guest)");
         return;
     }
+    const WAITERS: u64 = 3;
     for flags in [
         &["--posix-lock"][..],
         &["--posix-lock", "--thread-pool-size=1"],
+        &["--posix-lock", "--thread-pool-size=2"],
     ] {
         let mut s = Session::start(flags);
         s.init_out();
@@ -640,8 +644,17 @@ fn a_waiting_lock_request_does_not_hold_up_its_queue() {
             .expect("owner 1 locks")
             .check()
             .expect("granted");
-        // Owner 2 waits for the range; owner 1's unlock and a lookup come after it.
-        let waiter = lock(q, opcode::SETLKW, lock_request(fh, 2, libc::F_WRLCK, 0, 99));
+        // Owners 2.. wait for read locks on the range (more of them than pool threads);
+        // owner 1's unlock and a lookup come after them.
+        let waiters: Vec<_> = (2..2 + WAITERS)
+            .map(|owner| {
+                lock(
+                    q,
+                    opcode::SETLKW,
+                    lock_request(fh, owner, libc::F_RDLCK, 0, 99),
+                )
+            })
+            .collect();
         std::thread::sleep(std::time::Duration::from_millis(200));
         assert!(
             q.lookup(ROOT_ID, b"locked").is_ok(),
@@ -652,16 +665,18 @@ fn a_waiting_lock_request_does_not_hold_up_its_queue() {
             .unwrap_or_else(|e| panic!("{flags:?}: owner 1's unlock: {e}"))
             .check()
             .expect("unlocked");
-        let granted = q
-            .wait_for(waiter)
-            .unwrap_or_else(|e| panic!("{flags:?}: owner 2's wait: {e}"));
-        assert_eq!(granted.header.map(|h| h.error), Some(0), "{flags:?}");
+        for waiter in waiters {
+            let granted = q
+                .wait_for(waiter)
+                .unwrap_or_else(|e| panic!("{flags:?}: a waiter: {e}"));
+            assert_eq!(granted.header.map(|h| h.error), Some(0), "{flags:?}");
+        }
         assert_eq!(
             host_lock_conflict(&path, 0, 100),
-            libc::F_WRLCK as libc::c_short,
-            "{flags:?}: owner 2 holds the range on the host"
+            libc::F_RDLCK as libc::c_short,
+            "{flags:?}: the waiters hold the range on the host"
         );
-        s.daemon.assert_alive("after the lock wait");
+        s.daemon.assert_alive("after the lock waits");
     }
 }
 

@@ -6,9 +6,9 @@
 //! vhost-user-backend (one bit per thread in `queues_per_thread`), so requests on different
 //! queues never wait for each other. With `--thread-pool-size` above 1 the queue threads hand
 //! each request to a shared pool instead of serving it inline, so that one slow or blocking
-//! request (a waiting lock, a slow disk) does not hold up the rest of its queue. Without a
-//! pool, lock requests that may wait (with `--posix-lock` or `--flock`) still go to threads
-//! of their own, since the request that lets go of the lock may be behind them on the queue.
+//! request (a slow disk) does not hold up the rest of its queue. Lock requests that may wait
+//! (with `--posix-lock` or `--flock`) go to threads of their own in any case: the request
+//! that lets go of the lock may be behind them on the queue, or in the pool's backlog.
 //!
 //! [`queue`] serves a queue, [`chain`] turns a descriptor chain into the byte segments the
 //! FUSE server reads requests from and writes replies into, [`socket`] sets up the listening
@@ -170,8 +170,8 @@ pub struct FsBackend {
     /// written before logging started is covered by the migration's first full copy.
     logging: Arc<AtomicBool>,
     pool: Option<WorkerPool>,
-    /// With host locks (`--posix-lock`, `--flock`) and no pool: the threads SETLKW requests
-    /// wait on, so that a waiting one does not hold up its queue.
+    /// With host locks (`--posix-lock`, `--flock`): the threads SETLKW requests wait on, so
+    /// that a waiting one holds up neither its queue nor the pool.
     lock_waiters: Option<WorkerPool>,
     poll: Duration,
     seccomp: SeccompAction,
@@ -250,7 +250,7 @@ impl FsBackend {
         } else {
             None
         };
-        let lock_waiters = if pool.is_none() && server.fs().holds_host_locks() {
+        let lock_waiters = if server.fs().holds_host_locks() {
             Some(start_pool(pool::LOCK_WAITERS).context("cannot start the lock waiting threads")?)
         } else {
             None

@@ -212,15 +212,10 @@ impl FsBackend {
         }
     }
 
-    /// Where lock requests wait: the request pool, or the lock waiters without one.
-    fn wait_pool(&self) -> Option<&crate::pool::WorkerPool> {
-        self.pool.as_ref().or(self.lock_waiters.as_ref())
-    }
-
     /// Resumes parked lock waits: those of `started`'s queue when it has just started at vring
     /// base `base`, or every one of a queue not stopped (a loaded state). They wait on the
-    /// request pool or the lock waiters (berth has one or the other whenever it holds the
-    /// guest's locks on the host, the only way a wait is parked).
+    /// lock waiters, which berth has whenever it holds the guest's locks on the host (the only
+    /// way a wait is parked).
     pub(super) fn resume_parked_waits(&self, started: Option<(usize, u16)>) {
         let parked = match started {
             Some((queue, base)) => {
@@ -250,7 +245,9 @@ impl FsBackend {
                     })
                     .collect()
             }
-            None if self.wait_pool().is_some() => self.server.parked_lock_waits_to_resume(|_| true),
+            None if self.lock_waiters.is_some() => {
+                self.server.parked_lock_waits_to_resume(|_| true)
+            }
             None => return,
         };
         if parked.is_empty() {
@@ -263,7 +260,7 @@ impl FsBackend {
         let epoch = self.server.session_epoch();
         for lock in parked {
             let resumer = self.resumer();
-            match self.wait_pool() {
+            match &self.lock_waiters {
                 Some(pool) => pool.execute(Box::new(move || resumer.run(lock, epoch))),
                 None => resumer.run(lock, epoch),
             }

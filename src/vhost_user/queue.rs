@@ -129,13 +129,13 @@ impl FsBackend {
                 queue_size,
                 desc_table,
             };
-            // Without a pool, a lock request that may wait goes to the lock waiters: on the
-            // queue's thread it would hold up every later request, the holder's unlock too.
-            let pool = self.pool.as_ref().or_else(|| {
-                self.lock_waiters
-                    .as_ref()
-                    .filter(|_| asks_to_wait_for_a_lock(mem, &chain))
-            });
+            // A lock request that may wait goes to the lock waiters: on the queue's thread, or
+            // on a pool thread, it would hold up later requests, the holder's unlock too.
+            let pool = self
+                .lock_waiters
+                .as_ref()
+                .filter(|_| asks_to_wait_for_a_lock(mem, &chain))
+                .or(self.pool.as_ref());
             match pool {
                 Some(pool) => {
                     let server = self.server.clone();
