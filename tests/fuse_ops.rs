@@ -1561,6 +1561,42 @@ fn read_byte(fd: libc::c_int) -> bool {
     unsafe { libc::read(fd, (&mut b as *mut u8).cast(), 1) == 1 }
 }
 
+/// A child process that waits in F_SETLKW for a write lock on bytes 0..10 of `path`, then
+/// writes one byte to the pipe (`y` granted, `n` refused) and exits with 0 or the errno,
+/// letting go of the lock. Its copy of the pipe's read end is closed.
+fn fork_lock_waiter(
+    path: &std::ffi::CString,
+    (read_end, write_end): (libc::c_int, libc::c_int),
+) -> i32 {
+    // SAFETY: the child makes only async-signal-safe calls (close, open, fcntl, write, _exit).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: single-threaded child; the buffers are valid.
+        unsafe {
+            libc::close(read_end);
+            let fd = libc::open(path.as_ptr(), libc::O_RDWR);
+            let mut fl: libc::flock = std::mem::zeroed();
+            fl.l_type = libc::F_WRLCK as libc::c_short;
+            fl.l_whence = libc::SEEK_SET as libc::c_short;
+            fl.l_len = 10;
+            let rc = if fd < 0 {
+                -1
+            } else {
+                libc::fcntl(fd, libc::F_SETLKW, &mut fl)
+            };
+            let (byte, code) = if rc == 0 {
+                (b'y', 0)
+            } else {
+                (b'n', *libc::__errno_location())
+            };
+            libc::write(write_end, (&byte as *const u8).cast(), 1);
+            libc::_exit(code);
+        }
+    }
+    pid
+}
+
 fn pipe() -> (libc::c_int, libc::c_int) {
     let mut fds = [0; 2];
     // SAFETY: fds is a valid two-int array.
@@ -1590,26 +1626,7 @@ fn more_lock_waits_than_workers_do_not_stop_the_mount() {
     let (done_r, done_w) = pipe();
     let mut children = Vec::new();
     for _ in 0..WAITERS {
-        // SAFETY: the child makes only async-signal-safe calls (open, fcntl, write, _exit).
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            // SAFETY: single-threaded child; buffers are valid.
-            unsafe {
-                libc::close(done_r);
-                let fd = libc::open(path.as_ptr(), libc::O_RDWR);
-                let mut fl: libc::flock = std::mem::zeroed();
-                fl.l_type = libc::F_WRLCK as libc::c_short;
-                fl.l_whence = libc::SEEK_SET as libc::c_short;
-                fl.l_len = 10;
-                let ok = fd >= 0 && libc::fcntl(fd, libc::F_SETLKW, &mut fl) == 0;
-                let byte = if ok { b'y' } else { b'n' };
-                libc::write(done_w, (&byte as *const u8).cast(), 1);
-                // Exiting lets go of the lock for the next waiter.
-                libc::_exit(0);
-            }
-        }
-        children.push(pid);
+        children.push(fork_lock_waiter(&path, (done_r, done_w)));
     }
     // SAFETY: closing our copy of the write end, so that reads end when the children do.
     unsafe { libc::close(done_w) };
@@ -1740,32 +1757,7 @@ fn posix_locks_conflict_between_processes_and_setlkw_waits() {
 
     // F_SETLKW: a second process waits for our lock, and gets it once we unlock.
     let (done_r, done_w) = pipe();
-    // SAFETY: as above, only async-signal-safe calls in the child.
-    let waiter = unsafe { libc::fork() };
-    assert!(waiter >= 0);
-    if waiter == 0 {
-        // SAFETY: single-threaded child.
-        unsafe {
-            libc::close(done_r);
-            let fd = libc::open(path.as_ptr(), libc::O_RDWR);
-            let mut fl: libc::flock = std::mem::zeroed();
-            fl.l_type = libc::F_WRLCK as libc::c_short;
-            fl.l_whence = libc::SEEK_SET as libc::c_short;
-            fl.l_len = 10;
-            let rc = if fd < 0 {
-                -1
-            } else {
-                libc::fcntl(fd, libc::F_SETLKW, &mut fl)
-            };
-            let code = if rc == 0 {
-                0
-            } else {
-                *libc::__errno_location()
-            };
-            libc::write(done_w, b"x".as_ptr().cast(), 1);
-            libc::_exit(code);
-        }
-    }
+    let waiter = fork_lock_waiter(&path, (done_r, done_w));
     // SAFETY: our copy of the write end.
     unsafe { libc::close(done_w) };
     std::thread::sleep(std::time::Duration::from_millis(300));
