@@ -1679,6 +1679,107 @@ fn more_lock_waits_than_workers_do_not_stop_the_mount() {
     fs.finish();
 }
 
+extern "C" fn on_alarm(_: libc::c_int) {}
+
+/// A process waiting in F_SETLKW that gets a signal (a handler, no SA_RESTART) returns EINTR:
+/// the kernel sends FUSE_INTERRUPT and berth stops waiting, without taking the lock for a
+/// request nobody waits for any more.
+#[test]
+fn a_signal_interrupts_a_lock_wait() {
+    let Some(fs) = FuseMount::start(&["--posix-lock", "--io-uring", "never"]) else {
+        return;
+    };
+    put(&fs.under("contended"), &[0u8; 64]);
+    let path = cpath(&fs.via("contended"));
+    let holder = open(&fs.via("contended"), libc::O_RDWR, 0).unwrap();
+    fcntl_lock(
+        &holder,
+        libc::F_SETLK,
+        &mut flock_struct(libc::F_WRLCK, 0, 10),
+    )
+    .expect("the holder's lock");
+    let (done_r, done_w) = pipe();
+    // SAFETY: the child makes only async-signal-safe calls (sigaction, alarm, open, fcntl,
+    // write, _exit).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: single-threaded child; the structures are valid.
+        unsafe {
+            libc::close(done_r);
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_alarm as extern "C" fn(libc::c_int) as usize;
+            libc::sigaction(libc::SIGALRM, &action, std::ptr::null_mut());
+            libc::alarm(1);
+            let fd = libc::open(path.as_ptr(), libc::O_RDWR);
+            let mut fl: libc::flock = std::mem::zeroed();
+            fl.l_type = libc::F_WRLCK as libc::c_short;
+            fl.l_whence = libc::SEEK_SET as libc::c_short;
+            fl.l_len = 10;
+            let rc = if fd < 0 {
+                -1
+            } else {
+                libc::fcntl(fd, libc::F_SETLKW, &mut fl)
+            };
+            let code = if rc == 0 {
+                0
+            } else {
+                *libc::__errno_location()
+            };
+            libc::write(done_w, b"x".as_ptr().cast(), 1);
+            libc::_exit(code);
+        }
+    }
+    // SAFETY: our copy of the write end.
+    unsafe { libc::close(done_w) };
+    let mut ready = libc::pollfd {
+        fd: done_r,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: a valid pollfd.
+    let answered = unsafe { libc::poll(&mut ready, 1, 10_000) } == 1;
+    if !answered {
+        // SAFETY: our own child, stuck waiting.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let mut status = 0;
+    // SAFETY: pid is our child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    // SAFETY: the last pipe end we own.
+    unsafe { libc::close(done_r) };
+    assert!(
+        answered,
+        "F_SETLKW went on waiting after the signal:\n{}",
+        fs.log()
+    );
+    assert_eq!(
+        libc::WEXITSTATUS(status),
+        libc::EINTR,
+        "F_SETLKW returned {}",
+        errno_name(libc::WEXITSTATUS(status))
+    );
+    // The interrupted wait took nothing: once the holder lets go, the range is free.
+    fcntl_lock(
+        &holder,
+        libc::F_SETLK,
+        &mut flock_struct(libc::F_UNLCK, 0, 10),
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let other = open(&fs.via("contended"), libc::O_RDWR, 0).unwrap();
+    let mut probe = flock_struct(libc::F_WRLCK, 0, 10);
+    fcntl_lock(&other, libc::F_OFD_GETLK, &mut probe).unwrap();
+    assert_eq!(
+        probe.l_type,
+        libc::F_UNLCK as libc::c_short,
+        "the range is free"
+    );
+    drop(other);
+    drop(holder);
+    fs.finish();
+}
+
 #[test]
 fn posix_locks_conflict_between_processes_and_setlkw_waits() {
     let Some(fs) = FuseMount::start(&["--posix-lock"]) else {

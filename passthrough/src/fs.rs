@@ -1162,20 +1162,9 @@ impl PassthroughFs {
         Ok(())
     }
 
-    /// Answers SETLKW: waits for the lock (the worker thread blocks meanwhile).
-    pub(crate) fn setlk_wait(
-        &self,
-        inode: u64,
-        handle: u64,
-        owner: u64,
-        lock: FileLock,
-        flags: u32,
-    ) -> io::Result<()> {
-        self.do_setlk(inode, handle, owner, lock, flags, true)
-    }
-
-    /// Answers SETLKW from a virtqueue: as [`setlk_wait`](Self::setlk_wait), but a wait that
-    /// is still blocked when the request's queue stops is parked (see [`crate::lock_wait`]).
+    /// Answers SETLKW: waits for the lock; a wait that is still blocked when the request's
+    /// queue stops is parked (see [`crate::lock_wait`]), and one whose request the kernel
+    /// interrupts ends with EINTR.
     /// `resumed`: the request was parked and is taken up again now.
     pub(crate) fn setlk_wait_parkable(&self, request: WaitingLock, resumed: bool) -> WaitOutcome {
         let lock = FileLock {

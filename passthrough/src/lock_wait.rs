@@ -39,6 +39,16 @@ pub struct QueueOrigin {
     pub desc_table: u64,
 }
 
+impl QueueOrigin {
+    /// A request read from /dev/fuse: on no virtqueue, so never stopped, never parked.
+    pub const DEVICE: QueueOrigin = QueueOrigin {
+        queue: u16::MAX,
+        head: 0,
+        queue_size: 0,
+        desc_table: 0,
+    };
+}
+
 /// A SETLKW whose wait was parked: where its chain is and what it asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WaitingLock {
@@ -83,7 +93,13 @@ struct Active {
     lock: WaitingLock,
     tid: libc::pid_t,
     cancelled: bool,
+    /// The kernel interrupted the request (FUSE_INTERRUPT): it is answered with EINTR.
+    interrupted: bool,
 }
+
+/// Interrupts of lock requests not waiting yet that are remembered (the kernel may send one
+/// while its request is still on its way to the thread that will wait for it).
+const EARLY_INTERRUPTS: usize = 64;
 
 #[derive(Default)]
 struct Waits {
@@ -95,6 +111,8 @@ struct Waits {
     parked: Vec<Parked>,
     /// Bumped when the guest's session ends: a resumed wait of an older session is dropped.
     epoch: u64,
+    /// The latest interrupts that found no wait, by request unique id.
+    early_interrupts: std::collections::VecDeque<u64>,
 }
 
 /// The waits in progress and the parked ones.
@@ -219,6 +237,14 @@ impl LockWaits {
                 });
                 return WaitOutcome::Parked;
             }
+            if let Some(at) = waits
+                .early_interrupts
+                .iter()
+                .position(|u| *u == lock.unique)
+            {
+                waits.early_interrupts.remove(at);
+                return WaitOutcome::Answered(Err(io::Error::from_raw_os_error(libc::EINTR)));
+            }
             // Listed before the first try, which may itself wait (for locks a migration
             // brought to be settled): a stop meanwhile still parks the request.
             waits.next_id += 1;
@@ -229,6 +255,7 @@ impl LockWaits {
                     lock,
                     tid: gettid(),
                     cancelled: false,
+                    interrupted: false,
                 },
             );
             id
@@ -243,7 +270,16 @@ impl LockWaits {
                     self.left.notify_all();
                     break WaitOutcome::Parked;
                 }
+                let interrupted = waits.active.get(&id).is_some_and(|a| a.interrupted);
                 match result {
+                    // (Granted meanwhile, the lock is held, and that is the answer.)
+                    Err(_) if interrupted => {
+                        waits.active.remove(&id);
+                        self.left.notify_all();
+                        break WaitOutcome::Answered(Err(io::Error::from_raw_os_error(
+                            libc::EINTR,
+                        )));
+                    }
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR)) => {}
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {}
                     other => {
@@ -290,23 +326,36 @@ impl LockWaits {
                 ids.push(*id);
             }
         }
+        let (waits, left) = self.wake_until_left(waits, &ids);
+        if left > 0 {
+            tracing::warn!(
+                queue,
+                "{left} lock waits of queue {queue} did not stop within {PARK_TIMEOUT:?}; they \
+                 are carried over, but may still take their lock here."
+            );
+        }
+        waits
+            .parked
+            .iter()
+            .filter(|p| p.lock.origin.queue == queue)
+            .count()
+    }
+
+    /// Signals the threads of waits `ids` until they have left their lock calls, for at most
+    /// [`PARK_TIMEOUT`]; returns the list and how many had not left by then.
+    fn wake_until_left<'a>(
+        &'a self,
+        mut waits: MutexGuard<'a, Waits>,
+        ids: &[u64],
+    ) -> (MutexGuard<'a, Waits>, usize) {
         let deadline = Instant::now() + PARK_TIMEOUT;
         loop {
             let left: Vec<libc::pid_t> = ids
                 .iter()
                 .filter_map(|id| waits.active.get(id).map(|a| a.tid))
                 .collect();
-            if left.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                tracing::warn!(
-                    queue,
-                    "{} lock waits of queue {queue} did not stop within {PARK_TIMEOUT:?}; they \
-                     are carried over, but may still take their lock here.",
-                    left.len()
-                );
-                break;
+            if left.is_empty() || Instant::now() >= deadline {
+                return (waits, left.len());
             }
             // Sent with the list locked: a waiter that has left it is never signalled.
             // SAFETY: getpid has no preconditions.
@@ -322,11 +371,36 @@ impl LockWaits {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        waits
-            .parked
-            .iter()
-            .filter(|p| p.lock.origin.queue == queue)
-            .count()
+    }
+
+    /// FUSE_INTERRUPT of request `unique`: a lock wait of that request stops and is answered
+    /// with EINTR (unless granted meanwhile). An interrupt that finds no wait is remembered
+    /// for a while, in case its request is still on its way to the thread that will wait.
+    /// Returns whether a wait was interrupted.
+    pub(crate) fn interrupt(&self, unique: u64) -> bool {
+        let mut waits = self.state();
+        let mut ids = Vec::new();
+        for (id, active) in waits.active.iter_mut() {
+            if active.lock.unique == unique && !active.cancelled {
+                active.interrupted = true;
+                ids.push(*id);
+            }
+        }
+        if ids.is_empty() {
+            if waits.early_interrupts.len() == EARLY_INTERRUPTS {
+                waits.early_interrupts.pop_front();
+            }
+            waits.early_interrupts.push_back(unique);
+            return false;
+        }
+        let (_waits, left) = self.wake_until_left(waits, &ids);
+        if left > 0 {
+            tracing::warn!(
+                unique,
+                "An interrupted lock wait did not stop within {PARK_TIMEOUT:?}."
+            );
+        }
+        true
     }
 
     /// `queue` started again: waits from it block as usual.
@@ -379,5 +453,88 @@ impl LockWaits {
         let mut waits = self.state();
         waits.parked.clear();
         waits.epoch += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(unique: u64) -> WaitingLock {
+        WaitingLock {
+            origin: QueueOrigin::DEVICE,
+            avail: 0,
+            unique,
+            nodeid: 2,
+            fh: 1,
+            owner: 9,
+            start: 0,
+            end: 9,
+            lock_type: libc::F_WRLCK as u32,
+            pid: 1,
+            lk_flags: 0,
+        }
+    }
+
+    fn errno_of(outcome: WaitOutcome) -> Option<i32> {
+        match outcome {
+            WaitOutcome::Answered(result) => result.err().and_then(|e| e.raw_os_error()),
+            other => panic!("not answered: {other:?}"),
+        }
+    }
+
+    fn held_elsewhere() -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EAGAIN))
+    }
+
+    /// Stands for a blocking lock call: sleeps up to 10 s, ended early by a signal.
+    fn blocked() -> io::Result<()> {
+        let long = libc::timespec {
+            tv_sec: 10,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid timespec; no remainder wanted.
+        match unsafe { libc::nanosleep(&long, std::ptr::null_mut()) } {
+            0 => held_elsewhere(),
+            _ => Err(io::Error::last_os_error()),
+        }
+    }
+
+    #[test]
+    fn an_interrupt_ends_a_wait_with_eintr() {
+        install_wake_handler();
+        let waits = LockWaits::default();
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| waits.wait(request(7), false, held_elsewhere, blocked));
+            std::thread::sleep(Duration::from_millis(100));
+            // Another request's interrupt changes nothing.
+            assert!(!waits.interrupt(8));
+            let started = Instant::now();
+            assert!(waits.interrupt(7), "the wait was found");
+            assert_eq!(errno_of(waiter.join().unwrap()), Some(libc::EINTR));
+            assert!(started.elapsed() < Duration::from_secs(5));
+        });
+    }
+
+    #[test]
+    fn an_interrupt_that_comes_first_is_kept_for_its_request() {
+        let waits = LockWaits::default();
+        assert!(!waits.interrupt(42));
+        let outcome = waits.wait(request(42), false, held_elsewhere, || {
+            panic!("an interrupted request must not wait")
+        });
+        assert_eq!(errno_of(outcome), Some(libc::EINTR));
+        // Kept once only, and only the latest are kept.
+        for unique in 100..100 + EARLY_INTERRUPTS as u64 + 1 {
+            waits.interrupt(unique);
+        }
+        let granted = waits.wait(request(100), false, || Ok(()), held_elsewhere);
+        assert_eq!(
+            errno_of(granted),
+            None,
+            "the oldest interrupt was forgotten"
+        );
+        let outcome = waits.wait(request(101), false, held_elsewhere, held_elsewhere);
+        assert_eq!(errno_of(outcome), Some(libc::EINTR));
     }
 }

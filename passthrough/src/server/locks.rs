@@ -5,7 +5,7 @@ use std::io;
 use fuse_backend_rs::abi::fuse_abi::{LkIn, LkOut};
 use fuse_backend_rs::api::filesystem::{FileLock, FileSystem};
 
-use crate::lock_wait::{WaitOutcome, WaitingLock};
+use crate::lock_wait::{QueueOrigin, WaitOutcome, WaitingLock};
 
 use super::reply::{self, Answer, Reply};
 use super::request::Request;
@@ -44,7 +44,8 @@ impl FsServer {
     }
 
     /// SETLKW waits for the lock: the thread serving the request blocks meanwhile. From a
-    /// virtqueue, the wait is parked if the queue stops meanwhile.
+    /// virtqueue, the wait is parked if the queue stops meanwhile; from /dev/fuse it never is.
+    /// A FUSE_INTERRUPT of the request ends the wait with EINTR.
     pub(super) fn setlkw(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
         let LkIn {
             fh,
@@ -53,11 +54,7 @@ impl FsServer {
             lk_flags,
             ..
         } = req.read()?;
-        let Some(origin) = req.origin else {
-            self.fs
-                .setlk_wait(req.nodeid(), fh, owner, lk.into(), lk_flags)?;
-            return reply::done();
-        };
+        let origin = req.origin.unwrap_or(QueueOrigin::DEVICE);
         let lock: FileLock = lk.into();
         let waiting = WaitingLock {
             origin,
@@ -80,5 +77,16 @@ impl FsServer {
             // (Gone is only for resumed waits.)
             WaitOutcome::Parked | WaitOutcome::Gone => Ok(Answer::Parked),
         }
+    }
+
+    /// FUSE_INTERRUPT: a lock wait of the interrupted request stops (other requests finish
+    /// soon on their own). Never answered.
+    pub(super) fn interrupt(&self, req: &mut Request<'_, '_>) -> io::Result<Answer> {
+        if let Ok(unique) = req.read::<u64>() {
+            if self.fs.lock_waits.interrupt(unique) {
+                tracing::debug!(unique, "Interrupted a lock wait.");
+            }
+        }
+        Ok(Answer::NoReply)
     }
 }

@@ -592,7 +592,7 @@ impl FsServer {
             opcode::SETLKW => self.setlkw(req),
             opcode::ACCESS => self.access(req),
             opcode::CREATE => self.create(req, out, dax),
-            opcode::INTERRUPT => Ok(Answer::NoReply),
+            opcode::INTERRUPT => self.interrupt(req),
             opcode::BMAP => self.bmap(req, out),
             opcode::DESTROY => {
                 if let Some(window) = dax {
