@@ -88,8 +88,9 @@ case $daemon_kind in berth | virtiofsd) ;; *) die "--daemon must be berth or vir
 if [ "$daemon_kind" = virtiofsd ]; then
 	HOST_LOCK_FLAGS=()
 else
-	# A guest waiting in F_SETLKW holds a pool thread, not its queue's thread.
-	HOST_LOCK_FLAGS=(--posix-lock --flock --thread-pool-size=4)
+	# No request pool, as berth starts by default: a guest waiting in F_SETLKW waits on one
+	# of berth's lock-waiter threads, not on its queue's thread.
+	HOST_LOCK_FLAGS=(--posix-lock --flock)
 fi
 require_root
 

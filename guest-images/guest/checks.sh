@@ -242,6 +242,29 @@ posix_locks() {
 	[ -e "$granted" ]
 	wait "$holder"
 	[ "$($pl test "$f" w 0 0)" = unlocked ]
+	# Six processes wait for the range at once, more than a request pool would have
+	# threads: the share still answers meanwhile (the holder's unlock comes through the
+	# same queue), and each waiter gets the lock in turn.
+	rm -f "$ready" "$go"
+	$pl hold "$f" w 0 100 "$ready" "$go" &
+	holder=$!
+	wait_for_file "$ready" 10
+	local waiters=() w
+	for w in 1 2 3 4 5 6; do
+		$pl wait "$f" w 0 100 60 &
+		waiters+=($!)
+	done
+	sleep 0.5
+	posix_lock_try "$f" w 100 100 granted
+	touch "$go"
+	wait "$holder"
+	for w in "${waiters[@]}"; do
+		wait "$w" || {
+			echo "a waiter was not granted the lock"
+			false
+		}
+	done
+	[ "$($pl test "$f" w 0 0)" = unlocked ]
 	# Read locks are shared; a write lock is refused while they are held.
 	rm -f "$ready" "$go"
 	$pl hold "$f" r 0 0 "$ready" "$go" &
