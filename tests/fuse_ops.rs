@@ -1561,20 +1561,47 @@ fn read_byte(fd: libc::c_int) -> bool {
     unsafe { libc::read(fd, (&mut b as *mut u8).cast(), 1) == 1 }
 }
 
+/// A mount serving `flags` with a file `contended` whose bytes 0..10 the returned descriptor
+/// holds a write lock on, and the file's path through the mount.
+fn contended_mount(flags: &[&str]) -> Option<(FuseMount, std::ffi::CString, Fd)> {
+    let fs = FuseMount::start(flags)?;
+    put(&fs.under("contended"), &[0u8; 64]);
+    let path = cpath(&fs.via("contended"));
+    let holder = open(&fs.via("contended"), libc::O_RDWR, 0).unwrap();
+    fcntl_lock(
+        &holder,
+        libc::F_SETLK,
+        &mut flock_struct(libc::F_WRLCK, 0, 10),
+    )
+    .expect("the holder's lock");
+    Some((fs, path, holder))
+}
+
+extern "C" fn on_alarm(_: libc::c_int) {}
+
 /// A child process that waits in F_SETLKW for a write lock on bytes 0..10 of `path`, then
 /// writes one byte to the pipe (`y` granted, `n` refused) and exits with 0 or the errno,
-/// letting go of the lock. Its copy of the pipe's read end is closed.
+/// letting go of the lock. Its copy of the pipe's read end is closed. With `alarm` > 0 a
+/// SIGALRM (handled, without SA_RESTART) comes after that many seconds.
 fn fork_lock_waiter(
     path: &std::ffi::CString,
     (read_end, write_end): (libc::c_int, libc::c_int),
+    alarm: u32,
 ) -> i32 {
-    // SAFETY: the child makes only async-signal-safe calls (close, open, fcntl, write, _exit).
+    // SAFETY: the child makes only async-signal-safe calls (close, sigaction, alarm, open,
+    // fcntl, write, _exit).
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
         // SAFETY: single-threaded child; the buffers are valid.
         unsafe {
             libc::close(read_end);
+            if alarm > 0 {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = on_alarm as extern "C" fn(libc::c_int) as usize;
+                libc::sigaction(libc::SIGALRM, &action, std::ptr::null_mut());
+                libc::alarm(alarm);
+            }
             let fd = libc::open(path.as_ptr(), libc::O_RDWR);
             let mut fl: libc::flock = std::mem::zeroed();
             fl.l_type = libc::F_WRLCK as libc::c_short;
@@ -1610,23 +1637,15 @@ fn pipe() -> (libc::c_int, libc::c_int) {
 #[test]
 fn more_lock_waits_than_workers_do_not_stop_the_mount() {
     const WAITERS: usize = 6;
-    let Some(fs) = FuseMount::start(&["--posix-lock", "--threads", "2", "--io-uring", "never"])
+    let Some((fs, path, holder)) =
+        contended_mount(&["--posix-lock", "--threads", "2", "--io-uring", "never"])
     else {
         return;
     };
-    put(&fs.under("contended"), &[0u8; 64]);
-    let path = cpath(&fs.via("contended"));
-    let holder = open(&fs.via("contended"), libc::O_RDWR, 0).unwrap();
-    fcntl_lock(
-        &holder,
-        libc::F_SETLK,
-        &mut flock_struct(libc::F_WRLCK, 0, 10),
-    )
-    .expect("the holder's lock");
     let (done_r, done_w) = pipe();
     let mut children = Vec::new();
     for _ in 0..WAITERS {
-        children.push(fork_lock_waiter(&path, (done_r, done_w)));
+        children.push(fork_lock_waiter(&path, (done_r, done_w), 0));
     }
     // SAFETY: closing our copy of the write end, so that reads end when the children do.
     unsafe { libc::close(done_w) };
@@ -1679,57 +1698,16 @@ fn more_lock_waits_than_workers_do_not_stop_the_mount() {
     fs.finish();
 }
 
-extern "C" fn on_alarm(_: libc::c_int) {}
-
 /// A process waiting in F_SETLKW that gets a signal (a handler, no SA_RESTART) returns EINTR:
 /// the kernel sends FUSE_INTERRUPT and berth stops waiting, without taking the lock for a
 /// request nobody waits for any more.
 #[test]
 fn a_signal_interrupts_a_lock_wait() {
-    let Some(fs) = FuseMount::start(&["--posix-lock", "--io-uring", "never"]) else {
+    let Some((fs, path, holder)) = contended_mount(&["--posix-lock", "--io-uring", "never"]) else {
         return;
     };
-    put(&fs.under("contended"), &[0u8; 64]);
-    let path = cpath(&fs.via("contended"));
-    let holder = open(&fs.via("contended"), libc::O_RDWR, 0).unwrap();
-    fcntl_lock(
-        &holder,
-        libc::F_SETLK,
-        &mut flock_struct(libc::F_WRLCK, 0, 10),
-    )
-    .expect("the holder's lock");
     let (done_r, done_w) = pipe();
-    // SAFETY: the child makes only async-signal-safe calls (sigaction, alarm, open, fcntl,
-    // write, _exit).
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0);
-    if pid == 0 {
-        // SAFETY: single-threaded child; the structures are valid.
-        unsafe {
-            libc::close(done_r);
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_alarm as extern "C" fn(libc::c_int) as usize;
-            libc::sigaction(libc::SIGALRM, &action, std::ptr::null_mut());
-            libc::alarm(1);
-            let fd = libc::open(path.as_ptr(), libc::O_RDWR);
-            let mut fl: libc::flock = std::mem::zeroed();
-            fl.l_type = libc::F_WRLCK as libc::c_short;
-            fl.l_whence = libc::SEEK_SET as libc::c_short;
-            fl.l_len = 10;
-            let rc = if fd < 0 {
-                -1
-            } else {
-                libc::fcntl(fd, libc::F_SETLKW, &mut fl)
-            };
-            let code = if rc == 0 {
-                0
-            } else {
-                *libc::__errno_location()
-            };
-            libc::write(done_w, b"x".as_ptr().cast(), 1);
-            libc::_exit(code);
-        }
-    }
+    let pid = fork_lock_waiter(&path, (done_r, done_w), 1);
     // SAFETY: our copy of the write end.
     unsafe { libc::close(done_w) };
     let mut ready = libc::pollfd {
@@ -1858,7 +1836,7 @@ fn posix_locks_conflict_between_processes_and_setlkw_waits() {
 
     // F_SETLKW: a second process waits for our lock, and gets it once we unlock.
     let (done_r, done_w) = pipe();
-    let waiter = fork_lock_waiter(&path, (done_r, done_w));
+    let waiter = fork_lock_waiter(&path, (done_r, done_w), 0);
     // SAFETY: our copy of the write end.
     unsafe { libc::close(done_w) };
     std::thread::sleep(std::time::Duration::from_millis(300));
