@@ -40,7 +40,7 @@ pub(crate) const LOCK_TO_EOF: u64 = i64::MAX as u64;
 /// How long the destination retries a lock the source still holds, by default.
 pub(crate) const DEFAULT_REACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest a wait for a lock the destination could not take yet lasts before its thread
-/// looks at its other work (and the others such locks) again.
+/// looks at its other work and the other such locks again.
 pub const LOCK_RETRY_INTERVAL: Duration = Duration::from_millis(50);
 /// How much longer than the retry deadline a guest lock request waits for a settlement.
 const SETTLE_SLACK: Duration = Duration::from_secs(1);
