@@ -64,7 +64,7 @@ pub struct ChunkMap {
 }
 
 /// The kernel's boot id (zeros if unavailable, which never matches a real one).
-fn boot_id() -> [u8; 16] {
+pub(crate) fn boot_id() -> [u8; 16] {
     let mut id = [0u8; 16];
     if let Ok(text) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
         let hex: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();

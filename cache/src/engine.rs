@@ -6,9 +6,13 @@
 //! ready, never the reverse. The two syncs are a group commit off the read path
 //! ([`CacheConfig::sync_interval`]): a verified chunk is served from the page cache as
 //! soon as it is written, and a sync thread makes every chunk written since its last
-//! round durable, then marks them in the map, in one `fdatasync` each. A crash loses
-//! at most the marks of that window (those chunks are fetched again), never trust in
-//! unsynced data. After a machine crash (see [`VerifyOnOpen`]) the chunks
+//! round durable, then marks them in the map, in one `fdatasync` each. The round waits
+//! for a pause in the fetches (bounded in time and bytes), since writing back while a
+//! reader streams a cold image competes with its fetches for the CPU and the disk. A
+//! machine crash loses at most the marks of that window (those chunks are fetched
+//! again), never trust in unsynced data; a killed process loses none, as every write
+//! is also noted in the blob's pending record (`<blob id>.pending`), which the next
+//! process of the same boot re-hashes and adopts. After a machine crash (see [`VerifyOnOpen`]) the chunks
 //! marked ready are re-hashed when the blob is opened, so even a disk that lost
 //! acknowledged writes is not trusted blindly.
 //!
@@ -39,6 +43,7 @@ use crate::chunkmap::{ChunkMap, MapLoad};
 use crate::error::{CacheError, IoContext, Result};
 use crate::manifest::{decompress_chunk, parse_digest, Compression, Manifest};
 use crate::metrics::Metrics;
+use crate::pending::PendingRecord;
 
 /// When the chunks a map marks ready are re-hashed as a blob is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,10 +91,14 @@ pub struct CacheConfig {
     pub retry_base_delay: Duration,
     /// When ready chunks are re-hashed as a blob is opened.
     pub verify_on_open: VerifyOnOpen,
-    /// How long fetched chunks may wait to be synced and marked in the chunk map (a
-    /// group commit); zero syncs each fetch before its readers go on.
+    /// How long the fetches must pause before the chunks fetched so far are synced and
+    /// marked in the chunk map (a group commit); zero syncs each fetch before its
+    /// readers go on.
     pub sync_interval: Duration,
-    /// Unsynced bytes that start a sync round before the interval is over.
+    /// The longest a fetched chunk waits for its round while fetches go on without a
+    /// pause.
+    pub sync_max_delay: Duration,
+    /// Unsynced bytes of one blob that start a round at once.
     pub sync_batch_bytes: u64,
 }
 
@@ -105,12 +114,13 @@ impl CacheConfig {
             background_workers: 4,
             merge_min_bytes: 1 << 20,
             merge_max_bytes: 4 << 20,
-            readahead_max_bytes: 16 << 20,
+            readahead_max_bytes: 64 << 20,
             fetch_attempts: 4,
             retry_base_delay: Duration::from_millis(50),
             verify_on_open: VerifyOnOpen::AfterMachineCrash,
             sync_interval: Duration::from_millis(100),
-            sync_batch_bytes: 64 << 20,
+            sync_max_delay: Duration::from_secs(5),
+            sync_batch_bytes: 1 << 30,
         }
     }
 }
@@ -172,7 +182,7 @@ struct BlobCache {
     map_path: PathBuf,
     map: Mutex<ChunkMap>,
     /// Chunks written (and verified) but not synced and marked in the map yet.
-    unsynced: Mutex<Vec<u64>>,
+    unsynced: Mutex<Unsynced>,
     states: Mutex<ChunkStates>,
     changed: Condvar,
     handles: AtomicUsize,
@@ -182,6 +192,39 @@ struct BlobCache {
     listener: Mutex<ReadyListener>,
 }
 
+/// The chunks of a blob waiting for the sync thread's next round.
+#[derive(Debug, Default)]
+struct Unsynced {
+    chunks: Vec<u64>,
+    /// The same chunks as a file, so that a process killed before the round does not
+    /// lose them (see [`crate::pending`]); `None` when syncs are not deferred or the
+    /// file could not be written.
+    record: Option<PendingRecord>,
+}
+
+impl Unsynced {
+    /// Adds `chunks`, just written; returns how many are waiting now.
+    fn add(&mut self, blob: &str, chunks: &[u64]) -> usize {
+        self.chunks.extend_from_slice(chunks);
+        self.note(blob, chunks, true);
+        self.chunks.len()
+    }
+
+    /// Notes `chunks` in the record as written or as no longer pending. The record only
+    /// saves fetches: one that cannot be written is dropped, with a warning.
+    fn note(&mut self, blob: &str, chunks: &[u64], written: bool) {
+        if let Some(record) = &mut self.record {
+            if let Err(err) = record.set(chunks, written) {
+                tracing::warn!(
+                    blob,
+                    "chunks not yet synced will be fetched again if this process dies: {err}"
+                );
+                self.record = None;
+            }
+        }
+    }
+}
+
 impl Drop for BlobCache {
     fn drop(&mut self) {
         if self.evicted.load(Ordering::SeqCst) {
@@ -189,7 +232,10 @@ impl Drop for BlobCache {
         }
         // Nothing writes any more: sync, mark what was waiting for it and record a clean
         // close, so the next open trusts the map without re-hashing.
-        let unsynced = std::mem::take(&mut *lock(&self.unsynced));
+        let (unsynced, record) = {
+            let mut unsynced = lock(&self.unsynced);
+            (std::mem::take(&mut unsynced.chunks), unsynced.record.take())
+        };
         let closed = self
             .data
             .sync_data()
@@ -199,8 +245,15 @@ impl Drop for BlobCache {
                 map.mark_ready(&unsynced)?;
                 map.mark_clean()
             });
-        if let Err(err) = closed {
-            tracing::warn!(blob = %self.manifest.blob_id, "cannot record a clean close: {err}");
+        match closed {
+            Ok(()) => {
+                if let Some(record) = record {
+                    let _ = fs::remove_file(record.path());
+                }
+            }
+            Err(err) => {
+                tracing::warn!(blob = %self.manifest.blob_id, "cannot record a clean close: {err}")
+            }
         }
     }
 }
@@ -225,6 +278,17 @@ struct FetchPermits {
     freed: Condvar,
     max: usize,
     class_max: [usize; 3],
+}
+
+/// Fetches waiting for the sync thread's next round.
+#[derive(Debug, Default)]
+struct SyncClock {
+    /// A round is wanted now (a blob has `sync_batch_bytes` waiting).
+    due: bool,
+    /// When the first chunk waiting was fetched.
+    oldest: Option<Instant>,
+    /// When the latest was.
+    latest: Option<Instant>,
 }
 
 struct Permit<'a> {
@@ -344,8 +408,8 @@ struct EngineInner {
     permits: FetchPermits,
     /// Serializes evictions.
     evicting: Mutex<()>,
-    /// Set to start a sync round early.
-    sync_due: Mutex<bool>,
+    /// When the next sync round is due.
+    sync_clock: Mutex<SyncClock>,
     sync_changed: Condvar,
     /// Fetch buffers kept for the next backend reads (at most one per fetch permit).
     buffers: Mutex<Vec<Vec<u8>>>,
@@ -594,7 +658,7 @@ impl CacheEngine {
             background_changed: Condvar::new(),
             shutdown: AtomicBool::new(false),
             evicting: Mutex::new(()),
-            sync_due: Mutex::new(false),
+            sync_clock: Mutex::new(SyncClock::default()),
             sync_changed: Condvar::new(),
             buffers: Mutex::new(Vec::new()),
         });
@@ -734,6 +798,9 @@ impl Drop for CacheEngine {
     fn drop(&mut self) {
         self.inner.shutdown.store(true, Ordering::SeqCst);
         self.inner.background_changed.notify_all();
+        // Under the clock's lock, so the sync thread cannot miss it between its check
+        // and its wait.
+        lock(&self.inner.sync_clock).due = true;
         self.inner.sync_changed.notify_all();
         for worker in self.workers.drain(..) {
             let _ = worker.join();
@@ -994,9 +1061,38 @@ impl EngineInner {
                 map.clear(&bad)?;
             }
         }
+        // Chunks an earlier process of this boot wrote but did not live to sync: adopted
+        // if they hash right (their data is in the page cache, or on disk).
+        let mut unsynced = Unsynced::default();
+        if !self.config.sync_interval.is_zero() {
+            let record_path = self.config.cache_dir.join(format!("{id}.pending"));
+            match PendingRecord::open(&record_path, blob_digest, map.chunk_count()) {
+                Ok((record, noted)) => {
+                    unsynced.record = Some(record);
+                    let mut buffer = vec![0u8; manifest.chunk_size as usize];
+                    let adopted: Vec<u64> = noted
+                        .into_iter()
+                        .filter(|&index| !size_was_wrong && !map.is_ready(index))
+                        .filter(|&index| {
+                            let range = manifest.chunk_range(index);
+                            let chunk = &mut buffer[..(range.end - range.start) as usize];
+                            data.read_exact_at(chunk, range.start).is_ok()
+                                && blake3::hash(chunk).as_bytes() == &digests[index as usize]
+                        })
+                        .collect();
+                    if !adopted.is_empty() {
+                        tracing::info!(blob = %id, chunks = adopted.len(), "adopted chunks an earlier process wrote but had not synced");
+                        unsynced.add(id, &adopted);
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(blob = %id, "chunks not yet synced will be fetched again if this process dies: {err}")
+                }
+            }
+        }
         // From here on the cache file may change: a crash now is not a clean close.
         map.begin_use()?;
-        let states: Vec<ChunkState> = (0..map.chunk_count())
+        let mut states: Vec<ChunkState> = (0..map.chunk_count())
             .map(|i| {
                 if map.is_ready(i) {
                     ChunkState::Ready
@@ -1005,11 +1101,15 @@ impl EngineInner {
                 }
             })
             .collect();
+        for &index in &unsynced.chunks {
+            states[index as usize] = ChunkState::Ready;
+        }
         let ready_bytes: u64 = (0..map.chunk_count())
-            .filter(|&i| map.is_ready(i))
+            .filter(|&i| states[i as usize] == ChunkState::Ready)
             .map(|i| manifest.chunk_range(i).end - manifest.chunk_range(i).start)
             .sum();
-        tracing::info!(blob = %id, ready_chunks = map.ready_count(), chunks = map.chunk_count(), verified = verify, "opened blob cache");
+        let adopted = unsynced.chunks.len() as u64;
+        tracing::info!(blob = %id, ready_chunks = map.ready_count() + adopted, chunks = map.chunk_count(), verified = verify, "opened blob cache");
         let blob = Arc::new(BlobCache {
             manifest: manifest.clone(),
             digests,
@@ -1018,7 +1118,7 @@ impl EngineInner {
             data_path,
             map_path,
             map: Mutex::new(map),
-            unsynced: Mutex::new(Vec::new()),
+            unsynced: Mutex::new(unsynced),
             states: Mutex::new(ChunkStates {
                 ready: states.iter().filter(|s| **s == ChunkState::Ready).count() as u64,
                 states,
@@ -1037,6 +1137,9 @@ impl EngineInner {
             .cached_bytes
             .fetch_add(ready_bytes, Ordering::Relaxed);
         blobs.insert(id.clone(), blob.clone());
+        if adopted > 0 {
+            self.sync_later(adopted * u64::from(manifest.chunk_size));
+        }
         Ok(BlobHandle {
             engine: self.clone(),
             blob,
@@ -1465,15 +1568,8 @@ impl EngineInner {
                 return fail_all(message);
             }
         } else {
-            let waiting = {
-                let mut unsynced = lock(&blob.unsynced);
-                unsynced.extend_from_slice(&good);
-                unsynced.len() as u64 * u64::from(manifest.chunk_size)
-            };
-            if waiting >= self.config.sync_batch_bytes {
-                *lock(&self.sync_due) = true;
-                self.sync_changed.notify_all();
-            }
+            let waiting = lock(&blob.unsynced).add(id, &good);
+            self.sync_later(waiting as u64 * u64::from(manifest.chunk_size));
         }
         self.metrics
             .chunks_fetched
@@ -1650,7 +1746,7 @@ impl EngineInner {
     fn sync_round(&self) {
         let blobs: Vec<Arc<BlobCache>> = lock(&self.blobs).values().cloned().collect();
         for blob in blobs {
-            let pending = std::mem::take(&mut *lock(&blob.unsynced));
+            let pending = std::mem::take(&mut lock(&blob.unsynced).chunks);
             if pending.is_empty() || blob.evicted.load(Ordering::SeqCst) {
                 continue;
             }
@@ -1659,6 +1755,8 @@ impl EngineInner {
                 .sync_data()
                 .context(|| format!("syncing {}", blob.data_path.display()))
                 .and_then(|()| lock(&blob.map).mark_ready(&pending));
+            // Marked, or not to be trusted: no longer pending either way.
+            lock(&blob.unsynced).note(&blob.manifest.blob_id, &pending, false);
             if let Err(err) = durable {
                 tracing::error!(blob = %blob.manifest.blob_id, chunks = pending.len(), "cannot make fetched chunks durable; they will be fetched again: {err}");
                 let mut states = lock(&blob.states);
@@ -1672,18 +1770,54 @@ impl EngineInner {
         }
     }
 
+    /// Tells the sync thread that chunks were written, `waiting_bytes` of their blob's
+    /// in all. Call after they are added to the blob's unsynced list, so a round that
+    /// clears the clock before this takes them too, or a later round does.
+    fn sync_later(&self, waiting_bytes: u64) {
+        let wake = {
+            let now = Instant::now();
+            let mut clock = lock(&self.sync_clock);
+            let first = clock.oldest.is_none();
+            clock.oldest.get_or_insert(now);
+            clock.latest = Some(now);
+            let full = waiting_bytes >= self.config.sync_batch_bytes && !clock.due;
+            clock.due |= full;
+            first || full
+        };
+        if wake {
+            self.sync_changed.notify_all();
+        }
+    }
+
     fn sync_loop(&self) {
+        let quiet = self.config.sync_interval.max(Duration::from_millis(1));
+        let max_delay = self.config.sync_max_delay.max(Duration::from_millis(1));
         loop {
             let stop = {
-                let mut due = lock(&self.sync_due);
-                if !*due && !self.shutdown.load(Ordering::SeqCst) {
-                    due = self
+                let mut clock = lock(&self.sync_clock);
+                loop {
+                    if clock.due || self.shutdown.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let wait = match (clock.oldest, clock.latest) {
+                        (Some(oldest), Some(latest)) => {
+                            let due_at = (latest + quiet).min(oldest + max_delay);
+                            let now = Instant::now();
+                            if now >= due_at {
+                                break;
+                            }
+                            due_at - now
+                        }
+                        // Nothing waits: the next fetch wakes this thread.
+                        _ => Duration::from_secs(3600),
+                    };
+                    clock = self
                         .sync_changed
-                        .wait_timeout(due, self.config.sync_interval.max(Duration::from_millis(1)))
+                        .wait_timeout(clock, wait)
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                 }
-                *due = false;
+                *clock = SyncClock::default();
                 self.shutdown.load(Ordering::SeqCst)
             };
             self.sync_round();
@@ -1722,6 +1856,7 @@ impl EngineInner {
             };
             let data_path = self.config.cache_dir.join(format!("{id}.data"));
             let map_path = self.config.cache_dir.join(format!("{id}.map"));
+            let pending_path = self.config.cache_dir.join(format!("{id}.pending"));
             if open {
                 let Some(blob) = blobs.get(&id).cloned() else {
                     continue;
@@ -1747,6 +1882,7 @@ impl EngineInner {
                 );
                 // We hold the blob's lock through `blob.data`.
                 let _ = fs::remove_file(&blob.map_path);
+                let _ = fs::remove_file(&pending_path);
                 let _ = fs::remove_file(&blob.data_path);
             } else {
                 // Another process may use the blob: only delete it under its lock.
@@ -1782,6 +1918,7 @@ impl EngineInner {
                     continue;
                 }
                 let _ = fs::remove_file(&map_path);
+                let _ = fs::remove_file(&pending_path);
                 if let Err(err) = fs::remove_file(&data_path) {
                     tracing::warn!("cannot remove {}: {err}", data_path.display());
                 }

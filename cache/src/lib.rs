@@ -18,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod manifest;
 pub mod metrics;
+mod pending;
 
 pub use backend::{
     open_backend, BlobBackend, ListedObject, LocalDirBackend, ObjectStoreBackend, ObjectVersion,

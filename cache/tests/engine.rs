@@ -367,8 +367,12 @@ fn lru_blobs_not_in_use_are_evicted_over_capacity() {
 /// The map as a crash would leave it: a copy of the file, read as a restarted engine
 /// reads it.
 fn ready_on_disk(s: &Setup, manifest: &berth_cache::Manifest) -> u64 {
-    let copy = s.cache.join("copy.map");
-    std::fs::copy(s.cache.join(format!("{}.map", manifest.blob_id)), &copy).unwrap();
+    ready_in(&s.cache, manifest)
+}
+
+fn ready_in(cache: &std::path::Path, manifest: &berth_cache::Manifest) -> u64 {
+    let copy = cache.join("copy.map");
+    std::fs::copy(cache.join(format!("{}.map", manifest.blob_id)), &copy).unwrap();
     let id = parse_digest(&manifest.blob_id).unwrap();
     let (map, _) = ChunkMap::open(&copy, id, manifest.chunk_size, manifest.blob_size).unwrap();
     let ready = map.ready_count();
@@ -412,6 +416,175 @@ fn fetched_chunks_are_served_at_once_and_marked_only_once_synced() {
         reads,
         "nothing refetched after the restart"
     );
+}
+
+/// Reads chunks `chunks` of the blob one at a time, `gap` apart, calling `between` after
+/// each (with the chunks read so far).
+fn read_chunks_spaced(
+    engine: &CacheEngine,
+    id: &str,
+    chunks: std::ops::Range<u64>,
+    gap: Duration,
+    mut between: impl FnMut(u64),
+) {
+    let mut buf = vec![0u8; CHUNK as usize];
+    for index in chunks.clone() {
+        engine.read(id, index * u64::from(CHUNK), &mut buf).unwrap();
+        between(index + 1 - chunks.start);
+        std::thread::sleep(gap);
+    }
+}
+
+/// Polls `ready_on_disk` until it reaches `want` or `within` passes; returns the last count.
+fn wait_ready_on_disk(
+    s: &Setup,
+    manifest: &berth_cache::Manifest,
+    want: u64,
+    within: Duration,
+) -> u64 {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let ready = ready_on_disk(s, manifest);
+        if ready >= want || std::time::Instant::now() >= deadline {
+            return ready;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_sync_round_waits_for_the_fetches_to_pause() {
+    let (s, manifest) = setup(32 * CHUNK as usize, Compression::None, Duration::ZERO);
+    let mut config = config(&s.cache);
+    config.sync_interval = Duration::from_secs(2);
+    config.sync_max_delay = Duration::from_secs(3600);
+    let engine = CacheEngine::new(config, s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    // 20 fetches 100 ms apart: 2 s of fetching, never a pause of 2 s.
+    read_chunks_spaced(
+        &engine,
+        handle.id(),
+        0..20,
+        Duration::from_millis(100),
+        |_| {
+            assert_eq!(
+                ready_on_disk(&s, &manifest),
+                0,
+                "a round ran while the fetches went on"
+            );
+        },
+    );
+    // Once they stop, the round comes by itself.
+    assert_eq!(
+        wait_ready_on_disk(&s, &manifest, 20, Duration::from_secs(20)),
+        20
+    );
+    assert_eq!(engine.ready_chunks(handle.id()).unwrap(), 20);
+}
+
+#[test]
+fn fetches_that_never_pause_are_synced_within_the_longest_delay() {
+    let (s, manifest) = setup(32 * CHUNK as usize, Compression::None, Duration::ZERO);
+    let mut config = config(&s.cache);
+    config.sync_interval = Duration::from_secs(3600);
+    config.sync_max_delay = Duration::from_millis(300);
+    let engine = CacheEngine::new(config, s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    let mut marked_while_fetching = 0;
+    read_chunks_spaced(
+        &engine,
+        handle.id(),
+        0..20,
+        Duration::from_millis(100),
+        |_| {
+            marked_while_fetching = ready_on_disk(&s, &manifest);
+        },
+    );
+    assert!(
+        marked_while_fetching >= 5,
+        "only {marked_while_fetching} of 20 chunks marked while fetching went on for 2 s"
+    );
+}
+
+#[test]
+fn a_blob_with_a_batch_of_unsynced_bytes_is_synced_at_once() {
+    let (s, manifest) = setup(8 * CHUNK as usize, Compression::None, Duration::ZERO);
+    let mut config = config(&s.cache);
+    config.sync_interval = Duration::from_secs(3600);
+    config.sync_max_delay = Duration::from_secs(3600);
+    config.sync_batch_bytes = 4 * u64::from(CHUNK);
+    let engine = CacheEngine::new(config, s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    read_chunks_spaced(&engine, handle.id(), 0..3, Duration::ZERO, |_| {});
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ready_on_disk(&s, &manifest), 0, "below the batch");
+    read_chunks_spaced(&engine, handle.id(), 3..4, Duration::ZERO, |_| {});
+    assert_eq!(
+        wait_ready_on_disk(&s, &manifest, 4, Duration::from_secs(20)),
+        4
+    );
+}
+
+#[test]
+fn chunks_a_killed_process_wrote_but_never_synced_are_adopted_by_the_next() {
+    let (s, manifest) = setup(8 * CHUNK as usize, Compression::None, Duration::ZERO);
+    let mut config = config(&s.cache);
+    config.sync_interval = Duration::from_secs(3600);
+    config.sync_max_delay = Duration::from_secs(3600);
+    let engine = CacheEngine::new(config, s.backend.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    let mut buf = vec![0u8; 5 * CHUNK as usize];
+    handle.read(0, &mut buf).unwrap();
+    assert_eq!(ready_on_disk(&s, &manifest), 0, "nothing synced yet");
+    // The process dies here: its files as they stand, without the clean close, and one
+    // chunk's data lost on the way.
+    let crashed = s.cache.parent().unwrap().join("crashed");
+    std::fs::create_dir_all(&crashed).unwrap();
+    for ext in ["data", "map", "pending"] {
+        let name = format!("{}.{ext}", manifest.blob_id);
+        std::fs::copy(s.cache.join(&name), crashed.join(&name)).unwrap();
+    }
+    let data_copy = crashed.join(format!("{}.data", manifest.blob_id));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data_copy)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0u8; 100], 4 * u64::from(CHUNK)).unwrap();
+    drop(file);
+
+    let reads = s.backend.reads().len();
+    let next = CacheEngine::new(self::config(&crashed), s.backend.clone()).unwrap();
+    let adopted = next.open_blob(&manifest).unwrap();
+    assert_eq!(
+        next.ready_chunks(adopted.id()).unwrap(),
+        4,
+        "the four intact chunks adopted, the damaged one not"
+    );
+    let mut again = vec![0u8; 4 * CHUNK as usize];
+    adopted.read(0, &mut again).unwrap();
+    assert_eq!(again, s.data[..again.len()]);
+    assert_eq!(
+        s.backend.reads().len(),
+        reads,
+        "an adopted chunk was fetched again"
+    );
+    let mut fifth = vec![0u8; CHUNK as usize];
+    adopted.read(4 * u64::from(CHUNK), &mut fifth).unwrap();
+    assert_eq!(fifth, s.data[4 * CHUNK as usize..5 * CHUNK as usize]);
+    assert_eq!(
+        s.backend.reads().len(),
+        reads + 1,
+        "the damaged chunk refetched"
+    );
+    // A clean close marks them all and leaves no record behind.
+    drop(adopted);
+    drop(next);
+    assert_eq!(ready_in(&crashed, &manifest), 5);
+    assert!(!crashed
+        .join(format!("{}.pending", manifest.blob_id))
+        .exists());
+    drop(handle);
+    drop(engine);
 }
 
 /// A disk-image-like blob: data chunks with runs of all-zero chunks between them.

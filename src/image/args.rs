@@ -260,7 +260,7 @@ pub struct EngineArgs {
     pub threads: u16,
 
     /// How far ahead of a sequential reader to fetch (0: no read-ahead).
-    #[arg(long, value_name = "BYTES", default_value = "16M", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
     pub readahead: u64,
 }
 
