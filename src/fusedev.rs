@@ -379,8 +379,7 @@ impl LockWaiters {
             .context("the FUSE session has no device")?
             .try_clone()
             .context("cannot duplicate the FUSE device for the lock waiters")?;
-        let size = pool::LOCK_WAITERS;
-        let pool = WorkerPool::new(size, size * pool::BACKLOG_PER_THREAD, move || {
+        let pool = WorkerPool::start(pool::LOCK_WAITERS, move || {
             berth_seccomp::install_filter(ThreadRole::FuseWorker, seccomp)
                 .map_err(|e| e.to_string())
         })

@@ -213,7 +213,7 @@ fn confine_and_open(
 }
 
 fn run_vhost_user(settings: VhostUserSettings, signals: TerminationSignals) -> anyhow::Result<()> {
-    let host_locks = settings.fs.posix_lock || settings.fs.flock;
+    let host_locks = settings.fs.holds_host_locks();
     if !settings.fs.root_dir.is_dir() {
         return Err(anyhow!(
             "the shared directory {} does not exist or is not a directory",
@@ -318,7 +318,7 @@ fn run_fuse(settings: FuseSettings, signals: TerminationSignals) -> anyhow::Resu
         settings.shared_cache.shared_cache,
     )?;
     // Whether to offer FUSE over io_uring, from sysfs (which the sandbox may hide).
-    let host_locks = settings.fs.posix_lock || settings.fs.flock;
+    let host_locks = settings.fs.holds_host_locks();
     let uring_plan = fuse_uring::plan(settings.io_uring, settings.threads, host_locks)?;
     // The mount must be visible on the host: it is made before the sandbox (a new mount
     // namespace) exists, and only a guard left outside can take it down again.

@@ -32,6 +32,15 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
+    /// Starts `size` threads, with [`BACKLOG_PER_THREAD`] jobs per thread waiting at most (see
+    /// [`WorkerPool::new`]).
+    pub fn start<F>(size: usize, on_start: F) -> anyhow::Result<Self>
+    where
+        F: Fn() -> Result<(), String> + Clone + Send + 'static,
+    {
+        Self::new(size, size * BACKLOG_PER_THREAD, on_start)
+    }
+
     /// Starts `size` threads that first run `on_start` (e.g. install their seccomp filter) and
     /// then take jobs; at most `backlog` jobs wait for a free thread. Fails, stopping the pool,
     /// if any thread cannot start or `on_start` fails on it.

@@ -299,6 +299,14 @@ pub struct Config {
     pub dax_policy: DaxPolicy,
 }
 
+impl Config {
+    /// Whether the guest's locks are taken on the host (`--posix-lock`, `--flock`): lock
+    /// requests may then wait in berth.
+    pub fn holds_host_locks(&self) -> bool {
+        self.posix_lock || self.flock
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {

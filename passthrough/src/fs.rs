@@ -149,7 +149,7 @@ thread_local! {
 impl PassthroughFs {
     /// Opens the shared directory named in `cfg`.
     pub fn new(mut cfg: Config) -> Result<Self, Error> {
-        if cfg.posix_lock || cfg.flock {
+        if cfg.holds_host_locks() {
             install_wake_handler();
         }
         // ACLs, security labels and renamed names are extended attributes.
@@ -499,7 +499,7 @@ impl PassthroughFs {
     /// Whether the guest's locks are taken on the host (`--posix-lock`, `--flock`): lock
     /// requests may then wait in berth.
     pub fn holds_host_locks(&self) -> bool {
-        self.cfg.posix_lock || self.cfg.flock
+        self.cfg.holds_host_locks()
     }
 
     /// Whether the share is exported read-only.

@@ -238,7 +238,7 @@ impl FsBackend {
             (ThreadRole::QueueWorker, ThreadRole::ThreadPool)
         };
         let start_pool = |size: usize| {
-            WorkerPool::new(size, size * pool::BACKLOG_PER_THREAD, move || {
+            WorkerPool::start(size, move || {
                 berth_seccomp::install_filter(pool_role, seccomp).map_err(|e| e.to_string())
             })
         };
