@@ -63,6 +63,16 @@ pub struct ChunkMap {
     clean: bool,
 }
 
+/// Opens `path` for reading and writing, creating it empty if missing.
+pub(crate) fn open_or_create(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
 /// The kernel's boot id (zeros if unavailable, which never matches a real one).
 pub(crate) fn boot_id() -> [u8; 16] {
     let mut id = [0u8; 16];
@@ -92,13 +102,8 @@ impl ChunkMap {
         let bitmap_len = chunk_count.div_ceil(8) as usize;
         let slot_size = (HEADER_LEN + CHECKSUM_LEN + bitmap_len).div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
         let existed = path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .context(|| format!("opening chunk map {}", path.display()))?;
+        let file =
+            open_or_create(path).context(|| format!("opening chunk map {}", path.display()))?;
         let mut map = ChunkMap {
             file,
             path: path.to_path_buf(),

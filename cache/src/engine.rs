@@ -12,9 +12,9 @@
 //! machine crash loses at most the marks of that window (those chunks are fetched
 //! again), never trust in unsynced data; a killed process loses none, as every write
 //! is also noted in the blob's pending record (`<blob id>.pending`), which the next
-//! process of the same boot re-hashes and adopts. After a machine crash (see [`VerifyOnOpen`]) the chunks
-//! marked ready are re-hashed when the blob is opened, so even a disk that lost
-//! acknowledged writes is not trusted blindly.
+//! process of the same boot re-hashes and adopts. After a machine crash (see
+//! [`VerifyOnOpen`]) the chunks marked ready are re-hashed when the blob is opened, so
+//! even a disk that lost acknowledged writes is not trusted blindly.
 //!
 //! A chunk whose digest is that of all zeros (free space of a disk image, mostly) is
 //! never fetched: its range of the cache file is punched out, which reads as zeros, and

@@ -14,11 +14,11 @@
 //! [u8; 32] blob id | [u8; 16] boot id | u64 bitmap_len | bitmap`, bit `i` (byte
 //! `i / 8`, bit `i % 8`) for chunk `i`.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::chunkmap::boot_id;
+use crate::chunkmap::{boot_id, open_or_create};
 use crate::error::{IoContext, Result};
 
 const MAGIC: &[u8; 8] = b"BRTHPEND";
@@ -42,13 +42,7 @@ impl PendingRecord {
         blob_id: [u8; 32],
         chunk_count: u64,
     ) -> Result<(Self, Vec<u64>)> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .context(|| format!("opening {}", path.display()))?;
+        let file = open_or_create(path).context(|| format!("opening {}", path.display()))?;
         let bitmap_len = chunk_count.div_ceil(8) as usize;
         let mut found = vec![0u8; HEADER_LEN + bitmap_len];
         let noted = match file.read_exact_at(&mut found, 0) {

@@ -452,14 +452,37 @@ fn wait_ready_on_disk(
     }
 }
 
-#[test]
-fn a_sync_round_waits_for_the_fetches_to_pause() {
-    let (s, manifest) = setup(32 * CHUNK as usize, Compression::None, Duration::ZERO);
+/// An engine over a blob of `chunks` chunks whose sync rounds wait for a pause of
+/// `quiet`, at most `max_delay`, and start at once at `batch_bytes` waiting.
+fn deferred_syncs(
+    chunks: usize,
+    quiet: Duration,
+    max_delay: Duration,
+    batch_bytes: u64,
+) -> (
+    Setup,
+    berth_cache::Manifest,
+    CacheEngine,
+    berth_cache::BlobHandle,
+) {
+    let (s, manifest) = setup(chunks * CHUNK as usize, Compression::None, Duration::ZERO);
     let mut config = config(&s.cache);
-    config.sync_interval = Duration::from_secs(2);
-    config.sync_max_delay = Duration::from_secs(3600);
+    config.sync_interval = quiet;
+    config.sync_max_delay = max_delay;
+    config.sync_batch_bytes = batch_bytes;
     let engine = CacheEngine::new(config, s.backend.clone()).unwrap();
     let handle = engine.open_blob(&manifest).unwrap();
+    (s, manifest, engine, handle)
+}
+
+#[test]
+fn a_sync_round_waits_for_the_fetches_to_pause() {
+    let (s, manifest, engine, handle) = deferred_syncs(
+        32,
+        Duration::from_secs(2),
+        Duration::from_secs(3600),
+        u64::MAX,
+    );
     // 20 fetches 100 ms apart: 2 s of fetching, never a pause of 2 s.
     read_chunks_spaced(
         &engine,
@@ -484,12 +507,12 @@ fn a_sync_round_waits_for_the_fetches_to_pause() {
 
 #[test]
 fn fetches_that_never_pause_are_synced_within_the_longest_delay() {
-    let (s, manifest) = setup(32 * CHUNK as usize, Compression::None, Duration::ZERO);
-    let mut config = config(&s.cache);
-    config.sync_interval = Duration::from_secs(3600);
-    config.sync_max_delay = Duration::from_millis(300);
-    let engine = CacheEngine::new(config, s.backend.clone()).unwrap();
-    let handle = engine.open_blob(&manifest).unwrap();
+    let (s, manifest, engine, handle) = deferred_syncs(
+        32,
+        Duration::from_secs(3600),
+        Duration::from_millis(300),
+        u64::MAX,
+    );
     let mut marked_while_fetching = 0;
     read_chunks_spaced(
         &engine,
@@ -508,13 +531,12 @@ fn fetches_that_never_pause_are_synced_within_the_longest_delay() {
 
 #[test]
 fn a_blob_with_a_batch_of_unsynced_bytes_is_synced_at_once() {
-    let (s, manifest) = setup(8 * CHUNK as usize, Compression::None, Duration::ZERO);
-    let mut config = config(&s.cache);
-    config.sync_interval = Duration::from_secs(3600);
-    config.sync_max_delay = Duration::from_secs(3600);
-    config.sync_batch_bytes = 4 * u64::from(CHUNK);
-    let engine = CacheEngine::new(config, s.backend.clone()).unwrap();
-    let handle = engine.open_blob(&manifest).unwrap();
+    let (s, manifest, engine, handle) = deferred_syncs(
+        8,
+        Duration::from_secs(3600),
+        Duration::from_secs(3600),
+        4 * u64::from(CHUNK),
+    );
     read_chunks_spaced(&engine, handle.id(), 0..3, Duration::ZERO, |_| {});
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(ready_on_disk(&s, &manifest), 0, "below the batch");
@@ -527,12 +549,12 @@ fn a_blob_with_a_batch_of_unsynced_bytes_is_synced_at_once() {
 
 #[test]
 fn chunks_a_killed_process_wrote_but_never_synced_are_adopted_by_the_next() {
-    let (s, manifest) = setup(8 * CHUNK as usize, Compression::None, Duration::ZERO);
-    let mut config = config(&s.cache);
-    config.sync_interval = Duration::from_secs(3600);
-    config.sync_max_delay = Duration::from_secs(3600);
-    let engine = CacheEngine::new(config, s.backend.clone()).unwrap();
-    let handle = engine.open_blob(&manifest).unwrap();
+    let (s, manifest, engine, handle) = deferred_syncs(
+        8,
+        Duration::from_secs(3600),
+        Duration::from_secs(3600),
+        u64::MAX,
+    );
     let mut buf = vec![0u8; 5 * CHUNK as usize];
     handle.read(0, &mut buf).unwrap();
     assert_eq!(ready_on_disk(&s, &manifest), 0, "nothing synced yet");
