@@ -15,7 +15,7 @@ use anyhow::{anyhow, Context};
 pub type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// Jobs that may wait for a free pool thread, per pool thread.
-pub const BACKLOG_PER_THREAD: usize = 16;
+const BACKLOG_PER_THREAD: usize = 16;
 
 /// Threads that wait for host locks for lock requests (FUSE_SETLKW, with `--posix-lock` or
 /// `--flock`) where no request pool takes them: a request that waited on the thread that

@@ -64,7 +64,7 @@ pub struct ChunkMap {
 }
 
 /// Opens `path` for reading and writing, creating it empty if missing.
-pub(crate) fn open_or_create(path: &Path) -> std::io::Result<File> {
+pub fn open_or_create(path: &Path) -> std::io::Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)

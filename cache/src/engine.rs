@@ -619,6 +619,21 @@ fn punch_zeros(file: &File, range: Range<u64>) -> std::io::Result<()> {
     file.write_all_at(&vec![0u8; len as usize], range.start)
 }
 
+/// Whether chunk `index` of the cache file `data` hashes to its digest (`buffer` holds at
+/// least a chunk).
+fn chunk_intact(
+    data: &File,
+    manifest: &Manifest,
+    digests: &[[u8; 32]],
+    index: u64,
+    buffer: &mut [u8],
+) -> bool {
+    let range = manifest.chunk_range(index);
+    let chunk = &mut buffer[..(range.end - range.start) as usize];
+    data.read_exact_at(chunk, range.start).is_ok()
+        && blake3::hash(chunk).as_bytes() == &digests[index as usize]
+}
+
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
@@ -1047,11 +1062,7 @@ impl EngineInner {
             let mut bad = Vec::new();
             let mut buffer = vec![0u8; manifest.chunk_size as usize];
             for index in (0..map.chunk_count()).filter(|&i| map.is_ready(i)) {
-                let range = manifest.chunk_range(index);
-                let chunk = &mut buffer[..(range.end - range.start) as usize];
-                let intact = data.read_exact_at(chunk, range.start).is_ok()
-                    && blake3::hash(chunk).as_bytes() == &digests[index as usize];
-                if !intact {
+                if !chunk_intact(&data, manifest, &digests, index, &mut buffer) {
                     bad.push(index);
                 }
             }
@@ -1074,10 +1085,7 @@ impl EngineInner {
                         .into_iter()
                         .filter(|&index| !size_was_wrong && !map.is_ready(index))
                         .filter(|&index| {
-                            let range = manifest.chunk_range(index);
-                            let chunk = &mut buffer[..(range.end - range.start) as usize];
-                            data.read_exact_at(chunk, range.start).is_ok()
-                                && blake3::hash(chunk).as_bytes() == &digests[index as usize]
+                            chunk_intact(&data, manifest, &digests, index, &mut buffer)
                         })
                         .collect();
                     if !adopted.is_empty() {

@@ -345,13 +345,7 @@ pub fn short_of_space(what: String) -> crate::error::VolumeError {
 
 /// Opens `path` for reading and writing, creating it empty if it is missing.
 fn open_or_create(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .context(|| format!("opening {}", path.display()))
+    berth_cache::chunkmap::open_or_create(path).context(|| format!("opening {}", path.display()))
 }
 
 /// Space kept aside on the local disk for the small file the volume rewrites whole (its
