@@ -179,7 +179,7 @@ impl BlockTarget for ImageTarget {
                 Extent {
                     len: data_end - offset,
                     source: Source::File {
-                        fd: self.blob.cache_raw_fd(),
+                        fd: self.blob.cache_raw_fd().map_err(BlockError::Cache)?,
                         offset,
                     },
                 },

@@ -16,6 +16,12 @@
 //! [`VerifyOnOpen`]) the chunks marked ready are re-hashed when the blob is opened, so
 //! even a disk that lost acknowledged writes is not trusted blindly.
 //!
+//! A blob may instead be opened for delivery ([`CacheEngine::open_blob_delivering`]):
+//! each verified chunk is handed to the consumer, which keeps it (cachefiles mode writes
+//! it into the kernel's cache object), and the engine writes nothing of it, so the host
+//! holds one copy of the data, not two. Fetches, their deduplication, read-ahead and
+//! prefetch work as for a cached blob.
+//!
 //! A chunk whose digest is that of all zeros (free space of a disk image, mostly) is
 //! never fetched: its range of the cache file is punched out, which reads as zeros, and
 //! it is marked ready like a fetched one.
@@ -169,12 +175,20 @@ struct Stream {
 /// Sequential readers tracked per blob.
 const STREAMS: usize = 4;
 
+/// Takes each verified chunk of a delivered blob: its offset in the blob and its bytes.
+type DeliverFn = dyn Fn(u64, &[u8]) -> std::io::Result<()> + Send + Sync;
+
+struct Delivery(Arc<DeliverFn>);
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Delivery(..)")
+    }
+}
+
+/// The engine's own copy of a blob: its cache file and chunk map.
 #[derive(Debug)]
-struct BlobCache {
-    manifest: Manifest,
-    digests: Vec<[u8; 32]>,
-    /// Chunks whose content is all zeros: made present without a backend read.
-    zero: Vec<bool>,
+struct LocalCopy {
     /// The cache file; it also carries the blob's `flock`, so another process's engine
     /// neither opens nor evicts the blob while this one has it.
     data: File,
@@ -183,6 +197,25 @@ struct BlobCache {
     map: Mutex<ChunkMap>,
     /// Chunks written (and verified) but not synced and marked in the map yet.
     unsynced: Mutex<Unsynced>,
+}
+
+/// Where a blob's verified chunks go.
+#[derive(Debug)]
+enum Store {
+    Local(Box<LocalCopy>),
+    /// Handed to the consumer that opened the blob, which keeps them (a kernel cache
+    /// object, say): the engine fetches, verifies and deduplicates, and keeps no copy.
+    /// `Ready` then means delivered.
+    Delivered(Delivery),
+}
+
+#[derive(Debug)]
+struct BlobCache {
+    manifest: Manifest,
+    digests: Vec<[u8; 32]>,
+    /// Chunks whose content is all zeros: made present without a backend read.
+    zero: Vec<bool>,
+    store: Store,
     states: Mutex<ChunkStates>,
     changed: Condvar,
     handles: AtomicUsize,
@@ -225,23 +258,40 @@ impl Unsynced {
     }
 }
 
+impl BlobCache {
+    fn local(&self) -> Option<&LocalCopy> {
+        match &self.store {
+            Store::Local(local) => Some(local),
+            Store::Delivered(_) => None,
+        }
+    }
+
+    fn local_or_err(&self) -> Result<&LocalCopy> {
+        self.local()
+            .ok_or_else(|| CacheError::NoLocalCopy(self.manifest.blob_id.clone()))
+    }
+}
+
 impl Drop for BlobCache {
     fn drop(&mut self) {
+        let Store::Local(local) = &self.store else {
+            return;
+        };
         if self.evicted.load(Ordering::SeqCst) {
             return;
         }
         // Nothing writes any more: sync, mark what was waiting for it and record a clean
         // close, so the next open trusts the map without re-hashing.
         let (unsynced, record) = {
-            let mut unsynced = lock(&self.unsynced);
+            let mut unsynced = lock(&local.unsynced);
             (std::mem::take(&mut unsynced.chunks), unsynced.record.take())
         };
-        let closed = self
+        let closed = local
             .data
             .sync_data()
-            .context(|| format!("syncing {}", self.data_path.display()))
+            .context(|| format!("syncing {}", local.data_path.display()))
             .and_then(|()| {
-                let mut map = lock(&self.map);
+                let mut map = lock(&local.map);
                 map.mark_ready(&unsynced)?;
                 map.mark_clean()
             });
@@ -721,14 +771,30 @@ impl CacheEngine {
     /// file and chunk map if needed (trusting the map only as far as it checks out).
     /// Fails with [`CacheError::BlobBusy`] if another process has the blob open.
     pub fn open_blob(&self, manifest: &Manifest) -> Result<BlobHandle> {
-        self.inner.open_blob(manifest, None)
+        self.inner.open_blob(manifest, None, None)
+    }
+
+    /// Opens the blob described by `manifest` without a copy of the engine's own: each
+    /// chunk, once fetched and verified, is handed to `deliver` (its offset in the blob
+    /// and its bytes) and nothing is written to the cache directory. For a consumer that
+    /// keeps the data itself, such as a cachefiles object. Fetches are still shared
+    /// (one per chunk however many wait for it), read ahead and prefetched; a chunk
+    /// `deliver` fails for is not delivered, and its readers get the error. The blob
+    /// cannot be [`read`](Self::read) from the engine.
+    pub fn open_blob_delivering(
+        &self,
+        manifest: &Manifest,
+        deliver: impl Fn(u64, &[u8]) -> std::io::Result<()> + Send + Sync + 'static,
+    ) -> Result<BlobHandle> {
+        self.inner
+            .open_blob(manifest, None, Some(Delivery(Arc::new(deliver))))
     }
 
     /// Like [`CacheEngine::open_blob`], but uses `data` as the cache file: an already
     /// open descriptor of `<cache dir>/<blob id>.data` of the right size (for example one
     /// opened before a fanotify mark was placed, whose accesses raise no events).
     pub fn open_blob_with_file(&self, manifest: &Manifest, data: File) -> Result<BlobHandle> {
-        self.inner.open_blob(manifest, Some(data))
+        self.inner.open_blob(manifest, Some(data), None)
     }
 
     /// Reads up to `buf.len()` bytes of `blob_id` at `offset`, fetching what is
@@ -755,7 +821,7 @@ impl CacheEngine {
 
     /// Path of the cache file of an open blob.
     pub fn cache_file_path(&self, blob_id: &str) -> Result<PathBuf> {
-        Ok(self.inner.blob(blob_id)?.data_path.clone())
+        Ok(self.inner.blob(blob_id)?.local_or_err()?.data_path.clone())
     }
 
     /// Number of chunks of `blob_id` present in the cache file (some may still wait for
@@ -834,20 +900,51 @@ impl BlobHandle {
         &self.blob.manifest
     }
 
-    /// Path of the sparse cache file.
-    pub fn cache_path(&self) -> &Path {
-        &self.blob.data_path
+    /// Path of the sparse cache file; an error for a blob opened with
+    /// [`CacheEngine::open_blob_delivering`].
+    pub fn cache_path(&self) -> Result<&Path> {
+        Ok(&self.blob.local_or_err()?.data_path)
     }
 
     /// The engine's own descriptor of the cache file. It was opened before any
     /// fanotify mark a mounter adds, so accesses through it raise no events.
-    pub fn cache_fd(&self) -> BorrowedFd<'_> {
-        self.blob.data.as_fd()
+    pub fn cache_fd(&self) -> Result<BorrowedFd<'_>> {
+        Ok(self.blob.local_or_err()?.data.as_fd())
     }
 
     /// Raw form of [`Self::cache_fd`].
-    pub fn cache_raw_fd(&self) -> RawFd {
-        self.blob.data.as_raw_fd()
+    pub fn cache_raw_fd(&self) -> Result<RawFd> {
+        Ok(self.blob.local_or_err()?.data.as_raw_fd())
+    }
+
+    /// For a delivered blob (see [`CacheEngine::open_blob_delivering`]): sets which
+    /// chunks the consumer holds, by asking `holds` about each chunk's byte range, for
+    /// example after the consumer gained a new place to deliver to, or found one of its
+    /// own copies gone. Chunks being fetched are left alone: their delivery is still to
+    /// come. Chunks it no longer holds are fetched again when next wanted.
+    pub fn reconcile_delivered(&self, holds: impl Fn(Range<u64>) -> bool) -> Result<()> {
+        let Store::Delivered(_) = &self.blob.store else {
+            return Err(CacheError::Io {
+                context: format!("reconciling blob {}", self.id()),
+                source: std::io::Error::other("the engine keeps this blob's chunks itself"),
+            });
+        };
+        let manifest = &self.blob.manifest;
+        let mut states = lock(&self.blob.states);
+        let mut ready = 0;
+        for (index, state) in states.states.iter_mut().enumerate() {
+            if let ChunkState::Fetching(_) = state {
+                continue;
+            }
+            *state = if holds(manifest.chunk_range(index as u64)) {
+                ready += 1;
+                ChunkState::Ready
+            } else {
+                ChunkState::Missing
+            };
+        }
+        states.ready = ready;
+        Ok(())
     }
 
     /// Whether every chunk of the blob is present.
@@ -968,7 +1065,12 @@ impl EngineInner {
         })
     }
 
-    fn open_blob(self: &Arc<Self>, manifest: &Manifest, given: Option<File>) -> Result<BlobHandle> {
+    fn open_blob(
+        self: &Arc<Self>,
+        manifest: &Manifest,
+        given: Option<File>,
+        delivery: Option<Delivery>,
+    ) -> Result<BlobHandle> {
         manifest.validate()?;
         // Held throughout: an eviction cannot pick this blob while it is being opened.
         let mut blobs = lock(&self.blobs);
@@ -978,6 +1080,16 @@ impl EngineInner {
                     "blob {} is already open with a different manifest",
                     manifest.blob_id
                 )));
+            }
+            // A second consumer of a delivered blob would never see the chunks
+            // delivered to the first.
+            if delivery.is_some() || blob.local().is_none() {
+                return Err(CacheError::Io {
+                    context: format!("opening blob {}", manifest.blob_id),
+                    source: std::io::Error::other(
+                        "it is open already, and one of the two opens delivers its chunks",
+                    ),
+                });
             }
             blob.handles.fetch_add(1, Ordering::SeqCst);
             return Ok(BlobHandle {
@@ -995,6 +1107,57 @@ impl EngineInner {
             })?);
         }
         let zero = zero_chunks(manifest, &digests);
+        let (store, states, ready_bytes, adopted) = match delivery {
+            Some(delivery) => {
+                tracing::info!(blob = %id, chunks = manifest.chunk_count(), "opened blob for delivery");
+                let states = vec![ChunkState::Missing; manifest.chunk_count() as usize];
+                (Store::Delivered(delivery), states, 0, 0)
+            }
+            None => self.open_local_copy(manifest, blob_digest, &digests, given)?,
+        };
+        let blob = Arc::new(BlobCache {
+            manifest: manifest.clone(),
+            digests,
+            zero,
+            store,
+            states: Mutex::new(ChunkStates {
+                ready: states.iter().filter(|s| **s == ChunkState::Ready).count() as u64,
+                states,
+                failures: HashMap::new(),
+                next_ticket: 1,
+            }),
+            changed: Condvar::new(),
+            handles: AtomicUsize::new(1),
+            last_used: AtomicU64::new(now_ticks()),
+            evicted: AtomicBool::new(false),
+            streams: Mutex::new(([Stream::default(); STREAMS], 0)),
+            listener: Mutex::new(ReadyListener(None)),
+        });
+        lock(&self.dormant).remove(id);
+        self.metrics
+            .cached_bytes
+            .fetch_add(ready_bytes, Ordering::Relaxed);
+        blobs.insert(id.clone(), blob.clone());
+        if adopted > 0 {
+            self.sync_later(adopted * u64::from(manifest.chunk_size));
+        }
+        Ok(BlobHandle {
+            engine: self.clone(),
+            blob,
+        })
+    }
+
+    /// Opens (or creates) the blob's cache file and chunk map, trusting the map as far
+    /// as it checks out and adopting what an earlier process left unsynced. Returns the
+    /// store, the chunks' states, the bytes ready and how many chunks were adopted.
+    fn open_local_copy(
+        &self,
+        manifest: &Manifest,
+        blob_digest: [u8; 32],
+        digests: &[[u8; 32]],
+        given: Option<File>,
+    ) -> Result<(Store, Vec<ChunkState>, u64, u64)> {
+        let id = &manifest.blob_id;
         let data_path = self.config.cache_dir.join(format!("{id}.data"));
         let map_path = self.config.cache_dir.join(format!("{id}.map"));
         let (data, size_was_wrong) = match given {
@@ -1062,7 +1225,7 @@ impl EngineInner {
             let mut bad = Vec::new();
             let mut buffer = vec![0u8; manifest.chunk_size as usize];
             for index in (0..map.chunk_count()).filter(|&i| map.is_ready(i)) {
-                if !chunk_intact(&data, manifest, &digests, index, &mut buffer) {
+                if !chunk_intact(&data, manifest, digests, index, &mut buffer) {
                     bad.push(index);
                 }
             }
@@ -1084,9 +1247,7 @@ impl EngineInner {
                     let adopted: Vec<u64> = noted
                         .into_iter()
                         .filter(|&index| !size_was_wrong && !map.is_ready(index))
-                        .filter(|&index| {
-                            chunk_intact(&data, manifest, &digests, index, &mut buffer)
-                        })
+                        .filter(|&index| chunk_intact(&data, manifest, digests, index, &mut buffer))
                         .collect();
                     if !adopted.is_empty() {
                         tracing::info!(blob = %id, chunks = adopted.len(), "adopted chunks an earlier process wrote but had not synced");
@@ -1118,40 +1279,14 @@ impl EngineInner {
             .sum();
         let adopted = unsynced.chunks.len() as u64;
         tracing::info!(blob = %id, ready_chunks = map.ready_count() + adopted, chunks = map.chunk_count(), verified = verify, "opened blob cache");
-        let blob = Arc::new(BlobCache {
-            manifest: manifest.clone(),
-            digests,
-            zero,
+        let local = LocalCopy {
             data,
             data_path,
             map_path,
             map: Mutex::new(map),
             unsynced: Mutex::new(unsynced),
-            states: Mutex::new(ChunkStates {
-                ready: states.iter().filter(|s| **s == ChunkState::Ready).count() as u64,
-                states,
-                failures: HashMap::new(),
-                next_ticket: 1,
-            }),
-            changed: Condvar::new(),
-            handles: AtomicUsize::new(1),
-            last_used: AtomicU64::new(now_ticks()),
-            evicted: AtomicBool::new(false),
-            streams: Mutex::new(([Stream::default(); STREAMS], 0)),
-            listener: Mutex::new(ReadyListener(None)),
-        });
-        lock(&self.dormant).remove(id);
-        self.metrics
-            .cached_bytes
-            .fetch_add(ready_bytes, Ordering::Relaxed);
-        blobs.insert(id.clone(), blob.clone());
-        if adopted > 0 {
-            self.sync_later(adopted * u64::from(manifest.chunk_size));
-        }
-        Ok(BlobHandle {
-            engine: self.clone(),
-            blob,
-        })
+        };
+        Ok((Store::Local(Box::new(local)), states, ready_bytes, adopted))
     }
 
     fn read(&self, blob: &BlobCache, offset: u64, buf: &mut [u8]) -> Result<usize> {
@@ -1160,10 +1295,12 @@ impl EngineInner {
             return Ok(0);
         }
         let len = (buf.len() as u64).min(size - offset) as usize;
+        let local = blob.local_or_err()?;
         self.ensure_present(blob, offset..offset + len as u64, Priority::OnDemand)?;
-        blob.data
+        local
+            .data
             .read_exact_at(&mut buf[..len], offset)
-            .context(|| format!("reading cache file {}", blob.data_path.display()))?;
+            .context(|| format!("reading cache file {}", local.data_path.display()))?;
         self.metrics
             .bytes_read
             .fetch_add(len as u64, Ordering::Relaxed);
@@ -1502,13 +1639,22 @@ impl EngineInner {
             let raw_range = manifest.chunk_range(index);
             let raw_len = (raw_range.end - raw_range.start) as usize;
             if zero_run {
-                let outcome = punch_zeros(&blob.data, raw_range.clone())
-                    .context(|| format!("zeroing chunk {index} of {}", blob.data_path.display()))
-                    .map(|()| {
-                        self.metrics.zero_chunks.fetch_add(1, Ordering::Relaxed);
-                        good.push(index);
-                        good_bytes += raw_len as u64;
-                    });
+                let outcome = match &blob.store {
+                    Store::Local(local) => {
+                        punch_zeros(&local.data, raw_range.clone()).context(|| {
+                            format!("zeroing chunk {index} of {}", local.data_path.display())
+                        })
+                    }
+                    Store::Delivered(Delivery(deliver)) => {
+                        deliver(raw_range.start, &vec![0u8; raw_len])
+                            .context(|| format!("delivering chunk {index} of blob {id}"))
+                    }
+                };
+                let outcome = outcome.map(|()| {
+                    self.metrics.zero_chunks.fetch_add(1, Ordering::Relaxed);
+                    good.push(index);
+                    good_bytes += raw_len as u64;
+                });
                 outcomes.push(outcome);
                 continue;
             }
@@ -1546,15 +1692,22 @@ impl EngineInner {
                             actual: actual.to_hex().to_string(),
                         })
                     } else {
-                        blob.data
-                            .write_all_at(raw, raw_range.start)
-                            .context(|| {
-                                format!("writing chunk {index} to {}", blob.data_path.display())
-                            })
-                            .map(|()| {
-                                good.push(index);
-                                good_bytes += raw_len as u64;
-                            })
+                        let stored = match &blob.store {
+                            Store::Local(local) => {
+                                local.data.write_all_at(raw, raw_range.start).context(|| {
+                                    format!(
+                                        "writing chunk {index} to {}",
+                                        local.data_path.display()
+                                    )
+                                })
+                            }
+                            Store::Delivered(Delivery(deliver)) => deliver(raw_range.start, raw)
+                                .context(|| format!("delivering chunk {index} of blob {id}")),
+                        };
+                        stored.map(|()| {
+                            good.push(index);
+                            good_bytes += raw_len as u64;
+                        })
                     }
                 }
             };
@@ -1565,19 +1718,21 @@ impl EngineInner {
         }
         // Data first, durably; only then the map: at once, or by the sync thread's next
         // round (the readers go on from the page cache meanwhile).
-        if self.config.sync_interval.is_zero() {
-            let durable = blob
-                .data
-                .sync_data()
-                .context(|| format!("syncing {}", blob.data_path.display()))
-                .and_then(|()| lock(&blob.map).mark_ready(&good));
-            if let Err(err) = durable {
-                let message = err.to_string();
-                return fail_all(message);
+        if let Some(local) = blob.local() {
+            if self.config.sync_interval.is_zero() {
+                let durable = local
+                    .data
+                    .sync_data()
+                    .context(|| format!("syncing {}", local.data_path.display()))
+                    .and_then(|()| lock(&local.map).mark_ready(&good));
+                if let Err(err) = durable {
+                    let message = err.to_string();
+                    return fail_all(message);
+                }
+            } else {
+                let waiting = lock(&local.unsynced).add(id, &good);
+                self.sync_later(waiting as u64 * u64::from(manifest.chunk_size));
             }
-        } else {
-            let waiting = lock(&blob.unsynced).add(id, &good);
-            self.sync_later(waiting as u64 * u64::from(manifest.chunk_size));
         }
         self.metrics
             .chunks_fetched
@@ -1590,7 +1745,7 @@ impl EngineInner {
         if let Some(counter) = counter {
             counter.fetch_add(good.len() as u64, Ordering::Relaxed);
         }
-        if !blob.evicted.load(Ordering::SeqCst) {
+        if blob.local().is_some() && !blob.evicted.load(Ordering::SeqCst) {
             self.metrics
                 .cached_bytes
                 .fetch_add(good_bytes, Ordering::Relaxed);
@@ -1754,17 +1909,18 @@ impl EngineInner {
     fn sync_round(&self) {
         let blobs: Vec<Arc<BlobCache>> = lock(&self.blobs).values().cloned().collect();
         for blob in blobs {
-            let pending = std::mem::take(&mut lock(&blob.unsynced).chunks);
+            let Some(local) = blob.local() else { continue };
+            let pending = std::mem::take(&mut lock(&local.unsynced).chunks);
             if pending.is_empty() || blob.evicted.load(Ordering::SeqCst) {
                 continue;
             }
-            let durable = blob
+            let durable = local
                 .data
                 .sync_data()
-                .context(|| format!("syncing {}", blob.data_path.display()))
-                .and_then(|()| lock(&blob.map).mark_ready(&pending));
+                .context(|| format!("syncing {}", local.data_path.display()))
+                .and_then(|()| lock(&local.map).mark_ready(&pending));
             // Marked, or not to be trusted: no longer pending either way.
-            lock(&blob.unsynced).note(&blob.manifest.blob_id, &pending, false);
+            lock(&local.unsynced).note(&blob.manifest.blob_id, &pending, false);
             if let Err(err) = durable {
                 tracing::error!(blob = %blob.manifest.blob_id, chunks = pending.len(), "cannot make fetched chunks durable; they will be fetched again: {err}");
                 let mut states = lock(&blob.states);
@@ -1854,7 +2010,8 @@ impl EngineInner {
             candidates.extend(
                 blobs
                     .iter()
-                    .filter(|(_, b)| b.handles.load(Ordering::SeqCst) == 0)
+                    // A delivered blob takes no room here.
+                    .filter(|(_, b)| b.handles.load(Ordering::SeqCst) == 0 && b.local().is_some())
                     .map(|(id, b)| (b.last_used.load(Ordering::Relaxed), id.clone(), true)),
             );
             candidates.sort();
@@ -1867,6 +2024,9 @@ impl EngineInner {
             let pending_path = self.config.cache_dir.join(format!("{id}.pending"));
             if open {
                 let Some(blob) = blobs.get(&id).cloned() else {
+                    continue;
+                };
+                let Some(local) = blob.local() else {
                     continue;
                 };
                 if blob.handles.load(Ordering::SeqCst) != 0 {
@@ -1888,10 +2048,10 @@ impl EngineInner {
                     ready_bytes.min(self.metrics.cached_bytes.load(Ordering::Relaxed)),
                     Ordering::Relaxed,
                 );
-                // We hold the blob's lock through `blob.data`.
-                let _ = fs::remove_file(&blob.map_path);
+                // We hold the blob's lock through `local.data`.
+                let _ = fs::remove_file(&local.map_path);
                 let _ = fs::remove_file(&pending_path);
-                let _ = fs::remove_file(&blob.data_path);
+                let _ = fs::remove_file(&local.data_path);
             } else {
                 // Another process may use the blob: only delete it under its lock.
                 let file = match OpenOptions::new().read(true).write(true).open(&data_path) {

@@ -42,6 +42,8 @@ pub enum CacheError {
     },
     #[error("The blob {0} is not open in the cache.")]
     UnknownBlob(String),
+    #[error("The blob {0} is delivered to its consumer as it is fetched; the engine keeps no copy of it to read.")]
+    NoLocalCopy(String),
     #[error("The cache of blob {blob} ({}) is in use by another process (another `berth mount` on the same cache directory?).", path.display())]
     BlobBusy {
         blob: String,

@@ -723,3 +723,157 @@ fn config_for_merge(dir: &std::path::Path) -> CacheConfig {
     config.merge_min_bytes = 1 << 20;
     config
 }
+
+/// What a delivered blob's consumer was handed: the bytes at their offsets, and how
+/// often each offset came.
+#[derive(Default)]
+struct Delivered {
+    bytes: std::sync::Mutex<std::collections::BTreeMap<u64, Vec<u8>>>,
+    times: std::sync::Mutex<std::collections::HashMap<u64, usize>>,
+}
+
+impl Delivered {
+    fn take(self: &Arc<Self>) -> impl Fn(u64, &[u8]) -> std::io::Result<()> + Send + Sync {
+        let me = self.clone();
+        move |offset, data| {
+            me.bytes.lock().unwrap().insert(offset, data.to_vec());
+            *me.times.lock().unwrap().entry(offset).or_default() += 1;
+            Ok(())
+        }
+    }
+
+    fn times(&self, offset: u64) -> usize {
+        self.times
+            .lock()
+            .unwrap()
+            .get(&offset)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The blob as delivered (holes as zeros).
+    fn image(&self, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        for (&offset, data) in self.bytes.lock().unwrap().iter() {
+            out[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        }
+        out
+    }
+}
+
+#[test]
+fn a_delivered_blob_hands_each_verified_chunk_over_once_and_keeps_no_copy() {
+    for compression in [Compression::None, Compression::Lz4] {
+        let (s, manifest) = setup(
+            8 * CHUNK as usize - 1000,
+            compression,
+            Duration::from_millis(100),
+        );
+        let engine = Arc::new(CacheEngine::new(config(&s.cache), s.backend.clone()).unwrap());
+        let delivered = Arc::new(Delivered::default());
+        let handle = Arc::new(
+            engine
+                .open_blob_delivering(&manifest, delivered.take())
+                .unwrap(),
+        );
+        // Sixteen readers of chunks 2-3 at once: one fetch, one delivery per chunk.
+        let chunk = u64::from(CHUNK);
+        let barrier = Arc::new(Barrier::new(16));
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let (handle, barrier) = (handle.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    handle.ensure_present(2 * chunk + i * 100..3 * chunk + 10)
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap().unwrap();
+        }
+        assert_eq!(s.backend.reads().len(), 1, "{compression:?}");
+        assert_eq!(delivered.times(2 * chunk), 1);
+        assert_eq!(delivered.times(3 * chunk), 1);
+        assert!(handle.is_present(2 * chunk..4 * chunk));
+        // Present now means delivered: asked again, nothing is fetched or delivered.
+        handle.ensure_present(2 * chunk..4 * chunk).unwrap();
+        assert_eq!(s.backend.reads().len(), 1);
+        assert_eq!(delivered.times(2 * chunk), 1);
+        // All of it, including the short last chunk, arrives verified and whole.
+        handle.ensure_present(0..manifest.blob_size).unwrap();
+        assert_eq!(delivered.image(s.data.len()), s.data, "{compression:?}");
+        assert!((0..8).all(|i| delivered.times(i * chunk) == 1));
+        // Nothing in the cache directory, nothing counted as cached, no reads.
+        let files: Vec<_> = std::fs::read_dir(&s.cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(files.is_empty(), "{files:?}");
+        assert_eq!(engine.metrics().cached_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(engine.metrics().chunks_fetched.load(Ordering::Relaxed), 8);
+        let err = handle.read(0, &mut [0u8; 10]).unwrap_err();
+        assert!(matches!(err, CacheError::NoLocalCopy(_)), "{err}");
+        assert!(handle.cache_path().is_err());
+        // Nor may the blob be opened a second time, in either way.
+        assert!(engine.open_blob(&manifest).is_err());
+        assert!(engine
+            .open_blob_delivering(&manifest, delivered.take())
+            .is_err());
+    }
+}
+
+#[test]
+fn a_delivered_blob_never_hands_over_a_corrupt_chunk_and_refetches_what_its_consumer_lost() {
+    let (s, manifest) = setup(8 * CHUNK as usize, Compression::None, Duration::ZERO);
+    let object = s.store.join(&manifest.object);
+    let mut stored = std::fs::read(&object).unwrap();
+    stored[5 * CHUNK as usize + 3] ^= 0x10;
+    std::fs::write(&object, &stored).unwrap();
+    let engine = CacheEngine::new(config(&s.cache), s.backend.clone()).unwrap();
+    let delivered = Arc::new(Delivered::default());
+    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handle = {
+        let (take, refuse) = (delivered.take(), refuse.clone());
+        engine
+            .open_blob_delivering(&manifest, move |offset, data| {
+                if refuse.load(Ordering::SeqCst) {
+                    return Err(std::io::Error::other("the consumer is full"));
+                }
+                take(offset, data)
+            })
+            .unwrap()
+    };
+    let chunk = u64::from(CHUNK);
+    let err = handle.ensure_present(5 * chunk..5 * chunk + 1).unwrap_err();
+    assert!(
+        matches!(err, CacheError::Verification { chunk: 5, .. }),
+        "{err}"
+    );
+    assert_eq!(delivered.times(5 * chunk), 0, "never handed over");
+    // A consumer that cannot take a chunk fails its readers; the chunk stays missing.
+    refuse.store(true, Ordering::SeqCst);
+    let err = handle.ensure_present(0..1).unwrap_err();
+    assert!(err.to_string().contains("the consumer is full"), "{err}");
+    assert!(!handle.is_present(0..1));
+    refuse.store(false, Ordering::SeqCst);
+    handle.ensure_present(0..2 * chunk).unwrap();
+    assert_eq!(delivered.times(0), 1);
+    // The consumer lost chunk 1 and holds chunk 6 from elsewhere (an earlier process):
+    // after a reconcile, chunk 1 is fetched and delivered again, chunk 6 never.
+    let fetched = s.backend.reads().len();
+    handle
+        .reconcile_delivered(|range| range.start == 0 || range.start == 6 * chunk)
+        .unwrap();
+    assert!(!handle.is_present(chunk..chunk + 1));
+    assert!(handle.is_present(6 * chunk..6 * chunk + 1));
+    handle.ensure_present(chunk..chunk + 1).unwrap();
+    handle.ensure_present(6 * chunk..7 * chunk).unwrap();
+    assert_eq!(delivered.times(chunk), 2);
+    assert_eq!(delivered.times(6 * chunk), 0);
+    assert_eq!(s.backend.reads().len(), fetched + 1);
+    // Reconciling is for delivered blobs only.
+    let other = tempfile::tempdir().unwrap();
+    let local_engine = CacheEngine::new(config(other.path()), s.backend.clone()).unwrap();
+    let local = local_engine.open_blob(&manifest).unwrap();
+    assert!(local.reconcile_delivered(|_| true).is_err());
+}

@@ -308,6 +308,12 @@ all_files() {
 	drop_caches
 	(cd /mnt/a && sha256sum -c --quiet /mnt/images/a.sha256)
 	echo "@@info $(wc -l </mnt/images/a.sha256) files match"
+	# The cachefiles directory is the only copy of the data: the engine keeps none.
+	local copies
+	copies=$(find "$CACHE/blobs" -type f | wc -l)
+	# (In use, cachefiles' data files are not linked into its directory yet: df, not du.)
+	echo "@@info cache disk $(df -m "$CACHE" | awk 'NR == 2 { print $3 }') MiB used; engine cache directory $(du -sk "$CACHE/blobs" | cut -f1) KiB in $copies files"
+	[ "$copies" = 0 ]
 }
 
 shared_blob() {

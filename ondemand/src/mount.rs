@@ -236,8 +236,9 @@ pub fn mount_image(options: MountOptions) -> Result<MountHandle> {
     check_bootstrap(&manifest, &bootstrap)?;
     // 1. The engine's descriptor of the cache file is opened before the mark.
     let blob = Arc::new(options.engine.open_blob(&manifest)?);
-    let cache_path = fs::canonicalize(blob.cache_path())
-        .context(|| format!("resolving {}", blob.cache_path().display()))?;
+    let cache_path = blob.cache_path()?;
+    let cache_path =
+        fs::canonicalize(cache_path).context(|| format!("resolving {}", cache_path.display()))?;
     let cache_meta =
         fs::metadata(&cache_path).context(|| format!("reading {}", cache_path.display()))?;
     // 2. Mark.

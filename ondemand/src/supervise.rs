@@ -1025,7 +1025,7 @@ pub fn run_worker(options: WorkerOptions, fds: WorkerFds) -> Result<()> {
     send(
         socket.as_raw_fd(),
         Message::Ready,
-        Some(blob.cache_raw_fd()),
+        Some(blob.cache_raw_fd()?),
     )
     .context(|| "reporting to the supervisor".into())?;
     if !options.prefetch.is_empty() {
@@ -1167,8 +1167,9 @@ fn take_over(
     if denied > 0 {
         tracing::warn!("denied {denied} reads the supervisor had not answered");
     }
-    let cache_path = std::fs::canonicalize(blob.cache_path())
-        .context(|| format!("resolving {}", blob.cache_path().display()))?;
+    let cache_path = blob.cache_path()?;
+    let cache_path = std::fs::canonicalize(cache_path)
+        .context(|| format!("resolving {}", cache_path.display()))?;
     let meta =
         std::fs::metadata(&cache_path).context(|| format!("reading {}", cache_path.display()))?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -237,11 +237,13 @@ pub struct MountArgs {
 /// The cache engine's flags (`berth mount`, `berth fscache`).
 #[derive(Debug, Args)]
 pub struct EngineArgs {
-    /// Directory of the local cache of fetched chunks.
+    /// Directory of the local cache of fetched chunks (fanotify mode; in fscache mode
+    /// the chunks are kept in the cachefiles directory only, and this one stays empty).
     #[arg(long, value_name = "DIR", default_value = DEFAULT_CACHE_DIR)]
     pub cache_dir: PathBuf,
 
-    /// Most bytes the cache keeps; blobs not in use are evicted beyond it [default: no limit].
+    /// Most bytes the cache keeps; blobs not in use are evicted beyond it [default: no
+    /// limit]. fanotify mode; in fscache mode the kernel culls the cachefiles directory.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub cache_capacity: Option<u64>,
 

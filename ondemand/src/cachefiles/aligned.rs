@@ -96,6 +96,38 @@ pub fn copy_into_object(
     Ok(())
 }
 
+/// Writes `data` at `offset` (page-aligned) into the cache object `object`: straight
+/// from `data` where it is page-aligned in place and length, else through `scratch`
+/// (allocated on first use), zero-padded to a page multiple.
+pub fn write_into_object(
+    object: RawFd,
+    offset: u64,
+    data: &[u8],
+    scratch: &mut Option<AlignedBuf>,
+) -> io::Result<()> {
+    if !offset.is_multiple_of(PAGE as u64) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("offset {offset} is not page-aligned"),
+        ));
+    }
+    // SAFETY: `object` stays open for the call (the caller holds it); ManuallyDrop
+    // keeps this File from closing it.
+    let out = ManuallyDrop::new(unsafe { File::from_raw_fd(object) });
+    if (data.as_ptr() as usize).is_multiple_of(PAGE) && data.len().is_multiple_of(PAGE) {
+        return out.write_all_at(data, offset);
+    }
+    let buffer = scratch.get_or_insert_with(|| AlignedBuf::new(data.len()));
+    if buffer.len() < data.len() {
+        *buffer = AlignedBuf::new(data.len());
+    }
+    let padded = data.len().div_ceil(PAGE) * PAGE;
+    let slice = buffer.as_mut_slice();
+    slice[..data.len()].copy_from_slice(data);
+    slice[data.len()..padded].fill(0);
+    out.write_all_at(&slice[..padded], offset)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +165,28 @@ mod tests {
             &mut buffer
         )
         .is_err());
+    }
+
+    #[test]
+    fn writes_of_unaligned_data_go_through_the_scratch_buffer_padded() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = File::create(dir.path().join("target")).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&target);
+        let mut scratch = None;
+        // Page-aligned in place: written as it is, no scratch buffer.
+        let mut aligned = AlignedBuf::new(8192);
+        aligned.as_mut_slice().fill(7);
+        write_into_object(fd, 8192, aligned.as_slice(), &mut scratch).unwrap();
+        assert!(scratch.is_none());
+        // A tail of 5 000 bytes at an odd address: padded to two pages.
+        let tail: Vec<u8> = (0..5_001u32).map(|i| (i % 251) as u8 + 1).collect();
+        write_into_object(fd, 16_384, &tail[1..], &mut scratch).unwrap();
+        assert!(scratch.is_some());
+        let written = std::fs::read(dir.path().join("target")).unwrap();
+        assert_eq!(written.len(), 16_384 + 8192);
+        assert!(written[8192..16_384].iter().all(|&b| b == 7));
+        assert_eq!(&written[16_384..16_384 + 5000], &tail[1..]);
+        assert!(written[16_384 + 5000..].iter().all(|&b| b == 0));
+        assert!(write_into_object(fd, 100, &tail, &mut scratch).is_err());
     }
 }

@@ -1,32 +1,34 @@
 //! The worker of a cachefiles server: runs the cache engine, and fills the kernel's
 //! cache objects of data blobs.
 //!
-//! A READ is served by making its chunks present in the engine (fetched, verified,
-//! persisted), copying them from the engine's cache file into the object's anonymous
-//! descriptor and completing the request. A chunk that cannot be fetched or fails its
-//! digest is not written: completing without data makes the reader's read fail with
-//! EIO, never return zeros. Chunks the engine brings in by itself (read-ahead of a
-//! sequential reader, the prefetch list) are pushed into the open objects as they
-//! arrive, so the kernel finds them without asking.
+//! The kernel's cache object is the only copy of a blob kept on the host: the engine
+//! opens each blob for delivery ([`CacheEngine::open_blob_delivering`]), so a chunk is
+//! fetched, verified and written straight into the blob's open objects through their
+//! anonymous descriptors, and never into a cache file of the engine's own. A READ is
+//! served by having its chunks delivered, checking that the object holds them, and
+//! completing the request. A chunk that cannot be fetched or fails its digest is not
+//! written: completing without data makes the reader's read fail with EIO, never return
+//! zeros. Chunks the engine brings in by itself (read-ahead of a sequential reader, the
+//! prefetch list) are delivered the same way, so the kernel finds them without asking.
+//! What an object already holds (written by an earlier worker, kept in the cachefiles
+//! directory across restarts) is found with `SEEK_HOLE` and never fetched again.
 //!
 //! The worker holds no `/dev/cachefiles` descriptor: it dies with its supervisor
 //! (`PR_SET_PDEATHSIG`), so the anonymous descriptors it holds close with it and a
 //! restarted server can `restore` the requests.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::fs::File;
-use std::mem::ManuallyDrop;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
 
 use berth_cache::{
     open_backend, BlobBackend, BlobHandle, CacheEngine, CacheError, LocalDirBackend, Manifest,
 };
 
-use super::aligned::{copy_into_object, AlignedBuf};
+use super::aligned::{write_into_object, AlignedBuf};
 use super::device::complete_read;
 use super::protocol::{FromWorker, Prefetch, ToWorker};
 use crate::error::{IoContext, OndemandError, Result};
@@ -83,21 +85,81 @@ impl BlobBackend for RoutedBackend {
     }
 }
 
-/// A kernel cache object of a blob: where data is pushed.
+/// A kernel cache object of a blob: where its chunks are delivered.
 #[derive(Debug)]
 struct Sink {
     object_id: u32,
     fd: OwnedFd,
-    /// Chunks written into this object (while it is open the kernel keeps them).
-    pushed: Mutex<Vec<bool>>,
 }
+
+impl Sink {
+    /// Whether the object holds every byte of `range` (no hole in it).
+    fn holds(&self, range: &Range<u64>) -> bool {
+        let (Ok(start), Ok(end)) = (i64::try_from(range.start), i64::try_from(range.end)) else {
+            return false;
+        };
+        // SAFETY: lseek on a descriptor we own; SEEK_HOLE only reports (the object's
+        // descriptor forwards it to its backing file).
+        let hole = unsafe { libc::lseek(self.fd.as_raw_fd(), start, libc::SEEK_HOLE) };
+        hole >= end
+    }
+}
+
+/// The cache objects a blob is delivered to.
+type Sinks = Arc<Mutex<Vec<Arc<Sink>>>>;
 
 #[derive(Debug)]
 struct OpenBlob {
     handle: Arc<BlobHandle>,
     /// Images using the blob.
     images: Vec<String>,
-    sinks: Arc<Mutex<Vec<Arc<Sink>>>>,
+    sinks: Sinks,
+    /// Prefetched once the blob's first object opens: before, there is nowhere to put it.
+    prefetch: Vec<Range<u64>>,
+}
+
+thread_local! {
+    /// Where a fetch thread pads a chunk that is not page-aligned in place.
+    static SCRATCH: RefCell<Option<AlignedBuf>> = const { RefCell::new(None) };
+}
+
+/// Writes a verified chunk into every object of its blob; fails only if none took it
+/// (an object that did not is found out, and refilled, when it is read).
+fn deliver(sinks: &Sinks, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    let sinks: Vec<Arc<Sink>> = sinks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut last_error = None;
+    let mut written = 0;
+    for sink in &sinks {
+        let outcome = SCRATCH.with(|scratch| {
+            write_into_object(sink.fd.as_raw_fd(), offset, data, &mut scratch.borrow_mut())
+        });
+        match outcome {
+            Ok(()) => written += 1,
+            Err(err) => {
+                tracing::warn!(
+                    object = sink.object_id,
+                    offset,
+                    "cannot write fetched data into the cache object: {err}"
+                );
+                last_error = Some(err);
+            }
+        }
+    }
+    match (written, last_error) {
+        (0, Some(err)) => Err(err),
+        (0, None) => Err(std::io::Error::other("no cache object of the blob is open")),
+        _ => Ok(()),
+    }
+}
+
+/// Tells the engine which chunks every object of the blob holds.
+fn reconcile(handle: &BlobHandle, sinks: &Sinks) {
+    let sinks: Vec<Arc<Sink>> = sinks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let outcome = handle
+        .reconcile_delivered(|range| !sinks.is_empty() && sinks.iter().all(|s| s.holds(&range)));
+    if let Err(err) = outcome {
+        tracing::error!(blob = %handle.id(), "{err}");
+    }
 }
 
 /// Descriptor number the worker receives its socket at.
@@ -115,47 +177,6 @@ fn send(socket: &OwnedFd, message: &FromWorker) {
     if let Err(err) = ipc::send(socket.as_raw_fd(), message, None) {
         tracing::debug!("cannot report to the supervisor: {err}");
     }
-}
-
-/// Copies `range` of the cache file (present) into `sink`, whole chunks, skipping
-/// chunks pushed before; marks what it wrote.
-fn push(handle: &BlobHandle, sink: &Sink, range: Range<u64>) -> std::io::Result<()> {
-    let manifest = handle.manifest();
-    let chunks = manifest.chunks_of(range);
-    // SAFETY: the engine's cache file descriptor stays open while `handle` lives; the
-    // File is never dropped (ManuallyDrop), so it is not closed here.
-    let cache = ManuallyDrop::new(unsafe { File::from_raw_fd(handle.cache_raw_fd()) });
-    let mut buffer: Option<AlignedBuf> = None;
-    for index in chunks {
-        let pushed = sink
-            .pushed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(index as usize)
-            .copied()
-            .unwrap_or(true);
-        if pushed {
-            continue;
-        }
-        let chunk = manifest.chunk_range(index);
-        let buffer = buffer.get_or_insert_with(|| AlignedBuf::new(manifest.chunk_size as usize));
-        copy_into_object(
-            &cache,
-            sink.fd.as_raw_fd(),
-            chunk.start,
-            chunk.end - chunk.start,
-            buffer,
-        )?;
-        if let Some(slot) = sink
-            .pushed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(index as usize)
-        {
-            *slot = true;
-        }
-    }
-    Ok(())
 }
 
 impl Worker {
@@ -202,24 +223,16 @@ impl Worker {
             .into());
         }
         self.backends.route(&manifest.object, backend);
-        let handle = Arc::new(open_blob_when_free(&self.engine, &manifest)?);
-        let sinks: Arc<Mutex<Vec<Arc<Sink>>>> = Arc::default();
-        {
+        let sinks: Sinks = Arc::default();
+        let handle = {
             let sinks = sinks.clone();
-            let weak = Arc::downgrade(&handle);
-            handle.set_ready_listener(move |range| {
-                let Some(handle) = weak.upgrade() else { return };
-                let sinks: Vec<Arc<Sink>> = sinks.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                for sink in sinks {
-                    if let Err(err) = push(&handle, &sink, range.clone()) {
-                        tracing::warn!(
-                            object = sink.object_id,
-                            "cannot push fetched data into the cache object: {err}"
-                        );
-                    }
-                }
-            });
-        }
+            Arc::new(
+                self.engine
+                    .open_blob_delivering(&manifest, move |offset, data| {
+                        deliver(&sinks, offset, data)
+                    })?,
+            )
+        };
         let mut ranges: Vec<Range<u64>> = Vec::new();
         if prefetch != Prefetch::None {
             for entry in &manifest.prefetch {
@@ -229,9 +242,6 @@ impl Worker {
         if prefetch == Prefetch::All {
             ranges.push(0..manifest.blob_size);
         }
-        if !ranges.is_empty() {
-            handle.prefetch(&ranges);
-        }
         tracing::info!(image = key, blob = %manifest.blob_id, "serving blob");
         blobs.insert(
             manifest.blob_id.clone(),
@@ -239,6 +249,7 @@ impl Worker {
                 handle,
                 images: vec![key.to_string()],
                 sinks,
+                prefetch: ranges,
             },
         );
         Ok(())
@@ -257,8 +268,8 @@ impl Worker {
     }
 
     fn add_object(&self, object_id: u32, blob_id: &str, fd: OwnedFd) {
-        let blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(open) = blobs.get(blob_id) else {
+        let mut blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(open) = blobs.get_mut(blob_id) else {
             tracing::error!(
                 object_id,
                 blob = blob_id,
@@ -266,16 +277,18 @@ impl Worker {
             );
             return;
         };
-        let chunks = open.handle.manifest().chunk_count() as usize;
-        let sink = Arc::new(Sink {
-            object_id,
-            fd,
-            pushed: Mutex::new(vec![false; chunks]),
-        });
+        let sink = Arc::new(Sink { object_id, fd });
         open.sinks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(sink.clone());
+        // What the object holds already (cached before a restart) is not fetched again;
+        // what only the blob's other objects hold is, when this one is read.
+        reconcile(&open.handle, &open.sinks);
+        let prefetch = std::mem::take(&mut open.prefetch);
+        if !prefetch.is_empty() {
+            open.handle.prefetch(&prefetch);
+        }
         drop(blobs);
         self.objects
             .lock()
@@ -320,34 +333,43 @@ impl Worker {
             );
             return false;
         };
-        let handle = self
+        let open = self
             .blobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&blob_id)
-            .map(|open| open.handle.clone());
-        let Some(handle) = handle else {
+            .map(|open| (open.handle.clone(), open.sinks.clone()));
+        let Some((handle, sinks)) = open else {
             let _ = complete_read(sink.fd.as_raw_fd(), msg_id);
             return false;
         };
         let size = handle.manifest().blob_size;
         let range = off.min(size)..off.saturating_add(len).min(size);
         // A panic must still complete the request (with EIO), never leave it waiting.
+        // Whole chunks are delivered: the kernel then finds the rest of each without asking.
+        let chunks = handle.manifest().chunks_of(range.clone());
+        let whole = handle.manifest().chunk_range(chunks.start).start
+            ..handle
+                .manifest()
+                .chunk_range(chunks.end.saturating_sub(1))
+                .end;
+        // A panic must still complete the request (with EIO), never leave it waiting.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            handle
-                .ensure_present(range.clone())
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    // Whole chunks: the kernel then finds the rest of each without asking.
-                    let chunks = handle.manifest().chunks_of(range.clone());
-                    let whole = handle.manifest().chunk_range(chunks.start).start
-                        ..handle
-                            .manifest()
-                            .chunk_range(chunks.end.saturating_sub(1))
-                            .end;
-                    push(&handle, &sink, whole)
-                        .map_err(|e| format!("writing into cache object {object_id} failed: {e}"))
-                })
+            // The engine counts a chunk delivered once any object took it: one this
+            // object missed (it opened during the fetch, or its write failed) is
+            // delivered again after a reconcile.
+            for _ in 0..2 {
+                handle
+                    .ensure_present(range.clone())
+                    .map_err(|e| e.to_string())?;
+                if range.is_empty() || sink.holds(&whole) {
+                    return Ok(());
+                }
+                reconcile(&handle, &sinks);
+            }
+            Err(format!(
+                "cache object {object_id} still has a hole in {whole:?} after the delivery"
+            ))
         }))
         .unwrap_or_else(|_| Err("internal error (panic) while serving".into()));
         let ok = match outcome {
@@ -485,29 +507,6 @@ pub fn run_worker(options: WorkerOptions, socket: OwnedFd) -> Result<()> {
         let _ = thread.join();
     }
     Ok(())
-}
-
-/// How long a worker waits for a blob cache another process still holds. A previous
-/// worker killed with its server may still be exiting: its descriptors, and so the blob's
-/// lock, are closed only when its last thread is gone.
-const BLOB_BUSY_PATIENCE: Duration = Duration::from_secs(30);
-
-/// Opens the blob's cache, waiting (bounded) while another process holds its lock.
-fn open_blob_when_free(engine: &CacheEngine, manifest: &Manifest) -> Result<BlobHandle> {
-    let started = Instant::now();
-    let mut logged = false;
-    loop {
-        match engine.open_blob(manifest) {
-            Err(CacheError::BlobBusy { .. }) if started.elapsed() < BLOB_BUSY_PATIENCE => {
-                if !logged {
-                    tracing::info!(blob = %manifest.blob_id, "the blob's cache is held by another process (a previous worker still exiting?); waiting for it");
-                    logged = true;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            other => return Ok(other?),
-        }
-    }
 }
 
 #[cfg(test)]
