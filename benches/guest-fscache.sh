@@ -6,9 +6,9 @@
 # The host builds an image of 4 files of incompressible data (SIZE in all, 1 MiB chunks,
 # no compression) with `berth image build` into a directory that its berth shares over
 # virtio-fs (tag "images", read-only): the guest's backend, a local directory on the
-# share, as in the fscache test tier. A second disk, ext4, holds the guest's caches
-# (the cachefiles directory and berth's chunk cache) and a copy of the image's bootstrap
-# and raw blob. The guest boots the 6.12 kernel of that tier (built, or found in the
+# share, as in the fscache test tier. A second disk, ext4, holds the guest's cachefiles
+# directory (berth keeps no chunk cache of its own in fscache mode) and a copy of the
+# image's bootstrap and raw blob. The guest boots the 6.12 kernel of that tier (built, or found in the
 # cache, by guest-images/kernel/ondemand-6.12.sh) and measures, each pass after `sync`
 # and `echo 3 > /proc/sys/vm/drop_caches`:
 #
@@ -20,7 +20,7 @@
 #                    guest kernel has no EROFS_FS_BACKED_BY_FILE (file-backed mounts),
 #                    hence the loops. The limit is the faster of the two.
 #   fscache cold     `berth fscache` and `berth mount --mode fscache` on empty cache
-#                    directories (default read-ahead of 16 MiB)
+#                    directories (default read-ahead of 64 MiB)
 #   fscache warm     the same mount again: every chunk already in the cachefiles file,
 #                    the kernel reads it without asking berth
 #
