@@ -64,9 +64,24 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// The cache object `object` as a file to write at `offset`, which must be page-aligned.
+/// Borrowed: the caller keeps `object` open across the writes, and dropping the result
+/// does not close it.
+fn object_at(object: RawFd, offset: u64) -> io::Result<ManuallyDrop<File>> {
+    if !offset.is_multiple_of(PAGE as u64) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("offset {offset} is not page-aligned"),
+        ));
+    }
+    // SAFETY: `object` stays open while the result is used (the caller holds it);
+    // ManuallyDrop keeps this File from closing it.
+    Ok(ManuallyDrop::new(unsafe { File::from_raw_fd(object) }))
+}
+
 /// Copies `len` bytes at `offset` (page-aligned) from the file `source` into the cache
-/// object `object`, in pieces of at most `piece` bytes, the last one zero-padded to a
-/// page multiple.
+/// object `object`, in pieces of at most the buffer's length, the last one zero-padded to
+/// a page multiple.
 pub fn copy_into_object(
     source: &File,
     object: RawFd,
@@ -74,15 +89,7 @@ pub fn copy_into_object(
     len: u64,
     buffer: &mut AlignedBuf,
 ) -> io::Result<()> {
-    if !offset.is_multiple_of(PAGE as u64) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("offset {offset} is not page-aligned"),
-        ));
-    }
-    // SAFETY: `object` stays open for the call (the caller holds it); ManuallyDrop
-    // keeps this File from closing it.
-    let out = ManuallyDrop::new(unsafe { File::from_raw_fd(object) });
+    let out = object_at(object, offset)?;
     let mut done = 0u64;
     while done < len {
         let n = ((len - done) as usize).min(buffer.len());
@@ -105,15 +112,7 @@ pub fn write_into_object(
     data: &[u8],
     scratch: &mut Option<AlignedBuf>,
 ) -> io::Result<()> {
-    if !offset.is_multiple_of(PAGE as u64) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("offset {offset} is not page-aligned"),
-        ));
-    }
-    // SAFETY: `object` stays open for the call (the caller holds it); ManuallyDrop
-    // keeps this File from closing it.
-    let out = ManuallyDrop::new(unsafe { File::from_raw_fd(object) });
+    let out = object_at(object, offset)?;
     if (data.as_ptr() as usize).is_multiple_of(PAGE) && data.len().is_multiple_of(PAGE) {
         return out.write_all_at(data, offset);
     }
