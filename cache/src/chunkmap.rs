@@ -90,6 +90,18 @@ pub(crate) fn boot_id() -> [u8; 16] {
     id
 }
 
+/// The byte of a bitmap holding chunk `index`'s bit, and that bit (byte `i / 8`, bit
+/// `i % 8`: the layout of the chunk map and of the pending record).
+pub(crate) fn bit_of(index: u64) -> (usize, u8) {
+    ((index / 8) as usize, 1u8 << (index % 8))
+}
+
+/// Whether chunk `index`'s bit is set in `bits` (false past its end).
+pub(crate) fn bit_is_set(bits: &[u8], index: u64) -> bool {
+    let (byte, bit) = bit_of(index);
+    bits.get(byte).is_some_and(|b| b & bit != 0)
+}
+
 impl ChunkMap {
     /// Opens (or creates) the map at `path` for the given blob geometry.
     pub fn open(
@@ -273,7 +285,7 @@ impl ChunkMap {
 
     /// Whether chunk `index` is present and durable.
     pub fn is_ready(&self, index: u64) -> bool {
-        index < self.chunk_count && self.bits[(index / 8) as usize] & (1 << (index % 8)) != 0
+        index < self.chunk_count && bit_is_set(&self.bits, index)
     }
 
     /// Number of ready chunks.
@@ -284,7 +296,7 @@ impl ChunkMap {
     fn set(&mut self, indices: &[u64], ready: bool) -> Result<()> {
         let before = self.bits.clone();
         for &index in indices.iter().filter(|&&i| i < self.chunk_count) {
-            let (byte, bit) = ((index / 8) as usize, 1u8 << (index % 8));
+            let (byte, bit) = bit_of(index);
             if ready {
                 self.bits[byte] |= bit;
             } else {

@@ -18,7 +18,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::chunkmap::{boot_id, open_or_create};
+use crate::chunkmap::{bit_is_set, bit_of, boot_id, open_or_create};
 use crate::error::{IoContext, Result};
 
 const MAGIC: &[u8; 8] = b"BRTHPEND";
@@ -47,7 +47,7 @@ impl PendingRecord {
         let mut found = vec![0u8; HEADER_LEN + bitmap_len];
         let noted = match file.read_exact_at(&mut found, 0) {
             Ok(()) if Self::header(blob_id, bitmap_len) == found[..HEADER_LEN] => (0..chunk_count)
-                .filter(|&i| found[HEADER_LEN + (i / 8) as usize] & (1 << (i % 8)) != 0)
+                .filter(|&i| bit_is_set(&found[HEADER_LEN..], i))
                 .collect(),
             // Missing, short, another blob's, or written in an earlier boot.
             _ => Vec::new(),
@@ -83,7 +83,7 @@ impl PendingRecord {
     pub(crate) fn set(&mut self, chunks: &[u64], written: bool) -> Result<()> {
         let mut changed: Option<(usize, usize)> = None;
         for &index in chunks {
-            let (byte, bit) = ((index / 8) as usize, 1u8 << (index % 8));
+            let (byte, bit) = bit_of(index);
             let Some(slot) = self.bits.get_mut(byte) else {
                 continue;
             };
