@@ -206,6 +206,22 @@ fn build_then_mount_lazily_and_stop_with_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // The mount's kernel read-ahead window is berth's default, 4 MiB, not the kernel's
+    // 128 KiB. (Another test's mount at the same moment leaves it alone, and says so.)
+    let log = mount.stderr();
+    match log.split_once("kernel read-ahead of the mount set to 4096 KiB (") {
+        Some((_, rest)) => {
+            let device = rest.split(')').next().unwrap();
+            let window = fs::read_to_string(format!("/sys/class/bdi/{device}/read_ahead_kb"))
+                .unwrap_or_else(|e| panic!("{device}: {e}"));
+            assert_eq!(window.trim(), "4096", "{device}");
+        }
+        None => assert!(
+            log.contains("erofs backing devices appeared"),
+            "no word of the read-ahead window: {log}"
+        ),
+    }
+
     for index in 0..FILES {
         let path = mnt.join(relative(index));
         let data = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -141,6 +141,15 @@ setup() {
 		return 1
 	}
 	grep " /mnt/a " /proc/mounts | sed 's/^/@@info /'
+	# The mount's kernel read-ahead window: berth's 4 MiB, not the kernel's 128 KiB.
+	local device
+	device=$(sed -n 's/.*kernel read-ahead of the mount set to 4096 KiB (\(erofs-[0-9]*\)).*/\1/p' "$SERVER_LOG" | head -n 1)
+	[ -n "$device" ] || {
+		echo "the server did not set the read-ahead window"
+		return 1
+	}
+	echo "@@info read-ahead of $device: $(cat "/sys/class/bdi/$device/read_ahead_kb") KiB"
+	[ "$(cat "/sys/class/bdi/$device/read_ahead_kb")" = 4096 ]
 }
 
 one_file() {

@@ -1,7 +1,8 @@
 //! Sequential read throughput of a lazily fetched image (cold and warm cache)
 //! against the same erofs image mounted from a fully local blob (the limit) and
 //! against raw backend range reads. Needs root. Usage:
-//! `berth-image-bench [SIZE_MIB] [BACKEND] [--rounds=N]` (BACKEND as for `berth image build
+//! `berth-image-bench [SIZE_MIB] [BACKEND] [--rounds=N] [--kernel-readahead=BYTES]` (BACKEND as
+//! for `berth image build
 //! --backend`; a temporary directory when absent). The raw, limit and cold passes are repeated
 //! `N` times (default 3), interleaved, and reported as medians; ratios are taken against the
 //! best raw backend and limit passes, so that load on the machine never flatters them.
@@ -69,8 +70,8 @@ fn read_tree(root: &Path) -> Result<(f64, u64)> {
     ))
 }
 
-fn mount_local(bootstrap: &Path, blob: &Path, mountpoint: &Path) -> Result<()> {
-    berth_ondemand::mount::mount_erofs_file(bootstrap, blob, mountpoint).context("mount")
+fn mount_local(bootstrap: &Path, blob: &Path, mountpoint: &Path, readahead: u64) -> Result<()> {
+    berth_ondemand::mount::mount_erofs_file(bootstrap, blob, mountpoint, readahead).context("mount")
 }
 
 fn umount(mountpoint: &Path) -> Result<()> {
@@ -262,11 +263,17 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let mut rounds = 3usize;
+    // The limit's mount and the lazy ones get the same window: berth's default.
+    let mut kernel_readahead = berth_ondemand::readahead::DEFAULT_KERNEL_READAHEAD;
     let mut keep_page_reporting = false;
     let mut positional = Vec::new();
     for arg in std::env::args().skip(1) {
         if arg == "--keep-page-reporting" {
             keep_page_reporting = true;
+            continue;
+        }
+        if let Some(bytes) = arg.strip_prefix("--kernel-readahead=") {
+            kernel_readahead = bytes.parse().context("--kernel-readahead (bytes)")?;
             continue;
         }
         match arg.strip_prefix("--rounds=") {
@@ -328,7 +335,12 @@ fn main() -> Result<()> {
     let mut warm_mount = None;
     for round in 0..rounds {
         // The limit: the same image with its blob fully local.
-        mount_local(&report.bootstrap_path, &raw_blob, &mountpoint)?;
+        mount_local(
+            &report.bootstrap_path,
+            &raw_blob,
+            &mountpoint,
+            kernel_readahead,
+        )?;
         drop_caches()?;
         local.push(timed(|| {
             let (speed, read) = read_tree(&mountpoint)?;
@@ -359,6 +371,7 @@ fn main() -> Result<()> {
                 mountpoint: mountpoint.clone(),
                 engine,
                 handler_threads: 4,
+                kernel_readahead,
             })?;
             drop_caches()?;
             Ok(mount)
@@ -435,10 +448,12 @@ fn main() -> Result<()> {
     mount.unmount()?;
 
     println!(
-        "image: {} MiB in {FILES} files, blob {} chunks of 1 MiB, backend {}; {rounds} rounds",
+        "image: {} MiB in {FILES} files, blob {} chunks of 1 MiB, backend {}; {rounds} rounds; \
+         kernel read-ahead {} KiB on every erofs mount",
         bytes >> 20,
         report.manifest.chunks.len(),
-        backend.describe()
+        backend.describe(),
+        kernel_readahead / 1024
     );
     println!(
         "{:<28} {:>10} {:>7}  [range]",

@@ -9,7 +9,8 @@
 //! from fanotify pre-content events (Linux 6.14+); [`supervise`] is how `berth mount`
 //! runs that, in a supervisor and a worker process that fail closed when either dies.
 //! [`cachefiles`] serves the same images through cachefiles' on-demand mode, for
-//! kernels (5.19 to 7.1) without pre-content events.
+//! kernels (5.19 to 7.1) without pre-content events. [`readahead`] widens the kernel's
+//! read-ahead window of every erofs mount berth makes.
 //! Every read of image data ends in `BlobHandle::ensure_present`: the engine fetches,
 //! verifies and persists, and only then is the kernel told to go on.
 
@@ -19,6 +20,7 @@ pub mod error;
 pub mod image;
 pub mod ipc;
 pub mod mount;
+pub mod readahead;
 pub mod supervise;
 
 pub use error::{OndemandError, Result};

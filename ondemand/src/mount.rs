@@ -30,6 +30,7 @@ use berth_cache::{BlobBackend, BlobHandle, CacheConfig, CacheEngine, CacheError,
 
 use crate::error::{IoContext, OndemandError, Result};
 use crate::image::manifest_path_of;
+use crate::readahead::{mount_with_readahead, DEFAULT_KERNEL_READAHEAD};
 
 /// `FAN_PRE_ACCESS` (Linux 6.14): permission to access a file range before it is read or written.
 pub const FAN_PRE_ACCESS: u64 = 0x0010_0000;
@@ -50,6 +51,8 @@ pub struct MountOptions {
     pub engine: Arc<CacheEngine>,
     /// Threads answering fanotify events.
     pub handler_threads: usize,
+    /// The kernel's read-ahead window on the mount, in bytes (see [`crate::readahead`]).
+    pub kernel_readahead: u64,
 }
 
 impl MountOptions {
@@ -66,6 +69,7 @@ impl MountOptions {
             mountpoint: mountpoint.into(),
             engine: Arc::new(engine),
             handler_threads: 4,
+            kernel_readahead: DEFAULT_KERNEL_READAHEAD,
         })
     }
 }
@@ -91,8 +95,14 @@ pub(crate) fn last_os_error(operation: &'static str) -> OndemandError {
 }
 
 /// Mounts the erofs `bootstrap` file itself (mount(2) on the file, no loop device) read-only
-/// on `mountpoint`, its data blob being the cache file `blob`.
-pub fn mount_erofs_file(bootstrap: &Path, blob: &Path, mountpoint: &Path) -> Result<()> {
+/// on `mountpoint`, its data blob being the cache file `blob`, with a kernel read-ahead
+/// window of `readahead` bytes (see [`crate::readahead`]; 0: the kernel's default).
+pub fn mount_erofs_file(
+    bootstrap: &Path,
+    blob: &Path,
+    mountpoint: &Path,
+    readahead: u64,
+) -> Result<()> {
     let source = c_path(bootstrap)?;
     let target = c_path(mountpoint)?;
     let data =
@@ -100,20 +110,22 @@ pub fn mount_erofs_file(bootstrap: &Path, blob: &Path, mountpoint: &Path) -> Res
             context: "building mount options".into(),
             source: io::Error::from(io::ErrorKind::InvalidInput),
         })?;
-    // SAFETY: all pointers are NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            c"erofs".as_ptr(),
-            libc::MS_RDONLY,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc < 0 {
-        return Err(last_os_error("mount(erofs)"));
-    }
-    Ok(())
+    mount_with_readahead(readahead, mountpoint, || {
+        // SAFETY: all pointers are NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                c"erofs".as_ptr(),
+                libc::MS_RDONLY,
+                data.as_ptr().cast(),
+            )
+        };
+        if rc < 0 {
+            return Err(last_os_error("mount(erofs)"));
+        }
+        Ok(())
+    })
 }
 
 pub(crate) fn c_path(path: &Path) -> Result<CString> {
@@ -282,7 +294,12 @@ pub fn mount_image(options: MountOptions) -> Result<MountHandle> {
     }
     handle.wake = Some(wake);
     // On failure nothing is mounted: stopping the handlers and closing the group is safe.
-    mount_erofs_file(&bootstrap, &cache_path, &options.mountpoint)?;
+    mount_erofs_file(
+        &bootstrap,
+        &cache_path,
+        &options.mountpoint,
+        options.kernel_readahead,
+    )?;
     handle.mounted = true;
     remove_mark_if_complete(&group, &blob, &cache_path, &complete);
     tracing::info!(mountpoint = %options.mountpoint.display(), blob = %manifest.blob_id, "mounted image");

@@ -339,6 +339,8 @@ pub struct SupervisorOptions {
     pub image: PathBuf,
     pub mountpoint: PathBuf,
     pub cache_dir: PathBuf,
+    /// The kernel's read-ahead window on the mount, in bytes (see [`crate::readahead`]).
+    pub kernel_readahead: u64,
     pub worker: WorkerCommand,
     pub shutdown: ShutdownSignal,
 }
@@ -858,7 +860,12 @@ pub fn supervise(options: SupervisorOptions) -> Result<()> {
     supervisor.cache_path = cache_path.clone();
     // 2. Mark, then 3. mount (erofs opens the device after the mark).
     mark_pre_access(&supervisor.group, &cache_path)?;
-    if let Err(err) = mount_erofs_file(&bootstrap, &cache_path, &options.mountpoint) {
+    if let Err(err) = mount_erofs_file(
+        &bootstrap,
+        &cache_path,
+        &options.mountpoint,
+        options.kernel_readahead,
+    ) {
         stop_worker(&mut supervisor);
         return Err(err);
     }

@@ -95,6 +95,7 @@ impl Fixture {
             mountpoint,
             engine,
             handler_threads: 4,
+            kernel_readahead: berth_ondemand::readahead::DEFAULT_KERNEL_READAHEAD,
         })
         .unwrap()
     }

@@ -173,6 +173,7 @@ pub fn run_mount_fscache(
         },
         fsid: settings.fsid.clone(),
         domain_id: settings.domain_id.clone(),
+        kernel_readahead: settings.kernel_readahead,
     };
     let mountpoint = settings.mountpoint.display().to_string();
     mount_until_stopped(&settings.cachefiles_dir, &server, spec, &shutdown)

@@ -215,6 +215,7 @@ fn run_mount_fanotify(settings: MountSettings, signals: TerminationSignals) -> a
         image: settings.image.clone(),
         mountpoint: settings.mountpoint.clone(),
         cache_dir: settings.cache_dir.clone(),
+        kernel_readahead: settings.kernel_readahead,
         worker: WorkerCommand {
             program,
             args: worker_args(&settings),

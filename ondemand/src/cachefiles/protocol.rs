@@ -33,6 +33,14 @@ pub struct ImageSpec {
     /// erofs `domain_id`: images in one domain share blob cookies (one cache object per
     /// blob). `None`: no domain.
     pub domain_id: Option<String>,
+    /// The kernel's read-ahead window on the mount, in bytes (see
+    /// [`crate::readahead`]); absent from what older clients and saved state say.
+    #[serde(default = "default_kernel_readahead")]
+    pub kernel_readahead: u64,
+}
+
+fn default_kernel_readahead() -> u64 {
+    crate::readahead::DEFAULT_KERNEL_READAHEAD
 }
 
 /// A request of a `berth mount` client.
