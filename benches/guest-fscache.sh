@@ -18,7 +18,8 @@
 #                    extra device, device=), and erofs on two loop devices (direct I/O)
 #                    over copies of the same files on the ext4 cache disk. The 6.12
 #                    guest kernel has no EROFS_FS_BACKED_BY_FILE (file-backed mounts),
-#                    hence the loops. The limit is the faster of the two.
+#                    hence the loops. The limit is the faster of the two. Its devices
+#                    get the 4 MiB read-ahead window berth gives its own mounts.
 #   fscache cold     `berth fscache` and `berth mount --mode fscache` on empty cache
 #                    directories (default read-ahead of 64 MiB)
 #   fscache warm     the same mount again: every chunk already in the cachefiles file,
@@ -193,9 +194,13 @@ fetched() {
 # loop_attach FILE: a read-only loop device over FILE, switched to direct I/O (no second
 # copy in the page cache under erofs'); prints the device. busybox's losetup (the guest's)
 # has no --direct-io: the ioctl comes from perl.
+# same_window DEV: the block device's read-ahead window made berth's (its mounts get 4 MiB,
+# the kernel's default is 128 KiB), so the limit reads with the window the lazy mount has.
+same_window() { echo 4096 >"/sys/block/${1#/dev/}/queue/read_ahead_kb"; }
 loop_attach() {
 	local dev
 	dev=$(losetup -f) && losetup -r "$dev" "$1" || return 1
+	same_window "$dev"
 	perl -e 'open(my $h, "<", $ARGV[0]) or die "$ARGV[0]: $!\n";
 		ioctl($h, 0x4C08, 1) or die "LOOP_SET_DIRECT_IO: $!\n"' "$dev" >&2 || true
 	echo "$dev"
@@ -217,6 +222,7 @@ for rep in $(seq "$REPS"); do
 	read_pass "$rep" loop-rand rand "${FILES//lazy/local}"
 	umount /mnt/local
 	# /dev/vdc: boot.img, /dev/vdd: blob.raw (after the tools image and the cache disk).
+	same_window /dev/vdc && same_window /dev/vdd
 	mount -t erofs -o ro,device=/dev/vdd /dev/vdc /mnt/local || fail "mounting the local image (disks)"
 	read_pass "$rep" disk-seq seq "${FILES//lazy/local}"
 	read_pass "$rep" disk-rand rand "${FILES//lazy/local}"
