@@ -1019,6 +1019,18 @@ impl BlobHandle {
 impl Drop for BlobHandle {
     fn drop(&mut self) {
         self.blob.last_used.store(now_ticks(), Ordering::Relaxed);
+        if self.blob.local().is_none() {
+            // A delivered blob holds nothing once its consumer is gone (its deliveries
+            // would go nowhere): it is closed, so that the blob can be opened again.
+            let mut blobs = lock(&self.engine.blobs);
+            if self.blob.handles.fetch_sub(1, Ordering::SeqCst) == 1 {
+                let id = &self.blob.manifest.blob_id;
+                if blobs.get(id).is_some_and(|b| Arc::ptr_eq(b, &self.blob)) {
+                    blobs.remove(id);
+                }
+            }
+            return;
+        }
         self.blob.handles.fetch_sub(1, Ordering::SeqCst);
         self.engine.evict_if_needed();
     }

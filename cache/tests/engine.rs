@@ -819,6 +819,16 @@ fn a_delivered_blob_hands_each_verified_chunk_over_once_and_keeps_no_copy() {
         assert!(engine
             .open_blob_delivering(&manifest, delivered.take())
             .is_err());
+        // Once its last handle is gone, the blob is closed with its consumer, and can be
+        // opened again (an image mounted again): its chunks are delivered anew.
+        drop(handle);
+        assert_eq!(Arc::strong_count(&delivered), 1, "the consumer is let go");
+        let again = engine
+            .open_blob_delivering(&manifest, delivered.take())
+            .unwrap();
+        assert!(!again.is_present(0..1));
+        again.ensure_present(0..1).unwrap();
+        assert_eq!(delivered.times(0), 2, "{compression:?}");
     }
 }
 

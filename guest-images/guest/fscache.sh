@@ -360,6 +360,11 @@ unmount_all() {
 		stop_client "$name"
 	done
 	! grep -q " erofs " /proc/mounts
+	# An image mounted again by the same server: the worker opens its blob anew.
+	start_client b2 /mnt/images/b /mnt/b
+	[ "$(digest "/mnt/b/$GOOD_FILE")" = "$GOOD_DIGEST" ]
+	stop_client b2
+	! grep -q " erofs " /proc/mounts
 	stop harness || {
 		tail -n 20 "$SERVER_LOG"
 		return 1
