@@ -13,7 +13,7 @@
 //! closed group lets pending and future accesses through (fail-open) and the
 //! reader would see the holes of the sparse file as zeros.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs;
 use std::io;
 use std::ops::Range;
@@ -110,6 +110,24 @@ pub fn mount_erofs_file(
             context: "building mount options".into(),
             source: io::Error::from(io::ErrorKind::InvalidInput),
         })?;
+    mount_erofs_readonly(&source, &target, &data, mountpoint, readahead).map_err(|source| {
+        OndemandError::Kernel {
+            operation: "mount(erofs)",
+            source,
+        }
+    })
+}
+
+/// mount(2) of erofs, read-only, from `source` on `target` (which is `mountpoint`) with
+/// `options`, then the kernel read-ahead window of [`crate::readahead`]: what the
+/// fanotify and the fscache mounts share.
+pub(crate) fn mount_erofs_readonly(
+    source: &CStr,
+    target: &CStr,
+    options: &CStr,
+    mountpoint: &Path,
+    readahead: u64,
+) -> io::Result<()> {
     mount_with_readahead(readahead, mountpoint, || {
         // SAFETY: all pointers are NUL-terminated strings that outlive the call.
         let rc = unsafe {
@@ -118,13 +136,14 @@ pub fn mount_erofs_file(
                 target.as_ptr(),
                 c"erofs".as_ptr(),
                 libc::MS_RDONLY,
-                data.as_ptr().cast(),
+                options.as_ptr().cast(),
             )
         };
         if rc < 0 {
-            return Err(last_os_error("mount(erofs)"));
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
         }
-        Ok(())
     })
 }
 

@@ -42,8 +42,7 @@ use super::worker::WORKER_SOCKET_FD;
 use crate::error::{IoContext, OndemandError, Result};
 use crate::image::{file_digest, manifest_path_of};
 use crate::ipc;
-use crate::mount::{c_path, check_bootstrap};
-use crate::readahead::mount_with_readahead;
+use crate::mount::{c_path, check_bootstrap, mount_erofs_readonly};
 use crate::supervise::{ShutdownSignal, WorkerCommand};
 
 /// The socket clients connect to, inside the cachefiles directory.
@@ -252,23 +251,13 @@ fn mount_erofs_fscache(image: &ImageSpec, fsid: &str, blob_id: &str) -> io::Resu
     }
     let data = std::ffi::CString::new(options)
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    mount_with_readahead(image.kernel_readahead, &image.mountpoint, || {
-        // SAFETY: all pointers are NUL-terminated strings that outlive the call.
-        let rc = unsafe {
-            libc::mount(
-                c"none".as_ptr(),
-                target.as_ptr(),
-                c"erofs".as_ptr(),
-                libc::MS_RDONLY,
-                data.as_ptr().cast(),
-            )
-        };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    })
+    mount_erofs_readonly(
+        c"none",
+        &target,
+        &data,
+        &image.mountpoint,
+        image.kernel_readahead,
+    )
 }
 
 fn unmount(path: &Path) -> io::Result<()> {

@@ -345,7 +345,6 @@ impl Worker {
         };
         let size = handle.manifest().blob_size;
         let range = off.min(size)..off.saturating_add(len).min(size);
-        // A panic must still complete the request (with EIO), never leave it waiting.
         // Whole chunks are delivered: the kernel then finds the rest of each without asking.
         let chunks = handle.manifest().chunks_of(range.clone());
         let whole = handle.manifest().chunk_range(chunks.start).start
