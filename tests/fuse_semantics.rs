@@ -202,3 +202,56 @@ fn mmap_shared_writes_reach_read_and_the_underlying_file() {
     fd.close().unwrap();
     fs.finish();
 }
+
+/// A program running from the mount keeps its file, as on a local filesystem: every open
+/// that would write it, `O_RDONLY | O_TRUNC` included, fails with ETXTBSY, and nothing of
+/// it is cut. (With FUSE's atomic O_TRUNC the client kernel sends O_TRUNC in OPEN before it
+/// checks for a running program: the daemon would cut the file, and the program die of
+/// SIGBUS, before the open failed.)
+#[test]
+fn a_running_program_is_never_opened_for_writing_nor_truncated() {
+    let Some(fs) = FuseMount::start(&[]) else {
+        return;
+    };
+    let original = ["/usr/bin/sleep", "/bin/sleep"]
+        .iter()
+        .find_map(|path| fs::read(path).ok())
+        .expect("a sleep binary to run");
+    let program = fs.via("sleeper");
+    fs::write(&program, &original).unwrap();
+    fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    // spawn returns once the exec succeeded: the kernel refuses writers from then on.
+    let mut child = std::process::Command::new(&program)
+        .arg("60")
+        .spawn()
+        .expect("run the program from the mount");
+    for (flags, name) in [
+        (libc::O_WRONLY, "O_WRONLY"),
+        (libc::O_RDWR, "O_RDWR"),
+        (libc::O_RDONLY | libc::O_TRUNC, "O_RDONLY | O_TRUNC"),
+        (libc::O_WRONLY | libc::O_TRUNC, "O_WRONLY | O_TRUNC"),
+    ] {
+        let opened = open(&program, flags, 0);
+        assert_eq!(
+            errno_of(&opened),
+            libc::ETXTBSY,
+            "open({name}) of a running program: {}",
+            errno_name(errno_of(&opened))
+        );
+    }
+    let still_running = child.try_wait().expect("wait for the program").is_none();
+    let _ = child.kill();
+    let status = child.wait().expect("reap the program");
+    assert!(
+        still_running,
+        "the program died while others tried to open it: {status}"
+    );
+    assert!(
+        fs::read(fs.under("sleeper")).unwrap() == original,
+        "the running program's file changed on the host"
+    );
+}

@@ -1254,10 +1254,13 @@ impl PassthroughFs {
     /// result what is enabled. fuse-backend-rs 0.14 does not know some flags berth needs
     /// (SETXATTR_EXT, SECURITY_CTX, DIRECT_IO_ALLOW_MMAP), so this works on raw bits.
     pub(crate) fn negotiate(&self, capable: u64) -> io::Result<u64> {
+        // Not ATOMIC_O_TRUNC: with it the client kernel sends O_TRUNC in OPEN before it checks
+        // that no process is executing the file, so open(O_RDONLY | O_TRUNC) of a running
+        // program would cut it (and kill the program) where a local filesystem fails with
+        // ETXTBSY. Without it the kernel checks, then truncates with SETATTR.
         let mut want = (FsOptions::ASYNC_READ
             | FsOptions::PARALLEL_DIROPS
             | FsOptions::BIG_WRITES
-            | FsOptions::ATOMIC_O_TRUNC
             | FsOptions::AUTO_INVAL_DATA
             | FsOptions::HAS_IOCTL_DIR
             | FsOptions::MAX_PAGES
