@@ -781,6 +781,25 @@ build_virtiofsd() {
 	replace_dir "$VIRTIOFSD_ROOT.stage" "$VIRTIOFSD_ROOT"
 }
 
+# pjdfstest, the Rust port of the POSIX filesystem suite (crates.io), built once into the
+# cache: the guest tier's posix-suite check and tests/fuse_pjdfstest.rs run it. Sets PJDFSTEST.
+PJDFSTEST_ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/berth/pjdfstest-0.2.2
+pjdfstest_binary() {
+	if [ ! -x "$PJDFSTEST_ROOT/bin/pjdfstest" ]; then
+		with_cache_lock "$PJDFSTEST_ROOT.lock" build_pjdfstest
+	fi
+	PJDFSTEST=$PJDFSTEST_ROOT/bin/pjdfstest
+}
+
+build_pjdfstest() {
+	[ ! -x "$PJDFSTEST_ROOT/bin/pjdfstest" ] || return 0
+	command -v cargo >/dev/null || die "cargo is needed to build pjdfstest"
+	log "building pjdfstest 0.2.2 (about a minute)"
+	rm -rf "$PJDFSTEST_ROOT.stage"
+	cargo install --locked --quiet pjdfstest --version 0.2.2 --root "$PJDFSTEST_ROOT.stage" >&2
+	replace_dir "$PJDFSTEST_ROOT.stage" "$PJDFSTEST_ROOT"
+}
+
 # --- booting -----------------------------------------------------------------
 
 # Uses KVM only when a guest really boots with it (some hosts expose a /dev/kvm

@@ -159,6 +159,63 @@ extended_attributes() {
 	rm "$f"
 }
 
+# pjdfstest (/test/pjdfstest, with /test/pjdfstest.toml) on share $1: about 400 POSIX tests
+# of error codes, permissions as other users and timestamps. None may fail; the suite's own
+# skips (no remount, no LINK_MAX from FUSE) are reported.
+posix_suite() {
+	local dir=$1/pjdfstest second=/tmp/pjdfstest-second log=/tmp/pjdfstest-${1##*/}.log
+	# The suite acts as these users; the initramfs has no account database of its own.
+	touch /etc/passwd /etc/group
+	grep -q '^root:' /etc/passwd || echo 'root:x:0:0:root:/root:/bin/sh' >>/etc/passwd
+	grep -q '^daemon:' /etc/passwd || echo 'daemon:x:1:1:daemon:/:/bin/false' >>/etc/passwd
+	grep -q '^nobody:' /etc/passwd || echo 'nobody:x:65534:65534:nobody:/:/bin/false' >>/etc/passwd
+	grep -q '^root:' /etc/group || echo 'root:x:0:' >>/etc/group
+	grep -q '^daemon:' /etc/group || echo 'daemon:x:1:' >>/etc/group
+	grep -q '^nogroup:' /etc/group || echo 'nogroup:x:65534:' >>/etc/group
+	mkdir -p "$dir" "$second"
+	local rc=0
+	/test/pjdfstest -c /test/pjdfstest.toml -p "$dir" -s "$second" >"$log" 2>&1 || rc=$?
+	local summary
+	summary=$(grep -a 'Summary:' "$log" | tail -n 1)
+	echo "@@info ${summary:-no summary (exit $rc)}"
+	if [ "$rc" != 0 ] || [[ $summary != "Summary: 0 failed,"* ]]; then
+		grep -a -A 3 'FAILED' "$log" | head -n 30
+		tail -n 5 "$log"
+		false
+	fi
+	rm -rf "$dir" "$second"
+}
+
+# A program running from share $1 keeps its file, as on a local filesystem: every open that
+# would write it fails with ETXTBSY, O_RDONLY | O_TRUNC included (which FUSE's atomic
+# O_TRUNC would hand to the daemon before the guest kernel checks), and its bytes stay.
+running_program_kept() {
+	local program=$1/sleeper
+	cp /usr/bin/sleep "$program"
+	chmod 755 "$program"
+	"$program" 60 &
+	local pid=$! _
+	for _ in $(seq 100); do
+		[ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "$program" ] && break
+		sleep 0.05
+	done
+	[ "$(readlink "/proc/$pid/exe")" = "$program" ]
+	# shellcheck disable=SC2016
+	perl -MFcntl -e '
+		my $bad = 0;
+		for my $f ([O_WRONLY, "O_WRONLY"], [O_RDWR, "O_RDWR"],
+			[O_RDONLY | O_TRUNC, "O_RDONLY | O_TRUNC"], [O_WRONLY | O_TRUNC, "O_WRONLY | O_TRUNC"]) {
+			if (sysopen(my $fh, $ARGV[0], $f->[0])) { print "open($f->[1]) succeeded\n"; $bad = 1 }
+			elsif (!$!{ETXTBSY}) { print "open($f->[1]): $!\n"; $bad = 1 }
+		}
+		exit $bad' "$program"
+	kill -0 "$pid" || { echo "the program died while others tried to open it"; false; }
+	kill "$pid"
+	wait "$pid" || true
+	cmp /usr/bin/sleep "$program"
+	rm "$program"
+}
+
 # flock(2) semantics on a file of share $1.
 lock_conflict() {
 	local f=$1/lock-file held=/tmp/lock-held-${1##*/}
