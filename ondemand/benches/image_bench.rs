@@ -29,6 +29,15 @@ use berth_ondemand::{build_image, mount_image, BuildOptions, MountOptions};
 
 const FILES: usize = 4;
 
+const USAGE: &str = "usage: berth-image-bench [SIZE_MIB] [BACKEND] [--rounds=N] \
+                     [--kernel-readahead=BYTES] [--keep-page-reporting]
+  SIZE_MIB   image data in MiB (default 256)
+  BACKEND    a backend as for `berth image build --backend` (default: a temporary directory)
+  --rounds=N                 raw, limit and cold passes, interleaved (default 3; medians)
+  --kernel-readahead=BYTES   read-ahead window of every erofs mount (default berth's, 4 MiB)
+  --keep-page-reporting      leave virtio-balloon free page reporting on
+Needs root.";
+
 /// Writes back dirty pages first: drop_caches keeps dirty pages, so without the sync a
 /// pass right after a fill (or the build) would read partly from memory and partly race
 /// with writeback.
@@ -268,6 +277,10 @@ fn main() -> Result<()> {
     let mut keep_page_reporting = false;
     let mut positional = Vec::new();
     for arg in std::env::args().skip(1) {
+        if arg == "-h" || arg == "--help" {
+            println!("{USAGE}");
+            return Ok(());
+        }
         if arg == "--keep-page-reporting" {
             keep_page_reporting = true;
             continue;
@@ -278,9 +291,16 @@ fn main() -> Result<()> {
         }
         match arg.strip_prefix("--rounds=") {
             Some(n) => rounds = n.parse::<usize>().context("--rounds")?.max(1),
+            None if arg.starts_with('-') => bail!("unknown option {arg}\n{USAGE}"),
             None => positional.push(arg),
         }
     }
+    let size_mib: usize = positional
+        .first()
+        .map(|s| s.parse())
+        .transpose()
+        .with_context(|| format!("SIZE_MIB is a whole number of MiB\n{USAGE}"))?
+        .unwrap_or(256);
     let reporting_paused = if keep_page_reporting {
         None
     } else {
@@ -290,11 +310,6 @@ fn main() -> Result<()> {
         touch_free_memory();
     }
     let reported_at_start = reported_kib();
-    let size_mib: usize = positional
-        .first()
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(256);
     let work = tempfile::tempdir()?;
     let backend_spec = match positional.get(1) {
         Some(spec) => spec.clone(),
