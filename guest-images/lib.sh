@@ -781,23 +781,32 @@ build_virtiofsd() {
 	replace_dir "$VIRTIOFSD_ROOT.stage" "$VIRTIOFSD_ROOT"
 }
 
-# pjdfstest, the Rust port of the POSIX filesystem suite (crates.io), built once into the
-# cache: the guest tier's posix-suite check and tests/fuse_pjdfstest.rs run it. Sets PJDFSTEST.
-PJDFSTEST_ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/berth/pjdfstest-0.2.2
-pjdfstest_binary() {
-	if [ ! -x "$PJDFSTEST_ROOT/bin/pjdfstest" ]; then
-		with_cache_lock "$PJDFSTEST_ROOT.lock" build_pjdfstest
+# Third-party test programs from crates.io, each built once into the cache
+# (${XDG_CACHE_HOME:-$HOME/.cache}/berth/CRATE-VERSION): pjdfstest (the POSIX filesystem suite)
+# and fsx (the file system exerciser), run by the guest tier and by tests/fuse_pjdfstest.rs
+# and tests/fuse_fsx.rs. pjdfstest_binary sets PJDFSTEST, fsx_binary FSX.
+TOOLS_CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/berth
+pjdfstest_binary() { PJDFSTEST=$(crate_tool pjdfstest 0.2.2); }
+fsx_binary() { FSX=$(crate_tool fsx 0.3.2); }
+
+# crate_tool CRATE VERSION: prints the path of the crate's binary of that name, building it
+# into the cache first if it is not there.
+crate_tool() {
+	local root=$TOOLS_CACHE/$1-$2
+	if [ ! -x "$root/bin/$1" ]; then
+		with_cache_lock "$root.lock" build_crate_tool "$1" "$2" "$root"
 	fi
-	PJDFSTEST=$PJDFSTEST_ROOT/bin/pjdfstest
+	echo "$root/bin/$1"
 }
 
-build_pjdfstest() {
-	[ ! -x "$PJDFSTEST_ROOT/bin/pjdfstest" ] || return 0
-	command -v cargo >/dev/null || die "cargo is needed to build pjdfstest"
-	log "building pjdfstest 0.2.2 (about a minute)"
-	rm -rf "$PJDFSTEST_ROOT.stage"
-	cargo install --locked --quiet pjdfstest --version 0.2.2 --root "$PJDFSTEST_ROOT.stage" >&2
-	replace_dir "$PJDFSTEST_ROOT.stage" "$PJDFSTEST_ROOT"
+build_crate_tool() {
+	local name=$1 version=$2 root=$3
+	[ ! -x "$root/bin/$name" ] || return 0
+	command -v cargo >/dev/null || die "cargo is needed to build $name"
+	log "building $name $version from crates.io (about a minute)"
+	rm -rf "$root.stage"
+	cargo install --locked --quiet "$name" --version "$version" --root "$root.stage" >&2
+	replace_dir "$root.stage" "$root"
 }
 
 # --- booting -----------------------------------------------------------------

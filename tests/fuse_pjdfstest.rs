@@ -11,24 +11,14 @@
 
 #[path = "common/fuse_mount.rs"]
 mod fuse_mount;
+#[path = "common/tools.rs"]
+mod tools;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use fuse_mount::*;
-
-/// Where `tests/run-all.sh` installs the suite.
-fn installed_binary() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("BERTH_PJDFSTEST") {
-        return Some(PathBuf::from(path));
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))?;
-    let binary = cache.join("berth/pjdfstest-0.2.2/bin/pjdfstest");
-    binary.is_file().then_some(binary)
-}
 
 /// The counts of the suite's closing line, `Summary: F failed, S skipped, P passed, …`.
 #[derive(Debug, PartialEq)]
@@ -64,7 +54,8 @@ const EXPECTED_SKIP_REASONS: [&str; 2] = [
 
 /// Runs the whole suite on a fresh `berth fuse` mount started with `flags`.
 fn suite_passes(flags: &[&str]) {
-    let Some(binary) = installed_binary() else {
+    let Some(binary) = tools::installed_tool("BERTH_PJDFSTEST", "pjdfstest-0.2.2", "pjdfstest")
+    else {
         skip(
             "pjdfstest 0.2.2 is not installed (tests/run-all.sh installs it with cargo install; \
              or point BERTH_PJDFSTEST at a binary)",

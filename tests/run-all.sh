@@ -51,10 +51,11 @@ if [ ! -x "$venv/bin/moto_server" ]; then
 	"$venv/bin/pip" install -q 'moto[server]'
 fi
 export PATH="$venv/bin:$PATH"
-# pjdfstest, the POSIX filesystem suite that tests/fuse_pjdfstest.rs and the guest tier run,
-# built once into the cache.
-BERTH_PJDFSTEST=$(bash -c 'source guest-images/lib.sh && pjdfstest_binary && echo "$PJDFSTEST"')
-export BERTH_PJDFSTEST
+# pjdfstest (the POSIX filesystem suite) and fsx (the file system exerciser), which
+# tests/fuse_pjdfstest.rs, tests/fuse_fsx.rs and the guest tier run, built once into the cache.
+BERTH_PJDFSTEST=$(bash -c 'source guest-images/lib.sh && crate_tool pjdfstest 0.2.2')
+BERTH_FSX=$(bash -c 'source guest-images/lib.sh && crate_tool fsx 0.3.2')
+export BERTH_PJDFSTEST BERTH_FSX
 
 # The guest kernels the guest tier builds from source (about 12 CPU-minutes each, cached) are
 # built in the background, niced, while the workspace compiles and its tests run: much of that
@@ -93,7 +94,7 @@ cargo test --workspace --release --no-fail-fast
 section "host /dev/fuse suites again, classic path (--passthrough never)"
 BERTH_FUSE_TEST_PASSTHROUGH=never cargo test --release --test fuse_ops --test fuse_semantics \
 	--test fuse_stress --test fuse_xattrmap --test fuse_lifecycle --test fuse_confinement \
-	--test fuse_pjdfstest
+	--test fuse_pjdfstest --test fuse_fsx
 
 # And once more over FUSE over io_uring, where the kernel has it (the fuse module's
 # enable_uring parameter, set for the run and restored after).
@@ -105,7 +106,7 @@ if [ "$(id -u)" -eq 0 ] && [ -e $uring_parameter ]; then
 	uring_status=0
 	BERTH_FUSE_TEST_IO_URING=always cargo test --release --test fuse_ops --test fuse_semantics \
 		--test fuse_stress --test fuse_xattrmap --test fuse_lifecycle --test fuse_confinement \
-		--test fuse_passthrough --test fuse_pjdfstest || uring_status=$?
+		--test fuse_passthrough --test fuse_pjdfstest --test fuse_fsx || uring_status=$?
 	echo "$uring_saved" >$uring_parameter
 	[ $uring_status -eq 0 ] || exit $uring_status
 fi

@@ -186,6 +186,27 @@ posix_suite() {
 	rm -rf "$dir" "$second"
 }
 
+# fsx (/test/fsx, with /test/fsx.toml) on a file of share $1: $2 random operations (reads,
+# writes, mapped reads and writes, truncations, fallocate, hole punching, sendfile,
+# copy_file_range, syncs, reopenings) from seed $3, every byte read checked against fsx's
+# model of the file. With $4 = nomap, no mapped operations (a cache=never share maps no file
+# unless the daemon runs with --allow-mmap).
+exerciser() {
+	local file=$1/fsx-exercised log=/tmp/fsx-${1##*/}.log rc=0 config=/test/fsx.toml
+	if [ "${4:-}" = nomap ]; then
+		config=/tmp/fsx-nomap.toml
+		sed -E 's/^(mapread|mapwrite|invalidate) = .*/\1 = 0/' /test/fsx.toml >"$config"
+	fi
+	mkdir -p /tmp/fsx-artifacts
+	/test/fsx -f "$config" -N "$2" -S "$3" -P /tmp/fsx-artifacts "$file" >"$log" 2>&1 || rc=$?
+	if [ "$rc" != 0 ] || ! grep -q 'All operations completed A-OK!' "$log"; then
+		tail -n 30 "$log"
+		false
+	fi
+	echo "@@info $2 operations from seed $3: A-OK"
+	rm -f "$file"
+}
+
 # A program running from share $1 keeps its file, as on a local filesystem: every open that
 # would write it fails with ETXTBSY, O_RDONLY | O_TRUNC included (which FUSE's atomic
 # O_TRUNC would hand to the daemon before the guest kernel checks), and its bytes stay.

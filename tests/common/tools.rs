@@ -1,0 +1,26 @@
+//! Third-party test programs the integration tests run against berth's mounts (pjdfstest,
+//! fsx): found through an environment variable, or in the cache directory `tests/run-all.sh`
+//! builds them into (`cargo install … --root ~/.cache/berth/NAME-VERSION`).
+//!
+//! Included with `#[path = "common/tools.rs"] mod tools;`.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// The binary `name` of `crate_and_version` (e.g. `pjdfstest-0.2.2`): the path in `env_var`
+/// if set, else the one in the cache, if it is there.
+pub fn installed_tool(env_var: &str, crate_and_version: &str, name: &str) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(env_var) {
+        return Some(PathBuf::from(path));
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))?;
+    let binary = cache
+        .join("berth")
+        .join(crate_and_version)
+        .join("bin")
+        .join(name);
+    binary.is_file().then_some(binary)
+}
