@@ -125,6 +125,7 @@ impl Bucket {
         let options = VolumeOptions {
             cache_dir: cache_dir.to_path_buf(),
             gc_interval: None,
+            gc_after_released_bytes: None,
             open_timeout: Duration::from_secs(30),
             fetch_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),

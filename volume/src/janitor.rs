@@ -21,6 +21,7 @@ impl Inner {
     pub(crate) fn janitor(self: &Arc<Self>) {
         let mut last_persist = Instant::now();
         let mut last_gc = Instant::now();
+        let mut released_at_last_gc = self.lock().map.released_bytes;
         let mut idle_since: Option<(Option<u32>, u64, Instant)> = None;
         let mut evict_warned: Option<Instant> = None;
         loop {
@@ -69,30 +70,38 @@ impl Inner {
                 _ => idle_since = Some((now_active.0, now_active.1, Instant::now())),
             }
             self.check_object_waiters();
-            if let Some(period) = self.options.gc_interval {
-                if last_gc.elapsed() >= period {
-                    last_gc = Instant::now();
-                    match crate::admin::collect_garbage(
-                        &self.store,
-                        &self.config,
-                        self.options.gc_grace,
-                        false,
-                    ) {
-                        Ok(report) => {
-                            self.metrics.gc_runs.fetch_add(1, Ordering::Relaxed);
-                            self.metrics
-                                .gc_packs_deleted
-                                .fetch_add(report.packs_deleted, Ordering::Relaxed);
-                            self.metrics
-                                .gc_bytes_deleted
-                                .fetch_add(report.bytes_deleted, Ordering::Relaxed);
-                            self.metrics
-                                .gc_manifests_deleted
-                                .fetch_add(report.manifests_deleted, Ordering::Relaxed);
-                        }
-                        Err(err) => {
-                            tracing::warn!(volume = %self.store.location, "garbage collection: {}", err.describe())
-                        }
+            let released = self.lock().map.released_bytes;
+            let period_over = self
+                .options
+                .gc_interval
+                .is_some_and(|period| last_gc.elapsed() >= period);
+            let garbage_piled_up = self
+                .options
+                .gc_after_released_bytes
+                .is_some_and(|bytes| released.saturating_sub(released_at_last_gc) >= bytes);
+            if period_over || garbage_piled_up {
+                last_gc = Instant::now();
+                released_at_last_gc = released;
+                match crate::admin::collect_garbage(
+                    &self.store,
+                    &self.config,
+                    self.options.gc_grace,
+                    false,
+                ) {
+                    Ok(report) => {
+                        self.metrics.gc_runs.fetch_add(1, Ordering::Relaxed);
+                        self.metrics
+                            .gc_packs_deleted
+                            .fetch_add(report.packs_deleted, Ordering::Relaxed);
+                        self.metrics
+                            .gc_bytes_deleted
+                            .fetch_add(report.bytes_deleted, Ordering::Relaxed);
+                        self.metrics
+                            .gc_manifests_deleted
+                            .fetch_add(report.manifests_deleted, Ordering::Relaxed);
+                    }
+                    Err(err) => {
+                        tracing::warn!(volume = %self.store.location, "garbage collection: {}", err.describe())
                     }
                 }
             }

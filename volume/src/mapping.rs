@@ -1,6 +1,6 @@
 //! The block map of a manifest version, in memory: which pack block every mapped volume
 //! block lives in, the packs in use with their chunk tables, and how many live blocks
-//! each pack still has (what garbage collection and compaction go by).
+//! each pack still has (a pack with none left is released, for garbage collection).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,6 +23,9 @@ pub struct BlockMap {
     pub wal_epoch: u32,
     pub wal_seq: u64,
     pub lease_generation: u64,
+    /// Stored bytes of the packs that fell out of use since this map was made: what
+    /// garbage collection can now delete from the bucket.
+    pub released_bytes: u64,
 }
 
 impl BlockMap {
@@ -33,7 +36,22 @@ impl BlockMap {
             problem,
         };
         match manifest.kind {
-            ManifestKind::Full => *self = BlockMap::default(),
+            ManifestKind::Full => {
+                // The packs of the old map a full version drops are released too.
+                let kept: std::collections::HashSet<u64> =
+                    manifest.packs.iter().map(|p| p.id).collect();
+                let released = self.released_bytes
+                    + self
+                        .packs
+                        .values()
+                        .filter(|p| !kept.contains(&p.id))
+                        .map(|p| p.stored_size())
+                        .sum::<u64>();
+                *self = BlockMap {
+                    released_bytes: released,
+                    ..BlockMap::default()
+                };
+            }
             ManifestKind::Delta => {
                 if manifest.base_version != self.version {
                     return Err(bad(format!(
@@ -101,7 +119,9 @@ impl BlockMap {
             .filter(|id| self.live.get(id).copied().unwrap_or(0) == 0)
             .collect();
         for id in &dead {
-            self.packs.remove(id);
+            if let Some(pack) = self.packs.remove(id) {
+                self.released_bytes += pack.stored_size();
+            }
             self.live.remove(id);
         }
         dead

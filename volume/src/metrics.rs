@@ -86,7 +86,6 @@ pub struct VolumeMetrics {
     pub gc_bytes_deleted: AtomicU64,
     pub gc_manifests_deleted: AtomicU64,
     pub gc_runs: AtomicU64,
-    pub compacted_bytes: AtomicU64,
     pub lease_renewals: AtomicU64,
     pub segments_created: AtomicU64,
     pub segments_retired: AtomicU64,
@@ -106,7 +105,7 @@ impl VolumeMetrics {
                 let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
             }
         };
-        let plain: [(&str, &str, &AtomicU64); 27] = [
+        let plain: [(&str, &str, &AtomicU64); 26] = [
             (
                 "berth_volume_dirty_bytes",
                 "Bytes written and acknowledged but not in the bucket yet.",
@@ -216,11 +215,6 @@ impl VolumeMetrics {
                 "berth_volume_gc_manifests_deleted_total",
                 "Old manifest versions deleted.",
                 &self.gc_manifests_deleted,
-            ),
-            (
-                "berth_volume_compacted_bytes_total",
-                "Live bytes rewritten out of sparse packs.",
-                &self.compacted_bytes,
             ),
             (
                 "berth_volume_lease_renewals_total",

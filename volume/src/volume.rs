@@ -91,6 +91,9 @@ const ROOM_WAIT: Duration = Duration::from_secs(10);
 /// `VolumeOptions::max_dirty_bytes`' default.
 pub const DEFAULT_MAX_DIRTY_BYTES: u64 = 1 << 30;
 
+/// `VolumeOptions::gc_after_released_bytes`' default: eight default packs.
+pub const DEFAULT_GC_AFTER_RELEASED_BYTES: u64 = 256 << 20;
+
 /// How to serve a volume.
 #[derive(Debug, Clone)]
 pub struct VolumeOptions {
@@ -128,14 +131,17 @@ pub struct VolumeOptions {
     pub upload_memory: u64,
     /// A full manifest every this many versions (deltas in between).
     pub full_every: u64,
-    /// Background garbage collection period (None: only `berth volume gc`).
+    /// Background garbage collection period (None: only `berth volume gc`, or
+    /// `gc_after_released_bytes`).
     pub gc_interval: Option<Duration>,
+    /// Background garbage collection also runs as soon as packs of this many stored bytes
+    /// have fallen out of use since its last pass (None: only by the period): under
+    /// sustained overwrites the bucket would otherwise hold a whole period's writes.
+    pub gc_after_released_bytes: Option<u64>,
     /// Manifest versions a newer full version supersedes are kept this long, for readers
     /// that loaded an older version. Packs never depend on it (see
     /// [`crate::admin::collect_garbage`]).
     pub gc_grace: Duration,
-    /// Packs whose live share falls below this fraction are rewritten.
-    pub compact_below: f64,
     /// How long opening waits for the bucket.
     pub open_timeout: Duration,
     /// How long a read waits for a fetch, and a close for the last upload.
@@ -162,8 +168,8 @@ impl Default for VolumeOptions {
             upload_memory: DEFAULT_UPLOAD_MEMORY,
             full_every: 32,
             gc_interval: Some(Duration::from_secs(600)),
+            gc_after_released_bytes: Some(DEFAULT_GC_AFTER_RELEASED_BYTES),
             gc_grace: Duration::from_secs(3600),
-            compact_below: 0.5,
             open_timeout: Duration::from_secs(60),
             fetch_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(60),

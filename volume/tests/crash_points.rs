@@ -29,6 +29,7 @@ fn options(cache_dir: &Path) -> VolumeOptions {
         // Smaller than what is written: uploaded data is evicted and fetched again.
         cache_bytes: Some(2 << 20),
         gc_interval: None,
+        gc_after_released_bytes: None,
         open_timeout: Duration::from_secs(10),
         fetch_timeout: Duration::from_secs(10),
         drain_timeout: Duration::from_secs(10),
@@ -169,6 +170,7 @@ fn power_cut_options(cache_dir: &Path) -> VolumeOptions {
         // Nothing goes to the bucket on its own: only the child's explicit upload.
         upload_interval: Duration::from_secs(3600),
         gc_interval: None,
+        gc_after_released_bytes: None,
         open_timeout: Duration::from_secs(10),
         fetch_timeout: Duration::from_secs(10),
         drain_timeout: Duration::from_secs(10),

@@ -76,6 +76,7 @@ fn a_failed_eviction_persist_punches_its_regions_later_and_loses_nothing() {
         upload_interval: Duration::from_millis(5),
         cache_bytes: Some(CACHE_LIMIT),
         gc_interval: None,
+        gc_after_released_bytes: None,
         open_timeout: Duration::from_secs(10),
         fetch_timeout: Duration::from_secs(10),
         drain_timeout: Duration::from_secs(30),

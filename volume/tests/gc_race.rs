@@ -166,6 +166,7 @@ fn options(cache_dir: &Path) -> VolumeOptions {
         cache_dir: cache_dir.to_path_buf(),
         upload_interval: Duration::from_secs(3600),
         gc_interval: None,
+        gc_after_released_bytes: None,
         gc_grace: GRACE,
         open_timeout: Duration::from_secs(10),
         fetch_timeout: Duration::from_secs(10),
@@ -562,4 +563,90 @@ fn constant_gc_under_writes_and_snapshots_loses_nothing() {
             got[at], model[at]
         );
     }
+}
+
+/// Sustained overwrites do not wait for the period: the volume collects its garbage as
+/// soon as packs of `gc_after_released_bytes` fell out of use, so the bucket holds about
+/// what the volume uses, not everything written since the last periodic pass.
+#[test]
+fn released_packs_start_garbage_collection_before_the_period() {
+    const SLOT: u64 = 64 << 10;
+    const SLOTS: u64 = 16;
+    const ROUNDS: u64 = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let location = create(&dir.path().join("bucket"));
+    let (volume, _) = Volume::open(
+        &location,
+        VolumeOptions {
+            segment_bytes: 256 << 10,
+            pack_bytes: 256 << 10,
+            upload_interval: Duration::from_millis(5),
+            max_dirty_bytes: 2 * MIB,
+            // The period never comes in this test.
+            gc_interval: Some(Duration::from_secs(3600)),
+            gc_after_released_bytes: Some(2 * MIB),
+            ..options(&dir.path().join("host1"))
+        },
+    )
+    .unwrap();
+    let store = Store::open(&location).unwrap();
+    let pack_bytes = || -> u64 {
+        store
+            .list("packs", COMMAND_PATIENCE)
+            .unwrap()
+            .iter()
+            .map(|o| o.size)
+            .sum()
+    };
+    // 64 MiB written over the same 1 MiB: every round leaves the last one's packs dead.
+    let mut model = vec![0u8; (SLOT * SLOTS) as usize];
+    let mut most_held = 0;
+    for round in 0..ROUNDS {
+        for slot in 0..SLOTS {
+            let data = pseudo_random(round * SLOTS + slot, SLOT as usize);
+            write_at(&volume, slot * SLOT, &data, false).unwrap();
+            model[(slot * SLOT) as usize..((slot + 1) * SLOT) as usize].copy_from_slice(&data);
+        }
+        most_held = most_held.max(pack_bytes());
+    }
+    volume.sync_to_bucket(Duration::from_secs(60)).unwrap();
+    let written = ROUNDS * SLOTS * SLOT;
+    let metrics = volume.metrics();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut held = pack_bytes();
+    while held > 8 * MIB && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        held = pack_bytes();
+    }
+    let runs = metrics.gc_runs.load(std::sync::atomic::Ordering::Relaxed);
+    let deleted = metrics
+        .gc_packs_deleted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        runs > 0 && deleted > 0,
+        "no garbage collection before the period: {runs} passes, {deleted} packs deleted"
+    );
+    assert!(
+        held <= 8 * MIB,
+        "the bucket holds {held} bytes of packs for a volume using 1 MiB ({written} written, \
+         {runs} GC passes, {deleted} packs deleted)"
+    );
+    assert!(
+        most_held < written / 2,
+        "the bucket held up to {most_held} bytes of packs while {written} were written"
+    );
+    assert_eq!(
+        read(&volume, 0, model.len()),
+        model,
+        "data after the collections"
+    );
+    eprintln!(
+        "{written} bytes written over 1 MiB: {runs} GC passes, {deleted} packs deleted, at most \
+         {most_held} bytes of packs held, {held} at the end"
+    );
+    volume.close().unwrap();
+    assert!(
+        missing_from_latest(&location).is_empty(),
+        "GC deleted live packs"
+    );
 }

@@ -17,6 +17,7 @@ fn options(cache_dir: &std::path::Path) -> VolumeOptions {
         cache_dir: cache_dir.to_path_buf(),
         upload_interval: Duration::from_secs(3600),
         gc_interval: None,
+        gc_after_released_bytes: None,
         open_timeout: Duration::from_secs(20),
         fetch_timeout: Duration::from_secs(20),
         drain_timeout: Duration::from_secs(30),

@@ -46,6 +46,7 @@ fn busy_options(cache_dir: &Path) -> VolumeOptions {
         pack_bytes: 512 << 10,
         upload_interval: Duration::from_millis(5),
         gc_interval: None,
+        gc_after_released_bytes: None,
         lease_ttl: Duration::from_secs(30),
         open_timeout: Duration::from_secs(10),
         fetch_timeout: Duration::from_secs(10),
