@@ -37,7 +37,7 @@ MQ_HOST_CHECKS=(mq-queues-used mq-daemon-exit-0 mq-no-stray)
 REBOOT_GUEST_CHECKS=(reboot-first-mount reboot-first-boot reboot-remount reboot-after reboot-umount reboot-umount-quiet)
 REBOOT_HOST_CHECKS=(reboot-host-sees reboot-new-session reboot-daemon-exit-0)
 BLOCK_GUEST_CHECKS=(block-setup block-zero-copy block-user-copy block-copy block-reg-fallback
-	block-discard-zeroes block-readonly block-seccomp block-recovery block-volume block-volume-sigterm block-power-cut
+	block-discard-zeroes block-readonly block-seccomp block-recovery block-volume block-volume-sigterm block-volume-fsx block-power-cut
 	block-lazy-image
 	block-read-overtakes-fetch
 	block-lazy-fetch-ratio)
@@ -788,6 +788,9 @@ if [ "$daemon_kind" = berth ] && any_selected "${BLOCK_GUEST_CHECKS[@]}" "${BLOC
 	prepare_block_guest
 	mkdir -p "$WORK/block-extra"
 	cp "$GUEST_IMAGES_DIR/guest/block.sh" "$GUEST_IMAGES_DIR/guest/slow-http.pl" "$WORK/block-extra/"
+	fsx_binary
+	objcopy --strip-debug "$FSX" "$WORK/block-extra/fsx"
+	cp "$REPO_ROOT/tests/fsx/block.toml" "$WORK/block-extra/fsx-block.toml"
 	# For the S3 client of block-volume-sigterm (it will not start without trusted roots).
 	cp /etc/ssl/certs/ca-certificates.crt "$WORK/block-extra/"
 	# Without debug information the binary is a fraction of the size in the initramfs.
@@ -797,9 +800,9 @@ echo "@@boot $(cut -d' ' -f1 /proc/uptime)"
 . /test/checks.sh
 . /test/block.sh
 check block-setup block_setup
-check block-zero-copy block_transport zero-copy
-check block-user-copy block_transport user-copy
-check block-copy block_transport copy
+check block-zero-copy block_transport zero-copy 11
+check block-user-copy block_transport user-copy 12
+check block-copy block_transport copy 13
 check block-reg-fallback block_registration_fallback
 check block-discard-zeroes block_discard_zeroes
 check block-readonly block_readonly
@@ -807,6 +810,7 @@ check block-seccomp block_seccomp
 check block-recovery block_recovery
 check block-volume block_volume
 check block-volume-sigterm block_volume_sigterm
+check block-volume-fsx block_volume_exercise
 if have_dm_flakey; then
 	check block-power-cut block_power_cut
 else

@@ -104,14 +104,32 @@ fio_verify_device() {
 		--verify_only=1 --randseed=7 --output-format=terse 2>&1) || { echo "$out"; return 1; }
 }
 
+# fsx in block mode (/test/fsx, /test/fsx-block.toml) on device $1: $2 operations from seed
+# $3 over its first 16 MiB, every byte read checked against fsx's model (its fadvise and
+# msync(MS_INVALIDATE) steps drop cached pages, so reads also come from the device).
+block_exercise() {
+	local dev=$1 log=/tmp/fsx-${1##*/}.log rc=0
+	mkdir -p /tmp/fsx-artifacts
+	/test/fsx -f /test/fsx-block.toml -N "$2" -S "$3" -P /tmp/fsx-artifacts "$dev" >"$log" 2>&1 || rc=$?
+	if [ "$rc" != 0 ] || ! grep -q 'All operations completed A-OK!' "$log"; then
+		echo "fsx exited with status $rc; its log ends:"
+		tail -n 30 "$log"
+		echo "the kernel's last words:"
+		dmesg | tail -n 15
+		return 1
+	fi
+	echo "@@info fsx on $dev: $2 operations from seed $3 A-OK"
+}
+
 # One transport: a raw file exported through it, filesystem and fio on top, and the
 # metrics naming the transport.
 block_transport() {
-	local transport=$1 name=raw-$1
+	local transport=$1 seed=$2 name=raw-$1
 	truncate -s 96M "/tmp/$name.img"
 	start_device "$name" "/tmp/$name.img" --ublk-transport "$transport" --queues 2
 	filesystem_roundtrip "$DEV_PATH"
 	fio_verify_device "$DEV_PATH"
+	block_exercise "$DEV_PATH" 3000 "$seed"
 	sleep 1.2
 	grep -q "berth_block_info{device=\"ublkb$DEV_ID\",transport=\"$transport\"" "/tmp/$name.prom"
 	local reads
@@ -120,6 +138,26 @@ block_transport() {
 	echo "@@info $transport: $reads reads served, $(metric "/tmp/$name.prom" "berth_block_requests_total{device=\"ublkb$DEV_ID\",op=\"flush\"}") flushes"
 	stop_device "$name"
 	rm -f "/tmp/$name.img"
+}
+
+# fsx in block mode on a volume: writes go to its write-ahead log and cache file and on
+# into packs in the bucket (a directory here) while fsx reads them back.
+block_volume_exercise() {
+	local location=file:///tmp/bucket-fsx/vol
+	rm -rf /tmp/bucket-fsx /tmp/vol-fsx
+	mkdir -p /tmp/bucket-fsx
+	"$BERTH" volume create "$location" --size 64M >/dev/null
+	start_device vol-fsx "volume:$location" --volume-dir /tmp/vol-fsx --ublk-transport zero-copy
+	block_exercise "$DEV_PATH" 2000 21 || {
+		df -h /tmp
+		du -sh /tmp/bucket-fsx /tmp/vol-fsx
+		ls -la /tmp/vol-fsx | head -20
+		tail -n 20 /tmp/vol-fsx.log
+		return 1
+	}
+	echo "@@info the bucket holds $(du -sh /tmp/bucket-fsx | cut -f1) after fsx, the local state $(du -sh /tmp/vol-fsx | cut -f1)"
+	stop_device vol-fsx
+	rm -rf /tmp/bucket-fsx /tmp/vol-fsx
 }
 
 # Zero-copy with the kernel's automatic registration failing for every other request:
