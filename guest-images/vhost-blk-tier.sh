@@ -5,7 +5,7 @@
 # (two queues) and a lazily fetched ext4 image with an overlay; the guest puts a
 # filesystem and fio on the first and reads and writes the second's files.
 
-VBLK_GUEST_CHECKS=(vblk-setup vblk-raw-fs vblk-raw-discard vblk-raw-fio vblk-image-fs)
+VBLK_GUEST_CHECKS=(vblk-setup vblk-raw-fs vblk-raw-discard vblk-raw-fio vblk-raw-fsx vblk-image-fs vblk-image-fsx)
 VBLK_HOST_CHECKS=(vblk-daemons-exit-0 vblk-raw-host vblk-image-host)
 
 # start_vblk NAME ARGS...: `berth block serve-vhost --socket-path $WORK/NAME.sock ARGS`
@@ -40,6 +40,9 @@ vhost_blk_tier() {
 	local extra=$WORK/vblk-files
 	mkdir -p "$extra" "$WORK/vblk-src/tree"
 	cp "$GUEST_IMAGES_DIR/guest/block.sh" "$GUEST_IMAGES_DIR/guest/vhost-blk.sh" "$extra/"
+	fsx_binary
+	objcopy --strip-debug "$FSX" "$extra/fsx"
+	cp "$REPO_ROOT/tests/fsx/block.toml" "$extra/fsx-block.toml"
 	# The image: 24 MiB of files in a 128 MiB ext4 filesystem.
 	local i
 	for i in $(seq 1 6); do head -c 4M /dev/urandom >"$WORK/vblk-src/big-$i"; done
@@ -61,7 +64,9 @@ check vblk-setup vblk_setup
 check vblk-raw-fs vblk_raw_fs
 check vblk-raw-discard vblk_raw_discard
 check vblk-raw-fio vblk_raw_fio
+check vblk-raw-fsx vblk_exercise vblk-raw 31
 check vblk-image-fs vblk_image_fs
+check vblk-image-fsx vblk_exercise vblk-image 32
 [ "$CHECK_FAILURES" = 0 ]
 GUEST
 	RUN_GUEST_EXTRA=$extra run_guest vblk "$WORK/vblk.sh" "${VBLK_GUEST_CHECKS[@]}" -- \

@@ -63,6 +63,12 @@ vblk_raw_fio() {
 	echo "@@info vblk-raw-sha256 $sum"
 }
 
+# fsx in block mode over the first 16 MiB of the disk with serial $1, from seed $2 (on the
+# image disk: writes go to its overlay, reads of the rest fetch the image's chunks).
+vblk_exercise() {
+	block_exercise "$(vblk_device "$1")" 2000 "$2"
+}
+
 # The image's ext4 tree checks out; a file written through the overlay survives a
 # remount and fsck.
 vblk_image_fs() {
