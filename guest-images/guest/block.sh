@@ -129,7 +129,7 @@ block_transport() {
 	start_device "$name" "/tmp/$name.img" --ublk-transport "$transport" --queues 2
 	filesystem_roundtrip "$DEV_PATH"
 	fio_verify_device "$DEV_PATH"
-	block_exercise "$DEV_PATH" 3000 "$seed"
+	block_exercise "$DEV_PATH" 2000 "$seed"
 	sleep 1.2
 	grep -q "berth_block_info{device=\"ublkb$DEV_ID\",transport=\"$transport\"" "/tmp/$name.prom"
 	local reads
