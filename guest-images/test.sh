@@ -28,7 +28,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/shared-versions-tier.sh"
 
 # Checks of each boot; "mount" and "umount" always run in a boot that runs.
 MAIN_GUEST_CHECKS=(mount file-ops xattr flock flock-local posix-locks posix-locks-local posix-locks-host sha256-host-to-guest sha256-guest-write fio-verify
-	posix-suite posix-suite-never fsx fsx-never exec-busy tree-5000 cache-never cache-auto kata-fd3 umount umount-quiet)
+	posix-suite fsx fsx-never exec-busy tree-5000 cache-never cache-auto kata-fd3 umount umount-quiet)
 MAIN_HOST_CHECKS=(daemons-confined sha256-guest-to-host tree-5000-host-diff kata-fd3-host daemons-exit-0 no-stray)
 MQ_GUEST_CHECKS=(mq-mount mq-load mq-umount)
 MQ_HOST_CHECKS=(mq-queues-used mq-daemon-exit-0 mq-no-stray)
@@ -516,7 +516,6 @@ check sha256-host-to-guest host_file_hash
 check sha256-guest-write guest_file_write
 check fio-verify fio_verify
 check posix-suite posix_suite /mnt/main
-check posix-suite-never posix_suite /mnt/never
 check fsx exerciser /mnt/main 4000 1
 check fsx-never exerciser /mnt/never 4000 2 nomap
 check exec-busy running_program_kept /mnt/main
@@ -535,7 +534,7 @@ EOF
 	# pjdfstest, fsx and their configurations ride in the initramfs.
 	main_extra=$WORK/main-tools
 	mkdir -p "$main_extra"
-	if any_selected posix-suite posix-suite-never; then
+	if selected posix-suite; then
 		pjdfstest_binary
 		objcopy --strip-debug "$PJDFSTEST" "$main_extra/pjdfstest"
 		cp "$REPO_ROOT/tests/pjdfstest/berth.toml" "$main_extra/pjdfstest.toml"
