@@ -15,7 +15,6 @@ mod fuse_mount;
 mod tools;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use fuse_mount::*;
@@ -32,35 +31,32 @@ fn exerciser_agrees(flags: &[&str], seed: u32) {
         );
         return;
     };
-    let Some(mut fs) = FuseMount::start_with_limit(flags, Duration::from_secs(300)) else {
+    let Some(fs) = FuseMount::start_with_limit(flags, Duration::from_secs(300)) else {
         return;
     };
     // fsx's dumps of a failure go beside the mount, not into it.
     let artifacts = fs.mnt().parent().expect("mount point's parent").join("fsx");
     std::fs::create_dir_all(&artifacts).expect("create fsx's artifact directory");
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fsx/berth.toml");
-    let output = Command::new(&binary)
-        .arg("-f")
-        .arg(&config)
-        .arg("-N")
-        .arg(OPERATIONS)
-        .arg("-S")
-        .arg(seed.to_string())
-        .arg("-P")
-        .arg(&artifacts)
-        .arg(fs.via("exercised"))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let seed_text = seed.to_string();
+    let file = fs.via("exercised");
+    let args = [
+        "-f".as_ref(),
+        config.as_os_str(),
+        "-N".as_ref(),
+        OPERATIONS.as_ref(),
+        "-S".as_ref(),
+        seed_text.as_ref(),
+        "-P".as_ref(),
+        artifacts.as_os_str(),
+        file.as_os_str(),
+    ];
+    let (status, text) = tools::run(&binary, args);
     let tail = text.lines().rev().take(40).collect::<Vec<_>>();
     assert!(
-        output.status.success() && text.contains("All operations completed A-OK!"),
+        status.success() && text.contains("All operations completed A-OK!"),
         "fsx -S {seed} on berth fuse {flags:?} failed ({}); its output ends:\n{}\nberth's log:\n{}",
-        output.status,
+        status,
         tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
         fs.log()
     );
@@ -71,13 +67,7 @@ fn exerciser_agrees(flags: &[&str], seed: u32) {
         "the mount and the host file differ after fsx"
     );
     eprintln!("fsx -S {seed} -N {OPERATIONS} on berth fuse {flags:?}: A-OK");
-    fs.signal(libc::SIGTERM);
-    let status = fs.wait_exit(DAEMON_TIMEOUT);
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "berth fuse {flags:?} did not exit 0 after fsx: {status:?}\n{}",
-        fs.log()
-    );
+    fs.finish();
 }
 
 #[test]

@@ -15,7 +15,6 @@ mod fuse_mount;
 mod tools;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use fuse_mount::*;
@@ -62,7 +61,7 @@ fn suite_passes(flags: &[&str]) {
         );
         return;
     };
-    let Some(mut fs) = FuseMount::start_with_limit(flags, Duration::from_secs(300)) else {
+    let Some(fs) = FuseMount::start_with_limit(flags, Duration::from_secs(300)) else {
         return;
     };
     let work = fs.via("pjdfstest");
@@ -75,20 +74,15 @@ fn suite_passes(flags: &[&str]) {
         .join("second");
     std::fs::create_dir_all(&second).expect("create the second filesystem's directory");
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pjdfstest/berth.toml");
-    let output = Command::new(&binary)
-        .arg("-c")
-        .arg(&config)
-        .arg("-p")
-        .arg(&work)
-        .arg("-s")
-        .arg(&second)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let args = [
+        "-c".as_ref(),
+        config.as_os_str(),
+        "-p".as_ref(),
+        work.as_os_str(),
+        "-s".as_ref(),
+        second.as_os_str(),
+    ];
+    let (status, text) = tools::run(&binary, args);
     let failures: Vec<&str> = text
         .lines()
         .filter(|line| line.trim_end().ends_with("FAILED"))
@@ -96,7 +90,7 @@ fn suite_passes(flags: &[&str]) {
     let summary = parse_summary(&text).unwrap_or_else(|| {
         panic!(
             "pjdfstest {flags:?} printed no summary (exit {}); its output ends:\n{}\nberth's log:\n{}",
-            output.status,
+            status,
             text.lines().rev().take(40).collect::<Vec<_>>().join("\n"),
             fs.log()
         )
@@ -109,9 +103,9 @@ fn suite_passes(flags: &[&str]) {
         fs.log()
     );
     assert!(
-        output.status.success(),
+        status.success(),
         "pjdfstest exited with {} although it reported no failure:\n{text}",
-        output.status
+        status
     );
     // A suite that ran next to nothing would also report no failure.
     assert!(
@@ -130,13 +124,7 @@ fn suite_passes(flags: &[&str]) {
     );
     eprintln!("pjdfstest on berth fuse {flags:?}: {summary:?}");
     std::fs::remove_dir_all(&work).expect("remove the suite's directory");
-    fs.signal(libc::SIGTERM);
-    let status = fs.wait_exit(DAEMON_TIMEOUT);
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "berth fuse {flags:?} did not exit 0 after the suite: {status:?}\n{}",
-        fs.log()
-    );
+    fs.finish();
 }
 
 #[test]

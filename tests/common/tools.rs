@@ -6,7 +6,9 @@
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
 
 /// The binary `name` of `crate_and_version` (e.g. `pjdfstest-0.2.2`): the path in `env_var`
 /// if set, else the one in the cache, if it is there.
@@ -23,4 +25,23 @@ pub fn installed_tool(env_var: &str, crate_and_version: &str, name: &str) -> Opt
         .join("bin")
         .join(name);
     binary.is_file().then_some(binary)
+}
+
+/// Runs `binary` with `args` to its end; its exit status and its output (stdout, then
+/// stderr) as text.
+pub fn run<I, S>(binary: &Path, args: I) -> (ExitStatus, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let output = Command::new(binary)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status, text)
 }
