@@ -52,17 +52,16 @@ fn exerciser_agrees(flags: &[&str], seed: u32) {
         file.as_os_str(),
     ];
     let (status, text) = tools::run(&binary, args);
-    let tail = text.lines().rev().take(40).collect::<Vec<_>>();
     assert!(
         status.success() && text.contains("All operations completed A-OK!"),
         "fsx -S {seed} on berth fuse {flags:?} failed ({}); its output ends:\n{}\nberth's log:\n{}",
         status,
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        tools::last_lines(&text, 40),
         fs.log()
     );
     // What fsx wrote is what the host file holds.
     assert_eq!(
-        std::fs::read(fs.via("exercised")).expect("read through the mount"),
+        std::fs::read(&file).expect("read through the mount"),
         std::fs::read(fs.under("exercised")).expect("read the host file"),
         "the mount and the host file differ after fsx"
     );

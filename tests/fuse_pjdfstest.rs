@@ -91,7 +91,7 @@ fn suite_passes(flags: &[&str]) {
         panic!(
             "pjdfstest {flags:?} printed no summary (exit {}); its output ends:\n{}\nberth's log:\n{}",
             status,
-            text.lines().rev().take(40).collect::<Vec<_>>().join("\n"),
+            tools::last_lines(&text, 40),
             fs.log()
         )
     });

@@ -108,16 +108,12 @@ fio_verify_device() {
 # $3 over its first 16 MiB, every byte read checked against fsx's model (its fadvise and
 # msync(MS_INVALIDATE) steps drop cached pages, so reads also come from the device).
 block_exercise() {
-	local dev=$1 log=/tmp/fsx-${1##*/}.log rc=0
-	mkdir -p /tmp/fsx-artifacts
-	/test/fsx -f /test/fsx-block.toml -N "$2" -S "$3" -P /tmp/fsx-artifacts "$dev" >"$log" 2>&1 || rc=$?
-	if [ "$rc" != 0 ] || ! grep -q 'All operations completed A-OK!' "$log"; then
-		echo "fsx exited with status $rc; its log ends:"
-		tail -n 30 "$log"
+	local dev=$1
+	run_fsx /test/fsx-block.toml "$dev" "$2" "$3" || {
 		echo "the kernel's last words:"
 		dmesg | tail -n 15
 		return 1
-	fi
+	}
 	echo "@@info fsx on $dev: $2 operations from seed $3 A-OK"
 }
 

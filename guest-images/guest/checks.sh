@@ -192,19 +192,27 @@ posix_suite() {
 # model of the file. With $4 = nomap, no mapped operations (a cache=never share maps no file
 # unless the daemon runs with --allow-mmap).
 exerciser() {
-	local file=$1/fsx-exercised log=/tmp/fsx-${1##*/}.log rc=0 config=/test/fsx.toml
+	local file=$1/fsx-exercised config=/test/fsx.toml
 	if [ "${4:-}" = nomap ]; then
 		config=/tmp/fsx-nomap.toml
 		sed -E 's/^(mapread|mapwrite|invalidate) = .*/\1 = 0/' /test/fsx.toml >"$config"
 	fi
-	mkdir -p /tmp/fsx-artifacts
-	/test/fsx -f "$config" -N "$2" -S "$3" -P /tmp/fsx-artifacts "$file" >"$log" 2>&1 || rc=$?
-	if [ "$rc" != 0 ] || ! grep -q 'All operations completed A-OK!' "$log"; then
-		tail -n 30 "$log"
-		false
-	fi
+	run_fsx "$config" "$file" "$2" "$3"
 	echo "@@info $2 operations from seed $3: A-OK"
 	rm -f "$file"
+}
+
+# run_fsx CONFIG TARGET OPERATIONS SEED: runs /test/fsx; fails, with the end of its log,
+# unless it completed every operation.
+run_fsx() {
+	local log=/tmp/fsx-${2##*/}.log rc=0
+	mkdir -p /tmp/fsx-artifacts
+	/test/fsx -f "$1" -N "$3" -S "$4" -P /tmp/fsx-artifacts "$2" >"$log" 2>&1 || rc=$?
+	if [ "$rc" != 0 ] || ! grep -q 'All operations completed A-OK!' "$log"; then
+		echo "fsx exited with status $rc; its log ends:"
+		tail -n 30 "$log"
+		return 1
+	fi
 }
 
 # A program running from share $1 keeps its file, as on a local filesystem: every open that

@@ -45,3 +45,9 @@ where
     );
     (output.status, text)
 }
+
+/// The last `count` lines of `text`, in their order.
+pub fn last_lines(text: &str, count: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(count)..].join("\n")
+}
