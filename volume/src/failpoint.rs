@@ -25,6 +25,8 @@ pub const ALL: &[&str] = &[
     "apply.after_cache_sync",
     "apply.after_set",
     "apply.after_meta",
+    "compact.after_pack_put",
+    "compact.after_manifest_put",
     "trim.before_unlink",
     "trim.after_unlink",
     "evict.after_clear",

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::error::{IoContext, Result};
+use crate::error::{IoContext, Result, VolumeError};
 use crate::extent_map::Advance;
 use crate::failpoint;
 use crate::format::{PackInfo, PackLoc};
@@ -71,47 +71,24 @@ impl Inner {
         // The chunks each pack must give, fetched in runs of neighbouring chunks.
         let mut raw: BTreeMap<(u64, usize), Arc<Vec<u8>>> = BTreeMap::new();
         for (&pack_id, pack) in &packs {
-            let mut chunks: Vec<usize> = needs
+            let chunks = needs
                 .iter()
                 .filter(|n| n.2.pack == pack_id)
-                .flat_map(|&(_, len, loc)| {
-                    let per = u64::from(pack.chunk_blocks);
-                    (loc.block / per)..=((loc.block + len - 1) / per)
-                })
-                .map(|c| c as usize)
-                .collect();
-            chunks.sort_unstable();
-            chunks.dedup();
-            let mut i = 0;
-            while i < chunks.len() {
-                let mut j = i + 1;
-                while j < chunks.len()
-                    && chunks[j] == chunks[j - 1] + 1
-                    && j - i < MAX_CHUNKS_PER_GET
-                {
-                    j += 1;
-                }
-                let (first, count) = (chunks[i], j - i);
-                let from = pack.chunks[first].offset;
-                let last = &pack.chunks[first + count - 1];
-                let to = last.offset + u64::from(last.stored_len);
-                let stored = self.store.read_range(
-                    &pack.key,
-                    from..to,
-                    Patience::For(self.options.fetch_timeout),
-                )?;
-                let data = decode_chunks(
-                    pack,
-                    first,
-                    count,
-                    &stored,
-                    self.config.compression,
-                    self.config.block_size,
-                )?;
-                self.metrics.fetches.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .fetch_bytes
-                    .fetch_add(stored.len() as u64, Ordering::Relaxed);
+                .flat_map(|&(_, len, loc)| pack.chunks_of(loc.block, len));
+            for (first, count) in chunk_runs(chunks) {
+                let data = match self.read_chunks(pack, first, count) {
+                    Ok((data, stored)) => {
+                        self.metrics.fetches.fetch_add(1, Ordering::Relaxed);
+                        self.metrics
+                            .fetch_bytes
+                            .fetch_add(stored, Ordering::Relaxed);
+                        data
+                    }
+                    // Rewritten by compaction (or overwritten) and collected since the
+                    // blocks were looked up: the read looks them up again.
+                    Err(_) if !self.lock().map.packs.contains_key(&pack_id) => break,
+                    Err(err) => return Err(err),
+                };
                 let chunk_bytes = u64::from(pack.chunk_blocks) * self.block_size;
                 for k in 0..count {
                     let start = k as u64 * chunk_bytes;
@@ -121,7 +98,6 @@ impl Inner {
                         Arc::new(data[start as usize..end as usize].to_vec()),
                     );
                 }
-                i = j;
             }
         }
         if let Err(err) = self.install(&needs, &packs, &raw) {
@@ -135,6 +111,40 @@ impl Inner {
         }
         self.metrics.fetch_latency.observe(started.elapsed());
         Ok(())
+    }
+
+    /// Chunks `first..first + count` of `pack` from the bucket, each checked against its
+    /// digest: their raw bytes, and how many stored bytes were read.
+    pub(crate) fn read_chunks(
+        &self,
+        pack: &PackInfo,
+        first: usize,
+        count: usize,
+    ) -> Result<(Vec<u8>, u64)> {
+        let corrupt = || VolumeError::Corrupt {
+            object: pack.key.clone(),
+            problem: format!("chunks {first}..{} are not in the pack", first + count),
+        };
+        let from = pack.chunks.get(first).ok_or_else(corrupt)?.offset;
+        let last = pack
+            .chunks
+            .get(first + count.max(1) - 1)
+            .ok_or_else(corrupt)?;
+        let to = last.offset + u64::from(last.stored_len);
+        let stored = self.store.read_range(
+            &pack.key,
+            from..to,
+            Patience::For(self.options.fetch_timeout),
+        )?;
+        let data = decode_chunks(
+            pack,
+            first,
+            count,
+            &stored,
+            self.config.compression,
+            self.config.block_size,
+        )?;
+        Ok((data, stored.len() as u64))
     }
 
     /// Writes fetched blocks into the cache and marks those still mapped as fetched.
@@ -234,5 +244,36 @@ impl Inner {
         self.metrics
             .cached_bytes
             .store(state.presence.count() * self.block_size, Ordering::Relaxed);
+    }
+}
+
+/// Chunk indexes (any order, repeats allowed) as runs of neighbouring chunks, each at most
+/// [`MAX_CHUNKS_PER_GET`] long: `(first, count)`, in order.
+pub(crate) fn chunk_runs(chunks: impl IntoIterator<Item = usize>) -> Vec<(usize, usize)> {
+    let mut chunks: Vec<usize> = chunks.into_iter().collect();
+    chunks.sort_unstable();
+    chunks.dedup();
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for chunk in chunks {
+        match runs.last_mut() {
+            Some((first, count)) if *first + *count == chunk && *count < MAX_CHUNKS_PER_GET => {
+                *count += 1
+            }
+            _ => runs.push((chunk, 1)),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_runs_join_neighbours_up_to_the_request_limit() {
+        assert_eq!(chunk_runs([5, 1, 2, 2, 9, 3]), vec![(1, 3), (5, 1), (9, 1)]);
+        assert_eq!(chunk_runs([]), vec![]);
+        let long = chunk_runs(0..MAX_CHUNKS_PER_GET + 3);
+        assert_eq!(long, vec![(0, MAX_CHUNKS_PER_GET), (MAX_CHUNKS_PER_GET, 3)]);
     }
 }

@@ -254,6 +254,13 @@ impl PackInfo {
         start..(start + u64::from(self.chunk_blocks)).min(self.raw_blocks)
     }
 
+    /// The chunks holding pack blocks `block..block + blocks`.
+    pub fn chunks_of(&self, block: u64, blocks: u64) -> impl Iterator<Item = usize> {
+        let per = u64::from(self.chunk_blocks.max(1));
+        let last = (block + blocks.max(1) - 1) / per;
+        ((block / per)..=last).map(|c| c as usize)
+    }
+
     fn validate(&self, object: &str) -> Result<()> {
         let bad = |problem: String| VolumeError::Corrupt {
             object: object.to_string(),

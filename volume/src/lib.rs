@@ -13,6 +13,7 @@
 
 pub mod admin;
 mod buffer;
+mod compact;
 pub mod error;
 pub mod extent_map;
 pub mod failpoint;

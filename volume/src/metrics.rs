@@ -86,6 +86,13 @@ pub struct VolumeMetrics {
     pub gc_bytes_deleted: AtomicU64,
     pub gc_manifests_deleted: AtomicU64,
     pub gc_runs: AtomicU64,
+    /// Blocks in packs in use that no volume block maps any more, in bytes (what
+    /// compaction and then garbage collection can free).
+    pub pack_dead_bytes: AtomicU64,
+    pub compactions: AtomicU64,
+    pub compacted_bytes: AtomicU64,
+    pub compacted_packs: AtomicU64,
+    pub compact_fetch_bytes: AtomicU64,
     pub lease_renewals: AtomicU64,
     pub segments_created: AtomicU64,
     pub segments_retired: AtomicU64,
@@ -105,7 +112,7 @@ impl VolumeMetrics {
                 let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
             }
         };
-        let plain: [(&str, &str, &AtomicU64); 26] = [
+        let plain: [(&str, &str, &AtomicU64); 31] = [
             (
                 "berth_volume_dirty_bytes",
                 "Bytes written and acknowledged but not in the bucket yet.",
@@ -215,6 +222,31 @@ impl VolumeMetrics {
                 "berth_volume_gc_manifests_deleted_total",
                 "Old manifest versions deleted.",
                 &self.gc_manifests_deleted,
+            ),
+            (
+                "berth_volume_pack_dead_bytes",
+                "Bytes of blocks in packs in use that no volume block uses any more.",
+                &self.pack_dead_bytes,
+            ),
+            (
+                "berth_volume_compactions_total",
+                "Compaction steps (sparse packs rewritten into a new one).",
+                &self.compactions,
+            ),
+            (
+                "berth_volume_compacted_bytes_total",
+                "Bytes of live blocks compaction moved into new packs.",
+                &self.compacted_bytes,
+            ),
+            (
+                "berth_volume_compacted_packs_total",
+                "Packs compaction emptied (deleted by the next garbage collection).",
+                &self.compacted_packs,
+            ),
+            (
+                "berth_volume_compact_fetch_bytes_total",
+                "Bytes compaction read from the bucket.",
+                &self.compact_fetch_bytes,
             ),
             (
                 "berth_volume_lease_renewals_total",

@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::buffer::LargeBuffer;
+use crate::compact::Compaction;
 use crate::error::{IoContext, Result, VolumeError};
 use crate::extent_map::{Advance, ExtentMap};
 use crate::failpoint;
@@ -85,14 +86,14 @@ impl Batch {
 }
 
 /// A token bucket for `--upload-rate`.
-struct RateLimit {
+pub(crate) struct RateLimit {
     rate: Option<u64>,
     allowance: f64,
     last: Instant,
 }
 
 impl RateLimit {
-    fn wait_for(&mut self, bytes: u64) {
+    pub(crate) fn wait_for(&mut self, bytes: u64) {
         let Some(rate) = self.rate.filter(|&r| r > 0) else {
             return;
         };
@@ -229,11 +230,28 @@ impl Inner {
             finished,
             finished_sender,
         };
+        let mut compaction = Compaction::new();
         loop {
-            let stop = self.top_up(&mut streams_state, streams, 0, &limit, true);
+            // A compaction step runs alone: no batch is taken until those in flight are
+            // published (it moves blocks only where the latest version still has them).
+            let compacting = self.compaction_due(&compaction);
+            let stop = if compacting {
+                false
+            } else {
+                self.top_up(&mut streams_state, streams, 0, &limit, true)
+            };
             if streams_state.in_flight.is_empty() {
                 if stop {
                     return;
+                }
+                if compacting {
+                    let pack_id = streams_state.next_pack_id.max(self.lock().map.next_pack_id);
+                    streams_state.next_pack_id = pack_id + 1;
+                    match self.compact(&mut compaction, pack_id, &limit) {
+                        None => {}
+                        Some(VolumeError::Fenced(holder)) => self.fence(holder),
+                        Some(_) => return,
+                    }
                 }
                 continue;
             }
@@ -283,7 +301,9 @@ impl Inner {
                 }
                 // The next batches start before these are published: the manifest write
                 // and the local apply (a cache write and sync) overlap the uploads.
-                self.top_up(&mut streams_state, streams, publishing, &limit, false);
+                if !compacting {
+                    self.top_up(&mut streams_state, streams, publishing, &limit, false);
+                }
                 self.publish(ready)
             });
             let Err(err) = outcome else {
@@ -673,6 +693,35 @@ impl Inner {
             return Ok(());
         };
         let (epoch, last_seq) = (last.epoch, last.last_seq);
+        let mut delta = self.manifest_template(ManifestKind::Delta);
+        delta.wal_epoch = epoch;
+        delta.wal_seq = last_seq;
+        delta.extents = extents;
+        delta.packs = packs;
+        // However long this takes, garbage collection keeps the packs: their ids are at or
+        // past the next pack id of every manifest in the bucket until this one is.
+        let version = self.write_version(delta, "upload.after_manifest_put", |state| {
+            state.uploaded_seq = state.uploaded_seq.max(last_seq);
+        })?;
+        self.check_object_waiters();
+        for (_, started) in &batches {
+            self.metrics.upload_latency.observe(started.elapsed());
+        }
+        let published: Vec<&Batch> = batches.iter().map(|(batch, _)| batch).collect();
+        self.apply_batches(&published, version)
+    }
+
+    /// Writes `delta` (a [`Inner::manifest_template`] with its packs, extents and log
+    /// position) as the next manifest version, a full one when one is due, and applies it
+    /// to the block map; `applied` runs under the same lock. Only the uploader thread
+    /// changes the map, so the version it was made over is still the latest here. Answers
+    /// the version written; `crash_point` is passed once it is in the bucket.
+    pub(crate) fn write_version(
+        &self,
+        mut delta: Manifest,
+        crash_point: &'static str,
+        applied: impl FnOnce(&mut State),
+    ) -> Result<u64> {
         let (kind, version) = {
             let state = self.lock();
             let version = state.map.version + 1;
@@ -684,25 +733,19 @@ impl Inner {
             };
             (kind, version)
         };
-        let mut delta = self.manifest_template(ManifestKind::Delta);
         delta.version = version;
-        delta.wal_epoch = epoch;
-        delta.wal_seq = last_seq;
-        delta.extents = extents;
-        for info in packs {
+        delta.base_version = version - 1;
+        for info in &delta.packs {
             delta.next_pack_id = delta.next_pack_id.max(info.id + 1);
-            delta.packs.push(info);
         }
         let manifest = match kind {
-            ManifestKind::Delta => delta.clone(),
+            ManifestKind::Delta => delta,
             ManifestKind::Full => {
                 let mut full_map = self.lock().map.clone();
                 full_map.apply("(the next version)", &delta)?;
                 full_map.to_full(&delta)
             }
         };
-        // However long this takes, garbage collection keeps the pack: its id is at or
-        // past the next pack id of every manifest in the bucket until this one is.
         let manifest_key = self.store.manifest_key(version);
         let created = self
             .store
@@ -715,7 +758,7 @@ impl Inner {
                 "manifest version {version} was written by {who}"
             )));
         }
-        failpoint::hit("upload.after_manifest_put");
+        failpoint::hit(crash_point);
         self.metrics
             .manifests_written
             .fetch_add(1, Ordering::Relaxed);
@@ -725,18 +768,13 @@ impl Inner {
             if kind == ManifestKind::Full {
                 state.last_full_version = version;
             }
-            state.uploaded_seq = state.uploaded_seq.max(last_seq);
+            applied(&mut state);
             self.metrics
                 .manifest_version
                 .store(version, Ordering::Relaxed);
         }
         self.changed.notify_all();
-        self.check_object_waiters();
-        for (_, started) in &batches {
-            self.metrics.upload_latency.observe(started.elapsed());
-        }
-        let published: Vec<&Batch> = batches.iter().map(|(batch, _)| batch).collect();
-        self.apply_batches(&published, version)
+        Ok(version)
     }
 
     /// Makes the local copy follow batches that are in the bucket (one manifest version's,

@@ -94,6 +94,15 @@ pub const DEFAULT_MAX_DIRTY_BYTES: u64 = 1 << 30;
 /// `VolumeOptions::gc_after_released_bytes`' default: eight default packs.
 pub const DEFAULT_GC_AFTER_RELEASED_BYTES: u64 = 256 << 20;
 
+/// `VolumeOptions::compact_below`'s default: a pack less than half of which is still in
+/// use is rewritten (its live half into a new pack), so the bucket holds at most about
+/// twice what the volume uses once compaction has run.
+pub const DEFAULT_COMPACT_BELOW: f64 = 0.5;
+
+/// `VolumeOptions::compact_after_dead_bytes`' default: two default packs' worth of dead
+/// blocks (less is not worth the GETs and the PUT).
+pub const DEFAULT_COMPACT_AFTER_DEAD_BYTES: u64 = 64 << 20;
+
 /// How to serve a volume.
 #[derive(Debug, Clone)]
 pub struct VolumeOptions {
@@ -138,6 +147,12 @@ pub struct VolumeOptions {
     /// have fallen out of use since its last pass (None: only by the period): under
     /// sustained overwrites the bucket would otherwise hold a whole period's writes.
     pub gc_after_released_bytes: Option<u64>,
+    /// Compaction: a pack of this volume whose live blocks are fewer than this fraction of
+    /// its blocks (and that no snapshot holds) is sparse; once sparse packs hold
+    /// `compact_after_dead_bytes` of blocks no longer in use, the uploader copies their
+    /// live blocks into a new pack and garbage collection then deletes them (None: never).
+    pub compact_below: Option<f64>,
+    pub compact_after_dead_bytes: u64,
     /// Manifest versions a newer full version supersedes are kept this long, for readers
     /// that loaded an older version. Packs never depend on it (see
     /// [`crate::admin::collect_garbage`]).
@@ -169,6 +184,8 @@ impl Default for VolumeOptions {
             full_every: 32,
             gc_interval: Some(Duration::from_secs(600)),
             gc_after_released_bytes: Some(DEFAULT_GC_AFTER_RELEASED_BYTES),
+            compact_below: Some(DEFAULT_COMPACT_BELOW),
+            compact_after_dead_bytes: DEFAULT_COMPACT_AFTER_DEAD_BYTES,
             gc_grace: Duration::from_secs(3600),
             open_timeout: Duration::from_secs(60),
             fetch_timeout: Duration::from_secs(60),

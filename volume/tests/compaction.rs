@@ -1,0 +1,317 @@
+//! Compaction: packs whose blocks were mostly overwritten are rewritten into new ones
+//! and then collected, so the bucket holds about what the volume uses; reads and writes
+//! going on meanwhile always see the latest data, and the bucket alone reads back the
+//! volume afterwards. Packs a snapshot holds are left alone.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use berth_blockdev::target::{read_at, write_at};
+use berth_testkit::pseudo_random;
+use berth_volume::admin::{self, CreateOptions, COMMAND_PATIENCE};
+use berth_volume::{Location, Store, Volume, VolumeOptions};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 4096;
+
+fn create(bucket: &Path) -> Location {
+    let location = Location::parse(&format!("file://{}/vol", bucket.display())).unwrap();
+    let options = CreateOptions {
+        size: Some(16 * MIB),
+        ..CreateOptions::default()
+    };
+    admin::create(&location, &options, None).unwrap();
+    location
+}
+
+/// Small packs uploaded at once, compaction as soon as 1 MiB is dead in packs less than
+/// half used, garbage collection as soon as 256 KiB of packs fell out of use.
+fn options(cache_dir: &Path) -> VolumeOptions {
+    VolumeOptions {
+        cache_dir: cache_dir.to_path_buf(),
+        segment_bytes: 256 << 10,
+        pack_bytes: 256 << 10,
+        upload_interval: Duration::from_millis(5),
+        max_dirty_bytes: 2 * MIB,
+        gc_interval: None,
+        gc_after_released_bytes: Some(256 << 10),
+        gc_grace: Duration::from_millis(100),
+        compact_below: Some(0.5),
+        compact_after_dead_bytes: MIB,
+        open_timeout: Duration::from_secs(10),
+        fetch_timeout: Duration::from_secs(10),
+        drain_timeout: Duration::from_secs(30),
+        flush_timeout: Duration::from_secs(10),
+        ..VolumeOptions::default()
+    }
+}
+
+fn read(volume: &Volume, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0x5a; len];
+    read_at(volume, offset, &mut buf)
+        .unwrap_or_else(|e| panic!("reading {len} bytes at {offset}: {e}"));
+    buf
+}
+
+fn pack_bytes(store: &Store) -> u64 {
+    store
+        .list("packs", COMMAND_PATIENCE)
+        .unwrap()
+        .iter()
+        .map(|o| o.size)
+        .sum()
+}
+
+/// The packs the latest manifest version uses that the bucket no longer holds.
+fn missing_from_latest(location: &Location) -> Vec<String> {
+    let store = Store::open(location).unwrap();
+    let config = store.load_config(COMMAND_PATIENCE).unwrap();
+    let versions = store.manifest_versions(COMMAND_PATIENCE).unwrap();
+    let (state, _) = store
+        .load_state(&config, *versions.last().unwrap(), COMMAND_PATIENCE)
+        .unwrap();
+    let present: Vec<String> = store
+        .list("packs", COMMAND_PATIENCE)
+        .unwrap()
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    state
+        .packs
+        .values()
+        .map(|p| p.key.clone())
+        .filter(|k| !present.contains(k))
+        .collect()
+}
+
+fn first_difference(got: &[u8], want: &[u8]) -> Option<usize> {
+    got.iter().zip(want).position(|(a, b)| a != b)
+}
+
+/// 4 MiB written, then three blocks of every four overwritten: the first 4 MiB of packs
+/// keep a quarter of their blocks each. Compaction moves those into new packs, garbage
+/// collection deletes the old ones, and the bucket ends up holding what the volume uses.
+#[test]
+fn sparse_packs_are_rewritten_and_the_bucket_shrinks_to_what_is_used() {
+    const SPAN: u64 = 4 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let location = create(&dir.path().join("bucket"));
+    // Below the threshold of dead bytes sparse packs stay: a quarter MiB here, so that
+    // every sparse pack goes.
+    let eager = VolumeOptions {
+        compact_after_dead_bytes: 256 << 10,
+        ..options(&dir.path().join("host1"))
+    };
+    let (volume, _) = Volume::open(&location, eager).unwrap();
+    let store = Store::open(&location).unwrap();
+    let mut model = pseudo_random(1, SPAN as usize);
+    for offset in (0..SPAN).step_by(64 << 10) {
+        let at = offset as usize;
+        write_at(&volume, offset, &model[at..at + (64 << 10)], false).unwrap();
+    }
+    volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
+    let metrics = volume.metrics();
+    assert_eq!(
+        metrics.compactions.load(Ordering::Relaxed),
+        0,
+        "nothing is sparse yet"
+    );
+    for (i, block) in (0..SPAN / BLOCK).step_by(4).enumerate() {
+        let data = pseudo_random(100 + i as u64, 3 * BLOCK as usize);
+        let at = ((block + 1) * BLOCK) as usize;
+        if at + data.len() > model.len() {
+            break;
+        }
+        write_at(&volume, at as u64, &data, false).unwrap();
+        model[at..at + data.len()].copy_from_slice(&data);
+    }
+    volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut held = pack_bytes(&store);
+    let most_held = held;
+    while (held > SPAN + SPAN / 8 || metrics.pack_dead_bytes.load(Ordering::Relaxed) >= 256 << 10)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        held = pack_bytes(&store);
+    }
+    let (steps, moved, emptied, dead) = (
+        metrics.compactions.load(Ordering::Relaxed),
+        metrics.compacted_bytes.load(Ordering::Relaxed),
+        metrics.compacted_packs.load(Ordering::Relaxed),
+        metrics.pack_dead_bytes.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "{SPAN} bytes in use: {most_held} bytes of packs before compaction, {held} after; \
+         {steps} steps moved {moved} bytes and emptied {emptied} packs"
+    );
+    assert!(
+        steps > 0 && emptied >= 12,
+        "compaction ran ({steps} steps, {emptied} packs emptied)"
+    );
+    // Only the quarter still live moved, not whole packs.
+    assert!(
+        moved <= SPAN / 4 + SPAN / 16,
+        "compaction moved {moved} bytes for {} live",
+        SPAN / 4
+    );
+    // Sparse packs holding less than the threshold together stay.
+    assert!(
+        dead < 256 << 10,
+        "packs in use still hold {dead} dead bytes"
+    );
+    assert!(
+        held <= SPAN + SPAN / 8,
+        "the bucket holds {held} bytes of packs for {SPAN} bytes in use"
+    );
+    if let Some(at) = first_difference(&read(&volume, 0, SPAN as usize), &model) {
+        panic!("byte {at} reads wrong after compaction");
+    }
+    volume.close().unwrap();
+    drop(volume);
+    assert!(
+        missing_from_latest(&location).is_empty(),
+        "a pack in use was deleted"
+    );
+    let (volume, _) = Volume::open(&location, options(&dir.path().join("host2"))).unwrap();
+    if let Some(at) = first_difference(&read(&volume, 0, SPAN as usize), &model) {
+        panic!("byte {at} reads wrong from the bucket alone after compaction");
+    }
+}
+
+fn rng(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// Random overwrites with reads checked against a model, compaction taking every sparse
+/// pack as soon as one block is dead, garbage collection right behind it, and a cache too
+/// small to hold the volume (reads fetch packs that compaction is moving away from). The
+/// bucket alone reads back the model afterwards. `BERTH_VOLUME_SOAK_SECONDS` lengthens it
+/// (default 6).
+#[test]
+fn reads_and_writes_during_constant_compaction_see_the_latest_data() {
+    let seconds = std::env::var("BERTH_VOLUME_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6u64);
+    const SPAN: u64 = 2 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let location = create(&dir.path().join("bucket"));
+    let busy = |cache: &str| VolumeOptions {
+        compact_below: Some(0.9),
+        compact_after_dead_bytes: BLOCK,
+        gc_after_released_bytes: Some(1),
+        cache_bytes: Some(MIB),
+        readahead_bytes: 64 << 10,
+        full_every: 4,
+        ..options(&dir.path().join(cache))
+    };
+    let (volume, _) = Volume::open(&location, busy("host1")).unwrap();
+    let mut model = vec![0u8; SPAN as usize];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let (mut writes, mut reads) = (0u64, 0u64);
+    while Instant::now() < deadline {
+        let block = rng(&mut state) % (SPAN / BLOCK);
+        let blocks = 1 + rng(&mut state) % 16.min(SPAN / BLOCK - block);
+        let (offset, len) = (block * BLOCK, (blocks * BLOCK) as usize);
+        if rng(&mut state).is_multiple_of(3) {
+            let got = read(&volume, offset, len);
+            if let Some(at) = first_difference(&got, &model[offset as usize..][..len]) {
+                panic!(
+                    "after {writes} writes, byte {} reads {:#x}, expected {:#x}",
+                    offset as usize + at,
+                    got[at],
+                    model[offset as usize + at]
+                );
+            }
+            reads += 1;
+        } else {
+            let data = pseudo_random(1000 + writes, len);
+            write_at(&volume, offset, &data, false).unwrap();
+            model[offset as usize..offset as usize + len].copy_from_slice(&data);
+            writes += 1;
+        }
+    }
+    volume.sync_to_bucket(Duration::from_secs(60)).unwrap();
+    let metrics = volume.metrics();
+    let (steps, emptied, gc) = (
+        metrics.compactions.load(Ordering::Relaxed),
+        metrics.compacted_packs.load(Ordering::Relaxed),
+        metrics.gc_packs_deleted.load(Ordering::Relaxed),
+    );
+    eprintln!("{writes} writes, {reads} reads checked; {steps} compaction steps emptied {emptied} packs, GC deleted {gc}");
+    assert!(
+        steps >= 3 && emptied > 0 && gc > 0,
+        "compaction and collection ran all along ({steps} steps, {emptied} packs emptied, {gc} deleted)"
+    );
+    if let Some(at) = first_difference(&read(&volume, 0, SPAN as usize), &model) {
+        panic!("byte {at} reads wrong at the end");
+    }
+    volume.close().unwrap();
+    drop(volume);
+    assert!(
+        missing_from_latest(&location).is_empty(),
+        "a pack in use was deleted"
+    );
+    let (volume, _) = Volume::open(&location, options(&dir.path().join("host2"))).unwrap();
+    if let Some(at) = first_difference(&read(&volume, 0, SPAN as usize), &model) {
+        panic!("after {writes} writes, byte {at} reads wrong from the bucket alone");
+    }
+}
+
+/// A snapshot holds the packs it was taken with: rewriting them would add a copy and free
+/// nothing, so compaction leaves them, and the snapshot stays whole.
+#[test]
+fn packs_a_snapshot_holds_are_not_compacted() {
+    const SPAN: u64 = 2 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let location = create(&dir.path().join("bucket"));
+    let (volume, _) = Volume::open(&location, options(&dir.path().join("host1"))).unwrap();
+    let before = pseudo_random(7, SPAN as usize);
+    write_at(&volume, 0, &before, false).unwrap();
+    volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
+    admin::snapshot(&location, "kept").unwrap();
+    let mut after = before.clone();
+    for block in (0..SPAN / BLOCK).step_by(4) {
+        let at = ((block + 1) * BLOCK) as usize;
+        if at + 3 * BLOCK as usize > after.len() {
+            break;
+        }
+        let data = pseudo_random(block + 50, 3 * BLOCK as usize);
+        write_at(&volume, at as u64, &data, false).unwrap();
+        after[at..at + data.len()].copy_from_slice(&data);
+    }
+    volume.sync_to_bucket(Duration::from_secs(30)).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let metrics = volume.metrics();
+    assert_eq!(
+        metrics.compactions.load(Ordering::Relaxed),
+        0,
+        "packs the snapshot holds were compacted"
+    );
+    assert!(
+        metrics.pack_dead_bytes.load(Ordering::Relaxed) >= SPAN / 2,
+        "the overwrites left dead blocks in the snapshot's packs"
+    );
+    assert_eq!(read(&volume, 0, SPAN as usize), after);
+    volume.close().unwrap();
+    drop(volume);
+    let clone = Location::parse(&format!(
+        "file://{}/clone",
+        dir.path().join("bucket").display()
+    ))
+    .unwrap();
+    admin::clone_volume(&location, "kept", &clone).unwrap();
+    let (volume, _) = Volume::open(&clone, options(&dir.path().join("host2"))).unwrap();
+    assert_eq!(
+        read(&volume, 0, SPAN as usize),
+        before,
+        "the snapshot reads back"
+    );
+}
