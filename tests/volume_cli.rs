@@ -173,6 +173,10 @@ fn volume_commands_create_snapshot_clone_gc_and_explain_their_errors() {
     let import_packs = bucket.objects("vols/source/packs");
     assert!(!import_packs.is_empty(), "the import uploaded packs");
     assert_eq!(info["pack_objects"], import_packs.len());
+    assert_eq!(
+        info["dead_bytes_in_use"], 0,
+        "an imported volume's packs are all in use"
+    );
     let text = bucket.ok(&["info", source]);
     for line in [
         "volume     s3://berth/vols/source",

@@ -31,6 +31,7 @@ use crate::volume::{
 };
 pub use args::BlockCommand;
 use args::{AddArgs, DelArgs, ListArgs, RecoverArgs, TransportArg};
+use berth_volume::volume::DEFAULT_COMPACT_BELOW;
 use berth_volume::{Durability, Volume};
 
 /// Everything needed to open a device's target again (stored with the device for
@@ -79,6 +80,7 @@ impl DeviceDescription {
                 "max_dirty_bytes": v.max_dirty_bytes,
                 "upload_rate": v.upload_rate,
                 "cache_bytes": v.cache_bytes,
+                "compact_below": v.compact_below,
             })),
         })
     }
@@ -156,6 +158,11 @@ impl DeviceDescription {
                         .and_then(|v| v.as_u64())
                         .map(|n| n.max(64 << 10)),
                     cache_bytes: volume.get("cache_bytes").and_then(|v| v.as_u64()),
+                    // Null: stored with compaction off.
+                    compact_below: match volume.get("compact_below") {
+                        None => Some(DEFAULT_COMPACT_BELOW),
+                        Some(v) => v.as_f64().filter(|f| *f > 0.0 && *f <= 1.0),
+                    },
                 }),
             },
         })
@@ -875,6 +882,7 @@ mod tests {
                 max_dirty_bytes: 256 << 20,
                 upload_rate: Some(8 << 20),
                 cache_bytes: Some(1 << 30),
+                compact_below: Some(0.25),
             }),
             ..desc.clone()
         };
@@ -882,6 +890,15 @@ mod tests {
             DeviceDescription::from_json(&volume.to_json()).unwrap(),
             volume,
             "a volume device keeps how it is served, for `recover`"
+        );
+        let mut uncompacted = volume.clone();
+        if let Some(settings) = uncompacted.volume.as_mut() {
+            settings.compact_below = None;
+        }
+        assert_eq!(
+            DeviceDescription::from_json(&uncompacted.to_json()).unwrap(),
+            uncompacted,
+            "compaction turned off stays off"
         );
         let err = DeviceDescription::from_json(&json!({"target": "/x"})).unwrap_err();
         assert!(err.to_string().contains("cache_dir"), "{err}");

@@ -224,6 +224,20 @@ pub struct VolumeServeArgs {
     /// volume, as far as the disk allows].
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub volume_cache_size: Option<u64>,
+
+    /// Compaction: a pack less than this fraction of which the volume still uses is
+    /// rewritten (its live blocks copied into a new pack, the old one then collected) once
+    /// such packs hold 64 MiB no longer in use; 0 turns compaction off.
+    #[arg(long, value_name = "FRACTION", default_value_t = DEFAULT_COMPACT_BELOW,
+          value_parser = parse_fraction)]
+    pub compact_below: f64,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("`{s}` is not a fraction from 0 to 1 (0.5: half)")),
+    }
 }
 
 fn parse_upload_rate(s: &str) -> Result<u64, String> {
@@ -259,6 +273,9 @@ pub const DEFAULT_UPLOAD_STREAMS: u16 = 4;
 pub const DEFAULT_UPLOAD_MEMORY: u64 = 128 << 20;
 pub const DEFAULT_MAX_DIRTY: u64 = 1 << 30;
 
+/// `--compact-below`'s default, the volume library's own.
+pub const DEFAULT_COMPACT_BELOW: f64 = 0.5;
+
 /// `--upload-interval`'s default.
 const DEFAULT_UPLOAD_INTERVAL_SECS: u64 = 5;
 
@@ -274,6 +291,7 @@ impl Default for VolumeServeArgs {
             max_dirty: DEFAULT_MAX_DIRTY,
             upload_rate: None,
             volume_cache_size: None,
+            compact_below: DEFAULT_COMPACT_BELOW,
         }
     }
 }

@@ -56,6 +56,8 @@ pub struct VolumeServeSettings {
     pub max_dirty_bytes: u64,
     pub upload_rate: Option<u64>,
     pub cache_bytes: Option<u64>,
+    /// None: no compaction.
+    pub compact_below: Option<f64>,
 }
 
 impl From<&VolumeServeArgs> for VolumeServeSettings {
@@ -72,6 +74,7 @@ impl From<&VolumeServeArgs> for VolumeServeSettings {
             max_dirty_bytes: args.max_dirty,
             upload_rate: args.upload_rate,
             cache_bytes: args.volume_cache_size,
+            compact_below: (args.compact_below > 0.0).then_some(args.compact_below),
         }
     }
 }
@@ -91,6 +94,7 @@ pub fn open_volume(spec: &str, settings: &VolumeServeSettings) -> anyhow::Result
         max_dirty_bytes: settings.max_dirty_bytes,
         upload_rate: settings.upload_rate,
         cache_bytes: settings.cache_bytes,
+        compact_below: settings.compact_below,
         ..VolumeOptions::default()
     };
     let (volume, report) = Volume::open(&location, options)
@@ -294,8 +298,12 @@ fn render_info(info: &VolumeInfo) -> String {
     line(
         "data",
         format!(
-            "{} bytes mapped in {} packs; {} pack objects of this volume ({} bytes)",
-            info.mapped_bytes, info.packs_in_use, info.pack_objects, info.pack_bytes_stored
+            "{} bytes mapped in {} packs ({} bytes of their blocks no longer used); {} pack objects of this volume ({} bytes)",
+            info.mapped_bytes,
+            info.packs_in_use,
+            info.dead_bytes_in_use,
+            info.pack_objects,
+            info.pack_bytes_stored
         ),
     );
     if info.snapshots.is_empty() {
@@ -471,6 +479,7 @@ mod tests {
         assert_eq!(defaults, settings, "Default and the flags' defaults agree");
         assert_eq!(settings.upload_rate, library.upload_rate);
         assert_eq!(settings.cache_bytes, library.cache_bytes);
+        assert_eq!(settings.compact_below, library.compact_below);
         let small = Cli::parse_from([
             "berth",
             "--upload-memory",
@@ -487,6 +496,12 @@ mod tests {
         assert_eq!(small.serve.upload_rate, Some(10 << 20));
         assert_eq!(small.serve.volume_cache_size, Some(2 << 30));
         assert!(Cli::try_parse_from(["berth", "--upload-memory", "512K"]).is_err());
+        let off = Cli::parse_from(["berth", "--compact-below", "0"]).serve;
+        assert_eq!(VolumeServeSettings::from(&off).compact_below, None);
+        let sparse = Cli::parse_from(["berth", "--compact-below", "0.25"]).serve;
+        assert_eq!(VolumeServeSettings::from(&sparse).compact_below, Some(0.25));
+        assert!(Cli::try_parse_from(["berth", "--compact-below", "1.5"]).is_err());
+        assert!(Cli::try_parse_from(["berth", "--compact-below", "half"]).is_err());
     }
 
     #[test]

@@ -623,6 +623,9 @@ pub struct VolumeInfo {
     /// Bytes of the volume mapped to pack data (the rest reads as zeros).
     pub mapped_bytes: u64,
     pub packs_in_use: u64,
+    /// Bytes of blocks in the packs in use that no volume block maps any more (raw, before
+    /// compression): what compaction, then garbage collection, can give back.
+    pub dead_bytes_in_use: u64,
     pub pack_objects: u64,
     pub pack_bytes_stored: u64,
     pub snapshots: Vec<SnapshotInfo>,
@@ -680,6 +683,8 @@ pub fn info(location: &Location) -> Result<VolumeInfo> {
         },
         mapped_bytes: state.mapped_blocks() * u64::from(config.block_size),
         packs_in_use: state.packs.len() as u64,
+        dead_bytes_in_use: state.pack_blocks().saturating_sub(state.mapped_blocks())
+            * u64::from(config.block_size),
         pack_objects: packs.len() as u64,
         pack_bytes_stored: packs.iter().map(|p| p.size).sum(),
         snapshots,
