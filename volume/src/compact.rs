@@ -44,6 +44,10 @@ pub(crate) struct Compaction {
     snapshot_packs: HashMap<String, Vec<String>>,
     held: HashSet<String>,
     read_at: Option<Instant>,
+    /// Packs a step found damaged (a chunk failing its digest): left as they are, so that
+    /// reads of their blocks keep failing rather than a new pack carrying wrong data, and
+    /// the other sparse packs still get compacted.
+    damaged: HashSet<String>,
     /// No step starts before this.
     not_before: Instant,
 }
@@ -54,6 +58,7 @@ impl Compaction {
             snapshot_packs: HashMap::new(),
             held: HashSet::new(),
             read_at: None,
+            damaged: HashSet::new(),
             not_before: Instant::now(),
         }
     }
@@ -87,13 +92,13 @@ pub(crate) struct Compacted {
 
 impl Inner {
     /// The sparse packs of `map` (see [`crate::VolumeOptions::compact_below`]), sparsest
-    /// first, leaving out `held` ones and packs outside this volume's prefix; and the
+    /// first, leaving out packs in `skip` and outside this volume's prefix; and the
     /// blocks no longer in use in all packs of the map (for the gauge).
     fn sparse_packs(
         &self,
         map: &BlockMap,
         below: f64,
-        held: &HashSet<String>,
+        skip: &[&HashSet<String>],
     ) -> (Vec<Sparse>, u64) {
         let own = self.store.key("packs/");
         let mut sparse = Vec::new();
@@ -104,7 +109,7 @@ impl Inner {
             dead += raw.saturating_sub(live);
             if (live as f64) < below * raw as f64
                 && pack.key.starts_with(&own)
-                && !held.contains(&pack.key)
+                && !skip.iter().any(|keys| keys.contains(&pack.key))
             {
                 sparse.push(Sparse { id, live, raw });
             }
@@ -128,7 +133,7 @@ impl Inner {
             Some(at) if at.elapsed() < SNAPSHOTS_TRUSTED_FOR => &compaction.held,
             _ => &unknown,
         };
-        let (sparse, dead) = self.sparse_packs(&state.map, below, held);
+        let (sparse, dead) = self.sparse_packs(&state.map, below, &[held, &compaction.damaged]);
         self.metrics
             .pack_dead_bytes
             .store(dead * self.block_size, Ordering::Relaxed);
@@ -172,6 +177,19 @@ impl Inner {
             }
             Err(err @ (VolumeError::Fenced(_) | VolumeError::ShuttingDown)) => Some(err),
             Err(err @ VolumeError::StoreGaveUp { .. }) if self.store.is_stopped() => Some(err),
+            Err(err)
+                if matches!(&err, VolumeError::Corrupt { object, .. }
+                    if compaction.damaged.contains(object)) =>
+            {
+                // Reads of its blocks fail the same way (EIO, never wrong data); the other
+                // sparse packs go on being compacted.
+                tracing::error!(
+                    volume = %self.store.location,
+                    "compaction leaves a damaged pack as it is: {}",
+                    err.describe()
+                );
+                None
+            }
             Err(err) => {
                 tracing::warn!(
                     volume = %self.store.location,
@@ -229,12 +247,15 @@ impl Inner {
         };
         self.read_snapshot_packs(compaction)?;
         let bs = self.block_size;
-        let room = (self.options.pack_bytes / bs).max(1);
+        // One pack's worth, within the uploader's memory budget (the step holds the live
+        // blocks and, while packing, a compressed copy).
+        let room = (self.options.pack_bytes.min(self.options.upload_memory / 2) / bs).max(1);
         // What moves, from the state now. Blocks with a write not yet uploaded are left:
         // that upload moves them anyway.
         let (moves, packs) = {
             let state = self.lock();
-            let (sparse, _) = self.sparse_packs(&state.map, below, &compaction.held);
+            let (sparse, _) =
+                self.sparse_packs(&state.map, below, &[&compaction.held, &compaction.damaged]);
             let mut chosen: HashMap<u64, Arc<PackInfo>> = HashMap::new();
             let mut live = 0;
             for pack in sparse {
@@ -281,7 +302,14 @@ impl Inner {
                 .flat_map(|m| pack.chunks_of(m.from.block, m.blocks));
             let per = u64::from(pack.chunk_blocks.max(1));
             for (first, count) in chunk_runs(chunks) {
-                let (raw, stored) = self.read_chunks(pack, first, count)?;
+                let (raw, stored) = match self.read_chunks(pack, first, count) {
+                    Ok(read) => read,
+                    Err(err @ VolumeError::Corrupt { .. }) => {
+                        compaction.damaged.insert(pack.key.clone());
+                        return Err(err);
+                    }
+                    Err(err) => return Err(err),
+                };
                 self.metrics
                     .compact_fetch_bytes
                     .fetch_add(stored, Ordering::Relaxed);
@@ -360,9 +388,10 @@ impl Inner {
         let mut delta = template;
         delta.extents = extents;
         delta.packs = vec![info];
-        let before = self.lock().map.packs.len() as u64;
+        // Packs whose blocks moved (one whose other blocks have writes pending falls out of
+        // use once those are uploaded).
+        let emptied = packs.len() as u64;
         let version = self.write_version(delta, "compact.after_manifest_put", |_| {})?;
-        let emptied = (before + 1).saturating_sub(self.lock().map.packs.len() as u64);
         self.write_meta(|m| m.applied_version = m.applied_version.max(version))?;
         self.metrics.compactions.fetch_add(1, Ordering::Relaxed);
         self.metrics

@@ -240,7 +240,7 @@ impl VolumeMetrics {
             ),
             (
                 "berth_volume_compacted_packs_total",
-                "Packs compaction emptied (deleted by the next garbage collection).",
+                "Packs whose live blocks compaction moved into new packs.",
                 &self.compacted_packs,
             ),
             (

@@ -456,10 +456,10 @@ fn rng(state: &mut u64) -> u64 {
 }
 
 /// Bounded soak of the same races left to chance: random overwrites uploaded every few
-/// milliseconds, the volume's own GC every 20 ms, and snapshots taken (each checked
-/// whole, then most deleted) all along from another thread. Afterwards the volume reads
-/// back its model from the bucket alone, and the snapshots kept have all their packs.
-/// `BERTH_VOLUME_SOAK_SECONDS` lengthens it (default 8).
+/// milliseconds, the volume's own GC every 20 ms and compaction of every sparse pack, and
+/// snapshots taken (each checked whole, then most deleted) all along from another thread.
+/// Afterwards the volume reads back its model from the bucket alone, and the snapshots kept
+/// have all their packs. `BERTH_VOLUME_SOAK_SECONDS` lengthens it (default 8).
 #[test]
 fn constant_gc_under_writes_and_snapshots_loses_nothing() {
     let seconds = std::env::var("BERTH_VOLUME_SOAK_SECONDS")
@@ -478,6 +478,10 @@ fn constant_gc_under_writes_and_snapshots_loses_nothing() {
         // Writers wait for the uploads: packs are superseded while the soak runs.
         max_dirty_bytes: 2 * MIB,
         gc_interval: Some(Duration::from_millis(20)),
+        // Compaction all along too: every pack with a dead block is rewritten, unless a
+        // snapshot holds it.
+        compact_below: Some(0.99),
+        compact_after_dead_bytes: 4096,
         // Packs never go by it; it only keeps superseded manifest versions a moment for
         // a snapshot that is loading one (it would fail, cleanly, without).
         gc_grace: Duration::from_secs(2),
@@ -537,7 +541,11 @@ fn constant_gc_under_writes_and_snapshots_loses_nothing() {
         runs >= 10 && deleted > 0,
         "GC ran all along ({runs} passes, {deleted} packs deleted, {step} writes)"
     );
-    eprintln!("soak: {step} writes, {runs} GC passes, {deleted} packs deleted, {taken} snapshots");
+    let compactions = metrics
+        .compactions
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(compactions > 0, "compaction ran during the soak");
+    eprintln!("soak: {step} writes, {runs} GC passes, {deleted} packs deleted, {compactions} compaction steps, {taken} snapshots");
     volume.close().unwrap();
     drop(volume);
 
