@@ -50,6 +50,9 @@ pub(crate) struct Compaction {
     damaged: HashSet<String>,
     /// No step starts before this.
     not_before: Instant,
+    checked_at: Option<Instant>,
+    /// A step is due: the uploader takes no batch until it has run.
+    due: bool,
 }
 
 impl Compaction {
@@ -60,6 +63,8 @@ impl Compaction {
             read_at: None,
             damaged: HashSet::new(),
             not_before: Instant::now(),
+            checked_at: None,
+            due: false,
         }
     }
 }
@@ -122,11 +127,27 @@ impl Inner {
     }
 
     /// Whether sparse packs hold enough dead blocks for a step now; keeps the dead-bytes
-    /// gauge. Cheap (a pass over the packs in use): the uploader asks every round.
-    pub(crate) fn compaction_due(&self, compaction: &Compaction) -> bool {
+    /// gauge. The uploader asks every round; the packs are looked at every
+    /// [`crate::VolumeOptions::compact_check_interval`] (a pass over the packs in use, under
+    /// the volume's lock: not on every round of a busy uploader).
+    pub(crate) fn compaction_due(&self, compaction: &mut Compaction) -> bool {
         let Some(below) = self.options.compact_below else {
             return false;
         };
+        let now = Instant::now();
+        if compaction.due {
+            let state = self.lock();
+            compaction.due = !(state.stopping || state.fenced.is_some() || state.failed.is_some());
+            return compaction.due;
+        }
+        if now < compaction.not_before
+            || compaction
+                .checked_at
+                .is_some_and(|at| now.duration_since(at) < self.options.compact_check_interval)
+        {
+            return false;
+        }
+        compaction.checked_at = Some(now);
         let state = self.lock();
         let unknown = HashSet::new();
         let held = match compaction.read_at {
@@ -140,11 +161,10 @@ impl Inner {
         if state.stopping || state.fenced.is_some() || state.failed.is_some() {
             return false;
         }
-        if Instant::now() < compaction.not_before {
-            return false;
-        }
         let sparse_dead: u64 = sparse.iter().map(|s| s.raw - s.live).sum();
-        sparse_dead * self.block_size >= self.options.compact_after_dead_bytes.max(1)
+        compaction.due =
+            sparse_dead * self.block_size >= self.options.compact_after_dead_bytes.max(1);
+        compaction.due
     }
 
     /// Runs a compaction step with new pack `pack_id`. Errors the uploader must act on
@@ -157,6 +177,7 @@ impl Inner {
         limit: &Mutex<RateLimit>,
     ) -> Option<VolumeError> {
         let started = Instant::now();
+        compaction.due = false;
         match self.compact_step(compaction, pack_id, limit) {
             Ok(Some(done)) => {
                 tracing::debug!(
@@ -169,6 +190,8 @@ impl Inner {
                 // Uploads get as much time again before the next step: a backlog of
                 // sparse packs never holds writes back for long.
                 compaction.not_before = Instant::now() + started.elapsed();
+                // A backlog goes on without waiting for the next once-a-second look.
+                compaction.checked_at = None;
                 None
             }
             Ok(None) => {

@@ -234,7 +234,7 @@ impl Inner {
         loop {
             // A compaction step runs alone: no batch is taken until those in flight are
             // published (it moves blocks only where the latest version still has them).
-            let compacting = self.compaction_due(&compaction);
+            let compacting = self.compaction_due(&mut compaction);
             let stop = if compacting {
                 false
             } else {

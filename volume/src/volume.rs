@@ -153,6 +153,8 @@ pub struct VolumeOptions {
     /// live blocks into a new pack and garbage collection then deletes them (None: never).
     pub compact_below: Option<f64>,
     pub compact_after_dead_bytes: u64,
+    /// How often the uploader looks for sparse packs while none is due.
+    pub compact_check_interval: Duration,
     /// Manifest versions a newer full version supersedes are kept this long, for readers
     /// that loaded an older version. Packs never depend on it (see
     /// [`crate::admin::collect_garbage`]).
@@ -186,6 +188,7 @@ impl Default for VolumeOptions {
             gc_after_released_bytes: Some(DEFAULT_GC_AFTER_RELEASED_BYTES),
             compact_below: Some(DEFAULT_COMPACT_BELOW),
             compact_after_dead_bytes: DEFAULT_COMPACT_AFTER_DEAD_BYTES,
+            compact_check_interval: Duration::from_secs(1),
             gc_grace: Duration::from_secs(3600),
             open_timeout: Duration::from_secs(60),
             fetch_timeout: Duration::from_secs(60),

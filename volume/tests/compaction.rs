@@ -39,6 +39,7 @@ fn options(cache_dir: &Path) -> VolumeOptions {
         gc_grace: Duration::from_millis(100),
         compact_below: Some(0.5),
         compact_after_dead_bytes: MIB,
+        compact_check_interval: Duration::from_millis(20),
         open_timeout: Duration::from_secs(10),
         fetch_timeout: Duration::from_secs(10),
         drain_timeout: Duration::from_secs(30),

@@ -34,6 +34,7 @@ fn options(cache_dir: &Path) -> VolumeOptions {
         // sparse and is compacted within a round or two.
         compact_below: Some(0.75),
         compact_after_dead_bytes: 64 << 10,
+        compact_check_interval: Duration::from_millis(5),
         open_timeout: Duration::from_secs(10),
         fetch_timeout: Duration::from_secs(10),
         drain_timeout: Duration::from_secs(10),
@@ -174,6 +175,18 @@ fn every_acknowledged_write_survives_a_kill_at_every_crash_point() {
         }
     }
     eprintln!("{runs} runs, {killed} killed at their crash point; not reached: {not_reached:?}");
+    // The upload and compaction sequences are walked whatever else the timing skips.
+    for point in [
+        "upload.after_pack_put:1",
+        "upload.after_manifest_put:1",
+        "compact.after_pack_put:1",
+        "compact.after_manifest_put:1",
+    ] {
+        assert!(
+            !not_reached.iter().any(|p| p == point),
+            "the child never reached {point}"
+        );
+    }
     assert!(
         killed >= 40,
         "only {killed} of {runs} runs reached their crash point"
