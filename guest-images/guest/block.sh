@@ -137,13 +137,17 @@ block_transport() {
 }
 
 # fsx in block mode on a volume: writes go to its write-ahead log and cache file and on
-# into packs in the bucket (a directory here) while fsx reads them back.
+# into packs in the bucket (a directory here) while fsx reads them back, and compaction
+# rewrites the packs fsx's overwrites leave sparse (eagerly: packs less than 90 % used,
+# from 256 KiB dead on). Then the volume is opened from the bucket alone, on a new local
+# directory: it must hold the same bytes.
 block_volume_exercise() {
 	local location=file:///tmp/bucket-fsx/vol
-	rm -rf /tmp/bucket-fsx /tmp/vol-fsx
+	rm -rf /tmp/bucket-fsx /tmp/vol-fsx /tmp/vol-fsx-again
 	mkdir -p /tmp/bucket-fsx
 	"$BERTH" volume create "$location" --size 64M >/dev/null
-	start_device vol-fsx "volume:$location" --volume-dir /tmp/vol-fsx --ublk-transport zero-copy
+	start_device vol-fsx "volume:$location" --volume-dir /tmp/vol-fsx --ublk-transport zero-copy \
+		--upload-interval 1 --compact-below 0.9 --compact-after 256K
 	block_exercise "$DEV_PATH" 2000 21 || {
 		df -h /tmp
 		du -sh /tmp/bucket-fsx /tmp/vol-fsx
@@ -151,9 +155,26 @@ block_volume_exercise() {
 		tail -n 20 /tmp/vol-fsx.log
 		return 1
 	}
-	echo "@@info the bucket holds $(du -sh /tmp/bucket-fsx | cut -f1) after fsx, the local state $(du -sh /tmp/vol-fsx | cut -f1)"
+	local written steps moved
+	written=$(sha256sum <"$DEV_PATH" | cut -d' ' -f1)
+	sleep 1.2
+	steps=$(metric /tmp/vol-fsx.prom "berth_volume_compactions_total{volume=\"ublkb$DEV_ID\"}")
+	moved=$(metric /tmp/vol-fsx.prom "berth_volume_compacted_bytes_total{volume=\"ublkb$DEV_ID\"}")
+	echo "@@info the bucket holds $(du -sh /tmp/bucket-fsx | cut -f1) after fsx, the local state $(du -sh /tmp/vol-fsx | cut -f1); ${steps:-0} compaction steps moved ${moved:-0} bytes"
 	stop_device vol-fsx
-	rm -rf /tmp/bucket-fsx /tmp/vol-fsx
+	if [ "${steps:-0}" -lt 1 ]; then
+		echo "no compaction step ran during fsx"
+		return 1
+	fi
+	start_device vol-fsx-again "volume:$location" --volume-dir /tmp/vol-fsx-again
+	local again
+	again=$(sha256sum <"$DEV_PATH" | cut -d' ' -f1)
+	stop_device vol-fsx-again
+	if [ "$again" != "$written" ]; then
+		echo "the volume from the bucket alone differs from what fsx left: $again, not $written"
+		return 1
+	fi
+	rm -rf /tmp/bucket-fsx /tmp/vol-fsx /tmp/vol-fsx-again
 }
 
 # Zero-copy with the kernel's automatic registration failing for every other request:

@@ -25,13 +25,15 @@ use tracing::{error, info, warn};
 
 use crate::metrics_file::{merge_families, MetricsFile, MetricsWriter};
 use crate::shutdown::{signal_name, TerminationSignals};
-use crate::volume::args::{DEFAULT_MAX_DIRTY, DEFAULT_UPLOAD_MEMORY, DEFAULT_UPLOAD_STREAMS};
+use crate::volume::args::{
+    DEFAULT_COMPACT_AFTER, DEFAULT_COMPACT_BELOW, DEFAULT_MAX_DIRTY, DEFAULT_UPLOAD_MEMORY,
+    DEFAULT_UPLOAD_STREAMS,
+};
 use crate::volume::{
     check_volume_served_writable, is_volume_spec, open_volume, VolumeServeSettings,
 };
 pub use args::BlockCommand;
 use args::{AddArgs, DelArgs, ListArgs, RecoverArgs, TransportArg};
-use berth_volume::volume::DEFAULT_COMPACT_BELOW;
 use berth_volume::{Durability, Volume};
 
 /// Everything needed to open a device's target again (stored with the device for
@@ -81,6 +83,7 @@ impl DeviceDescription {
                 "upload_rate": v.upload_rate,
                 "cache_bytes": v.cache_bytes,
                 "compact_below": v.compact_below,
+                "compact_after_bytes": v.compact_after_bytes,
             })),
         })
     }
@@ -163,6 +166,10 @@ impl DeviceDescription {
                         None => Some(DEFAULT_COMPACT_BELOW),
                         Some(v) => v.as_f64().filter(|f| *f > 0.0 && *f <= 1.0),
                     },
+                    compact_after_bytes: volume
+                        .get("compact_after_bytes")
+                        .and_then(|v| v.as_u64())
+                        .unwrap_or(DEFAULT_COMPACT_AFTER),
                 }),
             },
         })
@@ -883,6 +890,7 @@ mod tests {
                 upload_rate: Some(8 << 20),
                 cache_bytes: Some(1 << 30),
                 compact_below: Some(0.25),
+                compact_after_bytes: 8 << 20,
             }),
             ..desc.clone()
         };

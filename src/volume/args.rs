@@ -227,10 +227,15 @@ pub struct VolumeServeArgs {
 
     /// Compaction: a pack less than this fraction of which the volume still uses is
     /// rewritten (its live blocks copied into a new pack, the old one then collected) once
-    /// such packs hold 64 MiB no longer in use; 0 turns compaction off.
+    /// such packs hold --compact-after bytes no longer in use; 0 turns compaction off.
     #[arg(long, value_name = "FRACTION", default_value_t = DEFAULT_COMPACT_BELOW,
           value_parser = parse_fraction)]
     pub compact_below: f64,
+
+    /// Bytes of blocks no longer in use that sparse packs must hold together before they
+    /// are compacted (K, M, G suffixes): less is not worth the reads and the upload.
+    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
+    pub compact_after: u64,
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -273,8 +278,10 @@ pub const DEFAULT_UPLOAD_STREAMS: u16 = 4;
 pub const DEFAULT_UPLOAD_MEMORY: u64 = 128 << 20;
 pub const DEFAULT_MAX_DIRTY: u64 = 1 << 30;
 
-/// `--compact-below`'s default, the volume library's own.
+/// `--compact-below`'s and `--compact-after`'s defaults (as the flag spells it: "64M"), the
+/// volume library's own.
 pub const DEFAULT_COMPACT_BELOW: f64 = 0.5;
+pub const DEFAULT_COMPACT_AFTER: u64 = 64 << 20;
 
 /// `--upload-interval`'s default.
 const DEFAULT_UPLOAD_INTERVAL_SECS: u64 = 5;
@@ -292,6 +299,7 @@ impl Default for VolumeServeArgs {
             upload_rate: None,
             volume_cache_size: None,
             compact_below: DEFAULT_COMPACT_BELOW,
+            compact_after: DEFAULT_COMPACT_AFTER,
         }
     }
 }

@@ -58,6 +58,7 @@ pub struct VolumeServeSettings {
     pub cache_bytes: Option<u64>,
     /// None: no compaction.
     pub compact_below: Option<f64>,
+    pub compact_after_bytes: u64,
 }
 
 impl From<&VolumeServeArgs> for VolumeServeSettings {
@@ -75,6 +76,7 @@ impl From<&VolumeServeArgs> for VolumeServeSettings {
             upload_rate: args.upload_rate,
             cache_bytes: args.volume_cache_size,
             compact_below: (args.compact_below > 0.0).then_some(args.compact_below),
+            compact_after_bytes: args.compact_after,
         }
     }
 }
@@ -95,6 +97,7 @@ pub fn open_volume(spec: &str, settings: &VolumeServeSettings) -> anyhow::Result
         upload_rate: settings.upload_rate,
         cache_bytes: settings.cache_bytes,
         compact_below: settings.compact_below,
+        compact_after_dead_bytes: settings.compact_after_bytes,
         ..VolumeOptions::default()
     };
     let (volume, report) = Volume::open(&location, options)
@@ -480,6 +483,10 @@ mod tests {
         assert_eq!(settings.upload_rate, library.upload_rate);
         assert_eq!(settings.cache_bytes, library.cache_bytes);
         assert_eq!(settings.compact_below, library.compact_below);
+        assert_eq!(
+            settings.compact_after_bytes,
+            library.compact_after_dead_bytes
+        );
         let small = Cli::parse_from([
             "berth",
             "--upload-memory",
@@ -500,6 +507,11 @@ mod tests {
         assert_eq!(VolumeServeSettings::from(&off).compact_below, None);
         let sparse = Cli::parse_from(["berth", "--compact-below", "0.25"]).serve;
         assert_eq!(VolumeServeSettings::from(&sparse).compact_below, Some(0.25));
+        let eager = Cli::parse_from(["berth", "--compact-after", "1M"]).serve;
+        assert_eq!(
+            VolumeServeSettings::from(&eager).compact_after_bytes,
+            1 << 20
+        );
         assert!(Cli::try_parse_from(["berth", "--compact-below", "1.5"]).is_err());
         assert!(Cli::try_parse_from(["berth", "--compact-below", "half"]).is_err());
     }
