@@ -23,7 +23,9 @@ const CONFINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// One start-up event per queue thread: written once, it makes the thread confine itself
 /// (the library gives no hook that runs on a queue thread before the first kick).
 pub(crate) struct QueueConfinement {
-    events: Vec<EventFd>,
+    /// Closed once every thread has confined itself (one descriptor per queue thread less
+    /// for the daemon's life).
+    events: Mutex<Vec<EventFd>>,
     /// The event id the threads' listeners are registered under: above the queues and the
     /// library's exit event (`num_queues()`), as `register_listener` requires.
     event_id: u16,
@@ -38,7 +40,7 @@ impl QueueConfinement {
             .context("cannot create the queue threads' start-up events")?;
         let event_id = u16::try_from(num_queues + 1).context("too many queues")?;
         Ok(Self {
-            events,
+            events: Mutex::new(events),
             event_id,
             reports: Mutex::new(None),
         })
@@ -56,17 +58,20 @@ impl QueueConfinement {
     ) -> anyhow::Result<()> {
         let (reports, received) = mpsc::channel();
         *self.reports.lock().unwrap_or_else(|e| e.into_inner()) = Some(reports);
-        for (thread, handler) in handlers.iter().enumerate() {
-            let event = self
-                .events
-                .get(thread)
-                .ok_or_else(|| anyhow!("queue thread {thread} has no start-up event"))?;
-            handler
-                .register_listener(event.as_raw_fd(), EventSet::IN, u64::from(self.event_id))
-                .with_context(|| format!("cannot reach queue thread {thread}"))?;
-            event
-                .write(1)
-                .with_context(|| format!("cannot wake queue thread {thread}"))?;
+        {
+            // Not held while waiting: each thread takes it to read its event.
+            let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+            for (thread, handler) in handlers.iter().enumerate() {
+                let event = events
+                    .get(thread)
+                    .ok_or_else(|| anyhow!("queue thread {thread} has no start-up event"))?;
+                handler
+                    .register_listener(event.as_raw_fd(), EventSet::IN, u64::from(self.event_id))
+                    .with_context(|| format!("cannot reach queue thread {thread}"))?;
+                event
+                    .write(1)
+                    .with_context(|| format!("cannot wake queue thread {thread}"))?;
+            }
         }
         for _ in handlers {
             match received.recv_timeout(CONFINE_TIMEOUT) {
@@ -79,13 +84,30 @@ impl QueueConfinement {
                 }
             }
         }
+        // Done with: out of the threads' epoll sets, and closed.
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        for (handler, event) in handlers.iter().zip(events.iter()) {
+            if let Err(e) = handler.unregister_listener(
+                event.as_raw_fd(),
+                EventSet::IN,
+                u64::from(self.event_id),
+            ) {
+                warn!("Cannot remove a queue thread's start-up event: {e}.");
+            }
+        }
+        events.clear();
         Ok(())
     }
 
     /// Runs on queue thread `thread` when its start-up event fires: `confine` installs the
     /// thread's restrictions; the outcome goes to [`Self::confine_all`].
     pub(crate) fn on_event(&self, thread: usize, confine: impl FnOnce() -> Result<(), String>) {
-        if let Some(event) = self.events.get(thread) {
+        if let Some(event) = self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(thread)
+        {
             // Level-triggered: drain it, or the thread would be woken again and again.
             let _ = event.read();
         }

@@ -648,3 +648,75 @@ fn syslog_logging_from_queue_and_pool_threads_passes_the_filters() {
         );
     }
 }
+
+/// Once the queue threads have confined themselves their start-up events are closed: each
+/// thread's epoll set holds only the library's own two events (exit, vring enabled) until a
+/// frontend connects, and the daemon keeps no descriptor per thread beyond those.
+#[test]
+fn the_queue_threads_start_up_events_are_closed_once_they_are_confined() {
+    let test = "the_queue_threads_start_up_events_are_closed_once_they_are_confined";
+    if !require_root_berth(test) {
+        return;
+    }
+    let fixture = user_fixture();
+    let mut daemon = start(&fixture, &["--max-request-queues=2"]);
+    let server = serving_pid(daemon.pid(), true);
+    let kinds = || -> Vec<(String, String)> {
+        std::fs::read_dir(format!("/proc/{server}/fd"))
+            .map(|dir| {
+                dir.flatten()
+                    .filter_map(|e| {
+                        let target = std::fs::read_link(e.path()).ok()?;
+                        Some((
+                            e.file_name().to_string_lossy().into_owned(),
+                            target.to_string_lossy().into_owned(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let epolls = |fds: &[(String, String)]| -> Vec<String> {
+        fds.iter()
+            .filter(|(_, target)| target == "anon_inode:[eventpoll]")
+            .map(|(fd, _)| fd.clone())
+            .collect()
+    };
+    // The socket is there before the threads have confined themselves: wait for that.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let registered = |fd: &str| -> usize {
+        std::fs::read_to_string(format!("/proc/{server}/fdinfo/{fd}"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.starts_with("tfd:"))
+            .count()
+    };
+    let mut fds = kinds();
+    while std::time::Instant::now() < deadline
+        && !(epolls(&fds).len() == 3 && epolls(&fds).iter().all(|fd| registered(fd) == 2))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        fds = kinds();
+    }
+    let sets: Vec<(String, usize)> = epolls(&fds)
+        .into_iter()
+        .map(|fd| {
+            let n = registered(&fd);
+            (fd, n)
+        })
+        .collect();
+    assert_eq!(sets.len(), 3, "one epoll set per queue thread: {fds:?}");
+    assert!(
+        sets.iter().all(|(_, n)| *n == 2),
+        "each queue thread's epoll set holds its exit and vring-enabled events only: {sets:?}"
+    );
+    let eventfds = fds
+        .iter()
+        .filter(|(_, target)| target == "anon_inode:[eventfd]")
+        .count();
+    assert_eq!(
+        eventfds, 12,
+        "two event pairs per queue thread, nothing left from start-up: {fds:?}"
+    );
+    daemon.assert_alive("after its descriptors were read");
+}
