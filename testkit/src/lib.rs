@@ -37,13 +37,19 @@ pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
+        out.extend_from_slice(&xorshift(&mut state).to_le_bytes());
     }
     out.truncate(len);
     out
+}
+
+/// The next number of a xorshift64 sequence (`state` must not be 0): the tests' fixed-seed
+/// streams of offsets and sizes.
+pub fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
 }
 
 /// Reports why a test cannot run here. Returns normally (the test then returns early

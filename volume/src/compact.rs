@@ -18,11 +18,9 @@ use std::time::{Duration, Instant};
 use crate::buffer::LargeBuffer;
 use crate::error::{Result, VolumeError};
 use crate::extent_map::Advance;
-use crate::failpoint;
 use crate::fetch::chunk_runs;
 use crate::format::{Manifest, ManifestKind, PackInfo, PackLoc};
 use crate::mapping::BlockMap;
-use crate::pack::pack_blocks;
 use crate::store::Patience;
 use crate::upload::RateLimit;
 use crate::volume::Inner;
@@ -354,25 +352,9 @@ impl Inner {
                 }
             }
         }
-        let key = self
-            .store
-            .key(&format!("packs/{pack_id:016x}-{}", &self.session_hex[..12]));
-        let (object, info) = pack_blocks(
-            buffer.freeze(),
-            self.config.block_size,
-            pack_id,
-            key.clone(),
-            self.config.chunk_blocks(),
-            self.config.compression,
-        )?;
         // Garbage collection keeps it until a version uses it: its id is past every
         // published version's next pack id.
-        limit
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .wait_for(object.len() as u64);
-        self.store.put(&key, object, Patience::Forever)?;
-        failpoint::hit("compact.after_pack_put");
+        let info = self.put_pack(buffer.freeze(), pack_id, limit, "compact.after_pack_put")?;
 
         // Only blocks still where they were read from move; the map changes on this
         // thread only, so what is computed here is what the version applies to.

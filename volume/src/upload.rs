@@ -617,9 +617,6 @@ impl Inner {
         let started = Instant::now();
         let batch = self.read_batch(records)?;
         failpoint::hit("upload.after_pack_read");
-        let key = self
-            .store
-            .key(&format!("packs/{pack_id:016x}-{}", &self.session_hex[..12]));
         let extents: Vec<_> = batch
             .view
             .iter()
@@ -638,29 +635,8 @@ impl Inner {
         let mut pack = None;
         if !batch.data.is_empty() {
             // The batch's data is the pack's raw bytes, shared, not copied.
-            let (object, info) = pack_blocks(
-                batch.data.clone(),
-                self.config.block_size,
-                pack_id,
-                key.clone(),
-                self.config.chunk_blocks(),
-                self.config.compression,
-            )?;
-            let object_len = object.len() as u64;
-            limit
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .wait_for(object_len);
-            self.store.put(&key, object, Patience::Forever)?;
-            failpoint::hit("upload.after_pack_put");
-            self.metrics.uploads.fetch_add(1, Ordering::Relaxed);
-            self.metrics
-                .upload_bytes
-                .fetch_add(object_len, Ordering::Relaxed);
-            self.metrics
-                .upload_raw_bytes
-                .fetch_add(batch.data.len() as u64, Ordering::Relaxed);
-            pack = Some(info);
+            pack =
+                Some(self.put_pack(batch.data.clone(), pack_id, limit, "upload.after_pack_put")?);
         }
         Ok(Packed {
             batch,
@@ -668,6 +644,44 @@ impl Inner {
             extents,
             pack,
         })
+    }
+
+    /// Builds pack `pack_id` of `raw` (whole blocks) and PUTs it within the upload rate;
+    /// `crash_point` is passed once it is in the bucket.
+    pub(crate) fn put_pack(
+        &self,
+        raw: bytes::Bytes,
+        pack_id: u64,
+        limit: &Mutex<RateLimit>,
+        crash_point: &'static str,
+    ) -> Result<PackInfo> {
+        let key = self
+            .store
+            .key(&format!("packs/{pack_id:016x}-{}", &self.session_hex[..12]));
+        let raw_len = raw.len() as u64;
+        let (object, info) = pack_blocks(
+            raw,
+            self.config.block_size,
+            pack_id,
+            key.clone(),
+            self.config.chunk_blocks(),
+            self.config.compression,
+        )?;
+        let object_len = object.len() as u64;
+        limit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .wait_for(object_len);
+        self.store.put(&key, object, Patience::Forever)?;
+        failpoint::hit(crash_point);
+        self.metrics.uploads.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .upload_bytes
+            .fetch_add(object_len, Ordering::Relaxed);
+        self.metrics
+            .upload_raw_bytes
+            .fetch_add(raw_len, Ordering::Relaxed);
+        Ok(info)
     }
 
     /// Publishes packed batches, in the order they were taken: the next manifest version

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use berth_blockdev::target::{read_at, write_at};
-use berth_testkit::pseudo_random;
+use berth_testkit::{pseudo_random, xorshift};
 use berth_volume::admin::{self, CreateOptions, COMMAND_PATIENCE};
 use berth_volume::{Location, Store, Volume, VolumeOptions};
 
@@ -90,6 +90,29 @@ fn first_difference(got: &[u8], want: &[u8]) -> Option<usize> {
     got.iter().zip(want).position(|(a, b)| a != b)
 }
 
+/// `volume` reads `model` from block 0; closed (the rest uploaded), its latest version has
+/// all its packs, and opened again on `other_cache` (the bucket alone) it reads `model`.
+fn close_and_read_back_from_the_bucket(
+    volume: Volume,
+    location: &Location,
+    other_cache: &Path,
+    model: &[u8],
+) {
+    if let Some(at) = first_difference(&read(&volume, 0, model.len()), model) {
+        panic!("byte {at} reads wrong on the writer");
+    }
+    volume.close().unwrap();
+    drop(volume);
+    assert!(
+        missing_from_latest(location).is_empty(),
+        "a pack in use was deleted"
+    );
+    let (volume, _) = Volume::open(location, options(other_cache)).unwrap();
+    if let Some(at) = first_difference(&read(&volume, 0, model.len()), model) {
+        panic!("byte {at} reads wrong from the bucket alone");
+    }
+}
+
 /// 4 MiB written, then three blocks of every four overwritten: the first 4 MiB of packs
 /// keep a quarter of their blocks each. Compaction moves those into new packs, garbage
 /// collection deletes the old ones, and the bucket ends up holding what the volume uses.
@@ -167,26 +190,7 @@ fn sparse_packs_are_rewritten_and_the_bucket_shrinks_to_what_is_used() {
         held <= SPAN + SPAN / 8,
         "the bucket holds {held} bytes of packs for {SPAN} bytes in use"
     );
-    if let Some(at) = first_difference(&read(&volume, 0, SPAN as usize), &model) {
-        panic!("byte {at} reads wrong after compaction");
-    }
-    volume.close().unwrap();
-    drop(volume);
-    assert!(
-        missing_from_latest(&location).is_empty(),
-        "a pack in use was deleted"
-    );
-    let (volume, _) = Volume::open(&location, options(&dir.path().join("host2"))).unwrap();
-    if let Some(at) = first_difference(&read(&volume, 0, SPAN as usize), &model) {
-        panic!("byte {at} reads wrong from the bucket alone after compaction");
-    }
-}
-
-fn rng(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
+    close_and_read_back_from_the_bucket(volume, &location, &dir.path().join("host2"), &model);
 }
 
 /// Random overwrites with reads checked against a model, compaction taking every sparse
@@ -218,10 +222,10 @@ fn reads_and_writes_during_constant_compaction_see_the_latest_data() {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let (mut writes, mut reads) = (0u64, 0u64);
     while Instant::now() < deadline {
-        let block = rng(&mut state) % (SPAN / BLOCK);
-        let blocks = 1 + rng(&mut state) % 16.min(SPAN / BLOCK - block);
+        let block = xorshift(&mut state) % (SPAN / BLOCK);
+        let blocks = 1 + xorshift(&mut state) % 16.min(SPAN / BLOCK - block);
         let (offset, len) = (block * BLOCK, (blocks * BLOCK) as usize);
-        if rng(&mut state).is_multiple_of(3) {
+        if xorshift(&mut state).is_multiple_of(3) {
             let got = read(&volume, offset, len);
             if let Some(at) = first_difference(&got, &model[offset as usize..][..len]) {
                 panic!(
@@ -251,19 +255,7 @@ fn reads_and_writes_during_constant_compaction_see_the_latest_data() {
         steps >= 3 && emptied > 0 && gc > 0,
         "compaction and collection ran all along ({steps} steps, {emptied} packs emptied, {gc} deleted)"
     );
-    if let Some(at) = first_difference(&read(&volume, 0, SPAN as usize), &model) {
-        panic!("byte {at} reads wrong at the end");
-    }
-    volume.close().unwrap();
-    drop(volume);
-    assert!(
-        missing_from_latest(&location).is_empty(),
-        "a pack in use was deleted"
-    );
-    let (volume, _) = Volume::open(&location, options(&dir.path().join("host2"))).unwrap();
-    if let Some(at) = first_difference(&read(&volume, 0, SPAN as usize), &model) {
-        panic!("after {writes} writes, byte {at} reads wrong from the bucket alone");
-    }
+    close_and_read_back_from_the_bucket(volume, &location, &dir.path().join("host2"), &model);
 }
 
 /// A snapshot holds the packs it was taken with: rewriting them would add a copy and free

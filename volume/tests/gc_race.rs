@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use berth_blockdev::target::{read_at, write_at};
 use berth_cache::{open_backend, BlobBackend, ListedObject, ObjectVersion};
-use berth_testkit::pseudo_random;
+use berth_testkit::{pseudo_random, xorshift};
 use berth_volume::admin::{self, CreateOptions, COMMAND_PATIENCE};
 use berth_volume::{Location, Store, Volume, VolumeOptions};
 
@@ -448,13 +448,6 @@ fn a_snapshot_stopped_past_the_stale_age_is_refused_rather_than_kept_without_its
     volume.close().unwrap();
 }
 
-fn rng(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
-
 /// Bounded soak of the same races left to chance: random overwrites uploaded every few
 /// milliseconds, the volume's own GC every 20 ms and compaction of every sparse pack, and
 /// snapshots taken (each checked whole, then most deleted) all along from another thread.
@@ -519,8 +512,8 @@ fn constant_gc_under_writes_and_snapshots_loses_nothing() {
     let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
     let mut step = 0u64;
     while std::time::Instant::now() < deadline {
-        let block = rng(&mut state) % (SPAN / 4096);
-        let blocks = 1 + rng(&mut state) % 16.min(SPAN / 4096 - block);
+        let block = xorshift(&mut state) % (SPAN / 4096);
+        let blocks = 1 + xorshift(&mut state) % 16.min(SPAN / 4096 - block);
         let (offset, len) = (block * 4096, (blocks * 4096) as usize);
         let data = pseudo_random(1000 + step, len);
         write_at(&*volume, offset, &data, false).unwrap();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_blockdev::target::{flush, read_at, write_at, write_zeroes_at};
-use berth_testkit::{fork_guard, pseudo_random, spawn_guarded};
+use berth_testkit::{fork_guard, pseudo_random, spawn_guarded, xorshift};
 use berth_volume::admin::{self, CreateOptions};
 use berth_volume::{Durability, Location, OpenReport, Volume, VolumeError, VolumeOptions};
 
@@ -84,13 +84,6 @@ fn assert_same(volume: &Volume, model: &[u8], what: &str) {
     }
 }
 
-fn rng(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
-
 /// Random writes, zeroings and flushes against a model; every write is read back at
 /// once and the whole volume now and then, while the uploader packs, rotates segments
 /// and applies batches underneath; a second thread keeps reading a region written once
@@ -131,10 +124,10 @@ fn reads_return_the_latest_write_through_uploads_and_rotations_and_from_the_buck
     let start_version = volume.manifest_version();
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     for step in 0..1500u64 {
-        let block = rng(&mut state) % (14 * MIB / 4096);
-        let blocks = 1 + rng(&mut state) % 16.min(14 * MIB / 4096 - block);
+        let block = xorshift(&mut state) % (14 * MIB / 4096);
+        let blocks = 1 + xorshift(&mut state) % 16.min(14 * MIB / 4096 - block);
         let (offset, len) = (block * 4096, (blocks * 4096) as usize);
-        match rng(&mut state) % 10 {
+        match xorshift(&mut state) % 10 {
             0 => {
                 write_zeroes_at(&*volume, offset, len as u64).unwrap();
                 model[offset as usize..offset as usize + len].fill(0);
@@ -142,7 +135,13 @@ fn reads_return_the_latest_write_through_uploads_and_rotations_and_from_the_buck
             1 => flush(&*volume).unwrap(),
             _ => {
                 let data = pseudo_random(step, len);
-                write_at(&*volume, offset, &data, rng(&mut state).is_multiple_of(7)).unwrap();
+                write_at(
+                    &*volume,
+                    offset,
+                    &data,
+                    xorshift(&mut state).is_multiple_of(7),
+                )
+                .unwrap();
                 model[offset as usize..offset as usize + len].copy_from_slice(&data);
             }
         }
@@ -459,7 +458,7 @@ fn sustained_writes_stay_within_the_upload_memory_budget_and_the_dirty_limit() {
     // 64 MiB over a 16 MiB volume: half of each write compresses, half does not.
     let mut state = 0x5eed_u64;
     for step in 0..(64 * MIB as usize / WRITE) {
-        let offset = (rng(&mut state) % (SIZE / WRITE as u64)) * WRITE as u64;
+        let offset = (xorshift(&mut state) % (SIZE / WRITE as u64)) * WRITE as u64;
         let mut data = pseudo_random(step as u64, WRITE);
         data[..WRITE / 2].fill(step as u8);
         write_at(&volume, offset, &data, false).unwrap();
@@ -552,7 +551,7 @@ fn a_full_local_disk_costs_cache_not_data() {
     let mut refused = 0u32;
     // Three times the volume, which is more than half again the disk.
     for step in 0..(3 * SIZE as usize / WRITE) {
-        let offset = (rng(&mut state) % (SIZE / WRITE as u64)) * WRITE as u64;
+        let offset = (xorshift(&mut state) % (SIZE / WRITE as u64)) * WRITE as u64;
         let data = pseudo_random(step as u64 + 1, WRITE);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
