@@ -1,6 +1,6 @@
 //! `berth volume` against a real S3-compatible server (moto) on loopback, behind the
 //! counting proxy: create (empty and from an image), info (text and JSON), snapshot, clone
-//! (sharing packs: no pack is copied), gc, the lease and its break procedure, and the
+//! (sharing packs: no pack is copied), gc, compact, the lease and its break procedure, and the
 //! errors a user meets. Then the volume as a block target in a `berth` process killed with
 //! SIGKILL mid-stream: every write acknowledged by a FLUSH is there after reopening, with
 //! `--durability local` (from the local log) and `object` (from the bucket alone).
@@ -351,6 +351,102 @@ fn volume_commands_create_snapshot_clone_gc_and_explain_their_errors() {
 
 /// A one-shot command ends on SIGTERM even while it retries a bucket that does not
 /// answer (the signals every berth command starts with blocked are given back).
+/// `berth volume compact` on a volume no host serves: its sparse packs are rewritten and
+/// collected, the bucket shrinks, the data stays; a second run finds nothing to do; a
+/// served volume is refused by its lease.
+#[test]
+fn compact_rewrites_the_sparse_packs_of_a_volume_no_host_serves() {
+    let Some(bucket) = start_bucket() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sparse = "s3://berth/vols/sparse";
+    bucket.ok(&["create", sparse, "--size", "1M"]);
+    // A FLUSH every 8 writes (object durability) uploads a pack of the blocks written
+    // since the last; the stream comes back to its 60 blocks in groups that do not line up
+    // with the packs', so earlier packs keep only some of theirs. No compaction while it
+    // writes.
+    let exercise = bucket.ok(&[
+        "exercise",
+        sparse,
+        "--writes",
+        "256",
+        "--blocks",
+        "60",
+        "--flush-every",
+        "8",
+        "--durability",
+        "object",
+        "--compact-below",
+        "0",
+        "--volume-dir",
+        dir.path().join("writer").to_str().unwrap(),
+    ]);
+    assert!(exercise.ends_with("acked 256\ndone\n"), "{exercise}");
+    let before = bucket.info(sparse);
+    assert!(
+        before["dead_bytes_in_use"].as_u64().unwrap() > 0,
+        "the overwrites left dead blocks in packs: {before}"
+    );
+    let read_all = |cache: &str| -> Vec<u8> {
+        let volume = bucket.open(sparse, &dir.path().join(cache));
+        let mut data = vec![0u8; 60 * 4096];
+        read_at(&volume, 0, &mut data).unwrap();
+        volume.close().unwrap();
+        data
+    };
+    let data = read_all("reader-a");
+
+    let report: Value = serde_json::from_str(&bucket.ok(&[
+        "compact",
+        sparse,
+        "--below",
+        "1",
+        "--json",
+        "--volume-dir",
+        dir.path().join("compact").to_str().unwrap(),
+    ]))
+    .unwrap();
+    eprintln!("compact: {report}");
+    assert!(report["steps"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(
+        report["dead_bytes_after"], 0,
+        "every pack with a dead block was rewritten: {report}"
+    );
+    assert!(
+        report["gc"]["packs_deleted"].as_u64().unwrap() > 0
+            && report["pack_bytes_after"].as_u64() < report["pack_bytes_before"].as_u64(),
+        "the old packs are gone and the bucket shrank: {report}"
+    );
+    assert!(
+        read_all("reader-b") == data,
+        "the volume reads the same after compaction"
+    );
+    let again = bucket.ok(&[
+        "compact",
+        sparse,
+        "--volume-dir",
+        dir.path().join("compact").to_str().unwrap(),
+    ]);
+    assert!(
+        again.contains(": 0 compaction steps moved 0 bytes"),
+        "nothing is left to do: {again}"
+    );
+
+    // Served elsewhere: the lease refuses the command.
+    let served = bucket.open(sparse, &dir.path().join("server"));
+    let err = bucket.fails(&[
+        "compact",
+        sparse,
+        "--volume-dir",
+        dir.path().join("compact").to_str().unwrap(),
+    ]);
+    assert!(err.contains("is in use by"), "{err}");
+    served.close().unwrap();
+    let err = bucket.fails(&["compact", sparse, "--below", "0"]);
+    assert!(err.contains("--below must be above 0"), "{err}");
+}
+
 #[test]
 fn a_volume_command_waiting_for_its_bucket_ends_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();

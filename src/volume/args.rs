@@ -23,6 +23,9 @@ pub enum VolumeCommand {
     Clone(CloneArgs),
     /// Delete the packs and old manifest versions nothing refers to any more.
     Gc(GcArgs),
+    /// Rewrite the live blocks of sparse packs into new ones and delete the old packs, for
+    /// a volume no host is serving (a served volume does this by itself).
+    Compact(CompactArgs),
     /// Show a volume's geometry, manifest version, packs, snapshots, clones and lease.
     Info(InfoArgs),
     /// Free the volume's lease whoever holds it (when its writer's host is gone for good).
@@ -140,6 +143,33 @@ pub struct GcArgs {
     /// Count what would be deleted, delete nothing.
     #[arg(long)]
     pub dry_run: bool,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub bucket: BucketArgs,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// `berth volume compact` flags.
+#[derive(Debug, Clone, Args)]
+pub struct CompactArgs {
+    /// The volume: s3://BUCKET/PREFIX.
+    #[arg(value_name = "LOCATION")]
+    pub location: String,
+
+    /// Packs less than this fraction of which the volume still uses are rewritten (above 0,
+    /// at most 1).
+    #[arg(long, value_name = "FRACTION", default_value_t = DEFAULT_COMPACT_BELOW,
+          value_parser = parse_fraction)]
+    pub below: f64,
+
+    /// Where the volume's local state goes while the command holds it (as for serving).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_VOLUME_DIR)]
+    pub volume_dir: PathBuf,
 
     /// Print the report as JSON.
     #[arg(long)]
@@ -344,6 +374,7 @@ impl VolumeCommand {
             VolumeCommand::Snapshot(a) => &a.common,
             VolumeCommand::Clone(a) => &a.common,
             VolumeCommand::Gc(a) => &a.common,
+            VolumeCommand::Compact(a) => &a.common,
             VolumeCommand::Info(a) => &a.common,
             VolumeCommand::BreakLease(a) => &a.common,
             VolumeCommand::Exercise(a) => &a.common,

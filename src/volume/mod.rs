@@ -18,8 +18,8 @@ use tracing::info;
 
 pub use args::VolumeCommand;
 use args::{
-    BucketArgs, CloneArgs, CreateArgs, DurabilityArg, ExerciseArgs, GcArgs, InfoArgs, LocationArgs,
-    SnapshotArgs, VolumeServeArgs,
+    BucketArgs, CloneArgs, CompactArgs, CreateArgs, DurabilityArg, ExerciseArgs, GcArgs, InfoArgs,
+    LocationArgs, SnapshotArgs, VolumeServeArgs,
 };
 
 /// The prefix a block target spec starts with when it names a volume.
@@ -271,6 +271,75 @@ fn run_gc(args: GcArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long `berth volume compact` lets compaction run.
+const COMPACT_FOR_AT_MOST: Duration = Duration::from_secs(6 * 3600);
+
+/// Takes the volume's lease (as serving it would), lets its uploader compact every sparse
+/// pack, gives the lease back, then collects the packs that fell out of use.
+fn run_compact(args: CompactArgs) -> anyhow::Result<()> {
+    let location = reach_volume(&args.location, &args.bucket)?;
+    if args.below <= 0.0 {
+        bail!("--below must be above 0 (0.5: packs less than half used are rewritten)");
+    }
+    let before =
+        admin::info(&location).with_context(|| format!("cannot read the volume {location}"))?;
+    let options = VolumeOptions {
+        cache_dir: args.volume_dir.clone(),
+        compact_below: Some(args.below),
+        // Every dead block of a sparse pack counts: nothing else is going on.
+        compact_after_dead_bytes: 1,
+        compact_check_interval: Duration::from_millis(50),
+        ..VolumeOptions::default()
+    };
+    let (volume, _) = Volume::open(&location, options)
+        .with_context(|| format!("cannot open the volume {location}"))?;
+    let compacted = volume.wait_compacted(COMPACT_FOR_AT_MOST);
+    let metrics = volume.metrics();
+    let steps = metrics
+        .compactions
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let moved = metrics
+        .compacted_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let packs = metrics
+        .compacted_packs
+        .load(std::sync::atomic::Ordering::Relaxed);
+    volume
+        .close()
+        .with_context(|| format!("cannot close the volume {location}"))?;
+    compacted.with_context(|| format!("cannot compact the volume {location}"))?;
+    let gc = admin::gc(&location, Duration::from_secs(3600), false)
+        .with_context(|| format!("cannot collect the garbage of {location}"))?;
+    let after =
+        admin::info(&location).with_context(|| format!("cannot read the volume {location}"))?;
+    if args.json {
+        let report = serde_json::json!({
+            "steps": steps,
+            "moved_bytes": moved,
+            "packs_compacted": packs,
+            "gc": gc,
+            "dead_bytes_before": before.dead_bytes_in_use,
+            "dead_bytes_after": after.dead_bytes_in_use,
+            "pack_bytes_before": before.pack_bytes_stored,
+            "pack_bytes_after": after.pack_bytes_stored,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{location}: {steps} compaction steps moved {moved} bytes out of {packs} sparse packs; \
+         garbage collection deleted {} packs ({} bytes). Blocks no longer used in the packs in \
+         use: {} bytes before, {} after; pack objects: {} bytes before, {} after.",
+        gc.packs_deleted,
+        gc.bytes_deleted,
+        before.dead_bytes_in_use,
+        after.dead_bytes_in_use,
+        before.pack_bytes_stored,
+        after.pack_bytes_stored
+    );
+    Ok(())
+}
+
 /// `info` as text.
 fn render_info(info: &VolumeInfo) -> String {
     let mut out = String::new();
@@ -438,6 +507,7 @@ pub fn run(command: VolumeCommand) -> anyhow::Result<()> {
         VolumeCommand::Snapshot(args) => run_snapshot(args),
         VolumeCommand::Clone(args) => run_clone(args),
         VolumeCommand::Gc(args) => run_gc(args),
+        VolumeCommand::Compact(args) => run_compact(args),
         VolumeCommand::Info(args) => run_info(args),
         VolumeCommand::BreakLease(args) => run_break_lease(args),
         VolumeCommand::Exercise(args) => run_exercise(args),

@@ -67,6 +67,17 @@ impl Compaction {
     }
 }
 
+/// What compaction last found (see [`crate::Volume::wait_compacted`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CompactionStatus {
+    /// Looks at the packs so far (a step that found nothing to move, or failed, counts).
+    pub looks: u64,
+    /// The last look found no step due.
+    pub settled: bool,
+    /// Why the last step failed, if it did (damaged packs are not failures).
+    pub error: Option<String>,
+}
+
 /// A pack worth rewriting: its id, live blocks and blocks.
 #[derive(Debug, Clone, Copy)]
 struct Sparse {
@@ -156,13 +167,37 @@ impl Inner {
         self.metrics
             .pack_dead_bytes
             .store(dead * self.block_size, Ordering::Relaxed);
-        if state.stopping || state.fenced.is_some() || state.failed.is_some() {
+        let blocked = if state.stopping {
+            Some("the volume is closing".to_string())
+        } else if let Some(holder) = &state.fenced {
+            Some(format!("the volume was taken over ({holder})"))
+        } else {
+            state
+                .failed
+                .as_ref()
+                .map(|why| format!("the volume stopped: {why}"))
+        };
+        if blocked.is_some() {
+            drop(state);
+            self.note_look(true, blocked);
             return false;
         }
+        drop(state);
         let sparse_dead: u64 = sparse.iter().map(|s| s.raw - s.live).sum();
         compaction.due =
             sparse_dead * self.block_size >= self.options.compact_after_dead_bytes.max(1);
+        self.note_look(!compaction.due, None);
         compaction.due
+    }
+
+    fn note_look(&self, settled: bool, error: Option<String>) {
+        let mut status = self
+            .compaction_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        status.looks += 1;
+        status.settled = settled;
+        status.error = error;
     }
 
     /// Runs a compaction step with new pack `pack_id`. Errors the uploader must act on
@@ -193,6 +228,7 @@ impl Inner {
                 None
             }
             Ok(None) => {
+                self.note_look(true, None);
                 compaction.not_before = Instant::now() + BACKOFF;
                 None
             }
@@ -218,6 +254,7 @@ impl Inner {
                     BACKOFF.as_secs(),
                     err.describe()
                 );
+                self.note_look(true, Some(err.describe()));
                 compaction.not_before = Instant::now() + BACKOFF;
                 None
             }

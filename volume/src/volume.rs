@@ -340,6 +340,8 @@ pub(crate) struct Inner {
     pub metrics: Arc<VolumeMetrics>,
     pub lease: Mutex<Option<Lease>>,
     pub fetch_jobs: Mutex<Option<Sender<FetchJob>>>,
+    /// What the uploader's compaction last found, for [`Volume::wait_compacted`].
+    pub compaction_status: Mutex<crate::compact::CompactionStatus>,
     pub meta: Mutex<LocalMeta>,
     /// Blocks per eviction region.
     pub region_blocks: u64,
@@ -1372,6 +1374,7 @@ impl Volume {
             metrics: Arc::new(VolumeMetrics::default()),
             lease: Mutex::new(Some(lease)),
             fetch_jobs: Mutex::new(None),
+            compaction_status: Mutex::new(Default::default()),
             meta: Mutex::new(meta.clone()),
             region_blocks,
             local,
@@ -1525,6 +1528,40 @@ impl Volume {
     /// Acknowledged bytes not in the bucket yet.
     pub fn dirty_bytes(&self) -> u64 {
         self.inner.lock().pending_bytes
+    }
+
+    /// Waits (at most `timeout`) until compaction has nothing left to do: a look at the
+    /// packs made after this call found no step due (or a step found nothing to move).
+    /// Fails with the last step's error if compaction stopped on one.
+    pub fn wait_compacted(&self, timeout: Duration) -> Result<()> {
+        let status = || {
+            self.inner
+                .compaction_status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        };
+        if self.inner.options.compact_below.is_none() {
+            return Ok(());
+        }
+        let since = status().looks;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = status();
+            if now.looks > since && now.settled {
+                return match now.error {
+                    Some(error) => Err(VolumeError::Failed(format!("compaction: {error}"))),
+                    None => Ok(()),
+                };
+            }
+            if Instant::now() >= deadline {
+                return Err(VolumeError::Failed(format!(
+                    "compaction did not finish within {} s",
+                    timeout.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Asks for everything completed so far to be uploaded, and waits (at most
