@@ -7,23 +7,15 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use berth_blockdev::target::{read_at, write_at};
+use berth_blockdev::target::write_at;
 use berth_testkit::{pseudo_random, xorshift};
-use berth_volume::admin::{self, CreateOptions, COMMAND_PATIENCE};
+use berth_volume::admin::{self, COMMAND_PATIENCE};
 use berth_volume::{Location, Store, Volume, VolumeOptions};
 
-const MIB: u64 = 1 << 20;
-const BLOCK: u64 = 4096;
+mod common;
+use common::{create, missing_from_latest, read, MIB};
 
-fn create(bucket: &Path) -> Location {
-    let location = Location::parse(&format!("file://{}/vol", bucket.display())).unwrap();
-    let options = CreateOptions {
-        size: Some(16 * MIB),
-        ..CreateOptions::default()
-    };
-    admin::create(&location, &options, None).unwrap();
-    location
-}
+const BLOCK: u64 = 4096;
 
 /// Small packs uploaded at once, compaction as soon as 1 MiB is dead in packs less than
 /// half used, garbage collection as soon as 256 KiB of packs fell out of use.
@@ -48,13 +40,6 @@ fn options(cache_dir: &Path) -> VolumeOptions {
     }
 }
 
-fn read(volume: &Volume, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0x5a; len];
-    read_at(volume, offset, &mut buf)
-        .unwrap_or_else(|e| panic!("reading {len} bytes at {offset}: {e}"));
-    buf
-}
-
 fn pack_bytes(store: &Store) -> u64 {
     store
         .list("packs", COMMAND_PATIENCE)
@@ -62,28 +47,6 @@ fn pack_bytes(store: &Store) -> u64 {
         .iter()
         .map(|o| o.size)
         .sum()
-}
-
-/// The packs the latest manifest version uses that the bucket no longer holds.
-fn missing_from_latest(location: &Location) -> Vec<String> {
-    let store = Store::open(location).unwrap();
-    let config = store.load_config(COMMAND_PATIENCE).unwrap();
-    let versions = store.manifest_versions(COMMAND_PATIENCE).unwrap();
-    let (state, _) = store
-        .load_state(&config, *versions.last().unwrap(), COMMAND_PATIENCE)
-        .unwrap();
-    let present: Vec<String> = store
-        .list("packs", COMMAND_PATIENCE)
-        .unwrap()
-        .into_iter()
-        .map(|o| o.name)
-        .collect();
-    state
-        .packs
-        .values()
-        .map(|p| p.key.clone())
-        .filter(|k| !present.contains(k))
-        .collect()
 }
 
 fn first_difference(got: &[u8], want: &[u8]) -> Option<usize> {

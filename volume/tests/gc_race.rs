@@ -9,13 +9,14 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use berth_blockdev::target::{read_at, write_at};
+use berth_blockdev::target::write_at;
 use berth_cache::{open_backend, BlobBackend, ListedObject, ObjectVersion};
 use berth_testkit::{pseudo_random, xorshift};
-use berth_volume::admin::{self, CreateOptions, COMMAND_PATIENCE};
+use berth_volume::admin::{self, COMMAND_PATIENCE};
 use berth_volume::{Location, Store, Volume, VolumeOptions};
 
-const MIB: u64 = 1 << 20;
+mod common;
+use common::{create, missing, missing_from_latest, read, MIB};
 
 /// Far shorter than the stalls below: a GC that bets on time loses.
 const GRACE: Duration = Duration::from_millis(100);
@@ -150,16 +151,6 @@ fn gated_store(location: &Location, gate: &Arc<Gate>) -> Arc<Store> {
     Store::with_backend(location, Arc::new(bucket))
 }
 
-fn create(bucket: &Path) -> Location {
-    let location = Location::parse(&format!("file://{}/vol", bucket.display())).unwrap();
-    let options = CreateOptions {
-        size: Some(16 * MIB),
-        ..CreateOptions::default()
-    };
-    admin::create(&location, &options, None).unwrap();
-    location
-}
-
 /// Uploads only when asked (`sync_to_bucket`, close), no background GC.
 fn options(cache_dir: &Path) -> VolumeOptions {
     VolumeOptions {
@@ -174,34 +165,6 @@ fn options(cache_dir: &Path) -> VolumeOptions {
         flush_timeout: Duration::from_secs(10),
         ..VolumeOptions::default()
     }
-}
-
-/// The packs `keys` names that the bucket no longer holds.
-fn missing(store: &Store, keys: impl IntoIterator<Item = String>) -> Vec<String> {
-    let present: Vec<String> = store
-        .list("packs", COMMAND_PATIENCE)
-        .unwrap()
-        .into_iter()
-        .map(|o| o.name)
-        .collect();
-    keys.into_iter().filter(|k| !present.contains(k)).collect()
-}
-
-/// The packs the latest manifest version uses that the bucket no longer holds.
-fn missing_from_latest(location: &Location) -> Vec<String> {
-    let store = Store::open(location).unwrap();
-    let config = store.load_config(COMMAND_PATIENCE).unwrap();
-    let versions = store.manifest_versions(COMMAND_PATIENCE).unwrap();
-    let latest = *versions.last().unwrap();
-    let (state, _) = store.load_state(&config, latest, COMMAND_PATIENCE).unwrap();
-    missing(&store, state.packs.values().map(|p| p.key.clone()))
-}
-
-fn read(volume: &Volume, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0x5a; len];
-    read_at(volume, offset, &mut buf)
-        .unwrap_or_else(|e| panic!("reading {len} bytes at {offset}: {e}"));
-    buf
 }
 
 /// GC reads the latest manifest (its live set), then stalls; meanwhile the uploader puts
