@@ -145,8 +145,12 @@ impl Inner {
         };
         let now = Instant::now();
         if compaction.due {
-            let state = self.lock();
-            compaction.due = !(state.stopping || state.fenced.is_some() || state.failed.is_some());
+            // Still due unless the volume stopped taking writes meanwhile.
+            let refused = self.lock().refuse_writes();
+            compaction.due = refused.is_none();
+            if let Some(err) = refused {
+                self.note_look(true, Some(err.to_string()));
+            }
             return compaction.due;
         }
         if now < compaction.not_before
@@ -167,22 +171,12 @@ impl Inner {
         self.metrics
             .pack_dead_bytes
             .store(dead * self.block_size, Ordering::Relaxed);
-        let blocked = if state.stopping {
-            Some("the volume is closing".to_string())
-        } else if let Some(holder) = &state.fenced {
-            Some(format!("the volume was taken over ({holder})"))
-        } else {
-            state
-                .failed
-                .as_ref()
-                .map(|why| format!("the volume stopped: {why}"))
-        };
-        if blocked.is_some() {
-            drop(state);
-            self.note_look(true, blocked);
+        let refused = state.refuse_writes();
+        drop(state);
+        if let Some(err) = refused {
+            self.note_look(true, Some(err.to_string()));
             return false;
         }
-        drop(state);
         let sparse_dead: u64 = sparse.iter().map(|s| s.raw - s.live).sum();
         compaction.due =
             sparse_dead * self.block_size >= self.options.compact_after_dead_bytes.max(1);

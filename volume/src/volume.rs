@@ -298,7 +298,7 @@ pub(crate) struct State {
 }
 
 impl State {
-    fn refuse_writes(&self) -> Option<VolumeError> {
+    pub(crate) fn refuse_writes(&self) -> Option<VolumeError> {
         if let Some(holder) = &self.fenced {
             return Some(VolumeError::Fenced(holder.clone()));
         }
