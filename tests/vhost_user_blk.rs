@@ -1654,10 +1654,7 @@ fn volumes_under_a_write_soak_keep_every_write_within_memory_descriptor_and_disk
     // buffers, the extent maps and the log's checksum buffer.
     const ALLOWANCE_MIB: u64 = 40;
     const FD_BUDGET: usize = 64;
-    let seconds: u64 = std::env::var("BERTH_VOLUME_SOAK_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+    let seconds = berth_testkit::soak_seconds(10);
     let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
     let upload_memory = format!("{UPLOAD_MEMORY_MIB}M");
     let max_dirty = format!("{MAX_DIRTY_MIB}M");

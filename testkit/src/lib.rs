@@ -43,6 +43,15 @@ pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// How long a bounded soak runs: `BERTH_VOLUME_SOAK_SECONDS` (`--soak-seconds` of the test
+/// script), or `default` seconds.
+pub fn soak_seconds(default: u64) -> u64 {
+    std::env::var("BERTH_VOLUME_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The next number of a xorshift64 sequence (`state` must not be 0): the tests' fixed-seed
 /// streams of offsets and sizes.
 pub fn xorshift(state: &mut u64) -> u64 {

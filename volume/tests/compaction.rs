@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use berth_blockdev::target::write_at;
-use berth_testkit::{pseudo_random, xorshift};
+use berth_testkit::{pseudo_random, soak_seconds, xorshift};
 use berth_volume::admin::{self, COMMAND_PATIENCE};
 use berth_volume::{Location, Store, Volume, VolumeOptions};
 
@@ -163,10 +163,7 @@ fn sparse_packs_are_rewritten_and_the_bucket_shrinks_to_what_is_used() {
 /// (default 6).
 #[test]
 fn reads_and_writes_during_constant_compaction_see_the_latest_data() {
-    let seconds = std::env::var("BERTH_VOLUME_SOAK_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(6u64);
+    let seconds = soak_seconds(6);
     const SPAN: u64 = 2 * MIB;
     let dir = tempfile::tempdir().unwrap();
     let location = create(&dir.path().join("bucket"));

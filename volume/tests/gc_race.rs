@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use berth_blockdev::target::write_at;
 use berth_cache::{open_backend, BlobBackend, ListedObject, ObjectVersion};
-use berth_testkit::{pseudo_random, xorshift};
+use berth_testkit::{pseudo_random, soak_seconds, xorshift};
 use berth_volume::admin::{self, COMMAND_PATIENCE};
 use berth_volume::{Location, Store, Volume, VolumeOptions};
 
@@ -418,10 +418,7 @@ fn a_snapshot_stopped_past_the_stale_age_is_refused_rather_than_kept_without_its
 /// have all their packs. `BERTH_VOLUME_SOAK_SECONDS` lengthens it (default 8).
 #[test]
 fn constant_gc_under_writes_and_snapshots_loses_nothing() {
-    let seconds = std::env::var("BERTH_VOLUME_SOAK_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(8u64);
+    let seconds = soak_seconds(8);
     // Small, so that whole packs are overwritten and become garbage.
     const SPAN: u64 = 2 * MIB;
     let dir = tempfile::tempdir().unwrap();
