@@ -85,7 +85,8 @@ pub struct CacheConfig {
     /// compressed blob, stored bytes would pull in far more than was asked for).
     pub merge_min_bytes: u64,
     /// One backend read covers at most this many stored bytes (background reads are
-    /// cut into pieces of this size).
+    /// cut into pieces of this size), or fewer where the backend asks for shorter reads
+    /// ([`crate::BlobBackend::merge_limit`]: a local directory is read a chunk at a time).
     pub merge_max_bytes: u64,
     /// How far ahead of a sequential reader chunks are fetched; the window starts at
     /// two chunks and doubles with each chunk the reader moves on, up to this. 0 turns
@@ -223,6 +224,9 @@ struct BlobCache {
     evicted: AtomicBool,
     streams: Mutex<([Stream; STREAMS], u64)>,
     listener: Mutex<ReadyListener>,
+    /// The most stored bytes one backend read of this blob covers: the configured bound,
+    /// or the backend's own if lower.
+    merge_max_bytes: u64,
 }
 
 /// The chunks of a blob waiting for the sync thread's next round.
@@ -1144,6 +1148,11 @@ impl EngineInner {
             evicted: AtomicBool::new(false),
             streams: Mutex::new(([Stream::default(); STREAMS], 0)),
             listener: Mutex::new(ReadyListener(None)),
+            merge_max_bytes: self.config.merge_max_bytes.min(
+                self.backend
+                    .merge_limit(&manifest.object)
+                    .unwrap_or(u64::MAX),
+            ),
         });
         lock(&self.dormant).remove(id);
         self.metrics
@@ -1485,7 +1494,7 @@ impl EngineInner {
     }
 
     /// Marks the missing chunks of `wanted` as being fetched by us, grouped into
-    /// runs of adjacent chunks of at most `merge_max_bytes`; with `extend`, a short
+    /// runs of adjacent chunks of at most the blob's `merge_max_bytes`; with `extend`, a short
     /// last run grows over following missing chunks to reach `merge_min_bytes`.
     fn claim_runs(
         &self,
@@ -1514,7 +1523,7 @@ impl EngineInner {
                 if let Some(run) = runs.last_mut() {
                     if run.chunks.end == index
                         && blob.zero[index as usize] == blob.zero[run.chunks.start as usize]
-                        && stored_bytes(&run.chunks, index) <= self.config.merge_max_bytes
+                        && stored_bytes(&run.chunks, index) <= blob.merge_max_bytes
                     {
                         run.chunks.end = index + 1;
                         states.states[index as usize] = ChunkState::Fetching(run.ticket);
@@ -1815,7 +1824,7 @@ impl EngineInner {
                     Some(run)
                         if entry.offset + entry.stored_size
                             - manifest.chunks[run.start as usize].offset
-                            <= self.config.merge_max_bytes =>
+                            <= blob.merge_max_bytes =>
                     {
                         run.end = index + 1
                     }

@@ -185,6 +185,38 @@ fn adjacent_misses_merge_into_one_backend_read() {
 }
 
 #[test]
+fn a_backend_asking_for_shorter_reads_than_the_engine_gets_them() {
+    let (s, manifest) = setup(32 * CHUNK as usize, Compression::None, Duration::ZERO);
+    let chunk = u64::from(CHUNK);
+    let mut config = config_for_merge(&s.cache);
+    config.merge_max_bytes = 16 * chunk;
+    let local: Arc<dyn BlobBackend> = Arc::new(LocalDirBackend::new(&s.store));
+    // Four chunks at most, as the backend asks: a 16-chunk miss is four reads.
+    let short = Recording::limited(local.clone(), Duration::ZERO, Some(4 * chunk));
+    let engine = CacheEngine::new(config.clone(), short.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    handle.ensure_present(0..16 * chunk).unwrap();
+    assert_eq!(
+        short.reads(),
+        vec![
+            0..4 * chunk,
+            4 * chunk..8 * chunk,
+            8 * chunk..12 * chunk,
+            12 * chunk..16 * chunk
+        ]
+    );
+    drop(handle);
+    drop(engine);
+    // A backend limit above the engine's bound leaves the bound in charge.
+    std::fs::remove_dir_all(&s.cache).unwrap();
+    let long = Recording::limited(local, Duration::ZERO, Some(64 * chunk));
+    let engine = CacheEngine::new(config, long.clone()).unwrap();
+    let handle = engine.open_blob(&manifest).unwrap();
+    handle.ensure_present(0..32 * chunk).unwrap();
+    assert_eq!(long.reads(), vec![0..16 * chunk, 16 * chunk..32 * chunk]);
+}
+
+#[test]
 fn corrupt_chunk_fails_with_an_error_naming_it_and_is_not_cached() {
     let (s, manifest) = setup(8 * CHUNK as usize, Compression::None, Duration::ZERO);
     // Flip one byte of chunk 3 in the backend object.

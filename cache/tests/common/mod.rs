@@ -53,20 +53,32 @@ pub fn publish(
 }
 
 /// A backend wrapper that records every range read and can slow reads down.
-/// It forwards to a real backend: nothing is simulated.
+/// It forwards to a real backend: nothing is simulated. It asks for no merge limit of
+/// its own unless made with [`Recording::limited`] (so the engine's bound alone decides
+/// the reads of the tests that count them).
 #[derive(Debug)]
 pub struct Recording {
     pub inner: Arc<dyn BlobBackend>,
     pub reads: Mutex<Vec<Range<u64>>>,
     pub delay: Duration,
+    pub merge_limit: Option<u64>,
 }
 
 impl Recording {
     pub fn new(inner: Arc<dyn BlobBackend>, delay: Duration) -> Arc<Self> {
+        Self::limited(inner, delay, None)
+    }
+    /// As [`Recording::new`], asking the engine for reads of at most `merge_limit`.
+    pub fn limited(
+        inner: Arc<dyn BlobBackend>,
+        delay: Duration,
+        merge_limit: Option<u64>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             inner,
             reads: Mutex::new(Vec::new()),
             delay,
+            merge_limit,
         })
     }
     pub fn reads(&self) -> Vec<Range<u64>> {
@@ -79,6 +91,9 @@ impl BlobBackend for Recording {
         self.reads.lock().unwrap().push(range.clone());
         std::thread::sleep(self.delay);
         self.inner.read_range(name, range)
+    }
+    fn merge_limit(&self, _name: &str) -> Option<u64> {
+        self.merge_limit
     }
     fn size(&self, name: &str) -> Result<u64> {
         self.inner.size(name)

@@ -67,6 +67,9 @@ impl BlobBackend for RoutedBackend {
     fn read_range_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> berth_cache::Result<()> {
         self.backend(name)?.read_range_into(name, offset, buf)
     }
+    fn merge_limit(&self, name: &str) -> Option<u64> {
+        self.backend(name).ok()?.merge_limit(name)
+    }
     fn size(&self, name: &str) -> berth_cache::Result<u64> {
         self.backend(name)?.size(name)
     }
