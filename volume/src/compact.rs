@@ -385,7 +385,13 @@ impl Inner {
         }
         // Garbage collection keeps it until a version uses it: its id is past every
         // published version's next pack id.
-        let info = self.put_pack(buffer.freeze(), pack_id, limit, "compact.after_pack_put")?;
+        let info = self.put_pack(
+            buffer.freeze(),
+            pack_id,
+            limit,
+            &|_| {},
+            "compact.after_pack_put",
+        )?;
 
         // Only blocks still where they were read from move; the map changes on this
         // thread only, so what is computed here is what the version applies to.

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -113,6 +113,10 @@ impl RateLimit {
 /// published (manifest version, local apply) in the order they were taken.
 struct InFlight {
     bytes: u64,
+    /// Memory its pack holds beyond the batch's data: the batch's size until the pack is
+    /// built (a compressed copy may be as large), then the pack's own buffer, or nothing
+    /// where the pack is the batch's data itself (no chunk compressed).
+    pack_copy: Arc<AtomicU64>,
     packed: Receiver<Result<Packed>>,
     /// The stream's outcome once it has finished (the batch then waits for its turn to
     /// be published and no longer holds a stream).
@@ -159,8 +163,8 @@ impl Streams {
     }
 
     /// Bytes of memory held for the batches in flight and `publishing` bytes of batches
-    /// out of the queue and not yet published: each batch's data, and as much again while
-    /// it is packed and PUT (its compressed copy).
+    /// out of the queue and not yet published: each batch's data, and while it is packed
+    /// and PUT its pack's copy ([`InFlight::pack_copy`]).
     fn held(&self, publishing: u64) -> u64 {
         publishing
             + self
@@ -168,7 +172,7 @@ impl Streams {
                 .iter()
                 .map(|f| {
                     if f.outcome.is_none() {
-                        2 * f.bytes
+                        f.bytes + f.pack_copy.load(Ordering::Relaxed)
                     } else {
                         f.bytes
                     }
@@ -361,6 +365,7 @@ impl Inner {
                 streams_state.taken_seq,
                 in_flight_bytes,
                 max_bytes,
+                held == 0,
             ) else {
                 let stop = state.stopping;
                 if may_wait && streams_state.in_flight.is_empty() && !stop {
@@ -389,7 +394,7 @@ impl Inner {
     }
 
     /// The most data the next batch may hold with `held` bytes already held under the
-    /// upload memory budget (it needs twice its size while it is packed and PUT); None
+    /// upload memory budget (it needs twice its size until its pack is built); None
     /// to wait for memory. A batch is not cut below a quarter of a pack while others are
     /// in flight (many small PUTs would cost more than waiting); with nothing held, a
     /// batch goes whatever the budget (it takes at least one record).
@@ -402,14 +407,16 @@ impl Inner {
         (room >= (pack_bytes / 4).max(self.block_size)).then(|| room.min(pack_bytes))
     }
 
-    /// The next batch of records after `after_seq` (at most `max_bytes`, at least one
-    /// record), with its size, if one is due.
+    /// The next batch of records after `after_seq` (at most `max_bytes`), with its size,
+    /// if one is due. A record larger than `max_bytes` goes alone, and only when the
+    /// uploader holds nothing else (`alone`); otherwise it waits for memory.
     fn take_batch(
         &self,
         state: &mut State,
         after_seq: u64,
         in_flight_bytes: u64,
         max_bytes: u64,
+        alone: bool,
     ) -> Option<(Vec<Record>, u64)> {
         let blocked = state.fenced.is_some() || state.failed.is_some();
         let untaken = state.pending.back().is_some_and(|r| r.seq > after_seq);
@@ -432,12 +439,15 @@ impl Inner {
         let mut all = true;
         for record in state.pending.iter().filter(|r| r.seq > after_seq) {
             let size = record_bytes(record, self.block_size);
-            if !taken.is_empty() && bytes + size > max_bytes {
+            if bytes + size > max_bytes && !(taken.is_empty() && alone) {
                 all = false;
                 break;
             }
             bytes += size;
             taken.push(*record);
+        }
+        if taken.is_empty() {
+            return None;
         }
         if all {
             state.upload_now = false;
@@ -456,18 +466,32 @@ impl Inner {
         finished: SyncSender<()>,
     ) -> InFlight {
         let (send, packed) = sync_channel(1);
+        let pack_copy = Arc::new(AtomicU64::new(bytes));
+        // Once the pack is built the memory it does not need (all of the reservation for a
+        // pack that is the batch's data itself) may go to the next batch: wake the
+        // uploader to take it.
+        let built = {
+            let (pack_copy, finished) = (pack_copy.clone(), finished.clone());
+            move |copy: u64| {
+                pack_copy.store(copy, Ordering::Relaxed);
+                if copy < bytes {
+                    let _ = finished.try_send(());
+                }
+            }
+        };
         let spawned = {
-            let (inner, records, limit, send, finished) = (
+            let (inner, records, limit, send, finished, built) = (
                 self.clone(),
                 records.clone(),
                 limit.clone(),
                 send.clone(),
                 finished.clone(),
+                built.clone(),
             );
             std::thread::Builder::new()
                 .name("berth-vol-pack".into())
                 .spawn(move || {
-                    let _ = send.send(inner.pack_and_put(&records, pack_id, &limit));
+                    let _ = send.send(inner.pack_and_put(&records, pack_id, &limit, &built));
                     let _ = finished.try_send(());
                 })
         };
@@ -475,13 +499,14 @@ impl Inner {
             Ok(thread) => Some(thread),
             Err(err) => {
                 tracing::warn!("cannot start a pack upload thread, uploading inline: {err}");
-                let _ = send.send(self.pack_and_put(&records, pack_id, &limit));
+                let _ = send.send(self.pack_and_put(&records, pack_id, &limit, &built));
                 let _ = finished.try_send(());
                 None
             }
         };
         InFlight {
             bytes,
+            pack_copy,
             packed,
             outcome: None,
             thread,
@@ -592,6 +617,7 @@ impl Inner {
         records: &[Record],
         pack_id: u64,
         limit: &Mutex<RateLimit>,
+        built: &dyn Fn(u64),
     ) -> Result<Packed> {
         let busy = self
             .metrics
@@ -601,7 +627,7 @@ impl Inner {
         self.metrics
             .uploads_in_flight_max
             .fetch_max(busy, Ordering::Relaxed);
-        let packed = self.build_and_put(records, pack_id, limit);
+        let packed = self.build_and_put(records, pack_id, limit, built);
         self.metrics
             .uploads_in_flight
             .fetch_sub(1, Ordering::Relaxed);
@@ -613,6 +639,7 @@ impl Inner {
         records: &[Record],
         pack_id: u64,
         limit: &Mutex<RateLimit>,
+        built: &dyn Fn(u64),
     ) -> Result<Packed> {
         let started = Instant::now();
         let batch = self.read_batch(records)?;
@@ -635,8 +662,13 @@ impl Inner {
         let mut pack = None;
         if !batch.data.is_empty() {
             // The batch's data is the pack's raw bytes, shared, not copied.
-            pack =
-                Some(self.put_pack(batch.data.clone(), pack_id, limit, "upload.after_pack_put")?);
+            pack = Some(self.put_pack(
+                batch.data.clone(),
+                pack_id,
+                limit,
+                built,
+                "upload.after_pack_put",
+            )?);
         }
         Ok(Packed {
             batch,
@@ -647,12 +679,15 @@ impl Inner {
     }
 
     /// Builds pack `pack_id` of `raw` (whole blocks) and PUTs it within the upload rate;
-    /// `crash_point` is passed once it is in the bucket.
+    /// `built` is told, before the PUT, how many bytes the pack holds beyond `raw` (0 when
+    /// no chunk compressed and the pack is `raw` itself); `crash_point` is passed once it
+    /// is in the bucket.
     pub(crate) fn put_pack(
         &self,
         raw: bytes::Bytes,
         pack_id: u64,
         limit: &Mutex<RateLimit>,
+        built: &dyn Fn(u64),
         crash_point: &'static str,
     ) -> Result<PackInfo> {
         let key = self
@@ -668,6 +703,11 @@ impl Inner {
             self.config.compression,
         )?;
         let object_len = object.len() as u64;
+        built(if info.chunks.iter().any(|chunk| chunk.compressed) {
+            object_len
+        } else {
+            0
+        });
         limit
             .lock()
             .unwrap_or_else(|e| e.into_inner())

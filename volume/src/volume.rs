@@ -80,8 +80,9 @@ impl Durability {
 }
 
 /// `VolumeOptions::upload_memory`'s default: four 16 MiB batches packing at once, or
-/// two full 32 MiB packs. Small enough for a 1 GiB machine, enough to keep four PUT
-/// streams busy against an S3 server on a LAN.
+/// two full 32 MiB packs of compressible data (three and a 16 MiB one of data that does
+/// not compress, whose packs are the batches' data itself). Small enough for a 1 GiB machine,
+/// enough to keep four PUT streams busy against an S3 server on a LAN.
 pub const DEFAULT_UPLOAD_MEMORY: u64 = 128 << 20;
 
 /// How long a write waits for local disk space for its log segment before it fails with
@@ -133,8 +134,9 @@ pub struct VolumeOptions {
     /// holding a stream, and as many batches again as there are streams may wait.
     pub upload_streams: usize,
     /// Most bytes of memory the uploader holds at once: the data of every batch taken and
-    /// not yet published, and while a batch is packed and PUT as much again for its
-    /// compressed copy. Batches shrink below `pack_bytes` to fit (never below a quarter of
+    /// not yet published, and while a batch is packed and PUT its compressed copy (as much
+    /// again until the pack is built and its size known; nothing for a pack of data that
+    /// does not compress, which is the batch's data itself). Batches shrink below `pack_bytes` to fit (never below a quarter of
     /// it while others are in flight); a single write larger than the budget still goes,
     /// alone.
     pub upload_memory: u64,

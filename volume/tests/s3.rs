@@ -237,6 +237,62 @@ fn flusher_cpu_ticks() -> u64 {
 /// in the order they were numbered (each delta is over the one before), the FLUSH under
 /// object durability waits for all of them, and a host with an empty cache reads every
 /// byte back from the bucket.
+/// A pack of data that does not compress is the batch's data itself, so once it is built
+/// it holds no second copy and the upload memory budget counts it once: with a budget of
+/// four packs' worth and every PUT slow, three full packs and a smaller fourth are in
+/// flight at once, where counting each pack twice until its PUT ended allowed two.
+#[test]
+fn packs_that_do_not_compress_count_once_against_the_upload_memory_budget() {
+    let Some(bucket) = ProxiedVolume::create("memory") else {
+        return;
+    };
+    bucket.proxy.add_fault(FaultRule::on(
+        "PUT",
+        "/packs/",
+        FaultAction::Delay(Duration::from_millis(400)),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let pack_bytes = 256usize << 10;
+    let budget = 4 * pack_bytes as u64;
+    let writer = VolumeOptions {
+        durability: Durability::Object,
+        pack_bytes: pack_bytes as u64,
+        upload_streams: 4,
+        upload_memory: budget,
+        flush_timeout: Duration::from_secs(60),
+        ..options(&dir.path().join("host-a"))
+    };
+    let (volume, _) = Volume::open_with_store(bucket.store(), writer).unwrap();
+    let data = pseudo_random(47, 8 * pack_bytes);
+    for (index, piece) in data.chunks(pack_bytes).enumerate() {
+        write_at(&volume, (index * pack_bytes) as u64, piece, false).unwrap();
+    }
+    flush(&volume).unwrap();
+    let metrics = volume.metrics();
+    let at_once = metrics
+        .uploads_in_flight_max
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let held_max = metrics
+        .upload_memory_max
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        at_once >= 3,
+        "{at_once} packs at most were in flight within a budget of four packs' worth"
+    );
+    assert!(
+        held_max <= budget,
+        "the uploader held {held_max} bytes, over its {budget}-byte budget"
+    );
+    volume.close().unwrap();
+    drop(volume);
+    let (reader, _) =
+        Volume::open_with_store(bucket.store(), options(&dir.path().join("host-b"))).unwrap();
+    let mut back = vec![0u8; data.len()];
+    read_at(&reader, 0, &mut back).unwrap();
+    assert!(back == data, "the second host reads every byte back");
+    reader.close().unwrap();
+}
+
 #[test]
 fn packs_upload_in_parallel_and_publish_in_order_those_already_in_sharing_a_version() {
     let Some(bucket) = ProxiedVolume::create("parallel") else {
