@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Builds the load generator (release) and measures how fast a volume gets dirty data into
 # its bucket against raw PUTs of the same bytes to the same S3 server (moto on loopback),
-# from one process, alternating per repetition; prints the fraction (goal >= 0.8).
+# from one process, alternating per repetition; prints the fraction (goal >= 0.8). Then,
+# per repetition, what compaction of packs left a quarter live costs, against raw GETs
+# and PUTs of the same bytes.
 #
 #   benches/volume-flush.sh [--quick] [--json FILE] [extra berth-loadgen vol-flush options...]
 #
 # Full: 256 MiB per measurement, 32 MiB packs (the volume default), the volume uploading 1
 # and 4 packs at once, raw PUTs with 1 and 4 streams, median of 3 after one untimed round
 # of every method (--warm-up-reps). --quick: smoke mode for CI (16 MiB, 4 MiB packs, one repetition, a
-# few seconds); exits non-zero unless every flush completed and read back from the bucket
-# and every PUT was stored (never on the fraction).
+# few seconds); exits non-zero unless every flush and compaction completed and read back
+# from the bucket and every PUT was stored (never on a fraction).
 # --json FILE: every run's figures (default: benches/results/volume-flush.json; --quick
 #          writes under $TMPDIR).
 # Options after these go to `berth-loadgen vol-flush` (--mib N, --pack SIZE, --streams

@@ -13,6 +13,13 @@
 //! - raw PUT: the same N MiB cut into objects of the pack size, PUT by S streams.
 //!
 //! The fraction is the volume's MiB/s over the best raw PUT MiB/s of the repetition.
+//!
+//! Then, per repetition, what compaction costs: a volume is written and FLUSHed, three MiB
+//! of every four are overwritten and FLUSHed (so the first packs keep a quarter of their
+//! blocks), and the volume is opened again with compaction on. The figure is the live
+//! bytes compaction moved into new packs per second, from that open until compaction has
+//! nothing left to do, against a raw GET (1 MiB ranges) and PUT (objects of the pack size,
+//! one stream) of the same bytes, as a compaction step reads and writes them.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -90,6 +97,23 @@ pub struct FlushRow {
     pub uploads_at_once: u64,
 }
 
+/// One compaction measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompactRow {
+    pub rep: usize,
+    /// Live bytes compaction wrote into new packs.
+    pub moved_bytes: u64,
+    /// Bytes it fetched from the old packs.
+    pub fetched_bytes: u64,
+    /// Compaction steps (one new pack each).
+    pub steps: u64,
+    pub seconds: f64,
+    pub mib_per_s: f64,
+    /// The same bytes fetched by raw GETs and stored by raw PUTs, one stream.
+    pub raw_seconds: f64,
+    pub raw_mib_per_s: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct FlushOutcome {
     #[serde(flatten)]
@@ -107,6 +131,9 @@ pub struct FlushOutcome {
     /// repetition.
     pub fractions: Vec<f64>,
     pub fraction_median: f64,
+    pub compaction: Vec<CompactRow>,
+    /// Compaction's MiB/s over raw GET+PUT MiB/s of the same bytes, median.
+    pub compaction_fraction_median: f64,
     pub failures: Vec<String>,
 }
 
@@ -277,7 +304,33 @@ fn measure(
             }
         }
     }
+    let mut compaction = Vec::new();
+    for rep in 0..plan.reps {
+        match volume_compact(plan, server, backend, data, rep) {
+            Ok(row) => {
+                eprintln!(
+                    "rep {} compact: {:.1} MiB/s ({:.1} MiB in {:.2} s, {} steps); raw GET+PUT {:.1} MiB/s",
+                    rep + 1,
+                    row.mib_per_s,
+                    row.moved_bytes as f64 / f64::from(1 << 20),
+                    row.seconds,
+                    row.steps,
+                    row.raw_mib_per_s
+                );
+                compaction.push(row);
+            }
+            Err(err) => failures.push(format!("rep {} compact: {err:#}", rep + 1)),
+        }
+    }
+    let compaction_fraction_median = median(
+        &mut compaction
+            .iter()
+            .map(|r| r.mib_per_s / r.raw_mib_per_s)
+            .collect::<Vec<_>>(),
+    );
     FlushOutcome {
+        compaction,
+        compaction_fraction_median,
         host: HostFacts::read(),
         server: format!("moto on loopback ({})", server.endpoint()),
         mib: plan.bytes >> 20,
@@ -384,6 +437,152 @@ fn volume_flush(
     let _ = std::fs::remove_dir_all(&local);
     let _ = std::fs::remove_dir_all(&reader);
     Ok(row)
+}
+
+/// Leaves a volume whose first packs are a quarter live, then times compaction (see the
+/// module documentation), checks the volume reads back from the bucket alone, and times
+/// raw GETs and PUTs of as many bytes.
+fn volume_compact(
+    plan: &Plan,
+    server: &S3Server,
+    backend: &Arc<dyn BlobBackend>,
+    data: &[u8],
+    rep: usize,
+) -> Result<CompactRow> {
+    let prefix = format!("compact-{rep}");
+    let store = store(server, backend, &prefix)?;
+    admin::create_in(
+        &store,
+        &CreateOptions {
+            size: Some(plan.bytes),
+            ..CreateOptions::default()
+        },
+        None,
+    )
+    .context("creating the volume")?;
+    let local = plan.dir.join(format!("compact-{rep}"));
+    let quiet = VolumeOptions {
+        compact_below: None,
+        ..volume_options(&local, plan, 4)
+    };
+    let (volume, _) =
+        Volume::open_with_store(store.clone(), quiet).context("opening the volume")?;
+    let chunk = 1usize << 20;
+    let mut model = data.to_vec();
+    for (index, piece) in data.chunks(chunk).enumerate() {
+        write_at(&volume, (index * chunk) as u64, piece, false)
+            .with_context(|| format!("writing MiB {index}"))?;
+    }
+    flush(&volume).context("FLUSH after the first pass")?;
+    // Three MiB of every four again, with other bytes (the data shifted by half).
+    let half = data.len() / 2;
+    for index in (0..data.len() / chunk).filter(|i| i % 4 != 3) {
+        let at = index * chunk;
+        let from = (at + half) % data.len();
+        let piece = data[from..from + chunk].to_vec();
+        write_at(&volume, at as u64, &piece, false)
+            .with_context(|| format!("overwriting MiB {index}"))?;
+        model[at..at + chunk].copy_from_slice(&piece);
+    }
+    flush(&volume).context("FLUSH after the overwrites")?;
+    volume.close().context("closing the volume")?;
+    drop(volume);
+    let compacting = VolumeOptions {
+        compact_after_dead_bytes: 1,
+        compact_check_interval: Duration::from_millis(10),
+        ..volume_options(&local, plan, 4)
+    };
+    let (volume, _) = Volume::open_with_store(store.clone(), compacting)
+        .context("opening the volume to compact it")?;
+    let started = Instant::now();
+    volume
+        .wait_compacted(Duration::from_secs(600))
+        .context("compacting")?;
+    let seconds = started.elapsed().as_secs_f64();
+    let metrics = volume.metrics();
+    let moved = metrics.compacted_bytes.load(Ordering::Relaxed);
+    let fetched = metrics.compact_fetch_bytes.load(Ordering::Relaxed);
+    let steps = metrics.compactions.load(Ordering::Relaxed);
+    volume.close().context("closing the compacted volume")?;
+    drop(volume);
+    if moved == 0 {
+        bail!("compaction moved nothing from packs a quarter live");
+    }
+    let reader = plan.dir.join(format!("compact-reader-{rep}"));
+    let (volume, _) = Volume::open_with_store(store, volume_options(&reader, plan, 1))
+        .context("opening the compacted volume from an empty local directory")?;
+    let mut buffer = vec![0u8; chunk];
+    for (index, piece) in model.chunks(chunk).enumerate() {
+        read_at(&volume, (index * chunk) as u64, &mut buffer)
+            .with_context(|| format!("reading MiB {index} back"))?;
+        if buffer != piece {
+            bail!("MiB {index} of the compacted volume reads back wrong from the bucket");
+        }
+    }
+    volume.close().context("closing the reader")?;
+    let _ = std::fs::remove_dir_all(&local);
+    let _ = std::fs::remove_dir_all(&reader);
+    let raw_seconds = raw_get_put(plan, backend, data, fetched, moved, rep)?;
+    let mib = moved as f64 / f64::from(1 << 20);
+    Ok(CompactRow {
+        rep,
+        moved_bytes: moved,
+        fetched_bytes: fetched,
+        steps,
+        seconds,
+        mib_per_s: mib / seconds,
+        raw_seconds,
+        raw_mib_per_s: mib / raw_seconds,
+    })
+}
+
+/// Seconds to GET `get` bytes in 1 MiB ranges and PUT `put` bytes as objects of the pack
+/// size, one request at a time (the objects to GET are PUT before the clock starts).
+fn raw_get_put(
+    plan: &Plan,
+    backend: &Arc<dyn BlobBackend>,
+    data: &[u8],
+    get: u64,
+    put: u64,
+    rep: usize,
+) -> Result<f64> {
+    let objects = |bytes: u64| -> Vec<bytes::Bytes> {
+        let shared = bytes::Bytes::copy_from_slice(&data[..(bytes as usize).min(data.len())]);
+        (0..shared.len())
+            .step_by(plan.pack as usize)
+            .map(|at| shared.slice(at..(at + plan.pack as usize).min(shared.len())))
+            .collect()
+    };
+    let sources = objects(get);
+    for (index, object) in sources.iter().enumerate() {
+        backend.put_shared(&format!("raw-get/{rep}/{index:06}"), object.clone())?;
+    }
+    let targets = objects(put);
+    let range = 1u64 << 20;
+    let started = Instant::now();
+    for (index, object) in sources.iter().enumerate() {
+        let name = format!("raw-get/{rep}/{index:06}");
+        let len = object.len() as u64;
+        for at in (0..len).step_by(range as usize) {
+            backend
+                .read_range(&name, at..(at + range).min(len))
+                .with_context(|| format!("GET {name}"))?;
+        }
+    }
+    for (index, object) in targets.iter().enumerate() {
+        let name = format!("raw-put/{rep}/{index:06}");
+        backend
+            .put_shared(&name, object.clone())
+            .with_context(|| format!("PUT {name}"))?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    for index in 0..sources.len() {
+        let _ = backend.delete(&format!("raw-get/{rep}/{index:06}"));
+    }
+    for index in 0..targets.len() {
+        let _ = backend.delete(&format!("raw-put/{rep}/{index:06}"));
+    }
+    Ok(seconds)
 }
 
 /// A few untimed requests of each kind the measurements make.
@@ -523,6 +722,26 @@ fn print(outcome: &FlushOutcome, plan: &Plan) {
             pick(|r| r.uploads_at_once as f64)
         );
     }
+    for row in &outcome.compaction {
+        println!(
+            "compact   rep {}: {:.1} MiB of live blocks moved in {:.2} s ({:.1} MiB/s, {} steps, \
+             {:.1} MiB fetched); raw GET+PUT of the same bytes, one stream: {:.2} s ({:.1} MiB/s)",
+            row.rep + 1,
+            row.moved_bytes as f64 / f64::from(1 << 20),
+            row.seconds,
+            row.mib_per_s,
+            row.steps,
+            row.fetched_bytes as f64 / f64::from(1 << 20),
+            row.raw_seconds,
+            row.raw_mib_per_s
+        );
+    }
+    if !outcome.compaction.is_empty() {
+        println!(
+            "compaction / raw GET+PUT of the same bytes: {:.2} (median)",
+            outcome.compaction_fraction_median
+        );
+    }
     let fractions: Vec<String> = outcome
         .fractions
         .iter()
@@ -540,8 +759,8 @@ fn print(outcome: &FlushOutcome, plan: &Plan) {
     }
     if outcome.failures.is_empty() {
         println!(
-            "PASS: every volume flush completed and read back in full from the bucket alone; \
-             every raw PUT stored"
+            "PASS: every volume flush and compaction completed and read back in full from the \
+             bucket alone; every raw PUT stored"
         );
     } else {
         println!("FAILED: {} measurement(s) failed", outcome.failures.len());
