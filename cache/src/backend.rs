@@ -310,8 +310,8 @@ impl BlobBackend for LocalDirBackend {
     /// hashed and written. So the engine reads such a directory one chunk (of up to
     /// 1 MiB) at a time: each is ready as soon as it is read, and the reads go through
     /// the page cache, where the kernel's readahead of the stored file keeps the disk
-    /// busy ahead of the engine's own read-ahead (cold sequential reads at 0.83–0.88 of
-    /// the goal base against 0.55–0.58 with merged 4 MiB direct reads, docs/benchmarks.md).
+    /// busy ahead of the engine's own read-ahead (cold sequential reads at 0.76–0.88 of
+    /// the goal base against 0.55–0.73 with merged 4 MiB direct reads, docs/benchmarks.md).
     /// A directory on a network filesystem, FUSE (virtio-fs) or 9p pays a round trip
     /// per read, as a remote store does, and is read in merged reads.
     fn merge_limit(&self, name: &str) -> Option<u64> {
