@@ -364,6 +364,51 @@ fn volume_options(dir: &Path, plan: &Plan, upload_streams: usize) -> VolumeOptio
     }
 }
 
+/// A new volume of the plan's size under `prefix` in the bucket.
+fn new_volume(
+    plan: &Plan,
+    server: &S3Server,
+    backend: &Arc<dyn BlobBackend>,
+    prefix: &str,
+) -> Result<Arc<Store>> {
+    let store = store(server, backend, prefix)?;
+    admin::create_in(
+        &store,
+        &CreateOptions {
+            size: Some(plan.bytes),
+            ..CreateOptions::default()
+        },
+        None,
+    )
+    .context("creating the volume")?;
+    Ok(store)
+}
+
+/// Opens the volume from the empty local directory `reader` (everything comes from the
+/// bucket) and checks it reads back as `expected`, MiB by MiB.
+fn read_back_from_bucket(
+    plan: &Plan,
+    store: Arc<Store>,
+    reader: &Path,
+    expected: &[u8],
+) -> Result<()> {
+    let (volume, _) = Volume::open_with_store(store, volume_options(reader, plan, 1))
+        .context("opening the volume again from an empty local directory")?;
+    let chunk = 1usize << 20;
+    let mut buffer = vec![0u8; chunk];
+    for (index, piece) in expected.chunks(chunk).enumerate() {
+        let buffer = &mut buffer[..piece.len()];
+        read_at(&volume, (index * chunk) as u64, buffer)
+            .with_context(|| format!("reading MiB {index} back"))?;
+        if buffer != piece {
+            bail!("MiB {index} of the volume reads back wrong from the bucket");
+        }
+    }
+    volume.close().context("closing the reader")?;
+    let _ = std::fs::remove_dir_all(reader);
+    Ok(())
+}
+
 /// Writes `data` to a new volume and FLUSHes it into the bucket; then reads it all back
 /// through a second open from an empty local directory.
 fn volume_flush(
@@ -374,17 +419,12 @@ fn volume_flush(
     rep: usize,
     upload_streams: usize,
 ) -> Result<FlushRow> {
-    let prefix = format!("flush-{rep}-{upload_streams}");
-    let store = store(server, backend, &prefix)?;
-    admin::create_in(
-        &store,
-        &CreateOptions {
-            size: Some(plan.bytes),
-            ..CreateOptions::default()
-        },
-        None,
-    )
-    .context("creating the volume")?;
+    let store = new_volume(
+        plan,
+        server,
+        backend,
+        &format!("flush-{rep}-{upload_streams}"),
+    )?;
     let local = plan.dir.join(format!("writer-{rep}-{upload_streams}"));
     let (volume, _) =
         Volume::open_with_store(store.clone(), volume_options(&local, plan, upload_streams))
@@ -420,22 +460,9 @@ fn volume_flush(
             plan.bytes
         );
     }
-    // Everything from the bucket alone.
     let reader = plan.dir.join(format!("reader-{rep}-{upload_streams}"));
-    let (volume, _) = Volume::open_with_store(store, volume_options(&reader, plan, 1))
-        .context("opening the volume again from an empty local directory")?;
-    let mut buffer = vec![0u8; chunk];
-    for (index, piece) in data.chunks(chunk).enumerate() {
-        let buffer = &mut buffer[..piece.len()];
-        read_at(&volume, (index * chunk) as u64, buffer)
-            .with_context(|| format!("reading MiB {index} back"))?;
-        if buffer != piece {
-            bail!("MiB {index} of the volume reads back wrong from the bucket");
-        }
-    }
-    volume.close().context("closing the reader")?;
+    read_back_from_bucket(plan, store, &reader, data)?;
     let _ = std::fs::remove_dir_all(&local);
-    let _ = std::fs::remove_dir_all(&reader);
     Ok(row)
 }
 
@@ -449,17 +476,7 @@ fn volume_compact(
     data: &[u8],
     rep: usize,
 ) -> Result<CompactRow> {
-    let prefix = format!("compact-{rep}");
-    let store = store(server, backend, &prefix)?;
-    admin::create_in(
-        &store,
-        &CreateOptions {
-            size: Some(plan.bytes),
-            ..CreateOptions::default()
-        },
-        None,
-    )
-    .context("creating the volume")?;
+    let store = new_volume(plan, server, backend, &format!("compact-{rep}"))?;
     let local = plan.dir.join(format!("compact-{rep}"));
     let quiet = VolumeOptions {
         compact_below: None,
@@ -509,19 +526,8 @@ fn volume_compact(
         bail!("compaction moved nothing from packs a quarter live");
     }
     let reader = plan.dir.join(format!("compact-reader-{rep}"));
-    let (volume, _) = Volume::open_with_store(store, volume_options(&reader, plan, 1))
-        .context("opening the compacted volume from an empty local directory")?;
-    let mut buffer = vec![0u8; chunk];
-    for (index, piece) in model.chunks(chunk).enumerate() {
-        read_at(&volume, (index * chunk) as u64, &mut buffer)
-            .with_context(|| format!("reading MiB {index} back"))?;
-        if buffer != piece {
-            bail!("MiB {index} of the compacted volume reads back wrong from the bucket");
-        }
-    }
-    volume.close().context("closing the reader")?;
+    read_back_from_bucket(plan, store, &reader, &model).context("after compaction")?;
     let _ = std::fs::remove_dir_all(&local);
-    let _ = std::fs::remove_dir_all(&reader);
     let raw_seconds = raw_get_put(plan, backend, data, fetched, moved, rep)?;
     let mib = moved as f64 / f64::from(1 << 20);
     Ok(CompactRow {
