@@ -47,7 +47,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::backend::BlobBackend;
 use crate::chunkmap::{ChunkMap, MapLoad};
 use crate::error::{CacheError, IoContext, Result};
-use crate::manifest::{decompress_chunk, parse_digest, Compression, Manifest};
+use crate::manifest::{parse_digest, Manifest};
 use crate::metrics::Metrics;
 use crate::pending::PendingRecord;
 
@@ -1116,12 +1116,7 @@ impl EngineInner {
         let id = &manifest.blob_id;
         let blob_digest = parse_digest(id)
             .ok_or_else(|| CacheError::InvalidManifest("field `blob_id`: not a digest".into()))?;
-        let mut digests = Vec::with_capacity(manifest.chunks.len());
-        for (index, chunk) in manifest.chunks.iter().enumerate() {
-            digests.push(parse_digest(&chunk.digest).ok_or_else(|| {
-                CacheError::InvalidManifest(format!("field `chunks[{index}].digest`: not a digest"))
-            })?);
-        }
+        let digests = manifest.chunk_digests()?;
         let zero = zero_chunks(manifest, &digests);
         let (store, states, ready_bytes, adopted) = match delivery {
             Some(delivery) => {
@@ -1680,56 +1675,39 @@ impl EngineInner {
                 continue;
             }
             // Stored uncompressed: verified and written from the backend's buffer itself.
-            let decompressed =
-                if manifest.compression == Compression::None && stored_chunk.len() == raw_len {
-                    Ok(None)
-                } else {
-                    decompress_chunk(manifest.compression, stored_chunk, raw_len).map(Some)
-                };
-            let outcome = match decompressed {
-                Err(message) => {
+            let outcome = match manifest.restore_chunk(
+                index,
+                &blob.digests[index as usize],
+                stored_chunk,
+            ) {
+                Err(err) => {
                     self.metrics
                         .verification_failures
                         .fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(blob = %id, chunk = index, "chunk {index} of blob {id} cannot be decompressed: {message}");
-                    Err(CacheError::Decompression {
-                        blob: id.clone(),
-                        chunk: index,
-                        message,
-                    })
-                }
-                Ok(decompressed) => {
-                    let raw = decompressed.as_deref().unwrap_or(stored_chunk);
-                    let actual = blake3::hash(raw);
-                    if actual.as_bytes() != &blob.digests[index as usize] {
-                        self.metrics
-                            .verification_failures
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(blob = %id, chunk = index, "chunk {index} of blob {id} failed verification");
-                        Err(CacheError::Verification {
-                            blob: id.clone(),
-                            chunk: index,
-                            expected: entry.digest.clone(),
-                            actual: actual.to_hex().to_string(),
-                        })
-                    } else {
-                        let stored = match &blob.store {
-                            Store::Local(local) => {
-                                local.data.write_all_at(raw, raw_range.start).context(|| {
-                                    format!(
-                                        "writing chunk {index} to {}",
-                                        local.data_path.display()
-                                    )
-                                })
-                            }
-                            Store::Delivered(Delivery(deliver)) => deliver(raw_range.start, raw)
-                                .context(|| format!("delivering chunk {index} of blob {id}")),
-                        };
-                        stored.map(|()| {
-                            good.push(index);
-                            good_bytes += raw_len as u64;
-                        })
+                    match &err {
+                        CacheError::Decompression { message, .. } => {
+                            tracing::error!(blob = %id, chunk = index, "chunk {index} of blob {id} cannot be decompressed: {message}")
+                        }
+                        _ => {
+                            tracing::error!(blob = %id, chunk = index, "chunk {index} of blob {id} failed verification")
+                        }
                     }
+                    Err(err)
+                }
+                Ok(raw) => {
+                    let stored = match &blob.store {
+                        Store::Local(local) => {
+                            local.data.write_all_at(&raw, raw_range.start).context(|| {
+                                format!("writing chunk {index} to {}", local.data_path.display())
+                            })
+                        }
+                        Store::Delivered(Delivery(deliver)) => deliver(raw_range.start, &raw)
+                            .context(|| format!("delivering chunk {index} of blob {id}")),
+                    };
+                    stored.map(|()| {
+                        good.push(index);
+                        good_bytes += raw_len as u64;
+                    })
                 }
             };
             outcomes.push(outcome);

@@ -6,6 +6,7 @@
 //! offset table into that object. Chunks are contiguous, so a run of adjacent
 //! chunks is one range read.
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -275,6 +276,56 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// Every chunk's digest, as bytes, in chunk order.
+    pub fn chunk_digests(&self) -> Result<Vec<[u8; 32]>> {
+        self.chunks
+            .iter()
+            .enumerate()
+            .map(|(index, chunk)| {
+                parse_digest(&chunk.digest).ok_or_else(|| {
+                    CacheError::InvalidManifest(format!(
+                        "field `chunks[{index}].digest`: not a digest"
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Chunk `index` restored from `stored`, its bytes as the backend holds them, and
+    /// checked against `digest`: what every consumer does before it trusts a fetched
+    /// chunk. An uncompressed chunk is `stored` itself, not a copy.
+    pub fn restore_chunk<'a>(
+        &self,
+        index: u64,
+        digest: &[u8; 32],
+        stored: &'a [u8],
+    ) -> Result<Cow<'a, [u8]>> {
+        let raw_range = self.chunk_range(index);
+        let raw_len = (raw_range.end - raw_range.start) as usize;
+        let raw =
+            if self.compression == Compression::None && stored.len() == raw_len {
+                Cow::Borrowed(stored)
+            } else {
+                Cow::Owned(decompress_chunk(self.compression, stored, raw_len).map_err(
+                    |message| CacheError::Decompression {
+                        blob: self.blob_id.clone(),
+                        chunk: index,
+                        message,
+                    },
+                )?)
+            };
+        let actual = blake3::hash(&raw);
+        if actual.as_bytes() != digest {
+            return Err(CacheError::Verification {
+                blob: self.blob_id.clone(),
+                chunk: index,
+                expected: blake3::Hash::from_bytes(*digest).to_hex().to_string(),
+                actual: actual.to_hex().to_string(),
+            });
+        }
+        Ok(raw)
     }
 
     /// Size of the stored object the chunk table describes.
