@@ -56,6 +56,7 @@ fn main() -> ExitCode {
         Mode::Volume(_, process) => process,
         Mode::Fscache(settings) => &settings.process,
         Mode::ImageInspect(settings) => &settings.process,
+        Mode::ImageCheck(settings) => &settings.process,
     };
     let (log_level, rlimit_nofile) = (process.log_level, process.rlimit_nofile);
 
@@ -95,6 +96,9 @@ fn main() -> ExitCode {
                 Mode::ImageInspect(settings) => signals
                     .restore_default()
                     .and_then(|()| image::run_inspect(settings)),
+                Mode::ImageCheck(settings) => signals
+                    .restore_default()
+                    .and_then(|()| image::run_check(settings)),
                 Mode::PrintCapabilities => Ok(()),
             }
         });

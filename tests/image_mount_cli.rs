@@ -1105,6 +1105,76 @@ fn wrong_bootstrap_or_corrupt_manifest_is_refused() {
 }
 
 #[test]
+fn check_reads_every_chunk_and_names_the_ones_not_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let built = build(
+        dir.path(),
+        "check",
+        &[("big", 3 << 20), ("small", 5000)],
+        &["--compression=zstd"],
+    );
+    let manifest = berth_cache::Manifest::load(&built.image.join("manifest.json")).unwrap();
+    let store = format!("--backend=file://{}", built.store.display());
+    let check = |extra: &[&str]| {
+        run(berth()
+            .args(["image", "check"])
+            .arg(&built.image)
+            .arg(&store)
+            .args(extra))
+    };
+    let clean = check(&["--jobs", "3"]);
+    assert!(clean.status.success(), "{}", text(&clean.stderr));
+    let summary = text(&clean.stdout);
+    assert!(
+        summary.contains(&format!("Checked blob {}", manifest.blob_id))
+            && summary.contains("every chunk matches its digest")
+            && summary.contains("with 3 jobs"),
+        "{summary}"
+    );
+
+    // Two chunks damaged in the backend: both named, the command fails.
+    let object = built.store.join(&manifest.object);
+    let mut stored = fs::read(&object).unwrap();
+    for bad in [1usize, 7] {
+        let entry = &manifest.chunks[bad];
+        stored[(entry.offset + entry.stored_size / 3) as usize] ^= 0x20;
+    }
+    fs::write(&object, &stored).unwrap();
+    let damaged = check(&[]);
+    assert_eq!(damaged.status.code(), Some(1));
+    let log = text(&damaged.stderr);
+    for bad in [1, 7] {
+        assert!(
+            log.contains(&format!("Chunk {bad} of blob {}", manifest.blob_id)),
+            "{log}"
+        );
+    }
+    assert!(
+        log.contains(&format!("2 of the {} chunks", manifest.chunks.len())),
+        "{log}"
+    );
+
+    // A backend without the blob, and a blob of the wrong size, say so.
+    let elsewhere = dir.path().join("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    let missing = run(berth()
+        .args(["image", "check"])
+        .arg(&built.image)
+        .arg("--backend")
+        .arg(&elsewhere));
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains(&manifest.object));
+    fs::write(&object, &stored[..stored.len() - 1]).unwrap();
+    let short = check(&[]);
+    assert_eq!(short.status.code(), Some(1));
+    assert!(
+        text(&short.stderr).contains("but the manifest describes"),
+        "{}",
+        text(&short.stderr)
+    );
+}
+
+#[test]
 fn inspect_names_the_chunks_of_paths_and_auto_mode_says_what_it_chose() {
     let dir = tempfile::tempdir().unwrap();
     if let Err(reason) = berth_ondemand::mount::check_support(dir.path()) {

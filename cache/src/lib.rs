@@ -9,10 +9,12 @@
 //! present" — is what consumers above it use: erofs images through fanotify or
 //! cachefiles (`berth-ondemand`) and block images (`berth-blockdev`). [`manifest`]
 //! describes a blob and [`blob_writer`] produces one; neither knows what filesystem or
-//! disk the blob holds.
+//! disk the blob holds. [`check`] verifies a whole blob where it is stored, caching
+//! nothing.
 
 pub mod backend;
 pub mod blob_writer;
+pub mod check;
 pub mod chunkmap;
 pub mod engine;
 pub mod error;

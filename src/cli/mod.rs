@@ -16,8 +16,8 @@ use berth_passthrough::XattrMapError;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::image::args::{
-    FscacheArgs, FscacheSettings, ImageBuildSettings, ImageCommand, ImageInspectSettings,
-    MountArgs, MountSettings,
+    FscacheArgs, FscacheSettings, ImageBuildSettings, ImageCheckSettings, ImageCommand,
+    ImageInspectSettings, MountArgs, MountSettings,
 };
 
 mod fs;
@@ -165,6 +165,7 @@ pub enum Mode {
     Fuse(FuseSettings),
     ImageBuild(ImageBuildSettings),
     ImageInspect(ImageInspectSettings),
+    ImageCheck(ImageCheckSettings),
     Mount(MountSettings),
     Block(crate::block::BlockCommand, ProcessSettings),
     Volume(crate::volume::VolumeCommand, ProcessSettings),
@@ -215,6 +216,9 @@ impl Cli {
             }
             Some(Command::Image(ImageCommand::Inspect(args))) => {
                 Ok(Mode::ImageInspect(args.resolve()?))
+            }
+            Some(Command::Image(ImageCommand::Check(args))) => {
+                Ok(Mode::ImageCheck(args.resolve()?))
             }
             Some(Command::Mount(args)) => Ok(Mode::Mount(args.resolve()?)),
             Some(Command::Block(command)) => {

@@ -16,6 +16,9 @@ pub enum ImageCommand {
     Build(ImageBuildArgs),
     /// Describe an image, or where the data of paths in it lies in its blob (chunks).
     Inspect(ImageInspectArgs),
+    /// Read every chunk of an image's blob from its backend and check it against its
+    /// digest, caching nothing; exits 1 naming each chunk that is not intact.
+    Check(ImageCheckArgs),
 }
 
 /// Where the cache of `berth mount` lives unless --cache-dir says otherwise.
@@ -166,6 +169,47 @@ impl ImageInspectArgs {
         Ok(ImageInspectSettings {
             image: self.image.clone(),
             paths: self.paths.clone(),
+            process: self.common.resolve(None, Vec::new())?,
+        })
+    }
+}
+
+/// `berth image check` arguments.
+#[derive(Debug, Args)]
+pub struct ImageCheckArgs {
+    /// The image directory (holding manifest.json), or the manifest file itself.
+    #[arg(value_name = "IMAGE")]
+    pub image: PathBuf,
+
+    /// Where the data blob is read from, as for `berth image build --backend`
+    /// [default: the image's directory].
+    #[arg(long, value_name = "LOCATION")]
+    pub backend: Option<String>,
+
+    /// Backend reads (each read, then restored and hashed) in flight at once
+    /// [default: the number of CPUs].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub jobs: Option<u16>,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Debug)]
+pub struct ImageCheckSettings {
+    pub image: PathBuf,
+    pub backend: Option<String>,
+    pub jobs: usize,
+    pub process: ProcessSettings,
+}
+
+impl ImageCheckArgs {
+    pub(crate) fn resolve(&self) -> Result<ImageCheckSettings, CliError> {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        Ok(ImageCheckSettings {
+            image: self.image.clone(),
+            backend: self.backend.clone(),
+            jobs: self.jobs.map_or(cpus, usize::from),
             process: self.common.resolve(None, Vec::new())?,
         })
     }
@@ -456,6 +500,30 @@ mod tests {
         parse(args)
             .unwrap_or_else(|e| panic!("{args:?} should parse: {e}"))
             .resolve()
+    }
+
+    #[test]
+    fn image_check_subcommand() {
+        match resolve(&["image", "check", "/img"]) {
+            Ok(Mode::ImageCheck(s)) => {
+                assert_eq!(s.image, PathBuf::from("/img"));
+                assert_eq!(s.backend, None);
+                let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+                assert_eq!(s.jobs, cpus);
+            }
+            other => panic!("expected image check, got {other:?}"),
+        }
+        match resolve(&["image", "check", "/img", "--jobs=5", "--backend=s3://b/p"]) {
+            Ok(Mode::ImageCheck(s)) => {
+                assert_eq!(s.jobs, 5);
+                assert_eq!(s.backend.as_deref(), Some("s3://b/p"));
+            }
+            other => panic!("expected image check, got {other:?}"),
+        }
+        for jobs in ["--jobs=0", "--jobs=257", "--jobs=x"] {
+            let err = parse(&["image", "check", "/img", jobs]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{jobs}: {err}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! `berth image build` and `berth mount`: front ends of the `berth_ondemand` image builder
-//! and lazy mounter. Their flags live in [`args`].
+//! `berth image build`, `inspect` and `check`, and `berth mount`: front ends of the
+//! `berth_ondemand` image builder and lazy mounter, and of the cache's blob check. Their
+//! flags live in [`args`].
 
 pub mod args;
 pub mod fscache;
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use berth_cache::check::check_blob;
 use berth_cache::{
     open_backend, BlobBackend, CacheConfig, CacheEngine, LocalDirBackend, Manifest, MetricsWriter,
 };
@@ -23,7 +25,8 @@ use clap::ValueEnum;
 use tracing::{error, info};
 
 use crate::image::args::{
-    ImageBuildSettings, ImageInspectSettings, MountMode, MountSettings, PrefetchMode,
+    ImageBuildSettings, ImageCheckSettings, ImageInspectSettings, MountMode, MountSettings,
+    PrefetchMode,
 };
 use crate::shutdown::{signal_name, TerminationSignals};
 
@@ -36,6 +39,15 @@ fn backend_or_directory(
         Some(spec) => open_backend(spec),
         None => Ok(Arc::new(LocalDirBackend::new(default_dir))),
     }
+}
+
+/// The directory of an image's manifest: where its bootstrap lies, and its default
+/// backend.
+fn image_dir_of(manifest_path: &Path) -> PathBuf {
+    manifest_path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 /// Builds the image and uploads its blob; prints a one-line summary on stdout.
@@ -96,11 +108,7 @@ pub fn run_inspect(settings: ImageInspectSettings) -> anyhow::Result<()> {
         println!("prefetch_entries\t{}", manifest.prefetch.len());
         return Ok(());
     }
-    let bootstrap = manifest_path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .join(&manifest.bootstrap);
+    let bootstrap = image_dir_of(&manifest_path).join(&manifest.bootstrap);
     let erofs = berth_ondemand::erofs::ErofsImage::open(&bootstrap)?;
     for path in &settings.paths {
         let Some(ranges) = erofs.data_ranges(path)? else {
@@ -130,6 +138,47 @@ pub fn run_inspect(settings: ImageInspectSettings) -> anyhow::Result<()> {
         }
         println!("{path}\t{}\t{}", chunks.len(), spans.join(","));
     }
+    Ok(())
+}
+
+/// `berth image check`: every chunk of the image's blob read from its backend and checked
+/// against its digest. Prints a one-line summary with the rate; each chunk that is not
+/// intact is logged by name and fails the command.
+pub fn run_check(settings: ImageCheckSettings) -> anyhow::Result<()> {
+    let manifest_path = manifest_path_of(&settings.image);
+    let manifest = Manifest::load(&manifest_path)?;
+    let backend = backend_or_directory(settings.backend.as_deref(), &image_dir_of(&manifest_path))?;
+    let description = backend.describe();
+    let report = check_blob(&manifest, backend.as_ref(), settings.jobs).with_context(|| {
+        format!(
+            "cannot check the blob of {} in {description}",
+            settings.image.display()
+        )
+    })?;
+    for chunk in &report.bad {
+        error!("{}", chunk.error);
+    }
+    if !report.bad.is_empty() {
+        bail!(
+            "{} of the {} chunks of blob {} in {description} are not intact",
+            report.bad.len(),
+            report.chunks,
+            manifest.blob_id
+        );
+    }
+    let seconds = report.elapsed.as_secs_f64();
+    println!(
+        "Checked blob {} in {description}: {} chunks, {} bytes ({} stored) in {} reads, \
+         {seconds:.2} s ({:.1} MiB/s) with {} job{}; every chunk matches its digest.",
+        manifest.blob_id,
+        report.chunks,
+        report.raw_bytes,
+        report.stored_bytes,
+        report.reads,
+        report.raw_bytes as f64 / (1 << 20) as f64 / seconds.max(1e-9),
+        settings.jobs,
+        if settings.jobs == 1 { "" } else { "s" }
+    );
     Ok(())
 }
 
@@ -279,11 +328,7 @@ fn run_mount_worker(settings: MountSettings, signals: TerminationSignals) -> any
     let fds = unsafe { WorkerFds::inherited() };
     let first = fds.data.is_none();
     let manifest_path = manifest_path_of(&settings.image);
-    let image_dir = manifest_path
-        .parent()
-        .filter(|dir| !dir.as_os_str().is_empty())
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let backend = backend_or_directory(settings.backend.as_deref(), &image_dir)?;
+    let backend = backend_or_directory(settings.backend.as_deref(), &image_dir_of(&manifest_path))?;
     let description = backend.describe();
     let manifest = Manifest::load(&manifest_path)?;
     if first {
