@@ -13,6 +13,9 @@
 # and `echo 3 > /proc/sys/vm/drop_caches`:
 #
 #   raw backend      the stored blob object read from the virtio-fs share, 4 MiB reads
+#   check            `berth image check` in the guest: every chunk read from the share and
+#                    verified (BLAKE3) on all vCPUs, and with --jobs 1: the most a cold
+#                    pass could reach with verification on
 #   limit            the image mounted from a local copy, two ways: erofs straight on two
 #                    read-only virtio-blk disks (the bootstrap, and the blob as erofs'
 #                    extra device, device=), and erofs on two loop devices (direct I/O)
@@ -58,7 +61,7 @@ while [ $# -gt 0 ]; do
 	--json) json=$2; shift 2 ;;
 	--quick) size=64M random_reads=1024 reps=1 quick=1; shift ;;
 	--keep) keep=1; shift ;;
-	-h | --help) sed -n '2,48p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,51p' "$0"; exit 0 ;;
 	*) die "unknown argument $1" ;;
 	esac
 done
@@ -148,6 +151,20 @@ read_pass() {
 		fail "$name: $(cat /tmp/read.err)"
 	echo "@@pass $rep $name $out"
 }
+# check_pass REP NAME [ARGS]: `berth image check` of the image on the share, every chunk
+# read from the backend and verified, nothing cached: what a cold reader could get at
+# most with verification on. Timed around the command.
+check_pass() {
+	local rep=$1 name=$2 started out counts
+	shift 2
+	drop_caches
+	started=$EPOCHREALTIME
+	out=$("$BERTH" image check /mnt/images/img --log-level warn "$@" 2>/tmp/check.err) ||
+		fail "$name: $(cat /tmp/check.err)"
+	counts=$(echo "$out" | sed -n 's/.* chunks, \([0-9]*\) bytes .* in \([0-9]*\) reads,.*/\1 \2/p')
+	[ -n "$counts" ] || fail "$name: berth image check printed '$out'"
+	echo "@@pass $rep $name $counts $(awk -v a="$started" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", (b - a) * 1e9 }')"
+}
 metric() { awk -v n="$1" '$1 == n { print $2 }' "$M" 2>/dev/null; }
 wait_until() { # SNIPPET SECONDS
 	local deadline=$((SECONDS + $2))
@@ -213,6 +230,8 @@ echo "@@info kernel $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ { print $2 / 1
 
 for rep in $(seq "$REPS"); do
 	read_pass "$rep" raw raw "/mnt/images/img/$OBJECT"
+	check_pass "$rep" check
+	check_pass "$rep" check-1 --jobs 1
 
 	boot=$(loop_attach /cache/local/boot.img) || fail "attaching boot.img to a loop device"
 	blob=$(loop_attach /cache/local/blob.raw) || fail "attaching blob.raw to a loop device"
@@ -358,6 +377,8 @@ limit_rand = max(med("disk-rand"), med("loop-rand"))
 raw = med("raw")
 rows = [
     ("raw backend (virtio-fs, 4 MiB reads)", "raw", None),
+    ("berth image check (read + verify)", "check", None),
+    ("berth image check, 1 job", "check-1", None),
     ("local erofs on disks, sequential", "disk-seq", limit_seq),
     ("local erofs on loops, sequential", "loop-seq", limit_seq),
     ("fscache cold, sequential", "cold-seq", limit_seq),
@@ -383,6 +404,9 @@ bound = min(limit_seq, raw)
 cold = med("cold-seq")
 print("(the limit: the faster local erofs; its row shows 1.00x)")
 print(f"cold sequential / min(limit, raw backend) = {cold:.1f} / {bound:.1f} = {cold / bound:.2f}x")
+check = med("check")
+print(f"verification's ceiling: berth image check / min(limit, raw backend) = {check:.1f} / "
+      f"{bound:.1f} = {check / bound:.2f}x; cold sequential / check = {cold / check:.2f}x")
 for name, samples in fetched.items():
     s = samples[0]
     took = ""
@@ -396,6 +420,7 @@ if out:
         json.dump({"size": size, "chunks": int(chunks), "random_reads": int(random_reads),
                    "repetitions": int(reps), "accel": accel, "table": table,
                    "cold_seq_of_min_limit_raw": cold / bound,
+                   "check_of_min_limit_raw": check / bound, "cold_seq_of_check": cold / check,
                    "passes": passes, "fetched": fetched}, f, indent=1)
     print(f"(JSON in {out})")
 PY
