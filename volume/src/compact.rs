@@ -25,7 +25,7 @@ use crate::store::Patience;
 use crate::upload::RateLimit;
 use crate::volume::Inner;
 
-/// After a step that failed or found nothing to move, the next one waits this long.
+/// After a step that failed, the next one waits this long.
 const BACKOFF: Duration = Duration::from_secs(60);
 
 /// The snapshots' pack list is read again before a step, and trusted for deciding whether
@@ -222,8 +222,17 @@ impl Inner {
                 None
             }
             Ok(None) => {
+                // Nothing could move because every block still live in the sparse packs
+                // has a write pending (as the packs a step just emptied keep, until those
+                // writes are uploaded), or was overwritten during the step. The next
+                // upload changes that: look again after it, not a minute later, or
+                // compaction would stall under the writes that make packs sparse.
                 self.note_look(true, None);
-                compaction.not_before = Instant::now() + BACKOFF;
+                compaction.not_before = Instant::now()
+                    + self
+                        .options
+                        .upload_interval
+                        .max(self.options.compact_check_interval);
                 None
             }
             Err(err @ (VolumeError::Fenced(_) | VolumeError::ShuttingDown)) => Some(err),

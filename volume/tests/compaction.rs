@@ -218,6 +218,50 @@ fn reads_and_writes_during_constant_compaction_see_the_latest_data() {
     close_and_read_back_from_the_bucket(volume, &location, &dir.path().join("host2"), &model);
 }
 
+/// Writes arriving faster than the uploader's interval, as a guest's are: a step leaves
+/// behind the packs whose other live blocks have writes pending (they fall out of use once
+/// those are uploaded), and the next look finds only such blocks, nothing to move. That
+/// must not hold compaction back for long (it used to wait a minute, so a busy volume
+/// compacted about once a minute).
+#[test]
+fn compaction_keeps_up_with_writes_that_arrive_between_uploads() {
+    const SPAN: u64 = 4 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let location = create(&dir.path().join("bucket"));
+    // The default pack size: one upload takes everything written since the last.
+    let steady = VolumeOptions {
+        cache_dir: dir.path().join("host1"),
+        upload_interval: Duration::from_millis(400),
+        compact_below: Some(0.9),
+        compact_after_dead_bytes: 256 << 10,
+        compact_check_interval: Duration::from_millis(100),
+        ..VolumeOptions::default()
+    };
+    let (volume, _) = Volume::open(&location, steady).unwrap();
+    let mut model = vec![0u8; SPAN as usize];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut writes = 0u64;
+    while Instant::now() < deadline {
+        let blocks = 1 + xorshift(&mut state) % 32;
+        let block = xorshift(&mut state) % (SPAN / BLOCK - blocks);
+        let (offset, len) = (block * BLOCK, (blocks * BLOCK) as usize);
+        let data = pseudo_random(5000 + writes, len);
+        write_at(&volume, offset, &data, false).unwrap();
+        model[offset as usize..offset as usize + len].copy_from_slice(&data);
+        writes += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let steps = volume.metrics().compactions.load(Ordering::Relaxed);
+    eprintln!("{writes} writes; {steps} compaction steps");
+    assert!(
+        steps >= 4,
+        "compaction ran {steps} steps in 8 s of steady writes, one look every 100 ms"
+    );
+    volume.sync_to_bucket(Duration::from_secs(60)).unwrap();
+    close_and_read_back_from_the_bucket(volume, &location, &dir.path().join("host2"), &model);
+}
+
 /// A snapshot holds the packs it was taken with: rewriting them would add a copy and free
 /// nothing, so compaction leaves them, and the snapshot stays whole.
 #[test]
