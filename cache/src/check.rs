@@ -10,12 +10,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::backend::BlobBackend;
+use crate::engine::DEFAULT_MERGE_MAX_BYTES;
 use crate::error::{CacheError, Result};
 use crate::manifest::Manifest;
-
-/// A backend read covers at most this many stored bytes unless the backend asks for
-/// shorter reads (the engine's own bound).
-pub const DEFAULT_READ_BYTES: u64 = 4 << 20;
 
 /// A chunk that is not intact in the backend, and why.
 #[derive(Debug)]
@@ -42,7 +39,7 @@ pub struct CheckReport {
 
 /// Reads every chunk of `manifest`'s blob from `backend` with `jobs` threads, each
 /// taking the next run of adjacent chunks (up to the backend's merge limit, or
-/// [`DEFAULT_READ_BYTES`]), and checks each against its digest. Bad chunks are
+/// [`DEFAULT_MERGE_MAX_BYTES`]), and checks each against its digest. Bad chunks are
 /// reported, not returned as an error: an error means the check itself could not run
 /// (a manifest without valid digests, or an object of the wrong size).
 pub fn check_blob(
@@ -53,23 +50,11 @@ pub fn check_blob(
     let started = Instant::now();
     let digests = manifest.chunk_digests()?;
     let object = &manifest.object;
-    let expected = manifest.stored_size();
-    let size = backend.size(object)?;
-    if size != expected {
-        return Err(CacheError::Backend {
-            operation: "check the size of",
-            name: object.clone(),
-            message: format!(
-                "{} holds {size} bytes, but the manifest describes {expected}",
-                backend.describe()
-            ),
-            transient: false,
-        });
-    }
+    manifest.check_stored_object(backend)?;
     let read_limit = backend
         .merge_limit(object)
-        .unwrap_or(DEFAULT_READ_BYTES)
-        .min(DEFAULT_READ_BYTES);
+        .unwrap_or(DEFAULT_MERGE_MAX_BYTES)
+        .min(DEFAULT_MERGE_MAX_BYTES);
     let runs = runs_of(manifest, read_limit);
     let next = AtomicUsize::new(0);
     let bad = Mutex::new(Vec::new());
@@ -91,7 +76,7 @@ pub fn check_blob(
     Ok(CheckReport {
         chunks: manifest.chunk_count(),
         raw_bytes: manifest.blob_size,
-        stored_bytes: expected,
+        stored_bytes: manifest.stored_size(),
         reads: runs.len() as u64,
         bad,
         elapsed: started.elapsed(),

@@ -64,6 +64,10 @@ pub enum VerifyOnOpen {
     Never,
 }
 
+/// The default bound on one backend read ([`CacheConfig::merge_max_bytes`]), also what
+/// `berth image check` reads at a time.
+pub const DEFAULT_MERGE_MAX_BYTES: u64 = 4 << 20;
+
 /// Tunables of a [`CacheEngine`].
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
@@ -120,7 +124,7 @@ impl CacheConfig {
             max_prefetch_fetches: 2,
             background_workers: 4,
             merge_min_bytes: 1 << 20,
-            merge_max_bytes: 4 << 20,
+            merge_max_bytes: DEFAULT_MERGE_MAX_BYTES,
             readahead_max_bytes: 64 << 20,
             fetch_attempts: 4,
             retry_base_delay: Duration::from_millis(50),

@@ -21,6 +21,13 @@ pub enum CacheError {
     },
     #[error("The backend does not support {0}.")]
     Unsupported(&'static str),
+    #[error("The blob {object} in {backend} holds {stored} bytes, but the manifest describes {expected}.")]
+    BlobSize {
+        object: String,
+        backend: String,
+        stored: u64,
+        expected: u64,
+    },
     #[error("Chunk {chunk} of blob {blob} failed verification: expected digest {expected}, got {actual}.")]
     Verification {
         blob: String,

@@ -11,6 +11,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::BlobBackend;
 use crate::error::{CacheError, IoContext, Result};
 
 /// Current manifest format version.
@@ -333,6 +334,23 @@ impl Manifest {
         self.chunks
             .last()
             .map_or(0, |c| c.offset.saturating_add(c.stored_size))
+    }
+
+    /// Checks that `backend` holds this manifest's blob at the size the chunk table
+    /// describes, so that a wrong backend or a cut-short upload is refused before any
+    /// chunk is read rather than failing reads one by one.
+    pub fn check_stored_object(&self, backend: &dyn BlobBackend) -> Result<()> {
+        let stored = backend.size(&self.object)?;
+        let expected = self.stored_size();
+        if stored != expected {
+            return Err(CacheError::BlobSize {
+                object: self.object.clone(),
+                backend: backend.describe(),
+                stored,
+                expected,
+            });
+        }
+        Ok(())
     }
 
     /// Parses and validates a manifest from its JSON text.

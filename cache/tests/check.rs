@@ -6,7 +6,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_cache::check::{check_blob, DEFAULT_READ_BYTES};
+use berth_cache::check::check_blob;
+use berth_cache::engine::DEFAULT_MERGE_MAX_BYTES;
 use berth_cache::{BlobBackend, CacheError, Compression, LocalDirBackend};
 use common::{pseudo_random, publish, Fault, Faulty, Recording};
 
@@ -43,7 +44,7 @@ fn an_intact_blob_is_read_once_in_runs_no_longer_than_the_backend_asks() {
     let longest = recording.reads().iter().map(|r| r.end - r.start).max();
     assert_eq!(
         longest,
-        Some((16 * u64::from(CHUNK)).min(DEFAULT_READ_BYTES))
+        Some((16 * u64::from(CHUNK)).min(DEFAULT_MERGE_MAX_BYTES))
     );
 }
 

@@ -333,20 +333,14 @@ fn run_mount_worker(settings: MountSettings, signals: TerminationSignals) -> any
     let manifest = Manifest::load(&manifest_path)?;
     if first {
         // A wrong --backend would otherwise mount fine and fail every read with EIO.
-        let stored_size = backend.size(&manifest.object).with_context(|| {
-            format!(
-                "the blob of {} is not available from {description}",
-                settings.image.display()
-            )
-        })?;
-        if stored_size != manifest.stored_size() {
-            bail!(
-                "the blob {} in {description} holds {stored_size} bytes, but the image expects \
-                 {}",
-                manifest.object,
-                manifest.stored_size()
-            );
-        }
+        manifest
+            .check_stored_object(backend.as_ref())
+            .with_context(|| {
+                format!(
+                    "the blob of {} is not available from {description} as the image describes it",
+                    settings.image.display()
+                )
+            })?;
     }
     // The supervisor coordinates shutdown; a signal only matters after a takeover.
     let shutdown = ShutdownSignal::new()?;

@@ -215,16 +215,7 @@ impl Worker {
             return Ok(());
         }
         // A wrong backend would otherwise fail every read with EIO.
-        let stored = backend.size(&manifest.object)?;
-        if stored != manifest.stored_size() {
-            return Err(CacheError::InvalidManifest(format!(
-                "the blob {} in {} holds {stored} bytes, but the image expects {}",
-                manifest.object,
-                backend.describe(),
-                manifest.stored_size()
-            ))
-            .into());
-        }
+        manifest.check_stored_object(backend.as_ref())?;
         self.backends.route(&manifest.object, backend);
         let sinks: Sinks = Arc::default();
         let handle = {
