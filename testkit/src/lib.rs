@@ -2,7 +2,10 @@
 //! server ([`Moto`]) on loopback, a plain HTTP proxy in front of it ([`CountingProxy`])
 //! that records every request the server is sent and can inject faults (an outage, slow
 //! requests, server errors, corrupted bodies, a response lost after the request took
-//! effect), deterministic test data, and the skip rule CI turns into a failure.
+//! effect), deterministic test data, and the skip rule CI turns into a failure; and for
+//! benchmarks, free page reporting paused and free memory touched ([`memory`]).
+
+pub mod memory;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
