@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use berth_blockdev::target::{flush, read_at, write_at};
 use berth_cache::BlobBackend;
+use berth_testkit::memory::{reported_kib, touch_free_memory, PageReportingPause};
 use berth_volume::admin::{self, CreateOptions};
 use berth_volume::{Durability, Location, Store, Volume, VolumeOptions};
 use serde::Serialize;
@@ -217,7 +218,25 @@ pub fn run(args: VolFlushArgs) -> Result<bool> {
     for word in data.chunks_exact_mut(8) {
         word.copy_from_slice(&rng.next().to_le_bytes());
     }
+    // Free pages handed back to the hypervisor between methods would make whichever
+    // method touches them pay host faults (see berth_testkit::memory): paused for the
+    // timed runs, not for the smoke run.
+    let reporting_paused = if args.quick {
+        None
+    } else {
+        let paused = PageReportingPause::start();
+        touch_free_memory();
+        paused
+    };
+    let reported_at_start = reported_kib();
     let outcome = measure(&plan, &server, &backend, &data);
+    let reported_mib = reported_kib().saturating_sub(reported_at_start) >> 10;
+    drop(reporting_paused);
+    if reported_mib > 0 {
+        println!(
+            "free page reporting handed {reported_mib} MiB back to the hypervisor during the run"
+        );
+    }
     drop(server);
     let _ = std::fs::remove_dir_all(&plan.dir);
     if let Some(path) = &args.json {
@@ -269,6 +288,7 @@ fn measure(
         let mut volume_rate = None;
         let mut best_put: Option<f64> = None;
         for method in methods {
+            settle();
             let outcome = match method {
                 Method::Volume(uploads) => volume_flush(plan, server, backend, data, rep, uploads),
                 Method::Put(streams) => raw_puts(plan, backend, data, rep, streams),
@@ -343,6 +363,40 @@ fn measure(
         runs,
         failures,
     }
+}
+
+/// Writes back what the last method left dirty (a volume's local files, the server's
+/// spooled objects) and waits until the disks have nothing in flight (the file system's
+/// discards of deleted files among it), so that the previous method's disk work does not
+/// land in the next method's clock.
+fn settle() {
+    let started = Instant::now();
+    // SAFETY: sync(2) has no arguments and cannot fail.
+    unsafe { libc::sync() };
+    let mut quiet = 0;
+    while quiet < 5 && started.elapsed() < SETTLE_LIMIT {
+        std::thread::sleep(Duration::from_millis(100));
+        if disk_requests_in_flight() == 0 {
+            quiet += 1;
+        } else {
+            quiet = 0;
+        }
+    }
+}
+
+/// The longest [`settle`] waits for the disks to go quiet.
+const SETTLE_LIMIT: Duration = Duration::from_secs(20);
+
+/// Requests in flight on every disk, from /proc/diskstats (the ninth statistic of each line;
+/// 0 where the file cannot be read).
+fn disk_requests_in_flight() -> u64 {
+    std::fs::read_to_string("/proc/diskstats")
+        .map(|text| {
+            text.lines()
+                .filter_map(|line| line.split_whitespace().nth(11)?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn store(server: &S3Server, backend: &Arc<dyn BlobBackend>, prefix: &str) -> Result<Arc<Store>> {
