@@ -16,8 +16,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -147,8 +148,9 @@ impl LocalDir {
         sync_dir(&self.path)
     }
 
-    /// The cache file, sized to the volume.
-    pub fn open_cache(&self, size: u64) -> Result<File> {
+    /// The cache file, sized to the volume, and a descriptor for direct writes to it
+    /// where the file system allows them for `block_size` blocks.
+    pub fn open_cache(&self, size: u64, block_size: u64) -> Result<(File, Option<DirectWrites>)> {
         let path = self.path.join("cache");
         let file = OpenOptions::new()
             .read(true)
@@ -159,8 +161,100 @@ impl LocalDir {
             .context(|| format!("opening {}", path.display()))?;
         file.set_len(size)
             .context(|| format!("sizing {}", path.display()))?;
-        Ok(file)
+        let direct = DirectWrites::open(&path, &file, block_size);
+        Ok((file, direct))
     }
+}
+
+/// A second descriptor of the cache file, opened with `O_DIRECT`, for the uploader's
+/// writes of published batches: they go from the batch's buffer to the disk without a
+/// copy into the page cache. The cache file's readers are block devices whose guests keep
+/// their own page cache, so a host copy of every byte uploaded is memory spent twice; the
+/// apply also skips a copy per page and the file system's per-page write-back work, and
+/// takes no fresh page cache (on a VM host that hands free pages back to its hypervisor,
+/// each costs a fault). A write that is not aligned as the file system asks goes through
+/// the ordinary descriptor, as do all of them once the file system refused one.
+#[derive(Debug)]
+pub struct DirectWrites {
+    file: File,
+    memory_align: usize,
+    offset_align: u64,
+    refused: AtomicBool,
+}
+
+impl DirectWrites {
+    /// Opens `path` (the cache file behind `cache`) for direct writes, when the file
+    /// system reports direct I/O alignments that `block_size` blocks meet; `None` otherwise.
+    pub fn open(path: &Path, cache: &File, block_size: u64) -> Option<Self> {
+        let (memory_align, offset_align) = direct_io_alignment(cache)?;
+        if memory_align == 0
+            || offset_align == 0
+            || !block_size.is_multiple_of(u64::from(memory_align))
+            || !block_size.is_multiple_of(u64::from(offset_align))
+        {
+            return None;
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok()?;
+        Some(Self {
+            file,
+            memory_align: memory_align as usize,
+            offset_align: u64::from(offset_align),
+            refused: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether writes still go direct (the file system has not refused one).
+    pub fn active(&self) -> bool {
+        !self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Writes `bytes` at `offset` of the cache file: directly when they are aligned,
+    /// through `cache` (the ordinary descriptor) otherwise. Answers whether the write went
+    /// direct.
+    pub fn write_all_at(&self, cache: &File, bytes: &[u8], offset: u64) -> std::io::Result<bool> {
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(self.memory_align)
+            && offset.is_multiple_of(self.offset_align)
+            && (bytes.len() as u64).is_multiple_of(self.offset_align);
+        if aligned && self.active() {
+            match self.file.write_all_at(bytes, offset) {
+                Ok(()) => return Ok(true),
+                Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                    self.refused.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        "the file system refused a direct write to the volume's cache file ({err}): its writes go through the page cache from now on"
+                    );
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        cache.write_all_at(bytes, offset).map(|()| false)
+    }
+}
+
+/// The memory and file-offset alignments direct I/O on `file` needs, as statx(2) reports
+/// them (Linux 6.1+; `None` where the file system does not support direct I/O).
+fn direct_io_alignment(file: &File) -> Option<(u32, u32)> {
+    // SAFETY: statx is a plain C struct of integers, for which all zeros is valid.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open for the call's length, the empty path with
+    // AT_EMPTY_PATH names it, and `stx` is a valid, writable statx buffer.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return None;
+    }
+    Some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
 }
 
 pub fn sync_dir(path: &Path) -> Result<()> {
@@ -483,5 +577,119 @@ impl PresenceFile {
         self.file
             .sync_data()
             .context(|| format!("syncing {}", self.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file of `len` zeros in a new temporary directory, with its direct writer when the
+    /// file system offers direct I/O for 4 KiB blocks.
+    fn cache_file(len: u64) -> (tempfile::TempDir, File, Option<DirectWrites>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(len).unwrap();
+        let direct = DirectWrites::open(&path, &file, 4096);
+        (dir, file, direct)
+    }
+
+    /// A page-aligned buffer of `len` bytes of `fill` (as batches are, in mappings of
+    /// their own).
+    fn aligned(len: usize, fill: u8) -> memmap2::MmapMut {
+        let mut map = memmap2::MmapMut::map_anon(len).unwrap();
+        map.fill(fill);
+        map
+    }
+
+    fn read_back(file: &File, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset).unwrap();
+        buf
+    }
+
+    #[test]
+    fn aligned_writes_go_direct_and_the_page_cache_sees_them() {
+        let (_dir, file, direct) = cache_file(1 << 20);
+        let Some(direct) = direct else {
+            berth_testkit::skip(
+                "the temporary directory's file system offers no direct I/O for 4 KiB blocks",
+            );
+            return;
+        };
+        // Cached first: the direct write must replace what the page cache holds.
+        assert_eq!(read_back(&file, 8192, 16384), vec![0u8; 16384]);
+        let data = aligned(16384, 0xa5);
+        assert!(
+            direct.write_all_at(&file, &data, 8192).unwrap(),
+            "an aligned write went through the page cache"
+        );
+        assert_eq!(read_back(&file, 8192, 16384), vec![0xa5u8; 16384]);
+        assert_eq!(
+            read_back(&file, 0, 8192),
+            vec![0u8; 8192],
+            "the write spilled before its offset"
+        );
+        assert_eq!(
+            read_back(&file, 24576, 4096),
+            vec![0u8; 4096],
+            "the write spilled past its end"
+        );
+        assert!(direct.active());
+    }
+
+    #[test]
+    fn unaligned_writes_go_through_the_page_cache_and_land_the_same() {
+        let (_dir, file, direct) = cache_file(1 << 20);
+        let Some(direct) = direct else {
+            berth_testkit::skip(
+                "the temporary directory's file system offers no direct I/O for 4 KiB blocks",
+            );
+            return;
+        };
+        let data = aligned(8192, 0x3c);
+        // An offset, a length and a buffer address that direct I/O would refuse.
+        assert!(!direct.write_all_at(&file, &data, 4097).unwrap());
+        assert!(!direct.write_all_at(&file, &data[..4000], 65536).unwrap());
+        assert!(!direct.write_all_at(&file, &data[1..4097], 131072).unwrap());
+        assert_eq!(read_back(&file, 4097, 8192), vec![0x3cu8; 8192]);
+        assert_eq!(read_back(&file, 65536, 4000), vec![0x3cu8; 4000]);
+        assert_eq!(read_back(&file, 131072, 4096), vec![0x3cu8; 4096]);
+        // Still direct for the next aligned write: the page cache path was chosen, not forced.
+        assert!(direct.active());
+        assert!(direct.write_all_at(&file, &data, 262144).unwrap());
+        assert_eq!(read_back(&file, 262144, 8192), vec![0x3cu8; 8192]);
+    }
+
+    #[test]
+    fn blocks_smaller_than_the_file_systems_direct_alignment_get_no_direct_writer() {
+        let (dir, file, direct) = cache_file(1 << 20);
+        if direct.is_none() {
+            berth_testkit::skip(
+                "the temporary directory's file system offers no direct I/O for 4 KiB blocks",
+            );
+            return;
+        }
+        let (memory, offset) = direct_io_alignment(&file).unwrap();
+        let alignment = u64::from(memory.max(offset));
+        if alignment < 2 {
+            berth_testkit::skip(&format!(
+                "this file system aligns direct I/O to {alignment} byte: no block size is below it"
+            ));
+            return;
+        }
+        let path = dir.path().join("cache");
+        assert!(
+            DirectWrites::open(&path, &file, alignment / 2).is_none(),
+            "a {}-byte block size under an alignment of {memory} (memory) and {offset} (offset) got a direct writer",
+            alignment / 2
+        );
     }
 }

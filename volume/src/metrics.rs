@@ -82,6 +82,8 @@ pub struct VolumeMetrics {
     /// Bytes of published or fetched data not written to the cache because the local disk
     /// was full (read from the bucket when needed).
     pub uncached_bytes: AtomicU64,
+    /// Bytes of published batches written to the cache file with direct I/O.
+    pub cache_direct_bytes: AtomicU64,
     pub gc_packs_deleted: AtomicU64,
     pub gc_bytes_deleted: AtomicU64,
     pub gc_manifests_deleted: AtomicU64,
@@ -112,7 +114,7 @@ impl VolumeMetrics {
                 let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
             }
         };
-        let plain: [(&str, &str, &AtomicU64); 31] = [
+        let plain: [(&str, &str, &AtomicU64); 32] = [
             (
                 "berth_volume_dirty_bytes",
                 "Bytes written and acknowledged but not in the bucket yet.",
@@ -152,6 +154,11 @@ impl VolumeMetrics {
                 "berth_volume_uncached_bytes_total",
                 "Bytes not written to the local cache because the local disk was full.",
                 &self.uncached_bytes,
+            ),
+            (
+                "berth_volume_cache_direct_bytes_total",
+                "Bytes of uploaded batches written to the local cache with direct I/O.",
+                &self.cache_direct_bytes,
             ),
             (
                 "berth_volume_upload_memory_bytes",

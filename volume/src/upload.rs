@@ -874,8 +874,7 @@ impl Inner {
                             let fits = room.is_none_or(|room| room >= bytes.len() as u64);
                             let written = fits
                                 && match self
-                                    .cache
-                                    .write_all_at(bytes, offset)
+                                    .write_cache(bytes, offset)
                                     .context(|| "writing the cache file".to_string())
                                 {
                                     Ok(()) => true,
@@ -976,6 +975,23 @@ impl Inner {
         }
         failpoint::hit("apply.after_meta");
         self.trim_segments(false);
+        Ok(())
+    }
+
+    /// Writes a published batch's blocks to the cache file, directly where it can.
+    fn write_cache(&self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+        let direct = match &self.cache_direct {
+            Some(direct) => direct.write_all_at(&self.cache, bytes, offset)?,
+            None => {
+                self.cache.write_all_at(bytes, offset)?;
+                false
+            }
+        };
+        if direct {
+            self.metrics
+                .cache_direct_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
         Ok(())
     }
 

@@ -45,7 +45,8 @@ use crate::failpoint;
 use crate::format::{hex, now_ms, random_id, Manifest, ManifestKind, VolumeConfig};
 use crate::lease::{self, Lease, Takeover};
 use crate::local::{
-    short_of_space, LocalDir, LocalMeta, Presence, PresenceFile, Reserve, DISK_HEADROOM,
+    short_of_space, DirectWrites, LocalDir, LocalMeta, Presence, PresenceFile, Reserve,
+    DISK_HEADROOM,
 };
 use crate::mapping::BlockMap;
 use crate::metrics::VolumeMetrics;
@@ -331,6 +332,8 @@ pub(crate) struct Inner {
     /// Signalled on every change the threads wait for.
     pub changed: Condvar,
     pub cache: File,
+    /// Direct writes to the cache file, where the file system allows them.
+    pub cache_direct: Option<DirectWrites>,
     /// Held while writing or punching the cache file.
     pub cache_write: Mutex<()>,
     pub presence_file: PresenceFile,
@@ -1293,7 +1296,12 @@ impl Volume {
             }
             local.reset_cache()?;
         }
-        let cache = local.open_cache(config.size)?;
+        let (cache, cache_direct) = local.open_cache(config.size, u64::from(config.block_size))?;
+        tracing::debug!(
+            volume = %store.location,
+            "uploaded batches are written to the cache file {}",
+            if cache_direct.is_some() { "directly (O_DIRECT)" } else { "through the page cache (the file system offers no direct I/O for these blocks)" }
+        );
         let (presence_file, presence) =
             PresenceFile::open(&local.path, &config.id_bytes(), config.blocks())?;
         let reserve = Reserve::open(&local.path)?;
@@ -1368,6 +1376,7 @@ impl Volume {
             }),
             changed: Condvar::new(),
             cache,
+            cache_direct,
             cache_write: Mutex::new(()),
             presence_file,
             reserve,

@@ -601,3 +601,67 @@ fn a_full_local_disk_costs_cache_not_data() {
     let (volume, _) = open_volume(&location, busy_options(&dir.path().join("roomy"))).unwrap();
     assert_same(&volume, &model, "reopened from the bucket alone");
 }
+
+/// Uploaded batches reach the cache file with direct I/O where the file system offers it,
+/// and what they wrote there is what a reopened volume serves from the cache, without the
+/// bucket.
+#[test]
+fn uploaded_batches_are_written_to_the_cache_directly_and_serve_reads_after_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = dir.path().join("probe");
+    let probe_file = std::fs::File::create(&probe).unwrap();
+    let direct_expected =
+        berth_volume::local::DirectWrites::open(&probe, &probe_file, 4096).is_some();
+    if !direct_expected {
+        eprintln!(
+            "note: the temporary directory's file system offers no direct I/O: this test checks the page-cache path only"
+        );
+    }
+    let location = create(&dir.path().join("bucket"), "vol");
+    let cache = dir.path().join("cache");
+    let options = VolumeOptions {
+        durability: Durability::Object,
+        ..lazy_options(&cache)
+    };
+    let data = pseudo_random(11, (3 * MIB) as usize);
+    {
+        let (volume, _) = open_volume(&location, options.clone()).unwrap();
+        // Whole blocks at block offsets, and a run that starts mid-way through the volume.
+        write_at(&volume, 0, &data[..(2 * MIB) as usize], false).unwrap();
+        write_at(&volume, 5 * MIB + 4096, &data[(2 * MIB) as usize..], false).unwrap();
+        flush(&volume).unwrap();
+        // The FLUSH answers once the manifest is in the bucket; the local apply follows.
+        let direct_bytes = || volume.metrics().cache_direct_bytes.load(Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while direct_expected && direct_bytes() < 3 * MIB && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let direct = direct_bytes();
+        if direct_expected {
+            assert_eq!(direct, 3 * MIB, "bytes written to the cache directly");
+        } else {
+            assert_eq!(direct, 0);
+        }
+        volume.close().unwrap();
+    }
+    // The bucket's packs are gone: only the cache can answer now.
+    let packs = dir.path().join("bucket/vol/packs");
+    let removed = std::fs::read_dir(&packs)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| std::fs::remove_file(e.path()).is_ok())
+                .count()
+        })
+        .unwrap_or(0);
+    assert!(removed > 0, "no pack found under {}", packs.display());
+    let (volume, _) = open_volume(&location, options).unwrap();
+    assert!(read(&volume, 0, (2 * MIB) as usize) == data[..(2 * MIB) as usize]);
+    assert!(read(&volume, 5 * MIB + 4096, MIB as usize) == data[(2 * MIB) as usize..]);
+    assert_eq!(
+        volume.metrics().fetches.load(Ordering::Relaxed),
+        0,
+        "a read went to the bucket"
+    );
+    volume.close().unwrap();
+}
